@@ -1,0 +1,141 @@
+//! Values larger than one store value, split into chunks.
+//!
+//! A blob under `prefix` owns every key starting with `prefix`:
+//!
+//! - `prefix + tuple(u64 0)`: the header: format byte `1`, total length (u64
+//!   big-endian), chunk size (u32 big-endian), blake3 hash of the data (32 bytes);
+//! - `prefix + tuple(u64 i)` for `i` in `1..=chunks`: the data, in chunks of
+//!   [`CHUNK_SIZE`] bytes (the last one shorter).
+//!
+//! Reading checks the chunk layout, the length and the hash: a mismatch is
+//! [`StoreError::Corrupt`].
+
+use crate::store::{MAX_KEY_SIZE, MAX_TRANSACTION_SIZE, SYSTEM_KEY_PREFIX};
+use crate::tuple::{TupleKey, TupleReader, prefix_end};
+use crate::{StoreError, Transaction};
+
+/// Largest blob accepted.
+pub const MAX_BLOB_SIZE: usize = 8 * 1024 * 1024;
+/// Size of every chunk but the last.
+pub const CHUNK_SIZE: usize = 64 * 1024;
+
+const FORMAT: u8 = 1;
+const HEADER_LEN: usize = 1 + 8 + 4 + 32;
+/// Length of the tuple-encoded index appended to the prefix.
+const INDEX_LEN: usize = 9;
+
+fn key(prefix: &[u8], index: u64) -> Vec<u8> {
+    let mut k = prefix.to_vec();
+    k.extend_from_slice(TupleKey::new().u64(index).as_bytes());
+    k
+}
+
+fn corrupt(prefix: &[u8], detail: String) -> StoreError {
+    StoreError::Corrupt {
+        path: format!("blob {}", escape(prefix)),
+        detail,
+    }
+}
+
+fn escape(b: &[u8]) -> String {
+    b.escape_ascii().to_string()
+}
+
+/// Writes `data` under `prefix` (replacing any previous blob there).
+///
+/// Errors (nothing written): [`StoreError::BlobTooLarge`] above [`MAX_BLOB_SIZE`],
+/// [`StoreError::ReservedKey`] for a system prefix, [`StoreError::KeyTooLarge`] for a
+/// prefix too long, [`StoreError::TransactionTooLarge`] if the transaction cannot hold it.
+pub async fn set_blob(tx: &mut Transaction, prefix: &[u8], data: &[u8]) -> Result<(), StoreError> {
+    if data.len() > MAX_BLOB_SIZE {
+        return Err(StoreError::BlobTooLarge {
+            len: data.len(),
+            max: MAX_BLOB_SIZE,
+        });
+    }
+    if prefix.first() == Some(&SYSTEM_KEY_PREFIX) {
+        return Err(StoreError::ReservedKey);
+    }
+    if prefix.len() + INDEX_LEN > MAX_KEY_SIZE {
+        return Err(StoreError::KeyTooLarge {
+            len: prefix.len() + INDEX_LEN,
+            max: MAX_KEY_SIZE,
+        });
+    }
+    let chunks = data.len().div_ceil(CHUNK_SIZE);
+    let end = prefix_end(prefix);
+    // Size check up front, so that an error leaves the transaction unchanged.
+    let needed = prefix.len() + end.len() + (chunks + 1) * (prefix.len() + INDEX_LEN) + HEADER_LEN + data.len();
+    if tx.size() + needed > MAX_TRANSACTION_SIZE {
+        return Err(StoreError::TransactionTooLarge {
+            len: tx.size() + needed,
+            max: MAX_TRANSACTION_SIZE,
+        });
+    }
+    tx.clear_range(prefix, &end);
+    let mut header = Vec::with_capacity(HEADER_LEN);
+    header.push(FORMAT);
+    header.extend_from_slice(&(data.len() as u64).to_be_bytes());
+    header.extend_from_slice(&(CHUNK_SIZE as u32).to_be_bytes());
+    header.extend_from_slice(blake3::hash(data).as_bytes());
+    tx.set(&key(prefix, 0), &header)?;
+    for (i, chunk) in data.chunks(CHUNK_SIZE).enumerate() {
+        tx.set(&key(prefix, i as u64 + 1), chunk)?;
+    }
+    Ok(())
+}
+
+/// Reads the blob under `prefix`; [`StoreError::Corrupt`] if it does not check out.
+pub async fn get_blob(tx: &mut Transaction, prefix: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+    let Some(header) = tx.get(&key(prefix, 0)).await? else {
+        return Ok(None);
+    };
+    if header.len() != HEADER_LEN || header[0] != FORMAT {
+        return Err(corrupt(prefix, format!("bad header ({} bytes)", header.len())));
+    }
+    let len = u64::from_be_bytes(header[1..9].try_into().map_err(|_| corrupt(prefix, "header".into()))?);
+    let chunk_size = u32::from_be_bytes(header[9..13].try_into().map_err(|_| corrupt(prefix, "header".into()))?);
+    let hash = &header[13..45];
+    let len = usize::try_from(len)
+        .ok()
+        .filter(|l| *l <= MAX_BLOB_SIZE)
+        .ok_or_else(|| corrupt(prefix, format!("length {len} exceeds the blob limit")))?;
+    if chunk_size == 0 {
+        return Err(corrupt(prefix, "chunk size 0".into()));
+    }
+    let chunk_size = chunk_size as usize;
+    let chunks = len.div_ceil(chunk_size);
+    let rows = tx.get_prefix(prefix, 0, false).await?;
+    let mut data = Vec::with_capacity(len);
+    let mut expected = 1u64;
+    let header_key = key(prefix, 0);
+    for (k, v) in rows.iter().filter(|(k, _)| *k != header_key) {
+        let mut r = TupleReader::new(&k[prefix.len()..]);
+        let index = r
+            .u64()
+            .ok()
+            .filter(|_| r.is_empty())
+            .ok_or_else(|| corrupt(prefix, format!("unexpected key {}", escape(k))))?;
+        if index != expected {
+            return Err(corrupt(prefix, format!("chunk {expected} missing (found {index})")));
+        }
+        let is_last = index as usize == chunks;
+        if index as usize > chunks || (!is_last && v.len() != chunk_size) {
+            return Err(corrupt(prefix, format!("chunk {index} has {} bytes", v.len())));
+        }
+        data.extend_from_slice(v);
+        expected += 1;
+    }
+    if data.len() != len || (expected - 1) as usize != chunks {
+        return Err(corrupt(prefix, format!("{} bytes found, {len} expected", data.len())));
+    }
+    if blake3::hash(&data).as_bytes() != hash {
+        return Err(corrupt(prefix, "blake3 hash mismatch".into()));
+    }
+    Ok(Some(data))
+}
+
+/// Removes the blob under `prefix` (every key starting with `prefix`).
+pub fn clear_blob(tx: &mut Transaction, prefix: &[u8]) {
+    tx.clear_prefix(prefix);
+}

@@ -1,0 +1,903 @@
+//! The `Store` trait (backend) and the `Db` handle (retried transactions).
+//!
+//! The model is FoundationDB's: a [`Transaction`] reads from a [`Snapshot`] taken
+//! at one [`Version`], buffers its writes (and sees them: read-your-writes), and
+//! records the key ranges it read. Committing hands the read-conflict ranges and
+//! the mutations to the backend ([`Store::commit`]), which accepts the commit only
+//! if nothing in those ranges was written after the read version. [`Db::transact`]
+//! retries conflicting transactions with bounded, jittered exponential backoff.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::ops::Bound;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A commit version. Strictly increasing with every commit of a store.
+pub type Version = u64;
+/// A key and its value, as returned by range reads.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
+/// Largest key accepted (FoundationDB's limit).
+pub const MAX_KEY_SIZE: usize = 10_000;
+/// Largest single value accepted (FoundationDB's limit); larger values go through [`crate::blob`].
+pub const MAX_VALUE_SIZE: usize = 100_000;
+/// Largest transaction accepted: sum of key and value sizes of its mutations.
+pub const MAX_TRANSACTION_SIZE: usize = 10_000_000;
+/// First byte of the keys reserved for the system: user transactions cannot write them.
+pub const SYSTEM_KEY_PREFIX: u8 = 0xFF;
+/// Default number of attempts of [`Db::transact`] before [`StoreError::TooManyRetries`].
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 100;
+
+/// Errors of the store. Every variant says what the caller should do.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum StoreError {
+    /// A key longer than [`MAX_KEY_SIZE`]; nothing was written.
+    #[error("key of {len} bytes exceeds the limit of {max} bytes")]
+    KeyTooLarge {
+        /// Size of the rejected key.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A value longer than [`MAX_VALUE_SIZE`]; nothing was written. Use `blob` for large values.
+    #[error("value of {len} bytes exceeds the limit of {max} bytes")]
+    ValueTooLarge {
+        /// Size of the rejected value.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The transaction's mutations exceed [`MAX_TRANSACTION_SIZE`]; nothing was written.
+    #[error("transaction of {len} bytes exceeds the limit of {max} bytes")]
+    TransactionTooLarge {
+        /// Size the transaction would have reached.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A write to a key starting with `0xFF` (reserved for the system); nothing was written.
+    #[error("keys starting with 0xFF are reserved for the system; nothing was written")]
+    ReservedKey,
+    /// A blob larger than [`crate::blob::MAX_BLOB_SIZE`]; nothing was written.
+    #[error("blob of {len} bytes exceeds the limit of {max} bytes; nothing was written")]
+    BlobTooLarge {
+        /// Size of the rejected blob.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// Another transaction wrote something this one read; retry (done by [`Db::transact`]).
+    #[error("transaction conflicted with a concurrent commit; retry")]
+    Conflict,
+    /// The commit may or may not have been applied (connection lost during commit).
+    #[error("commit outcome unknown (maybe committed); retry idempotently")]
+    MaybeCommitted,
+    /// [`Db::transact`] gave up after this many conflicting attempts.
+    #[error("transaction still conflicting after {attempts} attempts; the store is overloaded, try again later")]
+    TooManyRetries {
+        /// Attempts made.
+        attempts: u32,
+    },
+    /// The store is already opened by another process.
+    #[error("store {path} is in use by another process ({detail}); stop it first")]
+    Locked {
+        /// The store's path.
+        path: String,
+        /// Who holds it, as far as known.
+        detail: String,
+    },
+    /// The store file is corrupt, or is not a Capstan store.
+    #[error("store {path} is corrupt or not a Capstan store: {detail}")]
+    Corrupt {
+        /// The store's path (or the key whose value is corrupt).
+        path: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// An I/O or backend failure.
+    #[error("store I/O error: {0}")]
+    Io(String),
+    /// The store was closed.
+    #[error("store is closed")]
+    Closed,
+}
+
+impl StoreError {
+    /// True when retrying the whole transaction may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Conflict | StoreError::MaybeCommitted)
+    }
+}
+
+/// Error types usable in [`Db::transact`] closures: they wrap store errors,
+/// and expose them so `transact` can retry conflicts.
+pub trait TxnError: From<StoreError> {
+    /// The store error inside, if this is one.
+    fn as_store_error(&self) -> Option<&StoreError>;
+}
+
+impl TxnError for StoreError {
+    fn as_store_error(&self) -> Option<&StoreError> {
+        Some(self)
+    }
+}
+
+/// Range read options: keys in `[begin, end)`, at most `limit` (0 = no limit), optionally reversed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RangeOption {
+    /// First key of the range (included).
+    pub begin: Vec<u8>,
+    /// End of the range (excluded).
+    pub end: Vec<u8>,
+    /// Most pairs returned; 0 means no limit.
+    pub limit: usize,
+    /// Return pairs in descending key order (the limit then keeps the last keys).
+    pub reverse: bool,
+}
+
+impl RangeOption {
+    /// All keys in `[begin, end)`, ascending, no limit.
+    pub fn new(begin: impl Into<Vec<u8>>, end: impl Into<Vec<u8>>) -> Self {
+        RangeOption {
+            begin: begin.into(),
+            end: end.into(),
+            limit: 0,
+            reverse: false,
+        }
+    }
+    /// The same range with at most `limit` pairs (0 = no limit).
+    pub fn with_limit(mut self, limit: usize) -> Self {
+        self.limit = limit;
+        self
+    }
+    /// The same range in descending (`true`) or ascending order.
+    pub fn reversed(mut self, reverse: bool) -> Self {
+        self.reverse = reverse;
+        self
+    }
+}
+
+/// One mutation of a commit, applied in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mutation {
+    /// Sets a key to a value.
+    Set(Vec<u8>, Vec<u8>),
+    /// Removes a key.
+    Clear(Vec<u8>),
+    /// Removes every key in `[begin, end)`.
+    ClearRange(Vec<u8>, Vec<u8>),
+}
+
+impl Mutation {
+    /// The key range `[begin, end)` this mutation writes.
+    pub fn written_range(&self) -> (Vec<u8>, Vec<u8>) {
+        match self {
+            Mutation::Set(k, _) | Mutation::Clear(k) => (k.clone(), key_after(k)),
+            Mutation::ClearRange(b, e) => (b.clone(), e.clone()),
+        }
+    }
+    /// Bytes counted against [`MAX_TRANSACTION_SIZE`].
+    pub fn size(&self) -> usize {
+        match self {
+            Mutation::Set(k, v) => k.len() + v.len(),
+            Mutation::Clear(k) => k.len(),
+            Mutation::ClearRange(b, e) => b.len() + e.len(),
+        }
+    }
+}
+
+/// A consistent read view at one version.
+#[async_trait::async_trait]
+pub trait Snapshot: Send + Sync {
+    /// The version this snapshot reads at: it sees exactly the commits with versions `<=` it.
+    fn version(&self) -> Version;
+    /// The value of `key`, if any.
+    async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    /// The pairs of the range, sorted (descending if `reverse`); with a limit, exactly
+    /// `min(limit, available)` pairs (the transaction layer relies on it).
+    async fn range(&self, opt: &RangeOption) -> Result<Vec<KeyValue>, StoreError>;
+}
+
+/// What a backend commits: the reads a transaction depended on and its writes.
+#[derive(Debug, Clone, Default)]
+pub struct CommitRequest {
+    /// Version of the snapshot the transaction read.
+    pub read_version: Version,
+    /// Key ranges `[begin, end)` read by the transaction (single keys as `[k, k\0)`).
+    pub read_conflicts: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The writes, applied in order.
+    pub mutations: Vec<Mutation>,
+}
+
+/// A backend: snapshot reads and optimistic commits (FoundationDB's model).
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// A short description for logs and `status` (e.g. `redb:/home/x/store.redb`).
+    fn describe(&self) -> String;
+    /// A read view at the latest committed version.
+    async fn snapshot(&self) -> Result<Box<dyn Snapshot>, StoreError>;
+    /// Commits if nothing in `read_conflicts` was written after `read_version`;
+    /// returns only once the commit is durable. `Err(Conflict)` otherwise.
+    async fn commit(&self, req: CommitRequest) -> Result<Version, StoreError>;
+}
+
+/// The smallest key after `key`: `key` followed by a zero byte.
+pub fn key_after(key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(key.len() + 1);
+    k.extend_from_slice(key);
+    k.push(0);
+    k
+}
+
+/// Smallest chunk fetched from the snapshot by a limited range read.
+const MIN_RANGE_CHUNK: usize = 16;
+
+/// A transaction in progress: snapshot reads plus buffered writes (read-your-writes).
+///
+/// Reads add read-conflict ranges: a `get` adds `[key, key\0)`, a range read adds
+/// the part of the range it covered (with a limit, up to the last key returned).
+/// Writes are validated when made; a write that fails validation changes nothing.
+/// `clear`, `clear_range` and `clear_prefix` return nothing: an invalid clear
+/// (reserved key, too large) is dropped and fails the transaction at commit with
+/// its error.
+pub struct Transaction {
+    snapshot: Box<dyn Snapshot>,
+    /// Keys set by this transaction (overlaying the snapshot and `cleared`).
+    writes: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// Disjoint, non-adjacent ranges `begin -> end` cleared by this transaction.
+    cleared: BTreeMap<Vec<u8>, Vec<u8>>,
+    read_conflicts: Vec<(Vec<u8>, Vec<u8>)>,
+    mutations: Vec<Mutation>,
+    size: usize,
+    /// First error of a write that cannot report it (the clears).
+    deferred: Option<StoreError>,
+}
+
+impl Transaction {
+    /// A transaction reading from `snapshot` (backends and tests; [`Db`] builds them).
+    pub fn new(snapshot: Box<dyn Snapshot>) -> Self {
+        Transaction {
+            snapshot,
+            writes: BTreeMap::new(),
+            cleared: BTreeMap::new(),
+            read_conflicts: Vec::new(),
+            mutations: Vec::new(),
+            size: 0,
+            deferred: None,
+        }
+    }
+
+    /// The version of the snapshot this transaction reads.
+    pub fn read_version(&self) -> Version {
+        self.snapshot.version()
+    }
+
+    /// The value of `key` as this transaction sees it (its own writes included).
+    pub async fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.read_conflicts.push((key.to_vec(), key_after(key)));
+        if let Some(v) = self.writes.get(key) {
+            return Ok(Some(v.clone()));
+        }
+        if self.is_cleared(key) {
+            return Ok(None);
+        }
+        self.snapshot.get(key).await
+    }
+
+    /// The pairs of a range as this transaction sees them (its own writes included).
+    pub async fn get_range(&mut self, opt: RangeOption) -> Result<Vec<KeyValue>, StoreError> {
+        let RangeOption {
+            begin,
+            end,
+            limit,
+            reverse,
+        } = opt;
+        if begin >= end {
+            return Ok(Vec::new());
+        }
+        let mut out: Vec<KeyValue> = Vec::new();
+        // The part of [begin, end) not read yet.
+        let mut lo = begin.clone();
+        let mut hi = end.clone();
+        loop {
+            let chunk = if limit == 0 {
+                0
+            } else {
+                (limit - out.len()).max(MIN_RANGE_CHUNK)
+            };
+            let rows = self
+                .snapshot
+                .range(&RangeOption {
+                    begin: lo.clone(),
+                    end: hi.clone(),
+                    limit: chunk,
+                    reverse,
+                })
+                .await?;
+            let exhausted = chunk == 0 || rows.len() < chunk;
+            // The window of keys this snapshot read fully covers.
+            let (wlo, whi) = match rows.last() {
+                Some((last, _)) if !exhausted => {
+                    if reverse {
+                        (last.clone(), hi.clone())
+                    } else {
+                        (lo.clone(), key_after(last))
+                    }
+                }
+                _ => (lo.clone(), hi.clone()),
+            };
+            for kv in self.overlay(rows, &wlo, &whi, reverse) {
+                out.push(kv);
+                if limit != 0 && out.len() == limit {
+                    let last = &out[out.len() - 1].0;
+                    let covered = if reverse {
+                        (last.clone(), end)
+                    } else {
+                        (begin, key_after(last))
+                    };
+                    self.read_conflicts.push(covered);
+                    return Ok(out);
+                }
+            }
+            if exhausted {
+                self.read_conflicts.push((begin, end));
+                return Ok(out);
+            }
+            if reverse {
+                hi = wlo;
+            } else {
+                lo = whi;
+            }
+        }
+    }
+
+    /// Range over all keys starting with `prefix`.
+    pub async fn get_prefix(
+        &mut self,
+        prefix: &[u8],
+        limit: usize,
+        reverse: bool,
+    ) -> Result<Vec<KeyValue>, StoreError> {
+        self.get_range(RangeOption {
+            begin: prefix.to_vec(),
+            end: crate::tuple::prefix_end(prefix),
+            limit,
+            reverse,
+        })
+        .await
+    }
+
+    /// Sets `key` to `value`. On error nothing changes.
+    pub fn set(&mut self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        check_key(key)?;
+        if value.len() > MAX_VALUE_SIZE {
+            return Err(StoreError::ValueTooLarge {
+                len: value.len(),
+                max: MAX_VALUE_SIZE,
+            });
+        }
+        self.add_size(key.len() + value.len())?;
+        self.writes.insert(key.to_vec(), value.to_vec());
+        self.mutations.push(Mutation::Set(key.to_vec(), value.to_vec()));
+        Ok(())
+    }
+
+    /// Removes `key`. An invalid key fails the transaction at commit.
+    pub fn clear(&mut self, key: &[u8]) {
+        let checked = check_key(key).and_then(|()| self.add_size(key.len()));
+        if let Err(e) = checked {
+            self.defer(e);
+            return;
+        }
+        self.writes.remove(key);
+        self.add_cleared(key.to_vec(), key_after(key));
+        self.mutations.push(Mutation::Clear(key.to_vec()));
+    }
+
+    /// Removes every key in `[begin, end)` (nothing if `begin >= end`). A range
+    /// reaching into the system keys fails the transaction at commit.
+    pub fn clear_range(&mut self, begin: &[u8], end: &[u8]) {
+        if begin >= end {
+            return;
+        }
+        let checked = if end > [SYSTEM_KEY_PREFIX].as_slice() {
+            Err(StoreError::ReservedKey)
+        } else if begin.len() > MAX_KEY_SIZE || end.len() > MAX_KEY_SIZE + 1 {
+            Err(StoreError::KeyTooLarge {
+                len: begin.len().max(end.len()),
+                max: MAX_KEY_SIZE,
+            })
+        } else {
+            self.add_size(begin.len() + end.len())
+        };
+        if let Err(e) = checked {
+            self.defer(e);
+            return;
+        }
+        // Drop buffered sets inside the range.
+        let mut tail = self.writes.split_off(begin);
+        let mut after = tail.split_off(end);
+        self.writes.append(&mut after);
+        self.add_cleared(begin.to_vec(), end.to_vec());
+        self.mutations
+            .push(Mutation::ClearRange(begin.to_vec(), end.to_vec()));
+    }
+
+    /// Removes every key starting with `prefix` (the empty prefix: every user key).
+    pub fn clear_prefix(&mut self, prefix: &[u8]) {
+        let end = crate::tuple::prefix_end(prefix);
+        self.clear_range(prefix, &end);
+    }
+
+    /// Bytes of mutations so far, counted against [`MAX_TRANSACTION_SIZE`].
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// True when the transaction has no mutations (it needs no commit).
+    pub fn is_read_only(&self) -> bool {
+        self.mutations.is_empty() && self.deferred.is_none()
+    }
+
+    /// The read-conflict ranges recorded so far.
+    pub fn read_conflicts(&self) -> &[(Vec<u8>, Vec<u8>)] {
+        &self.read_conflicts
+    }
+
+    /// What to send to [`Store::commit`]; the first deferred write error if any.
+    pub fn into_commit_request(self) -> Result<CommitRequest, StoreError> {
+        if let Some(e) = self.deferred {
+            return Err(e);
+        }
+        Ok(CommitRequest {
+            read_version: self.snapshot.version(),
+            read_conflicts: self.read_conflicts,
+            mutations: self.mutations,
+        })
+    }
+
+    fn defer(&mut self, e: StoreError) {
+        tracing::debug!(error = %e, "invalid clear; the transaction will fail at commit");
+        if self.deferred.is_none() {
+            self.deferred = Some(e);
+        }
+    }
+
+    fn add_size(&mut self, n: usize) -> Result<(), StoreError> {
+        let len = self.size + n;
+        if len > MAX_TRANSACTION_SIZE {
+            return Err(StoreError::TransactionTooLarge {
+                len,
+                max: MAX_TRANSACTION_SIZE,
+            });
+        }
+        self.size = len;
+        Ok(())
+    }
+
+    fn is_cleared(&self, key: &[u8]) -> bool {
+        self.cleared
+            .range::<[u8], _>((Bound::Unbounded, Bound::Included(key)))
+            .next_back()
+            .is_some_and(|(_, end)| key < end.as_slice())
+    }
+
+    fn add_cleared(&mut self, mut begin: Vec<u8>, mut end: Vec<u8>) {
+        if let Some((b, e)) = self
+            .cleared
+            .range::<[u8], _>((Bound::Unbounded, Bound::Included(begin.as_slice())))
+            .next_back()
+            && e.as_slice() >= begin.as_slice()
+        {
+            begin = b.clone();
+            if *e > end {
+                end = e.clone();
+            }
+        }
+        let merged: Vec<Vec<u8>> = self
+            .cleared
+            .range::<[u8], _>((Bound::Included(begin.as_slice()), Bound::Included(end.as_slice())))
+            .map(|(b, _)| b.clone())
+            .collect();
+        for b in merged {
+            if let Some(e) = self.cleared.remove(&b)
+                && e > end
+            {
+                end = e;
+            }
+        }
+        self.cleared.insert(begin, end);
+    }
+
+    /// Merges snapshot `rows` (sorted in the read's direction, all inside `[lo, hi)`)
+    /// with this transaction's writes in `[lo, hi)`.
+    fn overlay(&self, rows: Vec<KeyValue>, lo: &[u8], hi: &[u8], reverse: bool) -> Vec<KeyValue> {
+        let mut base: Vec<KeyValue> = rows
+            .into_iter()
+            .filter(|(k, _)| !self.writes.contains_key(k) && !self.is_cleared(k))
+            .collect();
+        let mut own: Vec<KeyValue> = self
+            .writes
+            .range::<[u8], _>((Bound::Included(lo), Bound::Excluded(hi)))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if own.is_empty() {
+            return base;
+        }
+        if reverse {
+            own.reverse();
+        }
+        let mut out = Vec::with_capacity(base.len() + own.len());
+        let mut a = std::mem::take(&mut base).into_iter().peekable();
+        let mut b = own.into_iter().peekable();
+        loop {
+            let take_a = match (a.peek(), b.peek()) {
+                (Some(x), Some(y)) => (x.0 < y.0) != reverse,
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (None, None) => break,
+            };
+            let next = if take_a { a.next() } else { b.next() };
+            out.extend(next);
+        }
+        out
+    }
+}
+
+fn check_key(key: &[u8]) -> Result<(), StoreError> {
+    if key.len() > MAX_KEY_SIZE {
+        return Err(StoreError::KeyTooLarge {
+            len: key.len(),
+            max: MAX_KEY_SIZE,
+        });
+    }
+    if key.first() == Some(&SYSTEM_KEY_PREFIX) {
+        return Err(StoreError::ReservedKey);
+    }
+    Ok(())
+}
+
+/// A boxed future borrowing a transaction, as returned by transaction closures.
+pub type TxFuture<'t, T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send + 't>>;
+
+/// Bounded exponential backoff with jitter (pure: randomness comes in).
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    /// First delay 1 ms, doubling up to 50 ms.
+    pub const fn new() -> Self {
+        Backoff {
+            next: Duration::from_millis(1),
+            max: Duration::from_millis(50),
+        }
+    }
+    /// The next delay: uniformly in `[d/2, d]` (from `random`) where `d` doubles each time.
+    pub fn next_delay(&mut self, random: u64) -> Duration {
+        let d = self.next;
+        self.next = (d * 2).min(self.max);
+        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let half = nanos / 2;
+        Duration::from_nanos(half + random % (nanos - half + 1))
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn random_u64(salt: u32) -> u64 {
+    use std::hash::BuildHasher;
+    // RandomState is seeded randomly per thread and varies per instance.
+    std::collections::hash_map::RandomState::new().hash_one(salt)
+}
+
+/// A handle on a store; cheap to clone.
+#[derive(Clone)]
+pub struct Db {
+    store: Arc<dyn Store>,
+    max_attempts: u32,
+}
+
+impl Db {
+    /// A handle on `store`, retrying transactions up to [`DEFAULT_MAX_ATTEMPTS`] times.
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Db {
+            store,
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+        }
+    }
+    /// The same handle with another bound on the attempts of [`Db::transact`] (at least 1).
+    pub fn with_max_attempts(mut self, attempts: u32) -> Self {
+        self.max_attempts = attempts.max(1);
+        self
+    }
+    /// The backend, for direct snapshot/commit access (conformance tests, tools).
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+    /// A short description of the backend (see [`Store::describe`]).
+    pub fn describe(&self) -> String {
+        self.store.describe()
+    }
+    /// Runs `f` in a transaction and commits it, retrying (bounded, with backoff)
+    /// while it conflicts. Returns only after a durable commit.
+    ///
+    /// `f` may run several times: it must not have effects outside the transaction
+    /// (or they must be idempotent). A transaction without mutations is not sent to
+    /// the backend's committer.
+    pub async fn transact<T, E, F>(&self, mut f: F) -> Result<T, E>
+    where
+        T: Send,
+        E: TxnError + Send,
+        F: for<'t> FnMut(&'t mut Transaction) -> TxFuture<'t, T, E> + Send,
+    {
+        let mut backoff = Backoff::new();
+        let mut attempt: u32 = 0;
+        loop {
+            attempt += 1;
+            let mut tx = Transaction::new(self.store.snapshot().await?);
+            let retry_err = match f(&mut tx).await {
+                Ok(value) => {
+                    if tx.is_read_only() {
+                        return Ok(value);
+                    }
+                    let req = tx.into_commit_request()?;
+                    match self.store.commit(req).await {
+                        Ok(_) => return Ok(value),
+                        Err(e) if e.is_retryable() => e,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Err(e) => match e.as_store_error() {
+                    Some(se) if se.is_retryable() => se.clone(),
+                    _ => return Err(e),
+                },
+            };
+            if attempt >= self.max_attempts {
+                tracing::warn!(attempts = attempt, error = %retry_err, "transaction gave up");
+                return Err(StoreError::TooManyRetries { attempts: attempt }.into());
+            }
+            let delay = backoff.next_delay(random_u64(attempt));
+            tracing::debug!(attempt, error = %retry_err, ?delay, "retrying transaction");
+            tokio::time::sleep(delay).await;
+        }
+    }
+    /// A read-only transaction (no commit): `f` runs once on a snapshot; any
+    /// writes it makes are discarded.
+    pub async fn read<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        T: Send,
+        E: TxnError + Send,
+        F: for<'t> FnOnce(&'t mut Transaction) -> TxFuture<'t, T, E> + Send,
+    {
+        let mut tx = Transaction::new(self.store.snapshot().await?);
+        let out = f(&mut tx).await;
+        if !tx.is_read_only() {
+            tracing::debug!("writes made in Db::read are discarded");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// An in-memory snapshot for transaction-layer tests.
+    struct MemSnap(BTreeMap<Vec<u8>, Vec<u8>>);
+
+    #[async_trait::async_trait]
+    impl Snapshot for MemSnap {
+        fn version(&self) -> Version {
+            7
+        }
+        async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            Ok(self.0.get(key).cloned())
+        }
+        async fn range(&self, opt: &RangeOption) -> Result<Vec<KeyValue>, StoreError> {
+            if opt.begin >= opt.end {
+                return Ok(vec![]);
+            }
+            let it = self
+                .0
+                .range::<[u8], _>((Bound::Included(opt.begin.as_slice()), Bound::Excluded(opt.end.as_slice())))
+                .map(|(k, v)| (k.clone(), v.clone()));
+            let lim = if opt.limit == 0 { usize::MAX } else { opt.limit };
+            Ok(if opt.reverse {
+                it.rev().take(lim).collect()
+            } else {
+                it.take(lim).collect()
+            })
+        }
+    }
+
+    fn tx_over(keys: &[&[u8]]) -> Transaction {
+        Transaction::new(Box::new(MemSnap(
+            keys.iter().map(|k| (k.to_vec(), k.to_vec())).collect(),
+        )))
+    }
+
+    fn keys(rows: &[KeyValue]) -> Vec<Vec<u8>> {
+        rows.iter().map(|(k, _)| k.clone()).collect()
+    }
+
+    #[tokio::test]
+    async fn range_overlay_with_clears_limits_and_reverse() {
+        use proptest::prelude::*;
+        use proptest::test_runner::{Config, TestRunner};
+        // Model check: random snapshot + random ops vs. a BTreeMap model.
+        let mut runner = TestRunner::new(Config::with_cases(300));
+        let op = prop_oneof![
+            (0u8..24).prop_map(|k| (0u8, k, 0u8)),
+            (0u8..24).prop_map(|k| (1u8, k, 0u8)),
+            (0u8..24, 0u8..24).prop_map(|(a, b)| (2u8, a, b)),
+        ];
+        let strat = (
+            proptest::collection::btree_set(0u8..24, 0..20),
+            proptest::collection::vec(op, 0..12),
+            0usize..8,
+            any::<bool>(),
+            0u8..24,
+            0u8..25,
+        );
+        let rt = tokio::runtime::Handle::current();
+        let result = tokio::task::spawn_blocking(move || {
+            runner.run(&strat, |(snap, ops, limit, reverse, b, e)| {
+                let snap: BTreeMap<Vec<u8>, Vec<u8>> = snap.into_iter().map(|k| (vec![k], vec![k])).collect();
+                let mut model = snap.clone();
+                let mut tx = Transaction::new(Box::new(MemSnap(snap)));
+                for (kind, a, b) in ops {
+                    match kind {
+                        0 => {
+                            tx.set(&[a], b"w").unwrap();
+                            model.insert(vec![a], b"w".to_vec());
+                        }
+                        1 => {
+                            tx.clear(&[a]);
+                            model.remove(&vec![a]);
+                        }
+                        _ => {
+                            tx.clear_range(&[a], &[b]);
+                            if a < b {
+                                model.retain(|k, _| !(k[0] >= a && k[0] < b));
+                            }
+                        }
+                    }
+                }
+                let got = rt
+                    .block_on(tx.get_range(RangeOption::new(vec![b], vec![e]).with_limit(limit).reversed(reverse)))
+                    .unwrap();
+                let mut want: Vec<KeyValue> = model
+                    .iter()
+                    .filter(|(k, _)| k[0] >= b && k[0] < e)
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                if reverse {
+                    want.reverse();
+                }
+                if limit > 0 {
+                    want.truncate(limit);
+                }
+                prop_assert_eq!(got, want);
+                for k in 0u8..24 {
+                    prop_assert_eq!(rt.block_on(tx.get(&[k])).unwrap(), model.get(&vec![k]).cloned());
+                }
+                Ok(())
+            })
+        })
+        .await
+        .unwrap();
+        result.unwrap();
+    }
+
+    #[tokio::test]
+    async fn limited_range_conflicts_cover_only_what_was_returned() {
+        let mut tx = tx_over(&[b"a", b"b", b"c", b"d"]);
+        let rows = tx.get_range(RangeOption::new(b"a".to_vec(), b"z".to_vec()).with_limit(2)).await.unwrap();
+        assert_eq!(keys(&rows), vec![b"a".to_vec(), b"b".to_vec()]);
+        assert_eq!(tx.read_conflicts(), &[(b"a".to_vec(), b"b\0".to_vec())]);
+        let rows = tx
+            .get_range(RangeOption::new(b"a".to_vec(), b"z".to_vec()).with_limit(1).reversed(true))
+            .await
+            .unwrap();
+        assert_eq!(keys(&rows), vec![b"d".to_vec()]);
+        assert_eq!(tx.read_conflicts()[1], (b"d".to_vec(), b"z".to_vec()));
+        tx.get(b"q").await.unwrap();
+        assert_eq!(tx.read_conflicts()[2], (b"q".to_vec(), b"q\0".to_vec()));
+    }
+
+    #[tokio::test]
+    async fn clears_hiding_many_rows_fetch_more() {
+        let ks: Vec<Vec<u8>> = (0u8..100).map(|i| vec![b'k', i]).collect();
+        let refs: Vec<&[u8]> = ks.iter().map(|k| k.as_slice()).collect();
+        let mut tx = tx_over(&refs);
+        tx.clear_range(&[b'k', 0], &[b'k', 90]);
+        let rows = tx.get_prefix(b"k", 3, false).await.unwrap();
+        assert_eq!(keys(&rows), vec![vec![b'k', 90], vec![b'k', 91], vec![b'k', 92]]);
+    }
+
+    #[test]
+    fn limits_change_nothing() {
+        let mut tx = tx_over(&[]);
+        let big_key = vec![b'k'; MAX_KEY_SIZE + 1];
+        assert_eq!(
+            tx.set(&big_key, b"v"),
+            Err(StoreError::KeyTooLarge { len: MAX_KEY_SIZE + 1, max: MAX_KEY_SIZE })
+        );
+        assert!(matches!(tx.set(b"k", &vec![0; MAX_VALUE_SIZE + 1]), Err(StoreError::ValueTooLarge { .. })));
+        assert_eq!(tx.set(b"\xffsys", b"v"), Err(StoreError::ReservedKey));
+        assert!(tx.is_read_only());
+        let v = vec![0u8; MAX_VALUE_SIZE];
+        let mut i = 0u32;
+        let err = loop {
+            match tx.set(&i.to_be_bytes(), &v) {
+                Ok(()) => i += 1,
+                Err(e) => break e,
+            }
+        };
+        assert!(matches!(err, StoreError::TransactionTooLarge { .. }));
+        assert!(tx.size() <= MAX_TRANSACTION_SIZE);
+        assert_eq!(tx.mutations.len(), i as usize);
+        tx.clear(b"\xff");
+        assert_eq!(tx.mutations.len(), i as usize);
+        assert_eq!(tx.into_commit_request().unwrap_err(), StoreError::ReservedKey);
+    }
+
+    #[test]
+    fn reserved_clear_fails_at_commit() {
+        let mut tx = tx_over(&[]);
+        tx.clear_range(b"a", b"\xff\x00");
+        tx.clear_prefix(b"\xff");
+        tx.clear_prefix(b"");
+        assert!(!tx.is_read_only());
+        assert_eq!(tx.into_commit_request().unwrap_err(), StoreError::ReservedKey);
+    }
+
+    #[test]
+    fn backoff_is_bounded_and_jittered() {
+        let mut b = Backoff::new();
+        let delays: Vec<Duration> = (0..12).map(|i| b.next_delay(i * 7919)).collect();
+        assert!(delays[0] >= Duration::from_micros(500) && delays[0] <= Duration::from_millis(1));
+        assert!(delays.iter().all(|d| *d <= Duration::from_millis(50)));
+        assert!(delays[11] >= Duration::from_millis(25));
+    }
+
+    /// A store whose commits always conflict, counting attempts.
+    struct Conflicting(Mutex<u32>);
+
+    #[async_trait::async_trait]
+    impl Store for Conflicting {
+        fn describe(&self) -> String {
+            "conflicting".into()
+        }
+        async fn snapshot(&self) -> Result<Box<dyn Snapshot>, StoreError> {
+            Ok(Box::new(MemSnap(BTreeMap::new())))
+        }
+        async fn commit(&self, _req: CommitRequest) -> Result<Version, StoreError> {
+            *self.0.lock().unwrap() += 1;
+            Err(StoreError::Conflict)
+        }
+    }
+
+    #[tokio::test]
+    async fn transact_gives_up_after_bounded_retries() {
+        let store = Arc::new(Conflicting(Mutex::new(0)));
+        let db = Db::new(store.clone()).with_max_attempts(5);
+        let r: Result<(), StoreError> = db.transact(|tx| Box::pin(async move { tx.set(b"k", b"v") })).await;
+        assert_eq!(r, Err(StoreError::TooManyRetries { attempts: 5 }));
+        assert_eq!(*store.0.lock().unwrap(), 5);
+        // Read-only transactions never reach the committer.
+        let r: Result<Option<Vec<u8>>, StoreError> = db.transact(|tx| Box::pin(tx.get(b"k"))).await;
+        assert_eq!(r, Ok(None));
+        assert_eq!(*store.0.lock().unwrap(), 5);
+    }
+}

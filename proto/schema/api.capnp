@@ -1,0 +1,105 @@
+@0x90715505424bea21;
+# The control-socket API of a Capstan node: what `capstan` CLI commands call.
+# Any Cap'n Proto implementation can drive a node through it. The bootstrap
+# capability of the socket is a `Node`.
+#
+# Conventions:
+# - `reqId` (16 random bytes, chosen by the caller) on every mutating call: a
+#   retry with the same id after an unknown outcome applies once and returns
+#   the first answer.
+# - Paths are pet-name paths `a.b.c` in the acting agent's names, or special
+#   names (SELF, HOST, MAIL, NONE, ...).
+# - Errors are Cap'n Proto exceptions whose description is a one-line,
+#   user-facing message.
+
+interface Node {
+  ping @0 () -> (info :NodeInfo);
+  # The root host of this node.
+  host @1 () -> (agent :Agent);
+  # Stop the node (graceful): answers, then exits.
+  stop @2 () -> ();
+}
+
+struct NodeInfo {
+  version @0 :Text;
+  pid @1 :UInt32;
+  home @2 :Text;
+  store @3 :Text;
+  rootHost @4 :Data;
+  startedMs @5 :UInt64;
+  incarnations @6 :UInt32;
+  uptimeMs @7 :UInt64;
+}
+
+enum ValueKind {
+  text @0;
+  json @1;
+  bytes @2;
+}
+
+struct EntryInfo {
+  name @0 :Text;
+  id @1 :Data;
+  type @2 :Text;        # host, guest, directory, value, promise
+  # For values: kind and size. For promises: pending/resolved/rejected.
+  detail @3 :Text;
+}
+
+struct MessageView {
+  number @0 :UInt64;
+  messageId @1 :Data;
+  replyTo @2 :Data;
+  from @3 :Text;        # the viewer's name for the sender (SELF, HOST, pet name, or hex id)
+  to @4 :Text;          # the viewer's name for the recipient
+  dateMs @5 :UInt64;
+  type @6 :Text;        # package | request
+  # package: text chunks and references (strings.len() == names.len() + 1)
+  strings @7 :List(Text);
+  names @8 :List(Text);
+  # request: description and state ("pending", "resolved", "rejected: <reason>")
+  description @9 :Text;
+  state @10 :Text;
+}
+
+interface MessageSink {
+  push @0 (message :MessageView) -> ();
+}
+
+interface Agent {
+  # Names ---------------------------------------------------------------
+  list @0 (path :Text) -> (entries :List(EntryInfo));        # path "" = own names
+  show @1 (path :Text) -> (entry :EntryInfo);
+  cat @2 (path :Text) -> (kind :ValueKind, data :Data);      # a stored value's bytes
+  store @3 (reqId :Data, path :Text, kind :ValueKind, data :Data) -> (id :Data);
+  remove @4 (reqId :Data, path :Text) -> ();
+  move @5 (reqId :Data, from :Text, to :Text) -> ();
+  copy @6 (reqId :Data, from :Text, to :Text) -> ();
+  mkdir @7 (reqId :Data, path :Text) -> (id :Data);
+  mkhost @8 (reqId :Data, path :Text) -> (id :Data);
+  mkguest @9 (reqId :Data, path :Text) -> (id :Data);
+  # An agent (host or guest) held by this agent under `path`.
+  agent @10 (path :Text) -> (agent :Agent);
+
+  # Mail ----------------------------------------------------------------
+  # strings/refs: text chunks interleaved with references; each ref is a
+  # path in this agent's names plus the name suggested to the recipient.
+  send @11 (reqId :Data, to :Text, strings :List(Text), refs :List(Ref), replyTo :UInt64, isReply :Bool) -> (number :UInt64);
+  # Ask `to` for something; `resultName` (optional) receives the answer.
+  request @12 (reqId :Data, to :Text, description :Text, resultName :Text) -> (number :UInt64, promise :Data);
+  # Wait until the promise of request `number` in this inbox is settled.
+  waitRequest @13 (number :UInt64) -> (state :Text, id :Data);
+  resolve @14 (reqId :Data, number :UInt64, path :Text) -> ();
+  reject @15 (reqId :Data, number :UInt64, reason :Text) -> ();
+  adopt @16 (reqId :Data, number :UInt64, edgeName :Text, path :Text) -> (id :Data);
+  dismiss @17 (reqId :Data, number :UInt64) -> ();
+  # thread: a messageId (16 bytes) to show only that thread; empty = all
+  inbox @18 (thread :Data) -> (messages :List(MessageView));
+  # Streams every message numbered >= `after` (existing ones first, then new
+  # ones as they arrive) into `sink` until the caller drops it.
+  follow @19 (after :UInt64, sink :MessageSink) -> ();
+}
+
+struct Ref {
+  path @0 :Text;
+  edgeName @1 :Text;
+}

@@ -1,0 +1,84 @@
+@0xe2027c91d68f9114;
+# Durable records of Capstan: formulas, directory entries, messages.
+# Stored as store values; evolve only by adding fields (Cap'n Proto rules).
+# Ids are 32 bytes (256 bits); every `Data` field named `*id` holds one.
+
+struct Formula {
+  createdMs @0 :UInt64;
+  union {
+    host @1 :Agent;
+    guest @2 :Agent;
+    directory @3 :Void;
+    value @4 :StoredValue;
+    promise @5 :Promise;
+  }
+}
+
+struct Agent {
+  # The agent's pet store (a directory formula).
+  petStore @0 :Data;
+  # The host that made this agent (empty for the root host).
+  host @1 :Data;
+  # Display label given at creation (the creator's pet name for it).
+  label @2 :Text;
+}
+
+enum ValueKind {
+  text @0;
+  json @1;
+  bytes @2;
+}
+
+struct StoredValue {
+  kind @0 :ValueKind;
+  size @1 :UInt64;
+  # blake3 of the bytes; the bytes are a chunked blob under the value's key.
+  hash @2 :Data;
+}
+
+struct Promise {
+  # The request's description, and the agent that asked.
+  description @0 :Text;
+  requester @1 :Data;
+  state :union {
+    pending @2 :Void;
+    resolved @3 :Data;   # id of the formula the promise resolved to
+    rejected @4 :Text;   # the reason
+  }
+}
+
+struct NameEntry {
+  id @0 :Data;
+}
+
+struct Message {
+  number @0 :UInt64;
+  messageId @1 :Data;    # 16 random bytes
+  replyTo @2 :Data;      # messageId of the message this replies to; empty if none
+  from @3 :Data;         # agent id of the sender
+  to @4 :Data;           # agent id of the recipient
+  dateMs @5 :UInt64;
+  body :union {
+    package :group {
+      # text chunks interleaved with references: strings.len() == ids.len() + 1
+      strings @6 :List(Text);
+      names @7 :List(Text);   # suggested (edge) names, one per reference
+      ids @8 :List(Data);
+    }
+    request :group {
+      description @9 :Text;
+      promise @10 :Data;
+    }
+  }
+}
+
+# The first answer to a mutating request, kept so that a retried request
+# (same request id) applies once and returns the same answer.
+struct DedupRecord {
+  atMs @0 :UInt64;
+  answer :union {
+    none @1 :Void;
+    id @2 :Data;
+    number @3 :UInt64;
+  }
+}
