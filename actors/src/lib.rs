@@ -1,1 +1,30 @@
-//! skeleton
+//! Capstan's object model: formulas, their incarnations as actors, agents
+//! with pet-name directories and inboxes, and the mail between them.
+//!
+//! # Layout
+//!
+//! - [`api`]: the public face used by `nodes/`: [`Runtime`] (one per node)
+//!   and [`AgentHandle`] (the capability to act as one agent). Every
+//!   mutating operation is one store transaction, acknowledged only after
+//!   it committed, and carries a caller-chosen request id so a retry
+//!   applies once.
+//! - [`model`]: transactional building blocks (formulas, names, paths,
+//!   inbox records, exactly-once answers).
+//! - [`incarnation`]: the ractor actors (agents, promises), made on demand
+//!   and passivated when idle.
+//! - [`records`]: Rust values ↔ Cap'n Proto records of `proto/`.
+//! - [`keys`]: the key layout. [`names`]: pet names, special names, paths.
+
+pub mod api;
+pub mod error;
+pub mod incarnation;
+pub mod keys;
+pub mod model;
+pub mod names;
+pub mod records;
+
+pub use api::{
+    AgentHandle, EntryInfo, MessageBodyView, MessageView, PromiseState, RefSpec, Runtime,
+    RuntimeOptions, ValueKind,
+};
+pub use error::Error;

@@ -65,7 +65,11 @@ pub async fn set_blob(tx: &mut Transaction, prefix: &[u8], data: &[u8]) -> Resul
     let chunks = data.len().div_ceil(CHUNK_SIZE);
     let end = prefix_end(prefix);
     // Size check up front, so that an error leaves the transaction unchanged.
-    let needed = prefix.len() + end.len() + (chunks + 1) * (prefix.len() + INDEX_LEN) + HEADER_LEN + data.len();
+    let needed = prefix.len()
+        + end.len()
+        + (chunks + 1) * (prefix.len() + INDEX_LEN)
+        + HEADER_LEN
+        + data.len();
     if tx.size() + needed > MAX_TRANSACTION_SIZE {
         return Err(StoreError::TransactionTooLarge {
             len: tx.size() + needed,
@@ -91,10 +95,21 @@ pub async fn get_blob(tx: &mut Transaction, prefix: &[u8]) -> Result<Option<Vec<
         return Ok(None);
     };
     if header.len() != HEADER_LEN || header[0] != FORMAT {
-        return Err(corrupt(prefix, format!("bad header ({} bytes)", header.len())));
+        return Err(corrupt(
+            prefix,
+            format!("bad header ({} bytes)", header.len()),
+        ));
     }
-    let len = u64::from_be_bytes(header[1..9].try_into().map_err(|_| corrupt(prefix, "header".into()))?);
-    let chunk_size = u32::from_be_bytes(header[9..13].try_into().map_err(|_| corrupt(prefix, "header".into()))?);
+    let len = u64::from_be_bytes(
+        header[1..9]
+            .try_into()
+            .map_err(|_| corrupt(prefix, "header".into()))?,
+    );
+    let chunk_size = u32::from_be_bytes(
+        header[9..13]
+            .try_into()
+            .map_err(|_| corrupt(prefix, "header".into()))?,
+    );
     let hash = &header[13..45];
     let len = usize::try_from(len)
         .ok()
@@ -117,17 +132,26 @@ pub async fn get_blob(tx: &mut Transaction, prefix: &[u8]) -> Result<Option<Vec<
             .filter(|_| r.is_empty())
             .ok_or_else(|| corrupt(prefix, format!("unexpected key {}", escape(k))))?;
         if index != expected {
-            return Err(corrupt(prefix, format!("chunk {expected} missing (found {index})")));
+            return Err(corrupt(
+                prefix,
+                format!("chunk {expected} missing (found {index})"),
+            ));
         }
         let is_last = index as usize == chunks;
         if index as usize > chunks || (!is_last && v.len() != chunk_size) {
-            return Err(corrupt(prefix, format!("chunk {index} has {} bytes", v.len())));
+            return Err(corrupt(
+                prefix,
+                format!("chunk {index} has {} bytes", v.len()),
+            ));
         }
         data.extend_from_slice(v);
         expected += 1;
     }
     if data.len() != len || (expected - 1) as usize != chunks {
-        return Err(corrupt(prefix, format!("{} bytes found, {len} expected", data.len())));
+        return Err(corrupt(
+            prefix,
+            format!("{} bytes found, {len} expected", data.len()),
+        ));
     }
     if blake3::hash(&data).as_bytes() != hash {
         return Err(corrupt(prefix, "blake3 hash mismatch".into()));

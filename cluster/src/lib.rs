@@ -11,7 +11,7 @@
 //! - [`tuple`]: order-preserving tuple encoding of keys.
 //! - [`blob`]: values larger than [`MAX_VALUE_SIZE`] split into chunks.
 //! - [`conformance`]: the backend conformance suite, written once and run
-//!   against every backend.
+//!   against every backend ([`conformance_tests!`]).
 
 pub mod blob;
 pub mod conformance;
@@ -20,8 +20,9 @@ pub mod store;
 pub mod tuple;
 
 pub use store::{
-    CommitRequest, Db, KeyValue, MAX_KEY_SIZE, MAX_TRANSACTION_SIZE, MAX_VALUE_SIZE, Mutation, RangeOption,
-    Snapshot, Store, StoreError, Transaction, TxFuture, TxnError, Version,
+    CommitRequest, Db, KeyValue, MAX_KEY_SIZE, MAX_TRANSACTION_SIZE, MAX_VALUE_SIZE, Mutation,
+    RangeOption, SYSTEM_KEY_PREFIX, Snapshot, Store, StoreError, Transaction, TxFuture, TxnError,
+    Version,
 };
 
 /// Opens a store from a URL-ish string: `redb:PATH` or a bare path (embedded redb).

@@ -31,10 +31,11 @@
 //! place, so a crash during creation never leaves a file without the marker.
 //! An existing file is vetted before redb may write to it: the magic bytes are
 //! checked, then the file is opened read-only and the marker read. A file that
-//! fails is reported [`StoreError::Corrupt`] and left untouched. (A redb file that
-//! was not closed cleanly and was written without quick-repair cannot be opened
-//! read-only: redb repairs it on the read-write open, before the marker check.
-//! Capstan's own commits use quick-repair, so its stores never need this.)
+//! fails is reported [`StoreError::Corrupt`] and left untouched. A file that was
+//! not closed cleanly (a killed process) cannot be opened read-only: redb then
+//! recovers it into an in-memory copy-on-write overlay of the file to read the
+//! marker, and only a Capstan store is then recovered for real. Commits save
+//! redb's allocator state (quick-repair), so recovery is fast.
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
@@ -45,14 +46,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redb::{
-    Builder, Database, DatabaseError, Durability, ReadOnlyTable, ReadableDatabase, ReadableTable, StorageError,
-    TableDefinition, TableError,
+    Builder, Database, DatabaseError, Durability, ReadOnlyTable, ReadableDatabase, ReadableTable,
+    StorageError, TableDefinition, TableError,
 };
 use tokio::sync::{mpsc, oneshot};
 
 use crate::store::{
-    CommitRequest, KeyValue, MAX_KEY_SIZE, MAX_TRANSACTION_SIZE, MAX_VALUE_SIZE, Mutation, RangeOption, Snapshot,
-    Store, StoreError, Version,
+    CommitRequest, KeyValue, MAX_KEY_SIZE, MAX_TRANSACTION_SIZE, MAX_VALUE_SIZE, Mutation,
+    RangeOption, Snapshot, Store, StoreError, Version,
 };
 
 const DATA: TableDefinition<&'static [u8], &'static [u8]> = TableDefinition::new("capstan_data");
@@ -246,7 +247,11 @@ impl Snapshot for RedbSnapshot {
             .table
             .range::<&[u8]>(opt.begin.as_slice()..opt.end.as_slice())
             .map_err(err)?;
-        let limit = if opt.limit == 0 { usize::MAX } else { opt.limit };
+        let limit = if opt.limit == 0 {
+            usize::MAX
+        } else {
+            opt.limit
+        };
         let mut out = Vec::new();
         let mut push = |item: Result<_, StorageError>| -> Result<(), StoreError> {
             let (k, v): (redb::AccessGuard<&[u8]>, redb::AccessGuard<&[u8]>) = item.map_err(err)?;
@@ -317,7 +322,9 @@ impl ConflictLog {
         if read_version < self.horizon {
             return true;
         }
-        let hit = |ranges: &[(Vec<u8>, Vec<u8>)]| ranges.iter().any(|w| reads.iter().any(|r| overlaps(r, w)));
+        let hit = |ranges: &[(Vec<u8>, Vec<u8>)]| {
+            ranges.iter().any(|w| reads.iter().any(|r| overlaps(r, w)))
+        };
         if hit(pending) {
             return true;
         }
@@ -394,7 +401,10 @@ impl Committer {
         let mut written: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         let mut replies: Vec<Option<Result<Version, StoreError>>> = Vec::with_capacity(batch.len());
         for p in &batch {
-            if self.log.conflicts(p.req.read_version, &p.req.read_conflicts, &written) {
+            if self
+                .log
+                .conflicts(p.req.read_version, &p.req.read_conflicts, &written)
+            {
                 replies.push(Some(Err(StoreError::Conflict)));
                 continue;
             }
@@ -417,7 +427,11 @@ impl Committer {
                 }
             }
         };
-        tracing::trace!(size = batch.len(), accepted = accepted.len(), "batch committed");
+        tracing::trace!(
+            size = batch.len(),
+            accepted = accepted.len(),
+            "batch committed"
+        );
         for (p, reply) in batch.into_iter().zip(replies) {
             // A waiter that went away no longer needs its answer.
             let _ = p.reply.send(reply.unwrap_or_else(|| result.clone()));
@@ -436,7 +450,9 @@ impl Committer {
                 match m {
                     Mutation::Set(k, v) => data.insert(k.as_slice(), v.as_slice()).map(|_| ()),
                     Mutation::Clear(k) => data.remove(k.as_slice()).map(|_| ()),
-                    Mutation::ClearRange(b, e) if b < e => data.retain_in::<&[u8], _>(b.as_slice()..e.as_slice(), |_, _| false),
+                    Mutation::ClearRange(b, e) if b < e => {
+                        data.retain_in::<&[u8], _>(b.as_slice()..e.as_slice(), |_, _| false)
+                    }
                     Mutation::ClearRange(..) => Ok(()),
                 }
                 .map_err(|e| err(e.into()))?;
@@ -463,7 +479,8 @@ fn sibling(path: &Path, suffix: &str) -> PathBuf {
 impl LockFile {
     fn acquire(path: &Path, shown: &str) -> Result<Self, StoreError> {
         let lock_path = sibling(path, ".lock");
-        let io = |e: std::io::Error| StoreError::Io(format!("lock file {}: {e}", lock_path.display()));
+        let io =
+            |e: std::io::Error| StoreError::Io(format!("lock file {}: {e}", lock_path.display()));
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -510,25 +527,35 @@ fn backend_error(e: redb::Error, describe: &str) -> StoreError {
 
 fn open_error(e: DatabaseError, shown: &str) -> StoreError {
     match e {
-        DatabaseError::DatabaseAlreadyOpen | DatabaseError::LockProtocolMismatch => StoreError::Locked {
-            path: shown.to_string(),
-            detail: "redb reports the database already open".into(),
-        },
-        DatabaseError::UpgradeRequired(v) => corrupt(shown, format!("redb file format {v} is not supported")),
+        DatabaseError::DatabaseAlreadyOpen | DatabaseError::LockProtocolMismatch => {
+            StoreError::Locked {
+                path: shown.to_string(),
+                detail: "redb reports the database already open".into(),
+            }
+        }
+        DatabaseError::UpgradeRequired(v) => {
+            corrupt(shown, format!("redb file format {v} is not supported"))
+        }
         DatabaseError::Storage(StorageError::Corrupted(detail)) => corrupt(shown, detail),
         other => StoreError::Io(format!("opening {shown}: {other}")),
     }
 }
 
 /// The version stored in the meta table (after checking the format marker).
-fn version_of(meta: &impl ReadableTable<&'static str, &'static [u8]>, shown: &str) -> Result<Version, StoreError> {
+fn version_of(
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+    shown: &str,
+) -> Result<Version, StoreError> {
     let err = |e: StorageError| backend_error(e.into(), shown);
     match meta.get(FORMAT_KEY).map_err(err)? {
         Some(v) if v.value() == FORMAT_VALUE => {}
         Some(v) => {
             return Err(corrupt(
                 shown,
-                format!("unknown store format {:?}", String::from_utf8_lossy(v.value())),
+                format!(
+                    "unknown store format {:?}",
+                    String::from_utf8_lossy(v.value())
+                ),
             ));
         }
         None => return Err(corrupt(shown, "not a Capstan store (no format marker)")),
@@ -549,7 +576,10 @@ fn read_meta_of(rtx: &redb::ReadTransaction, shown: &str) -> Result<Version, Sto
     let meta = match rtx.open_table(META) {
         Ok(t) => t,
         Err(TableError::TableDoesNotExist(_)) => {
-            return Err(corrupt(shown, "a redb database but not a Capstan store (no capstan_meta table)"));
+            return Err(corrupt(
+                shown,
+                "a redb database but not a Capstan store (no capstan_meta table)",
+            ));
         }
         Err(e) => return Err(open_table_error(e, shown)),
     };
@@ -564,7 +594,9 @@ fn open_table_error(e: TableError, shown: &str) -> StoreError {
 }
 
 fn read_meta(db: &Database, shown: &str) -> Result<Version, StoreError> {
-    let rtx = db.begin_read().map_err(|e| backend_error(e.into(), shown))?;
+    let rtx = db
+        .begin_read()
+        .map_err(|e| backend_error(e.into(), shown))?;
     let version = read_meta_of(&rtx, shown)?;
     if let Err(e) = rtx.open_table(DATA) {
         return Err(open_table_error(e, shown));
@@ -584,42 +616,185 @@ fn vet_existing(path: &Path, shown: &str) -> Result<(), StoreError> {
         }
         Err(e) => return Err(StoreError::Io(format!("reading {shown}: {e}"))),
     }
-    let opened = catch_unwind(AssertUnwindSafe(|| -> Result<Result<(), StoreError>, DatabaseError> {
-        let db = Builder::new().open_read_only(path)?;
-        Ok(match db.begin_read() {
-            Ok(rtx) => read_meta_of(&rtx, shown).map(|_| ()),
-            Err(e) => Err(backend_error(e.into(), shown)),
-        })
-    }))
+    let read_only = vet_with(shown, || Builder::new().open_read_only(path));
+    match read_only {
+        Err(StoreError::Corrupt { detail, .. }) if detail == NEEDS_REPAIR => {
+            // Not closed cleanly (e.g. killed): redb refuses a read-only open. Let it
+            // recover into an in-memory overlay of the file, so the file itself is only
+            // written once it is known to be a Capstan store.
+            tracing::warn!(path = %shown, "store was not closed cleanly; recovering");
+            let overlay = CowBackend::open(path)
+                .map_err(|e| StoreError::Io(format!("reading {shown}: {e}")))?;
+            vet_with(shown, || Builder::new().create_with_backend(overlay))
+        }
+        other => other,
+    }
+}
+
+const NEEDS_REPAIR: &str = "needs repair";
+
+/// Opens a database with `open` (which must not write to the file) and checks the marker.
+fn vet_with<D: ReadableDatabase>(
+    shown: &str,
+    open: impl FnOnce() -> Result<D, DatabaseError>,
+) -> Result<(), StoreError> {
+    let opened = catch_unwind(AssertUnwindSafe(
+        || -> Result<Result<(), StoreError>, DatabaseError> {
+            let db = open()?;
+            Ok(match db.begin_read() {
+                Ok(rtx) => read_meta_of(&rtx, shown).map(|_| ()),
+                Err(e) => Err(backend_error(e.into(), shown)),
+            })
+        },
+    ))
     .map_err(|_| corrupt(shown, "redb panicked reading the file"))?;
     match opened {
-        Ok(checked) => checked.map(|_| ()),
-        Err(DatabaseError::RepairAborted) => {
-            tracing::warn!(path = %shown, "redb file was not closed cleanly; it will be repaired before use");
-            Ok(())
-        }
+        Ok(checked) => checked,
+        Err(DatabaseError::RepairAborted) => Err(corrupt(shown, NEEDS_REPAIR)),
         Err(e) => Err(open_error(e, shown)),
+    }
+}
+
+const COW_PAGE: u64 = 4096;
+
+/// A redb storage backend over a file opened read-only, whose writes go to memory:
+/// redb's crash recovery can run on it without touching the file.
+#[derive(Debug)]
+struct CowBackend {
+    file: File,
+    state: std::sync::Mutex<CowState>,
+}
+
+#[derive(Debug)]
+struct CowState {
+    len: u64,
+    /// Bytes of the file at or after this offset read as zeros (the storage was truncated).
+    visible: u64,
+    pages: std::collections::HashMap<u64, Vec<u8>>,
+}
+
+impl CowBackend {
+    fn open(path: &Path) -> std::io::Result<Self> {
+        let file = File::open(path)?;
+        let len = file.metadata()?.len();
+        Ok(CowBackend {
+            file,
+            state: std::sync::Mutex::new(CowState {
+                len,
+                visible: len,
+                pages: Default::default(),
+            }),
+        })
+    }
+
+    fn state(&self) -> std::io::Result<std::sync::MutexGuard<'_, CowState>> {
+        self.state
+            .lock()
+            .map_err(|_| std::io::Error::other("overlay lock poisoned"))
+    }
+
+    /// Reads file bytes at `offset` into `out`, zeros past the visible part.
+    fn read_base(&self, visible: u64, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let avail = usize::try_from(visible.saturating_sub(offset))
+            .unwrap_or(usize::MAX)
+            .min(out.len());
+        self.file.read_exact_at(&mut out[..avail], offset)?;
+        out[avail..].fill(0);
+        Ok(())
+    }
+}
+
+impl redb::StorageBackend for CowBackend {
+    fn len(&self) -> std::io::Result<u64> {
+        Ok(self.state()?.len)
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        let st = self.state()?;
+        if offset + out.len() as u64 > st.len {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "read past the end of the overlay",
+            ));
+        }
+        let mut pos = 0usize;
+        while pos < out.len() {
+            let abs = offset + pos as u64;
+            let (index, within) = (abs / COW_PAGE, (abs % COW_PAGE) as usize);
+            let n = (COW_PAGE as usize - within).min(out.len() - pos);
+            match st.pages.get(&index) {
+                Some(page) => out[pos..pos + n].copy_from_slice(&page[within..within + n]),
+                None => self.read_base(st.visible, abs, &mut out[pos..pos + n])?,
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        let mut st = self.state()?;
+        if len < st.len {
+            st.visible = st.visible.min(len);
+            st.pages.retain(|index, _| index * COW_PAGE < len);
+            if let Some(page) = st.pages.get_mut(&(len / COW_PAGE)) {
+                page[(len % COW_PAGE) as usize..].fill(0);
+            }
+        }
+        st.len = len;
+        Ok(())
+    }
+
+    fn sync_data(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        let mut st = self.state()?;
+        let mut pos = 0usize;
+        while pos < data.len() {
+            let abs = offset + pos as u64;
+            let (index, within) = (abs / COW_PAGE, (abs % COW_PAGE) as usize);
+            let n = (COW_PAGE as usize - within).min(data.len() - pos);
+            if !st.pages.contains_key(&index) {
+                let mut page = vec![0; COW_PAGE as usize];
+                self.read_base(st.visible, index * COW_PAGE, &mut page)?;
+                st.pages.insert(index, page);
+            }
+            if let Some(page) = st.pages.get_mut(&index) {
+                page[within..within + n].copy_from_slice(&data[pos..pos + n]);
+            }
+            pos += n;
+        }
+        st.len = st.len.max(offset + data.len() as u64);
+        Ok(())
     }
 }
 
 /// Creates and initialises a store under a temporary name, then renames it into place.
 fn create_new(path: &Path, shown: &str) -> Result<(), StoreError> {
     let tmp = sibling(path, ".init");
-    let io = |what: &str, e: std::io::Error| StoreError::Io(format!("{what} {}: {e}", tmp.display()));
+    let io =
+        |what: &str, e: std::io::Error| StoreError::Io(format!("{what} {}: {e}", tmp.display()));
     match fs::remove_file(&tmp) {
-        Ok(()) => tracing::warn!(path = %tmp.display(), "removed the leftover of an interrupted store creation"),
+        Ok(()) => {
+            tracing::warn!(path = %tmp.display(), "removed the leftover of an interrupted store creation")
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io("removing", e)),
     }
     {
-        let db = Builder::new().create(&tmp).map_err(|e| open_error(e, shown))?;
+        let db = Builder::new()
+            .create(&tmp)
+            .map_err(|e| open_error(e, shown))?;
         let err = |e: redb::Error| backend_error(e, shown);
         let mut wtx = db.begin_write().map_err(|e| err(e.into()))?;
         wtx.set_quick_repair(QUICK_REPAIR);
         {
             wtx.open_table(DATA).map_err(|e| err(e.into()))?;
             let mut meta = wtx.open_table(META).map_err(|e| err(e.into()))?;
-            meta.insert(FORMAT_KEY, FORMAT_VALUE).map_err(|e| err(e.into()))?;
+            meta.insert(FORMAT_KEY, FORMAT_VALUE)
+                .map_err(|e| err(e.into()))?;
             meta.insert(VERSION_KEY, 0u64.to_be_bytes().as_slice())
                 .map_err(|e| err(e.into()))?;
         }
@@ -651,11 +826,23 @@ mod tests {
         log.record(11, t0, vec![r("b", "b\0")]);
         log.record(12, t0, vec![r("d", "f")]);
         assert!(log.conflicts(10, &[r("a", "c")], &[]));
-        assert!(!log.conflicts(11, &[r("a", "c")], &[]), "write at 11 is visible to a read at 11");
+        assert!(
+            !log.conflicts(11, &[r("a", "c")], &[]),
+            "write at 11 is visible to a read at 11"
+        );
         assert!(log.conflicts(11, &[r("e", "e\0")], &[]));
-        assert!(!log.conflicts(11, &[r("f", "g")], &[]), "ranges are half-open");
-        assert!(log.conflicts(12, &[r("x", "y")], &[r("x", "x\0")]), "pending writes conflict");
-        assert!(!log.conflicts(12, &[], &[r("x", "x\0")]), "blind writes never conflict");
+        assert!(
+            !log.conflicts(11, &[r("f", "g")], &[]),
+            "ranges are half-open"
+        );
+        assert!(
+            log.conflicts(12, &[r("x", "y")], &[r("x", "x\0")]),
+            "pending writes conflict"
+        );
+        assert!(
+            !log.conflicts(12, &[], &[r("x", "x\0")]),
+            "blind writes never conflict"
+        );
         assert!(log.conflicts(9, &[r("x", "y")], &[]), "older than the log");
         // Entry cap: the oldest batches go and the horizon moves.
         log.record(13, t0, vec![r("m", "n"), r("o", "p"), r("q", "r")]);

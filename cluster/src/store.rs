@@ -75,7 +75,9 @@ pub enum StoreError {
     #[error("commit outcome unknown (maybe committed); retry idempotently")]
     MaybeCommitted,
     /// [`Db::transact`] gave up after this many conflicting attempts.
-    #[error("transaction still conflicting after {attempts} attempts; the store is overloaded, try again later")]
+    #[error(
+        "transaction still conflicting after {attempts} attempts; the store is overloaded, try again later"
+    )]
     TooManyRetries {
         /// Attempts made.
         attempts: u32,
@@ -380,7 +382,8 @@ impl Transaction {
         }
         self.add_size(key.len() + value.len())?;
         self.writes.insert(key.to_vec(), value.to_vec());
-        self.mutations.push(Mutation::Set(key.to_vec(), value.to_vec()));
+        self.mutations
+            .push(Mutation::Set(key.to_vec(), value.to_vec()));
         Ok(())
     }
 
@@ -498,7 +501,10 @@ impl Transaction {
         }
         let merged: Vec<Vec<u8>> = self
             .cleared
-            .range::<[u8], _>((Bound::Included(begin.as_slice()), Bound::Included(end.as_slice())))
+            .range::<[u8], _>((
+                Bound::Included(begin.as_slice()),
+                Bound::Included(end.as_slice()),
+            ))
             .map(|(b, _)| b.clone())
             .collect();
         for b in merged {
@@ -709,9 +715,16 @@ mod tests {
             }
             let it = self
                 .0
-                .range::<[u8], _>((Bound::Included(opt.begin.as_slice()), Bound::Excluded(opt.end.as_slice())))
+                .range::<[u8], _>((
+                    Bound::Included(opt.begin.as_slice()),
+                    Bound::Excluded(opt.end.as_slice()),
+                ))
                 .map(|(k, v)| (k.clone(), v.clone()));
-            let lim = if opt.limit == 0 { usize::MAX } else { opt.limit };
+            let lim = if opt.limit == 0 {
+                usize::MAX
+            } else {
+                opt.limit
+            };
             Ok(if opt.reverse {
                 it.rev().take(lim).collect()
             } else {
@@ -752,7 +765,8 @@ mod tests {
         let rt = tokio::runtime::Handle::current();
         let result = tokio::task::spawn_blocking(move || {
             runner.run(&strat, |(snap, ops, limit, reverse, b, e)| {
-                let snap: BTreeMap<Vec<u8>, Vec<u8>> = snap.into_iter().map(|k| (vec![k], vec![k])).collect();
+                let snap: BTreeMap<Vec<u8>, Vec<u8>> =
+                    snap.into_iter().map(|k| (vec![k], vec![k])).collect();
                 let mut model = snap.clone();
                 let mut tx = Transaction::new(Box::new(MemSnap(snap)));
                 for (kind, a, b) in ops {
@@ -774,7 +788,13 @@ mod tests {
                     }
                 }
                 let got = rt
-                    .block_on(tx.get_range(RangeOption::new(vec![b], vec![e]).with_limit(limit).reversed(reverse)))
+                    .block_on(
+                        tx.get_range(
+                            RangeOption::new(vec![b], vec![e])
+                                .with_limit(limit)
+                                .reversed(reverse),
+                        ),
+                    )
                     .unwrap();
                 let mut want: Vec<KeyValue> = model
                     .iter()
@@ -789,7 +809,10 @@ mod tests {
                 }
                 prop_assert_eq!(got, want);
                 for k in 0u8..24 {
-                    prop_assert_eq!(rt.block_on(tx.get(&[k])).unwrap(), model.get(&vec![k]).cloned());
+                    prop_assert_eq!(
+                        rt.block_on(tx.get(&[k])).unwrap(),
+                        model.get(&vec![k]).cloned()
+                    );
                 }
                 Ok(())
             })
@@ -802,11 +825,18 @@ mod tests {
     #[tokio::test]
     async fn limited_range_conflicts_cover_only_what_was_returned() {
         let mut tx = tx_over(&[b"a", b"b", b"c", b"d"]);
-        let rows = tx.get_range(RangeOption::new(b"a".to_vec(), b"z".to_vec()).with_limit(2)).await.unwrap();
+        let rows = tx
+            .get_range(RangeOption::new(b"a".to_vec(), b"z".to_vec()).with_limit(2))
+            .await
+            .unwrap();
         assert_eq!(keys(&rows), vec![b"a".to_vec(), b"b".to_vec()]);
         assert_eq!(tx.read_conflicts(), &[(b"a".to_vec(), b"b\0".to_vec())]);
         let rows = tx
-            .get_range(RangeOption::new(b"a".to_vec(), b"z".to_vec()).with_limit(1).reversed(true))
+            .get_range(
+                RangeOption::new(b"a".to_vec(), b"z".to_vec())
+                    .with_limit(1)
+                    .reversed(true),
+            )
             .await
             .unwrap();
         assert_eq!(keys(&rows), vec![b"d".to_vec()]);
@@ -822,7 +852,10 @@ mod tests {
         let mut tx = tx_over(&refs);
         tx.clear_range(&[b'k', 0], &[b'k', 90]);
         let rows = tx.get_prefix(b"k", 3, false).await.unwrap();
-        assert_eq!(keys(&rows), vec![vec![b'k', 90], vec![b'k', 91], vec![b'k', 92]]);
+        assert_eq!(
+            keys(&rows),
+            vec![vec![b'k', 90], vec![b'k', 91], vec![b'k', 92]]
+        );
     }
 
     #[test]
@@ -831,9 +864,15 @@ mod tests {
         let big_key = vec![b'k'; MAX_KEY_SIZE + 1];
         assert_eq!(
             tx.set(&big_key, b"v"),
-            Err(StoreError::KeyTooLarge { len: MAX_KEY_SIZE + 1, max: MAX_KEY_SIZE })
+            Err(StoreError::KeyTooLarge {
+                len: MAX_KEY_SIZE + 1,
+                max: MAX_KEY_SIZE
+            })
         );
-        assert!(matches!(tx.set(b"k", &vec![0; MAX_VALUE_SIZE + 1]), Err(StoreError::ValueTooLarge { .. })));
+        assert!(matches!(
+            tx.set(b"k", &vec![0; MAX_VALUE_SIZE + 1]),
+            Err(StoreError::ValueTooLarge { .. })
+        ));
         assert_eq!(tx.set(b"\xffsys", b"v"), Err(StoreError::ReservedKey));
         assert!(tx.is_read_only());
         let v = vec![0u8; MAX_VALUE_SIZE];
@@ -849,7 +888,10 @@ mod tests {
         assert_eq!(tx.mutations.len(), i as usize);
         tx.clear(b"\xff");
         assert_eq!(tx.mutations.len(), i as usize);
-        assert_eq!(tx.into_commit_request().unwrap_err(), StoreError::ReservedKey);
+        assert_eq!(
+            tx.into_commit_request().unwrap_err(),
+            StoreError::ReservedKey
+        );
     }
 
     #[test]
@@ -859,7 +901,10 @@ mod tests {
         tx.clear_prefix(b"\xff");
         tx.clear_prefix(b"");
         assert!(!tx.is_read_only());
-        assert_eq!(tx.into_commit_request().unwrap_err(), StoreError::ReservedKey);
+        assert_eq!(
+            tx.into_commit_request().unwrap_err(),
+            StoreError::ReservedKey
+        );
     }
 
     #[test]
@@ -892,7 +937,9 @@ mod tests {
     async fn transact_gives_up_after_bounded_retries() {
         let store = Arc::new(Conflicting(Mutex::new(0)));
         let db = Db::new(store.clone()).with_max_attempts(5);
-        let r: Result<(), StoreError> = db.transact(|tx| Box::pin(async move { tx.set(b"k", b"v") })).await;
+        let r: Result<(), StoreError> = db
+            .transact(|tx| Box::pin(async move { tx.set(b"k", b"v") }))
+            .await;
         assert_eq!(r, Err(StoreError::TooManyRetries { attempts: 5 }));
         assert_eq!(*store.0.lock().unwrap(), 5);
         // Read-only transactions never reach the committer.

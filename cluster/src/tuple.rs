@@ -130,7 +130,9 @@ impl<'a> TupleReader<'a> {
 
     fn tag(&mut self, want: u8, name: &str) -> Result<(), TupleError> {
         match self.rest.split_first() {
-            None => Err(TupleError(format!("expected a {name} element, found the end of the key"))),
+            None => Err(TupleError(format!(
+                "expected a {name} element, found the end of the key"
+            ))),
             Some((&tag, rest)) if tag == want => {
                 self.rest = rest;
                 Ok(())
@@ -211,7 +213,8 @@ mod tests {
 
     fn elem() -> impl Strategy<Value = Elem> {
         prop_oneof![
-            proptest::collection::vec(prop_oneof![Just(0u8), Just(0xFFu8), any::<u8>()], 0..8).prop_map(Elem::Bytes),
+            proptest::collection::vec(prop_oneof![Just(0u8), Just(0xFFu8), any::<u8>()], 0..8)
+                .prop_map(Elem::Bytes),
             "[\\x00a-c\u{e9}]{0,6}".prop_map(Elem::Str),
             prop_oneof![Just(0u64), Just(u64::MAX), any::<u64>(), 0u64..300].prop_map(Elem::U64),
         ]
@@ -227,7 +230,9 @@ mod tests {
                     (Elem::Bytes(_), Elem::Str(s)) => (a, Elem::Bytes(s.into_bytes())),
                     (Elem::Bytes(_), Elem::U64(n)) => (a, Elem::Bytes(n.to_be_bytes().to_vec())),
                     (Elem::Str(_), Elem::Str(x)) => (a, Elem::Str(x)),
-                    (Elem::Str(_), Elem::Bytes(b)) => (a, Elem::Str(String::from_utf8_lossy(&b).into_owned())),
+                    (Elem::Str(_), Elem::Bytes(b)) => {
+                        (a, Elem::Str(String::from_utf8_lossy(&b).into_owned()))
+                    }
                     (Elem::Str(_), Elem::U64(n)) => (a, Elem::Str(n.to_string())),
                     (Elem::U64(_), Elem::U64(n)) => (a, Elem::U64(n)),
                     (Elem::U64(_), Elem::Bytes(b)) => (a, Elem::U64(b.len() as u64)),
@@ -315,7 +320,10 @@ mod tests {
     #[test]
     fn escaping_and_errors() {
         let k = TupleKey::new().bytes(b"a\x00b").u64(7).str("x");
-        assert_eq!(k.as_bytes(), b"\x01a\x00\xffb\x00\x1c\x00\x00\x00\x00\x00\x00\x00\x07\x02x\x00");
+        assert_eq!(
+            k.as_bytes(),
+            b"\x01a\x00\xffb\x00\x1c\x00\x00\x00\x00\x00\x00\x00\x07\x02x\x00"
+        );
         let mut r = TupleReader::new(k.as_bytes());
         assert!(r.u64().is_err(), "wrong tag is an error");
         assert_eq!(r.bytes().unwrap(), b"a\x00b");

@@ -1,1 +1,297 @@
-fn main() {}
+//! `capstan`: the node daemon and its command line.
+//!
+//! One binary: `capstan run` is the daemon; every other command is a short-
+//! lived client of the daemon's control socket (Cap'n Proto RPC, schema
+//! `proto/schema/api.capnp`), except `where` and `demo`. The commands, flags,
+//! output and JSON shapes are specified in `nodes/CLI.md`.
+//!
+//! # Layout
+//!
+//! - `main.rs`: parse arguments, set up logging and the runtime, dispatch,
+//!   turn errors into `capstan: <message>` and an exit status.
+//! - [`cli`]: the clap definitions of every command.
+//! - [`daemon`]: the home layout ([`daemon::Paths`]), `run` (lock, store,
+//!   socket, pid file, accept loop, graceful shutdown), `start` and `stop`.
+//! - [`server`]: the Cap'n Proto objects served on the socket: `Node` (the
+//!   bootstrap) and `Agent`, a thin adapter over `capstan_actors::AgentHandle`.
+//! - [`client`]: connecting, acting `--as` an agent (pipelined), calls that
+//!   reconnect and retry with the same request id, error classification.
+//! - [`commands`]: the name and mail commands.
+//! - [`output`]: human and `--json` rendering.
+//! - [`text`]: the `@reference` syntax of `send` and `reply`.
+//! - [`demo`]: `capstan demo`, a guided tour that drives this binary.
+//!
+//! # Threads
+//!
+//! Both the daemon and the client run on one current-thread tokio runtime
+//! with a `LocalSet`. capnp-rpc is `!Send`, so its `RpcSystem`s and server
+//! objects must live on a `LocalSet` anyway; the actors (ractor) are ordinary
+//! tokio tasks, and ractor spawns them on whatever runtime is current, so
+//! they share that one thread. A control-socket call is then: the socket
+//! read, the capnp dispatch, the actor's mailbox and the reply, all woken on
+//! the same thread — no cross-thread hand-off (each costs a wake-up of tens
+//! of µs here). The store's committer is its own OS thread (group commit,
+//! fsync), so a disk flush never blocks the event loop. The daemon's work
+//! per call is small and the machine has few cores; if a node ever needs
+//! more CPU, the place to add it is more such threads behind the store and
+//! guest engine, not a multi-threaded runtime under capnp-rpc.
+//!
+//! A CLI command connects, bootstraps, pipelines `host()`/`agent(path)` into
+//! the call and exits: one round trip on a Unix socket.
+
+mod cli;
+mod client;
+mod commands;
+mod daemon;
+mod demo;
+mod output;
+mod server;
+mod text;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use clap::error::ErrorKind;
+use serde_json::json;
+
+use crate::cli::{Cli, Command};
+use crate::client::{Client, ClientError};
+use crate::daemon::Paths;
+use crate::output::{duration_human, print_json};
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                let code = if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                    1
+                } else {
+                    0
+                };
+                let _ = e.print();
+                return ExitCode::from(code);
+            }
+            eprintln!("capstan: {}", usage_message(&e.to_string()));
+            return ExitCode::from(1);
+        }
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let code = e
+                .downcast_ref::<ClientError>()
+                .map(ClientError::exit_code)
+                .unwrap_or(1);
+            eprintln!("capstan: {}", one_line(&format!("{e:#}")));
+            ExitCode::from(code as u8)
+        }
+    }
+}
+
+/// A clap error on one line: its first paragraph, plus where to find help
+/// (`capstan send --help` when the usage names a subcommand).
+fn usage_message(rendered: &str) -> String {
+    let first: Vec<&str> = rendered
+        .lines()
+        .skip_while(|l| l.trim().is_empty())
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let joined = first.join(" ");
+    let first = joined.strip_prefix("error: ").unwrap_or(&joined);
+    let command: Vec<&str> = rendered
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Usage: "))
+        .map(|u| {
+            u.split_whitespace()
+                .take_while(|w| !w.starts_with(['<', '[', '-']))
+                .collect()
+        })
+        .unwrap_or_default();
+    let command = if command.is_empty() {
+        "capstan".to_string()
+    } else {
+        command.join(" ")
+    };
+    let first = if first.is_empty() {
+        "invalid arguments"
+    } else {
+        first
+    };
+    format!("{first}; see `{command} --help`")
+}
+
+fn one_line(s: &str) -> String {
+    s.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let json = cli.json || cli.command.json();
+    if let Command::Demo { .. } = cli.command {
+        return demo::run();
+    }
+    let paths = Paths::resolve(cli.home)?;
+    if let Command::Where { .. } = cli.command {
+        print_where(&paths, json);
+        return Ok(());
+    }
+    let is_daemon = matches!(
+        cli.command,
+        Command::Run { .. }
+            | Command::Start {
+                foreground: true,
+                ..
+            }
+    );
+    init_logging(is_daemon);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        match cli.command {
+            Command::Run { .. }
+            | Command::Start {
+                foreground: true, ..
+            } => daemon::run(paths).await,
+            Command::Start { .. } => {
+                let info = daemon::start(&paths).await?;
+                if json {
+                    print_json(&json!({
+                        "pid": info.pid,
+                        "home": paths.home_str(),
+                        "socket": paths.socket.display().to_string(),
+                    }));
+                } else {
+                    println!(
+                        "started capstan daemon (pid {}) for {}",
+                        info.pid,
+                        paths.home_str()
+                    );
+                }
+                Ok(())
+            }
+            Command::Stop { .. } => {
+                let pid = daemon::stop(&paths).await?;
+                if json {
+                    print_json(&json!({"stopped": true}));
+                } else {
+                    println!(
+                        "stopped capstan daemon (pid {pid}) for {}",
+                        paths.home_str()
+                    );
+                }
+                Ok(())
+            }
+            Command::Ping { .. } => {
+                let info = client::ping(&paths).await?;
+                if json {
+                    print_json(&json!({
+                        "pid": info.pid,
+                        "version": info.version,
+                        "uptime_ms": info.uptime_ms,
+                    }));
+                } else {
+                    println!(
+                        "capstan daemon {} (pid {}) for {} answers; up {}",
+                        info.version,
+                        info.pid,
+                        paths.home_str(),
+                        duration_human(info.uptime_ms)
+                    );
+                }
+                Ok(())
+            }
+            Command::Status { .. } => {
+                let info = client::ping(&paths).await?;
+                if json {
+                    print_json(&json!({
+                        "pid": info.pid,
+                        "uptime_ms": info.uptime_ms,
+                        "store": info.store,
+                        "incarnations": info.incarnations,
+                        "root_host": hex::encode(&info.root_host),
+                    }));
+                } else {
+                    println!("home          {}", paths.home_str());
+                    println!("pid           {}", info.pid);
+                    println!("version       {}", info.version);
+                    println!("uptime        {}", duration_human(info.uptime_ms));
+                    println!("store         {}", info.store);
+                    println!("incarnations  {}", info.incarnations);
+                    println!("root host     {}", hex::encode(&info.root_host));
+                }
+                Ok(())
+            }
+            command => {
+                let client = Client::new(paths, cli.as_agent);
+                commands::run(&client, command, json).await
+            }
+        }
+    })
+}
+
+fn print_where(paths: &Paths, json: bool) {
+    let shown = |p: &std::path::Path| p.display().to_string();
+    if json {
+        print_json(&json!({
+            "home": shown(&paths.home),
+            "socket": shown(&paths.socket),
+            "store": shown(&paths.store),
+            "log": shown(&paths.log),
+            "pid_file": shown(&paths.pid_file),
+        }));
+    } else {
+        println!("home      {}", shown(&paths.home));
+        println!("socket    {}", shown(&paths.socket));
+        println!("store     {}", shown(&paths.store));
+        println!("log       {}", shown(&paths.log));
+        println!("pid file  {}", shown(&paths.pid_file));
+    }
+}
+
+/// Logs go to stderr: the daemon logs at `info` (`start` sends them to
+/// `capstan.log`), commands only warnings. `CAPSTAN_LOG` overrides (env-filter syntax).
+fn init_logging(daemon: bool) {
+    let default = if daemon { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CAPSTAN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_errors_are_one_line() {
+        let e = Cli::try_parse_from(["capstan", "send"]).unwrap_err();
+        let m = usage_message(&e.to_string());
+        assert!(!m.contains('\n'), "{m}");
+        assert_eq!(
+            m,
+            "the following required arguments were not provided: <TO> <TEXT>...; see `capstan send --help`"
+        );
+        let e = Cli::try_parse_from(["capstan", "frobnicate"]).unwrap_err();
+        let m = usage_message(&e.to_string());
+        assert_eq!(
+            m,
+            "unrecognized subcommand 'frobnicate'; see `capstan --help`"
+        );
+        assert_eq!(one_line("a\n\n  b\n"), "a b");
+    }
+}

@@ -35,7 +35,10 @@ impl FormulaId {
     pub fn from_slice(b: &[u8]) -> Result<Self, IdError> {
         <[u8; 32]>::try_from(b)
             .map(FormulaId)
-            .map_err(|_| IdError::Length { expected: 32, got: b.len() })
+            .map_err(|_| IdError::Length {
+                expected: 32,
+                got: b.len(),
+            })
     }
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
@@ -82,7 +85,10 @@ impl RequestId {
     pub fn from_slice(b: &[u8]) -> Result<Self, IdError> {
         <[u8; 16]>::try_from(b)
             .map(RequestId)
-            .map_err(|_| IdError::Length { expected: 16, got: b.len() })
+            .map_err(|_| IdError::Length {
+                expected: 16,
+                got: b.len(),
+            })
     }
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)
@@ -110,7 +116,11 @@ impl FromStr for RequestId {
 
 fn parse_hex<const N: usize>(s: &str) -> Result<[u8; N], IdError> {
     let bad = || IdError::Hex(s.chars().take(80).collect(), N * 2);
-    if s.len() != N * 2 || !s.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)) {
+    if s.len() != N * 2
+        || !s
+            .bytes()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+    {
         return Err(bad());
     }
     let v = hex::decode(s).map_err(|_| bad())?;

@@ -19,6 +19,11 @@ fn main() {
     for f in &files {
         cmd.file(f);
     }
-    cmd.run().expect("capnp compile (is the capnp tool installed?)");
-    println!("generated {} schema files into {}", files.len(), out.display());
+    cmd.run()
+        .expect("capnp compile (is the capnp tool installed?)");
+    println!(
+        "generated {} schema files into {}",
+        files.len(),
+        out.display()
+    );
 }

@@ -1,0 +1,1293 @@
+//! The public face of the object model used by `nodes/`: a [`Runtime`] per
+//! node process and [`AgentHandle`]s, the capability to act as one agent.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use capstan_cluster::Db;
+use capstan_proto::{FormulaId, RequestId};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::Error;
+use crate::incarnation::{self, AgentMsg, PromiseMsg, Registry};
+use crate::keys;
+use crate::model::{self, Ctx};
+use crate::names::Path;
+use crate::records::{
+    AgentRec, BodyRec, DedupAnswer, Formula, FormulaKind, MessageRec, PromiseRec, ValueRec,
+};
+
+/// Kind of a stored value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ValueKind {
+    Text,
+    Json,
+    Bytes,
+}
+
+/// One entry of a directory listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryInfo {
+    pub name: String,
+    pub id: FormulaId,
+    /// host, guest, directory, value, promise
+    pub kind: String,
+    /// value: "text, 12 bytes"; promise: "pending" / "resolved" / "rejected: why"
+    pub detail: String,
+}
+
+/// A promise's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PromiseState {
+    Pending,
+    Resolved(FormulaId),
+    Rejected(String),
+}
+
+/// A message as one agent sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageView {
+    pub number: u64,
+    pub message_id: RequestId,
+    pub reply_to: Option<RequestId>,
+    pub from: String,
+    pub to: String,
+    pub date_ms: u64,
+    pub body: MessageBodyView,
+}
+
+/// The body of a [`MessageView`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MessageBodyView {
+    Package {
+        strings: Vec<String>,
+        names: Vec<String>,
+    },
+    Request {
+        description: String,
+        state: PromiseState,
+    },
+}
+
+/// A reference embedded in a sent message: a path in the sender's names and
+/// the name suggested to the receiver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefSpec {
+    pub path: String,
+    pub edge_name: String,
+}
+
+/// Options of a runtime.
+#[derive(Debug, Clone)]
+pub struct RuntimeOptions {
+    /// Incarnations idle this long are passivated.
+    pub idle_timeout: std::time::Duration,
+}
+
+impl Default for RuntimeOptions {
+    fn default() -> Self {
+        RuntimeOptions {
+            idle_timeout: std::time::Duration::from_secs(60),
+        }
+    }
+}
+
+/// Largest stored value.
+pub const MAX_VALUE_BYTES: usize = capstan_cluster::blob::MAX_BLOB_SIZE;
+/// Largest message text (all text chunks together).
+pub const MAX_MESSAGE_TEXT: usize = 64 * 1024;
+/// Most references in one message.
+pub const MAX_MESSAGE_REFS: usize = 64;
+/// Most entries returned by one listing.
+pub const MAX_LIST: usize = 100_000;
+
+pub(crate) struct Inner {
+    pub db: Db,
+    pub opts: RuntimeOptions,
+    #[allow(dead_code)] // read by the cluster placement code to come
+    pub root: FormulaId,
+    pub registry: Registry,
+    pub closed: AtomicBool,
+}
+
+/// The object model of one node.
+#[derive(Clone)]
+pub struct Runtime {
+    inner: Arc<Inner>,
+    root: AgentHandle,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Runtime {
+    /// Opens the runtime on a store, creating the root host on first use.
+    pub async fn open(db: Db, opts: RuntimeOptions) -> Result<Runtime, Error> {
+        let root = db
+            .transact(|tx| {
+                Box::pin(async move {
+                    if let Some(b) = tx.get(&keys::root_host()).await? {
+                        return FormulaId::from_slice(&b)
+                            .map_err(|e| Error::Corrupt(format!("root host id: {e}")));
+                    }
+                    let id = FormulaId::random();
+                    let store = FormulaId::random();
+                    let now = now_ms();
+                    model::put_formula(
+                        tx,
+                        &store,
+                        &Formula {
+                            created_ms: now,
+                            kind: FormulaKind::Directory,
+                        },
+                    )?;
+                    let rec = AgentRec {
+                        pet_store: store,
+                        host: None,
+                        label: "root".into(),
+                    };
+                    model::put_formula(
+                        tx,
+                        &id,
+                        &Formula {
+                            created_ms: now,
+                            kind: FormulaKind::Host(rec),
+                        },
+                    )?;
+                    tx.set(&keys::root_host(), id.as_bytes())?;
+                    Ok(id)
+                })
+            })
+            .await?;
+        let inner = Arc::new(Inner {
+            db,
+            opts,
+            root,
+            registry: Registry::new(),
+            closed: AtomicBool::new(false),
+        });
+        let rec = load_agent(&inner.db, root).await?;
+        let root_handle = AgentHandle {
+            rt: inner.clone(),
+            ctx: Arc::new(rec),
+        };
+        tracing::info!(root = %root, store = %inner.db.describe(), "runtime open");
+        Ok(Runtime {
+            inner,
+            root: root_handle,
+        })
+    }
+
+    pub fn root_host(&self) -> AgentHandle {
+        self.root.clone()
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.inner.db
+    }
+
+    /// Number of live incarnations.
+    pub fn incarnations(&self) -> usize {
+        self.inner.registry.count()
+    }
+
+    /// Stops every incarnation; later calls that need one fail with `Unavailable`.
+    pub async fn shutdown(&self) {
+        self.inner.closed.store(true, Ordering::Release);
+        let agents: Vec<_> = self
+            .inner
+            .registry
+            .agents
+            .lock()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default();
+        let promises: Vec<_> = self
+            .inner
+            .registry
+            .promises
+            .lock()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default();
+        for a in agents {
+            let _ = a
+                .stop_and_wait(None, Some(std::time::Duration::from_secs(2)))
+                .await;
+        }
+        for p in promises {
+            let _ = p
+                .stop_and_wait(None, Some(std::time::Duration::from_secs(2)))
+                .await;
+        }
+    }
+}
+
+async fn load_agent(db: &Db, id: FormulaId) -> Result<Ctx, Error> {
+    db.read(move |tx| {
+        Box::pin(async move {
+            let f = model::must_formula(tx, &id).await?;
+            match f.kind {
+                FormulaKind::Host(rec) => Ok(Ctx {
+                    id,
+                    rec,
+                    is_host: true,
+                }),
+                FormulaKind::Guest(rec) => Ok(Ctx {
+                    id,
+                    rec,
+                    is_host: false,
+                }),
+                other => Err(Error::WrongType {
+                    name: id.short(),
+                    expected: "host or guest".into(),
+                    actual: other.type_name().into(),
+                }),
+            }
+        })
+    })
+    .await
+}
+
+/// The capability to act as one agent (host or guest).
+#[derive(Clone)]
+pub struct AgentHandle {
+    rt: Arc<Inner>,
+    ctx: Arc<Ctx>,
+}
+
+impl std::fmt::Debug for AgentHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AgentHandle({})", self.ctx.id.short())
+    }
+}
+
+/// What a store transaction of a mutating operation returns, with the answer
+/// recorded for exactly-once retries.
+async fn checked_dedup(
+    tx: &mut capstan_cluster::Transaction,
+    agent: &FormulaId,
+    req: &RequestId,
+) -> Result<Option<DedupAnswer>, Error> {
+    model::dedup_get(tx, agent, req).await
+}
+
+fn entry_detail(f: &Formula) -> String {
+    match &f.kind {
+        FormulaKind::Value(v) => {
+            let k = match v.kind {
+                ValueKind::Text => "text",
+                ValueKind::Json => "json",
+                ValueKind::Bytes => "bytes",
+            };
+            format!("{k}, {} bytes", v.size)
+        }
+        FormulaKind::Promise(p) => state_text(&p.state),
+        FormulaKind::Host(a) | FormulaKind::Guest(a) => a.label.clone(),
+        FormulaKind::Directory => String::new(),
+    }
+}
+
+/// `pending`, `resolved`, or `rejected: REASON`.
+pub fn state_text(s: &PromiseState) -> String {
+    match s {
+        PromiseState::Pending => "pending".into(),
+        PromiseState::Resolved(_) => "resolved".into(),
+        PromiseState::Rejected(r) => format!("rejected: {r}"),
+    }
+}
+
+/// Follows resolved promises to what they resolved to (bounded chain).
+async fn settle_target(
+    tx: &mut capstan_cluster::Transaction,
+    mut id: FormulaId,
+) -> Result<(FormulaId, Formula), Error> {
+    for _ in 0..16 {
+        let f = model::must_formula(tx, &id).await?;
+        match &f.kind {
+            FormulaKind::Promise(PromiseRec {
+                state: PromiseState::Resolved(t),
+                ..
+            }) => id = *t,
+            _ => return Ok((id, f)),
+        }
+    }
+    Err(Error::Corrupt("promise chain longer than 16".into()))
+}
+
+impl AgentHandle {
+    pub fn id(&self) -> FormulaId {
+        self.ctx.id
+    }
+
+    /// Whether this agent is a host.
+    pub fn is_host(&self) -> bool {
+        self.ctx.is_host
+    }
+
+    pub async fn list(&self, path: &str) -> Result<Vec<EntryInfo>, Error> {
+        let ctx = self.ctx.clone();
+        let path = if path.is_empty() {
+            None
+        } else {
+            Some(Path::parse(path)?)
+        };
+        self.rt
+            .db
+            .read(move |tx| {
+                Box::pin(async move {
+                    let (dir, specials) = match &path {
+                        None => (ctx.rec.pet_store, true),
+                        Some(p) => {
+                            let id = model::resolve(tx, &ctx, p).await?;
+                            match model::must_formula(tx, &id).await?.kind {
+                                FormulaKind::Directory => (id, false),
+                                other => {
+                                    return Err(Error::WrongType {
+                                        name: p.to_string(),
+                                        expected: "directory".into(),
+                                        actual: other.type_name().into(),
+                                    });
+                                }
+                            }
+                        }
+                    };
+                    let mut out = Vec::new();
+                    if specials {
+                        for (name, id) in [("HOST", ctx.host()), ("SELF", ctx.id)] {
+                            let f = model::must_formula(tx, &id).await?;
+                            out.push(EntryInfo {
+                                name: name.into(),
+                                id,
+                                kind: f.kind.type_name().into(),
+                                detail: entry_detail(&f),
+                            });
+                        }
+                    }
+                    for (name, id) in model::list_dir(tx, &dir, MAX_LIST).await? {
+                        let f = model::must_formula(tx, &id).await?;
+                        out.push(EntryInfo {
+                            name,
+                            id,
+                            kind: f.kind.type_name().into(),
+                            detail: entry_detail(&f),
+                        });
+                    }
+                    Ok(out)
+                })
+            })
+            .await
+    }
+
+    pub async fn show(&self, path: &str) -> Result<EntryInfo, Error> {
+        let ctx = self.ctx.clone();
+        let p = Path::parse(path)?;
+        self.rt
+            .db
+            .read(move |tx| {
+                Box::pin(async move {
+                    let id = model::resolve(tx, &ctx, &p).await?;
+                    let f = model::must_formula(tx, &id).await?;
+                    let (tid, tf) = settle_target(tx, id).await?;
+                    let mut detail = entry_detail(&f);
+                    if tid != id {
+                        detail = format!(
+                            "resolved to {} ({}, {})",
+                            tid.short(),
+                            tf.kind.type_name(),
+                            entry_detail(&tf)
+                        );
+                    }
+                    Ok(EntryInfo {
+                        name: p.to_string(),
+                        id,
+                        kind: f.kind.type_name().into(),
+                        detail,
+                    })
+                })
+            })
+            .await
+    }
+
+    pub async fn cat(&self, path: &str) -> Result<(ValueKind, Vec<u8>), Error> {
+        let ctx = self.ctx.clone();
+        let p = Path::parse(path)?;
+        self.rt
+            .db
+            .read(move |tx| {
+                Box::pin(async move {
+                    let id = model::resolve(tx, &ctx, &p).await?;
+                    let (tid, f) = settle_target(tx, id).await?;
+                    match f.kind {
+                        FormulaKind::Value(v) => {
+                            let data = capstan_cluster::blob::get_blob(tx, &keys::value(&tid))
+                                .await?
+                                .ok_or_else(|| {
+                                    Error::Corrupt(format!("value {} has no bytes", tid.short()))
+                                })?;
+                            if data.len() as u64 != v.size
+                                || *blake3::hash(&data).as_bytes() != v.hash
+                            {
+                                return Err(Error::Corrupt(format!(
+                                    "value {} does not match its hash",
+                                    tid.short()
+                                )));
+                            }
+                            Ok((v.kind, data))
+                        }
+                        FormulaKind::Promise(PromiseRec { state, .. }) => {
+                            Err(Error::Invalid(format!(
+                                "{p} is a request that is {}; nothing to show yet",
+                                state_text(&state)
+                            )))
+                        }
+                        other => Err(Error::WrongType {
+                            name: p.to_string(),
+                            expected: "value".into(),
+                            actual: other.type_name().into(),
+                        }),
+                    }
+                })
+            })
+            .await
+    }
+
+    pub async fn store(
+        &self,
+        req: RequestId,
+        path: &str,
+        kind: ValueKind,
+        data: Vec<u8>,
+    ) -> Result<FormulaId, Error> {
+        let p = Path::parse_writable(path)?;
+        if data.len() > MAX_VALUE_BYTES {
+            return Err(Error::TooLarge {
+                what: "value".into(),
+                len: data.len(),
+                max: MAX_VALUE_BYTES,
+            });
+        }
+        match kind {
+            ValueKind::Text => {
+                std::str::from_utf8(&data)
+                    .map_err(|e| Error::Invalid(format!("text is not valid UTF-8: {e}")))?;
+            }
+            ValueKind::Json => {
+                serde_json::from_slice::<serde_json::Value>(&data)
+                    .map_err(|e| Error::Invalid(format!("invalid JSON: {e}")))?;
+            }
+            ValueKind::Bytes => {}
+        }
+        let ctx = self.ctx.clone();
+        let data = Arc::new(data);
+        let hash = *blake3::hash(&data).as_bytes();
+        let id = FormulaId::random();
+        self.rt
+            .db
+            .transact(move |tx| {
+                let (ctx, p, data) = (ctx.clone(), p.clone(), data.clone());
+                Box::pin(async move {
+                    if let Some(DedupAnswer::Id(prev)) = checked_dedup(tx, &ctx.id, &req).await? {
+                        return Ok(prev);
+                    }
+                    let dir = model::parent_dir(tx, &ctx, &p).await?;
+                    let f = Formula {
+                        created_ms: now_ms(),
+                        kind: FormulaKind::Value(ValueRec {
+                            kind,
+                            size: data.len() as u64,
+                            hash,
+                        }),
+                    };
+                    model::put_formula(tx, &id, &f)?;
+                    capstan_cluster::blob::set_blob(tx, &keys::value(&id), &data).await?;
+                    model::set_name(tx, &dir, p.last(), &id).await?;
+                    model::dedup_put(tx, &ctx.id, &req, DedupAnswer::Id(id), now_ms())?;
+                    Ok(id)
+                })
+            })
+            .await
+    }
+
+    pub async fn remove(&self, req: RequestId, path: &str) -> Result<(), Error> {
+        let ctx = self.ctx.clone();
+        let p = Path::parse_writable(path)?;
+        self.rt
+            .db
+            .transact(move |tx| {
+                let (ctx, p) = (ctx.clone(), p.clone());
+                Box::pin(async move {
+                    if checked_dedup(tx, &ctx.id, &req).await?.is_some() {
+                        return Ok(());
+                    }
+                    let dir = model::parent_dir(tx, &ctx, &p).await?;
+                    model::remove_name(tx, &dir, p.last())
+                        .await?
+                        .ok_or_else(|| Error::UnknownName(p.to_string()))?;
+                    model::dedup_put(tx, &ctx.id, &req, DedupAnswer::None, now_ms())?;
+                    Ok(())
+                })
+            })
+            .await
+    }
+
+    async fn relink(&self, req: RequestId, from: &str, to: &str, keep: bool) -> Result<(), Error> {
+        let ctx = self.ctx.clone();
+        let src = if keep {
+            Path::parse(from)?
+        } else {
+            Path::parse_writable(from)?
+        };
+        let dst = Path::parse_writable(to)?;
+        self.rt
+            .db
+            .transact(move |tx| {
+                let (ctx, src, dst) = (ctx.clone(), src.clone(), dst.clone());
+                Box::pin(async move {
+                    if checked_dedup(tx, &ctx.id, &req).await?.is_some() {
+                        return Ok(());
+                    }
+                    let id = model::resolve(tx, &ctx, &src).await?;
+                    let dst_dir = model::parent_dir(tx, &ctx, &dst).await?;
+                    if !keep {
+                        let src_dir = model::parent_dir(tx, &ctx, &src).await?;
+                        if src_dir == dst_dir && src.last() == dst.last() {
+                            return Ok(());
+                        }
+                        model::remove_name(tx, &src_dir, src.last()).await?;
+                    }
+                    model::set_name(tx, &dst_dir, dst.last(), &id).await?;
+                    model::dedup_put(tx, &ctx.id, &req, DedupAnswer::None, now_ms())?;
+                    Ok(())
+                })
+            })
+            .await
+    }
+
+    pub async fn move_name(&self, req: RequestId, from: &str, to: &str) -> Result<(), Error> {
+        self.relink(req, from, to, false).await
+    }
+
+    pub async fn copy_name(&self, req: RequestId, from: &str, to: &str) -> Result<(), Error> {
+        self.relink(req, from, to, true).await
+    }
+
+    /// Creates a formula under `path` unless one of the same type is there
+    /// already (then answers it: these commands are idempotent).
+    async fn make(
+        &self,
+        req: RequestId,
+        path: &str,
+        what: &'static str,
+    ) -> Result<FormulaId, Error> {
+        if what != "directory" && !self.ctx.is_host {
+            return Err(Error::Invalid(format!(
+                "only a host can make a {what}; a guest has only what it was given"
+            )));
+        }
+        let ctx = self.ctx.clone();
+        let p = Path::parse_writable(path)?;
+        self.rt
+            .db
+            .transact(move |tx| {
+                let (ctx, p) = (ctx.clone(), p.clone());
+                Box::pin(async move {
+                    if let Some(DedupAnswer::Id(prev)) = checked_dedup(tx, &ctx.id, &req).await? {
+                        return Ok(prev);
+                    }
+                    let dir = model::parent_dir(tx, &ctx, &p).await?;
+                    if let Some(existing) = model::lookup(tx, &dir, p.last()).await? {
+                        let f = model::must_formula(tx, &existing).await?;
+                        if f.kind.type_name() == what {
+                            return Ok(existing);
+                        }
+                        return Err(Error::NameTaken(p.to_string()));
+                    }
+                    let now = now_ms();
+                    let id = FormulaId::random();
+                    let kind = if what == "directory" {
+                        FormulaKind::Directory
+                    } else {
+                        let store = FormulaId::random();
+                        model::put_formula(
+                            tx,
+                            &store,
+                            &Formula {
+                                created_ms: now,
+                                kind: FormulaKind::Directory,
+                            },
+                        )?;
+                        let rec = AgentRec {
+                            pet_store: store,
+                            host: Some(ctx.id),
+                            label: p.last().to_string(),
+                        };
+                        if what == "host" {
+                            FormulaKind::Host(rec)
+                        } else {
+                            FormulaKind::Guest(rec)
+                        }
+                    };
+                    model::put_formula(
+                        tx,
+                        &id,
+                        &Formula {
+                            created_ms: now,
+                            kind,
+                        },
+                    )?;
+                    model::set_name(tx, &dir, p.last(), &id).await?;
+                    model::dedup_put(tx, &ctx.id, &req, DedupAnswer::Id(id), now)?;
+                    Ok(id)
+                })
+            })
+            .await
+    }
+
+    pub async fn mkdir(&self, req: RequestId, path: &str) -> Result<FormulaId, Error> {
+        self.make(req, path, "directory").await
+    }
+
+    pub async fn mkhost(&self, req: RequestId, path: &str) -> Result<FormulaId, Error> {
+        self.make(req, path, "host").await
+    }
+
+    pub async fn mkguest(&self, req: RequestId, path: &str) -> Result<FormulaId, Error> {
+        self.make(req, path, "guest").await
+    }
+
+    /// The agent (host or guest) this agent holds under `path`.
+    pub async fn agent(&self, path: &str) -> Result<AgentHandle, Error> {
+        let ctx = self.ctx.clone();
+        let p = Path::parse(path)?;
+        let id = self
+            .rt
+            .db
+            .read(move |tx| Box::pin(async move { model::resolve(tx, &ctx, &p).await }))
+            .await?;
+        if id == self.ctx.id {
+            return Ok(self.clone());
+        }
+        if !self.ctx.is_host {
+            return Err(Error::Invalid("a guest cannot act as another agent".into()));
+        }
+        let rec = load_agent(&self.rt.db, id).await.map_err(|e| match e {
+            Error::WrongType { actual, .. } => Error::WrongType {
+                name: path.to_string(),
+                expected: "host or guest".into(),
+                actual,
+            },
+            e => e,
+        })?;
+        Ok(AgentHandle {
+            rt: self.rt.clone(),
+            ctx: Arc::new(rec),
+        })
+    }
+
+    /// Reserves `n` numbers in `agent`'s inbox.
+    async fn reserve(&self, agent: FormulaId, n: u64) -> Result<u64, Error> {
+        for _ in 0..3 {
+            let a = incarnation::agent_actor(&self.rt, agent).await?;
+            match a.call(|port| AgentMsg::Reserve(n, port), None).await {
+                Ok(ractor::rpc::CallResult::Success(first)) => return Ok(first),
+                _ => tokio::task::yield_now().await, // passivated meanwhile: incarnate again
+            }
+        }
+        Err(Error::Unavailable(
+            "the inbox actor is restarting; try again".into(),
+        ))
+    }
+
+    fn notify_delivered(&self, agent: FormulaId, m: MessageRec) {
+        if let Some(a) = self
+            .rt
+            .registry
+            .agents
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&agent).cloned())
+        {
+            let _ = a.cast(AgentMsg::Delivered(m));
+        }
+    }
+
+    /// Resolves the recipient (an agent) of a message and validates it.
+    async fn recipient(
+        &self,
+        to: &str,
+        reply_to: Option<u64>,
+    ) -> Result<(FormulaId, Option<RequestId>), Error> {
+        let ctx = self.ctx.clone();
+        let to_path = if to.is_empty() {
+            None
+        } else {
+            Some(Path::parse(to)?)
+        };
+        if to_path.is_none() && reply_to.is_none() {
+            return Err(Error::Invalid("a message needs a recipient".into()));
+        }
+        self.rt
+            .db
+            .read(move |tx| {
+                Box::pin(async move {
+                    let mut reply_id = None;
+                    let mut target = None;
+                    if let Some(n) = reply_to {
+                        let m = model::get_message(tx, &ctx.id, n).await?;
+                        reply_id = Some(m.message_id);
+                        target = Some(if m.from == ctx.id { m.to } else { m.from });
+                    }
+                    if let Some(p) = &to_path {
+                        target = Some(model::resolve(tx, &ctx, p).await?);
+                    }
+                    let target = target
+                        .ok_or_else(|| Error::Invalid("a message needs a recipient".into()))?;
+                    let f = model::must_formula(tx, &target).await?;
+                    if f.kind.agent().is_none() {
+                        return Err(Error::WrongType {
+                            name: to.to_string(),
+                            expected: "host or guest".into(),
+                            actual: f.kind.type_name().into(),
+                        });
+                    }
+                    Ok((target, reply_id))
+                })
+            })
+            .await
+    }
+
+    /// Sends a package; returns its number in the sender's own inbox.
+    pub async fn send(
+        &self,
+        req: RequestId,
+        to: &str,
+        strings: Vec<String>,
+        refs: Vec<RefSpec>,
+        reply_to: Option<u64>,
+    ) -> Result<u64, Error> {
+        if strings.len() != refs.len() + 1 {
+            return Err(Error::Invalid(format!(
+                "a message has one more text chunk than references; got {} chunks and {} references",
+                strings.len(),
+                refs.len()
+            )));
+        }
+        if refs.len() > MAX_MESSAGE_REFS {
+            return Err(Error::TooLarge {
+                what: "references".into(),
+                len: refs.len(),
+                max: MAX_MESSAGE_REFS,
+            });
+        }
+        let text_len: usize = strings.iter().map(String::len).sum();
+        if text_len > MAX_MESSAGE_TEXT {
+            return Err(Error::TooLarge {
+                what: "message text".into(),
+                len: text_len,
+                max: MAX_MESSAGE_TEXT,
+            });
+        }
+        let mut paths = Vec::with_capacity(refs.len());
+        for r in &refs {
+            paths.push(Path::parse(&r.path)?);
+            if !crate::names::is_pet_name(&r.edge_name) {
+                return Err(Error::InvalidName(r.edge_name.clone()));
+            }
+        }
+        let names: Vec<String> = refs.into_iter().map(|r| r.edge_name).collect();
+        let (target, reply_id) = self.recipient(to, reply_to).await?;
+        let (n, _) = self
+            .post(req, target, reply_id, move |tx, ctx| {
+                let (paths, strings, names, ctx) =
+                    (paths.clone(), strings.clone(), names.clone(), ctx.clone());
+                Box::pin(async move {
+                    let mut ids = Vec::with_capacity(paths.len());
+                    for p in &paths {
+                        ids.push(model::resolve(tx, &ctx, p).await?);
+                    }
+                    Ok((
+                        BodyRec::Package {
+                            strings,
+                            names,
+                            ids,
+                        },
+                        None,
+                    ))
+                })
+            })
+            .await?;
+        Ok(n)
+    }
+
+    /// The common path of send and request: reserve numbers in both inboxes,
+    /// then one transaction writes both copies and the exactly-once record.
+    async fn post<F>(
+        &self,
+        req: RequestId,
+        target: FormulaId,
+        reply_id: Option<RequestId>,
+        body: F,
+    ) -> Result<(u64, Option<FormulaId>), Error>
+    where
+        F: for<'t> Fn(
+                &'t mut capstan_cluster::Transaction,
+                &Arc<Ctx>,
+            )
+                -> capstan_cluster::TxFuture<'t, (BodyRec, Option<FormulaId>), Error>
+            + Send
+            + Sync
+            + 'static,
+    {
+        let me = self.ctx.id;
+        let own = self.reserve(me, 1).await?;
+        let theirs = if target == me {
+            own
+        } else {
+            self.reserve(target, 1).await?
+        };
+        let ctx = self.ctx.clone();
+        let message_id = RequestId::random();
+        let body = Arc::new(body);
+        let date_ms = now_ms();
+        let result = self
+            .rt
+            .db
+            .transact(move |tx| {
+                let (ctx, body) = (ctx.clone(), body.clone());
+                Box::pin(async move {
+                    match checked_dedup(tx, &ctx.id, &req).await? {
+                        Some(DedupAnswer::Number(n)) => return Ok((n, None, None)),
+                        Some(_) => {
+                            return Err(Error::Invalid(
+                                "request id reused for another operation".into(),
+                            ));
+                        }
+                        None => {}
+                    }
+                    let (b, created) = body(tx, &ctx).await?;
+                    let mine = MessageRec {
+                        number: own,
+                        message_id,
+                        reply_to: reply_id,
+                        from: ctx.id,
+                        to: target,
+                        date_ms,
+                        body: b,
+                    };
+                    model::put_message(tx, &ctx.id, &mine)?;
+                    let copy = (target != ctx.id).then(|| MessageRec {
+                        number: theirs,
+                        ..mine.clone()
+                    });
+                    if let Some(c) = &copy {
+                        model::put_message(tx, &target, c)?;
+                    }
+                    model::dedup_put(tx, &ctx.id, &req, DedupAnswer::Number(own), date_ms)?;
+                    Ok((own, created, Some((mine, copy))))
+                })
+            })
+            .await?;
+        let (n, created, delivered) = result;
+        if let Some((mine, copy)) = delivered {
+            self.notify_delivered(me, mine);
+            if let Some(c) = copy {
+                self.notify_delivered(target, c);
+            }
+        }
+        Ok((n, created))
+    }
+
+    /// Sends a request; returns its number in the sender's own inbox and the promise id.
+    pub async fn request(
+        &self,
+        req: RequestId,
+        to: &str,
+        description: &str,
+        result_name: Option<&str>,
+    ) -> Result<(u64, FormulaId), Error> {
+        if description.len() > MAX_MESSAGE_TEXT {
+            return Err(Error::TooLarge {
+                what: "description".into(),
+                len: description.len(),
+                max: MAX_MESSAGE_TEXT,
+            });
+        }
+        let result_path = result_name
+            .filter(|s| !s.is_empty())
+            .map(Path::parse_writable)
+            .transpose()?;
+        let (target, _) = self.recipient(to, None).await?;
+        let description = description.to_string();
+        let promise = FormulaId::random();
+        let (n, created) = self
+            .post(req, target, None, move |tx, ctx| {
+                let (ctx, description, result_path) =
+                    (ctx.clone(), description.clone(), result_path.clone());
+                Box::pin(async move {
+                    let f = Formula {
+                        created_ms: now_ms(),
+                        kind: FormulaKind::Promise(PromiseRec {
+                            description: description.clone(),
+                            requester: ctx.id,
+                            state: PromiseState::Pending,
+                        }),
+                    };
+                    model::put_formula(tx, &promise, &f)?;
+                    if let Some(p) = &result_path {
+                        let dir = model::parent_dir(tx, &ctx, p).await?;
+                        model::set_name(tx, &dir, p.last(), &promise).await?;
+                    }
+                    Ok((
+                        BodyRec::Request {
+                            description,
+                            promise,
+                        },
+                        Some(promise),
+                    ))
+                })
+            })
+            .await?;
+        match created {
+            Some(p) => Ok((n, p)),
+            // a retry of a request that was already applied: find its promise
+            None => {
+                let me = self.ctx.id;
+                let m = self
+                    .rt
+                    .db
+                    .read(move |tx| Box::pin(async move { model::get_message(tx, &me, n).await }))
+                    .await?;
+                match m.body {
+                    BodyRec::Request { promise, .. } => Ok((n, promise)),
+                    _ => Err(Error::Invalid(
+                        "request id reused for another operation".into(),
+                    )),
+                }
+            }
+        }
+    }
+
+    /// The promise of request `number` in this inbox.
+    async fn promise_of(&self, number: u64) -> Result<(MessageRec, FormulaId), Error> {
+        let me = self.ctx.id;
+        let m = self
+            .rt
+            .db
+            .read(move |tx| Box::pin(async move { model::get_message(tx, &me, number).await }))
+            .await?;
+        match &m.body {
+            BodyRec::Request { promise, .. } => {
+                let p = *promise;
+                Ok((m, p))
+            }
+            other => Err(Error::WrongMessage {
+                number,
+                expected: "request".into(),
+                actual: other.type_name().into(),
+            }),
+        }
+    }
+
+    /// Waits until the promise of request `number` (in this inbox) settles.
+    pub async fn wait_request(&self, number: u64) -> Result<PromiseState, Error> {
+        let (_, promise) = self.promise_of(number).await?;
+        for _ in 0..3 {
+            let a = incarnation::promise_actor(&self.rt, promise).await?;
+            let (tx, rx) = oneshot::channel();
+            if a.cast(PromiseMsg::Wait(tx)).is_err() {
+                tokio::task::yield_now().await;
+                continue;
+            }
+            match rx.await {
+                Ok(r) => return r,
+                Err(_) => {
+                    if self.rt.closed.load(Ordering::Acquire) {
+                        return Err(Error::Unavailable("the node is shutting down".into()));
+                    }
+                }
+            }
+        }
+        Err(Error::Unavailable(
+            "the request's incarnation keeps stopping; try again".into(),
+        ))
+    }
+
+    async fn settle(
+        &self,
+        req: RequestId,
+        number: u64,
+        outcome: Result<Path, String>,
+    ) -> Result<(), Error> {
+        let (m, promise) = self.promise_of(number).await?;
+        if m.from == self.ctx.id {
+            return Err(Error::Invalid(format!(
+                "message {number} is your own request; only its recipient can answer it"
+            )));
+        }
+        let ctx = self.ctx.clone();
+        let state = self
+            .rt
+            .db
+            .transact(move |tx| {
+                let (ctx, outcome) = (ctx.clone(), outcome.clone());
+                Box::pin(async move {
+                    if checked_dedup(tx, &ctx.id, &req).await?.is_some() {
+                        return Ok(None);
+                    }
+                    let mut f = model::must_formula(tx, &promise).await?;
+                    let FormulaKind::Promise(p) = &mut f.kind else {
+                        return Err(Error::Corrupt("request without a promise".into()));
+                    };
+                    if p.state != PromiseState::Pending {
+                        return Err(Error::AlreadySettled(number));
+                    }
+                    p.state = match outcome {
+                        Ok(path) => PromiseState::Resolved(model::resolve(tx, &ctx, &path).await?),
+                        Err(reason) => PromiseState::Rejected(reason),
+                    };
+                    let state = p.state.clone();
+                    model::put_formula(tx, &promise, &f)?;
+                    model::dedup_put(tx, &ctx.id, &req, DedupAnswer::None, now_ms())?;
+                    Ok(Some(state))
+                })
+            })
+            .await?;
+        if let Some(state) = state
+            && let Some(a) = self
+                .rt
+                .registry
+                .promises
+                .lock()
+                .ok()
+                .and_then(|m| m.get(&promise).cloned())
+        {
+            let _ = a.cast(PromiseMsg::Settled(state));
+        }
+        Ok(())
+    }
+
+    pub async fn resolve(&self, req: RequestId, number: u64, path: &str) -> Result<(), Error> {
+        let p = Path::parse(path)?;
+        self.settle(req, number, Ok(p)).await
+    }
+
+    pub async fn reject(&self, req: RequestId, number: u64, reason: &str) -> Result<(), Error> {
+        if reason.len() > MAX_MESSAGE_TEXT {
+            return Err(Error::TooLarge {
+                what: "reason".into(),
+                len: reason.len(),
+                max: MAX_MESSAGE_TEXT,
+            });
+        }
+        let reason = if reason.is_empty() {
+            "rejected".to_string()
+        } else {
+            reason.to_string()
+        };
+        self.settle(req, number, Err(reason)).await
+    }
+
+    pub async fn adopt(
+        &self,
+        req: RequestId,
+        number: u64,
+        edge_name: &str,
+        path: &str,
+    ) -> Result<FormulaId, Error> {
+        let ctx = self.ctx.clone();
+        let p = Path::parse_writable(if path.is_empty() { edge_name } else { path })?;
+        let edge = edge_name.to_string();
+        self.rt
+            .db
+            .transact(move |tx| {
+                let (ctx, p, edge) = (ctx.clone(), p.clone(), edge.clone());
+                Box::pin(async move {
+                    if let Some(DedupAnswer::Id(prev)) = checked_dedup(tx, &ctx.id, &req).await? {
+                        return Ok(prev);
+                    }
+                    let m = model::get_message(tx, &ctx.id, number).await?;
+                    let BodyRec::Package { names, ids, .. } = &m.body else {
+                        return Err(Error::WrongMessage {
+                            number,
+                            expected: "package".into(),
+                            actual: m.body.type_name().into(),
+                        });
+                    };
+                    let i = names.iter().position(|n| *n == edge).ok_or_else(|| {
+                        Error::Invalid(format!(
+                            "message {number} has no reference named {edge:?}; it has: {}",
+                            names.join(", ")
+                        ))
+                    })?;
+                    let id = ids[i];
+                    let dir = model::parent_dir(tx, &ctx, &p).await?;
+                    model::set_name(tx, &dir, p.last(), &id).await?;
+                    model::dedup_put(tx, &ctx.id, &req, DedupAnswer::Id(id), now_ms())?;
+                    Ok(id)
+                })
+            })
+            .await
+    }
+
+    pub async fn dismiss(&self, req: RequestId, number: u64) -> Result<(), Error> {
+        let me = self.ctx.id;
+        self.rt
+            .db
+            .transact(move |tx| {
+                Box::pin(async move {
+                    if checked_dedup(tx, &me, &req).await?.is_some() {
+                        return Ok(());
+                    }
+                    model::get_message(tx, &me, number).await?;
+                    model::raise_inbox_mark(tx, &me, number).await?;
+                    tx.clear(&keys::message(&me, number));
+                    model::dedup_put(tx, &me, &req, DedupAnswer::None, now_ms())?;
+                    Ok(())
+                })
+            })
+            .await
+    }
+
+    pub async fn inbox(&self, thread: Option<RequestId>) -> Result<Vec<MessageView>, Error> {
+        let ctx = self.ctx.clone();
+        self.rt
+            .db
+            .read(move |tx| {
+                Box::pin(async move {
+                    let mut all = model::list_messages(tx, &ctx.id, 0).await?;
+                    if let Some(t) = thread {
+                        let mut members: std::collections::HashSet<RequestId> = [t].into();
+                        loop {
+                            let before = members.len();
+                            for m in &all {
+                                if m.reply_to.is_some_and(|r| members.contains(&r)) {
+                                    members.insert(m.message_id);
+                                }
+                            }
+                            if members.len() == before {
+                                break;
+                            }
+                        }
+                        all.retain(|m| members.contains(&m.message_id));
+                    }
+                    let mut out = Vec::with_capacity(all.len());
+                    let mut names = std::collections::HashMap::new();
+                    for m in all {
+                        out.push(view(tx, &ctx, m, &mut names).await?);
+                    }
+                    Ok(out)
+                })
+            })
+            .await
+    }
+
+    /// Every message numbered >= `after`: existing ones first, then new ones as they
+    /// commit. The channel is bounded; a follower too slow to keep up is dropped.
+    pub async fn follow(&self, after: u64) -> Result<mpsc::Receiver<MessageView>, Error> {
+        let (live_tx, mut live_rx) = mpsc::channel(incarnation::FOLLOWER_BUFFER);
+        let a = incarnation::agent_actor(&self.rt, self.ctx.id).await?;
+        match a.call(|port| AgentMsg::Follow(live_tx, port), None).await {
+            Ok(ractor::rpc::CallResult::Success(r)) => r?,
+            _ => {
+                return Err(Error::Unavailable(
+                    "the inbox actor stopped; try again".into(),
+                ));
+            }
+        }
+        let (out_tx, out_rx) = mpsc::channel(256);
+        let ctx = self.ctx.clone();
+        let db = self.rt.db.clone();
+        tokio::spawn(async move {
+            let c = ctx.clone();
+            let history = db
+                .read(move |tx| {
+                    Box::pin(async move {
+                        let ms = model::list_messages(tx, &c.id, after).await?;
+                        let mut names = std::collections::HashMap::new();
+                        let mut out = Vec::new();
+                        for m in ms {
+                            out.push(view(tx, &c, m, &mut names).await?);
+                        }
+                        Ok::<_, Error>(out)
+                    })
+                })
+                .await;
+            let Ok(history) = history else { return };
+            let seen: std::collections::HashSet<u64> = history.iter().map(|m| m.number).collect();
+            for m in history {
+                if out_tx.send(m).await.is_err() {
+                    return;
+                }
+            }
+            while let Some(m) = live_rx.recv().await {
+                if m.number < after || seen.contains(&m.number) {
+                    continue;
+                }
+                let c = ctx.clone();
+                let v = db
+                    .read(move |tx| {
+                        Box::pin(async move {
+                            let mut names = std::collections::HashMap::new();
+                            view(tx, &c, m, &mut names).await
+                        })
+                    })
+                    .await;
+                match v {
+                    Ok(v) => {
+                        if out_tx.send(v).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!("follower stopped: {e}");
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(out_rx)
+    }
+}
+
+/// Renders a message for the acting agent.
+async fn view(
+    tx: &mut capstan_cluster::Transaction,
+    ctx: &Ctx,
+    m: MessageRec,
+    names: &mut std::collections::HashMap<FormulaId, String>,
+) -> Result<MessageView, Error> {
+    for id in [m.from, m.to] {
+        if !names.contains_key(&id) {
+            let n = model::name_for(tx, ctx, &id).await?;
+            names.insert(id, n);
+        }
+    }
+    let body = match m.body {
+        BodyRec::Package { strings, names, .. } => MessageBodyView::Package { strings, names },
+        BodyRec::Request {
+            description,
+            promise,
+        } => {
+            let state = match model::get_formula(tx, &promise).await? {
+                Some(Formula {
+                    kind: FormulaKind::Promise(p),
+                    ..
+                }) => p.state,
+                _ => PromiseState::Rejected("the request's promise is gone".into()),
+            };
+            MessageBodyView::Request { description, state }
+        }
+    };
+    Ok(MessageView {
+        number: m.number,
+        message_id: m.message_id,
+        reply_to: m.reply_to,
+        from: names[&m.from].clone(),
+        to: names[&m.to].clone(),
+        date_ms: m.date_ms,
+        body,
+    })
+}

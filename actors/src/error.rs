@@ -1,0 +1,79 @@
+//! Errors of the object model; each message is user-facing and says what to do.
+
+use capstan_cluster::{StoreError, TxnError};
+
+/// An operation on an agent failed; nothing was changed.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    /// A pet name or path that is not well-formed.
+    #[error(
+        "invalid name {0:?}: pet names are lowercase letters, digits and '-', 1-128 characters, starting with a letter or digit; paths join names with '.'"
+    )]
+    InvalidName(String),
+    /// No such name.
+    #[error("unknown name {0:?}; see `capstan list`")]
+    UnknownName(String),
+    /// The name is taken (for commands that do not overwrite).
+    #[error("name {0:?} is already in use; remove it first or pick another name")]
+    NameTaken(String),
+    /// A special name cannot be changed.
+    #[error("{0} is a special name and cannot be changed")]
+    SpecialName(String),
+    /// The named thing has the wrong type for the operation.
+    #[error("{name:?} is a {actual}, not a {expected}")]
+    WrongType {
+        name: String,
+        expected: String,
+        actual: String,
+    },
+    /// No message with that number.
+    #[error("no message number {0} in this inbox; see `capstan inbox`")]
+    UnknownMessage(u64),
+    /// A message of the wrong type for the operation.
+    #[error("message {number} is a {actual}; this needs a {expected}")]
+    WrongMessage {
+        number: u64,
+        expected: String,
+        actual: String,
+    },
+    /// The request was already resolved or rejected.
+    #[error("request {0} is already settled")]
+    AlreadySettled(u64),
+    /// The request was rejected (answer to a waiter).
+    #[error("request was rejected: {0}")]
+    Rejected(String),
+    /// Invalid input.
+    #[error("{0}")]
+    Invalid(String),
+    /// A value or message over a size limit.
+    #[error("{what} of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge {
+        what: String,
+        len: usize,
+        max: usize,
+    },
+    /// A stored record could not be decoded.
+    #[error("stored record is corrupt: {0}")]
+    Corrupt(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The node is shutting down or overloaded.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl TxnError for Error {
+    fn as_store_error(&self) -> Option<&StoreError> {
+        match self {
+            Error::Store(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<capnp::Error> for Error {
+    fn from(e: capnp::Error) -> Self {
+        Error::Corrupt(e.to_string())
+    }
+}

@@ -1,0 +1,347 @@
+//! Incarnations: the live actors made from formulas, on demand.
+//!
+//! ```text
+//! Runtime (one per node)
+//! ├── AgentActor   one per agent with recent mail activity: sequences its
+//! │                inbox numbers, fans committed messages out to followers
+//! └── PromiseActor one per awaited request: holds waiters until it settles
+//! ```
+//!
+//! State lives in the store, not in the actors: an actor rebuilds what it
+//! needs from the store in `pre_start` (reincarnation after a restart is the
+//! same code path as first incarnation), and stops itself when it has been
+//! idle for `RuntimeOptions::idle_timeout` with nobody waiting on it
+//! (passivation). Every state change is a store transaction made by the
+//! caller; actors only sequence and notify.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use capstan_proto::FormulaId;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::api::PromiseState;
+use crate::error::Error;
+use crate::model;
+use crate::records::{FormulaKind, MessageRec};
+
+/// Most followers per inbox.
+pub const MAX_FOLLOWERS: usize = 64;
+/// Most waiters per promise.
+pub const MAX_WAITERS: usize = 1024;
+/// Messages buffered per follower before it is dropped as too slow.
+pub const FOLLOWER_BUFFER: usize = 1024;
+
+/// The live actors of a runtime, by formula id.
+pub(crate) struct Registry {
+    pub agents: Mutex<HashMap<FormulaId, ActorRef<AgentMsg>>>,
+    pub promises: Mutex<HashMap<FormulaId, ActorRef<PromiseMsg>>>,
+    pub spawn_lock: tokio::sync::Mutex<()>,
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        Registry {
+            agents: Mutex::new(HashMap::new()),
+            promises: Mutex::new(HashMap::new()),
+            spawn_lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.agents.lock().map(|m| m.len()).unwrap_or(0)
+            + self.promises.lock().map(|m| m.len()).unwrap_or(0)
+    }
+}
+
+/// Messages of an [`AgentActor`].
+pub enum AgentMsg {
+    /// Reserve `n` consecutive inbox numbers; answers the first.
+    Reserve(u64, RpcReplyPort<u64>),
+    /// A message was committed to this inbox: tell the followers.
+    Delivered(MessageRec),
+    /// Add a follower of new messages.
+    Follow(mpsc::Sender<MessageRec>, RpcReplyPort<Result<(), Error>>),
+    /// Periodic check for passivation.
+    Tick,
+}
+
+pub(crate) struct AgentActor;
+
+pub(crate) struct AgentArgs {
+    pub rt: Arc<crate::api::Inner>,
+    pub id: FormulaId,
+}
+
+pub(crate) struct AgentState {
+    rt: Arc<crate::api::Inner>,
+    id: FormulaId,
+    next: u64,
+    followers: Vec<mpsc::Sender<MessageRec>>,
+    last_active: Instant,
+    _ticker: tokio::task::JoinHandle<()>,
+}
+
+impl Actor for AgentActor {
+    type Msg = AgentMsg;
+    type State = AgentState;
+    type Arguments = AgentArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<AgentMsg>,
+        args: AgentArgs,
+    ) -> Result<AgentState, ActorProcessingErr> {
+        let id = args.id;
+        let next = args
+            .rt
+            .db
+            .read(move |tx| Box::pin(async move { model::next_message_number(tx, &id).await }))
+            .await?;
+        let tick = (args.rt.opts.idle_timeout / 2).max(Duration::from_millis(50));
+        let ticker = myself.send_interval(tick, || AgentMsg::Tick);
+        tracing::debug!(agent = %id.short(), next, "incarnated agent");
+        Ok(AgentState {
+            rt: args.rt,
+            id,
+            next,
+            followers: Vec::new(),
+            last_active: Instant::now(),
+            _ticker: ticker,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<AgentMsg>,
+        msg: AgentMsg,
+        st: &mut AgentState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            AgentMsg::Reserve(n, reply) => {
+                st.last_active = Instant::now();
+                let first = st.next;
+                st.next += n;
+                let _ = reply.send(first);
+            }
+            AgentMsg::Delivered(m) => {
+                st.followers.retain(|f| match f.try_send(m.clone()) {
+                    Ok(()) => true,
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        tracing::warn!(agent = %st.id.short(), "dropping a follower that fell {FOLLOWER_BUFFER} messages behind");
+                        false
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => false,
+                });
+            }
+            AgentMsg::Follow(tx, reply) => {
+                st.last_active = Instant::now();
+                st.followers.retain(|f| !f.is_closed());
+                if st.followers.len() >= MAX_FOLLOWERS {
+                    let _ = reply.send(Err(Error::Unavailable(format!(
+                        "this inbox already has {MAX_FOLLOWERS} followers; stop one first"
+                    ))));
+                } else {
+                    st.followers.push(tx);
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            AgentMsg::Tick => {
+                st.followers.retain(|f| !f.is_closed());
+                if st.followers.is_empty() && st.last_active.elapsed() >= st.rt.opts.idle_timeout {
+                    tracing::debug!(agent = %st.id.short(), "passivating idle agent");
+                    unregister(&st.rt.registry.agents, &st.id, &myself);
+                    myself.stop(None);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        myself: ActorRef<AgentMsg>,
+        st: &mut AgentState,
+    ) -> Result<(), ActorProcessingErr> {
+        st._ticker.abort();
+        unregister(&st.rt.registry.agents, &st.id, &myself);
+        Ok(())
+    }
+}
+
+fn unregister<M: ractor::Message>(
+    map: &Mutex<HashMap<FormulaId, ActorRef<M>>>,
+    id: &FormulaId,
+    me: &ActorRef<M>,
+) {
+    if let Ok(mut m) = map.lock()
+        && m.get(id).is_some_and(|a| a.get_id() == me.get_id())
+    {
+        m.remove(id);
+    }
+}
+
+/// Messages of a [`PromiseActor`].
+pub enum PromiseMsg {
+    /// Answer when the promise settles.
+    Wait(oneshot::Sender<Result<PromiseState, Error>>),
+    /// The promise was settled by a committed transaction.
+    Settled(PromiseState),
+    Tick,
+}
+
+pub(crate) struct PromiseActor;
+
+pub(crate) struct PromiseState_ {
+    rt: Arc<crate::api::Inner>,
+    id: FormulaId,
+    state: PromiseState,
+    waiters: Vec<oneshot::Sender<Result<PromiseState, Error>>>,
+    last_active: Instant,
+    _ticker: tokio::task::JoinHandle<()>,
+}
+
+async fn read_promise(rt: &crate::api::Inner, id: FormulaId) -> Result<PromiseState, Error> {
+    rt.db
+        .read(move |tx| {
+            Box::pin(async move {
+                match model::must_formula(tx, &id).await?.kind {
+                    FormulaKind::Promise(p) => Ok(p.state),
+                    other => Err(Error::Corrupt(format!(
+                        "expected a promise, found a {}",
+                        other.type_name()
+                    ))),
+                }
+            })
+        })
+        .await
+}
+
+impl Actor for PromiseActor {
+    type Msg = PromiseMsg;
+    type State = PromiseState_;
+    type Arguments = AgentArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<PromiseMsg>,
+        args: AgentArgs,
+    ) -> Result<PromiseState_, ActorProcessingErr> {
+        let state = read_promise(&args.rt, args.id).await?;
+        let tick = (args.rt.opts.idle_timeout / 2).max(Duration::from_millis(50));
+        let ticker = myself.send_interval(tick, || PromiseMsg::Tick);
+        Ok(PromiseState_ {
+            rt: args.rt,
+            id: args.id,
+            state,
+            waiters: Vec::new(),
+            last_active: Instant::now(),
+            _ticker: ticker,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<PromiseMsg>,
+        msg: PromiseMsg,
+        st: &mut PromiseState_,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            PromiseMsg::Wait(tx) => {
+                st.last_active = Instant::now();
+                if st.state == PromiseState::Pending {
+                    // A settlement committed before this actor was registered
+                    // sent no notification: read the store again.
+                    match read_promise(&st.rt, st.id).await {
+                        Ok(s) => st.state = s,
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                            return Ok(());
+                        }
+                    }
+                }
+                if st.state != PromiseState::Pending {
+                    let _ = tx.send(Ok(st.state.clone()));
+                } else if st.waiters.len() >= MAX_WAITERS {
+                    let _ = tx.send(Err(Error::Unavailable(
+                        "too many waiters on this request".into(),
+                    )));
+                } else {
+                    st.waiters.push(tx);
+                }
+            }
+            PromiseMsg::Settled(s) => {
+                st.state = s;
+                for w in st.waiters.drain(..) {
+                    let _ = w.send(Ok(st.state.clone()));
+                }
+            }
+            PromiseMsg::Tick => {
+                st.waiters.retain(|w| !w.is_closed());
+                if st.waiters.is_empty() && st.last_active.elapsed() >= st.rt.opts.idle_timeout {
+                    unregister(&st.rt.registry.promises, &st.id, &myself);
+                    myself.stop(None);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        myself: ActorRef<PromiseMsg>,
+        st: &mut PromiseState_,
+    ) -> Result<(), ActorProcessingErr> {
+        st._ticker.abort();
+        unregister(&st.rt.registry.promises, &st.id, &myself);
+        Ok(())
+    }
+}
+
+/// The incarnation of agent `id`, made on demand.
+pub(crate) async fn agent_actor(
+    rt: &Arc<crate::api::Inner>,
+    id: FormulaId,
+) -> Result<ActorRef<AgentMsg>, Error> {
+    incarnate(rt, &rt.registry.agents, id, AgentActor).await
+}
+
+/// The incarnation of promise `id`, made on demand.
+pub(crate) async fn promise_actor(
+    rt: &Arc<crate::api::Inner>,
+    id: FormulaId,
+) -> Result<ActorRef<PromiseMsg>, Error> {
+    incarnate(rt, &rt.registry.promises, id, PromiseActor).await
+}
+
+async fn incarnate<A>(
+    rt: &Arc<crate::api::Inner>,
+    map: &Mutex<HashMap<FormulaId, ActorRef<A::Msg>>>,
+    id: FormulaId,
+    actor: A,
+) -> Result<ActorRef<A::Msg>, Error>
+where
+    A: Actor<Arguments = AgentArgs>,
+{
+    if let Some(a) = map.lock().map_err(|_| poisoned())?.get(&id) {
+        return Ok(a.clone());
+    }
+    if rt.closed.load(std::sync::atomic::Ordering::Acquire) {
+        return Err(Error::Unavailable("the node is shutting down".into()));
+    }
+    let _guard = rt.registry.spawn_lock.lock().await;
+    if let Some(a) = map.lock().map_err(|_| poisoned())?.get(&id) {
+        return Ok(a.clone());
+    }
+    let (a, _join) = Actor::spawn(None, actor, AgentArgs { rt: rt.clone(), id })
+        .await
+        .map_err(|e| Error::Unavailable(format!("could not incarnate {}: {e}", id.short())))?;
+    map.lock().map_err(|_| poisoned())?.insert(id, a.clone());
+    Ok(a)
+}
+
+fn poisoned() -> Error {
+    Error::Unavailable("internal registry lock poisoned".into())
+}

@@ -1,0 +1,84 @@
+//! Key layout: every key is a tuple whose first element names the subspace.
+//!
+//! | key | value |
+//! |---|---|
+//! | `("meta", "root-host")` | root host id (32 bytes) |
+//! | `("f", id)` | `Formula` |
+//! | `("n", dir, name)` | `NameEntry` (forward pet-name table) |
+//! | `("r", dir, target, name)` | empty (reverse index: names of an id) |
+//! | `("m", agent, number)` | `Message` (an agent's inbox) |
+//! | `("v", id, …)` | the bytes of a stored value (a chunked blob) |
+//! | `("d", agent, request-id)` | `DedupRecord` (exactly-once answers) |
+//! | `("mark", agent)` | next message number floor, u64 big-endian (after dismissals) |
+
+use capstan_cluster::tuple::TupleKey;
+use capstan_proto::{FormulaId, RequestId};
+
+pub fn root_host() -> Vec<u8> {
+    TupleKey::new().str("meta").str("root-host").into_vec()
+}
+
+pub fn formula(id: &FormulaId) -> Vec<u8> {
+    TupleKey::new().str("f").bytes(id.as_bytes()).into_vec()
+}
+
+pub fn name(dir: &FormulaId, name: &str) -> Vec<u8> {
+    TupleKey::new()
+        .str("n")
+        .bytes(dir.as_bytes())
+        .str(name)
+        .into_vec()
+}
+
+pub fn names_of_dir(dir: &FormulaId) -> Vec<u8> {
+    TupleKey::new().str("n").bytes(dir.as_bytes()).into_vec()
+}
+
+pub fn reverse(dir: &FormulaId, target: &FormulaId, name: &str) -> Vec<u8> {
+    TupleKey::new()
+        .str("r")
+        .bytes(dir.as_bytes())
+        .bytes(target.as_bytes())
+        .str(name)
+        .into_vec()
+}
+
+pub fn reverse_of(dir: &FormulaId, target: &FormulaId) -> Vec<u8> {
+    TupleKey::new()
+        .str("r")
+        .bytes(dir.as_bytes())
+        .bytes(target.as_bytes())
+        .into_vec()
+}
+
+pub fn message(agent: &FormulaId, number: u64) -> Vec<u8> {
+    TupleKey::new()
+        .str("m")
+        .bytes(agent.as_bytes())
+        .u64(number)
+        .into_vec()
+}
+
+pub fn inbox(agent: &FormulaId) -> Vec<u8> {
+    TupleKey::new().str("m").bytes(agent.as_bytes()).into_vec()
+}
+
+pub fn value(id: &FormulaId) -> Vec<u8> {
+    TupleKey::new().str("v").bytes(id.as_bytes()).into_vec()
+}
+
+pub fn dedup(agent: &FormulaId, req: &RequestId) -> Vec<u8> {
+    TupleKey::new()
+        .str("d")
+        .bytes(agent.as_bytes())
+        .bytes(&req.0)
+        .into_vec()
+}
+
+/// One past the highest message number ever used in an inbox whose top messages were dismissed.
+pub fn inbox_mark(agent: &FormulaId) -> Vec<u8> {
+    TupleKey::new()
+        .str("mark")
+        .bytes(agent.as_bytes())
+        .into_vec()
+}

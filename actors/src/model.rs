@@ -1,0 +1,293 @@
+//! Transactional building blocks of the object model: formulas, pet-name
+//! tables with their reverse index, path resolution, inbox records and
+//! exactly-once answers. Each function works inside one store transaction;
+//! none does I/O of its own, so operations compose atomically.
+
+use capstan_cluster::Transaction;
+use capstan_cluster::tuple::TupleReader;
+use capstan_proto::{FormulaId, RequestId};
+
+use crate::error::Error;
+use crate::keys;
+use crate::names::{self, Path, Special};
+use crate::records::{AgentRec, DedupAnswer, Formula, FormulaKind, MessageRec};
+
+/// Who is acting: an agent and its record.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    pub id: FormulaId,
+    pub rec: AgentRec,
+    pub is_host: bool,
+}
+
+impl Ctx {
+    /// The agent's host; the root host is its own host.
+    pub fn host(&self) -> FormulaId {
+        self.rec.host.unwrap_or(self.id)
+    }
+}
+
+pub async fn get_formula(tx: &mut Transaction, id: &FormulaId) -> Result<Option<Formula>, Error> {
+    match tx.get(&keys::formula(id)).await? {
+        Some(b) => Ok(Some(Formula::decode(&b)?)),
+        None => Ok(None),
+    }
+}
+
+/// A formula that must exist (it is referenced by another record).
+pub async fn must_formula(tx: &mut Transaction, id: &FormulaId) -> Result<Formula, Error> {
+    get_formula(tx, id)
+        .await?
+        .ok_or_else(|| Error::Corrupt(format!("formula {} is referenced but missing", id.short())))
+}
+
+pub fn put_formula(tx: &mut Transaction, id: &FormulaId, f: &Formula) -> Result<(), Error> {
+    tx.set(&keys::formula(id), &f.encode())?;
+    Ok(())
+}
+
+pub async fn lookup(
+    tx: &mut Transaction,
+    dir: &FormulaId,
+    name: &str,
+) -> Result<Option<FormulaId>, Error> {
+    match tx.get(&keys::name(dir, name)).await? {
+        Some(b) => Ok(Some(crate::records::decode_name_entry(&b)?)),
+        None => Ok(None),
+    }
+}
+
+/// Resolves a path in the acting agent's names. Paths descend through
+/// directories only, never into another agent's names.
+pub async fn resolve(tx: &mut Transaction, ctx: &Ctx, path: &Path) -> Result<FormulaId, Error> {
+    let mut cur = resolve_first(tx, ctx, &path.segments[0], path).await?;
+    for seg in &path.segments[1..] {
+        let dir = descend(tx, &cur, path).await?;
+        cur = lookup(tx, &dir, seg)
+            .await?
+            .ok_or_else(|| Error::UnknownName(path.to_string()))?;
+    }
+    Ok(cur)
+}
+
+async fn resolve_first(
+    tx: &mut Transaction,
+    ctx: &Ctx,
+    first: &str,
+    path: &Path,
+) -> Result<FormulaId, Error> {
+    if names::is_special_form(first) {
+        return Ok(match names::special(first)? {
+            Special::SelfAgent => ctx.id,
+            Special::Host => ctx.host(),
+        });
+    }
+    lookup(tx, &ctx.rec.pet_store, first)
+        .await?
+        .ok_or_else(|| Error::UnknownName(path.to_string()))
+}
+
+async fn descend(tx: &mut Transaction, id: &FormulaId, path: &Path) -> Result<FormulaId, Error> {
+    let f = must_formula(tx, id).await?;
+    match f.kind {
+        FormulaKind::Directory => Ok(*id),
+        other => Err(Error::WrongType {
+            name: path.to_string(),
+            expected: "directory".into(),
+            actual: other.type_name().into(),
+        }),
+    }
+}
+
+/// The directory that holds (or will hold) the last segment of `path`.
+pub async fn parent_dir(tx: &mut Transaction, ctx: &Ctx, path: &Path) -> Result<FormulaId, Error> {
+    let parent = path.parent();
+    if parent.is_empty() {
+        return Ok(ctx.rec.pet_store);
+    }
+    let ppath = Path {
+        segments: parent.to_vec(),
+    };
+    let id = resolve(tx, ctx, &ppath).await?;
+    descend(tx, &id, &ppath).await
+}
+
+/// Writes `name → id` in `dir`, keeping the reverse index; returns the id it replaced.
+pub async fn set_name(
+    tx: &mut Transaction,
+    dir: &FormulaId,
+    name: &str,
+    id: &FormulaId,
+) -> Result<Option<FormulaId>, Error> {
+    let old = lookup(tx, dir, name).await?;
+    if let Some(old) = &old {
+        tx.clear(&keys::reverse(dir, old, name));
+    }
+    tx.set(
+        &keys::name(dir, name),
+        &crate::records::encode_name_entry(id),
+    )?;
+    tx.set(&keys::reverse(dir, id, name), &[])?;
+    Ok(old)
+}
+
+/// Removes `name` from `dir`; returns what it named.
+pub async fn remove_name(
+    tx: &mut Transaction,
+    dir: &FormulaId,
+    name: &str,
+) -> Result<Option<FormulaId>, Error> {
+    let old = lookup(tx, dir, name).await?;
+    if let Some(old) = &old {
+        tx.clear(&keys::name(dir, name));
+        tx.clear(&keys::reverse(dir, old, name));
+    }
+    Ok(old)
+}
+
+/// Every `(name, id)` of a directory, in name order. Bounded by `limit` (0 = all).
+pub async fn list_dir(
+    tx: &mut Transaction,
+    dir: &FormulaId,
+    limit: usize,
+) -> Result<Vec<(String, FormulaId)>, Error> {
+    let prefix = keys::names_of_dir(dir);
+    let rows = tx.get_prefix(&prefix, limit, false).await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for (k, v) in rows {
+        let mut r = TupleReader::new(&k);
+        let name = (|| -> Result<String, capstan_cluster::tuple::TupleError> {
+            r.str()?;
+            r.bytes()?;
+            r.str()
+        })()
+        .map_err(|e| Error::Corrupt(e.to_string()))?;
+        out.push((name, crate::records::decode_name_entry(&v)?));
+    }
+    Ok(out)
+}
+
+/// The name the acting agent uses for `id`: SELF, HOST, a pet name, or `id:<short hex>`.
+pub async fn name_for(tx: &mut Transaction, ctx: &Ctx, id: &FormulaId) -> Result<String, Error> {
+    if *id == ctx.id {
+        return Ok("SELF".into());
+    }
+    if *id == ctx.host() {
+        return Ok("HOST".into());
+    }
+    let rows = tx
+        .get_prefix(&keys::reverse_of(&ctx.rec.pet_store, id), 1, false)
+        .await?;
+    if let Some((k, _)) = rows.first() {
+        let mut r = TupleReader::new(k);
+        let name = (|| -> Result<String, capstan_cluster::tuple::TupleError> {
+            r.str()?;
+            r.bytes()?;
+            r.bytes()?;
+            r.str()
+        })()
+        .map_err(|e| Error::Corrupt(e.to_string()))?;
+        return Ok(name);
+    }
+    Ok(format!("id:{}", id.short()))
+}
+
+pub async fn get_message(
+    tx: &mut Transaction,
+    agent: &FormulaId,
+    number: u64,
+) -> Result<MessageRec, Error> {
+    match tx.get(&keys::message(agent, number)).await? {
+        Some(b) => MessageRec::decode(&b),
+        None => Err(Error::UnknownMessage(number)),
+    }
+}
+
+pub fn put_message(tx: &mut Transaction, agent: &FormulaId, m: &MessageRec) -> Result<(), Error> {
+    tx.set(&keys::message(agent, m.number), &m.encode())?;
+    Ok(())
+}
+
+/// All messages of an inbox, in number order.
+pub async fn list_messages(
+    tx: &mut Transaction,
+    agent: &FormulaId,
+    from: u64,
+) -> Result<Vec<MessageRec>, Error> {
+    let begin = keys::message(agent, from);
+    let end = capstan_cluster::tuple::prefix_end(&keys::inbox(agent));
+    let rows = tx
+        .get_range(capstan_cluster::RangeOption {
+            begin,
+            end,
+            limit: 0,
+            reverse: false,
+        })
+        .await?;
+    rows.iter().map(|(_, v)| MessageRec::decode(v)).collect()
+}
+
+/// The next unused message number of an inbox: above the last message and
+/// above the high-water mark left by dismissals, so numbers are never reused.
+pub async fn next_message_number(tx: &mut Transaction, agent: &FormulaId) -> Result<u64, Error> {
+    let rows = tx.get_prefix(&keys::inbox(agent), 1, true).await?;
+    let mut next = 0;
+    if let Some((k, _)) = rows.first() {
+        let mut r = TupleReader::new(k);
+        let n = (|| -> Result<u64, capstan_cluster::tuple::TupleError> {
+            r.str()?;
+            r.bytes()?;
+            r.u64()
+        })()
+        .map_err(|e| Error::Corrupt(e.to_string()))?;
+        next = n + 1;
+    }
+    if let Some(b) = tx.get(&keys::inbox_mark(agent)).await? {
+        let mark = u64::from_be_bytes(
+            b.as_slice()
+                .try_into()
+                .map_err(|_| Error::Corrupt("inbox mark is not 8 bytes".into()))?,
+        );
+        next = next.max(mark);
+    }
+    Ok(next)
+}
+
+/// Records that numbers below `number + 1` are used (before a dismissal).
+pub async fn raise_inbox_mark(
+    tx: &mut Transaction,
+    agent: &FormulaId,
+    number: u64,
+) -> Result<(), Error> {
+    let key = keys::inbox_mark(agent);
+    let cur = match tx.get(&key).await? {
+        Some(b) => u64::from_be_bytes(b.as_slice().try_into().unwrap_or([0; 8])),
+        None => 0,
+    };
+    if number + 1 > cur {
+        tx.set(&key, &(number + 1).to_be_bytes())?;
+    }
+    Ok(())
+}
+
+pub async fn dedup_get(
+    tx: &mut Transaction,
+    agent: &FormulaId,
+    req: &RequestId,
+) -> Result<Option<DedupAnswer>, Error> {
+    match tx.get(&keys::dedup(agent, req)).await? {
+        Some(b) => Ok(Some(DedupAnswer::decode(&b)?)),
+        None => Ok(None),
+    }
+}
+
+pub fn dedup_put(
+    tx: &mut Transaction,
+    agent: &FormulaId,
+    req: &RequestId,
+    answer: DedupAnswer,
+    now_ms: u64,
+) -> Result<(), Error> {
+    tx.set(&keys::dedup(agent, req), &answer.encode(now_ms))?;
+    Ok(())
+}

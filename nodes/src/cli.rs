@@ -1,0 +1,395 @@
+//! Command-line definitions (clap). The contract is `nodes/CLI.md`.
+//!
+//! `--home` and `--as` are global (accepted before or after the subcommand).
+//! `--json` is declared on the top level and on every subcommand instead of
+//! globally, because `store --json J` uses the same flag for the JSON value to
+//! store: there `--json` takes an optional value (see [`StoreArgs`]).
+
+use std::path::PathBuf;
+
+use clap::{ArgAction, Args, Parser, Subcommand};
+
+/// Capstan: a distributed object-capability runtime.
+///
+/// A node daemon keeps agents, directories and mail durable in a store;
+/// these commands drive it through its local control socket.
+#[derive(Debug, Parser)]
+#[command(name = "capstan", version, propagate_version = true)]
+pub struct Cli {
+    /// The node's home directory (store, socket, pid and log files).
+    #[arg(long, global = true, env = "CAPSTAN_HOME", value_name = "DIR")]
+    pub home: Option<PathBuf>,
+    /// Act as the agent held under PATH in the root host's names (default: the root host).
+    #[arg(long = "as", global = true, value_name = "PATH")]
+    pub as_agent: Option<String>,
+    /// Machine-readable output: one JSON value on stdout.
+    #[arg(long)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// `--json` on a subcommand.
+#[derive(Debug, Args, Default)]
+pub struct Out {
+    /// Machine-readable output: one JSON value on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    // Lifecycle --------------------------------------------------------
+    /// Start the daemon in the background; returns once it answers.
+    Start {
+        /// Run in the foreground instead (like `capstan run`).
+        #[arg(long)]
+        foreground: bool,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Run the daemon in the foreground (logs to stderr).
+    Run {
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Stop the daemon and wait until it has exited.
+    Stop {
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Check that the daemon answers.
+    Ping {
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Print the paths of the home, socket, store, log and pid files.
+    Where {
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Show the daemon's pid, uptime, store, live incarnations and root host.
+    Status {
+        #[command(flatten)]
+        out: Out,
+    },
+    /// A guided tour on a temporary home: start, names, mail, crash, restart.
+    Demo {
+        #[command(flatten)]
+        out: Out,
+    },
+
+    // Names ------------------------------------------------------------
+    /// List the names in a directory (default: your own names).
+    #[command(visible_alias = "ls")]
+    List {
+        /// A directory path (default: your own names).
+        path: Option<String>,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Show what a name refers to.
+    Show {
+        path: String,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Write a stored value's bytes to stdout, exactly.
+    Cat {
+        path: String,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Store a value under a name.
+    Store(StoreArgs),
+    /// Remove a name.
+    #[command(visible_alias = "rm")]
+    Remove {
+        path: String,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Rename: move a name to another path.
+    #[command(visible_alias = "mv")]
+    Move {
+        from: String,
+        to: String,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Copy a name: the new name refers to the same thing.
+    #[command(visible_alias = "cp")]
+    Copy {
+        from: String,
+        to: String,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Make a directory.
+    Mkdir {
+        path: String,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Make a host (an agent with full authority over its own names).
+    Mkhost {
+        path: String,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Make a guest (a confined agent: only what it is given).
+    Mkguest {
+        path: String,
+        #[command(flatten)]
+        out: Out,
+    },
+
+    // Mail -------------------------------------------------------------
+    /// Send a package: TEXT with `@name` references to values.
+    #[command(after_help = TEXT_HELP)]
+    Send {
+        /// The recipient (an agent's name, or HOST).
+        to: String,
+        /// The text; words are joined with spaces.
+        #[arg(required = true, num_args = 1.., value_name = "TEXT")]
+        text: Vec<String>,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Ask an agent for something; the answer lands under --name.
+    Request {
+        /// Whom to ask (an agent's name, or HOST).
+        to: String,
+        /// What you ask for; words are joined with spaces.
+        #[arg(required = true, num_args = 1.., value_name = "DESCRIPTION")]
+        description: Vec<String>,
+        /// The name under which the answer is kept.
+        #[arg(long, value_name = "PATH")]
+        name: Option<String>,
+        /// Wait until the request is resolved or rejected.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Resolve request N in your inbox with the value named PATH.
+    Resolve {
+        number: u64,
+        path: String,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Reject request N in your inbox.
+    Reject {
+        number: u64,
+        /// Why (words are joined with spaces).
+        reason: Vec<String>,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Adopt the reference EDGE of message N under a name of yours.
+    Adopt {
+        number: u64,
+        edge: String,
+        /// Your name for it (default: EDGE).
+        #[arg(long, value_name = "PATH")]
+        name: Option<String>,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Dismiss message N from your inbox.
+    Dismiss {
+        number: u64,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Reply to the sender of message N.
+    #[command(after_help = TEXT_HELP)]
+    Reply {
+        number: u64,
+        #[arg(required = true, num_args = 1.., value_name = "TEXT")]
+        text: Vec<String>,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Show your inbox.
+    Inbox {
+        /// Only the thread of this message id (32 hex digits).
+        #[arg(long, value_name = "MESSAGE-ID")]
+        thread: Option<String>,
+        /// Keep following: print new messages as they arrive, until interrupted.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        #[command(flatten)]
+        out: Out,
+    },
+}
+
+const TEXT_HELP: &str = "TEXT syntax: `@path` embeds a reference to the value named `path`; \
+`@path:edge` suggests the name `edge` to the receiver (default: the last segment of `path`). \
+`@` starts a reference only at the start of TEXT or after a character that is not a letter, \
+digit, '.', '_' or '-' (so `a@b.c` is literal); `@@` is a literal `@`.";
+
+/// `capstan store`.
+#[derive(Debug, Args)]
+pub struct StoreArgs {
+    /// Store this text.
+    #[arg(long, value_name = "T")]
+    pub text: Option<String>,
+    /// `--json J`: store the JSON value J (validated). A bare `--json` (no value) asks for JSON output.
+    #[arg(
+        long = "json",
+        value_name = "J",
+        num_args = 0..=1,
+        default_missing_value = "",
+        action = ArgAction::Append,
+        allow_negative_numbers = true
+    )]
+    pub json: Vec<String>,
+    /// Store the bytes of this file.
+    #[arg(long, value_name = "F")]
+    pub file: Option<PathBuf>,
+    /// Store the bytes read from stdin.
+    #[arg(long)]
+    pub stdin: bool,
+    /// The name to store it under.
+    #[arg(long, value_name = "PATH")]
+    pub name: String,
+}
+
+impl StoreArgs {
+    /// The JSON value to store, if `--json J` was given (errors on several).
+    pub fn json_value(&self) -> Result<Option<&str>, String> {
+        let values: Vec<&str> = self
+            .json
+            .iter()
+            .filter(|v| !v.is_empty())
+            .map(String::as_str)
+            .collect();
+        match values.as_slice() {
+            [] => Ok(None),
+            [v] => Ok(Some(v)),
+            _ => Err("give one JSON value with --json J".to_string()),
+        }
+    }
+    /// A bare `--json` asks for JSON output.
+    pub fn json_output(&self) -> bool {
+        self.json.iter().any(String::is_empty)
+    }
+    /// How many sources were given (exactly one is needed; checked by the
+    /// command, since a bare `--json` is not a source).
+    pub fn source_count(&self) -> usize {
+        usize::from(self.text.is_some())
+            + usize::from(self.json.iter().any(|v| !v.is_empty()))
+            + usize::from(self.file.is_some())
+            + usize::from(self.stdin)
+    }
+}
+
+impl Command {
+    /// Whether this subcommand asked for JSON output.
+    pub fn json(&self) -> bool {
+        match self {
+            Command::Store(s) => s.json_output(),
+            Command::Start { out, .. }
+            | Command::Run { out }
+            | Command::Stop { out }
+            | Command::Ping { out }
+            | Command::Where { out }
+            | Command::Status { out }
+            | Command::Demo { out }
+            | Command::List { out, .. }
+            | Command::Show { out, .. }
+            | Command::Cat { out, .. }
+            | Command::Remove { out, .. }
+            | Command::Move { out, .. }
+            | Command::Copy { out, .. }
+            | Command::Mkdir { out, .. }
+            | Command::Mkhost { out, .. }
+            | Command::Mkguest { out, .. }
+            | Command::Send { out, .. }
+            | Command::Request { out, .. }
+            | Command::Resolve { out, .. }
+            | Command::Reject { out, .. }
+            | Command::Adopt { out, .. }
+            | Command::Dismiss { out, .. }
+            | Command::Reply { out, .. }
+            | Command::Inbox { out, .. } => out.json,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn definitions_are_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("capstan").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn store_json_flag_is_value_or_output() {
+        let c = parse(&["store", "--json", "[1,2]", "--name", "x"]);
+        let Command::Store(s) = &c.command else {
+            panic!()
+        };
+        assert_eq!(s.json_value().unwrap(), Some("[1,2]"));
+        assert!(!c.command.json());
+        let c = parse(&["store", "--text", "hi", "--name", "x", "--json"]);
+        let Command::Store(s) = &c.command else {
+            panic!()
+        };
+        assert_eq!(s.json_value().unwrap(), None);
+        assert!(c.command.json());
+        let c = parse(&["--json", "store", "--json", "-1", "--name", "x"]);
+        let Command::Store(s) = &c.command else {
+            panic!()
+        };
+        assert_eq!(s.json_value().unwrap(), Some("-1"));
+        assert!(c.json);
+    }
+
+    #[test]
+    fn global_options_after_subcommand_and_words() {
+        let c = parse(&[
+            "request",
+            "HOST",
+            "need a doc",
+            "--name",
+            "doc",
+            "--as",
+            "alice",
+            "--json",
+        ]);
+        assert_eq!(c.as_agent.as_deref(), Some("alice"));
+        assert!(c.command.json());
+        let Command::Request {
+            description, name, ..
+        } = c.command
+        else {
+            panic!()
+        };
+        assert_eq!(description, vec!["need a doc"]);
+        assert_eq!(name.as_deref(), Some("doc"));
+        let c = parse(&["send", "alice", "hello", "@greeting", "--as", "bob"]);
+        let Command::Send { text, .. } = c.command else {
+            panic!()
+        };
+        assert_eq!(text, vec!["hello", "@greeting"]);
+        assert!(
+            Cli::try_parse_from(["capstan", "store", "--text", "a", "--stdin", "--name", "x"])
+                .is_ok()
+        );
+        let c = parse(&["store", "--name", "x", "--json"]);
+        let Command::Store(s) = &c.command else {
+            panic!()
+        };
+        assert_eq!(s.source_count(), 0);
+    }
+}

@@ -1,0 +1,310 @@
+//! The client end of the control socket: connect, act as an agent, call with
+//! retries.
+//!
+//! A call that loses its connection before the answer (the daemon was
+//! restarted, or crashed and came back) is sent again on a new connection, for
+//! up to [`RETRY_FOR`], with the same request id: the node applies a mutating
+//! request once and answers a retry with the first answer.
+
+use std::future::Future;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use capnp::{Error as CapError, ErrorKind};
+use capnp_rpc::{RpcSystem, rpc_twoparty_capnp::Side, twoparty};
+use capstan_proto::api_capnp::{agent, node};
+use tokio::net::UnixStream;
+use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
+
+use crate::daemon::{Paths, reader_options};
+use crate::output::{Entry, Message};
+
+/// How long a call keeps reconnecting after it lost its connection.
+pub const RETRY_FOR: Duration = Duration::from_secs(10);
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Nothing answers on the socket.
+    #[error("no capstan daemon is running for home {0}; start one with `capstan start`")]
+    NoDaemon(String),
+    /// The connection broke and could not be re-established in time.
+    #[error(
+        "lost the connection to the capstan daemon for home {0} and could not get it back within {secs} s; the command may or may not have been applied",
+        secs = RETRY_FOR.as_secs()
+    )]
+    Lost(String),
+    /// The node answered with an error.
+    #[error("{0}")]
+    Remote(String),
+}
+
+impl ClientError {
+    /// The process exit status for this error.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ClientError::NoDaemon(_) | ClientError::Lost(_) => 2,
+            ClientError::Remote(_) => 1,
+        }
+    }
+}
+
+/// The message of a remote error, without the transport's prefixes.
+pub fn clean_message(e: &CapError) -> String {
+    let mut s = e.extra.as_str();
+    while let Some(rest) = s.strip_prefix("remote exception: ") {
+        s = rest;
+    }
+    if s.is_empty() {
+        e.kind.to_string()
+    } else {
+        s.to_string()
+    }
+}
+
+/// Connects to the daemon's socket; the RPC system runs on the local task set.
+pub async fn connect(socket: &Path) -> std::io::Result<node::Client> {
+    let stream = UnixStream::connect(socket).await?;
+    let (reader, writer) = stream.into_split();
+    let network = twoparty::VatNetwork::new(
+        reader.compat(),
+        writer.compat_write(),
+        Side::Client,
+        reader_options(),
+    );
+    let mut rpc = RpcSystem::new(Box::new(network), None);
+    let node: node::Client = rpc.bootstrap(Side::Server);
+    tokio::task::spawn_local(async move {
+        let _ = rpc.await;
+    });
+    Ok(node)
+}
+
+/// A node's answer to `ping`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub version: String,
+    pub pid: u32,
+    pub home: String,
+    pub store: String,
+    pub root_host: Vec<u8>,
+    pub started_ms: u64,
+    pub incarnations: u32,
+    pub uptime_ms: u64,
+}
+
+fn text(r: capnp::Result<capnp::text::Reader<'_>>) -> Result<String, CapError> {
+    Ok(r?.to_string()?)
+}
+
+async fn connect_node(paths: &Paths) -> Result<node::Client, ClientError> {
+    connect(&paths.socket)
+        .await
+        .map_err(|_| ClientError::NoDaemon(paths.home_str()))
+}
+
+fn classify(paths: &Paths, e: CapError) -> ClientError {
+    if e.kind == ErrorKind::Disconnected {
+        ClientError::NoDaemon(paths.home_str())
+    } else {
+        ClientError::Remote(clean_message(&e))
+    }
+}
+
+/// `Node.ping` (no retries: used to probe).
+pub async fn ping(paths: &Paths) -> Result<NodeInfo, ClientError> {
+    let node = connect_node(paths).await?;
+    let answer = async {
+        let r = node.ping_request().send().promise.await?;
+        let i = r.get()?.get_info()?;
+        Ok::<_, CapError>(NodeInfo {
+            version: text(i.get_version())?,
+            pid: i.get_pid(),
+            home: text(i.get_home())?,
+            store: text(i.get_store())?,
+            root_host: i.get_root_host()?.to_vec(),
+            started_ms: i.get_started_ms(),
+            incarnations: i.get_incarnations(),
+            uptime_ms: i.get_uptime_ms(),
+        })
+    };
+    answer.await.map_err(|e| classify(paths, e))
+}
+
+/// `Node.stop`; a connection that drops before the answer counts as stopped.
+pub async fn stop(paths: &Paths) -> Result<(), ClientError> {
+    let node = connect_node(paths).await?;
+    match node.stop_request().send().promise.await {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind == ErrorKind::Disconnected => Ok(()),
+        Err(e) => Err(ClientError::Remote(clean_message(&e))),
+    }
+}
+
+/// A client acting as one agent.
+#[derive(Debug, Clone)]
+pub struct Client {
+    pub paths: Paths,
+    pub as_agent: Option<String>,
+}
+
+impl Client {
+    pub fn new(paths: Paths, as_agent: Option<String>) -> Self {
+        Client { paths, as_agent }
+    }
+
+    /// The acting agent on a connection, pipelined (no round trip).
+    fn agent(&self, node: &node::Client) -> agent::Client {
+        let host = node.host_request().send().pipeline.get_agent();
+        match &self.as_agent {
+            None => host,
+            Some(path) => {
+                let mut r = host.agent_request();
+                r.get().set_path(path.as_str());
+                r.send().pipeline.get_agent()
+            }
+        }
+    }
+
+    /// Calls `f` on the acting agent, reconnecting and calling again (same
+    /// request ids: `f` must reuse them) while the connection breaks.
+    pub async fn call<T, F, Fut>(&self, f: F) -> Result<T, ClientError>
+    where
+        F: Fn(agent::Client) -> Fut,
+        Fut: Future<Output = Result<T, CapError>>,
+    {
+        let mut retry = Retry::new();
+        let mut connected = false;
+        loop {
+            let node = match connect_node(&self.paths).await {
+                Ok(n) => n,
+                Err(e) if !connected => return Err(e),
+                Err(_) => {
+                    retry.wait(&self.paths).await?;
+                    continue;
+                }
+            };
+            connected = true;
+            match f(self.agent(&node)).await {
+                Ok(v) => return Ok(v),
+                Err(e) if e.kind == ErrorKind::Disconnected => {
+                    tracing::debug!("connection lost ({e}); retrying");
+                    retry.wait(&self.paths).await?;
+                }
+                Err(e) => return Err(ClientError::Remote(clean_message(&e))),
+            }
+        }
+    }
+
+    /// Streams messages numbered >= `after` into `sink` until the stream ends.
+    /// Reconnects when the connection breaks; `next` says where to go on from.
+    pub async fn follow(
+        &self,
+        sink: capstan_proto::api_capnp::message_sink::Client,
+        next: impl Fn() -> u64,
+    ) -> Result<(), ClientError> {
+        let mut retry = Retry::new();
+        let mut connected = false;
+        loop {
+            let node = match connect_node(&self.paths).await {
+                Ok(n) => n,
+                Err(e) if !connected => return Err(e),
+                Err(_) => {
+                    retry.wait(&self.paths).await?;
+                    continue;
+                }
+            };
+            connected = true;
+            let mut req = self.agent(&node).follow_request();
+            req.get().set_after(next());
+            req.get().set_sink(sink.clone());
+            let started = Instant::now();
+            match req.send().promise.await {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind == ErrorKind::Disconnected => {
+                    tracing::debug!("follow interrupted ({e}); following again");
+                    if started.elapsed() > Duration::from_secs(1) {
+                        retry = Retry::new();
+                    }
+                    retry.wait(&self.paths).await?;
+                }
+                Err(e) => return Err(ClientError::Remote(clean_message(&e))),
+            }
+        }
+    }
+}
+
+/// Bounded reconnection: exponential backoff for up to [`RETRY_FOR`].
+struct Retry {
+    deadline: Instant,
+    delay: Duration,
+}
+
+impl Retry {
+    fn new() -> Self {
+        Retry {
+            deadline: Instant::now() + RETRY_FOR,
+            delay: Duration::from_millis(20),
+        }
+    }
+
+    async fn wait(&mut self, paths: &Paths) -> Result<(), ClientError> {
+        if Instant::now() >= self.deadline {
+            return Err(ClientError::Lost(paths.home_str()));
+        }
+        tokio::time::sleep(self.delay).await;
+        self.delay = (self.delay * 2).min(Duration::from_millis(500));
+        Ok(())
+    }
+}
+
+/// Decodes a directory entry.
+pub fn read_entry(e: capstan_proto::api_capnp::entry_info::Reader<'_>) -> Result<Entry, CapError> {
+    Ok(Entry {
+        name: text(e.get_name())?,
+        id: e.get_id()?.to_vec(),
+        kind: text(e.get_type())?,
+        detail: text(e.get_detail())?,
+    })
+}
+
+/// Decodes a message.
+pub fn read_message(
+    m: capstan_proto::api_capnp::message_view::Reader<'_>,
+) -> Result<Message, CapError> {
+    let reply_to = m.get_reply_to()?;
+    let mut strings = Vec::new();
+    for s in m.get_strings()?.iter() {
+        strings.push(text(s)?);
+    }
+    let mut names = Vec::new();
+    for s in m.get_names()?.iter() {
+        names.push(text(s)?);
+    }
+    Ok(Message {
+        number: m.get_number(),
+        message_id: m.get_message_id()?.to_vec(),
+        reply_to: (!reply_to.is_empty()).then(|| reply_to.to_vec()),
+        from: text(m.get_from())?,
+        to: text(m.get_to())?,
+        date_ms: m.get_date_ms(),
+        kind: text(m.get_type())?,
+        strings,
+        names,
+        description: text(m.get_description())?,
+        state: text(m.get_state())?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remote_prefixes_are_stripped() {
+        let e = CapError::failed("remote exception: remote exception: unknown name \"x\"".into());
+        assert_eq!(clean_message(&e), "unknown name \"x\"");
+        let e = CapError::failed(String::new());
+        assert_eq!(clean_message(&e), "Failed");
+    }
+}

@@ -1,0 +1,568 @@
+//! The commands that act as an agent (names and mail): read arguments, call
+//! the node through [`Client`], render the answer.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::rc::Rc;
+
+use anyhow::{Context, anyhow, bail};
+use capnp::Error as CapError;
+use capstan_proto::RequestId;
+use capstan_proto::api_capnp::{ValueKind, message_sink};
+use serde_json::json;
+
+use crate::cli::{Command, StoreArgs};
+use crate::client::{Client, read_entry, read_message};
+use crate::output::{self, Message, print_json};
+use crate::text;
+
+/// Values larger than this are refused before sending (the node's own limit is lower).
+const MAX_SEND_BYTES: usize = 48 * 1024 * 1024;
+
+fn kind_name(k: ValueKind) -> &'static str {
+    match k {
+        ValueKind::Text => "text",
+        ValueKind::Json => "json",
+        ValueKind::Bytes => "bytes",
+    }
+}
+
+/// Prints an id (`{"id":hex}` with `--json`).
+fn print_id(json: bool, id: &[u8]) {
+    if json {
+        print_json(&json!({"id": hex::encode(id)}));
+    } else {
+        println!("{}", hex::encode(id));
+    }
+}
+
+fn print_done(json: bool) {
+    if json {
+        print_json(&json!({}));
+    }
+}
+
+fn read_store_source(s: &StoreArgs) -> anyhow::Result<(ValueKind, Vec<u8>)> {
+    if s.source_count() != 1 {
+        bail!("give exactly one of --text T, --json J, --file F or --stdin");
+    }
+    let (kind, data) = if let Some(t) = &s.text {
+        (ValueKind::Text, t.clone().into_bytes())
+    } else if let Some(j) = s.json_value().map_err(|e| anyhow!(e))? {
+        serde_json::from_str::<serde::de::IgnoredAny>(j)
+            .map_err(|e| anyhow!("invalid JSON: {e}"))?;
+        (ValueKind::Json, j.as_bytes().to_vec())
+    } else if let Some(f) = &s.file {
+        let data = std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?;
+        (ValueKind::Bytes, data)
+    } else {
+        let mut data = Vec::new();
+        std::io::stdin()
+            .lock()
+            .take(MAX_SEND_BYTES as u64 + 1)
+            .read_to_end(&mut data)
+            .context("cannot read stdin")?;
+        (ValueKind::Bytes, data)
+    };
+    if data.len() > MAX_SEND_BYTES {
+        bail!(
+            "value of {} bytes exceeds the limit of {MAX_SEND_BYTES} bytes",
+            data.len()
+        );
+    }
+    Ok((kind, data))
+}
+
+fn parse_thread(s: &str) -> anyhow::Result<RequestId> {
+    s.to_ascii_lowercase().parse::<RequestId>().map_err(|_| {
+        anyhow!("invalid message id {s:?}: expected 32 hex digits (a message_id from `capstan inbox --json`)")
+    })
+}
+
+fn print_message(json: bool, m: &Message) {
+    if json {
+        print_json(&output::message_json(m));
+    } else {
+        println!("{}", output::message_human(m));
+    }
+}
+
+/// Runs a command that acts as an agent.
+pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Result<()> {
+    match command {
+        Command::List { path, .. } => {
+            let path = path.unwrap_or_default();
+            let entries = client
+                .call(|a| {
+                    let path = path.clone();
+                    async move {
+                        let mut r = a.list_request();
+                        r.get().set_path(path.as_str());
+                        let answer = r.send().promise.await?;
+                        let mut out = Vec::new();
+                        for e in answer.get()?.get_entries()?.iter() {
+                            out.push(read_entry(e)?);
+                        }
+                        Ok(out)
+                    }
+                })
+                .await?;
+            if json {
+                print_json(&entries.iter().map(output::entry_json).collect());
+            } else {
+                print!("{}", output::entries_human(&entries));
+            }
+        }
+        Command::Show { path, .. } => {
+            let entry = client
+                .call(|a| {
+                    let path = path.clone();
+                    async move {
+                        let mut r = a.show_request();
+                        r.get().set_path(path.as_str());
+                        let answer = r.send().promise.await?;
+                        read_entry(answer.get()?.get_entry()?)
+                    }
+                })
+                .await?;
+            if json {
+                print_json(&output::entry_json(&entry));
+            } else {
+                print!("{}", output::entry_human(&entry));
+            }
+        }
+        Command::Cat { path, .. } => {
+            let (kind, data) = client
+                .call(|a| {
+                    let path = path.clone();
+                    async move {
+                        let mut r = a.cat_request();
+                        r.get().set_path(path.as_str());
+                        let answer = r.send().promise.await?;
+                        let answer = answer.get()?;
+                        let kind = answer.get_kind().map_err(|_| {
+                            CapError::failed("the node sent an unknown value kind".into())
+                        })?;
+                        Ok((kind, answer.get_data()?.to_vec()))
+                    }
+                })
+                .await?;
+            if json {
+                print_json(&output::cat_json(kind_name(kind), &data));
+            } else {
+                let mut out = std::io::stdout().lock();
+                out.write_all(&data)
+                    .and_then(|()| out.flush())
+                    .context("cannot write to stdout")?;
+            }
+        }
+        Command::Store(s) => {
+            let (kind, data) = read_store_source(&s)?;
+            let req = RequestId::random();
+            let id = client
+                .call(|a| {
+                    let (name, data) = (s.name.clone(), &data);
+                    async move {
+                        let mut r = a.store_request();
+                        let mut p = r.get();
+                        p.set_req_id(&req.0);
+                        p.set_path(name.as_str());
+                        p.set_kind(kind);
+                        p.set_data(data);
+                        let answer = r.send().promise.await?;
+                        Ok(answer.get()?.get_id()?.to_vec())
+                    }
+                })
+                .await?;
+            print_id(json, &id);
+        }
+        Command::Remove { path, .. } => {
+            let req = RequestId::random();
+            client
+                .call(|a| {
+                    let path = path.clone();
+                    async move {
+                        let mut r = a.remove_request();
+                        r.get().set_req_id(&req.0);
+                        r.get().set_path(path.as_str());
+                        r.send().promise.await.map(drop)
+                    }
+                })
+                .await?;
+            print_done(json);
+        }
+        Command::Move { from, to, .. } => {
+            let req = RequestId::random();
+            client
+                .call(|a| {
+                    let (from, to) = (from.clone(), to.clone());
+                    async move {
+                        let mut r = a.move_request();
+                        r.get().set_req_id(&req.0);
+                        r.get().set_from(from.as_str());
+                        r.get().set_to(to.as_str());
+                        r.send().promise.await.map(drop)
+                    }
+                })
+                .await?;
+            print_done(json);
+        }
+        Command::Copy { from, to, .. } => {
+            let req = RequestId::random();
+            client
+                .call(|a| {
+                    let (from, to) = (from.clone(), to.clone());
+                    async move {
+                        let mut r = a.copy_request();
+                        r.get().set_req_id(&req.0);
+                        r.get().set_from(from.as_str());
+                        r.get().set_to(to.as_str());
+                        r.send().promise.await.map(drop)
+                    }
+                })
+                .await?;
+            print_done(json);
+        }
+        Command::Mkdir { path, .. } => {
+            let req = RequestId::random();
+            let id = client
+                .call(|a| {
+                    let path = path.clone();
+                    async move {
+                        let mut r = a.mkdir_request();
+                        r.get().set_req_id(&req.0);
+                        r.get().set_path(path.as_str());
+                        let answer = r.send().promise.await?;
+                        Ok(answer.get()?.get_id()?.to_vec())
+                    }
+                })
+                .await?;
+            print_id(json, &id);
+        }
+        Command::Mkhost { path, .. } => {
+            let req = RequestId::random();
+            let id = client
+                .call(|a| {
+                    let path = path.clone();
+                    async move {
+                        let mut r = a.mkhost_request();
+                        r.get().set_req_id(&req.0);
+                        r.get().set_path(path.as_str());
+                        let answer = r.send().promise.await?;
+                        Ok(answer.get()?.get_id()?.to_vec())
+                    }
+                })
+                .await?;
+            print_id(json, &id);
+        }
+        Command::Mkguest { path, .. } => {
+            let req = RequestId::random();
+            let id = client
+                .call(|a| {
+                    let path = path.clone();
+                    async move {
+                        let mut r = a.mkguest_request();
+                        r.get().set_req_id(&req.0);
+                        r.get().set_path(path.as_str());
+                        let answer = r.send().promise.await?;
+                        Ok(answer.get()?.get_id()?.to_vec())
+                    }
+                })
+                .await?;
+            print_id(json, &id);
+        }
+        Command::Send { to, text, .. } => {
+            let number = send(client, &to, &text.join(" "), None).await?;
+            print_number(json, number);
+        }
+        Command::Reply { number, text, .. } => {
+            let n = send(client, "", &text.join(" "), Some(number)).await?;
+            print_number(json, n);
+        }
+        Command::Request {
+            to,
+            description,
+            name,
+            wait,
+            ..
+        } => {
+            let description = description.join(" ");
+            let name = name.unwrap_or_default();
+            let req = RequestId::random();
+            let (number, promise) = client
+                .call(|a| {
+                    let (to, description, name) = (to.clone(), description.clone(), name.clone());
+                    async move {
+                        let mut r = a.request_request();
+                        let mut p = r.get();
+                        p.set_req_id(&req.0);
+                        p.set_to(to.as_str());
+                        p.set_description(description.as_str());
+                        p.set_result_name(name.as_str());
+                        let answer = r.send().promise.await?;
+                        let answer = answer.get()?;
+                        Ok((answer.get_number(), answer.get_promise()?.to_vec()))
+                    }
+                })
+                .await?;
+            if !wait {
+                if json {
+                    print_json(&json!({"number": number, "promise": hex::encode(&promise)}));
+                } else {
+                    println!("sent request {number} (promise {})", hex::encode(&promise));
+                }
+                return Ok(());
+            }
+            let (state, id) = client
+                .call(|a| async move {
+                    let mut r = a.wait_request_request();
+                    r.get().set_number(number);
+                    let answer = r.send().promise.await?;
+                    let answer = answer.get()?;
+                    Ok((answer.get_state()?.to_string()?, answer.get_id()?.to_vec()))
+                })
+                .await?;
+            if let Some(why) = state.strip_prefix("rejected: ") {
+                bail!("request {number} was rejected: {why}");
+            }
+            if state != "resolved" {
+                bail!("request {number} is {state}");
+            }
+            if json {
+                print_json(&json!({"number": number, "state": state, "id": hex::encode(&id)}));
+            } else {
+                println!("request {number} resolved: {}", hex::encode(&id));
+            }
+        }
+        Command::Resolve { number, path, .. } => {
+            let req = RequestId::random();
+            client
+                .call(|a| {
+                    let path = path.clone();
+                    async move {
+                        let mut r = a.resolve_request();
+                        r.get().set_req_id(&req.0);
+                        r.get().set_number(number);
+                        r.get().set_path(path.as_str());
+                        r.send().promise.await.map(drop)
+                    }
+                })
+                .await?;
+            print_done(json);
+        }
+        Command::Reject { number, reason, .. } => {
+            let reason = reason.join(" ");
+            let req = RequestId::random();
+            client
+                .call(|a| {
+                    let reason = reason.clone();
+                    async move {
+                        let mut r = a.reject_request();
+                        r.get().set_req_id(&req.0);
+                        r.get().set_number(number);
+                        r.get().set_reason(reason.as_str());
+                        r.send().promise.await.map(drop)
+                    }
+                })
+                .await?;
+            print_done(json);
+        }
+        Command::Adopt {
+            number, edge, name, ..
+        } => {
+            let name = name.unwrap_or_else(|| edge.clone());
+            let req = RequestId::random();
+            let id = client
+                .call(|a| {
+                    let (edge, name) = (edge.clone(), name.clone());
+                    async move {
+                        let mut r = a.adopt_request();
+                        let mut p = r.get();
+                        p.set_req_id(&req.0);
+                        p.set_number(number);
+                        p.set_edge_name(edge.as_str());
+                        p.set_path(name.as_str());
+                        let answer = r.send().promise.await?;
+                        Ok(answer.get()?.get_id()?.to_vec())
+                    }
+                })
+                .await?;
+            print_id(json, &id);
+        }
+        Command::Dismiss { number, .. } => {
+            let req = RequestId::random();
+            client
+                .call(|a| async move {
+                    let mut r = a.dismiss_request();
+                    r.get().set_req_id(&req.0);
+                    r.get().set_number(number);
+                    r.send().promise.await.map(drop)
+                })
+                .await?;
+            print_done(json);
+        }
+        Command::Inbox { thread, follow, .. } => {
+            let thread = thread.as_deref().map(parse_thread).transpose()?;
+            if follow {
+                return follow_inbox(client, thread, json).await;
+            }
+            let messages = client
+                .call(|a| async move {
+                    let mut r = a.inbox_request();
+                    if let Some(t) = thread {
+                        r.get().set_thread(&t.0);
+                    }
+                    let answer = r.send().promise.await?;
+                    let mut out = Vec::new();
+                    for m in answer.get()?.get_messages()?.iter() {
+                        out.push(read_message(m)?);
+                    }
+                    Ok(out)
+                })
+                .await?;
+            if json {
+                print_json(&messages.iter().map(output::message_json).collect());
+            } else {
+                for m in &messages {
+                    print_message(false, m);
+                }
+            }
+        }
+        other => bail!("internal error: {other:?} is not an agent command"),
+    }
+    Ok(())
+}
+
+fn print_number(json: bool, number: u64) {
+    if json {
+        print_json(&json!({"number": number}));
+    } else {
+        println!("sent message {number}");
+    }
+}
+
+/// `send` and `reply` (`to` empty and `reply_to` set: the node answers the sender).
+async fn send(client: &Client, to: &str, text: &str, reply_to: Option<u64>) -> anyhow::Result<u64> {
+    let parsed = text::parse(text);
+    let req = RequestId::random();
+    let number = client
+        .call(|a| {
+            let parsed = &parsed;
+            async move {
+                let mut r = a.send_request();
+                let mut p = r.get();
+                p.set_req_id(&req.0);
+                p.set_to(to);
+                let mut strings = p.reborrow().init_strings(parsed.strings.len() as u32);
+                for (i, s) in parsed.strings.iter().enumerate() {
+                    strings.set(i as u32, s.as_str());
+                }
+                let mut refs = p.reborrow().init_refs(parsed.refs.len() as u32);
+                for (i, t) in parsed.refs.iter().enumerate() {
+                    let mut b = refs.reborrow().get(i as u32);
+                    b.set_path(t.path.as_str());
+                    b.set_edge_name(t.edge.as_str());
+                }
+                if let Some(n) = reply_to {
+                    p.set_reply_to(n);
+                    p.set_is_reply(true);
+                }
+                let answer = r.send().promise.await?;
+                Ok(answer.get()?.get_number())
+            }
+        })
+        .await?;
+    Ok(number)
+}
+
+/// Prints each message pushed by the node, one line each, flushed.
+struct Printer {
+    json: bool,
+    next: Rc<Cell<u64>>,
+    /// With `--thread`: the message ids of the thread seen so far.
+    thread: Option<RefCell<HashSet<Vec<u8>>>>,
+}
+
+impl message_sink::Server for Printer {
+    async fn push(
+        self: Rc<Self>,
+        params: message_sink::PushParams,
+        _: message_sink::PushResults,
+    ) -> Result<(), CapError> {
+        let m = read_message(params.get()?.get_message()?)?;
+        if m.number < self.next.get() {
+            return Ok(()); // already printed before a reconnection
+        }
+        self.next.set(m.number + 1);
+        if let Some(ids) = &self.thread {
+            let mut ids = ids.borrow_mut();
+            let member =
+                ids.contains(&m.message_id) || m.reply_to.as_ref().is_some_and(|r| ids.contains(r));
+            if !member {
+                return Ok(());
+            }
+            ids.insert(m.message_id.clone());
+        }
+        let line = if self.json {
+            output::message_json(&m).to_string()
+        } else {
+            output::message_human(&m)
+        };
+        let mut out = std::io::stdout().lock();
+        if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+            // The reader went away (`capstan inbox --follow | head -1`): done.
+            std::process::exit(0);
+        }
+        Ok(())
+    }
+}
+
+async fn follow_inbox(
+    client: &Client,
+    thread: Option<RequestId>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let next = Rc::new(Cell::new(0u64));
+    let printer = Printer {
+        json,
+        next: next.clone(),
+        thread: thread.map(|t| RefCell::new(HashSet::from([t.0.to_vec()]))),
+    };
+    let sink: message_sink::Client = capnp_rpc::new_client(printer);
+    client.follow(sink, || next.get()).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thread_ids_are_validated() {
+        assert!(parse_thread(&"ab".repeat(16)).is_ok());
+        assert!(parse_thread(&"AB".repeat(16)).is_ok());
+        let e = parse_thread("xyz").unwrap_err().to_string();
+        assert!(e.contains("expected 32 hex digits"), "{e}");
+        assert!(parse_thread(&"ab".repeat(32)).is_err());
+    }
+
+    #[test]
+    fn store_sources() {
+        let mut s = StoreArgs {
+            text: None,
+            json: vec!["{\"a\":".into()],
+            file: None,
+            stdin: false,
+            name: "x".into(),
+        };
+        let e = read_store_source(&s).unwrap_err().to_string();
+        assert!(e.starts_with("invalid JSON: "), "{e}");
+        s.json = vec![" [1, 2] ".into()];
+        let (k, d) = read_store_source(&s).unwrap();
+        assert_eq!(k, ValueKind::Json);
+        assert_eq!(d, b" [1, 2] ");
+        s.text = Some("hi".into());
+        assert!(read_store_source(&s).is_err());
+    }
+}

@@ -1,0 +1,438 @@
+//! The node daemon: home layout, `run` (serve the control socket), `start`
+//! (spawn `run` in the background) and `stop`.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use capnp_rpc::{RpcSystem, rpc_twoparty_capnp::Side, twoparty};
+use capstan_actors::{Runtime, RuntimeOptions};
+use capstan_cluster::StoreError;
+use capstan_proto::api_capnp::node;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
+use tracing::{info, warn};
+
+use crate::client::{self, ClientError, NodeInfo};
+use crate::server::NodeServer;
+
+/// Most client connections served at once; more are refused.
+pub const MAX_CONNECTIONS: usize = 256;
+/// Largest Cap'n Proto message accepted on the control socket.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// Longest socket path used inside the home; longer ones go to `/tmp`.
+const MAX_SOCKET_PATH: usize = 100;
+/// How long `start` waits for the daemon to answer, and `stop` for it to exit.
+const LIFECYCLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reader options of every control-socket connection (both ends).
+pub fn reader_options() -> capnp::message::ReaderOptions {
+    let mut o = capnp::message::ReaderOptions::new();
+    o.traversal_limit_in_words(Some(MAX_MESSAGE_BYTES / 8));
+    o
+}
+
+/// The files of a node's home.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Paths {
+    pub home: PathBuf,
+    pub socket: PathBuf,
+    pub store: PathBuf,
+    pub log: PathBuf,
+    pub pid_file: PathBuf,
+    pub lock: PathBuf,
+}
+
+impl Paths {
+    /// The paths of `home` (default `$CAPSTAN_HOME`, then `~/.capstan`), made absolute.
+    pub fn resolve(home: Option<PathBuf>) -> anyhow::Result<Paths> {
+        let home = match home {
+            Some(h) if !h.as_os_str().is_empty() => h,
+            _ => {
+                let base = std::env::var_os("HOME")
+                    .filter(|h| !h.is_empty())
+                    .ok_or_else(|| {
+                        anyhow!("cannot find the home directory: set --home DIR or CAPSTAN_HOME")
+                    })?;
+                PathBuf::from(base).join(".capstan")
+            }
+        };
+        let home = std::path::absolute(&home)
+            .with_context(|| format!("bad home directory {}", home.display()))?;
+        Ok(Paths::new(home, &uid()))
+    }
+
+    /// The layout of `home` (absolute).
+    pub fn new(home: PathBuf, uid: &str) -> Paths {
+        let mut socket = home.join("capstan.sock");
+        if socket.as_os_str().len() > MAX_SOCKET_PATH {
+            let hash = blake3::hash(home.as_os_str().as_encoded_bytes());
+            let short = &hash.to_hex()[..16];
+            socket = PathBuf::from(format!("/tmp/capstan-{uid}/{short}.sock"));
+        }
+        Paths {
+            store: home.join("store.redb"),
+            log: home.join("capstan.log"),
+            pid_file: home.join("capstan.pid"),
+            lock: home.join("capstan.lock"),
+            socket,
+            home,
+        }
+    }
+
+    pub fn home_str(&self) -> String {
+        self.home.display().to_string()
+    }
+}
+
+/// The current user's id (the owner of `/proc/self`), for the `/tmp` socket directory.
+fn uid() -> String {
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid().to_string())
+        .or_else(|_| std::env::var("USER"))
+        .unwrap_or_else(|_| "user".to_string())
+}
+
+/// Creates a directory (and parents) with mode 0700 if it does not exist.
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create directory {}", dir.display()))
+}
+
+/// The daemon's exclusive lock on its home (`capstan.lock`, holding its pid).
+#[derive(Debug)]
+pub struct HomeLock {
+    _file: File,
+}
+
+/// Why the home lock could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("a capstan daemon already runs for home {home} (pid {pid})")]
+    Held { home: String, pid: String },
+    #[error("cannot lock {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+impl HomeLock {
+    /// Takes the lock and writes our pid into it.
+    pub fn acquire(paths: &Paths) -> Result<HomeLock, LockError> {
+        let io = |source| LockError::Io {
+            path: paths.lock.display().to_string(),
+            source,
+        };
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&paths.lock)
+            .map_err(io)?;
+        match file.try_lock() {
+            Ok(()) => {
+                file.set_len(0).map_err(io)?;
+                file.rewind().map_err(io)?;
+                writeln!(file, "{}", std::process::id()).map_err(io)?;
+                Ok(HomeLock { _file: file })
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut pid = String::new();
+                let _ = file.read_to_string(&mut pid);
+                let pid = pid.trim();
+                Err(LockError::Held {
+                    home: paths.home_str(),
+                    pid: if pid.is_empty() { "unknown" } else { pid }.to_string(),
+                })
+            }
+            Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
+        }
+    }
+
+    /// True when no process holds the lock (the daemon has exited).
+    pub fn is_free(paths: &Paths) -> bool {
+        match File::open(&paths.lock) {
+            Ok(f) => match f.try_lock() {
+                Ok(()) => {
+                    let _ = f.unlock();
+                    true
+                }
+                Err(_) => false,
+            },
+            Err(_) => true,
+        }
+    }
+}
+
+/// The pid named in a store's `Locked` detail ("… held by pid N").
+fn pid_in(detail: &str) -> String {
+    detail
+        .rsplit("pid ")
+        .next()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty() && s.chars().all(|c| c.is_ascii_digit()))
+        .unwrap_or_else(|| "unknown".to_string())
+}
+
+/// `capstan run`: serves the node in the foreground until SIGTERM, SIGINT or `Node.stop`.
+/// Must run inside a [`tokio::task::LocalSet`].
+pub async fn run(paths: Paths) -> anyhow::Result<()> {
+    create_private_dir(&paths.home)?;
+    let _lock = HomeLock::acquire(&paths)?;
+    if let Some(dir) = paths.socket.parent()
+        && dir != paths.home
+    {
+        create_private_dir(dir)?;
+    }
+    if std::fs::symlink_metadata(&paths.socket).is_ok() {
+        if UnixStream::connect(&paths.socket).await.is_ok() {
+            bail!(
+                "another process answers on the socket {}; is a daemon of another home using it?",
+                paths.socket.display()
+            );
+        }
+        std::fs::remove_file(&paths.socket).with_context(|| {
+            format!("cannot remove the stale socket {}", paths.socket.display())
+        })?;
+    }
+
+    let store = paths.store.to_string_lossy().to_string();
+    let db = capstan_cluster::open(&store).await.map_err(|e| match e {
+        StoreError::Locked { detail, .. } => anyhow!(
+            "a capstan daemon already runs for home {} (pid {})",
+            paths.home_str(),
+            pid_in(&detail)
+        ),
+        e => anyhow!("cannot open the store: {e}"),
+    })?;
+    let runtime = Runtime::open(db, RuntimeOptions::default())
+        .await
+        .map_err(|e| anyhow!("cannot start the object model: {e}"))?;
+
+    let listener = UnixListener::bind(&paths.socket)
+        .with_context(|| format!("cannot listen on {}", paths.socket.display()))?;
+    std::fs::set_permissions(&paths.socket, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot chmod {}", paths.socket.display()))?;
+    std::fs::write(&paths.pid_file, format!("{}\n", std::process::id()))
+        .with_context(|| format!("cannot write {}", paths.pid_file.display()))?;
+    info!(
+        pid = std::process::id(),
+        home = %paths.home.display(),
+        socket = %paths.socket.display(),
+        "capstan daemon ready"
+    );
+
+    let stop = Arc::new(Notify::new());
+    let node: node::Client = capnp_rpc::new_client(NodeServer::new(
+        runtime.clone(),
+        paths.clone(),
+        stop.clone(),
+    ));
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    // Handling SIGHUP keeps a daemon started from a terminal alive when it closes.
+    let mut sighup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
+            _ = sigint.recv() => { info!("SIGINT: stopping"); break; }
+            _ = sighup.recv() => info!("SIGHUP ignored"),
+            _ = stop.notified() => { info!("stopping"); break; }
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => match permits.clone().try_acquire_owned() {
+                    Ok(permit) => serve(stream, node.clone(), permit),
+                    Err(_) => warn!("{MAX_CONNECTIONS} connections already open; refusing one"),
+                },
+                Err(e) => {
+                    warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+    drop(listener);
+    let _ = std::fs::remove_file(&paths.socket);
+    runtime.shutdown().await;
+    let _ = std::fs::remove_file(&paths.pid_file);
+    info!("capstan daemon stopped");
+    Ok(())
+}
+
+/// Serves one client connection on the local task set.
+fn serve(stream: UnixStream, node: node::Client, permit: tokio::sync::OwnedSemaphorePermit) {
+    let (reader, writer) = stream.into_split();
+    let network = twoparty::VatNetwork::new(
+        reader.compat(),
+        writer.compat_write(),
+        Side::Server,
+        reader_options(),
+    );
+    let rpc = RpcSystem::new(Box::new(network), Some(node.client));
+    tokio::task::spawn_local(async move {
+        if let Err(e) = rpc.await {
+            tracing::debug!("connection ended: {e}");
+        }
+        drop(permit);
+    });
+}
+
+/// The last `n` lines of the log, for error messages.
+fn log_tail(paths: &Paths, n: usize) -> String {
+    let text = std::fs::read(&paths.log)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// `capstan start`: spawns `capstan run` detached and waits until it answers.
+pub async fn start(paths: &Paths) -> anyhow::Result<NodeInfo> {
+    match client::ping(paths).await {
+        Ok(info) => bail!(
+            "a capstan daemon already runs for home {} (pid {})",
+            paths.home_str(),
+            info.pid
+        ),
+        Err(ClientError::NoDaemon(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    create_private_dir(&paths.home)?;
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&paths.log)
+        .with_context(|| format!("cannot open the log {}", paths.log.display()))?;
+    let log_offset = log.metadata().map(|m| m.len()).unwrap_or(0);
+    let exe = std::env::current_exe().context("cannot find the capstan executable")?;
+    let mut child = std::process::Command::new(exe)
+        .arg("run")
+        .arg("--home")
+        .arg(&paths.home)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .context("cannot spawn the daemon")?;
+
+    let deadline = Instant::now() + LIFECYCLE_TIMEOUT;
+    let mut delay = Duration::from_millis(5);
+    loop {
+        if let Ok(info) = client::ping(paths).await {
+            return Ok(info);
+        }
+        let new_log = || {
+            let tail = log_tail(paths, 5);
+            let since = std::fs::metadata(&paths.log).map(|m| m.len()).unwrap_or(0);
+            if since > log_offset {
+                tail
+            } else {
+                String::new()
+            }
+        };
+        if let Ok(Some(status)) = child.try_wait() {
+            // Strip the tracing prefix for a one-line message where we can.
+            let tail = new_log();
+            let last = tail
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .map(|l| l.trim_start_matches("capstan: ").to_string())
+                .unwrap_or_default();
+            if last.starts_with("a capstan daemon already runs") {
+                bail!("{last}");
+            }
+            bail!(
+                "the daemon exited ({status}) before answering; last lines of {}: {}",
+                paths.log.display(),
+                tail.replace('\n', " | ")
+            );
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "the daemon (pid {}) did not answer within {} s; last lines of {}: {}",
+                child.id(),
+                LIFECYCLE_TIMEOUT.as_secs(),
+                paths.log.display(),
+                new_log().replace('\n', " | ")
+            );
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// `capstan stop`: asks the daemon to stop and waits until it has exited.
+pub async fn stop(paths: &Paths) -> anyhow::Result<u32> {
+    let info = client::ping(paths).await?;
+    client::stop(paths).await?;
+    wait_exit(paths, info.pid, LIFECYCLE_TIMEOUT).await?;
+    Ok(info.pid)
+}
+
+/// Waits until the daemon holding the home lock has exited.
+pub async fn wait_exit(paths: &Paths, pid: u32, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !HomeLock::is_free(paths) {
+        if Instant::now() >= deadline {
+            bail!(
+                "the daemon (pid {pid}) did not exit within {} s; see {} or kill it with `kill -9 {pid}`",
+                timeout.as_secs(),
+                paths.log.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout() {
+        let p = Paths::new(PathBuf::from("/h"), "1000");
+        assert_eq!(p.socket, PathBuf::from("/h/capstan.sock"));
+        assert_eq!(p.store, PathBuf::from("/h/store.redb"));
+        assert_eq!(p.pid_file, PathBuf::from("/h/capstan.pid"));
+        let long = PathBuf::from(format!("/{}", "x".repeat(100)));
+        let p = Paths::new(long, "1000");
+        let s = p.socket.to_string_lossy().to_string();
+        assert!(s.starts_with("/tmp/capstan-1000/"), "{s}");
+        assert!(s.ends_with(".sock") && s.len() == "/tmp/capstan-1000/".len() + 16 + 5);
+    }
+
+    #[test]
+    fn pid_from_store_lock_detail() {
+        assert_eq!(pid_in("/h/store.redb.lock is held by pid 42"), "42");
+        assert_eq!(pid_in("redb reports the database already open"), "unknown");
+    }
+
+    #[test]
+    fn home_lock_is_exclusive() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::new(dir.path().to_path_buf(), "0");
+        assert!(HomeLock::is_free(&paths));
+        let lock = HomeLock::acquire(&paths).unwrap();
+        // flock locks belong to open file descriptions, so a second open conflicts.
+        assert!(!HomeLock::is_free(&paths));
+        let e = HomeLock::acquire(&paths).unwrap_err().to_string();
+        assert!(e.contains(&format!("(pid {})", std::process::id())), "{e}");
+        drop(lock);
+        assert!(HomeLock::is_free(&paths));
+    }
+}

@@ -1,0 +1,571 @@
+//! The control socket's Cap'n Proto objects: [`NodeServer`] (the bootstrap
+//! capability) and [`AgentServer`] (one [`AgentHandle`]).
+//!
+//! Each method reads and validates its parameters (bad input gets a `failed`
+//! error with a one-line message and changes nothing), awaits the handle and
+//! maps [`capstan_actors::Error`] to `failed` with the error's message.
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use capnp::Error as CapError;
+use capstan_actors::{
+    AgentHandle, EntryInfo, MessageBodyView, MessageView, PromiseState, RefSpec, Runtime, ValueKind,
+};
+use capstan_proto::RequestId;
+use capstan_proto::api_capnp::{agent, message_sink, node};
+use tokio::sync::Notify;
+
+use crate::daemon::Paths;
+
+fn failed(msg: impl Into<String>) -> CapError {
+    CapError::failed(msg.into())
+}
+
+fn actor_error(e: capstan_actors::Error) -> CapError {
+    failed(e.to_string())
+}
+
+/// Reads a text parameter, naming it in the error.
+fn text(r: capnp::Result<capnp::text::Reader<'_>>, what: &str) -> Result<String, CapError> {
+    let r = r.map_err(|e| failed(format!("bad parameter {what}: {}", e.extra)))?;
+    r.to_string()
+        .map_err(|_| failed(format!("parameter {what} is not valid UTF-8")))
+}
+
+fn request_id(r: capnp::Result<capnp::data::Reader<'_>>) -> Result<RequestId, CapError> {
+    let r = r.map_err(|e| failed(format!("bad parameter reqId: {}", e.extra)))?;
+    RequestId::from_slice(r).map_err(|e| failed(format!("bad parameter reqId: {e}")))
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The bootstrap capability of the control socket.
+pub struct NodeServer {
+    runtime: Runtime,
+    paths: Paths,
+    started: Instant,
+    started_ms: u64,
+    stop: Arc<Notify>,
+}
+
+impl NodeServer {
+    pub fn new(runtime: Runtime, paths: Paths, stop: Arc<Notify>) -> Self {
+        NodeServer {
+            runtime,
+            paths,
+            started: Instant::now(),
+            started_ms: now_ms(),
+            stop,
+        }
+    }
+}
+
+impl node::Server for NodeServer {
+    async fn ping(
+        self: Rc<Self>,
+        _: node::PingParams,
+        mut results: node::PingResults,
+    ) -> Result<(), CapError> {
+        let mut info = results.get().init_info();
+        info.set_version(env!("CARGO_PKG_VERSION"));
+        info.set_pid(std::process::id());
+        info.set_home(self.paths.home.to_string_lossy().as_ref());
+        info.set_store(self.paths.store.to_string_lossy().as_ref());
+        info.set_root_host(self.runtime.root_host().id().as_bytes());
+        info.set_started_ms(self.started_ms);
+        info.set_incarnations(u32::try_from(self.runtime.incarnations()).unwrap_or(u32::MAX));
+        info.set_uptime_ms(u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX));
+        Ok(())
+    }
+
+    async fn host(
+        self: Rc<Self>,
+        _: node::HostParams,
+        mut results: node::HostResults,
+    ) -> Result<(), CapError> {
+        let client: agent::Client =
+            capnp_rpc::new_client(AgentServer::new(self.runtime.root_host()));
+        results.get().set_agent(client);
+        Ok(())
+    }
+
+    async fn stop(
+        self: Rc<Self>,
+        _: node::StopParams,
+        _: node::StopResults,
+    ) -> Result<(), CapError> {
+        tracing::info!("stop requested over the control socket");
+        // Answer first, then stop: give the answer a moment to be written.
+        let stop = self.stop.clone();
+        tokio::task::spawn_local(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            stop.notify_one();
+        });
+        Ok(())
+    }
+}
+
+/// One agent, as a capability.
+pub struct AgentServer {
+    handle: AgentHandle,
+}
+
+impl AgentServer {
+    pub fn new(handle: AgentHandle) -> Self {
+        AgentServer { handle }
+    }
+}
+
+fn set_entry(mut b: capstan_proto::api_capnp::entry_info::Builder<'_>, e: &EntryInfo) {
+    b.set_name(e.name.as_str());
+    b.set_id(e.id.as_bytes());
+    b.set_type(e.kind.as_str());
+    b.set_detail(e.detail.as_str());
+}
+
+fn kind_to_capnp(k: ValueKind) -> capstan_proto::api_capnp::ValueKind {
+    use capstan_proto::api_capnp::ValueKind as K;
+    match k {
+        ValueKind::Text => K::Text,
+        ValueKind::Json => K::Json,
+        ValueKind::Bytes => K::Bytes,
+    }
+}
+
+fn kind_from_capnp(k: capstan_proto::api_capnp::ValueKind) -> ValueKind {
+    use capstan_proto::api_capnp::ValueKind as K;
+    match k {
+        K::Text => ValueKind::Text,
+        K::Json => ValueKind::Json,
+        K::Bytes => ValueKind::Bytes,
+    }
+}
+
+/// The state text of a promise: `pending`, `resolved`, `rejected: REASON`.
+pub fn state_text(s: &PromiseState) -> String {
+    match s {
+        PromiseState::Pending => "pending".to_string(),
+        PromiseState::Resolved(_) => "resolved".to_string(),
+        PromiseState::Rejected(why) => format!("rejected: {why}"),
+    }
+}
+
+/// Writes a [`MessageView`] into its Cap'n Proto form.
+pub fn set_message(mut b: capstan_proto::api_capnp::message_view::Builder<'_>, m: &MessageView) {
+    b.set_number(m.number);
+    b.set_message_id(&m.message_id.0);
+    if let Some(r) = &m.reply_to {
+        b.set_reply_to(&r.0);
+    }
+    b.set_from(m.from.as_str());
+    b.set_to(m.to.as_str());
+    b.set_date_ms(m.date_ms);
+    match &m.body {
+        MessageBodyView::Package { strings, names } => {
+            b.set_type("package");
+            let mut s = b.reborrow().init_strings(list_len(strings.len()));
+            for (i, t) in strings.iter().enumerate() {
+                s.set(i as u32, t.as_str());
+            }
+            let mut n = b.reborrow().init_names(list_len(names.len()));
+            for (i, t) in names.iter().enumerate() {
+                n.set(i as u32, t.as_str());
+            }
+        }
+        MessageBodyView::Request { description, state } => {
+            b.set_type("request");
+            b.set_description(description.as_str());
+            b.set_state(state_text(state).as_str());
+        }
+    }
+}
+
+fn list_len(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+impl agent::Server for AgentServer {
+    async fn list(
+        self: Rc<Self>,
+        params: agent::ListParams,
+        mut results: agent::ListResults,
+    ) -> Result<(), CapError> {
+        let path = text(params.get()?.get_path(), "path")?;
+        let entries = self.handle.list(&path).await.map_err(actor_error)?;
+        let mut list = results.get().init_entries(list_len(entries.len()));
+        for (i, e) in entries.iter().enumerate() {
+            set_entry(list.reborrow().get(i as u32), e);
+        }
+        Ok(())
+    }
+
+    async fn show(
+        self: Rc<Self>,
+        params: agent::ShowParams,
+        mut results: agent::ShowResults,
+    ) -> Result<(), CapError> {
+        let path = text(params.get()?.get_path(), "path")?;
+        let e = self.handle.show(&path).await.map_err(actor_error)?;
+        set_entry(results.get().init_entry(), &e);
+        Ok(())
+    }
+
+    async fn cat(
+        self: Rc<Self>,
+        params: agent::CatParams,
+        mut results: agent::CatResults,
+    ) -> Result<(), CapError> {
+        let path = text(params.get()?.get_path(), "path")?;
+        let (kind, data) = self.handle.cat(&path).await.map_err(actor_error)?;
+        let mut r = results.get();
+        r.set_kind(kind_to_capnp(kind));
+        r.set_data(&data);
+        Ok(())
+    }
+
+    async fn store(
+        self: Rc<Self>,
+        params: agent::StoreParams,
+        mut results: agent::StoreResults,
+    ) -> Result<(), CapError> {
+        let p = params.get()?;
+        let req = request_id(p.get_req_id())?;
+        let path = text(p.get_path(), "path")?;
+        let kind = p
+            .get_kind()
+            .map(kind_from_capnp)
+            .map_err(|_| failed("bad parameter kind: unknown value kind"))?;
+        let data = p
+            .get_data()
+            .map_err(|e| failed(format!("bad parameter data: {}", e.extra)))?
+            .to_vec();
+        if kind == ValueKind::Text && std::str::from_utf8(&data).is_err() {
+            return Err(failed("a text value must be valid UTF-8"));
+        }
+        if kind == ValueKind::Json
+            && serde_json::from_slice::<serde::de::IgnoredAny>(&data).is_err()
+        {
+            return Err(failed("a json value must be valid JSON"));
+        }
+        let id = self
+            .handle
+            .store(req, &path, kind, data)
+            .await
+            .map_err(actor_error)?;
+        results.get().set_id(id.as_bytes());
+        Ok(())
+    }
+
+    async fn remove(
+        self: Rc<Self>,
+        params: agent::RemoveParams,
+        _: agent::RemoveResults,
+    ) -> Result<(), CapError> {
+        let p = params.get()?;
+        let req = request_id(p.get_req_id())?;
+        let path = text(p.get_path(), "path")?;
+        self.handle.remove(req, &path).await.map_err(actor_error)
+    }
+
+    async fn move_(
+        self: Rc<Self>,
+        params: agent::MoveParams,
+        _: agent::MoveResults,
+    ) -> Result<(), CapError> {
+        let p = params.get()?;
+        let req = request_id(p.get_req_id())?;
+        let from = text(p.get_from(), "from")?;
+        let to = text(p.get_to(), "to")?;
+        self.handle
+            .move_name(req, &from, &to)
+            .await
+            .map_err(actor_error)
+    }
+
+    async fn copy(
+        self: Rc<Self>,
+        params: agent::CopyParams,
+        _: agent::CopyResults,
+    ) -> Result<(), CapError> {
+        let p = params.get()?;
+        let req = request_id(p.get_req_id())?;
+        let from = text(p.get_from(), "from")?;
+        let to = text(p.get_to(), "to")?;
+        self.handle
+            .copy_name(req, &from, &to)
+            .await
+            .map_err(actor_error)
+    }
+
+    async fn mkdir(
+        self: Rc<Self>,
+        params: agent::MkdirParams,
+        mut results: agent::MkdirResults,
+    ) -> Result<(), CapError> {
+        let p = params.get()?;
+        let req = request_id(p.get_req_id())?;
+        let path = text(p.get_path(), "path")?;
+        let id = self.handle.mkdir(req, &path).await.map_err(actor_error)?;
+        results.get().set_id(id.as_bytes());
+        Ok(())
+    }
+
+    async fn mkhost(
+        self: Rc<Self>,
+        params: agent::MkhostParams,
+        mut results: agent::MkhostResults,
+    ) -> Result<(), CapError> {
+        let p = params.get()?;
+        let req = request_id(p.get_req_id())?;
+        let path = text(p.get_path(), "path")?;
+        let id = self.handle.mkhost(req, &path).await.map_err(actor_error)?;
+        results.get().set_id(id.as_bytes());
+        Ok(())
+    }
+
+    async fn mkguest(
+        self: Rc<Self>,
+        params: agent::MkguestParams,
+        mut results: agent::MkguestResults,
+    ) -> Result<(), CapError> {
+        let p = params.get()?;
+        let req = request_id(p.get_req_id())?;
+        let path = text(p.get_path(), "path")?;
+        let id = self.handle.mkguest(req, &path).await.map_err(actor_error)?;
+        results.get().set_id(id.as_bytes());
+        Ok(())
+    }
+
+    async fn agent(
+        self: Rc<Self>,
+        params: agent::AgentParams,
+        mut results: agent::AgentResults,
+    ) -> Result<(), CapError> {
+        let path = text(params.get()?.get_path(), "path")?;
+        let handle = self.handle.agent(&path).await.map_err(actor_error)?;
+        let client: agent::Client = capnp_rpc::new_client(AgentServer::new(handle));
+        results.get().set_agent(client);
+        Ok(())
+    }
+
+    async fn send(
+        self: Rc<Self>,
+        params: agent::SendParams,
+        mut results: agent::SendResults,
+    ) -> Result<(), CapError> {
+        let p = params.get()?;
+        let req = request_id(p.get_req_id())?;
+        let to = text(p.get_to(), "to")?;
+        let strings_r = p
+            .get_strings()
+            .map_err(|e| failed(format!("bad parameter strings: {}", e.extra)))?;
+        let mut strings = Vec::with_capacity(strings_r.len() as usize);
+        for s in strings_r.iter() {
+            strings.push(text(s, "strings")?);
+        }
+        let refs_r = p
+            .get_refs()
+            .map_err(|e| failed(format!("bad parameter refs: {}", e.extra)))?;
+        let mut refs = Vec::with_capacity(refs_r.len() as usize);
+        for r in refs_r.iter() {
+            refs.push(RefSpec {
+                path: text(r.get_path(), "refs.path")?,
+                edge_name: text(r.get_edge_name(), "refs.edgeName")?,
+            });
+        }
+        if strings.len() != refs.len() + 1 {
+            return Err(failed(format!(
+                "a message needs one more text chunk than references: got {} chunks and {} references",
+                strings.len(),
+                refs.len()
+            )));
+        }
+        let reply_to = p.get_is_reply().then(|| p.get_reply_to());
+        if reply_to.is_none() && to.is_empty() {
+            return Err(failed("send needs a recipient"));
+        }
+        let number = self
+            .handle
+            .send(req, &to, strings, refs, reply_to)
+            .await
+            .map_err(actor_error)?;
+        results.get().set_number(number);
+        Ok(())
+    }
+
+    async fn request(
+        self: Rc<Self>,
+        params: agent::RequestParams,
+        mut results: agent::RequestResults,
+    ) -> Result<(), CapError> {
+        let p = params.get()?;
+        let req = request_id(p.get_req_id())?;
+        let to = text(p.get_to(), "to")?;
+        let description = text(p.get_description(), "description")?;
+        let result_name = text(p.get_result_name(), "resultName")?;
+        let result_name = (!result_name.is_empty()).then_some(result_name.as_str());
+        let (number, promise) = self
+            .handle
+            .request(req, &to, &description, result_name)
+            .await
+            .map_err(actor_error)?;
+        let mut r = results.get();
+        r.set_number(number);
+        r.set_promise(promise.as_bytes());
+        Ok(())
+    }
+
+    async fn wait_request(
+        self: Rc<Self>,
+        params: agent::WaitRequestParams,
+        mut results: agent::WaitRequestResults,
+    ) -> Result<(), CapError> {
+        let number = params.get()?.get_number();
+        let state = self
+            .handle
+            .wait_request(number)
+            .await
+            .map_err(actor_error)?;
+        let mut r = results.get();
+        r.set_state(state_text(&state).as_str());
+        if let PromiseState::Resolved(id) = state {
+            r.set_id(id.as_bytes());
+        }
+        Ok(())
+    }
+
+    async fn resolve(
+        self: Rc<Self>,
+        params: agent::ResolveParams,
+        _: agent::ResolveResults,
+    ) -> Result<(), CapError> {
+        let p = params.get()?;
+        let req = request_id(p.get_req_id())?;
+        let path = text(p.get_path(), "path")?;
+        self.handle
+            .resolve(req, p.get_number(), &path)
+            .await
+            .map_err(actor_error)
+    }
+
+    async fn reject(
+        self: Rc<Self>,
+        params: agent::RejectParams,
+        _: agent::RejectResults,
+    ) -> Result<(), CapError> {
+        let p = params.get()?;
+        let req = request_id(p.get_req_id())?;
+        let reason = text(p.get_reason(), "reason")?;
+        self.handle
+            .reject(req, p.get_number(), &reason)
+            .await
+            .map_err(actor_error)
+    }
+
+    async fn adopt(
+        self: Rc<Self>,
+        params: agent::AdoptParams,
+        mut results: agent::AdoptResults,
+    ) -> Result<(), CapError> {
+        let p = params.get()?;
+        let req = request_id(p.get_req_id())?;
+        let edge = text(p.get_edge_name(), "edgeName")?;
+        let path = text(p.get_path(), "path")?;
+        let path = if path.is_empty() { edge.clone() } else { path };
+        let id = self
+            .handle
+            .adopt(req, p.get_number(), &edge, &path)
+            .await
+            .map_err(actor_error)?;
+        results.get().set_id(id.as_bytes());
+        Ok(())
+    }
+
+    async fn dismiss(
+        self: Rc<Self>,
+        params: agent::DismissParams,
+        _: agent::DismissResults,
+    ) -> Result<(), CapError> {
+        let p = params.get()?;
+        let req = request_id(p.get_req_id())?;
+        self.handle
+            .dismiss(req, p.get_number())
+            .await
+            .map_err(actor_error)
+    }
+
+    async fn inbox(
+        self: Rc<Self>,
+        params: agent::InboxParams,
+        mut results: agent::InboxResults,
+    ) -> Result<(), CapError> {
+        let thread = params
+            .get()?
+            .get_thread()
+            .map_err(|e| failed(format!("bad parameter thread: {}", e.extra)))?;
+        let thread = if thread.is_empty() {
+            None
+        } else {
+            Some(
+                RequestId::from_slice(thread)
+                    .map_err(|e| failed(format!("bad parameter thread: {e}")))?,
+            )
+        };
+        let messages = self.handle.inbox(thread).await.map_err(actor_error)?;
+        let mut list = results.get().init_messages(list_len(messages.len()));
+        for (i, m) in messages.iter().enumerate() {
+            set_message(list.reborrow().get(i as u32), m);
+        }
+        Ok(())
+    }
+
+    async fn follow(
+        self: Rc<Self>,
+        params: agent::FollowParams,
+        _: agent::FollowResults,
+    ) -> Result<(), CapError> {
+        let p = params.get()?;
+        let after = p.get_after();
+        let sink: message_sink::Client = p
+            .get_sink()
+            .map_err(|e| failed(format!("bad parameter sink: {}", e.extra)))?;
+        let mut rx = self.handle.follow(after).await.map_err(actor_error)?;
+        // One push at a time: the client's pace is the flow control. When a
+        // push fails the client is gone; when the channel closes the node is
+        // stopping or the follower was too slow and was dropped.
+        while let Some(m) = rx.recv().await {
+            let mut req = sink.push_request();
+            set_message(req.get().init_message(), &m);
+            if let Err(e) = req.send().promise.await {
+                tracing::debug!("follower gone: {e}");
+                return Ok(());
+            }
+        }
+        // `disconnected`: the client reconnects and follows on from where it was.
+        Err(CapError::disconnected(
+            "the inbox stream ended (the node is stopping, or this follower fell too far behind)"
+                .to_string(),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states() {
+        assert_eq!(state_text(&PromiseState::Pending), "pending");
+        assert_eq!(
+            state_text(&PromiseState::Rejected("no".into())),
+            "rejected: no"
+        );
+    }
+}
