@@ -729,9 +729,11 @@ impl AgentHandle {
         if to_path.is_none() && reply_to.is_none() {
             return Err(Error::Invalid("a message needs a recipient".into()));
         }
+        let to_name = to.to_string();
         self.rt
             .db
             .read(move |tx| {
+                let to_name = to_name.clone();
                 Box::pin(async move {
                     let mut reply_id = None;
                     let mut target = None;
@@ -748,7 +750,7 @@ impl AgentHandle {
                     let f = model::must_formula(tx, &target).await?;
                     if f.kind.agent().is_none() {
                         return Err(Error::WrongType {
-                            name: to.to_string(),
+                            name: to_name,
                             expected: "host or guest".into(),
                             actual: f.kind.type_name().into(),
                         });
@@ -1260,9 +1262,8 @@ async fn view(
     names: &mut std::collections::HashMap<FormulaId, String>,
 ) -> Result<MessageView, Error> {
     for id in [m.from, m.to] {
-        if !names.contains_key(&id) {
-            let n = model::name_for(tx, ctx, &id).await?;
-            names.insert(id, n);
+        if let std::collections::hash_map::Entry::Vacant(e) = names.entry(id) {
+            e.insert(model::name_for(tx, ctx, &id).await?);
         }
     }
     let body = match m.body {

@@ -195,6 +195,16 @@ pub async fn run(paths: Paths) -> anyhow::Result<()> {
         && dir != paths.home
     {
         create_private_dir(dir)?;
+        // A shared directory in /tmp: it must be ours and private.
+        let m = std::fs::metadata(dir)?;
+        if m.uid().to_string() != uid() || m.mode() & 0o077 != 0 {
+            bail!(
+                "the socket directory {} is not private to this user (owner uid {}, mode {:o}); remove it or use a shorter --home",
+                dir.display(),
+                m.uid(),
+                m.mode() & 0o777
+            );
+        }
     }
     if std::fs::symlink_metadata(&paths.socket).is_ok() {
         if UnixStream::connect(&paths.socket).await.is_ok() {
