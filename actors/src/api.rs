@@ -714,12 +714,18 @@ impl AgentHandle {
         }
     }
 
-    /// Resolves the recipient (an agent) of a message and validates it.
+    /// Resolves the recipient (an agent) of a message and validates it, and
+    /// checks that the references a message will carry resolve — before any
+    /// inbox number is reserved, so that a refused message leaves no gap in
+    /// the numbering. (The posting transaction resolves them again: a name
+    /// removed in between still fails cleanly there.)
     async fn recipient(
         &self,
         to: &str,
         reply_to: Option<u64>,
+        refs: &[Path],
     ) -> Result<(FormulaId, Option<RequestId>), Error> {
+        let refs = refs.to_vec();
         let ctx = self.ctx.clone();
         let to_path = if to.is_empty() {
             None
@@ -734,7 +740,11 @@ impl AgentHandle {
             .db
             .read(move |tx| {
                 let to_name = to_name.clone();
+                let refs = refs.clone();
                 Box::pin(async move {
+                    for p in &refs {
+                        model::resolve(tx, &ctx, p).await?;
+                    }
                     let mut reply_id = None;
                     let mut target = None;
                     if let Some(n) = reply_to {
@@ -800,7 +810,7 @@ impl AgentHandle {
             }
         }
         let names: Vec<String> = refs.into_iter().map(|r| r.edge_name).collect();
-        let (target, reply_id) = self.recipient(to, reply_to).await?;
+        let (target, reply_id) = self.recipient(to, reply_to, &paths).await?;
         let (n, _) = self
             .post(req, target, reply_id, move |tx, ctx| {
                 let (paths, strings, names, ctx) =
@@ -921,7 +931,7 @@ impl AgentHandle {
             .filter(|s| !s.is_empty())
             .map(Path::parse_writable)
             .transpose()?;
-        let (target, _) = self.recipient(to, None).await?;
+        let (target, _) = self.recipient(to, None, &[]).await?;
         let description = description.to_string();
         let promise = FormulaId::random();
         let (n, created) = self

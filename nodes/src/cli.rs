@@ -78,6 +78,21 @@ pub enum Command {
         #[command(flatten)]
         out: Out,
     },
+    /// Measure the node end to end on temporary homes and print a table.
+    ///
+    /// Spawns daemons of this binary, drives them over the control socket
+    /// and prints cold start, durable send latency and throughput, request
+    /// round trips, listing, restart after kill -9 and memory per guest.
+    Bench {
+        /// Small sizes (seconds instead of a minute), for a smoke run.
+        #[arg(long)]
+        quick: bool,
+        /// Where to put the temporary homes (default: a fresh temporary directory).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        #[command(flatten)]
+        out: Out,
+    },
 
     // Names ------------------------------------------------------------
     /// List the names in a directory (default: your own names).
@@ -298,6 +313,7 @@ impl Command {
             | Command::Where { out }
             | Command::Status { out }
             | Command::Demo { out }
+            | Command::Bench { out, .. }
             | Command::List { out, .. }
             | Command::Show { out, .. }
             | Command::Cat { out, .. }

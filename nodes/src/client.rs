@@ -30,8 +30,7 @@ pub enum ClientError {
     NoDaemon(String),
     /// The connection broke and could not be re-established in time.
     #[error(
-        "lost the connection to the capstan daemon for home {0} and could not get it back within {secs} s; the command may or may not have been applied",
-        secs = RETRY_FOR.as_secs()
+        "lost the connection to the capstan daemon for home {0} and it did not come back; start it with `capstan start`, then check whether this command took effect (a change is applied at most once, but its answer was lost)"
     )]
     Lost(String),
     /// The node answered with an error.
@@ -234,10 +233,15 @@ impl Client {
     }
 }
 
-/// Bounded reconnection: exponential backoff for up to [`RETRY_FOR`].
+/// How long a call keeps waiting once no daemon process exists at all.
+const GONE_FOR: Duration = Duration::from_secs(2);
+
+/// Bounded reconnection: exponential backoff for up to [`RETRY_FOR`], or
+/// [`GONE_FOR`] once the daemon's process is gone (nobody is restarting it).
 struct Retry {
     deadline: Instant,
     delay: Duration,
+    gone_since: Option<Instant>,
 }
 
 impl Retry {
@@ -245,16 +249,39 @@ impl Retry {
         Retry {
             deadline: Instant::now() + RETRY_FOR,
             delay: Duration::from_millis(20),
+            gone_since: None,
         }
     }
 
     async fn wait(&mut self, paths: &Paths) -> Result<(), ClientError> {
-        if Instant::now() >= self.deadline {
+        let now = Instant::now();
+        if daemon_process_gone(paths) {
+            let since = *self.gone_since.get_or_insert(now);
+            if now.duration_since(since) >= GONE_FOR {
+                return Err(ClientError::Lost(paths.home_str()));
+            }
+        } else {
+            self.gone_since = None;
+        }
+        if now >= self.deadline {
             return Err(ClientError::Lost(paths.home_str()));
         }
         tokio::time::sleep(self.delay).await;
         self.delay = (self.delay * 2).min(Duration::from_millis(500));
         Ok(())
+    }
+}
+
+/// True when the pid in the home's lock file names no live process. Probes
+/// without taking the lock, so a daemon starting at this moment is never
+/// disturbed.
+fn daemon_process_gone(paths: &Paths) -> bool {
+    let Ok(pid) = std::fs::read_to_string(&paths.lock) else {
+        return true;
+    };
+    match pid.trim().parse::<i32>() {
+        Ok(pid) if pid > 0 => !Path::new(&format!("/proc/{pid}")).exists(),
+        _ => false,
     }
 }
 

@@ -20,6 +20,7 @@
 //! - [`output`]: human and `--json` rendering.
 //! - [`text`]: the `@reference` syntax of `send` and `reply`.
 //! - [`demo`]: `capstan demo`, a guided tour that drives this binary.
+//! - [`bench`]: `capstan bench`, the end-to-end benchmark table.
 //!
 //! # Threads
 //!
@@ -39,6 +40,7 @@
 //! A CLI command connects, bootstraps, pipelines `host()`/`agent(path)` into
 //! the call and exits: one round trip on a Unix socket.
 
+mod bench;
 mod cli;
 mod client;
 mod commands;
@@ -139,6 +141,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let json = cli.json || cli.command.json();
     if let Command::Demo { .. } = cli.command {
         return demo::run();
+    }
+    if let Command::Bench { quick, dir, .. } = cli.command {
+        init_logging(false);
+        let sizes = if quick {
+            bench::Sizes::quick()
+        } else {
+            bench::Sizes::full()
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        return tokio::task::LocalSet::new().block_on(&rt, bench::run(sizes, dir, json));
     }
     let paths = Paths::resolve(cli.home)?;
     if let Command::Where { .. } = cli.command {

@@ -1,0 +1,629 @@
+//! `capstan bench`: the issue-2 benchmark table, measured end to end.
+//!
+//! Every figure goes through the real path a user's command takes: a daemon
+//! process (`capstan run`, this very binary) on a temporary home with the
+//! embedded store, driven over its control socket with Cap'n Proto RPC.
+//! Sends, requests and resolves are acknowledged only after their store
+//! transaction committed (fsync), so every write figure is a durable one.
+//!
+//! Timing targets live here and in `../shared/ANCHORS.md`, never in tests.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use capnp::Error as CapError;
+use capstan_proto::RequestId;
+use capstan_proto::api_capnp::{agent, node};
+use serde_json::json;
+
+use crate::client;
+use crate::daemon::Paths;
+use crate::output::print_json;
+
+/// Sizes of a run.
+#[derive(Debug, Clone, Copy)]
+pub struct Sizes {
+    pub sends: usize,
+    pub senders: usize,
+    pub round_trips: usize,
+    pub names: usize,
+    pub messages: usize,
+    pub guests: usize,
+}
+
+impl Sizes {
+    pub fn full() -> Sizes {
+        Sizes {
+            sends: 2000,
+            senders: 64,
+            round_trips: 300,
+            names: 10_000,
+            messages: 10_000,
+            guests: 1000,
+        }
+    }
+
+    pub fn quick() -> Sizes {
+        Sizes {
+            sends: 200,
+            senders: 16,
+            round_trips: 30,
+            names: 500,
+            messages: 500,
+            guests: 100,
+        }
+    }
+}
+
+/// One line of the table.
+struct Row {
+    what: String,
+    value: String,
+    target: &'static str,
+    endo: &'static str,
+    json: serde_json::Value,
+}
+
+/// A daemon child process on the bench home.
+struct Daemon {
+    child: Child,
+    paths: Paths,
+}
+
+impl Daemon {
+    /// Spawns `capstan run` and waits for its first answer; returns the time
+    /// from spawn to that answer.
+    async fn spawn(exe: &Path, paths: &Paths) -> anyhow::Result<(Daemon, Duration)> {
+        std::fs::create_dir_all(&paths.home)
+            .with_context(|| format!("cannot create {}", paths.home.display()))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(paths.home.join("bench-daemon.log"))
+            .context("cannot open the bench daemon's log")?;
+        let t0 = Instant::now();
+        let child = Command::new(exe)
+            .arg("run")
+            .arg("--home")
+            .arg(&paths.home)
+            .env_remove("CAPSTAN_HOME")
+            .env("CAPSTAN_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot run {}", exe.display()))?;
+        let mut d = Daemon {
+            child,
+            paths: paths.clone(),
+        };
+        loop {
+            if client::ping(paths).await.is_ok() {
+                return Ok((d, t0.elapsed()));
+            }
+            if let Some(status) = d.child.try_wait()? {
+                bail!(
+                    "the bench daemon exited ({status}) before answering; see {}",
+                    paths.home.join("bench-daemon.log").display()
+                );
+            }
+            if t0.elapsed() > Duration::from_secs(30) {
+                bail!("the bench daemon did not answer within 30 s");
+            }
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+    }
+
+    fn rss_kib(&self) -> anyhow::Result<u64> {
+        rss_kib(self.child.id())
+    }
+
+    /// SIGKILL, then reap.
+    fn kill9(mut self) -> anyhow::Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// A graceful stop.
+    async fn stop(mut self) -> anyhow::Result<()> {
+        let _ = client::stop(&self.paths).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                self.child.kill()?;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Resident set size of a process, in KiB.
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmRSS in /proc status")
+}
+
+/// Percentiles of a sample, in microseconds.
+struct Stats {
+    p50: f64,
+    p99: f64,
+}
+
+fn stats(mut v: Vec<Duration>) -> Stats {
+    v.sort();
+    let at = |q: f64| {
+        let i = ((v.len() as f64 - 1.0) * q).round() as usize;
+        v[i].as_secs_f64() * 1e6
+    };
+    Stats {
+        p50: at(0.5),
+        p99: at(0.99),
+    }
+}
+
+fn ms(us: f64) -> String {
+    if us < 1000.0 {
+        format!("{:.0} µs", us)
+    } else {
+        format!("{:.2} ms", us / 1000.0)
+    }
+}
+
+/// A connection acting as the root host (pipelined: no extra round trip).
+async fn host(paths: &Paths) -> anyhow::Result<agent::Client> {
+    let node: node::Client = client::connect(&paths.socket).await?;
+    Ok(node.host_request().send().pipeline.get_agent())
+}
+
+fn as_agent(host: &agent::Client, path: &str) -> agent::Client {
+    let mut r = host.agent_request();
+    r.get().set_path(path);
+    r.send().pipeline.get_agent()
+}
+
+async fn send(a: &agent::Client, to: &str, text: &str) -> Result<u64, CapError> {
+    let mut r = a.send_request();
+    let mut p = r.get();
+    p.set_req_id(&RequestId::random().0);
+    p.set_to(to);
+    p.reborrow().init_strings(1).set(0, text);
+    p.reborrow().init_refs(0);
+    Ok(r.send().promise.await?.get()?.get_number())
+}
+
+async fn mkguest(a: &agent::Client, path: &str) -> Result<(), CapError> {
+    let mut r = a.mkguest_request();
+    r.get().set_req_id(&RequestId::random().0);
+    r.get().set_path(path);
+    r.send().promise.await?;
+    Ok(())
+}
+
+async fn store_text(a: &agent::Client, path: &str, text: &str) -> Result<(), CapError> {
+    let mut r = a.store_request();
+    let mut p = r.get();
+    p.set_req_id(&RequestId::random().0);
+    p.set_path(path);
+    p.set_kind(capstan_proto::api_capnp::ValueKind::Text);
+    p.set_data(text.as_bytes());
+    r.send().promise.await?;
+    Ok(())
+}
+
+async fn list_len(a: &agent::Client) -> Result<u32, CapError> {
+    let mut r = a.list_request();
+    r.get().set_path("");
+    Ok(r.send().promise.await?.get()?.get_entries()?.len())
+}
+
+async fn inbox_len(a: &agent::Client) -> Result<u32, CapError> {
+    let r = a.inbox_request();
+    Ok(r.send().promise.await?.get()?.get_messages()?.len())
+}
+
+async fn last_inbox_number(a: &agent::Client) -> Result<Option<u64>, CapError> {
+    let r = a.inbox_request();
+    let answer = r.send().promise.await?;
+    let messages = answer.get()?.get_messages()?;
+    Ok(messages.iter().map(|m| m.get_number()).max())
+}
+
+/// Runs `jobs` futures made by `make(i)` with at most `width` in flight;
+/// returns each one's latency.
+async fn concurrently<F, Fut>(
+    jobs: usize,
+    width: usize,
+    make: F,
+    progress: &str,
+) -> anyhow::Result<Vec<Duration>>
+where
+    F: Fn(usize) -> Fut + 'static,
+    Fut: std::future::Future<Output = Result<(), CapError>> + 'static,
+{
+    let make = Rc::new(make);
+    let next = Rc::new(std::cell::Cell::new(0usize));
+    let mut tasks = Vec::new();
+    for _ in 0..width.max(1) {
+        let make = make.clone();
+        let next = next.clone();
+        tasks.push(tokio::task::spawn_local(async move {
+            let mut lat = Vec::new();
+            loop {
+                let i = next.get();
+                if i >= jobs {
+                    break;
+                }
+                next.set(i + 1);
+                let t = Instant::now();
+                make(i).await?;
+                lat.push(t.elapsed());
+            }
+            Ok::<_, CapError>(lat)
+        }));
+    }
+    let mut all = Vec::with_capacity(jobs);
+    for t in tasks {
+        all.extend(t.await?.with_context(|| format!("{progress} failed"))?);
+    }
+    Ok(all)
+}
+
+fn step(quiet: bool, what: &str) {
+    if !quiet {
+        eprintln!("bench: {what}…");
+    }
+}
+
+/// Runs every benchmark; prints the table (or one JSON object).
+pub async fn run(sizes: Sizes, dir: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("cannot find the capstan executable")?;
+    let tmp;
+    let base = match dir {
+        Some(d) => {
+            std::fs::create_dir_all(&d)
+                .with_context(|| format!("cannot create {}", d.display()))?;
+            d
+        }
+        None => {
+            tmp = tempfile::Builder::new().prefix("capstan-bench").tempdir()?;
+            tmp.path().to_path_buf()
+        }
+    };
+    let mut rows = Vec::new();
+    let quiet = false;
+
+    // 1. Cold start to first answer (fresh home each time), and its memory.
+    step(quiet, "cold start");
+    let mut starts = Vec::new();
+    let mut rss0 = 0;
+    for i in 0..5 {
+        let paths = Paths::resolve(Some(base.join(format!("cold-{i}"))))?;
+        let (d, t) = Daemon::spawn(&exe, &paths).await?;
+        starts.push(t);
+        rss0 = d.rss_kib()?;
+        d.stop().await?;
+    }
+    let s = stats(starts);
+    rows.push(Row {
+        what: "cold start to first answer (fresh home)".into(),
+        value: ms(s.p50),
+        target: "< 50 ms",
+        endo: "~1.2 s",
+        json: json!({"p50_us": s.p50}),
+    });
+    rows.push(Row {
+        what: "daemon memory after start (RSS)".into(),
+        value: format!("{:.1} MiB", rss0 as f64 / 1024.0),
+        target: "< 30 MB",
+        endo: "64 MB + 60 MB worker",
+        json: json!({"rss_kib": rss0}),
+    });
+
+    let paths = Paths::resolve(Some(base.join("main")))?;
+    let (d, _) = Daemon::spawn(&exe, &paths).await?;
+    let h = host(&paths).await?;
+    mkguest(&h, "g0").await?;
+
+    // 2. Durable sends, one sender: latency of each acknowledged send.
+    step(quiet, "sends, 1 sender");
+    let t = Instant::now();
+    let hh = h.clone();
+    let lat = concurrently(
+        sizes.sends,
+        1,
+        move |i| {
+            let hh = hh.clone();
+            async move { send(&hh, "g0", &format!("message {i}")).await.map(drop) }
+        },
+        "send",
+    )
+    .await?;
+    let rate1 = sizes.sends as f64 / t.elapsed().as_secs_f64();
+    let s = stats(lat);
+    rows.push(Row {
+        what: "host → guest send, durable, 1 sender (p50 / p99)".into(),
+        value: format!("{} / {}", ms(s.p50), ms(s.p99)),
+        target: "< 1 ms",
+        endo: "41–57 ms",
+        json: json!({"p50_us": s.p50, "p99_us": s.p99, "per_s": rate1}),
+    });
+
+    // 3. Durable sends, N senders on their own connections.
+    step(quiet, &format!("sends, {} senders", sizes.senders));
+    let mut conns = Vec::new();
+    for _ in 0..sizes.senders {
+        conns.push(host(&paths).await?);
+    }
+    let conns = Rc::new(conns);
+    let total = sizes.sends * 4;
+    let t = Instant::now();
+    let c2 = conns.clone();
+    let lat = concurrently(
+        total,
+        sizes.senders,
+        move |i| {
+            let a = c2[i % c2.len()].clone();
+            async move { send(&a, "g0", &format!("burst {i}")).await.map(drop) }
+        },
+        "concurrent send",
+    )
+    .await?;
+    let rate = total as f64 / t.elapsed().as_secs_f64();
+    let s = stats(lat);
+    rows.push(Row {
+        what: format!("sends per second, durable, {} senders", sizes.senders),
+        value: format!("{rate:.0} /s (p50 {})", ms(s.p50)),
+        target: "> 5,000 /s",
+        endo: "9–35 /s",
+        json: json!({"per_s": rate, "p50_us": s.p50, "p99_us": s.p99, "senders": sizes.senders}),
+    });
+    rows.push(Row {
+        what: "sends per second, durable, 1 sender".into(),
+        value: format!("{rate1:.0} /s"),
+        target: "",
+        endo: "",
+        json: json!({"per_s": rate1}),
+    });
+
+    // 4. request → resolve → the requester sees it.
+    step(quiet, "request/resolve round trips");
+    store_text(&h, "answer", "42").await?;
+    let g = as_agent(&h, "g0");
+    let mut host_next = last_inbox_number(&h).await?.map_or(0, |n| n + 1);
+    let mut lat = Vec::new();
+    for i in 0..sizes.round_trips {
+        let t = Instant::now();
+        let mut r = g.request_request();
+        r.get().set_req_id(&RequestId::random().0);
+        r.get().set_to("HOST");
+        r.get().set_description("need the answer");
+        r.get().set_result_name(format!("doc-{i}").as_str());
+        let number = r.send().promise.await?.get()?.get_number();
+        let mut r = h.resolve_request();
+        r.get().set_req_id(&RequestId::random().0);
+        r.get().set_number(host_next);
+        r.get().set_path("answer");
+        r.send()
+            .promise
+            .await
+            .with_context(|| format!("resolving host message {host_next}"))?;
+        let mut w = g.wait_request_request();
+        w.get().set_number(number);
+        let state = w.send().promise.await?;
+        let state = state.get()?.get_state()?.to_string()?;
+        if state != "resolved" {
+            bail!("request {number} ended {state:?}, expected resolved");
+        }
+        lat.push(t.elapsed());
+        host_next += 1;
+    }
+    let s = stats(lat);
+    rows.push(Row {
+        what: "request → resolve → requester sees it, durable (p50 / p99)".into(),
+        value: format!("{} / {}", ms(s.p50), ms(s.p99)),
+        target: "< 2 ms",
+        endo: "86–100 ms",
+        json: json!({"p50_us": s.p50, "p99_us": s.p99}),
+    });
+
+    // 5. list names with N entries.
+    step(quiet, &format!("storing {} names", sizes.names));
+    let c2 = conns.clone();
+    concurrently(
+        sizes.names,
+        sizes.senders,
+        move |i| {
+            let a = c2[i % c2.len()].clone();
+            async move { store_text(&a, &format!("v-{i}"), "x").await }
+        },
+        "store",
+    )
+    .await?;
+    step(quiet, "list");
+    let mut lat = Vec::new();
+    let mut n = 0;
+    for _ in 0..20 {
+        let t = Instant::now();
+        n = list_len(&h).await?;
+        lat.push(t.elapsed());
+    }
+    if (n as usize) < sizes.names {
+        bail!("list returned {n} names, expected at least {}", sizes.names);
+    }
+    let s = stats(lat);
+    rows.push(Row {
+        what: format!("list names, {n} entries (socket API)"),
+        value: ms(s.p50),
+        target: "< 0.5 ms (Endo's lists are small)",
+        endo: "11–38 ms",
+        json: json!({"p50_us": s.p50, "entries": n}),
+    });
+    let mut lat = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        let _ = list_len(&as_agent(&h, "g0")).await?;
+        lat.push(t.elapsed());
+    }
+    let s = stats(lat);
+    rows.push(Row {
+        what: "list names, a guest's few entries (socket API)".into(),
+        value: ms(s.p50),
+        target: "< 0.5 ms",
+        endo: "11–38 ms",
+        json: json!({"p50_us": s.p50}),
+    });
+
+    // 6. One CLI command, as a process.
+    step(quiet, "CLI commands");
+    let mut lat = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        let out = Command::new(&exe)
+            .args(["ping", "--home"])
+            .arg(&paths.home)
+            .env_remove("CAPSTAN_HOME")
+            .stdin(Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            bail!("capstan ping failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        lat.push(t.elapsed());
+    }
+    let s = stats(lat);
+    rows.push(Row {
+        what: "one CLI command (`capstan ping`, whole process)".into(),
+        value: ms(s.p50),
+        target: "< 20 ms",
+        endo: "0.6–1.5 s",
+        json: json!({"p50_us": s.p50}),
+    });
+
+    // 7. Memory per idle incarnated guest.
+    step(quiet, &format!("{} guests", sizes.guests));
+    let c2 = conns.clone();
+    concurrently(
+        sizes.guests,
+        sizes.senders,
+        move |i| {
+            let a = c2[i % c2.len()].clone();
+            async move { mkguest(&a, &format!("guest-{i}")).await }
+        },
+        "mkguest",
+    )
+    .await?;
+    let before_inc = client::ping(&paths).await?.incarnations;
+    let before = d.rss_kib()?;
+    let c2 = conns.clone();
+    concurrently(
+        sizes.guests,
+        sizes.senders,
+        move |i| {
+            let a = c2[i % c2.len()].clone();
+            async move { send(&a, &format!("guest-{i}"), "wake up").await.map(drop) }
+        },
+        "wake guests",
+    )
+    .await?;
+    let after = d.rss_kib()?;
+    let after_inc = client::ping(&paths).await?.incarnations;
+    let woken = after_inc.saturating_sub(before_inc).max(1);
+    let per = (after.saturating_sub(before)) as f64 * 1024.0 / woken as f64;
+    rows.push(Row {
+        what: format!("memory per idle incarnated guest ({woken} woken, RSS delta)"),
+        value: format!("{:.1} KiB", per / 1024.0),
+        target: "< 100 KB",
+        endo: "a 60 MB process",
+        json: json!({"bytes": per, "woken": woken}),
+    });
+
+    // 8. Restart with many messages in an inbox: kill -9, start, first answers.
+    let have = inbox_len(&g).await? as usize;
+    if have < sizes.messages {
+        step(quiet, &format!("filling g0's inbox to {}", sizes.messages));
+        let c2 = conns.clone();
+        concurrently(
+            sizes.messages - have,
+            sizes.senders,
+            move |i| {
+                let a = c2[i % c2.len()].clone();
+                async move { send(&a, "g0", &format!("fill {i}")).await.map(drop) }
+            },
+            "fill",
+        )
+        .await?;
+    }
+    drop(conns);
+    drop(g);
+    drop(h);
+    step(quiet, "kill -9 and restart");
+    d.kill9()?;
+    let (d, first) = Daemon::spawn(&exe, &paths).await?;
+    let h = host(&paths).await?;
+    let t = Instant::now();
+    let n = inbox_len(&as_agent(&h, "g0")).await?;
+    let inbox_t = t.elapsed();
+    rows.push(Row {
+        what: format!("restart after kill -9 to first answer ({n} messages in g0's inbox)"),
+        value: ms(first.as_secs_f64() * 1e6),
+        target: "< 100 ms",
+        endo: "2.3–2.7 s (1k msgs)",
+        json: json!({"first_answer_us": first.as_secs_f64() * 1e6, "messages": n}),
+    });
+    rows.push(Row {
+        what: format!("then read the whole inbox ({n} messages)"),
+        value: ms(inbox_t.as_secs_f64() * 1e6),
+        target: "",
+        endo: "",
+        json: json!({"us": inbox_t.as_secs_f64() * 1e6}),
+    });
+    drop(h);
+    d.stop().await?;
+
+    if json {
+        let obj: serde_json::Map<String, serde_json::Value> = rows
+            .iter()
+            .map(|r| (r.what.clone(), r.json.clone()))
+            .collect();
+        print_json(&serde_json::Value::Object(obj));
+    } else {
+        let w = rows.iter().map(|r| r.what.chars().count()).max().unwrap_or(0);
+        let v = rows.iter().map(|r| r.value.chars().count()).max().unwrap_or(0);
+        println!(
+            "{:w$}  {:v$}  {:12}  Endo",
+            "measure", "Capstan", "target"
+        );
+        for r in &rows {
+            println!(
+                "{:w$}  {:v$}  {:12}  {}",
+                r.what, r.value, r.target, r.endo
+            );
+        }
+        println!(
+            "\n(embedded redb store with fsync; {} build; every write acknowledged after commit)",
+            if cfg!(debug_assertions) {
+                "DEBUG — use `cargo run --release -- bench` for real figures"
+            } else {
+                "release"
+            }
+        );
+    }
+    Ok(())
+}
