@@ -117,7 +117,7 @@ pub struct Runtime {
     root: AgentHandle,
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -254,8 +254,8 @@ async fn load_agent(db: &Db, id: FormulaId) -> Result<Ctx, Error> {
 /// The capability to act as one agent (host or guest).
 #[derive(Clone)]
 pub struct AgentHandle {
-    rt: Arc<Inner>,
-    ctx: Arc<Ctx>,
+    pub(crate) rt: Arc<Inner>,
+    pub(crate) ctx: Arc<Ctx>,
 }
 
 impl std::fmt::Debug for AgentHandle {
@@ -274,7 +274,7 @@ async fn checked_dedup(
     model::dedup_get(tx, agent, req).await
 }
 
-fn entry_detail(f: &Formula) -> String {
+pub(crate) fn entry_detail(f: &Formula) -> String {
     match &f.kind {
         FormulaKind::Value(v) => {
             let k = match v.kind {
@@ -287,6 +287,11 @@ fn entry_detail(f: &Formula) -> String {
         FormulaKind::Promise(p) => state_text(&p.state),
         FormulaKind::Host(a) | FormulaKind::Guest(a) => a.label.clone(),
         FormulaKind::Directory => String::new(),
+        FormulaKind::Remote(r) => format!(
+            "cluster {} at {}",
+            &capstan_proto::locator::encode32(&r.cluster)[..12],
+            r.addrs.join(",")
+        ),
     }
 }
 
@@ -300,7 +305,7 @@ pub fn state_text(s: &PromiseState) -> String {
 }
 
 /// Follows resolved promises to what they resolved to (bounded chain).
-async fn settle_target(
+pub(crate) async fn settle_target(
     tx: &mut capstan_cluster::Transaction,
     mut id: FormulaId,
 ) -> Result<(FormulaId, Formula), Error> {

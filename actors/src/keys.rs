@@ -10,6 +10,8 @@
 //! | `("v", id, …)` | the bytes of a stored value (a chunked blob) |
 //! | `("d", agent, request-id)` | `DedupRecord` (exactly-once answers) |
 //! | `("mark", agent)` | next message number floor, u64 big-endian (after dismissals) |
+//! | `("loc", blake3(swiss))` | `LocatorRecord` (a locator this node issued) |
+//! | `("locf", target, blake3(swiss))` | empty (the locators of a formula, for `cancel`) |
 
 use capstan_cluster::tuple::TupleKey;
 use capstan_proto::{FormulaId, RequestId};
@@ -80,5 +82,24 @@ pub fn inbox_mark(agent: &FormulaId) -> Vec<u8> {
     TupleKey::new()
         .str("mark")
         .bytes(agent.as_bytes())
+        .into_vec()
+}
+
+pub fn locator(hash: &[u8; 32]) -> Vec<u8> {
+    TupleKey::new().str("loc").bytes(hash).into_vec()
+}
+
+pub fn locator_of(target: &FormulaId, hash: &[u8; 32]) -> Vec<u8> {
+    TupleKey::new()
+        .str("locf")
+        .bytes(target.as_bytes())
+        .bytes(hash)
+        .into_vec()
+}
+
+pub fn locators_of(target: &FormulaId) -> Vec<u8> {
+    TupleKey::new()
+        .str("locf")
+        .bytes(target.as_bytes())
         .into_vec()
 }

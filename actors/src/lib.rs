@@ -22,9 +22,12 @@ pub mod keys;
 pub mod model;
 pub mod names;
 pub mod records;
+pub mod remote;
 
 pub use api::{
     AgentHandle, EntryInfo, MessageBodyView, MessageView, PromiseState, RefSpec, Runtime,
     RuntimeOptions, ValueKind,
 };
 pub use error::Error;
+pub use records::RemoteRec;
+pub use remote::{Shown, Target};

@@ -23,6 +23,7 @@ pub enum FormulaKind {
     Directory,
     Value(ValueRec),
     Promise(PromiseRec),
+    Remote(RemoteRec),
 }
 
 impl FormulaKind {
@@ -34,6 +35,7 @@ impl FormulaKind {
             FormulaKind::Directory => "directory",
             FormulaKind::Value(_) => "value",
             FormulaKind::Promise(_) => "promise",
+            FormulaKind::Remote(_) => "remote",
         }
     }
     pub fn agent(&self) -> Option<&AgentRec> {
@@ -63,6 +65,60 @@ pub struct PromiseRec {
     pub description: String,
     pub requester: FormulaId,
     pub state: PromiseState,
+}
+
+/// A capability of another cluster, adopted from a locator.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RemoteRec {
+    pub cluster: [u8; 32],
+    pub swiss: [u8; 32],
+    pub addrs: Vec<String>,
+}
+
+impl std::fmt::Debug for RemoteRec {
+    // The swiss number is a bearer secret: never in logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteRec")
+            .field("cluster", &hex::encode(&self.cluster[..4]))
+            .field("addrs", &self.addrs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RemoteRec {
+    pub fn locator(&self) -> capstan_proto::Locator {
+        capstan_proto::Locator {
+            cluster: self.cluster,
+            swiss: self.swiss,
+            addrs: self.addrs.clone(),
+        }
+    }
+}
+
+/// A locator this node issued (stored under the blake3 of its swiss).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocatorRec {
+    pub target: FormulaId,
+    pub created_ms: u64,
+}
+
+impl LocatorRec {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut msg = Builder::new_default();
+        let mut b = msg.init_root::<rc::locator_record::Builder<'_>>();
+        b.set_target(self.target.as_bytes());
+        b.set_created_ms(self.created_ms);
+        to_bytes(&msg)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<LocatorRec, Error> {
+        let msg = capnp::serialize::read_message_from_flat_slice(&mut &bytes[..], options())?;
+        let r = msg.get_root::<rc::locator_record::Reader<'_>>()?;
+        Ok(LocatorRec {
+            target: id_of(r.get_target()?)?,
+            created_ms: r.get_created_ms(),
+        })
+    }
 }
 
 /// A message in one inbox.
@@ -174,6 +230,15 @@ impl Formula {
                     PromiseState::Rejected(r) => s.set_rejected(r.as_str()),
                 }
             }
+            FormulaKind::Remote(r) => {
+                let mut b = f.init_remote();
+                b.set_cluster_id(&r.cluster);
+                b.set_swiss(&r.swiss);
+                let mut a = b.init_addrs(r.addrs.len() as u32);
+                for (i, x) in r.addrs.iter().enumerate() {
+                    a.set(i as u32, x.as_str());
+                }
+            }
         }
         to_bytes(&msg)
     }
@@ -224,6 +289,22 @@ impl Formula {
                     description: text(p.get_description()?)?,
                     requester: id_of(p.get_requester()?)?,
                     state,
+                })
+            }
+            Which::Remote(r) => {
+                let r = r?;
+                let b32 = |d: &[u8], what: &str| {
+                    <[u8; 32]>::try_from(d)
+                        .map_err(|_| Error::Corrupt(format!("remote {what} is not 32 bytes")))
+                };
+                let mut addrs = Vec::new();
+                for a in r.get_addrs()? {
+                    addrs.push(text(a?)?);
+                }
+                FormulaKind::Remote(RemoteRec {
+                    cluster: b32(r.get_cluster_id()?, "cluster id")?,
+                    swiss: b32(r.get_swiss()?, "swiss")?,
+                    addrs,
                 })
             }
         };

@@ -32,6 +32,7 @@ pub struct Sizes {
     pub names: usize,
     pub messages: usize,
     pub guests: usize,
+    pub net: bool,
 }
 
 impl Sizes {
@@ -43,6 +44,7 @@ impl Sizes {
             names: 10_000,
             messages: 10_000,
             guests: 1000,
+            net: true,
         }
     }
 
@@ -54,6 +56,7 @@ impl Sizes {
             names: 500,
             messages: 500,
             guests: 100,
+            net: true,
         }
     }
 }
@@ -503,7 +506,10 @@ pub async fn run(sizes: Sizes, dir: Option<PathBuf>, json: bool) -> anyhow::Resu
             .stdin(Stdio::null())
             .output()?;
         if !out.status.success() {
-            bail!("capstan ping failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "capstan ping failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         lat.push(t.elapsed());
     }
@@ -597,6 +603,10 @@ pub async fn run(sizes: Sizes, dir: Option<PathBuf>, json: bool) -> anyhow::Resu
     drop(h);
     d.stop().await?;
 
+    if sizes.net {
+        net_rows(&exe, &base, &sizes, &mut rows).await?;
+    }
+
     if json {
         let obj: serde_json::Map<String, serde_json::Value> = rows
             .iter()
@@ -604,17 +614,19 @@ pub async fn run(sizes: Sizes, dir: Option<PathBuf>, json: bool) -> anyhow::Resu
             .collect();
         print_json(&serde_json::Value::Object(obj));
     } else {
-        let w = rows.iter().map(|r| r.what.chars().count()).max().unwrap_or(0);
-        let v = rows.iter().map(|r| r.value.chars().count()).max().unwrap_or(0);
-        println!(
-            "{:w$}  {:v$}  {:12}  Endo",
-            "measure", "Capstan", "target"
-        );
+        let w = rows
+            .iter()
+            .map(|r| r.what.chars().count())
+            .max()
+            .unwrap_or(0);
+        let v = rows
+            .iter()
+            .map(|r| r.value.chars().count())
+            .max()
+            .unwrap_or(0);
+        println!("{:w$}  {:v$}  {:12}  Endo", "measure", "Capstan", "target");
         for r in &rows {
-            println!(
-                "{:w$}  {:v$}  {:12}  {}",
-                r.what, r.value, r.target, r.endo
-            );
+            println!("{:w$}  {:v$}  {:12}  {}", r.what, r.value, r.target, r.endo);
         }
         println!(
             "\n(embedded redb store with fsync; {} build; every write acknowledged after commit)",
@@ -625,5 +637,205 @@ pub async fn run(sizes: Sizes, dir: Option<PathBuf>, json: bool) -> anyhow::Resu
             }
         );
     }
+    Ok(())
+}
+
+/// Calls across QUIC, side by side with the same calls over the local socket.
+///
+/// Node A is a daemon process listening on loopback; the bench process is
+/// node B: its own identity (a separate cluster) and endpoint, dialling A
+/// exactly as a daemon does, so the figures are the network path alone.
+async fn net_rows(
+    exe: &Path,
+    base: &Path,
+    sizes: &Sizes,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
+    use crate::net::Net;
+    use crate::net::identity::Identity;
+    step(false, "network: two nodes on loopback");
+    let pa = Paths::resolve(Some(base.join("net-a")))?;
+    std::fs::create_dir_all(&pa.home)?;
+    std::fs::write(pa.home.join("listen"), "127.0.0.1:0\n")?;
+    let (a, _) = Daemon::spawn(exe, &pa).await?;
+    let h = host(&pa).await?;
+    store_text(&h, "small", "0123456789abcdef").await?;
+    let big = "x".repeat(1 << 20);
+    store_text(&h, "big", &big).await?;
+    let locate = |name: &'static str| {
+        let h = h.clone();
+        async move {
+            let mut r = h.locate_request();
+            r.get().set_path(name);
+            let answer = r.send().promise.await?;
+            let l: capstan_proto::Locator = answer.get()?.get_locator()?.to_str()?.parse()?;
+            Ok::<_, anyhow::Error>(capstan_actors::RemoteRec {
+                cluster: l.cluster,
+                swiss: l.swiss,
+                addrs: l.addrs,
+            })
+        }
+    };
+    let small = locate("small").await?;
+    let bigref = locate("big").await?;
+
+    // Node B: a runtime on its own store, and its own endpoint.
+    let home_b = base.join("net-b");
+    std::fs::create_dir_all(&home_b)?;
+    let db = capstan_cluster::open(&home_b.join("store.redb").to_string_lossy()).await?;
+    let rt = capstan_actors::Runtime::open(db, capstan_actors::RuntimeOptions::default()).await?;
+    let id_b = || Identity::load_or_create(&home_b);
+    let net = Net::bind(rt.clone(), id_b()?, None)?;
+
+    // Round trips, 16-byte payload.
+    let n = sizes.round_trips * 10;
+    let payload = [7u8; 16];
+    net.ping(&small, &payload)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let mut lat = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        net.ping(&small, &payload)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        lat.push(t.elapsed());
+    }
+    let s = stats(lat);
+    rows.push(Row {
+        what: "QUIC: Gateway.ping round trip, 16 B (p50 / p99)".into(),
+        value: format!("{} / {}", ms(s.p50), ms(s.p99)),
+        target: "< 120 µs",
+        endo: "",
+        json: json!({"p50_us": s.p50, "p99_us": s.p99}),
+    });
+    let mut lat = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        net.cat(&small).await.map_err(anyhow::Error::msg)?;
+        lat.push(t.elapsed());
+    }
+    let s = stats(lat);
+    rows.push(Row {
+        what: "QUIC: cat of a 16 B remote value, live capability (p50 / p99)".into(),
+        value: format!("{} / {}", ms(s.p50), ms(s.p99)),
+        target: "",
+        endo: "",
+        json: json!({"p50_us": s.p50, "p99_us": s.p99}),
+    });
+    let mut lat = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let mut r = h.cat_request();
+        r.get().set_path("small");
+        r.send().promise.await?;
+        lat.push(t.elapsed());
+    }
+    let s = stats(lat);
+    rows.push(Row {
+        what: "local socket: cat of the same value on A (p50 / p99)".into(),
+        value: format!("{} / {}", ms(s.p50), ms(s.p99)),
+        target: "",
+        endo: "",
+        json: json!({"p50_us": s.p50, "p99_us": s.p99}),
+    });
+
+    // Throughput: 64 calls in flight on one connection.
+    let g = net.gateway(&small).await.map_err(anyhow::Error::msg)?;
+    let total = n * 10;
+    let t = Instant::now();
+    let g2 = g.clone();
+    concurrently(
+        total,
+        64,
+        move |_| {
+            let g = g2.clone();
+            async move {
+                let mut r = g.ping_request();
+                r.get().set_payload(&[7u8; 16]);
+                r.send().promise.await.map(drop)
+            }
+        },
+        "ping",
+    )
+    .await?;
+    let rate = total as f64 / t.elapsed().as_secs_f64();
+    rows.push(Row {
+        what: "QUIC: calls per second, 64 in flight, one connection".into(),
+        value: format!("{rate:.0} /s"),
+        target: "> 50,000 /s",
+        endo: "",
+        json: json!({"per_s": rate}),
+    });
+
+    // Pipelining: restore(swiss).cat() in one round trip, versus two.
+    let mut piped = Vec::new();
+    let mut seq = Vec::new();
+    for _ in 0..sizes.round_trips {
+        let t = Instant::now();
+        let mut r = g.restore_request();
+        r.get().set_swiss(&small.swiss);
+        let o = r.send().pipeline.get_object();
+        o.cat_request().send().promise.await?;
+        piped.push(t.elapsed());
+        let t = Instant::now();
+        let mut r = g.restore_request();
+        r.get().set_swiss(&small.swiss);
+        let o = r.send().promise.await?.get()?.get_object()?;
+        o.cat_request().send().promise.await?;
+        seq.push(t.elapsed());
+    }
+    let (p, q) = (stats(piped), stats(seq));
+    rows.push(Row {
+        what: "QUIC: restore(swiss).cat() pipelined vs two round trips (p50)".into(),
+        value: format!("{} vs {}", ms(p.p50), ms(q.p50)),
+        target: "one round trip",
+        endo: "",
+        json: json!({"pipelined_p50_us": p.p50, "sequential_p50_us": q.p50}),
+    });
+
+    // 1 MiB value.
+    let mut lat = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        let (_, data) = net.cat(&bigref).await.map_err(anyhow::Error::msg)?;
+        if data.len() != big.len() {
+            bail!("1 MiB cat returned {} bytes", data.len());
+        }
+        lat.push(t.elapsed());
+    }
+    let s = stats(lat);
+    rows.push(Row {
+        what: "QUIC: cat of a 1 MiB remote value (p50)".into(),
+        value: format!("{} ({:.0} MiB/s)", ms(s.p50), 1e6 / s.p50),
+        target: "",
+        endo: "",
+        json: json!({"p50_us": s.p50}),
+    });
+    net.close().await;
+
+    // Connect + TLS 1.3 + first call, with a fresh endpoint each time.
+    let mut lat = Vec::new();
+    for _ in 0..20 {
+        let fresh = Net::bind(rt.clone(), id_b()?, None)?;
+        let t = Instant::now();
+        fresh
+            .ping(&small, &payload)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        lat.push(t.elapsed());
+        fresh.close().await;
+    }
+    let s = stats(lat);
+    rows.push(Row {
+        what: "QUIC: connect + TLS 1.3 (mutual, cluster check) + first call (p50)".into(),
+        value: ms(s.p50),
+        target: "~1.7 ms floor",
+        endo: "",
+        json: json!({"p50_us": s.p50}),
+    });
+    drop(h);
+    rt.shutdown().await;
+    a.stop().await?;
     Ok(())
 }

@@ -45,11 +45,17 @@ pub enum Command {
         /// Run in the foreground instead (like `capstan run`).
         #[arg(long)]
         foreground: bool,
+        /// Listen for other nodes (QUIC) on HOST:PORT; remembered in the home for later starts.
+        #[arg(long, value_name = "HOST:PORT")]
+        listen: Option<std::net::SocketAddr>,
         #[command(flatten)]
         out: Out,
     },
     /// Run the daemon in the foreground (logs to stderr).
     Run {
+        /// Listen for other nodes (QUIC) on HOST:PORT; remembered in the home for later starts.
+        #[arg(long, value_name = "HOST:PORT")]
+        listen: Option<std::net::SocketAddr>,
         #[command(flatten)]
         out: Out,
     },
@@ -212,6 +218,34 @@ pub enum Command {
         #[command(flatten)]
         out: Out,
     },
+    /// Print a new locator for NAME: a durable reference other nodes can adopt.
+    ///
+    /// capstan://<cluster-id>/<swiss>?at=<host:port>. The swiss number is a
+    /// secret: whoever holds the locator can use what it designates, until
+    /// `capstan cancel NAME`. Needs a node started with --listen.
+    Locate {
+        #[arg(value_name = "NAME")]
+        path: String,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Adopt a locator of another node under a pet name.
+    #[command(name = "adopt-locator")]
+    AdoptLocator {
+        locator: String,
+        /// The pet name to give it.
+        #[arg(long = "name", value_name = "NAME")]
+        name: String,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Revoke every locator of NAME: other nodes' references to it fail from now on.
+    Cancel {
+        #[arg(value_name = "NAME")]
+        path: String,
+        #[command(flatten)]
+        out: Out,
+    },
     /// Dismiss message N from your inbox.
     Dismiss {
         number: u64,
@@ -307,7 +341,7 @@ impl Command {
         match self {
             Command::Store(s) => s.json_output(),
             Command::Start { out, .. }
-            | Command::Run { out }
+            | Command::Run { out, .. }
             | Command::Stop { out }
             | Command::Ping { out }
             | Command::Where { out }
@@ -329,6 +363,9 @@ impl Command {
             | Command::Reject { out, .. }
             | Command::Adopt { out, .. }
             | Command::Dismiss { out, .. }
+            | Command::Locate { out, .. }
+            | Command::AdoptLocator { out, .. }
+            | Command::Cancel { out, .. }
             | Command::Reply { out, .. }
             | Command::Inbox { out, .. } => out.json,
         }

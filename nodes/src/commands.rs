@@ -402,6 +402,64 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
                 .await?;
             print_done(json);
         }
+        Command::Locate { path, .. } => {
+            let locator = client
+                .call(|a| {
+                    let path = &path;
+                    async move {
+                        let mut r = a.locate_request();
+                        r.get().set_path(path.as_str());
+                        let answer = r.send().promise.await?;
+                        Ok(answer.get()?.get_locator()?.to_string()?)
+                    }
+                })
+                .await?;
+            if json {
+                print_json(&json!({"locator": locator}));
+            } else {
+                println!("{locator}");
+            }
+        }
+        Command::AdoptLocator { locator, name, .. } => {
+            locator.parse::<capstan_proto::Locator>().map_err(|e| {
+                anyhow!("{e}; a locator looks like capstan://<cluster-id>/<swiss>?at=<host:port>")
+            })?;
+            let req = RequestId::random();
+            let id = client
+                .call(|a| {
+                    let (locator, name) = (&locator, &name);
+                    async move {
+                        let mut r = a.adopt_locator_request();
+                        r.get().set_req_id(&req.0);
+                        r.get().set_path(name.as_str());
+                        r.get().set_locator(locator.trim());
+                        let answer = r.send().promise.await?;
+                        Ok(answer.get()?.get_id()?.to_vec())
+                    }
+                })
+                .await?;
+            print_id(json, &id);
+        }
+        Command::Cancel { path, .. } => {
+            let req = RequestId::random();
+            let n = client
+                .call(|a| {
+                    let path = &path;
+                    async move {
+                        let mut r = a.cancel_request();
+                        r.get().set_req_id(&req.0);
+                        r.get().set_path(path.as_str());
+                        let answer = r.send().promise.await?;
+                        Ok(answer.get()?.get_count())
+                    }
+                })
+                .await?;
+            if json {
+                print_json(&json!({"revoked": n}));
+            } else {
+                println!("revoked {n} locator(s) of {path}");
+            }
+        }
         Command::Inbox { thread, follow, .. } => {
             let thread = thread.as_deref().map(parse_thread).transpose()?;
             if follow {

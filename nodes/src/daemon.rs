@@ -188,7 +188,7 @@ fn pid_in(detail: &str) -> String {
 
 /// `capstan run`: serves the node in the foreground until SIGTERM, SIGINT or `Node.stop`.
 /// Must run inside a [`tokio::task::LocalSet`].
-pub async fn run(paths: Paths) -> anyhow::Result<()> {
+pub async fn run(paths: Paths, listen: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
     create_private_dir(&paths.home)?;
     let _lock = HomeLock::acquire(&paths)?;
     if let Some(dir) = paths.socket.parent()
@@ -231,6 +231,18 @@ pub async fn run(paths: Paths) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow!("cannot start the object model: {e}"))?;
 
+    let listen = match listen {
+        Some(a) => Some(a),
+        None => remembered_listen(&paths)?,
+    };
+    let identity = crate::net::identity::Identity::load_or_create(&paths.home)?;
+    let net = crate::net::Net::bind(runtime.clone(), identity, listen)?;
+    if let Some(addr) = net.listen_addrs().first() {
+        std::fs::write(paths.home.join("listen"), format!("{addr}\n"))
+            .with_context(|| format!("cannot write {}", paths.home.join("listen").display()))?;
+        info!(%addr, cluster = %capstan_proto::locator::encode32(&net.cluster_id()), "listening for other nodes (QUIC)");
+    }
+
     let listener = UnixListener::bind(&paths.socket)
         .with_context(|| format!("cannot listen on {}", paths.socket.display()))?;
     std::fs::set_permissions(&paths.socket, std::fs::Permissions::from_mode(0o600))
@@ -249,6 +261,7 @@ pub async fn run(paths: Paths) -> anyhow::Result<()> {
         runtime.clone(),
         paths.clone(),
         stop.clone(),
+        net.clone(),
     ));
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -275,10 +288,26 @@ pub async fn run(paths: Paths) -> anyhow::Result<()> {
     }
     drop(listener);
     let _ = std::fs::remove_file(&paths.socket);
+    net.close().await;
     runtime.shutdown().await;
     let _ = std::fs::remove_file(&paths.pid_file);
     info!("capstan daemon stopped");
     Ok(())
+}
+
+/// The listen address a previous `--listen` left in the home, if any.
+fn remembered_listen(paths: &Paths) -> anyhow::Result<Option<std::net::SocketAddr>> {
+    let file = paths.home.join("listen");
+    match std::fs::read_to_string(&file) {
+        Ok(s) => s.trim().parse().map(Some).map_err(|_| {
+            anyhow!(
+                "{} does not hold a HOST:PORT; fix it, or remove it and pass --listen",
+                file.display()
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(anyhow!("cannot read {}: {e}", file.display())),
+    }
 }
 
 /// Serves one client connection on the local task set.
@@ -309,7 +338,10 @@ fn log_tail(paths: &Paths, n: usize) -> String {
 }
 
 /// `capstan start`: spawns `capstan run` detached and waits until it answers.
-pub async fn start(paths: &Paths) -> anyhow::Result<NodeInfo> {
+pub async fn start(
+    paths: &Paths,
+    listen: Option<std::net::SocketAddr>,
+) -> anyhow::Result<NodeInfo> {
     match client::ping(paths).await {
         Ok(info) => bail!(
             "a capstan daemon already runs for home {} (pid {})",
@@ -327,10 +359,12 @@ pub async fn start(paths: &Paths) -> anyhow::Result<NodeInfo> {
         .with_context(|| format!("cannot open the log {}", paths.log.display()))?;
     let log_offset = log.metadata().map(|m| m.len()).unwrap_or(0);
     let exe = std::env::current_exe().context("cannot find the capstan executable")?;
-    let mut child = std::process::Command::new(exe)
-        .arg("run")
-        .arg("--home")
-        .arg(&paths.home)
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("run").arg("--home").arg(&paths.home);
+    if let Some(a) = listen {
+        cmd.arg("--listen").arg(a.to_string());
+    }
+    let mut child = cmd
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)

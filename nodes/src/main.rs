@@ -46,6 +46,7 @@ mod client;
 mod commands;
 mod daemon;
 mod demo;
+mod net;
 mod output;
 mod server;
 mod text;
@@ -174,12 +175,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         match cli.command {
-            Command::Run { .. }
+            Command::Run { listen, .. }
             | Command::Start {
-                foreground: true, ..
-            } => daemon::run(paths).await,
-            Command::Start { .. } => {
-                let info = daemon::start(&paths).await?;
+                foreground: true,
+                listen,
+                ..
+            } => daemon::run(paths, listen).await,
+            Command::Start { listen, .. } => {
+                let info = daemon::start(&paths, listen).await?;
                 if json {
                     print_json(&json!({
                         "pid": info.pid,

@@ -18,6 +18,9 @@ use capstan_proto::api_capnp::{agent, message_sink, node};
 use tokio::sync::Notify;
 
 use crate::daemon::Paths;
+use crate::net::Net;
+use capstan_actors::Target;
+use capstan_proto::locator::encode32;
 
 fn failed(msg: impl Into<String>) -> CapError {
     CapError::failed(msg.into())
@@ -53,16 +56,18 @@ pub struct NodeServer {
     started: Instant,
     started_ms: u64,
     stop: Arc<Notify>,
+    net: Rc<Net>,
 }
 
 impl NodeServer {
-    pub fn new(runtime: Runtime, paths: Paths, stop: Arc<Notify>) -> Self {
+    pub fn new(runtime: Runtime, paths: Paths, stop: Arc<Notify>, net: Rc<Net>) -> Self {
         NodeServer {
             runtime,
             paths,
             started: Instant::now(),
             started_ms: now_ms(),
             stop,
+            net,
         }
     }
 }
@@ -91,7 +96,7 @@ impl node::Server for NodeServer {
         mut results: node::HostResults,
     ) -> Result<(), CapError> {
         let client: agent::Client =
-            capnp_rpc::new_client(AgentServer::new(self.runtime.root_host()));
+            capnp_rpc::new_client(AgentServer::new(self.runtime.root_host(), self.net.clone()));
         results.get().set_agent(client);
         Ok(())
     }
@@ -115,11 +120,20 @@ impl node::Server for NodeServer {
 /// One agent, as a capability.
 pub struct AgentServer {
     handle: AgentHandle,
+    net: Rc<Net>,
 }
 
 impl AgentServer {
-    pub fn new(handle: AgentHandle) -> Self {
-        AgentServer { handle }
+    pub fn new(handle: AgentHandle, net: Rc<Net>) -> Self {
+        AgentServer { handle, net }
+    }
+
+    /// The remote formula `path` names, if it names one.
+    async fn remote(&self, path: &str) -> Result<Option<capstan_actors::RemoteRec>, CapError> {
+        match self.handle.target(path).await.map_err(actor_error)? {
+            Target::Remote { remote, .. } => Ok(Some(remote)),
+            Target::Local { .. } => Ok(None),
+        }
     }
 }
 
@@ -212,7 +226,14 @@ impl agent::Server for AgentServer {
         mut results: agent::ShowResults,
     ) -> Result<(), CapError> {
         let path = text(params.get()?.get_path(), "path")?;
-        let e = self.handle.show(&path).await.map_err(actor_error)?;
+        let mut e = self.handle.show(&path).await.map_err(actor_error)?;
+        if let Some(remote) = self.remote(&path).await? {
+            let (kind, detail) = self.net.show(&remote).await.map_err(failed)?;
+            e.detail = format!(
+                "{kind} ({detail}) on cluster {}…",
+                &encode32(&remote.cluster)[..12]
+            );
+        }
         set_entry(results.get().init_entry(), &e);
         Ok(())
     }
@@ -223,7 +244,10 @@ impl agent::Server for AgentServer {
         mut results: agent::CatResults,
     ) -> Result<(), CapError> {
         let path = text(params.get()?.get_path(), "path")?;
-        let (kind, data) = self.handle.cat(&path).await.map_err(actor_error)?;
+        let (kind, data) = match self.remote(&path).await? {
+            Some(remote) => self.net.cat(&remote).await.map_err(failed)?,
+            None => self.handle.cat(&path).await.map_err(actor_error)?,
+        };
         let mut r = results.get();
         r.set_kind(kind_to_capnp(kind));
         r.set_data(&data);
@@ -350,7 +374,8 @@ impl agent::Server for AgentServer {
     ) -> Result<(), CapError> {
         let path = text(params.get()?.get_path(), "path")?;
         let handle = self.handle.agent(&path).await.map_err(actor_error)?;
-        let client: agent::Client = capnp_rpc::new_client(AgentServer::new(handle));
+        let client: agent::Client =
+            capnp_rpc::new_client(AgentServer::new(handle, self.net.clone()));
         results.get().set_agent(client);
         Ok(())
     }
@@ -553,6 +578,63 @@ impl agent::Server for AgentServer {
             "the inbox stream ended (the node is stopping, or this follower fell too far behind)"
                 .to_string(),
         ))
+    }
+
+    async fn locate(
+        self: Rc<Self>,
+        params: agent::LocateParams,
+        mut results: agent::LocateResults,
+    ) -> Result<(), CapError> {
+        let path = text(params.get()?.get_path(), "path")?;
+        // Check first, so that a node that cannot be reached issues nothing.
+        self.net.locator([0; 32]).map_err(failed)?;
+        let (_, swiss) = self.handle.locate(&path).await.map_err(actor_error)?;
+        let locator = self.net.locator(swiss).map_err(failed)?;
+        results.get().set_locator(locator.to_string().as_str());
+        Ok(())
+    }
+
+    async fn adopt_locator(
+        self: Rc<Self>,
+        params: agent::AdoptLocatorParams,
+        mut results: agent::AdoptLocatorResults,
+    ) -> Result<(), CapError> {
+        let p = params.get()?;
+        let req = request_id(p.get_req_id())?;
+        let path = text(p.get_path(), "path")?;
+        let locator: capstan_proto::Locator = text(p.get_locator(), "locator")?
+            .parse()
+            .map_err(|e: capstan_proto::LocatorError| failed(e.to_string()))?;
+        if locator.cluster == self.net.cluster_id() {
+            return Err(failed(
+                "this locator is of this node's own cluster; use the name it was located from",
+            ));
+        }
+        let remote = capstan_actors::RemoteRec {
+            cluster: locator.cluster,
+            swiss: locator.swiss,
+            addrs: locator.addrs,
+        };
+        let id = self
+            .handle
+            .adopt_locator(req, &path, remote)
+            .await
+            .map_err(actor_error)?;
+        results.get().set_id(id.as_bytes());
+        Ok(())
+    }
+
+    async fn cancel(
+        self: Rc<Self>,
+        params: agent::CancelParams,
+        mut results: agent::CancelResults,
+    ) -> Result<(), CapError> {
+        let p = params.get()?;
+        let req = request_id(p.get_req_id())?;
+        let path = text(p.get_path(), "path")?;
+        let n = self.handle.cancel(req, &path).await.map_err(actor_error)?;
+        results.get().set_count(n);
+        Ok(())
     }
 }
 

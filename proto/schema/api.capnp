@@ -97,6 +97,14 @@ interface Agent {
   # Streams every message numbered >= `after` (existing ones first, then new
   # ones as they arrive) into `sink` until the caller drops it.
   follow @19 (after :UInt64, sink :MessageSink) -> ();
+
+  # References between clusters (see net.capnp).
+  # Issues a new locator for what `path` names (needs a listening node).
+  locate @20 (path :Text) -> (locator :Text);
+  # Names a capability of another cluster, from its locator.
+  adoptLocator @21 (reqId :Data, path :Text, locator :Text) -> (id :Data);
+  # Revokes every locator of what `path` names; returns how many.
+  cancel @22 (reqId :Data, path :Text) -> (count :UInt64);
 }
 
 struct Ref {

@@ -11,7 +11,23 @@ struct Formula {
     directory @3 :Void;
     value @4 :StoredValue;
     promise @5 :Promise;
+    remote @6 :RemoteRef;
   }
+}
+
+# A reference to a capability of another cluster (or another lone node),
+# adopted from a locator: capstan://<cluster-id>/<swiss>?at=<addrs>.
+struct RemoteRef {
+  clusterId @0 :Data;     # blake3 of the cluster's public key (32 bytes)
+  swiss @1 :Data;         # the bearer secret (32 bytes)
+  addrs @2 :List(Text);   # host:port hints, tried in order
+}
+
+# A locator issued by this node: stored under blake3(swiss); the swiss
+# itself is never stored here.
+struct LocatorRecord {
+  target @0 :Data;        # the formula it designates
+  createdMs @1 :UInt64;
 }
 
 struct Agent {

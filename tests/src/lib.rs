@@ -158,7 +158,14 @@ impl Node {
 
     /// `capstan start --json`; asserts success and remembers the daemon's pid.
     pub fn start(&mut self) -> i32 {
-        let v = self.json(["start"]);
+        self.start_with(&[])
+    }
+
+    /// `capstan start --json EXTRA…` (for example `--listen 127.0.0.1:0`).
+    pub fn start_with(&mut self, extra: &[&str]) -> i32 {
+        let mut args = vec!["start"];
+        args.extend_from_slice(extra);
+        let v = self.json(args);
         let pid = v["pid"]
             .as_i64()
             .unwrap_or_else(|| panic!("start --json without a pid: {v}")) as i32;

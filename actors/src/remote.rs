@@ -1,0 +1,262 @@
+//! References between clusters: locators this node issues (`locate`,
+//! `cancel`, redeemed by `Runtime::restore`) and remote formulas adopted
+//! from other clusters' locators (`adopt_locator`).
+//!
+//! Only `blake3(swiss)` of an issued locator is stored; the swiss number is
+//! shown once, to the agent that asked for it. A remote formula stores the
+//! swiss it was given: it is the bearer secret that lets this node restore
+//! the capability on the other cluster. The network itself lives in
+//! `nodes/`: this module only keeps the durable records.
+
+use capstan_proto::{FormulaId, RequestId};
+
+use crate::api::{AgentHandle, Runtime, ValueKind, entry_detail, now_ms, settle_target};
+use crate::error::Error;
+use crate::keys;
+use crate::model;
+use crate::names::Path;
+use crate::records::{DedupAnswer, Formula, FormulaKind, LocatorRec, RemoteRec};
+
+/// The hash under which an issued locator is stored.
+pub fn swiss_hash(swiss: &[u8; 32]) -> [u8; 32] {
+    *blake3::keyed_hash(&derive_key(), swiss).as_bytes()
+}
+
+fn derive_key() -> [u8; 32] {
+    blake3::derive_key("capstan 2026 locator swiss hash", b"")
+}
+
+/// What a path names, for the network layer: a local formula or a remote one.
+#[derive(Debug, Clone)]
+pub enum Target {
+    Local { id: FormulaId, kind: String },
+    Remote { id: FormulaId, remote: RemoteRec },
+}
+
+/// What a restored capability designates, as shown to the other side.
+#[derive(Debug, Clone)]
+pub struct Shown {
+    pub kind: String,
+    pub detail: String,
+}
+
+impl AgentHandle {
+    /// Issues a new locator for what `path` names; returns its swiss number.
+    ///
+    /// Not deduplicated: the swiss cannot be recomputed from what is stored
+    /// (only its hash is), so a retried `locate` issues a second locator. An
+    /// unused locator is harmless, and `cancel` revokes them all.
+    pub async fn locate(&self, path: &str) -> Result<(FormulaId, [u8; 32]), Error> {
+        let ctx = self.ctx.clone();
+        let p = Path::parse(path)?;
+        let mut swiss = [0u8; 32];
+        getrandom::fill(&mut swiss)
+            .map_err(|e| Error::Unavailable(format!("no randomness for a swiss number: {e}")))?;
+        let hash = swiss_hash(&swiss);
+        let id = self
+            .rt
+            .db
+            .transact(move |tx| {
+                let (ctx, p) = (ctx.clone(), p.clone());
+                Box::pin(async move {
+                    let id = model::resolve(tx, &ctx, &p).await?;
+                    let f = model::must_formula(tx, &id).await?;
+                    if let FormulaKind::Remote(_) = f.kind {
+                        return Err(Error::Invalid(format!(
+                            "{p} is a reference to another cluster; share the locator it was adopted from instead"
+                        )));
+                    }
+                    let rec = LocatorRec {
+                        target: id,
+                        created_ms: now_ms(),
+                    };
+                    tx.set(&keys::locator(&hash), &rec.encode())?;
+                    tx.set(&keys::locator_of(&id, &hash), &[])?;
+                    Ok(id)
+                })
+            })
+            .await?;
+        Ok((id, swiss))
+    }
+
+    /// Revokes every locator issued for what `path` names; returns how many.
+    /// Capabilities restored from them fail from their next call on.
+    pub async fn cancel(&self, req: RequestId, path: &str) -> Result<u64, Error> {
+        if !self.ctx.is_host {
+            return Err(Error::Invalid(
+                "only a host can cancel; a guest has only what it was given".into(),
+            ));
+        }
+        let ctx = self.ctx.clone();
+        let p = Path::parse(path)?;
+        self.rt
+            .db
+            .transact(move |tx| {
+                let (ctx, p) = (ctx.clone(), p.clone());
+                Box::pin(async move {
+                    if let Some(DedupAnswer::Number(n)) =
+                        model::dedup_get(tx, &ctx.id, &req).await?
+                    {
+                        return Ok(n);
+                    }
+                    let id = model::resolve(tx, &ctx, &p).await?;
+                    let prefix = keys::locators_of(&id);
+                    let rows = tx.get_prefix(&prefix, 0, false).await?;
+                    let mut n = 0u64;
+                    for (k, _) in rows {
+                        let mut r = capstan_cluster::tuple::TupleReader::new(&k);
+                        let hash = (|| {
+                            r.str()?;
+                            r.bytes()?;
+                            r.bytes()
+                        })()
+                        .map_err(|e| Error::Corrupt(format!("locator index key: {e}")))?;
+                        let hash: [u8; 32] = hash
+                            .as_slice()
+                            .try_into()
+                            .map_err(|_| Error::Corrupt("locator index key".into()))?;
+                        tx.clear(&keys::locator(&hash));
+                        tx.clear(&k);
+                        n += 1;
+                    }
+                    model::dedup_put(tx, &ctx.id, &req, DedupAnswer::Number(n), now_ms())?;
+                    Ok(n)
+                })
+            })
+            .await
+    }
+
+    /// Names a capability of another cluster: a remote formula under `path`.
+    pub async fn adopt_locator(
+        &self,
+        req: RequestId,
+        path: &str,
+        remote: RemoteRec,
+    ) -> Result<FormulaId, Error> {
+        let ctx = self.ctx.clone();
+        let p = Path::parse_writable(path)?;
+        self.rt
+            .db
+            .transact(move |tx| {
+                let (ctx, p, remote) = (ctx.clone(), p.clone(), remote.clone());
+                Box::pin(async move {
+                    if let Some(DedupAnswer::Id(prev)) = model::dedup_get(tx, &ctx.id, &req).await?
+                    {
+                        return Ok(prev);
+                    }
+                    let dir = model::parent_dir(tx, &ctx, &p).await?;
+                    if model::lookup(tx, &dir, p.last()).await?.is_some() {
+                        return Err(Error::NameTaken(p.to_string()));
+                    }
+                    let id = FormulaId::random();
+                    let now = now_ms();
+                    model::put_formula(
+                        tx,
+                        &id,
+                        &Formula {
+                            created_ms: now,
+                            kind: FormulaKind::Remote(remote),
+                        },
+                    )?;
+                    model::set_name(tx, &dir, p.last(), &id).await?;
+                    model::dedup_put(tx, &ctx.id, &req, DedupAnswer::Id(id), now)?;
+                    Ok(id)
+                })
+            })
+            .await
+    }
+
+    /// What `path` names: local, or a reference to another cluster.
+    pub async fn target(&self, path: &str) -> Result<Target, Error> {
+        let ctx = self.ctx.clone();
+        let p = Path::parse(path)?;
+        self.rt
+            .db
+            .read(move |tx| {
+                let (ctx, p) = (ctx.clone(), p.clone());
+                Box::pin(async move {
+                    let id = model::resolve(tx, &ctx, &p).await?;
+                    let (tid, f) = settle_target(tx, id).await?;
+                    Ok(match f.kind {
+                        FormulaKind::Remote(remote) => Target::Remote { id: tid, remote },
+                        other => Target::Local {
+                            id: tid,
+                            kind: other.type_name().into(),
+                        },
+                    })
+                })
+            })
+            .await
+    }
+}
+
+impl Runtime {
+    /// Redeems a swiss number: the formula its locator designates, or
+    /// `None` when it is unknown or revoked.
+    pub async fn restore(&self, swiss: &[u8; 32]) -> Result<Option<FormulaId>, Error> {
+        self.restore_hash(swiss_hash(swiss)).await
+    }
+
+    /// As [`Runtime::restore`], by hash (live capabilities re-check this way).
+    pub async fn restore_hash(&self, hash: [u8; 32]) -> Result<Option<FormulaId>, Error> {
+        self.db()
+            .read(move |tx| {
+                Box::pin(async move {
+                    match tx.get(&keys::locator(&hash)).await? {
+                        Some(b) => Ok(Some(LocatorRec::decode(&b)?.target)),
+                        None => Ok(None),
+                    }
+                })
+            })
+            .await
+    }
+
+    /// Type and detail of a formula (resolved promises followed).
+    pub async fn show_formula(&self, id: FormulaId) -> Result<Shown, Error> {
+        self.db()
+            .read(move |tx| {
+                Box::pin(async move {
+                    let (_, f) = settle_target(tx, id).await?;
+                    Ok(Shown {
+                        kind: f.kind.type_name().into(),
+                        detail: entry_detail(&f),
+                    })
+                })
+            })
+            .await
+    }
+
+    /// The bytes of a stored value (resolved promises followed).
+    pub async fn cat_formula(&self, id: FormulaId) -> Result<(ValueKind, Vec<u8>), Error> {
+        self.db()
+            .read(move |tx| {
+                Box::pin(async move {
+                    let (tid, f) = settle_target(tx, id).await?;
+                    match f.kind {
+                        FormulaKind::Value(v) => {
+                            let data = capstan_cluster::blob::get_blob(tx, &keys::value(&tid))
+                                .await?
+                                .ok_or_else(|| {
+                                    Error::Corrupt(format!("value {} has no bytes", tid.short()))
+                                })?;
+                            if data.len() as u64 != v.size
+                                || *blake3::hash(&data).as_bytes() != v.hash
+                            {
+                                return Err(Error::Corrupt(format!(
+                                    "value {} does not match its hash",
+                                    tid.short()
+                                )));
+                            }
+                            Ok((v.kind, data))
+                        }
+                        other => Err(Error::WrongType {
+                            name: format!("id:{}", tid.short()),
+                            expected: "value".into(),
+                            actual: other.type_name().into(),
+                        }),
+                    }
+                })
+            })
+            .await
+    }
+}

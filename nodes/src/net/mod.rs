@@ -1,0 +1,555 @@
+//! Node-to-node networking: Cap'n Proto RPC over QUIC (quinn + rustls).
+//!
+//! - [`identity`]: the node and cluster keys and certificates.
+//! - [`tls`]: TLS 1.3 with trust by cluster id.
+//! - this module: [`Net`], the QUIC endpoint of a node. It listens (with
+//!   `--listen`), serves a [`Gateway`](capstan_proto::net_capnp::gateway) on
+//!   every incoming connection, and dials other clusters on demand for the
+//!   remote formulas an agent uses, keeping one connection per cluster and
+//!   re-dialling after failures.
+//!
+//! # Threads
+//!
+//! The endpoint, its connections and their RPC systems run on the daemon's
+//! one thread (a current-thread runtime with a `LocalSet`), next to the
+//! control socket: quinn and capnp-rpc on the same thread avoid a cross-
+//! thread wake-up per packet (2.5× faster in ANCHORS.md). The UDP socket
+//! gets 4 MiB buffers.
+//!
+//! # Bounds
+//!
+//! At most [`MAX_CONNECTIONS`] incoming connections, 4 streams each,
+//! Cap'n Proto messages within the control socket's reader limits, a failed
+//! restore costs the caller [`RESTORE_FAILURE_DELAY`] and
+//! [`MAX_RESTORE_FAILURES`] of them close its connection.
+
+pub mod identity;
+pub mod tls;
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use capnp::Error as CapError;
+use capnp_rpc::{RpcSystem, rpc_twoparty_capnp::Side, twoparty};
+use capstan_actors::{RemoteRec, Runtime, ValueKind};
+use capstan_proto::Locator;
+use capstan_proto::locator::encode32;
+use capstan_proto::net_capnp::{gateway, object};
+use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
+
+use crate::daemon::reader_options;
+use identity::Identity;
+
+pub const MAX_CONNECTIONS: usize = 256;
+pub const MAX_RESTORE_FAILURES: u32 = 16;
+pub const RESTORE_FAILURE_DELAY: Duration = Duration::from_millis(50);
+pub const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+/// A call without an answer for this long counts as a lost connection (a
+/// killed peer is otherwise only noticed at the idle timeout).
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+pub const MAX_PING: usize = 64 * 1024;
+const UDP_BUFFER: usize = 4 * 1024 * 1024;
+
+fn failed(msg: impl Into<String>) -> CapError {
+    CapError::failed(msg.into())
+}
+
+/// A connection to another cluster, with the capabilities restored on it.
+struct Peer {
+    conn: quinn::Connection,
+    gateway: gateway::Client,
+    objects: RefCell<HashMap<[u8; 32], object::Client>>,
+}
+
+/// The QUIC side of a node.
+pub struct Net {
+    rt: Runtime,
+    id: Rc<Identity>,
+    endpoint: quinn::Endpoint,
+    /// Addresses put in locators (the listen address), empty if not listening.
+    advertised: Vec<String>,
+    peers: RefCell<HashMap<[u8; 32], Rc<Peer>>>,
+    dialing: tokio::sync::Mutex<()>,
+    incoming: Rc<Cell<usize>>,
+}
+
+impl Net {
+    /// Binds the endpoint: a listener on `listen`, or a dial-only endpoint.
+    pub fn bind(rt: Runtime, id: Identity, listen: Option<SocketAddr>) -> anyhow::Result<Rc<Net>> {
+        let id = Rc::new(id);
+        let addr = listen.unwrap_or_else(|| "0.0.0.0:0".parse().expect("valid address"));
+        let socket = std::net::UdpSocket::bind(addr)
+            .with_context(|| format!("cannot listen on {addr} (UDP)"))?;
+        let sock = socket2_buffers(&socket);
+        if let Err(e) = sock {
+            tracing::warn!("cannot raise UDP buffers: {e}");
+        }
+        let server = if listen.is_some() {
+            let tls = tls::server_config(&id)?;
+            let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+                .map_err(|e| anyhow!("QUIC TLS configuration: {e}"))?;
+            let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
+            cfg.transport_config(Arc::new(transport()));
+            Some(cfg)
+        } else {
+            None
+        };
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            server,
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )?;
+        let advertised = match listen {
+            Some(_) => vec![endpoint.local_addr()?.to_string()],
+            None => Vec::new(),
+        };
+        let net = Rc::new(Net {
+            rt,
+            id,
+            endpoint,
+            advertised,
+            peers: RefCell::new(HashMap::new()),
+            dialing: tokio::sync::Mutex::new(()),
+            incoming: Rc::new(Cell::new(0)),
+        });
+        if listen.is_some() {
+            tokio::task::spawn_local(net.clone().accept_loop());
+        }
+        Ok(net)
+    }
+
+    pub fn cluster_id(&self) -> [u8; 32] {
+        self.id.cluster_id
+    }
+
+    pub fn listen_addrs(&self) -> &[String] {
+        &self.advertised
+    }
+
+    /// The locator text for a swiss number of this node.
+    pub fn locator(&self, swiss: [u8; 32]) -> Result<Locator, String> {
+        if self.advertised.is_empty() {
+            return Err("this node does not listen for other nodes, so its locators could not be redeemed; restart it with `capstan start --listen HOST:PORT`".into());
+        }
+        Ok(Locator {
+            cluster: self.id.cluster_id,
+            swiss,
+            addrs: self.advertised.clone(),
+        })
+    }
+
+    pub async fn close(&self) {
+        self.endpoint.close(0u32.into(), b"node stopping");
+        let _ = tokio::time::timeout(Duration::from_millis(300), self.endpoint.wait_idle()).await;
+    }
+
+    // --- serving ----------------------------------------------------------------------
+
+    async fn accept_loop(self: Rc<Self>) {
+        while let Some(incoming) = self.endpoint.accept().await {
+            if self.incoming.get() >= MAX_CONNECTIONS {
+                tracing::warn!(remote = %incoming.remote_address(), "refusing a connection: too many");
+                incoming.refuse();
+                continue;
+            }
+            let me = self.clone();
+            tokio::task::spawn_local(async move {
+                let remote = incoming.remote_address();
+                me.incoming.set(me.incoming.get() + 1);
+                if let Err(e) = me.clone().serve(incoming).await {
+                    tracing::debug!(%remote, "incoming connection ended: {e:#}");
+                }
+                me.incoming.set(me.incoming.get() - 1);
+            });
+        }
+    }
+
+    async fn serve(self: Rc<Self>, incoming: quinn::Incoming) -> anyhow::Result<()> {
+        let conn = tokio::time::timeout(DIAL_TIMEOUT, incoming)
+            .await
+            .map_err(|_| anyhow!("handshake timed out"))??;
+        let peer = peer_cluster(&conn)?;
+        tracing::debug!(remote = %conn.remote_address(), cluster = %&encode32(&peer)[..12], "peer connected");
+        loop {
+            let (send, recv) = conn.accept_bi().await?;
+            let gateway: gateway::Client = capnp_rpc::new_client(GatewayServer {
+                rt: self.rt.clone(),
+                conn: conn.clone(),
+                failures: Cell::new(0),
+            });
+            let network = twoparty::VatNetwork::new(
+                recv.compat(),
+                send.compat_write(),
+                Side::Server,
+                reader_options(),
+            );
+            let rpc = RpcSystem::new(Box::new(network), Some(gateway.client));
+            tokio::task::spawn_local(async move {
+                if let Err(e) = rpc.await {
+                    tracing::debug!("peer RPC ended: {e}");
+                }
+            });
+        }
+    }
+
+    // --- dialling ----------------------------------------------------------------------
+
+    /// The connection to `remote`'s cluster, dialled if needed.
+    async fn peer(&self, remote: &RemoteRec) -> Result<Rc<Peer>, String> {
+        if let Some(p) = self.live_peer(&remote.cluster) {
+            return Ok(p);
+        }
+        let _guard = self.dialing.lock().await;
+        if let Some(p) = self.live_peer(&remote.cluster) {
+            return Ok(p);
+        }
+        let p = Rc::new(self.dial(remote).await?);
+        self.peers.borrow_mut().insert(remote.cluster, p.clone());
+        Ok(p)
+    }
+
+    fn live_peer(&self, cluster: &[u8; 32]) -> Option<Rc<Peer>> {
+        let mut peers = self.peers.borrow_mut();
+        match peers.get(cluster) {
+            Some(p) if p.conn.close_reason().is_none() => Some(p.clone()),
+            Some(_) => {
+                peers.remove(cluster);
+                None
+            }
+            None => None,
+        }
+    }
+
+    async fn dial(&self, remote: &RemoteRec) -> Result<Peer, String> {
+        let tls = tls::client_config(&self.id, remote.cluster).map_err(|e| e.to_string())?;
+        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+            .map_err(|e| format!("QUIC TLS configuration: {e}"))?;
+        let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+        cfg.transport_config(Arc::new(transport()));
+        let cluster = &encode32(&remote.cluster)[..12];
+        let mut errors = Vec::new();
+        for a in &remote.addrs {
+            let addrs: Vec<SocketAddr> = match tokio::net::lookup_host(a.as_str()).await {
+                Ok(it) => it.collect(),
+                Err(e) => {
+                    errors.push(format!("{a}: {e}"));
+                    continue;
+                }
+            };
+            for addr in addrs {
+                let connecting = match self.endpoint.connect_with(cfg.clone(), addr, "capstan") {
+                    Ok(c) => c,
+                    Err(e) => {
+                        errors.push(format!("{addr}: {e}"));
+                        continue;
+                    }
+                };
+                let conn = match tokio::time::timeout(DIAL_TIMEOUT, connecting).await {
+                    Ok(Ok(c)) => c,
+                    Ok(Err(e)) => {
+                        errors.push(format!("{addr}: {e}"));
+                        continue;
+                    }
+                    Err(_) => {
+                        errors.push(format!(
+                            "{addr}: no answer within {} s",
+                            DIAL_TIMEOUT.as_secs()
+                        ));
+                        continue;
+                    }
+                };
+                let (send, recv) = conn.open_bi().await.map_err(|e| format!("{addr}: {e}"))?;
+                let network = twoparty::VatNetwork::new(
+                    recv.compat(),
+                    send.compat_write(),
+                    Side::Client,
+                    reader_options(),
+                );
+                let mut rpc = RpcSystem::new(Box::new(network), None);
+                let gateway: gateway::Client = rpc.bootstrap(Side::Server);
+                tokio::task::spawn_local(async move {
+                    let _ = rpc.await;
+                });
+                tracing::debug!(%addr, cluster, "connected to peer");
+                return Ok(Peer {
+                    conn,
+                    gateway,
+                    objects: RefCell::new(HashMap::new()),
+                });
+            }
+        }
+        Err(format!(
+            "cannot reach cluster {cluster}… ({}); is its node running?",
+            errors.join("; ")
+        ))
+    }
+
+    /// The capability a remote formula designates (restored once per
+    /// connection, then reused: a live capability).
+    async fn object(&self, remote: &RemoteRec) -> Result<(Rc<Peer>, object::Client), String> {
+        let peer = self.peer(remote).await?;
+        let key = *blake3::hash(&remote.swiss).as_bytes();
+        if let Some(o) = peer.objects.borrow().get(&key) {
+            return Ok((peer.clone(), o.clone()));
+        }
+        let mut r = peer.gateway.restore_request();
+        r.get().set_swiss(&remote.swiss);
+        // Pipelined: the object is usable before restore answers.
+        let o = r.send().pipeline.get_object();
+        peer.objects.borrow_mut().insert(key, o.clone());
+        Ok((peer, o))
+    }
+
+    fn forget(&self, remote: &RemoteRec, peer: &Peer) {
+        let key = *blake3::hash(&remote.swiss).as_bytes();
+        peer.objects.borrow_mut().remove(&key);
+    }
+
+    /// Runs `call` on the remote capability; on a broken connection, dials
+    /// again once; a failed capability (revoked) is forgotten.
+    async fn with_object<T, F, Fut>(&self, remote: &RemoteRec, call: F) -> Result<T, String>
+    where
+        F: Fn(object::Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, CapError>>,
+    {
+        for attempt in 0..2 {
+            let (peer, o) = self.object(remote).await?;
+            let answer = match tokio::time::timeout(CALL_TIMEOUT, call(o)).await {
+                Ok(a) => a,
+                Err(_) => {
+                    peer.conn.close(2u32.into(), b"call timed out");
+                    Err(CapError::disconnected(format!(
+                        "no answer within {} s",
+                        CALL_TIMEOUT.as_secs()
+                    )))
+                }
+            };
+            match answer {
+                Ok(v) => return Ok(v),
+                Err(e) if e.kind == capnp::ErrorKind::Disconnected && attempt == 0 => {
+                    self.forget(remote, &peer);
+                    self.peers.borrow_mut().remove(&remote.cluster);
+                    continue;
+                }
+                Err(e) => {
+                    self.forget(remote, &peer);
+                    if e.kind == capnp::ErrorKind::Disconnected {
+                        self.peers.borrow_mut().remove(&remote.cluster);
+                        return Err(format!(
+                            "lost the connection to cluster {}…: {}",
+                            &encode32(&remote.cluster)[..12],
+                            crate::client::clean_message(&e)
+                        ));
+                    }
+                    return Err(format!(
+                        "the remote node refused: {}",
+                        crate::client::clean_message(&e)
+                    ));
+                }
+            }
+        }
+        unreachable!("the loop returns on its second attempt")
+    }
+
+    pub async fn cat(&self, remote: &RemoteRec) -> Result<(ValueKind, Vec<u8>), String> {
+        self.with_object(remote, |o| async move {
+            let answer = o.cat_request().send().promise.await?;
+            let r = answer.get()?;
+            let kind = match r.get_kind()? {
+                capstan_proto::net_capnp::ValueKind::Text => ValueKind::Text,
+                capstan_proto::net_capnp::ValueKind::Json => ValueKind::Json,
+                capstan_proto::net_capnp::ValueKind::Bytes => ValueKind::Bytes,
+            };
+            Ok((kind, r.get_data()?.to_vec()))
+        })
+        .await
+    }
+
+    pub async fn show(&self, remote: &RemoteRec) -> Result<(String, String), String> {
+        self.with_object(remote, |o| async move {
+            let answer = o.show_request().send().promise.await?;
+            let r = answer.get()?;
+            Ok((r.get_type()?.to_string()?, r.get_detail()?.to_string()?))
+        })
+        .await
+    }
+
+    /// The gateway of `remote`'s cluster (benchmarks).
+    pub async fn gateway(&self, remote: &RemoteRec) -> Result<gateway::Client, String> {
+        Ok(self.peer(remote).await?.gateway.clone())
+    }
+
+    /// `Gateway.ping` round trip to `remote`'s cluster (benchmarks).
+    pub async fn ping(&self, remote: &RemoteRec, payload: &[u8]) -> Result<usize, String> {
+        let peer = self.peer(remote).await?;
+        let mut r = peer.gateway.ping_request();
+        r.get().set_payload(payload);
+        let answer = r.send().promise.await.map_err(|e| e.to_string())?;
+        let n = answer
+            .get()
+            .and_then(|a| a.get_payload())
+            .map_err(|e| e.to_string())?
+            .len();
+        Ok(n)
+    }
+}
+
+/// The transport limits of every connection.
+fn transport() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(4u32.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .keep_alive_interval(Some(Duration::from_secs(2)))
+        .max_idle_timeout(Some(
+            Duration::from_secs(10)
+                .try_into()
+                .expect("10 s is a valid idle timeout"),
+        ));
+    t
+}
+
+fn socket2_buffers(socket: &std::net::UdpSocket) -> std::io::Result<()> {
+    let s = socket2::SockRef::from(socket);
+    s.set_recv_buffer_size(UDP_BUFFER)?;
+    s.set_send_buffer_size(UDP_BUFFER)?;
+    Ok(())
+}
+
+/// The cluster id of the other end of an accepted connection.
+fn peer_cluster(conn: &quinn::Connection) -> anyhow::Result<[u8; 32]> {
+    let certs = conn
+        .peer_identity()
+        .and_then(|i| {
+            i.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                .ok()
+        })
+        .ok_or_else(|| anyhow!("the peer presented no certificates"))?;
+    let ca = certs
+        .get(1)
+        .ok_or_else(|| anyhow!("the peer sent no cluster certificate"))?;
+    Ok(identity::cluster_id_of(ca)?)
+}
+
+/// The bootstrap object of an incoming connection.
+struct GatewayServer {
+    rt: Runtime,
+    conn: quinn::Connection,
+    failures: Cell<u32>,
+}
+
+impl gateway::Server for GatewayServer {
+    async fn restore(
+        self: Rc<Self>,
+        params: gateway::RestoreParams,
+        mut results: gateway::RestoreResults,
+    ) -> Result<(), CapError> {
+        let swiss = params.get()?.get_swiss()?;
+        let swiss: [u8; 32] = swiss
+            .try_into()
+            .map_err(|_| failed("a swiss number is 32 bytes"))?;
+        let hash = capstan_actors::remote::swiss_hash(&swiss);
+        match self.rt.restore_hash(hash).await {
+            Ok(Some(target)) => {
+                results
+                    .get()
+                    .set_object(capnp_rpc::new_client(ObjectServer {
+                        rt: self.rt.clone(),
+                        hash,
+                        target,
+                    }));
+                Ok(())
+            }
+            Ok(None) => {
+                let n = self.failures.get() + 1;
+                self.failures.set(n);
+                tracing::info!(remote = %self.conn.remote_address(), failures = n, "restore of an unknown or revoked locator");
+                tokio::time::sleep(RESTORE_FAILURE_DELAY).await;
+                if n >= MAX_RESTORE_FAILURES {
+                    self.conn.close(1u32.into(), b"too many failed restores");
+                }
+                Err(failed(
+                    "unknown or revoked locator: it was cancelled, or never issued by this cluster",
+                ))
+            }
+            Err(e) => Err(failed(e.to_string())),
+        }
+    }
+
+    async fn ping(
+        self: Rc<Self>,
+        params: gateway::PingParams,
+        mut results: gateway::PingResults,
+    ) -> Result<(), CapError> {
+        let p = params.get()?.get_payload()?;
+        if p.len() > MAX_PING {
+            return Err(failed(format!("ping payload over {MAX_PING} bytes")));
+        }
+        results.get().set_payload(p);
+        Ok(())
+    }
+}
+
+/// A capability restored from a locator; every call re-checks the locator.
+struct ObjectServer {
+    rt: Runtime,
+    hash: [u8; 32],
+    target: capstan_proto::FormulaId,
+}
+
+impl ObjectServer {
+    async fn check(&self) -> Result<(), CapError> {
+        match self.rt.restore_hash(self.hash).await {
+            Ok(Some(t)) if t == self.target => Ok(()),
+            Ok(_) => Err(failed(
+                "revoked: the locator of this capability was cancelled",
+            )),
+            Err(e) => Err(failed(e.to_string())),
+        }
+    }
+}
+
+impl object::Server for ObjectServer {
+    async fn show(
+        self: Rc<Self>,
+        _: object::ShowParams,
+        mut results: object::ShowResults,
+    ) -> Result<(), CapError> {
+        self.check().await?;
+        let s = self
+            .rt
+            .show_formula(self.target)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let mut r = results.get();
+        r.set_type(s.kind.as_str());
+        r.set_detail(s.detail.as_str());
+        Ok(())
+    }
+
+    async fn cat(
+        self: Rc<Self>,
+        _: object::CatParams,
+        mut results: object::CatResults,
+    ) -> Result<(), CapError> {
+        self.check().await?;
+        let (kind, data) = self
+            .rt
+            .cat_formula(self.target)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let mut r = results.get();
+        r.set_kind(match kind {
+            ValueKind::Text => capstan_proto::net_capnp::ValueKind::Text,
+            ValueKind::Json => capstan_proto::net_capnp::ValueKind::Json,
+            ValueKind::Bytes => capstan_proto::net_capnp::ValueKind::Bytes,
+        });
+        r.set_data(&data);
+        Ok(())
+    }
+}

@@ -1,0 +1,28 @@
+@0xbb11b9b440974971;
+# The node-to-node API, spoken by Cap'n Proto RPC over QUIC (ALPN
+# "capstan/1", TLS 1.3, both sides present certificates chaining to their
+# cluster key). The bootstrap object of every connection is a Gateway.
+
+interface Gateway {
+  # Redeems the swiss number of a locator: the capability it designates.
+  # Unknown or revoked swiss numbers fail with "unknown or revoked locator";
+  # repeated failures on one connection close it.
+  restore @0 (swiss :Data) -> (object :Object);
+  # Echoes its payload (at most 64 KiB): liveness and benchmarks.
+  ping @1 (payload :Data) -> (payload :Data);
+}
+
+enum ValueKind {
+  text @0;
+  json @1;
+  bytes @2;
+}
+
+# A capability restored from a locator. Every call re-checks the locator:
+# once it is cancelled, calls fail with "revoked".
+interface Object {
+  # What it designates: type (value, host, guest, directory, …) and a detail.
+  show @0 () -> (type :Text, detail :Text);
+  # A stored value's bytes.
+  cat @1 () -> (kind :ValueKind, data :Data);
+}
