@@ -676,6 +676,7 @@ async fn net_rows(
             })
         }
     };
+    step(false, "network: locating");
     let small = locate("small").await?;
     let bigref = locate("big").await?;
 
@@ -687,6 +688,7 @@ async fn net_rows(
     let id_b = || Identity::load_or_create(&home_b);
     let net = Net::bind(rt.clone(), id_b()?, None)?;
 
+    step(false, "network: round trips");
     // Round trips, 16-byte payload.
     let n = sizes.round_trips * 10;
     let payload = [7u8; 16];
