@@ -14,7 +14,8 @@ use crate::keys;
 use crate::model::{self, Ctx};
 use crate::names::Path;
 use crate::records::{
-    AgentRec, BodyRec, DedupAnswer, Formula, FormulaKind, MessageRec, PromiseRec, ValueRec,
+    AgentRec, BodyRec, DedupAnswer, Formula, FormulaKind, MessageRec, PromiseRec, RemoteRec,
+    ValueRec,
 };
 
 /// Kind of a stored value.
@@ -108,6 +109,8 @@ pub(crate) struct Inner {
     pub root: FormulaId,
     pub registry: Registry,
     pub closed: AtomicBool,
+    /// Woken after a commit that queued items in the outbox.
+    pub outbox: tokio::sync::Notify,
 }
 
 /// The object model of one node.
@@ -169,6 +172,7 @@ impl Runtime {
             root,
             registry: Registry::new(),
             closed: AtomicBool::new(false),
+            outbox: tokio::sync::Notify::new(),
         });
         let rec = load_agent(&inner.db, root).await?;
         let root_handle = AgentHandle {
@@ -188,6 +192,10 @@ impl Runtime {
 
     pub fn db(&self) -> &Db {
         &self.inner.db
+    }
+
+    pub(crate) fn inner(&self) -> &Arc<Inner> {
+        &self.inner
     }
 
     /// Number of live incarnations.
@@ -225,7 +233,7 @@ impl Runtime {
     }
 }
 
-async fn load_agent(db: &Db, id: FormulaId) -> Result<Ctx, Error> {
+pub(crate) async fn load_agent(db: &Db, id: FormulaId) -> Result<Ctx, Error> {
     db.read(move |tx| {
         Box::pin(async move {
             let f = model::must_formula(tx, &id).await?;
@@ -292,6 +300,7 @@ pub(crate) fn entry_detail(f: &Formula) -> String {
             &capstan_proto::locator::encode32(&r.cluster)[..12],
             r.addrs.join(",")
         ),
+        FormulaKind::Invitation(_) => "pending: not accepted yet".into(),
     }
 }
 
@@ -693,7 +702,7 @@ impl AgentHandle {
     }
 
     /// Reserves `n` numbers in `agent`'s inbox.
-    async fn reserve(&self, agent: FormulaId, n: u64) -> Result<u64, Error> {
+    pub(crate) async fn reserve(&self, agent: FormulaId, n: u64) -> Result<u64, Error> {
         for _ in 0..3 {
             let a = incarnation::agent_actor(&self.rt, agent).await?;
             match a.call(|port| AgentMsg::Reserve(n, port), None).await {
@@ -706,7 +715,7 @@ impl AgentHandle {
         ))
     }
 
-    fn notify_delivered(&self, agent: FormulaId, m: MessageRec) {
+    pub(crate) fn notify_delivered(&self, agent: FormulaId, m: MessageRec) {
         if let Some(a) = self
             .rt
             .registry
@@ -729,7 +738,7 @@ impl AgentHandle {
         to: &str,
         reply_to: Option<u64>,
         refs: &[Path],
-    ) -> Result<(FormulaId, Option<RequestId>), Error> {
+    ) -> Result<(FormulaId, Option<RequestId>, Option<RemoteRec>), Error> {
         let refs = refs.to_vec();
         let ctx = self.ctx.clone();
         let to_path = if to.is_empty() {
@@ -763,6 +772,10 @@ impl AgentHandle {
                     let target = target
                         .ok_or_else(|| Error::Invalid("a message needs a recipient".into()))?;
                     let f = model::must_formula(tx, &target).await?;
+                    if let FormulaKind::Remote(r) = f.kind {
+                        // An agent of another cluster (its side checks).
+                        return Ok((target, reply_id, Some(r)));
+                    }
                     if f.kind.agent().is_none() {
                         return Err(Error::WrongType {
                             name: to_name,
@@ -770,7 +783,7 @@ impl AgentHandle {
                             actual: f.kind.type_name().into(),
                         });
                     }
-                    Ok((target, reply_id))
+                    Ok((target, reply_id, None))
                 })
             })
             .await
@@ -815,9 +828,9 @@ impl AgentHandle {
             }
         }
         let names: Vec<String> = refs.into_iter().map(|r| r.edge_name).collect();
-        let (target, reply_id) = self.recipient(to, reply_to, &paths).await?;
+        let (target, reply_id, remote) = self.recipient(to, reply_to, &paths).await?;
         let (n, _) = self
-            .post(req, target, reply_id, move |tx, ctx| {
+            .post(req, target, remote, reply_id, move |tx, ctx| {
                 let (paths, strings, names, ctx) =
                     (paths.clone(), strings.clone(), names.clone(), ctx.clone());
                 Box::pin(async move {
@@ -845,6 +858,7 @@ impl AgentHandle {
         &self,
         req: RequestId,
         target: FormulaId,
+        remote: Option<RemoteRec>,
         reply_id: Option<RequestId>,
         body: F,
     ) -> Result<(u64, Option<FormulaId>), Error>
@@ -860,11 +874,13 @@ impl AgentHandle {
     {
         let me = self.ctx.id;
         let own = self.reserve(me, 1).await?;
-        let theirs = if target == me {
+        let theirs = if target == me || remote.is_some() {
             own
         } else {
             self.reserve(target, 1).await?
         };
+        let remote_target = remote.is_some();
+        let remote = Arc::new(remote);
         let ctx = self.ctx.clone();
         let message_id = RequestId::random();
         let body = Arc::new(body);
@@ -873,7 +889,7 @@ impl AgentHandle {
             .rt
             .db
             .transact(move |tx| {
-                let (ctx, body) = (ctx.clone(), body.clone());
+                let (ctx, body, remote) = (ctx.clone(), body.clone(), remote.clone());
                 Box::pin(async move {
                     match checked_dedup(tx, &ctx.id, &req).await? {
                         Some(DedupAnswer::Number(n)) => return Ok((n, None, None)),
@@ -895,6 +911,22 @@ impl AgentHandle {
                         body: b,
                     };
                     model::put_message(tx, &ctx.id, &mine)?;
+                    if let Some(to) = remote.as_ref() {
+                        let env = crate::federation::envelope_of(tx, &mine).await?;
+                        crate::federation::enqueue(
+                            tx,
+                            &crate::federation::OutboxItem {
+                                id: RequestId::random(),
+                                sender: ctx.id,
+                                peer: target,
+                                to: to.clone(),
+                                created_us: crate::federation::now_us(),
+                                op: crate::federation::OutOp::Deliver(env),
+                            },
+                        )?;
+                        model::dedup_put(tx, &ctx.id, &req, DedupAnswer::Number(own), date_ms)?;
+                        return Ok((own, created, Some((mine, None))));
+                    }
                     let copy = (target != ctx.id).then(|| MessageRec {
                         number: theirs,
                         ..mine.clone()
@@ -908,6 +940,9 @@ impl AgentHandle {
             })
             .await?;
         let (n, created, delivered) = result;
+        if delivered.is_some() && remote_target {
+            self.rt.outbox.notify_one();
+        }
         if let Some((mine, copy)) = delivered {
             self.notify_delivered(me, mine);
             if let Some(c) = copy {
@@ -936,11 +971,11 @@ impl AgentHandle {
             .filter(|s| !s.is_empty())
             .map(Path::parse_writable)
             .transpose()?;
-        let (target, _) = self.recipient(to, None, &[]).await?;
+        let (target, _, remote) = self.recipient(to, None, &[]).await?;
         let description = description.to_string();
         let promise = FormulaId::random();
         let (n, created) = self
-            .post(req, target, None, move |tx, ctx| {
+            .post(req, target, remote, None, move |tx, ctx| {
                 let (ctx, description, result_path) =
                     (ctx.clone(), description.clone(), result_path.clone());
                 Box::pin(async move {
@@ -950,6 +985,7 @@ impl AgentHandle {
                             description: description.clone(),
                             requester: ctx.id,
                             state: PromiseState::Pending,
+                            resolver: None,
                         }),
                     };
                     model::put_formula(tx, &promise, &f)?;
@@ -1066,12 +1102,43 @@ impl AgentHandle {
                         Err(reason) => PromiseState::Rejected(reason),
                     };
                     let state = p.state.clone();
+                    let answer = match (&p.resolver, &state) {
+                        (Some(to), PromiseState::Resolved(id)) => Some((
+                            to.clone(),
+                            p.requester,
+                            crate::federation::Settlement::Resolved(
+                                crate::federation::wire_ref(tx, id).await?,
+                            ),
+                        )),
+                        (Some(to), PromiseState::Rejected(why)) => Some((
+                            to.clone(),
+                            p.requester,
+                            crate::federation::Settlement::Rejected(why.clone()),
+                        )),
+                        _ => None,
+                    };
                     model::put_formula(tx, &promise, &f)?;
+                    if let Some((to, peer, s)) = answer {
+                        crate::federation::enqueue(
+                            tx,
+                            &crate::federation::OutboxItem {
+                                id: RequestId::random(),
+                                sender: ctx.id,
+                                peer,
+                                to,
+                                created_us: crate::federation::now_us(),
+                                op: crate::federation::OutOp::Settle(s),
+                            },
+                        )?;
+                    }
                     model::dedup_put(tx, &ctx.id, &req, DedupAnswer::None, now_ms())?;
                     Ok(Some(state))
                 })
             })
             .await?;
+        if state.is_some() {
+            self.rt.outbox.notify_one();
+        }
         if let Some(state) = state
             && let Some(a) = self
                 .rt

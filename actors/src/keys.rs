@@ -12,6 +12,8 @@
 //! | `("mark", agent)` | next message number floor, u64 big-endian (after dismissals) |
 //! | `("loc", blake3(swiss))` | `LocatorRecord` (a locator this node issued) |
 //! | `("locf", target, blake3(swiss))` | empty (the locators of a formula, for `cancel`) |
+//! | `("out", created-µs, item-id)` | `OutboxItem` (owed to another cluster, in send order) |
+//! | `("in", item-id)` | receive time, u64 ms (an item from another cluster was applied) |
 
 use capstan_cluster::tuple::TupleKey;
 use capstan_proto::{FormulaId, RequestId};
@@ -102,4 +104,20 @@ pub fn locators_of(target: &FormulaId) -> Vec<u8> {
         .str("locf")
         .bytes(target.as_bytes())
         .into_vec()
+}
+
+pub fn outbox(created_us: u64, id: &RequestId) -> Vec<u8> {
+    TupleKey::new()
+        .str("out")
+        .u64(created_us)
+        .bytes(&id.0)
+        .into_vec()
+}
+
+pub fn outbox_all() -> Vec<u8> {
+    TupleKey::new().str("out").into_vec()
+}
+
+pub fn inbound(id: &RequestId) -> Vec<u8> {
+    TupleKey::new().str("in").bytes(&id.0).into_vec()
 }

@@ -17,6 +17,7 @@
 
 pub mod api;
 pub mod error;
+pub mod federation;
 pub mod incarnation;
 pub mod keys;
 pub mod model;
@@ -29,5 +30,6 @@ pub use api::{
     RuntimeOptions, ValueKind,
 };
 pub use error::Error;
-pub use records::RemoteRec;
+pub use federation::{Caller, Envelope, EnvelopeBody, OutOp, OutboxItem, Settlement};
+pub use records::{LocatorRec, RemoteRec};
 pub use remote::{Shown, Target};

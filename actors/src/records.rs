@@ -24,6 +24,15 @@ pub enum FormulaKind {
     Value(ValueRec),
     Promise(PromiseRec),
     Remote(RemoteRec),
+    Invitation(InvitationRec),
+}
+
+/// A pending invitation: see `records.capnp`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvitationRec {
+    pub host: FormulaId,
+    pub dir: FormulaId,
+    pub name: String,
 }
 
 impl FormulaKind {
@@ -36,6 +45,7 @@ impl FormulaKind {
             FormulaKind::Value(_) => "value",
             FormulaKind::Promise(_) => "promise",
             FormulaKind::Remote(_) => "remote",
+            FormulaKind::Invitation(_) => "invitation",
         }
     }
     pub fn agent(&self) -> Option<&AgentRec> {
@@ -65,6 +75,8 @@ pub struct PromiseRec {
     pub description: String,
     pub requester: FormulaId,
     pub state: PromiseState,
+    /// Where the answer goes when the request came from another cluster.
+    pub resolver: Option<RemoteRec>,
 }
 
 /// A capability of another cluster, adopted from a locator.
@@ -86,6 +98,75 @@ impl std::fmt::Debug for RemoteRec {
 }
 
 impl RemoteRec {
+    /// A reference to a capability of this node's own cluster, as stored in
+    /// the outbox (the cluster id and addresses are filled in when sent).
+    pub fn own(swiss: [u8; 32]) -> RemoteRec {
+        RemoteRec {
+            cluster: [0; 32],
+            swiss,
+            addrs: Vec::new(),
+        }
+    }
+
+    pub fn is_own(&self) -> bool {
+        self.cluster == [0; 32]
+    }
+
+    pub(crate) fn write(&self, mut b: rc::remote_ref::Builder<'_>) {
+        b.set_cluster_id(if self.is_own() { &[] } else { &self.cluster });
+        b.set_swiss(&self.swiss);
+        let mut a = b.init_addrs(self.addrs.len() as u32);
+        for (i, x) in self.addrs.iter().enumerate() {
+            a.set(i as u32, x.as_str());
+        }
+    }
+
+    /// Reads a reference; an empty cluster id is the own cluster only when
+    /// `own_allowed` (stored outbox items), never from the wire.
+    pub(crate) fn read(
+        r: rc::remote_ref::Reader<'_>,
+        own_allowed: bool,
+    ) -> Result<RemoteRec, Error> {
+        let cluster = r.get_cluster_id()?;
+        let cluster = if cluster.is_empty() && own_allowed {
+            [0; 32]
+        } else {
+            <[u8; 32]>::try_from(cluster)
+                .map_err(|_| Error::Corrupt("a reference's cluster id is not 32 bytes".into()))?
+        };
+        let swiss = <[u8; 32]>::try_from(r.get_swiss()?)
+            .map_err(|_| Error::Corrupt("a reference's swiss number is not 32 bytes".into()))?;
+        let list = r.get_addrs()?;
+        if list.len() > 16 {
+            return Err(Error::Corrupt(
+                "a reference with more than 16 addresses".into(),
+            ));
+        }
+        let mut addrs = Vec::with_capacity(list.len() as usize);
+        for a in list {
+            let a = text(a?)?;
+            if a.len() > 256 {
+                return Err(Error::Corrupt("a reference address over 256 bytes".into()));
+            }
+            addrs.push(a);
+        }
+        Ok(RemoteRec {
+            cluster,
+            swiss,
+            addrs,
+        })
+    }
+
+    /// Reads a complete reference received from another node.
+    pub fn read_wire(r: rc::remote_ref::Reader<'_>) -> Result<RemoteRec, Error> {
+        RemoteRec::read(r, false)
+    }
+
+    /// Writes a complete reference for another node.
+    pub fn write_wire(&self, b: rc::remote_ref::Builder<'_>) {
+        self.write(b)
+    }
+
     pub fn locator(&self) -> capstan_proto::Locator {
         capstan_proto::Locator {
             cluster: self.cluster,
@@ -100,6 +181,8 @@ impl RemoteRec {
 pub struct LocatorRec {
     pub target: FormulaId,
     pub created_ms: u64,
+    /// For a handle given through invite/accept: who mail through it is from.
+    pub peer: Option<FormulaId>,
 }
 
 impl LocatorRec {
@@ -108,6 +191,7 @@ impl LocatorRec {
         let mut b = msg.init_root::<rc::locator_record::Builder<'_>>();
         b.set_target(self.target.as_bytes());
         b.set_created_ms(self.created_ms);
+        b.set_peer(self.peer.as_ref().map(|p| &p.as_bytes()[..]).unwrap_or(&[]));
         to_bytes(&msg)
     }
 
@@ -117,6 +201,10 @@ impl LocatorRec {
         Ok(LocatorRec {
             target: id_of(r.get_target()?)?,
             created_ms: r.get_created_ms(),
+            peer: {
+                let p = r.get_peer()?;
+                if p.is_empty() { None } else { Some(id_of(p)?) }
+            },
         })
     }
 }
@@ -163,22 +251,22 @@ pub enum DedupAnswer {
     Number(u64),
 }
 
-fn options() -> ReaderOptions {
+pub(crate) fn options() -> ReaderOptions {
     let mut o = ReaderOptions::new();
     o.traversal_limit_in_words(Some(4 * 1024 * 1024))
         .nesting_limit(16);
     o
 }
 
-fn to_bytes<A: capnp::message::Allocator>(msg: &Builder<A>) -> Vec<u8> {
+pub(crate) fn to_bytes<A: capnp::message::Allocator>(msg: &Builder<A>) -> Vec<u8> {
     capnp::serialize::write_message_to_words(msg)
 }
 
-fn id_of(data: &[u8]) -> Result<FormulaId, Error> {
+pub(crate) fn id_of(data: &[u8]) -> Result<FormulaId, Error> {
     FormulaId::from_slice(data).map_err(|e| Error::Corrupt(e.to_string()))
 }
 
-fn text(t: capnp::text::Reader<'_>) -> Result<String, Error> {
+pub(crate) fn text(t: capnp::text::Reader<'_>) -> Result<String, Error> {
     t.to_string()
         .map_err(|e| Error::Corrupt(format!("invalid UTF-8 in record: {e}")))
 }
@@ -223,21 +311,22 @@ impl Formula {
                 let mut b = f.init_promise();
                 b.set_description(p.description.as_str());
                 b.set_requester(p.requester.as_bytes());
-                let mut s = b.init_state();
+                let mut s = b.reborrow().init_state();
                 match &p.state {
                     PromiseState::Pending => s.set_pending(()),
                     PromiseState::Resolved(id) => s.set_resolved(id.as_bytes()),
                     PromiseState::Rejected(r) => s.set_rejected(r.as_str()),
                 }
-            }
-            FormulaKind::Remote(r) => {
-                let mut b = f.init_remote();
-                b.set_cluster_id(&r.cluster);
-                b.set_swiss(&r.swiss);
-                let mut a = b.init_addrs(r.addrs.len() as u32);
-                for (i, x) in r.addrs.iter().enumerate() {
-                    a.set(i as u32, x.as_str());
+                if let Some(r) = &p.resolver {
+                    r.write(b.init_resolver());
                 }
+            }
+            FormulaKind::Remote(r) => r.write(f.init_remote()),
+            FormulaKind::Invitation(i) => {
+                let mut b = f.init_invitation();
+                b.set_host(i.host.as_bytes());
+                b.set_dir(i.dir.as_bytes());
+                b.set_name(i.name.as_str());
             }
         }
         to_bytes(&msg)
@@ -289,22 +378,20 @@ impl Formula {
                     description: text(p.get_description()?)?,
                     requester: id_of(p.get_requester()?)?,
                     state,
+                    resolver: if p.has_resolver() {
+                        Some(RemoteRec::read(p.get_resolver()?, false)?)
+                    } else {
+                        None
+                    },
                 })
             }
-            Which::Remote(r) => {
-                let r = r?;
-                let b32 = |d: &[u8], what: &str| {
-                    <[u8; 32]>::try_from(d)
-                        .map_err(|_| Error::Corrupt(format!("remote {what} is not 32 bytes")))
-                };
-                let mut addrs = Vec::new();
-                for a in r.get_addrs()? {
-                    addrs.push(text(a?)?);
-                }
-                FormulaKind::Remote(RemoteRec {
-                    cluster: b32(r.get_cluster_id()?, "cluster id")?,
-                    swiss: b32(r.get_swiss()?, "swiss")?,
-                    addrs,
+            Which::Remote(r) => FormulaKind::Remote(RemoteRec::read(r?, false)?),
+            Which::Invitation(i) => {
+                let i = i?;
+                FormulaKind::Invitation(InvitationRec {
+                    host: id_of(i.get_host()?)?,
+                    dir: id_of(i.get_dir()?)?,
+                    name: text(i.get_name()?)?,
                 })
             }
         };
@@ -490,6 +577,27 @@ mod tests {
                 description: "need \u{1F600}".into(),
                 requester: FormulaId::random(),
                 state: PromiseState::Rejected("no".into()),
+                resolver: None,
+            }),
+            FormulaKind::Promise(PromiseRec {
+                description: "remote".into(),
+                requester: FormulaId::random(),
+                state: PromiseState::Pending,
+                resolver: Some(RemoteRec {
+                    cluster: [3; 32],
+                    swiss: [4; 32],
+                    addrs: vec!["127.0.0.1:1".into()],
+                }),
+            }),
+            FormulaKind::Remote(RemoteRec {
+                cluster: [1; 32],
+                swiss: [2; 32],
+                addrs: vec![],
+            }),
+            FormulaKind::Invitation(InvitationRec {
+                host: FormulaId::random(),
+                dir: FormulaId::random(),
+                name: "bob".into(),
             }),
         ] {
             let f = Formula {

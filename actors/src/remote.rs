@@ -69,6 +69,7 @@ impl AgentHandle {
                     let rec = LocatorRec {
                         target: id,
                         created_ms: now_ms(),
+                        peer: None,
                     };
                     tx.set(&keys::locator(&hash), &rec.encode())?;
                     tx.set(&keys::locator_of(&id, &hash), &[])?;

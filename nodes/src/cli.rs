@@ -239,6 +239,27 @@ pub enum Command {
         #[command(flatten)]
         out: Out,
     },
+    /// Invite another node's agent: prints an invitation for it to accept.
+    ///
+    /// NAME is reserved for the invited agent (`capstan list` shows a pending
+    /// invitation). The invitation is a one-use locator: whoever accepts it
+    /// first becomes NAME; `capstan cancel NAME` withdraws it. Needs a node
+    /// started with --listen.
+    Invite {
+        #[arg(value_name = "NAME")]
+        name: String,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Accept another node's invitation: NAME becomes the inviting agent here,
+    /// and the inviter gets a name for you. Needs a node started with --listen.
+    Accept {
+        invitation: String,
+        #[arg(value_name = "NAME")]
+        name: String,
+        #[command(flatten)]
+        out: Out,
+    },
     /// Revoke every locator of NAME: other nodes' references to it fail from now on.
     Cancel {
         #[arg(value_name = "NAME")]
@@ -366,6 +387,8 @@ impl Command {
             | Command::Locate { out, .. }
             | Command::AdoptLocator { out, .. }
             | Command::Cancel { out, .. }
+            | Command::Invite { out, .. }
+            | Command::Accept { out, .. }
             | Command::Reply { out, .. }
             | Command::Inbox { out, .. } => out.json,
         }

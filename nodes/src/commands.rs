@@ -440,6 +440,49 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
                 .await?;
             print_id(json, &id);
         }
+        Command::Invite { name, .. } => {
+            let invitation = client
+                .call(|a| {
+                    let name = &name;
+                    async move {
+                        let mut r = a.invite_request();
+                        r.get().set_name(name.as_str());
+                        let answer = r.send().promise.await?;
+                        Ok(answer.get()?.get_invitation()?.to_string()?)
+                    }
+                })
+                .await?;
+            if json {
+                print_json(&json!({"invitation": invitation, "name": name}));
+            } else {
+                println!("{invitation}");
+                eprintln!(
+                    "(give this to the invited node's operator: `capstan accept '<invitation>' <their name for you>`; it works once)"
+                );
+            }
+        }
+        Command::Accept {
+            invitation, name, ..
+        } => {
+            invitation.trim().parse::<capstan_proto::Locator>().map_err(|e| {
+                anyhow!("{e}; an invitation looks like capstan://<cluster-id>/<swiss>?at=<host:port>")
+            })?;
+            let req = RequestId::random();
+            let id = client
+                .call(|a| {
+                    let (invitation, name) = (&invitation, &name);
+                    async move {
+                        let mut r = a.accept_request();
+                        r.get().set_req_id(&req.0);
+                        r.get().set_invitation(invitation.trim());
+                        r.get().set_name(name.as_str());
+                        let answer = r.send().promise.await?;
+                        Ok(answer.get()?.get_id()?.to_vec())
+                    }
+                })
+                .await?;
+            print_id(json, &id);
+        }
         Command::Cancel { path, .. } => {
             let req = RequestId::random();
             let n = client

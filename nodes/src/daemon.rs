@@ -243,6 +243,9 @@ pub async fn run(paths: Paths, listen: Option<std::net::SocketAddr>) -> anyhow::
         info!(%addr, cluster = %capstan_proto::locator::encode32(&net.cluster_id()), "listening for other nodes (QUIC)");
     }
 
+    // Mail owed to other clusters, including what was queued before a crash.
+    let outbox = tokio::task::spawn_local(net.clone().run_outbox());
+
     let listener = UnixListener::bind(&paths.socket)
         .with_context(|| format!("cannot listen on {}", paths.socket.display()))?;
     std::fs::set_permissions(&paths.socket, std::fs::Permissions::from_mode(0o600))
@@ -288,6 +291,7 @@ pub async fn run(paths: Paths, listen: Option<std::net::SocketAddr>) -> anyhow::
     }
     drop(listener);
     let _ = std::fs::remove_file(&paths.socket);
+    outbox.abort();
     net.close().await;
     runtime.shutdown().await;
     let _ = std::fs::remove_file(&paths.pid_file);

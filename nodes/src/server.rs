@@ -636,6 +636,54 @@ impl agent::Server for AgentServer {
         results.get().set_count(n);
         Ok(())
     }
+
+    async fn invite(
+        self: Rc<Self>,
+        params: agent::InviteParams,
+        mut results: agent::InviteResults,
+    ) -> Result<(), CapError> {
+        let name = text(params.get()?.get_name(), "name")?;
+        // Check first, so that a node that cannot be reached invites no one.
+        self.net.locator([0; 32]).map_err(failed)?;
+        let swiss = self.handle.invite(&name).await.map_err(actor_error)?;
+        let locator = self.net.locator(swiss).map_err(failed)?;
+        results.get().set_invitation(locator.to_string().as_str());
+        Ok(())
+    }
+
+    async fn accept(
+        self: Rc<Self>,
+        params: agent::AcceptParams,
+        mut results: agent::AcceptResults,
+    ) -> Result<(), CapError> {
+        let p = params.get()?;
+        let req = request_id(p.get_req_id())?;
+        let name = text(p.get_name(), "name")?;
+        let invitation: capstan_proto::Locator = text(p.get_invitation(), "invitation")?
+            .parse()
+            .map_err(|e: capstan_proto::LocatorError| failed(e.to_string()))?;
+        if invitation.cluster == self.net.cluster_id() {
+            return Err(failed(
+                "this invitation is from this node's own cluster; invitations connect different nodes",
+            ));
+        }
+        self.handle.check_free(&name).await.map_err(actor_error)?;
+        // The handle we give the inviter: recorded only once it answered.
+        let mut handle = [0u8; 32];
+        getrandom::fill(&mut handle).map_err(|e| failed(format!("no randomness: {e}")))?;
+        let inviter = self
+            .net
+            .accept(&invitation, handle)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let id = self
+            .handle
+            .finish_accept(req, &name, inviter, handle)
+            .await
+            .map_err(actor_error)?;
+        results.get().set_id(id.as_bytes());
+        Ok(())
+    }
 }
 
 #[cfg(test)]

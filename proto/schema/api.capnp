@@ -105,6 +105,10 @@ interface Agent {
   adoptLocator @21 (reqId :Data, path :Text, locator :Text) -> (id :Data);
   # Revokes every locator of what `path` names; returns how many.
   cancel @22 (reqId :Data, path :Text) -> (count :UInt64);
+  # Invites another node's agent under `name`; returns the invitation locator.
+  invite @23 (name :Text) -> (invitation :Text);
+  # Accepts another node's invitation, naming its agent `name` here.
+  accept @24 (reqId :Data, invitation :Text, name :Text) -> (id :Data);
 }
 
 struct Ref {

@@ -1,4 +1,5 @@
 @0xbb11b9b440974971;
+using R = import "records.capnp";
 # The node-to-node API, spoken by Cap'n Proto RPC over QUIC (ALPN
 # "capstan/1", TLS 1.3, both sides present certificates chaining to their
 # cluster key). The bootstrap object of every connection is a Gateway.
@@ -25,4 +26,13 @@ interface Object {
   show @0 () -> (type :Text, detail :Text);
   # A stored value's bytes.
   cat @1 () -> (kind :ValueKind, data :Data);
+  # Mail for the agent this designates, from the peer it was handed to
+  # (only handles made by invite/accept take mail). `id` (16 bytes)
+  # deduplicates: a retried delivery applies once.
+  deliver @2 (id :Data, envelope :R.Envelope) -> ();
+  # Answers the request whose promise this designates (applies once per id).
+  settle @3 (id :Data, settlement :R.Settlement) -> ();
+  # Redeems an invitation: `handle` designates the accepting node's agent;
+  # the answer is a handle (swiss) for the inviting agent. One use.
+  accept @4 (handle :R.RemoteRef) -> (swiss :Data);
 }

@@ -12,7 +12,17 @@ struct Formula {
     value @4 :StoredValue;
     promise @5 :Promise;
     remote @6 :RemoteRef;
+    invitation @7 :Invitation;
   }
+}
+
+# A pending invitation (`capstan invite NAME`): its locator is redeemed once
+# by the invited node (`capstan accept`), which replaces this formula under
+# `name` in `dir` with a remote reference to the invited node's host.
+struct Invitation {
+  host @0 :Data;          # the inviting host agent
+  dir @1 :Data;           # the directory holding the invitation's name
+  name @2 :Text;
 }
 
 # A reference to a capability of another cluster (or another lone node),
@@ -28,6 +38,10 @@ struct RemoteRef {
 struct LocatorRecord {
   target @0 :Data;        # the formula it designates
   createdMs @1 :UInt64;
+  # For a handle given to another node through invite/accept: the remote
+  # formula naming that node's agent here. Mail arriving through this
+  # locator is from that formula. Empty otherwise (such a locator takes no mail).
+  peer @2 :Data;
 }
 
 struct Agent {
@@ -61,6 +75,9 @@ struct Promise {
     resolved @3 :Data;   # id of the formula the promise resolved to
     rejected @4 :Text;   # the reason
   }
+  # For a request that came from another cluster: where its answer goes
+  # (the requester's promise there). Absent for local requests.
+  resolver @5 :RemoteRef;
 }
 
 struct NameEntry {
@@ -96,5 +113,51 @@ struct DedupRecord {
     none @1 :Void;
     id @2 :Data;
     number @3 :UInt64;
+  }
+}
+
+# Federated mail ---------------------------------------------------------------
+# In a stored OutboxItem, a RemoteRef with an empty clusterId designates this
+# node's own cluster (the node fills in its id and addresses when sending);
+# on the wire every RemoteRef is complete.
+
+# A message for an agent of another cluster (also the wire form).
+struct Envelope {
+  messageId @0 :Data;     # 16 bytes, the same on both sides
+  replyTo @1 :Data;       # empty if none
+  dateMs @2 :UInt64;
+  body :union {
+    package :group {
+      strings @3 :List(Text);
+      names @4 :List(Text);
+      refs @5 :List(RemoteRef);
+    }
+    request :group {
+      description @6 :Text;
+      resolver @7 :RemoteRef;   # the requester's promise: settle it to answer
+    }
+  }
+}
+
+# The answer to a request from another cluster.
+struct Settlement {
+  union {
+    resolved @0 :RemoteRef;
+    rejected @1 :Text;
+  }
+}
+
+# Something this node owes another cluster, committed with the change that
+# produced it and removed once the other side acknowledged it. The receiver
+# deduplicates by `id`, so a retried delivery applies once.
+struct OutboxItem {
+  id @0 :Data;            # 16 random bytes
+  sender @1 :Data;        # the local agent that sent it
+  peer @2 :Data;          # the local formula naming the other side (for bounces)
+  to @3 :RemoteRef;       # the capability it is delivered to
+  createdUs @4 :UInt64;   # microseconds since the epoch: outbox order
+  union {
+    deliver @5 :Envelope;
+    settle @6 :Settlement;
   }
 }

@@ -36,7 +36,7 @@ use std::time::Duration;
 use anyhow::{Context, anyhow};
 use capnp::Error as CapError;
 use capnp_rpc::{RpcSystem, rpc_twoparty_capnp::Side, twoparty};
-use capstan_actors::{RemoteRec, Runtime, ValueKind};
+use capstan_actors::{Caller, OutOp, OutboxItem, RemoteRec, Runtime, ValueKind};
 use capstan_proto::Locator;
 use capstan_proto::locator::encode32;
 use capstan_proto::net_capnp::{gateway, object};
@@ -53,6 +53,26 @@ pub const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 /// killed peer is otherwise only noticed at the idle timeout).
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_PING: usize = 64 * 1024;
+/// First and longest wait before retrying an unreachable cluster's mail.
+pub const OUTBOX_FIRST_BACKOFF: Duration = Duration::from_millis(200);
+pub const OUTBOX_MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Why a call to another node failed.
+#[derive(Debug, Clone)]
+pub enum NetError {
+    /// Could not reach it, or lost the connection: try again later.
+    Unreachable(String),
+    /// It answered with an error: trying again will not help.
+    Refused(String),
+}
+
+impl std::fmt::Display for NetError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NetError::Unreachable(s) | NetError::Refused(s) => f.write_str(s),
+        }
+    }
+}
 const UDP_BUFFER: usize = 4 * 1024 * 1024;
 
 fn failed(msg: impl Into<String>) -> CapError {
@@ -182,6 +202,10 @@ impl Net {
                 rt: self.rt.clone(),
                 conn: conn.clone(),
                 failures: Cell::new(0),
+                caller: Caller {
+                    cluster: peer,
+                    own: self.id.cluster_id,
+                },
             });
             let network = twoparty::VatNetwork::new(
                 recv.compat(),
@@ -313,13 +337,13 @@ impl Net {
 
     /// Runs `call` on the remote capability; on a broken connection, dials
     /// again once; a failed capability (revoked) is forgotten.
-    async fn with_object<T, F, Fut>(&self, remote: &RemoteRec, call: F) -> Result<T, String>
+    async fn with_object<T, F, Fut>(&self, remote: &RemoteRec, call: F) -> Result<T, NetError>
     where
         F: Fn(object::Client) -> Fut,
         Fut: std::future::Future<Output = Result<T, CapError>>,
     {
         for attempt in 0..2 {
-            let (peer, o) = self.object(remote).await?;
+            let (peer, o) = self.object(remote).await.map_err(NetError::Unreachable)?;
             let answer = match tokio::time::timeout(CALL_TIMEOUT, call(o)).await {
                 Ok(a) => a,
                 Err(_) => {
@@ -341,16 +365,16 @@ impl Net {
                     self.forget(remote, &peer);
                     if e.kind == capnp::ErrorKind::Disconnected {
                         self.peers.borrow_mut().remove(&remote.cluster);
-                        return Err(format!(
+                        return Err(NetError::Unreachable(format!(
                             "lost the connection to cluster {}…: {}",
                             &encode32(&remote.cluster)[..12],
                             crate::client::clean_message(&e)
-                        ));
+                        )));
                     }
-                    return Err(format!(
+                    return Err(NetError::Refused(format!(
                         "the remote node refused: {}",
                         crate::client::clean_message(&e)
-                    ));
+                    )));
                 }
             }
         }
@@ -369,6 +393,7 @@ impl Net {
             Ok((kind, r.get_data()?.to_vec()))
         })
         .await
+        .map_err(|e| e.to_string())
     }
 
     pub async fn show(&self, remote: &RemoteRec) -> Result<(String, String), String> {
@@ -378,6 +403,193 @@ impl Net {
             Ok((r.get_type()?.to_string()?, r.get_detail()?.to_string()?))
         })
         .await
+        .map_err(|e| e.to_string())
+    }
+
+    /// A reference of this node's own cluster made complete for the wire.
+    fn fill(&self, r: &RemoteRec) -> RemoteRec {
+        if r.is_own() {
+            RemoteRec {
+                cluster: self.id.cluster_id,
+                swiss: r.swiss,
+                addrs: self.advertised.clone(),
+            }
+        } else {
+            r.clone()
+        }
+    }
+
+    /// Redeems an invitation: hands the inviter a handle (`handle_swiss`,
+    /// already meaning this node's agent once recorded) and returns the
+    /// inviter's handle for us.
+    pub async fn accept(
+        &self,
+        invitation: &Locator,
+        handle_swiss: [u8; 32],
+    ) -> Result<RemoteRec, NetError> {
+        if self.advertised.is_empty() {
+            return Err(NetError::Refused("accepting an invitation needs a listening node, so that the inviter can reach it: restart it with `capstan start --listen HOST:PORT`".into()));
+        }
+        let remote = RemoteRec {
+            cluster: invitation.cluster,
+            swiss: invitation.swiss,
+            addrs: invitation.addrs.clone(),
+        };
+        let handle = self.fill(&RemoteRec::own(handle_swiss));
+        let swiss = self
+            .with_object(&remote, |o| {
+                let handle = handle.clone();
+                async move {
+                    let mut r = o.accept_request();
+                    handle.write_wire(r.get().init_handle());
+                    let answer = r.send().promise.await?;
+                    let s: [u8; 32] = answer
+                        .get()?
+                        .get_swiss()?
+                        .try_into()
+                        .map_err(|_| failed("a swiss number is 32 bytes"))?;
+                    Ok(s)
+                }
+            })
+            .await?;
+        Ok(RemoteRec {
+            cluster: invitation.cluster,
+            swiss,
+            addrs: invitation.addrs.clone(),
+        })
+    }
+
+    /// Delivers one outbox item.
+    pub async fn send_item(&self, item: &OutboxItem) -> Result<(), NetError> {
+        let fill = |r: &RemoteRec| self.fill(r);
+        let has_own = match &item.op {
+            OutOp::Deliver(e) => match &e.body {
+                capstan_actors::EnvelopeBody::Package { refs, .. } => {
+                    refs.iter().any(RemoteRec::is_own)
+                }
+                capstan_actors::EnvelopeBody::Request { .. } => true,
+            },
+            OutOp::Settle(capstan_actors::Settlement::Resolved(r)) => r.is_own(),
+            OutOp::Settle(_) => false,
+        };
+        if has_own && self.advertised.is_empty() {
+            return Err(NetError::Refused("it carries references to this node, which does not listen for other nodes; restart it with `capstan start --listen HOST:PORT`".into()));
+        }
+        let fill = &fill;
+        match &item.op {
+            OutOp::Deliver(env) => {
+                self.with_object(&item.to, |o| async move {
+                    let mut r = o.deliver_request();
+                    r.get().set_id(&item.id.0);
+                    env.write(r.get().init_envelope(), fill);
+                    r.send().promise.await.map(drop)
+                })
+                .await
+            }
+            OutOp::Settle(st) => {
+                self.with_object(&item.to, |o| async move {
+                    let mut r = o.settle_request();
+                    r.get().set_id(&item.id.0);
+                    st.write(r.get().init_settlement(), fill);
+                    r.send().promise.await.map(drop)
+                })
+                .await
+            }
+        }
+    }
+
+    /// Delivers the outbox for as long as the node runs: in order per
+    /// destination cluster, each item removed once acknowledged; an
+    /// unreachable cluster is retried with exponential backoff (capped at
+    /// [`OUTBOX_MAX_BACKOFF`]) without holding up the others; an item
+    /// the far side refuses is bounced to its sender.
+    pub async fn run_outbox(self: Rc<Self>) {
+        let mut backoff: HashMap<[u8; 32], (tokio::time::Instant, Duration)> = HashMap::new();
+        loop {
+            let items = match self.rt.outbox().await {
+                Ok(i) => i,
+                Err(e) => {
+                    tracing::warn!("cannot read the outbox: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            let now = tokio::time::Instant::now();
+            let mut order: Vec<[u8; 32]> = Vec::new();
+            let mut groups: HashMap<[u8; 32], Vec<OutboxItem>> = HashMap::new();
+            for i in items {
+                let c = i.to.cluster;
+                if backoff.get(&c).is_some_and(|(next, _)| *next > now) {
+                    continue;
+                }
+                groups
+                    .entry(c)
+                    .or_insert_with(|| {
+                        order.push(c);
+                        Vec::new()
+                    })
+                    .push(i);
+            }
+            let progress = Cell::new(false);
+            let results = futures::future::join_all(order.iter().map(|c| {
+                let group = groups.remove(c).unwrap_or_default();
+                let me = self.clone();
+                let progress = &progress;
+                async move {
+                    for item in group {
+                        match me.send_item(&item).await {
+                            Ok(()) => {
+                                if let Err(e) = me.rt.outbox_done(&item).await {
+                                    tracing::warn!("cannot remove a delivered outbox item: {e}");
+                                    return Err(());
+                                }
+                                progress.set(true);
+                            }
+                            Err(NetError::Refused(why)) => {
+                                tracing::info!(item = %item.id, "outbox item refused: {why}");
+                                if let Err(e) = me.rt.outbox_bounce(&item, &why).await {
+                                    tracing::warn!("cannot bounce an outbox item: {e}");
+                                    return Err(());
+                                }
+                                progress.set(true);
+                            }
+                            Err(NetError::Unreachable(why)) => {
+                                tracing::debug!(item = %item.id, "outbox delivery postponed: {why}");
+                                return Err(());
+                            }
+                        }
+                    }
+                    Ok(())
+                }
+            }))
+            .await;
+            for (c, r) in order.iter().zip(results) {
+                match r {
+                    Ok(()) => {
+                        backoff.remove(c);
+                    }
+                    Err(()) => {
+                        let next = backoff
+                            .get(c)
+                            .map(|(_, d)| (*d * 2).min(OUTBOX_MAX_BACKOFF))
+                            .unwrap_or(OUTBOX_FIRST_BACKOFF);
+                        backoff.insert(*c, (tokio::time::Instant::now() + next, next));
+                    }
+                }
+            }
+            if progress.get() {
+                continue;
+            }
+            let wake = backoff
+                .values()
+                .map(|(next, _)| *next)
+                .min()
+                .unwrap_or_else(|| tokio::time::Instant::now() + OUTBOX_MAX_BACKOFF);
+            tokio::select! {
+                _ = self.rt.outbox_changed() => {}
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+        }
     }
 
     /// The gateway of `remote`'s cluster (benchmarks).
@@ -441,6 +653,7 @@ struct GatewayServer {
     rt: Runtime,
     conn: quinn::Connection,
     failures: Cell<u32>,
+    caller: Caller,
 }
 
 impl gateway::Server for GatewayServer {
@@ -454,14 +667,16 @@ impl gateway::Server for GatewayServer {
             .try_into()
             .map_err(|_| failed("a swiss number is 32 bytes"))?;
         let hash = capstan_actors::remote::swiss_hash(&swiss);
-        match self.rt.restore_hash(hash).await {
-            Ok(Some(target)) => {
+        match self.rt.locator_record(hash).await {
+            Ok(Some(rec)) => {
                 results
                     .get()
                     .set_object(capnp_rpc::new_client(ObjectServer {
                         rt: self.rt.clone(),
                         hash,
-                        target,
+                        target: rec.target,
+                        peer: rec.peer,
+                        caller: self.caller,
                     }));
                 Ok(())
             }
@@ -500,6 +715,9 @@ struct ObjectServer {
     rt: Runtime,
     hash: [u8; 32],
     target: capstan_proto::FormulaId,
+    /// Who this handle was given to (invite/accept), if anyone.
+    peer: Option<capstan_proto::FormulaId>,
+    caller: Caller,
 }
 
 impl ObjectServer {
@@ -552,4 +770,62 @@ impl object::Server for ObjectServer {
         r.set_data(&data);
         Ok(())
     }
+
+    async fn deliver(
+        self: Rc<Self>,
+        params: object::DeliverParams,
+        _: object::DeliverResults,
+    ) -> Result<(), CapError> {
+        self.check().await?;
+        let p = params.get()?;
+        let item = item_id(p.get_id()?)?;
+        let env = capstan_actors::Envelope::read(p.get_envelope()?, false)
+            .map_err(|e| failed(format!("bad envelope: {e}")))?;
+        let Some(peer) = self.peer else {
+            return Err(failed(
+                "this capability takes no mail: only handles made by `capstan invite`/`accept` do",
+            ));
+        };
+        self.rt
+            .receive_deliver(self.target, peer, item, env, self.caller)
+            .await
+            .map_err(|e| failed(e.to_string()))
+    }
+
+    async fn settle(
+        self: Rc<Self>,
+        params: object::SettleParams,
+        _: object::SettleResults,
+    ) -> Result<(), CapError> {
+        self.check().await?;
+        let p = params.get()?;
+        let item = item_id(p.get_id()?)?;
+        let s = capstan_actors::Settlement::read(p.get_settlement()?, false)
+            .map_err(|e| failed(format!("bad settlement: {e}")))?;
+        self.rt
+            .receive_settle(self.target, item, s, self.caller)
+            .await
+            .map_err(|e| failed(e.to_string()))
+    }
+
+    async fn accept(
+        self: Rc<Self>,
+        params: object::AcceptParams,
+        mut results: object::AcceptResults,
+    ) -> Result<(), CapError> {
+        self.check().await?;
+        let handle = capstan_actors::RemoteRec::read_wire(params.get()?.get_handle()?)
+            .map_err(|e| failed(format!("bad handle: {e}")))?;
+        let swiss = self
+            .rt
+            .accept_invitation(self.target, self.hash, self.caller, handle)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        results.get().set_swiss(&swiss);
+        Ok(())
+    }
+}
+
+fn item_id(d: &[u8]) -> Result<capstan_proto::RequestId, CapError> {
+    capstan_proto::RequestId::from_slice(d).map_err(|_| failed("an item id is 16 bytes"))
 }

@@ -1,0 +1,851 @@
+//! Mail between clusters: invitations, the outbox, and what arrives from
+//! other clusters.
+//!
+//! # The model
+//!
+//! `invite NAME` makes an invitation formula under NAME and a one-use
+//! locator for it. The invited node's `accept` redeems it over the network
+//! (`Object.accept`), handing over a *handle*: a locator for its own agent
+//! whose record names the remote formula standing for the inviter there.
+//! The inviter answers with a handle for itself, recorded the same way. Each
+//! side then holds a remote formula for the other agent, and mail that
+//! arrives through a handle is attributed to the formula it names — a peer
+//! cannot claim to be anyone else.
+//!
+//! Sending to a remote formula is the local send with one difference: the
+//! recipient's copy is not written into an inbox here but into this node's
+//! outbox, in the same transaction as the sender's own copy. References in
+//! the message travel as locators issued in that transaction (or, for
+//! references that are themselves remote, as the locator they came from, so
+//! a capability passed A → B → C is invoked by C on A directly). The
+//! network layer (`nodes/`) delivers outbox items in order per destination,
+//! removes each once the far side acknowledged it, and retries after
+//! failures; the far side deduplicates by the item's id, so a delivery that
+//! was applied but whose answer was lost applies once. A request carries a
+//! locator for the requester's promise; resolving it on the far side queues
+//! a settlement back the same way.
+//!
+//! Nothing here is live: a message in an inbox must survive restarts of
+//! either node, so it holds sturdy references (locators), which the network
+//! layer turns into live Cap'n Proto capabilities when used.
+
+use std::sync::Arc;
+
+use capnp::message::Builder;
+use capstan_cluster::Transaction;
+use capstan_proto::records_capnp as rc;
+use capstan_proto::{FormulaId, RequestId};
+
+use crate::api::{AgentHandle, Runtime, now_ms};
+use crate::error::Error;
+use crate::incarnation::PromiseMsg;
+use crate::keys;
+use crate::model::{self, Ctx};
+use crate::names::Path;
+use crate::records::{
+    BodyRec, DedupAnswer, Formula, FormulaKind, InvitationRec, LocatorRec, MessageRec, PromiseRec,
+    RemoteRec, id_of, options, text, to_bytes,
+};
+use crate::remote::swiss_hash;
+
+/// Most outbox items handed to the network layer at once.
+pub const OUTBOX_BATCH: usize = 256;
+
+/// A message for an agent of another cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    pub message_id: RequestId,
+    pub reply_to: Option<RequestId>,
+    pub date_ms: u64,
+    pub body: EnvelopeBody,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EnvelopeBody {
+    Package {
+        strings: Vec<String>,
+        names: Vec<String>,
+        refs: Vec<RemoteRec>,
+    },
+    Request {
+        description: String,
+        resolver: RemoteRec,
+    },
+}
+
+/// The answer to a request from another cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settlement {
+    Resolved(RemoteRec),
+    Rejected(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutOp {
+    Deliver(Envelope),
+    Settle(Settlement),
+}
+
+/// Something owed to another cluster; see `records.capnp`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxItem {
+    pub id: RequestId,
+    pub sender: FormulaId,
+    pub peer: FormulaId,
+    pub to: RemoteRec,
+    pub created_us: u64,
+    pub op: OutOp,
+}
+
+impl Envelope {
+    /// Writes the envelope; own-cluster references are completed by `fill`.
+    pub fn write(&self, mut b: rc::envelope::Builder<'_>, fill: &dyn Fn(&RemoteRec) -> RemoteRec) {
+        b.set_message_id(&self.message_id.0);
+        b.set_reply_to(self.reply_to.as_ref().map(|r| &r.0[..]).unwrap_or(&[]));
+        b.set_date_ms(self.date_ms);
+        let body = b.init_body();
+        match &self.body {
+            EnvelopeBody::Package {
+                strings,
+                names,
+                refs,
+            } => {
+                let mut p = body.init_package();
+                let mut s = p.reborrow().init_strings(strings.len() as u32);
+                for (i, x) in strings.iter().enumerate() {
+                    s.set(i as u32, x.as_str());
+                }
+                let mut n = p.reborrow().init_names(names.len() as u32);
+                for (i, x) in names.iter().enumerate() {
+                    n.set(i as u32, x.as_str());
+                }
+                let mut r = p.init_refs(refs.len() as u32);
+                for (i, x) in refs.iter().enumerate() {
+                    fill(x).write(r.reborrow().get(i as u32));
+                }
+            }
+            EnvelopeBody::Request {
+                description,
+                resolver,
+            } => {
+                let mut r = body.init_request();
+                r.set_description(description.as_str());
+                fill(resolver).write(r.init_resolver());
+            }
+        }
+    }
+
+    /// Reads and validates an envelope (`own_allowed`: from the outbox).
+    pub fn read(r: rc::envelope::Reader<'_>, own_allowed: bool) -> Result<Envelope, Error> {
+        let rid = |d: &[u8]| RequestId::from_slice(d).map_err(|e| Error::Corrupt(e.to_string()));
+        let reply = r.get_reply_to()?;
+        use rc::envelope::body::Which;
+        let body = match r
+            .get_body()
+            .which()
+            .map_err(|e| Error::Corrupt(e.to_string()))?
+        {
+            Which::Package(p) => {
+                let strings = p
+                    .get_strings()?
+                    .iter()
+                    .map(|t| text(t?))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let names = p
+                    .get_names()?
+                    .iter()
+                    .map(|t| text(t?))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let list = p.get_refs()?;
+                if list.len() as usize > crate::api::MAX_MESSAGE_REFS {
+                    return Err(Error::TooLarge {
+                        what: "references".into(),
+                        len: list.len() as usize,
+                        max: crate::api::MAX_MESSAGE_REFS,
+                    });
+                }
+                let refs = list
+                    .iter()
+                    .map(|x| RemoteRec::read(x, own_allowed))
+                    .collect::<Result<Vec<_>, _>>()?;
+                if strings.len() != refs.len() + 1 || names.len() != refs.len() {
+                    return Err(Error::Corrupt(
+                        "a package needs one more text chunk than references, and a name per reference".into(),
+                    ));
+                }
+                let len: usize = strings.iter().map(String::len).sum();
+                if len > crate::api::MAX_MESSAGE_TEXT {
+                    return Err(Error::TooLarge {
+                        what: "message text".into(),
+                        len,
+                        max: crate::api::MAX_MESSAGE_TEXT,
+                    });
+                }
+                for n in &names {
+                    if !crate::names::is_pet_name(n) {
+                        return Err(Error::InvalidName(n.clone()));
+                    }
+                }
+                EnvelopeBody::Package {
+                    strings,
+                    names,
+                    refs,
+                }
+            }
+            Which::Request(q) => {
+                let description = text(q.get_description()?)?;
+                if description.len() > crate::api::MAX_MESSAGE_TEXT {
+                    return Err(Error::TooLarge {
+                        what: "description".into(),
+                        len: description.len(),
+                        max: crate::api::MAX_MESSAGE_TEXT,
+                    });
+                }
+                EnvelopeBody::Request {
+                    description,
+                    resolver: RemoteRec::read(q.get_resolver()?, own_allowed)?,
+                }
+            }
+        };
+        Ok(Envelope {
+            message_id: rid(r.get_message_id()?)?,
+            reply_to: if reply.is_empty() {
+                None
+            } else {
+                Some(rid(reply)?)
+            },
+            date_ms: r.get_date_ms(),
+            body,
+        })
+    }
+}
+
+impl Settlement {
+    pub fn write(&self, b: rc::settlement::Builder<'_>, fill: &dyn Fn(&RemoteRec) -> RemoteRec) {
+        match self {
+            Settlement::Resolved(r) => fill(r).write(b.init_resolved()),
+            Settlement::Rejected(why) => {
+                let mut b = b;
+                b.set_rejected(why.as_str())
+            }
+        }
+    }
+
+    pub fn read(r: rc::settlement::Reader<'_>, own_allowed: bool) -> Result<Settlement, Error> {
+        use rc::settlement::Which;
+        Ok(
+            match r.which().map_err(|e| Error::Corrupt(e.to_string()))? {
+                Which::Resolved(x) => Settlement::Resolved(RemoteRec::read(x?, own_allowed)?),
+                Which::Rejected(t) => {
+                    let t = text(t?)?;
+                    if t.len() > crate::api::MAX_MESSAGE_TEXT {
+                        return Err(Error::TooLarge {
+                            what: "reason".into(),
+                            len: t.len(),
+                            max: crate::api::MAX_MESSAGE_TEXT,
+                        });
+                    }
+                    Settlement::Rejected(t)
+                }
+            },
+        )
+    }
+}
+
+impl OutboxItem {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut msg = Builder::new_default();
+        let mut b = msg.init_root::<rc::outbox_item::Builder<'_>>();
+        b.set_id(&self.id.0);
+        b.set_sender(self.sender.as_bytes());
+        b.set_peer(self.peer.as_bytes());
+        self.to.write(b.reborrow().init_to());
+        b.set_created_us(self.created_us);
+        let same = |r: &RemoteRec| r.clone();
+        match &self.op {
+            OutOp::Deliver(e) => e.write(b.init_deliver(), &same),
+            OutOp::Settle(s) => s.write(b.init_settle(), &same),
+        }
+        to_bytes(&msg)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<OutboxItem, Error> {
+        let msg = capnp::serialize::read_message_from_flat_slice(&mut &bytes[..], options())?;
+        let r = msg.get_root::<rc::outbox_item::Reader<'_>>()?;
+        use rc::outbox_item::Which;
+        let op = match r.which().map_err(|e| Error::Corrupt(e.to_string()))? {
+            Which::Deliver(e) => OutOp::Deliver(Envelope::read(e?, true)?),
+            Which::Settle(s) => OutOp::Settle(Settlement::read(s?, true)?),
+        };
+        Ok(OutboxItem {
+            id: RequestId::from_slice(r.get_id()?).map_err(|e| Error::Corrupt(e.to_string()))?,
+            sender: id_of(r.get_sender()?)?,
+            peer: id_of(r.get_peer()?)?,
+            to: RemoteRec::read(r.get_to()?, false)?,
+            created_us: r.get_created_us(),
+            op,
+        })
+    }
+
+    /// Where it is stored: in creation order, so delivery keeps send order.
+    pub fn key(&self) -> Vec<u8> {
+        keys::outbox(self.created_us, &self.id)
+    }
+}
+
+/// Issues a locator for `target` inside a transaction; returns its swiss.
+pub(crate) fn issue_locator(
+    tx: &mut Transaction,
+    target: &FormulaId,
+    peer: Option<FormulaId>,
+) -> Result<[u8; 32], Error> {
+    let mut swiss = [0u8; 32];
+    getrandom::fill(&mut swiss)
+        .map_err(|e| Error::Unavailable(format!("no randomness for a swiss number: {e}")))?;
+    let hash = swiss_hash(&swiss);
+    let rec = LocatorRec {
+        target: *target,
+        created_ms: now_ms(),
+        peer,
+    };
+    tx.set(&keys::locator(&hash), &rec.encode())?;
+    tx.set(&keys::locator_of(target, &hash), &[])?;
+    Ok(swiss)
+}
+
+/// How a formula travels in a message to another cluster: a remote formula
+/// as the reference it holds, anything else as a new locator of this node.
+pub(crate) async fn wire_ref(tx: &mut Transaction, id: &FormulaId) -> Result<RemoteRec, Error> {
+    let f = model::must_formula(tx, id).await?;
+    match f.kind {
+        FormulaKind::Remote(r) => Ok(r),
+        _ => Ok(RemoteRec::own(issue_locator(tx, id, None)?)),
+    }
+}
+
+/// The formula a reference from another cluster becomes here: the local
+/// formula when it designates this cluster, else a new remote formula.
+async fn adopt_ref(
+    tx: &mut Transaction,
+    r: &RemoteRec,
+    own: &[u8; 32],
+) -> Result<FormulaId, Error> {
+    if r.cluster == *own {
+        return match tx.get(&keys::locator(&swiss_hash(&r.swiss))).await? {
+            Some(b) => Ok(LocatorRec::decode(&b)?.target),
+            None => Err(Error::Invalid(
+                "the message carries a reference to this node that is unknown or revoked".into(),
+            )),
+        };
+    }
+    let id = FormulaId::random();
+    model::put_formula(
+        tx,
+        &id,
+        &Formula {
+            created_ms: now_ms(),
+            kind: FormulaKind::Remote(r.clone()),
+        },
+    )?;
+    Ok(id)
+}
+
+/// Microseconds since the epoch (outbox order).
+pub(crate) fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// The envelope of a message to another cluster, its references made
+/// into locators (inside the sending transaction).
+pub(crate) async fn envelope_of(tx: &mut Transaction, m: &MessageRec) -> Result<Envelope, Error> {
+    let body = match &m.body {
+        BodyRec::Package {
+            strings,
+            names,
+            ids,
+        } => {
+            let mut refs = Vec::with_capacity(ids.len());
+            for id in ids {
+                refs.push(wire_ref(tx, id).await?);
+            }
+            EnvelopeBody::Package {
+                strings: strings.clone(),
+                names: names.clone(),
+                refs,
+            }
+        }
+        BodyRec::Request {
+            description,
+            promise,
+        } => EnvelopeBody::Request {
+            description: description.clone(),
+            resolver: RemoteRec::own(issue_locator(tx, promise, None)?),
+        },
+    };
+    Ok(Envelope {
+        message_id: m.message_id,
+        reply_to: m.reply_to,
+        date_ms: m.date_ms,
+        body,
+    })
+}
+
+/// Queues an item in the outbox (inside the caller's transaction).
+pub(crate) fn enqueue(tx: &mut Transaction, item: &OutboxItem) -> Result<(), Error> {
+    tx.set(&item.key(), &item.encode())?;
+    Ok(())
+}
+
+impl AgentHandle {
+    /// Invites another node's agent under `name`: an invitation formula
+    /// and a one-use locator for it; returns the swiss number.
+    pub async fn invite(&self, name: &str) -> Result<[u8; 32], Error> {
+        if !self.ctx.is_host {
+            return Err(Error::Invalid(
+                "only a host can invite; a guest has only what it was given".into(),
+            ));
+        }
+        let ctx = self.ctx.clone();
+        let p = Path::parse_writable(name)?;
+        self.rt
+            .db
+            .transact(move |tx| {
+                let (ctx, p) = (ctx.clone(), p.clone());
+                Box::pin(async move {
+                    let dir = model::parent_dir(tx, &ctx, &p).await?;
+                    if model::lookup(tx, &dir, p.last()).await?.is_some() {
+                        return Err(Error::NameTaken(p.to_string()));
+                    }
+                    let id = FormulaId::random();
+                    model::put_formula(
+                        tx,
+                        &id,
+                        &Formula {
+                            created_ms: now_ms(),
+                            kind: FormulaKind::Invitation(InvitationRec {
+                                host: ctx.id,
+                                dir,
+                                name: p.last().to_string(),
+                            }),
+                        },
+                    )?;
+                    model::set_name(tx, &dir, p.last(), &id).await?;
+                    issue_locator(tx, &id, None)
+                })
+            })
+            .await
+    }
+
+    /// Checks that `name` is free before accepting an invitation under it.
+    pub async fn check_free(&self, name: &str) -> Result<(), Error> {
+        if !self.ctx.is_host {
+            return Err(Error::Invalid("only a host can accept invitations".into()));
+        }
+        let ctx = self.ctx.clone();
+        let p = Path::parse_writable(name)?;
+        self.rt
+            .db
+            .read(move |tx| {
+                let (ctx, p) = (ctx.clone(), p.clone());
+                Box::pin(async move {
+                    let dir = model::parent_dir(tx, &ctx, &p).await?;
+                    if model::lookup(tx, &dir, p.last()).await?.is_some() {
+                        return Err(Error::NameTaken(p.to_string()));
+                    }
+                    Ok(())
+                })
+            })
+            .await
+    }
+
+    /// After the inviter accepted our handle (`handle_swiss`, designating
+    /// this agent) and answered with `inviter`: names the inviter `name`
+    /// and records the handle as given to it.
+    pub async fn finish_accept(
+        &self,
+        req: RequestId,
+        name: &str,
+        inviter: RemoteRec,
+        handle_swiss: [u8; 32],
+    ) -> Result<FormulaId, Error> {
+        let ctx = self.ctx.clone();
+        let p = Path::parse_writable(name)?;
+        self.rt
+            .db
+            .transact(move |tx| {
+                let (ctx, p, inviter) = (ctx.clone(), p.clone(), inviter.clone());
+                Box::pin(async move {
+                    if let Some(DedupAnswer::Id(prev)) = model::dedup_get(tx, &ctx.id, &req).await?
+                    {
+                        return Ok(prev);
+                    }
+                    let dir = model::parent_dir(tx, &ctx, &p).await?;
+                    if model::lookup(tx, &dir, p.last()).await?.is_some() {
+                        return Err(Error::NameTaken(p.to_string()));
+                    }
+                    let id = FormulaId::random();
+                    let now = now_ms();
+                    model::put_formula(
+                        tx,
+                        &id,
+                        &Formula {
+                            created_ms: now,
+                            kind: FormulaKind::Remote(inviter),
+                        },
+                    )?;
+                    model::set_name(tx, &dir, p.last(), &id).await?;
+                    let hash = swiss_hash(&handle_swiss);
+                    let rec = LocatorRec {
+                        target: ctx.id,
+                        created_ms: now,
+                        peer: Some(id),
+                    };
+                    tx.set(&keys::locator(&hash), &rec.encode())?;
+                    tx.set(&keys::locator_of(&ctx.id, &hash), &[])?;
+                    model::dedup_put(tx, &ctx.id, &req, DedupAnswer::Id(id), now)?;
+                    Ok(id)
+                })
+            })
+            .await
+    }
+}
+
+/// Who is on the other end of a call from another cluster.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    /// The authenticated cluster of the calling node.
+    pub cluster: [u8; 32],
+    /// This node's own cluster.
+    pub own: [u8; 32],
+}
+
+impl Runtime {
+    /// A locator record by the hash of its swiss number.
+    pub async fn locator_record(&self, hash: [u8; 32]) -> Result<Option<LocatorRec>, Error> {
+        self.db()
+            .read(move |tx| {
+                Box::pin(async move {
+                    match tx.get(&keys::locator(&hash)).await? {
+                        Some(b) => Ok(Some(LocatorRec::decode(&b)?)),
+                        None => Ok(None),
+                    }
+                })
+            })
+            .await
+    }
+
+    /// Redeems an invitation (`invitation` restored from locator `hash`):
+    /// names the accepting node's agent (`handle`) under the invitation's
+    /// name and returns a handle (swiss) for the inviting host.
+    pub async fn accept_invitation(
+        &self,
+        invitation: FormulaId,
+        hash: [u8; 32],
+        caller: Caller,
+        mut handle: RemoteRec,
+    ) -> Result<[u8; 32], Error> {
+        if handle.cluster != caller.cluster {
+            return Err(Error::Invalid(
+                "the handle offered belongs to another cluster than the caller's".into(),
+            ));
+        }
+        if handle.addrs.is_empty() {
+            return Err(Error::Invalid(
+                "the accepting node gave no address; it must listen (`capstan start --listen`)"
+                    .into(),
+            ));
+        }
+        handle.addrs.truncate(16);
+        self.db()
+            .transact(move |tx| {
+                let handle = handle.clone();
+                Box::pin(async move {
+                    let f = model::must_formula(tx, &invitation).await?;
+                    let FormulaKind::Invitation(inv) = f.kind else {
+                        return Err(Error::Invalid("this locator is not an invitation".into()));
+                    };
+                    if model::lookup(tx, &inv.dir, &inv.name).await? != Some(invitation) {
+                        return Err(Error::Invalid("the invitation was withdrawn".into()));
+                    }
+                    // One use: the invitation's locators go with it.
+                    let rows = tx
+                        .get_prefix(&keys::locators_of(&invitation), 0, false)
+                        .await?;
+                    for (k, _) in rows {
+                        tx.clear(&k);
+                    }
+                    tx.clear(&keys::locator(&hash));
+                    tx.clear(&keys::formula(&invitation));
+                    let id = FormulaId::random();
+                    model::put_formula(
+                        tx,
+                        &id,
+                        &Formula {
+                            created_ms: now_ms(),
+                            kind: FormulaKind::Remote(handle),
+                        },
+                    )?;
+                    model::set_name(tx, &inv.dir, &inv.name, &id).await?;
+                    issue_locator(tx, &inv.host, Some(id))
+                })
+            })
+            .await
+    }
+
+    /// Mail from another cluster for agent `to`, from the remote formula
+    /// `peer` (the handle's record says who it was given to). Applies once
+    /// per `item` id.
+    pub async fn receive_deliver(
+        &self,
+        to: FormulaId,
+        peer: FormulaId,
+        item: RequestId,
+        env: Envelope,
+        caller: Caller,
+    ) -> Result<(), Error> {
+        let db = self.db().clone();
+        if db
+            .read(move |tx| {
+                Box::pin(
+                    async move { Ok::<_, Error>(tx.get(&keys::inbound(&item)).await?.is_some()) },
+                )
+            })
+            .await?
+        {
+            return Ok(());
+        }
+        let agent = self.handle_for(to).await?;
+        let number = agent.reserve(to, 1).await?;
+        let own = caller.own;
+        let delivered = db
+            .transact(move |tx| {
+                let env = env.clone();
+                Box::pin(async move {
+                    if tx.get(&keys::inbound(&item)).await?.is_some() {
+                        return Ok(None);
+                    }
+                    match model::must_formula(tx, &peer).await?.kind {
+                        FormulaKind::Remote(_) => {}
+                        _ => return Err(Error::Corrupt("a handle's peer is not remote".into())),
+                    }
+                    let body = match env.body {
+                        EnvelopeBody::Package {
+                            strings,
+                            names,
+                            refs,
+                        } => {
+                            let mut ids = Vec::with_capacity(refs.len());
+                            for r in &refs {
+                                ids.push(adopt_ref(tx, r, &own).await?);
+                            }
+                            BodyRec::Package {
+                                strings,
+                                names,
+                                ids,
+                            }
+                        }
+                        EnvelopeBody::Request {
+                            description,
+                            resolver,
+                        } => {
+                            let promise = FormulaId::random();
+                            model::put_formula(
+                                tx,
+                                &promise,
+                                &Formula {
+                                    created_ms: now_ms(),
+                                    kind: FormulaKind::Promise(PromiseRec {
+                                        description: description.clone(),
+                                        requester: peer,
+                                        state: crate::PromiseState::Pending,
+                                        resolver: Some(resolver),
+                                    }),
+                                },
+                            )?;
+                            BodyRec::Request {
+                                description,
+                                promise,
+                            }
+                        }
+                    };
+                    let m = MessageRec {
+                        number,
+                        message_id: env.message_id,
+                        reply_to: env.reply_to,
+                        from: peer,
+                        to,
+                        date_ms: env.date_ms,
+                        body,
+                    };
+                    model::put_message(tx, &to, &m)?;
+                    tx.set(&keys::inbound(&item), &now_ms().to_be_bytes())?;
+                    Ok(Some(m))
+                })
+            })
+            .await?;
+        if let Some(m) = delivered {
+            agent.notify_delivered(to, m);
+        }
+        Ok(())
+    }
+
+    /// The answer to a request this node sent: settles `promise`. Applies
+    /// once per `item` id.
+    pub async fn receive_settle(
+        &self,
+        promise: FormulaId,
+        item: RequestId,
+        s: Settlement,
+        caller: Caller,
+    ) -> Result<(), Error> {
+        let own = caller.own;
+        let state = self
+            .db()
+            .transact(move |tx| {
+                let s = s.clone();
+                Box::pin(async move {
+                    if tx.get(&keys::inbound(&item)).await?.is_some() {
+                        return Ok(None);
+                    }
+                    let mut f = model::must_formula(tx, &promise).await?;
+                    let FormulaKind::Promise(p) = &mut f.kind else {
+                        return Err(Error::Invalid(
+                            "this capability is not a request's promise".into(),
+                        ));
+                    };
+                    if p.state != crate::PromiseState::Pending {
+                        return Err(Error::Invalid("the request is already settled".into()));
+                    }
+                    p.state = match s {
+                        Settlement::Resolved(r) => {
+                            crate::PromiseState::Resolved(adopt_ref(tx, &r, &own).await?)
+                        }
+                        Settlement::Rejected(why) => crate::PromiseState::Rejected(why),
+                    };
+                    let state = p.state.clone();
+                    model::put_formula(tx, &promise, &f)?;
+                    tx.set(&keys::inbound(&item), &now_ms().to_be_bytes())?;
+                    Ok(Some(state))
+                })
+            })
+            .await?;
+        if let Some(state) = state {
+            self.notify_settled(promise, state);
+        }
+        Ok(())
+    }
+
+    /// The oldest outbox items (at most [`OUTBOX_BATCH`]).
+    pub async fn outbox(&self) -> Result<Vec<OutboxItem>, Error> {
+        self.db()
+            .read(|tx| {
+                Box::pin(async move {
+                    let rows = tx.get_prefix(&keys::outbox_all(), OUTBOX_BATCH, false).await?;
+                    let mut out = Vec::with_capacity(rows.len());
+                    for (k, v) in rows {
+                        match OutboxItem::decode(&v) {
+                            Ok(i) => out.push(i),
+                            Err(e) => {
+                                // A corrupt item can never be delivered; it
+                                // must not block the ones behind it either.
+                                tracing::error!(key = %hex::encode(&k), "dropping a corrupt outbox item: {e}");
+                            }
+                        }
+                    }
+                    Ok(out)
+                })
+            })
+            .await
+    }
+
+    /// Removes a delivered item.
+    pub async fn outbox_done(&self, item: &OutboxItem) -> Result<(), Error> {
+        let key = item.key();
+        self.db()
+            .transact(move |tx| {
+                let key = key.clone();
+                Box::pin(async move {
+                    tx.clear(&key);
+                    Ok::<_, Error>(())
+                })
+            })
+            .await
+    }
+
+    /// Removes an item the far side refused for good, and tells its sender
+    /// why with a message in its inbox (from the peer it was meant for).
+    pub async fn outbox_bounce(&self, item: &OutboxItem, reason: &str) -> Result<(), Error> {
+        let key = item.key();
+        let what = match &item.op {
+            OutOp::Deliver(e) => match e.body {
+                EnvelopeBody::Request { .. } => "request",
+                EnvelopeBody::Package { .. } => "message",
+            },
+            OutOp::Settle(_) => "answer",
+        };
+        let text = format!("[undeliverable] your {what} could not be delivered: {reason}");
+        let (sender, peer) = (item.sender, item.peer);
+        let agent = self.handle_for(sender).await?;
+        let number = agent.reserve(sender, 1).await?;
+        let m = self
+            .db()
+            .transact(move |tx| {
+                let (key, text) = (key.clone(), text.clone());
+                Box::pin(async move {
+                    if tx.get(&key).await?.is_none() {
+                        return Ok::<_, Error>(None);
+                    }
+                    tx.clear(&key);
+                    let m = MessageRec {
+                        number,
+                        message_id: RequestId::random(),
+                        reply_to: None,
+                        from: peer,
+                        to: sender,
+                        date_ms: now_ms(),
+                        body: BodyRec::Package {
+                            strings: vec![text],
+                            names: vec![],
+                            ids: vec![],
+                        },
+                    };
+                    model::put_message(tx, &sender, &m)?;
+                    Ok(Some(m))
+                })
+            })
+            .await?;
+        if let Some(m) = m {
+            agent.notify_delivered(sender, m);
+        }
+        Ok(())
+    }
+
+    /// Resolves once new outbox items may be waiting.
+    pub async fn outbox_changed(&self) {
+        self.inner().outbox.notified().await
+    }
+
+    fn notify_settled(&self, promise: FormulaId, state: crate::PromiseState) {
+        if let Some(a) = self
+            .inner()
+            .registry
+            .promises
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&promise).cloned())
+        {
+            let _ = a.cast(PromiseMsg::Settled(state));
+        }
+    }
+
+    async fn handle_for(&self, id: FormulaId) -> Result<AgentHandle, Error> {
+        let ctx: Ctx = crate::api::load_agent(self.db(), id).await?;
+        Ok(AgentHandle {
+            rt: self.inner().clone(),
+            ctx: Arc::new(ctx),
+        })
+    }
+}

@@ -1,0 +1,257 @@
+//! Federated mail (issue 3): invitations, and send / request / resolve /
+//! reject / reply between agents of different nodes, each with its own home
+//! and cluster, over QUIC on loopback. Delivery is asynchronous (an outbox
+//! committed with the send), so the receiving side is polled.
+
+use std::time::{Duration, Instant};
+
+use capstan_tests::{Node, texts};
+use serde_json::Value;
+
+fn listening() -> Node {
+    let mut n = Node::new();
+    n.start_with(&["--listen", "127.0.0.1:0"]);
+    n
+}
+
+/// `inviter` invites `invitee` as `as_invitee`; `invitee` names it `as_inviter`.
+fn pair(inviter: &Node, as_invitee: &str, invitee: &Node, as_inviter: &str) {
+    let v = inviter.json(["invite", as_invitee]);
+    let inv = v["invitation"].as_str().expect("invite --json");
+    assert!(inv.starts_with("capstan://"), "{v}");
+    let shown = inviter.json(["show", as_invitee]);
+    assert_eq!(shown["type"], "invitation", "before accept: {shown}");
+    invitee.ok(["accept", inv, as_inviter]);
+    assert_eq!(invitee.json(["show", as_inviter])["type"], "remote");
+    assert_eq!(inviter.json(["show", as_invitee])["type"], "remote");
+}
+
+/// Polls `node`'s inbox until `pred` holds for it; the inbox.
+fn wait_inbox(node: &Node, what: &str, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let inbox = node.inbox(&[]);
+        if pred(&inbox) {
+            return inbox;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "waited 30 s for {what}; inbox: {inbox:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn find<'a>(inbox: &'a [Value], text: &str) -> &'a Value {
+    inbox
+        .iter()
+        .find(|m| m["text"] == text || m["description"] == text)
+        .unwrap_or_else(|| panic!("no message {text:?} in {inbox:?}"))
+}
+
+fn has(text: &'static str) -> impl Fn(&[Value]) -> bool {
+    move |inbox| {
+        inbox
+            .iter()
+            .any(|m| m["text"] == text || m["description"] == text)
+    }
+}
+
+#[test]
+fn invited_agents_mail_each_other_with_references() {
+    let a = listening();
+    let b = listening();
+    pair(&a, "bob", &b, "alice");
+
+    // A sends a reference; B adopts it and reads it from A over QUIC.
+    a.ok(["store", "--text", "report", "--name", "report"]);
+    a.ok(["send", "bob", "see @report"]);
+    let inbox = wait_inbox(&b, "alice's message", has("see @report"));
+    let m = find(&inbox, "see @report");
+    assert_eq!(m["from"], "alice");
+    assert_eq!(m["names"], serde_json::json!(["report"]));
+    let n = m["number"].as_u64().unwrap().to_string();
+    b.ok(["adopt", &n, "report", "--name", "r"]);
+    assert_eq!(b.ok(["cat", "r"]), "report");
+    assert_eq!(b.json(["show", "r"])["type"], "remote");
+
+    // B replies: A sees it from bob, in the same thread as its message.
+    let id = m["message_id"].as_str().unwrap().to_string();
+    b.ok(["reply", &n, "thanks"]);
+    let inbox = wait_inbox(&a, "bob's reply", has("thanks"));
+    let reply = find(&inbox, "thanks");
+    assert_eq!(reply["from"], "bob");
+    assert_eq!(reply["reply_to"], id.as_str());
+    assert_eq!(
+        texts(&a.inbox(&["--thread", &id])),
+        ["see @report", "thanks"]
+    );
+    assert_eq!(
+        texts(&b.inbox(&["--thread", &id])),
+        ["see @report", "thanks"]
+    );
+
+    // A asks bob; B answers with one of its values; A reads it from B.
+    a.ok(["request", "bob", "need a doc", "--name", "doc"]);
+    let inbox = wait_inbox(&b, "alice's request", has("need a doc"));
+    let req = find(&inbox, "need a doc");
+    assert_eq!(req["type"], "request");
+    assert_eq!(req["from"], "alice");
+    assert_eq!(req["state"], "pending");
+    b.ok(["store", "--text", "the doc", "--name", "greeting"]);
+    let n = req["number"].as_u64().unwrap().to_string();
+    b.ok(["resolve", &n, "greeting"]);
+    wait_inbox(&a, "the answer", |i| {
+        i.iter()
+            .any(|m| m["description"] == "need a doc" && m["state"] == "resolved")
+    });
+    assert_eq!(a.ok(["cat", "doc"]), "the doc");
+    let shown = a.json(["show", "doc"]);
+    assert!(
+        shown["detail"].as_str().unwrap().contains("on cluster"),
+        "doc is B's value: {shown}"
+    );
+    // Answering twice is refused on B, and changes nothing on A.
+    let (code, err) = b.fail(["resolve", &n, "greeting"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("already settled"), "{err}");
+
+    // A rejection travels too; A's --wait sees it.
+    let waiter = a.spawn(["request", "bob", "another", "--wait"]);
+    let inbox = wait_inbox(&b, "the second request", has("another"));
+    let n = find(&inbox, "another")["number"]
+        .as_u64()
+        .unwrap()
+        .to_string();
+    b.ok(["reject", &n, "not today"]);
+    let r = capstan_tests::wait_child(waiter, Duration::from_secs(30), "request --wait");
+    assert!(!r.success(), "a rejected request --wait exits non-zero");
+    assert!(r.stderr.contains("not today"), "{}", r.stderr);
+}
+
+#[test]
+fn mail_waits_for_a_dead_peer_and_arrives_once() {
+    let mut a = listening();
+    let mut b = listening();
+    pair(&a, "bob", &b, "alice");
+
+    b.kill9();
+    for i in 0..5 {
+        a.ok(["send", "bob", &format!("message {i}")]);
+    }
+    // The sender dies too before anything could be delivered.
+    a.kill9();
+    a.start();
+    b.start();
+    let inbox = wait_inbox(&b, "five messages", |i| i.len() >= 5);
+    std::thread::sleep(Duration::from_millis(500));
+    let inbox2 = b.inbox(&[]);
+    assert_eq!(inbox2.len(), 5, "delivered more than once: {inbox2:?}");
+    assert_eq!(
+        texts(&inbox),
+        (0..5).map(|i| format!("message {i}")).collect::<Vec<_>>(),
+        "in the order sent"
+    );
+    assert!(inbox.iter().all(|m| m["from"] == "alice"));
+}
+
+#[test]
+fn a_capability_passed_a_to_b_to_c_is_invoked_by_c() {
+    let a = listening();
+    let b = listening();
+    let c = listening();
+    pair(&a, "bob", &b, "alice");
+    pair(&b, "carol", &c, "bob");
+
+    a.ok(["store", "--text", "from A", "--name", "report"]);
+    a.ok(["send", "bob", "@report"]);
+    let inbox = wait_inbox(&b, "alice's reference", has("@report"));
+    let n = find(&inbox, "@report")["number"]
+        .as_u64()
+        .unwrap()
+        .to_string();
+    b.ok(["adopt", &n, "report", "--name", "r"]);
+    b.ok(["send", "carol", "passing on @r:from-alice"]);
+    let inbox = wait_inbox(&c, "bob's reference", has("passing on @from-alice"));
+    let m = find(&inbox, "passing on @from-alice");
+    assert_eq!(m["from"], "bob");
+    let n = m["number"].as_u64().unwrap().to_string();
+    c.ok(["adopt", &n, "from-alice"]);
+    assert_eq!(c.ok(["cat", "from-alice"]), "from A");
+
+    // C talks to A directly: it keeps working with B gone.
+    drop(b);
+    assert_eq!(c.ok(["cat", "from-alice"]), "from A");
+    // And A's cancel reaches it.
+    a.ok(["cancel", "report"]);
+    let (code, err) = c.fail(["cat", "from-alice"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("revoked"), "{err}");
+}
+
+#[test]
+fn invitations_are_one_use_and_refused_mail_bounces() {
+    let a = listening();
+    let b = listening();
+    let c = listening();
+    let v = a.json(["invite", "bob"]);
+    let inv = v["invitation"].as_str().unwrap().to_string();
+    b.ok(["accept", &inv, "alice"]);
+    // A second node cannot use the same invitation.
+    let (code, err) = c.fail(["accept", &inv, "alice"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("unknown or revoked"), "{err}");
+    assert!(
+        !c.names(&[]).contains("alice"),
+        "a refused accept named nothing"
+    );
+    // A name that is taken is refused before anything is sent.
+    let inv2 = a.json(["invite", "carol"])["invitation"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    c.ok(["store", "--text", "x", "--name", "alice"]);
+    let (code, err) = c.fail(["accept", &inv2, "alice"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("already in use"), "{err}");
+    assert_eq!(a.json(["show", "carol"])["type"], "invitation");
+    // A withdrawn invitation cannot be accepted.
+    a.ok(["cancel", "carol"]);
+    let (code, err) = c.fail(["accept", &inv2, "anna"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("unknown or revoked"), "{err}");
+    // A node that does not listen cannot invite.
+    let lone = Node::started();
+    let (code, err) = lone.fail(["invite", "x"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--listen"), "{err}");
+
+    // A revokes the handle it gave bob: bob's mail bounces back to bob.
+    a.ok(["cancel", "SELF"]);
+    b.ok(["send", "alice", "hello?"]);
+    let inbox = wait_inbox(&b, "a bounce", |i| {
+        i.iter().any(|m| {
+            m["text"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("[undeliverable]"))
+        })
+    });
+    let bounce = inbox
+        .iter()
+        .find(|m| {
+            m["text"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("[undeliverable]")
+        })
+        .unwrap();
+    assert!(
+        bounce["text"].as_str().unwrap().contains("revoked"),
+        "{bounce}"
+    );
+    assert!(
+        a.inbox(&[]).is_empty(),
+        "nothing reached A: {:?}",
+        a.inbox(&[])
+    );
+}
