@@ -90,6 +90,7 @@ pub struct NodeInfo {
     pub started_ms: u64,
     pub incarnations: u32,
     pub uptime_ms: u64,
+    pub connections: u32,
 }
 
 fn text(r: capnp::Result<capnp::text::Reader<'_>>) -> Result<String, CapError> {
@@ -125,6 +126,7 @@ pub async fn ping(paths: &Paths) -> Result<NodeInfo, ClientError> {
             started_ms: i.get_started_ms(),
             incarnations: i.get_incarnations(),
             uptime_ms: i.get_uptime_ms(),
+            connections: i.get_connections(),
         })
     };
     answer.await.map_err(|e| classify(paths, e))

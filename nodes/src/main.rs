@@ -237,6 +237,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         "uptime_ms": info.uptime_ms,
                         "store": info.store,
                         "incarnations": info.incarnations,
+                        "connections": info.connections,
                         "root_host": hex::encode(&info.root_host),
                     }));
                 } else {
@@ -246,6 +247,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     println!("uptime        {}", duration_human(info.uptime_ms));
                     println!("store         {}", info.store);
                     println!("incarnations  {}", info.incarnations);
+                    println!("connections   {}", info.connections);
                     println!("root host     {}", hex::encode(&info.root_host));
                 }
                 Ok(())

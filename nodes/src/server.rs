@@ -87,6 +87,7 @@ impl node::Server for NodeServer {
         info.set_started_ms(self.started_ms);
         info.set_incarnations(u32::try_from(self.runtime.incarnations()).unwrap_or(u32::MAX));
         info.set_uptime_ms(u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX));
+        info.set_connections(u32::try_from(self.net.connections()).unwrap_or(u32::MAX));
         Ok(())
     }
 

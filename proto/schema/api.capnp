@@ -29,6 +29,7 @@ struct NodeInfo {
   startedMs @5 :UInt64;
   incarnations @6 :UInt32;
   uptimeMs @7 :UInt64;
+  connections @8 :UInt32;   # open QUIC connections to other nodes
 }
 
 enum ValueKind {

@@ -255,3 +255,53 @@ fn invitations_are_one_use_and_refused_mail_bounces() {
         a.inbox(&[])
     );
 }
+
+fn connections(node: &Node) -> u64 {
+    node.json(["status"])["connections"]
+        .as_u64()
+        .expect("status --json has connections")
+}
+
+#[test]
+fn one_connection_per_pair_of_nodes_even_when_both_dial() {
+    let mut a = listening();
+    let mut b = listening();
+    pair(&a, "bob", &b, "alice");
+    a.ok(["send", "bob", "one"]);
+    wait_inbox(&b, "one", has("one"));
+    b.ok(["send", "alice", "two"]);
+    wait_inbox(&a, "two", has("two"));
+    assert_eq!(connections(&a), 1, "A reuses the connection B dialled");
+    assert_eq!(connections(&b), 1);
+
+    // Both restart, then send at the same moment: each may dial the other.
+    a.stop();
+    b.stop();
+    a.start();
+    b.start();
+    assert_eq!(connections(&a), 0);
+    let ca = a.spawn(["send", "bob", "crossed a"]);
+    let cb = b.spawn(["send", "alice", "crossed b"]);
+    for (c, what) in [(ca, "send from A"), (cb, "send from B")] {
+        let r = capstan_tests::wait_child(c, Duration::from_secs(30), what);
+        assert!(r.success(), "{what}: {}", r.stderr);
+    }
+    wait_inbox(&b, "crossed a", has("crossed a"));
+    wait_inbox(&a, "crossed b", has("crossed b"));
+    // Both keep the same one connection; a duplicate is closed.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while connections(&a) != 1 || connections(&b) != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "connections: A {}, B {}",
+            connections(&a),
+            connections(&b)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    a.ok(["send", "bob", "after"]);
+    wait_inbox(&b, "after", has("after"));
+    b.ok(["send", "alice", "back"]);
+    wait_inbox(&a, "back", has("back"));
+    assert_eq!((connections(&a), connections(&b)), (1, 1));
+}

@@ -79,12 +79,73 @@ fn failed(msg: impl Into<String>) -> CapError {
     CapError::failed(msg.into())
 }
 
-/// A connection to another cluster, with the capabilities restored on it.
+/// A connection to another cluster (dialled by either side), with the
+/// capabilities restored on it.
 struct Peer {
     conn: quinn::Connection,
-    gateway: gateway::Client,
+    /// Whether this node dialled it.
+    mine: bool,
+    /// Our client of the other side's gateway, on a stream we open.
+    gateway: RefCell<Option<gateway::Client>>,
+    opening: tokio::sync::Mutex<()>,
     objects: RefCell<HashMap<[u8; 32], object::Client>>,
 }
+
+impl Peer {
+    fn new(conn: quinn::Connection, mine: bool) -> Peer {
+        Peer {
+            conn,
+            mine,
+            gateway: RefCell::new(None),
+            opening: tokio::sync::Mutex::new(()),
+            objects: RefCell::new(HashMap::new()),
+        }
+    }
+
+    /// The other side's gateway: a Cap'n Proto client on a stream of this
+    /// connection, opened on first use.
+    async fn gateway(&self) -> Result<gateway::Client, String> {
+        if let Some(g) = self.gateway.borrow().clone() {
+            return Ok(g);
+        }
+        let _guard = self.opening.lock().await;
+        if let Some(g) = self.gateway.borrow().clone() {
+            return Ok(g);
+        }
+        let (send, recv) = self
+            .conn
+            .open_bi()
+            .await
+            .map_err(|e| format!("{}: {e}", self.conn.remote_address()))?;
+        let network = twoparty::VatNetwork::new(
+            recv.compat(),
+            send.compat_write(),
+            Side::Client,
+            reader_options(),
+        );
+        let mut rpc = RpcSystem::new(Box::new(network), None);
+        let gateway: gateway::Client = rpc.bootstrap(Side::Server);
+        tokio::task::spawn_local(async move {
+            let _ = rpc.await;
+        });
+        *self.gateway.borrow_mut() = Some(gateway.clone());
+        Ok(gateway)
+    }
+
+    fn live(&self) -> bool {
+        self.conn.close_reason().is_none()
+    }
+}
+
+/// Whether a connection between clusters `me` and `them` is the one both
+/// keep when each dialled the other: the one dialled by the smaller id.
+fn preferred(me: &[u8; 32], them: &[u8; 32], mine: bool) -> bool {
+    let dialler = if mine { me } else { them };
+    dialler == me.min(them)
+}
+
+/// How long a duplicate connection is kept for calls already on it.
+const DUPLICATE_GRACE: Duration = Duration::from_secs(3);
 
 /// The QUIC side of a node.
 pub struct Net {
@@ -196,6 +257,17 @@ impl Net {
             .map_err(|_| anyhow!("handshake timed out"))??;
         let peer = peer_cluster(&conn)?;
         tracing::debug!(remote = %conn.remote_address(), cluster = %&encode32(&peer)[..12], "peer connected");
+        self.register(peer, Rc::new(Peer::new(conn.clone(), false)));
+        self.serve_streams(conn, peer).await
+    }
+
+    /// Serves the gateway on every stream the other side opens on `conn`
+    /// (whichever side dialled it).
+    async fn serve_streams(
+        self: Rc<Self>,
+        conn: quinn::Connection,
+        peer: [u8; 32],
+    ) -> anyhow::Result<()> {
         loop {
             let (send, recv) = conn.accept_bi().await?;
             let gateway: gateway::Client = capnp_rpc::new_client(GatewayServer {
@@ -224,8 +296,9 @@ impl Net {
 
     // --- dialling ----------------------------------------------------------------------
 
-    /// The connection to `remote`'s cluster, dialled if needed.
-    async fn peer(&self, remote: &RemoteRec) -> Result<Rc<Peer>, String> {
+    /// The connection to `remote`'s cluster: the one either side already
+    /// opened, else a new one dialled now.
+    async fn peer(self: &Rc<Self>, remote: &RemoteRec) -> Result<Rc<Peer>, String> {
         if let Some(p) = self.live_peer(&remote.cluster) {
             return Ok(p);
         }
@@ -234,20 +307,68 @@ impl Net {
             return Ok(p);
         }
         let p = Rc::new(self.dial(remote).await?);
-        self.peers.borrow_mut().insert(remote.cluster, p.clone());
-        Ok(p)
+        let me = self.clone();
+        let (conn, cluster) = (p.conn.clone(), remote.cluster);
+        tokio::task::spawn_local(async move {
+            if let Err(e) = me.serve_streams(conn, cluster).await {
+                tracing::debug!("outgoing connection ended: {e:#}");
+            }
+        });
+        Ok(self.register(remote.cluster, p))
+    }
+
+    /// Records a new connection to `cluster`; returns the one to use. When
+    /// both nodes dialled each other, both keep the same one (see
+    /// [`preferred`]) and close the other after [`DUPLICATE_GRACE`].
+    fn register(&self, cluster: [u8; 32], new: Rc<Peer>) -> Rc<Peer> {
+        let mut peers = self.peers.borrow_mut();
+        let (keep, drop) = match peers.get(&cluster) {
+            Some(old) if old.live() && !Rc::ptr_eq(old, &new) => {
+                let me = &self.id.cluster_id;
+                if preferred(me, &cluster, old.mine) && !preferred(me, &cluster, new.mine) {
+                    (old.clone(), new)
+                } else {
+                    (new, old.clone())
+                }
+            }
+            _ => {
+                peers.insert(cluster, new.clone());
+                return new;
+            }
+        };
+        peers.insert(cluster, keep.clone());
+        tracing::debug!(cluster = %&encode32(&cluster)[..12], "two connections to one cluster: closing one");
+        tokio::task::spawn_local(async move {
+            tokio::time::sleep(DUPLICATE_GRACE).await;
+            drop.conn.close(0u32.into(), b"duplicate connection");
+        });
+        keep
     }
 
     fn live_peer(&self, cluster: &[u8; 32]) -> Option<Rc<Peer>> {
         let mut peers = self.peers.borrow_mut();
         match peers.get(cluster) {
-            Some(p) if p.conn.close_reason().is_none() => Some(p.clone()),
+            Some(p) if p.live() => Some(p.clone()),
             Some(_) => {
                 peers.remove(cluster);
                 None
             }
             None => None,
         }
+    }
+
+    /// Forgets `peer` as the connection to `cluster` (not a newer one).
+    fn drop_peer(&self, cluster: &[u8; 32], peer: &Rc<Peer>) {
+        let mut peers = self.peers.borrow_mut();
+        if peers.get(cluster).is_some_and(|p| Rc::ptr_eq(p, peer)) {
+            peers.remove(cluster);
+        }
+    }
+
+    /// Open QUIC connections, whichever side dialled (one per other
+    /// cluster in use, plus duplicates and refused ones still closing).
+    pub fn connections(&self) -> usize {
+        self.endpoint.open_connections()
     }
 
     async fn dial(&self, remote: &RemoteRec) -> Result<Peer, String> {
@@ -288,24 +409,10 @@ impl Net {
                         continue;
                     }
                 };
-                let (send, recv) = conn.open_bi().await.map_err(|e| format!("{addr}: {e}"))?;
-                let network = twoparty::VatNetwork::new(
-                    recv.compat(),
-                    send.compat_write(),
-                    Side::Client,
-                    reader_options(),
-                );
-                let mut rpc = RpcSystem::new(Box::new(network), None);
-                let gateway: gateway::Client = rpc.bootstrap(Side::Server);
-                tokio::task::spawn_local(async move {
-                    let _ = rpc.await;
-                });
+                let peer = Peer::new(conn, true);
+                peer.gateway().await?;
                 tracing::debug!(%addr, cluster, "connected to peer");
-                return Ok(Peer {
-                    conn,
-                    gateway,
-                    objects: RefCell::new(HashMap::new()),
-                });
+                return Ok(peer);
             }
         }
         Err(format!(
@@ -316,13 +423,17 @@ impl Net {
 
     /// The capability a remote formula designates (restored once per
     /// connection, then reused: a live capability).
-    async fn object(&self, remote: &RemoteRec) -> Result<(Rc<Peer>, object::Client), String> {
+    async fn object(
+        self: &Rc<Self>,
+        remote: &RemoteRec,
+    ) -> Result<(Rc<Peer>, object::Client), String> {
         let peer = self.peer(remote).await?;
         let key = *blake3::hash(&remote.swiss).as_bytes();
         if let Some(o) = peer.objects.borrow().get(&key) {
             return Ok((peer.clone(), o.clone()));
         }
-        let mut r = peer.gateway.restore_request();
+        let gateway = peer.gateway().await?;
+        let mut r = gateway.restore_request();
         r.get().set_swiss(&remote.swiss);
         // Pipelined: the object is usable before restore answers.
         let o = r.send().pipeline.get_object();
@@ -337,7 +448,11 @@ impl Net {
 
     /// Runs `call` on the remote capability; on a broken connection, dials
     /// again once; a failed capability (revoked) is forgotten.
-    async fn with_object<T, F, Fut>(&self, remote: &RemoteRec, call: F) -> Result<T, NetError>
+    async fn with_object<T, F, Fut>(
+        self: &Rc<Self>,
+        remote: &RemoteRec,
+        call: F,
+    ) -> Result<T, NetError>
     where
         F: Fn(object::Client) -> Fut,
         Fut: std::future::Future<Output = Result<T, CapError>>,
@@ -358,13 +473,13 @@ impl Net {
                 Ok(v) => return Ok(v),
                 Err(e) if e.kind == capnp::ErrorKind::Disconnected && attempt == 0 => {
                     self.forget(remote, &peer);
-                    self.peers.borrow_mut().remove(&remote.cluster);
+                    self.drop_peer(&remote.cluster, &peer);
                     continue;
                 }
                 Err(e) => {
                     self.forget(remote, &peer);
                     if e.kind == capnp::ErrorKind::Disconnected {
-                        self.peers.borrow_mut().remove(&remote.cluster);
+                        self.drop_peer(&remote.cluster, &peer);
                         return Err(NetError::Unreachable(format!(
                             "lost the connection to cluster {}…: {}",
                             &encode32(&remote.cluster)[..12],
@@ -381,7 +496,7 @@ impl Net {
         unreachable!("the loop returns on its second attempt")
     }
 
-    pub async fn cat(&self, remote: &RemoteRec) -> Result<(ValueKind, Vec<u8>), String> {
+    pub async fn cat(self: &Rc<Self>, remote: &RemoteRec) -> Result<(ValueKind, Vec<u8>), String> {
         self.with_object(remote, |o| async move {
             let answer = o.cat_request().send().promise.await?;
             let r = answer.get()?;
@@ -396,7 +511,7 @@ impl Net {
         .map_err(|e| e.to_string())
     }
 
-    pub async fn show(&self, remote: &RemoteRec) -> Result<(String, String), String> {
+    pub async fn show(self: &Rc<Self>, remote: &RemoteRec) -> Result<(String, String), String> {
         self.with_object(remote, |o| async move {
             let answer = o.show_request().send().promise.await?;
             let r = answer.get()?;
@@ -423,7 +538,7 @@ impl Net {
     /// already meaning this node's agent once recorded) and returns the
     /// inviter's handle for us.
     pub async fn accept(
-        &self,
+        self: &Rc<Self>,
         invitation: &Locator,
         handle_swiss: [u8; 32],
     ) -> Result<RemoteRec, NetError> {
@@ -460,7 +575,7 @@ impl Net {
     }
 
     /// Delivers one outbox item.
-    pub async fn send_item(&self, item: &OutboxItem) -> Result<(), NetError> {
+    pub async fn send_item(self: &Rc<Self>, item: &OutboxItem) -> Result<(), NetError> {
         let fill = |r: &RemoteRec| self.fill(r);
         let has_own = match &item.op {
             OutOp::Deliver(e) => match &e.body {
@@ -593,14 +708,18 @@ impl Net {
     }
 
     /// The gateway of `remote`'s cluster (benchmarks).
-    pub async fn gateway(&self, remote: &RemoteRec) -> Result<gateway::Client, String> {
-        Ok(self.peer(remote).await?.gateway.clone())
+    pub async fn gateway(self: &Rc<Self>, remote: &RemoteRec) -> Result<gateway::Client, String> {
+        self.peer(remote).await?.gateway().await
     }
 
     /// `Gateway.ping` round trip to `remote`'s cluster (benchmarks).
-    pub async fn ping(&self, remote: &RemoteRec, payload: &[u8]) -> Result<usize, String> {
-        let peer = self.peer(remote).await?;
-        let mut r = peer.gateway.ping_request();
+    pub async fn ping(
+        self: &Rc<Self>,
+        remote: &RemoteRec,
+        payload: &[u8],
+    ) -> Result<usize, String> {
+        let gateway = self.peer(remote).await?.gateway().await?;
+        let mut r = gateway.ping_request();
         r.get().set_payload(payload);
         let answer = r.send().promise.await.map_err(|e| e.to_string())?;
         let n = answer
