@@ -66,6 +66,8 @@ const REDB_MAGIC: [u8; 9] = [b'r', b'e', b'd', b'b', 0x1A, 0x0A, 0xA9, 0x0D, 0x0
 
 /// Commit requests waiting for the committer, at most.
 pub const QUEUE_CAPACITY: usize = 4096;
+/// A batch commit (apply + fsync) slower than this is logged as a warning.
+const SLOW_COMMIT: Duration = Duration::from_millis(200);
 /// Requests committed in one batch, at most.
 pub const MAX_BATCH_REQUESTS: usize = 1024;
 /// Mutation bytes committed in one batch, at most (a single larger request still goes alone).
@@ -412,6 +414,7 @@ impl Committer {
             accepted.push(&p.req);
             replies.push(None);
         }
+        let started = Instant::now();
         let result = if written.is_empty() {
             Ok(self.version)
         } else {
@@ -427,9 +430,19 @@ impl Committer {
                 }
             }
         };
+        let took = started.elapsed();
+        if took > SLOW_COMMIT {
+            tracing::warn!(
+                store = %self.describe,
+                ms = took.as_millis() as u64,
+                requests = accepted.len(),
+                "slow commit: the disk took long to make a batch durable"
+            );
+        }
         tracing::trace!(
             size = batch.len(),
             accepted = accepted.len(),
+            us = took.as_micros() as u64,
             "batch committed"
         );
         for (p, reply) in batch.into_iter().zip(replies) {
