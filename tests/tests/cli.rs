@@ -121,10 +121,18 @@ fn json_shapes() {
     let st = node.json(["status"]);
     assert_eq!(
         keys(&st),
-        sorted(&["pid", "uptime_ms", "store", "incarnations", "root_host"]),
+        sorted(&[
+            "pid",
+            "uptime_ms",
+            "store",
+            "incarnations",
+            "connections",
+            "root_host"
+        ]),
         "{st}"
     );
     assert_eq!(st["pid"], pid);
+    assert_eq!(st["connections"], 0, "a node that talked to no one: {st}");
     assert!(
         st["uptime_ms"].is_u64() && st["incarnations"].is_u64(),
         "{st}"
