@@ -302,7 +302,18 @@ pub(crate) fn issue_locator(
     let mut swiss = [0u8; 32];
     getrandom::fill(&mut swiss)
         .map_err(|e| Error::Unavailable(format!("no randomness for a swiss number: {e}")))?;
-    let hash = swiss_hash(&swiss);
+    record_locator(tx, &swiss, target, peer)?;
+    Ok(swiss)
+}
+
+/// Records `swiss` (by its hash only) as a locator of `target`.
+pub(crate) fn record_locator(
+    tx: &mut Transaction,
+    swiss: &[u8; 32],
+    target: &FormulaId,
+    peer: Option<FormulaId>,
+) -> Result<(), Error> {
+    let hash = swiss_hash(swiss);
     let rec = LocatorRec {
         target: *target,
         created_ms: now_ms(),
@@ -310,7 +321,7 @@ pub(crate) fn issue_locator(
     };
     tx.set(&keys::locator(&hash), &rec.encode())?;
     tx.set(&keys::locator_of(target, &hash), &[])?;
-    Ok(swiss)
+    Ok(())
 }
 
 /// How a formula travels in a message to another cluster: a remote formula
@@ -497,14 +508,7 @@ impl AgentHandle {
                         },
                     )?;
                     model::set_name(tx, &dir, p.last(), &id).await?;
-                    let hash = swiss_hash(&handle_swiss);
-                    let rec = LocatorRec {
-                        target: ctx.id,
-                        created_ms: now,
-                        peer: Some(id),
-                    };
-                    tx.set(&keys::locator(&hash), &rec.encode())?;
-                    tx.set(&keys::locator_of(&ctx.id, &hash), &[])?;
+                    record_locator(tx, &handle_swiss, &ctx.id, Some(id))?;
                     model::dedup_put(tx, &ctx.id, &req, DedupAnswer::Id(id), now)?;
                     Ok(id)
                 })

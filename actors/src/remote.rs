@@ -49,12 +49,7 @@ impl AgentHandle {
     pub async fn locate(&self, path: &str) -> Result<(FormulaId, [u8; 32]), Error> {
         let ctx = self.ctx.clone();
         let p = Path::parse(path)?;
-        let mut swiss = [0u8; 32];
-        getrandom::fill(&mut swiss)
-            .map_err(|e| Error::Unavailable(format!("no randomness for a swiss number: {e}")))?;
-        let hash = swiss_hash(&swiss);
-        let id = self
-            .rt
+        self.rt
             .db
             .transact(move |tx| {
                 let (ctx, p) = (ctx.clone(), p.clone());
@@ -66,18 +61,11 @@ impl AgentHandle {
                             "{p} is a reference to another cluster; share the locator it was adopted from instead"
                         )));
                     }
-                    let rec = LocatorRec {
-                        target: id,
-                        created_ms: now_ms(),
-                        peer: None,
-                    };
-                    tx.set(&keys::locator(&hash), &rec.encode())?;
-                    tx.set(&keys::locator_of(&id, &hash), &[])?;
-                    Ok(id)
+                    let swiss = crate::federation::issue_locator(tx, &id, None)?;
+                    Ok((id, swiss))
                 })
             })
-            .await?;
-        Ok((id, swiss))
+            .await
     }
 
     /// Revokes every locator issued for what `path` names; returns how many.
