@@ -188,7 +188,7 @@ impl Store for RedbStore {
 }
 
 /// Checks the limits on a request coming straight to [`Store::commit`]; its mutation bytes.
-fn validate(req: &CommitRequest) -> Result<usize, StoreError> {
+pub(crate) fn validate(req: &CommitRequest) -> Result<usize, StoreError> {
     let mut total = 0usize;
     for m in &req.mutations {
         // A range end may be one byte longer than a key (`key\0`).

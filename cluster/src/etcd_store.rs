@@ -1,0 +1,1007 @@
+//! The replicated backend: an etcd (v3 API, 3.4+) cluster.
+//!
+//! # Spec
+//!
+//! `etcd://HOST:PORT[,HOST:PORT…][/PREFIX][?max-request-bytes=N]`, e.g.
+//! `etcd://127.0.0.1:2379,127.0.0.1:22379,127.0.0.1:32379/capstan`
+//! (what `scripts/etcd-cluster start` prints, plus a prefix). `PREFIX` defaults
+//! to `capstan`; it may contain `A-Z a-z 0-9 . _ - /`. Stores with different
+//! prefixes are independent (the tests give each check a fresh one); prefixes
+//! must not nest (`a` and `a/d/x`). `max-request-bytes` is the largest request
+//! the cluster accepts (etcd's `--max-request-bytes`, default 1.5 MiB;
+//! `scripts/etcd-cluster` starts members with 16 MiB, enough for a 10 MB
+//! transaction).
+//!
+//! # Layout
+//!
+//! - `PREFIX/d/KEY`: the value of user key `KEY` (raw bytes, no header);
+//! - `PREFIX/c/ID`: commit markers (below);
+//! - `PREFIX/m`: never written; read to learn the current revision.
+//!
+//! # Versions and snapshots
+//!
+//! A [`Version`] is an etcd revision. A snapshot is the current revision `R`
+//! (one linearizable read); its reads are linearizable range reads at revision
+//! `R`, paged ([`PAGE`] pairs) so that no response approaches the gRPC message
+//! limit. A revision etcd has compacted away fails the read with
+//! [`StoreError::Conflict`], which [`crate::Db::transact`] retries on a new
+//! snapshot (FoundationDB's `transaction_too_old`).
+//!
+//! # Serializable commits
+//!
+//! A commit is one etcd Txn. It must apply only if nothing in the read-conflict
+//! ranges changed after `R`. A compare `mod_revision(range) < R + 1` catches
+//! keys created or modified after `R`, but not keys deleted after `R` (a
+//! deleted key is not in the range any more). So the committer first reads, at
+//! revision `R`, the keys that existed in each (merged) read-conflict range and
+//! their mod revisions (keys only), and the Txn compares:
+//!
+//! - for a single-key range `[k, k\0)`: `mod_revision(k) == m`, where `m` is
+//!   its mod revision at `R` (0 when absent): any later put or delete changes it;
+//! - for a wider range: `mod_revision(range) < R + 1` (nothing created or
+//!   modified after `R`) **and** `mod_revision(k) == m` for every key `k` that
+//!   existed in it at `R` (nothing deleted: a deleted key compares as 0, a
+//!   deleted-then-recreated one has a newer mod revision).
+//!
+//! Every change after `R` to a key of a read range is a create, a modify or a
+//! delete of a key that either existed at `R` (caught by its equality compare)
+//! or did not (then it exists at commit time with a newer mod revision, or was
+//! created and deleted again, which leaves the state the transaction read: no
+//! conflict needed). Etcd evaluates all compares and applies the writes
+//! atomically in one raft entry, so the check and the writes are one step:
+//! the commit is serializable at its commit revision.
+//!
+//! ## More than 128 operations
+//!
+//! Etcd refuses a Txn with more than 128 compares or more than 128 operations
+//! in a branch (`--max-txn-ops`), but a branch may hold a nested Txn, with its
+//! own 128. So compares are chained: the first 128 guard a nested Txn holding
+//! the next 128, and so on; the innermost success branch holds the writes,
+//! grouped into compare-less nested Txns of at most 128 operations (a tree).
+//! The writes apply only if every level's compares hold, all in one request,
+//! so a read set of any size stays exactly as serializable as a small one; the
+//! only limit left is the request size.
+//!
+//! ## Request size
+//!
+//! A request larger than `max-request-bytes` (estimated before sending:
+//! keys, values and a per-operation overhead) fails with
+//! [`StoreError::TransactionTooLarge`] and nothing is sent; so does a request
+//! the cluster itself refuses as too large. Large values go through
+//! [`crate::blob`] (100 KB chunks), which keeps each value small but not the
+//! transaction: a 3 MiB blob needs a cluster started with a larger
+//! `--max-request-bytes` (as `scripts/etcd-cluster` does) and the same figure in
+//! the spec.
+//!
+//! # Endpoints
+//!
+//! One etcd-client connection per endpoint (the crate's own balancing does not
+//! move off a dead endpoint). Requests go to the current endpoint; a
+//! connection failure, a timeout or a member without leader moves the current
+//! endpoint to the next one and retries, at most [`MAX_ATTEMPTS`] times within
+//! [`RETRY_BUDGET`], with backoff. When every attempt failed the error names the
+//! endpoints and says how to start a cluster.
+//!
+//! # "Maybe committed"
+//!
+//! Each commit carries a unique marker key `PREFIX/c/ID`: the Txn's first
+//! compare is `create_revision(marker) == 0` and its innermost success branch
+//! puts the marker (value `c`, attached to a lease of [`MARKER_TTL`] renewed by
+//! granting a new lease every [`LEASE_ROTATION`], so markers delete themselves).
+//! When a Txn fails without a definite answer (connection dropped, timeout,
+//! leader change), the committer resolves it on the next endpoint with a Txn
+//! `if create_revision(marker) == 0 then put marker = "a" (aborted, no lease) else get marker`:
+//! if the marker was absent, the abort marker now fences the lost Txn (should it
+//! still reach the leader, its first compare fails) and the commit reports
+//! [`StoreError::Conflict`] (not applied: `Db::transact` runs it again); if the
+//! marker says `c`, the commit was applied, at the marker's revision. Nothing
+//! is ever applied twice. Resolution is itself idempotent and retried on the
+//! other endpoints; only if it cannot finish within [`RESOLVE_DEADLINE`] of the
+//! first send (so before the marker's lease could expire) is the outcome
+//! reported as [`StoreError::MaybeCommitted`]. Abort markers are rare (one per
+//! ambiguous failure) and a few bytes each; they are kept.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, GetResponse, KvClient,
+    PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse, TxnResponse,
+};
+use tokio::sync::Mutex;
+
+use crate::store::{
+    CommitRequest, KeyValue, Mutation, RangeOption, Snapshot, Store, StoreError, Version, key_after,
+};
+
+/// Default key prefix of a store.
+pub const DEFAULT_PREFIX: &str = "capstan";
+/// Etcd's default `--max-request-bytes` (1.5 MiB).
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1_572_864;
+/// Etcd's default `--max-txn-ops`: compares, and operations per branch, of one Txn.
+pub const MAX_TXN_OPS: usize = 128;
+/// Pairs per page of a range read (≤ 128 × 110 KB stays below the decoding limit).
+pub const PAGE: usize = 64;
+/// Keys per page when reading the keys of a read-conflict range.
+const KEYS_PAGE: usize = 2_000;
+/// Largest gRPC response accepted.
+const MAX_DECODING_BYTES: usize = 64 * 1024 * 1024;
+/// Attempts of one request across the endpoints before giving up.
+pub const MAX_ATTEMPTS: u32 = 16;
+/// Time budget of one request across its attempts.
+pub const RETRY_BUDGET: Duration = Duration::from_secs(15);
+/// Timeout of one gRPC request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+/// Timeout of establishing a connection to one endpoint.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Time to live of the lease commit markers are attached to.
+pub const MARKER_TTL: Duration = Duration::from_secs(60);
+/// A new marker lease is granted when the current one is this old.
+pub const LEASE_ROTATION: Duration = Duration::from_secs(20);
+/// Resolving an ambiguous commit must finish within this time of its first send
+/// (well before a marker written at that send could expire).
+pub const RESOLVE_DEADLINE: Duration = Duration::from_secs(30);
+/// Bytes counted per operation or compare on top of its keys and value.
+const OP_OVERHEAD: usize = 32;
+
+const MARKER_COMMITTED: &[u8] = b"c";
+const MARKER_ABORTED: &[u8] = b"a";
+
+/// What a spec (`etcd://…`) says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdConfig {
+    /// Client endpoints, `HOST:PORT` (or `http://HOST:PORT`).
+    pub endpoints: Vec<String>,
+    /// Key prefix of the store (without trailing `/`).
+    pub prefix: String,
+    /// Largest request the cluster accepts.
+    pub max_request_bytes: usize,
+}
+
+impl EtcdConfig {
+    /// Parses `etcd://HOST:PORT[,HOST:PORT…][/PREFIX][?max-request-bytes=N]`.
+    pub fn parse(spec: &str) -> Result<Self, StoreError> {
+        let bad = |why: &str| {
+            StoreError::Io(format!(
+                "bad etcd store spec {spec:?}: {why}; expected etcd://HOST:PORT[,HOST:PORT…][/PREFIX][?max-request-bytes=N]"
+            ))
+        };
+        let rest = spec
+            .strip_prefix("etcd://")
+            .ok_or_else(|| bad("it does not start with etcd://"))?;
+        let (rest, query) = match rest.split_once('?') {
+            Some((r, q)) => (r, Some(q)),
+            None => (rest, None),
+        };
+        let (hosts, prefix) = match rest.split_once('/') {
+            Some((h, p)) => (h, p.trim_matches('/')),
+            None => (rest, ""),
+        };
+        let prefix = if prefix.is_empty() {
+            DEFAULT_PREFIX
+        } else {
+            prefix
+        };
+        if !prefix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b))
+        {
+            return Err(bad("the prefix may only contain A-Z a-z 0-9 . _ - /"));
+        }
+        let mut endpoints = Vec::new();
+        for h in hosts.split(',') {
+            let h = h.trim();
+            let Some((host, port)) = h.rsplit_once(':') else {
+                return Err(bad(&format!("endpoint {h:?} has no :PORT")));
+            };
+            if host.is_empty() || port.parse::<u16>().is_err() {
+                return Err(bad(&format!("endpoint {h:?} is not HOST:PORT")));
+            }
+            endpoints.push(h.to_string());
+        }
+        let mut max_request_bytes = DEFAULT_MAX_REQUEST_BYTES;
+        for kv in query.unwrap_or("").split('&').filter(|s| !s.is_empty()) {
+            match kv.split_once('=') {
+                Some(("max-request-bytes", n)) => {
+                    max_request_bytes = n
+                        .parse()
+                        .ok()
+                        .filter(|n| *n >= 4096)
+                        .ok_or_else(|| bad("max-request-bytes must be a number ≥ 4096"))?;
+                }
+                _ => return Err(bad(&format!("unknown option {kv:?}"))),
+            }
+        }
+        Ok(EtcdConfig {
+            endpoints,
+            prefix: prefix.to_string(),
+            max_request_bytes,
+        })
+    }
+
+    /// The spec back (`etcd://…/PREFIX`).
+    pub fn spec(&self) -> String {
+        let mut s = format!("etcd://{}/{}", self.endpoints.join(","), self.prefix);
+        if self.max_request_bytes != DEFAULT_MAX_REQUEST_BYTES {
+            s.push_str(&format!("?max-request-bytes={}", self.max_request_bytes));
+        }
+        s
+    }
+}
+
+/// How a failed etcd request is handled.
+#[derive(Debug)]
+enum Failure {
+    /// The endpoint or the cluster may be unavailable: try the next endpoint.
+    /// For a write, the outcome is unknown.
+    Transient(String),
+    /// A definite answer: retrying elsewhere will not change it.
+    Definite(StoreError),
+    /// The read revision was compacted.
+    Compacted,
+    /// The lease of a commit marker expired: grant a new one and retry.
+    LeaseNotFound,
+}
+
+fn classify(e: etcd_client::Error, what: &str) -> Failure {
+    use etcd_client::Error as E;
+    match e {
+        E::GRpcStatus(s) => {
+            let msg = s.message();
+            let code = i32::from(s.code());
+            if msg.contains("required revision has been compacted") {
+                Failure::Compacted
+            } else if msg.contains("requested lease not found") {
+                Failure::LeaseNotFound
+            } else if msg.contains("request is too large") || code == tonic_code::RESOURCE_EXHAUSTED
+            {
+                Failure::Definite(StoreError::Io(format!(
+                    "etcd refused the {what} as too large ({msg}); split the transaction, or start etcd with a larger --max-request-bytes and give the same figure in the spec (?max-request-bytes=N)"
+                )))
+            } else if msg.contains("too many operations in txn request")
+                || msg.contains("duplicate key given in txn request")
+                || code == tonic_code::INVALID_ARGUMENT
+                || code == tonic_code::PERMISSION_DENIED
+                || code == tonic_code::UNAUTHENTICATED
+            {
+                Failure::Definite(StoreError::Io(format!("etcd refused the {what}: {msg}")))
+            } else {
+                // Unavailable, deadline exceeded, leader changed, no leader, request
+                // timed out, future revision on a lagging member, …
+                Failure::Transient(format!("{}: {msg}", s.code()))
+            }
+        }
+        E::TransportError(e) => Failure::Transient(format!("transport error: {e}")),
+        E::IoError(e) => Failure::Transient(format!("I/O error: {e}")),
+        other => Failure::Definite(StoreError::Io(format!("etcd {what} failed: {other}"))),
+    }
+}
+
+/// gRPC status codes compared against (tonic's `Code` is not re-exported).
+mod tonic_code {
+    pub const INVALID_ARGUMENT: i32 = 3;
+    pub const PERMISSION_DENIED: i32 = 7;
+    pub const RESOURCE_EXHAUSTED: i32 = 8;
+    pub const UNAUTHENTICATED: i32 = 16;
+}
+
+/// The endpoints and one client per endpoint; requests rotate on failure.
+struct Endpoints {
+    names: Vec<String>,
+    clients: Vec<KvClient>,
+    leases: Vec<etcd_client::LeaseClient>,
+    current: AtomicUsize,
+}
+
+impl Endpoints {
+    async fn connect(names: &[String]) -> Result<Self, StoreError> {
+        let options = ConnectOptions::new()
+            .with_timeout(REQUEST_TIMEOUT)
+            .with_connect_timeout(CONNECT_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+        let mut clients = Vec::new();
+        let mut leases = Vec::new();
+        for name in names {
+            let url = if name.contains("://") {
+                name.clone()
+            } else {
+                format!("http://{name}")
+            };
+            let client = Client::connect([url.as_str()], Some(options.clone()))
+                .await
+                .map_err(|e| {
+                    StoreError::Io(format!("cannot set up the etcd endpoint {name}: {e}"))
+                })?;
+            clients.push(
+                client
+                    .kv_client()
+                    .max_decoding_message_size(MAX_DECODING_BYTES),
+            );
+            leases.push(client.lease_client());
+        }
+        Ok(Endpoints {
+            names: names.to_vec(),
+            clients,
+            leases,
+            current: AtomicUsize::new(0),
+        })
+    }
+
+    fn unreachable(&self, attempts: u32, last: &str) -> StoreError {
+        StoreError::Io(format!(
+            "cannot reach the etcd cluster at {} ({attempts} attempts; last error: {last}); is the etcd cluster running? scripts/etcd-cluster start",
+            self.names.join(",")
+        ))
+    }
+
+    /// Runs `op` on the current endpoint, moving to the next one on transient
+    /// failures (bounded). Only for requests that are safe to repeat.
+    async fn call<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T, Failure>
+    where
+        F: FnMut(KvClient, etcd_client::LeaseClient) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let started = Instant::now();
+        let mut delay = Duration::from_millis(20);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let i = self.current.load(Ordering::Relaxed) % self.names.len();
+            match op(self.clients[i].clone(), self.leases[i].clone()).await {
+                Ok(v) => return Ok(v),
+                Err(e) => match classify(e, what) {
+                    Failure::Transient(msg) => {
+                        self.failed(i, &msg);
+                        if attempt >= MAX_ATTEMPTS || started.elapsed() >= RETRY_BUDGET {
+                            return Err(Failure::Definite(self.unreachable(attempt, &msg)));
+                        }
+                        // A full round of endpoints failed: back off before the next.
+                        if attempt as usize % self.names.len() == 0 {
+                            tokio::time::sleep(delay).await;
+                            delay = (delay * 2).min(Duration::from_millis(500));
+                        }
+                    }
+                    other => return Err(other),
+                },
+            }
+        }
+    }
+
+    /// Endpoint `i` failed: move the current endpoint past it (once, even if
+    /// several requests saw it fail).
+    fn failed(&self, i: usize, msg: &str) {
+        let n = self.names.len();
+        let cur = self.current.load(Ordering::Relaxed);
+        if cur % n == i
+            && self
+                .current
+                .compare_exchange(cur, (i + 1) % n, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::debug!(endpoint = %self.names[i], next = %self.names[(i + 1) % n], error = msg, "etcd endpoint failed; rotating");
+        }
+    }
+}
+
+struct Inner {
+    config: EtcdConfig,
+    describe: String,
+    endpoints: Endpoints,
+    data: Vec<u8>,
+    markers: Vec<u8>,
+    meta: Vec<u8>,
+    lease: Mutex<Option<(i64, Instant)>>,
+}
+
+/// The etcd backend (see the module docs).
+pub struct EtcdStore {
+    inner: Arc<Inner>,
+}
+
+impl EtcdStore {
+    /// Opens the store of `spec` (`etcd://…`, see the module docs) and checks
+    /// that the cluster answers.
+    pub async fn open(spec: &str) -> Result<Self, StoreError> {
+        Self::open_config(EtcdConfig::parse(spec)?).await
+    }
+
+    /// Opens the store described by `config` and checks that the cluster answers.
+    pub async fn open_config(config: EtcdConfig) -> Result<Self, StoreError> {
+        let endpoints = Endpoints::connect(&config.endpoints).await?;
+        let p = config.prefix.as_bytes();
+        let inner = Inner {
+            describe: config.spec(),
+            data: [p, b"/d/"].concat(),
+            markers: [p, b"/c/"].concat(),
+            meta: [p, b"/m"].concat(),
+            config,
+            endpoints,
+            lease: Mutex::new(None),
+        };
+        let store = EtcdStore {
+            inner: Arc::new(inner),
+        };
+        store.inner.current_revision().await?;
+        Ok(store)
+    }
+
+    /// The configuration this store was opened with.
+    pub fn config(&self) -> &EtcdConfig {
+        &self.inner.config
+    }
+}
+
+fn to_store_error(f: Failure) -> StoreError {
+    match f {
+        Failure::Definite(e) => e,
+        Failure::Compacted => {
+            tracing::debug!("read revision compacted; the transaction will be retried");
+            StoreError::Conflict
+        }
+        Failure::LeaseNotFound => StoreError::Io("etcd lease not found".into()),
+        Failure::Transient(msg) => StoreError::Io(msg),
+    }
+}
+
+fn rev(r: i64) -> Version {
+    u64::try_from(r).unwrap_or(0)
+}
+
+fn header_revision(h: Option<&etcd_client::ResponseHeader>) -> Result<Version, StoreError> {
+    h.map(|h| rev(h.revision()))
+        .ok_or_else(|| StoreError::Io("etcd response without header".into()))
+}
+
+impl Inner {
+    fn dk(&self, key: &[u8]) -> Vec<u8> {
+        [self.data.as_slice(), key].concat()
+    }
+
+    async fn current_revision(&self) -> Result<Version, StoreError> {
+        let key = self.meta.clone();
+        let resp = self
+            .endpoints
+            .call("revision read", |mut kv, _| {
+                let key = key.clone();
+                async move { kv.get(key, Some(GetOptions::new().with_count_only())).await }
+            })
+            .await
+            .map_err(to_store_error)?;
+        header_revision(resp.header())
+    }
+
+    /// One page of `[begin, end)` (etcd keys) at `revision`.
+    async fn page(
+        &self,
+        begin: &[u8],
+        end: &[u8],
+        revision: Version,
+        limit: usize,
+        reverse: bool,
+        keys_only: bool,
+    ) -> Result<GetResponse, StoreError> {
+        let mut opts = GetOptions::new()
+            .with_range(end.to_vec())
+            .with_revision(i64::try_from(revision).unwrap_or(i64::MAX))
+            .with_limit(i64::try_from(limit).unwrap_or(i64::MAX));
+        if reverse {
+            opts = opts.with_sort(SortTarget::Key, SortOrder::Descend);
+        }
+        if keys_only {
+            opts = opts.with_keys_only();
+        }
+        self.endpoints
+            .call("range read", |mut kv, _| {
+                let (key, opts) = (begin.to_vec(), opts.clone());
+                async move { kv.get(key, Some(opts)).await }
+            })
+            .await
+            .map_err(to_store_error)
+    }
+
+    /// The keys of `[begin, end)` (user keys) at `revision` with their mod revisions.
+    async fn keys_at(
+        &self,
+        begin: &[u8],
+        end: &[u8],
+        revision: Version,
+    ) -> Result<Vec<(Vec<u8>, i64)>, StoreError> {
+        let mut lo = self.dk(begin);
+        let hi = self.dk(end);
+        let mut out = Vec::new();
+        loop {
+            let resp = self
+                .page(&lo, &hi, revision, KEYS_PAGE, false, true)
+                .await?;
+            for kv in resp.kvs() {
+                out.push((kv.key().to_vec(), kv.mod_revision()));
+            }
+            match resp.kvs().last() {
+                Some(last) if resp.more() => lo = key_after(last.key()),
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    async fn lease(&self, renew: bool) -> Result<i64, StoreError> {
+        let mut guard = self.lease.lock().await;
+        if let Some((id, granted)) = *guard
+            && !renew
+            && granted.elapsed() < LEASE_ROTATION
+        {
+            return Ok(id);
+        }
+        let ttl = i64::try_from(MARKER_TTL.as_secs()).unwrap_or(60);
+        let resp = self
+            .endpoints
+            .call("lease grant", |_, mut lease| async move {
+                lease.grant(ttl, None).await
+            })
+            .await
+            .map_err(to_store_error)?;
+        *guard = Some((resp.id(), Instant::now()));
+        Ok(resp.id())
+    }
+
+    /// The compares proving that nothing in `read_conflicts` changed after
+    /// `read_version`, and their estimated size in bytes.
+    async fn read_compares(
+        &self,
+        req: &CommitRequest,
+    ) -> Result<(Vec<Compare>, usize), StoreError> {
+        let ranges = merge_ranges(req.read_conflicts.clone());
+        let next = i64::try_from(req.read_version).unwrap_or(i64::MAX - 1) + 1;
+        let fetched = futures::future::try_join_all(
+            ranges
+                .iter()
+                .map(|(b, e)| self.keys_at(b, e, req.read_version)),
+        )
+        .await?;
+        let mut compares = Vec::new();
+        let mut size = 0;
+        for ((b, e), keys) in ranges.iter().zip(fetched) {
+            size += b.len() + e.len() + 2 * (self.data.len() + OP_OVERHEAD);
+            if *e == key_after(b) {
+                let m = keys.first().map(|(_, m)| *m).unwrap_or(0);
+                compares.push(Compare::mod_revision(self.dk(b), CompareOp::Equal, m));
+            } else {
+                compares.push(
+                    Compare::mod_revision(self.dk(b), CompareOp::Less, next).with_range(self.dk(e)),
+                );
+                for (k, m) in keys {
+                    size += k.len() + OP_OVERHEAD;
+                    compares.push(Compare::mod_revision(k, CompareOp::Equal, m));
+                }
+            }
+        }
+        Ok((compares, size))
+    }
+
+    async fn commit(&self, req: CommitRequest) -> Result<Version, StoreError> {
+        crate::redb_store::validate(&req)?;
+        let (deletes, puts) = normalize(&req.mutations);
+        let (mut compares, mut size) = self.read_compares(&req).await?;
+        let marker = [self.markers.as_slice(), &random_id()].concat();
+        compares.insert(
+            0,
+            Compare::create_revision(marker.clone(), CompareOp::Equal, 0),
+        );
+        let mut writes: Vec<TxnOp> = Vec::new();
+        for (b, e) in &deletes {
+            size += b.len() + e.len() + 2 * self.data.len() + OP_OVERHEAD;
+            if *e == key_after(b) {
+                writes.push(TxnOp::delete(self.dk(b), None));
+            } else {
+                writes.push(TxnOp::delete(
+                    self.dk(b),
+                    Some(DeleteOptions::new().with_range(self.dk(e))),
+                ));
+            }
+        }
+        for (k, v) in &puts {
+            size += k.len() + v.len() + self.data.len() + OP_OVERHEAD;
+        }
+        size += marker.len() * 2 + OP_OVERHEAD;
+        if size > self.config.max_request_bytes {
+            return Err(StoreError::TransactionTooLarge {
+                len: size,
+                max: self.config.max_request_bytes,
+            });
+        }
+        let levels = compares.len().div_ceil(MAX_TXN_OPS);
+        let mut renewed = false;
+        loop {
+            let lease = self.lease(renewed).await?;
+            let mut ops = writes.clone();
+            for (k, v) in &puts {
+                ops.push(TxnOp::put(self.dk(k), v.clone(), None));
+            }
+            ops.push(TxnOp::put(
+                marker.clone(),
+                MARKER_COMMITTED,
+                Some(PutOptions::new().with_lease(lease)),
+            ));
+            let txn = nest(compares.clone(), ops);
+            let sent = Instant::now();
+            let i = self.endpoints.current.load(Ordering::Relaxed) % self.endpoints.names.len();
+            let mut kv = self.endpoints.clients[i].clone();
+            match kv.txn(txn).await {
+                Ok(resp) => {
+                    let version = header_revision(resp.header())?;
+                    return if all_succeeded(&resp, levels) {
+                        Ok(version)
+                    } else {
+                        Err(StoreError::Conflict)
+                    };
+                }
+                Err(e) => match classify(e, "commit") {
+                    Failure::LeaseNotFound if !renewed => {
+                        tracing::debug!("commit-marker lease expired; granting a new one");
+                        renewed = true;
+                    }
+                    Failure::Transient(msg) => {
+                        self.endpoints.failed(i, &msg);
+                        tracing::info!(endpoint = %self.endpoints.names[i], error = %msg, "commit outcome unknown; resolving it with its marker");
+                        return self.resolve(&marker, sent).await;
+                    }
+                    Failure::Definite(StoreError::Io(msg)) if msg.contains("too large") => {
+                        tracing::warn!(error = %msg, "etcd refused a commit as too large");
+                        return Err(StoreError::TransactionTooLarge {
+                            len: size,
+                            max: self.config.max_request_bytes,
+                        });
+                    }
+                    other => return Err(to_store_error(other)),
+                },
+            }
+        }
+    }
+
+    /// Decides an ambiguous commit by its marker: fences it if absent.
+    async fn resolve(&self, marker: &[u8], sent: Instant) -> Result<Version, StoreError> {
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                marker.to_vec(),
+                CompareOp::Equal,
+                0,
+            )])
+            .and_then([TxnOp::put(marker.to_vec(), MARKER_ABORTED, None)])
+            .or_else([TxnOp::get(marker.to_vec(), None)]);
+        let resp = tokio::time::timeout(
+            RESOLVE_DEADLINE.saturating_sub(sent.elapsed()),
+            self.endpoints.call("commit resolution", |mut kv, _| {
+                let txn = txn.clone();
+                async move { kv.txn(txn).await }
+            }),
+        )
+        .await;
+        let resp = match resp {
+            Ok(Ok(r)) => r,
+            Ok(Err(f)) => {
+                tracing::warn!(error = %to_store_error(f), "cannot resolve an ambiguous commit");
+                return Err(StoreError::MaybeCommitted);
+            }
+            Err(_) => {
+                tracing::warn!("resolving an ambiguous commit took too long");
+                return Err(StoreError::MaybeCommitted);
+            }
+        };
+        if resp.succeeded() {
+            tracing::info!("ambiguous commit was not applied; fenced it, the transaction retries");
+            return Err(StoreError::Conflict);
+        }
+        for r in resp.op_responses() {
+            if let TxnOpResponse::Get(g) = r
+                && let Some(kv) = g.kvs().first()
+            {
+                return if kv.value() == MARKER_COMMITTED {
+                    tracing::info!("ambiguous commit was applied");
+                    Ok(rev(kv.mod_revision()))
+                } else {
+                    // Fenced by an earlier resolution of this same commit.
+                    Err(StoreError::Conflict)
+                };
+            }
+        }
+        Err(StoreError::MaybeCommitted)
+    }
+}
+
+/// True if every compare level of a [`nest`]ed Txn held.
+fn all_succeeded(resp: &TxnResponse, levels: usize) -> bool {
+    if !resp.succeeded() {
+        return false;
+    }
+    if levels <= 1 {
+        return true;
+    }
+    match resp.op_responses().into_iter().next() {
+        Some(TxnOpResponse::Txn(inner)) => all_succeeded(&inner, levels - 1),
+        _ => false,
+    }
+}
+
+/// A Txn applying `ops` if all `compares` hold, with at most [`MAX_TXN_OPS`]
+/// compares and operations per level (see the module docs).
+fn nest(mut compares: Vec<Compare>, ops: Vec<TxnOp>) -> Txn {
+    if compares.len() <= MAX_TXN_OPS {
+        return Txn::new().when(compares).and_then(pack(ops));
+    }
+    let rest = compares.split_off(MAX_TXN_OPS);
+    Txn::new()
+        .when(compares)
+        .and_then([TxnOp::txn(nest(rest, ops))])
+}
+
+/// Groups `ops` into compare-less nested Txns until at most [`MAX_TXN_OPS`] remain.
+fn pack(mut ops: Vec<TxnOp>) -> Vec<TxnOp> {
+    while ops.len() > MAX_TXN_OPS {
+        let mut groups = Vec::with_capacity(ops.len().div_ceil(MAX_TXN_OPS));
+        let mut it = ops.into_iter().peekable();
+        while it.peek().is_some() {
+            let chunk: Vec<TxnOp> = it.by_ref().take(MAX_TXN_OPS).collect();
+            groups.push(TxnOp::txn(Txn::new().and_then(chunk)));
+        }
+        ops = groups;
+    }
+    ops
+}
+
+/// Sorted, disjoint, non-adjacent ranges covering `ranges`.
+fn merge_ranges(mut ranges: Vec<(Vec<u8>, Vec<u8>)>) -> Vec<(Vec<u8>, Vec<u8>)> {
+    ranges.retain(|(b, e)| b < e);
+    ranges.sort();
+    let mut out: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(ranges.len());
+    for (b, e) in ranges {
+        match out.last_mut() {
+            Some(last) if b <= last.1 => {
+                if e > last.1 {
+                    last.1 = e;
+                }
+            }
+            _ => out.push((b, e)),
+        }
+    }
+    out
+}
+
+/// The net effect of `mutations` applied in order: ranges to delete (disjoint,
+/// not containing any key to put) and then keys to put. Etcd refuses a Txn
+/// that puts a key twice or inside a range it deletes.
+fn normalize(mutations: &[Mutation]) -> (Vec<(Vec<u8>, Vec<u8>)>, BTreeMap<Vec<u8>, Vec<u8>>) {
+    let mut puts: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+    let mut cleared = Vec::new();
+    for m in mutations {
+        match m {
+            Mutation::Set(k, v) => {
+                puts.insert(k.clone(), v.clone());
+            }
+            Mutation::Clear(_) | Mutation::ClearRange(..) => {
+                let (b, e) = m.written_range();
+                if b >= e {
+                    continue;
+                }
+                let mut tail = puts.split_off(&b);
+                let mut after = tail.split_off(&e);
+                puts.append(&mut after);
+                cleared.push((b, e));
+            }
+        }
+    }
+    let mut deletes = Vec::new();
+    for (b, e) in merge_ranges(cleared) {
+        let mut lo = b;
+        for k in puts.range(lo.clone()..e.clone()).map(|(k, _)| k) {
+            if lo < *k {
+                deletes.push((lo.clone(), k.clone()));
+            }
+            lo = key_after(k);
+        }
+        if lo < e {
+            deletes.push((lo, e));
+        }
+    }
+    (deletes, puts)
+}
+
+fn random_id() -> Vec<u8> {
+    use std::hash::BuildHasher;
+    use std::sync::atomic::AtomicU64;
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let mut h = blake3::Hasher::new();
+    h.update(&std::process::id().to_le_bytes());
+    h.update(&n.to_le_bytes());
+    h.update(&nanos.to_le_bytes());
+    h.update(
+        &std::collections::hash_map::RandomState::new()
+            .hash_one(n)
+            .to_le_bytes(),
+    );
+    let hex: String = h.finalize().as_bytes()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    hex.into_bytes()
+}
+
+#[async_trait::async_trait]
+impl Store for EtcdStore {
+    fn describe(&self) -> String {
+        self.inner.describe.clone()
+    }
+
+    async fn snapshot(&self) -> Result<Box<dyn Snapshot>, StoreError> {
+        let version = self.inner.current_revision().await?;
+        Ok(Box::new(EtcdSnapshot {
+            inner: self.inner.clone(),
+            version,
+        }))
+    }
+
+    async fn commit(&self, req: CommitRequest) -> Result<Version, StoreError> {
+        let started = Instant::now();
+        let r = self.inner.commit(req).await;
+        tracing::trace!(elapsed = ?started.elapsed(), ok = r.is_ok(), "etcd commit");
+        r
+    }
+}
+
+struct EtcdSnapshot {
+    inner: Arc<Inner>,
+    version: Version,
+}
+
+#[async_trait::async_trait]
+impl Snapshot for EtcdSnapshot {
+    fn version(&self) -> Version {
+        self.version
+    }
+
+    async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let k = self.inner.dk(key);
+        let end = key_after(&k);
+        let mut resp = self
+            .inner
+            .page(&k, &end, self.version, 1, false, false)
+            .await?;
+        Ok(resp.take_kvs().into_iter().next().map(|kv| {
+            let (_, v) = kv.into_key_value();
+            v
+        }))
+    }
+
+    async fn range(&self, opt: &RangeOption) -> Result<Vec<KeyValue>, StoreError> {
+        if opt.begin >= opt.end {
+            return Ok(Vec::new());
+        }
+        let strip = self.inner.data.len();
+        let mut lo = self.inner.dk(&opt.begin);
+        let mut hi = self.inner.dk(&opt.end);
+        let mut out: Vec<KeyValue> = Vec::new();
+        loop {
+            let want = if opt.limit == 0 {
+                PAGE
+            } else {
+                (opt.limit - out.len()).min(PAGE)
+            };
+            let mut resp = self
+                .inner
+                .page(&lo, &hi, self.version, want, opt.reverse, false)
+                .await?;
+            let more = resp.more();
+            let kvs = resp.take_kvs();
+            let last = kvs.last().map(|kv| kv.key().to_vec());
+            for kv in kvs {
+                let (k, v) = kv.into_key_value();
+                out.push((k[strip..].to_vec(), v));
+            }
+            let done = opt.limit != 0 && out.len() >= opt.limit;
+            match last {
+                Some(last) if more && !done => {
+                    if opt.reverse {
+                        hi = last;
+                    } else {
+                        lo = key_after(&last);
+                    }
+                }
+                _ => return Ok(out),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(a: &str, b: &str) -> (Vec<u8>, Vec<u8>) {
+        (a.as_bytes().to_vec(), b.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn spec_parsing() {
+        let c =
+            EtcdConfig::parse("etcd://127.0.0.1:2379,127.0.0.1:22379/t/x?max-request-bytes=9000")
+                .unwrap();
+        assert_eq!(c.endpoints, vec!["127.0.0.1:2379", "127.0.0.1:22379"]);
+        assert_eq!(c.prefix, "t/x");
+        assert_eq!(c.max_request_bytes, 9000);
+        assert_eq!(
+            c.spec(),
+            "etcd://127.0.0.1:2379,127.0.0.1:22379/t/x?max-request-bytes=9000"
+        );
+        let c = EtcdConfig::parse("etcd://localhost:2379").unwrap();
+        assert_eq!(c.prefix, DEFAULT_PREFIX);
+        assert_eq!(c.max_request_bytes, DEFAULT_MAX_REQUEST_BYTES);
+        for bad in [
+            "redb:/x",
+            "etcd://",
+            "etcd://host",
+            "etcd://host:99999",
+            "etcd://h:1/a b",
+            "etcd://h:1?x=1",
+            "etcd://h:1?max-request-bytes=1",
+        ] {
+            let e = EtcdConfig::parse(bad).unwrap_err().to_string();
+            assert!(e.contains("etcd://HOST:PORT"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn ranges_merge() {
+        assert_eq!(
+            merge_ranges(vec![
+                r("c", "d"),
+                r("a", "b"),
+                r("b", "c"),
+                r("x", "x"),
+                r("e", "f")
+            ]),
+            vec![r("a", "d"), r("e", "f")]
+        );
+    }
+
+    #[test]
+    fn normalize_orders_clears_before_sets() {
+        let m = vec![
+            Mutation::Set(b"a".to_vec(), b"1".to_vec()),
+            Mutation::ClearRange(b"a".to_vec(), b"z".to_vec()),
+            Mutation::Set(b"c".to_vec(), b"2".to_vec()),
+            Mutation::Set(b"c".to_vec(), b"3".to_vec()),
+            Mutation::Clear(b"q".to_vec()),
+            Mutation::Set(b"q".to_vec(), b"4".to_vec()),
+            Mutation::Clear(b"zz".to_vec()),
+        ];
+        let (deletes, puts) = normalize(&m);
+        assert_eq!(
+            deletes,
+            vec![r("a", "c"), r("c\0", "q"), r("q\0", "z"), r("zz", "zz\0")]
+        );
+        assert_eq!(
+            puts.into_iter().collect::<Vec<_>>(),
+            vec![
+                (b"c".to_vec(), b"3".to_vec()),
+                (b"q".to_vec(), b"4".to_vec())
+            ]
+        );
+    }
+
+    #[test]
+    fn nesting_bounds_every_level() {
+        let compares: Vec<Compare> = (0..300)
+            .map(|i| Compare::version(format!("k{i}"), CompareOp::Equal, 0))
+            .collect();
+        let ops: Vec<TxnOp> = (0..20_000)
+            .map(|i| TxnOp::put(format!("k{i}"), "", None))
+            .collect();
+        assert_eq!(pack(ops.clone()).len(), 2);
+        let _ = nest(compares, ops);
+    }
+}

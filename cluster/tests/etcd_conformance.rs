@@ -1,0 +1,540 @@
+//! The backend conformance suite against a real etcd cluster, plus etcd-specific
+//! checks: deletions are conflicts, read sets beyond 128 compares, the request
+//! size limit, endpoint rotation, a clear error when no endpoint answers, and
+//! `kill -9` of one etcd member during a burst of commits.
+//!
+//! Needs `CAPSTAN_ETCD_ENDPOINTS` (comma-separated `HOST:PORT`, as printed by
+//! `scripts/etcd-cluster start`). Without it every test passes as skipped,
+//! unless `CAPSTAN_REQUIRE_ETCD=1`, which makes it fail. Each check uses a fresh
+//! key prefix, so tests share one cluster. The member-kill test needs the
+//! cluster to have been started by `scripts/etcd-cluster` (same
+//! `CAPSTAN_ETCD_DIR`); it restarts the member it killed.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use capstan_cluster::etcd_store::DEFAULT_MAX_REQUEST_BYTES;
+use capstan_cluster::tuple::TupleKey;
+use capstan_cluster::{CommitRequest, Db, Mutation, StoreError, Transaction, TxFuture};
+
+const ENDPOINTS_ENV: &str = "CAPSTAN_ETCD_ENDPOINTS";
+/// The `--max-request-bytes` of the cluster (scripts/etcd-cluster: 16 MiB).
+const MAX_REQUEST_ENV: &str = "CAPSTAN_ETCD_MAX_REQUEST_BYTES";
+
+/// The endpoints, or `None` (test skipped) when unset; panics if etcd is required.
+fn endpoints() -> Option<String> {
+    match std::env::var(ENDPOINTS_ENV) {
+        Ok(s) if !s.trim().is_empty() => Some(s.trim().to_string()),
+        _ => {
+            if std::env::var("CAPSTAN_REQUIRE_ETCD").as_deref() == Ok("1") {
+                panic!(
+                    "CAPSTAN_REQUIRE_ETCD=1 but {ENDPOINTS_ENV} is not set: run scripts/etcd-cluster start and export {ENDPOINTS_ENV}=<the endpoints it prints>"
+                );
+            }
+            eprintln!("skipped: set {ENDPOINTS_ENV} (scripts/etcd-cluster start)");
+            None
+        }
+    }
+}
+
+fn etcd_enabled() -> bool {
+    endpoints().is_some()
+}
+
+fn max_request_bytes() -> usize {
+    std::env::var(MAX_REQUEST_ENV)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(16 * 1024 * 1024)
+}
+
+/// A store spec with a prefix of its own, derived from `tag`.
+fn spec_for(tag: &str) -> String {
+    format!(
+        "etcd://{}/capstan-test/{tag}?max-request-bytes={}",
+        endpoints().expect("endpoints"),
+        max_request_bytes()
+    )
+}
+
+async fn open_etcd(dir: PathBuf) -> Result<Db, StoreError> {
+    let tag = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("scratch")
+        .to_string();
+    capstan_cluster::open(&spec_for(&tag)).await
+}
+
+capstan_cluster::conformance_tests!(open_etcd, enabled: etcd_enabled);
+
+fn unique(tag: &str) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!(
+        "{tag}-{}-{nanos}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+async fn set(db: &Db, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+    let (key, value) = (key.to_vec(), value.to_vec());
+    db.transact(move |tx| {
+        let (key, value) = (key.clone(), value.clone());
+        Box::pin(async move { tx.set(&key, &value) })
+    })
+    .await
+}
+
+async fn get(db: &Db, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+    let key = key.to_vec();
+    db.read(move |tx| Box::pin(async move { tx.get(&key).await }))
+        .await
+}
+
+/// A key deleted after a transaction read it (by a range read or a get) makes
+/// the transaction conflict: the case a range compare on mod revisions misses.
+#[test]
+fn deletions_after_the_read_conflict() {
+    if !etcd_enabled() {
+        return;
+    }
+    rt().block_on(async {
+        let db = capstan_cluster::open(&spec_for(&unique("del")))
+            .await
+            .unwrap();
+        for k in [b"r/a", b"r/b", b"r/c"] {
+            set(&db, k, b"1").await.unwrap();
+        }
+        // A range read, then a concurrent delete inside the range.
+        let mut tx = Transaction::new(db.store().snapshot().await.unwrap());
+        assert_eq!(tx.get_prefix(b"r/", 0, false).await.unwrap().len(), 3);
+        tx.set(b"out", b"x").unwrap();
+        db.transact(|t| {
+            Box::pin(async move {
+                t.clear(b"r/b");
+                Ok::<_, StoreError>(())
+            })
+        })
+        .await
+        .unwrap();
+        let r = db.store().commit(tx.into_commit_request().unwrap()).await;
+        assert_eq!(r, Err(StoreError::Conflict), "delete inside a read range");
+        // A get, then a concurrent delete of that key.
+        let mut tx = Transaction::new(db.store().snapshot().await.unwrap());
+        assert!(tx.get(b"r/a").await.unwrap().is_some());
+        tx.set(b"out", b"y").unwrap();
+        set(&db, b"unrelated", b"1").await.unwrap();
+        let mut other = Transaction::new(db.store().snapshot().await.unwrap());
+        other.clear(b"r/a");
+        db.store()
+            .commit(other.into_commit_request().unwrap())
+            .await
+            .unwrap();
+        let r = db.store().commit(tx.into_commit_request().unwrap()).await;
+        assert_eq!(r, Err(StoreError::Conflict), "delete of a key read");
+        // An insert into a read range, and no conflict for an unrelated write.
+        let mut tx = Transaction::new(db.store().snapshot().await.unwrap());
+        tx.get_prefix(b"r/", 0, false).await.unwrap();
+        tx.set(b"out", b"z").unwrap();
+        set(&db, b"s/elsewhere", b"1").await.unwrap();
+        db.store()
+            .commit(tx.into_commit_request().unwrap())
+            .await
+            .expect("no conflict with a write outside the read set");
+        let mut tx = Transaction::new(db.store().snapshot().await.unwrap());
+        tx.get_prefix(b"r/", 0, false).await.unwrap();
+        tx.set(b"out", b"w").unwrap();
+        set(&db, b"r/new", b"1").await.unwrap();
+        let r = db.store().commit(tx.into_commit_request().unwrap()).await;
+        assert_eq!(r, Err(StoreError::Conflict), "insert inside a read range");
+        assert_eq!(get(&db, b"out").await.unwrap(), Some(b"z".to_vec()));
+    });
+}
+
+/// Reads the 400 keys of `w` and 300 absent `single` keys, writes 300 `copy` keys.
+fn wide(tx: &mut Transaction) -> TxFuture<'_, usize, StoreError> {
+    Box::pin(async move {
+        let rows = tx
+            .get_prefix(TupleKey::new().str("w").as_bytes(), 0, false)
+            .await?;
+        for i in 0..300u64 {
+            tx.get(TupleKey::new().str("single").u64(i).as_bytes())
+                .await?;
+            tx.set(TupleKey::new().str("copy").u64(i).as_bytes(), b"c")?;
+        }
+        Ok(rows.len())
+    })
+}
+
+/// A read set of 400 keys (one compare each, plus a range) and 300 writes: more
+/// than 128 compares and operations, still one serializable commit.
+#[test]
+fn read_sets_beyond_128_compares() {
+    if !etcd_enabled() {
+        return;
+    }
+    rt().block_on(async {
+        let db = capstan_cluster::open(&spec_for(&unique("wide")))
+            .await
+            .unwrap();
+        db.transact(|tx| {
+            Box::pin(async move {
+                for i in 0..400u64 {
+                    tx.set(TupleKey::new().str("w").u64(i).as_bytes(), b"0")?;
+                }
+                Ok::<_, StoreError>(())
+            })
+        })
+        .await
+        .unwrap();
+        let mut tx = Transaction::new(db.store().snapshot().await.unwrap());
+        assert_eq!(wide(&mut tx).await.unwrap(), 400);
+        // The last key of the range is deleted concurrently: a conflict.
+        db.transact(|t| {
+            Box::pin(async move {
+                t.clear(TupleKey::new().str("w").u64(399).as_bytes());
+                Ok::<_, StoreError>(())
+            })
+        })
+        .await
+        .unwrap();
+        let r = db.store().commit(tx.into_commit_request().unwrap()).await;
+        assert_eq!(r, Err(StoreError::Conflict));
+        // The last single key is written concurrently: a conflict.
+        let mut tx = Transaction::new(db.store().snapshot().await.unwrap());
+        wide(&mut tx).await.unwrap();
+        set(&db, TupleKey::new().str("single").u64(299).as_bytes(), b"1")
+            .await
+            .unwrap();
+        let r = db.store().commit(tx.into_commit_request().unwrap()).await;
+        assert_eq!(r, Err(StoreError::Conflict));
+        // Undisturbed, it commits.
+        let n = db.transact(wide).await.unwrap();
+        assert_eq!(n, 399);
+        let copies = db
+            .read(|tx| {
+                Box::pin(async move {
+                    tx.get_prefix(TupleKey::new().str("copy").as_bytes(), 0, false)
+                        .await
+                })
+            })
+            .await
+            .unwrap();
+        assert_eq!(copies.len(), 300);
+    });
+}
+
+/// With etcd's default request limit, a 2 MB transaction is refused before
+/// anything is sent, with the limit in the error.
+#[test]
+fn requests_over_the_size_limit_are_refused() {
+    if !etcd_enabled() {
+        return;
+    }
+    rt().block_on(async {
+        let spec = format!(
+            "etcd://{}/capstan-test/{}",
+            endpoints().unwrap(),
+            unique("size")
+        );
+        let db = capstan_cluster::open(&spec).await.unwrap();
+        let r: Result<(), StoreError> = db
+            .transact(|tx| {
+                Box::pin(async move {
+                    for i in 0..20u64 {
+                        tx.set(&i.to_be_bytes(), &vec![7; 100_000])?;
+                    }
+                    Ok(())
+                })
+            })
+            .await;
+        match r {
+            Err(StoreError::TransactionTooLarge { len, max }) => {
+                assert_eq!(max, DEFAULT_MAX_REQUEST_BYTES);
+                assert!(len > 2_000_000, "{len}");
+            }
+            other => panic!("expected TransactionTooLarge, got {other:?}"),
+        }
+        assert_eq!(get(&db, &0u64.to_be_bytes()).await.unwrap(), None);
+        // Just below the limit goes through.
+        db.transact(|tx| {
+            Box::pin(async move {
+                for i in 0..14u64 {
+                    tx.set(&i.to_be_bytes(), &vec![7; 100_000])?;
+                }
+                Ok::<_, StoreError>(())
+            })
+        })
+        .await
+        .unwrap();
+    });
+}
+
+/// A dead first endpoint: the client moves on to the live ones.
+#[test]
+fn dead_first_endpoint_is_skipped() {
+    if !etcd_enabled() {
+        return;
+    }
+    rt().block_on(async {
+        let spec = format!(
+            "etcd://127.0.0.1:9,{}/capstan-test/{}",
+            endpoints().unwrap(),
+            unique("dead-first")
+        );
+        let started = Instant::now();
+        let db = capstan_cluster::open(&spec).await.unwrap();
+        for i in 0..20u8 {
+            set(&db, b"k", &[i]).await.unwrap();
+        }
+        assert_eq!(get(&db, b"k").await.unwrap(), Some(vec![19]));
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+    });
+}
+
+/// No endpoint answers: a clear error naming them and what to do, quickly.
+#[test]
+fn unreachable_cluster_fails_clearly() {
+    if !etcd_enabled() {
+        return;
+    }
+    rt().block_on(async {
+        let started = Instant::now();
+        let err = match capstan_cluster::open("etcd://127.0.0.1:9,127.0.0.1:11/x").await {
+            Ok(_) => panic!("opened a store on dead endpoints"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("127.0.0.1:9,127.0.0.1:11"), "{err}");
+        assert!(err.contains("scripts/etcd-cluster start"), "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{:?}",
+            started.elapsed()
+        );
+    });
+}
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/etcd-cluster")
+}
+
+fn run_script(args: &[&str]) -> Result<String, String> {
+    let out = std::process::Command::new(script())
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", script().display()))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "scripts/etcd-cluster {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// Restarts the killed member when dropped (also when the test fails).
+struct Restart(&'static str);
+
+impl Drop for Restart {
+    fn drop(&mut self) {
+        if let Err(e) = run_script(&["restart", self.0]) {
+            eprintln!("{e}");
+        }
+    }
+}
+
+/// `kill -9` of the first endpoint's member during a burst of commits from 8
+/// tasks: every acknowledged commit is there exactly once, and commits go on
+/// through the other members.
+#[test]
+fn member_killed_during_burst() {
+    if !etcd_enabled() {
+        return;
+    }
+    if run_script(&["status"]).is_err() {
+        panic!(
+            "member_killed_during_burst needs a cluster started by scripts/etcd-cluster (same CAPSTAN_ETCD_DIR): {:?}",
+            run_script(&["status"])
+        );
+    }
+    const TASKS: u64 = 8;
+    rt().block_on(async {
+        let db = capstan_cluster::open(&spec_for(&unique("kill")))
+            .await
+            .unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked: Vec<Arc<AtomicU64>> = (0..TASKS).map(|_| Arc::new(AtomicU64::new(0))).collect();
+        let mut tasks = Vec::new();
+        for t in 0..TASKS {
+            let (db, stop, acked) = (db.clone(), stop.clone(), acked[t as usize].clone());
+            tasks.push(tokio::spawn(async move {
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    // Each commit: counter(t) += 1 and log(t, counter) = i.
+                    db.transact(move |tx| {
+                        Box::pin(async move {
+                            let ck = TupleKey::new().str("counter").u64(t).into_vec();
+                            let n = match tx.get(&ck).await? {
+                                Some(v) => u64::from_be_bytes(v.try_into().unwrap()),
+                                None => 0,
+                            };
+                            tx.set(&ck, &(n + 1).to_be_bytes())?;
+                            tx.set(
+                                TupleKey::new().str("log").u64(t).u64(n + 1).as_bytes(),
+                                &i.to_be_bytes(),
+                            )
+                        })
+                    })
+                    .await?;
+                    i += 1;
+                    acked.store(i, Ordering::Relaxed);
+                }
+                Ok::<u64, StoreError>(i)
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let before_kill: u64 = acked.iter().map(|a| a.load(Ordering::Relaxed)).sum();
+        let restart = {
+            run_script(&["kill", "1"]).unwrap();
+            Restart("1")
+        };
+        let killed_at = Instant::now();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let after_kill: u64 = acked.iter().map(|a| a.load(Ordering::Relaxed)).sum();
+        stop.store(true, Ordering::Relaxed);
+        let mut total = 0;
+        for t in tasks {
+            total += t.await.unwrap().expect("a commit failed during failover");
+        }
+        drop(restart);
+        eprintln!(
+            "member kill: {before_kill} commits before, {} in the 5 s after ({:?})",
+            after_kill - before_kill,
+            killed_at.elapsed()
+        );
+        assert!(before_kill > 0, "no commit before the kill");
+        assert!(
+            after_kill > before_kill + 10,
+            "commits did not go on after the kill: {before_kill} -> {after_kill}"
+        );
+        // Exactly once: counter(t) = acknowledged commits of t, and log(t, 1..=n)
+        // holds 0..n in order (a commit applied twice would leave a duplicate).
+        let mut seen = 0;
+        for t in 0..TASKS {
+            let (counter, log) = db
+                .read(move |tx| {
+                    Box::pin(async move {
+                        let c = tx
+                            .get(TupleKey::new().str("counter").u64(t).as_bytes())
+                            .await?;
+                        let log = tx
+                            .get_prefix(TupleKey::new().str("log").u64(t).as_bytes(), 0, false)
+                            .await?;
+                        Ok::<_, StoreError>((c, log))
+                    })
+                })
+                .await
+                .unwrap();
+            let n = u64::from_be_bytes(counter.unwrap().try_into().unwrap());
+            let acked_t = acked[t as usize].load(Ordering::Relaxed);
+            assert_eq!(n, acked_t, "task {t}: counter vs acknowledged commits");
+            let values: Vec<u64> = log
+                .iter()
+                .map(|(_, v)| u64::from_be_bytes(v.clone().try_into().unwrap()))
+                .collect();
+            assert_eq!(values, (0..n).collect::<Vec<_>>(), "task {t}: log");
+            seen += n;
+        }
+        assert_eq!(seen, total);
+    });
+}
+
+/// Direct commits report strictly increasing versions (etcd revisions).
+#[test]
+fn commit_versions_are_revisions() {
+    if !etcd_enabled() {
+        return;
+    }
+    rt().block_on(async {
+        let db = capstan_cluster::open(&spec_for(&unique("rev")))
+            .await
+            .unwrap();
+        let snap = db.store().snapshot().await.unwrap();
+        let v = db
+            .store()
+            .commit(CommitRequest {
+                read_version: snap.version(),
+                read_conflicts: vec![],
+                mutations: vec![Mutation::Set(b"a".to_vec(), b"1".to_vec())],
+            })
+            .await
+            .unwrap();
+        assert!(v > snap.version());
+        assert!(db.describe().starts_with("etcd://"), "{}", db.describe());
+    });
+}
+
+/// Latency of sequential read-modify-write transactions (get + set through
+/// `Db::transact`: snapshot, read, read-set check, Txn) and of blind writes;
+/// printed, with a loose bound.
+#[test]
+fn commit_latency() {
+    if !etcd_enabled() {
+        return;
+    }
+    rt().block_on(async {
+        let db = capstan_cluster::open(&spec_for(&unique("lat"))).await.unwrap();
+        set(&db, b"warm", b"1").await.unwrap();
+        let pct = |mut v: Vec<Duration>, p: usize| {
+            v.sort();
+            v[(v.len() * p / 100).min(v.len() - 1)]
+        };
+        let mut rmw = Vec::new();
+        for _ in 0..200 {
+            let t = Instant::now();
+            db.transact(|tx| {
+                Box::pin(async move {
+                    let n = tx.get(b"counter").await?.map(|v| v.len()).unwrap_or(0);
+                    tx.set(b"counter", &vec![1; (n + 1) % 64])
+                })
+            })
+            .await
+            .unwrap();
+            rmw.push(t.elapsed());
+        }
+        let mut blind = Vec::new();
+        for i in 0..200u64 {
+            let t = Instant::now();
+            set(&db, &i.to_be_bytes(), b"v").await.unwrap();
+            blind.push(t.elapsed());
+        }
+        eprintln!(
+            "etcd commit latency: read-modify-write p50 {:?} p99 {:?}; blind write p50 {:?} p99 {:?}",
+            pct(rmw.clone(), 50),
+            pct(rmw.clone(), 99),
+            pct(blind.clone(), 50),
+            pct(blind, 99)
+        );
+        assert!(pct(rmw, 50) < Duration::from_millis(200));
+    });
+}
