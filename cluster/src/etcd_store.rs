@@ -2,7 +2,7 @@
 //!
 //! # Spec
 //!
-//! `etcd://HOST:PORT[,HOST:PORT…][/PREFIX][?max-request-bytes=N]`, e.g.
+//! `etcd://HOST:PORT[,HOST:PORT…][/PREFIX][?max-request-bytes=N&max-txn-ops=N]`, e.g.
 //! `etcd://127.0.0.1:2379,127.0.0.1:22379,127.0.0.1:32379/capstan`
 //! (what `scripts/etcd-cluster start` prints, plus a prefix). `PREFIX` defaults
 //! to `capstan`; it may contain `A-Z a-z 0-9 . _ - /`. Stores with different
@@ -16,6 +16,7 @@
 //!
 //! - `PREFIX/d/KEY`: the value of user key `KEY` (raw bytes, no header);
 //! - `PREFIX/c/ID`: commit markers (below);
+//! - `PREFIX/g`: the deletion guard (below);
 //! - `PREFIX/m`: never written; read to learn the current revision.
 //!
 //! # Versions and snapshots
@@ -26,6 +27,10 @@
 //! limit. A revision etcd has compacted away fails the read with
 //! [`StoreError::Conflict`], which [`crate::Db::transact`] retries on a new
 //! snapshot (FoundationDB's `transaction_too_old`).
+//!
+//! Etcd has no automatic compaction unless started with
+//! `--auto-compaction-*`; with it, the retention bounds how long a transaction
+//! may take.
 //!
 //! # Serializable commits
 //!
@@ -51,16 +56,35 @@
 //! atomically in one raft entry, so the check and the writes are one step:
 //! the commit is serializable at its commit revision.
 //!
-//! ## More than 128 operations
+//! ## More than 128 compares
 //!
-//! Etcd refuses a Txn with more than 128 compares or more than 128 operations
-//! in a branch (`--max-txn-ops`), but a branch may hold a nested Txn, with its
-//! own 128. So compares are chained: the first 128 guard a nested Txn holding
-//! the next 128, and so on; the innermost success branch holds the writes,
-//! grouped into compare-less nested Txns of at most 128 operations (a tree).
-//! The writes apply only if every level's compares hold, all in one request,
-//! so a read set of any size stays exactly as serializable as a small one; the
-//! only limit left is the request size.
+//! Etcd takes at most `--max-txn-ops` (128 by default) compares, and as many
+//! operations, in one Txn, and nested Txns share that budget along their path
+//! (etcd 3.4 checks a nested Txn against what its parents left), so nesting
+//! does not raise it. When the precise compares above would exceed it (one
+//! compare goes to the commit marker), the read set is coarsened instead, and
+//! stays correct:
+//!
+//! - every commit that deletes anything also puts the **deletion guard**
+//!   `PREFIX/g` (one more operation);
+//! - a coarse read set compares `mod_revision(PREFIX/g) < R + 1` (no deletion
+//!   at all since `R`) plus one range compare `mod_revision(range) < R + 1` per
+//!   group of consecutive merged read ranges (each group replaced by its hull:
+//!   a superset of what was read), at most 127 in all.
+//!
+//! Creations and modifications in the read set are caught by the range
+//! compares, deletions by the guard. The price is false conflicts: a
+//! transaction with a coarse read set conflicts with any deletion committed
+//! after its snapshot, and with writes in the gaps between its ranges; it is
+//! retried by [`crate::Db::transact`] like any conflict. Transactions with
+//! small read sets (the common case: point reads and short ranges) never look
+//! at the guard, so the guard's writes do not make them conflict.
+//!
+//! Writes are not split: a commit needing more than `max-txn-ops` operations
+//! (its puts and deletes, the marker, the guard) fails with
+//! [`StoreError::TooManyWrites`] before anything is sent. The spec's
+//! `max-txn-ops=N` option tells the client about a cluster started with a
+//! larger `--max-txn-ops`.
 //!
 //! ## Request size
 //!
@@ -108,7 +132,7 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, GetResponse, KvClient,
-    PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse, TxnResponse,
+    PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
 };
 use tokio::sync::Mutex;
 
@@ -158,6 +182,8 @@ pub struct EtcdConfig {
     pub prefix: String,
     /// Largest request the cluster accepts.
     pub max_request_bytes: usize,
+    /// Most compares, and most operations, of one Txn (etcd's `--max-txn-ops`).
+    pub max_txn_ops: usize,
 }
 
 impl EtcdConfig {
@@ -202,6 +228,7 @@ impl EtcdConfig {
             endpoints.push(h.to_string());
         }
         let mut max_request_bytes = DEFAULT_MAX_REQUEST_BYTES;
+        let mut max_txn_ops = MAX_TXN_OPS;
         for kv in query.unwrap_or("").split('&').filter(|s| !s.is_empty()) {
             match kv.split_once('=') {
                 Some(("max-request-bytes", n)) => {
@@ -211,6 +238,13 @@ impl EtcdConfig {
                         .filter(|n| *n >= 4096)
                         .ok_or_else(|| bad("max-request-bytes must be a number ≥ 4096"))?;
                 }
+                Some(("max-txn-ops", n)) => {
+                    max_txn_ops = n
+                        .parse()
+                        .ok()
+                        .filter(|n| *n >= 8)
+                        .ok_or_else(|| bad("max-txn-ops must be a number ≥ 8"))?;
+                }
                 _ => return Err(bad(&format!("unknown option {kv:?}"))),
             }
         }
@@ -218,14 +252,23 @@ impl EtcdConfig {
             endpoints,
             prefix: prefix.to_string(),
             max_request_bytes,
+            max_txn_ops,
         })
     }
 
     /// The spec back (`etcd://…/PREFIX`).
     pub fn spec(&self) -> String {
         let mut s = format!("etcd://{}/{}", self.endpoints.join(","), self.prefix);
+        let mut options = Vec::new();
         if self.max_request_bytes != DEFAULT_MAX_REQUEST_BYTES {
-            s.push_str(&format!("?max-request-bytes={}", self.max_request_bytes));
+            options.push(format!("max-request-bytes={}", self.max_request_bytes));
+        }
+        if self.max_txn_ops != MAX_TXN_OPS {
+            options.push(format!("max-txn-ops={}", self.max_txn_ops));
+        }
+        if !options.is_empty() {
+            s.push('?');
+            s.push_str(&options.join("&"));
         }
         s
     }
@@ -392,6 +435,7 @@ struct Inner {
     data: Vec<u8>,
     markers: Vec<u8>,
     meta: Vec<u8>,
+    guard: Vec<u8>,
     lease: Mutex<Option<(i64, Instant)>>,
 }
 
@@ -416,6 +460,7 @@ impl EtcdStore {
             data: [p, b"/d/"].concat(),
             markers: [p, b"/c/"].concat(),
             meta: [p, b"/m"].concat(),
+            guard: [p, b"/g"].concat(),
             config,
             endpoints,
             lease: Mutex::new(None),
@@ -501,26 +546,30 @@ impl Inner {
             .map_err(to_store_error)
     }
 
-    /// The keys of `[begin, end)` (user keys) at `revision` with their mod revisions.
+    /// The keys of `[begin, end)` (user keys) at `revision` with their mod
+    /// revisions; `None` when there are more than `max`.
     async fn keys_at(
         &self,
         begin: &[u8],
         end: &[u8],
         revision: Version,
-    ) -> Result<Vec<(Vec<u8>, i64)>, StoreError> {
+        max: usize,
+    ) -> Result<Option<Vec<(Vec<u8>, i64)>>, StoreError> {
         let mut lo = self.dk(begin);
         let hi = self.dk(end);
         let mut out = Vec::new();
         loop {
-            let resp = self
-                .page(&lo, &hi, revision, KEYS_PAGE, false, true)
-                .await?;
+            let want = (max + 1 - out.len()).min(KEYS_PAGE);
+            let resp = self.page(&lo, &hi, revision, want, false, true).await?;
             for kv in resp.kvs() {
                 out.push((kv.key().to_vec(), kv.mod_revision()));
             }
+            if out.len() > max {
+                return Ok(None);
+            }
             match resp.kvs().last() {
                 Some(last) if resp.more() => lo = key_after(last.key()),
-                _ => return Ok(out),
+                _ => return Ok(Some(out)),
             }
         }
     }
@@ -545,44 +594,91 @@ impl Inner {
         Ok(resp.id())
     }
 
-    /// The compares proving that nothing in `read_conflicts` changed after
-    /// `read_version`, and their estimated size in bytes.
+    /// At most `budget` compares proving that nothing in `read_conflicts`
+    /// changed after `read_version`, their estimated size in bytes, and whether
+    /// they are coarse (then they include the deletion guard's compare).
     async fn read_compares(
         &self,
         req: &CommitRequest,
-    ) -> Result<(Vec<Compare>, usize), StoreError> {
+        budget: usize,
+    ) -> Result<(Vec<Compare>, usize, bool), StoreError> {
         let ranges = merge_ranges(req.read_conflicts.clone());
         let next = i64::try_from(req.read_version).unwrap_or(i64::MAX - 1) + 1;
-        let fetched = futures::future::try_join_all(
-            ranges
+        // Precise: one compare per single key, per range and per key of a range.
+        if ranges.len() <= budget {
+            let fetched = futures::future::try_join_all(
+                ranges
+                    .iter()
+                    .map(|(b, e)| self.keys_at(b, e, req.read_version, budget)),
+            )
+            .await?;
+            let needed: Option<usize> = ranges
                 .iter()
-                .map(|(b, e)| self.keys_at(b, e, req.read_version)),
-        )
-        .await?;
-        let mut compares = Vec::new();
-        let mut size = 0;
-        for ((b, e), keys) in ranges.iter().zip(fetched) {
-            size += b.len() + e.len() + 2 * (self.data.len() + OP_OVERHEAD);
-            if *e == key_after(b) {
-                let m = keys.first().map(|(_, m)| *m).unwrap_or(0);
-                compares.push(Compare::mod_revision(self.dk(b), CompareOp::Equal, m));
-            } else {
-                compares.push(
-                    Compare::mod_revision(self.dk(b), CompareOp::Less, next).with_range(self.dk(e)),
-                );
-                for (k, m) in keys {
-                    size += k.len() + OP_OVERHEAD;
-                    compares.push(Compare::mod_revision(k, CompareOp::Equal, m));
+                .zip(&fetched)
+                .map(|((b, e), keys)| {
+                    let keys = keys.as_ref()?.len();
+                    Some(if *e == key_after(b) { 1 } else { 1 + keys })
+                })
+                .sum();
+            if needed.is_some_and(|n| n <= budget) {
+                let mut compares = Vec::new();
+                let mut size = 0;
+                for ((b, e), keys) in ranges.iter().zip(fetched) {
+                    let keys = keys.unwrap_or_default();
+                    size += b.len() + e.len() + 2 * (self.data.len() + OP_OVERHEAD);
+                    if *e == key_after(b) {
+                        let m = keys.first().map(|(_, m)| *m).unwrap_or(0);
+                        compares.push(Compare::mod_revision(self.dk(b), CompareOp::Equal, m));
+                    } else {
+                        compares.push(
+                            Compare::mod_revision(self.dk(b), CompareOp::Less, next)
+                                .with_range(self.dk(e)),
+                        );
+                        for (k, m) in keys {
+                            size += k.len() + OP_OVERHEAD;
+                            compares.push(Compare::mod_revision(k, CompareOp::Equal, m));
+                        }
+                    }
                 }
+                return Ok((compares, size, false));
             }
         }
-        Ok((compares, size))
+        // Coarse: the deletion guard, and one range compare per group of
+        // consecutive ranges (covering the gaps between them too).
+        let groups = coarsen(ranges, budget.saturating_sub(1).max(1));
+        tracing::debug!(
+            ranges = groups.len(),
+            "read set too large for precise compares; using range compares and the deletion guard"
+        );
+        let mut compares = vec![Compare::mod_revision(
+            self.guard.clone(),
+            CompareOp::Less,
+            next,
+        )];
+        let mut size = self.guard.len() + OP_OVERHEAD;
+        for (b, e) in groups {
+            size += b.len() + e.len() + 2 * (self.data.len() + OP_OVERHEAD);
+            compares.push(
+                Compare::mod_revision(self.dk(&b), CompareOp::Less, next).with_range(self.dk(&e)),
+            );
+        }
+        Ok((compares, size, true))
     }
 
     async fn commit(&self, req: CommitRequest) -> Result<Version, StoreError> {
         crate::redb_store::validate(&req)?;
         let (deletes, puts) = normalize(&req.mutations);
-        let (mut compares, mut size) = self.read_compares(&req).await?;
+        let writes_needed = deletes.len() + puts.len() + 1 + usize::from(!deletes.is_empty());
+        if writes_needed > self.config.max_txn_ops {
+            return Err(StoreError::TooManyWrites {
+                len: writes_needed,
+                max: self.config.max_txn_ops,
+            });
+        }
+        // One compare is the marker's.
+        let (mut compares, mut size, coarse) = self
+            .read_compares(&req, self.config.max_txn_ops - 1)
+            .await?;
         let marker = [self.markers.as_slice(), &random_id()].concat();
         compares.insert(
             0,
@@ -610,7 +706,10 @@ impl Inner {
                 max: self.config.max_request_bytes,
             });
         }
-        let levels = compares.len().div_ceil(MAX_TXN_OPS);
+        if !deletes.is_empty() {
+            // Tells coarse read sets that something was deleted (module docs).
+            writes.push(TxnOp::put(self.guard.clone(), "", None));
+        }
         let mut renewed = false;
         loop {
             let lease = self.lease(renewed).await?;
@@ -623,14 +722,15 @@ impl Inner {
                 MARKER_COMMITTED,
                 Some(PutOptions::new().with_lease(lease)),
             ));
-            let txn = nest(compares.clone(), ops);
+            let txn = Txn::new().when(compares.clone()).and_then(ops);
             let sent = Instant::now();
+            tracing::trace!(compares = compares.len(), coarse, "sending an etcd commit");
             let i = self.endpoints.current.load(Ordering::Relaxed) % self.endpoints.names.len();
             let mut kv = self.endpoints.clients[i].clone();
             match kv.txn(txn).await {
                 Ok(resp) => {
                     let version = header_revision(resp.header())?;
-                    return if all_succeeded(&resp, levels) {
+                    return if resp.succeeded() {
                         Ok(version)
                     } else {
                         Err(StoreError::Conflict)
@@ -646,7 +746,7 @@ impl Inner {
                         tracing::info!(endpoint = %self.endpoints.names[i], error = %msg, "commit outcome unknown; resolving it with its marker");
                         return self.resolve(&marker, sent).await;
                     }
-                    Failure::Definite(StoreError::Io(msg)) if msg.contains("too large") => {
+                    Failure::Definite(StoreError::Io(msg)) if msg.contains("as too large") => {
                         tracing::warn!(error = %msg, "etcd refused a commit as too large");
                         return Err(StoreError::TransactionTooLarge {
                             len: size,
@@ -709,44 +809,17 @@ impl Inner {
     }
 }
 
-/// True if every compare level of a [`nest`]ed Txn held.
-fn all_succeeded(resp: &TxnResponse, levels: usize) -> bool {
-    if !resp.succeeded() {
-        return false;
+/// At most `max` ranges covering `ranges` (sorted, disjoint): consecutive
+/// ranges are grouped and each group replaced by its hull.
+fn coarsen(ranges: Vec<(Vec<u8>, Vec<u8>)>, max: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
+    if ranges.len() <= max {
+        return ranges;
     }
-    if levels <= 1 {
-        return true;
-    }
-    match resp.op_responses().into_iter().next() {
-        Some(TxnOpResponse::Txn(inner)) => all_succeeded(&inner, levels - 1),
-        _ => false,
-    }
-}
-
-/// A Txn applying `ops` if all `compares` hold, with at most [`MAX_TXN_OPS`]
-/// compares and operations per level (see the module docs).
-fn nest(mut compares: Vec<Compare>, ops: Vec<TxnOp>) -> Txn {
-    if compares.len() <= MAX_TXN_OPS {
-        return Txn::new().when(compares).and_then(pack(ops));
-    }
-    let rest = compares.split_off(MAX_TXN_OPS);
-    Txn::new()
-        .when(compares)
-        .and_then([TxnOp::txn(nest(rest, ops))])
-}
-
-/// Groups `ops` into compare-less nested Txns until at most [`MAX_TXN_OPS`] remain.
-fn pack(mut ops: Vec<TxnOp>) -> Vec<TxnOp> {
-    while ops.len() > MAX_TXN_OPS {
-        let mut groups = Vec::with_capacity(ops.len().div_ceil(MAX_TXN_OPS));
-        let mut it = ops.into_iter().peekable();
-        while it.peek().is_some() {
-            let chunk: Vec<TxnOp> = it.by_ref().take(MAX_TXN_OPS).collect();
-            groups.push(TxnOp::txn(Txn::new().and_then(chunk)));
-        }
-        ops = groups;
-    }
-    ops
+    let per = ranges.len().div_ceil(max);
+    ranges
+        .chunks(per)
+        .map(|g| (g[0].0.clone(), g[g.len() - 1].1.clone()))
+        .collect()
 }
 
 /// Sorted, disjoint, non-adjacent ranges covering `ranges`.
@@ -994,14 +1067,17 @@ mod tests {
     }
 
     #[test]
-    fn nesting_bounds_every_level() {
-        let compares: Vec<Compare> = (0..300)
-            .map(|i| Compare::version(format!("k{i}"), CompareOp::Equal, 0))
-            .collect();
-        let ops: Vec<TxnOp> = (0..20_000)
-            .map(|i| TxnOp::put(format!("k{i}"), "", None))
-            .collect();
-        assert_eq!(pack(ops.clone()).len(), 2);
-        let _ = nest(compares, ops);
+    fn coarsening_covers_and_bounds() {
+        let ranges: Vec<_> = (0..10u8).map(|i| (vec![i * 2], vec![i * 2 + 1])).collect();
+        let c = coarsen(ranges.clone(), 3);
+        assert_eq!(
+            c,
+            vec![
+                (vec![0], vec![7]),
+                (vec![8], vec![15]),
+                (vec![16], vec![19])
+            ]
+        );
+        assert_eq!(coarsen(ranges.clone(), 10), ranges);
     }
 }

@@ -57,6 +57,17 @@ pub enum StoreError {
         /// The limit.
         max: usize,
     },
+    /// The transaction writes more keys or ranges than the backend takes in one
+    /// commit (etcd: `--max-txn-ops`, 128 by default); nothing was written.
+    #[error(
+        "transaction writes {len} keys or ranges, more than the {max} the store takes in one commit; split it into several transactions"
+    )]
+    TooManyWrites {
+        /// Writes the transaction needed (with the backend's own).
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
     /// A write to a key starting with `0xFF` (reserved for the system); nothing was written.
     #[error("keys starting with 0xFF are reserved for the system; nothing was written")]
     ReservedKey,

@@ -166,7 +166,7 @@ fn deletions_after_the_read_conflict() {
     });
 }
 
-/// Reads the 400 keys of `w` and 300 absent `single` keys, writes 300 `copy` keys.
+/// Reads the 400 keys of `w` and 300 absent `single` keys, writes 100 `copy` keys.
 fn wide(tx: &mut Transaction) -> TxFuture<'_, usize, StoreError> {
     Box::pin(async move {
         let rows = tx
@@ -175,14 +175,17 @@ fn wide(tx: &mut Transaction) -> TxFuture<'_, usize, StoreError> {
         for i in 0..300u64 {
             tx.get(TupleKey::new().str("single").u64(i).as_bytes())
                 .await?;
-            tx.set(TupleKey::new().str("copy").u64(i).as_bytes(), b"c")?;
+            if i % 3 == 0 {
+                tx.set(TupleKey::new().str("copy").u64(i).as_bytes(), b"c")?;
+            }
         }
         Ok(rows.len())
     })
 }
 
-/// A read set of 400 keys (one compare each, plus a range) and 300 writes: more
-/// than 128 compares and operations, still one serializable commit.
+/// A read set of a 400-key range and 300 single keys: more than 128 compares,
+/// so coarsened (range compares + the deletion guard); a concurrent delete or
+/// write in it still conflicts. More than 128 writes are refused clearly.
 #[test]
 fn read_sets_beyond_128_compares() {
     if !etcd_enabled() {
@@ -192,16 +195,18 @@ fn read_sets_beyond_128_compares() {
         let db = capstan_cluster::open(&spec_for(&unique("wide")))
             .await
             .unwrap();
-        db.transact(|tx| {
-            Box::pin(async move {
-                for i in 0..400u64 {
-                    tx.set(TupleKey::new().str("w").u64(i).as_bytes(), b"0")?;
-                }
-                Ok::<_, StoreError>(())
+        for batch in 0..4u64 {
+            db.transact(move |tx| {
+                Box::pin(async move {
+                    for i in batch * 100..(batch + 1) * 100 {
+                        tx.set(TupleKey::new().str("w").u64(i).as_bytes(), b"0")?;
+                    }
+                    Ok::<_, StoreError>(())
+                })
             })
-        })
-        .await
-        .unwrap();
+            .await
+            .unwrap();
+        }
         let mut tx = Transaction::new(db.store().snapshot().await.unwrap());
         assert_eq!(wide(&mut tx).await.unwrap(), 400);
         // The last key of the range is deleted concurrently: a conflict.
@@ -235,7 +240,19 @@ fn read_sets_beyond_128_compares() {
             })
             .await
             .unwrap();
-        assert_eq!(copies.len(), 300);
+        assert_eq!(copies.len(), 100);
+        // Writes are not split: more than etcd's 128 operations are refused.
+        let r: Result<(), StoreError> = db
+            .transact(|tx| {
+                Box::pin(async move {
+                    for i in 0..200u64 {
+                        tx.set(TupleKey::new().str("many").u64(i).as_bytes(), b"m")?;
+                    }
+                    Ok(())
+                })
+            })
+            .await;
+        assert_eq!(r, Err(StoreError::TooManyWrites { len: 201, max: 128 }));
     });
 }
 
