@@ -401,7 +401,7 @@ impl Endpoints {
                             return Err(Failure::Definite(self.unreachable(attempt, &msg)));
                         }
                         // A full round of endpoints failed: back off before the next.
-                        if attempt as usize % self.names.len() == 0 {
+                        if (attempt as usize).is_multiple_of(self.names.len()) {
                             tokio::time::sleep(delay).await;
                             delay = (delay * 2).min(Duration::from_millis(500));
                         }
@@ -840,10 +840,13 @@ fn merge_ranges(mut ranges: Vec<(Vec<u8>, Vec<u8>)>) -> Vec<(Vec<u8>, Vec<u8>)> 
     out
 }
 
+/// A key range `[begin, end)`.
+type KeyRange = (Vec<u8>, Vec<u8>);
+
 /// The net effect of `mutations` applied in order: ranges to delete (disjoint,
 /// not containing any key to put) and then keys to put. Etcd refuses a Txn
 /// that puts a key twice or inside a range it deletes.
-fn normalize(mutations: &[Mutation]) -> (Vec<(Vec<u8>, Vec<u8>)>, BTreeMap<Vec<u8>, Vec<u8>>) {
+fn normalize(mutations: &[Mutation]) -> (Vec<KeyRange>, BTreeMap<Vec<u8>, Vec<u8>>) {
     let mut puts: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
     let mut cleared = Vec::new();
     for m in mutations {
