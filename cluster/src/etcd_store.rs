@@ -48,6 +48,10 @@
 //!   existed in it at `R` (nothing deleted: a deleted key compares as 0, a
 //!   deleted-then-recreated one has a newer mod revision).
 //!
+//! The mod revisions of keys read by snapshot gets are remembered (bounded,
+//! keyed by revision and key: a fact about revision `R` never changes), so a
+//! transaction of point reads needs no extra read at commit.
+//!
 //! Every change after `R` to a key of a read range is a create, a modify or a
 //! delete of a key that either existed at `R` (caught by its equality compare)
 //! or did not (then it exists at commit time with a newer mod revision, or was
@@ -428,6 +432,35 @@ impl Endpoints {
     }
 }
 
+/// Most (revision, key) → mod revision facts remembered.
+const OBSERVED_MAX: usize = 16_384;
+
+/// Mod revisions of single keys at given revisions, as seen by snapshot gets
+/// (0: absent). Such a fact never changes, so every transaction reading at that
+/// revision may use it; bounded, oldest forgotten first.
+#[derive(Default)]
+struct Observed {
+    facts: std::collections::HashMap<(Version, Vec<u8>), i64>,
+    order: std::collections::VecDeque<(Version, Vec<u8>)>,
+}
+
+impl Observed {
+    fn record(&mut self, revision: Version, key: &[u8], mod_revision: i64) {
+        let id = (revision, key.to_vec());
+        if self.facts.insert(id.clone(), mod_revision).is_none() {
+            self.order.push_back(id);
+            while self.order.len() > OBSERVED_MAX {
+                if let Some(old) = self.order.pop_front() {
+                    self.facts.remove(&old);
+                }
+            }
+        }
+    }
+    fn get(&self, revision: Version, key: &[u8]) -> Option<i64> {
+        self.facts.get(&(revision, key.to_vec())).copied()
+    }
+}
+
 struct Inner {
     config: EtcdConfig,
     describe: String,
@@ -436,6 +469,8 @@ struct Inner {
     markers: Vec<u8>,
     meta: Vec<u8>,
     guard: Vec<u8>,
+    /// Mod revisions seen by snapshot gets, so commits need not read them again.
+    observed: std::sync::Mutex<Observed>,
     lease: Mutex<Option<(i64, Instant)>>,
 }
 
@@ -464,6 +499,7 @@ impl EtcdStore {
             config,
             endpoints,
             lease: Mutex::new(None),
+            observed: std::sync::Mutex::new(Observed::default()),
         };
         let store = EtcdStore {
             inner: Arc::new(inner),
@@ -555,6 +591,20 @@ impl Inner {
         revision: Version,
         max: usize,
     ) -> Result<Option<Vec<(Vec<u8>, i64)>>, StoreError> {
+        if end == key_after(begin).as_slice() {
+            let seen = self
+                .observed
+                .lock()
+                .map_err(|_| StoreError::Io("etcd store state poisoned by a panic".into()))?
+                .get(revision, begin);
+            if let Some(m) = seen {
+                return Ok(Some(if m == 0 {
+                    Vec::new()
+                } else {
+                    vec![(self.dk(begin), m)]
+                }));
+            }
+        }
         let mut lo = self.dk(begin);
         let hi = self.dk(end);
         let mut out = Vec::new();
@@ -947,10 +997,15 @@ impl Snapshot for EtcdSnapshot {
             .inner
             .page(&k, &end, self.version, 1, false, false)
             .await?;
-        Ok(resp.take_kvs().into_iter().next().map(|kv| {
-            let (_, v) = kv.into_key_value();
-            v
-        }))
+        let kv = resp.take_kvs().into_iter().next();
+        if let Ok(mut seen) = self.inner.observed.lock() {
+            seen.record(
+                self.version,
+                key,
+                kv.as_ref().map(|kv| kv.mod_revision()).unwrap_or(0),
+            );
+        }
+        Ok(kv.map(|kv| kv.into_key_value().1))
     }
 
     async fn range(&self, opt: &RangeOption) -> Result<Vec<KeyValue>, StoreError> {
