@@ -1138,4 +1138,61 @@ mod tests {
         );
         assert_eq!(coarsen(ranges.clone(), 10), ranges);
     }
+
+    /// Against a live cluster (`CAPSTAN_ETCD_ENDPOINTS`; skipped without it):
+    /// an ambiguous commit that never applied is fenced by its resolution (its
+    /// Txn arriving late is refused), one that applied is reported committed.
+    #[tokio::test]
+    async fn ambiguous_commits_resolve_by_marker() {
+        let Ok(eps) = std::env::var("CAPSTAN_ETCD_ENDPOINTS") else {
+            eprintln!("skipped: set CAPSTAN_ETCD_ENDPOINTS (scripts/etcd-cluster start)");
+            return;
+        };
+        let prefix = String::from_utf8(random_id()).unwrap();
+        let store = EtcdStore::open(&format!("etcd://{eps}/capstan-test/resolve-{prefix}"))
+            .await
+            .unwrap();
+        let inner = &store.inner;
+        let txn_for = |marker: &[u8], key: &[u8]| {
+            Txn::new()
+                .when([Compare::create_revision(
+                    marker.to_vec(),
+                    CompareOp::Equal,
+                    0,
+                )])
+                .and_then([
+                    TxnOp::put(inner.dk(key), "x", None),
+                    TxnOp::put(marker.to_vec(), MARKER_COMMITTED, None),
+                ])
+        };
+        // Lost before reaching etcd: fenced, and the late Txn changes nothing.
+        let lost = [inner.markers.as_slice(), &random_id()].concat();
+        assert_eq!(
+            inner.resolve(&lost, Instant::now()).await,
+            Err(StoreError::Conflict)
+        );
+        let late = inner.endpoints.clients[0]
+            .clone()
+            .txn(txn_for(&lost, b"late"))
+            .await
+            .unwrap();
+        assert!(!late.succeeded(), "a fenced commit applied");
+        assert_eq!(
+            inner.resolve(&lost, Instant::now()).await,
+            Err(StoreError::Conflict)
+        );
+        // Applied before the connection dropped: reported at its revision.
+        let applied = [inner.markers.as_slice(), &random_id()].concat();
+        let resp = inner.endpoints.clients[0]
+            .clone()
+            .txn(txn_for(&applied, b"applied"))
+            .await
+            .unwrap();
+        assert!(resp.succeeded());
+        let revision = rev(resp.header().unwrap().revision());
+        assert_eq!(inner.resolve(&applied, Instant::now()).await, Ok(revision));
+        let snap = store.snapshot().await.unwrap();
+        assert_eq!(snap.get(b"late").await.unwrap(), None);
+        assert_eq!(snap.get(b"applied").await.unwrap(), Some(b"x".to_vec()));
+    }
 }
