@@ -400,10 +400,12 @@ fn member_killed_during_burst() {
             .await
             .unwrap();
         let stop = Arc::new(AtomicBool::new(false));
+        let ack_times = Arc::new(std::sync::Mutex::new(Vec::<Instant>::new()));
         let acked: Vec<Arc<AtomicU64>> = (0..TASKS).map(|_| Arc::new(AtomicU64::new(0))).collect();
         let mut tasks = Vec::new();
         for t in 0..TASKS {
             let (db, stop, acked) = (db.clone(), stop.clone(), acked[t as usize].clone());
+            let ack_times = ack_times.clone();
             tasks.push(tokio::spawn(async move {
                 let mut i = 0u64;
                 while !stop.load(Ordering::Relaxed) {
@@ -425,6 +427,7 @@ fn member_killed_during_burst() {
                     .await?;
                     i += 1;
                     acked.store(i, Ordering::Relaxed);
+                    ack_times.lock().unwrap().push(Instant::now());
                 }
                 Ok::<u64, StoreError>(i)
             }));
@@ -445,10 +448,25 @@ fn member_killed_during_burst() {
             total += t.await.unwrap().expect("a commit failed during failover");
         }
         drop(restart);
+        // The longest time without any acknowledged commit after the kill.
+        let mut times: Vec<Instant> = ack_times
+            .lock()
+            .unwrap()
+            .iter()
+            .copied()
+            .filter(|t| *t >= killed_at)
+            .collect();
+        times.sort();
+        let stall = times
+            .iter()
+            .zip(times.iter().skip(1))
+            .map(|(a, b)| *b - *a)
+            .chain(times.first().map(|t| *t - killed_at))
+            .max()
+            .unwrap_or_default();
         eprintln!(
-            "leader n{leader} killed: {before_kill} commits before, {} in the 5 s after ({:?})",
-            after_kill - before_kill,
-            killed_at.elapsed()
+            "leader n{leader} killed: {before_kill} commits before, {} in the 5 s after; longest stall without a commit {stall:?}",
+            after_kill - before_kill
         );
         assert!(before_kill > 0, "no commit before the kill");
         assert!(
