@@ -161,9 +161,9 @@ const KEYS_PAGE: usize = 2_000;
 /// Largest gRPC response accepted.
 const MAX_DECODING_BYTES: usize = 64 * 1024 * 1024;
 /// Attempts of one request across the endpoints before giving up.
-pub const MAX_ATTEMPTS: u32 = 16;
+pub const MAX_ATTEMPTS: u32 = 24;
 /// Time budget of one request across its attempts.
-pub const RETRY_BUDGET: Duration = Duration::from_secs(15);
+pub const RETRY_BUDGET: Duration = Duration::from_secs(20);
 /// Time after which a small request is given up on and retried elsewhere (or,
 /// for a commit, resolved): a request forwarded to a leader that died hangs
 /// until it times out, so this bounds the stall when the leader is lost.
