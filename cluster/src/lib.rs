@@ -10,7 +10,7 @@
 //!   commit: one fsync per batch of transactions).
 //! - [`etcd_store`]: the replicated backend on an etcd cluster (serializable
 //!   commits by comparing mod revisions, endpoint rotation, commit markers for
-//!   "maybe committed" outcomes, nested Txns beyond 128 operations).
+//!   "maybe committed" outcomes, coarsened read sets beyond 128 compares).
 //! - [`tuple`]: order-preserving tuple encoding of keys.
 //! - [`blob`]: values larger than [`MAX_VALUE_SIZE`] split into chunks.
 //! - [`conformance`]: the backend conformance suite, written once and run
