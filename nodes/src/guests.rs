@@ -127,12 +127,7 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
                 println!("grants   {}", if g.is_empty() { "none".into() } else { g });
             }
         }
-        Command::Run {
-            tool: Some(tool),
-            input,
-            ..
-        } => {
-            let input = input.unwrap_or_else(|| "{}".into());
+        Command::Run { tool, input, .. } => {
             let out = client
                 .call(|a| {
                     let (tool, input) = (&tool, &input);
@@ -171,6 +166,8 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
                             "failures": g.get_failures(),
                             "fuel_last": g.get_fuel_last(),
                             "memory_peak": g.get_memory_peak(),
+                            "instantiate_ns_last": g.get_instantiate_ns_last(),
+                            "call_ns_last": g.get_call_ns_last(),
                             "last_error": t(g.get_last_error())?,
                         }));
                     }

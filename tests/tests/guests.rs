@@ -1,8 +1,5 @@
 //! Guests as WebAssembly components, end to end: real `capstan` daemons
 //! running real components built from guests/ by scripts/build-guests.
-//!
-//! Ignored until the wasmtime host (actors/src/guest/) is wired in: see the
-//! commit history of branch `guests`.
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -91,7 +88,6 @@ fn guest(node: &Node, name: &str) -> Value {
 }
 
 #[test]
-#[ignore = "the guest commands are not wired into the node yet (issue 4, branch guests)"]
 fn counter_answers_by_mail_and_survives_kill_9() {
     let mut node = Node::started();
     let info = install(&node, "counter", "counter", &[]);
@@ -126,7 +122,6 @@ fn counter_answers_by_mail_and_survives_kill_9() {
 }
 
 #[test]
-#[ignore = "the guest commands are not wired into the node yet (issue 4, branch guests)"]
 fn echo_tool_runs_in_ironclaws_contract() {
     let node = Node::started();
     let info = install(&node, "echo-tool", "echo-tool", &[]);
@@ -161,7 +156,6 @@ fn echo_tool_runs_in_ironclaws_contract() {
 }
 
 #[test]
-#[ignore = "the guest commands are not wired into the node yet (issue 4, branch guests)"]
 fn summarizer_reads_a_granted_value_and_mails_its_host() {
     let node = Node::started();
     node.ok([
@@ -224,31 +218,26 @@ fn hostile(file: &str, reason: &str) {
 }
 
 #[test]
-#[ignore = "the guest commands are not wired into the node yet (issue 4, branch guests)"]
 fn hostile_infinite_loop_is_stopped_by_fuel() {
     hostile("spin", "fuel limit");
 }
 
 #[test]
-#[ignore = "the guest commands are not wired into the node yet (issue 4, branch guests)"]
 fn hostile_memory_bomb_is_stopped_by_the_memory_limit() {
     hostile("membomb", "memory limit");
 }
 
 #[test]
-#[ignore = "the guest commands are not wired into the node yet (issue 4, branch guests)"]
 fn hostile_huge_message_is_stopped_by_the_message_limit() {
     hostile("bigmail", "message size limit");
 }
 
 #[test]
-#[ignore = "the guest commands are not wired into the node yet (issue 4, branch guests)"]
 fn hostile_forged_handle_is_refused() {
     hostile("forger", "handle");
 }
 
 #[test]
-#[ignore = "the guest commands are not wired into the node yet (issue 4, branch guests)"]
 fn incompatible_world_version_is_refused() {
     let node = Node::started();
     let path = wasm("wrong-version");

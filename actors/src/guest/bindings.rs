@@ -8,7 +8,7 @@ pub mod agent {
         path: "../wit/agent",
         world: "agent",
         imports: { default: trappable },
-        with: { "capstan:agent/host/capability": super::super::CapabilityRep },
+        with: { "capstan:agent/host.capability": crate::guest::CapabilityRep },
     });
 }
 

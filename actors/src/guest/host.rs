@@ -291,15 +291,21 @@ impl agent_wit::host::Host for AgentState {
 pub(crate) struct Outcome {
     pub fuel: u64,
     pub memory: u64,
+    pub instantiate_ns: u64,
+    pub call_ns: u64,
     /// Ok: the handler's own answer; Err: why the guest was stopped.
     pub result: Result<Result<(), String>, String>,
 }
 
-fn stop_reason(e: &wasmtime::Error, fuel: u64) -> String {
+fn stop_reason(e: &wasmtime::Error, fuel: u64, wall: std::time::Duration) -> String {
     if let Some(t) = e.downcast_ref::<Trap>() {
         return match t {
             Trap::OutOfFuel => format!(
                 "fuel limit: it used all of its {fuel} units of fuel for one message (an endless loop?)"
+            ),
+            Trap::Interrupt => format!(
+                "time limit: it ran for more than {} ms of wall-clock time on one message",
+                wall.as_millis()
             ),
             other => format!("it trapped: {other}"),
         };
@@ -313,6 +319,15 @@ fn stop_reason(e: &wasmtime::Error, fuel: u64) -> String {
         .unwrap_or_else(|| format!("{e:#}"))
 }
 
+/// Sets the fuel and the wall-clock deadline of a fresh store.
+fn arm<T>(gh: &GuestHost, store: &mut Store<T>) -> wasmtime::Result<()> {
+    store.set_fuel(gh.limits().fuel)?;
+    let ticks = (gh.limits().wall.as_millis() / super::EPOCH_TICK.as_millis()).max(1);
+    store.set_epoch_deadline(ticks as u64);
+    store.epoch_deadline_trap();
+    Ok(())
+}
+
 /// Runs the agent component on one message (blocking).
 pub(crate) fn call_agent(
     gh: &GuestHost,
@@ -321,17 +336,23 @@ pub(crate) fn call_agent(
     msg: agent_wit::types::Message,
 ) -> Outcome {
     let fuel = gh.limits().fuel;
+    let t0 = std::time::Instant::now();
     let mut store = Store::new(&gh.engine, AgentState::new(gh, agent, msg.number));
     store.limiter(|s| &mut s.limiter);
-    let r = store.set_fuel(fuel).and_then(|_| {
+    let mut t1 = t0;
+    let r = arm(gh, &mut store).and_then(|_| {
         let inst = pre.instantiate(&mut store)?;
+        t1 = std::time::Instant::now();
         inst.call_on_message(&mut store, &msg)
     });
+    let t2 = std::time::Instant::now();
     let left = store.get_fuel().unwrap_or(0);
     Outcome {
         fuel: fuel.saturating_sub(left),
         memory: store.data().limiter.peak as u64,
-        result: r.map_err(|e| stop_reason(&e, fuel)),
+        instantiate_ns: (t1 - t0).as_nanos() as u64,
+        call_ns: (t2 - t1).as_nanos() as u64,
+        result: r.map_err(|e| stop_reason(&e, fuel, gh.limits().wall)),
     }
 }
 
@@ -513,14 +534,14 @@ pub(crate) fn execute_tool(p: PreparedTool, input: String, depth: u32) -> Result
         params: input,
         context: None,
     };
-    let r = store.set_fuel(fuel).and_then(|_| {
+    let r = arm(&gh, &mut store).and_then(|_| {
         let inst = pre.instantiate(&mut store)?;
         inst.capstan_tool_tool().call_execute(&mut store, &req)
     });
     match r {
         Err(e) => Err(Error::Invalid(format!(
             "the tool was stopped: {}",
-            stop_reason(&e, fuel)
+            stop_reason(&e, fuel, gh.limits().wall)
         ))),
         Ok(resp) => match (resp.output, resp.error) {
             (_, Some(err)) => Err(Error::Invalid(format!("the tool failed: {err}"))),

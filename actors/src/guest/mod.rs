@@ -19,9 +19,26 @@
 //!   carry request ids derived from (guest, message number, call index).
 //! - Capabilities are WIT resources in the instance's `ResourceTable`: a
 //!   guest holds handles it cannot forge. No WASI is linked at all.
-//! - Limits per call: fuel, memory, table elements, capabilities held,
-//!   message size. Breaking one stops that guest only; its host is mailed
-//!   why, and the next message gets a fresh instance.
+//! - Limits per call: fuel, a wall-clock deadline (epoch interruption),
+//!   memory, table elements, capabilities held, message size. Breaking one
+//!   stops that guest only; its host is mailed why, and the next message
+//!   gets a fresh instance (a fresh `Store`).
+//!
+//! # The one `unsafe` block
+//!
+//! The workspace denies `unsafe_code`. [`GuestHost::load_cached`] allows it
+//! for exactly one call, `Component::deserialize`, which is unsafe because
+//! wasmtime runs the machine code it is given without verifying it: bytes
+//! from anywhere else would be arbitrary code. We only ever deserialize
+//! files this node wrote itself ([`GuestHost::save_cached`]) into its own
+//! private home (`<home>/compiled`, mode 0700), named by the blake3 of the
+//! component's bytes and the engine's compatibility hash (wasmtime version
+//! and every code-generation setting), written to a temporary file and
+//! renamed into place (a reader never sees a half-written file), and framed
+//! with the blake3 of the compiled bytes, checked before deserializing (a
+//! damaged file is a cache miss and is compiled again). wasmtime also checks
+//! the version and configuration recorded in the file and refuses a
+//! mismatch.
 
 mod bindings;
 mod host;
@@ -42,7 +59,8 @@ use crate::error::Error;
 use crate::model;
 use crate::records::FormulaKind;
 
-pub(crate) use host::{AgentState, CapabilityRep, ToolState};
+pub use host::CapabilityRep;
+pub(crate) use host::{AgentState, ToolState};
 pub(crate) use runner::{GuestRunner, runner_for};
 
 /// The agent world this node runs.
@@ -57,6 +75,8 @@ pub const MAX_COMPONENT_BYTES: usize = capstan_cluster::blob::MAX_BLOB_SIZE;
 pub const MAX_GRANTS: usize = 64;
 /// Compiled components kept in memory.
 const MAX_COMPILED: usize = 256;
+/// How often the engine's epoch advances (the granularity of [`GuestLimits::wall`]).
+pub(crate) const EPOCH_TICK: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Limits applied to every guest call.
 #[derive(Debug, Clone)]
@@ -73,6 +93,9 @@ pub struct GuestLimits {
     pub message: usize,
     /// Most guest calls running at once on this node.
     pub concurrent: usize,
+    /// Wall-clock time one message may take (epoch interruption; time spent
+    /// waiting in host calls counts too).
+    pub wall: std::time::Duration,
 }
 
 impl Default for GuestLimits {
@@ -84,6 +107,7 @@ impl Default for GuestLimits {
             capabilities: 256,
             message: crate::api::MAX_MESSAGE_TEXT,
             concurrent: 16,
+            wall: std::time::Duration::from_secs(10),
         }
     }
 }
@@ -141,6 +165,11 @@ pub struct GuestInfo {
     pub failures: u64,
     pub fuel_last: u64,
     pub memory_peak: u64,
+    /// Nanoseconds to make the instance for the last message (fresh store,
+    /// pre-instantiated component, pooling allocator).
+    pub instantiate_ns_last: u64,
+    /// Nanoseconds the handler of the last message ran (host calls included).
+    pub call_ns_last: u64,
     pub last_error: String,
 }
 
@@ -169,6 +198,11 @@ pub(crate) struct Stats {
     pub failures: u64,
     pub fuel_last: u64,
     pub memory_peak: u64,
+    /// Nanoseconds to make the instance for the last message (fresh store,
+    /// pre-instantiated component, pooling allocator).
+    pub instantiate_ns_last: u64,
+    /// Nanoseconds the handler of the last message ran (host calls included).
+    pub call_ns_last: u64,
     pub last_error: String,
 }
 
@@ -211,6 +245,38 @@ pub struct GuestHost {
     pub(crate) locks: Mutex<HashMap<FormulaId, Arc<tokio::sync::Mutex<()>>>>,
     pub(crate) slots: Arc<tokio::sync::Semaphore>,
     pub(crate) tokio: tokio::runtime::Handle,
+    /// Hex of the engine's compatibility hash: part of every cache file name.
+    compat: String,
+    /// Set on drop: stops the epoch ticker thread.
+    stop_ticker: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for GuestHost {
+    fn drop(&mut self) {
+        self.stop_ticker
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A [`std::hash::Hasher`] over blake3, to turn wasmtime's
+/// `precompile_compatibility_hash` into a stable file-name component.
+struct Blake3Hasher(blake3::Hasher);
+
+impl std::hash::Hasher for Blake3Hasher {
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+    fn finish(&self) -> u64 {
+        let h = self.0.finalize();
+        u64::from_le_bytes(h.as_bytes()[..8].try_into().unwrap_or([0; 8]))
+    }
+}
+
+fn compat_hash(engine: &Engine) -> String {
+    use std::hash::Hash;
+    let mut h = Blake3Hasher(blake3::Hasher::new());
+    engine.precompile_compatibility_hash().hash(&mut h);
+    hex::encode(&h.0.finalize().as_bytes()[..16])
 }
 
 impl std::fmt::Debug for GuestHost {
@@ -241,6 +307,7 @@ fn pooling(limits: &GuestLimits) -> PoolingAllocationConfig {
 fn engine(limits: &GuestLimits, pooled: bool) -> wasmtime::Result<Engine> {
     let mut c = Config::new();
     c.consume_fuel(true);
+    c.epoch_interruption(true);
     c.wasm_component_model(true);
     c.parallel_compilation(true);
     if pooled {
@@ -274,8 +341,26 @@ impl GuestHost {
         >(&mut tool_linker, |s| s)
         .map_err(|e| wasm_error("tool world", e))?;
         if let Some(d) = &cfg.cache_dir {
-            std::fs::create_dir_all(d)
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(d)
                 .map_err(|e| Error::Unavailable(format!("cannot create {}: {e}", d.display())))?;
+        }
+        let compat = compat_hash(&engine);
+        let stop_ticker = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        {
+            let (engine, stop) = (engine.clone(), stop_ticker.clone());
+            std::thread::Builder::new()
+                .name("capstan-epoch".into())
+                .spawn(move || {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        std::thread::sleep(EPOCH_TICK);
+                        engine.increment_epoch();
+                    }
+                })
+                .map_err(|e| Error::Unavailable(format!("cannot start the epoch ticker: {e}")))?;
         }
         let slots = Arc::new(tokio::sync::Semaphore::new(cfg.limits.concurrent.max(1)));
         let tokio = tokio::runtime::Handle::try_current()
@@ -290,6 +375,8 @@ impl GuestHost {
             locks: Mutex::new(HashMap::new()),
             slots,
             tokio,
+            compat,
+            stop_ticker,
         })
     }
 
@@ -327,7 +414,7 @@ impl GuestHost {
         self.cfg
             .cache_dir
             .as_ref()
-            .map(|d| d.join(format!("{}.cwasm", hex::encode(hash))))
+            .map(|d| d.join(format!("{}-{}.cwasm", hex::encode(hash), self.compat)))
     }
 
     /// A compiled component from the disk cache. The file holds the blake3
@@ -339,11 +426,13 @@ impl GuestHost {
             tracing::warn!(path = %path.display(), "ignoring a damaged compile cache entry");
             return None;
         }
-        // SAFETY: `deserialize` trusts its input to be a compile made by this
-        // same wasmtime. The file was written by `save_cached` below into the
-        // node's private home (mode 0700), and its checksum matched; wasmtime
-        // itself also checks the engine version and configuration it was
-        // compiled with and refuses a mismatch.
+        // SAFETY: `deserialize` runs the machine code in its input unverified,
+        // so the input must be a compile made by a compatible wasmtime engine.
+        // This file is one this node wrote itself (`save_cached`, temp file +
+        // rename) into its private home cache (mode 0700), named by the blake3
+        // of the component's bytes and this engine's compatibility hash, and
+        // the blake3 framing of its content matched just above. wasmtime also
+        // checks the version and configuration recorded in the file.
         #[allow(unsafe_code)]
         let c = unsafe { Component::deserialize(&self.engine, &data[32..]) };
         match c {
@@ -363,12 +452,26 @@ impl GuestHost {
         let mut data = Vec::with_capacity(bytes.len() + 32);
         data.extend_from_slice(blake3::hash(&bytes).as_bytes());
         data.extend_from_slice(&bytes);
-        let tmp = path.with_extension("tmp");
-        if std::fs::write(&tmp, &data)
-            .and_then(|_| std::fs::rename(&tmp, &path))
-            .is_err()
-        {
-            tracing::warn!(path = %path.display(), "could not write the compile cache");
+        // A temporary name of our own, then an atomic rename: a reader (this
+        // node after a crash, or a concurrent compile) never sees half a file.
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = path.with_extension(format!("{}.{seq}.tmp", std::process::id()));
+        let written = (|| {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(&data)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            tracing::warn!(path = %path.display(), "could not write the compile cache: {e}");
         }
     }
 
@@ -479,7 +582,7 @@ pub(crate) fn derived_request(guest: &FormulaId, number: u64, call: u32) -> Requ
     RequestId(out)
 }
 
-fn parse_hash(s: &str) -> Result<[u8; 32], Error> {
+pub(crate) fn parse_hash(s: &str) -> Result<[u8; 32], Error> {
     let v = hex::decode(s).map_err(|e| Error::Corrupt(format!("component hash: {e}")))?;
     v.try_into()
         .map_err(|_| Error::Corrupt("component hash is not 32 bytes".into()))
@@ -774,6 +877,8 @@ impl AgentHandle {
                     failures: s.failures,
                     fuel_last: s.fuel_last,
                     memory_peak: s.memory_peak,
+                    instantiate_ns_last: s.instantiate_ns_last,
+                    call_ns_last: s.call_ns_last,
                     last_error: s.last_error,
                 }
             })

@@ -157,6 +157,8 @@ async fn handle(
             None => Outcome {
                 fuel: 0,
                 memory: 0,
+                instantiate_ns: 0,
+                call_ns: 0,
                 result: Err("its component is not an agent component".into()),
             },
         }
@@ -177,6 +179,8 @@ async fn handle(
         s.handled += 1;
         s.fuel_last = out.fuel;
         s.memory_peak = s.memory_peak.max(out.memory);
+        s.instantiate_ns_last = out.instantiate_ns;
+        s.call_ns_last = out.call_ns;
         s.state = if reason.is_some() { "stopped" } else { "idle" };
         if let Some(r) = &reason {
             s.failures += 1;
