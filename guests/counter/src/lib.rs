@@ -4,7 +4,6 @@
 wit_bindgen::generate!({ path: "../../wit/agent", world: "agent" });
 
 use capstan::agent::host;
-use capstan::agent::types::Message;
 
 struct Counter;
 

@@ -3,7 +3,6 @@
 wit_bindgen::generate!({ path: "../../wit/agent", world: "agent" });
 
 use capstan::agent::host::Capability;
-use capstan::agent::types::Message;
 
 struct Forger;
 

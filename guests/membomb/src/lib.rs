@@ -1,7 +1,6 @@
 //! membomb (hostile): allocates without bound. The memory limit stops it.
 wit_bindgen::generate!({ path: "../../wit/agent", world: "agent" });
 
-use capstan::agent::types::Message;
 
 struct MemBomb;
 

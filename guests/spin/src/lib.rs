@@ -1,7 +1,6 @@
 //! spin (hostile): loops forever on any message. Fuel stops it.
 wit_bindgen::generate!({ path: "../../wit/agent", world: "agent" });
 
-use capstan::agent::types::Message;
 
 struct Spin;
 

@@ -3,7 +3,6 @@
 wit_bindgen::generate!({ path: "wit", world: "agent" });
 
 use capstan::agent::host;
-use capstan::agent::types::Message;
 
 struct Wrong;
 
