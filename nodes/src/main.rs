@@ -49,8 +49,8 @@ mod client;
 mod commands;
 mod daemon;
 mod demo;
-mod net;
 mod guests;
+mod net;
 mod output;
 mod server;
 mod text;
@@ -170,9 +170,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let is_daemon = matches!(
         cli.command,
         Command::Start {
-                foreground: true,
-                ..
-            }
+            foreground: true,
+            ..
+        }
     );
     init_logging(is_daemon);
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -181,7 +181,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         match cli.command {
-            | Command::Start {
+            Command::Start {
                 foreground: true,
                 listen,
                 ..

@@ -149,7 +149,7 @@ fn echo_tool_runs_in_ironclaws_contract() {
         e.contains("a guest agent needs capstan:agent/agent@0.1.0"),
         "{e}"
     );
-    node.ok(["store", "--text", "just text", "plain"]);
+    node.ok(["store", "--text", "just text", "--name", "plain"]);
     let (_, e) = node.fail(["mkguest", "p", "--component", "plain"]);
     assert!(e.contains("not an installed component"), "{e}");
     assert!(!node.names(&[]).contains("p"));
@@ -162,6 +162,7 @@ fn summarizer_reads_a_granted_value_and_mails_its_host() {
         "store",
         "--text",
         "Capstan notes\nguests are components\nthey hold only what they were given",
+        "--name",
         "shared-docs",
     ]);
     let info = install(&node, "summarizer", "summarizer", &["doc=shared-docs"]);
