@@ -180,19 +180,21 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
                 println!("no guest components");
             } else {
                 println!(
-                    "{:<20} {:<8} {:>8} {:>8} {:>12} {:>10}  last error",
+                    "{:<20} {:<8} {:>8} {:>8} {:>12} {:>10}  LAST ERROR",
                     "NAME", "STATE", "HANDLED", "FAILED", "FUEL(LAST)", "MEMORY"
                 );
+                let n = |g: &serde_json::Value, k: &str| g[k].as_u64().unwrap_or(0);
                 for g in &gs {
+                    let last = g["last_error"].as_str().unwrap_or("");
                     println!(
                         "{:<20} {:<8} {:>8} {:>8} {:>12} {:>10}  {}",
                         g["name"].as_str().unwrap_or(""),
                         g["state"].as_str().unwrap_or(""),
-                        g["handled"],
-                        g["failures"],
-                        g["fuel_last"],
-                        g["memory_peak"],
-                        g["last_error"].as_str().unwrap_or("")
+                        n(g, "handled"),
+                        n(g, "failures"),
+                        n(g, "fuel_last"),
+                        format!("{} KiB", n(g, "memory_peak") / 1024),
+                        if last.is_empty() { "-" } else { last }
                     );
                 }
             }

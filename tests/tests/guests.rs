@@ -108,7 +108,15 @@ fn counter_answers_by_mail_and_survives_kill_9() {
     let g = guest(&node, "bot");
     assert_eq!(g["handled"], 2, "{g}");
     assert_eq!(g["failures"], 0, "{g}");
+    assert_eq!(g["state"], "idle", "{g}");
     assert!(g["fuel_last"].as_u64().unwrap() > 0, "{g}");
+    assert!(g["memory_peak"].as_u64().unwrap() > 0, "{g}");
+    let table = node.ok(["guests"]);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("bot "))
+        .unwrap_or_else(|| panic!("no row for bot:\n{table}"));
+    assert!(row.contains("idle"), "{table}");
 
     node.kill9();
     node.start();
@@ -235,7 +243,7 @@ fn hostile_huge_message_is_stopped_by_the_message_limit() {
 
 #[test]
 fn hostile_forged_handle_is_refused() {
-    hostile("forger", "handle");
+    hostile("forger", "it used a handle it does not hold");
 }
 
 #[test]
@@ -252,5 +260,12 @@ fn incompatible_world_version_is_refused() {
     let (_, e) = node.fail(["install", junk.to_str().unwrap(), "--name", "junk"]);
     assert!(e.contains("not a valid WebAssembly component"), "{e}");
     assert!(!node.names(&[]).contains("junk"));
+    // no such file; a tool run without its input
+    let (code, e) = node.fail(["install", "/nonexistent/x.wasm", "--name", "x"]);
+    assert_eq!(code, 1, "{e}");
+    assert!(e.contains("cannot read /nonexistent/x.wasm"), "{e}");
+    let (code, e) = node.fail(["run", "echo-tool"]);
+    assert_eq!(code, 1, "{e}");
+    assert!(e.contains("--input"), "{e}");
     assert_eq!(node.json(["guests"]), serde_json::json!([]));
 }

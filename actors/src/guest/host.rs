@@ -312,11 +312,13 @@ fn stop_reason(e: &wasmtime::Error, fuel: u64, wall: std::time::Duration) -> Str
     }
     // the root cause first: limit errors raised by the host
     let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-    chain
-        .iter()
-        .find(|c| c.contains("limit:") || c.contains("handle"))
-        .cloned()
-        .unwrap_or_else(|| format!("{e:#}"))
+    if let Some(c) = chain.iter().find(|c| c.contains("limit:")) {
+        return c.clone();
+    }
+    if let Some(c) = chain.iter().find(|c| c.contains("handle")) {
+        return format!("capability handle: it used a handle it does not hold ({c})");
+    }
+    format!("{e:#}")
 }
 
 /// Sets the fuel and the wall-clock deadline of a fresh store.
