@@ -111,6 +111,8 @@ pub(crate) struct Inner {
     pub closed: AtomicBool,
     /// Woken after a commit that queued items in the outbox.
     pub outbox: tokio::sync::Notify,
+    /// The wasmtime host, once [`Runtime::enable_guests`] ran.
+    pub guests: std::sync::OnceLock<Arc<crate::guest::GuestHost>>,
 }
 
 /// The object model of one node.
@@ -173,6 +175,7 @@ impl Runtime {
             registry: Registry::new(),
             closed: AtomicBool::new(false),
             outbox: tokio::sync::Notify::new(),
+            guests: std::sync::OnceLock::new(),
         });
         let rec = load_agent(&inner.db, root).await?;
         let root_handle = AgentHandle {
@@ -196,6 +199,16 @@ impl Runtime {
 
     pub(crate) fn inner(&self) -> &Arc<Inner> {
         &self.inner
+    }
+
+    /// Starts the wasmtime host: guest agents whose body is a component
+    /// then run their handler on every message. Call once, inside tokio.
+    pub fn enable_guests(&self, cfg: crate::guest::GuestConfig) -> Result<(), Error> {
+        let gh = crate::guest::GuestHost::new(cfg)?;
+        self.inner
+            .guests
+            .set(Arc::new(gh))
+            .map_err(|_| Error::Invalid("guests are already enabled".into()))
     }
 
     /// Number of live incarnations.
@@ -332,6 +345,23 @@ pub(crate) async fn settle_target(
 }
 
 impl AgentHandle {
+    /// Acting as agent `id` (for the guest host).
+    pub(crate) async fn load(rt: &Arc<Inner>, id: FormulaId) -> Result<AgentHandle, Error> {
+        let rec = load_agent(&rt.db, id).await?;
+        Ok(AgentHandle {
+            rt: rt.clone(),
+            ctx: Arc::new(rec),
+        })
+    }
+
+    pub(crate) fn inner(&self) -> &Arc<Inner> {
+        &self.rt
+    }
+
+    pub(crate) fn ctx(&self) -> &Arc<Ctx> {
+        &self.ctx
+    }
+
     pub fn id(&self) -> FormulaId {
         self.ctx.id
     }

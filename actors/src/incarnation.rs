@@ -82,6 +82,8 @@ pub(crate) struct AgentState {
     followers: Vec<mpsc::Sender<MessageRec>>,
     last_active: Instant,
     _ticker: tokio::task::JoinHandle<()>,
+    /// For a guest whose body is a component: its runner.
+    guest: Option<crate::guest::GuestRunner>,
 }
 
 impl Actor for AgentActor {
@@ -103,7 +105,14 @@ impl Actor for AgentActor {
         let tick = (args.rt.opts.idle_timeout / 2).max(Duration::from_millis(50));
         let ticker = myself.send_interval(tick, || AgentMsg::Tick);
         tracing::debug!(agent = %id.short(), next, "incarnated agent");
+        let guest = crate::guest::runner_for(&args.rt, id)
+            .await
+            .unwrap_or_else(|e| {
+                tracing::warn!(agent = %id.short(), "guest component not started: {e}");
+                None
+            });
         Ok(AgentState {
+            guest,
             rt: args.rt,
             id,
             next,
@@ -127,6 +136,12 @@ impl Actor for AgentActor {
                 let _ = reply.send(first);
             }
             AgentMsg::Delivered(m) => {
+                if let Some(g) = &st.guest
+                    && m.from != st.id
+                {
+                    st.last_active = Instant::now();
+                    g.kick();
+                }
                 st.followers.retain(|f| match f.try_send(m.clone()) {
                     Ok(()) => true,
                     Err(mpsc::error::TrySendError::Full(_)) => {

@@ -12,12 +12,15 @@
 //!   inbox records, exactly-once answers).
 //! - [`incarnation`]: the ractor actors (agents, promises), made on demand
 //!   and passivated when idle.
+//! - [`guest`]: the wasmtime host: guest agents and tools as WebAssembly
+//!   components (issue 4).
 //! - [`records`]: Rust values ↔ Cap'n Proto records of `proto/`.
 //! - [`keys`]: the key layout. [`names`]: pet names, special names, paths.
 
 pub mod api;
 pub mod error;
 pub mod federation;
+pub mod guest;
 pub mod incarnation;
 pub mod keys;
 pub mod model;

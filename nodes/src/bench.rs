@@ -1,7 +1,7 @@
 //! `capstan bench`: the issue-2 benchmark table, measured end to end.
 //!
 //! Every figure goes through the real path a user's command takes: a daemon
-//! process (`capstan run`, this very binary) on a temporary home with the
+//! process (`capstan start --foreground`, this very binary) on a temporary home with the
 //! embedded store, driven over its control socket with Cap'n Proto RPC.
 //! Sends, requests and resolves are acknowledged only after their store
 //! transaction committed (fsync), so every write figure is a durable one.
@@ -77,7 +77,7 @@ struct Daemon {
 }
 
 impl Daemon {
-    /// Spawns `capstan run` and waits for its first answer; returns the time
+    /// Spawns `capstan start --foreground` and waits for its first answer; returns the time
     /// from spawn to that answer.
     async fn spawn(exe: &Path, paths: &Paths) -> anyhow::Result<(Daemon, Duration)> {
         std::fs::create_dir_all(&paths.home)
@@ -89,7 +89,8 @@ impl Daemon {
             .context("cannot open the bench daemon's log")?;
         let t0 = Instant::now();
         let child = Command::new(exe)
-            .arg("run")
+            .arg("start")
+            .arg("--foreground")
             .arg("--home")
             .arg(&paths.home)
             .env_remove("CAPSTAN_HOME")
@@ -296,7 +297,12 @@ fn step(quiet: bool, what: &str) {
 }
 
 /// Runs every benchmark; prints the table (or one JSON object).
-pub async fn run(sizes: Sizes, dir: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
+pub async fn run(
+    sizes: Sizes,
+    dir: Option<PathBuf>,
+    guests: PathBuf,
+    json: bool,
+) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("cannot find the capstan executable")?;
     let tmp;
     let base = match dir {
@@ -603,6 +609,8 @@ pub async fn run(sizes: Sizes, dir: Option<PathBuf>, json: bool) -> anyhow::Resu
     drop(h);
     d.stop().await?;
 
+    guest_rows(&exe, &base, &guests, &sizes, &mut rows).await?;
+
     if sizes.net {
         net_rows(&exe, &base, &sizes, &mut rows).await?;
     }
@@ -839,5 +847,246 @@ async fn net_rows(
     drop(h);
     rt.shutdown().await;
     a.stop().await?;
+    Ok(())
+}
+
+/// Installs the component `file` under `name` (grants none).
+async fn install(a: &agent::Client, file: &Path, name: &str) -> anyhow::Result<()> {
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let mut r = a.install_request();
+    r.get().set_req_id(&RequestId::random().0);
+    r.get().set_name(name);
+    r.get().set_component(&bytes);
+    r.get().init_grants(0);
+    r.send()
+        .promise
+        .await
+        .with_context(|| format!("installing {}", file.display()))?;
+    Ok(())
+}
+
+async fn mkguest_component(a: &agent::Client, path: &str, component: &str) -> anyhow::Result<()> {
+    let mut r = a.mkguest_component_request();
+    r.get().set_req_id(&RequestId::random().0);
+    r.get().set_path(path);
+    r.get().set_component(component);
+    r.send().promise.await?;
+    Ok(())
+}
+
+async fn run_tool(a: &agent::Client, name: &str, input: &str) -> Result<String, CapError> {
+    let mut r = a.run_tool_request();
+    r.get().set_name(name);
+    r.get().set_input(input);
+    Ok(r.send().promise.await?.get()?.get_output()?.to_string()?)
+}
+
+/// (instantiate ns, call ns) of the last message the guest `name` handled.
+async fn guest_timings(a: &agent::Client, name: &str) -> Result<(u64, u64), CapError> {
+    let answer = a.guests_request().send().promise.await?;
+    for g in answer.get()?.get_guests()?.iter() {
+        if g.get_name()?.to_str()? == name {
+            return Ok((g.get_instantiate_ns_last(), g.get_call_ns_last()));
+        }
+    }
+    Err(CapError::failed(format!("guest {name} is not listed")))
+}
+
+/// Waits until the host's inbox has a message numbered `number` or later.
+async fn wait_inbox(a: &agent::Client, number: u64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if last_inbox_number(a).await?.is_some_and(|n| n >= number) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("no guest answer within 60 s (message {number} of the host's inbox)");
+        }
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+}
+
+/// Guests as WebAssembly components, through the daemon: install (validate
+/// and compile), a tool call over the socket, a message to a guest agent
+/// and its answer by mail, what the node measured inside (instantiate and
+/// handler), messages per second, the first message after a restart
+/// (compiled code from the disk cache), and memory per guest agent.
+async fn guest_rows(
+    exe: &Path,
+    base: &Path,
+    wasm: &Path,
+    sizes: &Sizes,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
+    let (echo, counter) = (wasm.join("echo-tool.wasm"), wasm.join("counter.wasm"));
+    if !echo.exists() || !counter.exists() {
+        eprintln!(
+            "bench: guest section skipped: no {} (build the guests with scripts/build-guests, or pass --guests DIR)",
+            counter.display()
+        );
+        return Ok(());
+    }
+    let quiet = false;
+    step(quiet, "guests: install");
+    let paths = Paths::resolve(Some(base.join("guests")))?;
+    let (d, _) = Daemon::spawn(exe, &paths).await?;
+    let h = host(&paths).await?;
+    let t = Instant::now();
+    install(&h, &echo, "echo-tool").await?;
+    let cold = t.elapsed();
+    install(&h, &counter, "counter").await?;
+    rows.push(Row {
+        what: "guest: install a component (validate, cold compile, store)".into(),
+        value: ms(cold.as_secs_f64() * 1e6),
+        target: "",
+        endo: "",
+        json: json!({"us": cold.as_secs_f64() * 1e6}),
+    });
+
+    step(quiet, "guests: tool calls");
+    let mut lat = Vec::new();
+    for _ in 0..sizes.round_trips {
+        let t = Instant::now();
+        let out = run_tool(&h, "echo-tool", r#"{"text":"bench"}"#).await?;
+        lat.push(t.elapsed());
+        if !out.contains("\"bench\"") {
+            bail!("echo-tool answered {out:?}");
+        }
+    }
+    let s = stats(lat);
+    rows.push(Row {
+        what: "guest: `run` a tool over the socket (fresh instance + execute)".into(),
+        value: format!("{} / {}", ms(s.p50), ms(s.p99)),
+        target: "",
+        endo: "",
+        json: json!({"p50_us": s.p50, "p99_us": s.p99}),
+    });
+
+    step(quiet, "guests: messages to a guest agent");
+    mkguest_component(&h, "bot", "counter").await?;
+    let mut next = last_inbox_number(&h).await?.map_or(0, |n| n + 1);
+    let (mut rtt, mut inst, mut call) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..sizes.round_trips {
+        let t = Instant::now();
+        send(&h, "bot", "get").await?;
+        // our copy of what we sent, then the guest's answer
+        next += 2;
+        wait_inbox(&h, next - 1).await?;
+        rtt.push(t.elapsed());
+        let (i, c) = guest_timings(&h, "bot").await?;
+        inst.push(Duration::from_nanos(i));
+        call.push(Duration::from_nanos(c));
+    }
+    let (s, si, sc) = (stats(rtt), stats(inst), stats(call));
+    rows.push(Row {
+        what: "guest: message → guest handler → answer in the host's inbox (p50 / p99)".into(),
+        value: format!("{} / {}", ms(s.p50), ms(s.p99)),
+        target: "",
+        endo: "",
+        json: json!({"p50_us": s.p50, "p99_us": s.p99}),
+    });
+    rows.push(Row {
+        what: "guest: instantiate for a message (pooled, pre-instantiated; p50)".into(),
+        value: ms(si.p50),
+        target: "< 20 µs",
+        endo: "",
+        json: json!({"p50_us": si.p50, "p99_us": si.p99}),
+    });
+    rows.push(Row {
+        what: "guest: handler run incl. its host calls (read, reply: durable; p50)".into(),
+        value: ms(sc.p50),
+        target: "",
+        endo: "",
+        json: json!({"p50_us": sc.p50, "p99_us": sc.p99}),
+    });
+
+    step(quiet, "guests: messages per second");
+    let n = sizes.round_trips * 4;
+    let t = Instant::now();
+    for _ in 0..n {
+        send(&h, "bot", "get").await?;
+    }
+    next += 2 * n as u64;
+    wait_inbox(&h, next - 1).await?;
+    let rate = n as f64 / t.elapsed().as_secs_f64();
+    rows.push(Row {
+        what: format!("guest: messages handled per second, one guest agent ({n})"),
+        value: format!("{rate:.0} /s"),
+        target: "",
+        endo: "",
+        json: json!({"per_s": rate, "messages": n}),
+    });
+
+    step(quiet, "guests: first message after a restart");
+    drop(h);
+    d.stop().await?;
+    let (d, _) = Daemon::spawn(exe, &paths).await?;
+    let h = host(&paths).await?;
+    let next = last_inbox_number(&h).await?.map_or(0, |n| n + 1);
+    let t = Instant::now();
+    send(&h, "bot", "get").await?;
+    wait_inbox(&h, next + 1).await?;
+    let warm = t.elapsed();
+    rows.push(Row {
+        what: "guest: first message after a restart (compiled code from the disk cache)".into(),
+        value: ms(warm.as_secs_f64() * 1e6),
+        target: "",
+        endo: "",
+        json: json!({"us": warm.as_secs_f64() * 1e6}),
+    });
+
+    let n = sizes.guests;
+    step(quiet, &format!("guests: {n} guest agents"));
+    let conns = Rc::new({
+        let mut v = Vec::new();
+        for _ in 0..sizes.senders.min(16) {
+            v.push(host(&paths).await?);
+        }
+        v
+    });
+    let c2 = conns.clone();
+    concurrently(
+        n,
+        conns.len(),
+        move |i| {
+            let a = c2[i % c2.len()].clone();
+            async move {
+                let mut r = a.mkguest_component_request();
+                r.get().set_req_id(&RequestId::random().0);
+                r.get().set_path(format!("bot-{i}").as_str());
+                r.get().set_component("counter");
+                r.send().promise.await?;
+                Ok(())
+            }
+        },
+        "mkguest --component",
+    )
+    .await?;
+    let before = d.rss_kib()?;
+    let next = last_inbox_number(&h).await?.map_or(0, |n| n + 1);
+    let c2 = conns.clone();
+    concurrently(
+        n,
+        conns.len(),
+        move |i| {
+            let a = c2[i % c2.len()].clone();
+            async move { send(&a, &format!("bot-{i}"), "get").await.map(drop) }
+        },
+        "wake guest agents",
+    )
+    .await?;
+    wait_inbox(&h, next + 2 * n as u64 - 1).await?;
+    let after = d.rss_kib()?;
+    let per = after.saturating_sub(before) as f64 * 1024.0 / n as f64;
+    rows.push(Row {
+        what: format!("guest: memory per guest agent that handled a message ({n}, RSS delta)"),
+        value: format!("{:.1} KiB", per / 1024.0),
+        target: "< 20 KB (10k in 200 MB)",
+        endo: "",
+        json: json!({"bytes": per, "guests": n}),
+    });
+    drop(conns);
+    drop(h);
+    d.stop().await?;
     Ok(())
 }

@@ -42,7 +42,7 @@ pub enum Command {
     // Lifecycle --------------------------------------------------------
     /// Start the daemon in the background; returns once it answers.
     Start {
-        /// Run in the foreground instead (like `capstan run`).
+        /// Run in the foreground (logs to stderr) until stopped.
         #[arg(long)]
         foreground: bool,
         /// Listen for other nodes (QUIC) on HOST:PORT; remembered in the home for later starts.
@@ -51,11 +51,16 @@ pub enum Command {
         #[command(flatten)]
         out: Out,
     },
-    /// Run the daemon in the foreground (logs to stderr).
+    /// Run the installed tool component TOOL once: its `execute` with --input.
+    ///
+    /// Prints the tool's output (JSON). The daemon runs in the foreground
+    /// with `capstan start --foreground`.
     Run {
-        /// Listen for other nodes (QUIC) on HOST:PORT; remembered in the home for later starts.
-        #[arg(long, value_name = "HOST:PORT")]
-        listen: Option<std::net::SocketAddr>,
+        /// An installed tool (see `capstan install`).
+        tool: String,
+        /// The tool's parameters: one JSON value.
+        #[arg(long, value_name = "JSON")]
+        input: String,
         #[command(flatten)]
         out: Out,
     },
@@ -96,6 +101,9 @@ pub enum Command {
         /// Where to put the temporary homes (default: a fresh temporary directory).
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
+        /// The built guest components for the guest section (scripts/build-guests).
+        #[arg(long, value_name = "DIR", default_value = "guests/out")]
+        guests: PathBuf,
         #[command(flatten)]
         out: Out,
     },
@@ -161,6 +169,28 @@ pub enum Command {
     /// Make a guest (a confined agent: only what it is given).
     Mkguest {
         path: String,
+        /// Its body: an installed agent component; messages to the guest
+        /// then run its handler.
+        #[arg(long, value_name = "NAME")]
+        component: Option<String>,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Install a WebAssembly component (agent or tool world) under NAME.
+    Install {
+        /// The component file (.wasm).
+        file: PathBuf,
+        /// The pet name to install it under.
+        #[arg(long)]
+        name: String,
+        /// Give it a capability: SLOT=PATH (PATH in your names). Repeatable.
+        #[arg(long = "grant", value_name = "SLOT=PATH")]
+        grants: Vec<String>,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// The guest agents with a component body: state, fuel and memory use, last error.
+    Guests {
         #[command(flatten)]
         out: Out,
     },
@@ -363,6 +393,8 @@ impl Command {
             Command::Store(s) => s.json_output(),
             Command::Start { out, .. }
             | Command::Run { out, .. }
+            | Command::Install { out, .. }
+            | Command::Guests { out }
             | Command::Stop { out }
             | Command::Ping { out }
             | Command::Where { out }

@@ -256,6 +256,14 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
                 .await?;
             print_id(json, &id);
         }
+        Command::Mkguest {
+            path,
+            component: Some(component),
+            ..
+        } => crate::guests::mkguest(client, &path, &component, json).await?,
+        c @ (Command::Install { .. } | Command::Guests { .. } | Command::Run { .. }) => {
+            crate::guests::run(client, c, json).await?
+        }
         Command::Mkguest { path, .. } => {
             let req = RequestId::random();
             let id = client

@@ -1,5 +1,5 @@
-//! The node daemon: home layout, `run` (serve the control socket), `start`
-//! (spawn `run` in the background) and `stop`.
+//! The node daemon: home layout, `run` (serve the control socket: `capstan
+//! start --foreground`), `start` (spawn that in the background) and `stop`.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
@@ -186,7 +186,7 @@ fn pid_in(detail: &str) -> String {
         .unwrap_or_else(|| "unknown".to_string())
 }
 
-/// `capstan run`: serves the node in the foreground until SIGTERM, SIGINT or `Node.stop`.
+/// `capstan start --foreground`: serves the node in the foreground until SIGTERM, SIGINT or `Node.stop`.
 /// Must run inside a [`tokio::task::LocalSet`].
 pub async fn run(paths: Paths, listen: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
     create_private_dir(&paths.home)?;
@@ -230,6 +230,12 @@ pub async fn run(paths: Paths, listen: Option<std::net::SocketAddr>) -> anyhow::
     let runtime = Runtime::open(db, RuntimeOptions::default())
         .await
         .map_err(|e| anyhow!("cannot start the object model: {e}"))?;
+    runtime
+        .enable_guests(capstan_actors::guest::GuestConfig {
+            cache_dir: Some(paths.home.join("compiled")),
+            ..Default::default()
+        })
+        .map_err(|e| anyhow!("cannot start the guest host: {e}"))?;
 
     let listen = match listen {
         Some(a) => Some(a),
@@ -341,7 +347,7 @@ fn log_tail(paths: &Paths, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-/// `capstan start`: spawns `capstan run` detached and waits until it answers.
+/// `capstan start`: spawns `capstan start --foreground` detached and waits until it answers.
 pub async fn start(
     paths: &Paths,
     listen: Option<std::net::SocketAddr>,
@@ -364,7 +370,10 @@ pub async fn start(
     let log_offset = log.metadata().map(|m| m.len()).unwrap_or(0);
     let exe = std::env::current_exe().context("cannot find the capstan executable")?;
     let mut cmd = std::process::Command::new(exe);
-    cmd.arg("run").arg("--home").arg(&paths.home);
+    cmd.arg("start")
+        .arg("--foreground")
+        .arg("--home")
+        .arg(&paths.home);
     if let Some(a) = listen {
         cmd.arg("--listen").arg(a.to_string());
     }

@@ -1,8 +1,9 @@
 //! `capstan`: the node daemon and its command line.
 //!
-//! One binary: `capstan run` is the daemon; every other command is a short-
-//! lived client of the daemon's control socket (Cap'n Proto RPC, schema
-//! `proto/schema/api.capnp`), except `where` and `demo`. The commands, flags,
+//! One binary: `capstan start --foreground` is the daemon (`capstan start`
+//! spawns it in the background); every other command is a short-lived
+//! client of the daemon's control socket (Cap'n Proto RPC, schema
+//! `proto/schema/api.capnp`), except `where`, `demo` and `bench`. The commands, flags,
 //! output and JSON shapes are specified in `nodes/CLI.md`.
 //!
 //! # Layout
@@ -17,6 +18,8 @@
 //! - [`client`]: connecting, acting `--as` an agent (pipelined), calls that
 //!   reconnect and retry with the same request id, error classification.
 //! - [`commands`]: the name and mail commands.
+//! - [`guests`]: the guest commands: `install`, `mkguest --component`,
+//!   `run TOOL --input JSON`, `guests`.
 //! - [`output`]: human and `--json` rendering.
 //! - [`text`]: the `@reference` syntax of `send` and `reply`.
 //! - [`demo`]: `capstan demo`, a guided tour that drives this binary.
@@ -46,6 +49,7 @@ mod client;
 mod commands;
 mod daemon;
 mod demo;
+mod guests;
 mod net;
 mod output;
 mod server;
@@ -143,7 +147,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Demo { .. } = cli.command {
         return demo::run();
     }
-    if let Command::Bench { quick, dir, .. } = cli.command {
+    if let Command::Bench {
+        quick, dir, guests, ..
+    } = cli.command
+    {
         init_logging(false);
         let sizes = if quick {
             bench::Sizes::quick()
@@ -153,7 +160,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        return tokio::task::LocalSet::new().block_on(&rt, bench::run(sizes, dir, json));
+        return tokio::task::LocalSet::new().block_on(&rt, bench::run(sizes, dir, guests, json));
     }
     let paths = Paths::resolve(cli.home)?;
     if let Command::Where { .. } = cli.command {
@@ -162,11 +169,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let is_daemon = matches!(
         cli.command,
-        Command::Run { .. }
-            | Command::Start {
-                foreground: true,
-                ..
-            }
+        Command::Start {
+            foreground: true,
+            ..
+        }
     );
     init_logging(is_daemon);
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -175,8 +181,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         match cli.command {
-            Command::Run { listen, .. }
-            | Command::Start {
+            Command::Start {
                 foreground: true,
                 listen,
                 ..

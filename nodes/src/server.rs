@@ -685,6 +685,104 @@ impl agent::Server for AgentServer {
         results.get().set_id(id.as_bytes());
         Ok(())
     }
+
+    async fn install(
+        self: Rc<Self>,
+        params: agent::InstallParams,
+        mut results: agent::InstallResults,
+    ) -> Result<(), CapError> {
+        let p = params.get()?;
+        let req = request_id(p.get_req_id())?;
+        let name = text(p.get_name(), "name")?;
+        let bytes = p
+            .get_component()
+            .map_err(|e| failed(format!("bad parameter component: {}", e.extra)))?
+            .to_vec();
+        let mut grants = Vec::new();
+        for g in p.get_grants()?.iter() {
+            grants.push((text(g.get_slot(), "slot")?, text(g.get_path(), "path")?));
+        }
+        let info = self
+            .handle
+            .install(req, &name, bytes, grants)
+            .await
+            .map_err(actor_error)?;
+        let mut b = results.get().init_info();
+        b.set_id(info.id.as_bytes());
+        b.set_hash(info.hash.as_str());
+        b.set_world(info.world.as_str());
+        b.set_size(info.size);
+        for (list, items) in [(0, &info.imports), (1, &info.exports), (2, &info.grants)] {
+            let mut l = match list {
+                0 => b.reborrow().init_imports(list_len(items.len())),
+                1 => b.reborrow().init_exports(list_len(items.len())),
+                _ => b.reborrow().init_grants(list_len(items.len())),
+            };
+            for (i, s) in items.iter().enumerate() {
+                l.set(i as u32, s.as_str());
+            }
+        }
+        Ok(())
+    }
+
+    async fn mkguest_component(
+        self: Rc<Self>,
+        params: agent::MkguestComponentParams,
+        mut results: agent::MkguestComponentResults,
+    ) -> Result<(), CapError> {
+        let p = params.get()?;
+        let req = request_id(p.get_req_id())?;
+        let path = text(p.get_path(), "path")?;
+        let component = text(p.get_component(), "component")?;
+        let id = self
+            .handle
+            .mkguest_component(req, &path, &component)
+            .await
+            .map_err(actor_error)?;
+        results.get().set_id(id.as_bytes());
+        Ok(())
+    }
+
+    async fn run_tool(
+        self: Rc<Self>,
+        params: agent::RunToolParams,
+        mut results: agent::RunToolResults,
+    ) -> Result<(), CapError> {
+        let p = params.get()?;
+        let name = text(p.get_name(), "name")?;
+        let input = text(p.get_input(), "input")?;
+        let out = self
+            .handle
+            .run_tool(&name, &input)
+            .await
+            .map_err(actor_error)?;
+        results.get().set_output(out.as_str());
+        Ok(())
+    }
+
+    async fn guests(
+        self: Rc<Self>,
+        _: agent::GuestsParams,
+        mut results: agent::GuestsResults,
+    ) -> Result<(), CapError> {
+        let gs = self.handle.guests().await.map_err(actor_error)?;
+        let mut l = results.get().init_guests(list_len(gs.len()));
+        for (i, g) in gs.iter().enumerate() {
+            let mut b = l.reborrow().get(i as u32);
+            b.set_name(g.name.as_str());
+            b.set_id(g.id.as_bytes());
+            b.set_component(g.component.as_str());
+            b.set_state(g.state.as_str());
+            b.set_handled(g.handled);
+            b.set_failures(g.failures);
+            b.set_fuel_last(g.fuel_last);
+            b.set_memory_peak(g.memory_peak);
+            b.set_instantiate_ns_last(g.instantiate_ns_last);
+            b.set_call_ns_last(g.call_ns_last);
+            b.set_last_error(g.last_error.as_str());
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

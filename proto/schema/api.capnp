@@ -110,6 +110,46 @@ interface Agent {
   invite @23 (name :Text) -> (invitation :Text);
   # Accepts another node's invitation, naming its agent `name` here.
   accept @24 (reqId :Data, invitation :Text, name :Text) -> (id :Data);
+
+  # Guests (WebAssembly components) ---------------------------------------
+  # Install a component under `name` (stored content-addressed); `grants`
+  # name capabilities (paths in this host's names) given to it.
+  install @25 (reqId :Data, name :Text, component :Data, grants :List(Grant)) -> (info :ComponentInfo);
+  # Make a guest agent whose body is the installed agent component `component`.
+  mkguestComponent @26 (reqId :Data, path :Text, component :Text) -> (id :Data);
+  # Run the installed tool `name` once: execute with `input` (JSON).
+  runTool @27 (name :Text, input :Text) -> (output :Text);
+  # The guest agents with a component body, and what the node knows of them.
+  guests @28 () -> (guests :List(GuestInfo));
+}
+
+struct Grant {
+  slot @0 :Text;        # the name the component knows the capability by
+  path @1 :Text;        # what it designates, in the installing host's names
+}
+
+struct ComponentInfo {
+  id @0 :Data;          # the value naming the component
+  hash @1 :Text;        # blake3 of its bytes, hex
+  world @2 :Text;       # e.g. capstan:agent/agent@0.1.0
+  size @3 :UInt64;
+  imports @4 :List(Text);
+  exports @5 :List(Text);
+  grants @6 :List(Text);
+}
+
+struct GuestInfo {
+  name @0 :Text;
+  id @1 :Data;
+  component @2 :Text;   # blake3, hex
+  state @3 :Text;       # idle | running | stopped | passive
+  handled @4 :UInt64;
+  failures @5 :UInt64;
+  fuelLast @6 :UInt64;
+  memoryPeak @7 :UInt64;
+  lastError @8 :Text;
+  instantiateNsLast @9 :UInt64;   # making the instance for the last message
+  callNsLast @10 :UInt64;         # its handler, host calls included
 }
 
 struct Ref {

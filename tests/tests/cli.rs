@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 const SUBCOMMANDS: &[&str] = &[
     "start", "run", "stop", "ping", "where", "status", "demo", "list", "show", "cat", "store",
     "remove", "move", "copy", "mkdir", "mkhost", "mkguest", "send", "request", "resolve", "reject",
-    "adopt", "dismiss", "reply", "inbox", "ls", "rm", "mv", "cp",
+    "adopt", "dismiss", "reply", "inbox", "install", "guests", "ls", "rm", "mv", "cp",
 ];
 
 fn keys(v: &Value) -> Vec<String> {

@@ -109,8 +109,8 @@ fn second_daemon_on_the_same_home_is_refused() {
     let before = snapshot(&node);
     let (code, err) = node.fail(["start"]);
     assert_eq!(code, 1, "{err}");
-    // `run` (foreground) is refused as well, without waiting forever.
-    let r = node.run(["run"]);
+    // `start --foreground` is refused as well, without waiting forever.
+    let r = node.run(["start", "--foreground"]);
     assert!(!r.success() && r.code.is_some(), "{r}");
     let ping = node.json(["ping"]);
     assert_eq!(ping["pid"], pid, "the first daemon still answers");
@@ -140,8 +140,8 @@ fn corrupt_store_file_is_refused_and_left_alone() {
     // No daemon was left behind.
     let (code, _) = node.fail(["ping"]);
     assert_eq!(code, 2);
-    // `run` fails the same way instead of serving.
-    let r = node.run(["run"]);
+    // `start --foreground` fails the same way instead of serving.
+    let r = node.run(["start", "--foreground"]);
     assert_ne!(r.code, Some(0), "{r}");
     assert_eq!(std::fs::read(&store).unwrap(), garbage);
 }

@@ -1,0 +1,22 @@
+//! Host bindings generated from `wit/` (wasmtime `bindgen!`). Every import
+//! is trappable: a host function can stop the guest (a limit was broken)
+//! as well as answer it an error value.
+
+/// The agent world, `capstan:agent@0.1.0`.
+pub mod agent {
+    wasmtime::component::bindgen!({
+        path: "../wit/agent",
+        world: "agent",
+        imports: { default: trappable },
+        with: { "capstan:agent/host.capability": crate::guest::CapabilityRep },
+    });
+}
+
+/// The tool world, `capstan:tool@0.1.0` (IronClaw's tool contract).
+pub mod tool {
+    wasmtime::component::bindgen!({
+        path: "../wit/tool",
+        world: "sandboxed-tool",
+        imports: { default: trappable },
+    });
+}

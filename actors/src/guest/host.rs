@@ -1,0 +1,566 @@
+//! The host side of the worlds: store data of an instance, its limits, and
+//! the imports a guest calls.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use capstan_proto::FormulaId;
+use wasmtime::component::{Resource, ResourceTable};
+use wasmtime::{ResourceLimiter, Store, Trap};
+
+use super::bindings::agent::capstan::agent as agent_wit;
+use super::bindings::tool::capstan::tool::host as tool_host;
+use super::bindings::tool::exports::capstan::tool::tool as tool_exports;
+use super::{GuestHost, Manifest, World, compiled, derived_request};
+use crate::api::{AgentHandle, ValueKind};
+use crate::error::Error;
+use crate::model;
+use crate::records::FormulaKind;
+
+/// Most log lines a guest may write per call.
+const MAX_LOGS: u32 = 1000;
+/// Longest log line kept.
+const MAX_LOG_LINE: usize = 1000;
+/// Largest value a guest may store.
+const MAX_GUEST_VALUE: usize = 1 << 20;
+/// Deepest chain of tool-invoke.
+const MAX_TOOL_DEPTH: u32 = 4;
+
+/// A capability in an instance's resource table: what one of the guest's
+/// names designated when the guest looked it up.
+#[derive(Debug)]
+pub struct CapabilityRep {
+    path: String,
+    id: FormulaId,
+    kind: String,
+}
+
+/// Memory and table limits of one instance; remembers the peak.
+#[derive(Debug)]
+pub(crate) struct Limiter {
+    memory: usize,
+    table: usize,
+    pub peak: usize,
+}
+
+impl Limiter {
+    fn new(gh: &GuestHost) -> Limiter {
+        Limiter {
+            memory: gh.limits().memory,
+            table: gh.limits().table_elements,
+            peak: 0,
+        }
+    }
+}
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.memory {
+            return Err(wasmtime::format_err!(
+                "memory limit: tried to grow its memory to {} bytes; the limit is {} bytes",
+                desired,
+                self.memory
+            ));
+        }
+        self.peak = self.peak.max(desired);
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.table {
+            return Err(wasmtime::format_err!(
+                "table limit: tried to grow a table to {desired} elements; the limit is {}",
+                self.table
+            ));
+        }
+        Ok(true)
+    }
+}
+
+/// The store data of an agent-world instance: acting as the guest.
+pub(crate) struct AgentState {
+    agent: AgentHandle,
+    number: u64,
+    calls: u32,
+    logs: u32,
+    table: ResourceTable,
+    held: usize,
+    max_held: usize,
+    max_message: usize,
+    pub(crate) limiter: Limiter,
+    tokio: tokio::runtime::Handle,
+}
+
+impl AgentState {
+    pub(crate) fn new(gh: &GuestHost, agent: AgentHandle, number: u64) -> AgentState {
+        AgentState {
+            agent,
+            number,
+            calls: 0,
+            logs: 0,
+            table: ResourceTable::new(),
+            held: 0,
+            max_held: gh.limits().capabilities,
+            max_message: gh.limits().message,
+            limiter: Limiter::new(gh),
+            tokio: gh.tokio.clone(),
+        }
+    }
+
+    fn req(&mut self) -> capstan_proto::RequestId {
+        self.calls += 1;
+        derived_request(&self.agent.id(), self.number, self.calls)
+    }
+
+    fn block<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.tokio.block_on(f)
+    }
+
+    fn check_message(&self, text: &str) -> wasmtime::Result<()> {
+        if text.len() > self.max_message {
+            return Err(wasmtime::format_err!(
+                "message size limit: tried to send a message of {} bytes; the limit is {} bytes",
+                text.len(),
+                self.max_message
+            ));
+        }
+        Ok(())
+    }
+
+    /// The capability's name, if it still designates the same thing.
+    fn still(&self, rep: &CapabilityRep) -> Result<(), String> {
+        match self.block(self.agent.show(&rep.path)) {
+            Ok(e) if e.id == rep.id => Ok(()),
+            Ok(_) => Err(format!(
+                "{:?} no longer names the capability you hold",
+                rep.path
+            )),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+fn log_line(who: &str, level: u8, msg: &str) {
+    let msg: String = msg.chars().take(MAX_LOG_LINE).collect();
+    match level {
+        0 => tracing::trace!(guest = who, "{msg}"),
+        1 => tracing::debug!(guest = who, "{msg}"),
+        2 => tracing::info!(guest = who, "{msg}"),
+        3 => tracing::warn!(guest = who, "{msg}"),
+        _ => tracing::error!(guest = who, "{msg}"),
+    }
+}
+
+impl agent_wit::types::Host for AgentState {}
+
+impl agent_wit::host::HostCapability for AgentState {
+    fn kind(&mut self, me: Resource<CapabilityRep>) -> wasmtime::Result<String> {
+        Ok(self.table.get(&me)?.kind.clone())
+    }
+
+    fn read(&mut self, me: Resource<CapabilityRep>) -> wasmtime::Result<Result<Vec<u8>, String>> {
+        let rep = self.table.get(&me)?;
+        let path = rep.path.clone();
+        if let Err(e) = self.still(rep) {
+            return Ok(Err(e));
+        }
+        Ok(self
+            .block(self.agent.cat(&path))
+            .map(|(_, b)| b)
+            .map_err(|e| e.to_string()))
+    }
+
+    fn send(
+        &mut self,
+        me: Resource<CapabilityRep>,
+        text: String,
+    ) -> wasmtime::Result<Result<u64, String>> {
+        self.check_message(&text)?;
+        let rep = self.table.get(&me)?;
+        let path = rep.path.clone();
+        if let Err(e) = self.still(rep) {
+            return Ok(Err(e));
+        }
+        let req = self.req();
+        Ok(self
+            .block(self.agent.send(req, &path, vec![text], vec![], None))
+            .map_err(|e| e.to_string()))
+    }
+
+    fn drop(&mut self, me: Resource<CapabilityRep>) -> wasmtime::Result<()> {
+        self.table.delete(me)?;
+        self.held = self.held.saturating_sub(1);
+        Ok(())
+    }
+}
+
+impl agent_wit::host::Host for AgentState {
+    fn log(&mut self, level: agent_wit::types::LogLevel, message: String) -> wasmtime::Result<()> {
+        self.logs += 1;
+        if self.logs <= MAX_LOGS {
+            log_line(&self.agent.id().short(), level as u8, &message);
+        }
+        Ok(())
+    }
+
+    fn list(&mut self) -> wasmtime::Result<Vec<String>> {
+        Ok(self
+            .block(self.agent.list(""))
+            .map(|v| v.into_iter().map(|e| e.name).take(10_000).collect())
+            .unwrap_or_default())
+    }
+
+    fn lookup(
+        &mut self,
+        name: String,
+    ) -> wasmtime::Result<Result<Resource<CapabilityRep>, String>> {
+        if self.held >= self.max_held {
+            return Ok(Err(format!(
+                "you already hold {} capabilities; drop some first",
+                self.max_held
+            )));
+        }
+        let e = match self.block(self.agent.show(&name)) {
+            Ok(e) => e,
+            Err(e) => return Ok(Err(e.to_string())),
+        };
+        let r = self.table.push(CapabilityRep {
+            path: name,
+            id: e.id,
+            kind: e.kind,
+        })?;
+        self.held += 1;
+        Ok(Ok(r))
+    }
+
+    fn send(&mut self, to: String, text: String) -> wasmtime::Result<Result<u64, String>> {
+        self.check_message(&text)?;
+        let req = self.req();
+        Ok(self
+            .block(self.agent.send(req, &to, vec![text], vec![], None))
+            .map_err(|e| e.to_string()))
+    }
+
+    fn reply(&mut self, number: u64, text: String) -> wasmtime::Result<Result<u64, String>> {
+        self.check_message(&text)?;
+        let req = self.req();
+        Ok(self
+            .block(self.agent.send(req, "", vec![text], vec![], Some(number)))
+            .map_err(|e| e.to_string()))
+    }
+
+    fn store_text(&mut self, name: String, text: String) -> wasmtime::Result<Result<(), String>> {
+        if text.len() > MAX_GUEST_VALUE {
+            return Err(wasmtime::format_err!(
+                "value size limit: tried to store {} bytes; the limit is {MAX_GUEST_VALUE} bytes",
+                text.len()
+            ));
+        }
+        let req = self.req();
+        Ok(self
+            .block(
+                self.agent
+                    .store(req, &name, ValueKind::Text, text.into_bytes()),
+            )
+            .map(|_| ())
+            .map_err(|e| e.to_string()))
+    }
+
+    fn read_text(&mut self, name: String) -> wasmtime::Result<Result<Option<String>, String>> {
+        match self.block(self.agent.cat(&name)) {
+            Ok((_, b)) => Ok(String::from_utf8(b)
+                .map(Some)
+                .map_err(|_| format!("{name:?} is not text"))),
+            Err(Error::UnknownName(_)) => Ok(Ok(None)),
+            Err(e) => Ok(Err(e.to_string())),
+        }
+    }
+}
+
+/// What one guest call came to.
+pub(crate) struct Outcome {
+    pub fuel: u64,
+    pub memory: u64,
+    pub instantiate_ns: u64,
+    pub call_ns: u64,
+    /// Ok: the handler's own answer; Err: why the guest was stopped.
+    pub result: Result<Result<(), String>, String>,
+}
+
+fn stop_reason(e: &wasmtime::Error, fuel: u64, wall: std::time::Duration) -> String {
+    if let Some(t) = e.downcast_ref::<Trap>() {
+        return match t {
+            Trap::OutOfFuel => format!(
+                "fuel limit: it used all of its {fuel} units of fuel for one message (an endless loop?)"
+            ),
+            Trap::Interrupt => format!(
+                "time limit: it ran for more than {} ms of wall-clock time on one message",
+                wall.as_millis()
+            ),
+            other => format!("it trapped: {other}"),
+        };
+    }
+    // the root cause first: limit errors raised by the host
+    let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+    if let Some(c) = chain.iter().find(|c| c.contains("limit:")) {
+        return c.clone();
+    }
+    if let Some(c) = chain.iter().find(|c| c.contains("handle")) {
+        return format!("capability handle: it used a handle it does not hold ({c})");
+    }
+    format!("{e:#}")
+}
+
+/// Sets the fuel and the wall-clock deadline of a fresh store.
+fn arm<T>(gh: &GuestHost, store: &mut Store<T>) -> wasmtime::Result<()> {
+    store.set_fuel(gh.limits().fuel)?;
+    let ticks = (gh.limits().wall.as_millis() / super::EPOCH_TICK.as_millis()).max(1);
+    store.set_epoch_deadline(ticks as u64);
+    store.epoch_deadline_trap();
+    Ok(())
+}
+
+/// Runs the agent component on one message (blocking).
+pub(crate) fn call_agent(
+    gh: &GuestHost,
+    pre: &super::bindings::agent::AgentPre<AgentState>,
+    agent: AgentHandle,
+    msg: agent_wit::types::Message,
+) -> Outcome {
+    let fuel = gh.limits().fuel;
+    let t0 = std::time::Instant::now();
+    let mut store = Store::new(&gh.engine, AgentState::new(gh, agent, msg.number));
+    store.limiter(|s| &mut s.limiter);
+    let mut t1 = t0;
+    let r = arm(gh, &mut store).and_then(|_| {
+        let inst = pre.instantiate(&mut store)?;
+        t1 = std::time::Instant::now();
+        inst.call_on_message(&mut store, &msg)
+    });
+    let t2 = std::time::Instant::now();
+    let left = store.get_fuel().unwrap_or(0);
+    Outcome {
+        fuel: fuel.saturating_sub(left),
+        memory: store.data().limiter.peak as u64,
+        instantiate_ns: (t1 - t0).as_nanos() as u64,
+        call_ns: (t2 - t1).as_nanos() as u64,
+        result: r.map_err(|e| stop_reason(&e, fuel, gh.limits().wall)),
+    }
+}
+
+/// The store data of a tool-world instance: the tool runs for a host, with
+/// only the capabilities granted at install time.
+pub(crate) struct ToolState {
+    host: AgentHandle,
+    grants: BTreeMap<String, FormulaId>,
+    depth: u32,
+    logs: u32,
+    limiter: Limiter,
+    gh: Arc<GuestHost>,
+}
+
+impl ToolState {
+    fn block<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.gh.tokio.block_on(f)
+    }
+}
+
+impl tool_host::Host for ToolState {
+    fn log(&mut self, level: tool_host::LogLevel, message: String) -> wasmtime::Result<()> {
+        self.logs += 1;
+        if self.logs <= MAX_LOGS {
+            log_line("tool", level as u8, &message);
+        }
+        Ok(())
+    }
+
+    fn now_millis(&mut self) -> wasmtime::Result<u64> {
+        if !self.grants.contains_key("clock") {
+            return Ok(0);
+        }
+        Ok(std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0))
+    }
+
+    fn workspace_read(&mut self, path: String) -> wasmtime::Result<Option<String>> {
+        let Some(dir) = self.grants.get("workspace").copied() else {
+            return Ok(None);
+        };
+        if !crate::names::is_pet_name(&path) {
+            return Ok(None);
+        }
+        let r = self.block(self.host.inner().db.read(move |tx| {
+            let path = path.clone();
+            Box::pin(async move {
+                let Some(id) = model::lookup(tx, &dir, &path).await? else {
+                    return Ok(None);
+                };
+                match model::must_formula(tx, &id).await?.kind {
+                    FormulaKind::Value(_) => {}
+                    _ => return Ok(None),
+                }
+                let b = capstan_cluster::blob::get_blob(tx, &crate::keys::value(&id)).await?;
+                Ok::<_, Error>(b.and_then(|b| String::from_utf8(b).ok()))
+            })
+        }));
+        Ok(r.unwrap_or(None))
+    }
+
+    fn http_request(
+        &mut self,
+        method: String,
+        url: String,
+        _headers_json: String,
+        _body: Option<Vec<u8>>,
+        _timeout_ms: Option<u32>,
+    ) -> wasmtime::Result<Result<tool_host::HttpResponse, String>> {
+        Ok(Err(format!(
+            "http-request {method} {url}: this tool holds no http capability (a node cannot grant one yet)"
+        )))
+    }
+
+    fn tool_invoke(
+        &mut self,
+        alias: String,
+        params_json: String,
+    ) -> wasmtime::Result<Result<String, String>> {
+        let Some(id) = self.grants.get(&alias).copied() else {
+            return Ok(Err(format!(
+                "tool-invoke: no tool was granted to this tool under the alias {alias:?}"
+            )));
+        };
+        if self.depth >= MAX_TOOL_DEPTH {
+            return Ok(Err(format!(
+                "tool-invoke: tools may call each other at most {MAX_TOOL_DEPTH} deep"
+            )));
+        }
+        let host = self.host.clone();
+        let depth = self.depth + 1;
+        let prepared = self.block(async move {
+            let m = host
+                .inner()
+                .db
+                .read(move |tx| {
+                    Box::pin(
+                        async move { Ok::<_, Error>(tx.get(&super::keys::manifest(&id)).await?) },
+                    )
+                })
+                .await?
+                .ok_or_else(|| Error::Invalid(format!("{alias:?} is not an installed tool")))?;
+            let m: Manifest =
+                serde_json::from_slice(&m).map_err(|e| Error::Corrupt(format!("manifest: {e}")))?;
+            prepare_tool(host, m).await
+        });
+        // already on a blocking thread: run the nested tool right here
+        Ok(prepared
+            .and_then(|p| execute_tool(p, params_json, depth))
+            .map_err(|e| e.to_string()))
+    }
+
+    fn secret_exists(&mut self, name: String) -> wasmtime::Result<bool> {
+        Ok(self.grants.contains_key(&format!("secret-{name}")))
+    }
+}
+
+/// A tool ready to run: compiled, with its grants resolved.
+pub(crate) struct PreparedTool {
+    host: AgentHandle,
+    c: Arc<super::Compiled>,
+    grants: BTreeMap<String, FormulaId>,
+    gh: Arc<GuestHost>,
+}
+
+pub(crate) async fn prepare_tool(host: AgentHandle, m: Manifest) -> Result<PreparedTool, Error> {
+    if m.world != World::Tool {
+        return Err(Error::Invalid(format!(
+            "that is a {} component, not a tool ({})",
+            m.world.describe(),
+            World::Tool.describe()
+        )));
+    }
+    let gh = super::guest_host(host.inner())?;
+    let hash = super::hash_from_hex(&m.hash)?;
+    let c = compiled(&gh, host.inner(), hash).await?;
+    let grants = m
+        .grants
+        .iter()
+        .map(|(s, h)| {
+            h.parse::<FormulaId>()
+                .map(|id| (s.clone(), id))
+                .map_err(|e| Error::Corrupt(format!("grant {s}: {e}")))
+        })
+        .collect::<Result<BTreeMap<_, _>, Error>>()?;
+    Ok(PreparedTool {
+        host,
+        c,
+        grants,
+        gh,
+    })
+}
+
+/// Runs a prepared tool's `execute` (blocking).
+pub(crate) fn execute_tool(p: PreparedTool, input: String, depth: u32) -> Result<String, Error> {
+    let PreparedTool {
+        host,
+        c,
+        grants,
+        gh,
+    } = p;
+    let Some(pre) = c.tool.as_ref() else {
+        return Err(Error::Invalid("not a tool component".into()));
+    };
+    let fuel = gh.limits().fuel;
+    let state = ToolState {
+        host,
+        grants,
+        depth,
+        logs: 0,
+        limiter: Limiter::new(&gh),
+        gh: gh.clone(),
+    };
+    let mut store = Store::new(&gh.engine, state);
+    store.limiter(|s| &mut s.limiter);
+    let req = tool_exports::Request {
+        params: input,
+        context: None,
+    };
+    let r = arm(&gh, &mut store).and_then(|_| {
+        let inst = pre.instantiate(&mut store)?;
+        inst.capstan_tool_tool().call_execute(&mut store, &req)
+    });
+    match r {
+        Err(e) => Err(Error::Invalid(format!(
+            "the tool was stopped: {}",
+            stop_reason(&e, fuel, gh.limits().wall)
+        ))),
+        Ok(resp) => match (resp.output, resp.error) {
+            (_, Some(err)) => Err(Error::Invalid(format!("the tool failed: {err}"))),
+            (Some(out), None) => Ok(out),
+            (None, None) => Ok(String::new()),
+        },
+    }
+}
+
+/// Runs an installed tool's `execute` once, for `host`.
+pub(crate) async fn run_tool(
+    host: AgentHandle,
+    m: Manifest,
+    input: String,
+) -> Result<String, Error> {
+    let p = prepare_tool(host, m).await?;
+    tokio::task::spawn_blocking(move || execute_tool(p, input, 0))
+        .await
+        .map_err(|e| Error::Unavailable(format!("tool task failed: {e}")))?
+}

@@ -1,0 +1,205 @@
+//! The guest commands (issue 4): `install`, `mkguest --component`,
+//! `run TOOL --input JSON`, `guests`.
+
+use anyhow::{Context, bail};
+use capstan_proto::RequestId;
+use serde_json::json;
+
+use crate::cli::Command;
+use crate::client::Client;
+use crate::output::print_json;
+
+/// Components larger than this are refused before sending (the node's limit).
+const MAX_COMPONENT_BYTES: u64 = 8 * 1024 * 1024;
+
+fn parse_grant(s: &str) -> anyhow::Result<(String, String)> {
+    match s.split_once('=') {
+        Some((slot, path)) if !slot.is_empty() && !path.is_empty() => {
+            Ok((slot.to_string(), path.to_string()))
+        }
+        _ => bail!("--grant expects SLOT=PATH (e.g. --grant docs=shared-docs), got {s:?}"),
+    }
+}
+
+pub async fn mkguest(
+    client: &Client,
+    path: &str,
+    component: &str,
+    json: bool,
+) -> anyhow::Result<()> {
+    let req = RequestId::random();
+    let id = client
+        .call(|a| async move {
+            let mut r = a.mkguest_component_request();
+            r.get().set_req_id(&req.0);
+            r.get().set_path(path);
+            r.get().set_component(component);
+            let answer = r.send().promise.await?;
+            Ok(answer.get()?.get_id()?.to_vec())
+        })
+        .await?;
+    if json {
+        print_json(&json!({"id": hex::encode(&id)}));
+    } else {
+        println!("{}", hex::encode(&id));
+    }
+    Ok(())
+}
+
+pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Result<()> {
+    match command {
+        Command::Install {
+            file, name, grants, ..
+        } => {
+            let grants = grants
+                .iter()
+                .map(|g| parse_grant(g))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let len = std::fs::metadata(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?
+                .len();
+            if len > MAX_COMPONENT_BYTES {
+                bail!(
+                    "{} is {len} bytes; a component may have at most {MAX_COMPONENT_BYTES} bytes",
+                    file.display()
+                );
+            }
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let req = RequestId::random();
+            let info = client
+                .call(|a| {
+                    let (bytes, grants, name) = (&bytes, &grants, &name);
+                    async move {
+                        let mut r = a.install_request();
+                        r.get().set_req_id(&req.0);
+                        r.get().set_name(name.as_str());
+                        r.get().set_component(bytes);
+                        let mut gl = r.get().init_grants(grants.len() as u32);
+                        for (i, (slot, path)) in grants.iter().enumerate() {
+                            let mut g = gl.reborrow().get(i as u32);
+                            g.set_slot(slot.as_str());
+                            g.set_path(path.as_str());
+                        }
+                        let answer = r.send().promise.await?;
+                        let i = answer.get()?.get_info()?;
+                        let texts =
+                            |l: capnp::text_list::Reader<'_>| -> Result<Vec<String>, capnp::Error> {
+                                l.iter()
+                                    .map(|t| Ok(t?.to_string().unwrap_or_default()))
+                                    .collect()
+                            };
+                        Ok(json!({
+                            "id": hex::encode(i.get_id()?),
+                            "hash": i.get_hash()?.to_string().unwrap_or_default(),
+                            "world": i.get_world()?.to_string().unwrap_or_default(),
+                            "size": i.get_size(),
+                            "imports": texts(i.get_imports()?)?,
+                            "exports": texts(i.get_exports()?)?,
+                            "grants": texts(i.get_grants()?)?,
+                        }))
+                    }
+                })
+                .await?;
+            if json {
+                print_json(&info);
+            } else {
+                let list = |k: &str| {
+                    info[k]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|v| v.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        })
+                        .unwrap_or_default()
+                };
+                println!(
+                    "installed {name}: {} bytes, blake3 {}",
+                    info["size"],
+                    info["hash"].as_str().unwrap_or("")
+                );
+                println!("world    {}", info["world"].as_str().unwrap_or(""));
+                println!("imports  {}", list("imports"));
+                println!("exports  {}", list("exports"));
+                let g = list("grants");
+                println!("grants   {}", if g.is_empty() { "none".into() } else { g });
+            }
+        }
+        Command::Run { tool, input, .. } => {
+            let out = client
+                .call(|a| {
+                    let (tool, input) = (&tool, &input);
+                    async move {
+                        let mut r = a.run_tool_request();
+                        r.get().set_name(tool.as_str());
+                        r.get().set_input(input.as_str());
+                        let answer = r.send().promise.await?;
+                        Ok(answer.get()?.get_output()?.to_string().unwrap_or_default())
+                    }
+                })
+                .await?;
+            if json {
+                let v: serde_json::Value =
+                    serde_json::from_str(&out).unwrap_or(serde_json::Value::String(out));
+                print_json(&json!({ "output": v }));
+            } else {
+                println!("{out}");
+            }
+        }
+        Command::Guests { .. } => {
+            let gs = client
+                .call(|a| async move {
+                    let answer = a.guests_request().send().promise.await?;
+                    let mut out = Vec::new();
+                    for g in answer.get()?.get_guests()?.iter() {
+                        let t = |r: capnp::Result<capnp::text::Reader<'_>>| -> Result<String, capnp::Error> {
+                            Ok(r?.to_string().unwrap_or_default())
+                        };
+                        out.push(json!({
+                            "name": t(g.get_name())?,
+                            "id": hex::encode(g.get_id()?),
+                            "component": t(g.get_component())?,
+                            "state": t(g.get_state())?,
+                            "handled": g.get_handled(),
+                            "failures": g.get_failures(),
+                            "fuel_last": g.get_fuel_last(),
+                            "memory_peak": g.get_memory_peak(),
+                            "instantiate_ns_last": g.get_instantiate_ns_last(),
+                            "call_ns_last": g.get_call_ns_last(),
+                            "last_error": t(g.get_last_error())?,
+                        }));
+                    }
+                    Ok(out)
+                })
+                .await?;
+            if json {
+                print_json(&serde_json::Value::Array(gs));
+            } else if gs.is_empty() {
+                println!("no guest components");
+            } else {
+                println!(
+                    "{:<20} {:<8} {:>8} {:>8} {:>12} {:>10}  LAST ERROR",
+                    "NAME", "STATE", "HANDLED", "FAILED", "FUEL(LAST)", "MEMORY"
+                );
+                let n = |g: &serde_json::Value, k: &str| g[k].as_u64().unwrap_or(0);
+                for g in &gs {
+                    let last = g["last_error"].as_str().unwrap_or("");
+                    println!(
+                        "{:<20} {:<8} {:>8} {:>8} {:>12} {:>10}  {}",
+                        g["name"].as_str().unwrap_or(""),
+                        g["state"].as_str().unwrap_or(""),
+                        n(g, "handled"),
+                        n(g, "failures"),
+                        n(g, "fuel_last"),
+                        format!("{} KiB", n(g, "memory_peak") / 1024),
+                        if last.is_empty() { "-" } else { last }
+                    );
+                }
+            }
+        }
+        other => bail!("internal error: {other:?} is not a guest command"),
+    }
+    Ok(())
+}

@@ -1,0 +1,271 @@
+//! Guests as WebAssembly components, end to end: real `capstan` daemons
+//! running real components built from guests/ by scripts/build-guests.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use capstan_tests::{Node, texts};
+use serde_json::Value;
+
+/// How long a test waits for a guest's mail before giving up (a generous
+/// bound for a debug build on a busy 2-core machine; not a timing check).
+const MAIL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// guests/out, built once per test process by scripts/build-guests.
+fn guests_dir() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("workspace")
+            .to_path_buf();
+        let status = std::process::Command::new(root.join("scripts/build-guests"))
+            .env_remove("CARGO_TARGET_DIR")
+            .env_remove("RUSTC")
+            .env_remove("RUSTFLAGS")
+            .status()
+            .expect("run scripts/build-guests");
+        assert!(status.success(), "scripts/build-guests failed");
+        root.join("guests/out")
+    })
+}
+
+fn wasm(name: &str) -> String {
+    let p = guests_dir().join(format!("{name}.wasm"));
+    assert!(p.exists(), "{} was not built", p.display());
+    p.display().to_string()
+}
+
+/// Waits until the root host's inbox has a message from `from` whose text
+/// contains `needle`; returns that text.
+fn wait_mail(node: &Node, from: &str, needle: &str) -> String {
+    let deadline = Instant::now() + MAIL_TIMEOUT;
+    loop {
+        let inbox = node.inbox(&[]);
+        for m in &inbox {
+            let text = texts(std::slice::from_ref(m)).concat();
+            if m["from"].as_str() == Some(from) && text.contains(needle) {
+                return text;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no message from {from} containing {needle:?}; inbox: {inbox:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn count_mail(node: &Node, from: &str, needle: &str) -> usize {
+    node.inbox(&[])
+        .iter()
+        .filter(|m| {
+            m["from"].as_str() == Some(from)
+                && texts(std::slice::from_ref(*m)).concat().contains(needle)
+        })
+        .count()
+}
+
+fn install(node: &Node, file: &str, name: &str, grants: &[&str]) -> Value {
+    let path = wasm(file);
+    let mut args = vec!["install", path.as_str(), "--name", name];
+    for g in grants {
+        args.push("--grant");
+        args.push(g);
+    }
+    node.json(args)
+}
+
+fn guest(node: &Node, name: &str) -> Value {
+    let v = node.json(["guests"]);
+    v.as_array()
+        .expect("guests --json is an array")
+        .iter()
+        .find(|g| g["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("guest {name} not listed: {v}"))
+}
+
+#[test]
+fn counter_answers_by_mail_and_survives_kill_9() {
+    let mut node = Node::started();
+    let info = install(&node, "counter", "counter", &[]);
+    assert_eq!(info["world"], "capstan:agent/agent@0.1.0");
+    assert!(
+        info["exports"]
+            .as_array()
+            .unwrap()
+            .contains(&Value::from("on-message"))
+    );
+    assert_eq!(info["hash"].as_str().unwrap().len(), 64);
+    node.ok(["mkguest", "bot", "--component", "counter"]);
+
+    node.ok(["send", "bot", "increment"]);
+    wait_mail(&node, "bot", "count = 1");
+    node.ok(["send", "bot", "increment"]);
+    wait_mail(&node, "bot", "count = 2");
+    let g = guest(&node, "bot");
+    assert_eq!(g["handled"], 2, "{g}");
+    assert_eq!(g["failures"], 0, "{g}");
+    assert_eq!(g["state"], "idle", "{g}");
+    assert!(g["fuel_last"].as_u64().unwrap() > 0, "{g}");
+    assert!(g["memory_peak"].as_u64().unwrap() > 0, "{g}");
+    let table = node.ok(["guests"]);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("bot "))
+        .unwrap_or_else(|| panic!("no row for bot:\n{table}"));
+    assert!(row.contains("idle"), "{table}");
+
+    node.kill9();
+    node.start();
+    node.ok(["send", "bot", "increment"]);
+    let t = wait_mail(&node, "bot", "count = 3");
+    assert_eq!(t, "count = 3");
+    // the count is the guest's own stored value
+    assert_eq!(node.ok(["cat", "--as", "bot", "count"]).trim(), "3");
+    // exactly once: one answer per increment
+    assert_eq!(count_mail(&node, "bot", "count = "), 3);
+}
+
+#[test]
+fn echo_tool_runs_in_ironclaws_contract() {
+    let node = Node::started();
+    let info = install(&node, "echo-tool", "echo-tool", &[]);
+    assert_eq!(info["world"], "capstan:tool/sandboxed-tool@0.1.0");
+    let v = node.json(["run", "echo-tool", "--input", r#"{"text":"hi"}"#]);
+    assert_eq!(v["output"]["echo"], "hi", "{v}");
+    assert_eq!(v["output"]["length"], 2, "{v}");
+    assert_eq!(
+        node.ok(["run", "echo-tool", "--input", r#"{"text":"héllo"}"#])
+            .trim(),
+        r#"{"echo":"héllo","length":5}"#
+    );
+    // the tool's own error, bad JSON, unknown names, the wrong world: clear errors
+    let (_, e) = node.fail(["run", "echo-tool", "--input", r#"{"other":1}"#]);
+    assert!(e.contains("the tool failed: expected parameters"), "{e}");
+    let (_, e) = node.fail(["run", "echo-tool", "--input", "{not json"]);
+    assert!(e.contains("not valid JSON"), "{e}");
+    let (_, e) = node.fail(["run", "nothing-here", "--input", "{}"]);
+    assert!(e.contains("unknown name"), "{e}");
+    install(&node, "counter", "counter", &[]);
+    let (_, e) = node.fail(["run", "counter", "--input", "{}"]);
+    assert!(e.contains("not a tool"), "{e}");
+    let (_, e) = node.fail(["mkguest", "t", "--component", "echo-tool"]);
+    assert!(
+        e.contains("a guest agent needs capstan:agent/agent@0.1.0"),
+        "{e}"
+    );
+    node.ok(["store", "--text", "just text", "--name", "plain"]);
+    let (_, e) = node.fail(["mkguest", "p", "--component", "plain"]);
+    assert!(e.contains("not an installed component"), "{e}");
+    assert!(!node.names(&[]).contains("p"));
+}
+
+#[test]
+fn summarizer_reads_a_granted_value_and_mails_its_host() {
+    let node = Node::started();
+    node.ok([
+        "store",
+        "--text",
+        "Capstan notes\nguests are components\nthey hold only what they were given",
+        "--name",
+        "shared-docs",
+    ]);
+    let info = install(&node, "summarizer", "summarizer", &["doc=shared-docs"]);
+    assert_eq!(info["grants"], serde_json::json!(["doc"]));
+    node.ok(["mkguest", "summ", "--component", "summarizer"]);
+    // the grant is the guest's name `doc`: its only power besides its own names
+    assert!(node.names(&["--as", "summ"]).contains("doc"));
+    node.ok(["send", "summ", "please summarize"]);
+    let t = wait_mail(&node, "summ", "summary of doc");
+    assert!(t.contains("3 lines"), "{t}");
+    assert!(t.contains("first line: Capstan notes"), "{t}");
+    // granting something that does not exist changes nothing
+    let (_, e) = node.fail([
+        "install",
+        wasm("summarizer").as_str(),
+        "--name",
+        "s2",
+        "--grant",
+        "doc=missing",
+    ]);
+    assert!(e.contains("unknown name"), "{e}");
+    assert!(!node.names(&[]).contains("s2"));
+}
+
+/// A hostile guest is stopped alone: its host is mailed why, another guest
+/// still answers, and the hostile one starts afresh on its next message.
+fn hostile(file: &str, reason: &str) {
+    let node = Node::started();
+    install(&node, file, file, &[]);
+    install(&node, "counter", "counter", &[]);
+    node.ok(["mkguest", "bad", "--component", file]);
+    node.ok(["mkguest", "good", "--component", "counter"]);
+    node.ok(["send", "bad", "go"]);
+    node.ok(["send", "good", "increment"]);
+    let t = wait_mail(&node, "bad", "guest stopped while handling message");
+    assert!(t.contains(reason), "{t}");
+    wait_mail(&node, "good", "count = 1");
+    let g = guest(&node, "bad");
+    assert_eq!(g["state"], "stopped", "{g}");
+    assert!(g["last_error"].as_str().unwrap().contains(reason), "{g}");
+    assert_eq!(guest(&node, "good")["failures"], 0);
+    // it runs again (and is stopped again) on its next message
+    node.ok(["send", "bad", "again"]);
+    let deadline = Instant::now() + MAIL_TIMEOUT;
+    while count_mail(&node, "bad", "guest stopped") < 2 {
+        assert!(Instant::now() < deadline, "no second stop report");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(guest(&node, "bad")["failures"], 2);
+    node.ok(["send", "good", "increment"]);
+    wait_mail(&node, "good", "count = 2");
+    // the node still answers
+    node.ok(["ping"]);
+}
+
+#[test]
+fn hostile_infinite_loop_is_stopped_by_fuel() {
+    hostile("spin", "fuel limit");
+}
+
+#[test]
+fn hostile_memory_bomb_is_stopped_by_the_memory_limit() {
+    hostile("membomb", "memory limit");
+}
+
+#[test]
+fn hostile_huge_message_is_stopped_by_the_message_limit() {
+    hostile("bigmail", "message size limit");
+}
+
+#[test]
+fn hostile_forged_handle_is_refused() {
+    hostile("forger", "it used a handle it does not hold");
+}
+
+#[test]
+fn incompatible_world_version_is_refused() {
+    let node = Node::started();
+    let path = wasm("wrong-version");
+    let (_, e) = node.fail(["install", path.as_str(), "--name", "wrong"]);
+    assert!(e.contains("capstan:agent@0.2.0"), "{e}");
+    assert!(e.contains("capstan:agent@0.1.0"), "{e}");
+    assert!(!node.names(&[]).contains("wrong"));
+    // not a component at all
+    let junk = node.home().join("junk.wasm");
+    std::fs::write(&junk, b"\0asm not really").unwrap();
+    let (_, e) = node.fail(["install", junk.to_str().unwrap(), "--name", "junk"]);
+    assert!(e.contains("not a valid WebAssembly component"), "{e}");
+    assert!(!node.names(&[]).contains("junk"));
+    // no such file; a tool run without its input
+    let (code, e) = node.fail(["install", "/nonexistent/x.wasm", "--name", "x"]);
+    assert_eq!(code, 1, "{e}");
+    assert!(e.contains("cannot read /nonexistent/x.wasm"), "{e}");
+    let (code, e) = node.fail(["run", "echo-tool"]);
+    assert_eq!(code, 1, "{e}");
+    assert!(e.contains("--input"), "{e}");
+    assert_eq!(node.json(["guests"]), serde_json::json!([]));
+}
