@@ -20,8 +20,10 @@ fn guests_dir() -> &'static PathBuf {
             .parent()
             .expect("workspace")
             .to_path_buf();
+        // An inherited CARGO_TARGET_DIR is kept: build-guests builds beside it
+        // (reusing what scripts/test built, and its wasm-tools) and unsets the
+        // host-compiler variables itself.
         let status = std::process::Command::new(root.join("scripts/build-guests"))
-            .env_remove("CARGO_TARGET_DIR")
             .env_remove("RUSTC")
             .env_remove("RUSTFLAGS")
             .status()
