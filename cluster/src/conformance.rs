@@ -202,13 +202,15 @@ where
 
 // ---------------------------------------------------------------- helpers
 
-async fn get(db: &Db, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+/// Reads `key` in its own read-only transaction (also used by backend-specific tests).
+pub async fn get(db: &Db, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
     let key = key.to_vec();
     db.read(move |tx| Box::pin(async move { tx.get(&key).await }))
         .await
 }
 
-async fn set(db: &Db, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+/// Writes `key` in its own transaction (also used by backend-specific tests).
+pub async fn set(db: &Db, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
     let (key, value) = (key.to_vec(), value.to_vec());
     db.transact(move |tx| {
         let (key, value) = (key.clone(), value.clone());

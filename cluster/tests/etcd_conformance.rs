@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use capstan_cluster::conformance::{get, set};
 use capstan_cluster::etcd_store::DEFAULT_MAX_REQUEST_BYTES;
 use capstan_cluster::tuple::TupleKey;
 use capstan_cluster::{CommitRequest, Db, Mutation, StoreError, Transaction, TxFuture};
@@ -89,21 +90,6 @@ fn rt() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
-}
-
-async fn set(db: &Db, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
-    let (key, value) = (key.to_vec(), value.to_vec());
-    db.transact(move |tx| {
-        let (key, value) = (key.clone(), value.clone());
-        Box::pin(async move { tx.set(&key, &value) })
-    })
-    .await
-}
-
-async fn get(db: &Db, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-    let key = key.to_vec();
-    db.read(move |tx| Box::pin(async move { tx.get(&key).await }))
-        .await
 }
 
 /// A key deleted after a transaction read it (by a range read or a get) makes
