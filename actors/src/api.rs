@@ -113,6 +113,8 @@ pub(crate) struct Inner {
     pub outbox: tokio::sync::Notify,
     /// The wasmtime host, once [`Runtime::enable_guests`] ran.
     pub guests: std::sync::OnceLock<Arc<crate::guest::GuestHost>>,
+    /// This node's membership, once [`Runtime::join_cluster`] ran.
+    pub cluster: std::sync::OnceLock<Arc<crate::cluster::Membership>>,
 }
 
 /// The object model of one node.
@@ -176,11 +178,13 @@ impl Runtime {
             closed: AtomicBool::new(false),
             outbox: tokio::sync::Notify::new(),
             guests: std::sync::OnceLock::new(),
+            cluster: std::sync::OnceLock::new(),
         });
         let rec = load_agent(&inner.db, root).await?;
         let root_handle = AgentHandle {
             rt: inner.clone(),
             ctx: Arc::new(rec),
+            fence: None,
         };
         tracing::info!(root = %root, store = %inner.db.describe(), "runtime open");
         Ok(Runtime {
@@ -209,6 +213,135 @@ impl Runtime {
             .guests
             .set(Arc::new(gh))
             .map_err(|_| Error::Invalid("guests are already enabled".into()))
+    }
+
+    /// Joins the cluster whose store this runtime uses: registers this
+    /// node with a lease and keeps renewing it. Returns the work for the
+    /// node's links to other members (reservations at remote owners, wake-ups),
+    /// which the caller must serve. Call once, inside tokio.
+    pub async fn join_cluster(
+        &self,
+        cfg: crate::cluster::ClusterConfig,
+    ) -> Result<mpsc::Receiver<crate::cluster::LinkOp>, Error> {
+        let (tx, rx) = mpsc::channel(crate::cluster::LINK_QUEUE);
+        let m = Arc::new(crate::cluster::Membership::new(cfg, tx));
+        m.register(&self.inner.db).await?;
+        self.inner
+            .cluster
+            .set(m)
+            .map_err(|_| Error::Invalid("this runtime already joined a cluster".into()))?;
+        tokio::spawn(crate::cluster::lease_loop(Arc::downgrade(&self.inner)));
+        Ok(rx)
+    }
+
+    /// This node's membership, in a cluster.
+    pub fn membership(&self) -> Option<Arc<crate::cluster::Membership>> {
+        self.inner.cluster.get().cloned()
+    }
+
+    /// Serves a reservation another member asked of this node (the owner).
+    pub async fn serve_reserve(
+        &self,
+        agent: FormulaId,
+        count: u64,
+        at_least: u64,
+    ) -> Result<u64, Error> {
+        let c = self
+            .inner
+            .cluster
+            .get()
+            .ok_or_else(|| Error::Invalid("this node is not in a cluster".into()))?;
+        match c.owner(&self.inner.db, agent).await? {
+            crate::cluster::Owner::Me => local_reserve(&self.inner, agent, count, at_least).await,
+            crate::cluster::Owner::Other(m) => Err(Error::Unavailable(format!(
+                "not the owner: node {} owns {}",
+                m.name,
+                agent.short()
+            ))),
+        }
+    }
+
+    /// Another member committed message `number` to `agent`'s inbox: wake
+    /// its incarnation here, if any.
+    pub async fn wake_delivered(&self, agent: FormulaId, number: u64) -> Result<(), Error> {
+        let Some(a) = self
+            .inner
+            .registry
+            .agents
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&agent).cloned())
+        else {
+            return Ok(());
+        };
+        let m = self
+            .inner
+            .db
+            .read(move |tx| Box::pin(async move { model::get_message(tx, &agent, number).await }))
+            .await?;
+        let _ = a.cast(AgentMsg::Delivered(m));
+        Ok(())
+    }
+
+    /// Another member settled `promise`: wake its waiters here, if any.
+    pub async fn wake_settled(&self, promise: FormulaId) -> Result<(), Error> {
+        let Some(a) = self
+            .inner
+            .registry
+            .promises
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&promise).cloned())
+        else {
+            return Ok(());
+        };
+        let state = self
+            .inner
+            .db
+            .read(move |tx| {
+                Box::pin(async move {
+                    match model::must_formula(tx, &promise).await?.kind {
+                        FormulaKind::Promise(p) => Ok(p.state),
+                        other => Err(Error::Corrupt(format!(
+                            "expected a promise, found a {}",
+                            other.type_name()
+                        ))),
+                    }
+                })
+            })
+            .await?;
+        let _ = a.cast(PromiseMsg::Settled(state));
+        Ok(())
+    }
+
+    /// Claims agent `id` for this node if nobody live owns it, and
+    /// incarnates it here (its guest, if any, starts): after a drain.
+    /// `Ok(false)` when another node owns it.
+    pub async fn adopt_placement(&self, id: FormulaId) -> Result<bool, Error> {
+        let c = self
+            .inner
+            .cluster
+            .get()
+            .ok_or_else(|| Error::Invalid("this node is not in a cluster".into()))?;
+        match c.owner(&self.inner.db, id).await? {
+            crate::cluster::Owner::Me => {
+                incarnation::owned_agent_actor(&self.inner, id).await?;
+                Ok(true)
+            }
+            crate::cluster::Owner::Other(_) => Ok(false),
+        }
+    }
+
+    /// Leaves the cluster (`remove`: `cluster leave`) or just stops serving
+    /// in it (`capstan stop`): gives up every placement at once, so that
+    /// other nodes take over without waiting for the lease to lapse.
+    pub async fn end_membership(&self, remove: bool) -> Result<(), Error> {
+        let Some(c) = self.inner.cluster.get().cloned() else {
+            return Ok(());
+        };
+        c.set_leaving();
+        release_all(&self.inner, &c).await;
+        crate::cluster::end_membership(&self.inner.db, &c, remove).await
     }
 
     /// Number of live incarnations.
@@ -246,6 +379,78 @@ impl Runtime {
     }
 }
 
+/// Stops every agent incarnation of this node (a lost lease or a drain);
+/// returns how many there were.
+pub(crate) async fn stop_incarnations(inner: &Arc<Inner>) -> usize {
+    let agents: Vec<_> = inner
+        .registry
+        .agents
+        .lock()
+        .map(|m| m.values().cloned().collect())
+        .unwrap_or_default();
+    let n = agents.len();
+    for a in agents {
+        let _ = a
+            .stop_and_wait(None, Some(std::time::Duration::from_secs(2)))
+            .await;
+    }
+    n
+}
+
+/// Drain: stops this node's incarnations and gives up every placement it holds.
+pub(crate) async fn release_all(inner: &Arc<Inner>, c: &crate::cluster::Membership) {
+    let owned = inner.registry.agents.lock().map(|m| m.len()).unwrap_or(0);
+    if owned > 0 {
+        stop_incarnations(inner).await;
+    }
+    let me = c.cfg.name.clone();
+    let r = inner
+        .db
+        .transact(move |tx| {
+            let me = me.clone();
+            Box::pin(async move {
+                let mine: Vec<FormulaId> = crate::cluster::list_placements(tx, 100)
+                    .await?
+                    .into_iter()
+                    .filter(|(_, p)| p.node == me)
+                    .map(|(id, _)| id)
+                    .collect();
+                for id in &mine {
+                    crate::cluster::clear_placement(tx, id);
+                }
+                Ok::<_, Error>(mine.len())
+            })
+        })
+        .await;
+    match r {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(node = %c.cfg.name, placements = n, "draining: gave up placements"),
+        Err(e) => tracing::warn!(node = %c.cfg.name, "draining: cannot give up placements: {e}"),
+    }
+}
+
+/// Reserves numbers from this node's owning incarnation of `agent`.
+async fn local_reserve(
+    inner: &Arc<Inner>,
+    agent: FormulaId,
+    n: u64,
+    at_least: u64,
+) -> Result<u64, Error> {
+    for _ in 0..3 {
+        let a = incarnation::owned_agent_actor(inner, agent).await?;
+        match a
+            .call(|port| AgentMsg::Reserve(n, at_least, port), None)
+            .await
+        {
+            Ok(ractor::rpc::CallResult::Success(r)) => return r,
+            _ => tokio::task::yield_now().await, // passivated meanwhile: incarnate again
+        }
+    }
+    Err(Error::Unavailable(
+        "the inbox actor is restarting; try again".into(),
+    ))
+}
+
 pub(crate) async fn load_agent(db: &Db, id: FormulaId) -> Result<Ctx, Error> {
     db.read(move |tx| {
         Box::pin(async move {
@@ -277,6 +482,9 @@ pub(crate) async fn load_agent(db: &Db, id: FormulaId) -> Result<Ctx, Error> {
 pub struct AgentHandle {
     pub(crate) rt: Arc<Inner>,
     pub(crate) ctx: Arc<Ctx>,
+    /// In a cluster, for the handle a guest's component acts through: its
+    /// writes are refused unless this node still owns the guest.
+    pub(crate) fence: Option<crate::cluster::Fence>,
 }
 
 impl std::fmt::Debug for AgentHandle {
@@ -351,6 +559,7 @@ impl AgentHandle {
         Ok(AgentHandle {
             rt: rt.clone(),
             ctx: Arc::new(rec),
+            fence: None,
         })
     }
 
@@ -528,53 +737,49 @@ impl AgentHandle {
         let data = Arc::new(data);
         let hash = *blake3::hash(&data).as_bytes();
         let id = FormulaId::random();
-        self.rt
-            .db
-            .transact(move |tx| {
-                let (ctx, p, data) = (ctx.clone(), p.clone(), data.clone());
-                Box::pin(async move {
-                    if let Some(DedupAnswer::Id(prev)) = checked_dedup(tx, &ctx.id, &req).await? {
-                        return Ok(prev);
-                    }
-                    let dir = model::parent_dir(tx, &ctx, &p).await?;
-                    let f = Formula {
-                        created_ms: now_ms(),
-                        kind: FormulaKind::Value(ValueRec {
-                            kind,
-                            size: data.len() as u64,
-                            hash,
-                        }),
-                    };
-                    model::put_formula(tx, &id, &f)?;
-                    capstan_cluster::blob::set_blob(tx, &keys::value(&id), &data).await?;
-                    model::set_name(tx, &dir, p.last(), &id).await?;
-                    model::dedup_put(tx, &ctx.id, &req, DedupAnswer::Id(id), now_ms())?;
-                    Ok(id)
-                })
+        self.transact(move |tx| {
+            let (ctx, p, data) = (ctx.clone(), p.clone(), data.clone());
+            Box::pin(async move {
+                if let Some(DedupAnswer::Id(prev)) = checked_dedup(tx, &ctx.id, &req).await? {
+                    return Ok(prev);
+                }
+                let dir = model::parent_dir(tx, &ctx, &p).await?;
+                let f = Formula {
+                    created_ms: now_ms(),
+                    kind: FormulaKind::Value(ValueRec {
+                        kind,
+                        size: data.len() as u64,
+                        hash,
+                    }),
+                };
+                model::put_formula(tx, &id, &f)?;
+                capstan_cluster::blob::set_blob(tx, &keys::value(&id), &data).await?;
+                model::set_name(tx, &dir, p.last(), &id).await?;
+                model::dedup_put(tx, &ctx.id, &req, DedupAnswer::Id(id), now_ms())?;
+                Ok(id)
             })
-            .await
+        })
+        .await
     }
 
     pub async fn remove(&self, req: RequestId, path: &str) -> Result<(), Error> {
         let ctx = self.ctx.clone();
         let p = Path::parse_writable(path)?;
-        self.rt
-            .db
-            .transact(move |tx| {
-                let (ctx, p) = (ctx.clone(), p.clone());
-                Box::pin(async move {
-                    if checked_dedup(tx, &ctx.id, &req).await?.is_some() {
-                        return Ok(());
-                    }
-                    let dir = model::parent_dir(tx, &ctx, &p).await?;
-                    model::remove_name(tx, &dir, p.last())
-                        .await?
-                        .ok_or_else(|| Error::UnknownName(p.to_string()))?;
-                    model::dedup_put(tx, &ctx.id, &req, DedupAnswer::None, now_ms())?;
-                    Ok(())
-                })
+        self.transact(move |tx| {
+            let (ctx, p) = (ctx.clone(), p.clone());
+            Box::pin(async move {
+                if checked_dedup(tx, &ctx.id, &req).await?.is_some() {
+                    return Ok(());
+                }
+                let dir = model::parent_dir(tx, &ctx, &p).await?;
+                model::remove_name(tx, &dir, p.last())
+                    .await?
+                    .ok_or_else(|| Error::UnknownName(p.to_string()))?;
+                model::dedup_put(tx, &ctx.id, &req, DedupAnswer::None, now_ms())?;
+                Ok(())
             })
-            .await
+        })
+        .await
     }
 
     async fn relink(&self, req: RequestId, from: &str, to: &str, keep: bool) -> Result<(), Error> {
@@ -585,29 +790,27 @@ impl AgentHandle {
             Path::parse_writable(from)?
         };
         let dst = Path::parse_writable(to)?;
-        self.rt
-            .db
-            .transact(move |tx| {
-                let (ctx, src, dst) = (ctx.clone(), src.clone(), dst.clone());
-                Box::pin(async move {
-                    if checked_dedup(tx, &ctx.id, &req).await?.is_some() {
+        self.transact(move |tx| {
+            let (ctx, src, dst) = (ctx.clone(), src.clone(), dst.clone());
+            Box::pin(async move {
+                if checked_dedup(tx, &ctx.id, &req).await?.is_some() {
+                    return Ok(());
+                }
+                let id = model::resolve(tx, &ctx, &src).await?;
+                let dst_dir = model::parent_dir(tx, &ctx, &dst).await?;
+                if !keep {
+                    let src_dir = model::parent_dir(tx, &ctx, &src).await?;
+                    if src_dir == dst_dir && src.last() == dst.last() {
                         return Ok(());
                     }
-                    let id = model::resolve(tx, &ctx, &src).await?;
-                    let dst_dir = model::parent_dir(tx, &ctx, &dst).await?;
-                    if !keep {
-                        let src_dir = model::parent_dir(tx, &ctx, &src).await?;
-                        if src_dir == dst_dir && src.last() == dst.last() {
-                            return Ok(());
-                        }
-                        model::remove_name(tx, &src_dir, src.last()).await?;
-                    }
-                    model::set_name(tx, &dst_dir, dst.last(), &id).await?;
-                    model::dedup_put(tx, &ctx.id, &req, DedupAnswer::None, now_ms())?;
-                    Ok(())
-                })
+                    model::remove_name(tx, &src_dir, src.last()).await?;
+                }
+                model::set_name(tx, &dst_dir, dst.last(), &id).await?;
+                model::dedup_put(tx, &ctx.id, &req, DedupAnswer::None, now_ms())?;
+                Ok(())
             })
-            .await
+        })
+        .await
     }
 
     pub async fn move_name(&self, req: RequestId, from: &str, to: &str) -> Result<(), Error> {
@@ -633,61 +836,59 @@ impl AgentHandle {
         }
         let ctx = self.ctx.clone();
         let p = Path::parse_writable(path)?;
-        self.rt
-            .db
-            .transact(move |tx| {
-                let (ctx, p) = (ctx.clone(), p.clone());
-                Box::pin(async move {
-                    if let Some(DedupAnswer::Id(prev)) = checked_dedup(tx, &ctx.id, &req).await? {
-                        return Ok(prev);
+        self.transact(move |tx| {
+            let (ctx, p) = (ctx.clone(), p.clone());
+            Box::pin(async move {
+                if let Some(DedupAnswer::Id(prev)) = checked_dedup(tx, &ctx.id, &req).await? {
+                    return Ok(prev);
+                }
+                let dir = model::parent_dir(tx, &ctx, &p).await?;
+                if let Some(existing) = model::lookup(tx, &dir, p.last()).await? {
+                    let f = model::must_formula(tx, &existing).await?;
+                    if f.kind.type_name() == what {
+                        return Ok(existing);
                     }
-                    let dir = model::parent_dir(tx, &ctx, &p).await?;
-                    if let Some(existing) = model::lookup(tx, &dir, p.last()).await? {
-                        let f = model::must_formula(tx, &existing).await?;
-                        if f.kind.type_name() == what {
-                            return Ok(existing);
-                        }
-                        return Err(Error::NameTaken(p.to_string()));
-                    }
-                    let now = now_ms();
-                    let id = FormulaId::random();
-                    let kind = if what == "directory" {
-                        FormulaKind::Directory
-                    } else {
-                        let store = FormulaId::random();
-                        model::put_formula(
-                            tx,
-                            &store,
-                            &Formula {
-                                created_ms: now,
-                                kind: FormulaKind::Directory,
-                            },
-                        )?;
-                        let rec = AgentRec {
-                            pet_store: store,
-                            host: Some(ctx.id),
-                            label: p.last().to_string(),
-                        };
-                        if what == "host" {
-                            FormulaKind::Host(rec)
-                        } else {
-                            FormulaKind::Guest(rec)
-                        }
-                    };
+                    return Err(Error::NameTaken(p.to_string()));
+                }
+                let now = now_ms();
+                let id = FormulaId::random();
+                let kind = if what == "directory" {
+                    FormulaKind::Directory
+                } else {
+                    let store = FormulaId::random();
                     model::put_formula(
                         tx,
-                        &id,
+                        &store,
                         &Formula {
                             created_ms: now,
-                            kind,
+                            kind: FormulaKind::Directory,
                         },
                     )?;
-                    model::set_name(tx, &dir, p.last(), &id).await?;
-                    model::dedup_put(tx, &ctx.id, &req, DedupAnswer::Id(id), now)?;
-                    Ok(id)
-                })
+                    let rec = AgentRec {
+                        pet_store: store,
+                        host: Some(ctx.id),
+                        label: p.last().to_string(),
+                    };
+                    if what == "host" {
+                        FormulaKind::Host(rec)
+                    } else {
+                        FormulaKind::Guest(rec)
+                    }
+                };
+                model::put_formula(
+                    tx,
+                    &id,
+                    &Formula {
+                        created_ms: now,
+                        kind,
+                    },
+                )?;
+                model::set_name(tx, &dir, p.last(), &id).await?;
+                model::dedup_put(tx, &ctx.id, &req, DedupAnswer::Id(id), now)?;
+                Ok(id)
             })
-            .await
+        })
+        .await
     }
 
     pub async fn mkdir(&self, req: RequestId, path: &str) -> Result<FormulaId, Error> {
@@ -728,24 +929,123 @@ impl AgentHandle {
         Ok(AgentHandle {
             rt: self.rt.clone(),
             ctx: Arc::new(rec),
+            fence: None,
         })
     }
 
-    /// Reserves `n` numbers in `agent`'s inbox.
-    pub(crate) async fn reserve(&self, agent: FormulaId, n: u64) -> Result<u64, Error> {
-        for _ in 0..3 {
-            let a = incarnation::agent_actor(&self.rt, agent).await?;
-            match a.call(|port| AgentMsg::Reserve(n, port), None).await {
-                Ok(ractor::rpc::CallResult::Success(first)) => return Ok(first),
-                _ => tokio::task::yield_now().await, // passivated meanwhile: incarnate again
+    /// Runs a store transaction as this agent: fenced by the placement
+    /// of the agent when the handle acts for a guest's component.
+    pub(crate) async fn transact<T, F>(&self, f: F) -> Result<T, Error>
+    where
+        T: Send,
+        F: for<'t> Fn(
+                &'t mut capstan_cluster::Transaction,
+            ) -> capstan_cluster::TxFuture<'t, T, Error>
+            + Send
+            + Sync
+            + 'static,
+    {
+        let Some(fence) = self.fence.clone() else {
+            return self.rt.db.transact(f).await;
+        };
+        let f = Arc::new(f);
+        let r = self
+            .rt
+            .db
+            .transact(move |tx| {
+                let (f, fence) = (f.clone(), fence.clone());
+                Box::pin(async move {
+                    fence.check(tx).await?;
+                    f(tx).await
+                })
+            })
+            .await;
+        if let Err(Error::Fenced(why)) = &r
+            && let Some(c) = self.rt.cluster.get()
+        {
+            c.fenced.fetch_add(1, Ordering::Relaxed);
+            c.forget_owner(&self.ctx.id);
+            tracing::warn!("{why}");
+        }
+        r
+    }
+
+    /// Reserves `n` numbers in `agent`'s inbox, none below `at_least`: at
+    /// this node's incarnation, or in a cluster at the owner's (claiming the
+    /// inbox for this node when nobody live owns it).
+    pub(crate) async fn reserve(
+        &self,
+        agent: FormulaId,
+        n: u64,
+        at_least: u64,
+    ) -> Result<u64, Error> {
+        let Some(c) = self.rt.cluster.get() else {
+            return local_reserve(&self.rt, agent, n, at_least).await;
+        };
+        let mut last = None;
+        for attempt in 0..6u32 {
+            if attempt > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(20 << attempt.min(4))).await;
+            }
+            match c.owner(&self.rt.db, agent).await? {
+                crate::cluster::Owner::Me => {
+                    match local_reserve(&self.rt, agent, n, at_least).await {
+                        Ok(first) => return Ok(first),
+                        Err(e) => last = Some(e),
+                    }
+                }
+                crate::cluster::Owner::Other(node) => {
+                    let (tx, rx) = oneshot::channel();
+                    let op = crate::cluster::LinkOp::Reserve {
+                        node,
+                        agent,
+                        count: n.min(u32::MAX as u64) as u32,
+                        at_least,
+                        reply: tx,
+                    };
+                    if c.link.send(op).await.is_err() {
+                        return Err(Error::Unavailable("the node is shutting down".into()));
+                    }
+                    match rx.await {
+                        Ok(Ok(first)) => return Ok(first),
+                        Ok(Err(e)) => last = Some(e),
+                        Err(_) => {
+                            last = Some(Error::Unavailable("the node is shutting down".into()))
+                        }
+                    }
+                }
+            }
+            c.forget_owner(&agent);
+        }
+        Err(last.unwrap_or_else(|| Error::Unavailable("no owner for the inbox; try again".into())))
+    }
+
+    /// Tells the other members of the cluster, if any, that `agent` got message `number`.
+    fn broadcast_delivered(&self, agent: FormulaId, number: u64) {
+        if let Some(c) = self.rt.cluster.get() {
+            let to = c.others();
+            if !to.is_empty() {
+                let _ = c
+                    .link
+                    .try_send(crate::cluster::LinkOp::Delivered { to, agent, number });
             }
         }
-        Err(Error::Unavailable(
-            "the inbox actor is restarting; try again".into(),
-        ))
+    }
+
+    /// Tells the other members of the cluster, if any, that `promise` settled.
+    pub(crate) fn broadcast_settled(&self, promise: FormulaId) {
+        if let Some(c) = self.rt.cluster.get() {
+            let to = c.others();
+            if !to.is_empty() {
+                let _ = c
+                    .link
+                    .try_send(crate::cluster::LinkOp::Settled { to, promise });
+            }
+        }
     }
 
     pub(crate) fn notify_delivered(&self, agent: FormulaId, m: MessageRec) {
+        self.broadcast_delivered(agent, m.number);
         if let Some(a) = self
             .rt
             .registry
@@ -903,72 +1203,87 @@ impl AgentHandle {
             + 'static,
     {
         let me = self.ctx.id;
-        let own = self.reserve(me, 1).await?;
-        let theirs = if target == me || remote.is_some() {
-            own
-        } else {
-            self.reserve(target, 1).await?
-        };
         let remote_target = remote.is_some();
         let remote = Arc::new(remote);
-        let ctx = self.ctx.clone();
         let message_id = RequestId::random();
         let body = Arc::new(body);
         let date_ms = now_ms();
-        let result = self
-            .rt
-            .db
-            .transact(move |tx| {
-                let (ctx, body, remote) = (ctx.clone(), body.clone(), remote.clone());
-                Box::pin(async move {
-                    match checked_dedup(tx, &ctx.id, &req).await? {
-                        Some(DedupAnswer::Number(n)) => return Ok((n, None, None)),
-                        Some(_) => {
-                            return Err(Error::Invalid(
-                                "request id reused for another operation".into(),
-                            ));
+        // Numbers from a stale sequence (a cluster node that lost the inbox)
+        // are refused by the store; retry with fresh ones above them.
+        let (mut own_min, mut their_min) = (0, 0);
+        let result = loop {
+            let own = self.reserve(me, 1, own_min).await?;
+            let theirs = if target == me || remote_target {
+                own
+            } else {
+                self.reserve(target, 1, their_min).await?
+            };
+            let ctx = self.ctx.clone();
+            let (body, remote) = (body.clone(), remote.clone());
+            let r = self
+                .transact(move |tx| {
+                    let (ctx, body, remote) = (ctx.clone(), body.clone(), remote.clone());
+                    Box::pin(async move {
+                        match checked_dedup(tx, &ctx.id, &req).await? {
+                            Some(DedupAnswer::Number(n)) => return Ok((n, None, None)),
+                            Some(_) => {
+                                return Err(Error::Invalid(
+                                    "request id reused for another operation".into(),
+                                ));
+                            }
+                            None => {}
                         }
-                        None => {}
-                    }
-                    let (b, created) = body(tx, &ctx).await?;
-                    let mine = MessageRec {
-                        number: own,
-                        message_id,
-                        reply_to: reply_id,
-                        from: ctx.id,
-                        to: target,
-                        date_ms,
-                        body: b,
-                    };
-                    model::put_message(tx, &ctx.id, &mine)?;
-                    if let Some(to) = remote.as_ref() {
-                        let env = crate::federation::envelope_of(tx, &mine).await?;
-                        crate::federation::enqueue(
-                            tx,
-                            &crate::federation::OutboxItem {
-                                id: RequestId::random(),
-                                sender: ctx.id,
-                                peer: target,
-                                to: to.clone(),
-                                created_us: crate::federation::now_us(),
-                                op: crate::federation::OutOp::Deliver(env),
-                            },
-                        )?;
+                        let (b, created) = body(tx, &ctx).await?;
+                        let mine = MessageRec {
+                            number: own,
+                            message_id,
+                            reply_to: reply_id,
+                            from: ctx.id,
+                            to: target,
+                            date_ms,
+                            body: b,
+                        };
+                        model::put_message(tx, &ctx.id, &mine).await?;
+                        if let Some(to) = remote.as_ref() {
+                            let env = crate::federation::envelope_of(tx, &mine).await?;
+                            crate::federation::enqueue(
+                                tx,
+                                &crate::federation::OutboxItem {
+                                    id: RequestId::random(),
+                                    sender: ctx.id,
+                                    peer: target,
+                                    to: to.clone(),
+                                    created_us: crate::federation::now_us(),
+                                    op: crate::federation::OutOp::Deliver(env),
+                                },
+                            )?;
+                            model::dedup_put(tx, &ctx.id, &req, DedupAnswer::Number(own), date_ms)?;
+                            return Ok((own, created, Some((mine, None))));
+                        }
+                        let copy = (target != ctx.id).then(|| MessageRec {
+                            number: theirs,
+                            ..mine.clone()
+                        });
+                        if let Some(c) = &copy {
+                            model::put_message(tx, &target, c).await?;
+                        }
                         model::dedup_put(tx, &ctx.id, &req, DedupAnswer::Number(own), date_ms)?;
-                        return Ok((own, created, Some((mine, None))));
-                    }
-                    let copy = (target != ctx.id).then(|| MessageRec {
-                        number: theirs,
-                        ..mine.clone()
-                    });
-                    if let Some(c) = &copy {
-                        model::put_message(tx, &target, c)?;
-                    }
-                    model::dedup_put(tx, &ctx.id, &req, DedupAnswer::Number(own), date_ms)?;
-                    Ok((own, created, Some((mine, copy))))
+                        Ok((own, created, Some((mine, copy))))
+                    })
                 })
-            })
-            .await?;
+                .await;
+            match r {
+                Err(Error::InboxSlotTaken { number, .. }) if number == own && own_min <= number => {
+                    own_min = number + 1
+                }
+                Err(Error::InboxSlotTaken { number, .. })
+                    if number == theirs && their_min <= number =>
+                {
+                    their_min = number + 1
+                }
+                r => break r?,
+            }
+        };
         let (n, created, delivered) = result;
         if delivered.is_some() && remote_target {
             self.rt.outbox.notify_one();
@@ -1112,8 +1427,6 @@ impl AgentHandle {
         }
         let ctx = self.ctx.clone();
         let state = self
-            .rt
-            .db
             .transact(move |tx| {
                 let (ctx, outcome) = (ctx.clone(), outcome.clone());
                 Box::pin(async move {
@@ -1180,6 +1493,7 @@ impl AgentHandle {
         {
             let _ = a.cast(PromiseMsg::Settled(state));
         }
+        self.broadcast_settled(promise);
         Ok(())
     }
 
@@ -1214,55 +1528,51 @@ impl AgentHandle {
         let ctx = self.ctx.clone();
         let p = Path::parse_writable(if path.is_empty() { edge_name } else { path })?;
         let edge = edge_name.to_string();
-        self.rt
-            .db
-            .transact(move |tx| {
-                let (ctx, p, edge) = (ctx.clone(), p.clone(), edge.clone());
-                Box::pin(async move {
-                    if let Some(DedupAnswer::Id(prev)) = checked_dedup(tx, &ctx.id, &req).await? {
-                        return Ok(prev);
-                    }
-                    let m = model::get_message(tx, &ctx.id, number).await?;
-                    let BodyRec::Package { names, ids, .. } = &m.body else {
-                        return Err(Error::WrongMessage {
-                            number,
-                            expected: "package".into(),
-                            actual: m.body.type_name().into(),
-                        });
-                    };
-                    let i = names.iter().position(|n| *n == edge).ok_or_else(|| {
-                        Error::Invalid(format!(
-                            "message {number} has no reference named {edge:?}; it has: {}",
-                            names.join(", ")
-                        ))
-                    })?;
-                    let id = ids[i];
-                    let dir = model::parent_dir(tx, &ctx, &p).await?;
-                    model::set_name(tx, &dir, p.last(), &id).await?;
-                    model::dedup_put(tx, &ctx.id, &req, DedupAnswer::Id(id), now_ms())?;
-                    Ok(id)
-                })
+        self.transact(move |tx| {
+            let (ctx, p, edge) = (ctx.clone(), p.clone(), edge.clone());
+            Box::pin(async move {
+                if let Some(DedupAnswer::Id(prev)) = checked_dedup(tx, &ctx.id, &req).await? {
+                    return Ok(prev);
+                }
+                let m = model::get_message(tx, &ctx.id, number).await?;
+                let BodyRec::Package { names, ids, .. } = &m.body else {
+                    return Err(Error::WrongMessage {
+                        number,
+                        expected: "package".into(),
+                        actual: m.body.type_name().into(),
+                    });
+                };
+                let i = names.iter().position(|n| *n == edge).ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "message {number} has no reference named {edge:?}; it has: {}",
+                        names.join(", ")
+                    ))
+                })?;
+                let id = ids[i];
+                let dir = model::parent_dir(tx, &ctx, &p).await?;
+                model::set_name(tx, &dir, p.last(), &id).await?;
+                model::dedup_put(tx, &ctx.id, &req, DedupAnswer::Id(id), now_ms())?;
+                Ok(id)
             })
-            .await
+        })
+        .await
     }
 
     pub async fn dismiss(&self, req: RequestId, number: u64) -> Result<(), Error> {
         let me = self.ctx.id;
-        self.rt
-            .db
-            .transact(move |tx| {
-                Box::pin(async move {
-                    if checked_dedup(tx, &me, &req).await?.is_some() {
-                        return Ok(());
-                    }
-                    model::get_message(tx, &me, number).await?;
-                    model::raise_inbox_mark(tx, &me, number).await?;
-                    tx.clear(&keys::message(&me, number));
-                    model::dedup_put(tx, &me, &req, DedupAnswer::None, now_ms())?;
-                    Ok(())
-                })
+        self.transact(move |tx| {
+            Box::pin(async move {
+                if checked_dedup(tx, &me, &req).await?.is_some() {
+                    return Ok(());
+                }
+                model::get_message(tx, &me, number).await?;
+                model::raise_inbox_mark(tx, &me, number).await?;
+                tx.clear(&keys::message(&me, number));
+                model::dedup_put(tx, &me, &req, DedupAnswer::None, now_ms())?;
+                Ok(())
             })
-            .await
+        })
+        .await
     }
 
     pub async fn inbox(&self, thread: Option<RequestId>) -> Result<Vec<MessageView>, Error> {

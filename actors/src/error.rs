@@ -58,6 +58,13 @@ pub enum Error {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// An inbox number handed out by a stale sequence was already used;
+    /// the operation is retried with a fresh number (callers rarely see it).
+    #[error("inbox number {number} of {agent} was already used; retry")]
+    InboxSlotTaken { agent: String, number: u64 },
+    /// A cluster node wrote as the owner of a formula it no longer owns.
+    #[error("{0}")]
+    Fenced(String),
     /// The node is shutting down or overloaded.
     #[error("{0}")]
     Unavailable(String),

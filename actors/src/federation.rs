@@ -421,33 +421,31 @@ impl AgentHandle {
         }
         let ctx = self.ctx.clone();
         let p = Path::parse_writable(name)?;
-        self.rt
-            .db
-            .transact(move |tx| {
-                let (ctx, p) = (ctx.clone(), p.clone());
-                Box::pin(async move {
-                    let dir = model::parent_dir(tx, &ctx, &p).await?;
-                    if model::lookup(tx, &dir, p.last()).await?.is_some() {
-                        return Err(Error::NameTaken(p.to_string()));
-                    }
-                    let id = FormulaId::random();
-                    model::put_formula(
-                        tx,
-                        &id,
-                        &Formula {
-                            created_ms: now_ms(),
-                            kind: FormulaKind::Invitation(InvitationRec {
-                                host: ctx.id,
-                                dir,
-                                name: p.last().to_string(),
-                            }),
-                        },
-                    )?;
-                    model::set_name(tx, &dir, p.last(), &id).await?;
-                    issue_locator(tx, &id, None)
-                })
+        self.transact(move |tx| {
+            let (ctx, p) = (ctx.clone(), p.clone());
+            Box::pin(async move {
+                let dir = model::parent_dir(tx, &ctx, &p).await?;
+                if model::lookup(tx, &dir, p.last()).await?.is_some() {
+                    return Err(Error::NameTaken(p.to_string()));
+                }
+                let id = FormulaId::random();
+                model::put_formula(
+                    tx,
+                    &id,
+                    &Formula {
+                        created_ms: now_ms(),
+                        kind: FormulaKind::Invitation(InvitationRec {
+                            host: ctx.id,
+                            dir,
+                            name: p.last().to_string(),
+                        }),
+                    },
+                )?;
+                model::set_name(tx, &dir, p.last(), &id).await?;
+                issue_locator(tx, &id, None)
             })
-            .await
+        })
+        .await
     }
 
     /// Checks that `name` is free before accepting an invitation under it.
@@ -484,36 +482,33 @@ impl AgentHandle {
     ) -> Result<FormulaId, Error> {
         let ctx = self.ctx.clone();
         let p = Path::parse_writable(name)?;
-        self.rt
-            .db
-            .transact(move |tx| {
-                let (ctx, p, inviter) = (ctx.clone(), p.clone(), inviter.clone());
-                Box::pin(async move {
-                    if let Some(DedupAnswer::Id(prev)) = model::dedup_get(tx, &ctx.id, &req).await?
-                    {
-                        return Ok(prev);
-                    }
-                    let dir = model::parent_dir(tx, &ctx, &p).await?;
-                    if model::lookup(tx, &dir, p.last()).await?.is_some() {
-                        return Err(Error::NameTaken(p.to_string()));
-                    }
-                    let id = FormulaId::random();
-                    let now = now_ms();
-                    model::put_formula(
-                        tx,
-                        &id,
-                        &Formula {
-                            created_ms: now,
-                            kind: FormulaKind::Remote(inviter),
-                        },
-                    )?;
-                    model::set_name(tx, &dir, p.last(), &id).await?;
-                    record_locator(tx, &handle_swiss, &ctx.id, Some(id))?;
-                    model::dedup_put(tx, &ctx.id, &req, DedupAnswer::Id(id), now)?;
-                    Ok(id)
-                })
+        self.transact(move |tx| {
+            let (ctx, p, inviter) = (ctx.clone(), p.clone(), inviter.clone());
+            Box::pin(async move {
+                if let Some(DedupAnswer::Id(prev)) = model::dedup_get(tx, &ctx.id, &req).await? {
+                    return Ok(prev);
+                }
+                let dir = model::parent_dir(tx, &ctx, &p).await?;
+                if model::lookup(tx, &dir, p.last()).await?.is_some() {
+                    return Err(Error::NameTaken(p.to_string()));
+                }
+                let id = FormulaId::random();
+                let now = now_ms();
+                model::put_formula(
+                    tx,
+                    &id,
+                    &Formula {
+                        created_ms: now,
+                        kind: FormulaKind::Remote(inviter),
+                    },
+                )?;
+                model::set_name(tx, &dir, p.last(), &id).await?;
+                record_locator(tx, &handle_swiss, &ctx.id, Some(id))?;
+                model::dedup_put(tx, &ctx.id, &req, DedupAnswer::Id(id), now)?;
+                Ok(id)
             })
-            .await
+        })
+        .await
     }
 }
 
@@ -622,74 +617,86 @@ impl Runtime {
             return Ok(());
         }
         let agent = self.handle_for(to).await?;
-        let number = agent.reserve(to, 1).await?;
         let own = caller.own;
-        let delivered = db
-            .transact(move |tx| {
-                let env = env.clone();
-                Box::pin(async move {
-                    if tx.get(&keys::inbound(&item)).await?.is_some() {
-                        return Ok(None);
-                    }
-                    match model::must_formula(tx, &peer).await?.kind {
-                        FormulaKind::Remote(_) => {}
-                        _ => return Err(Error::Corrupt("a handle's peer is not remote".into())),
-                    }
-                    let body = match env.body {
-                        EnvelopeBody::Package {
-                            strings,
-                            names,
-                            refs,
-                        } => {
-                            let mut ids = Vec::with_capacity(refs.len());
-                            for r in &refs {
-                                ids.push(adopt_ref(tx, r, &own).await?);
+        let mut at_least = 0;
+        let delivered = loop {
+            let number = agent.reserve(to, 1, at_least).await?;
+            let env = env.clone();
+            let r = db
+                .transact(move |tx| {
+                    let env = env.clone();
+                    Box::pin(async move {
+                        if tx.get(&keys::inbound(&item)).await?.is_some() {
+                            return Ok(None);
+                        }
+                        match model::must_formula(tx, &peer).await?.kind {
+                            FormulaKind::Remote(_) => {}
+                            _ => {
+                                return Err(Error::Corrupt("a handle's peer is not remote".into()));
                             }
-                            BodyRec::Package {
+                        }
+                        let body = match env.body {
+                            EnvelopeBody::Package {
                                 strings,
                                 names,
-                                ids,
+                                refs,
+                            } => {
+                                let mut ids = Vec::with_capacity(refs.len());
+                                for r in &refs {
+                                    ids.push(adopt_ref(tx, r, &own).await?);
+                                }
+                                BodyRec::Package {
+                                    strings,
+                                    names,
+                                    ids,
+                                }
                             }
-                        }
-                        EnvelopeBody::Request {
-                            description,
-                            resolver,
-                        } => {
-                            let promise = FormulaId::random();
-                            model::put_formula(
-                                tx,
-                                &promise,
-                                &Formula {
-                                    created_ms: now_ms(),
-                                    kind: FormulaKind::Promise(PromiseRec {
-                                        description: description.clone(),
-                                        requester: peer,
-                                        state: crate::PromiseState::Pending,
-                                        resolver: Some(resolver),
-                                    }),
-                                },
-                            )?;
-                            BodyRec::Request {
+                            EnvelopeBody::Request {
                                 description,
-                                promise,
+                                resolver,
+                            } => {
+                                let promise = FormulaId::random();
+                                model::put_formula(
+                                    tx,
+                                    &promise,
+                                    &Formula {
+                                        created_ms: now_ms(),
+                                        kind: FormulaKind::Promise(PromiseRec {
+                                            description: description.clone(),
+                                            requester: peer,
+                                            state: crate::PromiseState::Pending,
+                                            resolver: Some(resolver),
+                                        }),
+                                    },
+                                )?;
+                                BodyRec::Request {
+                                    description,
+                                    promise,
+                                }
                             }
-                        }
-                    };
-                    let m = MessageRec {
-                        number,
-                        message_id: env.message_id,
-                        reply_to: env.reply_to,
-                        from: peer,
-                        to,
-                        date_ms: env.date_ms,
-                        body,
-                    };
-                    model::put_message(tx, &to, &m)?;
-                    tx.set(&keys::inbound(&item), &now_ms().to_be_bytes())?;
-                    Ok(Some(m))
+                        };
+                        let m = MessageRec {
+                            number,
+                            message_id: env.message_id,
+                            reply_to: env.reply_to,
+                            from: peer,
+                            to,
+                            date_ms: env.date_ms,
+                            body,
+                        };
+                        model::put_message(tx, &to, &m).await?;
+                        tx.set(&keys::inbound(&item), &now_ms().to_be_bytes())?;
+                        Ok(Some(m))
+                    })
                 })
-            })
-            .await?;
+                .await;
+            match r {
+                Err(Error::InboxSlotTaken { number, .. }) if at_least <= number => {
+                    at_least = number + 1
+                }
+                r => break r?,
+            }
+        };
         if let Some(m) = delivered {
             agent.notify_delivered(to, m);
         }
@@ -793,34 +800,44 @@ impl Runtime {
         let text = format!("[undeliverable] your {what} could not be delivered: {reason}");
         let (sender, peer) = (item.sender, item.peer);
         let agent = self.handle_for(sender).await?;
-        let number = agent.reserve(sender, 1).await?;
-        let m = self
-            .db()
-            .transact(move |tx| {
-                let (key, text) = (key.clone(), text.clone());
-                Box::pin(async move {
-                    if tx.get(&key).await?.is_none() {
-                        return Ok::<_, Error>(None);
-                    }
-                    tx.clear(&key);
-                    let m = MessageRec {
-                        number,
-                        message_id: RequestId::random(),
-                        reply_to: None,
-                        from: peer,
-                        to: sender,
-                        date_ms: now_ms(),
-                        body: BodyRec::Package {
-                            strings: vec![text],
-                            names: vec![],
-                            ids: vec![],
-                        },
-                    };
-                    model::put_message(tx, &sender, &m)?;
-                    Ok(Some(m))
+        let mut at_least = 0;
+        let m = loop {
+            let number = agent.reserve(sender, 1, at_least).await?;
+            let (key, text) = (key.clone(), text.clone());
+            let r = self
+                .db()
+                .transact(move |tx| {
+                    let (key, text) = (key.clone(), text.clone());
+                    Box::pin(async move {
+                        if tx.get(&key).await?.is_none() {
+                            return Ok::<_, Error>(None);
+                        }
+                        tx.clear(&key);
+                        let m = MessageRec {
+                            number,
+                            message_id: RequestId::random(),
+                            reply_to: None,
+                            from: peer,
+                            to: sender,
+                            date_ms: now_ms(),
+                            body: BodyRec::Package {
+                                strings: vec![text],
+                                names: vec![],
+                                ids: vec![],
+                            },
+                        };
+                        model::put_message(tx, &sender, &m).await?;
+                        Ok(Some(m))
+                    })
                 })
-            })
-            .await?;
+                .await;
+            match r {
+                Err(Error::InboxSlotTaken { number, .. }) if at_least <= number => {
+                    at_least = number + 1
+                }
+                r => break r?,
+            }
+        };
         if let Some(m) = m {
             agent.notify_delivered(sender, m);
         }
@@ -843,6 +860,14 @@ impl Runtime {
         {
             let _ = a.cast(PromiseMsg::Settled(state));
         }
+        if let Some(c) = self.inner().cluster.get() {
+            let to = c.others();
+            if !to.is_empty() {
+                let _ = c
+                    .link
+                    .try_send(crate::cluster::LinkOp::Settled { to, promise });
+            }
+        }
     }
 
     async fn handle_for(&self, id: FormulaId) -> Result<AgentHandle, Error> {
@@ -850,6 +875,7 @@ impl Runtime {
         Ok(AgentHandle {
             rt: self.inner().clone(),
             ctx: Arc::new(ctx),
+            fence: None,
         })
     }
 }

@@ -58,8 +58,13 @@ impl Registry {
 
 /// Messages of an [`AgentActor`].
 pub enum AgentMsg {
-    /// Reserve `n` consecutive inbox numbers; answers the first.
-    Reserve(u64, RpcReplyPort<u64>),
+    /// Reserve `n` consecutive inbox numbers, none below the second
+    /// argument; answers the first (or an error if this incarnation does
+    /// not own the inbox).
+    Reserve(u64, u64, RpcReplyPort<Result<u64, Error>>),
+    /// Become the owner of the inbox (a cluster placement was claimed):
+    /// read the sequence from the store and start the guest's runner.
+    Own(RpcReplyPort<Result<(), Error>>),
     /// A message was committed to this inbox: tell the followers.
     Delivered(MessageRec),
     /// Add a follower of new messages.
@@ -73,12 +78,16 @@ pub(crate) struct AgentActor;
 pub(crate) struct AgentArgs {
     pub rt: Arc<crate::api::Inner>,
     pub id: FormulaId,
+    /// Whether this incarnation owns the formula (always, outside a
+    /// cluster); an incarnation that does not only serves followers.
+    pub owned: bool,
 }
 
 pub(crate) struct AgentState {
     rt: Arc<crate::api::Inner>,
     id: FormulaId,
     next: u64,
+    owned: bool,
     followers: Vec<mpsc::Sender<MessageRec>>,
     last_active: Instant,
     _ticker: tokio::task::JoinHandle<()>,
@@ -97,25 +106,25 @@ impl Actor for AgentActor {
         args: AgentArgs,
     ) -> Result<AgentState, ActorProcessingErr> {
         let id = args.id;
-        let next = args
-            .rt
-            .db
-            .read(move |tx| Box::pin(async move { model::next_message_number(tx, &id).await }))
-            .await?;
+        let next = if args.owned {
+            read_next(&args.rt, id).await?
+        } else {
+            0
+        };
         let tick = (args.rt.opts.idle_timeout / 2).max(Duration::from_millis(50));
         let ticker = myself.send_interval(tick, || AgentMsg::Tick);
-        tracing::debug!(agent = %id.short(), next, "incarnated agent");
-        let guest = crate::guest::runner_for(&args.rt, id)
-            .await
-            .unwrap_or_else(|e| {
-                tracing::warn!(agent = %id.short(), "guest component not started: {e}");
-                None
-            });
+        tracing::debug!(agent = %id.short(), next, owned = args.owned, "incarnated agent");
+        let guest = if args.owned {
+            start_guest(&args.rt, id).await
+        } else {
+            None
+        };
         Ok(AgentState {
             guest,
             rt: args.rt,
             id,
             next,
+            owned: args.owned,
             followers: Vec::new(),
             last_active: Instant::now(),
             _ticker: ticker,
@@ -129,11 +138,34 @@ impl Actor for AgentActor {
         st: &mut AgentState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            AgentMsg::Reserve(n, reply) => {
+            AgentMsg::Reserve(n, at_least, reply) => {
+                if !st.owned {
+                    let _ = reply.send(Err(Error::Unavailable(
+                        "this node does not own the inbox".into(),
+                    )));
+                    return Ok(());
+                }
                 st.last_active = Instant::now();
+                st.next = st.next.max(at_least);
                 let first = st.next;
                 st.next += n;
-                let _ = reply.send(first);
+                let _ = reply.send(Ok(first));
+            }
+            AgentMsg::Own(reply) => {
+                if !st.owned {
+                    match read_next(&st.rt, st.id).await {
+                        Ok(n) => {
+                            st.next = n;
+                            st.owned = true;
+                            st.guest = start_guest(&st.rt, st.id).await;
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                            return Ok(());
+                        }
+                    }
+                }
+                let _ = reply.send(Ok(()));
             }
             AgentMsg::Delivered(m) => {
                 if let Some(g) = &st.guest
@@ -182,8 +214,41 @@ impl Actor for AgentActor {
     ) -> Result<(), ActorProcessingErr> {
         st._ticker.abort();
         unregister(&st.rt.registry.agents, &st.id, &myself);
+        if st.owned
+            && let Some(c) = st.rt.cluster.get().cloned()
+        {
+            // Give the placement up so that the next caller's node claims it
+            // at once (a stopped owner's placement would otherwise hold until
+            // its lease lapsed). Not on a lost lease: then it is not ours.
+            let (db, id) = (st.rt.db.clone(), st.id);
+            if c.serving() {
+                tokio::spawn(async move {
+                    if let Err(e) = c.release(&db, id).await {
+                        tracing::debug!(agent = %id.short(), "placement not released: {e}");
+                    }
+                });
+            } else {
+                c.forget_owner(&id);
+            }
+        }
         Ok(())
     }
+}
+
+async fn read_next(rt: &crate::api::Inner, id: FormulaId) -> Result<u64, Error> {
+    rt.db
+        .read(move |tx| Box::pin(async move { model::next_message_number(tx, &id).await }))
+        .await
+}
+
+async fn start_guest(
+    rt: &Arc<crate::api::Inner>,
+    id: FormulaId,
+) -> Option<crate::guest::GuestRunner> {
+    crate::guest::runner_for(rt, id).await.unwrap_or_else(|e| {
+        tracing::warn!(agent = %id.short(), "guest component not started: {e}");
+        None
+    })
 }
 
 fn unregister<M: ractor::Message>(
@@ -315,12 +380,33 @@ impl Actor for PromiseActor {
     }
 }
 
-/// The incarnation of agent `id`, made on demand.
+/// The incarnation of agent `id`, made on demand: owning it outside a
+/// cluster, only serving followers in one (see [`owned_agent_actor`]).
 pub(crate) async fn agent_actor(
     rt: &Arc<crate::api::Inner>,
     id: FormulaId,
 ) -> Result<ActorRef<AgentMsg>, Error> {
-    incarnate(rt, &rt.registry.agents, id, AgentActor).await
+    let owned = rt.cluster.get().is_none();
+    incarnate(rt, &rt.registry.agents, id, AgentActor, owned).await
+}
+
+/// The owning incarnation of agent `id` (the caller holds its placement).
+pub(crate) async fn owned_agent_actor(
+    rt: &Arc<crate::api::Inner>,
+    id: FormulaId,
+) -> Result<ActorRef<AgentMsg>, Error> {
+    let a = incarnate(rt, &rt.registry.agents, id, AgentActor, true).await?;
+    if rt.cluster.get().is_some() {
+        match a.call(AgentMsg::Own, None).await {
+            Ok(ractor::rpc::CallResult::Success(r)) => r?,
+            _ => {
+                return Err(Error::Unavailable(
+                    "the inbox actor is restarting; try again".into(),
+                ));
+            }
+        }
+    }
+    Ok(a)
 }
 
 /// The incarnation of promise `id`, made on demand.
@@ -328,7 +414,7 @@ pub(crate) async fn promise_actor(
     rt: &Arc<crate::api::Inner>,
     id: FormulaId,
 ) -> Result<ActorRef<PromiseMsg>, Error> {
-    incarnate(rt, &rt.registry.promises, id, PromiseActor).await
+    incarnate(rt, &rt.registry.promises, id, PromiseActor, true).await
 }
 
 async fn incarnate<A>(
@@ -336,6 +422,7 @@ async fn incarnate<A>(
     map: &Mutex<HashMap<FormulaId, ActorRef<A::Msg>>>,
     id: FormulaId,
     actor: A,
+    owned: bool,
 ) -> Result<ActorRef<A::Msg>, Error>
 where
     A: Actor<Arguments = AgentArgs>,
@@ -350,9 +437,17 @@ where
     if let Some(a) = map.lock().map_err(|_| poisoned())?.get(&id) {
         return Ok(a.clone());
     }
-    let (a, _join) = Actor::spawn(None, actor, AgentArgs { rt: rt.clone(), id })
-        .await
-        .map_err(|e| Error::Unavailable(format!("could not incarnate {}: {e}", id.short())))?;
+    let (a, _join) = Actor::spawn(
+        None,
+        actor,
+        AgentArgs {
+            rt: rt.clone(),
+            id,
+            owned,
+        },
+    )
+    .await
+    .map_err(|e| Error::Unavailable(format!("could not incarnate {}: {e}", id.short())))?;
     map.lock().map_err(|_| poisoned())?.insert(id, a.clone());
     Ok(a)
 }

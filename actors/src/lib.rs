@@ -18,6 +18,7 @@
 //! - [`keys`]: the key layout. [`names`]: pet names, special names, paths.
 
 pub mod api;
+pub mod cluster;
 pub mod error;
 pub mod federation;
 pub mod guest;

@@ -203,8 +203,36 @@ pub async fn get_message(
     }
 }
 
-pub fn put_message(tx: &mut Transaction, agent: &FormulaId, m: &MessageRec) -> Result<(), Error> {
-    tx.set(&keys::message(agent, m.number), &m.encode())?;
+/// Writes a new message into a free slot of `agent`'s inbox. A slot that is
+/// taken, or below the inbox mark (a dismissed number), fails with
+/// [`Error::InboxSlotTaken`]: the number came from a stale sequence (for
+/// example a cluster node that lost ownership of the inbox), and the caller
+/// reserves another. Both reads are conflict-checked, so two writers of one
+/// number cannot both commit.
+pub async fn put_message(
+    tx: &mut Transaction,
+    agent: &FormulaId,
+    m: &MessageRec,
+) -> Result<(), Error> {
+    let key = keys::message(agent, m.number);
+    let below_mark = match tx.get(&keys::inbox_mark(agent)).await? {
+        Some(b) => {
+            let mark = u64::from_be_bytes(
+                b.as_slice()
+                    .try_into()
+                    .map_err(|_| Error::Corrupt("inbox mark is not 8 bytes".into()))?,
+            );
+            m.number < mark
+        }
+        None => false,
+    };
+    if below_mark || tx.get(&key).await?.is_some() {
+        return Err(Error::InboxSlotTaken {
+            agent: agent.short(),
+            number: m.number,
+        });
+    }
+    tx.set(&key, &m.encode())?;
     Ok(())
 }
 

@@ -49,9 +49,7 @@ impl AgentHandle {
     pub async fn locate(&self, path: &str) -> Result<(FormulaId, [u8; 32]), Error> {
         let ctx = self.ctx.clone();
         let p = Path::parse(path)?;
-        self.rt
-            .db
-            .transact(move |tx| {
+        self.transact(move |tx| {
                 let (ctx, p) = (ctx.clone(), p.clone());
                 Box::pin(async move {
                     let id = model::resolve(tx, &ctx, &p).await?;
@@ -78,41 +76,37 @@ impl AgentHandle {
         }
         let ctx = self.ctx.clone();
         let p = Path::parse(path)?;
-        self.rt
-            .db
-            .transact(move |tx| {
-                let (ctx, p) = (ctx.clone(), p.clone());
-                Box::pin(async move {
-                    if let Some(DedupAnswer::Number(n)) =
-                        model::dedup_get(tx, &ctx.id, &req).await?
-                    {
-                        return Ok(n);
-                    }
-                    let id = model::resolve(tx, &ctx, &p).await?;
-                    let prefix = keys::locators_of(&id);
-                    let rows = tx.get_prefix(&prefix, 0, false).await?;
-                    let mut n = 0u64;
-                    for (k, _) in rows {
-                        let mut r = capstan_cluster::tuple::TupleReader::new(&k);
-                        let hash = (|| {
-                            r.str()?;
-                            r.bytes()?;
-                            r.bytes()
-                        })()
-                        .map_err(|e| Error::Corrupt(format!("locator index key: {e}")))?;
-                        let hash: [u8; 32] = hash
-                            .as_slice()
-                            .try_into()
-                            .map_err(|_| Error::Corrupt("locator index key".into()))?;
-                        tx.clear(&keys::locator(&hash));
-                        tx.clear(&k);
-                        n += 1;
-                    }
-                    model::dedup_put(tx, &ctx.id, &req, DedupAnswer::Number(n), now_ms())?;
-                    Ok(n)
-                })
+        self.transact(move |tx| {
+            let (ctx, p) = (ctx.clone(), p.clone());
+            Box::pin(async move {
+                if let Some(DedupAnswer::Number(n)) = model::dedup_get(tx, &ctx.id, &req).await? {
+                    return Ok(n);
+                }
+                let id = model::resolve(tx, &ctx, &p).await?;
+                let prefix = keys::locators_of(&id);
+                let rows = tx.get_prefix(&prefix, 0, false).await?;
+                let mut n = 0u64;
+                for (k, _) in rows {
+                    let mut r = capstan_cluster::tuple::TupleReader::new(&k);
+                    let hash = (|| {
+                        r.str()?;
+                        r.bytes()?;
+                        r.bytes()
+                    })()
+                    .map_err(|e| Error::Corrupt(format!("locator index key: {e}")))?;
+                    let hash: [u8; 32] = hash
+                        .as_slice()
+                        .try_into()
+                        .map_err(|_| Error::Corrupt("locator index key".into()))?;
+                    tx.clear(&keys::locator(&hash));
+                    tx.clear(&k);
+                    n += 1;
+                }
+                model::dedup_put(tx, &ctx.id, &req, DedupAnswer::Number(n), now_ms())?;
+                Ok(n)
             })
-            .await
+        })
+        .await
     }
 
     /// Names a capability of another cluster: a remote formula under `path`.
@@ -124,35 +118,32 @@ impl AgentHandle {
     ) -> Result<FormulaId, Error> {
         let ctx = self.ctx.clone();
         let p = Path::parse_writable(path)?;
-        self.rt
-            .db
-            .transact(move |tx| {
-                let (ctx, p, remote) = (ctx.clone(), p.clone(), remote.clone());
-                Box::pin(async move {
-                    if let Some(DedupAnswer::Id(prev)) = model::dedup_get(tx, &ctx.id, &req).await?
-                    {
-                        return Ok(prev);
-                    }
-                    let dir = model::parent_dir(tx, &ctx, &p).await?;
-                    if model::lookup(tx, &dir, p.last()).await?.is_some() {
-                        return Err(Error::NameTaken(p.to_string()));
-                    }
-                    let id = FormulaId::random();
-                    let now = now_ms();
-                    model::put_formula(
-                        tx,
-                        &id,
-                        &Formula {
-                            created_ms: now,
-                            kind: FormulaKind::Remote(remote),
-                        },
-                    )?;
-                    model::set_name(tx, &dir, p.last(), &id).await?;
-                    model::dedup_put(tx, &ctx.id, &req, DedupAnswer::Id(id), now)?;
-                    Ok(id)
-                })
+        self.transact(move |tx| {
+            let (ctx, p, remote) = (ctx.clone(), p.clone(), remote.clone());
+            Box::pin(async move {
+                if let Some(DedupAnswer::Id(prev)) = model::dedup_get(tx, &ctx.id, &req).await? {
+                    return Ok(prev);
+                }
+                let dir = model::parent_dir(tx, &ctx, &p).await?;
+                if model::lookup(tx, &dir, p.last()).await?.is_some() {
+                    return Err(Error::NameTaken(p.to_string()));
+                }
+                let id = FormulaId::random();
+                let now = now_ms();
+                model::put_formula(
+                    tx,
+                    &id,
+                    &Formula {
+                        created_ms: now,
+                        kind: FormulaKind::Remote(remote),
+                    },
+                )?;
+                model::set_name(tx, &dir, p.last(), &id).await?;
+                model::dedup_put(tx, &ctx.id, &req, DedupAnswer::Id(id), now)?;
+                Ok(id)
             })
-            .await
+        })
+        .await
     }
 
     /// What `path` names: local, or a reference to another cluster.

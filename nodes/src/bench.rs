@@ -80,6 +80,15 @@ impl Daemon {
     /// Spawns `capstan start --foreground` and waits for its first answer; returns the time
     /// from spawn to that answer.
     async fn spawn(exe: &Path, paths: &Paths) -> anyhow::Result<(Daemon, Duration)> {
+        Daemon::spawn_with(exe, paths, &[]).await
+    }
+
+    /// Like [`Daemon::spawn`], with extra `start` arguments (`--store`, `--listen`).
+    async fn spawn_with(
+        exe: &Path,
+        paths: &Paths,
+        extra: &[&str],
+    ) -> anyhow::Result<(Daemon, Duration)> {
         std::fs::create_dir_all(&paths.home)
             .with_context(|| format!("cannot create {}", paths.home.display()))?;
         let log = std::fs::OpenOptions::new()
@@ -93,6 +102,7 @@ impl Daemon {
             .arg("--foreground")
             .arg("--home")
             .arg(&paths.home)
+            .args(extra)
             .env_remove("CAPSTAN_HOME")
             .env("CAPSTAN_LOG", "warn")
             .stdin(Stdio::null())
@@ -301,6 +311,7 @@ pub async fn run(
     sizes: Sizes,
     dir: Option<PathBuf>,
     guests: PathBuf,
+    cluster: Option<String>,
     json: bool,
 ) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("cannot find the capstan executable")?;
@@ -318,6 +329,11 @@ pub async fn run(
     };
     let mut rows = Vec::new();
     let quiet = false;
+    if let Some(spec) = cluster {
+        cluster_rows(&exe, &base, &spec, &sizes, &mut rows).await?;
+        print_rows(&rows, json, "3 nodes on a replicated etcd store");
+        return Ok(());
+    }
 
     // 1. Cold start to first answer (fresh home each time), and its memory.
     step(quiet, "cold start");
@@ -615,6 +631,11 @@ pub async fn run(
         net_rows(&exe, &base, &sizes, &mut rows).await?;
     }
 
+    print_rows(&rows, json, "embedded redb store with fsync");
+    Ok(())
+}
+
+fn print_rows(rows: &[Row], json: bool, store: &str) {
     if json {
         let obj: serde_json::Map<String, serde_json::Value> = rows
             .iter()
@@ -633,17 +654,178 @@ pub async fn run(
             .max()
             .unwrap_or(0);
         println!("{:w$}  {:v$}  {:12}  Endo", "measure", "Capstan", "target");
-        for r in &rows {
+        for r in rows {
             println!("{:w$}  {:v$}  {:12}  {}", r.what, r.value, r.target, r.endo);
         }
         println!(
-            "\n(embedded redb store with fsync; {} build; every write acknowledged after commit)",
+            "\n({store}; {} build; every write acknowledged after commit)",
             if cfg!(debug_assertions) {
                 "DEBUG — use `cargo run --release -- bench` for real figures"
             } else {
                 "release"
             }
         );
+    }
+}
+
+/// The cluster section (`capstan bench --cluster etcd://…`): three daemons
+/// on the replicated store, measured end to end over their control sockets.
+async fn cluster_rows(
+    exe: &Path,
+    base: &Path,
+    spec: &str,
+    sizes: &Sizes,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
+    let nanos = crate::cluster::now_ms();
+    // A fresh key prefix, so runs never see each other's state.
+    let (base_spec, query) = match spec.split_once('?') {
+        Some((b, q)) => (b, format!("?{q}")),
+        None => (spec, String::new()),
+    };
+    let spec = if base_spec.trim_start_matches("etcd://").contains('/') {
+        format!("{base_spec}-bench-{nanos}{query}")
+    } else {
+        format!("{base_spec}/capstan-bench-{nanos}{query}")
+    };
+    step(false, "cluster: init and three nodes");
+    crate::cluster::init(&spec).await?;
+    let mut daemons = Vec::new();
+    let mut paths = Vec::new();
+    for i in 1..=3 {
+        let p = Paths::resolve(Some(base.join(format!("n{i}"))))?;
+        let (d, _) =
+            Daemon::spawn_with(exe, &p, &["--store", &spec, "--listen", "127.0.0.1:0"]).await?;
+        daemons.push(Some(d));
+        paths.push(p);
+    }
+    let mut hosts = Vec::new();
+    for p in &paths {
+        hosts.push(host(p).await?);
+    }
+    for i in 0..3 {
+        mkguest(&hosts[0], &format!("g{i}")).await?;
+    }
+
+    // Durable sends across the three nodes: each node's senders mail its own
+    // guest (owned there after the first send); the host's inbox has one
+    // owner, so two thirds of the sends reserve its numbers over QUIC.
+    let per_node = (sizes.senders / 3).max(1);
+    step(
+        false,
+        &format!("cluster: sends, {} senders on 3 nodes", per_node * 3),
+    );
+    let mut conns = Vec::new();
+    for i in 0..per_node * 3 {
+        conns.push((i % 3, host(&paths[i % 3]).await?));
+    }
+    let conns = Rc::new(conns);
+    let total = sizes.sends * 2;
+    let t = Instant::now();
+    let c2 = conns.clone();
+    let lat = concurrently(
+        total,
+        conns.len(),
+        move |i| {
+            let (node, a) = c2[i % c2.len()].clone();
+            async move {
+                send(&a, &format!("g{node}"), &format!("burst {i}"))
+                    .await
+                    .map(drop)
+            }
+        },
+        "cluster send",
+    )
+    .await?;
+    let rate = total as f64 / t.elapsed().as_secs_f64();
+    let s = stats(lat);
+    rows.push(Row {
+        what: format!("cluster: durable sends/s, 3 nodes, {} senders", conns.len()),
+        value: format!("{rate:.0} /s (p50 {}, p99 {})", ms(s.p50), ms(s.p99)),
+        target: "",
+        endo: "n/a",
+        json: json!({"per_s": rate, "p50_us": s.p50, "p99_us": s.p99}),
+    });
+
+    // Request round trip: g0 asks the host through n2, the host answers through n3.
+    step(false, "cluster: request/resolve round trips");
+    store_text(&hosts[0], "answer", "42").await?;
+    let g = as_agent(&hosts[1], "g0");
+    let mut lat = Vec::new();
+    for i in 0..sizes.round_trips.min(200) {
+        let t = Instant::now();
+        let mut r = g.request_request();
+        r.get().set_req_id(&RequestId::random().0);
+        r.get().set_to("HOST");
+        r.get().set_description("need the answer");
+        r.get().set_result_name(format!("doc-{i}").as_str());
+        let number = r.send().promise.await?.get()?.get_number();
+        let host_number = last_inbox_number(&hosts[2])
+            .await?
+            .context("the request is not in the host's inbox")?;
+        let mut r = hosts[2].resolve_request();
+        r.get().set_req_id(&RequestId::random().0);
+        r.get().set_number(host_number);
+        r.get().set_path("answer");
+        r.send().promise.await?;
+        let mut w = g.wait_request_request();
+        w.get().set_number(number);
+        let state = w.send().promise.await?;
+        if state.get()?.get_state()?.to_string()? != "resolved" {
+            bail!("request {number} did not resolve");
+        }
+        lat.push(t.elapsed());
+    }
+    let s = stats(lat);
+    rows.push(Row {
+        what: "cluster: request → resolve → seen, across nodes (p50 / p99)".into(),
+        value: format!("{} / {}", ms(s.p50), ms(s.p99)),
+        target: "",
+        endo: "86–100 ms (1 node)",
+        json: json!({"p50_us": s.p50, "p99_us": s.p99}),
+    });
+
+    // Failover: kill -9 the owner of an agent; time until a survivor's send
+    // to it succeeds (the owner's lease lapses, the survivor claims it).
+    let trials = if sizes.sends >= 1000 { 3 } else { 1 };
+    let mut times = Vec::new();
+    for trial in 0..trials {
+        step(false, &format!("cluster: failover {}/{trials}", trial + 1));
+        let owner = trial % 3;
+        let survivor = (owner + 1) % 3;
+        let name = format!("fo{trial}");
+        mkguest(&hosts[survivor], &name).await?;
+        send(&hosts[owner], &name, "owned").await?;
+        if let Some(d) = daemons[owner].take() {
+            d.kill9()?;
+        }
+        let t = Instant::now();
+        let fresh = host(&paths[survivor]).await?;
+        loop {
+            match send(&fresh, &name, "after the failure").await {
+                Ok(_) => break,
+                Err(e) if t.elapsed() < Duration::from_secs(30) => {
+                    tracing::debug!("failover send: {e}");
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err(e) => bail!("no send succeeded within 30 s of the failure: {e}"),
+            }
+        }
+        times.push(t.elapsed());
+        let (d, _) = Daemon::spawn_with(exe, &paths[owner], &[]).await?;
+        daemons[owner] = Some(d);
+        hosts[owner] = host(&paths[owner]).await?;
+    }
+    let s = stats(times);
+    rows.push(Row {
+        what: format!("cluster: kill -9 of an owner → first call served by a survivor ({trials} trials, p50 / max)"),
+        value: format!("{} / {}", ms(s.p50), ms(s.p99)),
+        target: "< 3 s",
+        endo: "n/a (Orleans ~15 s, wasmCloud ~2 min)",
+        json: json!({"p50_us": s.p50, "max_us": s.p99, "lease_ms": std::env::var("CAPSTAN_LEASE_MS").ok().and_then(|v| v.parse::<u64>().ok()).unwrap_or(capstan_actors::cluster::DEFAULT_LEASE.as_millis() as u64)}),
+    });
+    for d in daemons.into_iter().flatten() {
+        d.stop().await?;
     }
     Ok(())
 }

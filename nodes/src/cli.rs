@@ -16,8 +16,16 @@ use clap::{ArgAction, Args, Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "capstan", version, propagate_version = true)]
 pub struct Cli {
-    /// The node's home directory (store, socket, pid and log files).
-    #[arg(long, global = true, env = "CAPSTAN_HOME", value_name = "DIR")]
+    /// The node's home directory (store, socket, pid and log files). In a
+    /// cluster the last component of the home is the node's name, so
+    /// `--node n1` reads well too.
+    #[arg(
+        long,
+        visible_alias = "node",
+        global = true,
+        env = "CAPSTAN_HOME",
+        value_name = "DIR"
+    )]
     pub home: Option<PathBuf>,
     /// Act as the agent held under PATH in the root host's names (default: the root host).
     #[arg(long = "as", global = true, value_name = "PATH")]
@@ -48,8 +56,18 @@ pub enum Command {
         /// Listen for other nodes (QUIC) on HOST:PORT; remembered in the home for later starts.
         #[arg(long, value_name = "HOST:PORT")]
         listen: Option<std::net::SocketAddr>,
+        /// The store: etcd://HOST:PORT[,HOST:PORT…][/PREFIX] joins the
+        /// cluster kept there (see `capstan cluster init`; needs --listen);
+        /// default the embedded store in the home. Remembered for later starts.
+        #[arg(long, value_name = "SPEC")]
+        store: Option<String>,
         #[command(flatten)]
         out: Out,
+    },
+    /// Cluster operations: init, status, members, placement, drain, leave.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
     },
     /// Run the installed tool component TOOL once: its `execute` with --input.
     ///
@@ -104,6 +122,10 @@ pub enum Command {
         /// The built guest components for the guest section (scripts/build-guests).
         #[arg(long, value_name = "DIR", default_value = "guests/out")]
         guests: PathBuf,
+        /// Measure a 3-node cluster on this replicated store instead
+        /// (etcd://HOST:PORT,…; scripts/etcd-cluster start), under a fresh prefix.
+        #[arg(long, value_name = "SPEC")]
+        cluster: Option<String>,
         #[command(flatten)]
         out: Out,
     },
@@ -386,11 +408,67 @@ impl StoreArgs {
     }
 }
 
+/// `capstan cluster …`.
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Make a new cluster in a replicated store (once): its key lives there.
+    Init {
+        /// etcd://HOST:PORT[,HOST:PORT…][/PREFIX]
+        #[arg(long, value_name = "SPEC")]
+        store: String,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// This node's lease and epoch, every member, placements, store health.
+    Status {
+        #[command(flatten)]
+        out: Out,
+    },
+    /// The nodes of the cluster: address, state, lease age, placements.
+    Members {
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Which node owns (runs) the agent NAME now.
+    Placement {
+        /// A pet-name path.
+        name: String,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Move the incarnations of node NODE to other nodes; then it can stop.
+    Drain {
+        /// A node name (see `capstan cluster members`).
+        node: String,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// This node leaves the cluster: gives its work away, then stops.
+    Leave {
+        #[command(flatten)]
+        out: Out,
+    },
+}
+
+impl ClusterCommand {
+    pub fn json(&self) -> bool {
+        match self {
+            ClusterCommand::Init { out, .. }
+            | ClusterCommand::Status { out }
+            | ClusterCommand::Members { out }
+            | ClusterCommand::Placement { out, .. }
+            | ClusterCommand::Drain { out, .. }
+            | ClusterCommand::Leave { out } => out.json,
+        }
+    }
+}
+
 impl Command {
     /// Whether this subcommand asked for JSON output.
     pub fn json(&self) -> bool {
         match self {
             Command::Store(s) => s.json_output(),
+            Command::Cluster { command } => command.json(),
             Command::Start { out, .. }
             | Command::Run { out, .. }
             | Command::Install { out, .. }

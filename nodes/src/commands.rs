@@ -261,6 +261,7 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
             component: Some(component),
             ..
         } => crate::guests::mkguest(client, &path, &component, json).await?,
+        Command::Cluster { command } => crate::cluster::run(client, command, json).await?,
         c @ (Command::Install { .. } | Command::Guests { .. } | Command::Run { .. }) => {
             crate::guests::run(client, c, json).await?
         }

@@ -188,7 +188,11 @@ fn pid_in(detail: &str) -> String {
 
 /// `capstan start --foreground`: serves the node in the foreground until SIGTERM, SIGINT or `Node.stop`.
 /// Must run inside a [`tokio::task::LocalSet`].
-pub async fn run(paths: Paths, listen: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
+pub async fn run(
+    paths: Paths,
+    listen: Option<std::net::SocketAddr>,
+    store: Option<String>,
+) -> anyhow::Result<()> {
     create_private_dir(&paths.home)?;
     let _lock = HomeLock::acquire(&paths)?;
     if let Some(dir) = paths.socket.parent()
@@ -218,7 +222,19 @@ pub async fn run(paths: Paths, listen: Option<std::net::SocketAddr>) -> anyhow::
         })?;
     }
 
-    let store = paths.store.to_string_lossy().to_string();
+    let spec = match store {
+        Some(s) => {
+            std::fs::write(paths.home.join("store-spec"), format!("{s}\n")).with_context(|| {
+                format!("cannot write {}", paths.home.join("store-spec").display())
+            })?;
+            Some(s)
+        }
+        None => remembered_store(&paths)?,
+    };
+    let store = spec
+        .clone()
+        .unwrap_or_else(|| paths.store.to_string_lossy().to_string());
+    let clustered = crate::cluster::is_replicated(&store);
     let db = capstan_cluster::open(&store).await.map_err(|e| match e {
         StoreError::Locked { detail, .. } => anyhow!(
             "a capstan daemon already runs for home {} (pid {})",
@@ -227,6 +243,18 @@ pub async fn run(paths: Paths, listen: Option<std::net::SocketAddr>) -> anyhow::
         ),
         e => anyhow!("cannot open the store: {e}"),
     })?;
+    // A cluster's store must have been made by `cluster init`: check before
+    // writing anything to it.
+    let identity = if clustered {
+        if listen.is_none() && remembered_listen(&paths)?.is_none() {
+            bail!(
+                "a node of a cluster must listen for the other nodes: add --listen HOST:PORT (e.g. 127.0.0.1:7501)"
+            );
+        }
+        Some(crate::cluster::identity(&db, &store, &paths.home).await?)
+    } else {
+        None
+    };
     let runtime = Runtime::open(db, RuntimeOptions::default())
         .await
         .map_err(|e| anyhow!("cannot start the object model: {e}"))?;
@@ -241,13 +269,36 @@ pub async fn run(paths: Paths, listen: Option<std::net::SocketAddr>) -> anyhow::
         Some(a) => Some(a),
         None => remembered_listen(&paths)?,
     };
-    let identity = crate::net::identity::Identity::load_or_create(&paths.home)?;
+    let identity = match identity {
+        Some(id) => id,
+        None => crate::net::identity::Identity::load_or_create(&paths.home)?,
+    };
     let net = crate::net::Net::bind(runtime.clone(), identity, listen)?;
     if let Some(addr) = net.listen_addrs().first() {
         std::fs::write(paths.home.join("listen"), format!("{addr}\n"))
             .with_context(|| format!("cannot write {}", paths.home.join("listen").display()))?;
         info!(%addr, cluster = %capstan_proto::locator::encode32(&net.cluster_id()), "listening for other nodes (QUIC)");
     }
+    let links = if clustered {
+        let addr = net
+            .listen_addrs()
+            .first()
+            .cloned()
+            .ok_or_else(|| anyhow!("a cluster node needs a listen address"))?;
+        let cfg = capstan_actors::cluster::ClusterConfig {
+            name: crate::cluster::node_name(&paths.home)?,
+            node_id: crate::cluster::node_id(&paths.home)?,
+            addr,
+            lease: lease_from_env()?,
+        };
+        let rx = runtime
+            .join_cluster(cfg)
+            .await
+            .map_err(|e| anyhow!("cannot join the cluster: {e}"))?;
+        Some(tokio::task::spawn_local(net.clone().run_links(rx)))
+    } else {
+        None
+    };
 
     // Mail owed to other clusters, including what was queued before a crash.
     let outbox = tokio::task::spawn_local(net.clone().run_outbox());
@@ -297,12 +348,45 @@ pub async fn run(paths: Paths, listen: Option<std::net::SocketAddr>) -> anyhow::
     }
     drop(listener);
     let _ = std::fs::remove_file(&paths.socket);
+    if clustered {
+        // Give the placements away now rather than when the lease lapses.
+        if let Err(e) = runtime.end_membership(false).await {
+            warn!("could not hand over this node's work: {e}");
+        }
+    }
+    if let Some(l) = links {
+        l.abort();
+    }
     outbox.abort();
     net.close().await;
     runtime.shutdown().await;
     let _ = std::fs::remove_file(&paths.pid_file);
     info!("capstan daemon stopped");
     Ok(())
+}
+
+/// The lease of a cluster node: `CAPSTAN_LEASE_MS` (250–60000), default 2000.
+fn lease_from_env() -> anyhow::Result<Duration> {
+    match std::env::var("CAPSTAN_LEASE_MS") {
+        Err(_) => Ok(capstan_actors::cluster::DEFAULT_LEASE),
+        Ok(v) => match v.trim().parse::<u64>() {
+            Ok(ms) if (250..=60_000).contains(&ms) => Ok(Duration::from_millis(ms)),
+            _ => bail!(
+                "CAPSTAN_LEASE_MS must be a number of milliseconds from 250 to 60000; got {v:?}"
+            ),
+        },
+    }
+}
+
+/// The store spec a previous `--store` left in the home, if any.
+fn remembered_store(paths: &Paths) -> anyhow::Result<Option<String>> {
+    let file = paths.home.join("store-spec");
+    match std::fs::read_to_string(&file) {
+        Ok(s) if !s.trim().is_empty() => Ok(Some(s.trim().to_string())),
+        Ok(_) => Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(anyhow!("cannot read {}: {e}", file.display())),
+    }
 }
 
 /// The listen address a previous `--listen` left in the home, if any.
@@ -351,6 +435,7 @@ fn log_tail(paths: &Paths, n: usize) -> String {
 pub async fn start(
     paths: &Paths,
     listen: Option<std::net::SocketAddr>,
+    store: Option<&str>,
 ) -> anyhow::Result<NodeInfo> {
     match client::ping(paths).await {
         Ok(info) => bail!(
@@ -376,6 +461,9 @@ pub async fn start(
         .arg(&paths.home);
     if let Some(a) = listen {
         cmd.arg("--listen").arg(a.to_string());
+    }
+    if let Some(s) = store {
+        cmd.arg("--store").arg(s);
     }
     let mut child = cmd
         .stdin(std::process::Stdio::null())

@@ -46,6 +46,7 @@
 mod bench;
 mod cli;
 mod client;
+mod cluster;
 mod commands;
 mod daemon;
 mod demo;
@@ -148,7 +149,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         return demo::run();
     }
     if let Command::Bench {
-        quick, dir, guests, ..
+        quick,
+        dir,
+        guests,
+        cluster,
+        ..
     } = cli.command
     {
         init_logging(false);
@@ -160,7 +165,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        return tokio::task::LocalSet::new().block_on(&rt, bench::run(sizes, dir, guests, json));
+        return tokio::task::LocalSet::new()
+            .block_on(&rt, bench::run(sizes, dir, guests, cluster, json));
     }
     let paths = Paths::resolve(cli.home)?;
     if let Command::Where { .. } = cli.command {
@@ -184,10 +190,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Start {
                 foreground: true,
                 listen,
+                store,
                 ..
-            } => daemon::run(paths, listen).await,
-            Command::Start { listen, .. } => {
-                let info = daemon::start(&paths, listen).await?;
+            } => daemon::run(paths, listen, store).await,
+            Command::Start { listen, store, .. } => {
+                let info = daemon::start(&paths, listen, store.as_deref()).await?;
                 if json {
                     print_json(&json!({
                         "pid": info.pid,
@@ -200,6 +207,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         info.pid,
                         paths.home_str()
                     );
+                }
+                Ok(())
+            }
+            Command::Cluster {
+                command: cli::ClusterCommand::Init { store, .. },
+            } => {
+                let (id, created) = cluster::init(&store).await?;
+                if json {
+                    print_json(&json!({"store": store, "cluster_id": id, "created": created}));
+                } else {
+                    if created {
+                        println!("made cluster {id} in {store}");
+                    } else {
+                        println!("{store} already holds cluster {id}; nothing changed");
+                    }
+                    println!("start nodes with (each its own home and port):");
+                    println!("  capstan start --home n1 --store {store} --listen 127.0.0.1:7501");
+                    println!("  capstan start --home n2 --store {store} --listen 127.0.0.1:7502");
+                    println!("then: capstan --node n1 cluster status");
                 }
                 Ok(())
             }

@@ -82,7 +82,7 @@ impl node::Server for NodeServer {
         info.set_version(env!("CARGO_PKG_VERSION"));
         info.set_pid(std::process::id());
         info.set_home(self.paths.home.to_string_lossy().as_ref());
-        info.set_store(self.paths.store.to_string_lossy().as_ref());
+        info.set_store(self.runtime.db().describe().as_str());
         info.set_root_host(self.runtime.root_host().id().as_bytes());
         info.set_started_ms(self.started_ms);
         info.set_incarnations(u32::try_from(self.runtime.incarnations()).unwrap_or(u32::MAX));
@@ -757,6 +757,21 @@ impl agent::Server for AgentServer {
             .await
             .map_err(actor_error)?;
         results.get().set_output(out.as_str());
+        Ok(())
+    }
+
+    async fn cluster(
+        self: Rc<Self>,
+        params: agent::ClusterParams,
+        mut results: agent::ClusterResults,
+    ) -> Result<(), CapError> {
+        let p = params.get()?;
+        let command = text(p.get_command(), "command")?;
+        let arg = text(p.get_arg(), "arg")?;
+        let v = crate::cluster::command(self.net.runtime(), &self.handle, &command, &arg)
+            .await
+            .map_err(|e| failed(format!("{e:#}")))?;
+        results.get().set_json(v.to_string().as_str());
         Ok(())
     }
 

@@ -121,6 +121,10 @@ interface Agent {
   runTool @27 (name :Text, input :Text) -> (output :Text);
   # The guest agents with a component body, and what the node knows of them.
   guests @28 () -> (guests :List(GuestInfo));
+  # Cluster operations (`capstan cluster …`): `command` is one of status,
+  # members, placement (arg: a pet-name path), drain (arg: a node name) or
+  # leave; the answer is one JSON value (see nodes/CLI.md).
+  cluster @29 (command :Text, arg :Text) -> (json :Text);
 }
 
 struct Grant {

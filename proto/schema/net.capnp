@@ -11,6 +11,24 @@ interface Gateway {
   restore @0 (swiss :Data) -> (object :Object);
   # Echoes its payload (at most 64 KiB): liveness and benchmarks.
   ping @1 (payload :Data) -> (payload :Data);
+  # The member interface of this node, for another node of the same cluster
+  # (fails for callers whose certificate chains to another cluster key).
+  member @2 () -> (member :Member);
+}
+
+# What the nodes of one cluster (sharing one replicated store) ask each
+# other. State lives in the store; these calls only route the work that
+# needs the formula's single owner, and wake incarnations on other nodes.
+interface Member {
+  # Reserves `count` consecutive numbers in the inbox of `agent` (32 bytes),
+  # which this node must own (else fails with "not the owner"); numbers
+  # below `atLeast` are never handed out (the caller saw them taken).
+  reserve @0 (agent :Data, count :UInt32, atLeast :UInt64) -> (first :UInt64);
+  # Message `number` was committed to `agent`'s inbox: wake its followers
+  # and its guest, if incarnated here.
+  delivered @1 (agent :Data, number :UInt64) -> ();
+  # The request whose promise is `promise` was settled: wake its waiters here.
+  settled @2 (promise :Data) -> ();
 }
 
 enum ValueKind {

@@ -117,11 +117,15 @@ impl std::fmt::Display for Run {
 
 /// A node's home directory and the daemon running on it.
 pub struct Node {
-    home: tempfile::TempDir,
+    _dir: tempfile::TempDir,
+    /// The home: the temporary directory, or a directory named inside it.
+    home: PathBuf,
     /// Every daemon pid this node started (to clean up on drop).
     pids: Vec<i32>,
     /// The pid of the daemon started last.
     pid: Option<i32>,
+    /// Environment for every command (and so the daemons `start` spawns).
+    envs: Vec<(String, String)>,
 }
 
 impl Default for Node {
@@ -134,15 +138,31 @@ impl Node {
     /// A fresh, empty home; no daemon yet.
     pub fn new() -> Node {
         let _ = capstan_bin();
-        let home = tempfile::Builder::new()
+        let dir = tempfile::Builder::new()
             .prefix("capstan-e2e-")
             .tempdir()
             .expect("temporary home");
         Node {
-            home,
+            home: dir.path().to_path_buf(),
+            _dir: dir,
             pids: Vec::new(),
             pid: None,
+            envs: Vec::new(),
         }
+    }
+
+    /// Sets an environment variable for this node's commands and daemons.
+    pub fn with_env(mut self, key: &str, value: &str) -> Node {
+        self.envs.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// A fresh home called `name` (a cluster node's name is its home's).
+    pub fn named(name: &str) -> Node {
+        let mut n = Node::new();
+        n.home = n._dir.path().join(name);
+        std::fs::create_dir(&n.home).expect("named home");
+        n
     }
 
     /// A fresh home with a daemon started on it.
@@ -153,7 +173,7 @@ impl Node {
     }
 
     pub fn home(&self) -> &Path {
-        self.home.path()
+        &self.home
     }
 
     /// `capstan start --json`; asserts success and remembers the daemon's pid.
@@ -224,7 +244,8 @@ impl Node {
             .arg(self.home())
             .args(args)
             .env_remove("CAPSTAN_HOME")
-            .env("NO_COLOR", "1");
+            .env("NO_COLOR", "1")
+            .envs(self.envs.iter().map(|(k, v)| (k, v)));
         cmd
     }
 

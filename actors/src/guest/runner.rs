@@ -73,7 +73,10 @@ async fn drain(
 ) -> Result<(), Error> {
     let lock = gh.lock_for(id);
     let _held = lock.lock().await;
-    let agent = AgentHandle::load(rt, id).await?;
+    let mut agent = AgentHandle::load(rt, id).await?;
+    // In a cluster, everything the component does is fenced by this node's
+    // placement of the guest: once another node owns it, writes are refused.
+    agent.fence = rt.cluster.get().map(|c| c.fence(id));
     loop {
         let ctx = agent.ctx().clone();
         let batch = rt
@@ -120,7 +123,7 @@ async fn drain(
             if let Some(msg) = msg {
                 handle(gh, rt, &agent, hash, msg).await?;
             }
-            rt.db
+            agent
                 .transact(move |tx| {
                     Box::pin(async move {
                         tx.set(&keys::next(&id), &(number + 1).to_be_bytes())?;

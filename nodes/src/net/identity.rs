@@ -76,13 +76,42 @@ impl Identity {
     }
 }
 
+impl Identity {
+    /// The identity of `home` as a node of the cluster whose CA is
+    /// (`ca_key`, `ca_cert`): made on first start; a home that belongs to
+    /// another cluster is refused.
+    pub fn load_or_join(home: &Path, ca_key: &[u8], ca_cert: &[u8]) -> anyhow::Result<Identity> {
+        let dir = home.join("identity");
+        let files = ["cluster.key", "cluster.crt", "node.key", "node.crt"].map(|f| dir.join(f));
+        let want = cluster_id_of(&CertificateDer::from(ca_cert.to_vec()))
+            .context("bad cluster certificate in the store")?;
+        if !files.iter().any(|f| f.exists()) {
+            write_identity(&dir, &files, ca_key, ca_cert)?;
+            tracing::info!(dir = %dir.display(), "certified this node's key with the cluster key");
+        }
+        let id = Identity::load_or_create(home)?;
+        if id.cluster_id != want {
+            bail!(
+                "the home {} belongs to another cluster ({}…) than the store's ({}…); use a fresh --home for this cluster",
+                home.display(),
+                &capstan_proto::locator::encode32(&id.cluster_id)[..12],
+                &capstan_proto::locator::encode32(&want)[..12]
+            );
+        }
+        Ok(id)
+    }
+}
+
 fn create(dir: &Path, files: &[PathBuf; 4]) -> anyhow::Result<()> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .with_context(|| format!("cannot create {}", dir.display()))?;
-    let cluster_key = KeyPair::generate_for(&PKCS_ED25519)?;
+    let (ca_key, ca_cert) = new_cluster_ca()?;
+    write_identity(dir, files, &ca_key, &ca_cert)?;
+    tracing::info!(dir = %dir.display(), "made a new node identity (a lone-node cluster)");
+    Ok(())
+}
+
+/// The parameters of every cluster CA certificate (fixed, so that a node can
+/// be certified with the CA key alone).
+fn ca_params() -> anyhow::Result<CertificateParams> {
     let mut ca = CertificateParams::new(Vec::<String>::new())?;
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca.key_usages = vec![
@@ -94,8 +123,29 @@ fn create(dir: &Path, files: &[PathBuf; 4]) -> anyhow::Result<()> {
         .push(DnType::CommonName, "capstan cluster");
     ca.not_before = rcgen::date_time_ymd(2024, 1, 1);
     ca.not_after = rcgen::date_time_ymd(2124, 1, 1);
-    let ca_cert = ca.self_signed(&cluster_key)?;
+    Ok(ca)
+}
 
+/// A new cluster key and its self-signed CA certificate (both DER).
+pub fn new_cluster_ca() -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
+    let cluster_key = KeyPair::generate_for(&PKCS_ED25519)?;
+    let ca_cert = ca_params()?.self_signed(&cluster_key)?;
+    Ok((cluster_key.serialize_der(), ca_cert.der().to_vec()))
+}
+
+/// Writes a node key certified by the cluster key `ca_key` (with `ca_cert`).
+fn write_identity(
+    dir: &Path,
+    files: &[PathBuf; 4],
+    ca_key: &[u8],
+    ca_cert: &[u8],
+) -> anyhow::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    let cluster_key = KeyPair::try_from(ca_key).context("the cluster key is not a PKCS#8 key")?;
     let node_key = KeyPair::generate_for(&PKCS_ED25519)?;
     let mut node = CertificateParams::new(vec!["capstan".to_string()])?;
     node.distinguished_name
@@ -107,16 +157,15 @@ fn create(dir: &Path, files: &[PathBuf; 4]) -> anyhow::Result<()> {
     node.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     node.not_before = rcgen::date_time_ymd(2024, 1, 1);
     node.not_after = rcgen::date_time_ymd(2124, 1, 1);
-    let issuer = Issuer::new(ca, &cluster_key);
+    let issuer = Issuer::new(ca_params()?, &cluster_key);
     let node_cert = node.signed_by(&node_key, &issuer)?;
 
     // Keys first, certificates last: a crash in between leaves an
     // incomplete set, which the next start reports instead of trusting.
-    write_private(&files[0], &cluster_key.serialize_der())?;
+    write_private(&files[0], ca_key)?;
     write_private(&files[2], &node_key.serialize_der())?;
-    write_private(&files[1], ca_cert.der())?;
+    write_private(&files[1], ca_cert)?;
     write_private(&files[3], node_cert.der())?;
-    tracing::info!(dir = %dir.display(), "made a new node identity (a lone-node cluster)");
     Ok(())
 }
 

@@ -24,6 +24,7 @@
 //! [`MAX_RESTORE_FAILURES`] of them close its connection.
 
 pub mod identity;
+pub mod members;
 pub mod tls;
 
 use std::cell::{Cell, RefCell};
@@ -53,6 +54,8 @@ pub const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 /// killed peer is otherwise only noticed at the idle timeout).
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_PING: usize = 64 * 1024;
+/// Most addresses put in one locator.
+pub const MAX_LOCATOR_ADDRS: usize = capstan_proto::locator::MAX_ADDRS;
 /// First and longest wait before retrying an unreachable cluster's mail.
 pub const OUTBOX_FIRST_BACKOFF: Duration = Duration::from_millis(200);
 pub const OUTBOX_MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -157,6 +160,8 @@ pub struct Net {
     peers: RefCell<HashMap<[u8; 32], Rc<Peer>>>,
     dialing: tokio::sync::Mutex<()>,
     incoming: Rc<Cell<usize>>,
+    /// Links to the other nodes of this cluster.
+    links: members::Links,
 }
 
 impl Net {
@@ -198,11 +203,16 @@ impl Net {
             peers: RefCell::new(HashMap::new()),
             dialing: tokio::sync::Mutex::new(()),
             incoming: Rc::new(Cell::new(0)),
+            links: members::Links::default(),
         });
         if listen.is_some() {
             tokio::task::spawn_local(net.clone().accept_loop());
         }
         Ok(net)
+    }
+
+    pub fn runtime(&self) -> &Runtime {
+        &self.rt
     }
 
     pub fn cluster_id(&self) -> [u8; 32] {
@@ -218,10 +228,20 @@ impl Net {
         if self.advertised.is_empty() {
             return Err("this node does not listen for other nodes, so its locators could not be redeemed; restart it with `capstan start --listen HOST:PORT`".into());
         }
+        // In a cluster every live node serves every locator: list them all,
+        // this node first, so a peer reconnects to a survivor by itself.
+        let mut addrs = self.advertised.clone();
+        if let Some(c) = self.rt.membership() {
+            for m in c.members() {
+                if !addrs.contains(&m.addr) && addrs.len() < MAX_LOCATOR_ADDRS {
+                    addrs.push(m.addr);
+                }
+            }
+        }
         Ok(Locator {
             cluster: self.id.cluster_id,
             swiss,
-            addrs: self.advertised.clone(),
+            addrs,
         })
     }
 
@@ -257,7 +277,10 @@ impl Net {
             .map_err(|_| anyhow!("handshake timed out"))??;
         let peer = peer_cluster(&conn)?;
         tracing::debug!(remote = %conn.remote_address(), cluster = %&encode32(&peer)[..12], "peer connected");
-        self.register(peer, Rc::new(Peer::new(conn.clone(), false)));
+        if peer != self.id.cluster_id {
+            // (A node of this same cluster: a member link, not a peer cluster.)
+            self.register(peer, Rc::new(Peer::new(conn.clone(), false)));
+        }
         self.serve_streams(conn, peer).await
     }
 
@@ -323,6 +346,19 @@ impl Net {
     fn register(&self, cluster: [u8; 32], new: Rc<Peer>) -> Rc<Peer> {
         let mut peers = self.peers.borrow_mut();
         let (keep, drop) = match peers.get(&cluster) {
+            // Another node of that cluster (a cluster of several nodes shares
+            // one cluster id): a different connection, not a duplicate. Keep
+            // both open; calls use the one this node dialled, if any.
+            Some(old)
+                if old.live()
+                    && !Rc::ptr_eq(old, &new)
+                    && old.conn.remote_address() != new.conn.remote_address() =>
+            {
+                if !old.mine || new.mine {
+                    peers.insert(cluster, new.clone());
+                }
+                return new;
+            }
             Some(old) if old.live() && !Rc::ptr_eq(old, &new) => {
                 let me = &self.id.cluster_id;
                 if preferred(me, &cluster, old.mine) && !preferred(me, &cluster, new.mine) {
@@ -825,6 +861,26 @@ impl gateway::Server for GatewayServer {
             return Err(failed(format!("ping payload over {MAX_PING} bytes")));
         }
         results.get().set_payload(p);
+        Ok(())
+    }
+
+    async fn member(
+        self: Rc<Self>,
+        _: gateway::MemberParams,
+        mut results: gateway::MemberResults,
+    ) -> Result<(), CapError> {
+        // Only a node presenting this cluster's key is a member; another
+        // cluster's node (or a lone node) gets nothing.
+        if self.caller.cluster != self.caller.own || self.rt.membership().is_none() {
+            return Err(failed(
+                "the member interface is only for nodes of this cluster",
+            ));
+        }
+        results
+            .get()
+            .set_member(capnp_rpc::new_client(members::MemberServer {
+                rt: self.rt.clone(),
+            }));
         Ok(())
     }
 }

@@ -1,0 +1,447 @@
+//! Clusters of nodes sharing one replicated store (issue 5), node side:
+//! `capstan cluster init` (the cluster key, kept in the store), joining at
+//! `capstan start --store …`, and the `cluster` commands a node answers.
+//!
+//! The cluster's CA key lives in the store under `("cl", "id")`: whoever can
+//! write the store can already do anything to the cluster's state, so the
+//! store is the trust boundary. Each node makes its own key and has it
+//! certified by the CA at first start; peers outside the cluster know the
+//! cluster by the CA key's hash (its cluster id), so every node serves the
+//! cluster's locators.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use capstan_actors::Runtime;
+use capstan_actors::cluster::{self as cl, MemberRec};
+use capstan_cluster::Db;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+/// How long `cluster drain` waits for the node to give up its placements.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Placements listed by `cluster status`.
+const MAX_PLACEMENTS_LISTED: usize = 100_000;
+
+/// The cluster's CA, as stored.
+#[derive(Serialize, Deserialize)]
+pub struct CaRecord {
+    /// PKCS#8 DER of the Ed25519 key, hex.
+    pub key: String,
+    /// DER of the self-signed certificate, hex.
+    pub cert: String,
+    pub created_ms: u64,
+}
+
+/// Whether a store spec names a replicated store (a cluster's).
+pub fn is_replicated(spec: &str) -> bool {
+    spec.starts_with("etcd://") || spec.starts_with("fdb:")
+}
+
+pub async fn read_ca(db: &Db) -> anyhow::Result<Option<CaRecord>> {
+    let b = db
+        .read(|tx| Box::pin(async move { tx.get(&cl::identity_key()).await }))
+        .await
+        .map_err(|e| anyhow!("cannot read the cluster identity: {e}"))?;
+    match b {
+        None => Ok(None),
+        Some(b) => Ok(Some(serde_json::from_slice(&b).map_err(|e| {
+            anyhow!("the cluster identity in the store is corrupt ({e}); restore the store from a backup")
+        })?)),
+    }
+}
+
+/// `capstan cluster init --store SPEC`: makes the cluster key in the store
+/// (once; later calls report the existing one). Returns (cluster id, created).
+pub async fn init(spec: &str) -> anyhow::Result<(String, bool)> {
+    if !is_replicated(spec) {
+        bail!(
+            "a cluster needs a replicated store: etcd://HOST:PORT[,HOST:PORT…] (or fdb:CLUSTER_FILE with the fdb feature); got {spec:?}"
+        );
+    }
+    let db = capstan_cluster::open(spec)
+        .await
+        .map_err(|e| anyhow!("cannot open the store {spec}: {e}"))?;
+    let (key, cert) = crate::net::identity::new_cluster_ca()?;
+    let rec = CaRecord {
+        key: hex::encode(&key),
+        cert: hex::encode(&cert),
+        created_ms: now_ms(),
+    };
+    let bytes = serde_json::to_vec(&rec)?;
+    let created = db
+        .transact(move |tx| {
+            let bytes = bytes.clone();
+            Box::pin(async move {
+                if tx.get(&cl::identity_key()).await?.is_some() {
+                    return Ok::<_, capstan_cluster::StoreError>(false);
+                }
+                tx.set(&cl::identity_key(), &bytes)?;
+                Ok(true)
+            })
+        })
+        .await
+        .map_err(|e| anyhow!("cannot write the cluster identity: {e}"))?;
+    let ca = read_ca(&db)
+        .await?
+        .ok_or_else(|| anyhow!("the cluster identity vanished from the store"))?;
+    let cert = hex::decode(&ca.cert).context("cluster certificate")?;
+    let id = crate::net::identity::cluster_id_of(&cert.into())?;
+    Ok((capstan_proto::locator::encode32(&id), created))
+}
+
+/// The node identity of `home` in the cluster of `db` (made on first start).
+pub async fn identity(
+    db: &Db,
+    spec: &str,
+    home: &Path,
+) -> anyhow::Result<crate::net::identity::Identity> {
+    let ca = read_ca(db).await?.ok_or_else(|| {
+        anyhow!(
+            "the store {spec} holds no cluster yet; run `capstan cluster init --store {spec}` first"
+        )
+    })?;
+    let key = hex::decode(&ca.key).context("cluster key")?;
+    let cert = hex::decode(&ca.cert).context("cluster certificate")?;
+    crate::net::identity::Identity::load_or_join(home, &key, &cert)
+}
+
+/// This node's id in the cluster (random, made once per home).
+pub fn node_id(home: &Path) -> anyhow::Result<String> {
+    let f = home.join("node-id");
+    match std::fs::read_to_string(&f) {
+        Ok(s) if s.trim().len() == 32 && s.trim().chars().all(|c| c.is_ascii_hexdigit()) => {
+            Ok(s.trim().to_string())
+        }
+        Ok(_) => bail!(
+            "{} is not a node id (32 hex digits); remove it to make a new one",
+            f.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut b = [0u8; 16];
+            getrandom::fill(&mut b).map_err(|e| anyhow!("no randomness: {e}"))?;
+            let id = hex::encode(b);
+            std::fs::write(&f, format!("{id}\n"))
+                .with_context(|| format!("cannot write {}", f.display()))?;
+            Ok(id)
+        }
+        Err(e) => Err(anyhow!("cannot read {}: {e}", f.display())),
+    }
+}
+
+/// The node's name in the cluster: the last component of its home.
+pub fn node_name(home: &Path) -> anyhow::Result<String> {
+    let name = home
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+    {
+        bail!(
+            "the node name comes from the home directory's name, which must be 1-64 letters, digits, '-', '_' or '.'; got {name:?}"
+        );
+    }
+    Ok(name)
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn member_json(m: &MemberRec, now: u64, placements: usize) -> Value {
+    let live = m.live(now);
+    json!({
+        "name": m.name,
+        "addr": m.addr,
+        "epoch": m.epoch,
+        "pid": m.pid,
+        "state": if !live { "dead" } else if m.draining { "draining" } else { "live" },
+        "lease_age_ms": now.saturating_sub(m.renewed_ms),
+        "expires_in_ms": m.expires_ms as i64 - now as i64,
+        "up_ms": now.saturating_sub(m.started_ms),
+        "placements": placements,
+    })
+}
+
+/// Answers `cluster COMMAND [ARG]` on a node; one JSON value.
+pub async fn command(
+    rt: &Runtime,
+    agent: &capstan_actors::AgentHandle,
+    command: &str,
+    arg: &str,
+) -> anyhow::Result<Value> {
+    let c = rt.membership().ok_or_else(|| {
+        anyhow!("this node is not in a cluster (it runs on an embedded store); start it with --store etcd://… after `capstan cluster init`")
+    })?;
+    let db = rt.db().clone();
+    let snapshot = || async {
+        db.read(|tx| {
+            Box::pin(async move {
+                let members = cl::list_members(tx).await?;
+                let placements = cl::list_placements(tx, MAX_PLACEMENTS_LISTED).await?;
+                Ok::<_, capstan_actors::Error>((members, placements))
+            })
+        })
+        .await
+        .map_err(|e| anyhow!("cannot read the cluster state: {e}"))
+    };
+    match command {
+        "status" | "members" => {
+            let (members, placements) = snapshot().await?;
+            let now = now_ms();
+            let count = |name: &str| {
+                placements
+                    .iter()
+                    .filter(|(_, p)| {
+                        p.node == name
+                            && members
+                                .iter()
+                                .any(|m| m.name == name && m.epoch == p.epoch && m.live(now))
+                    })
+                    .count()
+            };
+            let ms: Vec<Value> = members
+                .iter()
+                .map(|m| member_json(m, now, count(&m.name)))
+                .collect();
+            if command == "members" {
+                return Ok(Value::Array(ms));
+            }
+            let store_ok = Instant::now();
+            let health = db
+                .read(|tx| Box::pin(async move { tx.get(&cl::identity_key()).await }))
+                .await;
+            Ok(json!({
+                "node": c.cfg.name,
+                "epoch": c.epoch(),
+                "serving": c.serving(),
+                "draining": c.draining(),
+                "stepdowns": c.stepdowns.load(std::sync::atomic::Ordering::Relaxed),
+                "fenced_writes": c.fenced.load(std::sync::atomic::Ordering::Relaxed),
+                "incarnations_here": rt.incarnations(),
+                "store": db.describe(),
+                "store_health": match health {
+                    Ok(_) => json!({"ok": true, "read_ms": store_ok.elapsed().as_secs_f64() * 1e3}),
+                    Err(e) => json!({"ok": false, "error": e.to_string()}),
+                },
+                "members": ms,
+                "placements": placements.len(),
+            }))
+        }
+        "placement" => {
+            if arg.is_empty() {
+                bail!("cluster placement needs a NAME (a pet-name path)");
+            }
+            let info = agent.show(arg).await?;
+            let id = info.id;
+            let (members, placements) = snapshot().await?;
+            let now = now_ms();
+            let p = placements
+                .into_iter()
+                .find(|(pid, _)| *pid == id)
+                .map(|(_, p)| p);
+            let (node, state) = match &p {
+                None => (Value::Null, "passive"),
+                Some(p) => match members.iter().find(|m| m.name == p.node) {
+                    Some(m) if m.epoch == p.epoch && m.live(now) => (json!(p.node), "live"),
+                    _ => (json!(p.node), "stale"),
+                },
+            };
+            Ok(json!({
+                "name": arg,
+                "id": id.to_string(),
+                "kind": info.kind,
+                "node": node,
+                "state": state,
+                "epoch": p.as_ref().map(|p| p.epoch),
+                "since_ms": p.as_ref().map(|p| p.since_ms),
+            }))
+        }
+        "drain" => {
+            if arg.is_empty() {
+                bail!("cluster drain needs a NODE name (see `capstan cluster members`)");
+            }
+            let (members, before) = snapshot().await?;
+            let Some(target) = members.iter().find(|m| m.name == arg) else {
+                bail!("no node called {arg:?} in this cluster; see `capstan cluster members`");
+            };
+            if target.name == c.cfg.name {
+                bail!(
+                    "a node cannot drain itself through its own socket; run `capstan cluster drain {arg}` on another node, or `capstan cluster leave` here"
+                );
+            }
+            cl::set_draining(&db, arg).await?;
+            let moved: Vec<_> = before
+                .iter()
+                .filter(|(_, p)| p.node == arg)
+                .map(|(id, _)| *id)
+                .collect();
+            let deadline = Instant::now() + DRAIN_TIMEOUT;
+            loop {
+                let (members, now_placed) = snapshot().await?;
+                let now = now_ms();
+                let alive = members.iter().any(|m| m.name == arg && m.live(now));
+                let held = now_placed.iter().filter(|(_, p)| p.node == arg).count();
+                if held == 0 || !alive {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    bail!(
+                        "node {arg} still holds {held} placements after {} s; is it stuck? `capstan cluster status` shows its lease",
+                        DRAIN_TIMEOUT.as_secs()
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            // Bring the agents it ran back to life here (guests keep running).
+            let mut adopted = 0;
+            for id in &moved {
+                if rt.adopt_placement(*id).await.unwrap_or(false) {
+                    adopted += 1;
+                }
+            }
+            Ok(json!({"node": arg, "drained": true, "moved": moved.len(), "adopted_here": adopted}))
+        }
+        "leave" => {
+            rt.end_membership(true).await?;
+            Ok(json!({"node": c.cfg.name, "left": true}))
+        }
+        other => bail!(
+            "unknown cluster command {other:?}; one of status, members, placement, drain, leave"
+        ),
+    }
+}
+
+/// `capstan cluster status|members|placement|drain|leave` (not init).
+pub async fn run(
+    client: &crate::client::Client,
+    command: crate::cli::ClusterCommand,
+    json: bool,
+) -> anyhow::Result<()> {
+    use crate::cli::ClusterCommand as C;
+    let (cmd, arg) = match &command {
+        C::Init { .. } => unreachable!("cluster init runs without a daemon"),
+        C::Status { .. } => ("status", String::new()),
+        C::Members { .. } => ("members", String::new()),
+        C::Placement { name, .. } => ("placement", name.clone()),
+        C::Drain { node, .. } => ("drain", node.clone()),
+        C::Leave { .. } => ("leave", String::new()),
+    };
+    if cmd == "drain" && !json && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        eprintln!(
+            "draining {arg}: waiting for it to give up its incarnations (at most {} s)…",
+            DRAIN_TIMEOUT.as_secs()
+        );
+    }
+    let text = client
+        .call(|a| {
+            let arg = arg.clone();
+            async move {
+                let mut r = a.cluster_request();
+                r.get().set_command(cmd);
+                r.get().set_arg(arg.as_str());
+                let answer = r.send().promise.await?;
+                Ok(answer.get()?.get_json()?.to_string()?)
+            }
+        })
+        .await?;
+    let v: Value = serde_json::from_str(&text).context("the node sent bad JSON")?;
+    if cmd == "leave" {
+        crate::daemon::stop(&client.paths).await?;
+    }
+    if json {
+        crate::output::print_json(&v);
+        return Ok(());
+    }
+    match cmd {
+        "status" => {
+            println!(
+                "node {} epoch {} {}{}",
+                v["node"].as_str().unwrap_or("?"),
+                v["epoch"],
+                if v["serving"].as_bool() == Some(true) {
+                    "serving"
+                } else {
+                    "NOT serving (no lease)"
+                },
+                if v["draining"].as_bool() == Some(true) {
+                    ", draining"
+                } else {
+                    ""
+                }
+            );
+            println!(
+                "store {} ({})",
+                v["store"].as_str().unwrap_or("?"),
+                if v["store_health"]["ok"].as_bool() == Some(true) {
+                    format!(
+                        "ok, read {:.1} ms",
+                        v["store_health"]["read_ms"].as_f64().unwrap_or(0.0)
+                    )
+                } else {
+                    format!(
+                        "FAILING: {}",
+                        v["store_health"]["error"].as_str().unwrap_or("?")
+                    )
+                }
+            );
+            println!(
+                "placements {}, incarnations here {}, step-downs {}, fenced writes {}",
+                v["placements"], v["incarnations_here"], v["stepdowns"], v["fenced_writes"]
+            );
+            print_members(&v["members"]);
+        }
+        "members" => print_members(&v),
+        "placement" => match v["node"].as_str() {
+            Some(node) => println!(
+                "{} ({}) lives on {node} ({}, epoch {})",
+                v["name"].as_str().unwrap_or("?"),
+                v["kind"].as_str().unwrap_or("?"),
+                v["state"].as_str().unwrap_or("?"),
+                v["epoch"]
+            ),
+            None => println!(
+                "{} ({}) is not incarnated anywhere; the next call incarnates it on the caller's node",
+                v["name"].as_str().unwrap_or("?"),
+                v["kind"].as_str().unwrap_or("?")
+            ),
+        },
+        "drain" => println!(
+            "drained {}: {} incarnations moved ({} now here); it can stop now",
+            v["node"].as_str().unwrap_or("?"),
+            v["moved"],
+            v["adopted_here"]
+        ),
+        _ => println!(
+            "{} left the cluster and stopped",
+            v["node"].as_str().unwrap_or("?")
+        ),
+    }
+    Ok(())
+}
+
+fn print_members(ms: &Value) {
+    println!(
+        "{:<16} {:<22} {:<9} {:>6} {:>10} {:>10}",
+        "NODE", "ADDRESS", "STATE", "EPOCH", "LEASE AGE", "PLACEMENTS"
+    );
+    for m in ms.as_array().map(|a| a.as_slice()).unwrap_or(&[]) {
+        println!(
+            "{:<16} {:<22} {:<9} {:>6} {:>8}ms {:>10}",
+            m["name"].as_str().unwrap_or("?"),
+            m["addr"].as_str().unwrap_or("?"),
+            m["state"].as_str().unwrap_or("?"),
+            m["epoch"],
+            m["lease_age_ms"],
+            m["placements"]
+        );
+    }
+}

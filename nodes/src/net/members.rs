@@ -1,0 +1,260 @@
+//! Links between the nodes of one cluster (the same cluster key, one
+//! shared store): the [`Member`](capstan_proto::net_capnp::member) interface
+//! served to them, and the queue of calls this node makes to them
+//! ([`LinkOp`]s from the runtime: reservations at a remote owner, wake-ups
+//! after commits).
+//!
+//! One QUIC connection per member address, dialled on first use with TLS
+//! that trusts only this cluster's key; a failed call drops the link and
+//! the next call dials again. Reservations time out after
+//! [`RESERVE_TIMEOUT`] (the caller then looks the owner up again: a dead
+//! owner's lease lapses and the caller's node claims the inbox); wake-ups
+//! are best effort, bounded by [`MAX_WAKEUPS_IN_FLIGHT`] (a missed wake-up
+//! only delays a follower or guest until its next message or restart).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use capnp::Error as CapError;
+use capstan_actors::cluster::{LinkOp, MemberRec};
+use capstan_actors::{Error, Runtime};
+use capstan_proto::FormulaId;
+use capstan_proto::net_capnp::member;
+use tokio::sync::mpsc;
+
+use super::{DIAL_TIMEOUT, Net, Peer, failed, tls, transport};
+
+/// Longest wait for a remote owner's reservation.
+pub const RESERVE_TIMEOUT: Duration = Duration::from_millis(1500);
+/// Longest wait for a wake-up call.
+pub const WAKEUP_TIMEOUT: Duration = Duration::from_secs(2);
+/// Wake-up calls in flight at once; more are dropped (best effort).
+pub const MAX_WAKEUPS_IN_FLIGHT: usize = 1024;
+
+/// The member interface of this node.
+pub struct MemberServer {
+    pub rt: Runtime,
+}
+
+fn id_of(b: &[u8]) -> Result<FormulaId, CapError> {
+    FormulaId::from_slice(b).map_err(|_| failed("an id is 32 bytes"))
+}
+
+impl member::Server for MemberServer {
+    async fn reserve(
+        self: Rc<Self>,
+        params: member::ReserveParams,
+        mut results: member::ReserveResults,
+    ) -> Result<(), CapError> {
+        let p = params.get()?;
+        let agent = id_of(p.get_agent()?)?;
+        let count = p.get_count().clamp(1, 1024) as u64;
+        let first = self
+            .rt
+            .serve_reserve(agent, count, p.get_at_least())
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        results.get().set_first(first);
+        Ok(())
+    }
+
+    async fn delivered(
+        self: Rc<Self>,
+        params: member::DeliveredParams,
+        _: member::DeliveredResults,
+    ) -> Result<(), CapError> {
+        let p = params.get()?;
+        let agent = id_of(p.get_agent()?)?;
+        self.rt
+            .wake_delivered(agent, p.get_number())
+            .await
+            .map_err(|e| failed(e.to_string()))
+    }
+
+    async fn settled(
+        self: Rc<Self>,
+        params: member::SettledParams,
+        _: member::SettledResults,
+    ) -> Result<(), CapError> {
+        let promise = id_of(params.get()?.get_promise()?)?;
+        self.rt
+            .wake_settled(promise)
+            .await
+            .map_err(|e| failed(e.to_string()))
+    }
+}
+
+/// The links of this node to the other members, by address.
+#[derive(Default)]
+pub struct Links {
+    by_addr: RefCell<HashMap<String, (Rc<Peer>, member::Client)>>,
+    dialing: tokio::sync::Mutex<()>,
+    in_flight: std::cell::Cell<usize>,
+}
+
+impl Links {
+    fn drop_link(&self, addr: &str) {
+        if let Some((p, _)) = self.by_addr.borrow_mut().remove(addr) {
+            p.conn.close(0u32.into(), b"link failed");
+        }
+    }
+}
+
+impl Net {
+    /// The member interface of the node at `addr` (same cluster).
+    async fn member(self: &Rc<Self>, addr: &str) -> Result<member::Client, String> {
+        if let Some((p, m)) = self.links.by_addr.borrow().get(addr)
+            && p.live()
+        {
+            return Ok(m.clone());
+        }
+        let _g = self.links.dialing.lock().await;
+        if let Some((p, m)) = self.links.by_addr.borrow().get(addr)
+            && p.live()
+        {
+            return Ok(m.clone());
+        }
+        let sa: SocketAddr = addr
+            .parse()
+            .map_err(|_| format!("bad member address {addr:?}"))?;
+        let tls = tls::client_config(&self.id, self.id.cluster_id).map_err(|e| e.to_string())?;
+        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+            .map_err(|e| format!("QUIC TLS configuration: {e}"))?;
+        let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+        cfg.transport_config(Arc::new(transport()));
+        let connecting = self
+            .endpoint
+            .connect_with(cfg, sa, "capstan")
+            .map_err(|e| format!("{addr}: {e}"))?;
+        let conn = tokio::time::timeout(DIAL_TIMEOUT.min(RESERVE_TIMEOUT), connecting)
+            .await
+            .map_err(|_| format!("{addr}: no answer"))?
+            .map_err(|e| format!("{addr}: {e}"))?;
+        let peer = Rc::new(Peer::new(conn.clone(), true));
+        let gateway = peer.gateway().await?;
+        let m = gateway.member_request().send().pipeline.get_member();
+        // The other side may open streams too (it serves ours on this one).
+        let me = self.clone();
+        let cluster = self.id.cluster_id;
+        tokio::task::spawn_local(async move {
+            let _ = me.serve_streams(conn, cluster).await;
+        });
+        self.links
+            .by_addr
+            .borrow_mut()
+            .insert(addr.to_string(), (peer, m.clone()));
+        Ok(m)
+    }
+
+    async fn reserve_at(
+        self: &Rc<Self>,
+        node: &MemberRec,
+        agent: FormulaId,
+        count: u32,
+        at_least: u64,
+    ) -> Result<u64, Error> {
+        let call = async {
+            let m = self.member(&node.addr).await?;
+            let mut r = m.reserve_request();
+            r.get().set_agent(agent.as_bytes());
+            r.get().set_count(count);
+            r.get().set_at_least(at_least);
+            let a = r.send().promise.await.map_err(|e| e.to_string())?;
+            a.get().map(|a| a.get_first()).map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(RESERVE_TIMEOUT, call).await {
+            Ok(Ok(first)) => Ok(first),
+            Ok(Err(e)) => {
+                self.links.drop_link(&node.addr);
+                Err(Error::Unavailable(format!(
+                    "node {} (owner of {}) did not reserve: {e}",
+                    node.name,
+                    agent.short()
+                )))
+            }
+            Err(_) => {
+                self.links.drop_link(&node.addr);
+                Err(Error::Unavailable(format!(
+                    "node {} (owner of {}) did not answer within {} ms",
+                    node.name,
+                    agent.short(),
+                    RESERVE_TIMEOUT.as_millis()
+                )))
+            }
+        }
+    }
+
+    fn wake(self: &Rc<Self>, to: Vec<MemberRec>, what: Wake) {
+        for node in to {
+            if self.links.in_flight.get() >= MAX_WAKEUPS_IN_FLIGHT {
+                tracing::debug!("too many wake-ups in flight; dropping one");
+                return;
+            }
+            self.links.in_flight.set(self.links.in_flight.get() + 1);
+            let me = self.clone();
+            tokio::task::spawn_local(async move {
+                let call = async {
+                    let m = me.member(&node.addr).await?;
+                    match what {
+                        Wake::Delivered(agent, number) => {
+                            let mut r = m.delivered_request();
+                            r.get().set_agent(agent.as_bytes());
+                            r.get().set_number(number);
+                            r.send().promise.await.map_err(|e| e.to_string())?;
+                        }
+                        Wake::Settled(promise) => {
+                            let mut r = m.settled_request();
+                            r.get().set_promise(promise.as_bytes());
+                            r.send().promise.await.map_err(|e| e.to_string())?;
+                        }
+                    }
+                    Ok::<_, String>(())
+                };
+                match tokio::time::timeout(WAKEUP_TIMEOUT, call).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::debug!(node = %node.name, "wake-up failed: {e}");
+                        me.links.drop_link(&node.addr);
+                    }
+                    Err(_) => me.links.drop_link(&node.addr),
+                }
+                me.links.in_flight.set(me.links.in_flight.get() - 1);
+            });
+        }
+    }
+
+    /// Serves the runtime's calls to other members until it closes.
+    pub async fn run_links(self: Rc<Self>, mut rx: mpsc::Receiver<LinkOp>) {
+        while let Some(op) = rx.recv().await {
+            match op {
+                LinkOp::Reserve {
+                    node,
+                    agent,
+                    count,
+                    at_least,
+                    reply,
+                } => {
+                    let me = self.clone();
+                    tokio::task::spawn_local(async move {
+                        let r = me.reserve_at(&node, agent, count, at_least).await;
+                        let _ = reply.send(r);
+                    });
+                }
+                LinkOp::Delivered { to, agent, number } => {
+                    self.wake(to, Wake::Delivered(agent, number))
+                }
+                LinkOp::Settled { to, promise } => self.wake(to, Wake::Settled(promise)),
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Wake {
+    Delivered(FormulaId, u64),
+    Settled(FormulaId),
+}

@@ -1,0 +1,484 @@
+//! Clusters (issue 5): three `capstan` nodes sharing a real 3-member etcd
+//! cluster on loopback (scripts/etcd-cluster), killed with `kill -9`,
+//! paused with SIGSTOP, drained; a lone node federated with the cluster.
+//!
+//! Needs `CAPSTAN_ETCD_ENDPOINTS` (the test command starts etcd and sets
+//! it); skipped without it unless `CAPSTAN_REQUIRE_ETCD=1`. Each test uses
+//! its own key prefix in etcd. The tests run one at a time (they kill etcd
+//! members and time leases).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use capstan_tests::{Node, kill, texts};
+use serde_json::Value;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// The nodes' lease: longer than the default 3 s, so that a test machine
+/// loaded far beyond its cores (slow etcd commits) does not lose leases.
+const LEASE_MS: &str = "5000";
+
+fn endpoints() -> Option<String> {
+    match std::env::var("CAPSTAN_ETCD_ENDPOINTS") {
+        Ok(s) if !s.trim().is_empty() => Some(s.trim().to_string()),
+        _ => {
+            assert!(
+                std::env::var("CAPSTAN_REQUIRE_ETCD").as_deref() != Ok("1"),
+                "CAPSTAN_REQUIRE_ETCD=1 but CAPSTAN_ETCD_ENDPOINTS is not set: run scripts/etcd-cluster start"
+            );
+            eprintln!("skipped: set CAPSTAN_ETCD_ENDPOINTS (scripts/etcd-cluster start)");
+            None
+        }
+    }
+}
+
+fn spec(tag: &str) -> Option<String> {
+    let eps = endpoints()?;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    Some(format!("etcd://{eps}/capstan-e2e/{tag}-{nanos}"))
+}
+
+fn script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/etcd-cluster")
+}
+
+fn etcd(args: &[&str]) -> String {
+    let out = std::process::Command::new(script())
+        .args(args)
+        .output()
+        .expect("scripts/etcd-cluster");
+    assert!(
+        out.status.success(),
+        "scripts/etcd-cluster {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Restarts a killed etcd member (a few tries: a member restarted while
+/// the others are busy sometimes exits once while rejoining).
+fn restart_etcd_member(m: &str) {
+    let mut last = String::new();
+    for _ in 0..4 {
+        let out = std::process::Command::new(script())
+            .args(["restart", m])
+            .output()
+            .expect("scripts/etcd-cluster");
+        if out.status.success() {
+            return;
+        }
+        last = String::from_utf8_lossy(&out.stderr).into_owned();
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    panic!("etcd member {m} did not come back: {last}");
+}
+
+/// Three nodes n1..n3 on one etcd prefix, started and joined.
+struct Cluster {
+    nodes: Vec<Node>,
+}
+
+impl Cluster {
+    fn start(tag: &str) -> Option<Cluster> {
+        let spec = spec(tag)?;
+        let mut nodes = Vec::new();
+        for i in 1..=3 {
+            let mut n = Node::named(&format!("n{i}")).with_env("CAPSTAN_LEASE_MS", LEASE_MS);
+            if i == 1 {
+                let v = n.json(["cluster", "init", "--store", &spec]);
+                assert_eq!(v["created"], true, "{v}");
+                // A second init changes nothing.
+                let again = n.json(["cluster", "init", "--store", &spec]);
+                assert_eq!(again["created"], false, "{again}");
+                assert_eq!(again["cluster_id"], v["cluster_id"]);
+            }
+            n.start_with(&["--store", &spec, "--listen", "127.0.0.1:0"]);
+            nodes.push(n);
+        }
+        let c = Cluster { nodes };
+        c.wait(
+            "three live members",
+            || c.n(0).json(["cluster", "members"]),
+            |v| live(v).len() == 3,
+        );
+        Some(c)
+    }
+
+    fn n(&self, i: usize) -> &Node {
+        &self.nodes[i]
+    }
+
+    fn wait(&self, what: &str, f: impl Fn() -> Value, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let v = f();
+            if pred(&v) {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "waited 30 s for {what}; last: {v}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn placement(&self, via: usize, name: &str) -> Value {
+        self.n(via).json(["cluster", "placement", name])
+    }
+}
+
+fn live(members: &Value) -> BTreeSet<String> {
+    members
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["state"] == "live")
+        .map(|m| m["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Texts of an inbox, with how often each appears.
+fn counts(inbox: &[Value]) -> BTreeMap<String, usize> {
+    let mut c = BTreeMap::new();
+    for m in inbox {
+        let t = if m["type"] == "request" {
+            &m["description"]
+        } else {
+            &m["text"]
+        };
+        *c.entry(t.as_str().unwrap().to_string()).or_insert(0) += 1;
+    }
+    c
+}
+
+fn numbers_unique(inbox: &[Value]) {
+    let ns: Vec<u64> = inbox
+        .iter()
+        .map(|m| m["number"].as_u64().unwrap())
+        .collect();
+    let set: BTreeSet<u64> = ns.iter().copied().collect();
+    assert_eq!(ns.len(), set.len(), "inbox numbers repeat: {ns:?}");
+}
+
+#[test]
+fn owner_killed_with_a_pending_request_resumes_on_a_survivor() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut c) = Cluster::start("failover") else {
+        return;
+    };
+    c.n(0).ok(["mkguest", "alice"]);
+    // Any node serves any agent: alice asks her host through n2.
+    let n = c.n(1).json([
+        "request",
+        "HOST",
+        "need a doc",
+        "--name",
+        "doc",
+        "--as",
+        "alice",
+    ]);
+    assert!(n["number"].is_u64(), "{n}");
+    let p = c.placement(0, "alice");
+    assert_eq!(p["node"], "n2", "the node that served alice owns her: {p}");
+    assert_eq!(p["state"], "live");
+
+    c.nodes[1].kill9();
+
+    // The host's pending decision is in the store, seen from n3.
+    let inbox = c.n(2).inbox(&[]);
+    let req = inbox
+        .iter()
+        .find(|m| m["description"] == "need a doc")
+        .unwrap_or_else(|| panic!("the request is gone: {inbox:?}"));
+    assert_eq!(req["state"], "pending");
+    assert_eq!(req["from"], "alice");
+    let number = req["number"].as_u64().unwrap().to_string();
+
+    // Mail for alice reaches her on a survivor (n3 claims her once n2's lease lapsed).
+    c.n(2).ok(["send", "alice", "are you there?"]);
+    let p = c.placement(0, "alice");
+    assert_eq!(p["node"], "n3", "{p}");
+    assert_eq!(p["state"], "live");
+
+    // Resolving the request on n3 reaches alice, read through n1.
+    c.n(2)
+        .ok(["store", "--text", "the doc", "--name", "greeting"]);
+    c.n(2).ok(["resolve", &number, "greeting"]);
+    assert_eq!(c.n(0).ok(["cat", "doc", "--as", "alice"]), "the doc");
+    let alice = c.n(0).inbox(&["--as", "alice"]);
+    numbers_unique(&alice);
+    assert_eq!(
+        counts(&alice),
+        BTreeMap::from([
+            ("are you there?".to_string(), 1),
+            ("need a doc".to_string(), 1)
+        ]),
+        "{alice:?}"
+    );
+
+    // The dead node shows as dead; the others live.
+    let v = c.wait(
+        "n2 dead",
+        || c.n(0).json(["cluster", "members"]),
+        |v| live(v) == BTreeSet::from(["n1".to_string(), "n3".to_string()]),
+    );
+    assert!(
+        v.as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["name"] == "n2" && m["state"] == "dead")
+    );
+
+    // n2 comes back: same name, new epoch, serves again.
+    c.nodes[1].start();
+    let s = c.n(1).json(["cluster", "status"]);
+    assert_eq!(s["serving"], true, "{s}");
+    assert!(s["epoch"].as_u64().unwrap() >= 2, "{s}");
+    c.n(1).ok(["send", "alice", "back again"]);
+    assert_eq!(counts(&c.n(0).inbox(&["--as", "alice"]))["back again"], 1);
+}
+
+#[test]
+fn etcd_member_killed_during_a_burst_of_sends_loses_and_repeats_nothing() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(c) = Cluster::start("burst") else {
+        return;
+    };
+    c.n(0).ok(["mkguest", "alice"]);
+    let acked = Mutex::new(Vec::<String>::new());
+    let killed = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        for (i, node) in c.nodes.iter().enumerate() {
+            let (acked, killed) = (&acked, &killed);
+            s.spawn(move || {
+                let mut k = 0;
+                // At least 12 s, and until 30 sends went through (a slow
+                // machine), at most 60 s.
+                let start = Instant::now();
+                while start.elapsed() < Duration::from_secs(12)
+                    || (acked.lock().unwrap().len() < 30
+                        && start.elapsed() < Duration::from_secs(60))
+                {
+                    let text = format!("m{i}-{k}");
+                    k += 1;
+                    if node.run(["send", "alice", &text]).success() {
+                        acked.lock().unwrap().push(text);
+                    }
+                    if i == 0 && k == 20 && !killed.swap(true, std::sync::atomic::Ordering::SeqCst)
+                    {
+                        // Kill one etcd member (not necessarily the leader) mid-burst.
+                        etcd(&["kill", "2"]);
+                    }
+                }
+            });
+        }
+    });
+    restart_etcd_member("2");
+    let acked = acked.into_inner().unwrap();
+    assert!(
+        acked.len() >= 30,
+        "too few sends went through: {}",
+        acked.len()
+    );
+    let inbox = c.n(2).inbox(&["--as", "alice"]);
+    numbers_unique(&inbox);
+    let got = counts(&inbox);
+    for t in &acked {
+        assert_eq!(
+            got.get(t),
+            Some(&1),
+            "acknowledged send {t:?} is there exactly once"
+        );
+    }
+    assert!(
+        got.values().all(|&n| n == 1),
+        "a send was delivered twice: {got:?}"
+    );
+}
+
+#[test]
+fn a_paused_owner_is_fenced_and_steps_down() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(c) = Cluster::start("fence") else {
+        return;
+    };
+    c.n(0).ok(["mkguest", "alice"]);
+    c.n(0).ok(["send", "alice", "one"]);
+    assert_eq!(c.placement(1, "alice")["node"], "n1");
+    let before = c.n(0).json(["cluster", "status"]);
+    let pid = c.n(0).daemon_pid();
+
+    kill(pid, libc::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(7000)); // past the 5 s lease
+    // n2 takes alice over while n1 sleeps.
+    let r = c.n(1).run(["send", "alice", "two"]);
+    kill(pid, libc::SIGCONT);
+    assert!(r.success(), "{r}");
+    assert_eq!(c.placement(2, "alice")["node"], "n2");
+
+    // n1 wakes up, notices its lease is gone, steps down, re-registers.
+    let s = c.wait(
+        "n1 to re-register",
+        || c.n(0).json(["cluster", "status"]),
+        |s| s["serving"] == true && s["epoch"].as_u64() > before["epoch"].as_u64(),
+    );
+    assert!(s["stepdowns"].as_u64().unwrap() >= 1, "{s}");
+    // n1 still works, through alice's new owner.
+    c.n(0).ok(["send", "alice", "three"]);
+    assert_eq!(c.placement(0, "alice")["node"], "n2");
+    let inbox = c.n(2).inbox(&["--as", "alice"]);
+    numbers_unique(&inbox);
+    assert_eq!(texts(&inbox), ["one", "two", "three"]);
+}
+
+#[test]
+fn drain_moves_incarnations_and_the_node_stops_unnoticed() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut c) = Cluster::start("drain") else {
+        return;
+    };
+    for a in ["alice", "bob"] {
+        c.n(0).ok(["mkguest", a]);
+        c.n(1).ok(["send", a, "before"]);
+        assert_eq!(c.placement(0, a)["node"], "n2");
+    }
+    let v = c.n(0).json(["cluster", "drain", "n2"]);
+    assert_eq!(v["drained"], true, "{v}");
+    assert!(v["moved"].as_u64().unwrap() >= 2, "{v}");
+    for a in ["alice", "bob"] {
+        let p = c.placement(2, a);
+        assert_ne!(p["node"], "n2", "{a} still on the drained node: {p}");
+    }
+    let members = c.n(2).json(["cluster", "members"]);
+    assert!(
+        members
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["name"] == "n2" && m["state"] == "draining"),
+        "{members}"
+    );
+    c.nodes[1].stop();
+    // Nobody notices: sends right after the stop go through at once.
+    let t = Instant::now();
+    c.n(2).ok(["send", "alice", "after"]);
+    c.n(0).ok(["send", "bob", "after"]);
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "sends waited for a lease: {:?}",
+        t.elapsed()
+    );
+    for a in ["alice", "bob"] {
+        assert_eq!(texts(&c.n(2).inbox(&["--as", a])), ["before", "after"]);
+    }
+    // A node cannot drain itself; unknown nodes are refused.
+    let (code, err) = c.n(0).fail(["cluster", "drain", "n1"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("cluster leave"), "{err}");
+    let (_, err) = c.n(0).fail(["cluster", "drain", "n9"]);
+    assert!(err.contains("no node called"), "{err}");
+    // leave: n3 hands its work over and stops.
+    let v = c.n(2).json(["cluster", "leave"]);
+    assert_eq!(v["left"], true);
+    let members = c.n(0).json(["cluster", "members"]);
+    assert!(
+        !members
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["name"] == "n3"),
+        "{members}"
+    );
+    c.n(0).ok(["send", "alice", "last"]);
+    assert_eq!(
+        texts(&c.n(0).inbox(&["--as", "alice"])),
+        ["before", "after", "last"]
+    );
+}
+
+#[test]
+fn a_lone_peer_keeps_mailing_a_cluster_agent_across_a_node_failure() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut c) = Cluster::start("peer") else {
+        return;
+    };
+    let mut lone = Node::new();
+    lone.start_with(&["--listen", "127.0.0.1:0"]);
+    // The cluster's host invites the lone node; the locator names every node.
+    let v = c.n(0).json(["invite", "lone"]);
+    let inv = v["invitation"].as_str().unwrap().to_string();
+    lone.ok(["accept", &inv, "cluster"]);
+    lone.ok(["send", "cluster", "hello 1"]);
+    let wait_for = |node: &Node, text: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let inbox = node.inbox(&[]);
+            if texts(&inbox).iter().any(|t| t == text) {
+                return inbox;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{text:?} never arrived: {inbox:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_for(c.n(1), "hello 1");
+    // The node the lone peer dialled dies; mail goes on through the others.
+    c.nodes[0].kill9();
+    lone.ok(["send", "cluster", "hello 2"]);
+    let inbox = wait_for(c.n(2), "hello 2");
+    assert_eq!(
+        counts(&inbox),
+        BTreeMap::from([("hello 1".to_string(), 1), ("hello 2".to_string(), 1)])
+    );
+    // And back: the cluster answers from a survivor.
+    c.n(1).ok(["send", "lone", "hi from the cluster"]);
+    wait_for(&lone, "hi from the cluster");
+    drop(lone);
+}
+
+#[test]
+fn cluster_commands_refuse_bad_input() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(spec) = spec("bad") else {
+        return;
+    };
+    let mut n = Node::named("n1");
+    // A node of an uninitialised store says what to run.
+    let (code, err) = n.fail(["start", "--store", &spec, "--listen", "127.0.0.1:0"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("cluster init"), "{err}");
+    // init needs a replicated store.
+    let (code, err) = n.fail(["cluster", "init", "--store", "/tmp/x.redb"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("replicated store"), "{err}");
+    // A cluster node must listen.
+    n.ok(["cluster", "init", "--store", &spec]);
+    let (_, err) = n.fail(["start", "--store", &spec]);
+    assert!(err.contains("--listen"), "{err}");
+    // cluster commands on a lone node explain themselves.
+    let mut lone = Node::new();
+    lone.start();
+    let (code, err) = lone.fail(["cluster", "status"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("not in a cluster"), "{err}");
+    lone.stop();
+    // Unknown names.
+    n.start_with(&["--store", &spec, "--listen", "127.0.0.1:0"]);
+    let (_, err) = n.fail(["cluster", "placement", "nobody"]);
+    assert!(err.contains("unknown name"), "{err}");
+    let p = {
+        n.ok(["mkguest", "idle"]);
+        n.json(["cluster", "placement", "idle"])
+    };
+    assert_eq!(p["state"], "passive", "never used, so not incarnated: {p}");
+    n.stop();
+}
