@@ -11,6 +11,9 @@
 //! - [`etcd_store`]: the replicated backend on an etcd cluster (serializable
 //!   commits by comparing mod revisions, endpoint rotation, commit markers for
 //!   "maybe committed" outcomes, coarsened read sets beyond 128 compares).
+//! - `fdb_store` (cargo feature `fdb`): the backend on a FoundationDB cluster
+//!   (snapshots at FoundationDB read versions, commits with its read-conflict
+//!   ranges, commit markers for "maybe committed" outcomes).
 //! - [`tuple`]: order-preserving tuple encoding of keys.
 //! - [`blob`]: values larger than [`MAX_VALUE_SIZE`] split into chunks.
 //! - [`conformance`]: the backend conformance suite, written once and run
@@ -19,6 +22,8 @@
 pub mod blob;
 pub mod conformance;
 pub mod etcd_store;
+#[cfg(feature = "fdb")]
+pub mod fdb_store;
 pub mod redb_store;
 pub mod store;
 pub mod tuple;
@@ -30,13 +35,44 @@ pub use store::{
 };
 
 /// Opens a store from a URL-ish string: `etcd://HOST:PORT[,HOST:PORT…][/PREFIX]`
-/// (an etcd cluster, see [`etcd_store`]), `redb:PATH` or a bare path (embedded redb).
+/// (an etcd cluster, see [`etcd_store`]), `fdb:[CLUSTER_FILE][?prefix=NAME]` (a
+/// FoundationDB cluster, `fdb_store`; only in builds with the cargo feature
+/// `fdb`), `redb:PATH` or a bare path (embedded redb).
 pub async fn open(spec: &str) -> Result<Db, StoreError> {
     if spec.starts_with("etcd://") {
         let store = etcd_store::EtcdStore::open(spec).await?;
         return Ok(Db::new(std::sync::Arc::new(store)));
     }
+    if spec.starts_with("fdb:") {
+        return open_fdb(spec).await;
+    }
     let path = spec.strip_prefix("redb:").unwrap_or(spec);
     let store = redb_store::RedbStore::open(std::path::Path::new(path))?;
     Ok(Db::new(std::sync::Arc::new(store)))
+}
+
+#[cfg(feature = "fdb")]
+async fn open_fdb(spec: &str) -> Result<Db, StoreError> {
+    let store = fdb_store::FdbStore::open(spec).await?;
+    Ok(Db::new(std::sync::Arc::new(store)))
+}
+
+#[cfg(not(feature = "fdb"))]
+async fn open_fdb(spec: &str) -> Result<Db, StoreError> {
+    Err(StoreError::Io(format!(
+        "store spec {spec:?} needs the FoundationDB backend, which this build does not include; rebuild with `--features fdb` (e.g. cargo build -p capstan --features fdb; it needs FoundationDB's client library libfdb_c)"
+    )))
+}
+
+#[cfg(all(test, not(feature = "fdb")))]
+mod tests {
+    #[tokio::test]
+    async fn fdb_specs_need_the_feature() {
+        for spec in ["fdb:", "fdb:/etc/foundationdb/fdb.cluster"] {
+            let Err(e) = crate::open(spec).await else {
+                panic!("{spec} opened without the fdb feature");
+            };
+            assert!(e.to_string().contains("--features fdb"), "{spec}: {e}");
+        }
+    }
 }
