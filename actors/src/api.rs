@@ -295,21 +295,7 @@ impl Runtime {
         else {
             return Ok(());
         };
-        let state = self
-            .inner
-            .db
-            .read(move |tx| {
-                Box::pin(async move {
-                    match model::must_formula(tx, &promise).await?.kind {
-                        FormulaKind::Promise(p) => Ok(p.state),
-                        other => Err(Error::Corrupt(format!(
-                            "expected a promise, found a {}",
-                            other.type_name()
-                        ))),
-                    }
-                })
-            })
-            .await?;
+        let state = incarnation::read_promise(&self.inner, promise).await?;
         let _ = a.cast(PromiseMsg::Settled(state));
         Ok(())
     }

@@ -283,7 +283,10 @@ pub(crate) struct PromiseState_ {
     _ticker: tokio::task::JoinHandle<()>,
 }
 
-async fn read_promise(rt: &crate::api::Inner, id: FormulaId) -> Result<PromiseState, Error> {
+pub(crate) async fn read_promise(
+    rt: &crate::api::Inner,
+    id: FormulaId,
+) -> Result<PromiseState, Error> {
     rt.db
         .read(move |tx| {
             Box::pin(async move {
