@@ -101,6 +101,8 @@ pub const MAX_MESSAGE_TEXT: usize = 64 * 1024;
 pub const MAX_MESSAGE_REFS: usize = 64;
 /// Most entries returned by one listing.
 pub const MAX_LIST: usize = 100_000;
+/// Most fresh inbox numbers one write tries after finding its number used.
+pub const MAX_SLOT_RETRIES: u32 = 32;
 
 pub(crate) struct Inner {
     pub db: Db,
@@ -264,14 +266,7 @@ impl Runtime {
     /// Another member committed message `number` to `agent`'s inbox: wake
     /// its incarnation here, if any.
     pub async fn wake_delivered(&self, agent: FormulaId, number: u64) -> Result<(), Error> {
-        let Some(a) = self
-            .inner
-            .registry
-            .agents
-            .lock()
-            .ok()
-            .and_then(|m| m.get(&agent).cloned())
-        else {
+        let Some(a) = self.inner.registry.agent(&agent) else {
             return Ok(());
         };
         let m = self
@@ -285,14 +280,7 @@ impl Runtime {
 
     /// Another member settled `promise`: wake its waiters here, if any.
     pub async fn wake_settled(&self, promise: FormulaId) -> Result<(), Error> {
-        let Some(a) = self
-            .inner
-            .registry
-            .promises
-            .lock()
-            .ok()
-            .and_then(|m| m.get(&promise).cloned())
-        else {
+        let Some(a) = self.inner.registry.promise(&promise) else {
             return Ok(());
         };
         let state = incarnation::read_promise(&self.inner, promise).await?;
@@ -435,6 +423,22 @@ async fn local_reserve(
     Err(Error::Unavailable(
         "the inbox actor is restarting; try again".into(),
     ))
+}
+
+/// `promise` settled in a commit of this node: wakes its waiters here and
+/// tells the other members of the cluster, if any (theirs may wait too).
+pub(crate) fn notify_settled(inner: &Inner, promise: FormulaId, state: PromiseState) {
+    if let Some(a) = inner.registry.promise(&promise) {
+        let _ = a.cast(PromiseMsg::Settled(state));
+    }
+    if let Some(c) = inner.cluster.get() {
+        let to = c.others();
+        if !to.is_empty() {
+            let _ = c
+                .link
+                .try_send(crate::cluster::LinkOp::Settled { to, promise });
+        }
+    }
 }
 
 pub(crate) async fn load_agent(db: &Db, id: FormulaId) -> Result<Ctx, Error> {
@@ -968,11 +972,18 @@ impl AgentHandle {
         let Some(c) = self.rt.cluster.get() else {
             return local_reserve(&self.rt, agent, n, at_least).await;
         };
+        // Bounded by time rather than a count: a dead owner is waited out
+        // (its lease lapses, then this node claims the inbox), which takes
+        // up to a lease plus one reservation timeout.
+        let deadline =
+            std::time::Instant::now() + 2 * c.cfg.lease + std::time::Duration::from_secs(3);
         let mut last = None;
-        for attempt in 0..6u32 {
+        let mut attempt = 0u32;
+        while std::time::Instant::now() < deadline {
             if attempt > 0 {
-                tokio::time::sleep(std::time::Duration::from_millis(20 << attempt.min(4))).await;
+                tokio::time::sleep(std::time::Duration::from_millis(10 << attempt.min(4))).await;
             }
+            attempt += 1;
             match c.owner(&self.rt.db, agent).await? {
                 crate::cluster::Owner::Me => {
                     match local_reserve(&self.rt, agent, n, at_least).await {
@@ -983,7 +994,7 @@ impl AgentHandle {
                 crate::cluster::Owner::Other(node) => {
                     let (tx, rx) = oneshot::channel();
                     let op = crate::cluster::LinkOp::Reserve {
-                        node,
+                        node: node.clone(),
                         agent,
                         count: n.min(u32::MAX as u64) as u32,
                         at_least,
@@ -994,7 +1005,15 @@ impl AgentHandle {
                     }
                     match rx.await {
                         Ok(Ok(first)) => return Ok(first),
-                        Ok(Err(e)) => last = Some(e),
+                        Ok(Err(e)) => {
+                            tracing::debug!(owner = %node.name, "remote reservation failed: {e}");
+                            if matches!(e, Error::Unreachable(_)) {
+                                c.forget_owner(&agent);
+                                c.await_lapse(&self.rt.db, &node).await?;
+                                attempt = 0;
+                            }
+                            last = Some(e);
+                        }
                         Err(_) => {
                             last = Some(Error::Unavailable("the node is shutting down".into()))
                         }
@@ -1004,6 +1023,37 @@ impl AgentHandle {
             c.forget_owner(&agent);
         }
         Err(last.unwrap_or_else(|| Error::Unavailable("no owner for the inbox; try again".into())))
+    }
+
+    /// Reserves a number in `agent`'s inbox and runs `write` with it (a
+    /// transaction that puts a message there), retrying with a fresh number
+    /// above one a stale sequence handed out ([`Error::InboxSlotTaken`]: a
+    /// cluster node that lost the inbox). Bounded by [`MAX_SLOT_RETRIES`].
+    pub(crate) async fn with_fresh_number<T, F, Fut>(
+        &self,
+        agent: FormulaId,
+        mut write: F,
+    ) -> Result<T, Error>
+    where
+        F: FnMut(u64) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Error>>,
+    {
+        let mut at_least = 0;
+        for _ in 0..MAX_SLOT_RETRIES {
+            let number = self.reserve(agent, 1, at_least).await?;
+            match write(number).await {
+                Err(Error::InboxSlotTaken { number: taken, .. })
+                    if taken == number && at_least <= taken =>
+                {
+                    at_least = taken + 1
+                }
+                r => return r,
+            }
+        }
+        Err(Error::Unavailable(format!(
+            "inbox numbers of {} kept colliding with used ones; try again",
+            agent.short()
+        )))
     }
 
     /// Tells the other members of the cluster, if any, that `agent` got message `number`.
@@ -1018,28 +1068,9 @@ impl AgentHandle {
         }
     }
 
-    /// Tells the other members of the cluster, if any, that `promise` settled.
-    pub(crate) fn broadcast_settled(&self, promise: FormulaId) {
-        if let Some(c) = self.rt.cluster.get() {
-            let to = c.others();
-            if !to.is_empty() {
-                let _ = c
-                    .link
-                    .try_send(crate::cluster::LinkOp::Settled { to, promise });
-            }
-        }
-    }
-
     pub(crate) fn notify_delivered(&self, agent: FormulaId, m: MessageRec) {
         self.broadcast_delivered(agent, m.number);
-        if let Some(a) = self
-            .rt
-            .registry
-            .agents
-            .lock()
-            .ok()
-            .and_then(|m| m.get(&agent).cloned())
-        {
+        if let Some(a) = self.rt.registry.agent(&agent) {
             let _ = a.cast(AgentMsg::Delivered(m));
         }
     }
@@ -1197,7 +1228,14 @@ impl AgentHandle {
         // Numbers from a stale sequence (a cluster node that lost the inbox)
         // are refused by the store; retry with fresh ones above them.
         let (mut own_min, mut their_min) = (0, 0);
+        let mut tries = 0;
         let result = loop {
+            tries += 1;
+            if tries > MAX_SLOT_RETRIES {
+                return Err(Error::Unavailable(
+                    "inbox numbers kept colliding with used ones; try again".into(),
+                ));
+            }
             let own = self.reserve(me, 1, own_min).await?;
             let theirs = if target == me || remote_target {
                 own
@@ -1468,18 +1506,9 @@ impl AgentHandle {
         if state.is_some() {
             self.rt.outbox.notify_one();
         }
-        if let Some(state) = state
-            && let Some(a) = self
-                .rt
-                .registry
-                .promises
-                .lock()
-                .ok()
-                .and_then(|m| m.get(&promise).cloned())
-        {
-            let _ = a.cast(PromiseMsg::Settled(state));
+        if let Some(state) = state {
+            notify_settled(&self.rt, promise, state);
         }
-        self.broadcast_settled(promise);
         Ok(())
     }
 

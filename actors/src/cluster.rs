@@ -30,7 +30,7 @@
 //! independently: a message is written only to a free slot.
 //!
 //! Clocks: lease expiry compares wall clocks of different nodes, so the
-//! cluster assumes their skew is well under the lease (3 s by default).
+//! cluster assumes their skew is well under the lease (2 s by default).
 //! The records are JSON (they are operational state, not formulas).
 
 use std::collections::HashMap;
@@ -49,7 +49,7 @@ use crate::error::Error;
 /// Default lease of a node. Renewed every sixth of it; a renewal slower
 /// than about 80% of the lease loses it (etcd commits take ~5 ms on an idle
 /// machine, but over a second on one loaded to 6× its cores).
-pub const DEFAULT_LEASE: Duration = Duration::from_millis(3000);
+pub const DEFAULT_LEASE: Duration = Duration::from_millis(2000);
 /// Most nodes a cluster lists (and broadcasts to).
 pub const MAX_MEMBERS: usize = 256;
 /// Queue of work for the node's links to other members.
@@ -510,6 +510,33 @@ impl Membership {
             None => Owner::Me,
             Some(m) => Owner::Other(m),
         })
+    }
+
+    /// After `m` (the recorded owner of something) failed to answer: returns
+    /// at once if its member record was renewed since `m` was read (it is
+    /// alive, only slow: try it again), otherwise when its lease has lapsed
+    /// (then this node can claim what it owned). Waits at most one lease, so
+    /// a caller does not spend its retries on a node that is gone.
+    pub async fn await_lapse(&self, db: &Db, m: &MemberRec) -> Result<(), Error> {
+        let name = m.name.clone();
+        let now_rec = db
+            .read(move |tx| {
+                let name = name.clone();
+                Box::pin(async move { get_member(tx, &name).await })
+            })
+            .await?;
+        let expires_ms = match now_rec {
+            Some(r) if r.epoch == m.epoch && r.renewed_ms > m.renewed_ms => return Ok(()),
+            Some(r) if r.epoch == m.epoch => r.expires_ms,
+            // gone or registered again under a new epoch: its old placements are void
+            _ => return Ok(()),
+        };
+        let now = crate::api::now_ms();
+        if expires_ms >= now {
+            let wait = Duration::from_millis(expires_ms - now + 10).min(self.cfg.lease);
+            tokio::time::sleep(wait).await;
+        }
+        Ok(())
     }
 
     /// Gives up the placement of `id` if this node (this epoch) holds it.

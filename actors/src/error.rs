@@ -68,6 +68,10 @@ pub enum Error {
     /// The node is shutting down or overloaded.
     #[error("{0}")]
     Unavailable(String),
+    /// Another cluster node did not answer at all (no connection, or no
+    /// reply in time): it may be dead, unlike a node that answered an error.
+    #[error("{0}")]
+    Unreachable(String),
 }
 
 impl TxnError for Error {

@@ -38,7 +38,6 @@ use capstan_proto::{FormulaId, RequestId};
 
 use crate::api::{AgentHandle, Runtime, now_ms};
 use crate::error::Error;
-use crate::incarnation::PromiseMsg;
 use crate::keys;
 use crate::model::{self, Ctx};
 use crate::names::Path;
@@ -618,12 +617,10 @@ impl Runtime {
         }
         let agent = self.handle_for(to).await?;
         let own = caller.own;
-        let mut at_least = 0;
-        let delivered = loop {
-            let number = agent.reserve(to, 1, at_least).await?;
-            let env = env.clone();
-            let r = db
-                .transact(move |tx| {
+        let delivered = agent
+            .with_fresh_number(to, |number| {
+                let env = env.clone();
+                db.transact(move |tx| {
                     let env = env.clone();
                     Box::pin(async move {
                         if tx.get(&keys::inbound(&item)).await?.is_some() {
@@ -689,14 +686,8 @@ impl Runtime {
                         Ok(Some(m))
                     })
                 })
-                .await;
-            match r {
-                Err(Error::InboxSlotTaken { number, .. }) if at_least <= number => {
-                    at_least = number + 1
-                }
-                r => break r?,
-            }
-        };
+            })
+            .await?;
         if let Some(m) = delivered {
             agent.notify_delivered(to, m);
         }
@@ -744,7 +735,7 @@ impl Runtime {
             })
             .await?;
         if let Some(state) = state {
-            self.notify_settled(promise, state);
+            crate::api::notify_settled(self.inner(), promise, state);
         }
         Ok(())
     }
@@ -800,13 +791,10 @@ impl Runtime {
         let text = format!("[undeliverable] your {what} could not be delivered: {reason}");
         let (sender, peer) = (item.sender, item.peer);
         let agent = self.handle_for(sender).await?;
-        let mut at_least = 0;
-        let m = loop {
-            let number = agent.reserve(sender, 1, at_least).await?;
-            let (key, text) = (key.clone(), text.clone());
-            let r = self
-                .db()
-                .transact(move |tx| {
+        let m = agent
+            .with_fresh_number(sender, |number| {
+                let (key, text) = (key.clone(), text.clone());
+                self.db().transact(move |tx| {
                     let (key, text) = (key.clone(), text.clone());
                     Box::pin(async move {
                         if tx.get(&key).await?.is_none() {
@@ -830,14 +818,8 @@ impl Runtime {
                         Ok(Some(m))
                     })
                 })
-                .await;
-            match r {
-                Err(Error::InboxSlotTaken { number, .. }) if at_least <= number => {
-                    at_least = number + 1
-                }
-                r => break r?,
-            }
-        };
+            })
+            .await?;
         if let Some(m) = m {
             agent.notify_delivered(sender, m);
         }
@@ -847,27 +829,6 @@ impl Runtime {
     /// Resolves once new outbox items may be waiting.
     pub async fn outbox_changed(&self) {
         self.inner().outbox.notified().await
-    }
-
-    fn notify_settled(&self, promise: FormulaId, state: crate::PromiseState) {
-        if let Some(a) = self
-            .inner()
-            .registry
-            .promises
-            .lock()
-            .ok()
-            .and_then(|m| m.get(&promise).cloned())
-        {
-            let _ = a.cast(PromiseMsg::Settled(state));
-        }
-        if let Some(c) = self.inner().cluster.get() {
-            let to = c.others();
-            if !to.is_empty() {
-                let _ = c
-                    .link
-                    .try_send(crate::cluster::LinkOp::Settled { to, promise });
-            }
-        }
     }
 
     async fn handle_for(&self, id: FormulaId) -> Result<AgentHandle, Error> {

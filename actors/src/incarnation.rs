@@ -54,6 +54,16 @@ impl Registry {
         self.agents.lock().map(|m| m.len()).unwrap_or(0)
             + self.promises.lock().map(|m| m.len()).unwrap_or(0)
     }
+
+    /// The live incarnation of agent `id` on this node, if any.
+    pub fn agent(&self, id: &FormulaId) -> Option<ActorRef<AgentMsg>> {
+        self.agents.lock().ok().and_then(|m| m.get(id).cloned())
+    }
+
+    /// The live incarnation of promise `id` on this node, if any.
+    pub fn promise(&self, id: &FormulaId) -> Option<ActorRef<PromiseMsg>> {
+        self.promises.lock().ok().and_then(|m| m.get(id).cloned())
+    }
 }
 
 /// Messages of an [`AgentActor`].

@@ -482,3 +482,76 @@ fn cluster_commands_refuse_bad_input() {
     assert_eq!(p["state"], "passive", "never used, so not incarnated: {p}");
     n.stop();
 }
+
+/// guests/out, built by scripts/build-guests (once per test process).
+fn guest_wasm(name: &str) -> String {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("workspace")
+            .to_path_buf();
+        let status = std::process::Command::new(root.join("scripts/build-guests"))
+            .env_remove("RUSTC")
+            .env_remove("RUSTFLAGS")
+            .status()
+            .expect("run scripts/build-guests");
+        assert!(status.success(), "scripts/build-guests failed");
+        root.join("guests/out")
+    });
+    let p = dir.join(format!("{name}.wasm"));
+    assert!(p.exists(), "{} was not built", p.display());
+    p.display().to_string()
+}
+
+/// Waits until the root host's inbox (read through node `via`) has a
+/// message from `from` with text `text`; returns the inbox.
+fn wait_mail(c: &Cluster, via: usize, from: &str, text: &str) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let inbox = c.n(via).inbox(&[]);
+        if inbox
+            .iter()
+            .any(|m| m["from"] == from && texts(std::slice::from_ref(m)).concat() == text)
+        {
+            return inbox;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {text:?} from {from}: {inbox:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_guest_component_resumes_on_a_survivor_with_its_state() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let wasm = guest_wasm("counter");
+    let Some(mut c) = Cluster::start("component") else {
+        return;
+    };
+    c.n(0).ok(["install", &wasm, "--name", "counter"]);
+    c.n(0).ok(["mkguest", "bot", "--component", "counter"]);
+    // The first mail for bot goes through n2: n2 owns bot and runs its component.
+    c.n(1).ok(["send", "bot", "increment"]);
+    wait_mail(&c, 0, "bot", "count = 1");
+    let p = c.placement(0, "bot");
+    assert_eq!(p["node"], "n2", "{p}");
+
+    c.nodes[1].kill9();
+
+    // Mail for bot through n3: n3 claims it once n2's lease lapsed, runs
+    // the component from the store, and the count goes on from 1.
+    c.n(2).ok(["send", "bot", "increment"]);
+    let inbox = wait_mail(&c, 2, "bot", "count = 2");
+    let p = c.placement(0, "bot");
+    assert_eq!(p["node"], "n3", "{p}");
+    assert_eq!(c.n(0).ok(["cat", "--as", "bot", "count"]).trim(), "2");
+    // Exactly once: one answer per increment, none repeated by the survivor.
+    let answers: Vec<String> = texts(&inbox)
+        .into_iter()
+        .filter(|t| t.starts_with("count = "))
+        .collect();
+    assert_eq!(answers, ["count = 1", "count = 2"], "{inbox:#?}");
+}

@@ -158,27 +158,34 @@ impl Net {
         at_least: u64,
     ) -> Result<u64, Error> {
         let call = async {
-            let m = self.member(&node.addr).await?;
+            let m = self.member(&node.addr).await.map_err(CallError::Link)?;
             let mut r = m.reserve_request();
             r.get().set_agent(agent.as_bytes());
             r.get().set_count(count);
             r.get().set_at_least(at_least);
-            let a = r.send().promise.await.map_err(|e| e.to_string())?;
-            a.get().map(|a| a.get_first()).map_err(|e| e.to_string())
+            let a = r.send().promise.await.map_err(CallError::from)?;
+            a.get()
+                .map(|a| a.get_first())
+                .map_err(|e| CallError::Answered(e.to_string()))
         };
         match tokio::time::timeout(RESERVE_TIMEOUT, call).await {
             Ok(Ok(first)) => Ok(first),
-            Ok(Err(e)) => {
+            Ok(Err(CallError::Answered(e))) => Err(Error::Unavailable(format!(
+                "node {} (owner of {}) did not reserve: {e}",
+                node.name,
+                agent.short()
+            ))),
+            Ok(Err(CallError::Link(e))) => {
                 self.links.drop_link(&node.addr);
-                Err(Error::Unavailable(format!(
-                    "node {} (owner of {}) did not reserve: {e}",
+                Err(Error::Unreachable(format!(
+                    "node {} (owner of {}) is unreachable: {e}",
                     node.name,
                     agent.short()
                 )))
             }
             Err(_) => {
                 self.links.drop_link(&node.addr);
-                Err(Error::Unavailable(format!(
+                Err(Error::Unreachable(format!(
                     "node {} (owner of {}) did not answer within {} ms",
                     node.name,
                     agent.short(),
@@ -249,6 +256,23 @@ impl Net {
                 }
                 LinkOp::Settled { to, promise } => self.wake(to, Wake::Settled(promise)),
             }
+        }
+    }
+}
+
+/// Why a call to another member failed.
+enum CallError {
+    /// It answered with an error: it is alive.
+    Answered(String),
+    /// No connection, or the connection broke.
+    Link(String),
+}
+
+impl From<CapError> for CallError {
+    fn from(e: CapError) -> Self {
+        match e.kind {
+            capnp::ErrorKind::Disconnected => CallError::Link(e.to_string()),
+            _ => CallError::Answered(e.to_string()),
         }
     }
 }
