@@ -195,6 +195,14 @@ pub enum Command {
         /// then run its handler.
         #[arg(long, value_name = "NAME")]
         component: Option<String>,
+        /// Fuel for one call of its component, instead of the node's
+        /// (1000000 to 100000000000; needs --component).
+        #[arg(long, value_name = "N", requires = "component")]
+        fuel: Option<u64>,
+        /// Wall-clock deadline of one call of its component, in ms, instead
+        /// of the node's (10 to 60000; needs --component).
+        #[arg(long, value_name = "MS", requires = "component")]
+        deadline_ms: Option<u32>,
         #[command(flatten)]
         out: Out,
     },

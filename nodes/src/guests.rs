@@ -25,6 +25,8 @@ pub async fn mkguest(
     client: &Client,
     path: &str,
     component: &str,
+    fuel: Option<u64>,
+    deadline_ms: Option<u32>,
     json: bool,
 ) -> anyhow::Result<()> {
     let req = RequestId::random();
@@ -34,6 +36,8 @@ pub async fn mkguest(
             r.get().set_req_id(&req.0);
             r.get().set_path(path);
             r.get().set_component(component);
+            r.get().set_fuel(fuel.unwrap_or(0));
+            r.get().set_deadline_ms(deadline_ms.unwrap_or(0));
             let answer = r.send().promise.await?;
             Ok(answer.get()?.get_id()?.to_vec())
         })

@@ -734,9 +734,11 @@ impl agent::Server for AgentServer {
         let req = request_id(p.get_req_id())?;
         let path = text(p.get_path(), "path")?;
         let component = text(p.get_component(), "component")?;
+        let fuel = Some(p.get_fuel()).filter(|f| *f != 0);
+        let deadline = Some(p.get_deadline_ms()).filter(|d| *d != 0);
         let id = self
             .handle
-            .mkguest_component(req, &path, &component)
+            .mkguest_component(req, &path, &component, fuel, deadline)
             .await
             .map_err(actor_error)?;
         results.get().set_id(id.as_bytes());

@@ -115,8 +115,10 @@ interface Agent {
   # Install a component under `name` (stored content-addressed); `grants`
   # name capabilities (paths in this host's names) given to it.
   install @25 (reqId :Data, name :Text, component :Data, grants :List(Grant)) -> (info :ComponentInfo);
-  # Make a guest agent whose body is the installed agent component `component`.
-  mkguestComponent @26 (reqId :Data, path :Text, component :Text) -> (id :Data);
+  # Make a guest agent whose body is the installed agent component
+  # `component`. `fuel` (per call) and `deadlineMs` (wall-clock
+  # per call) override the node's limits for this guest; 0 = the node's.
+  mkguestComponent @26 (reqId :Data, path :Text, component :Text, fuel :UInt64, deadlineMs :UInt32) -> (id :Data);
   # Run the installed tool `name` once: execute with `input` (JSON).
   runTool @27 (name :Text, input :Text) -> (output :Text);
   # The guest agents with a component body, and what the node knows of them.

@@ -271,3 +271,58 @@ fn incompatible_world_version_is_refused() {
     assert!(e.contains("--input"), "{e}");
     assert_eq!(node.json(["guests"]), serde_json::json!([]));
 }
+
+#[test]
+fn hostile_panic_is_reported_with_its_message() {
+    hostile(
+        "panicker",
+        "it panicked: index out of bounds: the len is 3 but the index is 7",
+    );
+}
+
+/// A guest past its wall-clock deadline (with fuel to spare) is stopped
+/// alone, and its host is told it ran past its deadline.
+#[test]
+fn a_guest_past_its_deadline_is_stopped_alone() {
+    let node = Node::started();
+    install(&node, "spin", "spin", &[]);
+    install(&node, "counter", "counter", &[]);
+    // bounds are checked, and a refused guest is not made
+    let (_, e) = node.fail(["mkguest", "x", "--component", "spin", "--deadline-ms", "5"]);
+    assert!(e.contains("--deadline-ms 5 is out of bounds"), "{e}");
+    let (_, e) = node.fail(["mkguest", "x", "--component", "spin", "--fuel", "10"]);
+    assert!(e.contains("--fuel 10 is out of bounds"), "{e}");
+    let (_, e) = node.fail(["mkguest", "x", "--fuel", "10000000"]);
+    assert!(e.contains("--component"), "{e}");
+    assert!(!node.names(&[]).contains("x"));
+    node.ok([
+        "mkguest",
+        "slow",
+        "--component",
+        "spin",
+        "--fuel",
+        "100000000000",
+        "--deadline-ms",
+        "300",
+    ]);
+    node.ok(["mkguest", "good", "--component", "counter"]);
+    node.ok(["send", "slow", "go"]);
+    node.ok(["send", "good", "increment"]);
+    let t = wait_mail(&node, "slow", "guest stopped while handling message");
+    assert!(
+        t.contains("it ran past its deadline of 300 ms of wall-clock time"),
+        "{t}"
+    );
+    wait_mail(&node, "good", "count = 1");
+    let g = guest(&node, "slow");
+    assert_eq!(g["state"], "stopped", "{g}");
+    assert!(
+        g["last_error"].as_str().unwrap().contains("deadline"),
+        "{g}"
+    );
+    // it did not run out of fuel: it was stopped by the clock
+    assert!(g["fuel_last"].as_u64().unwrap() < 100_000_000_000, "{g}");
+    node.ok(["send", "good", "increment"]);
+    wait_mail(&node, "good", "count = 2");
+    node.ok(["ping"]);
+}

@@ -69,6 +69,11 @@ pub const AGENT_PACKAGE: &str = "capstan:agent";
 pub const TOOL_PACKAGE: &str = "capstan:tool";
 /// The version of both packages.
 pub const WORLD_VERSION: &str = "0.1.0";
+/// Bounds of the per-guest limits `mkguest --fuel N --deadline-ms N`.
+pub const MIN_FUEL: u64 = 1_000_000;
+pub const MAX_FUEL: u64 = 100_000_000_000;
+pub const MIN_DEADLINE_MS: u32 = 10;
+pub const MAX_DEADLINE_MS: u32 = 60_000;
 /// Largest component accepted.
 pub const MAX_COMPONENT_BYTES: usize = capstan_cluster::blob::MAX_BLOB_SIZE;
 /// Most capabilities granted at install time.
@@ -189,6 +194,37 @@ pub(crate) struct Body {
     /// The guest's id, hex.
     pub id: String,
     pub hash: String,
+    /// Fuel per call, if not the node's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fuel: Option<u64>,
+    /// Wall-clock deadline per call, ms, if not the node's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u32>,
+}
+
+/// The limits of one guest's calls: the node's, or its own.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CallLimits {
+    pub fuel: u64,
+    pub wall: std::time::Duration,
+}
+
+impl CallLimits {
+    pub fn of(gh: &GuestHost, body: &Body) -> CallLimits {
+        CallLimits {
+            fuel: body.fuel.unwrap_or(gh.limits().fuel),
+            wall: body
+                .deadline_ms
+                .map(|ms| std::time::Duration::from_millis(ms.into()))
+                .unwrap_or(gh.limits().wall),
+        }
+    }
+    pub fn node(gh: &GuestHost) -> CallLimits {
+        CallLimits {
+            fuel: gh.limits().fuel,
+            wall: gh.limits().wall,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -557,13 +593,17 @@ impl GuestHost {
 /// Refuses an interface name of our packages at another version, e.g.
 /// `capstan:agent/host@0.2.0`.
 fn check_version(name: &str) -> Result<(), Error> {
-    for pkg in [AGENT_PACKAGE, TOOL_PACKAGE, "capstan:channel"] {
+    for (pkg, want) in [
+        (AGENT_PACKAGE, WORLD_VERSION),
+        (TOOL_PACKAGE, WORLD_VERSION),
+        ("capstan:channel", WORLD_VERSION),
+    ] {
         if let Some(rest) = name.strip_prefix(pkg).and_then(|r| r.strip_prefix('/'))
             && let Some((_, version)) = rest.split_once('@')
-            && version != WORLD_VERSION
+            && version != want
         {
             return Err(Error::Invalid(format!(
-                "the component was built against {pkg}@{version}, but this node runs {pkg}@{WORLD_VERSION}; rebuild it against wit/ of this release"
+                "the component was built against {pkg}@{version}, but this node runs {pkg}@{want}; rebuild it against wit/ of this release"
             )));
         }
     }
@@ -761,7 +801,23 @@ impl AgentHandle {
         req: RequestId,
         path: &str,
         component: &str,
+        fuel: Option<u64>,
+        deadline_ms: Option<u32>,
     ) -> Result<FormulaId, Error> {
+        if let Some(f) = fuel
+            && !(MIN_FUEL..=MAX_FUEL).contains(&f)
+        {
+            return Err(Error::Invalid(format!(
+                "--fuel {f} is out of bounds: between {MIN_FUEL} and {MAX_FUEL}"
+            )));
+        }
+        if let Some(d) = deadline_ms
+            && !(MIN_DEADLINE_MS..=MAX_DEADLINE_MS).contains(&d)
+        {
+            return Err(Error::Invalid(format!(
+                "--deadline-ms {d} is out of bounds: between {MIN_DEADLINE_MS} and {MAX_DEADLINE_MS}"
+            )));
+        }
         let (_, m) = manifest_of(self, component).await?;
         if m.world != World::Agent {
             return Err(Error::Invalid(format!(
@@ -774,6 +830,8 @@ impl AgentHandle {
         let body = serde_json::to_vec(&Body {
             id: id.to_hex(),
             hash: m.hash.clone(),
+            fuel,
+            deadline_ms,
         })
         .map_err(|e| Error::Corrupt(e.to_string()))?;
         let grants: Vec<(String, FormulaId)> = m

@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 
 use super::bindings::agent::capstan::agent::types::Message;
 use super::host::{Outcome, call_agent};
-use super::{Body, GuestHost, compiled, keys};
+use super::{Body, CallLimits, GuestHost, compiled, keys};
 use crate::api::{AgentHandle, Inner};
 use crate::error::Error;
 use crate::model;
@@ -20,7 +20,7 @@ const BATCH: usize = 64;
 
 /// Wakes the runner task; dropping it ends the task after its current batch.
 pub(crate) struct GuestRunner {
-    kick: mpsc::Sender<()>,
+    pub(crate) kick: mpsc::Sender<()>,
 }
 
 impl GuestRunner {
@@ -48,11 +48,12 @@ pub(crate) async fn runner_for(
     let body: Body =
         serde_json::from_slice(&body).map_err(|e| Error::Corrupt(format!("guest body: {e}")))?;
     let hash = super::hash_from_hex(&body.hash)?;
+    let limits = CallLimits::of(&gh, &body);
     let (tx, mut rx) = mpsc::channel(1);
     let rt = rt.clone();
     tokio::spawn(async move {
         loop {
-            if let Err(e) = drain(&gh, &rt, id, hash).await {
+            if let Err(e) = drain(&gh, &rt, id, hash, limits).await {
                 tracing::warn!(guest = %id.short(), "guest runner: {e}");
                 gh.stats_update(id, |s| s.last_error = e.to_string());
             }
@@ -70,6 +71,7 @@ async fn drain(
     rt: &Arc<Inner>,
     id: FormulaId,
     hash: [u8; 32],
+    limits: CallLimits,
 ) -> Result<(), Error> {
     let lock = gh.lock_for(id);
     let _held = lock.lock().await;
@@ -78,61 +80,77 @@ async fn drain(
     // placement of the guest: once another node owns it, writes are refused.
     agent.fence = rt.cluster.get().map(|c| c.fence(id));
     loop {
-        let ctx = agent.ctx().clone();
-        let batch = rt
-            .db
-            .read(move |tx| {
-                let ctx = ctx.clone();
-                Box::pin(async move {
-                    let next = match tx.get(&keys::next(&ctx.id)).await? {
-                        Some(b) if b.len() == 8 => {
-                            u64::from_be_bytes(b.as_slice().try_into().unwrap_or([0; 8]))
-                        }
-                        _ => 0,
-                    };
-                    let ms = model::list_messages(tx, &ctx.id, next).await?;
-                    let mut out = Vec::new();
-                    for m in ms.into_iter().take(BATCH) {
-                        if m.from == ctx.id {
-                            out.push((m.number, None));
-                            continue;
-                        }
-                        let sender = model::name_for(tx, &ctx, &m.from).await?;
-                        let (text, refs) = match m.body {
-                            BodyRec::Package { strings, names, .. } => (strings.concat(), names),
-                            BodyRec::Request { description, .. } => (description, vec![]),
-                        };
-                        out.push((
-                            m.number,
-                            Some(Message {
-                                number: m.number,
-                                sender,
-                                text,
-                                refs,
-                            }),
-                        ));
-                    }
-                    Ok::<_, Error>(out)
-                })
-            })
-            .await?;
+        let batch = next_batch(rt, &agent).await?;
         if batch.is_empty() {
             return Ok(());
         }
         for (number, msg) in batch {
             if let Some(msg) = msg {
-                handle(gh, rt, &agent, hash, msg).await?;
+                handle(gh, rt, &agent, hash, msg, limits).await?;
             }
-            agent
-                .transact(move |tx| {
-                    Box::pin(async move {
-                        tx.set(&keys::next(&id), &(number + 1).to_be_bytes())?;
-                        Ok::<_, Error>(())
-                    })
-                })
-                .await?;
+            mark_done(&agent, number).await?;
         }
     }
+}
+
+/// Records that every message up to `number` was handled.
+pub(super) async fn mark_done(agent: &AgentHandle, number: u64) -> Result<(), Error> {
+    let id = agent.id();
+    agent
+        .transact(move |tx| {
+            Box::pin(async move {
+                tx.set(&keys::next(&id), &(number + 1).to_be_bytes())?;
+                Ok::<_, Error>(())
+            })
+        })
+        .await
+}
+
+/// The next messages of the guest's inbox not handled yet (its own are
+/// listed without a body: nothing to handle).
+pub(super) async fn next_batch(
+    rt: &Arc<Inner>,
+    agent: &AgentHandle,
+) -> Result<Vec<(u64, Option<Message>)>, Error> {
+    let ctx = agent.ctx().clone();
+    let batch = rt
+        .db
+        .read(move |tx| {
+            let ctx = ctx.clone();
+            Box::pin(async move {
+                let next = match tx.get(&keys::next(&ctx.id)).await? {
+                    Some(b) if b.len() == 8 => {
+                        u64::from_be_bytes(b.as_slice().try_into().unwrap_or([0; 8]))
+                    }
+                    _ => 0,
+                };
+                let ms = model::list_messages(tx, &ctx.id, next).await?;
+                let mut out = Vec::new();
+                for m in ms.into_iter().take(BATCH) {
+                    if m.from == ctx.id {
+                        out.push((m.number, None));
+                        continue;
+                    }
+                    let sender = model::name_for(tx, &ctx, &m.from).await?;
+                    let (text, refs) = match m.body {
+                        BodyRec::Package { strings, names, .. } => (strings.concat(), names),
+                        BodyRec::Request { description, .. } => (description, vec![]),
+                    };
+                    out.push((
+                        m.number,
+                        Some(Message {
+                            number: m.number,
+                            sender,
+                            text,
+                            refs,
+                        }),
+                    ));
+                }
+                Ok::<_, Error>(out)
+            })
+        })
+        .await?;
+    Ok(batch)
 }
 
 async fn handle(
@@ -141,6 +159,7 @@ async fn handle(
     agent: &AgentHandle,
     hash: [u8; 32],
     msg: Message,
+    limits: CallLimits,
 ) -> Result<(), Error> {
     let id = agent.id();
     let number = msg.number;
@@ -156,7 +175,7 @@ async fn handle(
     let out: Outcome = tokio::task::spawn_blocking(move || {
         let _permit = permit;
         match c.agent.as_ref() {
-            Some(pre) => call_agent(&gh2, pre, a2, msg),
+            Some(pre) => call_agent(&gh2, pre, a2, msg, limits),
             None => Outcome {
                 fuel: 0,
                 memory: 0,
