@@ -32,11 +32,12 @@ const MAX_PANIC_TEXT: usize = 500;
 /// as `panicked: …` just before the `unreachable` trap (wasm32-unknown-unknown
 /// has no unwinding), so the stop reason can say what happened.
 pub(crate) fn note_panic(slot: &mut Option<String>, level: u8, message: &str) {
-    if level >= 4 && slot.is_none() {
-        if let Some(m) = message.strip_prefix("panicked") {
-            let m = m.trim_start_matches([':', ' ']);
-            *slot = Some(m.chars().take(MAX_PANIC_TEXT).collect());
-        }
+    if level >= 4
+        && slot.is_none()
+        && let Some(m) = message.strip_prefix("panicked")
+    {
+        let m = m.trim_start_matches([':', ' ']);
+        *slot = Some(m.chars().take(MAX_PANIC_TEXT).collect());
     }
 }
 
