@@ -187,6 +187,7 @@ impl Runtime {
             rt: inner.clone(),
             ctx: Arc::new(rec),
             fence: None,
+            journal: None,
         };
         tracing::info!(root = %root, store = %inner.db.describe(), "runtime open");
         Ok(Runtime {
@@ -215,6 +216,14 @@ impl Runtime {
             .guests
             .set(Arc::new(gh))
             .map_err(|_| Error::Invalid("guests are already enabled".into()))
+    }
+
+    /// Starts the guests that have mail they did not handle (their node
+    /// died mid-handler, or mail came while no node ran them), now and, in a
+    /// cluster, every two leases (owners die). Call once, inside tokio,
+    /// after [`Runtime::enable_guests`] and [`Runtime::join_cluster`].
+    pub fn start_guest_resumer(&self) {
+        tokio::spawn(crate::guest::resume_loop(Arc::downgrade(&self.inner)));
     }
 
     /// Joins the cluster whose store this runtime uses: registers this
@@ -475,6 +484,9 @@ pub struct AgentHandle {
     /// In a cluster, for the handle a guest's component acts through: its
     /// writes are refused unless this node still owns the guest.
     pub(crate) fence: Option<crate::cluster::Fence>,
+    /// For the handle a guest's handler acts through: the answers of its
+    /// reads, written with its next write (see [`crate::guest::journal`]).
+    pub(crate) journal: Option<Arc<crate::guest::journal::Journal>>,
 }
 
 impl std::fmt::Debug for AgentHandle {
@@ -524,6 +536,24 @@ pub fn state_text(s: &PromiseState) -> String {
     }
 }
 
+/// The bytes of value `id`, checked against its record.
+async fn value_bytes(
+    tx: &mut capstan_cluster::Transaction,
+    id: &FormulaId,
+    v: &ValueRec,
+) -> Result<Vec<u8>, Error> {
+    let data = capstan_cluster::blob::get_blob(tx, &keys::value(id))
+        .await?
+        .ok_or_else(|| Error::Corrupt(format!("value {} has no bytes", id.short())))?;
+    if data.len() as u64 != v.size || *blake3::hash(&data).as_bytes() != v.hash {
+        return Err(Error::Corrupt(format!(
+            "value {} does not match its hash",
+            id.short()
+        )));
+    }
+    Ok(data)
+}
+
 /// Follows resolved promises to what they resolved to (bounded chain).
 pub(crate) async fn settle_target(
     tx: &mut capstan_cluster::Transaction,
@@ -550,6 +580,7 @@ impl AgentHandle {
             rt: rt.clone(),
             ctx: Arc::new(rec),
             fence: None,
+            journal: None,
         })
     }
 
@@ -655,6 +686,15 @@ impl AgentHandle {
     }
 
     pub async fn cat(&self, path: &str) -> Result<(ValueKind, Vec<u8>), Error> {
+        self.cat_value(path).await.map(|(_, k, d)| (k, d))
+    }
+
+    /// What `path` designates, settled, when it is a value: its formula,
+    /// kind and bytes.
+    pub(crate) async fn cat_value(
+        &self,
+        path: &str,
+    ) -> Result<(FormulaId, ValueKind, Vec<u8>), Error> {
         let ctx = self.ctx.clone();
         let p = Path::parse(path)?;
         self.rt
@@ -665,20 +705,8 @@ impl AgentHandle {
                     let (tid, f) = settle_target(tx, id).await?;
                     match f.kind {
                         FormulaKind::Value(v) => {
-                            let data = capstan_cluster::blob::get_blob(tx, &keys::value(&tid))
-                                .await?
-                                .ok_or_else(|| {
-                                    Error::Corrupt(format!("value {} has no bytes", tid.short()))
-                                })?;
-                            if data.len() as u64 != v.size
-                                || *blake3::hash(&data).as_bytes() != v.hash
-                            {
-                                return Err(Error::Corrupt(format!(
-                                    "value {} does not match its hash",
-                                    tid.short()
-                                )));
-                            }
-                            Ok((v.kind, data))
+                            let data = value_bytes(tx, &tid, &v).await?;
+                            Ok((tid, v.kind, data))
                         }
                         FormulaKind::Promise(PromiseRec { state, .. }) => {
                             Err(Error::Invalid(format!(
@@ -691,6 +719,25 @@ impl AgentHandle {
                             expected: "value".into(),
                             actual: other.type_name().into(),
                         }),
+                    }
+                })
+            })
+            .await
+    }
+
+    /// The bytes of value formula `id` (values never change).
+    pub(crate) async fn value_by_id(&self, id: FormulaId) -> Result<(ValueKind, Vec<u8>), Error> {
+        self.rt
+            .db
+            .read(move |tx| {
+                Box::pin(async move {
+                    match model::must_formula(tx, &id).await?.kind {
+                        FormulaKind::Value(v) => Ok((v.kind, value_bytes(tx, &id, &v).await?)),
+                        other => Err(Error::Corrupt(format!(
+                            "{} is a {}, not a value",
+                            id.short(),
+                            other.type_name()
+                        ))),
                     }
                 })
             })
@@ -920,6 +967,7 @@ impl AgentHandle {
             rt: self.rt.clone(),
             ctx: Arc::new(rec),
             fence: None,
+            journal: None,
         })
     }
 
@@ -935,21 +983,35 @@ impl AgentHandle {
             + Sync
             + 'static,
     {
-        let Some(fence) = self.fence.clone() else {
+        if self.fence.is_none() && self.journal.is_none() {
             return self.rt.db.transact(f).await;
-        };
+        }
+        let (fence, journal) = (self.fence.clone(), self.journal.clone());
         let f = Arc::new(f);
         let r = self
             .rt
             .db
             .transact(move |tx| {
-                let (f, fence) = (f.clone(), fence.clone());
+                let (f, fence, journal) = (f.clone(), fence.clone(), journal.clone());
                 Box::pin(async move {
-                    fence.check(tx).await?;
-                    f(tx).await
+                    if let Some(fence) = &fence {
+                        fence.check(tx).await?;
+                    }
+                    let pending = journal.as_ref().and_then(|j| j.pending());
+                    let t = f(tx).await?;
+                    if let (Some(j), Some((bytes, _))) = (&journal, &pending) {
+                        capstan_cluster::blob::set_blob(tx, j.key_bytes(), bytes).await?;
+                    }
+                    Ok((t, pending.map(|(_, g)| g)))
                 })
             })
             .await;
+        let r = r.map(|(t, generation)| {
+            if let (Some(j), Some(g)) = (&self.journal, generation) {
+                j.flushed(g);
+            }
+            t
+        });
         if let Err(Error::Fenced(why)) = &r
             && let Some(c) = self.rt.cluster.get()
         {

@@ -837,6 +837,7 @@ impl Runtime {
             rt: self.inner().clone(),
             ctx: Arc::new(ctx),
             fence: None,
+            journal: None,
         })
     }
 }

@@ -300,6 +300,9 @@ pub async fn run(
         None
     };
 
+    // Guests cut short by a crash (or with mail no node ran) go on.
+    runtime.start_guest_resumer();
+
     // Mail owed to other clusters, including what was queued before a crash.
     let outbox = tokio::task::spawn_local(net.clone().run_outbox());
 

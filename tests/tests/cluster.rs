@@ -524,13 +524,7 @@ fn wait_mail(c: &Cluster, via: usize, from: &str, text: &str) -> Vec<Value> {
     }
 }
 
-// Ignored until guest handlers are exactly-once (see the closing note of
-// stop 11): on a loaded machine the counter's first increment is handled
-// twice (`count = 2`) when its handler is cut short after `store-text` and
-// re-run. Run it with `--ignored`; it must pass once handlers journal their
-// host calls.
 #[test]
-#[ignore = "known defect: guest handlers are at-least-once under lease loss"]
 fn a_guest_component_resumes_on_a_survivor_with_its_state() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let wasm = guest_wasm("counter");

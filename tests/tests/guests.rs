@@ -131,6 +131,45 @@ fn counter_answers_by_mail_and_survives_kill_9() {
     assert_eq!(count_mail(&node, "bot", "count = "), 3);
 }
 
+/// Rounds of work `increment slowly` does between storing the count and
+/// replying: a few seconds, so the test can kill the node in between.
+const SLOW_ROUNDS: &str = "1500000000";
+
+/// A handler cut short by `kill -9` between its effects (the count stored,
+/// the host told, no reply yet) runs again after the restart, and its
+/// effects are not repeated: the count is 1 not 2, the host was told once,
+/// and the one answer says `count = 1`.
+#[test]
+fn a_handler_cut_short_by_kill_9_is_not_repeated() {
+    let mut node = Node::started();
+    install(&node, "counter", "counter", &[]);
+    node.ok([
+        "mkguest",
+        "bot",
+        "--component",
+        "counter",
+        "--fuel",
+        "100000000000",
+        "--deadline-ms",
+        "60000",
+    ]);
+    node.ok(["send", "bot", &format!("increment slowly {SLOW_ROUNDS}")]);
+    wait_mail(&node, "bot", "stored count 1; working");
+    let g = guest(&node, "bot");
+    assert_eq!(g["handled"], 0, "the handler finished before the kill: {g}");
+    node.kill9();
+    node.start();
+    let t = wait_mail(&node, "bot", "count = ");
+    assert_eq!(t, "count = 1");
+    assert_eq!(node.ok(["cat", "--as", "bot", "count"]).trim(), "1");
+    assert_eq!(count_mail(&node, "bot", "stored count"), 1);
+    assert_eq!(count_mail(&node, "bot", "count = "), 1);
+    // and the guest goes on from there
+    node.ok(["send", "bot", "increment"]);
+    wait_mail(&node, "bot", "count = 2");
+    assert_eq!(count_mail(&node, "bot", "count = "), 2);
+}
+
 #[test]
 fn echo_tool_runs_in_ironclaws_contract() {
     let node = Node::started();

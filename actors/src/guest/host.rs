@@ -11,10 +11,12 @@ use wasmtime::{ResourceLimiter, Store, Trap};
 use super::bindings::agent::capstan::agent as agent_wit;
 use super::bindings::tool::capstan::tool::host as tool_host;
 use super::bindings::tool::exports::capstan::tool::tool as tool_exports;
+use super::journal::{self, Entry, Journal};
 use super::{CallLimits, GuestHost, Manifest, World, compiled, derived_request};
 use crate::api::{AgentHandle, ValueKind};
 use crate::error::Error;
 use crate::model;
+use crate::records::DedupAnswer;
 use crate::records::FormulaKind;
 
 /// Most log lines a guest may write per call.
@@ -23,6 +25,8 @@ const MAX_LOGS: u32 = 1000;
 const MAX_LOG_LINE: usize = 1000;
 /// Largest value a guest may store.
 const MAX_GUEST_VALUE: usize = 1 << 20;
+/// Most names `list` answers.
+const MAX_LIST: usize = 1000;
 /// Deepest chain of tool-invoke.
 const MAX_TOOL_DEPTH: u32 = 4;
 /// Longest panic message kept for the stop reason.
@@ -102,11 +106,37 @@ impl ResourceLimiter for Limiter {
     }
 }
 
+/// What an earlier, cut-short run of the same message left: the answers to
+/// give back instead of calling again.
+#[derive(Debug, Default)]
+pub(crate) struct Replay {
+    entries: BTreeMap<u32, Entry>,
+    /// Writes may still have been made by the earlier run: look up their
+    /// exactly-once records before writing.
+    writes: bool,
+}
+
+impl Replay {
+    /// A replay of `loaded`; `wrote` if the earlier run's first write is
+    /// recorded.
+    pub(crate) fn new(loaded: &[(u32, Entry)], wrote: bool) -> Option<Replay> {
+        (!loaded.is_empty() || wrote).then(|| Replay {
+            entries: loaded.iter().cloned().collect(),
+            writes: wrote,
+        })
+    }
+}
+
 /// The store data of an agent-world instance: acting as the guest.
 pub(crate) struct AgentState {
     agent: AgentHandle,
     number: u64,
+    /// Writes made (the index in their derived request ids).
     calls: u32,
+    /// Host calls made (the index in the journal).
+    index: u32,
+    journal: Arc<Journal>,
+    replay: Option<Replay>,
     logs: u32,
     table: ResourceTable,
     held: usize,
@@ -118,11 +148,21 @@ pub(crate) struct AgentState {
 }
 
 impl AgentState {
-    pub(crate) fn new(gh: &GuestHost, agent: AgentHandle, number: u64) -> AgentState {
+    pub(crate) fn new(
+        gh: &GuestHost,
+        mut agent: AgentHandle,
+        number: u64,
+        journal: Arc<Journal>,
+        replay: Option<Replay>,
+    ) -> AgentState {
+        agent.journal = Some(journal.clone());
         AgentState {
             agent,
             number,
             calls: 0,
+            index: 0,
+            journal,
+            replay,
             logs: 0,
             table: ResourceTable::new(),
             held: 0,
@@ -137,6 +177,104 @@ impl AgentState {
     fn req(&mut self) -> capstan_proto::RequestId {
         self.calls += 1;
         derived_request(&self.agent.id(), self.number, self.calls)
+    }
+
+    /// The index of the host call being made, and its answer from an
+    /// earlier run if there is one.
+    fn call(&mut self) -> (u32, Option<Entry>) {
+        self.index += 1;
+        let i = self.index;
+        (
+            i,
+            self.replay
+                .as_ref()
+                .and_then(|r| r.entries.get(&i).cloned()),
+        )
+    }
+
+    /// Journals the answer of call `i`.
+    fn record(&mut self, i: u32, entry: Entry) -> wasmtime::Result<()> {
+        self.journal
+            .record(i, entry)
+            .map_err(|m| wasmtime::format_err!(m))
+    }
+
+    /// A write: answered from its exactly-once record if an earlier run
+    /// made it, else made now. Failures are journaled.
+    fn write(
+        &mut self,
+        what: impl FnOnce(&Self, capstan_proto::RequestId) -> Result<u64, Error>,
+    ) -> wasmtime::Result<Result<u64, String>> {
+        let (i, earlier) = self.call();
+        let req = self.req();
+        match earlier {
+            Some(Entry::Failed(e)) => return Ok(Err(e)),
+            Some(other) => return Err(diverged(i, &other)),
+            None => {}
+        }
+        if self.replay.as_ref().is_some_and(|r| r.writes) {
+            let id = self.agent.id();
+            let inner = self.agent.inner().clone();
+            let recorded = self.block(inner.db.read(move |tx| {
+                Box::pin(async move { crate::model::dedup_get(tx, &id, &req).await })
+            }));
+            match recorded {
+                Ok(Some(DedupAnswer::Number(n))) => return Ok(Ok(n)),
+                Ok(Some(_)) => return Ok(Ok(0)),
+                Ok(None) => {
+                    // past the earlier run's last write: live from here
+                    if let Some(r) = self.replay.as_mut() {
+                        r.writes = false;
+                    }
+                }
+                Err(e) => return Ok(Err(e.to_string())),
+            }
+        }
+        match what(self, req) {
+            Ok(n) => Ok(Ok(n)),
+            Err(e) => {
+                let e = e.to_string();
+                self.record(i, Entry::Failed(e.clone()))?;
+                Ok(Err(e))
+            }
+        }
+    }
+
+    /// A read of a value by name: its answer journaled as the value's id.
+    fn read_value(
+        &mut self,
+        path: &str,
+        check: Option<&CapabilityRep>,
+    ) -> wasmtime::Result<Result<Option<Vec<u8>>, String>> {
+        let (i, earlier) = self.call();
+        match earlier {
+            Some(Entry::Value(Ok(Some(id)))) => {
+                let id = journal::id_parse(&id).map_err(|e| wasmtime::format_err!("{e}"))?;
+                return Ok(self
+                    .block(self.agent.value_by_id(id))
+                    .map(|(_, d)| Some(d))
+                    .map_err(|e| e.to_string()));
+            }
+            Some(Entry::Value(Ok(None))) => return Ok(Ok(None)),
+            Some(Entry::Value(Err(e))) => return Ok(Err(e)),
+            Some(other) => return Err(diverged(i, &other)),
+            None => {}
+        }
+        let r = match check.map(|rep| self.still(rep)) {
+            Some(Err(e)) => Err(e),
+            _ => match self.block(self.agent.cat_value(path)) {
+                Ok(v) => Ok(Some(v)),
+                Err(Error::UnknownName(_)) if check.is_none() => Ok(None),
+                Err(e) => Err(e.to_string()),
+            },
+        };
+        let entry = Entry::Value(match &r {
+            Ok(Some((id, _, _))) => Ok(Some(journal::id_text(id))),
+            Ok(None) => Ok(None),
+            Err(e) => Err(e.clone()),
+        });
+        self.record(i, entry)?;
+        Ok(r.map(|v| v.map(|(_, _, d)| d)))
     }
 
     fn block<F: std::future::Future>(&self, f: F) -> F::Output {
@@ -187,14 +325,14 @@ impl agent_wit::host::HostCapability for AgentState {
 
     fn read(&mut self, me: Resource<CapabilityRep>) -> wasmtime::Result<Result<Vec<u8>, String>> {
         let rep = self.table.get(&me)?;
-        let path = rep.path.clone();
-        if let Err(e) = self.still(rep) {
-            return Ok(Err(e));
-        }
+        let rep = CapabilityRep {
+            path: rep.path.clone(),
+            id: rep.id,
+            kind: rep.kind.clone(),
+        };
         Ok(self
-            .block(self.agent.cat(&path))
-            .map(|(_, b)| b)
-            .map_err(|e| e.to_string()))
+            .read_value(&rep.path, Some(&rep))?
+            .map(Option::unwrap_or_default))
     }
 
     fn send(
@@ -204,14 +342,15 @@ impl agent_wit::host::HostCapability for AgentState {
     ) -> wasmtime::Result<Result<u64, String>> {
         self.check_message(&text)?;
         let rep = self.table.get(&me)?;
-        let path = rep.path.clone();
-        if let Err(e) = self.still(rep) {
-            return Ok(Err(e));
-        }
-        let req = self.req();
-        Ok(self
-            .block(self.agent.send(req, &path, vec![text], vec![], None))
-            .map_err(|e| e.to_string()))
+        let rep = CapabilityRep {
+            path: rep.path.clone(),
+            id: rep.id,
+            kind: rep.kind.clone(),
+        };
+        self.write(move |me, req| {
+            me.still(&rep).map_err(Error::Invalid)?;
+            me.block(me.agent.send(req, &rep.path, vec![text], vec![], None))
+        })
     }
 
     fn drop(&mut self, me: Resource<CapabilityRep>) -> wasmtime::Result<()> {
@@ -232,10 +371,19 @@ impl agent_wit::host::Host for AgentState {
     }
 
     fn list(&mut self) -> wasmtime::Result<Vec<String>> {
-        Ok(self
+        let (i, earlier) = self.call();
+        if let Some(e) = earlier {
+            return match e {
+                Entry::List(names) => Ok(names),
+                other => Err(diverged(i, &other)),
+            };
+        }
+        let names: Vec<String> = self
             .block(self.agent.list(""))
-            .map(|v| v.into_iter().map(|e| e.name).take(10_000).collect())
-            .unwrap_or_default())
+            .map(|v| v.into_iter().map(|e| e.name).take(MAX_LIST).collect())
+            .unwrap_or_default();
+        self.record(i, Entry::List(names.clone()))?;
+        Ok(names)
     }
 
     fn lookup(
@@ -248,14 +396,35 @@ impl agent_wit::host::Host for AgentState {
                 self.max_held
             )));
         }
-        let e = match self.block(self.agent.show(&name)) {
-            Ok(e) => e,
-            Err(e) => return Ok(Err(e.to_string())),
+        let (i, earlier) = self.call();
+        let found = match earlier {
+            Some(Entry::Lookup(Ok((id, kind)))) => Ok((
+                journal::id_parse(&id).map_err(|e| wasmtime::format_err!("{e}"))?,
+                kind,
+            )),
+            Some(Entry::Lookup(Err(e))) => Err(e),
+            Some(other) => return Err(diverged(i, &other)),
+            None => {
+                let r = self
+                    .block(self.agent.show(&name))
+                    .map(|e| (e.id, e.kind))
+                    .map_err(|e| e.to_string());
+                let entry = Entry::Lookup(match &r {
+                    Ok((id, kind)) => Ok((journal::id_text(id), kind.clone())),
+                    Err(e) => Err(e.clone()),
+                });
+                self.record(i, entry)?;
+                r
+            }
+        };
+        let (id, kind) = match found {
+            Ok(f) => f,
+            Err(e) => return Ok(Err(e)),
         };
         let r = self.table.push(CapabilityRep {
             path: name,
-            id: e.id,
-            kind: e.kind,
+            id,
+            kind,
         })?;
         self.held += 1;
         Ok(Ok(r))
@@ -263,18 +432,14 @@ impl agent_wit::host::Host for AgentState {
 
     fn send(&mut self, to: String, text: String) -> wasmtime::Result<Result<u64, String>> {
         self.check_message(&text)?;
-        let req = self.req();
-        Ok(self
-            .block(self.agent.send(req, &to, vec![text], vec![], None))
-            .map_err(|e| e.to_string()))
+        self.write(move |me, req| me.block(me.agent.send(req, &to, vec![text], vec![], None)))
     }
 
     fn reply(&mut self, number: u64, text: String) -> wasmtime::Result<Result<u64, String>> {
         self.check_message(&text)?;
-        let req = self.req();
-        Ok(self
-            .block(self.agent.send(req, "", vec![text], vec![], Some(number)))
-            .map_err(|e| e.to_string()))
+        self.write(move |me, req| {
+            me.block(me.agent.send(req, "", vec![text], vec![], Some(number)))
+        })
     }
 
     fn store_text(&mut self, name: String, text: String) -> wasmtime::Result<Result<(), String>> {
@@ -284,25 +449,33 @@ impl agent_wit::host::Host for AgentState {
                 text.len()
             ));
         }
-        let req = self.req();
         Ok(self
-            .block(
-                self.agent
-                    .store(req, &name, ValueKind::Text, text.into_bytes()),
-            )
-            .map(|_| ())
-            .map_err(|e| e.to_string()))
+            .write(move |me, req| {
+                me.block(
+                    me.agent
+                        .store(req, &name, ValueKind::Text, text.into_bytes()),
+                )
+                .map(|_| 0)
+            })?
+            .map(|_| ()))
     }
 
     fn read_text(&mut self, name: String) -> wasmtime::Result<Result<Option<String>, String>> {
-        match self.block(self.agent.cat(&name)) {
-            Ok((_, b)) => Ok(String::from_utf8(b)
+        Ok(match self.read_value(&name, None)? {
+            Ok(Some(b)) => String::from_utf8(b)
                 .map(Some)
-                .map_err(|_| format!("{name:?} is not text"))),
-            Err(Error::UnknownName(_)) => Ok(Ok(None)),
-            Err(e) => Ok(Err(e.to_string())),
-        }
+                .map_err(|_| format!("{name:?} is not text")),
+            Ok(None) => Ok(None),
+            Err(e) => Err(e),
+        })
     }
+}
+
+/// The error of a guest whose replay does not retrace its earlier run.
+fn diverged(i: u32, earlier: &Entry) -> wasmtime::Error {
+    wasmtime::format_err!(
+        "the guest took another path than its earlier run of this message (call {i} was {earlier:?}); guests must be deterministic"
+    )
 }
 
 /// What one guest call came to.
@@ -359,10 +532,13 @@ pub(crate) fn call_agent(
     agent: AgentHandle,
     msg: agent_wit::types::Message,
     limits: CallLimits,
+    journal: Arc<Journal>,
+    replay: Option<Replay>,
 ) -> Outcome {
     let fuel = limits.fuel;
     let t0 = std::time::Instant::now();
-    let mut store = Store::new(&gh.engine, AgentState::new(gh, agent, msg.number));
+    let state = AgentState::new(gh, agent, msg.number, journal, replay);
+    let mut store = Store::new(&gh.engine, state);
     store.limiter(|s| &mut s.limiter);
     let mut t1 = t0;
     let r = arm(&mut store, limits).and_then(|_| {

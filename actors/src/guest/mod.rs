@@ -42,6 +42,7 @@
 
 mod bindings;
 mod host;
+pub(crate) mod journal;
 mod runner;
 
 use std::collections::{BTreeMap, HashMap};
@@ -61,7 +62,7 @@ use crate::records::FormulaKind;
 
 pub use host::CapabilityRep;
 pub(crate) use host::{AgentState, ToolState};
-pub(crate) use runner::{GuestRunner, runner_for};
+pub(crate) use runner::{GuestRunner, resume_loop, runner_for};
 
 /// The agent world this node runs.
 pub const AGENT_PACKAGE: &str = "capstan:agent";

@@ -8,7 +8,8 @@ use capstan_proto::FormulaId;
 use tokio::sync::mpsc;
 
 use super::bindings::agent::capstan::agent::types::Message;
-use super::host::{Outcome, call_agent};
+use super::host::{Outcome, Replay, call_agent};
+use super::journal::{self, Journal};
 use super::{Body, CallLimits, GuestHost, compiled, keys};
 use crate::api::{AgentHandle, Inner};
 use crate::error::Error;
@@ -79,27 +80,84 @@ async fn drain(
     // In a cluster, everything the component does is fenced by this node's
     // placement of the guest: once another node owns it, writes are refused.
     agent.fence = rt.cluster.get().map(|c| c.fence(id));
+    // Only the first message this runner handles can have been started
+    // before (by a run cut short here or on another node): the runner
+    // marks each message handled before it starts the next.
+    let mut first = true;
     loop {
         let batch = next_batch(rt, &agent).await?;
         if batch.is_empty() {
             return Ok(());
         }
         for (number, msg) in batch {
+            let mut journaled = false;
             if let Some(msg) = msg {
-                handle(gh, rt, &agent, hash, msg, limits).await?;
+                let (loaded, replay) = if std::mem::take(&mut first) {
+                    earlier_run(rt, id, number).await?
+                } else {
+                    (vec![], None)
+                };
+                let j = Arc::new(Journal::new(&id, number, loaded));
+                handle(gh, rt, &agent, hash, msg, limits, (j.clone(), replay)).await?;
+                journaled = j.stored();
             }
-            mark_done(&agent, number).await?;
+            first = false;
+            mark_done(&agent, number, journaled).await?;
         }
     }
 }
 
-/// Records that every message up to `number` was handled.
-pub(super) async fn mark_done(agent: &AgentHandle, number: u64) -> Result<(), Error> {
+/// What an earlier run of message `number` left: its journal, and whether
+/// it made its first write (then its writes are looked up on replay).
+async fn earlier_run(
+    rt: &Arc<Inner>,
+    id: FormulaId,
+    number: u64,
+) -> Result<(Vec<(u32, journal::Entry)>, Option<Replay>), Error> {
+    let first_write = super::derived_request(&id, number, 1);
+    let (loaded, wrote) = rt
+        .db
+        .read(move |tx| {
+            Box::pin(async move {
+                let j = capstan_cluster::blob::get_blob(tx, &journal::key(&id, number)).await?;
+                let loaded = match j {
+                    Some(b) => journal::decode(&b)?,
+                    None => vec![],
+                };
+                let wrote = crate::model::dedup_get(tx, &id, &first_write)
+                    .await?
+                    .is_some();
+                Ok::<_, Error>((loaded, wrote))
+            })
+        })
+        .await?;
+    if wrote || !loaded.is_empty() {
+        tracing::info!(
+            guest = %id.short(),
+            number,
+            journaled = loaded.len(),
+            "replaying a message whose handler was cut short"
+        );
+    }
+    let replay = Replay::new(&loaded, wrote);
+    Ok((loaded, replay))
+}
+
+/// Records that every message up to `number` was handled (and clears its
+/// journal if it has one, in the same transaction).
+pub(super) async fn mark_done(
+    agent: &AgentHandle,
+    number: u64,
+    journaled: bool,
+) -> Result<(), Error> {
     let id = agent.id();
     agent
         .transact(move |tx| {
             Box::pin(async move {
                 tx.set(&keys::next(&id), &(number + 1).to_be_bytes())?;
+                if journaled {
+                    capstan_cluster::blob::clear_blob(tx, &journal::key(&id, number));
+                }
                 Ok::<_, Error>(())
             })
         })
@@ -160,6 +218,7 @@ async fn handle(
     hash: [u8; 32],
     msg: Message,
     limits: CallLimits,
+    (journal, replay): (Arc<Journal>, Option<Replay>),
 ) -> Result<(), Error> {
     let id = agent.id();
     let number = msg.number;
@@ -175,7 +234,7 @@ async fn handle(
     let out: Outcome = tokio::task::spawn_blocking(move || {
         let _permit = permit;
         match c.agent.as_ref() {
-            Some(pre) => call_agent(&gh2, pre, a2, msg, limits),
+            Some(pre) => call_agent(&gh2, pre, a2, msg, limits, journal, replay),
             None => Outcome {
                 fuel: 0,
                 memory: 0,
@@ -219,4 +278,125 @@ async fn handle(
         agent.send(req, "HOST", vec![text], vec![], None).await?;
     }
     Ok(())
+}
+
+/// Guests read per page when looking for unhandled mail.
+const RESUME_PAGE: usize = 1000;
+
+/// Guests with mail they have not handled yet (a handler cut short by a
+/// crash, or mail that came while no node ran them).
+async fn guests_behind(rt: &Arc<Inner>) -> Result<Vec<FormulaId>, Error> {
+    let mut out = Vec::new();
+    let mut begin = keys::bodies();
+    let end = capstan_cluster::tuple::prefix_end(&begin);
+    loop {
+        let (b, e) = (begin.clone(), end.clone());
+        let (page, last) = rt
+            .db
+            .read(move |tx| {
+                let (b, e) = (b.clone(), e.clone());
+                Box::pin(async move {
+                    let rows = tx
+                        .get_range(capstan_cluster::RangeOption {
+                            begin: b,
+                            end: e,
+                            limit: RESUME_PAGE,
+                            reverse: false,
+                        })
+                        .await?;
+                    let last = (rows.len() == RESUME_PAGE)
+                        .then(|| rows.last().map(|(k, _)| k.clone()))
+                        .flatten();
+                    let mut behind = Vec::new();
+                    for (_, v) in rows {
+                        let Ok(body) = serde_json::from_slice::<Body>(&v) else {
+                            continue;
+                        };
+                        let Ok(id) = body.id.parse::<FormulaId>() else {
+                            continue;
+                        };
+                        let next = match tx.get(&keys::next(&id)).await? {
+                            Some(b) if b.len() == 8 => {
+                                u64::from_be_bytes(b.as_slice().try_into().unwrap_or([0; 8]))
+                            }
+                            _ => 0,
+                        };
+                        if model::next_message_number(tx, &id).await? > next {
+                            behind.push(id);
+                        }
+                    }
+                    Ok::<_, Error>((behind, last))
+                })
+            })
+            .await?;
+        out.extend(page);
+        match last {
+            Some(mut k) => {
+                k.push(0);
+                begin = k;
+            }
+            None => return Ok(out),
+        }
+    }
+}
+
+/// Starts the runners of guests this node should run that have unhandled
+/// mail: all of them on a lone node; in a cluster, those it owns or can
+/// claim (unowned, or owned by a node whose lease lapsed). Returns how many
+/// it started.
+pub(crate) async fn resume_guests(rt: &Arc<Inner>) -> Result<usize, Error> {
+    if rt.guests.get().is_none() {
+        return Ok(0);
+    }
+    let mut started = 0;
+    for id in guests_behind(rt).await? {
+        let was = rt.registry.agent(&id).is_some();
+        let r = match rt.cluster.get() {
+            None => crate::incarnation::agent_actor(rt, id).await.map(Some),
+            Some(c) => {
+                let live = c.members();
+                let mut owner = c.owner(&rt.db, id).await?;
+                if let crate::cluster::Owner::Other(m) = &owner
+                    && !live.iter().any(|l| l.name == m.name && l.epoch == m.epoch)
+                {
+                    // a cached owner that died since: ask the store again
+                    c.forget_owner(&id);
+                    owner = c.owner(&rt.db, id).await?;
+                }
+                match owner {
+                    crate::cluster::Owner::Me => crate::incarnation::owned_agent_actor(rt, id)
+                        .await
+                        .map(Some),
+                    crate::cluster::Owner::Other(_) => Ok(None),
+                }
+            }
+        };
+        match r {
+            Ok(Some(_)) if !was => {
+                started += 1;
+                tracing::info!(guest = %id.short(), "resumed a guest with unhandled mail");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(guest = %id.short(), "cannot resume guest: {e}"),
+        }
+    }
+    Ok(started)
+}
+
+/// Resumes guests with unhandled mail now, then (in a cluster, where their
+/// owner may die) every two leases. Ends when the runtime is dropped.
+pub(crate) async fn resume_loop(rt: std::sync::Weak<Inner>) {
+    loop {
+        let Some(inner) = rt.upgrade() else { return };
+        if inner.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        if let Err(e) = resume_guests(&inner).await {
+            tracing::warn!("looking for guests to resume: {e}");
+        }
+        let Some(c) = inner.cluster.get() else { return };
+        let period = c.cfg.lease * 2;
+        drop(inner);
+        tokio::time::sleep(period).await;
+    }
 }
