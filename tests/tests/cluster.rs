@@ -555,3 +555,43 @@ fn a_guest_component_resumes_on_a_survivor_with_its_state() {
         .collect();
     assert_eq!(answers, ["count = 1", "count = 2"], "{inbox:#?}");
 }
+
+/// The owner of a guest dies with `kill -9` in the middle of a handler
+/// (the count stored, the host told, no reply yet). With no new mail, a
+/// survivor claims the guest once the dead node's lease lapsed, runs the
+/// handler again, and nothing is done twice: one notice, one answer, and
+/// the count is 1.
+#[test]
+fn a_handler_cut_short_by_its_nodes_death_finishes_on_a_survivor_once() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let wasm = guest_wasm("counter");
+    let Some(mut c) = Cluster::start("midhandler") else {
+        return;
+    };
+    c.n(0).ok(["install", &wasm, "--name", "counter"]);
+    c.n(0).ok([
+        "mkguest",
+        "bot",
+        "--component",
+        "counter",
+        "--fuel",
+        "100000000000",
+        "--deadline-ms",
+        "60000",
+    ]);
+    // Through n2: n2 owns bot and starts the slow handler.
+    c.n(1).ok(["send", "bot", "increment slowly 1500000000"]);
+    wait_mail(&c, 0, "bot", "stored count 1; working");
+    let p = c.placement(0, "bot");
+    assert_eq!(p["node"], "n2", "{p}");
+    c.nodes[1].kill9();
+
+    let inbox = wait_mail(&c, 0, "bot", "count = 1");
+    let p = c.placement(0, "bot");
+    assert_ne!(p["node"], "n2", "{p}");
+    assert_eq!(c.n(0).ok(["cat", "--as", "bot", "count"]).trim(), "1");
+    let all = texts(&inbox);
+    let notices = all.iter().filter(|t| t.starts_with("stored count")).count();
+    let answers = all.iter().filter(|t| t.starts_with("count = ")).count();
+    assert_eq!((notices, answers), (1, 1), "{inbox:#?}");
+}
