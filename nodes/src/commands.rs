@@ -259,10 +259,15 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
         Command::Mkguest {
             path,
             component: Some(component),
+            fuel,
+            deadline_ms,
             ..
-        } => crate::guests::mkguest(client, &path, &component, json).await?,
+        } => crate::guests::mkguest(client, &path, &component, fuel, deadline_ms, json).await?,
         Command::Cluster { command } => crate::cluster::run(client, command, json).await?,
-        c @ (Command::Install { .. } | Command::Guests { .. } | Command::Run { .. }) => {
+        c @ (Command::Install { .. }
+        | Command::Guests { .. }
+        | Command::Run { .. }
+        | Command::Mkhttp { .. }) => {
             crate::guests::run(client, c, json).await?
         }
         Command::Mkguest { path, .. } => {

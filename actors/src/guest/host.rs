@@ -11,7 +11,7 @@ use wasmtime::{ResourceLimiter, Store, Trap};
 use super::bindings::agent::capstan::agent as agent_wit;
 use super::bindings::tool::capstan::tool::host as tool_host;
 use super::bindings::tool::exports::capstan::tool::tool as tool_exports;
-use super::{GuestHost, Manifest, World, compiled, derived_request};
+use super::{CallLimits, GuestHost, Manifest, World, compiled, derived_request};
 use crate::api::{AgentHandle, ValueKind};
 use crate::error::Error;
 use crate::model;
@@ -25,6 +25,20 @@ const MAX_LOG_LINE: usize = 1000;
 const MAX_GUEST_VALUE: usize = 1 << 20;
 /// Deepest chain of tool-invoke.
 const MAX_TOOL_DEPTH: u32 = 4;
+/// Longest panic message kept for the stop reason.
+const MAX_PANIC_TEXT: usize = 500;
+
+/// Remembers a guest's panic message: its panic hook logs it at error level
+/// as `panicked: …` just before the `unreachable` trap (wasm32-unknown-unknown
+/// has no unwinding), so the stop reason can say what happened.
+pub(crate) fn note_panic(slot: &mut Option<String>, level: u8, message: &str) {
+    if level >= 4 && slot.is_none() {
+        if let Some(m) = message.strip_prefix("panicked") {
+            let m = m.trim_start_matches([':', ' ']);
+            *slot = Some(m.chars().take(MAX_PANIC_TEXT).collect());
+        }
+    }
+}
 
 /// A capability in an instance's resource table: what one of the guest's
 /// names designated when the guest looked it up.
@@ -44,7 +58,7 @@ pub(crate) struct Limiter {
 }
 
 impl Limiter {
-    fn new(gh: &GuestHost) -> Limiter {
+    pub(crate) fn new(gh: &GuestHost) -> Limiter {
         Limiter {
             memory: gh.limits().memory,
             table: gh.limits().table_elements,
@@ -99,6 +113,7 @@ pub(crate) struct AgentState {
     max_message: usize,
     pub(crate) limiter: Limiter,
     tokio: tokio::runtime::Handle,
+    pub(crate) panic: Option<String>,
 }
 
 impl AgentState {
@@ -114,6 +129,7 @@ impl AgentState {
             max_message: gh.limits().message,
             limiter: Limiter::new(gh),
             tokio: gh.tokio.clone(),
+            panic: None,
         }
     }
 
@@ -150,7 +166,7 @@ impl AgentState {
     }
 }
 
-fn log_line(who: &str, level: u8, msg: &str) {
+pub(crate) fn log_line(who: &str, level: u8, msg: &str) {
     let msg: String = msg.chars().take(MAX_LOG_LINE).collect();
     match level {
         0 => tracing::trace!(guest = who, "{msg}"),
@@ -207,6 +223,7 @@ impl agent_wit::host::HostCapability for AgentState {
 impl agent_wit::host::Host for AgentState {
     fn log(&mut self, level: agent_wit::types::LogLevel, message: String) -> wasmtime::Result<()> {
         self.logs += 1;
+        note_panic(&mut self.panic, level as u8, &message);
         if self.logs <= MAX_LOGS {
             log_line(&self.agent.id().short(), level as u8, &message);
         }
@@ -297,15 +314,19 @@ pub(crate) struct Outcome {
     pub result: Result<Result<(), String>, String>,
 }
 
-fn stop_reason(e: &wasmtime::Error, fuel: u64, wall: std::time::Duration) -> String {
+pub(crate) fn stop_reason(e: &wasmtime::Error, limits: CallLimits, panic: Option<&str>) -> String {
+    if let (Some(p), Some(Trap::UnreachableCodeReached)) = (panic, e.downcast_ref::<Trap>()) {
+        return format!("it panicked: {p}");
+    }
     if let Some(t) = e.downcast_ref::<Trap>() {
         return match t {
             Trap::OutOfFuel => format!(
-                "fuel limit: it used all of its {fuel} units of fuel for one message (an endless loop?)"
+                "fuel limit: it used all of its {} units of fuel for one call (an endless loop?)",
+                limits.fuel
             ),
             Trap::Interrupt => format!(
-                "time limit: it ran for more than {} ms of wall-clock time on one message",
-                wall.as_millis()
+                "deadline: it ran past its deadline of {} ms of wall-clock time for one call",
+                limits.wall.as_millis()
             ),
             other => format!("it trapped: {other}"),
         };
@@ -321,10 +342,10 @@ fn stop_reason(e: &wasmtime::Error, fuel: u64, wall: std::time::Duration) -> Str
     format!("{e:#}")
 }
 
-/// Sets the fuel and the wall-clock deadline of a fresh store.
-fn arm<T>(gh: &GuestHost, store: &mut Store<T>) -> wasmtime::Result<()> {
-    store.set_fuel(gh.limits().fuel)?;
-    let ticks = (gh.limits().wall.as_millis() / super::EPOCH_TICK.as_millis()).max(1);
+/// Sets the fuel and the wall-clock deadline of a store for one call.
+pub(crate) fn arm<T>(store: &mut Store<T>, limits: CallLimits) -> wasmtime::Result<()> {
+    store.set_fuel(limits.fuel)?;
+    let ticks = (limits.wall.as_millis() / super::EPOCH_TICK.as_millis()).max(1);
     store.set_epoch_deadline(ticks as u64);
     store.epoch_deadline_trap();
     Ok(())
@@ -336,13 +357,14 @@ pub(crate) fn call_agent(
     pre: &super::bindings::agent::AgentPre<AgentState>,
     agent: AgentHandle,
     msg: agent_wit::types::Message,
+    limits: CallLimits,
 ) -> Outcome {
-    let fuel = gh.limits().fuel;
+    let fuel = limits.fuel;
     let t0 = std::time::Instant::now();
     let mut store = Store::new(&gh.engine, AgentState::new(gh, agent, msg.number));
     store.limiter(|s| &mut s.limiter);
     let mut t1 = t0;
-    let r = arm(gh, &mut store).and_then(|_| {
+    let r = arm(&mut store, limits).and_then(|_| {
         let inst = pre.instantiate(&mut store)?;
         t1 = std::time::Instant::now();
         inst.call_on_message(&mut store, &msg)
@@ -354,7 +376,7 @@ pub(crate) fn call_agent(
         memory: store.data().limiter.peak as u64,
         instantiate_ns: (t1 - t0).as_nanos() as u64,
         call_ns: (t2 - t1).as_nanos() as u64,
-        result: r.map_err(|e| stop_reason(&e, fuel, gh.limits().wall)),
+        result: r.map_err(|e| stop_reason(&e, limits, store.data().panic.as_deref())),
     }
 }
 
@@ -367,6 +389,7 @@ pub(crate) struct ToolState {
     logs: u32,
     limiter: Limiter,
     gh: Arc<GuestHost>,
+    panic: Option<String>,
 }
 
 impl ToolState {
@@ -378,6 +401,7 @@ impl ToolState {
 impl tool_host::Host for ToolState {
     fn log(&mut self, level: tool_host::LogLevel, message: String) -> wasmtime::Result<()> {
         self.logs += 1;
+        note_panic(&mut self.panic, level as u8, &message);
         if self.logs <= MAX_LOGS {
             log_line("tool", level as u8, &message);
         }
@@ -422,13 +446,25 @@ impl tool_host::Host for ToolState {
         &mut self,
         method: String,
         url: String,
-        _headers_json: String,
-        _body: Option<Vec<u8>>,
-        _timeout_ms: Option<u32>,
+        headers_json: String,
+        body: Option<Vec<u8>>,
+        timeout_ms: Option<u32>,
     ) -> wasmtime::Result<Result<tool_host::HttpResponse, String>> {
-        Ok(Err(format!(
-            "http-request {method} {url}: this tool holds no http capability (a node cannot grant one yet)"
-        )))
+        let grant = self.grants.get(super::http::HTTP_SLOT).copied();
+        let r = self.block(super::http::guest_request(
+            &self.host,
+            grant,
+            method,
+            url,
+            headers_json,
+            body,
+            timeout_ms,
+        ));
+        Ok(r.map(|r| tool_host::HttpResponse {
+            status: r.status,
+            headers_json: r.headers_json,
+            body: r.body,
+        }))
     }
 
     fn tool_invoke(
@@ -521,7 +557,7 @@ pub(crate) fn execute_tool(p: PreparedTool, input: String, depth: u32) -> Result
     let Some(pre) = c.tool.as_ref() else {
         return Err(Error::Invalid("not a tool component".into()));
     };
-    let fuel = gh.limits().fuel;
+    let limits = CallLimits::node(&gh);
     let state = ToolState {
         host,
         grants,
@@ -529,6 +565,7 @@ pub(crate) fn execute_tool(p: PreparedTool, input: String, depth: u32) -> Result
         logs: 0,
         limiter: Limiter::new(&gh),
         gh: gh.clone(),
+        panic: None,
     };
     let mut store = Store::new(&gh.engine, state);
     store.limiter(|s| &mut s.limiter);
@@ -536,14 +573,14 @@ pub(crate) fn execute_tool(p: PreparedTool, input: String, depth: u32) -> Result
         params: input,
         context: None,
     };
-    let r = arm(&gh, &mut store).and_then(|_| {
+    let r = arm(&mut store, limits).and_then(|_| {
         let inst = pre.instantiate(&mut store)?;
         inst.capstan_tool_tool().call_execute(&mut store, &req)
     });
     match r {
         Err(e) => Err(Error::Invalid(format!(
             "the tool was stopped: {}",
-            stop_reason(&e, fuel, gh.limits().wall)
+            stop_reason(&e, limits, store.data().panic.as_deref())
         ))),
         Ok(resp) => match (resp.output, resp.error) {
             (_, Some(err)) => Err(Error::Invalid(format!("the tool failed: {err}"))),

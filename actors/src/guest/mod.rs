@@ -41,7 +41,9 @@
 //! mismatch.
 
 mod bindings;
+mod channel;
 mod host;
+pub mod http;
 mod runner;
 
 use std::collections::{BTreeMap, HashMap};
@@ -60,6 +62,7 @@ use crate::model;
 use crate::records::FormulaKind;
 
 pub use host::CapabilityRep;
+pub(crate) use channel::ChannelState;
 pub(crate) use host::{AgentState, ToolState};
 pub(crate) use runner::{GuestRunner, runner_for};
 
@@ -67,8 +70,17 @@ pub(crate) use runner::{GuestRunner, runner_for};
 pub const AGENT_PACKAGE: &str = "capstan:agent";
 /// The tool world this node runs.
 pub const TOOL_PACKAGE: &str = "capstan:tool";
-/// The version of both packages.
+/// The channel world this node runs.
+pub const CHANNEL_PACKAGE: &str = "capstan:channel";
+/// The version of the agent and tool packages.
 pub const WORLD_VERSION: &str = "0.1.0";
+/// The version of the channel package (0.2.0 added `http-request`).
+pub const CHANNEL_VERSION: &str = "0.2.0";
+/// Bounds of the per-guest limits `mkguest --fuel N --deadline-ms N`.
+pub const MIN_FUEL: u64 = 1_000_000;
+pub const MAX_FUEL: u64 = 100_000_000_000;
+pub const MIN_DEADLINE_MS: u32 = 10;
+pub const MAX_DEADLINE_MS: u32 = 60_000;
 /// Largest component accepted.
 pub const MAX_COMPONENT_BYTES: usize = capstan_cluster::blob::MAX_BLOB_SIZE;
 /// Most capabilities granted at install time.
@@ -126,6 +138,7 @@ pub struct GuestConfig {
 pub enum World {
     Agent,
     Tool,
+    Channel,
 }
 
 impl World {
@@ -133,6 +146,7 @@ impl World {
         match self {
             World::Agent => format!("{AGENT_PACKAGE}/agent@{WORLD_VERSION}"),
             World::Tool => format!("{TOOL_PACKAGE}/sandboxed-tool@{WORLD_VERSION}"),
+            World::Channel => format!("{CHANNEL_PACKAGE}/sandboxed-channel@{CHANNEL_VERSION}"),
         }
     }
 }
@@ -189,6 +203,44 @@ pub(crate) struct Body {
     /// The guest's id, hex.
     pub id: String,
     pub hash: String,
+    /// Its world (agent or channel); older records: agent.
+    #[serde(default = "agent_world")]
+    pub world: World,
+    /// Fuel per call, if not the node's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fuel: Option<u64>,
+    /// Wall-clock deadline per call, ms, if not the node's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u32>,
+}
+
+fn agent_world() -> World {
+    World::Agent
+}
+
+/// The limits of one guest's calls: the node's, or its own.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CallLimits {
+    pub fuel: u64,
+    pub wall: std::time::Duration,
+}
+
+impl CallLimits {
+    pub fn of(gh: &GuestHost, body: &Body) -> CallLimits {
+        CallLimits {
+            fuel: body.fuel.unwrap_or(gh.limits().fuel),
+            wall: body
+                .deadline_ms
+                .map(|ms| std::time::Duration::from_millis(ms.into()))
+                .unwrap_or(gh.limits().wall),
+        }
+    }
+    pub fn node(gh: &GuestHost) -> CallLimits {
+        CallLimits {
+            fuel: gh.limits().fuel,
+            wall: gh.limits().wall,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -230,6 +282,7 @@ pub(crate) struct Compiled {
     pub world: World,
     pub agent: Option<bindings::agent::AgentPre<AgentState>>,
     pub tool: Option<bindings::tool::SandboxedToolPre<ToolState>>,
+    pub channel: Option<bindings::channel::SandboxedChannelPre<ChannelState>>,
     pub imports: Vec<String>,
     pub exports: Vec<String>,
 }
@@ -239,6 +292,7 @@ pub struct GuestHost {
     pub(crate) engine: Engine,
     agent_linker: Linker<AgentState>,
     tool_linker: Linker<ToolState>,
+    channel_linker: Linker<ChannelState>,
     cfg: GuestConfig,
     compiled: Mutex<HashMap<[u8; 32], Arc<Compiled>>>,
     pub(crate) stats: Mutex<HashMap<FormulaId, Stats>>,
@@ -340,6 +394,12 @@ impl GuestHost {
             wasmtime::component::HasSelf<ToolState>,
         >(&mut tool_linker, |s| s)
         .map_err(|e| wasm_error("tool world", e))?;
+        let mut channel_linker = Linker::new(&engine);
+        bindings::channel::SandboxedChannel::add_to_linker::<
+            ChannelState,
+            wasmtime::component::HasSelf<ChannelState>,
+        >(&mut channel_linker, |s| s)
+        .map_err(|e| wasm_error("channel world", e))?;
         if let Some(d) = &cfg.cache_dir {
             use std::os::unix::fs::DirBuilderExt;
             std::fs::DirBuilder::new()
@@ -369,6 +429,7 @@ impl GuestHost {
             engine,
             agent_linker,
             tool_linker,
+            channel_linker,
             cfg,
             compiled: Mutex::new(HashMap::new()),
             stats: Mutex::new(HashMap::new()),
@@ -493,7 +554,25 @@ impl GuestHost {
             .iter()
             .any(|e| e.starts_with(&format!("{TOOL_PACKAGE}/tool@")));
         let is_agent = exports.iter().any(|e| e == "on-message");
-        if is_tool {
+        let is_channel = exports
+            .iter()
+            .any(|e| e.starts_with(&format!("{CHANNEL_PACKAGE}/channel@")));
+        if is_channel {
+            let pre = self
+                .channel_linker
+                .instantiate_pre(c)
+                .map_err(|e| wasm_error("the component does not fit the channel world", e))?;
+            let pre = bindings::channel::SandboxedChannelPre::new(pre)
+                .map_err(|e| wasm_error("the component does not fit the channel world", e))?;
+            Ok(Compiled {
+                world: World::Channel,
+                agent: None,
+                tool: None,
+                channel: Some(pre),
+                imports,
+                exports,
+            })
+        } else if is_tool {
             let pre = self
                 .tool_linker
                 .instantiate_pre(c)
@@ -504,6 +583,7 @@ impl GuestHost {
                 world: World::Tool,
                 agent: None,
                 tool: Some(pre),
+                channel: None,
                 imports,
                 exports,
             })
@@ -518,14 +598,16 @@ impl GuestHost {
                 world: World::Agent,
                 agent: Some(pre),
                 tool: None,
+                channel: None,
                 imports,
                 exports,
             })
         } else {
             Err(Error::Invalid(format!(
-                "the component implements neither {} nor {}: it exports {}",
+                "the component implements none of {}, {} and {}: it exports {}",
                 World::Agent.describe(),
                 World::Tool.describe(),
+                World::Channel.describe(),
                 if exports.is_empty() {
                     "nothing".to_string()
                 } else {
@@ -557,13 +639,17 @@ impl GuestHost {
 /// Refuses an interface name of our packages at another version, e.g.
 /// `capstan:agent/host@0.2.0`.
 fn check_version(name: &str) -> Result<(), Error> {
-    for pkg in [AGENT_PACKAGE, TOOL_PACKAGE, "capstan:channel"] {
+    for (pkg, want) in [
+        (AGENT_PACKAGE, WORLD_VERSION),
+        (TOOL_PACKAGE, WORLD_VERSION),
+        (CHANNEL_PACKAGE, CHANNEL_VERSION),
+    ] {
         if let Some(rest) = name.strip_prefix(pkg).and_then(|r| r.strip_prefix('/'))
             && let Some((_, version)) = rest.split_once('@')
-            && version != WORLD_VERSION
+            && version != want
         {
             return Err(Error::Invalid(format!(
-                "the component was built against {pkg}@{version}, but this node runs {pkg}@{WORLD_VERSION}; rebuild it against wit/ of this release"
+                "the component was built against {pkg}@{version}, but this node runs {pkg}@{want}; rebuild it against wit/ of this release"
             )));
         }
     }
@@ -761,19 +847,39 @@ impl AgentHandle {
         req: RequestId,
         path: &str,
         component: &str,
+        fuel: Option<u64>,
+        deadline_ms: Option<u32>,
     ) -> Result<FormulaId, Error> {
-        let (_, m) = manifest_of(self, component).await?;
-        if m.world != World::Agent {
+        if let Some(f) = fuel
+            && !(MIN_FUEL..=MAX_FUEL).contains(&f)
+        {
             return Err(Error::Invalid(format!(
-                "{component:?} is a {} component; a guest agent needs {}",
+                "--fuel {f} is out of bounds: between {MIN_FUEL} and {MAX_FUEL}"
+            )));
+        }
+        if let Some(d) = deadline_ms
+            && !(MIN_DEADLINE_MS..=MAX_DEADLINE_MS).contains(&d)
+        {
+            return Err(Error::Invalid(format!(
+                "--deadline-ms {d} is out of bounds: between {MIN_DEADLINE_MS} and {MAX_DEADLINE_MS}"
+            )));
+        }
+        let (_, m) = manifest_of(self, component).await?;
+        if m.world == World::Tool {
+            return Err(Error::Invalid(format!(
+                "{component:?} is a {} component; a guest agent needs {} (or {})",
                 m.world.describe(),
-                World::Agent.describe()
+                World::Agent.describe(),
+                World::Channel.describe()
             )));
         }
         let id = self.mkguest(req, path).await?;
         let body = serde_json::to_vec(&Body {
             id: id.to_hex(),
             hash: m.hash.clone(),
+            world: m.world,
+            fuel,
+            deadline_ms,
         })
         .map_err(|e| Error::Corrupt(e.to_string()))?;
         let grants: Vec<(String, FormulaId)> = m
@@ -804,6 +910,10 @@ impl AgentHandle {
                 })
             })
             .await?;
+        if m.world == World::Channel && self.inner().cluster.get().is_none() {
+            // A channel runs as long as it exists: incarnate it now.
+            crate::incarnation::agent_actor(self.inner(), id).await?;
+        }
         Ok(id)
     }
 
@@ -887,3 +997,49 @@ impl AgentHandle {
 }
 
 pub(crate) use parse_hash as hash_from_hex;
+
+impl crate::api::Runtime {
+    /// Incarnates every channel guest (they poll the outside system as long
+    /// as they exist). Call once at node start, after `enable_guests`.
+    /// Outside a cluster only: in a cluster a channel runs where it is placed.
+    pub async fn start_channels(&self) -> Result<usize, Error> {
+        let inner = self.inner().clone();
+        if inner.guests.get().is_none() || inner.cluster.get().is_some() {
+            return Ok(0);
+        }
+        let ids = inner
+            .db
+            .read(move |tx| {
+                Box::pin(async move {
+                    let begin = keys::bodies();
+                    let end = capstan_cluster::tuple::prefix_end(&begin);
+                    let rows = tx
+                        .get_range(capstan_cluster::RangeOption {
+                            begin,
+                            end,
+                            limit: 10_000,
+                            reverse: false,
+                        })
+                        .await?;
+                    let mut out = Vec::new();
+                    for (_, v) in rows {
+                        let body: Body = serde_json::from_slice(&v)
+                            .map_err(|e| Error::Corrupt(format!("guest body: {e}")))?;
+                        if body.world == World::Channel {
+                            out.push(
+                                body.id
+                                    .parse::<FormulaId>()
+                                    .map_err(|e| Error::Corrupt(format!("guest id: {e}")))?,
+                            );
+                        }
+                    }
+                    Ok::<_, Error>(out)
+                })
+            })
+            .await?;
+        for id in &ids {
+            crate::incarnation::agent_actor(&inner, *id).await?;
+        }
+        Ok(ids.len())
+    }
+}

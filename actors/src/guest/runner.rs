@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 
 use super::bindings::agent::capstan::agent::types::Message;
 use super::host::{Outcome, call_agent};
-use super::{Body, GuestHost, compiled, keys};
+use super::{Body, CallLimits, GuestHost, World, compiled, keys};
 use crate::api::{AgentHandle, Inner};
 use crate::error::Error;
 use crate::model;
@@ -20,13 +20,20 @@ const BATCH: usize = 64;
 
 /// Wakes the runner task; dropping it ends the task after its current batch.
 pub(crate) struct GuestRunner {
-    kick: mpsc::Sender<()>,
+    pub(crate) kick: mpsc::Sender<()>,
+    /// A channel keeps its incarnation alive (it polls the outside system).
+    pub(crate) pinned: bool,
 }
 
 impl GuestRunner {
     /// New mail: look at the inbox again.
     pub fn kick(&self) {
         let _ = self.kick.try_send(());
+    }
+
+    /// Whether the incarnation must not be passivated when idle.
+    pub fn pinned(&self) -> bool {
+        self.pinned
     }
 }
 
@@ -48,11 +55,15 @@ pub(crate) async fn runner_for(
     let body: Body =
         serde_json::from_slice(&body).map_err(|e| Error::Corrupt(format!("guest body: {e}")))?;
     let hash = super::hash_from_hex(&body.hash)?;
+    let limits = CallLimits::of(&gh, &body);
+    if body.world == World::Channel {
+        return Ok(Some(super::channel::start(gh, rt.clone(), id, hash, limits)));
+    }
     let (tx, mut rx) = mpsc::channel(1);
     let rt = rt.clone();
     tokio::spawn(async move {
         loop {
-            if let Err(e) = drain(&gh, &rt, id, hash).await {
+            if let Err(e) = drain(&gh, &rt, id, hash, limits).await {
                 tracing::warn!(guest = %id.short(), "guest runner: {e}");
                 gh.stats_update(id, |s| s.last_error = e.to_string());
             }
@@ -61,7 +72,10 @@ pub(crate) async fn runner_for(
             }
         }
     });
-    Ok(Some(GuestRunner { kick: tx }))
+    Ok(Some(GuestRunner {
+        kick: tx,
+        pinned: false,
+    }))
 }
 
 /// Handles every message not handled yet.
@@ -70,6 +84,7 @@ async fn drain(
     rt: &Arc<Inner>,
     id: FormulaId,
     hash: [u8; 32],
+    limits: CallLimits,
 ) -> Result<(), Error> {
     let lock = gh.lock_for(id);
     let _held = lock.lock().await;
@@ -78,6 +93,38 @@ async fn drain(
     // placement of the guest: once another node owns it, writes are refused.
     agent.fence = rt.cluster.get().map(|c| c.fence(id));
     loop {
+        let batch = next_batch(rt, &agent).await?;
+        if batch.is_empty() {
+            return Ok(());
+        }
+        for (number, msg) in batch {
+            if let Some(msg) = msg {
+                handle(gh, rt, &agent, hash, msg, limits).await?;
+            }
+            mark_done(&agent, number).await?;
+        }
+    }
+}
+
+/// Records that every message up to `number` was handled.
+pub(super) async fn mark_done(agent: &AgentHandle, number: u64) -> Result<(), Error> {
+    let id = agent.id();
+    agent
+        .transact(move |tx| {
+            Box::pin(async move {
+                tx.set(&keys::next(&id), &(number + 1).to_be_bytes())?;
+                Ok::<_, Error>(())
+            })
+        })
+        .await
+}
+
+/// The next messages of the guest's inbox not handled yet (its own are
+/// listed without a body: nothing to handle).
+pub(super) async fn next_batch(
+    rt: &Arc<Inner>,
+    agent: &AgentHandle,
+) -> Result<Vec<(u64, Option<Message>)>, Error> {
         let ctx = agent.ctx().clone();
         let batch = rt
             .db
@@ -116,24 +163,9 @@ async fn drain(
                 })
             })
             .await?;
-        if batch.is_empty() {
-            return Ok(());
-        }
-        for (number, msg) in batch {
-            if let Some(msg) = msg {
-                handle(gh, rt, &agent, hash, msg).await?;
-            }
-            agent
-                .transact(move |tx| {
-                    Box::pin(async move {
-                        tx.set(&keys::next(&id), &(number + 1).to_be_bytes())?;
-                        Ok::<_, Error>(())
-                    })
-                })
-                .await?;
-        }
-    }
+    Ok(batch)
 }
+
 
 async fn handle(
     gh: &Arc<GuestHost>,
@@ -141,6 +173,7 @@ async fn handle(
     agent: &AgentHandle,
     hash: [u8; 32],
     msg: Message,
+    limits: CallLimits,
 ) -> Result<(), Error> {
     let id = agent.id();
     let number = msg.number;
@@ -156,7 +189,7 @@ async fn handle(
     let out: Outcome = tokio::task::spawn_blocking(move || {
         let _permit = permit;
         match c.agent.as_ref() {
-            Some(pre) => call_agent(&gh2, pre, a2, msg),
+            Some(pre) => call_agent(&gh2, pre, a2, msg, limits),
             None => Outcome {
                 fuel: 0,
                 memory: 0,

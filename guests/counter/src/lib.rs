@@ -16,6 +16,7 @@ fn current() -> Result<u64, String> {
 
 impl Guest for Counter {
     fn on_message(msg: Message) -> Result<(), String> {
+        panic_log::install(|m| host::log(capstan::agent::types::LogLevel::Error, m));
         match msg.text.trim() {
             "increment" => {
                 let n = current()? + 1;

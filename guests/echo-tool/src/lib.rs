@@ -42,6 +42,7 @@ fn json_string(s: &str) -> String {
 
 impl Guest for EchoTool {
     fn execute(req: Request) -> Response {
+        panic_log::install(|m| host::log(LogLevel::Error, m));
         host::log(LogLevel::Info, "echo-tool: execute");
         match text_param(&req.params) {
             Some(t) => Response {

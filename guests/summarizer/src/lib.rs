@@ -8,6 +8,7 @@ struct Summarizer;
 
 impl Guest for Summarizer {
     fn on_message(_msg: Message) -> Result<(), String> {
+        panic_log::install(|m| host::log(capstan::agent::types::LogLevel::Error, m));
         let doc = host::lookup("doc")?;
         let bytes = doc.read()?;
         let text = String::from_utf8_lossy(&bytes);
