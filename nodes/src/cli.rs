@@ -191,8 +191,8 @@ pub enum Command {
     /// Make a guest (a confined agent: only what it is given).
     Mkguest {
         path: String,
-        /// Its body: an installed agent component; messages to the guest
-        /// then run its handler.
+        /// Its body: an installed agent component (messages to the guest
+        /// then run its handler) or channel component (run by the node).
         #[arg(long, value_name = "NAME")]
         component: Option<String>,
         /// Fuel for one call of its component, instead of the node's
@@ -216,6 +216,34 @@ pub enum Command {
         /// Give it a capability: SLOT=PATH (PATH in your names). Repeatable.
         #[arg(long = "grant", value_name = "SLOT=PATH")]
         grants: Vec<String>,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Make an HTTP capability NAME for components (grant it: install … --grant http=NAME).
+    ///
+    /// The node makes the requests: only to URLs under an --allow prefix
+    /// (scheme, host and port exactly; the path by prefix), with the allowed
+    /// methods, adding the credential headers it reads from key files (the
+    /// guest never sees them; an echo in a response is redacted).
+    Mkhttp {
+        /// The pet name of the capability.
+        name: String,
+        /// An allowed URL prefix, e.g. https://api.example.com/v1/. Repeatable.
+        #[arg(long = "allow", value_name = "URL", required = true)]
+        allow: Vec<String>,
+        /// Allowed methods, comma-separated (default GET).
+        #[arg(long = "method", value_name = "M,…", value_delimiter = ',')]
+        methods: Vec<String>,
+        /// A credential header the node adds: NAME=KEYFILE (the file holds
+        /// the value, e.g. `Bearer sk-…`). Repeatable.
+        #[arg(long = "header-file", value_name = "NAME=FILE")]
+        headers: Vec<String>,
+        /// Longest request, ms (default 10000, at most 60000).
+        #[arg(long, value_name = "MS")]
+        timeout_ms: Option<u32>,
+        /// Largest response body, bytes (default 1 MiB, at most 16 MiB).
+        #[arg(long, value_name = "N")]
+        max_bytes: Option<u64>,
         #[command(flatten)]
         out: Out,
     },
@@ -480,6 +508,7 @@ impl Command {
             Command::Start { out, .. }
             | Command::Run { out, .. }
             | Command::Install { out, .. }
+            | Command::Mkhttp { out, .. }
             | Command::Guests { out }
             | Command::Stop { out }
             | Command::Ping { out }

@@ -20,3 +20,13 @@ pub mod tool {
         imports: { default: trappable },
     });
 }
+
+/// The channel world, `capstan:channel@0.2.0` (IronClaw's channel contract,
+/// reduced).
+pub mod channel {
+    wasmtime::component::bindgen!({
+        path: "../wit/channel",
+        world: "sandboxed-channel",
+        imports: { default: trappable },
+    });
+}

@@ -627,10 +627,21 @@ impl tool_host::Host for ToolState {
         body: Option<Vec<u8>>,
         timeout_ms: Option<u32>,
     ) -> wasmtime::Result<Result<tool_host::HttpResponse, String>> {
-        let _ = (headers_json, body, timeout_ms);
-        Ok(Err(format!(
-            "http-request {method} {url}: this tool holds no http capability (a node cannot grant one yet)"
-        )))
+        let grant = self.grants.get(super::http::HTTP_SLOT).copied();
+        let r = self.block(super::http::guest_request(
+            &self.host,
+            grant,
+            method,
+            url,
+            headers_json,
+            body,
+            timeout_ms,
+        ));
+        Ok(r.map(|r| tool_host::HttpResponse {
+            status: r.status,
+            headers_json: r.headers_json,
+            body: r.body,
+        }))
     }
 
     fn tool_invoke(
