@@ -68,6 +68,10 @@ pub enum Error {
     /// The node is shutting down or overloaded.
     #[error("{0}")]
     Unavailable(String),
+    /// A model call failed at the provider (the message names it and what
+    /// to do; it never holds a key).
+    #[error("{0}")]
+    Llm(String),
 }
 
 impl TxnError for Error {

@@ -125,6 +125,11 @@ interface Agent {
   # members, placement (arg: a pet-name path), drain (arg: a node name) or
   # leave; the answer is one JSON value (see nodes/CLI.md).
   cluster @29 (command :Text, arg :Text) -> (json :Text);
+  # LLM providers (`capstan llm …`): `command` is add, list, remove, ask,
+  # audit or budget; `args` is one JSON object (see nodes/CLI.md), the answer
+  # one JSON value. `secret` carries the API key for `add` only (read from
+  # the key file by the CLI); it is never echoed, logged or shown.
+  llm @30 (reqId :Data, command :Text, args :Text, secret :Data) -> (json :Text);
 }
 
 struct Grant {
