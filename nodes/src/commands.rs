@@ -264,6 +264,7 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
             ..
         } => crate::guests::mkguest(client, &path, &component, fuel, deadline_ms, json).await?,
         Command::Cluster { command } => crate::cluster::run(client, command, json).await?,
+        Command::Llm { command } => crate::llm::run(client, command, json).await?,
         c @ (Command::Install { .. }
         | Command::Guests { .. }
         | Command::Run { .. }

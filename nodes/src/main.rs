@@ -51,6 +51,7 @@ mod commands;
 mod daemon;
 mod demo;
 mod guests;
+mod llm;
 mod net;
 mod output;
 mod server;

@@ -809,6 +809,25 @@ impl agent::Server for AgentServer {
         Ok(())
     }
 
+    async fn llm(
+        self: Rc<Self>,
+        params: agent::LlmParams,
+        mut results: agent::LlmResults,
+    ) -> Result<(), CapError> {
+        let p = params.get()?;
+        let req = request_id(p.get_req_id())?;
+        let command = text(p.get_command(), "command")?;
+        let args = text(p.get_args(), "args")?;
+        let secret = p
+            .get_secret()
+            .map_err(|e| failed(format!("bad parameter secret: {}", e.extra)))?;
+        let v = crate::llm::command(&self.handle, req, &command, &args, secret)
+            .await
+            .map_err(failed)?;
+        results.get().set_json(v.to_string().as_str());
+        Ok(())
+    }
+
     async fn guests(
         self: Rc<Self>,
         _: agent::GuestsParams,

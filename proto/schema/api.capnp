@@ -131,6 +131,11 @@ interface Agent {
   # (`install … --grant http=NAME`) may reach, and the credential headers
   # the node injects (read from key files; the guest never sees them).
   mkhttp @30 (reqId :Data, name :Text, spec :HttpSpec) -> (id :Data);
+  # LLM providers (`capstan llm …`): `command` is add, list, remove, ask,
+  # audit or budget; `args` is one JSON object (see nodes/CLI.md), the answer
+  # one JSON value. `secret` carries the API key for `add` only (read from
+  # the key file by the CLI); it is never echoed, logged or shown.
+  llm @31 (reqId :Data, command :Text, args :Text, secret :Data) -> (json :Text);
 }
 
 struct HttpSpec {

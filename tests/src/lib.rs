@@ -11,8 +11,11 @@
 //!   daemon when dropped (also when a test panics), so no process leaks.
 //! - [`Run`]: the outcome of one command.
 //! - small assertions: [`assert_cli_error`], [`is_hex`], [`texts`].
+//! - [`llm_server::LlmServer`]: a scripted LLM provider on loopback.
 //!
 //! Every wait has a deadline: a hang fails the test instead of blocking it.
+
+pub mod llm_server;
 
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
