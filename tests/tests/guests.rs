@@ -1,42 +1,17 @@
 //! Guests as WebAssembly components, end to end: real `capstan` daemons
 //! running real components built from guests/ by scripts/build-guests.
 
-use std::path::PathBuf;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use capstan_tests::{Node, texts};
+use capstan_tests::{Node, guest_wasm, texts};
 use serde_json::Value;
 
 /// How long a test waits for a guest's mail before giving up (a generous
 /// bound for a debug build on a busy 2-core machine; not a timing check).
 const MAIL_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// guests/out, built once per test process by scripts/build-guests.
-fn guests_dir() -> &'static PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .expect("workspace")
-            .to_path_buf();
-        // An inherited CARGO_TARGET_DIR is kept: build-guests builds beside it
-        // (reusing what scripts/test built, and its wasm-tools) and unsets the
-        // host-compiler variables itself.
-        let status = std::process::Command::new(root.join("scripts/build-guests"))
-            .env_remove("RUSTC")
-            .env_remove("RUSTFLAGS")
-            .status()
-            .expect("run scripts/build-guests");
-        assert!(status.success(), "scripts/build-guests failed");
-        root.join("guests/out")
-    })
-}
-
 fn wasm(name: &str) -> String {
-    let p = guests_dir().join(format!("{name}.wasm"));
-    assert!(p.exists(), "{} was not built", p.display());
-    p.display().to_string()
+    guest_wasm(name)
 }
 
 /// Waits until the root host's inbox has a message from `from` whose text

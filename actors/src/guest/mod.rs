@@ -281,7 +281,7 @@ pub(crate) mod keys {
 /// A compiled component with its pre-instantiated world.
 pub(crate) struct Compiled {
     pub world: World,
-    pub agent: Option<bindings::agent::AgentPre<AgentState>>,
+    pub agent: Option<bindings::agent::LlmAgentPre<AgentState>>,
     pub tool: Option<bindings::tool::SandboxedToolPre<ToolState>>,
     pub channel: Option<bindings::channel::SandboxedChannelPre<ChannelState>>,
     pub imports: Vec<String>,
@@ -384,7 +384,7 @@ impl GuestHost {
             }
         };
         let mut agent_linker = Linker::new(&engine);
-        bindings::agent::Agent::add_to_linker::<AgentState, wasmtime::component::HasSelf<AgentState>>(
+        bindings::agent::LlmAgent::add_to_linker::<AgentState, wasmtime::component::HasSelf<AgentState>>(
             &mut agent_linker,
             |s| s,
         )
@@ -593,7 +593,7 @@ impl GuestHost {
                 .agent_linker
                 .instantiate_pre(c)
                 .map_err(|e| wasm_error("the component does not fit the agent world", e))?;
-            let pre = bindings::agent::AgentPre::new(pre)
+            let pre = bindings::agent::LlmAgentPre::new(pre)
                 .map_err(|e| wasm_error("the component does not fit the agent world", e))?;
             Ok(Compiled {
                 world: World::Agent,
