@@ -72,6 +72,10 @@ pub enum Error {
     /// reply in time): it may be dead, unlike a node that answered an error.
     #[error("{0}")]
     Unreachable(String),
+    /// A model call failed at the provider (the message names it and what
+    /// to do; it never holds a key).
+    #[error("{0}")]
+    Llm(String),
 }
 
 impl TxnError for Error {

@@ -207,7 +207,12 @@ impl Actor for AgentActor {
             }
             AgentMsg::Tick => {
                 st.followers.retain(|f| !f.is_closed());
-                if st.followers.is_empty() && st.last_active.elapsed() >= st.rt.opts.idle_timeout {
+                // a channel guest stays incarnated: it polls the outside system
+                let pinned = st.guest.as_ref().is_some_and(|g| g.pinned());
+                if !pinned
+                    && st.followers.is_empty()
+                    && st.last_active.elapsed() >= st.rt.opts.idle_timeout
+                {
                     tracing::debug!(agent = %st.id.short(), "passivating idle agent");
                     unregister(&st.rt.registry.agents, &st.id, &myself);
                     myself.stop(None);

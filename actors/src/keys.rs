@@ -14,6 +14,10 @@
 //! | `("locf", target, blake3(swiss))` | empty (the locators of a formula, for `cancel`) |
 //! | `("out", created-µs, item-id)` | `OutboxItem` (owed to another cluster, in send order) |
 //! | `("in", item-id)` | receive time, u64 ms (an item from another cluster was applied) |
+//! | `("llmk", provider)` | an LLM provider's API key (UTF-8): private, read only by model calls |
+//! | `("llmb", agent)` | `LlmBudget`: an agent's token and cost budget |
+//! | `("llma", agent, n)` | `LlmAudit`: model call `n` of an agent (the audit log) |
+//! | `("llmn", agent)` | next audit number of an agent, u64 big-endian |
 
 use capstan_cluster::tuple::TupleKey;
 use capstan_proto::{FormulaId, RequestId};
@@ -120,4 +124,46 @@ pub fn outbox_all() -> Vec<u8> {
 
 pub fn inbound(id: &RequestId) -> Vec<u8> {
     TupleKey::new().str("in").bytes(&id.0).into_vec()
+}
+
+/// An LLM provider's API key (never shown; see `crate::llm`).
+pub fn llm_key(provider: &FormulaId) -> Vec<u8> {
+    TupleKey::new()
+        .str("llmk")
+        .bytes(provider.as_bytes())
+        .into_vec()
+}
+
+/// Every LLM provider key of this store (for the leak scanner).
+pub fn llm_keys() -> Vec<u8> {
+    TupleKey::new().str("llmk").into_vec()
+}
+
+pub fn llm_budget(agent: &FormulaId) -> Vec<u8> {
+    TupleKey::new()
+        .str("llmb")
+        .bytes(agent.as_bytes())
+        .into_vec()
+}
+
+pub fn llm_audit(agent: &FormulaId, n: u64) -> Vec<u8> {
+    TupleKey::new()
+        .str("llma")
+        .bytes(agent.as_bytes())
+        .u64(n)
+        .into_vec()
+}
+
+pub fn llm_audits(agent: &FormulaId) -> Vec<u8> {
+    TupleKey::new()
+        .str("llma")
+        .bytes(agent.as_bytes())
+        .into_vec()
+}
+
+pub fn llm_audit_next(agent: &FormulaId) -> Vec<u8> {
+    TupleKey::new()
+        .str("llmn")
+        .bytes(agent.as_bytes())
+        .into_vec()
 }

@@ -14,6 +14,8 @@
 //!   and passivated when idle.
 //! - [`guest`]: the wasmtime host: guest agents and tools as WebAssembly
 //!   components (issue 4).
+//! - [`llm`]: LLM providers held by hosts, model calls with leak scanning,
+//!   budgets and an audit log (issue 6).
 //! - [`records`]: Rust values ↔ Cap'n Proto records of `proto/`.
 //! - [`keys`]: the key layout. [`names`]: pet names, special names, paths.
 
@@ -24,6 +26,7 @@ pub mod federation;
 pub mod guest;
 pub mod incarnation;
 pub mod keys;
+pub mod llm;
 pub mod model;
 pub mod names;
 pub mod records;

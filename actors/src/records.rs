@@ -25,6 +25,23 @@ pub enum FormulaKind {
     Promise(PromiseRec),
     Remote(RemoteRec),
     Invitation(InvitationRec),
+    /// An LLM provider (`capstan llm add`); its key is kept apart.
+    Llm(LlmProviderRec),
+}
+
+/// An LLM provider: see `records.capnp` and [`crate::llm`]. Holds no secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LlmProviderRec {
+    pub provider: String,
+    pub url: String,
+    pub model: String,
+    pub max_tokens: u32,
+    pub has_key: bool,
+    pub removed: bool,
+    pub host: FormulaId,
+    pub price_input: u64,
+    pub price_output: u64,
+    pub timeout_ms: u32,
 }
 
 /// A pending invitation: see `records.capnp`.
@@ -46,6 +63,7 @@ impl FormulaKind {
             FormulaKind::Promise(_) => "promise",
             FormulaKind::Remote(_) => "remote",
             FormulaKind::Invitation(_) => "invitation",
+            FormulaKind::Llm(_) => "llm",
         }
     }
     pub fn agent(&self) -> Option<&AgentRec> {
@@ -328,6 +346,19 @@ impl Formula {
                 b.set_dir(i.dir.as_bytes());
                 b.set_name(i.name.as_str());
             }
+            FormulaKind::Llm(l) => {
+                let mut b = f.init_llm();
+                b.set_provider(l.provider.as_str());
+                b.set_url(l.url.as_str());
+                b.set_model(l.model.as_str());
+                b.set_max_tokens(l.max_tokens);
+                b.set_has_key(l.has_key);
+                b.set_removed(l.removed);
+                b.set_host(l.host.as_bytes());
+                b.set_price_input(l.price_input);
+                b.set_price_output(l.price_output);
+                b.set_timeout_ms(l.timeout_ms);
+            }
         }
         to_bytes(&msg)
     }
@@ -392,6 +423,21 @@ impl Formula {
                     host: id_of(i.get_host()?)?,
                     dir: id_of(i.get_dir()?)?,
                     name: text(i.get_name()?)?,
+                })
+            }
+            Which::Llm(l) => {
+                let l = l?;
+                FormulaKind::Llm(LlmProviderRec {
+                    provider: text(l.get_provider()?)?,
+                    url: text(l.get_url()?)?,
+                    model: text(l.get_model()?)?,
+                    max_tokens: l.get_max_tokens(),
+                    has_key: l.get_has_key(),
+                    removed: l.get_removed(),
+                    host: id_of(l.get_host()?)?,
+                    price_input: l.get_price_input(),
+                    price_output: l.get_price_output(),
+                    timeout_ms: l.get_timeout_ms(),
                 })
             }
         };
@@ -598,6 +644,18 @@ mod tests {
                 host: FormulaId::random(),
                 dir: FormulaId::random(),
                 name: "bob".into(),
+            }),
+            FormulaKind::Llm(LlmProviderRec {
+                provider: "anthropic".into(),
+                url: "http://127.0.0.1:1".into(),
+                model: "m".into(),
+                max_tokens: 5,
+                has_key: true,
+                removed: false,
+                host: FormulaId::random(),
+                price_input: 3,
+                price_output: 15,
+                timeout_ms: 1000,
             }),
         ] {
             let f = Formula {

@@ -69,6 +69,11 @@ pub enum Command {
         #[command(subcommand)]
         command: ClusterCommand,
     },
+    /// LLM providers held by this host: add, list, remove, ask, audit, budget.
+    Llm {
+        #[command(subcommand)]
+        command: LlmCommand,
+    },
     /// Run the installed tool component TOOL once: its `execute` with --input.
     ///
     /// Prints the tool's output (JSON). The daemon runs in the foreground
@@ -191,8 +196,8 @@ pub enum Command {
     /// Make a guest (a confined agent: only what it is given).
     Mkguest {
         path: String,
-        /// Its body: an installed agent component; messages to the guest
-        /// then run its handler.
+        /// Its body: an installed agent component (messages to the guest
+        /// then run its handler) or channel component (run by the node).
         #[arg(long, value_name = "NAME")]
         component: Option<String>,
         /// Fuel for one call of its component, instead of the node's
@@ -216,6 +221,34 @@ pub enum Command {
         /// Give it a capability: SLOT=PATH (PATH in your names). Repeatable.
         #[arg(long = "grant", value_name = "SLOT=PATH")]
         grants: Vec<String>,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Make an HTTP capability NAME for components (grant it: install … --grant http=NAME).
+    ///
+    /// The node makes the requests: only to URLs under an --allow prefix
+    /// (scheme, host and port exactly; the path by prefix), with the allowed
+    /// methods, adding the credential headers it reads from key files (the
+    /// guest never sees them; an echo in a response is redacted).
+    Mkhttp {
+        /// The pet name of the capability.
+        name: String,
+        /// An allowed URL prefix, e.g. https://api.example.com/v1/. Repeatable.
+        #[arg(long = "allow", value_name = "URL", required = true)]
+        allow: Vec<String>,
+        /// Allowed methods, comma-separated (default GET).
+        #[arg(long = "method", value_name = "M,…", value_delimiter = ',')]
+        methods: Vec<String>,
+        /// A credential header the node adds: NAME=KEYFILE (the file holds
+        /// the value, e.g. `Bearer sk-…`). Repeatable.
+        #[arg(long = "header-file", value_name = "NAME=FILE")]
+        headers: Vec<String>,
+        /// Longest request, ms (default 10000, at most 60000).
+        #[arg(long, value_name = "MS")]
+        timeout_ms: Option<u32>,
+        /// Largest response body, bytes (default 1 MiB, at most 16 MiB).
+        #[arg(long, value_name = "N")]
+        max_bytes: Option<u64>,
         #[command(flatten)]
         out: Out,
     },
@@ -458,6 +491,111 @@ pub enum ClusterCommand {
     },
 }
 
+/// `capstan llm …`.
+#[derive(Debug, Subcommand)]
+pub enum LlmCommand {
+    /// Configure a provider under NAME in your names; the key is read once
+    /// from --key-file and kept by the node, never shown again.
+    Add {
+        /// The pet name for the provider (what guests are granted).
+        name: String,
+        /// anthropic | ollama | openai
+        #[arg(long, value_name = "KIND")]
+        provider: String,
+        /// A file holding the API key (required for anthropic and openai).
+        #[arg(long, value_name = "PATH")]
+        key_file: Option<PathBuf>,
+        /// The server's base URL (default: the provider's public API; ollama: http://127.0.0.1:11434).
+        #[arg(long, value_name = "URL")]
+        url: Option<String>,
+        /// The model (default: a current model of the provider).
+        #[arg(long, value_name = "M")]
+        model: Option<String>,
+        /// Most output tokens per call (default 4096).
+        #[arg(long, value_name = "N")]
+        max_tokens: Option<u32>,
+        /// Time limit of one HTTP request, seconds (default 120, at most 600).
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
+        /// Price of a million input tokens in USD (for cost budgets; default 0).
+        #[arg(long, value_name = "USD")]
+        price_input: Option<String>,
+        /// Price of a million output tokens in USD (default 0).
+        #[arg(long, value_name = "USD")]
+        price_output: Option<String>,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// The providers in your names: provider, URL, model, whether a key is set.
+    #[command(visible_alias = "ls")]
+    List {
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Remove a provider; by the host that added it this also erases its
+    /// key, so every other name for it (copies, grants) stops working.
+    #[command(visible_alias = "rm")]
+    Remove {
+        name: String,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// One model call through provider NAME: prints the reply. Charged to
+    /// the acting agent's budget and written to its audit log.
+    Ask {
+        name: String,
+        /// The prompt; words are joined with spaces.
+        #[arg(required = true, num_args = 1.., value_name = "PROMPT")]
+        prompt: Vec<String>,
+        /// A system prompt.
+        #[arg(long, value_name = "TEXT")]
+        system: Option<String>,
+        /// Most output tokens (at most the provider's --max-tokens).
+        #[arg(long, value_name = "N")]
+        max_tokens: Option<u32>,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// The acting agent's model calls (use --as AGENT for another agent).
+    Audit {
+        /// How many of the newest entries (default 100, at most 10000).
+        #[arg(long, value_name = "N", default_value_t = 100)]
+        limit: usize,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Show or set the LLM budget of AGENT (default: SELF; or an agent you made).
+    Budget {
+        /// SELF or the name of an agent you made.
+        #[arg(default_value = "SELF")]
+        agent: String,
+        /// Token limit (0: none).
+        #[arg(long, value_name = "N")]
+        tokens: Option<u64>,
+        /// Cost limit in USD (0: none).
+        #[arg(long, value_name = "USD")]
+        cost: Option<String>,
+        /// Forget what was used so far.
+        #[arg(long)]
+        reset: bool,
+        #[command(flatten)]
+        out: Out,
+    },
+}
+
+impl LlmCommand {
+    pub fn json(&self) -> bool {
+        match self {
+            LlmCommand::Add { out, .. }
+            | LlmCommand::List { out }
+            | LlmCommand::Remove { out, .. }
+            | LlmCommand::Ask { out, .. }
+            | LlmCommand::Audit { out, .. }
+            | LlmCommand::Budget { out, .. } => out.json,
+        }
+    }
+}
+
 impl ClusterCommand {
     pub fn json(&self) -> bool {
         match self {
@@ -477,9 +615,11 @@ impl Command {
         match self {
             Command::Store(s) => s.json_output(),
             Command::Cluster { command } => command.json(),
+            Command::Llm { command } => command.json(),
             Command::Start { out, .. }
             | Command::Run { out, .. }
             | Command::Install { out, .. }
+            | Command::Mkhttp { out, .. }
             | Command::Guests { out }
             | Command::Stop { out }
             | Command::Ping { out }

@@ -264,7 +264,11 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
             ..
         } => crate::guests::mkguest(client, &path, &component, fuel, deadline_ms, json).await?,
         Command::Cluster { command } => crate::cluster::run(client, command, json).await?,
-        c @ (Command::Install { .. } | Command::Guests { .. } | Command::Run { .. }) => {
+        Command::Llm { command } => crate::llm::run(client, command, json).await?,
+        c @ (Command::Install { .. }
+        | Command::Guests { .. }
+        | Command::Run { .. }
+        | Command::Mkhttp { .. }) => {
             crate::guests::run(client, c, json).await?
         }
         Command::Mkguest { path, .. } => {

@@ -264,6 +264,11 @@ pub async fn run(
             ..Default::default()
         })
         .map_err(|e| anyhow!("cannot start the guest host: {e}"))?;
+    match runtime.start_channels().await {
+        Ok(0) => {}
+        Ok(n) => info!(channels = n, "started the channel guests"),
+        Err(e) => tracing::warn!("channel guests not started: {e}"),
+    }
 
     let listen = match listen {
         Some(a) => Some(a),

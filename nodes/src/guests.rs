@@ -1,5 +1,5 @@
 //! The guest commands (issue 4): `install`, `mkguest --component`,
-//! `run TOOL --input JSON`, `guests`.
+//! `run TOOL --input JSON`, `guests`, `mkhttp`.
 
 use anyhow::{Context, bail};
 use capstan_proto::RequestId;
@@ -129,6 +129,68 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
                 println!("exports  {}", list("exports"));
                 let g = list("grants");
                 println!("grants   {}", if g.is_empty() { "none".into() } else { g });
+            }
+        }
+        Command::Mkhttp {
+            name,
+            allow,
+            methods,
+            headers,
+            timeout_ms,
+            max_bytes,
+            ..
+        } => {
+            let mut hs = Vec::new();
+            for h in &headers {
+                let Some((n, f)) = h.split_once('=').filter(|(n, f)| !n.is_empty() && !f.is_empty())
+                else {
+                    bail!("--header-file expects NAME=FILE (e.g. Authorization=/path/to/key), got {h:?}");
+                };
+                // the node reads the file: give it an absolute path
+                let f = std::fs::canonicalize(f)
+                    .with_context(|| format!("cannot read the key file {f}"))?;
+                hs.push((n.to_string(), f.display().to_string()));
+            }
+            if timeout_ms == Some(0) {
+                bail!("--timeout-ms must be at least 1");
+            }
+            if max_bytes == Some(0) {
+                bail!("--max-bytes must be at least 1");
+            }
+            let req = RequestId::random();
+            let id = client
+                .call(|a| {
+                    let (name, allow, methods, hs) = (&name, &allow, &methods, &hs);
+                    async move {
+                        let mut r = a.mkhttp_request();
+                        r.get().set_req_id(&req.0);
+                        r.get().set_name(name.as_str());
+                        let mut s = r.get().init_spec();
+                        let mut l = s.reborrow().init_allow(allow.len() as u32);
+                        for (i, u) in allow.iter().enumerate() {
+                            l.set(i as u32, u.as_str());
+                        }
+                        let mut l = s.reborrow().init_methods(methods.len() as u32);
+                        for (i, m) in methods.iter().enumerate() {
+                            l.set(i as u32, m.as_str());
+                        }
+                        let mut l = s.reborrow().init_headers(hs.len() as u32);
+                        for (i, (n, f)) in hs.iter().enumerate() {
+                            let mut h = l.reborrow().get(i as u32);
+                            h.set_name(n.as_str());
+                            h.set_file(f.as_str());
+                        }
+                        s.set_timeout_ms(timeout_ms.unwrap_or(0));
+                        s.set_max_bytes(max_bytes.unwrap_or(0));
+                        let answer = r.send().promise.await?;
+                        Ok(answer.get()?.get_id()?.to_vec())
+                    }
+                })
+                .await?;
+            if json {
+                print_json(&json!({"id": hex::encode(&id)}));
+            } else {
+                println!("{}", hex::encode(&id));
             }
         }
         Command::Run { tool, input, .. } => {

@@ -19,7 +19,7 @@
 //!   reconnect and retry with the same request id, error classification.
 //! - [`commands`]: the name and mail commands.
 //! - [`guests`]: the guest commands: `install`, `mkguest --component`,
-//!   `run TOOL --input JSON`, `guests`.
+//!   `run TOOL --input JSON`, `guests`, `mkhttp`.
 //! - [`output`]: human and `--json` rendering.
 //! - [`text`]: the `@reference` syntax of `send` and `reply`.
 //! - [`demo`]: `capstan demo`, a guided tour that drives this binary.
@@ -51,6 +51,7 @@ mod commands;
 mod daemon;
 mod demo;
 mod guests;
+mod llm;
 mod net;
 mod output;
 mod server;

@@ -745,6 +745,38 @@ impl agent::Server for AgentServer {
         Ok(())
     }
 
+    async fn mkhttp(
+        self: Rc<Self>,
+        params: agent::MkhttpParams,
+        mut results: agent::MkhttpResults,
+    ) -> Result<(), CapError> {
+        let p = params.get()?;
+        let req = request_id(p.get_req_id())?;
+        let name = text(p.get_name(), "name")?;
+        let s = p.get_spec()?;
+        let texts = |l: capnp::text_list::Reader<'_>, what: &str| -> Result<Vec<String>, CapError> {
+            l.iter().map(|t| text(t, what)).collect()
+        };
+        let mut headers = Vec::new();
+        for h in s.get_headers()?.iter() {
+            headers.push((text(h.get_name(), "header name")?, text(h.get_file(), "header file")?));
+        }
+        let spec = capstan_actors::guest::http::HttpSpec {
+            allow: texts(s.get_allow()?, "allow")?,
+            methods: texts(s.get_methods()?, "methods")?,
+            headers,
+            timeout_ms: s.get_timeout_ms(),
+            max_bytes: s.get_max_bytes(),
+        };
+        let id = self
+            .handle
+            .mkhttp(req, &name, spec)
+            .await
+            .map_err(actor_error)?;
+        results.get().set_id(id.as_bytes());
+        Ok(())
+    }
+
     async fn run_tool(
         self: Rc<Self>,
         params: agent::RunToolParams,
@@ -773,6 +805,25 @@ impl agent::Server for AgentServer {
         let v = crate::cluster::command(self.net.runtime(), &self.handle, &command, &arg)
             .await
             .map_err(|e| failed(format!("{e:#}")))?;
+        results.get().set_json(v.to_string().as_str());
+        Ok(())
+    }
+
+    async fn llm(
+        self: Rc<Self>,
+        params: agent::LlmParams,
+        mut results: agent::LlmResults,
+    ) -> Result<(), CapError> {
+        let p = params.get()?;
+        let req = request_id(p.get_req_id())?;
+        let command = text(p.get_command(), "command")?;
+        let args = text(p.get_args(), "args")?;
+        let secret = p
+            .get_secret()
+            .map_err(|e| failed(format!("bad parameter secret: {}", e.extra)))?;
+        let v = crate::llm::command(&self.handle, req, &command, &args, secret)
+            .await
+            .map_err(failed)?;
         results.get().set_json(v.to_string().as_str());
         Ok(())
     }

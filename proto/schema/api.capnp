@@ -115,8 +115,8 @@ interface Agent {
   # Install a component under `name` (stored content-addressed); `grants`
   # name capabilities (paths in this host's names) given to it.
   install @25 (reqId :Data, name :Text, component :Data, grants :List(Grant)) -> (info :ComponentInfo);
-  # Make a guest agent whose body is the installed agent component
-  # `component`. `fuel` (per call) and `deadlineMs` (wall-clock
+  # Make a guest agent whose body is the installed agent (or channel)
+  # component `component`. `fuel` (per call) and `deadlineMs` (wall-clock
   # per call) override the node's limits for this guest; 0 = the node's.
   mkguestComponent @26 (reqId :Data, path :Text, component :Text, fuel :UInt64, deadlineMs :UInt32) -> (id :Data);
   # Run the installed tool `name` once: execute with `input` (JSON).
@@ -127,6 +127,28 @@ interface Agent {
   # members, placement (arg: a pet-name path), drain (arg: a node name) or
   # leave; the answer is one JSON value (see nodes/CLI.md).
   cluster @29 (command :Text, arg :Text) -> (json :Text);
+  # Make an HTTP capability under `name`: what a component granted it
+  # (`install … --grant http=NAME`) may reach, and the credential headers
+  # the node injects (read from key files; the guest never sees them).
+  mkhttp @30 (reqId :Data, name :Text, spec :HttpSpec) -> (id :Data);
+  # LLM providers (`capstan llm …`): `command` is add, list, remove, ask,
+  # audit or budget; `args` is one JSON object (see nodes/CLI.md), the answer
+  # one JSON value. `secret` carries the API key for `add` only (read from
+  # the key file by the CLI); it is never echoed, logged or shown.
+  llm @31 (reqId :Data, command :Text, args :Text, secret :Data) -> (json :Text);
+}
+
+struct HttpSpec {
+  allow @0 :List(Text);         # URL prefixes: scheme://host:port/path-prefix
+  methods @1 :List(Text);       # allowed methods, upper case; empty = GET
+  headers @2 :List(HttpHeader); # credential headers injected by the node
+  timeoutMs @3 :UInt32;         # cap on one request; 0 = the default
+  maxBytes @4 :UInt64;          # cap on one response body; 0 = the default
+}
+
+struct HttpHeader {
+  name @0 :Text;        # e.g. Authorization
+  file @1 :Text;        # absolute path of the key file holding its value
 }
 
 struct Grant {

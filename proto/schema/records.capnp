@@ -13,6 +13,7 @@ struct Formula {
     promise @5 :Promise;
     remote @6 :RemoteRef;
     invitation @7 :Invitation;
+    llm @8 :LlmProvider;
   }
 }
 
@@ -160,4 +161,49 @@ struct OutboxItem {
     deliver @5 :Envelope;
     settle @6 :Settlement;
   }
+}
+
+# LLM providers (issue 6) ------------------------------------------------------
+
+# An LLM provider configured by a host (`capstan llm add NAME`): a formula, so
+# that a pet name designates it and it can be granted to a guest like any
+# other capability. The API key is NOT in it: it is in a private record
+# ("llmk", formula id) that only a model call reads, so showing, listing,
+# mailing or copying the formula never reveals it.
+struct LlmProvider {
+  provider @0 :Text;        # anthropic | ollama | openai
+  url @1 :Text;             # the server's base URL
+  model @2 :Text;
+  maxTokens @3 :UInt32;     # most output tokens per call
+  hasKey @4 :Bool;          # whether a key record exists
+  removed @5 :Bool;         # `capstan llm remove`: key erased, calls refused
+  host @6 :Data;            # the host that configured it
+  priceInput @7 :UInt64;    # micro-USD per million input tokens (0: free)
+  priceOutput @8 :UInt64;   # micro-USD per million output tokens
+  timeoutMs @9 :UInt32;     # one HTTP request's time limit
+}
+
+# The LLM budget of one agent ("llmb", agent): refused over a limit (0: none).
+struct LlmBudget {
+  tokenLimit @0 :UInt64;
+  tokensUsed @1 :UInt64;
+  costLimit @2 :UInt64;     # micro-USD
+  costUsed @3 :UInt64;
+  calls @4 :UInt64;
+}
+
+# One model call of an agent ("llma", agent, sequence number): the audit log.
+struct LlmAudit {
+  atMs @0 :UInt64;
+  provider @1 :Text;        # the caller's name for the provider
+  kind @2 :Text;            # anthropic | ollama | openai
+  model @3 :Text;
+  inputTokens @4 :UInt64;
+  outputTokens @5 :UInt64;
+  estimatedTokens @6 :UInt64;
+  costMicros @7 :UInt64;
+  outcome @8 :Text;         # ok | error: … | refused: …
+  durationMs @9 :UInt64;
+  toolCalls @10 :UInt32;
+  redactions @11 :UInt32;   # credentials redacted from the reply
 }

@@ -11,8 +11,11 @@
 //!   daemon when dropped (also when a test panics), so no process leaks.
 //! - [`Run`]: the outcome of one command.
 //! - small assertions: [`assert_cli_error`], [`is_hex`], [`texts`].
+//! - [`llm_server::LlmServer`]: a scripted LLM provider on loopback.
 //!
 //! Every wait has a deadline: a hang fails the test instead of blocking it.
+
+pub mod llm_server;
 
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
@@ -590,4 +593,29 @@ pub fn kill_child(mut child: Child) -> String {
 /// kills it and panics on timeout.
 pub fn wait_child(child: Child, timeout: Duration, what: &str) -> Run {
     finish(child, None, timeout, what.to_owned())
+}
+
+/// A guest component built from guests/ (`NAME.wasm` in guests/out), built
+/// once per test process by scripts/build-guests. An inherited
+/// CARGO_TARGET_DIR is kept: build-guests builds beside it (reusing what
+/// scripts/test built, and its wasm-tools) and unsets the host-compiler
+/// variables itself.
+pub fn guest_wasm(name: &str) -> String {
+    static BUILT: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("workspace")
+            .to_path_buf();
+        let status = std::process::Command::new(root.join("scripts/build-guests"))
+            .env_remove("RUSTC")
+            .env_remove("RUSTFLAGS")
+            .status()
+            .expect("run scripts/build-guests");
+        assert!(status.success(), "scripts/build-guests failed");
+        root.join("guests/out")
+    });
+    let p = dir.join(format!("{name}.wasm"));
+    assert!(p.exists(), "{} was not built", p.display());
+    p.display().to_string()
 }

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use capstan_tests::{Node, kill, texts};
+use capstan_tests::{Node, guest_wasm, kill, texts};
 use serde_json::Value;
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -483,26 +483,6 @@ fn cluster_commands_refuse_bad_input() {
     n.stop();
 }
 
-/// guests/out, built by scripts/build-guests (once per test process).
-fn guest_wasm(name: &str) -> String {
-    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    let dir = BUILT.get_or_init(|| {
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .expect("workspace")
-            .to_path_buf();
-        let status = std::process::Command::new(root.join("scripts/build-guests"))
-            .env_remove("RUSTC")
-            .env_remove("RUSTFLAGS")
-            .status()
-            .expect("run scripts/build-guests");
-        assert!(status.success(), "scripts/build-guests failed");
-        root.join("guests/out")
-    });
-    let p = dir.join(format!("{name}.wasm"));
-    assert!(p.exists(), "{} was not built", p.display());
-    p.display().to_string()
-}
 
 /// Waits until the root host's inbox (read through node `via`) has a
 /// message from `from` with text `text`; returns the inbox.

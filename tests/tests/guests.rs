@@ -1,42 +1,17 @@
 //! Guests as WebAssembly components, end to end: real `capstan` daemons
 //! running real components built from guests/ by scripts/build-guests.
 
-use std::path::PathBuf;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use capstan_tests::{Node, texts};
+use capstan_tests::{Node, guest_wasm, texts};
 use serde_json::Value;
 
 /// How long a test waits for a guest's mail before giving up (a generous
 /// bound for a debug build on a busy 2-core machine; not a timing check).
 const MAIL_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// guests/out, built once per test process by scripts/build-guests.
-fn guests_dir() -> &'static PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .expect("workspace")
-            .to_path_buf();
-        // An inherited CARGO_TARGET_DIR is kept: build-guests builds beside it
-        // (reusing what scripts/test built, and its wasm-tools) and unsets the
-        // host-compiler variables itself.
-        let status = std::process::Command::new(root.join("scripts/build-guests"))
-            .env_remove("RUSTC")
-            .env_remove("RUSTFLAGS")
-            .status()
-            .expect("run scripts/build-guests");
-        assert!(status.success(), "scripts/build-guests failed");
-        root.join("guests/out")
-    })
-}
-
 fn wasm(name: &str) -> String {
-    let p = guests_dir().join(format!("{name}.wasm"));
-    assert!(p.exists(), "{} was not built", p.display());
-    p.display().to_string()
+    guest_wasm(name)
 }
 
 /// Waits until the root host's inbox has a message from `from` whose text
@@ -364,4 +339,311 @@ fn a_guest_past_its_deadline_is_stopped_alone() {
     node.ok(["send", "good", "increment"]);
     wait_mail(&node, "good", "count = 2");
     node.ok(["ping"]);
+}
+
+/// A tiny HTTP/1.1 server on 127.0.0.1 for the tests: the "outside world"
+/// of the http capability and of the chat channel. It records every request.
+mod web {
+    use std::collections::VecDeque;
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Debug, Clone)]
+    pub struct Request {
+        pub method: String,
+        pub path: String,
+        pub headers: Vec<(String, String)>,
+        pub body: String,
+    }
+
+    impl Request {
+        pub fn header(&self, name: &str) -> Option<&str> {
+            self.headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str())
+        }
+    }
+
+    #[derive(Default)]
+    pub struct State {
+        pub requests: Vec<Request>,
+        /// Lines `SENDER\tTEXT` handed out by GET /poll.
+        pub queue: VecDeque<String>,
+    }
+
+    pub struct Server {
+        pub port: u16,
+        pub state: Arc<Mutex<State>>,
+    }
+
+    impl Server {
+        pub fn start() -> Server {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = l.local_addr().unwrap().port();
+            let state = Arc::new(Mutex::new(State::default()));
+            let st = state.clone();
+            std::thread::spawn(move || {
+                for s in l.incoming().flatten() {
+                    let st = st.clone();
+                    std::thread::spawn(move || {
+                        let _ = serve(s, port, &st);
+                    });
+                }
+            });
+            Server { port, state }
+        }
+
+        pub fn url(&self, path: &str) -> String {
+            format!("http://127.0.0.1:{}{path}", self.port)
+        }
+
+        pub fn requests(&self) -> Vec<Request> {
+            self.state.lock().unwrap().requests.clone()
+        }
+
+        pub fn queue(&self, line: &str) {
+            self.state.lock().unwrap().queue.push_back(line.to_string());
+        }
+    }
+
+    fn serve(s: TcpStream, port: u16, st: &Mutex<State>) -> std::io::Result<()> {
+        s.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+        let mut r = BufReader::new(s.try_clone()?);
+        let mut line = String::new();
+        r.read_line(&mut line)?;
+        let mut parts = line.split_whitespace();
+        let method = parts.next().unwrap_or("").to_string();
+        let path = parts.next().unwrap_or("").to_string();
+        let mut headers = Vec::new();
+        let mut len = 0usize;
+        loop {
+            let mut h = String::new();
+            r.read_line(&mut h)?;
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((n, v)) = h.split_once(':') {
+                let (n, v) = (n.trim().to_string(), v.trim().to_string());
+                if n.eq_ignore_ascii_case("content-length") {
+                    len = v.parse().unwrap_or(0);
+                }
+                headers.push((n, v));
+            }
+        }
+        let mut body = vec![0; len.min(1 << 20)];
+        r.read_exact(&mut body)?;
+        let req = Request {
+            method,
+            path,
+            headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        };
+        let auth = req.header("authorization").unwrap_or("none").to_string();
+        let (status, extra, body): (&str, String, Vec<u8>) = match (req.method.as_str(), req.path.as_str()) {
+            (_, "/api/echo") => ("200 OK", String::new(), format!("hello; you sent authorization {auth}").into_bytes()),
+            (_, "/api/big") => ("200 OK", String::new(), vec![b'x'; 200_000]),
+            (_, "/api/redirect") => (
+                "302 Found",
+                format!("Location: http://127.0.0.1:{port}/admin\r\n"),
+                Vec::new(),
+            ),
+            ("GET", "/poll") => {
+                let lines: Vec<String> = st.lock().unwrap().queue.drain(..).collect();
+                ("200 OK", String::new(), lines.join("\n").into_bytes())
+            }
+            ("POST", "/send") => ("200 OK", String::new(), b"ok".to_vec()),
+            _ => ("200 OK", String::new(), b"secret admin page".to_vec()),
+        };
+        st.lock().unwrap().requests.push(req);
+        let mut w = s;
+        write!(
+            w,
+            "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n{extra}\r\n",
+            body.len()
+        )?;
+        w.write_all(&body)?;
+        w.flush()
+    }
+}
+
+#[test]
+fn http_capability_allows_only_its_allowlist_and_hides_its_credential() {
+    let server = web::Server::start();
+    let other = web::Server::start();
+    let node = Node::started();
+    let key = node.home().join("api-key");
+    std::fs::write(&key, "Bearer s3cret-token-4242\n").unwrap();
+    let key_arg = format!("Authorization={}", key.display());
+    let prefix = server.url("/api/");
+
+    // bad capabilities are refused and change nothing
+    let (_, e) = node.fail(["mkhttp", "bad", "--allow", "ftp://127.0.0.1/"]);
+    assert!(e.contains("only http and https"), "{e}");
+    let (_, e) = node.fail(["mkhttp", "bad", "--allow", &prefix, "--method", "BREW"]);
+    assert!(e.contains("unknown method"), "{e}");
+    let (_, e) = node.fail([
+        "mkhttp",
+        "bad",
+        "--allow",
+        &prefix,
+        "--header-file",
+        "Authorization=/nonexistent/key",
+    ]);
+    assert!(e.contains("/nonexistent/key"), "{e}");
+    let (_, e) = node.fail(["mkhttp", "bad", "--allow", &prefix, "--timeout-ms", "999999"]);
+    assert!(e.contains("--timeout-ms 999999 is too long"), "{e}");
+    assert!(!node.names(&[]).contains("bad"));
+
+    node.ok([
+        "mkhttp",
+        "api",
+        "--allow",
+        &prefix,
+        "--method",
+        "GET",
+        "--header-file",
+        &key_arg,
+        "--max-bytes",
+        "10000",
+    ]);
+    // the capability's description names the header, never its value
+    let desc = node.ok(["cat", "api"]);
+    assert!(desc.contains("Authorization"), "{desc}");
+    assert!(!desc.contains("s3cret"), "{desc}");
+
+    install(&node, "http-fetch", "fetch", &["http=api"]);
+    let run = |url: &str, method: &str| {
+        let input = format!(r#"{{"url":"{url}","method":"{method}"}}"#);
+        node.run(["run", "fetch", "--input", input.as_str()])
+    };
+
+    // allowed: the node injected the credential; the tool never saw it
+    let r = run(&server.url("/api/echo"), "GET");
+    assert!(r.success(), "{}", r.stderr);
+    let out = r.stdout_str();
+    assert!(out.contains(r#""status":200"#), "{out}");
+    assert!(out.contains("you sent authorization [REDACTED]"), "{out}");
+    assert!(!out.contains("s3cret"), "{out}");
+    let reqs = server.requests();
+    let echo = reqs.iter().find(|q| q.path == "/api/echo").expect("reached");
+    assert_eq!(
+        echo.header("authorization"),
+        Some("Bearer s3cret-token-4242")
+    );
+
+    // outside the allowlist: another path, another port; a redirect out of it
+    let before = server.requests().len();
+    let r = run(&server.url("/admin"), "GET");
+    assert!(!r.success());
+    assert!(r.stderr.contains("outside this http capability's allowlist"), "{}", r.stderr);
+    let r = run(&other.url("/api/echo"), "GET");
+    assert!(r.stderr.contains("outside this http capability's allowlist"), "{}", r.stderr);
+    assert!(other.requests().is_empty(), "the other server was reached");
+    assert_eq!(server.requests().len(), before, "a refused URL reached the server");
+    let r = run(&server.url("/api/redirect"), "GET");
+    assert!(!r.success());
+    assert!(
+        r.stderr.contains("a redirect to") && r.stderr.contains("is outside this http capability's allowlist"),
+        "{}",
+        r.stderr
+    );
+    assert!(!server.requests().iter().any(|q| q.path == "/admin"));
+    // a method it does not allow
+    let r = run(&server.url("/api/echo"), "POST");
+    assert!(
+        r.stderr.contains("method POST is not allowed by this http capability"),
+        "{}",
+        r.stderr
+    );
+    // a response larger than it allows
+    let r = run(&server.url("/api/big"), "GET");
+    assert!(!r.success());
+    assert!(
+        r.stderr.contains("this http capability allows at most 10000"),
+        "{}",
+        r.stderr
+    );
+
+    // a tool granted nothing cannot reach anything
+    install(&node, "http-fetch", "bare-fetch", &[]);
+    let input = format!(r#"{{"url":"{}"}}"#, server.url("/api/echo"));
+    let (_, e) = node.fail(["run", "bare-fetch", "--input", input.as_str()]);
+    assert!(e.contains("no http capability was granted"), "{e}");
+    // nor can one granted something that is not an http capability
+    node.ok(["store", "--text", "plain", "--name", "plain"]);
+    install(&node, "http-fetch", "odd-fetch", &["http=plain"]);
+    let (_, e) = node.fail(["run", "odd-fetch", "--input", input.as_str()]);
+    assert!(e.contains("is not an http capability"), "{e}");
+}
+
+/// A channel guest bridges an outside chat server (polled over http) and
+/// Capstan mail, both ways, and keeps doing so after a kill -9.
+#[test]
+fn http_channel_bridges_an_outside_chat_server() {
+    let server = web::Server::start();
+    let mut node = Node::started();
+    node.ok([
+        "mkhttp",
+        "chat",
+        "--allow",
+        &server.url("/"),
+        "--method",
+        "GET,POST",
+    ]);
+    let config = format!(r#"{{"url":"{}"}}"#, server.url("/"));
+    node.ok(["store", "--text", config.as_str(), "--name", "bridge-config"]);
+    let info = install(
+        &node,
+        "http-channel",
+        "http-channel",
+        &["http=chat", "config=bridge-config"],
+    );
+    assert_eq!(info["world"], "capstan:channel/sandboxed-channel@0.2.0");
+    node.ok(["mkguest", "bridge", "--component", "http-channel"]);
+
+    // outside → Capstan: a message queued on the chat server reaches the host
+    server.queue("alice\thello from outside");
+    let t = wait_mail(&node, "bridge", "hello from outside");
+    assert_eq!(t, "alice: hello from outside");
+
+    // Capstan → outside: mail to the channel is posted to the chat server
+    node.ok(["send", "bridge", "@alice hi back"]);
+    node.ok(["send", "bridge", "to everyone"]);
+    let deadline = Instant::now() + MAIL_TIMEOUT;
+    loop {
+        let sent: Vec<String> = server
+            .requests()
+            .iter()
+            .filter(|q| q.method == "POST" && q.path == "/send")
+            .map(|q| q.body.clone())
+            .collect();
+        if sent.len() >= 2 {
+            assert_eq!(sent, vec!["alice\thi back", "\tto everyone"]);
+            break;
+        }
+        assert!(Instant::now() < deadline, "nothing posted: {sent:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let g = guest(&node, "bridge");
+    assert_eq!(g["failures"], 0, "{g}");
+
+    // after kill -9 the node starts the channel again by itself
+    node.kill9();
+    node.start();
+    server.queue("bob\tstill there?");
+    wait_mail(&node, "bridge", "bob: still there?");
+    assert_eq!(count_mail(&node, "bridge", "alice: hello from outside"), 1);
+}
+
+#[test]
+fn channel_of_an_older_world_version_is_refused() {
+    let node = Node::started();
+    let path = wasm("old-channel");
+    let (_, e) = node.fail(["install", path.as_str(), "--name", "old"]);
+    assert!(e.contains("capstan:channel@0.1.0"), "{e}");
+    assert!(e.contains("capstan:channel@0.2.0"), "{e}");
+    assert!(!node.names(&[]).contains("old"));
 }

@@ -471,6 +471,51 @@ impl agent_wit::host::Host for AgentState {
     }
 }
 
+/// Largest model request a guest may make (JSON bytes).
+const MAX_LLM_REQUEST: usize = 1 << 20;
+
+impl agent_wit::llm::Host for AgentState {
+    fn chat(
+        &mut self,
+        provider: String,
+        request: String,
+    ) -> wasmtime::Result<Result<String, String>> {
+        if request.len() > MAX_LLM_REQUEST {
+            return Err(wasmtime::format_err!(
+                "model request size limit: tried to send {} bytes; the limit is {MAX_LLM_REQUEST} bytes",
+                request.len()
+            ));
+        }
+        let (i, earlier) = self.call();
+        match earlier {
+            Some(Entry::Llm(r)) => return Ok(r),
+            Some(other) => return Err(diverged(i, &other)),
+            None => {}
+        }
+        let r = match serde_json::from_str::<crate::llm::ChatRequest>(&request) {
+            Err(e) => Err(format!("llm.chat: the request is not valid JSON for a chat: {e}")),
+            Ok(req) => self
+                .block(self.agent.llm_chat(&provider, req))
+                .map_err(|e| e.to_string())
+                .and_then(|reply| {
+                    serde_json::to_string(&reply.response)
+                        .map_err(|e| format!("llm.chat: cannot encode the answer: {e}"))
+                }),
+        };
+        self.record(i, Entry::Llm(r.clone()))?;
+        // A model call costs and does not answer the same twice: its answer
+        // is made durable now, not with the next write, so a handler cut
+        // short after it replays the answer instead of asking again.
+        let agent = self.agent.clone();
+        if let Err(e) = self.block(agent.transact(|_| Box::pin(async { Ok::<_, Error>(()) }))) {
+            return Err(wasmtime::format_err!(
+                "cannot record the model's answer ({e}); the message is handled again later"
+            ));
+        }
+        Ok(r)
+    }
+}
+
 /// The error of a guest whose replay does not retrace its earlier run.
 fn diverged(i: u32, earlier: &Entry) -> wasmtime::Error {
     wasmtime::format_err!(
@@ -528,7 +573,7 @@ pub(crate) fn arm<T>(store: &mut Store<T>, limits: CallLimits) -> wasmtime::Resu
 /// Runs the agent component on one message (blocking).
 pub(crate) fn call_agent(
     gh: &GuestHost,
-    pre: &super::bindings::agent::AgentPre<AgentState>,
+    pre: &super::bindings::agent::LlmAgentPre<AgentState>,
     agent: AgentHandle,
     msg: agent_wit::types::Message,
     limits: CallLimits,
@@ -627,10 +672,21 @@ impl tool_host::Host for ToolState {
         body: Option<Vec<u8>>,
         timeout_ms: Option<u32>,
     ) -> wasmtime::Result<Result<tool_host::HttpResponse, String>> {
-        let _ = (headers_json, body, timeout_ms);
-        Ok(Err(format!(
-            "http-request {method} {url}: this tool holds no http capability (a node cannot grant one yet)"
-        )))
+        let grant = self.grants.get(super::http::HTTP_SLOT).copied();
+        let r = self.block(super::http::guest_request(
+            &self.host,
+            grant,
+            method,
+            url,
+            headers_json,
+            body,
+            timeout_ms,
+        ));
+        Ok(r.map(|r| tool_host::HttpResponse {
+            status: r.status,
+            headers_json: r.headers_json,
+            body: r.body,
+        }))
     }
 
     fn tool_invoke(

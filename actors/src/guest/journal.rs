@@ -49,6 +49,8 @@ pub(crate) enum Entry {
     Value(Result<Option<String>, String>),
     /// A write that failed, with the error the guest saw.
     Failed(String),
+    /// `llm.chat`: the model's answer (JSON) or why not.
+    Llm(Result<String, String>),
 }
 
 impl Entry {
@@ -68,6 +70,11 @@ impl Entry {
                 }
             }
             Entry::Failed(e) => 16 + e.len(),
+            Entry::Llm(r) => {
+                16 + match r {
+                    Ok(s) | Err(s) => s.len(),
+                }
+            }
         }
     }
 }

@@ -41,8 +41,10 @@
 //! mismatch.
 
 mod bindings;
+mod channel;
 mod host;
 pub(crate) mod journal;
+pub mod http;
 mod runner;
 
 use std::collections::{BTreeMap, HashMap};
@@ -61,6 +63,7 @@ use crate::model;
 use crate::records::FormulaKind;
 
 pub use host::CapabilityRep;
+pub(crate) use channel::ChannelState;
 pub(crate) use host::{AgentState, ToolState};
 pub(crate) use runner::{GuestRunner, resume_loop, runner_for};
 
@@ -68,8 +71,12 @@ pub(crate) use runner::{GuestRunner, resume_loop, runner_for};
 pub const AGENT_PACKAGE: &str = "capstan:agent";
 /// The tool world this node runs.
 pub const TOOL_PACKAGE: &str = "capstan:tool";
-/// The version of both packages.
+/// The channel world this node runs.
+pub const CHANNEL_PACKAGE: &str = "capstan:channel";
+/// The version of the agent and tool packages.
 pub const WORLD_VERSION: &str = "0.1.0";
+/// The version of the channel package (0.2.0 added `http-request`).
+pub const CHANNEL_VERSION: &str = "0.2.0";
 /// Bounds of the per-guest limits `mkguest --fuel N --deadline-ms N`.
 pub const MIN_FUEL: u64 = 1_000_000;
 pub const MAX_FUEL: u64 = 100_000_000_000;
@@ -132,6 +139,7 @@ pub struct GuestConfig {
 pub enum World {
     Agent,
     Tool,
+    Channel,
 }
 
 impl World {
@@ -139,6 +147,7 @@ impl World {
         match self {
             World::Agent => format!("{AGENT_PACKAGE}/agent@{WORLD_VERSION}"),
             World::Tool => format!("{TOOL_PACKAGE}/sandboxed-tool@{WORLD_VERSION}"),
+            World::Channel => format!("{CHANNEL_PACKAGE}/sandboxed-channel@{CHANNEL_VERSION}"),
         }
     }
 }
@@ -195,12 +204,19 @@ pub(crate) struct Body {
     /// The guest's id, hex.
     pub id: String,
     pub hash: String,
+    /// Its world (agent or channel); older records: agent.
+    #[serde(default = "agent_world")]
+    pub world: World,
     /// Fuel per call, if not the node's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fuel: Option<u64>,
     /// Wall-clock deadline per call, ms, if not the node's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_ms: Option<u32>,
+}
+
+fn agent_world() -> World {
+    World::Agent
 }
 
 /// The limits of one guest's calls: the node's, or its own.
@@ -265,8 +281,9 @@ pub(crate) mod keys {
 /// A compiled component with its pre-instantiated world.
 pub(crate) struct Compiled {
     pub world: World,
-    pub agent: Option<bindings::agent::AgentPre<AgentState>>,
+    pub agent: Option<bindings::agent::LlmAgentPre<AgentState>>,
     pub tool: Option<bindings::tool::SandboxedToolPre<ToolState>>,
+    pub channel: Option<bindings::channel::SandboxedChannelPre<ChannelState>>,
     pub imports: Vec<String>,
     pub exports: Vec<String>,
 }
@@ -276,6 +293,7 @@ pub struct GuestHost {
     pub(crate) engine: Engine,
     agent_linker: Linker<AgentState>,
     tool_linker: Linker<ToolState>,
+    channel_linker: Linker<ChannelState>,
     cfg: GuestConfig,
     compiled: Mutex<HashMap<[u8; 32], Arc<Compiled>>>,
     pub(crate) stats: Mutex<HashMap<FormulaId, Stats>>,
@@ -366,7 +384,7 @@ impl GuestHost {
             }
         };
         let mut agent_linker = Linker::new(&engine);
-        bindings::agent::Agent::add_to_linker::<AgentState, wasmtime::component::HasSelf<AgentState>>(
+        bindings::agent::LlmAgent::add_to_linker::<AgentState, wasmtime::component::HasSelf<AgentState>>(
             &mut agent_linker,
             |s| s,
         )
@@ -377,6 +395,12 @@ impl GuestHost {
             wasmtime::component::HasSelf<ToolState>,
         >(&mut tool_linker, |s| s)
         .map_err(|e| wasm_error("tool world", e))?;
+        let mut channel_linker = Linker::new(&engine);
+        bindings::channel::SandboxedChannel::add_to_linker::<
+            ChannelState,
+            wasmtime::component::HasSelf<ChannelState>,
+        >(&mut channel_linker, |s| s)
+        .map_err(|e| wasm_error("channel world", e))?;
         if let Some(d) = &cfg.cache_dir {
             use std::os::unix::fs::DirBuilderExt;
             std::fs::DirBuilder::new()
@@ -406,6 +430,7 @@ impl GuestHost {
             engine,
             agent_linker,
             tool_linker,
+            channel_linker,
             cfg,
             compiled: Mutex::new(HashMap::new()),
             stats: Mutex::new(HashMap::new()),
@@ -530,7 +555,25 @@ impl GuestHost {
             .iter()
             .any(|e| e.starts_with(&format!("{TOOL_PACKAGE}/tool@")));
         let is_agent = exports.iter().any(|e| e == "on-message");
-        if is_tool {
+        let is_channel = exports
+            .iter()
+            .any(|e| e.starts_with(&format!("{CHANNEL_PACKAGE}/channel@")));
+        if is_channel {
+            let pre = self
+                .channel_linker
+                .instantiate_pre(c)
+                .map_err(|e| wasm_error("the component does not fit the channel world", e))?;
+            let pre = bindings::channel::SandboxedChannelPre::new(pre)
+                .map_err(|e| wasm_error("the component does not fit the channel world", e))?;
+            Ok(Compiled {
+                world: World::Channel,
+                agent: None,
+                tool: None,
+                channel: Some(pre),
+                imports,
+                exports,
+            })
+        } else if is_tool {
             let pre = self
                 .tool_linker
                 .instantiate_pre(c)
@@ -541,6 +584,7 @@ impl GuestHost {
                 world: World::Tool,
                 agent: None,
                 tool: Some(pre),
+                channel: None,
                 imports,
                 exports,
             })
@@ -549,20 +593,22 @@ impl GuestHost {
                 .agent_linker
                 .instantiate_pre(c)
                 .map_err(|e| wasm_error("the component does not fit the agent world", e))?;
-            let pre = bindings::agent::AgentPre::new(pre)
+            let pre = bindings::agent::LlmAgentPre::new(pre)
                 .map_err(|e| wasm_error("the component does not fit the agent world", e))?;
             Ok(Compiled {
                 world: World::Agent,
                 agent: Some(pre),
                 tool: None,
+                channel: None,
                 imports,
                 exports,
             })
         } else {
             Err(Error::Invalid(format!(
-                "the component implements neither {} nor {}: it exports {}",
+                "the component implements none of {}, {} and {}: it exports {}",
                 World::Agent.describe(),
                 World::Tool.describe(),
+                World::Channel.describe(),
                 if exports.is_empty() {
                     "nothing".to_string()
                 } else {
@@ -597,7 +643,7 @@ fn check_version(name: &str) -> Result<(), Error> {
     for (pkg, want) in [
         (AGENT_PACKAGE, WORLD_VERSION),
         (TOOL_PACKAGE, WORLD_VERSION),
-        ("capstan:channel", WORLD_VERSION),
+        (CHANNEL_PACKAGE, CHANNEL_VERSION),
     ] {
         if let Some(rest) = name.strip_prefix(pkg).and_then(|r| r.strip_prefix('/'))
             && let Some((_, version)) = rest.split_once('@')
@@ -820,17 +866,19 @@ impl AgentHandle {
             )));
         }
         let (_, m) = manifest_of(self, component).await?;
-        if m.world != World::Agent {
+        if m.world == World::Tool {
             return Err(Error::Invalid(format!(
-                "{component:?} is a {} component; a guest agent needs {}",
+                "{component:?} is a {} component; a guest agent needs {} (or {})",
                 m.world.describe(),
-                World::Agent.describe()
+                World::Agent.describe(),
+                World::Channel.describe()
             )));
         }
         let id = self.mkguest(req, path).await?;
         let body = serde_json::to_vec(&Body {
             id: id.to_hex(),
             hash: m.hash.clone(),
+            world: m.world,
             fuel,
             deadline_ms,
         })
@@ -863,6 +911,10 @@ impl AgentHandle {
                 })
             })
             .await?;
+        if m.world == World::Channel && self.inner().cluster.get().is_none() {
+            // A channel runs as long as it exists: incarnate it now.
+            crate::incarnation::agent_actor(self.inner(), id).await?;
+        }
         Ok(id)
     }
 
@@ -946,3 +998,49 @@ impl AgentHandle {
 }
 
 pub(crate) use parse_hash as hash_from_hex;
+
+impl crate::api::Runtime {
+    /// Incarnates every channel guest (they poll the outside system as long
+    /// as they exist). Call once at node start, after `enable_guests`.
+    /// Outside a cluster only: in a cluster a channel runs where it is placed.
+    pub async fn start_channels(&self) -> Result<usize, Error> {
+        let inner = self.inner().clone();
+        if inner.guests.get().is_none() || inner.cluster.get().is_some() {
+            return Ok(0);
+        }
+        let ids = inner
+            .db
+            .read(move |tx| {
+                Box::pin(async move {
+                    let begin = keys::bodies();
+                    let end = capstan_cluster::tuple::prefix_end(&begin);
+                    let rows = tx
+                        .get_range(capstan_cluster::RangeOption {
+                            begin,
+                            end,
+                            limit: 10_000,
+                            reverse: false,
+                        })
+                        .await?;
+                    let mut out = Vec::new();
+                    for (_, v) in rows {
+                        let body: Body = serde_json::from_slice(&v)
+                            .map_err(|e| Error::Corrupt(format!("guest body: {e}")))?;
+                        if body.world == World::Channel {
+                            out.push(
+                                body.id
+                                    .parse::<FormulaId>()
+                                    .map_err(|e| Error::Corrupt(format!("guest id: {e}")))?,
+                            );
+                        }
+                    }
+                    Ok::<_, Error>(out)
+                })
+            })
+            .await?;
+        for id in &ids {
+            crate::incarnation::agent_actor(&inner, *id).await?;
+        }
+        Ok(ids.len())
+    }
+}

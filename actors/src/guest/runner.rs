@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use super::bindings::agent::capstan::agent::types::Message;
 use super::host::{Outcome, Replay, call_agent};
 use super::journal::{self, Journal};
-use super::{Body, CallLimits, GuestHost, compiled, keys};
+use super::{Body, CallLimits, GuestHost, World, compiled, keys};
 use crate::api::{AgentHandle, Inner};
 use crate::error::Error;
 use crate::model;
@@ -22,12 +22,19 @@ const BATCH: usize = 64;
 /// Wakes the runner task; dropping it ends the task after its current batch.
 pub(crate) struct GuestRunner {
     pub(crate) kick: mpsc::Sender<()>,
+    /// A channel keeps its incarnation alive (it polls the outside system).
+    pub(crate) pinned: bool,
 }
 
 impl GuestRunner {
     /// New mail: look at the inbox again.
     pub fn kick(&self) {
         let _ = self.kick.try_send(());
+    }
+
+    /// Whether the incarnation must not be passivated when idle.
+    pub fn pinned(&self) -> bool {
+        self.pinned
     }
 }
 
@@ -50,6 +57,9 @@ pub(crate) async fn runner_for(
         serde_json::from_slice(&body).map_err(|e| Error::Corrupt(format!("guest body: {e}")))?;
     let hash = super::hash_from_hex(&body.hash)?;
     let limits = CallLimits::of(&gh, &body);
+    if body.world == World::Channel {
+        return Ok(Some(super::channel::start(gh, rt.clone(), id, hash, limits)));
+    }
     let (tx, mut rx) = mpsc::channel(1);
     let rt = rt.clone();
     tokio::spawn(async move {
@@ -63,7 +73,10 @@ pub(crate) async fn runner_for(
             }
         }
     });
-    Ok(Some(GuestRunner { kick: tx }))
+    Ok(Some(GuestRunner {
+        kick: tx,
+        pinned: false,
+    }))
 }
 
 /// Handles every message not handled yet.

@@ -1,0 +1,626 @@
+//! Providers, keys, budgets and the audit log in the store; the model call
+//! that ties them together. See the module docs of [`crate::llm`].
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use capnp::message::Builder;
+use capstan_proto::records_capnp as rc;
+use capstan_proto::{FormulaId, RequestId};
+use serde::Serialize;
+
+use super::safety::{self, Budget, LeakMode, LeakOutcome, LeakScanner};
+use super::types::{ChatRequest, ToolCall};
+use super::{LlmReply, ProviderConfig, ProviderInfo, ProviderSpec, Secret, check_request, http};
+use crate::api::{AgentHandle, MAX_LIST, now_ms};
+use crate::error::Error;
+use crate::keys;
+use crate::model::{self, Ctx};
+use crate::names::Path;
+use crate::records::{self, DedupAnswer, Formula, FormulaKind, LlmProviderRec};
+
+/// Audit entries kept per agent (older ones are dropped).
+pub const MAX_AUDIT: u64 = 10_000;
+/// Keys read for the leak scanner (every provider of this store).
+const MAX_KEYS_SCANNED: usize = 1_000;
+/// Longest outcome text stored in an audit entry.
+const MAX_OUTCOME: usize = 500;
+
+/// One entry of an agent's audit log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuditEntry {
+    pub number: u64,
+    pub at_ms: u64,
+    /// The caller's name for the provider.
+    pub provider: String,
+    pub kind: String,
+    pub model: String,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub estimated_tokens: u64,
+    pub cost_micros: u64,
+    /// `ok`, `error: …` or `refused: …`
+    pub outcome: String,
+    pub duration_ms: u64,
+    pub tool_calls: u32,
+    pub redactions: u32,
+}
+
+fn encode_audit(a: &AuditEntry) -> Vec<u8> {
+    let mut msg = Builder::new_default();
+    let mut b = msg.init_root::<rc::llm_audit::Builder<'_>>();
+    b.set_at_ms(a.at_ms);
+    b.set_provider(a.provider.as_str());
+    b.set_kind(a.kind.as_str());
+    b.set_model(a.model.as_str());
+    b.set_input_tokens(a.input_tokens);
+    b.set_output_tokens(a.output_tokens);
+    b.set_estimated_tokens(a.estimated_tokens);
+    b.set_cost_micros(a.cost_micros);
+    b.set_outcome(a.outcome.as_str());
+    b.set_duration_ms(a.duration_ms);
+    b.set_tool_calls(a.tool_calls);
+    b.set_redactions(a.redactions);
+    records::to_bytes(&msg)
+}
+
+fn decode_audit(number: u64, bytes: &[u8]) -> Result<AuditEntry, Error> {
+    let msg = capnp::serialize::read_message_from_flat_slice(&mut &bytes[..], records::options())?;
+    let r = msg.get_root::<rc::llm_audit::Reader<'_>>()?;
+    Ok(AuditEntry {
+        number,
+        at_ms: r.get_at_ms(),
+        provider: records::text(r.get_provider()?)?,
+        kind: records::text(r.get_kind()?)?,
+        model: records::text(r.get_model()?)?,
+        input_tokens: r.get_input_tokens(),
+        output_tokens: r.get_output_tokens(),
+        estimated_tokens: r.get_estimated_tokens(),
+        cost_micros: r.get_cost_micros(),
+        outcome: records::text(r.get_outcome()?)?,
+        duration_ms: r.get_duration_ms(),
+        tool_calls: r.get_tool_calls(),
+        redactions: r.get_redactions(),
+    })
+}
+
+fn encode_budget(b: &Budget) -> Vec<u8> {
+    let mut msg = Builder::new_default();
+    let mut r = msg.init_root::<rc::llm_budget::Builder<'_>>();
+    r.set_token_limit(b.token_limit);
+    r.set_tokens_used(b.tokens_used);
+    r.set_cost_limit(b.cost_limit);
+    r.set_cost_used(b.cost_used);
+    r.set_calls(b.calls);
+    records::to_bytes(&msg)
+}
+
+fn decode_budget(bytes: &[u8]) -> Result<Budget, Error> {
+    let msg = capnp::serialize::read_message_from_flat_slice(&mut &bytes[..], records::options())?;
+    let r = msg.get_root::<rc::llm_budget::Reader<'_>>()?;
+    Ok(Budget {
+        token_limit: r.get_token_limit(),
+        tokens_used: r.get_tokens_used(),
+        cost_limit: r.get_cost_limit(),
+        cost_used: r.get_cost_used(),
+        calls: r.get_calls(),
+    })
+}
+
+async fn get_budget(
+    tx: &mut capstan_cluster::Transaction,
+    agent: &FormulaId,
+) -> Result<Budget, Error> {
+    match tx.get(&keys::llm_budget(agent)).await? {
+        Some(b) => decode_budget(&b),
+        None => Ok(Budget::default()),
+    }
+}
+
+fn u64_of(b: &[u8]) -> Result<u64, Error> {
+    Ok(u64::from_be_bytes(b.try_into().map_err(|_| {
+        Error::Corrupt("audit counter is not 8 bytes".into())
+    })?))
+}
+
+/// Appends one audit entry (and drops the one [`MAX_AUDIT`] older).
+async fn append_audit(
+    tx: &mut capstan_cluster::Transaction,
+    agent: &FormulaId,
+    entry: &AuditEntry,
+) -> Result<(), Error> {
+    let next_key = keys::llm_audit_next(agent);
+    let n = match tx.get(&next_key).await? {
+        Some(b) => u64_of(&b)?,
+        None => 0,
+    };
+    tx.set(&keys::llm_audit(agent, n), &encode_audit(entry))?;
+    tx.set(&next_key, &(n + 1).to_be_bytes())?;
+    if n >= MAX_AUDIT {
+        tx.clear(&keys::llm_audit(agent, n - MAX_AUDIT));
+    }
+    Ok(())
+}
+
+/// The provider formula `p` names for `ctx`.
+async fn provider_at(
+    tx: &mut capstan_cluster::Transaction,
+    ctx: &Ctx,
+    p: &Path,
+) -> Result<(FormulaId, LlmProviderRec), Error> {
+    let id = model::resolve(tx, ctx, p).await?;
+    let (id, f) = crate::api::settle_target(tx, id).await?;
+    match f.kind {
+        FormulaKind::Llm(rec) => Ok((id, rec)),
+        other => Err(Error::WrongType {
+            name: p.to_string(),
+            expected: "llm provider".into(),
+            actual: other.type_name().into(),
+        }),
+    }
+}
+
+pub(super) async fn add(
+    h: &AgentHandle,
+    req: RequestId,
+    name: &str,
+    spec: &ProviderSpec,
+    key: Option<Secret>,
+) -> Result<FormulaId, Error> {
+    if !h.ctx.is_host {
+        return Err(Error::Invalid(
+            "only a host can add an LLM provider; a guest is given one by its host".into(),
+        ));
+    }
+    let p = Path::parse_writable(name)?;
+    let cfg = spec.validate(key.is_some())?;
+    let ctx = h.ctx.clone();
+    let id = FormulaId::random();
+    let key = Arc::new(key);
+    h.transact(move |tx| {
+        let (ctx, p, cfg, key) = (ctx.clone(), p.clone(), cfg.clone(), key.clone());
+        Box::pin(async move {
+            if let Some(DedupAnswer::Id(prev)) = model::dedup_get(tx, &ctx.id, &req).await? {
+                return Ok(prev);
+            }
+            let dir = model::parent_dir(tx, &ctx, &p).await?;
+            if model::lookup(tx, &dir, p.last()).await?.is_some() {
+                return Err(Error::NameTaken(p.to_string()));
+            }
+            let now = now_ms();
+            let rec = LlmProviderRec {
+                provider: cfg.kind.as_str().to_string(),
+                url: cfg.url.clone(),
+                model: cfg.model.clone(),
+                max_tokens: cfg.max_tokens,
+                has_key: key.is_some(),
+                removed: false,
+                host: ctx.id,
+                price_input: cfg.price_input,
+                price_output: cfg.price_output,
+                timeout_ms: u32::try_from(cfg.timeout.as_millis()).unwrap_or(u32::MAX),
+            };
+            model::put_formula(
+                tx,
+                &id,
+                &Formula {
+                    created_ms: now,
+                    kind: FormulaKind::Llm(rec),
+                },
+            )?;
+            if let Some(k) = key.as_ref() {
+                tx.set(&keys::llm_key(&id), k.expose().as_bytes())?;
+            }
+            model::set_name(tx, &dir, p.last(), &id).await?;
+            model::dedup_put(tx, &ctx.id, &req, DedupAnswer::Id(id), now)?;
+            Ok(id)
+        })
+    })
+    .await
+}
+
+pub(super) async fn list(h: &AgentHandle) -> Result<Vec<ProviderInfo>, Error> {
+    let ctx = h.ctx.clone();
+    h.rt.db
+        .read(move |tx| {
+            Box::pin(async move {
+                let mut out = Vec::new();
+                for (name, id) in model::list_dir(tx, &ctx.rec.pet_store, MAX_LIST).await? {
+                    let f = model::must_formula(tx, &id).await?;
+                    if let FormulaKind::Llm(rec) = &f.kind
+                        && !rec.removed
+                    {
+                        out.push(ProviderInfo::new(name, id, rec));
+                    }
+                }
+                Ok(out)
+            })
+        })
+        .await
+}
+
+pub(super) async fn remove(h: &AgentHandle, req: RequestId, name: &str) -> Result<(), Error> {
+    let p = Path::parse_writable(name)?;
+    let ctx = h.ctx.clone();
+    h.transact(move |tx| {
+        let (ctx, p) = (ctx.clone(), p.clone());
+        Box::pin(async move {
+            if model::dedup_get(tx, &ctx.id, &req).await?.is_some() {
+                return Ok(());
+            }
+            let dir = model::parent_dir(tx, &ctx, &p).await?;
+            let id = model::lookup(tx, &dir, p.last())
+                .await?
+                .ok_or_else(|| Error::UnknownName(p.to_string()))?;
+            let mut f = model::must_formula(tx, &id).await?;
+            let actual = f.kind.type_name();
+            let FormulaKind::Llm(rec) = &mut f.kind else {
+                return Err(Error::WrongType {
+                    name: p.to_string(),
+                    expected: "llm provider".into(),
+                    actual: actual.into(),
+                });
+            };
+            if rec.host == ctx.id {
+                // Revoke: the key goes, every name for the provider stops working.
+                tx.clear(&keys::llm_key(&id));
+                rec.removed = true;
+                rec.has_key = false;
+                model::put_formula(tx, &id, &f)?;
+            }
+            model::remove_name(tx, &dir, p.last()).await?;
+            model::dedup_put(tx, &ctx.id, &req, DedupAnswer::None, now_ms())?;
+            Ok(())
+        })
+    })
+    .await
+}
+
+/// What a call needs from the store, read in one snapshot.
+struct Prepared {
+    id: FormulaId,
+    cfg: ProviderConfig,
+    key: Option<Secret>,
+    scanner: LeakScanner,
+    budget: Budget,
+}
+
+/// Records a finished or refused call: usage into the budget, one audit entry.
+async fn record(
+    h: &AgentHandle,
+    entry: AuditEntry,
+    tokens: u64,
+    cost: u64,
+) -> Result<Budget, Error> {
+    let agent = h.ctx.id;
+    let entry = Arc::new(entry);
+    h.transact(move |tx| {
+        let entry = entry.clone();
+        Box::pin(async move {
+            let mut b = get_budget(tx, &agent).await?;
+            if entry.outcome == "ok" {
+                b.record(tokens, cost);
+                tx.set(&keys::llm_budget(&agent), &encode_budget(&b))?;
+            }
+            append_audit(tx, &agent, &entry).await?;
+            Ok(b)
+        })
+    })
+    .await
+}
+
+fn outcome_text(s: &str) -> String {
+    s.chars().take(MAX_OUTCOME).collect()
+}
+
+pub(super) async fn chat(
+    h: &AgentHandle,
+    provider: &str,
+    req: ChatRequest,
+) -> Result<LlmReply, Error> {
+    check_request(&req)?;
+    let p = Path::parse(provider)?;
+    let ctx = h.ctx.clone();
+    let prep =
+        h.rt.db
+            .read(move |tx| {
+                Box::pin(async move {
+                    let (id, rec) = provider_at(tx, &ctx, &p).await?;
+                    if rec.removed {
+                        return Err(Error::Invalid(format!(
+                            "the LLM provider {p} was removed by its host; ask the host for another"
+                        )));
+                    }
+                    let cfg = ProviderConfig::from_rec(&rec)?;
+                    let key = match tx.get(&keys::llm_key(&id)).await? {
+                        Some(b) => Some(Secret::new(&b).map_err(|_| {
+                            Error::Corrupt(format!("the stored key of LLM provider {p} is invalid"))
+                        })?),
+                        None => None,
+                    };
+                    if cfg.kind.needs_key() && key.is_none() {
+                        return Err(Error::Invalid(format!(
+                            "the LLM provider {p} has no key; add it again with --key-file"
+                        )));
+                    }
+                    let mut scanner = LeakScanner::new();
+                    for (_, k) in tx
+                        .get_prefix(&keys::llm_keys(), MAX_KEYS_SCANNED, false)
+                        .await?
+                    {
+                        if let Ok(k) = std::str::from_utf8(&k) {
+                            scanner = scanner.with_literal(k);
+                        }
+                    }
+                    let budget = get_budget(tx, &ctx.id).await?;
+                    Ok::<_, Error>(Prepared {
+                        id,
+                        cfg,
+                        key,
+                        scanner,
+                        budget,
+                    })
+                })
+            })
+            .await?;
+    let name = provider.to_string();
+    let estimate = safety::estimate_tokens(req.text_len());
+    let mut entry = AuditEntry {
+        number: 0,
+        at_ms: now_ms(),
+        provider: name.clone(),
+        kind: prep.cfg.kind.as_str().to_string(),
+        model: prep.cfg.model.clone(),
+        input_tokens: 0,
+        output_tokens: 0,
+        estimated_tokens: estimate,
+        cost_micros: 0,
+        outcome: String::new(),
+        duration_ms: 0,
+        tool_calls: 0,
+        redactions: 0,
+    };
+
+    // 1. Nothing that looks like a credential leaves the node.
+    let mut leaked = Vec::new();
+    for t in req.texts() {
+        leaked.extend(prep.scanner.find(&t));
+    }
+    if !leaked.is_empty() {
+        let kinds = LeakOutcome::kinds(&leaked);
+        entry.outcome = outcome_text(&format!(
+            "refused: the request carries a credential ({kinds})"
+        ));
+        record(h, entry, 0, 0).await?;
+        return Err(Error::Invalid(format!(
+            "refused to send the request to LLM provider {name:?}: it contains what looks like a credential ({kinds}); remove it and try again"
+        )));
+    }
+
+    // 2. The budget, from the estimate.
+    let est_cost = safety::cost_micros(estimate, 0, prep.cfg.price_input, prep.cfg.price_output);
+    if let Err(over) = prep.budget.check(estimate, est_cost) {
+        entry.outcome = outcome_text(&format!("refused: {over}"));
+        record(h, entry, 0, 0).await?;
+        return Err(Error::Invalid(format!(
+            "refused to call LLM provider {name:?}: {over}; the agent's host can raise it with `capstan llm budget`"
+        )));
+    }
+
+    // 3. The call.
+    let started = Instant::now();
+    tracing::debug!(provider = %name, id = %prep.id.short(), agent = %h.ctx.id.short(), estimate, "model call");
+    let result = http::call(&name, &prep.cfg, prep.key.as_ref(), &req, &prep.scanner).await;
+    entry.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let mut response = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let msg = prep.scanner.redact(&e.to_string());
+            entry.outcome = outcome_text(&format!("error: {msg}"));
+            record(h, entry, 0, 0).await?;
+            return Err(Error::Llm(msg));
+        }
+    };
+
+    // 4. Credentials in the answer are redacted.
+    let mut redacted: Vec<&'static str> = Vec::new();
+    if let LeakOutcome::Redacted { text, findings } =
+        prep.scanner.scan(&response.text, LeakMode::Redact)
+    {
+        response.text = text;
+        redacted.extend(findings.iter().map(|f| f.kind));
+    }
+    let mut calls = Vec::with_capacity(response.tool_calls.len());
+    for c in std::mem::take(&mut response.tool_calls) {
+        let args = c.arguments.to_string();
+        match prep.scanner.scan(&args, LeakMode::Redact) {
+            LeakOutcome::Redacted { text, findings } => {
+                redacted.extend(findings.iter().map(|f| f.kind));
+                let arguments = serde_json::from_str(&text).unwrap_or_else(
+                    |_| serde_json::json!({"redacted": "the arguments held a credential"}),
+                );
+                calls.push(ToolCall { arguments, ..c });
+            }
+            _ => calls.push(c),
+        }
+    }
+    response.tool_calls = calls;
+
+    // 5. Usage and audit.
+    let usage = response.usage;
+    let tokens = if usage.total() == 0 {
+        estimate // a provider that reports no usage is charged the estimate
+    } else {
+        usage.total()
+    };
+    let cost = safety::cost_micros(
+        usage
+            .input_tokens
+            .max(if usage.total() == 0 { estimate } else { 0 }),
+        usage.output_tokens,
+        prep.cfg.price_input,
+        prep.cfg.price_output,
+    );
+    entry.input_tokens = usage.input_tokens;
+    entry.output_tokens = usage.output_tokens;
+    entry.cost_micros = cost;
+    entry.tool_calls = u32::try_from(response.tool_calls.len()).unwrap_or(u32::MAX);
+    entry.redactions = u32::try_from(redacted.len()).unwrap_or(u32::MAX);
+    entry.outcome = "ok".into();
+    let budget = record(h, entry, tokens, cost).await?;
+    redacted.sort_unstable();
+    redacted.dedup();
+    Ok(LlmReply {
+        response,
+        provider: prep.cfg.kind,
+        model: prep.cfg.model.clone(),
+        estimated_tokens: estimate,
+        cost_micros: cost,
+        redacted,
+        budget,
+    })
+}
+
+pub(super) async fn audit(h: &AgentHandle, limit: usize) -> Result<Vec<AuditEntry>, Error> {
+    let agent = h.ctx.id;
+    let limit = limit.clamp(1, MAX_AUDIT as usize);
+    let mut rows =
+        h.rt.db
+            .read(move |tx| {
+                Box::pin(async move {
+                    let rows = tx
+                        .get_prefix(&keys::llm_audits(&agent), limit, true)
+                        .await?;
+                    let mut out = Vec::with_capacity(rows.len());
+                    for (k, v) in rows {
+                        let mut r = capstan_cluster::tuple::TupleReader::new(&k);
+                        let n = (|| -> Result<u64, capstan_cluster::tuple::TupleError> {
+                            r.str()?;
+                            r.bytes()?;
+                            r.u64()
+                        })()
+                        .map_err(|e| Error::Corrupt(e.to_string()))?;
+                        out.push(decode_audit(n, &v)?);
+                    }
+                    Ok::<_, Error>(out)
+                })
+            })
+            .await?;
+    rows.reverse();
+    Ok(rows)
+}
+
+/// The agent `path` names, if this agent may manage its budget: itself, or
+/// an agent it made.
+async fn budget_target(
+    tx: &mut capstan_cluster::Transaction,
+    ctx: &Ctx,
+    path: &str,
+) -> Result<FormulaId, Error> {
+    let p = Path::parse(path)?;
+    let id = model::resolve(tx, ctx, &p).await?;
+    if id == ctx.id {
+        return Ok(id);
+    }
+    let f = model::must_formula(tx, &id).await?;
+    match f.kind.agent() {
+        Some(a) if a.host == Some(ctx.id) => Ok(id),
+        Some(_) => Err(Error::Invalid(format!(
+            "{p} was not made by this agent; only its own host manages its LLM budget"
+        ))),
+        None => Err(Error::WrongType {
+            name: p.to_string(),
+            expected: "host or guest".into(),
+            actual: f.kind.type_name().into(),
+        }),
+    }
+}
+
+pub(super) async fn budget(h: &AgentHandle, agent: &str) -> Result<Budget, Error> {
+    let ctx = h.ctx.clone();
+    let agent = agent.to_string();
+    h.rt.db
+        .read(move |tx| {
+            Box::pin(async move {
+                let id = budget_target(tx, &ctx, &agent).await?;
+                get_budget(tx, &id).await
+            })
+        })
+        .await
+}
+
+pub(super) async fn set_budget(
+    h: &AgentHandle,
+    req: RequestId,
+    agent: &str,
+    tokens: Option<u64>,
+    cost: Option<u64>,
+    reset: bool,
+) -> Result<Budget, Error> {
+    if !h.ctx.is_host {
+        return Err(Error::Invalid(
+            "only a host sets LLM budgets; a guest's budget is set by its host".into(),
+        ));
+    }
+    let ctx = h.ctx.clone();
+    let agent = agent.to_string();
+    h.transact(move |tx| {
+        let (ctx, agent) = (ctx.clone(), agent.clone());
+        Box::pin(async move {
+            let id = budget_target(tx, &ctx, &agent).await?;
+            let mut b = get_budget(tx, &id).await?;
+            if model::dedup_get(tx, &ctx.id, &req).await?.is_some() {
+                return Ok(b);
+            }
+            if let Some(t) = tokens {
+                b.token_limit = t;
+            }
+            if let Some(c) = cost {
+                b.cost_limit = c;
+            }
+            if reset {
+                b.tokens_used = 0;
+                b.cost_used = 0;
+                b.calls = 0;
+            }
+            tx.set(&keys::llm_budget(&id), &encode_budget(&b))?;
+            model::dedup_put(tx, &ctx.id, &req, DedupAnswer::None, now_ms())?;
+            Ok(b)
+        })
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip() {
+        let a = AuditEntry {
+            number: 7,
+            at_ms: 1,
+            provider: "claude".into(),
+            kind: "anthropic".into(),
+            model: "m".into(),
+            input_tokens: 2,
+            output_tokens: 3,
+            estimated_tokens: 4,
+            cost_micros: 5,
+            outcome: "ok".into(),
+            duration_ms: 6,
+            tool_calls: 1,
+            redactions: 0,
+        };
+        assert_eq!(decode_audit(7, &encode_audit(&a)).unwrap(), a);
+        let b = Budget {
+            token_limit: 1,
+            tokens_used: 2,
+            cost_limit: 3,
+            cost_used: 4,
+            calls: 5,
+        };
+        assert_eq!(decode_budget(&encode_budget(&b)).unwrap(), b);
+        assert!(decode_budget(b"junk").is_err());
+    }
+}

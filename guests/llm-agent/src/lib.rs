@@ -1,0 +1,318 @@
+//! llm-agent: a confined LLM agent (Endo's Llamadrome, as a guest).
+//!
+//! It follows its inbox. A message from anyone starts a turn: the agent asks
+//! the model it was given (the capability named `llm` in its names; the
+//! host holds the key) with tools, runs the tools the model calls, and
+//! replies with the model's final answer. Tools:
+//!
+//! - `list_names`: the agent's own names;
+//! - `lookup_value {name}`: the text of one of them;
+//! - `store_result {name, value}`: stores a text value under a name;
+//! - `define_code {source, slots}` and `request_evaluation {source, slots}`:
+//!   propose code whose named slots the *host* fills with capabilities. The
+//!   agent mails its host the proposal and stops: the conversation and the
+//!   pending call are checkpointed in its names (`conversation`) first, so
+//!   the wait survives `kill -9` and failover. The host's next message to
+//!   the agent is its decision (the evaluation's result, or a refusal); it
+//!   becomes the tool's result and the conversation goes on.
+//!
+//! Any other tool the model calls is answered an error: the agent has no
+//! other powers. At most `MAX_MODEL_CALLS` model calls per turn.
+wit_bindgen::generate!({ path: "../../wit/agent", world: "llm-agent" });
+
+use std::collections::BTreeMap;
+
+use capstan::agent::host;
+use capstan::agent::llm;
+use capstan::agent::types::LogLevel;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+/// The name of the model capability and of the checkpoint.
+const LLM: &str = "llm";
+const CONVERSATION: &str = "conversation";
+/// Model calls per turn before the agent gives up.
+const MAX_MODEL_CALLS: usize = 8;
+/// Largest checkpoint kept; older exchanges are dropped (summarised) past it.
+const MAX_CHECKPOINT: usize = 256 * 1024;
+
+const SYSTEM: &str = "You are a Capstan agent. You hold no authority but the tools given. \
+To compute with your host's capabilities, propose code with define_code: name each \
+capability the code needs as a slot with a description; your host decides what fills them.";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "role", rename_all = "snake_case")]
+enum Msg {
+    User {
+        text: String,
+    },
+    Assistant {
+        #[serde(default)]
+        text: String,
+        #[serde(default)]
+        tool_calls: Vec<Call>,
+    },
+    ToolResult {
+        call_id: String,
+        name: String,
+        content: String,
+        #[serde(default)]
+        is_error: bool,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Call {
+    id: String,
+    name: String,
+    #[serde(default)]
+    arguments: Value,
+}
+
+/// A tool call waiting for the host's decision.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Pending {
+    call_id: String,
+    name: String,
+    /// The calls of the same model answer still to run after it.
+    #[serde(default)]
+    rest: Vec<Call>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct State {
+    messages: Vec<Msg>,
+    /// The message (number in the agent's inbox) the turn answers.
+    #[serde(default)]
+    asker: Option<u64>,
+    #[serde(default)]
+    pending: Option<Pending>,
+    /// Exchanges dropped to keep the checkpoint bounded.
+    #[serde(default)]
+    dropped: u64,
+}
+
+#[derive(Debug, Deserialize)]
+struct Answer {
+    #[serde(default)]
+    text: String,
+    #[serde(default)]
+    tool_calls: Vec<Call>,
+}
+
+fn load() -> Result<State, String> {
+    match host::read_text(CONVERSATION)? {
+        None => Ok(State::default()),
+        Some(t) => serde_json::from_str(&t).map_err(|e| format!("my conversation is damaged: {e}")),
+    }
+}
+
+fn save(s: &mut State) -> Result<(), String> {
+    let mut text = serde_json::to_string(s).map_err(|e| e.to_string())?;
+    // Compaction: drop the oldest whole exchanges (a user message and what
+    // followed it) until the checkpoint fits, keeping the current one.
+    while text.len() > MAX_CHECKPOINT {
+        let next_user = s
+            .messages
+            .iter()
+            .skip(1)
+            .position(|m| matches!(m, Msg::User { .. }))
+            .map(|p| p + 1);
+        match next_user {
+            Some(p) => {
+                s.messages.drain(..p);
+                s.dropped += 1;
+            }
+            None => break,
+        }
+        text = serde_json::to_string(s).map_err(|e| e.to_string())?;
+    }
+    host::store_text(CONVERSATION, &text)
+}
+
+fn tools() -> Value {
+    let slots = json!({"type": "object", "additionalProperties": {"type": "string"},
+        "description": "slot name -> what capability it needs"});
+    json!([
+        {"name": "list_names", "description": "The names you hold.",
+         "schema": {"type": "object", "properties": {}}},
+        {"name": "lookup_value", "description": "The text stored under one of your names.",
+         "schema": {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}},
+        {"name": "store_result", "description": "Store a text value under a name of yours.",
+         "schema": {"type": "object", "properties": {"name": {"type": "string"}, "value": {"type": "string"}},
+                    "required": ["name", "value"]}},
+        {"name": "define_code", "description": "Propose JavaScript whose named slots your host fills with capabilities; you get its result.",
+         "schema": {"type": "object", "properties": {"source": {"type": "string"}, "slots": slots},
+                    "required": ["source"]}},
+        {"name": "request_evaluation", "description": "Ask your host to evaluate JavaScript with the named values.",
+         "schema": {"type": "object", "properties": {"source": {"type": "string"}, "slots": slots},
+                    "required": ["source"]}}
+    ])
+}
+
+fn arg<'a>(c: &'a Call, name: &str) -> Result<&'a str, String> {
+    c.arguments
+        .get(name)
+        .and_then(Value::as_str)
+        .ok_or_else(|| format!("{}: argument {name:?} (a string) is missing", c.name))
+}
+
+/// Runs a tool that answers at once; `None` for one that waits for the host.
+fn run_tool(c: &Call) -> Option<Result<String, String>> {
+    Some(match c.name.as_str() {
+        "list_names" => Ok(serde_json::to_string(&host::list()).unwrap_or_default()),
+        "lookup_value" => arg(c, "name").and_then(|n| match host::read_text(n)? {
+            Some(t) => Ok(t),
+            None => Err(format!("you hold no name {n:?}")),
+        }),
+        "store_result" => arg(c, "name").and_then(|n| {
+            let v = arg(c, "value")?;
+            host::store_text(n, v).map(|_| format!("stored {n}"))
+        }),
+        "define_code" | "request_evaluation" => return None,
+        other => Err(format!(
+            "there is no tool {other:?}: you have list_names, lookup_value, store_result, define_code and request_evaluation"
+        )),
+    })
+}
+
+/// Mails the host a proposal: the text says what it is, the JSON after the
+/// first line is what `capstan endow` reads.
+fn propose(c: &Call) -> Result<(), String> {
+    let source = arg(c, "source")?;
+    let slots: BTreeMap<String, String> = match c.arguments.get("slots") {
+        None | Some(Value::Null) => BTreeMap::new(),
+        Some(v) => serde_json::from_value(v.clone())
+            .map_err(|_| format!("{}: slots must map names to descriptions", c.name))?,
+    };
+    let list: Vec<String> = slots.iter().map(|(k, v)| format!("{k}: {v:?}")).collect();
+    let body = json!({"kind": c.name, "call": c.id, "source": source, "slots": slots});
+    host::send(
+        "HOST",
+        &format!("definition: slots {{{}}}\n{body}", list.join(", ")),
+    )?;
+    Ok(())
+}
+
+/// Runs the model loop from the current state until it answers, waits for
+/// the host, or gives up.
+fn converse(s: &mut State) -> Result<(), String> {
+    for _ in 0..MAX_MODEL_CALLS {
+        let req = json!({"system": SYSTEM, "messages": s.messages, "tools": tools()});
+        let answer = match llm::chat(LLM, &req.to_string()) {
+            Ok(a) => a,
+            Err(e) => {
+                finish(s, &format!("I could not ask my model: {e}"))?;
+                return Ok(());
+            }
+        };
+        let a: Answer = match serde_json::from_str(&answer) {
+            Ok(a) => a,
+            Err(e) => {
+                finish(s, &format!("my model's answer was malformed: {e}"))?;
+                return Ok(());
+            }
+        };
+        s.messages.push(Msg::Assistant {
+            text: a.text.clone(),
+            tool_calls: a.tool_calls.clone(),
+        });
+        if a.tool_calls.is_empty() {
+            return finish(s, &a.text);
+        }
+        if run_calls(s, a.tool_calls)? {
+            return Ok(()); // waiting for the host
+        }
+    }
+    finish(
+        s,
+        &format!("I gave up after {MAX_MODEL_CALLS} model calls without a final answer."),
+    )
+}
+
+/// Runs tool calls in order; true if one now waits for the host (the
+/// state is saved with it pending).
+fn run_calls(s: &mut State, calls: Vec<Call>) -> Result<bool, String> {
+    let mut calls = calls.into_iter();
+    while let Some(c) = calls.next() {
+        match run_tool(&c) {
+            Some(r) => {
+                let (content, is_error) = match r {
+                    Ok(t) => (t, false),
+                    Err(e) => (e, true),
+                };
+                s.messages.push(Msg::ToolResult {
+                    call_id: c.id.clone(),
+                    name: c.name.clone(),
+                    content,
+                    is_error,
+                });
+            }
+            None => {
+                if let Err(e) = propose(&c) {
+                    s.messages.push(Msg::ToolResult {
+                        call_id: c.id.clone(),
+                        name: c.name.clone(),
+                        content: e,
+                        is_error: true,
+                    });
+                    continue;
+                }
+                s.pending = Some(Pending {
+                    call_id: c.id.clone(),
+                    name: c.name.clone(),
+                    rest: calls.collect(),
+                });
+                // checkpoint before the durable wait
+                save(s)?;
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
+}
+
+/// Replies to the asker and checkpoints.
+fn finish(s: &mut State, text: &str) -> Result<(), String> {
+    if let Some(n) = s.asker.take() {
+        host::reply(n, text)?;
+    }
+    save(s)
+}
+
+struct Agent;
+
+impl Guest for Agent {
+    fn on_message(msg: Message) -> Result<(), String> {
+        panic_log::install(|m| host::log(LogLevel::Error, m));
+        let mut s = load()?;
+        if let Some(p) = s.pending.take() {
+            if msg.sender == "HOST" {
+                // the host's decision on the pending proposal
+                s.messages.push(Msg::ToolResult {
+                    call_id: p.call_id,
+                    name: p.name,
+                    content: msg.text,
+                    is_error: false,
+                });
+                if run_calls(&mut s, p.rest)? {
+                    return Ok(());
+                }
+                return converse(&mut s);
+            }
+            s.pending = Some(p);
+            host::reply(
+                msg.number,
+                "I am waiting for my host's decision on a proposal; ask me again after it.",
+            )?;
+            return Ok(());
+        }
+        s.asker = Some(msg.number);
+        s.messages.push(Msg::User {
+            text: format!("{}: {}", msg.sender, msg.text),
+        });
+        converse(&mut s)
+    }
+}
+
+export!(Agent);

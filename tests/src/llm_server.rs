@@ -1,0 +1,350 @@
+//! A scripted LLM provider on 127.0.0.1 for tests: a real HTTP/1.1 server
+//! (std threads, one request per connection) that speaks the Anthropic
+//! Messages, Ollama chat and OpenAI chat-completions protocols, chosen by
+//! the request path, and answers from a script.
+//!
+//! - [`LlmServer::push`] queues the next answers: text, tool calls, an HTTP
+//!   error status (optionally with `Retry-After`), or a raw body (for
+//!   malformed answers). With an empty script it answers 500.
+//! - [`LlmServer::require_key`]: requests without that key (`x-api-key` for
+//!   Anthropic, `Authorization: Bearer` otherwise) get the provider's 401,
+//!   without consuming the script.
+//! - [`LlmServer::requests`]: every request received (method, path,
+//!   headers, body), so tests can check what reached the provider.
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+/// Largest request body accepted.
+const MAX_BODY: usize = 16 << 20;
+
+/// One scripted answer.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    /// A text answer with the token usage to report.
+    Text {
+        text: String,
+        input_tokens: u64,
+        output_tokens: u64,
+    },
+    /// Tool calls `(name, arguments)`, with optional text.
+    Tools {
+        text: String,
+        calls: Vec<(String, Value)>,
+    },
+    /// An HTTP error with the provider's error body.
+    Status {
+        status: u16,
+        message: String,
+        retry_after: Option<u64>,
+    },
+    /// HTTP 200 with exactly this body.
+    Raw(String),
+}
+
+impl Reply {
+    pub fn text(t: &str) -> Reply {
+        Reply::Text {
+            text: t.to_string(),
+            input_tokens: 12,
+            output_tokens: 8,
+        }
+    }
+
+    pub fn status(status: u16, message: &str) -> Reply {
+        Reply::Status {
+            status,
+            message: message.to_string(),
+            retry_after: None,
+        }
+    }
+}
+
+/// One request as received.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    pub path: String,
+    /// Header names lowercased.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Recorded {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or(Value::Null)
+    }
+}
+
+#[derive(Default)]
+struct State {
+    script: VecDeque<Reply>,
+    requests: Vec<Recorded>,
+    key: Option<String>,
+}
+
+/// The server; stops when dropped.
+pub struct LlmServer {
+    addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl LlmServer {
+    pub fn start() -> LlmServer {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("binding the fake LLM server");
+        let addr = listener.local_addr().expect("local addr");
+        let state = Arc::new(Mutex::new(State::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (st, sp) = (state.clone(), stop.clone());
+        let thread = thread::spawn(move || {
+            for conn in listener.incoming() {
+                if sp.load(Ordering::Acquire) {
+                    break;
+                }
+                let Ok(conn) = conn else { continue };
+                let st = st.clone();
+                thread::spawn(move || {
+                    let _ = serve(conn, &st);
+                });
+            }
+        });
+        LlmServer {
+            addr,
+            state,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn push(&self, r: Reply) {
+        self.state.lock().unwrap().script.push_back(r);
+    }
+
+    pub fn require_key(&self, key: &str) {
+        self.state.lock().unwrap().key = Some(key.to_string());
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.state.lock().unwrap().requests.clone()
+    }
+}
+
+impl Drop for LlmServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve(conn: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut line = String::new();
+    if reader.read_line(&mut line)? == 0 {
+        return Ok(()); // the wake-up connection of Drop
+    }
+    let mut parts = line.split_whitespace();
+    let method = parts.next().unwrap_or("").to_string();
+    let path = parts.next().unwrap_or("").to_string();
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h)? == 0 {
+            break;
+        }
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((n, v)) = h.split_once(':') {
+            headers.push((n.trim().to_ascii_lowercase(), v.trim().to_string()));
+        }
+    }
+    let len = headers
+        .iter()
+        .find(|(n, _)| n == "content-length")
+        .and_then(|(_, v)| v.parse::<usize>().ok())
+        .unwrap_or(0)
+        .min(MAX_BODY);
+    let mut body = vec![0; len];
+    reader.read_exact(&mut body)?;
+    let rec = Recorded {
+        method,
+        path: path.clone(),
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    };
+    let proto = match path.as_str() {
+        "/v1/messages" => Proto::Anthropic,
+        "/api/chat" => Proto::Ollama,
+        "/v1/chat/completions" => Proto::OpenAi,
+        _ => {
+            state.lock().unwrap().requests.push(rec);
+            return respond(conn, 404, "{\"error\":\"no such endpoint\"}", None);
+        }
+    };
+    let reply = {
+        let mut st = state.lock().unwrap();
+        let authorized = match &st.key {
+            None => true,
+            Some(k) => match proto {
+                Proto::Anthropic => rec.header("x-api-key") == Some(k.as_str()),
+                _ => rec.header("authorization") == Some(format!("Bearer {k}").as_str()),
+            },
+        };
+        st.requests.push(rec);
+        if authorized {
+            st.script
+                .pop_front()
+                .unwrap_or_else(|| Reply::status(500, "the test script is exhausted"))
+        } else {
+            Reply::status(401, "invalid x-api-key")
+        }
+    };
+    let (status, body, retry_after) = render(proto, reply);
+    respond(conn, status, &body, retry_after)
+}
+
+#[derive(Clone, Copy)]
+enum Proto {
+    Anthropic,
+    Ollama,
+    OpenAi,
+}
+
+fn render(proto: Proto, reply: Reply) -> (u16, String, Option<u64>) {
+    match reply {
+        Reply::Raw(body) => (200, body, None),
+        Reply::Status {
+            status,
+            message,
+            retry_after,
+        } => {
+            let body = match proto {
+                Proto::Anthropic => {
+                    json!({"type": "error", "error": {"type": "error", "message": message}})
+                }
+                Proto::Ollama => json!({"error": message}),
+                Proto::OpenAi => json!({"error": {"message": message, "type": "error"}}),
+            };
+            (status, body.to_string(), retry_after)
+        }
+        Reply::Text {
+            text,
+            input_tokens,
+            output_tokens,
+        } => (
+            200,
+            answer(proto, &text, &[], input_tokens, output_tokens).to_string(),
+            None,
+        ),
+        Reply::Tools { text, calls } => {
+            (200, answer(proto, &text, &calls, 20, 10).to_string(), None)
+        }
+    }
+}
+
+fn answer(proto: Proto, text: &str, calls: &[(String, Value)], input: u64, output: u64) -> Value {
+    match proto {
+        Proto::Anthropic => {
+            let mut content = Vec::new();
+            if !text.is_empty() {
+                content.push(json!({"type": "text", "text": text}));
+            }
+            for (i, (name, args)) in calls.iter().enumerate() {
+                content.push(json!({"type": "tool_use", "id": format!("toolu_{i}"), "name": name, "input": args}));
+            }
+            json!({
+                "id": "msg_test", "type": "message", "role": "assistant", "model": "fake-anthropic",
+                "content": content,
+                "stop_reason": if calls.is_empty() { "end_turn" } else { "tool_use" },
+                "usage": {"input_tokens": input, "output_tokens": output},
+            })
+        }
+        Proto::Ollama => {
+            let mut message = json!({"role": "assistant", "content": text});
+            if !calls.is_empty() {
+                message["tool_calls"] = calls
+                    .iter()
+                    .map(|(name, args)| json!({"function": {"name": name, "arguments": args}}))
+                    .collect();
+            }
+            json!({
+                "model": "fake-ollama", "message": message, "done": true, "done_reason": "stop",
+                "prompt_eval_count": input, "eval_count": output,
+            })
+        }
+        Proto::OpenAi => {
+            let mut message = json!({"role": "assistant",
+                "content": if text.is_empty() { Value::Null } else { json!(text) }});
+            if !calls.is_empty() {
+                message["tool_calls"] = calls
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (name, args))| {
+                        json!({"id": format!("call_{i}"), "type": "function",
+                               "function": {"name": name, "arguments": args.to_string()}})
+                    })
+                    .collect();
+            }
+            json!({
+                "id": "chatcmpl-test", "object": "chat.completion", "model": "fake-openai",
+                "choices": [{"index": 0, "message": message,
+                             "finish_reason": if calls.is_empty() { "stop" } else { "tool_calls" }}],
+                "usage": {"prompt_tokens": input, "completion_tokens": output},
+            })
+        }
+    }
+}
+
+fn respond(
+    mut conn: TcpStream,
+    status: u16,
+    body: &str,
+    retry_after: Option<u64>,
+) -> std::io::Result<()> {
+    let reason = match status {
+        200 => "OK",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        429 => "Too Many Requests",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "Status",
+    };
+    let mut head = format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n",
+        body.len()
+    );
+    if let Some(s) = retry_after {
+        head.push_str(&format!("retry-after: {s}\r\n"));
+    }
+    head.push_str("\r\n");
+    conn.write_all(head.as_bytes())?;
+    conn.write_all(body.as_bytes())?;
+    conn.flush()
+}

@@ -1,0 +1,198 @@
+//! The LLM agent guest (guests/llm-agent) end to end: a real daemon runs
+//! the component; its model is the scripted provider on loopback
+//! (tests/src/llm_server.rs) configured by the host with `capstan llm add`.
+
+use std::time::{Duration, Instant};
+
+use capstan_tests::llm_server::{LlmServer, Reply};
+use capstan_tests::{Node, guest_wasm, texts};
+use serde_json::{Value, json};
+
+const KEY: &str = "test-anthropic-key-77c1d0e5b9a2";
+
+/// A node with provider `claude` (the scripted server, with its key) and
+/// a guest `helper` running llm-agent with `claude` granted as `llm`.
+fn setup(server: &LlmServer) -> Node {
+    let node = Node::started();
+    server.require_key(KEY);
+    let f = node.home().join("claude.key");
+    std::fs::write(&f, format!("{KEY}\n")).unwrap();
+    node.ok([
+        "llm",
+        "add",
+        "claude",
+        "--provider",
+        "anthropic",
+        "--key-file",
+        f.to_str().unwrap(),
+        "--url",
+        &server.url(),
+        "--model",
+        "claude-test",
+    ]);
+    let wasm = guest_wasm("llm-agent");
+    node.ok([
+        "install",
+        wasm.as_str(),
+        "--name",
+        "llm-agent",
+        "--grant",
+        "llm=claude",
+    ]);
+    node.ok(["mkguest", "helper", "--component", "llm-agent"]);
+    node
+}
+
+/// Waits for a message from `from` whose text contains `needle`.
+fn wait_mail(node: &Node, from: &str, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let inbox = node.inbox(&[]);
+        for m in &inbox {
+            let t = texts(std::slice::from_ref(m)).concat();
+            if m["from"] == from && t.contains(needle) {
+                return t;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no message from {from} containing {needle:?}: {inbox:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn count_mail(node: &Node, from: &str, needle: &str) -> usize {
+    node.inbox(&[])
+        .iter()
+        .filter(|m| m["from"] == from && texts(std::slice::from_ref(*m)).concat().contains(needle))
+        .count()
+}
+
+/// The tool results a model request carried, by tool name.
+fn tool_results(body: &Value) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for m in body["messages"].as_array().into_iter().flatten() {
+        for c in m["content"].as_array().into_iter().flatten() {
+            if c["type"] == "tool_result" {
+                let content = match &c["content"] {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                out.push((c["tool_use_id"].as_str().unwrap_or("").to_string(), content));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn the_agent_uses_its_tools_and_answers_without_seeing_the_key() {
+    let server = LlmServer::start();
+    let node = setup(&server);
+    node.ok(["store", "--text", "forty-two", "--name", "answer"]);
+    node.ok(["send", "helper", "what", "names", "do", "you", "hold?"]);
+    server.push(Reply::Tools {
+        text: String::new(),
+        calls: vec![
+            ("list_names".into(), json!({})),
+            ("lookup_value".into(), json!({"name": "llm"})),
+            ("exfiltrate".into(), json!({"to": "evil"})),
+        ],
+    });
+    server.push(Reply::text("I hold llm and my conversation."));
+    let t = wait_mail(&node, "helper", "I hold llm");
+    assert_eq!(t, "I hold llm and my conversation.");
+
+    let reqs = server.requests();
+    assert_eq!(reqs.len(), 2, "{reqs:#?}");
+    // the host added the key; nothing the guest sent or stored holds it
+    assert!(reqs.iter().all(|r| r.header("x-api-key") == Some(KEY)));
+    let first = reqs[0].json();
+    assert!(first.to_string().contains("what names do you hold?"), "{first}");
+    let tools: Vec<&str> = first["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert!(tools.contains(&"define_code"), "{tools:?}");
+    let results = tool_results(&reqs[1].json());
+    assert_eq!(results.len(), 3, "{results:?}");
+    // list_names saw the granted capability
+    assert!(results[0].1.contains("\"llm\""), "{results:?}");
+    // reading the LLM capability as a value gives no key
+    assert!(!results[1].1.contains(KEY), "{results:?}");
+    // a tool it was not given is refused
+    assert!(results[2].1.contains("there is no tool \"exfiltrate\""), "{results:?}");
+    let conversation = node.ok(["cat", "--as", "helper", "conversation"]);
+    assert!(!conversation.contains(KEY));
+    assert!(conversation.contains("I hold llm"), "{conversation}");
+    // the guest's model calls are in its audit log, which its host reads
+    let audit = node.json(["llm", "audit", "--as", "helper"]);
+    let audit = audit.as_array().expect("audit --json is an array");
+    assert_eq!(audit.len(), 2, "{audit:#?}");
+    assert!(audit.iter().all(|a| a["provider"] == "llm" && a["outcome"] == "ok"), "{audit:#?}");
+    assert_eq!(audit[0]["tool_calls"], 3, "{audit:#?}");
+}
+
+/// The agent proposes code with a named slot and waits for its host's
+/// decision; the node is killed with -9 during the wait; after the restart
+/// the host answers and the same conversation goes on to the answer.
+#[test]
+fn a_pending_proposal_survives_kill_9_and_the_conversation_goes_on() {
+    let server = LlmServer::start();
+    let mut node = setup(&server);
+    node.ok(["send", "helper", "how many messages are in my inbox?"]);
+    server.push(Reply::Tools {
+        text: "I need to read your inbox.".into(),
+        calls: vec![(
+            "define_code".into(),
+            json!({"source": "reader.count()", "slots": {"reader": "an inbox reader"}}),
+        )],
+    });
+    let t = wait_mail(&node, "helper", "definition: slots");
+    assert!(t.contains("reader: \"an inbox reader\""), "{t}");
+    assert!(t.contains("reader.count()"), "{t}");
+
+    node.kill9();
+    node.start();
+    // still waiting: a question now is told so, and costs no model call
+    node.ok(["send", "helper", "are you there?"]);
+    wait_mail(&node, "helper", "waiting for my host's decision");
+    assert_eq!(server.requests().len(), 1);
+
+    server.push(Reply::text("You have 3 messages."));
+    node.ok(["send", "helper", "3"]);
+    let t = wait_mail(&node, "helper", "You have 3 messages.");
+    assert_eq!(t, "You have 3 messages.");
+    let reqs = server.requests();
+    assert_eq!(reqs.len(), 2, "{reqs:#?}");
+    let results = tool_results(&reqs[1].json());
+    assert_eq!(results.len(), 1, "{results:?}");
+    assert_eq!(results[0].1, "3");
+    // the same conversation: the first question is still in it
+    assert!(
+        reqs[1].body.contains("how many messages are in my inbox?"),
+        "{}",
+        reqs[1].body
+    );
+    // nothing was done twice
+    assert_eq!(count_mail(&node, "helper", "definition: slots"), 1);
+    assert_eq!(count_mail(&node, "helper", "You have 3 messages."), 1);
+}
+
+/// A model answer that is not what the protocol says is reported to the
+/// asker; the agent takes the next message normally.
+#[test]
+fn a_malformed_model_answer_is_reported_and_the_agent_goes_on() {
+    let server = LlmServer::start();
+    let node = setup(&server);
+    server.push(Reply::Raw("{\"this is\": \"not a messages answer\"".into()));
+    node.ok(["send", "helper", "hello"]);
+    let t = wait_mail(&node, "helper", "I could not ask my model");
+    assert!(t.contains("malformed"), "{t}");
+    server.push(Reply::text("hello again"));
+    node.ok(["send", "helper", "hello?"]);
+    wait_mail(&node, "helper", "hello again");
+}
