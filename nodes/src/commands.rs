@@ -268,9 +268,7 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
         c @ (Command::Install { .. }
         | Command::Guests { .. }
         | Command::Run { .. }
-        | Command::Mkhttp { .. }) => {
-            crate::guests::run(client, c, json).await?
-        }
+        | Command::Mkhttp { .. }) => crate::guests::run(client, c, json).await?,
         Command::Mkguest { path, .. } => {
             let req = RequestId::random();
             let id = client

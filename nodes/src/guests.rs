@@ -142,9 +142,13 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
         } => {
             let mut hs = Vec::new();
             for h in &headers {
-                let Some((n, f)) = h.split_once('=').filter(|(n, f)| !n.is_empty() && !f.is_empty())
+                let Some((n, f)) = h
+                    .split_once('=')
+                    .filter(|(n, f)| !n.is_empty() && !f.is_empty())
                 else {
-                    bail!("--header-file expects NAME=FILE (e.g. Authorization=/path/to/key), got {h:?}");
+                    bail!(
+                        "--header-file expects NAME=FILE (e.g. Authorization=/path/to/key), got {h:?}"
+                    );
                 };
                 // the node reads the file: give it an absolute path
                 let f = std::fs::canonicalize(f)

@@ -754,12 +754,16 @@ impl agent::Server for AgentServer {
         let req = request_id(p.get_req_id())?;
         let name = text(p.get_name(), "name")?;
         let s = p.get_spec()?;
-        let texts = |l: capnp::text_list::Reader<'_>, what: &str| -> Result<Vec<String>, CapError> {
-            l.iter().map(|t| text(t, what)).collect()
-        };
+        let texts =
+            |l: capnp::text_list::Reader<'_>, what: &str| -> Result<Vec<String>, CapError> {
+                l.iter().map(|t| text(t, what)).collect()
+            };
         let mut headers = Vec::new();
         for h in s.get_headers()?.iter() {
-            headers.push((text(h.get_name(), "header name")?, text(h.get_file(), "header file")?));
+            headers.push((
+                text(h.get_name(), "header name")?,
+                text(h.get_file(), "header file")?,
+            ));
         }
         let spec = capstan_actors::guest::http::HttpSpec {
             allow: texts(s.get_allow()?, "allow")?,

@@ -483,7 +483,6 @@ fn cluster_commands_refuse_bad_input() {
     n.stop();
 }
 
-
 /// Waits until the root host's inbox (read through node `via`) has a
 /// message from `from` with text `text`; returns the inbox.
 fn wait_mail(c: &Cluster, via: usize, from: &str, text: &str) -> Vec<Value> {

@@ -442,21 +442,26 @@ mod web {
             body: String::from_utf8_lossy(&body).into_owned(),
         };
         let auth = req.header("authorization").unwrap_or("none").to_string();
-        let (status, extra, body): (&str, String, Vec<u8>) = match (req.method.as_str(), req.path.as_str()) {
-            (_, "/api/echo") => ("200 OK", String::new(), format!("hello; you sent authorization {auth}").into_bytes()),
-            (_, "/api/big") => ("200 OK", String::new(), vec![b'x'; 200_000]),
-            (_, "/api/redirect") => (
-                "302 Found",
-                format!("Location: http://127.0.0.1:{port}/admin\r\n"),
-                Vec::new(),
-            ),
-            ("GET", "/poll") => {
-                let lines: Vec<String> = st.lock().unwrap().queue.drain(..).collect();
-                ("200 OK", String::new(), lines.join("\n").into_bytes())
-            }
-            ("POST", "/send") => ("200 OK", String::new(), b"ok".to_vec()),
-            _ => ("200 OK", String::new(), b"secret admin page".to_vec()),
-        };
+        let (status, extra, body): (&str, String, Vec<u8>) =
+            match (req.method.as_str(), req.path.as_str()) {
+                (_, "/api/echo") => (
+                    "200 OK",
+                    String::new(),
+                    format!("hello; you sent authorization {auth}").into_bytes(),
+                ),
+                (_, "/api/big") => ("200 OK", String::new(), vec![b'x'; 200_000]),
+                (_, "/api/redirect") => (
+                    "302 Found",
+                    format!("Location: http://127.0.0.1:{port}/admin\r\n"),
+                    Vec::new(),
+                ),
+                ("GET", "/poll") => {
+                    let lines: Vec<String> = st.lock().unwrap().queue.drain(..).collect();
+                    ("200 OK", String::new(), lines.join("\n").into_bytes())
+                }
+                ("POST", "/send") => ("200 OK", String::new(), b"ok".to_vec()),
+                _ => ("200 OK", String::new(), b"secret admin page".to_vec()),
+            };
         st.lock().unwrap().requests.push(req);
         let mut w = s;
         write!(
@@ -493,7 +498,14 @@ fn http_capability_allows_only_its_allowlist_and_hides_its_credential() {
         "Authorization=/nonexistent/key",
     ]);
     assert!(e.contains("/nonexistent/key"), "{e}");
-    let (_, e) = node.fail(["mkhttp", "bad", "--allow", &prefix, "--timeout-ms", "999999"]);
+    let (_, e) = node.fail([
+        "mkhttp",
+        "bad",
+        "--allow",
+        &prefix,
+        "--timeout-ms",
+        "999999",
+    ]);
     assert!(e.contains("--timeout-ms 999999 is too long"), "{e}");
     assert!(!node.names(&[]).contains("bad"));
 
@@ -528,7 +540,10 @@ fn http_capability_allows_only_its_allowlist_and_hides_its_credential() {
     assert!(out.contains("you sent authorization [REDACTED]"), "{out}");
     assert!(!out.contains("s3cret"), "{out}");
     let reqs = server.requests();
-    let echo = reqs.iter().find(|q| q.path == "/api/echo").expect("reached");
+    let echo = reqs
+        .iter()
+        .find(|q| q.path == "/api/echo")
+        .expect("reached");
     assert_eq!(
         echo.header("authorization"),
         Some("Bearer s3cret-token-4242")
@@ -538,15 +553,31 @@ fn http_capability_allows_only_its_allowlist_and_hides_its_credential() {
     let before = server.requests().len();
     let r = run(&server.url("/admin"), "GET");
     assert!(!r.success());
-    assert!(r.stderr.contains("outside this http capability's allowlist"), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("outside this http capability's allowlist"),
+        "{}",
+        r.stderr
+    );
     let r = run(&other.url("/api/echo"), "GET");
-    assert!(r.stderr.contains("outside this http capability's allowlist"), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("outside this http capability's allowlist"),
+        "{}",
+        r.stderr
+    );
     assert!(other.requests().is_empty(), "the other server was reached");
-    assert_eq!(server.requests().len(), before, "a refused URL reached the server");
+    assert_eq!(
+        server.requests().len(),
+        before,
+        "a refused URL reached the server"
+    );
     let r = run(&server.url("/api/redirect"), "GET");
     assert!(!r.success());
     assert!(
-        r.stderr.contains("a redirect to") && r.stderr.contains("is outside this http capability's allowlist"),
+        r.stderr.contains("a redirect to")
+            && r.stderr
+                .contains("is outside this http capability's allowlist"),
         "{}",
         r.stderr
     );
@@ -554,7 +585,8 @@ fn http_capability_allows_only_its_allowlist_and_hides_its_credential() {
     // a method it does not allow
     let r = run(&server.url("/api/echo"), "POST");
     assert!(
-        r.stderr.contains("method POST is not allowed by this http capability"),
+        r.stderr
+            .contains("method POST is not allowed by this http capability"),
         "{}",
         r.stderr
     );
@@ -562,7 +594,8 @@ fn http_capability_allows_only_its_allowlist_and_hides_its_credential() {
     let r = run(&server.url("/api/big"), "GET");
     assert!(!r.success());
     assert!(
-        r.stderr.contains("this http capability allows at most 10000"),
+        r.stderr
+            .contains("this http capability allows at most 10000"),
         "{}",
         r.stderr
     );
@@ -594,7 +627,13 @@ fn http_channel_bridges_an_outside_chat_server() {
         "GET,POST",
     ]);
     let config = format!(r#"{{"url":"{}"}}"#, server.url("/"));
-    node.ok(["store", "--text", config.as_str(), "--name", "bridge-config"]);
+    node.ok([
+        "store",
+        "--text",
+        config.as_str(),
+        "--name",
+        "bridge-config",
+    ]);
     let info = install(
         &node,
         "http-channel",

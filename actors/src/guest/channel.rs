@@ -78,7 +78,10 @@ impl ch_host::Host for ChannelState {
         sender: String,
         text: String,
     ) -> wasmtime::Result<Result<(), String>> {
-        let text = format!("{}: {text}", sender.chars().take(MAX_SENDER).collect::<String>());
+        let text = format!(
+            "{}: {text}",
+            sender.chars().take(MAX_SENDER).collect::<String>()
+        );
         if text.len() > self.max_message {
             return Err(wasmtime::format_err!(
                 "message size limit: tried to emit a message of {} bytes; the limit is {} bytes",
@@ -360,9 +363,7 @@ async fn stopped(
         s.failures += 1;
         s.last_error = format!("{during}: {why}");
     });
-    let text = format!(
-        "channel stopped {during}: {why}. It starts afresh on its next message."
-    );
+    let text = format!("channel stopped {during}: {why}. It starts afresh on its next message.");
     agent
         .send(RequestId::random(), "HOST", vec![text], vec![], None)
         .await?;
@@ -402,9 +403,7 @@ async fn call(
             Call::Respond(to, text) => ch.call_on_respond(&mut l.store, to, text),
             Call::Shutdown => ch.call_on_shutdown(&mut l.store).map(|_| Ok(())),
         });
-        let used = limits
-            .fuel
-            .saturating_sub(l.store.get_fuel().unwrap_or(0));
+        let used = limits.fuel.saturating_sub(l.store.get_fuel().unwrap_or(0));
         let r = r.map_err(|e| stop_reason(&e, limits, l.store.data().panic.as_deref()));
         ((r, used, t0.elapsed()), l)
     })

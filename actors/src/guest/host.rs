@@ -493,7 +493,9 @@ impl agent_wit::llm::Host for AgentState {
             None => {}
         }
         let r = match serde_json::from_str::<crate::llm::ChatRequest>(&request) {
-            Err(e) => Err(format!("llm.chat: the request is not valid JSON for a chat: {e}")),
+            Err(e) => Err(format!(
+                "llm.chat: the request is not valid JSON for a chat: {e}"
+            )),
             Ok(req) => self
                 .block(self.agent.llm_chat(&provider, req))
                 .map_err(|e| e.to_string())

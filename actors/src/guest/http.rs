@@ -77,7 +77,9 @@ fn parse_prefix(s: &str) -> Result<Prefix, String> {
         return Err(format!("{s:?}: a URL prefix may not carry credentials"));
     }
     if u.query().is_some() || u.fragment().is_some() {
-        return Err(format!("{s:?}: a URL prefix may not have a query or fragment"));
+        return Err(format!(
+            "{s:?}: a URL prefix may not have a query or fragment"
+        ));
     }
     let host = u
         .host_str()
@@ -122,7 +124,9 @@ fn read_key(name: &str, path: &str) -> Result<String, String> {
     let meta = std::fs::metadata(p)
         .map_err(|e| format!("the key file of header {name} ({path}) cannot be read: {e}"))?;
     if !meta.is_file() {
-        return Err(format!("the key file of header {name} ({path}) is not a file"));
+        return Err(format!(
+            "the key file of header {name} ({path}) is not a file"
+        ));
     }
     if meta.len() > MAX_KEY_FILE {
         return Err(format!(
@@ -545,14 +549,7 @@ mod tests {
 
     #[test]
     fn prefixes_match_scheme_host_port_exactly_and_path_by_prefix() {
-        let spec = validate(
-            &["http://127.0.0.1:8080/api/".into()],
-            &[],
-            &[],
-            0,
-            0,
-        )
-        .unwrap();
+        let spec = validate(&["http://127.0.0.1:8080/api/".into()], &[], &[], 0, 0).unwrap();
         assert_eq!(spec.allow, vec!["http://127.0.0.1:8080/api/"]);
         assert_eq!(spec.methods, vec!["GET"]);
         let ok = |s: &str| allowed(&spec, &reqwest::Url::parse(s).unwrap());
@@ -585,7 +582,10 @@ mod tests {
 
     #[test]
     fn secrets_are_redacted() {
-        let r = redact(b"token=Bearer abc and abc", &["Bearer abc".into(), "abc".into()]);
+        let r = redact(
+            b"token=Bearer abc and abc",
+            &["Bearer abc".into(), "abc".into()],
+        );
         assert_eq!(r, b"token=[REDACTED] and [REDACTED]");
     }
 }

@@ -43,8 +43,8 @@
 mod bindings;
 mod channel;
 mod host;
-pub(crate) mod journal;
 pub mod http;
+pub(crate) mod journal;
 mod runner;
 
 use std::collections::{BTreeMap, HashMap};
@@ -62,8 +62,8 @@ use crate::error::Error;
 use crate::model;
 use crate::records::FormulaKind;
 
-pub use host::CapabilityRep;
 pub(crate) use channel::ChannelState;
+pub use host::CapabilityRep;
 pub(crate) use host::{AgentState, ToolState};
 pub(crate) use runner::{GuestRunner, resume_loop, runner_for};
 
@@ -384,10 +384,10 @@ impl GuestHost {
             }
         };
         let mut agent_linker = Linker::new(&engine);
-        bindings::agent::LlmAgent::add_to_linker::<AgentState, wasmtime::component::HasSelf<AgentState>>(
-            &mut agent_linker,
-            |s| s,
-        )
+        bindings::agent::LlmAgent::add_to_linker::<
+            AgentState,
+            wasmtime::component::HasSelf<AgentState>,
+        >(&mut agent_linker, |s| s)
         .map_err(|e| wasm_error("agent world", e))?;
         let mut tool_linker = Linker::new(&engine);
         bindings::tool::SandboxedTool::add_to_linker::<

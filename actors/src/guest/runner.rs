@@ -58,7 +58,13 @@ pub(crate) async fn runner_for(
     let hash = super::hash_from_hex(&body.hash)?;
     let limits = CallLimits::of(&gh, &body);
     if body.world == World::Channel {
-        return Ok(Some(super::channel::start(gh, rt.clone(), id, hash, limits)));
+        return Ok(Some(super::channel::start(
+            gh,
+            rt.clone(),
+            id,
+            hash,
+            limits,
+        )));
     }
     let (tx, mut rx) = mpsc::channel(1);
     let rt = rt.clone();
