@@ -649,7 +649,8 @@ fn http_channel_bridges_an_outside_chat_server() {
     assert_eq!(t, "alice: hello from outside");
 
     // Capstan → outside: mail to the channel is posted to the chat server
-    node.ok(["send", "bridge", "@alice hi back"]);
+    // `@@` is a literal `@`: a leading `@user` names the outside recipient
+    node.ok(["send", "bridge", "@@alice hi back"]);
     node.ok(["send", "bridge", "to everyone"]);
     let deadline = Instant::now() + MAIL_TIMEOUT;
     loop {
