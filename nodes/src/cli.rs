@@ -211,6 +211,47 @@ pub enum Command {
         #[command(flatten)]
         out: Out,
     },
+    /// Evaluate JavaScript with the capabilities you bind to its slots.
+    ///
+    /// Runs SOURCE in the installed evaluator component (a JavaScript
+    /// engine as a confined guest; install guests/out/evaluator.wasm as
+    /// `evaluator`). Each SLOT=PATH makes the global SLOT an object whose
+    /// methods use what PATH names in your names, and nothing else: a value
+    /// has text(), json(), size(); an http capability fetch(url, {method,
+    /// body, headers}); a directory list(), read(name); an agent list(),
+    /// read(name), inbox(), send(text). Prints the JSON of the result.
+    Eval {
+        /// The script; its last expression is the result (a promise is awaited).
+        source: String,
+        /// SLOT=PATH: binds SLOT to PATH in your names. Repeatable.
+        #[arg(value_name = "SLOT=PATH")]
+        bindings: Vec<String>,
+        /// The installed evaluator component to run.
+        #[arg(long, default_value = "evaluator", value_name = "NAME")]
+        evaluator: String,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Answer a code proposal (a `definition` message) by filling its slots.
+    ///
+    /// An LLM agent's define_code / request_evaluation mails you its code
+    /// and the slots it needs; you decide what fills each slot. The code
+    /// runs in the evaluator with only what you bound, and its result (or
+    /// its error) is mailed back to the agent as a reply to NUMBER. To
+    /// refuse, reply instead: `capstan reply NUMBER "no: …"`.
+    Endow {
+        /// The number of the proposal in your inbox.
+        number: u64,
+        /// SLOT=PATH: fills the proposal's SLOT with PATH in your names.
+        /// Every slot of the proposal must be bound. Repeatable.
+        #[arg(long = "bind", value_name = "SLOT=PATH")]
+        bindings: Vec<String>,
+        /// The installed evaluator component to run.
+        #[arg(long, default_value = "evaluator", value_name = "NAME")]
+        evaluator: String,
+        #[command(flatten)]
+        out: Out,
+    },
     /// Install a WebAssembly component (agent or tool world) under NAME.
     Install {
         /// The component file (.wasm).
@@ -619,6 +660,8 @@ impl Command {
             Command::Start { out, .. }
             | Command::Run { out, .. }
             | Command::Install { out, .. }
+            | Command::Eval { out, .. }
+            | Command::Endow { out, .. }
             | Command::Mkhttp { out, .. }
             | Command::Guests { out }
             | Command::Stop { out }

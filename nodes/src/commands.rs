@@ -268,6 +268,8 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
         c @ (Command::Install { .. }
         | Command::Guests { .. }
         | Command::Run { .. }
+        | Command::Eval { .. }
+        | Command::Endow { .. }
         | Command::Mkhttp { .. }) => crate::guests::run(client, c, json).await?,
         Command::Mkguest { path, .. } => {
             let req = RequestId::random();

@@ -1,5 +1,6 @@
 //! The guest commands (issue 4): `install`, `mkguest --component`,
-//! `run TOOL --input JSON`, `guests`, `mkhttp`.
+//! `run TOOL --input JSON`, `guests`, `mkhttp`; and evaluation (issue 6):
+//! `eval SOURCE SLOT=PATH…`, `endow NUMBER --bind SLOT=PATH…`.
 
 use anyhow::{Context, bail};
 use capstan_proto::RequestId;
@@ -19,6 +20,57 @@ fn parse_grant(s: &str) -> anyhow::Result<(String, String)> {
         }
         _ => bail!("--grant expects SLOT=PATH (e.g. --grant docs=shared-docs), got {s:?}"),
     }
+}
+
+fn parse_bindings(list: &[String], form: &str) -> anyhow::Result<Vec<(String, String)>> {
+    list.iter()
+        .map(|s| match s.split_once('=') {
+            Some((slot, path)) if !slot.is_empty() && !path.is_empty() => {
+                Ok((slot.to_string(), path.to_string()))
+            }
+            _ => bail!("expected {form} (e.g. reader=inbox-reader), got {s:?}"),
+        })
+        .collect()
+}
+
+/// JSON text, indented when it is an object or an array.
+fn pretty(json: &str) -> String {
+    match serde_json::from_str::<serde_json::Value>(json) {
+        Ok(v @ (serde_json::Value::Object(_) | serde_json::Value::Array(_))) => {
+            serde_json::to_string_pretty(&v).unwrap_or_else(|_| json.to_string())
+        }
+        _ => json.to_string(),
+    }
+}
+
+/// `eval` (number none) or `endow NUMBER`: the node's answer, one JSON object.
+async fn evaluate(
+    client: &Client,
+    evaluator: &str,
+    source: &str,
+    bindings: &[(String, String)],
+    number: Option<u64>,
+) -> anyhow::Result<serde_json::Value> {
+    let req = RequestId::random();
+    let answer = client
+        .call(|a| async move {
+            let mut r = a.evaluate_request();
+            r.get().set_req_id(&req.0);
+            r.get().set_evaluator(evaluator);
+            r.get().set_source(source);
+            r.get().set_endow(number.is_some());
+            r.get().set_number(number.unwrap_or(0));
+            let mut gl = r.get().init_bindings(bindings.len() as u32);
+            for (i, (slot, path)) in bindings.iter().enumerate() {
+                let mut g = gl.reborrow().get(i as u32);
+                g.set_slot(slot.as_str());
+                g.set_path(path.as_str());
+            }
+            let answer = r.send().promise.await?;
+            Ok(answer.get()?.get_json()?.to_string().unwrap_or_default())
+        })
+        .await?;
+    serde_json::from_str(&answer).context("the node answered malformed JSON")
 }
 
 pub async fn mkguest(
@@ -216,6 +268,52 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
                 print_json(&json!({ "output": v }));
             } else {
                 println!("{out}");
+            }
+        }
+        Command::Eval {
+            source,
+            bindings,
+            evaluator,
+            ..
+        } => {
+            let bindings = parse_bindings(&bindings, "SLOT=PATH")?;
+            let v = evaluate(client, &evaluator, &source, &bindings, None).await?;
+            if json {
+                print_json(&v);
+                if v.get("error").is_some() {
+                    std::process::exit(1);
+                }
+            } else if let Some(r) = v["result"].as_str() {
+                println!("{}", pretty(r));
+            } else {
+                bail!(
+                    "the code threw: {}",
+                    v["error"].as_str().unwrap_or("(no message)")
+                );
+            }
+        }
+        Command::Endow {
+            number,
+            bindings,
+            evaluator,
+            ..
+        } => {
+            let bindings = parse_bindings(&bindings, "--bind SLOT=PATH")?;
+            let v = evaluate(client, &evaluator, "", &bindings, Some(number)).await?;
+            if json {
+                print_json(&v);
+            } else {
+                let reply = v["reply"].as_u64().unwrap_or(0);
+                match v["result"].as_str() {
+                    Some(r) => println!(
+                        "result: {}\nmailed to the proposer as message {reply}",
+                        pretty(r)
+                    ),
+                    None => println!(
+                        "the code threw: {}\nmailed to the proposer as message {reply}",
+                        v["error"].as_str().unwrap_or("(no message)")
+                    ),
+                }
             }
         }
         Command::Guests { .. } => {

@@ -832,6 +832,46 @@ impl agent::Server for AgentServer {
         Ok(())
     }
 
+    async fn evaluate(
+        self: Rc<Self>,
+        params: agent::EvaluateParams,
+        mut results: agent::EvaluateResults,
+    ) -> Result<(), CapError> {
+        let p = params.get()?;
+        let req = request_id(p.get_req_id())?;
+        let evaluator = text(p.get_evaluator(), "evaluator")?;
+        let source = text(p.get_source(), "source")?;
+        let mut bindings = Vec::new();
+        for g in p.get_bindings()?.iter() {
+            bindings.push((text(g.get_slot(), "slot")?, text(g.get_path(), "path")?));
+        }
+        let o = if p.get_endow() {
+            self.handle
+                .endow(req, &evaluator, p.get_number(), &bindings)
+                .await
+        } else {
+            self.handle
+                .evaluate(req, &evaluator, &source, &bindings, Default::default())
+                .await
+        }
+        .map_err(actor_error)?;
+        let mut v = serde_json::json!({
+            "fuel": o.fuel,
+            "invokes": o.invokes,
+            "instantiate_ns": o.instantiate_ns,
+            "run_ns": o.run_ns,
+        });
+        match o.result {
+            Ok(r) => v["result"] = r.into(),
+            Err(e) => v["error"] = e.into(),
+        }
+        if let Some(n) = o.reply {
+            v["reply"] = n.into();
+        }
+        results.get().set_json(v.to_string().as_str());
+        Ok(())
+    }
+
     async fn guests(
         self: Rc<Self>,
         _: agent::GuestsParams,

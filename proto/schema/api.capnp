@@ -136,6 +136,14 @@ interface Agent {
   # one JSON value. `secret` carries the API key for `add` only (read from
   # the key file by the CLI); it is never echoed, logged or shown.
   llm @31 (reqId :Data, command :Text, args :Text, secret :Data) -> (json :Text);
+  # JavaScript run by the installed evaluator component `evaluator`, with
+  # `bindings` filling its slots (paths in this host's names). endow =
+  # false: `capstan eval` of `source`; endow = true: `capstan endow` of the
+  # code proposal in message `number` (its slots must all be bound; the
+  # answer is mailed back as a reply). The answer is one JSON object:
+  # {"result": JSON text} or {"error": text}, with "fuel", "invokes",
+  # "instantiate_ns", "run_ns" and, for endow, "reply" (see nodes/CLI.md).
+  evaluate @32 (reqId :Data, evaluator :Text, source :Text, bindings :List(Grant), endow :Bool, number :UInt64) -> (json :Text);
 }
 
 struct HttpSpec {

@@ -149,22 +149,26 @@ fn the_agent_uses_its_tools_and_answers_without_seeing_the_key() {
 
 /// The agent proposes code with a named slot and waits for its host's
 /// decision; the node is killed with -9 during the wait; after the restart
-/// the host answers and the same conversation goes on to the answer.
+/// the host fills the slot (`capstan endow`), the code runs in the
+/// evaluator with only that capability, and the same conversation goes on
+/// to the answer — all of it one thread.
 #[test]
-fn a_pending_proposal_survives_kill_9_and_the_conversation_goes_on() {
+fn a_pending_proposal_survives_kill_9_and_endow_continues_the_conversation() {
     let server = LlmServer::start();
     let mut node = setup(&server);
+    let evaluator = guest_wasm("evaluator");
+    node.ok(["install", evaluator.as_str(), "--name", "evaluator"]);
     node.ok(["send", "helper", "how many messages are in my inbox?"]);
     server.push(Reply::Tools {
         text: "I need to read your inbox.".into(),
         calls: vec![(
             "define_code".into(),
-            json!({"source": "reader.count()", "slots": {"reader": "an inbox reader"}}),
+            json!({"source": "reader.inbox().length", "slots": {"reader": "an inbox reader"}}),
         )],
     });
     let t = wait_mail(&node, "helper", "definition: slots");
     assert!(t.contains("reader: \"an inbox reader\""), "{t}");
-    assert!(t.contains("reader.count()"), "{t}");
+    assert!(t.contains("reader.inbox().length"), "{t}");
 
     node.kill9();
     node.start();
@@ -174,15 +178,26 @@ fn a_pending_proposal_survives_kill_9_and_the_conversation_goes_on() {
     assert_eq!(checkpoint["pending"]["name"], "define_code", "{checkpoint}");
     assert_eq!(server.requests().len(), 1);
 
-    server.push(Reply::text("You have 3 messages."));
-    node.ok(["send", "helper", "3"]);
-    let t = wait_mail(&node, "helper", "You have 3 messages.");
-    assert_eq!(t, "You have 3 messages.");
+    let inbox = node.inbox(&[]);
+    let question = inbox[0].clone();
+    let proposal = inbox
+        .iter()
+        .find(|m| m["from"] == "helper")
+        .expect("the proposal")
+        .clone();
+    let n = proposal["number"].as_u64().unwrap().to_string();
+    // the host decides what fills the slot: its own inbox (2 messages now:
+    // its question and the proposal)
+    server.push(Reply::text("You have 2 messages."));
+    let v = node.json(["endow", n.as_str(), "--bind", "reader=SELF"]);
+    assert_eq!(v["result"], "2", "{v}");
+    let t = wait_mail(&node, "helper", "You have 2 messages.");
+    assert_eq!(t, "You have 2 messages.");
     let reqs = server.requests();
     assert_eq!(reqs.len(), 2, "{reqs:#?}");
     let results = tool_results(&reqs[1].json());
     assert_eq!(results.len(), 1, "{results:?}");
-    assert_eq!(results[0].1, "3");
+    assert_eq!(results[0].1, "result: 2");
     // the same conversation: the first question is still in it
     assert!(
         reqs[1].body.contains("how many messages are in my inbox?"),
@@ -191,7 +206,58 @@ fn a_pending_proposal_survives_kill_9_and_the_conversation_goes_on() {
     );
     // nothing was done twice
     assert_eq!(count_mail(&node, "helper", "definition: slots"), 1);
-    assert_eq!(count_mail(&node, "helper", "You have 3 messages."), 1);
+    assert_eq!(count_mail(&node, "helper", "You have 2 messages."), 1);
+    // question, proposal, decision and answer are one thread
+    let thread = node.inbox(&["--thread", question["message_id"].as_str().unwrap()]);
+    let all: Vec<String> = texts(&thread);
+    assert_eq!(all.len(), 4, "{thread:#?}");
+    assert_eq!(all[0], "how many messages are in my inbox?");
+    assert!(all[1].starts_with("definition: slots"), "{all:?}");
+    assert_eq!(all[2], "result: 2");
+    assert_eq!(all[3], "You have 2 messages.");
+    // a decision is given once
+    let (_, e) = node.fail(["endow", n.as_str(), "--bind", "reader=SELF"]);
+    assert!(e.contains("already answered"), "{e}");
+}
+
+/// chain_eval composes results the agent stored earlier: the host runs the
+/// code with them as constants and no capability at all.
+#[test]
+fn chain_eval_composes_stored_results() {
+    let server = LlmServer::start();
+    let node = setup(&server);
+    let evaluator = guest_wasm("evaluator");
+    node.ok(["install", evaluator.as_str(), "--name", "evaluator"]);
+    node.ok(["send", "helper", "add up my two counts"]);
+    server.push(Reply::Tools {
+        text: String::new(),
+        calls: vec![
+            (
+                "store_result".into(),
+                json!({"name": "a", "value": "[1, 2, 3]"}),
+            ),
+            ("store_result".into(), json!({"name": "b", "value": "4"})),
+            (
+                "chain_eval".into(),
+                json!({"source": "a.reduce((x, y) => x + y, b)", "results": ["a", "b"]}),
+            ),
+        ],
+    });
+    let t = wait_mail(&node, "helper", "definition: slots {}");
+    assert!(t.contains("\"values\":{\"a\":[1,2,3],\"b\":4}"), "{t}");
+    let n = node
+        .inbox(&[])
+        .iter()
+        .find(|m| m["from"] == "helper")
+        .and_then(|m| m["number"].as_u64())
+        .unwrap()
+        .to_string();
+    server.push(Reply::text("The total is 10."));
+    let v = node.json(["endow", n.as_str()]);
+    assert_eq!(v["result"], "10", "{v}");
+    wait_mail(&node, "helper", "The total is 10.");
+    let results = tool_results(&server.requests()[1].json());
+    assert_eq!(results.last().unwrap().1, "result: 10", "{results:?}");
 }
 
 /// A model answer that is not what the protocol says is reported to the

@@ -31,3 +31,13 @@ pub mod channel {
         imports: { default: trappable },
     });
 }
+
+/// The evaluator world, `capstan:evaluator@0.1.0` (a JavaScript engine as a
+/// guest; see `eval.rs`).
+pub mod evaluator {
+    wasmtime::component::bindgen!({
+        path: "../wit/evaluator",
+        world: "sandboxed-evaluator",
+        imports: { default: trappable },
+    });
+}

@@ -42,6 +42,7 @@
 
 mod bindings;
 mod channel;
+pub mod eval;
 mod host;
 pub mod http;
 pub(crate) mod journal;
@@ -73,6 +74,8 @@ pub const AGENT_PACKAGE: &str = "capstan:agent";
 pub const TOOL_PACKAGE: &str = "capstan:tool";
 /// The channel world this node runs.
 pub const CHANNEL_PACKAGE: &str = "capstan:channel";
+/// The evaluator world this node runs (a JavaScript engine as a guest).
+pub const EVALUATOR_PACKAGE: &str = "capstan:evaluator";
 /// The version of the agent and tool packages.
 pub const WORLD_VERSION: &str = "0.1.0";
 /// The version of the channel package (0.2.0 added `http-request`).
@@ -140,6 +143,7 @@ pub enum World {
     Agent,
     Tool,
     Channel,
+    Evaluator,
 }
 
 impl World {
@@ -148,6 +152,9 @@ impl World {
             World::Agent => format!("{AGENT_PACKAGE}/agent@{WORLD_VERSION}"),
             World::Tool => format!("{TOOL_PACKAGE}/sandboxed-tool@{WORLD_VERSION}"),
             World::Channel => format!("{CHANNEL_PACKAGE}/sandboxed-channel@{CHANNEL_VERSION}"),
+            World::Evaluator => {
+                format!("{EVALUATOR_PACKAGE}/sandboxed-evaluator@{WORLD_VERSION}")
+            }
         }
     }
 }
@@ -284,6 +291,7 @@ pub(crate) struct Compiled {
     pub agent: Option<bindings::agent::LlmAgentPre<AgentState>>,
     pub tool: Option<bindings::tool::SandboxedToolPre<ToolState>>,
     pub channel: Option<bindings::channel::SandboxedChannelPre<ChannelState>>,
+    pub evaluator: Option<bindings::evaluator::SandboxedEvaluatorPre<eval::EvalState>>,
     pub imports: Vec<String>,
     pub exports: Vec<String>,
 }
@@ -294,6 +302,7 @@ pub struct GuestHost {
     agent_linker: Linker<AgentState>,
     tool_linker: Linker<ToolState>,
     channel_linker: Linker<ChannelState>,
+    evaluator_linker: Linker<eval::EvalState>,
     cfg: GuestConfig,
     compiled: Mutex<HashMap<[u8; 32], Arc<Compiled>>>,
     pub(crate) stats: Mutex<HashMap<FormulaId, Stats>>,
@@ -401,6 +410,12 @@ impl GuestHost {
             wasmtime::component::HasSelf<ChannelState>,
         >(&mut channel_linker, |s| s)
         .map_err(|e| wasm_error("channel world", e))?;
+        let mut evaluator_linker = Linker::new(&engine);
+        bindings::evaluator::SandboxedEvaluator::add_to_linker::<
+            eval::EvalState,
+            wasmtime::component::HasSelf<eval::EvalState>,
+        >(&mut evaluator_linker, |s| s)
+        .map_err(|e| wasm_error("evaluator world", e))?;
         if let Some(d) = &cfg.cache_dir {
             use std::os::unix::fs::DirBuilderExt;
             std::fs::DirBuilder::new()
@@ -431,6 +446,7 @@ impl GuestHost {
             agent_linker,
             tool_linker,
             channel_linker,
+            evaluator_linker,
             cfg,
             compiled: Mutex::new(HashMap::new()),
             stats: Mutex::new(HashMap::new()),
@@ -558,7 +574,26 @@ impl GuestHost {
         let is_channel = exports
             .iter()
             .any(|e| e.starts_with(&format!("{CHANNEL_PACKAGE}/channel@")));
-        if is_channel {
+        let is_evaluator = exports
+            .iter()
+            .any(|e| e.starts_with(&format!("{EVALUATOR_PACKAGE}/evaluator@")));
+        if is_evaluator {
+            let pre = self
+                .evaluator_linker
+                .instantiate_pre(c)
+                .map_err(|e| wasm_error("the component does not fit the evaluator world", e))?;
+            let pre = bindings::evaluator::SandboxedEvaluatorPre::new(pre)
+                .map_err(|e| wasm_error("the component does not fit the evaluator world", e))?;
+            Ok(Compiled {
+                world: World::Evaluator,
+                agent: None,
+                tool: None,
+                channel: None,
+                evaluator: Some(pre),
+                imports,
+                exports,
+            })
+        } else if is_channel {
             let pre = self
                 .channel_linker
                 .instantiate_pre(c)
@@ -570,6 +605,7 @@ impl GuestHost {
                 agent: None,
                 tool: None,
                 channel: Some(pre),
+                evaluator: None,
                 imports,
                 exports,
             })
@@ -585,6 +621,7 @@ impl GuestHost {
                 agent: None,
                 tool: Some(pre),
                 channel: None,
+                evaluator: None,
                 imports,
                 exports,
             })
@@ -600,15 +637,17 @@ impl GuestHost {
                 agent: Some(pre),
                 tool: None,
                 channel: None,
+                evaluator: None,
                 imports,
                 exports,
             })
         } else {
             Err(Error::Invalid(format!(
-                "the component implements none of {}, {} and {}: it exports {}",
+                "the component implements none of {}, {}, {} and {}: it exports {}",
                 World::Agent.describe(),
                 World::Tool.describe(),
                 World::Channel.describe(),
+                World::Evaluator.describe(),
                 if exports.is_empty() {
                     "nothing".to_string()
                 } else {
@@ -644,6 +683,7 @@ fn check_version(name: &str) -> Result<(), Error> {
         (AGENT_PACKAGE, WORLD_VERSION),
         (TOOL_PACKAGE, WORLD_VERSION),
         (CHANNEL_PACKAGE, CHANNEL_VERSION),
+        (EVALUATOR_PACKAGE, WORLD_VERSION),
     ] {
         if let Some(rest) = name.strip_prefix(pkg).and_then(|r| r.strip_prefix('/'))
             && let Some((_, version)) = rest.split_once('@')
@@ -866,7 +906,7 @@ impl AgentHandle {
             )));
         }
         let (_, m) = manifest_of(self, component).await?;
-        if m.world == World::Tool {
+        if matches!(m.world, World::Tool | World::Evaluator) {
             return Err(Error::Invalid(format!(
                 "{component:?} is a {} component; a guest agent needs {} (or {})",
                 m.world.describe(),

@@ -9,7 +9,10 @@
 //! - `lookup_value {name}`: the text of one of them;
 //! - `store_result {name, value}`: stores a text value under a name;
 //! - `define_code {source, slots}` and `request_evaluation {source, slots}`:
-//!   propose code whose named slots the *host* fills with capabilities. The
+//!   propose code whose named slots the *host* fills with capabilities
+//!   (`capstan endow N --bind SLOT=NAME`); `chain_eval {source, results}`
+//!   proposes code that composes earlier stored results (each becomes a
+//!   global constant, JSON when it parses as JSON). The
 //!   agent mails its host the proposal and stops: the conversation and the
 //!   pending call are checkpointed in its names (`conversation`) first, so
 //!   the wait survives `kill -9` and failover. The host's next message to
@@ -85,6 +88,10 @@ struct State {
     /// The message (number in the agent's inbox) the turn answers.
     #[serde(default)]
     asker: Option<u64>,
+    /// Whether the asker is the host: then proposals reply to its message,
+    /// so the whole exchange is one thread (`capstan inbox --thread`).
+    #[serde(default)]
+    asker_is_host: bool,
     #[serde(default)]
     pending: Option<Pending>,
     /// Exchanges dropped to keep the checkpoint bounded.
@@ -146,7 +153,11 @@ fn tools() -> Value {
                     "required": ["source"]}},
         {"name": "request_evaluation", "description": "Ask your host to evaluate JavaScript with the named values.",
          "schema": {"type": "object", "properties": {"source": {"type": "string"}, "slots": slots},
-                    "required": ["source"]}}
+                    "required": ["source"]}},
+        {"name": "chain_eval", "description": "Propose JavaScript that composes results you stored earlier (store_result): each named result is a global constant.",
+         "schema": {"type": "object", "properties": {"source": {"type": "string"}, "slots": slots,
+                    "results": {"type": "array", "items": {"type": "string"}}},
+                    "required": ["source", "results"]}}
     ])
 }
 
@@ -169,28 +180,47 @@ fn run_tool(c: &Call) -> Option<Result<String, String>> {
             let v = arg(c, "value")?;
             host::store_text(n, v).map(|_| format!("stored {n}"))
         }),
-        "define_code" | "request_evaluation" => return None,
+        "define_code" | "request_evaluation" | "chain_eval" => return None,
         other => Err(format!(
-            "there is no tool {other:?}: you have list_names, lookup_value, store_result, define_code and request_evaluation"
+            "there is no tool {other:?}: you have list_names, lookup_value, store_result, define_code, request_evaluation and chain_eval"
         )),
     })
 }
 
 /// Mails the host a proposal: the text says what it is, the JSON after the
 /// first line is what `capstan endow` reads.
-fn propose(c: &Call) -> Result<(), String> {
+fn propose(s: &State, c: &Call) -> Result<(), String> {
     let source = arg(c, "source")?;
     let slots: BTreeMap<String, String> = match c.arguments.get("slots") {
         None | Some(Value::Null) => BTreeMap::new(),
         Some(v) => serde_json::from_value(v.clone())
             .map_err(|_| format!("{}: slots must map names to descriptions", c.name))?,
     };
+    let mut values = serde_json::Map::new();
+    if c.name == "chain_eval" {
+        let names: Vec<String> = match c.arguments.get("results") {
+            Some(v) => serde_json::from_value(v.clone())
+                .map_err(|_| "chain_eval: results must be a list of names".to_string())?,
+            None => {
+                return Err("chain_eval: argument \"results\" (a list of names) is missing".into());
+            }
+        };
+        for n in names {
+            let Some(text) = host::read_text(&n)? else {
+                return Err(format!("chain_eval: you stored no result {n:?}"));
+            };
+            let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
+            values.insert(n, v);
+        }
+    }
     let list: Vec<String> = slots.iter().map(|(k, v)| format!("{k}: {v:?}")).collect();
-    let body = json!({"kind": c.name, "call": c.id, "source": source, "slots": slots});
-    host::send(
-        "HOST",
-        &format!("definition: slots {{{}}}\n{body}", list.join(", ")),
-    )?;
+    let body =
+        json!({"kind": c.name, "call": c.id, "source": source, "slots": slots, "values": values});
+    let text = format!("definition: slots {{{}}}\n{body}", list.join(", "));
+    match s.asker {
+        Some(n) if s.asker_is_host => host::reply(n, &text)?,
+        _ => host::send("HOST", &text)?,
+    };
     Ok(())
 }
 
@@ -249,7 +279,7 @@ fn run_calls(s: &mut State, calls: Vec<Call>) -> Result<bool, String> {
                 });
             }
             None => {
-                if let Err(e) = propose(&c) {
+                if let Err(e) = propose(s, &c) {
                     s.messages.push(Msg::ToolResult {
                         call_id: c.id.clone(),
                         name: c.name.clone(),
@@ -288,12 +318,14 @@ impl Guest for Agent {
         let mut s = load()?;
         if let Some(p) = s.pending.take() {
             if msg.sender == "HOST" {
-                // the host's decision on the pending proposal
+                // the host's decision on the pending proposal: `result: …`
+                // from `capstan endow`, anything else an error or a refusal
+                let is_error = !msg.text.starts_with("result:");
                 s.messages.push(Msg::ToolResult {
                     call_id: p.call_id,
                     name: p.name,
                     content: msg.text,
-                    is_error: false,
+                    is_error,
                 });
                 if run_calls(&mut s, p.rest)? {
                     return Ok(());
@@ -308,6 +340,7 @@ impl Guest for Agent {
             return Ok(());
         }
         s.asker = Some(msg.number);
+        s.asker_is_host = msg.sender == "HOST";
         s.messages.push(Msg::User {
             text: format!("{}: {}", msg.sender, msg.text),
         });

@@ -415,6 +415,10 @@ impl Net {
         cfg.transport_config(Arc::new(transport()));
         let cluster = &encode32(&remote.cluster)[..12];
         let mut errors = Vec::new();
+        // Every address of the locator is dialled at once and the first
+        // handshake wins: a dead node of a cluster (whose address may come
+        // first) costs nothing instead of a whole dial timeout.
+        let mut dials = futures::stream::FuturesUnordered::new();
         for a in &remote.addrs {
             let addrs: Vec<SocketAddr> = match tokio::net::lookup_host(a.as_str()).await {
                 Ok(it) => it.collect(),
@@ -424,31 +428,32 @@ impl Net {
                 }
             };
             for addr in addrs {
-                let connecting = match self.endpoint.connect_with(cfg.clone(), addr, "capstan") {
-                    Ok(c) => c,
-                    Err(e) => {
-                        errors.push(format!("{addr}: {e}"));
-                        continue;
-                    }
-                };
-                let conn = match tokio::time::timeout(DIAL_TIMEOUT, connecting).await {
-                    Ok(Ok(c)) => c,
-                    Ok(Err(e)) => {
-                        errors.push(format!("{addr}: {e}"));
-                        continue;
-                    }
-                    Err(_) => {
-                        errors.push(format!(
-                            "{addr}: no answer within {} s",
-                            DIAL_TIMEOUT.as_secs()
-                        ));
-                        continue;
-                    }
-                };
-                let peer = Peer::new(conn, true);
-                peer.gateway().await?;
-                tracing::debug!(%addr, cluster, "connected to peer");
-                return Ok(peer);
+                match self.endpoint.connect_with(cfg.clone(), addr, "capstan") {
+                    Ok(connecting) => dials.push(async move {
+                        match tokio::time::timeout(DIAL_TIMEOUT, connecting).await {
+                            Ok(Ok(c)) => Ok((addr, c)),
+                            Ok(Err(e)) => Err(format!("{addr}: {e}")),
+                            Err(_) => Err(format!(
+                                "{addr}: no answer within {} s",
+                                DIAL_TIMEOUT.as_secs()
+                            )),
+                        }
+                    }),
+                    Err(e) => errors.push(format!("{addr}: {e}")),
+                }
+            }
+        }
+        while let Some(r) = futures::StreamExt::next(&mut dials).await {
+            match r {
+                Ok((addr, conn)) => {
+                    // the other handshakes still running are dropped (abandoned)
+                    drop(dials);
+                    let peer = Peer::new(conn, true);
+                    peer.gateway().await?;
+                    tracing::debug!(%addr, cluster, "connected to peer");
+                    return Ok(peer);
+                }
+                Err(e) => errors.push(e),
             }
         }
         Err(format!(

@@ -1,0 +1,665 @@
+//! Evaluation: JavaScript run by the installed evaluator component (a guest
+//! of the `capstan:evaluator` world embedding Boa) with only the
+//! capabilities a host binds to the code's slots — Endo's `eval`, and the
+//! way a host answers an LLM agent's code proposal (`endow`).
+//!
+//! ```text
+//!  capstan eval SRC reader=inbox-reader     capstan endow 7 --bind reader=x
+//!        │                                       │ reads message 7: "definition: …\n{json}"
+//!        └──────────────┬────────────────────────┘
+//!                       ▼
+//!   evaluate(host, evaluator, source, bindings, constants)
+//!     evaluator.eval(source, [slot{name, kind, methods}], constants)
+//!        └─ slot method call ─► host.invoke(slot, method, args) ─► only
+//!           the bound capability, as the host, bounded per run
+//!                       │
+//!   endow: the result (or the error) is mailed back as a reply to message 7
+//! ```
+//!
+//! A slot's methods depend on what it designates: a value has `text()`,
+//! `json()`, `size()`; an http capability `fetch(url, {method, body,
+//! headers})`; a directory `list()`, `read(name)`; an agent (host or
+//! guest) `list()`, `read(name)`, `inbox()`, `send(text)`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use capstan_proto::RequestId;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use wasmtime::Store;
+
+use super::bindings::evaluator::capstan::evaluator::host as eval_host;
+use super::bindings::evaluator::exports::capstan::evaluator::evaluator::Slot;
+use super::host::{Limiter, arm, log_line, note_panic, stop_reason};
+use super::{CallLimits, GuestHost, World, compiled, manifest_of};
+use crate::api::{AgentHandle, MessageBodyView};
+use crate::error::Error;
+
+/// Largest source accepted.
+pub const MAX_SOURCE: usize = 256 * 1024;
+/// Most slots an evaluation binds.
+pub const MAX_SLOTS: usize = 32;
+/// Most capability calls one evaluation makes.
+pub const MAX_INVOKES: u32 = 1000;
+/// Largest answer of one capability call, and largest result.
+pub const MAX_ANSWER: usize = 1 << 20;
+/// Largest constants object (JSON).
+pub const MAX_CONSTANTS: usize = 1 << 20;
+/// Most log lines kept per run.
+const MAX_LOGS: u32 = 1000;
+/// The first line of a code proposal (what the LLM agent mails its host).
+pub const PROPOSAL_PREFIX: &str = "definition:";
+
+/// What an evaluation answers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalOutcome {
+    /// Ok: the JSON of the completion value; Err: what the code threw.
+    pub result: Result<String, String>,
+    pub fuel: u64,
+    pub invokes: u32,
+    /// Nanoseconds to make the instance (store, pre-instantiated component).
+    pub instantiate_ns: u64,
+    /// Nanoseconds the evaluation ran (capability calls included).
+    pub run_ns: u64,
+    /// For `endow`: the number of the reply mailed to the proposer.
+    pub reply: Option<u64>,
+}
+
+/// A capability bound to a slot: a path in the host's names.
+#[derive(Debug, Clone)]
+struct Bound {
+    path: String,
+    kind: Kind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Value,
+    Http,
+    Directory,
+    Agent,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Value => "value",
+            Kind::Http => "http",
+            Kind::Directory => "directory",
+            Kind::Agent => "agent",
+        }
+    }
+
+    fn methods(self) -> &'static [&'static str] {
+        match self {
+            Kind::Value => &["text", "json", "size"],
+            Kind::Http => &["fetch"],
+            Kind::Directory => &["list", "read"],
+            Kind::Agent => &["list", "read", "inbox", "send"],
+        }
+    }
+}
+
+/// The store data of an evaluator instance.
+pub(crate) struct EvalState {
+    host: AgentHandle,
+    slots: BTreeMap<String, Bound>,
+    req: RequestId,
+    invokes: u32,
+    logs: u32,
+    pub(crate) limiter: Limiter,
+    gh: Arc<GuestHost>,
+    panic: Option<String>,
+}
+
+impl EvalState {
+    fn block<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.gh.tokio.block_on(f)
+    }
+
+    /// A request id per capability call, derived from the evaluation's: a
+    /// retried evaluation (same request id) sends its mail once.
+    fn call_req(&self) -> RequestId {
+        let mut h = blake3::Hasher::new_derive_key("capstan evaluation call v1");
+        h.update(&self.req.0);
+        h.update(&self.invokes.to_be_bytes());
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&h.finalize().as_bytes()[..16]);
+        RequestId(out)
+    }
+
+    fn dispatch(&mut self, slot: &str, method: &str, args: &[Value]) -> Result<Value, String> {
+        let Some(b) = self.slots.get(slot).cloned() else {
+            return Err(format!("no capability is bound to the slot {slot:?}"));
+        };
+        if !b.kind.methods().contains(&method) {
+            return Err(format!(
+                "{slot} ({}) has no method {method:?}; it has {}",
+                b.kind.name(),
+                b.kind.methods().join(", ")
+            ));
+        }
+        let str_arg = |i: usize, what: &str| -> Result<String, String> {
+            args.get(i)
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .ok_or_else(|| {
+                    format!(
+                        "{slot}.{method}: argument {} ({what}) must be a string",
+                        i + 1
+                    )
+                })
+        };
+        let host = self.host.clone();
+        let e = |e: Error| e.to_string();
+        match (b.kind, method) {
+            (Kind::Value, "text") => {
+                let (_, bytes) = self.block(host.cat(&b.path)).map_err(e)?;
+                Ok(Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+            }
+            (Kind::Value, "json") => {
+                let (_, bytes) = self.block(host.cat(&b.path)).map_err(e)?;
+                serde_json::from_slice(&bytes)
+                    .map_err(|err| format!("{slot}.json(): the value is not JSON: {err}"))
+            }
+            (Kind::Value, "size") => {
+                let (_, bytes) = self.block(host.cat(&b.path)).map_err(e)?;
+                Ok(json!(bytes.len()))
+            }
+            (Kind::Http, "fetch") => {
+                let url = str_arg(0, "a URL")?;
+                let opts = args.get(1).cloned().unwrap_or(Value::Null);
+                let method = opts
+                    .get("method")
+                    .and_then(Value::as_str)
+                    .unwrap_or("GET")
+                    .to_string();
+                let body = opts
+                    .get("body")
+                    .and_then(Value::as_str)
+                    .map(|s| s.as_bytes().to_vec());
+                let headers = opts
+                    .get("headers")
+                    .cloned()
+                    .unwrap_or_else(|| json!({}))
+                    .to_string();
+                let id = self.block(host.show(&b.path)).map_err(e)?.id;
+                let r = self.block(super::http::guest_request(
+                    &host,
+                    Some(id),
+                    method,
+                    url,
+                    headers,
+                    body,
+                    None,
+                ))?;
+                Ok(json!({
+                    "status": r.status,
+                    "headers": serde_json::from_str::<Value>(&r.headers_json).unwrap_or(Value::Null),
+                    "body": String::from_utf8_lossy(&r.body),
+                }))
+            }
+            (Kind::Directory, "list") => {
+                let entries = self.block(host.list(&b.path)).map_err(e)?;
+                Ok(json!(
+                    entries.iter().map(|x| x.name.clone()).collect::<Vec<_>>()
+                ))
+            }
+            (Kind::Directory, "read") => {
+                let name = str_arg(0, "a name")?;
+                if !crate::names::is_pet_name(&name) {
+                    return Err(format!("{slot}.read: {name:?} is not a name"));
+                }
+                let (_, bytes) = self
+                    .block(host.cat(&format!("{}.{name}", b.path)))
+                    .map_err(e)?;
+                Ok(Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+            }
+            (Kind::Agent, "list") => {
+                let a = self.block(host.agent(&b.path)).map_err(e)?;
+                let entries = self.block(a.list("")).map_err(e)?;
+                Ok(json!(
+                    entries.iter().map(|x| x.name.clone()).collect::<Vec<_>>()
+                ))
+            }
+            (Kind::Agent, "read") => {
+                let name = str_arg(0, "a name")?;
+                if !crate::names::is_pet_name(&name) {
+                    return Err(format!("{slot}.read: {name:?} is not a name"));
+                }
+                let a = self.block(host.agent(&b.path)).map_err(e)?;
+                let (_, bytes) = self.block(a.cat(&name)).map_err(e)?;
+                Ok(Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+            }
+            (Kind::Agent, "inbox") => {
+                let a = self.block(host.agent(&b.path)).map_err(e)?;
+                let msgs = self.block(a.inbox(None)).map_err(e)?;
+                Ok(Value::Array(
+                    msgs.iter()
+                        .map(|m| {
+                            let (kind, text) = match &m.body {
+                                MessageBodyView::Package { strings, names } => {
+                                    ("package", package_text(strings, names))
+                                }
+                                MessageBodyView::Request { description, .. } => {
+                                    ("request", description.clone())
+                                }
+                            };
+                            json!({"number": m.number, "from": m.from, "to": m.to,
+                                   "kind": kind, "text": text})
+                        })
+                        .collect(),
+                ))
+            }
+            (Kind::Agent, "send") => {
+                let text = str_arg(0, "the text")?;
+                if text.len() > crate::api::MAX_MESSAGE_TEXT {
+                    return Err(format!(
+                        "{slot}.send: the text has {} bytes; at most {} fit a message",
+                        text.len(),
+                        crate::api::MAX_MESSAGE_TEXT
+                    ));
+                }
+                let req = self.call_req();
+                let n = self
+                    .block(host.send(req, &b.path, vec![text], vec![], None))
+                    .map_err(e)?;
+                Ok(json!(n))
+            }
+            _ => Err(format!(
+                "{slot}.{method}: not a method of {}",
+                b.kind.name()
+            )),
+        }
+    }
+}
+
+/// The text of a package: its chunks with `@name` where references were.
+pub(crate) fn package_text(strings: &[String], names: &[String]) -> String {
+    let mut out = String::new();
+    for (i, s) in strings.iter().enumerate() {
+        out.push_str(s);
+        if let Some(n) = names.get(i) {
+            out.push('@');
+            out.push_str(n);
+        }
+    }
+    out
+}
+
+impl eval_host::Host for EvalState {
+    fn log(&mut self, level: eval_host::LogLevel, message: String) -> wasmtime::Result<()> {
+        self.logs += 1;
+        note_panic(&mut self.panic, level as u8, &message);
+        if self.logs <= MAX_LOGS {
+            log_line("evaluator", level as u8, &message);
+        }
+        Ok(())
+    }
+
+    fn invoke(
+        &mut self,
+        slot: String,
+        method: String,
+        args_json: String,
+    ) -> wasmtime::Result<Result<String, String>> {
+        if self.invokes >= MAX_INVOKES {
+            return Err(wasmtime::format_err!(
+                "capability call limit: the code made more than {MAX_INVOKES} capability calls"
+            ));
+        }
+        self.invokes += 1;
+        if args_json.len() > MAX_ANSWER {
+            return Ok(Err(format!(
+                "{slot}.{method}: the arguments have {} bytes; at most {MAX_ANSWER}",
+                args_json.len()
+            )));
+        }
+        let args: Vec<Value> = match serde_json::from_str(&args_json) {
+            Ok(Value::Array(a)) => a,
+            _ => {
+                return Ok(Err(format!(
+                    "{slot}.{method}: arguments must be a JSON array"
+                )));
+            }
+        };
+        let r = self.dispatch(&slot, &method, &args).and_then(|v| {
+            let s = v.to_string();
+            if s.len() > MAX_ANSWER {
+                Err(format!(
+                    "{slot}.{method}: the answer has {} bytes; at most {MAX_ANSWER} reach the code",
+                    s.len()
+                ))
+            } else {
+                Ok(s)
+            }
+        });
+        Ok(r)
+    }
+}
+
+/// What a code proposal mailed by the LLM agent carries after its first line.
+#[derive(Debug, Deserialize)]
+struct Proposal {
+    source: String,
+    #[serde(default)]
+    slots: BTreeMap<String, String>,
+    /// Stored results the code composes (`chain_eval`): global constants.
+    #[serde(default)]
+    values: BTreeMap<String, Value>,
+}
+
+/// Parses the text of a proposal message.
+fn parse_proposal(text: &str) -> Result<Proposal, Error> {
+    let Some(rest) = text.strip_prefix(PROPOSAL_PREFIX) else {
+        return Err(Error::Invalid(format!(
+            "that message is not a code proposal (it does not start with {PROPOSAL_PREFIX:?}); answer it with `capstan reply`"
+        )));
+    };
+    let json = rest.split_once('\n').map(|(_, j)| j).unwrap_or("");
+    let p: Proposal = serde_json::from_str(json).map_err(|e| {
+        Error::Invalid(format!(
+            "the proposal's JSON is malformed ({e}); reject it with `capstan reply N \"…\"`"
+        ))
+    })?;
+    if p.source.len() > MAX_SOURCE {
+        return Err(Error::TooLarge {
+            what: "proposed source".into(),
+            len: p.source.len(),
+            max: MAX_SOURCE,
+        });
+    }
+    Ok(p)
+}
+
+impl AgentHandle {
+    /// Runs `source` in the installed evaluator component `evaluator` (a
+    /// path in this host's names) with `bindings` (slot → path in this
+    /// host's names) and `constants` (global values).
+    pub async fn evaluate(
+        &self,
+        req: RequestId,
+        evaluator: &str,
+        source: &str,
+        bindings: &[(String, String)],
+        constants: BTreeMap<String, Value>,
+    ) -> Result<EvalOutcome, Error> {
+        if !self.is_host() {
+            return Err(Error::Invalid("only a host can evaluate code".into()));
+        }
+        if source.len() > MAX_SOURCE {
+            return Err(Error::TooLarge {
+                what: "source".into(),
+                len: source.len(),
+                max: MAX_SOURCE,
+            });
+        }
+        if bindings.len() > MAX_SLOTS {
+            return Err(Error::TooLarge {
+                what: "slots".into(),
+                len: bindings.len(),
+                max: MAX_SLOTS,
+            });
+        }
+        let constants_json = serde_json::to_string(&constants)
+            .map_err(|e| Error::Invalid(format!("constants: {e}")))?;
+        if constants_json.len() > MAX_CONSTANTS {
+            return Err(Error::TooLarge {
+                what: "constants".into(),
+                len: constants_json.len(),
+                max: MAX_CONSTANTS,
+            });
+        }
+        let mut slots = BTreeMap::new();
+        for (slot, path) in bindings {
+            if !crate::names::is_pet_name(slot) || constants.contains_key(slot) {
+                return Err(Error::Invalid(format!(
+                    "{slot:?} cannot be a slot: slots are names (lower case, digits, -) used once"
+                )));
+            }
+            let info = self.show(path).await?;
+            let kind = match info.kind.as_str() {
+                "value" => {
+                    if super::http::spec_of(self, info.id).await?.is_some() {
+                        Kind::Http
+                    } else {
+                        Kind::Value
+                    }
+                }
+                "directory" => Kind::Directory,
+                "host" | "guest" => Kind::Agent,
+                other => {
+                    return Err(Error::Invalid(format!(
+                        "{path:?} is a {other}; a slot can hold a value, an http capability, a directory or an agent"
+                    )));
+                }
+            };
+            if slots
+                .insert(
+                    slot.clone(),
+                    Bound {
+                        path: path.clone(),
+                        kind,
+                    },
+                )
+                .is_some()
+            {
+                return Err(Error::Invalid(format!("slot {slot:?} is bound twice")));
+            }
+        }
+        let (_, m) = manifest_of(self, evaluator).await.map_err(|e| match e {
+            Error::UnknownName(_) => Error::Invalid(format!(
+                "no evaluator is installed as {evaluator:?}: install one with `capstan install guests/out/evaluator.wasm --name {evaluator}`"
+            )),
+            e => e,
+        })?;
+        if m.world != World::Evaluator {
+            return Err(Error::Invalid(format!(
+                "{evaluator:?} is a {} component, not an evaluator ({})",
+                m.world.describe(),
+                World::Evaluator.describe()
+            )));
+        }
+        let gh = super::guest_host(self.inner())?;
+        let hash = super::hash_from_hex(&m.hash)?;
+        let c = compiled(&gh, self.inner(), hash).await?;
+        let state = EvalState {
+            host: self.clone(),
+            slots,
+            req,
+            invokes: 0,
+            logs: 0,
+            limiter: Limiter::new(&gh),
+            gh: gh.clone(),
+            panic: None,
+        };
+        let source = source.to_string();
+        tokio::task::spawn_blocking(move || run(&gh, &c, state, source, constants_json))
+            .await
+            .map_err(|e| Error::Unavailable(format!("evaluator task failed: {e}")))?
+    }
+
+    /// Answers the code proposal in message `number` of this host's inbox:
+    /// runs its source with `bindings` filling its slots (each slot bound,
+    /// none extra) and mails the result — or the error — back to the
+    /// proposer as a reply. A proposal is answered once.
+    pub async fn endow(
+        &self,
+        req: RequestId,
+        evaluator: &str,
+        number: u64,
+        bindings: &[(String, String)],
+    ) -> Result<EvalOutcome, Error> {
+        if !self.is_host() {
+            return Err(Error::Invalid("only a host can endow code".into()));
+        }
+        let msgs = self.inbox(None).await?;
+        let Some(msg) = msgs.iter().find(|m| m.number == number) else {
+            return Err(Error::Invalid(format!(
+                "there is no message {number} in the inbox; see `capstan inbox`"
+            )));
+        };
+        let MessageBodyView::Package { strings, names } = &msg.body else {
+            return Err(Error::Invalid(format!(
+                "message {number} is a request, not a code proposal; answer it with resolve or reject"
+            )));
+        };
+        if msg.from == msg.to {
+            return Err(Error::Invalid(format!(
+                "message {number} is one you sent; endow a proposal you received"
+            )));
+        }
+        if let Some(r) = msgs
+            .iter()
+            .find(|m| m.reply_to == Some(msg.message_id) && m.from == msg.to)
+        {
+            return Err(Error::Invalid(format!(
+                "message {number} was already answered (message {}); {} has your decision",
+                r.number, msg.from
+            )));
+        }
+        let p = parse_proposal(&package_text(strings, names))?;
+        let wanted: Vec<&String> = p.slots.keys().collect();
+        let missing: Vec<&str> = wanted
+            .iter()
+            .filter(|s| !bindings.iter().any(|(b, _)| b == **s))
+            .map(|s| s.as_str())
+            .collect();
+        if !missing.is_empty() {
+            return Err(Error::Invalid(format!(
+                "the proposal needs the slots {}; bind each with --bind SLOT=NAME (missing: {})",
+                wanted
+                    .iter()
+                    .map(|s| format!("{s} ({:?})", p.slots[*s]))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                missing.join(", ")
+            )));
+        }
+        if let Some((extra, _)) = bindings.iter().find(|(b, _)| !p.slots.contains_key(b)) {
+            return Err(Error::Invalid(format!(
+                "the proposal has no slot {extra:?}; its slots are {}",
+                if wanted.is_empty() {
+                    "none".to_string()
+                } else {
+                    wanted
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            )));
+        }
+        let mut outcome = self
+            .evaluate(req, evaluator, &p.source, bindings, p.values)
+            .await?;
+        let text = match &outcome.result {
+            Ok(json) => format!("result: {json}"),
+            Err(e) => format!("error: {e}"),
+        };
+        let text: String = if text.len() > crate::api::MAX_MESSAGE_TEXT {
+            let mut t = text;
+            let mut cut = crate::api::MAX_MESSAGE_TEXT - 64;
+            while !t.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            t.truncate(cut);
+            t.push_str(" … (cut: the result is too long for a message)");
+            t
+        } else {
+            text
+        };
+        let n = self.send(req, "", vec![text], vec![], Some(number)).await?;
+        outcome.reply = Some(n);
+        Ok(outcome)
+    }
+}
+
+/// Runs one evaluation (blocking).
+fn run(
+    gh: &Arc<GuestHost>,
+    c: &super::Compiled,
+    state: EvalState,
+    source: String,
+    constants_json: String,
+) -> Result<EvalOutcome, Error> {
+    let Some(pre) = c.evaluator.as_ref() else {
+        return Err(Error::Invalid("not an evaluator component".into()));
+    };
+    let limits = CallLimits::node(gh);
+    let slots: Vec<Slot> = state
+        .slots
+        .iter()
+        .map(|(name, b)| Slot {
+            name: name.clone(),
+            kind: b.kind.name().to_string(),
+            methods: b.kind.methods().iter().map(|m| m.to_string()).collect(),
+        })
+        .collect();
+    let t0 = std::time::Instant::now();
+    let mut store = Store::new(&gh.engine, state);
+    store.limiter(|s| &mut s.limiter);
+    let mut t1 = t0;
+    let r = arm(&mut store, limits).and_then(|_| {
+        let inst = pre.instantiate(&mut store)?;
+        t1 = std::time::Instant::now();
+        inst.capstan_evaluator_evaluator()
+            .call_eval(&mut store, &source, &slots, &constants_json)
+    });
+    let t2 = std::time::Instant::now();
+    let fuel = limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0));
+    let result = match r {
+        Err(e) => {
+            return Err(Error::Invalid(format!(
+                "the evaluator was stopped: {}",
+                stop_reason(&e, limits, store.data().panic.as_deref())
+            )));
+        }
+        Ok(Ok(json)) if json.len() > MAX_ANSWER => Err(format!(
+            "the result has {} bytes; at most {MAX_ANSWER}",
+            json.len()
+        )),
+        Ok(r) => r,
+    };
+    Ok(EvalOutcome {
+        result,
+        fuel,
+        invokes: store.data().invokes,
+        instantiate_ns: (t1 - t0).as_nanos() as u64,
+        run_ns: (t2 - t1).as_nanos() as u64,
+        reply: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proposals_parse_and_refuse_what_is_not_one() {
+        let p = parse_proposal(
+            "definition: slots {reader: \"an inbox\"}\n{\"kind\":\"define_code\",\"call\":\"c1\",\"source\":\"reader.inbox().length\",\"slots\":{\"reader\":\"an inbox\"}}",
+        )
+        .unwrap();
+        assert_eq!(p.source, "reader.inbox().length");
+        assert_eq!(p.slots.keys().collect::<Vec<_>>(), vec!["reader"]);
+        assert!(p.values.is_empty());
+        assert!(parse_proposal("hello").is_err());
+        assert!(parse_proposal("definition: slots {}\nnot json").is_err());
+        let big = format!(
+            "definition:\n{}",
+            json!({"source": "x".repeat(MAX_SOURCE + 1)})
+        );
+        assert!(matches!(parse_proposal(&big), Err(Error::TooLarge { .. })));
+    }
+
+    #[test]
+    fn package_text_puts_references_back() {
+        assert_eq!(
+            package_text(&["see ".into(), " now".into()], &["doc".into()]),
+            "see @doc now"
+        );
+        assert_eq!(package_text(&["plain".into()], &[]), "plain");
+    }
+}
