@@ -619,6 +619,12 @@ pub enum LlmCommand {
         /// Forget what was used so far.
         #[arg(long)]
         reset: bool,
+        /// What incoming text that looks like a prompt injection gets:
+        /// warn (passed on, flagged to the model; the default), block (the
+        /// model call is refused) or ask (refused, and you are mailed the
+        /// text to decide).
+        #[arg(long, value_name = "POLICY", value_parser = ["warn", "block", "ask"])]
+        injection: Option<String>,
         #[command(flatten)]
         out: Out,
     },

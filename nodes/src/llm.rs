@@ -120,6 +120,7 @@ pub async fn run(client: &Client, command: LlmCommand, json_out: bool) -> anyhow
             tokens,
             cost,
             reset,
+            injection,
             ..
         } => {
             let cost = cost
@@ -128,7 +129,7 @@ pub async fn run(client: &Client, command: LlmCommand, json_out: bool) -> anyhow
                 .transpose()?;
             (
                 "budget",
-                json!({"agent": agent, "tokens": tokens, "cost": cost, "reset": reset}),
+                json!({"agent": agent, "tokens": tokens, "cost": cost, "reset": reset, "injection": injection}),
             )
         }
     };
@@ -282,7 +283,7 @@ pub fn human(cmd: &str, v: &Value) -> String {
         "budget" => {
             let n = |k: &str| v[k].as_u64().unwrap_or(0);
             out.push_str(&format!(
-                "{}: tokens {}; cost ${} of {}; {} calls\n",
+                "{}: tokens {}; cost ${} of {}; {} calls; injection policy {}\n",
                 s(v, "agent"),
                 limit_text(n("tokens_used"), n("token_limit")),
                 usd(n("cost_used")),
@@ -292,6 +293,7 @@ pub fn human(cmd: &str, v: &Value) -> String {
                     format!("${}", usd(n("cost_limit")))
                 },
                 n("calls"),
+                v["injection"].as_str().unwrap_or("warn"),
             ));
         }
         _ => out.push_str(&format!("{v}\n")),
@@ -336,6 +338,7 @@ struct BudgetArgs {
     cost: Option<u64>,
     #[serde(default)]
     reset: bool,
+    injection: Option<String>,
 }
 
 fn parse<T: for<'de> Deserialize<'de>>(command: &str, args: &str) -> Result<T, String> {
@@ -428,11 +431,16 @@ pub async fn command(
         "budget" => {
             let a: BudgetArgs = parse(cmd, args)?;
             let agent = a.agent.unwrap_or_else(|| "SELF".into());
-            let b = if a.tokens.is_none() && a.cost.is_none() && !a.reset {
+            let injection = a
+                .injection
+                .as_deref()
+                .map(str::parse::<capstan_actors::llm::InjectionPolicy>)
+                .transpose()?;
+            let b = if a.tokens.is_none() && a.cost.is_none() && !a.reset && injection.is_none() {
                 handle.llm_budget(&agent).await.map_err(err)?
             } else {
                 handle
-                    .llm_set_budget(req, &agent, a.tokens, a.cost, a.reset)
+                    .llm_set_budget(req, &agent, a.tokens, a.cost, a.reset, injection)
                     .await
                     .map_err(err)?
             };
@@ -484,7 +492,7 @@ mod tests {
         let b = json!({"agent": "SELF", "token_limit": 10, "tokens_used": 4, "cost_limit": 0, "cost_used": 0, "calls": 1});
         assert_eq!(
             human("budget", &b),
-            "SELF: tokens 4 of 10; cost $0.000000 of no limit; 1 calls\n"
+            "SELF: tokens 4 of 10; cost $0.000000 of no limit; 1 calls; injection policy warn\n"
         );
         let a = json!({"text": "hi", "tool_calls": [{"name": "t", "arguments": {"a": 1}}]});
         assert_eq!(human("ask", &a), "hi\n[tool call t {\"a\":1}]\n");

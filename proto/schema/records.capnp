@@ -190,6 +190,9 @@ struct LlmBudget {
   costLimit @2 :UInt64;     # micro-USD
   costUsed @3 :UInt64;
   calls @4 :UInt64;
+  # What the node does with incoming text that looks like a prompt
+  # injection: "warn" (or empty: the default), "block" or "ask".
+  injection @5 :Text;
 }
 
 # One model call of an agent ("llma", agent, sequence number): the audit log.

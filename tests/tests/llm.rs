@@ -333,7 +333,8 @@ fn credentials_are_redacted_from_replies_and_never_sent() {
         format!("please use {ANTHROPIC_KEY}"),
         "-----BEGIN OPENSSH PRIVATE KEY----- abc".to_string(),
     ] {
-        let (_, err) = node.fail(["llm", "ask", "claude", &prompt]);
+        // `--`: the second prompt starts with hyphens
+        let (_, err) = node.fail(["llm", "ask", "claude", "--", &prompt]);
         assert!(err.contains("looks like a credential"), "{err}");
         assert!(!err.contains(ANTHROPIC_KEY), "{err}");
     }

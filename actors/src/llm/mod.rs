@@ -486,8 +486,9 @@ impl AgentHandle {
         tokens: Option<u64>,
         cost: Option<u64>,
         reset: bool,
+        injection: Option<InjectionPolicy>,
     ) -> Result<Budget, Error> {
-        store::set_budget(self, req, agent, tokens, cost, reset).await
+        store::set_budget(self, req, agent, tokens, cost, reset, injection).await
     }
 }
 

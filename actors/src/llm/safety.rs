@@ -196,15 +196,26 @@ fn redact_at(text: &str, findings: &[Finding]) -> String {
 // Prompt injection ------------------------------------------------------------
 
 /// What to do with mail that looks like a prompt injection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum InjectionPolicy {
     /// Pass it on, marked as suspicious.
+    #[default]
     Warn,
     /// Refuse it: the model never sees it.
     Block,
     /// Hold it until the host decides.
     Ask,
+}
+
+impl InjectionPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InjectionPolicy::Warn => "warn",
+            InjectionPolicy::Block => "block",
+            InjectionPolicy::Ask => "ask",
+        }
+    }
 }
 
 impl std::str::FromStr for InjectionPolicy {
@@ -313,6 +324,9 @@ pub struct Budget {
     pub cost_limit: u64,
     pub cost_used: u64,
     pub calls: u64,
+    /// What incoming text that looks like a prompt injection gets.
+    #[serde(default)]
+    pub injection: InjectionPolicy,
 }
 
 /// Why a call is refused before it is made.

@@ -232,6 +232,15 @@ fn converse(s: &mut State) -> Result<(), String> {
         let answer = match llm::chat(LLM, &req.to_string()) {
             Ok(a) => a,
             Err(e) => {
+                // The turn is not kept: text the node refused (a credential,
+                // a prompt injection) must not poison the next turns.
+                if let Some(i) = s
+                    .messages
+                    .iter()
+                    .rposition(|m| matches!(m, Msg::User { .. }))
+                {
+                    s.messages.truncate(i);
+                }
                 finish(s, &format!("I could not ask my model: {e}"))?;
                 return Ok(());
             }
