@@ -397,7 +397,10 @@ impl Membership {
         Ok(true)
     }
 
-    async fn refresh_members(&self, db: &Db) -> Result<(), Error> {
+    /// Reads the live members from the store now (they are otherwise
+    /// refreshed at each renewal): a locator handed out right after nodes
+    /// joined names them all.
+    pub async fn refresh_members(&self, db: &Db) -> Result<(), Error> {
         let all = db
             .read(|tx| Box::pin(async move { list_members(tx).await }))
             .await?;

@@ -89,6 +89,85 @@ pub async fn set_blob(tx: &mut Transaction, prefix: &[u8], data: &[u8]) -> Resul
     Ok(())
 }
 
+/// Most chunk bytes [`set_content_blob`] writes per transaction: well under
+/// etcd's request limit (1.5 MiB by default) and its 128 operations.
+pub const STEP_BYTES: usize = 512 * 1024;
+
+/// Writes a blob whose `prefix` is derived from the hash of `data` (content
+/// addressed: whatever is there is the same bytes) in several transactions,
+/// so that a blob larger than one transaction of the store (etcd: 1.5 MiB)
+/// fits: the chunks in steps of [`STEP_BYTES`], then the header. Readers see
+/// nothing until the header commits. Nothing is cleared, so concurrent
+/// writers of the same content cannot undo each other; an interrupted write
+/// leaves chunks without a header, which a later write of the same content
+/// completes. Does nothing if the blob is already there.
+pub async fn set_content_blob(
+    db: &crate::Db,
+    prefix: &[u8],
+    data: &[u8],
+) -> Result<(), StoreError> {
+    if data.len() > MAX_BLOB_SIZE {
+        return Err(StoreError::BlobTooLarge {
+            len: data.len(),
+            max: MAX_BLOB_SIZE,
+        });
+    }
+    if prefix.first() == Some(&SYSTEM_KEY_PREFIX) {
+        return Err(StoreError::ReservedKey);
+    }
+    if prefix.len() + INDEX_LEN > MAX_KEY_SIZE {
+        return Err(StoreError::KeyTooLarge {
+            len: prefix.len() + INDEX_LEN,
+            max: MAX_KEY_SIZE,
+        });
+    }
+    let header_key = key(prefix, 0);
+    let present = {
+        let k = header_key.clone();
+        db.read(move |tx| Box::pin(async move { tx.get(&k).await }))
+            .await?
+            .is_some()
+    };
+    if present {
+        return Ok(());
+    }
+    let per_step = (STEP_BYTES / CHUNK_SIZE).max(1);
+    let chunks: Vec<(u64, &[u8])> = data
+        .chunks(CHUNK_SIZE)
+        .enumerate()
+        .map(|(i, c)| (i as u64 + 1, c))
+        .collect();
+    for step in chunks.chunks(per_step) {
+        let writes: Vec<(Vec<u8>, Vec<u8>)> = step
+            .iter()
+            .map(|(i, c)| (key(prefix, *i), c.to_vec()))
+            .collect();
+        db.transact(move |tx| {
+            let writes = writes.clone();
+            Box::pin(async move {
+                for (k, v) in &writes {
+                    tx.set(k, v)?;
+                }
+                Ok::<_, StoreError>(())
+            })
+        })
+        .await?;
+    }
+    let mut header = Vec::with_capacity(HEADER_LEN);
+    header.push(FORMAT);
+    header.extend_from_slice(&(data.len() as u64).to_be_bytes());
+    header.extend_from_slice(&(CHUNK_SIZE as u32).to_be_bytes());
+    header.extend_from_slice(blake3::hash(data).as_bytes());
+    db.transact(move |tx| {
+        let (k, h) = (header_key.clone(), header.clone());
+        Box::pin(async move {
+            tx.set(&k, &h)?;
+            Ok::<_, StoreError>(())
+        })
+    })
+    .await
+}
+
 /// Reads the blob under `prefix`; [`StoreError::Corrupt`] if it does not check out.
 pub async fn get_blob(tx: &mut Transaction, prefix: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
     let Some(header) = tx.get(&key(prefix, 0)).await? else {

@@ -590,7 +590,7 @@ impl agent::Server for AgentServer {
         // Check first, so that a node that cannot be reached issues nothing.
         self.net.locator([0; 32]).map_err(failed)?;
         let (_, swiss) = self.handle.locate(&path).await.map_err(actor_error)?;
-        let locator = self.net.locator(swiss).map_err(failed)?;
+        let locator = self.net.fresh_locator(swiss).await.map_err(failed)?;
         results.get().set_locator(locator.to_string().as_str());
         Ok(())
     }
@@ -647,7 +647,7 @@ impl agent::Server for AgentServer {
         // Check first, so that a node that cannot be reached invites no one.
         self.net.locator([0; 32]).map_err(failed)?;
         let swiss = self.handle.invite(&name).await.map_err(actor_error)?;
-        let locator = self.net.locator(swiss).map_err(failed)?;
+        let locator = self.net.fresh_locator(swiss).await.map_err(failed)?;
         results.get().set_invitation(locator.to_string().as_str());
         Ok(())
     }

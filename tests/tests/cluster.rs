@@ -576,3 +576,106 @@ fn a_handler_cut_short_by_its_nodes_death_finishes_on_a_survivor_once() {
     let answers = all.iter().filter(|t| t.starts_with("count = ")).count();
     assert_eq!((notices, answers), (1, 1), "{inbox:#?}");
 }
+
+/// Like [`wait_mail`], for a message whose text contains `needle`; returns it.
+fn wait_mail_containing(c: &Cluster, via: usize, from: &str, needle: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let inbox = c.n(via).inbox(&[]);
+        if let Some(m) = inbox.iter().find(|m| {
+            m["from"] == from && texts(std::slice::from_ref(*m)).concat().contains(needle)
+        }) {
+            return m.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no message from {from} containing {needle:?}: {inbox:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// An LLM agent waits for its host's decision on a code proposal; the node
+/// owning it is killed with -9; the host decides through another node
+/// (`capstan endow`), and the agent goes on with the same conversation on a
+/// survivor, doing nothing twice.
+#[test]
+fn an_llm_agents_pending_approval_survives_its_nodes_death() {
+    use capstan_tests::llm_server::{LlmServer, Reply};
+    use serde_json::json;
+    const KEY: &str = "test-anthropic-key-cluster-4f1e";
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let agent = guest_wasm("llm-agent");
+    let evaluator = guest_wasm("evaluator");
+    let Some(mut c) = Cluster::start("llmagent") else {
+        return;
+    };
+    let server = LlmServer::start();
+    server.require_key(KEY);
+    let key = c.n(0).home().join("claude.key");
+    std::fs::write(&key, KEY).unwrap();
+    c.n(0).ok([
+        "llm",
+        "add",
+        "claude",
+        "--provider",
+        "anthropic",
+        "--key-file",
+        key.to_str().unwrap(),
+        "--url",
+        &server.url(),
+        "--model",
+        "claude-test",
+    ]);
+    c.n(0).ok([
+        "install",
+        &agent,
+        "--name",
+        "llm-agent",
+        "--grant",
+        "llm=claude",
+    ]);
+    c.n(0).ok(["install", &evaluator, "--name", "evaluator"]);
+    c.n(0).ok(["mkguest", "helper", "--component", "llm-agent"]);
+    server.push(Reply::Tools {
+        text: String::new(),
+        calls: vec![(
+            "define_code".into(),
+            json!({"source": "reader.inbox().length", "slots": {"reader": "an inbox reader"}}),
+        )],
+    });
+    // Through n2: n2 owns helper and runs its turn up to the proposal.
+    c.n(1)
+        .ok(["send", "helper", "how many messages are in my inbox?"]);
+    let proposal = wait_mail_containing(&c, 0, "helper", "definition: slots");
+    let p = c.placement(0, "helper");
+    assert_eq!(p["node"], "n2", "{p}");
+    c.nodes[1].kill9();
+
+    // The host decides through n3; a survivor takes helper over.
+    server.push(Reply::text("You have 2 messages."));
+    let n = proposal["number"].as_u64().unwrap().to_string();
+    let v = c.n(2).json(["endow", n.as_str(), "--bind", "reader=SELF"]);
+    assert_eq!(v["result"], "2", "{v}");
+    wait_mail_containing(&c, 0, "helper", "You have 2 messages.");
+    let p = c.placement(0, "helper");
+    assert_ne!(p["node"], "n2", "{p}");
+    let reqs = server.requests();
+    assert_eq!(
+        reqs.len(),
+        2,
+        "the model was asked once per step: {reqs:#?}"
+    );
+    assert!(
+        reqs[1].body.contains("how many messages are in my inbox?"),
+        "the same conversation: {}",
+        reqs[1].body
+    );
+    let all = texts(&c.n(0).inbox(&[]));
+    let proposals = all
+        .iter()
+        .filter(|t| t.starts_with("definition: slots"))
+        .count();
+    let answers = all.iter().filter(|t| *t == "You have 2 messages.").count();
+    assert_eq!((proposals, answers), (1, 1), "{all:#?}");
+}

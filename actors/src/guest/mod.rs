@@ -833,21 +833,10 @@ impl AgentHandle {
             imports: c.imports.clone(),
             exports: c.exports.clone(),
         };
-        // The bytes, content-addressed (idempotent; shared by every install).
-        self.inner()
-            .db
-            .transact(move |tx| {
-                let bytes = bytes.clone();
-                Box::pin(async move {
-                    let k = keys::component(&hash);
-                    if tx.get(&k).await?.is_none()
-                        && capstan_cluster::blob::get_blob(tx, &k).await?.is_none()
-                    {
-                        capstan_cluster::blob::set_blob(tx, &k, &bytes).await?;
-                    }
-                    Ok::<_, Error>(())
-                })
-            })
+        // The bytes, content-addressed (idempotent; shared by every install),
+        // in steps: a component can be larger than one transaction of the
+        // store (etcd's 1.5 MiB).
+        capstan_cluster::blob::set_content_blob(&self.inner().db, &keys::component(&hash), &bytes)
             .await?;
         let text = format!(
             "component {} ({} bytes), world {}",

@@ -245,6 +245,17 @@ impl Net {
         })
     }
 
+    /// [`Net::locator`] with the cluster's members read from the store
+    /// first (a locator lives on; it should name every node there is).
+    pub async fn fresh_locator(&self, swiss: [u8; 32]) -> Result<Locator, String> {
+        if let Some(c) = self.rt.membership()
+            && let Err(e) = c.refresh_members(self.rt.db()).await
+        {
+            tracing::debug!("locator with the members of the last renewal: {e}");
+        }
+        self.locator(swiss)
+    }
+
     pub async fn close(&self) {
         self.endpoint.close(0u32.into(), b"node stopping");
         let _ = tokio::time::timeout(Duration::from_millis(300), self.endpoint.wait_idle()).await;
