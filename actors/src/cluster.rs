@@ -221,7 +221,14 @@ pub struct Membership {
     pub stepdowns: AtomicU64,
     /// Set when the node leaves or stops: the lease is no longer renewed.
     pub leaving: AtomicBool,
+    /// Formulas this node took over from another owner (dead, draining, or
+    /// this node's own earlier run), with that owner's name: guests tell
+    /// their host they resumed here (bounded; see [`MAX_TAKEOVERS`]).
+    took_over: Mutex<HashMap<FormulaId, String>>,
 }
+
+/// Most take-overs remembered for a notice not yet given.
+const MAX_TAKEOVERS: usize = 10_000;
 
 impl Membership {
     pub fn new(cfg: ClusterConfig, link: mpsc::Sender<LinkOp>) -> Membership {
@@ -237,7 +244,13 @@ impl Membership {
             fenced: AtomicU64::new(0),
             stepdowns: AtomicU64::new(0),
             leaving: AtomicBool::new(false),
+            took_over: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The node `id` was taken over from, once (see `took_over`).
+    pub fn take_over_notice(&self, id: &FormulaId) -> Option<String> {
+        self.took_over.lock().ok()?.remove(id)
     }
 
     pub fn epoch(&self) -> u64 {
@@ -440,9 +453,10 @@ impl Membership {
                 let me = me.clone();
                 Box::pin(async move {
                     let now = crate::api::now_ms();
-                    if let Some(p) = get_placement(tx, &id).await? {
+                    let before = get_placement(tx, &id).await?;
+                    if let Some(p) = &before {
                         if p.node == me && p.epoch == epoch && !draining {
-                            return Ok(None);
+                            return Ok((None, None));
                         }
                         if p.node != me
                             && let Some(m) = get_member(tx, &p.node).await?
@@ -450,7 +464,7 @@ impl Membership {
                             && m.live(now)
                             && !m.draining
                         {
-                            return Ok(Some(m));
+                            return Ok((Some(m), None));
                         }
                     }
                     if draining {
@@ -463,7 +477,8 @@ impl Membership {
                                 Error::Unavailable(format!(
                                     "node {me} is draining and no other live node can take the work; start another node"
                                 ))
-                            });
+                            })
+                            .map(|m| (m, None));
                     }
                     // Claim it, but only while our own lease holds.
                     match get_member(tx, &me).await? {
@@ -480,10 +495,20 @@ impl Membership {
                         since_ms: now,
                     };
                     tx.set(&placement_key(&id), &encode(&rec))?;
-                    Ok(None)
+                    Ok((None, before.map(|p| p.node)))
                 })
             })
             .await?;
+        let (owner, previous) = owner;
+        if let Some(prev) = previous
+            && let Ok(mut t) = self.took_over.lock()
+        {
+            if t.len() >= MAX_TAKEOVERS {
+                t.clear();
+            }
+            tracing::info!(formula = %id.short(), from = %prev, "took over");
+            t.insert(id, prev);
+        }
         let m = match &owner {
             None => {
                 let mut m = self

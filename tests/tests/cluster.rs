@@ -660,6 +660,10 @@ fn an_llm_agents_pending_approval_survives_its_nodes_death() {
     wait_mail_containing(&c, 0, "helper", "You have 2 messages.");
     let p = c.placement(0, "helper");
     assert_ne!(p["node"], "n2", "{p}");
+    // the survivor told the host that helper resumed there, once
+    let notice = wait_mail_containing(&c, 0, "helper", "resumed on node");
+    let notice = texts(&[notice]).concat();
+    assert!(notice.contains("node n2 stopped serving me"), "{notice}");
     let reqs = server.requests();
     assert_eq!(
         reqs.len(),
@@ -672,6 +676,13 @@ fn an_llm_agents_pending_approval_survives_its_nodes_death() {
         reqs[1].body
     );
     let all = texts(&c.n(0).inbox(&[]));
+    assert_eq!(
+        all.iter()
+            .filter(|t| t.starts_with("resumed on node"))
+            .count(),
+        1,
+        "{all:#?}"
+    );
     let proposals = all
         .iter()
         .filter(|t| t.starts_with("definition: slots"))

@@ -41,6 +41,45 @@ impl GuestRunner {
 /// The runner of agent `id` if its body is a component and this node runs
 /// guests. It looks at the inbox once right away (mail that came while the
 /// node was down).
+/// A guest taken over from another node (dead, draining, or this node's
+/// earlier run) tells its host, once per take-over: its waiting mail and
+/// pending decisions (an LLM agent's proposal) go on here.
+fn tell_host_resumed(rt: &Arc<Inner>, id: FormulaId, me: &str, epoch: u64, prev: &str) {
+    let text = if prev == me {
+        format!(
+            "resumed on node {me} after it restarted; what I was waiting for, I still wait for here"
+        )
+    } else {
+        format!(
+            "resumed on node {me}: node {prev} stopped serving me; what I was waiting for, I still wait for here"
+        )
+    };
+    let mut h = blake3::Hasher::new_derive_key("capstan guest resumed v1");
+    h.update(id.as_bytes());
+    h.update(me.as_bytes());
+    h.update(&epoch.to_be_bytes());
+    let mut req = [0u8; 16];
+    req.copy_from_slice(&h.finalize().as_bytes()[..16]);
+    let rt = rt.clone();
+    tokio::spawn(async move {
+        let sent = async {
+            let agent = AgentHandle::load(&rt, id).await?;
+            agent
+                .send(
+                    capstan_proto::RequestId(req),
+                    "HOST",
+                    vec![text],
+                    vec![],
+                    None,
+                )
+                .await
+        };
+        if let Err(e) = sent.await {
+            tracing::warn!(guest = %id.short(), "could not tell the host it resumed: {e}");
+        }
+    });
+}
+
 pub(crate) async fn runner_for(
     rt: &Arc<Inner>,
     id: FormulaId,
@@ -65,6 +104,11 @@ pub(crate) async fn runner_for(
             hash,
             limits,
         )));
+    }
+    if let Some(c) = rt.cluster.get()
+        && let Some(prev) = c.take_over_notice(&id)
+    {
+        tell_host_resumed(rt, id, &c.cfg.name, c.epoch(), &prev);
     }
     let (tx, mut rx) = mpsc::channel(1);
     let rt = rt.clone();
