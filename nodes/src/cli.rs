@@ -208,6 +208,11 @@ pub enum Command {
         /// of the node's (10 to 60000; needs --component).
         #[arg(long, value_name = "MS", requires = "component")]
         deadline_ms: Option<u32>,
+        /// Give this guest alone a capability: SLOT=PATH (PATH in your
+        /// names; the guest holds it as SLOT), beside the component's
+        /// install-time grants, e.g. --with llm=claude. Repeatable.
+        #[arg(long = "with", value_name = "SLOT=PATH", requires = "component")]
+        with: Vec<String>,
         #[command(flatten)]
         out: Out,
     },

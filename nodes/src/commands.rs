@@ -261,8 +261,13 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
             component: Some(component),
             fuel,
             deadline_ms,
+            with,
             ..
-        } => crate::guests::mkguest(client, &path, &component, fuel, deadline_ms, json).await?,
+        } => {
+            let with = crate::guests::parse_bindings(&with, "--with SLOT=PATH")?;
+            crate::guests::mkguest(client, &path, &component, fuel, deadline_ms, &with, json)
+                .await?
+        }
         Command::Cluster { command } => crate::cluster::run(client, command, json).await?,
         Command::Llm { command } => crate::llm::run(client, command, json).await?,
         c @ (Command::Install { .. }

@@ -22,7 +22,7 @@ fn parse_grant(s: &str) -> anyhow::Result<(String, String)> {
     }
 }
 
-fn parse_bindings(list: &[String], form: &str) -> anyhow::Result<Vec<(String, String)>> {
+pub fn parse_bindings(list: &[String], form: &str) -> anyhow::Result<Vec<(String, String)>> {
     list.iter()
         .map(|s| match s.split_once('=') {
             Some((slot, path)) if !slot.is_empty() && !path.is_empty() => {
@@ -79,6 +79,7 @@ pub async fn mkguest(
     component: &str,
     fuel: Option<u64>,
     deadline_ms: Option<u32>,
+    with: &[(String, String)],
     json: bool,
 ) -> anyhow::Result<()> {
     let req = RequestId::random();
@@ -90,6 +91,12 @@ pub async fn mkguest(
             r.get().set_component(component);
             r.get().set_fuel(fuel.unwrap_or(0));
             r.get().set_deadline_ms(deadline_ms.unwrap_or(0));
+            let mut gl = r.get().init_with(with.len() as u32);
+            for (i, (slot, path)) in with.iter().enumerate() {
+                let mut g = gl.reborrow().get(i as u32);
+                g.set_slot(slot.as_str());
+                g.set_path(path.as_str());
+            }
             let answer = r.send().promise.await?;
             Ok(answer.get()?.get_id()?.to_vec())
         })

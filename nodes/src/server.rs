@@ -736,9 +736,13 @@ impl agent::Server for AgentServer {
         let component = text(p.get_component(), "component")?;
         let fuel = Some(p.get_fuel()).filter(|f| *f != 0);
         let deadline = Some(p.get_deadline_ms()).filter(|d| *d != 0);
+        let mut with = Vec::new();
+        for g in p.get_with()?.iter() {
+            with.push((text(g.get_slot(), "slot")?, text(g.get_path(), "path")?));
+        }
         let id = self
             .handle
-            .mkguest_component(req, &path, &component, fuel, deadline)
+            .mkguest_component(req, &path, &component, fuel, deadline, &with)
             .await
             .map_err(actor_error)?;
         results.get().set_id(id.as_bytes());

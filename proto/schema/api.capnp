@@ -118,7 +118,9 @@ interface Agent {
   # Make a guest agent whose body is the installed agent (or channel)
   # component `component`. `fuel` (per call) and `deadlineMs` (wall-clock
   # per call) override the node's limits for this guest; 0 = the node's.
-  mkguestComponent @26 (reqId :Data, path :Text, component :Text, fuel :UInt64, deadlineMs :UInt32) -> (id :Data);
+  # `with`: capabilities for this guest alone (slot = a name it gets, path
+  # in this host's names), beside the component's install-time grants.
+  mkguestComponent @26 (reqId :Data, path :Text, component :Text, fuel :UInt64, deadlineMs :UInt32, with :List(Grant)) -> (id :Data);
   # Run the installed tool `name` once: execute with `input` (JSON).
   runTool @27 (name :Text, input :Text) -> (output :Text);
   # The guest agents with a component body, and what the node knows of them.

@@ -687,3 +687,45 @@ fn channel_of_an_older_world_version_is_refused() {
     assert!(e.contains("capstan:channel@0.2.0"), "{e}");
     assert!(!node.names(&[]).contains("old"));
 }
+
+/// `mkguest --with SLOT=PATH` gives one guest a capability of its own,
+/// beside the component's install-time grants; bad input makes nothing.
+#[test]
+fn mkguest_with_gives_one_guest_its_own_capabilities() {
+    let node = Node::started();
+    node.ok(["store", "--text", "for bot one", "--name", "note"]);
+    install(&node, "counter", "counter", &[]);
+    node.ok([
+        "mkguest",
+        "one",
+        "--component",
+        "counter",
+        "--with",
+        "doc=note",
+    ]);
+    node.ok(["mkguest", "two", "--component", "counter"]);
+    assert!(node.names(&["--as", "one"]).contains("doc"));
+    assert!(!node.names(&["--as", "two"]).contains("doc"));
+    assert_eq!(node.ok(["cat", "--as", "one", "doc"]).trim(), "for bot one");
+
+    for (with, why) in [
+        ("doc=nothing-here", "nothing-here"),
+        ("Doc=note", "Doc"),
+        ("no-equals", "SLOT=PATH"),
+    ] {
+        let (_, e) = node.fail(["mkguest", "three", "--component", "counter", "--with", with]);
+        assert!(e.contains(why), "{with}: {e}");
+    }
+    let (_, e) = node.fail([
+        "mkguest",
+        "three",
+        "--component",
+        "counter",
+        "--with",
+        "a=note",
+        "--with",
+        "a=note",
+    ]);
+    assert!(e.contains("given twice"), "{e}");
+    assert!(!node.names(&[]).contains("three"), "nothing was made");
+}

@@ -879,6 +879,7 @@ impl AgentHandle {
         component: &str,
         fuel: Option<u64>,
         deadline_ms: Option<u32>,
+        with: &[(String, String)],
     ) -> Result<FormulaId, Error> {
         if let Some(f) = fuel
             && !(MIN_FUEL..=MAX_FUEL).contains(&f)
@@ -903,6 +904,31 @@ impl AgentHandle {
                 World::Channel.describe()
             )));
         }
+        if with.len() > MAX_GRANTS {
+            return Err(Error::TooLarge {
+                what: "--with capabilities".into(),
+                len: with.len(),
+                max: MAX_GRANTS,
+            });
+        }
+        // Checked before anything is made: bad input changes nothing.
+        let mut extra: Vec<(String, FormulaId)> = Vec::new();
+        for (slot, target) in with {
+            if !crate::names::is_pet_name(slot) {
+                return Err(Error::InvalidName(slot.clone()));
+            }
+            if m.grants.contains_key(slot) || extra.iter().any(|(s, _)| s == slot) {
+                return Err(Error::Invalid(format!(
+                    "slot {slot:?} is given twice (the component's grants are {})",
+                    if m.grants.is_empty() {
+                        "none".to_string()
+                    } else {
+                        m.grants.keys().cloned().collect::<Vec<_>>().join(", ")
+                    }
+                )));
+            }
+            extra.push((slot.clone(), self.show(target).await?.id));
+        }
         let id = self.mkguest(req, path).await?;
         let body = serde_json::to_vec(&Body {
             id: id.to_hex(),
@@ -923,6 +949,7 @@ impl AgentHandle {
                 ))
             })
             .collect::<Result<_, Error>>()?;
+        let grants: Vec<(String, FormulaId)> = grants.into_iter().chain(extra).collect();
         self.inner()
             .db
             .transact(move |tx| {
