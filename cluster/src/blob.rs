@@ -41,12 +41,8 @@ fn escape(b: &[u8]) -> String {
     b.escape_ascii().to_string()
 }
 
-/// Writes `data` under `prefix` (replacing any previous blob there).
-///
-/// Errors (nothing written): [`StoreError::BlobTooLarge`] above [`MAX_BLOB_SIZE`],
-/// [`StoreError::ReservedKey`] for a system prefix, [`StoreError::KeyTooLarge`] for a
-/// prefix too long, [`StoreError::TransactionTooLarge`] if the transaction cannot hold it.
-pub async fn set_blob(tx: &mut Transaction, prefix: &[u8], data: &[u8]) -> Result<(), StoreError> {
+/// The limits every blob write checks first (nothing written on error).
+fn check(prefix: &[u8], data: &[u8]) -> Result<(), StoreError> {
     if data.len() > MAX_BLOB_SIZE {
         return Err(StoreError::BlobTooLarge {
             len: data.len(),
@@ -62,6 +58,16 @@ pub async fn set_blob(tx: &mut Transaction, prefix: &[u8], data: &[u8]) -> Resul
             max: MAX_KEY_SIZE,
         });
     }
+    Ok(())
+}
+
+/// Writes `data` under `prefix` (replacing any previous blob there).
+///
+/// Errors (nothing written): [`StoreError::BlobTooLarge`] above [`MAX_BLOB_SIZE`],
+/// [`StoreError::ReservedKey`] for a system prefix, [`StoreError::KeyTooLarge`] for a
+/// prefix too long, [`StoreError::TransactionTooLarge`] if the transaction cannot hold it.
+pub async fn set_blob(tx: &mut Transaction, prefix: &[u8], data: &[u8]) -> Result<(), StoreError> {
+    check(prefix, data)?;
     let chunks = data.len().div_ceil(CHUNK_SIZE);
     let end = prefix_end(prefix);
     // Size check up front, so that an error leaves the transaction unchanged.
@@ -106,21 +112,7 @@ pub async fn set_content_blob(
     prefix: &[u8],
     data: &[u8],
 ) -> Result<(), StoreError> {
-    if data.len() > MAX_BLOB_SIZE {
-        return Err(StoreError::BlobTooLarge {
-            len: data.len(),
-            max: MAX_BLOB_SIZE,
-        });
-    }
-    if prefix.first() == Some(&SYSTEM_KEY_PREFIX) {
-        return Err(StoreError::ReservedKey);
-    }
-    if prefix.len() + INDEX_LEN > MAX_KEY_SIZE {
-        return Err(StoreError::KeyTooLarge {
-            len: prefix.len() + INDEX_LEN,
-            max: MAX_KEY_SIZE,
-        });
-    }
+    check(prefix, data)?;
     let header_key = key(prefix, 0);
     let present = {
         let k = header_key.clone();

@@ -335,3 +335,41 @@ fn prompt_injection_is_flagged_blocked_or_held_by_the_hosts_policy() {
     let (_, e) = node.fail(["llm", "budget", "helper", "--injection", "maybe"]);
     assert!(e.contains("maybe"), "{e}");
 }
+
+/// A long conversation is compacted past the size the host chose: the
+/// oldest exchanges leave the checkpoint and become a summary the model is
+/// given; the checkpoint stays under the limit.
+#[test]
+fn a_long_conversation_is_compacted_into_a_summary() {
+    let server = LlmServer::start();
+    let node = setup(&server);
+    // the limit is the host's to set: a value in the agent's own names
+    node.ok([
+        "store",
+        "--text",
+        "16384",
+        "--name",
+        "conversation-limit",
+        "--as",
+        "helper",
+    ]);
+    for i in 0..4 {
+        let long = format!("question {i}: {}", "x".repeat(6000));
+        server.push(Reply::text(&format!("answer {i}")));
+        node.ok(["send", "helper", long.as_str()]);
+        wait_mail(&node, "helper", &format!("answer {i}"));
+    }
+    let checkpoint = node.ok(["cat", "--as", "helper", "conversation"]);
+    assert!(checkpoint.len() <= 16384, "{} bytes", checkpoint.len());
+    let v: Value = serde_json::from_str(&checkpoint).unwrap();
+    assert!(v["dropped"].as_u64().unwrap() >= 1, "{v}");
+    assert!(v["summary"].as_str().unwrap().contains("question 0"), "{v}");
+    let last = server.requests().last().unwrap().json();
+    let system = last["system"].to_string();
+    assert!(system.contains("compacted"), "{system}");
+    assert!(system.contains("question 0"), "{system}");
+    assert!(
+        !last["messages"].to_string().contains("question 0"),
+        "{last}"
+    );
+}

@@ -32,7 +32,7 @@ use wasmtime::Store;
 use super::bindings::evaluator::capstan::evaluator::host as eval_host;
 use super::bindings::evaluator::exports::capstan::evaluator::evaluator::Slot;
 use super::host::{Limiter, arm, log_line, note_panic, stop_reason};
-use super::{CallLimits, GuestHost, World, compiled, manifest_of};
+use super::{CallLimits, GuestHost, World, manifest_of};
 use crate::api::{AgentHandle, MessageBodyView};
 use crate::error::Error;
 
@@ -454,16 +454,13 @@ impl AgentHandle {
             )),
             e => e,
         })?;
-        if m.world != World::Evaluator {
-            return Err(Error::Invalid(format!(
-                "{evaluator:?} is a {} component, not an evaluator ({})",
-                m.world.describe(),
-                World::Evaluator.describe()
-            )));
-        }
-        let gh = super::guest_host(self.inner())?;
-        let hash = super::hash_from_hex(&m.hash)?;
-        let c = compiled(&gh, self.inner(), hash).await?;
+        let (gh, c) = super::compiled_of(
+            self.inner(),
+            &m,
+            World::Evaluator,
+            &format!("{evaluator:?}"),
+        )
+        .await?;
         let state = EvalState {
             host: self.clone(),
             slots,

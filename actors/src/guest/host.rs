@@ -12,7 +12,7 @@ use super::bindings::agent::capstan::agent as agent_wit;
 use super::bindings::tool::capstan::tool::host as tool_host;
 use super::bindings::tool::exports::capstan::tool::tool as tool_exports;
 use super::journal::{self, Entry, Journal};
-use super::{CallLimits, GuestHost, Manifest, World, compiled, derived_request};
+use super::{CallLimits, GuestHost, Manifest, World, derived_request};
 use crate::api::{AgentHandle, ValueKind};
 use crate::error::Error;
 use crate::model;
@@ -743,16 +743,7 @@ pub(crate) struct PreparedTool {
 }
 
 pub(crate) async fn prepare_tool(host: AgentHandle, m: Manifest) -> Result<PreparedTool, Error> {
-    if m.world != World::Tool {
-        return Err(Error::Invalid(format!(
-            "that is a {} component, not a tool ({})",
-            m.world.describe(),
-            World::Tool.describe()
-        )));
-    }
-    let gh = super::guest_host(host.inner())?;
-    let hash = super::hash_from_hex(&m.hash)?;
-    let c = compiled(&gh, host.inner(), hash).await?;
+    let (gh, c) = super::compiled_of(host.inner(), &m, World::Tool, "that").await?;
     let grants = m
         .grants
         .iter()

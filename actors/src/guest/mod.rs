@@ -147,6 +147,16 @@ pub enum World {
 }
 
 impl World {
+    /// "a tool", "an evaluator", … (for messages).
+    pub fn noun(self) -> &'static str {
+        match self {
+            World::Agent => "an agent",
+            World::Tool => "a tool",
+            World::Channel => "a channel",
+            World::Evaluator => "an evaluator",
+        }
+    }
+
     pub fn describe(self) -> String {
         match self {
             World::Agent => format!("{AGENT_PACKAGE}/agent@{WORLD_VERSION}"),
@@ -741,6 +751,27 @@ pub(crate) async fn compiled(
     tokio::task::spawn_blocking(move || gh2.compile(&hash, &bytes))
         .await
         .map_err(|e| Error::Unavailable(format!("compiler task failed: {e}")))?
+}
+
+/// The compiled component of manifest `m`, which must be of `world`
+/// (`name` says what was named, for the error).
+pub(crate) async fn compiled_of(
+    rt: &Inner,
+    m: &Manifest,
+    world: World,
+    name: &str,
+) -> Result<(Arc<GuestHost>, Arc<Compiled>), Error> {
+    if m.world != world {
+        return Err(Error::Invalid(format!(
+            "{name} is a {} component, not {} ({})",
+            m.world.describe(),
+            world.noun(),
+            world.describe()
+        )));
+    }
+    let gh = guest_host(rt)?;
+    let c = compiled(&gh, rt, hash_from_hex(&m.hash)?).await?;
+    Ok((gh, c))
 }
 
 fn guest_host(rt: &Inner) -> Result<Arc<GuestHost>, Error> {

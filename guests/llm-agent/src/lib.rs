@@ -36,8 +36,18 @@ const LLM: &str = "llm";
 const CONVERSATION: &str = "conversation";
 /// Model calls per turn before the agent gives up.
 const MAX_MODEL_CALLS: usize = 8;
-/// Largest checkpoint kept; older exchanges are dropped (summarised) past it.
+/// Largest checkpoint kept by default; older exchanges are compacted past
+/// it. The host can set another size (bytes, 16 KiB to 1 MiB) as the text
+/// value `conversation-limit` in the agent's names (`mkguest … --with
+/// conversation-limit=NAME`).
 const MAX_CHECKPOINT: usize = 256 * 1024;
+const LIMIT_NAME: &str = "conversation-limit";
+const MIN_CHECKPOINT: usize = 16 * 1024;
+const MAX_MAX_CHECKPOINT: usize = 1024 * 1024;
+/// Longest summary of compacted exchanges kept (oldest lines go first).
+const MAX_SUMMARY: usize = 8 * 1024;
+/// How much of each compacted question the summary keeps.
+const SUMMARY_LINE: usize = 160;
 
 const SYSTEM: &str = "You are a Capstan agent. You hold no authority but the tools given. \
 To compute with your host's capabilities, propose code with define_code: name each \
@@ -97,6 +107,10 @@ struct State {
     /// Exchanges dropped to keep the checkpoint bounded.
     #[serde(default)]
     dropped: u64,
+    /// What the compacted exchanges were about: one line per exchange (its
+    /// question, cut short), given to the model with the system prompt.
+    #[serde(default)]
+    summary: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -114,11 +128,25 @@ fn load() -> Result<State, String> {
     }
 }
 
+/// The checkpoint size the host chose, or the default.
+fn checkpoint_limit() -> usize {
+    match host::read_text(LIMIT_NAME) {
+        Ok(Some(t)) => t
+            .trim()
+            .parse::<usize>()
+            .map(|n| n.clamp(MIN_CHECKPOINT, MAX_MAX_CHECKPOINT))
+            .unwrap_or(MAX_CHECKPOINT),
+        _ => MAX_CHECKPOINT,
+    }
+}
+
 fn save(s: &mut State) -> Result<(), String> {
+    let limit = checkpoint_limit();
     let mut text = serde_json::to_string(s).map_err(|e| e.to_string())?;
     // Compaction: drop the oldest whole exchanges (a user message and what
-    // followed it) until the checkpoint fits, keeping the current one.
-    while text.len() > MAX_CHECKPOINT {
+    // followed it) until the checkpoint fits, keeping the current one; each
+    // leaves a line in the summary the model is given.
+    while text.len() > limit {
         let next_user = s
             .messages
             .iter()
@@ -127,6 +155,19 @@ fn save(s: &mut State) -> Result<(), String> {
             .map(|p| p + 1);
         match next_user {
             Some(p) => {
+                if let Some(Msg::User { text }) = s.messages.first() {
+                    let line: String = text.chars().take(SUMMARY_LINE).collect();
+                    s.summary
+                        .push_str(&format!("- asked: {}\n", line.replace('\n', " ")));
+                }
+                while s.summary.len() > MAX_SUMMARY {
+                    match s.summary.find('\n') {
+                        Some(i) => {
+                            s.summary.drain(..=i);
+                        }
+                        None => s.summary.clear(),
+                    }
+                }
                 s.messages.drain(..p);
                 s.dropped += 1;
             }
@@ -228,7 +269,15 @@ fn propose(s: &State, c: &Call) -> Result<(), String> {
 /// the host, or gives up.
 fn converse(s: &mut State) -> Result<(), String> {
     for _ in 0..MAX_MODEL_CALLS {
-        let req = json!({"system": SYSTEM, "messages": s.messages, "tools": tools()});
+        let system = if s.summary.is_empty() {
+            SYSTEM.to_string()
+        } else {
+            format!(
+                "{SYSTEM}\n\nEarlier in this conversation ({} exchanges compacted):\n{}",
+                s.dropped, s.summary
+            )
+        };
+        let req = json!({"system": system, "messages": s.messages, "tools": tools()});
         let answer = match llm::chat(LLM, &req.to_string()) {
             Ok(a) => a,
             Err(e) => {
