@@ -374,7 +374,12 @@ fn pooling(limits: &GuestLimits) -> PoolingAllocationConfig {
         .max_tables_per_component(8)
         .max_core_instances_per_component(8)
         .table_elements(limits.table_elements)
-        .max_memory_size(limits.memory * 2);
+        .max_memory_size(limits.memory * 2)
+        // A slot's first pages are reset with memset rather than madvise
+        // when it is reused: one syscall less per instance for the small
+        // memories and tables guests touch (per message, a fresh instance).
+        .linear_memory_keep_resident(64 << 10)
+        .table_keep_resident(16 << 10);
     p
 }
 
