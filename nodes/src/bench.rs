@@ -1175,12 +1175,58 @@ async fn probe_call(a: &agent::Client, name: &str, text: &str) -> anyhow::Result
     }
 }
 
-/// Waits until the host's inbox has a message numbered `number` or later.
-async fn wait_inbox(a: &agent::Client, number: u64) -> anyhow::Result<()> {
+/// The highest message number the node pushed to a follower (`follow`).
+struct Seen(Rc<std::cell::Cell<Option<u64>>>);
+
+impl capstan_proto::api_capnp::message_sink::Server for Seen {
+    async fn push(
+        self: Rc<Self>,
+        params: capstan_proto::api_capnp::message_sink::PushParams,
+        _: capstan_proto::api_capnp::message_sink::PushResults,
+    ) -> Result<(), CapError> {
+        let n = params.get()?.get_message()?.get_number();
+        if self.0.get().is_none_or(|m| n > m) {
+            self.0.set(Some(n));
+        }
+        Ok(())
+    }
+}
+
+/// Follows `a`'s inbox for as long as the connection lives: the waits
+/// below then cost no call (polling `inbox` would read the whole inbox,
+/// and that grows with every round trip measured).
+fn follow_inbox(a: &agent::Client, after: u64) -> Rc<std::cell::Cell<Option<u64>>> {
+    let cell = Rc::new(std::cell::Cell::new(None));
+    let sink: capstan_proto::api_capnp::message_sink::Client =
+        capnp_rpc::new_client(Seen(cell.clone()));
+    let mut r = a.follow_request();
+    r.get().set_after(after);
+    r.get().set_sink(sink);
+    tokio::task::spawn_local(async move {
+        let _ = r.send().promise.await;
+    });
+    cell
+}
+
+/// Waits until the followed inbox has a message numbered `number` or later
+/// (asking the node itself every 100 ms, should the follower have been
+/// dropped for falling behind).
+async fn wait_inbox(
+    seen: &Rc<std::cell::Cell<Option<u64>>>,
+    a: &agent::Client,
+    number: u64,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
+    let mut asked = Instant::now();
     loop {
-        if last_inbox_number(a).await?.is_some_and(|n| n >= number) {
+        if seen.get().is_some_and(|n| n >= number) {
             return Ok(());
+        }
+        if asked.elapsed() > Duration::from_millis(5000) {
+            asked = Instant::now();
+            if last_inbox_number(a).await?.is_some_and(|n| n >= number) {
+                return Ok(());
+            }
         }
         if Instant::now() > deadline {
             bail!("no guest answer within 60 s (message {number} of the host's inbox)");
@@ -1214,6 +1260,7 @@ async fn guest_rows(
     let paths = Paths::resolve(Some(base.join("guests")))?;
     let (d, _) = Daemon::spawn(exe, &paths).await?;
     let h = host(&paths).await?;
+    let seen = follow_inbox(&h, 0);
     let t = Instant::now();
     install(&h, &echo, "echo-tool").await?;
     let cold = t.elapsed();
@@ -1254,7 +1301,7 @@ async fn guest_rows(
         send(&h, "bot", "get").await?;
         // our copy of what we sent, then the guest's answer
         next += 2;
-        wait_inbox(&h, next - 1).await?;
+        wait_inbox(&seen, &h, next - 1).await?;
         rtt.push(t.elapsed());
         let (i, c) = guest_timings(&h, "bot").await?;
         inst.push(Duration::from_nanos(i));
@@ -1345,7 +1392,7 @@ async fn guest_rows(
         send(&h, "bot", "get").await?;
     }
     next += 2 * n as u64;
-    wait_inbox(&h, next - 1).await?;
+    wait_inbox(&seen, &h, next - 1).await?;
     let rate = n as f64 / t.elapsed().as_secs_f64();
     rows.push(Row {
         what: format!("guest: messages handled per second, one guest agent ({n})"),
@@ -1361,9 +1408,12 @@ async fn guest_rows(
     let (d, _) = Daemon::spawn(exe, &paths).await?;
     let h = host(&paths).await?;
     let next = last_inbox_number(&h).await?.map_or(0, |n| n + 1);
+    let seen = follow_inbox(&h, next);
+    // the follower is registered before the clock starts
+    tokio::time::sleep(Duration::from_millis(50)).await;
     let t = Instant::now();
     send(&h, "bot", "get").await?;
-    wait_inbox(&h, next + 1).await?;
+    wait_inbox(&seen, &h, next + 1).await?;
     let warm = t.elapsed();
     rows.push(Row {
         what: "guest: first message after a restart (compiled code from the disk cache)".into(),
@@ -1413,7 +1463,7 @@ async fn guest_rows(
         "wake guest agents",
     )
     .await?;
-    wait_inbox(&h, next + 2 * n as u64 - 1).await?;
+    wait_inbox(&seen, &h, next + 2 * n as u64 - 1).await?;
     let after = d.rss_kib()?;
     let per = after.saturating_sub(before) as f64 * 1024.0 / n as f64;
     rows.push(Row {
@@ -1539,6 +1589,7 @@ async fn agent_rows(
     let paths = Paths::resolve(Some(base.join("agents")))?;
     let (d, _) = Daemon::spawn(exe, &paths).await?;
     let h = host(&paths).await?;
+    let seen = follow_inbox(&h, 0);
     let t = Instant::now();
     install(&h, &evaluator, "evaluator").await?;
     let cold = t.elapsed();
@@ -1635,7 +1686,7 @@ async fn agent_rows(
         let t = Instant::now();
         send(&h, "helper", &format!("question {i}")).await?;
         next += 2;
-        wait_inbox(&h, next - 1).await?;
+        wait_inbox(&seen, &h, next - 1).await?;
         lat.push(t.elapsed());
     }
     let s = stats(lat);
