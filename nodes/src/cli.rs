@@ -198,7 +198,9 @@ pub enum Command {
         path: String,
         /// Its body: an installed agent component (messages to the guest
         /// then run its handler) or channel component (run by the node).
-        #[arg(long, value_name = "NAME")]
+        /// `--agent` says the same (`mkguest helper --agent llm-agent
+        /// --with llm=claude`).
+        #[arg(long, visible_alias = "agent", value_name = "NAME")]
         component: Option<String>,
         /// Fuel for one call of its component, instead of the node's
         /// (1000000 to 100000000000; needs --component).

@@ -703,7 +703,8 @@ fn mkguest_with_gives_one_guest_its_own_capabilities() {
         "--with",
         "doc=note",
     ]);
-    node.ok(["mkguest", "two", "--component", "counter"]);
+    // `--agent` is the same as `--component`
+    node.ok(["mkguest", "two", "--agent", "counter"]);
     assert!(node.names(&["--as", "one"]).contains("doc"));
     assert!(!node.names(&["--as", "two"]).contains("doc"));
     assert_eq!(node.ok(["cat", "--as", "one", "doc"]).trim(), "for bot one");
