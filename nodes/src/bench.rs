@@ -1418,7 +1418,7 @@ async fn guest_rows(
         samples.sort_unstable();
         let warm = samples[samples.len() / 2] as f64 / 1000.0;
         rows.push(Row {
-            what: "guest: host → guest call on a live instance (a channel's empty on-poll; p50)"
+            what: "guest: host → guest call on a live instance, one every 100 ms in the node (cold caches; `cargo bench --bench callpath`: back to back; p50)"
                 .into(),
             value: ms(warm),
             target: "< 2 µs",
