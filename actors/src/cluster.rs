@@ -541,8 +541,9 @@ impl Membership {
     }
 
     /// After `m` (the recorded owner of something) failed to answer: returns
-    /// at once if its member record was renewed since `m` was read (it is
-    /// alive, only slow: try it again), otherwise when its lease has lapsed
+    /// at once if its member record was renewed in the last two renewal
+    /// intervals (it is alive, only slow: try it again), otherwise when its
+    /// lease has lapsed
     /// (then this node can claim what it owned). Waits at most one lease, so
     /// a caller does not spend its retries on a node that is gone.
     pub async fn await_lapse(&self, db: &Db, m: &MemberRec) -> Result<(), Error> {
@@ -553,13 +554,18 @@ impl Membership {
                 Box::pin(async move { get_member(tx, &name).await })
             })
             .await?;
+        let now = crate::api::now_ms();
+        // A live node renews every lease/6. One that renewed within the last
+        // two intervals is alive and only slow: try it again. (Comparing with
+        // `m`, which may have been cached long ago, took a node that died
+        // since for a slow one, and cost a second call timeout.)
+        let fresh = (self.cfg.lease / 3).as_millis() as u64;
         let expires_ms = match now_rec {
-            Some(r) if r.epoch == m.epoch && r.renewed_ms > m.renewed_ms => return Ok(()),
+            Some(r) if r.epoch == m.epoch && r.renewed_ms + fresh >= now => return Ok(()),
             Some(r) if r.epoch == m.epoch => r.expires_ms,
             // gone or registered again under a new epoch: its old placements are void
             _ => return Ok(()),
         };
-        let now = crate::api::now_ms();
         if expires_ms >= now {
             let wait = Duration::from_millis(expires_ms - now + 10).min(self.cfg.lease);
             tokio::time::sleep(wait).await;
