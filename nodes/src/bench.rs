@@ -1096,13 +1096,23 @@ async fn net_rows(
 }
 
 /// Installs the component `file` under `name` (grants none).
-async fn install(a: &agent::Client, file: &Path, name: &str) -> anyhow::Result<()> {
+async fn install(
+    a: &agent::Client,
+    file: &Path,
+    name: &str,
+    grants: &[(&str, &str)],
+) -> anyhow::Result<()> {
     let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
     let mut r = a.install_request();
     r.get().set_req_id(&RequestId::random().0);
     r.get().set_name(name);
     r.get().set_component(&bytes);
-    r.get().init_grants(0);
+    let mut gl = r.get().init_grants(grants.len() as u32);
+    for (i, (slot, path)) in grants.iter().enumerate() {
+        let mut g = gl.reborrow().get(i as u32);
+        g.set_slot(*slot);
+        g.set_path(*path);
+    }
     r.send()
         .promise
         .await
@@ -1126,23 +1136,26 @@ async fn run_tool(a: &agent::Client, name: &str, input: &str) -> Result<String, 
     Ok(r.send().promise.await?.get()?.get_output()?.to_string()?)
 }
 
-/// (instantiate ns, call ns) of the last message the guest `name` handled.
-async fn guest_timings(a: &agent::Client, name: &str) -> Result<(u64, u64), CapError> {
-    let answer = a.guests_request().send().promise.await?;
-    for g in answer.get()?.get_guests()?.iter() {
-        if g.get_name()?.to_str()? == name {
-            return Ok((g.get_instantiate_ns_last(), g.get_call_ns_last()));
-        }
-    }
-    Err(CapError::failed(format!("guest {name} is not listed")))
+/// What the node's guest stats say of the guest `name`.
+struct GuestStat {
+    handled: u64,
+    failures: u64,
+    /// Nanoseconds to make the instance for its last message.
+    instantiate_ns: u64,
+    /// Nanoseconds its last call ran.
+    call_ns: u64,
 }
 
-/// (calls handled, ns of the last call) of the guest `name`.
-async fn guest_stat(a: &agent::Client, name: &str) -> Result<(u64, u64), CapError> {
+async fn guest_stat(a: &agent::Client, name: &str) -> Result<GuestStat, CapError> {
     let answer = a.guests_request().send().promise.await?;
     for g in answer.get()?.get_guests()?.iter() {
         if g.get_name()?.to_str()? == name {
-            return Ok((g.get_handled(), g.get_call_ns_last()));
+            return Ok(GuestStat {
+                handled: g.get_handled(),
+                failures: g.get_failures(),
+                instantiate_ns: g.get_instantiate_ns_last(),
+                call_ns: g.get_call_ns_last(),
+            });
         }
     }
     Err(CapError::failed(format!("guest {name} is not listed")))
@@ -1151,33 +1164,16 @@ async fn guest_stat(a: &agent::Client, name: &str) -> Result<(u64, u64), CapErro
 /// Sends `text` to the guest `name` and waits until it handled it; the
 /// nanoseconds its handler ran (the node's guest stats).
 async fn probe_call(a: &agent::Client, name: &str, text: &str) -> anyhow::Result<u64> {
-    let handled = |a: &agent::Client| {
-        let a = a.clone();
-        let name = name.to_string();
-        async move {
-            let answer = a.guests_request().send().promise.await?;
-            for g in answer.get()?.get_guests()?.iter() {
-                if g.get_name()?.to_str()? == name {
-                    return Ok::<_, CapError>((
-                        g.get_handled(),
-                        g.get_call_ns_last(),
-                        g.get_failures(),
-                    ));
-                }
-            }
-            Err(CapError::failed(format!("guest {name} is not listed")))
-        }
-    };
-    let (before, _, failures) = handled(a).await?;
+    let before = guest_stat(a, name).await?;
     send(a, name, text).await?;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let (now, ns, f) = handled(a).await?;
-        if f > failures {
+        let now = guest_stat(a, name).await?;
+        if now.failures > before.failures {
             bail!("the probe guest failed on {text:?}; see `capstan guests`");
         }
-        if now > before {
-            return Ok(ns);
+        if now.handled > before.handled {
+            return Ok(now.call_ns);
         }
         if Instant::now() > deadline {
             bail!("the probe guest did not handle {text:?} within 60 s");
@@ -1273,9 +1269,9 @@ async fn guest_rows(
     let h = host(&paths).await?;
     let seen = follow_inbox(&h, 0);
     let t = Instant::now();
-    install(&h, &echo, "echo-tool").await?;
+    install(&h, &echo, "echo-tool", &[]).await?;
     let cold = t.elapsed();
-    install(&h, &counter, "counter").await?;
+    install(&h, &counter, "counter", &[]).await?;
     rows.push(Row {
         what: "guest: install a component (validate, cold compile, store)".into(),
         value: ms(cold.as_secs_f64() * 1e6),
@@ -1314,9 +1310,9 @@ async fn guest_rows(
         next += 2;
         wait_inbox(&seen, &h, next - 1).await?;
         rtt.push(t.elapsed());
-        let (i, c) = guest_timings(&h, "bot").await?;
-        inst.push(Duration::from_nanos(i));
-        call.push(Duration::from_nanos(c));
+        let g = guest_stat(&h, "bot").await?;
+        inst.push(Duration::from_nanos(g.instantiate_ns));
+        call.push(Duration::from_nanos(g.call_ns));
     }
     let (s, si, sc) = (stats(rtt), stats(inst), stats(call));
     rows.push(Row {
@@ -1345,16 +1341,7 @@ async fn guest_rows(
     if probe.exists() {
         step(quiet, "guests: call paths (probe guest)");
         store_text(&h, "probe-doc", "a small stored value").await?;
-        {
-            let mut r = h.install_request();
-            r.get().set_req_id(&RequestId::random().0);
-            r.get().set_name("probe");
-            r.get().set_component(&std::fs::read(&probe)?);
-            let mut g = r.get().init_grants(1).get(0);
-            g.set_slot("doc");
-            g.set_path("probe-doc");
-            r.send().promise.await?;
-        }
+        install(&h, &probe, "probe", &[("doc", "probe-doc")]).await?;
         mkguest_component(&h, "prober", "probe").await?;
         probe_call(&h, "prober", "noop").await?; // warm
         let (kind_n, read_n) = (10_000u32, 1_000u32);
@@ -1398,17 +1385,17 @@ async fn guest_rows(
     let poller = wasm.join("probe-channel.wasm");
     if poller.exists() {
         step(quiet, "guests: a warm instance (probe channel)");
-        install(&h, &poller, "probe-channel").await?;
+        install(&h, &poller, "probe-channel", &[]).await?;
         mkguest_component(&h, "poller", "probe-channel").await?;
         // each poll (every 100 ms) is timed by the node; the first one
         // (right after on-start) is left out
         let (mut samples, mut seen) = (Vec::new(), 1u64);
         let deadline = Instant::now() + Duration::from_secs(20);
         while samples.len() < 30 && Instant::now() < deadline {
-            let (handled, ns) = guest_stat(&h, "poller").await?;
-            if handled > seen {
-                seen = handled;
-                samples.push(ns);
+            let g = guest_stat(&h, "poller").await?;
+            if g.handled > seen {
+                seen = g.handled;
+                samples.push(g.call_ns);
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -1633,7 +1620,7 @@ async fn agent_rows(
     let h = host(&paths).await?;
     let seen = follow_inbox(&h, 0);
     let t = Instant::now();
-    install(&h, &evaluator, "evaluator").await?;
+    install(&h, &evaluator, "evaluator", &[]).await?;
     let cold = t.elapsed();
     rows.push(Row {
         what: format!(
@@ -1711,16 +1698,7 @@ async fn agent_rows(
         );
         r.send().promise.await?;
     }
-    {
-        let mut r = h.install_request();
-        r.get().set_req_id(&RequestId::random().0);
-        r.get().set_name("llm-agent");
-        r.get().set_component(&std::fs::read(&llm_agent)?);
-        let mut g = r.get().init_grants(1).get(0);
-        g.set_slot("llm");
-        g.set_path("local");
-        r.send().promise.await?;
-    }
+    install(&h, &llm_agent, "llm-agent", &[("llm", "local")]).await?;
     mkguest_component(&h, "helper", "llm-agent").await?;
     let mut next = last_inbox_number(&h).await?.map_or(0, |n| n + 1);
     let mut lat = Vec::new();

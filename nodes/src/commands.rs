@@ -264,7 +264,7 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
             with,
             ..
         } => {
-            let with = crate::guests::parse_bindings(&with, "--with SLOT=PATH")?;
+            let with = crate::guests::parse_bindings(&with, "--with", "--with llm=claude")?;
             crate::guests::mkguest(client, &path, &component, fuel, deadline_ms, &with, json)
                 .await?
         }

@@ -13,22 +13,19 @@ use crate::output::print_json;
 /// Components larger than this are refused before sending (the node's limit).
 const MAX_COMPONENT_BYTES: u64 = 8 * 1024 * 1024;
 
-fn parse_grant(s: &str) -> anyhow::Result<(String, String)> {
-    match s.split_once('=') {
-        Some((slot, path)) if !slot.is_empty() && !path.is_empty() => {
-            Ok((slot.to_string(), path.to_string()))
-        }
-        _ => bail!("--grant expects SLOT=PATH (e.g. --grant docs=shared-docs), got {s:?}"),
-    }
-}
-
-pub fn parse_bindings(list: &[String], form: &str) -> anyhow::Result<Vec<(String, String)>> {
+/// `SLOT=PATH` arguments (`--grant`, `--with`, `--bind`, `eval`'s); `what`
+/// and `example` make the error.
+pub fn parse_bindings(
+    list: &[String],
+    what: &str,
+    example: &str,
+) -> anyhow::Result<Vec<(String, String)>> {
     list.iter()
         .map(|s| match s.split_once('=') {
             Some((slot, path)) if !slot.is_empty() && !path.is_empty() => {
                 Ok((slot.to_string(), path.to_string()))
             }
-            _ => bail!("expected {form} (e.g. reader=inbox-reader), got {s:?}"),
+            _ => bail!("{what} expects SLOT=PATH (e.g. {example}), got {s:?}"),
         })
         .collect()
 }
@@ -114,10 +111,7 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
         Command::Install {
             file, name, grants, ..
         } => {
-            let grants = grants
-                .iter()
-                .map(|g| parse_grant(g))
-                .collect::<anyhow::Result<Vec<_>>>()?;
+            let grants = parse_bindings(&grants, "--grant", "--grant docs=shared-docs")?;
             let len = std::fs::metadata(&file)
                 .with_context(|| format!("cannot read {}", file.display()))?
                 .len();
@@ -283,7 +277,7 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
             evaluator,
             ..
         } => {
-            let bindings = parse_bindings(&bindings, "SLOT=PATH")?;
+            let bindings = parse_bindings(&bindings, "eval", "doc=greeting")?;
             let v = evaluate(client, &evaluator, &source, &bindings, None).await?;
             if json {
                 print_json(&v);
@@ -305,7 +299,7 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
             evaluator,
             ..
         } => {
-            let bindings = parse_bindings(&bindings, "--bind SLOT=PATH")?;
+            let bindings = parse_bindings(&bindings, "--bind", "--bind reader=inbox-reader")?;
             let v = evaluate(client, &evaluator, "", &bindings, Some(number)).await?;
             if json {
                 print_json(&v);

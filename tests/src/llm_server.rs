@@ -145,6 +145,27 @@ impl LlmServer {
         self.state.lock().unwrap().key = Some(key.to_string());
     }
 
+    /// Configures this server on `node` as the Anthropic provider `name`
+    /// (model `claude-test`) with `key`, read from a key file in the
+    /// node's home as a host would give it.
+    pub fn add_anthropic(&self, node: &crate::Node, name: &str, key: &str) {
+        let f = node.home().join(format!("{name}.key"));
+        std::fs::write(&f, format!("{key}\n")).unwrap();
+        node.ok([
+            "llm",
+            "add",
+            name,
+            "--provider",
+            "anthropic",
+            "--key-file",
+            f.to_str().unwrap(),
+            "--url",
+            &self.url(),
+            "--model",
+            "claude-test",
+        ]);
+    }
+
     pub fn requests(&self) -> Vec<Recorded> {
         self.state.lock().unwrap().requests.clone()
     }

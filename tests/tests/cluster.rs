@@ -612,21 +612,7 @@ fn an_llm_agents_pending_approval_survives_its_nodes_death() {
     };
     let server = LlmServer::start();
     server.require_key(KEY);
-    let key = c.n(0).home().join("claude.key");
-    std::fs::write(&key, KEY).unwrap();
-    c.n(0).ok([
-        "llm",
-        "add",
-        "claude",
-        "--provider",
-        "anthropic",
-        "--key-file",
-        key.to_str().unwrap(),
-        "--url",
-        &server.url(),
-        "--model",
-        "claude-test",
-    ]);
+    server.add_anthropic(c.n(0), "claude", KEY);
     c.n(0).ok([
         "install",
         &agent,

@@ -17,23 +17,6 @@ fn key_file(node: &Node, name: &str, key: &str) -> PathBuf {
     f
 }
 
-fn add_anthropic(node: &Node, server: &LlmServer, name: &str, key: &str) {
-    let f = key_file(node, name, key);
-    node.ok([
-        "llm",
-        "add",
-        name,
-        "--provider",
-        "anthropic",
-        "--key-file",
-        f.to_str().unwrap(),
-        "--url",
-        &server.url(),
-        "--model",
-        "claude-test",
-    ]);
-}
-
 /// The daemon's log file, as text.
 fn log_text(node: &Node) -> String {
     let w = node.json(["where"]);
@@ -44,7 +27,7 @@ fn log_text(node: &Node) -> String {
 fn each_protocol_round_trips_with_its_key() {
     let node = Node::started();
     let server = LlmServer::start();
-    add_anthropic(&node, &server, "claude", ANTHROPIC_KEY);
+    server.add_anthropic(&node, "claude", ANTHROPIC_KEY);
     node.ok([
         "llm",
         "add",
@@ -148,7 +131,7 @@ fn each_protocol_round_trips_with_its_key() {
 fn the_key_is_never_shown() {
     let mut node = Node::started();
     let server = LlmServer::start();
-    add_anthropic(&node, &server, "claude", ANTHROPIC_KEY);
+    server.add_anthropic(&node, "claude", ANTHROPIC_KEY);
     server.push(Reply::text("fine"));
     let mut outputs = Vec::new();
     for args in [
@@ -194,7 +177,7 @@ fn a_bad_key_is_a_clear_error() {
     let node = Node::started();
     let server = LlmServer::start();
     server.require_key(ANTHROPIC_KEY);
-    add_anthropic(&node, &server, "claude", "wrong-key-0123456789abc");
+    server.add_anthropic(&node, "claude", "wrong-key-0123456789abc");
     let (code, err) = node.fail(["llm", "ask", "claude", "hi"]);
     assert_eq!(code, 1);
     assert!(
@@ -217,7 +200,7 @@ fn a_bad_key_is_a_clear_error() {
 fn rate_limits_and_server_errors_are_retried() {
     let node = Node::started();
     let server = LlmServer::start();
-    add_anthropic(&node, &server, "claude", ANTHROPIC_KEY);
+    server.add_anthropic(&node, "claude", ANTHROPIC_KEY);
     server.push(Reply::Status {
         status: 429,
         message: "slow down".into(),
@@ -267,7 +250,7 @@ fn rate_limits_and_server_errors_are_retried() {
 fn malformed_answers_are_clear_errors() {
     let node = Node::started();
     let server = LlmServer::start();
-    add_anthropic(&node, &server, "claude", ANTHROPIC_KEY);
+    server.add_anthropic(&node, "claude", ANTHROPIC_KEY);
     node.ok([
         "llm",
         "add",
@@ -303,7 +286,7 @@ fn malformed_answers_are_clear_errors() {
 fn credentials_are_redacted_from_replies_and_never_sent() {
     let node = Node::started();
     let server = LlmServer::start();
-    add_anthropic(&node, &server, "claude", ANTHROPIC_KEY);
+    server.add_anthropic(&node, "claude", ANTHROPIC_KEY);
     server.push(Reply::text(&format!(
         "sure: AKIAIOSFODNN7EXAMPLE and {ANTHROPIC_KEY} and ghp_abcdefghijklmnopqrstuvwxyz0123456789"
     )));
@@ -355,7 +338,7 @@ fn credentials_are_redacted_from_replies_and_never_sent() {
 fn budgets_refuse_calls_and_the_audit_shows_them() {
     let node = Node::started();
     let server = LlmServer::start();
-    add_anthropic(&node, &server, "claude", ANTHROPIC_KEY);
+    server.add_anthropic(&node, "claude", ANTHROPIC_KEY);
     let b = node.json(["llm", "budget", "--tokens", "50"]);
     assert_eq!(b["token_limit"], 50, "{b}");
     server.push(Reply::Text {
@@ -433,7 +416,7 @@ fn budgets_refuse_calls_and_the_audit_shows_them() {
 fn bad_input_changes_nothing() {
     let node = Node::started();
     let server = LlmServer::start();
-    add_anthropic(&node, &server, "claude", ANTHROPIC_KEY);
+    server.add_anthropic(&node, "claude", ANTHROPIC_KEY);
     let names_before = node.names(&[]);
     let list_before = node.json(["llm", "list"]);
     let url = server.url();
@@ -566,7 +549,7 @@ fn bad_input_changes_nothing() {
 fn removing_a_provider_revokes_every_name_for_it() {
     let node = Node::started();
     let server = LlmServer::start();
-    add_anthropic(&node, &server, "claude", ANTHROPIC_KEY);
+    server.add_anthropic(&node, "claude", ANTHROPIC_KEY);
     node.ok(["copy", "claude", "claude2"]);
     server.push(Reply::text("via the copy"));
     assert_eq!(node.ok(["llm", "ask", "claude2", "hi"]), "via the copy\n");

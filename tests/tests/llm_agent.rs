@@ -15,21 +15,7 @@ const KEY: &str = "test-anthropic-key-77c1d0e5b9a2";
 fn setup(server: &LlmServer) -> Node {
     let node = Node::started();
     server.require_key(KEY);
-    let f = node.home().join("claude.key");
-    std::fs::write(&f, format!("{KEY}\n")).unwrap();
-    node.ok([
-        "llm",
-        "add",
-        "claude",
-        "--provider",
-        "anthropic",
-        "--key-file",
-        f.to_str().unwrap(),
-        "--url",
-        &server.url(),
-        "--model",
-        "claude-test",
-    ]);
+    server.add_anthropic(&node, "claude", KEY);
     let wasm = guest_wasm("llm-agent");
     node.ok([
         "install",

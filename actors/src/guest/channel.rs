@@ -27,7 +27,7 @@ use wasmtime::Store;
 
 use super::bindings::channel::SandboxedChannel;
 use super::bindings::channel::capstan::channel::host as ch_host;
-use super::host::{Limiter, arm, log_line, note_panic, stop_reason};
+use super::host::{Limiter, arm, guest_log, stop_reason};
 use super::runner::{GuestRunner, mark_done, next_batch};
 use super::{CallLimits, GuestHost, compiled};
 use crate::api::{AgentHandle, Inner};
@@ -40,8 +40,6 @@ pub const MAX_POLL: Duration = Duration::from_secs(3600);
 const MAX_EMITS: u32 = 256;
 /// Longest outside sender name.
 const MAX_SENDER: usize = 256;
-/// Most log lines per call.
-const MAX_LOGS: u32 = 1000;
 /// Largest config value handed to `on-start`.
 const MAX_CONFIG: usize = 64 * 1024;
 
@@ -65,11 +63,8 @@ impl ChannelState {
 
 impl ch_host::Host for ChannelState {
     fn log(&mut self, level: ch_host::LogLevel, message: String) -> wasmtime::Result<()> {
-        self.logs += 1;
-        note_panic(&mut self.panic, level as u8, &message);
-        if self.logs <= MAX_LOGS {
-            log_line(&self.agent.id().short(), level as u8, &message);
-        }
+        let who = self.agent.id().short();
+        guest_log(&mut self.logs, &mut self.panic, &who, level as u8, &message);
         Ok(())
     }
 

@@ -31,10 +31,12 @@ use wasmtime::Store;
 
 use super::bindings::evaluator::capstan::evaluator::host as eval_host;
 use super::bindings::evaluator::exports::capstan::evaluator::evaluator::Slot;
-use super::host::{Limiter, arm, log_line, note_panic, stop_reason};
+use super::host::{Limiter, arm, guest_log, stop_reason};
 use super::{CallLimits, GuestHost, World, manifest_of};
 use crate::api::{AgentHandle, MessageBodyView};
 use crate::error::Error;
+use crate::model;
+use crate::records::BodyRec;
 
 /// Largest source accepted.
 pub const MAX_SOURCE: usize = 256 * 1024;
@@ -46,8 +48,6 @@ pub const MAX_INVOKES: u32 = 1000;
 pub const MAX_ANSWER: usize = 1 << 20;
 /// Largest constants object (JSON).
 pub const MAX_CONSTANTS: usize = 1 << 20;
-/// Most log lines kept per run.
-const MAX_LOGS: u32 = 1000;
 /// The first line of a code proposal (what the LLM agent mails its host).
 pub const PROPOSAL_PREFIX: &str = "definition:";
 
@@ -70,6 +70,8 @@ pub struct EvalOutcome {
 #[derive(Debug, Clone)]
 struct Bound {
     path: String,
+    /// What `path` named when it was bound (the http capability's id).
+    id: capstan_proto::FormulaId,
     kind: Kind,
 }
 
@@ -184,10 +186,9 @@ impl EvalState {
                     .cloned()
                     .unwrap_or_else(|| json!({}))
                     .to_string();
-                let id = self.block(host.show(&b.path)).map_err(e)?.id;
                 let r = self.block(super::http::guest_request(
                     &host,
-                    Some(id),
+                    Some(b.id),
                     method,
                     url,
                     headers,
@@ -290,11 +291,13 @@ pub(crate) fn package_text(strings: &[String], names: &[String]) -> String {
 
 impl eval_host::Host for EvalState {
     fn log(&mut self, level: eval_host::LogLevel, message: String) -> wasmtime::Result<()> {
-        self.logs += 1;
-        note_panic(&mut self.panic, level as u8, &message);
-        if self.logs <= MAX_LOGS {
-            log_line("evaluator", level as u8, &message);
-        }
+        guest_log(
+            &mut self.logs,
+            &mut self.panic,
+            "evaluator",
+            level as u8,
+            &message,
+        );
         Ok(())
     }
 
@@ -440,6 +443,7 @@ impl AgentHandle {
                     slot.clone(),
                     Bound {
                         path: path.clone(),
+                        id: info.id,
                         kind,
                     },
                 )
@@ -491,29 +495,45 @@ impl AgentHandle {
         if !self.is_host() {
             return Err(Error::Invalid("only a host can endow code".into()));
         }
-        let msgs = self.inbox(None).await?;
-        let Some(msg) = msgs.iter().find(|m| m.number == number) else {
+        // Message `number` and what came after it (a reply comes later),
+        // as records: no names are looked up but the proposer's.
+        let ctx = self.ctx().clone();
+        let found = self
+            .inner()
+            .db
+            .read(move |tx| {
+                Box::pin(async move {
+                    let msgs = model::list_messages(tx, &ctx.id, number).await?;
+                    let Some(msg) = msgs.first().filter(|m| m.number == number).cloned() else {
+                        return Ok(None);
+                    };
+                    let answered = msgs
+                        .iter()
+                        .find(|m| m.reply_to == Some(msg.message_id) && m.from == ctx.id)
+                        .map(|m| m.number);
+                    let sender = model::name_for(tx, &ctx, &msg.from).await?;
+                    Ok::<_, Error>(Some((msg, answered, sender)))
+                })
+            })
+            .await?;
+        let Some((msg, answered, sender)) = found else {
             return Err(Error::Invalid(format!(
                 "there is no message {number} in the inbox; see `capstan inbox`"
             )));
         };
-        let MessageBodyView::Package { strings, names } = &msg.body else {
+        let BodyRec::Package { strings, names, .. } = &msg.body else {
             return Err(Error::Invalid(format!(
                 "message {number} is a request, not a code proposal; answer it with resolve or reject"
             )));
         };
-        if msg.from == msg.to {
+        if msg.from == self.id() {
             return Err(Error::Invalid(format!(
                 "message {number} is one you sent; endow a proposal you received"
             )));
         }
-        if let Some(r) = msgs
-            .iter()
-            .find(|m| m.reply_to == Some(msg.message_id) && m.from == msg.to)
-        {
+        if let Some(r) = answered {
             return Err(Error::Invalid(format!(
-                "message {number} was already answered (message {}); {} has your decision",
-                r.number, msg.from
+                "message {number} was already answered (message {r}); {sender} has your decision"
             )));
         }
         let p = parse_proposal(&package_text(strings, names))?;

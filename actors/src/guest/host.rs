@@ -305,6 +305,22 @@ impl AgentState {
     }
 }
 
+/// A guest's `log` import, in every world: counts the line, remembers a
+/// panic message, and writes at most [`MAX_LOGS`] lines per call.
+pub(crate) fn guest_log(
+    logs: &mut u32,
+    panic: &mut Option<String>,
+    who: &str,
+    level: u8,
+    message: &str,
+) {
+    *logs += 1;
+    note_panic(panic, level, message);
+    if *logs <= MAX_LOGS {
+        log_line(who, level, message);
+    }
+}
+
 pub(crate) fn log_line(who: &str, level: u8, msg: &str) {
     let msg: String = msg.chars().take(MAX_LOG_LINE).collect();
     match level {
@@ -362,11 +378,8 @@ impl agent_wit::host::HostCapability for AgentState {
 
 impl agent_wit::host::Host for AgentState {
     fn log(&mut self, level: agent_wit::types::LogLevel, message: String) -> wasmtime::Result<()> {
-        self.logs += 1;
-        note_panic(&mut self.panic, level as u8, &message);
-        if self.logs <= MAX_LOGS {
-            log_line(&self.agent.id().short(), level as u8, &message);
-        }
+        let who = self.agent.id().short();
+        guest_log(&mut self.logs, &mut self.panic, &who, level as u8, &message);
         Ok(())
     }
 
@@ -624,11 +637,13 @@ impl ToolState {
 
 impl tool_host::Host for ToolState {
     fn log(&mut self, level: tool_host::LogLevel, message: String) -> wasmtime::Result<()> {
-        self.logs += 1;
-        note_panic(&mut self.panic, level as u8, &message);
-        if self.logs <= MAX_LOGS {
-            log_line("tool", level as u8, &message);
-        }
+        guest_log(
+            &mut self.logs,
+            &mut self.panic,
+            "tool",
+            level as u8,
+            &message,
+        );
         Ok(())
     }
 

@@ -84,6 +84,12 @@ pub(crate) async fn runner_for(
     rt: &Arc<Inner>,
     id: FormulaId,
 ) -> Result<Option<GuestRunner>, Error> {
+    // Taken now, whatever the agent is, so that agents without a component
+    // (which never notify) do not keep entries in the take-over map.
+    let took_over = rt
+        .cluster
+        .get()
+        .and_then(|c| Some((c, c.take_over_notice(&id)?)));
     let Some(gh) = rt.guests.get().cloned() else {
         return Ok(None);
     };
@@ -105,9 +111,7 @@ pub(crate) async fn runner_for(
             limits,
         )));
     }
-    if let Some(c) = rt.cluster.get()
-        && let Some(prev) = c.take_over_notice(&id)
-    {
+    if let Some((c, prev)) = took_over {
         tell_host_resumed(rt, id, &c.cfg.name, c.epoch(), &prev);
     }
     let (tx, mut rx) = mpsc::channel(1);
