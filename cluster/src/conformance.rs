@@ -80,23 +80,23 @@ pub const CRASH_CHILD_ENV: &str = "CAPSTAN_CONFORMANCE_CRASH_CHILD";
 /// With `enabled: EXPR` (an expression of type `fn() -> bool`), each test first
 /// calls it and returns at once (passes, skipped) when it says `false`: for
 /// backends that need a server the environment may not have.
+///
+/// With `process_local` (`conformance_tests!(factory, process_local)`), for a
+/// store that lives only inside the test process ([`crate::mem_store`]): every
+/// check runs except the two that need the store to outlive its handle or its
+/// process, which such a store cannot do by design, so they are not generated:
+/// `durability_across_reopen` (the factory opens the directory again after the
+/// first handle is dropped: an in-memory store is gone with it, and handing back
+/// the same live instance would test nothing) and `crash_kill9` (a child process
+/// commits and is killed, then the parent opens the store: the child's memory
+/// died with it). The other forms are unchanged and still generate both.
 #[macro_export]
 macro_rules! conformance_tests {
     ($factory:expr) => {
         $crate::conformance_tests!($factory, enabled: || true);
     };
     ($factory:expr, enabled: $enabled:expr) => {
-        $crate::__conformance_check!($factory, $enabled, basics);
-        $crate::__conformance_check!($factory, $enabled, read_your_writes);
-        $crate::__conformance_check!($factory, $enabled, atomicity_on_error);
-        $crate::__conformance_check!($factory, $enabled, atomicity_seen_by_concurrent_readers);
-        $crate::__conformance_check!($factory, $enabled, isolation_counter);
-        $crate::__conformance_check!($factory, $enabled, write_skew_prevented);
-        $crate::__conformance_check!($factory, $enabled, commit_conflicts);
-        $crate::__conformance_check!($factory, $enabled, range_order);
-        $crate::__conformance_check!($factory, $enabled, limits);
-        $crate::__conformance_check!($factory, $enabled, blobs);
-        $crate::__conformance_check!($factory, $enabled, versions_increase);
+        $crate::__conformance_checks!($factory, $enabled);
 
         #[test]
         fn durability_across_reopen() {
@@ -116,6 +116,28 @@ macro_rules! conformance_tests {
             let name = $crate::conformance::test_name(module_path!(), "crash_kill9");
             $crate::conformance::crash_test($factory, &name);
         }
+    };
+    ($factory:expr, process_local) => {
+        $crate::__conformance_checks!($factory, || true);
+    };
+}
+
+/// The checks that run on one store handle (every form of [`conformance_tests!`](crate::conformance_tests)).
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_checks {
+    ($factory:expr, $enabled:expr) => {
+        $crate::__conformance_check!($factory, $enabled, basics);
+        $crate::__conformance_check!($factory, $enabled, read_your_writes);
+        $crate::__conformance_check!($factory, $enabled, atomicity_on_error);
+        $crate::__conformance_check!($factory, $enabled, atomicity_seen_by_concurrent_readers);
+        $crate::__conformance_check!($factory, $enabled, isolation_counter);
+        $crate::__conformance_check!($factory, $enabled, write_skew_prevented);
+        $crate::__conformance_check!($factory, $enabled, commit_conflicts);
+        $crate::__conformance_check!($factory, $enabled, range_order);
+        $crate::__conformance_check!($factory, $enabled, limits);
+        $crate::__conformance_check!($factory, $enabled, blobs);
+        $crate::__conformance_check!($factory, $enabled, versions_increase);
     };
 }
 

@@ -11,9 +11,15 @@
 //! - [`etcd_store`]: the replicated backend on an etcd cluster (serializable
 //!   commits by comparing mod revisions, endpoint rotation, commit markers for
 //!   "maybe committed" outcomes, coarsened read sets beyond 128 compares).
+//! - [`etcd_rpc`]: the etcd v3 gRPC calls the etcd backend uses, as hand-written
+//!   prost messages over tonic (no protoc at build time).
 //! - `fdb_store` (cargo feature `fdb`): the backend on a FoundationDB cluster
 //!   (snapshots at FoundationDB read versions, commits with its read-conflict
 //!   ranges, commit markers for "maybe committed" outcomes).
+//! - [`mem_store`]: the in-memory backend for tests and simulations (`mem:`):
+//!   a multi-version map with the same serializable commits, bounded history,
+//!   and seeded fault injection (spurious conflicts, "maybe committed"
+//!   outcomes, delays, a stopped store).
 //! - [`tuple`]: order-preserving tuple encoding of keys.
 //! - [`blob`]: values larger than [`MAX_VALUE_SIZE`] split into chunks.
 //! - [`conformance`]: the backend conformance suite, written once and run
@@ -21,9 +27,11 @@
 
 pub mod blob;
 pub mod conformance;
+pub mod etcd_rpc;
 pub mod etcd_store;
 #[cfg(feature = "fdb")]
 pub mod fdb_store;
+pub mod mem_store;
 pub mod redb_store;
 pub mod store;
 pub mod tuple;
@@ -37,7 +45,9 @@ pub use store::{
 /// Opens a store from a URL-ish string: `etcd://HOST:PORT[,HOST:PORT…][/PREFIX]`
 /// (an etcd cluster, see [`etcd_store`]), `fdb:[CLUSTER_FILE][?prefix=NAME]` (a
 /// FoundationDB cluster, `fdb_store`; only in builds with the cargo feature
-/// `fdb`), `redb:PATH` or a bare path (embedded redb).
+/// `fdb`), `redb:PATH` or a bare path (embedded redb), or `mem:` (a fresh, empty
+/// in-memory store without faults, see [`mem_store`]: nothing outlives the
+/// returned handle, and every `mem:` is a store of its own).
 pub async fn open(spec: &str) -> Result<Db, StoreError> {
     if spec.starts_with("etcd://") {
         let store = etcd_store::EtcdStore::open(spec).await?;
@@ -45,6 +55,14 @@ pub async fn open(spec: &str) -> Result<Db, StoreError> {
     }
     if spec.starts_with("fdb:") {
         return open_fdb(spec).await;
+    }
+    if let Some(rest) = spec.strip_prefix("mem:") {
+        if !rest.is_empty() {
+            return Err(StoreError::Io(format!(
+                "store spec {spec:?}: `mem:` takes nothing after the colon (for a redb file of that name, write redb:{spec})"
+            )));
+        }
+        return Ok(Db::new(std::sync::Arc::new(mem_store::MemStore::new())));
     }
     let path = spec.strip_prefix("redb:").unwrap_or(spec);
     let store = redb_store::RedbStore::open(std::path::Path::new(path))?;

@@ -103,7 +103,7 @@
 //!
 //! # Endpoints
 //!
-//! One etcd-client connection per endpoint (the crate's own balancing does not
+//! One gRPC connection per endpoint ([`crate::etcd_rpc`]; a balanced channel does not
 //! move off a dead endpoint). Requests go to the current endpoint; a
 //! connection failure, no answer within [`REQUEST_TIMEOUT`] (more for large
 //! commits) or a member without leader (requests require one, so such a member
@@ -133,16 +133,19 @@
 //! reported as [`StoreError::MaybeCommitted`]. Abort markers are rare (one per
 //! ambiguous failure) and a few bytes each; they are kept.
 
+mod batch;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, GetResponse, KvClient,
-    PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
-};
 use tokio::sync::Mutex;
+
+use crate::etcd_rpc::{
+    Compare, ConnectOptions, EtcdClient, RangeRequest, RangeResponse, RequestOp, Response,
+    ResponseHeader, RpcError, TxnRequest, compare_result, sort_order, sort_target,
+};
 
 use crate::store::{
     CommitRequest, KeyValue, Mutation, RangeOption, Snapshot, Store, StoreError, Version, key_after,
@@ -302,10 +305,9 @@ enum Failure {
     LeaseNotFound,
 }
 
-fn classify(e: etcd_client::Error, what: &str) -> Failure {
-    use etcd_client::Error as E;
+fn classify(e: RpcError, what: &str) -> Failure {
     match e {
-        E::GRpcStatus(s) => {
+        RpcError::Status(s) => {
             let msg = s.message();
             let code = i32::from(s.code());
             if msg.contains("required revision has been compacted") {
@@ -330,21 +332,17 @@ fn classify(e: etcd_client::Error, what: &str) -> Failure {
                 Failure::Transient(format!("{}: {msg}", s.code()))
             }
         }
-        E::TransportError(e) => Failure::Transient(format!("transport error: {e}")),
-        E::IoError(e) => Failure::Transient(format!("I/O error: {e}")),
-        other => Failure::Definite(StoreError::Io(format!("etcd {what} failed: {other}"))),
+        RpcError::Transport(e) => Failure::Transient(format!("transport error: {e}")),
+        RpcError::Timeout(after) => Failure::Transient(format!("no answer within {after:?}")),
     }
 }
 
 /// The error of a request given up on after `after`.
-fn timed_out(after: Duration) -> etcd_client::Error {
-    etcd_client::Error::IoError(std::io::Error::new(
-        std::io::ErrorKind::TimedOut,
-        format!("no answer within {after:?}"),
-    ))
+fn timed_out(after: Duration) -> RpcError {
+    RpcError::Timeout(after)
 }
 
-/// gRPC status codes compared against (tonic's `Code` is not re-exported).
+/// gRPC status codes compared against.
 mod tonic_code {
     pub const INVALID_ARGUMENT: i32 = 3;
     pub const PERMISSION_DENIED: i32 = 7;
@@ -355,45 +353,39 @@ mod tonic_code {
 /// The endpoints and one client per endpoint; requests rotate on failure.
 struct Endpoints {
     names: Vec<String>,
-    clients: Vec<KvClient>,
-    leases: Vec<etcd_client::LeaseClient>,
+    clients: Vec<EtcdClient>,
     current: AtomicUsize,
 }
 
 impl Endpoints {
     async fn connect(names: &[String]) -> Result<Self, StoreError> {
-        let options = ConnectOptions::new()
-            .with_timeout(TRANSPORT_TIMEOUT)
-            .with_connect_timeout(CONNECT_TIMEOUT)
-            // A member without leader answers at once instead of waiting for one.
-            .with_require_leader(true)
-            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+        let options = ConnectOptions {
+            connect_timeout: CONNECT_TIMEOUT,
+            timeout: TRANSPORT_TIMEOUT,
+            keep_alive: Duration::from_secs(2),
+            max_decoding_bytes: MAX_DECODING_BYTES,
+        };
         let mut clients = Vec::new();
-        let mut leases = Vec::new();
         for name in names {
             let url = if name.contains("://") {
                 name.clone()
             } else {
                 format!("http://{name}")
             };
-            let client = Client::connect([url.as_str()], Some(options.clone()))
-                .await
-                .map_err(|e| {
-                    StoreError::Io(format!("cannot set up the etcd endpoint {name}: {e}"))
-                })?;
-            clients.push(
-                client
-                    .kv_client()
-                    .max_decoding_message_size(MAX_DECODING_BYTES),
-            );
-            leases.push(client.lease_client());
+            clients.push(EtcdClient::new(&url, &options).map_err(|e| {
+                StoreError::Io(format!("cannot set up the etcd endpoint {name}: {e}"))
+            })?);
         }
         Ok(Endpoints {
             names: names.to_vec(),
             clients,
-            leases,
             current: AtomicUsize::new(0),
         })
+    }
+
+    /// The endpoint requests go to now.
+    fn current_index(&self) -> usize {
+        self.current.load(Ordering::Relaxed) % self.names.len()
     }
 
     fn unreachable(&self, attempts: u32, last: &str) -> StoreError {
@@ -407,8 +399,8 @@ impl Endpoints {
     /// failures (bounded). Only for requests that are safe to repeat.
     async fn call<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T, Failure>
     where
-        F: FnMut(KvClient, etcd_client::LeaseClient) -> Fut,
-        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+        F: FnMut(EtcdClient) -> Fut,
+        Fut: std::future::Future<Output = Result<T, RpcError>>,
     {
         let started = Instant::now();
         let mut delay = Duration::from_millis(20);
@@ -416,12 +408,9 @@ impl Endpoints {
         loop {
             attempt += 1;
             let i = self.current.load(Ordering::Relaxed) % self.names.len();
-            let outcome = tokio::time::timeout(
-                REQUEST_TIMEOUT,
-                op(self.clients[i].clone(), self.leases[i].clone()),
-            )
-            .await
-            .unwrap_or_else(|_| Err(timed_out(REQUEST_TIMEOUT)));
+            let outcome = tokio::time::timeout(REQUEST_TIMEOUT, op(self.clients[i].clone()))
+                .await
+                .unwrap_or_else(|_| Err(timed_out(REQUEST_TIMEOUT)));
             match outcome {
                 Ok(v) => return Ok(v),
                 Err(e) => match classify(e, what) {
@@ -489,6 +478,7 @@ impl Observed {
 
 struct Inner {
     config: EtcdConfig,
+    committer: batch::Committer,
     describe: String,
     endpoints: Endpoints,
     data: Vec<u8>,
@@ -498,6 +488,16 @@ struct Inner {
     /// Mod revisions seen by snapshot gets, so commits need not read them again.
     observed: std::sync::Mutex<Observed>,
     lease: Mutex<Option<(i64, Instant)>>,
+    /// Snapshots waiting for a read of the current revision (see
+    /// [`Inner::snapshot_revision`]).
+    revisions: std::sync::Mutex<RevisionReads>,
+}
+
+/// Callers waiting for the current revision, and whether a read runs.
+#[derive(Default)]
+struct RevisionReads {
+    running: bool,
+    waiting: Vec<tokio::sync::oneshot::Sender<Result<Version, StoreError>>>,
 }
 
 /// The etcd backend (see the module docs).
@@ -515,8 +515,10 @@ impl EtcdStore {
     /// Opens the store described by `config` and checks that the cluster answers.
     pub async fn open_config(config: EtcdConfig) -> Result<Self, StoreError> {
         let endpoints = Endpoints::connect(&config.endpoints).await?;
-        let p = config.prefix.as_bytes();
-        let inner = Inner {
+        let prefix = config.prefix.clone();
+        let p = prefix.as_bytes();
+        let inner = Arc::new_cyclic(|weak| Inner {
+            committer: batch::Committer::start(weak.clone()),
             describe: config.spec(),
             data: [p, b"/d/"].concat(),
             markers: [p, b"/c/"].concat(),
@@ -526,10 +528,9 @@ impl EtcdStore {
             endpoints,
             lease: Mutex::new(None),
             observed: std::sync::Mutex::new(Observed::default()),
-        };
-        let store = EtcdStore {
-            inner: Arc::new(inner),
-        };
+            revisions: std::sync::Mutex::new(RevisionReads::default()),
+        });
+        let store = EtcdStore { inner };
         store.inner.current_revision().await?;
         Ok(store)
     }
@@ -556,8 +557,8 @@ fn rev(r: i64) -> Version {
     u64::try_from(r).unwrap_or(0)
 }
 
-fn header_revision(h: Option<&etcd_client::ResponseHeader>) -> Result<Version, StoreError> {
-    h.map(|h| rev(h.revision()))
+fn header_revision(h: Option<&ResponseHeader>) -> Result<Version, StoreError> {
+    h.map(|h| rev(h.revision))
         .ok_or_else(|| StoreError::Io("etcd response without header".into()))
 }
 
@@ -566,17 +567,59 @@ impl Inner {
         [self.data.as_slice(), key].concat()
     }
 
+    /// The current revision for a new snapshot. Concurrent callers share
+    /// reads (FoundationDB batches its read versions the same way): a caller
+    /// arriving while a read is in flight waits for the *next* read, which
+    /// starts after it arrived, so every snapshot still sees every commit
+    /// acknowledged before it was asked for (linearizable).
+    async fn snapshot_revision(self: &Arc<Self>) -> Result<Version, StoreError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let lead = {
+            let mut r = self
+                .revisions
+                .lock()
+                .map_err(|_| StoreError::Io("etcd store state poisoned by a panic".into()))?;
+            r.waiting.push(tx);
+            !std::mem::replace(&mut r.running, true)
+        };
+        if lead {
+            let inner = self.clone();
+            tokio::spawn(async move {
+                loop {
+                    let waiting = match inner.revisions.lock() {
+                        Ok(mut r) if r.waiting.is_empty() => {
+                            r.running = false;
+                            return;
+                        }
+                        Ok(mut r) => std::mem::take(&mut r.waiting),
+                        Err(_) => return,
+                    };
+                    let got = inner.current_revision().await;
+                    for w in waiting {
+                        let _ = w.send(got.clone());
+                    }
+                }
+            });
+        }
+        rx.await
+            .unwrap_or_else(|_| Err(StoreError::Io("the etcd revision reader stopped".into())))
+    }
+
     async fn current_revision(&self) -> Result<Version, StoreError> {
         let key = self.meta.clone();
         let resp = self
             .endpoints
-            .call("revision read", |mut kv, _| {
-                let key = key.clone();
-                async move { kv.get(key, Some(GetOptions::new().with_count_only())).await }
+            .call("revision read", |kv| {
+                let req = RangeRequest {
+                    key: key.clone(),
+                    count_only: true,
+                    ..Default::default()
+                };
+                async move { kv.range(req).await }
             })
             .await
             .map_err(to_store_error)?;
-        header_revision(resp.header())
+        header_revision(resp.header.as_ref())
     }
 
     /// One page of `[begin, end)` (etcd keys) at `revision`.
@@ -588,21 +631,33 @@ impl Inner {
         limit: usize,
         reverse: bool,
         keys_only: bool,
-    ) -> Result<GetResponse, StoreError> {
-        let mut opts = GetOptions::new()
-            .with_range(end.to_vec())
-            .with_revision(i64::try_from(revision).unwrap_or(i64::MAX))
-            .with_limit(i64::try_from(limit).unwrap_or(i64::MAX));
-        if reverse {
-            opts = opts.with_sort(SortTarget::Key, SortOrder::Descend);
-        }
-        if keys_only {
-            opts = opts.with_keys_only();
-        }
+    ) -> Result<RangeResponse, StoreError> {
+        let req = RangeRequest {
+            key: begin.to_vec(),
+            range_end: end.to_vec(),
+            revision: i64::try_from(revision).unwrap_or(i64::MAX),
+            limit: i64::try_from(limit).unwrap_or(i64::MAX),
+            sort_order: if reverse {
+                sort_order::DESCEND
+            } else {
+                sort_order::NONE
+            },
+            sort_target: sort_target::KEY,
+            keys_only,
+            ..Default::default()
+        };
+        // A read at a fixed revision needs no round of the leader: the
+        // revision came from a linearizable read, and what a member has
+        // applied at it never changes. The first attempt reads the member's
+        // own state; a member that has not applied the revision yet refuses
+        // ("future revision"), and later attempts read linearizably.
+        let mut attempt = 0;
         self.endpoints
-            .call("range read", |mut kv, _| {
-                let (key, opts) = (begin.to_vec(), opts.clone());
-                async move { kv.get(key, Some(opts)).await }
+            .call("range read", |kv| {
+                let mut req = req.clone();
+                req.serializable = attempt == 0 && revision > 0;
+                attempt += 1;
+                async move { kv.range(req).await }
             })
             .await
             .map_err(to_store_error)
@@ -637,14 +692,14 @@ impl Inner {
         loop {
             let want = (max + 1 - out.len()).min(KEYS_PAGE);
             let resp = self.page(&lo, &hi, revision, want, false, true).await?;
-            for kv in resp.kvs() {
-                out.push((kv.key().to_vec(), kv.mod_revision()));
+            for kv in &resp.kvs {
+                out.push((kv.key.clone(), kv.mod_revision));
             }
             if out.len() > max {
                 return Ok(None);
             }
-            match resp.kvs().last() {
-                Some(last) if resp.more() => lo = key_after(last.key()),
+            match resp.kvs.last() {
+                Some(last) if resp.more => lo = key_after(&last.key),
                 _ => return Ok(Some(out)),
             }
         }
@@ -661,13 +716,11 @@ impl Inner {
         let ttl = i64::try_from(MARKER_TTL.as_secs()).unwrap_or(60);
         let resp = self
             .endpoints
-            .call("lease grant", |_, mut lease| async move {
-                lease.grant(ttl, None).await
-            })
+            .call("lease grant", |kv| async move { kv.lease_grant(ttl).await })
             .await
             .map_err(to_store_error)?;
-        *guard = Some((resp.id(), Instant::now()));
-        Ok(resp.id())
+        *guard = Some((resp.id, Instant::now()));
+        Ok(resp.id)
     }
 
     /// At most `budget` compares proving that nothing in `read_conflicts`
@@ -704,15 +757,15 @@ impl Inner {
                     size += b.len() + e.len() + 2 * (self.data.len() + OP_OVERHEAD);
                     if *e == key_after(b) {
                         let m = keys.first().map(|(_, m)| *m).unwrap_or(0);
-                        compares.push(Compare::mod_revision(self.dk(b), CompareOp::Equal, m));
+                        compares.push(Compare::mod_revision(self.dk(b), compare_result::EQUAL, m));
                     } else {
                         compares.push(
-                            Compare::mod_revision(self.dk(b), CompareOp::Less, next)
+                            Compare::mod_revision(self.dk(b), compare_result::LESS, next)
                                 .with_range(self.dk(e)),
                         );
                         for (k, m) in keys {
                             size += k.len() + OP_OVERHEAD;
-                            compares.push(Compare::mod_revision(k, CompareOp::Equal, m));
+                            compares.push(Compare::mod_revision(k, compare_result::EQUAL, m));
                         }
                     }
                 }
@@ -728,19 +781,21 @@ impl Inner {
         );
         let mut compares = vec![Compare::mod_revision(
             self.guard.clone(),
-            CompareOp::Less,
+            compare_result::LESS,
             next,
         )];
         let mut size = self.guard.len() + OP_OVERHEAD;
         for (b, e) in groups {
             size += b.len() + e.len() + 2 * (self.data.len() + OP_OVERHEAD);
             compares.push(
-                Compare::mod_revision(self.dk(&b), CompareOp::Less, next).with_range(self.dk(&e)),
+                Compare::mod_revision(self.dk(&b), compare_result::LESS, next)
+                    .with_range(self.dk(&e)),
             );
         }
         Ok((compares, size, true))
     }
 
+    /// Prepares `req` as a batch member and hands it to the committer.
     async fn commit(&self, req: CommitRequest) -> Result<Version, StoreError> {
         crate::redb_store::validate(&req)?;
         let (deletes, puts) = normalize(&req.mutations);
@@ -758,22 +813,23 @@ impl Inner {
         let marker = [self.markers.as_slice(), &random_id()].concat();
         compares.insert(
             0,
-            Compare::create_revision(marker.clone(), CompareOp::Equal, 0),
+            Compare::create_revision(marker.clone(), compare_result::EQUAL, 0),
         );
-        let mut writes: Vec<TxnOp> = Vec::new();
+        let mut writes: Vec<RequestOp> = Vec::new();
+        let mut written: Vec<KeyRange> = Vec::with_capacity(deletes.len() + puts.len());
         for (b, e) in &deletes {
             size += b.len() + e.len() + 2 * self.data.len() + OP_OVERHEAD;
             if *e == key_after(b) {
-                writes.push(TxnOp::delete(self.dk(b), None));
+                writes.push(RequestOp::delete(self.dk(b), Vec::new()));
             } else {
-                writes.push(TxnOp::delete(
-                    self.dk(b),
-                    Some(DeleteOptions::new().with_range(self.dk(e))),
-                ));
+                writes.push(RequestOp::delete(self.dk(b), self.dk(e)));
             }
+            written.push((b.clone(), e.clone()));
         }
-        for (k, v) in &puts {
+        for (k, v) in puts {
             size += k.len() + v.len() + self.data.len() + OP_OVERHEAD;
+            written.push((k.clone(), key_after(&k)));
+            writes.push(RequestOp::put(self.dk(&k), v, 0));
         }
         size += marker.len() * 2 + OP_OVERHEAD;
         if size > self.config.max_request_bytes {
@@ -782,76 +838,41 @@ impl Inner {
                 max: self.config.max_request_bytes,
             });
         }
-        if !deletes.is_empty() {
-            // Tells coarse read sets that something was deleted (module docs).
-            writes.push(TxnOp::put(self.guard.clone(), "", None));
-        }
-        let mut renewed = false;
-        loop {
-            let lease = self.lease(renewed).await?;
-            let mut ops = writes.clone();
-            for (k, v) in &puts {
-                ops.push(TxnOp::put(self.dk(k), v.clone(), None));
-            }
-            ops.push(TxnOp::put(
-                marker.clone(),
-                MARKER_COMMITTED,
-                Some(PutOptions::new().with_lease(lease)),
-            ));
-            let txn = Txn::new().when(compares.clone()).and_then(ops);
-            let sent = Instant::now();
-            tracing::trace!(compares = compares.len(), coarse, "sending an etcd commit");
-            let i = self.endpoints.current.load(Ordering::Relaxed) % self.endpoints.names.len();
-            let mut kv = self.endpoints.clients[i].clone();
-            let limit = REQUEST_TIMEOUT + TIMEOUT_PER_MB * u32::try_from(size >> 20).unwrap_or(16);
-            let outcome = tokio::time::timeout(limit, kv.txn(txn))
-                .await
-                .unwrap_or_else(|_| Err(timed_out(limit)));
-            match outcome {
-                Ok(resp) => {
-                    let version = header_revision(resp.header())?;
-                    return if resp.succeeded() {
-                        Ok(version)
-                    } else {
-                        Err(StoreError::Conflict)
-                    };
-                }
-                Err(e) => match classify(e, "commit") {
-                    Failure::LeaseNotFound if !renewed => {
-                        tracing::debug!("commit-marker lease expired; granting a new one");
-                        renewed = true;
-                    }
-                    Failure::Transient(msg) => {
-                        self.endpoints.failed(i, &msg);
-                        tracing::info!(endpoint = %self.endpoints.names[i], error = %msg, "commit outcome unknown; resolving it with its marker");
-                        return self.resolve(&marker, sent).await;
-                    }
-                    Failure::Definite(StoreError::Io(msg)) if msg.contains("as too large") => {
-                        tracing::warn!(error = %msg, "etcd refused a commit as too large");
-                        return Err(StoreError::TransactionTooLarge {
-                            len: size,
-                            max: self.config.max_request_bytes,
-                        });
-                    }
-                    other => return Err(to_store_error(other)),
-                },
-            }
-        }
+        tracing::trace!(compares = compares.len(), coarse, "queueing an etcd commit");
+        let shape = batch::Shape {
+            reads: merge_ranges(req.read_conflicts),
+            writes: written,
+            ops: compares.len().max(writes.len() + 1),
+            deletes: !deletes.is_empty(),
+            size,
+        };
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let member = batch::Member {
+            compares,
+            writes,
+            deletes: !deletes.is_empty(),
+            marker,
+            size,
+            shape,
+            reply,
+        };
+        self.committer.commit(member, rx).await
     }
 
     /// Decides an ambiguous commit by its marker: fences it if absent.
     async fn resolve(&self, marker: &[u8], sent: Instant) -> Result<Version, StoreError> {
-        let txn = Txn::new()
-            .when([Compare::create_revision(
+        let txn = TxnRequest {
+            compare: vec![Compare::create_revision(
                 marker.to_vec(),
-                CompareOp::Equal,
+                compare_result::EQUAL,
                 0,
-            )])
-            .and_then([TxnOp::put(marker.to_vec(), MARKER_ABORTED, None)])
-            .or_else([TxnOp::get(marker.to_vec(), None)]);
+            )],
+            success: vec![RequestOp::put(marker.to_vec(), MARKER_ABORTED.to_vec(), 0)],
+            failure: vec![RequestOp::get(marker.to_vec())],
+        };
         let resp = tokio::time::timeout(
             RESOLVE_DEADLINE.saturating_sub(sent.elapsed()),
-            self.endpoints.call("commit resolution", |mut kv, _| {
+            self.endpoints.call("commit resolution", |kv| {
                 let txn = txn.clone();
                 async move { kv.txn(txn).await }
             }),
@@ -868,17 +889,17 @@ impl Inner {
                 return Err(StoreError::MaybeCommitted);
             }
         };
-        if resp.succeeded() {
+        if resp.succeeded {
             tracing::info!("ambiguous commit was not applied; fenced it, the transaction retries");
             return Err(StoreError::Conflict);
         }
-        for r in resp.op_responses() {
-            if let TxnOpResponse::Get(g) = r
-                && let Some(kv) = g.kvs().first()
+        for r in resp.responses {
+            if let Some(Response::Range(g)) = r.response
+                && let Some(kv) = g.kvs.first()
             {
-                return if kv.value() == MARKER_COMMITTED {
+                return if kv.value == MARKER_COMMITTED {
                     tracing::info!("ambiguous commit was applied");
-                    Ok(rev(kv.mod_revision()))
+                    Ok(rev(kv.mod_revision))
                 } else {
                     // Fenced by an earlier resolution of this same commit.
                     Err(StoreError::Conflict)
@@ -994,7 +1015,7 @@ impl Store for EtcdStore {
     }
 
     async fn snapshot(&self) -> Result<Box<dyn Snapshot>, StoreError> {
-        let version = self.inner.current_revision().await?;
+        let version = self.inner.snapshot_revision().await?;
         Ok(Box::new(EtcdSnapshot {
             inner: self.inner.clone(),
             version,
@@ -1023,19 +1044,19 @@ impl Snapshot for EtcdSnapshot {
     async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         let k = self.inner.dk(key);
         let end = key_after(&k);
-        let mut resp = self
+        let resp = self
             .inner
             .page(&k, &end, self.version, 1, false, false)
             .await?;
-        let kv = resp.take_kvs().into_iter().next();
+        let kv = resp.kvs.into_iter().next();
         if let Ok(mut seen) = self.inner.observed.lock() {
             seen.record(
                 self.version,
                 key,
-                kv.as_ref().map(|kv| kv.mod_revision()).unwrap_or(0),
+                kv.as_ref().map(|kv| kv.mod_revision).unwrap_or(0),
             );
         }
-        Ok(kv.map(|kv| kv.into_key_value().1))
+        Ok(kv.map(|kv| kv.value))
     }
 
     async fn range(&self, opt: &RangeOption) -> Result<Vec<KeyValue>, StoreError> {
@@ -1052,16 +1073,15 @@ impl Snapshot for EtcdSnapshot {
             } else {
                 (opt.limit - out.len()).min(PAGE)
             };
-            let mut resp = self
+            let resp = self
                 .inner
                 .page(&lo, &hi, self.version, want, opt.reverse, false)
                 .await?;
-            let more = resp.more();
-            let kvs = resp.take_kvs();
-            let last = kvs.last().map(|kv| kv.key().to_vec());
+            let more = resp.more;
+            let kvs = resp.kvs;
+            let last = kvs.last().map(|kv| kv.key.clone());
             for kv in kvs {
-                let (k, v) = kv.into_key_value();
-                out.push((k[strip..].to_vec(), v));
+                out.push((kv.key[strip..].to_vec(), kv.value));
             }
             let done = opt.limit != 0 && out.len() >= opt.limit;
             match last {
@@ -1183,17 +1203,17 @@ mod tests {
             .await
             .unwrap();
         let inner = &store.inner;
-        let txn_for = |marker: &[u8], key: &[u8]| {
-            Txn::new()
-                .when([Compare::create_revision(
-                    marker.to_vec(),
-                    CompareOp::Equal,
-                    0,
-                )])
-                .and_then([
-                    TxnOp::put(inner.dk(key), "x", None),
-                    TxnOp::put(marker.to_vec(), MARKER_COMMITTED, None),
-                ])
+        let txn_for = |marker: &[u8], key: &[u8]| TxnRequest {
+            compare: vec![Compare::create_revision(
+                marker.to_vec(),
+                compare_result::EQUAL,
+                0,
+            )],
+            success: vec![
+                RequestOp::put(inner.dk(key), b"x".to_vec(), 0),
+                RequestOp::put(marker.to_vec(), MARKER_COMMITTED.to_vec(), 0),
+            ],
+            failure: Vec::new(),
         };
         // Lost before reaching etcd: fenced, and the late Txn changes nothing.
         let lost = [inner.markers.as_slice(), &random_id()].concat();
@@ -1206,7 +1226,7 @@ mod tests {
             .txn(txn_for(&lost, b"late"))
             .await
             .unwrap();
-        assert!(!late.succeeded(), "a fenced commit applied");
+        assert!(!late.succeeded, "a fenced commit applied");
         assert_eq!(
             inner.resolve(&lost, Instant::now()).await,
             Err(StoreError::Conflict)
@@ -1218,8 +1238,8 @@ mod tests {
             .txn(txn_for(&applied, b"applied"))
             .await
             .unwrap();
-        assert!(resp.succeeded());
-        let revision = rev(resp.header().unwrap().revision());
+        assert!(resp.succeeded);
+        let revision = rev(resp.header.unwrap().revision);
         assert_eq!(inner.resolve(&applied, Instant::now()).await, Ok(revision));
         let snap = store.snapshot().await.unwrap();
         assert_eq!(snap.get(b"late").await.unwrap(), None);

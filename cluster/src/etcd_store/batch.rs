@@ -1,0 +1,447 @@
+//! Group commit for the etcd backend: concurrent commits whose read and write
+//! sets do not overlap share one etcd Txn.
+//!
+//! Each commit is prepared on its caller's task into a *member*: its compares
+//! (the marker's and the read set's, module docs of [`super`]) and its writes.
+//! A single committer task takes the members waiting in its queue and sends
+//! them as one Txn with one nested Txn per member:
+//!
+//! ```text
+//! Txn { compare: [], success: [ Txn{compare: c1, success: w1 + marker1},
+//!                               Txn{compare: c2, success: w2 + marker2}, …,
+//!                               put(guard) if any member deletes ] }
+//! ```
+//!
+//! Etcd evaluates every compare of every nested Txn against the state before
+//! the outer Txn, then applies the writes of the branches taken, all in one
+//! raft entry at one revision. Each member therefore succeeds or fails on its
+//! own compares, exactly as if it had been sent alone: a conflicting member
+//! fails (its caller retries it) without taking the others down, so there is
+//! no need to fall back to committing the parts alone.
+//!
+//! That is serializable only if no member reads anything another member of
+//! the same batch writes (they are all checked against the state before the
+//! batch), and etcd refuses a Txn in which two branches put the same key.
+//! [`pick`] therefore never puts two members in one batch when the read set
+//! of either overlaps the write set of the other, or their write sets
+//! overlap; such a member waits for the next batch (the conformance check
+//! `batches_never_merge_conflicting_transactions` holds the store to it).
+//! The deletion guard is put once by the outer Txn when any member deletes
+//! (a guard write without a deletion costs coarse read sets a false conflict,
+//! never a missed one).
+//!
+//! Etcd's `--max-txn-ops` bounds the outer Txn's operations (one per member,
+//! plus the guard) and each nested Txn's compares and operations by what is
+//! left of it (etcd checks a nested Txn against the budget its parents
+//! left). [`pick`] keeps every batch inside that, and inside
+//! `max-request-bytes`.
+//!
+//! A batch whose outcome is unknown (connection dropped, timeout) has every
+//! member resolved by its own marker, as a single commit is. A batch etcd
+//! refuses outright (too large, too many operations: the estimate was off) is
+//! sent again one member at a time. At most [`MAX_IN_FLIGHT`] batches are in
+//! flight; a commit arriving while the committer is idle goes out alone at
+//! once, so batching adds no latency at low load.
+
+use std::sync::Weak;
+use std::time::Instant;
+
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use super::{
+    Failure, Inner, KeyRange, MARKER_COMMITTED, REQUEST_TIMEOUT, TIMEOUT_PER_MB, classify,
+    header_revision, timed_out, to_store_error,
+};
+use crate::etcd_rpc::{Compare, RequestOp, Response, TxnRequest};
+use crate::store::{StoreError, Version};
+
+/// Most members of one batch.
+pub const MAX_BATCH: usize = 256;
+/// Batches sent at once.
+pub const MAX_IN_FLIGHT: usize = 4;
+/// Commits waiting for the committer (bounded: callers wait for room).
+pub const QUEUE: usize = 8192;
+
+/// One prepared commit.
+pub(super) struct Member {
+    pub compares: Vec<Compare>,
+    /// Deletes and puts of user data (not the guard, not the marker).
+    pub writes: Vec<RequestOp>,
+    pub deletes: bool,
+    pub marker: Vec<u8>,
+    /// Estimated request bytes.
+    pub size: usize,
+    pub shape: Shape,
+    pub reply: oneshot::Sender<Result<Version, StoreError>>,
+}
+
+impl Member {
+    /// The nested (or, alone, top-level) Txn of this member.
+    fn txn(&self, lease: i64, guard: Option<&[u8]>) -> TxnRequest {
+        let mut success = self.writes.clone();
+        if let Some(g) = guard {
+            success.push(RequestOp::put(g.to_vec(), Vec::new(), 0));
+        }
+        success.push(RequestOp::put(
+            self.marker.clone(),
+            MARKER_COMMITTED.to_vec(),
+            lease,
+        ));
+        TxnRequest {
+            compare: self.compares.clone(),
+            success,
+            failure: Vec::new(),
+        }
+    }
+}
+
+/// What batching needs to know of a member: the key ranges it read and
+/// wrote (user keys), its operation count and size.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Shape {
+    pub reads: Vec<KeyRange>,
+    pub writes: Vec<KeyRange>,
+    /// Most of its compares and its operations (marker included, guard not).
+    pub ops: usize,
+    pub deletes: bool,
+    pub size: usize,
+}
+
+fn overlaps(a: &[KeyRange], b: &[KeyRange]) -> bool {
+    a.iter()
+        .any(|(ab, ae)| b.iter().any(|(bb, be)| ab < be && bb < ae))
+}
+
+/// Whether `a` and `b` may share a batch: neither reads what the other
+/// writes, and they write nothing in common.
+pub fn compatible(a: &Shape, b: &Shape) -> bool {
+    !overlaps(&a.writes, &b.writes)
+        && !overlaps(&a.reads, &b.writes)
+        && !overlaps(&b.reads, &a.writes)
+}
+
+/// The members of the next batch, as indices into `queue` (in order; the
+/// first is always taken): each compatible with every other, the outer
+/// Txn's operations plus the largest member's within `max_txn_ops`, and the
+/// total size within `max_bytes`.
+pub fn pick(queue: &[&Shape], max_txn_ops: usize, max_bytes: usize) -> Vec<usize> {
+    let mut chosen: Vec<usize> = Vec::new();
+    let (mut size, mut widest, mut deletes) = (0usize, 0usize, false);
+    for (i, s) in queue.iter().enumerate() {
+        if chosen.len() >= MAX_BATCH {
+            break;
+        }
+        if chosen.is_empty() {
+            chosen.push(i);
+            size = s.size;
+            widest = s.ops;
+            deletes = s.deletes;
+            continue;
+        }
+        let outer = chosen.len() + 1 + usize::from(deletes || s.deletes);
+        if outer + widest.max(s.ops) > max_txn_ops || size + s.size > max_bytes {
+            continue;
+        }
+        if chosen.iter().all(|&j| compatible(queue[j], s)) {
+            chosen.push(i);
+            size += s.size;
+            widest = widest.max(s.ops);
+            deletes |= s.deletes;
+        }
+    }
+    chosen
+}
+
+/// The committer's end of the queue.
+pub(super) struct Committer {
+    tx: mpsc::Sender<Member>,
+}
+
+impl Committer {
+    /// Starts the committer task of `inner` (it ends when the store is dropped).
+    pub fn start(inner: Weak<Inner>) -> Committer {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(run(inner, rx));
+        Committer { tx }
+    }
+
+    /// Queues `m` and waits for its outcome.
+    pub async fn commit(
+        &self,
+        m: Member,
+        rx: oneshot::Receiver<Result<Version, StoreError>>,
+    ) -> Result<Version, StoreError> {
+        self.tx
+            .send(m)
+            .await
+            .map_err(|_| StoreError::Io("the etcd store is closed".into()))?;
+        rx.await
+            .unwrap_or_else(|_| Err(StoreError::Io("the etcd committer stopped".into())))
+    }
+}
+
+async fn run(inner: Weak<Inner>, mut rx: mpsc::Receiver<Member>) {
+    let slots = std::sync::Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let mut waiting: Vec<Member> = Vec::new();
+    loop {
+        if waiting.is_empty() {
+            match rx.recv().await {
+                Some(m) => waiting.push(m),
+                None => return,
+            }
+        }
+        // A free slot first: while every slot is busy, commits pile up and
+        // the next batch takes them all.
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        while waiting.len() < 4 * MAX_BATCH {
+            match rx.try_recv() {
+                Ok(m) => waiting.push(m),
+                Err(_) => break,
+            }
+        }
+        let Some(store) = inner.upgrade() else { return };
+        let picked = {
+            let shapes: Vec<&Shape> = waiting.iter().map(|m| &m.shape).collect();
+            pick(
+                &shapes,
+                store.config.max_txn_ops,
+                store.config.max_request_bytes,
+            )
+        };
+        let mut batch = Vec::with_capacity(picked.len());
+        let mut rest = Vec::with_capacity(waiting.len() - picked.len());
+        let mut next = picked.iter().peekable();
+        for (i, m) in waiting.drain(..).enumerate() {
+            if next.peek() == Some(&&i) {
+                next.next();
+                batch.push(m);
+            } else {
+                rest.push(m);
+            }
+        }
+        waiting = rest;
+        tokio::spawn(async move {
+            send_batch(&store, batch).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Sends `batch` and answers each member.
+async fn send_batch(inner: &Inner, batch: Vec<Member>) {
+    if batch.len() == 1 {
+        if let Some(m) = batch.into_iter().next() {
+            let r = send_alone(inner, &m).await;
+            let _ = m.reply.send(r);
+        }
+        return;
+    }
+    match send_nested(inner, &batch).await {
+        Ok(outcomes) => {
+            for (m, r) in batch.into_iter().zip(outcomes) {
+                let _ = m.reply.send(r);
+            }
+        }
+        Err(e) => {
+            // Refused as a whole (not applied): each member alone.
+            tracing::debug!(members = batch.len(), error = %e, "etcd refused a batch; committing its members one by one");
+            let outcomes =
+                futures::future::join_all(batch.iter().map(|m| send_alone(inner, m))).await;
+            for (m, r) in batch.into_iter().zip(outcomes) {
+                let _ = m.reply.send(r);
+            }
+        }
+    }
+}
+
+fn time_limit(size: usize) -> std::time::Duration {
+    REQUEST_TIMEOUT + TIMEOUT_PER_MB * u32::try_from(size >> 20).unwrap_or(16)
+}
+
+/// One member as a Txn of its own.
+async fn send_alone(inner: &Inner, m: &Member) -> Result<Version, StoreError> {
+    let guard = m.deletes.then_some(inner.guard.as_slice());
+    let mut renewed = false;
+    loop {
+        let lease = inner.lease(renewed).await?;
+        let txn = m.txn(lease, guard);
+        let sent = Instant::now();
+        let i = inner.endpoints.current_index();
+        let kv = inner.endpoints.clients[i].clone();
+        let limit = time_limit(m.size);
+        let outcome = tokio::time::timeout(limit, kv.txn(txn))
+            .await
+            .unwrap_or_else(|_| Err(timed_out(limit)));
+        match outcome {
+            Ok(resp) => {
+                let version = header_revision(resp.header.as_ref())?;
+                return if resp.succeeded {
+                    Ok(version)
+                } else {
+                    Err(StoreError::Conflict)
+                };
+            }
+            Err(e) => match classify(e, "commit") {
+                Failure::LeaseNotFound if !renewed => {
+                    tracing::debug!("commit-marker lease expired; granting a new one");
+                    renewed = true;
+                }
+                Failure::Transient(msg) => {
+                    inner.endpoints.failed(i, &msg);
+                    tracing::info!(endpoint = %inner.endpoints.names[i], error = %msg, "commit outcome unknown; resolving it with its marker");
+                    return inner.resolve(&m.marker, sent).await;
+                }
+                Failure::Definite(StoreError::Io(msg)) if msg.contains("as too large") => {
+                    tracing::warn!(error = %msg, "etcd refused a commit as too large");
+                    return Err(StoreError::TransactionTooLarge {
+                        len: m.size,
+                        max: inner.config.max_request_bytes,
+                    });
+                }
+                other => return Err(to_store_error(other)),
+            },
+        }
+    }
+}
+
+/// The members as nested Txns of one Txn: each member's outcome, or an error
+/// when etcd refused the whole Txn (then nothing was applied).
+async fn send_nested(
+    inner: &Inner,
+    batch: &[Member],
+) -> Result<Vec<Result<Version, StoreError>>, StoreError> {
+    let mut renewed = false;
+    let size: usize = batch.iter().map(|m| m.size).sum();
+    loop {
+        let lease = inner.lease(renewed).await?;
+        let mut success: Vec<RequestOp> = batch
+            .iter()
+            .map(|m| RequestOp::txn(m.txn(lease, None)))
+            .collect();
+        if batch.iter().any(|m| m.deletes) {
+            success.push(RequestOp::put(inner.guard.clone(), Vec::new(), 0));
+        }
+        let txn = TxnRequest {
+            compare: Vec::new(),
+            success,
+            failure: Vec::new(),
+        };
+        let sent = Instant::now();
+        let i = inner.endpoints.current_index();
+        let kv = inner.endpoints.clients[i].clone();
+        let limit = time_limit(size);
+        tracing::trace!(members = batch.len(), "sending an etcd batch");
+        let outcome = tokio::time::timeout(limit, kv.txn(txn))
+            .await
+            .unwrap_or_else(|_| Err(timed_out(limit)));
+        match outcome {
+            Ok(resp) => {
+                let version = header_revision(resp.header.as_ref())?;
+                let mut out = Vec::with_capacity(batch.len());
+                for k in 0..batch.len() {
+                    out.push(
+                        match resp.responses.get(k).and_then(|r| r.response.as_ref()) {
+                            Some(Response::Txn(t)) if t.succeeded => Ok(version),
+                            Some(Response::Txn(_)) => Err(StoreError::Conflict),
+                            _ => Err(StoreError::Io(
+                                "etcd answered a batch without a result per member".into(),
+                            )),
+                        },
+                    );
+                }
+                return Ok(out);
+            }
+            Err(e) => match classify(e, "commit batch") {
+                Failure::LeaseNotFound if !renewed => {
+                    tracing::debug!("commit-marker lease expired; granting a new one");
+                    renewed = true;
+                }
+                Failure::Transient(msg) => {
+                    inner.endpoints.failed(i, &msg);
+                    tracing::info!(endpoint = %inner.endpoints.names[i], error = %msg, members = batch.len(), "batch outcome unknown; resolving each member with its marker");
+                    return Ok(futures::future::join_all(
+                        batch.iter().map(|m| inner.resolve(&m.marker, sent)),
+                    )
+                    .await);
+                }
+                other => return Err(to_store_error(other)),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(a: &str, b: &str) -> KeyRange {
+        (a.as_bytes().to_vec(), b.as_bytes().to_vec())
+    }
+
+    fn shape(reads: &[KeyRange], writes: &[KeyRange]) -> Shape {
+        Shape {
+            reads: reads.to_vec(),
+            writes: writes.to_vec(),
+            ops: 3,
+            deletes: false,
+            size: 100,
+        }
+    }
+
+    #[test]
+    fn conflicting_members_never_share_a_batch() {
+        let a = shape(&[r("a", "b")], &[r("x", "y")]);
+        let reads_a_write = shape(&[r("x0", "x1")], &[r("m", "n")]);
+        let writes_a_read = shape(&[r("q", "r")], &[r("a0", "a1")]);
+        let same_write = shape(&[], &[r("x", "x\0")]);
+        let free = shape(&[r("c", "d")], &[r("e", "f")]);
+        let free_too = shape(&[r("c", "d")], &[r("g", "h")]);
+        let q = [
+            &a,
+            &reads_a_write,
+            &writes_a_read,
+            &same_write,
+            &free,
+            &free_too,
+        ];
+        assert_eq!(pick(&q, 128, 1 << 20), vec![0, 4, 5]);
+        // The next batch starts with what was left, and still checks pairs.
+        let q2 = [&reads_a_write, &writes_a_read, &same_write];
+        assert_eq!(pick(&q2, 128, 1 << 20), vec![0, 1, 2]);
+        let q3 = [&writes_a_read, &a];
+        assert_eq!(pick(&q3, 128, 1 << 20), vec![0]);
+        // Reading each other's keys is fine; two writers of one key are not.
+        let r1 = shape(&[r("k", "l")], &[]);
+        let r2 = shape(&[r("k", "l")], &[]);
+        assert_eq!(pick(&[&r1, &r2], 128, 1 << 20), vec![0, 1]);
+    }
+
+    #[test]
+    fn batches_stay_inside_etcd_limits() {
+        let shapes: Vec<Shape> = (0..300)
+            .map(|i| {
+                shape(
+                    &[],
+                    &[(
+                        vec![i as u8, (i >> 8) as u8],
+                        vec![i as u8, (i >> 8) as u8, 0],
+                    )],
+                )
+            })
+            .collect();
+        let q: Vec<&Shape> = shapes.iter().collect();
+        // 128 ops: n members + their 3 ops each must fit.
+        let p = pick(&q, 128, 1 << 20);
+        assert_eq!(p.len(), 125);
+        assert_eq!(pick(&q, 100_000, 1 << 20).len(), MAX_BATCH);
+        assert_eq!(pick(&q, 4096, 1000).len(), 10);
+        // One too wide for any company still goes out, alone.
+        let wide = Shape {
+            ops: 128,
+            ..shape(&[], &[r("z", "zz")])
+        };
+        assert_eq!(pick(&[&wide, q[0]], 128, 1 << 20), vec![0]);
+    }
+}
