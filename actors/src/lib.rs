@@ -8,6 +8,8 @@
 //!   mutating operation is one store transaction, acknowledged only after
 //!   it committed, and carries a caller-chosen request id so a retry
 //!   applies once.
+//! - [`rules`]: the object model's rules as pure state machines (time and ids as inputs, no
+//!   I/O), driven by the async shell and tested alone.
 //! - [`model`]: transactional building blocks (formulas, names, paths,
 //!   inbox records, exactly-once answers).
 //! - [`incarnation`]: the ractor actors (agents, promises), made on demand
@@ -31,6 +33,7 @@ pub mod model;
 pub mod names;
 pub mod records;
 pub mod remote;
+pub mod rules;
 
 pub use api::{
     AgentHandle, EntryInfo, MessageBodyView, MessageView, PromiseState, RefSpec, Runtime,

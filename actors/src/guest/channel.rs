@@ -28,7 +28,7 @@ use wasmtime::Store;
 use super::bindings::channel::SandboxedChannel;
 use super::bindings::channel::capstan::channel::host as ch_host;
 use super::host::{Limiter, arm, guest_log, stop_reason};
-use super::runner::{GuestRunner, mark_done, next_batch};
+use super::runner::{GuestRunner, mark_done, next_run};
 use super::{CallLimits, GuestHost, compiled};
 use crate::api::{AgentHandle, Inner};
 use crate::error::Error;
@@ -226,11 +226,11 @@ async fn respond_all(
     limits: CallLimits,
     live: &mut Option<Live>,
 ) -> Result<(), Error> {
+    let mut holes = crate::rules::inbox::Holes::default();
     loop {
-        let batch = next_batch(rt, agent).await?;
-        if batch.is_empty() {
+        let Some(batch) = next_run(rt, agent, &mut holes).await? else {
             return Ok(());
-        }
+        };
         for (number, msg) in batch {
             if let Some(msg) = msg {
                 if live.is_none() {

@@ -15,6 +15,7 @@ use crate::api::{AgentHandle, Inner};
 use crate::error::Error;
 use crate::model;
 use crate::records::BodyRec;
+use crate::rules::inbox::Step;
 
 /// Messages read from the store per batch.
 const BATCH: usize = 64;
@@ -151,11 +152,11 @@ async fn drain(
     // before (by a run cut short here or on another node): the runner
     // marks each message handled before it starts the next.
     let mut first = true;
+    let mut holes = crate::rules::inbox::Holes::default();
     loop {
-        let batch = next_batch(rt, &agent).await?;
-        if batch.is_empty() {
+        let Some(batch) = next_run(rt, &agent, &mut holes).await? else {
             return Ok(());
-        }
+        };
         for (number, msg) in batch {
             let mut journaled = false;
             if let Some(msg) = msg {
@@ -172,6 +173,54 @@ async fn drain(
             mark_done(&agent, number, journaled).await?;
         }
     }
+}
+
+/// The next messages to handle, in order and without a gap after the last
+/// one handled (waiting at a gap, closing it after the grace: see
+/// [`crate::rules::inbox`]); `None` when there is nothing new.
+pub(super) async fn next_run(
+    rt: &Arc<Inner>,
+    agent: &AgentHandle,
+    holes: &mut crate::rules::inbox::Holes,
+) -> Result<Option<Vec<(u64, Option<Message>)>>, Error> {
+    loop {
+        let (next, mut batch) = next_batch(rt, agent).await?;
+        let listed: Vec<u64> = batch.iter().map(|(n, _)| *n).collect();
+        match holes.step(next, &listed, std::time::Instant::now()) {
+            Step::Idle => return Ok(None),
+            Step::Handle(n) => {
+                batch.truncate(n);
+                return Ok(Some(batch));
+            }
+            Step::Wait(d) => tokio::time::sleep(d).await,
+            Step::Close(number) => close_hole(agent, number).await?,
+        }
+    }
+}
+
+/// Gives up on inbox number `number`, handed out but not written for
+/// [`crate::rules::inbox::HOLE_GRACE`]: if its slot is still empty, raises the
+/// inbox mark above it (a late writer then takes a fresh number) and marks it
+/// handled. If the message landed after all, nothing changes: the runner
+/// finds it on its next look.
+async fn close_hole(agent: &AgentHandle, number: u64) -> Result<(), Error> {
+    let id = agent.id();
+    let closed = agent
+        .transact(move |tx| {
+            Box::pin(async move {
+                if tx.get(&crate::keys::message(&id, number)).await?.is_some() {
+                    return Ok::<_, Error>(false);
+                }
+                model::raise_inbox_mark(tx, &id, number).await?;
+                tx.set(&keys::next(&id), &(number + 1).to_be_bytes())?;
+                Ok(true)
+            })
+        })
+        .await?;
+    if closed {
+        tracing::warn!(guest = %id.short(), number, "inbox number never written; closed the hole (a late writer takes a fresh number)");
+    }
+    Ok(())
 }
 
 /// What an earlier run of message `number` left: its journal, and whether
@@ -231,12 +280,13 @@ pub(super) async fn mark_done(
         .await
 }
 
-/// The next messages of the guest's inbox not handled yet (its own are
-/// listed without a body: nothing to handle).
-pub(super) async fn next_batch(
+/// The first number not handled yet, and the next messages of the guest's
+/// inbox from it (its own are listed without a body: nothing to handle).
+/// The listed numbers may have gaps (see [`crate::rules::inbox`]).
+async fn next_batch(
     rt: &Arc<Inner>,
     agent: &AgentHandle,
-) -> Result<Vec<(u64, Option<Message>)>, Error> {
+) -> Result<(u64, Vec<(u64, Option<Message>)>), Error> {
     let ctx = agent.ctx().clone();
     let batch = rt
         .db
@@ -271,7 +321,7 @@ pub(super) async fn next_batch(
                         }),
                     ));
                 }
-                Ok::<_, Error>(out)
+                Ok::<_, Error>((next, out))
             })
         })
         .await?;
@@ -465,5 +515,187 @@ pub(crate) async fn resume_loop(rt: std::sync::Weak<Inner>) {
         let period = c.cfg.lease * 2;
         drop(inner);
         tokio::time::sleep(period).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! In process, on the in-memory store, with the real counter component
+    //! (guests/out, built by scripts/build-guests).
+
+    use std::time::{Duration, Instant};
+
+    use capstan_proto::RequestId;
+
+    use super::*;
+    use crate::api::{MessageBodyView, Runtime, RuntimeOptions};
+    use crate::guest::{GuestConfig, GuestLimits};
+    use crate::records::MessageRec;
+
+    fn counter_wasm() -> Vec<u8> {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("workspace")
+            .to_path_buf();
+        let path = root.join("guests/out/counter.wasm");
+        if !path.exists() {
+            let status = std::process::Command::new(root.join("scripts/build-guests"))
+                .env_remove("RUSTC")
+                .env_remove("RUSTFLAGS")
+                .status()
+                .expect("run scripts/build-guests");
+            assert!(status.success(), "scripts/build-guests failed");
+        }
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    async fn counter_guest() -> (Runtime, AgentHandle, FormulaId) {
+        let db = capstan_cluster::open("mem:").await.unwrap();
+        let rt = Runtime::open(db, RuntimeOptions::default()).await.unwrap();
+        rt.enable_guests(GuestConfig {
+            cache_dir: None,
+            limits: GuestLimits::default(),
+        })
+        .unwrap();
+        let host = rt.root_host();
+        host.install(RequestId::random(), "counter", counter_wasm(), vec![])
+            .await
+            .unwrap();
+        let g = host
+            .mkguest_component(RequestId::random(), "c", "counter", None, None, &[])
+            .await
+            .unwrap();
+        (rt, host, g)
+    }
+
+    /// Writes "increment" from the host straight into slot `number` of the
+    /// guest's inbox (as a sender holding that reserved number commits it)
+    /// and wakes the runner.
+    async fn land(host: &AgentHandle, guest: FormulaId, number: u64) -> Result<(), Error> {
+        let m = MessageRec {
+            number,
+            message_id: RequestId::random(),
+            reply_to: None,
+            from: host.id(),
+            to: guest,
+            date_ms: crate::api::now_ms(),
+            body: BodyRec::Package {
+                strings: vec!["increment".into()],
+                names: vec![],
+                ids: vec![],
+            },
+        };
+        let rec = m.clone();
+        host.inner()
+            .db
+            .transact(move |tx| {
+                let m = rec.clone();
+                Box::pin(async move { model::put_message(tx, &guest, &m).await })
+            })
+            .await?;
+        host.notify_delivered(guest, m);
+        Ok(())
+    }
+
+    fn replies(host_inbox: &[crate::api::MessageView]) -> Vec<String> {
+        host_inbox
+            .iter()
+            .filter(|m| m.from == "c")
+            .filter_map(|m| match &m.body {
+                MessageBodyView::Package { strings, .. } => Some(strings.concat()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    async fn wait_for_reply(host: &AgentHandle, text: &str, within: Duration) -> Vec<String> {
+        let deadline = Instant::now() + within;
+        loop {
+            let got = replies(&host.inbox(None).await.unwrap());
+            if got.iter().any(|r| r == text) || Instant::now() > deadline {
+                return got;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Numbers N and N + 1 reserved in order, N + 1 committed first: the
+    /// runner waits for N, then handles both, once each, in number order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_later_number_committed_first_waits_for_the_earlier_one() {
+        let (_rt, host, g) = counter_guest().await;
+        let n = host.reserve(g, 1, 0).await.unwrap();
+        let n1 = host.reserve(g, 1, 0).await.unwrap();
+        assert_eq!(n1, n + 1);
+        land(&host, g, n1).await.unwrap();
+        // The runner sees N + 1 alone for a while (well under the grace).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            replies(&host.inbox(None).await.unwrap()).is_empty(),
+            "a message was handled while an earlier number was still in flight"
+        );
+        land(&host, g, n).await.unwrap();
+        wait_for_reply(&host, "count = 2", Duration::from_secs(20)).await;
+        // A sentinel through the normal path, then count everything.
+        host.send(RequestId::random(), "c", vec!["get".into()], vec![], None)
+            .await
+            .unwrap();
+        let got = wait_for_reply(&host, "count = 2", Duration::from_secs(20)).await;
+        let got_sentinel = {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let r = replies(&host.inbox(None).await.unwrap());
+                if r.len() >= 3 || Instant::now() > deadline {
+                    break r;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        assert!(got.contains(&"count = 1".to_string()), "{got:?}");
+        assert_eq!(
+            got_sentinel,
+            vec!["count = 1", "count = 2", "count = 2"],
+            "each increment handled once, in number order, then the sentinel"
+        );
+    }
+
+    /// A number handed out but never written: after the grace the runner
+    /// closes the hole and handles what came after; the late writer of the
+    /// closed number is refused (it would retry with a fresh number), so
+    /// nothing is handled out of order or skipped.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_number_never_written_is_closed_after_the_grace() {
+        let (_rt, host, g) = counter_guest().await;
+        let lost = host.reserve(g, 1, 0).await.unwrap();
+        let next = host.reserve(g, 1, 0).await.unwrap();
+        land(&host, g, next).await.unwrap();
+        let started = Instant::now();
+        let got = wait_for_reply(
+            &host,
+            "count = 1",
+            crate::rules::inbox::HOLE_GRACE + Duration::from_secs(20),
+        )
+        .await;
+        assert_eq!(got, vec!["count = 1"]);
+        assert!(
+            started.elapsed() >= crate::rules::inbox::HOLE_GRACE - Duration::from_millis(50),
+            "the hole was closed before its grace"
+        );
+        match land(&host, g, lost).await {
+            Err(Error::InboxSlotTaken { number, .. }) => assert_eq!(number, lost),
+            other => panic!("a write to a closed hole was not refused: {other:?}"),
+        }
+        // And normal mail flows on.
+        host.send(
+            RequestId::random(),
+            "c",
+            vec!["increment".into()],
+            vec![],
+            None,
+        )
+        .await
+        .unwrap();
+        let got = wait_for_reply(&host, "count = 2", Duration::from_secs(20)).await;
+        assert_eq!(got, vec!["count = 1", "count = 2"]);
     }
 }

@@ -1,0 +1,132 @@
+//! Handling an inbox in number order when numbers commit out of order.
+//!
+//! Inbox numbers are handed out by the inbox's owner in order, but the
+//! transactions that write the messages commit in any order: number `N + 1`
+//! can land before `N`. A handler that took whatever it found would handle
+//! `N + 1`, remember "handled up to `N + 1`", and never see `N` when it
+//! lands. So a runner handles only the run of numbers that follows what it
+//! handled last, without a gap, and waits at a gap.
+//!
+//! A gap can also be permanent: the writer of `N` died after reserving it,
+//! or its transaction failed. After [`HOLE_GRACE`] the runner *closes* the
+//! hole: in one transaction it checks that slot `N` is still empty and raises
+//! the inbox mark above `N`. Writers check the mark, so a writer of `N` that
+//! was only slow finds its number taken and retries with a fresh one (its
+//! message lands later, under a higher number): closing a hole early costs
+//! order, never a message.
+
+use std::time::{Duration, Instant};
+
+/// How long a runner waits for a missing number before closing the hole.
+/// Longer than a commit normally takes, also after an etcd leader change
+/// (~3 s): a message that is only late rarely loses its place.
+pub const HOLE_GRACE: Duration = Duration::from_secs(4);
+/// How often a runner looks again while it waits at a hole.
+pub const HOLE_POLL: Duration = Duration::from_millis(10);
+
+/// What a runner does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Handle the first `n` listed messages (they follow on without a gap).
+    Handle(usize),
+    /// Nothing listed: wait for new mail.
+    Idle,
+    /// The next number is missing but later ones are there: look again
+    /// after the given time.
+    Wait(Duration),
+    /// The number has been missing for [`HOLE_GRACE`]: close the hole.
+    Close(u64),
+}
+
+/// A runner's memory of the hole it waits at.
+#[derive(Debug, Default, Clone)]
+pub struct Holes {
+    waiting: Option<(u64, Instant)>,
+}
+
+impl Holes {
+    /// The next step, given the first number not handled yet (`next`), the
+    /// numbers listed from it (ascending) and the time.
+    pub fn step(&mut self, next: u64, listed: &[u64], now: Instant) -> Step {
+        let run = listed
+            .iter()
+            .zip(next..)
+            .take_while(|(n, want)| **n == *want)
+            .count();
+        if run > 0 {
+            self.waiting = None;
+            return Step::Handle(run);
+        }
+        if listed.is_empty() {
+            self.waiting = None;
+            return Step::Idle;
+        }
+        let since = match self.waiting {
+            Some((n, since)) if n == next => since,
+            _ => {
+                self.waiting = Some((next, now));
+                now
+            }
+        };
+        let waited = now.saturating_duration_since(since);
+        if waited >= HOLE_GRACE {
+            self.waiting = None;
+            Step::Close(next)
+        } else {
+            Step::Wait(HOLE_POLL.min(HOLE_GRACE - waited))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handles_only_the_run_without_gaps() {
+        let t = Instant::now();
+        let mut h = Holes::default();
+        assert_eq!(h.step(5, &[5, 6, 7], t), Step::Handle(3));
+        assert_eq!(h.step(5, &[5, 6, 8, 9], t), Step::Handle(2));
+        assert_eq!(h.step(5, &[], t), Step::Idle);
+    }
+
+    #[test]
+    fn a_later_number_waits_for_the_missing_one() {
+        let t = Instant::now();
+        let mut h = Holes::default();
+        // N + 1 committed before N: nothing is handled yet.
+        assert_eq!(h.step(5, &[6], t), Step::Wait(HOLE_POLL));
+        assert_eq!(
+            h.step(5, &[6], t + Duration::from_millis(3)),
+            Step::Wait(HOLE_POLL)
+        );
+        // N lands: both, in order.
+        assert_eq!(
+            h.step(5, &[5, 6], t + Duration::from_millis(4)),
+            Step::Handle(2)
+        );
+        // A new hole starts its own wait.
+        assert_eq!(
+            h.step(7, &[9], t + Duration::from_secs(60)),
+            Step::Wait(HOLE_POLL)
+        );
+    }
+
+    #[test]
+    fn a_hole_is_closed_after_the_grace() {
+        let t = Instant::now();
+        let mut h = Holes::default();
+        assert_eq!(h.step(5, &[6, 7], t), Step::Wait(HOLE_POLL));
+        let almost = t + HOLE_GRACE - Duration::from_millis(4);
+        assert_eq!(
+            h.step(5, &[6, 7], almost),
+            Step::Wait(Duration::from_millis(4))
+        );
+        assert_eq!(h.step(5, &[6, 7], t + HOLE_GRACE), Step::Close(5));
+        // Then 6 and 7 follow on from 6.
+        assert_eq!(h.step(6, &[6, 7], t + HOLE_GRACE), Step::Handle(2));
+        // A hole at another number does not inherit the old wait.
+        assert_eq!(h.step(8, &[10], t + HOLE_GRACE * 2), Step::Wait(HOLE_POLL));
+    }
+}

@@ -1,0 +1,10 @@
+//! The rules of the object model as pure state machines: no tokio, no store,
+//! no clock. Time and ids come in as arguments; what to do comes out. The
+//! async shell (the rest of this crate) drives them; tests drive them alone.
+//!
+//! # Layout
+//!
+//! - [`inbox`]: in which order a guest's runner handles its inbox, and when
+//!   it gives up waiting for a number that was handed out but never written.
+
+pub mod inbox;
