@@ -1311,6 +1311,17 @@ impl AgentHandle {
                 .transact(move |tx| {
                     let (ctx, body, remote) = (ctx.clone(), body.clone(), remote.clone());
                     Box::pin(async move {
+                        // Everything this transaction reads for sure, in one round.
+                        let mut ahead = vec![
+                            keys::dedup(&ctx.id, &req),
+                            keys::inbox_mark(&ctx.id),
+                            keys::message(&ctx.id, own),
+                        ];
+                        if target != ctx.id && remote.is_none() {
+                            ahead.push(keys::inbox_mark(&target));
+                            ahead.push(keys::message(&target, theirs));
+                        }
+                        tx.prefetch(&ahead).await?;
                         match checked_dedup(tx, &ctx.id, &req).await? {
                             Some(DedupAnswer::Number(n)) => return Ok((n, None, None)),
                             Some(_) => {
@@ -1517,6 +1528,8 @@ impl AgentHandle {
             .transact(move |tx| {
                 let (ctx, outcome) = (ctx.clone(), outcome.clone());
                 Box::pin(async move {
+                    tx.prefetch(&[keys::dedup(&ctx.id, &req), keys::formula(&promise)])
+                        .await?;
                     if checked_dedup(tx, &ctx.id, &req).await?.is_some() {
                         return Ok(None);
                     }

@@ -234,6 +234,11 @@ pub trait Store: Send + Sync + 'static {
     /// Commits if nothing in `read_conflicts` was written after `read_version`;
     /// returns only once the commit is durable. `Err(Conflict)` otherwise.
     async fn commit(&self, req: CommitRequest) -> Result<Version, StoreError>;
+    /// Counters of the work done so far (name, value), for operators and the
+    /// bench (`capstan cluster status`): what one operation costs the store.
+    fn stats(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
 }
 
 /// The smallest key after `key`: `key` followed by a zero byte.
@@ -266,7 +271,13 @@ pub struct Transaction {
     size: usize,
     /// First error of a write that cannot report it (the clears).
     deferred: Option<StoreError>,
+    /// Snapshot values read ahead by [`Transaction::prefetch`] (bounded by
+    /// [`MAX_PREFETCHED`]).
+    fetched: std::collections::HashMap<Vec<u8>, Option<Vec<u8>>>,
 }
+
+/// Most values one transaction keeps from [`Transaction::prefetch`].
+pub const MAX_PREFETCHED: usize = 1024;
 
 impl Transaction {
     /// A transaction reading from `snapshot` (backends and tests; [`Db`] builds them).
@@ -279,7 +290,31 @@ impl Transaction {
             mutations: Vec::new(),
             size: 0,
             deferred: None,
+            fetched: std::collections::HashMap::new(),
         }
+    }
+
+    /// Reads `keys` from the snapshot all at once (one round trip where the
+    /// backend batches concurrent reads, as etcd's does), so that the
+    /// [`get`](Self::get)s that follow find them without waiting. Prefetching
+    /// adds no read conflict: only the keys then read with `get` do. Keys
+    /// this transaction wrote or cleared are skipped (its own writes win).
+    pub async fn prefetch(&mut self, keys: &[Vec<u8>]) -> Result<(), StoreError> {
+        let wanted: Vec<&Vec<u8>> = keys
+            .iter()
+            .filter(|k| {
+                !self.fetched.contains_key(*k)
+                    && !self.writes.contains_key(*k)
+                    && !self.is_cleared(k)
+            })
+            .take(MAX_PREFETCHED.saturating_sub(self.fetched.len()))
+            .collect();
+        let snapshot = &self.snapshot;
+        let values = futures::future::try_join_all(wanted.iter().map(|k| snapshot.get(k))).await?;
+        for (k, v) in wanted.into_iter().zip(values) {
+            self.fetched.insert(k.clone(), v);
+        }
+        Ok(())
     }
 
     /// The version of the snapshot this transaction reads.
@@ -295,6 +330,9 @@ impl Transaction {
         }
         if self.is_cleared(key) {
             return Ok(None);
+        }
+        if let Some(v) = self.fetched.get(key) {
+            return Ok(v.clone());
         }
         self.snapshot.get(key).await
     }

@@ -131,6 +131,9 @@ pub enum Command {
         /// (etcd://HOST:PORT,…; scripts/etcd-cluster start), under a fresh prefix.
         #[arg(long, value_name = "SPEC")]
         cluster: Option<String>,
+        /// With --cluster: how many nodes to start (1 to 16).
+        #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=16))]
+        nodes: u16,
         #[command(flatten)]
         out: Out,
     },

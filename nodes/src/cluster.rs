@@ -234,6 +234,12 @@ pub async fn command(
                 },
                 "members": ms,
                 "placements": placements.len(),
+                "store_stats": db
+                    .store()
+                    .stats()
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), json!(v)))
+                    .collect::<serde_json::Map<String, Value>>(),
             }))
         }
         "placement" => {

@@ -154,6 +154,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         dir,
         guests,
         cluster,
+        nodes,
         ..
     } = cli.command
     {
@@ -166,8 +167,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        return tokio::task::LocalSet::new()
-            .block_on(&rt, bench::run(sizes, dir, guests, cluster, json));
+        return tokio::task::LocalSet::new().block_on(
+            &rt,
+            bench::run(sizes, dir, guests, cluster, nodes.into(), json),
+        );
     }
     let paths = Paths::resolve(cli.home)?;
     if let Command::Where { .. } = cli.command {

@@ -676,3 +676,77 @@ fn an_llm_agents_pending_approval_survives_its_nodes_death() {
     let answers = all.iter().filter(|t| *t == "You have 2 messages.").count();
     assert_eq!((proposals, answers), (1, 1), "{all:#?}");
 }
+
+/// 300 `send`s at once through all three nodes to one counter guest: every
+/// one is handled exactly once (the count is 300, 300 distinct answers),
+/// though the sends reserve numbers at the guest's owner from three nodes
+/// and their commits land in any order.
+#[test]
+fn concurrent_sends_through_every_node_to_one_guest_are_each_handled_once() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let wasm = guest_wasm("counter");
+    let Some(c) = Cluster::start("concurrent") else {
+        return;
+    };
+    c.n(0).ok(["install", &wasm, "--name", "counter"]);
+    c.n(0).ok(["mkguest", "bot", "--component", "counter"]);
+    const SENDS: usize = 300;
+    const THREADS: usize = 12;
+    std::thread::scope(|s| {
+        for t in 0..THREADS {
+            let c = &c;
+            s.spawn(move || {
+                for i in (t..SENDS).step_by(THREADS) {
+                    c.n(i % 3).ok(["send", "bot", "increment"]);
+                }
+            });
+        }
+    });
+    // Every send was acknowledged; a sentinel after them all, then count.
+    c.n(2).ok(["send", "bot", "get"]);
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let inbox = loop {
+        let inbox = c.n(0).inbox(&[]);
+        let answers = texts(&inbox)
+            .into_iter()
+            .filter(|t| t.starts_with("count = "))
+            .count();
+        if answers > SENDS {
+            break inbox;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{answers} of {} answers after 240 s",
+            SENDS + 1
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    numbers_unique(&inbox);
+    let answers: Vec<String> = texts(&inbox)
+        .into_iter()
+        .filter(|t| t.starts_with("count = "))
+        .collect();
+    let distinct: BTreeSet<&String> = answers.iter().collect();
+    assert_eq!(answers.len(), SENDS + 1, "{answers:?}");
+    // 300 increments answered 1..=300 once each, and the sentinel 300.
+    assert_eq!(
+        distinct.len(),
+        SENDS,
+        "an increment was answered twice: {answers:?}"
+    );
+    assert_eq!(answers.last().map(String::as_str), Some("count = 300"));
+    assert_eq!(c.n(1).ok(["cat", "--as", "bot", "count"]).trim(), "300");
+    let handled: u64 = (0..3)
+        .map(|i| {
+            c.n(i)
+                .json(["guests"])
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|g| g["name"] == "bot")
+                .map(|g| g["handled"].as_u64().unwrap_or(0))
+                .sum::<u64>()
+        })
+        .sum();
+    assert_eq!(handled, SENDS as u64 + 1, "handler runs across the nodes");
+}

@@ -49,7 +49,7 @@ use std::time::Instant;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::{
-    Failure, Inner, KeyRange, MARKER_COMMITTED, REQUEST_TIMEOUT, TIMEOUT_PER_MB, classify,
+    Failure, Inner, KeyRange, MARKER_COMMITTED, REQUEST_TIMEOUT, TIMEOUT_PER_MB, bump, classify,
     header_revision, timed_out, to_store_error,
 };
 use crate::etcd_rpc::{Compare, RequestOp, Response, TxnRequest};
@@ -274,6 +274,8 @@ async fn send_alone(inner: &Inner, m: &Member) -> Result<Version, StoreError> {
         let outcome = tokio::time::timeout(limit, kv.txn(txn))
             .await
             .unwrap_or_else(|_| Err(timed_out(limit)));
+        bump(&inner.counters.commit_txns, 1);
+        bump(&inner.counters.commit_us, sent.elapsed().as_micros() as u64);
         match outcome {
             Ok(resp) => {
                 let version = header_revision(resp.header.as_ref())?;
@@ -336,6 +338,8 @@ async fn send_nested(
         let outcome = tokio::time::timeout(limit, kv.txn(txn))
             .await
             .unwrap_or_else(|_| Err(timed_out(limit)));
+        bump(&inner.counters.commit_txns, 1);
+        bump(&inner.counters.commit_us, sent.elapsed().as_micros() as u64);
         match outcome {
             Ok(resp) => {
                 let version = header_revision(resp.header.as_ref())?;

@@ -134,10 +134,11 @@
 //! ambiguous failure) and a few bytes each; they are kept.
 
 mod batch;
+mod reads;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Mutex;
@@ -479,6 +480,7 @@ impl Observed {
 struct Inner {
     config: EtcdConfig,
     committer: batch::Committer,
+    reader: reads::Reader,
     describe: String,
     endpoints: Endpoints,
     data: Vec<u8>,
@@ -491,6 +493,31 @@ struct Inner {
     /// Snapshots waiting for a read of the current revision (see
     /// [`Inner::snapshot_revision`]).
     revisions: std::sync::Mutex<RevisionReads>,
+    counters: Counters,
+}
+
+/// What the store did so far (see [`Store::stats`]).
+#[derive(Default)]
+struct Counters {
+    /// Snapshots taken, and the linearizable revision reads serving them.
+    snapshots: AtomicU64,
+    revision_reads: AtomicU64,
+    /// Reads at a snapshot revision, the etcd requests carrying them (one
+    /// per batch of single-key reads, one per page of a range), and the
+    /// reads' time in µs (summed over reads).
+    reads: AtomicU64,
+    read_rpcs: AtomicU64,
+    read_us: AtomicU64,
+    /// Commits asked for, and those that conflicted.
+    commits: AtomicU64,
+    conflicts: AtomicU64,
+    /// Txn requests carrying commits (one per batch), and their time in µs.
+    commit_txns: AtomicU64,
+    commit_us: AtomicU64,
+}
+
+fn bump(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
 }
 
 /// Callers waiting for the current revision, and whether a read runs.
@@ -519,6 +546,7 @@ impl EtcdStore {
         let p = prefix.as_bytes();
         let inner = Arc::new_cyclic(|weak| Inner {
             committer: batch::Committer::start(weak.clone()),
+            reader: reads::Reader::start(weak.clone()),
             describe: config.spec(),
             data: [p, b"/d/"].concat(),
             markers: [p, b"/c/"].concat(),
@@ -529,6 +557,7 @@ impl EtcdStore {
             lease: Mutex::new(None),
             observed: std::sync::Mutex::new(Observed::default()),
             revisions: std::sync::Mutex::new(RevisionReads::default()),
+            counters: Counters::default(),
         });
         let store = EtcdStore { inner };
         store.inner.current_revision().await?;
@@ -573,6 +602,7 @@ impl Inner {
     /// starts after it arrived, so every snapshot still sees every commit
     /// acknowledged before it was asked for (linearizable).
     async fn snapshot_revision(self: &Arc<Self>) -> Result<Version, StoreError> {
+        bump(&self.counters.snapshots, 1);
         let (tx, rx) = tokio::sync::oneshot::channel();
         let lead = {
             let mut r = self
@@ -606,6 +636,7 @@ impl Inner {
     }
 
     async fn current_revision(&self) -> Result<Version, StoreError> {
+        bump(&self.counters.revision_reads, 1);
         let key = self.meta.clone();
         let resp = self
             .endpoints
@@ -652,7 +683,9 @@ impl Inner {
         // own state; a member that has not applied the revision yet refuses
         // ("future revision"), and later attempts read linearizably.
         let mut attempt = 0;
-        self.endpoints
+        let started = Instant::now();
+        let r = self
+            .endpoints
             .call("range read", |kv| {
                 let mut req = req.clone();
                 req.serializable = attempt == 0 && revision > 0;
@@ -660,7 +693,11 @@ impl Inner {
                 async move { kv.range(req).await }
             })
             .await
-            .map_err(to_store_error)
+            .map_err(to_store_error);
+        bump(&self.counters.reads, 1);
+        bump(&self.counters.read_rpcs, 1);
+        bump(&self.counters.read_us, started.elapsed().as_micros() as u64);
+        r
     }
 
     /// The keys of `[begin, end)` (user keys) at `revision` with their mod
@@ -1024,9 +1061,35 @@ impl Store for EtcdStore {
 
     async fn commit(&self, req: CommitRequest) -> Result<Version, StoreError> {
         let started = Instant::now();
+        bump(&self.inner.counters.commits, 1);
         let r = self.inner.commit(req).await;
+        if r == Err(StoreError::Conflict) {
+            bump(&self.inner.counters.conflicts, 1);
+        }
         tracing::trace!(elapsed = ?started.elapsed(), ok = r.is_ok(), "etcd commit");
         r
+    }
+
+    fn stats(&self) -> Vec<(&'static str, u64)> {
+        self.counters()
+    }
+}
+
+impl EtcdStore {
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let c = &self.inner.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        vec![
+            ("snapshots", get(&c.snapshots)),
+            ("revision_reads", get(&c.revision_reads)),
+            ("reads", get(&c.reads)),
+            ("read_rpcs", get(&c.read_rpcs)),
+            ("read_us", get(&c.read_us)),
+            ("commits", get(&c.commits)),
+            ("conflicts", get(&c.conflicts)),
+            ("commit_txns", get(&c.commit_txns)),
+            ("commit_us", get(&c.commit_us)),
+        ]
     }
 }
 
@@ -1042,13 +1105,11 @@ impl Snapshot for EtcdSnapshot {
     }
 
     async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        let k = self.inner.dk(key);
-        let end = key_after(&k);
-        let resp = self
+        let kv = self
             .inner
-            .page(&k, &end, self.version, 1, false, false)
+            .reader
+            .get(self.inner.dk(key), self.version)
             .await?;
-        let kv = resp.kvs.into_iter().next();
         if let Ok(mut seen) = self.inner.observed.lock() {
             seen.record(
                 self.version,
