@@ -138,6 +138,11 @@ macro_rules! __conformance_checks {
         $crate::__conformance_check!($factory, $enabled, limits);
         $crate::__conformance_check!($factory, $enabled, blobs);
         $crate::__conformance_check!($factory, $enabled, versions_increase);
+        $crate::__conformance_check!(
+            $factory,
+            $enabled,
+            batches_never_merge_conflicting_transactions
+        );
     };
 }
 
@@ -579,6 +584,63 @@ pub async fn write_skew_prevented(db: &Db) -> CheckResult {
         let vb = get(db, &b).await?.map_or(0, |v| v[0]);
         ensure_eq!(va + vb, 1, "round {round}: a + b (0 means write skew)");
     }
+    Ok(())
+}
+
+/// Many commits at once from one snapshot, in the shapes a backend that
+/// groups concurrent commits (etcd's batches, redb's group commit) must keep
+/// apart: for each `i`, A writes `z_i`; B read `z_i` and writes `w_i`; C read
+/// `x_i` and writes `y_i`; D read `y_i` and writes `x_i` (write skew). All
+/// read at the same version, so B may commit only *before* A (at a lower
+/// version: then it did not miss A's write), and C and D never both.
+pub async fn batches_never_merge_conflicting_transactions(db: &Db) -> CheckResult {
+    const PAIRS: usize = 48;
+    let store = db.store();
+    let key = |what: &str, i: usize| format!("bm/{what}/{i:03}").into_bytes();
+    let snap = store.snapshot().await?;
+    let rv = snap.version();
+    let req = |read: Option<Vec<u8>>, write: Vec<u8>| CommitRequest {
+        read_version: rv,
+        read_conflicts: read
+            .map(|k| vec![(k.clone(), crate::store::key_after(&k))])
+            .unwrap_or_default(),
+        mutations: vec![Mutation::Set(write, b"1".to_vec())],
+    };
+    let mut commits = Vec::new();
+    for i in 0..PAIRS {
+        commits.push(req(None, key("z", i)));
+        commits.push(req(Some(key("z", i)), key("w", i)));
+        commits.push(req(Some(key("x", i)), key("y", i)));
+        commits.push(req(Some(key("y", i)), key("x", i)));
+    }
+    let outcomes = futures::future::join_all(commits.into_iter().map(|c| {
+        let store = store.clone();
+        async move { store.commit(c).await }
+    }))
+    .await;
+    let mut merged_skew = 0;
+    for (i, o) in outcomes.chunks(4).enumerate() {
+        for r in o {
+            if let Err(e) = r {
+                ensure!(*e == StoreError::Conflict, "pair {i}: unexpected error {e}");
+            }
+        }
+        ensure!(
+            o[0].is_ok(),
+            "pair {i}: A read nothing and still failed: {:?}",
+            o[0]
+        );
+        if let (Ok(a), Ok(b)) = (&o[0], &o[1]) {
+            ensure!(
+                b < a,
+                "pair {i}: B read z at {rv} and committed at {b}, not before A's write of z at {a}"
+            );
+        }
+        if o[2].is_ok() && o[3].is_ok() {
+            merged_skew += 1;
+        }
+    }
+    ensure_eq!(merged_skew, 0, "write-skew pairs that both committed");
     Ok(())
 }
 
