@@ -852,6 +852,19 @@ impl gateway::Server for GatewayServer {
                 Ok(())
             }
             Ok(None) => {
+                // An invitation already accepted: say so (the caller held a
+                // real locator, so this is no guess and costs no delay).
+                if let Ok(Some(at)) = self.rt.invitation_used_at(hash).await {
+                    let ago = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_millis() as u64)
+                        .unwrap_or(at)
+                        .saturating_sub(at);
+                    return Err(failed(format!(
+                        "this invitation was already used: it was accepted {} ago, and an invitation works once; ask the inviter for a new one (`capstan invite NAME`)",
+                        crate::output::duration_human(ago)
+                    )));
+                }
                 let n = self.failures.get() + 1;
                 self.failures.set(n);
                 tracing::info!(remote = %self.conn.remote_address(), failures = n, "restore of an unknown or revoked locator");
