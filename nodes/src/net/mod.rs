@@ -564,13 +564,19 @@ impl Net {
     }
 
     pub async fn show(self: &Rc<Self>, remote: &RemoteRec) -> Result<(String, String), String> {
+        self.check(remote).await.map_err(|e| e.to_string())
+    }
+
+    /// Restores `remote` on its cluster and asks what it designates (type
+    /// and detail): whether the locator is real, and whether its cluster can
+    /// be reached now.
+    pub async fn check(self: &Rc<Self>, remote: &RemoteRec) -> Result<(String, String), NetError> {
         self.with_object(remote, |o| async move {
             let answer = o.show_request().send().promise.await?;
             let r = answer.get()?;
             Ok((r.get_type()?.to_string()?, r.get_detail()?.to_string()?))
         })
         .await
-        .map_err(|e| e.to_string())
     }
 
     /// A reference of this node's own cluster made complete for the wire.
