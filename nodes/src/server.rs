@@ -228,7 +228,9 @@ impl agent::Server for AgentServer {
     ) -> Result<(), CapError> {
         let path = text(params.get()?.get_path(), "path")?;
         let mut e = self.handle.show(&path).await.map_err(actor_error)?;
-        if let Some(remote) = self.remote(&path).await? {
+        if e.kind == "special" {
+            // MAIL, NONE: no formula behind them.
+        } else if let Some(remote) = self.remote(&path).await? {
             let (kind, detail) = self.net.show(&remote).await.map_err(failed)?;
             e.detail = format!(
                 "{kind} ({detail}) on cluster {}…",

@@ -165,13 +165,22 @@ fn json_shapes() {
     assert_eq!(by_name("SELF")["id"], st["root_host"]);
     assert_eq!(by_name("SELF")["type"], "host");
     by_name("HOST");
-    for e in entries
-        .iter()
-        .filter(|e| e["name"] != "MAIL" && e["name"] != "NONE")
-    {
+    // A host's special names that name no value are listed too (CLI.md).
+    for special in ["MAIL", "NONE"] {
+        let e = by_name(special);
+        assert_eq!(e["type"], "special", "{e}");
+        assert_eq!(e["id"], "0".repeat(64), "{e}");
+        assert!(e["detail"].as_str().unwrap().contains("not a value"), "{e}");
+    }
+    for e in entries {
         let shown = node.json(["show", e["name"].as_str().unwrap()]);
         assert_eq!(&shown, e, "show agrees with list");
     }
+    let (code, err) = node.fail(["cat", "MAIL"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("MAIL"), "{err}");
+    let human = node.ok(["list"]);
+    assert!(human.contains("MAIL") && human.contains("NONE"), "{human}");
     let dir = node.json(["list", "dir"]);
     assert_eq!(dir, json!([]), "a new directory is empty");
 
@@ -189,6 +198,10 @@ fn json_shapes() {
     assert!(
         alice_names.contains(&"SELF") && alice_names.contains(&"HOST"),
         "{alice}"
+    );
+    assert!(
+        !alice_names.contains(&"MAIL") && !alice_names.contains(&"NONE"),
+        "a guest has no MAIL or NONE: {alice}"
     );
 
     // cat --json of a text value
