@@ -537,6 +537,62 @@ pub fn state_text(s: &PromiseState) -> String {
     }
 }
 
+/// The special names a host has besides `SELF` and `HOST`, which name no
+/// value (`list` shows them; they cannot be read, written or sent), with
+/// what `list` says of them.
+pub const HOST_ONLY_SPECIALS: [(&str, &str); 2] = [
+    ("MAIL", "your inbox, not a value: see `capstan inbox`"),
+    ("NONE", "names nothing, not a value"),
+];
+
+/// The `list` entry of a special name of [`HOST_ONLY_SPECIALS`]: type
+/// `special`, and an id of zeros (it names no formula).
+fn unvalued_special(name: &str) -> EntryInfo {
+    let detail = HOST_ONLY_SPECIALS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, d)| *d)
+        .unwrap_or("not a value");
+    EntryInfo {
+        name: name.into(),
+        id: FormulaId([0; 32]),
+        kind: "special".into(),
+        detail: detail.into(),
+    }
+}
+
+/// What a reference `@p` in a message's text designates; an unknown name
+/// is an error that says how to write a literal `@`.
+async fn resolve_reference(
+    tx: &mut capstan_cluster::Transaction,
+    ctx: &Ctx,
+    p: &Path,
+) -> Result<FormulaId, Error> {
+    model::resolve(tx, ctx, p).await.map_err(|e| match e {
+        Error::UnknownName(_) => Error::Invalid(format!(
+            "the reference @{p} names nothing: you have no name {:?} (see `capstan list`); write @@{p} for a literal @",
+            p.to_string()
+        )),
+        other => other,
+    })
+}
+
+/// The reason a request rejected without one is given.
+pub const NO_REASON: &str = "no reason given";
+
+/// Why `cat` of a promise that is not resolved shows nothing: pending (an
+/// answer may still come) or rejected (none ever will, and why).
+pub(crate) fn promise_has_no_value(name: &str, state: &PromiseState) -> Error {
+    match state {
+        PromiseState::Rejected(reason) => Error::Invalid(format!(
+            "{name} is a request that was rejected: {reason}; it has no value"
+        )),
+        _ => Error::Invalid(format!(
+            "{name} is a request that is still pending; nothing to show yet (its answer lands here once resolved)"
+        )),
+    }
+}
+
 /// The bytes of value `id`, checked against its record.
 async fn value_bytes(
     tx: &mut capstan_cluster::Transaction,
@@ -640,6 +696,9 @@ impl AgentHandle {
                                 detail: entry_detail(&f),
                             });
                         }
+                        if ctx.is_host {
+                            out.extend(HOST_ONLY_SPECIALS.iter().map(|(n, _)| unvalued_special(n)));
+                        }
                     }
                     for (name, id) in model::list_dir(tx, &dir, MAX_LIST).await? {
                         let f = model::must_formula(tx, &id).await?;
@@ -657,6 +716,9 @@ impl AgentHandle {
     }
 
     pub async fn show(&self, path: &str) -> Result<EntryInfo, Error> {
+        if self.ctx.is_host && HOST_ONLY_SPECIALS.iter().any(|(n, _)| *n == path) {
+            return Ok(unvalued_special(path));
+        }
         let ctx = self.ctx.clone();
         let p = Path::parse(path)?;
         self.rt
@@ -710,10 +772,7 @@ impl AgentHandle {
                             Ok((tid, v.kind, data))
                         }
                         FormulaKind::Promise(PromiseRec { state, .. }) => {
-                            Err(Error::Invalid(format!(
-                                "{p} is a request that is {}; nothing to show yet",
-                                state_text(&state)
-                            )))
+                            Err(promise_has_no_value(&p.to_string(), &state))
                         }
                         other => Err(Error::WrongType {
                             name: p.to_string(),
@@ -1167,7 +1226,7 @@ impl AgentHandle {
                 let refs = refs.clone();
                 Box::pin(async move {
                     for p in &refs {
-                        model::resolve(tx, &ctx, p).await?;
+                        resolve_reference(tx, &ctx, p).await?;
                     }
                     let mut reply_id = None;
                     let mut target = None;
@@ -1246,7 +1305,7 @@ impl AgentHandle {
                 Box::pin(async move {
                     let mut ids = Vec::with_capacity(paths.len());
                     for p in &paths {
-                        ids.push(model::resolve(tx, &ctx, p).await?);
+                        ids.push(resolve_reference(tx, &ctx, p).await?);
                     }
                     Ok((
                         BodyRec::Package {
@@ -1602,7 +1661,7 @@ impl AgentHandle {
             });
         }
         let reason = if reason.is_empty() {
-            "rejected".to_string()
+            NO_REASON.to_string()
         } else {
             reason.to_string()
         };

@@ -535,6 +535,26 @@ impl Runtime {
             .await
     }
 
+    /// When the invitation whose locator hashes to `hash` was accepted
+    /// (ms since the epoch), if it was.
+    pub async fn invitation_used_at(&self, hash: [u8; 32]) -> Result<Option<u64>, Error> {
+        self.db()
+            .read(move |tx| {
+                Box::pin(async move {
+                    match tx.get(&keys::used_invitation(&hash)).await? {
+                        Some(b) => {
+                            let at: [u8; 8] = b.as_slice().try_into().map_err(|_| {
+                                Error::Corrupt("used invitation record is not 8 bytes".into())
+                            })?;
+                            Ok(Some(u64::from_be_bytes(at)))
+                        }
+                        None => Ok(None),
+                    }
+                })
+            })
+            .await
+    }
+
     /// Redeems an invitation (`invitation` restored from locator `hash`):
     /// names the accepting node's agent (`handle`) under the invitation's
     /// name and returns a handle (swiss) for the inviting host.
@@ -576,6 +596,8 @@ impl Runtime {
                         tx.clear(&k);
                     }
                     tx.clear(&keys::locator(&hash));
+                    // Remembered, so that a second use says "already used".
+                    tx.set(&keys::used_invitation(&hash), &now_ms().to_be_bytes())?;
                     tx.clear(&keys::formula(&invitation));
                     let id = FormulaId::random();
                     model::put_formula(

@@ -12,6 +12,7 @@
 //! | `("mark", agent)` | next message number floor, u64 big-endian (after dismissals) |
 //! | `("loc", blake3(swiss))` | `LocatorRecord` (a locator this node issued) |
 //! | `("locf", target, blake3(swiss))` | empty (the locators of a formula, for `cancel`) |
+//! | `("usedinv", blake3(swiss))` | accept time, u64 ms big-endian (an invitation's locator that was used) |
 //! | `("out", created-µs, item-id)` | `OutboxItem` (owed to another cluster, in send order) |
 //! | `("in", item-id)` | receive time, u64 ms (an item from another cluster was applied) |
 //! | `("llmk", provider)` | an LLM provider's API key (UTF-8): private, read only by model calls |
@@ -108,6 +109,11 @@ pub fn locators_of(target: &FormulaId) -> Vec<u8> {
         .str("locf")
         .bytes(target.as_bytes())
         .into_vec()
+}
+
+/// An invitation's locator that was redeemed (so a second use is told so).
+pub fn used_invitation(hash: &[u8; 32]) -> Vec<u8> {
+    TupleKey::new().str("usedinv").bytes(hash).into_vec()
 }
 
 pub fn outbox(created_us: u64, id: &RequestId) -> Vec<u8> {

@@ -229,6 +229,9 @@ impl Runtime {
                             }
                             Ok((v.kind, data))
                         }
+                        FormulaKind::Promise(crate::records::PromiseRec { state, .. }) => Err(
+                            crate::api::promise_has_no_value("what this locator names", &state),
+                        ),
                         other => Err(Error::WrongType {
                             name: format!("id:{}", tid.short()),
                             expected: "value".into(),

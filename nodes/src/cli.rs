@@ -159,7 +159,10 @@ pub enum Command {
         #[command(flatten)]
         out: Out,
     },
-    /// Store a value under a name.
+    /// Store a value under a name (at most 8 MiB).
+    ///
+    /// One value holds at most 8 MiB (8388608 bytes); a larger one is refused
+    /// before anything is sent: split it into several values.
     Store(StoreArgs),
     /// Remove a name.
     #[command(visible_alias = "rm")]
@@ -322,6 +325,8 @@ pub enum Command {
         out: Out,
     },
     /// Ask an agent for something; the answer lands under --name.
+    ///
+    /// The description is at most 64 KiB (65536 bytes).
     Request {
         /// Whom to ask (an agent's name, or HOST).
         to: String,
@@ -344,7 +349,7 @@ pub enum Command {
         #[command(flatten)]
         out: Out,
     },
-    /// Reject request N in your inbox.
+    /// Reject request N in your inbox (the reason: at most 64 KiB).
     Reject {
         number: u64,
         /// Why (words are joined with spaces).
@@ -439,10 +444,15 @@ pub enum Command {
     },
 }
 
-const TEXT_HELP: &str = "TEXT syntax: `@path` embeds a reference to the value named `path`; \
+const TEXT_HELP: &str = "TEXT syntax: `@path` embeds a reference to the value named `path` \
+(a pet name, or a path such as `docs.a` or `HOST.x`: names joined with '.'); \
 `@path:edge` suggests the name `edge` to the receiver (default: the last segment of `path`). \
 `@` starts a reference only at the start of TEXT or after a character that is not a letter, \
-digit, '.', '_' or '-' (so `a@b.c` is literal); `@@` is a literal `@`.";
+digit, '.', '_' or '-' (so `a@b.c` is literal); `@@` is a literal `@`. \
+An `@word` that is not one of your names is an error (`@Report`: write `@@Report` for a literal `@`).
+
+Limits: the text (without its references) is at most 64 KiB (65536 bytes), with at most 64 \
+references; send a longer text as a value: `capstan store --file FILE --name NAME`, then `@NAME`.";
 
 /// `capstan store`.
 #[derive(Debug, Args)]
@@ -720,6 +730,28 @@ mod tests {
     #[test]
     fn definitions_are_consistent() {
         Cli::command().debug_assert();
+    }
+
+    /// The limits written in the help texts are the node's.
+    #[test]
+    fn help_states_the_real_limits() {
+        use capstan_actors::api::{MAX_MESSAGE_REFS, MAX_MESSAGE_TEXT, MAX_VALUE_BYTES};
+        assert_eq!(MAX_MESSAGE_TEXT, 64 * 1024);
+        assert!(TEXT_HELP.contains(&format!("64 KiB ({MAX_MESSAGE_TEXT} bytes)")));
+        assert!(TEXT_HELP.contains(&format!("at most {MAX_MESSAGE_REFS} references")));
+        assert_eq!(MAX_VALUE_BYTES, 8 * 1024 * 1024);
+        let store = Cli::command()
+            .find_subcommand_mut("store")
+            .expect("store")
+            .render_long_help()
+            .to_string()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(
+            store.contains(&format!("8 MiB ({MAX_VALUE_BYTES} bytes)")),
+            "{store}"
+        );
     }
 
     fn parse(args: &[&str]) -> Cli {

@@ -14,11 +14,10 @@ use serde_json::json;
 
 use crate::cli::{Command, StoreArgs};
 use crate::client::{Client, read_entry, read_message};
-use crate::output::{self, Message, print_json};
+use crate::output::{self, Message, bytes_human, print_json};
 use crate::text;
 
-/// Values larger than this are refused before sending (the node's own limit is lower).
-const MAX_SEND_BYTES: usize = 48 * 1024 * 1024;
+use capstan_actors::api::{MAX_MESSAGE_REFS, MAX_MESSAGE_TEXT, MAX_VALUE_BYTES};
 
 fn kind_name(k: ValueKind) -> &'static str {
     match k {
@@ -28,18 +27,22 @@ fn kind_name(k: ValueKind) -> &'static str {
     }
 }
 
-/// Prints an id (`{"id":hex}` with `--json`).
-fn print_id(json: bool, id: &[u8]) {
+/// Prints what a command made: `WHAT (id HEX)` for people, `{"id":hex}`
+/// with `--json`.
+fn print_made(json: bool, what: &str, id: &[u8]) {
     if json {
         print_json(&json!({"id": hex::encode(id)}));
     } else {
-        println!("{}", hex::encode(id));
+        println!("{what} (id {})", hex::encode(id));
     }
 }
 
-fn print_done(json: bool) {
+/// Prints what a command did: a line for people, the object with `--json`.
+fn print_done(json: bool, line: &str, object: serde_json::Value) {
     if json {
-        print_json(&json!({}));
+        print_json(&object);
+    } else {
+        println!("{line}");
     }
 }
 
@@ -60,18 +63,43 @@ fn read_store_source(s: &StoreArgs) -> anyhow::Result<(ValueKind, Vec<u8>)> {
         let mut data = Vec::new();
         std::io::stdin()
             .lock()
-            .take(MAX_SEND_BYTES as u64 + 1)
+            .take(MAX_VALUE_BYTES as u64 + 1)
             .read_to_end(&mut data)
             .context("cannot read stdin")?;
         (ValueKind::Bytes, data)
     };
-    if data.len() > MAX_SEND_BYTES {
+    check_value_size(data.len())?;
+    Ok((kind, data))
+}
+
+/// The node's limit on one value (`MAX_VALUE_BYTES`), checked before
+/// anything is sent; the error says what to do instead.
+fn check_value_size(len: usize) -> anyhow::Result<()> {
+    if len > MAX_VALUE_BYTES {
         bail!(
-            "value of {} bytes exceeds the limit of {MAX_SEND_BYTES} bytes",
-            data.len()
+            "the value is {} ({len} bytes), over the limit of {} ({MAX_VALUE_BYTES} bytes) for one value; \
+             split it into several values of at most {} each",
+            bytes_human(len),
+            bytes_human(MAX_VALUE_BYTES),
+            bytes_human(MAX_VALUE_BYTES),
         );
     }
-    Ok((kind, data))
+    Ok(())
+}
+
+/// The node's limit on the text of one message (`MAX_MESSAGE_TEXT`): the
+/// text of `send` and `reply` without its references, a request's
+/// description, a rejection's reason.
+fn check_text_size(what: &str, len: usize) -> anyhow::Result<()> {
+    if len > MAX_MESSAGE_TEXT {
+        bail!(
+            "{what} is {} ({len} bytes), over the limit of {} ({MAX_MESSAGE_TEXT} bytes) for the text of one message; \
+             store a long text as a value (`capstan store --file FILE --name NAME`) and send a reference to it (`@NAME`)",
+            bytes_human(len),
+            bytes_human(MAX_MESSAGE_TEXT),
+        );
+    }
+    Ok(())
 }
 
 fn parse_thread(s: &str) -> anyhow::Result<RequestId> {
@@ -175,7 +203,16 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
                     }
                 })
                 .await?;
-            print_id(json, &id);
+            print_made(
+                json,
+                &format!(
+                    "stored {}: {}, {}",
+                    s.name,
+                    kind_name(kind),
+                    bytes_human(data.len())
+                ),
+                &id,
+            );
         }
         Command::Remove { path, .. } => {
             let req = RequestId::random();
@@ -190,7 +227,11 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
                     }
                 })
                 .await?;
-            print_done(json);
+            print_done(
+                json,
+                &format!("removed the name {path}"),
+                json!({"removed": path}),
+            );
         }
         Command::Move { from, to, .. } => {
             let req = RequestId::random();
@@ -206,7 +247,11 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
                     }
                 })
                 .await?;
-            print_done(json);
+            print_done(
+                json,
+                &format!("moved {from} to {to}"),
+                json!({"moved": from, "to": to}),
+            );
         }
         Command::Copy { from, to, .. } => {
             let req = RequestId::random();
@@ -222,7 +267,11 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
                     }
                 })
                 .await?;
-            print_done(json);
+            print_done(
+                json,
+                &format!("copied {from} to {to} (both name the same thing)"),
+                json!({"copied": from, "to": to}),
+            );
         }
         Command::Mkdir { path, .. } => {
             let req = RequestId::random();
@@ -238,7 +287,7 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
                     }
                 })
                 .await?;
-            print_id(json, &id);
+            print_made(json, &format!("made directory {path}"), &id);
         }
         Command::Mkhost { path, .. } => {
             let req = RequestId::random();
@@ -254,7 +303,7 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
                     }
                 })
                 .await?;
-            print_id(json, &id);
+            print_made(json, &format!("made host {path}"), &id);
         }
         Command::Mkguest {
             path,
@@ -290,7 +339,7 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
                     }
                 })
                 .await?;
-            print_id(json, &id);
+            print_made(json, &format!("made guest {path}"), &id);
         }
         Command::Send { to, text, .. } => {
             let number = send(client, &to, &text.join(" "), None).await?;
@@ -308,6 +357,7 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
             ..
         } => {
             let description = description.join(" ");
+            check_text_size("the description", description.len())?;
             let name = name.unwrap_or_default();
             let req = RequestId::random();
             let (number, promise) = client
@@ -369,10 +419,15 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
                     }
                 })
                 .await?;
-            print_done(json);
+            print_done(
+                json,
+                &format!("resolved request {number} with {path}"),
+                json!({"number": number, "resolved": path}),
+            );
         }
         Command::Reject { number, reason, .. } => {
             let reason = reason.join(" ");
+            check_text_size("the reason", reason.len())?;
             let req = RequestId::random();
             client
                 .call(|a| {
@@ -386,7 +441,12 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
                     }
                 })
                 .await?;
-            print_done(json);
+            let line = if reason.is_empty() {
+                format!("rejected request {number} (no reason given)")
+            } else {
+                format!("rejected request {number}: {reason}")
+            };
+            print_done(json, &line, json!({"number": number, "rejected": reason}));
         }
         Command::Adopt {
             number, edge, name, ..
@@ -408,7 +468,11 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
                     }
                 })
                 .await?;
-            print_id(json, &id);
+            print_made(
+                json,
+                &format!("adopted {edge} of message {number} as {name}"),
+                &id,
+            );
         }
         Command::Dismiss { number, .. } => {
             let req = RequestId::random();
@@ -420,7 +484,11 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
                     r.send().promise.await.map(drop)
                 })
                 .await?;
-            print_done(json);
+            print_done(
+                json,
+                &format!("dismissed message {number}"),
+                json!({"dismissed": number}),
+            );
         }
         Command::Locate { path, .. } => {
             let locator = client
@@ -441,9 +509,14 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
             }
         }
         Command::AdoptLocator { locator, name, .. } => {
-            locator.parse::<capstan_proto::Locator>().map_err(|e| {
-                anyhow!("{e}; a locator looks like capstan://<cluster-id>/<swiss>?at=<host:port>")
-            })?;
+            let parsed = locator
+                .trim()
+                .parse::<capstan_proto::Locator>()
+                .map_err(|e| {
+                    anyhow!(
+                        "{e}; a locator looks like capstan://<cluster-id>/<swiss>?at=<host:port>"
+                    )
+                })?;
             let req = RequestId::random();
             let id = client
                 .call(|a| {
@@ -458,7 +531,14 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
                     }
                 })
                 .await?;
-            print_id(json, &id);
+            print_made(
+                json,
+                &format!(
+                    "named {name}: a capability of cluster {}…, checked with that cluster",
+                    &capstan_proto::locator::encode32(&parsed.cluster)[..12]
+                ),
+                &id,
+            );
         }
         Command::Invite { name, .. } => {
             let invitation = client
@@ -484,7 +564,7 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
         Command::Accept {
             invitation, name, ..
         } => {
-            invitation.trim().parse::<capstan_proto::Locator>().map_err(|e| {
+            let parsed = invitation.trim().parse::<capstan_proto::Locator>().map_err(|e| {
                 anyhow!("{e}; an invitation looks like capstan://<cluster-id>/<swiss>?at=<host:port>")
             })?;
             let req = RequestId::random();
@@ -501,7 +581,14 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
                     }
                 })
                 .await?;
-            print_id(json, &id);
+            print_made(
+                json,
+                &format!(
+                    "accepted the invitation: {name} names the inviting agent of cluster {}…",
+                    &capstan_proto::locator::encode32(&parsed.cluster)[..12]
+                ),
+                &id,
+            );
         }
         Command::Cancel { path, .. } => {
             let req = RequestId::random();
@@ -565,7 +652,18 @@ fn print_number(json: bool, number: u64) {
 
 /// `send` and `reply` (`to` empty and `reply_to` set: the node answers the sender).
 async fn send(client: &Client, to: &str, text: &str, reply_to: Option<u64>) -> anyhow::Result<u64> {
-    let parsed = text::parse(text);
+    let parsed = text::parse(text).map_err(|e| anyhow!(e))?;
+    check_text_size(
+        "the message text",
+        parsed.strings.iter().map(String::len).sum(),
+    )?;
+    if parsed.refs.len() > MAX_MESSAGE_REFS {
+        bail!(
+            "the message has {} references, over the limit of {MAX_MESSAGE_REFS} for one message; \
+             put the things in a directory (`capstan mkdir`, `capstan copy`) and send a reference to it",
+            parsed.refs.len()
+        );
+    }
     let req = RequestId::random();
     let number = client
         .call(|a| {

@@ -1,7 +1,11 @@
 //! `capstan demo`: a guided tour on a temporary home. It runs this very
 //! binary as subprocesses (`capstan --home TMP …`), printing each command and
 //! its output, kills the daemon with SIGKILL half-way and shows that the
-//! pending request survived.
+//! pending request survived. Then the network part: a second node on its
+//! own temporary home reads a value of the first over QUIC on loopback
+//! (`locate`, `adopt-locator`, `cat`) until the first revokes it (`cancel`).
+//! Both daemons are stopped and both homes removed at the end, also when a
+//! step fails.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -15,6 +19,9 @@ use crate::daemon::{HomeLock, Paths};
 struct Tour {
     exe: PathBuf,
     home: PathBuf,
+    /// Whether to show `--home HOME` in the commands printed (with two
+    /// nodes, to say which one a command talks to).
+    show_home: bool,
 }
 
 impl Tour {
@@ -25,10 +32,26 @@ impl Tour {
         }
     }
 
-    /// Runs `capstan ARGS` on the demo home, echoing it and its output.
-    fn run(&self, args: &[&str]) -> anyhow::Result<String> {
-        let shown: Vec<String> = args.iter().map(|a| shell_word(a)).collect();
-        println!("$ capstan {}", shown.join(" "));
+    /// The same tour on the same home, printing `--home HOME` in commands.
+    fn showing_home(&self) -> Tour {
+        Tour {
+            exe: self.exe.clone(),
+            home: self.home.clone(),
+            show_home: true,
+        }
+    }
+
+    /// Echoes `capstan ARGS`, runs it on the demo home; its command line
+    /// as shown and its output.
+    fn exec(&self, args: &[&str]) -> anyhow::Result<(String, std::process::Output)> {
+        let mut shown: Vec<String> = Vec::new();
+        if self.show_home {
+            shown.push("--home".into());
+            shown.push(shell_word(&self.home.display().to_string()));
+        }
+        shown.extend(args.iter().map(|a| shell_word(a)));
+        let shown = shown.join(" ");
+        println!("$ capstan {shown}");
         let out = Command::new(&self.exe)
             .args(args)
             .arg("--home")
@@ -37,17 +60,49 @@ impl Tour {
             .stdin(Stdio::null())
             .output()
             .with_context(|| format!("cannot run {}", self.exe.display()))?;
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stdout = String::from_utf8_lossy(&out.stdout);
         print!("{stdout}");
         if !stdout.is_empty() && !stdout.ends_with('\n') {
             println!();
         }
+        Ok((shown, out))
+    }
+
+    /// Runs `capstan ARGS` on the demo home, echoing it and its output.
+    fn run(&self, args: &[&str]) -> anyhow::Result<String> {
+        let (shown, out) = self.exec(args)?;
         eprint!("{}", String::from_utf8_lossy(&out.stderr));
         if !out.status.success() {
-            bail!("step `capstan {}` failed ({})", shown.join(" "), out.status);
+            bail!("step `capstan {shown}` failed ({})", out.status);
         }
-        Ok(stdout)
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
+
+    /// Runs `capstan ARGS`, which must fail with an error containing
+    /// `expected`; the error is part of the tour, so it goes to stdout.
+    fn run_failing(&self, args: &[&str], expected: &str) -> anyhow::Result<()> {
+        let (shown, out) = self.exec(args)?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        print!("{err}");
+        if out.status.success() {
+            bail!("step `capstan {shown}` succeeded, but it should have failed ({expected})");
+        }
+        if !err.contains(expected) {
+            bail!("step `capstan {shown}` failed without saying {expected:?}");
+        }
+        println!(
+            "(exit status {}: it failed, as it should)",
+            exit_code(&out.status)
+        );
+        Ok(())
+    }
+}
+
+fn exit_code(status: &std::process::ExitStatus) -> String {
+    status
+        .code()
+        .map(|c| c.to_string())
+        .unwrap_or_else(|| status.to_string())
 }
 
 /// Quotes a word for display the way a shell user would type it.
@@ -128,9 +183,47 @@ fn tour(t: &Tour) -> anyhow::Result<()> {
     t.run(&["resolve", "1", "greeting"])?;
     t.run(&["show", "doc", "--as", "alice"])?;
     t.run(&["cat", "doc", "--as", "alice"])?;
+    Ok(())
+}
 
-    t.say("Stop the daemon.");
-    t.run(&["stop"])?;
+/// The network part: node A (`a`, the tour's node, running) and a second
+/// node B on its own home. Leaves both stopped.
+fn network(a: &Tour, b: &Tour) -> anyhow::Result<()> {
+    let (a, b) = (a.showing_home(), b.showing_home());
+    a.say(
+        "The network part: a second node B on this machine, with a home of its own.\n\
+         Nodes talk QUIC. Restart node A listening on a loopback port (port 0: any free one).",
+    );
+    a.run(&["stop"])?;
+    a.run(&["start", "--listen", "127.0.0.1:0"])?;
+    b.run(&["start"])?;
+
+    a.say(
+        "On A, make a locator for `greeting`: a durable reference other nodes can use.\n\
+         It names A's cluster by its key and carries a secret (the swiss number).",
+    );
+    let locator = a.run(&["locate", "greeting"])?;
+    let locator = locator.trim();
+    if !locator.starts_with("capstan://") {
+        bail!("`capstan locate` printed no locator: {locator:?}");
+    }
+
+    b.say(
+        "On B, adopt the locator under a pet name of B's: B checks it with A's cluster first.\n\
+         Then read it: B dials A, which proves it holds that cluster's key, and answers.",
+    );
+    b.run(&["adopt-locator", locator, "--name", "greeting-from-a"])?;
+    b.run(&["cat", "greeting-from-a"])?;
+
+    a.say("A revokes every locator of `greeting` (A's own name for it still works).");
+    a.run(&["cancel", "greeting"])?;
+    b.say("B's next read fails: the capability was revoked.");
+    b.run_failing(&["cat", "greeting-from-a"], "revoked")?;
+    a.run(&["cat", "greeting"])?;
+
+    a.say("Stop both daemons.");
+    a.run(&["stop"])?;
+    b.run(&["stop"])?;
     Ok(())
 }
 
@@ -168,23 +261,44 @@ fn cleanup(exe: &Path, home: &Path) {
 /// `capstan demo`.
 pub fn run() -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("cannot find the capstan executable")?;
-    let home = std::env::temp_dir().join(format!(
+    let base = std::env::temp_dir().join(format!(
         "capstan-demo-{}",
         &RequestId::random().to_hex()[..12]
     ));
-    println!("Capstan demo: a node, a guest, mail with references, a crash and a restart.");
-    println!("Temporary home: {}", home.display());
-    let tour_home = Tour {
+    let home = base.join("a");
+    let home_b = base.join("b");
+    std::fs::create_dir_all(&home)
+        .and_then(|()| std::fs::create_dir_all(&home_b))
+        .with_context(|| format!("cannot make {}", base.display()))?;
+    println!(
+        "Capstan demo: a node, a guest, mail with references, a crash and a restart;\n\
+         then a second node reading a capability of the first over the network, until it is revoked."
+    );
+    println!(
+        "Temporary homes: {} (node A), {} (node B)",
+        home.display(),
+        home_b.display()
+    );
+    let a = Tour {
         exe: exe.clone(),
         home: home.clone(),
+        show_home: false,
     };
-    let result = tour(&tour_home);
+    let b = Tour {
+        exe: exe.clone(),
+        home: home_b.clone(),
+        show_home: true,
+    };
+    let result = tour(&a).and_then(|()| network(&a, &b));
     cleanup(&exe, &home);
+    cleanup(&exe, &home_b);
+    let _ = std::fs::remove_dir_all(&base);
     result?;
     println!();
     println!(
-        "Done: the request made before the crash was answered after it. Removed {}.",
-        home.display()
+        "Done: the request made before the crash was answered after it, and a capability\n\
+         used across nodes stopped working when revoked. Removed {}.",
+        base.display()
     );
     println!("Try it on your own node: `capstan start`, then `capstan --help`.");
     Ok(())

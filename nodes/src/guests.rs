@@ -101,7 +101,16 @@ pub async fn mkguest(
     if json {
         print_json(&json!({"id": hex::encode(&id)}));
     } else {
-        println!("{}", hex::encode(&id));
+        let slots: Vec<&str> = with.iter().map(|(slot, _)| slot.as_str()).collect();
+        let given = if slots.is_empty() {
+            String::new()
+        } else {
+            format!(", given {}", slots.join(", "))
+        };
+        println!(
+            "made guest {path} running component {component}{given} (id {})",
+            hex::encode(&id)
+        );
     }
     Ok(())
 }

@@ -211,6 +211,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         info.pid,
                         paths.home_str()
                     );
+                    if let Some(addr) = listening_on(&paths) {
+                        println!("other nodes reach it at {addr} (QUIC)");
+                    }
                 }
                 Ok(())
             }
@@ -283,6 +286,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     println!("store         {}", info.store);
                     println!("incarnations  {}", info.incarnations);
                     println!("connections   {}", info.connections);
+                    if let Some(addr) = listening_on(&paths) {
+                        println!("listening on  {addr} (QUIC)");
+                    }
                     println!("root host     {}", hex::encode(&info.root_host));
                 }
                 Ok(())
@@ -293,6 +299,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
     })
+}
+
+/// The address the node listens on for other nodes: what its last start
+/// with `--listen` bound (`<home>/listen`), if any.
+fn listening_on(paths: &Paths) -> Option<String> {
+    let addr = std::fs::read_to_string(paths.home.join("listen")).ok()?;
+    let addr = addr.trim();
+    (!addr.is_empty()).then(|| addr.to_string())
 }
 
 fn print_where(paths: &Paths, json: bool) {

@@ -140,6 +140,22 @@ pub fn duration_human(ms: u64) -> String {
     }
 }
 
+/// A size for people: `13 bytes`, `64 KiB`, `1.5 MiB`.
+pub fn bytes_human(n: usize) -> String {
+    const KIB: usize = 1024;
+    const MIB: usize = 1024 * 1024;
+    let (unit, size) = match n {
+        0..KIB => return format!("{n} bytes"),
+        KIB..MIB => ("KiB", KIB),
+        _ => ("MiB", MIB),
+    };
+    if n.is_multiple_of(size) {
+        format!("{} {unit}", n / size)
+    } else {
+        format!("{:.1} {unit}", n as f64 / size as f64)
+    }
+}
+
 /// Prints a JSON value on one line.
 pub fn print_json(v: &Value) {
     println!("{v}");
@@ -253,6 +269,10 @@ mod tests {
             cat_json("bytes", &[0, 255]),
             json!({"kind":"bytes","base64":"AP8="})
         );
+        assert_eq!(bytes_human(13), "13 bytes");
+        assert_eq!(bytes_human(64 * 1024), "64 KiB");
+        assert_eq!(bytes_human(1536 * 1024), "1.5 MiB");
+        assert_eq!(bytes_human(8 * 1024 * 1024), "8 MiB");
         assert_eq!(duration_human(850), "850ms");
         assert_eq!(duration_human(12_345), "12.3s");
         assert_eq!(duration_human(245_000), "4m05s");

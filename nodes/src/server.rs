@@ -228,7 +228,9 @@ impl agent::Server for AgentServer {
     ) -> Result<(), CapError> {
         let path = text(params.get()?.get_path(), "path")?;
         let mut e = self.handle.show(&path).await.map_err(actor_error)?;
-        if let Some(remote) = self.remote(&path).await? {
+        if e.kind == "special" {
+            // MAIL, NONE: no formula behind them.
+        } else if let Some(remote) = self.remote(&path).await? {
             let (kind, detail) = self.net.show(&remote).await.map_err(failed)?;
             e.detail = format!(
                 "{kind} ({detail}) on cluster {}…",
@@ -616,6 +618,20 @@ impl agent::Server for AgentServer {
             swiss: locator.swiss,
             addrs: locator.addrs,
         };
+        // Checked with its cluster before it is named: a forged or revoked
+        // locator (or one whose address is another cluster's) is refused
+        // now, not at its first use; an unreachable cluster names nothing.
+        match self.net.check(&remote).await {
+            Ok(_) => {}
+            Err(crate::net::NetError::Refused(why)) => {
+                return Err(failed(format!("{why}; nothing was named")));
+            }
+            Err(crate::net::NetError::Unreachable(why)) => {
+                return Err(failed(format!(
+                    "{why}; nothing was named (a locator is checked with its cluster before it is named: try again once that node answers)"
+                )));
+            }
+        }
         let id = self
             .handle
             .adopt_locator(req, &path, remote)

@@ -165,13 +165,22 @@ fn json_shapes() {
     assert_eq!(by_name("SELF")["id"], st["root_host"]);
     assert_eq!(by_name("SELF")["type"], "host");
     by_name("HOST");
-    for e in entries
-        .iter()
-        .filter(|e| e["name"] != "MAIL" && e["name"] != "NONE")
-    {
+    // A host's special names that name no value are listed too (CLI.md).
+    for special in ["MAIL", "NONE"] {
+        let e = by_name(special);
+        assert_eq!(e["type"], "special", "{e}");
+        assert_eq!(e["id"], "0".repeat(64), "{e}");
+        assert!(e["detail"].as_str().unwrap().contains("not a value"), "{e}");
+    }
+    for e in entries {
         let shown = node.json(["show", e["name"].as_str().unwrap()]);
         assert_eq!(&shown, e, "show agrees with list");
     }
+    let (code, err) = node.fail(["cat", "MAIL"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("MAIL"), "{err}");
+    let human = node.ok(["list"]);
+    assert!(human.contains("MAIL") && human.contains("NONE"), "{human}");
     let dir = node.json(["list", "dir"]);
     assert_eq!(dir, json!([]), "a new directory is empty");
 
@@ -189,6 +198,10 @@ fn json_shapes() {
     assert!(
         alice_names.contains(&"SELF") && alice_names.contains(&"HOST"),
         "{alice}"
+    );
+    assert!(
+        !alice_names.contains(&"MAIL") && !alice_names.contains(&"NONE"),
+        "a guest has no MAIL or NONE: {alice}"
     );
 
     // cat --json of a text value
@@ -256,4 +269,57 @@ fn global_options_go_before_or_after() {
         String::from_utf8_lossy(&out.stdout),
         node.ok(["--json", "list"])
     );
+}
+
+/// `capstan demo` (the README's first command) runs to the end: the tour on
+/// one node, then a second node reading a value of the first over QUIC
+/// until it is revoked; both daemons stopped and both homes removed.
+#[test]
+fn demo_runs_and_shows_the_network_part() {
+    let tmp = tempfile::tempdir().unwrap();
+    let child = std::process::Command::new(capstan_bin())
+        .arg("demo")
+        .env_remove("CAPSTAN_HOME")
+        .env("TMPDIR", tmp.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let r = capstan_tests::wait_child(child, std::time::Duration::from_secs(240), "capstan demo");
+    assert!(r.success(), "{r}");
+    let out = r.stdout_str();
+    // The remote read: B adopts A's locator and reads the greeting.
+    let adopt = out
+        .find("adopt-locator \"capstan://")
+        .unwrap_or_else(|| panic!("no adopt-locator step:\n{out}"));
+    let after = &out[adopt..];
+    assert!(after.contains("checked with that cluster"), "{out}");
+    let cat = after
+        .find("cat greeting-from-a\nhello [world]")
+        .unwrap_or_else(|| panic!("no remote read of the greeting:\n{out}"));
+    // Then A cancels, and B's read fails saying it was revoked.
+    let revoked = &after[cat..];
+    assert!(revoked.contains("cancel greeting"), "{out}");
+    assert!(
+        revoked.contains("capstan: the remote node refused: revoked"),
+        "{out}"
+    );
+    assert!(revoked.contains("it failed, as it should"), "{out}");
+    assert!(out.contains("Done:"), "{out}");
+    // Nothing left behind: the homes (under TMPDIR) are gone, and with them
+    // the daemons (each held its home's lock).
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    for pid in out
+        .split("(pid ")
+        .skip(1)
+        .filter_map(|s| s.split(')').next()?.parse::<i32>().ok())
+    {
+        capstan_tests::wait_gone(pid, capstan_tests::EXIT_TIMEOUT);
+    }
 }

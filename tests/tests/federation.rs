@@ -197,10 +197,11 @@ fn invitations_are_one_use_and_refused_mail_bounces() {
     let v = a.json(["invite", "bob"]);
     let inv = v["invitation"].as_str().unwrap().to_string();
     b.ok(["accept", &inv, "alice"]);
-    // A second node cannot use the same invitation.
+    // A second node cannot use the same invitation, and is told why.
     let (code, err) = c.fail(["accept", &inv, "alice"]);
     assert_eq!(code, 1);
-    assert!(err.contains("unknown or revoked"), "{err}");
+    assert!(err.contains("already used"), "{err}");
+    assert!(!err.contains("revoked"), "{err}");
     assert!(
         !c.names(&[]).contains("alice"),
         "a refused accept named nothing"

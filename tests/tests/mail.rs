@@ -221,7 +221,10 @@ fn request_wait_resolve_and_reject() {
 
     // dismiss removes a message.
     let before = node.inbox(&[]).len();
-    assert_eq!(node.json(["dismiss", &pkg.to_string()]), json!({}));
+    assert_eq!(
+        node.json(["dismiss", &pkg.to_string()]),
+        json!({"dismissed": pkg})
+    );
     assert_eq!(node.inbox(&[]).len(), before - 1);
     let (code, _) = node.fail(["dismiss", &pkg.to_string()]);
     assert_eq!(code, 1);

@@ -107,34 +107,47 @@ fn bad_locators_are_refused_and_change_nothing() {
     }
     assert_eq!(b.names(&[]), before, "refused locators changed B's names");
 
-    // Right cluster, unknown swiss: adopted (it is only a name), refused on use.
+    // A locator of the right shape is checked with its cluster before it
+    // is named: each of these fails at adopt-locator, naming nothing.
+    // Right cluster, unknown swiss (a forged secret):
     let parts: Vec<&str> = good.splitn(5, '/').collect();
     let (cluster, rest) = (parts[2], parts[3]);
     let query = rest.split_once('?').unwrap().1;
     let forged = format!("capstan://{cluster}/{}?{query}", "a".repeat(52));
-    b.ok(["adopt-locator", &forged, "--name", "forged"]);
-    let (code, err) = b.fail(["cat", "forged"]);
+    let (code, err) = b.fail(["adopt-locator", &forged, "--name", "forged"]);
     assert_eq!(code, 1);
     assert!(err.contains("unknown or revoked locator"), "{err}");
+    assert!(err.contains("nothing was named"), "{err}");
 
     // The locator's cluster id does not match the node at the address.
     let other = listening();
     let elsewhere = locate(&other, "SELF");
     let other_cluster = elsewhere.split('/').nth(2).unwrap();
     let wrong = good.replacen(cluster, other_cluster, 1);
-    b.ok(["adopt-locator", &wrong, "--name", "wrong"]);
-    let (code, err) = b.fail(["cat", "wrong"]);
+    let (code, err) = b.fail(["adopt-locator", &wrong, "--name", "wrong"]);
     assert_eq!(code, 1);
     assert!(err.contains("belongs to cluster"), "{err}");
+    assert!(err.contains("nothing was named"), "{err}");
 
-    // Nothing listens at the address (a cluster B has no connection to).
+    // Nothing listens at the address (a cluster B has no connection to):
+    // it cannot be checked, so it is not named either.
     let lone = listening();
     let unreachable = locate(&lone, "SELF");
     let nowhere = unreachable.replace(unreachable.split("?at=").nth(1).unwrap(), "127.0.0.1:9");
-    b.ok(["adopt-locator", &nowhere, "--name", "nowhere"]);
-    let (code, err) = b.fail(["cat", "nowhere"]);
+    let (code, err) = b.fail(["adopt-locator", &nowhere, "--name", "nowhere"]);
     assert_eq!(code, 1);
     assert!(err.contains("cannot reach"), "{err}");
+    assert!(err.contains("nothing was named"), "{err}");
+    assert_eq!(b.names(&[]), before, "unchecked locators changed B's names");
+
+    // A revoked locator is refused at adopt time too.
+    a.ok(["store", "--text", "gone", "--name", "gone"]);
+    let gone = locate(&a, "gone");
+    a.ok(["cancel", "gone"]);
+    let (code, err) = b.fail(["adopt-locator", &gone, "--name", "gone"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("revoked"), "{err}");
+    assert_eq!(b.names(&[]), before);
 
     // Both nodes still serve, and the good locator still works.
     b.ok(["adopt-locator", &good, "--name", "good"]);

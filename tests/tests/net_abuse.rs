@@ -216,14 +216,18 @@ fn repeated_failed_restores_are_refused_and_the_good_locator_still_works() {
         let swiss = capstan_proto::locator::encode32(&[i as u8 + 1; 32]);
         let guess = format!("capstan://{}/{swiss}?{query}", parts[2]);
         let name = format!("guess{i}");
-        b.ok(["adopt-locator", &guess, "--name", &name]);
-        let (code, err) = b.fail(["cat", &name]);
+        // (checked with A at adopt time: refused, and nothing is named)
+        let (code, err) = b.fail(["adopt-locator", &guess, "--name", &name]);
         assert_eq!(code, 1);
         assert!(
             err.contains("unknown or revoked locator") || err.contains("lost the connection"),
             "guess {i}: {err}"
         );
     }
+    assert!(
+        !b.names(&[]).iter().any(|n| n.starts_with("guess")),
+        "a refused guess was named"
+    );
     b.ok(["adopt-locator", &good, "--name", "v"]);
     assert_eq!(
         b.ok(["cat", "v"]),

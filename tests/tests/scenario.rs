@@ -111,7 +111,10 @@ fn issue_scenario_survives_kill_9() {
     assert_eq!(node.ok(["cat", "g", "--as", "alice"]), "hello [world]");
 
     // capstan resolve 1 greeting
-    assert_eq!(node.json(["resolve", "1", "greeting"]), json!({}));
+    assert_eq!(
+        node.json(["resolve", "1", "greeting"]),
+        json!({"number": 1, "resolved": "greeting"})
+    );
 
     // capstan show doc --as alice: alice now holds it
     let doc = node.json(["show", "doc", "--as", "alice"]);

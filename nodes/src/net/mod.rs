@@ -564,13 +564,19 @@ impl Net {
     }
 
     pub async fn show(self: &Rc<Self>, remote: &RemoteRec) -> Result<(String, String), String> {
+        self.check(remote).await.map_err(|e| e.to_string())
+    }
+
+    /// Restores `remote` on its cluster and asks what it designates (type
+    /// and detail): whether the locator is real, and whether its cluster can
+    /// be reached now.
+    pub async fn check(self: &Rc<Self>, remote: &RemoteRec) -> Result<(String, String), NetError> {
         self.with_object(remote, |o| async move {
             let answer = o.show_request().send().promise.await?;
             let r = answer.get()?;
             Ok((r.get_type()?.to_string()?, r.get_detail()?.to_string()?))
         })
         .await
-        .map_err(|e| e.to_string())
     }
 
     /// A reference of this node's own cluster made complete for the wire.
@@ -852,6 +858,19 @@ impl gateway::Server for GatewayServer {
                 Ok(())
             }
             Ok(None) => {
+                // An invitation already accepted: say so (the caller held a
+                // real locator, so this is no guess and costs no delay).
+                if let Ok(Some(at)) = self.rt.invitation_used_at(hash).await {
+                    let ago = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_millis() as u64)
+                        .unwrap_or(at)
+                        .saturating_sub(at);
+                    return Err(failed(format!(
+                        "this invitation was already used: it was accepted {} ago, and an invitation works once; ask the inviter for a new one (`capstan invite NAME`)",
+                        crate::output::duration_human(ago)
+                    )));
+                }
                 let n = self.failures.get() + 1;
                 self.failures.set(n);
                 tracing::info!(remote = %self.conn.remote_address(), failures = n, "restore of an unknown or revoked locator");
