@@ -29,6 +29,17 @@ interface Member {
   delivered @1 (agent :Data, number :UInt64) -> ();
   # The request whose promise is `promise` was settled: wake its waiters here.
   settled @2 (promise :Data) -> ();
+  # Many wake-ups in one call (what `delivered` and `settled` say, for each
+  # entry): a sender coalesces the wake-ups it has for one member while its
+  # previous call to that member is in flight, so a busy cluster makes a few
+  # calls per member, not one per message.
+  wake @3 (delivered :List(Delivery), settled :List(Data)) -> ();
+}
+
+# Message `number` was committed to `agent`'s inbox (see `Member.wake`).
+struct Delivery {
+  agent @0 :Data;
+  number @1 :UInt64;
 }
 
 enum ValueKind {

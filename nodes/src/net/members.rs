@@ -8,9 +8,13 @@
 //! that trusts only this cluster's key; a failed call drops the link and
 //! the next call dials again. Reservations time out after
 //! [`RESERVE_TIMEOUT`] (the caller then looks the owner up again: a dead
-//! owner's lease lapses and the caller's node claims the inbox); wake-ups
-//! are best effort, bounded by [`MAX_WAKEUPS_IN_FLIGHT`] (a missed wake-up
-//! only delays a follower or guest until its next message or restart).
+//! owner's lease lapses and the caller's node claims the inbox). Wake-ups
+//! are best effort and coalesced per member: at most one `wake` call is in
+//! flight to a member, and what comes meanwhile goes in the next one
+//! (bounded by [`MAX_PENDING_WAKEUPS`]; a missed wake-up only delays a
+//! follower or guest until its next message or restart). One call per
+//! message to every other member made a cluster slower with every node
+//! added.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -32,8 +36,12 @@ use super::{DIAL_TIMEOUT, Net, Peer, failed, tls, transport};
 pub const RESERVE_TIMEOUT: Duration = Duration::from_millis(1500);
 /// Longest wait for a wake-up call.
 pub const WAKEUP_TIMEOUT: Duration = Duration::from_secs(2);
-/// Wake-up calls in flight at once; more are dropped (best effort).
-pub const MAX_WAKEUPS_IN_FLIGHT: usize = 1024;
+/// Wake-ups waiting for one member while a call to it is in flight; more
+/// are dropped (best effort: a missed wake-up only delays a follower or a
+/// guest until its next message or its next look).
+pub const MAX_PENDING_WAKEUPS: usize = 8192;
+/// Most entries of one `wake` call (the rest wait for the next call).
+pub const MAX_WAKEUPS_PER_CALL: usize = 4096;
 
 /// The member interface of this node.
 pub struct MemberServer {
@@ -45,6 +53,40 @@ fn id_of(b: &[u8]) -> Result<FormulaId, CapError> {
 }
 
 impl member::Server for MemberServer {
+    async fn wake(
+        self: Rc<Self>,
+        params: member::WakeParams,
+        _: member::WakeResults,
+    ) -> Result<(), CapError> {
+        let p = params.get()?;
+        let delivered = p.get_delivered()?;
+        let settled = p.get_settled()?;
+        if delivered.len() as usize + settled.len() as usize > MAX_WAKEUPS_PER_CALL {
+            return Err(failed(format!(
+                "at most {MAX_WAKEUPS_PER_CALL} wake-ups per call"
+            )));
+        }
+        let mut woken = Vec::with_capacity(delivered.len() as usize);
+        for d in delivered.iter() {
+            woken.push((id_of(d.get_agent()?)?, d.get_number()));
+        }
+        let mut promises = Vec::with_capacity(settled.len() as usize);
+        for s in settled.iter() {
+            promises.push(id_of(s?)?);
+        }
+        for (agent, number) in woken {
+            if let Err(e) = self.rt.wake_delivered(agent, number).await {
+                tracing::debug!(agent = %agent.short(), number, "wake-up: {e}");
+            }
+        }
+        for promise in promises {
+            if let Err(e) = self.rt.wake_settled(promise).await {
+                tracing::debug!(promise = %promise.short(), "wake-up: {e}");
+            }
+        }
+        Ok(())
+    }
+
     async fn reserve(
         self: Rc<Self>,
         params: member::ReserveParams,
@@ -93,7 +135,16 @@ impl member::Server for MemberServer {
 pub struct Links {
     by_addr: RefCell<HashMap<String, (Rc<Peer>, member::Client)>>,
     dialing: tokio::sync::Mutex<()>,
-    in_flight: std::cell::Cell<usize>,
+    /// Wake-ups waiting for each member (by address).
+    pending: RefCell<HashMap<String, Pending>>,
+}
+
+/// Wake-ups for one member, and whether a call to it is in flight.
+#[derive(Default)]
+struct Pending {
+    delivered: Vec<(FormulaId, u64)>,
+    settled: Vec<FormulaId>,
+    sending: bool,
 }
 
 impl Links {
@@ -197,40 +248,69 @@ impl Net {
 
     fn wake(self: &Rc<Self>, to: Vec<MemberRec>, what: Wake) {
         for node in to {
-            if self.links.in_flight.get() >= MAX_WAKEUPS_IN_FLIGHT {
-                tracing::debug!("too many wake-ups in flight; dropping one");
-                return;
-            }
-            self.links.in_flight.set(self.links.in_flight.get() + 1);
-            let me = self.clone();
-            tokio::task::spawn_local(async move {
-                let call = async {
-                    let m = me.member(&node.addr).await?;
-                    match what {
-                        Wake::Delivered(agent, number) => {
-                            let mut r = m.delivered_request();
-                            r.get().set_agent(agent.as_bytes());
-                            r.get().set_number(number);
-                            r.send().promise.await.map_err(|e| e.to_string())?;
-                        }
-                        Wake::Settled(promise) => {
-                            let mut r = m.settled_request();
-                            r.get().set_promise(promise.as_bytes());
-                            r.send().promise.await.map_err(|e| e.to_string())?;
-                        }
-                    }
-                    Ok::<_, String>(())
-                };
-                match tokio::time::timeout(WAKEUP_TIMEOUT, call).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        tracing::debug!(node = %node.name, "wake-up failed: {e}");
-                        me.links.drop_link(&node.addr);
-                    }
-                    Err(_) => me.links.drop_link(&node.addr),
+            let start = {
+                let mut pending = self.links.pending.borrow_mut();
+                let p = pending.entry(node.addr.clone()).or_default();
+                if p.delivered.len() + p.settled.len() >= MAX_PENDING_WAKEUPS {
+                    tracing::debug!(node = %node.name, "too many wake-ups waiting; dropping one");
+                    continue;
                 }
-                me.links.in_flight.set(me.links.in_flight.get() - 1);
-            });
+                match what {
+                    Wake::Delivered(agent, number) => p.delivered.push((agent, number)),
+                    Wake::Settled(promise) => p.settled.push(promise),
+                }
+                !std::mem::replace(&mut p.sending, true)
+            };
+            if start {
+                let me = self.clone();
+                tokio::task::spawn_local(async move { me.send_wakeups(node).await });
+            }
+        }
+    }
+
+    /// Sends what waits for `node`, one call at a time, until nothing does.
+    async fn send_wakeups(self: Rc<Self>, node: MemberRec) {
+        loop {
+            let (delivered, settled) = {
+                let mut pending = self.links.pending.borrow_mut();
+                let Some(p) = pending.get_mut(&node.addr) else {
+                    return;
+                };
+                if p.delivered.is_empty() && p.settled.is_empty() {
+                    // (no entry left behind for a member that went away)
+                    pending.remove(&node.addr);
+                    return;
+                }
+                let d = p.delivered.len().min(MAX_WAKEUPS_PER_CALL);
+                let delivered: Vec<_> = p.delivered.drain(..d).collect();
+                let s = p.settled.len().min(MAX_WAKEUPS_PER_CALL - d);
+                let settled: Vec<_> = p.settled.drain(..s).collect();
+                (delivered, settled)
+            };
+            let call = async {
+                let m = self.member(&node.addr).await?;
+                let mut r = m.wake_request();
+                let mut dl = r.get().init_delivered(delivered.len() as u32);
+                for (i, (agent, number)) in delivered.iter().enumerate() {
+                    let mut d = dl.reborrow().get(i as u32);
+                    d.set_agent(agent.as_bytes());
+                    d.set_number(*number);
+                }
+                let mut sl = r.get().init_settled(settled.len() as u32);
+                for (i, promise) in settled.iter().enumerate() {
+                    sl.set(i as u32, promise.as_bytes());
+                }
+                r.send().promise.await.map_err(|e| e.to_string())?;
+                Ok::<_, String>(())
+            };
+            match tokio::time::timeout(WAKEUP_TIMEOUT, call).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(node = %node.name, "wake-up failed: {e}");
+                    self.links.drop_link(&node.addr);
+                }
+                Err(_) => self.links.drop_link(&node.addr),
+            }
         }
     }
 
