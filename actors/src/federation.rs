@@ -305,6 +305,25 @@ pub(crate) fn issue_locator(
     Ok(swiss)
 }
 
+/// Issues the locator that answers request `promise`, for its recipient on
+/// another cluster (the only locator through which it can be settled).
+fn issue_resolver(tx: &mut Transaction, promise: &FormulaId) -> Result<[u8; 32], Error> {
+    let mut swiss = [0u8; 32];
+    getrandom::fill(&mut swiss)
+        .map_err(|e| Error::Unavailable(format!("no randomness for a swiss number: {e}")))?;
+    put_locator(
+        tx,
+        &swiss,
+        LocatorRec {
+            target: *promise,
+            created_ms: now_ms(),
+            peer: None,
+            resolver: true,
+        },
+    )?;
+    Ok(swiss)
+}
+
 /// Records `swiss` (by its hash only) as a locator of `target`.
 pub(crate) fn record_locator(
     tx: &mut Transaction,
@@ -312,14 +331,22 @@ pub(crate) fn record_locator(
     target: &FormulaId,
     peer: Option<FormulaId>,
 ) -> Result<(), Error> {
+    put_locator(
+        tx,
+        swiss,
+        LocatorRec {
+            target: *target,
+            created_ms: now_ms(),
+            peer,
+            resolver: false,
+        },
+    )
+}
+
+fn put_locator(tx: &mut Transaction, swiss: &[u8; 32], rec: LocatorRec) -> Result<(), Error> {
     let hash = swiss_hash(swiss);
-    let rec = LocatorRec {
-        target: *target,
-        created_ms: now_ms(),
-        peer,
-    };
     tx.set(&keys::locator(&hash), &rec.encode())?;
-    tx.set(&keys::locator_of(target, &hash), &[])?;
+    tx.set(&keys::locator_of(&rec.target, &hash), &[])?;
     Ok(())
 }
 
@@ -392,7 +419,7 @@ pub(crate) async fn envelope_of(tx: &mut Transaction, m: &MessageRec) -> Result<
             promise,
         } => EnvelopeBody::Request {
             description: description.clone(),
-            resolver: RemoteRec::own(issue_locator(tx, promise, None)?),
+            resolver: RemoteRec::own(issue_resolver(tx, promise)?),
         },
     };
     Ok(Envelope {
@@ -694,23 +721,39 @@ impl Runtime {
         Ok(())
     }
 
-    /// The answer to a request this node sent: settles `promise`. Applies
-    /// once per `item` id.
+    /// The answer to a request this node sent, through the locator whose
+    /// swiss hashes to `hash`: settles the promise it designates. Only the
+    /// locator sent to the request's recipient may (anyone else holding the
+    /// promise can only read it). Applies once per `item` id.
     pub async fn receive_settle(
         &self,
-        promise: FormulaId,
+        hash: [u8; 32],
         item: RequestId,
         s: Settlement,
         caller: Caller,
-    ) -> Result<(), Error> {
+    ) -> Result<FormulaId, Error> {
         let own = caller.own;
-        let state = self
+        let (promise, state) = self
             .db()
             .transact(move |tx| {
                 let s = s.clone();
                 Box::pin(async move {
+                    let rec = match tx.get(&keys::locator(&hash)).await? {
+                        Some(b) => LocatorRec::decode(&b)?,
+                        None => {
+                            return Err(Error::Invalid(
+                                "revoked: the locator of this capability was cancelled".into(),
+                            ));
+                        }
+                    };
+                    if !rec.resolver {
+                        return Err(Error::Invalid(
+                            "this capability cannot answer the request: only the one given to the request's recipient can (a reference to a request's result only reads it)".into(),
+                        ));
+                    }
+                    let promise = rec.target;
                     if tx.get(&keys::inbound(&item)).await?.is_some() {
-                        return Ok(None);
+                        return Ok((promise, None));
                     }
                     let mut f = model::must_formula(tx, &promise).await?;
                     let FormulaKind::Promise(p) = &mut f.kind else {
@@ -730,14 +773,14 @@ impl Runtime {
                     let state = p.state.clone();
                     model::put_formula(tx, &promise, &f)?;
                     tx.set(&keys::inbound(&item), &now_ms().to_be_bytes())?;
-                    Ok(Some(state))
+                    Ok((promise, Some(state)))
                 })
             })
             .await?;
         if let Some(state) = state {
             crate::api::notify_settled(self.inner(), promise, state);
         }
-        Ok(())
+        Ok(promise)
     }
 
     /// The oldest outbox items (at most [`OUTBOX_BATCH`]).

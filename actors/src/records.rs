@@ -201,6 +201,9 @@ pub struct LocatorRec {
     pub created_ms: u64,
     /// For a handle given through invite/accept: who mail through it is from.
     pub peer: Option<FormulaId>,
+    /// The locator given to a request's recipient: the only one through
+    /// which the promise it designates can be settled.
+    pub resolver: bool,
 }
 
 impl LocatorRec {
@@ -210,6 +213,7 @@ impl LocatorRec {
         b.set_target(self.target.as_bytes());
         b.set_created_ms(self.created_ms);
         b.set_peer(self.peer.as_ref().map(|p| &p.as_bytes()[..]).unwrap_or(&[]));
+        b.set_resolver(self.resolver);
         to_bytes(&msg)
     }
 
@@ -223,6 +227,7 @@ impl LocatorRec {
                 let p = r.get_peer()?;
                 if p.is_empty() { None } else { Some(id_of(p)?) }
             },
+            resolver: r.get_resolver(),
         })
     }
 }

@@ -49,6 +49,8 @@ interface Object {
   # deduplicates: a retried delivery applies once.
   deliver @2 (id :Data, envelope :R.Envelope) -> ();
   # Answers the request whose promise this designates (applies once per id).
+  # Only through the locator sent to the request's recipient (the envelope's
+  # `resolver`); any other locator of the promise only reads it and fails.
   settle @3 (id :Data, settlement :R.Settlement) -> ();
   # Redeems an invitation: `handle` designates the accepting node's agent;
   # the answer is a handle (swiss) for the inviting agent. One use.

@@ -43,6 +43,11 @@ struct LocatorRecord {
   # formula naming that node's agent here. Mail arriving through this
   # locator is from that formula. Empty otherwise (such a locator takes no mail).
   peer @2 :Data;
+  # The locator sent with a request to its recipient on another cluster
+  # (the envelope's `resolver`): the only kind through which `target`, the
+  # requester's promise, can be settled. Every other locator of a promise
+  # (`locate`, a reference in a message) only reads it.
+  resolver @3 :Bool;
 }
 
 struct Agent {

@@ -305,3 +305,54 @@ fn one_connection_per_pair_of_nodes_even_when_both_dial() {
     wait_inbox(&a, "back", has("back"));
     assert_eq!((connections(&a), connections(&b)), (1, 1));
 }
+
+/// Issue 16, authority: whoever can *read* a pending request's result (here
+/// a hostile peer cluster that was mailed `@doc`) cannot *answer* it. Only
+/// the capability given to the request's recipient settles it.
+#[test]
+fn a_reader_of_a_pending_result_cannot_settle_it() {
+    let a = listening();
+    let b = listening();
+    pair(&a, "bob", &b, "alice");
+    a.ok(["request", "bob", "need a doc", "--name", "doc"]);
+    let inbox = wait_inbox(&b, "alice's request", has("need a doc"));
+    let n = find(&inbox, "need a doc")["number"]
+        .as_u64()
+        .unwrap()
+        .to_string();
+
+    // A forwards its pending result to a peer of another cluster, which
+    // turns out to be hostile: it receives `@doc` as a locator.
+    let rogue = capstan_tests::rogue::RoguePeer::start();
+    a.ok(["adopt-locator", &rogue.locator(), "--name", "mallory"]);
+    a.ok(["send", "mallory", "fyi @doc"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let doc = loop {
+        if let Some(d) = rogue.deliveries().iter().find(|d| d.refs.len() == 1) {
+            break d.refs[0].clone();
+        }
+        assert!(Instant::now() < deadline, "the rogue never got @doc");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+
+    // It tries to answer the request through what it got: refused.
+    let r = rogue.settle_rejected(&doc, "hijacked");
+    let err = r.expect_err("a reader settled the request");
+    assert!(err.contains("recipient"), "{err}");
+    assert_eq!(a.json(["show", "doc"])["detail"], "pending");
+
+    // The real resolver still answers it.
+    b.ok(["store", "--text", "the doc", "--name", "greeting"]);
+    b.ok(["resolve", &n, "greeting"]);
+    wait_inbox(&a, "the answer", |i| {
+        i.iter()
+            .any(|m| m["description"] == "need a doc" && m["state"] == "resolved")
+    });
+    assert_eq!(a.ok(["cat", "doc"]), "the doc");
+    assert!(
+        !a.inbox(&[]).iter().any(|m| m["text"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("[undeliverable]"))),
+        "the real answer was not refused"
+    );
+}

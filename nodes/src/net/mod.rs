@@ -993,9 +993,12 @@ impl object::Server for ObjectServer {
         let item = item_id(p.get_id()?)?;
         let s = capstan_actors::Settlement::read(p.get_settlement()?, false)
             .map_err(|e| failed(format!("bad settlement: {e}")))?;
+        // Authority is checked there: only the locator given to the
+        // request's recipient settles (not any locator of the promise).
         self.rt
-            .receive_settle(self.target, item, s, self.caller)
+            .receive_settle(self.hash, item, s, self.caller)
             .await
+            .map(drop)
             .map_err(|e| failed(e.to_string()))
     }
 
