@@ -47,8 +47,10 @@ use crate::records::{
 };
 use crate::remote::swiss_hash;
 
-/// Most outbox items handed to the network layer at once.
-pub const OUTBOX_BATCH: usize = 256;
+/// Most outbox items of one peer cluster handed to the network layer at once.
+pub const OUTBOX_BATCH: usize = 64;
+/// Most peer clusters with mail listed at once ([`Runtime::outbox_peers`]).
+pub const OUTBOX_PEERS: usize = 1024;
 
 /// A message for an agent of another cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -286,9 +288,10 @@ impl OutboxItem {
         })
     }
 
-    /// Where it is stored: in creation order, so delivery keeps send order.
+    /// Where it is stored: in the queue of the peer cluster it goes to, in
+    /// creation order, so delivery keeps send order per destination.
     pub fn key(&self) -> Vec<u8> {
-        keys::outbox(self.created_us, &self.id)
+        keys::outbox(&self.to.cluster, self.created_us, &self.id)
     }
 }
 
@@ -783,27 +786,141 @@ impl Runtime {
         Ok(promise)
     }
 
-    /// The oldest outbox items (at most [`OUTBOX_BATCH`]).
-    pub async fn outbox(&self) -> Result<Vec<OutboxItem>, Error> {
+    /// The peer clusters that have mail in the outbox: at most `limit`, in
+    /// id order starting after `after` and wrapping around (so that a
+    /// caller going on from the last one it got sees them all in turn).
+    /// Each queue costs one key read, however long it is.
+    pub async fn outbox_peers(
+        &self,
+        after: Option<[u8; 32]>,
+        limit: usize,
+    ) -> Result<Vec<[u8; 32]>, Error> {
         self.db()
-            .read(|tx| {
+            .read(move |tx| {
                 Box::pin(async move {
-                    let rows = tx.get_prefix(&keys::outbox_all(), OUTBOX_BATCH, false).await?;
-                    let mut out = Vec::with_capacity(rows.len());
-                    for (k, v) in rows {
-                        match OutboxItem::decode(&v) {
-                            Ok(i) => out.push(i),
-                            Err(e) => {
-                                // A corrupt item can never be delivered; it
-                                // must not block the ones behind it either.
-                                tracing::error!(key = %hex::encode(&k), "dropping a corrupt outbox item: {e}");
+                    let all = keys::outbox_all();
+                    let end = capstan_cluster::tuple::prefix_end(&all);
+                    let start = match &after {
+                        Some(c) => capstan_cluster::tuple::prefix_end(&keys::outbox_of(c)),
+                        None => all.clone(),
+                    };
+                    let mut out: Vec<[u8; 32]> = Vec::new();
+                    // From `start` to the end, then from the beginning up to `start`.
+                    for (mut cursor, stop) in [(start.clone(), end), (all, start)] {
+                        while out.len() < limit && cursor < stop {
+                            let rows = tx
+                                .get_range(
+                                    capstan_cluster::RangeOption::new(cursor.clone(), stop.clone())
+                                        .with_limit(1),
+                                )
+                                .await?;
+                            let Some((k, _)) = rows.into_iter().next() else {
+                                break;
+                            };
+                            let mut r = capstan_cluster::tuple::TupleReader::new(&k);
+                            let c = (|| {
+                                r.str()?;
+                                r.bytes()
+                            })()
+                            .map_err(|e| Error::Corrupt(format!("outbox key: {e}")))?;
+                            let c: [u8; 32] = c
+                                .as_slice()
+                                .try_into()
+                                .map_err(|_| Error::Corrupt("outbox key: cluster id".into()))?;
+                            if !out.contains(&c) {
+                                out.push(c);
                             }
+                            cursor = capstan_cluster::tuple::prefix_end(&keys::outbox_of(&c));
                         }
                     }
                     Ok(out)
                 })
             })
             .await
+    }
+
+    /// The oldest items of the queue of peer cluster `cluster` (at most
+    /// `limit`). A corrupt item, which could never be delivered, is
+    /// dropped (and logged) so that it does not block the ones behind it.
+    pub async fn outbox_for(
+        &self,
+        cluster: [u8; 32],
+        limit: usize,
+    ) -> Result<Vec<OutboxItem>, Error> {
+        let (items, corrupt) = self
+            .db()
+            .read(move |tx| {
+                Box::pin(async move {
+                    let rows = tx
+                        .get_prefix(&keys::outbox_of(&cluster), limit, false)
+                        .await?;
+                    let mut out = Vec::with_capacity(rows.len());
+                    let mut corrupt = Vec::new();
+                    for (k, v) in rows {
+                        match OutboxItem::decode(&v) {
+                            Ok(i) if i.key() == k => out.push(i),
+                            Ok(_) => {
+                                tracing::error!(key = %hex::encode(&k), "dropping an outbox item stored under another key than its own");
+                                corrupt.push(k);
+                            }
+                            Err(e) => {
+                                tracing::error!(key = %hex::encode(&k), "dropping a corrupt outbox item: {e}");
+                                corrupt.push(k);
+                            }
+                        }
+                    }
+                    Ok::<_, Error>((out, corrupt))
+                })
+            })
+            .await?;
+        if !corrupt.is_empty() {
+            let corrupt = Arc::new(corrupt);
+            self.db()
+                .transact(move |tx| {
+                    let corrupt = corrupt.clone();
+                    Box::pin(async move {
+                        for k in corrupt.iter() {
+                            tx.clear(k);
+                        }
+                        Ok::<_, Error>(())
+                    })
+                })
+                .await?;
+        }
+        Ok(items)
+    }
+
+    /// Moves the items of the single outbox queue of earlier versions into
+    /// the queues per peer cluster (at start; nothing to do afterwards).
+    /// Returns how many it moved.
+    pub async fn migrate_outbox(&self) -> Result<usize, Error> {
+        let mut moved = 0;
+        loop {
+            let n = self
+                .db()
+                .transact(|tx| {
+                    Box::pin(async move {
+                        let rows = tx
+                            .get_prefix(&keys::outbox_legacy(), OUTBOX_BATCH, false)
+                            .await?;
+                        for (k, v) in &rows {
+                            tx.clear(k);
+                            match OutboxItem::decode(v) {
+                                Ok(i) => tx.set(&i.key(), v)?,
+                                Err(e) => {
+                                    tracing::error!(key = %hex::encode(k), "dropping a corrupt outbox item: {e}")
+                                }
+                            }
+                        }
+                        Ok::<_, Error>(rows.len())
+                    })
+                })
+                .await?;
+            moved += n;
+            if n < OUTBOX_BATCH {
+                return Ok(moved);
+            }
+        }
     }
 
     /// Removes a delivered item.

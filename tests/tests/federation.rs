@@ -28,7 +28,17 @@ fn pair(inviter: &Node, as_invitee: &str, invitee: &Node, as_inviter: &str) {
 
 /// Polls `node`'s inbox until `pred` holds for it; the inbox.
 fn wait_inbox(node: &Node, what: &str, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    wait_inbox_for(node, what, Duration::from_secs(30), pred)
+}
+
+/// [`wait_inbox`] with a deadline of `within`.
+fn wait_inbox_for(
+    node: &Node,
+    what: &str,
+    within: Duration,
+    pred: impl Fn(&[Value]) -> bool,
+) -> Vec<Value> {
+    let deadline = Instant::now() + within;
     loop {
         let inbox = node.inbox(&[]);
         if pred(&inbox) {
@@ -36,7 +46,7 @@ fn wait_inbox(node: &Node, what: &str, pred: impl Fn(&[Value]) -> bool) -> Vec<V
         }
         assert!(
             Instant::now() < deadline,
-            "waited 30 s for {what}; inbox: {inbox:?}"
+            "waited {within:?} for {what}; inbox: {inbox:?}"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -354,5 +364,50 @@ fn a_reader_of_a_pending_result_cannot_settle_it() {
             .as_str()
             .is_some_and(|t| t.starts_with("[undeliverable]"))),
         "the real answer was not refused"
+    );
+}
+
+/// Issue 16: the outbox is a queue per peer cluster. A dead peer with a
+/// long backlog delays only its own mail; once back, it gets all of it,
+/// once and in order.
+#[test]
+fn a_dead_peer_delays_only_its_own_mail() {
+    let a = listening();
+    let mut b = listening();
+    let c = listening();
+    pair(&a, "bob", &b, "alice");
+    pair(&a, "carol", &c, "alice");
+    b.stop();
+    const N: usize = 300;
+    for i in 0..N {
+        a.ok(["send", "bob", &format!("backlog {i}")]);
+    }
+    a.ok(["send", "bob", "sentinel"]);
+    let sent = Instant::now();
+    a.ok(["send", "carol", "for carol"]);
+    wait_inbox_for(
+        &c,
+        "carol's message, with B down",
+        Duration::from_secs(10),
+        has("for carol"),
+    );
+    eprintln!("carol's message arrived after {:?}", sent.elapsed());
+
+    b.start();
+    let inbox = wait_inbox_for(
+        &b,
+        "the sentinel",
+        Duration::from_secs(120),
+        has("sentinel"),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let inbox2 = b.inbox(&[]);
+    assert_eq!(inbox2.len(), inbox.len(), "more arrived after the sentinel");
+    let mut want: Vec<String> = (0..N).map(|i| format!("backlog {i}")).collect();
+    want.push("sentinel".into());
+    assert_eq!(
+        texts(&inbox2),
+        want,
+        "every message once, in the order sent"
     );
 }

@@ -21,7 +21,9 @@
 //! At most [`MAX_CONNECTIONS`] incoming connections, 4 streams each,
 //! Cap'n Proto messages within the control socket's reader limits, a failed
 //! restore costs the caller [`RESTORE_FAILURE_DELAY`] and
-//! [`MAX_RESTORE_FAILURES`] of them close its connection.
+//! [`MAX_RESTORE_FAILURES`] of them close its connection. The outbox is
+//! delivered by at most [`OUTBOX_COURIERS`] couriers at a time, one per
+//! peer cluster, each taking up to a batch of its queue per turn.
 
 pub mod identity;
 pub mod members;
@@ -59,6 +61,21 @@ pub const MAX_LOCATOR_ADDRS: usize = capstan_proto::locator::MAX_ADDRS;
 /// First and longest wait before retrying an unreachable cluster's mail.
 pub const OUTBOX_FIRST_BACKOFF: Duration = Duration::from_millis(200);
 pub const OUTBOX_MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Most peer clusters whose mail is being delivered at the same time.
+pub const OUTBOX_COURIERS: usize = 64;
+
+/// The couriers of the outbox: which queues have one now, and when a
+/// queue that failed may be tried again.
+#[derive(Default)]
+struct Couriers {
+    busy: std::collections::HashSet<[u8; 32]>,
+    backoff: HashMap<[u8; 32], Backoff>,
+}
+
+struct Backoff {
+    next: tokio::time::Instant,
+    delay: Duration,
+}
 
 /// Why a call to another node failed.
 #[derive(Debug, Clone)]
@@ -158,7 +175,9 @@ pub struct Net {
     /// Addresses put in locators (the listen address), empty if not listening.
     advertised: Vec<String>,
     peers: RefCell<HashMap<[u8; 32], Rc<Peer>>>,
-    dialing: tokio::sync::Mutex<()>,
+    /// One dial at a time per cluster (a dead cluster's dial timeout does
+    /// not hold up dials to others); an entry lives while it is dialled.
+    dialing: RefCell<HashMap<[u8; 32], Rc<tokio::sync::Mutex<()>>>>,
     incoming: Rc<Cell<usize>>,
     /// Links to the other nodes of this cluster.
     links: members::Links,
@@ -201,7 +220,7 @@ impl Net {
             endpoint,
             advertised,
             peers: RefCell::new(HashMap::new()),
-            dialing: tokio::sync::Mutex::new(()),
+            dialing: RefCell::new(HashMap::new()),
             incoming: Rc::new(Cell::new(0)),
             links: members::Links::default(),
         });
@@ -336,7 +355,28 @@ impl Net {
         if let Some(p) = self.live_peer(&remote.cluster) {
             return Ok(p);
         }
-        let _guard = self.dialing.lock().await;
+        let lock = self
+            .dialing
+            .borrow_mut()
+            .entry(remote.cluster)
+            .or_default()
+            .clone();
+        let r = self.dial_once(remote, &lock).await;
+        let mut dialing = self.dialing.borrow_mut();
+        if Rc::strong_count(&lock) == 2 {
+            // (only the map and this call hold it: nobody else waits)
+            dialing.remove(&remote.cluster);
+        }
+        r
+    }
+
+    /// [`Net::peer`] under the dial lock of the cluster.
+    async fn dial_once(
+        self: &Rc<Self>,
+        remote: &RemoteRec,
+        lock: &tokio::sync::Mutex<()>,
+    ) -> Result<Rc<Peer>, String> {
+        let _guard = lock.lock().await;
         if let Some(p) = self.live_peer(&remote.cluster) {
             return Ok(p);
         }
@@ -665,98 +705,157 @@ impl Net {
         }
     }
 
-    /// Delivers the outbox for as long as the node runs: in order per
-    /// destination cluster, each item removed once acknowledged; an
-    /// unreachable cluster is retried with exponential backoff (capped at
-    /// [`OUTBOX_MAX_BACKOFF`]) without holding up the others; an item
-    /// the far side refuses is bounced to its sender.
+    /// Delivers the outbox for as long as the node runs. The outbox is a
+    /// queue per peer cluster, and each queue with mail gets a courier of
+    /// its own (at most [`OUTBOX_COURIERS`] at a time, taken in turn): it
+    /// delivers up to a batch in order, removing each item once the far
+    /// side acknowledged it and bouncing to its sender an item the far side
+    /// refused; a cluster that cannot be reached is retried with
+    /// exponential backoff (capped at [`OUTBOX_MAX_BACKOFF`]). So a dead or
+    /// slow peer delays only its own mail.
     pub async fn run_outbox(self: Rc<Self>) {
-        let mut backoff: HashMap<[u8; 32], (tokio::time::Instant, Duration)> = HashMap::new();
+        match self.rt.migrate_outbox().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!("moved {n} outbox items into queues per peer cluster"),
+            Err(e) => tracing::warn!("cannot move the outbox of an earlier version: {e}"),
+        }
+        let couriers = Rc::new(RefCell::new(Couriers::default()));
+        let done = Rc::new(tokio::sync::Notify::new());
+        // Where the next listing of queues starts (when one listing cannot
+        // hold them all) and the last queue given a courier (so that, when
+        // there are more queues than couriers, each gets its turn).
+        let mut after: Option<[u8; 32]> = None;
+        let mut last: Option<[u8; 32]> = None;
         loop {
-            let items = match self.rt.outbox().await {
-                Ok(i) => i,
+            let mut peers = match self
+                .rt
+                .outbox_peers(after, capstan_actors::federation::OUTBOX_PEERS)
+                .await
+            {
+                Ok(p) => p,
                 Err(e) => {
                     tracing::warn!("cannot read the outbox: {e}");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
                 }
             };
+            let complete = peers.len() < capstan_actors::federation::OUTBOX_PEERS;
+            after = if complete {
+                None
+            } else {
+                peers.last().copied()
+            };
+            if let Some(l) = last
+                && let Some(i) = peers.iter().position(|c| *c > l)
+            {
+                peers.rotate_left(i);
+            }
             let now = tokio::time::Instant::now();
-            let mut order: Vec<[u8; 32]> = Vec::new();
-            let mut groups: HashMap<[u8; 32], Vec<OutboxItem>> = HashMap::new();
-            for i in items {
-                let c = i.to.cluster;
-                if backoff.get(&c).is_some_and(|(next, _)| *next > now) {
-                    continue;
+            let mut wake = now + OUTBOX_MAX_BACKOFF;
+            {
+                let mut st = couriers.borrow_mut();
+                if complete {
+                    // Forget the backoff of queues that emptied.
+                    st.backoff.retain(|c, _| peers.contains(c));
                 }
-                groups
-                    .entry(c)
-                    .or_insert_with(|| {
-                        order.push(c);
-                        Vec::new()
-                    })
-                    .push(i);
-            }
-            let progress = Cell::new(false);
-            let results = futures::future::join_all(order.iter().map(|c| {
-                let group = groups.remove(c).unwrap_or_default();
-                let me = self.clone();
-                let progress = &progress;
-                async move {
-                    for item in group {
-                        match me.send_item(&item).await {
-                            Ok(()) => {
-                                if let Err(e) = me.rt.outbox_done(&item).await {
-                                    tracing::warn!("cannot remove a delivered outbox item: {e}");
-                                    return Err(());
-                                }
-                                progress.set(true);
-                            }
-                            Err(NetError::Refused(why)) => {
-                                tracing::info!(item = %item.id, "outbox item refused: {why}");
-                                if let Err(e) = me.rt.outbox_bounce(&item, &why).await {
-                                    tracing::warn!("cannot bounce an outbox item: {e}");
-                                    return Err(());
-                                }
-                                progress.set(true);
-                            }
-                            Err(NetError::Unreachable(why)) => {
-                                tracing::debug!(item = %item.id, "outbox delivery postponed: {why}");
-                                return Err(());
-                            }
-                        }
+                for c in &peers {
+                    if st.busy.contains(c) {
+                        continue;
                     }
-                    Ok(())
-                }
-            }))
-            .await;
-            for (c, r) in order.iter().zip(results) {
-                match r {
-                    Ok(()) => {
-                        backoff.remove(c);
+                    if let Some(b) = st.backoff.get(c)
+                        && b.next > now
+                    {
+                        wake = wake.min(b.next);
+                        continue;
                     }
-                    Err(()) => {
-                        let next = backoff
-                            .get(c)
-                            .map(|(_, d)| (*d * 2).min(OUTBOX_MAX_BACKOFF))
-                            .unwrap_or(OUTBOX_FIRST_BACKOFF);
-                        backoff.insert(*c, (tokio::time::Instant::now() + next, next));
+                    if st.busy.len() >= OUTBOX_COURIERS {
+                        break;
                     }
+                    st.busy.insert(*c);
+                    last = Some(*c);
+                    tokio::task::spawn_local(self.clone().courier(
+                        *c,
+                        couriers.clone(),
+                        done.clone(),
+                    ));
                 }
             }
-            if progress.get() {
-                continue;
-            }
-            let wake = backoff
-                .values()
-                .map(|(next, _)| *next)
-                .min()
-                .unwrap_or_else(|| tokio::time::Instant::now() + OUTBOX_MAX_BACKOFF);
             tokio::select! {
                 _ = self.rt.outbox_changed() => {}
+                _ = done.notified() => {}
                 _ = tokio::time::sleep_until(wake) => {}
             }
         }
+    }
+
+    /// One turn of the courier of peer cluster `cluster`: delivers up to a
+    /// batch of its queue, then records how it went and wakes the outbox loop.
+    async fn courier(
+        self: Rc<Self>,
+        cluster: [u8; 32],
+        couriers: Rc<RefCell<Couriers>>,
+        done: Rc<tokio::sync::Notify>,
+    ) {
+        let ok = self.deliver_batch(cluster).await;
+        {
+            let mut st = couriers.borrow_mut();
+            st.busy.remove(&cluster);
+            if ok {
+                st.backoff.remove(&cluster);
+            } else {
+                let delay = st
+                    .backoff
+                    .get(&cluster)
+                    .map(|b| (b.delay * 2).min(OUTBOX_MAX_BACKOFF))
+                    .unwrap_or(OUTBOX_FIRST_BACKOFF);
+                st.backoff.insert(
+                    cluster,
+                    Backoff {
+                        next: tokio::time::Instant::now() + delay,
+                        delay,
+                    },
+                );
+            }
+        }
+        done.notify_one();
+    }
+
+    /// Delivers up to a batch of the queue of `cluster`, in order; `false`
+    /// when it stopped at an item to retry later.
+    async fn deliver_batch(self: &Rc<Self>, cluster: [u8; 32]) -> bool {
+        let items = match self
+            .rt
+            .outbox_for(cluster, capstan_actors::federation::OUTBOX_BATCH)
+            .await
+        {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::warn!("cannot read the outbox: {e}");
+                return false;
+            }
+        };
+        for item in items {
+            match self.send_item(&item).await {
+                Ok(()) => {
+                    if let Err(e) = self.rt.outbox_done(&item).await {
+                        tracing::warn!("cannot remove a delivered outbox item: {e}");
+                        return false;
+                    }
+                }
+                Err(NetError::Refused(why)) => {
+                    tracing::info!(item = %item.id, "outbox item refused: {why}");
+                    if let Err(e) = self.rt.outbox_bounce(&item, &why).await {
+                        tracing::warn!("cannot bounce an outbox item: {e}");
+                        return false;
+                    }
+                }
+                Err(NetError::Unreachable(why)) => {
+                    tracing::debug!(item = %item.id, "outbox delivery postponed: {why}");
+                    return false;
+                }
+            }
+        }
+        true
     }
 
     /// The gateway of `remote`'s cluster (benchmarks).
