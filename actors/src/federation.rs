@@ -391,7 +391,7 @@ async fn adopt_ref(
 }
 
 /// Microseconds since the epoch (outbox order).
-pub(crate) fn now_us() -> u64 {
+pub fn now_us() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)

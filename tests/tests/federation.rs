@@ -411,3 +411,130 @@ fn a_dead_peer_delays_only_its_own_mail() {
         "every message once, in the order sent"
     );
 }
+
+fn bounces(inbox: &[Value]) -> Vec<String> {
+    inbox
+        .iter()
+        .filter_map(|m| m["text"].as_str())
+        .filter(|t| t.starts_with("[undeliverable]"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Waits until the rogue has answered `n` deliveries; returns them all.
+fn wait_deliveries(
+    rogue: &capstan_tests::rogue::RoguePeer,
+    what: &str,
+    pred: impl Fn(&[capstan_tests::rogue::Delivery]) -> bool,
+) -> Vec<capstan_tests::rogue::Delivery> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let d = rogue.deliveries();
+        if pred(&d) {
+            return d;
+        }
+        assert!(Instant::now() < deadline, "waited 30 s for {what}: {d:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Issue 16: only a refusal for good bounces. A receiver that answers "not
+/// now" (`overloaded`: its store failed, it lost its cluster lease, it ran
+/// out of retries) or hangs up gets the item again later, until it takes
+/// it; the sender hears nothing. A refusal for good (`failed`: revoked)
+/// bounces at once, once.
+#[test]
+fn transient_failures_are_retried_and_refusals_bounce() {
+    use capstan_tests::rogue::{Answer, RoguePeer};
+    let a = listening();
+    let rogue = RoguePeer::start();
+    a.ok(["adopt-locator", &rogue.locator(), "--name", "peer"]);
+    rogue.script([
+        Answer::Overloaded("store error: the store is unreachable".into()),
+        Answer::Overloaded(
+            "node n1 does not hold its cluster lease right now; retry, or use another node".into(),
+        ),
+        Answer::Disconnect,
+        Answer::Overloaded("the transaction failed after too many retries".into()),
+    ]);
+    a.ok(["send", "peer", "hello"]);
+    let d = wait_deliveries(&rogue, "hello taken", |d| {
+        d.iter().any(|x| x.answer == Answer::Ok)
+    });
+    assert!(d.len() >= 5, "every failure was followed by a retry: {d:?}");
+    assert!(
+        d.iter().all(|x| x.id == d[0].id && x.strings == ["hello"]),
+        "one item, retried: {d:?}"
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(
+        rogue
+            .deliveries()
+            .iter()
+            .filter(|x| x.answer == Answer::Ok)
+            .count(),
+        1,
+        "taken once, then no more retries"
+    );
+    assert_eq!(bounces(&a.inbox(&[])), Vec::<String>::new());
+
+    // A refusal for good bounces to the sender, once.
+    rogue.script([Answer::Failed(
+        "revoked: the locator of this capability was cancelled".into(),
+    )]);
+    a.ok(["send", "peer", "second"]);
+    let inbox = wait_inbox(&a, "the bounce", |i| !bounces(i).is_empty());
+    let b = bounces(&inbox);
+    assert_eq!(b.len(), 1, "{b:?}");
+    assert!(b[0].contains("revoked"), "{b:?}");
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(
+        rogue
+            .deliveries()
+            .iter()
+            .filter(|x| x.strings == ["second"])
+            .count(),
+        1,
+        "a refused item is not retried"
+    );
+    assert_eq!(bounces(&a.inbox(&[])).len(), 1);
+}
+
+/// Issue 16: mail that keeps failing for a transient reason is retried up
+/// to the outbox expiry (24 h; `CAPSTAN_OUTBOX_EXPIRY_MS` here), then its
+/// sender gets one bounce saying so, with the last error.
+#[test]
+fn mail_undelivered_by_the_expiry_bounces_once() {
+    use capstan_tests::rogue::{Answer, RoguePeer};
+    let mut a = Node::new().with_env("CAPSTAN_OUTBOX_EXPIRY_MS", "3000");
+    a.start_with(&["--listen", "127.0.0.1:0"]);
+    let rogue = RoguePeer::start();
+    a.ok(["adopt-locator", &rogue.locator(), "--name", "peer"]);
+    rogue.answer_by_default(Answer::Overloaded("busy, try later".into()));
+    let sent = Instant::now();
+    a.ok(["send", "peer", "hello"]);
+    let inbox = wait_inbox(&a, "the bounce", |i| !bounces(i).is_empty());
+    assert!(
+        sent.elapsed() >= Duration::from_secs(3),
+        "bounced before the expiry: {:?}",
+        sent.elapsed()
+    );
+    let b = bounces(&inbox);
+    assert!(
+        b[0].contains("within 3 s") && b[0].contains("busy, try later"),
+        "{b:?}"
+    );
+    assert!(
+        rogue.deliveries().len() >= 2,
+        "it was retried until then: {:?}",
+        rogue.deliveries()
+    );
+    let tried = rogue.deliveries().len();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(bounces(&a.inbox(&[])).len(), 1, "one bounce");
+    assert_eq!(
+        rogue.deliveries().len(),
+        tried,
+        "no retries after the bounce"
+    );
+}

@@ -75,22 +75,61 @@ struct Couriers {
 struct Backoff {
     next: tokio::time::Instant,
     delay: Duration,
+    /// Why the last attempt failed (for the bounce at the expiry).
+    last_error: String,
 }
 
-/// Why a call to another node failed.
+/// How long an outbox item that keeps failing for a transient reason is
+/// retried before its sender gets it back as undeliverable (the daemon
+/// takes `CAPSTAN_OUTBOX_EXPIRY_MS` instead, for tests).
+pub const OUTBOX_EXPIRY: Duration = Duration::from_secs(24 * 3600);
+
+/// `24 h`, `5 min`, `3 s`.
+fn human_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    if s == 0 || d.subsec_nanos() != 0 {
+        format!("{} ms", d.as_millis())
+    } else if s.is_multiple_of(3600) {
+        format!("{} h", s / 3600)
+    } else if s.is_multiple_of(60) {
+        format!("{} min", s / 60)
+    } else {
+        format!("{s} s")
+    }
+}
+
+/// Why a call to another node failed, by the kind of the Cap'n Proto
+/// error (never by its text): `disconnected` (and a call without an answer
+/// in time) or `overloaded` is [`NetError::Transient`]; anything else the
+/// other side answered is [`NetError::Refused`]. A node answers
+/// `overloaded` for its own transient failures ([`wire_error`]).
 #[derive(Debug, Clone)]
 pub enum NetError {
-    /// Could not reach it, or lost the connection: try again later.
-    Unreachable(String),
-    /// It answered with an error: trying again will not help.
+    /// Could not reach it, lost the connection, or it answered "not now"
+    /// (its store failed, it lost its cluster lease, …): try again later.
+    Transient(String),
+    /// It refused for good (revoked, unknown, invalid): trying again will
+    /// not help.
     Refused(String),
 }
 
 impl std::fmt::Display for NetError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            NetError::Unreachable(s) | NetError::Refused(s) => f.write_str(s),
+            NetError::Transient(s) | NetError::Refused(s) => f.write_str(s),
         }
+    }
+}
+
+/// An error of this node for a caller of another cluster: `overloaded`
+/// when the same call may succeed later ([`capstan_actors::Error::is_transient`]),
+/// else `failed` (a refusal for good). Mail senders retry the first and
+/// bounce the second.
+pub fn wire_error(e: capstan_actors::Error) -> CapError {
+    if e.is_transient() {
+        CapError::overloaded(e.to_string())
+    } else {
+        failed(e.to_string())
     }
 }
 const UDP_BUFFER: usize = 4 * 1024 * 1024;
@@ -550,7 +589,7 @@ impl Net {
         Fut: std::future::Future<Output = Result<T, CapError>>,
     {
         for attempt in 0..2 {
-            let (peer, o) = self.object(remote).await.map_err(NetError::Unreachable)?;
+            let (peer, o) = self.object(remote).await.map_err(NetError::Transient)?;
             let answer = match tokio::time::timeout(CALL_TIMEOUT, call(o)).await {
                 Ok(a) => a,
                 Err(_) => {
@@ -572,9 +611,15 @@ impl Net {
                     self.forget(remote, &peer);
                     if e.kind == capnp::ErrorKind::Disconnected {
                         self.drop_peer(&remote.cluster, &peer);
-                        return Err(NetError::Unreachable(format!(
+                        return Err(NetError::Transient(format!(
                             "lost the connection to cluster {}…: {}",
                             &encode32(&remote.cluster)[..12],
+                            crate::client::clean_message(&e)
+                        )));
+                    }
+                    if e.kind == capnp::ErrorKind::Overloaded {
+                        return Err(NetError::Transient(format!(
+                            "the remote node could not take it now: {}",
                             crate::client::clean_message(&e)
                         )));
                     }
@@ -713,7 +758,12 @@ impl Net {
     /// refused; a cluster that cannot be reached is retried with
     /// exponential backoff (capped at [`OUTBOX_MAX_BACKOFF`]). So a dead or
     /// slow peer delays only its own mail.
-    pub async fn run_outbox(self: Rc<Self>) {
+    ///
+    /// Only a refusal for good bounces at once ([`NetError::Refused`]);
+    /// an item that keeps failing otherwise ([`NetError::Transient`]) is
+    /// retried until it is `expiry` old ([`OUTBOX_EXPIRY`] unless set
+    /// otherwise), then bounced once with the last error.
+    pub async fn run_outbox(self: Rc<Self>, expiry: Duration) {
         match self.rt.migrate_outbox().await {
             Ok(0) => {}
             Ok(n) => tracing::info!("moved {n} outbox items into queues per peer cluster"),
@@ -775,6 +825,7 @@ impl Net {
                     last = Some(*c);
                     tokio::task::spawn_local(self.clone().courier(
                         *c,
+                        expiry,
                         couriers.clone(),
                         done.clone(),
                     ));
@@ -793,69 +844,97 @@ impl Net {
     async fn courier(
         self: Rc<Self>,
         cluster: [u8; 32],
+        expiry: Duration,
         couriers: Rc<RefCell<Couriers>>,
         done: Rc<tokio::sync::Notify>,
     ) {
-        let ok = self.deliver_batch(cluster).await;
+        let last_error = couriers
+            .borrow()
+            .backoff
+            .get(&cluster)
+            .map(|b| b.last_error.clone());
+        let r = self
+            .deliver_batch(cluster, expiry, last_error.as_deref())
+            .await;
         {
             let mut st = couriers.borrow_mut();
             st.busy.remove(&cluster);
-            if ok {
-                st.backoff.remove(&cluster);
-            } else {
-                let delay = st
-                    .backoff
-                    .get(&cluster)
-                    .map(|b| (b.delay * 2).min(OUTBOX_MAX_BACKOFF))
-                    .unwrap_or(OUTBOX_FIRST_BACKOFF);
-                st.backoff.insert(
-                    cluster,
-                    Backoff {
-                        next: tokio::time::Instant::now() + delay,
-                        delay,
-                    },
-                );
+            match r {
+                Ok(()) => {
+                    st.backoff.remove(&cluster);
+                }
+                Err(why) => {
+                    let delay = st
+                        .backoff
+                        .get(&cluster)
+                        .map(|b| (b.delay * 2).min(OUTBOX_MAX_BACKOFF))
+                        .unwrap_or(OUTBOX_FIRST_BACKOFF);
+                    st.backoff.insert(
+                        cluster,
+                        Backoff {
+                            next: tokio::time::Instant::now() + delay,
+                            delay,
+                            last_error: why,
+                        },
+                    );
+                }
             }
         }
         done.notify_one();
     }
 
-    /// Delivers up to a batch of the queue of `cluster`, in order; `false`
-    /// when it stopped at an item to retry later.
-    async fn deliver_batch(self: &Rc<Self>, cluster: [u8; 32]) -> bool {
-        let items = match self
+    /// Delivers up to a batch of the queue of `cluster`, in order; stops
+    /// at an item to retry later, with why. An item older than `expiry`
+    /// is bounced instead (with `last_error`, the queue's last failure).
+    async fn deliver_batch(
+        self: &Rc<Self>,
+        cluster: [u8; 32],
+        expiry: Duration,
+        last_error: Option<&str>,
+    ) -> Result<(), String> {
+        let items = self
             .rt
             .outbox_for(cluster, capstan_actors::federation::OUTBOX_BATCH)
             .await
-        {
-            Ok(i) => i,
-            Err(e) => {
+            .map_err(|e| {
                 tracing::warn!("cannot read the outbox: {e}");
-                return false;
-            }
-        };
+                format!("cannot read the outbox: {e}")
+            })?;
         for item in items {
-            match self.send_item(&item).await {
+            let age = Duration::from_micros(
+                capstan_actors::federation::now_us().saturating_sub(item.created_us),
+            );
+            let outcome = if age >= expiry {
+                Err(NetError::Refused(format!(
+                    "not within {}, the most the outbox keeps trying; last error: {}",
+                    human_duration(expiry),
+                    last_error
+                        .unwrap_or("none recorded (this node restarted since its last attempt)")
+                )))
+            } else {
+                self.send_item(&item).await
+            };
+            match outcome {
                 Ok(()) => {
                     if let Err(e) = self.rt.outbox_done(&item).await {
                         tracing::warn!("cannot remove a delivered outbox item: {e}");
-                        return false;
+                        return Err(format!("cannot remove a delivered outbox item: {e}"));
                     }
                 }
                 Err(NetError::Refused(why)) => {
-                    tracing::info!(item = %item.id, "outbox item refused: {why}");
+                    tracing::info!(item = %item.id, "outbox item bounced: {why}");
                     if let Err(e) = self.rt.outbox_bounce(&item, &why).await {
                         tracing::warn!("cannot bounce an outbox item: {e}");
-                        return false;
+                        return Err(format!("cannot bounce an outbox item: {e}"));
                     }
                 }
-                Err(NetError::Unreachable(why)) => {
+                Err(NetError::Transient(why)) => {
                     tracing::debug!(item = %item.id, "outbox delivery postponed: {why}");
-                    return false;
+                    return Err(why);
                 }
             }
         }
-        true
+        Ok(())
     }
 
     /// The gateway of `remote`'s cluster (benchmarks).
@@ -962,7 +1041,7 @@ impl gateway::Server for GatewayServer {
                     "unknown or revoked locator: it was cancelled, or never issued by this cluster",
                 ))
             }
-            Err(e) => Err(failed(e.to_string())),
+            Err(e) => Err(wire_error(e)),
         }
     }
 
@@ -1017,7 +1096,7 @@ impl ObjectServer {
             Ok(_) => Err(failed(
                 "revoked: the locator of this capability was cancelled",
             )),
-            Err(e) => Err(failed(e.to_string())),
+            Err(e) => Err(wire_error(e)),
         }
     }
 }
@@ -1033,7 +1112,7 @@ impl object::Server for ObjectServer {
             .rt
             .show_formula(self.target)
             .await
-            .map_err(|e| failed(e.to_string()))?;
+            .map_err(wire_error)?;
         let mut r = results.get();
         r.set_type(s.kind.as_str());
         r.set_detail(s.detail.as_str());
@@ -1046,11 +1125,7 @@ impl object::Server for ObjectServer {
         mut results: object::CatResults,
     ) -> Result<(), CapError> {
         self.check().await?;
-        let (kind, data) = self
-            .rt
-            .cat_formula(self.target)
-            .await
-            .map_err(|e| failed(e.to_string()))?;
+        let (kind, data) = self.rt.cat_formula(self.target).await.map_err(wire_error)?;
         let mut r = results.get();
         r.set_kind(match kind {
             ValueKind::Text => capstan_proto::net_capnp::ValueKind::Text,
@@ -1079,7 +1154,7 @@ impl object::Server for ObjectServer {
         self.rt
             .receive_deliver(self.target, peer, item, env, self.caller)
             .await
-            .map_err(|e| failed(e.to_string()))
+            .map_err(wire_error)
     }
 
     async fn settle(
@@ -1098,7 +1173,7 @@ impl object::Server for ObjectServer {
             .receive_settle(self.hash, item, s, self.caller)
             .await
             .map(drop)
-            .map_err(|e| failed(e.to_string()))
+            .map_err(wire_error)
     }
 
     async fn accept(
@@ -1113,7 +1188,7 @@ impl object::Server for ObjectServer {
             .rt
             .accept_invitation(self.target, self.hash, self.caller, handle)
             .await
-            .map_err(|e| failed(e.to_string()))?;
+            .map_err(wire_error)?;
         results.get().set_swiss(&swiss);
         Ok(())
     }
@@ -1121,4 +1196,48 @@ impl object::Server for ObjectServer {
 
 fn item_id(d: &[u8]) -> Result<capstan_proto::RequestId, CapError> {
     capstan_proto::RequestId::from_slice(d).map_err(|_| failed("an item id is 16 bytes"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use capstan_actors::Error;
+
+    #[test]
+    fn transient_failures_cross_the_wire_as_overloaded_refusals_as_failed() {
+        let store = capstan_cluster::StoreError::Conflict;
+        for e in [
+            Error::Store(store),
+            Error::Fenced("node n1 does not hold its cluster lease right now".into()),
+            Error::Unavailable("the node is shutting down".into()),
+            Error::Unreachable("no answer".into()),
+            Error::Corrupt("a record".into()),
+        ] {
+            assert_eq!(
+                wire_error(e.clone()).kind,
+                capnp::ErrorKind::Overloaded,
+                "{e}"
+            );
+        }
+        for e in [
+            Error::Invalid("revoked: the locator of this capability was cancelled".into()),
+            Error::UnknownName("x".into()),
+            Error::TooLarge {
+                what: "message text".into(),
+                len: 2,
+                max: 1,
+            },
+            Error::Store(capstan_cluster::StoreError::ValueTooLarge { len: 2, max: 1 }),
+        ] {
+            assert_eq!(wire_error(e.clone()).kind, capnp::ErrorKind::Failed, "{e}");
+        }
+    }
+
+    #[test]
+    fn durations_read_as_people_write_them() {
+        assert_eq!(human_duration(OUTBOX_EXPIRY), "24 h");
+        assert_eq!(human_duration(Duration::from_secs(300)), "5 min");
+        assert_eq!(human_duration(Duration::from_millis(3000)), "3 s");
+        assert_eq!(human_duration(Duration::from_millis(1500)), "1500 ms");
+    }
 }
