@@ -841,6 +841,11 @@ impl AgentHandle {
                     if src_dir == dst_dir && src.last() == dst.last() {
                         return Ok(());
                     }
+                    if model::is_inside(tx, &ctx, &dst, &id).await? {
+                        return Err(Error::Invalid(format!(
+                            "cannot move {src} into itself ({dst}); nothing was changed"
+                        )));
+                    }
                     model::remove_name(tx, &src_dir, src.last()).await?;
                 }
                 model::set_name(tx, &dst_dir, dst.last(), &id).await?;

@@ -112,6 +112,26 @@ pub async fn parent_dir(tx: &mut Transaction, ctx: &Ctx, path: &Path) -> Result<
     descend(tx, &id, &ppath).await
 }
 
+/// Whether a name at `path` would be inside directory `id`: some directory
+/// on the way to it (the parent of its last segment, or one above) is `id`.
+pub async fn is_inside(
+    tx: &mut Transaction,
+    ctx: &Ctx,
+    path: &Path,
+    id: &FormulaId,
+) -> Result<bool, Error> {
+    let parent = path.parent();
+    for n in 1..=parent.len() {
+        let prefix = Path {
+            segments: parent[..n].to_vec(),
+        };
+        if resolve(tx, ctx, &prefix).await? == *id {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// Writes `name → id` in `dir`, keeping the reverse index; returns the id it replaced.
 pub async fn set_name(
     tx: &mut Transaction,
