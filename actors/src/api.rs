@@ -969,6 +969,17 @@ impl AgentHandle {
             },
             e => e,
         })?;
+        let me = self.ctx.id;
+        if !self
+            .rt
+            .db
+            .read(move |tx| Box::pin(async move { model::made_by(tx, &id, &me).await }))
+            .await?
+        {
+            return Err(Error::Invalid(format!(
+                "{path} is not an agent you made: you can act only as yourself and the agents you made (and theirs)"
+            )));
+        }
         Ok(AgentHandle {
             rt: self.rt.clone(),
             ctx: Arc::new(rec),
