@@ -524,6 +524,7 @@ pub(crate) fn entry_detail(f: &Formula) -> String {
             r.addrs.join(",")
         ),
         FormulaKind::Invitation(_) => "pending: not accepted yet".into(),
+        FormulaKind::Accepting(_) => "accepting an invitation: waiting for the inviter".into(),
         FormulaKind::Llm(l) => crate::llm::detail(l),
     }
 }

@@ -7,7 +7,8 @@
 //! restored object takes mail: each `deliver` is recorded and answered as
 //! scripted ([`Answer`]), so a test can make a node's deliveries fail in
 //! any way the protocol allows. As a **caller** ([`RoguePeer::settle_rejected`])
-//! it calls what it got in that mail the way a hostile node would.
+//! it calls what it got in that mail the way a hostile node would. Its
+//! locator also works as an invitation (`accept`), taken once.
 //!
 //! Everything runs on a thread of its own (capnp-rpc is `!Send`: a
 //! current-thread runtime with a `LocalSet`), stopped when dropped.
@@ -61,6 +62,21 @@ struct State {
     script: VecDeque<Answer>,
     /// The answer once the script is used up (`None`: [`Answer::Ok`]).
     default: Option<Answer>,
+    /// Every `accept` (redeemed invitation) received, in order.
+    accepts: Vec<AcceptCall>,
+    /// While set, `accept` calls wait before answering.
+    hold_accepts: bool,
+}
+
+/// One `accept` the rogue received (as an inviter).
+#[derive(Debug, Clone)]
+pub struct AcceptCall {
+    /// The request id the redeemer sent (empty when none).
+    pub req: Vec<u8>,
+    /// The handle it offered (designating its agent).
+    pub handle: Locator,
+    /// Whether the rogue took it (one use: only the first request id).
+    pub taken: bool,
 }
 
 /// A cluster identity: `[node certificate, cluster certificate]` and the node key.
@@ -264,13 +280,65 @@ impl RoguePeer {
         self.state.lock().unwrap().deliveries.clone()
     }
 
+    /// Every `accept` received so far (the rogue's locator used as an
+    /// invitation), in order. The rogue takes an invitation once: again
+    /// only with the same request id.
+    pub fn accepts(&self) -> Vec<AcceptCall> {
+        self.state.lock().unwrap().accepts.clone()
+    }
+
+    /// Holds (`true`) or releases the answers to `accept` calls.
+    pub fn hold_accepts(&self, hold: bool) {
+        self.state.lock().unwrap().hold_accepts = hold;
+    }
+
+    /// Redeems the invitation `invitation` as this rogue cluster, offering
+    /// a handle for itself, with request id `req`; the node's answer: the
+    /// swiss of its handle for the rogue, or its error text.
+    pub fn accept_invitation(
+        &self,
+        invitation: &Locator,
+        req: [u8; 16],
+    ) -> Result<[u8; 32], String> {
+        let handle = (self.id.cluster_id, self.swiss, self.addr.to_string());
+        self.call(invitation, move |o| async move {
+            let mut r = o.accept_request();
+            {
+                let mut h = r.get().init_handle();
+                h.set_cluster_id(&handle.0);
+                h.set_swiss(&handle.1);
+                h.reborrow().init_addrs(1).set(0, handle.2.as_str());
+            }
+            r.get().set_req_id(&req);
+            let a = r.send().promise.await?;
+            let s = a.get()?.get_swiss()?;
+            s.try_into()
+                .map_err(|_| CapError::failed("a swiss number is 32 bytes".into()))
+        })
+    }
+
     /// Dials the node of `target` as this rogue cluster, restores it and
     /// calls `settle` on it with a rejection: what a hostile peer holding
     /// `target` can do. The node's answer: `Ok`, or its error text.
     pub fn settle_rejected(&self, target: &Locator, reason: &str) -> Result<(), String> {
+        let reason = reason.to_string();
+        self.call(target, move |o| async move {
+            let mut s = o.settle_request();
+            s.get().set_id(&capstan_proto::RequestId::random().0);
+            s.get().init_settlement().set_rejected(reason.as_str());
+            s.send().promise.await.map(drop)
+        })
+    }
+
+    /// Dials the node of `target` as this rogue cluster, restores `target`
+    /// and runs `f` on the capability (within 20 s); its error as text.
+    fn call<T, F, Fut>(&self, target: &Locator, f: F) -> Result<T, String>
+    where
+        F: FnOnce(object::Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, CapError>>,
+    {
         let client = self.id.client_config();
         let target = target.clone();
-        let reason = reason.to_string();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -302,10 +370,7 @@ impl RoguePeer {
                 let mut r = gateway.restore_request();
                 r.get().set_swiss(&target.swiss);
                 let o = r.send().pipeline.get_object();
-                let mut s = o.settle_request();
-                s.get().set_id(&capstan_proto::RequestId::random().0);
-                s.get().init_settlement().set_rejected(reason.as_str());
-                let r = s.send().promise.await.map(drop).map_err(|e| e.to_string());
+                let r = f(o).await.map_err(|e| e.to_string());
                 conn.close(0u32.into(), b"done");
                 r
             };
@@ -370,29 +435,62 @@ struct RogueObject {
     state: Arc<Mutex<State>>,
 }
 
+fn read_ref(r: capstan_proto::records_capnp::remote_ref::Reader<'_>) -> Result<Locator, CapError> {
+    let mut addrs = Vec::new();
+    for a in r.get_addrs()?.iter() {
+        addrs.push(a?.to_string()?);
+    }
+    let fixed = |d: &[u8]| -> Result<[u8; 32], CapError> {
+        d.try_into()
+            .map_err(|_| CapError::failed("not 32 bytes".into()))
+    };
+    Ok(Locator {
+        cluster: fixed(r.get_cluster_id()?)?,
+        swiss: fixed(r.get_swiss()?)?,
+        addrs,
+    })
+}
+
 fn read_refs(
     list: capnp::struct_list::Reader<'_, capstan_proto::records_capnp::remote_ref::Owned>,
 ) -> Result<Vec<Locator>, CapError> {
-    let mut out = Vec::new();
-    for r in list.iter() {
-        let mut addrs = Vec::new();
-        for a in r.get_addrs()?.iter() {
-            addrs.push(a?.to_string()?);
-        }
-        let fixed = |d: &[u8]| -> Result<[u8; 32], CapError> {
-            d.try_into()
-                .map_err(|_| CapError::failed("not 32 bytes".into()))
-        };
-        out.push(Locator {
-            cluster: fixed(r.get_cluster_id()?)?,
-            swiss: fixed(r.get_swiss()?)?,
-            addrs,
-        });
-    }
-    Ok(out)
+    list.iter().map(read_ref).collect()
 }
 
 impl object::Server for RogueObject {
+    async fn accept(
+        self: Rc<Self>,
+        params: object::AcceptParams,
+        mut results: object::AcceptResults,
+    ) -> Result<(), CapError> {
+        let p = params.get()?;
+        let req = p.get_req_id().map(<[u8]>::to_vec).unwrap_or_default();
+        let handle = read_ref(p.get_handle()?)?;
+        let taken = {
+            let mut st = self.state.lock().unwrap();
+            let first = st.accepts.iter().find(|a| a.taken).map(|a| a.req.clone());
+            let taken = match first {
+                None => true,
+                Some(r) => !r.is_empty() && r == req,
+            };
+            st.accepts.push(AcceptCall { req, handle, taken });
+            taken
+        };
+        while self.state.lock().unwrap().hold_accepts {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if !taken {
+            return Err(CapError::failed(
+                "unknown or revoked locator: it was cancelled, or never issued by this cluster"
+                    .into(),
+            ));
+        }
+        results
+            .get()
+            .set_swiss(&capstan_proto::FormulaId::random().0);
+        Ok(())
+    }
+
     async fn deliver(
         self: Rc<Self>,
         params: object::DeliverParams,

@@ -412,6 +412,17 @@ fn a_dead_peer_delays_only_its_own_mail() {
     );
 }
 
+/// The `list --json` entry of `name`.
+fn entry(node: &Node, name: &str) -> Value {
+    node.json(["list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == name)
+        .unwrap_or_else(|| panic!("no {name} in the list"))
+        .clone()
+}
+
 fn bounces(inbox: &[Value]) -> Vec<String> {
     inbox
         .iter()
@@ -537,4 +548,119 @@ fn mail_undelivered_by_the_expiry_bounces_once() {
         tried,
         "no retries after the bounce"
     );
+}
+
+/// Issue 16: `invite` and `accept` sent twice with the same request id (as
+/// the CLI does when it lost the daemon's answer) apply once and answer
+/// alike; the retried invitation works, and the first one dies with it.
+#[test]
+fn invite_and_accept_retried_with_the_same_request_id_apply_once() {
+    use capstan_tests::control;
+    let a = listening();
+    let b = listening();
+    let req = capstan_proto::RequestId::random().0;
+    let inv1 = control::invite(&a, "bob", req).expect("invite");
+    let inv2 = control::invite(&a, "bob", req).expect("the same invite again");
+    assert_eq!(a.json(["show", "bob"])["type"], "invitation");
+
+    let req = capstan_proto::RequestId::random().0;
+    let id1 = control::accept(&b, req, &inv2, "alice").expect("accept");
+    let id2 = control::accept(&b, req, &inv2, "alice").expect("the same accept again");
+    assert_eq!(id1, id2, "the same answer");
+    let shown = b.json(["show", "alice"]);
+    assert_eq!(shown["type"], "remote");
+    assert_eq!(shown["id"], id1.as_str());
+    assert_eq!(a.json(["show", "bob"])["type"], "remote");
+
+    // One use: the other copy of the invitation died with the acceptance.
+    let c = listening();
+    let (code, err) = c.fail(["accept", &inv1, "alice"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("unknown or revoked"), "{err}");
+    let (_, err) = c.fail(["accept", &inv2, "alice"]);
+    assert!(err.contains("unknown or revoked"), "{err}");
+
+    a.ok(["send", "bob", "hi"]);
+    wait_inbox(&b, "hi", has("hi"));
+    b.ok(["send", "alice", "hello"]);
+    wait_inbox(&a, "hello", has("hello"));
+}
+
+/// Issue 16: accepting reserves its name before the inviter is asked (so
+/// nothing else takes it meanwhile), and a node that dies before the
+/// answer goes on where it was: the inviter sees one redeemer, retrying
+/// with the same request id.
+#[test]
+fn accept_reserves_its_name_first_and_survives_a_crash() {
+    use capstan_tests::rogue::RoguePeer;
+    let mut b = listening();
+    let rogue = RoguePeer::start();
+    let inv = rogue.locator();
+    rogue.hold_accepts(true);
+    let child = b.spawn(["accept", &inv, "alice"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while rogue.accepts().is_empty() {
+        assert!(Instant::now() < deadline, "the inviter was never asked");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // While the inviter has not answered, the name is held.
+    let (_, err) = b.fail(["mkdir", "alice"]);
+    assert!(err.contains("already in use"), "{err}");
+    assert_eq!(b.json(["show", "alice"])["type"], "accepting");
+
+    // The node dies before the answer arrives.
+    b.kill9();
+    capstan_tests::kill_child(child);
+    rogue.hold_accepts(false);
+    b.start();
+    assert_eq!(
+        b.json(["show", "alice"])["type"],
+        "accepting",
+        "the reservation survived the crash"
+    );
+    // Accepting again goes on with the first attempt.
+    b.ok(["accept", &inv, "alice"]);
+    let acc = rogue.accepts();
+    assert_eq!(acc.len(), 2, "{acc:?}");
+    assert_eq!(acc[0].req.len(), 16, "a request id was sent: {acc:?}");
+    assert_eq!(acc[0].req, acc[1].req, "the same request id: {acc:?}");
+    assert!(acc.iter().all(|a| a.taken), "{acc:?}");
+    assert_eq!(entry(&b, "alice")["type"], "remote");
+    b.ok(["send", "alice", "hello"]);
+    wait_deliveries(&rogue, "hello", |d| {
+        d.iter().any(|x| x.strings == ["hello"])
+    });
+}
+
+/// Issue 16: the inviter answers a redeemer that retries with the same
+/// request id as the first time (the same formula, now designating the
+/// handle offered last); any other request is refused.
+#[test]
+fn an_invitation_redeemed_again_with_the_same_request_id_gets_the_same_answer() {
+    use capstan_tests::rogue::RoguePeer;
+    let a = listening();
+    let rogue = RoguePeer::start();
+    let inv: capstan_proto::Locator = a.json(["invite", "bob"])["invitation"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let req = capstan_proto::RequestId::random().0;
+    let s1 = rogue.accept_invitation(&inv, req).expect("accepted");
+    // (`list`, not `show`: showing a remote name asks its node, the rogue.)
+    let shown = entry(&a, "bob");
+    assert_eq!(shown["type"], "remote");
+    let s2 = rogue
+        .accept_invitation(&inv, req)
+        .expect("accepted again: the same request");
+    assert_ne!(s1, s2, "a fresh handle");
+    assert_eq!(entry(&a, "bob")["id"], shown["id"], "the same formula");
+    let err = rogue
+        .accept_invitation(&inv, capstan_proto::RequestId::random().0)
+        .expect_err("another request redeemed a used invitation");
+    assert!(err.contains("unknown or revoked"), "{err}");
+
+    a.ok(["send", "bob", "hi"]);
+    let d = wait_deliveries(&rogue, "hi", |d| d.iter().any(|x| x.strings == ["hi"]));
+    assert_eq!(d.len(), 1, "{d:?}");
 }

@@ -678,6 +678,7 @@ impl Net {
         self: &Rc<Self>,
         invitation: &Locator,
         handle_swiss: [u8; 32],
+        req: capstan_proto::RequestId,
     ) -> Result<RemoteRec, NetError> {
         if self.advertised.is_empty() {
             return Err(NetError::Refused("accepting an invitation needs a listening node, so that the inviter can reach it: restart it with `capstan start --listen HOST:PORT`".into()));
@@ -694,6 +695,7 @@ impl Net {
                 async move {
                     let mut r = o.accept_request();
                     handle.write_wire(r.get().init_handle());
+                    r.get().set_req_id(&req.0);
                     let answer = r.send().promise.await?;
                     let s: [u8; 32] = answer
                         .get()?
@@ -1091,8 +1093,11 @@ struct ObjectServer {
 
 impl ObjectServer {
     async fn check(&self) -> Result<(), CapError> {
-        match self.rt.restore_hash(self.hash).await {
-            Ok(Some(t)) if t == self.target => Ok(()),
+        match self.rt.locator_record(self.hash).await {
+            Ok(Some(r)) if r.target == self.target && r.accepted.is_none() => Ok(()),
+            Ok(Some(r)) if r.accepted.is_some() => Err(failed(
+                "revoked: this invitation was accepted already (it works once)",
+            )),
             Ok(_) => Err(failed(
                 "revoked: the locator of this capability was cancelled",
             )),
@@ -1181,12 +1186,19 @@ impl object::Server for ObjectServer {
         params: object::AcceptParams,
         mut results: object::AcceptResults,
     ) -> Result<(), CapError> {
-        self.check().await?;
-        let handle = capstan_actors::RemoteRec::read_wire(params.get()?.get_handle()?)
+        // (The locator is checked there: an accepted invitation still
+        // answers its redeemer's retry.)
+        let p = params.get()?;
+        let handle = capstan_actors::RemoteRec::read_wire(p.get_handle()?)
             .map_err(|e| failed(format!("bad handle: {e}")))?;
+        // A caller without a request id cannot retry (an older node).
+        let req = match p.get_req_id()? {
+            [] => capstan_proto::RequestId::random(),
+            r => item_id(r)?,
+        };
         let swiss = self
             .rt
-            .accept_invitation(self.target, self.hash, self.caller, handle)
+            .accept_invitation(self.target, self.hash, self.caller, req, handle)
             .await
             .map_err(wire_error)?;
         results.get().set_swiss(&swiss);
