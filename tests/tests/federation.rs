@@ -664,3 +664,29 @@ fn an_invitation_redeemed_again_with_the_same_request_id_gets_the_same_answer() 
     let d = wait_deliveries(&rogue, "hi", |d| d.iter().any(|x| x.strings == ["hi"]));
     assert_eq!(d.len(), 1, "{d:?}");
 }
+
+/// Issue 16: a copy of an invitation's name does not dangle once it is
+/// accepted. The invitation itself becomes the invited agent, so every name
+/// of it (a copy in another directory too) names that agent.
+#[test]
+fn copies_of_an_invitation_name_the_invited_agent_after_accept() {
+    let a = listening();
+    let b = listening();
+    let inv = a.json(["invite", "bob"])["invitation"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    a.ok(["copy", "bob", "bob2"]);
+    a.ok(["mkdir", "team"]);
+    a.ok(["copy", "bob", "team.bob"]);
+    b.ok(["accept", &inv, "alice"]);
+    let list = a.json(["list"]);
+    let bob = entry(&a, "bob");
+    let bob2 = entry(&a, "bob2");
+    assert_eq!(bob["type"], "remote", "{list}");
+    assert_eq!(bob2["id"], bob["id"], "bob2 names what bob names: {list}");
+    assert_eq!(a.json(["show", "team.bob"])["id"], bob["id"]);
+    a.ok(["send", "bob2", "via the copy"]);
+    let inbox = wait_inbox(&b, "mail through the copy", has("via the copy"));
+    assert_eq!(find(&inbox, "via the copy")["from"], "alice");
+}
