@@ -925,9 +925,27 @@ impl Net {
                 }
                 Err(NetError::Refused(why)) => {
                     tracing::info!(item = %item.id, "outbox item bounced: {why}");
-                    if let Err(e) = self.rt.outbox_bounce(&item, &why).await {
-                        tracing::warn!("cannot bounce an outbox item: {e}");
-                        return Err(format!("cannot bounce an outbox item: {e}"));
+                    match self.rt.outbox_bounce(&item, &why).await {
+                        Ok(()) => {}
+                        // The store failed: try again later.
+                        Err(
+                            e @ (capstan_actors::Error::Store(_)
+                            | capstan_actors::Error::Unavailable(_)
+                            | capstan_actors::Error::Fenced(_)
+                            | capstan_actors::Error::Unreachable(_)
+                            | capstan_actors::Error::InboxSlotTaken { .. }),
+                        ) => {
+                            tracing::warn!("cannot bounce an outbox item: {e}");
+                            return Err(format!("cannot bounce an outbox item: {e}"));
+                        }
+                        // Its sender cannot be told (its record is gone or
+                        // damaged): drop it rather than block the queue.
+                        Err(e) => {
+                            tracing::error!(item = %item.id, "dropping an outbox item whose sender cannot be told it was refused ({why}): {e}");
+                            if let Err(e) = self.rt.outbox_done(&item).await {
+                                return Err(format!("cannot remove an outbox item: {e}"));
+                            }
+                        }
                     }
                 }
                 Err(NetError::Transient(why)) => {
