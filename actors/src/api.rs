@@ -524,6 +524,7 @@ pub(crate) fn entry_detail(f: &Formula) -> String {
             r.addrs.join(",")
         ),
         FormulaKind::Invitation(_) => "pending: not accepted yet".into(),
+        FormulaKind::Accepting(_) => "accepting an invitation: waiting for the inviter".into(),
         FormulaKind::Llm(l) => crate::llm::detail(l),
     }
 }
@@ -900,6 +901,11 @@ impl AgentHandle {
                     if src_dir == dst_dir && src.last() == dst.last() {
                         return Ok(());
                     }
+                    if model::is_inside(tx, &ctx, &dst, &id).await? {
+                        return Err(Error::Invalid(format!(
+                            "cannot move {src} into itself ({dst}); nothing was changed"
+                        )));
+                    }
                     model::remove_name(tx, &src_dir, src.last()).await?;
                 }
                 model::set_name(tx, &dst_dir, dst.last(), &id).await?;
@@ -1023,6 +1029,17 @@ impl AgentHandle {
             },
             e => e,
         })?;
+        let me = self.ctx.id;
+        if !self
+            .rt
+            .db
+            .read(move |tx| Box::pin(async move { model::made_by(tx, &id, &me).await }))
+            .await?
+        {
+            return Err(Error::Invalid(format!(
+                "{path} is not an agent you made: you can act only as yourself and the agents you made (and theirs)"
+            )));
+        }
         Ok(AgentHandle {
             rt: self.rt.clone(),
             ctx: Arc::new(rec),

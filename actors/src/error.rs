@@ -78,6 +78,46 @@ pub enum Error {
     Llm(String),
 }
 
+impl Error {
+    /// Whether the same operation may succeed if tried again later (the
+    /// store failed, the node is stopping or lost its cluster lease,
+    /// another node did not answer, a stored record could not be read),
+    /// as opposed to a refusal for good (bad input, an unknown or revoked
+    /// name, a limit). Mail from another cluster that fails for a
+    /// transient reason is retried by its sender; any other failure is
+    /// bounced to the sender at once.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Store(e) => !matches!(
+                e,
+                StoreError::KeyTooLarge { .. }
+                    | StoreError::ValueTooLarge { .. }
+                    | StoreError::TransactionTooLarge { .. }
+                    | StoreError::TooManyWrites { .. }
+                    | StoreError::ReservedKey
+                    | StoreError::BlobTooLarge { .. }
+            ),
+            Error::Fenced(_)
+            | Error::Unavailable(_)
+            | Error::Unreachable(_)
+            | Error::InboxSlotTaken { .. }
+            | Error::Corrupt(_) => true,
+            Error::InvalidName(_)
+            | Error::UnknownName(_)
+            | Error::NameTaken(_)
+            | Error::SpecialName(_)
+            | Error::WrongType { .. }
+            | Error::UnknownMessage(_)
+            | Error::WrongMessage { .. }
+            | Error::AlreadySettled(_)
+            | Error::Rejected(_)
+            | Error::Invalid(_)
+            | Error::TooLarge { .. }
+            | Error::Llm(_) => false,
+        }
+    }
+}
+
 impl TxnError for Error {
     fn as_store_error(&self) -> Option<&StoreError> {
         match self {

@@ -12,6 +12,17 @@
 //! arrives through a handle is attributed to the formula it names — a peer
 //! cannot claim to be anyone else.
 //!
+//! Both steps are retry-safe and crash-safe. `invite` applies once per
+//! request id. `accept` first holds its name with an `accepting` formula
+//! (which records the request id it redeems with) and records the handle
+//! it offers, in one transaction; then asks the inviter; then turns the
+//! placeholder into the inviter's remote formula. A retry, or the same
+//! accept run again after a failure or a crash, goes on with the same
+//! placeholder and request id. The inviter turns the invitation formula
+//! itself into the remote formula for the accepting agent (so every name
+//! of it, copies included, names that agent), and answers the same
+//! redeemer retrying with the same request id the same way.
+//!
 //! Sending to a remote formula is the local send with one difference: the
 //! recipient's copy is not written into an inbox here but into this node's
 //! outbox, in the same transaction as the sender's own copy. References in
@@ -42,13 +53,15 @@ use crate::keys;
 use crate::model::{self, Ctx};
 use crate::names::Path;
 use crate::records::{
-    BodyRec, DedupAnswer, Formula, FormulaKind, InvitationRec, LocatorRec, MessageRec, PromiseRec,
-    RemoteRec, id_of, options, text, to_bytes,
+    AcceptedRec, AcceptingRec, BodyRec, DedupAnswer, Formula, FormulaKind, InvitationRec,
+    LocatorRec, MessageRec, PromiseRec, RemoteRec, id_of, options, text, to_bytes,
 };
 use crate::remote::swiss_hash;
 
-/// Most outbox items handed to the network layer at once.
-pub const OUTBOX_BATCH: usize = 256;
+/// Most outbox items of one peer cluster handed to the network layer at once.
+pub const OUTBOX_BATCH: usize = 64;
+/// Most peer clusters with mail listed at once ([`Runtime::outbox_peers`]).
+pub const OUTBOX_PEERS: usize = 1024;
 
 /// A message for an agent of another cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -286,9 +299,10 @@ impl OutboxItem {
         })
     }
 
-    /// Where it is stored: in creation order, so delivery keeps send order.
+    /// Where it is stored: in the queue of the peer cluster it goes to, in
+    /// creation order, so delivery keeps send order per destination.
     pub fn key(&self) -> Vec<u8> {
-        keys::outbox(self.created_us, &self.id)
+        keys::outbox(&self.to.cluster, self.created_us, &self.id)
     }
 }
 
@@ -305,6 +319,26 @@ pub(crate) fn issue_locator(
     Ok(swiss)
 }
 
+/// Issues the locator that answers request `promise`, for its recipient on
+/// another cluster (the only locator through which it can be settled).
+fn issue_resolver(tx: &mut Transaction, promise: &FormulaId) -> Result<[u8; 32], Error> {
+    let mut swiss = [0u8; 32];
+    getrandom::fill(&mut swiss)
+        .map_err(|e| Error::Unavailable(format!("no randomness for a swiss number: {e}")))?;
+    put_locator(
+        tx,
+        &swiss,
+        LocatorRec {
+            target: *promise,
+            created_ms: now_ms(),
+            peer: None,
+            resolver: true,
+            accepted: None,
+        },
+    )?;
+    Ok(swiss)
+}
+
 /// Records `swiss` (by its hash only) as a locator of `target`.
 pub(crate) fn record_locator(
     tx: &mut Transaction,
@@ -312,14 +346,23 @@ pub(crate) fn record_locator(
     target: &FormulaId,
     peer: Option<FormulaId>,
 ) -> Result<(), Error> {
+    put_locator(
+        tx,
+        swiss,
+        LocatorRec {
+            target: *target,
+            created_ms: now_ms(),
+            peer,
+            resolver: false,
+            accepted: None,
+        },
+    )
+}
+
+fn put_locator(tx: &mut Transaction, swiss: &[u8; 32], rec: LocatorRec) -> Result<(), Error> {
     let hash = swiss_hash(swiss);
-    let rec = LocatorRec {
-        target: *target,
-        created_ms: now_ms(),
-        peer,
-    };
     tx.set(&keys::locator(&hash), &rec.encode())?;
-    tx.set(&keys::locator_of(target, &hash), &[])?;
+    tx.set(&keys::locator_of(&rec.target, &hash), &[])?;
     Ok(())
 }
 
@@ -361,7 +404,7 @@ async fn adopt_ref(
 }
 
 /// Microseconds since the epoch (outbox order).
-pub(crate) fn now_us() -> u64 {
+pub fn now_us() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
@@ -392,7 +435,7 @@ pub(crate) async fn envelope_of(tx: &mut Transaction, m: &MessageRec) -> Result<
             promise,
         } => EnvelopeBody::Request {
             description: description.clone(),
-            resolver: RemoteRec::own(issue_locator(tx, promise, None)?),
+            resolver: RemoteRec::own(issue_resolver(tx, promise)?),
         },
     };
     Ok(Envelope {
@@ -409,10 +452,48 @@ pub(crate) fn enqueue(tx: &mut Transaction, item: &OutboxItem) -> Result<(), Err
     Ok(())
 }
 
+/// Most attempts at accepting one invitation under one name (each offers
+/// the inviter a new handle).
+pub const MAX_ACCEPT_ATTEMPTS: usize = 16;
+
+/// What [`AgentHandle::begin_accept`] found to do.
+#[derive(Debug, Clone)]
+pub enum AcceptStep {
+    /// This request was answered already: the inviter's formula here.
+    Done(FormulaId),
+    /// Ask the inviter: redeem the invitation with request id `req`,
+    /// offering `handle` (a new locator of this agent); then
+    /// [`AgentHandle::finish_accept`] (or [`AgentHandle::abort_accept`]
+    /// when refused for good) with `placeholder`.
+    Redeem {
+        placeholder: FormulaId,
+        req: RequestId,
+        handle: [u8; 32],
+    },
+}
+
+/// The hashes in index keys `("locf", target, hash)`.
+fn index_hash(k: &[u8]) -> Result<[u8; 32], Error> {
+    let mut r = capstan_cluster::tuple::TupleReader::new(k);
+    let hash = (|| {
+        r.str()?;
+        r.bytes()?;
+        r.bytes()
+    })()
+    .map_err(|e| Error::Corrupt(format!("locator index key: {e}")))?;
+    hash.as_slice()
+        .try_into()
+        .map_err(|_| Error::Corrupt("locator index key".into()))
+}
+
 impl AgentHandle {
     /// Invites another node's agent under `name`: an invitation formula
-    /// and a one-use locator for it; returns the swiss number.
-    pub async fn invite(&self, name: &str) -> Result<[u8; 32], Error> {
+    /// and a one-use locator for it; returns the swiss number. Applies
+    /// once per `req`: a retry answers a fresh locator of the same
+    /// invitation while it is pending (only hashes of swiss numbers are
+    /// stored, so the first one cannot be shown again; accepting either
+    /// voids the other).
+    pub async fn invite(&self, req: RequestId, name: &str) -> Result<[u8; 32], Error> {
         if !self.ctx.is_host {
             return Err(Error::Invalid(
                 "only a host can invite; a guest has only what it was given".into(),
@@ -423,69 +504,21 @@ impl AgentHandle {
         self.transact(move |tx| {
             let (ctx, p) = (ctx.clone(), p.clone());
             Box::pin(async move {
-                let dir = model::parent_dir(tx, &ctx, &p).await?;
-                if model::lookup(tx, &dir, p.last()).await?.is_some() {
-                    return Err(Error::NameTaken(p.to_string()));
-                }
-                let id = FormulaId::random();
-                model::put_formula(
-                    tx,
-                    &id,
-                    &Formula {
-                        created_ms: now_ms(),
-                        kind: FormulaKind::Invitation(InvitationRec {
-                            host: ctx.id,
-                            dir,
-                            name: p.last().to_string(),
-                        }),
-                    },
-                )?;
-                model::set_name(tx, &dir, p.last(), &id).await?;
-                issue_locator(tx, &id, None)
-            })
-        })
-        .await
-    }
-
-    /// Checks that `name` is free before accepting an invitation under it.
-    pub async fn check_free(&self, name: &str) -> Result<(), Error> {
-        if !self.ctx.is_host {
-            return Err(Error::Invalid("only a host can accept invitations".into()));
-        }
-        let ctx = self.ctx.clone();
-        let p = Path::parse_writable(name)?;
-        self.rt
-            .db
-            .read(move |tx| {
-                let (ctx, p) = (ctx.clone(), p.clone());
-                Box::pin(async move {
-                    let dir = model::parent_dir(tx, &ctx, &p).await?;
-                    if model::lookup(tx, &dir, p.last()).await?.is_some() {
-                        return Err(Error::NameTaken(p.to_string()));
+                match model::dedup_get(tx, &ctx.id, &req).await? {
+                    Some(DedupAnswer::Id(prev)) => {
+                        return match model::must_formula(tx, &prev).await?.kind {
+                            FormulaKind::Invitation(_) => issue_locator(tx, &prev, None),
+                            _ => Err(Error::Invalid(format!(
+                                "the invitation {p} was accepted already; it works once"
+                            ))),
+                        };
                     }
-                    Ok(())
-                })
-            })
-            .await
-    }
-
-    /// After the inviter accepted our handle (`handle_swiss`, designating
-    /// this agent) and answered with `inviter`: names the inviter `name`
-    /// and records the handle as given to it.
-    pub async fn finish_accept(
-        &self,
-        req: RequestId,
-        name: &str,
-        inviter: RemoteRec,
-        handle_swiss: [u8; 32],
-    ) -> Result<FormulaId, Error> {
-        let ctx = self.ctx.clone();
-        let p = Path::parse_writable(name)?;
-        self.transact(move |tx| {
-            let (ctx, p, inviter) = (ctx.clone(), p.clone(), inviter.clone());
-            Box::pin(async move {
-                if let Some(DedupAnswer::Id(prev)) = model::dedup_get(tx, &ctx.id, &req).await? {
-                    return Ok(prev);
+                    Some(_) => {
+                        return Err(Error::Invalid(
+                            "request id reused for another operation".into(),
+                        ));
+                    }
+                    None => {}
                 }
                 let dir = model::parent_dir(tx, &ctx, &p).await?;
                 if model::lookup(tx, &dir, p.last()).await?.is_some() {
@@ -498,13 +531,184 @@ impl AgentHandle {
                     &id,
                     &Formula {
                         created_ms: now,
-                        kind: FormulaKind::Remote(inviter),
+                        kind: FormulaKind::Invitation(InvitationRec {
+                            host: ctx.id,
+                            dir,
+                            name: p.last().to_string(),
+                        }),
                     },
                 )?;
                 model::set_name(tx, &dir, p.last(), &id).await?;
-                record_locator(tx, &handle_swiss, &ctx.id, Some(id))?;
                 model::dedup_put(tx, &ctx.id, &req, DedupAnswer::Id(id), now)?;
-                Ok(id)
+                issue_locator(tx, &id, None)
+            })
+        })
+        .await
+    }
+
+    /// The first step of accepting the invitation of cluster `cluster`
+    /// whose swiss is `invitation` under `name`, before the inviter is
+    /// asked: holds `name` (a formula of type `accepting`, which becomes
+    /// the inviter's `remote` once it answered) and records a new handle
+    /// for the inviter. Accepting the same invitation under the same name
+    /// again (a retry, or a new attempt after a failure or a crash) goes
+    /// on with the first attempt: the inviter is asked with its request id.
+    pub async fn begin_accept(
+        &self,
+        req: RequestId,
+        name: &str,
+        cluster: [u8; 32],
+        invitation: [u8; 32],
+    ) -> Result<AcceptStep, Error> {
+        if !self.ctx.is_host {
+            return Err(Error::Invalid("only a host can accept invitations".into()));
+        }
+        let ctx = self.ctx.clone();
+        let p = Path::parse_writable(name)?;
+        let inv = swiss_hash(&invitation);
+        self.transact(move |tx| {
+            let (ctx, p) = (ctx.clone(), p.clone());
+            Box::pin(async move {
+                match model::dedup_get(tx, &ctx.id, &req).await? {
+                    Some(DedupAnswer::Id(prev)) => return Ok(AcceptStep::Done(prev)),
+                    Some(_) => {
+                        return Err(Error::Invalid(
+                            "request id reused for another operation".into(),
+                        ));
+                    }
+                    None => {}
+                }
+                let dir = model::parent_dir(tx, &ctx, &p).await?;
+                let mut handle = [0u8; 32];
+                getrandom::fill(&mut handle).map_err(|e| {
+                    Error::Unavailable(format!("no randomness for a swiss number: {e}"))
+                })?;
+                let (placeholder, rec) = match model::lookup(tx, &dir, p.last()).await? {
+                    None => {
+                        let id = FormulaId::random();
+                        model::set_name(tx, &dir, p.last(), &id).await?;
+                        (
+                            id,
+                            AcceptingRec {
+                                host: ctx.id,
+                                invitation: inv,
+                                cluster,
+                                req,
+                                handles: Vec::new(),
+                            },
+                        )
+                    }
+                    Some(id) => match model::must_formula(tx, &id).await?.kind {
+                        FormulaKind::Accepting(a) if a.host == ctx.id && a.invitation == inv => {
+                            if a.handles.len() >= MAX_ACCEPT_ATTEMPTS {
+                                return Err(Error::Invalid(format!(
+                                    "{p} was tried {MAX_ACCEPT_ATTEMPTS} times already; `capstan remove {p}` gives it up"
+                                )));
+                            }
+                            (id, a)
+                        }
+                        _ => return Err(Error::NameTaken(p.to_string())),
+                    },
+                };
+                let mut rec = rec;
+                rec.handles.push(swiss_hash(&handle));
+                let req = rec.req;
+                model::put_formula(
+                    tx,
+                    &placeholder,
+                    &Formula {
+                        created_ms: now_ms(),
+                        kind: FormulaKind::Accepting(rec),
+                    },
+                )?;
+                // Mail through the handle is from the placeholder (the
+                // inviter's formula here, once it answered).
+                record_locator(tx, &handle, &ctx.id, Some(placeholder))?;
+                Ok(AcceptStep::Redeem {
+                    placeholder,
+                    req,
+                    handle,
+                })
+            })
+        })
+        .await
+    }
+
+    /// After the inviter answered with `inviter` (its handle for us): the
+    /// placeholder becomes the inviter's remote formula. Applies once per
+    /// `req`.
+    pub async fn finish_accept(
+        &self,
+        req: RequestId,
+        placeholder: FormulaId,
+        inviter: RemoteRec,
+    ) -> Result<FormulaId, Error> {
+        let ctx = self.ctx.clone();
+        self.transact(move |tx| {
+            let (ctx, inviter) = (ctx.clone(), inviter.clone());
+            Box::pin(async move {
+                if let Some(DedupAnswer::Id(prev)) = model::dedup_get(tx, &ctx.id, &req).await? {
+                    return Ok(prev);
+                }
+                let now = now_ms();
+                match model::must_formula(tx, &placeholder).await?.kind {
+                    FormulaKind::Accepting(a) if a.host == ctx.id => {
+                        model::put_formula(
+                            tx,
+                            &placeholder,
+                            &Formula {
+                                created_ms: now,
+                                kind: FormulaKind::Remote(inviter),
+                            },
+                        )?;
+                        if a.req != req {
+                            model::dedup_put(
+                                tx,
+                                &ctx.id,
+                                &a.req,
+                                DedupAnswer::Id(placeholder),
+                                now,
+                            )?;
+                        }
+                    }
+                    // Another attempt finished first.
+                    FormulaKind::Remote(_) => {}
+                    other => {
+                        return Err(Error::Corrupt(format!(
+                            "the name held for an invitation became a {}",
+                            other.type_name()
+                        )));
+                    }
+                }
+                model::dedup_put(tx, &ctx.id, &req, DedupAnswer::Id(placeholder), now)?;
+                Ok(placeholder)
+            })
+        })
+        .await
+    }
+
+    /// The inviter refused for good: frees the name held for the
+    /// invitation and revokes the handles offered.
+    pub async fn abort_accept(&self, name: &str, placeholder: FormulaId) -> Result<(), Error> {
+        let ctx = self.ctx.clone();
+        let p = Path::parse_writable(name)?;
+        self.transact(move |tx| {
+            let (ctx, p) = (ctx.clone(), p.clone());
+            Box::pin(async move {
+                let FormulaKind::Accepting(a) = model::must_formula(tx, &placeholder).await?.kind
+                else {
+                    return Ok(());
+                };
+                for h in &a.handles {
+                    tx.clear(&keys::locator(h));
+                    tx.clear(&keys::locator_of(&ctx.id, h));
+                }
+                let dir = model::parent_dir(tx, &ctx, &p).await?;
+                if model::lookup(tx, &dir, p.last()).await? == Some(placeholder) {
+                    model::remove_name(tx, &dir, p.last()).await?;
+                }
+                tx.clear(&keys::formula(&placeholder));
+                Ok(())
             })
         })
         .await
@@ -535,34 +739,20 @@ impl Runtime {
             .await
     }
 
-    /// When the invitation whose locator hashes to `hash` was accepted
-    /// (ms since the epoch), if it was.
-    pub async fn invitation_used_at(&self, hash: [u8; 32]) -> Result<Option<u64>, Error> {
-        self.db()
-            .read(move |tx| {
-                Box::pin(async move {
-                    match tx.get(&keys::used_invitation(&hash)).await? {
-                        Some(b) => {
-                            let at: [u8; 8] = b.as_slice().try_into().map_err(|_| {
-                                Error::Corrupt("used invitation record is not 8 bytes".into())
-                            })?;
-                            Ok(Some(u64::from_be_bytes(at)))
-                        }
-                        None => Ok(None),
-                    }
-                })
-            })
-            .await
-    }
-
-    /// Redeems an invitation (`invitation` restored from locator `hash`):
-    /// names the accepting node's agent (`handle`) under the invitation's
-    /// name and returns a handle (swiss) for the inviting host.
+    /// Redeems an invitation (`invitation` restored from locator `hash`)
+    /// for the caller, with its request id `req`: the invitation formula
+    /// becomes a remote formula for the accepting agent (`handle`), so that
+    /// every name of the invitation names that agent, and the answer is a
+    /// handle (swiss) for the inviting host. One use: every other locator
+    /// of the invitation is revoked, and this one serves only the same
+    /// caller retrying with the same `req`, which gets the same answer
+    /// (the same formula, with a fresh handle; the earlier stay valid).
     pub async fn accept_invitation(
         &self,
         invitation: FormulaId,
         hash: [u8; 32],
         caller: Caller,
+        req: RequestId,
         mut handle: RemoteRec,
     ) -> Result<[u8; 32], Error> {
         if handle.cluster != caller.cluster {
@@ -581,35 +771,62 @@ impl Runtime {
             .transact(move |tx| {
                 let handle = handle.clone();
                 Box::pin(async move {
+                    let rec = match tx.get(&keys::locator(&hash)).await? {
+                        Some(b) => LocatorRec::decode(&b)?,
+                        None => {
+                            return Err(Error::Invalid(
+                                "unknown or revoked locator: it was cancelled, or never issued by this cluster".into(),
+                            ));
+                        }
+                    };
+                    if rec.target != invitation {
+                        return Err(Error::Invalid("this locator is not an invitation".into()));
+                    }
+                    if let Some(acc) = &rec.accepted {
+                        if acc.cluster == caller.cluster && acc.req == req {
+                            // The same redeemer again: the same answer.
+                            return issue_locator(tx, &acc.host, Some(invitation));
+                        }
+                        return Err(Error::Invalid(
+                            "this invitation was already used: an invitation works once; ask the inviter for a new one (`capstan invite NAME`)".into(),
+                        ));
+                    }
                     let f = model::must_formula(tx, &invitation).await?;
                     let FormulaKind::Invitation(inv) = f.kind else {
                         return Err(Error::Invalid("this locator is not an invitation".into()));
                     };
-                    if model::lookup(tx, &inv.dir, &inv.name).await? != Some(invitation) {
-                        return Err(Error::Invalid("the invitation was withdrawn".into()));
-                    }
-                    // One use: the invitation's locators go with it.
+                    // One use: the invitation's other locators die.
                     let rows = tx
                         .get_prefix(&keys::locators_of(&invitation), 0, false)
                         .await?;
                     for (k, _) in rows {
-                        tx.clear(&k);
+                        let h = index_hash(&k)?;
+                        if h != hash {
+                            tx.clear(&keys::locator(&h));
+                            tx.clear(&k);
+                        }
                     }
-                    tx.clear(&keys::locator(&hash));
-                    // Remembered, so that a second use says "already used".
-                    tx.set(&keys::used_invitation(&hash), &now_ms().to_be_bytes())?;
-                    tx.clear(&keys::formula(&invitation));
-                    let id = FormulaId::random();
                     model::put_formula(
                         tx,
-                        &id,
+                        &invitation,
                         &Formula {
                             created_ms: now_ms(),
                             kind: FormulaKind::Remote(handle),
                         },
                     )?;
-                    model::set_name(tx, &inv.dir, &inv.name, &id).await?;
-                    issue_locator(tx, &inv.host, Some(id))
+                    tx.set(
+                        &keys::locator(&hash),
+                        &LocatorRec {
+                            accepted: Some(AcceptedRec {
+                                cluster: caller.cluster,
+                                req,
+                                host: inv.host,
+                            }),
+                            ..rec
+                        }
+                        .encode(),
+                    )?;
+                    issue_locator(tx, &inv.host, Some(invitation))
                 })
             })
             .await
@@ -650,6 +867,12 @@ impl Runtime {
                         }
                         match model::must_formula(tx, &peer).await?.kind {
                             FormulaKind::Remote(_) => {}
+                            FormulaKind::Accepting(_) => {
+                                return Err(Error::Unavailable(
+                                    "this node is still accepting the invitation; try again later"
+                                        .into(),
+                                ));
+                            }
                             _ => {
                                 return Err(Error::Corrupt("a handle's peer is not remote".into()));
                             }
@@ -716,23 +939,39 @@ impl Runtime {
         Ok(())
     }
 
-    /// The answer to a request this node sent: settles `promise`. Applies
-    /// once per `item` id.
+    /// The answer to a request this node sent, through the locator whose
+    /// swiss hashes to `hash`: settles the promise it designates. Only the
+    /// locator sent to the request's recipient may (anyone else holding the
+    /// promise can only read it). Applies once per `item` id.
     pub async fn receive_settle(
         &self,
-        promise: FormulaId,
+        hash: [u8; 32],
         item: RequestId,
         s: Settlement,
         caller: Caller,
-    ) -> Result<(), Error> {
+    ) -> Result<FormulaId, Error> {
         let own = caller.own;
-        let state = self
+        let (promise, state) = self
             .db()
             .transact(move |tx| {
                 let s = s.clone();
                 Box::pin(async move {
+                    let rec = match tx.get(&keys::locator(&hash)).await? {
+                        Some(b) => LocatorRec::decode(&b)?,
+                        None => {
+                            return Err(Error::Invalid(
+                                "revoked: the locator of this capability was cancelled".into(),
+                            ));
+                        }
+                    };
+                    if !rec.resolver {
+                        return Err(Error::Invalid(
+                            "this capability cannot answer the request: only the one given to the request's recipient can (a reference to a request's result only reads it)".into(),
+                        ));
+                    }
+                    let promise = rec.target;
                     if tx.get(&keys::inbound(&item)).await?.is_some() {
-                        return Ok(None);
+                        return Ok((promise, None));
                     }
                     let mut f = model::must_formula(tx, &promise).await?;
                     let FormulaKind::Promise(p) = &mut f.kind else {
@@ -752,37 +991,151 @@ impl Runtime {
                     let state = p.state.clone();
                     model::put_formula(tx, &promise, &f)?;
                     tx.set(&keys::inbound(&item), &now_ms().to_be_bytes())?;
-                    Ok(Some(state))
+                    Ok((promise, Some(state)))
                 })
             })
             .await?;
         if let Some(state) = state {
             crate::api::notify_settled(self.inner(), promise, state);
         }
-        Ok(())
+        Ok(promise)
     }
 
-    /// The oldest outbox items (at most [`OUTBOX_BATCH`]).
-    pub async fn outbox(&self) -> Result<Vec<OutboxItem>, Error> {
+    /// The peer clusters that have mail in the outbox: at most `limit`, in
+    /// id order starting after `after` and wrapping around (so that a
+    /// caller going on from the last one it got sees them all in turn).
+    /// Each queue costs one key read, however long it is.
+    pub async fn outbox_peers(
+        &self,
+        after: Option<[u8; 32]>,
+        limit: usize,
+    ) -> Result<Vec<[u8; 32]>, Error> {
         self.db()
-            .read(|tx| {
+            .read(move |tx| {
                 Box::pin(async move {
-                    let rows = tx.get_prefix(&keys::outbox_all(), OUTBOX_BATCH, false).await?;
-                    let mut out = Vec::with_capacity(rows.len());
-                    for (k, v) in rows {
-                        match OutboxItem::decode(&v) {
-                            Ok(i) => out.push(i),
-                            Err(e) => {
-                                // A corrupt item can never be delivered; it
-                                // must not block the ones behind it either.
-                                tracing::error!(key = %hex::encode(&k), "dropping a corrupt outbox item: {e}");
+                    let all = keys::outbox_all();
+                    let end = capstan_cluster::tuple::prefix_end(&all);
+                    let start = match &after {
+                        Some(c) => capstan_cluster::tuple::prefix_end(&keys::outbox_of(c)),
+                        None => all.clone(),
+                    };
+                    let mut out: Vec<[u8; 32]> = Vec::new();
+                    // From `start` to the end, then from the beginning up to `start`.
+                    for (mut cursor, stop) in [(start.clone(), end), (all, start)] {
+                        while out.len() < limit && cursor < stop {
+                            let rows = tx
+                                .get_range(
+                                    capstan_cluster::RangeOption::new(cursor.clone(), stop.clone())
+                                        .with_limit(1),
+                                )
+                                .await?;
+                            let Some((k, _)) = rows.into_iter().next() else {
+                                break;
+                            };
+                            let mut r = capstan_cluster::tuple::TupleReader::new(&k);
+                            let c = (|| {
+                                r.str()?;
+                                r.bytes()
+                            })()
+                            .map_err(|e| Error::Corrupt(format!("outbox key: {e}")))?;
+                            let c: [u8; 32] = c
+                                .as_slice()
+                                .try_into()
+                                .map_err(|_| Error::Corrupt("outbox key: cluster id".into()))?;
+                            if !out.contains(&c) {
+                                out.push(c);
                             }
+                            cursor = capstan_cluster::tuple::prefix_end(&keys::outbox_of(&c));
                         }
                     }
                     Ok(out)
                 })
             })
             .await
+    }
+
+    /// The oldest items of the queue of peer cluster `cluster` (at most
+    /// `limit`). A corrupt item, which could never be delivered, is
+    /// dropped (and logged) so that it does not block the ones behind it.
+    pub async fn outbox_for(
+        &self,
+        cluster: [u8; 32],
+        limit: usize,
+    ) -> Result<Vec<OutboxItem>, Error> {
+        let (items, corrupt) = self
+            .db()
+            .read(move |tx| {
+                Box::pin(async move {
+                    let rows = tx
+                        .get_prefix(&keys::outbox_of(&cluster), limit, false)
+                        .await?;
+                    let mut out = Vec::with_capacity(rows.len());
+                    let mut corrupt = Vec::new();
+                    for (k, v) in rows {
+                        match OutboxItem::decode(&v) {
+                            Ok(i) if i.key() == k => out.push(i),
+                            Ok(_) => {
+                                tracing::error!(key = %hex::encode(&k), "dropping an outbox item stored under another key than its own");
+                                corrupt.push(k);
+                            }
+                            Err(e) => {
+                                tracing::error!(key = %hex::encode(&k), "dropping a corrupt outbox item: {e}");
+                                corrupt.push(k);
+                            }
+                        }
+                    }
+                    Ok::<_, Error>((out, corrupt))
+                })
+            })
+            .await?;
+        if !corrupt.is_empty() {
+            let corrupt = Arc::new(corrupt);
+            self.db()
+                .transact(move |tx| {
+                    let corrupt = corrupt.clone();
+                    Box::pin(async move {
+                        for k in corrupt.iter() {
+                            tx.clear(k);
+                        }
+                        Ok::<_, Error>(())
+                    })
+                })
+                .await?;
+        }
+        Ok(items)
+    }
+
+    /// Moves the items of the single outbox queue of earlier versions into
+    /// the queues per peer cluster (at start; nothing to do afterwards).
+    /// Returns how many it moved.
+    pub async fn migrate_outbox(&self) -> Result<usize, Error> {
+        let mut moved = 0;
+        loop {
+            let n = self
+                .db()
+                .transact(|tx| {
+                    Box::pin(async move {
+                        let rows = tx
+                            .get_prefix(&keys::outbox_legacy(), OUTBOX_BATCH, false)
+                            .await?;
+                        for (k, v) in &rows {
+                            tx.clear(k);
+                            match OutboxItem::decode(v) {
+                                Ok(i) => tx.set(&i.key(), v)?,
+                                Err(e) => {
+                                    tracing::error!(key = %hex::encode(k), "dropping a corrupt outbox item: {e}")
+                                }
+                            }
+                        }
+                        Ok::<_, Error>(rows.len())
+                    })
+                })
+                .await?;
+            moved += n;
+            if n < OUTBOX_BATCH {
+                return Ok(moved);
+            }
+        }
     }
 
     /// Removes a delivered item.

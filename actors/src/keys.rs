@@ -12,8 +12,8 @@
 //! | `("mark", agent)` | next message number floor, u64 big-endian (after dismissals) |
 //! | `("loc", blake3(swiss))` | `LocatorRecord` (a locator this node issued) |
 //! | `("locf", target, blake3(swiss))` | empty (the locators of a formula, for `cancel`) |
-//! | `("usedinv", blake3(swiss))` | accept time, u64 ms big-endian (an invitation's locator that was used) |
-//! | `("out", created-µs, item-id)` | `OutboxItem` (owed to another cluster, in send order) |
+//! | `("outq", peer-cluster, created-µs, item-id)` | `OutboxItem` (owed to another cluster: a queue per peer cluster, in send order) |
+//! | `("out", created-µs, item-id)` | `OutboxItem` in the single queue of earlier versions (moved to `outq` at start) |
 //! | `("in", item-id)` | receive time, u64 ms (an item from another cluster was applied) |
 //! | `("llmk", provider)` | an LLM provider's API key (UTF-8): private, read only by model calls |
 //! | `("llmb", agent)` | `LlmBudget`: an agent's token and cost budget |
@@ -111,20 +111,28 @@ pub fn locators_of(target: &FormulaId) -> Vec<u8> {
         .into_vec()
 }
 
-/// An invitation's locator that was redeemed (so a second use is told so).
-pub fn used_invitation(hash: &[u8; 32]) -> Vec<u8> {
-    TupleKey::new().str("usedinv").bytes(hash).into_vec()
-}
-
-pub fn outbox(created_us: u64, id: &RequestId) -> Vec<u8> {
+/// An item of the outbox queue of peer cluster `cluster`.
+pub fn outbox(cluster: &[u8; 32], created_us: u64, id: &RequestId) -> Vec<u8> {
     TupleKey::new()
-        .str("out")
+        .str("outq")
+        .bytes(cluster)
         .u64(created_us)
         .bytes(&id.0)
         .into_vec()
 }
 
+/// The outbox queue of one peer cluster.
+pub fn outbox_of(cluster: &[u8; 32]) -> Vec<u8> {
+    TupleKey::new().str("outq").bytes(cluster).into_vec()
+}
+
+/// Every outbox queue.
 pub fn outbox_all() -> Vec<u8> {
+    TupleKey::new().str("outq").into_vec()
+}
+
+/// The single outbox queue of earlier versions (`("out", created-µs, id)`).
+pub fn outbox_legacy() -> Vec<u8> {
     TupleKey::new().str("out").into_vec()
 }
 

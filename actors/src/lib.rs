@@ -40,6 +40,6 @@ pub use api::{
     RuntimeOptions, ValueKind,
 };
 pub use error::Error;
-pub use federation::{Caller, Envelope, EnvelopeBody, OutOp, OutboxItem, Settlement};
+pub use federation::{AcceptStep, Caller, Envelope, EnvelopeBody, OutOp, OutboxItem, Settlement};
 pub use records::{LocatorRec, RemoteRec};
 pub use remote::{Shown, Target};

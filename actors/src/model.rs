@@ -112,6 +112,49 @@ pub async fn parent_dir(tx: &mut Transaction, ctx: &Ctx, path: &Path) -> Result<
     descend(tx, &id, &ppath).await
 }
 
+/// Deepest chain of agents making agents that [`made_by`] follows.
+pub const MAX_AGENT_DEPTH: usize = 64;
+
+/// Whether agent `id` was made by agent `maker`, directly or through agents
+/// `maker` made (following each agent's host up, at most
+/// [`MAX_AGENT_DEPTH`] steps). An agent is not made by itself.
+pub async fn made_by(
+    tx: &mut Transaction,
+    id: &FormulaId,
+    maker: &FormulaId,
+) -> Result<bool, Error> {
+    let mut cur = *id;
+    for _ in 0..MAX_AGENT_DEPTH {
+        let f = must_formula(tx, &cur).await?;
+        match f.kind.agent().and_then(|a| a.host) {
+            Some(h) if h == *maker => return Ok(true),
+            Some(h) => cur = h,
+            None => return Ok(false),
+        }
+    }
+    Ok(false)
+}
+
+/// Whether a name at `path` would be inside directory `id`: some directory
+/// on the way to it (the parent of its last segment, or one above) is `id`.
+pub async fn is_inside(
+    tx: &mut Transaction,
+    ctx: &Ctx,
+    path: &Path,
+    id: &FormulaId,
+) -> Result<bool, Error> {
+    let parent = path.parent();
+    for n in 1..=parent.len() {
+        let prefix = Path {
+            segments: parent[..n].to_vec(),
+        };
+        if resolve(tx, ctx, &prefix).await? == *id {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// Writes `name → id` in `dir`, keeping the reverse index; returns the id it replaced.
 pub async fn set_name(
     tx: &mut Transaction,

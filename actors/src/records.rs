@@ -27,6 +27,21 @@ pub enum FormulaKind {
     Invitation(InvitationRec),
     /// An LLM provider (`capstan llm add`); its key is kept apart.
     Llm(LlmProviderRec),
+    /// A name held while an invitation is being accepted.
+    Accepting(AcceptingRec),
+}
+
+/// A name held while `accept` redeems an invitation: see `records.capnp`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcceptingRec {
+    pub host: FormulaId,
+    /// The hash of the invitation's swiss (as locators are stored).
+    pub invitation: [u8; 32],
+    pub cluster: [u8; 32],
+    /// The request id the invitation is redeemed with.
+    pub req: RequestId,
+    /// The hashes of the handles offered to the inviter, one per attempt.
+    pub handles: Vec<[u8; 32]>,
 }
 
 /// An LLM provider: see `records.capnp` and [`crate::llm`]. Holds no secret.
@@ -64,6 +79,7 @@ impl FormulaKind {
             FormulaKind::Remote(_) => "remote",
             FormulaKind::Invitation(_) => "invitation",
             FormulaKind::Llm(_) => "llm",
+            FormulaKind::Accepting(_) => "accepting",
         }
     }
     pub fn agent(&self) -> Option<&AgentRec> {
@@ -201,6 +217,21 @@ pub struct LocatorRec {
     pub created_ms: u64,
     /// For a handle given through invite/accept: who mail through it is from.
     pub peer: Option<FormulaId>,
+    /// The locator given to a request's recipient: the only one through
+    /// which the promise it designates can be settled.
+    pub resolver: bool,
+    /// For an invitation that was accepted: by whom (it then serves only
+    /// a retry of that accept).
+    pub accepted: Option<AcceptedRec>,
+}
+
+/// Who accepted an invitation, and the handle given in answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcceptedRec {
+    pub cluster: [u8; 32],
+    pub req: RequestId,
+    /// The inviting host (what the handles given in answer designate).
+    pub host: FormulaId,
 }
 
 impl LocatorRec {
@@ -210,6 +241,12 @@ impl LocatorRec {
         b.set_target(self.target.as_bytes());
         b.set_created_ms(self.created_ms);
         b.set_peer(self.peer.as_ref().map(|p| &p.as_bytes()[..]).unwrap_or(&[]));
+        b.set_resolver(self.resolver);
+        if let Some(a) = &self.accepted {
+            b.set_accepted_by(&a.cluster);
+            b.set_accept_req(&a.req.0);
+            b.set_accept_host(a.host.as_bytes());
+        }
         to_bytes(&msg)
     }
 
@@ -222,6 +259,25 @@ impl LocatorRec {
             peer: {
                 let p = r.get_peer()?;
                 if p.is_empty() { None } else { Some(id_of(p)?) }
+            },
+            resolver: r.get_resolver(),
+            accepted: {
+                let by = r.get_accepted_by()?;
+                if by.is_empty() {
+                    None
+                } else {
+                    let h32 = |d: &[u8]| {
+                        <[u8; 32]>::try_from(d).map_err(|_| {
+                            Error::Corrupt("an accepted invitation's record is damaged".into())
+                        })
+                    };
+                    Some(AcceptedRec {
+                        cluster: h32(by)?,
+                        req: RequestId::from_slice(r.get_accept_req()?)
+                            .map_err(|e| Error::Corrupt(format!("accepted invitation: {e}")))?,
+                        host: id_of(r.get_accept_host()?)?,
+                    })
+                }
             },
         })
     }
@@ -346,6 +402,17 @@ impl Formula {
                 b.set_dir(i.dir.as_bytes());
                 b.set_name(i.name.as_str());
             }
+            FormulaKind::Accepting(a) => {
+                let mut b = f.init_accepting();
+                b.set_host(a.host.as_bytes());
+                b.set_invitation(&a.invitation);
+                b.set_cluster_id(&a.cluster);
+                b.set_req_id(&a.req.0);
+                let mut h = b.init_handles(a.handles.len() as u32);
+                for (i, x) in a.handles.iter().enumerate() {
+                    h.set(i as u32, x);
+                }
+            }
             FormulaKind::Llm(l) => {
                 let mut b = f.init_llm();
                 b.set_provider(l.provider.as_str());
@@ -423,6 +490,25 @@ impl Formula {
                     host: id_of(i.get_host()?)?,
                     dir: id_of(i.get_dir()?)?,
                     name: text(i.get_name()?)?,
+                })
+            }
+            Which::Accepting(a) => {
+                let a = a?;
+                let h32 = |d: &[u8], what: &str| {
+                    <[u8; 32]>::try_from(d)
+                        .map_err(|_| Error::Corrupt(format!("accepting: {what} is not 32 bytes")))
+                };
+                FormulaKind::Accepting(AcceptingRec {
+                    host: id_of(a.get_host()?)?,
+                    invitation: h32(a.get_invitation()?, "invitation")?,
+                    cluster: h32(a.get_cluster_id()?, "cluster id")?,
+                    req: RequestId::from_slice(a.get_req_id()?)
+                        .map_err(|e| Error::Corrupt(format!("accepting: {e}")))?,
+                    handles: a
+                        .get_handles()?
+                        .iter()
+                        .map(|x| h32(x?, "handle"))
+                        .collect::<Result<Vec<_>, _>>()?,
                 })
             }
             Which::Llm(l) => {
@@ -644,6 +730,13 @@ mod tests {
                 host: FormulaId::random(),
                 dir: FormulaId::random(),
                 name: "bob".into(),
+            }),
+            FormulaKind::Accepting(AcceptingRec {
+                host: FormulaId::random(),
+                invitation: [5; 32],
+                cluster: [6; 32],
+                req: RequestId::random(),
+                handles: vec![[7; 32], [8; 32]],
             }),
             FormulaKind::Llm(LlmProviderRec {
                 provider: "anthropic".into(),

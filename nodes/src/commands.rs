@@ -541,11 +541,13 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
             );
         }
         Command::Invite { name, .. } => {
+            let req = RequestId::random();
             let invitation = client
                 .call(|a| {
                     let name = &name;
                     async move {
                         let mut r = a.invite_request();
+                        r.get().set_req_id(&req.0);
                         r.get().set_name(name.as_str());
                         let answer = r.send().promise.await?;
                         Ok(answer.get()?.get_invitation()?.to_string()?)

@@ -309,7 +309,7 @@ pub async fn run(
     runtime.start_guest_resumer();
 
     // Mail owed to other clusters, including what was queued before a crash.
-    let outbox = tokio::task::spawn_local(net.clone().run_outbox());
+    let outbox = tokio::task::spawn_local(net.clone().run_outbox(outbox_expiry_from_env()?));
 
     let listener = UnixListener::bind(&paths.socket)
         .with_context(|| format!("cannot listen on {}", paths.socket.display()))?;
@@ -381,6 +381,21 @@ fn lease_from_env() -> anyhow::Result<Duration> {
             Ok(ms) if (250..=60_000).contains(&ms) => Ok(Duration::from_millis(ms)),
             _ => bail!(
                 "CAPSTAN_LEASE_MS must be a number of milliseconds from 250 to 60000; got {v:?}"
+            ),
+        },
+    }
+}
+
+/// How long undeliverable mail to another cluster is retried:
+/// `CAPSTAN_OUTBOX_EXPIRY_MS` (1000 to 30 days), default 24 h.
+fn outbox_expiry_from_env() -> anyhow::Result<Duration> {
+    const MAX_MS: u64 = 30 * 24 * 3600 * 1000;
+    match std::env::var("CAPSTAN_OUTBOX_EXPIRY_MS") {
+        Err(_) => Ok(crate::net::OUTBOX_EXPIRY),
+        Ok(v) => match v.trim().parse::<u64>() {
+            Ok(ms) if (1000..=MAX_MS).contains(&ms) => Ok(Duration::from_millis(ms)),
+            _ => bail!(
+                "CAPSTAN_OUTBOX_EXPIRY_MS must be a number of milliseconds from 1000 to {MAX_MS} (30 days); got {v:?}"
             ),
         },
     }

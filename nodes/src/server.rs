@@ -626,7 +626,7 @@ impl agent::Server for AgentServer {
             Err(crate::net::NetError::Refused(why)) => {
                 return Err(failed(format!("{why}; nothing was named")));
             }
-            Err(crate::net::NetError::Unreachable(why)) => {
+            Err(crate::net::NetError::Transient(why)) => {
                 return Err(failed(format!(
                     "{why}; nothing was named (a locator is checked with its cluster before it is named: try again once that node answers)"
                 )));
@@ -659,10 +659,17 @@ impl agent::Server for AgentServer {
         params: agent::InviteParams,
         mut results: agent::InviteResults,
     ) -> Result<(), CapError> {
-        let name = text(params.get()?.get_name(), "name")?;
+        let p = params.get()?;
+        let name = text(p.get_name(), "name")?;
+        // (An older client sends no request id: then a retry is not recognised.)
+        let req = if p.get_req_id()?.is_empty() {
+            RequestId::random()
+        } else {
+            request_id(p.get_req_id())?
+        };
         // Check first, so that a node that cannot be reached invites no one.
         self.net.locator([0; 32]).map_err(failed)?;
-        let swiss = self.handle.invite(&name).await.map_err(actor_error)?;
+        let swiss = self.handle.invite(req, &name).await.map_err(actor_error)?;
         let locator = self.net.fresh_locator(swiss).await.map_err(failed)?;
         results.get().set_invitation(locator.to_string().as_str());
         Ok(())
@@ -684,18 +691,45 @@ impl agent::Server for AgentServer {
                 "this invitation is from this node's own cluster; invitations connect different nodes",
             ));
         }
-        self.handle.check_free(&name).await.map_err(actor_error)?;
-        // The handle we give the inviter: recorded only once it answered.
-        let mut handle = [0u8; 32];
-        getrandom::fill(&mut handle).map_err(|e| failed(format!("no randomness: {e}")))?;
-        let inviter = self
-            .net
-            .accept(&invitation, handle)
+        self.net.locator([0; 32]).map_err(|_| {
+            failed("accepting an invitation needs a listening node, so that the inviter can reach it: restart it with `capstan start --listen HOST:PORT`")
+        })?;
+        // Hold the name (and record the handle we offer) before asking the
+        // inviter: a crash or a failure from here on is taken up again by
+        // the same `accept`.
+        let step = self
+            .handle
+            .begin_accept(req, &name, invitation.cluster, invitation.swiss)
             .await
-            .map_err(|e| failed(e.to_string()))?;
+            .map_err(actor_error)?;
+        let (placeholder, redeem_req, handle) = match step {
+            capstan_actors::AcceptStep::Done(id) => {
+                results.get().set_id(id.as_bytes());
+                return Ok(());
+            }
+            capstan_actors::AcceptStep::Redeem {
+                placeholder,
+                req,
+                handle,
+            } => (placeholder, req, handle),
+        };
+        let inviter = match self.net.accept(&invitation, handle, redeem_req).await {
+            Ok(i) => i,
+            Err(crate::net::NetError::Refused(why)) => {
+                if let Err(e) = self.handle.abort_accept(&name, placeholder).await {
+                    tracing::warn!("cannot free the name held for a refused invitation: {e}");
+                }
+                return Err(failed(why));
+            }
+            Err(crate::net::NetError::Transient(why)) => {
+                return Err(failed(format!(
+                    "{why}; {name} is held for this invitation (type `accepting`): run the same `capstan accept` again to finish, or `capstan remove {name}` to give up"
+                )));
+            }
+        };
         let id = self
             .handle
-            .finish_accept(req, &name, inviter, handle)
+            .finish_accept(req, placeholder, inviter)
             .await
             .map_err(actor_error)?;
         results.get().set_id(id.as_bytes());

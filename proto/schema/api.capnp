@@ -107,8 +107,13 @@ interface Agent {
   # Revokes every locator of what `path` names; returns how many.
   cancel @22 (reqId :Data, path :Text) -> (count :UInt64);
   # Invites another node's agent under `name`; returns the invitation locator.
-  invite @23 (name :Text) -> (invitation :Text);
-  # Accepts another node's invitation, naming its agent `name` here.
+  # Retried with the same `reqId`: the same invitation (a fresh locator of
+  # it: only hashes are stored), while it is not accepted.
+  invite @23 (name :Text, reqId :Data) -> (invitation :Text);
+  # Accepts another node's invitation, naming its agent `name` here. `name`
+  # is reserved (type `accepting`) before the inviter is asked; retried with
+  # the same `reqId`, or run again with the same invitation and name after a
+  # failure or a crash, it goes on with the first attempt.
   accept @24 (reqId :Data, invitation :Text, name :Text) -> (id :Data);
 
   # Guests (WebAssembly components) ---------------------------------------

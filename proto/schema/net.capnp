@@ -60,8 +60,13 @@ interface Object {
   # deduplicates: a retried delivery applies once.
   deliver @2 (id :Data, envelope :R.Envelope) -> ();
   # Answers the request whose promise this designates (applies once per id).
+  # Only through the locator sent to the request's recipient (the envelope's
+  # `resolver`); any other locator of the promise only reads it and fails.
   settle @3 (id :Data, settlement :R.Settlement) -> ();
   # Redeems an invitation: `handle` designates the accepting node's agent;
-  # the answer is a handle (swiss) for the inviting agent. One use.
-  accept @4 (handle :R.RemoteRef) -> (swiss :Data);
+  # the answer is a handle (swiss) for the inviting agent. One use: only the
+  # same caller cluster with the same `reqId` (16 bytes) redeems it again,
+  # getting the same answer (the same formula on the inviting side, now
+  # designating `handle`, with a fresh swiss; the previous one is revoked).
+  accept @4 (handle :R.RemoteRef, reqId :Data) -> (swiss :Data);
 }

@@ -14,12 +14,28 @@ struct Formula {
     remote @6 :RemoteRef;
     invitation @7 :Invitation;
     llm @8 :LlmProvider;
+    accepting @9 :Accepting;
   }
 }
 
+# On the accepting node, while `capstan accept` redeems an invitation: the
+# name the inviter will have here, held so that nothing else takes it. It
+# becomes a `remote` for the inviter (this same formula) once the inviter
+# answered; accepting the same invitation again goes on with this one.
+struct Accepting {
+  host @0 :Data;          # the accepting agent
+  invitation @1 :Data;    # hash of the invitation's swiss (as for locators)
+  clusterId @2 :Data;     # the inviter's cluster id
+  reqId @3 :Data;         # the request id the invitation is redeemed with (16 bytes)
+  # Hashes of the handles offered to the inviter (locators of `host`, one
+  # per attempt; the inviter keeps the first it took, so all stay valid).
+  handles @4 :List(Data);
+}
+
 # A pending invitation (`capstan invite NAME`): its locator is redeemed once
-# by the invited node (`capstan accept`), which replaces this formula under
-# `name` in `dir` with a remote reference to the invited node's host.
+# by the invited node (`capstan accept`), which turns this formula into a
+# remote reference to the invited node's agent (the same formula id, so
+# every name of the invitation, copies included, then names that agent).
 struct Invitation {
   host @0 :Data;          # the inviting host agent
   dir @1 :Data;           # the directory holding the invitation's name
@@ -43,6 +59,18 @@ struct LocatorRecord {
   # formula naming that node's agent here. Mail arriving through this
   # locator is from that formula. Empty otherwise (such a locator takes no mail).
   peer @2 :Data;
+  # The locator sent with a request to its recipient on another cluster
+  # (the envelope's `resolver`): the only kind through which `target`, the
+  # requester's promise, can be settled. Every other locator of a promise
+  # (`locate`, a reference in a message) only reads it.
+  resolver @3 :Bool;
+  # An invitation that was accepted: its target is now the remote formula
+  # for the invited agent, and this locator serves only a retry of that
+  # accept (the same cluster with the same request id), which gets the
+  # same answer. Empty `acceptedBy` otherwise.
+  acceptedBy @4 :Data;    # the accepting node's cluster id
+  acceptReq @5 :Data;     # the request id it accepted with
+  acceptHost @6 :Data;    # the inviting host (what the handles given in answer designate)
 }
 
 struct Agent {

@@ -12,10 +12,16 @@
 //! - [`Run`]: the outcome of one command.
 //! - small assertions: [`assert_cli_error`], [`is_hex`], [`texts`].
 //! - [`llm_server::LlmServer`]: a scripted LLM provider on loopback.
+//! - [`control`]: control-socket calls with request ids the test chooses
+//!   (a retried command).
+//! - [`rogue::RoguePeer`]: a peer cluster speaking the node-to-node protocol
+//!   by its own rules (scripted failures, hostile calls).
 //!
 //! Every wait has a deadline: a hang fails the test instead of blocking it.
 
+pub mod control;
 pub mod llm_server;
+pub mod rogue;
 
 use std::collections::BTreeSet;
 use std::ffi::OsStr;

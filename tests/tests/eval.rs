@@ -202,3 +202,38 @@ fn endow_answers_a_proposal_once_with_what_the_host_bound() {
     assert!(e.contains("already answered"), "{e}");
     assert_eq!(from_host(&node), 1);
 }
+
+/// Issue 16: acting as another agent follows the agents one made. A
+/// sub-host's code cannot act as its HOST (the root) through an agent slot:
+/// it can neither list, read nor read the inbox of it; it can still mail it.
+#[test]
+fn a_sub_host_cannot_act_as_its_host_through_a_slot() {
+    let node = node_with_evaluator();
+    node.ok(["store", "--text", "the root's secret", "--name", "secret"]);
+    node.ok(["mkhost", "bob"]);
+    node.ok(["send", "bob", "@evaluator"]);
+    let n = node.inbox(&["--as", "bob"])[0]["number"]
+        .as_u64()
+        .unwrap()
+        .to_string();
+    node.ok(["adopt", &n, "evaluator", "--as", "bob"]);
+
+    let v = eval_json(&node, &["s.list()", "s=SELF", "--as", "bob"]);
+    assert!(
+        v["result"].as_str().unwrap().contains("evaluator"),
+        "its own names: {v}"
+    );
+    for code in ["h.list()", "h.read('secret')", "h.inbox().length"] {
+        let (_, e) = node.fail(["eval", code, "h=HOST", "--as", "bob"]);
+        assert!(e.contains("not an agent you made"), "{code}: {e}");
+        assert!(!e.contains("the root's secret"), "{code}: {e}");
+    }
+    node.ok(["eval", "h.send('hello')", "h=HOST", "--as", "bob"]);
+    let inbox = node.inbox(&[]);
+    assert!(
+        inbox
+            .iter()
+            .any(|m| m["text"] == "hello" && m["from"] == "bob"),
+        "{inbox:?}"
+    );
+}

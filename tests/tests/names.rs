@@ -198,3 +198,34 @@ fn move_copy_remove_across_directories() {
     assert_eq!(node.json(["list", "docs.sub"]), before_sub);
     assert_eq!(node.ok(["cat", "docs.sub.c"]), "A");
 }
+
+/// Issue 16: like `mv`, a directory cannot be moved into itself (that
+/// would leave it and all it holds reachable by no name); the error says
+/// so and nothing changes.
+#[test]
+fn moving_a_directory_into_itself_is_refused() {
+    let node = Node::started();
+    node.ok(["mkdir", "d"]);
+    node.ok(["mkdir", "d.inner"]);
+    node.ok(["store", "--text", "kept", "--name", "d.inner.x"]);
+    let before = node.json(["list"]);
+    let before_d = node.json(["list", "d"]);
+    for (from, to) in [
+        ("d", "d.inner"),
+        ("d", "d.new"),
+        ("d", "d.inner.deeper"),
+        ("d.inner", "d.inner.y"),
+    ] {
+        let (code, err) = node.fail(["move", from, to]);
+        assert_eq!(code, 1, "move {from} {to}: {err}");
+        assert!(err.contains("into itself"), "move {from} {to}: {err}");
+    }
+    assert_eq!(node.json(["list"]), before);
+    assert_eq!(node.json(["list", "d"]), before_d);
+    assert_eq!(node.ok(["cat", "d.inner.x"]), "kept");
+    // Moving it elsewhere, or onto its own name, still works.
+    node.ok(["move", "d", "d"]);
+    node.ok(["mkdir", "e"]);
+    node.ok(["move", "d", "e.d"]);
+    assert_eq!(node.ok(["cat", "e.d.inner.x"]), "kept");
+}

@@ -21,7 +21,9 @@
 //! At most [`MAX_CONNECTIONS`] incoming connections, 4 streams each,
 //! Cap'n Proto messages within the control socket's reader limits, a failed
 //! restore costs the caller [`RESTORE_FAILURE_DELAY`] and
-//! [`MAX_RESTORE_FAILURES`] of them close its connection.
+//! [`MAX_RESTORE_FAILURES`] of them close its connection. The outbox is
+//! delivered by at most [`OUTBOX_COURIERS`] couriers at a time, one per
+//! peer cluster, each taking up to a batch of its queue per turn.
 
 pub mod identity;
 pub mod members;
@@ -59,21 +61,75 @@ pub const MAX_LOCATOR_ADDRS: usize = capstan_proto::locator::MAX_ADDRS;
 /// First and longest wait before retrying an unreachable cluster's mail.
 pub const OUTBOX_FIRST_BACKOFF: Duration = Duration::from_millis(200);
 pub const OUTBOX_MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Most peer clusters whose mail is being delivered at the same time.
+pub const OUTBOX_COURIERS: usize = 64;
 
-/// Why a call to another node failed.
+/// The couriers of the outbox: which queues have one now, and when a
+/// queue that failed may be tried again.
+#[derive(Default)]
+struct Couriers {
+    busy: std::collections::HashSet<[u8; 32]>,
+    backoff: HashMap<[u8; 32], Backoff>,
+}
+
+struct Backoff {
+    next: tokio::time::Instant,
+    delay: Duration,
+    /// Why the last attempt failed (for the bounce at the expiry).
+    last_error: String,
+}
+
+/// How long an outbox item that keeps failing for a transient reason is
+/// retried before its sender gets it back as undeliverable (the daemon
+/// takes `CAPSTAN_OUTBOX_EXPIRY_MS` instead, for tests).
+pub const OUTBOX_EXPIRY: Duration = Duration::from_secs(24 * 3600);
+
+/// `24 h`, `5 min`, `3 s`.
+fn human_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    if s == 0 || d.subsec_nanos() != 0 {
+        format!("{} ms", d.as_millis())
+    } else if s.is_multiple_of(3600) {
+        format!("{} h", s / 3600)
+    } else if s.is_multiple_of(60) {
+        format!("{} min", s / 60)
+    } else {
+        format!("{s} s")
+    }
+}
+
+/// Why a call to another node failed, by the kind of the Cap'n Proto
+/// error (never by its text): `disconnected` (and a call without an answer
+/// in time) or `overloaded` is [`NetError::Transient`]; anything else the
+/// other side answered is [`NetError::Refused`]. A node answers
+/// `overloaded` for its own transient failures ([`wire_error`]).
 #[derive(Debug, Clone)]
 pub enum NetError {
-    /// Could not reach it, or lost the connection: try again later.
-    Unreachable(String),
-    /// It answered with an error: trying again will not help.
+    /// Could not reach it, lost the connection, or it answered "not now"
+    /// (its store failed, it lost its cluster lease, …): try again later.
+    Transient(String),
+    /// It refused for good (revoked, unknown, invalid): trying again will
+    /// not help.
     Refused(String),
 }
 
 impl std::fmt::Display for NetError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            NetError::Unreachable(s) | NetError::Refused(s) => f.write_str(s),
+            NetError::Transient(s) | NetError::Refused(s) => f.write_str(s),
         }
+    }
+}
+
+/// An error of this node for a caller of another cluster: `overloaded`
+/// when the same call may succeed later ([`capstan_actors::Error::is_transient`]),
+/// else `failed` (a refusal for good). Mail senders retry the first and
+/// bounce the second.
+pub fn wire_error(e: capstan_actors::Error) -> CapError {
+    if e.is_transient() {
+        CapError::overloaded(e.to_string())
+    } else {
+        failed(e.to_string())
     }
 }
 const UDP_BUFFER: usize = 4 * 1024 * 1024;
@@ -158,7 +214,9 @@ pub struct Net {
     /// Addresses put in locators (the listen address), empty if not listening.
     advertised: Vec<String>,
     peers: RefCell<HashMap<[u8; 32], Rc<Peer>>>,
-    dialing: tokio::sync::Mutex<()>,
+    /// One dial at a time per cluster (a dead cluster's dial timeout does
+    /// not hold up dials to others); an entry lives while it is dialled.
+    dialing: RefCell<HashMap<[u8; 32], Rc<tokio::sync::Mutex<()>>>>,
     incoming: Rc<Cell<usize>>,
     /// Links to the other nodes of this cluster.
     links: members::Links,
@@ -201,7 +259,7 @@ impl Net {
             endpoint,
             advertised,
             peers: RefCell::new(HashMap::new()),
-            dialing: tokio::sync::Mutex::new(()),
+            dialing: RefCell::new(HashMap::new()),
             incoming: Rc::new(Cell::new(0)),
             links: members::Links::default(),
         });
@@ -336,7 +394,28 @@ impl Net {
         if let Some(p) = self.live_peer(&remote.cluster) {
             return Ok(p);
         }
-        let _guard = self.dialing.lock().await;
+        let lock = self
+            .dialing
+            .borrow_mut()
+            .entry(remote.cluster)
+            .or_default()
+            .clone();
+        let r = self.dial_once(remote, &lock).await;
+        let mut dialing = self.dialing.borrow_mut();
+        if Rc::strong_count(&lock) == 2 {
+            // (only the map and this call hold it: nobody else waits)
+            dialing.remove(&remote.cluster);
+        }
+        r
+    }
+
+    /// [`Net::peer`] under the dial lock of the cluster.
+    async fn dial_once(
+        self: &Rc<Self>,
+        remote: &RemoteRec,
+        lock: &tokio::sync::Mutex<()>,
+    ) -> Result<Rc<Peer>, String> {
+        let _guard = lock.lock().await;
         if let Some(p) = self.live_peer(&remote.cluster) {
             return Ok(p);
         }
@@ -510,7 +589,7 @@ impl Net {
         Fut: std::future::Future<Output = Result<T, CapError>>,
     {
         for attempt in 0..2 {
-            let (peer, o) = self.object(remote).await.map_err(NetError::Unreachable)?;
+            let (peer, o) = self.object(remote).await.map_err(NetError::Transient)?;
             let answer = match tokio::time::timeout(CALL_TIMEOUT, call(o)).await {
                 Ok(a) => a,
                 Err(_) => {
@@ -532,9 +611,15 @@ impl Net {
                     self.forget(remote, &peer);
                     if e.kind == capnp::ErrorKind::Disconnected {
                         self.drop_peer(&remote.cluster, &peer);
-                        return Err(NetError::Unreachable(format!(
+                        return Err(NetError::Transient(format!(
                             "lost the connection to cluster {}…: {}",
                             &encode32(&remote.cluster)[..12],
+                            crate::client::clean_message(&e)
+                        )));
+                    }
+                    if e.kind == capnp::ErrorKind::Overloaded {
+                        return Err(NetError::Transient(format!(
+                            "the remote node could not take it now: {}",
                             crate::client::clean_message(&e)
                         )));
                     }
@@ -599,6 +684,7 @@ impl Net {
         self: &Rc<Self>,
         invitation: &Locator,
         handle_swiss: [u8; 32],
+        req: capstan_proto::RequestId,
     ) -> Result<RemoteRec, NetError> {
         if self.advertised.is_empty() {
             return Err(NetError::Refused("accepting an invitation needs a listening node, so that the inviter can reach it: restart it with `capstan start --listen HOST:PORT`".into()));
@@ -615,6 +701,7 @@ impl Net {
                 async move {
                     let mut r = o.accept_request();
                     handle.write_wire(r.get().init_handle());
+                    r.get().set_req_id(&req.0);
                     let answer = r.send().promise.await?;
                     let s: [u8; 32] = answer
                         .get()?
@@ -671,98 +758,209 @@ impl Net {
         }
     }
 
-    /// Delivers the outbox for as long as the node runs: in order per
-    /// destination cluster, each item removed once acknowledged; an
-    /// unreachable cluster is retried with exponential backoff (capped at
-    /// [`OUTBOX_MAX_BACKOFF`]) without holding up the others; an item
-    /// the far side refuses is bounced to its sender.
-    pub async fn run_outbox(self: Rc<Self>) {
-        let mut backoff: HashMap<[u8; 32], (tokio::time::Instant, Duration)> = HashMap::new();
+    /// Delivers the outbox for as long as the node runs. The outbox is a
+    /// queue per peer cluster, and each queue with mail gets a courier of
+    /// its own (at most [`OUTBOX_COURIERS`] at a time, taken in turn): it
+    /// delivers up to a batch in order, removing each item once the far
+    /// side acknowledged it and bouncing to its sender an item the far side
+    /// refused; a cluster that cannot be reached is retried with
+    /// exponential backoff (capped at [`OUTBOX_MAX_BACKOFF`]). So a dead or
+    /// slow peer delays only its own mail.
+    ///
+    /// Only a refusal for good bounces at once ([`NetError::Refused`]);
+    /// an item that keeps failing otherwise ([`NetError::Transient`]) is
+    /// retried until it is `expiry` old ([`OUTBOX_EXPIRY`] unless set
+    /// otherwise), then bounced once with the last error.
+    pub async fn run_outbox(self: Rc<Self>, expiry: Duration) {
+        match self.rt.migrate_outbox().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!("moved {n} outbox items into queues per peer cluster"),
+            Err(e) => tracing::warn!("cannot move the outbox of an earlier version: {e}"),
+        }
+        let couriers = Rc::new(RefCell::new(Couriers::default()));
+        let done = Rc::new(tokio::sync::Notify::new());
+        // Where the next listing of queues starts (when one listing cannot
+        // hold them all) and the last queue given a courier (so that, when
+        // there are more queues than couriers, each gets its turn).
+        let mut after: Option<[u8; 32]> = None;
+        let mut last: Option<[u8; 32]> = None;
         loop {
-            let items = match self.rt.outbox().await {
-                Ok(i) => i,
+            let mut peers = match self
+                .rt
+                .outbox_peers(after, capstan_actors::federation::OUTBOX_PEERS)
+                .await
+            {
+                Ok(p) => p,
                 Err(e) => {
                     tracing::warn!("cannot read the outbox: {e}");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
                 }
             };
+            let complete = peers.len() < capstan_actors::federation::OUTBOX_PEERS;
+            after = if complete {
+                None
+            } else {
+                peers.last().copied()
+            };
+            if let Some(l) = last
+                && let Some(i) = peers.iter().position(|c| *c > l)
+            {
+                peers.rotate_left(i);
+            }
             let now = tokio::time::Instant::now();
-            let mut order: Vec<[u8; 32]> = Vec::new();
-            let mut groups: HashMap<[u8; 32], Vec<OutboxItem>> = HashMap::new();
-            for i in items {
-                let c = i.to.cluster;
-                if backoff.get(&c).is_some_and(|(next, _)| *next > now) {
-                    continue;
+            let mut wake = now + OUTBOX_MAX_BACKOFF;
+            {
+                let mut st = couriers.borrow_mut();
+                if complete {
+                    // Forget the backoff of queues that emptied.
+                    st.backoff.retain(|c, _| peers.contains(c));
                 }
-                groups
-                    .entry(c)
-                    .or_insert_with(|| {
-                        order.push(c);
-                        Vec::new()
-                    })
-                    .push(i);
-            }
-            let progress = Cell::new(false);
-            let results = futures::future::join_all(order.iter().map(|c| {
-                let group = groups.remove(c).unwrap_or_default();
-                let me = self.clone();
-                let progress = &progress;
-                async move {
-                    for item in group {
-                        match me.send_item(&item).await {
-                            Ok(()) => {
-                                if let Err(e) = me.rt.outbox_done(&item).await {
-                                    tracing::warn!("cannot remove a delivered outbox item: {e}");
-                                    return Err(());
-                                }
-                                progress.set(true);
-                            }
-                            Err(NetError::Refused(why)) => {
-                                tracing::info!(item = %item.id, "outbox item refused: {why}");
-                                if let Err(e) = me.rt.outbox_bounce(&item, &why).await {
-                                    tracing::warn!("cannot bounce an outbox item: {e}");
-                                    return Err(());
-                                }
-                                progress.set(true);
-                            }
-                            Err(NetError::Unreachable(why)) => {
-                                tracing::debug!(item = %item.id, "outbox delivery postponed: {why}");
-                                return Err(());
-                            }
-                        }
+                for c in &peers {
+                    if st.busy.contains(c) {
+                        continue;
                     }
-                    Ok(())
-                }
-            }))
-            .await;
-            for (c, r) in order.iter().zip(results) {
-                match r {
-                    Ok(()) => {
-                        backoff.remove(c);
+                    if let Some(b) = st.backoff.get(c)
+                        && b.next > now
+                    {
+                        wake = wake.min(b.next);
+                        continue;
                     }
-                    Err(()) => {
-                        let next = backoff
-                            .get(c)
-                            .map(|(_, d)| (*d * 2).min(OUTBOX_MAX_BACKOFF))
-                            .unwrap_or(OUTBOX_FIRST_BACKOFF);
-                        backoff.insert(*c, (tokio::time::Instant::now() + next, next));
+                    if st.busy.len() >= OUTBOX_COURIERS {
+                        break;
                     }
+                    st.busy.insert(*c);
+                    last = Some(*c);
+                    tokio::task::spawn_local(self.clone().courier(
+                        *c,
+                        expiry,
+                        couriers.clone(),
+                        done.clone(),
+                    ));
                 }
             }
-            if progress.get() {
-                continue;
-            }
-            let wake = backoff
-                .values()
-                .map(|(next, _)| *next)
-                .min()
-                .unwrap_or_else(|| tokio::time::Instant::now() + OUTBOX_MAX_BACKOFF);
             tokio::select! {
                 _ = self.rt.outbox_changed() => {}
+                _ = done.notified() => {}
                 _ = tokio::time::sleep_until(wake) => {}
             }
         }
+    }
+
+    /// One turn of the courier of peer cluster `cluster`: delivers up to a
+    /// batch of its queue, then records how it went and wakes the outbox loop.
+    async fn courier(
+        self: Rc<Self>,
+        cluster: [u8; 32],
+        expiry: Duration,
+        couriers: Rc<RefCell<Couriers>>,
+        done: Rc<tokio::sync::Notify>,
+    ) {
+        let last_error = couriers
+            .borrow()
+            .backoff
+            .get(&cluster)
+            .map(|b| b.last_error.clone());
+        let r = self
+            .deliver_batch(cluster, expiry, last_error.as_deref())
+            .await;
+        {
+            let mut st = couriers.borrow_mut();
+            st.busy.remove(&cluster);
+            match r {
+                Ok(()) => {
+                    st.backoff.remove(&cluster);
+                }
+                Err(why) => {
+                    let delay = st
+                        .backoff
+                        .get(&cluster)
+                        .map(|b| (b.delay * 2).min(OUTBOX_MAX_BACKOFF))
+                        .unwrap_or(OUTBOX_FIRST_BACKOFF);
+                    st.backoff.insert(
+                        cluster,
+                        Backoff {
+                            next: tokio::time::Instant::now() + delay,
+                            delay,
+                            last_error: why,
+                        },
+                    );
+                }
+            }
+        }
+        done.notify_one();
+    }
+
+    /// Delivers up to a batch of the queue of `cluster`, in order; stops
+    /// at an item to retry later, with why. An item older than `expiry`
+    /// is bounced instead (with `last_error`, the queue's last failure).
+    async fn deliver_batch(
+        self: &Rc<Self>,
+        cluster: [u8; 32],
+        expiry: Duration,
+        last_error: Option<&str>,
+    ) -> Result<(), String> {
+        let items = self
+            .rt
+            .outbox_for(cluster, capstan_actors::federation::OUTBOX_BATCH)
+            .await
+            .map_err(|e| {
+                tracing::warn!("cannot read the outbox: {e}");
+                format!("cannot read the outbox: {e}")
+            })?;
+        for item in items {
+            let age = Duration::from_micros(
+                capstan_actors::federation::now_us().saturating_sub(item.created_us),
+            );
+            let outcome = if age >= expiry {
+                Err(NetError::Refused(format!(
+                    "not within {}, the most the outbox keeps trying; last error: {}",
+                    human_duration(expiry),
+                    last_error
+                        .unwrap_or("none recorded (this node restarted since its last attempt)")
+                )))
+            } else {
+                self.send_item(&item).await
+            };
+            match outcome {
+                Ok(()) => {
+                    if let Err(e) = self.rt.outbox_done(&item).await {
+                        tracing::warn!("cannot remove a delivered outbox item: {e}");
+                        return Err(format!("cannot remove a delivered outbox item: {e}"));
+                    }
+                }
+                Err(NetError::Refused(why)) => {
+                    tracing::info!(item = %item.id, "outbox item bounced: {why}");
+                    match self.rt.outbox_bounce(&item, &why).await {
+                        Ok(()) => {}
+                        // The store failed: try again later.
+                        Err(
+                            e @ (capstan_actors::Error::Store(_)
+                            | capstan_actors::Error::Unavailable(_)
+                            | capstan_actors::Error::Fenced(_)
+                            | capstan_actors::Error::Unreachable(_)
+                            | capstan_actors::Error::InboxSlotTaken { .. }),
+                        ) => {
+                            tracing::warn!("cannot bounce an outbox item: {e}");
+                            return Err(format!("cannot bounce an outbox item: {e}"));
+                        }
+                        // Its sender cannot be told (its record is gone or
+                        // damaged): drop it rather than block the queue.
+                        Err(e) => {
+                            tracing::error!(item = %item.id, "dropping an outbox item whose sender cannot be told it was refused ({why}): {e}");
+                            if let Err(e) = self.rt.outbox_done(&item).await {
+                                return Err(format!("cannot remove an outbox item: {e}"));
+                            }
+                        }
+                    }
+                }
+                Err(NetError::Transient(why)) => {
+                    tracing::debug!(item = %item.id, "outbox delivery postponed: {why}");
+                    return Err(why);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The gateway of `remote`'s cluster (benchmarks).
@@ -858,19 +1056,6 @@ impl gateway::Server for GatewayServer {
                 Ok(())
             }
             Ok(None) => {
-                // An invitation already accepted: say so (the caller held a
-                // real locator, so this is no guess and costs no delay).
-                if let Ok(Some(at)) = self.rt.invitation_used_at(hash).await {
-                    let ago = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map(|d| d.as_millis() as u64)
-                        .unwrap_or(at)
-                        .saturating_sub(at);
-                    return Err(failed(format!(
-                        "this invitation was already used: it was accepted {} ago, and an invitation works once; ask the inviter for a new one (`capstan invite NAME`)",
-                        crate::output::duration_human(ago)
-                    )));
-                }
                 let n = self.failures.get() + 1;
                 self.failures.set(n);
                 tracing::info!(remote = %self.conn.remote_address(), failures = n, "restore of an unknown or revoked locator");
@@ -882,7 +1067,7 @@ impl gateway::Server for GatewayServer {
                     "unknown or revoked locator: it was cancelled, or never issued by this cluster",
                 ))
             }
-            Err(e) => Err(failed(e.to_string())),
+            Err(e) => Err(wire_error(e)),
         }
     }
 
@@ -932,12 +1117,15 @@ struct ObjectServer {
 
 impl ObjectServer {
     async fn check(&self) -> Result<(), CapError> {
-        match self.rt.restore_hash(self.hash).await {
-            Ok(Some(t)) if t == self.target => Ok(()),
+        match self.rt.locator_record(self.hash).await {
+            Ok(Some(r)) if r.target == self.target && r.accepted.is_none() => Ok(()),
+            Ok(Some(r)) if r.accepted.is_some() => Err(failed(
+                "revoked: this invitation was accepted already (it works once)",
+            )),
             Ok(_) => Err(failed(
                 "revoked: the locator of this capability was cancelled",
             )),
-            Err(e) => Err(failed(e.to_string())),
+            Err(e) => Err(wire_error(e)),
         }
     }
 }
@@ -953,7 +1141,7 @@ impl object::Server for ObjectServer {
             .rt
             .show_formula(self.target)
             .await
-            .map_err(|e| failed(e.to_string()))?;
+            .map_err(wire_error)?;
         let mut r = results.get();
         r.set_type(s.kind.as_str());
         r.set_detail(s.detail.as_str());
@@ -966,11 +1154,7 @@ impl object::Server for ObjectServer {
         mut results: object::CatResults,
     ) -> Result<(), CapError> {
         self.check().await?;
-        let (kind, data) = self
-            .rt
-            .cat_formula(self.target)
-            .await
-            .map_err(|e| failed(e.to_string()))?;
+        let (kind, data) = self.rt.cat_formula(self.target).await.map_err(wire_error)?;
         let mut r = results.get();
         r.set_kind(match kind {
             ValueKind::Text => capstan_proto::net_capnp::ValueKind::Text,
@@ -999,7 +1183,7 @@ impl object::Server for ObjectServer {
         self.rt
             .receive_deliver(self.target, peer, item, env, self.caller)
             .await
-            .map_err(|e| failed(e.to_string()))
+            .map_err(wire_error)
     }
 
     async fn settle(
@@ -1012,10 +1196,13 @@ impl object::Server for ObjectServer {
         let item = item_id(p.get_id()?)?;
         let s = capstan_actors::Settlement::read(p.get_settlement()?, false)
             .map_err(|e| failed(format!("bad settlement: {e}")))?;
+        // Authority is checked there: only the locator given to the
+        // request's recipient settles (not any locator of the promise).
         self.rt
-            .receive_settle(self.target, item, s, self.caller)
+            .receive_settle(self.hash, item, s, self.caller)
             .await
-            .map_err(|e| failed(e.to_string()))
+            .map(drop)
+            .map_err(wire_error)
     }
 
     async fn accept(
@@ -1023,14 +1210,21 @@ impl object::Server for ObjectServer {
         params: object::AcceptParams,
         mut results: object::AcceptResults,
     ) -> Result<(), CapError> {
-        self.check().await?;
-        let handle = capstan_actors::RemoteRec::read_wire(params.get()?.get_handle()?)
+        // (The locator is checked there: an accepted invitation still
+        // answers its redeemer's retry.)
+        let p = params.get()?;
+        let handle = capstan_actors::RemoteRec::read_wire(p.get_handle()?)
             .map_err(|e| failed(format!("bad handle: {e}")))?;
+        // A caller without a request id cannot retry (an older node).
+        let req = match p.get_req_id()? {
+            [] => capstan_proto::RequestId::random(),
+            r => item_id(r)?,
+        };
         let swiss = self
             .rt
-            .accept_invitation(self.target, self.hash, self.caller, handle)
+            .accept_invitation(self.target, self.hash, self.caller, req, handle)
             .await
-            .map_err(|e| failed(e.to_string()))?;
+            .map_err(wire_error)?;
         results.get().set_swiss(&swiss);
         Ok(())
     }
@@ -1038,4 +1232,48 @@ impl object::Server for ObjectServer {
 
 fn item_id(d: &[u8]) -> Result<capstan_proto::RequestId, CapError> {
     capstan_proto::RequestId::from_slice(d).map_err(|_| failed("an item id is 16 bytes"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use capstan_actors::Error;
+
+    #[test]
+    fn transient_failures_cross_the_wire_as_overloaded_refusals_as_failed() {
+        let store = capstan_cluster::StoreError::Conflict;
+        for e in [
+            Error::Store(store),
+            Error::Fenced("node n1 does not hold its cluster lease right now".into()),
+            Error::Unavailable("the node is shutting down".into()),
+            Error::Unreachable("no answer".into()),
+            Error::Corrupt("a record".into()),
+        ] {
+            assert_eq!(
+                wire_error(e.clone()).kind,
+                capnp::ErrorKind::Overloaded,
+                "{e}"
+            );
+        }
+        for e in [
+            Error::Invalid("revoked: the locator of this capability was cancelled".into()),
+            Error::UnknownName("x".into()),
+            Error::TooLarge {
+                what: "message text".into(),
+                len: 2,
+                max: 1,
+            },
+            Error::Store(capstan_cluster::StoreError::ValueTooLarge { len: 2, max: 1 }),
+        ] {
+            assert_eq!(wire_error(e.clone()).kind, capnp::ErrorKind::Failed, "{e}");
+        }
+    }
+
+    #[test]
+    fn durations_read_as_people_write_them() {
+        assert_eq!(human_duration(OUTBOX_EXPIRY), "24 h");
+        assert_eq!(human_duration(Duration::from_secs(300)), "5 min");
+        assert_eq!(human_duration(Duration::from_millis(3000)), "3 s");
+        assert_eq!(human_duration(Duration::from_millis(1500)), "1500 ms");
+    }
 }

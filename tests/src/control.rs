@@ -1,0 +1,76 @@
+//! Calls on a node's control socket (`proto/schema/api.capnp`) made
+//! directly, with request ids the test chooses: how a test sends the same
+//! mutating request twice, as the CLI does when it retries after losing
+//! the daemon's answer.
+
+use capnp_rpc::{RpcSystem, rpc_twoparty_capnp::Side, twoparty};
+use capstan_proto::api_capnp::{agent, node};
+use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
+
+use crate::Node;
+
+/// Runs `f` on the root host of `n`'s daemon; the error as text.
+fn with_host<T, F, Fut>(n: &Node, f: F) -> Result<T, String>
+where
+    F: FnOnce(agent::Client) -> Fut,
+    Fut: std::future::Future<Output = Result<T, capnp::Error>>,
+{
+    let socket = n.json(["where"])["socket"]
+        .as_str()
+        .expect("where --json gives the socket")
+        .to_string();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let stream = tokio::net::UnixStream::connect(&socket)
+            .await
+            .map_err(|e| format!("connect {socket}: {e}"))?;
+        let (r, w) = stream.into_split();
+        let network = twoparty::VatNetwork::new(
+            r.compat(),
+            w.compat_write(),
+            Side::Client,
+            Default::default(),
+        );
+        let mut rpc = RpcSystem::new(Box::new(network), None);
+        let node: node::Client = rpc.bootstrap(Side::Server);
+        tokio::task::spawn_local(rpc);
+        let host = node.host_request().send().pipeline.get_agent();
+        tokio::time::timeout(std::time::Duration::from_secs(60), f(host))
+            .await
+            .map_err(|_| "no answer within 60 s".to_string())?
+            .map_err(|e| e.to_string())
+    })
+}
+
+/// `invite NAME` with request id `req`: the invitation.
+pub fn invite(n: &Node, name: &str, req: [u8; 16]) -> Result<String, String> {
+    let name = name.to_string();
+    with_host(n, move |h| async move {
+        let mut r = h.invite_request();
+        r.get().set_name(name.as_str());
+        r.get().set_req_id(&req);
+        let a = r.send().promise.await?;
+        Ok(a.get()?.get_invitation()?.to_string()?)
+    })
+}
+
+/// `accept INVITATION NAME` with request id `req`: the id (hex) it answers.
+pub fn accept(n: &Node, req: [u8; 16], invitation: &str, name: &str) -> Result<String, String> {
+    let (invitation, name) = (invitation.to_string(), name.to_string());
+    with_host(n, move |h| async move {
+        let mut r = h.accept_request();
+        r.get().set_req_id(&req);
+        r.get().set_invitation(invitation.as_str());
+        r.get().set_name(name.as_str());
+        let a = r.send().promise.await?;
+        Ok(a.get()?
+            .get_id()?
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect())
+    })
+}
