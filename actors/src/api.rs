@@ -275,9 +275,30 @@ impl Runtime {
     /// Another member committed message `number` to `agent`'s inbox: wake
     /// its incarnation here, if any.
     pub async fn wake_delivered(&self, agent: FormulaId, number: u64) -> Result<(), Error> {
+        self.wake_delivered_with(agent, number, &[]).await
+    }
+
+    /// [`Runtime::wake_delivered`] with the message as stored (`record`,
+    /// from the member that committed it; empty: read it from the store).
+    /// A record that does not decode to message `number` of `agent` is
+    /// ignored and the message read from the store.
+    pub async fn wake_delivered_with(
+        &self,
+        agent: FormulaId,
+        number: u64,
+        record: &[u8],
+    ) -> Result<(), Error> {
         let Some(a) = self.inner.registry.agent(&agent) else {
             return Ok(());
         };
+        if !record.is_empty()
+            && let Ok(m) = MessageRec::decode(record)
+            && m.number == number
+            && (m.to == agent || m.from == agent)
+        {
+            let _ = a.cast(AgentMsg::Delivered(m));
+            return Ok(());
+        }
         let m = self
             .inner
             .db
@@ -1195,20 +1216,28 @@ impl AgentHandle {
         )))
     }
 
-    /// Tells the other members of the cluster, if any, that `agent` got message `number`.
-    fn broadcast_delivered(&self, agent: FormulaId, number: u64) {
+    /// Tells the other members of the cluster, if any, that `agent` got
+    /// message `m` (carrying it when small: they need not read it back).
+    fn broadcast_delivered(&self, agent: FormulaId, m: &MessageRec) {
         if let Some(c) = self.rt.cluster.get() {
             let to = c.others();
             if !to.is_empty() {
-                let _ = c
-                    .link
-                    .try_send(crate::cluster::LinkOp::Delivered { to, agent, number });
+                let mut record = m.encode();
+                if record.len() > crate::cluster::MAX_CARRIED_RECORD {
+                    record = Vec::new();
+                }
+                let _ = c.link.try_send(crate::cluster::LinkOp::Delivered {
+                    to,
+                    agent,
+                    number: m.number,
+                    record: Arc::new(record),
+                });
             }
         }
     }
 
     pub(crate) fn notify_delivered(&self, agent: FormulaId, m: MessageRec) {
-        self.broadcast_delivered(agent, m.number);
+        self.broadcast_delivered(agent, &m);
         if let Some(a) = self.rt.registry.agent(&agent) {
             let _ = a.cast(AgentMsg::Delivered(m));
         }
@@ -1565,7 +1594,38 @@ impl AgentHandle {
 
     /// Waits until the promise of request `number` (in this inbox) settles.
     pub async fn wait_request(&self, number: u64) -> Result<PromiseState, Error> {
-        let (_, promise) = self.promise_of(number).await?;
+        // One read for the request and its promise: a settled one answers
+        // at once, without incarnating anything.
+        let me = self.ctx.id;
+        let (promise, state) = self
+            .rt
+            .db
+            .read(move |tx| {
+                Box::pin(async move {
+                    let m = model::get_message(tx, &me, number).await?;
+                    let BodyRec::Request { promise, .. } = m.body else {
+                        return Err(Error::WrongMessage {
+                            number,
+                            expected: "request".into(),
+                            actual: m.body.type_name().into(),
+                        });
+                    };
+                    let state = match model::must_formula(tx, &promise).await?.kind {
+                        FormulaKind::Promise(p) => p.state,
+                        other => {
+                            return Err(Error::Corrupt(format!(
+                                "expected a promise, found a {}",
+                                other.type_name()
+                            )));
+                        }
+                    };
+                    Ok((promise, state))
+                })
+            })
+            .await?;
+        if state != PromiseState::Pending {
+            return Ok(state);
+        }
         for _ in 0..3 {
             let a = incarnation::promise_actor(&self.rt, promise).await?;
             let (tx, rx) = oneshot::channel();

@@ -54,6 +54,9 @@ pub const DEFAULT_LEASE: Duration = Duration::from_millis(2000);
 pub const MAX_MEMBERS: usize = 256;
 /// Queue of work for the node's links to other members.
 pub const LINK_QUEUE: usize = 4096;
+/// Largest message record carried in a wake-up (larger ones are read back
+/// from the store by the member woken).
+pub const MAX_CARRIED_RECORD: usize = 16 * 1024;
 
 pub fn identity_key() -> Vec<u8> {
     TupleKey::new().str("cl").str("id").into_vec()
@@ -181,11 +184,14 @@ pub enum LinkOp {
         at_least: u64,
         reply: oneshot::Sender<Result<u64, Error>>,
     },
-    /// Tell `to` that a message was committed to `agent`'s inbox.
+    /// Tell `to` that a message was committed to `agent`'s inbox; `record`
+    /// is the message as stored when it is small enough to carry
+    /// ([`MAX_CARRIED_RECORD`]), else empty.
     Delivered {
         to: Vec<MemberRec>,
         agent: FormulaId,
         number: u64,
+        record: Arc<Vec<u8>>,
     },
     /// Tell `to` that `promise` settled.
     Settled {

@@ -926,7 +926,7 @@ async fn cluster_rows(
     if counter.exists() {
         step(false, "cluster: guest component messages");
         install(&hosts[0], &counter, "counter", &[]).await?;
-        let guests = 2 * n;
+        let guests = 8 * n;
         for i in 0..guests {
             mkguest_component(&hosts[0], &format!("k{i}"), "counter").await?;
             // owned by node i % n from its first message on

@@ -37,9 +37,13 @@ interface Member {
 }
 
 # Message `number` was committed to `agent`'s inbox (see `Member.wake`).
+# `record`: the message as stored (a MessageRec), so that the member can push
+# it to followers without reading it back from the store; empty for large
+# messages (then the member reads it).
 struct Delivery {
   agent @0 :Data;
   number @1 :UInt64;
+  record @2 :Data;
 }
 
 enum ValueKind {

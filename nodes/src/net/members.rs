@@ -42,6 +42,8 @@ pub const WAKEUP_TIMEOUT: Duration = Duration::from_secs(2);
 pub const MAX_PENDING_WAKEUPS: usize = 8192;
 /// Most entries of one `wake` call (the rest wait for the next call).
 pub const MAX_WAKEUPS_PER_CALL: usize = 4096;
+/// About the most bytes of carried message records in one `wake` call.
+pub const MAX_WAKEUP_CALL_BYTES: usize = 1 << 20;
 
 /// The member interface of this node.
 pub struct MemberServer {
@@ -68,14 +70,14 @@ impl member::Server for MemberServer {
         }
         let mut woken = Vec::with_capacity(delivered.len() as usize);
         for d in delivered.iter() {
-            woken.push((id_of(d.get_agent()?)?, d.get_number()));
+            woken.push((id_of(d.get_agent()?)?, d.get_number(), d.get_record()?));
         }
         let mut promises = Vec::with_capacity(settled.len() as usize);
         for s in settled.iter() {
             promises.push(id_of(s?)?);
         }
-        for (agent, number) in woken {
-            if let Err(e) = self.rt.wake_delivered(agent, number).await {
+        for (agent, number, record) in woken {
+            if let Err(e) = self.rt.wake_delivered_with(agent, number, record).await {
                 tracing::debug!(agent = %agent.short(), number, "wake-up: {e}");
             }
         }
@@ -142,7 +144,7 @@ pub struct Links {
 /// Wake-ups for one member, and whether a call to it is in flight.
 #[derive(Default)]
 struct Pending {
-    delivered: Vec<(FormulaId, u64)>,
+    delivered: Vec<(FormulaId, u64, Arc<Vec<u8>>)>,
     settled: Vec<FormulaId>,
     sending: bool,
 }
@@ -255,9 +257,11 @@ impl Net {
                     tracing::debug!(node = %node.name, "too many wake-ups waiting; dropping one");
                     continue;
                 }
-                match what {
-                    Wake::Delivered(agent, number) => p.delivered.push((agent, number)),
-                    Wake::Settled(promise) => p.settled.push(promise),
+                match &what {
+                    Wake::Delivered(agent, number, record) => {
+                        p.delivered.push((*agent, *number, record.clone()))
+                    }
+                    Wake::Settled(promise) => p.settled.push(*promise),
                 }
                 !std::mem::replace(&mut p.sending, true)
             };
@@ -281,7 +285,20 @@ impl Net {
                     pending.remove(&node.addr);
                     return;
                 }
-                let d = p.delivered.len().min(MAX_WAKEUPS_PER_CALL);
+                // At most MAX_WAKEUPS_PER_CALL entries and about
+                // MAX_WAKEUP_CALL_BYTES of carried records per call.
+                let mut bytes = 0;
+                let d = p
+                    .delivered
+                    .iter()
+                    .take(MAX_WAKEUPS_PER_CALL)
+                    .take_while(|(_, _, r)| {
+                        bytes += r.len();
+                        bytes <= MAX_WAKEUP_CALL_BYTES
+                    })
+                    .count()
+                    .max(1)
+                    .min(p.delivered.len());
                 let delivered: Vec<_> = p.delivered.drain(..d).collect();
                 let s = p.settled.len().min(MAX_WAKEUPS_PER_CALL - d);
                 let settled: Vec<_> = p.settled.drain(..s).collect();
@@ -291,10 +308,11 @@ impl Net {
                 let m = self.member(&node.addr).await?;
                 let mut r = m.wake_request();
                 let mut dl = r.get().init_delivered(delivered.len() as u32);
-                for (i, (agent, number)) in delivered.iter().enumerate() {
+                for (i, (agent, number, record)) in delivered.iter().enumerate() {
                     let mut d = dl.reborrow().get(i as u32);
                     d.set_agent(agent.as_bytes());
                     d.set_number(*number);
+                    d.set_record(record);
                 }
                 let mut sl = r.get().init_settled(settled.len() as u32);
                 for (i, promise) in settled.iter().enumerate() {
@@ -331,9 +349,12 @@ impl Net {
                         let _ = reply.send(r);
                     });
                 }
-                LinkOp::Delivered { to, agent, number } => {
-                    self.wake(to, Wake::Delivered(agent, number))
-                }
+                LinkOp::Delivered {
+                    to,
+                    agent,
+                    number,
+                    record,
+                } => self.wake(to, Wake::Delivered(agent, number, record)),
                 LinkOp::Settled { to, promise } => self.wake(to, Wake::Settled(promise)),
             }
         }
@@ -357,8 +378,8 @@ impl From<CapError> for CallError {
     }
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 enum Wake {
-    Delivered(FormulaId, u64),
+    Delivered(FormulaId, u64, Arc<Vec<u8>>),
     Settled(FormulaId),
 }
