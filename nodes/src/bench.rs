@@ -1149,7 +1149,7 @@ async fn net_rows(
     let db = capstan_cluster::open(&home_b.join("store.redb").to_string_lossy()).await?;
     let rt = capstan_actors::Runtime::open(db, capstan_actors::RuntimeOptions::default()).await?;
     let id_b = || Identity::load_or_create(&home_b);
-    let net = Net::bind(rt.clone(), id_b()?, None)?;
+    let net = Net::bind(rt.clone(), id_b()?, None, None)?;
 
     step(false, "network: round trips");
     // Round trips, 16-byte payload.
@@ -1282,7 +1282,7 @@ async fn net_rows(
     // Connect + TLS 1.3 + first call, with a fresh endpoint each time.
     let mut lat = Vec::new();
     for _ in 0..20 {
-        let fresh = Net::bind(rt.clone(), id_b()?, None)?;
+        let fresh = Net::bind(rt.clone(), id_b()?, None, None)?;
         let t = Instant::now();
         fresh
             .ping(&small, &payload)

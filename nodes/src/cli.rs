@@ -56,6 +56,13 @@ pub enum Command {
         /// Listen for other nodes (QUIC) on HOST:PORT; remembered in the home for later starts.
         #[arg(long, value_name = "HOST:PORT")]
         listen: Option<std::net::SocketAddr>,
+        /// What other nodes dial to reach this one, put in its locators,
+        /// invitations and cluster record (default the --listen address,
+        /// which must then not be 0.0.0.0 or [::]): HOST[:PORT], several
+        /// comma-separated; a HOST without :PORT means the port it listens
+        /// on; IPv6 as [ADDR]:PORT. Remembered for later starts.
+        #[arg(long, value_name = "HOST[:PORT],…")]
+        advertise: Option<String>,
         /// The store: etcd://HOST:PORT[,HOST:PORT…][/PREFIX] joins the
         /// cluster kept there (see `capstan cluster init`; needs --listen);
         /// default the embedded store in the home. Remembered for later starts.

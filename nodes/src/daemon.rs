@@ -21,6 +21,7 @@ use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 use tracing::{info, warn};
 
 use crate::client::{self, ClientError, NodeInfo};
+use crate::net::advertise::Advertise;
 use crate::server::NodeServer;
 
 /// Most client connections served at once; more are refused.
@@ -191,8 +192,12 @@ fn pid_in(detail: &str) -> String {
 pub async fn run(
     paths: Paths,
     listen: Option<std::net::SocketAddr>,
+    advertise: Option<Advertise>,
     store: Option<String>,
 ) -> anyhow::Result<()> {
+    // Checked before anything is made or written.
+    let (listen, advertise_given) = (listen, advertise.is_some());
+    let (listen_eff, advertise) = net_config(&paths, listen, advertise)?;
     create_private_dir(&paths.home)?;
     let _lock = HomeLock::acquire(&paths)?;
     if let Some(dir) = paths.socket.parent()
@@ -270,19 +275,22 @@ pub async fn run(
         Err(e) => tracing::warn!("channel guests not started: {e}"),
     }
 
-    let listen = match listen {
-        Some(a) => Some(a),
-        None => remembered_listen(&paths)?,
-    };
+    let listen = listen_eff;
     let identity = match identity {
         Some(id) => id,
         None => crate::net::identity::Identity::load_or_create(&paths.home)?,
     };
-    let net = crate::net::Net::bind(runtime.clone(), identity, listen)?;
-    if let Some(addr) = net.listen_addrs().first() {
+    let net = crate::net::Net::bind(runtime.clone(), identity, listen, advertise.as_ref())?;
+    if let Some(addr) = net.bound_addr() {
         std::fs::write(paths.home.join("listen"), format!("{addr}\n"))
             .with_context(|| format!("cannot write {}", paths.home.join("listen").display()))?;
-        info!(%addr, cluster = %capstan_proto::locator::encode32(&net.cluster_id()), "listening for other nodes (QUIC)");
+        if let Some(a) = advertise.as_ref().filter(|_| advertise_given) {
+            std::fs::write(paths.home.join("advertise"), format!("{a}\n")).with_context(|| {
+                format!("cannot write {}", paths.home.join("advertise").display())
+            })?;
+        }
+        let advertised = net.listen_addrs().join(",");
+        info!(%addr, %advertised, cluster = %capstan_proto::locator::encode32(&net.cluster_id()), "listening for other nodes (QUIC)");
     }
     let links = if clustered {
         let addr = net
@@ -412,6 +420,60 @@ fn remembered_store(paths: &Paths) -> anyhow::Result<Option<String>> {
     }
 }
 
+/// Where the node listens for other nodes and what it advertises to them:
+/// the values given, else those earlier starts left in the home. Refuses
+/// `--advertise` without a listen address, and a wildcard listen address
+/// (`0.0.0.0`, `::`) without `--advertise`: nobody could dial it.
+pub fn net_config(
+    paths: &Paths,
+    listen: Option<std::net::SocketAddr>,
+    advertise: Option<Advertise>,
+) -> anyhow::Result<(Option<std::net::SocketAddr>, Option<Advertise>)> {
+    let listen = match listen {
+        Some(a) => Some(a),
+        None => remembered_listen(paths)?,
+    };
+    let advertise = match advertise {
+        Some(a) => Some(a),
+        None => remembered_advertise(paths)?,
+    };
+    match (listen, &advertise) {
+        (None, Some(_)) => bail!(
+            "--advertise names the address other nodes dial, so the node must listen: add --listen HOST:PORT"
+        ),
+        (Some(l), None) if l.ip().is_unspecified() => {
+            bail!("{}", crate::net::wildcard_message(l))
+        }
+        _ => Ok((listen, advertise)),
+    }
+}
+
+/// The addresses a previous `--advertise` left in the home, if any.
+fn remembered_advertise(paths: &Paths) -> anyhow::Result<Option<Advertise>> {
+    let file = paths.home.join("advertise");
+    match std::fs::read_to_string(&file) {
+        Ok(s) if s.trim().is_empty() => Ok(None),
+        Ok(s) => Advertise::parse(s.trim()).map(Some).map_err(|e| {
+            anyhow!(
+                "{} holds no valid addresses ({e}); fix it, or remove it and pass --advertise",
+                file.display()
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(anyhow!("cannot read {}: {e}", file.display())),
+    }
+}
+
+/// The addresses other nodes dial, as the home remembers them (the listen
+/// address, or what `--advertise` named with its bound port), if any.
+pub fn advertised(paths: &Paths) -> Option<Vec<String>> {
+    let listen = remembered_listen(paths).ok()??;
+    match remembered_advertise(paths).ok()? {
+        Some(a) => Some(a.addrs(listen.port())),
+        None => Some(vec![listen.to_string()]),
+    }
+}
+
 /// The listen address a previous `--listen` left in the home, if any.
 fn remembered_listen(paths: &Paths) -> anyhow::Result<Option<std::net::SocketAddr>> {
     let file = paths.home.join("listen");
@@ -458,6 +520,7 @@ fn log_tail(paths: &Paths, n: usize) -> String {
 pub async fn start(
     paths: &Paths,
     listen: Option<std::net::SocketAddr>,
+    advertise: Option<&Advertise>,
     store: Option<&str>,
 ) -> anyhow::Result<NodeInfo> {
     match client::ping(paths).await {
@@ -469,6 +532,8 @@ pub async fn start(
         Err(ClientError::NoDaemon(_)) => {}
         Err(e) => return Err(e.into()),
     }
+    // Refused here, before the home or its log is touched.
+    net_config(paths, listen, advertise.cloned())?;
     create_private_dir(&paths.home)?;
     let log = OpenOptions::new()
         .create(true)
@@ -484,6 +549,9 @@ pub async fn start(
         .arg(&paths.home);
     if let Some(a) = listen {
         cmd.arg("--listen").arg(a.to_string());
+    }
+    if let Some(a) = advertise {
+        cmd.arg("--advertise").arg(a.to_string());
     }
     if let Some(s) = store {
         cmd.arg("--store").arg(s);

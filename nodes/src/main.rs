@@ -194,11 +194,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Start {
                 foreground: true,
                 listen,
+                advertise,
                 store,
                 ..
-            } => daemon::run(paths, listen, store).await,
-            Command::Start { listen, store, .. } => {
-                let info = daemon::start(&paths, listen, store.as_deref()).await?;
+            } => daemon::run(paths, listen, parse_advertise(advertise)?, store).await,
+            Command::Start {
+                listen,
+                advertise,
+                store,
+                ..
+            } => {
+                let advertise = parse_advertise(advertise)?;
+                let info =
+                    daemon::start(&paths, listen, advertise.as_ref(), store.as_deref()).await?;
                 if json {
                     print_json(&json!({
                         "pid": info.pid,
@@ -211,8 +219,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         info.pid,
                         paths.home_str()
                     );
-                    if let Some(addr) = listening_on(&paths) {
-                        println!("other nodes reach it at {addr} (QUIC)");
+                    if let Some(addrs) = daemon::advertised(&paths) {
+                        println!("other nodes reach it at {} (QUIC)", addrs.join(", "));
                     }
                 }
                 Ok(())
@@ -288,6 +296,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     println!("connections   {}", info.connections);
                     if let Some(addr) = listening_on(&paths) {
                         println!("listening on  {addr} (QUIC)");
+                        if let Some(addrs) = daemon::advertised(&paths)
+                            && addrs != [addr]
+                        {
+                            println!("advertised    {}", addrs.join(", "));
+                        }
                     }
                     println!("root host     {}", hex::encode(&info.root_host));
                 }
@@ -299,6 +312,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
     })
+}
+
+/// The value of `start --advertise`, checked before anything is done.
+fn parse_advertise(text: Option<String>) -> anyhow::Result<Option<net::advertise::Advertise>> {
+    text.map(|t| net::advertise::Advertise::parse(&t).map_err(|e| anyhow::anyhow!("{e}")))
+        .transpose()
 }
 
 /// The address the node listens on for other nodes: what its last start

@@ -79,10 +79,15 @@ fn valid_addr(a: &str) -> bool {
     let Some((host, port)) = a.rsplit_once(':') else {
         return false;
     };
-    let host = host
-        .strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
+    // An IPv6 address is bracketed ([::1]:7401); a bare host has no colon.
+    let host = match host.strip_prefix('[') {
+        Some(inner) => match inner.strip_suffix(']') {
+            Some(v6) if v6.parse::<std::net::Ipv6Addr>().is_ok() => v6,
+            _ => return false,
+        },
+        None if host.contains(':') => return false,
+        None => host,
+    };
     !host.is_empty()
         && host.len() <= 253
         && host
@@ -194,6 +199,9 @@ mod tests {
             "capstan://abc/def?at=127.0.0.1:1",
             &good.replace("?at=", "?to="),
             &good.replace("7401", "0"),
+            &good.replace("[::1]:7402", "::1:7402"),
+            &good.replace("[::1]:7402", "[::1:7402"),
+            &good.replace("[::1]:7402", "[nothost]:7402"),
             &good.replace("7401", "99999"),
             &good.replace("127.0.0.1:7401,[::1]:7402", ""),
             &good.replace("/", "").replacen("capstan:", "capstan://", 1),

@@ -448,6 +448,67 @@ fn a_lone_peer_keeps_mailing_a_cluster_agent_across_a_node_failure() {
 }
 
 #[test]
+fn members_record_and_locators_name_the_advertised_addresses() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(spec) = spec("advertise") else {
+        return;
+    };
+    // Two nodes on every interface, each telling the others 127.0.0.1 and
+    // the port it was bound to (issue 17).
+    let mut nodes = Vec::new();
+    for i in 1..=2 {
+        let mut n = Node::named(&format!("n{i}")).with_env("CAPSTAN_LEASE_MS", LEASE_MS);
+        if i == 1 {
+            n.ok(["cluster", "init", "--store", &spec]);
+        }
+        // Without --advertise a wildcard is refused, cluster or not.
+        let (code, err) = n.fail(["start", "--store", &spec, "--listen", "0.0.0.0:0"]);
+        assert_eq!(code, 1);
+        assert!(err.contains("--advertise"), "{err}");
+        n.start_with(&[
+            "--store",
+            &spec,
+            "--listen",
+            "0.0.0.0:0",
+            "--advertise",
+            "127.0.0.1",
+        ]);
+        nodes.push(n);
+    }
+    let c = Cluster { nodes };
+    let members = c.wait(
+        "two live members",
+        || c.n(0).json(["cluster", "members"]),
+        |v| live(v).len() == 2,
+    );
+    let mut addrs = BTreeSet::new();
+    for m in members.as_array().unwrap() {
+        let addr = m["addr"].as_str().unwrap();
+        assert!(addr.starts_with("127.0.0.1:"), "member record: {m}");
+        assert!(!addr.ends_with(":0"), "member record: {m}");
+        addrs.insert(addr.to_string());
+    }
+    c.n(0).ok(["store", "--text", "shared", "--name", "doc"]);
+    let l = c.n(0).json(["locate", "doc"])["locator"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(!l.contains("0.0.0.0"), "{l}");
+    let hints: BTreeSet<String> = l
+        .split_once("?at=")
+        .unwrap()
+        .1
+        .split(',')
+        .map(str::to_string)
+        .collect();
+    assert_eq!(hints, addrs, "the locator names every member: {l}");
+    let mut lone = Node::new();
+    lone.start();
+    lone.ok(["adopt-locator", &l, "--name", "doc"]);
+    assert_eq!(lone.ok(["cat", "doc"]), "shared");
+}
+
+#[test]
 fn cluster_commands_refuse_bad_input() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some(spec) = spec("bad") else {

@@ -171,9 +171,15 @@ impl Net {
         {
             return Ok(m.clone());
         }
-        let sa: SocketAddr = addr
-            .parse()
-            .map_err(|_| format!("bad member address {addr:?}"))?;
+        // An advertised address may be a DNS name.
+        let sa: SocketAddr = match addr.parse() {
+            Ok(sa) => sa,
+            Err(_) => tokio::net::lookup_host(addr)
+                .await
+                .map_err(|e| format!("bad member address {addr:?}: {e}"))?
+                .next()
+                .ok_or_else(|| format!("member address {addr:?} resolves to nothing"))?,
+        };
         let tls = tls::client_config(&self.id, self.id.cluster_id).map_err(|e| e.to_string())?;
         let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
             .map_err(|e| format!("QUIC TLS configuration: {e}"))?;

@@ -25,6 +25,7 @@
 //! delivered by at most [`OUTBOX_COURIERS`] couriers at a time, one per
 //! peer cluster, each taking up to a batch of its queue per turn.
 
+pub mod advertise;
 pub mod identity;
 pub mod members;
 pub mod tls;
@@ -213,6 +214,8 @@ pub struct Net {
     endpoint: quinn::Endpoint,
     /// Addresses put in locators (the listen address), empty if not listening.
     advertised: Vec<String>,
+    /// The address bound for other nodes, if listening.
+    bound: Option<SocketAddr>,
     peers: RefCell<HashMap<[u8; 32], Rc<Peer>>>,
     /// One dial at a time per cluster (a dead cluster's dial timeout does
     /// not hold up dials to others); an entry lives while it is dialled.
@@ -224,11 +227,20 @@ pub struct Net {
 
 impl Net {
     /// Binds the endpoint: a listener on `listen`, or a dial-only endpoint.
-    pub fn bind(rt: Runtime, id: Identity, listen: Option<SocketAddr>) -> anyhow::Result<Rc<Net>> {
+    /// Locators name `advertise` (its entries without a port get the bound
+    /// port), or else the bound address, which must not be a wildcard.
+    pub fn bind(
+        rt: Runtime,
+        id: Identity,
+        listen: Option<SocketAddr>,
+        advertise: Option<&advertise::Advertise>,
+    ) -> anyhow::Result<Rc<Net>> {
         let id = Rc::new(id);
-        let addr = listen.unwrap_or_else(|| "0.0.0.0:0".parse().expect("valid address"));
-        let socket = std::net::UdpSocket::bind(addr)
-            .with_context(|| format!("cannot listen on {addr} (UDP)"))?;
+        let socket = match listen {
+            Some(addr) => std::net::UdpSocket::bind(addr)
+                .with_context(|| format!("cannot listen on {addr} (UDP)"))?,
+            None => dial_socket().context("cannot open a UDP socket")?,
+        };
         let sock = socket2_buffers(&socket);
         if let Err(e) = sock {
             tracing::warn!("cannot raise UDP buffers: {e}");
@@ -249,15 +261,27 @@ impl Net {
             socket,
             Arc::new(quinn::TokioRuntime),
         )?;
-        let advertised = match listen {
-            Some(_) => vec![endpoint.local_addr()?.to_string()],
-            None => Vec::new(),
+        let bound = match listen {
+            Some(_) => Some(endpoint.local_addr()?),
+            None => None,
+        };
+        let advertised = match (listen, advertise) {
+            (None, _) => Vec::new(),
+            (Some(_), Some(a)) => a.addrs(endpoint.local_addr()?.port()),
+            (Some(_), None) => {
+                let bound = endpoint.local_addr()?;
+                if bound.ip().is_unspecified() {
+                    anyhow::bail!("{}", wildcard_message(bound));
+                }
+                vec![bound.to_string()]
+            }
         };
         let net = Rc::new(Net {
             rt,
             id,
             endpoint,
             advertised,
+            bound,
             peers: RefCell::new(HashMap::new()),
             dialing: RefCell::new(HashMap::new()),
             incoming: Rc::new(Cell::new(0)),
@@ -277,8 +301,16 @@ impl Net {
         self.id.cluster_id
     }
 
+    /// The addresses other nodes dial (put in locators, invitations and
+    /// the cluster record); empty if not listening.
     pub fn listen_addrs(&self) -> &[String] {
         &self.advertised
+    }
+
+    /// The address bound for other nodes (the port the system chose for
+    /// port 0), if listening.
+    pub fn bound_addr(&self) -> Option<SocketAddr> {
+        self.bound
     }
 
     /// The locator text for a swiss number of this node.
@@ -999,6 +1031,32 @@ fn transport() -> quinn::TransportConfig {
                 .expect("10 s is a valid idle timeout"),
         ));
     t
+}
+
+/// Why a node listening on every interface needs `--advertise`.
+pub fn wildcard_message(listen: SocketAddr) -> String {
+    format!(
+        "listening on {listen} (every interface), the node would put {listen} in its locators, invitations and cluster record, which no other machine can dial: add --advertise HOST[:PORT], the address other nodes should dial (an address or DNS name of this machine; without :PORT, the port it listens on)"
+    )
+}
+
+/// The socket of a node that only dials: dual-stack where the system
+/// allows it (so it reaches IPv4 and IPv6 addresses), else IPv4.
+fn dial_socket() -> std::io::Result<std::net::UdpSocket> {
+    let dual = || -> std::io::Result<std::net::UdpSocket> {
+        let s = socket2::Socket::new(
+            socket2::Domain::IPV6,
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )?;
+        s.set_only_v6(false)?;
+        s.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)).into())?;
+        Ok(s.into())
+    };
+    dual().or_else(|e| {
+        tracing::debug!("no dual-stack socket ({e}); dialling over IPv4 only");
+        std::net::UdpSocket::bind("0.0.0.0:0")
+    })
 }
 
 fn socket2_buffers(socket: &std::net::UdpSocket) -> std::io::Result<()> {
