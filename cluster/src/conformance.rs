@@ -550,22 +550,40 @@ pub async fn write_skew_prevented(db: &Db) -> CheckResult {
         set(db, &a, &[1]).await?;
         set(db, &b, &[1]).await?;
         let barrier = Arc::new(tokio::sync::Barrier::new(2));
+        // Set when the two never had both read before either committed (the
+        // backend serialised them): then write skew was not tested at all.
+        let missed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut tasks = Vec::new();
         for mine in [a.clone(), b.clone()] {
-            let (db, a, b, barrier) = (db.clone(), a.clone(), b.clone(), barrier.clone());
+            let (db, a, b, barrier, missed) = (
+                db.clone(),
+                a.clone(),
+                b.clone(),
+                barrier.clone(),
+                missed.clone(),
+            );
             tasks.push(tokio::spawn(async move {
                 let mut first = true;
                 db.transact(move |tx| {
                     let wait = std::mem::replace(&mut first, false);
-                    let (a, b, mine, barrier) =
-                        (a.clone(), b.clone(), mine.clone(), barrier.clone());
+                    let (a, b, mine, barrier, missed) = (
+                        a.clone(),
+                        b.clone(),
+                        mine.clone(),
+                        barrier.clone(),
+                        missed.clone(),
+                    );
                     Box::pin(async move {
                         let va = tx.get(&a).await?.map_or(0, |v| v[0]);
                         let vb = tx.get(&b).await?.map_or(0, |v| v[0]);
                         if wait {
                             // Both have read before either commits (bounded, in case the other failed).
-                            let _ =
-                                tokio::time::timeout(Duration::from_secs(5), barrier.wait()).await;
+                            if tokio::time::timeout(Duration::from_secs(5), barrier.wait())
+                                .await
+                                .is_err()
+                            {
+                                missed.store(true, std::sync::atomic::Ordering::Relaxed);
+                            }
                         }
                         if va + vb >= 2 {
                             tx.set(&mine, &[0])?;
@@ -580,6 +598,10 @@ pub async fn write_skew_prevented(db: &Db) -> CheckResult {
             t.await
                 .map_err(|e| CheckFailure(format!("task panicked: {e}")))??;
         }
+        ensure!(
+            !missed.load(std::sync::atomic::Ordering::Relaxed),
+            "round {round}: the two transactions never both read before either committed, so write skew was not tested"
+        );
         let va = get(db, &a).await?.map_or(0, |v| v[0]);
         let vb = get(db, &b).await?.map_or(0, |v| v[0]);
         ensure_eq!(va + vb, 1, "round {round}: a + b (0 means write skew)");
@@ -1278,17 +1300,46 @@ where
         acked.len() * 2,
         &missing[..missing.len().min(5)]
     );
-    let counter = counter_value(get(&db, b"crash-counter").await?)?;
+    // Every transaction is whole: each `a` has its `b`, both with the values
+    // written (acknowledged or not: the kill may land after a commit and
+    // before its ACK).
+    let rows = prefix(&db, b"crash/").await?;
+    let mut pairs: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for (k, v) in &rows {
+        let k = String::from_utf8_lossy(k).into_owned();
+        ensure!(
+            *v == crash_value(&k),
+            "crash key {k} holds a value that was never written"
+        );
+        let Some((txn, part)) = k.rsplit_once('/') else {
+            return Err(CheckFailure(format!("unexpected crash key {k}")));
+        };
+        pairs
+            .entry(txn.to_string())
+            .or_default()
+            .push(part.to_string());
+    }
+    let whole = ["a".to_string(), "b".to_string()];
+    for (txn, parts) in &pairs {
+        ensure_eq!(
+            parts.as_slice(),
+            whole.as_slice(),
+            "the parts of transaction {txn} (a torn transaction)"
+        );
+    }
     ensure!(
-        counter >= acked.len() as u64,
-        "counter {counter} below {} acknowledged increments",
+        pairs.len() >= acked.len(),
+        "{} transactions in the store, fewer than the {} acknowledged",
+        pairs.len(),
         acked.len()
     );
-    // Every transaction is whole: no `a` without its `b`.
-    let rows = prefix(&db, b"crash/").await?;
-    ensure!(
-        rows.len() % 2 == 0,
-        "an odd number of crash keys: a torn transaction"
+    // Each transaction also added one to a shared counter: a transaction
+    // applied twice (a retry after an unknown outcome) would count twice.
+    let counter = counter_value(get(&db, b"crash-counter").await?)?;
+    ensure_eq!(
+        counter,
+        pairs.len() as u64,
+        "the shared counter against the transactions in the store (one increment each)"
     );
     set(&db, b"crash/after", b"alive").await?;
     ensure_eq!(
