@@ -1579,17 +1579,8 @@ impl AgentHandle {
             .db
             .read(move |tx| Box::pin(async move { model::get_message(tx, &me, number).await }))
             .await?;
-        match &m.body {
-            BodyRec::Request { promise, .. } => {
-                let p = *promise;
-                Ok((m, p))
-            }
-            other => Err(Error::WrongMessage {
-                number,
-                expected: "request".into(),
-                actual: other.type_name().into(),
-            }),
-        }
+        let promise = model::promise_of_request(&m)?;
+        Ok((m, promise))
     }
 
     /// Waits until the promise of request `number` (in this inbox) settles.
@@ -1603,23 +1594,8 @@ impl AgentHandle {
             .read(move |tx| {
                 Box::pin(async move {
                     let m = model::get_message(tx, &me, number).await?;
-                    let BodyRec::Request { promise, .. } = m.body else {
-                        return Err(Error::WrongMessage {
-                            number,
-                            expected: "request".into(),
-                            actual: m.body.type_name().into(),
-                        });
-                    };
-                    let state = match model::must_formula(tx, &promise).await?.kind {
-                        FormulaKind::Promise(p) => p.state,
-                        other => {
-                            return Err(Error::Corrupt(format!(
-                                "expected a promise, found a {}",
-                                other.type_name()
-                            )));
-                        }
-                    };
-                    Ok((promise, state))
+                    let promise = model::promise_of_request(&m)?;
+                    Ok::<_, Error>((promise, model::promise_state(tx, &promise).await?))
                 })
             })
             .await?;

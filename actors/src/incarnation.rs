@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::api::PromiseState;
 use crate::error::Error;
 use crate::model;
-use crate::records::{FormulaKind, MessageRec};
+use crate::records::MessageRec;
 
 /// Most followers per inbox.
 pub const MAX_FOLLOWERS: usize = 64;
@@ -303,17 +303,7 @@ pub(crate) async fn read_promise(
     id: FormulaId,
 ) -> Result<PromiseState, Error> {
     rt.db
-        .read(move |tx| {
-            Box::pin(async move {
-                match model::must_formula(tx, &id).await?.kind {
-                    FormulaKind::Promise(p) => Ok(p.state),
-                    other => Err(Error::Corrupt(format!(
-                        "expected a promise, found a {}",
-                        other.type_name()
-                    ))),
-                }
-            })
-        })
+        .read(move |tx| Box::pin(async move { model::promise_state(tx, &id).await }))
         .await
 }
 

@@ -246,6 +246,33 @@ pub async fn get_message(
     }
 }
 
+/// The promise of request message `m` (an error naming `m` if it is not a
+/// request).
+pub fn promise_of_request(m: &MessageRec) -> Result<FormulaId, Error> {
+    match &m.body {
+        crate::records::BodyRec::Request { promise, .. } => Ok(*promise),
+        other => Err(Error::WrongMessage {
+            number: m.number,
+            expected: "request".into(),
+            actual: other.type_name().into(),
+        }),
+    }
+}
+
+/// The state of promise `id`.
+pub async fn promise_state(
+    tx: &mut Transaction,
+    id: &FormulaId,
+) -> Result<crate::api::PromiseState, Error> {
+    match must_formula(tx, id).await?.kind {
+        FormulaKind::Promise(p) => Ok(p.state),
+        other => Err(Error::Corrupt(format!(
+            "expected a promise, found a {}",
+            other.type_name()
+        ))),
+    }
+}
+
 /// Writes a new message into a free slot of `agent`'s inbox. A slot that is
 /// taken, or below the inbox mark (a dismissed number), fails with
 /// [`Error::InboxSlotTaken`]: the number came from a stale sequence (for

@@ -932,17 +932,24 @@ async fn cluster_rows(
             // owned by node i % n from its first message on
             send(&hosts[i % n], &format!("k{i}"), "get").await?;
         }
-        let handled = |hosts: Vec<agent::Client>| async move {
-            let mut sum = 0;
-            for h in &hosts {
-                for i in 0..guests {
-                    sum += guest_stat(h, &format!("k{i}"))
-                        .await
-                        .map(|s| s.handled)
-                        .unwrap_or(0);
+        // One `guests` call per node (each lists every guest with what that
+        // node handled), not one per guest: the poll itself loads the nodes.
+        let names: std::collections::HashSet<String> =
+            (0..guests).map(|i| format!("k{i}")).collect();
+        let handled = |hosts: Vec<agent::Client>| {
+            let names = names.clone();
+            async move {
+                let mut sum = 0;
+                for h in &hosts {
+                    let answer = h.guests_request().send().promise.await?;
+                    for g in answer.get()?.get_guests()?.iter() {
+                        if names.contains(g.get_name()?.to_str()?) {
+                            sum += g.get_handled();
+                        }
+                    }
                 }
+                Ok::<u64, CapError>(sum)
             }
-            Ok::<u64, CapError>(sum)
         };
         let start = handled(hosts.clone()).await?;
         let total = sizes.sends / 2;

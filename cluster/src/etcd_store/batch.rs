@@ -67,10 +67,8 @@ pub(super) struct Member {
     pub compares: Vec<Compare>,
     /// Deletes and puts of user data (not the guard, not the marker).
     pub writes: Vec<RequestOp>,
-    pub deletes: bool,
     pub marker: Vec<u8>,
-    /// Estimated request bytes.
-    pub size: usize,
+    /// What batching needs to know (its deletions and size included).
     pub shape: Shape,
     pub reply: oneshot::Sender<Result<Version, StoreError>>,
 }
@@ -260,51 +258,68 @@ fn time_limit(size: usize) -> std::time::Duration {
     REQUEST_TIMEOUT + TIMEOUT_PER_MB * u32::try_from(size >> 20).unwrap_or(16)
 }
 
-/// One member as a Txn of its own.
-async fn send_alone(inner: &Inner, m: &Member) -> Result<Version, StoreError> {
-    let guard = m.deletes.then_some(inner.guard.as_slice());
+/// How a commit Txn ended when etcd did not answer it.
+enum Unanswered {
+    /// The outcome is unknown: resolve by the markers (sent at this time).
+    Unknown(Instant),
+    /// Refused or failed for sure: nothing was applied.
+    Failed(StoreError),
+}
+
+/// Sends the Txn `build` makes for the current marker lease (renewing the
+/// lease once if etcd lost it): its answer, or why there is none.
+async fn send_txn(
+    inner: &Inner,
+    what: &str,
+    size: usize,
+    build: impl Fn(i64) -> TxnRequest,
+) -> Result<crate::etcd_rpc::TxnResponse, Unanswered> {
     let mut renewed = false;
     loop {
-        let lease = inner.lease(renewed).await?;
-        let txn = m.txn(lease, guard);
+        let lease = inner.lease(renewed).await.map_err(Unanswered::Failed)?;
+        let txn = build(lease);
         let sent = Instant::now();
         let i = inner.endpoints.current_index();
         let kv = inner.endpoints.clients[i].clone();
-        let limit = time_limit(m.size);
+        let limit = time_limit(size);
         let outcome = tokio::time::timeout(limit, kv.txn(txn))
             .await
             .unwrap_or_else(|_| Err(timed_out(limit)));
         bump(&inner.counters.commit_txns, 1);
         bump(&inner.counters.commit_us, sent.elapsed().as_micros() as u64);
         match outcome {
-            Ok(resp) => {
-                let version = header_revision(resp.header.as_ref())?;
-                return if resp.succeeded {
-                    Ok(version)
-                } else {
-                    Err(StoreError::Conflict)
-                };
-            }
-            Err(e) => match classify(e, "commit") {
+            Ok(resp) => return Ok(resp),
+            Err(e) => match classify(e, what) {
                 Failure::LeaseNotFound if !renewed => {
                     tracing::debug!("commit-marker lease expired; granting a new one");
                     renewed = true;
                 }
                 Failure::Transient(msg) => {
                     inner.endpoints.failed(i, &msg);
-                    tracing::info!(endpoint = %inner.endpoints.names[i], error = %msg, "commit outcome unknown; resolving it with its marker");
-                    return inner.resolve(&m.marker, sent).await;
+                    tracing::info!(endpoint = %inner.endpoints.names[i], error = %msg, "{what} outcome unknown; resolving by commit marker");
+                    return Err(Unanswered::Unknown(sent));
                 }
                 Failure::Definite(StoreError::Io(msg)) if msg.contains("as too large") => {
-                    tracing::warn!(error = %msg, "etcd refused a commit as too large");
-                    return Err(StoreError::TransactionTooLarge {
-                        len: m.size,
+                    tracing::warn!(error = %msg, "etcd refused a {what} as too large");
+                    return Err(Unanswered::Failed(StoreError::TransactionTooLarge {
+                        len: size,
                         max: inner.config.max_request_bytes,
-                    });
+                    }));
                 }
-                other => return Err(to_store_error(other)),
+                other => return Err(Unanswered::Failed(to_store_error(other))),
             },
         }
+    }
+}
+
+/// One member as a Txn of its own.
+async fn send_alone(inner: &Inner, m: &Member) -> Result<Version, StoreError> {
+    let guard = m.shape.deletes.then_some(inner.guard.as_slice());
+    match send_txn(inner, "commit", m.shape.size, |lease| m.txn(lease, guard)).await {
+        Ok(resp) if resp.succeeded => header_revision(resp.header.as_ref()),
+        Ok(_) => Err(StoreError::Conflict),
+        Err(Unanswered::Unknown(sent)) => inner.resolve(&m.marker, sent).await,
+        Err(Unanswered::Failed(e)) => Err(e),
     }
 }
 
@@ -314,65 +329,44 @@ async fn send_nested(
     inner: &Inner,
     batch: &[Member],
 ) -> Result<Vec<Result<Version, StoreError>>, StoreError> {
-    let mut renewed = false;
-    let size: usize = batch.iter().map(|m| m.size).sum();
-    loop {
-        let lease = inner.lease(renewed).await?;
+    let size: usize = batch.iter().map(|m| m.shape.size).sum();
+    let deletes = batch.iter().any(|m| m.shape.deletes);
+    tracing::trace!(members = batch.len(), "sending an etcd batch");
+    let sent = send_txn(inner, "commit batch", size, |lease| {
         let mut success: Vec<RequestOp> = batch
             .iter()
             .map(|m| RequestOp::txn(m.txn(lease, None)))
             .collect();
-        if batch.iter().any(|m| m.deletes) {
+        if deletes {
             success.push(RequestOp::put(inner.guard.clone(), Vec::new(), 0));
         }
-        let txn = TxnRequest {
+        TxnRequest {
             compare: Vec::new(),
             success,
             failure: Vec::new(),
-        };
-        let sent = Instant::now();
-        let i = inner.endpoints.current_index();
-        let kv = inner.endpoints.clients[i].clone();
-        let limit = time_limit(size);
-        tracing::trace!(members = batch.len(), "sending an etcd batch");
-        let outcome = tokio::time::timeout(limit, kv.txn(txn))
-            .await
-            .unwrap_or_else(|_| Err(timed_out(limit)));
-        bump(&inner.counters.commit_txns, 1);
-        bump(&inner.counters.commit_us, sent.elapsed().as_micros() as u64);
-        match outcome {
-            Ok(resp) => {
-                let version = header_revision(resp.header.as_ref())?;
-                let mut out = Vec::with_capacity(batch.len());
-                for k in 0..batch.len() {
-                    out.push(
-                        match resp.responses.get(k).and_then(|r| r.response.as_ref()) {
-                            Some(Response::Txn(t)) if t.succeeded => Ok(version),
-                            Some(Response::Txn(_)) => Err(StoreError::Conflict),
-                            _ => Err(StoreError::Io(
-                                "etcd answered a batch without a result per member".into(),
-                            )),
-                        },
-                    );
-                }
-                return Ok(out);
-            }
-            Err(e) => match classify(e, "commit batch") {
-                Failure::LeaseNotFound if !renewed => {
-                    tracing::debug!("commit-marker lease expired; granting a new one");
-                    renewed = true;
-                }
-                Failure::Transient(msg) => {
-                    inner.endpoints.failed(i, &msg);
-                    tracing::info!(endpoint = %inner.endpoints.names[i], error = %msg, members = batch.len(), "batch outcome unknown; resolving each member with its marker");
-                    return Ok(futures::future::join_all(
-                        batch.iter().map(|m| inner.resolve(&m.marker, sent)),
-                    )
-                    .await);
-                }
-                other => return Err(to_store_error(other)),
-            },
         }
+    })
+    .await;
+    match sent {
+        Ok(resp) => {
+            let version = header_revision(resp.header.as_ref())?;
+            Ok((0..batch.len())
+                .map(
+                    |k| match resp.responses.get(k).and_then(|r| r.response.as_ref()) {
+                        Some(Response::Txn(t)) if t.succeeded => Ok(version),
+                        Some(Response::Txn(_)) => Err(StoreError::Conflict),
+                        _ => Err(StoreError::Io(
+                            "etcd answered a batch without a result per member".into(),
+                        )),
+                    },
+                )
+                .collect())
+        }
+        Err(Unanswered::Unknown(sent)) => Ok(futures::future::join_all(
+            batch.iter().map(|m| inner.resolve(&m.marker, sent)),
+        )
+        .await),
+        Err(Unanswered::Failed(e)) => Err(e),
     }
 }
 

@@ -887,9 +887,7 @@ impl Inner {
         let member = batch::Member {
             compares,
             writes,
-            deletes: !deletes.is_empty(),
             marker,
-            size,
             shape,
             reply,
         };
