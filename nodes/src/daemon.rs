@@ -199,7 +199,11 @@ pub async fn run(
     let (listen, advertise_given) = (listen, advertise.is_some());
     let (listen_eff, advertise) = net_config(&paths, listen, advertise)?;
     create_private_dir(&paths.home)?;
-    let _lock = HomeLock::acquire(&paths)?;
+    // The home lock is released by the kernel when this process exits, never
+    // earlier: `capstan stop` waits for it, and a `start` that follows must
+    // not find the store still open (tasks of the local set, or the tokio
+    // runtime's teardown, can hold the store after this function returns).
+    std::mem::forget(HomeLock::acquire(&paths)?);
     if let Some(dir) = paths.socket.parent()
         && dir != paths.home
     {
