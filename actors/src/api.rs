@@ -188,6 +188,7 @@ impl Runtime {
             ctx: Arc::new(rec),
             fence: None,
             journal: None,
+            open: None,
         };
         tracing::info!(root = %root, store = %inner.db.describe(), "runtime open");
         Ok(Runtime {
@@ -508,6 +509,9 @@ pub struct AgentHandle {
     /// For the handle a guest's handler acts through: the answers of its
     /// reads, written with its next write (see [`crate::guest::journal`]).
     pub(crate) journal: Option<Arc<crate::guest::journal::Journal>>,
+    /// For the handle a guest runner's handlers act through: the batch
+    /// their operations run in (see [`crate::open_tx`]).
+    pub(crate) open: Option<Arc<crate::open_tx::OpenTx>>,
 }
 
 impl std::fmt::Debug for AgentHandle {
@@ -660,6 +664,7 @@ impl AgentHandle {
             ctx: Arc::new(rec),
             fence: None,
             journal: None,
+            open: None,
         })
     }
 
@@ -687,54 +692,52 @@ impl AgentHandle {
         } else {
             Some(Path::parse(path)?)
         };
-        self.rt
-            .db
-            .read(move |tx| {
-                Box::pin(async move {
-                    let (dir, specials) = match &path {
-                        None => (ctx.rec.pet_store, true),
-                        Some(p) => {
-                            let id = model::resolve(tx, &ctx, p).await?;
-                            match model::must_formula(tx, &id).await?.kind {
-                                FormulaKind::Directory => (id, false),
-                                other => {
-                                    return Err(Error::WrongType {
-                                        name: p.to_string(),
-                                        expected: "directory".into(),
-                                        actual: other.type_name().into(),
-                                    });
-                                }
+        self.read(move |tx| {
+            Box::pin(async move {
+                let (dir, specials) = match &path {
+                    None => (ctx.rec.pet_store, true),
+                    Some(p) => {
+                        let id = model::resolve(tx, &ctx, p).await?;
+                        match model::must_formula(tx, &id).await?.kind {
+                            FormulaKind::Directory => (id, false),
+                            other => {
+                                return Err(Error::WrongType {
+                                    name: p.to_string(),
+                                    expected: "directory".into(),
+                                    actual: other.type_name().into(),
+                                });
                             }
                         }
-                    };
-                    let mut out = Vec::new();
-                    if specials {
-                        for (name, id) in [("HOST", ctx.host()), ("SELF", ctx.id)] {
-                            let f = model::must_formula(tx, &id).await?;
-                            out.push(EntryInfo {
-                                name: name.into(),
-                                id,
-                                kind: f.kind.type_name().into(),
-                                detail: entry_detail(&f),
-                            });
-                        }
-                        if ctx.is_host {
-                            out.extend(HOST_ONLY_SPECIALS.iter().map(|(n, _)| unvalued_special(n)));
-                        }
                     }
-                    for (name, id) in model::list_dir(tx, &dir, MAX_LIST).await? {
+                };
+                let mut out = Vec::new();
+                if specials {
+                    for (name, id) in [("HOST", ctx.host()), ("SELF", ctx.id)] {
                         let f = model::must_formula(tx, &id).await?;
                         out.push(EntryInfo {
-                            name,
+                            name: name.into(),
                             id,
                             kind: f.kind.type_name().into(),
                             detail: entry_detail(&f),
                         });
                     }
-                    Ok(out)
-                })
+                    if ctx.is_host {
+                        out.extend(HOST_ONLY_SPECIALS.iter().map(|(n, _)| unvalued_special(n)));
+                    }
+                }
+                for (name, id) in model::list_dir(tx, &dir, MAX_LIST).await? {
+                    let f = model::must_formula(tx, &id).await?;
+                    out.push(EntryInfo {
+                        name,
+                        id,
+                        kind: f.kind.type_name().into(),
+                        detail: entry_detail(&f),
+                    });
+                }
+                Ok(out)
             })
-            .await
+        })
+        .await
     }
 
     pub async fn show(&self, path: &str) -> Result<EntryInfo, Error> {
@@ -743,31 +746,29 @@ impl AgentHandle {
         }
         let ctx = self.ctx.clone();
         let p = Path::parse(path)?;
-        self.rt
-            .db
-            .read(move |tx| {
-                Box::pin(async move {
-                    let id = model::resolve(tx, &ctx, &p).await?;
-                    let f = model::must_formula(tx, &id).await?;
-                    let (tid, tf) = settle_target(tx, id).await?;
-                    let mut detail = entry_detail(&f);
-                    if tid != id {
-                        detail = format!(
-                            "resolved to {} ({}, {})",
-                            tid.short(),
-                            tf.kind.type_name(),
-                            entry_detail(&tf)
-                        );
-                    }
-                    Ok(EntryInfo {
-                        name: p.to_string(),
-                        id,
-                        kind: f.kind.type_name().into(),
-                        detail,
-                    })
+        self.read(move |tx| {
+            Box::pin(async move {
+                let id = model::resolve(tx, &ctx, &p).await?;
+                let f = model::must_formula(tx, &id).await?;
+                let (tid, tf) = settle_target(tx, id).await?;
+                let mut detail = entry_detail(&f);
+                if tid != id {
+                    detail = format!(
+                        "resolved to {} ({}, {})",
+                        tid.short(),
+                        tf.kind.type_name(),
+                        entry_detail(&tf)
+                    );
+                }
+                Ok(EntryInfo {
+                    name: p.to_string(),
+                    id,
+                    kind: f.kind.type_name().into(),
+                    detail,
                 })
             })
-            .await
+        })
+        .await
     }
 
     pub async fn cat(&self, path: &str) -> Result<(ValueKind, Vec<u8>), Error> {
@@ -782,48 +783,44 @@ impl AgentHandle {
     ) -> Result<(FormulaId, ValueKind, Vec<u8>), Error> {
         let ctx = self.ctx.clone();
         let p = Path::parse(path)?;
-        self.rt
-            .db
-            .read(move |tx| {
-                Box::pin(async move {
-                    let id = model::resolve(tx, &ctx, &p).await?;
-                    let (tid, f) = settle_target(tx, id).await?;
-                    match f.kind {
-                        FormulaKind::Value(v) => {
-                            let data = value_bytes(tx, &tid, &v).await?;
-                            Ok((tid, v.kind, data))
-                        }
-                        FormulaKind::Promise(PromiseRec { state, .. }) => {
-                            Err(promise_has_no_value(&p.to_string(), &state))
-                        }
-                        other => Err(Error::WrongType {
-                            name: p.to_string(),
-                            expected: "value".into(),
-                            actual: other.type_name().into(),
-                        }),
+        self.read(move |tx| {
+            Box::pin(async move {
+                let id = model::resolve(tx, &ctx, &p).await?;
+                let (tid, f) = settle_target(tx, id).await?;
+                match f.kind {
+                    FormulaKind::Value(v) => {
+                        let data = value_bytes(tx, &tid, &v).await?;
+                        Ok((tid, v.kind, data))
                     }
-                })
+                    FormulaKind::Promise(PromiseRec { state, .. }) => {
+                        Err(promise_has_no_value(&p.to_string(), &state))
+                    }
+                    other => Err(Error::WrongType {
+                        name: p.to_string(),
+                        expected: "value".into(),
+                        actual: other.type_name().into(),
+                    }),
+                }
             })
-            .await
+        })
+        .await
     }
 
     /// The bytes of value formula `id` (values never change).
     pub(crate) async fn value_by_id(&self, id: FormulaId) -> Result<(ValueKind, Vec<u8>), Error> {
-        self.rt
-            .db
-            .read(move |tx| {
-                Box::pin(async move {
-                    match model::must_formula(tx, &id).await?.kind {
-                        FormulaKind::Value(v) => Ok((v.kind, value_bytes(tx, &id, &v).await?)),
-                        other => Err(Error::Corrupt(format!(
-                            "{} is a {}, not a value",
-                            id.short(),
-                            other.type_name()
-                        ))),
-                    }
-                })
+        self.read(move |tx| {
+            Box::pin(async move {
+                match model::must_formula(tx, &id).await?.kind {
+                    FormulaKind::Value(v) => Ok((v.kind, value_bytes(tx, &id, &v).await?)),
+                    other => Err(Error::Corrupt(format!(
+                        "{} is a {}, not a value",
+                        id.short(),
+                        other.type_name()
+                    ))),
+                }
             })
-            .await
+        })
+        .await
     }
 
     pub async fn store(
@@ -859,6 +856,13 @@ impl AgentHandle {
         self.transact(move |tx| {
             let (ctx, p, data) = (ctx.clone(), p.clone(), data.clone());
             Box::pin(async move {
+                // The exactly-once record and, for a name in the agent's own
+                // directory, the entry replaced: one round.
+                let mut ahead = vec![keys::dedup(&ctx.id, &req)];
+                if p.parent().is_empty() {
+                    ahead.push(keys::name(&ctx.rec.pet_store, p.last()));
+                }
+                tx.prefetch(&ahead).await?;
                 if let Some(DedupAnswer::Id(prev)) = checked_dedup(tx, &ctx.id, &req).await? {
                     return Ok(prev);
                 }
@@ -1066,6 +1070,7 @@ impl AgentHandle {
             ctx: Arc::new(rec),
             fence: None,
             journal: None,
+            open: None,
         })
     }
 
@@ -1081,6 +1086,17 @@ impl AgentHandle {
             + Sync
             + 'static,
     {
+        if let Some(open) = &self.open {
+            let r = open.run(|tx| f(tx)).await;
+            if let Err(Error::Fenced(why)) = &r
+                && let Some(c) = self.rt.cluster.get()
+            {
+                c.fenced.fetch_add(1, Ordering::Relaxed);
+                c.forget_owner(&self.ctx.id);
+                tracing::warn!("{why}");
+            }
+            return r;
+        }
         if self.fence.is_none() && self.journal.is_none() {
             return self.rt.db.transact(f).await;
         }
@@ -1118,6 +1134,43 @@ impl AgentHandle {
             tracing::warn!("{why}");
         }
         r
+    }
+
+    /// A read-only transaction as this agent: inside its runner's batch when
+    /// it has one (so that it sees the batch's writes), else on a snapshot.
+    pub(crate) async fn read<T, F>(&self, f: F) -> Result<T, Error>
+    where
+        T: Send,
+        F: for<'t> FnOnce(
+                &'t mut capstan_cluster::Transaction,
+            ) -> capstan_cluster::TxFuture<'t, T, Error>
+            + Send,
+    {
+        match &self.open {
+            Some(open) => open.run(f).await,
+            None => self.rt.db.read(f).await,
+        }
+    }
+
+    /// Runs `f` once what this agent wrote has committed: now, or after its
+    /// runner's batch commits.
+    pub(crate) fn after_commit(&self, f: impl FnOnce() + Send + 'static) {
+        match &self.open {
+            Some(open) => open.after_commit(f),
+            None => f(),
+        }
+    }
+
+    /// Makes what this agent's handler did so far durable (its batch, with
+    /// the handler's journal).
+    pub(crate) async fn make_durable(&self) -> Result<(), Error> {
+        match &self.open {
+            Some(open) => open.flush().await,
+            None => {
+                self.transact(|_| Box::pin(async { Ok::<_, Error>(()) }))
+                    .await
+            }
+        }
     }
 
     /// Reserves `n` numbers in `agent`'s inbox, none below `at_least`: at
@@ -1265,43 +1318,41 @@ impl AgentHandle {
             return Err(Error::Invalid("a message needs a recipient".into()));
         }
         let to_name = to.to_string();
-        self.rt
-            .db
-            .read(move |tx| {
-                let to_name = to_name.clone();
-                let refs = refs.clone();
-                Box::pin(async move {
-                    for p in &refs {
-                        resolve_reference(tx, &ctx, p).await?;
-                    }
-                    let mut reply_id = None;
-                    let mut target = None;
-                    if let Some(n) = reply_to {
-                        let m = model::get_message(tx, &ctx.id, n).await?;
-                        reply_id = Some(m.message_id);
-                        target = Some(if m.from == ctx.id { m.to } else { m.from });
-                    }
-                    if let Some(p) = &to_path {
-                        target = Some(model::resolve(tx, &ctx, p).await?);
-                    }
-                    let target = target
-                        .ok_or_else(|| Error::Invalid("a message needs a recipient".into()))?;
-                    let f = model::must_formula(tx, &target).await?;
-                    if let FormulaKind::Remote(r) = f.kind {
-                        // An agent of another cluster (its side checks).
-                        return Ok((target, reply_id, Some(r)));
-                    }
-                    if f.kind.agent().is_none() {
-                        return Err(Error::WrongType {
-                            name: to_name,
-                            expected: "host or guest".into(),
-                            actual: f.kind.type_name().into(),
-                        });
-                    }
-                    Ok((target, reply_id, None))
-                })
+        self.read(move |tx| {
+            let to_name = to_name.clone();
+            let refs = refs.clone();
+            Box::pin(async move {
+                for p in &refs {
+                    resolve_reference(tx, &ctx, p).await?;
+                }
+                let mut reply_id = None;
+                let mut target = None;
+                if let Some(n) = reply_to {
+                    let m = model::get_message(tx, &ctx.id, n).await?;
+                    reply_id = Some(m.message_id);
+                    target = Some(if m.from == ctx.id { m.to } else { m.from });
+                }
+                if let Some(p) = &to_path {
+                    target = Some(model::resolve(tx, &ctx, p).await?);
+                }
+                let target =
+                    target.ok_or_else(|| Error::Invalid("a message needs a recipient".into()))?;
+                let f = model::must_formula(tx, &target).await?;
+                if let FormulaKind::Remote(r) = f.kind {
+                    // An agent of another cluster (its side checks).
+                    return Ok((target, reply_id, Some(r)));
+                }
+                if f.kind.agent().is_none() {
+                    return Err(Error::WrongType {
+                        name: to_name,
+                        expected: "host or guest".into(),
+                        actual: f.kind.type_name().into(),
+                    });
+                }
+                Ok((target, reply_id, None))
             })
-            .await
+        })
+        .await
     }
 
     /// Sends a package; returns its number in the sender's own inbox.
@@ -1488,14 +1539,20 @@ impl AgentHandle {
             }
         };
         let (n, created, delivered) = result;
-        if delivered.is_some() && remote_target {
-            self.rt.outbox.notify_one();
+        if let (Some(open), Some(_)) = (&self.open, &delivered) {
+            open.own_copy(n);
         }
         if let Some((mine, copy)) = delivered {
-            self.notify_delivered(me, mine);
-            if let Some(c) = copy {
-                self.notify_delivered(target, c);
-            }
+            let me_h = self.clone();
+            self.after_commit(move || {
+                if remote_target {
+                    me_h.rt.outbox.notify_one();
+                }
+                me_h.notify_delivered(me, mine);
+                if let Some(c) = copy {
+                    me_h.notify_delivered(target, c);
+                }
+            });
         }
         Ok((n, created))
     }

@@ -1213,6 +1213,7 @@ impl Runtime {
             ctx: Arc::new(ctx),
             fence: None,
             journal: None,
+            open: None,
         })
     }
 }

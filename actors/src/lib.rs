@@ -31,6 +31,7 @@ pub mod keys;
 pub mod llm;
 pub mod model;
 pub mod names;
+pub(crate) mod open_tx;
 pub mod records;
 pub mod remote;
 pub mod rules;

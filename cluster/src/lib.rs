@@ -37,9 +37,9 @@ pub mod store;
 pub mod tuple;
 
 pub use store::{
-    CommitRequest, Db, KeyValue, MAX_KEY_SIZE, MAX_TRANSACTION_SIZE, MAX_VALUE_SIZE, Mutation,
-    RangeOption, SYSTEM_KEY_PREFIX, Snapshot, Store, StoreError, Transaction, TxFuture, TxnError,
-    Version,
+    Checkpoint, CommitRequest, Db, KeyValue, MAX_KEY_SIZE, MAX_TRANSACTION_SIZE, MAX_VALUE_SIZE,
+    Mutation, RangeOption, SYSTEM_KEY_PREFIX, Snapshot, Store, StoreError, Transaction, TxFuture,
+    TxnError, Version,
 };
 
 /// Opens a store from a URL-ish string: `etcd://HOST:PORT[,HOST:PORT…][/PREFIX]`

@@ -239,6 +239,13 @@ pub trait Store: Send + Sync + 'static {
     fn stats(&self) -> Vec<(&'static str, u64)> {
         Vec::new()
     }
+    /// Most keys one commit may write (a commit writing more fails with
+    /// [`StoreError::TooManyWrites`]); unbounded unless the backend says so.
+    /// Callers that gather many operations into one transaction flush
+    /// before they reach it.
+    fn max_commit_writes(&self) -> usize {
+        usize::MAX
+    }
 }
 
 /// The smallest key after `key`: `key` followed by a zero byte.
@@ -276,8 +283,20 @@ pub struct Transaction {
     fetched: std::collections::HashMap<Vec<u8>, Option<Vec<u8>>>,
 }
 
-/// Most values one transaction keeps from [`Transaction::prefetch`].
+/// The writes of a [`Transaction`] at one moment ([`Transaction::checkpoint`]).
+pub struct Checkpoint {
+    writes: BTreeMap<Vec<u8>, Vec<u8>>,
+    cleared: BTreeMap<Vec<u8>, Vec<u8>>,
+    mutations: usize,
+    size: usize,
+    deferred: Option<StoreError>,
+}
+
+/// Most values one transaction keeps from [`Transaction::prefetch`] and
+/// earlier reads.
 pub const MAX_PREFETCHED: usize = 1024;
+/// Largest value a transaction keeps from a read for a second read.
+pub const MAX_KEPT_VALUE: usize = 16 * 1024;
 
 impl Transaction {
     /// A transaction reading from `snapshot` (backends and tests; [`Db`] builds them).
@@ -334,7 +353,16 @@ impl Transaction {
         if let Some(v) = self.fetched.get(key) {
             return Ok(v.clone());
         }
-        self.snapshot.get(key).await
+        let v = self.snapshot.get(key).await?;
+        // A snapshot never changes: keep small answers, so that a second
+        // read of the key (a transaction held open across operations reads
+        // the same records again) costs no round trip.
+        if self.fetched.len() < MAX_PREFETCHED
+            && v.as_ref().is_none_or(|v| v.len() <= MAX_KEPT_VALUE)
+        {
+            self.fetched.insert(key.to_vec(), v.clone());
+        }
+        Ok(v)
     }
 
     /// The pairs of a range as this transaction sees them (its own writes included).
@@ -481,6 +509,36 @@ impl Transaction {
     pub fn clear_prefix(&mut self, prefix: &[u8]) {
         let end = crate::tuple::prefix_end(prefix);
         self.clear_range(prefix, &end);
+    }
+
+    /// The transaction's writes as they are now, to [`rollback`](Self::rollback)
+    /// to: for a transaction held open across several operations, where one
+    /// operation that fails must leave no partial writes behind.
+    pub fn checkpoint(&self) -> Checkpoint {
+        Checkpoint {
+            writes: self.writes.clone(),
+            cleared: self.cleared.clone(),
+            mutations: self.mutations.len(),
+            size: self.size,
+            deferred: self.deferred.clone(),
+        }
+    }
+
+    /// Undoes every write made since `cp` was taken. Reads made since then
+    /// keep their conflict ranges (a transaction may conflict on what it
+    /// looked at, even if it then wrote nothing).
+    pub fn rollback(&mut self, cp: Checkpoint) {
+        self.writes = cp.writes;
+        self.cleared = cp.cleared;
+        self.mutations.truncate(cp.mutations);
+        self.size = cp.size;
+        self.deferred = cp.deferred;
+    }
+
+    /// Mutations so far (a key set twice counts twice: an upper bound on
+    /// the keys the commit writes).
+    pub fn mutation_count(&self) -> usize {
+        self.mutations.len()
     }
 
     /// Bytes of mutations so far, counted against [`MAX_TRANSACTION_SIZE`].
@@ -869,6 +927,33 @@ mod tests {
         .await
         .unwrap();
         result.unwrap();
+    }
+
+    #[tokio::test]
+    async fn rollback_undoes_the_writes_since_the_checkpoint() {
+        let mut tx = tx_over(&[b"a", b"b"]);
+        tx.set(b"x", b"1").unwrap();
+        let cp = tx.checkpoint();
+        let size = tx.size();
+        // a failing operation: partial writes, a clear, an invalid clear
+        tx.set(b"y", b"2").unwrap();
+        tx.clear(b"a");
+        tx.clear_range(b"b", b"c");
+        tx.clear(&[SYSTEM_KEY_PREFIX]);
+        assert!(tx.get(b"a").await.unwrap().is_none());
+        tx.rollback(cp);
+        assert_eq!(tx.size(), size);
+        assert_eq!(tx.get(b"x").await.unwrap(), Some(b"1".to_vec()));
+        assert_eq!(tx.get(b"y").await.unwrap(), None);
+        assert_eq!(tx.get(b"a").await.unwrap(), Some(b"a".to_vec()));
+        assert_eq!(tx.get(b"b").await.unwrap(), Some(b"b".to_vec()));
+        let req = tx
+            .into_commit_request()
+            .expect("the invalid clear was undone");
+        assert_eq!(
+            req.mutations,
+            vec![Mutation::Set(b"x".to_vec(), b"1".to_vec())]
+        );
     }
 
     #[tokio::test]

@@ -505,6 +505,17 @@ impl agent_wit::llm::Host for AgentState {
             Some(other) => return Err(diverged(i, &other)),
             None => {}
         }
+        // What the handler did before the call commits first: the call may
+        // take long, and the inbox numbers its messages took must not stay
+        // unwritten meanwhile.
+        let agent = self.agent.clone();
+        if agent.open.is_some()
+            && let Err(e) = self.block(agent.make_durable())
+        {
+            return Err(wasmtime::format_err!(
+                "cannot commit the handler's effects before the model call ({e}); the message is handled again later"
+            ));
+        }
         let r = match serde_json::from_str::<crate::llm::ChatRequest>(&request) {
             Err(e) => Err(format!(
                 "llm.chat: the request is not valid JSON for a chat: {e}"
@@ -522,7 +533,7 @@ impl agent_wit::llm::Host for AgentState {
         // is made durable now, not with the next write, so a handler cut
         // short after it replays the answer instead of asking again.
         let agent = self.agent.clone();
-        if let Err(e) = self.block(agent.transact(|_| Box::pin(async { Ok::<_, Error>(()) }))) {
+        if let Err(e) = self.block(agent.make_durable()) {
             return Err(wasmtime::format_err!(
                 "cannot record the model's answer ({e}); the message is handled again later"
             ));
@@ -601,7 +612,29 @@ pub(crate) fn call_agent(
     let mut store = Store::new(&gh.engine, state);
     store.limiter(|s| &mut s.limiter);
     let mut t1 = t0;
+    let open = store.data().agent.open.clone();
     let r = arm(&mut store, limits).and_then(|_| {
+        if let Some(open) = open {
+            // In a runner's batch: each tick also commits the batch when its
+            // oldest write has waited long enough (a long handler's effects
+            // become durable while it runs), and enforces the deadline.
+            let deadline = t0 + limits.wall;
+            let tokio = store.data().tokio.clone();
+            store.epoch_deadline_callback(move |_| {
+                if std::time::Instant::now() >= deadline {
+                    return Err(Trap::Interrupt.into());
+                }
+                if open.due()
+                    && let Err(e) = tokio.block_on(open.flush())
+                {
+                    return Err(wasmtime::format_err!(
+                        "cannot commit the handler's effects ({e}); the message is handled again"
+                    ));
+                }
+                Ok(wasmtime::UpdateDeadline::Continue(1))
+            });
+            store.set_epoch_deadline(1);
+        }
         let inst = pre.instantiate(&mut store)?;
         t1 = std::time::Instant::now();
         inst.call_on_message(&mut store, &msg)

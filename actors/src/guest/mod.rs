@@ -274,6 +274,8 @@ pub(crate) struct Stats {
     /// Nanoseconds the handler of the last message ran (host calls included).
     pub call_ns_last: u64,
     pub last_error: String,
+    /// Batches whose commit failed, their messages handled again.
+    pub batches_redone: u64,
 }
 
 pub(crate) mod keys {

@@ -34,20 +34,34 @@ pub enum Step {
     /// The next number is missing but later ones are there: look again
     /// after the given time.
     Wait(Duration),
-    /// The number has been missing for [`HOLE_GRACE`]: close the hole.
-    Close(u64),
+    /// The numbers `from..to` have been missing for [`HOLE_GRACE`], or are
+    /// known lost: close them.
+    Close { from: u64, to: u64 },
 }
 
 /// A runner's memory of the hole it waits at.
 #[derive(Debug, Default, Clone)]
 pub struct Holes {
     waiting: Option<(u64, Instant)>,
+    /// Numbers this runner itself took and will never write (its batch was
+    /// given up): closed without waiting.
+    lost: std::collections::BTreeSet<u64>,
 }
 
 impl Holes {
+    /// Notes numbers that will never be written (closed without a grace).
+    pub fn lost(&mut self, numbers: impl IntoIterator<Item = u64>) {
+        self.lost.extend(numbers);
+    }
+
     /// The next step, given the first number not handled yet (`next`), the
     /// numbers listed from it (ascending) and the time.
+    ///
+    /// A gap is closed whole after the grace: every number in it was handed
+    /// out before the number listed after it, which has been there for the
+    /// whole grace.
     pub fn step(&mut self, next: u64, listed: &[u64], now: Instant) -> Step {
+        self.lost = self.lost.split_off(&next);
         let run = listed
             .iter()
             .zip(next..)
@@ -56,6 +70,14 @@ impl Holes {
         if run > 0 {
             self.waiting = None;
             return Step::Handle(run);
+        }
+        if self.lost.contains(&next) {
+            let mut to = next;
+            while self.lost.contains(&to) && listed.first() != Some(&to) {
+                to += 1;
+            }
+            self.waiting = None;
+            return Step::Close { from: next, to };
         }
         if listed.is_empty() {
             self.waiting = None;
@@ -71,7 +93,10 @@ impl Holes {
         let waited = now.saturating_duration_since(since);
         if waited >= HOLE_GRACE {
             self.waiting = None;
-            Step::Close(next)
+            Step::Close {
+                from: next,
+                to: listed[0],
+            }
         } else {
             Step::Wait(HOLE_POLL.min(HOLE_GRACE - waited))
         }
@@ -123,10 +148,36 @@ mod tests {
             h.step(5, &[6, 7], almost),
             Step::Wait(Duration::from_millis(4))
         );
-        assert_eq!(h.step(5, &[6, 7], t + HOLE_GRACE), Step::Close(5));
+        assert_eq!(
+            h.step(5, &[6, 7], t + HOLE_GRACE),
+            Step::Close { from: 5, to: 6 }
+        );
         // Then 6 and 7 follow on from 6.
         assert_eq!(h.step(6, &[6, 7], t + HOLE_GRACE), Step::Handle(2));
-        // A hole at another number does not inherit the old wait.
-        assert_eq!(h.step(8, &[10], t + HOLE_GRACE * 2), Step::Wait(HOLE_POLL));
+        // A hole at another number does not inherit the old wait, and a
+        // gap of several numbers is closed whole.
+        assert_eq!(h.step(8, &[11], t + HOLE_GRACE * 2), Step::Wait(HOLE_POLL));
+        assert_eq!(
+            h.step(8, &[11], t + HOLE_GRACE * 3),
+            Step::Close { from: 8, to: 11 }
+        );
+    }
+
+    #[test]
+    fn numbers_known_lost_are_closed_at_once() {
+        let t = Instant::now();
+        let mut h = Holes::default();
+        h.lost([3, 5, 6, 7]);
+        // behind the mark: forgotten
+        assert_eq!(h.step(5, &[8], t), Step::Close { from: 5, to: 8 });
+        assert_eq!(h.step(8, &[8], t), Step::Handle(1));
+        // a lost number with nothing after it is closed too (it would
+        // otherwise stand in front of the next message)
+        h.lost([9]);
+        assert_eq!(h.step(9, &[], t), Step::Close { from: 9, to: 10 });
+        assert_eq!(h.step(10, &[], t), Step::Idle);
+        // one that was written after all (listed) is handled
+        h.lost([10]);
+        assert_eq!(h.step(10, &[10], t), Step::Handle(1));
     }
 }

@@ -1071,6 +1071,11 @@ impl Store for EtcdStore {
     fn stats(&self) -> Vec<(&'static str, u64)> {
         self.counters()
     }
+
+    fn max_commit_writes(&self) -> usize {
+        // the marker and the guard take two of a Txn's operations
+        self.inner.config.max_txn_ops.saturating_sub(3)
+    }
 }
 
 impl EtcdStore {
