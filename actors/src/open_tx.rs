@@ -85,6 +85,9 @@ struct Side {
     completed: u64,
     /// Messages marked handled whose mark has committed (taken by the runner).
     committed: u64,
+    /// Values known without reading, for the transaction (see
+    /// [`Transaction::prime`]).
+    primes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
 
 impl OpenTx {
@@ -127,6 +130,9 @@ impl OpenTx {
             *guard = Some(self.begin().await.inspect_err(|e| self.poison(e))?);
         }
         let tx = guard.as_mut().expect("opened above");
+        for (k, v) in std::mem::take(&mut self.side().primes) {
+            tx.prime(k, v);
+        }
         let cp = tx.checkpoint();
         let before = tx.mutation_count();
         match f(tx).await {
@@ -173,6 +179,17 @@ impl OpenTx {
     /// The journal of the message now handled (`None` between messages).
     pub(crate) fn set_journal(&self, j: Option<Arc<Journal>>) {
         self.side().journal = j;
+    }
+
+    /// Tells the batch what `key` holds without reading it: a message record
+    /// the runner just listed (records are written once), or an
+    /// exactly-once record that cannot exist yet (a handler's first run).
+    /// See [`Transaction::prime`].
+    pub(crate) fn prime(&self, key: Vec<u8>, value: Option<Vec<u8>>) {
+        let mut s = self.side();
+        if s.primes.len() < capstan_cluster::store::MAX_PREFETCHED {
+            s.primes.push((key, value));
+        }
     }
 
     /// Notes a copy written to the runner's own inbox under `number`.
@@ -266,6 +283,7 @@ impl OpenTx {
         s.oldest = None;
         s.completed = 0;
         s.journal = None;
+        s.primes.clear();
         let lost = std::mem::take(&mut s.own_pending);
         for n in &lost {
             s.own.remove(n);

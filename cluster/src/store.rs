@@ -336,6 +336,23 @@ impl Transaction {
         Ok(())
     }
 
+    /// Tells the transaction what `key` holds at its snapshot without
+    /// reading it: a later [`get`](Self::get) answers `value` with no round
+    /// trip (and still adds the key's read conflict, so a write after the
+    /// snapshot fails the commit). For a caller that knows the key cannot
+    /// have changed (a record read moments ago that is never rewritten, or
+    /// a key that provably does not exist yet): a wrong prime is a wrong
+    /// read. Ignored for keys this transaction wrote or cleared, and past
+    /// [`MAX_PREFETCHED`] values.
+    pub fn prime(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) {
+        if self.fetched.len() < MAX_PREFETCHED
+            && !self.writes.contains_key(&key)
+            && !self.is_cleared(&key)
+        {
+            self.fetched.entry(key).or_insert(value);
+        }
+    }
+
     /// The version of the snapshot this transaction reads.
     pub fn read_version(&self) -> Version {
         self.snapshot.version()
@@ -954,6 +971,24 @@ mod tests {
             req.mutations,
             vec![Mutation::Set(b"x".to_vec(), b"1".to_vec())]
         );
+    }
+
+    #[tokio::test]
+    async fn a_primed_key_is_answered_without_a_read_and_still_conflicts() {
+        let mut tx = tx_over(&[b"a"]);
+        tx.prime(b"a".to_vec(), Some(b"primed".to_vec()));
+        tx.prime(b"z".to_vec(), None);
+        tx.set(b"w", b"mine").unwrap();
+        tx.prime(b"w".to_vec(), Some(b"ignored".to_vec()));
+        assert_eq!(tx.get(b"a").await.unwrap(), Some(b"primed".to_vec()));
+        assert_eq!(tx.get(b"z").await.unwrap(), None);
+        assert_eq!(tx.get(b"w").await.unwrap(), Some(b"mine".to_vec()));
+        let read: Vec<&[u8]> = tx
+            .read_conflicts()
+            .iter()
+            .map(|(b, _)| b.as_slice())
+            .collect();
+        assert_eq!(read, vec![b"a".as_slice(), b"z", b"w"]);
     }
 
     #[tokio::test]

@@ -231,7 +231,7 @@ async fn respond_all(
         let Some(batch) = next_run(rt, agent, &mut holes).await? else {
             return Ok(());
         };
-        for (number, msg) in batch {
+        for (number, msg, _) in batch {
             if let Some(msg) = msg {
                 if live.is_none() {
                     *live = launch(gh, rt, agent, hash, limits).await?;

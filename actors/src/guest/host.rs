@@ -230,6 +230,14 @@ impl AgentState {
                 Err(e) => return Ok(Err(e.to_string())),
             }
         }
+        if let Some(open) = &self.agent.open
+            && !self.replay.as_ref().is_some_and(|r| r.writes)
+        {
+            // No earlier run of this message wrote anything from here on
+            // (a run's writes commit in order, and this one is past them):
+            // its exactly-once record cannot exist yet.
+            open.prime(crate::keys::dedup(&self.agent.id(), &req), None);
+        }
         match what(self, req) {
             Ok(n) => Ok(Ok(n)),
             Err(e) => {

@@ -208,14 +208,17 @@ async fn run_batch(
     open: &Arc<OpenTx>,
     hash: [u8; 32],
     limits: CallLimits,
-    batch: Vec<(u64, Option<Message>)>,
+    batch: Vec<Listed>,
     first: &mut bool,
 ) -> Result<(), Error> {
     let id = agent.id();
-    for (number, msg) in batch {
+    for (number, msg, record) in batch {
         let mut journaled = false;
         let had = msg.is_some();
         if let Some(msg) = msg {
+            // The record just listed (written once): a reply finds it
+            // without a read.
+            open.prime(crate::keys::message(&id, number), Some(record));
             let (loaded, replay) = if std::mem::take(first) {
                 earlier_run(rt, id, number).await?
             } else {
@@ -266,10 +269,10 @@ pub(super) async fn next_run(
     rt: &Arc<Inner>,
     agent: &AgentHandle,
     holes: &mut crate::rules::inbox::Holes,
-) -> Result<Option<Vec<(u64, Option<Message>)>>, Error> {
+) -> Result<Option<Vec<Listed>>, Error> {
     loop {
         let (next, mut batch) = next_batch(rt, agent).await?;
-        let listed: Vec<u64> = batch.iter().map(|(n, _)| *n).collect();
+        let listed: Vec<u64> = batch.iter().map(|(n, _, _)| *n).collect();
         match holes.step(next, &listed, std::time::Instant::now()) {
             Step::Idle => return Ok(None),
             Step::Handle(n) => {
@@ -376,13 +379,14 @@ pub(super) async fn mark_done(
         .await
 }
 
+/// A listed inbox entry: its number, the message to handle (none for the
+/// guest's own copies) and its stored record.
+pub(super) type Listed = (u64, Option<Message>, Vec<u8>);
+
 /// The first number not handled yet, and the next messages of the guest's
 /// inbox from it (its own are listed without a body: nothing to handle).
 /// The listed numbers may have gaps (see [`crate::rules::inbox`]).
-async fn next_batch(
-    rt: &Arc<Inner>,
-    agent: &AgentHandle,
-) -> Result<(u64, Vec<(u64, Option<Message>)>), Error> {
+async fn next_batch(rt: &Arc<Inner>, agent: &AgentHandle) -> Result<(u64, Vec<Listed>), Error> {
     let ctx = agent.ctx().clone();
     let batch = rt
         .db
@@ -399,9 +403,10 @@ async fn next_batch(
                 let mut out = Vec::new();
                 for m in ms.into_iter().take(BATCH) {
                     if m.from == ctx.id {
-                        out.push((m.number, None));
+                        out.push((m.number, None, Vec::new()));
                         continue;
                     }
+                    let encoded = m.encode();
                     let sender = model::name_for(tx, &ctx, &m.from).await?;
                     let (text, refs) = match m.body {
                         BodyRec::Package { strings, names, .. } => (strings.concat(), names),
@@ -415,6 +420,7 @@ async fn next_batch(
                             text,
                             refs,
                         }),
+                        encoded,
                     ));
                 }
                 Ok::<_, Error>((next, out))
