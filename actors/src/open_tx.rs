@@ -272,6 +272,15 @@ impl OpenTx {
         Ok(())
     }
 
+    /// Lets go of a transaction that wrote nothing, so that the next
+    /// operation reads a fresh snapshot (the runner waited meanwhile).
+    pub(crate) async fn reset(&self) {
+        let mut guard = self.tx.lock().await;
+        if guard.as_ref().is_some_and(|tx| tx.is_read_only()) {
+            *guard = None;
+        }
+    }
+
     /// Gives up on the uncommitted part (after it was poisoned): its
     /// queued effects are dropped; returns the own-inbox numbers it took
     /// and will never write.

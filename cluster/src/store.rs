@@ -353,6 +353,21 @@ impl Transaction {
         }
     }
 
+    /// Reads `key` from the snapshot as it is, ignoring this transaction's
+    /// own writes and adding no read conflict (FoundationDB's snapshot
+    /// reads): for what the commit's correctness does not depend on, such
+    /// as a listing whose entries are checked again when used.
+    pub async fn snapshot_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.snapshot.get(key).await
+    }
+
+    /// The pairs of a range as the snapshot has them, like
+    /// [`snapshot_get`](Self::snapshot_get): no read conflict, this
+    /// transaction's writes not seen.
+    pub async fn snapshot_range(&self, opt: &RangeOption) -> Result<Vec<KeyValue>, StoreError> {
+        self.snapshot.range(opt).await
+    }
+
     /// The version of the snapshot this transaction reads.
     pub fn read_version(&self) -> Version {
         self.snapshot.version()

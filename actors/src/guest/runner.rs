@@ -164,12 +164,13 @@ async fn drain(
     let mut holes = crate::rules::inbox::Holes::default();
     let mut discards = 0;
     loop {
-        let Some(batch) = next_run(rt, &agent, &mut holes).await? else {
-            return Ok(());
-        };
+        // One snapshot for the listing and the handling that follows.
         let open = Arc::new(OpenTx::new(rt.db.clone(), agent.fence.clone()));
         let mut within = agent.clone();
         within.open = Some(open.clone());
+        let Some(batch) = next_run(rt, &agent, Some(&within), &mut holes).await? else {
+            return Ok(());
+        };
         let r = run_batch(gh, rt, &within, &open, hash, limits, batch, &mut first).await;
         let committed = open.take_committed();
         if committed > 0 {
@@ -265,13 +266,19 @@ async fn run_batch(
 /// The next messages to handle, in order and without a gap after the last
 /// one handled (waiting at a gap, closing it after the grace: see
 /// [`crate::rules::inbox`]); `None` when there is nothing new.
+///
+/// With `within` (the agent in its runner's batch), the listing reads the
+/// batch's snapshot, without read conflicts: the handlers then work on the
+/// same snapshot, and mail arriving meanwhile does not conflict with them.
 pub(super) async fn next_run(
     rt: &Arc<Inner>,
     agent: &AgentHandle,
+    within: Option<&AgentHandle>,
     holes: &mut crate::rules::inbox::Holes,
 ) -> Result<Option<Vec<Listed>>, Error> {
+    let _ = rt;
     loop {
-        let (next, mut batch) = next_batch(rt, agent).await?;
+        let (next, mut batch) = next_batch(within.unwrap_or(agent)).await?;
         let listed: Vec<u64> = batch.iter().map(|(n, _, _)| *n).collect();
         match holes.step(next, &listed, std::time::Instant::now()) {
             Step::Idle => return Ok(None),
@@ -281,6 +288,9 @@ pub(super) async fn next_run(
             }
             Step::Wait(d) => tokio::time::sleep(d).await,
             Step::Close { from, to } => close_holes(agent, from, to).await?,
+        }
+        if let Some(open) = within.and_then(|w| w.open.as_ref()) {
+            open.reset().await;
         }
     }
 }
@@ -386,22 +396,31 @@ pub(super) type Listed = (u64, Option<Message>, Vec<u8>);
 /// The first number not handled yet, and the next messages of the guest's
 /// inbox from it (its own are listed without a body: nothing to handle).
 /// The listed numbers may have gaps (see [`crate::rules::inbox`]).
-async fn next_batch(rt: &Arc<Inner>, agent: &AgentHandle) -> Result<(u64, Vec<Listed>), Error> {
+async fn next_batch(agent: &AgentHandle) -> Result<(u64, Vec<Listed>), Error> {
     let ctx = agent.ctx().clone();
-    let batch = rt
-        .db
+    let batch = agent
         .read(move |tx| {
-            let ctx = ctx.clone();
             Box::pin(async move {
-                let next = match tx.get(&keys::next(&ctx.id)).await? {
+                // Snapshot reads: only this runner writes its mark, and
+                // messages are written once (a missed one is listed next
+                // time); nothing here may make the batch conflict.
+                let next = match tx.snapshot_get(&keys::next(&ctx.id)).await? {
                     Some(b) if b.len() == 8 => {
                         u64::from_be_bytes(b.as_slice().try_into().unwrap_or([0; 8]))
                     }
                     _ => 0,
                 };
-                let ms = model::list_messages(tx, &ctx.id, next).await?;
+                let rows = tx
+                    .snapshot_range(&capstan_cluster::RangeOption {
+                        begin: crate::keys::message(&ctx.id, next),
+                        end: capstan_cluster::tuple::prefix_end(&crate::keys::inbox(&ctx.id)),
+                        limit: BATCH,
+                        reverse: false,
+                    })
+                    .await?;
                 let mut out = Vec::new();
-                for m in ms.into_iter().take(BATCH) {
+                for (_, v) in rows {
+                    let m = crate::records::MessageRec::decode(&v)?;
                     if m.from == ctx.id {
                         out.push((m.number, None, Vec::new()));
                         continue;
