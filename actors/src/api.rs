@@ -1216,7 +1216,17 @@ impl AgentHandle {
                     if c.link.send(op).await.is_err() {
                         return Err(Error::Unavailable("the node is shutting down".into()));
                     }
-                    match rx.await {
+                    // A node that died leaves the call unanswered until its
+                    // timeout: stop waiting once its record shows it dead.
+                    let answer = tokio::select! {
+                        r = rx => r,
+                        () = c.until_dead(&self.rt.db, &node) => Ok(Err(Error::Unreachable(format!(
+                            "node {} (owner of {}) stopped renewing its lease",
+                            node.name,
+                            agent.short()
+                        )))),
+                    };
+                    match answer {
                         Ok(Ok(first)) => return Ok(first),
                         Ok(Err(e)) => {
                             tracing::debug!(owner = %node.name, "remote reservation failed: {e}");

@@ -30,7 +30,7 @@
 //! independently: a message is written only to a free slot.
 //!
 //! Clocks: lease expiry compares wall clocks of different nodes, so the
-//! cluster assumes their skew is well under the lease (2 s by default).
+//! cluster assumes their skew is well under the lease (1.2 s by default).
 //! The records are JSON (they are operational state, not formulas).
 
 use std::collections::HashMap;
@@ -46,10 +46,15 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::error::Error;
 
-/// Default lease of a node. Renewed every sixth of it; a renewal slower
-/// than about 80% of the lease loses it (etcd commits take ~5 ms on an idle
-/// machine, but over a second on one loaded to 6× its cores).
-pub const DEFAULT_LEASE: Duration = Duration::from_millis(2000);
+/// Default lease of a node: how long after its last renewal a node that
+/// died is taken for dead (its agents are then claimed by the next node that
+/// needs them: failover takes about one lease). Renewed every sixth of it
+/// (200 ms); a renewal slower than 90% of the lease (1.08 s) loses it, and
+/// the node steps down and registers again. etcd commits take ~5 ms on an
+/// idle machine, but can take over a second on one loaded to several times
+/// its cores or during an etcd leader election: there, or with an etcd far
+/// away, set a longer lease (`CAPSTAN_LEASE_MS`, e.g. 5000).
+pub const DEFAULT_LEASE: Duration = Duration::from_millis(1200);
 /// Most nodes a cluster lists (and broadcasts to).
 pub const MAX_MEMBERS: usize = 256;
 /// Queue of work for the node's links to other members.
@@ -577,6 +582,33 @@ impl Membership {
             tokio::time::sleep(wait).await;
         }
         Ok(())
+    }
+
+    /// Returns once member `m` looks dead: its record gone, registered again
+    /// under another epoch, or not renewed for a third of the lease (two
+    /// renewals missed). Looks every sixth of the lease; never returns while
+    /// `m` renews. Raced against a call to `m`, so that a caller does not
+    /// wait out the call's whole timeout on a node that died.
+    pub async fn until_dead(&self, db: &Db, m: &MemberRec) {
+        let every = self.cfg.lease / 6;
+        let fresh = (self.cfg.lease / 3).as_millis() as u64;
+        loop {
+            tokio::time::sleep(every).await;
+            let name = m.name.clone();
+            let rec = db
+                .read(move |tx| {
+                    let name = name.clone();
+                    Box::pin(async move { get_member(tx, &name).await })
+                })
+                .await;
+            let now = crate::api::now_ms();
+            match rec {
+                Ok(Some(r)) if r.epoch == m.epoch && r.renewed_ms + fresh >= now => {}
+                Ok(_) => return,
+                // the store is unreachable: nothing to conclude
+                Err(_) => {}
+            }
+        }
     }
 
     /// Gives up the placement of `id` if this node (this epoch) holds it.

@@ -1092,7 +1092,7 @@ async fn cluster_rows(
     rows.push(Row {
         what: format!("cluster: kill -9 of an owner → first call served by a survivor ({trials} trials, p50 / max)"),
         value: format!("{} / {}", ms(s.p50), ms(s.p99)),
-        target: "< 3 s",
+        target: "≤ 1.5 s / 2.5 s",
         endo: "n/a (Orleans ~15 s, wasmCloud ~2 min)",
         json: json!({"p50_us": s.p50, "max_us": s.p99, "lease_ms": lease_ms}),
     });
