@@ -268,6 +268,56 @@ async fn last_inbox_number(a: &agent::Client) -> Result<Option<u64>, CapError> {
 
 /// Runs `jobs` futures made by `make(i)` with at most `width` in flight;
 /// returns each one's latency.
+/// Commits/s of blind 3-key transactions (a send writes two message records
+/// and an exactly-once record) from `writers` concurrent writers straight
+/// through the store layer, with its batching; and their p50 latency.
+async fn store_ceiling(spec: &str, writers: usize, total: usize) -> anyhow::Result<(f64, f64)> {
+    let db = capstan_cluster::open(spec).await?;
+    let next = Rc::new(std::cell::Cell::new(0usize));
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..writers.max(1) {
+        let (db, next) = (db.clone(), next.clone());
+        tasks.push(tokio::task::spawn_local(async move {
+            let mut lat = Vec::new();
+            loop {
+                let i = next.get();
+                if i >= total {
+                    break;
+                }
+                next.set(i + 1);
+                let key = |j: u64| {
+                    capstan_cluster::tuple::TupleKey::new()
+                        .str("bench-ceiling")
+                        .u64(i as u64)
+                        .u64(j)
+                        .into_vec()
+                };
+                let (a, b, c) = (key(0), key(1), key(2));
+                let t = Instant::now();
+                db.transact(move |tx| {
+                    let (a, b, c) = (a.clone(), b.clone(), c.clone());
+                    Box::pin(async move {
+                        tx.set(&a, &[7u8; 200])?;
+                        tx.set(&b, &[7u8; 200])?;
+                        tx.set(&c, &[7u8; 48])?;
+                        Ok::<_, capstan_cluster::StoreError>(())
+                    })
+                })
+                .await?;
+                lat.push(t.elapsed());
+            }
+            Ok::<_, capstan_cluster::StoreError>(lat)
+        }));
+    }
+    let mut lat = Vec::new();
+    for task in tasks {
+        lat.extend(task.await??);
+    }
+    let rate = total as f64 / t.elapsed().as_secs_f64();
+    Ok((rate, stats(lat).p50))
+}
+
 async fn concurrently<F, Fut>(
     jobs: usize,
     width: usize,
@@ -766,6 +816,20 @@ async fn cluster_rows(
     };
     step(false, &format!("cluster: init and {n} nodes"));
     crate::cluster::init(&spec).await?;
+    // What the store alone sustains, before any node runs: the ceiling of
+    // durable sends on this machine.
+    step(false, "cluster: the store alone");
+    let (rate, p50) = store_ceiling(&spec, sizes.senders, sizes.sends * 2).await?;
+    rows.push(Row {
+        what: format!(
+            "cluster: the store alone, commits/s of a send's 3 keys, {} writers (no reads: a ceiling for sends)",
+            sizes.senders
+        ),
+        value: format!("{rate:.0} /s (p50 {})", ms(p50)),
+        target: "",
+        endo: "",
+        json: json!({"per_s": rate, "p50_us": p50}),
+    });
     let mut daemons = Vec::new();
     let mut paths = Vec::new();
     for i in 1..=n {
