@@ -211,6 +211,12 @@ pub trait Snapshot: Send + Sync {
     /// The pairs of the range, sorted (descending if `reverse`); with a limit, exactly
     /// `min(limit, available)` pairs (the transaction layer relies on it).
     async fn range(&self, opt: &RangeOption) -> Result<Vec<KeyValue>, StoreError>;
+    /// False for a snapshot from [`Store::snapshot_for_commit`] that may miss
+    /// the latest commits: what it read only counts once a commit validated
+    /// it.
+    fn is_fresh(&self) -> bool {
+        true
+    }
 }
 
 /// What a backend commits: the reads a transaction depended on and its writes.
@@ -231,6 +237,14 @@ pub trait Store: Send + Sync + 'static {
     fn describe(&self) -> String;
     /// A read view at the latest committed version.
     async fn snapshot(&self) -> Result<Box<dyn Snapshot>, StoreError>;
+    /// A snapshot for a transaction that means to commit: it may be a few
+    /// milliseconds old (then [`Snapshot::is_fresh`] is false), since the
+    /// commit's conflict check refuses a transaction that read anything
+    /// written after it. Backends that read the latest version cheaply
+    /// answer [`snapshot`](Self::snapshot).
+    async fn snapshot_for_commit(&self) -> Result<Box<dyn Snapshot>, StoreError> {
+        self.snapshot().await
+    }
     /// Commits if nothing in `read_conflicts` was written after `read_version`;
     /// returns only once the commit is durable. `Err(Conflict)` otherwise.
     async fn commit(&self, req: CommitRequest) -> Result<Version, StoreError>;
@@ -786,10 +800,25 @@ impl Db {
     {
         let mut backoff = Backoff::new();
         let mut attempt: u32 = 0;
+        // The first attempt may read a slightly old snapshot (no round trip
+        // for the latest version); what it read counts only if it commits.
+        // An answer without a commit (nothing written, or an error) is
+        // worked out again on the latest version, as is every retry.
+        let mut stale_ok = true;
         loop {
+            let snapshot = if std::mem::take(&mut stale_ok) {
+                self.store.snapshot_for_commit().await?
+            } else {
+                self.store.snapshot().await?
+            };
+            let fresh = snapshot.is_fresh();
+            let mut tx = Transaction::new(snapshot);
+            let outcome = f(&mut tx).await;
+            if !fresh && (outcome.is_err() || tx.is_read_only()) {
+                continue;
+            }
             attempt += 1;
-            let mut tx = Transaction::new(self.store.snapshot().await?);
-            let retry_err = match f(&mut tx).await {
+            let retry_err = match outcome {
                 Ok(value) => {
                     if tx.is_read_only() {
                         return Ok(value);

@@ -560,3 +560,64 @@ fn commit_latency() {
         assert!(pct(rmw, 50) < Duration::from_millis(200));
     });
 }
+
+/// A transaction's first attempt reads at the latest revision this client
+/// saw (no round trip), which can miss another client's newer commits.
+/// What it read counts only if it commits: a read-modify-write that read
+/// the old value conflicts and runs again, and an answer without a commit
+/// (a read, an error) is worked out again on the latest revision. So a
+/// client that saw its own commit moments ago still reads another
+/// client's later, acknowledged write.
+#[test]
+fn a_snapshot_for_commit_never_answers_with_what_it_missed() {
+    if !etcd_enabled() {
+        return;
+    }
+    rt().block_on(async {
+        let spec = spec_for(&unique("stale"));
+        let (a, b) = (
+            capstan_cluster::open(&spec).await.unwrap(),
+            capstan_cluster::open(&spec).await.unwrap(),
+        );
+        for round in 0u8..20 {
+            // b commits (its latest revision is now fresh), then a writes.
+            set(&b, b"b-own", &[round]).await.unwrap();
+            set(&a, b"k", &[round]).await.unwrap();
+            // read-modify-write through b: must build on a's value
+            b.transact(|tx| {
+                Box::pin(async move {
+                    let v = tx.get(b"k").await?.unwrap_or_default();
+                    tx.set(b"copy", &v)?;
+                    Ok::<_, StoreError>(())
+                })
+            })
+            .await
+            .unwrap();
+            assert_eq!(get(&b, b"copy").await.unwrap(), Some(vec![round]));
+            // a read-only transaction through b: a's value, not an older one
+            set(&b, b"b-own", &[round]).await.unwrap();
+            set(&a, b"k", &[round, round]).await.unwrap();
+            let seen = b
+                .transact(|tx| Box::pin(async move { tx.get(b"k").await }))
+                .await
+                .unwrap();
+            assert_eq!(seen, Some(vec![round, round]), "round {round}");
+            // an error decided on a stale read is not returned either
+            set(&b, b"b-own", &[round]).await.unwrap();
+            let fresh_key = [b"new-".as_slice(), &[round]].concat();
+            set(&a, &fresh_key, b"here").await.unwrap();
+            let found = b
+                .transact(move |tx| {
+                    let k = fresh_key.clone();
+                    Box::pin(async move {
+                        match tx.get(&k).await? {
+                            Some(v) => Ok(v),
+                            None => Err(StoreError::Io("not there".into())),
+                        }
+                    })
+                })
+                .await;
+            assert_eq!(found, Ok(b"here".to_vec()), "round {round}");
+        }
+    });
+}

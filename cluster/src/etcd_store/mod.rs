@@ -172,6 +172,10 @@ pub const RETRY_BUDGET: Duration = Duration::from_secs(20);
 /// for a commit, resolved): a request forwarded to a leader that died hangs
 /// until it times out, so this bounds the stall when the leader is lost.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_millis(1500);
+/// How recent the revision of a snapshot for commit must be (see
+/// [`Store::snapshot_for_commit`]): older, a commit would more likely
+/// conflict than save the round trip.
+pub const COMMIT_SNAPSHOT_AGE: Duration = Duration::from_millis(100);
 /// Extra time allowed per byte of a commit: 1 s per 8 MB.
 const TIMEOUT_PER_MB: Duration = Duration::from_millis(125);
 /// The transport's own timeout, a backstop.
@@ -493,6 +497,11 @@ struct Inner {
     /// Snapshots waiting for a read of the current revision (see
     /// [`Inner::snapshot_revision`]).
     revisions: std::sync::Mutex<RevisionReads>,
+    /// The highest revision this client saw (a revision read or a commit),
+    /// and when (ms since `started`): the version of a snapshot for commit.
+    latest: AtomicU64,
+    latest_at_ms: AtomicU64,
+    started: Instant,
     counters: Counters,
 }
 
@@ -557,6 +566,9 @@ impl EtcdStore {
             lease: Mutex::new(None),
             observed: std::sync::Mutex::new(Observed::default()),
             revisions: std::sync::Mutex::new(RevisionReads::default()),
+            latest: AtomicU64::new(0),
+            latest_at_ms: AtomicU64::new(0),
+            started: Instant::now(),
             counters: Counters::default(),
         });
         let store = EtcdStore { inner };
@@ -635,6 +647,23 @@ impl Inner {
             .unwrap_or_else(|_| Err(StoreError::Io("the etcd revision reader stopped".into())))
     }
 
+    /// Notes revision `v` as seen now.
+    fn saw(&self, v: Version) {
+        let prev = self.latest.fetch_max(v, Ordering::AcqRel);
+        if v >= prev {
+            let now = self.started.elapsed().as_millis() as u64;
+            self.latest_at_ms.fetch_max(now, Ordering::AcqRel);
+        }
+    }
+
+    /// The latest revision seen, if seen within [`COMMIT_SNAPSHOT_AGE`].
+    fn recent_revision(&self) -> Option<Version> {
+        let at = self.latest_at_ms.load(Ordering::Acquire);
+        let now = self.started.elapsed().as_millis() as u64;
+        let v = self.latest.load(Ordering::Acquire);
+        (v > 0 && now.saturating_sub(at) <= COMMIT_SNAPSHOT_AGE.as_millis() as u64).then_some(v)
+    }
+
     async fn current_revision(&self) -> Result<Version, StoreError> {
         bump(&self.counters.revision_reads, 1);
         let key = self.meta.clone();
@@ -650,7 +679,9 @@ impl Inner {
             })
             .await
             .map_err(to_store_error)?;
-        header_revision(resp.header.as_ref())
+        let v = header_revision(resp.header.as_ref())?;
+        self.saw(v);
+        Ok(v)
     }
 
     /// One page of `[begin, end)` (etcd keys) at `revision`.
@@ -1054,6 +1085,19 @@ impl Store for EtcdStore {
         Ok(Box::new(EtcdSnapshot {
             inner: self.inner.clone(),
             version,
+            fresh: true,
+        }))
+    }
+
+    async fn snapshot_for_commit(&self) -> Result<Box<dyn Snapshot>, StoreError> {
+        let Some(version) = self.inner.recent_revision() else {
+            return self.snapshot().await;
+        };
+        bump(&self.inner.counters.snapshots, 1);
+        Ok(Box::new(EtcdSnapshot {
+            inner: self.inner.clone(),
+            version,
+            fresh: false,
         }))
     }
 
@@ -1061,6 +1105,9 @@ impl Store for EtcdStore {
         let started = Instant::now();
         bump(&self.inner.counters.commits, 1);
         let r = self.inner.commit(req).await;
+        if let Ok(v) = &r {
+            self.inner.saw(*v);
+        }
         if r == Err(StoreError::Conflict) {
             bump(&self.inner.counters.conflicts, 1);
         }
@@ -1099,12 +1146,19 @@ impl EtcdStore {
 struct EtcdSnapshot {
     inner: Arc<Inner>,
     version: Version,
+    /// False when read at a recently seen revision rather than the latest
+    /// ([`Store::snapshot_for_commit`]).
+    fresh: bool,
 }
 
 #[async_trait::async_trait]
 impl Snapshot for EtcdSnapshot {
     fn version(&self) -> Version {
         self.version
+    }
+
+    fn is_fresh(&self) -> bool {
+        self.fresh
     }
 
     async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
