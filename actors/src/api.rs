@@ -520,6 +520,62 @@ impl std::fmt::Debug for AgentHandle {
     }
 }
 
+/// Who a message goes to, as its sender named it.
+struct Recipient {
+    to_path: Option<Path>,
+    to_name: String,
+    reply_to: Option<u64>,
+    refs: Vec<Path>,
+}
+
+/// A resolved recipient: the agent, the id of the message replied to, the
+/// remote record of an agent of another cluster; and, when it was read on a
+/// snapshot that may miss the latest commits, the recipient to resolve
+/// again in the posting transaction.
+struct Resolved {
+    target: FormulaId,
+    reply_id: Option<RequestId>,
+    remote: Option<RemoteRec>,
+    recheck: Option<Arc<Recipient>>,
+}
+
+/// Resolves `r` as `ctx` sees it in `tx` (see [`AgentHandle::recipient`]).
+async fn resolve_recipient(
+    tx: &mut capstan_cluster::Transaction,
+    ctx: &Ctx,
+    r: &Recipient,
+) -> Result<(FormulaId, Option<RequestId>, Option<RemoteRec>), Error> {
+    let (to_path, reply_to, refs) = (&r.to_path, r.reply_to, &r.refs);
+    let to_name = r.to_name.clone();
+    for p in refs {
+        resolve_reference(tx, ctx, p).await?;
+    }
+    let mut reply_id = None;
+    let mut target = None;
+    if let Some(n) = reply_to {
+        let m = model::get_message(tx, &ctx.id, n).await?;
+        reply_id = Some(m.message_id);
+        target = Some(if m.from == ctx.id { m.to } else { m.from });
+    }
+    if let Some(p) = to_path {
+        target = Some(model::resolve(tx, ctx, p).await?);
+    }
+    let target = target.ok_or_else(|| Error::Invalid("a message needs a recipient".into()))?;
+    let f = model::must_formula(tx, &target).await?;
+    if let FormulaKind::Remote(r) = f.kind {
+        // An agent of another cluster (its side checks).
+        return Ok((target, reply_id, Some(r)));
+    }
+    if f.kind.agent().is_none() {
+        return Err(Error::WrongType {
+            name: to_name,
+            expected: "host or guest".into(),
+            actual: f.kind.type_name().into(),
+        });
+    }
+    Ok((target, reply_id, None))
+}
+
 /// What a store transaction of a mutating operation returns, with the answer
 /// recorded for exactly-once retries.
 async fn checked_dedup(
@@ -1311,14 +1367,18 @@ impl AgentHandle {
     /// inbox number is reserved, so that a refused message leaves no gap in
     /// the numbering. (The posting transaction resolves them again: a name
     /// removed in between still fails cleanly there.)
+    ///
+    /// Outside a guest's batch it reads a snapshot for commit (no round trip
+    /// for the latest version, see [`capstan_cluster::Store::snapshot_for_commit`]):
+    /// then the answer carries the recipient to resolve again in the posting
+    /// transaction, whose commit validates it; an error read there is
+    /// checked on the latest version before it is returned.
     async fn recipient(
         &self,
         to: &str,
         reply_to: Option<u64>,
         refs: &[Path],
-    ) -> Result<(FormulaId, Option<RequestId>, Option<RemoteRec>), Error> {
-        let refs = refs.to_vec();
-        let ctx = self.ctx.clone();
+    ) -> Result<Resolved, Error> {
         let to_path = if to.is_empty() {
             None
         } else {
@@ -1327,42 +1387,50 @@ impl AgentHandle {
         if to_path.is_none() && reply_to.is_none() {
             return Err(Error::Invalid("a message needs a recipient".into()));
         }
-        let to_name = to.to_string();
-        self.read(move |tx| {
-            let to_name = to_name.clone();
-            let refs = refs.clone();
-            Box::pin(async move {
-                for p in &refs {
-                    resolve_reference(tx, &ctx, p).await?;
-                }
-                let mut reply_id = None;
-                let mut target = None;
-                if let Some(n) = reply_to {
-                    let m = model::get_message(tx, &ctx.id, n).await?;
-                    reply_id = Some(m.message_id);
-                    target = Some(if m.from == ctx.id { m.to } else { m.from });
-                }
-                if let Some(p) = &to_path {
-                    target = Some(model::resolve(tx, &ctx, p).await?);
-                }
-                let target =
-                    target.ok_or_else(|| Error::Invalid("a message needs a recipient".into()))?;
-                let f = model::must_formula(tx, &target).await?;
-                if let FormulaKind::Remote(r) = f.kind {
-                    // An agent of another cluster (its side checks).
-                    return Ok((target, reply_id, Some(r)));
-                }
-                if f.kind.agent().is_none() {
-                    return Err(Error::WrongType {
-                        name: to_name,
-                        expected: "host or guest".into(),
-                        actual: f.kind.type_name().into(),
+        let spec = Arc::new(Recipient {
+            to_path,
+            to_name: to.to_string(),
+            reply_to,
+            refs: refs.to_vec(),
+        });
+        if self.open.is_none() {
+            let (ctx, s) = (self.ctx.clone(), spec.clone());
+            let (r, fresh) = self
+                .rt
+                .db
+                .read_for_commit(move |tx| {
+                    Box::pin(async move { Ok::<_, Error>(resolve_recipient(tx, &ctx, &s).await) })
+                })
+                .await?;
+            match r {
+                Ok((target, reply_id, remote)) => {
+                    return Ok(Resolved {
+                        target,
+                        reply_id,
+                        remote,
+                        recheck: (!fresh).then_some(spec),
                     });
                 }
-                Ok((target, reply_id, None))
-            })
+                Err(e) if fresh => return Err(e),
+                Err(_) => {}
+            }
+        }
+        self.recipient_fresh(spec).await
+    }
+
+    /// [`recipient`](Self::recipient) on the latest version (or in the
+    /// guest's batch).
+    async fn recipient_fresh(&self, spec: Arc<Recipient>) -> Result<Resolved, Error> {
+        let ctx = self.ctx.clone();
+        let (target, reply_id, remote) = self
+            .read(move |tx| Box::pin(async move { resolve_recipient(tx, &ctx, &spec).await }))
+            .await?;
+        Ok(Resolved {
+            target,
+            reply_id,
+            remote,
+            recheck: None,
         })
-        .await
     }
 
     /// Sends a package; returns its number in the sender's own inbox.
@@ -1404,9 +1472,9 @@ impl AgentHandle {
             }
         }
         let names: Vec<String> = refs.into_iter().map(|r| r.edge_name).collect();
-        let (target, reply_id, remote) = self.recipient(to, reply_to, &paths).await?;
+        let to = self.recipient(to, reply_to, &paths).await?;
         let (n, _) = self
-            .post(req, target, remote, reply_id, move |tx, ctx| {
+            .post(req, to, move |tx, ctx| {
                 let (paths, strings, names, ctx) =
                     (paths.clone(), strings.clone(), names.clone(), ctx.clone());
                 Box::pin(async move {
@@ -1433,10 +1501,50 @@ impl AgentHandle {
     async fn post<F>(
         &self,
         req: RequestId,
+        to: Resolved,
+        body: F,
+    ) -> Result<(u64, Option<FormulaId>), Error>
+    where
+        F: for<'t> Fn(
+                &'t mut capstan_cluster::Transaction,
+                &Arc<Ctx>,
+            )
+                -> capstan_cluster::TxFuture<'t, (BodyRec, Option<FormulaId>), Error>
+            + Send
+            + Sync
+            + 'static,
+    {
+        let body = Arc::new(body);
+        match self
+            .post_to(
+                req,
+                to.target,
+                to.remote,
+                to.reply_id,
+                to.recheck.clone(),
+                body.clone(),
+            )
+            .await
+        {
+            // read on an old snapshot, the recipient changed since: resolve
+            // it again on the latest version
+            Err(Error::RecipientMoved) if let Some(spec) = to.recheck => {
+                let to = self.recipient_fresh(spec).await?;
+                self.post_to(req, to.target, to.remote, to.reply_id, None, body)
+                    .await
+            }
+            r => r,
+        }
+    }
+
+    async fn post_to<F>(
+        &self,
+        req: RequestId,
         target: FormulaId,
         remote: Option<RemoteRec>,
         reply_id: Option<RequestId>,
-        body: F,
+        recheck: Option<Arc<Recipient>>,
+        body: Arc<F>,
     ) -> Result<(u64, Option<FormulaId>), Error>
     where
         F: for<'t> Fn(
@@ -1452,7 +1560,6 @@ impl AgentHandle {
         let remote_target = remote.is_some();
         let remote = Arc::new(remote);
         let message_id = RequestId::random();
-        let body = Arc::new(body);
         let date_ms = now_ms();
         // Numbers from a stale sequence (a cluster node that lost the inbox)
         // are refused by the store; retry with fresh ones above them.
@@ -1472,11 +1579,19 @@ impl AgentHandle {
                 self.reserve(target, 1, their_min).await?
             };
             let ctx = self.ctx.clone();
-            let (body, remote) = (body.clone(), remote.clone());
+            let (body, remote, recheck) = (body.clone(), remote.clone(), recheck.clone());
             let r = self
                 .transact(move |tx| {
-                    let (ctx, body, remote) = (ctx.clone(), body.clone(), remote.clone());
+                    let (ctx, body, remote, recheck) =
+                        (ctx.clone(), body.clone(), remote.clone(), recheck.clone());
                     Box::pin(async move {
+                        if let Some(r) = &recheck {
+                            match resolve_recipient(tx, &ctx, r).await {
+                                Ok((t, _, _)) if t == target => {}
+                                Err(e @ Error::Store(_)) => return Err(e),
+                                _ => return Err(Error::RecipientMoved),
+                            }
+                        }
                         // Everything this transaction reads for sure, in one round.
                         let mut ahead = vec![
                             keys::dedup(&ctx.id, &req),
@@ -1586,11 +1701,11 @@ impl AgentHandle {
             .filter(|s| !s.is_empty())
             .map(Path::parse_writable)
             .transpose()?;
-        let (target, _, remote) = self.recipient(to, None, &[]).await?;
+        let to = self.recipient(to, None, &[]).await?;
         let description = description.to_string();
         let promise = FormulaId::random();
         let (n, created) = self
-            .post(req, target, remote, None, move |tx, ctx| {
+            .post(req, to, move |tx, ctx| {
                 let (ctx, description, result_path) =
                     (ctx.clone(), description.clone(), result_path.clone());
                 Box::pin(async move {

@@ -62,6 +62,11 @@ pub enum Error {
     /// the operation is retried with a fresh number (callers rarely see it).
     #[error("inbox number {number} of {agent} was already used; retry")]
     InboxSlotTaken { agent: String, number: u64 },
+    /// The recipient of a message, read on a snapshot that may miss the
+    /// latest commits, names another agent now; the send resolves it again
+    /// (callers rarely see it).
+    #[error("the recipient's name changed while the message was sent; send it again")]
+    RecipientMoved,
     /// A cluster node wrote as the owner of a formula it no longer owns.
     #[error("{0}")]
     Fenced(String),
@@ -101,6 +106,7 @@ impl Error {
             | Error::Unavailable(_)
             | Error::Unreachable(_)
             | Error::InboxSlotTaken { .. }
+            | Error::RecipientMoved
             | Error::Corrupt(_) => true,
             Error::InvalidName(_)
             | Error::UnknownName(_)

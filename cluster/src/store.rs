@@ -844,6 +844,23 @@ impl Db {
             tokio::time::sleep(delay).await;
         }
     }
+    /// Like [`read`](Self::read), on a snapshot for commit
+    /// ([`Store::snapshot_for_commit`]): also says whether the snapshot was
+    /// the latest version. What a stale one read must be checked again
+    /// where it counts (in a transaction that commits).
+    pub async fn read_for_commit<T, E, F>(&self, f: F) -> Result<(T, bool), E>
+    where
+        T: Send,
+        E: TxnError + Send,
+        F: for<'t> FnOnce(&'t mut Transaction) -> TxFuture<'t, T, E> + Send,
+    {
+        let snapshot = self.store.snapshot_for_commit().await?;
+        let fresh = snapshot.is_fresh();
+        let mut tx = Transaction::new(snapshot);
+        let out = f(&mut tx).await?;
+        Ok((out, fresh))
+    }
+
     /// A read-only transaction (no commit): `f` runs once on a snapshot; any
     /// writes it makes are discarded.
     pub async fn read<T, E, F>(&self, f: F) -> Result<T, E>

@@ -2,7 +2,7 @@
 //!
 //! # Spec
 //!
-//! `etcd://HOST:PORT[,HOST:PORT…][/PREFIX][?max-request-bytes=N&max-txn-ops=N]`, e.g.
+//! `etcd://HOST:PORT[,HOST:PORT…][/PREFIX][?max-request-bytes=N&max-txn-ops=N&commit-snapshot-age-ms=N]`, e.g.
 //! `etcd://127.0.0.1:2379,127.0.0.1:22379,127.0.0.1:32379/capstan`
 //! (what `scripts/etcd-cluster start` prints, plus a prefix). `PREFIX` defaults
 //! to `capstan`; it may contain `A-Z a-z 0-9 . _ - /`. Stores with different
@@ -10,7 +10,10 @@
 //! must not nest (`a` and `a/d/x`). `max-request-bytes` is the largest request
 //! the cluster accepts (etcd's `--max-request-bytes`, default 1.5 MiB;
 //! `scripts/etcd-cluster` starts members with 16 MiB, enough for a 10 MB
-//! transaction).
+//! transaction). `commit-snapshot-age-ms` (default 100, 0 to 60000) is how
+//! old a revision this client saw may be to start a transaction that will
+//! commit ([`Store::snapshot_for_commit`]): older, or 0, and it reads the
+//! latest revision first.
 //!
 //! # Layout
 //!
@@ -206,10 +209,15 @@ pub struct EtcdConfig {
     pub max_request_bytes: usize,
     /// Most compares, and most operations, of one Txn (etcd's `--max-txn-ops`).
     pub max_txn_ops: usize,
+    /// How recent a revision this client saw must be to serve as a snapshot
+    /// for commit ([`Store::snapshot_for_commit`]); `commit-snapshot-age-ms`,
+    /// default [`COMMIT_SNAPSHOT_AGE`]; 0 reads the latest revision always.
+    pub commit_snapshot_age: Duration,
 }
 
 impl EtcdConfig {
-    /// Parses `etcd://HOST:PORT[,HOST:PORT…][/PREFIX][?max-request-bytes=N]`.
+    /// Parses `etcd://HOST:PORT[,HOST:PORT…][/PREFIX][?OPTION=N&…]`, options
+    /// `max-request-bytes`, `max-txn-ops`, `commit-snapshot-age-ms`.
     pub fn parse(spec: &str) -> Result<Self, StoreError> {
         let bad = |why: &str| {
             StoreError::Io(format!(
@@ -251,6 +259,7 @@ impl EtcdConfig {
         }
         let mut max_request_bytes = DEFAULT_MAX_REQUEST_BYTES;
         let mut max_txn_ops = MAX_TXN_OPS;
+        let mut commit_snapshot_age = COMMIT_SNAPSHOT_AGE;
         for kv in query.unwrap_or("").split('&').filter(|s| !s.is_empty()) {
             match kv.split_once('=') {
                 Some(("max-request-bytes", n)) => {
@@ -267,6 +276,16 @@ impl EtcdConfig {
                         .filter(|n| *n >= 8)
                         .ok_or_else(|| bad("max-txn-ops must be a number ≥ 8"))?;
                 }
+                Some(("commit-snapshot-age-ms", n)) => {
+                    commit_snapshot_age = n
+                        .parse()
+                        .ok()
+                        .filter(|n| *n <= 60_000)
+                        .map(Duration::from_millis)
+                        .ok_or_else(|| {
+                            bad("commit-snapshot-age-ms must be a number from 0 to 60000")
+                        })?;
+                }
                 _ => return Err(bad(&format!("unknown option {kv:?}"))),
             }
         }
@@ -275,6 +294,7 @@ impl EtcdConfig {
             prefix: prefix.to_string(),
             max_request_bytes,
             max_txn_ops,
+            commit_snapshot_age,
         })
     }
 
@@ -287,6 +307,12 @@ impl EtcdConfig {
         }
         if self.max_txn_ops != MAX_TXN_OPS {
             options.push(format!("max-txn-ops={}", self.max_txn_ops));
+        }
+        if self.commit_snapshot_age != COMMIT_SNAPSHOT_AGE {
+            options.push(format!(
+                "commit-snapshot-age-ms={}",
+                self.commit_snapshot_age.as_millis()
+            ));
         }
         if !options.is_empty() {
             s.push('?');
@@ -656,12 +682,14 @@ impl Inner {
         }
     }
 
-    /// The latest revision seen, if seen within [`COMMIT_SNAPSHOT_AGE`].
+    /// The latest revision seen, if seen within the configured age
+    /// ([`EtcdConfig::commit_snapshot_age`]).
     fn recent_revision(&self) -> Option<Version> {
         let at = self.latest_at_ms.load(Ordering::Acquire);
         let now = self.started.elapsed().as_millis() as u64;
         let v = self.latest.load(Ordering::Acquire);
-        (v > 0 && now.saturating_sub(at) <= COMMIT_SNAPSHOT_AGE.as_millis() as u64).then_some(v)
+        let age = self.config.commit_snapshot_age.as_millis() as u64;
+        (v > 0 && age > 0 && now.saturating_sub(at) <= age).then_some(v)
     }
 
     async fn current_revision(&self) -> Result<Version, StoreError> {
@@ -1239,6 +1267,10 @@ mod tests {
         let c = EtcdConfig::parse("etcd://localhost:2379").unwrap();
         assert_eq!(c.prefix, DEFAULT_PREFIX);
         assert_eq!(c.max_request_bytes, DEFAULT_MAX_REQUEST_BYTES);
+        assert_eq!(c.commit_snapshot_age, COMMIT_SNAPSHOT_AGE);
+        let c = EtcdConfig::parse("etcd://h:1/p?commit-snapshot-age-ms=0").unwrap();
+        assert_eq!(c.commit_snapshot_age, Duration::ZERO);
+        assert_eq!(c.spec(), "etcd://h:1/p?commit-snapshot-age-ms=0");
         for bad in [
             "redb:/x",
             "etcd://",
@@ -1247,6 +1279,7 @@ mod tests {
             "etcd://h:1/a b",
             "etcd://h:1?x=1",
             "etcd://h:1?max-request-bytes=1",
+            "etcd://h:1?commit-snapshot-age-ms=60001",
         ] {
             let e = EtcdConfig::parse(bad).unwrap_err().to_string();
             assert!(e.contains("etcd://HOST:PORT"), "{bad}: {e}");
