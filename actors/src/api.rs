@@ -101,6 +101,12 @@ pub const MAX_MESSAGE_TEXT: usize = 64 * 1024;
 pub const MAX_MESSAGE_REFS: usize = 64;
 /// Most entries returned by one listing.
 pub const MAX_LIST: usize = 100_000;
+/// Messages of one inbox page when the caller names no limit.
+pub const DEFAULT_INBOX_PAGE: usize = 1000;
+/// Most messages of one inbox page.
+pub const MAX_INBOX_PAGE: usize = 10_000;
+/// Messages read at a time by a scan of a whole inbox (threads).
+const INBOX_SCAN_PAGE: usize = 1000;
 /// Most fresh inbox numbers one write tries after finding its number used.
 pub const MAX_SLOT_RETRIES: u32 = 32;
 
@@ -1960,34 +1966,44 @@ impl AgentHandle {
         .await
     }
 
+    /// The first [`DEFAULT_INBOX_PAGE`] messages (of the thread, if one is
+    /// named); see [`inbox_page`](Self::inbox_page) for the rest.
     pub async fn inbox(&self, thread: Option<RequestId>) -> Result<Vec<MessageView>, Error> {
+        Ok(self.inbox_page(thread, 0, DEFAULT_INBOX_PAGE).await?.0)
+    }
+
+    /// At most `limit` (1 to [`MAX_INBOX_PAGE`]) messages numbered `from` or
+    /// above, in number order, and whether more follow. Without a thread it
+    /// is one bounded range read; with one, the inbox is scanned a page at a
+    /// time (a thread's members are found by following replies).
+    pub async fn inbox_page(
+        &self,
+        thread: Option<RequestId>,
+        from: u64,
+        limit: usize,
+    ) -> Result<(Vec<MessageView>, bool), Error> {
+        if limit == 0 || limit > MAX_INBOX_PAGE {
+            return Err(Error::Invalid(format!(
+                "the inbox page size must be from 1 to {MAX_INBOX_PAGE} messages; got {limit}"
+            )));
+        }
         let ctx = self.ctx.clone();
         self.rt
             .db
             .read(move |tx| {
                 Box::pin(async move {
-                    let mut all = model::list_messages(tx, &ctx.id, 0).await?;
-                    if let Some(t) = thread {
-                        let mut members: std::collections::HashSet<RequestId> = [t].into();
-                        loop {
-                            let before = members.len();
-                            for m in &all {
-                                if m.reply_to.is_some_and(|r| members.contains(&r)) {
-                                    members.insert(m.message_id);
-                                }
-                            }
-                            if members.len() == before {
-                                break;
-                            }
-                        }
-                        all.retain(|m| members.contains(&m.message_id));
-                    }
-                    let mut out = Vec::with_capacity(all.len());
+                    let mut page = match thread {
+                        None => model::list_messages_page(tx, &ctx.id, from, limit + 1).await?,
+                        Some(t) => thread_page(tx, &ctx.id, t, from, limit + 1).await?,
+                    };
+                    let more = page.len() > limit;
+                    page.truncate(limit);
+                    let mut out = Vec::with_capacity(page.len());
                     let mut names = std::collections::HashMap::new();
-                    for m in all {
+                    for m in page {
                         out.push(view(tx, &ctx, m, &mut names).await?);
                     }
-                    Ok(out)
+                    Ok((out, more))
                 })
             })
             .await
@@ -2010,25 +2026,37 @@ impl AgentHandle {
         let ctx = self.ctx.clone();
         let db = self.rt.db.clone();
         tokio::spawn(async move {
-            let c = ctx.clone();
-            let history = db
-                .read(move |tx| {
-                    Box::pin(async move {
-                        let ms = model::list_messages(tx, &c.id, after).await?;
-                        let mut names = std::collections::HashMap::new();
-                        let mut out = Vec::new();
-                        for m in ms {
-                            out.push(view(tx, &c, m, &mut names).await?);
-                        }
-                        Ok::<_, Error>(out)
+            // The history a page at a time (bounded memory); the numbers
+            // seen are kept to skip their live copies.
+            let mut seen = std::collections::HashSet::new();
+            let mut from = Some(after);
+            while let Some(f) = from {
+                let c = ctx.clone();
+                let page = db
+                    .read(move |tx| {
+                        Box::pin(async move {
+                            let ms =
+                                model::list_messages_page(tx, &c.id, f, INBOX_SCAN_PAGE).await?;
+                            let mut names = std::collections::HashMap::new();
+                            let mut out = Vec::with_capacity(ms.len());
+                            for m in ms {
+                                out.push(view(tx, &c, m, &mut names).await?);
+                            }
+                            Ok::<_, Error>(out)
+                        })
                     })
-                })
-                .await;
-            let Ok(history) = history else { return };
-            let seen: std::collections::HashSet<u64> = history.iter().map(|m| m.number).collect();
-            for m in history {
-                if out_tx.send(m).await.is_err() {
-                    return;
+                    .await;
+                let Ok(page) = page else { return };
+                from = if page.len() == INBOX_SCAN_PAGE {
+                    page.last().and_then(|m| m.number.checked_add(1))
+                } else {
+                    None
+                };
+                for m in page {
+                    seen.insert(m.number);
+                    if out_tx.send(m).await.is_err() {
+                        return;
+                    }
                 }
             }
             while let Some(m) = live_rx.recv().await {
@@ -2098,4 +2126,42 @@ async fn view(
         date_ms: m.date_ms,
         body,
     })
+}
+
+/// At most `limit` messages numbered `from` or above of the thread of `root`
+/// (the message `root` and, transitively, the replies to its members).
+/// Passes over the inbox a page at a time until a pass adds no member: the
+/// messages kept in that pass are the answer.
+async fn thread_page(
+    tx: &mut capstan_cluster::Transaction,
+    agent: &FormulaId,
+    root: RequestId,
+    from: u64,
+    limit: usize,
+) -> Result<Vec<crate::records::MessageRec>, Error> {
+    let mut members: std::collections::HashSet<RequestId> = [root].into();
+    loop {
+        let before = members.len();
+        let mut out = Vec::new();
+        let mut next = Some(0u64);
+        while let Some(n) = next {
+            let ms = model::list_messages_page(tx, agent, n, INBOX_SCAN_PAGE).await?;
+            next = if ms.len() == INBOX_SCAN_PAGE {
+                ms.last().and_then(|m| m.number.checked_add(1))
+            } else {
+                None
+            };
+            for m in ms {
+                if m.reply_to.is_some_and(|r| members.contains(&r)) {
+                    members.insert(m.message_id);
+                }
+                if m.number >= from && out.len() < limit && members.contains(&m.message_id) {
+                    out.push(m);
+                }
+            }
+        }
+        if members.len() == before {
+            return Ok(out);
+        }
+    }
 }

@@ -20,6 +20,7 @@
 //!   budgets and an audit log (issue 6).
 //! - [`records`]: Rust values ↔ Cap'n Proto records of `proto/`.
 //! - [`keys`]: the key layout. [`names`]: pet names, special names, paths.
+//! - [`usage`]: what the store holds, by kind of key (`capstan du`).
 
 pub mod api;
 pub mod cluster;
@@ -35,6 +36,7 @@ pub(crate) mod open_tx;
 pub mod records;
 pub mod remote;
 pub mod rules;
+pub mod usage;
 
 pub use api::{
     AgentHandle, EntryInfo, MessageBodyView, MessageView, PromiseState, RefSpec, Runtime,

@@ -306,11 +306,22 @@ pub async fn put_message(
     Ok(())
 }
 
-/// All messages of an inbox, in number order.
+/// All messages of an inbox numbered `from` or above, in number order.
 pub async fn list_messages(
     tx: &mut Transaction,
     agent: &FormulaId,
     from: u64,
+) -> Result<Vec<MessageRec>, Error> {
+    list_messages_page(tx, agent, from, 0).await
+}
+
+/// At most `limit` messages (0: no limit) of an inbox numbered `from` or
+/// above, in number order: one bounded range read.
+pub async fn list_messages_page(
+    tx: &mut Transaction,
+    agent: &FormulaId,
+    from: u64,
+    limit: usize,
 ) -> Result<Vec<MessageRec>, Error> {
     let begin = keys::message(agent, from);
     let end = capstan_cluster::tuple::prefix_end(&keys::inbox(agent));
@@ -318,7 +329,7 @@ pub async fn list_messages(
         .get_range(capstan_cluster::RangeOption {
             begin,
             end,
-            limit: 0,
+            limit,
             reverse: false,
         })
         .await?;

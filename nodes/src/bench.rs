@@ -254,16 +254,34 @@ async fn list_len(a: &agent::Client) -> Result<u32, CapError> {
     Ok(r.send().promise.await?.get()?.get_entries()?.len())
 }
 
+/// The number of messages and the highest message number of `a`'s inbox,
+/// read a page of 10000 at a time.
+async fn inbox_scan(a: &agent::Client) -> Result<(u32, Option<u64>), CapError> {
+    let (mut count, mut last, mut from) = (0u32, None, 0u64);
+    loop {
+        let mut r = a.inbox_request();
+        r.get().set_from(from);
+        r.get().set_limit(10_000);
+        let answer = r.send().promise.await?;
+        let answer = answer.get()?;
+        let messages = answer.get_messages()?;
+        count += messages.len();
+        if let Some(n) = messages.iter().map(|m| m.get_number()).max() {
+            last = Some(n);
+            from = n + 1;
+        }
+        if !answer.get_more() {
+            return Ok((count, last));
+        }
+    }
+}
+
 async fn inbox_len(a: &agent::Client) -> Result<u32, CapError> {
-    let r = a.inbox_request();
-    Ok(r.send().promise.await?.get()?.get_messages()?.len())
+    Ok(inbox_scan(a).await?.0)
 }
 
 async fn last_inbox_number(a: &agent::Client) -> Result<Option<u64>, CapError> {
-    let r = a.inbox_request();
-    let answer = r.send().promise.await?;
-    let messages = answer.get()?.get_messages()?;
-    Ok(messages.iter().map(|m| m.get_number()).max())
+    Ok(inbox_scan(a).await?.1)
 }
 
 /// Runs `jobs` futures made by `make(i)` with at most `width` in flight;

@@ -114,6 +114,14 @@ pub enum Command {
         #[command(flatten)]
         out: Out,
     },
+    /// Show what the store holds: keys and bytes per kind of key.
+    ///
+    /// Scans the node's whole store a page at a time (bounded memory); a scan
+    /// that takes more than a second shows its progress on stderr.
+    Du {
+        #[command(flatten)]
+        out: Out,
+    },
     /// A guided tour on a temporary home: start, names, mail, crash, restart.
     Demo {
         #[command(flatten)]
@@ -438,14 +446,20 @@ pub enum Command {
         #[command(flatten)]
         out: Out,
     },
-    /// Show your inbox.
+    /// Show your inbox, a page at a time (at most 1000 messages unless --limit says).
     Inbox {
         /// Only the thread of this message id (32 hex digits).
         #[arg(long, value_name = "MESSAGE-ID")]
         thread: Option<String>,
         /// Keep following: print new messages as they arrive, until interrupted.
-        #[arg(long, short = 'f')]
+        #[arg(long, short = 'f', conflicts_with = "limit")]
         follow: bool,
+        /// Show at most N messages (1 to 10000; default 1000).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        limit: Option<u32>,
+        /// Only messages numbered above M (the next page: the last number shown).
+        #[arg(long, value_name = "M")]
+        after: Option<u64>,
         #[command(flatten)]
         out: Out,
     },
@@ -701,6 +715,7 @@ impl Command {
             | Command::Ping { out }
             | Command::Where { out }
             | Command::Status { out }
+            | Command::Du { out }
             | Command::Demo { out }
             | Command::Bench { out, .. }
             | Command::List { out, .. }

@@ -132,6 +132,35 @@ pub async fn ping(paths: &Paths) -> Result<NodeInfo, ClientError> {
     answer.await.map_err(|e| classify(paths, e))
 }
 
+/// One page of `Node.usage`: (kind, keys, bytes) per kind, and where the
+/// next page starts (`None`: the scan is done). No retries (a read: `du`
+/// can be run again).
+pub async fn usage_page(
+    paths: &Paths,
+    start: &[u8],
+    max_keys: u32,
+) -> Result<(Vec<(String, u64, u64)>, Option<Vec<u8>>), ClientError> {
+    let node = connect_node(paths).await?;
+    let answer = async {
+        let mut req = node.usage_request();
+        req.get().set_start(start);
+        req.get().set_max_keys(max_keys);
+        let r = req.send().promise.await?;
+        let r = r.get()?;
+        let mut kinds = Vec::new();
+        for k in r.get_kinds()?.iter() {
+            kinds.push((text(k.get_kind())?, k.get_keys(), k.get_bytes()));
+        }
+        let next = if r.get_done() {
+            None
+        } else {
+            Some(r.get_next()?.to_vec())
+        };
+        Ok::<_, CapError>((kinds, next))
+    };
+    answer.await.map_err(|e| classify(paths, e))
+}
+
 /// `Node.stop`; a connection that drops before the answer counts as stopped.
 pub async fn stop(paths: &Paths) -> Result<(), ClientError> {
     let node = connect_node(paths).await?;

@@ -17,7 +17,9 @@ use crate::client::{Client, read_entry, read_message};
 use crate::output::{self, Message, bytes_human, print_json};
 use crate::text;
 
-use capstan_actors::api::{MAX_MESSAGE_REFS, MAX_MESSAGE_TEXT, MAX_VALUE_BYTES};
+use capstan_actors::api::{
+    DEFAULT_INBOX_PAGE, MAX_INBOX_PAGE, MAX_MESSAGE_REFS, MAX_MESSAGE_TEXT, MAX_VALUE_BYTES,
+};
 
 fn kind_name(k: ValueKind) -> &'static str {
     match k {
@@ -612,23 +614,42 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
                 println!("revoked {n} locator(s) of {path}");
             }
         }
-        Command::Inbox { thread, follow, .. } => {
+        Command::Inbox {
+            thread,
+            follow,
+            limit,
+            after,
+            ..
+        } => {
             let thread = thread.as_deref().map(parse_thread).transpose()?;
+            let from = match after {
+                None => 0,
+                Some(m) => m
+                    .checked_add(1)
+                    .ok_or_else(|| anyhow!("--after {m}: no message is numbered above it"))?,
+            };
             if follow {
-                return follow_inbox(client, thread, json).await;
+                return follow_inbox(client, thread, from, json).await;
             }
-            let messages = client
+            let limit = limit.unwrap_or(DEFAULT_INBOX_PAGE as u32);
+            if limit == 0 || limit as usize > MAX_INBOX_PAGE {
+                bail!("--limit {limit}: the page size must be from 1 to {MAX_INBOX_PAGE}");
+            }
+            let (messages, more) = client
                 .call(|a| async move {
                     let mut r = a.inbox_request();
                     if let Some(t) = thread {
                         r.get().set_thread(&t.0);
                     }
+                    r.get().set_from(from);
+                    r.get().set_limit(limit);
                     let answer = r.send().promise.await?;
+                    let answer = answer.get()?;
                     let mut out = Vec::new();
-                    for m in answer.get()?.get_messages()?.iter() {
+                    for m in answer.get_messages()?.iter() {
                         out.push(read_message(m)?);
                     }
-                    Ok(out)
+                    Ok((out, answer.get_more()))
                 })
                 .await?;
             if json {
@@ -636,6 +657,13 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
             } else {
                 for m in &messages {
                     print_message(false, m);
+                }
+                if more && let Some(last) = messages.last() {
+                    println!(
+                        "(showing {} of more; next page: --after {})",
+                        messages.len(),
+                        last.number
+                    );
                 }
             }
         }
@@ -742,9 +770,10 @@ impl message_sink::Server for Printer {
 async fn follow_inbox(
     client: &Client,
     thread: Option<RequestId>,
+    from: u64,
     json: bool,
 ) -> anyhow::Result<()> {
-    let next = Rc::new(Cell::new(0u64));
+    let next = Rc::new(Cell::new(from));
     let printer = Printer {
         json,
         next: next.clone(),

@@ -50,6 +50,7 @@ mod cluster;
 mod commands;
 mod daemon;
 mod demo;
+mod du;
 mod guests;
 mod llm;
 mod net;
@@ -275,6 +276,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 Ok(())
             }
+            Command::Du { .. } => du::du(&paths, json).await,
             Command::Status { .. } => {
                 let info = client::ping(&paths).await?;
                 if json {

@@ -102,6 +102,40 @@ impl node::Server for NodeServer {
         Ok(())
     }
 
+    async fn usage(
+        self: Rc<Self>,
+        params: node::UsageParams,
+        mut results: node::UsageResults,
+    ) -> Result<(), CapError> {
+        let p = params.get()?;
+        let start = p
+            .get_start()
+            .map_err(|e| failed(format!("bad parameter start: {}", e.extra)))?
+            .to_vec();
+        let page = self
+            .runtime
+            .usage_page(&start, p.get_max_keys() as usize)
+            .await
+            .map_err(actor_error)?;
+        let mut r = results.get();
+        match &page.next {
+            Some(next) => r.set_next(next),
+            None => r.set_done(true),
+        }
+        let mut list = r.init_kinds(list_len(page.kinds.len()));
+        for (i, (kind, u)) in capstan_actors::usage::KINDS
+            .iter()
+            .zip(page.kinds.iter())
+            .enumerate()
+        {
+            let mut k = list.reborrow().get(i as u32);
+            k.set_kind(*kind);
+            k.set_keys(u.keys);
+            k.set_bytes(u.bytes);
+        }
+        Ok(())
+    }
+
     async fn stop(
         self: Rc<Self>,
         _: node::StopParams,
@@ -534,8 +568,13 @@ impl agent::Server for AgentServer {
         params: agent::InboxParams,
         mut results: agent::InboxResults,
     ) -> Result<(), CapError> {
-        let thread = params
-            .get()?
+        let p = params.get()?;
+        let from = p.get_from();
+        let limit = match p.get_limit() {
+            0 => capstan_actors::api::DEFAULT_INBOX_PAGE,
+            n => n as usize,
+        };
+        let thread = p
             .get_thread()
             .map_err(|e| failed(format!("bad parameter thread: {}", e.extra)))?;
         let thread = if thread.is_empty() {
@@ -546,8 +585,14 @@ impl agent::Server for AgentServer {
                     .map_err(|e| failed(format!("bad parameter thread: {e}")))?,
             )
         };
-        let messages = self.handle.inbox(thread).await.map_err(actor_error)?;
-        let mut list = results.get().init_messages(list_len(messages.len()));
+        let (messages, more) = self
+            .handle
+            .inbox_page(thread, from, limit)
+            .await
+            .map_err(actor_error)?;
+        let mut r = results.get();
+        r.set_more(more);
+        let mut list = r.init_messages(list_len(messages.len()));
         for (i, m) in messages.iter().enumerate() {
             set_message(list.reborrow().get(i as u32), m);
         }

@@ -18,6 +18,17 @@ interface Node {
   host @1 () -> (agent :Agent);
   # Stop the node (graceful): answers, then exits.
   stop @2 () -> ();
+  # What the store holds (`capstan du`), a page of the key space at a time:
+  # scans at most `maxKeys` keys (0 = 10000; at most 100000) from `start`
+  # (empty = the first key) and counts them by kind. Call again from `next`
+  # until `done`.
+  usage @3 (start :Data, maxKeys :UInt32) -> (kinds :List(KindUsage), next :Data, done :Bool);
+}
+
+struct KindUsage {
+  kind @0 :Text;        # formulas, values, names, messages, dedup, journals, outbox, locators, others
+  keys @1 :UInt64;
+  bytes @2 :UInt64;     # keys and values together
 }
 
 struct NodeInfo {
@@ -93,8 +104,11 @@ interface Agent {
   reject @15 (reqId :Data, number :UInt64, reason :Text) -> ();
   adopt @16 (reqId :Data, number :UInt64, edgeName :Text, path :Text) -> (id :Data);
   dismiss @17 (reqId :Data, number :UInt64) -> ();
-  # thread: a messageId (16 bytes) to show only that thread; empty = all
-  inbox @18 (thread :Data) -> (messages :List(MessageView));
+  # thread: a messageId (16 bytes) to show only that thread; empty = all.
+  # A page: at most `limit` messages (0 = 1000; at most 10000) numbered
+  # `from` or above, in number order; `more`: later messages follow (the next
+  # page starts at the last number + 1).
+  inbox @18 (thread :Data, from :UInt64, limit :UInt32) -> (messages :List(MessageView), more :Bool);
   # Streams every message numbered >= `after` (existing ones first, then new
   # ones as they arrive) into `sink` until the caller drops it.
   follow @19 (after :UInt64, sink :MessageSink) -> ();

@@ -6,9 +6,9 @@ use capstan_tests::{Node, capstan_bin, is_formula_id};
 use serde_json::{Value, json};
 
 const SUBCOMMANDS: &[&str] = &[
-    "start", "run", "stop", "ping", "where", "status", "demo", "list", "show", "cat", "store",
-    "remove", "move", "copy", "mkdir", "mkhost", "mkguest", "send", "request", "resolve", "reject",
-    "adopt", "dismiss", "reply", "inbox", "install", "guests", "ls", "rm", "mv", "cp",
+    "start", "run", "stop", "ping", "where", "status", "du", "demo", "list", "show", "cat",
+    "store", "remove", "move", "copy", "mkdir", "mkhost", "mkguest", "send", "request", "resolve",
+    "reject", "adopt", "dismiss", "reply", "inbox", "install", "guests", "ls", "rm", "mv", "cp",
 ];
 
 fn keys(v: &Value) -> Vec<String> {
