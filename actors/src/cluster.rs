@@ -230,6 +230,10 @@ pub struct Membership {
     pub fenced: AtomicU64,
     /// Times this node lost its lease and re-registered.
     pub stepdowns: AtomicU64,
+    /// Lease renewals that succeeded, and those that failed (the store did
+    /// not answer or refused; a lost lease is a step-down).
+    pub renewals: AtomicU64,
+    pub renewal_failures: AtomicU64,
     /// Set when the node leaves or stops: the lease is no longer renewed.
     pub leaving: AtomicBool,
     /// Formulas this node took over from another owner (dead, draining, or
@@ -254,6 +258,8 @@ impl Membership {
             link,
             fenced: AtomicU64::new(0),
             stepdowns: AtomicU64::new(0),
+            renewals: AtomicU64::new(0),
+            renewal_failures: AtomicU64::new(0),
             leaving: AtomicBool::new(false),
             took_over: Mutex::new(HashMap::new()),
         }
@@ -737,6 +743,7 @@ pub(crate) async fn lease_loop(rt: std::sync::Weak<crate::api::Inner>) {
         let ok = c.renew(&inner.db).await;
         match ok {
             Ok(true) => {
+                c.renewals.fetch_add(1, Ordering::Relaxed);
                 failures = 0;
                 if c.draining() {
                     crate::api::release_all(&inner, &c).await;
@@ -752,6 +759,7 @@ pub(crate) async fn lease_loop(rt: std::sync::Weak<crate::api::Inner>) {
                 }
             }
             Err(e) => {
+                c.renewal_failures.fetch_add(1, Ordering::Relaxed);
                 failures += 1;
                 if failures == 1 || failures.is_multiple_of(20) {
                     tracing::warn!(node = %c.cfg.name, "cannot renew the cluster lease: {e}");

@@ -43,6 +43,7 @@ use std::io::{Read, Write};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use redb::{
@@ -86,6 +87,11 @@ pub struct RedbStore {
     db: Arc<Database>,
     queue: Option<mpsc::Sender<Pending>>,
     committer: Option<std::thread::JoinHandle<()>>,
+    /// Snapshots taken, commits asked for, and those that conflicted
+    /// (what [`Store::stats`] reports).
+    snapshots: AtomicU64,
+    commits: AtomicU64,
+    conflicts: AtomicU64,
     /// Dropped last: the file stays locked until redb has closed it.
     _lock: LockFile,
 }
@@ -137,6 +143,9 @@ impl RedbStore {
             db,
             queue: Some(queue),
             committer: Some(committer),
+            snapshots: AtomicU64::new(0),
+            commits: AtomicU64::new(0),
+            conflicts: AtomicU64::new(0),
             _lock: lock,
         })
     }
@@ -163,6 +172,7 @@ impl Store for RedbStore {
 
     async fn snapshot(&self) -> Result<Box<dyn Snapshot>, StoreError> {
         let err = |e: redb::Error| backend_error(e, &self.describe);
+        self.snapshots.fetch_add(1, Ordering::Relaxed);
         let rtx = self.db.begin_read().map_err(|e| err(e.into()))?;
         let meta = rtx.open_table(META).map_err(|e| err(e.into()))?;
         let version = version_of(&meta, &self.describe)?;
@@ -182,8 +192,22 @@ impl Store for RedbStore {
             .send(Pending { req, bytes, reply })
             .await
             .map_err(|_| StoreError::Closed)?;
+        self.commits.fetch_add(1, Ordering::Relaxed);
         // A committer that vanished mid-batch may or may not have committed it.
-        answer.await.map_err(|_| StoreError::MaybeCommitted)?
+        let r = answer.await.map_err(|_| StoreError::MaybeCommitted)?;
+        if r == Err(StoreError::Conflict) {
+            self.conflicts.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn stats(&self) -> Vec<(&'static str, u64)> {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        vec![
+            ("snapshots", get(&self.snapshots)),
+            ("commits", get(&self.commits)),
+            ("conflicts", get(&self.conflicts)),
+        ]
     }
 }
 

@@ -68,6 +68,15 @@ pub enum Command {
         /// default the embedded store in the home. Remembered for later starts.
         #[arg(long, value_name = "SPEC")]
         store: Option<String>,
+        /// Serve Prometheus metrics (`GET /metrics`, plain HTTP) on
+        /// HOST:PORT (port 0: any free port); a loopback address unless
+        /// --metrics-public. Remembered in the home for later starts.
+        #[arg(long, value_name = "HOST:PORT")]
+        metrics: Option<std::net::SocketAddr>,
+        /// Allow --metrics on an address other than loopback (anyone who can
+        /// reach it reads the node's counters and guest names).
+        #[arg(long)]
+        metrics_public: bool,
         #[command(flatten)]
         out: Out,
     },

@@ -194,10 +194,14 @@ pub async fn run(
     listen: Option<std::net::SocketAddr>,
     advertise: Option<Advertise>,
     store: Option<String>,
+    metrics: Option<std::net::SocketAddr>,
+    metrics_public: bool,
 ) -> anyhow::Result<()> {
+    let started = Instant::now();
     // Checked before anything is made or written.
     let (listen, advertise_given) = (listen, advertise.is_some());
     let (listen_eff, advertise) = net_config(&paths, listen, advertise)?;
+    let metrics = crate::metrics::config(&paths, metrics, metrics_public)?;
     create_private_dir(&paths.home)?;
     // The home lock is released by the kernel when this process exits, never
     // earlier: `capstan stop` waits for it, and a `start` that follows must
@@ -323,6 +327,29 @@ pub async fn run(
     // Mail owed to other clusters, including what was queued before a crash.
     let outbox = tokio::task::spawn_local(net.clone().run_outbox(outbox_expiry_from_env()?));
 
+    // Bound before the control socket answers: once `start` sees the daemon
+    // answer, the home names the metrics address it serves.
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let metrics_task = match metrics {
+        Some(cfg) => {
+            let l = crate::metrics::bind(cfg).await?;
+            let cfg = crate::metrics::bound(&l, cfg)?;
+            crate::metrics::remember(&paths, cfg)?;
+            info!(addr = %cfg.addr, "metrics at {}", crate::metrics::url(cfg.addr));
+            Some(crate::metrics::spawn(
+                l,
+                std::rc::Rc::new(crate::metrics::Sources {
+                    runtime: runtime.clone(),
+                    net: net.clone(),
+                    started,
+                    control: permits.clone(),
+                    control_max: MAX_CONNECTIONS,
+                }),
+            ))
+        }
+        None => None,
+    };
+
     let listener = UnixListener::bind(&paths.socket)
         .with_context(|| format!("cannot listen on {}", paths.socket.display()))?;
     std::fs::set_permissions(&paths.socket, std::fs::Permissions::from_mode(0o600))
@@ -343,7 +370,6 @@ pub async fn run(
         stop.clone(),
         net.clone(),
     ));
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     // Handling SIGHUP keeps a daemon started from a terminal alive when it closes.
@@ -376,6 +402,9 @@ pub async fn run(
     }
     if let Some(l) = links {
         l.abort();
+    }
+    if let Some(m) = metrics_task {
+        m.abort();
     }
     outbox.abort();
     net.close().await;
@@ -526,6 +555,8 @@ pub async fn start(
     listen: Option<std::net::SocketAddr>,
     advertise: Option<&Advertise>,
     store: Option<&str>,
+    metrics: Option<std::net::SocketAddr>,
+    metrics_public: bool,
 ) -> anyhow::Result<NodeInfo> {
     match client::ping(paths).await {
         Ok(info) => bail!(
@@ -538,6 +569,7 @@ pub async fn start(
     }
     // Refused here, before the home or its log is touched.
     net_config(paths, listen, advertise.cloned())?;
+    crate::metrics::config(paths, metrics, metrics_public)?;
     create_private_dir(&paths.home)?;
     let log = OpenOptions::new()
         .create(true)
@@ -559,6 +591,12 @@ pub async fn start(
     }
     if let Some(s) = store {
         cmd.arg("--store").arg(s);
+    }
+    if let Some(a) = metrics {
+        cmd.arg("--metrics").arg(a.to_string());
+    }
+    if metrics_public {
+        cmd.arg("--metrics-public");
     }
     let mut child = cmd
         .stdin(std::process::Stdio::null())

@@ -53,6 +53,7 @@ mod demo;
 mod du;
 mod guests;
 mod llm;
+mod metrics;
 mod net;
 mod output;
 mod server;
@@ -197,23 +198,49 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 listen,
                 advertise,
                 store,
+                metrics,
+                metrics_public,
                 ..
-            } => daemon::run(paths, listen, parse_advertise(advertise)?, store).await,
+            } => {
+                daemon::run(
+                    paths,
+                    listen,
+                    parse_advertise(advertise)?,
+                    store,
+                    metrics,
+                    metrics_public,
+                )
+                .await
+            }
             Command::Start {
                 listen,
                 advertise,
                 store,
+                metrics,
+                metrics_public,
                 ..
             } => {
                 let advertise = parse_advertise(advertise)?;
-                let info =
-                    daemon::start(&paths, listen, advertise.as_ref(), store.as_deref()).await?;
+                let info = daemon::start(
+                    &paths,
+                    listen,
+                    advertise.as_ref(),
+                    store.as_deref(),
+                    metrics,
+                    metrics_public,
+                )
+                .await?;
+                let metrics_url = metrics::serving(&paths);
                 if json {
-                    print_json(&json!({
+                    let mut v = json!({
                         "pid": info.pid,
                         "home": paths.home_str(),
                         "socket": paths.socket.display().to_string(),
-                    }));
+                    });
+                    if let Some(u) = &metrics_url {
+                        v["metrics"] = json!(u);
+                    }
+                    print_json(&v);
                 } else {
                     println!(
                         "started capstan daemon (pid {}) for {}",
@@ -222,6 +249,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     );
                     if let Some(addrs) = daemon::advertised(&paths) {
                         println!("other nodes reach it at {} (QUIC)", addrs.join(", "));
+                    }
+                    if let Some(u) = &metrics_url {
+                        println!("metrics at {u}");
                     }
                 }
                 Ok(())
@@ -279,15 +309,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Du { .. } => du::du(&paths, json).await,
             Command::Status { .. } => {
                 let info = client::ping(&paths).await?;
+                let metrics_url = metrics::serving(&paths);
                 if json {
-                    print_json(&json!({
+                    let mut v = json!({
                         "pid": info.pid,
                         "uptime_ms": info.uptime_ms,
                         "store": info.store,
                         "incarnations": info.incarnations,
                         "connections": info.connections,
                         "root_host": hex::encode(&info.root_host),
-                    }));
+                    });
+                    if let Some(u) = &metrics_url {
+                        v["metrics"] = json!(u);
+                    }
+                    print_json(&v);
                 } else {
                     println!("home          {}", paths.home_str());
                     println!("pid           {}", info.pid);
@@ -303,6 +338,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         {
                             println!("advertised    {}", addrs.join(", "));
                         }
+                    }
+                    if let Some(u) = &metrics_url {
+                        println!("metrics       {u}");
                     }
                     println!("root host     {}", hex::encode(&info.root_host));
                 }
