@@ -380,14 +380,37 @@ impl Node {
             .collect()
     }
 
-    /// `inbox --json` (with extra args, e.g. `--as alice`) as an array.
+    /// `inbox --json` (with extra args, e.g. `--as alice`) as an array: the
+    /// whole inbox, page after page (`inbox` lists at most 1000 messages
+    /// unless told), or the one page asked for when `extra` names one.
     pub fn inbox(&self, extra: &[&str]) -> Vec<Value> {
-        let mut args = vec!["inbox"];
-        args.extend_from_slice(extra);
-        let v = self.json(args);
-        v.as_array()
-            .unwrap_or_else(|| panic!("inbox --json is not an array: {v}"))
-            .clone()
+        const PAGE: usize = 10_000;
+        let one_page = extra.iter().any(|a| *a == "--limit" || *a == "--after");
+        let mut all = Vec::new();
+        let mut after: Option<u64> = None;
+        loop {
+            let mut args: Vec<String> = vec!["inbox".into()];
+            args.extend(extra.iter().map(|a| a.to_string()));
+            if !one_page {
+                args.push("--limit".into());
+                args.push(PAGE.to_string());
+                if let Some(a) = after {
+                    args.push("--after".into());
+                    args.push(a.to_string());
+                }
+            }
+            let v = self.json(&args);
+            let page = v
+                .as_array()
+                .unwrap_or_else(|| panic!("inbox --json is not an array: {v}"))
+                .clone();
+            let full = page.len() == PAGE;
+            after = page.last().and_then(|m| m["number"].as_u64());
+            all.extend(page);
+            if one_page || !full {
+                return all;
+            }
+        }
     }
 }
 
