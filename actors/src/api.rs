@@ -545,6 +545,22 @@ struct Resolved {
     recheck: Option<Arc<Recipient>>,
 }
 
+/// The keys [`resolve_recipient`] reads for `r` when it resolves to
+/// `target` by a plain name or a reply (others are read as it goes).
+fn recipient_keys(ctx: &Ctx, r: &Recipient, target: &FormulaId) -> Vec<Vec<u8>> {
+    let mut out = vec![keys::formula(target)];
+    if let Some(n) = r.reply_to {
+        out.push(keys::message(&ctx.id, n));
+    }
+    if let Some(p) = &r.to_path
+        && let [first] = p.segments.as_slice()
+        && !crate::names::is_special_form(first)
+    {
+        out.push(keys::name(&ctx.rec.pet_store, first));
+    }
+    out
+}
+
 /// Resolves `r` as `ctx` sees it in `tx` (see [`AgentHandle::recipient`]).
 async fn resolve_recipient(
     tx: &mut capstan_cluster::Transaction,
@@ -1591,14 +1607,8 @@ impl AgentHandle {
                     let (ctx, body, remote, recheck) =
                         (ctx.clone(), body.clone(), remote.clone(), recheck.clone());
                     Box::pin(async move {
-                        if let Some(r) = &recheck {
-                            match resolve_recipient(tx, &ctx, r).await {
-                                Ok((t, _, _)) if t == target => {}
-                                Err(e @ Error::Store(_)) => return Err(e),
-                                _ => return Err(Error::RecipientMoved),
-                            }
-                        }
-                        // Everything this transaction reads for sure, in one round.
+                        // Everything this transaction reads for sure, in one
+                        // round (with what the recipient's check reads).
                         let mut ahead = vec![
                             keys::dedup(&ctx.id, &req),
                             keys::inbox_mark(&ctx.id),
@@ -1608,7 +1618,17 @@ impl AgentHandle {
                             ahead.push(keys::inbox_mark(&target));
                             ahead.push(keys::message(&target, theirs));
                         }
+                        if let Some(r) = &recheck {
+                            ahead.extend(recipient_keys(&ctx, r, &target));
+                        }
                         tx.prefetch(&ahead).await?;
+                        if let Some(r) = &recheck {
+                            match resolve_recipient(tx, &ctx, r).await {
+                                Ok((t, _, _)) if t == target => {}
+                                Err(e @ Error::Store(_)) => return Err(e),
+                                _ => return Err(Error::RecipientMoved),
+                            }
+                        }
                         match checked_dedup(tx, &ctx.id, &req).await? {
                             Some(DedupAnswer::Number(n)) => return Ok((n, None, None)),
                             Some(_) => {
