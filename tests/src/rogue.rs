@@ -330,6 +330,66 @@ impl RoguePeer {
         })
     }
 
+    /// Dials the node of `target` as this rogue cluster, opens a stream and
+    /// sends only the header of a Cap'n Proto frame: one segment of `words`
+    /// words (8 bytes each), then nothing. A node that refuses the claim
+    /// closes the stream: the time it took. A node that believes it waits
+    /// for the data: an error after `patience`.
+    pub fn claim_frame(
+        &self,
+        target: &Locator,
+        words: u32,
+        patience: Duration,
+    ) -> Result<Duration, String> {
+        let client = self.id.client_config();
+        let target = target.clone();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("rogue client runtime");
+        rt.block_on(async move {
+            let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap())
+                .map_err(|e| format!("rogue endpoint: {e}"))?;
+            endpoint.set_default_client_config(client);
+            let addr: SocketAddr = target.addrs[0]
+                .parse()
+                .map_err(|e| format!("address: {e}"))?;
+            let conn = endpoint
+                .connect(addr, "capstan")
+                .map_err(|e| format!("connect: {e}"))?
+                .await
+                .map_err(|e| format!("handshake: {e}"))?;
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| format!("stream: {e}"))?;
+            // segment count minus one, then the segment's size in words
+            let mut header = Vec::new();
+            header.extend_from_slice(&0u32.to_le_bytes());
+            header.extend_from_slice(&words.to_le_bytes());
+            send.write_all(&header)
+                .await
+                .map_err(|e| format!("write: {e}"))?;
+            let t = std::time::Instant::now();
+            let mut buf = [0u8; 64];
+            let closed = tokio::time::timeout(patience, async {
+                loop {
+                    match recv.read(&mut buf).await {
+                        Ok(Some(_)) => continue,
+                        // finished or reset by the node: it gave up on us
+                        Ok(None) | Err(_) => return,
+                    }
+                }
+            })
+            .await;
+            conn.close(0u32.into(), b"done");
+            match closed {
+                Ok(()) => Ok(t.elapsed()),
+                Err(_) => Err(format!(
+                    "the node kept the stream open for {patience:?}, waiting for the {} bytes the header claimed",
+                    u64::from(words) * 8
+                )),
+            }
+        })
+    }
+
     /// Dials the node of `target` as this rogue cluster, restores `target`
     /// and runs `f` on the capability (within 20 s); its error as text.
     fn call<T, F, Fut>(&self, target: &Locator, f: F) -> Result<T, String>

@@ -236,3 +236,31 @@ fn repeated_failed_restores_are_refused_and_the_good_locator_still_works() {
     );
     assert_eq!(a.ok(["cat", "v"]), "fine");
 }
+
+/// A peer that sends the header of a Cap'n Proto frame claiming 32 MiB (more
+/// than any legitimate node-to-node message, less than the control
+/// socket's 64 MiB) is cut off at once, before the node waits for or
+/// allocates the data; the node goes on serving a well-behaved peer.
+#[test]
+fn a_frame_claiming_more_than_the_protocol_sends_is_refused_from_its_header() {
+    let node = listening();
+    node.ok(["store", "--text", "still here", "--name", "doc"]);
+    let locator = locate(&node, "doc");
+    let target: capstan_proto::Locator = locator.parse().expect("locator");
+    let rogue = capstan_tests::rogue::RoguePeer::start();
+    let words = (32u32 << 20) / 8;
+    let took = rogue
+        .claim_frame(&target, words, std::time::Duration::from_secs(5))
+        .expect("the node refused the frame");
+    assert!(
+        took < std::time::Duration::from_secs(2),
+        "refused only after {took:?}"
+    );
+    // A claim within the limit is waited for (the limit is not zero).
+    let small = rogue.claim_frame(&target, 1024, std::time::Duration::from_millis(500));
+    assert!(small.is_err(), "a 8 KiB frame was refused: {small:?}");
+    // The node still serves: another node reads the value over QUIC.
+    let reader = Node::started();
+    reader.ok(["adopt-locator", &locator, "--name", "d"]);
+    assert_eq!(reader.ok(["cat", "d"]).trim(), "still here");
+}

@@ -19,7 +19,9 @@
 //! # Bounds
 //!
 //! At most [`MAX_CONNECTIONS`] incoming connections, 4 streams each,
-//! Cap'n Proto messages within the control socket's reader limits, a failed
+//! Cap'n Proto messages of at most [`MAX_NET_MESSAGE_BYTES`] (the largest a
+//! node sends: a value read over the network; a frame claiming more is
+//! refused from its header, before anything is allocated for it), a failed
 //! restore costs the caller [`RESTORE_FAILURE_DELAY`] and
 //! [`MAX_RESTORE_FAILURES`] of them close its connection. The outbox is
 //! delivered by at most [`OUTBOX_COURIERS`] couriers at a time, one per
@@ -46,10 +48,21 @@ use capstan_proto::locator::encode32;
 use capstan_proto::net_capnp::{gateway, object};
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 
-use crate::daemon::reader_options;
 use identity::Identity;
 
 pub const MAX_CONNECTIONS: usize = 256;
+/// Largest Cap'n Proto message read from another node: a value of
+/// [`capstan_actors::api::MAX_VALUE_BYTES`] (8 MiB) read over the network,
+/// with its framing and room to spare. (The control socket, which only the
+/// node's own user reaches, reads up to 64 MiB.)
+pub const MAX_NET_MESSAGE_BYTES: usize = 12 * 1024 * 1024;
+
+/// Reader options of every node-to-node stream (both ends).
+pub fn net_reader_options() -> capnp::message::ReaderOptions {
+    let mut o = capnp::message::ReaderOptions::new();
+    o.traversal_limit_in_words(Some(MAX_NET_MESSAGE_BYTES / 8));
+    o
+}
 pub const MAX_RESTORE_FAILURES: u32 = 16;
 pub const RESTORE_FAILURE_DELAY: Duration = Duration::from_millis(50);
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -181,7 +194,7 @@ impl Peer {
             recv.compat(),
             send.compat_write(),
             Side::Client,
-            reader_options(),
+            net_reader_options(),
         );
         let mut rpc = RpcSystem::new(Box::new(network), None);
         let gateway: gateway::Client = rpc.bootstrap(Side::Server);
@@ -407,7 +420,7 @@ impl Net {
                 recv.compat(),
                 send.compat_write(),
                 Side::Server,
-                reader_options(),
+                net_reader_options(),
             );
             let rpc = RpcSystem::new(Box::new(network), Some(gateway.client));
             tokio::task::spawn_local(async move {
