@@ -369,6 +369,12 @@ async fn render(src: &Sources) -> String {
         "Open QUIC connections to and from other nodes.",
         src.net.connections(),
     );
+    t.one(
+        "capstan_peer_clusters",
+        "gauge",
+        "Other clusters with a connection entry (entries of peers that left are dropped).",
+        src.net.peer_count(),
+    );
 
     // The store's own counters (those of `capstan cluster status`).
     for (name, value) in src.runtime.db().store().stats() {

@@ -608,3 +608,51 @@ impl object::Server for RogueObject {
         }
     }
 }
+
+/// Opens `per_identity` connections to the node of `target` as each of
+/// `identities` fresh clusters (self-signed, as anyone can make them), from
+/// the source address `bind`, and holds them for `hold`: how many the node
+/// kept open. Runs on the calling thread.
+pub fn flood(
+    target: &Locator,
+    identities: usize,
+    per_identity: usize,
+    bind: std::net::IpAddr,
+    hold: Duration,
+) -> usize {
+    let addr: SocketAddr = target.addrs[0].parse().expect("locator address");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("flood runtime");
+    rt.block_on(async move {
+        let endpoint = quinn::Endpoint::client(SocketAddr::new(bind, 0)).expect("flood endpoint");
+        let mut dials = Vec::new();
+        for _ in 0..identities {
+            let config = Identity::new().client_config();
+            for _ in 0..per_identity {
+                if let Ok(connecting) = endpoint.connect_with(config.clone(), addr, "capstan") {
+                    dials.push(async move {
+                        tokio::time::timeout(Duration::from_secs(10), connecting)
+                            .await
+                            .ok()
+                            .and_then(Result::ok)
+                    });
+                }
+            }
+        }
+        let conns: Vec<quinn::Connection> = futures::future::join_all(dials)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        tokio::time::sleep(hold).await;
+        let open = conns.iter().filter(|c| c.close_reason().is_none()).count();
+        for c in &conns {
+            c.close(0u32.into(), b"flood over");
+        }
+        endpoint.close(0u32.into(), b"flood over");
+        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        open
+    })
+}

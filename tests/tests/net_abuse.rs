@@ -5,6 +5,7 @@
 
 use std::net::UdpSocket;
 use std::sync::Arc;
+use std::time::Duration;
 
 use capstan_tests::Node;
 
@@ -250,17 +251,88 @@ fn a_frame_claiming_more_than_the_protocol_sends_is_refused_from_its_header() {
     let rogue = capstan_tests::rogue::RoguePeer::start();
     let words = (32u32 << 20) / 8;
     let took = rogue
-        .claim_frame(&target, words, std::time::Duration::from_secs(5))
+        .claim_frame(&target, words, Duration::from_secs(5))
         .expect("the node refused the frame");
-    assert!(
-        took < std::time::Duration::from_secs(2),
-        "refused only after {took:?}"
-    );
+    assert!(took < Duration::from_secs(2), "refused only after {took:?}");
     // A claim within the limit is waited for (the limit is not zero).
-    let small = rogue.claim_frame(&target, 1024, std::time::Duration::from_millis(500));
+    let small = rogue.claim_frame(&target, 1024, Duration::from_millis(500));
     assert!(small.is_err(), "a 8 KiB frame was refused: {small:?}");
     // The node still serves: another node reads the value over QUIC.
     let reader = Node::started();
     reader.ok(["adopt-locator", &locator, "--name", "d"]);
     assert_eq!(reader.ok(["cat", "d"]).trim(), "still here");
+}
+
+/// 40 connections from one hostile cluster, then 100 fresh clusters from one
+/// other address: the node keeps at most 16 of the first and 64 of the
+/// second, a well-behaved peer is served all the while, and the entries of
+/// the clusters that left are gone afterwards (the metrics say how many
+/// peer clusters the node keeps).
+#[test]
+fn one_cluster_or_one_address_cannot_take_every_connection() {
+    let mut node = Node::new();
+    node.start_with(&["--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"]);
+    node.ok(["store", "--text", "served", "--name", "doc"]);
+    let locator = locate(&node, "doc");
+    let target: capstan_proto::Locator = locator.parse().expect("locator");
+    let loopback = std::net::IpAddr::from([127, 0, 0, 1]);
+    let kept = capstan_tests::rogue::flood(&target, 1, 40, loopback, Duration::from_millis(500));
+    assert!(
+        (1..=16).contains(&kept),
+        "one cluster kept {kept} connections open"
+    );
+    let other = std::net::IpAddr::from([127, 0, 0, 2]);
+    let flood = {
+        let target = target.clone();
+        std::thread::spawn(move || {
+            capstan_tests::rogue::flood(&target, 100, 1, other, Duration::from_secs(3))
+        })
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    // meanwhile, from 127.0.0.1, an ordinary peer
+    let reader = Node::started();
+    reader.ok(["adopt-locator", &locator, "--name", "d"]);
+    assert_eq!(reader.ok(["cat", "d"]).trim(), "served");
+    let kept = flood.join().expect("flood thread");
+    assert!(
+        (1..=64).contains(&kept),
+        "one address kept {kept} connections open"
+    );
+    // The clusters that left leave no entries: only the reader's remains.
+    let metrics_url = node.json(["status"])["metrics"]
+        .as_str()
+        .expect("status names the metrics URL")
+        .to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let peers = peer_clusters(&metrics_url);
+        if peers <= 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{peers} peer clusters still listed after the flood"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `capstan_peer_clusters` from the node's metrics endpoint.
+fn peer_clusters(url: &str) -> u64 {
+    use std::io::{Read, Write};
+    let hostport = url
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics");
+    let mut s = std::net::TcpStream::connect(hostport).expect("metrics endpoint");
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body.lines()
+        .find_map(|l| l.strip_prefix("capstan_peer_clusters "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no capstan_peer_clusters in {body}"))
 }

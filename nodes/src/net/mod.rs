@@ -18,7 +18,10 @@
 //!
 //! # Bounds
 //!
-//! At most [`MAX_CONNECTIONS`] incoming connections, 4 streams each,
+//! At most [`MAX_CONNECTIONS`] incoming connections, of them at most
+//! [`MAX_CONNECTIONS_PER_ADDR`] from one IP address and
+//! [`MAX_CONNECTIONS_PER_PEER`] from one peer cluster, 4 streams each (a
+//! peer that leaves leaves no entry behind),
 //! Cap'n Proto messages of at most [`MAX_NET_MESSAGE_BYTES`] (the largest a
 //! node sends: a value read over the network; a frame claiming more is
 //! refused from its header, before anything is allocated for it), a failed
@@ -51,6 +54,12 @@ use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 use identity::Identity;
 
 pub const MAX_CONNECTIONS: usize = 256;
+/// Most incoming connections from one IP address: a host minting fresh
+/// cluster identities cannot take every connection slot.
+pub const MAX_CONNECTIONS_PER_ADDR: usize = 64;
+/// Most incoming connections from one peer cluster (nodes of this node's
+/// own cluster are not counted: only its key can make them).
+pub const MAX_CONNECTIONS_PER_PEER: usize = 16;
 /// Largest Cap'n Proto message read from another node: a value of
 /// [`capstan_actors::api::MAX_VALUE_BYTES`] (8 MiB) read over the network,
 /// with its framing and room to spare. (The control socket, which only the
@@ -234,6 +243,10 @@ pub struct Net {
     /// not hold up dials to others); an entry lives while it is dialled.
     dialing: RefCell<HashMap<[u8; 32], Rc<tokio::sync::Mutex<()>>>>,
     incoming: Rc<Cell<usize>>,
+    /// Incoming connections open per remote IP address and per peer
+    /// cluster (see [`MAX_CONNECTIONS_PER_ADDR`], [`MAX_CONNECTIONS_PER_PEER`]).
+    per_addr: RefCell<HashMap<std::net::IpAddr, usize>>,
+    per_peer: RefCell<HashMap<[u8; 32], usize>>,
     /// Links to the other nodes of this cluster.
     links: members::Links,
 }
@@ -298,6 +311,8 @@ impl Net {
             peers: RefCell::new(HashMap::new()),
             dialing: RefCell::new(HashMap::new()),
             incoming: Rc::new(Cell::new(0)),
+            per_addr: RefCell::new(HashMap::new()),
+            per_peer: RefCell::new(HashMap::new()),
             links: members::Links::default(),
         });
         if listen.is_some() {
@@ -368,11 +383,14 @@ impl Net {
 
     async fn accept_loop(self: Rc<Self>) {
         while let Some(incoming) = self.endpoint.accept().await {
-            if self.incoming.get() >= MAX_CONNECTIONS {
-                tracing::warn!(remote = %incoming.remote_address(), "refusing a connection: too many");
+            let ip = incoming.remote_address().ip();
+            let from_ip = self.per_addr.borrow().get(&ip).copied().unwrap_or(0);
+            if self.incoming.get() >= MAX_CONNECTIONS || from_ip >= MAX_CONNECTIONS_PER_ADDR {
+                tracing::warn!(remote = %incoming.remote_address(), from_ip, "refusing a connection: too many");
                 incoming.refuse();
                 continue;
             }
+            *self.per_addr.borrow_mut().entry(ip).or_default() += 1;
             let me = self.clone();
             tokio::task::spawn_local(async move {
                 let remote = incoming.remote_address();
@@ -381,6 +399,13 @@ impl Net {
                     tracing::debug!(%remote, "incoming connection ended: {e:#}");
                 }
                 me.incoming.set(me.incoming.get() - 1);
+                let mut per_addr = me.per_addr.borrow_mut();
+                if let Some(n) = per_addr.get_mut(&ip) {
+                    *n -= 1;
+                    if *n == 0 {
+                        per_addr.remove(&ip);
+                    }
+                }
             });
         }
     }
@@ -391,11 +416,45 @@ impl Net {
             .map_err(|_| anyhow!("handshake timed out"))??;
         let peer = peer_cluster(&conn)?;
         tracing::debug!(remote = %conn.remote_address(), cluster = %&encode32(&peer)[..12], "peer connected");
-        if peer != self.id.cluster_id {
-            // (A node of this same cluster: a member link, not a peer cluster.)
-            self.register(peer, Rc::new(Peer::new(conn.clone(), false)));
+        if peer == self.id.cluster_id {
+            // A node of this same cluster: a member link, not a peer cluster.
+            return self.serve_streams(conn, peer).await;
         }
-        self.serve_streams(conn, peer).await
+        let open = self.per_peer.borrow().get(&peer).copied().unwrap_or(0);
+        if open >= MAX_CONNECTIONS_PER_PEER {
+            conn.close(
+                0u32.into(),
+                b"too many connections from your cluster; close some and retry",
+            );
+            anyhow::bail!("refused: {open} connections from this cluster already");
+        }
+        *self.per_peer.borrow_mut().entry(peer).or_default() += 1;
+        let registered = self.register(peer, Rc::new(Peer::new(conn.clone(), false)));
+        let r = self.clone().serve_streams(conn, peer).await;
+        {
+            let mut per_peer = self.per_peer.borrow_mut();
+            if let Some(n) = per_peer.get_mut(&peer) {
+                *n -= 1;
+                if *n == 0 {
+                    per_peer.remove(&peer);
+                }
+            }
+        }
+        // A peer that left leaves no entry behind (fresh identities would
+        // otherwise grow the map without bound).
+        let mut peers = self.peers.borrow_mut();
+        if peers
+            .get(&peer)
+            .is_some_and(|p| Rc::ptr_eq(p, &registered) && !p.live())
+        {
+            peers.remove(&peer);
+        }
+        r
+    }
+
+    /// Peer clusters with an entry (a live or recently used connection).
+    pub fn peer_count(&self) -> usize {
+        self.peers.borrow().len()
     }
 
     /// Serves the gateway on every stream the other side opens on `conn`
