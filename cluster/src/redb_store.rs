@@ -114,7 +114,17 @@ impl RedbStore {
         let lock = LockFile::acquire(path, &shown)?;
         let exists = match fs::metadata(path) {
             Ok(m) if m.is_dir() => return Err(StoreError::Io(format!("{shown} is a directory"))),
-            Ok(m) => m.len() > 0,
+            // A store is created whole (`create_new`: a temporary file
+            // renamed into place), so an empty file was truncated: refused,
+            // not taken for a fresh store (that would silently drop
+            // everything it held).
+            Ok(m) if m.len() == 0 => {
+                return Err(corrupt(
+                    &shown,
+                    "the file is empty (0 bytes); stores are never written empty, so it was truncated. Restore it from a backup, or move it away to start an empty store",
+                ));
+            }
+            Ok(_) => true,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
             Err(e) => return Err(io("reading", e)),
         };

@@ -146,6 +146,28 @@ fn corrupt_store_file_is_refused_and_left_alone() {
     assert_eq!(std::fs::read(&store).unwrap(), garbage);
 }
 
+/// A store file truncated to 0 bytes is refused with an error that says
+/// so, instead of starting as an empty store in place of the lost one.
+#[test]
+fn an_empty_store_file_is_refused_not_taken_for_a_new_store() {
+    let node = Node::new();
+    let store = node.home().join("store.redb");
+    std::fs::write(&store, b"").unwrap();
+    let (code, err) = node.fail(["start"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("empty") && err.contains("backup"),
+        "the error says what is wrong and what to do: {err}"
+    );
+    assert_eq!(
+        std::fs::metadata(&store).unwrap().len(),
+        0,
+        "the file was changed"
+    );
+    let (code, _) = node.fail(["ping"]);
+    assert_eq!(code, 2, "no daemon was left behind");
+}
+
 #[test]
 fn no_daemon_means_exit_2() {
     // Never started.
