@@ -526,6 +526,30 @@ impl std::fmt::Debug for AgentHandle {
     }
 }
 
+/// What a message's transaction writes besides its copies: the body (and
+/// the promise a request makes), given the transaction and the sender.
+trait PostBody:
+    for<'t> Fn(
+        &'t mut capstan_cluster::Transaction,
+        &Arc<Ctx>,
+    ) -> capstan_cluster::TxFuture<'t, (BodyRec, Option<FormulaId>), Error>
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<F> PostBody for F where
+    F: for<'t> Fn(
+            &'t mut capstan_cluster::Transaction,
+            &Arc<Ctx>,
+        ) -> capstan_cluster::TxFuture<'t, (BodyRec, Option<FormulaId>), Error>
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// Who a message goes to, as its sender named it.
 struct Recipient {
     to_path: Option<Path>,
@@ -1520,64 +1544,32 @@ impl AgentHandle {
 
     /// The common path of send and request: reserve numbers in both inboxes,
     /// then one transaction writes both copies and the exactly-once record.
-    async fn post<F>(
+    async fn post<F: PostBody>(
         &self,
         req: RequestId,
         to: Resolved,
         body: F,
-    ) -> Result<(u64, Option<FormulaId>), Error>
-    where
-        F: for<'t> Fn(
-                &'t mut capstan_cluster::Transaction,
-                &Arc<Ctx>,
-            )
-                -> capstan_cluster::TxFuture<'t, (BodyRec, Option<FormulaId>), Error>
-            + Send
-            + Sync
-            + 'static,
-    {
+    ) -> Result<(u64, Option<FormulaId>), Error> {
         let body = Arc::new(body);
-        match self
-            .post_to(
-                req,
-                to.target,
-                to.remote,
-                to.reply_id,
-                to.recheck.clone(),
-                body.clone(),
-            )
-            .await
-        {
+        match self.post_to(req, &to, body.clone()).await {
             // read on an old snapshot, the recipient changed since: resolve
             // it again on the latest version
             Err(Error::RecipientMoved) if let Some(spec) = to.recheck => {
                 let to = self.recipient_fresh(spec).await?;
-                self.post_to(req, to.target, to.remote, to.reply_id, None, body)
-                    .await
+                self.post_to(req, &to, body).await
             }
             r => r,
         }
     }
 
-    async fn post_to<F>(
+    async fn post_to<F: PostBody>(
         &self,
         req: RequestId,
-        target: FormulaId,
-        remote: Option<RemoteRec>,
-        reply_id: Option<RequestId>,
-        recheck: Option<Arc<Recipient>>,
+        to: &Resolved,
         body: Arc<F>,
-    ) -> Result<(u64, Option<FormulaId>), Error>
-    where
-        F: for<'t> Fn(
-                &'t mut capstan_cluster::Transaction,
-                &Arc<Ctx>,
-            )
-                -> capstan_cluster::TxFuture<'t, (BodyRec, Option<FormulaId>), Error>
-            + Send
-            + Sync
-            + 'static,
-    {
+    ) -> Result<(u64, Option<FormulaId>), Error> {
+        let (target, reply_id, recheck) = (to.target, to.reply_id, to.recheck.clone());
+        let remote = to.remote.clone();
         let me = self.ctx.id;
         let remote_target = remote.is_some();
         let remote = Arc::new(remote);

@@ -284,35 +284,26 @@ async fn last_inbox_number(a: &agent::Client) -> Result<Option<u64>, CapError> {
     Ok(inbox_scan(a).await?.1)
 }
 
-/// Runs `jobs` futures made by `make(i)` with at most `width` in flight;
-/// returns each one's latency.
 /// Commits/s of blind 3-key transactions (a send writes two message records
 /// and an exactly-once record) from `writers` concurrent writers straight
-/// through the store layer, with its batching; and their p50 latency.
+/// through the store layer, with its batching; and their p50 latency (µs).
 async fn store_ceiling(spec: &str, writers: usize, total: usize) -> anyhow::Result<(f64, f64)> {
     let db = capstan_cluster::open(spec).await?;
-    let next = Rc::new(std::cell::Cell::new(0usize));
     let t = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..writers.max(1) {
-        let (db, next) = (db.clone(), next.clone());
-        tasks.push(tokio::task::spawn_local(async move {
-            let mut lat = Vec::new();
-            loop {
-                let i = next.get();
-                if i >= total {
-                    break;
-                }
-                next.set(i + 1);
-                let key = |j: u64| {
-                    capstan_cluster::tuple::TupleKey::new()
-                        .str("bench-ceiling")
-                        .u64(i as u64)
-                        .u64(j)
-                        .into_vec()
-                };
-                let (a, b, c) = (key(0), key(1), key(2));
-                let t = Instant::now();
+    let lat = concurrently(
+        total,
+        writers,
+        move |i| {
+            let db = db.clone();
+            let key = move |j: u64| {
+                capstan_cluster::tuple::TupleKey::new()
+                    .str("bench-ceiling")
+                    .u64(i as u64)
+                    .u64(j)
+                    .into_vec()
+            };
+            let (a, b, c) = (key(0), key(1), key(2));
+            async move {
                 db.transact(move |tx| {
                     let (a, b, c) = (a.clone(), b.clone(), c.clone());
                     Box::pin(async move {
@@ -322,20 +313,19 @@ async fn store_ceiling(spec: &str, writers: usize, total: usize) -> anyhow::Resu
                         Ok::<_, capstan_cluster::StoreError>(())
                     })
                 })
-                .await?;
-                lat.push(t.elapsed());
+                .await
+                .map_err(|e| CapError::failed(e.to_string()))
             }
-            Ok::<_, capstan_cluster::StoreError>(lat)
-        }));
-    }
-    let mut lat = Vec::new();
-    for task in tasks {
-        lat.extend(task.await??);
-    }
+        },
+        "store alone",
+    )
+    .await?;
     let rate = total as f64 / t.elapsed().as_secs_f64();
     Ok((rate, stats(lat).p50))
 }
 
+/// Runs `jobs` futures made by `make(i)` with at most `width` in flight;
+/// returns each one's latency.
 async fn concurrently<F, Fut>(
     jobs: usize,
     width: usize,

@@ -160,7 +160,7 @@ impl Identity {
 
 /// A server verifier that accepts anything: the rogue does not care whom it calls.
 #[derive(Debug)]
-struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
+pub struct AnyServer(pub Arc<rustls::crypto::CryptoProvider>);
 
 impl rustls::client::danger::ServerCertVerifier for AnyServer {
     fn verify_server_cert(
@@ -348,17 +348,7 @@ impl RoguePeer {
             .build()
             .expect("rogue client runtime");
         rt.block_on(async move {
-            let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap())
-                .map_err(|e| format!("rogue endpoint: {e}"))?;
-            endpoint.set_default_client_config(client);
-            let addr: SocketAddr = target.addrs[0]
-                .parse()
-                .map_err(|e| format!("address: {e}"))?;
-            let conn = endpoint
-                .connect(addr, "capstan")
-                .map_err(|e| format!("connect: {e}"))?
-                .await
-                .map_err(|e| format!("handshake: {e}"))?;
+            let (_endpoint, conn) = dial(client, &target).await?;
             let (mut send, mut recv) = conn.open_bi().await.map_err(|e| format!("stream: {e}"))?;
             // segment count minus one, then the segment's size in words
             let mut header = Vec::new();
@@ -406,17 +396,7 @@ impl RoguePeer {
         let local = tokio::task::LocalSet::new();
         local.block_on(&rt, async move {
             let call = async {
-                let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap())
-                    .map_err(|e| format!("rogue endpoint: {e}"))?;
-                endpoint.set_default_client_config(client);
-                let addr: SocketAddr = target.addrs[0]
-                    .parse()
-                    .map_err(|e| format!("address: {e}"))?;
-                let conn = endpoint
-                    .connect(addr, "capstan")
-                    .map_err(|e| format!("connect: {e}"))?
-                    .await
-                    .map_err(|e| format!("handshake: {e}"))?;
+                let (_endpoint, conn) = dial(client, &target).await?;
                 let (send, recv) = conn.open_bi().await.map_err(|e| format!("stream: {e}"))?;
                 let network = twoparty::VatNetwork::new(
                     recv.compat(),
@@ -440,6 +420,26 @@ impl RoguePeer {
             }
         })
     }
+}
+
+/// Dials the node of `target` from a fresh loopback endpoint with `client`
+/// (the endpoint is returned: dropping it closes the connection).
+async fn dial(
+    client: quinn::ClientConfig,
+    target: &Locator,
+) -> Result<(quinn::Endpoint, quinn::Connection), String> {
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap())
+        .map_err(|e| format!("rogue endpoint: {e}"))?;
+    endpoint.set_default_client_config(client);
+    let addr: SocketAddr = target.addrs[0]
+        .parse()
+        .map_err(|e| format!("address: {e}"))?;
+    let conn = endpoint
+        .connect(addr, "capstan")
+        .map_err(|e| format!("connect: {e}"))?
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    Ok((endpoint, conn))
 }
 
 impl Drop for RoguePeer {

@@ -228,7 +228,7 @@ async fn respond_all(
 ) -> Result<(), Error> {
     let mut holes = crate::rules::inbox::Holes::default();
     loop {
-        let Some(batch) = next_run(rt, agent, None, &mut holes).await? else {
+        let Some(batch) = next_run(agent, None, &mut holes).await? else {
             return Ok(());
         };
         for (number, msg, _) in batch {

@@ -168,7 +168,7 @@ async fn drain(
         let open = Arc::new(OpenTx::new(rt.db.clone(), agent.fence.clone()));
         let mut within = agent.clone();
         within.open = Some(open.clone());
-        let Some(batch) = next_run(rt, &agent, Some(&within), &mut holes).await? else {
+        let Some(batch) = next_run(&agent, Some(&within), &mut holes).await? else {
             return Ok(());
         };
         let r = run_batch(gh, rt, &within, &open, hash, limits, batch, &mut first).await;
@@ -271,12 +271,10 @@ async fn run_batch(
 /// batch's snapshot, without read conflicts: the handlers then work on the
 /// same snapshot, and mail arriving meanwhile does not conflict with them.
 pub(super) async fn next_run(
-    rt: &Arc<Inner>,
     agent: &AgentHandle,
     within: Option<&AgentHandle>,
     holes: &mut crate::rules::inbox::Holes,
 ) -> Result<Option<Vec<Listed>>, Error> {
-    let _ = rt;
     loop {
         let (next, mut batch) = next_batch(within.unwrap_or(agent)).await?;
         let listed: Vec<u64> = batch.iter().map(|(n, _, _)| *n).collect();
@@ -853,7 +851,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_burst_is_handled_once_each_in_batched_commits() {
         let store = Arc::new(capstan_cluster::mem_store::MemStore::new());
-        let (_rt, host, g) = counter_guest_on(capstan_cluster::Db::new(store.clone())).await;
+        let (_rt, host, _) = counter_guest_on(capstan_cluster::Db::new(store.clone())).await;
         // wake the guest once, so the burst below lands on a runner
         host.send(RequestId::random(), "c", vec!["get".into()], vec![], None)
             .await
@@ -864,7 +862,6 @@ mod tests {
         let got = burst(&host, n).await;
         let got: Vec<String> = got.into_iter().filter(|r| r != "count = 0").collect();
         assert_each_once(&got, n);
-        let _ = g;
         let commits = store.history_stats().version - before;
         eprintln!("{commits} commits for {n} messages");
         // n commits are the senders'; the guest's share must be well under

@@ -229,6 +229,23 @@ fn preferred(me: &[u8; 32], them: &[u8; 32], mine: bool) -> bool {
 /// How long a duplicate connection is kept for calls already on it.
 const DUPLICATE_GRACE: Duration = Duration::from_secs(3);
 
+/// One more open connection counted under `key`.
+fn count_up<K: std::hash::Hash + Eq>(counts: &RefCell<HashMap<K, usize>>, key: K) {
+    *counts.borrow_mut().entry(key).or_default() += 1;
+}
+
+/// One fewer under `key`; a key with none left is dropped (the map holds
+/// only what is open).
+fn count_down<K: std::hash::Hash + Eq>(counts: &RefCell<HashMap<K, usize>>, key: &K) {
+    let mut counts = counts.borrow_mut();
+    if let Some(n) = counts.get_mut(key) {
+        *n -= 1;
+        if *n == 0 {
+            counts.remove(key);
+        }
+    }
+}
+
 /// The QUIC side of a node.
 pub struct Net {
     rt: Runtime,
@@ -390,7 +407,7 @@ impl Net {
                 incoming.refuse();
                 continue;
             }
-            *self.per_addr.borrow_mut().entry(ip).or_default() += 1;
+            count_up(&self.per_addr, ip);
             let me = self.clone();
             tokio::task::spawn_local(async move {
                 let remote = incoming.remote_address();
@@ -399,13 +416,7 @@ impl Net {
                     tracing::debug!(%remote, "incoming connection ended: {e:#}");
                 }
                 me.incoming.set(me.incoming.get() - 1);
-                let mut per_addr = me.per_addr.borrow_mut();
-                if let Some(n) = per_addr.get_mut(&ip) {
-                    *n -= 1;
-                    if *n == 0 {
-                        per_addr.remove(&ip);
-                    }
-                }
+                count_down(&me.per_addr, &ip);
             });
         }
     }
@@ -428,18 +439,10 @@ impl Net {
             );
             anyhow::bail!("refused: {open} connections from this cluster already");
         }
-        *self.per_peer.borrow_mut().entry(peer).or_default() += 1;
+        count_up(&self.per_peer, peer);
         let registered = self.register(peer, Rc::new(Peer::new(conn.clone(), false)));
         let r = self.clone().serve_streams(conn, peer).await;
-        {
-            let mut per_peer = self.per_peer.borrow_mut();
-            if let Some(n) = per_peer.get_mut(&peer) {
-                *n -= 1;
-                if *n == 0 {
-                    per_peer.remove(&peer);
-                }
-            }
-        }
+        count_down(&self.per_peer, &peer);
         // A peer that left leaves no entry behind (fresh identities would
         // otherwise grow the map without bound).
         let mut peers = self.peers.borrow_mut();
