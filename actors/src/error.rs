@@ -53,7 +53,9 @@ pub enum Error {
         max: usize,
     },
     /// A stored record could not be decoded.
-    #[error("stored record is corrupt: {0}")]
+    #[error(
+        "a stored record is corrupt ({0}): the store is damaged; stop the node, move the store away and restore it from a backup (`capstan restore FILE`)"
+    )]
     Corrupt(String),
     /// The store failed.
     #[error(transparent)]

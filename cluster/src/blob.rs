@@ -32,8 +32,11 @@ fn key(prefix: &[u8], index: u64) -> Vec<u8> {
 
 fn corrupt(prefix: &[u8], detail: String) -> StoreError {
     StoreError::Corrupt {
-        path: format!("blob {}", escape(prefix)),
-        detail,
+        path: format!("value data at key {}", escape(prefix)),
+        detail: format!(
+            "{detail}: the store is damaged; stop the node, {}",
+            crate::redb_store::RESTORE_HINT
+        ),
     }
 }
 

@@ -21,10 +21,13 @@
 //!   and seeded fault injection (spurious conflicts, "maybe committed"
 //!   outcomes, delays, a stopped store).
 //! - [`tuple`]: order-preserving tuple encoding of keys.
+//! - [`backup`]: a whole store to a checked file (one consistent snapshot)
+//!   and back into an empty store (`capstan backup` / `restore`).
 //! - [`blob`]: values larger than [`MAX_VALUE_SIZE`] split into chunks.
 //! - [`conformance`]: the backend conformance suite, written once and run
 //!   against every backend ([`conformance_tests!`]).
 
+pub mod backup;
 pub mod blob;
 pub mod conformance;
 pub mod etcd_rpc;

@@ -130,6 +130,7 @@ impl RedbStore {
         };
         if exists {
             vet_existing(path, &shown)?;
+            verify_pages(path, &shown)?;
         } else {
             create_new(path, &shown)?;
         }
@@ -267,14 +268,22 @@ impl Snapshot for RedbSnapshot {
     }
 
     async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        let found = self
-            .table
-            .get(key)
-            .map_err(|e| backend_error(e.into(), &self.describe))?;
-        Ok(found.map(|v| v.value().to_vec()))
+        guarded(&self.describe, || {
+            let found = self
+                .table
+                .get(key)
+                .map_err(|e| backend_error(e.into(), &self.describe))?;
+            Ok(found.map(|v| v.value().to_vec()))
+        })
     }
 
     async fn range(&self, opt: &RangeOption) -> Result<Vec<KeyValue>, StoreError> {
+        guarded(&self.describe, || self.range_now(opt))
+    }
+}
+
+impl RedbSnapshot {
+    fn range_now(&self, opt: &RangeOption) -> Result<Vec<KeyValue>, StoreError> {
         if opt.begin >= opt.end {
             return Ok(Vec::new());
         }
@@ -305,6 +314,19 @@ impl Snapshot for RedbSnapshot {
         }
         Ok(out)
     }
+}
+
+/// Runs a redb call, turning a panic (redb panics on some damaged pages)
+/// into an error naming the store and what to do, so a damaged page fails
+/// the one operation that met it instead of the task serving it.
+fn guarded<T>(describe: &str, f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|_| {
+        tracing::error!(store = %describe, "redb panicked reading the store: it is damaged");
+        Err(corrupt(
+            describe,
+            format!("reading it failed inside redb (damaged pages); stop the node, {RESTORE_HINT}"),
+        ))
+    })
 }
 
 /// Writes recently committed, to check read-conflict ranges against (pure: time comes in).
@@ -452,7 +474,7 @@ impl Committer {
         let result = if written.is_empty() {
             Ok(self.version)
         } else {
-            match self.apply(&accepted, version) {
+            match guarded(&self.describe, || self.apply(&accepted, version)) {
                 Ok(()) => {
                     self.version = version;
                     self.log.record(version, Instant::now(), written);
@@ -679,6 +701,39 @@ fn vet_existing(path: &Path, shown: &str) -> Result<(), StoreError> {
 }
 
 const NEEDS_REPAIR: &str = "needs repair";
+
+/// What a damaged store's error tells the operator to do.
+pub const RESTORE_HINT: &str = "move the file away and restore the store from a backup (`capstan restore FILE`; `capstan backup FILE` makes one)";
+
+/// Checks the checksum of every page of the file (redb's integrity check),
+/// on a copy-on-write overlay so the file itself is never written: damage
+/// anywhere is refused at start, before the node serves anything, instead
+/// of surfacing later as a failed read (or, where it hits redb's own
+/// structures, a panic). It reads the whole file once (about as long as
+/// copying it).
+fn verify_pages(path: &Path, shown: &str) -> Result<(), StoreError> {
+    let started = Instant::now();
+    let overlay =
+        CowBackend::open(path).map_err(|e| StoreError::Io(format!("reading {shown}: {e}")))?;
+    let checked = catch_unwind(AssertUnwindSafe(|| -> Result<bool, DatabaseError> {
+        let mut db = Builder::new().create_with_backend(overlay)?;
+        db.check_integrity()
+    }));
+    let damaged = |detail: String| corrupt(shown, format!("{detail}; {RESTORE_HINT}"));
+    match checked {
+        Ok(Ok(true)) => {
+            tracing::debug!(path = %shown, ms = started.elapsed().as_millis() as u64, "store pages verified");
+            Ok(())
+        }
+        // redb could only make the file consistent by dropping what the
+        // damaged pages held (e.g. rolling back to the commit before).
+        Ok(Ok(false)) => Err(damaged(
+            "pages of the file fail their checksums (damaged on disk)".into(),
+        )),
+        Ok(Err(e)) => Err(damaged(format!("its integrity check failed: {e}"))),
+        Err(_) => Err(damaged("its integrity check panicked".into())),
+    }
+}
 
 /// Opens a database with `open` (which must not write to the file) and checks the marker.
 fn vet_with<D: ReadableDatabase>(

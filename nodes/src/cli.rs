@@ -131,6 +131,36 @@ pub enum Command {
         #[command(flatten)]
         out: Out,
     },
+    /// Write a backup of the whole store to FILE: one consistent snapshot.
+    ///
+    /// With a daemon running, the node writes it while it serves; without
+    /// one, the store is opened here (the home's, or --store's). The file
+    /// (mode 0600: it holds everything the store does) replaces FILE only
+    /// once it is whole and checked.
+    Backup {
+        /// Where to write the backup.
+        file: std::path::PathBuf,
+        /// The store to back up when no daemon runs (default: the home's).
+        #[arg(long, value_name = "SPEC")]
+        store: Option<String>,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Restore a backup into an empty store (the node must be stopped).
+    ///
+    /// The file is checked whole first; nothing is written unless it is an
+    /// undamaged Capstan backup, and only into a store holding no key: move
+    /// a damaged store.redb away first, or name a fresh etcd prefix with
+    /// --store.
+    Restore {
+        /// The backup to restore.
+        file: std::path::PathBuf,
+        /// The store to restore into (default: the home's).
+        #[arg(long, value_name = "SPEC")]
+        store: Option<String>,
+        #[command(flatten)]
+        out: Out,
+    },
     /// A guided tour on a temporary home: start, names, mail, crash, restart.
     Demo {
         #[command(flatten)]
@@ -725,6 +755,8 @@ impl Command {
             | Command::Where { out }
             | Command::Status { out }
             | Command::Du { out }
+            | Command::Backup { out, .. }
+            | Command::Restore { out, .. }
             | Command::Demo { out }
             | Command::Bench { out, .. }
             | Command::List { out, .. }

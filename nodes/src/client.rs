@@ -161,6 +161,21 @@ pub async fn usage_page(
     answer.await.map_err(|e| classify(paths, e))
 }
 
+/// `Node.backup`: the node writes one snapshot of its store to `path`
+/// (absolute); (pairs, bytes, version). No retries: a backup can be taken
+/// again.
+pub async fn backup(paths: &Paths, path: &std::path::Path) -> Result<(u64, u64, u64), ClientError> {
+    let node = connect_node(paths).await?;
+    let answer = async {
+        let mut req = node.backup_request();
+        req.get().set_path(path.to_string_lossy().as_ref());
+        let r = req.send().promise.await?;
+        let r = r.get()?;
+        Ok::<_, CapError>((r.get_pairs(), r.get_bytes(), r.get_version()))
+    };
+    answer.await.map_err(|e| classify(paths, e))
+}
+
 /// `Node.stop`; a connection that drops before the answer counts as stopped.
 pub async fn stop(paths: &Paths) -> Result<(), ClientError> {
     let node = connect_node(paths).await?;

@@ -110,6 +110,50 @@ fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create directory {}", dir.display()))
 }
 
+/// Takes group and other permissions off the home and the files Capstan
+/// keeps in it (homes made by earlier versions were created with the
+/// default umask: a world-readable store and log). Only Capstan's own
+/// entries are touched (a home may be a directory that holds other
+/// things). Best effort: a failure is logged.
+fn make_private(home: &Path) {
+    fn tighten(path: &Path) {
+        let Ok(m) = std::fs::symlink_metadata(path) else {
+            return;
+        };
+        if m.file_type().is_symlink() || m.mode() & 0o077 == 0 {
+            return;
+        }
+        let mode = std::fs::Permissions::from_mode(m.mode() & 0o700);
+        if let Err(e) = std::fs::set_permissions(path, mode) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot take group and other permissions off");
+        }
+    }
+    tighten(home);
+    let Ok(entries) = std::fs::read_dir(home) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let ours = name.starts_with("capstan.")
+            || name.starts_with("store")
+            || matches!(
+                name.as_str(),
+                "identity" | "compiled" | "listen" | "advertise" | "metrics"
+            );
+        if !ours {
+            continue;
+        }
+        tighten(&e.path());
+        if matches!(name.as_str(), "identity" | "compiled")
+            && let Ok(inner) = std::fs::read_dir(e.path())
+        {
+            for f in inner.flatten() {
+                tighten(&f.path());
+            }
+        }
+    }
+}
+
 /// The daemon's exclusive lock on its home (`capstan.lock`, holding its pid).
 #[derive(Debug)]
 pub struct HomeLock {
@@ -203,6 +247,7 @@ pub async fn run(
     let (listen_eff, advertise) = net_config(&paths, listen, advertise)?;
     let metrics = crate::metrics::config(&paths, metrics, metrics_public)?;
     create_private_dir(&paths.home)?;
+    make_private(&paths.home);
     // The home lock is released by the kernel when this process exits, never
     // earlier: `capstan stop` waits for it, and a `start` that follows must
     // not find the store still open (tasks of the local set, or the tokio
@@ -440,6 +485,17 @@ fn outbox_expiry_from_env() -> anyhow::Result<Duration> {
             ),
         },
     }
+}
+
+/// The store a command works on: `given`, else the one a previous
+/// `start --store` left in the home, else the home's `store.redb`.
+pub fn store_spec(paths: &Paths, given: Option<&str>) -> anyhow::Result<String> {
+    Ok(match given {
+        Some(s) => s.to_string(),
+        None => {
+            remembered_store(paths)?.unwrap_or_else(|| paths.store.to_string_lossy().to_string())
+        }
+    })
 }
 
 /// The store spec a previous `--store` left in the home, if any.

@@ -43,6 +43,7 @@
 //! A CLI command connects, bootstraps, pipelines `host()`/`agent(path)` into
 //! the call and exits: one round trip on a Unix socket.
 
+mod backup;
 mod bench;
 mod cli;
 mod client;
@@ -92,6 +93,9 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // Everything Capstan creates in a home (store, log, keys, pid files,
+    // backups) is for this user alone: files 0600, directories 0700.
+    private_umask();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -102,6 +106,16 @@ fn main() -> ExitCode {
             eprintln!("capstan: {}", one_line(&format!("{e:#}")));
             ExitCode::from(code as u8)
         }
+    }
+}
+
+/// Sets the file-creation mask to 0o077 (see `main`).
+#[allow(unsafe_code)]
+fn private_umask() {
+    // SAFETY: umask(2) only sets this process's file-creation mask; it
+    // cannot fail and touches no memory.
+    unsafe {
+        libc::umask(0o077);
     }
 }
 
@@ -307,6 +321,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             }
             Command::Du { .. } => du::du(&paths, json).await,
+            Command::Backup { file, store, .. } => {
+                backup::backup(&paths, &file, store.as_deref(), json).await
+            }
+            Command::Restore { file, store, .. } => {
+                backup::restore(&paths, &file, store.as_deref(), json).await
+            }
             Command::Status { .. } => {
                 let info = client::ping(&paths).await?;
                 let metrics_url = metrics::serving(&paths);

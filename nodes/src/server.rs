@@ -136,6 +136,50 @@ impl node::Server for NodeServer {
         Ok(())
     }
 
+    async fn backup(
+        self: Rc<Self>,
+        params: node::BackupParams,
+        mut results: node::BackupResults,
+    ) -> Result<(), CapError> {
+        let path = params
+            .get()?
+            .get_path()?
+            .to_str()
+            .map_err(|_| failed("the backup path is not UTF-8"))?
+            .to_string();
+        let path = std::path::PathBuf::from(path);
+        if !path.is_absolute() {
+            return Err(failed(format!(
+                "the backup path {} must be absolute (the node may run in another directory)",
+                path.display()
+            )));
+        }
+        tracing::info!(path = %path.display(), "backup started");
+        let started = Instant::now();
+        let mut last_log = Instant::now();
+        let summary = capstan_cluster::backup::write(self.runtime.db(), &path, |s| {
+            if last_log.elapsed() >= std::time::Duration::from_secs(5) {
+                last_log = Instant::now();
+                tracing::info!(pairs = s.pairs, bytes = s.bytes, "backup in progress");
+            }
+        })
+        .await
+        .map_err(|e| failed(format!("backup failed: {e}")))?;
+        tracing::info!(
+            path = %path.display(),
+            pairs = summary.pairs,
+            bytes = summary.bytes,
+            version = summary.version,
+            ms = started.elapsed().as_millis() as u64,
+            "backup written"
+        );
+        let mut r = results.get();
+        r.set_pairs(summary.pairs);
+        r.set_bytes(summary.bytes);
+        r.set_version(summary.version);
+        Ok(())
+    }
+
     async fn stop(
         self: Rc<Self>,
         _: node::StopParams,

@@ -23,6 +23,10 @@ interface Node {
   # (empty = the first key) and counts them by kind. Call again from `next`
   # until `done`.
   usage @3 (start :Data, maxKeys :UInt32) -> (kinds :List(KindUsage), next :Data, done :Bool);
+  # Write every key of one snapshot of the store to `path` (absolute, on
+  # the node's machine; `capstan backup`): consistent while the node serves.
+  # The file is replaced only once the new one is whole.
+  backup @4 (path :Text) -> (pairs :UInt64, bytes :UInt64, version :UInt64);
 }
 
 struct KindUsage {
