@@ -357,6 +357,10 @@ pub enum Command {
         /// Largest response body, bytes (default 1 MiB, at most 16 MiB).
         #[arg(long, value_name = "N")]
         max_bytes: Option<u64>,
+        /// Let the credential headers go to `http://` prefixes, in clear
+        /// (a server on loopback); without it they go over https only.
+        #[arg(long)]
+        insecure_http: bool,
         #[command(flatten)]
         out: Out,
     },

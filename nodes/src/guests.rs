@@ -200,6 +200,7 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
             headers,
             timeout_ms,
             max_bytes,
+            insecure_http,
             ..
         } => {
             let mut hs = Vec::new();
@@ -248,6 +249,7 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
                         }
                         s.set_timeout_ms(timeout_ms.unwrap_or(0));
                         s.set_max_bytes(max_bytes.unwrap_or(0));
+                        s.set_insecure_http(insecure_http);
                         let answer = r.send().promise.await?;
                         Ok(answer.get()?.get_id()?.to_vec())
                     }

@@ -914,6 +914,7 @@ impl agent::Server for AgentServer {
             headers,
             timeout_ms: s.get_timeout_ms(),
             max_bytes: s.get_max_bytes(),
+            insecure_http: s.get_insecure_http(),
         };
         let id = self
             .handle

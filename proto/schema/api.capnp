@@ -177,6 +177,7 @@ struct HttpSpec {
   headers @2 :List(HttpHeader); # credential headers injected by the node
   timeoutMs @3 :UInt32;         # cap on one request; 0 = the default
   maxBytes @4 :UInt64;          # cap on one response body; 0 = the default
+  insecureHttp @5 :Bool;        # credentials may go to http:// prefixes (in clear)
 }
 
 struct HttpHeader {

@@ -449,6 +449,21 @@ mod web {
                     String::new(),
                     format!("hello; you sent authorization {auth}").into_bytes(),
                 ),
+                (_, "/api/echo64") => {
+                    use base64::Engine as _;
+                    let text = format!("you sent authorization {auth}");
+                    let b64 = base64::engine::general_purpose::STANDARD.encode(text);
+                    (
+                        "200 OK",
+                        String::new(),
+                        format!("encoded: {b64}").into_bytes(),
+                    )
+                }
+                (_, p) if p.starts_with("/api/go?to=") => (
+                    "302 Found",
+                    format!("Location: {}\r\n", &p["/api/go?to=".len()..]),
+                    Vec::new(),
+                ),
                 (_, "/api/big") => ("200 OK", String::new(), vec![b'x'; 200_000]),
                 (_, "/api/redirect") => (
                     "302 Found",
@@ -507,6 +522,19 @@ fn http_capability_allows_only_its_allowlist_and_hides_its_credential() {
         "999999",
     ]);
     assert!(e.contains("--timeout-ms 999999 is too long"), "{e}");
+    // credentials over plain http need --insecure-http
+    let (_, e) = node.fail([
+        "mkhttp",
+        "bad",
+        "--allow",
+        &prefix,
+        "--header-file",
+        &key_arg,
+    ]);
+    assert!(
+        e.contains("would be sent in clear") && e.contains("--insecure-http"),
+        "{e}"
+    );
     assert!(!node.names(&[]).contains("bad"));
 
     node.ok([
@@ -520,6 +548,9 @@ fn http_capability_allows_only_its_allowlist_and_hides_its_credential() {
         &key_arg,
         "--max-bytes",
         "10000",
+        "--insecure-http",
+        "--allow",
+        &other.url("/api/"),
     ]);
     // the capability's description names the header, never its value
     let desc = node.ok(["cat", "api"]);
@@ -549,7 +580,50 @@ fn http_capability_allows_only_its_allowlist_and_hides_its_credential() {
         Some("Bearer s3cret-token-4242")
     );
 
+    // an echo encoded in base64 is redacted too
+    let r = run(&server.url("/api/echo64"), "GET");
+    assert!(r.success(), "{}", r.stderr);
+    let out = r.stdout_str();
+    assert!(out.contains("[REDACTED]"), "{out}");
+    {
+        use base64::Engine as _;
+        let token = base64::engine::general_purpose::STANDARD.encode("s3cret-token-4242");
+        assert!(!out.contains(&token[..12]), "{out}");
+    }
+
+    // a redirect to another allowlisted origin is followed without the
+    // credential (it is bound to the request's origin)
+    let to_other = server.url(&format!("/api/go?to={}", other.url("/api/echo")));
+    let r = run(&to_other, "GET");
+    assert!(r.success(), "{}", r.stderr);
+    assert!(
+        r.stdout_str().contains("you sent authorization none"),
+        "{}",
+        r.stdout_str()
+    );
+    let at_other = other.requests();
+    assert_eq!(at_other.len(), 1, "the redirect was followed once");
+    assert_eq!(
+        at_other[0].header("authorization"),
+        None,
+        "the credential crossed origins"
+    );
+    // a redirect back to the same origin keeps it
+    let same = server.url(&format!("/api/go?to={}", server.url("/api/echo")));
+    let r = run(&same, "GET");
+    assert!(
+        r.stdout_str().contains("you sent authorization [REDACTED]"),
+        "{}",
+        r.stdout_str()
+    );
+    // a path with an encoded separator is refused before any request
+    let before = server.requests().len();
+    let r = run(&server.url("/api/..%2Fadmin"), "GET");
+    assert!(r.stderr.contains("encoded"), "{}", r.stderr);
+    assert_eq!(server.requests().len(), before);
+
     // outside the allowlist: another path, another port; a redirect out of it
+    let other_before = other.requests().len();
     let before = server.requests().len();
     let r = run(&server.url("/admin"), "GET");
     assert!(!r.success());
@@ -559,14 +633,26 @@ fn http_capability_allows_only_its_allowlist_and_hides_its_credential() {
         "{}",
         r.stderr
     );
-    let r = run(&other.url("/api/echo"), "GET");
+    let r = run(&other.url("/admin"), "GET");
     assert!(
         r.stderr
             .contains("outside this http capability's allowlist"),
         "{}",
         r.stderr
     );
-    assert!(other.requests().is_empty(), "the other server was reached");
+    let third = web::Server::start();
+    let r = run(&third.url("/api/echo"), "GET");
+    assert!(
+        r.stderr
+            .contains("outside this http capability's allowlist"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        third.requests().is_empty(),
+        "a server off the allowlist was reached"
+    );
+    assert_eq!(other.requests().len(), other_before);
     assert_eq!(
         server.requests().len(),
         before,

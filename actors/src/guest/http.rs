@@ -1,10 +1,23 @@
 //! The `http` capability: what a tool or channel granted it may reach over
 //! HTTP, in the IronClaw way. The host holds an allowlist of URL prefixes
-//! (scheme, host and port must match exactly; the path by prefix), the
-//! allowed methods, a timeout cap, a response size cap, and credential
-//! headers whose values it reads from key files at request time and injects
-//! on the way out: the guest never sees them, and a response that echoes
-//! one gets it replaced by `[REDACTED]`.
+//! (scheme, host and port must match exactly; the path by prefix, on
+//! path-segment boundaries: `/v1` allows `/v1` and `/v1/x`, never
+//! `/v1-admin`), the allowed methods, a timeout cap, a response size cap,
+//! and credential headers whose values it reads from key files at request
+//! time and injects on the way out: the guest never sees them, and a
+//! response that echoes one (as is, or base64-, hex- or percent-encoded)
+//! gets it replaced by `[REDACTED]`.
+//!
+//! Credentials are bound to the allowlist's origins and to https: a
+//! capability with credential headers may allow `http://` prefixes only
+//! when made with `--insecure-http` (a test server on loopback). Redirects
+//! are followed here, one hop at a time, each checked against the
+//! allowlist; a hop to another origin than the request's goes without the
+//! credentials. A path with an encoded separator (`%2F`, `%5C`) or an
+//! encoded dot segment is refused (servers that decode it would see
+//! another path than the one checked), and a response in a content coding
+//! (gzip, …) is refused when credentials were sent, since it cannot be
+//! checked for them.
 //!
 //! `mkhttp NAME` stores a text value describing the capability (no secret
 //! in it) and a record `("gh", value id)` holding the [`HttpSpec`]; granting
@@ -54,6 +67,9 @@ pub struct HttpSpec {
     pub headers: Vec<(String, String)>,
     pub timeout_ms: u32,
     pub max_bytes: u64,
+    /// Credentials may go to `http://` prefixes (in clear): `--insecure-http`.
+    #[serde(default)]
+    pub insecure_http: bool,
 }
 
 pub(crate) fn key(value: &FormulaId) -> Vec<u8> {
@@ -107,8 +123,41 @@ impl Prefix {
             && u.port_or_known_default() == Some(self.port)
             && u.username().is_empty()
             && u.password().is_none()
-            && u.path().starts_with(&self.path)
+            && under(u.path(), &self.path)
     }
+}
+
+/// Whether `path` is `prefix` or below it, on a path-segment boundary.
+fn under(path: &str, prefix: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+/// Why a URL's path cannot be checked against a prefix: an encoded
+/// separator or dot segment, which a server that decodes it reads as
+/// another path.
+fn ambiguous_path(u: &reqwest::Url) -> Option<&'static str> {
+    let path = u.path().to_ascii_lowercase();
+    if path.contains("%2f") || path.contains("%5c") {
+        return Some("an encoded '/' or '\\' in the path");
+    }
+    let dotty = path.split('/').any(|seg| {
+        let decoded = percent_encoding::percent_decode_str(seg).decode_utf8_lossy();
+        seg.contains('%') && (decoded == "." || decoded == "..")
+    });
+    dotty.then_some("an encoded '.' or '..' path segment")
+}
+
+/// `scheme://host:port` of a URL.
+fn origin(u: &reqwest::Url) -> String {
+    format!(
+        "{}://{}:{}",
+        u.scheme(),
+        u.host_str().unwrap_or("").to_ascii_lowercase(),
+        u.port_or_known_default().unwrap_or(0)
+    )
 }
 
 fn allowed(spec: &HttpSpec, u: &reqwest::Url) -> bool {
@@ -153,6 +202,7 @@ pub fn validate(
     headers: &[(String, String)],
     timeout_ms: u32,
     max_bytes: u64,
+    insecure_http: bool,
 ) -> Result<HttpSpec, Error> {
     let bad = |m: String| Error::Invalid(m);
     if allow.is_empty() {
@@ -213,6 +263,14 @@ pub fn validate(
         }
         hs.push((name.clone(), path.clone()));
     }
+    if !hs.is_empty()
+        && !insecure_http
+        && let Some(clear) = allow.iter().find(|p| p.starts_with("http://"))
+    {
+        return Err(bad(format!(
+            "the credential headers would be sent in clear to {clear}; allow https URLs, or pass --insecure-http (for example for a server on loopback)"
+        )));
+    }
     let timeout_ms = match timeout_ms {
         0 => DEFAULT_TIMEOUT_MS,
         t if t > MAX_TIMEOUT_MS => {
@@ -237,6 +295,7 @@ pub fn validate(
         headers: hs,
         timeout_ms,
         max_bytes,
+        insecure_http,
     })
 }
 
@@ -260,6 +319,7 @@ impl AgentHandle {
             &spec.headers,
             spec.timeout_ms,
             spec.max_bytes,
+            spec.insecure_http,
         )?;
         let text = format!(
             "http capability: {} to {}; timeout {} ms, responses up to {} bytes{}",
@@ -319,10 +379,51 @@ pub(crate) struct Response {
     pub body: Vec<u8>,
 }
 
+/// The ways a secret may come back in a response: as is, base64 (standard
+/// and URL-safe, at each of the three alignments inside a longer encoded
+/// text), hex (either case) and percent-encoded. Longest first.
+fn secret_forms(secrets: &[String]) -> Vec<Vec<u8>> {
+    use base64::Engine as _;
+    let engines = [
+        base64::engine::general_purpose::STANDARD_NO_PAD,
+        base64::engine::general_purpose::URL_SAFE_NO_PAD,
+    ];
+    let mut forms: Vec<Vec<u8>> = Vec::new();
+    for s in secrets {
+        let b = s.as_bytes();
+        forms.push(b.to_vec());
+        forms.push(hex::encode(b).into_bytes());
+        forms.push(hex::encode_upper(b).into_bytes());
+        let pct = percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC)
+            .to_string();
+        forms.push(pct.into_bytes());
+        for e in &engines {
+            // After `pad` bytes of other data, the secret's bytes start
+            // (8*pad) bits into a base64 quantum; the characters that depend
+            // only on the secret are those from the next whole quantum
+            // position on, up to the last full character.
+            for pad in 0..3usize {
+                let mut buf = vec![0u8; pad];
+                buf.extend_from_slice(b);
+                let enc = e.encode(&buf);
+                let skip = (pad * 8).div_ceil(6);
+                let full = (buf.len() * 8) / 6;
+                if full > skip + 8 {
+                    forms.push(enc.as_bytes()[skip..full].to_vec());
+                }
+            }
+        }
+    }
+    forms.retain(|f| f.len() >= 8 || secrets.iter().any(|s| s.as_bytes() == f.as_slice()));
+    forms.sort_by_key(|f| std::cmp::Reverse(f.len()));
+    forms.dedup();
+    forms
+}
+
 fn redact(data: &[u8], secrets: &[String]) -> Vec<u8> {
     let mut out = data.to_vec();
-    for s in secrets {
-        let s = s.as_bytes();
+    for s in secret_forms(secrets) {
+        let s = s.as_slice();
         if s.is_empty() || out.len() < s.len() {
             continue;
         }
@@ -361,6 +462,11 @@ pub(crate) async fn request(
         ));
     }
     let u = reqwest::Url::parse(url).map_err(|e| format!("{what}: not a URL: {e}"))?;
+    if let Some(why) = ambiguous_path(&u) {
+        return Err(format!(
+            "{what}: the URL has {why}, which servers may read as another path; send it unencoded"
+        ));
+    }
     if !allowed(spec, &u) {
         return Err(format!(
             "{what}: the URL is outside this http capability's allowlist ({})",
@@ -410,6 +516,7 @@ pub(crate) async fn request(
         }
     }
     // The credentials, read now (a rotated key file takes effect at once).
+    let mut credentials = reqwest::header::HeaderMap::new();
     let mut secrets = Vec::new();
     for (name, path) in &spec.headers {
         let v = read_key(name, path).map_err(|e| format!("{what}: {e}"))?;
@@ -418,7 +525,7 @@ pub(crate) async fn request(
         let mut hv = reqwest::header::HeaderValue::from_str(&v)
             .map_err(|_| format!("{what}: bad credential header value"))?;
         hv.set_sensitive(true);
-        headers.insert(hn, hv);
+        credentials.insert(hn, hv);
         // A bearer token may be echoed without its scheme: redact both.
         if let Some((_, token)) = v.split_once(' ')
             && token.len() >= 8
@@ -427,44 +534,27 @@ pub(crate) async fn request(
         }
         secrets.push(v);
     }
-    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
     let timeout = Duration::from_millis(
         timeout_ms
             .unwrap_or(spec.timeout_ms)
             .clamp(1, spec.timeout_ms)
             .into(),
     );
-    let policy_spec = spec.clone();
-    let policy = reqwest::redirect::Policy::custom(move |attempt| {
-        if attempt.previous().len() >= MAX_REDIRECTS {
-            attempt.error(format!("more than {MAX_REDIRECTS} redirects"))
-        } else if allowed(&policy_spec, attempt.url()) {
-            attempt.follow()
-        } else {
-            let to = attempt.url().to_string();
-            attempt.error(format!(
-                "a redirect to {to} is outside this http capability's allowlist"
-            ))
-        }
-    });
+    // Redirects are followed below, a hop at a time (credentials depend on
+    // each hop's origin).
     let client = reqwest::Client::builder()
-        .redirect(policy)
+        .redirect(reqwest::redirect::Policy::none())
         .timeout(timeout)
         .connect_timeout(timeout)
         .build()
         .map_err(|e| format!("{what}: {e}"))?;
-    let m = reqwest::Method::from_bytes(method_u.as_bytes())
+    let mut method = reqwest::Method::from_bytes(method_u.as_bytes())
         .map_err(|_| format!("{what}: bad method"))?;
-    let mut rb = client.request(m, u).headers(headers);
-    if let Some(b) = body {
-        rb = rb.body(b);
-    }
     let describe = |e: reqwest::Error| {
         let mut s = format!("{what}: ");
         if e.is_timeout() {
             s.push_str(&format!("timed out after {} ms", timeout.as_millis()));
         } else {
-            // the chain holds the policy's reason for a refused redirect
             let mut src: Option<&dyn std::error::Error> = Some(&e);
             let mut parts = Vec::new();
             while let Some(x) = src {
@@ -475,7 +565,70 @@ pub(crate) async fn request(
         }
         s
     };
-    let mut resp = rb.send().await.map_err(describe)?;
+    let first_origin = origin(&u);
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut hop = u;
+    let mut body = body;
+    let mut sent_credentials = false;
+    let mut redirects = 0usize;
+    let mut resp = loop {
+        let with_credentials = !credentials.is_empty()
+            && origin(&hop) == first_origin
+            && (hop.scheme() == "https" || spec.insecure_http);
+        let mut hs = headers.clone();
+        if with_credentials {
+            hs.extend(credentials.clone());
+            sent_credentials = true;
+        }
+        let mut rb = client.request(method.clone(), hop.clone()).headers(hs);
+        if let Some(b) = &body {
+            rb = rb.body(b.clone());
+        }
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let r = tokio::time::timeout(left, rb.send())
+            .await
+            .map_err(|_| format!("{what}: timed out after {} ms", timeout.as_millis()))?
+            .map_err(describe)?;
+        if !r.status().is_redirection() {
+            break r;
+        }
+        let Some(location) = r.headers().get(reqwest::header::LOCATION) else {
+            break r;
+        };
+        if redirects >= MAX_REDIRECTS {
+            return Err(format!("{what}: more than {MAX_REDIRECTS} redirects"));
+        }
+        redirects += 1;
+        let next = location
+            .to_str()
+            .ok()
+            .and_then(|l| hop.join(l).ok())
+            .ok_or_else(|| format!("{what}: a redirect to an invalid location"))?;
+        if ambiguous_path(&next).is_some() || !allowed(spec, &next) {
+            return Err(format!(
+                "{what}: a redirect to {next} is outside this http capability's allowlist"
+            ));
+        }
+        // What browsers do: 303, and 301/302 after a POST, go on as a GET
+        // without the body; 307 and 308 repeat the request.
+        let status = r.status().as_u16();
+        if status == 303 || ((status == 301 || status == 302) && method == reqwest::Method::POST) {
+            if method != reqwest::Method::HEAD {
+                method = reqwest::Method::GET;
+            }
+            body = None;
+        }
+        hop = next;
+    };
+    if sent_credentials
+        && let Some(coding) = resp.headers().get(reqwest::header::CONTENT_ENCODING)
+        && !coding.as_bytes().eq_ignore_ascii_case(b"identity")
+    {
+        return Err(format!(
+            "{what}: the response is in a content coding ({}), which this http capability cannot check for its credentials; ask the server for an uncompressed answer",
+            String::from_utf8_lossy(coding.as_bytes())
+        ));
+    }
     let max = spec.max_bytes;
     if let Some(n) = resp.content_length()
         && n > max
@@ -549,7 +702,15 @@ mod tests {
 
     #[test]
     fn prefixes_match_scheme_host_port_exactly_and_path_by_prefix() {
-        let spec = validate(&["http://127.0.0.1:8080/api/".into()], &[], &[], 0, 0).unwrap();
+        let spec = validate(
+            &["http://127.0.0.1:8080/api/".into()],
+            &[],
+            &[],
+            0,
+            0,
+            false,
+        )
+        .unwrap();
         assert_eq!(spec.allow, vec!["http://127.0.0.1:8080/api/"]);
         assert_eq!(spec.methods, vec!["GET"]);
         let ok = |s: &str| allowed(&spec, &reqwest::Url::parse(s).unwrap());
@@ -564,20 +725,103 @@ mod tests {
 
     #[test]
     fn bad_specs_are_refused() {
-        assert!(validate(&[], &[], &[], 0, 0).is_err());
-        assert!(validate(&["ftp://x/".into()], &[], &[], 0, 0).is_err());
-        assert!(validate(&["http://x/".into()], &["BREW".into()], &[], 0, 0).is_err());
-        assert!(validate(&["http://x/".into()], &[], &[], MAX_TIMEOUT_MS + 1, 0).is_err());
+        assert!(validate(&[], &[], &[], 0, 0, false).is_err());
+        assert!(validate(&["ftp://x/".into()], &[], &[], 0, 0, false).is_err());
+        assert!(validate(&["http://x/".into()], &["BREW".into()], &[], 0, 0, false).is_err());
+        assert!(
+            validate(
+                &["http://x/".into()],
+                &[],
+                &[],
+                MAX_TIMEOUT_MS + 1,
+                0,
+                false
+            )
+            .is_err()
+        );
         assert!(
             validate(
                 &["http://x/".into()],
                 &[],
                 &[("Authorization".into(), "relative/key".into())],
                 0,
-                0
+                0,
+                false
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn prefixes_match_on_path_segment_boundaries() {
+        let spec = validate(&["https://h/v1".into()], &[], &[], 0, 0, false).unwrap();
+        let ok = |s: &str| allowed(&spec, &reqwest::Url::parse(s).unwrap());
+        assert!(ok("https://h/v1"));
+        assert!(ok("https://h/v1?x=1"));
+        assert!(ok("https://h/v1/models"));
+        assert!(!ok("https://h/v1-admin"));
+        assert!(!ok("https://h/v10/x"));
+        assert!(
+            !ok("https://h/v1/../admin"),
+            "dot segments are resolved first"
+        );
+        assert!(!ok("https://h/v1/%2e%2e/admin"), "encoded dot segments too");
+        let amb = |s: &str| ambiguous_path(&reqwest::Url::parse(s).unwrap()).is_some();
+        assert!(amb("https://h/v1/..%2Fadmin"));
+        assert!(amb("https://h/v1/x%5c..%5cadmin"));
+        assert!(
+            !ok("https://h/v1/.%2e/.%2E/admin"),
+            "mixed dot segments are resolved too"
+        );
+        assert!(!amb("https://h/v1/a%20b"));
+    }
+
+    #[test]
+    fn credentials_need_https_unless_insecure_http_is_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("k");
+        std::fs::write(&key, "Bearer tok-123456789").unwrap();
+        let hs = [("Authorization".to_string(), key.display().to_string())];
+        let clear = ["http://127.0.0.1:9/".to_string()];
+        let e = validate(&clear, &[], &hs, 0, 0, false).unwrap_err();
+        assert!(e.to_string().contains("--insecure-http"), "{e}");
+        assert!(
+            validate(&clear, &[], &hs, 0, 0, true)
+                .unwrap()
+                .insecure_http
+        );
+        assert!(validate(&["https://h/".into()], &[], &hs, 0, 0, false).is_ok());
+        assert!(
+            validate(&clear, &[], &[], 0, 0, false).is_ok(),
+            "no credentials"
+        );
+    }
+
+    #[test]
+    fn encoded_echoes_of_a_secret_are_redacted() {
+        use base64::Engine as _;
+        let secret = "sk-live-0123456789abcdef".to_string();
+        let secrets = [secret.clone()];
+        for e in [
+            base64::engine::general_purpose::STANDARD,
+            base64::engine::general_purpose::URL_SAFE_NO_PAD,
+        ] {
+            for lead in ["", "a", "ab", "abc"] {
+                let text = format!("{lead}key={secret};");
+                let echoed = format!("echo {}", e.encode(text.as_bytes()));
+                let r = String::from_utf8(redact(echoed.as_bytes(), &secrets)).unwrap();
+                assert!(r.contains("[REDACTED]"), "{lead:?}: {r}");
+            }
+        }
+        let hexed = format!("h={}", hex::encode(secret.as_bytes()));
+        assert!(
+            !String::from_utf8(redact(hexed.as_bytes(), &secrets))
+                .unwrap()
+                .contains("30313233")
+        );
+        let pct = "q=sk%2Dlive%2D0123456789abcdef";
+        assert_eq!(redact(pct.as_bytes(), &secrets), b"q=[REDACTED]");
+        assert_eq!(redact(b"nothing here", &secrets), b"nothing here");
     }
 
     #[test]
