@@ -48,9 +48,11 @@ mod cli;
 mod client;
 mod cluster;
 mod commands;
+mod console;
 mod daemon;
 mod demo;
 mod du;
+mod graph;
 mod guests;
 mod llm;
 mod metrics;
@@ -200,6 +202,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 store,
                 metrics,
                 metrics_public,
+                console,
+                console_public,
                 ..
             } => {
                 daemon::run(
@@ -209,6 +213,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     store,
                     metrics,
                     metrics_public,
+                    console::Flags {
+                        addr: console,
+                        public: console_public,
+                    },
                 )
                 .await
             }
@@ -218,6 +226,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 store,
                 metrics,
                 metrics_public,
+                console,
+                console_public,
                 ..
             } => {
                 let advertise = parse_advertise(advertise)?;
@@ -228,9 +238,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     store.as_deref(),
                     metrics,
                     metrics_public,
+                    console::Flags {
+                        addr: console,
+                        public: console_public,
+                    },
                 )
                 .await?;
                 let metrics_url = metrics::serving(&paths);
+                let console_url = match console::serving(&paths) {
+                    Some(addr) => Some(console::mint_url(&paths, addr)?),
+                    None => None,
+                };
                 if json {
                     let mut v = json!({
                         "pid": info.pid,
@@ -239,6 +257,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     });
                     if let Some(u) = &metrics_url {
                         v["metrics"] = json!(u);
+                    }
+                    if let Some(u) = &console_url {
+                        v["console"] = json!(u);
                     }
                     print_json(&v);
                 } else {
@@ -253,6 +274,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     if let Some(u) = &metrics_url {
                         println!("metrics at {u}");
                     }
+                    if let Some(u) = &console_url {
+                        println!("console at {u} (the token works once)");
+                    }
+                }
+                Ok(())
+            }
+            Command::Console { .. } => {
+                client::ping(&paths).await?;
+                let addr = console::serving(&paths).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "this node serves no console; restart it with `capstan start --console 127.0.0.1:PORT` (port 0: any free port)"
+                    )
+                })?;
+                let url = console::mint_url(&paths, addr)?;
+                if json {
+                    print_json(&json!({"url": url}));
+                } else {
+                    println!("{url}");
                 }
                 Ok(())
             }
