@@ -46,7 +46,7 @@ pub async fn route(c: &Console, req: &Request, csrf: &str) -> Response {
                             c,
                             "Not allowed",
                             "",
-                            &who,
+                            (&who, csrf),
                             &[],
                             &format!(
                                 "<p class=\"err\">cannot act as {}: {}</p><p><a href=\"/\">back to the root host</a></p>",
@@ -80,7 +80,7 @@ pub async fn route(c: &Console, req: &Request, csrf: &str) -> Response {
                 "/cluster" => "Cluster",
                 _ => "Graph",
             };
-            Response::html(layout(c, title, path, &who, &agents, &body))
+            Response::html(layout(c, title, path, (&who, csrf), &agents, &body))
         }
         ("POST", "/endow") | ("POST", "/refuse") => {
             let fetch = req.header("x-capstan-fetch") == Some("1");
@@ -195,11 +195,19 @@ fn q(who: &str) -> String {
 }
 
 /// The page around `body`: navigation and the acting-agent selector.
-fn layout(c: &Console, title: &str, active: &str, who: &str, agents: &[String], body: &str) -> String {
+fn layout(
+    c: &Console,
+    title: &str,
+    active: &str,
+    (who, csrf): (&str, &str),
+    agents: &[String],
+    body: &str,
+) -> String {
     let mut s = String::with_capacity(body.len() + 2048);
     let _ = write!(
         s,
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{} — capstan console</title><link rel=\"stylesheet\" href=\"/app.css\"><script src=\"/app.js\" defer></script></head><body data-as=\"{}\"><header><strong class=\"brand\">capstan</strong><nav>",
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><meta name=\"csrf-token\" content=\"{}\"><title>{} — capstan console</title><link rel=\"stylesheet\" href=\"/app.css\"><script src=\"/app.js\" defer></script></head><body data-as=\"{}\"><header><strong class=\"brand\">capstan</strong><nav>",
+        escape(csrf),
         escape(title),
         escape(who)
     );
