@@ -127,9 +127,9 @@ pub async fn gather(rt: &Runtime, handle: &AgentHandle, path: &str) -> anyhow::R
                 dir: String::new(),
                 id: e.id,
             },
-            other => bail!(
-                "{path} names a {other}; a graph starts at an agent you made or a directory"
-            ),
+            other => {
+                bail!("{path} names a {other}; a graph starts at an agent you made or a directory")
+            }
         };
         nodes.push(Node {
             id: e.id.to_hex(),
@@ -324,7 +324,11 @@ pub fn dot(g: &Graph) -> String {
             dot_escape(&subtitle(n)),
             color(&n.kind),
             if n.id == g.root { ", penwidth=2" } else { "" },
-            if n.locators > 0 { ", color=\"#b91c1c\"" } else { "" },
+            if n.locators > 0 {
+                ", color=\"#b91c1c\""
+            } else {
+                ""
+            },
         );
     }
     for e in &g.edges {
@@ -374,7 +378,7 @@ fn clip(s: &str, max: usize) -> String {
 const CHAR_W: usize = 7;
 const BOX_H: usize = 38;
 const ROW_GAP: usize = 22;
-const COL_GAP: usize = 150;
+const COL_GAP: usize = 170;
 const MARGIN: usize = 30;
 
 /// The graph drawn as SVG: a column per distance from the start (breadth
@@ -420,14 +424,17 @@ pub fn svg(g: &Graph) -> String {
     }
     let label = |n: &Node| clip(&n.label, 40);
     let sub = |n: &Node| clip(&subtitle(n), 40);
-    let width_of =
-        |n: &Node| label(n).chars().count().max(sub(n).chars().count()) * CHAR_W + 24;
+    let width_of = |n: &Node| label(n).chars().count().max(sub(n).chars().count()) * CHAR_W + 24;
     // Positions: (x, y, w).
     let mut pos = vec![(0usize, 0usize, 0usize); g.nodes.len()];
     let mut x = MARGIN;
     let mut height = 0usize;
     for col in &columns {
-        let w = col.iter().map(|&i| width_of(&g.nodes[i])).max().unwrap_or(0);
+        let w = col
+            .iter()
+            .map(|&i| width_of(&g.nodes[i]))
+            .max()
+            .unwrap_or(0);
         for (row, &i) in col.iter().enumerate() {
             let y = MARGIN + row * (BOX_H + ROW_GAP);
             pos[i] = (x, y, w);
@@ -452,15 +459,30 @@ pub fn svg(g: &Graph) -> String {
         let (y1, y2) = (ay + BOX_H / 2, by + BOX_H / 2);
         let name = escape(&clip(&e.name, 30));
         if layer[b] == layer[a] + 1 {
+            // To the next column: straight, the label just before the target
+            // (where the fanned-out lines are apart).
             let (x1, x2) = (ax + aw, bx);
+            let lx = x2.saturating_sub(8);
+            let ly =
+                y1 as i64 + (y2 as i64 - y1 as i64) * (lx - x1) as i64 / (x2 - x1).max(1) as i64;
             let _ = writeln!(
                 s,
-                "<g class=\"edge\"><line x1=\"{x1}\" y1=\"{y1}\" x2=\"{x2}\" y2=\"{y2}\" stroke=\"#555\" marker-end=\"url(#arrow)\"/><text x=\"{}\" y=\"{}\" text-anchor=\"middle\" fill=\"#333\" font-size=\"10\">{name}</text></g>",
-                x1 + (x2 - x1) * 2 / 5,
-                (y1 as i64 + (y2 as i64 - y1 as i64) * 2 / 5 - 4).max(0),
+                "<g class=\"edge\"><line x1=\"{x1}\" y1=\"{y1}\" x2=\"{x2}\" y2=\"{y2}\" stroke=\"#555\" marker-end=\"url(#arrow)\"/><text x=\"{lx}\" y=\"{}\" text-anchor=\"end\" fill=\"#333\" font-size=\"10\">{name}</text></g>",
+                (ly - 4).max(0),
+            );
+        } else if layer[b] == layer[a] {
+            // Within a column: an arc out to the right of it.
+            let (x1, x2) = (ax + aw, bx + bw);
+            let bulge = x1.max(x2) + 30 + y1.abs_diff(y2) / 4;
+            let _ = writeln!(
+                s,
+                "<g class=\"edge\"><path d=\"M {x1} {y1} Q {bulge} {} {x2} {y2}\" fill=\"none\" stroke=\"#888\" stroke-dasharray=\"4 3\" marker-end=\"url(#arrow)\"/><text x=\"{}\" y=\"{}\" fill=\"#555\" font-size=\"10\">{name}</text></g>",
+                (y1 + y2) / 2,
+                (x1.max(x2) + bulge) / 2 + 2,
+                (y1 + y2) / 2 + 4,
             );
         } else {
-            // Back, same-column or long edges: a curve over the top.
+            // Back or long edges: a curve over the top.
             let (x1, x2) = (ax + aw / 2, bx + bw / 2);
             let (y1, y2) = (ay, by);
             let cy = y1.min(y2).saturating_sub(30);
@@ -527,7 +549,8 @@ pub async fn run(
             }
         })
         .await?;
-    let g: Graph = serde_json::from_str(&text).map_err(|e| anyhow!("the node sent bad JSON: {e}"))?;
+    let g: Graph =
+        serde_json::from_str(&text).map_err(|e| anyhow!("the node sent bad JSON: {e}"))?;
     match format {
         Format::Json => crate::output::print_json(&serde_json::to_value(&g)?),
         Format::Dot => print!("{}", dot(&g)),

@@ -66,8 +66,34 @@ fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &s
     req.push_str("\r\n");
     req.push_str(body);
     s.write_all(req.as_bytes()).unwrap();
+    // Read up to the end of the head, then Content-Length bytes (or to
+    // the end of the stream when there is none).
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
+    let mut buf = [0u8; 8192];
+    let mut want: Option<usize> = None;
+    loop {
+        if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            if want.is_none() {
+                let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+                want = Some(
+                    head.lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse::<usize>().ok())
+                        .map_or(usize::MAX, |n| end + 4 + n),
+                );
+            }
+            if raw.len() >= want.unwrap_or(usize::MAX) {
+                break;
+            }
+        }
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+            // The server may reset after answering an oversized request.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset && !raw.is_empty() => break,
+            Err(e) => panic!("{method} {addr}{path}: {e}"),
+        }
+    }
     let end = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -104,7 +130,8 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
             return out;
         };
         let size_text = String::from_utf8_lossy(&b[..nl]).to_string();
-        let size = usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16).unwrap_or(0);
+        let size =
+            usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16).unwrap_or(0);
         if size == 0 || b.len() < nl + 2 + size {
             return out;
         }
@@ -124,7 +151,9 @@ fn console_url(node: &Node) -> (String, String) {
 /// The CSRF token a page carries (`<meta name="csrf-token">`).
 fn meta_csrf(html: &str) -> String {
     let m = "name=\"csrf-token\" content=\"";
-    let at = html.find(m).unwrap_or_else(|| panic!("no csrf-token in {html}"));
+    let at = html
+        .find(m)
+        .unwrap_or_else(|| panic!("no csrf-token in {html}"));
     let rest = &html[at + m.len()..];
     rest[..rest.find('"').unwrap()].to_string()
 }
@@ -139,7 +168,9 @@ fn the_graph_shows_holders_grants_values_and_locators_in_json_dot_and_svg() {
     node.ok(["mkdir", "docs"]);
     node.ok(["store", "--text", "a note", "--name", "docs.readme"]);
     node.ok(["mkhost", "alice"]);
-    node.ok(["store", "--text", "alice's", "--name", "diary", "--as", "alice"]);
+    node.ok([
+        "store", "--text", "alice's", "--name", "diary", "--as", "alice",
+    ]);
     let counter = wasm("counter");
     node.ok(["install", counter.as_str(), "--name", "counter"]);
     node.ok([
@@ -206,7 +237,13 @@ fn the_graph_shows_holders_grants_values_and_locators_in_json_dot_and_svg() {
         assert!(dot.contains(n["id"].as_str().unwrap()), "{dot}");
     }
     assert_eq!(dot.matches(" -> ").count(), edges.len(), "{dot}");
-    assert!(dot.contains(&format!("\"{}\" -> \"{greeting}\" [label=\"note\"]", id("bot"))), "{dot}");
+    assert!(
+        dot.contains(&format!(
+            "\"{}\" -> \"{greeting}\" [label=\"note\"]",
+            id("bot")
+        )),
+        "{dot}"
+    );
     assert!(dot.contains("1 locator out"), "{dot}");
 
     let svg = node.ok(["graph", "--format", "svg"]);
@@ -214,8 +251,13 @@ fn the_graph_shows_holders_grants_values_and_locators_in_json_dot_and_svg() {
     assert!(svg.trim_end().ends_with("</svg>"), "{svg}");
     assert_eq!(svg.matches("class=\"node\"").count(), nodes.len());
     assert_eq!(svg.matches("class=\"edge\"").count(), edges.len());
-    for label in ["greeting", "bot", "alice", "docs", "readme", "diary", "note"] {
-        assert!(svg.contains(&format!(">{label}<")), "{label} not drawn: {svg}");
+    for label in [
+        "greeting", "bot", "alice", "docs", "readme", "diary", "note",
+    ] {
+        assert!(
+            svg.contains(&format!(">{label}<")),
+            "{label} not drawn: {svg}"
+        );
     }
 
     // from one agent: alice's own names
@@ -255,10 +297,9 @@ fn wait_mail(node: &Node, from: &str, needle: &str) -> Value {
     let deadline = Instant::now() + WAIT;
     loop {
         let inbox = node.inbox(&[]);
-        if let Some(m) = inbox
-            .iter()
-            .find(|m| m["from"] == from && texts(std::slice::from_ref(*m)).concat().contains(needle))
-        {
+        if let Some(m) = inbox.iter().find(|m| {
+            m["from"] == from && texts(std::slice::from_ref(*m)).concat().contains(needle)
+        }) {
             return m.clone();
         }
         assert!(
@@ -285,15 +326,33 @@ fn the_console_needs_its_token_refuses_forged_posts_and_escapes_mail() {
         let a = http(&addr, "GET", p, &[], "");
         assert_eq!(a.status, 401, "{p}: {}", a.body);
     }
-    let bad = http(&addr, "GET", &format!("/?token={}", "0".repeat(64)), &[], "");
+    let bad = http(
+        &addr,
+        "GET",
+        &format!("/?token={}", "0".repeat(64)),
+        &[],
+        "",
+    );
     assert_eq!(bad.status, 401);
-    let forged = http(&addr, "GET", "/", &[("Cookie", "capstan_console_1=abc")], "");
+    let forged = http(
+        &addr,
+        "GET",
+        "/",
+        &[("Cookie", "capstan_console_1=abc")],
+        "",
+    );
     assert_eq!(forged.status, 401);
     // the token redeems once; the redirect drops it from the URL
     let first = http(&addr, "GET", &path, &[], "");
     assert_eq!(first.status, 303);
     assert_eq!(first.header("location"), Some("/"));
-    let cookie = first.header("set-cookie").unwrap().split(';').next().unwrap().to_string();
+    let cookie = first
+        .header("set-cookie")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
     assert_eq!(http(&addr, "GET", &path, &[], "").status, 401);
     let ck = [("Cookie", cookie.as_str())];
 
@@ -305,9 +364,22 @@ fn the_console_needs_its_token_refuses_forged_posts_and_escapes_mail() {
     assert!(!page.body.contains("<script>window"), "{}", page.body);
     assert!(!page.body.contains("<img"), "{}", page.body);
     assert!(!page.body.contains("href=\"javascript:"), "{}", page.body);
-    assert!(page.body.contains("&lt;script&gt;window.pwned = 1&lt;/script&gt;"), "{}", page.body);
+    assert!(
+        page.body
+            .contains("&lt;script&gt;window.pwned = 1&lt;/script&gt;"),
+        "{}",
+        page.body
+    );
     assert!(!page.body.contains("SWISSSECRET"), "{}", page.body);
-    for p in ["/names", "/guests", "/cluster", "/graph", "/graph.svg", "/app.js", "/app.css"] {
+    for p in [
+        "/names",
+        "/guests",
+        "/cluster",
+        "/graph",
+        "/graph.svg",
+        "/app.js",
+        "/app.css",
+    ] {
         let a = http(&addr, "GET", p, &ck, "");
         assert_eq!(a.status, 200, "{p}: {}", a.body);
     }
@@ -316,12 +388,21 @@ fn the_console_needs_its_token_refuses_forged_posts_and_escapes_mail() {
     assert_eq!(evil_host.status, 200);
     {
         let mut s = TcpStream::connect(&addr).unwrap();
-        write!(s, "GET / HTTP/1.1\r\nHost: evil.example:80\r\n{}: {}\r\nConnection: close\r\n\r\n", ck[0].0, ck[0].1).unwrap();
+        write!(
+            s,
+            "GET / HTTP/1.1\r\nHost: evil.example:80\r\n{}: {}\r\nConnection: close\r\n\r\n",
+            ck[0].0, ck[0].1
+        )
+        .unwrap();
         let mut raw = String::new();
         s.read_to_string(&mut raw).unwrap();
         evil_host.body = raw;
     }
-    assert!(evil_host.body.starts_with("HTTP/1.1 403"), "{}", evil_host.body);
+    assert!(
+        evil_host.body.starts_with("HTTP/1.1 403"),
+        "{}",
+        evil_host.body
+    );
 
     // POSTs: without the CSRF token, with a wrong one, from another origin: 403
     let origin = format!("http://{addr}");
@@ -333,7 +414,13 @@ fn the_console_needs_its_token_refuses_forged_posts_and_escapes_mail() {
     let refuse = "number=0&reason=no";
     let a = http(&addr, "POST", "/refuse", &form, refuse);
     assert_eq!(a.status, 403, "{}", a.body);
-    let a = http(&addr, "POST", "/refuse", &form, &format!("{refuse}&csrf={}", "1".repeat(64)));
+    let a = http(
+        &addr,
+        "POST",
+        "/refuse",
+        &form,
+        &format!("{refuse}&csrf={}", "1".repeat(64)),
+    );
     assert_eq!(a.status, 403, "{}", a.body);
     let csrf = meta_csrf(&http(&addr, "GET", "/", &ck, "").body);
     let cross = [
@@ -341,9 +428,21 @@ fn the_console_needs_its_token_refuses_forged_posts_and_escapes_mail() {
         ("Origin", "http://evil.example"),
         ("Content-Type", "application/x-www-form-urlencoded"),
     ];
-    let a = http(&addr, "POST", "/refuse", &cross, &format!("{refuse}&csrf={csrf}"));
+    let a = http(
+        &addr,
+        "POST",
+        "/refuse",
+        &cross,
+        &format!("{refuse}&csrf={csrf}"),
+    );
     assert_eq!(a.status, 403, "{}", a.body);
-    let a = http(&addr, "POST", "/refuse", &ck, &format!("{refuse}&csrf={csrf}"));
+    let a = http(
+        &addr,
+        "POST",
+        "/refuse",
+        &ck,
+        &format!("{refuse}&csrf={csrf}"),
+    );
     assert_eq!(a.status, 403, "no Origin: {}", a.body);
     // nothing was sent by any of them
     assert_eq!(node.inbox(&[]).len(), 1);
@@ -384,10 +483,14 @@ struct Driver {
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 fn chromium_binary() -> Option<PathBuf> {
-    ["/usr/lib/chromium/chromium", "/usr/bin/chromium", "/usr/bin/chromium-browser"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
+    [
+        "/usr/lib/chromium/chromium",
+        "/usr/bin/chromium",
+        "/usr/bin/chromium-browser",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
 }
 
 impl Driver {
@@ -472,7 +575,11 @@ impl Driver {
     }
 
     fn js(&self, script: &str) -> Value {
-        self.cmd("POST", "/execute/sync", Some(json!({"script": script, "args": []})))
+        self.cmd(
+            "POST",
+            "/execute/sync",
+            Some(json!({"script": script, "args": []})),
+        )
     }
 
     fn find(&self, css: &str) -> String {
@@ -524,7 +631,13 @@ impl Drop for Driver {
     fn drop(&mut self) {
         if !self.session.is_empty() {
             let _ = TcpStream::connect(&self.base).map(|_| {
-                http(&self.base, "DELETE", &format!("/session/{}", self.session), &[], "")
+                http(
+                    &self.base,
+                    "DELETE",
+                    &format!("/session/{}", self.session),
+                    &[],
+                    "",
+                )
             });
         }
         // The child is not reaped until wait(): its pid (= its group) is still ours.
@@ -588,7 +701,9 @@ fn in_a_browser_a_proposal_is_endowed_with_a_click_and_the_answer_arrives_live()
     });
     let proposal = wait_mail(&node, "helper", "definition: slots");
     let n = proposal["number"].as_u64().unwrap();
-    server.push(Reply::text("The answer arrived: <script>window.pwned=4</script>"));
+    server.push(Reply::text(
+        "The answer arrived: <script>window.pwned=4</script>",
+    ));
 
     let Some(d) = Driver::start() else {
         panic!("chromedriver is not installed: apt-get install chromium-driver");
@@ -605,7 +720,11 @@ fn in_a_browser_a_proposal_is_endowed_with_a_click_and_the_answer_arrives_live()
     // the proposal with its code, slot description and picker
     let sel = format!(".proposal[data-number='{n}'] select[name='slot.reader']");
     d.find(&sel);
-    let page = d.js("return document.body.innerText").as_str().unwrap().to_string();
+    let page = d
+        .js("return document.body.innerText")
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(page.contains("const n = reader.inbox().length"), "{page}");
     assert!(page.contains("an inbox reader <b>bold</b>"), "{page}");
     // the mail's script, image handler and link did nothing
@@ -615,7 +734,10 @@ fn in_a_browser_a_proposal_is_endowed_with_a_click_and_the_answer_arrives_live()
         json!(0)
     );
     assert!(!page.contains("SWISSSECRET"), "{page}");
-    assert!(page.contains("<script>window.pwned = 1</script>"), "shown as text: {page}");
+    assert!(
+        page.contains("<script>window.pwned = 1</script>"),
+        "shown as text: {page}"
+    );
 
     std::fs::create_dir_all(screenshots_dir()).unwrap();
     let shots = screenshots_dir();
@@ -629,10 +751,17 @@ fn in_a_browser_a_proposal_is_endowed_with_a_click_and_the_answer_arrives_live()
         "return document.body.innerText.includes('The answer arrived: <script>window.pwned=4</script>')",
         "the agent's answer arriving in the page",
     );
-    assert_eq!(d.js("return window.__capstanMarker"), json!(7), "the page was reloaded");
+    assert_eq!(
+        d.js("return window.__capstanMarker"),
+        json!(7),
+        "the page was reloaded"
+    );
     assert_eq!(d.js("return typeof window.pwned"), json!("undefined"));
     let status = d.js("return document.getElementById('status').textContent");
-    assert!(status.as_str().unwrap().contains("endowed message"), "{status}");
+    assert!(
+        status.as_str().unwrap().contains("endowed message"),
+        "{status}"
+    );
     // the decision and the answer are in the proposal's thread
     let thread = d.js(&format!(
         "return document.getElementById('m-{n}').closest('.thread').innerText"
@@ -667,10 +796,20 @@ fn in_a_browser_a_proposal_is_endowed_with_a_click_and_the_answer_arrives_live()
         for (w, h) in [(1280, 800), (390, 844)] {
             d.size(w, h);
             d.go(&format!("http://{addr}{url}"));
-            d.wait_for("return document.readyState === 'complete'", "the page loading");
+            d.wait_for(
+                "return document.readyState === 'complete'",
+                "the page loading",
+            );
             d.screenshot(&shots.join(format!("{page}-{w}.png")));
         }
+        if page == "graph" {
+            // the picture: the host, the guest and its grant, the values
+            let nodes = d.js("return document.querySelectorAll('svg.capstan-graph g.node').length");
+            assert!(nodes.as_u64().unwrap() >= 5, "{nodes}");
+            let text = d.js("return document.querySelector('svg.capstan-graph').textContent");
+            for name in ["helper", "answer", "claude", "evaluator"] {
+                assert!(text.as_str().unwrap().contains(name), "{name}: {text}");
+            }
+        }
     }
-    let graph = d.js("return document.querySelectorAll('svg.capstan-graph g.node').length");
-    assert!(graph.as_u64().unwrap() >= 5, "{graph}");
 }

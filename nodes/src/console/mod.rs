@@ -511,7 +511,8 @@ async fn read_request(stream: &mut TcpStream) -> Result<Request, u16> {
     };
     for l in lines.filter(|l| !l.is_empty()) {
         let (k, v) = l.split_once(':').ok_or(400u16)?;
-        req.headers.push((k.trim().to_string(), v.trim().to_string()));
+        req.headers
+            .push((k.trim().to_string(), v.trim().to_string()));
     }
     let len: usize = match req.header("content-length") {
         Some(v) => v.parse().map_err(|_| 400u16)?,

@@ -164,7 +164,13 @@ async fn act(h: &AgentHandle, req: &Request) -> Result<String, String> {
             return Err(format!("the reason is longer than {MAX_REASON} bytes"));
         }
         let n = h
-            .send(rid, "", vec![format!("refused: {reason}")], vec![], Some(number))
+            .send(
+                rid,
+                "",
+                vec![format!("refused: {reason}")],
+                vec![],
+                Some(number),
+            )
             .await
             .map_err(|e| e.to_string())?;
         Ok(format!("refused message {number} (sent as message {n})"))
@@ -337,7 +343,10 @@ fn proposal(text: &str) -> Option<Proposal> {
                 .collect()
         })
         .unwrap_or_default();
-    let values = v.get("values").filter(|x| !x.is_null()).cloned();
+    let values = v
+        .get("values")
+        .filter(|x| !x.is_null() && x.as_object().is_none_or(|o| !o.is_empty()))
+        .cloned();
     Some(Proposal {
         source,
         slots,
@@ -470,10 +479,7 @@ async fn inbox_section(h: &AgentHandle, who: &str, csrf: &str) -> String {
                     }
                     match answered.get(&m.message_id) {
                         Some(r) => {
-                            let _ = write!(
-                                s,
-                                "<p class=\"answered\">answered (message {r})</p>"
-                            );
+                            let _ = write!(s, "<p class=\"answered\">answered (message {r})</p>");
                         }
                         None if h.is_host() => {
                             s.push_str(&proposal_forms(m.number, &p, &names, who, csrf));
@@ -505,14 +511,10 @@ fn hidden(s: &mut String, name: &str, value: &str) {
 }
 
 /// The Endow form (a picker per slot) and the Refuse form.
-fn proposal_forms(
-    number: u64,
-    p: &Proposal,
-    names: &[EntryInfo],
-    who: &str,
-    csrf: &str,
-) -> String {
-    let mut s = format!("<form method=\"post\" action=\"/endow\" class=\"act endow\" data-key=\"{number}\">");
+fn proposal_forms(number: u64, p: &Proposal, names: &[EntryInfo], who: &str, csrf: &str) -> String {
+    let mut s = format!(
+        "<form method=\"post\" action=\"/endow\" class=\"act endow\" data-key=\"{number}\">"
+    );
     hidden(&mut s, "csrf", csrf);
     hidden(&mut s, "as", who);
     hidden(&mut s, "number", &number.to_string());
@@ -554,10 +556,42 @@ fn proposal_forms(
 /// comments in spans.
 pub fn highlight(src: &str) -> String {
     const KEYWORDS: &[&str] = &[
-        "const", "let", "var", "function", "return", "if", "else", "for", "while", "do",
-        "break", "continue", "new", "typeof", "instanceof", "in", "of", "true", "false", "null",
-        "undefined", "this", "class", "extends", "try", "catch", "finally", "throw", "async",
-        "await", "switch", "case", "default", "delete", "void", "yield",
+        "const",
+        "let",
+        "var",
+        "function",
+        "return",
+        "if",
+        "else",
+        "for",
+        "while",
+        "do",
+        "break",
+        "continue",
+        "new",
+        "typeof",
+        "instanceof",
+        "in",
+        "of",
+        "true",
+        "false",
+        "null",
+        "undefined",
+        "this",
+        "class",
+        "extends",
+        "try",
+        "catch",
+        "finally",
+        "throw",
+        "async",
+        "await",
+        "switch",
+        "case",
+        "default",
+        "delete",
+        "void",
+        "yield",
     ];
     let chars: Vec<char> = src.chars().collect();
     let mut out = String::with_capacity(src.len() * 2);
@@ -740,7 +774,9 @@ fn json_html(v: &Value) -> String {
             s
         }
         Value::Array(a) if a.iter().all(Value::is_object) && !a.is_empty() => {
-            let keys: Vec<String> = a[0].as_object().map_or_else(Vec::new, |o| o.keys().cloned().collect());
+            let keys: Vec<String> = a[0]
+                .as_object()
+                .map_or_else(Vec::new, |o| o.keys().cloned().collect());
             let mut s = String::from("<table><thead><tr>");
             for k in &keys {
                 let _ = write!(s, "<th>{}</th>", escape(k));
@@ -809,7 +845,10 @@ mod tests {
 
     #[test]
     fn proposals_parse() {
-        let p = proposal("definition: slots {reader: \"x\"}\n{\"source\":\"1+1\",\"slots\":{\"reader\":\"x\"}}").unwrap();
+        let p = proposal(
+            "definition: slots {reader: \"x\"}\n{\"source\":\"1+1\",\"slots\":{\"reader\":\"x\"}}",
+        )
+        .unwrap();
         assert_eq!(p.source, "1+1");
         assert_eq!(p.slots, vec![("reader".to_string(), "x".to_string())]);
         assert!(proposal("hello").is_none());
