@@ -20,6 +20,9 @@
 //! - [`commands`]: the name and mail commands.
 //! - [`guests`]: the guest commands: `install`, `mkguest --component`,
 //!   `run TOOL --input JSON`, `guests`, `mkhttp`.
+//! - [`graph`]: `capstan graph`: the capability graph (gathered by the node
+//!   through the socket's JSON `cluster` call, command `graph`), dot and SVG.
+//! - [`console`]: the web console (`start --console`, `capstan console`).
 //! - [`output`]: human and `--json` rendering.
 //! - [`text`]: the `@reference` syntax of `send` and `reply`.
 //! - [`demo`]: `capstan demo`, a guided tour that drives this binary.
