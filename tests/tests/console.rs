@@ -813,3 +813,79 @@ fn in_a_browser_a_proposal_is_endowed_with_a_click_and_the_answer_arrives_live()
         }
     }
 }
+
+/// The cluster page of a node in a cluster (a real etcd: needs
+/// `CAPSTAN_ETCD_ENDPOINTS`, which the test command sets; skipped without
+/// it unless `CAPSTAN_REQUIRE_ETCD=1`): members with their leases, and
+/// where the agents live.
+#[test]
+fn the_cluster_page_shows_members_leases_and_placements() {
+    let eps = match std::env::var("CAPSTAN_ETCD_ENDPOINTS") {
+        Ok(s) if !s.trim().is_empty() => s.trim().to_string(),
+        _ => {
+            assert!(
+                std::env::var("CAPSTAN_REQUIRE_ETCD").as_deref() != Ok("1"),
+                "CAPSTAN_REQUIRE_ETCD=1 but CAPSTAN_ETCD_ENDPOINTS is not set"
+            );
+            eprintln!("skipped: set CAPSTAN_ETCD_ENDPOINTS (scripts/etcd-cluster start)");
+            return;
+        }
+    };
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let spec = format!("etcd://{eps}/capstan-e2e/console-{nanos}");
+    let mut n = Node::named("n1").with_env("CAPSTAN_LEASE_MS", "5000");
+    n.json(["cluster", "init", "--store", &spec]);
+    n.start_with(&[
+        "--store",
+        &spec,
+        "--listen",
+        "127.0.0.1:0",
+        "--console",
+        "127.0.0.1:0",
+    ]);
+    n.ok(["mkhost", "alice"]);
+    n.ok(["send", "alice", "hello"]);
+    let placed = Instant::now() + WAIT;
+    while n.json(["cluster", "placement", "alice"])["state"] != "live" {
+        assert!(Instant::now() < placed, "alice was never placed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (addr, path) = console_url(&n);
+    let first = http(&addr, "GET", &path, &[], "");
+    let cookie = first
+        .header("set-cookie")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let page = http(&addr, "GET", "/cluster", &[("Cookie", cookie.as_str())], "");
+    assert_eq!(page.status, 200, "{}", page.body);
+    for needle in [
+        "Members and leases",
+        "<td>n1</td>",
+        "<td>live</td>",
+        "expires_in_ms",
+        "Placements of your agents",
+        "<td>alice</td>",
+    ] {
+        assert!(page.body.contains(needle), "{needle}: {}", page.body);
+    }
+    if let Some(d) = Driver::start() {
+        let (addr, path) = console_url(&n);
+        d.go(&format!("http://{addr}{path}"));
+        let shots = screenshots_dir();
+        for (w, h) in [(1280, 800), (390, 844)] {
+            d.size(w, h);
+            d.go(&format!("http://{addr}/cluster"));
+            d.wait_for(
+                "return document.readyState === 'complete'",
+                "the page loading",
+            );
+            d.screenshot(&shots.join(format!("cluster-in-a-cluster-{w}.png")));
+        }
+    }
+}

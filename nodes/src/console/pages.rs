@@ -21,6 +21,8 @@ const APP_CSS: &str = include_str!("app.css");
 const MAX_SHOWN: usize = 300;
 /// Pages of 1,000 read to find the newest messages.
 const MAX_PAGES: usize = 20;
+/// Most agents whose placement the cluster page shows.
+const MAX_PLACEMENTS: usize = 100;
 /// Longest refusal reason, bytes.
 const MAX_REASON: usize = 4096;
 
@@ -649,6 +651,15 @@ pub fn highlight(src: &str) -> String {
     out
 }
 
+/// A size in bytes, in KiB or MiB past 10 KiB.
+fn bytes(n: u64) -> String {
+    match n {
+        n if n >= 10 << 20 => format!("{} MiB", n >> 20),
+        n if n >= 10 << 10 => format!("{} KiB", n >> 10),
+        n => format!("{n} B"),
+    }
+}
+
 /// `YYYY-MM-DD HH:MM:SS UTC` of a time in ms.
 fn date(ms: u64) -> String {
     let secs = ms / 1000;
@@ -693,7 +704,7 @@ async fn names_page(h: &AgentHandle, who: &str, path: &str) -> String {
     s.push_str("</p>");
     match h.list(path).await {
         Ok(entries) => {
-            s.push_str("<table class=\"names\"><thead><tr><th>name</th><th>type</th><th>detail</th><th>id</th></tr></thead><tbody>");
+            s.push_str("<div class=\"scroll\"><table class=\"names\"><thead><tr><th>name</th><th>type</th><th>detail</th><th>id</th></tr></thead><tbody>");
             for e in entries {
                 let full = if path.is_empty() {
                     e.name.clone()
@@ -717,14 +728,14 @@ async fn names_page(h: &AgentHandle, who: &str, path: &str) -> String {
                 };
                 let _ = write!(
                     s,
-                    "<tr><td>{name}</td><td><span class=\"type t-{}\">{}</span></td><td>{}</td><td><code>{}</code></td></tr>",
+                    "<tr><td>{name}</td><td><span class=\"type t-{}\">{}</span></td><td class=\"detail\">{}</td><td><code>{}</code></td></tr>",
                     escape(&e.kind),
                     escape(&e.kind),
                     escape(&redact_locators(&e.detail)),
                     escape(&id)
                 );
             }
-            s.push_str("</tbody></table>");
+            s.push_str("</tbody></table></div>");
         }
         Err(e) => {
             let _ = write!(s, "<p class=\"err\">{}</p>", escape(&e.to_string()));
@@ -740,7 +751,7 @@ async fn guests_page(h: &AgentHandle) -> String {
         }
         Ok(gs) => {
             let mut s = String::from(
-                "<table class=\"guests\"><thead><tr><th>name</th><th>state</th><th>handled</th><th>failures</th><th>fuel (last)</th><th>memory (peak)</th><th>last error</th></tr></thead><tbody>",
+                "<div class=\"scroll\"><table class=\"guests\"><thead><tr><th>name</th><th>state</th><th>handled</th><th>failures</th><th>fuel (last)</th><th>memory (peak)</th><th>last error</th></tr></thead><tbody>",
             );
             for g in gs {
                 let _ = write!(
@@ -751,11 +762,11 @@ async fn guests_page(h: &AgentHandle) -> String {
                     g.handled,
                     g.failures,
                     g.fuel_last,
-                    g.memory_peak,
+                    bytes(g.memory_peak),
                     escape(&g.last_error)
                 );
             }
-            s.push_str("</tbody></table>");
+            s.push_str("</tbody></table></div>");
             s
         }
         Err(e) => format!("<p class=\"err\">{}</p>", escape(&e.to_string())),
@@ -777,7 +788,7 @@ fn json_html(v: &Value) -> String {
             let keys: Vec<String> = a[0]
                 .as_object()
                 .map_or_else(Vec::new, |o| o.keys().cloned().collect());
-            let mut s = String::from("<table><thead><tr>");
+            let mut s = String::from("<div class=\"scroll\"><table><thead><tr>");
             for k in &keys {
                 let _ = write!(s, "<th>{}</th>", escape(k));
             }
@@ -789,7 +800,7 @@ fn json_html(v: &Value) -> String {
                 }
                 s.push_str("</tr>");
             }
-            s.push_str("</tbody></table>");
+            s.push_str("</tbody></table></div>");
             s
         }
         Value::String(t) => escape(t),
@@ -801,10 +812,43 @@ async fn cluster_page(c: &Console, h: &AgentHandle) -> String {
     if c.runtime.membership().is_none() {
         return "<p class=\"empty\">This node is not in a cluster (it runs on an embedded store).</p>".to_string();
     }
-    match crate::cluster::command(&c.runtime, h, "status", "").await {
-        Ok(v) => json_html(&v),
-        Err(e) => format!("<p class=\"err\">{}</p>", escape(&format!("{e:#}"))),
+    let mut s = match crate::cluster::command(&c.runtime, h, "status", "").await {
+        Ok(mut v) => {
+            // Members (with their leases) as a table of their own.
+            let members = v.as_object_mut().and_then(|o| o.remove("members"));
+            let mut s = String::from("<h2>This node</h2>");
+            s.push_str(&json_html(&v));
+            if let Some(m) = members {
+                s.push_str("<h2>Members and leases</h2>");
+                s.push_str(&json_html(&m));
+            }
+            s
+        }
+        Err(e) => return format!("<p class=\"err\">{}</p>", escape(&format!("{e:#}"))),
+    };
+    // Where the agents in your names live (at most MAX_PLACEMENTS of them).
+    let agents: Vec<String> = h
+        .list("")
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| !is_special(&e.name) && (e.kind == "host" || e.kind == "guest"))
+        .map(|e| e.name)
+        .take(MAX_PLACEMENTS)
+        .collect();
+    let mut rows = Vec::new();
+    for a in &agents {
+        if let Ok(v) = crate::cluster::command(&c.runtime, h, "placement", a).await {
+            rows.push(v);
+        }
     }
+    s.push_str("<h2>Placements of your agents</h2>");
+    if rows.is_empty() {
+        s.push_str("<p class=\"empty\">No agent in your names.</p>");
+    } else {
+        s.push_str(&json_html(&Value::Array(rows)));
+    }
+    s
 }
 
 async fn graph_page(c: &Console, h: &AgentHandle, who: &str) -> String {
