@@ -785,9 +785,14 @@ fn json_html(v: &Value) -> String {
             s
         }
         Value::Array(a) if a.iter().all(Value::is_object) && !a.is_empty() => {
-            let keys: Vec<String> = a[0]
+            let mut keys: Vec<String> = a[0]
                 .as_object()
                 .map_or_else(Vec::new, |o| o.keys().cloned().collect());
+            // The name first, then the rest in order.
+            if let Some(i) = keys.iter().position(|k| k == "name") {
+                let k = keys.remove(i);
+                keys.insert(0, k);
+            }
             let mut s = String::from("<div class=\"scroll\"><table><thead><tr>");
             for k in &keys {
                 let _ = write!(s, "<th>{}</th>", escape(k));
@@ -812,17 +817,16 @@ async fn cluster_page(c: &Console, h: &AgentHandle) -> String {
     if c.runtime.membership().is_none() {
         return "<p class=\"empty\">This node is not in a cluster (it runs on an embedded store).</p>".to_string();
     }
-    let mut s = match crate::cluster::command(&c.runtime, h, "status", "").await {
+    let (mut s, node) = match crate::cluster::command(&c.runtime, h, "status", "").await {
         Ok(mut v) => {
             // Members (with their leases) as a table of their own.
             let members = v.as_object_mut().and_then(|o| o.remove("members"));
-            let mut s = String::from("<h2>This node</h2>");
-            s.push_str(&json_html(&v));
+            let mut s = String::new();
             if let Some(m) = members {
                 s.push_str("<h2>Members and leases</h2>");
                 s.push_str(&json_html(&m));
             }
-            s
+            (s, v)
         }
         Err(e) => return format!("<p class=\"err\">{}</p>", escape(&format!("{e:#}"))),
     };
@@ -848,6 +852,8 @@ async fn cluster_page(c: &Console, h: &AgentHandle) -> String {
     } else {
         s.push_str(&json_html(&Value::Array(rows)));
     }
+    s.push_str("<h2>This node</h2>");
+    s.push_str(&json_html(&node));
     s
 }
 
