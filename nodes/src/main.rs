@@ -364,6 +364,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     if let Some(u) = &metrics_url {
                         v["metrics"] = json!(u);
                     }
+                    if let Some(a) = console::serving(&paths) {
+                        v["console"] = json!(format!("http://{a}/"));
+                    }
                     print_json(&v);
                 } else {
                     println!("home          {}", paths.home_str());
@@ -383,6 +386,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                     if let Some(u) = &metrics_url {
                         println!("metrics       {u}");
+                    }
+                    if let Some(a) = console::serving(&paths) {
+                        println!("console       http://{a}/ (`capstan console` prints a URL to open)");
                     }
                     println!("root host     {}", hex::encode(&info.root_host));
                 }

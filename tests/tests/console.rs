@@ -446,6 +446,40 @@ fn the_console_needs_its_token_refuses_forged_posts_and_escapes_mail() {
     assert_eq!(a.status, 403, "no Origin: {}", a.body);
     // nothing was sent by any of them
     assert_eq!(node.inbox(&[]).len(), 1);
+    // with both, the refusal is the reply `capstan reply` would send
+    let fetch = [
+        ("Cookie", cookie.as_str()),
+        ("Origin", origin.as_str()),
+        ("Content-Type", "application/x-www-form-urlencoded"),
+        ("X-Capstan-Fetch", "1"),
+    ];
+    let a = http(
+        &addr,
+        "POST",
+        "/refuse",
+        &fetch,
+        &format!("number=0&reason=not+now&csrf={csrf}"),
+    );
+    assert_eq!(a.status, 200, "{}", a.body);
+    let v: Value = serde_json::from_str(&a.body).unwrap();
+    assert_eq!(v["ok"], true, "{v}");
+    let inbox = node.inbox(&[]);
+    assert_eq!(
+        texts(&inbox).last().unwrap(),
+        "refused: not now",
+        "{inbox:#?}"
+    );
+    assert_eq!(inbox.last().unwrap()["reply_to"], inbox[0]["message_id"]);
+    // without the script's header: plain text (a success redirects to the inbox)
+    let a = http(
+        &addr,
+        "POST",
+        "/endow",
+        &form,
+        &format!("number=0&csrf={csrf}"),
+    );
+    assert_eq!(a.status, 400, "message 0 is not a proposal for you: {}", a.body);
+    assert!(a.body.contains("one you sent"), "{}", a.body);
 
     // acting as an agent the root host did not make is refused
     node.ok(["mkhost", "alice"]);
