@@ -61,7 +61,7 @@ pub async fn route(c: &Console, req: &Request, csrf: &str) -> Response {
             };
             let agents = agents(c).await;
             let body = match path {
-                "/" => inbox_page(c, &handle, &who, csrf).await,
+                "/" => inbox_section(&handle, &who, csrf).await,
                 "/inbox/frag" => return Response::html(inbox_section(&handle, &who, csrf).await),
                 "/names" => names_page(&handle, &who, req.param("path").unwrap_or("")).await,
                 "/guests" => guests_page(&handle).await,
@@ -377,11 +377,6 @@ async fn newest(h: &AgentHandle) -> Result<Vec<MessageView>, String> {
         }
     }
     Ok(out)
-}
-
-async fn inbox_page(c: &Console, h: &AgentHandle, who: &str, csrf: &str) -> String {
-    let _ = c;
-    inbox_section(h, who, csrf).await
 }
 
 /// The inbox as threads, newest activity first: the section the page
