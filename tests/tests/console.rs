@@ -478,7 +478,11 @@ fn the_console_needs_its_token_refuses_forged_posts_and_escapes_mail() {
         &form,
         &format!("number=0&csrf={csrf}"),
     );
-    assert_eq!(a.status, 400, "message 0 is not a proposal for you: {}", a.body);
+    assert_eq!(
+        a.status, 400,
+        "message 0 is not a proposal for you: {}",
+        a.body
+    );
     assert!(a.body.contains("one you sent"), "{}", a.body);
 
     // acting as an agent the root host did not make is refused
@@ -761,6 +765,12 @@ fn in_a_browser_a_proposal_is_endowed_with_a_click_and_the_answer_arrives_live()
         .to_string();
     assert!(page.contains("const n = reader.inbox().length"), "{page}");
     assert!(page.contains("an inbox reader <b>bold</b>"), "{page}");
+    assert!(
+        page.contains(&format!(
+            "1 code proposal waiting for your decision: message {n}"
+        )),
+        "{page}"
+    );
     // the mail's script, image handler and link did nothing
     assert_eq!(d.js("return typeof window.pwned"), json!("undefined"));
     assert_eq!(
@@ -804,6 +814,11 @@ fn in_a_browser_a_proposal_is_endowed_with_a_click_and_the_answer_arrives_live()
     assert!(thread.contains("result: "), "{thread}");
     assert!(thread.contains("The answer arrived"), "{thread}");
     assert!(thread.contains("answered (message"), "{thread}");
+    let page = d.js("return document.body.innerText");
+    assert!(
+        !page.as_str().unwrap().contains("waiting for your decision"),
+        "{page}"
+    );
     // exactly what `capstan endow` does: the agent got `result: …`
     let answer = wait_mail(&node, "helper", "The answer arrived");
     assert!(answer["reply_to"].is_string(), "{answer}");

@@ -595,9 +595,8 @@ fn host_ok(c: &Console, req: &Request) -> bool {
         return false;
     };
     let port = c.cfg.addr.port().to_string();
-    let (name, p) = match host.rsplit_once(':') {
-        Some((n, p)) if !n.ends_with(']') || n.starts_with('[') => (n, p),
-        _ => return false,
+    let Some((name, p)) = host.rsplit_once(':') else {
+        return false;
     };
     p == port && matches!(name, "127.0.0.1" | "localhost" | "[::1]")
 }

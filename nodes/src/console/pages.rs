@@ -444,6 +444,25 @@ async fn inbox_section(h: &AgentHandle, who: &str, csrf: &str) -> String {
             ""
         }
     );
+    // The proposals waiting for a decision, linked to their place.
+    let pending: Vec<u64> = msgs
+        .iter()
+        .filter(|m| m.from != "SELF" && !answered.contains_key(&m.message_id))
+        .filter(|m| proposal(&message_text(m)).is_some())
+        .map(|m| m.number)
+        .collect();
+    if !pending.is_empty() {
+        let _ = write!(
+            s,
+            "<p class=\"pending\">{} code proposal{} waiting for your decision:",
+            pending.len(),
+            if pending.len() == 1 { "" } else { "s" }
+        );
+        for n in &pending {
+            let _ = write!(s, " <a href=\"#m-{n}\">message {n}</a>");
+        }
+        s.push_str("</p>");
+    }
     for (_, ms) in &threads {
         s.push_str("<div class=\"thread\">");
         for &i in ms {
