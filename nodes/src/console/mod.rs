@@ -36,6 +36,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail};
 use capstan_actors::{AgentHandle, Runtime};
+use capstan_proto::FormulaId;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -271,6 +272,8 @@ pub struct Console {
     pub cfg: ConsoleConfig,
     sessions: RefCell<HashMap<String, Session>>,
     streams: Arc<Semaphore>,
+    /// Per agent, the number the inbox window last began at.
+    inbox_starts: RefCell<HashMap<FormulaId, u64>>,
 }
 
 impl Console {
@@ -281,7 +284,21 @@ impl Console {
             cfg,
             sessions: RefCell::new(HashMap::new()),
             streams: Arc::new(Semaphore::new(MAX_STREAMS)),
+            inbox_starts: RefCell::new(HashMap::new()),
         }
+    }
+
+    /// Where reading `agent`'s inbox for a page starts (0: the first time).
+    pub fn inbox_start(&self, agent: FormulaId) -> u64 {
+        self.inbox_starts.borrow().get(&agent).copied().unwrap_or(0)
+    }
+
+    pub fn set_inbox_start(&self, agent: FormulaId, from: u64) {
+        let mut m = self.inbox_starts.borrow_mut();
+        if m.len() >= MAX_SESSIONS * 16 && !m.contains_key(&agent) {
+            m.clear();
+        }
+        m.insert(agent, from);
     }
 
     fn cookie_name(&self) -> String {

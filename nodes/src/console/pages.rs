@@ -21,6 +21,8 @@ const APP_CSS: &str = include_str!("app.css");
 const MAX_SHOWN: usize = 300;
 /// Pages of 1,000 read to find the newest messages.
 const MAX_PAGES: usize = 20;
+/// Most names offered in a slot's picker.
+const MAX_PICKER: usize = 1000;
 /// Most agents whose placement the cluster page shows.
 const MAX_PLACEMENTS: usize = 100;
 /// Longest refusal reason, bytes.
@@ -59,10 +61,11 @@ pub async fn route(c: &Console, req: &Request, csrf: &str) -> Response {
                     );
                 }
             };
-            let agents = agents(c).await;
             let body = match path {
-                "/" => inbox_section(&handle, &who, csrf).await,
-                "/inbox/frag" => return Response::html(inbox_section(&handle, &who, csrf).await),
+                "/" => inbox_section(c, &handle, &who, csrf).await,
+                "/inbox/frag" => {
+                    return Response::html(inbox_section(c, &handle, &who, csrf).await);
+                }
                 "/names" => names_page(&handle, &who, req.param("path").unwrap_or("")).await,
                 "/guests" => guests_page(&handle).await,
                 "/cluster" => cluster_page(c, &handle).await,
@@ -82,6 +85,7 @@ pub async fn route(c: &Console, req: &Request, csrf: &str) -> Response {
                 "/cluster" => "Cluster",
                 _ => "Graph",
             };
+            let agents = agents(c).await;
             Response::html(layout(c, title, path, (&who, csrf), &agents, &body))
         }
         ("POST", "/endow") | ("POST", "/refuse") => {
@@ -356,11 +360,16 @@ fn proposal(text: &str) -> Option<Proposal> {
     })
 }
 
-/// The newest messages of the inbox (at most [`MAX_SHOWN`]), in order.
-async fn newest(h: &AgentHandle) -> Result<Vec<MessageView>, String> {
+/// The newest messages of the inbox (at most [`MAX_SHOWN`]), in order,
+/// and whether newer ones are left to read (a long inbox is read
+/// [`MAX_PAGES`] pages a request). Reading starts where the last window
+/// began (numbers only grow), so each view reads little.
+async fn newest(c: &Console, h: &AgentHandle) -> Result<(Vec<MessageView>, bool), String> {
+    let start = c.inbox_start(h.id());
     let mut out: Vec<MessageView> = Vec::new();
-    let mut from = 0;
-    for _ in 0..MAX_PAGES {
+    let mut from = start;
+    let mut left = false;
+    for i in 0..MAX_PAGES {
         let (page, more) = h
             .inbox_page(None, from, 1000)
             .await
@@ -375,14 +384,16 @@ async fn newest(h: &AgentHandle) -> Result<Vec<MessageView>, String> {
         if !more {
             break;
         }
+        left = i + 1 == MAX_PAGES;
     }
-    Ok(out)
+    c.set_inbox_start(h.id(), out.first().map_or(start, |m| m.number));
+    Ok((out, left))
 }
 
 /// The inbox as threads, newest activity first: the section the page
 /// shows and live updates replace.
-async fn inbox_section(h: &AgentHandle, who: &str, csrf: &str) -> String {
-    let msgs = match newest(h).await {
+async fn inbox_section(c: &Console, h: &AgentHandle, who: &str, csrf: &str) -> String {
+    let (msgs, left) = match newest(c, h).await {
         Ok(m) => m,
         Err(e) => {
             return format!(
@@ -444,6 +455,9 @@ async fn inbox_section(h: &AgentHandle, who: &str, csrf: &str) -> String {
             ""
         }
     );
+    if left {
+        s.push_str("<p class=\"pending\">This inbox is long: older messages are shown; reload to read on to the newest.</p>");
+    }
     // The proposals waiting for a decision, linked to their place.
     let pending: Vec<u64> = msgs
         .iter()
@@ -547,7 +561,11 @@ fn proposal_forms(number: u64, p: &Proposal, names: &[EntryInfo], who: &str, csr
             escape(slot),
             escape(slot),
         );
-        for e in names.iter().filter(|e| e.kind != "special") {
+        for e in names
+            .iter()
+            .filter(|e| e.kind != "special")
+            .take(MAX_PICKER)
+        {
             let _ = write!(
                 s,
                 "<option value=\"{}\">{} ({})</option>",
