@@ -833,6 +833,24 @@ fn in_a_browser_a_proposal_is_endowed_with_a_click_and_the_answer_arrives_live()
     );
     assert_eq!(code, json!(403));
 
+    // the selector acts as an agent the root host made, as --as does
+    d.go(&format!("http://{addr}/names"));
+    d.click("#as-select option[value='helper']");
+    d.wait_for(
+        "return document.body.dataset.as === 'helper' && location.pathname === '/names'",
+        "acting as helper",
+    );
+    let names = d.js("return document.querySelector('table.names').innerText");
+    let names = names.as_str().unwrap();
+    assert!(
+        names.contains("llm") && names.contains("conversation"),
+        "{names}"
+    );
+    assert!(
+        !names.contains("evaluator"),
+        "the host's names are not the guest's: {names}"
+    );
+
     // every page, wide and narrow
     for (page, url) in [
         ("inbox", "/"),
