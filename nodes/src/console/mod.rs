@@ -716,9 +716,11 @@ fn authorize(c: &Console, req: &Request) -> Result<Auth, Response> {
         "GET" => {}
         "POST" => {
             let host = req.header("host").unwrap_or("");
-            let origin_ok = req
-                .header("origin")
-                .is_some_and(|o| o == format!("http://{host}"));
+            // https too: a public console may sit behind a TLS proxy.
+            let origin_ok = req.header("origin").is_some_and(|o| {
+                !host.is_empty()
+                    && (o == format!("http://{host}") || o == format!("https://{host}"))
+            });
             if !origin_ok {
                 return Err(Response::text(
                     403,
