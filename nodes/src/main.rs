@@ -249,7 +249,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .await?;
                 let metrics_url = metrics::serving(&paths);
                 let console_url = match console::serving(&paths) {
-                    Some(addr) => Some(console::mint_url(&paths, addr)?),
+                    Some(addr) => Some(console::mint_url(&paths, addr, None)?),
                     None => None,
                 };
                 if json {
@@ -290,7 +290,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         "this node serves no console; restart it with `capstan start --console 127.0.0.1:PORT` (port 0: any free port)"
                     )
                 })?;
-                let url = console::mint_url(&paths, addr)?;
+                // With --as, the console opens acting as that agent.
+                let url = console::mint_url(&paths, addr, cli.as_agent.as_deref())?;
                 if json {
                     print_json(&json!({"url": url}));
                 } else {

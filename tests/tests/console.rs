@@ -492,6 +492,13 @@ fn the_console_needs_its_token_refuses_forged_posts_and_escapes_mail() {
     assert_eq!(a.status, 200, "{}", a.body);
     let a = http(&addr, "GET", "/?as=alice.bob", &ck, "");
     assert_eq!(a.status, 403, "{}", a.body);
+    // `capstan console --as alice` opens acting as alice
+    let url = node.ok(["console", "--as", "alice"]);
+    let path = url.trim().split_once(addr.as_str()).unwrap().1.to_string();
+    assert!(path.starts_with("/?as=alice&token="), "{url}");
+    let a = http(&addr, "GET", &path, &[], "");
+    assert_eq!(a.status, 303);
+    assert_eq!(a.header("location"), Some("/?as=alice"));
 
     // an oversized request is not served
     let big = "x".repeat(70 * 1024);

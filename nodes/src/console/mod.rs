@@ -201,7 +201,8 @@ fn random_hex(n: usize) -> String {
 
 /// Mints a one-time token for the console of `paths`' daemon and returns
 /// the URL that redeems it. The token itself is not stored, only blake3 of it.
-pub fn mint_url(paths: &Paths, addr: SocketAddr) -> anyhow::Result<String> {
+/// With `as_agent`, the URL opens the console acting as that agent.
+pub fn mint_url(paths: &Paths, addr: SocketAddr, as_agent: Option<&str>) -> anyhow::Result<String> {
     let dir = paths.home.join(TOKENS);
     {
         use std::os::unix::fs::DirBuilderExt;
@@ -237,7 +238,10 @@ pub fn mint_url(paths: &Paths, addr: SocketAddr) -> anyhow::Result<String> {
     let file = dir.join(blake3::hash(token.as_bytes()).to_hex().as_str());
     std::fs::write(&file, format!("{}\n", now + TOKEN_LIFETIME_MS))
         .map_err(|e| anyhow!("cannot write {}: {e}", file.display()))?;
-    Ok(format!("http://{addr}/?token={token}"))
+    Ok(match as_agent {
+        Some(a) => format!("http://{addr}/?as={}&token={token}", percent_encode(a)),
+        None => format!("http://{addr}/?token={token}"),
+    })
 }
 
 /// Redeems `token` once: true when it was minted and has not expired.
