@@ -77,6 +77,33 @@ pub enum Command {
         /// reach it reads the node's counters and guest names).
         #[arg(long)]
         metrics_public: bool,
+        /// Serve the web console on HOST:PORT (port 0: any free port); a
+        /// loopback address unless --console-public. Remembered in the home
+        /// for later starts; `capstan console` prints a URL to open it.
+        #[arg(long, value_name = "HOST:PORT")]
+        console: Option<std::net::SocketAddr>,
+        /// Allow --console on an address other than loopback (anyone who can
+        /// reach it may try tokens; use TLS in front of it).
+        #[arg(long)]
+        console_public: bool,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Print a URL (with a one-time token) that opens the web console.
+    ///
+    /// The daemon serves the console when started with `--console
+    /// HOST:PORT`. Nothing is opened: paste the URL in a browser.
+    Console {
+        #[command(flatten)]
+        out: Out,
+    },
+    /// The capability graph: holders, what they hold, grants, locators out.
+    Graph {
+        /// Start at this agent (one you made) or directory; default your own names.
+        path: Option<String>,
+        /// Output: dot (Graphviz text, the default), svg (drawn by capstan), json.
+        #[arg(long, value_enum)]
+        format: Option<crate::graph::Format>,
         #[command(flatten)]
         out: Out,
     },
@@ -748,6 +775,8 @@ impl Command {
             Command::Cluster { command } => command.json(),
             Command::Llm { command } => command.json(),
             Command::Start { out, .. }
+            | Command::Console { out }
+            | Command::Graph { out, .. }
             | Command::Run { out, .. }
             | Command::Install { out, .. }
             | Command::Eval { out, .. }

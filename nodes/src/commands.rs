@@ -320,6 +320,9 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
                 .await?
         }
         Command::Cluster { command } => crate::cluster::run(client, command, json).await?,
+        Command::Graph { path, format, .. } => {
+            crate::graph::run(client, path, format, json).await?
+        }
         Command::Llm { command } => crate::llm::run(client, command, json).await?,
         c @ (Command::Install { .. }
         | Command::Guests { .. }

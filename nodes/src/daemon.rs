@@ -240,12 +240,14 @@ pub async fn run(
     store: Option<String>,
     metrics: Option<std::net::SocketAddr>,
     metrics_public: bool,
+    console: crate::console::Flags,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     // Checked before anything is made or written.
     let (listen, advertise_given) = (listen, advertise.is_some());
     let (listen_eff, advertise) = net_config(&paths, listen, advertise)?;
     let metrics = crate::metrics::config(&paths, metrics, metrics_public)?;
+    let console = crate::console::config(&paths, console.addr, console.public)?;
     create_private_dir(&paths.home)?;
     make_private(&paths.home);
     // The home lock is released by the kernel when this process exits, never
@@ -394,6 +396,10 @@ pub async fn run(
         }
         None => None,
     };
+    let console_task = match console {
+        Some(cfg) => Some(crate::console::serve_on(cfg, runtime.clone(), &paths).await?),
+        None => None,
+    };
 
     let listener = UnixListener::bind(&paths.socket)
         .with_context(|| format!("cannot listen on {}", paths.socket.display()))?;
@@ -450,6 +456,9 @@ pub async fn run(
     }
     if let Some(m) = metrics_task {
         m.abort();
+    }
+    if let Some(c) = console_task {
+        c.abort();
     }
     outbox.abort();
     net.close().await;
@@ -613,6 +622,7 @@ pub async fn start(
     store: Option<&str>,
     metrics: Option<std::net::SocketAddr>,
     metrics_public: bool,
+    console: crate::console::Flags,
 ) -> anyhow::Result<NodeInfo> {
     match client::ping(paths).await {
         Ok(info) => bail!(
@@ -626,6 +636,7 @@ pub async fn start(
     // Refused here, before the home or its log is touched.
     net_config(paths, listen, advertise.cloned())?;
     crate::metrics::config(paths, metrics, metrics_public)?;
+    crate::console::config(paths, console.addr, console.public)?;
     create_private_dir(&paths.home)?;
     let log = OpenOptions::new()
         .create(true)
@@ -654,6 +665,7 @@ pub async fn start(
     if metrics_public {
         cmd.arg("--metrics-public");
     }
+    console.args(&mut cmd);
     let mut child = cmd
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)

@@ -20,6 +20,9 @@
 //! - [`commands`]: the name and mail commands.
 //! - [`guests`]: the guest commands: `install`, `mkguest --component`,
 //!   `run TOOL --input JSON`, `guests`, `mkhttp`.
+//! - [`graph`]: `capstan graph`: the capability graph (gathered by the node
+//!   through the socket's JSON `cluster` call, command `graph`), dot and SVG.
+//! - [`console`]: the web console (`start --console`, `capstan console`).
 //! - [`output`]: human and `--json` rendering.
 //! - [`text`]: the `@reference` syntax of `send` and `reply`.
 //! - [`demo`]: `capstan demo`, a guided tour that drives this binary.
@@ -49,9 +52,11 @@ mod cli;
 mod client;
 mod cluster;
 mod commands;
+mod console;
 mod daemon;
 mod demo;
 mod du;
+mod graph;
 mod guests;
 mod llm;
 mod metrics;
@@ -214,6 +219,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 store,
                 metrics,
                 metrics_public,
+                console,
+                console_public,
                 ..
             } => {
                 daemon::run(
@@ -223,6 +230,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     store,
                     metrics,
                     metrics_public,
+                    console::Flags {
+                        addr: console,
+                        public: console_public,
+                    },
                 )
                 .await
             }
@@ -232,6 +243,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 store,
                 metrics,
                 metrics_public,
+                console,
+                console_public,
                 ..
             } => {
                 let advertise = parse_advertise(advertise)?;
@@ -242,9 +255,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     store.as_deref(),
                     metrics,
                     metrics_public,
+                    console::Flags {
+                        addr: console,
+                        public: console_public,
+                    },
                 )
                 .await?;
                 let metrics_url = metrics::serving(&paths);
+                let console_url = match console::serving(&paths) {
+                    Some(addr) => Some(console::mint_url(&paths, addr, None)?),
+                    None => None,
+                };
                 if json {
                     let mut v = json!({
                         "pid": info.pid,
@@ -253,6 +274,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     });
                     if let Some(u) = &metrics_url {
                         v["metrics"] = json!(u);
+                    }
+                    if let Some(u) = &console_url {
+                        v["console"] = json!(u);
                     }
                     print_json(&v);
                 } else {
@@ -267,6 +291,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     if let Some(u) = &metrics_url {
                         println!("metrics at {u}");
                     }
+                    if let Some(u) = &console_url {
+                        println!("console at {u} (the token works once)");
+                    }
+                }
+                Ok(())
+            }
+            Command::Console { .. } => {
+                client::ping(&paths).await?;
+                let addr = console::serving(&paths).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "this node serves no console; restart it with `capstan start --console 127.0.0.1:PORT` (port 0: any free port)"
+                    )
+                })?;
+                // With --as, the console opens acting as that agent.
+                let url = console::mint_url(&paths, addr, cli.as_agent.as_deref())?;
+                if json {
+                    print_json(&json!({"url": url}));
+                } else {
+                    println!("{url}");
                 }
                 Ok(())
             }
@@ -342,6 +385,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     if let Some(u) = &metrics_url {
                         v["metrics"] = json!(u);
                     }
+                    if let Some(a) = console::serving(&paths) {
+                        v["console"] = json!(format!("http://{a}/"));
+                    }
                     print_json(&v);
                 } else {
                     println!("home          {}", paths.home_str());
@@ -361,6 +407,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                     if let Some(u) = &metrics_url {
                         println!("metrics       {u}");
+                    }
+                    if let Some(a) = console::serving(&paths) {
+                        println!("console       http://{a}/ (`capstan console` prints a URL to open)");
                     }
                     println!("root host     {}", hex::encode(&info.root_host));
                 }

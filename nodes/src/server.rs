@@ -950,6 +950,14 @@ impl agent::Server for AgentServer {
         let p = params.get()?;
         let command = text(p.get_command(), "command")?;
         let arg = text(p.get_arg(), "arg")?;
+        if command == crate::graph::GRAPH_COMMAND {
+            let g = crate::graph::gather(self.net.runtime(), &self.handle, &arg)
+                .await
+                .map_err(|e| failed(format!("{e:#}")))?;
+            let v = serde_json::to_string(&g).map_err(|e| failed(e.to_string()))?;
+            results.get().set_json(v.as_str());
+            return Ok(());
+        }
         let v = crate::cluster::command(self.net.runtime(), &self.handle, &command, &arg)
             .await
             .map_err(|e| failed(format!("{e:#}")))?;
