@@ -107,6 +107,9 @@ pub const DEFAULT_INBOX_PAGE: usize = 1000;
 pub const MAX_INBOX_PAGE: usize = 10_000;
 /// Messages read at a time by a scan of a whole inbox (threads).
 const INBOX_SCAN_PAGE: usize = 1000;
+/// A follower that got no push for this long looks in the store for
+/// messages a push missed.
+const FOLLOW_RECHECK: std::time::Duration = std::time::Duration::from_secs(2);
 /// Most fresh inbox numbers one write tries after finding its number used.
 pub const MAX_SLOT_RETRIES: u32 = 32;
 
@@ -263,19 +266,38 @@ impl Runtime {
         agent: FormulaId,
         count: u64,
         at_least: u64,
-    ) -> Result<u64, Error> {
+    ) -> Result<(u64, Vec<String>), Error> {
         let c = self
             .inner
             .cluster
             .get()
             .ok_or_else(|| Error::Invalid("this node is not in a cluster".into()))?;
         match c.owner(&self.inner.db, agent).await? {
-            crate::cluster::Owner::Me => local_reserve(&self.inner, agent, count, at_least).await,
+            crate::cluster::Owner::Me => {
+                let first = local_reserve(&self.inner, agent, count, at_least).await?;
+                Ok((first, c.interested(&agent)))
+            }
             crate::cluster::Owner::Other(m) => Err(Error::Unavailable(format!(
                 "not the owner: node {} owns {}",
                 m.name,
                 agent.short()
             ))),
+        }
+    }
+
+    /// Member `node` follows `agent`'s inbox; this node owns it (else the
+    /// interest is ignored: the follower asks the owner it finds).
+    pub fn note_interest(&self, agent: FormulaId, node: String) {
+        if let Some(c) = self.inner.cluster.get() {
+            c.note_interest(agent, node);
+        }
+    }
+
+    /// What the owner of `agent` answered a reservation with: the members
+    /// following its inbox.
+    pub fn learn_interest(&self, agent: FormulaId, nodes: Vec<String>) {
+        if let Some(c) = self.inner.cluster.get() {
+            c.learn_interest(agent, nodes);
         }
     }
 
@@ -295,6 +317,10 @@ impl Runtime {
         number: u64,
         record: &[u8],
     ) -> Result<(), Error> {
+        if let Some(c) = self.inner.cluster.get() {
+            c.deliveries_received
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let Some(a) = self.inner.registry.agent(&agent) else {
             return Ok(());
         };
@@ -1385,8 +1411,13 @@ impl AgentHandle {
     /// message `m` (carrying it when small: they need not read it back).
     fn broadcast_delivered(&self, agent: FormulaId, m: &MessageRec) {
         if let Some(c) = self.rt.cluster.get() {
-            let to = c.others();
+            // Only the owner and the members following the inbox: a wake-up
+            // for every member would make each node handle the whole
+            // cluster's mail, so adding nodes would add work per message.
+            let to = c.delivery_targets(&agent).unwrap_or_else(|| c.others());
             if !to.is_empty() {
+                c.deliveries_sent
+                    .fetch_add(to.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 let mut record = m.encode();
                 if record.len() > crate::cluster::MAX_CARRIED_RECORD {
                     record = Vec::new();
@@ -2071,29 +2102,73 @@ impl AgentHandle {
                     }
                 }
             }
-            while let Some(m) = live_rx.recv().await {
-                if m.number < after || seen.contains(&m.number) {
-                    continue;
-                }
-                let c = ctx.clone();
-                let v = db
-                    .read(move |tx| {
-                        Box::pin(async move {
-                            let mut names = std::collections::HashMap::new();
-                            view(tx, &c, m, &mut names).await
+            // Live messages as they are pushed, and now and then a look in
+            // the store for what a push missed (a wake-up dropped, or sent
+            // before the inbox's owner knew of this follower: wake-ups go
+            // only to the members following an inbox). See rules::follow.
+            let mut cursor = crate::rules::follow::FollowCursor::new(after);
+            for n in seen {
+                cursor.accept(n);
+            }
+            let mut last_look = tokio::time::Instant::now();
+            loop {
+                let next_look = last_look + FOLLOW_RECHECK;
+                let batch = match tokio::time::timeout_at(next_look, live_rx.recv()).await {
+                    Ok(Some(m)) => vec![m],
+                    Ok(None) => return,
+                    Err(_) => Vec::new(),
+                };
+                let look = tokio::time::Instant::now() >= next_look;
+                let batch = if look {
+                    last_look = tokio::time::Instant::now();
+                    let (c, from) = (ctx.clone(), cursor.look_from());
+                    let page = db
+                        .read(move |tx| {
+                            Box::pin(async move {
+                                model::list_messages_page(tx, &c.id, from, INBOX_SCAN_PAGE).await
+                            })
                         })
-                    })
-                    .await;
-                match v {
-                    Ok(v) => {
-                        if out_tx.send(v).await.is_err() {
+                        .await;
+                    match page {
+                        Ok(mut ms) => {
+                            ms.extend(batch);
+                            ms
+                        }
+                        Err(e) => {
+                            tracing::debug!("follower's look at the store failed: {e}");
+                            batch
+                        }
+                    }
+                } else {
+                    batch
+                };
+                for m in batch {
+                    if !cursor.accept(m.number) {
+                        continue;
+                    }
+                    let c = ctx.clone();
+                    let v = db
+                        .read(move |tx| {
+                            Box::pin(async move {
+                                let mut names = std::collections::HashMap::new();
+                                view(tx, &c, m, &mut names).await
+                            })
+                        })
+                        .await;
+                    match v {
+                        Ok(v) => {
+                            if out_tx.send(v).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!("follower stopped: {e}");
                             return;
                         }
                     }
-                    Err(e) => {
-                        tracing::warn!("follower stopped: {e}");
-                        return;
-                    }
+                }
+                if look {
+                    cursor.looked();
                 }
             }
         });

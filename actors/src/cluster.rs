@@ -203,7 +203,18 @@ pub enum LinkOp {
         to: Vec<MemberRec>,
         promise: FormulaId,
     },
+    /// Tell `node`, the owner of `agent`, that this node has followers of
+    /// `agent`'s inbox (see [`Membership::note_interest`]).
+    Interest { node: MemberRec, agent: FormulaId },
 }
+
+/// How long an owner keeps sending an agent's deliveries to a member that
+/// said it follows the agent's inbox; followers renew it every tick of
+/// their agent (half its idle timeout, 30 s by default).
+pub const INTEREST_TTL: Duration = Duration::from_secs(90);
+/// Most (agent, member) interests an owner keeps, and most agents whose
+/// interested members a node remembers from reservations.
+pub const MAX_INTERESTS: usize = 100_000;
 
 /// Who owns a formula, from this node's point of view.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -234,12 +245,21 @@ pub struct Membership {
     /// not answer or refused; a lost lease is a step-down).
     pub renewals: AtomicU64,
     pub renewal_failures: AtomicU64,
+    /// Wake-ups for committed messages this node sent to other members
+    /// (one per member told), and those it received.
+    pub deliveries_sent: AtomicU64,
+    pub deliveries_received: AtomicU64,
     /// Set when the node leaves or stops: the lease is no longer renewed.
     pub leaving: AtomicBool,
     /// Formulas this node took over from another owner (dead, draining, or
     /// this node's own earlier run), with that owner's name: guests tell
     /// their host they resumed here (bounded; see [`MAX_TAKEOVERS`]).
     took_over: Mutex<HashMap<FormulaId, String>>,
+    /// As an owner: the members following each agent's inbox, until when.
+    interest: Mutex<HashMap<FormulaId, HashMap<String, Instant>>>,
+    /// As a sender: the members following an agent's inbox, as its owner
+    /// said when it last reserved numbers in it.
+    learned: Mutex<HashMap<FormulaId, Vec<String>>>,
 }
 
 /// Most take-overs remembered for a notice not yet given.
@@ -260,9 +280,120 @@ impl Membership {
             stepdowns: AtomicU64::new(0),
             renewals: AtomicU64::new(0),
             renewal_failures: AtomicU64::new(0),
+            deliveries_sent: AtomicU64::new(0),
+            deliveries_received: AtomicU64::new(0),
             leaving: AtomicBool::new(false),
             took_over: Mutex::new(HashMap::new()),
+            interest: Mutex::new(HashMap::new()),
+            learned: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Member `node` follows `agent`'s inbox (which this node owns) for the
+    /// next [`INTEREST_TTL`]. Past [`MAX_INTERESTS`] agents, lapsed entries
+    /// are dropped first, then the new one is not kept (its follower still
+    /// sees everything, by reading the store a little later).
+    pub fn note_interest(&self, agent: FormulaId, node: String) {
+        let Ok(mut all) = self.interest.lock() else {
+            return;
+        };
+        let now = Instant::now();
+        if all.len() >= MAX_INTERESTS && !all.contains_key(&agent) {
+            all.retain(|_, nodes| {
+                nodes.retain(|_, until| *until > now);
+                !nodes.is_empty()
+            });
+            if all.len() >= MAX_INTERESTS {
+                return;
+            }
+        }
+        all.entry(agent)
+            .or_default()
+            .insert(node, now + INTEREST_TTL);
+    }
+
+    /// The live member that owns `id` according to the store, when it is
+    /// another node; never claims anything (unlike [`Membership::owner`]).
+    pub async fn peek_owner(&self, db: &Db, id: FormulaId) -> Result<Option<MemberRec>, Error> {
+        if let Some(m) = self.owners.lock().ok().and_then(|o| o.get(&id).cloned()) {
+            return Ok((m.name != self.cfg.name).then_some(m));
+        }
+        let me = self.cfg.name.clone();
+        db.read(move |tx| {
+            let me = me.clone();
+            Box::pin(async move {
+                let Some(p) = get_placement(tx, &id).await? else {
+                    return Ok(None);
+                };
+                if p.node == me {
+                    return Ok(None);
+                }
+                Ok(get_member(tx, &p.node)
+                    .await?
+                    .filter(|m| m.epoch == p.epoch && m.live(crate::api::now_ms())))
+            })
+        })
+        .await
+    }
+
+    /// The members following `agent`'s inbox, as its owner knows them.
+    pub fn interested(&self, agent: &FormulaId) -> Vec<String> {
+        let Ok(mut all) = self.interest.lock() else {
+            return Vec::new();
+        };
+        let now = Instant::now();
+        let Some(nodes) = all.get_mut(agent) else {
+            return Vec::new();
+        };
+        nodes.retain(|_, until| *until > now);
+        let names: Vec<String> = nodes.keys().cloned().collect();
+        if names.is_empty() {
+            all.remove(agent);
+        }
+        names
+    }
+
+    /// What the owner of `agent` said of its followers when it reserved.
+    pub fn learn_interest(&self, agent: FormulaId, nodes: Vec<String>) {
+        if let Ok(mut l) = self.learned.lock() {
+            if nodes.is_empty() {
+                l.remove(&agent);
+                return;
+            }
+            if l.len() >= MAX_INTERESTS && !l.contains_key(&agent) {
+                l.clear();
+            }
+            l.insert(agent, nodes);
+        }
+    }
+
+    /// The members to wake when a message was committed to `agent`'s inbox
+    /// here: its owner, and the members following the inbox (as the owner
+    /// told, or as this node knows as the owner). `None` when this node
+    /// does not know the owner: then every member is told.
+    pub fn delivery_targets(&self, agent: &FormulaId) -> Option<Vec<MemberRec>> {
+        let owner = self.owners.lock().ok()?.get(agent).cloned()?;
+        let mut names = if owner.name == self.cfg.name && owner.epoch == self.epoch() {
+            self.interested(agent)
+        } else {
+            let mut n = self
+                .learned
+                .lock()
+                .ok()
+                .and_then(|l| l.get(agent).cloned())
+                .unwrap_or_default();
+            n.push(owner.name.clone());
+            n
+        };
+        names.retain(|n| *n != self.cfg.name);
+        names.sort();
+        names.dedup();
+        Some(
+            self.members()
+                .into_iter()
+                .filter(|m| names.contains(&m.name))
+                .collect(),
+        )
     }
 
     /// The node `id` was taken over from, once (see `took_over`).

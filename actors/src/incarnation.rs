@@ -105,6 +105,33 @@ pub(crate) struct AgentState {
     guest: Option<crate::guest::GuestRunner>,
 }
 
+/// In a cluster, tells the owner of this agent's inbox (when another node)
+/// that this node has followers of it, so that senders wake this node too
+/// (`LinkOp::Interest`; renewed at every tick while followers last). In
+/// the background: the owner is looked up in the store.
+fn tell_owner_of_followers(st: &AgentState) {
+    if st.owned {
+        return;
+    }
+    let Some(c) = st.rt.cluster.get().cloned() else {
+        return;
+    };
+    let (db, agent) = (st.rt.db.clone(), st.id);
+    tokio::spawn(async move {
+        match c.peek_owner(&db, agent).await {
+            Ok(Some(node)) => {
+                let _ = c
+                    .link
+                    .try_send(crate::cluster::LinkOp::Interest { node, agent });
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::debug!(agent = %agent.short(), "owner lookup for followers failed: {e}")
+            }
+        }
+    });
+}
+
 impl Actor for AgentActor {
     type Msg = AgentMsg;
     type State = AgentState;
@@ -203,10 +230,14 @@ impl Actor for AgentActor {
                 } else {
                     st.followers.push(tx);
                     let _ = reply.send(Ok(()));
+                    tell_owner_of_followers(st);
                 }
             }
             AgentMsg::Tick => {
                 st.followers.retain(|f| !f.is_closed());
+                if !st.followers.is_empty() {
+                    tell_owner_of_followers(st);
+                }
                 // a channel guest stays incarnated: it polls the outside system
                 let pinned = st.guest.as_ref().is_some_and(|g| g.pinned());
                 if !pinned

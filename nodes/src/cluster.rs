@@ -226,6 +226,10 @@ pub async fn command(
                 "draining": c.draining(),
                 "stepdowns": c.stepdowns.load(std::sync::atomic::Ordering::Relaxed),
                 "fenced_writes": c.fenced.load(std::sync::atomic::Ordering::Relaxed),
+                "wakeups": {
+                    "delivered_sent": c.deliveries_sent.load(std::sync::atomic::Ordering::Relaxed),
+                    "delivered_received": c.deliveries_received.load(std::sync::atomic::Ordering::Relaxed),
+                },
                 "incarnations_here": rt.incarnations(),
                 "store": db.describe(),
                 "store_health": match health {

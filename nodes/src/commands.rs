@@ -734,7 +734,12 @@ struct Printer {
     next: Rc<Cell<u64>>,
     /// With `--thread`: the message ids of the thread seen so far.
     thread: Option<RefCell<HashSet<Vec<u8>>>>,
+    /// The numbers printed, the last [`PRINTED_KEPT`] of them.
+    printed: RefCell<std::collections::BTreeSet<u64>>,
 }
+
+/// Numbers a follower remembers having printed.
+const PRINTED_KEPT: usize = 10_000;
 
 impl message_sink::Server for Printer {
     async fn push(
@@ -743,10 +748,21 @@ impl message_sink::Server for Printer {
         _: message_sink::PushResults,
     ) -> Result<(), CapError> {
         let m = read_message(params.get()?.get_message()?)?;
-        if m.number < self.next.get() {
-            return Ok(()); // already printed before a reconnection
+        // Messages may come out of order (numbers commit out of order across
+        // nodes, and a push the node missed comes later from its store): skip
+        // only what was printed (before a reconnection too).
+        {
+            let mut printed = self.printed.borrow_mut();
+            if m.number < self.next.get().saturating_sub(PRINTED_KEPT as u64)
+                || !printed.insert(m.number)
+            {
+                return Ok(());
+            }
+            while printed.len() > PRINTED_KEPT {
+                printed.pop_first();
+            }
         }
-        self.next.set(m.number + 1);
+        self.next.set(self.next.get().max(m.number + 1));
         if let Some(ids) = &self.thread {
             let mut ids = ids.borrow_mut();
             let member =
@@ -781,6 +797,7 @@ async fn follow_inbox(
         json,
         next: next.clone(),
         thread: thread.map(|t| RefCell::new(HashSet::from([t.0.to_vec()]))),
+        printed: RefCell::new(Default::default()),
     };
     let sink: message_sink::Client = capnp_rpc::new_client(printer);
     client.follow(sink, || next.get()).await?;

@@ -426,6 +426,18 @@ async fn render(src: &Sources) -> String {
             c.renewal_failures.load(Relaxed),
         );
         t.one(
+            "capstan_cluster_delivery_wakeups_sent_total",
+            "counter",
+            "Wake-ups for committed messages sent to other members (one per member told).",
+            c.deliveries_sent.load(Relaxed),
+        );
+        t.one(
+            "capstan_cluster_delivery_wakeups_received_total",
+            "counter",
+            "Wake-ups for committed messages received from other members.",
+            c.deliveries_received.load(Relaxed),
+        );
+        t.one(
             "capstan_cluster_stepdowns_total",
             "counter",
             "Times this node lost its lease and stepped down.",

@@ -23,7 +23,9 @@ interface Member {
   # Reserves `count` consecutive numbers in the inbox of `agent` (32 bytes),
   # which this node must own (else fails with "not the owner"); numbers
   # below `atLeast` are never handed out (the caller saw them taken).
-  reserve @0 (agent :Data, count :UInt32, atLeast :UInt64) -> (first :UInt64);
+  # `interested`: the members that follow the agent's inbox (see
+  # `interest`), to whom the caller sends its wake-up once it committed.
+  reserve @0 (agent :Data, count :UInt32, atLeast :UInt64) -> (first :UInt64, interested :List(Text));
   # Message `number` was committed to `agent`'s inbox: wake its followers
   # and its guest, if incarnated here.
   delivered @1 (agent :Data, number :UInt64) -> ();
@@ -34,6 +36,10 @@ interface Member {
   # previous call to that member is in flight, so a busy cluster makes a few
   # calls per member, not one per message.
   wake @3 (delivered :List(Delivery), settled :List(Data)) -> ();
+  # Member `node` has followers of `agent`'s inbox, which this node owns:
+  # tell the nodes that reserve numbers in it to wake `node` too (for the
+  # next few minutes; renewed while the followers last).
+  interest @4 (agent :Data, node :Text) -> ();
 }
 
 # Message `number` was committed to `agent`'s inbox (see `Member.wake`).

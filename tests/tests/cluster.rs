@@ -853,3 +853,97 @@ fn a_send_right_after_a_rebinding_on_another_node_reaches_the_new_agent() {
         assert_eq!(got, want, "mail of {agent}");
     }
 }
+
+/// The wake-ups a node received for messages committed on other nodes.
+fn wakeups_received(c: &Cluster, i: usize) -> u64 {
+    let v = c.n(i).json(["cluster", "status"]);
+    v["wakeups"]["delivered_received"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("cluster status without wake-up counts: {v}"))
+}
+
+/// Scale-out: a committed message wakes the inbox's owner and the members
+/// following it, not every member (that made each node handle the whole
+/// cluster's mail). A follower on a node that is neither the sender nor
+/// the owner sees every message once; a bystander node hears of none.
+#[test]
+fn a_message_wakes_its_inbox_owner_and_followers_not_every_member() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(c) = Cluster::start("wakeups") else {
+        return;
+    };
+    c.n(0).ok(["mkguest", "alice"]);
+    c.n(0).ok(["send", "alice", "hello"]);
+    let index = |p: Value| -> usize {
+        let n = p["node"].as_str().unwrap_or_else(|| panic!("{p}"));
+        n[1..].parse::<usize>().unwrap() - 1
+    };
+    let alice_owner = index(c.placement(0, "alice"));
+    let host_owner = index(c.placement(0, "HOST"));
+    // The follower: not alice's owner; the bystander: none of the three.
+    let follower = if host_owner != alice_owner {
+        host_owner
+    } else {
+        (alice_owner + 1) % 3
+    };
+    let bystander = (0..3)
+        .find(|i| *i != alice_owner && *i != host_owner && *i != follower)
+        .expect("a node that owns and follows nothing here");
+    eprintln!(
+        "alice on n{}, HOST on n{}, follower n{}, bystander n{}",
+        alice_owner + 1,
+        host_owner + 1,
+        follower + 1,
+        bystander + 1
+    );
+
+    let mut child = c
+        .n(follower)
+        .spawn(["--json", "inbox", "--follow", "--as", "alice"]);
+    let lines = capstan_tests::LineReader::new(child.stdout.take().unwrap());
+    let first = lines
+        .next(Duration::from_secs(20))
+        .expect("the first message");
+    assert!(first.contains("hello"), "{first}");
+    // Let the follower's node tell alice's owner (in the background).
+    std::thread::sleep(Duration::from_millis(500));
+
+    let before = wakeups_received(&c, bystander);
+    let sends = 20;
+    for i in 0..sends {
+        // From alice's owner and from the follower's node, in turn.
+        let via = if i % 2 == 0 { alice_owner } else { follower };
+        c.n(via).ok(["send", "alice", &format!("m{i}")]);
+    }
+    let mut seen = Vec::new();
+    while seen.len() < sends {
+        let Some(line) = lines.next(Duration::from_secs(20)) else {
+            let inbox = c.n(follower).inbox(&["--as", "alice"]);
+            let all: Vec<String> = inbox
+                .iter()
+                .map(|m| format!("{}={}", m["number"], m["text"]))
+                .collect();
+            panic!("the follower saw only {seen:?}; the inbox holds {all:?}");
+        };
+        let v: Value = serde_json::from_str(&line).unwrap();
+        seen.push(v["text"].as_str().unwrap().to_string());
+    }
+    let mut want: Vec<String> = (0..sends).map(|i| format!("m{i}")).collect();
+    seen.sort();
+    want.sort();
+    assert_eq!(seen, want, "each message once");
+    assert!(
+        lines.next(Duration::from_millis(500)).is_none(),
+        "nothing twice"
+    );
+    // (wake-ups still in flight would have landed by now)
+    std::thread::sleep(Duration::from_millis(300));
+    let after = wakeups_received(&c, bystander);
+    assert_eq!(
+        after - before,
+        0,
+        "the bystander n{} was woken for messages it neither owns nor follows",
+        bystander + 1
+    );
+    capstan_tests::kill_child(child);
+}

@@ -4,7 +4,10 @@
 //!
 //! # Layout
 //!
+//! - [`follow`]: which messages a follower has shown, and where it looks
+//!   in the store for the ones a push missed.
 //! - [`inbox`]: in which order a guest's runner handles its inbox, and when
 //!   it gives up waiting for a number that was handed out but never written.
 
+pub mod follow;
 pub mod inbox;

@@ -44,6 +44,8 @@ pub const MAX_PENDING_WAKEUPS: usize = 8192;
 pub const MAX_WAKEUPS_PER_CALL: usize = 4096;
 /// About the most bytes of carried message records in one `wake` call.
 pub const MAX_WAKEUP_CALL_BYTES: usize = 1 << 20;
+/// Most members named as following one inbox in a reservation's answer.
+const MAX_INTERESTED: usize = 64;
 
 /// The member interface of this node.
 pub struct MemberServer {
@@ -97,12 +99,35 @@ impl member::Server for MemberServer {
         let p = params.get()?;
         let agent = id_of(p.get_agent()?)?;
         let count = p.get_count().clamp(1, 1024) as u64;
-        let first = self
+        let (first, interested) = self
             .rt
             .serve_reserve(agent, count, p.get_at_least())
             .await
             .map_err(|e| failed(e.to_string()))?;
-        results.get().set_first(first);
+        let mut r = results.get();
+        r.set_first(first);
+        let mut l = r.init_interested(interested.len().min(MAX_INTERESTED) as u32);
+        for (i, n) in interested.iter().take(MAX_INTERESTED).enumerate() {
+            l.set(i as u32, n.as_str());
+        }
+        Ok(())
+    }
+
+    async fn interest(
+        self: Rc<Self>,
+        params: member::InterestParams,
+        _: member::InterestResults,
+    ) -> Result<(), CapError> {
+        let p = params.get()?;
+        let agent = id_of(p.get_agent()?)?;
+        let node = p
+            .get_node()?
+            .to_str()
+            .map_err(|_| failed("the member name is not UTF-8"))?;
+        if node.is_empty() || node.len() > 128 {
+            return Err(failed("a member name is 1 to 128 bytes"));
+        }
+        self.rt.note_interest(agent, node.to_string());
         Ok(())
     }
 
@@ -223,9 +248,17 @@ impl Net {
             r.get().set_count(count);
             r.get().set_at_least(at_least);
             let a = r.send().promise.await.map_err(CallError::from)?;
-            a.get()
-                .map(|a| a.get_first())
-                .map_err(|e| CallError::Answered(e.to_string()))
+            let a = a.get().map_err(|e| CallError::Answered(e.to_string()))?;
+            let mut interested = Vec::new();
+            if let Ok(l) = a.get_interested() {
+                for n in l.iter().take(MAX_INTERESTED) {
+                    if let Ok(n) = n.and_then(|n| n.to_string().map_err(Into::into)) {
+                        interested.push(n);
+                    }
+                }
+            }
+            self.rt.learn_interest(agent, interested);
+            Ok(a.get_first())
         };
         match tokio::time::timeout(RESERVE_TIMEOUT, call).await {
             Ok(Ok(first)) => Ok(first),
@@ -251,6 +284,35 @@ impl Net {
                     RESERVE_TIMEOUT.as_millis()
                 )))
             }
+        }
+    }
+
+    /// Tells `node` (the owner of `agent`) that this node follows the
+    /// agent's inbox. Best effort: a follower also looks in the store.
+    async fn tell_interest(self: &Rc<Self>, node: &MemberRec, agent: FormulaId) {
+        let call = async {
+            let m = self.member(&node.addr).await.map_err(CallError::Link)?;
+            let mut r = m.interest_request();
+            r.get().set_agent(agent.as_bytes());
+            let me = self
+                .rt
+                .membership()
+                .map(|c| c.cfg.name.clone())
+                .unwrap_or_default();
+            r.get().set_node(me.as_str());
+            r.send().promise.await.map_err(CallError::from)?;
+            Ok::<_, CallError>(())
+        };
+        match tokio::time::timeout(WAKEUP_TIMEOUT, call).await {
+            Ok(Ok(())) => {}
+            Ok(Err(CallError::Answered(e))) => {
+                tracing::debug!(node = %node.name, "telling the owner of followers failed: {e}")
+            }
+            Ok(Err(CallError::Link(e))) => {
+                tracing::debug!(node = %node.name, "telling the owner of followers failed: {e}");
+                self.links.drop_link(&node.addr);
+            }
+            Err(_) => self.links.drop_link(&node.addr),
         }
     }
 
@@ -362,6 +424,10 @@ impl Net {
                     record,
                 } => self.wake(to, Wake::Delivered(agent, number, record)),
                 LinkOp::Settled { to, promise } => self.wake(to, Wake::Settled(promise)),
+                LinkOp::Interest { node, agent } => {
+                    let me = self.clone();
+                    tokio::task::spawn_local(async move { me.tell_interest(&node, agent).await });
+                }
             }
         }
     }
