@@ -39,6 +39,10 @@ fn wait_mail(node: &Node, from: &str, needle: &str) -> String {
             if m["from"] == from && t.contains(needle) {
                 return t;
             }
+            assert!(
+                needle.contains("guest stopped") || !t.contains("guest stopped"),
+                "the guest was stopped: {t}"
+            );
         }
         assert!(
             Instant::now() < deadline,
@@ -358,4 +362,45 @@ fn a_long_conversation_is_compacted_into_a_summary() {
         !last["messages"].to_string().contains("question 0"),
         "{last}"
     );
+}
+
+/// The guest's deadline bounds its own running time, not the time it waits
+/// for its model: a model slower than the deadline still gets its answer to
+/// the asker, asked once and charged once.
+#[test]
+fn a_model_slower_than_the_deadline_does_not_stop_the_agent() {
+    let server = LlmServer::start();
+    let node = Node::started();
+    server.require_key(KEY);
+    server.add_anthropic(&node, "claude", KEY);
+    let wasm = guest_wasm("llm-agent");
+    node.ok([
+        "install",
+        wasm.as_str(),
+        "--name",
+        "llm-agent",
+        "--grant",
+        "llm=claude",
+    ]);
+    node.ok([
+        "mkguest",
+        "helper",
+        "--component",
+        "llm-agent",
+        "--deadline-ms",
+        "300",
+    ]);
+    server.push(Reply::text("slow but sure").after(Duration::from_millis(1500)));
+    node.ok(["send", "helper", "take your time"]);
+    let t = wait_mail(&node, "helper", "slow but sure");
+    assert_eq!(t, "slow but sure");
+    assert_eq!(count_mail(&node, "helper", "guest stopped"), 0);
+    assert_eq!(server.requests().len(), 1, "the model was asked once");
+    let audit = node.json(["llm", "audit", "--as", "helper"]);
+    let audit = audit.as_array().unwrap();
+    assert_eq!(audit.len(), 1, "{audit:#?}");
+    assert_eq!(audit[0]["outcome"], "ok", "{audit:#?}");
+    // the deadline still holds for the guest's own work
+    let guests = node.json(["guests"]);
+    assert_eq!(guests[0]["failures"], 0, "{guests:#}");
 }

@@ -31,7 +31,7 @@ use wasmtime::Store;
 
 use super::bindings::evaluator::capstan::evaluator::host as eval_host;
 use super::bindings::evaluator::exports::capstan::evaluator::evaluator::Slot;
-use super::host::{Limiter, arm, guest_log, stop_reason};
+use super::host::{Deadline, Limiter, arm, guest_log, stop_reason};
 use super::{CallLimits, GuestHost, World, manifest_of};
 use crate::api::{AgentHandle, MessageBodyView};
 use crate::error::Error;
@@ -113,6 +113,7 @@ pub(crate) struct EvalState {
     pub(crate) limiter: Limiter,
     gh: Arc<GuestHost>,
     panic: Option<String>,
+    deadline: Arc<Deadline>,
 }
 
 impl EvalState {
@@ -186,15 +187,18 @@ impl EvalState {
                     .cloned()
                     .unwrap_or_else(|| json!({}))
                     .to_string();
-                let r = self.block(super::http::guest_request(
-                    &host,
-                    Some(b.id),
-                    method,
-                    url,
-                    headers,
-                    body,
-                    None,
-                ))?;
+                let deadline = self.deadline.clone();
+                let r = deadline.excluding(|| {
+                    self.block(super::http::guest_request(
+                        &host,
+                        Some(b.id),
+                        method,
+                        url,
+                        headers,
+                        body,
+                        None,
+                    ))
+                })?;
                 Ok(json!({
                     "status": r.status,
                     "headers": serde_json::from_str::<Value>(&r.headers_json).unwrap_or(Value::Null),
@@ -474,6 +478,7 @@ impl AgentHandle {
             limiter: Limiter::new(&gh),
             gh: gh.clone(),
             panic: None,
+            deadline: Deadline::new(),
         };
         let source = source.to_string();
         tokio::task::spawn_blocking(move || run(&gh, &c, state, source, constants_json))
@@ -615,10 +620,11 @@ fn run(
         })
         .collect();
     let t0 = std::time::Instant::now();
+    let deadline = state.deadline.clone();
     let mut store = Store::new(&gh.engine, state);
     store.limiter(|s| &mut s.limiter);
     let mut t1 = t0;
-    let r = arm(&mut store, limits).and_then(|_| {
+    let r = arm(&mut store, limits, &deadline).and_then(|_| {
         let inst = pre.instantiate(&mut store)?;
         t1 = std::time::Instant::now();
         inst.capstan_evaluator_evaluator()
