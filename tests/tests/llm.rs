@@ -561,3 +561,55 @@ fn removing_a_provider_revokes_every_name_for_it() {
     assert_eq!(list, json!([]));
     assert_eq!(server.requests().len(), 1);
 }
+
+/// A provider that does not answer within --timeout may have received the
+/// request (and bill it): it is not sent again, and the error says what
+/// happened instead of "cannot be reached".
+#[test]
+fn a_timeout_is_not_retried_and_says_so() {
+    let node = Node::started();
+    let server = LlmServer::start();
+    node.ok([
+        "llm",
+        "add",
+        "slow",
+        "--provider",
+        "ollama",
+        "--url",
+        &server.url(),
+        "--timeout",
+        "1",
+    ]);
+    server.push(Reply::text("too late").after(std::time::Duration::from_secs(3)));
+    let (code, err) = node.fail(["llm", "ask", "slow", "hi"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("\"slow\" sent no answer within 1 s"), "{err}");
+    assert!(!err.contains("cannot be reached"), "{err}");
+    assert_eq!(server.requests().len(), 1, "the request was sent once");
+    let audit = node.json(["llm", "audit"]);
+    assert_eq!(audit.as_array().unwrap().len(), 1, "{audit}");
+}
+
+/// An answer refused as malformed was still paid for: the usage it
+/// reported is charged and audited.
+#[test]
+fn a_malformed_answer_is_charged_what_it_reported() {
+    let node = Node::started();
+    let server = LlmServer::start();
+    server.add_anthropic(&node, "claude", ANTHROPIC_KEY);
+    server.push(Reply::Raw(
+        r#"{"type":"message","content":"oops","usage":{"input_tokens":40,"output_tokens":7}}"#
+            .into(),
+    ));
+    let (_, err) = node.fail(["llm", "ask", "claude", "hi"]);
+    assert!(err.contains("malformed"), "{err}");
+    let audit = node.json(["llm", "audit"]);
+    assert_eq!(audit[0]["input_tokens"], 40, "{audit}");
+    assert_eq!(audit[0]["output_tokens"], 7, "{audit}");
+    assert!(
+        audit[0]["outcome"].as_str().unwrap().starts_with("error: "),
+        "{audit}"
+    );
+    let b = node.json(["llm", "budget"]);
+    assert_eq!(b["tokens_used"], 47, "{b}");
+}

@@ -322,8 +322,17 @@ pub enum LlmError {
         "LLM provider {provider:?} cannot be reached: {detail}; check that it runs and the --url given to `capstan llm add`"
     )]
     Unreachable { provider: String, detail: String },
+    #[error(
+        "LLM provider {provider:?} sent no answer within {secs} s (the --timeout given to `capstan llm add`); the request was not repeated, since the provider may have received it"
+    )]
+    Timeout { provider: String, secs: u64 },
     #[error("LLM provider {provider:?} sent a malformed answer: {detail}")]
-    Malformed { provider: String, detail: String },
+    Malformed {
+        provider: String,
+        detail: String,
+        /// The tokens the answer reported using (it was paid for).
+        usage: Usage,
+    },
     #[error("LLM provider {provider:?} failed {attempts} times; last: {last}")]
     GaveUp {
         provider: String,
@@ -332,6 +341,17 @@ pub enum LlmError {
     },
     #[error("{0}")]
     Config(String),
+}
+
+impl LlmError {
+    /// The tokens a failed call reported using (a malformed answer's).
+    pub fn usage(&self) -> Usage {
+        match self {
+            LlmError::Malformed { usage, .. } => *usage,
+            LlmError::GaveUp { last, .. } => last.usage(),
+            _ => Usage::default(),
+        }
+    }
 }
 
 /// The answer to [`AgentHandle::llm_chat`].

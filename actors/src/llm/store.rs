@@ -305,7 +305,7 @@ async fn record(
         let entry = entry.clone();
         Box::pin(async move {
             let mut b = get_budget(tx, &agent).await?;
-            if entry.outcome == "ok" {
+            if entry.outcome == "ok" || tokens > 0 || cost > 0 {
                 b.record(tokens, cost);
                 tx.set(&keys::llm_budget(&agent), &encode_budget(&b))?;
             }
@@ -480,7 +480,18 @@ pub(super) async fn chat(
         Err(e) => {
             let msg = prep.scanner.redact(&e.to_string());
             entry.outcome = outcome_text(&format!("error: {msg}"));
-            record(h, entry, 0, 0).await?;
+            // An answer refused as malformed was paid for all the same.
+            let usage = e.usage();
+            let cost = safety::cost_micros(
+                usage.input_tokens,
+                usage.output_tokens,
+                prep.cfg.price_input,
+                prep.cfg.price_output,
+            );
+            entry.input_tokens = usage.input_tokens;
+            entry.output_tokens = usage.output_tokens;
+            entry.cost_micros = cost;
+            record(h, entry, usage.total(), cost).await?;
             return Err(Error::Llm(msg));
         }
     };

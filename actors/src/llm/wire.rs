@@ -421,6 +421,34 @@ fn parse_openai(v: &Value) -> Result<ChatResponse, Malformed> {
     })
 }
 
+/// The usage an answer reports, as far as it can be read (for an answer
+/// refused as malformed: the provider billed it all the same).
+pub fn reported_usage(kind: ProviderKind, body: &[u8]) -> Usage {
+    let Ok(v) = serde_json::from_slice::<Value>(body) else {
+        return Usage::default();
+    };
+    match kind {
+        ProviderKind::Anthropic => {
+            let u = v.get("usage").cloned().unwrap_or(Value::Null);
+            Usage {
+                input_tokens: count(&u, "input_tokens"),
+                output_tokens: count(&u, "output_tokens"),
+            }
+        }
+        ProviderKind::Ollama => Usage {
+            input_tokens: count(&v, "prompt_eval_count"),
+            output_tokens: count(&v, "eval_count"),
+        },
+        ProviderKind::OpenAi => {
+            let u = v.get("usage").cloned().unwrap_or(Value::Null);
+            Usage {
+                input_tokens: count(&u, "prompt_tokens"),
+                output_tokens: count(&u, "completion_tokens"),
+            }
+        }
+    }
+}
+
 /// The message of a provider's error body, if it has one we recognise
 /// (shortened to 300 characters).
 pub fn error_message(kind: ProviderKind, v: &Value) -> Option<String> {
