@@ -100,7 +100,9 @@ fn each_protocol_round_trips_with_its_key() {
         p.json()["messages"][0],
         json!({"role": "system", "content": "be brief"})
     );
-    assert_eq!(p.json()["max_tokens"], 300);
+    // OpenAI: max_completion_tokens (max_tokens is deprecated there)
+    assert_eq!(p.json()["max_completion_tokens"], 300, "{}", p.body);
+    assert!(p.json().get("max_tokens").is_none(), "{}", p.body);
 
     // Tool calls come back normalised, from each protocol.
     for name in ["claude", "local", "gpt"] {
@@ -612,4 +614,98 @@ fn a_malformed_answer_is_charged_what_it_reported() {
     );
     let b = node.json(["llm", "budget"]);
     assert_eq!(b["tokens_used"], 47, "{b}");
+}
+
+/// What each provider's protocol says beyond the happy path: an OpenAI
+/// refusal or content filter is no answer, an unfinished Ollama answer is
+/// no answer, Ollama under a /v1 URL, and 401/403 errors that say what
+/// actually went wrong.
+#[test]
+fn provider_details_are_reported_as_what_they_are() {
+    let node = Node::started();
+    let server = LlmServer::start();
+    let f = key_file(&node, "gpt", OPENAI_KEY);
+    node.ok([
+        "llm",
+        "add",
+        "gpt",
+        "--provider",
+        "openai",
+        "--key-file",
+        f.to_str().unwrap(),
+        "--url",
+        &server.url(),
+    ]);
+    // a refusal is surfaced, not empty text with exit 0
+    server.push(Reply::Raw(
+        r#"{"model":"gpt","choices":[{"index":0,"message":{"role":"assistant","content":null,"refusal":"I cannot help with that."},"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":6}}"#
+            .into(),
+    ));
+    let (code, err) = node.fail(["llm", "ask", "gpt", "something bad"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("\"gpt\"") && err.contains("refused to answer: I cannot help with that."),
+        "{err}"
+    );
+    server.push(Reply::Raw(
+        r#"{"model":"gpt","choices":[{"index":0,"message":{"role":"assistant","content":""},"finish_reason":"content_filter"}],"usage":{"prompt_tokens":5,"completion_tokens":1}}"#
+            .into(),
+    ));
+    let (_, err) = node.fail(["llm", "ask", "gpt", "something worse"]);
+    assert!(err.contains("content filter"), "{err}");
+    // both were paid for
+    let b = node.json(["llm", "budget"]);
+    assert_eq!(b["tokens_used"], 17, "{b}");
+
+    // Ollama: an unfinished answer is not an answer; a /v1 URL works
+    node.ok([
+        "llm",
+        "add",
+        "local",
+        "--provider",
+        "ollama",
+        "--url",
+        &format!("{}/v1", server.url()),
+    ]);
+    server.push(Reply::Raw(
+        r#"{"model":"llama","message":{"role":"assistant","content":"Hel"},"done":false}"#.into(),
+    ));
+    let (_, err) = node.fail(["llm", "ask", "local", "hi"]);
+    assert!(
+        err.contains("malformed") && err.contains("not finished"),
+        "{err}"
+    );
+    server.push(Reply::text("via v1"));
+    assert_eq!(node.ok(["llm", "ask", "local", "hi"]), "via v1\n");
+    assert_eq!(server.requests().last().unwrap().path, "/api/chat");
+
+    // a 403 with a key the provider accepted is not a rejected key
+    server.push(Reply::status(403, "no access to this model"));
+    let (_, err) = node.fail(["llm", "ask", "gpt", "hi"]);
+    assert!(
+        err.contains("no access to this model") && err.contains("--model"),
+        "{err}"
+    );
+    assert!(!err.contains("rejected the API key"), "{err}");
+
+    // Ollama behind a proxy asking for a key: none was given, so the error
+    // does not blame a key file
+    let guarded = LlmServer::start();
+    guarded.require_key("proxy-key-0123456789");
+    node.ok([
+        "llm",
+        "add",
+        "guarded",
+        "--provider",
+        "ollama",
+        "--url",
+        &guarded.url(),
+    ]);
+    let (_, err) = node.fail(["llm", "ask", "guarded", "hi"]);
+    assert!(
+        err.contains("none is configured") && err.contains("--key-file"),
+        "{err}"
+    );
+    assert!(!err.contains("check the key file"), "{err}");
+    assert!(!err.contains("rejected the API key"), "{err}");
 }

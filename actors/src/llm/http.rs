@@ -190,7 +190,14 @@ async fn attempt_once(
     }
     if status.is_success() {
         return match wire::parse_response(cfg.kind, &bytes) {
-            Ok(r) => Attempt::Done(r),
+            Ok(r) => match wire::withheld(&r) {
+                None => Attempt::Done(r),
+                Some(detail) => Attempt::Fail(LlmError::Withheld {
+                    provider,
+                    detail: scanner.redact(&detail),
+                    usage: r.usage,
+                }),
+            },
             Err(detail) => Attempt::Fail(LlmError::Malformed {
                 provider,
                 detail: scanner.redact(&detail),
@@ -209,11 +216,18 @@ async fn attempt_once(
     let message = scanner.redact(&message);
     let code = status.as_u16();
     match code {
-        401 | 403 => Attempt::Fail(LlmError::BadKey {
+        401 | 403 if key.is_none() => Attempt::Fail(LlmError::NoKey {
             provider,
             status: code,
             message,
         }),
+        401 => Attempt::Fail(LlmError::BadKey {
+            provider,
+            status: code,
+            message,
+        }),
+        // The key was recognised; what it may do is another matter.
+        403 => Attempt::Fail(LlmError::Forbidden { provider, message }),
         429 => Attempt::Retry(
             LlmError::Status {
                 provider,

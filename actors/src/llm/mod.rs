@@ -312,6 +312,25 @@ pub enum LlmError {
         status: u16,
         message: String,
     },
+    #[error(
+        "LLM provider {provider:?} asks for an API key (HTTP {status}: {message}) and none is configured; add it again with --key-file (`capstan llm add … --key-file PATH`)"
+    )]
+    NoKey {
+        provider: String,
+        status: u16,
+        message: String,
+    },
+    #[error(
+        "LLM provider {provider:?} denied access (HTTP 403: {message}); the key may not use this model or endpoint: check the --model given to `capstan llm add` and the key's permissions"
+    )]
+    Forbidden { provider: String, message: String },
+    #[error("LLM provider {provider:?} gave no answer: {detail}")]
+    Withheld {
+        provider: String,
+        detail: String,
+        /// The tokens the call reported using (it was paid for).
+        usage: Usage,
+    },
     #[error("LLM provider {provider:?} answered HTTP {status}: {message}")]
     Status {
         provider: String,
@@ -347,7 +366,7 @@ impl LlmError {
     /// The tokens a failed call reported using (a malformed answer's).
     pub fn usage(&self) -> Usage {
         match self {
-            LlmError::Malformed { usage, .. } => *usage,
+            LlmError::Malformed { usage, .. } | LlmError::Withheld { usage, .. } => *usage,
             LlmError::GaveUp { last, .. } => last.usage(),
             _ => Usage::default(),
         }
