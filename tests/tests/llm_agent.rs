@@ -404,3 +404,125 @@ fn a_model_slower_than_the_deadline_does_not_stop_the_agent() {
     let guests = node.json(["guests"]);
     assert_eq!(guests[0]["failures"], 0, "{guests:#}");
 }
+
+/// How many messages the guest `name` has handled.
+fn handled(node: &Node, name: &str) -> u64 {
+    node.json(["guests"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["name"] == name)
+        .and_then(|g| g["handled"].as_u64())
+        .unwrap_or(0)
+}
+
+fn wait_handled(node: &Node, name: &str, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while handled(node, name) < n {
+        assert!(
+            Instant::now() < deadline,
+            "{name} did not handle {n} messages"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// While a proposal is pending, only the host's reply to it decides it:
+/// other mail waits and is handled after the decision; a reply that is not
+/// `endow`'s is a refusal; and `endow` refuses a proposal the agent no
+/// longer waits for.
+#[test]
+fn only_a_reply_to_a_pending_proposal_decides_it() {
+    let server = LlmServer::start();
+    let node = setup(&server);
+    let evaluator = guest_wasm("evaluator");
+    node.ok(["install", evaluator.as_str(), "--name", "evaluator"]);
+    let proposal = |n: usize| -> String {
+        let p: Vec<Value> = node
+            .inbox(&[])
+            .into_iter()
+            .filter(|m| {
+                m["from"] == "helper"
+                    && texts(std::slice::from_ref(m))
+                        .concat()
+                        .starts_with("definition:")
+            })
+            .collect();
+        assert!(p.len() > n, "{p:#?}");
+        p[n]["number"].as_u64().unwrap().to_string()
+    };
+    let define = |source: &str| Reply::Tools {
+        text: String::new(),
+        calls: vec![(
+            "define_code".into(),
+            json!({"source": source, "slots": {"reader": "an inbox reader"}}),
+        )],
+    };
+
+    server.push(define("reader.inbox().length"));
+    node.ok(["send", "helper", "count my inbox"]);
+    wait_mail(&node, "helper", "definition: slots");
+    let p1 = proposal(0);
+    // unrelated mail meanwhile is not the decision: it waits
+    node.ok(["send", "helper", "by the way, hello"]);
+    wait_handled(&node, "helper", 2);
+    assert_eq!(server.requests().len(), 1, "the model was not asked");
+    let checkpoint: Value =
+        serde_json::from_str(&node.ok(["cat", "--as", "helper", "conversation"])).unwrap();
+    assert_eq!(checkpoint["pending"]["name"], "define_code", "{checkpoint}");
+    assert!(
+        checkpoint["waiting"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("by the way, hello"),
+        "{checkpoint}"
+    );
+    // the decision, then the waiting mail
+    server.push(Reply::text("You have 3 messages."));
+    server.push(Reply::text("Hello to you too."));
+    let v = node.json(["endow", p1.as_str(), "--bind", "reader=SELF"]);
+    assert_eq!(v["result"], "3", "{v}");
+    wait_mail(&node, "helper", "Hello to you too.");
+    wait_mail(&node, "helper", "You have 3 messages.");
+    let reqs = server.requests();
+    assert_eq!(reqs.len(), 3, "{reqs:#?}");
+    assert_eq!(tool_results(&reqs[1].json())[0].1, "result: 3");
+    assert!(
+        reqs[2].body.contains("by the way, hello"),
+        "{}",
+        reqs[2].body
+    );
+
+    // a reply to the proposal that is not endow's is a refusal
+    server.push(define("reader.inbox()[0].text"));
+    let before = handled(&node, "helper");
+    node.ok(["send", "helper", "read my first message"]);
+    wait_handled(&node, "helper", before + 1);
+    let p2 = proposal(1);
+    server.push(Reply::text("Understood, I will not."));
+    node.ok(["reply", p2.as_str(), "no, not that"]);
+    wait_mail(&node, "helper", "Understood, I will not.");
+    let last = server.requests().last().unwrap().json();
+    let results = tool_results(&last);
+    assert_eq!(results.last().unwrap().1, "no, not that", "{results:?}");
+    let (_, e) = node.fail(["endow", p2.as_str(), "--bind", "reader=SELF"]);
+    assert!(e.contains("already answered"), "{e}");
+
+    // the host resets the agent's conversation while a proposal waits: the
+    // agent proposes anew, and endow refuses the old proposal
+    server.push(define("reader.inbox().length + 1"));
+    let before = handled(&node, "helper");
+    node.ok(["send", "helper", "count again"]);
+    wait_handled(&node, "helper", before + 1);
+    let p3 = proposal(2);
+    node.ok(["remove", "conversation", "--as", "helper"]);
+    server.push(define("reader.inbox().length + 2"));
+    let before = handled(&node, "helper");
+    node.ok(["send", "helper", "count once more"]);
+    wait_handled(&node, "helper", before + 1);
+    let p4 = proposal(3);
+    let asked = server.requests().len();
+    let (_, e) = node.fail(["endow", p3.as_str(), "--bind", "reader=SELF"]);
+    assert!(e.contains("no longer pending") && e.contains(&p4), "{e}");
+    assert_eq!(server.requests().len(), asked);
+}

@@ -380,6 +380,12 @@ fn parse_proposal(text: &str) -> Result<Proposal, Error> {
     Ok(p)
 }
 
+/// Whether `m` is a code proposal (`definition: slots {…}`).
+fn is_proposal(m: &crate::records::MessageRec) -> bool {
+    matches!(&m.body, BodyRec::Package { strings, .. }
+        if strings.first().is_some_and(|t| t.starts_with("definition:")))
+}
+
 impl AgentHandle {
     /// Runs `source` in the installed evaluator component `evaluator` (a
     /// path in this host's names) with `bindings` (slot → path in this
@@ -516,12 +522,18 @@ impl AgentHandle {
                         .iter()
                         .find(|m| m.reply_to == Some(msg.message_id) && m.from == ctx.id)
                         .map(|m| m.number);
+                    // A proposer waits for one decision at a time: a newer
+                    // proposal of its own means it no longer waits for this one.
+                    let superseded = msgs
+                        .iter()
+                        .find(|m| m.number > number && m.from == msg.from && is_proposal(m))
+                        .map(|m| m.number);
                     let sender = model::name_for(tx, &ctx, &msg.from).await?;
-                    Ok::<_, Error>(Some((msg, answered, sender)))
+                    Ok::<_, Error>(Some((msg, answered, superseded, sender)))
                 })
             })
             .await?;
-        let Some((msg, answered, sender)) = found else {
+        let Some((msg, answered, superseded, sender)) = found else {
             return Err(Error::Invalid(format!(
                 "there is no message {number} in the inbox; see `capstan inbox`"
             )));
@@ -539,6 +551,11 @@ impl AgentHandle {
         if let Some(r) = answered {
             return Err(Error::Invalid(format!(
                 "message {number} was already answered (message {r}); {sender} has your decision"
+            )));
+        }
+        if let Some(r) = superseded {
+            return Err(Error::Invalid(format!(
+                "the proposal in message {number} is no longer pending: {sender} proposed again since (message {r}) and waits for a decision on that one"
             )));
         }
         let p = parse_proposal(&package_text(strings, names))?;

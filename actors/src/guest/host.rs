@@ -483,6 +483,27 @@ impl agent_wit::host::Host for AgentState {
             .map(|_| ()))
     }
 
+    fn replies_to(&mut self, number: u64, to: u64) -> wasmtime::Result<bool> {
+        // Message records never change: the answer is the same on a replay,
+        // so it needs no journal entry.
+        let id = self.agent.id();
+        let inner = self.agent.inner().clone();
+        let r = self.block(inner.db.read(move |tx| {
+            Box::pin(async move {
+                let (Some(a), Some(b)) = (
+                    tx.get(&crate::keys::message(&id, number)).await?,
+                    tx.get(&crate::keys::message(&id, to)).await?,
+                ) else {
+                    return Ok::<_, Error>(false);
+                };
+                let a = crate::records::MessageRec::decode(&a)?;
+                let b = crate::records::MessageRec::decode(&b)?;
+                Ok(a.reply_to == Some(b.message_id))
+            })
+        }));
+        r.map_err(|e| wasmtime::format_err!("cannot read the guest's inbox ({e})"))
+    }
+
     fn read_text(&mut self, name: String) -> wasmtime::Result<Result<Option<String>, String>> {
         Ok(match self.read_value(&name, None)? {
             Ok(Some(b)) => String::from_utf8(b)
