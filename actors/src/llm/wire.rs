@@ -69,7 +69,7 @@ fn anthropic_body(model: &str, max_tokens: u32, req: &ChatRequest) -> Value {
     };
     for m in &req.messages {
         match m {
-            ChatMessage::User { text } => push("user", json!({"type": "text", "text": text})),
+            ChatMessage::User { text, .. } => push("user", json!({"type": "text", "text": text})),
             ChatMessage::Assistant { text, tool_calls } => {
                 if !text.is_empty() {
                     push("assistant", json!({"type": "text", "text": text}));
@@ -129,7 +129,7 @@ fn ollama_body(model: &str, max_tokens: u32, req: &ChatRequest) -> Value {
     }
     for m in &req.messages {
         messages.push(match m {
-            ChatMessage::User { text } => json!({"role": "user", "content": text}),
+            ChatMessage::User { text, .. } => json!({"role": "user", "content": text}),
             ChatMessage::Assistant { text, tool_calls } => {
                 let mut v = json!({"role": "assistant", "content": text});
                 if !tool_calls.is_empty() {
@@ -164,7 +164,7 @@ fn openai_body(model: &str, max_tokens: u32, req: &ChatRequest) -> Value {
     }
     for m in &req.messages {
         messages.push(match m {
-            ChatMessage::User { text } => json!({"role": "user", "content": text}),
+            ChatMessage::User { text, .. } => json!({"role": "user", "content": text}),
             ChatMessage::Assistant { text, tool_calls } => {
                 let mut v = json!({"role": "assistant",
                     "content": if text.is_empty() && !tool_calls.is_empty() { Value::Null } else { json!(text) }});

@@ -64,6 +64,10 @@ capability the code needs as a slot with a description; your host decides what f
 enum Msg {
     User {
         text: String,
+        /// Mail from anyone but the host: the node gives it to the model
+        /// as data (spotlighted).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        untrusted: bool,
     },
     Assistant {
         #[serde(default)]
@@ -176,7 +180,7 @@ fn save(s: &mut State) -> Result<(), String> {
             .map(|p| p + 1);
         match next_user {
             Some(p) => {
-                if let Some(Msg::User { text }) = s.messages.first() {
+                if let Some(Msg::User { text, .. }) = s.messages.first() {
                     let line: String = text.chars().take(SUMMARY_LINE).collect();
                     s.summary
                         .push_str(&format!("- asked: {}\n", line.replace('\n', " ")));
@@ -400,6 +404,7 @@ fn ask(s: &mut State, number: u64, sender: &str, text: &str) -> Result<(), Strin
     s.asker_is_host = sender == "HOST";
     s.messages.push(Msg::User {
         text: format!("{sender}: {text}"),
+        untrusted: sender != "HOST",
     });
     converse(s)
 }
