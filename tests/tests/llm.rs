@@ -709,3 +709,50 @@ fn provider_details_are_reported_as_what_they_are() {
     assert!(!err.contains("check the key file"), "{err}");
     assert!(!err.contains("rejected the API key"), "{err}");
 }
+
+/// A call reserves its share of the budget before it is made: its output
+/// is capped by what is left, and calls running at once see each other's
+/// reservations (one call used 150,000 tokens against a limit of 50).
+#[test]
+fn budgets_are_reserved_before_the_call_and_cap_its_output() {
+    let node = Node::started();
+    let server = LlmServer::start();
+    server.add_anthropic(&node, "claude", ANTHROPIC_KEY);
+    node.ok(["llm", "budget", "--tokens", "50"]);
+    server.push(Reply::text("short"));
+    assert_eq!(node.ok(["llm", "ask", "claude", "hi"]), "short\n");
+    let max = server.requests()[0].json()["max_tokens"].as_u64().unwrap();
+    assert!(max < 50, "max_tokens {max} is not capped by the budget");
+    let b = node.json(["llm", "budget"]);
+    assert_eq!(b["tokens_used"], 20, "{b}");
+    assert_eq!(b["tokens_reserved"], 0, "settled: {b}");
+
+    // two calls at once: the first holds what is left while it runs
+    node.ok(["llm", "budget", "--reset"]);
+    for _ in 0..2 {
+        server.push(
+            Reply::Text {
+                text: "slow".into(),
+                input_tokens: 20,
+                output_tokens: 20,
+            }
+            .after(std::time::Duration::from_millis(1500)),
+        );
+    }
+    let asks: Vec<_> = (0..2)
+        .map(|_| node.spawn(["llm", "ask", "claude", "hi"]))
+        .collect();
+    let results: Vec<_> = asks
+        .into_iter()
+        .map(|c| c.wait_with_output().expect("llm ask"))
+        .collect();
+    let ok = results.iter().filter(|r| r.status.success()).count();
+    assert_eq!(ok, 1, "{results:#?}");
+    let refused = results.iter().find(|r| !r.status.success()).unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("budget is exhausted"), "{err}");
+    assert_eq!(server.requests().len(), 2, "one more request, not two");
+    let b = node.json(["llm", "budget"]);
+    assert_eq!(b["tokens_used"], 40, "{b}");
+    assert_eq!(b["tokens_reserved"], 0, "{b}");
+}
