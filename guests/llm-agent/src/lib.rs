@@ -460,7 +460,17 @@ impl Guest for Agent {
             });
             return save(&mut s);
         }
-        ask(&mut s, msg.number, &msg.sender, &msg.text)
+        if s.waiting.is_empty() {
+            return ask(&mut s, msg.number, &msg.sender, &msg.text);
+        }
+        // Mail left waiting (a turn after a decision was cut short) goes
+        // first, in order.
+        s.waiting.push(Waiting {
+            number: msg.number,
+            sender: msg.sender,
+            text: msg.text,
+        });
+        drain_waiting(&mut s)
     }
 }
 
