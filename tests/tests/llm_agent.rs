@@ -620,3 +620,37 @@ fn flags_stay_with_their_text_and_untrusted_text_is_spotlighted() {
         "{third}"
     );
 }
+
+/// A model answer the node received (and paid for) is journaled: when the
+/// handler runs again after a `kill -9` in the middle of its turn, it
+/// reuses the answer instead of buying it again.
+#[test]
+fn a_bought_answer_is_reused_when_the_handler_runs_again() {
+    let server = LlmServer::start();
+    let mut node = setup(&server);
+    server.push(Reply::Tools {
+        text: String::new(),
+        calls: vec![("list_names".into(), json!({}))],
+    });
+    // the second call is in flight when the node dies
+    server.push(Reply::text("never delivered").after(Duration::from_secs(30)));
+    server.push(Reply::text("I hold llm."));
+    node.ok(["send", "helper", "what do you hold?"]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while server.requests().len() < 2 {
+        assert!(Instant::now() < deadline, "{:#?}", server.requests());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    node.kill9();
+    node.start();
+    let t = wait_mail(&node, "helper", "I hold llm.");
+    assert_eq!(t, "I hold llm.");
+    let reqs = server.requests();
+    assert_eq!(
+        reqs.len(),
+        3,
+        "the first answer was replayed, only the one in flight asked again: {reqs:#?}"
+    );
+    assert_eq!(tool_results(&reqs[2].json()).len(), 1, "{}", reqs[2].body);
+    assert_eq!(count_mail(&node, "helper", "I hold llm."), 1);
+}
