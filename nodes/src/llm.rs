@@ -295,6 +295,13 @@ pub fn human(cmd: &str, v: &Value) -> String {
                 n("calls"),
                 v["injection"].as_str().unwrap_or("warn"),
             ));
+            if n("tokens_reserved") > 0 || n("cost_reserved") > 0 {
+                out.push_str(&format!(
+                    "  held by calls in flight: {} tokens, ${}\n",
+                    n("tokens_reserved"),
+                    usd(n("cost_reserved"))
+                ));
+            }
         }
         _ => out.push_str(&format!("{v}\n")),
     }

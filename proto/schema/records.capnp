@@ -221,6 +221,10 @@ struct LlmBudget {
   # What the node does with incoming text that looks like a prompt
   # injection: "warn" (or empty: the default), "block" or "ask".
   injection @5 :Text;
+  # Held by calls in flight (reserved before the call, settled after it):
+  # their input estimate plus the output tokens they may use, and its cost.
+  tokensReserved @6 :UInt64;
+  costReserved @7 :UInt64;
 }
 
 # One model call of an agent ("llma", agent, sequence number): the audit log.

@@ -6,6 +6,7 @@
 //! - [`LlmServer::push`] queues the next answers: text, tool calls, an HTTP
 //!   error status (optionally with `Retry-After`), or a raw body (for
 //!   malformed answers). With an empty script it answers 500.
+//!   [`Reply::after`] sends one late (a slow model).
 //! - [`LlmServer::require_key`]: requests without that key (`x-api-key` for
 //!   Anthropic, `Authorization: Bearer` otherwise) get the provider's 401,
 //!   without consuming the script.
@@ -47,6 +48,8 @@ pub enum Reply {
     },
     /// HTTP 200 with exactly this body.
     Raw(String),
+    /// The reply, sent after this long (a slow model).
+    Slow(Duration, Box<Reply>),
 }
 
 impl Reply {
@@ -56,6 +59,11 @@ impl Reply {
             input_tokens: 12,
             output_tokens: 8,
         }
+    }
+
+    /// `self`, sent after `delay`.
+    pub fn after(self, delay: Duration) -> Reply {
+        Reply::Slow(delay, Box::new(self))
     }
 
     pub fn status(status: u16, message: &str) -> Reply {
@@ -246,6 +254,13 @@ fn serve(conn: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
             Reply::status(401, "invalid x-api-key")
         }
     };
+    let reply = match reply {
+        Reply::Slow(delay, r) => {
+            thread::sleep(delay);
+            *r
+        }
+        r => r,
+    };
     let (status, body, retry_after) = render(proto, reply);
     respond(conn, status, &body, retry_after)
 }
@@ -260,6 +275,7 @@ enum Proto {
 fn render(proto: Proto, reply: Reply) -> (u16, String, Option<u64>) {
     match reply {
         Reply::Raw(body) => (200, body, None),
+        Reply::Slow(_, r) => render(proto, *r),
         Reply::Status {
             status,
             message,

@@ -100,7 +100,9 @@ fn each_protocol_round_trips_with_its_key() {
         p.json()["messages"][0],
         json!({"role": "system", "content": "be brief"})
     );
-    assert_eq!(p.json()["max_tokens"], 300);
+    // OpenAI: max_completion_tokens (max_tokens is deprecated there)
+    assert_eq!(p.json()["max_completion_tokens"], 300, "{}", p.body);
+    assert!(p.json().get("max_tokens").is_none(), "{}", p.body);
 
     // Tool calls come back normalised, from each protocol.
     for name in ["claude", "local", "gpt"] {
@@ -560,4 +562,197 @@ fn removing_a_provider_revokes_every_name_for_it() {
     let list: Value = node.json(["llm", "list"]);
     assert_eq!(list, json!([]));
     assert_eq!(server.requests().len(), 1);
+}
+
+/// A provider that does not answer within --timeout may have received the
+/// request (and bill it): it is not sent again, and the error says what
+/// happened instead of "cannot be reached".
+#[test]
+fn a_timeout_is_not_retried_and_says_so() {
+    let node = Node::started();
+    let server = LlmServer::start();
+    node.ok([
+        "llm",
+        "add",
+        "slow",
+        "--provider",
+        "ollama",
+        "--url",
+        &server.url(),
+        "--timeout",
+        "1",
+    ]);
+    server.push(Reply::text("too late").after(std::time::Duration::from_secs(3)));
+    let (code, err) = node.fail(["llm", "ask", "slow", "hi"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("\"slow\" sent no answer within 1 s"), "{err}");
+    assert!(!err.contains("cannot be reached"), "{err}");
+    assert_eq!(server.requests().len(), 1, "the request was sent once");
+    let audit = node.json(["llm", "audit"]);
+    assert_eq!(audit.as_array().unwrap().len(), 1, "{audit}");
+}
+
+/// An answer refused as malformed was still paid for: the usage it
+/// reported is charged and audited.
+#[test]
+fn a_malformed_answer_is_charged_what_it_reported() {
+    let node = Node::started();
+    let server = LlmServer::start();
+    server.add_anthropic(&node, "claude", ANTHROPIC_KEY);
+    server.push(Reply::Raw(
+        r#"{"type":"message","content":"oops","usage":{"input_tokens":40,"output_tokens":7}}"#
+            .into(),
+    ));
+    let (_, err) = node.fail(["llm", "ask", "claude", "hi"]);
+    assert!(err.contains("malformed"), "{err}");
+    let audit = node.json(["llm", "audit"]);
+    assert_eq!(audit[0]["input_tokens"], 40, "{audit}");
+    assert_eq!(audit[0]["output_tokens"], 7, "{audit}");
+    assert!(
+        audit[0]["outcome"].as_str().unwrap().starts_with("error: "),
+        "{audit}"
+    );
+    let b = node.json(["llm", "budget"]);
+    assert_eq!(b["tokens_used"], 47, "{b}");
+}
+
+/// What each provider's protocol says beyond the happy path: an OpenAI
+/// refusal or content filter is no answer, an unfinished Ollama answer is
+/// no answer, Ollama under a /v1 URL, and 401/403 errors that say what
+/// actually went wrong.
+#[test]
+fn provider_details_are_reported_as_what_they_are() {
+    let node = Node::started();
+    let server = LlmServer::start();
+    let f = key_file(&node, "gpt", OPENAI_KEY);
+    node.ok([
+        "llm",
+        "add",
+        "gpt",
+        "--provider",
+        "openai",
+        "--key-file",
+        f.to_str().unwrap(),
+        "--url",
+        &server.url(),
+    ]);
+    // a refusal is surfaced, not empty text with exit 0
+    server.push(Reply::Raw(
+        r#"{"model":"gpt","choices":[{"index":0,"message":{"role":"assistant","content":null,"refusal":"I cannot help with that."},"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":6}}"#
+            .into(),
+    ));
+    let (code, err) = node.fail(["llm", "ask", "gpt", "something bad"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("\"gpt\"") && err.contains("refused to answer: I cannot help with that."),
+        "{err}"
+    );
+    server.push(Reply::Raw(
+        r#"{"model":"gpt","choices":[{"index":0,"message":{"role":"assistant","content":""},"finish_reason":"content_filter"}],"usage":{"prompt_tokens":5,"completion_tokens":1}}"#
+            .into(),
+    ));
+    let (_, err) = node.fail(["llm", "ask", "gpt", "something worse"]);
+    assert!(err.contains("content filter"), "{err}");
+    // both were paid for
+    let b = node.json(["llm", "budget"]);
+    assert_eq!(b["tokens_used"], 17, "{b}");
+
+    // Ollama: an unfinished answer is not an answer; a /v1 URL works
+    node.ok([
+        "llm",
+        "add",
+        "local",
+        "--provider",
+        "ollama",
+        "--url",
+        &format!("{}/v1", server.url()),
+    ]);
+    server.push(Reply::Raw(
+        r#"{"model":"llama","message":{"role":"assistant","content":"Hel"},"done":false}"#.into(),
+    ));
+    let (_, err) = node.fail(["llm", "ask", "local", "hi"]);
+    assert!(
+        err.contains("malformed") && err.contains("not finished"),
+        "{err}"
+    );
+    server.push(Reply::text("via v1"));
+    assert_eq!(node.ok(["llm", "ask", "local", "hi"]), "via v1\n");
+    assert_eq!(server.requests().last().unwrap().path, "/api/chat");
+
+    // a 403 with a key the provider accepted is not a rejected key
+    server.push(Reply::status(403, "no access to this model"));
+    let (_, err) = node.fail(["llm", "ask", "gpt", "hi"]);
+    assert!(
+        err.contains("no access to this model") && err.contains("--model"),
+        "{err}"
+    );
+    assert!(!err.contains("rejected the API key"), "{err}");
+
+    // Ollama behind a proxy asking for a key: none was given, so the error
+    // does not blame a key file
+    let guarded = LlmServer::start();
+    guarded.require_key("proxy-key-0123456789");
+    node.ok([
+        "llm",
+        "add",
+        "guarded",
+        "--provider",
+        "ollama",
+        "--url",
+        &guarded.url(),
+    ]);
+    let (_, err) = node.fail(["llm", "ask", "guarded", "hi"]);
+    assert!(
+        err.contains("none is configured") && err.contains("--key-file"),
+        "{err}"
+    );
+    assert!(!err.contains("check the key file"), "{err}");
+    assert!(!err.contains("rejected the API key"), "{err}");
+}
+
+/// A call reserves its share of the budget before it is made: its output
+/// is capped by what is left, and calls running at once see each other's
+/// reservations (one call used 150,000 tokens against a limit of 50).
+#[test]
+fn budgets_are_reserved_before_the_call_and_cap_its_output() {
+    let node = Node::started();
+    let server = LlmServer::start();
+    server.add_anthropic(&node, "claude", ANTHROPIC_KEY);
+    node.ok(["llm", "budget", "--tokens", "50"]);
+    server.push(Reply::text("short"));
+    assert_eq!(node.ok(["llm", "ask", "claude", "hi"]), "short\n");
+    let max = server.requests()[0].json()["max_tokens"].as_u64().unwrap();
+    assert!(max < 50, "max_tokens {max} is not capped by the budget");
+    let b = node.json(["llm", "budget"]);
+    assert_eq!(b["tokens_used"], 20, "{b}");
+    assert_eq!(b["tokens_reserved"], 0, "settled: {b}");
+
+    // two calls at once: the first holds what is left while it runs
+    node.ok(["llm", "budget", "--reset"]);
+    for _ in 0..2 {
+        server.push(
+            Reply::Text {
+                text: "slow".into(),
+                input_tokens: 20,
+                output_tokens: 20,
+            }
+            .after(std::time::Duration::from_millis(1500)),
+        );
+    }
+    let asks: Vec<_> = (0..2)
+        .map(|_| node.spawn(["llm", "ask", "claude", "hi"]))
+        .collect();
+    let results: Vec<_> = asks
+        .into_iter()
+        .map(|c| c.wait_with_output().expect("llm ask"))
+        .collect();
+    let ok = results.iter().filter(|r| r.status.success()).count();
+    assert_eq!(ok, 1, "{results:#?}");
+    let refused = results.iter().find(|r| !r.status.success()).unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("budget is exhausted"), "{err}");
+    assert_eq!(server.requests().len(), 2, "one more request, not two");
+    let b = node.json(["llm", "budget"]);
+    assert_eq!(b["tokens_used"], 40, "{b}");
+    assert_eq!(b["tokens_reserved"], 0, "{b}");
 }

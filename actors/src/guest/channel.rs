@@ -27,7 +27,7 @@ use wasmtime::Store;
 
 use super::bindings::channel::SandboxedChannel;
 use super::bindings::channel::capstan::channel::host as ch_host;
-use super::host::{Limiter, arm, guest_log, stop_reason};
+use super::host::{Deadline, Limiter, arm, guest_log, stop_reason};
 use super::runner::{GuestRunner, mark_done, next_run};
 use super::{CallLimits, GuestHost, compiled};
 use crate::api::{AgentHandle, Inner};
@@ -53,6 +53,7 @@ pub(crate) struct ChannelState {
     pub(crate) limiter: Limiter,
     tokio: tokio::runtime::Handle,
     pub(crate) panic: Option<String>,
+    deadline: Arc<Deadline>,
 }
 
 impl ChannelState {
@@ -106,15 +107,18 @@ impl ch_host::Host for ChannelState {
         body: Option<Vec<u8>>,
         timeout_ms: Option<u32>,
     ) -> wasmtime::Result<Result<ch_host::HttpResponse, String>> {
-        let r = self.block(super::http::guest_request(
-            &self.agent,
-            self.http,
-            method,
-            url,
-            headers_json,
-            body,
-            timeout_ms,
-        ));
+        let deadline = self.deadline.clone();
+        let r = deadline.excluding(|| {
+            self.block(super::http::guest_request(
+                &self.agent,
+                self.http,
+                method,
+                url,
+                headers_json,
+                body,
+                timeout_ms,
+            ))
+        });
         Ok(r.map(|r| ch_host::HttpResponse {
             status: r.status,
             headers_json: r.headers_json,
@@ -307,10 +311,12 @@ async fn launch(
             limiter: Limiter::new(&gh2),
             tokio: gh2.tokio.clone(),
             panic: None,
+            deadline: Deadline::new(),
         };
+        let deadline = state.deadline.clone();
         let mut store = Store::new(&gh2.engine, state);
         store.limiter(|s| &mut s.limiter);
-        let r = arm(&mut store, limits).and_then(|_| {
+        let r = arm(&mut store, limits, &deadline).and_then(|_| {
             let inst = pre.instantiate(&mut store)?;
             let cfg = inst
                 .capstan_channel_channel()
@@ -393,7 +399,8 @@ async fn call(
         l.store.data_mut().logs = 0;
         l.store.data_mut().emits = 0;
         let ch = l.inst.capstan_channel_channel();
-        let r = arm(&mut l.store, limits).and_then(|_| match &what {
+        let deadline = l.store.data().deadline.clone();
+        let r = arm(&mut l.store, limits, &deadline).and_then(|_| match &what {
             Call::Poll => ch.call_on_poll(&mut l.store).map(|_| Ok(())),
             Call::Respond(to, text) => ch.call_on_respond(&mut l.store, to, text),
             Call::Shutdown => ch.call_on_shutdown(&mut l.store).map(|_| Ok(())),

@@ -31,7 +31,7 @@ use wasmtime::Store;
 
 use super::bindings::evaluator::capstan::evaluator::host as eval_host;
 use super::bindings::evaluator::exports::capstan::evaluator::evaluator::Slot;
-use super::host::{Limiter, arm, guest_log, stop_reason};
+use super::host::{Deadline, Limiter, arm, guest_log, stop_reason};
 use super::{CallLimits, GuestHost, World, manifest_of};
 use crate::api::{AgentHandle, MessageBodyView};
 use crate::error::Error;
@@ -113,6 +113,7 @@ pub(crate) struct EvalState {
     pub(crate) limiter: Limiter,
     gh: Arc<GuestHost>,
     panic: Option<String>,
+    deadline: Arc<Deadline>,
 }
 
 impl EvalState {
@@ -186,15 +187,18 @@ impl EvalState {
                     .cloned()
                     .unwrap_or_else(|| json!({}))
                     .to_string();
-                let r = self.block(super::http::guest_request(
-                    &host,
-                    Some(b.id),
-                    method,
-                    url,
-                    headers,
-                    body,
-                    None,
-                ))?;
+                let deadline = self.deadline.clone();
+                let r = deadline.excluding(|| {
+                    self.block(super::http::guest_request(
+                        &host,
+                        Some(b.id),
+                        method,
+                        url,
+                        headers,
+                        body,
+                        None,
+                    ))
+                })?;
                 Ok(json!({
                     "status": r.status,
                     "headers": serde_json::from_str::<Value>(&r.headers_json).unwrap_or(Value::Null),
@@ -376,6 +380,12 @@ fn parse_proposal(text: &str) -> Result<Proposal, Error> {
     Ok(p)
 }
 
+/// Whether `m` is a code proposal (`definition: slots {…}`).
+fn is_proposal(m: &crate::records::MessageRec) -> bool {
+    matches!(&m.body, BodyRec::Package { strings, .. }
+        if strings.first().is_some_and(|t| t.starts_with("definition:")))
+}
+
 impl AgentHandle {
     /// Runs `source` in the installed evaluator component `evaluator` (a
     /// path in this host's names) with `bindings` (slot → path in this
@@ -474,6 +484,7 @@ impl AgentHandle {
             limiter: Limiter::new(&gh),
             gh: gh.clone(),
             panic: None,
+            deadline: Deadline::new(),
         };
         let source = source.to_string();
         tokio::task::spawn_blocking(move || run(&gh, &c, state, source, constants_json))
@@ -511,12 +522,18 @@ impl AgentHandle {
                         .iter()
                         .find(|m| m.reply_to == Some(msg.message_id) && m.from == ctx.id)
                         .map(|m| m.number);
+                    // A proposer waits for one decision at a time: a newer
+                    // proposal of its own means it no longer waits for this one.
+                    let superseded = msgs
+                        .iter()
+                        .find(|m| m.number > number && m.from == msg.from && is_proposal(m))
+                        .map(|m| m.number);
                     let sender = model::name_for(tx, &ctx, &msg.from).await?;
-                    Ok::<_, Error>(Some((msg, answered, sender)))
+                    Ok::<_, Error>(Some((msg, answered, superseded, sender)))
                 })
             })
             .await?;
-        let Some((msg, answered, sender)) = found else {
+        let Some((msg, answered, superseded, sender)) = found else {
             return Err(Error::Invalid(format!(
                 "there is no message {number} in the inbox; see `capstan inbox`"
             )));
@@ -534,6 +551,11 @@ impl AgentHandle {
         if let Some(r) = answered {
             return Err(Error::Invalid(format!(
                 "message {number} was already answered (message {r}); {sender} has your decision"
+            )));
+        }
+        if let Some(r) = superseded {
+            return Err(Error::Invalid(format!(
+                "the proposal in message {number} is no longer pending: {sender} proposed again since (message {r}) and waits for a decision on that one"
             )));
         }
         let p = parse_proposal(&package_text(strings, names))?;
@@ -615,10 +637,11 @@ fn run(
         })
         .collect();
     let t0 = std::time::Instant::now();
+    let deadline = state.deadline.clone();
     let mut store = Store::new(&gh.engine, state);
     store.limiter(|s| &mut s.limiter);
     let mut t1 = t0;
-    let r = arm(&mut store, limits).and_then(|_| {
+    let r = arm(&mut store, limits, &deadline).and_then(|_| {
         let inst = pre.instantiate(&mut store)?;
         t1 = std::time::Instant::now();
         inst.capstan_evaluator_evaluator()

@@ -145,6 +145,7 @@ pub(crate) struct AgentState {
     pub(crate) limiter: Limiter,
     tokio: tokio::runtime::Handle,
     pub(crate) panic: Option<String>,
+    pub(crate) deadline: Arc<Deadline>,
 }
 
 impl AgentState {
@@ -171,6 +172,7 @@ impl AgentState {
             limiter: Limiter::new(gh),
             tokio: gh.tokio.clone(),
             panic: None,
+            deadline: Deadline::new(),
         }
     }
 
@@ -481,6 +483,27 @@ impl agent_wit::host::Host for AgentState {
             .map(|_| ()))
     }
 
+    fn replies_to(&mut self, number: u64, to: u64) -> wasmtime::Result<bool> {
+        // Message records never change: the answer is the same on a replay,
+        // so it needs no journal entry.
+        let id = self.agent.id();
+        let inner = self.agent.inner().clone();
+        let r = self.block(inner.db.read(move |tx| {
+            Box::pin(async move {
+                let (Some(a), Some(b)) = (
+                    tx.get(&crate::keys::message(&id, number)).await?,
+                    tx.get(&crate::keys::message(&id, to)).await?,
+                ) else {
+                    return Ok::<_, Error>(false);
+                };
+                let a = crate::records::MessageRec::decode(&a)?;
+                let b = crate::records::MessageRec::decode(&b)?;
+                Ok(a.reply_to == Some(b.message_id))
+            })
+        }));
+        r.map_err(|e| wasmtime::format_err!("cannot read the guest's inbox ({e})"))
+    }
+
     fn read_text(&mut self, name: String) -> wasmtime::Result<Result<Option<String>, String>> {
         Ok(match self.read_value(&name, None)? {
             Ok(Some(b)) => String::from_utf8(b)
@@ -516,37 +539,43 @@ impl agent_wit::llm::Host for AgentState {
         // What the handler did before the call commits first: the call may
         // take long, and the inbox numbers its messages took must not stay
         // unwritten meanwhile.
-        let agent = self.agent.clone();
-        if agent.open.is_some()
-            && let Err(e) = self.block(agent.make_durable())
-        {
-            return Err(wasmtime::format_err!(
-                "cannot commit the handler's effects before the model call ({e}); the message is handled again later"
-            ));
-        }
-        let r = match serde_json::from_str::<crate::llm::ChatRequest>(&request) {
-            Err(e) => Err(format!(
-                "llm.chat: the request is not valid JSON for a chat: {e}"
-            )),
-            Ok(req) => self
-                .block(self.agent.llm_chat(&provider, req))
-                .map_err(|e| e.to_string())
-                .and_then(|reply| {
-                    serde_json::to_string(&reply.response)
-                        .map_err(|e| format!("llm.chat: cannot encode the answer: {e}"))
-                }),
-        };
-        self.record(i, Entry::Llm(r.clone()))?;
-        // A model call costs and does not answer the same twice: its answer
-        // is made durable now, not with the next write, so a handler cut
-        // short after it replays the answer instead of asking again.
-        let agent = self.agent.clone();
-        if let Err(e) = self.block(agent.make_durable()) {
-            return Err(wasmtime::format_err!(
-                "cannot record the model's answer ({e}); the message is handled again later"
-            ));
-        }
-        Ok(r)
+        // The wait for the model does not count against the guest's
+        // deadline: the call is bounded by the provider's own timeout.
+        let deadline = self.deadline.clone();
+        deadline.excluding(|| {
+            let agent = self.agent.clone();
+            if agent.open.is_some()
+                && let Err(e) = self.block(agent.make_durable())
+            {
+                return Err(wasmtime::format_err!(
+                    "cannot commit the handler's effects before the model call ({e}); the message is handled again later"
+                ));
+            }
+            let r = match serde_json::from_str::<crate::llm::ChatRequest>(&request) {
+                Err(e) => Err(format!(
+                    "llm.chat: the request is not valid JSON for a chat: {e}"
+                )),
+                Ok(req) => self
+                    .block(self.agent.llm_chat(&provider, req))
+                    .map_err(|e| e.to_string())
+                    .and_then(|reply| {
+                        serde_json::to_string(&reply.response)
+                            .map_err(|e| format!("llm.chat: cannot encode the answer: {e}"))
+                    }),
+            };
+            self.record(i, Entry::Llm(r.clone()))?;
+            // A model call costs and does not answer the same twice: its
+            // answer is made durable now, not with the next write, so a
+            // handler cut short after it replays the answer instead of
+            // asking again.
+            let agent = self.agent.clone();
+            if let Err(e) = self.block(agent.make_durable()) {
+                return Err(wasmtime::format_err!(
+                    "cannot record the model's answer ({e}); the message is handled again later"
+                ));
+            }
+            Ok(r)
+        })
     }
 }
 
@@ -595,12 +624,68 @@ pub(crate) fn stop_reason(e: &wasmtime::Error, limits: CallLimits, panic: Option
     format!("{e:#}")
 }
 
+/// The wall-clock deadline of one guest call. It bounds the guest's own
+/// running time: time spent in a host call that waits for the outside (a
+/// model call, an HTTP request; each bounded by its own timeout) pushes it
+/// back by as long.
+#[derive(Debug)]
+pub(crate) struct Deadline(std::sync::Mutex<std::time::Instant>);
+
+impl Deadline {
+    pub(crate) fn new() -> Arc<Deadline> {
+        Arc::new(Deadline(std::sync::Mutex::new(std::time::Instant::now())))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::time::Instant> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A call starts: the deadline is `wall` from now.
+    fn start(&self, wall: std::time::Duration) {
+        *self.lock() = std::time::Instant::now() + wall;
+    }
+
+    fn passed(&self) -> bool {
+        std::time::Instant::now() >= *self.lock()
+    }
+
+    /// Runs `f` (a host call waiting for the outside) without counting its
+    /// time against the deadline.
+    pub(crate) fn excluding<R>(&self, f: impl FnOnce() -> R) -> R {
+        let t = std::time::Instant::now();
+        let r = f();
+        *self.lock() += t.elapsed();
+        r
+    }
+}
+
 /// Sets the fuel and the wall-clock deadline of a store for one call.
-pub(crate) fn arm<T>(store: &mut Store<T>, limits: CallLimits) -> wasmtime::Result<()> {
+pub(crate) fn arm<T>(
+    store: &mut Store<T>,
+    limits: CallLimits,
+    deadline: &Arc<Deadline>,
+) -> wasmtime::Result<()> {
+    arm_with(store, limits, deadline, || Ok(()))
+}
+
+/// [`arm`], with `tick` run at every epoch tick the guest runs through.
+pub(crate) fn arm_with<T>(
+    store: &mut Store<T>,
+    limits: CallLimits,
+    deadline: &Arc<Deadline>,
+    mut tick: impl FnMut() -> wasmtime::Result<()> + Send + Sync + 'static,
+) -> wasmtime::Result<()> {
     store.set_fuel(limits.fuel)?;
-    let ticks = (limits.wall.as_millis() / super::EPOCH_TICK.as_millis()).max(1);
-    store.set_epoch_deadline(ticks as u64);
-    store.epoch_deadline_trap();
+    deadline.start(limits.wall);
+    let d = deadline.clone();
+    store.epoch_deadline_callback(move |_| {
+        if d.passed() {
+            return Err(Trap::Interrupt.into());
+        }
+        tick()?;
+        Ok(wasmtime::UpdateDeadline::Continue(1))
+    });
+    store.set_epoch_deadline(1);
     Ok(())
 }
 
@@ -621,28 +706,23 @@ pub(crate) fn call_agent(
     store.limiter(|s| &mut s.limiter);
     let mut t1 = t0;
     let open = store.data().agent.open.clone();
-    let r = arm(&mut store, limits).and_then(|_| {
-        if let Some(open) = open {
-            // In a runner's batch: each tick also commits the batch when its
-            // oldest write has waited long enough (a long handler's effects
-            // become durable while it runs), and enforces the deadline.
-            let deadline = t0 + limits.wall;
-            let tokio = store.data().tokio.clone();
-            store.epoch_deadline_callback(move |_| {
-                if std::time::Instant::now() >= deadline {
-                    return Err(Trap::Interrupt.into());
-                }
-                if open.due()
-                    && let Err(e) = tokio.block_on(open.flush())
-                {
-                    return Err(wasmtime::format_err!(
-                        "cannot commit the handler's effects ({e}); the message is handled again"
-                    ));
-                }
-                Ok(wasmtime::UpdateDeadline::Continue(1))
-            });
-            store.set_epoch_deadline(1);
+    let tokio = store.data().tokio.clone();
+    let deadline = store.data().deadline.clone();
+    // In a runner's batch, each tick also commits the batch when its oldest
+    // write has waited long enough (a long handler's effects become durable
+    // while it runs).
+    let r = arm_with(&mut store, limits, &deadline, move || {
+        if let Some(open) = &open
+            && open.due()
+            && let Err(e) = tokio.block_on(open.flush())
+        {
+            return Err(wasmtime::format_err!(
+                "cannot commit the handler's effects ({e}); the message is handled again"
+            ));
         }
+        Ok(())
+    })
+    .and_then(|_| {
         let inst = pre.instantiate(&mut store)?;
         t1 = std::time::Instant::now();
         inst.call_on_message(&mut store, &msg)
@@ -668,6 +748,7 @@ pub(crate) struct ToolState {
     limiter: Limiter,
     gh: Arc<GuestHost>,
     panic: Option<String>,
+    deadline: Arc<Deadline>,
 }
 
 impl ToolState {
@@ -731,15 +812,18 @@ impl tool_host::Host for ToolState {
         timeout_ms: Option<u32>,
     ) -> wasmtime::Result<Result<tool_host::HttpResponse, String>> {
         let grant = self.grants.get(super::http::HTTP_SLOT).copied();
-        let r = self.block(super::http::guest_request(
-            &self.host,
-            grant,
-            method,
-            url,
-            headers_json,
-            body,
-            timeout_ms,
-        ));
+        let deadline = self.deadline.clone();
+        let r = deadline.excluding(|| {
+            self.block(super::http::guest_request(
+                &self.host,
+                grant,
+                method,
+                url,
+                headers_json,
+                body,
+                timeout_ms,
+            ))
+        });
         Ok(r.map(|r| tool_host::HttpResponse {
             status: r.status,
             headers_json: r.headers_json,
@@ -837,14 +921,16 @@ pub(crate) fn execute_tool(p: PreparedTool, input: String, depth: u32) -> Result
         limiter: Limiter::new(&gh),
         gh: gh.clone(),
         panic: None,
+        deadline: Deadline::new(),
     };
+    let deadline = state.deadline.clone();
     let mut store = Store::new(&gh.engine, state);
     store.limiter(|s| &mut s.limiter);
     let req = tool_exports::Request {
         params: input,
         context: None,
     };
-    let r = arm(&mut store, limits).and_then(|_| {
+    let r = arm(&mut store, limits, &deadline).and_then(|_| {
         let inst = pre.instantiate(&mut store)?;
         inst.capstan_tool_tool().call_execute(&mut store, &req)
     });

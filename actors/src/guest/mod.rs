@@ -109,8 +109,9 @@ pub struct GuestLimits {
     pub message: usize,
     /// Most guest calls running at once on this node.
     pub concurrent: usize,
-    /// Wall-clock time one message may take (epoch interruption; time spent
-    /// waiting in host calls counts too).
+    /// Wall-clock time one message may take (epoch interruption). Time
+    /// spent waiting in a host call for the outside (a model call, an HTTP
+    /// request; each bounded by its own timeout) does not count.
     pub wall: std::time::Duration,
 }
 

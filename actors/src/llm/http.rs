@@ -5,7 +5,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use super::safety::LeakScanner;
-use super::types::{ChatRequest, ChatResponse};
+use super::types::{ChatRequest, ChatResponse, Usage};
 use super::wire;
 use super::{LlmError, ProviderConfig, ProviderKind, Secret};
 
@@ -40,13 +40,17 @@ fn client() -> Result<&'static reqwest::Client, LlmError> {
 /// The outcome of one attempt.
 enum Attempt {
     Done(ChatResponse),
-    /// Worth another try (429, 5xx, connection failures), after at least this long.
+    /// Safe and worth another try (429, 5xx, no connection made), after at
+    /// least this long.
     Retry(LlmError, Option<Duration>),
     Fail(LlmError),
 }
 
 /// Calls the provider: `name` is how the caller names it (for errors).
-/// Retries 429, 5xx and connection errors up to [`MAX_RETRIES`] times.
+/// Retries up to [`MAX_RETRIES`] times what is safe to send again: a
+/// connection that could not be made (nothing was sent), 429 and 5xx (the
+/// provider refused the work). A timeout or an answer that broke off is
+/// not retried: the provider may have done (and billed) the work.
 pub async fn call(
     name: &str,
     cfg: &ProviderConfig,
@@ -121,14 +125,10 @@ async fn attempt_once(
     let provider = name.to_string();
     let mut resp = match rb.send().await {
         Ok(r) => r,
-        Err(e) => {
-            let what = if e.is_timeout() {
-                format!("no answer within {}s", cfg.timeout.as_secs())
-            } else if e.is_connect() {
-                format!("cannot connect to {}", cfg.url)
-            } else {
-                format!("the request failed ({})", error_chain(&e))
-            };
+        Err(e) if e.is_connect() => {
+            // No connection: nothing was sent, so sending again is safe
+            // (a connect timeout is a connect error too).
+            let what = format!("cannot connect to {} ({})", cfg.url, error_chain(&e));
             return Attempt::Retry(
                 LlmError::Unreachable {
                     provider,
@@ -136,6 +136,20 @@ async fn attempt_once(
                 },
                 None,
             );
+        }
+        Err(e) if e.is_timeout() => {
+            return Attempt::Fail(LlmError::Timeout {
+                provider,
+                secs: cfg.timeout.as_secs(),
+            });
+        }
+        Err(e) => {
+            // The request may have reached the provider: not sent again.
+            let what = format!("the request failed ({})", error_chain(&e));
+            return Attempt::Fail(LlmError::Unreachable {
+                provider,
+                detail: scanner.redact(&what),
+            });
         }
     };
     let status = resp.status();
@@ -153,29 +167,41 @@ async fn attempt_once(
                     return Attempt::Fail(LlmError::Malformed {
                         provider,
                         detail: format!("the answer is larger than {MAX_RESPONSE_BYTES} bytes"),
+                        usage: Usage::default(),
                     });
                 }
                 bytes.extend_from_slice(&c);
             }
             Ok(None) => break,
+            Err(e) if e.is_timeout() => {
+                return Attempt::Fail(LlmError::Timeout {
+                    provider,
+                    secs: cfg.timeout.as_secs(),
+                });
+            }
             Err(e) => {
-                return Attempt::Retry(
-                    LlmError::Unreachable {
-                        provider,
-                        detail: scanner
-                            .redact(&format!("the answer broke off ({})", error_chain(&e))),
-                    },
-                    None,
-                );
+                // The provider got the request and answered: not sent again.
+                return Attempt::Fail(LlmError::Unreachable {
+                    provider,
+                    detail: scanner.redact(&format!("the answer broke off ({})", error_chain(&e))),
+                });
             }
         }
     }
     if status.is_success() {
         return match wire::parse_response(cfg.kind, &bytes) {
-            Ok(r) => Attempt::Done(r),
+            Ok(r) => match wire::withheld(&r) {
+                None => Attempt::Done(r),
+                Some(detail) => Attempt::Fail(LlmError::Withheld {
+                    provider,
+                    detail: scanner.redact(&detail),
+                    usage: r.usage,
+                }),
+            },
             Err(detail) => Attempt::Fail(LlmError::Malformed {
                 provider,
                 detail: scanner.redact(&detail),
+                usage: wire::reported_usage(cfg.kind, &bytes),
             }),
         };
     }
@@ -190,11 +216,18 @@ async fn attempt_once(
     let message = scanner.redact(&message);
     let code = status.as_u16();
     match code {
-        401 | 403 => Attempt::Fail(LlmError::BadKey {
+        401 | 403 if key.is_none() => Attempt::Fail(LlmError::NoKey {
             provider,
             status: code,
             message,
         }),
+        401 => Attempt::Fail(LlmError::BadKey {
+            provider,
+            status: code,
+            message,
+        }),
+        // The key was recognised; what it may do is another matter.
+        403 => Attempt::Fail(LlmError::Forbidden { provider, message }),
         429 => Attempt::Retry(
             LlmError::Status {
                 provider,

@@ -312,6 +312,25 @@ pub enum LlmError {
         status: u16,
         message: String,
     },
+    #[error(
+        "LLM provider {provider:?} asks for an API key (HTTP {status}: {message}) and none is configured; add it again with --key-file (`capstan llm add … --key-file PATH`)"
+    )]
+    NoKey {
+        provider: String,
+        status: u16,
+        message: String,
+    },
+    #[error(
+        "LLM provider {provider:?} denied access (HTTP 403: {message}); the key may not use this model or endpoint: check the --model given to `capstan llm add` and the key's permissions"
+    )]
+    Forbidden { provider: String, message: String },
+    #[error("LLM provider {provider:?} gave no answer: {detail}")]
+    Withheld {
+        provider: String,
+        detail: String,
+        /// The tokens the call reported using (it was paid for).
+        usage: Usage,
+    },
     #[error("LLM provider {provider:?} answered HTTP {status}: {message}")]
     Status {
         provider: String,
@@ -322,8 +341,17 @@ pub enum LlmError {
         "LLM provider {provider:?} cannot be reached: {detail}; check that it runs and the --url given to `capstan llm add`"
     )]
     Unreachable { provider: String, detail: String },
+    #[error(
+        "LLM provider {provider:?} sent no answer within {secs} s (the --timeout given to `capstan llm add`); the request was not repeated, since the provider may have received it"
+    )]
+    Timeout { provider: String, secs: u64 },
     #[error("LLM provider {provider:?} sent a malformed answer: {detail}")]
-    Malformed { provider: String, detail: String },
+    Malformed {
+        provider: String,
+        detail: String,
+        /// The tokens the answer reported using (it was paid for).
+        usage: Usage,
+    },
     #[error("LLM provider {provider:?} failed {attempts} times; last: {last}")]
     GaveUp {
         provider: String,
@@ -332,6 +360,17 @@ pub enum LlmError {
     },
     #[error("{0}")]
     Config(String),
+}
+
+impl LlmError {
+    /// The tokens a failed call reported using (a malformed answer's).
+    pub fn usage(&self) -> Usage {
+        match self {
+            LlmError::Malformed { usage, .. } | LlmError::Withheld { usage, .. } => *usage,
+            LlmError::GaveUp { last, .. } => last.usage(),
+            _ => Usage::default(),
+        }
+    }
 }
 
 /// The answer to [`AgentHandle::llm_chat`].

@@ -8,7 +8,13 @@ use serde::{Deserialize, Serialize};
 #[serde(tag = "role", rename_all = "snake_case")]
 pub enum ChatMessage {
     /// Text from the user (the agent's mail, an operator's prompt).
-    User { text: String },
+    User {
+        text: String,
+        /// From outside (mail from others, a fetched page): the model gets
+        /// it as data, spotlighted (see [`crate::llm::safety::spotlight`]).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        untrusted: bool,
+    },
     /// A model turn: text and/or tool calls.
     Assistant {
         #[serde(default)]
@@ -29,13 +35,16 @@ pub enum ChatMessage {
 
 impl ChatMessage {
     pub fn user(text: impl Into<String>) -> Self {
-        ChatMessage::User { text: text.into() }
+        ChatMessage::User {
+            text: text.into(),
+            untrusted: false,
+        }
     }
 
     /// All text of the message (for estimates and scans).
     pub fn text_len(&self) -> usize {
         match self {
-            ChatMessage::User { text } => text.len(),
+            ChatMessage::User { text, .. } => text.len(),
             ChatMessage::Assistant { text, tool_calls } => {
                 text.len()
                     + tool_calls
@@ -113,7 +122,7 @@ impl ChatRequest {
         }
         for m in &self.messages {
             match m {
-                ChatMessage::User { text } => out.push(text.clone()),
+                ChatMessage::User { text, .. } => out.push(text.clone()),
                 ChatMessage::Assistant { text, tool_calls } => {
                     out.push(text.clone());
                     for c in tool_calls {

@@ -33,7 +33,8 @@ pub fn endpoint(kind: ProviderKind, url: &str) -> String {
                 format!("{base}/v1/messages")
             }
         }
-        ProviderKind::Ollama => format!("{base}/api/chat"),
+        // Ollama's native API is not under /v1 (that is its OpenAI-compatible one)
+        ProviderKind::Ollama => format!("{}/api/chat", base.trim_end_matches("/v1")),
         ProviderKind::OpenAi => {
             if base.ends_with("/v1") {
                 format!("{base}/chat/completions")
@@ -68,7 +69,7 @@ fn anthropic_body(model: &str, max_tokens: u32, req: &ChatRequest) -> Value {
     };
     for m in &req.messages {
         match m {
-            ChatMessage::User { text } => push("user", json!({"type": "text", "text": text})),
+            ChatMessage::User { text, .. } => push("user", json!({"type": "text", "text": text})),
             ChatMessage::Assistant { text, tool_calls } => {
                 if !text.is_empty() {
                     push("assistant", json!({"type": "text", "text": text}));
@@ -128,7 +129,7 @@ fn ollama_body(model: &str, max_tokens: u32, req: &ChatRequest) -> Value {
     }
     for m in &req.messages {
         messages.push(match m {
-            ChatMessage::User { text } => json!({"role": "user", "content": text}),
+            ChatMessage::User { text, .. } => json!({"role": "user", "content": text}),
             ChatMessage::Assistant { text, tool_calls } => {
                 let mut v = json!({"role": "assistant", "content": text});
                 if !tool_calls.is_empty() {
@@ -163,7 +164,7 @@ fn openai_body(model: &str, max_tokens: u32, req: &ChatRequest) -> Value {
     }
     for m in &req.messages {
         messages.push(match m {
-            ChatMessage::User { text } => json!({"role": "user", "content": text}),
+            ChatMessage::User { text, .. } => json!({"role": "user", "content": text}),
             ChatMessage::Assistant { text, tool_calls } => {
                 let mut v = json!({"role": "assistant",
                     "content": if text.is_empty() && !tool_calls.is_empty() { Value::Null } else { json!(text) }});
@@ -183,7 +184,9 @@ fn openai_body(model: &str, max_tokens: u32, req: &ChatRequest) -> Value {
             } => json!({"role": "tool", "tool_call_id": call_id, "content": content}),
         });
     }
-    let mut body = json!({"model": model, "messages": messages, "max_tokens": max_tokens});
+    // `max_tokens` is deprecated there, and refused by reasoning models
+    let mut body =
+        json!({"model": model, "messages": messages, "max_completion_tokens": max_tokens});
     if !req.tools.is_empty() {
         body["tools"] = function_tools(req);
     }
@@ -305,6 +308,12 @@ fn parse_ollama(v: &Value) -> Result<ChatResponse, Malformed> {
     if let Some(e) = v.get("error").and_then(Value::as_str) {
         return Err(format!("the answer is an error: {e}"));
     }
+    if v.get("done") == Some(&Value::Bool(false)) {
+        return Err(
+            "the answer is not finished (\"done\": false): a streamed part, not a whole answer"
+                .into(),
+        );
+    }
     let message = field(v, "message")?;
     if !message.is_object() {
         return Err("\"message\" is not an object".into());
@@ -374,6 +383,22 @@ fn parse_openai(v: &Value) -> Result<ChatResponse, Malformed> {
         Some(Value::String(s)) => s.clone(),
         Some(_) => return Err("\"message.content\" is not a string".into()),
     };
+    // The model declined: its refusal is the answer, and the call fails.
+    if let Some(r) = message.get("refusal").and_then(Value::as_str)
+        && !r.trim().is_empty()
+    {
+        return Ok(ChatResponse {
+            text: r.to_string(),
+            tool_calls: Vec::new(),
+            stop: StopReason::Other(REFUSAL.into()),
+            usage: openai_usage(v),
+            model: v
+                .get("model")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+        });
+    }
     let mut tool_calls = Vec::new();
     if let Some(calls) = message.get("tool_calls").filter(|c| !c.is_null()) {
         let calls = calls
@@ -404,21 +429,68 @@ fn parse_openai(v: &Value) -> Result<ChatResponse, Malformed> {
         Some("length") => StopReason::MaxTokens,
         Some(other) => StopReason::Other(other.to_string()),
     };
-    let usage = v.get("usage").cloned().unwrap_or(Value::Null);
     Ok(ChatResponse {
         text,
         tool_calls,
         stop,
-        usage: Usage {
-            input_tokens: count(&usage, "prompt_tokens"),
-            output_tokens: count(&usage, "completion_tokens"),
-        },
+        usage: openai_usage(v),
         model: v
             .get("model")
             .and_then(Value::as_str)
             .unwrap_or("")
             .to_string(),
     })
+}
+
+fn openai_usage(v: &Value) -> Usage {
+    let u = v.get("usage").cloned().unwrap_or(Value::Null);
+    Usage {
+        input_tokens: count(&u, "prompt_tokens"),
+        output_tokens: count(&u, "completion_tokens"),
+    }
+}
+
+/// The stop reason of an answer the model declined to give (OpenAI's
+/// `refusal`, Anthropic's `stop_reason: "refusal"`).
+pub const REFUSAL: &str = "refusal";
+/// The stop reason of an answer a provider's content filter withheld.
+pub const CONTENT_FILTER: &str = "content_filter";
+
+/// Why an answer is no answer: the model refused, or a filter withheld it.
+pub fn withheld(r: &ChatResponse) -> Option<String> {
+    match &r.stop {
+        StopReason::Other(s) if s == REFUSAL => Some(if r.text.trim().is_empty() {
+            "the model refused to answer".to_string()
+        } else {
+            format!("the model refused to answer: {}", r.text)
+        }),
+        StopReason::Other(s) if s == CONTENT_FILTER => {
+            Some("its content filter withheld the answer (finish_reason content_filter)".into())
+        }
+        _ => None,
+    }
+}
+
+/// The usage an answer reports, as far as it can be read (for an answer
+/// refused as malformed: the provider billed it all the same).
+pub fn reported_usage(kind: ProviderKind, body: &[u8]) -> Usage {
+    let Ok(v) = serde_json::from_slice::<Value>(body) else {
+        return Usage::default();
+    };
+    match kind {
+        ProviderKind::Anthropic => {
+            let u = v.get("usage").cloned().unwrap_or(Value::Null);
+            Usage {
+                input_tokens: count(&u, "input_tokens"),
+                output_tokens: count(&u, "output_tokens"),
+            }
+        }
+        ProviderKind::Ollama => Usage {
+            input_tokens: count(&v, "prompt_eval_count"),
+            output_tokens: count(&v, "eval_count"),
+        },
+        ProviderKind::OpenAi => openai_usage(&v),
+    }
 }
 
 /// The message of a provider's error body, if it has one we recognise
@@ -483,6 +555,10 @@ mod tests {
             endpoint(ProviderKind::Ollama, "http://h:1"),
             "http://h:1/api/chat"
         );
+        assert_eq!(
+            endpoint(ProviderKind::Ollama, "http://h:1/v1/"),
+            "http://h:1/api/chat"
+        );
     }
 
     #[test]
@@ -540,6 +616,23 @@ mod tests {
         let r = parse_response(ProviderKind::OpenAi, p).unwrap();
         assert_eq!(r.tool_calls[0].arguments, json!({"a": 1}));
         assert_eq!(r.stop, StopReason::ToolUse);
+    }
+
+    #[test]
+    fn refusals_filters_and_unfinished_answers() {
+        let p = br#"{"choices":[{"message":{"content":null,"refusal":"no"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":2}}"#;
+        let r = parse_response(ProviderKind::OpenAi, p).unwrap();
+        assert_eq!(withheld(&r).unwrap(), "the model refused to answer: no");
+        assert_eq!(r.usage.total(), 3);
+        let p = br#"{"choices":[{"message":{"content":""},"finish_reason":"content_filter"}]}"#;
+        assert!(withheld(&parse_response(ProviderKind::OpenAi, p).unwrap()).is_some());
+        let a = br#"{"content":[],"stop_reason":"refusal"}"#;
+        assert!(withheld(&parse_response(ProviderKind::Anthropic, a).unwrap()).is_some());
+        let o = br#"{"message":{"content":"Hel"},"done":false}"#;
+        assert!(parse_response(ProviderKind::Ollama, o).is_err());
+        let b = request_body(ProviderKind::OpenAi, "m", 7, &conversation());
+        assert_eq!(b["max_completion_tokens"], 7);
+        assert!(b.get("max_tokens").is_none());
     }
 
     #[test]

@@ -15,9 +15,11 @@
 //!   global constant, JSON when it parses as JSON). The
 //!   agent mails its host the proposal and stops: the conversation and the
 //!   pending call are checkpointed in its names (`conversation`) first, so
-//!   the wait survives `kill -9` and failover. The host's next message to
-//!   the agent is its decision (the evaluation's result, or a refusal); it
-//!   becomes the tool's result and the conversation goes on.
+//!   the wait survives `kill -9` and failover. The host's *reply to the
+//!   proposal* is its decision (`capstan endow`'s result, or any other
+//!   reply: a refusal); it becomes the tool's result and the conversation
+//!   goes on. Other mail that comes meanwhile waits (in the checkpoint, at
+//!   most `MAX_WAITING` messages) and is handled after the decision.
 //!
 //! Any other tool the model calls is answered an error: the agent has no
 //! other powers. At most `MAX_MODEL_CALLS` model calls per turn.
@@ -48,6 +50,10 @@ const MAX_MAX_CHECKPOINT: usize = 1024 * 1024;
 const MAX_SUMMARY: usize = 8 * 1024;
 /// How much of each compacted question the summary keeps.
 const SUMMARY_LINE: usize = 160;
+/// Most messages (and bytes of their text) kept waiting for a pending
+/// proposal's decision.
+const MAX_WAITING: usize = 16;
+const MAX_WAITING_BYTES: usize = 256 * 1024;
 
 const SYSTEM: &str = "You are a Capstan agent. You hold no authority but the tools given. \
 To compute with your host's capabilities, propose code with define_code: name each \
@@ -58,6 +64,10 @@ capability the code needs as a slot with a description; your host decides what f
 enum Msg {
     User {
         text: String,
+        /// Mail from anyone but the host: the node gives it to the model
+        /// as data (spotlighted).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        untrusted: bool,
     },
     Assistant {
         #[serde(default)]
@@ -90,6 +100,18 @@ struct Pending {
     /// The calls of the same model answer still to run after it.
     #[serde(default)]
     rest: Vec<Call>,
+    /// The proposal's number in the agent's inbox (none in checkpoints
+    /// written before it was kept: then any mail from the host decides).
+    #[serde(default)]
+    proposal: Option<u64>,
+}
+
+/// A message that came while a proposal was pending.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Waiting {
+    number: u64,
+    sender: String,
+    text: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -104,6 +126,9 @@ struct State {
     asker_is_host: bool,
     #[serde(default)]
     pending: Option<Pending>,
+    /// Mail that came while the proposal was pending, oldest first.
+    #[serde(default)]
+    waiting: Vec<Waiting>,
     /// Exchanges dropped to keep the checkpoint bounded.
     #[serde(default)]
     dropped: u64,
@@ -155,7 +180,7 @@ fn save(s: &mut State) -> Result<(), String> {
             .map(|p| p + 1);
         match next_user {
             Some(p) => {
-                if let Some(Msg::User { text }) = s.messages.first() {
+                if let Some(Msg::User { text, .. }) = s.messages.first() {
                     let line: String = text.chars().take(SUMMARY_LINE).collect();
                     s.summary
                         .push_str(&format!("- asked: {}\n", line.replace('\n', " ")));
@@ -230,7 +255,7 @@ fn run_tool(c: &Call) -> Option<Result<String, String>> {
 
 /// Mails the host a proposal: the text says what it is, the JSON after the
 /// first line is what `capstan endow` reads.
-fn propose(s: &State, c: &Call) -> Result<(), String> {
+fn propose(s: &State, c: &Call) -> Result<u64, String> {
     let source = arg(c, "source")?;
     let slots: BTreeMap<String, String> = match c.arguments.get("slots") {
         None | Some(Value::Null) => BTreeMap::new(),
@@ -259,10 +284,9 @@ fn propose(s: &State, c: &Call) -> Result<(), String> {
         json!({"kind": c.name, "call": c.id, "source": source, "slots": slots, "values": values});
     let text = format!("definition: slots {{{}}}\n{body}", list.join(", "));
     match s.asker {
-        Some(n) if s.asker_is_host => host::reply(n, &text)?,
-        _ => host::send("HOST", &text)?,
-    };
-    Ok(())
+        Some(n) if s.asker_is_host => host::reply(n, &text),
+        _ => host::send("HOST", &text),
+    }
 }
 
 /// Runs the model loop from the current state until it answers, waits for
@@ -337,19 +361,23 @@ fn run_calls(s: &mut State, calls: Vec<Call>) -> Result<bool, String> {
                 });
             }
             None => {
-                if let Err(e) = propose(s, &c) {
-                    s.messages.push(Msg::ToolResult {
-                        call_id: c.id.clone(),
-                        name: c.name.clone(),
-                        content: e,
-                        is_error: true,
-                    });
-                    continue;
-                }
+                let proposal = match propose(s, &c) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        s.messages.push(Msg::ToolResult {
+                            call_id: c.id.clone(),
+                            name: c.name.clone(),
+                            content: e,
+                            is_error: true,
+                        });
+                        continue;
+                    }
+                };
                 s.pending = Some(Pending {
                     call_id: c.id.clone(),
                     name: c.name.clone(),
                     rest: calls.collect(),
+                    proposal: Some(proposal),
                 });
                 // checkpoint before the durable wait
                 save(s)?;
@@ -370,14 +398,40 @@ fn finish(s: &mut State, text: &str) -> Result<(), String> {
 
 struct Agent;
 
+/// Starts a turn on a message.
+fn ask(s: &mut State, number: u64, sender: &str, text: &str) -> Result<(), String> {
+    s.asker = Some(number);
+    s.asker_is_host = sender == "HOST";
+    s.messages.push(Msg::User {
+        text: format!("{sender}: {text}"),
+        untrusted: sender != "HOST",
+    });
+    converse(s)
+}
+
+/// After a decision: the mail that waited for it, in order, until one
+/// turn waits for the host again.
+fn drain_waiting(s: &mut State) -> Result<(), String> {
+    while s.pending.is_none() && !s.waiting.is_empty() {
+        let w = s.waiting.remove(0);
+        ask(s, w.number, &w.sender, &w.text)?;
+    }
+    Ok(())
+}
+
 impl Guest for Agent {
     fn on_message(msg: Message) -> Result<(), String> {
         panic_log::install(|m| host::log(LogLevel::Error, m));
         let mut s = load()?;
         if let Some(p) = s.pending.take() {
-            if msg.sender == "HOST" {
-                // the host's decision on the pending proposal: `result: …`
-                // from `capstan endow`, anything else an error or a refusal
+            // Only the host's reply to the proposal decides it: `result: …`
+            // from `capstan endow`, anything else a refusal.
+            let decides = msg.sender == "HOST"
+                && match p.proposal {
+                    Some(n) => host::replies_to(msg.number, n),
+                    None => true,
+                };
+            if decides {
                 let is_error = !msg.text.starts_with("result:");
                 s.messages.push(Msg::ToolResult {
                     call_id: p.call_id,
@@ -385,24 +439,38 @@ impl Guest for Agent {
                     content: msg.text,
                     is_error,
                 });
-                if run_calls(&mut s, p.rest)? {
-                    return Ok(());
+                if !run_calls(&mut s, p.rest)? {
+                    converse(&mut s)?;
                 }
-                return converse(&mut s);
+                return drain_waiting(&mut s);
             }
             s.pending = Some(p);
-            host::reply(
-                msg.number,
-                "I am waiting for my host's decision on a proposal; ask me again after it.",
-            )?;
-            return Ok(());
+            let held: usize = s.waiting.iter().map(|w| w.text.len()).sum();
+            if s.waiting.len() >= MAX_WAITING || held + msg.text.len() > MAX_WAITING_BYTES {
+                host::reply(
+                    msg.number,
+                    "I am waiting for my host's decision on a proposal and hold too many messages already; ask me again after it.",
+                )?;
+                return Ok(());
+            }
+            s.waiting.push(Waiting {
+                number: msg.number,
+                sender: msg.sender,
+                text: msg.text,
+            });
+            return save(&mut s);
         }
-        s.asker = Some(msg.number);
-        s.asker_is_host = msg.sender == "HOST";
-        s.messages.push(Msg::User {
-            text: format!("{}: {}", msg.sender, msg.text),
+        if s.waiting.is_empty() {
+            return ask(&mut s, msg.number, &msg.sender, &msg.text);
+        }
+        // Mail left waiting (a turn after a decision was cut short) goes
+        // first, in order.
+        s.waiting.push(Waiting {
+            number: msg.number,
+            sender: msg.sender,
+            text: msg.text,
         });
-        converse(&mut s)
+        drain_waiting(&mut s)
     }
 }
 
