@@ -155,7 +155,8 @@ impl Testnet {
                 assert!(
                     !l.is_empty()
                         && l.len() <= 12
-                        && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()),
+                        && l.bytes()
+                            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()),
                     "bad host label {l:?}"
                 );
                 Host {
