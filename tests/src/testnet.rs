@@ -492,7 +492,17 @@ impl Etcd {
     /// The host of the member that is the raft leader now, as its own
     /// member reports (asked from inside each host).
     pub fn leader(&self, net: &Testnet) -> Option<String> {
+        let all: Vec<&str> = self.hosts.iter().map(String::as_str).collect();
+        self.leader_among(net, &all)
+    }
+
+    /// The leader as the members on `hosts` see it: one of them that
+    /// reports itself leader (an isolated old leader is not asked).
+    pub fn leader_among(&self, net: &Testnet, hosts: &[&str]) -> Option<String> {
         for i in 0..self.hosts.len() {
+            if !hosts.contains(&self.hosts[i].as_str()) {
+                continue;
+            }
             let out = self.etcdctl(net, i, &["endpoint", "status", "-w", "json"]);
             if !out.status.success() {
                 continue;

@@ -193,8 +193,8 @@ fn an_owner_cut_off_from_etcd_is_fenced_and_a_survivor_takes_over() {
         s.spawn(|| client(&h, site.n(1), "n1", "alice", "via-n1", &stop));
         s.spawn(|| client(&h, site.n(2), "n2", "alice", "via-n2", &stop));
         std::thread::sleep(Duration::from_secs(2));
-        let t_cut = h.now();
         net.cut(&["n1"], &["e1", "e2", "e3"]);
+        let t_cut = h.now();
         // n1 steps down (drops alice) on its own clock.
         let fence = wait_for("n1 to step down", || {
             stepped_down(site.n(1)).then(|| h.now() - t_cut)
@@ -202,12 +202,10 @@ fn an_owner_cut_off_from_etcd_is_fenced_and_a_survivor_takes_over() {
         let m = metrics(net, "n1");
         assert_eq!(metric_of(&m, "capstan_cluster_serving"), Some(0.0), "{m}");
         assert_eq!(metric_of(&m, "capstan_incarnations"), Some(0.0), "{m}");
-        // A survivor takes alice over: a send through n2, begun after the cut, succeeds.
-        let failover = wait_for("a send through n2 after the cut", || {
-            h.ops()
-                .iter()
-                .find(|o| o.via == "n2" && o.start > t_cut && o.outcome == Outcome::Ok)
-                .map(|o| o.end - t_cut)
+        // A survivor takes alice over (the next send through n2 claims her).
+        let failover = wait_for("a new owner of alice", || {
+            let p = site.n(3).json(["cluster", "placement", "alice"]);
+            (p["node"] != "n1" && p["state"] == "live").then(|| h.now() - t_cut)
         });
         std::thread::sleep(Duration::from_secs(3));
         let t_heal = h.now();
@@ -507,4 +505,79 @@ fn a_flapping_link_under_a_send_burst_loses_and_doubles_nothing() {
         "figures: {flaps} flaps during a burst of 60 sends; the last arrived {} after the link settled; {summary}",
         secs(after)
     );
+}
+
+/// (3) The etcd leader is isolated together with one Capstan node (the
+/// owner of an agent): the majority elects a new leader and keeps serving
+/// the agent; the minority node fences itself.
+#[test]
+fn the_etcd_leader_isolated_with_one_node_the_majority_serves_the_minority_fences() {
+    let _g = serial();
+    let Some(site) = Site::up(&[], 3) else { return };
+    let net = &site.net;
+    site.n(1).ok(["mkguest", "alice"]);
+    site.n(1).ok(["send", "alice", "before"]);
+    assert_eq!(site.owner(2, "alice"), "n1");
+    let leader = wait_for("an etcd leader", || site.etcd.leader(net));
+    let majority: Vec<&str> = ["e1", "e2", "e3"]
+        .into_iter()
+        .filter(|e| *e != leader)
+        .collect();
+    let h = History::new();
+    let stop = AtomicBool::new(false);
+    let (t_cut, t_heal, fence, failover, elected) = std::thread::scope(|s| {
+        s.spawn(|| client(&h, site.n(1), "n1", "alice", "via-n1", &stop));
+        s.spawn(|| client(&h, site.n(2), "n2", "alice", "via-n2", &stop));
+        std::thread::sleep(Duration::from_secs(2));
+        let mut other_side = majority.clone();
+        other_side.extend(["n2", "n3"]);
+        net.cut(&[leader.as_str(), "n1"], &other_side);
+        let t_cut = h.now();
+        let elected = wait_for("a new etcd leader in the majority", || {
+            site.etcd
+                .leader_among(net, &majority)
+                .map(|_| h.now() - t_cut)
+        });
+        let fence = wait_for("n1 to step down", || {
+            stepped_down(site.n(1)).then(|| h.now() - t_cut)
+        });
+        // A survivor takes alice over (the next send through n2 claims her).
+        let failover = wait_for("a new owner of alice", || {
+            let p = site.n(3).json(["cluster", "placement", "alice"]);
+            (p["node"] != "n1" && p["state"] == "live").then(|| h.now() - t_cut)
+        });
+        std::thread::sleep(Duration::from_secs(3));
+        let t_heal = h.now();
+        net.heal();
+        wait_for("n1 serving again", || {
+            (metric(net, "n1", "capstan_cluster_serving")? == 1.0).then_some(())
+        });
+        std::thread::sleep(Duration::from_secs(2));
+        stop.store(true, Ordering::Release);
+        (t_cut, t_heal, fence, failover, elected)
+    });
+    let owner = site.owner(3, "alice");
+    assert!(owner == "n2" || owner == "n3", "alice's owner now: {owner}");
+    let lapse = t_cut + Duration::from_millis(LEASE_MS);
+    let late: Vec<_> = h
+        .ops()
+        .into_iter()
+        .filter(|o| o.via == "n1" && o.outcome == Outcome::Ok)
+        .filter(|o| o.start > lapse && o.end < t_heal)
+        .collect();
+    assert!(
+        late.is_empty(),
+        "n1 acknowledged sends in the minority past its lease: {late:#?}"
+    );
+    let inbox = site.n(3).inbox(&["--as", "alice"]);
+    let summary = h.check_inbox("alice", &inbox, |t| t.starts_with("via-"));
+    eprintln!(
+        "figures (lease {LEASE_MS} ms): etcd leader {leader} isolated with n1; new leader in the majority after {}, \
+         n1 fenced after {}, alice served by {owner} after {}; partition {}; history: {summary}",
+        secs(elected),
+        secs(fence),
+        secs(failover),
+        secs(t_heal - t_cut)
+    );
+    eprintln!("errors through n1: {:#?}", errors(&h, "n1"));
 }
