@@ -15,7 +15,8 @@
 //! not repeat, and a send acknowledged before another one started has the
 //! lower number (the inbox is appended to in real-time order). A violation
 //! panics with the shortest history showing it: the operations involved
-//! and the inbox entries they produced.
+//! and the inbox entries they produced. [`check_counts`] checks a counter
+//! guest's replies: no message skipped, none handled twice.
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -270,6 +271,35 @@ impl History {
     }
 }
 
+/// Checks the replies of a counter guest (`count = N`, in its host's inbox
+/// order) to the `increment`s sent to it: `1, 2, …, K` each once, in order
+/// (a gap is a message the guest skipped, a repeat one handled twice), with
+/// `acked ≤ K ≤ acked + unsure` (every acknowledged increment handled; the
+/// failed or unknown ones at most once). Returns K; panics otherwise.
+pub fn check_counts(replies: &[u64], acked: usize, unsure: usize) -> usize {
+    for (i, &n) in replies.iter().enumerate() {
+        let want = i as u64 + 1;
+        if n != want {
+            let from = i.saturating_sub(2);
+            panic!(
+                "the guest's replies go {:?} at position {i}: {}; expected count = {want}",
+                &replies[from..(i + 1).min(replies.len())],
+                if n > want {
+                    "a message was skipped"
+                } else {
+                    "a message was handled twice"
+                }
+            );
+        }
+    }
+    let k = replies.len();
+    assert!(
+        acked <= k && k <= acked + unsure,
+        "the guest handled {k} increments; {acked} were acknowledged and {unsure} failed or timed out"
+    );
+    k
+}
+
 fn show(entries: &[&Value]) -> String {
     entries
         .iter()
@@ -344,6 +374,16 @@ mod tests {
     #[should_panic(expected = "out of real-time order")]
     fn reordered_sends_fail() {
         h().check_inbox("a", &inbox(&[(1, "m0"), (0, "m1")]), |_| true);
+    }
+
+    #[test]
+    fn counts_in_order_pass_and_gaps_or_repeats_fail() {
+        assert_eq!(check_counts(&[1, 2, 3], 2, 1), 3);
+        for bad in [&[1, 3][..], &[1, 2, 2]] {
+            let r = std::panic::catch_unwind(|| check_counts(bad, 0, 3));
+            assert!(r.is_err(), "{bad:?} passed");
+        }
+        assert!(std::panic::catch_unwind(|| check_counts(&[1], 2, 0)).is_err());
     }
 
     #[test]

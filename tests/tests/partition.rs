@@ -13,9 +13,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use capstan_tests::history::{History, Outcome};
+use capstan_tests::history::{History, Outcome, check_counts};
 use capstan_tests::testnet::{Etcd, Testnet};
-use capstan_tests::{Node, texts};
+use capstan_tests::{Node, guest_wasm, texts};
 use serde_json::Value;
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -155,6 +155,16 @@ fn client(h: &History, node: &Node, via: &str, to: &str, prefix: &str, stop: &At
     k
 }
 
+/// The counts in the counter guest bot's answers (`count = N`) in the
+/// root host's inbox, in inbox order.
+fn counts(node: &Node) -> Vec<u64> {
+    node.inbox(&[])
+        .iter()
+        .filter(|m| m["from"] == "bot")
+        .filter_map(|m| m["text"].as_str()?.strip_prefix("count = ")?.parse().ok())
+        .collect()
+}
+
 /// Whether the node's log says it lost its lease.
 fn stepped_down(node: &Node) -> bool {
     std::fs::read_to_string(node.home().join("capstan.log"))
@@ -181,17 +191,32 @@ fn print_ops(h: &History, via: &str, from: Duration, to: Duration) {
 fn an_owner_cut_off_from_etcd_is_fenced_and_a_survivor_takes_over() {
     let _g = serial();
     let Some(site) = Site::up(&[], 3) else { return };
+    let wasm = guest_wasm("counter");
     let net = &site.net;
     site.n(1).ok(["mkguest", "alice"]);
     site.n(1).ok(["send", "alice", "before"]);
     assert_eq!(site.owner(2, "alice"), "n1");
     assert_eq!(metric(net, "n1", "capstan_cluster_serving"), Some(1.0));
+    // A guest component on n1 too, counting the increments it handles.
+    site.n(1).ok(["install", &wasm, "--name", "counter"]);
+    site.n(1).ok(["mkguest", "bot", "--component", "counter"]);
+    site.n(1).ok(["send", "bot", "increment"]);
+    wait_for("bot's first answer", || {
+        (counts(site.n(1)) == [1]).then_some(())
+    });
+    assert_eq!(site.owner(2, "bot"), "n1");
 
     let h = History::new();
     let stop = AtomicBool::new(false);
     let (t_cut, t_heal, fence, failover) = std::thread::scope(|s| {
         s.spawn(|| client(&h, site.n(1), "n1", "alice", "via-n1", &stop));
         s.spawn(|| client(&h, site.n(2), "n2", "alice", "via-n2", &stop));
+        s.spawn(|| {
+            while !stop.load(Ordering::Acquire) {
+                h.send(site.n(2), "n2", "bot", "increment", &[], OP_TIMEOUT);
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
         std::thread::sleep(Duration::from_secs(2));
         net.cut(&["n1"], &["e1", "e2", "e3"]);
         let t_cut = h.now();
@@ -235,14 +260,26 @@ fn an_owner_cut_off_from_etcd_is_fenced_and_a_survivor_takes_over() {
     );
     let inbox = site.n(3).inbox(&["--as", "alice"]);
     let summary = h.check_inbox("alice", &inbox, |t| t.starts_with("via-"));
+    // The guest handled every acknowledged increment once, none skipped.
+    let bot_ops: Vec<_> = h.ops().into_iter().filter(|o| o.to == "bot").collect();
+    let acked = 1 + bot_ops.iter().filter(|o| o.outcome == Outcome::Ok).count();
+    let unsure = bot_ops.len() + 1 - acked;
+    let replies = wait_for("bot's answers to settle", || {
+        let a = counts(site.n(3));
+        std::thread::sleep(Duration::from_secs(1));
+        (a.len() >= acked && a == counts(site.n(3))).then_some(a)
+    });
+    let handled = check_counts(&replies, acked, unsure);
     let stats = site.n(1).json(["cluster", "status"]);
     eprintln!(
         "figures (lease {LEASE_MS} ms): time to fence n1 {}, time to fail over to {owner} {}, \
-         partition {}, n1 stepdowns {}; history: {summary}",
+         partition {}, n1 stepdowns {}; history: {summary}; guest bot handled {handled} increments \
+         ({acked} acknowledged), none skipped or repeated, owner now {}",
         secs(fence),
         secs(failover),
         secs(t_heal - t_cut),
-        stats["stepdowns"]
+        stats["stepdowns"],
+        site.owner(3, "bot")
     );
     eprintln!("sends through n1 from the cut on:");
     print_ops(&h, "n1", t_cut, t_heal + Duration::from_secs(1));
