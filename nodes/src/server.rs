@@ -905,9 +905,11 @@ impl agent::Server for AgentServer {
         let p = params.get()?;
         let command = text(p.get_command(), "command")?;
         let arg = text(p.get_arg(), "arg")?;
-        let v = crate::cluster::command(self.net.runtime(), &self.handle, &command, &arg)
-            .await
-            .map_err(|e| failed(format!("{e:#}")))?;
+        let observed = self.net.observed_members();
+        let v =
+            crate::cluster::command(self.net.runtime(), &self.handle, &command, &arg, &observed)
+                .await
+                .map_err(|e| failed(format!("{e:#}")))?;
         results.get().set_json(v.to_string().as_str());
         Ok(())
     }

@@ -351,6 +351,19 @@ fn a_node_cut_off_from_its_peers_but_not_etcd_applies_nothing_twice() {
     assert_eq!(status["serving"], true, "{status}");
     assert_eq!(status["stepdowns"], 0, "{status}");
     assert_eq!(site.owner(3, "alice"), "n1");
+    // n3 forwarded alice's mail to n1 all along: its members list shows the
+    // address it reaches n1 at, beside the advertised one.
+    let members = site.n(3).json(["cluster", "members"]);
+    let n1 = members
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "n1")
+        .unwrap_or_else(|| panic!("{members}"));
+    let want = format!("{}:{QUIC_PORT}", net.ip("n1"));
+    assert_eq!(n1["addr"], want.as_str(), "{members}");
+    assert_eq!(n1["observed"], want.as_str(), "{members}");
+    eprintln!("{}", site.n(3).ok(["cluster", "members"]));
     let inbox = site.n(1).inbox(&["--as", "alice"]);
     let summary = h.check_inbox("alice", &inbox, |t| t.starts_with("via-"));
     let during: Vec<_> = h
