@@ -16,7 +16,8 @@
 //! lower number (the inbox is appended to in real-time order). A violation
 //! panics with the shortest history showing it: the operations involved
 //! and the inbox entries they produced. [`check_counts`] checks a counter
-//! guest's replies: no message skipped, none handled twice.
+//! guest's replies: no message skipped, none handled twice;
+//! [`History::check_settled`] that requests are settled at most once.
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -143,6 +144,101 @@ impl History {
         let end = self.now();
         self.record("send", via, to, text, start, end, outcome.clone());
         outcome
+    }
+
+    /// Settles request NUMBER of the acting agent's inbox on `node`:
+    /// `resolve NUMBER VALUE` when `value` is given, else `reject NUMBER
+    /// REASON`; recorded as kind `resolve`/`reject` to `request NUMBER`.
+    pub fn settle(
+        &self,
+        node: &Node,
+        via: &str,
+        number: u64,
+        value: Option<&str>,
+        timeout: Duration,
+    ) -> Outcome {
+        let n = number.to_string();
+        let reason = format!("rejected through {via}");
+        let (kind, args) = match value {
+            Some(v) => ("resolve", vec!["resolve", n.as_str(), v]),
+            None => ("reject", vec!["reject", n.as_str(), reason.as_str()]),
+        };
+        let start = self.now();
+        let outcome = match node.run_for(&args, timeout) {
+            Some(r) if r.success() => Outcome::Ok,
+            Some(r) => Outcome::Failed(r.stderr.trim().to_string()),
+            None => Outcome::Unknown,
+        };
+        let end = self.now();
+        let text = format!("{kind} {n} via {via}");
+        self.record(
+            kind,
+            via,
+            &format!("request {n}"),
+            &text,
+            start,
+            end,
+            outcome.clone(),
+        );
+        outcome
+    }
+
+    /// Checks the settling of requests against the inbox holding them
+    /// (`state` of each request message): each request settled at most
+    /// once (at most one `resolve`/`reject` acknowledged), its state that
+    /// of the acknowledged one, or, with none acknowledged, pending or that
+    /// of one that failed or timed out. Returns how many were settled.
+    pub fn check_settled(&self, inbox: &[Value]) -> usize {
+        let ops: Vec<Op> = self
+            .ops()
+            .into_iter()
+            .filter(|o| o.kind == "resolve" || o.kind == "reject")
+            .collect();
+        let mut by_request: BTreeMap<&str, Vec<&Op>> = BTreeMap::new();
+        for o in &ops {
+            by_request.entry(&o.to).or_default().push(o);
+        }
+        let mut settled = 0;
+        let mut problems = Vec::new();
+        for (req, ops) in by_request {
+            let number: u64 = req["request ".len()..].parse().expect("request N");
+            let Some(m) = inbox.iter().find(|m| m["number"] == number) else {
+                problems.push(format!("{req} is not in the inbox"));
+                continue;
+            };
+            let state = m["state"].as_str().unwrap_or("");
+            let kind_of = |state: &str| {
+                if state.starts_with("resolved") {
+                    Some("resolve")
+                } else if state.starts_with("rejected") {
+                    Some("reject")
+                } else {
+                    None
+                }
+            };
+            let shown: Vec<String> = ops.iter().map(|o| format!("  {o}")).collect();
+            let oks: Vec<&&Op> = ops.iter().filter(|o| o.outcome == Outcome::Ok).collect();
+            let ok = match oks.as_slice() {
+                [] => true,
+                [o] => kind_of(state) == Some(o.kind.as_str()),
+                _ => false,
+            };
+            let unsure_ok = oks.is_empty()
+                && (kind_of(state).is_none()
+                    || ops.iter().any(|o| Some(o.kind.as_str()) == kind_of(state)));
+            if !(ok && (!oks.is_empty() || unsure_ok)) {
+                problems.push(format!("{req} is {state:?} after:\n{}", shown.join("\n")));
+            }
+            if kind_of(state).is_some() {
+                settled += 1;
+            }
+        }
+        assert!(
+            problems.is_empty(),
+            "requests settled more than once or not as acknowledged; the shortest history showing each:\n{}",
+            problems.join("\n")
+        );
+        settled
     }
 
     /// Records an operation run by other means.
@@ -374,6 +470,24 @@ mod tests {
     #[should_panic(expected = "out of real-time order")]
     fn reordered_sends_fail() {
         h().check_inbox("a", &inbox(&[(1, "m0"), (0, "m1")]), |_| true);
+    }
+
+    #[test]
+    fn a_request_settled_twice_fails() {
+        let h = History::new();
+        let ms = Duration::from_millis;
+        let req = "request 4";
+        h.record("resolve", "n1", req, "r", ms(0), ms(5), Outcome::Ok);
+        h.record("reject", "n2", req, "j", ms(1), ms(6), Outcome::Unknown);
+        let inbox = |state: &str| vec![json!({"number": 4, "state": state})];
+        assert_eq!(h.check_settled(&inbox("resolved")), 1);
+        for bad in ["rejected: x", "pending"] {
+            let r = std::panic::catch_unwind(|| h.check_settled(&inbox(bad)));
+            assert!(r.is_err(), "{bad} passed");
+        }
+        h.record("reject", "n3", req, "k", ms(7), ms(9), Outcome::Ok);
+        let r = std::panic::catch_unwind(|| h.check_settled(&inbox("resolved")));
+        assert!(r.is_err(), "two acknowledged settlements passed");
     }
 
     #[test]

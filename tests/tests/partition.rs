@@ -27,6 +27,8 @@ const QUIC_PORT: u16 = 7401;
 const METRICS_PORT: u16 = 9101;
 /// One workload command; longer means the command hung on a cut link.
 const OP_TIMEOUT: Duration = Duration::from_secs(20);
+/// One settling of a request raced across the partition.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(8);
 /// The most any awaited event may take: a safety net, not a timing check.
 const PATIENCE: Duration = Duration::from_secs(60);
 
@@ -568,6 +570,20 @@ fn the_etcd_leader_isolated_with_one_node_the_majority_serves_the_minority_fence
     site.n(1).ok(["mkguest", "alice"]);
     site.n(1).ok(["send", "alice", "before"]);
     assert_eq!(site.owner(2, "alice"), "n1");
+    // Requests from alice to the root host, to be settled from both sides.
+    site.n(2)
+        .ok(["store", "--text", "the doc", "--name", "doc"]);
+    let mut requests = Vec::new();
+    for k in 0..2 {
+        let d = format!("need {k}");
+        site.n(2).ok(["request", "HOST", &d, "--as", "alice"]);
+        let inbox = site.n(2).inbox(&[]);
+        let m = inbox
+            .iter()
+            .find(|m| m["description"] == d.as_str())
+            .unwrap_or_else(|| panic!("request {d:?} not in the host's inbox: {inbox:?}"));
+        requests.push(m["number"].as_u64().unwrap());
+    }
     let leader = wait_for("an etcd leader", || site.etcd.leader(net));
     let majority: Vec<&str> = ["e1", "e2", "e3"]
         .into_iter()
@@ -583,6 +599,13 @@ fn the_etcd_leader_isolated_with_one_node_the_majority_serves_the_minority_fence
         other_side.extend(["n2", "n3"]);
         net.cut(&[leader.as_str(), "n1"], &other_side);
         let t_cut = h.now();
+        // Each request resolved through n1 (the minority) and rejected
+        // through n2 (the majority) at once: at most one may take.
+        for &n in &requests {
+            let (h, site) = (&h, &site);
+            s.spawn(move || h.settle(site.n(1), "n1", n, Some("doc"), SETTLE_TIMEOUT));
+            s.spawn(move || h.settle(site.n(2), "n2", n, None, SETTLE_TIMEOUT));
+        }
         let elected = wait_for("a new etcd leader in the majority", || {
             site.etcd
                 .leader_among(net, &majority)
@@ -602,6 +625,10 @@ fn the_etcd_leader_isolated_with_one_node_the_majority_serves_the_minority_fence
         wait_for("n1 serving again", || {
             (metric(net, "n1", "capstan_cluster_serving")? == 1.0).then_some(())
         });
+        // And once more through n1 after the heal: settled already.
+        for &n in &requests {
+            h.settle(site.n(1), "n1", n, Some("doc"), OP_TIMEOUT);
+        }
         std::thread::sleep(Duration::from_secs(2));
         stop.store(true, Ordering::Release);
         (t_cut, t_heal, fence, failover, elected)
@@ -629,5 +656,10 @@ fn the_etcd_leader_isolated_with_one_node_the_majority_serves_the_minority_fence
         secs(failover),
         secs(t_heal - t_cut)
     );
+    let settled = h.check_settled(&site.n(3).inbox(&[]));
     eprintln!("errors through n1: {:#?}", errors(&h, "n1"));
+    eprintln!("requests settled from both sides of the partition (each once, {settled} settled):");
+    for o in h.ops().iter().filter(|o| o.kind != "send") {
+        eprintln!("  {o}");
+    }
 }
