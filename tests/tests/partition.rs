@@ -663,3 +663,51 @@ fn the_etcd_leader_isolated_with_one_node_the_majority_serves_the_minority_fence
         eprintln!("  {o}");
     }
 }
+
+/// (5b) The link between an agent's owner and etcd flaps (cuts shorter and
+/// longer than the lease) under sends through the owner and another node:
+/// nothing acknowledged is lost, nothing is applied twice, in order.
+#[test]
+fn an_owners_link_to_etcd_flapping_under_sends_loses_and_doubles_nothing() {
+    let _g = serial();
+    let Some(site) = Site::up(&[], 3) else { return };
+    let net = &site.net;
+    site.n(1).ok(["mkguest", "alice"]);
+    site.n(1).ok(["send", "alice", "before"]);
+    assert_eq!(site.owner(2, "alice"), "n1");
+    let h = History::new();
+    let stop = AtomicBool::new(false);
+    let cuts = std::thread::scope(|s| {
+        s.spawn(|| client(&h, site.n(1), "n1", "alice", "via-n1", &stop));
+        s.spawn(|| client(&h, site.n(2), "n2", "alice", "via-n2", &stop));
+        std::thread::sleep(Duration::from_secs(1));
+        let mut cuts = Vec::new();
+        for k in 0..6u64 {
+            // 1, 2 and 4 s: within the lease, about it, past it.
+            let cut = Duration::from_millis(1000 << (k % 3));
+            net.cut(&["n1"], &["e1", "e2", "e3"]);
+            std::thread::sleep(cut);
+            net.heal();
+            cuts.push(cut.as_secs());
+            std::thread::sleep(Duration::from_millis(1000));
+        }
+        wait_for("n1 serving again", || {
+            (metric(net, "n1", "capstan_cluster_serving")? == 1.0).then_some(())
+        });
+        std::thread::sleep(Duration::from_secs(2));
+        stop.store(true, Ordering::Release);
+        cuts
+    });
+    let inbox = site.n(3).inbox(&["--as", "alice"]);
+    let summary = h.check_inbox("alice", &inbox, |t| t.starts_with("via-"));
+    let stats = site.n(1).json(["cluster", "status"]);
+    eprintln!(
+        "figures: n1 cut from etcd {} times ({cuts:?} s, 1 s apart); n1 stepped down {} times, \
+         fenced writes {}; alice's owner now {}; history: {summary}",
+        cuts.len(),
+        stats["stepdowns"],
+        stats["fenced_writes"],
+        site.owner(3, "alice")
+    );
+    assert!(summary.ok > 0);
+}
