@@ -96,10 +96,16 @@ fn missing() -> Option<String> {
             "network namespaces need root (running as uid {euid})"
         ));
     }
-    match Command::new("ip").args(["netns", "list"]).output() {
-        Ok(o) if o.status.success() => None,
+    // Make (and remove) a namespace: root in a container without
+    // CAP_SYS_ADMIN can list namespaces but not make them.
+    let probe = format!("cst-{}-probe", std::process::id());
+    match Command::new("ip").args(["netns", "add", &probe]).output() {
+        Ok(o) if o.status.success() => {
+            let _ = ip(&["netns", "del", &probe]);
+            None
+        }
         Ok(o) => Some(format!(
-            "`ip netns list` failed: {}",
+            "cannot make a network namespace (`ip netns add`: {})",
             String::from_utf8_lossy(&o.stderr).trim()
         )),
         Err(e) => Some(format!("cannot run `ip` (iproute2): {e}")),
@@ -129,7 +135,8 @@ impl Testnet {
     /// `None` (skipped, printed) only with `CAPSTAN_SKIP_TESTNET=1` where
     /// namespaces cannot be made; otherwise that is a panic saying why.
     pub fn up(labels: &[&str]) -> Option<Testnet> {
-        if let Some(why) = missing() {
+        static MISSING: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+        if let Some(why) = MISSING.get_or_init(missing) {
             if std::env::var("CAPSTAN_SKIP_TESTNET").as_deref() == Ok("1") {
                 eprintln!("skipped (CAPSTAN_SKIP_TESTNET=1): {why}");
                 return None;
