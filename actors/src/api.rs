@@ -1373,7 +1373,16 @@ impl AgentHandle {
             }
             c.forget_owner(&agent);
         }
-        Err(last.unwrap_or_else(|| Error::Unavailable("no owner for the inbox; try again".into())))
+        Err(match last {
+            // The owner kept its lease all along (a dead one is waited out
+            // and taken over above): this node is cut off from it. Nothing
+            // was written yet (numbers are reserved before the message).
+            Some(Error::Unreachable(e)) => Error::Unreachable(format!(
+                "{e}, but it holds its cluster lease: this node cannot reach it (a network partition?); nothing was sent: retry, or use another node"
+            )),
+            Some(e) => e,
+            None => Error::Unavailable("no owner for the inbox; try again".into()),
+        })
     }
 
     /// Reserves a number in `agent`'s inbox and runs `write` with it (a

@@ -415,6 +415,14 @@ impl Membership {
                 .unwrap_or(false)
     }
 
+    /// How long the lease is certainly held still, on this node's clock.
+    fn lease_left(&self) -> Duration {
+        self.live_until
+            .lock()
+            .map(|t| t.saturating_duration_since(Instant::now()))
+            .unwrap_or_default()
+    }
+
     /// Stops renewing the lease and claiming formulas (leave or stop).
     pub fn set_leaving(&self) {
         self.leaving.store(true, Ordering::Release);
@@ -871,7 +879,17 @@ pub(crate) async fn lease_loop(rt: std::sync::Weak<crate::api::Inner>) {
         // a paused process): if the record in the store is still ours and
         // live, nobody could have claimed our placements, so we carry on
         // with the same epoch; otherwise `renew` says so and we step down.
-        let ok = c.renew(&inner.db).await;
+        // A renewal may take at most what is left of the lease (at least a
+        // renewal interval): a store that does not answer (cut off, its
+        // client retrying) must not keep the incarnations alive past the
+        // lease while the rest of the cluster takes them over.
+        let budget = c.lease_left().max(interval);
+        let ok = match tokio::time::timeout(budget, c.renew(&inner.db)).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::Unavailable(format!(
+                "the store did not answer the lease renewal within {budget:?}"
+            ))),
+        };
         match ok {
             Ok(true) => {
                 c.renewals.fetch_add(1, Ordering::Relaxed);

@@ -9,6 +9,7 @@
 //! cluster by the CA key's hash (its cluster id), so every node serves the
 //! cluster's locators.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -156,11 +157,17 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn member_json(m: &MemberRec, now: u64, placements: usize) -> Value {
+fn member_json(
+    m: &MemberRec,
+    now: u64,
+    placements: usize,
+    observed: &HashMap<String, String>,
+) -> Value {
     let live = m.live(now);
     json!({
         "name": m.name,
         "addr": m.addr,
+        "observed": observed.get(&m.addr),
         "epoch": m.epoch,
         "pid": m.pid,
         "state": if !live { "dead" } else if m.draining { "draining" } else { "live" },
@@ -177,6 +184,7 @@ pub async fn command(
     agent: &capstan_actors::AgentHandle,
     command: &str,
     arg: &str,
+    observed: &HashMap<String, String>,
 ) -> anyhow::Result<Value> {
     let c = rt.membership().ok_or_else(|| {
         anyhow!("this node is not in a cluster (it runs on an embedded store); start it with --store etcd://… after `capstan cluster init`")
@@ -210,7 +218,7 @@ pub async fn command(
             };
             let ms: Vec<Value> = members
                 .iter()
-                .map(|m| member_json(m, now, count(&m.name)))
+                .map(|m| member_json(m, now, count(&m.name), observed))
                 .collect();
             if command == "members" {
                 return Ok(Value::Array(ms));
@@ -440,14 +448,15 @@ pub async fn run(
 
 fn print_members(ms: &Value) {
     println!(
-        "{:<16} {:<22} {:<9} {:>6} {:>10} {:>10}",
-        "NODE", "ADDRESS", "STATE", "EPOCH", "LEASE AGE", "PLACEMENTS"
+        "{:<16} {:<22} {:<22} {:<9} {:>6} {:>10} {:>10}",
+        "NODE", "ADVERTISED", "OBSERVED", "STATE", "EPOCH", "LEASE AGE", "PLACEMENTS"
     );
     for m in ms.as_array().map(|a| a.as_slice()).unwrap_or(&[]) {
         println!(
-            "{:<16} {:<22} {:<9} {:>6} {:>8}ms {:>10}",
+            "{:<16} {:<22} {:<22} {:<9} {:>6} {:>8}ms {:>10}",
             m["name"].as_str().unwrap_or("?"),
             m["addr"].as_str().unwrap_or("?"),
+            m["observed"].as_str().unwrap_or("-"),
             m["state"].as_str().unwrap_or("?"),
             m["epoch"],
             m["lease_age_ms"],

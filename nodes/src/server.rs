@@ -958,9 +958,11 @@ impl agent::Server for AgentServer {
             results.get().set_json(v.as_str());
             return Ok(());
         }
-        let v = crate::cluster::command(self.net.runtime(), &self.handle, &command, &arg)
-            .await
-            .map_err(|e| failed(format!("{e:#}")))?;
+        let observed = self.net.observed_members();
+        let v =
+            crate::cluster::command(self.net.runtime(), &self.handle, &command, &arg, &observed)
+                .await
+                .map_err(|e| failed(format!("{e:#}")))?;
         results.get().set_json(v.to_string().as_str());
         Ok(())
     }

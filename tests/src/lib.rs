@@ -16,12 +16,19 @@
 //!   (a retried command).
 //! - [`rogue::RoguePeer`]: a peer cluster speaking the node-to-node protocol
 //!   by its own rules (scripted failures, hostile calls).
+//! - [`testnet::Testnet`]: hosts as network namespaces, with links to cut
+//!   ([`Node::in_netns`] runs a node on one); [`testnet::Etcd`]: etcd
+//!   members on them.
+//! - [`history::History`]: a workload's operations and their outcomes,
+//!   checked against what the recipients' inboxes hold.
 //!
 //! Every wait has a deadline: a hang fails the test instead of blocking it.
 
 pub mod control;
+pub mod history;
 pub mod llm_server;
 pub mod rogue;
+pub mod testnet;
 
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
@@ -138,6 +145,8 @@ pub struct Node {
     pid: Option<i32>,
     /// Environment for every command (and so the daemons `start` spawns).
     envs: Vec<(String, String)>,
+    /// A command every capstan command runs under (`ip netns exec NS`).
+    wrap: Vec<String>,
 }
 
 impl Default for Node {
@@ -160,12 +169,24 @@ impl Node {
             pids: Vec::new(),
             pid: None,
             envs: Vec::new(),
+            wrap: Vec::new(),
         }
     }
 
     /// Sets an environment variable for this node's commands and daemons.
     pub fn with_env(mut self, key: &str, value: &str) -> Node {
         self.envs.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Runs this node's commands, and so the daemon `start` spawns, inside
+    /// the network namespace `ns` (`ip netns exec NS capstan …`; the
+    /// control socket is a file, reachable from any namespace).
+    pub fn in_netns(mut self, ns: &str) -> Node {
+        self.wrap = ["ip", "netns", "exec", ns]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         self
     }
 
@@ -251,7 +272,14 @@ impl Node {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let mut cmd = Command::new(capstan_bin());
+        let mut cmd = match self.wrap.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(capstan_bin());
+                c
+            }
+            None => Command::new(capstan_bin()),
+        };
         cmd.arg("--home")
             .arg(self.home())
             .args(args)
@@ -309,6 +337,33 @@ impl Node {
         .stderr(Stdio::piped());
         let child = cmd.spawn().expect("spawning capstan");
         finish(child, stdin.map(<[u8]>::to_vec), COMMAND_TIMEOUT, cmdline)
+    }
+
+    /// Runs `capstan --home H ARGS` for at most `timeout`: `None` when it
+    /// did not finish (it is killed; what it asked of the daemon may still
+    /// happen: an unknown outcome).
+    pub fn run_for<I, S>(&self, args: I, timeout: Duration) -> Option<Run>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let args: Vec<std::ffi::OsString> =
+            args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+        let cmdline = format!(
+            "capstan {}",
+            args.iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        let child = self
+            .command(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning capstan");
+        try_finish(child, timeout, cmdline)
     }
 
     /// Runs a command that must succeed; returns its stdout.
@@ -501,6 +556,33 @@ fn finish(mut child: Child, stdin: Option<Vec<u8>>, timeout: Duration, cmdline: 
                 "`{cmdline}` did not finish within {timeout:?} (killed it; a daemon holding \
                  the command's stdout/stderr open also causes this)"
             );
+        }
+    }
+}
+
+/// Like [`finish`], but a timeout is `None` (the child killed and reaped).
+fn try_finish(child: Child, timeout: Duration, cmdline: String) -> Option<Run> {
+    let pid = child.id() as i32;
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(out) => {
+            let out = out.expect("waiting for capstan");
+            Some(Run {
+                code: out.status.code(),
+                stdout: out.stdout,
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+                cmdline,
+            })
+        }
+        Err(_) => {
+            // Still our child (not yet reaped by the waiting thread), so the
+            // pid cannot have been reused.
+            kill(pid, libc::SIGKILL);
+            let _ = rx.recv_timeout(EXIT_TIMEOUT);
+            None
         }
     }
 }

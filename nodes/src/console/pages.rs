@@ -849,19 +849,20 @@ async fn cluster_page(c: &Console, h: &AgentHandle) -> String {
     if c.runtime.membership().is_none() {
         return "<p class=\"empty\">This node is not in a cluster (it runs on an embedded store).</p>".to_string();
     }
-    let (mut s, node) = match crate::cluster::command(&c.runtime, h, "status", "").await {
-        Ok(mut v) => {
-            // Members (with their leases) as a table of their own.
-            let members = v.as_object_mut().and_then(|o| o.remove("members"));
-            let mut s = String::new();
-            if let Some(m) = members {
-                s.push_str("<h2>Members and leases</h2>");
-                s.push_str(&json_html(&m));
+    let (mut s, node) =
+        match crate::cluster::command(&c.runtime, h, "status", "", &Default::default()).await {
+            Ok(mut v) => {
+                // Members (with their leases) as a table of their own.
+                let members = v.as_object_mut().and_then(|o| o.remove("members"));
+                let mut s = String::new();
+                if let Some(m) = members {
+                    s.push_str("<h2>Members and leases</h2>");
+                    s.push_str(&json_html(&m));
+                }
+                (s, v)
             }
-            (s, v)
-        }
-        Err(e) => return format!("<p class=\"err\">{}</p>", escape(&format!("{e:#}"))),
-    };
+            Err(e) => return format!("<p class=\"err\">{}</p>", escape(&format!("{e:#}"))),
+        };
     // Where the agents in your names live (at most MAX_PLACEMENTS of them).
     let agents: Vec<String> = h
         .list("")
@@ -874,7 +875,9 @@ async fn cluster_page(c: &Console, h: &AgentHandle) -> String {
         .collect();
     let mut rows = Vec::new();
     for a in &agents {
-        if let Ok(v) = crate::cluster::command(&c.runtime, h, "placement", a).await {
+        if let Ok(v) =
+            crate::cluster::command(&c.runtime, h, "placement", a, &Default::default()).await
+        {
             rows.push(v);
         }
     }

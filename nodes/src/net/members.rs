@@ -175,6 +175,18 @@ struct Pending {
 }
 
 impl Links {
+    /// The peer address of each open link, by the member address it was
+    /// dialled for (what this node observes: a DNS name resolved, an
+    /// address rewritten on the way).
+    pub fn observed(&self) -> HashMap<String, String> {
+        self.by_addr
+            .borrow()
+            .iter()
+            .filter(|(_, (p, _))| p.live())
+            .map(|(a, (p, _))| (a.clone(), p.conn.remote_address().to_string()))
+            .collect()
+    }
+
     fn drop_link(&self, addr: &str) {
         if let Some((p, _)) = self.by_addr.borrow_mut().remove(addr) {
             p.conn.close(0u32.into(), b"link failed");

@@ -598,6 +598,12 @@ impl Net {
         }
     }
 
+    /// The peer address of this node's link to each member it has one to,
+    /// by the member's advertised address ([`members::Links::observed`]).
+    pub fn observed_members(&self) -> std::collections::HashMap<String, String> {
+        self.links.observed()
+    }
+
     /// Open QUIC connections, whichever side dialled (one per other
     /// cluster in use, plus duplicates and refused ones still closing).
     pub fn connections(&self) -> usize {
