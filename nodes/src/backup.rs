@@ -39,24 +39,20 @@ impl Progress {
         }
     }
 
-    /// Shows the count so far (`None`: only the time, for work done elsewhere).
-    fn update(&mut self, s: Option<&Summary>) {
+    fn update(&mut self, s: &Summary) {
         if self.started.elapsed() < PROGRESS_AFTER {
             return;
         }
         self.shown = true;
-        let secs = self.started.elapsed().as_secs_f64();
         let mut err = std::io::stderr().lock();
-        let _ = match s {
-            Some(s) => write!(
-                err,
-                "\r{} {} pairs, {} ({secs:.0} s)…",
-                self.what,
-                s.pairs,
-                bytes_human(s.bytes as usize),
-            ),
-            None => write!(err, "\r{} ({secs:.0} s)…", self.what),
-        };
+        let _ = write!(
+            err,
+            "\r{} {} pairs, {} ({:.0} s)…",
+            self.what,
+            s.pairs,
+            bytes_human(s.bytes as usize),
+            self.started.elapsed().as_secs_f64()
+        );
         let _ = err.flush();
     }
 
@@ -128,19 +124,11 @@ pub async fn backup(
                     info.store
                 );
             }
-            let mut spinner = Progress::new("the node is writing the backup:");
-            let call = client::backup(paths, &file);
-            tokio::pin!(call);
-            let (pairs, bytes, version) = loop {
-                tokio::select! {
-                    r = &mut call => break r?,
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {
-                        // The node does not stream its count: show the time.
-                        spinner.update(None);
-                    }
-                }
-            };
-            spinner.done();
+            let (pairs, bytes, version) = crate::output::with_progress(
+                "the node is writing the backup",
+                client::backup(paths, &file),
+            )
+            .await?;
             let s = Summary {
                 pairs,
                 bytes,
@@ -153,7 +141,7 @@ pub async fn backup(
             let spec = store_spec(paths, store)?;
             let db = open(paths, &spec).await?;
             let mut progress = Progress::new("written");
-            let s = capstan_cluster::backup::write(&db, &file, |s| progress.update(Some(s))).await;
+            let s = capstan_cluster::backup::write(&db, &file, |s| progress.update(s)).await;
             progress.done();
             let s = s.map_err(|e| anyhow!("backup failed: {e}"))?;
             report("backed up", &file, &s, &db.describe(), json);
@@ -187,7 +175,7 @@ pub async fn restore(
         .with_context(|| format!("cannot create the home {}", paths.home_str()))?;
     let db = open(paths, &spec).await?;
     let mut progress = Progress::new("restored");
-    let s = capstan_cluster::backup::restore(&db, &file, |s| progress.update(Some(s))).await;
+    let s = capstan_cluster::backup::restore(&db, &file, |s| progress.update(s)).await;
     progress.done();
     let s = s.map_err(|e| anyhow!("restore failed: {e}"))?;
     report("restored", &file, &s, &db.describe(), json);

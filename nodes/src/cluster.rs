@@ -353,24 +353,25 @@ pub async fn run(
         C::Drain { node, .. } => ("drain", node.clone()),
         C::Leave { .. } => ("leave", String::new()),
     };
-    if cmd == "drain" && !json && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        eprintln!(
-            "draining {arg}: waiting for it to give up its incarnations (at most {} s)…",
-            DRAIN_TIMEOUT.as_secs()
-        );
-    }
-    let text = client
-        .call(|a| {
-            let arg = arg.clone();
-            async move {
-                let mut r = a.cluster_request();
-                r.get().set_command(cmd);
-                r.get().set_arg(arg.as_str());
-                let answer = r.send().promise.await?;
-                Ok(answer.get()?.get_json()?.to_string()?)
-            }
-        })
-        .await?;
+    let what = format!(
+        "draining {arg}: waiting for it to give up its incarnations (at most {} s)",
+        DRAIN_TIMEOUT.as_secs()
+    );
+    let call = client.call(|a| {
+        let arg = arg.clone();
+        async move {
+            let mut r = a.cluster_request();
+            r.get().set_command(cmd);
+            r.get().set_arg(arg.as_str());
+            let answer = r.send().promise.await?;
+            Ok(answer.get()?.get_json()?.to_string()?)
+        }
+    });
+    let text = if cmd == "drain" {
+        crate::output::with_progress(&what, call).await?
+    } else {
+        call.await?
+    };
     let v: Value = serde_json::from_str(&text).context("the node sent bad JSON")?;
     if cmd == "leave" {
         crate::daemon::stop(&client.paths).await?;

@@ -133,8 +133,10 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
             let bytes =
                 std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
             let req = RequestId::random();
-            let info = client
-                .call(|a| {
+            let what = format!("installing {name}: checking and compiling the component");
+            let info = crate::output::with_progress(
+                &what,
+                client.call(|a| {
                     let (bytes, grants, name) = (&bytes, &grants, &name);
                     async move {
                         let mut r = a.install_request();
@@ -165,8 +167,9 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
                             "grants": texts(i.get_grants()?)?,
                         }))
                     }
-                })
-                .await?;
+                }),
+            )
+            .await?;
             if json {
                 print_json(&info);
             } else {

@@ -161,6 +161,37 @@ pub fn print_json(v: &Value) {
     println!("{v}");
 }
 
+/// Runs `work`, and once it has taken more than a second shows `what (N s)…`
+/// on stderr, updated twice a second, while it runs (only on a terminal:
+/// scripts and logs get the result alone). The line is ended when `work`
+/// finishes.
+pub async fn with_progress<T>(what: &str, work: impl std::future::Future<Output = T>) -> T {
+    use std::io::Write as _;
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return work.await;
+    }
+    let started = std::time::Instant::now();
+    let mut shown = false;
+    tokio::pin!(work);
+    let out = loop {
+        tokio::select! {
+            out = &mut work => break out,
+            () = tokio::time::sleep(std::time::Duration::from_millis(500)) => {
+                if started.elapsed() >= std::time::Duration::from_secs(1) {
+                    shown = true;
+                    let mut err = std::io::stderr().lock();
+                    let _ = write!(err, "\r{what} ({:.0} s)…", started.elapsed().as_secs_f64());
+                    let _ = err.flush();
+                }
+            }
+        }
+    };
+    if shown {
+        eprintln!();
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
