@@ -726,10 +726,18 @@ fn print_rows(rows: &[Row], json: bool, store: &str) {
             .map(|r| r.value.chars().count())
             .max()
             .unwrap_or(0);
-        println!("{:w$}  {:v$}  {:12}  Endo", "measure", "Capstan", "target");
+        println!(
+            "{:w$}  {:v$}  {:12}  Endo (quoted, not measured here)",
+            "measure", "Capstan", "target"
+        );
         for r in rows {
             println!("{:w$}  {:v$}  {:12}  {}", r.what, r.value, r.target, r.endo);
         }
+        println!(
+            "\nThe Endo column quotes figures measured for Endo's daemon (Node.js, on a\n\
+             machine like this one: the project's ANCHORS.md); this run did not measure\n\
+             Endo, so compare orders of magnitude, not digits."
+        );
         println!(
             "\n({store}; {} build; every write acknowledged after commit)",
             if cfg!(debug_assertions) {

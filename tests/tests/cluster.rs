@@ -259,9 +259,14 @@ fn etcd_member_killed_during_a_burst_of_sends_loses_and_repeats_nothing() {
     c.n(0).ok(["mkguest", "alice"]);
     let acked = Mutex::new(Vec::<String>::new());
     let killed = std::sync::atomic::AtomicBool::new(false);
+    // The raft leader: killing it forces an election mid-burst (a follower's
+    // death would barely be noticed).
+    let leader = etcd(&["leader"]).trim().to_string();
+    let acked_after_kill = std::sync::atomic::AtomicUsize::new(0);
     std::thread::scope(|s| {
         for (i, node) in c.nodes.iter().enumerate() {
-            let (acked, killed) = (&acked, &killed);
+            let (acked, killed, leader, acked_after_kill) =
+                (&acked, &killed, &leader, &acked_after_kill);
             s.spawn(move || {
                 let mut k = 0;
                 // At least 12 s, and until 30 sends went through (a slow
@@ -273,19 +278,31 @@ fn etcd_member_killed_during_a_burst_of_sends_loses_and_repeats_nothing() {
                 {
                     let text = format!("m{i}-{k}");
                     k += 1;
+                    let was_killed = killed.load(std::sync::atomic::Ordering::SeqCst);
                     if node.run(["send", "alice", &text]).success() {
                         acked.lock().unwrap().push(text);
+                        if was_killed {
+                            acked_after_kill.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
                     }
                     if i == 0 && k == 20 && !killed.swap(true, std::sync::atomic::Ordering::SeqCst)
                     {
-                        // Kill one etcd member (not necessarily the leader) mid-burst.
-                        etcd(&["kill", "2"]);
+                        etcd(&["kill", leader]);
                     }
                 }
             });
         }
     });
-    restart_etcd_member("2");
+    restart_etcd_member(&leader);
+    assert!(
+        killed.load(std::sync::atomic::Ordering::SeqCst),
+        "the burst ended before the etcd leader was killed"
+    );
+    let after = acked_after_kill.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        after > 0,
+        "no send went through after the leader was killed"
+    );
     let acked = acked.into_inner().unwrap();
     assert!(
         acked.len() >= 30,
