@@ -145,11 +145,18 @@ fn the_key_is_never_shown() {
         vec!["--json", "show", "claude"],
         vec!["--json", "llm", "ask", "claude", "hi"],
         vec!["--json", "llm", "audit"],
-        vec!["cat", "claude"],
     ] {
         let r = node.run(&args);
+        assert!(
+            r.success(),
+            "{args:?} failed, so it showed nothing to check: {r}"
+        );
         outputs.push(format!("{}{}", r.stdout_str(), r.stderr));
     }
+    // An llm provider is not a value: `cat` says so (and shows no key).
+    let r = node.run(["cat", "claude"]);
+    assert_eq!(r.code, Some(1), "{r}");
+    outputs.push(format!("{}{}", r.stdout_str(), r.stderr));
     let v = node.json(["llm", "list"]);
     assert_eq!(v[0]["key_set"], true, "{v}");
     assert_eq!(v[0]["provider"], "anthropic");

@@ -41,11 +41,11 @@ fn guests_cannot_reach_their_hosts_names() {
         !r.success(),
         "a guest read its host's names through HOST: {r}"
     );
-    let r = node.run(["--json", "list", "HOST", "--as", "alice"]);
-    assert!(
-        !r.success() || !r.stdout_str().contains("greeting"),
-        "a guest listed its host's names through HOST: {r}"
-    );
+    // HOST is an agent, not a directory: listing it is refused (CLI.md).
+    let (code, err) = node.fail(["--json", "list", "HOST", "--as", "alice"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("not a directory"), "{err}");
+    assert!(!err.contains("greeting"), "{err}");
     let (code, err) = node.fail(["send", "HOST", "look: @greeting", "--as", "alice"]);
     assert_eq!(
         code, 1,

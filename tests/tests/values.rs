@@ -107,23 +107,16 @@ fn text_and_json_round_trip() {
         parsed
     );
 
-    // Storing over a taken name either replaces it (a new value, a new id)
-    // or is refused and changes nothing.
+    // Storing over a taken name replaces it: a new value, a new id (CLI.md).
     let id1 = node.json(["show", "t0"])["id"].clone();
-    let r = node.run(["store", "--text", "replaced", "--name", "t0"]);
-    if r.success() {
-        assert_eq!(node.ok(["cat", "t0"]), "replaced");
-        assert_ne!(node.json(["show", "t0"])["id"], id1);
-    } else {
-        assert_eq!(r.code, Some(1), "{r}");
-        capstan_tests::assert_cli_error(&r);
-        assert_eq!(node.ok(["cat", "t0"]), texts[0]);
-    }
+    node.ok(["store", "--text", "replaced", "--name", "t0"]);
+    assert_eq!(node.ok(["cat", "t0"]), "replaced");
+    assert_ne!(node.json(["show", "t0"])["id"], id1);
 
     node.kill9();
     node.start();
     for (i, t) in texts.iter().enumerate().skip(1) {
-        // (t0 may have been replaced above.)
+        // (t0 was replaced above.)
         assert_eq!(node.ok_bytes(["cat", &format!("t{i}")]), t.as_bytes());
     }
     let parsed_after: Value = serde_json::from_str(&node.ok(["cat", "j"])).unwrap();
