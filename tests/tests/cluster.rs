@@ -608,16 +608,24 @@ fn a_guest_component_resumes_on_a_survivor_with_its_state() {
     // Mail for bot through n3: n3 claims it once n2's lease lapsed, runs
     // the component from the store, and the count goes on from 1.
     c.n(2).ok(["send", "bot", "increment"]);
-    let inbox = wait_mail(&c, 2, "bot", "count = 2");
+    wait_mail(&c, 2, "bot", "count = 2");
     let p = c.placement(0, "bot");
     assert_eq!(p["node"], "n3", "{p}");
     assert_eq!(c.n(0).ok(["cat", "--as", "bot", "count"]).trim(), "2");
+    // A sentinel: once its answer is in, a repeated earlier answer would be
+    // too (the guest handles its inbox in order).
+    c.n(2).ok(["send", "bot", "increment"]);
+    let inbox = wait_mail(&c, 2, "bot", "count = 3");
     // Exactly once: one answer per increment, none repeated by the survivor.
     let answers: Vec<String> = texts(&inbox)
         .into_iter()
         .filter(|t| t.starts_with("count = "))
         .collect();
-    assert_eq!(answers, ["count = 1", "count = 2"], "{inbox:#?}");
+    assert_eq!(
+        answers,
+        ["count = 1", "count = 2", "count = 3"],
+        "{inbox:#?}"
+    );
 }
 
 /// The owner of a guest dies with `kill -9` in the middle of a handler
@@ -649,15 +657,26 @@ fn a_handler_cut_short_by_its_nodes_death_finishes_on_a_survivor_once() {
     let p = c.placement(0, "bot");
     assert_eq!(p["node"], "n2", "{p}");
     c.nodes[1].kill9();
+    // The kill landed in the handler (else nothing was replayed and the
+    // test tested nothing): its answer was not given yet.
+    let at_kill = texts(&c.n(0).inbox(&[]));
+    assert!(
+        !at_kill.iter().any(|t| t.starts_with("count = ")),
+        "the handler finished before its node was killed: {at_kill:?}"
+    );
 
-    let inbox = wait_mail(&c, 0, "bot", "count = 1");
+    wait_mail(&c, 0, "bot", "count = 1");
     let p = c.placement(0, "bot");
     assert_ne!(p["node"], "n2", "{p}");
     assert_eq!(c.n(0).ok(["cat", "--as", "bot", "count"]).trim(), "1");
+    // A sentinel, then count: a repeated notice or answer of the replayed
+    // handler would be in by the time the sentinel's answer is.
+    c.n(0).ok(["send", "bot", "increment"]);
+    let inbox = wait_mail(&c, 0, "bot", "count = 2");
     let all = texts(&inbox);
     let notices = all.iter().filter(|t| t.starts_with("stored count")).count();
     let answers = all.iter().filter(|t| t.starts_with("count = ")).count();
-    assert_eq!((notices, answers), (1, 1), "{inbox:#?}");
+    assert_eq!((notices, answers), (1, 2), "{inbox:#?}");
 }
 
 /// Like [`wait_mail`], for a message whose text contains `needle`; returns it.
