@@ -360,6 +360,74 @@ fn a_paused_owner_is_fenced_and_steps_down() {
     assert_eq!(texts(&inbox), ["one", "two", "three"]);
 }
 
+/// An owner paused (SIGSTOP) in the middle of a guest's handler, past its
+/// lease: a survivor takes the guest over and runs the handler again. When
+/// the paused node wakes, its own clock shows its lease lapsed: it steps
+/// down and its handler writes nothing more (a write that got past that
+/// check would be refused by the placement fence and counted in
+/// `fenced_writes`). The handler's effects happen once: one notice, one
+/// answer, the count right.
+#[test]
+fn a_paused_owner_in_a_handler_steps_down_and_the_handler_counts_once() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let wasm = guest_wasm("counter");
+    let Some(c) = Cluster::start("fence-handler") else {
+        return;
+    };
+    c.n(0).ok(["install", &wasm, "--name", "counter"]);
+    c.n(0).ok([
+        "mkguest",
+        "bot",
+        "--component",
+        "counter",
+        "--fuel",
+        "100000000000",
+        "--deadline-ms",
+        "60000",
+    ]);
+    c.n(0).ok(["send", "bot", "increment slowly 3000000000"]);
+    wait_mail(&c, 1, "bot", "stored count 1; working");
+    assert_eq!(c.placement(1, "bot")["node"], "n1");
+    let pid = c.n(0).daemon_pid();
+    kill(pid, libc::SIGSTOP);
+    let at_pause = texts(&c.n(1).inbox(&[]));
+    assert!(
+        !at_pause.iter().any(|t| t.starts_with("count = ")),
+        "the handler finished before its node was paused: {at_pause:?}"
+    );
+    std::thread::sleep(Duration::from_millis(7000)); // past the 5 s lease
+    // Mail through n2: n2 takes bot over, runs the cut handler again, then
+    // this message.
+    c.n(1).ok(["send", "bot", "get"]);
+    wait_mail(&c, 1, "bot", "count = 1");
+    assert_eq!(c.placement(1, "bot")["node"], "n2");
+    kill(pid, libc::SIGCONT);
+    // n1 wakes inside the handler, finishes its loop and tries to write.
+    let s = c.wait(
+        "n1 to step down",
+        || c.n(0).json(["cluster", "status"]),
+        |s| s["stepdowns"].as_u64() >= Some(1),
+    );
+    eprintln!(
+        "n1 after waking: fenced_writes {}, stepdowns {}",
+        s["fenced_writes"], s["stepdowns"]
+    );
+    // Give a stale write time to land, if it could; then a sentinel.
+    std::thread::sleep(Duration::from_millis(1000));
+    c.n(2).ok(["send", "bot", "increment"]);
+    let inbox = wait_mail(&c, 2, "bot", "count = 2");
+    let all = texts(&inbox);
+    let notices = all.iter().filter(|t| t.starts_with("stored count")).count();
+    let answers: Vec<&String> = all.iter().filter(|t| t.starts_with("count = ")).collect();
+    assert_eq!(notices, 1, "{all:?}");
+    assert_eq!(
+        answers,
+        ["count = 1", "count = 1", "count = 2"],
+        "increment, get, sentinel: {all:?}"
+    );
+    assert_eq!(c.n(2).ok(["cat", "--as", "bot", "count"]).trim(), "2");
+}
+
 #[test]
 fn drain_moves_incarnations_and_the_node_stops_unnoticed() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
