@@ -300,3 +300,73 @@ fn peer_clusters(url: &str) -> u64 {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no capstan_peer_clusters in {body}"))
 }
+
+/// 256 hostile connections (fresh cluster identities from four addresses,
+/// 64 each: every per-address allowance) do not shut a known federation peer
+/// out: the node keeps at most 192 connections of unknown clusters, and a
+/// peer that restored one of its locators before connects and delivers
+/// mail while the flood holds on.
+#[test]
+fn a_flood_of_unknown_clusters_does_not_shut_out_a_known_peer() {
+    let a = listening();
+    let mut b = listening();
+    // b accepts a's invitation: b restores a locator of a (so a knows b).
+    let v = a.json(["invite", "bob"]);
+    let inv = v["invitation"].as_str().expect("invite --json").to_string();
+    b.ok(["accept", &inv, "alice"]);
+    b.ok(["send", "alice", "before the flood"]);
+    wait_text(&a, "before the flood", Duration::from_secs(30));
+
+    a.ok(["store", "--text", "x", "--name", "doc"]);
+    let target: capstan_proto::Locator = locate(&a, "doc").parse().expect("locator");
+    let hold = Duration::from_secs(12);
+    let started = std::time::Instant::now();
+    let floods: Vec<_> = (2..=5u8)
+        .map(|last| {
+            let target = target.clone();
+            std::thread::spawn(move || {
+                let from = std::net::IpAddr::from([127, 0, 0, last]);
+                capstan_tests::rogue::flood(&target, 64, 1, from, hold)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    // b restarts, so it must open a new connection to a during the flood.
+    b.stop();
+    b.start();
+    b.ok(["send", "alice", "during the flood"]);
+    wait_text(&a, "during the flood", Duration::from_secs(8));
+    let arrived = started.elapsed();
+    let kept: usize = floods.into_iter().map(|f| f.join().expect("flood")).sum();
+    eprintln!(
+        "the known peer's mail arrived {arrived:?} into the flood; the flood kept {kept} connections"
+    );
+    assert!(
+        arrived < hold,
+        "the mail arrived only after the flood let go ({arrived:?})"
+    );
+    assert!(
+        kept <= MAX_UNKNOWN_CONNECTIONS,
+        "unknown clusters kept {kept} connections"
+    );
+}
+
+/// The node's cap on connections of clusters it does not know
+/// (`MAX_UNKNOWN_CONNECTIONS` in nodes/src/net).
+const MAX_UNKNOWN_CONNECTIONS: usize = 192;
+
+/// Waits until `node`'s inbox holds a message with `text`.
+fn wait_text(node: &Node, text: &str, within: Duration) {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let inbox = node.inbox(&[]);
+        if inbox.iter().any(|m| m["text"] == text) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "waited {within:?} for {text:?}; inbox: {inbox:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

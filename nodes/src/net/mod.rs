@@ -18,8 +18,14 @@
 //!
 //! # Bounds
 //!
-//! At most [`MAX_CONNECTIONS`] incoming connections, of them at most
-//! [`MAX_CONNECTIONS_PER_ADDR`] from one IP address and
+//! At most [`MAX_CONNECTIONS`] incoming connections from other clusters,
+//! of them at most [`MAX_UNKNOWN_CONNECTIONS`] from clusters this node does
+//! not know (a cluster is known for [`KNOWN_FOR`] once it restored one of
+//! this cluster's locators, or once this node dialled it: federation
+//! peers), so that anyone minting fresh identities cannot shut federation
+//! out; connections of this node's own cluster (member links: only its key
+//! can make them) are not counted. At most [`MAX_CONNECTIONS_PER_ADDR`]
+//! from one IP address, [`MAX_HANDSHAKES`] handshakes at once, and
 //! [`MAX_CONNECTIONS_PER_PEER`] from one peer cluster, 4 streams each (a
 //! peer that leaves leaves no entry behind),
 //! Cap'n Proto messages of at most [`MAX_NET_MESSAGE_BYTES`] (the largest a
@@ -54,6 +60,17 @@ use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 use identity::Identity;
 
 pub const MAX_CONNECTIONS: usize = 256;
+/// Most of [`MAX_CONNECTIONS`] that clusters this node does not know may
+/// hold (the rest is kept for known peers).
+pub const MAX_UNKNOWN_CONNECTIONS: usize = 192;
+/// Most incoming connections before their handshake is done (a hard bound
+/// on what the accept loop holds before knowing who calls).
+pub const MAX_HANDSHAKES: usize = 512;
+/// How long a cluster stays known after it restored a locator here, or
+/// after this node dialled it.
+pub const KNOWN_FOR: Duration = Duration::from_secs(3600);
+/// Most clusters remembered as known.
+const MAX_KNOWN: usize = 4096;
 /// Most incoming connections from one IP address: a host minting fresh
 /// cluster identities cannot take every connection slot.
 pub const MAX_CONNECTIONS_PER_ADDR: usize = 64;
@@ -264,6 +281,11 @@ pub struct Net {
     /// cluster (see [`MAX_CONNECTIONS_PER_ADDR`], [`MAX_CONNECTIONS_PER_PEER`]).
     per_addr: RefCell<HashMap<std::net::IpAddr, usize>>,
     per_peer: RefCell<HashMap<[u8; 32], usize>>,
+    /// Peer clusters known, until when (see [`KNOWN_FOR`]).
+    known: Rc<RefCell<HashMap<[u8; 32], std::time::Instant>>>,
+    /// Incoming connections from other clusters: all, and unknown ones.
+    peer_open: Cell<usize>,
+    unknown_open: Cell<usize>,
     /// Links to the other nodes of this cluster.
     links: members::Links,
 }
@@ -330,6 +352,9 @@ impl Net {
             incoming: Rc::new(Cell::new(0)),
             per_addr: RefCell::new(HashMap::new()),
             per_peer: RefCell::new(HashMap::new()),
+            known: Rc::new(RefCell::new(HashMap::new())),
+            peer_open: Cell::new(0),
+            unknown_open: Cell::new(0),
             links: members::Links::default(),
         });
         if listen.is_some() {
@@ -402,7 +427,9 @@ impl Net {
         while let Some(incoming) = self.endpoint.accept().await {
             let ip = incoming.remote_address().ip();
             let from_ip = self.per_addr.borrow().get(&ip).copied().unwrap_or(0);
-            if self.incoming.get() >= MAX_CONNECTIONS || from_ip >= MAX_CONNECTIONS_PER_ADDR {
+            if self.incoming.get() >= MAX_HANDSHAKES + MAX_CONNECTIONS
+                || from_ip >= MAX_CONNECTIONS_PER_ADDR
+            {
                 tracing::warn!(remote = %incoming.remote_address(), from_ip, "refusing a connection: too many");
                 incoming.refuse();
                 continue;
@@ -439,9 +466,26 @@ impl Net {
             );
             anyhow::bail!("refused: {open} connections from this cluster already");
         }
+        let known = is_known(&self.known, &peer);
+        if self.peer_open.get() >= MAX_CONNECTIONS
+            || (!known && self.unknown_open.get() >= MAX_UNKNOWN_CONNECTIONS)
+        {
+            conn.close(
+                0u32.into(),
+                b"this node serves too many connections; retry later",
+            );
+            anyhow::bail!("refused: too many connections (known peer: {known})");
+        }
+        let unknown = if known {
+            None
+        } else {
+            Some(Counted::new(&self.unknown_open))
+        };
+        let _counted = Counted::new(&self.peer_open);
         count_up(&self.per_peer, peer);
         let registered = self.register(peer, Rc::new(Peer::new(conn.clone(), false)));
         let r = self.clone().serve_streams(conn, peer).await;
+        drop(unknown);
         count_down(&self.per_peer, &peer);
         // A peer that left leaves no entry behind (fresh identities would
         // otherwise grow the map without bound).
@@ -477,6 +521,7 @@ impl Net {
                     cluster: peer,
                     own: self.id.cluster_id,
                 },
+                known: self.known.clone(),
             });
             let network = twoparty::VatNetwork::new(
                 recv.compat(),
@@ -654,6 +699,11 @@ impl Net {
                     let peer = Peer::new(conn, true);
                     peer.gateway().await?;
                     tracing::debug!(%addr, cluster, "connected to peer");
+                    // A cluster this node mails or calls: its own calls back
+                    // get a connection even while unknown ones fill the node.
+                    if remote.cluster != self.id.cluster_id {
+                        mark_known(&self.known, remote.cluster);
+                    }
                     return Ok(peer);
                 }
                 Err(e) => errors.push(e),
@@ -1147,6 +1197,48 @@ fn socket2_buffers(socket: &std::net::UdpSocket) -> std::io::Result<()> {
     Ok(())
 }
 
+/// One open connection in a count, for as long as it is held.
+struct Counted<'a>(&'a Cell<usize>);
+
+impl<'a> Counted<'a> {
+    fn new(c: &'a Cell<usize>) -> Self {
+        c.set(c.get() + 1);
+        Counted(c)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.set(self.0.get().saturating_sub(1));
+    }
+}
+
+type Known = RefCell<HashMap<[u8; 32], std::time::Instant>>;
+
+/// Whether `peer` is a known cluster (see [`KNOWN_FOR`]).
+fn is_known(known: &Known, peer: &[u8; 32]) -> bool {
+    known
+        .borrow()
+        .get(peer)
+        .is_some_and(|until| *until > std::time::Instant::now())
+}
+
+/// Marks `peer` known for [`KNOWN_FOR`]; past [`MAX_KNOWN`] clusters the
+/// lapsed ones go, then the one known the shortest time.
+fn mark_known(known: &Known, peer: [u8; 32]) {
+    let mut k = known.borrow_mut();
+    let now = std::time::Instant::now();
+    if k.len() >= MAX_KNOWN && !k.contains_key(&peer) {
+        k.retain(|_, until| *until > now);
+        if k.len() >= MAX_KNOWN
+            && let Some(oldest) = k.iter().min_by_key(|(_, until)| **until).map(|(p, _)| *p)
+        {
+            k.remove(&oldest);
+        }
+    }
+    k.insert(peer, now + KNOWN_FOR);
+}
+
 /// The cluster id of the other end of an accepted connection.
 fn peer_cluster(conn: &quinn::Connection) -> anyhow::Result<[u8; 32]> {
     let certs = conn
@@ -1168,6 +1260,8 @@ struct GatewayServer {
     conn: quinn::Connection,
     failures: Cell<u32>,
     caller: Caller,
+    /// The node's known clusters: a caller that restores a locator joins.
+    known: Rc<Known>,
 }
 
 impl gateway::Server for GatewayServer {
@@ -1183,6 +1277,9 @@ impl gateway::Server for GatewayServer {
         let hash = capstan_actors::remote::swiss_hash(&swiss);
         match self.rt.locator_record(hash).await {
             Ok(Some(rec)) => {
+                if self.caller.cluster != self.caller.own {
+                    mark_known(&self.known, self.caller.cluster);
+                }
                 results
                     .get()
                     .set_object(capnp_rpc::new_client(ObjectServer {
