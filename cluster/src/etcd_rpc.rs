@@ -349,6 +349,24 @@ pub struct ConnectOptions {
     pub timeout: Duration,
     pub keep_alive: Duration,
     pub max_decoding_bytes: usize,
+    /// TLS (an `https://` URL): the CA's PEM, and this client's
+    /// certificate and key PEM if the members require one.
+    pub tls: Option<TlsFiles>,
+}
+
+/// PEM files of a TLS connection.
+#[derive(Clone)]
+pub struct TlsFiles {
+    pub ca: Vec<u8>,
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for TlsFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsFiles")
+            .field("client_certificate", &self.identity.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// A connection to one etcd member (cheap to clone; calls multiplex on one
@@ -380,6 +398,19 @@ impl EtcdClient {
             .http2_keep_alive_interval(o.keep_alive)
             .keep_alive_timeout(o.keep_alive)
             .keep_alive_while_idle(true);
+        let endpoint = match &o.tls {
+            None => endpoint,
+            Some(t) => {
+                let mut cfg = tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(&t.ca));
+                if let Some((cert, key)) = &t.identity {
+                    cfg = cfg.identity(tonic::transport::Identity::from_pem(cert, key));
+                }
+                endpoint.tls_config(cfg).map_err(|e| {
+                    RpcError::Transport(format!("bad TLS settings for etcd endpoint {url:?}: {e}"))
+                })?
+            }
+        };
         let channel = endpoint.connect_lazy();
         Ok(EtcdClient {
             grpc: tonic::client::Grpc::new(channel).max_decoding_message_size(o.max_decoding_bytes),
