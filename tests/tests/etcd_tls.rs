@@ -102,7 +102,7 @@ fn start_etcd() -> Option<Etcd> {
         .unwrap();
     certificates(dir.path());
     let (port, peer) = (free_port(), free_port());
-    let d = dir.path();
+    let d = dir.path().to_path_buf();
     let f = |n: &str| d.join(n).to_str().unwrap().to_string();
     let log = std::fs::File::create(d.join("etcd.log")).unwrap();
     let child = Command::new("etcd")
