@@ -763,44 +763,6 @@ pub async fn wait_exit(paths: &Paths, pid: u32, timeout: Duration) -> anyhow::Re
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn layout() {
-        let p = Paths::new(PathBuf::from("/h"), "1000");
-        assert_eq!(p.socket, PathBuf::from("/h/capstan.sock"));
-        assert_eq!(p.store, PathBuf::from("/h/store.redb"));
-        assert_eq!(p.pid_file, PathBuf::from("/h/capstan.pid"));
-        let long = PathBuf::from(format!("/{}", "x".repeat(100)));
-        let p = Paths::new(long, "1000");
-        let s = p.socket.to_string_lossy().to_string();
-        assert!(s.starts_with("/tmp/capstan-1000/"), "{s}");
-        assert!(s.ends_with(".sock") && s.len() == "/tmp/capstan-1000/".len() + 16 + 5);
-    }
-
-    #[test]
-    fn pid_from_store_lock_detail() {
-        assert_eq!(pid_in("/h/store.redb.lock is held by pid 42"), "42");
-        assert_eq!(pid_in("redb reports the database already open"), "unknown");
-    }
-
-    #[test]
-    fn home_lock_is_exclusive() {
-        let dir = tempfile::tempdir().unwrap();
-        let paths = Paths::new(dir.path().to_path_buf(), "0");
-        assert!(HomeLock::is_free(&paths));
-        let lock = HomeLock::acquire(&paths).unwrap();
-        // flock locks belong to open file descriptions, so a second open conflicts.
-        assert!(!HomeLock::is_free(&paths));
-        let e = HomeLock::acquire(&paths).unwrap_err().to_string();
-        assert!(e.contains(&format!("(pid {})", std::process::id())), "{e}");
-        drop(lock);
-        assert!(HomeLock::is_free(&paths));
-    }
-}
-
 /// A lone node's secrets key: `<home>/identity/secrets.key`, made at first
 /// start, unless the store already holds secrets sealed with another key (a
 /// restored backup): then the node says which key it needs.
@@ -857,5 +819,43 @@ pub fn install_secrets_key(paths: &Paths, file: &std::path::Path) -> anyhow::Res
             info!(file = %dest.display(), key_id = %key.id_hex(), "installed the secrets key");
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout() {
+        let p = Paths::new(PathBuf::from("/h"), "1000");
+        assert_eq!(p.socket, PathBuf::from("/h/capstan.sock"));
+        assert_eq!(p.store, PathBuf::from("/h/store.redb"));
+        assert_eq!(p.pid_file, PathBuf::from("/h/capstan.pid"));
+        let long = PathBuf::from(format!("/{}", "x".repeat(100)));
+        let p = Paths::new(long, "1000");
+        let s = p.socket.to_string_lossy().to_string();
+        assert!(s.starts_with("/tmp/capstan-1000/"), "{s}");
+        assert!(s.ends_with(".sock") && s.len() == "/tmp/capstan-1000/".len() + 16 + 5);
+    }
+
+    #[test]
+    fn pid_from_store_lock_detail() {
+        assert_eq!(pid_in("/h/store.redb.lock is held by pid 42"), "42");
+        assert_eq!(pid_in("redb reports the database already open"), "unknown");
+    }
+
+    #[test]
+    fn home_lock_is_exclusive() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::new(dir.path().to_path_buf(), "0");
+        assert!(HomeLock::is_free(&paths));
+        let lock = HomeLock::acquire(&paths).unwrap();
+        // flock locks belong to open file descriptions, so a second open conflicts.
+        assert!(!HomeLock::is_free(&paths));
+        let e = HomeLock::acquire(&paths).unwrap_err().to_string();
+        assert!(e.contains(&format!("(pid {})", std::process::id())), "{e}");
+        drop(lock);
+        assert!(HomeLock::is_free(&paths));
     }
 }
