@@ -1331,6 +1331,32 @@ mod tests {
     }
 
     #[test]
+    fn tls_options() {
+        let s = "etcd://127.0.0.1:2379/t?cacert=/e/ca.pem&cert=/e/c.pem&key=/e/k.pem";
+        let c = EtcdConfig::parse(s).unwrap();
+        assert_eq!(
+            c.tls,
+            Some(EtcdTls {
+                cacert: "/e/ca.pem".into(),
+                cert: Some(("/e/c.pem".into(), "/e/k.pem".into())),
+            })
+        );
+        assert_eq!(c.spec(), s);
+        let c = EtcdConfig::parse("etcd://h:1?cacert=/ca.pem").unwrap();
+        assert_eq!(c.tls.unwrap().cert, None);
+        for (bad, why) in [
+            ("etcd://h:1?cert=/c&key=/k", "need cacert"),
+            ("etcd://h:1?cacert=/ca&cert=/c", "go together"),
+            ("etcd://h:1?cacert=/ca&key=/k", "go together"),
+            ("etcd://http://h:1?cacert=/ca", ""),
+            ("etcd://h:1?cacert=", "unknown option"),
+        ] {
+            let e = EtcdConfig::parse(bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn spec_parsing() {
         let c =
             EtcdConfig::parse("etcd://127.0.0.1:2379,127.0.0.1:22379/t/x?max-request-bytes=9000")
