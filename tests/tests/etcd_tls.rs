@@ -87,7 +87,8 @@ fn certificates(dir: &Path) {
     }
 }
 
-fn start_etcd() -> Option<Etcd> {
+/// A one-member etcd: TLS only with client certificates, or plain HTTP.
+fn start_etcd(tls: bool) -> Option<Etcd> {
     if !Path::new("/usr/bin/etcd").exists() && which("etcd").is_none() {
         assert!(
             std::env::var("CAPSTAN_REQUIRE_ETCD").as_deref() != Ok("1"),
@@ -105,50 +106,57 @@ fn start_etcd() -> Option<Etcd> {
     let d = dir.path().to_path_buf();
     let f = |n: &str| d.join(n).to_str().unwrap().to_string();
     let log = std::fs::File::create(d.join("etcd.log")).unwrap();
+    let scheme = if tls { "https" } else { "http" };
+    let mut args = vec![
+        "--name".to_string(),
+        "t1".into(),
+        "--data-dir".into(),
+        f("data"),
+        "--listen-client-urls".into(),
+        format!("{scheme}://127.0.0.1:{port}"),
+        "--advertise-client-urls".into(),
+        format!("{scheme}://127.0.0.1:{port}"),
+        "--listen-peer-urls".into(),
+        format!("http://127.0.0.1:{peer}"),
+        "--initial-advertise-peer-urls".into(),
+        format!("http://127.0.0.1:{peer}"),
+        "--initial-cluster".into(),
+        format!("t1=http://127.0.0.1:{peer}"),
+        "--initial-cluster-state".into(),
+        "new".into(),
+    ];
+    if tls {
+        args.extend([
+            "--cert-file".into(),
+            f("server.pem"),
+            "--key-file".into(),
+            f("server-key.pem"),
+            "--client-cert-auth".into(),
+            "--trusted-ca-file".into(),
+            f("ca.pem"),
+        ]);
+    }
     let child = Command::new("etcd")
-        .args([
-            "--name",
-            "t1",
-            "--data-dir",
-            &f("data"),
-            "--listen-client-urls",
-            &format!("https://127.0.0.1:{port}"),
-            "--advertise-client-urls",
-            &format!("https://127.0.0.1:{port}"),
-            "--listen-peer-urls",
-            &format!("http://127.0.0.1:{peer}"),
-            "--initial-advertise-peer-urls",
-            &format!("http://127.0.0.1:{peer}"),
-            "--initial-cluster",
-            &format!("t1=http://127.0.0.1:{peer}"),
-            "--initial-cluster-state",
-            "new",
-            "--cert-file",
-            &f("server.pem"),
-            "--key-file",
-            &f("server-key.pem"),
-            "--client-cert-auth",
-            "--trusted-ca-file",
-            &f("ca.pem"),
-        ])
+        .args(&args)
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
         .expect("etcd");
     let etcd = Etcd { child, port, dir };
+    let mut ctl = vec![format!("--endpoints={scheme}://127.0.0.1:{port}")];
+    if tls {
+        ctl.extend([
+            format!("--cacert={}", f("ca.pem")),
+            format!("--cert={}", f("client.pem")),
+            format!("--key={}", f("client-key.pem")),
+        ]);
+    }
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let ok = Command::new("etcdctl")
             .env("ETCDCTL_API", "3")
-            .args([
-                &format!("--endpoints=https://127.0.0.1:{port}"),
-                &format!("--cacert={}", f("ca.pem")),
-                &format!("--cert={}", f("client.pem")),
-                &format!("--key={}", f("client-key.pem")),
-                "--dial-timeout=1s",
-                "endpoint",
-                "health",
-            ])
+            .args(&ctl)
+            .args(["--dial-timeout=1s", "endpoint", "health"])
             .output()
             .map(|o| o.status.success())
             .unwrap_or(false);
@@ -157,13 +165,12 @@ fn start_etcd() -> Option<Etcd> {
         }
         assert!(
             Instant::now() < deadline,
-            "the TLS etcd did not come up: {}",
+            "the etcd did not come up: {}",
             std::fs::read_to_string(d.join("etcd.log")).unwrap_or_default()
         );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
-
 fn which(bin: &str) -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|p| {
         std::env::split_paths(&p)
@@ -174,7 +181,7 @@ fn which(bin: &str) -> Option<PathBuf> {
 
 #[test]
 fn a_node_on_a_tls_etcd_with_client_certificates() {
-    let Some(etcd) = start_etcd() else {
+    let Some(etcd) = start_etcd(true) else {
         return;
     };
     let d = etcd.dir.path();
@@ -230,4 +237,61 @@ fn a_node_on_a_tls_etcd_with_client_certificates() {
     n1.stop();
     n1.start();
     assert_eq!(n1.ok(["cat", "doc"]), "over tls");
+}
+
+#[test]
+fn a_node_on_an_etcd_with_users_and_passwords() {
+    let Some(etcd) = start_etcd(false) else {
+        return;
+    };
+    let d = etcd.dir.path();
+    let ep = format!("--endpoints=127.0.0.1:{}", etcd.port);
+    for args in [
+        vec!["user", "add", "root:s3cret-pw"],
+        vec!["auth", "enable"],
+    ] {
+        let o = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(&ep)
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "etcdctl {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let base = format!("etcd://127.0.0.1:{}/capstan-e2e/auth", etcd.port);
+    let pw = write(d, "pw", "s3cret-pw\n");
+    let bad = write(d, "bad", "wrong\n");
+    let spec = format!("{base}?user=root&password-file={}", pw.display());
+
+    let mut n1 = Node::named("n1");
+    // No user: refused, saying what to add.
+    let (code, err) = n1.fail(["cluster", "init", "--store", &base]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("?user=NAME&password-file=PATH"), "{err}");
+    // A wrong password: refused, saying what to check.
+    let (code, err) = n1.fail([
+        "cluster",
+        "init",
+        "--store",
+        &format!("{base}?user=root&password-file={}", bad.display()),
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("authentication failed"), "{err}");
+    // A user without its password file: refused before connecting.
+    let (code, err) = n1.fail(["cluster", "init", "--store", &format!("{base}?user=root")]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("go together"), "{err}");
+
+    let v = n1.json(["cluster", "init", "--store", &spec]);
+    assert_eq!(v["created"], true, "{v}");
+    n1.start_with(&["--store", &spec, "--listen", "127.0.0.1:0"]);
+    n1.ok(["store", "--text", "with a password", "--name", "doc"]);
+    assert_eq!(n1.ok(["cat", "doc"]), "with a password");
+    // The password is in no command's output or the spec shown.
+    let s = n1.json(["cluster", "status"]);
+    assert!(!s.to_string().contains("s3cret-pw"), "{s}");
 }

@@ -216,6 +216,9 @@ pub struct EtcdConfig {
     /// TLS to the members (`cacert`, with `cert` and `key` for etcd's
     /// `--client-cert-auth`): none, plain HTTP/2.
     pub tls: Option<EtcdTls>,
+    /// An etcd user (`user=NAME&password-file=PATH`), for an etcd with
+    /// `auth enable`: the name and the path of the file holding its password.
+    pub user: Option<(String, String)>,
 }
 
 /// The files of a TLS connection to etcd (PEM).
@@ -274,6 +277,7 @@ impl EtcdConfig {
         let mut max_txn_ops = MAX_TXN_OPS;
         let mut commit_snapshot_age = COMMIT_SNAPSHOT_AGE;
         let (mut cacert, mut cert, mut key) = (None, None, None);
+        let (mut user, mut password_file) = (None, None);
         for kv in query.unwrap_or("").split('&').filter(|s| !s.is_empty()) {
             match kv.split_once('=') {
                 Some(("max-request-bytes", n)) => {
@@ -303,6 +307,8 @@ impl EtcdConfig {
                 Some(("cacert", p)) if !p.is_empty() => cacert = Some(p.to_string()),
                 Some(("cert", p)) if !p.is_empty() => cert = Some(p.to_string()),
                 Some(("key", p)) if !p.is_empty() => key = Some(p.to_string()),
+                Some(("user", u)) if !u.is_empty() => user = Some(u.to_string()),
+                Some(("password-file", p)) if !p.is_empty() => password_file = Some(p.to_string()),
                 _ => return Err(bad(&format!("unknown option {kv:?}"))),
             }
         }
@@ -323,7 +329,13 @@ impl EtcdConfig {
         if tls.is_some() && endpoints.iter().any(|e| e.starts_with("http://")) {
             return Err(bad("an http:// endpoint with TLS options"));
         }
+        let user = match (user, password_file) {
+            (None, None) => None,
+            (Some(u), Some(p)) => Some((u, p)),
+            _ => return Err(bad("user=NAME and password-file=PATH go together")),
+        };
         Ok(EtcdConfig {
+            user,
             tls,
             endpoints,
             prefix: prefix.to_string(),
@@ -354,6 +366,9 @@ impl EtcdConfig {
             if let Some((c, k)) = &t.cert {
                 options.push(format!("cert={c}&key={k}"));
             }
+        }
+        if let Some((u, p)) = &self.user {
+            options.push(format!("user={u}&password-file={p}"));
         }
         if !options.is_empty() {
             s.push('?');
@@ -397,7 +412,18 @@ fn classify(e: RpcError, what: &str) -> Failure {
                 || code == tonic_code::PERMISSION_DENIED
                 || code == tonic_code::UNAUTHENTICATED
             {
-                Failure::Definite(StoreError::Io(format!("etcd refused the {what}: {msg}")))
+                let hint = if msg.contains("user name is empty") {
+                    "; the etcd cluster has authentication enabled: name a user in the store spec, ?user=NAME&password-file=PATH"
+                } else if msg.contains("authentication failed") {
+                    "; check user= and the password in password-file= of the store spec"
+                } else if code == tonic_code::PERMISSION_DENIED {
+                    "; give the etcd user (user= in the store spec) read and write permission on the store's prefix"
+                } else {
+                    ""
+                };
+                Failure::Definite(StoreError::Io(format!(
+                    "etcd refused the {what}: {msg}{hint}"
+                )))
             } else {
                 // Unavailable, deadline exceeded, leader changed, no leader, request
                 // timed out, future revision on a lagging member, …
@@ -432,7 +458,11 @@ struct Endpoints {
 }
 
 impl Endpoints {
-    async fn connect(names: &[String], tls: Option<&EtcdTls>) -> Result<Self, StoreError> {
+    async fn connect(
+        names: &[String],
+        tls: Option<&EtcdTls>,
+        user: Option<&(String, String)>,
+    ) -> Result<Self, StoreError> {
         let read = |what: &str, p: &str| {
             std::fs::read(p).map_err(|e| {
                 StoreError::Io(format!(
@@ -459,6 +489,24 @@ impl Endpoints {
             keep_alive: Duration::from_secs(2),
             max_decoding_bytes: MAX_DECODING_BYTES,
             tls: tls_files,
+            user: match user {
+                None => None,
+                Some((u, p)) => {
+                    let pw = String::from_utf8(read("password file (password-file=)", p)?)
+                        .map_err(|_| {
+                            StoreError::Io(format!(
+                                "the etcd password file {p:?} is not UTF-8 text"
+                            ))
+                        })?;
+                    let pw = pw.trim_end_matches(['\n', '\r']).to_string();
+                    if pw.is_empty() {
+                        return Err(StoreError::Io(format!(
+                            "the etcd password file {p:?} is empty"
+                        )));
+                    }
+                    Some((u.clone(), pw))
+                }
+            },
         };
         let mut clients = Vec::new();
         for name in names {
@@ -654,7 +702,9 @@ impl EtcdStore {
 
     /// Opens the store described by `config` and checks that the cluster answers.
     pub async fn open_config(config: EtcdConfig) -> Result<Self, StoreError> {
-        let endpoints = Endpoints::connect(&config.endpoints, config.tls.as_ref()).await?;
+        let endpoints =
+            Endpoints::connect(&config.endpoints, config.tls.as_ref(), config.user.as_ref())
+                .await?;
         let prefix = config.prefix.clone();
         let p = prefix.as_bytes();
         let inner = Arc::new_cyclic(|weak| Inner {
