@@ -1392,6 +1392,10 @@ mod tests {
             })
         );
         assert_eq!(c.spec(), s);
+        let s = "etcd://h:1/capstan?user=root&password-file=/e/pw";
+        let c = EtcdConfig::parse(s).unwrap();
+        assert_eq!(c.user, Some(("root".into(), "/e/pw".into())));
+        assert_eq!(c.spec(), s);
         let c = EtcdConfig::parse("etcd://h:1?cacert=/ca.pem").unwrap();
         assert_eq!(c.tls.unwrap().cert, None);
         for (bad, why) in [
@@ -1400,6 +1404,8 @@ mod tests {
             ("etcd://h:1?cacert=/ca&key=/k", "go together"),
             ("etcd://http://h:1?cacert=/ca", ""),
             ("etcd://h:1?cacert=", "unknown option"),
+            ("etcd://h:1?user=root", "go together"),
+            ("etcd://h:1?password-file=/p", "go together"),
         ] {
             let e = EtcdConfig::parse(bad).unwrap_err().to_string();
             assert!(e.contains(why), "{bad}: {e}");
