@@ -83,12 +83,16 @@ pub struct RefSpec {
 pub struct RuntimeOptions {
     /// Incarnations idle this long are passivated.
     pub idle_timeout: std::time::Duration,
+    /// The key that seals the store's secrets (LLM API keys); without one,
+    /// adding a key is refused and sealed keys cannot be used.
+    pub secrets: Option<crate::secrets::SecretsKey>,
 }
 
 impl Default for RuntimeOptions {
     fn default() -> Self {
         RuntimeOptions {
             idle_timeout: std::time::Duration::from_secs(60),
+            secrets: None,
         }
     }
 }

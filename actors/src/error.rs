@@ -83,6 +83,10 @@ pub enum Error {
     /// to do; it never holds a key).
     #[error("{0}")]
     Llm(String),
+    /// A secret of the store could not be sealed or opened (no secrets
+    /// key, the wrong one, a damaged value); the message says what to do.
+    #[error("{0}")]
+    Secrets(String),
 }
 
 impl Error {
@@ -121,7 +125,8 @@ impl Error {
             | Error::Rejected(_)
             | Error::Invalid(_)
             | Error::TooLarge { .. }
-            | Error::Llm(_) => false,
+            | Error::Llm(_)
+            | Error::Secrets(_) => false,
         }
     }
 }
@@ -138,5 +143,11 @@ impl TxnError for Error {
 impl From<capnp::Error> for Error {
     fn from(e: capnp::Error) -> Self {
         Error::Corrupt(e.to_string())
+    }
+}
+
+impl From<crate::secrets::SecretsError> for Error {
+    fn from(e: crate::secrets::SecretsError) -> Self {
+        Error::Secrets(e.to_string())
     }
 }

@@ -36,6 +36,7 @@ pub(crate) mod open_tx;
 pub mod records;
 pub mod remote;
 pub mod rules;
+pub mod secrets;
 pub mod usage;
 
 pub use api::{

@@ -15,6 +15,7 @@
 //! sends for "require leader": a member that lost its leader answers at once
 //! (`Unavailable`) instead of waiting for an election.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tonic::codegen::http::uri::PathAndQuery;
@@ -305,6 +306,22 @@ pub struct TxnResponse {
     pub responses: Vec<ResponseOp>,
 }
 
+/// `etcdserverpb.AuthenticateRequest`.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct AuthenticateRequest {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(string, tag = "2")]
+    pub password: String,
+}
+
+/// `etcdserverpb.AuthenticateResponse` (its header is not read).
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct AuthenticateResponse {
+    #[prost(string, tag = "2")]
+    pub token: String,
+}
+
 /// `etcdserverpb.LeaseGrantRequest`.
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct LeaseGrantRequest {
@@ -349,6 +366,26 @@ pub struct ConnectOptions {
     pub timeout: Duration,
     pub keep_alive: Duration,
     pub max_decoding_bytes: usize,
+    /// TLS (an `https://` URL): the CA's PEM, and this client's
+    /// certificate and key PEM if the members require one.
+    pub tls: Option<TlsFiles>,
+    /// An etcd user and its password (etcd's `auth enable`).
+    pub user: Option<(String, String)>,
+}
+
+/// PEM files of a TLS connection.
+#[derive(Clone)]
+pub struct TlsFiles {
+    pub ca: Vec<u8>,
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for TlsFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsFiles")
+            .field("client_certificate", &self.identity.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// A connection to one etcd member (cheap to clone; calls multiplex on one
@@ -356,6 +393,15 @@ pub struct ConnectOptions {
 #[derive(Clone)]
 pub struct EtcdClient {
     grpc: tonic::client::Grpc<Channel>,
+    auth: Option<Arc<Auth>>,
+}
+
+/// A user's credentials and the token the member gave for them (etcd's
+/// simple tokens are the member's own: each client authenticates itself).
+struct Auth {
+    user: String,
+    password: String,
+    token: std::sync::Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for EtcdClient {
@@ -367,6 +413,7 @@ impl std::fmt::Debug for EtcdClient {
 const RANGE: &str = "/etcdserverpb.KV/Range";
 const TXN: &str = "/etcdserverpb.KV/Txn";
 const LEASE_GRANT: &str = "/etcdserverpb.Lease/LeaseGrant";
+const AUTHENTICATE: &str = "/etcdserverpb.Auth/Authenticate";
 
 impl EtcdClient {
     /// A client of the member at `url` (`http://HOST:PORT`). Connects on
@@ -380,13 +427,82 @@ impl EtcdClient {
             .http2_keep_alive_interval(o.keep_alive)
             .keep_alive_timeout(o.keep_alive)
             .keep_alive_while_idle(true);
+        let endpoint = match &o.tls {
+            None => endpoint,
+            Some(t) => {
+                let mut cfg = tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(&t.ca));
+                if let Some((cert, key)) = &t.identity {
+                    cfg = cfg.identity(tonic::transport::Identity::from_pem(cert, key));
+                }
+                endpoint.tls_config(cfg).map_err(|e| {
+                    RpcError::Transport(format!("bad TLS settings for etcd endpoint {url:?}: {e}"))
+                })?
+            }
+        };
         let channel = endpoint.connect_lazy();
         Ok(EtcdClient {
             grpc: tonic::client::Grpc::new(channel).max_decoding_message_size(o.max_decoding_bytes),
+            auth: o.user.as_ref().map(|(user, password)| {
+                Arc::new(Auth {
+                    user: user.clone(),
+                    password: password.clone(),
+                    token: std::sync::Mutex::new(None),
+                })
+            }),
         })
     }
 
+    /// The member's token for this client's user (asked once, and again
+    /// when `stale` is the one it refused).
+    async fn token(&self, auth: &Auth, stale: Option<&str>) -> Result<String, RpcError> {
+        {
+            let t = auth.token.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(t) = t.as_ref()
+                && Some(t.as_str()) != stale
+            {
+                return Ok(t.clone());
+            }
+        }
+        let r: AuthenticateResponse = self
+            .call(
+                AUTHENTICATE,
+                AuthenticateRequest {
+                    name: auth.user.clone(),
+                    password: auth.password.clone(),
+                },
+                None,
+            )
+            .await?;
+        *auth.token.lock().unwrap_or_else(|e| e.into_inner()) = Some(r.token.clone());
+        Ok(r.token)
+    }
+
     async fn unary<Q, R>(&self, path: &'static str, msg: Q) -> Result<R, RpcError>
+    where
+        Q: prost::Message + Clone + Send + Sync + 'static,
+        R: prost::Message + Default + Send + Sync + 'static,
+    {
+        let Some(auth) = &self.auth else {
+            return self.call(path, msg, None).await;
+        };
+        let token = self.token(auth, None).await?;
+        match self.call(path, msg.clone(), Some(&token)).await {
+            // A member restarted, or the token expired: once more, afresh.
+            Err(RpcError::Status(s)) if s.message().contains("invalid auth token") => {
+                let token = self.token(auth, Some(&token)).await?;
+                self.call(path, msg, Some(&token)).await
+            }
+            r => r,
+        }
+    }
+
+    async fn call<Q, R>(
+        &self,
+        path: &'static str,
+        msg: Q,
+        token: Option<&str>,
+    ) -> Result<R, RpcError>
     where
         Q: prost::Message + Send + Sync + 'static,
         R: prost::Message + Default + Send + Sync + 'static,
@@ -400,6 +516,14 @@ impl EtcdClient {
             "hasleader",
             tonic::metadata::MetadataValue::from_static("true"),
         );
+        if let Some(t) = token {
+            req.metadata_mut().insert(
+                "token",
+                t.parse().map_err(|_| {
+                    RpcError::Transport("etcd gave an auth token that is no header value".into())
+                })?,
+            );
+        }
         let codec = tonic_prost::ProstCodec::<Q, R>::default();
         grpc.unary(req, PathAndQuery::from_static(path), codec)
             .await

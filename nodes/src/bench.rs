@@ -831,7 +831,9 @@ async fn cluster_rows(
         format!("{base_spec}/capstan-bench-{nanos}{query}")
     };
     step(false, &format!("cluster: init and {n} nodes"));
-    crate::cluster::init(&spec).await?;
+    let key_file = base.join("secrets.key");
+    crate::cluster::init(&spec, &key_file).await?;
+    let key_file = key_file.to_string_lossy().to_string();
     // What the store alone sustains, before any node runs: the ceiling of
     // durable sends on this machine.
     step(false, "cluster: the store alone");
@@ -850,8 +852,19 @@ async fn cluster_rows(
     let mut paths = Vec::new();
     for i in 1..=n {
         let p = Paths::resolve(Some(base.join(format!("n{i}"))))?;
-        let (d, _) =
-            Daemon::spawn_with(exe, &p, &["--store", &spec, "--listen", "127.0.0.1:0"]).await?;
+        let (d, _) = Daemon::spawn_with(
+            exe,
+            &p,
+            &[
+                "--store",
+                &spec,
+                "--listen",
+                "127.0.0.1:0",
+                "--secrets-key",
+                &key_file,
+            ],
+        )
+        .await?;
         daemons.push(Some(d));
         paths.push(p);
     }

@@ -68,6 +68,12 @@ pub enum Command {
         /// default the embedded store in the home. Remembered for later starts.
         #[arg(long, value_name = "SPEC")]
         store: Option<String>,
+        /// The secrets key that seals the store's secrets (LLM API keys, a
+        /// cluster's CA key): for a node of a cluster, the file `capstan
+        /// cluster init` wrote. Copied to <home>/identity/secrets.key and
+        /// used from there on (a lone node makes its own at first start).
+        #[arg(long, value_name = "FILE")]
+        secrets_key: Option<std::path::PathBuf>,
         /// Serve Prometheus metrics (`GET /metrics`, plain HTTP) on
         /// HOST:PORT (port 0: any free port); a loopback address unless
         /// --metrics-public. Remembered in the home for later starts.
@@ -609,6 +615,11 @@ pub enum ClusterCommand {
         /// etcd://HOST:PORT[,HOST:PORT…][/PREFIX]
         #[arg(long, value_name = "SPEC")]
         store: String,
+        /// Where the cluster's secrets key is written (or read, if the file
+        /// exists); default <home>/identity/secrets.key. Give it to every
+        /// node: `capstan start --store SPEC --secrets-key FILE`.
+        #[arg(long, value_name = "FILE")]
+        secrets_key: Option<std::path::PathBuf>,
         #[command(flatten)]
         out: Out,
     },

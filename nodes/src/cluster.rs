@@ -2,9 +2,11 @@
 //! `capstan cluster init` (the cluster key, kept in the store), joining at
 //! `capstan start --store …`, and the `cluster` commands a node answers.
 //!
-//! The cluster's CA key lives in the store under `("cl", "id")`: whoever can
-//! write the store can already do anything to the cluster's state, so the
-//! store is the trust boundary. Each node makes its own key and has it
+//! The cluster's CA key lives in the store under `("cl", "id")`, sealed
+//! with the cluster's secrets key (issue 16), which is never in the store:
+//! `cluster init` writes it to a file that every node is started with
+//! (`start --secrets-key FILE`). A copy of the store (a backup, a snapshot
+//! of etcd's disk) holds no usable secret without that file. Each node makes its own key and has it
 //! certified by the CA at first start; peers outside the cluster know the
 //! cluster by the CA key's hash (its cluster id), so every node serves the
 //! cluster's locators.
@@ -16,6 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow, bail};
 use capstan_actors::Runtime;
 use capstan_actors::cluster::{self as cl, MemberRec};
+use capstan_actors::secrets::{self, SecretsKey};
 use capstan_cluster::Db;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -28,11 +31,41 @@ const MAX_PLACEMENTS_LISTED: usize = 100_000;
 /// The cluster's CA, as stored.
 #[derive(Serialize, Deserialize)]
 pub struct CaRecord {
-    /// PKCS#8 DER of the Ed25519 key, hex.
+    /// PKCS#8 DER of the Ed25519 key, hex: only in stores made before the
+    /// secrets key (issue 16); empty once sealed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub key: String,
+    /// The same key sealed with the cluster's secrets key
+    /// ([`capstan_actors::secrets`]), hex.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub sealed_key: String,
     /// DER of the self-signed certificate, hex.
     pub cert: String,
     pub created_ms: u64,
+}
+
+impl CaRecord {
+    /// The key id of the secrets key the CA key is sealed with (None: a
+    /// plaintext record of an older store).
+    pub fn sealed_with(&self) -> Option<String> {
+        hex::decode(&self.sealed_key)
+            .ok()
+            .and_then(|b| secrets::sealed_key_id(&b))
+    }
+
+    /// The CA's private key (PKCS#8 DER), opened with `key`.
+    pub fn private_key(&self, key: &SecretsKey, spec: &str) -> anyhow::Result<Vec<u8>> {
+        if self.sealed_key.is_empty() {
+            return hex::decode(&self.key).context("cluster key");
+        }
+        let sealed = hex::decode(&self.sealed_key).context("sealed cluster key")?;
+        key.open(&cl::identity_key(), &sealed).map_err(|e| match e {
+            secrets::SecretsError::WrongKey { stored, ours } => anyhow!(
+                "this node's secrets key (key id {ours}) is not the one of the cluster in {spec} (key id {stored}): start it with --secrets-key FILE, the file `capstan cluster init` wrote"
+            ),
+            e => anyhow!("cannot open the cluster key in {spec}: {e}"),
+        })
+    }
 }
 
 /// Whether a store spec names a replicated store (a cluster's).
@@ -53,30 +86,99 @@ pub async fn read_ca(db: &Db) -> anyhow::Result<Option<CaRecord>> {
     }
 }
 
-/// `capstan cluster init --store SPEC`: makes the cluster key in the store
-/// (once; later calls report the existing one). Returns (cluster id, created).
-pub async fn init(spec: &str) -> anyhow::Result<(String, bool)> {
+/// What `cluster init` did.
+pub struct Init {
+    pub cluster_id: String,
+    pub created: bool,
+    /// The secrets key file (made now, or the one given).
+    pub secrets_key: std::path::PathBuf,
+    pub key_made: bool,
+    /// Plaintext secrets of an older store sealed now.
+    pub sealed: usize,
+}
+
+/// `capstan cluster init --store SPEC [--secrets-key FILE]`: makes the
+/// cluster key in the store, sealed with the cluster's secrets key, which
+/// is written to `key_file` (or read from it when it exists). Again: the
+/// existing cluster is reported; an older store's plaintext secrets are
+/// sealed.
+pub async fn init(spec: &str, key_file: &Path) -> anyhow::Result<Init> {
     if !is_replicated(spec) {
         bail!(
             "a cluster needs a replicated store: etcd://HOST:PORT[,HOST:PORT…] (or fdb:CLUSTER_FILE with the fdb feature); got {spec:?}"
         );
     }
+    let given = SecretsKey::load_if_present(key_file).map_err(|e| anyhow!("{e}"))?;
     let db = capstan_cluster::open(spec)
         .await
         .map_err(|e| anyhow!("cannot open the store {spec}: {e}"))?;
-    let (key, cert) = crate::net::identity::new_cluster_ca()?;
-    let rec = CaRecord {
-        key: hex::encode(&key),
-        cert: hex::encode(&cert),
-        created_ms: now_ms(),
+    let existing = read_ca(&db).await?;
+    if let Some(ca) = &existing
+        && let Some(id) = ca.sealed_with()
+    {
+        // A cluster with its secrets key: init is only a report.
+        let key = given.ok_or_else(|| {
+            anyhow!(
+                "{spec} already holds a cluster, whose secrets key (key id {id}) is not at {}: pass the file it was made with, --secrets-key FILE (a new key would not open its secrets)",
+                key_file.display()
+            )
+        })?;
+        ca.private_key(&key, spec)?;
+        return Ok(Init {
+            cluster_id: id_of(ca)?,
+            created: false,
+            secrets_key: key_file.to_path_buf(),
+            key_made: false,
+            sealed: 0,
+        });
+    }
+    let (key, key_made) = match given {
+        Some(k) => (k, false),
+        None => {
+            let k = SecretsKey::generate().map_err(|e| anyhow!("{e}"))?;
+            // Written before anything is sealed with it: never a sealed
+            // secret without its key on disk.
+            k.write_new(key_file).map_err(|e| anyhow!("{e}"))?;
+            (k, true)
+        }
+    };
+    let rec = match &existing {
+        // An older store: its plaintext CA key is sealed now.
+        Some(ca) => CaRecord {
+            key: String::new(),
+            sealed_key: hex::encode(key.seal(
+                &cl::identity_key(),
+                &hex::decode(&ca.key).context("cluster key")?,
+            )?),
+            cert: ca.cert.clone(),
+            created_ms: ca.created_ms,
+        },
+        None => {
+            let (ca_key, cert) = crate::net::identity::new_cluster_ca()?;
+            CaRecord {
+                key: String::new(),
+                sealed_key: hex::encode(key.seal(&cl::identity_key(), &ca_key)?),
+                cert: hex::encode(&cert),
+                created_ms: now_ms(),
+            }
+        }
     };
     let bytes = serde_json::to_vec(&rec)?;
+    let expect_cert = existing.as_ref().map(|c| c.cert.clone());
     let created = db
         .transact(move |tx| {
-            let bytes = bytes.clone();
+            let (bytes, expect_cert) = (bytes.clone(), expect_cert.clone());
             Box::pin(async move {
-                if tx.get(&cl::identity_key()).await?.is_some() {
-                    return Ok::<_, capstan_cluster::StoreError>(false);
+                let now: Option<CaRecord> = tx
+                    .get(&cl::identity_key())
+                    .await?
+                    .and_then(|b| serde_json::from_slice(&b).ok());
+                match (now, expect_cert) {
+                    (None, None) => {}
+                    // Sealing an older store's record: unless another init
+                    // sealed it meanwhile.
+                    (Some(n), Some(c)) if n.cert == c && n.sealed_key.is_empty() => {}
+                    _ => return Ok::<_, capstan_cluster::StoreError>(false),
                 }
                 tx.set(&cl::identity_key(), &bytes)?;
                 Ok(true)
@@ -87,9 +189,46 @@ pub async fn init(spec: &str) -> anyhow::Result<(String, bool)> {
     let ca = read_ca(&db)
         .await?
         .ok_or_else(|| anyhow!("the cluster identity vanished from the store"))?;
+    ca.private_key(&key, spec)?;
+    let sealed = secrets::migrate_llm_keys(&db, &key)
+        .await
+        .map_err(|e| anyhow!("cannot seal the LLM keys in {spec}: {e}"))?;
+    Ok(Init {
+        cluster_id: id_of(&ca)?,
+        created: created && existing.is_none(),
+        secrets_key: key_file.to_path_buf(),
+        key_made,
+        sealed: sealed + usize::from(created && existing.is_some()),
+    })
+}
+
+fn id_of(ca: &CaRecord) -> anyhow::Result<String> {
     let cert = hex::decode(&ca.cert).context("cluster certificate")?;
     let id = crate::net::identity::cluster_id_of(&cert.into())?;
-    Ok((capstan_proto::locator::encode32(&id), created))
+    Ok(capstan_proto::locator::encode32(&id))
+}
+
+/// The secrets key a node of the cluster in `spec` starts with: the home's
+/// (`<home>/identity/secrets.key`, put there by `start --secrets-key`).
+pub async fn secrets_key(db: &Db, spec: &str, home: &Path) -> anyhow::Result<SecretsKey> {
+    let path = secrets::home_key_path(home);
+    if let Some(k) = SecretsKey::load_if_present(&path).map_err(|e| anyhow!("{e}"))? {
+        return Ok(k);
+    }
+    match read_ca(db).await? {
+        None => bail!(
+            "the store {spec} holds no cluster yet; run `capstan cluster init --store {spec}` first"
+        ),
+        Some(ca) => match ca.sealed_with() {
+            Some(id) => bail!(
+                "this node has no secrets key for the cluster in {spec} (key id {id}): start it with `capstan start --store {spec} --secrets-key FILE`, FILE being the key `capstan cluster init` wrote (copy it to this machine; it is kept as {})",
+                path.display()
+            ),
+            None => bail!(
+                "the cluster in {spec} keeps its secrets in plaintext (made before secrets keys): run `capstan cluster init --store {spec}` once to make its secrets key and seal them, then start each node with --secrets-key FILE"
+            ),
+        },
+    }
 }
 
 /// The node identity of `home` in the cluster of `db` (made on first start).
@@ -97,13 +236,19 @@ pub async fn identity(
     db: &Db,
     spec: &str,
     home: &Path,
+    secrets: &SecretsKey,
 ) -> anyhow::Result<crate::net::identity::Identity> {
     let ca = read_ca(db).await?.ok_or_else(|| {
         anyhow!(
             "the store {spec} holds no cluster yet; run `capstan cluster init --store {spec}` first"
         )
     })?;
-    let key = hex::decode(&ca.key).context("cluster key")?;
+    if ca.sealed_with().is_none() {
+        bail!(
+            "the cluster in {spec} keeps its secrets in plaintext (made before secrets keys): run `capstan cluster init --store {spec}` once to make its secrets key and seal them, then start each node with --secrets-key FILE"
+        );
+    }
+    let key = ca.private_key(secrets, spec)?;
     let cert = hex::decode(&ca.cert).context("cluster certificate")?;
     crate::net::identity::Identity::load_or_join(home, &key, &cert)
 }

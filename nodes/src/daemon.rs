@@ -305,19 +305,37 @@ pub async fn run(
     })?;
     // A cluster's store must have been made by `cluster init`: check before
     // writing anything to it.
-    let identity = if clustered {
+    let (identity, secrets) = if clustered {
         if listen.is_none() && remembered_listen(&paths)?.is_none() {
             bail!(
                 "a node of a cluster must listen for the other nodes: add --listen HOST:PORT (e.g. 127.0.0.1:7501)"
             );
         }
-        Some(crate::cluster::identity(&db, &store, &paths.home).await?)
+        let secrets = crate::cluster::secrets_key(&db, &store, &paths.home).await?;
+        (
+            Some(crate::cluster::identity(&db, &store, &paths.home, &secrets).await?),
+            secrets,
+        )
     } else {
-        None
+        (None, lone_secrets_key(&db, &paths).await?)
     };
-    let runtime = Runtime::open(db, RuntimeOptions::default())
-        .await
-        .map_err(|e| anyhow!("cannot start the object model: {e}"))?;
+    // Plaintext secrets of an older store are sealed now; sealed ones must
+    // open with this key (else: a clear error, nothing started).
+    match capstan_actors::secrets::migrate_llm_keys(&db, &secrets).await {
+        Ok(0) => {}
+        Ok(n) => info!(keys = n, "sealed the plaintext LLM keys of the store"),
+        Err(e) => bail!("cannot use the LLM keys of the store: {e}"),
+    }
+    info!(key_id = %secrets.id_hex(), "secrets key");
+    let runtime = Runtime::open(
+        db,
+        RuntimeOptions {
+            secrets: Some(secrets),
+            ..RuntimeOptions::default()
+        },
+    )
+    .await
+    .map_err(|e| anyhow!("cannot start the object model: {e}"))?;
     runtime
         .enable_guests(capstan_actors::guest::GuestConfig {
             cache_dir: Some(paths.home.join("compiled")),
@@ -743,6 +761,65 @@ pub async fn wait_exit(paths: &Paths, pid: u32, timeout: Duration) -> anyhow::Re
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     Ok(())
+}
+
+/// A lone node's secrets key: `<home>/identity/secrets.key`, made at first
+/// start, unless the store already holds secrets sealed with another key (a
+/// restored backup): then the node says which key it needs.
+async fn lone_secrets_key(
+    db: &capstan_cluster::Db,
+    paths: &Paths,
+) -> anyhow::Result<capstan_actors::secrets::SecretsKey> {
+    use capstan_actors::secrets::{self, SecretsKey};
+    let path = secrets::home_key_path(&paths.home);
+    if let Some(k) = SecretsKey::load_if_present(&path).map_err(|e| anyhow!("{e}"))? {
+        return Ok(k);
+    }
+    let sealed = db
+        .read(|tx| {
+            Box::pin(async move {
+                let rows = tx
+                    .get_prefix(&capstan_actors::keys::llm_keys(), 100_000, false)
+                    .await?;
+                Ok::<_, capstan_cluster::StoreError>(
+                    rows.iter().find_map(|(_, v)| secrets::sealed_key_id(v)),
+                )
+            })
+        })
+        .await
+        .map_err(|e| anyhow!("cannot read the store: {e}"))?;
+    if let Some(id) = sealed {
+        bail!(
+            "this node has no secrets key ({} is missing) and its store holds secrets sealed with one (key id {id}): start it with `capstan start --secrets-key FILE`, FILE a copy of the secrets key of the home the store comes from",
+            path.display()
+        );
+    }
+    SecretsKey::load_or_create(&path).map_err(|e| anyhow!("{e}"))
+}
+
+/// `start --secrets-key FILE`: copies the key to `<home>/identity/secrets.key`
+/// (mode 0600), where the node reads it from then on. The same key again
+/// changes nothing; another one is refused (nothing changed).
+pub fn install_secrets_key(paths: &Paths, file: &std::path::Path) -> anyhow::Result<()> {
+    use capstan_actors::secrets::{self, SecretsKey};
+    let key = SecretsKey::load(file).map_err(|e| anyhow!("--secrets-key: {e}"))?;
+    let dest = secrets::home_key_path(&paths.home);
+    match SecretsKey::load_if_present(&dest).map_err(|e| anyhow!("{e}"))? {
+        Some(have) if have.id_hex() == key.id_hex() => Ok(()),
+        Some(have) => bail!(
+            "{} already holds another secrets key (key id {}) than {} (key id {}): a home keeps one secrets key; use a fresh --home, or move that file away if no store needs it",
+            dest.display(),
+            have.id_hex(),
+            file.display(),
+            key.id_hex()
+        ),
+        None => {
+            create_private_dir(&paths.home)?;
+            key.write_new(&dest).map_err(|e| anyhow!("{e}"))?;
+            info!(file = %dest.display(), key_id = %key.id_hex(), "installed the secrets key");
+            Ok(())
+        }
+    }
 }
 
 #[cfg(test)]

@@ -217,12 +217,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 listen,
                 advertise,
                 store,
+                secrets_key,
                 metrics,
                 metrics_public,
                 console,
                 console_public,
                 ..
             } => {
+                if let Some(f) = &secrets_key {
+                    daemon::install_secrets_key(&paths, f)?;
+                }
                 daemon::run(
                     paths,
                     listen,
@@ -241,6 +245,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 listen,
                 advertise,
                 store,
+                secrets_key,
                 metrics,
                 metrics_public,
                 console,
@@ -248,6 +253,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ..
             } => {
                 let advertise = parse_advertise(advertise)?;
+                if let Some(f) = &secrets_key {
+                    daemon::install_secrets_key(&paths, f)?;
+                }
                 let info = daemon::start(
                     &paths,
                     listen,
@@ -314,20 +322,39 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             }
             Command::Cluster {
-                command: cli::ClusterCommand::Init { store, .. },
+                command: cli::ClusterCommand::Init {
+                    store, secrets_key, ..
+                },
             } => {
-                let (id, created) = cluster::init(&store).await?;
+                let key_file = match secrets_key {
+                    Some(f) => std::path::absolute(&f)
+                        .map_err(|e| anyhow::anyhow!("bad path {}: {e}", f.display()))?,
+                    None => capstan_actors::secrets::home_key_path(&paths.home),
+                };
+                let r = cluster::init(&store, &key_file).await?;
+                let (id, created) = (&r.cluster_id, r.created);
+                let kf = r.secrets_key.display().to_string();
                 if json {
-                    print_json(&json!({"store": store, "cluster_id": id, "created": created}));
+                    print_json(&json!({"store": store, "cluster_id": id, "created": created,
+                        "secrets_key": kf, "secrets_key_made": r.key_made, "sealed": r.sealed}));
                 } else {
                     if created {
                         println!("made cluster {id} in {store}");
+                    } else if r.sealed > 0 {
+                        println!("{store} holds cluster {id}; sealed its {} plaintext secret(s) with the secrets key", r.sealed);
                     } else {
                         println!("{store} already holds cluster {id}; nothing changed");
                     }
+                    if r.key_made {
+                        println!("the cluster's secrets key is in {kf} (mode 0600): it is not in the store.");
+                    } else {
+                        println!("the cluster's secrets key: {kf}");
+                    }
+                    println!("copy it to every node's machine and keep a copy offline: without it no node can start and");
+                    println!("a backup's secrets cannot be restored.");
                     println!("start nodes with (each its own home and port):");
-                    println!("  capstan start --home n1 --store {store} --listen 127.0.0.1:7501");
-                    println!("  capstan start --home n2 --store {store} --listen 127.0.0.1:7502");
+                    println!("  capstan start --home n1 --store {store} --listen 127.0.0.1:7501 --secrets-key {kf}");
+                    println!("  capstan start --home n2 --store {store} --listen 127.0.0.1:7502 --secrets-key {kf}");
                     println!("then: capstan --node n1 cluster status");
                 }
                 Ok(())

@@ -206,7 +206,19 @@ fn a_cluster_store_backed_up_through_a_node_restores_into_a_fresh_prefix() {
 
     let mut n2 = Node::named("n2");
     n2.ok(["restore", backup.to_str().unwrap(), "--store", &fresh]);
-    n2.start_with(&["--store", &fresh, "--listen", "127.0.0.1:0"]);
+    // The restored store's secrets open only with the cluster's secrets key.
+    let key = n1.home().join("identity").join("secrets.key");
+    let (code, err) = n2.fail(["start", "--store", &fresh, "--listen", "127.0.0.1:0"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("--secrets-key"), "{err}");
+    n2.start_with(&[
+        "--store",
+        &fresh,
+        "--listen",
+        "127.0.0.1:0",
+        "--secrets-key",
+        key.to_str().unwrap(),
+    ]);
     assert_eq!(n2.ok(["cat", "doc"]), "kept across stores");
     let inbox = n2.inbox(&["--as", "alice"]);
     assert_eq!(texts(&inbox), vec!["see @doc".to_string()]);

@@ -93,17 +93,26 @@ impl Cluster {
     fn start_with(tag: &str, options: &str) -> Option<Cluster> {
         let spec = format!("{}{options}", spec(tag)?);
         let mut nodes = Vec::new();
+        let mut key = String::new();
         for i in 1..=3 {
             let mut n = Node::named(&format!("n{i}")).with_env("CAPSTAN_LEASE_MS", LEASE_MS);
             if i == 1 {
                 let v = n.json(["cluster", "init", "--store", &spec]);
+                key = v["secrets_key"].as_str().unwrap().to_string();
                 assert_eq!(v["created"], true, "{v}");
                 // A second init changes nothing.
                 let again = n.json(["cluster", "init", "--store", &spec]);
                 assert_eq!(again["created"], false, "{again}");
                 assert_eq!(again["cluster_id"], v["cluster_id"]);
             }
-            n.start_with(&["--store", &spec, "--listen", "127.0.0.1:0"]);
+            n.start_with(&[
+                "--store",
+                &spec,
+                "--listen",
+                "127.0.0.1:0",
+                "--secrets-key",
+                &key,
+            ]);
             nodes.push(n);
         }
         let c = Cluster { nodes };
@@ -546,10 +555,14 @@ fn members_record_and_locators_name_the_advertised_addresses() {
     // Two nodes on every interface, each telling the others 127.0.0.1 and
     // the port it was bound to (issue 17).
     let mut nodes = Vec::new();
+    let mut key = String::new();
     for i in 1..=2 {
         let mut n = Node::named(&format!("n{i}")).with_env("CAPSTAN_LEASE_MS", LEASE_MS);
         if i == 1 {
-            n.ok(["cluster", "init", "--store", &spec]);
+            key = n.json(["cluster", "init", "--store", &spec])["secrets_key"]
+                .as_str()
+                .unwrap()
+                .to_string();
         }
         // Without --advertise a wildcard is refused, cluster or not.
         let (code, err) = n.fail(["start", "--store", &spec, "--listen", "0.0.0.0:0"]);
@@ -562,6 +575,8 @@ fn members_record_and_locators_name_the_advertised_addresses() {
             "0.0.0.0:0",
             "--advertise",
             "127.0.0.1",
+            "--secrets-key",
+            &key,
         ]);
         nodes.push(n);
     }

@@ -103,13 +103,20 @@ impl Site {
         let etcd = Etcd::start(&net, &["e1", "e2", "e3"]);
         let spec = format!("etcd://{}/capstan-testnet", etcd.endpoints);
         let mut nodes = Vec::new();
+        let mut key = String::new();
         for name in &names {
             let mut node = node_on(&net, name);
             if nodes.is_empty() {
                 let v = node.json(["cluster", "init", "--store", &spec]);
                 assert_eq!(v["created"], true, "{v}");
+                key = v["secrets_key"].as_str().unwrap().to_string();
             }
-            let mut args = vec!["--store".to_string(), spec.clone()];
+            let mut args = vec![
+                "--store".to_string(),
+                spec.clone(),
+                "--secrets-key".to_string(),
+                key.clone(),
+            ];
             args.extend(start_args(&net, name));
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             node.start_with(&args);

@@ -187,6 +187,21 @@ pub(super) async fn add(
     let cfg = spec.validate(key.is_some())?;
     let ctx = h.ctx.clone();
     let id = FormulaId::random();
+    // Sealed before the transaction: the plaintext key never reaches the store.
+    let key = match key {
+        Some(k) => Some(
+            h.rt.opts
+                .secrets
+                .as_ref()
+                .ok_or_else(|| {
+                    Error::Secrets(
+                        "this node has no secrets key to seal the API key with: start it with `capstan start --secrets-key FILE` (a cluster's: the file `capstan cluster init` wrote)".into(),
+                    )
+                })?
+                .seal(&keys::llm_key(&id), k.expose().as_bytes())?,
+        ),
+        None => None,
+    };
     let key = Arc::new(key);
     h.transact(move |tx| {
         let (ctx, p, cfg, key) = (ctx.clone(), p.clone(), cfg.clone(), key.clone());
@@ -220,7 +235,7 @@ pub(super) async fn add(
                 },
             )?;
             if let Some(k) = key.as_ref() {
-                tx.set(&keys::llm_key(&id), k.expose().as_bytes())?;
+                tx.set(&keys::llm_key(&id), k)?;
             }
             model::set_name(tx, &dir, p.last(), &id).await?;
             model::dedup_put(tx, &ctx.id, &req, DedupAnswer::Id(id), now)?;
@@ -363,9 +378,11 @@ pub(super) async fn chat(
     check_request(&req)?;
     let p = Path::parse(provider)?;
     let ctx = h.ctx.clone();
+    let secrets = h.rt.opts.secrets.clone();
     let prep =
         h.rt.db
             .read(move |tx| {
+                let secrets = secrets.clone();
                 Box::pin(async move {
                     let (id, rec) = provider_at(tx, &ctx, &p).await?;
                     if rec.removed {
@@ -374,10 +391,16 @@ pub(super) async fn chat(
                         )));
                     }
                     let cfg = ProviderConfig::from_rec(&rec)?;
-                    let key = match tx.get(&keys::llm_key(&id)).await? {
-                        Some(b) => Some(Secret::new(&b).map_err(|_| {
-                            Error::Corrupt(format!("the stored key of LLM provider {p} is invalid"))
-                        })?),
+                    let key_at = keys::llm_key(&id);
+                    let key = match tx.get(&key_at).await? {
+                        Some(b) => Some(
+                            Secret::new(&crate::secrets::read(secrets.as_ref(), &key_at, &b)?)
+                                .map_err(|_| {
+                                    Error::Corrupt(format!(
+                                        "the stored key of LLM provider {p} is invalid"
+                                    ))
+                                })?,
+                        ),
                         None => None,
                     };
                     if cfg.kind.needs_key() && key.is_none() {
@@ -386,10 +409,15 @@ pub(super) async fn chat(
                         )));
                     }
                     let mut scanner = LeakScanner::new();
-                    for (_, k) in tx
+                    for (at, k) in tx
                         .get_prefix(&keys::llm_keys(), MAX_KEYS_SCANNED, false)
                         .await?
                     {
+                        // A key sealed with another secrets key is not one
+                        // this node could leak.
+                        let Ok(k) = crate::secrets::read(secrets.as_ref(), &at, &k) else {
+                            continue;
+                        };
                         if let Ok(k) = std::str::from_utf8(&k) {
                             scanner = scanner.with_literal(k);
                         }

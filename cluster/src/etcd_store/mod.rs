@@ -148,7 +148,7 @@ use tokio::sync::Mutex;
 
 use crate::etcd_rpc::{
     Compare, ConnectOptions, EtcdClient, RangeRequest, RangeResponse, RequestOp, Response,
-    ResponseHeader, RpcError, TxnRequest, compare_result, sort_order, sort_target,
+    ResponseHeader, RpcError, TlsFiles, TxnRequest, compare_result, sort_order, sort_target,
 };
 
 use crate::store::{
@@ -213,11 +213,27 @@ pub struct EtcdConfig {
     /// for commit ([`Store::snapshot_for_commit`]); `commit-snapshot-age-ms`,
     /// default [`COMMIT_SNAPSHOT_AGE`]; 0 reads the latest revision always.
     pub commit_snapshot_age: Duration,
+    /// TLS to the members (`cacert`, with `cert` and `key` for etcd's
+    /// `--client-cert-auth`): none, plain HTTP/2.
+    pub tls: Option<EtcdTls>,
+    /// An etcd user (`user=NAME&password-file=PATH`), for an etcd with
+    /// `auth enable`: the name and the path of the file holding its password.
+    pub user: Option<(String, String)>,
+}
+
+/// The files of a TLS connection to etcd (PEM).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdTls {
+    /// The CA that signed the members' certificates.
+    pub cacert: String,
+    /// This client's certificate and key, if the members require one.
+    pub cert: Option<(String, String)>,
 }
 
 impl EtcdConfig {
     /// Parses `etcd://HOST:PORT[,HOST:PORT…][/PREFIX][?OPTION=N&…]`, options
-    /// `max-request-bytes`, `max-txn-ops`, `commit-snapshot-age-ms`.
+    /// `max-request-bytes`, `max-txn-ops`, `commit-snapshot-age-ms`, and for
+    /// TLS `cacert=PATH` with `cert=PATH&key=PATH` (PEM files).
     pub fn parse(spec: &str) -> Result<Self, StoreError> {
         let bad = |why: &str| {
             StoreError::Io(format!(
@@ -260,6 +276,8 @@ impl EtcdConfig {
         let mut max_request_bytes = DEFAULT_MAX_REQUEST_BYTES;
         let mut max_txn_ops = MAX_TXN_OPS;
         let mut commit_snapshot_age = COMMIT_SNAPSHOT_AGE;
+        let (mut cacert, mut cert, mut key) = (None, None, None);
+        let (mut user, mut password_file) = (None, None);
         for kv in query.unwrap_or("").split('&').filter(|s| !s.is_empty()) {
             match kv.split_once('=') {
                 Some(("max-request-bytes", n)) => {
@@ -286,10 +304,39 @@ impl EtcdConfig {
                             bad("commit-snapshot-age-ms must be a number from 0 to 60000")
                         })?;
                 }
+                Some(("cacert", p)) if !p.is_empty() => cacert = Some(p.to_string()),
+                Some(("cert", p)) if !p.is_empty() => cert = Some(p.to_string()),
+                Some(("key", p)) if !p.is_empty() => key = Some(p.to_string()),
+                Some(("user", u)) if !u.is_empty() => user = Some(u.to_string()),
+                Some(("password-file", p)) if !p.is_empty() => password_file = Some(p.to_string()),
                 _ => return Err(bad(&format!("unknown option {kv:?}"))),
             }
         }
+        let tls = match (cacert, cert, key) {
+            (None, None, None) => None,
+            (Some(cacert), None, None) => Some(EtcdTls { cacert, cert: None }),
+            (Some(cacert), Some(c), Some(k)) => Some(EtcdTls {
+                cacert,
+                cert: Some((c, k)),
+            }),
+            (None, _, _) => {
+                return Err(bad(
+                    "cert= and key= need cacert=PATH too (the CA of the members' certificates)",
+                ));
+            }
+            _ => return Err(bad("cert=PATH and key=PATH go together")),
+        };
+        if tls.is_some() && endpoints.iter().any(|e| e.starts_with("http://")) {
+            return Err(bad("an http:// endpoint with TLS options"));
+        }
+        let user = match (user, password_file) {
+            (None, None) => None,
+            (Some(u), Some(p)) => Some((u, p)),
+            _ => return Err(bad("user=NAME and password-file=PATH go together")),
+        };
         Ok(EtcdConfig {
+            user,
+            tls,
             endpoints,
             prefix: prefix.to_string(),
             max_request_bytes,
@@ -313,6 +360,15 @@ impl EtcdConfig {
                 "commit-snapshot-age-ms={}",
                 self.commit_snapshot_age.as_millis()
             ));
+        }
+        if let Some(t) = &self.tls {
+            options.push(format!("cacert={}", t.cacert));
+            if let Some((c, k)) = &t.cert {
+                options.push(format!("cert={c}&key={k}"));
+            }
+        }
+        if let Some((u, p)) = &self.user {
+            options.push(format!("user={u}&password-file={p}"));
         }
         if !options.is_empty() {
             s.push('?');
@@ -356,7 +412,18 @@ fn classify(e: RpcError, what: &str) -> Failure {
                 || code == tonic_code::PERMISSION_DENIED
                 || code == tonic_code::UNAUTHENTICATED
             {
-                Failure::Definite(StoreError::Io(format!("etcd refused the {what}: {msg}")))
+                let hint = if msg.contains("user name is empty") {
+                    "; the etcd cluster has authentication enabled: name a user in the store spec, ?user=NAME&password-file=PATH"
+                } else if msg.contains("authentication failed") {
+                    "; check user= and the password in password-file= of the store spec"
+                } else if code == tonic_code::PERMISSION_DENIED {
+                    "; give the etcd user (user= in the store spec) read and write permission on the store's prefix"
+                } else {
+                    ""
+                };
+                Failure::Definite(StoreError::Io(format!(
+                    "etcd refused the {what}: {msg}{hint}"
+                )))
             } else {
                 // Unavailable, deadline exceeded, leader changed, no leader, request
                 // timed out, future revision on a lagging member, …
@@ -386,20 +453,67 @@ struct Endpoints {
     names: Vec<String>,
     clients: Vec<EtcdClient>,
     current: AtomicUsize,
+    /// What to check when no member answers, by the spec's TLS options.
+    hint: &'static str,
 }
 
 impl Endpoints {
-    async fn connect(names: &[String]) -> Result<Self, StoreError> {
+    async fn connect(
+        names: &[String],
+        tls: Option<&EtcdTls>,
+        user: Option<&(String, String)>,
+    ) -> Result<Self, StoreError> {
+        let read = |what: &str, p: &str| {
+            std::fs::read(p).map_err(|e| {
+                StoreError::Io(format!(
+                    "cannot read the etcd {what} {p:?} (from the store spec): {e}"
+                ))
+            })
+        };
+        let tls_files = match tls {
+            None => None,
+            Some(t) => Some(TlsFiles {
+                ca: read("CA certificate (cacert=)", &t.cacert)?,
+                identity: match &t.cert {
+                    None => None,
+                    Some((c, k)) => Some((
+                        read("client certificate (cert=)", c)?,
+                        read("client key (key=)", k)?,
+                    )),
+                },
+            }),
+        };
         let options = ConnectOptions {
             connect_timeout: CONNECT_TIMEOUT,
             timeout: TRANSPORT_TIMEOUT,
             keep_alive: Duration::from_secs(2),
             max_decoding_bytes: MAX_DECODING_BYTES,
+            tls: tls_files,
+            user: match user {
+                None => None,
+                Some((u, p)) => {
+                    let pw = String::from_utf8(read("password file (password-file=)", p)?)
+                        .map_err(|_| {
+                            StoreError::Io(format!(
+                                "the etcd password file {p:?} is not UTF-8 text"
+                            ))
+                        })?;
+                    let pw = pw.trim_end_matches(['\n', '\r']).to_string();
+                    if pw.is_empty() {
+                        return Err(StoreError::Io(format!(
+                            "the etcd password file {p:?} is empty"
+                        )));
+                    }
+                    Some((u.clone(), pw))
+                }
+            },
         };
         let mut clients = Vec::new();
         for name in names {
             let url = if name.contains("://") {
                 name.clone()
+            } else if tls.is_some() {
+                format!("https://{name}")
             } else {
                 format!("http://{name}")
             };
@@ -411,6 +525,17 @@ impl Endpoints {
             names: names.to_vec(),
             clients,
             current: AtomicUsize::new(0),
+            hint: match tls {
+                None => {
+                    " If the etcd cluster serves TLS, name its CA in the spec: ?cacert=PATH (and, if it requires client certificates, &cert=PATH&key=PATH)."
+                }
+                Some(t) if t.cert.is_none() => {
+                    " If the etcd cluster requires client certificates (--client-cert-auth), add &cert=PATH&key=PATH to the spec; check that cacert= names the CA of its certificates."
+                }
+                Some(_) => {
+                    " Check that cacert= names the CA of the members' certificates, that they are valid for the endpoint's host name or IP address, and that the etcd cluster trusts cert=."
+                }
+            },
         })
     }
 
@@ -421,8 +546,9 @@ impl Endpoints {
 
     fn unreachable(&self, attempts: u32, last: &str) -> StoreError {
         StoreError::Io(format!(
-            "cannot reach the etcd cluster at {} ({attempts} attempts; last error: {last}); is the etcd cluster running? scripts/etcd-cluster start",
-            self.names.join(",")
+            "cannot reach the etcd cluster at {} ({attempts} attempts; last error: {last}); is the etcd cluster running? scripts/etcd-cluster start.{}",
+            self.names.join(","),
+            self.hint
         ))
     }
 
@@ -576,7 +702,9 @@ impl EtcdStore {
 
     /// Opens the store described by `config` and checks that the cluster answers.
     pub async fn open_config(config: EtcdConfig) -> Result<Self, StoreError> {
-        let endpoints = Endpoints::connect(&config.endpoints).await?;
+        let endpoints =
+            Endpoints::connect(&config.endpoints, config.tls.as_ref(), config.user.as_ref())
+                .await?;
         let prefix = config.prefix.clone();
         let p = prefix.as_bytes();
         let inner = Arc::new_cyclic(|weak| Inner {
@@ -1250,6 +1378,38 @@ mod tests {
 
     fn r(a: &str, b: &str) -> (Vec<u8>, Vec<u8>) {
         (a.as_bytes().to_vec(), b.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn tls_options() {
+        let s = "etcd://127.0.0.1:2379/t?cacert=/e/ca.pem&cert=/e/c.pem&key=/e/k.pem";
+        let c = EtcdConfig::parse(s).unwrap();
+        assert_eq!(
+            c.tls,
+            Some(EtcdTls {
+                cacert: "/e/ca.pem".into(),
+                cert: Some(("/e/c.pem".into(), "/e/k.pem".into())),
+            })
+        );
+        assert_eq!(c.spec(), s);
+        let s = "etcd://h:1/capstan?user=root&password-file=/e/pw";
+        let c = EtcdConfig::parse(s).unwrap();
+        assert_eq!(c.user, Some(("root".into(), "/e/pw".into())));
+        assert_eq!(c.spec(), s);
+        let c = EtcdConfig::parse("etcd://h:1?cacert=/ca.pem").unwrap();
+        assert_eq!(c.tls.unwrap().cert, None);
+        for (bad, why) in [
+            ("etcd://h:1?cert=/c&key=/k", "need cacert"),
+            ("etcd://h:1?cacert=/ca&cert=/c", "go together"),
+            ("etcd://h:1?cacert=/ca&key=/k", "go together"),
+            ("etcd://http://h:1?cacert=/ca", ""),
+            ("etcd://h:1?cacert=", "unknown option"),
+            ("etcd://h:1?user=root", "go together"),
+            ("etcd://h:1?password-file=/p", "go together"),
+        ] {
+            let e = EtcdConfig::parse(bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
     }
 
     #[test]
