@@ -129,13 +129,14 @@ impl RedbStore {
             Err(e) => return Err(io("reading", e)),
         };
         if exists {
-            vet_existing(path, &shown)?;
-            verify_pages(path, &shown)?;
+            vet_existing(path, &shown)
+                .and_then(|()| verify_pages(path, &shown))
+                .map_err(with_restore_hint)?;
         } else {
             create_new(path, &shown)?;
         }
-        let db = catch_unwind(AssertUnwindSafe(|| Builder::new().create(path)))
-            .map_err(|_| corrupt(&shown, "redb panicked opening the file"))?
+        let db = quiet_unwind(|| Builder::new().create(path))
+            .map_err(|_| corrupt(&shown, "redb failed opening the file (damaged pages)"))?
             .map_err(|e| open_error(e, &shown))?;
         let version = read_meta(&db, &shown)?;
         let db = Arc::new(db);
@@ -316,11 +317,38 @@ impl RedbSnapshot {
     }
 }
 
+thread_local! {
+    /// Set while this thread runs a redb call whose panic is caught.
+    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// `catch_unwind` for redb calls, which panic on some damaged pages: the
+/// panic becomes an error here, so its message and backtrace are not
+/// printed (the process-wide panic hook is wrapped once to stay silent on
+/// this thread meanwhile; every other panic is reported as before).
+fn quiet_unwind<T>(f: impl FnOnce() -> T) -> std::thread::Result<T> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if QUIET.with(|q| q.get()) {
+                tracing::debug!("redb panicked on a damaged store: {info}");
+            } else {
+                previous(info);
+            }
+        }));
+    });
+    let was = QUIET.with(|q| q.replace(true));
+    let r = catch_unwind(AssertUnwindSafe(f));
+    QUIET.with(|q| q.set(was));
+    r
+}
+
 /// Runs a redb call, turning a panic (redb panics on some damaged pages)
 /// into an error naming the store and what to do, so a damaged page fails
 /// the one operation that met it instead of the task serving it.
 fn guarded<T>(describe: &str, f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
-    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|_| {
+    quiet_unwind(f).unwrap_or_else(|_| {
         tracing::error!(store = %describe, "redb panicked reading the store: it is damaged");
         Err(corrupt(
             describe,
@@ -705,6 +733,19 @@ const NEEDS_REPAIR: &str = "needs repair";
 /// What a damaged store's error tells the operator to do.
 pub const RESTORE_HINT: &str = "move the file away and restore the store from a backup (`capstan restore FILE`; `capstan backup FILE` makes one)";
 
+/// A refusal of a damaged file says what to do (once).
+fn with_restore_hint(e: StoreError) -> StoreError {
+    match e {
+        StoreError::Corrupt { path, detail } if !detail.contains("capstan restore") => {
+            StoreError::Corrupt {
+                path,
+                detail: format!("{detail}; {RESTORE_HINT}"),
+            }
+        }
+        other => other,
+    }
+}
+
 /// Checks the checksum of every page of the file (redb's integrity check),
 /// on a copy-on-write overlay so the file itself is never written: damage
 /// anywhere is refused at start, before the node serves anything, instead
@@ -715,11 +756,11 @@ fn verify_pages(path: &Path, shown: &str) -> Result<(), StoreError> {
     let started = Instant::now();
     let overlay =
         CowBackend::open(path).map_err(|e| StoreError::Io(format!("reading {shown}: {e}")))?;
-    let checked = catch_unwind(AssertUnwindSafe(|| -> Result<bool, DatabaseError> {
+    let checked = quiet_unwind(|| -> Result<bool, DatabaseError> {
         let mut db = Builder::new().create_with_backend(overlay)?;
         db.check_integrity()
-    }));
-    let damaged = |detail: String| corrupt(shown, format!("{detail}; {RESTORE_HINT}"));
+    });
+    let damaged = |detail: String| corrupt(shown, detail);
     match checked {
         Ok(Ok(true)) => {
             tracing::debug!(path = %shown, ms = started.elapsed().as_millis() as u64, "store pages verified");
@@ -731,7 +772,9 @@ fn verify_pages(path: &Path, shown: &str) -> Result<(), StoreError> {
             "pages of the file fail their checksums (damaged on disk)".into(),
         )),
         Ok(Err(e)) => Err(damaged(format!("its integrity check failed: {e}"))),
-        Err(_) => Err(damaged("its integrity check panicked".into())),
+        Err(_) => Err(damaged(
+            "its integrity check failed on damaged pages".into(),
+        )),
     }
 }
 
@@ -740,16 +783,14 @@ fn vet_with<D: ReadableDatabase>(
     shown: &str,
     open: impl FnOnce() -> Result<D, DatabaseError>,
 ) -> Result<(), StoreError> {
-    let opened = catch_unwind(AssertUnwindSafe(
-        || -> Result<Result<(), StoreError>, DatabaseError> {
-            let db = open()?;
-            Ok(match db.begin_read() {
-                Ok(rtx) => read_meta_of(&rtx, shown).map(|_| ()),
-                Err(e) => Err(backend_error(e.into(), shown)),
-            })
-        },
-    ))
-    .map_err(|_| corrupt(shown, "redb panicked reading the file"))?;
+    let opened = quiet_unwind(|| -> Result<Result<(), StoreError>, DatabaseError> {
+        let db = open()?;
+        Ok(match db.begin_read() {
+            Ok(rtx) => read_meta_of(&rtx, shown).map(|_| ()),
+            Err(e) => Err(backend_error(e.into(), shown)),
+        })
+    })
+    .map_err(|_| corrupt(shown, "redb failed reading the file (damaged pages)"))?;
     match opened {
         Ok(checked) => checked,
         Err(DatabaseError::RepairAborted) => Err(corrupt(shown, NEEDS_REPAIR)),

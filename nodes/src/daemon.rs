@@ -710,14 +710,22 @@ pub async fn start(
         if let Ok(Some(status)) = child.try_wait() {
             // Strip the tracing prefix for a one-line message where we can.
             let tail = new_log();
-            let last = tail
+            let last_line = tail
                 .lines()
                 .rev()
                 .find(|l| !l.trim().is_empty())
-                .map(|l| l.trim_start_matches("capstan: ").to_string())
                 .unwrap_or_default();
+            let last = last_line.trim_start_matches("capstan: ").to_string();
             if last.starts_with("a capstan daemon already runs") {
                 bail!("{last}");
+            }
+            // The daemon said why it stopped: that line alone (the log has
+            // the rest).
+            if last_line.starts_with("capstan: ") {
+                bail!(
+                    "the daemon did not start: {last} (details in {})",
+                    paths.log.display()
+                );
             }
             bail!(
                 "the daemon exited ({status}) before answering; last lines of {}: {}",
