@@ -365,6 +365,10 @@ pub struct RoutineRec {
     pub fired: u64,
     /// Why the last tick could not be delivered (empty when it was).
     pub last_error: String,
+    /// In a cluster, the node that fires it (read from its placement by
+    /// `routine list`; not stored).
+    #[serde(default, skip_serializing)]
+    pub owner: Option<String>,
 }
 
 impl RoutineRec {
@@ -393,6 +397,7 @@ impl RoutineRec {
             "next_ms": self.schedule.next_after(self.last_tick_ms.max(now_ms())),
             "fired": self.fired,
             "last_error": self.last_error,
+            "owner": self.owner,
         })
     }
 }
@@ -469,6 +474,7 @@ impl AgentHandle {
             created_ms: now,
             fired: 0,
             last_error: String::new(),
+            owner: None,
         };
         let host = self.ctx.id;
         let name = name.to_string();
@@ -520,7 +526,11 @@ impl AgentHandle {
                         let id = FormulaId::from_slice(&v)
                             .map_err(|_| Error::Corrupt("routine id".into()))?;
                         if let Some(b) = tx.get(&rec_key(&id)).await? {
-                            out.push(decode(&b)?);
+                            let mut r = decode(&b)?;
+                            r.owner = crate::cluster::get_placement(tx, &id)
+                                .await?
+                                .map(|p| p.node);
+                            out.push(r);
                         }
                     }
                     Ok(out)
