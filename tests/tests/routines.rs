@@ -160,7 +160,7 @@ fn a_routine_fires_once_per_tick_across_restarts_and_stops_when_removed() {
 fn bad_routine_specs_are_refused_and_change_nothing() {
     let node = Node::started();
     node.ok(["mkhost", "alice"]);
-    node.ok(["store", "note", "--text", "hello"]);
+    node.ok(["store", "--text", "hello", "--name", "note"]);
     node.ok([
         "routine", "add", "ok", "--to", "alice", "--cron", "*/5 * * * *", "--text", "x",
     ]);
