@@ -739,10 +739,29 @@ mod tests {
 
     #[test]
     fn every_parses_and_bounds() {
-        assert_eq!(Schedule::every("30s").unwrap(), Schedule::Every { ms: 30_000 });
-        assert_eq!(Schedule::every("5m").unwrap(), Schedule::Every { ms: 300_000 });
-        assert_eq!(Schedule::every("1h").unwrap(), Schedule::Every { ms: 3_600_000 });
-        for bad in ["0s", "", "s", "10", "5x", "1.5s", "-1s", "400d", "99999999999999999999s"] {
+        assert_eq!(
+            Schedule::every("30s").unwrap(),
+            Schedule::Every { ms: 30_000 }
+        );
+        assert_eq!(
+            Schedule::every("5m").unwrap(),
+            Schedule::Every { ms: 300_000 }
+        );
+        assert_eq!(
+            Schedule::every("1h").unwrap(),
+            Schedule::Every { ms: 3_600_000 }
+        );
+        for bad in [
+            "0s",
+            "",
+            "s",
+            "10",
+            "5x",
+            "1.5s",
+            "-1s",
+            "400d",
+            "99999999999999999999s",
+        ] {
             assert!(Schedule::every(bad).is_err(), "{bad}");
         }
     }
@@ -775,11 +794,20 @@ mod tests {
         let c = Cron::parse("*/15 2 * * *").unwrap();
         // 1970-01-01T00:00 → 02:00, 02:15, …
         assert_eq!(c.next_after(0), Some(2 * 3_600_000));
-        assert_eq!(c.next_after(2 * 3_600_000), Some(2 * 3_600_000 + 15 * 60_000));
-        assert_eq!(c.next_after(2 * 3_600_000 + 45 * 60_000), Some(DAY_MS + 2 * 3_600_000));
+        assert_eq!(
+            c.next_after(2 * 3_600_000),
+            Some(2 * 3_600_000 + 15 * 60_000)
+        );
+        assert_eq!(
+            c.next_after(2 * 3_600_000 + 45 * 60_000),
+            Some(DAY_MS + 2 * 3_600_000)
+        );
         // Mondays at 09:30: 1970-01-05 was a Monday
         let m = Cron::parse("30 9 * * 1").unwrap();
-        assert_eq!(m.next_after(0), Some(4 * DAY_MS + 9 * 3_600_000 + 30 * 60_000));
+        assert_eq!(
+            m.next_after(0),
+            Some(4 * DAY_MS + 9 * 3_600_000 + 30 * 60_000)
+        );
         // Sunday as 7
         let s = Cron::parse("0 0 * * 7").unwrap();
         assert_eq!(s.next_after(0), Some(3 * DAY_MS));

@@ -758,7 +758,12 @@ pub enum RoutineCommand {
         #[arg(long, value_name = "AGENT")]
         to: String,
         /// Fire every DURATION (e.g. 30s, 5m, 1h, 1d; at least 1s).
-        #[arg(long, value_name = "DURATION", conflicts_with = "cron", required_unless_present = "cron")]
+        #[arg(
+            long,
+            value_name = "DURATION",
+            conflicts_with = "cron",
+            required_unless_present = "cron"
+        )]
         every: Option<String>,
         /// Fire when the 5-field cron expression matches (UTC), e.g. "*/5 * * * *".
         #[arg(long, value_name = "EXPR")]

@@ -53,7 +53,10 @@ fn no_duplicates(ts: &[(i64, i64)]) -> Vec<i64> {
         *seen.entry(*t).or_insert(0) += 1;
     }
     let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(twice.is_empty(), "ticks delivered more than once: {twice:?}");
+    assert!(
+        twice.is_empty(),
+        "ticks delivered more than once: {twice:?}"
+    );
     seen.into_keys().collect()
 }
 
@@ -149,7 +152,10 @@ fn a_routine_fires_once_per_tick_across_restarts_and_stops_when_removed() {
     let n = alice_ticks(&node, "beat").len();
     std::thread::sleep(Duration::from_millis(3000));
     assert_eq!(alice_ticks(&node, "beat").len(), n, "a tick after removal");
-    assert_eq!(node.json(["routine", "list", "--json"]), serde_json::json!([]));
+    assert_eq!(
+        node.json(["routine", "list", "--json"]),
+        serde_json::json!([])
+    );
     let (code, e) = node.fail(["routine", "remove", "beat"]);
     assert_eq!(code, 1, "{e}");
     assert!(e.contains("no routine \"beat\""), "{e}");
@@ -162,19 +168,39 @@ fn bad_routine_specs_are_refused_and_change_nothing() {
     node.ok(["mkhost", "alice"]);
     node.ok(["store", "--text", "hello", "--name", "note"]);
     node.ok([
-        "routine", "add", "ok", "--to", "alice", "--cron", "*/5 * * * *", "--text", "x",
+        "routine",
+        "add",
+        "ok",
+        "--to",
+        "alice",
+        "--cron",
+        "*/5 * * * *",
+        "--text",
+        "x",
     ]);
     let base = ["routine", "add", "r", "--to", "alice"];
     let cases: Vec<(Vec<&str>, &str)> = vec![
-        (vec!["--every", "0s", "--text", "x"], "the shortest interval is 1s"),
+        (
+            vec!["--every", "0s", "--text", "x"],
+            "the shortest interval is 1s",
+        ),
         (vec!["--every", "500ms", "--text", "x"], "invalid --every"),
         (vec!["--every", "5x", "--text", "x"], "invalid --every"),
         (vec!["--every", "10", "--text", "x"], "invalid --every"),
-        (vec!["--every", "400d", "--text", "x"], "the longest interval"),
-        (vec!["--cron", "* * * *", "--text", "x"], "4 fields instead of 5"),
+        (
+            vec!["--every", "400d", "--text", "x"],
+            "the longest interval",
+        ),
+        (
+            vec!["--cron", "* * * *", "--text", "x"],
+            "4 fields instead of 5",
+        ),
         (vec!["--cron", "61 * * * *", "--text", "x"], "out of range"),
         (vec!["--cron", "* * 30 2 *", "--text", "x"], "never fires"),
-        (vec!["--every", "1s", "--cron", "* * * * *", "--text", "x"], "cannot be used with"),
+        (
+            vec!["--every", "1s", "--cron", "* * * * *", "--text", "x"],
+            "cannot be used with",
+        ),
         (vec!["--text", "x"], "--every"),
         (vec!["--every", "1s", "--text", "  "], "needs a --text"),
     ];
@@ -185,16 +211,34 @@ fn bad_routine_specs_are_refused_and_change_nothing() {
         assert_ne!(code, 0, "{args:?}");
         assert!(e.contains(want), "{args:?}: {e}");
     }
-    let (_, e) = node.fail(["routine", "add", "r", "--to", "nobody", "--every", "1s", "--text", "x"]);
+    let (_, e) = node.fail([
+        "routine", "add", "r", "--to", "nobody", "--every", "1s", "--text", "x",
+    ]);
     assert!(e.contains("unknown name \"nobody\""), "{e}");
-    let (_, e) = node.fail(["routine", "add", "r", "--to", "note", "--every", "1s", "--text", "x"]);
+    let (_, e) = node.fail([
+        "routine", "add", "r", "--to", "note", "--every", "1s", "--text", "x",
+    ]);
     assert!(e.contains("not a agent") || e.contains("is a value"), "{e}");
-    let (_, e) = node.fail(["routine", "add", "Bad!", "--to", "alice", "--every", "1s", "--text", "x"]);
+    let (_, e) = node.fail([
+        "routine", "add", "Bad!", "--to", "alice", "--every", "1s", "--text", "x",
+    ]);
     assert!(e.contains("invalid name"), "{e}");
-    let (_, e) = node.fail(["routine", "add", "ok", "--to", "alice", "--every", "1s", "--text", "x"]);
+    let (_, e) = node.fail([
+        "routine", "add", "ok", "--to", "alice", "--every", "1s", "--text", "x",
+    ]);
     assert!(e.contains("exists already"), "{e}");
     let big = "x".repeat(20_000);
-    let (_, e) = node.fail(["routine", "add", "r", "--to", "alice", "--every", "1s", "--text", big.as_str()]);
+    let (_, e) = node.fail([
+        "routine",
+        "add",
+        "r",
+        "--to",
+        "alice",
+        "--every",
+        "1s",
+        "--text",
+        big.as_str(),
+    ]);
     assert!(e.contains("exceeds the limit"), "{e}");
     let list = node.json(["routine", "list", "--json"]);
     let names: Vec<&str> = list
@@ -244,11 +288,20 @@ fn a_guest_that_keeps_failing_is_reported_once_per_episode() {
         .filter(|m| m["from"] == "bad")
         .map(|m| texts(std::slice::from_ref(m)).concat())
         .collect();
-    let stopped = from_bad.iter().filter(|t| t.contains("guest stopped")).count();
-    let episode: Vec<&String> = from_bad.iter().filter(|t| t.contains("keeps failing")).collect();
+    let stopped = from_bad
+        .iter()
+        .filter(|t| t.contains("guest stopped"))
+        .count();
+    let episode: Vec<&String> = from_bad
+        .iter()
+        .filter(|t| t.contains("keeps failing"))
+        .collect();
     assert_eq!(stopped, 1, "{from_bad:#?}");
     assert_eq!(episode.len(), 1, "{from_bad:#?}");
-    assert!(episode[0].starts_with("guest bad keeps failing: "), "{episode:?}");
+    assert!(
+        episode[0].starts_with("guest bad keeps failing: "),
+        "{episode:?}"
+    );
     assert!(episode[0].contains("it panicked"), "{episode:?}");
     assert!(episode[0].contains("retrying with backoff"), "{episode:?}");
     assert_eq!(from_bad.len(), 2, "{from_bad:#?}");
@@ -349,7 +402,10 @@ fn a_routine_fires_once_per_tick_while_its_owner_is_killed() {
     }
     // the inbox's numbers are unique too
     let inbox = nodes[survivor].inbox(&["--as", "alice"]);
-    let ns: BTreeSet<u64> = inbox.iter().map(|m| m["number"].as_u64().unwrap()).collect();
+    let ns: BTreeSet<u64> = inbox
+        .iter()
+        .map(|m| m["number"].as_u64().unwrap())
+        .collect();
     assert_eq!(ns.len(), inbox.len());
     nodes[survivor].ok(["routine", "remove", "beat"]);
     for (i, n) in nodes.iter_mut().enumerate() {
