@@ -819,6 +819,80 @@ mod tests {
         assert_eq!(utc_text(1_764_899_403_000), "2025-12-05T01:50:03Z");
     }
 
+    async fn host_and_alice() -> (crate::Runtime, AgentHandle) {
+        let db = capstan_cluster::open("mem:").await.unwrap();
+        let rt = crate::Runtime::open(db, crate::RuntimeOptions::default())
+            .await
+            .unwrap();
+        let host = rt.root_host();
+        host.mkhost(RequestId::random(), "alice").await.unwrap();
+        (rt, host)
+    }
+
+    /// A tick fired twice (a retry, or an ex-owner and its successor)
+    /// lands once; the next tick lands again.
+    #[tokio::test]
+    async fn a_tick_fired_twice_is_delivered_once() {
+        let (rt, host) = host_and_alice().await;
+        let r = host
+            .routine_add(
+                RequestId::random(),
+                "beat",
+                "alice",
+                Schedule::Every { ms: 1000 },
+                "ping",
+            )
+            .await
+            .unwrap();
+        let inner = rt.inner().clone();
+        let tick = r.last_tick_ms + 1000;
+        fire(&inner, &r, tick).await.unwrap();
+        fire(&inner, &r, tick).await.unwrap();
+        let alice = host.agent("alice").await.unwrap();
+        assert_eq!(alice.inbox(None).await.unwrap().len(), 1);
+        fire(&inner, &r, tick + 1000).await.unwrap();
+        assert_eq!(alice.inbox(None).await.unwrap().len(), 2);
+        let l = host.routine_list().await.unwrap();
+        assert_eq!(l[0].last_tick_ms, tick + 1000);
+        // removed: a fire in flight delivers nothing
+        host.routine_remove("beat").await.unwrap();
+        fire(&inner, &r, tick + 2000).await.unwrap();
+        assert_eq!(alice.inbox(None).await.unwrap().len(), 2);
+    }
+
+    /// At most [`MAX_ROUTINES_PER_HOST`] routines per host; the one past it
+    /// is refused and adds nothing.
+    #[tokio::test]
+    async fn a_host_has_at_most_its_bound_of_routines() {
+        let (_rt, host) = host_and_alice().await;
+        for i in 0..MAX_ROUTINES_PER_HOST {
+            host.routine_add(
+                RequestId::random(),
+                &format!("r{i}"),
+                "alice",
+                Schedule::Every { ms: 3_600_000 },
+                "x",
+            )
+            .await
+            .unwrap();
+        }
+        let e = host
+            .routine_add(
+                RequestId::random(),
+                "one-more",
+                "alice",
+                Schedule::Every { ms: 3_600_000 },
+                "x",
+            )
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("the most it may have"), "{e}");
+        assert_eq!(
+            host.routine_list().await.unwrap().len(),
+            MAX_ROUTINES_PER_HOST
+        );
+    }
+
     #[test]
     fn fire_requests_differ_per_tick() {
         let id = FormulaId::random();
