@@ -240,6 +240,13 @@ impl Runtime {
         tokio::spawn(crate::guest::resume_loop(Arc::downgrade(&self.inner)));
     }
 
+    /// Fires routines that are due (see [`crate::routines`]): on a lone
+    /// node all of them, in a cluster those this node owns. Call once,
+    /// inside tokio, after [`Runtime::join_cluster`].
+    pub fn start_routines(&self) {
+        tokio::spawn(crate::routines::routine_loop(Arc::downgrade(&self.inner)));
+    }
+
     /// Joins the cluster whose store this runtime uses: registers this
     /// node with a lease and keeps renewing it. Returns the work for the
     /// node's links to other members (reservations at remote owners, wake-ups),
@@ -1577,6 +1584,45 @@ impl AgentHandle {
                             strings,
                             names,
                             ids,
+                        },
+                        None,
+                    ))
+                })
+            })
+            .await?;
+        Ok(n)
+    }
+
+    /// Sends a text package only while the key `alive` exists, checked in
+    /// the message's own transaction (a routine's fire: removing the routine
+    /// conflicts with a fire in flight, so none lands after the removal).
+    pub(crate) async fn send_while(
+        &self,
+        req: RequestId,
+        to: &str,
+        text: String,
+        alive: Vec<u8>,
+    ) -> Result<u64, Error> {
+        if text.len() > MAX_MESSAGE_TEXT {
+            return Err(Error::TooLarge {
+                what: "message text".into(),
+                len: text.len(),
+                max: MAX_MESSAGE_TEXT,
+            });
+        }
+        let to = self.recipient(to, None, &[]).await?;
+        let (n, _) = self
+            .post(req, to, move |tx, _ctx| {
+                let (text, alive) = (text.clone(), alive.clone());
+                Box::pin(async move {
+                    if tx.get(&alive).await?.is_none() {
+                        return Err(Error::Invalid("the routine was removed".into()));
+                    }
+                    Ok((
+                        BodyRec::Package {
+                            strings: vec![text],
+                            names: vec![],
+                            ids: vec![],
                         },
                         None,
                     ))

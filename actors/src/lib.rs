@@ -20,6 +20,8 @@
 //!   budgets and an audit log (issue 6).
 //! - [`records`]: Rust values ↔ Cap'n Proto records of `proto/`.
 //! - [`keys`]: the key layout. [`names`]: pet names, special names, paths.
+//! - [`routines`]: routines, mail on a schedule fired by one node of a
+//!   cluster (issue 20).
 //! - [`usage`]: what the store holds, by kind of key (`capstan du`).
 
 pub mod api;
@@ -35,6 +37,7 @@ pub mod names;
 pub(crate) mod open_tx;
 pub mod records;
 pub mod remote;
+pub mod routines;
 pub mod rules;
 pub mod secrets;
 pub mod usage;

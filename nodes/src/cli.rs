@@ -123,6 +123,11 @@ pub enum Command {
         #[command(subcommand)]
         command: LlmCommand,
     },
+    /// Routines: mail an agent on a schedule (add, list, remove).
+    Routine {
+        #[command(subcommand)]
+        command: RoutineCommand,
+    },
     /// Run the installed tool component TOOL once: its `execute` with --input.
     ///
     /// Prints the tool's output (JSON). The daemon runs in the foreground
@@ -752,6 +757,59 @@ pub enum LlmCommand {
     },
 }
 
+/// `capstan routine …`.
+#[derive(Debug, Subcommand)]
+pub enum RoutineCommand {
+    /// Mail AGENT (a path in your names) TEXT on a schedule: --every
+    /// DURATION (30s, 5m, 1h; at least 1s) or --cron EXPR (5 fields, UTC).
+    Add {
+        /// The routine's name (a pet name, unique among your routines).
+        name: String,
+        /// The agent mailed: a path in your names.
+        #[arg(long, value_name = "AGENT")]
+        to: String,
+        /// Fire every DURATION (e.g. 30s, 5m, 1h, 1d; at least 1s).
+        #[arg(
+            long,
+            value_name = "DURATION",
+            conflicts_with = "cron",
+            required_unless_present = "cron"
+        )]
+        every: Option<String>,
+        /// Fire when the 5-field cron expression matches (UTC), e.g. "*/5 * * * *".
+        #[arg(long, value_name = "EXPR")]
+        cron: Option<String>,
+        /// What each tick mails.
+        #[arg(long, value_name = "TEXT")]
+        text: String,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Your routines: schedule, recipient, last and next tick.
+    #[command(visible_alias = "ls")]
+    List {
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Remove a routine: no tick fires after this returns.
+    #[command(visible_alias = "rm")]
+    Remove {
+        name: String,
+        #[command(flatten)]
+        out: Out,
+    },
+}
+
+impl RoutineCommand {
+    pub fn json(&self) -> bool {
+        match self {
+            RoutineCommand::Add { out, .. }
+            | RoutineCommand::List { out }
+            | RoutineCommand::Remove { out, .. } => out.json,
+        }
+    }
+}
+
 impl LlmCommand {
     pub fn json(&self) -> bool {
         match self {
@@ -785,6 +843,7 @@ impl Command {
             Command::Store(s) => s.json_output(),
             Command::Cluster { command } => command.json(),
             Command::Llm { command } => command.json(),
+            Command::Routine { command } => command.json(),
             Command::Start { out, .. }
             | Command::Console { out }
             | Command::Graph { out, .. }

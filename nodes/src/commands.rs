@@ -324,6 +324,7 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
             crate::graph::run(client, path, format, json).await?
         }
         Command::Llm { command } => crate::llm::run(client, command, json).await?,
+        Command::Routine { command } => crate::routines::run(client, command, json).await?,
         c @ (Command::Install { .. }
         | Command::Guests { .. }
         | Command::Run { .. }

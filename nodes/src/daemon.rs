@@ -388,6 +388,8 @@ pub async fn run(
 
     // Guests cut short by a crash (or with mail no node ran) go on.
     runtime.start_guest_resumer();
+    // Routines: mail on a schedule, fired by this node where it owns them.
+    runtime.start_routines();
 
     // Mail owed to other clusters, including what was queued before a crash.
     let outbox = tokio::task::spawn_local(net.clone().run_outbox(outbox_expiry_from_env()?));

@@ -62,6 +62,7 @@ mod llm;
 mod metrics;
 mod net;
 mod output;
+mod routines;
 mod server;
 mod text;
 

@@ -986,6 +986,22 @@ impl agent::Server for AgentServer {
         Ok(())
     }
 
+    async fn routine(
+        self: Rc<Self>,
+        params: agent::RoutineParams,
+        mut results: agent::RoutineResults,
+    ) -> Result<(), CapError> {
+        let p = params.get()?;
+        let req = request_id(p.get_req_id())?;
+        let command = text(p.get_command(), "command")?;
+        let args = text(p.get_args(), "args")?;
+        let v = crate::routines::command(&self.handle, req, &command, &args)
+            .await
+            .map_err(failed)?;
+        results.get().set_json(v.to_string().as_str());
+        Ok(())
+    }
+
     async fn evaluate(
         self: Rc<Self>,
         params: agent::EvaluateParams,

@@ -169,6 +169,9 @@ interface Agent {
   # {"result": JSON text} or {"error": text}, with "fuel", "invokes",
   # "instantiate_ns", "run_ns" and, for endow, "reply" (see nodes/CLI.md).
   evaluate @32 (reqId :Data, evaluator :Text, source :Text, bindings :List(Grant), endow :Bool, number :UInt64) -> (json :Text);
+  # Routines (`capstan routine …`): `command` is add, list or remove;
+  # `args` is one JSON object (see nodes/CLI.md), the answer one JSON value.
+  routine @33 (reqId :Data, command :Text, args :Text) -> (json :Text);
 }
 
 struct HttpSpec {

@@ -277,6 +277,12 @@ pub(crate) struct Stats {
     pub last_error: String,
     /// Batches whose commit failed, their messages handled again.
     pub batches_redone: u64,
+    /// Messages whose handler failed in a row (0: the last one did not);
+    /// from two on, a failure episode: the host was told once, and the
+    /// runner backs off between messages.
+    pub streak: u32,
+    /// The first message of the current run of failures.
+    pub streak_since: u64,
 }
 
 pub(crate) mod keys {

@@ -176,9 +176,17 @@ async fn drain(
         if committed > 0 {
             gh.stats_update(id, |s| s.handled += committed);
         }
-        let Err(e) = r else {
-            discards = 0;
-            continue;
+        let e = match r {
+            Ok(pause) => {
+                discards = 0;
+                // A guest that keeps failing starts its next instance
+                // only after a backoff.
+                if let Some(d) = pause {
+                    tokio::time::sleep(d).await;
+                }
+                continue;
+            }
+            Err(e) => e,
         };
         // Nothing after the batch's last commit happened: its messages are
         // handled again, the first of them as a possible replay.
@@ -211,11 +219,12 @@ async fn run_batch(
     limits: CallLimits,
     batch: Vec<Listed>,
     first: &mut bool,
-) -> Result<(), Error> {
+) -> Result<Option<std::time::Duration>, Error> {
     let id = agent.id();
     for (number, msg, record) in batch {
         let mut journaled = false;
         let had = msg.is_some();
+        let mut pause = None;
         if let Some(msg) = msg {
             // The record just listed (written once): a reply finds it
             // without a read.
@@ -234,7 +243,7 @@ async fn run_batch(
             if let Some(e) = open.poisoned() {
                 return Err(e);
             }
-            handled?;
+            pause = handled?;
             journaled = j.stored();
         }
         *first = false;
@@ -256,12 +265,28 @@ async fn run_batch(
             })
             .await?;
         open.completed(had);
+        if pause.is_some() {
+            // Commit what was handled, then back off before the next one.
+            open.flush().await?;
+            return Ok(pause);
+        }
         if open.due() {
             open.flush().await?;
         }
     }
-    open.flush().await
+    open.flush().await?;
+    Ok(None)
 }
+
+/// Backoff before the next message of a guest whose last `streak` messages
+/// failed in a row: 100 ms doubling, at most [`MAX_BACKOFF`].
+pub(crate) fn backoff(streak: u32) -> std::time::Duration {
+    let ms = 100u64 << streak.saturating_sub(1).min(16);
+    std::time::Duration::from_millis(ms).min(MAX_BACKOFF)
+}
+
+/// Longest backoff between messages of a guest that keeps failing.
+pub(crate) const MAX_BACKOFF: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The next messages to handle, in order and without a gap after the last
 /// one handled (waiting at a gap, closing it after the grace: see
@@ -455,7 +480,7 @@ async fn handle(
     msg: Message,
     limits: CallLimits,
     (journal, replay): (Arc<Journal>, Option<Replay>),
-) -> Result<(), Error> {
+) -> Result<Option<std::time::Duration>, Error> {
     let id = agent.id();
     let number = msg.number;
     let c = compiled(gh, rt, hash).await?;
@@ -493,6 +518,7 @@ async fn handle(
         Err(why) => Some(why.clone()),
     };
     // `handled` counts when the message's mark commits (see `drain`).
+    let mut streak = (0, number);
     gh.stats_update(id, |s| {
         s.fuel_last = out.fuel;
         s.memory_peak = s.memory_peak.max(out.memory);
@@ -502,18 +528,41 @@ async fn handle(
         if let Some(r) = &reason {
             s.failures += 1;
             s.last_error = format!("message {number}: {r}");
+            if s.streak == 0 {
+                s.streak_since = number;
+            }
+            s.streak = s.streak.saturating_add(1);
+        } else {
+            s.streak = 0;
         }
+        streak = (s.streak, s.streak_since);
     });
-    if let Some(why) = reason {
-        tracing::warn!(guest = %id.short(), number, "guest stopped: {why}");
-        // Mail the host, as the guest, exactly once per failed message.
+    let Some(why) = reason else {
+        return Ok(None);
+    };
+    let (streak, since) = streak;
+    tracing::warn!(guest = %id.short(), number, streak, "guest stopped: {why}");
+    let pause = backoff(streak);
+    // Mail the host, as the guest: for a first failure, about that
+    // message; when the next one fails too, once for the whole episode
+    // (until a message is handled again). Each mail exactly once.
+    if streak == 1 {
         let req = super::derived_request(&id, number, u32::MAX);
         let text = format!(
             "guest stopped while handling message {number}: {why}. It starts afresh on its next message."
         );
         agent.send(req, "HOST", vec![text], vec![], None).await?;
+    } else if streak == 2 {
+        let req = super::derived_request(&id, since, u32::MAX - 1);
+        let text = format!(
+            "guest {} keeps failing: message {number}: {why} (2 messages in a row since message {since}); retrying with backoff ({} ms, doubling up to {} s, between messages); you are told again only after it handled a message",
+            agent.ctx().rec.label,
+            pause.as_millis(),
+            MAX_BACKOFF.as_secs()
+        );
+        agent.send(req, "HOST", vec![text], vec![], None).await?;
     }
-    Ok(())
+    Ok(Some(pause))
 }
 
 /// Guests read per page when looking for unhandled mail.
