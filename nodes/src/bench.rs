@@ -702,6 +702,7 @@ pub async fn run(
 
     if sizes.net {
         net_rows(&exe, &base, &sizes, &mut rows).await?;
+        federation_rows(&exe, &base, &mut rows).await?;
     }
 
     print_rows(&rows, json, "embedded redb store with fsync");
@@ -1208,6 +1209,89 @@ async fn cluster_rows(
 /// Node A is a daemon process listening on loopback; the bench process is
 /// node B: its own identity (a separate cluster) and endpoint, dialling A
 /// exactly as a daemon does, so the figures are the network path alone.
+/// `inviter` invites `invitee` (names it `as_invitee`); `invitee` accepts
+/// (names the inviter `as_inviter`).
+async fn pair(
+    inviter: &agent::Client,
+    as_invitee: &str,
+    invitee: &agent::Client,
+    as_inviter: &str,
+) -> anyhow::Result<()> {
+    let mut r = inviter.invite_request();
+    r.get().set_name(as_invitee);
+    r.get().set_req_id(&RequestId::random().0);
+    let answer = r.send().promise.await?;
+    let invitation = answer.get()?.get_invitation()?.to_string()?;
+    let mut r = invitee.accept_request();
+    r.get().set_req_id(&RequestId::random().0);
+    r.get().set_invitation(invitation.as_str());
+    r.get().set_name(as_inviter);
+    r.send().promise.await?;
+    Ok(())
+}
+
+/// Federated mail to a live peer while another peer is dead with a backlog:
+/// node A mails C once with an empty outbox, then again after 300 messages
+/// to a stopped B queued ahead of it; each time, how long until C has it.
+async fn federation_rows(exe: &Path, base: &Path, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    step(false, "federation: a dead peer's backlog and a live peer");
+    let mut nodes = Vec::new();
+    for n in ["fed-a", "fed-b", "fed-c"] {
+        let p = Paths::resolve(Some(base.join(n)))?;
+        std::fs::create_dir_all(&p.home)?;
+        std::fs::write(p.home.join("listen"), "127.0.0.1:0\n")?;
+        let (d, _) = Daemon::spawn(exe, &p).await?;
+        let h = host(&p).await?;
+        nodes.push((d, p, h));
+    }
+    let (a, b, c) = (nodes[0].2.clone(), nodes[1].2.clone(), nodes[2].2.clone());
+    let (a, c) = (&a, &c);
+    pair(a, "bob", &b, "alice").await?;
+    pair(a, "carol", c, "alice").await?;
+    // Time from A's send to C's inbox having it.
+    let to_c = |text: String| async move {
+        let before = inbox_len(c).await?;
+        let t = Instant::now();
+        send(a, "carol", &text).await?;
+        while inbox_len(c).await? <= before {
+            if t.elapsed() > Duration::from_secs(120) {
+                bail!("carol's message did not arrive within 120 s");
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        Ok::<_, anyhow::Error>(t.elapsed())
+    };
+    let quiet = to_c("no backlog".into()).await?;
+    let backlog = 300;
+    let b_daemon = nodes.remove(1).0;
+    b_daemon.kill9()?;
+    for i in 0..backlog {
+        send(a, "bob", &format!("queued {i}")).await?;
+    }
+    let behind = to_c("behind a dead peer's backlog".into()).await?;
+    rows.push(Row {
+        what: format!(
+            "federation: A → live peer C, empty outbox / behind {backlog} messages for a dead peer B"
+        ),
+        value: format!(
+            "{} / {}",
+            ms(quiet.as_secs_f64() * 1e6),
+            ms(behind.as_secs_f64() * 1e6)
+        ),
+        target: "unaffected",
+        endo: "",
+        json: json!({
+            "empty_outbox_us": quiet.as_secs_f64() * 1e6,
+            "behind_backlog_us": behind.as_secs_f64() * 1e6,
+            "backlog": backlog,
+        }),
+    });
+    for (d, _, _) in nodes {
+        d.stop().await?;
+    }
+    Ok(())
+}
+
 async fn net_rows(
     exe: &Path,
     base: &Path,
