@@ -363,6 +363,13 @@ fn put_locator(tx: &mut Transaction, swiss: &[u8; 32], rec: LocatorRec) -> Resul
     let hash = swiss_hash(swiss);
     tx.set(&keys::locator(&hash), &rec.encode())?;
     tx.set(&keys::locator_of(&rec.target, &hash), &[])?;
+    // The write barrier of garbage collection, blind (this path does not
+    // read): a new stamp, and the target rescued should a pass have
+    // condemned it (the pass then stops; see `crate::gc`).
+    let stamp = swiss_hash(&hash);
+    tx.set(&keys::formula_ref(&rec.target), &stamp[..8])?;
+    tx.clear(&keys::condemned(&rec.target));
+    tx.set(&keys::gc_rescued(), &stamp[..8])?;
     Ok(())
 }
 
@@ -989,6 +996,9 @@ impl Runtime {
                         Settlement::Rejected(why) => crate::PromiseState::Rejected(why),
                     };
                     let state = p.state.clone();
+                    if let crate::PromiseState::Resolved(t) = &state {
+                        model::note_ref(tx, t).await?;
+                    }
                     model::put_formula(tx, &promise, &f)?;
                     tx.set(&keys::inbound(&item), &now_ms().to_be_bytes())?;
                     Ok((promise, Some(state)))

@@ -46,6 +46,29 @@ pub fn put_formula(tx: &mut Transaction, id: &FormulaId, f: &Formula) -> Result<
     Ok(())
 }
 
+/// The write barrier of garbage collection (see [`crate::gc`]): every
+/// transaction that writes a reference to `id` calls this. It checks (a
+/// conflict-checked read) that the formula still exists, rewrites its
+/// reference stamp, and rescues it if a collection pass condemned it.
+pub async fn note_ref(tx: &mut Transaction, id: &FormulaId) -> Result<(), Error> {
+    let (fk, ck) = (keys::formula(id), keys::condemned(id));
+    tx.prefetch(&[fk.clone(), ck.clone()]).await?;
+    if tx.get(&fk).await?.is_none() {
+        return Err(Error::Invalid(format!(
+            "{} no longer exists: it was collected as garbage (nothing referred to it)",
+            id.short()
+        )));
+    }
+    let mut stamp = [0u8; 8];
+    getrandom::fill(&mut stamp).map_err(|e| Error::Invalid(format!("random: {e}")))?;
+    tx.set(&keys::formula_ref(id), &stamp)?;
+    if tx.get(&ck).await?.is_some() {
+        tx.clear(&ck);
+        tx.set(&keys::gc_rescued(), &stamp)?;
+    }
+    Ok(())
+}
+
 pub async fn lookup(
     tx: &mut Transaction,
     dir: &FormulaId,
@@ -166,6 +189,7 @@ pub async fn set_name(
     if let Some(old) = &old {
         tx.clear(&keys::reverse(dir, old, name));
     }
+    note_ref(tx, id).await?;
     tx.set(
         &keys::name(dir, name),
         &crate::records::encode_name_entry(id),
@@ -301,6 +325,14 @@ pub async fn put_message(
             agent: agent.short(),
             number: m.number,
         });
+    }
+    match &m.body {
+        crate::records::BodyRec::Package { ids, .. } => {
+            for id in ids {
+                note_ref(tx, id).await?;
+            }
+        }
+        crate::records::BodyRec::Request { promise, .. } => note_ref(tx, promise).await?,
     }
     tx.set(&key, &m.encode())?;
     Ok(())
