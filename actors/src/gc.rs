@@ -358,6 +358,10 @@ fn size_of(rows: &[(Vec<u8>, Vec<u8>)]) -> u64 {
 impl Runtime {
     /// Runs one collection pass (see the module documentation).
     pub async fn gc(&self, opts: &GcOptions, progress: Progress) -> Result<GcReport, Error> {
+        // One pass at a time on this node (passes on other nodes are safe:
+        // every step re-checks in its transaction).
+        static PASS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+        let _pass = PASS.lock().await;
         let started = Instant::now();
         let mut report = GcReport::default();
         let db = self.db().clone();

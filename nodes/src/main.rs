@@ -364,6 +364,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             }
             Command::Du { .. } => du::du(&paths, json).await,
+            Command::Gc { keep_answers, .. } => du::gc(&paths, keep_answers, json).await,
             Command::Backup { file, store, .. } => {
                 backup::backup(&paths, &file, store.as_deref(), json).await
             }
