@@ -593,17 +593,25 @@ impl AgentHandle {
                 let (placeholder, rec) = match model::lookup(tx, &dir, p.last()).await? {
                     None => {
                         let id = FormulaId::random();
-                        model::set_name(tx, &dir, p.last(), &id).await?;
-                        (
-                            id,
-                            AcceptingRec {
-                                host: ctx.id,
-                                invitation: inv,
-                                cluster,
-                                req,
-                                handles: Vec::new(),
+                        let rec = AcceptingRec {
+                            host: ctx.id,
+                            invitation: inv,
+                            cluster,
+                            req,
+                            handles: Vec::new(),
+                        };
+                        // The formula before its name (a name must name
+                        // a formula: see `model::note_ref`).
+                        model::put_formula(
+                            tx,
+                            &id,
+                            &Formula {
+                                created_ms: now_ms(),
+                                kind: FormulaKind::Accepting(rec.clone()),
                             },
-                        )
+                        )?;
+                        model::set_name(tx, &dir, p.last(), &id).await?;
+                        (id, rec)
                     }
                     Some(id) => match model::must_formula(tx, &id).await?.kind {
                         FormulaKind::Accepting(a) if a.host == ctx.id && a.invitation == inv => {

@@ -86,6 +86,11 @@ pub enum Command {
         /// reach it may try tokens; use TLS in front of it).
         #[arg(long)]
         console_public: bool,
+        /// Collect garbage in the background every SECS seconds (a pass as
+        /// `capstan gc` runs, keeping a day of exactly-once answers). Off by
+        /// default; not remembered.
+        #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=30 * 86_400))]
+        gc_interval: Option<u64>,
         #[command(flatten)]
         out: Out,
     },

@@ -241,6 +241,7 @@ pub async fn run(
     metrics: Option<std::net::SocketAddr>,
     metrics_public: bool,
     console: crate::console::Flags,
+    gc_interval: Option<u64>,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     // Checked before anything is made or written.
@@ -373,6 +374,9 @@ pub async fn run(
 
     // Mail owed to other clusters, including what was queued before a crash.
     let outbox = tokio::task::spawn_local(net.clone().run_outbox(outbox_expiry_from_env()?));
+    if let Some(secs) = gc_interval {
+        tokio::task::spawn_local(collect_every(runtime.clone(), Duration::from_secs(secs)));
+    }
 
     // Bound before the control socket answers: once `start` sees the daemon
     // answer, the home names the metrics address it serves.
@@ -623,6 +627,7 @@ pub async fn start(
     metrics: Option<std::net::SocketAddr>,
     metrics_public: bool,
     console: crate::console::Flags,
+    gc_interval: Option<u64>,
 ) -> anyhow::Result<NodeInfo> {
     match client::ping(paths).await {
         Ok(info) => bail!(
@@ -666,6 +671,9 @@ pub async fn start(
         cmd.arg("--metrics-public");
     }
     console.args(&mut cmd);
+    if let Some(secs) = gc_interval {
+        cmd.arg("--gc-interval").arg(secs.to_string());
+    }
     let mut child = cmd
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
@@ -780,5 +788,25 @@ mod tests {
         assert!(e.contains(&format!("(pid {})", std::process::id())), "{e}");
         drop(lock);
         assert!(HomeLock::is_free(&paths));
+    }
+}
+
+/// Background garbage collection (`start --gc-interval SECS`): a pass every
+/// `every`, one at a time; a failed pass is logged and tried again later.
+async fn collect_every(runtime: Runtime, every: Duration) {
+    tracing::info!(every_s = every.as_secs(), "background garbage collection on");
+    loop {
+        tokio::time::sleep(every).await;
+        let opts = capstan_actors::gc::GcOptions::default();
+        match runtime.gc(&opts, std::sync::Arc::new(|_, _, _| {})).await {
+            Ok(r) => tracing::info!(
+                formulas = r.formulas,
+                keys = r.keys,
+                bytes = r.bytes,
+                ms = r.elapsed_ms,
+                "background gc pass"
+            ),
+            Err(e) => tracing::warn!(error = %e, "background gc pass failed"),
+        }
     }
 }

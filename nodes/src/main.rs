@@ -221,6 +221,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 metrics_public,
                 console,
                 console_public,
+                gc_interval,
                 ..
             } => {
                 daemon::run(
@@ -234,6 +235,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         addr: console,
                         public: console_public,
                     },
+                    gc_interval,
                 )
                 .await
             }
@@ -245,6 +247,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 metrics_public,
                 console,
                 console_public,
+                gc_interval,
                 ..
             } => {
                 let advertise = parse_advertise(advertise)?;
@@ -259,6 +262,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         addr: console,
                         public: console_public,
                     },
+                    gc_interval,
                 )
                 .await?;
                 let metrics_url = metrics::serving(&paths);

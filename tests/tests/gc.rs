@@ -228,3 +228,56 @@ fn gc_killed_mid_pass_completes_next_time() {
     let r = gc(&node);
     assert_eq!(r["formulas"], 0, "{r}");
 }
+
+fn formula_keys(node: &Node) -> u64 {
+    let d = node.json(["du"]);
+    d["kinds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["kind"] == "formulas")
+        .unwrap()["keys"]
+        .as_u64()
+        .unwrap()
+}
+
+#[test]
+fn the_node_collects_in_the_background_when_asked() {
+    let mut node = Node::new();
+    node.start_with(&["--gc-interval", "1"]);
+    let before = formula_keys(&node);
+    for i in 0..10 {
+        node.ok(["store", "--text", "short-lived", "--name", &format!("s{i}")]);
+    }
+    assert!(formula_keys(&node) >= before + 10);
+    for i in 0..10 {
+        node.ok(["remove", &format!("s{i}")]);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while formula_keys(&node) > before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no background pass freed the values in 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn bad_input_is_refused_and_changes_nothing() {
+    let node = Node::started();
+    node.ok(["store", "--text", "x", "--name", "x"]);
+    node.ok(["remove", "x"]);
+    let (code, err) = node.fail(["gc", "--keep-answers", "-5"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("keep-answers"), "{err}");
+    let (code, _) = node.fail(["gc", "--keep-answers", "lots"]);
+    assert_ne!(code, 0);
+    // Nothing was collected by the refused commands.
+    let r = gc(&node);
+    assert_eq!(r["values"], 1, "{r}");
+    node.ok(["stop"]);
+    let (code, err) = node.fail(["gc"]);
+    assert_ne!(code, 0);
+    assert!(!err.is_empty());
+}
