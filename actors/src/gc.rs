@@ -197,6 +197,31 @@ fn ids_in(bytes: &[u8], known: &HashMap<FormulaId, (bool, bool)>, out: &mut Vec<
     }
 }
 
+/// Formula ids that are elements of a tuple key (escaped there, so not
+/// found by a search of the raw bytes when an id holds a zero byte).
+fn ids_in_key(key: &[u8], known: &HashMap<FormulaId, (bool, bool)>, out: &mut Vec<FormulaId>) {
+    let mut rest = key;
+    while !rest.is_empty() {
+        let mut r = TupleReader::new(rest);
+        if let Ok(b) = r.bytes() {
+            if let Ok(id) = FormulaId::from_slice(&b)
+                && known.contains_key(&id)
+            {
+                out.push(id);
+            }
+        } else {
+            r = TupleReader::new(rest);
+            if r.str().is_err() {
+                r = TupleReader::new(rest);
+                if r.u64().is_err() {
+                    return;
+                }
+            }
+        }
+        rest = r.rest();
+    }
+}
+
 fn first_str(key: &[u8]) -> String {
     TupleReader::new(key).str().unwrap_or_default()
 }
@@ -315,6 +340,7 @@ async fn mark(snap: &dyn Snapshot) -> Result<Graph, Error> {
                 // journals, LLM records, cluster records, anything newer:
                 // any formula id in them is a root.
                 _ => {
+                    ids_in_key(k, &g.formulas, &mut g.roots);
                     ids_in(k, &g.formulas, &mut g.roots);
                     ids_in(v, &g.formulas, &mut g.roots);
                 }
