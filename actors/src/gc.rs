@@ -506,7 +506,8 @@ impl Runtime {
                             ahead.push(keys::formula_ref(id));
                         }
                         tx.prefetch(&ahead).await?;
-                        let (mut formulas, mut vals, mut nkeys, mut bytes) = (0u64, 0u64, 0u64, 0u64);
+                        let (mut formulas, mut vals, mut nkeys, mut bytes) =
+                            (0u64, 0u64, 0u64, 0u64);
                         for id in batch.iter() {
                             let ck = keys::condemned(id);
                             if tx.get(&ck).await?.is_none() {

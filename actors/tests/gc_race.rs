@@ -48,7 +48,11 @@ async fn bind(db: &Db, dir: FormulaId, name: &'static str, id: FormulaId) -> Res
 
 /// A pass that, the first time it reaches `phase`, names `id` as "back"
 /// (blocking the pass meanwhile).
-async fn gc_binding_at(rt: &Runtime, phase: GcPhase, id: FormulaId) -> capstan_actors::gc::GcReport {
+async fn gc_binding_at(
+    rt: &Runtime,
+    phase: GcPhase,
+    id: FormulaId,
+) -> capstan_actors::gc::GcReport {
     let dir = pet_store(rt).await;
     let db = rt.db().clone();
     let fired = Arc::new(AtomicBool::new(false));
@@ -81,7 +85,12 @@ async fn bound_before_condemned_is_kept() {
     let rt = runtime().await;
     let h = rt.root_host();
     let id = h
-        .store(RequestId::random(), "v", ValueKind::Text, b"precious".to_vec())
+        .store(
+            RequestId::random(),
+            "v",
+            ValueKind::Text,
+            b"precious".to_vec(),
+        )
         .await
         .unwrap();
     h.remove(RequestId::random(), "v").await.unwrap();
@@ -95,7 +104,12 @@ async fn bound_after_condemned_is_rescued() {
     let rt = runtime().await;
     let h = rt.root_host();
     let id = h
-        .store(RequestId::random(), "v", ValueKind::Text, b"precious".to_vec())
+        .store(
+            RequestId::random(),
+            "v",
+            ValueKind::Text,
+            b"precious".to_vec(),
+        )
         .await
         .unwrap();
     h.remove(RequestId::random(), "v").await.unwrap();
@@ -121,9 +135,14 @@ async fn a_directory_named_again_keeps_its_contents() {
         let h = rt.root_host();
         let d = h.mkdir(RequestId::random(), "d").await.unwrap();
         h.mkdir(RequestId::random(), "d.e").await.unwrap();
-        h.store(RequestId::random(), "d.e.v", ValueKind::Text, b"deep".to_vec())
-            .await
-            .unwrap();
+        h.store(
+            RequestId::random(),
+            "d.e.v",
+            ValueKind::Text,
+            b"deep".to_vec(),
+        )
+        .await
+        .unwrap();
         h.remove(RequestId::random(), "d").await.unwrap();
         let r = gc_binding_at(&rt, phase, d).await;
         assert_eq!(r.formulas, 0, "{phase:?}: {r:?}");

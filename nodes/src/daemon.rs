@@ -794,7 +794,10 @@ mod tests {
 /// Background garbage collection (`start --gc-interval SECS`): a pass every
 /// `every`, one at a time; a failed pass is logged and tried again later.
 async fn collect_every(runtime: Runtime, every: Duration) {
-    tracing::info!(every_s = every.as_secs(), "background garbage collection on");
+    tracing::info!(
+        every_s = every.as_secs(),
+        "background garbage collection on"
+    );
     loop {
         tokio::time::sleep(every).await;
         let opts = capstan_actors::gc::GcOptions::default();

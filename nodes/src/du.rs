@@ -140,7 +140,9 @@ pub async fn gc(paths: &Paths, keep_answers_secs: u64, json: bool) -> anyhow::Re
             n("elapsed_ms") as f64 / 1000.0
         );
         if get("interrupted").as_bool() == Some(true) {
-            println!("stopped early: a writer referenced a condemned formula; run `capstan gc` again");
+            println!(
+                "stopped early: a writer referenced a condemned formula; run `capstan gc` again"
+            );
         }
     }
     Ok(())

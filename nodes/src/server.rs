@@ -188,13 +188,14 @@ impl node::Server for NodeServer {
         let keep = params.get()?.get_keep_answers_ms();
         tracing::info!(keep_answers_ms = keep, "gc pass started");
         let last_log = std::sync::Mutex::new(Instant::now());
-        let progress: capstan_actors::gc::Progress = std::sync::Arc::new(move |phase, done, total| {
-            let mut last = last_log.lock().unwrap_or_else(|e| e.into_inner());
-            if last.elapsed() >= std::time::Duration::from_secs(5) {
-                *last = Instant::now();
-                tracing::info!(?phase, done, total, "gc in progress");
-            }
-        });
+        let progress: capstan_actors::gc::Progress =
+            std::sync::Arc::new(move |phase, done, total| {
+                let mut last = last_log.lock().unwrap_or_else(|e| e.into_inner());
+                if last.elapsed() >= std::time::Duration::from_secs(5) {
+                    *last = Instant::now();
+                    tracing::info!(?phase, done, total, "gc in progress");
+                }
+            });
         let opts = capstan_actors::gc::GcOptions {
             keep_answers_ms: keep,
         };

@@ -64,7 +64,13 @@ fn removed_values_and_dismissed_mail_are_freed() {
 
     parallel(VALUES, |i| {
         let name = format!("v{i}");
-        node.ok(["store", "--text", &format!("value number {i}"), "--name", &name]);
+        node.ok([
+            "store",
+            "--text",
+            &format!("value number {i}"),
+            "--name",
+            &name,
+        ]);
     });
     // Mail referring to values that are then removed from every name.
     for i in 0..20 {
@@ -73,7 +79,10 @@ fn removed_values_and_dismissed_mail_are_freed() {
         node.ok(["send", "alice", &format!("see @{name}")]);
     }
     let (full_keys, _) = du(&node);
-    assert!(full_keys > base_keys + VALUES as u64, "{full_keys} {base_keys}");
+    assert!(
+        full_keys > base_keys + VALUES as u64,
+        "{full_keys} {base_keys}"
+    );
     parallel(VALUES, |i| {
         node.ok(["remove", &format!("v{i}")]);
     });
@@ -85,7 +94,15 @@ fn removed_values_and_dismissed_mail_are_freed() {
     assert!(r["values"].as_u64().unwrap() >= VALUES as u64, "{r}");
     for m in node.inbox(&["--as", "alice"]) {
         let n = m["number"].as_u64().unwrap().to_string();
-        node.ok(["adopt", &n, &m["names"][0].as_str().unwrap().to_string(), "--name", "check", "--as", "alice"]);
+        node.ok([
+            "adopt",
+            &n,
+            &m["names"][0].as_str().unwrap().to_string(),
+            "--name",
+            "check",
+            "--as",
+            "alice",
+        ]);
         assert_eq!(node.ok(["cat", "check", "--as", "alice"]), "in the mail");
         node.ok(["remove", "check", "--as", "alice"]);
         node.ok(["dismiss", &n, "--as", "alice"]);
@@ -210,7 +227,13 @@ fn gc_killed_mid_pass_completes_next_time() {
     let mut node = Node::started();
     node.ok(["store", "--text", "keep me", "--name", "keep"]);
     parallel(600, |i| {
-        node.ok(["store", "--text", &format!("x{i}"), "--name", &format!("x{i}")]);
+        node.ok([
+            "store",
+            "--text",
+            &format!("x{i}"),
+            "--name",
+            &format!("x{i}"),
+        ]);
     });
     let (before_keys, _) = du(&node);
     parallel(600, |i| {
@@ -223,7 +246,10 @@ fn gc_killed_mid_pass_completes_next_time() {
     node.start();
     let r = gc(&node);
     let (keys, _) = du(&node);
-    assert!(keys < before_keys / 4, "{keys} keys left of {before_keys}; {r}");
+    assert!(
+        keys < before_keys / 4,
+        "{keys} keys left of {before_keys}; {r}"
+    );
     assert_eq!(node.ok(["cat", "keep"]), "keep me");
     let r = gc(&node);
     assert_eq!(r["formulas"], 0, "{r}");
@@ -375,7 +401,11 @@ fn gc_on_an_etcd_cluster_of_three_nodes() {
     for m in &inbox {
         let num = m["number"].as_u64().unwrap().to_string();
         nodes[2].ok(["adopt", &num, "got", "--name", "x", "--as", "alice"]);
-        assert!(nodes[2].ok(["cat", "x", "--as", "alice"]).starts_with("round "));
+        assert!(
+            nodes[2]
+                .ok(["cat", "x", "--as", "alice"])
+                .starts_with("round ")
+        );
         nodes[2].ok(["remove", "x", "--as", "alice"]);
         nodes[2].ok(["dismiss", &num, "--as", "alice"]);
     }
@@ -386,5 +416,8 @@ fn gc_on_an_etcd_cluster_of_three_nodes() {
     assert!(r["values"].as_u64().unwrap() >= 1, "{r}");
     let (keys, _) = du(&nodes[0]);
     // Leases, members and placements change as the nodes run: a generous bound.
-    assert!(keys <= base_keys + 20, "{keys} keys after gc; {base_keys} before the rounds");
+    assert!(
+        keys <= base_keys + 20,
+        "{keys} keys after gc; {base_keys} before the rounds"
+    );
 }
