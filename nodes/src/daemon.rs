@@ -233,6 +233,7 @@ fn pid_in(detail: &str) -> String {
 
 /// `capstan start --foreground`: serves the node in the foreground until SIGTERM, SIGINT or `Node.stop`.
 /// Must run inside a [`tokio::task::LocalSet`].
+#[allow(clippy::too_many_arguments)] // one per `start` flag
 pub async fn run(
     paths: Paths,
     listen: Option<std::net::SocketAddr>,
@@ -619,6 +620,7 @@ fn log_tail(paths: &Paths, n: usize) -> String {
 }
 
 /// `capstan start`: spawns `capstan start --foreground` detached and waits until it answers.
+#[allow(clippy::too_many_arguments)] // one per `start` flag
 pub async fn start(
     paths: &Paths,
     listen: Option<std::net::SocketAddr>,
@@ -753,6 +755,29 @@ pub async fn wait_exit(paths: &Paths, pid: u32, timeout: Duration) -> anyhow::Re
     Ok(())
 }
 
+/// Background garbage collection (`start --gc-interval SECS`): a pass every
+/// `every`, one at a time; a failed pass is logged and tried again later.
+async fn collect_every(runtime: Runtime, every: Duration) {
+    tracing::info!(
+        every_s = every.as_secs(),
+        "background garbage collection on"
+    );
+    loop {
+        tokio::time::sleep(every).await;
+        let opts = capstan_actors::gc::GcOptions::default();
+        match runtime.gc(&opts, std::sync::Arc::new(|_, _, _| {})).await {
+            Ok(r) => tracing::info!(
+                formulas = r.formulas,
+                keys = r.keys,
+                bytes = r.bytes,
+                ms = r.elapsed_ms,
+                "background gc pass"
+            ),
+            Err(e) => tracing::warn!(error = %e, "background gc pass failed"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -788,28 +813,5 @@ mod tests {
         assert!(e.contains(&format!("(pid {})", std::process::id())), "{e}");
         drop(lock);
         assert!(HomeLock::is_free(&paths));
-    }
-}
-
-/// Background garbage collection (`start --gc-interval SECS`): a pass every
-/// `every`, one at a time; a failed pass is logged and tried again later.
-async fn collect_every(runtime: Runtime, every: Duration) {
-    tracing::info!(
-        every_s = every.as_secs(),
-        "background garbage collection on"
-    );
-    loop {
-        tokio::time::sleep(every).await;
-        let opts = capstan_actors::gc::GcOptions::default();
-        match runtime.gc(&opts, std::sync::Arc::new(|_, _, _| {})).await {
-            Ok(r) => tracing::info!(
-                formulas = r.formulas,
-                keys = r.keys,
-                bytes = r.bytes,
-                ms = r.elapsed_ms,
-                "background gc pass"
-            ),
-            Err(e) => tracing::warn!(error = %e, "background gc pass failed"),
-        }
     }
 }

@@ -104,7 +104,7 @@ fn removed_values_and_dismissed_mail_are_freed() {
         node.ok([
             "adopt",
             &n,
-            &m["names"][0].as_str().unwrap().to_string(),
+            m["names"][0].as_str().unwrap(),
             "--name",
             "check",
             "--as",
