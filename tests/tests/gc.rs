@@ -98,6 +98,7 @@ fn removed_values_and_dismissed_mail_are_freed() {
     }
     // Still referenced by the messages: nothing of them goes yet.
     let r = gc(&node);
+    eprintln!("gc pass over {VALUES} removed values: {r}");
     assert!(r["values"].as_u64().unwrap() >= VALUES as u64, "{r}");
     for m in node.inbox(&["--as", "alice"]) {
         let n = m["number"].as_u64().unwrap().to_string();
