@@ -171,3 +171,32 @@ async fn binding_a_collected_formula_fails_cleanly() {
     assert!(e.to_string().contains("collected"), "{e}");
     assert!(h.show("back").await.is_err());
 }
+
+/// A figure, not a check: a pass over 10,000 removed values on the
+/// in-memory store (`cargo test -p capstan-actors --test gc_race -- --ignored --nocapture`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn figure_pass_over_ten_thousand_values() {
+    let rt = runtime().await;
+    let h = rt.root_host();
+    for i in 0..10_000 {
+        h.store(
+            RequestId::random(),
+            &format!("v{i}"),
+            ValueKind::Text,
+            vec![b'x'; 100],
+        )
+        .await
+        .unwrap();
+        h.remove(RequestId::random(), &format!("v{i}"))
+            .await
+            .unwrap();
+    }
+    let t = std::time::Instant::now();
+    let r = rt
+        .gc(&GcOptions { keep_answers_ms: 0 }, Arc::new(|_, _, _| {}))
+        .await
+        .unwrap();
+    eprintln!("gc pass: {r:?} in {:?}", t.elapsed());
+    assert_eq!(r.formulas, 10_000);
+}
