@@ -1947,6 +1947,9 @@ impl AgentHandle {
                         Err(reason) => PromiseState::Rejected(reason),
                     };
                     let state = p.state.clone();
+                    if let PromiseState::Resolved(t) = &state {
+                        model::note_ref(tx, t).await?;
+                    }
                     let answer = match (&p.resolver, &state) {
                         (Some(to), PromiseState::Resolved(id)) => Some((
                             to.clone(),

@@ -363,6 +363,13 @@ fn put_locator(tx: &mut Transaction, swiss: &[u8; 32], rec: LocatorRec) -> Resul
     let hash = swiss_hash(swiss);
     tx.set(&keys::locator(&hash), &rec.encode())?;
     tx.set(&keys::locator_of(&rec.target, &hash), &[])?;
+    // The write barrier of garbage collection, blind (this path does not
+    // read): a new stamp, and the target rescued should a pass have
+    // condemned it (the pass then stops; see `crate::gc`).
+    let stamp = swiss_hash(&hash);
+    tx.set(&keys::formula_ref(&rec.target), &stamp[..8])?;
+    tx.clear(&keys::condemned(&rec.target));
+    tx.set(&keys::gc_rescued(), &stamp[..8])?;
     Ok(())
 }
 
@@ -586,17 +593,25 @@ impl AgentHandle {
                 let (placeholder, rec) = match model::lookup(tx, &dir, p.last()).await? {
                     None => {
                         let id = FormulaId::random();
-                        model::set_name(tx, &dir, p.last(), &id).await?;
-                        (
-                            id,
-                            AcceptingRec {
-                                host: ctx.id,
-                                invitation: inv,
-                                cluster,
-                                req,
-                                handles: Vec::new(),
+                        let rec = AcceptingRec {
+                            host: ctx.id,
+                            invitation: inv,
+                            cluster,
+                            req,
+                            handles: Vec::new(),
+                        };
+                        // The formula before its name (a name must name
+                        // a formula: see `model::note_ref`).
+                        model::put_formula(
+                            tx,
+                            &id,
+                            &Formula {
+                                created_ms: now_ms(),
+                                kind: FormulaKind::Accepting(rec.clone()),
                             },
-                        )
+                        )?;
+                        model::set_name(tx, &dir, p.last(), &id).await?;
+                        (id, rec)
                     }
                     Some(id) => match model::must_formula(tx, &id).await?.kind {
                         FormulaKind::Accepting(a) if a.host == ctx.id && a.invitation == inv => {
@@ -989,6 +1004,9 @@ impl Runtime {
                         Settlement::Rejected(why) => crate::PromiseState::Rejected(why),
                     };
                     let state = p.state.clone();
+                    if let crate::PromiseState::Resolved(t) = &state {
+                        model::note_ref(tx, t).await?;
+                    }
                     model::put_formula(tx, &promise, &f)?;
                     tx.set(&keys::inbound(&item), &now_ms().to_be_bytes())?;
                     Ok((promise, Some(state)))

@@ -19,6 +19,9 @@
 //! | `("llmb", agent)` | `LlmBudget`: an agent's token and cost budget |
 //! | `("llma", agent, n)` | `LlmAudit`: model call `n` of an agent (the audit log) |
 //! | `("llmn", agent)` | next audit number of an agent, u64 big-endian |
+//! | `("fref", id)` | reference stamp: random bytes rewritten by every write of a reference to `id` (see `crate::gc`) |
+//! | `("gcx", id)` | empty: `id` is condemned by a collection pass |
+//! | `("meta", "gc-rescued")` | random bytes rewritten when a writer rescues a condemned formula |
 
 use capstan_cluster::tuple::TupleKey;
 use capstan_proto::{FormulaId, RequestId};
@@ -180,4 +183,44 @@ pub fn llm_audit_next(agent: &FormulaId) -> Vec<u8> {
         .str("llmn")
         .bytes(agent.as_bytes())
         .into_vec()
+}
+
+/// The reference stamp of a formula: rewritten (random bytes) by every
+/// transaction that writes a reference to it (a name, a message, a promise
+/// resolution, a locator). A collection pass compares it with what its mark
+/// snapshot read: a change means the formula was referenced since.
+pub fn formula_ref(id: &FormulaId) -> Vec<u8> {
+    TupleKey::new().str("fref").bytes(id.as_bytes()).into_vec()
+}
+
+/// Every reference stamp.
+pub fn formula_refs() -> Vec<u8> {
+    TupleKey::new().str("fref").into_vec()
+}
+
+/// A formula condemned by a collection pass (empty value): a writer that
+/// references it clears this and bumps [`gc_rescued`].
+pub fn condemned(id: &FormulaId) -> Vec<u8> {
+    TupleKey::new().str("gcx").bytes(id.as_bytes()).into_vec()
+}
+
+/// Every condemned formula.
+pub fn condemned_all() -> Vec<u8> {
+    TupleKey::new().str("gcx").into_vec()
+}
+
+/// Rewritten (random bytes) whenever a writer rescues a condemned formula:
+/// a pass that sees it change deletes nothing more.
+pub fn gc_rescued() -> Vec<u8> {
+    TupleKey::new().str("meta").str("gc-rescued").into_vec()
+}
+
+/// Every formula record.
+pub fn formulas() -> Vec<u8> {
+    TupleKey::new().str("f").into_vec()
+}
+
+/// Every exactly-once record.
+pub fn dedup_all() -> Vec<u8> {
+    TupleKey::new().str("d").into_vec()
 }

@@ -28,6 +28,7 @@ pub mod api;
 pub mod cluster;
 pub mod error;
 pub mod federation;
+pub mod gc;
 pub mod guest;
 pub mod incarnation;
 pub mod keys;

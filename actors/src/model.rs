@@ -46,6 +46,41 @@ pub fn put_formula(tx: &mut Transaction, id: &FormulaId, f: &Formula) -> Result<
     Ok(())
 }
 
+/// The write barrier of garbage collection (see [`crate::gc`]): every
+/// transaction that writes a reference to `id` calls this. It checks (a
+/// conflict-checked read) that the formula still exists, rewrites its
+/// reference stamp, and rescues it if a collection pass condemned it.
+pub async fn note_ref(tx: &mut Transaction, id: &FormulaId) -> Result<(), Error> {
+    note_refs(tx, std::slice::from_ref(id)).await
+}
+
+/// [`note_ref`] for several formulas, with one round of reads.
+pub async fn note_refs(tx: &mut Transaction, ids: &[FormulaId]) -> Result<(), Error> {
+    let mut ahead = Vec::with_capacity(ids.len() * 2);
+    for id in ids {
+        ahead.push(keys::formula(id));
+        ahead.push(keys::condemned(id));
+    }
+    tx.prefetch(&ahead).await?;
+    let mut stamp = [0u8; 8];
+    getrandom::fill(&mut stamp).map_err(|e| Error::Unavailable(format!("no randomness: {e}")))?;
+    for id in ids {
+        if tx.get(&keys::formula(id)).await?.is_none() {
+            return Err(Error::Invalid(format!(
+                "{} no longer exists: it was collected as garbage (nothing referred to it)",
+                id.short()
+            )));
+        }
+        tx.set(&keys::formula_ref(id), &stamp)?;
+        let ck = keys::condemned(id);
+        if tx.get(&ck).await?.is_some() {
+            tx.clear(&ck);
+            tx.set(&keys::gc_rescued(), &stamp)?;
+        }
+    }
+    Ok(())
+}
+
 pub async fn lookup(
     tx: &mut Transaction,
     dir: &FormulaId,
@@ -166,6 +201,9 @@ pub async fn set_name(
     if let Some(old) = &old {
         tx.clear(&keys::reverse(dir, old, name));
     }
+    // Naming a formula references it, and writing into a directory
+    // references the directory (a writer may hold either in memory).
+    note_refs(tx, &[*dir, *id]).await?;
     tx.set(
         &keys::name(dir, name),
         &crate::records::encode_name_entry(id),
@@ -301,6 +339,10 @@ pub async fn put_message(
             agent: agent.short(),
             number: m.number,
         });
+    }
+    match &m.body {
+        crate::records::BodyRec::Package { ids, .. } => note_refs(tx, ids).await?,
+        crate::records::BodyRec::Request { promise, .. } => note_ref(tx, promise).await?,
     }
     tx.set(&key, &m.encode())?;
     Ok(())

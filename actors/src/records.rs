@@ -664,6 +664,13 @@ impl DedupAnswer {
         to_bytes(&msg)
     }
 
+    /// When the answer was recorded (ms since the epoch).
+    pub fn decode_at_ms(bytes: &[u8]) -> Result<u64, Error> {
+        let msg = capnp::serialize::read_message_from_flat_slice(&mut &bytes[..], options())?;
+        let d = msg.get_root::<rc::dedup_record::Reader<'_>>()?;
+        Ok(d.get_at_ms())
+    }
+
     pub fn decode(bytes: &[u8]) -> Result<DedupAnswer, Error> {
         let msg = capnp::serialize::read_message_from_flat_slice(&mut &bytes[..], options())?;
         let d = msg.get_root::<rc::dedup_record::Reader<'_>>()?;

@@ -25,7 +25,7 @@ pub const MAX_PAGE_KEYS: usize = 100_000;
 
 /// The kind (an index into [`KINDS`]) of a key, from its first tuple element:
 ///
-/// - formulas: `("f", …)`
+/// - formulas: `("f", …)`, reference stamps `("fref", …)`, condemned marks `("gcx", …)`
 /// - values: `("v", …)` (the chunks of stored values)
 /// - names: `("n", …)` and the reverse index `("r", …)`
 /// - messages: `("m", …)` and inbox marks `("mark", …)`
@@ -37,7 +37,7 @@ pub const MAX_PAGE_KEYS: usize = 100_000;
 pub fn kind_of(key: &[u8]) -> usize {
     let first = TupleReader::new(key).str().unwrap_or_default();
     match first.as_str() {
-        "f" => 0,
+        "f" | "fref" | "gcx" => 0,
         "v" => 1,
         "n" | "r" => 2,
         "m" | "mark" => 3,

@@ -248,6 +248,15 @@ async fn store_text(a: &agent::Client, path: &str, text: &str) -> Result<(), Cap
     Ok(())
 }
 
+async fn remove(a: &agent::Client, path: &str) -> Result<(), CapError> {
+    let mut r = a.remove_request();
+    let mut p = r.get();
+    p.set_req_id(&RequestId::random().0);
+    p.set_path(path);
+    r.send().promise.await?;
+    Ok(())
+}
+
 async fn list_len(a: &agent::Client) -> Result<u32, CapError> {
     let mut r = a.list_request();
     r.get().set_path("");
@@ -586,6 +595,35 @@ pub async fn run(
         target: "< 0.5 ms",
         endo: "11–38 ms",
         json: json!({"p50_us": s.p50}),
+    });
+
+    // 5b. A garbage-collection pass freeing the N values just listed.
+    step(quiet, &format!("removing {} names, then gc", sizes.names));
+    let c2 = conns.clone();
+    concurrently(
+        sizes.names,
+        sizes.senders,
+        move |i| {
+            let a = c2[i % c2.len()].clone();
+            async move { remove(&a, &format!("v-{i}")).await }
+        },
+        "remove",
+    )
+    .await?;
+    let t = Instant::now();
+    let report = crate::client::gc(&paths, 86_400_000).await?;
+    let took = t.elapsed();
+    let freed = report
+        .iter()
+        .find(|(k, _)| *k == "formulas")
+        .and_then(|(_, v)| v.as_u64())
+        .unwrap_or(0);
+    rows.push(Row {
+        what: format!("gc pass freeing {freed} removed values"),
+        value: format!("{:.0} ms", took.as_secs_f64() * 1000.0),
+        target: "",
+        endo: "",
+        json: json!({"ms": took.as_secs_f64() * 1000.0, "freed": freed}),
     });
 
     // 6. One CLI command, as a process.

@@ -92,6 +92,11 @@ pub enum Command {
         /// reach it may try tokens; use TLS in front of it).
         #[arg(long)]
         console_public: bool,
+        /// Collect garbage in the background every SECS seconds (a pass as
+        /// `capstan gc` runs, keeping a day of exactly-once answers). Off by
+        /// default; not remembered.
+        #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=30 * 86_400))]
+        gc_interval: Option<u64>,
         #[command(flatten)]
         out: Out,
     },
@@ -166,6 +171,24 @@ pub enum Command {
     /// Scans the node's whole store a page at a time (bounded memory); a scan
     /// that takes more than a second shows its progress on stderr.
     Du {
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Collect garbage: delete the formulas nothing refers to any more.
+    ///
+    /// One pass: marks what the roots (the root host, every agent's names
+    /// and inbox, pending promises, locators, placements) reach on one
+    /// snapshot, then deletes the unreachable values, directories, promises
+    /// and remote references (cycles too) with their value chunks, names
+    /// and keys, in small transactions; anything referenced again during the
+    /// pass is kept. Also drops exactly-once answers older than
+    /// --keep-answers. Prints what it freed; shows progress on stderr when
+    /// it takes over a second. Safe to interrupt and to run again.
+    Gc {
+        /// Keep exactly-once answers of requests this recent (seconds); a
+        /// retry of a request older than this would apply again.
+        #[arg(long, value_name = "SECS", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(0..=10 * 365 * 86_400))]
+        keep_answers: u64,
         #[command(flatten)]
         out: Out,
     },
@@ -858,6 +881,7 @@ impl Command {
             | Command::Where { out }
             | Command::Status { out }
             | Command::Du { out }
+            | Command::Gc { out, .. }
             | Command::Backup { out, .. }
             | Command::Restore { out, .. }
             | Command::Demo { out }

@@ -161,6 +161,35 @@ pub async fn usage_page(
     answer.await.map_err(|e| classify(paths, e))
 }
 
+/// `Node.gc`: one garbage-collection pass; the report's fields by name.
+/// No retries (a pass can be run again).
+pub async fn gc(
+    paths: &Paths,
+    keep_answers_ms: u64,
+) -> Result<Vec<(&'static str, serde_json::Value)>, ClientError> {
+    let node = connect_node(paths).await?;
+    let answer = async {
+        let mut req = node.gc_request();
+        req.get().set_keep_answers_ms(keep_answers_ms);
+        let r = req.send().promise.await?;
+        let r = r.get()?.get_report()?;
+        Ok::<_, CapError>(vec![
+            ("formulas", r.get_formulas().into()),
+            ("values", r.get_values().into()),
+            ("keys", r.get_keys().into()),
+            ("bytes", r.get_bytes().into()),
+            ("answers", r.get_answers().into()),
+            ("kept", r.get_kept().into()),
+            ("scanned", r.get_scanned().into()),
+            ("reachable", r.get_reachable().into()),
+            ("candidates", r.get_candidates().into()),
+            ("interrupted", r.get_interrupted().into()),
+            ("elapsed_ms", r.get_elapsed_ms().into()),
+        ])
+    };
+    answer.await.map_err(|e| classify(paths, e))
+}
+
 /// `Node.backup`: the node writes one snapshot of its store to `path`
 /// (absolute); (pairs, bytes, version). No retries: a backup can be taken
 /// again.

@@ -233,6 +233,7 @@ fn pid_in(detail: &str) -> String {
 
 /// `capstan start --foreground`: serves the node in the foreground until SIGTERM, SIGINT or `Node.stop`.
 /// Must run inside a [`tokio::task::LocalSet`].
+#[allow(clippy::too_many_arguments)] // one per `start` flag
 pub async fn run(
     paths: Paths,
     listen: Option<std::net::SocketAddr>,
@@ -241,6 +242,7 @@ pub async fn run(
     metrics: Option<std::net::SocketAddr>,
     metrics_public: bool,
     console: crate::console::Flags,
+    gc_interval: Option<u64>,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     // Checked before anything is made or written.
@@ -393,6 +395,9 @@ pub async fn run(
 
     // Mail owed to other clusters, including what was queued before a crash.
     let outbox = tokio::task::spawn_local(net.clone().run_outbox(outbox_expiry_from_env()?));
+    if let Some(secs) = gc_interval {
+        tokio::task::spawn_local(collect_every(runtime.clone(), Duration::from_secs(secs)));
+    }
 
     // Bound before the control socket answers: once `start` sees the daemon
     // answer, the home names the metrics address it serves.
@@ -635,6 +640,7 @@ fn log_tail(paths: &Paths, n: usize) -> String {
 }
 
 /// `capstan start`: spawns `capstan start --foreground` detached and waits until it answers.
+#[allow(clippy::too_many_arguments)] // one per `start` flag
 pub async fn start(
     paths: &Paths,
     listen: Option<std::net::SocketAddr>,
@@ -643,6 +649,7 @@ pub async fn start(
     metrics: Option<std::net::SocketAddr>,
     metrics_public: bool,
     console: crate::console::Flags,
+    gc_interval: Option<u64>,
 ) -> anyhow::Result<NodeInfo> {
     match client::ping(paths).await {
         Ok(info) => bail!(
@@ -686,6 +693,9 @@ pub async fn start(
         cmd.arg("--metrics-public");
     }
     console.args(&mut cmd);
+    if let Some(secs) = gc_interval {
+        cmd.arg("--gc-interval").arg(secs.to_string());
+    }
     let mut child = cmd
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
@@ -828,6 +838,29 @@ pub fn install_secrets_key(paths: &Paths, file: &std::path::Path) -> anyhow::Res
             key.write_new(&dest).map_err(|e| anyhow!("{e}"))?;
             info!(file = %dest.display(), key_id = %key.id_hex(), "installed the secrets key");
             Ok(())
+        }
+    }
+}
+
+/// Background garbage collection (`start --gc-interval SECS`): a pass every
+/// `every`, one at a time; a failed pass is logged and tried again later.
+async fn collect_every(runtime: Runtime, every: Duration) {
+    tracing::info!(
+        every_s = every.as_secs(),
+        "background garbage collection on"
+    );
+    loop {
+        tokio::time::sleep(every).await;
+        let opts = capstan_actors::gc::GcOptions::default();
+        match runtime.gc(&opts, std::sync::Arc::new(|_, _, _| {})).await {
+            Ok(r) => tracing::info!(
+                formulas = r.formulas,
+                keys = r.keys,
+                bytes = r.bytes,
+                ms = r.elapsed_ms,
+                "background gc pass"
+            ),
+            Err(e) => tracing::warn!(error = %e, "background gc pass failed"),
         }
     }
 }

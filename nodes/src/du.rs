@@ -85,3 +85,65 @@ pub async fn du(paths: &Paths, json: bool) -> anyhow::Result<()> {
 fn human(n: u64) -> String {
     bytes_human(usize::try_from(n).unwrap_or(usize::MAX))
 }
+
+/// `capstan gc`: one collection pass on the node; what it freed.
+pub async fn gc(paths: &Paths, keep_answers_secs: u64, json: bool) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let call = crate::client::gc(paths, keep_answers_secs.saturating_mul(1000));
+    tokio::pin!(call);
+    let mut progress = false;
+    let report = loop {
+        tokio::select! {
+            r = &mut call => break r?,
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {
+                if started.elapsed() >= PROGRESS_AFTER {
+                    progress = true;
+                    let mut err = std::io::stderr().lock();
+                    let _ = write!(err, "\rcollecting garbage ({:.0} s)…", started.elapsed().as_secs_f64());
+                    let _ = err.flush();
+                }
+            }
+        }
+    };
+    if progress {
+        eprintln!();
+    }
+    let get = |k: &str| {
+        report
+            .iter()
+            .find(|(n, _)| *n == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    if json {
+        let obj: serde_json::Map<String, serde_json::Value> = report
+            .iter()
+            .map(|(k, v)| ((*k).to_string(), v.clone()))
+            .collect();
+        print_json(&serde_json::Value::Object(obj));
+    } else {
+        let n = |k: &str| get(k).as_u64().unwrap_or(0);
+        println!(
+            "freed {} formulas ({} values) and {} answers: {} keys, {} ({} bytes)",
+            n("formulas"),
+            n("values"),
+            n("answers"),
+            n("keys"),
+            human(n("bytes")),
+            n("bytes")
+        );
+        println!(
+            "scanned {} formulas, {} reachable, {} kept (referenced during the pass), {:.1} s",
+            n("scanned"),
+            n("reachable"),
+            n("kept"),
+            n("elapsed_ms") as f64 / 1000.0
+        );
+        if get("interrupted").as_bool() == Some(true) {
+            println!(
+                "stopped early: a writer referenced a condemned formula; run `capstan gc` again"
+            );
+        }
+    }
+    Ok(())
+}

@@ -223,6 +223,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 metrics_public,
                 console,
                 console_public,
+                gc_interval,
                 ..
             } => {
                 if let Some(f) = &secrets_key {
@@ -239,6 +240,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         addr: console,
                         public: console_public,
                     },
+                    gc_interval,
                 )
                 .await
             }
@@ -251,6 +253,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 metrics_public,
                 console,
                 console_public,
+                gc_interval,
                 ..
             } => {
                 let advertise = parse_advertise(advertise)?;
@@ -268,6 +271,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         addr: console,
                         public: console_public,
                     },
+                    gc_interval,
                 )
                 .await?;
                 let metrics_url = metrics::serving(&paths);
@@ -392,6 +396,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             }
             Command::Du { .. } => du::du(&paths, json).await,
+            Command::Gc { keep_answers, .. } => du::gc(&paths, keep_answers, json).await,
             Command::Backup { file, store, .. } => {
                 backup::backup(&paths, &file, store.as_deref(), json).await
             }

@@ -180,6 +180,45 @@ impl node::Server for NodeServer {
         Ok(())
     }
 
+    async fn gc(
+        self: Rc<Self>,
+        params: node::GcParams,
+        mut results: node::GcResults,
+    ) -> Result<(), CapError> {
+        let keep = params.get()?.get_keep_answers_ms();
+        tracing::info!(keep_answers_ms = keep, "gc pass started");
+        let last_log = std::sync::Mutex::new(Instant::now());
+        let progress: capstan_actors::gc::Progress =
+            std::sync::Arc::new(move |phase, done, total| {
+                let mut last = last_log.lock().unwrap_or_else(|e| e.into_inner());
+                if last.elapsed() >= std::time::Duration::from_secs(5) {
+                    *last = Instant::now();
+                    tracing::info!(?phase, done, total, "gc in progress");
+                }
+            });
+        let opts = capstan_actors::gc::GcOptions {
+            keep_answers_ms: keep,
+        };
+        let rep = self
+            .runtime
+            .gc(&opts, progress)
+            .await
+            .map_err(actor_error)?;
+        let mut r = results.get().init_report();
+        r.set_scanned(rep.scanned);
+        r.set_reachable(rep.reachable);
+        r.set_candidates(rep.candidates);
+        r.set_formulas(rep.formulas);
+        r.set_values(rep.values);
+        r.set_kept(rep.kept);
+        r.set_answers(rep.answers);
+        r.set_keys(rep.keys);
+        r.set_bytes(rep.bytes);
+        r.set_interrupted(rep.interrupted);
+        r.set_elapsed_ms(rep.elapsed_ms);
+        Ok(())
+    }
+
     async fn stop(
         self: Rc<Self>,
         _: node::StopParams,

@@ -27,6 +27,24 @@ interface Node {
   # the node's machine; `capstan backup`): consistent while the node serves.
   # The file is replaced only once the new one is whole.
   backup @4 (path :Text) -> (pairs :UInt64, bytes :UInt64, version :UInt64);
+  # One garbage-collection pass (`capstan gc`): deletes the formulas no root
+  # reaches, and exactly-once answers older than `keepAnswersMs` (the CLI
+  # sends a day unless told otherwise; 0 drops them all).
+  gc @5 (keepAnswersMs :UInt64) -> (report :GcReport);
+}
+
+struct GcReport {
+  scanned @0 :UInt64;      # formulas in the mark snapshot
+  reachable @1 :UInt64;
+  candidates @2 :UInt64;   # unreachable, of collectable kinds
+  formulas @3 :UInt64;     # deleted
+  values @4 :UInt64;       # of which values
+  kept @5 :UInt64;         # candidates referenced during the pass (and what they reach)
+  answers @6 :UInt64;      # exactly-once answers dropped
+  keys @7 :UInt64;         # keys deleted in all
+  bytes @8 :UInt64;        # bytes deleted in all (keys and values)
+  interrupted @9 :Bool;    # stopped early by a concurrent writer: run again
+  elapsedMs @10 :UInt64;
 }
 
 struct KindUsage {
