@@ -345,12 +345,24 @@ fn etcd_spec(tag: &str) -> Option<String> {
 fn gc_on_an_etcd_cluster_of_three_nodes() {
     let Some(spec) = etcd_spec("gc") else { return };
     let mut nodes = Vec::new();
+    let mut key = String::new();
     for i in 1..=3 {
         let mut n = Node::named(&format!("n{i}")).with_env("CAPSTAN_LEASE_MS", "5000");
         if i == 1 {
-            n.ok(["cluster", "init", "--store", &spec]);
+            let v = n.json(["cluster", "init", "--store", &spec]);
+            key = v["secrets_key"]
+                .as_str()
+                .expect("init names its secrets key")
+                .to_string();
         }
-        n.start_with(&["--store", &spec, "--listen", "127.0.0.1:0"]);
+        n.start_with(&[
+            "--store",
+            &spec,
+            "--listen",
+            "127.0.0.1:0",
+            "--secrets-key",
+            &key,
+        ]);
         nodes.push(n);
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(30);

@@ -363,12 +363,24 @@ fn a_routine_fires_once_per_tick_while_its_owner_is_killed() {
         return;
     };
     let mut nodes = Vec::new();
+    let mut key = String::new();
     for i in 1..=3 {
         let mut n = Node::named(&format!("n{i}")).with_env("CAPSTAN_LEASE_MS", "5000");
         if i == 1 {
-            n.json(["cluster", "init", "--store", &spec]);
+            let v = n.json(["cluster", "init", "--store", &spec]);
+            key = v["secrets_key"]
+                .as_str()
+                .expect("init names its secrets key")
+                .to_string();
         }
-        n.start_with(&["--store", &spec, "--listen", "127.0.0.1:0"]);
+        n.start_with(&[
+            "--store",
+            &spec,
+            "--listen",
+            "127.0.0.1:0",
+            "--secrets-key",
+            &key,
+        ]);
         nodes.push(n);
     }
     wait_for("three live members", || {
