@@ -23,6 +23,12 @@
 //! - [`graph`]: `capstan graph`: the capability graph (gathered by the node
 //!   through the socket's JSON `cluster` call, command `graph`), dot and SVG.
 //! - [`console`]: the web console (`start --console`, `capstan console`).
+//! - [`metrics`]: the Prometheus endpoint (`start --metrics`); [`served`]:
+//!   the address either HTTP server was bound to, remembered in the home.
+//! - [`cluster`]: `cluster init|status|members|placement|drain|leave`.
+//! - [`llm`]: `capstan llm …`; [`routines`]: `capstan routine …`.
+//! - [`du`]: `capstan du`; [`backup`]: `capstan backup` and `restore`.
+//! - [`net`]: the QUIC endpoint: peers, the gateway, member links, outbox.
 //! - [`output`]: human and `--json` rendering.
 //! - [`text`]: the `@reference` syntax of `send` and `reply`.
 //! - [`demo`]: `capstan demo`, a guided tour that drives this binary.
@@ -63,6 +69,7 @@ mod metrics;
 mod net;
 mod output;
 mod routines;
+mod served;
 mod server;
 mod text;
 

@@ -145,40 +145,13 @@ pub fn config(
 }
 
 fn remembered(paths: &Paths) -> anyhow::Result<Option<ConsoleConfig>> {
-    let file = paths.home.join(FILE);
-    let text = match std::fs::read_to_string(&file) {
-        Ok(s) => s,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(anyhow!("cannot read {}: {e}", file.display())),
-    };
-    let mut words = text.split_whitespace();
-    let Some(addr) = words.next() else {
-        return Ok(None);
-    };
-    let bad = || {
-        anyhow!(
-            "{} does not hold a HOST:PORT [public]; fix it, or remove it and pass --console",
-            file.display()
-        )
-    };
-    let addr: SocketAddr = addr.parse().map_err(|_| bad())?;
-    let public = match (words.next(), words.next()) {
-        (None, _) => false,
-        (Some("public"), None) => true,
-        _ => return Err(bad()),
-    };
-    Ok(Some(ConsoleConfig { addr, public }))
+    Ok(crate::served::remembered(paths, FILE, "--console")?
+        .map(|(addr, public)| ConsoleConfig { addr, public }))
 }
 
 /// Remembers the bound address (and public mark) for later starts.
 pub fn remember(paths: &Paths, cfg: ConsoleConfig) -> anyhow::Result<()> {
-    let file = paths.home.join(FILE);
-    let line = if cfg.public {
-        format!("{} public\n", cfg.addr)
-    } else {
-        format!("{}\n", cfg.addr)
-    };
-    std::fs::write(&file, line).map_err(|e| anyhow!("cannot write {}: {e}", file.display()))
+    crate::served::remember(paths, FILE, cfg.addr, cfg.public)
 }
 
 /// The console address the home remembers (a started daemon serves it).
