@@ -74,18 +74,9 @@ pub fn config(
     given: Option<SocketAddr>,
     public: bool,
 ) -> anyhow::Result<Option<MetricsConfig>> {
-    let cfg = match given {
-        Some(addr) => Some(MetricsConfig { addr, public }),
-        None => remembered(paths)?.map(|c| MetricsConfig {
-            addr: c.addr,
-            public: c.public || public,
-        }),
-    };
-    match cfg {
-        Some(c) => c.check().map(Some),
-        None if public => bail!("--metrics-public needs --metrics HOST:PORT"),
-        None => Ok(None),
-    }
+    crate::served::choose(paths, FILE, "--metrics", given, public)?
+        .map(|(addr, public)| MetricsConfig { addr, public }.check())
+        .transpose()
 }
 
 /// The address (and public mark) an earlier `--metrics` left in the home.

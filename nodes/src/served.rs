@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 
-use anyhow::anyhow;
+use anyhow::{anyhow, bail};
 
 use crate::daemon::Paths;
 
@@ -49,4 +49,24 @@ pub fn remember(paths: &Paths, file: &str, addr: SocketAddr, public: bool) -> an
         format!("{addr}\n")
     };
     std::fs::write(&path, line).map_err(|e| anyhow!("cannot write {}: {e}", path.display()))
+}
+
+/// What to serve on: `given` (with `public` as given), else the address
+/// remembered in `<home>/<file>` (its public mark, or `public`); `public`
+/// without either is refused (`{flag}-public needs {flag} HOST:PORT`).
+pub fn choose(
+    paths: &Paths,
+    file: &str,
+    flag: &str,
+    given: Option<SocketAddr>,
+    public: bool,
+) -> anyhow::Result<Option<(SocketAddr, bool)>> {
+    match given {
+        Some(addr) => Ok(Some((addr, public))),
+        None => match remembered(paths, file, flag)? {
+            Some((addr, was_public)) => Ok(Some((addr, was_public || public))),
+            None if public => bail!("{flag}-public needs {flag} HOST:PORT"),
+            None => Ok(None),
+        },
+    }
 }

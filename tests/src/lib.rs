@@ -733,3 +733,43 @@ pub fn guest_wasm(name: &str) -> String {
     assert!(p.exists(), "{} was not built", p.display());
     p.display().to_string()
 }
+
+/// `count` nodes `n1…` on the etcd store `spec` with a lease of `lease_ms`:
+/// n1 runs `cluster init`, every node starts with `--listen 127.0.0.1:0`
+/// and the cluster's secrets key; returns once all are live members (at
+/// most 30 s).
+pub fn start_cluster(spec: &str, count: usize, lease_ms: &str) -> Vec<Node> {
+    let mut nodes = Vec::new();
+    let mut key = String::new();
+    for i in 1..=count {
+        let mut n = Node::named(&format!("n{i}")).with_env("CAPSTAN_LEASE_MS", lease_ms);
+        if i == 1 {
+            let v = n.json(["cluster", "init", "--store", spec]);
+            key = v["secrets_key"]
+                .as_str()
+                .expect("init names its secrets key")
+                .to_string();
+        }
+        n.start_with(&[
+            "--store",
+            spec,
+            "--listen",
+            "127.0.0.1:0",
+            "--secrets-key",
+            &key,
+        ]);
+        nodes.push(n);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = nodes[0].json(["cluster", "members"]);
+        let live = m
+            .as_array()
+            .map_or(0, |a| a.iter().filter(|m| m["state"] == "live").count());
+        if live == count {
+            return nodes;
+        }
+        assert!(Instant::now() < deadline, "members: {m}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -344,42 +344,7 @@ fn etcd_spec(tag: &str) -> Option<String> {
 #[test]
 fn gc_on_an_etcd_cluster_of_three_nodes() {
     let Some(spec) = etcd_spec("gc") else { return };
-    let mut nodes = Vec::new();
-    let mut key = String::new();
-    for i in 1..=3 {
-        let mut n = Node::named(&format!("n{i}")).with_env("CAPSTAN_LEASE_MS", "5000");
-        if i == 1 {
-            let v = n.json(["cluster", "init", "--store", &spec]);
-            key = v["secrets_key"]
-                .as_str()
-                .expect("init names its secrets key")
-                .to_string();
-        }
-        n.start_with(&[
-            "--store",
-            &spec,
-            "--listen",
-            "127.0.0.1:0",
-            "--secrets-key",
-            &key,
-        ]);
-        nodes.push(n);
-    }
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let m = nodes[0].json(["cluster", "members"]);
-        let live = m
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|m| m["state"] == "live")
-            .count();
-        if live == 3 {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "members: {m}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let nodes = capstan_tests::start_cluster(&spec, 3, "5000");
     nodes[0].ok(["mkguest", "alice"]);
     gc(&nodes[2]);
     let (base_keys, _) = du(&nodes[2]);

@@ -332,16 +332,6 @@ fn etcd_spec(tag: &str) -> Option<String> {
     Some(format!("etcd://{eps}/capstan-e2e/{tag}-{nanos}"))
 }
 
-fn live(members: &Value) -> BTreeSet<String> {
-    members
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|m| m["state"] == "live")
-        .map(|m| m["name"].as_str().unwrap().to_string())
-        .collect()
-}
-
 fn wait_for(what: &str, f: impl Fn() -> Option<Value>) -> Value {
     let deadline = Instant::now() + WAIT;
     loop {
@@ -362,31 +352,7 @@ fn a_routine_fires_once_per_tick_while_its_owner_is_killed() {
     let Some(spec) = etcd_spec("routine") else {
         return;
     };
-    let mut nodes = Vec::new();
-    let mut key = String::new();
-    for i in 1..=3 {
-        let mut n = Node::named(&format!("n{i}")).with_env("CAPSTAN_LEASE_MS", "5000");
-        if i == 1 {
-            let v = n.json(["cluster", "init", "--store", &spec]);
-            key = v["secrets_key"]
-                .as_str()
-                .expect("init names its secrets key")
-                .to_string();
-        }
-        n.start_with(&[
-            "--store",
-            &spec,
-            "--listen",
-            "127.0.0.1:0",
-            "--secrets-key",
-            &key,
-        ]);
-        nodes.push(n);
-    }
-    wait_for("three live members", || {
-        let v = nodes[0].json(["cluster", "members"]);
-        (live(&v).len() == 3).then_some(v)
-    });
+    let mut nodes = capstan_tests::start_cluster(&spec, 3, "5000");
     nodes[0].ok(["mkhost", "alice"]);
     nodes[0].ok([
         "routine", "add", "beat", "--to", "alice", "--every", "1s", "--text", "ping",

@@ -130,18 +130,9 @@ pub fn config(
     given: Option<SocketAddr>,
     public: bool,
 ) -> anyhow::Result<Option<ConsoleConfig>> {
-    let cfg = match given {
-        Some(addr) => Some(ConsoleConfig { addr, public }),
-        None => remembered(paths)?.map(|c| ConsoleConfig {
-            addr: c.addr,
-            public: c.public || public,
-        }),
-    };
-    match cfg {
-        Some(c) => c.check().map(Some),
-        None if public => bail!("--console-public needs --console HOST:PORT"),
-        None => Ok(None),
-    }
+    crate::served::choose(paths, FILE, "--console", given, public)?
+        .map(|(addr, public)| ConsoleConfig { addr, public }.check())
+        .transpose()
 }
 
 fn remembered(paths: &Paths) -> anyhow::Result<Option<ConsoleConfig>> {
