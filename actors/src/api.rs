@@ -1689,6 +1689,16 @@ impl AgentHandle {
                     let (ctx, body, remote, recheck) =
                         (ctx.clone(), body.clone(), remote.clone(), recheck.clone());
                     Box::pin(async move {
+                        // A fresh request id and freshly reserved inbox slots
+                        // are absent: on a first, possibly stale attempt they
+                        // are checked by the commit instead of read (a retry,
+                        // or a slot a stale sequence handed out, conflicts,
+                        // and the attempt after reads them).
+                        tx.expect_absent(&keys::dedup(&ctx.id, &req));
+                        tx.expect_absent(&keys::message(&ctx.id, own));
+                        if target != ctx.id && remote.is_none() {
+                            tx.expect_absent(&keys::message(&target, theirs));
+                        }
                         // Everything this transaction reads for sure, in one
                         // round (with what the recipient's check reads).
                         let mut ahead = vec![

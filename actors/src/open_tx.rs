@@ -63,6 +63,14 @@ pub(crate) struct OpenTx {
     /// Checked in every transaction the batch opens (after each flush).
     fence: Option<Fence>,
     max_writes: usize,
+    /// Whether its transactions start on a snapshot that answers checked
+    /// reads from what the store remembers ([`Store::snapshot_remembering`]):
+    /// a batch commits everything it read, so a stale value costs a
+    /// conflict, never a wrong effect; a batch run again after a conflict
+    /// reads afresh.
+    ///
+    /// [`Store::snapshot_remembering`]: capstan_cluster::Store::snapshot_remembering
+    remember: bool,
     tx: tokio::sync::Mutex<Option<Transaction>>,
     side: Mutex<Side>,
 }
@@ -97,9 +105,17 @@ impl OpenTx {
             db,
             fence,
             max_writes,
+            remember: false,
             tx: tokio::sync::Mutex::new(None),
             side: Mutex::new(Side::default()),
         }
+    }
+
+    /// The same batch, reading from what the store remembers when
+    /// `remember` (see the field's documentation).
+    pub(crate) fn remembering(mut self, remember: bool) -> OpenTx {
+        self.remember = remember;
+        self
     }
 
     fn side(&self) -> std::sync::MutexGuard<'_, Side> {
@@ -155,7 +171,12 @@ impl OpenTx {
     }
 
     async fn begin(&self) -> Result<Transaction, Error> {
-        let mut tx = Transaction::new(self.db.store().snapshot().await?);
+        let snapshot = if self.remember {
+            self.db.store().snapshot_remembering().await?
+        } else {
+            self.db.store().snapshot().await?
+        };
+        let mut tx = Transaction::new(snapshot);
         if let Some(f) = &self.fence {
             f.check(&mut tx).await?;
         }

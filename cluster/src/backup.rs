@@ -362,6 +362,7 @@ async fn commit_blind(store: &dyn Store, mutations: Vec<Mutation>) -> Result<(),
     let mut attempt = 0;
     loop {
         let req = CommitRequest {
+            facts: Default::default(),
             read_version: 0,
             read_conflicts: Vec::new(),
             mutations: mutations.clone(),

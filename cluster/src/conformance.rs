@@ -624,6 +624,7 @@ pub async fn batches_never_merge_conflicting_transactions(db: &Db) -> CheckResul
     let snap = store.snapshot().await?;
     let rv = snap.version();
     let req = |read: Option<Vec<u8>>, write: Vec<u8>| CommitRequest {
+        facts: Default::default(),
         read_version: rv,
         read_conflicts: read
             .map(|k| vec![(k.clone(), crate::store::key_after(&k))])
@@ -683,6 +684,7 @@ pub async fn commit_conflicts(db: &Db) -> CheckResult {
         s2.version()
     );
     let req = |reads: Vec<(&[u8], &[u8])>, key: &[u8]| CommitRequest {
+        facts: Default::default(),
         read_version: rv,
         read_conflicts: reads
             .into_iter()
@@ -1025,6 +1027,7 @@ pub async fn versions_increase(db: &Db) -> CheckResult {
     for i in 0..5u8 {
         let v = store
             .commit(CommitRequest {
+                facts: Default::default(),
                 read_version: prev,
                 read_conflicts: vec![],
                 mutations: vec![Mutation::Set(b"ver/direct".to_vec(), vec![i])],
@@ -1053,6 +1056,7 @@ pub async fn versions_increase(db: &Db) -> CheckResult {
             let store = db.store().clone();
             store
                 .commit(CommitRequest {
+                    facts: Default::default(),
                     read_version: before,
                     read_conflicts: vec![],
                     mutations: vec![Mutation::Set(

@@ -966,6 +966,7 @@ mod tests {
     fn estimated_size_counts_prefixes_and_conflicts() {
         let l = Layout::new(DEFAULT_PREFIX);
         let req = CommitRequest {
+            facts: Default::default(),
             read_version: 1,
             read_conflicts: vec![(b"a".to_vec(), b"b".to_vec())],
             mutations: vec![Mutation::Set(b"k".to_vec(), vec![0; 100])],

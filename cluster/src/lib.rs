@@ -41,8 +41,8 @@ pub mod tuple;
 
 pub use store::{
     Checkpoint, CommitRequest, Db, KeyValue, MAX_KEY_SIZE, MAX_TRANSACTION_SIZE, MAX_VALUE_SIZE,
-    Mutation, RangeOption, SYSTEM_KEY_PREFIX, Snapshot, Store, StoreError, Transaction, TxFuture,
-    TxnError, Version,
+    Mutation, RangeOption, ReadFacts, SYSTEM_KEY_PREFIX, Snapshot, Store, StoreError, Transaction,
+    TxFuture, TxnError, Version,
 };
 
 /// Opens a store from a URL-ish string: `etcd://HOST:PORT[,HOST:PORT…][/PREFIX]`

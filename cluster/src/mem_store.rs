@@ -721,6 +721,7 @@ mod tests {
                 }
             }
             let req = CommitRequest {
+                facts: Default::default(),
                 read_version: 0,
                 read_conflicts: vec![],
                 mutations,

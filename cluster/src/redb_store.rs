@@ -1000,6 +1000,7 @@ mod tests {
     #[test]
     fn validate_rejects_oversized_requests() {
         let req = |m| CommitRequest {
+            facts: Default::default(),
             read_version: 0,
             read_conflicts: vec![],
             mutations: vec![m],

@@ -208,6 +208,15 @@ pub trait Snapshot: Send + Sync {
     fn version(&self) -> Version;
     /// The value of `key`, if any.
     async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    /// The value of `key` for a read the commit will check (the key is in
+    /// the transaction's read set, [`Transaction::get`]): a backend may
+    /// answer it from values it remembers, since the commit refuses the
+    /// transaction if the key changed since the value answered. What the
+    /// transaction learns this way counts only once it commits, as for a
+    /// snapshot that is not fresh.
+    async fn get_checked(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.get(key).await
+    }
     /// The pairs of the range, sorted (descending if `reverse`); with a limit, exactly
     /// `min(limit, available)` pairs (the transaction layer relies on it).
     async fn range(&self, opt: &RangeOption) -> Result<Vec<KeyValue>, StoreError>;
@@ -216,6 +225,36 @@ pub trait Snapshot: Send + Sync {
     /// it.
     fn is_fresh(&self) -> bool {
         true
+    }
+    /// Takes `key` as absent without reading it, if this snapshot may
+    /// (one that is not fresh, on a backend whose reads cost a round trip):
+    /// the commit then checks that the key is still absent, so a wrong
+    /// assumption fails the commit with [`StoreError::Conflict`] and never
+    /// lets it apply. Returns whether the assumption was taken (otherwise
+    /// the key is read as usual). See [`Transaction::expect_absent`].
+    fn assume_absent(&self, _key: &[u8]) -> bool {
+        false
+    }
+    /// What this snapshot learned that its commit needs (backend-private;
+    /// see [`ReadFacts`]).
+    fn facts(&self) -> ReadFacts {
+        ReadFacts::default()
+    }
+}
+
+/// Facts a backend's snapshot gathered for the commit of its transaction
+/// (say, the versions of the keys it served from a cache), carried in the
+/// [`CommitRequest`] back to the same backend; opaque to everyone else.
+#[derive(Clone, Default)]
+pub struct ReadFacts(pub Option<std::sync::Arc<dyn std::any::Any + Send + Sync>>);
+
+impl std::fmt::Debug for ReadFacts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "ReadFacts(..)"
+        } else {
+            "ReadFacts(none)"
+        })
     }
 }
 
@@ -228,6 +267,8 @@ pub struct CommitRequest {
     pub read_conflicts: Vec<(Vec<u8>, Vec<u8>)>,
     /// The writes, applied in order.
     pub mutations: Vec<Mutation>,
+    /// What the snapshot learned for this commit ([`Snapshot::facts`]).
+    pub facts: ReadFacts,
 }
 
 /// A backend: snapshot reads and optimistic commits (FoundationDB's model).
@@ -243,6 +284,15 @@ pub trait Store: Send + Sync + 'static {
     /// written after it. Backends that read the latest version cheaply
     /// answer [`snapshot`](Self::snapshot).
     async fn snapshot_for_commit(&self) -> Result<Box<dyn Snapshot>, StoreError> {
+        self.snapshot().await
+    }
+    /// A snapshot at the latest version whose checked reads
+    /// ([`Snapshot::get_checked`]) may come from values the backend
+    /// remembers: for a transaction that commits everything it reads
+    /// before anything it learned counts (a guest's batch, see
+    /// `actors::open_tx`). Its unchecked reads ([`Snapshot::get`], ranges)
+    /// are the latest version's.
+    async fn snapshot_remembering(&self) -> Result<Box<dyn Snapshot>, StoreError> {
         self.snapshot().await
     }
     /// Commits if nothing in `read_conflicts` was written after `read_version`;
@@ -343,7 +393,8 @@ impl Transaction {
             .take(MAX_PREFETCHED.saturating_sub(self.fetched.len()))
             .collect();
         let snapshot = &self.snapshot;
-        let values = futures::future::try_join_all(wanted.iter().map(|k| snapshot.get(k))).await?;
+        let values =
+            futures::future::try_join_all(wanted.iter().map(|k| snapshot.get_checked(k))).await?;
         for (k, v) in wanted.into_iter().zip(values) {
             self.fetched.insert(k.clone(), v);
         }
@@ -364,6 +415,26 @@ impl Transaction {
             && !self.is_cleared(&key)
         {
             self.fetched.entry(key).or_insert(value);
+        }
+    }
+
+    /// Says that `key` is expected to be absent (a record under a fresh
+    /// random id, an inbox slot just reserved): on a snapshot that may be
+    /// stale, a backend whose reads cost a round trip takes it as absent
+    /// without reading it, and its commit checks that it still is. If the
+    /// key exists after all, the commit conflicts and [`Db::transact`]
+    /// runs the transaction again on a fresh snapshot, where the key is
+    /// read: a wrong expectation costs a retry, never a wrong answer. On a
+    /// fresh snapshot, or a backend that reads cheaply, this does nothing.
+    pub fn expect_absent(&mut self, key: &[u8]) {
+        if self.fetched.len() < MAX_PREFETCHED
+            && !self.fetched.contains_key(key)
+            && !self.writes.contains_key(key)
+            && !self.is_cleared(key)
+            && !self.snapshot.is_fresh()
+            && self.snapshot.assume_absent(key)
+        {
+            self.fetched.insert(key.to_vec(), None);
         }
     }
 
@@ -399,7 +470,7 @@ impl Transaction {
         if let Some(v) = self.fetched.get(key) {
             return Ok(v.clone());
         }
-        let v = self.snapshot.get(key).await?;
+        let v = self.snapshot.get_checked(key).await?;
         // A snapshot never changes: keep small answers, so that a second
         // read of the key (a transaction held open across operations reads
         // the same records again) costs no round trip.
@@ -611,6 +682,7 @@ impl Transaction {
             read_version: self.snapshot.version(),
             read_conflicts: self.read_conflicts,
             mutations: self.mutations,
+            facts: self.snapshot.facts(),
         })
     }
 

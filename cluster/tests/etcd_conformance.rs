@@ -349,6 +349,7 @@ fn commit_versions_are_revisions() {
         let v = db
             .store()
             .commit(CommitRequest {
+                facts: Default::default(),
                 read_version: snap.version(),
                 read_conflicts: vec![],
                 mutations: vec![Mutation::Set(b"a".to_vec(), b"1".to_vec())],
@@ -463,5 +464,115 @@ fn a_snapshot_for_commit_never_answers_with_what_it_missed() {
                 .await;
             assert_eq!(found, Ok(b"here".to_vec()), "round {round}");
         }
+    });
+}
+
+async fn increment(db: &Db, key: &'static [u8]) {
+    db.transact(move |tx| {
+        Box::pin(async move {
+            let n = tx
+                .get(key)
+                .await?
+                .map(|v| u64::from_be_bytes(v.try_into().unwrap_or([0; 8])))
+                .unwrap_or(0);
+            tx.set(key, &(n + 1).to_be_bytes())?;
+            Ok::<_, StoreError>(())
+        })
+    })
+    .await
+    .unwrap();
+}
+
+/// Each client keeps the values it saw and wrote (`etcd_store::cache`) and
+/// answers the first attempt of its transactions from them. Two clients
+/// that both read and write one counter have each other's writes missing
+/// from their caches all the time: a cached value that reached a commit
+/// would lose an increment, so the count shows it.
+#[test]
+fn cached_values_never_lose_another_clients_update() {
+    if !etcd_enabled() {
+        return;
+    }
+    rt().block_on(async {
+        let spec = spec_for(&unique("cache"));
+        let (a, b) = (
+            capstan_cluster::open(&spec).await.unwrap(),
+            capstan_cluster::open(&spec).await.unwrap(),
+        );
+        // in turn: each one's cache holds the value it wrote, which the
+        // other one's write makes stale; each writes a key of its own
+        // first, so that its snapshot for commit is at a revision after
+        // the other's write, while its cache still holds the older value
+        for round in 0u8..25 {
+            set(&a, b"a-own", &[round]).await.unwrap();
+            increment(&a, b"n").await;
+            set(&b, b"b-own", &[round]).await.unwrap();
+            increment(&b, b"n").await;
+        }
+        // at once, from both
+        let mut tasks = Vec::new();
+        for db in [a.clone(), b.clone(), a.clone(), b.clone()] {
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..25 {
+                    increment(&db, b"n").await;
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let n = get(&a, b"n").await.unwrap().unwrap();
+        assert_eq!(u64::from_be_bytes(n.try_into().unwrap()), 150);
+        let stats: std::collections::BTreeMap<_, _> = a.store().stats().into_iter().collect();
+        assert!(
+            stats["cache_hits"] > 0,
+            "the cache was never used, so this test checked nothing: {stats:?}"
+        );
+    });
+}
+
+/// A key a transaction expects to be absent is not read on a first attempt
+/// (`Transaction::expect_absent`); when another client created it, the
+/// commit must not apply and the retry must read it.
+#[test]
+fn an_expected_absent_key_that_exists_is_read_on_the_retry() {
+    if !etcd_enabled() {
+        return;
+    }
+    rt().block_on(async {
+        let spec = spec_for(&unique("absent"));
+        let (a, b) = (
+            capstan_cluster::open(&spec).await.unwrap(),
+            capstan_cluster::open(&spec).await.unwrap(),
+        );
+        for round in 0u8..10 {
+            let slot = [b"slot-".as_slice(), &[round]].concat();
+            set(&a, &slot, b"a").await.unwrap();
+            // b's latest revision is recent: its next transaction starts on
+            // a snapshot for commit, where the assumption is taken
+            set(&b, b"b-own", &[round]).await.unwrap();
+            let s = slot.clone();
+            let seen = b
+                .transact(move |tx| {
+                    let s = s.clone();
+                    Box::pin(async move {
+                        tx.expect_absent(&s);
+                        let v = tx.get(&s).await?;
+                        if v.is_none() {
+                            tx.set(&s, b"b")?;
+                        }
+                        Ok::<_, StoreError>(v)
+                    })
+                })
+                .await
+                .unwrap();
+            assert_eq!(seen, Some(b"a".to_vec()), "round {round}");
+            assert_eq!(get(&a, &slot).await.unwrap(), Some(b"a".to_vec()));
+        }
+        let stats: std::collections::BTreeMap<_, _> = b.store().stats().into_iter().collect();
+        assert!(
+            stats["assumed_absent"] > 0,
+            "no assumption was ever taken, so this test checked nothing: {stats:?}"
+        );
     });
 }

@@ -49,6 +49,7 @@ fn everything() -> RangeOption {
 
 fn blind(key: &[u8], value: &[u8]) -> CommitRequest {
     CommitRequest {
+        facts: Default::default(),
         read_version: 0,
         read_conflicts: vec![],
         mutations: vec![Mutation::Set(key.to_vec(), value.to_vec())],
@@ -96,6 +97,7 @@ async fn scripted_run(seed: u64) -> (Vec<String>, Vec<KeyValue>, FaultCounts) {
             versions.pop_front();
         }
         let req = CommitRequest {
+            facts: Default::default(),
             read_version,
             read_conflicts: vec![read],
             mutations: vec![Mutation::Set(key, i.to_be_bytes().to_vec())],
@@ -160,6 +162,7 @@ async fn maybe_committed_is_sometimes_applied_sometimes_not() {
     for i in 0..50u32 {
         let r = store
             .commit(CommitRequest {
+                facts: Default::default(),
                 read_version: 0,
                 read_conflicts: vec![(Vec::new(), vec![0xFF])],
                 mutations: vec![Mutation::Set(b"stale".to_vec(), i.to_be_bytes().to_vec())],
@@ -461,6 +464,7 @@ async fn history_window_bounds_old_snapshots_and_memory() {
     let v = old.version();
     store
         .commit(CommitRequest {
+            facts: Default::default(),
             read_version: v,
             read_conflicts: vec![],
             mutations: vec![Mutation::ClearRange(b"a".to_vec(), b"c".to_vec())],
@@ -475,6 +479,7 @@ async fn history_window_bounds_old_snapshots_and_memory() {
     assert_eq!(old.range(&everything()).await.unwrap().len(), 2);
     assert_eq!(store.history_stats().oldest_readable, v);
     let read_b = |rv| CommitRequest {
+        facts: Default::default(),
         read_version: rv,
         read_conflicts: vec![(b"b".to_vec(), b"b\0".to_vec())],
         mutations: vec![Mutation::Set(b"c".to_vec(), vec![])],

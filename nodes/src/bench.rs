@@ -170,6 +170,98 @@ impl Drop for Daemon {
 }
 
 /// Resident set size of a process, in KiB.
+/// CPU time (user + system) a process used so far, in clock ticks
+/// (`/proc/PID/stat` fields 14 and 15); 0 when it cannot be read (gone).
+fn cpu_ticks(pid: u32) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    // The command name (field 2) may hold spaces: count fields after its ')'.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // rest starts at field 3 (state): utime is field 14, stime 15.
+    field(11) + field(12)
+}
+
+/// Pids of the etcd members serving `spec`'s endpoints (an `etcd` process
+/// whose command line names one of them): the bench's store, not any other
+/// etcd on the machine.
+fn etcd_pids(spec: &str) -> Vec<u32> {
+    let hosts = spec.trim_start_matches("etcd://");
+    let hosts = hosts.split(['/', '?']).next().unwrap_or("");
+    let endpoints: Vec<&str> = hosts.split(',').filter(|e| !e.is_empty()).collect();
+    let mut pids = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim() != "etcd" {
+            continue;
+        }
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd);
+        if endpoints.iter().any(|ep| cmd.contains(ep)) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// CPU used by the nodes, the store's members and this process (the
+/// clients) over a stretch of the bench: per operation it says where the
+/// work goes, and unlike a rate it holds on a machine busy with other work.
+struct CpuMeter {
+    nodes: Vec<u32>,
+    etcd: Vec<u32>,
+    start: [u64; 3],
+}
+
+impl CpuMeter {
+    fn start(nodes: Vec<u32>, etcd: Vec<u32>) -> CpuMeter {
+        let mut m = CpuMeter {
+            nodes,
+            etcd,
+            start: [0; 3],
+        };
+        m.start = m.read();
+        m
+    }
+
+    fn read(&self) -> [u64; 3] {
+        [
+            self.nodes.iter().map(|p| cpu_ticks(*p)).sum(),
+            self.etcd.iter().map(|p| cpu_ticks(*p)).sum(),
+            cpu_ticks(std::process::id()),
+        ]
+    }
+
+    /// "nodes 210 µs, store 480 µs, clients 60 µs" of CPU per operation.
+    fn per_op(&self, ops: usize) -> (String, serde_json::Value) {
+        // /proc reports clock ticks of USER_HZ, 100 on every Linux port.
+        let hz = 100.0;
+        let now = self.read();
+        let us =
+            |i: usize| (now[i].saturating_sub(self.start[i])) as f64 / hz * 1e6 / ops.max(1) as f64;
+        let (n, e, c) = (us(0), us(1), us(2));
+        let text = if self.etcd.is_empty() {
+            format!("nodes {n:.0} µs, clients {c:.0} µs (store members not found)")
+        } else {
+            format!(
+                "nodes {n:.0} µs, store {e:.0} µs ({} members), clients {c:.0} µs",
+                self.etcd.len()
+            )
+        };
+        (text, json!({"nodes_us": n, "store_us": e, "clients_us": c}))
+    }
+}
+
 fn rss_kib(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
@@ -296,7 +388,12 @@ async fn last_inbox_number(a: &agent::Client) -> Result<Option<u64>, CapError> {
 /// Commits/s of blind 3-key transactions (a send writes two message records
 /// and an exactly-once record) from `writers` concurrent writers straight
 /// through the store layer, with its batching; and their p50 latency (µs).
-async fn store_ceiling(spec: &str, writers: usize, total: usize) -> anyhow::Result<(f64, f64)> {
+async fn store_ceiling(
+    spec: &str,
+    writers: usize,
+    total: usize,
+    reads: bool,
+) -> anyhow::Result<(f64, f64)> {
     let db = capstan_cluster::open(spec).await?;
     let t = Instant::now();
     let lat = concurrently(
@@ -316,6 +413,22 @@ async fn store_ceiling(spec: &str, writers: usize, total: usize) -> anyhow::Resu
                 db.transact(move |tx| {
                     let (a, b, c) = (a.clone(), b.clone(), c.clone());
                     Box::pin(async move {
+                        if reads {
+                            // a send's shape: its keys, and as many again
+                            // that it only reads
+                            let more: Vec<Vec<u8>> = [&a, &b, &c]
+                                .iter()
+                                .map(|k| [k.as_slice(), b"r"].concat())
+                                .collect();
+                            let all = [a.clone(), b.clone(), c.clone()]
+                                .into_iter()
+                                .chain(more)
+                                .collect::<Vec<_>>();
+                            tx.prefetch(&all).await?;
+                            for k in &all {
+                                tx.get(k).await?;
+                            }
+                        }
                         tx.set(&a, &[7u8; 200])?;
                         tx.set(&b, &[7u8; 200])?;
                         tx.set(&c, &[7u8; 48])?;
@@ -876,16 +989,31 @@ async fn cluster_rows(
     // What the store alone sustains, before any node runs: the ceiling of
     // durable sends on this machine.
     step(false, "cluster: the store alone");
-    let (rate, p50) = store_ceiling(&spec, sizes.senders, sizes.sends * 2).await?;
+    let cpu = CpuMeter::start(Vec::new(), etcd_pids(&spec));
+    let (rate, p50) = store_ceiling(&spec, sizes.senders, sizes.sends * 2, false).await?;
+    let (cpu_text, cpu_json) = cpu.per_op(sizes.sends * 2);
+    let cpu = CpuMeter::start(Vec::new(), etcd_pids(&spec));
+    let (rrate, rp50) = store_ceiling(&spec, sizes.senders, sizes.sends * 2, true).await?;
+    let (rcpu_text, rcpu_json) = cpu.per_op(sizes.sends * 2);
     rows.push(Row {
         what: format!(
             "cluster: the store alone, commits/s of a send's 3 keys, {} writers (no reads: a ceiling for sends)",
             sizes.senders
         ),
-        value: format!("{rate:.0} /s (p50 {})", ms(p50)),
+        value: format!("{rate:.0} /s (p50 {}; CPU per commit: {cpu_text})", ms(p50)),
         target: "",
         endo: "",
-        json: json!({"per_s": rate, "p50_us": p50}),
+        json: json!({"per_s": rate, "p50_us": p50, "cpu": cpu_json}),
+    });
+    rows.push(Row {
+        what: "cluster: … the same commits after 6 point reads (a send's shape)".into(),
+        value: format!(
+            "{rrate:.0} /s (p50 {}; CPU per commit: {rcpu_text})",
+            ms(rp50)
+        ),
+        target: "",
+        endo: "",
+        json: json!({"per_s": rrate, "p50_us": rp50, "cpu": rcpu_json}),
     });
     let mut daemons = Vec::new();
     let mut paths = Vec::new();
@@ -930,6 +1058,8 @@ async fn cluster_rows(
     let conns = Rc::new(conns);
     let total = sizes.sends * 2;
     let before = store_counters(&hosts).await?;
+    let node_pids: Vec<u32> = daemons.iter().flatten().map(|d| d.child.id()).collect();
+    let cpu = CpuMeter::start(node_pids.clone(), etcd_pids(&spec));
     let t = Instant::now();
     let c2 = conns.clone();
     let lat = concurrently(
@@ -965,6 +1095,14 @@ async fn cluster_rows(
         target: "",
         endo: "",
         json: json!(null),
+    });
+    let (text, cpu_json) = cpu.per_op(total);
+    rows.push(Row {
+        what: "cluster: CPU per send".into(),
+        value: text,
+        target: "",
+        endo: "",
+        json: cpu_json,
     });
 
     // Request round trip: g0 asks the host through node 2, the host answers
@@ -1086,6 +1224,7 @@ async fn cluster_rows(
         let start = handled(hosts.clone()).await?;
         let total = sizes.sends / 2;
         let before = store_counters(&hosts).await?;
+        let cpu = CpuMeter::start(node_pids.clone(), etcd_pids(&spec));
         let t = Instant::now();
         let c2 = conns.clone();
         concurrently(
@@ -1125,6 +1264,14 @@ async fn cluster_rows(
             target: "",
             endo: "",
             json: json!(null),
+        });
+        let (text, cpu_json) = cpu.per_op(total);
+        rows.push(Row {
+            what: "cluster: … CPU per message".into(),
+            value: text,
+            target: "",
+            endo: "",
+            json: cpu_json,
         });
     } else {
         eprintln!(

@@ -249,6 +249,10 @@ pub enum Command {
         /// With --cluster: how many nodes to start (1 to 16).
         #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=16))]
         nodes: u16,
+        /// How many sends the send rows make (default 2,000 per phase; 200
+        /// with --quick): more gives steadier figures and time to profile.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+        sends: Option<u32>,
         #[command(flatten)]
         out: Out,
     },

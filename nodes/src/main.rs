@@ -184,15 +184,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         guests,
         cluster,
         nodes,
+        sends,
         ..
     } = cli.command
     {
         init_logging(false);
-        let sizes = if quick {
+        let mut sizes = if quick {
             bench::Sizes::quick()
         } else {
             bench::Sizes::full()
         };
+        if let Some(n) = sends {
+            sizes.sends = n as usize;
+        }
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;

@@ -165,7 +165,8 @@ async fn drain(
     let mut discards = 0;
     loop {
         // One snapshot for the listing and the handling that follows.
-        let open = Arc::new(OpenTx::new(rt.db.clone(), agent.fence.clone()));
+        let open =
+            Arc::new(OpenTx::new(rt.db.clone(), agent.fence.clone()).remembering(discards == 0));
         let mut within = agent.clone();
         within.open = Some(open.clone());
         let Some(batch) = next_run(&agent, Some(&within), &mut holes).await? else {

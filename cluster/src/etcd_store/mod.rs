@@ -137,6 +137,7 @@
 //! ambiguous failure) and a few bytes each; they are kept.
 
 mod batch;
+mod cache;
 mod reads;
 
 use std::collections::BTreeMap;
@@ -152,7 +153,8 @@ use crate::etcd_rpc::{
 };
 
 use crate::store::{
-    CommitRequest, KeyValue, Mutation, RangeOption, Snapshot, Store, StoreError, Version, key_after,
+    CommitRequest, KeyValue, Mutation, RangeOption, ReadFacts, Snapshot, Store, StoreError,
+    Version, key_after,
 };
 
 /// Default key prefix of a store.
@@ -645,6 +647,8 @@ struct Inner {
     guard: Vec<u8>,
     /// Mod revisions seen by snapshot gets, so commits need not read them again.
     observed: std::sync::Mutex<Observed>,
+    /// Values seen, for snapshots that are not fresh (see [`cache`]).
+    cache: std::sync::Mutex<cache::ValueCache>,
     lease: Mutex<Option<(i64, Instant)>>,
     /// Snapshots waiting for a read of the current revision (see
     /// [`Inner::snapshot_revision`]).
@@ -674,6 +678,10 @@ struct Counters {
     conflicts: AtomicU64,
     /// Txn requests carrying commits (one per batch), and their time in µs.
     commit_txns: AtomicU64,
+    /// Single-key reads answered from the cache, and keys taken as absent
+    /// without a read ([`crate::Transaction::expect_absent`]).
+    cache_hits: AtomicU64,
+    assumed_absent: AtomicU64,
     commit_us: AtomicU64,
 }
 
@@ -719,6 +727,7 @@ impl EtcdStore {
             endpoints,
             lease: Mutex::new(None),
             observed: std::sync::Mutex::new(Observed::default()),
+            cache: std::sync::Mutex::new(cache::ValueCache::default()),
             revisions: std::sync::Mutex::new(RevisionReads::default()),
             latest: AtomicU64::new(0),
             latest_at_ms: AtomicU64::new(0),
@@ -895,13 +904,20 @@ impl Inner {
         end: &[u8],
         revision: Version,
         max: usize,
+        facts: Option<&Facts>,
     ) -> Result<Option<Vec<(Vec<u8>, i64)>>, StoreError> {
         if end == key_after(begin).as_slice() {
-            let seen = self
-                .observed
-                .lock()
-                .map_err(|_| StoreError::Io("etcd store state poisoned by a panic".into()))?
-                .get(revision, begin);
+            // What the snapshot served (maybe from the cache) first: the
+            // compare must hold the mod revision of the value it served.
+            let served = facts.and_then(|f| f.lock().ok()?.get(begin).copied());
+            let seen = match served {
+                Some(m) => Some(m),
+                None => self
+                    .observed
+                    .lock()
+                    .map_err(|_| StoreError::Io("etcd store state poisoned by a panic".into()))?
+                    .get(revision, begin),
+            };
             if let Some(m) = seen {
                 return Ok(Some(if m == 0 {
                     Vec::new()
@@ -957,12 +973,17 @@ impl Inner {
     ) -> Result<(Vec<Compare>, usize, bool), StoreError> {
         let ranges = merge_ranges(req.read_conflicts.clone());
         let next = i64::try_from(req.read_version).unwrap_or(i64::MAX - 1) + 1;
+        let facts = req
+            .facts
+            .0
+            .as_ref()
+            .and_then(|f| f.clone().downcast::<Facts>().ok());
         // Precise: one compare per single key, per range and per key of a range.
         if ranges.len() <= budget {
             let fetched = futures::future::try_join_all(
                 ranges
                     .iter()
-                    .map(|(b, e)| self.keys_at(b, e, req.read_version, budget)),
+                    .map(|(b, e)| self.keys_at(b, e, req.read_version, budget, facts.as_deref())),
             )
             .await?;
             let needed: Option<usize> = ranges
@@ -1039,6 +1060,18 @@ impl Inner {
             0,
             Compare::create_revision(marker.clone(), compare_result::EQUAL, 0),
         );
+        // What the cache learns from the outcome (see [`cache`]).
+        let single_reads: Vec<Vec<u8>> = req
+            .read_conflicts
+            .iter()
+            .filter(|(b, e)| *e == key_after(b))
+            .map(|(b, _)| b.clone())
+            .collect();
+        let learn_puts: Vec<(Vec<u8>, Option<Vec<u8>>)> = puts
+            .iter()
+            .map(|(k, v)| (k.clone(), (v.len() <= cache::MAX_VALUE).then(|| v.clone())))
+            .collect();
+        let learn_deletes = deletes.clone();
         let mut writes: Vec<RequestOp> = Vec::new();
         let mut written: Vec<KeyRange> = Vec::with_capacity(deletes.len() + puts.len());
         for (b, e) in &deletes {
@@ -1078,7 +1111,43 @@ impl Inner {
             shape,
             reply,
         };
-        self.committer.commit(member, rx).await
+        let r = self.committer.commit(member, rx).await;
+        if let Ok(mut c) = self.cache.lock() {
+            match &r {
+                Ok(v) => {
+                    let m = i64::try_from(*v).unwrap_or(i64::MAX);
+                    for (b, e) in &learn_deletes {
+                        if *e == key_after(b) {
+                            c.learn(b, None, 0, *v);
+                        } else {
+                            c.forget_range(b, e);
+                        }
+                    }
+                    for (k, value) in &learn_puts {
+                        match value {
+                            Some(value) => c.learn(k, Some(value), m, *v),
+                            None => c.forget(k),
+                        }
+                    }
+                }
+                Err(StoreError::Conflict) => {
+                    // something it read changed: read it afresh next time
+                    for k in &single_reads {
+                        c.forget(k);
+                    }
+                }
+                Err(_) => {
+                    // maybe applied, maybe not
+                    for k in single_reads.iter().chain(learn_puts.iter().map(|(k, _)| k)) {
+                        c.forget(k);
+                    }
+                    for (b, e) in &learn_deletes {
+                        c.forget_range(b, e);
+                    }
+                }
+            }
+        }
+        r
     }
 
     /// Decides an ambiguous commit by its marker: fences it if absent.
@@ -1242,6 +1311,7 @@ impl Store for EtcdStore {
             inner: self.inner.clone(),
             version,
             fresh: true,
+            facts: None,
         }))
     }
 
@@ -1254,6 +1324,17 @@ impl Store for EtcdStore {
             inner: self.inner.clone(),
             version,
             fresh: false,
+            facts: Some(Arc::default()),
+        }))
+    }
+
+    async fn snapshot_remembering(&self) -> Result<Box<dyn Snapshot>, StoreError> {
+        let version = self.inner.snapshot_revision().await?;
+        Ok(Box::new(EtcdSnapshot {
+            inner: self.inner.clone(),
+            version,
+            fresh: true,
+            facts: Some(Arc::default()),
         }))
     }
 
@@ -1295,9 +1376,16 @@ impl EtcdStore {
             ("conflicts", get(&c.conflicts)),
             ("commit_txns", get(&c.commit_txns)),
             ("commit_us", get(&c.commit_us)),
+            ("cache_hits", get(&c.cache_hits)),
+            ("assumed_absent", get(&c.assumed_absent)),
         ]
     }
 }
+
+/// Mod revisions of the single keys a snapshot that is not fresh served
+/// (0: absent), for its commit's compares: from the cache they need not be
+/// the mod revisions at the snapshot's revision (see [`cache`]).
+type Facts = std::sync::Mutex<std::collections::HashMap<Vec<u8>, i64>>;
 
 struct EtcdSnapshot {
     inner: Arc<Inner>,
@@ -1305,6 +1393,19 @@ struct EtcdSnapshot {
     /// False when read at a recently seen revision rather than the latest
     /// ([`Store::snapshot_for_commit`]).
     fresh: bool,
+    /// `Some` when its checked reads may be answered from the cache
+    /// ([`Store::snapshot_for_commit`], [`Store::snapshot_remembering`]).
+    facts: Option<Arc<Facts>>,
+}
+
+impl EtcdSnapshot {
+    fn note(&self, key: &[u8], mod_revision: i64) {
+        if let Some(f) = &self.facts
+            && let Ok(mut f) = f.lock()
+        {
+            f.insert(key.to_vec(), mod_revision);
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -1314,22 +1415,64 @@ impl Snapshot for EtcdSnapshot {
     }
 
     fn is_fresh(&self) -> bool {
-        self.fresh
+        self.fresh && self.facts.is_none()
     }
 
+    fn assume_absent(&self, key: &[u8]) -> bool {
+        if self.facts.is_none() {
+            return false;
+        }
+        bump(&self.inner.counters.assumed_absent, 1);
+        self.note(key, 0);
+        true
+    }
+
+    fn facts(&self) -> ReadFacts {
+        ReadFacts(
+            self.facts
+                .clone()
+                .map(|f| f as Arc<dyn std::any::Any + Send + Sync>),
+        )
+    }
+
+    async fn get_checked(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        if self.facts.is_some() {
+            let hit = self
+                .inner
+                .cache
+                .lock()
+                .ok()
+                .and_then(|c| c.get(key).cloned());
+            if let Some(e) = hit {
+                bump(&self.inner.counters.cache_hits, 1);
+                self.note(key, e.mod_revision);
+                return Ok(e.value);
+            }
+        }
+        self.get(key).await
+    }
+
+    /// Never from the cache: an unchecked read must be what the snapshot's
+    /// revision holds.
     async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         let kv = self
             .inner
             .reader
             .get(self.inner.dk(key), self.version)
             .await?;
+        let m = kv.as_ref().map(|kv| kv.mod_revision).unwrap_or(0);
         if let Ok(mut seen) = self.inner.observed.lock() {
-            seen.record(
-                self.version,
+            seen.record(self.version, key, m);
+        }
+        if let Ok(mut c) = self.inner.cache.lock() {
+            c.learn(
                 key,
-                kv.as_ref().map(|kv| kv.mod_revision).unwrap_or(0),
+                kv.as_ref().map(|kv| kv.value.as_slice()),
+                m,
+                self.version,
             );
         }
+        self.note(key, m);
         Ok(kv.map(|kv| kv.value))
     }
 
