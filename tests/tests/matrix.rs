@@ -84,7 +84,11 @@ fn http(
     let chunked = head
         .to_ascii_lowercase()
         .contains("transfer-encoding: chunked");
-    let body = if chunked { dechunk(rest) } else { rest.to_string() };
+    let body = if chunked {
+        dechunk(rest)
+    } else {
+        rest.to_string()
+    };
     Ok((status, serde_json::from_str(&body).unwrap_or(Value::Null)))
 }
 
@@ -293,7 +297,13 @@ fn setup() -> Option<Setup> {
         "--insecure-http",
     ]);
     let config = json!({"homeserver": hs, "agent": "helper"}).to_string();
-    node.ok(["store", "--text", config.as_str(), "--name", "matrix-config"]);
+    node.ok([
+        "store",
+        "--text",
+        config.as_str(),
+        "--name",
+        "matrix-config",
+    ]);
     let channel = guest_wasm("matrix-channel");
     let info = node.json([
         "install",
@@ -346,8 +356,7 @@ fn a_person_in_a_room_talks_with_the_llm_agent() {
     assert_eq!(body(&e), "Paris is the capital of **France**.");
     assert_eq!(e["content"]["format"], "org.matrix.custom.html", "{e}");
     assert_eq!(
-        e["content"]["formatted_body"],
-        "Paris is the capital of <strong>France</strong>.",
+        e["content"]["formatted_body"], "Paris is the capital of <strong>France</strong>.",
         "{e}"
     );
     // the model saw the person's words, and who wrote them
@@ -378,6 +387,9 @@ fn a_person_in_a_room_talks_with_the_llm_agent() {
 #[test]
 fn a_proposal_from_a_room_is_endowed_by_the_host_and_answered_in_the_room() {
     let Some(s) = setup() else { return };
+    let evaluator = guest_wasm("evaluator");
+    s.node
+        .ok(["install", evaluator.as_str(), "--name", "evaluator"]);
     s.server.push(Reply::Tools {
         text: "Let me compute that.".into(),
         calls: vec![(
@@ -448,12 +460,18 @@ fn kill_9_mid_conversation_loses_and_repeats_nothing_in_the_room() {
     s.alice.wait_for(&s.hs, &s.room, &s.bot.id, "Answer three.");
     s.server.push(Reply::text("Sentinel seen."));
     s.alice.say(&s.hs, &s.room, "Sentinel.");
-    s.alice.wait_for(&s.hs, &s.room, &s.bot.id, "Sentinel seen.");
+    s.alice
+        .wait_for(&s.hs, &s.room, &s.bot.id, "Sentinel seen.");
 
     let t = s.alice.timeline(&s.hs, &s.room);
     let said: Vec<(String, String)> = t
         .iter()
-        .map(|e| (e["sender"].as_str().unwrap_or("").to_string(), body(e).to_string()))
+        .map(|e| {
+            (
+                e["sender"].as_str().unwrap_or("").to_string(),
+                body(e).to_string(),
+            )
+        })
         .collect();
     let (a, b) = (s.alice.id.clone(), s.bot.id.clone());
     let expected: Vec<(String, String)> = [

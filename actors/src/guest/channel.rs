@@ -147,7 +147,11 @@ impl ch_host::Host for ChannelState {
                 "a channel may emit at most {MAX_EMITS} messages per call"
             )));
         }
-        let to = if to.is_empty() { "HOST".to_string() } else { to };
+        let to = if to.is_empty() {
+            "HOST".to_string()
+        } else {
+            to
+        };
         let req = emit_request(&self.agent.id(), &key);
         let sent = self.block(self.agent.send(req, &to, vec![text], vec![], None));
         Ok(match sent {
@@ -370,19 +374,25 @@ async fn respond_all(
         };
         for (number, msg, encoded) in batch {
             if let Some(msg) = msg {
-                let context = crate::records::MessageRec::decode(&encoded)
-                    .ok()
-                    .map(|m| ch_host::MessageContext {
+                let context = crate::records::MessageRec::decode(&encoded).ok().map(|m| {
+                    ch_host::MessageContext {
                         message_id: hex::encode(m.message_id.0),
                         reply_to: m.reply_to.map(|r| hex::encode(r.0)),
-                    });
+                    }
+                });
                 if live.is_none() {
                     *live = launch(gh, rt, agent, hash, limits).await?;
                 }
                 if let Some(l) = live.take() {
                     let (recipient, text) = split_recipient(&msg.text);
-                    let (l, answer) =
-                        call(gh, agent, l, Call::Respond(recipient, text, context), limits).await?;
+                    let (l, answer) = call(
+                        gh,
+                        agent,
+                        l,
+                        Call::Respond(recipient, text, context),
+                        limits,
+                    )
+                    .await?;
                     *live = l;
                     if let Some(e) = answer {
                         let req = super::derived_request(&agent.id(), number, u32::MAX - 1);

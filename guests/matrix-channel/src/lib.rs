@@ -139,7 +139,8 @@ fn load() -> Result<Sync, String> {
     let Some(t) = host::state_get(STATE)? else {
         return Ok(Sync::default());
     };
-    let v: Value = serde_json::from_str(&t).map_err(|e| format!("my sync state is damaged: {e}"))?;
+    let v: Value =
+        serde_json::from_str(&t).map_err(|e| format!("my sync state is damaged: {e}"))?;
     let threads = v["threads"]
         .as_array()
         .map(|a| {
@@ -189,7 +190,11 @@ fn poll(cfg: &Config) -> Result<(), String> {
     let mut path = format!(
         "/_matrix/client/v3/sync?filter={}&timeout={}",
         enc(&filter.to_string()),
-        if s.since.is_some() { cfg.sync_timeout_ms } else { 0 }
+        if s.since.is_some() {
+            cfg.sync_timeout_ms
+        } else {
+            0
+        }
     );
     if let Some(since) = &s.since {
         path.push_str(&format!("&since={}", enc(since)));
@@ -203,7 +208,10 @@ fn poll(cfg: &Config) -> Result<(), String> {
     {
         for room in invites.keys() {
             if !wanted(cfg, room) {
-                log(LogLevel::Info, &format!("not joining {room}: not in my rooms"));
+                log(
+                    LogLevel::Info,
+                    &format!("not joining {room}: not in my rooms"),
+                );
                 continue;
             }
             match call(
@@ -229,7 +237,9 @@ fn poll(cfg: &Config) -> Result<(), String> {
             if r["timeline"]["limited"].as_bool() == Some(true) {
                 log(
                     LogLevel::Warn,
-                    &format!("{room}: more than {TIMELINE_LIMIT} messages since the last sync; older ones skipped"),
+                    &format!(
+                        "{room}: more than {TIMELINE_LIMIT} messages since the last sync; older ones skipped"
+                    ),
                 );
             }
             for ev in r["timeline"]["events"].as_array().into_iter().flatten() {
@@ -274,10 +284,19 @@ fn formatted(text: &str) -> Option<String> {
         let after = &rest[i + 3..];
         let Some(j) = after.find("```") else { break };
         html.push_str(&inline(&esc(&rest[..i]), &mut marked));
-        let code = after[..j].split_once('\n').map_or(&after[..j], |(lang, c)| {
-            if lang.trim().chars().all(|c| c.is_ascii_alphanumeric()) { c } else { &after[..j] }
-        });
-        html.push_str(&format!("<pre><code>{}</code></pre>", esc(code.trim_end_matches('\n'))));
+        let code = after[..j]
+            .split_once('\n')
+            .map_or(&after[..j], |(lang, c)| {
+                if lang.trim().chars().all(|c| c.is_ascii_alphanumeric()) {
+                    c
+                } else {
+                    &after[..j]
+                }
+            });
+        html.push_str(&format!(
+            "<pre><code>{}</code></pre>",
+            esc(code.trim_end_matches('\n'))
+        ));
         marked = true;
         rest = after[j + 3..].trim_start_matches('\n');
     }
@@ -293,7 +312,13 @@ fn inline(s: &str, marked: &mut bool) -> String {
             out.push_str("<br>");
         }
         let mut l = line.to_string();
-        for (mark, tag) in [("`", "code"), ("**", "strong"), ("__", "strong"), ("*", "em"), ("_", "em")] {
+        for (mark, tag) in [
+            ("`", "code"),
+            ("**", "strong"),
+            ("__", "strong"),
+            ("*", "em"),
+            ("_", "em"),
+        ] {
             l = pairs(&l, mark, tag, marked);
         }
         l = links(&l, marked);
@@ -322,7 +347,10 @@ fn pairs(s: &str, mark: &str, tag: &str, marked: &mut bool) -> String {
         let inner = &after[..j];
         let word_inside = mark.starts_with('_')
             && (rest[..i].chars().last().is_some_and(char::is_alphanumeric)
-                || after[j + mark.len()..].chars().next().is_some_and(char::is_alphanumeric));
+                || after[j + mark.len()..]
+                    .chars()
+                    .next()
+                    .is_some_and(char::is_alphanumeric));
         if inner.is_empty() || inner.starts_with(' ') || inner.ends_with(' ') || word_inside {
             out.push_str(&rest[..i + mark.len()]);
             rest = after;
@@ -344,7 +372,9 @@ fn links(s: &str, marked: &mut bool) -> String {
     while let Some(i) = rest.find('[') {
         let after = &rest[i + 1..];
         let Some(j) = after.find("](") else { break };
-        let Some(k) = after[j + 2..].find(')') else { break };
+        let Some(k) = after[j + 2..].find(')') else {
+            break;
+        };
         let (label, url) = (&after[..j], &after[j + 2..j + 2 + k]);
         if url.starts_with("http://") || url.starts_with("https://") {
             out.push_str(&rest[..i]);
@@ -392,14 +422,29 @@ impl Guest for MatrixChannel {
                 .clamp(100, 30_000) as u32,
             me: String::new(),
         };
-        let who = call(&cfg, "GET", "/_matrix/client/v3/account/whoami", None, 15_000)?;
+        let who = call(
+            &cfg,
+            "GET",
+            "/_matrix/client/v3/account/whoami",
+            None,
+            15_000,
+        )?;
         cfg.me = who["user_id"]
             .as_str()
             .ok_or("whoami answered no user_id")?
             .to_string();
         log(
             LogLevel::Info,
-            &format!("{} on {}, mailing {}", cfg.me, cfg.homeserver, if cfg.agent.is_empty() { "HOST" } else { &cfg.agent }),
+            &format!(
+                "{} on {}, mailing {}",
+                cfg.me,
+                cfg.homeserver,
+                if cfg.agent.is_empty() {
+                    "HOST"
+                } else {
+                    &cfg.agent
+                }
+            ),
         );
         *CONFIG.lock().map_err(|_| "poisoned".to_string())? = Some(cfg);
         Ok(ChannelConfig {
