@@ -453,6 +453,8 @@ fn kill_9_mid_conversation_loses_and_repeats_nothing_in_the_room() {
     s.node.kill9();
     s.node.start();
     s.alice.wait_for(&s.hs, &s.room, &s.bot.id, "Answer two.");
+    // the turn cut short was asked again after the restart
+    assert_eq!(s.server.requests().len(), 3);
 
     // a third exchange after the restart, then the sentinel
     s.server.push(Reply::text("Answer three."));

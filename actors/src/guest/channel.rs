@@ -590,7 +590,26 @@ async fn call(
 
 #[cfg(test)]
 mod tests {
-    use super::split_recipient;
+    use super::{emit_request, split_recipient, state_name};
+    use capstan_proto::FormulaId;
+
+    #[test]
+    fn state_names_are_bounded_and_plain() {
+        assert_eq!(state_name("sync").unwrap(), "state-sync");
+        assert!(state_name("").is_err());
+        assert!(state_name("Sync").is_err());
+        assert!(state_name("a.b").is_err());
+        assert!(state_name(&"a".repeat(65)).is_err());
+        assert!(state_name(&"a".repeat(64)).is_ok());
+    }
+
+    #[test]
+    fn an_emit_key_gives_one_request_per_channel() {
+        let (a, b) = (FormulaId::random(), FormulaId::random());
+        assert!(emit_request(&a, "$ev1") == emit_request(&a, "$ev1"));
+        assert!(emit_request(&a, "$ev1") != emit_request(&a, "$ev2"));
+        assert!(emit_request(&a, "$ev1") != emit_request(&b, "$ev1"));
+    }
 
     #[test]
     fn a_leading_at_names_the_recipient() {
