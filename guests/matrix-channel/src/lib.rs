@@ -41,8 +41,11 @@ use serde_json::{Value, json};
 const MAX_THREADS: usize = 256;
 /// Messages fetched per room per sync.
 const TIMELINE_LIMIT: u32 = 100;
-/// Longest message body taken from a room.
+/// Longest message body taken from a room, bytes (mail is at most 64 KiB).
 const MAX_BODY: usize = 32 * 1024;
+/// Most messages emitted per poll (the host allows 256 per call); past it
+/// the rest of the sync is skipped, with a warning, like a `limited` one.
+const MAX_EMITS: usize = 200;
 const STATE: &str = "sync";
 
 #[derive(Default, Clone)]
@@ -227,6 +230,7 @@ fn poll(cfg: &Config) -> Result<(), String> {
         }
     }
     let mut changed = s.since.as_deref() != Some(next);
+    let (mut emitted, mut skipped) = (0, 0);
     if s.since.is_some()
         && let Some(joined) = v["rooms"]["join"].as_object()
     {
@@ -253,13 +257,28 @@ fn poll(cfg: &Config) -> Result<(), String> {
                 let Some(body) = ev["content"]["body"].as_str() else {
                     continue; // redacted
                 };
-                let body: String = body.chars().take(MAX_BODY).collect();
-                let mail = host::emit(id, &cfg.agent, sender, &body)?;
+                if emitted >= MAX_EMITS {
+                    skipped += 1;
+                    continue;
+                }
+                let mut end = body.len().min(MAX_BODY);
+                while !body.is_char_boundary(end) {
+                    end -= 1;
+                }
+                let body = &body[..end];
+                emitted += 1;
+                let mail = host::emit(id, &cfg.agent, sender, body)?;
                 s.threads.retain(|(m, _)| *m != mail);
                 s.threads.push((mail, room.clone()));
                 changed = true;
             }
         }
+    }
+    if skipped > 0 {
+        log(
+            LogLevel::Warn,
+            &format!("{skipped} messages skipped: at most {MAX_EMITS} are mailed per sync"),
+        );
     }
     if changed {
         s.since = Some(next.to_string());
