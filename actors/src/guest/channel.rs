@@ -42,6 +42,12 @@ const MAX_EMITS: u32 = 256;
 const MAX_SENDER: usize = 256;
 /// Largest config value handed to `on-start`.
 const MAX_CONFIG: usize = 64 * 1024;
+/// Longest `emit` key.
+const MAX_EMIT_KEY: usize = 256;
+/// Largest durable state value (`state-set`).
+pub const MAX_STATE: usize = 64 * 1024;
+/// Longest state name (after `state-`).
+const MAX_STATE_NAME: usize = 64;
 
 /// The store data of a channel instance: acting as the channel agent.
 pub(crate) struct ChannelState {
@@ -54,6 +60,8 @@ pub(crate) struct ChannelState {
     tokio: tokio::runtime::Handle,
     pub(crate) panic: Option<String>,
     deadline: Arc<Deadline>,
+    /// The message `on-respond` is handling.
+    context: Option<ch_host::MessageContext>,
 }
 
 impl ChannelState {
@@ -62,7 +70,136 @@ impl ChannelState {
     }
 }
 
+/// The request id of an `emit` with `key`: the same key, the same request,
+/// so the store applies it once.
+fn emit_request(channel: &FormulaId, key: &str) -> RequestId {
+    let mut h = blake3::Hasher::new_derive_key("capstan channel emit v1");
+    h.update(channel.as_bytes());
+    h.update(key.as_bytes());
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&h.finalize().as_bytes()[..16]);
+    RequestId(out)
+}
+
+/// `state-NAME`, if NAME is 1 to 64 of `a-z0-9-`.
+fn state_name(name: &str) -> Result<String, String> {
+    if name.is_empty()
+        || name.len() > MAX_STATE_NAME
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Err(format!(
+            "a state name is 1 to {MAX_STATE_NAME} of a-z, 0-9 and -, not {:?}",
+            name.chars().take(80).collect::<String>()
+        ));
+    }
+    Ok(format!("state-{name}"))
+}
+
+impl ChannelState {
+    /// The message id of message `number` of the channel's own inbox.
+    fn message_id(&self, number: u64) -> Result<String, Error> {
+        let id = self.agent.id();
+        let inner = self.agent.inner().clone();
+        self.block(inner.db.read(move |tx| {
+            Box::pin(async move {
+                let Some(b) = tx.get(&crate::keys::message(&id, number)).await? else {
+                    return Err(Error::Corrupt(format!(
+                        "message {number} that the channel sent is missing"
+                    )));
+                };
+                let m = crate::records::MessageRec::decode(&b)?;
+                Ok(hex::encode(m.message_id.0))
+            })
+        }))
+    }
+}
+
 impl ch_host::Host for ChannelState {
+    fn emit(
+        &mut self,
+        key: String,
+        to: String,
+        sender: String,
+        text: String,
+    ) -> wasmtime::Result<Result<String, String>> {
+        if key.is_empty() || key.len() > MAX_EMIT_KEY {
+            return Ok(Err(format!(
+                "an emit key is 1 to {MAX_EMIT_KEY} bytes; got {}",
+                key.len()
+            )));
+        }
+        let text = format!(
+            "{}: {text}",
+            sender.chars().take(MAX_SENDER).collect::<String>()
+        );
+        if text.len() > self.max_message {
+            return Err(wasmtime::format_err!(
+                "message size limit: tried to emit a message of {} bytes; the limit is {} bytes",
+                text.len(),
+                self.max_message
+            ));
+        }
+        self.emits += 1;
+        if self.emits > MAX_EMITS {
+            return Ok(Err(format!(
+                "a channel may emit at most {MAX_EMITS} messages per call"
+            )));
+        }
+        let to = if to.is_empty() {
+            "HOST".to_string()
+        } else {
+            to
+        };
+        let req = emit_request(&self.agent.id(), &key);
+        let sent = self.block(self.agent.send(req, &to, vec![text], vec![], None));
+        Ok(match sent {
+            Ok(n) => self.message_id(n).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        })
+    }
+
+    fn state_get(&mut self, name: String) -> wasmtime::Result<Result<Option<String>, String>> {
+        let name = match state_name(&name) {
+            Ok(n) => n,
+            Err(e) => return Ok(Err(e)),
+        };
+        Ok(match self.block(self.agent.cat(&name)) {
+            Ok((_, b)) => String::from_utf8(b)
+                .map(Some)
+                .map_err(|_| format!("{name} is not text")),
+            Err(Error::UnknownName(_)) => Ok(None),
+            Err(e) => Err(e.to_string()),
+        })
+    }
+
+    fn state_set(&mut self, name: String, text: String) -> wasmtime::Result<Result<(), String>> {
+        let name = match state_name(&name) {
+            Ok(n) => n,
+            Err(e) => return Ok(Err(e)),
+        };
+        if text.len() > MAX_STATE {
+            return Ok(Err(format!(
+                "channel state {name} of {} bytes is over the limit of {MAX_STATE} bytes",
+                text.len()
+            )));
+        }
+        Ok(self
+            .block(self.agent.store(
+                RequestId::random(),
+                &name,
+                crate::api::ValueKind::Text,
+                text.into_bytes(),
+            ))
+            .map(|_| ())
+            .map_err(|e| e.to_string()))
+    }
+
+    fn respond_context(&mut self) -> wasmtime::Result<Option<ch_host::MessageContext>> {
+        Ok(self.context.clone())
+    }
+
     fn log(&mut self, level: ch_host::LogLevel, message: String) -> wasmtime::Result<()> {
         let who = self.agent.id().short();
         guest_log(&mut self.logs, &mut self.panic, &who, level as u8, &message);
@@ -137,7 +274,7 @@ struct Live {
 /// One call into the channel.
 enum Call {
     Poll,
-    Respond(String, String),
+    Respond(String, String, Option<ch_host::MessageContext>),
     Shutdown,
 }
 
@@ -235,15 +372,27 @@ async fn respond_all(
         let Some(batch) = next_run(agent, None, &mut holes).await? else {
             return Ok(());
         };
-        for (number, msg, _) in batch {
+        for (number, msg, encoded) in batch {
             if let Some(msg) = msg {
+                let context = crate::records::MessageRec::decode(&encoded).ok().map(|m| {
+                    ch_host::MessageContext {
+                        message_id: hex::encode(m.message_id.0),
+                        reply_to: m.reply_to.map(|r| hex::encode(r.0)),
+                    }
+                });
                 if live.is_none() {
                     *live = launch(gh, rt, agent, hash, limits).await?;
                 }
                 if let Some(l) = live.take() {
                     let (recipient, text) = split_recipient(&msg.text);
-                    let (l, answer) =
-                        call(gh, agent, l, Call::Respond(recipient, text), limits).await?;
+                    let (l, answer) = call(
+                        gh,
+                        agent,
+                        l,
+                        Call::Respond(recipient, text, context),
+                        limits,
+                    )
+                    .await?;
                     *live = l;
                     if let Some(e) = answer {
                         let req = super::derived_request(&agent.id(), number, u32::MAX - 1);
@@ -312,6 +461,7 @@ async fn launch(
             tokio: gh2.tokio.clone(),
             panic: None,
             deadline: Deadline::new(),
+            context: None,
         };
         let deadline = state.deadline.clone();
         let mut store = Store::new(&gh2.engine, state);
@@ -398,11 +548,15 @@ async fn call(
         let t0 = std::time::Instant::now();
         l.store.data_mut().logs = 0;
         l.store.data_mut().emits = 0;
+        l.store.data_mut().context = match &what {
+            Call::Respond(_, _, c) => c.clone(),
+            _ => None,
+        };
         let ch = l.inst.capstan_channel_channel();
         let deadline = l.store.data().deadline.clone();
         let r = arm(&mut l.store, limits, &deadline).and_then(|_| match &what {
             Call::Poll => ch.call_on_poll(&mut l.store).map(|_| Ok(())),
-            Call::Respond(to, text) => ch.call_on_respond(&mut l.store, to, text),
+            Call::Respond(to, text, _) => ch.call_on_respond(&mut l.store, to, text),
             Call::Shutdown => ch.call_on_shutdown(&mut l.store).map(|_| Ok(())),
         });
         let used = limits.fuel.saturating_sub(l.store.get_fuel().unwrap_or(0));
@@ -436,7 +590,26 @@ async fn call(
 
 #[cfg(test)]
 mod tests {
-    use super::split_recipient;
+    use super::{emit_request, split_recipient, state_name};
+    use capstan_proto::FormulaId;
+
+    #[test]
+    fn state_names_are_bounded_and_plain() {
+        assert_eq!(state_name("sync").unwrap(), "state-sync");
+        assert!(state_name("").is_err());
+        assert!(state_name("Sync").is_err());
+        assert!(state_name("a.b").is_err());
+        assert!(state_name(&"a".repeat(65)).is_err());
+        assert!(state_name(&"a".repeat(64)).is_ok());
+    }
+
+    #[test]
+    fn an_emit_key_gives_one_request_per_channel() {
+        let (a, b) = (FormulaId::random(), FormulaId::random());
+        assert!(emit_request(&a, "$ev1") == emit_request(&a, "$ev1"));
+        assert!(emit_request(&a, "$ev1") != emit_request(&a, "$ev2"));
+        assert!(emit_request(&a, "$ev1") != emit_request(&b, "$ev1"));
+    }
 
     #[test]
     fn a_leading_at_names_the_recipient() {
