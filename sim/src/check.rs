@@ -108,11 +108,21 @@ pub fn workload_id(rec: &MessageRec) -> Option<(u64, bool)> {
 /// Whether every write of a commit answered "maybe committed" is in the
 /// store now (then it was applied: nothing ran since).
 pub fn all_applied(store: &MemStore, mutations: &[Mutation]) -> bool {
-    mutations.iter().all(|m| match m {
-        Mutation::Set(k, v) => store.peek(k).0.as_deref() == Some(v.as_slice()),
-        Mutation::Clear(k) => store.peek(k).0.is_none(),
-        Mutation::ClearRange(..) => true,
-    })
+    // The last write of each key counts (a transaction may write one twice).
+    let mut last: BTreeMap<&[u8], Option<&[u8]>> = BTreeMap::new();
+    for m in mutations {
+        match m {
+            Mutation::Set(k, v) => {
+                last.insert(k, Some(v));
+            }
+            Mutation::Clear(k) => {
+                last.insert(k, None);
+            }
+            Mutation::ClearRange(..) => {}
+        }
+    }
+    last.into_iter()
+        .all(|(k, v)| store.peek(k).0.as_deref() == v)
 }
 
 /// One message of a guest's inbox, as the model knows it.
@@ -140,6 +150,9 @@ pub struct Model {
     present: HashMap<u64, BTreeSet<(usize, u64)>>,
     /// Handler commits seen, and those checked against the placement.
     pub handler_commits: u64,
+    /// Messages (their k) removed from an inbox (dismissed), whether or not
+    /// the caller heard back.
+    pub cleared: BTreeSet<u64>,
     /// Requests (guest, number) → the calls that settled them.
     settles: HashMap<(usize, u64), BTreeSet<[u8; 16]>>,
     /// What broke, first first.
@@ -304,6 +317,7 @@ impl Model {
             && let Some(m) = self.inbox[g].get_mut(&n)
         {
             m.present = false;
+            self.cleared.insert(m.k);
             if let Some(at) = self.present.get_mut(&m.k) {
                 at.remove(&(g, n));
             }

@@ -459,6 +459,7 @@ impl World {
                 where_k.entry(*k).or_default().push((g, *n));
             }
         }
+        let cleared = lock(&self.model).cleared.clone();
         let h = hist(&self.history);
         for (k, at) in &where_k {
             if at.len() > 1 {
@@ -477,7 +478,7 @@ impl World {
             }
         }
         for (k, (g, acked)) in &h.sends {
-            if *acked && !h.dismissed.contains(k) {
+            if *acked && !cleared.contains(k) {
                 match where_k.get(k) {
                     Some(at) if at.len() == 1 && at[0].0 == *g => {}
                     other => {
@@ -491,7 +492,7 @@ impl World {
         let requests: Vec<(u64, usize, FormulaId)> = h
             .requests
             .iter()
-            .filter(|(k, _)| !h.dismissed.contains(k))
+            .filter(|(k, _)| !cleared.contains(k))
             .map(|(k, (g, p))| (*k, *g, *p))
             .collect();
         drop(h);
