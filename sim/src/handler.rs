@@ -150,22 +150,19 @@ async fn handle(
         let (fence, handled) = (fence2.clone(), handled.clone());
         Box::pin(async move {
             fence.check(tx).await?;
-            let mark = match tx.get(&keys::mark(&gid)).await? {
-                Some(b) => b.as_slice().try_into().map(u64::from_be_bytes).unwrap_or(0),
-                None => 0,
-            };
-            if mark != n {
-                // Handled already (a retry after "maybe committed").
-                return Ok::<_, Error>(());
+            // As the runner: the mark moves to `n + 1` whatever it was; the
+            // effect happens once per number (the runner's derived request
+            // ids), so a retry after "maybe committed" repeats nothing.
+            if tx.get(&keys::handled(&gid, n)).await?.is_none() {
+                let count = match tx.get(&keys::effect(k)).await? {
+                    Some(b) => b.as_slice().try_into().map(u32::from_be_bytes).unwrap_or(0),
+                    None => 0,
+                };
+                tx.set(&keys::effect(k), &(count + 1).to_be_bytes())?;
+                tx.set(&keys::handled(&gid, n), &handled)?;
             }
-            let count = match tx.get(&keys::effect(k)).await? {
-                Some(b) => b.as_slice().try_into().map(u32::from_be_bytes).unwrap_or(0),
-                None => 0,
-            };
-            tx.set(&keys::effect(k), &(count + 1).to_be_bytes())?;
-            tx.set(&keys::handled(&gid, n), &handled)?;
             tx.set(&keys::mark(&gid), &(n + 1).to_be_bytes())?;
-            Ok(())
+            Ok::<_, Error>(())
         })
     })
     .await

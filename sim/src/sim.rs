@@ -378,11 +378,19 @@ impl World {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
         loop {
             self.calls.retain(|h| !h.is_finished());
-            let unhandled: Vec<_> = {
+            if let Some(what) = lock(&self.model).violations.first().cloned() {
+                return Err(SimError::Violation {
+                    seed: self.cfg.seed,
+                    step: self.cfg.steps,
+                    what: format!("while quiescing: {what}"),
+                });
+            }
+            let (unhandled, marks): (Vec<_>, Vec<u64>) = {
                 let m = lock(&self.model);
+                (
                 (0..self.cfg.guests)
                     .flat_map(|g| m.unhandled(g).into_iter().map(move |(n, x)| (g, n, x.k)))
-                    .collect()
+                    .collect(), m.marks.clone())
             };
             if self.calls.is_empty() && unhandled.is_empty() {
                 return Ok(());
@@ -391,7 +399,7 @@ impl World {
                 return Err(SimError::Stuck {
                     seed: self.cfg.seed,
                     what: format!(
-                        "{} calls still running; present but never handled (guest, number, k): {unhandled:?}",
+                        "{} calls still running; present but never handled (guest, number, k): {unhandled:?}; handled marks {marks:?}",
                         self.calls.len()
                     ),
                 });
