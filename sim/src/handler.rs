@@ -44,7 +44,17 @@ pub async fn serve_guest(db: Db, m: Arc<Membership>, g: GuestSlot, model: Arc<Mu
         if !m.serving() {
             continue;
         }
-        match m.owner(&db, g.id).await {
+        // As the guest resumer: a cached owner that died since is asked
+        // about again (then claimed if nobody live holds it).
+        let live = m.members();
+        let owner = match m.owner(&db, g.id).await {
+            Ok(Owner::Other(o)) if !live.iter().any(|l| l.name == o.name && l.epoch == o.epoch) => {
+                m.forget_owner(&g.id);
+                m.owner(&db, g.id).await
+            }
+            other => other,
+        };
+        match owner {
             Ok(Owner::Me) => {}
             Ok(Owner::Other(_)) | Err(_) => continue,
         }
