@@ -29,7 +29,11 @@ pub mod keys {
 
     /// A guest's "handled up to" mark (the runner's `next`).
     pub fn mark(g: &FormulaId) -> Vec<u8> {
-        TupleKey::new().str("sim").str("next").bytes(g.as_bytes()).into_vec()
+        TupleKey::new()
+            .str("sim")
+            .str("next")
+            .bytes(g.as_bytes())
+            .into_vec()
     }
     /// The record of message `n` of guest `g` handled: [`Handled`].
     pub fn handled(g: &FormulaId, n: u64) -> Vec<u8> {
@@ -257,10 +261,7 @@ impl Model {
         } else if key.starts_with(&keys::handled_prefix()) {
             self.handler_commit(store, key, value);
         } else if key.starts_with(&keys::effect_prefix()) {
-            let count = value
-                .try_into()
-                .map(u32::from_be_bytes)
-                .unwrap_or(u32::MAX);
+            let count = value.try_into().map(u32::from_be_bytes).unwrap_or(u32::MAX);
             if count > 1 {
                 self.violation(format!(
                     "an effect was applied {count} times (key {})",
@@ -270,10 +271,7 @@ impl Model {
         } else {
             for g in 0..self.guests.len() {
                 if key == keys::mark(&self.guests[g].0) {
-                    let new = value
-                        .try_into()
-                        .map(u64::from_be_bytes)
-                        .unwrap_or_default();
+                    let new = value.try_into().map(u64::from_be_bytes).unwrap_or_default();
                     self.mark_moved(g, new);
                 }
             }
@@ -327,7 +325,9 @@ impl Model {
     fn mark_moved(&mut self, g: usize, new: u64) {
         let old = self.marks[g];
         if new < old {
-            self.violation(format!("guest {g}: handled mark went back from {old} to {new}"));
+            self.violation(format!(
+                "guest {g}: handled mark went back from {old} to {new}"
+            ));
         }
         let skipped: Vec<(u64, u64)> = self.inbox[g]
             .range(old..new)

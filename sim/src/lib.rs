@@ -57,6 +57,9 @@ pub struct Config {
     pub lease: Duration,
     /// Most virtual milliseconds between two steps.
     pub max_step_ms: u64,
+    /// A test of the checker: handlers handle what they list even past a
+    /// gap (the bug of issue 14: "handled up to N + 1" before N committed).
+    pub faulty_handlers: bool,
 }
 
 impl Config {
@@ -69,6 +72,7 @@ impl Config {
             guests: 3,
             lease: capstan_actors::cluster::DEFAULT_LEASE,
             max_step_ms: 40,
+            faulty_handlers: false,
         }
     }
 }

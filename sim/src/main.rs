@@ -38,8 +38,7 @@ struct Args {
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "off".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "off".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -67,13 +66,22 @@ fn main() -> Result<()> {
                 ran += 1;
             }
             Err(e) => {
-                println!("FAILED seed {seed} (replay: capstan-sim --seed {seed} --steps {} --nodes {} --guests {}): {e}", a.steps, a.nodes, a.guests);
-                println!("after {ran} passing seeds, {steps} steps, {:.1} s", started.elapsed().as_secs_f64());
+                println!(
+                    "FAILED seed {seed} (replay: capstan-sim --seed {seed} --steps {} --nodes {} --guests {}): {e}",
+                    a.steps, a.nodes, a.guests
+                );
+                println!(
+                    "after {ran} passing seeds, {steps} steps, {:.1} s",
+                    started.elapsed().as_secs_f64()
+                );
                 std::process::exit(1);
             }
         }
         if ran.is_multiple_of(100) {
-            eprintln!("{ran} seeds, {steps} steps, {:.1} s", started.elapsed().as_secs_f64());
+            eprintln!(
+                "{ran} seeds, {steps} steps, {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
         }
     }
     let secs = started.elapsed().as_secs_f64();

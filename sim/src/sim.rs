@@ -213,6 +213,7 @@ impl World {
         for (g, handle) in guests.iter().enumerate() {
             let slot = GuestSlot {
                 index: g,
+                faulty: self.cfg.faulty_handlers,
                 id: self.guest_ids[g],
                 handle: handle.clone(),
             };
@@ -275,7 +276,13 @@ impl World {
                 self.call(i, async move {
                     let r = rt
                         .root_host()
-                        .send(RequestId(req), &guest_name(g), vec![format!("k{k}")], vec![], None)
+                        .send(
+                            RequestId(req),
+                            &guest_name(g),
+                            vec![format!("k{k}")],
+                            vec![],
+                            None,
+                        )
                         .await;
                     if r.is_ok() {
                         hist(&h).sends.insert(k, (g, true));
@@ -388,9 +395,11 @@ impl World {
             let (unhandled, marks): (Vec<_>, Vec<u64>) = {
                 let m = lock(&self.model);
                 (
-                (0..self.cfg.guests)
-                    .flat_map(|g| m.unhandled(g).into_iter().map(move |(n, x)| (g, n, x.k)))
-                    .collect(), m.marks.clone())
+                    (0..self.cfg.guests)
+                        .flat_map(|g| m.unhandled(g).into_iter().map(move |(n, x)| (g, n, x.k)))
+                        .collect(),
+                    m.marks.clone(),
+                )
             };
             if self.calls.is_empty() && unhandled.is_empty() {
                 return Ok(());
@@ -452,8 +461,14 @@ impl World {
                     let mut effects = BTreeMap::new();
                     for (k, v) in rows {
                         let mut r = capstan_cluster::tuple::TupleReader::new(&k[p.len()..]);
-                        let n = r.u64().map_err(|e| capstan_actors::Error::Corrupt(e.to_string()))?;
-                        let c = v.as_slice().try_into().map(u32::from_be_bytes).unwrap_or(u32::MAX);
+                        let n = r
+                            .u64()
+                            .map_err(|e| capstan_actors::Error::Corrupt(e.to_string()))?;
+                        let c = v
+                            .as_slice()
+                            .try_into()
+                            .map(u32::from_be_bytes)
+                            .unwrap_or(u32::MAX);
                         effects.insert(n, c);
                     }
                     Ok::<_, capstan_actors::Error>((inboxes, effects))
@@ -471,7 +486,10 @@ impl World {
         let h = hist(&self.history);
         for (k, at) in &where_k {
             if at.len() > 1 {
-                return Err(fail(format!("message k{k} present {} times: {at:?}", at.len())));
+                return Err(fail(format!(
+                    "message k{k} present {} times: {at:?}",
+                    at.len()
+                )));
             }
             if effects.get(k).copied().unwrap_or(0) != 1 {
                 return Err(fail(format!(
@@ -543,9 +561,7 @@ impl World {
             restarts: h.restarts,
             pauses: h.pauses,
             faults: self.mem.fault_counts(),
-            digest: u64::from_le_bytes(
-                log.finalize().as_bytes()[..8].try_into().unwrap_or([0; 8]),
-            ),
+            digest: u64::from_le_bytes(log.finalize().as_bytes()[..8].try_into().unwrap_or([0; 8])),
         }
     }
 }

@@ -11,9 +11,7 @@
 use std::sync::{Arc, Mutex};
 
 use capstan_cluster::mem_store::MemStore;
-use capstan_cluster::{
-    CommitRequest, KeyValue, RangeOption, Snapshot, Store, StoreError, Version,
-};
+use capstan_cluster::{CommitRequest, KeyValue, RangeOption, Snapshot, Store, StoreError, Version};
 use tokio::time::Instant;
 
 use crate::check::Model;
