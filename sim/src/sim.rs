@@ -483,7 +483,10 @@ impl World {
             }
         }
         let cleared = lock(&self.model).cleared.clone();
-        let h = hist(&self.history);
+        let (sends, requests) = {
+            let h = hist(&self.history);
+            (h.sends.clone(), h.requests.clone())
+        };
         for (k, at) in &where_k {
             if at.len() > 1 {
                 return Err(fail(format!(
@@ -503,7 +506,7 @@ impl World {
                 return Err(fail(format!("message k{k} handled {c} times")));
             }
         }
-        for (k, (g, acked)) in &h.sends {
+        for (k, (g, acked)) in &sends {
             if *acked && !cleared.contains(k) {
                 match where_k.get(k) {
                     Some(at) if at.len() == 1 && at[0].0 == *g => {}
@@ -515,13 +518,11 @@ impl World {
                 }
             }
         }
-        let requests: Vec<(u64, usize, FormulaId)> = h
-            .requests
+        let requests: Vec<(u64, usize, FormulaId)> = requests
             .iter()
             .filter(|(k, _)| !cleared.contains(k))
             .map(|(k, (g, p))| (*k, *g, *p))
             .collect();
-        drop(h);
         for (k, g, promise) in requests {
             if !where_k.contains_key(&k) {
                 return Err(fail(format!("acknowledged request r{k} to g{g} lost")));
