@@ -140,10 +140,7 @@ pub struct Runtime {
 }
 
 pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    crate::clock::now_ms()
 }
 
 impl Runtime {
@@ -1328,10 +1325,10 @@ impl AgentHandle {
         // (its lease lapses, then this node claims the inbox), which takes
         // up to a lease plus one reservation timeout.
         let deadline =
-            std::time::Instant::now() + 2 * c.cfg.lease + std::time::Duration::from_secs(3);
+            tokio::time::Instant::now() + 2 * c.cfg.lease + std::time::Duration::from_secs(3);
         let mut last = None;
         let mut attempt = 0u32;
-        while std::time::Instant::now() < deadline {
+        while tokio::time::Instant::now() < deadline {
             if attempt > 0 {
                 tokio::time::sleep(std::time::Duration::from_millis(10 << attempt.min(4))).await;
             }

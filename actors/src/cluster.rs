@@ -36,7 +36,9 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+// tokio's: virtual under a paused clock (simulations), else the system's.
+use tokio::time::Instant;
 
 use capstan_cluster::tuple::TupleKey;
 use capstan_cluster::{Db, Transaction};

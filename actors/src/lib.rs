@@ -22,9 +22,12 @@
 //! - [`keys`]: the key layout. [`names`]: pet names, special names, paths.
 //! - [`routines`]: routines, mail on a schedule fired by one node of a
 //!   cluster (issue 20).
+//! - [`clock`]: the wall clock the runtime reads (injectable for simulations).
+//! - [`cluster`]: membership, leases, placement and fencing of a cluster's nodes.
 //! - [`usage`]: what the store holds, by kind of key (`capstan du`).
 
 pub mod api;
+pub mod clock;
 pub mod cluster;
 pub mod error;
 pub mod federation;

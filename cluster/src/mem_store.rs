@@ -308,6 +308,15 @@ impl MemStore {
     pub fn is_stopped(&self) -> bool {
         self.shared.stopped.load(Ordering::SeqCst)
     }
+
+    /// The latest committed value of `key` and the store's version, read at
+    /// once without faults or delays: for a checker that must see the state
+    /// right after a commit (a simulation's invariants), not for callers of
+    /// the [`Store`] model.
+    pub fn peek(&self, key: &[u8]) -> (Option<Vec<u8>>, Version) {
+        let st = self.shared.lock_anyway();
+        (st.value_at(key, st.version), st.version)
+    }
 }
 
 impl Default for MemStore {

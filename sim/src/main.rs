@@ -1,0 +1,96 @@
+//! `capstan-sim`: runs the simulation (see the `capstan_sim` crate docs).
+//! With `--seed` one seed (replayed exactly); without, seeds from `--from`
+//! on until `--seeds` ran or the `--total-steps` budget is spent; any
+//! failure prints its seed and exits 1.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use capstan_sim::{Config, run};
+use clap::Parser;
+
+#[derive(Parser, Debug)]
+#[command(name = "capstan-sim", about = "Seeded simulation of a Capstan cluster")]
+struct Args {
+    /// Run this seed only.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Workload steps per seed.
+    #[arg(long, default_value_t = 200)]
+    steps: u64,
+    /// Nodes in the cluster.
+    #[arg(long, default_value_t = 3)]
+    nodes: usize,
+    /// Guests.
+    #[arg(long, default_value_t = 3)]
+    guests: usize,
+    /// Without --seed: the first seed.
+    #[arg(long, default_value_t = 0)]
+    from: u64,
+    /// Without --seed: how many seeds.
+    #[arg(long, default_value_t = 500)]
+    seeds: u64,
+    /// Without --seed: stop once this many steps ran in all (0: no budget).
+    #[arg(long, default_value_t = 0)]
+    total_steps: u64,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "off".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let a = Args::parse();
+    let cfg = |seed| Config {
+        steps: a.steps,
+        nodes: a.nodes.max(1),
+        guests: a.guests.max(1),
+        ..Config::new(seed)
+    };
+    if let Some(seed) = a.seed {
+        let r = run(&cfg(seed))?;
+        println!("{r:?}");
+        return Ok(());
+    }
+    let started = Instant::now();
+    let (mut steps, mut ran) = (0u64, 0u64);
+    for seed in a.from..a.from.saturating_add(a.seeds) {
+        if a.total_steps > 0 && steps >= a.total_steps {
+            break;
+        }
+        match run(&cfg(seed)) {
+            Ok(r) => {
+                steps += r.steps;
+                ran += 1;
+            }
+            Err(e) => {
+                println!(
+                    "FAILED seed {seed} (replay: capstan-sim --seed {seed} --steps {} --nodes {} --guests {}): {e}",
+                    a.steps, a.nodes, a.guests
+                );
+                println!(
+                    "after {ran} passing seeds, {steps} steps, {:.1} s",
+                    started.elapsed().as_secs_f64()
+                );
+                std::process::exit(1);
+            }
+        }
+        if ran.is_multiple_of(100) {
+            eprintln!(
+                "{ran} seeds, {steps} steps, {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "ok: {ran} seeds ({} to {}), {steps} steps in {secs:.1} s ({:.1} seeds/s, {:.0} steps/s)",
+        a.from,
+        a.from + ran.saturating_sub(1),
+        ran as f64 / secs,
+        steps as f64 / secs
+    );
+    Ok(())
+}

@@ -1,0 +1,568 @@
+//! One run: the world (nodes on one store), the workload drawn from the
+//! seed, a check after every step, quiescing, and the final check against
+//! the store.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use capstan_actors::cluster::ClusterConfig;
+use capstan_actors::records::FormulaKind;
+use capstan_actors::{AgentHandle, PromiseState, Runtime, RuntimeOptions};
+use capstan_cluster::mem_store::{Faults, MemStore};
+use capstan_cluster::{Db, RangeOption};
+use capstan_proto::{FormulaId, RequestId};
+use tokio::task::AbortHandle;
+
+use crate::check::{Model, keys, workload_id};
+use crate::handler::{GuestSlot, lock, serve_guest};
+use crate::links::{Directory, LinkFaults, serve_links};
+use crate::rng::Rng;
+use crate::store::{Gate, GateState, NodeStore};
+use crate::{Config, Report, SimError};
+
+/// One node of the world.
+struct Node {
+    name: String,
+    node_id: String,
+    gate: Arc<Gate>,
+    runtime: Option<Runtime>,
+    /// The guests acting as themselves on this node.
+    guests: Vec<AgentHandle>,
+    /// The node's tasks: links, handlers, and the workload's calls made
+    /// through it (aborted when it is killed, as a process is).
+    tasks: Vec<AbortHandle>,
+}
+
+/// What the workload asked and what it was told.
+#[derive(Default)]
+struct History {
+    /// Sends: k → (guest, acknowledged).
+    sends: BTreeMap<u64, (usize, bool)>,
+    /// Requests acknowledged: k → (guest, promise).
+    requests: BTreeMap<u64, (usize, FormulaId)>,
+    /// Messages dismissed (their k).
+    dismissed: BTreeSet<u64>,
+    kills: u64,
+    restarts: u64,
+    pauses: u64,
+}
+
+struct World {
+    cfg: Config,
+    rng: Rng,
+    mem: Arc<MemStore>,
+    model: Arc<Mutex<Model>>,
+    dir: Arc<Directory>,
+    link_rng: Arc<Mutex<Rng>>,
+    link_faults: LinkFaults,
+    nodes: Vec<Node>,
+    guest_ids: Vec<FormulaId>,
+    history: Arc<Mutex<History>>,
+    calls: Vec<tokio::task::JoinHandle<()>>,
+    next_k: u64,
+    log: blake3::Hasher,
+}
+
+fn guest_name(g: usize) -> String {
+    format!("g{g}")
+}
+
+fn hist(h: &Arc<Mutex<History>>) -> std::sync::MutexGuard<'_, History> {
+    h.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Store faults drawn from the seed: calm, moderate or heavy.
+fn store_faults(seed: u64, rng: &mut Rng) -> Faults {
+    let level = rng.below(3) as u32;
+    Faults {
+        conflict_ppm: 10_000 * level,
+        maybe_committed_ppm: 5_000 * level,
+        read_delay_ppm: 50_000 + 50_000 * level,
+        commit_delay_ppm: 100_000 + 100_000 * level,
+        max_delay: Duration::from_millis(5 + 10 * u64::from(level)),
+        ..Faults::seeded(seed ^ 0x5eed)
+    }
+}
+
+pub(crate) async fn run(cfg: Config) -> Result<Report, SimError> {
+    crate::clock::start_run();
+    let r = run_inner(cfg).await;
+    crate::clock::end_run();
+    r
+}
+
+async fn run_inner(cfg: Config) -> Result<Report, SimError> {
+    let seed = cfg.seed;
+    let mut rng = Rng::new(seed);
+    let faults = store_faults(seed, &mut rng);
+    let link_rng = Arc::new(Mutex::new(rng.fork()));
+    let mut w = World {
+        cfg: cfg.clone(),
+        link_faults: LinkFaults {
+            drop_pct: 5,
+            dup_pct: 5,
+            delay_pct: 30,
+            max_delay: Duration::from_millis(50),
+        },
+        rng,
+        mem: Arc::new(MemStore::with_faults(faults)),
+        model: Arc::new(Mutex::new(Model::default())),
+        dir: Arc::new(Directory::default()),
+        link_rng,
+        nodes: Vec::new(),
+        guest_ids: Vec::new(),
+        history: Arc::new(Mutex::new(History::default())),
+        calls: Vec::new(),
+        next_k: 0,
+        log: blake3::Hasher::new(),
+    };
+    w.setup().await?;
+    for step in 0..cfg.steps {
+        w.step(step).await;
+        let v = lock(&w.model).violations.first().cloned();
+        if let Some(what) = v {
+            return Err(SimError::Violation { seed, step, what });
+        }
+    }
+    w.quiesce().await?;
+    w.final_check().await?;
+    Ok(w.report())
+}
+
+impl World {
+    async fn setup(&mut self) -> Result<(), SimError> {
+        let seed = self.cfg.seed;
+        let setup = |what: String| SimError::Setup { seed, what };
+        // The root and the guests, made through a plain runtime first.
+        let db = Db::new(self.mem.clone());
+        let rt = Runtime::open(db, RuntimeOptions::default())
+            .await
+            .map_err(|e| setup(format!("open: {e}")))?;
+        let root = rt.root_host();
+        for g in 0..self.cfg.guests {
+            let id = root
+                .mkguest(RequestId(self.rng.bytes16()), &guest_name(g))
+                .await
+                .map_err(|e| setup(format!("mkguest: {e}")))?;
+            self.guest_ids.push(id);
+        }
+        rt.shutdown().await;
+        lock(&self.model).set_guests(&self.guest_ids);
+        for i in 0..self.cfg.nodes {
+            self.nodes.push(Node {
+                name: format!("n{i}"),
+                node_id: format!("sim-node-{i}"),
+                gate: Gate::new(),
+                runtime: None,
+                guests: Vec::new(),
+                tasks: Vec::new(),
+            });
+            self.start(i).await.map_err(setup)?;
+        }
+        Ok(())
+    }
+
+    /// Starts (or restarts) node `i`: a fresh process on the same home.
+    async fn start(&mut self, i: usize) -> Result<(), String> {
+        let gate = Gate::new();
+        let store = NodeStore {
+            inner: self.mem.clone(),
+            gate: gate.clone(),
+            model: self.model.clone(),
+            node: self.nodes[i].name.clone(),
+        };
+        let db = Db::new(Arc::new(store));
+        let opened = async {
+            let rt = Runtime::open(db.clone(), RuntimeOptions::default()).await?;
+            let links = rt
+                .join_cluster(ClusterConfig {
+                    name: self.nodes[i].name.clone(),
+                    node_id: self.nodes[i].node_id.clone(),
+                    addr: format!("sim:{i}"),
+                    lease: self.cfg.lease,
+                })
+                .await?;
+            let mut guests = Vec::new();
+            for g in 0..self.cfg.guests {
+                guests.push(rt.root_host().agent(&guest_name(g)).await?);
+            }
+            Ok::<_, capstan_actors::Error>((rt, links, guests))
+        };
+        let (rt, links, guests) = tokio::time::timeout(Duration::from_secs(60), opened)
+            .await
+            .map_err(|_| format!("node {i} did not start within 60 s"))?
+            .map_err(|e| format!("node {i} did not start: {e}"))?;
+        let m = rt
+            .membership()
+            .ok_or_else(|| "no membership after joining".to_string())?;
+        let node = &mut self.nodes[i];
+        node.gate = gate;
+        node.runtime = Some(rt.clone());
+        self.dir.set(&node.name, Some(rt));
+        node.tasks.push(
+            tokio::spawn(serve_links(
+                node.name.clone(),
+                links,
+                self.dir.clone(),
+                self.link_rng.clone(),
+                self.link_faults,
+            ))
+            .abort_handle(),
+        );
+        for (g, handle) in guests.iter().enumerate() {
+            let slot = GuestSlot {
+                index: g,
+                faulty: self.cfg.faulty_handlers,
+                id: self.guest_ids[g],
+                handle: handle.clone(),
+            };
+            node.tasks.push(
+                tokio::spawn(serve_guest(db.clone(), m.clone(), slot, self.model.clone()))
+                    .abort_handle(),
+            );
+        }
+        node.guests = guests;
+        Ok(())
+    }
+
+    fn kill(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        node.gate.kill();
+        for t in node.tasks.drain(..) {
+            t.abort();
+        }
+        node.runtime = None;
+        node.guests.clear();
+        self.dir.set(&node.name, None);
+    }
+
+    fn alive(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|i| self.nodes[*i].runtime.is_some())
+            .collect()
+    }
+
+    fn note(&mut self, line: String) {
+        tracing::debug!("{line}");
+        self.log.update(line.as_bytes());
+        self.log.update(b"\n");
+    }
+
+    /// Spawns a workload call through node `i` (aborted if it is killed).
+    fn call<F>(&mut self, i: usize, f: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let h = tokio::spawn(f);
+        self.nodes[i].tasks.push(h.abort_handle());
+        self.calls.push(h);
+    }
+
+    async fn step(&mut self, step: u64) {
+        let alive = self.alive();
+        let i = alive[self.rng.below(alive.len() as u64) as usize];
+        let g = self.rng.below(self.cfg.guests as u64) as usize;
+        let roll = self.rng.below(100);
+        let req = self.rng.bytes16();
+        let rt = self.nodes[i].runtime.clone();
+        match (roll, rt) {
+            (0..45, Some(rt)) => {
+                let k = self.next_k;
+                self.next_k += 1;
+                self.note(format!("{step}: n{i} sends k{k} to g{g}"));
+                let h = self.history.clone();
+                hist(&h).sends.insert(k, (g, false));
+                self.call(i, async move {
+                    let r = rt
+                        .root_host()
+                        .send(
+                            RequestId(req),
+                            &guest_name(g),
+                            vec![format!("k{k}")],
+                            vec![],
+                            None,
+                        )
+                        .await;
+                    if r.is_ok() {
+                        hist(&h).sends.insert(k, (g, true));
+                    }
+                });
+            }
+            (45..60, Some(rt)) => {
+                let k = self.next_k;
+                self.next_k += 1;
+                self.note(format!("{step}: n{i} asks g{g} r{k}"));
+                let h = self.history.clone();
+                self.call(i, async move {
+                    let r = rt
+                        .root_host()
+                        .request(RequestId(req), &guest_name(g), &format!("r{k}"), None)
+                        .await;
+                    if let Ok((_, promise)) = r {
+                        hist(&h).requests.insert(k, (g, promise));
+                    }
+                });
+            }
+            (60..66, Some(_)) => {
+                // A second answer racing the handler's.
+                let pick = lock(&self.model)
+                    .present_numbers(g)
+                    .into_iter()
+                    .filter(|(_, m)| m.request)
+                    .map(|(n, _)| n)
+                    .collect::<Vec<_>>();
+                if pick.is_empty() {
+                    return self.pass_time().await;
+                }
+                let n = pick[self.rng.below(pick.len() as u64) as usize];
+                self.note(format!("{step}: n{i} rejects g{g}'s request {n}"));
+                let (guest, model) = (self.nodes[i].guests[g].clone(), self.model.clone());
+                self.call(i, async move {
+                    if guest.reject(RequestId(req), n, "sim: raced").await.is_ok() {
+                        lock(&model).settled(g, n, req);
+                    }
+                });
+            }
+            (66..72, Some(_)) => {
+                let pick = lock(&self.model).present_numbers(g);
+                if pick.is_empty() {
+                    return self.pass_time().await;
+                }
+                let (n, m) = pick[self.rng.below(pick.len() as u64) as usize];
+                self.note(format!("{step}: n{i} dismisses g{g}'s message {n}"));
+                let (guest, h) = (self.nodes[i].guests[g].clone(), self.history.clone());
+                self.call(i, async move {
+                    if guest.dismiss(RequestId(req), n).await.is_ok() {
+                        hist(&h).dismissed.insert(m.k);
+                    }
+                });
+            }
+            (72..75, Some(_)) if alive.len() > 1 => {
+                self.note(format!("{step}: kill n{i}"));
+                hist(&self.history).kills += 1;
+                self.kill(i);
+            }
+            (75..80, _) => {
+                let dead: Vec<usize> = (0..self.nodes.len())
+                    .filter(|i| self.nodes[*i].runtime.is_none())
+                    .collect();
+                if let Some(&d) = dead.first() {
+                    self.note(format!("{step}: restart n{d}"));
+                    hist(&self.history).restarts += 1;
+                    if let Err(e) = self.start(d).await {
+                        tracing::debug!("restart failed: {e}");
+                        self.kill(d);
+                    }
+                }
+            }
+            (80..83, Some(_)) => {
+                let lease = self.cfg.lease.as_millis() as u64;
+                let d = Duration::from_millis(lease / 2 + self.rng.below(lease * 3));
+                self.note(format!("{step}: pause n{i} for {d:?}"));
+                hist(&self.history).pauses += 1;
+                self.nodes[i].gate.pause(tokio::time::Instant::now() + d);
+            }
+            _ => {}
+        }
+        self.pass_time().await;
+    }
+
+    async fn pass_time(&mut self) {
+        let ms = 1 + self.rng.below(self.cfg.max_step_ms);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        self.calls.retain(|h| !h.is_finished());
+    }
+
+    /// Stops the workload and the faults of nodes (paused ones resume) and
+    /// waits until every call returned and every present message was handled.
+    async fn quiesce(&mut self) -> Result<(), SimError> {
+        for n in &self.nodes {
+            if matches!(n.gate.state(), GateState::Paused(_)) {
+                n.gate.resume();
+            }
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+        loop {
+            self.calls.retain(|h| !h.is_finished());
+            if let Some(what) = lock(&self.model).violations.first().cloned() {
+                return Err(SimError::Violation {
+                    seed: self.cfg.seed,
+                    step: self.cfg.steps,
+                    what: format!("while quiescing: {what}"),
+                });
+            }
+            let (unhandled, marks): (Vec<_>, Vec<u64>) = {
+                let m = lock(&self.model);
+                (
+                    (0..self.cfg.guests)
+                        .flat_map(|g| m.unhandled(g).into_iter().map(move |(n, x)| (g, n, x.k)))
+                        .collect(),
+                    m.marks.clone(),
+                )
+            };
+            if self.calls.is_empty() && unhandled.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(SimError::Stuck {
+                    seed: self.cfg.seed,
+                    what: format!(
+                        "{} calls still running; present but never handled (guest, number, k): {unhandled:?}; handled marks {marks:?}",
+                        self.calls.len()
+                    ),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// The invariants against the store itself, after quiescing.
+    async fn final_check(&mut self) -> Result<(), SimError> {
+        let seed = self.cfg.seed;
+        let fail = |what: String| SimError::Violation {
+            seed,
+            step: self.cfg.steps,
+            what,
+        };
+        if let Some(v) = lock(&self.model).violations.first().cloned() {
+            return Err(fail(v));
+        }
+        let db = Db::new(self.mem.clone());
+        let guests = self.guest_ids.clone();
+        let (inboxes, effects) = db
+            .read(move |tx| {
+                Box::pin(async move {
+                    let mut inboxes = Vec::new();
+                    for g in &guests {
+                        let p = capstan_actors::keys::inbox(g);
+                        let rows = tx
+                            .snapshot_range(&RangeOption::new(
+                                p.clone(),
+                                capstan_cluster::tuple::prefix_end(&p),
+                            ))
+                            .await?;
+                        let mut msgs = Vec::new();
+                        for (_, v) in rows {
+                            let m = capstan_actors::records::MessageRec::decode(&v)?;
+                            if let Some((k, _)) = workload_id(&m) {
+                                msgs.push((m.number, k));
+                            }
+                        }
+                        inboxes.push(msgs);
+                    }
+                    let p = keys::effect_prefix();
+                    let rows = tx
+                        .snapshot_range(&RangeOption::new(
+                            p.clone(),
+                            capstan_cluster::tuple::prefix_end(&p),
+                        ))
+                        .await?;
+                    let mut effects = BTreeMap::new();
+                    for (k, v) in rows {
+                        let mut r = capstan_cluster::tuple::TupleReader::new(&k[p.len()..]);
+                        let n = r
+                            .u64()
+                            .map_err(|e| capstan_actors::Error::Corrupt(e.to_string()))?;
+                        let c = v
+                            .as_slice()
+                            .try_into()
+                            .map(u32::from_be_bytes)
+                            .unwrap_or(u32::MAX);
+                        effects.insert(n, c);
+                    }
+                    Ok::<_, capstan_actors::Error>((inboxes, effects))
+                })
+            })
+            .await
+            .map_err(|e| fail(format!("final read: {e}")))?;
+        let mut where_k: BTreeMap<u64, Vec<(usize, u64)>> = BTreeMap::new();
+        for (g, msgs) in inboxes.iter().enumerate() {
+            for (n, k) in msgs {
+                where_k.entry(*k).or_default().push((g, *n));
+            }
+        }
+        let cleared = lock(&self.model).cleared.clone();
+        let (sends, requests) = {
+            let h = hist(&self.history);
+            (h.sends.clone(), h.requests.clone())
+        };
+        for (k, at) in &where_k {
+            if at.len() > 1 {
+                return Err(fail(format!(
+                    "message k{k} present {} times: {at:?}",
+                    at.len()
+                )));
+            }
+            if effects.get(k).copied().unwrap_or(0) != 1 {
+                return Err(fail(format!(
+                    "message k{k} present at {at:?} but handled {} times",
+                    effects.get(k).copied().unwrap_or(0)
+                )));
+            }
+        }
+        for (k, c) in &effects {
+            if *c > 1 {
+                return Err(fail(format!("message k{k} handled {c} times")));
+            }
+        }
+        for (k, (g, acked)) in &sends {
+            if *acked && !cleared.contains(k) {
+                match where_k.get(k) {
+                    Some(at) if at.len() == 1 && at[0].0 == *g => {}
+                    other => {
+                        return Err(fail(format!(
+                            "acknowledged message k{k} to g{g} lost: found at {other:?}"
+                        )));
+                    }
+                }
+            }
+        }
+        let requests: Vec<(u64, usize, FormulaId)> = requests
+            .iter()
+            .filter(|(k, _)| !cleared.contains(k))
+            .map(|(k, (g, p))| (*k, *g, *p))
+            .collect();
+        for (k, g, promise) in requests {
+            if !where_k.contains_key(&k) {
+                return Err(fail(format!("acknowledged request r{k} to g{g} lost")));
+            }
+            let state = db
+                .read(move |tx| {
+                    Box::pin(async move { capstan_actors::model::must_formula(tx, &promise).await })
+                })
+                .await
+                .map_err(|e| fail(format!("final read: {e}")))?;
+            match state.kind {
+                FormulaKind::Promise(p) if p.state != PromiseState::Pending => {}
+                other => {
+                    return Err(fail(format!(
+                        "request r{k} to g{g} handled but never settled: {other:?}"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn report(&mut self) -> Report {
+        let h = hist(&self.history);
+        let m = lock(&self.model);
+        let mut log = self.log.clone();
+        log.update(&self.mem.history_stats().version.to_be_bytes());
+        Report {
+            seed: self.cfg.seed,
+            steps: self.cfg.steps,
+            sends: h.sends.len() as u64,
+            acked: h.sends.values().filter(|(_, a)| *a).count() as u64,
+            requests: h.requests.len() as u64,
+            dismissed: h.dismissed.len() as u64,
+            handled: m.handled.iter().map(|s| s.len() as u64).sum(),
+            kills: h.kills,
+            restarts: h.restarts,
+            pauses: h.pauses,
+            faults: self.mem.fault_counts(),
+            digest: u64::from_le_bytes(log.finalize().as_bytes()[..8].try_into().unwrap_or([0; 8])),
+        }
+    }
+}
