@@ -871,8 +871,24 @@ impl Runtime {
         }
         let agent = self.handle_for(to).await?;
         let own = caller.own;
+        // Admitted under the recipient's quota: a full inbox refuses for
+        // good, and the sender's node bounces the mail to its sender.
+        let size = match &env.body {
+            EnvelopeBody::Package {
+                strings,
+                names,
+                refs,
+            } => crate::quota::message_size(
+                strings.iter().map(String::len).sum(),
+                names.iter().map(String::len).sum(),
+                refs.len(),
+            ),
+            EnvelopeBody::Request { description, .. } => {
+                crate::quota::message_size(description.len(), 0, 1)
+            }
+        };
         let delivered = agent
-            .with_fresh_number(to, |number| {
+            .with_fresh_number_admitting(to, Some(size), |number| {
                 let env = env.clone();
                 db.transact(move |tx| {
                     let env = env.clone();

@@ -23,6 +23,7 @@
 //! - [`routines`]: routines, mail on a schedule fired by one node of a
 //!   cluster (issue 20).
 //! - [`usage`]: what the store holds, by kind of key (`capstan du`).
+//! - [`quota`]: per-agent inbox quotas, kept by each inbox's owner.
 
 pub mod api;
 pub mod cluster;
@@ -36,6 +37,7 @@ pub mod llm;
 pub mod model;
 pub mod names;
 pub(crate) mod open_tx;
+pub mod quota;
 pub mod records;
 pub mod remote;
 pub mod routines;

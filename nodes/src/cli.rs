@@ -535,6 +535,27 @@ pub enum Command {
         #[command(flatten)]
         out: Out,
     },
+    /// Show or set the inbox quota of AGENT (yourself, or an agent you made).
+    ///
+    /// An inbox holds at most 100,000 messages and 256 MiB unless its host
+    /// sets otherwise; a send to a full inbox is refused (nothing is
+    /// written) and federated mail to it bounces. `--default` goes back to
+    /// the defaults. Dismissing messages gives room back.
+    Quota {
+        #[arg(value_name = "AGENT")]
+        agent: String,
+        /// Most messages the inbox holds (0: the default).
+        #[arg(long, value_name = "N")]
+        messages: Option<u64>,
+        /// Most bytes of stored messages the inbox holds (0: the default).
+        #[arg(long, value_name = "B")]
+        bytes: Option<u64>,
+        /// Go back to the default limits.
+        #[arg(long, conflicts_with_all = ["messages", "bytes"])]
+        default: bool,
+        #[command(flatten)]
+        out: Out,
+    },
     /// Dismiss message N from your inbox.
     Dismiss {
         number: u64,
@@ -901,6 +922,7 @@ impl Command {
             | Command::Reject { out, .. }
             | Command::Adopt { out, .. }
             | Command::Dismiss { out, .. }
+            | Command::Quota { out, .. }
             | Command::Locate { out, .. }
             | Command::AdoptLocator { out, .. }
             | Command::Cancel { out, .. }

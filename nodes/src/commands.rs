@@ -598,6 +598,50 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
                 &id,
             );
         }
+        Command::Quota {
+            agent,
+            messages,
+            bytes,
+            default,
+            ..
+        } => {
+            let req = RequestId::random();
+            let set = default || messages.is_some() || bytes.is_some();
+            let answer = client
+                .call(|a| {
+                    let agent = &agent;
+                    async move {
+                        let mut r = a.quota_request();
+                        r.get().set_req_id(&req.0);
+                        r.get().set_path(agent.as_str());
+                        r.get().set_set(set);
+                        r.get().set_max_messages(messages.unwrap_or(0));
+                        r.get().set_max_bytes(bytes.unwrap_or(0));
+                        let answer = r.send().promise.await?;
+                        Ok(answer.get()?.get_json()?.to_string()?)
+                    }
+                })
+                .await?;
+            let v: serde_json::Value = serde_json::from_str(&answer)
+                .map_err(|e| anyhow::anyhow!("the node answered bad JSON: {e}"))?;
+            if json {
+                print_json(&v);
+            } else {
+                let n = |k: &str| v[k].as_u64().unwrap_or(0);
+                println!(
+                    "inbox of {agent}: {} of {} messages, {} of {} bytes{}",
+                    n("messages"),
+                    n("max_messages"),
+                    n("bytes"),
+                    n("max_bytes"),
+                    if v["default"].as_bool() == Some(true) {
+                        " (the default quota)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+        }
         Command::Cancel { path, .. } => {
             let req = RequestId::random();
             let n = client

@@ -1041,6 +1041,38 @@ impl agent::Server for AgentServer {
         Ok(())
     }
 
+    async fn quota(
+        self: Rc<Self>,
+        params: agent::QuotaParams,
+        mut results: agent::QuotaResults,
+    ) -> Result<(), CapError> {
+        let p = params.get()?;
+        let req = request_id(p.get_req_id())?;
+        let path = text(p.get_path(), "path")?;
+        let set = p.get_set().then(|| {
+            let q = capstan_actors::quota::Quota {
+                max_messages: p.get_max_messages(),
+                max_bytes: p.get_max_bytes(),
+            };
+            (q.max_messages != 0 || q.max_bytes != 0).then_some(q)
+        });
+        let v = self
+            .handle
+            .quota(req, &path, set)
+            .await
+            .map_err(actor_error)?;
+        let j = serde_json::json!({
+            "agent": hex::encode(v.agent.as_bytes()),
+            "messages": v.messages,
+            "bytes": v.bytes,
+            "max_messages": v.limits.max_messages,
+            "max_bytes": v.limits.max_bytes,
+            "default": v.default,
+        });
+        results.get().set_json(j.to_string().as_str());
+        Ok(())
+    }
+
     async fn evaluate(
         self: Rc<Self>,
         params: agent::EvaluateParams,

@@ -190,6 +190,11 @@ interface Agent {
   # Routines (`capstan routine …`): `command` is add, list or remove;
   # `args` is one JSON object (see nodes/CLI.md), the answer one JSON value.
   routine @33 (reqId :Data, command :Text, args :Text) -> (json :Text);
+  # The inbox quota of the agent at `path` (`capstan quota`): with `set`,
+  # replaces its limits (0 = the default) first; hosts only. The answer is
+  # one JSON object: {"agent", "messages", "bytes", "max_messages",
+  # "max_bytes", "default"}.
+  quota @34 (reqId :Data, path :Text, set :Bool, maxMessages :UInt64, maxBytes :UInt64) -> (json :Text);
 }
 
 struct HttpSpec {
