@@ -164,6 +164,7 @@ impl Runtime {
                         &store,
                         &Formula {
                             created_ms: now,
+                            cancelled: None,
                             kind: FormulaKind::Directory,
                         },
                     )?;
@@ -177,6 +178,7 @@ impl Runtime {
                         &id,
                         &Formula {
                             created_ms: now,
+                            cancelled: None,
                             kind: FormulaKind::Host(rec),
                         },
                     )?;
@@ -356,6 +358,22 @@ impl Runtime {
 
     /// Another member settled `promise`: wake its waiters here, if any.
     pub async fn wake_settled(&self, promise: FormulaId) -> Result<(), Error> {
+        // An agent cancelled on another member: stop its incarnation here.
+        if self.inner.registry.agent(&promise).is_some() {
+            let id = promise;
+            let cancelled = self
+                .inner
+                .db
+                .read(move |tx| {
+                    Box::pin(async move {
+                        Ok::<_, Error>(model::get_formula(tx, &id).await?.and_then(|f| f.cancelled))
+                    })
+                })
+                .await?;
+            if cancelled.is_some() {
+                incarnation::stop_local(&self.inner, id);
+            }
+        }
         let Some(a) = self.inner.registry.promise(&promise) else {
             return Ok(());
         };
@@ -648,6 +666,18 @@ async fn resolve_recipient(
     }
     let target = target.ok_or_else(|| Error::Invalid("a message needs a recipient".into()))?;
     let f = model::must_formula(tx, &target).await?;
+    if let Some(c) = &f.cancelled {
+        let name = if to_name.is_empty() {
+            "the recipient"
+        } else {
+            to_name.as_str()
+        };
+        return Err(crate::cancel::cancelled_error(
+            name,
+            c,
+            ": nothing was sent",
+        ));
+    }
     if let FormulaKind::Remote(r) = f.kind {
         // An agent of another cluster (its side checks).
         return Ok((target, reply_id, Some(r)));
@@ -673,6 +703,9 @@ async fn checked_dedup(
 }
 
 pub(crate) fn entry_detail(f: &Formula) -> String {
+    if let Some(c) = &f.cancelled {
+        return c.reason.clone();
+    }
     match &f.kind {
         FormulaKind::Value(v) => {
             let k = match v.kind {
@@ -1011,6 +1044,7 @@ impl AgentHandle {
                 let dir = model::parent_dir(tx, &ctx, &p).await?;
                 let f = Formula {
                     created_ms: now_ms(),
+                    cancelled: None,
                     kind: FormulaKind::Value(ValueRec {
                         kind,
                         size: data.len() as u64,
@@ -1131,6 +1165,7 @@ impl AgentHandle {
                         &store,
                         &Formula {
                             created_ms: now,
+                            cancelled: None,
                             kind: FormulaKind::Directory,
                         },
                     )?;
@@ -1150,6 +1185,7 @@ impl AgentHandle {
                     &id,
                     &Formula {
                         created_ms: now,
+                        cancelled: None,
                         kind,
                     },
                 )?;
@@ -1197,12 +1233,20 @@ impl AgentHandle {
             e => e,
         })?;
         let me = self.ctx.id;
-        if !self
+        let (made, cancelled) = self
             .rt
             .db
-            .read(move |tx| Box::pin(async move { model::made_by(tx, &id, &me).await }))
-            .await?
-        {
+            .read(move |tx| {
+                Box::pin(async move {
+                    let cancelled = model::get_formula(tx, &id).await?.and_then(|f| f.cancelled);
+                    Ok::<_, Error>((model::made_by(tx, &id, &me).await?, cancelled))
+                })
+            })
+            .await?;
+        if let Some(c) = cancelled {
+            return Err(crate::cancel::cancelled_error(path, &c, ": it cannot act"));
+        }
+        if !made {
             return Err(Error::Invalid(format!(
                 "{path} is not an agent you made: you can act only as yourself and the agents you made (and theirs)"
             )));
@@ -1938,6 +1982,7 @@ impl AgentHandle {
                 Box::pin(async move {
                     let f = Formula {
                         created_ms: now_ms(),
+                        cancelled: None,
                         kind: FormulaKind::Promise(PromiseRec {
                             description: description.clone(),
                             requester: ctx.id,

@@ -79,6 +79,10 @@ pub enum Error {
     /// reply in time): it may be dead, unlike a node that answered an error.
     #[error("{0}")]
     Unreachable(String),
+    /// The formula was cancelled (see `crate::cancel`); the message says
+    /// why.
+    #[error("{0}")]
+    Cancelled(String),
     /// The recipient's inbox is at its quota (see `crate::quota`); nothing
     /// was sent.
     #[error(
@@ -138,6 +142,7 @@ impl Error {
             | Error::Invalid(_)
             | Error::TooLarge { .. }
             | Error::InboxFull { .. }
+            | Error::Cancelled(_)
             | Error::Llm(_)
             | Error::Secrets(_) => false,
         }

@@ -404,6 +404,7 @@ async fn adopt_ref(
         &id,
         &Formula {
             created_ms: now_ms(),
+            cancelled: None,
             kind: FormulaKind::Remote(r.clone()),
         },
     )?;
@@ -538,6 +539,7 @@ impl AgentHandle {
                     &id,
                     &Formula {
                         created_ms: now,
+                        cancelled: None,
                         kind: FormulaKind::Invitation(InvitationRec {
                             host: ctx.id,
                             dir,
@@ -607,6 +609,7 @@ impl AgentHandle {
                             &id,
                             &Formula {
                                 created_ms: now_ms(),
+                                cancelled: None,
                                 kind: FormulaKind::Accepting(rec.clone()),
                             },
                         )?;
@@ -633,6 +636,7 @@ impl AgentHandle {
                     &placeholder,
                     &Formula {
                         created_ms: now_ms(),
+                        cancelled: None,
                         kind: FormulaKind::Accepting(rec),
                     },
                 )?;
@@ -673,6 +677,7 @@ impl AgentHandle {
                             &placeholder,
                             &Formula {
                                 created_ms: now,
+                                cancelled: None,
                                 kind: FormulaKind::Remote(inviter),
                             },
                         )?;
@@ -826,6 +831,7 @@ impl Runtime {
                         &invitation,
                         &Formula {
                             created_ms: now_ms(),
+                            cancelled: None,
                             kind: FormulaKind::Remote(handle),
                         },
                     )?;
@@ -934,6 +940,7 @@ impl Runtime {
                                     &promise,
                                     &Formula {
                                         created_ms: now_ms(),
+                                        cancelled: None,
                                         kind: FormulaKind::Promise(PromiseRec {
                                             description: description.clone(),
                                             requester: peer,

@@ -307,6 +307,30 @@ impl Actor for AgentActor {
     }
 }
 
+/// Stops this node's incarnation of agent `id` (cancelled: see
+/// [`crate::cancel`]), if any.
+pub(crate) fn stop_local(rt: &crate::api::Inner, id: FormulaId) {
+    if let Some(a) = rt.registry.agent(&id) {
+        unregister(&rt.registry.agents, &id, &a);
+        a.stop(Some("cancelled".into()));
+    }
+}
+
+/// Agent `id` was cancelled by this node: stops its incarnation here and
+/// tells the other members of a cluster to stop theirs (they read the
+/// formula's mark before they do).
+pub(crate) fn stop_cancelled(rt: &crate::api::Inner, id: FormulaId) {
+    stop_local(rt, id);
+    if let Some(c) = rt.cluster.get() {
+        let to = c.others();
+        if !to.is_empty() {
+            let _ = c
+                .link
+                .try_send(crate::cluster::LinkOp::Settled { to, promise: id });
+        }
+    }
+}
+
 async fn read_next(rt: &crate::api::Inner, id: FormulaId) -> Result<u64, Error> {
     rt.db
         .read(move |tx| Box::pin(async move { model::next_message_number(tx, &id).await }))

@@ -24,8 +24,10 @@
 //!   cluster (issue 20).
 //! - [`usage`]: what the store holds, by kind of key (`capstan du`).
 //! - [`quota`]: per-agent inbox quotas, kept by each inbox's owner.
+//! - [`cancel`]: cascading cancellation (`capstan cancel`).
 
 pub mod api;
+pub mod cancel;
 pub mod cluster;
 pub mod error;
 pub mod federation;

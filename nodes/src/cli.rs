@@ -97,6 +97,12 @@ pub enum Command {
         /// default; not remembered.
         #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=30 * 86_400))]
         gc_interval: Option<u64>,
+        /// Memory budget of the store's page cache, in bytes (redb stores;
+        /// default 32 MiB, at least 1 MiB): bounds how much of the store
+        /// the daemon keeps in memory. `capstan status` shows it and the
+        /// daemon's resident memory. Not remembered.
+        #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1_048_576..))]
+        store_cache_bytes: Option<u64>,
         #[command(flatten)]
         out: Out,
     },
@@ -249,6 +255,22 @@ pub enum Command {
         /// With --cluster: how many nodes to start (1 to 16).
         #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=16))]
         nodes: u16,
+        /// Only a soak: N sends into one guest's inbox in 20 rounds, each
+        /// round's messages dismissed and a gc pass run; prints the store's
+        /// size and the daemon's memory after each round (both stay flat).
+        #[arg(long, value_name = "N")]
+        soak: Option<usize>,
+        /// With --soak: keep the messages (no dismissals, no gc), to see
+        /// the daemon's memory per stored message.
+        #[arg(long, requires = "soak")]
+        soak_keep: bool,
+        /// With --soak: the daemon's `start --store-cache-bytes`.
+        #[arg(long, value_name = "BYTES", requires = "soak")]
+        store_cache_bytes: Option<u64>,
+        /// Only the gc row: N unreachable formulas, one gc pass timed, the
+        /// slowest concurrent send during it (100000 for the target).
+        #[arg(long, value_name = "N")]
+        gc_formulas: Option<usize>,
         #[command(flatten)]
         out: Out,
     },

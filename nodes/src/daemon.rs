@@ -650,6 +650,7 @@ pub async fn start(
     metrics_public: bool,
     console: crate::console::Flags,
     gc_interval: Option<u64>,
+    store_cache_bytes: Option<u64>,
 ) -> anyhow::Result<NodeInfo> {
     match client::ping(paths).await {
         Ok(info) => bail!(
@@ -695,6 +696,9 @@ pub async fn start(
     console.args(&mut cmd);
     if let Some(secs) = gc_interval {
         cmd.arg("--gc-interval").arg(secs.to_string());
+    }
+    if let Some(n) = store_cache_bytes {
+        cmd.arg("--store-cache-bytes").arg(n.to_string());
     }
     let mut child = cmd
         .stdin(std::process::Stdio::null())

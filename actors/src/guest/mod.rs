@@ -231,6 +231,11 @@ pub(crate) struct Body {
     /// Wall-clock deadline per call, ms, if not the node's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_ms: Option<u32>,
+    /// The ids (hex) of the capabilities it was granted when made: it is
+    /// cancelled with any of them (see `crate::cancel`). Older records:
+    /// none (then the component's install grants count).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub granted: Vec<String>,
 }
 
 fn agent_world() -> World {
@@ -295,6 +300,9 @@ pub(crate) mod keys {
     }
     pub fn body(guest: &FormulaId) -> Vec<u8> {
         TupleKey::new().str("gb").bytes(guest.as_bytes()).into_vec()
+    }
+    pub fn manifest_all() -> Vec<u8> {
+        TupleKey::new().str("gm").into_vec()
     }
     pub fn bodies() -> Vec<u8> {
         TupleKey::new().str("gb").into_vec()
@@ -975,14 +983,6 @@ impl AgentHandle {
             extra.push((slot.clone(), self.show(target).await?.id));
         }
         let id = self.mkguest(req, path).await?;
-        let body = serde_json::to_vec(&Body {
-            id: id.to_hex(),
-            hash: m.hash.clone(),
-            world: m.world,
-            fuel,
-            deadline_ms,
-        })
-        .map_err(|e| Error::Corrupt(e.to_string()))?;
         let grants: Vec<(String, FormulaId)> = m
             .grants
             .iter()
@@ -995,6 +995,15 @@ impl AgentHandle {
             })
             .collect::<Result<_, Error>>()?;
         let grants: Vec<(String, FormulaId)> = grants.into_iter().chain(extra).collect();
+        let body = serde_json::to_vec(&Body {
+            id: id.to_hex(),
+            hash: m.hash.clone(),
+            world: m.world,
+            fuel,
+            deadline_ms,
+            granted: grants.iter().map(|(_, g)| g.to_hex()).collect(),
+        })
+        .map_err(|e| Error::Corrupt(e.to_string()))?;
         self.inner()
             .db
             .transact(move |tx| {
