@@ -103,6 +103,12 @@ pub enum Command {
         /// daemon's resident memory. Not remembered.
         #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1_048_576..))]
         store_cache_bytes: Option<u64>,
+        /// Most bytes of compiled guest components kept in
+        /// `$CAPSTAN_HOME/compiled` (default 1 GiB); past it the least
+        /// recently used are deleted (compiled again when next needed).
+        /// Not remembered.
+        #[arg(long, value_name = "BYTES")]
+        compiled_cache_bytes: Option<u64>,
         #[command(flatten)]
         out: Out,
     },

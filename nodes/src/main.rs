@@ -250,6 +250,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 console_public,
                 gc_interval,
                 store_cache_bytes,
+                compiled_cache_bytes,
                 ..
             } => {
                 if let Some(f) = &secrets_key {
@@ -257,6 +258,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 if let Some(n) = store_cache_bytes {
                     capstan_cluster::redb_store::set_cache_bytes(n);
+                }
+                if let Some(n) = compiled_cache_bytes {
+                    let _ = daemon::COMPILED_CACHE_BYTES.set(n);
                 }
                 daemon::run(
                     paths,
@@ -284,6 +288,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 console_public,
                 gc_interval,
                 store_cache_bytes,
+                compiled_cache_bytes,
                 ..
             } => {
                 let advertise = parse_advertise(advertise)?;
@@ -303,6 +308,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     },
                     gc_interval,
                     store_cache_bytes,
+                    compiled_cache_bytes,
                 )
                 .await?;
                 let metrics_url = metrics::serving(&paths);

@@ -134,8 +134,16 @@ impl Default for GuestLimits {
 pub struct GuestConfig {
     /// Directory for compiled components (`BLAKE3.cwasm`); none: memory only.
     pub cache_dir: Option<PathBuf>,
+    /// Most bytes of compiled components kept in `cache_dir` (none:
+    /// [`DEFAULT_COMPILED_CACHE_BYTES`]); past it the least recently used
+    /// are deleted (compiled again when next needed).
+    pub cache_bytes: Option<u64>,
     pub limits: GuestLimits,
 }
+
+/// Bytes of compiled components a node keeps on disk unless told otherwise
+/// (`capstan start --compiled-cache-bytes`): 1 GiB.
+pub const DEFAULT_COMPILED_CACHE_BYTES: u64 = 1 << 30;
 
 /// Which world a component implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -501,12 +509,21 @@ impl GuestHost {
             return Ok(c);
         }
         let component = match self.load_cached(hash) {
-            Some(c) => c,
+            Some(c) => {
+                // used now: the last to be evicted
+                if let Some(p) = self.cache_path(hash)
+                    && let Ok(f) = std::fs::File::options().append(true).open(&p)
+                {
+                    let _ = f.set_modified(std::time::SystemTime::now());
+                }
+                c
+            }
             None => {
                 let c = Component::new(&self.engine, bytes).map_err(|e| {
                     Error::Invalid(format!("not a valid WebAssembly component: {e:#}"))
                 })?;
                 self.save_cached(hash, &c);
+                self.evict_cached(hash);
                 c
             }
         };
@@ -550,6 +567,49 @@ impl GuestHost {
             Err(e) => {
                 tracing::warn!(path = %path.display(), "compile cache entry refused: {e:#}");
                 None
+            }
+        }
+    }
+
+    /// Deletes the least recently used compiled components (by file time,
+    /// refreshed on each use) until the cache holds at most its budget;
+    /// never the one of `keep`, just written.
+    fn evict_cached(&self, keep: &[u8; 32]) {
+        let (Some(dir), Some(keep)) = (self.cfg.cache_dir.as_ref(), self.cache_path(keep)) else {
+            return;
+        };
+        let budget = self.cfg.cache_bytes.unwrap_or(DEFAULT_COMPILED_CACHE_BYTES);
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        let mut files: Vec<(std::time::SystemTime, u64, PathBuf)> = rd
+            .filter_map(|e| {
+                let e = e.ok()?;
+                let p = e.path();
+                if p.extension().is_none_or(|x| x != "cwasm") {
+                    return None;
+                }
+                let m = e.metadata().ok()?;
+                Some((m.modified().ok()?, m.len(), p))
+            })
+            .collect();
+        let mut total: u64 = files.iter().map(|f| f.1).sum();
+        files.sort();
+        for (_, len, p) in files {
+            if total <= budget {
+                break;
+            }
+            if p == keep {
+                continue;
+            }
+            match std::fs::remove_file(&p) {
+                Ok(()) => {
+                    total = total.saturating_sub(len);
+                    tracing::info!(path = %p.display(), bytes = len, "evicted a compiled component (least recently used)");
+                }
+                Err(e) => {
+                    tracing::warn!(path = %p.display(), "cannot evict a compiled component: {e}")
+                }
             }
         }
     }

@@ -736,6 +736,7 @@ mod tests {
         let rt = Runtime::open(db, RuntimeOptions::default()).await.unwrap();
         rt.enable_guests(GuestConfig {
             cache_dir: None,
+            cache_bytes: None,
             limits: GuestLimits::default(),
         })
         .unwrap();
