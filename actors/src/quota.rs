@@ -13,9 +13,11 @@
 //! else changes the inbox (dismissals on any node, messages an agent sends
 //! itself, a send that failed after its number was reserved) is found by a
 //! recount, made only when the account says the inbox is full — at most
-//! once per [`RECOUNT_EVERY`], or at once after a dismissal on this node.
-//! So a dismissal gives its room back, and a quota is exact up to the sends
-//! in flight at the moment of a recount.
+//! once per [`RECOUNT_EVERY`] (backing off to [`RECOUNT_MAX`] while the
+//! inbox stays full), or at once after a dismissal on this node. So a
+//! dismissal gives its room back (on another cluster node: within the
+//! backoff), and a quota is exact up to the sends in flight at the moment
+//! of a recount.
 //!
 //! Limits are per agent, set by a host (`capstan quota AGENT --messages N
 //! --bytes B`); an agent without its own has [`Quota::default`]. The owner
@@ -37,6 +39,8 @@ pub const DEFAULT_MAX_BYTES: u64 = 256 << 20;
 /// Least time between two recounts of a full inbox (none sooner, unless a
 /// dismissal on this node asks for one).
 pub const RECOUNT_EVERY: Duration = Duration::from_millis(100);
+/// Most time between two recounts of an inbox that stays full.
+pub const RECOUNT_MAX: Duration = Duration::from_secs(5);
 /// Messages read at a time by a count.
 const COUNT_PAGE: usize = 2_000;
 
@@ -176,6 +180,11 @@ pub struct Account {
     bytes: u64,
     limits: Quota,
     recounted: Option<Instant>,
+    /// Least time to the next recount of an inbox that stays full: from
+    /// [`RECOUNT_EVERY`], doubled by each recount that found it still full
+    /// (up to [`RECOUNT_MAX`]), so a flood of sends to a full inbox does
+    /// not turn into a flood of scans.
+    backoff: Duration,
     /// A dismissal (or a new limit) on this node: recount at the next
     /// refusal without waiting for [`RECOUNT_EVERY`].
     stale: bool,
@@ -214,9 +223,17 @@ impl Account {
         size: u64,
     ) -> Result<(), Error> {
         let recount_due = |a: &Account| {
-            !a.counted || a.stale || a.recounted.is_none_or(|t| t.elapsed() >= RECOUNT_EVERY)
+            !a.counted
+                || a.stale
+                || a.recounted
+                    .is_none_or(|t| t.elapsed() >= a.backoff.max(RECOUNT_EVERY))
         };
         if !self.counted || (!self.fits(size) && recount_due(self)) {
+            let backoff = if self.counted && !self.stale {
+                (self.backoff.max(RECOUNT_EVERY) * 2).min(RECOUNT_MAX)
+            } else {
+                RECOUNT_EVERY
+            };
             let (q, (messages, bytes)) = db
                 .read(move |tx| {
                     Box::pin(async move {
@@ -231,8 +248,12 @@ impl Account {
                 bytes,
                 limits: q,
                 recounted: Some(Instant::now()),
+                backoff,
                 stale: false,
             };
+            if self.fits(size) {
+                self.backoff = RECOUNT_EVERY;
+            }
         }
         if !self.fits(size) {
             return Err(Error::InboxFull {
