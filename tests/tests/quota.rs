@@ -61,7 +61,7 @@ fn a_full_inbox_refuses_senders_and_dismissals_give_room_back() {
     node.ok(["dismiss", &first.to_string(), "--as", "alice"]);
     node.ok(["send", "alice", "m3"]);
     assert_eq!(texts(&inbox_of(&node, "alice")), ["m1", "m2", "m3"]);
-    assert!(node.fail(&["send", "alice", "m4"]).1.contains("is full"));
+    assert!(node.fail(["send", "alice", "m4"]).1.contains("is full"));
 
     // A byte quota: one message of 600 bytes fits in 1000, a second does not.
     node.ok(["mkguest", "bob"]);
