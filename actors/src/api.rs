@@ -161,6 +161,7 @@ impl Runtime {
                         &store,
                         &Formula {
                             created_ms: now,
+                            cancelled: None,
                             kind: FormulaKind::Directory,
                         },
                     )?;
@@ -174,6 +175,7 @@ impl Runtime {
                         &id,
                         &Formula {
                             created_ms: now,
+                            cancelled: None,
                             kind: FormulaKind::Host(rec),
                         },
                     )?;
@@ -274,6 +276,7 @@ impl Runtime {
         agent: FormulaId,
         count: u64,
         at_least: u64,
+        quota_bytes: u64,
     ) -> Result<(u64, Vec<String>), Error> {
         let c = self
             .inner
@@ -282,7 +285,8 @@ impl Runtime {
             .ok_or_else(|| Error::Invalid("this node is not in a cluster".into()))?;
         match c.owner(&self.inner.db, agent).await? {
             crate::cluster::Owner::Me => {
-                let first = local_reserve(&self.inner, agent, count, at_least).await?;
+                let size = (quota_bytes > 0).then_some(quota_bytes);
+                let first = local_reserve(&self.inner, agent, count, at_least, size).await?;
                 Ok((first, c.interested(&agent)))
             }
             crate::cluster::Owner::Other(m) => Err(Error::Unavailable(format!(
@@ -351,6 +355,22 @@ impl Runtime {
 
     /// Another member settled `promise`: wake its waiters here, if any.
     pub async fn wake_settled(&self, promise: FormulaId) -> Result<(), Error> {
+        // An agent cancelled on another member: stop its incarnation here.
+        if self.inner.registry.agent(&promise).is_some() {
+            let id = promise;
+            let cancelled = self
+                .inner
+                .db
+                .read(move |tx| {
+                    Box::pin(async move {
+                        Ok::<_, Error>(model::get_formula(tx, &id).await?.and_then(|f| f.cancelled))
+                    })
+                })
+                .await?;
+            if cancelled.is_some() {
+                incarnation::stop_local(&self.inner, id);
+            }
+        }
         let Some(a) = self.inner.registry.promise(&promise) else {
             return Ok(());
         };
@@ -480,11 +500,12 @@ async fn local_reserve(
     agent: FormulaId,
     n: u64,
     at_least: u64,
+    size: Option<u64>,
 ) -> Result<u64, Error> {
     for _ in 0..3 {
         let a = incarnation::owned_agent_actor(inner, agent).await?;
         match a
-            .call(|port| AgentMsg::Reserve(n, at_least, port), None)
+            .call(|port| AgentMsg::Reserve(n, at_least, size, port), None)
             .await
         {
             Ok(ractor::rpc::CallResult::Success(r)) => return r,
@@ -642,6 +663,18 @@ async fn resolve_recipient(
     }
     let target = target.ok_or_else(|| Error::Invalid("a message needs a recipient".into()))?;
     let f = model::must_formula(tx, &target).await?;
+    if let Some(c) = &f.cancelled {
+        let name = if to_name.is_empty() {
+            "the recipient"
+        } else {
+            to_name.as_str()
+        };
+        return Err(crate::cancel::cancelled_error(
+            name,
+            c,
+            ": nothing was sent",
+        ));
+    }
     if let FormulaKind::Remote(r) = f.kind {
         // An agent of another cluster (its side checks).
         return Ok((target, reply_id, Some(r)));
@@ -667,6 +700,9 @@ async fn checked_dedup(
 }
 
 pub(crate) fn entry_detail(f: &Formula) -> String {
+    if let Some(c) = &f.cancelled {
+        return c.reason.clone();
+    }
     match &f.kind {
         FormulaKind::Value(v) => {
             let k = match v.kind {
@@ -1005,6 +1041,7 @@ impl AgentHandle {
                 let dir = model::parent_dir(tx, &ctx, &p).await?;
                 let f = Formula {
                     created_ms: now_ms(),
+                    cancelled: None,
                     kind: FormulaKind::Value(ValueRec {
                         kind,
                         size: data.len() as u64,
@@ -1125,6 +1162,7 @@ impl AgentHandle {
                         &store,
                         &Formula {
                             created_ms: now,
+                            cancelled: None,
                             kind: FormulaKind::Directory,
                         },
                     )?;
@@ -1144,6 +1182,7 @@ impl AgentHandle {
                     &id,
                     &Formula {
                         created_ms: now,
+                        cancelled: None,
                         kind,
                     },
                 )?;
@@ -1191,12 +1230,20 @@ impl AgentHandle {
             e => e,
         })?;
         let me = self.ctx.id;
-        if !self
+        let (made, cancelled) = self
             .rt
             .db
-            .read(move |tx| Box::pin(async move { model::made_by(tx, &id, &me).await }))
-            .await?
-        {
+            .read(move |tx| {
+                Box::pin(async move {
+                    let cancelled = model::get_formula(tx, &id).await?.and_then(|f| f.cancelled);
+                    Ok::<_, Error>((model::made_by(tx, &id, &me).await?, cancelled))
+                })
+            })
+            .await?;
+        if let Some(c) = cancelled {
+            return Err(crate::cancel::cancelled_error(path, &c, ": it cannot act"));
+        }
+        if !made {
             return Err(Error::Invalid(format!(
                 "{path} is not an agent you made: you can act only as yourself and the agents you made (and theirs)"
             )));
@@ -1208,6 +1255,56 @@ impl AgentHandle {
             journal: None,
             open: None,
         })
+    }
+
+    /// The inbox quota of the agent under `path` (a host's own agents, or
+    /// itself), setting it first when `set` is given (`Some(None)`: back to
+    /// the defaults). Hosts only. See [`crate::quota`].
+    pub async fn quota(
+        &self,
+        req: RequestId,
+        path: &str,
+        set: Option<Option<crate::quota::Quota>>,
+    ) -> Result<crate::quota::QuotaView, Error> {
+        if !self.ctx.is_host {
+            return Err(Error::Invalid(
+                "only a host can see or set inbox quotas; ask your host".into(),
+            ));
+        }
+        let id = self.agent(path).await?.id();
+        if let Some(q) = set {
+            let me = self.ctx.id;
+            self.transact(move |tx| {
+                Box::pin(async move {
+                    if checked_dedup(tx, &me, &req).await?.is_some() {
+                        return Ok(());
+                    }
+                    crate::quota::set_limits(tx, &id, q)?;
+                    model::dedup_put(tx, &me, &req, DedupAnswer::None, now_ms())?;
+                    Ok(())
+                })
+            })
+            .await?;
+            if let Some(a) = self.rt.registry.agent(&id) {
+                let _ = a.cast(AgentMsg::Freed);
+            }
+        }
+        self.rt
+            .db
+            .read(move |tx| {
+                Box::pin(async move {
+                    let (q, own) = crate::quota::limits(tx, &id).await?;
+                    let (messages, bytes) = crate::quota::count(tx, &id).await?;
+                    Ok::<_, Error>(crate::quota::QuotaView {
+                        agent: id,
+                        messages,
+                        bytes,
+                        limits: q,
+                        default: !own,
+                    })
+                })
+            })
+            .await
     }
 
     /// Runs a store transaction as this agent: fenced by the placement
@@ -1318,8 +1415,21 @@ impl AgentHandle {
         n: u64,
         at_least: u64,
     ) -> Result<u64, Error> {
+        self.reserve_admitting(agent, n, at_least, None).await
+    }
+
+    /// [`reserve`](Self::reserve), first admitting one message of about
+    /// `size` bytes under the inbox's quota when a size is given (see
+    /// [`crate::quota`]): a full inbox refuses at once.
+    pub(crate) async fn reserve_admitting(
+        &self,
+        agent: FormulaId,
+        n: u64,
+        at_least: u64,
+        size: Option<u64>,
+    ) -> Result<u64, Error> {
         let Some(c) = self.rt.cluster.get() else {
-            return local_reserve(&self.rt, agent, n, at_least).await;
+            return local_reserve(&self.rt, agent, n, at_least, size).await;
         };
         // Bounded by time rather than a count: a dead owner is waited out
         // (its lease lapses, then this node claims the inbox), which takes
@@ -1335,8 +1445,9 @@ impl AgentHandle {
             attempt += 1;
             match c.owner(&self.rt.db, agent).await? {
                 crate::cluster::Owner::Me => {
-                    match local_reserve(&self.rt, agent, n, at_least).await {
+                    match local_reserve(&self.rt, agent, n, at_least, size).await {
                         Ok(first) => return Ok(first),
+                        Err(e @ Error::InboxFull { .. }) => return Err(e),
                         Err(e) => last = Some(e),
                     }
                 }
@@ -1347,6 +1458,7 @@ impl AgentHandle {
                         agent,
                         count: n.min(u32::MAX as u64) as u32,
                         at_least,
+                        quota_bytes: size.unwrap_or(0),
                         reply: tx,
                     };
                     if c.link.send(op).await.is_err() {
@@ -1364,6 +1476,7 @@ impl AgentHandle {
                     };
                     match answer {
                         Ok(Ok(first)) => return Ok(first),
+                        Ok(Err(e @ Error::InboxFull { .. })) => return Err(e),
                         Ok(Err(e)) => {
                             tracing::debug!(owner = %node.name, "remote reservation failed: {e}");
                             if matches!(e, Error::Unreachable(_)) {
@@ -1400,6 +1513,22 @@ impl AgentHandle {
     pub(crate) async fn with_fresh_number<T, F, Fut>(
         &self,
         agent: FormulaId,
+        write: F,
+    ) -> Result<T, Error>
+    where
+        F: FnMut(u64) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Error>>,
+    {
+        self.with_fresh_number_admitting(agent, None, write).await
+    }
+
+    /// [`with_fresh_number`](Self::with_fresh_number), first admitting one
+    /// message of about `size` bytes under the inbox's quota when a size
+    /// is given ([`Error::InboxFull`] otherwise, nothing written).
+    pub(crate) async fn with_fresh_number_admitting<T, F, Fut>(
+        &self,
+        agent: FormulaId,
+        size: Option<u64>,
         mut write: F,
     ) -> Result<T, Error>
     where
@@ -1407,8 +1536,9 @@ impl AgentHandle {
         Fut: std::future::Future<Output = Result<T, Error>>,
     {
         let mut at_least = 0;
-        for _ in 0..MAX_SLOT_RETRIES {
-            let number = self.reserve(agent, 1, at_least).await?;
+        for i in 0..MAX_SLOT_RETRIES {
+            let admit = if i == 0 { size } else { None };
+            let number = self.reserve_admitting(agent, 1, at_least, admit).await?;
             match write(number).await {
                 Err(Error::InboxSlotTaken { number: taken, .. })
                     if taken == number && at_least <= taken =>
@@ -1566,9 +1696,12 @@ impl AgentHandle {
             }
         }
         let names: Vec<String> = refs.into_iter().map(|r| r.edge_name).collect();
+        let size =
+            crate::quota::message_size(text_len, names.iter().map(String::len).sum(), names.len());
+        let to_name = to;
         let to = self.recipient(to, reply_to, &paths).await?;
         let (n, _) = self
-            .post(req, to, move |tx, ctx| {
+            .post(req, to, size, move |tx, ctx| {
                 let (paths, strings, names, ctx) =
                     (paths.clone(), strings.clone(), names.clone(), ctx.clone());
                 Box::pin(async move {
@@ -1586,7 +1719,8 @@ impl AgentHandle {
                     ))
                 })
             })
-            .await?;
+            .await
+            .map_err(|e| crate::quota::named(e, to_name))?;
         Ok(n)
     }
 
@@ -1607,9 +1741,11 @@ impl AgentHandle {
                 max: MAX_MESSAGE_TEXT,
             });
         }
+        let size = crate::quota::message_size(text.len(), 0, 0);
+        let to_name = to;
         let to = self.recipient(to, None, &[]).await?;
         let (n, _) = self
-            .post(req, to, move |tx, _ctx| {
+            .post(req, to, size, move |tx, _ctx| {
                 let (text, alive) = (text.clone(), alive.clone());
                 Box::pin(async move {
                     if tx.get(&alive).await?.is_none() {
@@ -1625,25 +1761,43 @@ impl AgentHandle {
                     ))
                 })
             })
-            .await?;
+            .await
+            .map_err(|e| crate::quota::named(e, to_name))?;
         Ok(n)
     }
 
     /// The common path of send and request: reserve numbers in both inboxes,
     /// then one transaction writes both copies and the exactly-once record.
+    /// `size`: about the bytes of the message, admitted under the
+    /// recipient's inbox quota by its owner as it reserves the number.
     async fn post<F: PostBody>(
         &self,
         req: RequestId,
         to: Resolved,
+        size: u64,
         body: F,
     ) -> Result<(u64, Option<FormulaId>), Error> {
         let body = Arc::new(body);
-        match self.post_to(req, &to, body.clone()).await {
+        let r = match self.post_to(req, &to, size, body.clone()).await {
             // read on an old snapshot, the recipient changed since: resolve
             // it again on the latest version
             Err(Error::RecipientMoved) if let Some(spec) = to.recheck => {
                 let to = self.recipient_fresh(spec).await?;
-                self.post_to(req, &to, body).await
+                self.post_to(req, &to, size, body).await
+            }
+            r => r,
+        };
+        match r {
+            // a retry of a send that was applied before the inbox filled up
+            Err(e @ Error::InboxFull { .. }) => {
+                let me = self.ctx.id;
+                let earlier = self
+                    .read(move |tx| Box::pin(async move { model::dedup_get(tx, &me, &req).await }))
+                    .await?;
+                match earlier {
+                    Some(DedupAnswer::Number(n)) => Ok((n, None)),
+                    _ => Err(e),
+                }
             }
             r => r,
         }
@@ -1653,6 +1807,7 @@ impl AgentHandle {
         &self,
         req: RequestId,
         to: &Resolved,
+        size: u64,
         body: Arc<F>,
     ) -> Result<(u64, Option<FormulaId>), Error> {
         let (target, reply_id, recheck) = (to.target, to.reply_id, to.recheck.clone());
@@ -1673,12 +1828,18 @@ impl AgentHandle {
                     "inbox numbers kept colliding with used ones; try again".into(),
                 ));
             }
-            let own = self.reserve(me, 1, own_min).await?;
+            // The recipient's number first: its owner may refuse (a full
+            // inbox, see crate::quota) before anything is reserved here.
             let theirs = if target == me || remote_target {
-                own
+                None
             } else {
-                self.reserve(target, 1, their_min).await?
+                Some(
+                    self.reserve_admitting(target, 1, their_min, Some(size))
+                        .await?,
+                )
             };
+            let own = self.reserve(me, 1, own_min).await?;
+            let theirs = theirs.unwrap_or(own);
             let ctx = self.ctx.clone();
             let (body, remote, recheck) = (body.clone(), remote.clone(), recheck.clone());
             let r = self
@@ -1816,16 +1977,19 @@ impl AgentHandle {
             .filter(|s| !s.is_empty())
             .map(Path::parse_writable)
             .transpose()?;
+        let size = crate::quota::message_size(description.len(), 0, 1);
+        let to_name = to;
         let to = self.recipient(to, None, &[]).await?;
         let description = description.to_string();
         let promise = FormulaId::random();
         let (n, created) = self
-            .post(req, to, move |tx, ctx| {
+            .post(req, to, size, move |tx, ctx| {
                 let (ctx, description, result_path) =
                     (ctx.clone(), description.clone(), result_path.clone());
                 Box::pin(async move {
                     let f = Formula {
                         created_ms: now_ms(),
+                        cancelled: None,
                         kind: FormulaKind::Promise(PromiseRec {
                             description: description.clone(),
                             requester: ctx.id,
@@ -1847,7 +2011,8 @@ impl AgentHandle {
                     ))
                 })
             })
-            .await?;
+            .await
+            .map_err(|e| crate::quota::named(e, to_name))?;
         match created {
             Some(p) => Ok((n, p)),
             // a retry of a request that was already applied: find its promise
@@ -2075,7 +2240,12 @@ impl AgentHandle {
                 Ok(())
             })
         })
-        .await
+        .await?;
+        // room given back: the owner, if here, recounts at its next refusal
+        if let Some(a) = self.rt.registry.agent(&me) {
+            let _ = a.cast(AgentMsg::Freed);
+        }
+        Ok(())
     }
 
     /// The first [`DEFAULT_INBOX_PAGE`] messages (of the thread, if one is

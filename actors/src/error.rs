@@ -79,6 +79,22 @@ pub enum Error {
     /// reply in time): it may be dead, unlike a node that answered an error.
     #[error("{0}")]
     Unreachable(String),
+    /// The formula was cancelled (see `crate::cancel`); the message says
+    /// why.
+    #[error("{0}")]
+    Cancelled(String),
+    /// The recipient's inbox is at its quota (see `crate::quota`); nothing
+    /// was sent.
+    #[error(
+        "inbox of {agent} is full ({messages} messages / {bytes} bytes; its quota is {max_messages} messages / {max_bytes} bytes): nothing was sent; its holder can dismiss messages (`capstan dismiss N`), or its host raise the quota (`capstan quota {agent} --messages N --bytes B`)"
+    )]
+    InboxFull {
+        agent: String,
+        messages: u64,
+        bytes: u64,
+        max_messages: u64,
+        max_bytes: u64,
+    },
     /// A model call failed at the provider (the message names it and what
     /// to do; it never holds a key).
     #[error("{0}")]
@@ -125,6 +141,8 @@ impl Error {
             | Error::Rejected(_)
             | Error::Invalid(_)
             | Error::TooLarge { .. }
+            | Error::InboxFull { .. }
+            | Error::Cancelled(_)
             | Error::Llm(_)
             | Error::Secrets(_) => false,
         }

@@ -404,6 +404,7 @@ async fn adopt_ref(
         &id,
         &Formula {
             created_ms: now_ms(),
+            cancelled: None,
             kind: FormulaKind::Remote(r.clone()),
         },
     )?;
@@ -538,6 +539,7 @@ impl AgentHandle {
                     &id,
                     &Formula {
                         created_ms: now,
+                        cancelled: None,
                         kind: FormulaKind::Invitation(InvitationRec {
                             host: ctx.id,
                             dir,
@@ -607,6 +609,7 @@ impl AgentHandle {
                             &id,
                             &Formula {
                                 created_ms: now_ms(),
+                                cancelled: None,
                                 kind: FormulaKind::Accepting(rec.clone()),
                             },
                         )?;
@@ -633,6 +636,7 @@ impl AgentHandle {
                     &placeholder,
                     &Formula {
                         created_ms: now_ms(),
+                        cancelled: None,
                         kind: FormulaKind::Accepting(rec),
                     },
                 )?;
@@ -673,6 +677,7 @@ impl AgentHandle {
                             &placeholder,
                             &Formula {
                                 created_ms: now,
+                                cancelled: None,
                                 kind: FormulaKind::Remote(inviter),
                             },
                         )?;
@@ -826,6 +831,7 @@ impl Runtime {
                         &invitation,
                         &Formula {
                             created_ms: now_ms(),
+                            cancelled: None,
                             kind: FormulaKind::Remote(handle),
                         },
                     )?;
@@ -871,8 +877,24 @@ impl Runtime {
         }
         let agent = self.handle_for(to).await?;
         let own = caller.own;
+        // Admitted under the recipient's quota: a full inbox refuses for
+        // good, and the sender's node bounces the mail to its sender.
+        let size = match &env.body {
+            EnvelopeBody::Package {
+                strings,
+                names,
+                refs,
+            } => crate::quota::message_size(
+                strings.iter().map(String::len).sum(),
+                names.iter().map(String::len).sum(),
+                refs.len(),
+            ),
+            EnvelopeBody::Request { description, .. } => {
+                crate::quota::message_size(description.len(), 0, 1)
+            }
+        };
         let delivered = agent
-            .with_fresh_number(to, |number| {
+            .with_fresh_number_admitting(to, Some(size), |number| {
                 let env = env.clone();
                 db.transact(move |tx| {
                     let env = env.clone();
@@ -918,6 +940,7 @@ impl Runtime {
                                     &promise,
                                     &Formula {
                                         created_ms: now_ms(),
+                                        cancelled: None,
                                         kind: FormulaKind::Promise(PromiseRec {
                                             description: description.clone(),
                                             requester: peer,

@@ -70,8 +70,12 @@ impl Registry {
 pub enum AgentMsg {
     /// Reserve `n` consecutive inbox numbers, none below the second
     /// argument; answers the first (or an error if this incarnation does
-    /// not own the inbox).
-    Reserve(u64, u64, RpcReplyPort<Result<u64, Error>>),
+    /// not own the inbox). With a size, first admits one message of about
+    /// that many bytes under the inbox's quota ([`crate::quota`]).
+    Reserve(u64, u64, Option<u64>, RpcReplyPort<Result<u64, Error>>),
+    /// Room was given back (a dismissal on this node) or the limits
+    /// changed: recount at the next refusal.
+    Freed,
     /// Become the owner of the inbox (a cluster placement was claimed):
     /// read the sequence from the store and start the guest's runner.
     Own(RpcReplyPort<Result<(), Error>>),
@@ -103,6 +107,8 @@ pub(crate) struct AgentState {
     _ticker: tokio::task::JoinHandle<()>,
     /// For a guest whose body is a component: its runner.
     guest: Option<crate::guest::GuestRunner>,
+    /// The inbox's use against its quota (kept while this owns it).
+    account: crate::quota::Account,
 }
 
 /// In a cluster, tells the owner of this agent's inbox (when another node)
@@ -165,6 +171,7 @@ impl Actor for AgentActor {
             followers: Vec::new(),
             last_active: Instant::now(),
             _ticker: ticker,
+            account: crate::quota::Account::default(),
         })
     }
 
@@ -175,7 +182,7 @@ impl Actor for AgentActor {
         st: &mut AgentState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            AgentMsg::Reserve(n, at_least, reply) => {
+            AgentMsg::Reserve(n, at_least, size, reply) => {
                 if !st.owned {
                     let _ = reply.send(Err(Error::Unavailable(
                         "this node does not own the inbox".into(),
@@ -183,6 +190,12 @@ impl Actor for AgentActor {
                     return Ok(());
                 }
                 st.last_active = Instant::now();
+                if let Some(size) = size
+                    && let Err(e) = st.account.admit(&st.rt.db, st.id, size).await
+                {
+                    let _ = reply.send(Err(e));
+                    return Ok(());
+                }
                 st.next = st.next.max(at_least);
                 let first = st.next;
                 st.next += n;
@@ -233,7 +246,20 @@ impl Actor for AgentActor {
                     tell_owner_of_followers(st);
                 }
             }
+            AgentMsg::Freed => st.account.note_freed(),
             AgentMsg::Tick => {
+                if st.owned && st.account.counted() {
+                    let (db, id) = (st.rt.db.clone(), st.id);
+                    match db
+                        .read(move |tx| {
+                            Box::pin(async move { crate::quota::limits(tx, &id).await })
+                        })
+                        .await
+                    {
+                        Ok((q, _)) => st.account.set_limits(q),
+                        Err(e) => tracing::debug!(agent = %id.short(), "quota not read: {e}"),
+                    }
+                }
                 st.followers.retain(|f| !f.is_closed());
                 if !st.followers.is_empty() {
                     tell_owner_of_followers(st);
@@ -278,6 +304,30 @@ impl Actor for AgentActor {
             }
         }
         Ok(())
+    }
+}
+
+/// Stops this node's incarnation of agent `id` (cancelled: see
+/// [`crate::cancel`]), if any.
+pub(crate) fn stop_local(rt: &crate::api::Inner, id: FormulaId) {
+    if let Some(a) = rt.registry.agent(&id) {
+        unregister(&rt.registry.agents, &id, &a);
+        a.stop(Some("cancelled".into()));
+    }
+}
+
+/// Agent `id` was cancelled by this node: stops its incarnation here and
+/// tells the other members of a cluster to stop theirs (they read the
+/// formula's mark before they do).
+pub(crate) fn stop_cancelled(rt: &crate::api::Inner, id: FormulaId) {
+    stop_local(rt, id);
+    if let Some(c) = rt.cluster.get() {
+        let to = c.others();
+        if !to.is_empty() {
+            let _ = c
+                .link
+                .try_send(crate::cluster::LinkOp::Settled { to, promise: id });
+        }
     }
 }
 

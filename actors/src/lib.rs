@@ -25,8 +25,11 @@
 //! - [`clock`]: the wall clock the runtime reads (injectable for simulations).
 //! - [`cluster`]: membership, leases, placement and fencing of a cluster's nodes.
 //! - [`usage`]: what the store holds, by kind of key (`capstan du`).
+//! - [`quota`]: per-agent inbox quotas, kept by each inbox's owner.
+//! - [`cancel`]: cascading cancellation (`capstan cancel`).
 
 pub mod api;
+pub mod cancel;
 pub mod clock;
 pub mod cluster;
 pub mod error;
@@ -39,6 +42,7 @@ pub mod llm;
 pub mod model;
 pub mod names;
 pub(crate) mod open_tx;
+pub mod quota;
 pub mod records;
 pub mod remote;
 pub mod routines;

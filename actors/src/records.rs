@@ -14,6 +14,16 @@ use crate::error::Error;
 pub struct Formula {
     pub created_ms: u64,
     pub kind: FormulaKind,
+    /// Why and when it was cancelled ([`crate::cancel`]); `None` while live.
+    pub cancelled: Option<Cancelled>,
+}
+
+/// A formula's cancellation: see [`crate::cancel`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cancelled {
+    /// "cancelled by its host" or "cancelled: its dependency … was cancelled".
+    pub reason: String,
+    pub at_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -366,6 +376,10 @@ impl Formula {
         let mut msg = Builder::new_default();
         let mut f = msg.init_root::<rc::formula::Builder<'_>>();
         f.set_created_ms(self.created_ms);
+        if let Some(c) = &self.cancelled {
+            f.set_cancelled(c.reason.as_str());
+            f.set_cancelled_ms(c.at_ms);
+        }
         let set_agent = |mut b: rc::agent::Builder<'_>, a: &AgentRec| {
             b.set_pet_store(a.pet_store.as_bytes());
             b.set_host(a.host.as_ref().map(|h| &h.as_bytes()[..]).unwrap_or(&[]));
@@ -527,7 +541,17 @@ impl Formula {
                 })
             }
         };
+        let reason = if f.has_cancelled() {
+            text(f.get_cancelled()?)?
+        } else {
+            String::new()
+        };
+        let cancelled = (!reason.is_empty()).then(|| Cancelled {
+            reason,
+            at_ms: f.get_cancelled_ms(),
+        });
         Ok(Formula {
+            cancelled,
             created_ms: f.get_created_ms(),
             kind,
         })
@@ -760,6 +784,7 @@ mod tests {
         ] {
             let f = Formula {
                 created_ms: 5,
+                cancelled: None,
                 kind,
             };
             assert_eq!(Formula::decode(&f.encode()).unwrap(), f);

@@ -66,49 +66,6 @@ impl AgentHandle {
             .await
     }
 
-    /// Revokes every locator issued for what `path` names; returns how many.
-    /// Capabilities restored from them fail from their next call on.
-    pub async fn cancel(&self, req: RequestId, path: &str) -> Result<u64, Error> {
-        if !self.ctx.is_host {
-            return Err(Error::Invalid(
-                "only a host can cancel; a guest has only what it was given".into(),
-            ));
-        }
-        let ctx = self.ctx.clone();
-        let p = Path::parse(path)?;
-        self.transact(move |tx| {
-            let (ctx, p) = (ctx.clone(), p.clone());
-            Box::pin(async move {
-                if let Some(DedupAnswer::Number(n)) = model::dedup_get(tx, &ctx.id, &req).await? {
-                    return Ok(n);
-                }
-                let id = model::resolve(tx, &ctx, &p).await?;
-                let prefix = keys::locators_of(&id);
-                let rows = tx.get_prefix(&prefix, 0, false).await?;
-                let mut n = 0u64;
-                for (k, _) in rows {
-                    let mut r = capstan_cluster::tuple::TupleReader::new(&k);
-                    let hash = (|| {
-                        r.str()?;
-                        r.bytes()?;
-                        r.bytes()
-                    })()
-                    .map_err(|e| Error::Corrupt(format!("locator index key: {e}")))?;
-                    let hash: [u8; 32] = hash
-                        .as_slice()
-                        .try_into()
-                        .map_err(|_| Error::Corrupt("locator index key".into()))?;
-                    tx.clear(&keys::locator(&hash));
-                    tx.clear(&k);
-                    n += 1;
-                }
-                model::dedup_put(tx, &ctx.id, &req, DedupAnswer::Number(n), now_ms())?;
-                Ok(n)
-            })
-        })
-        .await
-    }
-
     /// Names a capability of another cluster: a remote formula under `path`.
     pub async fn adopt_locator(
         &self,
@@ -135,6 +92,7 @@ impl AgentHandle {
                     &id,
                     &Formula {
                         created_ms: now,
+                        cancelled: None,
                         kind: FormulaKind::Remote(remote),
                     },
                 )?;

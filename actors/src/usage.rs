@@ -28,7 +28,7 @@ pub const MAX_PAGE_KEYS: usize = 100_000;
 /// - formulas: `("f", …)`, reference stamps `("fref", …)`, condemned marks `("gcx", …)`
 /// - values: `("v", …)` (the chunks of stored values)
 /// - names: `("n", …)` and the reverse index `("r", …)`
-/// - messages: `("m", …)` and inbox marks `("mark", …)`
+/// - messages: `("m", …)`, inbox marks `("mark", …)` and quotas `("quota", …)`
 /// - dedup: exactly-once records `("d", …)` and received items `("in", …)`
 /// - journals: guest journals `("gj", …)`
 /// - outbox: `("outq", …)` and `("out", …)`
@@ -40,7 +40,7 @@ pub fn kind_of(key: &[u8]) -> usize {
         "f" | "fref" | "gcx" => 0,
         "v" => 1,
         "n" | "r" => 2,
-        "m" | "mark" => 3,
+        "m" | "mark" | "quota" => 3,
         "d" | "in" => 4,
         "gj" => 5,
         "outq" | "out" => 6,

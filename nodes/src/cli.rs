@@ -97,6 +97,18 @@ pub enum Command {
         /// default; not remembered.
         #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=30 * 86_400))]
         gc_interval: Option<u64>,
+        /// Memory budget of the store's page cache, in bytes (redb stores;
+        /// default 32 MiB, at least 1 MiB): bounds how much of the store
+        /// the daemon keeps in memory. `capstan status` shows it and the
+        /// daemon's resident memory. Not remembered.
+        #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1_048_576..))]
+        store_cache_bytes: Option<u64>,
+        /// Most bytes of compiled guest components kept in
+        /// `$CAPSTAN_HOME/compiled` (default 1 GiB); past it the least
+        /// recently used are deleted (compiled again when next needed).
+        /// Not remembered.
+        #[arg(long, value_name = "BYTES")]
+        compiled_cache_bytes: Option<u64>,
         #[command(flatten)]
         out: Out,
     },
@@ -253,6 +265,22 @@ pub enum Command {
         /// with --quick): more gives steadier figures and time to profile.
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
         sends: Option<u32>,
+        /// Only a soak: N sends into one guest's inbox in 20 rounds, each
+        /// round's messages dismissed and a gc pass run; prints the store's
+        /// size and the daemon's memory after each round (both stay flat).
+        #[arg(long, value_name = "N")]
+        soak: Option<usize>,
+        /// With --soak: keep the messages (no dismissals, no gc), to see
+        /// the daemon's memory per stored message.
+        #[arg(long, requires = "soak")]
+        soak_keep: bool,
+        /// With --soak: the daemon's `start --store-cache-bytes`.
+        #[arg(long, value_name = "BYTES", requires = "soak")]
+        store_cache_bytes: Option<u64>,
+        /// Only the gc row: N unreachable formulas, one gc pass timed, the
+        /// slowest concurrent send during it (100000 for the target).
+        #[arg(long, value_name = "N")]
+        gc_formulas: Option<usize>,
         #[command(flatten)]
         out: Out,
     },
@@ -536,6 +564,27 @@ pub enum Command {
     Cancel {
         #[arg(value_name = "NAME")]
         path: String,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Show or set the inbox quota of AGENT (yourself, or an agent you made).
+    ///
+    /// An inbox holds at most 100,000 messages and 256 MiB unless its host
+    /// sets otherwise; a send to a full inbox is refused (nothing is
+    /// written) and federated mail to it bounces. `--default` goes back to
+    /// the defaults. Dismissing messages gives room back.
+    Quota {
+        #[arg(value_name = "AGENT")]
+        agent: String,
+        /// Most messages the inbox holds (0: the default).
+        #[arg(long, value_name = "N")]
+        messages: Option<u64>,
+        /// Most bytes of stored messages the inbox holds (0: the default).
+        #[arg(long, value_name = "B")]
+        bytes: Option<u64>,
+        /// Go back to the default limits.
+        #[arg(long, conflicts_with_all = ["messages", "bytes"])]
+        default: bool,
         #[command(flatten)]
         out: Out,
     },
@@ -905,6 +954,7 @@ impl Command {
             | Command::Reject { out, .. }
             | Command::Adopt { out, .. }
             | Command::Dismiss { out, .. }
+            | Command::Quota { out, .. }
             | Command::Locate { out, .. }
             | Command::AdoptLocator { out, .. }
             | Command::Cancel { out, .. }

@@ -91,6 +91,8 @@ pub struct NodeInfo {
     pub incarnations: u32,
     pub uptime_ms: u64,
     pub connections: u32,
+    pub rss_bytes: u64,
+    pub store_cache_bytes: u64,
 }
 
 fn text(r: capnp::Result<capnp::text::Reader<'_>>) -> Result<String, CapError> {
@@ -127,6 +129,8 @@ pub async fn ping(paths: &Paths) -> Result<NodeInfo, ClientError> {
             incarnations: i.get_incarnations(),
             uptime_ms: i.get_uptime_ms(),
             connections: i.get_connections(),
+            rss_bytes: i.get_rss_bytes(),
+            store_cache_bytes: i.get_store_cache_bytes(),
         })
     };
     answer.await.map_err(|e| classify(paths, e))

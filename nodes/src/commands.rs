@@ -598,6 +598,50 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
                 &id,
             );
         }
+        Command::Quota {
+            agent,
+            messages,
+            bytes,
+            default,
+            ..
+        } => {
+            let req = RequestId::random();
+            let set = default || messages.is_some() || bytes.is_some();
+            let answer = client
+                .call(|a| {
+                    let agent = &agent;
+                    async move {
+                        let mut r = a.quota_request();
+                        r.get().set_req_id(&req.0);
+                        r.get().set_path(agent.as_str());
+                        r.get().set_set(set);
+                        r.get().set_max_messages(messages.unwrap_or(0));
+                        r.get().set_max_bytes(bytes.unwrap_or(0));
+                        let answer = r.send().promise.await?;
+                        Ok(answer.get()?.get_json()?.to_string()?)
+                    }
+                })
+                .await?;
+            let v: serde_json::Value = serde_json::from_str(&answer)
+                .map_err(|e| anyhow::anyhow!("the node answered bad JSON: {e}"))?;
+            if json {
+                print_json(&v);
+            } else {
+                let n = |k: &str| v[k].as_u64().unwrap_or(0);
+                println!(
+                    "inbox of {agent}: {} of {} messages, {} of {} bytes{}",
+                    n("messages"),
+                    n("max_messages"),
+                    n("bytes"),
+                    n("max_bytes"),
+                    if v["default"].as_bool() == Some(true) {
+                        " (the default quota)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+        }
         Command::Cancel { path, .. } => {
             let req = RequestId::random();
             let n = client
@@ -608,14 +652,37 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
                         r.get().set_req_id(&req.0);
                         r.get().set_path(path.as_str());
                         let answer = r.send().promise.await?;
-                        Ok(answer.get()?.get_count())
+                        let a = answer.get()?;
+                        let more = if a.has_cancelled() {
+                            a.get_cancelled()?.to_string()?
+                        } else {
+                            String::new()
+                        };
+                        Ok((a.get_count(), more))
                     }
                 })
                 .await?;
+            let (n, more) = n;
+            let more: serde_json::Value = serde_json::from_str(&more)
+                .unwrap_or_else(|_| json!({"cancelled": [], "rejected": 0}));
+            let cancelled = more["cancelled"].as_array().cloned().unwrap_or_default();
+            let rejected = more["rejected"].as_u64().unwrap_or(0);
             if json {
-                print_json(&json!({"revoked": n}));
+                print_json(&json!({"revoked": n, "cancelled": cancelled, "rejected": rejected}));
             } else {
                 println!("revoked {n} locator(s) of {path}");
+                for c in &cancelled {
+                    let id = c["id"].as_str().unwrap_or("");
+                    println!(
+                        "cancelled {} {}: {}",
+                        c["type"].as_str().unwrap_or(""),
+                        &id[..id.len().min(8)],
+                        c["reason"].as_str().unwrap_or("")
+                    );
+                }
+                if rejected > 0 {
+                    println!("rejected {rejected} pending request(s)");
+                }
             }
         }
         Command::Inbox {

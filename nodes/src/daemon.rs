@@ -341,6 +341,7 @@ pub async fn run(
     runtime
         .enable_guests(capstan_actors::guest::GuestConfig {
             cache_dir: Some(paths.home.join("compiled")),
+            cache_bytes: COMPILED_CACHE_BYTES.get().copied(),
             ..Default::default()
         })
         .map_err(|e| anyhow!("cannot start the guest host: {e}"))?;
@@ -639,6 +640,9 @@ fn log_tail(paths: &Paths, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// `start --compiled-cache-bytes` of this daemon (set before [`run`]).
+pub static COMPILED_CACHE_BYTES: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
 /// `capstan start`: spawns `capstan start --foreground` detached and waits until it answers.
 #[allow(clippy::too_many_arguments)] // one per `start` flag
 pub async fn start(
@@ -650,6 +654,8 @@ pub async fn start(
     metrics_public: bool,
     console: crate::console::Flags,
     gc_interval: Option<u64>,
+    store_cache_bytes: Option<u64>,
+    compiled_cache_bytes: Option<u64>,
 ) -> anyhow::Result<NodeInfo> {
     match client::ping(paths).await {
         Ok(info) => bail!(
@@ -695,6 +701,12 @@ pub async fn start(
     console.args(&mut cmd);
     if let Some(secs) = gc_interval {
         cmd.arg("--gc-interval").arg(secs.to_string());
+    }
+    if let Some(n) = store_cache_bytes {
+        cmd.arg("--store-cache-bytes").arg(n.to_string());
+    }
+    if let Some(n) = compiled_cache_bytes {
+        cmd.arg("--compiled-cache-bytes").arg(n.to_string());
     }
     let mut child = cmd
         .stdin(std::process::Stdio::null())

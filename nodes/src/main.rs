@@ -192,10 +192,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         cluster,
         nodes,
         sends,
+        soak,
+        soak_keep,
+        store_cache_bytes,
+        gc_formulas,
         ..
     } = cli.command
     {
         init_logging(false);
+        if soak.is_some() || gc_formulas.is_some() {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            return tokio::task::LocalSet::new().block_on(&rt, async move {
+                if let Some(n) = gc_formulas {
+                    bench::gc_row(dir.clone(), n, json).await?;
+                }
+                if let Some(n) = soak {
+                    bench::soak(dir, n, soak_keep, store_cache_bytes, json).await?;
+                }
+                Ok(())
+            });
+        }
         let mut sizes = if quick {
             bench::Sizes::quick()
         } else {
@@ -242,10 +260,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 console,
                 console_public,
                 gc_interval,
+                store_cache_bytes,
+                compiled_cache_bytes,
                 ..
             } => {
                 if let Some(f) = &secrets_key {
                     daemon::install_secrets_key(&paths, f)?;
+                }
+                if let Some(n) = store_cache_bytes {
+                    capstan_cluster::redb_store::set_cache_bytes(n);
+                }
+                if let Some(n) = compiled_cache_bytes {
+                    let _ = daemon::COMPILED_CACHE_BYTES.set(n);
                 }
                 daemon::run(
                     paths,
@@ -272,6 +298,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 console,
                 console_public,
                 gc_interval,
+                store_cache_bytes,
+                compiled_cache_bytes,
                 ..
             } => {
                 let advertise = parse_advertise(advertise)?;
@@ -290,6 +318,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         public: console_public,
                     },
                     gc_interval,
+                    store_cache_bytes,
+                    compiled_cache_bytes,
                 )
                 .await?;
                 let metrics_url = metrics::serving(&paths);
@@ -431,6 +461,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         "store": info.store,
                         "incarnations": info.incarnations,
                         "connections": info.connections,
+                        "rss_bytes": info.rss_bytes,
+                        "store_cache_bytes": info.store_cache_bytes,
                         "root_host": hex::encode(&info.root_host),
                     });
                     if let Some(u) = &metrics_url {
@@ -448,6 +480,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     println!("store         {}", info.store);
                     println!("incarnations  {}", info.incarnations);
                     println!("connections   {}", info.connections);
+                    println!("memory        {} resident", bytes_human(info.rss_bytes));
+                    if info.store_cache_bytes > 0 {
+                        println!(
+                            "store cache   {} budget (start --store-cache-bytes)",
+                            bytes_human(info.store_cache_bytes)
+                        );
+                    }
                     if let Some(addr) = listening_on(&paths) {
                         println!("listening on  {addr} (QUIC)");
                         if let Some(addrs) = daemon::advertised(&paths)
@@ -472,6 +511,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
     })
+}
+
+/// `12.3 MiB`.
+fn bytes_human(b: u64) -> String {
+    const MIB: f64 = 1024.0 * 1024.0;
+    if b >= 1 << 20 {
+        format!("{:.1} MiB", b as f64 / MIB)
+    } else {
+        format!("{:.1} KiB", b as f64 / 1024.0)
+    }
 }
 
 /// The value of `start --advertise`, checked before anything is done.

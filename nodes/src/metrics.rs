@@ -488,6 +488,16 @@ pub fn bound(listener: &TcpListener, cfg: MetricsConfig) -> anyhow::Result<Metri
     Ok(MetricsConfig { addr, ..cfg })
 }
 
+/// This process's resident memory (`VmRSS` of /proc/self/status), in bytes.
+pub fn rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())?;
+    Some(kib * 1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

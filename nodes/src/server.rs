@@ -88,6 +88,11 @@ impl node::Server for NodeServer {
         info.set_incarnations(u32::try_from(self.runtime.incarnations()).unwrap_or(u32::MAX));
         info.set_uptime_ms(u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX));
         info.set_connections(u32::try_from(self.net.connections()).unwrap_or(u32::MAX));
+        info.set_rss_bytes(crate::metrics::rss_bytes().unwrap_or(0));
+        let store = self.runtime.db().describe();
+        if store.starts_with("redb") {
+            info.set_store_cache_bytes(capstan_cluster::redb_store::cache_bytes());
+        }
         Ok(())
     }
 
@@ -777,8 +782,21 @@ impl agent::Server for AgentServer {
         let p = params.get()?;
         let req = request_id(p.get_req_id())?;
         let path = text(p.get_path(), "path")?;
-        let n = self.handle.cancel(req, &path).await.map_err(actor_error)?;
-        results.get().set_count(n);
+        let r = self.handle.cancel(req, &path).await.map_err(actor_error)?;
+        let cancelled: Vec<serde_json::Value> = r
+            .cancelled
+            .iter()
+            .map(|(id, t, why)| {
+                serde_json::json!({"id": hex::encode(id.as_bytes()), "type": t, "reason": why})
+            })
+            .collect();
+        let mut res = results.get();
+        res.set_count(r.revoked);
+        res.set_cancelled(
+            serde_json::json!({"cancelled": cancelled, "rejected": r.rejected})
+                .to_string()
+                .as_str(),
+        );
         Ok(())
     }
 
@@ -1038,6 +1056,38 @@ impl agent::Server for AgentServer {
             .await
             .map_err(failed)?;
         results.get().set_json(v.to_string().as_str());
+        Ok(())
+    }
+
+    async fn quota(
+        self: Rc<Self>,
+        params: agent::QuotaParams,
+        mut results: agent::QuotaResults,
+    ) -> Result<(), CapError> {
+        let p = params.get()?;
+        let req = request_id(p.get_req_id())?;
+        let path = text(p.get_path(), "path")?;
+        let set = p.get_set().then(|| {
+            let q = capstan_actors::quota::Quota {
+                max_messages: p.get_max_messages(),
+                max_bytes: p.get_max_bytes(),
+            };
+            (q.max_messages != 0 || q.max_bytes != 0).then_some(q)
+        });
+        let v = self
+            .handle
+            .quota(req, &path, set)
+            .await
+            .map_err(actor_error)?;
+        let j = serde_json::json!({
+            "agent": hex::encode(v.agent.as_bytes()),
+            "messages": v.messages,
+            "bytes": v.bytes,
+            "max_messages": v.limits.max_messages,
+            "max_bytes": v.limits.max_bytes,
+            "default": v.default,
+        });
+        results.get().set_json(j.to_string().as_str());
         Ok(())
     }
 

@@ -63,6 +63,8 @@ struct NodeInfo {
   incarnations @6 :UInt32;
   uptimeMs @7 :UInt64;
   connections @8 :UInt32;   # open QUIC connections to other nodes
+  rssBytes @9 :UInt64;      # the daemon's resident memory (VmRSS), 0 if unknown
+  storeCacheBytes @10 :UInt64;  # the budget of the store's page cache (redb; 0: none kept)
 }
 
 enum ValueKind {
@@ -141,7 +143,10 @@ interface Agent {
   # Names a capability of another cluster, from its locator.
   adoptLocator @21 (reqId :Data, path :Text, locator :Text) -> (id :Data);
   # Revokes every locator of what `path` names; returns how many.
-  cancel @22 (reqId :Data, path :Text) -> (count :UInt64);
+  cancel @22 (reqId :Data, path :Text) -> (count :UInt64, cancelled :Text);
+  # `count`: locators revoked; `cancelled`: a JSON array of the formulas
+  # cancelled with it, [{"id","type","reason"}], and `rejected` pending
+  # requests, as {"cancelled":[…],"rejected":N} (see nodes/CLI.md).
   # Invites another node's agent under `name`; returns the invitation locator.
   # Retried with the same `reqId`: the same invitation (a fresh locator of
   # it: only hashes are stored), while it is not accepted.
@@ -190,6 +195,11 @@ interface Agent {
   # Routines (`capstan routine …`): `command` is add, list or remove;
   # `args` is one JSON object (see nodes/CLI.md), the answer one JSON value.
   routine @33 (reqId :Data, command :Text, args :Text) -> (json :Text);
+  # The inbox quota of the agent at `path` (`capstan quota`): with `set`,
+  # replaces its limits (0 = the default) first; hosts only. The answer is
+  # one JSON object: {"agent", "messages", "bytes", "max_messages",
+  # "max_bytes", "default"}.
+  quota @34 (reqId :Data, path :Text, set :Bool, maxMessages :UInt64, maxBytes :UInt64) -> (json :Text);
 }
 
 struct HttpSpec {

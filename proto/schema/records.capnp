@@ -16,6 +16,12 @@ struct Formula {
     llm @8 :LlmProvider;
     accepting @9 :Accepting;
   }
+  # Set once the formula was cancelled (`capstan cancel`, directly or as a
+  # dependent of a cancelled formula): why, in words ("cancelled by its
+  # host", "cancelled: its dependency … was cancelled"); empty while live.
+  # A cancelled formula stays cancelled (across restarts and nodes).
+  cancelled @10 :Text;
+  cancelledMs @11 :UInt64;
 }
 
 # On the accepting node, while `capstan accept` redeems an invitation: the

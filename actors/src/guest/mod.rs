@@ -134,8 +134,16 @@ impl Default for GuestLimits {
 pub struct GuestConfig {
     /// Directory for compiled components (`BLAKE3.cwasm`); none: memory only.
     pub cache_dir: Option<PathBuf>,
+    /// Most bytes of compiled components kept in `cache_dir` (none:
+    /// [`DEFAULT_COMPILED_CACHE_BYTES`]); past it the least recently used
+    /// are deleted (compiled again when next needed).
+    pub cache_bytes: Option<u64>,
     pub limits: GuestLimits,
 }
+
+/// Bytes of compiled components a node keeps on disk unless told otherwise
+/// (`capstan start --compiled-cache-bytes`): 1 GiB.
+pub const DEFAULT_COMPILED_CACHE_BYTES: u64 = 1 << 30;
 
 /// Which world a component implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -231,6 +239,11 @@ pub(crate) struct Body {
     /// Wall-clock deadline per call, ms, if not the node's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_ms: Option<u32>,
+    /// The ids (hex) of the capabilities it was granted when made: it is
+    /// cancelled with any of them (see `crate::cancel`). Older records:
+    /// none (then the component's install grants count).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub granted: Vec<String>,
 }
 
 fn agent_world() -> World {
@@ -295,6 +308,9 @@ pub(crate) mod keys {
     }
     pub fn body(guest: &FormulaId) -> Vec<u8> {
         TupleKey::new().str("gb").bytes(guest.as_bytes()).into_vec()
+    }
+    pub fn manifest_all() -> Vec<u8> {
+        TupleKey::new().str("gm").into_vec()
     }
     pub fn bodies() -> Vec<u8> {
         TupleKey::new().str("gb").into_vec()
@@ -493,12 +509,21 @@ impl GuestHost {
             return Ok(c);
         }
         let component = match self.load_cached(hash) {
-            Some(c) => c,
+            Some(c) => {
+                // used now: the last to be evicted
+                if let Some(p) = self.cache_path(hash)
+                    && let Ok(f) = std::fs::File::options().append(true).open(&p)
+                {
+                    let _ = f.set_modified(std::time::SystemTime::now());
+                }
+                c
+            }
             None => {
                 let c = Component::new(&self.engine, bytes).map_err(|e| {
                     Error::Invalid(format!("not a valid WebAssembly component: {e:#}"))
                 })?;
                 self.save_cached(hash, &c);
+                self.evict_cached(hash);
                 c
             }
         };
@@ -542,6 +567,49 @@ impl GuestHost {
             Err(e) => {
                 tracing::warn!(path = %path.display(), "compile cache entry refused: {e:#}");
                 None
+            }
+        }
+    }
+
+    /// Deletes the least recently used compiled components (by file time,
+    /// refreshed on each use) until the cache holds at most its budget;
+    /// never the one of `keep`, just written.
+    fn evict_cached(&self, keep: &[u8; 32]) {
+        let (Some(dir), Some(keep)) = (self.cfg.cache_dir.as_ref(), self.cache_path(keep)) else {
+            return;
+        };
+        let budget = self.cfg.cache_bytes.unwrap_or(DEFAULT_COMPILED_CACHE_BYTES);
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        let mut files: Vec<(std::time::SystemTime, u64, PathBuf)> = rd
+            .filter_map(|e| {
+                let e = e.ok()?;
+                let p = e.path();
+                if p.extension().is_none_or(|x| x != "cwasm") {
+                    return None;
+                }
+                let m = e.metadata().ok()?;
+                Some((m.modified().ok()?, m.len(), p))
+            })
+            .collect();
+        let mut total: u64 = files.iter().map(|f| f.1).sum();
+        files.sort();
+        for (_, len, p) in files {
+            if total <= budget {
+                break;
+            }
+            if p == keep {
+                continue;
+            }
+            match std::fs::remove_file(&p) {
+                Ok(()) => {
+                    total = total.saturating_sub(len);
+                    tracing::info!(path = %p.display(), bytes = len, "evicted a compiled component (least recently used)");
+                }
+                Err(e) => {
+                    tracing::warn!(path = %p.display(), "cannot evict a compiled component: {e}")
+                }
             }
         }
     }
@@ -975,14 +1043,6 @@ impl AgentHandle {
             extra.push((slot.clone(), self.show(target).await?.id));
         }
         let id = self.mkguest(req, path).await?;
-        let body = serde_json::to_vec(&Body {
-            id: id.to_hex(),
-            hash: m.hash.clone(),
-            world: m.world,
-            fuel,
-            deadline_ms,
-        })
-        .map_err(|e| Error::Corrupt(e.to_string()))?;
         let grants: Vec<(String, FormulaId)> = m
             .grants
             .iter()
@@ -995,6 +1055,15 @@ impl AgentHandle {
             })
             .collect::<Result<_, Error>>()?;
         let grants: Vec<(String, FormulaId)> = grants.into_iter().chain(extra).collect();
+        let body = serde_json::to_vec(&Body {
+            id: id.to_hex(),
+            hash: m.hash.clone(),
+            world: m.world,
+            fuel,
+            deadline_ms,
+            granted: grants.iter().map(|(_, g)| g.to_hex()).collect(),
+        })
+        .map_err(|e| Error::Corrupt(e.to_string()))?;
         self.inner()
             .db
             .transact(move |tx| {

@@ -97,7 +97,18 @@ pub(crate) async fn runner_for(
     };
     let body = rt
         .db
-        .read(move |tx| Box::pin(async move { Ok::<_, Error>(tx.get(&keys::body(&id)).await?) }))
+        .read(move |tx| {
+            Box::pin(async move {
+                // a cancelled guest never runs again (crate::cancel)
+                if crate::model::get_formula(tx, &id)
+                    .await?
+                    .is_some_and(|f| f.cancelled.is_some())
+                {
+                    return Ok::<_, Error>(None);
+                }
+                Ok(tx.get(&keys::body(&id)).await?)
+            })
+        })
         .await?;
     let Some(body) = body else { return Ok(None) };
     let body: Body =
@@ -726,6 +737,7 @@ mod tests {
         let rt = Runtime::open(db, RuntimeOptions::default()).await.unwrap();
         rt.enable_guests(GuestConfig {
             cache_dir: None,
+            cache_bytes: None,
             limits: GuestLimits::default(),
         })
         .unwrap();

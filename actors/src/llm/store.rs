@@ -231,6 +231,7 @@ pub(super) async fn add(
                 &id,
                 &Formula {
                     created_ms: now,
+                    cancelled: None,
                     kind: FormulaKind::Llm(rec),
                 },
             )?;

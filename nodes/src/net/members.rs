@@ -101,7 +101,7 @@ impl member::Server for MemberServer {
         let count = p.get_count().clamp(1, 1024) as u64;
         let (first, interested) = self
             .rt
-            .serve_reserve(agent, count, p.get_at_least())
+            .serve_reserve(agent, count, p.get_at_least(), p.get_quota_bytes())
             .await
             .map_err(|e| failed(e.to_string()))?;
         let mut r = results.get();
@@ -252,6 +252,7 @@ impl Net {
         agent: FormulaId,
         count: u32,
         at_least: u64,
+        quota_bytes: u64,
     ) -> Result<u64, Error> {
         let call = async {
             let m = self.member(&node.addr).await.map_err(CallError::Link)?;
@@ -259,6 +260,7 @@ impl Net {
             r.get().set_agent(agent.as_bytes());
             r.get().set_count(count);
             r.get().set_at_least(at_least);
+            r.get().set_quota_bytes(quota_bytes);
             let a = r.send().promise.await.map_err(CallError::from)?;
             let a = a.get().map_err(|e| CallError::Answered(e.to_string()))?;
             let mut interested = Vec::new();
@@ -274,6 +276,11 @@ impl Net {
         };
         match tokio::time::timeout(RESERVE_TIMEOUT, call).await {
             Ok(Ok(first)) => Ok(first),
+            Ok(Err(CallError::Answered(e)))
+                if let Some(full) = capstan_actors::quota::parse_full(&e) =>
+            {
+                Err(full)
+            }
             Ok(Err(CallError::Answered(e))) => Err(Error::Unavailable(format!(
                 "node {} (owner of {}) did not reserve: {e}",
                 node.name,
@@ -421,11 +428,14 @@ impl Net {
                     agent,
                     count,
                     at_least,
+                    quota_bytes,
                     reply,
                 } => {
                     let me = self.clone();
                     tokio::task::spawn_local(async move {
-                        let r = me.reserve_at(&node, agent, count, at_least).await;
+                        let r = me
+                            .reserve_at(&node, agent, count, at_least, quota_bytes)
+                            .await;
                         let _ = reply.send(r);
                     });
                 }

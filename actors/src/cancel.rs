@@ -1,0 +1,448 @@
+//! Cascading cancellation (`capstan cancel NAME`): "this dies if that dies".
+//!
+//! Cancelling a formula revokes its locators (live references restored from
+//! them fail with "revoked", as before) and cancels, transitively, what
+//! depends on it:
+//!
+//! - the agents a cancelled host made (and theirs);
+//! - the guests whose body is a cancelled component, or that were granted a
+//!   cancelled capability (`mkguest --component … --with`, the component's
+//!   install grants);
+//! - remote formulas of this cluster made from a revoked locator of it;
+//! - the requests pending in a cancelled agent's inbox: rejected with the
+//!   reason, so their requesters stop waiting (across clusters too).
+//!
+//! Agents, promises and remote formulas are *marked* cancelled: the mark is
+//! part of the formula record (so durable across restarts, seen by every
+//! node, and read by the sends that already read the recipient's formula —
+//! no extra read on the send path), with the reason each was given
+//! (`cancelled: its dependency alice (guest 1a2b3c4d) was cancelled`). A
+//! cancelled agent's incarnation stops on every node and never starts again;
+//! mail to it is refused; `show` says why. A value or directory is data: its
+//! holders keep reading it (a new `locate` works again), only its locators
+//! and its dependents die.
+//!
+//! The dependents are found by one scan of the formulas (cancel is rare; a
+//! dependent made while the cancel runs may be missed: cancel again). An
+//! agent cannot cancel itself (`cancel SELF` revokes its locators only).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use capstan_proto::{FormulaId, RequestId};
+
+use crate::api::{AgentHandle, PromiseState, now_ms};
+use crate::error::Error;
+use crate::keys;
+use crate::model;
+use crate::names::Path;
+use crate::records::{Cancelled, DedupAnswer, Formula, FormulaKind};
+
+/// Most formulas one cancel marks (a bigger cascade is refused: split it).
+pub const MAX_CASCADE: usize = 10_000;
+/// Formulas marked per transaction.
+const MARK_BATCH: usize = 100;
+/// Rows read at a time by the scan.
+const SCAN_PAGE: usize = 2_000;
+
+/// What one cancel did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CancelReport {
+    /// Locators revoked, of the formula and of its dependents.
+    pub revoked: u64,
+    /// The formulas marked cancelled: id, type and the reason each was given.
+    pub cancelled: Vec<(FormulaId, String, String)>,
+    /// Pending requests rejected.
+    pub rejected: u64,
+}
+
+/// Whether a formula of this kind is marked when cancelled (a live thing);
+/// values and directories are data and only lose their locators.
+fn markable(k: &FormulaKind) -> bool {
+    matches!(
+        k,
+        FormulaKind::Host(_)
+            | FormulaKind::Guest(_)
+            | FormulaKind::Promise(_)
+            | FormulaKind::Remote(_)
+    )
+}
+
+/// The error an operation on a cancelled formula answers.
+pub fn cancelled_error(name: &str, c: &Cancelled, what_next: &str) -> Error {
+    Error::Cancelled(format!("{name} was cancelled ({}){what_next}", c.reason))
+}
+
+async fn scan_prefix(
+    db: &capstan_cluster::Db,
+    prefix: Vec<u8>,
+) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error> {
+    let end = capstan_cluster::tuple::prefix_end(&prefix);
+    let mut begin = prefix;
+    let mut out = Vec::new();
+    loop {
+        let (b, e) = (begin.clone(), end.clone());
+        let rows = db
+            .read(move |tx| {
+                let (b, e) = (b.clone(), e.clone());
+                Box::pin(async move {
+                    Ok::<_, Error>(
+                        tx.snapshot_range(&capstan_cluster::RangeOption {
+                            begin: b,
+                            end: e,
+                            limit: SCAN_PAGE,
+                            reverse: false,
+                        })
+                        .await?,
+                    )
+                })
+            })
+            .await?;
+        let full = rows.len() == SCAN_PAGE;
+        if let Some((k, _)) = rows.last() {
+            begin = capstan_cluster::store::key_after(k);
+        }
+        out.extend(rows);
+        if !full {
+            return Ok(out);
+        }
+    }
+}
+
+fn id_after_first_str(key: &[u8]) -> Option<FormulaId> {
+    let mut r = capstan_cluster::tuple::TupleReader::new(key);
+    r.str().ok()?;
+    FormulaId::from_slice(&r.bytes().ok()?).ok()
+}
+
+/// Who depends on whom, from one scan of the store.
+struct Graph {
+    formulas: HashMap<FormulaId, Formula>,
+    /// dependency → its dependents
+    dependents: HashMap<FormulaId, Vec<FormulaId>>,
+    /// swiss hash → remote formulas of this cluster restored from it
+    remotes: HashMap<[u8; 32], Vec<FormulaId>>,
+}
+
+async fn graph(db: &capstan_cluster::Db) -> Result<Graph, Error> {
+    let mut formulas = HashMap::new();
+    for (k, v) in scan_prefix(db, keys::formulas()).await? {
+        if let Some(id) = id_after_first_str(&k)
+            && let Ok(f) = Formula::decode(&v)
+        {
+            formulas.insert(id, f);
+        }
+    }
+    let mut dependents: HashMap<FormulaId, Vec<FormulaId>> = HashMap::new();
+    let mut remotes: HashMap<[u8; 32], Vec<FormulaId>> = HashMap::new();
+    for (id, f) in &formulas {
+        match &f.kind {
+            FormulaKind::Host(a) | FormulaKind::Guest(a) => {
+                if let Some(h) = a.host {
+                    dependents.entry(h).or_default().push(*id);
+                }
+            }
+            FormulaKind::Remote(r) => {
+                remotes
+                    .entry(crate::remote::swiss_hash(&r.swiss))
+                    .or_default()
+                    .push(*id);
+            }
+            _ => {}
+        }
+    }
+    // Components: installed values (manifest) by hash; guests by body.
+    let mut by_hash: HashMap<String, Vec<FormulaId>> = HashMap::new();
+    let mut manifests: HashMap<String, Vec<FormulaId>> = HashMap::new();
+    for (k, v) in scan_prefix(db, crate::guest::keys::manifest_all()).await? {
+        let (Some(value), Ok(m)) = (
+            id_after_first_str(&k),
+            serde_json::from_slice::<crate::guest::Manifest>(&v),
+        ) else {
+            continue;
+        };
+        by_hash.entry(m.hash.clone()).or_default().push(value);
+        for g in m.grants.values() {
+            if let Ok(g) = g.parse::<FormulaId>() {
+                manifests.entry(m.hash.clone()).or_default().push(g);
+            }
+        }
+    }
+    for (_, v) in scan_prefix(db, crate::guest::keys::bodies()).await? {
+        let Ok(b) = serde_json::from_slice::<crate::guest::Body>(&v) else {
+            continue;
+        };
+        let Ok(guest) = b.id.parse::<FormulaId>() else {
+            continue;
+        };
+        for value in by_hash.get(&b.hash).into_iter().flatten() {
+            dependents.entry(*value).or_default().push(guest);
+        }
+        let granted: Vec<FormulaId> = if b.granted.is_empty() {
+            manifests.get(&b.hash).cloned().unwrap_or_default()
+        } else {
+            b.granted.iter().filter_map(|g| g.parse().ok()).collect()
+        };
+        for g in granted {
+            dependents.entry(g).or_default().push(guest);
+        }
+    }
+    Ok(Graph {
+        formulas,
+        dependents,
+        remotes,
+    })
+}
+
+/// The hashes of the locators issued for `id`.
+async fn locator_hashes(db: &capstan_cluster::Db, id: FormulaId) -> Result<Vec<[u8; 32]>, Error> {
+    let rows = scan_prefix(db, keys::locators_of(&id)).await?;
+    Ok(rows
+        .iter()
+        .filter_map(|(k, _)| {
+            let mut r = capstan_cluster::tuple::TupleReader::new(k);
+            r.str().ok()?;
+            r.bytes().ok()?;
+            r.bytes().ok()?.as_slice().try_into().ok()
+        })
+        .collect())
+}
+
+/// Revokes every locator of `id` in `tx`; how many.
+pub(crate) async fn revoke_locators(
+    tx: &mut capstan_cluster::Transaction,
+    id: &FormulaId,
+) -> Result<u64, Error> {
+    let rows = tx.get_prefix(&keys::locators_of(id), 0, false).await?;
+    let mut n = 0u64;
+    for (k, _) in rows {
+        let mut r = capstan_cluster::tuple::TupleReader::new(&k);
+        let hash = (|| {
+            r.str()?;
+            r.bytes()?;
+            r.bytes()
+        })()
+        .map_err(|e| Error::Corrupt(format!("locator index key: {e}")))?;
+        let hash: [u8; 32] = hash
+            .as_slice()
+            .try_into()
+            .map_err(|_| Error::Corrupt("locator index key".into()))?;
+        tx.clear(&keys::locator(&hash));
+        tx.clear(&k);
+        n += 1;
+    }
+    Ok(n)
+}
+
+fn describe(name: &str, id: &FormulaId, f: Option<&Formula>) -> String {
+    let t = f.map_or("formula", |f| f.kind.type_name());
+    let label = f.and_then(|f| f.kind.agent()).map(|a| a.label.as_str());
+    let name = match label {
+        Some(l) if name.is_empty() && !l.is_empty() => l,
+        _ => name,
+    };
+    if name.is_empty() {
+        format!("{t} {}", id.short())
+    } else {
+        format!("{name} ({t} {})", id.short())
+    }
+}
+
+impl AgentHandle {
+    /// Cancels what `path` names and, transitively, what depends on it
+    /// (see the module's documentation). Hosts only.
+    pub async fn cancel(&self, req: RequestId, path: &str) -> Result<CancelReport, Error> {
+        if !self.ctx().is_host {
+            return Err(Error::Invalid(
+                "only a host can cancel; a guest has only what it was given".into(),
+            ));
+        }
+        let me = self.ctx().id;
+        let ctx = self.ctx().clone();
+        let p = Path::parse(path)?;
+        let db = self.inner().db.clone();
+        let (root, earlier) = db
+            .read(move |tx| {
+                let (ctx, p) = (ctx.clone(), p.clone());
+                Box::pin(async move {
+                    let earlier = model::dedup_get(tx, &me, &req).await?;
+                    Ok::<_, Error>((model::resolve(tx, &ctx, &p).await?, earlier))
+                })
+            })
+            .await?;
+        if let Some(DedupAnswer::Number(n)) = earlier {
+            return Ok(CancelReport {
+                revoked: n,
+                ..Default::default()
+            });
+        }
+        // Who dies, and why (breadth first: each is told of the dependency
+        // it depends on directly).
+        let g = graph(&db).await?;
+        let mut order: Vec<(FormulaId, String)> = Vec::new();
+        let mut seen: HashSet<FormulaId> = HashSet::from([root, me]);
+        let mut queue: VecDeque<FormulaId> = VecDeque::new();
+        if root != me {
+            order.push((root, "cancelled by its host".to_string()));
+            queue.push_back(root);
+        }
+        while let Some(dep) = queue.pop_front() {
+            let name = if dep == root { path } else { "" };
+            let why = format!(
+                "cancelled: its dependency {} was cancelled",
+                describe(name, &dep, g.formulas.get(&dep))
+            );
+            let mut next: Vec<FormulaId> = g.dependents.get(&dep).cloned().unwrap_or_default();
+            for h in locator_hashes(&db, dep).await? {
+                next.extend(g.remotes.get(&h).into_iter().flatten());
+            }
+            for d in next {
+                if seen.insert(d) {
+                    if order.len() >= MAX_CASCADE {
+                        return Err(Error::Invalid(format!(
+                            "cancelling {path} would cancel more than {MAX_CASCADE} formulas; nothing was cancelled: cancel its dependents first"
+                        )));
+                    }
+                    order.push((d, why.clone()));
+                    queue.push_back(d);
+                }
+            }
+        }
+        let mut report = CancelReport::default();
+        // Requests pending in the inboxes of the agents that die: rejected
+        // with the reason (first, while the agents are live).
+        for (id, _) in &order {
+            if g.formulas.get(id).and_then(|f| f.kind.agent()).is_some() {
+                let name = if *id == root { path } else { "" };
+                let why = format!(
+                    "cancelled: its dependency {} was cancelled",
+                    describe(name, id, g.formulas.get(id))
+                );
+                report.rejected += self.reject_pending(*id, &why).await?;
+            }
+        }
+        // Mark, and revoke locators, a batch per transaction; the last one
+        // records the answer for a retry.
+        if order.is_empty() {
+            order.push((root, String::new()));
+        }
+        let batches: Vec<Vec<(FormulaId, String)>> =
+            order.chunks(MARK_BATCH).map(|c| c.to_vec()).collect();
+        let last = batches.len() - 1;
+        let mut settled = Vec::new();
+        for (i, batch) in batches.into_iter().enumerate() {
+            let revoked_so_far = report.revoked;
+            let (revoked, marked) = self
+                .transact(move |tx| {
+                    let batch = batch.clone();
+                    Box::pin(async move {
+                        let mut revoked = 0u64;
+                        let mut marked = Vec::new();
+                        for (id, why) in &batch {
+                            revoked += revoke_locators(tx, id).await?;
+                            if why.is_empty() || *id == me {
+                                continue;
+                            }
+                            let Some(mut f) = model::get_formula(tx, id).await? else {
+                                continue;
+                            };
+                            if f.cancelled.is_some() || !markable(&f.kind) {
+                                continue;
+                            }
+                            let mut state = None;
+                            if let FormulaKind::Promise(p) = &mut f.kind
+                                && p.state == PromiseState::Pending
+                            {
+                                p.state = PromiseState::Rejected(why.clone());
+                                state = Some(p.state.clone());
+                            }
+                            f.cancelled = Some(Cancelled {
+                                reason: why.clone(),
+                                at_ms: now_ms(),
+                            });
+                            model::put_formula(tx, id, &f)?;
+                            marked.push((*id, f.kind.type_name().to_string(), why.clone(), state));
+                        }
+                        if i == last {
+                            model::dedup_put(
+                                tx,
+                                &me,
+                                &req,
+                                DedupAnswer::Number(revoked_so_far + revoked),
+                                now_ms(),
+                            )?;
+                        }
+                        Ok((revoked, marked))
+                    })
+                })
+                .await?;
+            report.revoked += revoked;
+            for (id, t, why, state) in marked {
+                if let Some(s) = state {
+                    settled.push((id, s));
+                }
+                report.cancelled.push((id, t, why));
+            }
+        }
+        for (id, s) in settled {
+            crate::api::notify_settled(self.inner(), id, s);
+        }
+        // Stop the incarnations of the agents that died, here and on the
+        // other members (they look at the formula and stop theirs).
+        for (id, t, _) in &report.cancelled {
+            if t == "host" || t == "guest" {
+                crate::incarnation::stop_cancelled(self.inner(), *id);
+            }
+        }
+        tracing::info!(
+            root = %root.short(),
+            cancelled = report.cancelled.len(),
+            revoked = report.revoked,
+            rejected = report.rejected,
+            "cancelled"
+        );
+        Ok(report)
+    }
+
+    /// Rejects the requests pending in `agent`'s inbox (sent to it by
+    /// others) with `why`; how many.
+    async fn reject_pending(&self, agent: FormulaId, why: &str) -> Result<u64, Error> {
+        let h = AgentHandle::load(self.inner(), agent).await?;
+        let rows = scan_prefix(&self.inner().db, keys::inbox(&agent)).await?;
+        let mut n = 0;
+        for (_, v) in rows {
+            let Ok(m) = crate::records::MessageRec::decode(&v) else {
+                continue;
+            };
+            let crate::records::BodyRec::Request { promise, .. } = &m.body else {
+                continue;
+            };
+            if m.from == agent {
+                continue;
+            }
+            let promise = *promise;
+            let pending = self
+                .inner()
+                .db
+                .read(move |tx| {
+                    Box::pin(async move {
+                        Ok::<_, Error>(matches!(
+                            model::get_formula(tx, &promise).await?,
+                            Some(Formula {
+                                kind: FormulaKind::Promise(ref p),
+                                ..
+                            }) if p.state == PromiseState::Pending
+                        ))
+                    })
+                })
+                .await?;
+            if pending {
+                match h.reject(RequestId::random(), m.number, why).await {
+                    Ok(()) => n += 1,
+                    Err(Error::AlreadySettled(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(n)
+    }
+}

@@ -1,0 +1,344 @@
+//! Per-agent inbox quotas: how many messages and bytes an inbox may hold.
+//!
+//! The send path is the cluster's hottest, so the quota costs it no store
+//! read: the count is kept by the inbox's *owner* (the incarnation that
+//! hands out its numbers, [`crate::incarnation::AgentActor`]), next to its
+//! number sequence. A sender asks the owner for a number and, with it, to
+//! admit one message of about its size; the owner refuses at once when the
+//! inbox is full, before any number is handed out or anything written.
+//!
+//! The owner's count is an account, not a transaction: it counts the inbox
+//! once from the store when it first needs to (after each incarnation, so
+//! also after a restart or a failover), then adds what it admits. Whatever
+//! else changes the inbox (dismissals on any node, messages an agent sends
+//! itself, a send that failed after its number was reserved) is found by a
+//! recount, made only when the account says the inbox is full — at most
+//! once per [`RECOUNT_EVERY`] (backing off to [`RECOUNT_MAX`] while the
+//! inbox stays full), or at once after a dismissal on this node. So a
+//! dismissal gives its room back (on another cluster node: within the
+//! backoff), and a quota is exact up to the sends in flight at the moment
+//! of a recount.
+//!
+//! Limits are per agent, set by a host (`capstan quota AGENT --messages N
+//! --bytes B`); an agent without its own has [`Quota::default`]. The owner
+//! reads them with the count, and again at each recount and each idle tick.
+
+use std::time::{Duration, Instant};
+
+use capstan_cluster::Transaction;
+use capstan_cluster::tuple::TupleKey;
+use capstan_proto::FormulaId;
+
+use crate::error::Error;
+
+/// Messages an inbox holds at most unless its host set otherwise.
+pub const DEFAULT_MAX_MESSAGES: u64 = 100_000;
+/// Bytes (of stored messages) an inbox holds at most unless its host set
+/// otherwise: 256 MiB.
+pub const DEFAULT_MAX_BYTES: u64 = 256 << 20;
+/// Least time between two recounts of a full inbox (none sooner, unless a
+/// dismissal on this node asks for one).
+pub const RECOUNT_EVERY: Duration = Duration::from_millis(100);
+/// Most time between two recounts of an inbox that stays full.
+pub const RECOUNT_MAX: Duration = Duration::from_secs(5);
+/// Messages read at a time by a count.
+const COUNT_PAGE: usize = 2_000;
+
+/// The limits of one inbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    pub max_messages: u64,
+    pub max_bytes: u64,
+}
+
+impl Default for Quota {
+    fn default() -> Self {
+        Quota {
+            max_messages: DEFAULT_MAX_MESSAGES,
+            max_bytes: DEFAULT_MAX_BYTES,
+        }
+    }
+}
+
+impl Quota {
+    fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(16);
+        v.extend_from_slice(&self.max_messages.to_be_bytes());
+        v.extend_from_slice(&self.max_bytes.to_be_bytes());
+        v
+    }
+
+    fn decode(b: &[u8]) -> Result<Quota, Error> {
+        if b.len() != 16 {
+            return Err(Error::Corrupt("an inbox quota is not 16 bytes".into()));
+        }
+        let n = |i: usize| u64::from_be_bytes(b[i..i + 8].try_into().unwrap_or([0; 8]));
+        Ok(Quota {
+            max_messages: n(0),
+            max_bytes: n(8),
+        })
+    }
+}
+
+/// The key of an agent's own limits (absent: the defaults).
+pub fn key(agent: &FormulaId) -> Vec<u8> {
+    TupleKey::new()
+        .str("quota")
+        .bytes(agent.as_bytes())
+        .into_vec()
+}
+
+/// The limits of `agent`'s inbox, and whether they are its own.
+pub async fn limits(tx: &mut Transaction, agent: &FormulaId) -> Result<(Quota, bool), Error> {
+    Ok(match tx.get(&key(agent)).await? {
+        Some(b) => (Quota::decode(&b)?, true),
+        None => (Quota::default(), false),
+    })
+}
+
+/// Sets `agent`'s limits; `None` (or zeros) go back to the defaults.
+pub fn set_limits(tx: &mut Transaction, agent: &FormulaId, q: Option<Quota>) -> Result<(), Error> {
+    match q {
+        Some(q) => {
+            let d = Quota::default();
+            let q = Quota {
+                max_messages: if q.max_messages == 0 {
+                    d.max_messages
+                } else {
+                    q.max_messages
+                },
+                max_bytes: if q.max_bytes == 0 {
+                    d.max_bytes
+                } else {
+                    q.max_bytes
+                },
+            };
+            if q == d {
+                tx.clear(&key(agent));
+            } else {
+                tx.set(&key(agent), &q.encode())?;
+            }
+        }
+        None => tx.clear(&key(agent)),
+    }
+    Ok(())
+}
+
+/// Messages and bytes (as stored) in `agent`'s inbox: a scan, a page at a
+/// time (not for the send path).
+pub async fn count(tx: &mut Transaction, agent: &FormulaId) -> Result<(u64, u64), Error> {
+    let prefix = crate::keys::inbox(agent);
+    let end = capstan_cluster::tuple::prefix_end(&prefix);
+    let mut begin = prefix;
+    let (mut messages, mut bytes) = (0u64, 0u64);
+    loop {
+        let rows = tx
+            .snapshot_range(&capstan_cluster::RangeOption {
+                begin: begin.clone(),
+                end: end.clone(),
+                limit: COUNT_PAGE,
+                reverse: false,
+            })
+            .await?;
+        for (_, v) in &rows {
+            messages += 1;
+            bytes += v.len() as u64;
+        }
+        match rows.last() {
+            Some((k, _)) if rows.len() == COUNT_PAGE => {
+                begin = capstan_cluster::store::key_after(k)
+            }
+            _ => break,
+        }
+    }
+    Ok((messages, bytes))
+}
+
+/// About the bytes a message takes in the store: its text and names, 32
+/// per reference, and the record's fixed part.
+pub fn message_size(text: usize, names: usize, refs: usize) -> u64 {
+    (text + names + 32 * refs + 160) as u64
+}
+
+/// An inbox's use and limits, as `capstan quota` shows them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaView {
+    pub agent: FormulaId,
+    pub messages: u64,
+    pub bytes: u64,
+    pub limits: Quota,
+    /// Whether the limits are the defaults (the agent has none of its own).
+    pub default: bool,
+}
+
+/// What an owner knows of its inbox's use ([`crate::incarnation`] keeps
+/// one per owned inbox).
+#[derive(Debug, Default)]
+pub struct Account {
+    counted: bool,
+    messages: u64,
+    bytes: u64,
+    limits: Quota,
+    recounted: Option<Instant>,
+    /// Least time to the next recount of an inbox that stays full: from
+    /// [`RECOUNT_EVERY`], doubled by each recount that found it still full
+    /// (up to [`RECOUNT_MAX`]), so a flood of sends to a full inbox does
+    /// not turn into a flood of scans.
+    backoff: Duration,
+    /// A dismissal (or a new limit) on this node: recount at the next
+    /// refusal without waiting for [`RECOUNT_EVERY`].
+    stale: bool,
+}
+
+impl Account {
+    fn fits(&self, size: u64) -> bool {
+        self.messages < self.limits.max_messages
+            && self.bytes.saturating_add(size) <= self.limits.max_bytes
+    }
+
+    /// Something on this node gave room back or changed the limits.
+    pub fn note_freed(&mut self) {
+        self.stale = true;
+    }
+
+    /// Whether the limits should be read again (on an idle tick).
+    pub fn counted(&self) -> bool {
+        self.counted
+    }
+
+    /// New limits, read on a tick.
+    pub fn set_limits(&mut self, q: Quota) {
+        if q != self.limits {
+            self.limits = q;
+        }
+    }
+
+    /// Admits one message of about `size` bytes into `agent`'s inbox, or
+    /// refuses with [`Error::InboxFull`]: reads the store only for the
+    /// first count and for a recount of an inbox that looks full.
+    pub async fn admit(
+        &mut self,
+        db: &capstan_cluster::Db,
+        agent: FormulaId,
+        size: u64,
+    ) -> Result<(), Error> {
+        let recount_due = |a: &Account| {
+            !a.counted
+                || a.stale
+                || a.recounted
+                    .is_none_or(|t| t.elapsed() >= a.backoff.max(RECOUNT_EVERY))
+        };
+        if !self.counted || (!self.fits(size) && recount_due(self)) {
+            let backoff = if self.counted && !self.stale {
+                (self.backoff.max(RECOUNT_EVERY) * 2).min(RECOUNT_MAX)
+            } else {
+                RECOUNT_EVERY
+            };
+            let (q, (messages, bytes)) = db
+                .read(move |tx| {
+                    Box::pin(async move {
+                        let (q, _) = limits(tx, &agent).await?;
+                        Ok::<_, Error>((q, count(tx, &agent).await?))
+                    })
+                })
+                .await?;
+            *self = Account {
+                counted: true,
+                messages,
+                bytes,
+                limits: q,
+                recounted: Some(Instant::now()),
+                backoff,
+                stale: false,
+            };
+            if self.fits(size) {
+                self.backoff = RECOUNT_EVERY;
+            }
+        }
+        if !self.fits(size) {
+            return Err(Error::InboxFull {
+                agent: agent.short(),
+                messages: self.messages,
+                bytes: self.bytes,
+                max_messages: self.limits.max_messages,
+                max_bytes: self.limits.max_bytes,
+            });
+        }
+        self.messages += 1;
+        self.bytes += size;
+        Ok(())
+    }
+}
+
+/// Reads back an [`Error::InboxFull`] from its text (as another cluster
+/// member's refusal arrives), so that callers tell it from a failure to
+/// retry.
+pub fn parse_full(text: &str) -> Option<Error> {
+    let at = text.find("inbox of ")?;
+    let rest = &text[at + "inbox of ".len()..];
+    let (agent, rest) = rest.split_once(" is full (")?;
+    let nums: Vec<u64> = rest
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .take(4)
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    let [messages, bytes, max_messages, max_bytes] = nums.as_slice() else {
+        return None;
+    };
+    Some(Error::InboxFull {
+        agent: agent.to_string(),
+        messages: *messages,
+        bytes: *bytes,
+        max_messages: *max_messages,
+        max_bytes: *max_bytes,
+    })
+}
+
+/// Names the full inbox as the sender named its recipient.
+pub fn named(e: Error, name: &str) -> Error {
+    match e {
+        Error::InboxFull {
+            messages,
+            bytes,
+            max_messages,
+            max_bytes,
+            ..
+        } if !name.is_empty() => Error::InboxFull {
+            agent: name.to_string(),
+            messages,
+            bytes,
+            max_messages,
+            max_bytes,
+        },
+        e => e,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_reads_back_from_its_text() {
+        let e = Error::InboxFull {
+            agent: "alice".into(),
+            messages: 3,
+            bytes: 4567,
+            max_messages: 3,
+            max_bytes: 1 << 20,
+        };
+        let wire = format!("remote exception: Failed: {e}");
+        assert_eq!(parse_full(&wire), Some(e));
+        assert_eq!(parse_full("not the owner"), None);
+    }
+
+    #[test]
+    fn limits_round_trip() {
+        let q = Quota {
+            max_messages: 7,
+            max_bytes: 99,
+        };
+        assert_eq!(Quota::decode(&q.encode()).unwrap(), q);
+    }
+}
