@@ -86,6 +86,7 @@ pub async fn serve_links(
                 agent,
                 count,
                 at_least,
+                quota_bytes,
                 reply,
             } => {
                 let f = fate(&rng, &faults);
@@ -109,7 +110,9 @@ pub async fn serve_links(
                             .push(reply);
                         return;
                     };
-                    let r = rt.serve_reserve(agent, u64::from(count), at_least).await;
+                    let r = rt
+                        .serve_reserve(agent, u64::from(count), at_least, quota_bytes)
+                        .await;
                     let r = match r {
                         Ok((first, interested)) => {
                             if let Some(caller) = dir.get(&me) {
