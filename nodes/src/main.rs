@@ -26,7 +26,8 @@
 //! - [`metrics`]: the Prometheus endpoint (`start --metrics`); [`served`]:
 //!   the address either HTTP server was bound to, remembered in the home.
 //! - [`cluster`]: `cluster init|status|members|placement|drain|leave`.
-//! - [`llm`]: `capstan llm …`; [`routines`]: `capstan routine …`.
+//! - [`llm`]: `capstan llm …`; [`routines`]: `capstan routine …`;
+//!   [`search`]: `capstan mksearch` and `capstan search`.
 //! - [`du`]: `capstan du`; [`backup`]: `capstan backup` and `restore`.
 //! - [`net`]: the QUIC endpoint: peers, the gateway, member links, outbox.
 //! - [`output`]: human and `--json` rendering.
@@ -69,6 +70,7 @@ mod metrics;
 mod net;
 mod output;
 mod routines;
+mod search;
 mod served;
 mod server;
 mod text;

@@ -190,6 +190,10 @@ interface Agent {
   # Routines (`capstan routine …`): `command` is add, list or remove;
   # `args` is one JSON object (see nodes/CLI.md), the answer one JSON value.
   routine @33 (reqId :Data, command :Text, args :Text) -> (json :Text);
+  # Search capabilities (`capstan mksearch`, `capstan search`): `command`
+  # is make or query; `args` is one JSON object (see nodes/CLI.md), the
+  # answer one JSON value.
+  search @34 (reqId :Data, command :Text, args :Text) -> (json :Text);
 }
 
 struct HttpSpec {
