@@ -249,6 +249,10 @@ pub enum Command {
         /// With --cluster: how many nodes to start (1 to 16).
         #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=16))]
         nodes: u16,
+        /// Measure one section alone: `search` (search latency over
+        /// 10,000 values; 500 with --quick).
+        #[arg(long, value_name = "SECTION", value_parser = ["search"])]
+        only: Option<String>,
         #[command(flatten)]
         out: Out,
     },

@@ -186,6 +186,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         guests,
         cluster,
         nodes,
+        only,
         ..
     } = cli.command
     {
@@ -200,7 +201,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             .build()?;
         return tokio::task::LocalSet::new().block_on(
             &rt,
-            bench::run(sizes, dir, guests, cluster, nodes.into(), json),
+            bench::run(sizes, dir, guests, cluster, nodes.into(), only, json),
         );
     }
     let paths = Paths::resolve(cli.home)?;

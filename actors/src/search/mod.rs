@@ -169,6 +169,12 @@ pub struct State {
     over_cap: usize,
     /// Values left for the next refresh (bounded work).
     behind: usize,
+    /// The index's names → ids (values only), as the refresh compares them.
+    known: Arc<HashMap<String, FormulaId>>,
+    known_stale: bool,
+    /// The store version of the last complete refresh (`None`: not yet, or
+    /// it left work for the next one).
+    scanned_version: Option<capstan_cluster::Version>,
     /// Why the last embedding call failed, if it did.
     embed_error: Option<String>,
     /// Whether the tree was deeper or wider than indexed.
@@ -493,27 +499,44 @@ struct Fresh {
 async fn refresh(h: &AgentHandle, spec: &SearchSpec, st: &mut State) -> Result<(), Error> {
     let dir = hex_id(&spec.dir)?;
     // 1. List the tree (one snapshot), comparing with the index.
-    let known: HashMap<String, FormulaId> = st
-        .index
-        .names()
-        .filter(|n| !n.starts_with("mail:"))
-        .filter_map(|n| st.index.id_of(n).map(|id| (n.clone(), id)))
-        .collect();
-    let dirs = st.dirs.clone();
-    let skipped = st.skipped.clone();
+    // The index's names and ids, shared with the read (rebuilt only after
+    // a refresh that changed the index: searches of an unchanged directory
+    // copy nothing).
+    if st.known_stale {
+        st.known = Arc::new(
+            st.index
+                .names()
+                .filter(|n| !n.starts_with("mail:"))
+                .filter_map(|n| st.index.id_of(n).map(|id| (n.clone(), id)))
+                .collect(),
+        );
+        st.known_stale = false;
+    }
+    let known = st.known.clone();
+    let dirs = Arc::new(st.dirs.clone());
+    let skipped = Arc::new(st.skipped.clone());
     let over = spec.over.clone();
-    let (seen, fresh, new_dirs, new_skipped, cut) = h
+    let last = st.scanned_version;
+    let scanned = h
         .inner()
         .db
         .read(move |tx| {
-            let (known, dirs, skipped, over) = (known.clone(), dirs.clone(), skipped.clone(), over.clone());
+            let (known, dirs, skipped, over) =
+                (known.clone(), dirs.clone(), skipped.clone(), over.clone());
             Box::pin(async move {
+                // Nothing committed anywhere since the last listing: the
+                // tree is as it was.
+                let version = tx.read_version();
+                if last == Some(version) {
+                    return Ok(None);
+                }
                 if model::get_formula(tx, &dir).await?.is_none() {
                     return Err(Error::Invalid(format!(
                         "the directory {over} this search capability covers is gone; make another with capstan mksearch"
                     )));
                 }
-                let mut seen = HashSet::new();
+                let mut listed_names = Vec::new();
+                let mut seen_known = 0usize;
                 let mut fresh = Vec::new();
                 let mut new_dirs = HashSet::new();
                 let mut new_skipped = HashSet::new();
@@ -529,7 +552,8 @@ async fn refresh(h: &AgentHandle, spec: &SearchSpec, st: &mut State) -> Result<(
                     for (n, id) in rows {
                         let name = if prefix.is_empty() { n } else { format!("{prefix}.{n}") };
                         if known.get(&name) == Some(&id) {
-                            seen.insert(name);
+                            seen_known += 1;
+                            listed_names.push(name);
                             continue;
                         }
                         if dirs.contains(&id) || new_dirs.contains(&id) {
@@ -556,7 +580,7 @@ async fn refresh(h: &AgentHandle, spec: &SearchSpec, st: &mut State) -> Result<(
                                 }
                             }
                             FormulaKind::Value(v) if v.kind != ValueKind::Bytes => {
-                                seen.insert(name.clone());
+                                listed_names.push(name.clone());
                                 fresh.push(Fresh { name, id });
                             }
                             _ => {
@@ -565,22 +589,35 @@ async fn refresh(h: &AgentHandle, spec: &SearchSpec, st: &mut State) -> Result<(
                         }
                     }
                 }
-                Ok::<_, Error>((seen, fresh, new_dirs, new_skipped, cut))
+                Ok::<_, Error>(Some((
+                    version,
+                    (listed_names, seen_known, fresh, new_dirs, new_skipped, cut),
+                )))
             })
         })
         .await?;
+    let Some((version, (listed, seen_known, fresh, new_dirs, new_skipped, cut))) = scanned else {
+        return Ok(());
+    };
     st.dirs.extend(new_dirs);
     st.skipped.extend(new_skipped);
     st.tree_cut = cut;
-    // 2. Drop what is gone.
-    let gone: Vec<String> = st
-        .index
-        .names()
-        .filter(|n| !n.starts_with("mail:") && !seen.contains(*n))
-        .cloned()
-        .collect();
-    for n in gone {
-        st.index.remove(&n);
+    // 2. Drop what is gone (only when some indexed name was not seen).
+    if seen_known < st.known.len() {
+        let listed: HashSet<String> = listed.into_iter().collect();
+        let gone: Vec<String> = st
+            .index
+            .names()
+            .filter(|n| !n.starts_with("mail:") && !listed.contains(*n))
+            .cloned()
+            .collect();
+        for n in gone {
+            st.index.remove(&n);
+        }
+        st.known_stale = true;
+    }
+    if !fresh.is_empty() {
+        st.known_stale = true;
     }
     // 3. Read and index what is new, within the caps and the bound.
     let room = MAX_DOCS.saturating_sub(st.index.len());
@@ -700,6 +737,10 @@ async fn refresh(h: &AgentHandle, spec: &SearchSpec, st: &mut State) -> Result<(
             }
         }
     }
+    // The next search skips the listing if nothing was committed since,
+    // unless work is left (values over the per-refresh bound, vectors
+    // that could not be had).
+    st.scanned_version = (st.behind == 0 && st.embed_error.is_none()).then_some(version);
     Ok(())
 }
 
