@@ -269,3 +269,89 @@ fn bad_input_is_refused_and_changes_nothing() {
     let v = search(&node, "finder", "alpha", "1");
     assert_eq!(hit_names(&v), ["a"]);
 }
+
+/// The llm-agent guest granted a search capability as `search` gets a
+/// `search` tool; its answer (hits with names) goes back to the model.
+#[test]
+fn the_llm_agent_searches_with_the_capability_it_was_granted() {
+    use capstan_tests::llm_server::Reply;
+    use capstan_tests::{guest_wasm, texts};
+    use serde_json::json;
+    const AKEY: &str = "test-anthropic-key-9b0c41d2e7f3";
+
+    let node = Node::started();
+    let server = LlmServer::start();
+    server.require_key(AKEY);
+    server.add_anthropic(&node, "claude", AKEY);
+    node.ok(["mkdir", "notes"]);
+    node.ok([
+        "store",
+        "--name",
+        "notes.invoice",
+        "--text",
+        "Invoice INV-77 from ACME, due in May",
+    ]);
+    node.ok([
+        "store",
+        "--name",
+        "notes.other",
+        "--text",
+        "Lunch with Sam on Friday",
+    ]);
+    node.ok(["mksearch", "finder", "--over", "notes"]);
+    let wasm = guest_wasm("llm-agent");
+    node.ok([
+        "install",
+        wasm.as_str(),
+        "--name",
+        "llm-agent",
+        "--grant",
+        "llm=claude",
+    ]);
+    node.ok([
+        "mkguest",
+        "helper",
+        "--component",
+        "llm-agent",
+        "--with",
+        "search=finder",
+    ]);
+
+    server.push(Reply::Tools {
+        text: String::new(),
+        calls: vec![("search".into(), json!({"query": "INV-77", "k": 2}))],
+    });
+    server.push(Reply::text("It is under invoice."));
+    node.ok(["send", "helper", "where", "is", "the", "ACME", "invoice?"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let inbox = node.inbox(&[]);
+        if inbox.iter().any(|m| {
+            m["from"] == "helper"
+                && texts(std::slice::from_ref(m))
+                    .concat()
+                    .contains("under invoice")
+        }) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no answer: {inbox:#?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let reqs = server.requests();
+    assert_eq!(reqs.len(), 2, "{reqs:#?}");
+    let first = reqs[0].json();
+    assert!(
+        first["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["name"] == "search"),
+        "{first}"
+    );
+    let second = reqs[1].json().to_string();
+    assert!(second.contains(r#"\"name\":\"invoice\""#), "{second}");
+    assert!(!second.contains(r#"\"name\":\"other\""#), "{second}");
+}
