@@ -130,6 +130,8 @@ pub(crate) struct Inner {
     pub guests: std::sync::OnceLock<Arc<crate::guest::GuestHost>>,
     /// This node's membership, once [`Runtime::join_cluster`] ran.
     pub cluster: std::sync::OnceLock<Arc<crate::cluster::Membership>>,
+    /// The search indexes this node built (derived data, see [`crate::search`]).
+    pub search: crate::search::Indexes,
 }
 
 /// The object model of one node.
@@ -193,6 +195,7 @@ impl Runtime {
             outbox: tokio::sync::Notify::new(),
             guests: std::sync::OnceLock::new(),
             cluster: std::sync::OnceLock::new(),
+            search: Default::default(),
         });
         let rec = load_agent(&inner.db, root).await?;
         let root_handle = AgentHandle {
@@ -792,7 +795,7 @@ pub(crate) fn promise_has_no_value(name: &str, state: &PromiseState) -> Error {
 }
 
 /// The bytes of value `id`, checked against its record.
-async fn value_bytes(
+pub(crate) async fn value_bytes(
     tx: &mut capstan_cluster::Transaction,
     id: &FormulaId,
     v: &ValueRec,

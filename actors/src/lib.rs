@@ -47,6 +47,7 @@ pub mod records;
 pub mod remote;
 pub mod routines;
 pub mod rules;
+pub mod search;
 pub mod secrets;
 pub mod usage;
 

@@ -281,6 +281,10 @@ pub enum Command {
         /// slowest concurrent send during it (100000 for the target).
         #[arg(long, value_name = "N")]
         gc_formulas: Option<usize>,
+        /// Measure one section alone: `search` (search latency over
+        /// 10,000 values; 500 with --quick).
+        #[arg(long, value_name = "SECTION", value_parser = ["search"])]
+        only: Option<String>,
         #[command(flatten)]
         out: Out,
     },
@@ -454,6 +458,46 @@ pub enum Command {
         /// (a server on loopback); without it they go over https only.
         #[arg(long)]
         insecure_http: bool,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Make a search capability NAME over the directory PATH (grant it to
+    /// an llm-agent as `search`; search with `capstan search NAME QUERY`).
+    ///
+    /// It answers full-text (BM25) and, with --embed, vector results fused
+    /// by Reciprocal Rank Fusion (k = 60). The index is derived data: each
+    /// node builds it in memory on first use and keeps it up to date with
+    /// the directory before each search.
+    Mksearch {
+        /// The pet name of the capability.
+        name: String,
+        /// The directory whose values it searches (subdirectories included).
+        #[arg(long, value_name = "PATH")]
+        over: String,
+        /// Search this host's mail texts too (hits named `mail:N`).
+        #[arg(long)]
+        mail: bool,
+        /// An llm provider (openai or ollama; see `capstan llm add`) whose
+        /// embeddings API gives the vectors. Without it: full text only.
+        #[arg(long, value_name = "LLM")]
+        embed: Option<String>,
+        /// The embedding model (default text-embedding-3-small for openai,
+        /// nomic-embed-text for ollama).
+        #[arg(long, value_name = "MODEL")]
+        embed_model: Option<String>,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Search with the search capability NAME: the best -k hits for QUERY,
+    /// each a name under its directory with a score and a snippet.
+    Search {
+        /// A search capability (see `capstan mksearch`).
+        name: String,
+        /// What to look for: words, an identifier, a paraphrase.
+        query: String,
+        /// How many hits (1 to 100).
+        #[arg(short = 'k', long = "k", value_name = "N", default_value_t = 10)]
+        k: u32,
         #[command(flatten)]
         out: Out,
     },
@@ -928,6 +972,8 @@ impl Command {
             | Command::Eval { out, .. }
             | Command::Endow { out, .. }
             | Command::Mkhttp { out, .. }
+            | Command::Mksearch { out, .. }
+            | Command::Search { out, .. }
             | Command::Guests { out }
             | Command::Stop { out }
             | Command::Ping { out }

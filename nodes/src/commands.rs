@@ -325,6 +325,9 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
         }
         Command::Llm { command } => crate::llm::run(client, command, json).await?,
         Command::Routine { command } => crate::routines::run(client, command, json).await?,
+        c @ (Command::Mksearch { .. } | Command::Search { .. }) => {
+            crate::search::run(client, c, json).await?
+        }
         c @ (Command::Install { .. }
         | Command::Guests { .. }
         | Command::Run { .. }

@@ -26,7 +26,8 @@
 //! - [`metrics`]: the Prometheus endpoint (`start --metrics`); [`served`]:
 //!   the address either HTTP server was bound to, remembered in the home.
 //! - [`cluster`]: `cluster init|status|members|placement|drain|leave`.
-//! - [`llm`]: `capstan llm …`; [`routines`]: `capstan routine …`.
+//! - [`llm`]: `capstan llm …`; [`routines`]: `capstan routine …`;
+//!   [`search`]: `capstan mksearch` and `capstan search`.
 //! - [`du`]: `capstan du`; [`backup`]: `capstan backup` and `restore`.
 //! - [`net`]: the QUIC endpoint: peers, the gateway, member links, outbox.
 //! - [`output`]: human and `--json` rendering.
@@ -76,6 +77,7 @@ mod metrics;
 mod net;
 mod output;
 mod routines;
+mod search;
 mod served;
 mod server;
 mod text;
@@ -196,6 +198,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         soak_keep,
         store_cache_bytes,
         gc_formulas,
+        only,
         ..
     } = cli.command
     {
@@ -227,7 +230,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             .build()?;
         return tokio::task::LocalSet::new().block_on(
             &rt,
-            bench::run(sizes, dir, guests, cluster, nodes.into(), json),
+            bench::run(sizes, dir, guests, cluster, nodes.into(), only, json),
         );
     }
     let paths = Paths::resolve(cli.home)?;

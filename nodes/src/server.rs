@@ -1091,6 +1091,22 @@ impl agent::Server for AgentServer {
         Ok(())
     }
 
+    async fn search(
+        self: Rc<Self>,
+        params: agent::SearchParams,
+        mut results: agent::SearchResults,
+    ) -> Result<(), CapError> {
+        let p = params.get()?;
+        let req = request_id(p.get_req_id())?;
+        let command = text(p.get_command(), "command")?;
+        let args = text(p.get_args(), "args")?;
+        let v = crate::search::command(&self.handle, req, &command, &args)
+            .await
+            .map_err(failed)?;
+        results.get().set_json(v.to_string().as_str());
+        Ok(())
+    }
+
     async fn evaluate(
         self: Rc<Self>,
         params: agent::EvaluateParams,

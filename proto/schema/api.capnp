@@ -200,6 +200,10 @@ interface Agent {
   # one JSON object: {"agent", "messages", "bytes", "max_messages",
   # "max_bytes", "default"}.
   quota @34 (reqId :Data, path :Text, set :Bool, maxMessages :UInt64, maxBytes :UInt64) -> (json :Text);
+  # Search capabilities (`capstan mksearch`, `capstan search`): `command`
+  # is make or query; `args` is one JSON object (see nodes/CLI.md), the
+  # answer one JSON value.
+  search @35 (reqId :Data, command :Text, args :Text) -> (json :Text);
 }
 
 struct HttpSpec {

@@ -74,3 +74,49 @@ pub fn accept(n: &Node, req: [u8; 16], invitation: &str, name: &str) -> Result<S
             .collect())
     })
 }
+
+/// Stores each `(path, text)` as a text value, many requests in flight at
+/// once on one connection (what thousands of `capstan store` runs would do,
+/// without a process per value).
+pub fn store_many(n: &Node, entries: &[(String, String)]) -> Result<(), String> {
+    let entries = entries.to_vec();
+    with_host(n, move |host| async move {
+        for chunk in entries.chunks(256) {
+            let mut calls = Vec::new();
+            for (path, text) in chunk {
+                let mut r = host.store_request();
+                let mut p = r.get();
+                p.set_req_id(&rand_req());
+                p.set_path(path.as_str());
+                p.set_kind(capstan_proto::api_capnp::ValueKind::Text);
+                p.set_data(text.as_bytes());
+                calls.push(r.send().promise);
+            }
+            for c in calls {
+                c.await?;
+            }
+        }
+        Ok(())
+    })
+}
+
+fn rand_req() -> [u8; 16] {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let h = blake3::hash(
+        &[
+            t.to_le_bytes(),
+            n.to_le_bytes(),
+            u64::from(std::process::id()).to_le_bytes(),
+        ]
+        .concat(),
+    );
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&h.as_bytes()[..16]);
+    out
+}

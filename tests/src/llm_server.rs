@@ -12,6 +12,10 @@
 //!   without consuming the script.
 //! - [`LlmServer::requests`]: every request received (method, path,
 //!   headers, body), so tests can check what reached the provider.
+//! - Embeddings (`POST /v1/embeddings`, `POST /api/embed`) are answered
+//!   outside the script by a stand-in model, [`concept_embedding`]: a bag
+//!   of concepts, so that paraphrases come out close. It is not a real
+//!   embedding model; it makes vector search testable and deterministic.
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -103,6 +107,8 @@ struct State {
     script: VecDeque<Reply>,
     requests: Vec<Recorded>,
     key: Option<String>,
+    /// Embedding requests answered (not kept in `requests`: there are many).
+    embed_calls: u64,
 }
 
 /// The server; stops when dropped.
@@ -177,6 +183,11 @@ impl LlmServer {
     pub fn requests(&self) -> Vec<Recorded> {
         self.state.lock().unwrap().requests.clone()
     }
+
+    /// How many embedding requests (`/v1/embeddings`, `/api/embed`) it answered.
+    pub fn embed_calls(&self) -> u64 {
+        self.state.lock().unwrap().embed_calls
+    }
 }
 
 impl Drop for LlmServer {
@@ -227,6 +238,23 @@ fn serve(conn: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
         headers,
         body: String::from_utf8_lossy(&body).into_owned(),
     };
+    if path == "/v1/embeddings" || path == "/api/embed" {
+        let mut st = state.lock().unwrap();
+        let authorized = match &st.key {
+            None => true,
+            Some(k) => rec.header("authorization") == Some(format!("Bearer {k}").as_str()),
+        };
+        let body = rec.body;
+        st.embed_calls += 1;
+        drop(st);
+        if !authorized {
+            return respond(conn, 401, "{\"error\":\"invalid api key\"}", None);
+        }
+        return match embeddings_answer(&path, &body) {
+            Ok(b) => respond(conn, 200, &b, None),
+            Err(e) => respond(conn, 400, &json!({"error": e}).to_string(), None),
+        };
+    }
     let proto = match path.as_str() {
         "/v1/messages" => Proto::Anthropic,
         "/api/chat" => Proto::Ollama,
@@ -263,6 +291,139 @@ fn serve(conn: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
     };
     let (status, body, retry_after) = render(proto, reply);
     respond(conn, status, &body, retry_after)
+}
+
+/// The stand-in embedding model's concepts: a text's vector counts, per
+/// concept, the words of the text that belong to it (plural `s` dropped).
+/// Paraphrases that use other words for the same things come out close;
+/// texts with none of these words get the zero vector. A stand-in for a
+/// real model, deterministic so that tests can say what must be found.
+pub const CONCEPTS: &[&[&str]] = &[
+    &[
+        "invoice", "bill", "payment", "paid", "pay", "cost", "price", "charge", "charged", "money",
+        "euro", "dollar", "fare", "airfare", "expense", "refund", "fee",
+    ],
+    &[
+        "flight", "plane", "airplane", "airport", "trip", "travel", "journey", "vacation",
+        "holiday", "ticket", "booked", "booking", "hotel", "airline",
+    ],
+    &[
+        "recipe",
+        "cook",
+        "cooking",
+        "dinner",
+        "meal",
+        "food",
+        "bake",
+        "kitchen",
+        "lunch",
+        "soup",
+        "breakfast",
+    ],
+    &[
+        "doctor",
+        "dentist",
+        "medicine",
+        "health",
+        "sick",
+        "illness",
+        "hospital",
+        "appointment",
+        "physician",
+        "clinic",
+    ],
+    &[
+        "car",
+        "vehicle",
+        "automobile",
+        "engine",
+        "mechanic",
+        "tire",
+        "tyre",
+        "garage",
+    ],
+    &[
+        "dog",
+        "cat",
+        "pet",
+        "puppy",
+        "kitten",
+        "vet",
+        "veterinarian",
+        "animal",
+    ],
+    &[
+        "music", "song", "concert", "guitar", "piano", "band", "melody",
+    ],
+    &[
+        "house",
+        "home",
+        "apartment",
+        "flat",
+        "rent",
+        "landlord",
+        "lease",
+        "tenant",
+    ],
+    &[
+        "weather",
+        "rain",
+        "sunny",
+        "forecast",
+        "temperature",
+        "storm",
+        "snow",
+    ],
+    &[
+        "code", "bug", "software", "program", "compile", "deploy", "server", "crash",
+    ],
+];
+
+/// The stand-in embedding of `text` (see [`CONCEPTS`]).
+pub fn concept_embedding(text: &str) -> Vec<f32> {
+    let mut v = vec![0f32; CONCEPTS.len()];
+    for w in text
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+    {
+        let w = w.to_lowercase();
+        let stem = w.strip_suffix('s').unwrap_or(&w);
+        for (i, c) in CONCEPTS.iter().enumerate() {
+            if c.contains(&w.as_str()) || c.contains(&stem) {
+                v[i] += 1.0;
+            }
+        }
+    }
+    v
+}
+
+/// The answer to an embeddings request: OpenAI's `/v1/embeddings` or
+/// Ollama's `/api/embed`, both with `input` a text or a list of texts.
+fn embeddings_answer(path: &str, body: &str) -> Result<String, String> {
+    let v: Value = serde_json::from_str(body).map_err(|e| format!("bad JSON: {e}"))?;
+    let inputs: Vec<String> = match &v["input"] {
+        Value::String(s) => vec![s.clone()],
+        Value::Array(a) => a
+            .iter()
+            .map(|x| {
+                x.as_str()
+                    .map(str::to_string)
+                    .ok_or("input must hold texts")
+            })
+            .collect::<Result<_, _>>()?,
+        _ => return Err("input is missing".into()),
+    };
+    let vecs: Vec<Vec<f32>> = inputs.iter().map(|t| concept_embedding(t)).collect();
+    Ok(if path == "/api/embed" {
+        json!({"model": v["model"], "embeddings": vecs}).to_string()
+    } else {
+        let data: Vec<Value> = vecs
+            .into_iter()
+            .enumerate()
+            .map(|(i, e)| json!({"object": "embedding", "index": i, "embedding": e}))
+            .collect();
+        json!({"object": "list", "model": v["model"], "data": data}).to_string()
+    })
 }
 
 #[derive(Clone, Copy)]

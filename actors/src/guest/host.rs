@@ -579,6 +579,43 @@ impl agent_wit::llm::Host for AgentState {
     }
 }
 
+impl agent_wit::search::Host for AgentState {
+    fn search(
+        &mut self,
+        capability: String,
+        query: String,
+        k: u32,
+    ) -> wasmtime::Result<Result<String, String>> {
+        if query.len() > crate::search::MAX_QUERY_BYTES * 4 {
+            return Err(wasmtime::format_err!(
+                "search query size limit: tried to send {} bytes; the limit is {} bytes",
+                query.len(),
+                crate::search::MAX_QUERY_BYTES
+            ));
+        }
+        let (i, earlier) = self.call();
+        match earlier {
+            Some(Entry::Search(r)) => return Ok(r),
+            Some(other) => return Err(diverged(i, &other)),
+            None => {}
+        }
+        // A search builds its index on first use: its time does not count
+        // against the guest's deadline (it is bounded by the index's caps).
+        let deadline = self.deadline.clone();
+        deadline.excluding(|| {
+            let r = self
+                .block(self.agent.search(&capability, &query, k))
+                .map_err(|e| e.to_string())
+                .and_then(|a| {
+                    serde_json::to_string(&a.to_json())
+                        .map_err(|e| format!("search: cannot encode the answer: {e}"))
+                });
+            self.record(i, Entry::Search(r.clone()))?;
+            Ok(r)
+        })
+    }
+}
+
 /// The error of a guest whose replay does not retrace its earlier run.
 fn diverged(i: u32, earlier: &Entry) -> wasmtime::Error {
     wasmtime::format_err!(

@@ -51,6 +51,8 @@ pub(crate) enum Entry {
     Failed(String),
     /// `llm.chat`: the model's answer (JSON) or why not.
     Llm(Result<String, String>),
+    /// `search.search`: the answer (JSON) or why not.
+    Search(Result<String, String>),
 }
 
 impl Entry {
@@ -70,7 +72,7 @@ impl Entry {
                 }
             }
             Entry::Failed(e) => 16 + e.len(),
-            Entry::Llm(r) => {
+            Entry::Llm(r) | Entry::Search(r) => {
                 16 + match r {
                     Ok(s) | Err(s) => s.len(),
                 }

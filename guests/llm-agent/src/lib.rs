@@ -21,6 +21,11 @@
 //!   goes on. Other mail that comes meanwhile waits (in the checkpoint, at
 //!   most `MAX_WAITING` messages) and is handled after the decision.
 //!
+//! - `search {query, k?}`: only when the agent holds a search capability
+//!   named `search` (its host made it with `capstan mksearch` and granted
+//!   it: `mkguest … --with search=NAME`): full text and vector hits over
+//!   the values of a directory, each a name with a score and a snippet.
+//!
 //! Any other tool the model calls is answered an error: the agent has no
 //! other powers. At most `MAX_MODEL_CALLS` model calls per turn.
 wit_bindgen::generate!({ path: "../../wit/agent", world: "llm-agent" });
@@ -29,12 +34,17 @@ use std::collections::BTreeMap;
 
 use capstan::agent::host;
 use capstan::agent::llm;
+use capstan::agent::search;
 use capstan::agent::types::LogLevel;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 /// The name of the model capability and of the checkpoint.
 const LLM: &str = "llm";
+/// The name of the search capability, when the agent was given one.
+const SEARCH: &str = "search";
+/// Hits a `search` call returns when the model does not say.
+const SEARCH_K: u32 = 5;
 const CONVERSATION: &str = "conversation";
 /// Model calls per turn before the agent gives up.
 const MAX_MODEL_CALLS: usize = 8;
@@ -203,7 +213,25 @@ fn save(s: &mut State) -> Result<(), String> {
     host::store_text(CONVERSATION, &text)
 }
 
+/// Whether the agent holds a search capability.
+fn has_search() -> bool {
+    host::list().iter().any(|n| n == SEARCH)
+}
+
 fn tools() -> Value {
+    let mut t = base_tools();
+    if has_search()
+        && let Some(a) = t.as_array_mut()
+    {
+        a.push(json!({"name": "search",
+            "description": "Search the stored values you were given search over (full text and meaning): the best matches, each a name with a snippet; read one with lookup_value.",
+            "schema": {"type": "object", "properties": {"query": {"type": "string"},
+                "k": {"type": "integer", "minimum": 1, "maximum": 100}}, "required": ["query"]}}));
+    }
+    t
+}
+
+fn base_tools() -> Value {
     let slots = json!({"type": "object", "additionalProperties": {"type": "string"},
         "description": "slot name -> what capability it needs"});
     json!([
@@ -246,9 +274,18 @@ fn run_tool(c: &Call) -> Option<Result<String, String>> {
             let v = arg(c, "value")?;
             host::store_text(n, v).map(|_| format!("stored {n}"))
         }),
+        "search" => arg(c, "query").and_then(|q| {
+            let k = c
+                .arguments
+                .get("k")
+                .and_then(Value::as_u64)
+                .map_or(SEARCH_K, |k| k.clamp(1, 100) as u32);
+            search::search(SEARCH, q, k)
+        }),
         "define_code" | "request_evaluation" | "chain_eval" => return None,
         other => Err(format!(
-            "there is no tool {other:?}: you have list_names, lookup_value, store_result, define_code, request_evaluation and chain_eval"
+            "there is no tool {other:?}: you have list_names, lookup_value, store_result, define_code, request_evaluation and chain_eval{}",
+            if has_search() { ", and search" } else { "" }
         )),
     })
 }

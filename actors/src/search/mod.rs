@@ -1,0 +1,916 @@
+//! Search as a capability (issue 20): `mksearch NAME --over PATH` makes a
+//! capability that answers `search(query, k)` over the values under a
+//! directory (values stored by agents, `store_result` outputs, and with
+//! `--mail` the texts of the maker's inbox).
+//!
+//! # The capability
+//!
+//! Like an http capability, it is a text value describing it (no secret)
+//! plus a record `("gsr", value id)` holding the [`SearchSpec`]: the
+//! directory's formula id, the maker, and the embedding provider (an `llm`
+//! formula). Whoever holds the value (copied, granted to a guest as slot
+//! `search`) may search; the hits are names under the directory
+//! (`notes.invoice-42`) or `mail:N`, with a score and a snippet.
+//!
+//! # The index is derived data
+//!
+//! Nothing of the index is stored: each node keeps an in-memory index per
+//! search capability ([`Indexes`]) and builds it from the store on first
+//! use, so after `kill -9`, a restart or on another node of a cluster the
+//! first search rebuilds it. Before each search the directory tree is
+//! listed (one read transaction) and compared with the index by formula id
+//! (values are immutable: a new id under a name is a new value): new and
+//! changed values are read and indexed, removed ones dropped. The work of
+//! one refresh is bounded ([`MAX_NEW_PER_REFRESH`] values read,
+//! [`MAX_EMBED_PER_REFRESH`] texts embedded); what is left is done by the
+//! next searches, and the answer says so in its notes.
+//!
+//! Bounds: at most [`MAX_DOCS`] values and [`MAX_INDEX_BYTES`] bytes of text
+//! per index (what is over is not indexed, with a note in every answer),
+//! the first [`MAX_TEXT_PER_VALUE`] bytes of each value, [`MAX_DEPTH`]
+//! levels of subdirectories, [`MAX_INDEXES`] indexes per node.
+//!
+//! # Ranking
+//!
+//! Full text: BM25 over lowercased alphanumeric tokens ([`index`]).
+//! Vectors: cosine over embeddings from the provider given at `mksearch
+//! --embed LLM` (OpenAI-compatible `POST /v1/embeddings`, or Ollama `POST
+//! /api/embed`). The two rankings are fused by Reciprocal Rank Fusion with
+//! k = 60. Without a provider the search is full text only (no local model
+//! ships with Capstan yet; see nodes/CLI.md). If the provider fails, the
+//! answer is full text with the failure in its notes.
+
+pub mod index;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use capstan_cluster::tuple::TupleKey;
+use capstan_proto::{FormulaId, RequestId};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::api::{AgentHandle, ValueKind};
+use crate::error::Error;
+use crate::names::Path;
+use crate::records::{BodyRec, FormulaKind};
+use crate::{keys, model};
+
+pub use index::{Index, RRF_K};
+
+/// Largest `k`.
+pub const MAX_K: u32 = 100;
+/// Longest query, bytes.
+pub const MAX_QUERY_BYTES: usize = 4096;
+/// Most documents in one index.
+pub const MAX_DOCS: usize = 50_000;
+/// Most bytes of text in one index.
+pub const MAX_INDEX_BYTES: usize = 64 << 20;
+/// Bytes of one value that are indexed (the rest is cut, with a note).
+pub const MAX_TEXT_PER_VALUE: usize = 16 * 1024;
+/// Deepest subdirectory indexed below the directory.
+pub const MAX_DEPTH: usize = 8;
+/// Most names listed per refresh (directories and values together).
+pub const MAX_LISTED: usize = 100_000;
+/// Most new or changed values read by one refresh.
+pub const MAX_NEW_PER_REFRESH: usize = 20_000;
+/// Most texts embedded by one refresh.
+pub const MAX_EMBED_PER_REFRESH: usize = 20_000;
+/// Texts per embedding request, and bytes of each text sent.
+const EMBED_BATCH: usize = 64;
+const MAX_EMBED_TEXT: usize = 2000;
+/// Most mail messages indexed per refresh.
+const MAX_MAIL_PER_REFRESH: usize = 5_000;
+/// Values read per read transaction.
+const READ_BATCH: usize = 256;
+/// Most indexes a node keeps in memory.
+pub const MAX_INDEXES: usize = 64;
+/// The slot a guest's search capability is granted under.
+pub const SEARCH_SLOT: &str = "search";
+/// Largest embedding answer.
+const MAX_EMBED_RESPONSE: usize = 32 << 20;
+/// Longest embedding vector accepted.
+const MAX_DIM: usize = 8192;
+
+/// What a search capability searches; stored at `("gsr", value id)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SearchSpec {
+    /// The directory, as its maker named it (shown; hits are paths under it).
+    pub over: String,
+    /// The directory's formula, hex.
+    pub dir: String,
+    /// The maker (a host), hex: whose inbox `mail` indexes.
+    pub maker: String,
+    /// Index the maker's mail texts too.
+    pub mail: bool,
+    /// The embedding provider (an `llm` formula), hex, and its name.
+    pub embed: Option<String>,
+    pub embed_name: Option<String>,
+    /// The embedding model (default: the provider's kind's usual one).
+    pub embed_model: Option<String>,
+}
+
+pub(crate) fn key(value: &FormulaId) -> Vec<u8> {
+    TupleKey::new()
+        .str("gsr")
+        .bytes(value.as_bytes())
+        .into_vec()
+}
+
+fn hex_id(s: &str) -> Result<FormulaId, Error> {
+    hex::decode(s)
+        .ok()
+        .and_then(|b| FormulaId::from_slice(&b).ok())
+        .ok_or_else(|| Error::Corrupt(format!("search capability: bad id {s:?}")))
+}
+
+/// One node's indexes, by search capability.
+#[derive(Default)]
+pub struct Indexes(Mutex<HashMap<FormulaId, Arc<tokio::sync::Mutex<State>>>>);
+
+impl std::fmt::Debug for Indexes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Indexes")
+    }
+}
+
+impl Indexes {
+    fn get(&self, id: FormulaId) -> Arc<tokio::sync::Mutex<State>> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = m.get(&id) {
+            return s.clone();
+        }
+        if m.len() >= MAX_INDEXES {
+            // Drop one that nobody is using (it is rebuilt on its next use).
+            if let Some(k) = m
+                .iter()
+                .find(|(_, s)| Arc::strong_count(s) == 1)
+                .map(|(k, _)| *k)
+            {
+                m.remove(&k);
+            }
+        }
+        m.entry(id).or_default().clone()
+    }
+}
+
+/// An index and what the refresh remembers.
+#[derive(Default)]
+pub struct State {
+    index: Index,
+    /// Formulas met under the tree that are directories (to descend) or
+    /// neither values nor directories (skipped).
+    dirs: HashSet<FormulaId>,
+    skipped: HashSet<FormulaId>,
+    /// The next inbox number to index (mail).
+    mail_next: u64,
+    /// Values not indexed for the caps, as of the last refresh.
+    over_cap: usize,
+    /// Values left for the next refresh (bounded work).
+    behind: usize,
+    /// The index's names → ids (values only), as the refresh compares them.
+    known: Arc<HashMap<String, FormulaId>>,
+    known_stale: bool,
+    /// The store version of the last complete refresh (`None`: not yet, or
+    /// it left work for the next one).
+    scanned_version: Option<capstan_cluster::Version>,
+    /// Why the last embedding call failed, if it did.
+    embed_error: Option<String>,
+    /// Whether the tree was deeper or wider than indexed.
+    tree_cut: bool,
+}
+
+/// One hit as the holder sees it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SearchHit {
+    /// A name under the directory (`notes.x`), or `mail:N`.
+    pub name: String,
+    /// The same as the maker names it (`PATH.notes.x`), or `mail:N`.
+    pub path: String,
+    /// RRF score.
+    pub score: f64,
+    pub snippet: String,
+    pub text_rank: Option<usize>,
+    pub vector_rank: Option<usize>,
+}
+
+/// A search's answer.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SearchAnswer {
+    pub query: String,
+    pub k: u32,
+    pub over: String,
+    pub hits: Vec<SearchHit>,
+    /// Documents and bytes indexed.
+    pub indexed: usize,
+    pub bytes: usize,
+    /// "fused" (text + vector), "text" (no provider), or "text (vector
+    /// unavailable)".
+    pub mode: String,
+    /// Truncations, caps and failures worth knowing.
+    pub notes: Vec<String>,
+    /// Time spent refreshing the index and ranking, microseconds.
+    pub refresh_us: u64,
+    pub rank_us: u64,
+}
+
+impl SearchAnswer {
+    pub fn to_json(&self) -> Value {
+        serde_json::to_value(self).unwrap_or(Value::Null)
+    }
+}
+
+/// Checks a query and `k` (before anything is read).
+pub fn check_query(query: &str, k: u32) -> Result<(), Error> {
+    if k == 0 || k > MAX_K {
+        return Err(Error::Invalid(format!(
+            "k must be 1 to {MAX_K}, got {k}; pass -k N"
+        )));
+    }
+    if query.len() > MAX_QUERY_BYTES {
+        return Err(Error::TooLarge {
+            what: "search query".into(),
+            len: query.len(),
+            max: MAX_QUERY_BYTES,
+        });
+    }
+    if query.trim().is_empty() {
+        return Err(Error::Invalid(
+            "the search query is empty; give some words to look for".into(),
+        ));
+    }
+    Ok(())
+}
+
+impl AgentHandle {
+    /// Makes a search capability `name` over the directory `over` (see the
+    /// module docs). `embed`: an llm provider in this host's names.
+    pub async fn mksearch(
+        &self,
+        req: RequestId,
+        name: &str,
+        over: &str,
+        mail: bool,
+        embed: Option<&str>,
+        embed_model: Option<&str>,
+    ) -> Result<FormulaId, Error> {
+        if !self.is_host() {
+            return Err(Error::Invalid(
+                "only a host can make search capabilities".into(),
+            ));
+        }
+        Path::parse_writable(name)?;
+        let over_p = Path::parse(over)?;
+        if let Some(m) = embed_model
+            && (m.is_empty()
+                || m.len() > 256
+                || m.chars().any(|c| c.is_control() || c.is_whitespace()))
+        {
+            return Err(Error::Invalid(format!(
+                "invalid --embed-model {m:?}: 1-256 characters without spaces"
+            )));
+        }
+        if embed_model.is_some() && embed.is_none() {
+            return Err(Error::Invalid(
+                "--embed-model needs --embed LLM (an llm provider; see capstan llm add)".into(),
+            ));
+        }
+        let ctx = self.ctx.clone();
+        let embed_p = embed.map(Path::parse).transpose()?;
+        let (dir, provider) = self
+            .read(move |tx| {
+                Box::pin(async move {
+                    let id = model::resolve(tx, &ctx, &over_p).await?;
+                    let (dir, f) = crate::api::settle_target(tx, id).await?;
+                    if !matches!(f.kind, FormulaKind::Directory) {
+                        return Err(Error::WrongType {
+                            name: over_p.to_string(),
+                            expected: "directory (make one with capstan mkdir)".into(),
+                            actual: f.kind.type_name().into(),
+                        });
+                    }
+                    let provider = match &embed_p {
+                        None => None,
+                        Some(p) => {
+                            let id = model::resolve(tx, &ctx, p).await?;
+                            let (pid, f) = crate::api::settle_target(tx, id).await?;
+                            match f.kind {
+                                FormulaKind::Llm(rec) => {
+                                    if rec.removed {
+                                        return Err(Error::Invalid(format!(
+                                            "the LLM provider {p} was removed; add one with capstan llm add"
+                                        )));
+                                    }
+                                    if rec.provider == "anthropic" {
+                                        return Err(Error::Invalid(format!(
+                                            "{p} is an anthropic provider, which has no embeddings API; give an openai or ollama provider"
+                                        )));
+                                    }
+                                    Some(pid)
+                                }
+                                other => {
+                                    return Err(Error::WrongType {
+                                        name: p.to_string(),
+                                        expected: "llm provider (see capstan llm add)".into(),
+                                        actual: other.type_name().into(),
+                                    });
+                                }
+                            }
+                        }
+                    };
+                    Ok((dir, provider))
+                })
+            })
+            .await?;
+        let spec = SearchSpec {
+            over: over.to_string(),
+            dir: dir.to_hex(),
+            maker: self.id().to_hex(),
+            mail,
+            embed: provider.map(|p| p.to_hex()),
+            embed_name: embed.map(str::to_string),
+            embed_model: embed_model.map(str::to_string),
+        };
+        let text = format!(
+            "search capability over {over}{}; {}",
+            if mail {
+                " and the mail of its maker"
+            } else {
+                ""
+            },
+            match (embed, embed_model) {
+                (Some(e), Some(m)) => format!("full text and vectors from {e} ({m})"),
+                (Some(e), None) => format!("full text and vectors from {e}"),
+                _ => "full text".to_string(),
+            }
+        );
+        let record = serde_json::to_vec(&spec).map_err(|e| Error::Corrupt(e.to_string()))?;
+        let id = self
+            .store(req, name, ValueKind::Text, text.into_bytes())
+            .await?;
+        self.inner()
+            .db
+            .transact(move |tx| {
+                let record = record.clone();
+                Box::pin(async move {
+                    tx.set(&key(&id), &record)?;
+                    Ok::<_, Error>(())
+                })
+            })
+            .await?;
+        tracing::info!(name, over, mail, "made a search capability");
+        Ok(id)
+    }
+
+    /// The search capability this agent names `name`.
+    pub async fn search_spec(&self, name: &str) -> Result<(FormulaId, SearchSpec), Error> {
+        let ctx = self.ctx.clone();
+        let p = Path::parse(name)?;
+        self.read(move |tx| {
+            Box::pin(async move {
+                let id = model::resolve(tx, &ctx, &p).await?;
+                let (id, f) = crate::api::settle_target(tx, id).await?;
+                match tx.get(&key(&id)).await? {
+                    Some(b) => {
+                        let spec: SearchSpec = serde_json::from_slice(&b)
+                            .map_err(|e| Error::Corrupt(format!("search capability: {e}")))?;
+                        Ok((id, spec))
+                    }
+                    None => Err(Error::WrongType {
+                        name: p.to_string(),
+                        expected: "search capability (see capstan mksearch)".into(),
+                        actual: f.kind.type_name().into(),
+                    }),
+                }
+            })
+        })
+        .await
+    }
+
+    /// Searches with the capability this agent names `name`: the best `k`
+    /// hits for `query` (see the module docs).
+    pub async fn search(&self, name: &str, query: &str, k: u32) -> Result<SearchAnswer, Error> {
+        check_query(query, k)?;
+        let (id, spec) = self.search_spec(name).await?;
+        let state = self.inner().search.get(id);
+        let mut st = state.lock().await;
+        let t0 = std::time::Instant::now();
+        refresh(self, &spec, &mut st).await?;
+        let qv = match &spec.embed {
+            Some(p) if !st.index.is_empty() => {
+                match embed_texts(self, &spec, hex_id(p)?, &[query.to_string()]).await {
+                    Ok(mut v) => v.pop(),
+                    Err(e) => {
+                        st.embed_error = Some(e);
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        let t1 = std::time::Instant::now();
+        let text = st.index.text_ranking(query, index::FUSE_DEPTH);
+        let vector = qv
+            .as_deref()
+            .map(|q| st.index.vector_ranking(q, index::FUSE_DEPTH))
+            .unwrap_or_default();
+        let hits = Index::fuse(&text, &vector, k as usize);
+        let hits = hits
+            .into_iter()
+            .filter_map(|h| {
+                let d = st.index.doc(h.slot)?;
+                Some(SearchHit {
+                    path: if d.name.starts_with("mail:") {
+                        d.name.clone()
+                    } else {
+                        format!("{}.{}", spec.over, d.name)
+                    },
+                    name: d.name.clone(),
+                    score: h.score,
+                    snippet: index::snippet(&d.text, query),
+                    text_rank: h.text_rank,
+                    vector_rank: h.vector_rank,
+                })
+            })
+            .collect();
+        let rank_us = t1.elapsed().as_micros() as u64;
+        let mut notes = Vec::new();
+        if st.over_cap > 0 {
+            notes.push(format!(
+                "{} values are not indexed: an index holds at most {MAX_DOCS} values and {MAX_INDEX_BYTES} bytes of text; search a smaller directory",
+                st.over_cap
+            ));
+        }
+        if st.behind > 0 {
+            notes.push(format!(
+                "{} new values are not indexed yet; the next searches index them",
+                st.behind
+            ));
+        }
+        if st.index.truncated() > 0 {
+            notes.push(format!(
+                "{} values are longer than {MAX_TEXT_PER_VALUE} bytes: only their start is indexed",
+                st.index.truncated()
+            ));
+        }
+        if st.tree_cut {
+            notes.push(format!(
+                "the directory is deeper than {MAX_DEPTH} levels or holds more than {MAX_LISTED} names: the rest is not indexed"
+            ));
+        }
+        let mode = match (&spec.embed, &qv, &st.embed_error) {
+            (None, _, _) => "text".to_string(),
+            (Some(_), Some(_), None) => "fused".to_string(),
+            (Some(_), _, Some(e)) => {
+                notes.push(format!(
+                    "vector search unavailable ({e}); these are full-text results"
+                ));
+                if qv.is_some() {
+                    "fused".to_string()
+                } else {
+                    "text".to_string()
+                }
+            }
+            (Some(_), None, None) => "text".to_string(),
+        };
+        Ok(SearchAnswer {
+            query: query.to_string(),
+            k,
+            over: spec.over.clone(),
+            hits,
+            indexed: st.index.len(),
+            bytes: st.index.bytes(),
+            mode,
+            notes,
+            refresh_us: (t1 - t0).as_micros() as u64,
+            rank_us,
+        })
+    }
+}
+
+/// A value under the tree that the index lacks (or has with another id).
+struct Fresh {
+    name: String,
+    id: FormulaId,
+}
+
+/// Brings `st` up to date with the store (bounded work; see module docs).
+async fn refresh(h: &AgentHandle, spec: &SearchSpec, st: &mut State) -> Result<(), Error> {
+    let dir = hex_id(&spec.dir)?;
+    // 1. List the tree (one snapshot), comparing with the index.
+    // The index's names and ids, shared with the read (rebuilt only after
+    // a refresh that changed the index: searches of an unchanged directory
+    // copy nothing).
+    if st.known_stale {
+        st.known = Arc::new(
+            st.index
+                .names()
+                .filter(|n| !n.starts_with("mail:"))
+                .filter_map(|n| st.index.id_of(n).map(|id| (n.clone(), id)))
+                .collect(),
+        );
+        st.known_stale = false;
+    }
+    let known = st.known.clone();
+    let dirs = Arc::new(st.dirs.clone());
+    let skipped = Arc::new(st.skipped.clone());
+    let over = spec.over.clone();
+    let last = st.scanned_version;
+    let scanned = h
+        .inner()
+        .db
+        .read(move |tx| {
+            let (known, dirs, skipped, over) =
+                (known.clone(), dirs.clone(), skipped.clone(), over.clone());
+            Box::pin(async move {
+                // Nothing committed anywhere since the last listing: the
+                // tree is as it was.
+                let version = tx.read_version();
+                if last == Some(version) {
+                    return Ok(None);
+                }
+                if model::get_formula(tx, &dir).await?.is_none() {
+                    return Err(Error::Invalid(format!(
+                        "the directory {over} this search capability covers is gone; make another with capstan mksearch"
+                    )));
+                }
+                let mut listed_names = Vec::new();
+                let mut seen_known = 0usize;
+                let mut fresh = Vec::new();
+                let mut new_dirs = HashSet::new();
+                let mut new_skipped = HashSet::new();
+                let mut cut = false;
+                let mut listed = 0usize;
+                let mut queue = vec![(dir, String::new(), 0usize)];
+                while let Some((d, prefix, depth)) = queue.pop() {
+                    let rows = model::list_dir(tx, &d, MAX_LISTED - listed).await?;
+                    listed += rows.len();
+                    if listed >= MAX_LISTED {
+                        cut = true;
+                    }
+                    for (n, id) in rows {
+                        let name = if prefix.is_empty() { n } else { format!("{prefix}.{n}") };
+                        if known.get(&name) == Some(&id) {
+                            seen_known += 1;
+                            listed_names.push(name);
+                            continue;
+                        }
+                        if dirs.contains(&id) || new_dirs.contains(&id) {
+                            if depth < MAX_DEPTH {
+                                queue.push((id, name, depth + 1));
+                            } else {
+                                cut = true;
+                            }
+                            continue;
+                        }
+                        if skipped.contains(&id) || new_skipped.contains(&id) {
+                            continue;
+                        }
+                        let Some(f) = model::get_formula(tx, &id).await? else {
+                            continue;
+                        };
+                        match f.kind {
+                            FormulaKind::Directory => {
+                                new_dirs.insert(id);
+                                if depth < MAX_DEPTH {
+                                    queue.push((id, name, depth + 1));
+                                } else {
+                                    cut = true;
+                                }
+                            }
+                            FormulaKind::Value(v) if v.kind != ValueKind::Bytes => {
+                                listed_names.push(name.clone());
+                                fresh.push(Fresh { name, id });
+                            }
+                            _ => {
+                                new_skipped.insert(id);
+                            }
+                        }
+                    }
+                }
+                Ok::<_, Error>(Some((
+                    version,
+                    (listed_names, seen_known, fresh, new_dirs, new_skipped, cut),
+                )))
+            })
+        })
+        .await?;
+    let Some((version, (listed, seen_known, fresh, new_dirs, new_skipped, cut))) = scanned else {
+        return Ok(());
+    };
+    st.dirs.extend(new_dirs);
+    st.skipped.extend(new_skipped);
+    st.tree_cut = cut;
+    // 2. Drop what is gone (only when some indexed name was not seen).
+    if seen_known < st.known.len() {
+        let listed: HashSet<String> = listed.into_iter().collect();
+        let gone: Vec<String> = st
+            .index
+            .names()
+            .filter(|n| !n.starts_with("mail:") && !listed.contains(*n))
+            .cloned()
+            .collect();
+        for n in gone {
+            st.index.remove(&n);
+        }
+        st.known_stale = true;
+    }
+    if !fresh.is_empty() {
+        st.known_stale = true;
+    }
+    // 3. Read and index what is new, within the caps and the bound.
+    let room = MAX_DOCS.saturating_sub(st.index.len());
+    let mut over_cap = 0usize;
+    let todo: Vec<Fresh> = if fresh.len() > room {
+        over_cap = fresh.len() - room;
+        fresh.into_iter().take(room).collect()
+    } else {
+        fresh
+    };
+    st.behind = todo.len().saturating_sub(MAX_NEW_PER_REFRESH);
+    for batch in todo
+        .into_iter()
+        .take(MAX_NEW_PER_REFRESH)
+        .collect::<Vec<_>>()
+        .chunks(READ_BATCH)
+    {
+        let ids: Vec<FormulaId> = batch.iter().map(|f| f.id).collect();
+        let texts = h
+            .inner()
+            .db
+            .read(move |tx| {
+                let ids = ids.clone();
+                Box::pin(async move {
+                    let mut out = Vec::with_capacity(ids.len());
+                    for id in &ids {
+                        let t = match model::get_formula(tx, id).await? {
+                            Some(f) => match f.kind {
+                                FormulaKind::Value(v) => {
+                                    let b = crate::api::value_bytes(tx, id, &v).await?;
+                                    String::from_utf8(b).ok()
+                                }
+                                _ => None,
+                            },
+                            None => None,
+                        };
+                        out.push(t);
+                    }
+                    Ok::<_, Error>(out)
+                })
+            })
+            .await?;
+        for (f, t) in batch.iter().zip(texts) {
+            let Some(t) = t else { continue };
+            if st.index.bytes() + t.len().min(MAX_TEXT_PER_VALUE) > MAX_INDEX_BYTES {
+                over_cap += 1;
+                continue;
+            }
+            let (t, cut) = cap_text(t);
+            st.index.insert(f.name.clone(), f.id, t, cut);
+        }
+    }
+    st.over_cap = over_cap;
+    // 4. Mail texts.
+    if spec.mail {
+        let maker = hex_id(&spec.maker)?;
+        let from = st.mail_next;
+        let rows = h
+            .inner()
+            .db
+            .read(move |tx| {
+                Box::pin(async move {
+                    let prefix = keys::inbox(&maker);
+                    let rows = tx
+                        .get_range(capstan_cluster::RangeOption {
+                            begin: keys::message(&maker, from),
+                            end: capstan_cluster::tuple::prefix_end(&prefix),
+                            limit: MAX_MAIL_PER_REFRESH,
+                            reverse: false,
+                        })
+                        .await?;
+                    let mut out = Vec::new();
+                    for (_, v) in rows {
+                        out.push(crate::records::MessageRec::decode(&v)?);
+                    }
+                    Ok::<_, Error>(out)
+                })
+            })
+            .await?;
+        for m in rows {
+            st.mail_next = st.mail_next.max(m.number + 1);
+            let text = match &m.body {
+                BodyRec::Package { strings, .. } => strings.join(""),
+                BodyRec::Request { description, .. } => description.clone(),
+                #[allow(unreachable_patterns)]
+                _ => continue,
+            };
+            if text.trim().is_empty() || st.index.len() >= MAX_DOCS {
+                continue;
+            }
+            let (t, cut) = cap_text(text);
+            st.index.insert(
+                format!("mail:{}", m.number),
+                FormulaId::derived("mail", &m.number.to_be_bytes()),
+                t,
+                cut,
+            );
+        }
+    }
+    // 5. Vectors for what lacks them.
+    if let Some(p) = &spec.embed {
+        let provider = hex_id(p)?;
+        let missing = st.index.missing_vectors(MAX_EMBED_PER_REFRESH);
+        st.embed_error = None;
+        for batch in missing.chunks(EMBED_BATCH) {
+            let texts: Vec<String> = batch.iter().map(|(_, t)| t.clone()).collect();
+            match embed_texts(h, spec, provider, &texts).await {
+                Ok(vs) => {
+                    for ((name, _), v) in batch.iter().zip(vs) {
+                        st.index.set_vector(name, v);
+                    }
+                }
+                Err(e) => {
+                    st.embed_error = Some(e);
+                    break;
+                }
+            }
+        }
+    }
+    // The next search skips the listing if nothing was committed since,
+    // unless work is left (values over the per-refresh bound, vectors
+    // that could not be had).
+    st.scanned_version = (st.behind == 0 && st.embed_error.is_none()).then_some(version);
+    Ok(())
+}
+
+fn cap_text(mut t: String) -> (String, bool) {
+    if t.len() <= MAX_TEXT_PER_VALUE {
+        return (t, false);
+    }
+    let mut at = MAX_TEXT_PER_VALUE;
+    while !t.is_char_boundary(at) {
+        at -= 1;
+    }
+    t.truncate(at);
+    (t, true)
+}
+
+fn cut_embed_text(t: &str) -> String {
+    if t.len() <= MAX_EMBED_TEXT {
+        return t.to_string();
+    }
+    let mut at = MAX_EMBED_TEXT;
+    while !t.is_char_boundary(at) {
+        at -= 1;
+    }
+    t[..at].to_string()
+}
+
+fn http() -> Result<&'static reqwest::Client, String> {
+    static C: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    if let Some(c) = C.get() {
+        return Ok(c);
+    }
+    let c = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("capstan/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| format!("cannot make an HTTP client: {e}"))?;
+    Ok(C.get_or_init(|| c))
+}
+
+/// Embeds `texts` with the provider `provider` (an `llm` formula): one
+/// request. Errors are text for the answer's notes.
+async fn embed_texts(
+    h: &AgentHandle,
+    spec: &SearchSpec,
+    provider: FormulaId,
+    texts: &[String],
+) -> Result<Vec<Vec<f32>>, String> {
+    let name = spec.embed_name.clone().unwrap_or_else(|| provider.short());
+    let secrets = h.inner().opts.secrets.clone();
+    let prep = h
+        .inner()
+        .db
+        .read(move |tx| {
+            let secrets = secrets.clone();
+            Box::pin(async move {
+                let f = model::must_formula(tx, &provider).await?;
+                let FormulaKind::Llm(rec) = f.kind else {
+                    return Err(Error::Corrupt(
+                        "the embedding provider is not an llm formula".into(),
+                    ));
+                };
+                let at = keys::llm_key(&provider);
+                let key = match tx.get(&at).await? {
+                    Some(b) => Some(
+                        String::from_utf8(
+                            crate::secrets::read(secrets.as_ref(), &at, &b)
+                                .map_err(|e| Error::Invalid(e.to_string()))?,
+                        )
+                        .map_err(|_| Error::Corrupt("the provider's key is not text".into()))?,
+                    ),
+                    None => None,
+                };
+                Ok::<_, Error>((rec, key))
+            })
+        })
+        .await
+        .map_err(|e| format!("embedding provider {name}: {e}"))?;
+    let (rec, key) = prep;
+    if rec.removed {
+        return Err(format!(
+            "the embedding provider {name} was removed; make the search again with another --embed"
+        ));
+    }
+    let base = rec.url.trim_end_matches('/');
+    let inputs: Vec<String> = texts.iter().map(|t| cut_embed_text(t)).collect();
+    let (url, body) = if rec.provider == "ollama" {
+        let model = spec
+            .embed_model
+            .clone()
+            .unwrap_or_else(|| "nomic-embed-text".into());
+        (
+            format!("{}/api/embed", base.trim_end_matches("/v1")),
+            json!({"model": model, "input": inputs}),
+        )
+    } else {
+        let model = spec
+            .embed_model
+            .clone()
+            .unwrap_or_else(|| "text-embedding-3-small".into());
+        let url = if base.ends_with("/v1") {
+            format!("{base}/embeddings")
+        } else {
+            format!("{base}/v1/embeddings")
+        };
+        (url, json!({"model": model, "input": inputs}))
+    };
+    let mut rb = http()?
+        .post(&url)
+        .timeout(Duration::from_millis(
+            u64::from(rec.timeout_ms).clamp(1000, 120_000),
+        ))
+        .json(&body);
+    if let Some(k) = &key {
+        rb = rb.bearer_auth(k);
+    }
+    let resp = rb
+        .send()
+        .await
+        .map_err(|e| format!("embedding provider {name} at {url}: {}", e.without_url()))?;
+    let status = resp.status();
+    let bytes = resp.bytes().await.map_err(|e| {
+        format!(
+            "embedding provider {name}: the answer broke off: {}",
+            e.without_url()
+        )
+    })?;
+    if bytes.len() > MAX_EMBED_RESPONSE {
+        return Err(format!(
+            "embedding provider {name}: the answer is over {MAX_EMBED_RESPONSE} bytes"
+        ));
+    }
+    if !status.is_success() {
+        let mut t = String::from_utf8_lossy(&bytes).to_string();
+        if let Some(k) = &key {
+            t = t.replace(k.as_str(), "[REDACTED]");
+        }
+        t.truncate(t.floor_char_boundary(300));
+        return Err(format!("embedding provider {name} answered {status}: {t}"));
+    }
+    let v: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| format!("embedding provider {name} sent bad JSON: {e}"))?;
+    let vecs: Vec<&Value> = if let Some(a) = v["embeddings"].as_array() {
+        a.iter().collect()
+    } else if let Some(a) = v["data"].as_array() {
+        let mut a: Vec<&Value> = a.iter().collect();
+        a.sort_by_key(|d| d["index"].as_u64().unwrap_or(0));
+        a.into_iter().map(|d| &d["embedding"]).collect()
+    } else {
+        return Err(format!(
+            "embedding provider {name}: the answer has neither `data` nor `embeddings`"
+        ));
+    };
+    if vecs.len() != texts.len() {
+        return Err(format!(
+            "embedding provider {name}: asked for {} embeddings, got {}",
+            texts.len(),
+            vecs.len()
+        ));
+    }
+    vecs.into_iter()
+        .map(|e| {
+            let a = e
+                .as_array()
+                .filter(|a| !a.is_empty() && a.len() <= MAX_DIM)
+                .ok_or_else(|| format!("embedding provider {name}: an embedding is not a list of 1 to {MAX_DIM} numbers"))?;
+            a.iter()
+                .map(|x| x.as_f64().map(|f| f as f32).ok_or_else(|| format!("embedding provider {name}: an embedding holds a non-number")))
+                .collect()
+        })
+        .collect()
+}

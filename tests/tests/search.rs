@@ -1,0 +1,357 @@
+//! `capstan mksearch` / `capstan search` end to end (issue 20): the real
+//! binary on a real node, thousands of stored values, embeddings from the
+//! loopback model server (tests/src/llm_server.rs: its `/v1/embeddings`
+//! and `/api/embed` answer with a stand-in concept-bag model, so that a
+//! paraphrase lands close to the value it means).
+
+use capstan_tests::Node;
+use capstan_tests::control::store_many;
+use capstan_tests::llm_server::LlmServer;
+use serde_json::Value;
+
+const KEY: &str = "test-openai-key-5d21b8e4aa90";
+const PARAPHRASE: &str = "how much did the plane tickets for my trip cost";
+const TARGET: &str = "trip-receipt";
+const IDENT: &str = "ORD-7F3A9C-X9Q";
+
+/// `notes` with `fillers` values of noise, distractors that share the
+/// paraphrase's words but not its meaning, and the two values the tests
+/// look for.
+fn corpus(fillers: usize) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = (0..fillers)
+        .map(|i| {
+            (
+                format!("notes.log-{i}"),
+                format!(
+                    "log entry {i}: sensor {:08x} reading nominal at station {}",
+                    (i as u64).wrapping_mul(2_654_435_761) & 0xffff_ffff,
+                    i % 97
+                ),
+            )
+        })
+        .collect();
+    for i in 0..40 {
+        v.push((
+            format!("notes.team-{i}"),
+            format!("how much did we spend for my team offsite number {i}? the answer is pending"),
+        ));
+    }
+    for i in 0..20 {
+        v.push((
+            format!("notes.paid-{i}"),
+            format!("invoice {i} was paid in full"),
+        ));
+    }
+    v.push((
+        format!("notes.{TARGET}"),
+        "Booked a flight to Lisbon; the airfare came to 420 euros, charged to the card.".into(),
+    ));
+    v.push((
+        "notes.order-shipped".into(),
+        format!("Order {IDENT} shipped to warehouse 4"),
+    ));
+    v.push((
+        "notes.sub.recipe".into(),
+        "Tomato soup: simmer for forty minutes with basil".into(),
+    ));
+    v
+}
+
+fn add_openai(node: &Node, server: &LlmServer, name: &str) {
+    let f = node.home().join(format!("{name}.key"));
+    std::fs::write(&f, format!("{KEY}\n")).unwrap();
+    node.ok([
+        "llm",
+        "add",
+        name,
+        "--provider",
+        "openai",
+        "--key-file",
+        f.to_str().unwrap(),
+        "--url",
+        &format!("{}/v1", server.url()),
+        "--model",
+        "gpt-test",
+    ]);
+}
+
+fn search(node: &Node, name: &str, query: &str, k: &str) -> Value {
+    node.json(["search", name, query, "-k", k])
+}
+
+fn hit_names(v: &Value) -> Vec<String> {
+    v["hits"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no hits in {v}"))
+        .iter()
+        .map(|h| h["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn paraphrase_finds_by_vector_and_identifier_by_full_text() {
+    let node = Node::started();
+    let server = LlmServer::start();
+    server.require_key(KEY);
+    add_openai(&node, &server, "emb");
+    node.ok(["mkdir", "notes"]);
+    node.ok(["mkdir", "notes.sub"]);
+    let values = corpus(3000);
+    store_many(&node, &values).unwrap();
+
+    let made = node.json(["mksearch", "finder", "--over", "notes", "--embed", "emb"]);
+    assert_eq!(made["name"], "finder");
+    node.ok(["mksearch", "plain", "--over", "notes"]);
+    assert_eq!(node.json(["show", "finder"])["type"], "value");
+
+    // A paraphrase: no word in common with the receipt but "the"; the
+    // vectors find it, and the fusion puts it first.
+    let v = search(&node, "finder", PARAPHRASE, "5");
+    assert_eq!(v["mode"], "fused", "{v}");
+    assert!(v["indexed"].as_u64().unwrap() >= 3000, "{v}");
+    assert_eq!(hit_names(&v)[0], TARGET, "{v}");
+    assert_eq!(v["hits"][0]["vector_rank"], 1, "{v}");
+    assert_eq!(v["hits"][0]["path"], format!("notes.{TARGET}"));
+    assert!(
+        v["hits"][0]["snippet"]
+            .as_str()
+            .unwrap()
+            .contains("airfare"),
+        "{v}"
+    );
+    assert!(v["hits"][0]["score"].as_f64().unwrap() > 1.0 / 61.0, "{v}");
+    assert!(server.embed_calls() > 0);
+    // Full text alone ranks the distractors (which share its words) first.
+    let t = search(&node, "plain", PARAPHRASE, "5");
+    assert_eq!(t["mode"], "text");
+    assert_ne!(
+        hit_names(&t).first().map(String::as_str),
+        Some(TARGET),
+        "{t}"
+    );
+
+    // An exact identifier: full text finds it first.
+    let v = search(&node, "finder", IDENT, "3");
+    assert_eq!(hit_names(&v)[0], "order-shipped", "{v}");
+    assert_eq!(v["hits"][0]["text_rank"], 1, "{v}");
+    let t = search(&node, "plain", IDENT, "3");
+    assert_eq!(hit_names(&t)[0], "order-shipped", "{t}");
+
+    // Subdirectories are searched; hits are names the holder can use.
+    let v = search(&node, "plain", "basil soup", "1");
+    assert_eq!(hit_names(&v), ["sub.recipe"]);
+    assert!(node.ok(["cat", "notes.sub.recipe"]).contains("basil"));
+
+    // A value stored after the index was built is found; a removed one is not.
+    node.ok([
+        "store",
+        "--name",
+        "notes.late-note",
+        "--text",
+        "Our veterinarian visit for the puppy was moved to Friday",
+    ]);
+    let v = search(&node, "finder", "dog check-up at the animal clinic", "3");
+    assert_eq!(hit_names(&v)[0], "late-note", "{v}");
+    node.ok(["remove", "notes.order-shipped"]);
+    let v = search(&node, "finder", IDENT, "3");
+    assert!(!hit_names(&v).contains(&"order-shipped".to_string()), "{v}");
+
+    // The human rendering: score, path, snippet.
+    let out = node.ok(["search", "finder", PARAPHRASE, "-k", "2"]);
+    assert!(out.contains(&format!("notes.{TARGET}")), "{out}");
+}
+
+#[test]
+fn ollama_embeddings_route() {
+    let node = Node::started();
+    let server = LlmServer::start();
+    node.ok([
+        "llm",
+        "add",
+        "local",
+        "--provider",
+        "ollama",
+        "--url",
+        &server.url(),
+        "--model",
+        "llama-test",
+    ]);
+    node.ok(["mkdir", "notes"]);
+    node.ok(["mkdir", "notes.sub"]);
+    store_many(&node, &corpus(200)).unwrap();
+    node.ok([
+        "mksearch",
+        "finder",
+        "--over",
+        "notes",
+        "--embed",
+        "local",
+        "--embed-model",
+        "embed-test",
+    ]);
+    let v = search(&node, "finder", PARAPHRASE, "3");
+    assert_eq!(v["mode"], "fused", "{v}");
+    assert_eq!(hit_names(&v)[0], TARGET, "{v}");
+    // An anthropic provider has no embeddings: refused at mksearch.
+    server.add_anthropic(&node, "claude", KEY);
+    let (_, err) = node.fail(["mksearch", "x", "--over", "notes", "--embed", "claude"]);
+    assert!(err.contains("no embeddings"), "{err}");
+}
+
+#[test]
+fn index_is_rebuilt_after_kill9_and_follows_new_values() {
+    let mut node = Node::started();
+    let server = LlmServer::start();
+    server.require_key(KEY);
+    add_openai(&node, &server, "emb");
+    node.ok(["mkdir", "notes"]);
+    node.ok(["mkdir", "notes.sub"]);
+    store_many(&node, &corpus(500)).unwrap();
+    node.ok(["mksearch", "finder", "--over", "notes", "--embed", "emb"]);
+    let before = search(&node, "finder", PARAPHRASE, "3");
+    assert_eq!(hit_names(&before)[0], TARGET);
+
+    node.kill9();
+    node.start();
+    node.ok([
+        "store",
+        "--name",
+        "notes.after-crash",
+        "--text",
+        "Concert passes: the band plays guitar songs on Saturday",
+    ]);
+    let v = search(&node, "finder", PARAPHRASE, "3");
+    assert_eq!(hit_names(&v)[0], TARGET, "{v}");
+    assert_eq!(
+        v["indexed"].as_u64().unwrap(),
+        before["indexed"].as_u64().unwrap() + 1,
+        "{v}"
+    );
+    let v = search(&node, "finder", "live music gig featuring piano", "3");
+    assert_eq!(hit_names(&v)[0], "after-crash", "{v}");
+    let v = search(&node, "finder", IDENT, "1");
+    assert_eq!(hit_names(&v), ["order-shipped"]);
+}
+
+#[test]
+fn bad_input_is_refused_and_changes_nothing() {
+    let node = Node::started();
+    node.ok(["mkdir", "notes"]);
+    node.ok(["store", "--name", "notes.a", "--text", "alpha beta"]);
+    node.ok(["mksearch", "finder", "--over", "notes"]);
+    let names = node.names(&[]);
+    let listed = node.names(&["notes"]);
+
+    let (_, e) = node.fail(["search", "nope", "alpha"]);
+    assert!(e.contains("unknown name"), "{e}");
+    let (_, e) = node.fail(["search", "finder", "alpha", "-k", "0"]);
+    assert!(e.contains("k must be 1 to 100"), "{e}");
+    let (_, e) = node.fail(["search", "finder", "alpha", "-k", "101"]);
+    assert!(e.contains("k must be 1 to 100"), "{e}");
+    let huge = "word ".repeat(2000);
+    let (_, e) = node.fail(["search", "finder", huge.as_str()]);
+    assert!(e.contains("search query") && e.contains("4096"), "{e}");
+    let (_, e) = node.fail_json(["search", "finder", "   "]);
+    assert!(e.contains("empty"), "{e}");
+    let (_, e) = node.fail(["search", "notes.a", "alpha"]);
+    assert!(e.contains("not a search capability"), "{e}");
+    let (_, e) = node.fail(["mksearch", "s2", "--over", "notes.a"]);
+    assert!(e.contains("not a directory"), "{e}");
+    let (_, e) = node.fail(["mksearch", "s3", "--over", "missing"]);
+    assert!(e.contains("unknown name"), "{e}");
+    let (_, e) = node.fail(["mksearch", "s4", "--over", "notes", "--embed", "notes.a"]);
+    assert!(e.contains("not a llm provider"), "{e}");
+    let (_, e) = node.fail(["mksearch", "Bad Name", "--over", "notes"]);
+    assert!(e.contains("invalid name"), "{e}");
+
+    assert_eq!(node.names(&[]), names);
+    assert_eq!(node.names(&["notes"]), listed);
+    let v = search(&node, "finder", "alpha", "1");
+    assert_eq!(hit_names(&v), ["a"]);
+}
+
+/// The llm-agent guest granted a search capability as `search` gets a
+/// `search` tool; its answer (hits with names) goes back to the model.
+#[test]
+fn the_llm_agent_searches_with_the_capability_it_was_granted() {
+    use capstan_tests::llm_server::Reply;
+    use capstan_tests::{guest_wasm, texts};
+    use serde_json::json;
+    const AKEY: &str = "test-anthropic-key-9b0c41d2e7f3";
+
+    let node = Node::started();
+    let server = LlmServer::start();
+    server.require_key(AKEY);
+    server.add_anthropic(&node, "claude", AKEY);
+    node.ok(["mkdir", "notes"]);
+    node.ok([
+        "store",
+        "--name",
+        "notes.invoice",
+        "--text",
+        "Invoice INV-77 from ACME, due in May",
+    ]);
+    node.ok([
+        "store",
+        "--name",
+        "notes.other",
+        "--text",
+        "Lunch with Sam on Friday",
+    ]);
+    node.ok(["mksearch", "finder", "--over", "notes"]);
+    let wasm = guest_wasm("llm-agent");
+    node.ok([
+        "install",
+        wasm.as_str(),
+        "--name",
+        "llm-agent",
+        "--grant",
+        "llm=claude",
+    ]);
+    node.ok([
+        "mkguest",
+        "helper",
+        "--component",
+        "llm-agent",
+        "--with",
+        "search=finder",
+    ]);
+
+    server.push(Reply::Tools {
+        text: String::new(),
+        calls: vec![("search".into(), json!({"query": "INV-77", "k": 2}))],
+    });
+    server.push(Reply::text("It is under invoice."));
+    node.ok(["send", "helper", "where", "is", "the", "ACME", "invoice?"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let inbox = node.inbox(&[]);
+        if inbox.iter().any(|m| {
+            m["from"] == "helper"
+                && texts(std::slice::from_ref(m))
+                    .concat()
+                    .contains("under invoice")
+        }) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no answer: {inbox:#?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let reqs = server.requests();
+    assert_eq!(reqs.len(), 2, "{reqs:#?}");
+    let first = reqs[0].json();
+    assert!(
+        first["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["name"] == "search"),
+        "{first}"
+    );
+    let second = reqs[1].json().to_string();
+    assert!(second.contains(r#"\"name\":\"invoice\""#), "{second}");
+    assert!(!second.contains(r#"\"name\":\"other\""#), "{second}");
+}
