@@ -127,9 +127,19 @@ fn json_shapes() {
             "store",
             "incarnations",
             "connections",
+            "rss_bytes",
+            "store_cache_bytes",
             "root_host"
         ]),
         "{st}"
+    );
+    assert!(
+        st["rss_bytes"].as_u64().is_some_and(|b| b > 1 << 20),
+        "a running daemon's resident memory: {st}"
+    );
+    assert_eq!(
+        st["store_cache_bytes"], 33_554_432,
+        "redb's default cache budget (32 MiB): {st}"
     );
     assert_eq!(st["pid"], pid);
     assert_eq!(st["connections"], 0, "a node that talked to no one: {st}");
