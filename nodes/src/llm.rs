@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 
 use crate::cli::LlmCommand;
 use crate::client::Client;
-use crate::output::print_json;
+use crate::output::{print_json, str_field as s};
 
 /// Largest key file read.
 const MAX_KEY_FILE: u64 = 16 * 1024;
@@ -188,10 +188,6 @@ fn utc(ms: u64) -> String {
         (rem % 3600) / 60,
         rem % 60
     )
-}
-
-fn s<'a>(v: &'a Value, k: &str) -> &'a str {
-    v[k].as_str().unwrap_or("")
 }
 
 fn limit_text(used: u64, limit: u64) -> String {

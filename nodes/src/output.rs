@@ -161,6 +161,28 @@ pub fn print_json(v: &Value) {
     println!("{v}");
 }
 
+/// A command's JSON answer from the node (`text`), printed: as it is with
+/// `--json`, else as `human` renders it. Returns the answer.
+pub fn print_answer(
+    text: &str,
+    json: bool,
+    human: impl FnOnce(&Value) -> String,
+) -> anyhow::Result<Value> {
+    let v: Value =
+        serde_json::from_str(text).map_err(|e| anyhow::anyhow!("the node sent bad JSON: {e}"))?;
+    if json {
+        print_json(&v);
+    } else {
+        print!("{}", human(&v));
+    }
+    Ok(v)
+}
+
+/// The string field `k` of an answer (empty when absent).
+pub fn str_field<'a>(v: &'a Value, k: &str) -> &'a str {
+    v[k].as_str().unwrap_or("")
+}
+
 /// Runs `work`, and once it has taken more than a second shows `what (N s)…`
 /// on stderr, updated twice a second, while it runs (only on a terminal:
 /// scripts and logs get the result alone). The line is ended when `work`

@@ -5,7 +5,6 @@
 //! Node side: [`command`] decodes the arguments and calls the
 //! [`AgentHandle`]'s `routine_*` methods.
 
-use anyhow::Context;
 use capstan_actors::AgentHandle;
 use capstan_actors::routines::{Schedule, utc_text};
 use capstan_proto::RequestId;
@@ -14,7 +13,7 @@ use serde_json::{Value, json};
 
 use crate::cli::RoutineCommand;
 use crate::client::Client;
-use crate::output::print_json;
+use crate::output::str_field as s;
 
 /// Runs `capstan routine …` against the node.
 pub async fn run(client: &Client, command: RoutineCommand, json_out: bool) -> anyhow::Result<()> {
@@ -61,17 +60,8 @@ pub async fn run(client: &Client, command: RoutineCommand, json_out: bool) -> an
             }
         })
         .await?;
-    let v: Value = serde_json::from_str(&text).context("the node sent bad JSON")?;
-    if json_out {
-        print_json(&v);
-        return Ok(());
-    }
-    print!("{}", human(cmd, &v));
+    crate::output::print_answer(&text, json_out, |v| human(cmd, v))?;
     Ok(())
-}
-
-fn s<'a>(v: &'a Value, k: &str) -> &'a str {
-    v[k].as_str().unwrap_or("")
 }
 
 fn when(v: &Value) -> String {

@@ -4,7 +4,6 @@
 //! renders the JSON answer. Node side: [`command`] decodes the arguments
 //! and calls the [`AgentHandle`]'s `mksearch` / `search`.
 
-use anyhow::Context;
 use capstan_actors::AgentHandle;
 use capstan_proto::RequestId;
 use serde::Deserialize;
@@ -12,7 +11,7 @@ use serde_json::{Value, json};
 
 use crate::cli::Command;
 use crate::client::Client;
-use crate::output::print_json;
+use crate::output::str_field as s;
 
 /// Runs `capstan mksearch …` or `capstan search …` against the node.
 pub async fn run(client: &Client, command: Command, json_out: bool) -> anyhow::Result<()> {
@@ -51,17 +50,8 @@ pub async fn run(client: &Client, command: Command, json_out: bool) -> anyhow::R
             }
         })
         .await?;
-    let v: Value = serde_json::from_str(&text).context("the node sent bad JSON")?;
-    if json_out {
-        print_json(&v);
-        return Ok(());
-    }
-    print!("{}", human(cmd, &v));
+    crate::output::print_answer(&text, json_out, |v| human(cmd, v))?;
     Ok(())
-}
-
-fn s<'a>(v: &'a Value, k: &str) -> &'a str {
-    v[k].as_str().unwrap_or("")
 }
 
 /// The human rendering of an answer.

@@ -734,6 +734,28 @@ pub fn guest_wasm(name: &str) -> String {
     p.display().to_string()
 }
 
+/// A fresh store spec `etcd://ENDPOINTS/capstan-e2e/TAG-NANOS` on the etcd
+/// cluster of `CAPSTAN_ETCD_ENDPOINTS`, or `None` (the test is skipped)
+/// when it is unset; with `CAPSTAN_REQUIRE_ETCD=1` an unset one fails.
+pub fn etcd_spec(tag: &str) -> Option<String> {
+    let eps = match std::env::var("CAPSTAN_ETCD_ENDPOINTS") {
+        Ok(s) if !s.trim().is_empty() => s.trim().to_string(),
+        _ => {
+            assert!(
+                std::env::var("CAPSTAN_REQUIRE_ETCD").as_deref() != Ok("1"),
+                "CAPSTAN_REQUIRE_ETCD=1 but CAPSTAN_ETCD_ENDPOINTS is not set: run scripts/etcd-cluster start"
+            );
+            eprintln!("skipped: set CAPSTAN_ETCD_ENDPOINTS (scripts/etcd-cluster start)");
+            return None;
+        }
+    };
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    Some(format!("etcd://{eps}/capstan-e2e/{tag}-{nanos}"))
+}
+
 /// `count` nodes `n1…` on the etcd store `spec` with a lease of `lease_ms`:
 /// n1 runs `cluster init`, every node starts with `--listen 127.0.0.1:0`
 /// and the cluster's secrets key; returns once all are live members (at

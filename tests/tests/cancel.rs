@@ -207,29 +207,9 @@ fn cancellation_holds_across_kill_9() {
     assert!(err.contains("cancelled: its dependency h (host"), "{err}");
 }
 
-fn etcd_spec(tag: &str) -> Option<String> {
-    match std::env::var("CAPSTAN_ETCD_ENDPOINTS") {
-        Ok(eps) if !eps.trim().is_empty() => {
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos();
-            Some(format!("etcd://{}/capstan-e2e/{tag}-{nanos}", eps.trim()))
-        }
-        _ => {
-            assert!(
-                std::env::var("CAPSTAN_REQUIRE_ETCD").as_deref() != Ok("1"),
-                "CAPSTAN_REQUIRE_ETCD=1 but CAPSTAN_ETCD_ENDPOINTS is not set: run scripts/etcd-cluster start"
-            );
-            eprintln!("skipped: set CAPSTAN_ETCD_ENDPOINTS (scripts/etcd-cluster start)");
-            None
-        }
-    }
-}
-
 #[test]
 fn cancellation_reaches_every_cluster_node() {
-    let Some(spec) = etcd_spec("cancel") else {
+    let Some(spec) = capstan_tests::etcd_spec("cancel") else {
         return;
     };
     let nodes = capstan_tests::start_cluster(&spec, 2, "5000");

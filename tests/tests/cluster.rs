@@ -21,29 +21,6 @@ static SERIAL: Mutex<()> = Mutex::new(());
 /// loaded far beyond its cores (slow etcd commits) does not lose leases.
 const LEASE_MS: &str = "5000";
 
-fn endpoints() -> Option<String> {
-    match std::env::var("CAPSTAN_ETCD_ENDPOINTS") {
-        Ok(s) if !s.trim().is_empty() => Some(s.trim().to_string()),
-        _ => {
-            assert!(
-                std::env::var("CAPSTAN_REQUIRE_ETCD").as_deref() != Ok("1"),
-                "CAPSTAN_REQUIRE_ETCD=1 but CAPSTAN_ETCD_ENDPOINTS is not set: run scripts/etcd-cluster start"
-            );
-            eprintln!("skipped: set CAPSTAN_ETCD_ENDPOINTS (scripts/etcd-cluster start)");
-            None
-        }
-    }
-}
-
-fn spec(tag: &str) -> Option<String> {
-    let eps = endpoints()?;
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    Some(format!("etcd://{eps}/capstan-e2e/{tag}-{nanos}"))
-}
-
 fn script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/etcd-cluster")
 }
@@ -91,7 +68,7 @@ impl Cluster {
 
     /// [`Cluster::start`] with options for the store spec (`?name=value…`).
     fn start_with(tag: &str, options: &str) -> Option<Cluster> {
-        let spec = format!("{}{options}", spec(tag)?);
+        let spec = format!("{}{options}", capstan_tests::etcd_spec(tag)?);
         let mut nodes = Vec::new();
         let mut key = String::new();
         for i in 1..=3 {
@@ -549,7 +526,7 @@ fn a_lone_peer_keeps_mailing_a_cluster_agent_across_a_node_failure() {
 #[test]
 fn members_record_and_locators_name_the_advertised_addresses() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(spec) = spec("advertise") else {
+    let Some(spec) = capstan_tests::etcd_spec("advertise") else {
         return;
     };
     // Two nodes on every interface, each telling the others 127.0.0.1 and
@@ -616,7 +593,7 @@ fn members_record_and_locators_name_the_advertised_addresses() {
 #[test]
 fn cluster_commands_refuse_bad_input() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(spec) = spec("bad") else {
+    let Some(spec) = capstan_tests::etcd_spec("bad") else {
         return;
     };
     let mut n = Node::named("n1");

@@ -313,25 +313,6 @@ fn a_guest_that_keeps_failing_is_reported_once_per_episode() {
 
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn etcd_spec(tag: &str) -> Option<String> {
-    let eps = match std::env::var("CAPSTAN_ETCD_ENDPOINTS") {
-        Ok(s) if !s.trim().is_empty() => s.trim().to_string(),
-        _ => {
-            assert!(
-                std::env::var("CAPSTAN_REQUIRE_ETCD").as_deref() != Ok("1"),
-                "CAPSTAN_REQUIRE_ETCD=1 but CAPSTAN_ETCD_ENDPOINTS is not set: run scripts/etcd-cluster start"
-            );
-            eprintln!("skipped: set CAPSTAN_ETCD_ENDPOINTS (scripts/etcd-cluster start)");
-            return None;
-        }
-    };
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    Some(format!("etcd://{eps}/capstan-e2e/{tag}-{nanos}"))
-}
-
 fn wait_for(what: &str, f: impl Fn() -> Option<Value>) -> Value {
     let deadline = Instant::now() + WAIT;
     loop {
@@ -349,7 +330,7 @@ fn wait_for(what: &str, f: impl Fn() -> Option<Value>) -> Value {
 #[test]
 fn a_routine_fires_once_per_tick_while_its_owner_is_killed() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let Some(spec) = etcd_spec("routine") else {
+    let Some(spec) = capstan_tests::etcd_spec("routine") else {
         return;
     };
     let mut nodes = capstan_tests::start_cluster(&spec, 3, "5000");

@@ -1310,7 +1310,6 @@ impl Store for EtcdStore {
         Ok(Box::new(EtcdSnapshot {
             inner: self.inner.clone(),
             version,
-            fresh: true,
             facts: None,
         }))
     }
@@ -1323,7 +1322,6 @@ impl Store for EtcdStore {
         Ok(Box::new(EtcdSnapshot {
             inner: self.inner.clone(),
             version,
-            fresh: false,
             facts: Some(Arc::default()),
         }))
     }
@@ -1333,7 +1331,6 @@ impl Store for EtcdStore {
         Ok(Box::new(EtcdSnapshot {
             inner: self.inner.clone(),
             version,
-            fresh: true,
             facts: Some(Arc::default()),
         }))
     }
@@ -1390,11 +1387,10 @@ type Facts = std::sync::Mutex<std::collections::HashMap<Vec<u8>, i64>>;
 struct EtcdSnapshot {
     inner: Arc<Inner>,
     version: Version,
-    /// False when read at a recently seen revision rather than the latest
-    /// ([`Store::snapshot_for_commit`]).
-    fresh: bool,
     /// `Some` when its checked reads may be answered from the cache
-    /// ([`Store::snapshot_for_commit`], [`Store::snapshot_remembering`]).
+    /// ([`Store::snapshot_for_commit`], at a recently seen revision rather
+    /// than the latest, and [`Store::snapshot_remembering`]): then what it
+    /// read counts only once a commit validated it.
     facts: Option<Arc<Facts>>,
 }
 
@@ -1415,7 +1411,7 @@ impl Snapshot for EtcdSnapshot {
     }
 
     fn is_fresh(&self) -> bool {
-        self.fresh && self.facts.is_none()
+        self.facts.is_none()
     }
 
     fn assume_absent(&self, key: &[u8]) -> bool {
