@@ -7,9 +7,11 @@
 //! them as one Txn with one nested Txn per member:
 //!
 //! ```text
-//! Txn { compare: [], success: [ Txn{compare: c1, success: w1 + marker1},
-//!                               Txn{compare: c2, success: w2 + marker2}, …,
-//!                               put(guard) if any member deletes ] }
+//! Txn { compare: [create_revision(B) == 0],
+//!       success: [ Txn{compare: c1, success: w1},
+//!                  Txn{compare: c2, success: w2}, …,
+//!                  put(guard) if any member deletes,
+//!                  put(B) ] }
 //! ```
 //!
 //! Etcd evaluates every compare of every nested Txn against the state before
@@ -36,8 +38,15 @@
 //! left). [`pick`] keeps every batch inside that, and inside
 //! `max-request-bytes`.
 //!
-//! A batch whose outcome is unknown (connection dropped, timeout) has every
-//! member resolved by its own marker, as a single commit is. A batch etcd
+//! One commit marker `B` serves the whole batch (a member that puts no key
+//! carries its own marker too): a marker is a put now and a delete when its
+//! lease ends, so one per member was two of a send's five writes. A batch
+//! whose outcome is unknown (connection dropped, timeout) is resolved by `B`
+//! as a single commit is by its own marker ([`super`]): absent, the batch is
+//! fenced and no member applied; present at revision `R`, the batch applied
+//! at `R`, and a member took its success branch exactly if its first put key
+//! was modified at `R` (read at revision `R`: members of a batch write
+//! disjoint keys, and every write of one Txn carries its revision). A batch etcd
 //! refuses outright (too large, too many operations: the estimate was off) is
 //! sent again one member at a time. At most [`MAX_IN_FLIGHT`] batches are in
 //! flight; a commit arriving while the committer is idle goes out alone at
@@ -52,7 +61,7 @@ use super::{
     Failure, Inner, KeyRange, MARKER_COMMITTED, REQUEST_TIMEOUT, TIMEOUT_PER_MB, bump, classify,
     header_revision, timed_out, to_store_error,
 };
-use crate::etcd_rpc::{Compare, RequestOp, Response, TxnRequest};
+use crate::etcd_rpc::{Compare, RequestOp, Response, TxnRequest, compare_result};
 use crate::store::{StoreError, Version};
 
 /// Most members of one batch.
@@ -67,15 +76,27 @@ pub(super) struct Member {
     pub compares: Vec<Compare>,
     /// Deletes and puts of user data (not the guard, not the marker).
     pub writes: Vec<RequestOp>,
+    /// This commit's own marker: checked and put when it goes alone, or
+    /// in a batch when it puts no key ([`Member::first_put`]).
     pub marker: Vec<u8>,
+    /// The etcd key of its first put, if any: how a resolved batch tells
+    /// whether this member applied.
+    pub first_put: Option<Vec<u8>>,
     /// What batching needs to know (its deletions and size included).
     pub shape: Shape,
     pub reply: oneshot::Sender<Result<Version, StoreError>>,
 }
 
 impl Member {
-    /// The nested (or, alone, top-level) Txn of this member.
-    fn txn(&self, lease: i64, guard: Option<&[u8]>) -> TxnRequest {
+    /// The Txn of this member alone: its marker's compare first.
+    fn alone(&self, lease: i64, guard: Option<&[u8]>) -> TxnRequest {
+        let mut compare = Vec::with_capacity(self.compares.len() + 1);
+        compare.push(Compare::create_revision(
+            self.marker.clone(),
+            compare_result::EQUAL,
+            0,
+        ));
+        compare.extend(self.compares.iter().cloned());
         let mut success = self.writes.clone();
         if let Some(g) = guard {
             success.push(RequestOp::put(g.to_vec(), Vec::new(), 0));
@@ -86,7 +107,30 @@ impl Member {
             lease,
         ));
         TxnRequest {
-            compare: self.compares.clone(),
+            compare,
+            success,
+            failure: Vec::new(),
+        }
+    }
+
+    /// Its nested Txn in a batch: the batch's marker stands for its own
+    /// unless it puts no key.
+    fn nested(&self, lease: i64) -> TxnRequest {
+        let mut success = self.writes.clone();
+        let mut compare = self.compares.clone();
+        if self.first_put.is_none() {
+            compare.insert(
+                0,
+                Compare::create_revision(self.marker.clone(), compare_result::EQUAL, 0),
+            );
+            success.push(RequestOp::put(
+                self.marker.clone(),
+                MARKER_COMMITTED.to_vec(),
+                lease,
+            ));
+        }
+        TxnRequest {
+            compare,
             success,
             failure: Vec::new(),
         }
@@ -99,7 +143,8 @@ impl Member {
 pub struct Shape {
     pub reads: Vec<KeyRange>,
     pub writes: Vec<KeyRange>,
-    /// Most of its compares and its operations (marker included, guard not).
+    /// Most of its compares and its operations (its own marker's included,
+    /// the guard's not).
     pub ops: usize,
     pub deletes: bool,
     pub size: usize,
@@ -120,7 +165,8 @@ pub fn compatible(a: &Shape, b: &Shape) -> bool {
 
 /// The members of the next batch, as indices into `queue` (in order; the
 /// first is always taken): each compatible with every other, the outer
-/// Txn's operations plus the largest member's within `max_txn_ops`, and the
+/// Txn's operations (members, marker, guard) plus the largest member's
+/// within `max_txn_ops`, and the
 /// total size within `max_bytes`.
 pub fn pick(queue: &[&Shape], max_txn_ops: usize, max_bytes: usize) -> Vec<usize> {
     let mut chosen: Vec<usize> = Vec::new();
@@ -136,7 +182,8 @@ pub fn pick(queue: &[&Shape], max_txn_ops: usize, max_bytes: usize) -> Vec<usize
             deletes = s.deletes;
             continue;
         }
-        let outer = chosen.len() + 1 + usize::from(deletes || s.deletes);
+        // one nested Txn per member (`s` too), the batch marker, the guard
+        let outer = chosen.len() + 2 + usize::from(deletes || s.deletes);
         if outer + widest.max(s.ops) > max_txn_ops || size + s.size > max_bytes {
             continue;
         }
@@ -315,7 +362,7 @@ async fn send_txn(
 /// One member as a Txn of its own.
 async fn send_alone(inner: &Inner, m: &Member) -> Result<Version, StoreError> {
     let guard = m.shape.deletes.then_some(inner.guard.as_slice());
-    match send_txn(inner, "commit", m.shape.size, |lease| m.txn(lease, guard)).await {
+    match send_txn(inner, "commit", m.shape.size, |lease| m.alone(lease, guard)).await {
         Ok(resp) if resp.succeeded => header_revision(resp.header.as_ref()),
         Ok(_) => Err(StoreError::Conflict),
         Err(Unanswered::Unknown(sent)) => inner.resolve(&m.marker, sent).await,
@@ -332,22 +379,16 @@ async fn send_nested(
     let size: usize = batch.iter().map(|m| m.shape.size).sum();
     let deletes = batch.iter().any(|m| m.shape.deletes);
     tracing::trace!(members = batch.len(), "sending an etcd batch");
+    let marker = inner.new_marker();
     let sent = send_txn(inner, "commit batch", size, |lease| {
-        let mut success: Vec<RequestOp> = batch
-            .iter()
-            .map(|m| RequestOp::txn(m.txn(lease, None)))
-            .collect();
-        if deletes {
-            success.push(RequestOp::put(inner.guard.clone(), Vec::new(), 0));
-        }
-        TxnRequest {
-            compare: Vec::new(),
-            success,
-            failure: Vec::new(),
-        }
+        batch_txn(inner, batch, &marker, deletes, lease)
     })
     .await;
     match sent {
+        // the marker is fresh: only a fenced resend could fail its compare
+        Ok(resp) if !resp.succeeded => {
+            Ok(batch.iter().map(|_| Err(StoreError::Conflict)).collect())
+        }
         Ok(resp) => {
             let version = header_revision(resp.header.as_ref())?;
             Ok((0..batch.len())
@@ -362,17 +403,69 @@ async fn send_nested(
                 )
                 .collect())
         }
-        Err(Unanswered::Unknown(sent)) => Ok(futures::future::join_all(
-            batch.iter().map(|m| inner.resolve(&m.marker, sent)),
-        )
-        .await),
+        Err(Unanswered::Unknown(sent)) => Ok(resolve_batch(inner, batch, &marker, sent).await),
         Err(Unanswered::Failed(e)) => Err(e),
     }
+}
+
+/// The Txn of a batch under the commit marker `marker` (module docs).
+fn batch_txn(
+    inner: &Inner,
+    batch: &[Member],
+    marker: &[u8],
+    deletes: bool,
+    lease: i64,
+) -> TxnRequest {
+    let mut success: Vec<RequestOp> = batch
+        .iter()
+        .map(|m| RequestOp::txn(m.nested(lease)))
+        .collect();
+    if deletes {
+        success.push(RequestOp::put(inner.guard.clone(), Vec::new(), 0));
+    }
+    success.push(RequestOp::put(
+        marker.to_vec(),
+        MARKER_COMMITTED.to_vec(),
+        lease,
+    ));
+    TxnRequest {
+        compare: vec![Compare::create_revision(
+            marker.to_vec(),
+            compare_result::EQUAL,
+            0,
+        )],
+        success,
+        failure: Vec::new(),
+    }
+}
+
+/// Each member's outcome of a batch sent under `marker` whose answer was
+/// lost (module docs): the batch is resolved by its marker, then each
+/// member by the revision of its first put key (or by its own marker).
+async fn resolve_batch(
+    inner: &Inner,
+    batch: &[Member],
+    marker: &[u8],
+    sent: Instant,
+) -> Vec<Result<Version, StoreError>> {
+    let applied_at = match inner.resolve(marker, sent).await {
+        Ok(v) => v,
+        // fenced, or still unknown: the same for every member
+        Err(e) => return batch.iter().map(|_| Err(e.clone())).collect(),
+    };
+    futures::future::join_all(batch.iter().map(|m| async move {
+        match &m.first_put {
+            Some(key) => inner.modified_at(key, applied_at).await,
+            None => inner.resolve(&m.marker, sent).await,
+        }
+    }))
+    .await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Store;
 
     fn r(a: &str, b: &str) -> KeyRange {
         (a.as_bytes().to_vec(), b.as_bytes().to_vec())
@@ -430,9 +523,9 @@ mod tests {
             })
             .collect();
         let q: Vec<&Shape> = shapes.iter().collect();
-        // 128 ops: n members + their 3 ops each must fit.
+        // 128 ops: n members, the batch marker and their 3 ops each must fit.
         let p = pick(&q, 128, 1 << 20);
-        assert_eq!(p.len(), 125);
+        assert_eq!(p.len(), 124);
         assert_eq!(pick(&q, 100_000, 1 << 20).len(), MAX_BATCH);
         assert_eq!(pick(&q, 4096, 1000).len(), 10);
         // One too wide for any company still goes out, alone.
@@ -441,5 +534,106 @@ mod tests {
             ..shape(&[], &[r("z", "zz")])
         };
         assert_eq!(pick(&[&wide, q[0]], 128, 1 << 20), vec![0]);
+    }
+
+    /// Against a live cluster (`CAPSTAN_ETCD_ENDPOINTS`; skipped without it):
+    /// a batch whose answer was lost is resolved member by member. Never
+    /// sent: fenced, every member retries and the late Txn changes nothing.
+    /// Applied: the member whose compare held is committed at the batch's
+    /// revision, the one whose compare failed is not, and a member that puts
+    /// nothing is told by its own marker.
+    #[tokio::test]
+    async fn a_lost_batch_is_resolved_member_by_member() {
+        let Ok(eps) = std::env::var("CAPSTAN_ETCD_ENDPOINTS") else {
+            eprintln!("skipped: set CAPSTAN_ETCD_ENDPOINTS (scripts/etcd-cluster start)");
+            return;
+        };
+        let id = String::from_utf8(super::super::random_id()).unwrap();
+        let store = super::super::EtcdStore::open(&format!("etcd://{eps}/capstan-test/batch-{id}"))
+            .await
+            .unwrap();
+        let inner = &store.inner;
+        let member = |compare_at: i64, writes: Vec<RequestOp>, first_put: Option<&[u8]>| {
+            let (reply, _rx) = oneshot::channel();
+            Member {
+                compares: vec![Compare::mod_revision(
+                    inner.dk(b"watched"),
+                    compare_result::EQUAL,
+                    compare_at,
+                )],
+                writes,
+                marker: inner.new_marker(),
+                first_put: first_put.map(|k| inner.dk(k)),
+                shape: Shape::default(),
+                reply,
+            }
+        };
+        let batch_of = || {
+            vec![
+                // holds: "watched" is absent (mod revision 0)
+                member(
+                    0,
+                    vec![RequestOp::put(inner.dk(b"held"), b"1".to_vec(), 0)],
+                    Some(b"held"),
+                ),
+                // fails
+                member(
+                    7,
+                    vec![RequestOp::put(inner.dk(b"failed"), b"1".to_vec(), 0)],
+                    Some(b"failed"),
+                ),
+                // holds, and puts nothing
+                member(
+                    0,
+                    vec![RequestOp::delete(inner.dk(b"gone"), Vec::new())],
+                    None,
+                ),
+            ]
+        };
+        let lease = inner.lease(false).await.unwrap();
+        let client = inner.endpoints.clients[0].clone();
+
+        let lost = batch_of();
+        let marker = inner.new_marker();
+        let outcomes = resolve_batch(inner, &lost, &marker, Instant::now()).await;
+        assert_eq!(outcomes, vec![Err(StoreError::Conflict); 3]);
+        let late = client
+            .txn(batch_txn(inner, &lost, &marker, true, lease))
+            .await
+            .unwrap();
+        assert!(!late.succeeded, "a fenced batch applied");
+        let snap = store.snapshot().await.unwrap();
+        assert_eq!(snap.get(b"held").await.unwrap(), None);
+
+        let applied = batch_of();
+        let marker = inner.new_marker();
+        let resp = client
+            .txn(batch_txn(inner, &applied, &marker, true, lease))
+            .await
+            .unwrap();
+        assert!(resp.succeeded);
+        let at = super::super::rev(resp.header.unwrap().revision);
+        let outcomes = resolve_batch(inner, &applied, &marker, Instant::now()).await;
+        assert_eq!(
+            outcomes,
+            vec![Ok(at), Err(StoreError::Conflict), Ok(at)],
+            "each member's outcome as etcd applied it"
+        );
+        // a later write of the applied member's key does not change the answer
+        let again = client
+            .txn(TxnRequest {
+                compare: Vec::new(),
+                success: vec![RequestOp::put(inner.dk(b"held"), b"2".to_vec(), 0)],
+                failure: Vec::new(),
+            })
+            .await
+            .unwrap();
+        assert!(again.succeeded);
+        assert_eq!(
+            resolve_batch(inner, &applied, &marker, Instant::now()).await,
+            vec![Ok(at), Err(StoreError::Conflict), Ok(at)]
+        );
+        let snap = store.snapshot().await.unwrap();
+        assert_eq!(snap.get(b"failed").await.unwrap(), None);
     }
 }

@@ -1052,14 +1052,12 @@ impl Inner {
             });
         }
         // One compare is the marker's.
-        let (mut compares, mut size, coarse) = self
+        let (compares, mut size, coarse) = self
             .read_compares(&req, self.config.max_txn_ops - 1)
             .await?;
-        let marker = [self.markers.as_slice(), &random_id()].concat();
-        compares.insert(
-            0,
-            Compare::create_revision(marker.clone(), compare_result::EQUAL, 0),
-        );
+        // The marker's compare is added where the commit is sent (alone, or
+        // in a batch that has its own marker: see [`batch`]).
+        let marker = self.new_marker();
         // What the cache learns from the outcome (see [`cache`]).
         let single_reads: Vec<Vec<u8>> = req
             .read_conflicts
@@ -1083,6 +1081,7 @@ impl Inner {
             }
             written.push((b.clone(), e.clone()));
         }
+        let first_put = puts.keys().next().map(|k| self.dk(k));
         for (k, v) in puts {
             size += k.len() + v.len() + self.data.len() + OP_OVERHEAD;
             written.push((k.clone(), key_after(&k)));
@@ -1099,7 +1098,7 @@ impl Inner {
         let shape = batch::Shape {
             reads: merge_ranges(req.read_conflicts),
             writes: written,
-            ops: compares.len().max(writes.len() + 1),
+            ops: (compares.len() + 1).max(writes.len() + 1),
             deletes: !deletes.is_empty(),
             size,
         };
@@ -1108,6 +1107,7 @@ impl Inner {
             compares,
             writes,
             marker,
+            first_put,
             shape,
             reply,
         };
@@ -1148,6 +1148,26 @@ impl Inner {
             }
         }
         r
+    }
+
+    /// A fresh commit marker key (module docs).
+    fn new_marker(&self) -> Vec<u8> {
+        [self.markers.as_slice(), &random_id()].concat()
+    }
+
+    /// Whether the etcd key `key` was written at revision `at` (a batch
+    /// applied at `at`: did this member's success branch run?): `at` if so,
+    /// [`StoreError::Conflict`] if not (the member was not applied),
+    /// [`StoreError::MaybeCommitted`] when it cannot be read.
+    async fn modified_at(&self, key: &[u8], at: Version) -> Result<Version, StoreError> {
+        match self.page(key, &key_after(key), at, 1, false, true).await {
+            Ok(r) if r.kvs.first().is_some_and(|kv| rev(kv.mod_revision) == at) => Ok(at),
+            Ok(_) => Err(StoreError::Conflict),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot tell whether a commit of a resolved batch applied");
+                Err(StoreError::MaybeCommitted)
+            }
+        }
     }
 
     /// Decides an ambiguous commit by its marker: fences it if absent.
