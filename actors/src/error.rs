@@ -149,6 +149,147 @@ impl Error {
     }
 }
 
+/// What the caller of a failed operation should do about it: the error's
+/// kind, carried across the control socket and between nodes with the
+/// message (see [`Error::to_wire`]) and mapped to the CLI's exit status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// Bad input (a malformed name, a value over a limit, the wrong type of
+    /// thing): fix the input.
+    Invalid,
+    /// No such name, message or record: check what exists.
+    NotFound,
+    /// The input is fine but the state refuses it (the name is taken, the
+    /// request already settled, the inbox full, the formula cancelled).
+    Refused,
+    /// Temporary: the store, the node or its cluster lease; the same
+    /// operation (with the same request id) may succeed later.
+    Retry,
+    /// Another node did not answer at all: it may be down; retry later.
+    Unreachable,
+    /// A stored record is damaged: an operator must restore the store.
+    Damaged,
+    /// Anything else (a model provider's failure, secrets that cannot be opened).
+    Failed,
+}
+
+impl ErrorKind {
+    /// Every kind, for parsing.
+    pub const ALL: [ErrorKind; 7] = [
+        ErrorKind::Invalid,
+        ErrorKind::NotFound,
+        ErrorKind::Refused,
+        ErrorKind::Retry,
+        ErrorKind::Unreachable,
+        ErrorKind::Damaged,
+        ErrorKind::Failed,
+    ];
+
+    /// The kind's name in JSON and on the wire (`not_found`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Invalid => "invalid",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::Refused => "refused",
+            ErrorKind::Retry => "retry",
+            ErrorKind::Unreachable => "unreachable",
+            ErrorKind::Damaged => "damaged",
+            ErrorKind::Failed => "failed",
+        }
+    }
+
+    /// The kind named `s`.
+    pub fn parse(s: &str) -> Option<ErrorKind> {
+        ErrorKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// The Cap'n Proto exception type it travels as: `Overloaded` for what
+    /// may succeed later, `Disconnected` for a node that did not answer,
+    /// `Failed` for the rest.
+    pub fn wire(self) -> capnp::ErrorKind {
+        match self {
+            ErrorKind::Retry => capnp::ErrorKind::Overloaded,
+            ErrorKind::Unreachable => capnp::ErrorKind::Disconnected,
+            _ => capnp::ErrorKind::Failed,
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a kind is written before the message on the wire: `capstan:KIND: `.
+const WIRE_TAG: &str = "capstan:";
+
+/// The kind and the message of an exception a Capstan node raised (see
+/// [`Error::to_wire`]), with the transport's `remote exception: `
+/// prefixes taken off; `None` for an exception without a kind (raised by
+/// the transport, or by an older node), whose message is then returned
+/// as it is.
+pub fn from_wire(e: &capnp::Error) -> (Option<ErrorKind>, String) {
+    let mut s = e.extra.as_str();
+    while let Some(rest) = s.strip_prefix("remote exception: ") {
+        s = rest;
+    }
+    if let Some(rest) = s.strip_prefix(WIRE_TAG)
+        && let Some((kind, message)) = rest.split_once(": ")
+        && let Some(kind) = ErrorKind::parse(kind)
+    {
+        return (Some(kind), message.to_string());
+    }
+    if s.is_empty() {
+        (None, e.kind.to_string())
+    } else {
+        (None, s.to_string())
+    }
+}
+
+/// An exception of `kind` carrying `message` (see [`from_wire`]).
+pub fn to_wire(kind: ErrorKind, message: impl std::fmt::Display) -> capnp::Error {
+    capnp::Error {
+        kind: kind.wire(),
+        extra: format!("{WIRE_TAG}{}: {message}", kind.as_str()),
+    }
+}
+
+impl Error {
+    /// What the caller should do about it (see [`ErrorKind`]).
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::InvalidName(_)
+            | Error::SpecialName(_)
+            | Error::WrongType { .. }
+            | Error::WrongMessage { .. }
+            | Error::Invalid(_)
+            | Error::TooLarge { .. } => ErrorKind::Invalid,
+            Error::UnknownName(_) | Error::UnknownMessage(_) => ErrorKind::NotFound,
+            Error::NameTaken(_)
+            | Error::AlreadySettled(_)
+            | Error::Rejected(_)
+            | Error::InboxFull { .. }
+            | Error::Cancelled(_) => ErrorKind::Refused,
+            Error::Unreachable(_) => ErrorKind::Unreachable,
+            Error::Corrupt(_) => ErrorKind::Damaged,
+            Error::Store(StoreError::Corrupt { .. }) => ErrorKind::Damaged,
+            Error::Store(_) if self.is_transient() => ErrorKind::Retry,
+            Error::Store(_) => ErrorKind::Invalid,
+            Error::Fenced(_)
+            | Error::Unavailable(_)
+            | Error::InboxSlotTaken { .. }
+            | Error::RecipientMoved => ErrorKind::Retry,
+            Error::Llm(_) | Error::Secrets(_) => ErrorKind::Failed,
+        }
+    }
+
+    /// This error as a Cap'n Proto exception: its kind and its message.
+    pub fn to_wire(&self) -> capnp::Error {
+        to_wire(self.kind(), self)
+    }
+}
+
 impl TxnError for Error {
     fn as_store_error(&self) -> Option<&StoreError> {
         match self {

@@ -55,7 +55,7 @@ pub use api::{
     AgentHandle, EntryInfo, MessageBodyView, MessageView, PromiseState, RefSpec, Runtime,
     RuntimeOptions, ValueKind,
 };
-pub use error::Error;
+pub use error::{Error, ErrorKind};
 pub use federation::{AcceptStep, Caller, Envelope, EnvelopeBody, OutOp, OutboxItem, Settlement};
 pub use records::{LocatorRec, RemoteRec};
 pub use remote::{Shown, Target};

@@ -33,32 +33,58 @@ pub enum ClientError {
         "lost the connection to the capstan daemon for home {0} and it did not come back; start it with `capstan start`, then check whether this command took effect (a change is applied at most once, but its answer was lost)"
     )]
     Lost(String),
-    /// The node answered with an error.
-    #[error("{0}")]
-    Remote(String),
+    /// The node answered with an error: of a kind when the node said
+    /// which (see [`capstan_actors::ErrorKind`]).
+    #[error("{message}")]
+    Remote {
+        kind: Option<capstan_actors::ErrorKind>,
+        message: String,
+    },
 }
 
 impl ClientError {
-    /// The process exit status for this error.
+    /// The process exit status for this error (`nodes/CLI.md`): 1 bad
+    /// input or any other failure, 2 no daemon, 3 not found, 4 try again
+    /// later.
     pub fn exit_code(&self) -> i32 {
+        use capstan_actors::ErrorKind as K;
         match self {
             ClientError::NoDaemon(_) | ClientError::Lost(_) => 2,
-            ClientError::Remote(_) => 1,
+            ClientError::Remote { kind, .. } => match kind {
+                Some(K::NotFound) => 3,
+                Some(K::Retry | K::Unreachable) => 4,
+                _ => 1,
+            },
+        }
+    }
+
+    /// The error's kind as `--json` names it.
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            ClientError::NoDaemon(_) => "no_daemon",
+            ClientError::Lost(_) => "lost",
+            ClientError::Remote { kind, .. } => kind.map_or("failed", |k| k.as_str()),
         }
     }
 }
 
-/// The message of a remote error, without the transport's prefixes.
+/// The error a node answered with, with its kind when it gave one.
+pub fn remote_error(e: &CapError) -> ClientError {
+    let (kind, message) = capstan_actors::error::from_wire(e);
+    ClientError::Remote { kind, message }
+}
+
+/// Whether `e` is an error a Capstan node raised with a kind (rather
+/// than the transport's: a `Disconnected` of that sort is an answer, not a
+/// lost connection).
+fn has_kind(e: &CapError) -> bool {
+    capstan_actors::error::from_wire(e).0.is_some()
+}
+
+/// The message of a remote error, without the transport's prefixes or
+/// its kind.
 pub fn clean_message(e: &CapError) -> String {
-    let mut s = e.extra.as_str();
-    while let Some(rest) = s.strip_prefix("remote exception: ") {
-        s = rest;
-    }
-    if s.is_empty() {
-        e.kind.to_string()
-    } else {
-        s.to_string()
-    }
+    capstan_actors::error::from_wire(e).1
 }
 
 /// Connects to the daemon's socket; the RPC system runs on the local task set.
@@ -106,10 +132,10 @@ async fn connect_node(paths: &Paths) -> Result<node::Client, ClientError> {
 }
 
 fn classify(paths: &Paths, e: CapError) -> ClientError {
-    if e.kind == ErrorKind::Disconnected {
+    if e.kind == ErrorKind::Disconnected && !has_kind(&e) {
         ClientError::NoDaemon(paths.home_str())
     } else {
-        ClientError::Remote(clean_message(&e))
+        remote_error(&e)
     }
 }
 
@@ -214,8 +240,8 @@ pub async fn stop(paths: &Paths) -> Result<(), ClientError> {
     let node = connect_node(paths).await?;
     match node.stop_request().send().promise.await {
         Ok(_) => Ok(()),
-        Err(e) if e.kind == ErrorKind::Disconnected => Ok(()),
-        Err(e) => Err(ClientError::Remote(clean_message(&e))),
+        Err(e) if e.kind == ErrorKind::Disconnected && !has_kind(&e) => Ok(()),
+        Err(e) => Err(remote_error(&e)),
     }
 }
 
@@ -265,11 +291,11 @@ impl Client {
             connected = true;
             match f(self.agent(&node)).await {
                 Ok(v) => return Ok(v),
-                Err(e) if e.kind == ErrorKind::Disconnected => {
+                Err(e) if e.kind == ErrorKind::Disconnected && !has_kind(&e) => {
                     tracing::debug!("connection lost ({e}); retrying");
                     retry.wait(&self.paths).await?;
                 }
-                Err(e) => return Err(ClientError::Remote(clean_message(&e))),
+                Err(e) => return Err(remote_error(&e)),
             }
         }
     }
@@ -299,14 +325,14 @@ impl Client {
             let started = Instant::now();
             match req.send().promise.await {
                 Ok(_) => return Ok(()),
-                Err(e) if e.kind == ErrorKind::Disconnected => {
+                Err(e) if e.kind == ErrorKind::Disconnected && !has_kind(&e) => {
                     tracing::debug!("follow interrupted ({e}); following again");
                     if started.elapsed() > Duration::from_secs(1) {
                         retry = Retry::new();
                     }
                     retry.wait(&self.paths).await?;
                 }
-                Err(e) => return Err(ClientError::Remote(clean_message(&e))),
+                Err(e) => return Err(remote_error(&e)),
             }
         }
     }
@@ -412,5 +438,43 @@ mod tests {
         assert_eq!(clean_message(&e), "unknown name \"x\"");
         let e = CapError::failed(String::new());
         assert_eq!(clean_message(&e), "Failed");
+    }
+
+    #[test]
+    fn kinds_cross_the_socket_and_pick_the_exit_status() {
+        use capstan_actors::{Error, ErrorKind};
+        let cases = [
+            (Error::UnknownName("x".into()), ErrorKind::NotFound, 3),
+            (Error::Invalid("bad".into()), ErrorKind::Invalid, 1),
+            (Error::NameTaken("x".into()), ErrorKind::Refused, 1),
+            (Error::Unavailable("stopping".into()), ErrorKind::Retry, 4),
+            (Error::Unreachable("n2".into()), ErrorKind::Unreachable, 4),
+            (Error::Corrupt("m".into()), ErrorKind::Damaged, 1),
+        ];
+        for (e, kind, code) in cases {
+            let wire = e.to_wire();
+            // as the transport delivers it to the client
+            let wire = CapError {
+                kind: wire.kind,
+                extra: format!("remote exception: {}", wire.extra),
+            };
+            let c = remote_error(&wire);
+            assert_eq!(c.to_string(), e.to_string(), "the message is unchanged");
+            assert_eq!(c.kind_name(), kind.as_str());
+            assert_eq!(c.exit_code(), code, "{e}");
+            assert!(has_kind(&wire));
+        }
+        // A node that did not answer is an answer too, not a lost socket.
+        let wire = Error::Unreachable("n2".into()).to_wire();
+        assert_eq!(wire.kind, ErrorKind::Unreachable.wire());
+        assert!(has_kind(&wire));
+        // Untagged: the transport's own, or an older node's.
+        let plain = CapError::failed("remote exception: boom".into());
+        assert!(!has_kind(&plain));
+        assert_eq!(remote_error(&plain).exit_code(), 1);
+        assert_eq!(remote_error(&plain).kind_name(), "failed");
+        // A message that merely looks like a tag keeps its text.
+        let odd = CapError::failed("capstan:nonsense: x".into());
+        assert_eq!(clean_message(&odd), "capstan:nonsense: x");
     }
 }

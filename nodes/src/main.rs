@@ -111,24 +111,38 @@ fn main() -> ExitCode {
                 let _ = e.print();
                 return ExitCode::from(code);
             }
-            eprintln!("capstan: {}", usage_message(&e.to_string()));
+            let message = usage_message(&e.to_string());
+            if std::env::args().any(|a| a == "--json") {
+                print_error_json("invalid", &message, 1);
+            }
+            eprintln!("capstan: {message}");
             return ExitCode::from(1);
         }
     };
+    let json = cli.json || cli.command.json();
     // Everything Capstan creates in a home (store, log, keys, pid files,
     // backups) is for this user alone: files 0600, directories 0700.
     private_umask();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let code = e
-                .downcast_ref::<ClientError>()
-                .map(ClientError::exit_code)
-                .unwrap_or(1);
-            eprintln!("capstan: {}", one_line(&format!("{e:#}")));
+            let client = e.downcast_ref::<ClientError>();
+            let code = client.map(ClientError::exit_code).unwrap_or(1);
+            let message = one_line(&format!("{e:#}"));
+            if json {
+                let kind = client.map(ClientError::kind_name).unwrap_or("failed");
+                print_error_json(kind, &message, code);
+            }
+            eprintln!("capstan: {message}");
             ExitCode::from(code as u8)
         }
     }
+}
+
+/// With `--json`, a failure is also one JSON value on stdout (the
+/// message is on stderr as always): `{"error":{"kind":…,"message":…,"exit":N}}`.
+fn print_error_json(kind: &str, message: &str, exit: i32) {
+    print_json(&json!({"error": {"kind": kind, "message": message, "exit": exit}}));
 }
 
 /// Sets the file-creation mask to 0o077 (see `main`).

@@ -26,8 +26,10 @@ fn failed(msg: impl Into<String>) -> CapError {
     CapError::failed(msg.into())
 }
 
+/// An object-model error as it crosses the socket: its kind and message
+/// (see [`capstan_actors::error::to_wire`]).
 fn actor_error(e: capstan_actors::Error) -> CapError {
-    failed(e.to_string())
+    e.to_wire()
 }
 
 /// Reads a text parameter, naming it in the error.

@@ -517,7 +517,8 @@ impl Drop for Node {
     }
 }
 
-fn json_args<I, S>(args: I) -> Vec<std::ffi::OsString>
+/// `--json` followed by `args`.
+pub fn json_args<I, S>(args: I) -> Vec<std::ffi::OsString>
 where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
@@ -594,6 +595,17 @@ pub fn assert_cli_error(r: &Run) {
         err.starts_with("capstan: ") && !err.contains('\n') && err.len() > "capstan: ".len(),
         "stderr is not one line `capstan: <message>`: {r}"
     );
+}
+
+/// The exit status `nodes/CLI.md` gives a failure with this stderr: 3 when
+/// what the command names does not exist (an unknown name or message
+/// number), else 1 (bad input or a refusal).
+pub fn user_error_exit(stderr: &str) -> i32 {
+    if stderr.contains("unknown name") || stderr.contains("no message number") {
+        3
+    } else {
+        1
+    }
 }
 
 /// Whether `s` is lowercase hex of exactly `len` characters.

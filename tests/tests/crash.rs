@@ -56,11 +56,12 @@ fn burst_of_sends_with_kill_9() {
     let acked = acked.lock().unwrap().clone();
     let failed = failed_codes.lock().unwrap().clone();
     assert!(acked.len() >= KILL_AFTER, "acked {}", acked.len());
-    // A send that found no daemon exits 2; one cut off mid-way may exit 1 or 2
+    // A send that found no daemon exits 2; one cut off mid-way may exit 1, 2
+    // or 4 (try again later)
     // (never 0, never a signal).
     for code in failed.keys() {
         assert!(
-            matches!(code, Some(1) | Some(2)),
+            matches!(code, Some(1) | Some(2) | Some(4)),
             "failed sends exited with {failed:?}"
         );
     }

@@ -26,39 +26,63 @@ fn populated() -> Node {
 fn bad_arguments_change_nothing() {
     let node = populated();
     let before = snapshot(&node);
-    let cases: &[&[&str]] = &[
-        &["store", "--text", "x", "--name", "Bad_Name"],
-        &["store", "--text", "x", "--name", ""],
-        &["store", "--text", "x", "--name", "a..b"],
-        &["store", "--text", "x", "--name", "trailing."],
-        &["store", "--json", "{oops", "--name", "j"],
-        &["store", "--json", "", "--name", "j"],
-        &["store", "--json", "{} {}", "--name", "j"],
-        &["store", "--file", "/nonexistent/file", "--name", "f"],
-        &["adopt", "99", "x"],
-        &["adopt", "0", "nosuchedge", "--as", "alice"],
-        &[
-            "adopt", "0", "greeting", "--name", "Bad_Name", "--as", "alice",
-        ],
-        &["resolve", "99", "greeting"],
-        &["reject", "99", "no"],
-        &["dismiss", "99"],
-        &["reply", "99", "hi"],
-        &["mkguest", "Bad_Name"],
-        &["mkdir", "UPPER"],
-        &["show", "nosuch"],
-        &["cat", "nosuch"],
-        &["cat", "alice"],
-        &["send", "greeting", "not an agent"],
-        &["request", "nosuch", "x"],
-        &["inbox", "--as", "greeting"],
+    // Exit 1: bad input (or a refusal); 3: what it names does not exist
+    // (`nodes/CLI.md`). With `--json` the error is also one JSON value on
+    // stdout naming its kind.
+    let not_found = 3;
+    let cases: &[(&[&str], i32)] = &[
+        (&["store", "--text", "x", "--name", "Bad_Name"], 1),
+        (&["store", "--text", "x", "--name", ""], 1),
+        (&["store", "--text", "x", "--name", "a..b"], 1),
+        (&["store", "--text", "x", "--name", "trailing."], 1),
+        (&["store", "--json", "{oops", "--name", "j"], 1),
+        (&["store", "--json", "", "--name", "j"], 1),
+        (&["store", "--json", "{} {}", "--name", "j"], 1),
+        (&["store", "--file", "/nonexistent/file", "--name", "f"], 1),
+        (&["adopt", "99", "x"], not_found),
+        (&["adopt", "0", "nosuchedge", "--as", "alice"], 1),
+        (
+            &[
+                "adopt", "0", "greeting", "--name", "Bad_Name", "--as", "alice",
+            ],
+            1,
+        ),
+        (&["resolve", "99", "greeting"], not_found),
+        (&["reject", "99", "no"], not_found),
+        (&["dismiss", "99"], not_found),
+        (&["reply", "99", "hi"], not_found),
+        (&["mkguest", "Bad_Name"], 1),
+        (&["mkdir", "UPPER"], 1),
+        (&["show", "nosuch"], not_found),
+        (&["cat", "nosuch"], not_found),
+        (&["cat", "alice"], 1),
+        (&["send", "greeting", "not an agent"], 1),
+        (&["request", "nosuch", "x"], not_found),
+        (&["inbox", "--as", "greeting"], 1),
     ];
-    for args in cases {
+    for (args, expected) in cases {
         let (code, err) = node.fail(*args);
-        assert_eq!(code, 1, "{args:?}: {err}");
-        // The same error format with --json.
-        let (code, _) = node.fail_json(*args);
-        assert_eq!(code, 1, "--json {args:?}");
+        assert_eq!(code, *expected, "{args:?}: {err}");
+        // The same error format with --json, and the error on stdout.
+        let r = node.run(capstan_tests::json_args(*args));
+        assert_eq!(r.code, Some(*expected), "--json {args:?}: {r}");
+        capstan_tests::assert_cli_error(&r);
+        let v: Value = serde_json::from_slice(&r.stdout)
+            .unwrap_or_else(|e| panic!("--json {args:?}: stdout is not one JSON value ({e}): {r}"));
+        assert_eq!(v["error"]["exit"], *expected, "{v}");
+        let kind = v["error"]["kind"].as_str().unwrap_or_default();
+        if *expected == not_found {
+            assert_eq!(kind, "not_found", "{args:?}: {v}");
+        } else {
+            assert!(
+                ["invalid", "refused", "failed"].contains(&kind),
+                "{args:?}: {v}"
+            );
+        }
+        assert!(
+            err.contains(v["error"]["message"].as_str().unwrap_or("?")),
+            "the same message: {v} / {err}"
+        );
         assert_eq!(snapshot(&node), before, "state changed by {args:?}");
     }
     let (_, err) = node.fail(["store", "--text", "x", "--name", "Bad_Name"]);

@@ -156,7 +156,7 @@ fn threads_hold_the_original_and_its_replies() {
     let (code, _) = node.fail(["inbox", "--thread", "not-hex"]);
     assert_eq!(code, 1);
     let (code, _) = node.fail(["reply", "99", "nope", "--as", "alice"]);
-    assert_eq!(code, 1);
+    assert_eq!(code, 3, "no message 99");
 }
 
 #[test]
@@ -226,7 +226,7 @@ fn request_wait_resolve_and_reject() {
     );
     assert_eq!(node.inbox(&[]).len(), before - 1);
     let (code, _) = node.fail(["dismiss", &pkg.to_string()]);
-    assert_eq!(code, 1);
+    assert_eq!(code, 3, "dismissed already: no such message");
 }
 
 /// Waits until the host's inbox holds a request with `description`; its number.
@@ -284,9 +284,9 @@ fn message_text_round_trips() {
     // A reference to an unknown name is an error naming it, and sends nothing.
     let before = node.inbox(&["--as", "alice"]);
     let (code, err) = node.fail(["send", "alice", "see @missing"]);
-    assert_eq!(code, 1);
+    assert_eq!(code, capstan_tests::user_error_exit(&err), "{err}");
     assert!(err.contains("missing"), "{err}");
     let (code, _) = node.fail(["send", "nobody", "hi"]);
-    assert_eq!(code, 1);
+    assert_eq!(code, 3, "no agent named nobody");
     assert_eq!(node.inbox(&["--as", "alice"]), before);
 }

@@ -25,9 +25,9 @@ fn guests_cannot_reach_their_hosts_names() {
     node.ok(["mkdir", "private"]);
     node.ok(["store", "--text", "deeper", "--name", "private.note"]);
 
-    // alice was not given greeting.
+    // alice was not given greeting: to her it does not exist.
     let (code, err) = node.fail(["cat", "greeting", "--as", "alice"]);
-    assert_eq!(code, 1);
+    assert_eq!(code, 3, "{err}");
     assert!(
         err.contains("greeting"),
         "the error names the unknown name: {err}"
@@ -88,7 +88,11 @@ fn guests_cannot_reach_their_hosts_names() {
     // --as needs an agent held by the root host.
     for target in ["greeting", "private", "nobody", "alice.nobody", "Bad_Name"] {
         let (code, err) = node.fail(["list", "--as", target]);
-        assert_eq!(code, 1, "--as {target}: {err}");
+        assert_eq!(
+            code,
+            capstan_tests::user_error_exit(&err),
+            "--as {target}: {err}"
+        );
     }
 
     // What alice is given, she has; nothing else.
@@ -189,9 +193,14 @@ fn move_copy_remove_across_directories() {
     ];
     for args in cases {
         let (code, err) = node.fail(*args);
-        assert_eq!(code, 1, "{args:?}: {err}");
+        assert_eq!(
+            code,
+            capstan_tests::user_error_exit(&err),
+            "{args:?}: {err}"
+        );
     }
-    let (_, err) = node.fail(["move", "nope", "x"]);
+    let (code, err) = node.fail(["move", "nope", "x"]);
+    assert_eq!(code, 3, "an unknown name is exit 3: {err}");
     assert!(err.contains("nope"), "error names the unknown name: {err}");
     assert_eq!(node.json(["list"]), before);
     assert_eq!(node.json(["list", "docs"]), before_docs);

@@ -165,11 +165,19 @@ impl std::fmt::Display for NetError {
 /// when the same call may succeed later ([`capstan_actors::Error::is_transient`]),
 /// else `failed` (a refusal for good). Mail senders retry the first and
 /// bounce the second.
+///
+/// The message carries the error's kind as on the control socket
+/// ([`capstan_actors::Error::to_wire`]), but the exception type follows the
+/// rule above: between clusters `disconnected` means only that the
+/// connection broke (the caller then drops it), never an answer.
 pub fn wire_error(e: capstan_actors::Error) -> CapError {
-    if e.is_transient() {
-        CapError::overloaded(e.to_string())
-    } else {
-        failed(e.to_string())
+    CapError {
+        kind: if e.is_transient() {
+            capnp::ErrorKind::Overloaded
+        } else {
+            capnp::ErrorKind::Failed
+        },
+        extra: e.to_wire().extra,
     }
 }
 const UDP_BUFFER: usize = 4 * 1024 * 1024;
