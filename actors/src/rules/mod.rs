@@ -8,6 +8,9 @@
 //!   in the store for the ones a push missed.
 //! - [`inbox`]: in which order a guest's runner handles its inbox, and when
 //!   it gives up waiting for a number that was handed out but never written.
+//! - [`outbox`]: when mail owed to each peer cluster is delivered (couriers,
+//!   backoff), and when an item is bounced instead.
 
 pub mod follow;
 pub mod inbox;
+pub mod outbox;

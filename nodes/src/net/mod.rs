@@ -33,7 +33,7 @@
 //! refused from its header, before anything is allocated for it), a failed
 //! restore costs the caller [`RESTORE_FAILURE_DELAY`] and
 //! [`MAX_RESTORE_FAILURES`] of them close its connection. The outbox is
-//! delivered by at most [`OUTBOX_COURIERS`] couriers at a time, one per
+//! delivered by at most [`capstan_actors::rules::outbox::COURIERS`] couriers at a time, one per
 //! peer cluster, each taking up to a batch of its queue per turn.
 
 pub mod advertise;
@@ -98,45 +98,8 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_PING: usize = 64 * 1024;
 /// Most addresses put in one locator.
 pub const MAX_LOCATOR_ADDRS: usize = capstan_proto::locator::MAX_ADDRS;
-/// First and longest wait before retrying an unreachable cluster's mail.
-pub const OUTBOX_FIRST_BACKOFF: Duration = Duration::from_millis(200);
-pub const OUTBOX_MAX_BACKOFF: Duration = Duration::from_secs(30);
-/// Most peer clusters whose mail is being delivered at the same time.
-pub const OUTBOX_COURIERS: usize = 64;
-
-/// The couriers of the outbox: which queues have one now, and when a
-/// queue that failed may be tried again.
-#[derive(Default)]
-struct Couriers {
-    busy: std::collections::HashSet<[u8; 32]>,
-    backoff: HashMap<[u8; 32], Backoff>,
-}
-
-struct Backoff {
-    next: tokio::time::Instant,
-    delay: Duration,
-    /// Why the last attempt failed (for the bounce at the expiry).
-    last_error: String,
-}
-
-/// How long an outbox item that keeps failing for a transient reason is
-/// retried before its sender gets it back as undeliverable (the daemon
-/// takes `CAPSTAN_OUTBOX_EXPIRY_MS` instead, for tests).
-pub const OUTBOX_EXPIRY: Duration = Duration::from_secs(24 * 3600);
-
-/// `24 h`, `5 min`, `3 s`.
-fn human_duration(d: Duration) -> String {
-    let s = d.as_secs();
-    if s == 0 || d.subsec_nanos() != 0 {
-        format!("{} ms", d.as_millis())
-    } else if s.is_multiple_of(3600) {
-        format!("{} h", s / 3600)
-    } else if s.is_multiple_of(60) {
-        format!("{} min", s / 60)
-    } else {
-        format!("{s} s")
-    }
-}
+pub use capstan_actors::rules::outbox::EXPIRY as OUTBOX_EXPIRY;
+use capstan_actors::rules::outbox::{Schedule, Verdict};
 
 /// Why a call to another node failed, by the kind of the Cap'n Proto
 /// error (never by its text): `disconnected` (and a call without an answer
@@ -931,11 +894,11 @@ impl Net {
 
     /// Delivers the outbox for as long as the node runs. The outbox is a
     /// queue per peer cluster, and each queue with mail gets a courier of
-    /// its own (at most [`OUTBOX_COURIERS`] at a time, taken in turn): it
+    /// its own (at most [`capstan_actors::rules::outbox::COURIERS`] at a time, taken in turn): it
     /// delivers up to a batch in order, removing each item once the far
     /// side acknowledged it and bouncing to its sender an item the far side
     /// refused; a cluster that cannot be reached is retried with
-    /// exponential backoff (capped at [`OUTBOX_MAX_BACKOFF`]). So a dead or
+    /// exponential backoff (capped at [`capstan_actors::rules::outbox::MAX_BACKOFF`]). So a dead or
     /// slow peer delays only its own mail.
     ///
     /// Only a refusal for good bounces at once ([`NetError::Refused`]);
@@ -948,15 +911,15 @@ impl Net {
             Ok(n) => tracing::info!("moved {n} outbox items into queues per peer cluster"),
             Err(e) => tracing::warn!("cannot move the outbox of an earlier version: {e}"),
         }
-        let couriers = Rc::new(RefCell::new(Couriers::default()));
+        // Which queues get a courier when (see capstan_actors::rules::outbox);
+        // this loop only lists the queues, runs the couriers and sleeps.
+        let schedule = Rc::new(RefCell::new(Schedule::default()));
         let done = Rc::new(tokio::sync::Notify::new());
         // Where the next listing of queues starts (when one listing cannot
-        // hold them all) and the last queue given a courier (so that, when
-        // there are more queues than couriers, each gets its turn).
+        // hold them all).
         let mut after: Option<[u8; 32]> = None;
-        let mut last: Option<[u8; 32]> = None;
         loop {
-            let mut peers = match self
+            let peers = match self
                 .rt
                 .outbox_peers(after, capstan_actors::federation::OUTBOX_PEERS)
                 .await
@@ -974,42 +937,18 @@ impl Net {
             } else {
                 peers.last().copied()
             };
-            if let Some(l) = last
-                && let Some(i) = peers.iter().position(|c| *c > l)
-            {
-                peers.rotate_left(i);
+            let plan = schedule
+                .borrow_mut()
+                .plan(&peers, complete, std::time::Instant::now());
+            for c in plan.start {
+                tokio::task::spawn_local(self.clone().courier(
+                    c,
+                    expiry,
+                    schedule.clone(),
+                    done.clone(),
+                ));
             }
-            let now = tokio::time::Instant::now();
-            let mut wake = now + OUTBOX_MAX_BACKOFF;
-            {
-                let mut st = couriers.borrow_mut();
-                if complete {
-                    // Forget the backoff of queues that emptied.
-                    st.backoff.retain(|c, _| peers.contains(c));
-                }
-                for c in &peers {
-                    if st.busy.contains(c) {
-                        continue;
-                    }
-                    if let Some(b) = st.backoff.get(c)
-                        && b.next > now
-                    {
-                        wake = wake.min(b.next);
-                        continue;
-                    }
-                    if st.busy.len() >= OUTBOX_COURIERS {
-                        break;
-                    }
-                    st.busy.insert(*c);
-                    last = Some(*c);
-                    tokio::task::spawn_local(self.clone().courier(
-                        *c,
-                        expiry,
-                        couriers.clone(),
-                        done.clone(),
-                    ));
-                }
-            }
+            let wake = tokio::time::Instant::from_std(plan.wake);
             tokio::select! {
                 _ = self.rt.outbox_changed() => {}
                 _ = done.notified() => {}
@@ -1024,41 +963,16 @@ impl Net {
         self: Rc<Self>,
         cluster: [u8; 32],
         expiry: Duration,
-        couriers: Rc<RefCell<Couriers>>,
+        schedule: Rc<RefCell<Schedule>>,
         done: Rc<tokio::sync::Notify>,
     ) {
-        let last_error = couriers
-            .borrow()
-            .backoff
-            .get(&cluster)
-            .map(|b| b.last_error.clone());
+        let last_error = schedule.borrow().last_error(&cluster).map(str::to_string);
         let r = self
             .deliver_batch(cluster, expiry, last_error.as_deref())
             .await;
-        {
-            let mut st = couriers.borrow_mut();
-            st.busy.remove(&cluster);
-            match r {
-                Ok(()) => {
-                    st.backoff.remove(&cluster);
-                }
-                Err(why) => {
-                    let delay = st
-                        .backoff
-                        .get(&cluster)
-                        .map(|b| (b.delay * 2).min(OUTBOX_MAX_BACKOFF))
-                        .unwrap_or(OUTBOX_FIRST_BACKOFF);
-                    st.backoff.insert(
-                        cluster,
-                        Backoff {
-                            next: tokio::time::Instant::now() + delay,
-                            delay,
-                            last_error: why,
-                        },
-                    );
-                }
-            }
-        }
+        schedule
+            .borrow_mut()
+            .finished(cluster, r, std::time::Instant::now());
         done.notify_one();
     }
 
@@ -1083,15 +997,9 @@ impl Net {
             let age = Duration::from_micros(
                 capstan_actors::federation::now_us().saturating_sub(item.created_us),
             );
-            let outcome = if age >= expiry {
-                Err(NetError::Refused(format!(
-                    "not within {}, the most the outbox keeps trying; last error: {}",
-                    human_duration(expiry),
-                    last_error
-                        .unwrap_or("none recorded (this node restarted since its last attempt)")
-                )))
-            } else {
-                self.send_item(&item).await
+            let outcome = match capstan_actors::rules::outbox::verdict(age, expiry, last_error) {
+                Verdict::Deliver => self.send_item(&item).await,
+                Verdict::Expired(why) => Err(NetError::Refused(why)),
             };
             match outcome {
                 Ok(()) => {
@@ -1511,13 +1419,5 @@ mod tests {
         ] {
             assert_eq!(wire_error(e.clone()).kind, capnp::ErrorKind::Failed, "{e}");
         }
-    }
-
-    #[test]
-    fn durations_read_as_people_write_them() {
-        assert_eq!(human_duration(OUTBOX_EXPIRY), "24 h");
-        assert_eq!(human_duration(Duration::from_secs(300)), "5 min");
-        assert_eq!(human_duration(Duration::from_millis(3000)), "3 s");
-        assert_eq!(human_duration(Duration::from_millis(1500)), "1500 ms");
     }
 }
