@@ -578,3 +578,44 @@ fn embeddings_are_charged_and_an_exhausted_budget_refuses_the_search() {
     assert_eq!(v["mode"], "fused", "{v}");
     assert_eq!(hit_names(&v)[0], TARGET, "{v}");
 }
+
+/// Many writes between searches: the index follows the directory's change
+/// log through closed and trimmed epochs (one capability searched after
+/// every round of writes), and a second capability over the same directory
+/// that was searched once, long ago, finds its log trimmed past and lists
+/// the directory again: both answer with every value.
+#[test]
+fn the_index_follows_many_writes_and_an_index_left_behind_catches_up() {
+    let node = Node::started();
+    node.ok(["mkdir", "notes"]);
+    node.ok(["store", "--name", "notes.first", "--text", "the first note"]);
+    node.ok(["mksearch", "often", "--over", "notes"]);
+    node.ok(["mksearch", "seldom", "--over", "notes"]);
+    assert_eq!(hit_names(&search(&node, "seldom", "first", "1")), ["first"]);
+    let rounds = 20;
+    for r in 0..rounds {
+        let values: Vec<(String, String)> = (0..300)
+            .map(|i| {
+                (
+                    format!("notes.r{r}-{i}"),
+                    format!("round {r} value {i} code R{r}X{i}Z"),
+                )
+            })
+            .collect();
+        store_many(&node, &values).unwrap();
+        let v = search(&node, "often", &format!("R{r}X7Z"), "1");
+        assert_eq!(hit_names(&v), [format!("r{r}-7")], "{v}");
+        assert_eq!(v["indexed"].as_u64().unwrap(), 1 + 300 * (r + 1), "{v}");
+        // a second search in the same round closes the epoch (>= 256 entries)
+        let v = search(&node, "often", &format!("R{r}X299Z"), "1");
+        assert_eq!(hit_names(&v), [format!("r{r}-299")], "{v}");
+    }
+    node.ok(["remove", "notes.r3-5"]);
+    for cap in ["often", "seldom"] {
+        let v = search(&node, cap, "R19X250Z", "1");
+        assert_eq!(hit_names(&v), ["r19-250"], "{cap}: {v}");
+        let v = search(&node, cap, "R3X5Z", "1");
+        assert!(!hit_names(&v).contains(&"r3-5".to_string()), "{cap}: {v}");
+        assert_eq!(v["indexed"].as_u64().unwrap(), 300 * rounds, "{cap}: {v}");
+    }
+}
