@@ -536,6 +536,7 @@ impl Runtime {
                             for prefix in [
                                 keys::value(id),
                                 keys::names_of_dir(id),
+                                keys::dir_watch(id),
                                 TupleKey::new().str("r").bytes(id.as_bytes()).into_vec(),
                                 keys::locators_of(id),
                             ] {

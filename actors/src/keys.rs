@@ -6,6 +6,8 @@
 //! | `("f", id)` | `Formula` |
 //! | `("n", dir, name)` | `NameEntry` (forward pet-name table) |
 //! | `("r", dir, target, name)` | empty (reverse index: names of an id) |
+//! | `("dchg", dir)` | a watched directory's change epoch and trim floor, two u64 big-endian (present while a search capability covers it; see `crate::search`) |
+//! | `("dchg", dir, epoch, name)` | the name's formula id (32 bytes), or empty when removed: a change to a watched directory |
 //! | `("m", agent, number)` | `Message` (an agent's inbox) |
 //! | `("v", id, …)` | the bytes of a stored value (a chunked blob) |
 //! | `("d", agent, request-id)` | `DedupRecord` (exactly-once answers) |
@@ -44,6 +46,31 @@ pub fn name(dir: &FormulaId, name: &str) -> Vec<u8> {
 
 pub fn names_of_dir(dir: &FormulaId) -> Vec<u8> {
     TupleKey::new().str("n").bytes(dir.as_bytes()).into_vec()
+}
+
+/// A watched directory's change epoch (see `crate::search`): also the
+/// prefix of its change log.
+pub fn dir_watch(dir: &FormulaId) -> Vec<u8> {
+    TupleKey::new().str("dchg").bytes(dir.as_bytes()).into_vec()
+}
+
+/// The changes of `dir` in `epoch` start here.
+pub fn dir_changes_from(dir: &FormulaId, epoch: u64) -> Vec<u8> {
+    TupleKey::new()
+        .str("dchg")
+        .bytes(dir.as_bytes())
+        .u64(epoch)
+        .into_vec()
+}
+
+/// The change of `name` in `dir` during `epoch`.
+pub fn dir_change(dir: &FormulaId, epoch: u64, name: &str) -> Vec<u8> {
+    TupleKey::new()
+        .str("dchg")
+        .bytes(dir.as_bytes())
+        .u64(epoch)
+        .str(name)
+        .into_vec()
 }
 
 pub fn reverse(dir: &FormulaId, target: &FormulaId, name: &str) -> Vec<u8> {

@@ -197,9 +197,14 @@ pub async fn set_name(
     name: &str,
     id: &FormulaId,
 ) -> Result<Option<FormulaId>, Error> {
+    let watch = keys::dir_watch(dir);
+    tx.prefetch(&[keys::name(dir, name), watch.clone()]).await?;
     let old = lookup(tx, dir, name).await?;
     if let Some(old) = &old {
         tx.clear(&keys::reverse(dir, old, name));
+    }
+    if old.as_ref() != Some(id) {
+        log_change(tx, dir, &watch, name, Some(id)).await?;
     }
     // Naming a formula references it, and writing into a directory
     // references the directory (a writer may hold either in memory).
@@ -218,12 +223,59 @@ pub async fn remove_name(
     dir: &FormulaId,
     name: &str,
 ) -> Result<Option<FormulaId>, Error> {
+    let watch = keys::dir_watch(dir);
+    tx.prefetch(&[keys::name(dir, name), watch.clone()]).await?;
     let old = lookup(tx, dir, name).await?;
     if let Some(old) = &old {
         tx.clear(&keys::name(dir, name));
         tx.clear(&keys::reverse(dir, old, name));
+        log_change(tx, dir, &watch, name, None).await?;
     }
     Ok(old)
+}
+
+/// A watched directory's epoch and trim floor (see `crate::search`).
+pub fn decode_watch(b: &[u8]) -> Result<(u64, u64), Error> {
+    if b.len() != 16 {
+        return Err(Error::Corrupt(format!(
+            "a directory's change epoch is {} bytes, not 16",
+            b.len()
+        )));
+    }
+    let (e, f) = b.split_at(8);
+    Ok((
+        u64::from_be_bytes(e.try_into().unwrap_or_default()),
+        u64::from_be_bytes(f.try_into().unwrap_or_default()),
+    ))
+}
+
+pub fn encode_watch(epoch: u64, floor: u64) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&epoch.to_be_bytes());
+    b[8..].copy_from_slice(&floor.to_be_bytes());
+    b
+}
+
+/// Writes the change of `name` into the change log of `dir` if a search
+/// capability watches it (`crate::search`): a blind write under the
+/// directory's current epoch, whose read makes the transaction conflict
+/// with a reader that closes the epoch meanwhile (so the change lands in
+/// an epoch the reader has not closed). One entry per name and epoch.
+async fn log_change(
+    tx: &mut Transaction,
+    dir: &FormulaId,
+    watch: &[u8],
+    name: &str,
+    id: Option<&FormulaId>,
+) -> Result<(), Error> {
+    if let Some(w) = tx.get(watch).await? {
+        let (epoch, _) = decode_watch(&w)?;
+        tx.set(
+            &keys::dir_change(dir, epoch, name),
+            id.map_or(&[][..], |id| &id.as_bytes()[..]),
+        )?;
+    }
+    Ok(())
 }
 
 /// Every `(name, id)` of a directory, in name order. Bounded by `limit` (0 = all).

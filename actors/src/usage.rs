@@ -27,7 +27,8 @@ pub const MAX_PAGE_KEYS: usize = 100_000;
 ///
 /// - formulas: `("f", …)`, reference stamps `("fref", …)`, condemned marks `("gcx", …)`
 /// - values: `("v", …)` (the chunks of stored values)
-/// - names: `("n", …)` and the reverse index `("r", …)`
+/// - names: `("n", …)`, the reverse index `("r", …)` and the change logs
+///   of watched directories `("dchg", …)`
 /// - messages: `("m", …)`, inbox marks `("mark", …)` and quotas `("quota", …)`
 /// - dedup: exactly-once records `("d", …)` and received items `("in", …)`
 /// - journals: guest journals `("gj", …)`
@@ -39,7 +40,7 @@ pub fn kind_of(key: &[u8]) -> usize {
     match first.as_str() {
         "f" | "fref" | "gcx" => 0,
         "v" => 1,
-        "n" | "r" => 2,
+        "n" | "r" | "dchg" => 2,
         "m" | "mark" | "quota" => 3,
         "d" | "in" => 4,
         "gj" => 5,
@@ -147,6 +148,7 @@ mod tests {
         assert_eq!(kind(keys::value(&id)), "values");
         assert_eq!(kind(keys::name(&id, "a")), "names");
         assert_eq!(kind(keys::reverse(&id, &id, "a")), "names");
+        assert_eq!(kind(keys::dir_change(&id, 3, "a")), "names");
         assert_eq!(kind(keys::message(&id, 3)), "messages");
         assert_eq!(kind(keys::inbox_mark(&id)), "messages");
         assert_eq!(kind(keys::dedup(&id, &req)), "dedup");

@@ -1010,9 +1010,11 @@ async fn search_rows(
         endo: "",
         json: json!({"refresh_p50_us": refresh.p50, "rank_p50_us": rank.p50}),
     });
-    // Right after a write: the store changed, so the search lists the
-    // directory again (the write is not timed).
+    // Right after a write: the store changed, so the search reads the
+    // directory's change log and indexes the new value (the write is not
+    // timed).
     let mut lat = Vec::new();
+    let mut refresh = Vec::new();
     for i in 0..50usize {
         store_text(
             h,
@@ -1028,17 +1030,26 @@ async fn search_rows(
         )
         .await?;
         lat.push(t.elapsed());
+        refresh.push(Duration::from_micros(v["refresh_us"].as_u64().unwrap_or(0)));
         if v["hits"][0]["name"] != format!("late-{i}") {
             bail!("the search after storing corpus.late-{i} did not find it first: {v}");
         }
     }
     let s = stats(lat);
+    let refresh = stats(refresh);
     rows.push(Row {
-        what: format!("search right after a store (re-lists the {indexed} names; p50 / p99)"),
+        what: format!("search right after a store, over {indexed} values (p50 / p99)"),
         value: format!("{} / {}", ms(s.p50), ms(s.p99)),
+        target: "p50 < 10 ms",
+        endo: "",
+        json: json!({"p50_us": s.p50, "p99_us": s.p99, "refresh_p50_us": refresh.p50}),
+    });
+    rows.push(Row {
+        what: "  of which: catch up with the write (p50)".into(),
+        value: ms(refresh.p50),
         target: "",
         endo: "",
-        json: json!({"p50_us": s.p50, "p99_us": s.p99}),
+        json: json!({"refresh_p50_us": refresh.p50}),
     });
     rows.push(Row {
         what: format!("first search: builds the index of {indexed} values"),

@@ -414,15 +414,19 @@ fn embeddings_answer(path: &str, body: &str) -> Result<String, String> {
         _ => return Err("input is missing".into()),
     };
     let vecs: Vec<Vec<f32>> = inputs.iter().map(|t| concept_embedding(t)).collect();
+    // Usage as the providers report it: a token per word.
+    let tokens: usize = inputs.iter().map(|t| t.split_whitespace().count()).sum();
     Ok(if path == "/api/embed" {
-        json!({"model": v["model"], "embeddings": vecs}).to_string()
+        json!({"model": v["model"], "embeddings": vecs, "prompt_eval_count": tokens}).to_string()
     } else {
         let data: Vec<Value> = vecs
             .into_iter()
             .enumerate()
             .map(|(i, e)| json!({"object": "embedding", "index": i, "embedding": e}))
             .collect();
-        json!({"object": "list", "model": v["model"], "data": data}).to_string()
+        json!({"object": "list", "model": v["model"], "data": data,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+        .to_string()
     })
 }
 

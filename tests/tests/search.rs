@@ -4,9 +4,9 @@
 //! and `/api/embed` answer with a stand-in concept-bag model, so that a
 //! paraphrase lands close to the value it means).
 
-use capstan_tests::Node;
 use capstan_tests::control::store_many;
 use capstan_tests::llm_server::LlmServer;
+use capstan_tests::{Node, texts};
 use serde_json::Value;
 
 const KEY: &str = "test-openai-key-5d21b8e4aa90";
@@ -274,8 +274,8 @@ fn bad_input_is_refused_and_changes_nothing() {
 /// `search` tool; its answer (hits with names) goes back to the model.
 #[test]
 fn the_llm_agent_searches_with_the_capability_it_was_granted() {
+    use capstan_tests::guest_wasm;
     use capstan_tests::llm_server::Reply;
-    use capstan_tests::{guest_wasm, texts};
     use serde_json::json;
     const AKEY: &str = "test-anthropic-key-9b0c41d2e7f3";
 
@@ -354,4 +354,268 @@ fn the_llm_agent_searches_with_the_capability_it_was_granted() {
     let second = reqs[1].json().to_string();
     assert!(second.contains(r#"\"name\":\"invoice\""#), "{second}");
     assert!(!second.contains(r#"\"name\":\"other\""#), "{second}");
+}
+
+/// `--mail`: the maker's inbox is searched beside the directory; a message
+/// is found by a word in it (full text) and by a paraphrase (vectors), as
+/// `mail:N`, N its number in the maker's inbox; mail that arrives after the
+/// index was built is found too.
+#[test]
+fn mail_is_found_by_identifier_and_by_paraphrase() {
+    let node = Node::started();
+    let server = LlmServer::start();
+    server.require_key(KEY);
+    add_openai(&node, &server, "emb");
+    node.ok(["mkdir", "notes"]);
+    node.ok([
+        "store",
+        "--name",
+        "notes.groceries",
+        "--text",
+        "Grocery list: eggs, milk, bread",
+    ]);
+    node.ok(["mkhost", "alice"]);
+    let mail = |text: &str| {
+        node.ok(["send", "--as", "alice", "HOST", text]);
+    };
+    for i in 0..30 {
+        mail(&format!("status update {i}: the nightly build passed"));
+    }
+    for i in 0..10 {
+        mail(&format!(
+            "how much did we spend for my team offsite number {i}? the answer is pending"
+        ));
+    }
+    mail("Booked a flight to Lisbon; the airfare came to 420 euros, charged to the card.");
+    mail(&format!("Your parcel {IDENT} left the depot this morning"));
+    node.ok([
+        "mksearch", "finder", "--over", "notes", "--mail", "--embed", "emb",
+    ]);
+    node.ok(["mksearch", "notes-only", "--over", "notes"]);
+    let number_of = |text: &str| -> String {
+        let inbox = node.inbox(&[]);
+        let m = inbox
+            .iter()
+            .find(|m| texts(std::slice::from_ref(m)).concat().contains(text))
+            .unwrap_or_else(|| panic!("no message with {text:?} in {inbox:#?}"));
+        format!("mail:{}", m["number"])
+    };
+
+    // By paraphrase: the vectors find the message, the fusion puts it first.
+    let v = search(&node, "finder", PARAPHRASE, "5");
+    assert_eq!(v["mode"], "fused", "{v}");
+    assert!(v["indexed"].as_u64().unwrap() >= 43, "{v}");
+    assert_eq!(hit_names(&v)[0], number_of("airfare"), "{v}");
+    assert_eq!(v["hits"][0]["vector_rank"], 1, "{v}");
+    assert_eq!(v["hits"][0]["path"], v["hits"][0]["name"], "{v}");
+    assert!(
+        v["hits"][0]["snippet"]
+            .as_str()
+            .unwrap()
+            .contains("airfare"),
+        "{v}"
+    );
+    // By an identifier in its text: full text finds it first.
+    let v = search(&node, "finder", IDENT, "3");
+    assert_eq!(hit_names(&v)[0], number_of(IDENT), "{v}");
+    assert_eq!(v["hits"][0]["text_rank"], 1, "{v}");
+    // The directory is searched as well.
+    let v = search(&node, "finder", "eggs milk", "1");
+    assert_eq!(hit_names(&v), ["groceries"], "{v}");
+    // Mail that came after the index was built.
+    mail("The veterinarian visit for the puppy moved to Friday");
+    let v = search(&node, "finder", "dog check-up at the animal clinic", "3");
+    assert_eq!(hit_names(&v)[0], number_of("veterinarian"), "{v}");
+    // Without --mail, no mail is searched.
+    let v = search(&node, "notes-only", IDENT, "3");
+    assert!(hit_names(&v).iter().all(|n| !n.starts_with("mail:")), "{v}");
+}
+
+/// Two nodes on etcd: values stored through one are found by a search run
+/// through the other (which builds its own index, then follows the
+/// directory's change log as the first node writes); after `kill -9` of
+/// the node that built that index, the other one answers (building its
+/// own from the store).
+#[test]
+fn a_search_through_another_node_finds_what_was_stored_and_survives_its_kill9() {
+    let Some(spec) = capstan_tests::etcd_spec("search") else {
+        return;
+    };
+    let mut nodes = capstan_tests::start_cluster(&spec, 2, "5000");
+    let server = LlmServer::start();
+    server.require_key(KEY);
+    add_openai(&nodes[0], &server, "emb");
+    nodes[0].ok(["mkdir", "notes"]);
+    nodes[0].ok(["mkdir", "notes.sub"]);
+    store_many(&nodes[0], &corpus(1000)).unwrap();
+    nodes[0].ok(["mksearch", "finder", "--over", "notes", "--embed", "emb"]);
+
+    // Through node 2, which builds the index.
+    let v = search(&nodes[1], "finder", PARAPHRASE, "3");
+    assert_eq!(v["mode"], "fused", "{v}");
+    assert_eq!(hit_names(&v)[0], TARGET, "{v}");
+    assert!(v["indexed"].as_u64().unwrap() >= 1000, "{v}");
+    let v = search(&nodes[1], "finder", IDENT, "1");
+    assert_eq!(hit_names(&v), ["order-shipped"], "{v}");
+    // Written through node 1 after that: node 2's index follows.
+    nodes[0].ok([
+        "store",
+        "--name",
+        "notes.late-note",
+        "--text",
+        "Our veterinarian visit for the puppy was moved to Friday",
+    ]);
+    nodes[0].ok(["remove", "notes.order-shipped"]);
+    let v = search(
+        &nodes[1],
+        "finder",
+        "dog check-up at the animal clinic",
+        "3",
+    );
+    assert_eq!(hit_names(&v)[0], "late-note", "{v}");
+    let v = search(&nodes[1], "finder", IDENT, "3");
+    assert!(!hit_names(&v).contains(&"order-shipped".to_string()), "{v}");
+    let indexed = v["indexed"].as_u64().unwrap();
+
+    // The node that built that index dies; the other answers.
+    nodes[1].kill9();
+    let v = search(&nodes[0], "finder", PARAPHRASE, "3");
+    assert_eq!(hit_names(&v)[0], TARGET, "{v}");
+    assert_eq!(v["indexed"].as_u64().unwrap(), indexed, "{v}");
+    let v = search(
+        &nodes[0],
+        "finder",
+        "dog check-up at the animal clinic",
+        "3",
+    );
+    assert_eq!(hit_names(&v)[0], "late-note", "{v}");
+    nodes[0].ok([
+        "store",
+        "--name",
+        "notes.sub.after-kill",
+        "--text",
+        "Concert passes: the band plays guitar songs on Saturday",
+    ]);
+    let v = search(&nodes[0], "finder", "live music gig featuring piano", "3");
+    assert_eq!(hit_names(&v)[0], "sub.after-kill", "{v}");
+    nodes[0].stop();
+}
+
+/// Embedding requests are charged to the searching agent's LLM budget and
+/// written to its audit log, like model calls. Once the budget is spent, a
+/// search that needs embeddings is refused with the budget's error (it does
+/// not fall back to full text: a caller asking a vector search learns why it
+/// gets none), and no request reaches the provider; a full-text capability
+/// still answers; raising the budget lets the search through again.
+#[test]
+fn embeddings_are_charged_and_an_exhausted_budget_refuses_the_search() {
+    let node = Node::started();
+    let server = LlmServer::start();
+    server.require_key(KEY);
+    add_openai(&node, &server, "emb");
+    node.ok(["mkdir", "notes"]);
+    node.ok(["mkdir", "notes.sub"]);
+    store_many(&node, &corpus(100)).unwrap();
+    node.ok(["mksearch", "finder", "--over", "notes", "--embed", "emb"]);
+    node.ok(["mksearch", "plain", "--over", "notes"]);
+
+    let v = search(&node, "finder", PARAPHRASE, "3");
+    assert_eq!(hit_names(&v)[0], TARGET, "{v}");
+    let b = node.json(["llm", "budget"]);
+    let used = b["tokens_used"].as_u64().unwrap();
+    // the documents (more than 100 values, in batches of 64) and the query
+    assert!(used > 100, "{b}");
+    assert!(b["calls"].as_u64().unwrap() >= 3, "{b}");
+    let audit = node.json(["llm", "audit"]);
+    let embeds: Vec<&Value> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "openai embeddings")
+        .collect();
+    assert!(embeds.len() >= 3, "{audit}");
+    for e in &embeds {
+        assert_eq!(e["provider"], "emb", "{e}");
+        assert_eq!(e["model"], "text-embedding-3-small", "{e}");
+        assert_eq!(e["outcome"], "ok", "{e}");
+        assert!(e["input_tokens"].as_u64().unwrap() > 0, "{e}");
+    }
+    let charged: u64 = embeds
+        .iter()
+        .map(|e| e["input_tokens"].as_u64().unwrap())
+        .sum();
+    assert_eq!(charged, used, "{audit}");
+
+    // Spent: the limit is what was used.
+    node.ok(["llm", "budget", "--tokens", &used.to_string()]);
+    let calls = server.embed_calls();
+    let (code, err) = node.fail(["search", "finder", PARAPHRASE]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("budget is exhausted") && err.contains("embeddings"),
+        "{err}"
+    );
+    assert!(err.contains("capstan llm budget"), "{err}");
+    assert_eq!(
+        server.embed_calls(),
+        calls,
+        "a refused request reached the provider"
+    );
+    let audit = node.json(["llm", "audit"]);
+    let last = audit.as_array().unwrap().last().unwrap();
+    assert_eq!(last["kind"], "openai embeddings", "{last}");
+    assert!(
+        last["outcome"].as_str().unwrap().starts_with("refused: "),
+        "{last}"
+    );
+    // Full text needs no embeddings.
+    let t = search(&node, "plain", IDENT, "1");
+    assert_eq!(hit_names(&t), ["order-shipped"], "{t}");
+
+    // Raised: vectors again.
+    node.ok(["llm", "budget", "--tokens", "10000000"]);
+    let v = search(&node, "finder", PARAPHRASE, "3");
+    assert_eq!(v["mode"], "fused", "{v}");
+    assert_eq!(hit_names(&v)[0], TARGET, "{v}");
+}
+
+/// Many writes between searches: the index follows the directory's change
+/// log through closed and trimmed epochs (one capability searched after
+/// every round of writes), and a second capability over the same directory
+/// that was searched once, long ago, finds its log trimmed past and lists
+/// the directory again: both answer with every value.
+#[test]
+fn the_index_follows_many_writes_and_an_index_left_behind_catches_up() {
+    let node = Node::started();
+    node.ok(["mkdir", "notes"]);
+    node.ok(["store", "--name", "notes.first", "--text", "the first note"]);
+    node.ok(["mksearch", "often", "--over", "notes"]);
+    node.ok(["mksearch", "seldom", "--over", "notes"]);
+    assert_eq!(hit_names(&search(&node, "seldom", "first", "1")), ["first"]);
+    let rounds = 20;
+    for r in 0..rounds {
+        let values: Vec<(String, String)> = (0..300)
+            .map(|i| {
+                (
+                    format!("notes.r{r}-{i}"),
+                    format!("round {r} value {i} code R{r}X{i}Z"),
+                )
+            })
+            .collect();
+        store_many(&node, &values).unwrap();
+        let v = search(&node, "often", &format!("R{r}X7Z"), "1");
+        assert_eq!(hit_names(&v), [format!("r{r}-7")], "{v}");
+        assert_eq!(v["indexed"].as_u64().unwrap(), 1 + 300 * (r + 1), "{v}");
+        // a second search in the same round closes the epoch (>= 256 entries)
+        let v = search(&node, "often", &format!("R{r}X299Z"), "1");
+        assert_eq!(hit_names(&v), [format!("r{r}-299")], "{v}");
+    }
+    node.ok(["remove", "notes.r3-5"]);
+    for cap in ["often", "seldom"] {
+        let v = search(&node, cap, "R19X250Z", "1");
+        assert_eq!(hit_names(&v), ["r19-250"], "{cap}: {v}");
+        let v = search(&node, cap, "R3X5Z", "1");
+        assert!(!hit_names(&v).contains(&"r3-5".to_string()), "{cap}: {v}");
+        assert_eq!(v["indexed"].as_u64().unwrap(), 300 * rounds, "{cap}: {v}");
+    }
 }

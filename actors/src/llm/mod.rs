@@ -32,6 +32,11 @@
 //! 5. redacts credentials from the answer (text and tool arguments);
 //! 6. records actual usage in the budget and one audit entry, in one
 //!    transaction. Refusals and failures are audited too.
+//!
+//! Embedding requests (made by search capabilities, [`crate::search`]) go
+//! through the same budget and audit log ([`store::embedding_begin`] and
+//! [`store::embedding_end`]): reserved before, settled after, audited with
+//! kind `"<provider> embeddings"`.
 
 pub mod http;
 pub mod safety;

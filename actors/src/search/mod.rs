@@ -17,11 +17,35 @@
 //! Nothing of the index is stored: each node keeps an in-memory index per
 //! search capability ([`Indexes`]) and builds it from the store on first
 //! use, so after `kill -9`, a restart or on another node of a cluster the
-//! first search rebuilds it. Before each search the directory tree is
-//! listed (one read transaction) and compared with the index by formula id
-//! (values are immutable: a new id under a name is a new value): new and
-//! changed values are read and indexed, removed ones dropped. The work of
-//! one refresh is bounded ([`MAX_NEW_PER_REFRESH`] values read,
+//! first search rebuilds it: it lists the directory tree (one read
+//! transaction), reads and indexes the values.
+//!
+//! After that, the index follows the directories' *change logs* instead
+//! of listing the tree again. A directory that a search capability covers
+//! is *watched*: a record `("dchg", dir)` holds its current *epoch*, and
+//! every write of a name in it ([`model::set_name`], [`model::remove_name`])
+//! reads that record and writes `("dchg", dir, epoch, name)` → the new id
+//! (empty: removed) in the same transaction: a blind write, one per name and
+//! epoch, so writers never conflict with each other. A refresh reads the
+//! entries of the epochs it has not closed, skips the ones it already
+//! applied, looks up the names they name in the same snapshot and indexes
+//! what changed: the cost of a search right after a write is that of the
+//! names written since, not of the directory. Epochs keep what a refresh
+//! reads again small: once a directory has [`CLOSE_EPOCH_AT`] open entries,
+//! a refresh *closes* its epoch (a transaction that writes epoch + 1); a
+//! writer that read the old epoch and commits later conflicts on the
+//! record and writes again under the new one, so that after the close no
+//! entry of an older epoch can appear, and the entries of closed epochs
+//! need not be read again. Closed epochs older than [`KEEP_EPOCHS`] are
+//! trimmed (the record keeps the trim floor). Whenever the logs do not
+//! say enough (an index that is new, behind the trim floor, a
+//! subdirectory that came or went, more than [`MAX_CHANGES`] entries), the
+//! refresh lists the tree as the first search does. The logs are exact on
+//! every node (they are in the store, read in serializable snapshots), so
+//! an index on any node follows the writes of any other; with nothing
+//! committed anywhere since the last refresh, a search reads nothing. Bytes
+//! values, and values over the caps, are not indexed. The work of one
+//! refresh is bounded ([`MAX_NEW_PER_REFRESH`] values read,
 //! [`MAX_EMBED_PER_REFRESH`] texts embedded); what is left is done by the
 //! next searches, and the answer says so in its notes.
 //!
@@ -39,6 +63,13 @@
 //! k = 60. Without a provider the search is full text only (no local model
 //! ships with Capstan yet; see nodes/CLI.md). If the provider fails, the
 //! answer is full text with the failure in its notes.
+//!
+//! Each embedding request is charged to the LLM budget of the searching
+//! agent and written to its audit log, as a model call is
+//! ([`crate::llm`]): the query's, and those embedding new values for the
+//! index (the search that needs them pays for them). A request the budget
+//! refuses is not made, and the search fails with the budget's error
+//! rather than falling back to full text.
 
 pub mod index;
 
@@ -46,7 +77,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use capstan_cluster::tuple::TupleKey;
+use capstan_cluster::tuple::{TupleKey, TupleReader};
 use capstan_proto::{FormulaId, RequestId};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -84,6 +115,16 @@ const MAX_EMBED_TEXT: usize = 2000;
 const MAX_MAIL_PER_REFRESH: usize = 5_000;
 /// Values read per read transaction.
 const READ_BATCH: usize = 256;
+/// Open change-log entries of a directory after which a refresh closes
+/// its epoch (see the module docs).
+const CLOSE_EPOCH_AT: usize = 256;
+/// Closed epochs of a change log kept for readers that are behind.
+const KEEP_EPOCHS: u64 = 16;
+/// Most change-log entries one refresh reads per directory (more: the
+/// tree is listed instead).
+const MAX_CHANGES: usize = 20_000;
+/// Most directories whose epochs one transaction closes.
+const MAX_CLOSE: usize = 1024;
 /// Most indexes a node keeps in memory.
 pub const MAX_INDEXES: usize = 64;
 /// The slot a guest's search capability is granted under.
@@ -161,8 +202,11 @@ pub struct State {
     index: Index,
     /// Formulas met under the tree that are directories (to descend) or
     /// neither values nor directories (skipped).
-    dirs: HashSet<FormulaId>,
-    skipped: HashSet<FormulaId>,
+    dirs: Arc<HashSet<FormulaId>>,
+    skipped: Arc<HashSet<FormulaId>>,
+    /// The directories of the tree whose change logs the index follows
+    /// (`None`: the next refresh lists the tree).
+    tracked: Option<HashMap<FormulaId, Track>>,
     /// The next inbox number to index (mail).
     mail_next: u64,
     /// Values not indexed for the caps, as of the last refresh.
@@ -355,6 +399,12 @@ impl AgentHandle {
                 let record = record.clone();
                 Box::pin(async move {
                     tx.set(&key(&id), &record)?;
+                    // From now on, writes into the directory log their
+                    // changes for the index (see the module docs).
+                    let at = keys::dir_watch(&dir);
+                    if tx.get(&at).await?.is_none() {
+                        tx.set(&at, &model::encode_watch(1, 1))?;
+                    }
                     Ok::<_, Error>(())
                 })
             })
@@ -401,10 +451,11 @@ impl AgentHandle {
             Some(p) if !st.index.is_empty() => {
                 match embed_texts(self, &spec, hex_id(p)?, &[query.to_string()]).await {
                     Ok(mut v) => v.pop(),
-                    Err(e) => {
+                    Err(EmbedError::Failed(e)) => {
                         st.embed_error = Some(e);
                         None
                     }
+                    Err(EmbedError::Refused(r)) => return Err(refused(r)),
                 }
             }
             _ => None,
@@ -495,13 +546,72 @@ struct Fresh {
     id: FormulaId,
 }
 
+/// Change-log entries already applied: `(epoch, name)` → the logged value.
+type Applied = HashMap<(u64, String), Vec<u8>>;
+
+/// One directory of the tree whose change log the index follows.
+#[derive(Debug, Default)]
+struct Track {
+    /// Its names under the searched directory (`""` for the top one;
+    /// several when it is named more than once).
+    prefixes: Vec<String>,
+    /// The first epoch whose changes may not all be applied.
+    from: u64,
+    /// Changes of the open epoch already applied: `(epoch, name)` → the
+    /// logged value.
+    seen: Applied,
+}
+
+/// What a full listing found.
+struct Listing {
+    version: capstan_cluster::Version,
+    listed: Vec<String>,
+    seen_known: usize,
+    fresh: Vec<Fresh>,
+    new_dirs: HashSet<FormulaId>,
+    new_skipped: HashSet<FormulaId>,
+    cut: bool,
+    /// The directories walked, with their names and change epochs (`None`:
+    /// not watched yet).
+    tracks: HashMap<FormulaId, (Vec<String>, Option<u64>)>,
+}
+
+/// Why the change logs cannot bring the index up to date.
+struct Relist(&'static str);
+
 /// Brings `st` up to date with the store (bounded work; see module docs).
 async fn refresh(h: &AgentHandle, spec: &SearchSpec, st: &mut State) -> Result<(), Error> {
     let dir = hex_id(&spec.dir)?;
-    // 1. List the tree (one snapshot), comparing with the index.
+    let version = match st.tracked.is_some() {
+        true => match follow(h, st).await? {
+            Ok(v) => v,
+            Err(Relist(why)) => {
+                tracing::debug!(over = %spec.over, why, "search: listing the directory again");
+                st.tracked = None;
+                list_all(h, spec, dir, st).await?
+            }
+        },
+        false => list_all(h, spec, dir, st).await?,
+    };
+    let Some(version) = version else {
+        return Ok(());
+    };
+    // Mail and vectors (steps 4 and 5).
+    finish(h, spec, st, version).await
+}
+
+/// Lists the whole tree and compares it with the index (the first search,
+/// and whenever the change logs cannot be followed); starts following the
+/// change logs of the directories listed. `None`: nothing changed since
+/// the last complete refresh.
+async fn list_all(
+    h: &AgentHandle,
+    spec: &SearchSpec,
+    dir: FormulaId,
+    st: &mut State,
+) -> Result<Option<capstan_cluster::Version>, Error> {
     // The index's names and ids, shared with the read (rebuilt only after
-    // a refresh that changed the index: searches of an unchanged directory
-    // copy nothing).
+    // a full listing that changed the index; the change logs keep it).
     if st.known_stale {
         st.known = Arc::new(
             st.index
@@ -512,97 +622,46 @@ async fn refresh(h: &AgentHandle, spec: &SearchSpec, st: &mut State) -> Result<(
         );
         st.known_stale = false;
     }
-    let known = st.known.clone();
-    let dirs = Arc::new(st.dirs.clone());
-    let skipped = Arc::new(st.skipped.clone());
-    let over = spec.over.clone();
-    let last = st.scanned_version;
-    let scanned = h
-        .inner()
-        .db
-        .read(move |tx| {
-            let (known, dirs, skipped, over) =
-                (known.clone(), dirs.clone(), skipped.clone(), over.clone());
-            Box::pin(async move {
-                // Nothing committed anywhere since the last listing: the
-                // tree is as it was.
-                let version = tx.read_version();
-                if last == Some(version) {
-                    return Ok(None);
-                }
-                if model::get_formula(tx, &dir).await?.is_none() {
-                    return Err(Error::Invalid(format!(
-                        "the directory {over} this search capability covers is gone; make another with capstan mksearch"
-                    )));
-                }
-                let mut listed_names = Vec::new();
-                let mut seen_known = 0usize;
-                let mut fresh = Vec::new();
-                let mut new_dirs = HashSet::new();
-                let mut new_skipped = HashSet::new();
-                let mut cut = false;
-                let mut listed = 0usize;
-                let mut queue = vec![(dir, String::new(), 0usize)];
-                while let Some((d, prefix, depth)) = queue.pop() {
-                    let rows = model::list_dir(tx, &d, MAX_LISTED - listed).await?;
-                    listed += rows.len();
-                    if listed >= MAX_LISTED {
-                        cut = true;
-                    }
-                    for (n, id) in rows {
-                        let name = if prefix.is_empty() { n } else { format!("{prefix}.{n}") };
-                        if known.get(&name) == Some(&id) {
-                            seen_known += 1;
-                            listed_names.push(name);
-                            continue;
-                        }
-                        if dirs.contains(&id) || new_dirs.contains(&id) {
-                            if depth < MAX_DEPTH {
-                                queue.push((id, name, depth + 1));
-                            } else {
-                                cut = true;
-                            }
-                            continue;
-                        }
-                        if skipped.contains(&id) || new_skipped.contains(&id) {
-                            continue;
-                        }
-                        let Some(f) = model::get_formula(tx, &id).await? else {
-                            continue;
-                        };
-                        match f.kind {
-                            FormulaKind::Directory => {
-                                new_dirs.insert(id);
-                                if depth < MAX_DEPTH {
-                                    queue.push((id, name, depth + 1));
-                                } else {
-                                    cut = true;
-                                }
-                            }
-                            FormulaKind::Value(v) if v.kind != ValueKind::Bytes => {
-                                listed_names.push(name.clone());
-                                fresh.push(Fresh { name, id });
-                            }
-                            _ => {
-                                new_skipped.insert(id);
-                            }
-                        }
-                    }
-                }
-                Ok::<_, Error>(Some((
-                    version,
-                    (listed_names, seen_known, fresh, new_dirs, new_skipped, cut),
-                )))
-            })
-        })
-        .await?;
-    let Some((version, (listed, seen_known, fresh, new_dirs, new_skipped, cut))) = scanned else {
-        return Ok(());
+    // Close the epochs of the directories known so far: the entries
+    // written before the listing are then never read.
+    let mut known_dirs: Vec<FormulaId> = st.dirs.iter().copied().collect();
+    known_dirs.push(dir);
+    known_dirs.truncate(MAX_CLOSE);
+    close_epochs(h, known_dirs).await?;
+    let mut watched_now = false;
+    let l = loop {
+        let l = list_tree(h, spec, dir, st).await?;
+        let Some(l) = l else {
+            return Ok(None);
+        };
+        // Directories nobody watched yet: watch them, then list again, so
+        // that every change after the listing is in a log the index reads.
+        let unwatched: Vec<FormulaId> = l
+            .tracks
+            .iter()
+            .filter(|(_, (_, e))| e.is_none())
+            .map(|(d, _)| *d)
+            .collect();
+        if unwatched.is_empty() || watched_now {
+            break l;
+        }
+        watch(h, unwatched).await?;
+        watched_now = true;
     };
-    st.dirs.extend(new_dirs);
-    st.skipped.extend(new_skipped);
+    let Listing {
+        version,
+        listed,
+        seen_known,
+        fresh,
+        new_dirs,
+        new_skipped,
+        cut,
+        tracks,
+    } = l;
+    Arc::make_mut(&mut st.dirs).extend(new_dirs);
+    Arc::make_mut(&mut st.skipped).extend(new_skipped);
     st.tree_cut = cut;
-    // 2. Drop what is gone (only when some indexed name was not seen).
+    // Drop what is gone (only when some indexed name was not seen).
     if seen_known < st.known.len() {
         let listed: HashSet<String> = listed.into_iter().collect();
         let gone: Vec<String> = st
@@ -619,7 +678,403 @@ async fn refresh(h: &AgentHandle, spec: &SearchSpec, st: &mut State) -> Result<(
     if !fresh.is_empty() {
         st.known_stale = true;
     }
-    // 3. Read and index what is new, within the caps and the bound.
+    st.tracked = tracks
+        .into_iter()
+        .map(|(d, (prefixes, epoch))| {
+            epoch.map(|from| {
+                (
+                    d,
+                    Track {
+                        prefixes,
+                        from,
+                        seen: HashMap::new(),
+                    },
+                )
+            })
+        })
+        .collect::<Option<HashMap<_, _>>>();
+    index_fresh(h, st, fresh, true).await?;
+    if st.known_stale {
+        st.known = Arc::new(
+            st.index
+                .names()
+                .filter(|n| !n.starts_with("mail:"))
+                .filter_map(|n| st.index.id_of(n).map(|id| (n.clone(), id)))
+                .collect(),
+        );
+        st.known_stale = false;
+    }
+    Ok(Some(version))
+}
+
+/// Starts the change logs of `dirs` (epoch 1) where none is kept yet.
+async fn watch(h: &AgentHandle, dirs: Vec<FormulaId>) -> Result<(), Error> {
+    let dirs = Arc::new(dirs);
+    h.inner()
+        .db
+        .transact(move |tx| {
+            let dirs = dirs.clone();
+            Box::pin(async move {
+                for d in dirs.iter() {
+                    let at = keys::dir_watch(d);
+                    if tx.get(&at).await?.is_none() {
+                        tx.set(&at, &model::encode_watch(1, 1))?;
+                    }
+                }
+                Ok::<_, Error>(())
+            })
+        })
+        .await
+}
+
+/// Closes the current epoch of the change logs of `dirs` (see the module
+/// docs) and trims the epochs older than [`KEEP_EPOCHS`].
+async fn close_epochs(h: &AgentHandle, bump: Vec<FormulaId>) -> Result<(), Error> {
+    if bump.is_empty() {
+        return Ok(());
+    }
+    let bump = Arc::new(bump);
+    h.inner()
+        .db
+        .transact(move |tx| {
+            let bump = bump.clone();
+            Box::pin(async move {
+                for d in bump.iter() {
+                    let at = keys::dir_watch(d);
+                    let Some(w) = tx.get(&at).await? else {
+                        continue;
+                    };
+                    let (e, floor) = model::decode_watch(&w)?;
+                    let next = e.saturating_add(1);
+                    let keep_from = next.saturating_sub(KEEP_EPOCHS).max(floor);
+                    tx.set(&at, &model::encode_watch(next, keep_from))?;
+                    if keep_from > floor {
+                        tx.clear_range(
+                            &keys::dir_changes_from(d, 0),
+                            &keys::dir_changes_from(d, keep_from),
+                        );
+                    }
+                }
+                Ok::<_, Error>(())
+            })
+        })
+        .await?;
+    Ok(())
+}
+
+/// One snapshot's listing of the tree (see [`list_all`]).
+async fn list_tree(
+    h: &AgentHandle,
+    spec: &SearchSpec,
+    dir: FormulaId,
+    st: &State,
+) -> Result<Option<Listing>, Error> {
+    let known = st.known.clone();
+    let dirs = st.dirs.clone();
+    let skipped = st.skipped.clone();
+    let over = spec.over.clone();
+    let last = st.scanned_version;
+    h.inner()
+        .db
+        .read(move |tx| {
+            let (known, dirs, skipped, over) =
+                (known.clone(), dirs.clone(), skipped.clone(), over.clone());
+            Box::pin(async move {
+                // Nothing committed anywhere since the last listing: the
+                // tree is as it was.
+                let version = tx.read_version();
+                if last == Some(version) {
+                    return Ok(None);
+                }
+                if model::get_formula(tx, &dir).await?.is_none() {
+                    return Err(Error::Invalid(format!(
+                        "the directory {over} this search capability covers is gone; make another with capstan mksearch"
+                    )));
+                }
+                let mut l = Listing {
+                    version,
+                    listed: Vec::new(),
+                    seen_known: 0,
+                    fresh: Vec::new(),
+                    new_dirs: HashSet::new(),
+                    new_skipped: HashSet::new(),
+                    cut: false,
+                    tracks: HashMap::new(),
+                };
+                let mut listed = 0usize;
+                let mut queue = vec![(dir, String::new(), 0usize)];
+                while let Some((d, prefix, depth)) = queue.pop() {
+                    match l.tracks.get_mut(&d) {
+                        Some(t) => t.0.push(prefix.clone()),
+                        None => {
+                            let epoch = match tx.get(&keys::dir_watch(&d)).await? {
+                                Some(w) => Some(model::decode_watch(&w)?.0),
+                                None => None,
+                            };
+                            l.tracks.insert(d, (vec![prefix.clone()], epoch));
+                        }
+                    }
+                    let rows = model::list_dir(tx, &d, MAX_LISTED - listed).await?;
+                    listed += rows.len();
+                    if listed >= MAX_LISTED {
+                        l.cut = true;
+                    }
+                    for (n, id) in rows {
+                        let name = if prefix.is_empty() { n } else { format!("{prefix}.{n}") };
+                        if known.get(&name) == Some(&id) {
+                            l.seen_known += 1;
+                            l.listed.push(name);
+                            continue;
+                        }
+                        if dirs.contains(&id) || l.new_dirs.contains(&id) {
+                            if depth < MAX_DEPTH {
+                                queue.push((id, name, depth + 1));
+                            } else {
+                                l.cut = true;
+                            }
+                            continue;
+                        }
+                        if skipped.contains(&id) || l.new_skipped.contains(&id) {
+                            continue;
+                        }
+                        let Some(f) = model::get_formula(tx, &id).await? else {
+                            continue;
+                        };
+                        match f.kind {
+                            FormulaKind::Directory => {
+                                l.new_dirs.insert(id);
+                                if depth < MAX_DEPTH {
+                                    queue.push((id, name, depth + 1));
+                                } else {
+                                    l.cut = true;
+                                }
+                            }
+                            FormulaKind::Value(v) if v.kind != ValueKind::Bytes => {
+                                l.listed.push(name.clone());
+                                l.fresh.push(Fresh { name, id });
+                            }
+                            _ => {
+                                l.new_skipped.insert(id);
+                            }
+                        }
+                    }
+                }
+                Ok::<_, Error>(Some(l))
+            })
+        })
+        .await
+}
+
+/// What one read of the change logs found.
+struct Followed {
+    version: capstan_cluster::Version,
+    /// Per directory: its epoch in the snapshot, and the entries of that
+    /// epoch read (the ones of older epochs are closed: never read again).
+    epochs: Vec<(FormulaId, u64, Applied)>,
+    fresh: Vec<Fresh>,
+    gone: Vec<String>,
+    skipped: Vec<FormulaId>,
+}
+
+/// Brings the index up to date from the change logs of the directories it
+/// follows: reads only the names changed since the last refresh. `Ok(None)`:
+/// nothing changed; `Err(Relist)`: the logs do not say enough (a directory
+/// came, went or was trimmed past): list the tree.
+async fn follow(
+    h: &AgentHandle,
+    st: &mut State,
+) -> Result<Result<Option<capstan_cluster::Version>, Relist>, Error> {
+    let Some(tracked) = st.tracked.as_ref() else {
+        return Ok(Err(Relist("not following")));
+    };
+    // Close the epochs of directories with many open entries, so that the
+    // entries read again by each refresh stay few: a writer that read the
+    // old epoch and has not committed yet conflicts and writes again
+    // under the new one. Older epochs are trimmed (a reader still behind
+    // them lists the tree).
+    let bump: Vec<FormulaId> = tracked
+        .iter()
+        .filter(|(_, t)| t.seen.len() >= CLOSE_EPOCH_AT)
+        .map(|(d, _)| *d)
+        .collect();
+    close_epochs(h, bump).await?;
+    let want: Vec<(FormulaId, u64, Vec<String>)> = tracked
+        .iter()
+        .map(|(d, t)| (*d, t.from, t.prefixes.clone()))
+        .collect();
+    let want = Arc::new(want);
+    // What the refresh needs of the state, without copying it: the
+    // entries already applied, the index's ids, the kinds met.
+    let seen: Arc<HashMap<FormulaId, Applied>> = Arc::new(
+        tracked
+            .iter()
+            .filter(|(_, t)| !t.seen.is_empty())
+            .map(|(d, t)| (*d, t.seen.clone()))
+            .collect(),
+    );
+    let known = st.known.clone();
+    let dirs = st.dirs.clone();
+    let skipped = st.skipped.clone();
+    let prefixes: Arc<HashSet<String>> = Arc::new(
+        tracked
+            .values()
+            .flat_map(|t| t.prefixes.iter().cloned())
+            .collect(),
+    );
+    let last = st.scanned_version;
+    let read = h
+        .inner()
+        .db
+        .read(move |tx| {
+            let (want, seen, known, dirs, skipped, prefixes) = (
+                want.clone(),
+                seen.clone(),
+                known.clone(),
+                dirs.clone(),
+                skipped.clone(),
+                prefixes.clone(),
+            );
+            Box::pin(async move {
+                let version = tx.read_version();
+                if last == Some(version) {
+                    return Ok(Ok(None));
+                }
+                let mut out = Followed {
+                    version,
+                    epochs: Vec::new(),
+                    fresh: Vec::new(),
+                    gone: Vec::new(),
+                    skipped: Vec::new(),
+                };
+                let mut changed: Vec<(FormulaId, String)> = Vec::new();
+                for (d, from, _) in want.iter() {
+                    let Some(w) = tx.get(&keys::dir_watch(d)).await? else {
+                        return Ok(Err(Relist("a directory is no longer watched")));
+                    };
+                    let (epoch, floor) = model::decode_watch(&w)?;
+                    if *from < floor || epoch < *from {
+                        return Ok(Err(Relist("the change log was trimmed")));
+                    }
+                    let rows = tx
+                        .get_range(capstan_cluster::RangeOption {
+                            begin: keys::dir_changes_from(d, *from),
+                            end: capstan_cluster::tuple::prefix_end(&keys::dir_watch(d)),
+                            limit: MAX_CHANGES + 1,
+                            reverse: false,
+                        })
+                        .await?;
+                    if rows.len() > MAX_CHANGES {
+                        return Ok(Err(Relist("too many changes")));
+                    }
+                    let mut open = Applied::new();
+                    for (k, v) in rows {
+                        let mut r = TupleReader::new(&k);
+                        let (e, name) =
+                            (|| -> Result<(u64, String), capstan_cluster::tuple::TupleError> {
+                                r.str()?;
+                                r.bytes()?;
+                                Ok((r.u64()?, r.str()?))
+                            })()
+                            .map_err(|e| Error::Corrupt(format!("a directory change: {e}")))?;
+                        let applied = seen
+                            .get(d)
+                            .and_then(|s| s.get(&(e, name.clone())))
+                            .is_some_and(|old| *old == v);
+                        if e >= epoch {
+                            open.insert((e, name.clone()), v);
+                        }
+                        if !applied {
+                            changed.push((*d, name));
+                        }
+                    }
+                    out.epochs.push((*d, epoch, open));
+                }
+                changed.sort();
+                changed.dedup();
+                if changed.len() > MAX_NEW_PER_REFRESH {
+                    return Ok(Err(Relist("too many changes")));
+                }
+                let ahead: Vec<Vec<u8>> = changed.iter().map(|(d, n)| keys::name(d, n)).collect();
+                tx.prefetch(&ahead).await?;
+                let by_dir: HashMap<FormulaId, &Vec<String>> =
+                    want.iter().map(|(d, _, p)| (*d, p)).collect();
+                for (d, n) in changed {
+                    let now = model::lookup(tx, &d, &n).await?;
+                    for p in by_dir.get(&d).copied().into_iter().flatten() {
+                        let name = if p.is_empty() {
+                            n.clone()
+                        } else {
+                            format!("{p}.{n}")
+                        };
+                        if prefixes.contains(&name) {
+                            return Ok(Err(Relist("a subdirectory changed")));
+                        }
+                        let Some(id) = now else {
+                            out.gone.push(name);
+                            continue;
+                        };
+                        if known.get(&name) == Some(&id) {
+                            continue;
+                        }
+                        if dirs.contains(&id) {
+                            return Ok(Err(Relist("a subdirectory came")));
+                        }
+                        if skipped.contains(&id) {
+                            out.gone.push(name);
+                            continue;
+                        }
+                        match model::get_formula(tx, &id).await?.map(|f| f.kind) {
+                            Some(FormulaKind::Directory) => {
+                                return Ok(Err(Relist("a subdirectory came")));
+                            }
+                            Some(FormulaKind::Value(v)) if v.kind != ValueKind::Bytes => {
+                                out.fresh.push(Fresh { name, id });
+                            }
+                            Some(_) => {
+                                out.skipped.push(id);
+                                out.gone.push(name);
+                            }
+                            None => out.gone.push(name),
+                        }
+                    }
+                }
+                Ok::<_, Error>(Ok(Some(out)))
+            })
+        })
+        .await?;
+    let out = match read {
+        Ok(Some(out)) => out,
+        Ok(None) => return Ok(Ok(None)),
+        Err(r) => return Ok(Err(r)),
+    };
+    if let Some(tracked) = st.tracked.as_mut() {
+        for (d, epoch, open) in out.epochs {
+            if let Some(t) = tracked.get_mut(&d) {
+                t.from = epoch;
+                t.seen = open;
+            }
+        }
+    }
+    if !out.skipped.is_empty() {
+        Arc::make_mut(&mut st.skipped).extend(out.skipped);
+    }
+    for n in &out.gone {
+        if st.index.remove(n) {
+            Arc::make_mut(&mut st.known).remove(n);
+        }
+    }
+    index_fresh(h, st, out.fresh, false).await?;
+    Ok(Ok(Some(out.version)))
+}
+
+/// Reads and indexes the values `fresh`, within the caps and the bound;
+/// keeps `known` in step when it is not to be rebuilt.
+async fn index_fresh(
+    h: &AgentHandle,
+    st: &mut State,
+    fresh: Vec<Fresh>,
+    full: bool,
+) -> Result<(), Error> {
     let room = MAX_DOCS.saturating_sub(st.index.len());
     let mut over_cap = 0usize;
     let todo: Vec<Fresh> = if fresh.len() > room {
@@ -629,6 +1084,10 @@ async fn refresh(h: &AgentHandle, spec: &SearchSpec, st: &mut State) -> Result<(
         fresh
     };
     st.behind = todo.len().saturating_sub(MAX_NEW_PER_REFRESH);
+    if st.behind > 0 {
+        // What is left is found by the next full listing.
+        st.tracked = None;
+    }
     for batch in todo
         .into_iter()
         .take(MAX_NEW_PER_REFRESH)
@@ -661,16 +1120,41 @@ async fn refresh(h: &AgentHandle, spec: &SearchSpec, st: &mut State) -> Result<(
             })
             .await?;
         for (f, t) in batch.iter().zip(texts) {
-            let Some(t) = t else { continue };
+            let Some(t) = t else {
+                // Not text (any more): not indexed under that name.
+                if st.index.remove(&f.name) && !st.known_stale {
+                    Arc::make_mut(&mut st.known).remove(&f.name);
+                }
+                continue;
+            };
             if st.index.bytes() + t.len().min(MAX_TEXT_PER_VALUE) > MAX_INDEX_BYTES {
                 over_cap += 1;
                 continue;
             }
             let (t, cut) = cap_text(t);
             st.index.insert(f.name.clone(), f.id, t, cut);
+            if !st.known_stale {
+                Arc::make_mut(&mut st.known).insert(f.name.clone(), f.id);
+            }
         }
     }
-    st.over_cap = over_cap;
+    // A full listing counts every value over the caps; following the
+    // change logs adds the new ones.
+    st.over_cap = if full {
+        over_cap
+    } else {
+        st.over_cap + over_cap
+    };
+    Ok(())
+}
+
+/// Steps 4 and 5 of a refresh: mail texts, vectors.
+async fn finish(
+    h: &AgentHandle,
+    spec: &SearchSpec,
+    st: &mut State,
+    version: capstan_cluster::Version,
+) -> Result<(), Error> {
     // 4. Mail texts.
     if spec.mail {
         let maker = hex_id(&spec.maker)?;
@@ -730,9 +1214,14 @@ async fn refresh(h: &AgentHandle, spec: &SearchSpec, st: &mut State) -> Result<(
                         st.index.set_vector(name, v);
                     }
                 }
-                Err(e) => {
+                Err(EmbedError::Failed(e)) => {
                     st.embed_error = Some(e);
                     break;
+                }
+                Err(EmbedError::Refused(r)) => {
+                    // Tried again by the next search.
+                    st.scanned_version = None;
+                    return Err(refused(r));
                 }
             }
         }
@@ -742,6 +1231,13 @@ async fn refresh(h: &AgentHandle, spec: &SearchSpec, st: &mut State) -> Result<(
     // that could not be had).
     st.scanned_version = (st.behind == 0 && st.embed_error.is_none()).then_some(version);
     Ok(())
+}
+
+/// The error of a search whose embeddings the budget refused.
+fn refused(why: String) -> Error {
+    Error::Invalid(format!(
+        "{why}; this search capability needs embeddings for its vector search (a capability made without --embed searches full text only)"
+    ))
 }
 
 fn cap_text(mut t: String) -> (String, bool) {
@@ -782,14 +1278,32 @@ fn http() -> Result<&'static reqwest::Client, String> {
     Ok(C.get_or_init(|| c))
 }
 
+/// Why embeddings could not be had.
+#[derive(Debug)]
+enum EmbedError {
+    /// The searching agent's LLM budget refused the request: the search
+    /// fails with this (see the module docs).
+    Refused(String),
+    /// The provider failed: text for the answer's notes (the search falls
+    /// back to full text).
+    Failed(String),
+}
+
+impl From<String> for EmbedError {
+    fn from(s: String) -> Self {
+        EmbedError::Failed(s)
+    }
+}
+
 /// Embeds `texts` with the provider `provider` (an `llm` formula): one
-/// request. Errors are text for the answer's notes.
+/// request, charged to the searching agent's LLM budget and written to its
+/// audit log like a model call.
 async fn embed_texts(
     h: &AgentHandle,
     spec: &SearchSpec,
     provider: FormulaId,
     texts: &[String],
-) -> Result<Vec<Vec<f32>>, String> {
+) -> Result<Vec<Vec<f32>>, EmbedError> {
     let name = spec.embed_name.clone().unwrap_or_else(|| provider.short());
     let secrets = h.inner().opts.secrets.clone();
     let prep = h
@@ -822,26 +1336,60 @@ async fn embed_texts(
         .map_err(|e| format!("embedding provider {name}: {e}"))?;
     let (rec, key) = prep;
     if rec.removed {
-        return Err(format!(
+        return Err(EmbedError::Failed(format!(
             "the embedding provider {name} was removed; make the search again with another --embed"
-        ));
+        )));
     }
+    let model = spec.embed_model.clone().unwrap_or_else(|| {
+        if rec.provider == "ollama" {
+            "nomic-embed-text".into()
+        } else {
+            "text-embedding-3-small".into()
+        }
+    });
+    let bytes: usize = texts.iter().map(|t| t.len().min(MAX_EMBED_TEXT)).sum();
+    let call = match crate::llm::store::embedding_begin(h, &name, &rec, &model, bytes).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(refused)) => return Err(EmbedError::Refused(refused)),
+        Err(e) => {
+            return Err(EmbedError::Failed(format!(
+                "embedding provider {name}: {e}"
+            )));
+        }
+    };
+    let r = call_embeddings(&name, &rec, key.as_ref(), &model, texts).await;
+    let charged = crate::llm::store::embedding_end(
+        h,
+        call,
+        match &r {
+            Ok((_, tokens)) => Ok(*tokens),
+            Err(e) => Err(e.as_str()),
+        },
+    )
+    .await;
+    if let Err(e) = charged {
+        tracing::warn!(provider = %name, "could not record an embedding request in the LLM budget: {e}");
+    }
+    r.map(|(v, _)| v).map_err(EmbedError::Failed)
+}
+
+/// The HTTP request of [`embed_texts`]: the vectors, and the tokens the
+/// provider says it used.
+async fn call_embeddings(
+    name: &str,
+    rec: &crate::records::LlmProviderRec,
+    key: Option<&String>,
+    model: &str,
+    texts: &[String],
+) -> Result<(Vec<Vec<f32>>, Option<u64>), String> {
     let base = rec.url.trim_end_matches('/');
     let inputs: Vec<String> = texts.iter().map(|t| cut_embed_text(t)).collect();
     let (url, body) = if rec.provider == "ollama" {
-        let model = spec
-            .embed_model
-            .clone()
-            .unwrap_or_else(|| "nomic-embed-text".into());
         (
             format!("{}/api/embed", base.trim_end_matches("/v1")),
             json!({"model": model, "input": inputs}),
         )
     } else {
-        let model = spec
-            .embed_model
-            .clone()
-            .unwrap_or_else(|| "text-embedding-3-small".into());
         let url = if base.ends_with("/v1") {
             format!("{base}/embeddings")
         } else {
@@ -902,7 +1450,13 @@ async fn embed_texts(
             vecs.len()
         ));
     }
-    vecs.into_iter()
+    // OpenAI: usage.prompt_tokens; Ollama: prompt_eval_count.
+    let tokens = v["usage"]["prompt_tokens"]
+        .as_u64()
+        .or_else(|| v["usage"]["total_tokens"].as_u64())
+        .or_else(|| v["prompt_eval_count"].as_u64());
+    let vecs = vecs
+        .into_iter()
         .map(|e| {
             let a = e
                 .as_array()
@@ -912,5 +1466,6 @@ async fn embed_texts(
                 .map(|x| x.as_f64().map(|f| f as f32).ok_or_else(|| format!("embedding provider {name}: an embedding holds a non-number")))
                 .collect()
         })
-        .collect()
+        .collect::<Result<Vec<Vec<f32>>, String>>()?;
+    Ok((vecs, tokens))
 }
