@@ -27,6 +27,14 @@
 //! - [`usage`]: what the store holds, by kind of key (`capstan du`).
 //! - [`quota`]: per-agent inbox quotas, kept by each inbox's owner.
 //! - [`cancel`]: cascading cancellation (`capstan cancel`).
+//! - [`error`]: the one [`Error`] type of the crate.
+//! - [`federation`]: mail and references between clusters: envelopes, the
+//!   outbox, accepting and settling across peers.
+//! - [`remote`]: references to objects of other clusters (locators).
+//! - [`gc`]: garbage collection of formulas (`capstan gc`).
+//! - [`search`]: search capabilities (BM25 and vector indexes).
+//! - [`secrets`]: secrets at rest, sealed under a key kept out of the store.
+//! - `open_tx`: a store transaction held open across a guest's handlers.
 
 pub mod api;
 pub mod cancel;
