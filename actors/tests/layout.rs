@@ -165,14 +165,11 @@ fn references(modules: &BTreeSet<String>, me: &str, code: &str) -> BTreeSet<Stri
     // `super::x` from `p::me` names `p::x` or `p`; from a top-level module
     // (inside an inline `mod tests`) it names the module itself.
     let parent = me.rsplit_once("::").map(|(p, _)| p);
-    for (a, _) in paths("super::") {
-        match parent {
-            Some(p) => {
-                if let Some(t) = target(modules, p, &a) {
-                    out.insert(t);
-                }
+    if let Some(p) = parent {
+        for (a, _) in paths("super::") {
+            if let Some(t) = target(modules, p, &a) {
+                out.insert(t);
             }
-            None => {}
         }
     }
     out.remove(me);
