@@ -36,27 +36,35 @@
 //! - [`secrets`]: secrets at rest, sealed under a key kept out of the store.
 //! - `open_tx`: a store transaction held open across a guest's handlers.
 
+pub(crate) mod agent;
 pub mod api;
 pub mod cancel;
 pub mod clock;
 pub mod cluster;
+pub(crate) mod directory;
 pub mod error;
 pub mod federation;
 pub mod gc;
 pub mod guest;
+pub(crate) mod inbox;
 pub mod incarnation;
 pub mod keys;
 pub mod llm;
+pub(crate) mod mail;
 pub mod model;
 pub mod names;
+pub(crate) mod node;
 pub(crate) mod open_tx;
+pub(crate) mod promises;
 pub mod quota;
 pub mod records;
 pub mod remote;
+pub(crate) mod reserve;
 pub mod routines;
 pub mod rules;
 pub mod search;
 pub mod secrets;
+pub(crate) mod types;
 pub mod usage;
 
 pub use api::{
