@@ -29,8 +29,9 @@ use capstan_cluster::tuple::TupleKey;
 use capstan_proto::{FormulaId, RequestId};
 use serde::{Deserialize, Serialize};
 
-use crate::api::{AgentHandle, ValueKind};
+use crate::agent::AgentHandle;
 use crate::error::Error;
+use crate::types::ValueKind;
 
 /// Most URL prefixes in one capability.
 pub const MAX_ALLOW: usize = 32;
