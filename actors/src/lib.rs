@@ -3,11 +3,24 @@
 //!
 //! # Layout
 //!
-//! - [`api`]: the public face used by `nodes/`: [`Runtime`] (one per node)
-//!   and [`AgentHandle`] (the capability to act as one agent). Every
-//!   mutating operation is one store transaction, acknowledged only after
-//!   it committed, and carries a caller-chosen request id so a retry
-//!   applies once.
+//! - [`api`]: the public face used by `nodes/`, re-exporting [`Runtime`]
+//!   (one per node) and [`AgentHandle`] (the capability to act as one
+//!   agent) with their types. Every mutating operation is one store
+//!   transaction, acknowledged only after it committed, and carries a
+//!   caller-chosen request id so a retry applies once. Behind it, at the
+//!   bottom of the layers:
+//!   - `types`: shared types (views of entries, messages, promise states),
+//!     the runtime's options and the limits.
+//!   - `node`: the [`Runtime`], the context its agents share and its
+//!     lifecycle (open, join a cluster, drain, shut down).
+//!   - `agent`: [`AgentHandle`] and its (fenced, journalled, batched)
+//!     transactions.
+//!   - `directory`: an agent's names: list, show, cat, store, remove,
+//!     move, copy, `mk*`.
+//!   - `reserve`: inbox numbers, reserved at the inbox's owner.
+//!   - `mail`: send and post: one transaction writes both copies.
+//!   - `promises`: requests and their promises.
+//!   - `inbox`: reading an inbox: pages, threads, following.
 //! - [`rules`]: the object model's rules as pure state machines (time and ids as inputs, no
 //!   I/O), driven by the async shell and tested alone.
 //! - [`model`]: transactional building blocks (formulas, names, paths,

@@ -164,7 +164,7 @@ impl Runtime {
             .cluster
             .set(m)
             .map_err(|_| Error::Invalid("this runtime already joined a cluster".into()))?;
-        tokio::spawn(crate::cluster::lease_loop(Arc::downgrade(&self.inner)));
+        tokio::spawn(lease_loop(Arc::downgrade(&self.inner)));
         Ok(rx)
     }
 
@@ -421,4 +421,76 @@ pub(crate) async fn load_agent(db: &Db, id: FormulaId) -> Result<Ctx, Error> {
         })
     })
     .await
+}
+
+/// Renews the lease until the runtime closes; on a lost lease, steps down
+/// (drops every incarnation) and registers again. Draining releases every
+/// placement this node holds.
+pub(crate) async fn lease_loop(rt: std::sync::Weak<Inner>) {
+    let mut failures = 0u32;
+    loop {
+        let Some(inner) = rt.upgrade() else { return };
+        let Some(c) = inner.cluster.get().cloned() else {
+            return;
+        };
+        if inner.closed.load(Ordering::Acquire) || c.leaving.load(Ordering::Acquire) {
+            return;
+        }
+        let interval = c.cfg.lease / 6;
+        // Renew even when the lease lapsed on this node's clock (a slow store,
+        // a paused process): if the record in the store is still ours and
+        // live, nobody could have claimed our placements, so we carry on
+        // with the same epoch; otherwise `renew` says so and we step down.
+        // A renewal may take at most what is left of the lease (at least a
+        // renewal interval): a store that does not answer (cut off, its
+        // client retrying) must not keep the incarnations alive past the
+        // lease while the rest of the cluster takes them over.
+        let budget = c.lease_left().max(interval);
+        let ok = match tokio::time::timeout(budget, c.renew(&inner.db)).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::Unavailable(format!(
+                "the store did not answer the lease renewal within {budget:?}"
+            ))),
+        };
+        match ok {
+            Ok(true) => {
+                c.renewals.fetch_add(1, Ordering::Relaxed);
+                failures = 0;
+                if c.draining() {
+                    release_all(&inner, &c).await;
+                }
+            }
+            Ok(false) => {
+                step_down(&inner, &c).await;
+                match c.register_as(&inner.db, true).await {
+                    Ok(epoch) => {
+                        tracing::warn!(node = %c.cfg.name, epoch, "re-registered after losing the lease")
+                    }
+                    Err(e) => tracing::warn!(node = %c.cfg.name, "cannot re-register yet: {e}"),
+                }
+            }
+            Err(e) => {
+                c.renewal_failures.fetch_add(1, Ordering::Relaxed);
+                failures += 1;
+                if failures == 1 || failures.is_multiple_of(20) {
+                    tracing::warn!(node = %c.cfg.name, "cannot renew the cluster lease: {e}");
+                }
+                if !c.serving() {
+                    step_down(&inner, &c).await;
+                }
+            }
+        }
+        drop(inner);
+        tokio::time::sleep(interval).await;
+    }
+}
+
+async fn step_down(inner: &Arc<Inner>, c: &crate::cluster::Membership) {
+    let was_serving = c.serving.swap(false, Ordering::AcqRel);
+    let n = stop_incarnations(inner).await;
+    c.forget_all();
+    if was_serving {
+        c.stepdowns.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(node = %c.cfg.name, epoch = c.epoch(), incarnations = n, "lost the cluster lease: stepped down");
+    }
 }

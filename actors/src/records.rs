@@ -6,8 +6,8 @@ use capnp::message::{Builder, ReaderOptions};
 use capstan_proto::records_capnp as rc;
 use capstan_proto::{FormulaId, RequestId};
 
-use crate::api::{PromiseState, ValueKind};
 use crate::error::Error;
+use crate::types::{PromiseState, ValueKind};
 
 /// A formula: the durable description of a thing.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -29,8 +29,10 @@ use capstan_cluster::tuple::TupleKey;
 use capstan_proto::{FormulaId, RequestId};
 use serde::{Deserialize, Serialize};
 
-use crate::api::{AgentHandle, Inner, now_ms};
+use crate::agent::AgentHandle;
+
 use crate::error::Error;
+use crate::node::{Inner, now_ms};
 
 /// Most routines one host may have.
 pub const MAX_ROUTINES_PER_HOST: usize = 1000;

@@ -44,7 +44,7 @@ use std::time::Duration;
 use capstan_proto::{FormulaId, RequestId};
 use serde::Serialize;
 
-use crate::api::AgentHandle;
+use crate::agent::AgentHandle;
 use crate::error::Error;
 use crate::records::LlmProviderRec;
 

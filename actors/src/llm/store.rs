@@ -12,12 +12,14 @@ use serde::Serialize;
 use super::safety::{self, Budget, LeakMode, LeakOutcome, LeakScanner};
 use super::types::{ChatMessage, ChatRequest, ToolCall};
 use super::{LlmReply, ProviderConfig, ProviderInfo, ProviderSpec, Secret, check_request, http};
-use crate::api::{AgentHandle, MAX_LIST, now_ms};
+use crate::agent::AgentHandle;
 use crate::error::Error;
 use crate::keys;
 use crate::model::{self, Ctx};
 use crate::names::Path;
+use crate::node::now_ms;
 use crate::records::{self, DedupAnswer, Formula, FormulaKind, LlmProviderRec};
+use crate::types::MAX_LIST;
 
 /// Audit entries kept per agent (older ones are dropped).
 pub const MAX_AUDIT: u64 = 10_000;
@@ -160,7 +162,7 @@ async fn provider_at(
     p: &Path,
 ) -> Result<(FormulaId, LlmProviderRec), Error> {
     let id = model::resolve(tx, ctx, p).await?;
-    let (id, f) = crate::api::settle_target(tx, id).await?;
+    let (id, f) = crate::directory::settle_target(tx, id).await?;
     match f.kind {
         FormulaKind::Llm(rec) => Ok((id, rec)),
         other => Err(Error::WrongType {
