@@ -46,11 +46,7 @@ const ALLOWED_LONG: &[&str] = &[
     "cluster.rs",
     "federation.rs",
     "guest/host.rs",
-    "guest/http.rs",
     "guest/mod.rs",
-    "llm/store.rs",
-    "records.rs",
-    "routines.rs",
     "search/mod.rs",
 ];
 

@@ -33,6 +33,7 @@
 //! 6. records actual usage in the budget and one audit entry, in one
 //!    transaction. Refusals and failures are audited too.
 
+mod audit;
 pub mod http;
 pub mod safety;
 pub mod store;
@@ -48,8 +49,8 @@ use crate::agent::AgentHandle;
 use crate::error::Error;
 use crate::records::LlmProviderRec;
 
+pub use audit::AuditEntry;
 pub use safety::{Budget, InjectionPolicy, LeakMode, LeakScanner, Screened};
-pub use store::AuditEntry;
 pub use types::{ChatMessage, ChatRequest, ChatResponse, StopReason, ToolCall, ToolDef, Usage};
 
 /// The wire protocol of a provider.
