@@ -232,7 +232,7 @@ pub struct Membership {
     pub cfg: ClusterConfig,
     epoch: AtomicU64,
     /// Whether the lease is held (false while re-registering: calls refused).
-    serving: AtomicBool,
+    pub(crate) serving: AtomicBool,
     draining: AtomicBool,
     /// The monotonic instant until which the lease is certainly held.
     live_until: Mutex<Instant>,
@@ -334,7 +334,7 @@ impl Membership {
                 }
                 Ok(get_member(tx, &p.node)
                     .await?
-                    .filter(|m| m.epoch == p.epoch && m.live(crate::api::now_ms())))
+                    .filter(|m| m.epoch == p.epoch && m.live(crate::clock::now_ms())))
             })
         })
         .await
@@ -420,7 +420,7 @@ impl Membership {
     }
 
     /// How long the lease is certainly held still, on this node's clock.
-    fn lease_left(&self) -> Duration {
+    pub(crate) fn lease_left(&self) -> Duration {
         self.live_until
             .lock()
             .map(|t| t.saturating_duration_since(Instant::now()))
@@ -456,7 +456,7 @@ impl Membership {
         }
     }
 
-    fn forget_all(&self) {
+    pub(crate) fn forget_all(&self) {
         if let Ok(mut o) = self.owners.lock() {
             o.clear();
         }
@@ -476,7 +476,7 @@ impl Membership {
         self.register_as(db, false).await
     }
 
-    async fn register_as(&self, db: &Db, again: bool) -> Result<u64, Error> {
+    pub(crate) async fn register_as(&self, db: &Db, again: bool) -> Result<u64, Error> {
         let cfg = self.cfg.clone();
         let lease = self.cfg.lease;
         let started = Instant::now();
@@ -484,7 +484,7 @@ impl Membership {
             .transact(move |tx| {
                 let cfg = cfg.clone();
                 Box::pin(async move {
-                    let now = crate::api::now_ms();
+                    let now = crate::clock::now_ms();
                     let old = get_member(tx, &cfg.name).await?;
                     if let Some(o) = &old
                         && o.node_id != cfg.node_id
@@ -530,7 +530,7 @@ impl Membership {
 
     /// Renews the lease. `Ok(false)` when the lease was lost (the record
     /// expired or another epoch replaced it): the caller steps down.
-    async fn renew(&self, db: &Db) -> Result<bool, Error> {
+    pub(crate) async fn renew(&self, db: &Db) -> Result<bool, Error> {
         let name = self.cfg.name.clone();
         let epoch = self.epoch();
         let lease = self.cfg.lease;
@@ -539,7 +539,7 @@ impl Membership {
             .transact(move |tx| {
                 let name = name.clone();
                 Box::pin(async move {
-                    let now = crate::api::now_ms();
+                    let now = crate::clock::now_ms();
                     let Some(mut rec) = get_member(tx, &name).await? else {
                         return Ok::<_, Error>(None);
                     };
@@ -577,7 +577,7 @@ impl Membership {
         let all = db
             .read(|tx| Box::pin(async move { list_members(tx).await }))
             .await?;
-        let now = crate::api::now_ms();
+        let now = crate::clock::now_ms();
         let live: Vec<MemberRec> = all.into_iter().filter(|m| m.live(now)).collect();
         if let Ok(mut m) = self.members.lock() {
             *m = live;
@@ -612,7 +612,7 @@ impl Membership {
             .transact(move |tx| {
                 let me = me.clone();
                 Box::pin(async move {
-                    let now = crate::api::now_ms();
+                    let now = crate::clock::now_ms();
                     let before = get_placement(tx, &id).await?;
                     if let Some(p) = &before {
                         if p.node == me && p.epoch == epoch && !draining {
@@ -714,7 +714,7 @@ impl Membership {
                 Box::pin(async move { get_member(tx, &name).await })
             })
             .await?;
-        let now = crate::api::now_ms();
+        let now = crate::clock::now_ms();
         // A live node renews every lease/6. One that renewed within the last
         // two intervals is alive and only slow: try it again. (Comparing with
         // `m`, which may have been cached long ago, took a node that died
@@ -750,7 +750,7 @@ impl Membership {
                     Box::pin(async move { get_member(tx, &name).await })
                 })
                 .await;
-            let now = crate::api::now_ms();
+            let now = crate::clock::now_ms();
             match rec {
                 Ok(Some(r)) if r.epoch == m.epoch && r.renewed_ms + fresh >= now => {}
                 Ok(_) => return,
@@ -825,7 +825,7 @@ pub async fn end_membership(db: &Db, c: &Membership, remove: bool) -> Result<(),
                 if remove {
                     tx.clear(&member_key(&name));
                 } else {
-                    m.expires_ms = crate::api::now_ms().saturating_sub(1);
+                    m.expires_ms = crate::clock::now_ms().saturating_sub(1);
                     tx.set(&member_key(&name), &encode(&m))?;
                 }
             }
@@ -862,77 +862,5 @@ impl Fence {
                 }
             ))),
         }
-    }
-}
-
-/// Renews the lease until the runtime closes; on a lost lease, steps down
-/// (drops every incarnation) and registers again. Draining releases every
-/// placement this node holds.
-pub(crate) async fn lease_loop(rt: std::sync::Weak<crate::api::Inner>) {
-    let mut failures = 0u32;
-    loop {
-        let Some(inner) = rt.upgrade() else { return };
-        let Some(c) = inner.cluster.get().cloned() else {
-            return;
-        };
-        if inner.closed.load(Ordering::Acquire) || c.leaving.load(Ordering::Acquire) {
-            return;
-        }
-        let interval = c.cfg.lease / 6;
-        // Renew even when the lease lapsed on this node's clock (a slow store,
-        // a paused process): if the record in the store is still ours and
-        // live, nobody could have claimed our placements, so we carry on
-        // with the same epoch; otherwise `renew` says so and we step down.
-        // A renewal may take at most what is left of the lease (at least a
-        // renewal interval): a store that does not answer (cut off, its
-        // client retrying) must not keep the incarnations alive past the
-        // lease while the rest of the cluster takes them over.
-        let budget = c.lease_left().max(interval);
-        let ok = match tokio::time::timeout(budget, c.renew(&inner.db)).await {
-            Ok(r) => r,
-            Err(_) => Err(Error::Unavailable(format!(
-                "the store did not answer the lease renewal within {budget:?}"
-            ))),
-        };
-        match ok {
-            Ok(true) => {
-                c.renewals.fetch_add(1, Ordering::Relaxed);
-                failures = 0;
-                if c.draining() {
-                    crate::api::release_all(&inner, &c).await;
-                }
-            }
-            Ok(false) => {
-                step_down(&inner, &c).await;
-                match c.register_as(&inner.db, true).await {
-                    Ok(epoch) => {
-                        tracing::warn!(node = %c.cfg.name, epoch, "re-registered after losing the lease")
-                    }
-                    Err(e) => tracing::warn!(node = %c.cfg.name, "cannot re-register yet: {e}"),
-                }
-            }
-            Err(e) => {
-                c.renewal_failures.fetch_add(1, Ordering::Relaxed);
-                failures += 1;
-                if failures == 1 || failures.is_multiple_of(20) {
-                    tracing::warn!(node = %c.cfg.name, "cannot renew the cluster lease: {e}");
-                }
-                if !c.serving() {
-                    step_down(&inner, &c).await;
-                }
-            }
-        }
-        drop(inner);
-        tokio::time::sleep(interval).await;
-    }
-}
-
-async fn step_down(inner: &Arc<crate::api::Inner>, c: &Membership) {
-    let was_serving = c.serving.swap(false, Ordering::AcqRel);
-    let n = crate::api::stop_incarnations(inner).await;
-    c.forget_all();
-    if was_serving {
-        c.stepdowns.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(node = %c.cfg.name, epoch = c.epoch(), incarnations = n, "lost the cluster lease: stepped down");
     }
 }

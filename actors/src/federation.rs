@@ -47,11 +47,12 @@ use capstan_cluster::Transaction;
 use capstan_proto::records_capnp as rc;
 use capstan_proto::{FormulaId, RequestId};
 
-use crate::api::{AgentHandle, Runtime, now_ms};
+use crate::agent::AgentHandle;
 use crate::error::Error;
 use crate::keys;
 use crate::model::{self, Ctx};
 use crate::names::Path;
+use crate::node::{Runtime, now_ms};
 use crate::records::{
     AcceptedRec, AcceptingRec, BodyRec, DedupAnswer, Formula, FormulaKind, InvitationRec,
     LocatorRec, MessageRec, PromiseRec, RemoteRec, id_of, options, text, to_bytes,
@@ -169,11 +170,11 @@ impl Envelope {
                     .map(|t| text(t?))
                     .collect::<Result<Vec<_>, _>>()?;
                 let list = p.get_refs()?;
-                if list.len() as usize > crate::api::MAX_MESSAGE_REFS {
+                if list.len() as usize > crate::types::MAX_MESSAGE_REFS {
                     return Err(Error::TooLarge {
                         what: "references".into(),
                         len: list.len() as usize,
-                        max: crate::api::MAX_MESSAGE_REFS,
+                        max: crate::types::MAX_MESSAGE_REFS,
                     });
                 }
                 let refs = list
@@ -186,11 +187,11 @@ impl Envelope {
                     ));
                 }
                 let len: usize = strings.iter().map(String::len).sum();
-                if len > crate::api::MAX_MESSAGE_TEXT {
+                if len > crate::types::MAX_MESSAGE_TEXT {
                     return Err(Error::TooLarge {
                         what: "message text".into(),
                         len,
-                        max: crate::api::MAX_MESSAGE_TEXT,
+                        max: crate::types::MAX_MESSAGE_TEXT,
                     });
                 }
                 for n in &names {
@@ -206,11 +207,11 @@ impl Envelope {
             }
             Which::Request(q) => {
                 let description = text(q.get_description()?)?;
-                if description.len() > crate::api::MAX_MESSAGE_TEXT {
+                if description.len() > crate::types::MAX_MESSAGE_TEXT {
                     return Err(Error::TooLarge {
                         what: "description".into(),
                         len: description.len(),
-                        max: crate::api::MAX_MESSAGE_TEXT,
+                        max: crate::types::MAX_MESSAGE_TEXT,
                     });
                 }
                 EnvelopeBody::Request {
@@ -250,11 +251,11 @@ impl Settlement {
                 Which::Resolved(x) => Settlement::Resolved(RemoteRec::read(x?, own_allowed)?),
                 Which::Rejected(t) => {
                     let t = text(t?)?;
-                    if t.len() > crate::api::MAX_MESSAGE_TEXT {
+                    if t.len() > crate::types::MAX_MESSAGE_TEXT {
                         return Err(Error::TooLarge {
                             what: "reason".into(),
                             len: t.len(),
-                            max: crate::api::MAX_MESSAGE_TEXT,
+                            max: crate::types::MAX_MESSAGE_TEXT,
                         });
                     }
                     Settlement::Rejected(t)
@@ -1037,7 +1038,7 @@ impl Runtime {
             })
             .await?;
         if let Some(state) = state {
-            crate::api::notify_settled(self.inner(), promise, state);
+            crate::promises::notify_settled(self.inner(), promise, state);
         }
         Ok(promise)
     }
@@ -1248,7 +1249,7 @@ impl Runtime {
     }
 
     async fn handle_for(&self, id: FormulaId) -> Result<AgentHandle, Error> {
-        let ctx: Ctx = crate::api::load_agent(self.db(), id).await?;
+        let ctx: Ctx = crate::node::load_agent(self.db(), id).await?;
         Ok(AgentHandle {
             rt: self.inner().clone(),
             ctx: Arc::new(ctx),

@@ -22,10 +22,10 @@ use capstan_proto::FormulaId;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::api::PromiseState;
 use crate::error::Error;
 use crate::model;
 use crate::records::MessageRec;
+use crate::types::PromiseState;
 
 /// Most followers per inbox.
 pub const MAX_FOLLOWERS: usize = 64;
@@ -90,7 +90,7 @@ pub enum AgentMsg {
 pub(crate) struct AgentActor;
 
 pub(crate) struct AgentArgs {
-    pub rt: Arc<crate::api::Inner>,
+    pub rt: Arc<crate::node::Inner>,
     pub id: FormulaId,
     /// Whether this incarnation owns the formula (always, outside a
     /// cluster); an incarnation that does not only serves followers.
@@ -98,7 +98,7 @@ pub(crate) struct AgentArgs {
 }
 
 pub(crate) struct AgentState {
-    rt: Arc<crate::api::Inner>,
+    rt: Arc<crate::node::Inner>,
     id: FormulaId,
     next: u64,
     owned: bool,
@@ -309,7 +309,7 @@ impl Actor for AgentActor {
 
 /// Stops this node's incarnation of agent `id` (cancelled: see
 /// [`crate::cancel`]), if any.
-pub(crate) fn stop_local(rt: &crate::api::Inner, id: FormulaId) {
+pub(crate) fn stop_local(rt: &crate::node::Inner, id: FormulaId) {
     if let Some(a) = rt.registry.agent(&id) {
         unregister(&rt.registry.agents, &id, &a);
         a.stop(Some("cancelled".into()));
@@ -319,7 +319,7 @@ pub(crate) fn stop_local(rt: &crate::api::Inner, id: FormulaId) {
 /// Agent `id` was cancelled by this node: stops its incarnation here and
 /// tells the other members of a cluster to stop theirs (they read the
 /// formula's mark before they do).
-pub(crate) fn stop_cancelled(rt: &crate::api::Inner, id: FormulaId) {
+pub(crate) fn stop_cancelled(rt: &crate::node::Inner, id: FormulaId) {
     stop_local(rt, id);
     if let Some(c) = rt.cluster.get() {
         let to = c.others();
@@ -331,14 +331,14 @@ pub(crate) fn stop_cancelled(rt: &crate::api::Inner, id: FormulaId) {
     }
 }
 
-async fn read_next(rt: &crate::api::Inner, id: FormulaId) -> Result<u64, Error> {
+async fn read_next(rt: &crate::node::Inner, id: FormulaId) -> Result<u64, Error> {
     rt.db
         .read(move |tx| Box::pin(async move { model::next_message_number(tx, &id).await }))
         .await
 }
 
 async fn start_guest(
-    rt: &Arc<crate::api::Inner>,
+    rt: &Arc<crate::node::Inner>,
     id: FormulaId,
 ) -> Option<crate::guest::GuestRunner> {
     crate::guest::runner_for(rt, id).await.unwrap_or_else(|e| {
@@ -371,7 +371,7 @@ pub enum PromiseMsg {
 pub(crate) struct PromiseActor;
 
 pub(crate) struct PromiseState_ {
-    rt: Arc<crate::api::Inner>,
+    rt: Arc<crate::node::Inner>,
     id: FormulaId,
     state: PromiseState,
     waiters: Vec<oneshot::Sender<Result<PromiseState, Error>>>,
@@ -380,7 +380,7 @@ pub(crate) struct PromiseState_ {
 }
 
 pub(crate) async fn read_promise(
-    rt: &crate::api::Inner,
+    rt: &crate::node::Inner,
     id: FormulaId,
 ) -> Result<PromiseState, Error> {
     rt.db
@@ -472,7 +472,7 @@ impl Actor for PromiseActor {
 /// The incarnation of agent `id`, made on demand: owning it outside a
 /// cluster, only serving followers in one (see [`owned_agent_actor`]).
 pub(crate) async fn agent_actor(
-    rt: &Arc<crate::api::Inner>,
+    rt: &Arc<crate::node::Inner>,
     id: FormulaId,
 ) -> Result<ActorRef<AgentMsg>, Error> {
     let owned = rt.cluster.get().is_none();
@@ -481,7 +481,7 @@ pub(crate) async fn agent_actor(
 
 /// The owning incarnation of agent `id` (the caller holds its placement).
 pub(crate) async fn owned_agent_actor(
-    rt: &Arc<crate::api::Inner>,
+    rt: &Arc<crate::node::Inner>,
     id: FormulaId,
 ) -> Result<ActorRef<AgentMsg>, Error> {
     let a = incarnate(rt, &rt.registry.agents, id, AgentActor, true).await?;
@@ -500,14 +500,14 @@ pub(crate) async fn owned_agent_actor(
 
 /// The incarnation of promise `id`, made on demand.
 pub(crate) async fn promise_actor(
-    rt: &Arc<crate::api::Inner>,
+    rt: &Arc<crate::node::Inner>,
     id: FormulaId,
 ) -> Result<ActorRef<PromiseMsg>, Error> {
     incarnate(rt, &rt.registry.promises, id, PromiseActor, true).await
 }
 
 async fn incarnate<A>(
-    rt: &Arc<crate::api::Inner>,
+    rt: &Arc<crate::node::Inner>,
     map: &Mutex<HashMap<FormulaId, ActorRef<A::Msg>>>,
     id: FormulaId,
     actor: A,

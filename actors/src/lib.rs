@@ -3,11 +3,24 @@
 //!
 //! # Layout
 //!
-//! - [`api`]: the public face used by `nodes/`: [`Runtime`] (one per node)
-//!   and [`AgentHandle`] (the capability to act as one agent). Every
-//!   mutating operation is one store transaction, acknowledged only after
-//!   it committed, and carries a caller-chosen request id so a retry
-//!   applies once.
+//! - [`api`]: the public face used by `nodes/`, re-exporting [`Runtime`]
+//!   (one per node) and [`AgentHandle`] (the capability to act as one
+//!   agent) with their types. Every mutating operation is one store
+//!   transaction, acknowledged only after it committed, and carries a
+//!   caller-chosen request id so a retry applies once. Behind it, at the
+//!   bottom of the layers:
+//!   - `types`: shared types (views of entries, messages, promise states),
+//!     the runtime's options and the limits.
+//!   - `node`: the [`Runtime`], the context its agents share and its
+//!     lifecycle (open, join a cluster, drain, shut down).
+//!   - `agent`: [`AgentHandle`] and its (fenced, journalled, batched)
+//!     transactions.
+//!   - `directory`: an agent's names: list, show, cat, store, remove,
+//!     move, copy, `mk*`.
+//!   - `reserve`: inbox numbers, reserved at the inbox's owner.
+//!   - `mail`: send and post: one transaction writes both copies.
+//!   - `promises`: requests and their promises.
+//!   - `inbox`: reading an inbox: pages, threads, following.
 //! - [`rules`]: the object model's rules as pure state machines (time and ids as inputs, no
 //!   I/O), driven by the async shell and tested alone.
 //! - [`model`]: transactional building blocks (formulas, names, paths,
@@ -27,28 +40,44 @@
 //! - [`usage`]: what the store holds, by kind of key (`capstan du`).
 //! - [`quota`]: per-agent inbox quotas, kept by each inbox's owner.
 //! - [`cancel`]: cascading cancellation (`capstan cancel`).
+//! - [`error`]: the one [`Error`] type of the crate.
+//! - [`federation`]: mail and references between clusters: envelopes, the
+//!   outbox, accepting and settling across peers.
+//! - [`remote`]: references to objects of other clusters (locators).
+//! - [`gc`]: garbage collection of formulas (`capstan gc`).
+//! - [`search`]: search capabilities (BM25 and vector indexes).
+//! - [`secrets`]: secrets at rest, sealed under a key kept out of the store.
+//! - `open_tx`: a store transaction held open across a guest's handlers.
 
+pub(crate) mod agent;
 pub mod api;
 pub mod cancel;
 pub mod clock;
 pub mod cluster;
+pub(crate) mod directory;
 pub mod error;
 pub mod federation;
 pub mod gc;
 pub mod guest;
+pub(crate) mod inbox;
 pub mod incarnation;
 pub mod keys;
 pub mod llm;
+pub(crate) mod mail;
 pub mod model;
 pub mod names;
+pub(crate) mod node;
 pub(crate) mod open_tx;
+pub(crate) mod promises;
 pub mod quota;
 pub mod records;
 pub mod remote;
+pub(crate) mod reserve;
 pub mod routines;
 pub mod rules;
 pub mod search;
 pub mod secrets;
+pub(crate) mod types;
 pub mod usage;
 
 pub use api::{

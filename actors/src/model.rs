@@ -353,7 +353,7 @@ pub fn promise_of_request(m: &MessageRec) -> Result<FormulaId, Error> {
 pub async fn promise_state(
     tx: &mut Transaction,
     id: &FormulaId,
-) -> Result<crate::api::PromiseState, Error> {
+) -> Result<crate::types::PromiseState, Error> {
     match must_formula(tx, id).await?.kind {
         FormulaKind::Promise(p) => Ok(p.state),
         other => Err(Error::Corrupt(format!(

@@ -29,7 +29,13 @@ use capstan_cluster::Transaction;
 use capstan_cluster::tuple::TupleKey;
 use capstan_proto::FormulaId;
 
+use crate::agent::{AgentHandle, checked_dedup};
 use crate::error::Error;
+use crate::incarnation::AgentMsg;
+use crate::model;
+use crate::node::now_ms;
+use crate::records::DedupAnswer;
+use capstan_proto::RequestId;
 
 /// Messages an inbox holds at most unless its host set otherwise.
 pub const DEFAULT_MAX_MESSAGES: u64 = 100_000;
@@ -312,6 +318,58 @@ pub fn named(e: Error, name: &str) -> Error {
             max_bytes,
         },
         e => e,
+    }
+}
+
+impl AgentHandle {
+    /// The inbox quota of the agent under `path` (a host's own agents, or
+    /// itself), setting it first when `set` is given (`Some(None)`: back to
+    /// the defaults). Hosts only. See [`crate::quota`].
+    pub async fn quota(
+        &self,
+        req: RequestId,
+        path: &str,
+        set: Option<Option<Quota>>,
+    ) -> Result<QuotaView, Error> {
+        if !self.ctx.is_host {
+            return Err(Error::Invalid(
+                "only a host can see or set inbox quotas; ask your host".into(),
+            ));
+        }
+        let id = self.agent(path).await?.id();
+        if let Some(q) = set {
+            let me = self.ctx.id;
+            self.transact(move |tx| {
+                Box::pin(async move {
+                    if checked_dedup(tx, &me, &req).await?.is_some() {
+                        return Ok(());
+                    }
+                    set_limits(tx, &id, q)?;
+                    model::dedup_put(tx, &me, &req, DedupAnswer::None, now_ms())?;
+                    Ok(())
+                })
+            })
+            .await?;
+            if let Some(a) = self.rt.registry.agent(&id) {
+                let _ = a.cast(AgentMsg::Freed);
+            }
+        }
+        self.rt
+            .db
+            .read(move |tx| {
+                Box::pin(async move {
+                    let (q, own) = limits(tx, &id).await?;
+                    let (messages, bytes) = count(tx, &id).await?;
+                    Ok::<_, Error>(QuotaView {
+                        agent: id,
+                        messages,
+                        bytes,
+                        limits: q,
+                        default: !own,
+                    })
+                })
+            })
+            .await
     }
 }
 

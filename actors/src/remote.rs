@@ -10,12 +10,15 @@
 
 use capstan_proto::{FormulaId, RequestId};
 
-use crate::api::{AgentHandle, Runtime, ValueKind, entry_detail, now_ms, settle_target};
+use crate::agent::AgentHandle;
+use crate::directory::{entry_detail, settle_target};
 use crate::error::Error;
 use crate::keys;
 use crate::model;
 use crate::names::Path;
+use crate::node::{Runtime, now_ms};
 use crate::records::{DedupAnswer, Formula, FormulaKind, LocatorRec, RemoteRec};
+use crate::types::ValueKind;
 
 /// The hash under which an issued locator is stored.
 pub fn swiss_hash(swiss: &[u8; 32]) -> [u8; 32] {
@@ -187,9 +190,12 @@ impl Runtime {
                             }
                             Ok((v.kind, data))
                         }
-                        FormulaKind::Promise(crate::records::PromiseRec { state, .. }) => Err(
-                            crate::api::promise_has_no_value("what this locator names", &state),
-                        ),
+                        FormulaKind::Promise(crate::records::PromiseRec { state, .. }) => {
+                            Err(crate::directory::promise_has_no_value(
+                                "what this locator names",
+                                &state,
+                            ))
+                        }
                         other => Err(Error::WrongType {
                             name: format!("id:{}", tid.short()),
                             expected: "value".into(),

@@ -28,10 +28,11 @@ use wasmtime::Store;
 use super::bindings::channel::SandboxedChannel;
 use super::bindings::channel::capstan::channel::host as ch_host;
 use super::host::{Deadline, Limiter, arm, guest_log, stop_reason};
-use super::runner::{GuestRunner, mark_done, next_run};
+use super::progress::{GuestRunner, mark_done, next_run};
 use super::{CallLimits, GuestHost, compiled};
-use crate::api::{AgentHandle, Inner};
+use crate::agent::AgentHandle;
 use crate::error::Error;
+use crate::node::Inner;
 
 /// Shortest and longest poll interval.
 pub const MIN_POLL: Duration = Duration::from_millis(100);
@@ -189,7 +190,7 @@ impl ch_host::Host for ChannelState {
             .block(self.agent.store(
                 RequestId::random(),
                 &name,
-                crate::api::ValueKind::Text,
+                crate::types::ValueKind::Text,
                 text.into_bytes(),
             ))
             .map(|_| ())

@@ -33,10 +33,11 @@ use super::bindings::evaluator::capstan::evaluator::host as eval_host;
 use super::bindings::evaluator::exports::capstan::evaluator::evaluator::Slot;
 use super::host::{Deadline, Limiter, arm, guest_log, stop_reason};
 use super::{CallLimits, GuestHost, World, manifest_of};
-use crate::api::{AgentHandle, MessageBodyView};
+use crate::agent::AgentHandle;
 use crate::error::Error;
 use crate::model;
 use crate::records::BodyRec;
+use crate::types::MessageBodyView;
 
 /// Largest source accepted.
 pub const MAX_SOURCE: usize = 256 * 1024;
@@ -259,11 +260,11 @@ impl EvalState {
             }
             (Kind::Agent, "send") => {
                 let text = str_arg(0, "the text")?;
-                if text.len() > crate::api::MAX_MESSAGE_TEXT {
+                if text.len() > crate::types::MAX_MESSAGE_TEXT {
                     return Err(format!(
                         "{slot}.send: the text has {} bytes; at most {} fit a message",
                         text.len(),
-                        crate::api::MAX_MESSAGE_TEXT
+                        crate::types::MAX_MESSAGE_TEXT
                     ));
                 }
                 let req = self.call_req();
@@ -597,9 +598,9 @@ impl AgentHandle {
             Ok(json) => format!("result: {json}"),
             Err(e) => format!("error: {e}"),
         };
-        let text: String = if text.len() > crate::api::MAX_MESSAGE_TEXT {
+        let text: String = if text.len() > crate::types::MAX_MESSAGE_TEXT {
             let mut t = text;
-            let mut cut = crate::api::MAX_MESSAGE_TEXT - 64;
+            let mut cut = crate::types::MAX_MESSAGE_TEXT - 64;
             while !t.is_char_boundary(cut) {
                 cut -= 1;
             }

@@ -13,11 +13,12 @@ use super::bindings::tool::capstan::tool::host as tool_host;
 use super::bindings::tool::exports::capstan::tool::tool as tool_exports;
 use super::journal::{self, Entry, Journal};
 use super::{CallLimits, GuestHost, Manifest, World, derived_request};
-use crate::api::{AgentHandle, ValueKind};
+use crate::agent::AgentHandle;
 use crate::error::Error;
 use crate::model;
 use crate::records::DedupAnswer;
 use crate::records::FormulaKind;
+use crate::types::ValueKind;
 
 /// Most log lines a guest may write per call.
 const MAX_LOGS: u32 = 1000;

@@ -13,7 +13,7 @@
 //! So every host call of a handler gets an index, and the answers of the
 //! calls that read or that failed are journaled: buffered in memory and
 //! written *in the same transaction as the next write that commits* (by
-//! [`crate::api::AgentHandle::transact`]). Reads after the last committed
+//! [`crate::agent::AgentHandle::transact`]). Reads after the last committed
 //! write need no record: nothing durable depended on them. A run of a
 //! message that was started before (it has a journal, or its first write
 //! is recorded) replays: journaled answers are given back without calling

@@ -46,6 +46,8 @@ pub mod eval;
 mod host;
 pub mod http;
 pub(crate) mod journal;
+mod progress;
+mod resume;
 mod runner;
 
 use std::collections::{BTreeMap, HashMap};
@@ -58,15 +60,19 @@ use serde::{Deserialize, Serialize};
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
-use crate::api::{AgentHandle, Inner, ValueKind};
+use crate::agent::AgentHandle;
 use crate::error::Error;
 use crate::model;
+use crate::node::Inner;
 use crate::records::FormulaKind;
+use crate::types::ValueKind;
 
 pub(crate) use channel::ChannelState;
 pub use host::CapabilityRep;
 pub(crate) use host::{AgentState, ToolState};
-pub(crate) use runner::{GuestRunner, resume_loop, runner_for};
+pub(crate) use progress::GuestRunner;
+pub(crate) use resume::resume_loop;
+pub(crate) use runner::runner_for;
 
 /// The agent world this node runs.
 pub const AGENT_PACKAGE: &str = "capstan:agent";
@@ -122,7 +128,7 @@ impl Default for GuestLimits {
             memory: 16 << 20,
             table_elements: 10_000,
             capabilities: 256,
-            message: crate::api::MAX_MESSAGE_TEXT,
+            message: crate::types::MAX_MESSAGE_TEXT,
             concurrent: 16,
             wall: std::time::Duration::from_secs(10),
         }
@@ -1095,11 +1101,11 @@ impl AgentHandle {
         }
         serde_json::from_str::<serde_json::Value>(input)
             .map_err(|e| Error::Invalid(format!("--input is not valid JSON: {e}")))?;
-        if input.len() > crate::api::MAX_MESSAGE_TEXT {
+        if input.len() > crate::types::MAX_MESSAGE_TEXT {
             return Err(Error::TooLarge {
                 what: "tool input".into(),
                 len: input.len(),
-                max: crate::api::MAX_MESSAGE_TEXT,
+                max: crate::types::MAX_MESSAGE_TEXT,
             });
         }
         let (_, m) = manifest_of(self, name).await?;
@@ -1169,7 +1175,7 @@ impl AgentHandle {
 
 pub(crate) use parse_hash as hash_from_hex;
 
-impl crate::api::Runtime {
+impl crate::node::Runtime {
     /// Incarnates every channel guest (they poll the outside system as long
     /// as they exist). Call once at node start, after `enable_guests`.
     /// Outside a cluster only: in a cluster a channel runs where it is placed.

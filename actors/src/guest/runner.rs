@@ -10,35 +10,12 @@ use tokio::sync::mpsc;
 use super::bindings::agent::capstan::agent::types::Message;
 use super::host::{Outcome, Replay, call_agent};
 use super::journal::{self, Journal};
+use super::progress::{GuestRunner, Listed, next_run};
 use super::{Body, CallLimits, GuestHost, World, compiled, keys};
-use crate::api::{AgentHandle, Inner};
+use crate::agent::AgentHandle;
 use crate::error::Error;
-use crate::model;
+use crate::node::Inner;
 use crate::open_tx::OpenTx;
-use crate::records::BodyRec;
-use crate::rules::inbox::Step;
-
-/// Messages read from the store per batch.
-const BATCH: usize = 64;
-
-/// Wakes the runner task; dropping it ends the task after its current batch.
-pub(crate) struct GuestRunner {
-    pub(crate) kick: mpsc::Sender<()>,
-    /// A channel keeps its incarnation alive (it polls the outside system).
-    pub(crate) pinned: bool,
-}
-
-impl GuestRunner {
-    /// New mail: look at the inbox again.
-    pub fn kick(&self) {
-        let _ = self.kick.try_send(());
-    }
-
-    /// Whether the incarnation must not be passivated when idle.
-    pub fn pinned(&self) -> bool {
-        self.pinned
-    }
-}
 
 /// The runner of agent `id` if its body is a component and this node runs
 /// guests. It looks at the inbox once right away (mail that came while the
@@ -300,73 +277,6 @@ pub(crate) fn backoff(streak: u32) -> std::time::Duration {
 /// Longest backoff between messages of a guest that keeps failing.
 pub(crate) const MAX_BACKOFF: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// The next messages to handle, in order and without a gap after the last
-/// one handled (waiting at a gap, closing it after the grace: see
-/// [`crate::rules::inbox`]); `None` when there is nothing new.
-///
-/// With `within` (the agent in its runner's batch), the listing reads the
-/// batch's snapshot, without read conflicts: the handlers then work on the
-/// same snapshot, and mail arriving meanwhile does not conflict with them.
-pub(super) async fn next_run(
-    agent: &AgentHandle,
-    within: Option<&AgentHandle>,
-    holes: &mut crate::rules::inbox::Holes,
-) -> Result<Option<Vec<Listed>>, Error> {
-    loop {
-        let (next, mut batch) = next_batch(within.unwrap_or(agent)).await?;
-        let listed: Vec<u64> = batch.iter().map(|(n, _, _)| *n).collect();
-        match holes.step(next, &listed, std::time::Instant::now()) {
-            Step::Idle => return Ok(None),
-            Step::Handle(n) => {
-                batch.truncate(n);
-                return Ok(Some(batch));
-            }
-            Step::Wait(d) => tokio::time::sleep(d).await,
-            Step::Close { from, to } => close_holes(agent, from, to).await?,
-        }
-        if let Some(open) = within.and_then(|w| w.open.as_ref()) {
-            open.reset().await;
-        }
-    }
-}
-
-/// Gives up on inbox numbers `from..to`, handed out but not written for
-/// [`crate::rules::inbox::HOLE_GRACE`] (or known never to be written): if
-/// their slots are still empty, raises the inbox mark above them (a late
-/// writer then takes a fresh number) and marks them handled. If a message
-/// landed after all, nothing changes: the runner finds it on its next look.
-async fn close_holes(agent: &AgentHandle, from: u64, to: u64) -> Result<(), Error> {
-    let id = agent.id();
-    let to = to.max(from + 1).min(from + 1024);
-    let closed = agent
-        .transact(move |tx| {
-            Box::pin(async move {
-                let slots: Vec<Vec<u8>> =
-                    (from..to).map(|n| crate::keys::message(&id, n)).collect();
-                tx.prefetch(&slots).await?;
-                // Up to the first slot that holds a message after all.
-                let mut end = from;
-                for k in &slots {
-                    if tx.get(k).await?.is_some() {
-                        break;
-                    }
-                    end += 1;
-                }
-                if end == from {
-                    return Ok::<_, Error>(None);
-                }
-                model::raise_inbox_mark(tx, &id, end - 1).await?;
-                tx.set(&keys::next(&id), &end.to_be_bytes())?;
-                Ok(Some(end))
-            })
-        })
-        .await?;
-    if let Some(to) = closed {
-        tracing::warn!(guest = %id.short(), from, to, "inbox numbers never written; closed the hole (a late writer takes a fresh number)");
-    }
-    Ok(())
-}
-
 /// What an earlier run of message `number` left: its journal, and whether
 /// it made its first write (then its writes are looked up on replay).
 async fn earlier_run(
@@ -401,87 +311,6 @@ async fn earlier_run(
     }
     let replay = Replay::new(&loaded, wrote);
     Ok((loaded, replay))
-}
-
-/// Records that every message up to `number` was handled (and clears its
-/// journal if it has one, in the same transaction).
-pub(super) async fn mark_done(
-    agent: &AgentHandle,
-    number: u64,
-    journaled: bool,
-) -> Result<(), Error> {
-    let id = agent.id();
-    agent
-        .transact(move |tx| {
-            Box::pin(async move {
-                tx.set(&keys::next(&id), &(number + 1).to_be_bytes())?;
-                if journaled {
-                    capstan_cluster::blob::clear_blob(tx, &journal::key(&id, number));
-                }
-                Ok::<_, Error>(())
-            })
-        })
-        .await
-}
-
-/// A listed inbox entry: its number, the message to handle (none for the
-/// guest's own copies) and its stored record.
-pub(super) type Listed = (u64, Option<Message>, Vec<u8>);
-
-/// The first number not handled yet, and the next messages of the guest's
-/// inbox from it (its own are listed without a body: nothing to handle).
-/// The listed numbers may have gaps (see [`crate::rules::inbox`]).
-async fn next_batch(agent: &AgentHandle) -> Result<(u64, Vec<Listed>), Error> {
-    let ctx = agent.ctx().clone();
-    let batch = agent
-        .read(move |tx| {
-            Box::pin(async move {
-                // Snapshot reads: only this runner writes its mark, and
-                // messages are written once (a missed one is listed next
-                // time); nothing here may make the batch conflict.
-                let next = match tx.snapshot_get(&keys::next(&ctx.id)).await? {
-                    Some(b) if b.len() == 8 => {
-                        u64::from_be_bytes(b.as_slice().try_into().unwrap_or([0; 8]))
-                    }
-                    _ => 0,
-                };
-                let rows = tx
-                    .snapshot_range(&capstan_cluster::RangeOption {
-                        begin: crate::keys::message(&ctx.id, next),
-                        end: capstan_cluster::tuple::prefix_end(&crate::keys::inbox(&ctx.id)),
-                        limit: BATCH,
-                        reverse: false,
-                    })
-                    .await?;
-                let mut out = Vec::new();
-                for (_, v) in rows {
-                    let m = crate::records::MessageRec::decode(&v)?;
-                    if m.from == ctx.id {
-                        out.push((m.number, None, Vec::new()));
-                        continue;
-                    }
-                    let encoded = m.encode();
-                    let sender = model::name_for(tx, &ctx, &m.from).await?;
-                    let (text, refs) = match m.body {
-                        BodyRec::Package { strings, names, .. } => (strings.concat(), names),
-                        BodyRec::Request { description, .. } => (description, vec![]),
-                    };
-                    out.push((
-                        m.number,
-                        Some(Message {
-                            number: m.number,
-                            sender,
-                            text,
-                            refs,
-                        }),
-                        encoded,
-                    ));
-                }
-                Ok::<_, Error>((next, out))
-            })
-        })
-        .await?;
-    Ok(batch)
 }
 
 async fn handle(
@@ -577,127 +406,6 @@ async fn handle(
     Ok(Some(pause))
 }
 
-/// Guests read per page when looking for unhandled mail.
-const RESUME_PAGE: usize = 1000;
-
-/// Guests with mail they have not handled yet (a handler cut short by a
-/// crash, or mail that came while no node ran them).
-async fn guests_behind(rt: &Arc<Inner>) -> Result<Vec<FormulaId>, Error> {
-    let mut out = Vec::new();
-    let mut begin = keys::bodies();
-    let end = capstan_cluster::tuple::prefix_end(&begin);
-    loop {
-        let (b, e) = (begin.clone(), end.clone());
-        let (page, last) = rt
-            .db
-            .read(move |tx| {
-                let (b, e) = (b.clone(), e.clone());
-                Box::pin(async move {
-                    let rows = tx
-                        .get_range(capstan_cluster::RangeOption {
-                            begin: b,
-                            end: e,
-                            limit: RESUME_PAGE,
-                            reverse: false,
-                        })
-                        .await?;
-                    let last = (rows.len() == RESUME_PAGE)
-                        .then(|| rows.last().map(|(k, _)| k.clone()))
-                        .flatten();
-                    let mut behind = Vec::new();
-                    for (_, v) in rows {
-                        let Ok(body) = serde_json::from_slice::<Body>(&v) else {
-                            continue;
-                        };
-                        let Ok(id) = body.id.parse::<FormulaId>() else {
-                            continue;
-                        };
-                        let next = match tx.get(&keys::next(&id)).await? {
-                            Some(b) if b.len() == 8 => {
-                                u64::from_be_bytes(b.as_slice().try_into().unwrap_or([0; 8]))
-                            }
-                            _ => 0,
-                        };
-                        if model::next_message_number(tx, &id).await? > next {
-                            behind.push(id);
-                        }
-                    }
-                    Ok::<_, Error>((behind, last))
-                })
-            })
-            .await?;
-        out.extend(page);
-        match last {
-            Some(mut k) => {
-                k.push(0);
-                begin = k;
-            }
-            None => return Ok(out),
-        }
-    }
-}
-
-/// Starts the runners of guests this node should run that have unhandled
-/// mail: all of them on a lone node; in a cluster, those it owns or can
-/// claim (unowned, or owned by a node whose lease lapsed). Returns how many
-/// it started.
-pub(crate) async fn resume_guests(rt: &Arc<Inner>) -> Result<usize, Error> {
-    if rt.guests.get().is_none() {
-        return Ok(0);
-    }
-    let mut started = 0;
-    for id in guests_behind(rt).await? {
-        let was = rt.registry.agent(&id).is_some();
-        let r = match rt.cluster.get() {
-            None => crate::incarnation::agent_actor(rt, id).await.map(Some),
-            Some(c) => {
-                let live = c.members();
-                let mut owner = c.owner(&rt.db, id).await?;
-                if let crate::cluster::Owner::Other(m) = &owner
-                    && !live.iter().any(|l| l.name == m.name && l.epoch == m.epoch)
-                {
-                    // a cached owner that died since: ask the store again
-                    c.forget_owner(&id);
-                    owner = c.owner(&rt.db, id).await?;
-                }
-                match owner {
-                    crate::cluster::Owner::Me => crate::incarnation::owned_agent_actor(rt, id)
-                        .await
-                        .map(Some),
-                    crate::cluster::Owner::Other(_) => Ok(None),
-                }
-            }
-        };
-        match r {
-            Ok(Some(_)) if !was => {
-                started += 1;
-                tracing::info!(guest = %id.short(), "resumed a guest with unhandled mail");
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(guest = %id.short(), "cannot resume guest: {e}"),
-        }
-    }
-    Ok(started)
-}
-
-/// Resumes guests with unhandled mail now, then (in a cluster, where their
-/// owner may die) every two leases. Ends when the runtime is dropped.
-pub(crate) async fn resume_loop(rt: std::sync::Weak<Inner>) {
-    loop {
-        let Some(inner) = rt.upgrade() else { return };
-        if inner.closed.load(std::sync::atomic::Ordering::Acquire) {
-            return;
-        }
-        if let Err(e) = resume_guests(&inner).await {
-            tracing::warn!("looking for guests to resume: {e}");
-        }
-        let Some(c) = inner.cluster.get() else { return };
-        let period = c.cfg.lease * 2;
-        drop(inner);
-        tokio::time::sleep(period).await;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     //! In process, on the in-memory store, with the real counter component
@@ -708,9 +416,11 @@ mod tests {
     use capstan_proto::RequestId;
 
     use super::*;
-    use crate::api::{MessageBodyView, Runtime, RuntimeOptions};
     use crate::guest::{GuestConfig, GuestLimits};
-    use crate::records::MessageRec;
+    use crate::model;
+    use crate::node::Runtime;
+    use crate::records::{BodyRec, MessageRec};
+    use crate::types::{MessageBodyView, RuntimeOptions};
 
     fn counter_wasm() -> Vec<u8> {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -762,7 +472,7 @@ mod tests {
             reply_to: None,
             from: host.id(),
             to: guest,
-            date_ms: crate::api::now_ms(),
+            date_ms: crate::node::now_ms(),
             body: BodyRec::Package {
                 strings: vec!["increment".into()],
                 names: vec![],
@@ -781,7 +491,7 @@ mod tests {
         Ok(())
     }
 
-    fn replies(host_inbox: &[crate::api::MessageView]) -> Vec<String> {
+    fn replies(host_inbox: &[crate::types::MessageView]) -> Vec<String> {
         host_inbox
             .iter()
             .filter(|m| m.from == "c")

@@ -38,6 +38,7 @@
 //! [`store::embedding_end`]): reserved before, settled after, audited with
 //! kind `"<provider> embeddings"`.
 
+mod audit;
 pub mod http;
 pub mod safety;
 pub mod store;
@@ -49,12 +50,12 @@ use std::time::Duration;
 use capstan_proto::{FormulaId, RequestId};
 use serde::Serialize;
 
-use crate::api::AgentHandle;
+use crate::agent::AgentHandle;
 use crate::error::Error;
 use crate::records::LlmProviderRec;
 
+pub use audit::AuditEntry;
 pub use safety::{Budget, InjectionPolicy, LeakMode, LeakScanner, Screened};
-pub use store::AuditEntry;
 pub use types::{ChatMessage, ChatRequest, ChatResponse, StopReason, ToolCall, ToolDef, Usage};
 
 /// The wire protocol of a provider.

@@ -7,17 +7,19 @@ use std::time::Instant;
 use capnp::message::Builder;
 use capstan_proto::records_capnp as rc;
 use capstan_proto::{FormulaId, RequestId};
-use serde::Serialize;
 
+use super::audit::{AuditEntry, decode_audit, encode_audit};
 use super::safety::{self, Budget, LeakMode, LeakOutcome, LeakScanner};
 use super::types::{ChatMessage, ChatRequest, ToolCall};
 use super::{LlmReply, ProviderConfig, ProviderInfo, ProviderSpec, Secret, check_request, http};
-use crate::api::{AgentHandle, MAX_LIST, now_ms};
+use crate::agent::AgentHandle;
 use crate::error::Error;
 use crate::keys;
 use crate::model::{self, Ctx};
 use crate::names::Path;
+use crate::node::now_ms;
 use crate::records::{self, DedupAnswer, Formula, FormulaKind, LlmProviderRec};
+use crate::types::MAX_LIST;
 
 /// Audit entries kept per agent (older ones are dropped).
 pub const MAX_AUDIT: u64 = 10_000;
@@ -25,64 +27,6 @@ pub const MAX_AUDIT: u64 = 10_000;
 const MAX_KEYS_SCANNED: usize = 1_000;
 /// Longest outcome text stored in an audit entry.
 const MAX_OUTCOME: usize = 500;
-
-/// One entry of an agent's audit log.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct AuditEntry {
-    pub number: u64,
-    pub at_ms: u64,
-    /// The caller's name for the provider.
-    pub provider: String,
-    pub kind: String,
-    pub model: String,
-    pub input_tokens: u64,
-    pub output_tokens: u64,
-    pub estimated_tokens: u64,
-    pub cost_micros: u64,
-    /// `ok`, `error: …` or `refused: …`
-    pub outcome: String,
-    pub duration_ms: u64,
-    pub tool_calls: u32,
-    pub redactions: u32,
-}
-
-fn encode_audit(a: &AuditEntry) -> Vec<u8> {
-    let mut msg = Builder::new_default();
-    let mut b = msg.init_root::<rc::llm_audit::Builder<'_>>();
-    b.set_at_ms(a.at_ms);
-    b.set_provider(a.provider.as_str());
-    b.set_kind(a.kind.as_str());
-    b.set_model(a.model.as_str());
-    b.set_input_tokens(a.input_tokens);
-    b.set_output_tokens(a.output_tokens);
-    b.set_estimated_tokens(a.estimated_tokens);
-    b.set_cost_micros(a.cost_micros);
-    b.set_outcome(a.outcome.as_str());
-    b.set_duration_ms(a.duration_ms);
-    b.set_tool_calls(a.tool_calls);
-    b.set_redactions(a.redactions);
-    records::to_bytes(&msg)
-}
-
-fn decode_audit(number: u64, bytes: &[u8]) -> Result<AuditEntry, Error> {
-    let msg = capnp::serialize::read_message_from_flat_slice(&mut &bytes[..], records::options())?;
-    let r = msg.get_root::<rc::llm_audit::Reader<'_>>()?;
-    Ok(AuditEntry {
-        number,
-        at_ms: r.get_at_ms(),
-        provider: records::text(r.get_provider()?)?,
-        kind: records::text(r.get_kind()?)?,
-        model: records::text(r.get_model()?)?,
-        input_tokens: r.get_input_tokens(),
-        output_tokens: r.get_output_tokens(),
-        estimated_tokens: r.get_estimated_tokens(),
-        cost_micros: r.get_cost_micros(),
-        outcome: records::text(r.get_outcome()?)?,
-        duration_ms: r.get_duration_ms(),
-        tool_calls: r.get_tool_calls(),
-        redactions: r.get_redactions(),
-    })
-}
 
 fn encode_budget(b: &Budget) -> Vec<u8> {
     let mut msg = Builder::new_default();
@@ -160,7 +104,7 @@ async fn provider_at(
     p: &Path,
 ) -> Result<(FormulaId, LlmProviderRec), Error> {
     let id = model::resolve(tx, ctx, p).await?;
-    let (id, f) = crate::api::settle_target(tx, id).await?;
+    let (id, f) = crate::directory::settle_target(tx, id).await?;
     match f.kind {
         FormulaKind::Llm(rec) => Ok((id, rec)),
         other => Err(Error::WrongType {
@@ -795,130 +739,8 @@ pub(super) async fn set_budget(
     .await
 }
 
+mod embedding;
+pub(crate) use embedding::{embedding_begin, embedding_end};
+
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn records_round_trip() {
-        let a = AuditEntry {
-            number: 7,
-            at_ms: 1,
-            provider: "claude".into(),
-            kind: "anthropic".into(),
-            model: "m".into(),
-            input_tokens: 2,
-            output_tokens: 3,
-            estimated_tokens: 4,
-            cost_micros: 5,
-            outcome: "ok".into(),
-            duration_ms: 6,
-            tool_calls: 1,
-            redactions: 0,
-        };
-        assert_eq!(decode_audit(7, &encode_audit(&a)).unwrap(), a);
-        let b = Budget {
-            token_limit: 1,
-            tokens_used: 2,
-            cost_limit: 3,
-            cost_used: 4,
-            calls: 5,
-            injection: safety::InjectionPolicy::Block,
-            tokens_reserved: 6,
-            cost_reserved: 7,
-        };
-        assert_eq!(decode_budget(&encode_budget(&b)).unwrap(), b);
-        assert!(decode_budget(b"junk").is_err());
-    }
-}
-
-/// An embedding request in flight (see [`embedding_begin`]).
-#[derive(Debug)]
-pub(crate) struct EmbeddingCall {
-    entry: AuditEntry,
-    reservation: safety::Reservation,
-    price_input: u64,
-    price_output: u64,
-    started: Instant,
-}
-
-/// Before an embedding request to the provider `rec` (named `name`) for
-/// `input_bytes` bytes of text: reserves its estimate in the calling
-/// agent's budget, as a model call does. `Ok(Err(text))`: refused (over
-/// budget), with the refusal in the agent's audit log and `text` saying why.
-pub(crate) async fn embedding_begin(
-    h: &AgentHandle,
-    name: &str,
-    rec: &LlmProviderRec,
-    model: &str,
-    input_bytes: usize,
-) -> Result<Result<EmbeddingCall, String>, Error> {
-    let cfg = ProviderConfig::from_rec(rec)?;
-    let estimate = safety::estimate_tokens(input_bytes);
-    let mut entry = AuditEntry {
-        number: 0,
-        at_ms: now_ms(),
-        provider: name.to_string(),
-        kind: format!("{} embeddings", cfg.kind.as_str()),
-        model: model.to_string(),
-        input_tokens: 0,
-        output_tokens: 0,
-        estimated_tokens: estimate,
-        cost_micros: 0,
-        outcome: String::new(),
-        duration_ms: 0,
-        tool_calls: 0,
-        redactions: 0,
-    };
-    // An embedding has no answer tokens: the reservation is the estimate
-    // (and the one token `reserve` always leaves room for).
-    match reserve(h, estimate, 0, &cfg).await? {
-        Ok(reservation) => Ok(Ok(EmbeddingCall {
-            entry,
-            reservation,
-            price_input: cfg.price_input,
-            price_output: cfg.price_output,
-            started: Instant::now(),
-        })),
-        Err(over) => {
-            entry.outcome = outcome_text(&format!("refused: {over}"));
-            record(h, entry, 0, 0, None).await?;
-            Ok(Err(format!(
-                "refused to call LLM provider {name:?} for embeddings: {over}; the agent's host can raise it with `capstan llm budget`"
-            )))
-        }
-    }
-}
-
-/// After an embedding request: `Ok(tokens)` (as the provider reported
-/// them; `None`: charged the estimate) or `Err(why)`; records usage and
-/// one audit entry.
-pub(crate) async fn embedding_end(
-    h: &AgentHandle,
-    call: EmbeddingCall,
-    result: Result<Option<u64>, &str>,
-) -> Result<Budget, Error> {
-    let EmbeddingCall {
-        mut entry,
-        reservation,
-        price_input,
-        price_output,
-        started,
-    } = call;
-    entry.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-    let tokens = match result {
-        Ok(t) => {
-            let t = t.filter(|t| *t > 0).unwrap_or(entry.estimated_tokens);
-            entry.input_tokens = t;
-            entry.outcome = "ok".into();
-            t
-        }
-        Err(why) => {
-            entry.outcome = outcome_text(&format!("error: {why}"));
-            0
-        }
-    };
-    let cost = safety::cost_micros(tokens, 0, price_input, price_output);
-    entry.cost_micros = cost;
-    record(h, entry, tokens, cost, Some(reservation)).await
-}
+mod tests;

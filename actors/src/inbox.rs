@@ -1,0 +1,259 @@
+//! Reading an inbox: pages, threads, and following new messages.
+
+use crate::error::Error;
+use crate::incarnation::{self, AgentMsg};
+use crate::model::{self, Ctx};
+use crate::records::{BodyRec, Formula, FormulaKind, MessageRec};
+use capstan_proto::{FormulaId, RequestId};
+use tokio::sync::mpsc;
+
+use crate::agent::AgentHandle;
+use crate::types::{
+    DEFAULT_INBOX_PAGE, FOLLOW_RECHECK, INBOX_SCAN_PAGE, MAX_INBOX_PAGE, MessageBodyView,
+    MessageView, PromiseState,
+};
+
+impl AgentHandle {
+    /// The first [`DEFAULT_INBOX_PAGE`] messages (of the thread, if one is
+    /// named); see [`inbox_page`](Self::inbox_page) for the rest.
+    pub async fn inbox(&self, thread: Option<RequestId>) -> Result<Vec<MessageView>, Error> {
+        Ok(self.inbox_page(thread, 0, DEFAULT_INBOX_PAGE).await?.0)
+    }
+
+    /// At most `limit` (1 to [`MAX_INBOX_PAGE`]) messages numbered `from` or
+    /// above, in number order, and whether more follow. Without a thread it
+    /// is one bounded range read; with one, the inbox is scanned a page at a
+    /// time (a thread's members are found by following replies).
+    pub async fn inbox_page(
+        &self,
+        thread: Option<RequestId>,
+        from: u64,
+        limit: usize,
+    ) -> Result<(Vec<MessageView>, bool), Error> {
+        if limit == 0 || limit > MAX_INBOX_PAGE {
+            return Err(Error::Invalid(format!(
+                "the inbox page size must be from 1 to {MAX_INBOX_PAGE} messages; got {limit}"
+            )));
+        }
+        let ctx = self.ctx.clone();
+        self.rt
+            .db
+            .read(move |tx| {
+                Box::pin(async move {
+                    let mut page = match thread {
+                        None => model::list_messages_page(tx, &ctx.id, from, limit + 1).await?,
+                        Some(t) => thread_page(tx, &ctx.id, t, from, limit + 1).await?,
+                    };
+                    let more = page.len() > limit;
+                    page.truncate(limit);
+                    let mut out = Vec::with_capacity(page.len());
+                    let mut names = std::collections::HashMap::new();
+                    for m in page {
+                        out.push(view(tx, &ctx, m, &mut names).await?);
+                    }
+                    Ok((out, more))
+                })
+            })
+            .await
+    }
+
+    /// Every message numbered >= `after`: existing ones first, then new ones as they
+    /// commit. The channel is bounded; a follower too slow to keep up is dropped.
+    pub async fn follow(&self, after: u64) -> Result<mpsc::Receiver<MessageView>, Error> {
+        let (live_tx, mut live_rx) = mpsc::channel(incarnation::FOLLOWER_BUFFER);
+        let a = incarnation::agent_actor(&self.rt, self.ctx.id).await?;
+        match a.call(|port| AgentMsg::Follow(live_tx, port), None).await {
+            Ok(ractor::rpc::CallResult::Success(r)) => r?,
+            _ => {
+                return Err(Error::Unavailable(
+                    "the inbox actor stopped; try again".into(),
+                ));
+            }
+        }
+        let (out_tx, out_rx) = mpsc::channel(256);
+        let ctx = self.ctx.clone();
+        let db = self.rt.db.clone();
+        tokio::spawn(async move {
+            // The history a page at a time (bounded memory); the numbers
+            // seen are kept to skip their live copies.
+            let mut seen = std::collections::HashSet::new();
+            let mut from = Some(after);
+            while let Some(f) = from {
+                let c = ctx.clone();
+                let page = db
+                    .read(move |tx| {
+                        Box::pin(async move {
+                            let ms =
+                                model::list_messages_page(tx, &c.id, f, INBOX_SCAN_PAGE).await?;
+                            let mut names = std::collections::HashMap::new();
+                            let mut out = Vec::with_capacity(ms.len());
+                            for m in ms {
+                                out.push(view(tx, &c, m, &mut names).await?);
+                            }
+                            Ok::<_, Error>(out)
+                        })
+                    })
+                    .await;
+                let Ok(page) = page else { return };
+                from = if page.len() == INBOX_SCAN_PAGE {
+                    page.last().and_then(|m| m.number.checked_add(1))
+                } else {
+                    None
+                };
+                for m in page {
+                    seen.insert(m.number);
+                    if out_tx.send(m).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            // Live messages as they are pushed, and now and then a look in
+            // the store for what a push missed (a wake-up dropped, or sent
+            // before the inbox's owner knew of this follower: wake-ups go
+            // only to the members following an inbox). See rules::follow.
+            let mut cursor = crate::rules::follow::FollowCursor::new(after);
+            for n in seen {
+                cursor.accept(n);
+            }
+            let mut last_look = tokio::time::Instant::now();
+            loop {
+                let next_look = last_look + FOLLOW_RECHECK;
+                let batch = match tokio::time::timeout_at(next_look, live_rx.recv()).await {
+                    Ok(Some(m)) => vec![m],
+                    Ok(None) => return,
+                    Err(_) => Vec::new(),
+                };
+                let look = tokio::time::Instant::now() >= next_look;
+                let batch = if look {
+                    last_look = tokio::time::Instant::now();
+                    let (c, from) = (ctx.clone(), cursor.look_from());
+                    let page = db
+                        .read(move |tx| {
+                            Box::pin(async move {
+                                model::list_messages_page(tx, &c.id, from, INBOX_SCAN_PAGE).await
+                            })
+                        })
+                        .await;
+                    match page {
+                        Ok(mut ms) => {
+                            ms.extend(batch);
+                            ms
+                        }
+                        Err(e) => {
+                            tracing::debug!("follower's look at the store failed: {e}");
+                            batch
+                        }
+                    }
+                } else {
+                    batch
+                };
+                for m in batch {
+                    if !cursor.accept(m.number) {
+                        continue;
+                    }
+                    let c = ctx.clone();
+                    let v = db
+                        .read(move |tx| {
+                            Box::pin(async move {
+                                let mut names = std::collections::HashMap::new();
+                                view(tx, &c, m, &mut names).await
+                            })
+                        })
+                        .await;
+                    match v {
+                        Ok(v) => {
+                            if out_tx.send(v).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!("follower stopped: {e}");
+                            return;
+                        }
+                    }
+                }
+                if look {
+                    cursor.looked();
+                }
+            }
+        });
+        Ok(out_rx)
+    }
+}
+
+/// Renders a message for the acting agent.
+async fn view(
+    tx: &mut capstan_cluster::Transaction,
+    ctx: &Ctx,
+    m: MessageRec,
+    names: &mut std::collections::HashMap<FormulaId, String>,
+) -> Result<MessageView, Error> {
+    for id in [m.from, m.to] {
+        if let std::collections::hash_map::Entry::Vacant(e) = names.entry(id) {
+            e.insert(model::name_for(tx, ctx, &id).await?);
+        }
+    }
+    let body = match m.body {
+        BodyRec::Package { strings, names, .. } => MessageBodyView::Package { strings, names },
+        BodyRec::Request {
+            description,
+            promise,
+        } => {
+            let state = match model::get_formula(tx, &promise).await? {
+                Some(Formula {
+                    kind: FormulaKind::Promise(p),
+                    ..
+                }) => p.state,
+                _ => PromiseState::Rejected("the request's promise is gone".into()),
+            };
+            MessageBodyView::Request { description, state }
+        }
+    };
+    Ok(MessageView {
+        number: m.number,
+        message_id: m.message_id,
+        reply_to: m.reply_to,
+        from: names[&m.from].clone(),
+        to: names[&m.to].clone(),
+        date_ms: m.date_ms,
+        body,
+    })
+}
+
+/// At most `limit` messages numbered `from` or above of the thread of `root`
+/// (the message `root` and, transitively, the replies to its members).
+/// Passes over the inbox a page at a time until a pass adds no member: the
+/// messages kept in that pass are the answer.
+async fn thread_page(
+    tx: &mut capstan_cluster::Transaction,
+    agent: &FormulaId,
+    root: RequestId,
+    from: u64,
+    limit: usize,
+) -> Result<Vec<crate::records::MessageRec>, Error> {
+    let mut members: std::collections::HashSet<RequestId> = [root].into();
+    loop {
+        let before = members.len();
+        let mut out = Vec::new();
+        let mut next = Some(0u64);
+        while let Some(n) = next {
+            let ms = model::list_messages_page(tx, agent, n, INBOX_SCAN_PAGE).await?;
+            next = if ms.len() == INBOX_SCAN_PAGE {
+                ms.last().and_then(|m| m.number.checked_add(1))
+            } else {
+                None
+            };
+            for m in ms {
+                if m.reply_to.is_some_and(|r| members.contains(&r)) {
+                    members.insert(m.message_id);
+                }
+                if m.number >= from && out.len() < limit && members.contains(&m.message_id) {
+                    out.push(m);
+                }
+            }
+        }
+        if members.len() == before {
+            return Ok(out);
+        }
+    }
+}

@@ -1,0 +1,511 @@
+//! Sending mail: resolving the recipient and the references, then one
+//! transaction that writes both copies of a message.
+
+use crate::error::Error;
+use crate::keys;
+use crate::model::{self, Ctx};
+use crate::names::Path;
+use crate::records::{BodyRec, DedupAnswer, FormulaKind, MessageRec, RemoteRec};
+use capstan_proto::{FormulaId, RequestId};
+use std::sync::Arc;
+
+use crate::agent::{AgentHandle, checked_dedup};
+use crate::node::now_ms;
+use crate::types::{MAX_MESSAGE_REFS, MAX_MESSAGE_TEXT, MAX_SLOT_RETRIES, RefSpec};
+
+/// What a message's transaction writes besides its copies: the body (and
+/// the promise a request makes), given the transaction and the sender.
+pub(crate) trait PostBody:
+    for<'t> Fn(
+        &'t mut capstan_cluster::Transaction,
+        &Arc<Ctx>,
+    ) -> capstan_cluster::TxFuture<'t, (BodyRec, Option<FormulaId>), Error>
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<F> PostBody for F where
+    F: for<'t> Fn(
+            &'t mut capstan_cluster::Transaction,
+            &Arc<Ctx>,
+        ) -> capstan_cluster::TxFuture<'t, (BodyRec, Option<FormulaId>), Error>
+        + Send
+        + Sync
+        + 'static
+{
+}
+/// Who a message goes to, as its sender named it.
+struct Recipient {
+    to_path: Option<Path>,
+    to_name: String,
+    reply_to: Option<u64>,
+    refs: Vec<Path>,
+}
+
+/// A resolved recipient: the agent, the id of the message replied to, the
+/// remote record of an agent of another cluster; and, when it was read on a
+/// snapshot that may miss the latest commits, the recipient to resolve
+/// again in the posting transaction.
+pub(crate) struct Resolved {
+    target: FormulaId,
+    reply_id: Option<RequestId>,
+    remote: Option<RemoteRec>,
+    recheck: Option<Arc<Recipient>>,
+}
+
+/// The keys [`resolve_recipient`] reads for `r` when it resolves to
+/// `target` by a plain name or a reply (others are read as it goes).
+fn recipient_keys(ctx: &Ctx, r: &Recipient, target: &FormulaId) -> Vec<Vec<u8>> {
+    let mut out = vec![keys::formula(target)];
+    if let Some(n) = r.reply_to {
+        out.push(keys::message(&ctx.id, n));
+    }
+    if let Some(p) = &r.to_path
+        && let [first] = p.segments.as_slice()
+        && !crate::names::is_special_form(first)
+    {
+        out.push(keys::name(&ctx.rec.pet_store, first));
+    }
+    out
+}
+
+/// Resolves `r` as `ctx` sees it in `tx` (see [`AgentHandle::recipient`]).
+async fn resolve_recipient(
+    tx: &mut capstan_cluster::Transaction,
+    ctx: &Ctx,
+    r: &Recipient,
+) -> Result<(FormulaId, Option<RequestId>, Option<RemoteRec>), Error> {
+    let (to_path, reply_to, refs) = (&r.to_path, r.reply_to, &r.refs);
+    let to_name = r.to_name.clone();
+    for p in refs {
+        resolve_reference(tx, ctx, p).await?;
+    }
+    let mut reply_id = None;
+    let mut target = None;
+    if let Some(n) = reply_to {
+        let m = model::get_message(tx, &ctx.id, n).await?;
+        reply_id = Some(m.message_id);
+        target = Some(if m.from == ctx.id { m.to } else { m.from });
+    }
+    if let Some(p) = to_path {
+        target = Some(model::resolve(tx, ctx, p).await?);
+    }
+    let target = target.ok_or_else(|| Error::Invalid("a message needs a recipient".into()))?;
+    let f = model::must_formula(tx, &target).await?;
+    if let Some(c) = &f.cancelled {
+        let name = if to_name.is_empty() {
+            "the recipient"
+        } else {
+            to_name.as_str()
+        };
+        return Err(crate::cancel::cancelled_error(
+            name,
+            c,
+            ": nothing was sent",
+        ));
+    }
+    if let FormulaKind::Remote(r) = f.kind {
+        // An agent of another cluster (its side checks).
+        return Ok((target, reply_id, Some(r)));
+    }
+    if f.kind.agent().is_none() {
+        return Err(Error::WrongType {
+            name: to_name,
+            expected: "host or guest".into(),
+            actual: f.kind.type_name().into(),
+        });
+    }
+    Ok((target, reply_id, None))
+}
+
+/// What a reference `@p` in a message's text designates; an unknown name
+/// is an error that says how to write a literal `@`.
+async fn resolve_reference(
+    tx: &mut capstan_cluster::Transaction,
+    ctx: &Ctx,
+    p: &Path,
+) -> Result<FormulaId, Error> {
+    model::resolve(tx, ctx, p).await.map_err(|e| match e {
+        Error::UnknownName(_) => Error::Invalid(format!(
+            "the reference @{p} names nothing: you have no name {:?} (see `capstan list`); write @@{p} for a literal @",
+            p.to_string()
+        )),
+        other => other,
+    })
+}
+
+impl AgentHandle {
+    /// Resolves the recipient (an agent) of a message and validates it, and
+    /// checks that the references a message will carry resolve — before any
+    /// inbox number is reserved, so that a refused message leaves no gap in
+    /// the numbering. (The posting transaction resolves them again: a name
+    /// removed in between still fails cleanly there.)
+    ///
+    /// Outside a guest's batch it reads a snapshot for commit (no round trip
+    /// for the latest version, see [`capstan_cluster::Store::snapshot_for_commit`]):
+    /// then the answer carries the recipient to resolve again in the posting
+    /// transaction, whose commit validates it; an error read there is
+    /// checked on the latest version before it is returned.
+    pub(crate) async fn recipient(
+        &self,
+        to: &str,
+        reply_to: Option<u64>,
+        refs: &[Path],
+    ) -> Result<Resolved, Error> {
+        let to_path = if to.is_empty() {
+            None
+        } else {
+            Some(Path::parse(to)?)
+        };
+        if to_path.is_none() && reply_to.is_none() {
+            return Err(Error::Invalid("a message needs a recipient".into()));
+        }
+        let spec = Arc::new(Recipient {
+            to_path,
+            to_name: to.to_string(),
+            reply_to,
+            refs: refs.to_vec(),
+        });
+        if self.open.is_none() {
+            let (ctx, s) = (self.ctx.clone(), spec.clone());
+            let (r, fresh) = self
+                .rt
+                .db
+                .read_for_commit(move |tx| {
+                    Box::pin(async move { Ok::<_, Error>(resolve_recipient(tx, &ctx, &s).await) })
+                })
+                .await?;
+            match r {
+                Ok((target, reply_id, remote)) => {
+                    return Ok(Resolved {
+                        target,
+                        reply_id,
+                        remote,
+                        recheck: (!fresh).then_some(spec),
+                    });
+                }
+                Err(e) if fresh => return Err(e),
+                Err(_) => {}
+            }
+        }
+        self.recipient_fresh(spec).await
+    }
+
+    /// [`recipient`](Self::recipient) on the latest version (or in the
+    /// guest's batch).
+    async fn recipient_fresh(&self, spec: Arc<Recipient>) -> Result<Resolved, Error> {
+        let ctx = self.ctx.clone();
+        let (target, reply_id, remote) = self
+            .read(move |tx| Box::pin(async move { resolve_recipient(tx, &ctx, &spec).await }))
+            .await?;
+        Ok(Resolved {
+            target,
+            reply_id,
+            remote,
+            recheck: None,
+        })
+    }
+
+    /// Sends a package; returns its number in the sender's own inbox.
+    pub async fn send(
+        &self,
+        req: RequestId,
+        to: &str,
+        strings: Vec<String>,
+        refs: Vec<RefSpec>,
+        reply_to: Option<u64>,
+    ) -> Result<u64, Error> {
+        if strings.len() != refs.len() + 1 {
+            return Err(Error::Invalid(format!(
+                "a message has one more text chunk than references; got {} chunks and {} references",
+                strings.len(),
+                refs.len()
+            )));
+        }
+        if refs.len() > MAX_MESSAGE_REFS {
+            return Err(Error::TooLarge {
+                what: "references".into(),
+                len: refs.len(),
+                max: MAX_MESSAGE_REFS,
+            });
+        }
+        let text_len: usize = strings.iter().map(String::len).sum();
+        if text_len > MAX_MESSAGE_TEXT {
+            return Err(Error::TooLarge {
+                what: "message text".into(),
+                len: text_len,
+                max: MAX_MESSAGE_TEXT,
+            });
+        }
+        let mut paths = Vec::with_capacity(refs.len());
+        for r in &refs {
+            paths.push(Path::parse(&r.path)?);
+            if !crate::names::is_pet_name(&r.edge_name) {
+                return Err(Error::InvalidName(r.edge_name.clone()));
+            }
+        }
+        let names: Vec<String> = refs.into_iter().map(|r| r.edge_name).collect();
+        let size =
+            crate::quota::message_size(text_len, names.iter().map(String::len).sum(), names.len());
+        let to_name = to;
+        let to = self.recipient(to, reply_to, &paths).await?;
+        let (n, _) = self
+            .post(req, to, size, move |tx, ctx| {
+                let (paths, strings, names, ctx) =
+                    (paths.clone(), strings.clone(), names.clone(), ctx.clone());
+                Box::pin(async move {
+                    let mut ids = Vec::with_capacity(paths.len());
+                    for p in &paths {
+                        ids.push(resolve_reference(tx, &ctx, p).await?);
+                    }
+                    Ok((
+                        BodyRec::Package {
+                            strings,
+                            names,
+                            ids,
+                        },
+                        None,
+                    ))
+                })
+            })
+            .await
+            .map_err(|e| crate::quota::named(e, to_name))?;
+        Ok(n)
+    }
+
+    /// Sends a text package only while the key `alive` exists, checked in
+    /// the message's own transaction (a routine's fire: removing the routine
+    /// conflicts with a fire in flight, so none lands after the removal).
+    pub(crate) async fn send_while(
+        &self,
+        req: RequestId,
+        to: &str,
+        text: String,
+        alive: Vec<u8>,
+    ) -> Result<u64, Error> {
+        if text.len() > MAX_MESSAGE_TEXT {
+            return Err(Error::TooLarge {
+                what: "message text".into(),
+                len: text.len(),
+                max: MAX_MESSAGE_TEXT,
+            });
+        }
+        let size = crate::quota::message_size(text.len(), 0, 0);
+        let to_name = to;
+        let to = self.recipient(to, None, &[]).await?;
+        let (n, _) = self
+            .post(req, to, size, move |tx, _ctx| {
+                let (text, alive) = (text.clone(), alive.clone());
+                Box::pin(async move {
+                    if tx.get(&alive).await?.is_none() {
+                        return Err(Error::Invalid("the routine was removed".into()));
+                    }
+                    Ok((
+                        BodyRec::Package {
+                            strings: vec![text],
+                            names: vec![],
+                            ids: vec![],
+                        },
+                        None,
+                    ))
+                })
+            })
+            .await
+            .map_err(|e| crate::quota::named(e, to_name))?;
+        Ok(n)
+    }
+
+    /// The common path of send and request: reserve numbers in both inboxes,
+    /// then one transaction writes both copies and the exactly-once record.
+    /// `size`: about the bytes of the message, admitted under the
+    /// recipient's inbox quota by its owner as it reserves the number.
+    pub(crate) async fn post<F: PostBody>(
+        &self,
+        req: RequestId,
+        to: Resolved,
+        size: u64,
+        body: F,
+    ) -> Result<(u64, Option<FormulaId>), Error> {
+        let body = Arc::new(body);
+        let r = match self.post_to(req, &to, size, body.clone()).await {
+            // read on an old snapshot, the recipient changed since: resolve
+            // it again on the latest version
+            Err(Error::RecipientMoved) if let Some(spec) = to.recheck => {
+                let to = self.recipient_fresh(spec).await?;
+                self.post_to(req, &to, size, body).await
+            }
+            r => r,
+        };
+        match r {
+            // a retry of a send that was applied before the inbox filled up
+            Err(e @ Error::InboxFull { .. }) => {
+                let me = self.ctx.id;
+                let earlier = self
+                    .read(move |tx| Box::pin(async move { model::dedup_get(tx, &me, &req).await }))
+                    .await?;
+                match earlier {
+                    Some(DedupAnswer::Number(n)) => Ok((n, None)),
+                    _ => Err(e),
+                }
+            }
+            r => r,
+        }
+    }
+
+    async fn post_to<F: PostBody>(
+        &self,
+        req: RequestId,
+        to: &Resolved,
+        size: u64,
+        body: Arc<F>,
+    ) -> Result<(u64, Option<FormulaId>), Error> {
+        let (target, reply_id, recheck) = (to.target, to.reply_id, to.recheck.clone());
+        let remote = to.remote.clone();
+        let me = self.ctx.id;
+        let remote_target = remote.is_some();
+        let remote = Arc::new(remote);
+        let message_id = RequestId::random();
+        let date_ms = now_ms();
+        // Numbers from a stale sequence (a cluster node that lost the inbox)
+        // are refused by the store; retry with fresh ones above them.
+        let (mut own_min, mut their_min) = (0, 0);
+        let mut tries = 0;
+        let result = loop {
+            tries += 1;
+            if tries > MAX_SLOT_RETRIES {
+                return Err(Error::Unavailable(
+                    "inbox numbers kept colliding with used ones; try again".into(),
+                ));
+            }
+            // The recipient's number first: its owner may refuse (a full
+            // inbox, see crate::quota) before anything is reserved here.
+            let theirs = if target == me || remote_target {
+                None
+            } else {
+                Some(
+                    self.reserve_admitting(target, 1, their_min, Some(size))
+                        .await?,
+                )
+            };
+            let own = self.reserve(me, 1, own_min).await?;
+            let theirs = theirs.unwrap_or(own);
+            let ctx = self.ctx.clone();
+            let (body, remote, recheck) = (body.clone(), remote.clone(), recheck.clone());
+            let r = self
+                .transact(move |tx| {
+                    let (ctx, body, remote, recheck) =
+                        (ctx.clone(), body.clone(), remote.clone(), recheck.clone());
+                    Box::pin(async move {
+                        // A fresh request id and freshly reserved inbox slots
+                        // are absent: on a first, possibly stale attempt they
+                        // are checked by the commit instead of read (a retry,
+                        // or a slot a stale sequence handed out, conflicts,
+                        // and the attempt after reads them).
+                        tx.expect_absent(&keys::dedup(&ctx.id, &req));
+                        tx.expect_absent(&keys::message(&ctx.id, own));
+                        if target != ctx.id && remote.is_none() {
+                            tx.expect_absent(&keys::message(&target, theirs));
+                        }
+                        // Everything this transaction reads for sure, in one
+                        // round (with what the recipient's check reads).
+                        let mut ahead = vec![
+                            keys::dedup(&ctx.id, &req),
+                            keys::inbox_mark(&ctx.id),
+                            keys::message(&ctx.id, own),
+                        ];
+                        if target != ctx.id && remote.is_none() {
+                            ahead.push(keys::inbox_mark(&target));
+                            ahead.push(keys::message(&target, theirs));
+                        }
+                        if let Some(r) = &recheck {
+                            ahead.extend(recipient_keys(&ctx, r, &target));
+                        }
+                        tx.prefetch(&ahead).await?;
+                        if let Some(r) = &recheck {
+                            match resolve_recipient(tx, &ctx, r).await {
+                                Ok((t, _, _)) if t == target => {}
+                                Err(e @ Error::Store(_)) => return Err(e),
+                                _ => return Err(Error::RecipientMoved),
+                            }
+                        }
+                        match checked_dedup(tx, &ctx.id, &req).await? {
+                            Some(DedupAnswer::Number(n)) => return Ok((n, None, None)),
+                            Some(_) => {
+                                return Err(Error::Invalid(
+                                    "request id reused for another operation".into(),
+                                ));
+                            }
+                            None => {}
+                        }
+                        let (b, created) = body(tx, &ctx).await?;
+                        let mine = MessageRec {
+                            number: own,
+                            message_id,
+                            reply_to: reply_id,
+                            from: ctx.id,
+                            to: target,
+                            date_ms,
+                            body: b,
+                        };
+                        model::put_message(tx, &ctx.id, &mine).await?;
+                        if let Some(to) = remote.as_ref() {
+                            let env = crate::federation::envelope_of(tx, &mine).await?;
+                            crate::federation::enqueue(
+                                tx,
+                                &crate::federation::OutboxItem {
+                                    id: RequestId::random(),
+                                    sender: ctx.id,
+                                    peer: target,
+                                    to: to.clone(),
+                                    created_us: crate::federation::now_us(),
+                                    op: crate::federation::OutOp::Deliver(env),
+                                },
+                            )?;
+                            model::dedup_put(tx, &ctx.id, &req, DedupAnswer::Number(own), date_ms)?;
+                            return Ok((own, created, Some((mine, None))));
+                        }
+                        let copy = (target != ctx.id).then(|| MessageRec {
+                            number: theirs,
+                            ..mine.clone()
+                        });
+                        if let Some(c) = &copy {
+                            model::put_message(tx, &target, c).await?;
+                        }
+                        model::dedup_put(tx, &ctx.id, &req, DedupAnswer::Number(own), date_ms)?;
+                        Ok((own, created, Some((mine, copy))))
+                    })
+                })
+                .await;
+            match r {
+                Err(Error::InboxSlotTaken { number, .. }) if number == own && own_min <= number => {
+                    own_min = number + 1
+                }
+                Err(Error::InboxSlotTaken { number, .. })
+                    if number == theirs && their_min <= number =>
+                {
+                    their_min = number + 1
+                }
+                r => break r?,
+            }
+        };
+        let (n, created, delivered) = result;
+        if let (Some(open), Some(_)) = (&self.open, &delivered) {
+            open.own_copy(n);
+        }
+        if let Some((mine, copy)) = delivered {
+            let me_h = self.clone();
+            self.after_commit(move || {
+                if remote_target {
+                    me_h.rt.outbox.notify_one();
+                }
+                me_h.notify_delivered(me, mine);
+                if let Some(c) = copy {
+                    me_h.notify_delivered(target, c);
+                }
+            });
+        }
+        Ok((n, created))
+    }
+}

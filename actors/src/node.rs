@@ -1,0 +1,496 @@
+//! One node's object model: the [`Runtime`], the context its agents share
+//! ([`Inner`]: store, registry of incarnations, the node's services) and its
+//! lifecycle (open, join a cluster, drain, shut down).
+
+use crate::error::Error;
+use crate::incarnation::{self, AgentMsg, PromiseMsg, Registry};
+use crate::keys;
+use crate::model::{self, Ctx};
+use crate::records::{AgentRec, Formula, FormulaKind, MessageRec};
+use capstan_cluster::Db;
+use capstan_proto::FormulaId;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use tokio::sync::mpsc;
+
+use crate::agent::AgentHandle;
+use crate::reserve::local_reserve;
+use crate::types::RuntimeOptions;
+
+pub(crate) struct Inner {
+    pub db: Db,
+    pub opts: RuntimeOptions,
+    #[allow(dead_code)] // read by the cluster placement code to come
+    pub root: FormulaId,
+    pub registry: Registry,
+    pub closed: AtomicBool,
+    /// Woken after a commit that queued items in the outbox.
+    pub outbox: tokio::sync::Notify,
+    /// The wasmtime host, once [`Runtime::enable_guests`] ran.
+    pub guests: std::sync::OnceLock<Arc<crate::guest::GuestHost>>,
+    /// This node's membership, once [`Runtime::join_cluster`] ran.
+    pub cluster: std::sync::OnceLock<Arc<crate::cluster::Membership>>,
+    /// The search indexes this node built (derived data, see [`crate::search`]).
+    pub search: crate::search::Indexes,
+}
+
+/// The object model of one node.
+#[derive(Clone)]
+pub struct Runtime {
+    inner: Arc<Inner>,
+    root: AgentHandle,
+}
+
+pub(crate) fn now_ms() -> u64 {
+    crate::clock::now_ms()
+}
+
+impl Runtime {
+    /// Opens the runtime on a store, creating the root host on first use.
+    pub async fn open(db: Db, opts: RuntimeOptions) -> Result<Runtime, Error> {
+        let root = db
+            .transact(|tx| {
+                Box::pin(async move {
+                    if let Some(b) = tx.get(&keys::root_host()).await? {
+                        return FormulaId::from_slice(&b)
+                            .map_err(|e| Error::Corrupt(format!("root host id: {e}")));
+                    }
+                    let id = FormulaId::random();
+                    let store = FormulaId::random();
+                    let now = now_ms();
+                    model::put_formula(
+                        tx,
+                        &store,
+                        &Formula {
+                            created_ms: now,
+                            cancelled: None,
+                            kind: FormulaKind::Directory,
+                        },
+                    )?;
+                    let rec = AgentRec {
+                        pet_store: store,
+                        host: None,
+                        label: "root".into(),
+                    };
+                    model::put_formula(
+                        tx,
+                        &id,
+                        &Formula {
+                            created_ms: now,
+                            cancelled: None,
+                            kind: FormulaKind::Host(rec),
+                        },
+                    )?;
+                    tx.set(&keys::root_host(), id.as_bytes())?;
+                    Ok(id)
+                })
+            })
+            .await?;
+        let inner = Arc::new(Inner {
+            db,
+            opts,
+            root,
+            registry: Registry::new(),
+            closed: AtomicBool::new(false),
+            outbox: tokio::sync::Notify::new(),
+            guests: std::sync::OnceLock::new(),
+            cluster: std::sync::OnceLock::new(),
+            search: Default::default(),
+        });
+        let rec = load_agent(&inner.db, root).await?;
+        let root_handle = AgentHandle {
+            rt: inner.clone(),
+            ctx: Arc::new(rec),
+            fence: None,
+            journal: None,
+            open: None,
+        };
+        tracing::info!(root = %root, store = %inner.db.describe(), "runtime open");
+        Ok(Runtime {
+            inner,
+            root: root_handle,
+        })
+    }
+
+    pub fn root_host(&self) -> AgentHandle {
+        self.root.clone()
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.inner.db
+    }
+
+    pub(crate) fn inner(&self) -> &Arc<Inner> {
+        &self.inner
+    }
+
+    /// Starts the wasmtime host: guest agents whose body is a component
+    /// then run their handler on every message. Call once, inside tokio.
+    pub fn enable_guests(&self, cfg: crate::guest::GuestConfig) -> Result<(), Error> {
+        let gh = crate::guest::GuestHost::new(cfg)?;
+        self.inner
+            .guests
+            .set(Arc::new(gh))
+            .map_err(|_| Error::Invalid("guests are already enabled".into()))
+    }
+
+    /// Starts the guests that have mail they did not handle (their node
+    /// died mid-handler, or mail came while no node ran them), now and, in a
+    /// cluster, every two leases (owners die). Call once, inside tokio,
+    /// after [`Runtime::enable_guests`] and [`Runtime::join_cluster`].
+    pub fn start_guest_resumer(&self) {
+        tokio::spawn(crate::guest::resume_loop(Arc::downgrade(&self.inner)));
+    }
+
+    /// Fires routines that are due (see [`crate::routines`]): on a lone
+    /// node all of them, in a cluster those this node owns. Call once,
+    /// inside tokio, after [`Runtime::join_cluster`].
+    pub fn start_routines(&self) {
+        tokio::spawn(crate::routines::routine_loop(Arc::downgrade(&self.inner)));
+    }
+
+    /// Joins the cluster whose store this runtime uses: registers this
+    /// node with a lease and keeps renewing it. Returns the work for the
+    /// node's links to other members (reservations at remote owners, wake-ups),
+    /// which the caller must serve. Call once, inside tokio.
+    pub async fn join_cluster(
+        &self,
+        cfg: crate::cluster::ClusterConfig,
+    ) -> Result<mpsc::Receiver<crate::cluster::LinkOp>, Error> {
+        let (tx, rx) = mpsc::channel(crate::cluster::LINK_QUEUE);
+        let m = Arc::new(crate::cluster::Membership::new(cfg, tx));
+        m.register(&self.inner.db).await?;
+        self.inner
+            .cluster
+            .set(m)
+            .map_err(|_| Error::Invalid("this runtime already joined a cluster".into()))?;
+        tokio::spawn(lease_loop(Arc::downgrade(&self.inner)));
+        Ok(rx)
+    }
+
+    /// This node's membership, in a cluster.
+    pub fn membership(&self) -> Option<Arc<crate::cluster::Membership>> {
+        self.inner.cluster.get().cloned()
+    }
+
+    /// Serves a reservation another member asked of this node (the owner).
+    pub async fn serve_reserve(
+        &self,
+        agent: FormulaId,
+        count: u64,
+        at_least: u64,
+        quota_bytes: u64,
+    ) -> Result<(u64, Vec<String>), Error> {
+        let c = self
+            .inner
+            .cluster
+            .get()
+            .ok_or_else(|| Error::Invalid("this node is not in a cluster".into()))?;
+        match c.owner(&self.inner.db, agent).await? {
+            crate::cluster::Owner::Me => {
+                let size = (quota_bytes > 0).then_some(quota_bytes);
+                let first = local_reserve(&self.inner, agent, count, at_least, size).await?;
+                Ok((first, c.interested(&agent)))
+            }
+            crate::cluster::Owner::Other(m) => Err(Error::Unavailable(format!(
+                "not the owner: node {} owns {}",
+                m.name,
+                agent.short()
+            ))),
+        }
+    }
+
+    /// Member `node` follows `agent`'s inbox; this node owns it (else the
+    /// interest is ignored: the follower asks the owner it finds).
+    pub fn note_interest(&self, agent: FormulaId, node: String) {
+        if let Some(c) = self.inner.cluster.get() {
+            c.note_interest(agent, node);
+        }
+    }
+
+    /// What the owner of `agent` answered a reservation with: the members
+    /// following its inbox.
+    pub fn learn_interest(&self, agent: FormulaId, nodes: Vec<String>) {
+        if let Some(c) = self.inner.cluster.get() {
+            c.learn_interest(agent, nodes);
+        }
+    }
+
+    /// Another member committed message `number` to `agent`'s inbox: wake
+    /// its incarnation here, if any.
+    pub async fn wake_delivered(&self, agent: FormulaId, number: u64) -> Result<(), Error> {
+        self.wake_delivered_with(agent, number, &[]).await
+    }
+
+    /// [`Runtime::wake_delivered`] with the message as stored (`record`,
+    /// from the member that committed it; empty: read it from the store).
+    /// A record that does not decode to message `number` of `agent` is
+    /// ignored and the message read from the store.
+    pub async fn wake_delivered_with(
+        &self,
+        agent: FormulaId,
+        number: u64,
+        record: &[u8],
+    ) -> Result<(), Error> {
+        if let Some(c) = self.inner.cluster.get() {
+            c.deliveries_received
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let Some(a) = self.inner.registry.agent(&agent) else {
+            return Ok(());
+        };
+        if !record.is_empty()
+            && let Ok(m) = MessageRec::decode(record)
+            && m.number == number
+            && (m.to == agent || m.from == agent)
+        {
+            let _ = a.cast(AgentMsg::Delivered(m));
+            return Ok(());
+        }
+        let m = self
+            .inner
+            .db
+            .read(move |tx| Box::pin(async move { model::get_message(tx, &agent, number).await }))
+            .await?;
+        let _ = a.cast(AgentMsg::Delivered(m));
+        Ok(())
+    }
+
+    /// Another member settled `promise`: wake its waiters here, if any.
+    pub async fn wake_settled(&self, promise: FormulaId) -> Result<(), Error> {
+        // An agent cancelled on another member: stop its incarnation here.
+        if self.inner.registry.agent(&promise).is_some() {
+            let id = promise;
+            let cancelled = self
+                .inner
+                .db
+                .read(move |tx| {
+                    Box::pin(async move {
+                        Ok::<_, Error>(model::get_formula(tx, &id).await?.and_then(|f| f.cancelled))
+                    })
+                })
+                .await?;
+            if cancelled.is_some() {
+                incarnation::stop_local(&self.inner, id);
+            }
+        }
+        let Some(a) = self.inner.registry.promise(&promise) else {
+            return Ok(());
+        };
+        let state = incarnation::read_promise(&self.inner, promise).await?;
+        let _ = a.cast(PromiseMsg::Settled(state));
+        Ok(())
+    }
+
+    /// Claims agent `id` for this node if nobody live owns it, and
+    /// incarnates it here (its guest, if any, starts): after a drain.
+    /// `Ok(false)` when another node owns it.
+    pub async fn adopt_placement(&self, id: FormulaId) -> Result<bool, Error> {
+        let c = self
+            .inner
+            .cluster
+            .get()
+            .ok_or_else(|| Error::Invalid("this node is not in a cluster".into()))?;
+        match c.owner(&self.inner.db, id).await? {
+            crate::cluster::Owner::Me => {
+                incarnation::owned_agent_actor(&self.inner, id).await?;
+                Ok(true)
+            }
+            crate::cluster::Owner::Other(_) => Ok(false),
+        }
+    }
+
+    /// Leaves the cluster (`remove`: `cluster leave`) or just stops serving
+    /// in it (`capstan stop`): gives up every placement at once, so that
+    /// other nodes take over without waiting for the lease to lapse.
+    pub async fn end_membership(&self, remove: bool) -> Result<(), Error> {
+        let Some(c) = self.inner.cluster.get().cloned() else {
+            return Ok(());
+        };
+        c.set_leaving();
+        release_all(&self.inner, &c).await;
+        crate::cluster::end_membership(&self.inner.db, &c, remove).await
+    }
+
+    /// Number of live incarnations.
+    pub fn incarnations(&self) -> usize {
+        self.inner.registry.count()
+    }
+
+    /// Stops every incarnation; later calls that need one fail with `Unavailable`.
+    pub async fn shutdown(&self) {
+        self.inner.closed.store(true, Ordering::Release);
+        let agents: Vec<_> = self
+            .inner
+            .registry
+            .agents
+            .lock()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default();
+        let promises: Vec<_> = self
+            .inner
+            .registry
+            .promises
+            .lock()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default();
+        for a in agents {
+            let _ = a
+                .stop_and_wait(None, Some(std::time::Duration::from_secs(2)))
+                .await;
+        }
+        for p in promises {
+            let _ = p
+                .stop_and_wait(None, Some(std::time::Duration::from_secs(2)))
+                .await;
+        }
+    }
+}
+
+/// Stops every agent incarnation of this node (a lost lease or a drain);
+/// returns how many there were.
+pub(crate) async fn stop_incarnations(inner: &Arc<Inner>) -> usize {
+    let agents: Vec<_> = inner
+        .registry
+        .agents
+        .lock()
+        .map(|m| m.values().cloned().collect())
+        .unwrap_or_default();
+    let n = agents.len();
+    for a in agents {
+        let _ = a
+            .stop_and_wait(None, Some(std::time::Duration::from_secs(2)))
+            .await;
+    }
+    n
+}
+
+/// Drain: stops this node's incarnations and gives up every placement it holds.
+pub(crate) async fn release_all(inner: &Arc<Inner>, c: &crate::cluster::Membership) {
+    let owned = inner.registry.agents.lock().map(|m| m.len()).unwrap_or(0);
+    if owned > 0 {
+        stop_incarnations(inner).await;
+    }
+    let me = c.cfg.name.clone();
+    let r = inner
+        .db
+        .transact(move |tx| {
+            let me = me.clone();
+            Box::pin(async move {
+                let mine: Vec<FormulaId> = crate::cluster::list_placements(tx, 100)
+                    .await?
+                    .into_iter()
+                    .filter(|(_, p)| p.node == me)
+                    .map(|(id, _)| id)
+                    .collect();
+                for id in &mine {
+                    crate::cluster::clear_placement(tx, id);
+                }
+                Ok::<_, Error>(mine.len())
+            })
+        })
+        .await;
+    match r {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(node = %c.cfg.name, placements = n, "draining: gave up placements"),
+        Err(e) => tracing::warn!(node = %c.cfg.name, "draining: cannot give up placements: {e}"),
+    }
+}
+
+pub(crate) async fn load_agent(db: &Db, id: FormulaId) -> Result<Ctx, Error> {
+    db.read(move |tx| {
+        Box::pin(async move {
+            let f = model::must_formula(tx, &id).await?;
+            match f.kind {
+                FormulaKind::Host(rec) => Ok(Ctx {
+                    id,
+                    rec,
+                    is_host: true,
+                }),
+                FormulaKind::Guest(rec) => Ok(Ctx {
+                    id,
+                    rec,
+                    is_host: false,
+                }),
+                other => Err(Error::WrongType {
+                    name: id.short(),
+                    expected: "host or guest".into(),
+                    actual: other.type_name().into(),
+                }),
+            }
+        })
+    })
+    .await
+}
+
+/// Renews the lease until the runtime closes; on a lost lease, steps down
+/// (drops every incarnation) and registers again. Draining releases every
+/// placement this node holds.
+pub(crate) async fn lease_loop(rt: std::sync::Weak<Inner>) {
+    let mut failures = 0u32;
+    loop {
+        let Some(inner) = rt.upgrade() else { return };
+        let Some(c) = inner.cluster.get().cloned() else {
+            return;
+        };
+        if inner.closed.load(Ordering::Acquire) || c.leaving.load(Ordering::Acquire) {
+            return;
+        }
+        let interval = c.cfg.lease / 6;
+        // Renew even when the lease lapsed on this node's clock (a slow store,
+        // a paused process): if the record in the store is still ours and
+        // live, nobody could have claimed our placements, so we carry on
+        // with the same epoch; otherwise `renew` says so and we step down.
+        // A renewal may take at most what is left of the lease (at least a
+        // renewal interval): a store that does not answer (cut off, its
+        // client retrying) must not keep the incarnations alive past the
+        // lease while the rest of the cluster takes them over.
+        let budget = c.lease_left().max(interval);
+        let ok = match tokio::time::timeout(budget, c.renew(&inner.db)).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::Unavailable(format!(
+                "the store did not answer the lease renewal within {budget:?}"
+            ))),
+        };
+        match ok {
+            Ok(true) => {
+                c.renewals.fetch_add(1, Ordering::Relaxed);
+                failures = 0;
+                if c.draining() {
+                    release_all(&inner, &c).await;
+                }
+            }
+            Ok(false) => {
+                step_down(&inner, &c).await;
+                match c.register_as(&inner.db, true).await {
+                    Ok(epoch) => {
+                        tracing::warn!(node = %c.cfg.name, epoch, "re-registered after losing the lease")
+                    }
+                    Err(e) => tracing::warn!(node = %c.cfg.name, "cannot re-register yet: {e}"),
+                }
+            }
+            Err(e) => {
+                c.renewal_failures.fetch_add(1, Ordering::Relaxed);
+                failures += 1;
+                if failures == 1 || failures.is_multiple_of(20) {
+                    tracing::warn!(node = %c.cfg.name, "cannot renew the cluster lease: {e}");
+                }
+                if !c.serving() {
+                    step_down(&inner, &c).await;
+                }
+            }
+        }
+        drop(inner);
+        tokio::time::sleep(interval).await;
+    }
+}
+
+async fn step_down(inner: &Arc<Inner>, c: &crate::cluster::Membership) {
+    let was_serving = c.serving.swap(false, Ordering::AcqRel);
+    let n = stop_incarnations(inner).await;
+    c.forget_all();
+    if was_serving {
+        c.stepdowns.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(node = %c.cfg.name, epoch = c.epoch(), incarnations = n, "lost the cluster lease: stepped down");
+    }
+}

@@ -1,0 +1,95 @@
+use super::*;
+
+#[test]
+fn round_trips() {
+    let a = AgentRec {
+        pet_store: FormulaId::random(),
+        host: Some(FormulaId::random()),
+        label: "alice".into(),
+    };
+    for kind in [
+        FormulaKind::Host(AgentRec {
+            host: None,
+            ..a.clone()
+        }),
+        FormulaKind::Guest(a.clone()),
+        FormulaKind::Directory,
+        FormulaKind::Value(ValueRec {
+            kind: ValueKind::Json,
+            size: 3,
+            hash: [7; 32],
+        }),
+        FormulaKind::Promise(PromiseRec {
+            description: "need \u{1F600}".into(),
+            requester: FormulaId::random(),
+            state: PromiseState::Rejected("no".into()),
+            resolver: None,
+        }),
+        FormulaKind::Promise(PromiseRec {
+            description: "remote".into(),
+            requester: FormulaId::random(),
+            state: PromiseState::Pending,
+            resolver: Some(RemoteRec {
+                cluster: [3; 32],
+                swiss: [4; 32],
+                addrs: vec!["127.0.0.1:1".into()],
+            }),
+        }),
+        FormulaKind::Remote(RemoteRec {
+            cluster: [1; 32],
+            swiss: [2; 32],
+            addrs: vec![],
+        }),
+        FormulaKind::Invitation(InvitationRec {
+            host: FormulaId::random(),
+            dir: FormulaId::random(),
+            name: "bob".into(),
+        }),
+        FormulaKind::Accepting(AcceptingRec {
+            host: FormulaId::random(),
+            invitation: [5; 32],
+            cluster: [6; 32],
+            req: RequestId::random(),
+            handles: vec![[7; 32], [8; 32]],
+        }),
+        FormulaKind::Llm(LlmProviderRec {
+            provider: "anthropic".into(),
+            url: "http://127.0.0.1:1".into(),
+            model: "m".into(),
+            max_tokens: 5,
+            has_key: true,
+            removed: false,
+            host: FormulaId::random(),
+            price_input: 3,
+            price_output: 15,
+            timeout_ms: 1000,
+        }),
+    ] {
+        let f = Formula {
+            created_ms: 5,
+            cancelled: None,
+            kind,
+        };
+        assert_eq!(Formula::decode(&f.encode()).unwrap(), f);
+    }
+    let m = MessageRec {
+        number: 9,
+        message_id: RequestId::random(),
+        reply_to: None,
+        from: FormulaId::random(),
+        to: FormulaId::random(),
+        date_ms: 1,
+        body: BodyRec::Package {
+            strings: vec!["a\n\"".into(), "".into()],
+            names: vec!["x".into()],
+            ids: vec![FormulaId::random()],
+        },
+    };
+    assert_eq!(MessageRec::decode(&m.encode()).unwrap(), m);
+    assert!(Formula::decode(b"garbage!").is_err());
+    assert!(MessageRec::decode(&[]).is_err());
+    assert_eq!(
+        DedupAnswer::decode(&DedupAnswer::Number(4).encode(1)).unwrap(),
+        DedupAnswer::Number(4)
+    );
+}

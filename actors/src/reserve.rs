@@ -1,0 +1,218 @@
+//! Inbox numbers: reserved at the inbox's owner (under its quota), and the
+//! news of a delivery to the other members of the cluster.
+
+use crate::error::Error;
+use crate::incarnation::{self, AgentMsg};
+use crate::records::MessageRec;
+use capstan_proto::FormulaId;
+use std::sync::Arc;
+use tokio::sync::oneshot;
+
+use crate::agent::AgentHandle;
+use crate::node::Inner;
+use crate::types::MAX_SLOT_RETRIES;
+
+/// Reserves numbers from this node's owning incarnation of `agent`.
+pub(crate) async fn local_reserve(
+    inner: &Arc<Inner>,
+    agent: FormulaId,
+    n: u64,
+    at_least: u64,
+    size: Option<u64>,
+) -> Result<u64, Error> {
+    for _ in 0..3 {
+        let a = incarnation::owned_agent_actor(inner, agent).await?;
+        match a
+            .call(|port| AgentMsg::Reserve(n, at_least, size, port), None)
+            .await
+        {
+            Ok(ractor::rpc::CallResult::Success(r)) => return r,
+            _ => tokio::task::yield_now().await, // passivated meanwhile: incarnate again
+        }
+    }
+    Err(Error::Unavailable(
+        "the inbox actor is restarting; try again".into(),
+    ))
+}
+
+impl AgentHandle {
+    /// Reserves `n` numbers in `agent`'s inbox, none below `at_least`: at
+    /// this node's incarnation, or in a cluster at the owner's (claiming the
+    /// inbox for this node when nobody live owns it).
+    pub(crate) async fn reserve(
+        &self,
+        agent: FormulaId,
+        n: u64,
+        at_least: u64,
+    ) -> Result<u64, Error> {
+        self.reserve_admitting(agent, n, at_least, None).await
+    }
+
+    /// [`reserve`](Self::reserve), first admitting one message of about
+    /// `size` bytes under the inbox's quota when a size is given (see
+    /// [`crate::quota`]): a full inbox refuses at once.
+    pub(crate) async fn reserve_admitting(
+        &self,
+        agent: FormulaId,
+        n: u64,
+        at_least: u64,
+        size: Option<u64>,
+    ) -> Result<u64, Error> {
+        let Some(c) = self.rt.cluster.get() else {
+            return local_reserve(&self.rt, agent, n, at_least, size).await;
+        };
+        // Bounded by time rather than a count: a dead owner is waited out
+        // (its lease lapses, then this node claims the inbox), which takes
+        // up to a lease plus one reservation timeout.
+        let deadline =
+            tokio::time::Instant::now() + 2 * c.cfg.lease + std::time::Duration::from_secs(3);
+        let mut last = None;
+        let mut attempt = 0u32;
+        while tokio::time::Instant::now() < deadline {
+            if attempt > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(10 << attempt.min(4))).await;
+            }
+            attempt += 1;
+            match c.owner(&self.rt.db, agent).await? {
+                crate::cluster::Owner::Me => {
+                    match local_reserve(&self.rt, agent, n, at_least, size).await {
+                        Ok(first) => return Ok(first),
+                        Err(e @ Error::InboxFull { .. }) => return Err(e),
+                        Err(e) => last = Some(e),
+                    }
+                }
+                crate::cluster::Owner::Other(node) => {
+                    let (tx, rx) = oneshot::channel();
+                    let op = crate::cluster::LinkOp::Reserve {
+                        node: node.clone(),
+                        agent,
+                        count: n.min(u32::MAX as u64) as u32,
+                        at_least,
+                        quota_bytes: size.unwrap_or(0),
+                        reply: tx,
+                    };
+                    if c.link.send(op).await.is_err() {
+                        return Err(Error::Unavailable("the node is shutting down".into()));
+                    }
+                    // A node that died leaves the call unanswered until its
+                    // timeout: stop waiting once its record shows it dead.
+                    let answer = tokio::select! {
+                        r = rx => r,
+                        () = c.until_dead(&self.rt.db, &node) => Ok(Err(Error::Unreachable(format!(
+                            "node {} (owner of {}) stopped renewing its lease",
+                            node.name,
+                            agent.short()
+                        )))),
+                    };
+                    match answer {
+                        Ok(Ok(first)) => return Ok(first),
+                        Ok(Err(e @ Error::InboxFull { .. })) => return Err(e),
+                        Ok(Err(e)) => {
+                            tracing::debug!(owner = %node.name, "remote reservation failed: {e}");
+                            if matches!(e, Error::Unreachable(_)) {
+                                c.forget_owner(&agent);
+                                c.await_lapse(&self.rt.db, &node).await?;
+                                attempt = 0;
+                            }
+                            last = Some(e);
+                        }
+                        Err(_) => {
+                            last = Some(Error::Unavailable("the node is shutting down".into()))
+                        }
+                    }
+                }
+            }
+            c.forget_owner(&agent);
+        }
+        Err(match last {
+            // The owner kept its lease all along (a dead one is waited out
+            // and taken over above): this node is cut off from it. Nothing
+            // was written yet (numbers are reserved before the message).
+            Some(Error::Unreachable(e)) => Error::Unreachable(format!(
+                "{e}, but it holds its cluster lease: this node cannot reach it (a network partition?); nothing was sent: retry, or use another node"
+            )),
+            Some(e) => e,
+            None => Error::Unavailable("no owner for the inbox; try again".into()),
+        })
+    }
+
+    /// Reserves a number in `agent`'s inbox and runs `write` with it (a
+    /// transaction that puts a message there), retrying with a fresh number
+    /// above one a stale sequence handed out ([`Error::InboxSlotTaken`]: a
+    /// cluster node that lost the inbox). Bounded by [`MAX_SLOT_RETRIES`].
+    pub(crate) async fn with_fresh_number<T, F, Fut>(
+        &self,
+        agent: FormulaId,
+        write: F,
+    ) -> Result<T, Error>
+    where
+        F: FnMut(u64) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Error>>,
+    {
+        self.with_fresh_number_admitting(agent, None, write).await
+    }
+
+    /// [`with_fresh_number`](Self::with_fresh_number), first admitting one
+    /// message of about `size` bytes under the inbox's quota when a size
+    /// is given ([`Error::InboxFull`] otherwise, nothing written).
+    pub(crate) async fn with_fresh_number_admitting<T, F, Fut>(
+        &self,
+        agent: FormulaId,
+        size: Option<u64>,
+        mut write: F,
+    ) -> Result<T, Error>
+    where
+        F: FnMut(u64) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Error>>,
+    {
+        let mut at_least = 0;
+        for i in 0..MAX_SLOT_RETRIES {
+            let admit = if i == 0 { size } else { None };
+            let number = self.reserve_admitting(agent, 1, at_least, admit).await?;
+            match write(number).await {
+                Err(Error::InboxSlotTaken { number: taken, .. })
+                    if taken == number && at_least <= taken =>
+                {
+                    at_least = taken + 1
+                }
+                r => return r,
+            }
+        }
+        Err(Error::Unavailable(format!(
+            "inbox numbers of {} kept colliding with used ones; try again",
+            agent.short()
+        )))
+    }
+
+    /// Tells the other members of the cluster, if any, that `agent` got
+    /// message `m` (carrying it when small: they need not read it back).
+    fn broadcast_delivered(&self, agent: FormulaId, m: &MessageRec) {
+        if let Some(c) = self.rt.cluster.get() {
+            // Only the owner and the members following the inbox: a wake-up
+            // for every member would make each node handle the whole
+            // cluster's mail, so adding nodes would add work per message.
+            let to = c.delivery_targets(&agent).unwrap_or_else(|| c.others());
+            if !to.is_empty() {
+                c.deliveries_sent
+                    .fetch_add(to.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                let mut record = m.encode();
+                if record.len() > crate::cluster::MAX_CARRIED_RECORD {
+                    record = Vec::new();
+                }
+                let _ = c.link.try_send(crate::cluster::LinkOp::Delivered {
+                    to,
+                    agent,
+                    number: m.number,
+                    record: Arc::new(record),
+                });
+            }
+        }
+    }
+
+    pub(crate) fn notify_delivered(&self, agent: FormulaId, m: MessageRec) {
+        self.broadcast_delivered(agent, &m);
+        if let Some(a) = self.rt.registry.agent(&agent) {
+            let _ = a.cast(AgentMsg::Delivered(m));
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! Shared types and limits of the object model's public face: the views
+//! `nodes/` shows, the runtime's options, and the bounds on everything.
+
+use capstan_proto::{FormulaId, RequestId};
+
+/// Kind of a stored value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ValueKind {
+    Text,
+    Json,
+    Bytes,
+}
+
+/// One entry of a directory listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryInfo {
+    pub name: String,
+    pub id: FormulaId,
+    /// host, guest, directory, value, promise
+    pub kind: String,
+    /// value: "text, 12 bytes"; promise: "pending" / "resolved" / "rejected: why"
+    pub detail: String,
+}
+
+/// A promise's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PromiseState {
+    Pending,
+    Resolved(FormulaId),
+    Rejected(String),
+}
+
+/// A message as one agent sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageView {
+    pub number: u64,
+    pub message_id: RequestId,
+    pub reply_to: Option<RequestId>,
+    pub from: String,
+    pub to: String,
+    pub date_ms: u64,
+    pub body: MessageBodyView,
+}
+
+/// The body of a [`MessageView`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MessageBodyView {
+    Package {
+        strings: Vec<String>,
+        names: Vec<String>,
+    },
+    Request {
+        description: String,
+        state: PromiseState,
+    },
+}
+
+/// A reference embedded in a sent message: a path in the sender's names and
+/// the name suggested to the receiver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefSpec {
+    pub path: String,
+    pub edge_name: String,
+}
+
+/// Options of a runtime.
+#[derive(Debug, Clone)]
+pub struct RuntimeOptions {
+    /// Incarnations idle this long are passivated.
+    pub idle_timeout: std::time::Duration,
+    /// The key that seals the store's secrets (LLM API keys); without one,
+    /// adding a key is refused and sealed keys cannot be used.
+    pub secrets: Option<crate::secrets::SecretsKey>,
+}
+
+impl Default for RuntimeOptions {
+    fn default() -> Self {
+        RuntimeOptions {
+            idle_timeout: std::time::Duration::from_secs(60),
+            secrets: None,
+        }
+    }
+}
+
+/// Largest stored value.
+pub const MAX_VALUE_BYTES: usize = capstan_cluster::blob::MAX_BLOB_SIZE;
+/// Largest message text (all text chunks together).
+pub const MAX_MESSAGE_TEXT: usize = 64 * 1024;
+/// Most references in one message.
+pub const MAX_MESSAGE_REFS: usize = 64;
+/// Most entries returned by one listing.
+pub const MAX_LIST: usize = 100_000;
+/// Messages of one inbox page when the caller names no limit.
+pub const DEFAULT_INBOX_PAGE: usize = 1000;
+/// Most messages of one inbox page.
+pub const MAX_INBOX_PAGE: usize = 10_000;
+/// Messages read at a time by a scan of a whole inbox (threads).
+pub(crate) const INBOX_SCAN_PAGE: usize = 1000;
+/// A follower that got no push for this long looks in the store for
+/// messages a push missed.
+pub(crate) const FOLLOW_RECHECK: std::time::Duration = std::time::Duration::from_secs(2);
+/// Most fresh inbox numbers one write tries after finding its number used.
+pub const MAX_SLOT_RETRIES: u32 = 32;
+
+/// `pending`, `resolved`, or `rejected: REASON`.
+pub fn state_text(s: &PromiseState) -> String {
+    match s {
+        PromiseState::Pending => "pending".into(),
+        PromiseState::Resolved(_) => "resolved".into(),
+        PromiseState::Rejected(r) => format!("rejected: {r}"),
+    }
+}
+
+/// The reason a request rejected without one is given.
+pub const NO_REASON: &str = "no reason given";
