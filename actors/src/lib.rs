@@ -17,7 +17,8 @@
 //!     transactions.
 //!   - `directory`: an agent's names: list, show, cat, store, remove,
 //!     move, copy, `mk*`.
-//!   - `reserve`: inbox numbers, reserved at the inbox's owner.
+//!   - `reserve`: inbox numbers, reserved at the inbox's owner (concurrent
+//!     reservations of one number in the same inbox served by one).
 //!   - `mail`: send and post: one transaction writes both copies.
 //!   - `promises`: requests and their promises.
 //!   - `inbox`: reading an inbox: pages, threads, following.

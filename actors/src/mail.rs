@@ -389,7 +389,7 @@ impl AgentHandle {
                         .await?,
                 )
             };
-            let own = self.reserve(me, 1, own_min).await?;
+            let own = self.reserve_one(me, own_min).await?;
             let theirs = theirs.unwrap_or(own);
             let ctx = self.ctx.clone();
             let (body, remote, recheck) = (body.clone(), remote.clone(), recheck.clone());

@@ -32,6 +32,9 @@ pub(crate) struct Inner {
     pub cluster: std::sync::OnceLock<Arc<crate::cluster::Membership>>,
     /// The search indexes this node built (derived data, see [`crate::search`]).
     pub search: crate::search::Indexes,
+    /// Reservations of one number waiting behind one in flight for the
+    /// same inbox (see `crate::reserve`).
+    pub reservations: crate::reserve::Coalescer,
 }
 
 /// The object model of one node.
@@ -96,6 +99,7 @@ impl Runtime {
             guests: std::sync::OnceLock::new(),
             cluster: std::sync::OnceLock::new(),
             search: Default::default(),
+            reservations: Default::default(),
         });
         let rec = load_agent(&inner.db, root).await?;
         let root_handle = AgentHandle {

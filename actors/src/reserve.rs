@@ -38,19 +38,9 @@ pub(crate) async fn local_reserve(
 impl AgentHandle {
     /// Reserves `n` numbers in `agent`'s inbox, none below `at_least`: at
     /// this node's incarnation, or in a cluster at the owner's (claiming the
-    /// inbox for this node when nobody live owns it).
-    pub(crate) async fn reserve(
-        &self,
-        agent: FormulaId,
-        n: u64,
-        at_least: u64,
-    ) -> Result<u64, Error> {
-        self.reserve_admitting(agent, n, at_least, None).await
-    }
-
-    /// [`reserve`](Self::reserve), first admitting one message of about
-    /// `size` bytes under the inbox's quota when a size is given (see
-    /// [`crate::quota`]): a full inbox refuses at once.
+    /// inbox for this node when nobody live owns it); first admitting one
+    /// message of about `size` bytes under the inbox's quota when a size is
+    /// given (see [`crate::quota`]): a full inbox refuses at once.
     pub(crate) async fn reserve_admitting(
         &self,
         agent: FormulaId,
@@ -214,5 +204,189 @@ impl AgentHandle {
         if let Some(a) = self.rt.registry.agent(&agent) {
             let _ = a.cast(AgentMsg::Delivered(m));
         }
+    }
+}
+
+// --- coalescing -------------------------------------------------------------
+//
+// Coalescing concurrent reservations of one number each in the same
+// inbox: while one is in flight, the others queue, and the queue is then
+// served by one reservation of as many numbers (one call to the inbox's
+// owner, over the member link when another node owns it, instead of one
+// each). Under load every sender of an agent on a node reserves a number
+// in the agent's own inbox for its copy of each message; this turns those
+// round trips to the owner into one per batch.
+//
+// Bounded: at most [`MAX_QUEUED`] wait behind one in flight (more go
+// alone). A caller that gives up (its future dropped) while it leads hands
+// the queue to a task, so nobody waits for an answer that never comes.
+
+/// Most reservations queued behind one in flight for the same inbox.
+pub const MAX_QUEUED: usize = 256;
+
+struct Waiter {
+    at_least: u64,
+    reply: oneshot::Sender<Result<u64, Error>>,
+}
+
+/// The inboxes with a reservation in flight, and who waits behind it.
+#[derive(Default)]
+pub(crate) struct Coalescer {
+    queues: std::sync::Mutex<std::collections::HashMap<FormulaId, Vec<Waiter>>>,
+}
+
+enum Role {
+    Lead,
+    Follow(oneshot::Receiver<Result<u64, Error>>),
+    Alone,
+}
+
+impl Coalescer {
+    fn join(&self, agent: FormulaId, at_least: u64) -> Role {
+        let Ok(mut q) = self.queues.lock() else {
+            return Role::Alone;
+        };
+        match q.get_mut(&agent) {
+            None => {
+                q.insert(agent, Vec::new());
+                Role::Lead
+            }
+            Some(w) if w.len() < MAX_QUEUED => {
+                let (reply, rx) = oneshot::channel();
+                w.push(Waiter { at_least, reply });
+                Role::Follow(rx)
+            }
+            Some(_) => Role::Alone,
+        }
+    }
+
+    /// The queue behind the reservation that just ended: empty (then the
+    /// inbox has nothing in flight any more) or handed to the caller.
+    fn next(&self, agent: &FormulaId) -> Vec<Waiter> {
+        let Ok(mut q) = self.queues.lock() else {
+            return Vec::new();
+        };
+        match q.get_mut(agent) {
+            Some(w) if !w.is_empty() => std::mem::take(w),
+            _ => {
+                q.remove(agent);
+                Vec::new()
+            }
+        }
+    }
+}
+
+/// Ends a lead: whoever queued behind it is served by a task.
+struct Lead {
+    handle: AgentHandle,
+    agent: FormulaId,
+}
+
+impl Drop for Lead {
+    fn drop(&mut self) {
+        let waiting = self.handle.rt.reservations.next(&self.agent);
+        if !waiting.is_empty() {
+            tokio::spawn(serve(self.handle.clone(), self.agent, waiting));
+        }
+    }
+}
+
+/// Serves queued reservations, a batch at a time, until none are left.
+async fn serve(handle: AgentHandle, agent: FormulaId, mut batch: Vec<Waiter>) {
+    while !batch.is_empty() {
+        let floor = batch.iter().map(|w| w.at_least).max().unwrap_or(0);
+        let n = batch.len() as u64;
+        let r = handle.reserve_admitting(agent, n, floor, None).await;
+        for (i, w) in batch.drain(..).enumerate() {
+            let _ = w.reply.send(r.clone().map(|first| first + i as u64));
+        }
+        batch = handle.rt.reservations.next(&agent);
+    }
+}
+
+impl AgentHandle {
+    /// One number in `agent`'s inbox, none below `at_least`, coalesced with
+    /// the other reservations of this node for the same inbox (module docs).
+    pub(crate) async fn reserve_one(&self, agent: FormulaId, at_least: u64) -> Result<u64, Error> {
+        match self.rt.reservations.join(agent, at_least) {
+            Role::Alone => self.reserve_admitting(agent, 1, at_least, None).await,
+            Role::Follow(rx) => rx
+                .await
+                .unwrap_or_else(|_| Err(Error::Unavailable("the node is shutting down".into()))),
+            Role::Lead => {
+                let _lead = Lead {
+                    handle: self.clone(),
+                    agent,
+                };
+                self.reserve_admitting(agent, 1, at_least, None).await
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::Runtime;
+    use crate::types::RuntimeOptions;
+    use capstan_proto::RequestId;
+
+    /// Many senders of one agent at once: each gets a number of its own,
+    /// whether it led, waited in a batch or went alone (the queue full),
+    /// and every send lands once under its number.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_reservations_in_one_inbox_get_distinct_numbers() {
+        let store = Arc::new(capstan_cluster::mem_store::MemStore::new());
+        let rt = Runtime::open(capstan_cluster::Db::new(store), RuntimeOptions::default())
+            .await
+            .unwrap();
+        let host = rt.root_host();
+        let me = host.id();
+        let n = MAX_QUEUED + 64;
+        let tasks: Vec<_> = (0..n)
+            .map(|_| {
+                let h = host.clone();
+                tokio::spawn(async move { h.reserve_one(me, 0).await })
+            })
+            .collect();
+        let mut got = std::collections::BTreeSet::new();
+        for t in tasks {
+            let number = t.await.unwrap().unwrap();
+            assert!(got.insert(number), "number {number} handed out twice");
+        }
+        assert_eq!(got.len(), n);
+        // Nothing is left in flight: the next one leads at once.
+        assert!(host.rt.reservations.queues.lock().unwrap().is_empty());
+        let next = host.reserve_one(me, 0).await.unwrap();
+        assert!(!got.contains(&next));
+        // Sends through the coalesced path land once each, in the sender's
+        // inbox too.
+        host.mkguest(RequestId::random(), "g").await.unwrap();
+        let sends: Vec<_> = (0..40)
+            .map(|i| {
+                let h = host.clone();
+                tokio::spawn(async move {
+                    h.send(
+                        RequestId::random(),
+                        "g",
+                        vec![format!("m{i}")],
+                        vec![],
+                        None,
+                    )
+                    .await
+                })
+            })
+            .collect();
+        let mut own = std::collections::BTreeSet::new();
+        for s in sends {
+            assert!(own.insert(s.await.unwrap().unwrap()));
+        }
+        let inbox = host.inbox(None).await.unwrap();
+        let mine: Vec<u64> = inbox
+            .iter()
+            .map(|m| m.number)
+            .filter(|n| own.contains(n))
+            .collect();
+        assert_eq!(mine.len(), 40, "each send once in the sender's inbox");
     }
 }

@@ -518,8 +518,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_later_number_committed_first_waits_for_the_earlier_one() {
         let (_rt, host, g) = counter_guest().await;
-        let n = host.reserve(g, 1, 0).await.unwrap();
-        let n1 = host.reserve(g, 1, 0).await.unwrap();
+        let n = host.reserve_admitting(g, 1, 0, None).await.unwrap();
+        let n1 = host.reserve_admitting(g, 1, 0, None).await.unwrap();
         assert_eq!(n1, n + 1);
         land(&host, g, n1).await.unwrap();
         // The runner sees N + 1 alone for a while (well under the grace).
@@ -560,8 +560,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_number_never_written_is_closed_after_the_grace() {
         let (_rt, host, g) = counter_guest().await;
-        let lost = host.reserve(g, 1, 0).await.unwrap();
-        let next = host.reserve(g, 1, 0).await.unwrap();
+        let lost = host.reserve_admitting(g, 1, 0, None).await.unwrap();
+        let next = host.reserve_admitting(g, 1, 0, None).await.unwrap();
         land(&host, g, next).await.unwrap();
         let started = Instant::now();
         let got = wait_for_reply(
