@@ -549,11 +549,31 @@ impl Membership {
                     rec.renewed_ms = now;
                     rec.expires_ms = now + lease.as_millis() as u64;
                     tx.set(&member_key(&name), &encode(&rec))?;
-                    Ok(Some(rec))
+                    // The other members' records on the same snapshot,
+                    // without a read conflict (their renewals must not make
+                    // this one retry): a separate read of the members after
+                    // each renewal cost every node a revision read and a
+                    // range read per renewal (5 a second), idle or not.
+                    let p = members_prefix();
+                    let rows = tx
+                        .snapshot_range(&capstan_cluster::RangeOption {
+                            begin: p.clone(),
+                            end: capstan_cluster::tuple::prefix_end(&p),
+                            limit: MAX_MEMBERS,
+                            reverse: false,
+                        })
+                        .await?;
+                    let all = rows
+                        .iter()
+                        .map(|(_, v)| decode("member", v))
+                        .collect::<Result<Vec<MemberRec>, Error>>()?;
+                    Ok(Some((rec, all)))
                 })
             })
             .await?;
-        let Some(rec) = rec else { return Ok(false) };
+        let Some((rec, all)) = rec else {
+            return Ok(false);
+        };
         self.serving.store(true, Ordering::Release);
         if let Ok(mut t) = self.live_until.lock() {
             // Only extend: a renewal that took longer than the lease is no proof.
@@ -566,7 +586,7 @@ impl Membership {
             rec.draining || self.leaving.load(Ordering::Acquire),
             Ordering::Release,
         );
-        self.refresh_members(db).await?;
+        self.set_members(all);
         Ok(true)
     }
 
@@ -577,12 +597,17 @@ impl Membership {
         let all = db
             .read(|tx| Box::pin(async move { list_members(tx).await }))
             .await?;
+        self.set_members(all);
+        Ok(())
+    }
+
+    /// Remembers the live ones of `all` as the cluster's members.
+    fn set_members(&self, all: Vec<MemberRec>) {
         let now = crate::clock::now_ms();
         let live: Vec<MemberRec> = all.into_iter().filter(|m| m.live(now)).collect();
         if let Ok(mut m) = self.members.lock() {
             *m = live;
         }
-        Ok(())
     }
 
     /// The owner of `id`, claiming it for this node when it has none

@@ -7,7 +7,9 @@
 //! | `("rt", "n", host, name)` | the routine's id |
 //!
 //! **Who fires.** Every node looks at the routines every
-//! [`POLL`]; a routine that is due is fired by its owner only: the node
+//! [`POLL`] (reading them from the store every [`REFRESH`], so a routine
+//! added on any node is seen within it); a routine that is due is fired
+//! by its owner only: the node
 //! holding the placement of the routine's id (the same lease-guarded
 //! placement as an agent's; a lone node owns everything). When the owner
 //! dies, the next node that sees the routine due claims it.
@@ -46,6 +48,9 @@ pub const MAX_EVERY_MS: u64 = 366 * 86_400_000;
 pub const MAX_ROUTINE_TEXT: usize = 16 * 1024;
 /// How often each node looks for routines that are due.
 pub const POLL: Duration = Duration::from_millis(200);
+/// How often the poller reads the routines again (a routine added, on any
+/// node, is seen within this); between reads it works from its copy.
+pub const REFRESH: Duration = Duration::from_secs(1);
 /// Routines read per page.
 const PAGE: usize = 1000;
 
@@ -688,10 +693,26 @@ async fn fire(rt: &Arc<Inner>, r: &RoutineRec, tick: u64) -> Result<(), Error> {
         .await
 }
 
+/// The routines as last read from the store, and when: the poller looks
+/// at them every [`POLL`] but reads them again only every [`REFRESH`] (or
+/// after a look that fired something). A tick computed from a copy that is
+/// a little old is safe: a fire checks the routine still exists in its own
+/// transaction and is answered once per tick (module docs).
+#[derive(Default)]
+struct Known {
+    routines: Vec<RoutineRec>,
+    read_at: Option<std::time::Instant>,
+}
+
 /// One look: fires every routine that is due and owned here.
-async fn fire_due(rt: &Arc<Inner>) -> Result<usize, Error> {
+async fn fire_due(rt: &Arc<Inner>, known: &mut Known) -> Result<usize, Error> {
+    let stale = known.read_at.is_none_or(|at| at.elapsed() >= REFRESH);
+    if stale {
+        known.routines = list_all(rt).await?;
+        known.read_at = Some(std::time::Instant::now());
+    }
     let mut fired = 0;
-    for r in list_all(rt).await? {
+    for r in &known.routines {
         let now = now_ms();
         let Some(tick) = r.schedule.latest_due(r.last_tick_ms, now) else {
             continue;
@@ -705,10 +726,14 @@ async fn fire_due(rt: &Arc<Inner>) -> Result<usize, Error> {
                 continue;
             }
         }
-        match fire(rt, &r, tick).await {
+        match fire(rt, r, tick).await {
             Ok(()) => fired += 1,
             Err(e) => tracing::warn!(routine = %r.name, tick, "routine fire failed (retried): {e}"),
         }
+    }
+    if fired > 0 {
+        // their last ticks changed: read them again at the next look
+        known.read_at = None;
     }
     Ok(fired)
 }
@@ -716,14 +741,16 @@ async fn fire_due(rt: &Arc<Inner>) -> Result<usize, Error> {
 /// Fires routines until the runtime is dropped or closed.
 pub(crate) async fn routine_loop(rt: std::sync::Weak<Inner>) {
     let mut failures = 0u32;
+    let mut known = Known::default();
     loop {
         let Some(inner) = rt.upgrade() else { return };
         if inner.closed.load(std::sync::atomic::Ordering::Acquire) {
             return;
         }
-        match fire_due(&inner).await {
+        match fire_due(&inner, &mut known).await {
             Ok(_) => failures = 0,
             Err(e) => {
+                known.read_at = None;
                 failures += 1;
                 if failures == 1 || failures.is_multiple_of(50) {
                     tracing::warn!("looking for routines that are due: {e}");
