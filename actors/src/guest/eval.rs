@@ -24,7 +24,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use capstan_proto::RequestId;
+use capstan_proto::{FormulaId, RequestId};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use wasmtime::Store;
@@ -33,10 +33,14 @@ use super::bindings::evaluator::capstan::evaluator::host as eval_host;
 use super::bindings::evaluator::exports::capstan::evaluator::evaluator::Slot;
 use super::host::{Deadline, Limiter, arm, guest_log, stop_reason};
 use super::{CallLimits, GuestHost, World, manifest_of};
-use crate::api::{AgentHandle, MessageBodyView};
+use crate::ValueKind;
+use crate::api::{AgentHandle, MessageBodyView, now_ms};
 use crate::error::Error;
+use crate::keys;
 use crate::model;
+use crate::names::Path;
 use crate::records::BodyRec;
+use crate::records::{DedupAnswer, Formula, FormulaKind, ValueRec};
 
 /// Largest source accepted.
 pub const MAX_SOURCE: usize = 256 * 1024;
@@ -64,6 +68,8 @@ pub struct EvalOutcome {
     pub run_ns: u64,
     /// For `endow`: the number of the reply mailed to the proposer.
     pub reply: Option<u64>,
+    /// For [`AgentHandle::evaluate_as`]: the eval result stored.
+    pub stored: Option<capstan_proto::FormulaId>,
 }
 
 /// A capability bound to a slot: a path in the host's names.
@@ -398,6 +404,21 @@ impl AgentHandle {
         bindings: &[(String, String)],
         constants: BTreeMap<String, Value>,
     ) -> Result<EvalOutcome, Error> {
+        self.evaluate_with_deps(req, evaluator, source, bindings, constants)
+            .await
+            .map(|(o, _)| o)
+    }
+
+    /// [`evaluate`](Self::evaluate), also answering what the evaluation
+    /// depended on: each slot's formula (with its path) and the evaluator.
+    async fn evaluate_with_deps(
+        &self,
+        req: RequestId,
+        evaluator: &str,
+        source: &str,
+        bindings: &[(String, String)],
+        constants: BTreeMap<String, Value>,
+    ) -> Result<(EvalOutcome, Vec<(FormulaId, String)>), Error> {
         if !self.is_host() {
             return Err(Error::Invalid("only a host can evaluate code".into()));
         }
@@ -462,7 +483,7 @@ impl AgentHandle {
                 return Err(Error::Invalid(format!("slot {slot:?} is bound twice")));
             }
         }
-        let (_, m) = manifest_of(self, evaluator).await.map_err(|e| match e {
+        let (component, m) = manifest_of(self, evaluator).await.map_err(|e| match e {
             Error::UnknownName(_) => Error::Invalid(format!(
                 "no evaluator is installed as {evaluator:?}: install one with `capstan install guests/out/evaluator.wasm --name {evaluator}`"
             )),
@@ -486,10 +507,132 @@ impl AgentHandle {
             panic: None,
             deadline: Deadline::new(),
         };
+        let mut deps: Vec<(FormulaId, String)> = state
+            .slots
+            .values()
+            .map(|b| (b.id, b.path.clone()))
+            .collect();
+        deps.push((component, evaluator.to_string()));
         let source = source.to_string();
-        tokio::task::spawn_blocking(move || run(&gh, &c, state, source, constants_json))
-            .await
-            .map_err(|e| Error::Unavailable(format!("evaluator task failed: {e}")))?
+        let outcome =
+            tokio::task::spawn_blocking(move || run(&gh, &c, state, source, constants_json))
+                .await
+                .map_err(|e| Error::Unavailable(format!("evaluator task failed: {e}")))??;
+        Ok((outcome, deps))
+    }
+
+    /// [`evaluate`](Self::evaluate), then the result stored as a value at
+    /// `result` (a path in this host's names; JSON, or text if the
+    /// completion value is not JSON) with what it depends on: an **eval
+    /// result**. Cancelling any formula a slot held, or the evaluator,
+    /// cancels it (`crate::cancel`). Code that throws stores nothing.
+    ///
+    /// The store refuses the result if one of its dependencies was
+    /// cancelled (or collected) since the evaluation started: it reads
+    /// each dependency's formula in the transaction that stores the
+    /// result, so a cancel that marks one conflicts with it. With the
+    /// cancel's final re-scan, a result made while a cancel runs is
+    /// either cancelled by it or refused.
+    pub async fn evaluate_as(
+        &self,
+        req: RequestId,
+        evaluator: &str,
+        source: &str,
+        bindings: &[(String, String)],
+        result: &str,
+    ) -> Result<EvalOutcome, Error> {
+        let p = Path::parse_writable(result)?;
+        // A retry of a request already answered: the result stored then.
+        let me = self.id();
+        let earlier = self
+            .inner()
+            .db
+            .read(move |tx| Box::pin(async move { model::dedup_get(tx, &me, &req).await }))
+            .await?;
+        if let Some(DedupAnswer::Id(id)) = earlier {
+            let (_, data) = self.value_by_id(id).await?;
+            return Ok(EvalOutcome {
+                result: Ok(String::from_utf8_lossy(&data).into_owned()),
+                fuel: 0,
+                invokes: 0,
+                instantiate_ns: 0,
+                run_ns: 0,
+                reply: None,
+                stored: Some(id),
+            });
+        }
+        let (mut outcome, deps) = self
+            .evaluate_with_deps(req, evaluator, source, bindings, BTreeMap::new())
+            .await?;
+        let Ok(json) = &outcome.result else {
+            return Ok(outcome);
+        };
+        let kind = if serde_json::from_str::<Value>(json).is_ok() {
+            ValueKind::Json
+        } else {
+            ValueKind::Text
+        };
+        let data = Arc::new(json.clone().into_bytes());
+        let hash = *blake3::hash(&data).as_bytes();
+        let id = FormulaId::random();
+        let ctx = self.ctx().clone();
+        let deps = Arc::new(deps);
+        let stored = self
+            .transact(move |tx| {
+                let (ctx, p, data, deps) = (ctx.clone(), p.clone(), data.clone(), deps.clone());
+                Box::pin(async move {
+                    if let Some(DedupAnswer::Id(prev)) = model::dedup_get(tx, &ctx.id, &req).await? {
+                        return Ok(prev);
+                    }
+                    let ids: Vec<FormulaId> = deps.iter().map(|(d, _)| *d).collect();
+                    let ahead: Vec<Vec<u8>> = ids.iter().map(keys::formula).collect();
+                    tx.prefetch(&ahead).await?;
+                    for (d, path) in deps.iter() {
+                        match model::get_formula(tx, d).await? {
+                            None => {
+                                return Err(Error::Invalid(format!(
+                                    "{path} no longer exists (collected as garbage); the result was not stored"
+                                )));
+                            }
+                            Some(f) => {
+                                if let Some(c) = &f.cancelled {
+                                    return Err(crate::cancel::cancelled_error(
+                                        path,
+                                        c,
+                                        ": the result depends on it and was not stored",
+                                    ));
+                                }
+                            }
+                        }
+                    }
+                    let dir = model::parent_dir(tx, &ctx, &p).await?;
+                    let f = Formula {
+                        created_ms: now_ms(),
+                        cancelled: None,
+                        kind: FormulaKind::Value(ValueRec {
+                            kind,
+                            size: data.len() as u64,
+                            hash,
+                        }),
+                    };
+                    model::put_formula(tx, &id, &f)?;
+                    capstan_cluster::blob::set_blob(tx, &keys::value(&id), &data).await?;
+                    model::set_name(tx, &dir, p.last(), &id).await?;
+                    // The record references its dependencies (the write
+                    // barrier of garbage collection).
+                    model::note_refs(tx, &ids).await?;
+                    let mut rec = Vec::with_capacity(ids.len() * 32);
+                    for d in &ids {
+                        rec.extend_from_slice(d.as_bytes());
+                    }
+                    tx.set(&keys::eval_deps(&id), &rec)?;
+                    model::dedup_put(tx, &ctx.id, &req, DedupAnswer::Id(id), now_ms())?;
+                    Ok(id)
+                })
+            })
+            .await?;
+        outcome.stored = Some(stored);
+        Ok(outcome)
     }
 
     /// Answers the code proposal in message `number` of this host's inbox:
@@ -669,6 +812,7 @@ fn run(
         instantiate_ns: (t1 - t0).as_nanos() as u64,
         run_ns: (t2 - t1).as_nanos() as u64,
         reply: None,
+        stored: None,
     })
 }
 
