@@ -39,9 +39,11 @@ async fn cancel_making_a_guest_at(rt: &Runtime, round: u32) -> Result<FormulaId,
     h.mkguest(RequestId::random(), "early").await.unwrap();
     let made: Arc<Mutex<Option<Result<FormulaId, Error>>>> = Arc::new(Mutex::new(None));
     let m2 = made.clone();
+    // (A Mutex makes the hook Sync whatever the handle is.)
+    let h = Mutex::new(h);
     let hook: ScanHook = Arc::new(move |r| {
         if r == round {
-            let h = h.clone();
+            let h = h.lock().unwrap().clone();
             let got = tokio::task::block_in_place(|| {
                 tokio::runtime::Handle::current()
                     .block_on(async move { h.mkguest(RequestId::random(), "late").await })
