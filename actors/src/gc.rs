@@ -424,7 +424,7 @@ async fn reach(
             }
         }
         visited += 1;
-        if visited % WALK_SLICE == 0 {
+        if visited.is_multiple_of(WALK_SLICE) {
             tokio::task::yield_now().await;
         }
     }
