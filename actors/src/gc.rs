@@ -436,8 +436,7 @@ async fn reach(
 fn write_limit(db: &capstan_cluster::Db) -> usize {
     db.store()
         .max_commit_writes()
-        .min(SWEEP_KEYS)
-        .max(SWEEP_WRITES_PER_FORMULA + 1)
+        .clamp(SWEEP_WRITES_PER_FORMULA + 1, SWEEP_KEYS)
 }
 
 fn size_of(rows: &[(Vec<u8>, Vec<u8>)]) -> u64 {
