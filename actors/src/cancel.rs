@@ -22,9 +22,15 @@
 //! holders keep reading it (a new `locate` works again), only its locators
 //! and its dependents die.
 //!
-//! The dependents are found by one scan of the formulas (cancel is rare; a
-//! dependent made while the cancel runs may be missed: cancel again). An
-//! agent cannot cancel itself (`cancel SELF` revokes its locators only).
+//! - eval results (`capstan eval … --name R`) that a cancelled formula was
+//!   bound to a slot of, or whose evaluator is cancelled: marked like an
+//!   agent (unlike other values), so `show` and `cat` say why.
+//!
+//! The dependents are found by scans of the formulas (cancel is rare):
+//! one, then one more after each round of marks, until a scan finds
+//! nothing new, so a dependent made while the cancel runs is not missed
+//! (see [`AgentHandle::cancel_observed`]). An agent cannot cancel itself
+//! (`cancel SELF` revokes its locators only).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
@@ -43,6 +49,10 @@ pub const MAX_CASCADE: usize = 10_000;
 const MARK_BATCH: usize = 100;
 /// Rows read at a time by the scan.
 const SCAN_PAGE: usize = 2_000;
+/// Most rounds of marks and scans one cancel makes (see
+/// [`AgentHandle::cancel_observed`]): a cancel racing more makers of
+/// dependents than this fails, asking to be run again.
+pub const MAX_ROUNDS: u32 = 8;
 
 /// What one cancel did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -117,6 +127,8 @@ fn id_after_first_str(key: &[u8]) -> Option<FormulaId> {
 /// Who depends on whom, from one scan of the store.
 struct Graph {
     formulas: HashMap<FormulaId, Formula>,
+    /// Eval results (values marked when cancelled, unlike other values).
+    eval_results: HashSet<FormulaId>,
     /// dependency → its dependents
     dependents: HashMap<FormulaId, Vec<FormulaId>>,
     /// swiss hash → remote formulas of this cluster restored from it
@@ -148,6 +160,17 @@ async fn graph(db: &capstan_cluster::Db) -> Result<Graph, Error> {
                     .push(*id);
             }
             _ => {}
+        }
+    }
+    // Eval results: what their slots held and their evaluator.
+    let mut eval_results = HashSet::new();
+    for (k, v) in scan_prefix(db, keys::eval_deps_all()).await? {
+        let Some(result) = id_after_first_str(&k) else {
+            continue;
+        };
+        eval_results.insert(result);
+        for dep in keys::decode_eval_deps(&v) {
+            dependents.entry(dep).or_default().push(result);
         }
     }
     // Components: installed values (manifest) by hash; guests by body.
@@ -188,6 +211,7 @@ async fn graph(db: &capstan_cluster::Db) -> Result<Graph, Error> {
     }
     Ok(Graph {
         formulas,
+        eval_results,
         dependents,
         remotes,
     })
@@ -247,10 +271,76 @@ fn describe(name: &str, id: &FormulaId, f: Option<&Formula>) -> String {
     }
 }
 
+/// Adds to `order` (and `seen`) the dependents of `from`, transitively,
+/// breadth first: each is told of the dependency it depends on directly.
+#[allow(clippy::too_many_arguments)]
+async fn expand(
+    db: &capstan_cluster::Db,
+    g: &Graph,
+    from: impl IntoIterator<Item = FormulaId>,
+    root: FormulaId,
+    path: &str,
+    seen: &mut HashSet<FormulaId>,
+    order: &mut Vec<(FormulaId, String)>,
+) -> Result<(), Error> {
+    let mut queue: VecDeque<FormulaId> = from.into_iter().collect();
+    while let Some(dep) = queue.pop_front() {
+        let name = if dep == root { path } else { "" };
+        let why = format!(
+            "cancelled: its dependency {} was cancelled",
+            describe(name, &dep, g.formulas.get(&dep))
+        );
+        let mut next: Vec<FormulaId> = g.dependents.get(&dep).cloned().unwrap_or_default();
+        for h in locator_hashes(db, dep).await? {
+            next.extend(g.remotes.get(&h).into_iter().flatten());
+        }
+        for d in next {
+            if seen.insert(d) {
+                if order.len() >= MAX_CASCADE {
+                    return Err(Error::Invalid(format!(
+                        "cancelling {path} would cancel more than {MAX_CASCADE} formulas; what was marked so far stays cancelled: cancel its dependents first, then {path} again"
+                    )));
+                }
+                order.push((d, why.clone()));
+                queue.push_back(d);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Called before each round of marks of a cancel, with its number: 0 after
+/// the first scan, before anything is marked; `n` after the scan that
+/// followed round `n - 1`'s marks. For tests that make a dependent while
+/// a cancel runs.
+pub type ScanHook = std::sync::Arc<dyn Fn(u32) + Send + Sync>;
+
 impl AgentHandle {
     /// Cancels what `path` names and, transitively, what depends on it
     /// (see the module's documentation). Hosts only.
     pub async fn cancel(&self, req: RequestId, path: &str) -> Result<CancelReport, Error> {
+        self.cancel_observed(req, path, None).await
+    }
+
+    /// [`cancel`](Self::cancel), calling `hook` after each scan.
+    ///
+    /// A dependent made while the cancel runs is not missed: the cancel
+    /// marks what it found, then scans again, marks what is new, and ends
+    /// only with a scan (taken after its last marks committed) that finds
+    /// nothing new, at most [`MAX_ROUNDS`] rounds. A dependent made before
+    /// that last scan is in it, so cancelled. One made after it reads what
+    /// it depends on in the transaction that makes it: an agent, promise,
+    /// remote formula or eval result is then marked (it is refused: `make`,
+    /// `evaluate_as`, sends), a revoked locator is gone (restore is
+    /// refused); and a value or directory, which is data and only loses its
+    /// locators, gets a dependent made after the cancel, like one made a
+    /// minute later.
+    pub async fn cancel_observed(
+        &self,
+        req: RequestId,
+        path: &str,
+        hook: Option<ScanHook>,
+    ) -> Result<CancelReport, Error> {
         if !self.ctx().is_host {
             return Err(Error::Invalid(
                 "only a host can cancel; a guest has only what it was given".into(),
@@ -275,42 +365,88 @@ impl AgentHandle {
                 ..Default::default()
             });
         }
-        // Who dies, and why (breadth first: each is told of the dependency
-        // it depends on directly).
-        let g = graph(&db).await?;
         let mut order: Vec<(FormulaId, String)> = Vec::new();
         let mut seen: HashSet<FormulaId> = HashSet::from([root, me]);
-        let mut queue: VecDeque<FormulaId> = VecDeque::new();
         if root != me {
             order.push((root, "cancelled by its host".to_string()));
-            queue.push_back(root);
         }
-        while let Some(dep) = queue.pop_front() {
-            let name = if dep == root { path } else { "" };
-            let why = format!(
-                "cancelled: its dependency {} was cancelled",
-                describe(name, &dep, g.formulas.get(&dep))
-            );
-            let mut next: Vec<FormulaId> = g.dependents.get(&dep).cloned().unwrap_or_default();
-            for h in locator_hashes(&db, dep).await? {
-                next.extend(g.remotes.get(&h).into_iter().flatten());
-            }
-            for d in next {
-                if seen.insert(d) {
-                    if order.len() >= MAX_CASCADE {
-                        return Err(Error::Invalid(format!(
-                            "cancelling {path} would cancel more than {MAX_CASCADE} formulas; nothing was cancelled: cancel its dependents first"
-                        )));
-                    }
-                    order.push((d, why.clone()));
-                    queue.push_back(d);
-                }
-            }
+        let mut g = graph(&db).await?;
+        // `cancel SELF` revokes locators only: nothing of its own dies.
+        if root != me {
+            expand(&db, &g, [root], root, path, &mut seen, &mut order).await?;
         }
         let mut report = CancelReport::default();
+        let mut settled = Vec::new();
+        let mut done = 0usize;
+        let mut round = 0u32;
+        loop {
+            if let Some(h) = &hook {
+                h(round);
+            }
+            let fresh: Vec<(FormulaId, String)> = order[done..].to_vec();
+            if fresh.is_empty() && round > 0 {
+                break;
+            }
+            if round >= MAX_ROUNDS {
+                return Err(Error::Unavailable(format!(
+                    "dependents of {path} kept being made while it was cancelled ({MAX_ROUNDS} rounds); what was found is cancelled: cancel {path} again"
+                )));
+            }
+            self.cancel_round(&g, root, path, &fresh, &mut report, &mut settled)
+                .await?;
+            done = order.len();
+            round += 1;
+            // Scan again, after the marks committed: what was made
+            // meanwhile depends on something in `order`.
+            g = graph(&db).await?;
+            let all: Vec<FormulaId> = order.iter().map(|(id, _)| *id).collect();
+            expand(&db, &g, all, root, path, &mut seen, &mut order).await?;
+        }
+        // The answer for a retry.
+        let revoked = report.revoked;
+        self.transact(move |tx| {
+            Box::pin(async move {
+                model::dedup_put(tx, &me, &req, DedupAnswer::Number(revoked), now_ms())?;
+                Ok(())
+            })
+        })
+        .await?;
+        for (id, s) in settled {
+            crate::api::notify_settled(self.inner(), id, s);
+        }
+        // Stop the incarnations of the agents that died, here and on the
+        // other members (they look at the formula and stop theirs).
+        for (id, t, _) in &report.cancelled {
+            if t == "host" || t == "guest" {
+                crate::incarnation::stop_cancelled(self.inner(), *id);
+            }
+        }
+        tracing::info!(
+            root = %root.short(),
+            cancelled = report.cancelled.len(),
+            revoked = report.revoked,
+            rejected = report.rejected,
+            rounds = round,
+            "cancelled"
+        );
+        Ok(report)
+    }
+
+    /// Rejects the pending requests of the agents in `fresh`, then marks
+    /// `fresh` and revokes their locators, a batch per transaction.
+    async fn cancel_round(
+        &self,
+        g: &Graph,
+        root: FormulaId,
+        path: &str,
+        fresh: &[(FormulaId, String)],
+        report: &mut CancelReport,
+        settled: &mut Vec<(FormulaId, PromiseState)>,
+    ) -> Result<(), Error> {
+        let me = self.ctx().id;
         // Requests pending in the inboxes of the agents that die: rejected
         // with the reason (first, while the agents are live).
-        for (id, _) in &order {
+        for (id, _) in fresh {
             if g.formulas.get(id).and_then(|f| f.kind.agent()).is_some() {
                 let name = if *id == root { path } else { "" };
                 let why = format!(
@@ -320,24 +456,23 @@ impl AgentHandle {
                 report.rejected += self.reject_pending(*id, &why).await?;
             }
         }
-        // Mark, and revoke locators, a batch per transaction; the last one
-        // records the answer for a retry.
-        if order.is_empty() {
-            order.push((root, String::new()));
+        let mut batch_list: Vec<(FormulaId, String, bool)> = fresh
+            .iter()
+            .map(|(id, why)| (*id, why.clone(), g.eval_results.contains(id)))
+            .collect();
+        if batch_list.is_empty() {
+            // Nothing depends on it: its locators still go.
+            batch_list.push((root, String::new(), false));
         }
-        let batches: Vec<Vec<(FormulaId, String)>> =
-            order.chunks(MARK_BATCH).map(|c| c.to_vec()).collect();
-        let last = batches.len() - 1;
-        let mut settled = Vec::new();
-        for (i, batch) in batches.into_iter().enumerate() {
-            let revoked_so_far = report.revoked;
+        for batch in batch_list.chunks(MARK_BATCH) {
+            let batch = batch.to_vec();
             let (revoked, marked) = self
                 .transact(move |tx| {
                     let batch = batch.clone();
                     Box::pin(async move {
                         let mut revoked = 0u64;
                         let mut marked = Vec::new();
-                        for (id, why) in &batch {
+                        for (id, why, eval_result) in &batch {
                             revoked += revoke_locators(tx, id).await?;
                             if why.is_empty() || *id == me {
                                 continue;
@@ -345,7 +480,7 @@ impl AgentHandle {
                             let Some(mut f) = model::get_formula(tx, id).await? else {
                                 continue;
                             };
-                            if f.cancelled.is_some() || !markable(&f.kind) {
+                            if f.cancelled.is_some() || !(markable(&f.kind) || *eval_result) {
                                 continue;
                             }
                             let mut state = None;
@@ -362,16 +497,7 @@ impl AgentHandle {
                             model::put_formula(tx, id, &f)?;
                             marked.push((*id, f.kind.type_name().to_string(), why.clone(), state));
                         }
-                        if i == last {
-                            model::dedup_put(
-                                tx,
-                                &me,
-                                &req,
-                                DedupAnswer::Number(revoked_so_far + revoked),
-                                now_ms(),
-                            )?;
-                        }
-                        Ok((revoked, marked))
+                        Ok::<_, Error>((revoked, marked))
                     })
                 })
                 .await?;
@@ -383,24 +509,7 @@ impl AgentHandle {
                 report.cancelled.push((id, t, why));
             }
         }
-        for (id, s) in settled {
-            crate::api::notify_settled(self.inner(), id, s);
-        }
-        // Stop the incarnations of the agents that died, here and on the
-        // other members (they look at the formula and stop theirs).
-        for (id, t, _) in &report.cancelled {
-            if t == "host" || t == "guest" {
-                crate::incarnation::stop_cancelled(self.inner(), *id);
-            }
-        }
-        tracing::info!(
-            root = %root.short(),
-            cancelled = report.cancelled.len(),
-            revoked = report.revoked,
-            rejected = report.rejected,
-            "cancelled"
-        );
-        Ok(report)
+        Ok(())
     }
 
     /// Rejects the requests pending in `agent`'s inbox (sent to it by

@@ -218,6 +218,9 @@ impl AgentHandle {
                 let (tid, f) = settle_target(tx, id).await?;
                 match f.kind {
                     FormulaKind::Value(v) => {
+                        if let Some(c) = &f.cancelled {
+                            return Err(crate::cancel::cancelled_error(&p.to_string(), c, ""));
+                        }
                         let data = value_bytes(tx, &tid, &v).await?;
                         Ok((tid, v.kind, data))
                     }
@@ -399,6 +402,14 @@ impl AgentHandle {
             Box::pin(async move {
                 if let Some(DedupAnswer::Id(prev)) = checked_dedup(tx, &ctx.id, &req).await? {
                     return Ok(prev);
+                }
+                // A cancelled agent makes nothing (read here, so a cancel racing this conflicts).
+                if let Some(c) = model::must_formula(tx, &ctx.id).await?.cancelled {
+                    return Err(crate::cancel::cancelled_error(
+                        "this agent",
+                        &c,
+                        ": nothing was made",
+                    ));
                 }
                 let dir = model::parent_dir(tx, &ctx, &p).await?;
                 if let Some(existing) = model::lookup(tx, &dir, p.last()).await? {

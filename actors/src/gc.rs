@@ -12,7 +12,8 @@
 //!    formula id (raw or in hex) found in a record this module does not
 //!    decode (outbox items, guest bodies and journals, …). Edges: names of
 //!    directories, references in messages, agents' directories and hosts,
-//!    promises' requesters and resolutions. Candidates are the unreachable
+//!    promises' requesters and resolutions, eval results' dependencies
+//!    (`("evd", id)`). Candidates are the unreachable
 //!    values, directories, promises and remote references. Cycles are
 //!    unreachable like anything else.
 //! 2. **Condemn**: a candidate whose reference stamp (`("fref", id)`,
@@ -33,6 +34,24 @@
 //!
 //! Then exactly-once answers (`("d", …)`, `("in", …)`) older than the
 //! retention are dropped.
+//!
+//! # Sizes and sharing the node
+//!
+//! The mark reads the store in range scans of [`PAGE`] pairs; the condemn
+//! step marks up to [`CONDEMN_BATCH`] candidates per transaction, and the
+//! sweep deletes about [`SWEEP_KEYS`] keys per transaction, taking the
+//! candidates in key order so that a transaction touches neighbouring
+//! keys. On a backend that takes fewer writes in one commit (etcd:
+//! `--max-txn-ops`, 128 by default, [`capstan_cluster::Store::max_commit_writes`])
+//! each transaction takes as many as fit under that limit instead, its
+//! conflict-checked reads included (etcd counts them as compares).
+//!
+//! A node serves its requests on one thread, so a pass gives way to them:
+//! it yields after every page of the mark, every [`WALK_SLICE`] formulas of
+//! the reachability walk and every transaction, and no transaction of a
+//! pass holds the embedded store's committer for more than the time to
+//! write a few thousand keys. Concurrent sends then wait for at most one
+//! such slice (figures: `capstan bench --gc-formulas 100000`).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -46,15 +65,34 @@ use crate::api::PromiseState;
 use crate::records::{BodyRec, DedupAnswer, Formula, FormulaKind, LocatorRec, MessageRec};
 use crate::{Error, Runtime, keys};
 
-/// Pairs read from a snapshot at a time.
-const PAGE: usize = 512;
-/// Candidates condemned per transaction (two reads and a write each).
-pub const CONDEMN_BATCH: usize = 32;
-/// Formulas deleted per transaction (a few reads and up to seven clears
-/// each: well under etcd's 128 operations).
-pub const SWEEP_BATCH: usize = 12;
-/// Exactly-once records dropped per transaction.
-pub const ANSWER_BATCH: usize = 100;
+/// Pairs read from a snapshot at a time. The mark yields to the node's
+/// other tasks after every page, so that sends keep being served while a
+/// pass reads a large store (the node runs on one thread: a pass that never
+/// yields stalls every request for as long as its mark takes).
+const PAGE: usize = 2048;
+/// Formulas visited by the reachability walk between two yields.
+const WALK_SLICE: usize = 8192;
+/// Most candidates condemned per transaction (two reads and a write each),
+/// where the backend takes that many operations in one commit; on a
+/// backend with a smaller limit (etcd's `--max-txn-ops`, 128 by default),
+/// as many as fit under it.
+pub const CONDEMN_BATCH: usize = 1024;
+/// Most keys deleted per sweep transaction (a formula's keys are never
+/// split: a transaction may pass this by one formula's keys). On a backend
+/// taking fewer writes per commit (etcd), its limit: a formula takes up to
+/// [`SWEEP_WRITES_PER_FORMULA`] writes there.
+pub const SWEEP_KEYS: usize = 2048;
+/// Writes the sweep of one formula makes at most: its condemned mark, its
+/// record, its reference stamp, and one range clear each for its value
+/// chunks, its names, its reverse names, its locators and (an eval
+/// result) its dependencies.
+pub const SWEEP_WRITES_PER_FORMULA: usize = 8;
+/// Conflict-checked reads the sweep of one formula makes (its mark, its
+/// record, its stamp); the transaction reads the rescue key once more.
+const SWEEP_READS_PER_FORMULA: usize = 3;
+/// Exactly-once records dropped, or stale marks cleared, per transaction
+/// (at most; fewer on a backend taking fewer writes per commit).
+pub const ANSWER_BATCH: usize = 1024;
 /// Default retention of exactly-once answers: a day.
 pub const DEFAULT_KEEP_ANSWERS_MS: u64 = 24 * 3600 * 1000;
 
@@ -157,6 +195,7 @@ async fn scan(
         for (k, v) in &rows {
             f(k, v)?;
         }
+        tokio::task::yield_now().await;
         match rows.last() {
             Some((k, _)) if rows.len() == PAGE => begin = key_after(k),
             _ => return Ok(()),
@@ -334,6 +373,14 @@ async fn mark(snap: &dyn Snapshot) -> Result<Graph, Error> {
                 "fref" => {
                     g.stamps.insert(id_in_key(k, 1)?, v.to_vec());
                 }
+                // An eval result keeps what it was computed from.
+                "evd" => {
+                    let result = id_in_key(k, 1)?;
+                    g.edges
+                        .entry(result)
+                        .or_default()
+                        .extend(keys::decode_eval_deps(v));
+                }
                 "gcx" => g.condemned.push(id_in_key(k, 1)?),
                 "meta" => {}
                 // Placements, outbox items, guest bodies, manifests and
@@ -350,12 +397,14 @@ async fn mark(snap: &dyn Snapshot) -> Result<Graph, Error> {
             break;
         }
         begin = next;
+        tokio::task::yield_now().await;
     }
     Ok(g)
 }
 
-/// The formulas reachable from `from` along `edges`, limited to `within` if given.
-fn reach(
+/// The formulas reachable from `from` along `edges`, limited to `within` if
+/// given. Yields to other tasks every [`WALK_SLICE`] formulas.
+async fn reach(
     from: impl IntoIterator<Item = FormulaId>,
     edges: &HashMap<FormulaId, Vec<FormulaId>>,
     within: Option<&HashSet<FormulaId>>,
@@ -367,14 +416,27 @@ fn reach(
             queue.push_back(r);
         }
     }
+    let mut visited = 0usize;
     while let Some(id) = queue.pop_front() {
         for t in edges.get(&id).map(Vec::as_slice).unwrap_or(&[]) {
             if within.is_none_or(|w| w.contains(t)) && seen.insert(*t) {
                 queue.push_back(*t);
             }
         }
+        visited += 1;
+        if visited.is_multiple_of(WALK_SLICE) {
+            tokio::task::yield_now().await;
+        }
     }
     seen
+}
+
+/// How many writes one commit of `db` may hold, as far as this module
+/// goes: [`SWEEP_KEYS`], or fewer where the backend takes fewer (etcd).
+fn write_limit(db: &capstan_cluster::Db) -> usize {
+    db.store()
+        .max_commit_writes()
+        .clamp(SWEEP_WRITES_PER_FORMULA + 1, SWEEP_KEYS)
 }
 
 fn size_of(rows: &[(Vec<u8>, Vec<u8>)]) -> u64 {
@@ -397,13 +459,21 @@ impl Runtime {
             let snap = db.store().snapshot().await?;
             mark(snap.as_ref()).await?
         };
-        let live = reach(g.roots.iter().copied(), &g.edges, None);
-        let candidates: Vec<FormulaId> = g
+        let live = reach(g.roots.iter().copied(), &g.edges, None).await;
+        let mut candidates: Vec<FormulaId> = g
             .formulas
             .iter()
             .filter(|(id, (collectable, _))| *collectable && !live.contains(id))
             .map(|(id, _)| *id)
             .collect();
+        // In key order: each batch then reads and deletes neighbouring keys
+        // (few pages of the embedded store's tree per transaction).
+        candidates.sort_unstable();
+        tokio::task::yield_now().await;
+        let limit = write_limit(&db);
+        // Two conflict-checked reads and one write per candidate (etcd
+        // counts the reads as compares, under the same limit).
+        let condemn_batch = (limit / 2).saturating_sub(1).clamp(1, CONDEMN_BATCH);
         report.scanned = g.formulas.len() as u64;
         report.reachable = g.formulas.keys().filter(|id| live.contains(id)).count() as u64;
         report.candidates = candidates.len() as u64;
@@ -417,10 +487,10 @@ impl Runtime {
         // Condemn.
         let mut condemned: Vec<FormulaId> = Vec::new();
         let mut survivors: Vec<FormulaId> = Vec::new();
-        for (n, batch) in candidates.chunks(CONDEMN_BATCH).enumerate() {
+        for (n, batch) in candidates.chunks(condemn_batch).enumerate() {
             progress(
                 GcPhase::Condemn,
-                (n * CONDEMN_BATCH) as u64,
+                (n * condemn_batch) as u64,
                 candidates.len() as u64,
             );
             let batch: Arc<Vec<(FormulaId, Option<Vec<u8>>)>> = Arc::new(
@@ -457,11 +527,13 @@ impl Runtime {
                 .await?;
             condemned.extend(c);
             survivors.extend(s);
+            // Between transactions, the node's requests run.
+            tokio::task::yield_now().await;
         }
 
         // Spare what the survivors reach, and stale marks of earlier passes.
         let cand_set: HashSet<FormulaId> = candidates.iter().copied().collect();
-        let spared = reach(survivors.iter().copied(), &g.edges, Some(&cand_set));
+        let spared = reach(survivors.iter().copied(), &g.edges, Some(&cand_set)).await;
         report.kept = spared.len() as u64;
         let condemned_set: HashSet<FormulaId> = condemned.iter().copied().collect();
         let mut unmark: Vec<FormulaId> = spared
@@ -488,9 +560,19 @@ impl Runtime {
                 .copied()
                 .collect(),
         );
-        for (n, batch) in condemned.chunks(SWEEP_BATCH).enumerate() {
-            progress(GcPhase::Sweep, (n * SWEEP_BATCH) as u64, total);
-            let batch = Arc::new(batch.to_vec());
+        // A transaction takes formulas from `condemned[at..]` until it has
+        // deleted SWEEP_KEYS keys or could not take another formula's writes
+        // under the backend's limit; it says how many it took.
+        // The formulas offered to a transaction start at what the writes
+        // limit allows at worst and double while a transaction takes them
+        // all (most formulas write fewer keys than the worst case).
+        let reads_limit = limit.saturating_sub(1);
+        let mut offer = (limit / SWEEP_WRITES_PER_FORMULA).max(1);
+        let mut at = 0usize;
+        while at < condemned.len() {
+            progress(GcPhase::Sweep, at as u64, total);
+            let upto = (at + offer).min(condemned.len());
+            let batch = Arc::new(condemned[at..upto].to_vec());
             let (rescued, values) = (rescued.clone(), values.clone());
             let done = db
                 .transact(move |tx| {
@@ -506,9 +588,19 @@ impl Runtime {
                             ahead.push(keys::formula_ref(id));
                         }
                         tx.prefetch(&ahead).await?;
-                        let (mut formulas, mut vals, mut nkeys, mut bytes) =
-                            (0u64, 0u64, 0u64, 0u64);
+                        let (mut took, mut formulas, mut vals, mut nkeys, mut bytes) =
+                            (0usize, 0u64, 0u64, 0u64, 0u64);
+                        let mut reads = 1usize;
                         for id in batch.iter() {
+                            if took > 0
+                                && (nkeys as usize >= SWEEP_KEYS
+                                    || tx.mutation_count() + SWEEP_WRITES_PER_FORMULA > limit
+                                    || reads + SWEEP_READS_PER_FORMULA > reads_limit)
+                            {
+                                break;
+                            }
+                            took += 1;
+                            reads += SWEEP_READS_PER_FORMULA;
                             let ck = keys::condemned(id);
                             if tx.get(&ck).await?.is_none() {
                                 continue;
@@ -539,6 +631,7 @@ impl Runtime {
                                 keys::dir_watch(id),
                                 TupleKey::new().str("r").bytes(id.as_bytes()).into_vec(),
                                 keys::locators_of(id),
+                                keys::eval_deps(id),
                             ] {
                                 let rows = tx
                                     .snapshot_range(&RangeOption {
@@ -555,12 +648,16 @@ impl Runtime {
                                 }
                             }
                         }
-                        Ok(Some((formulas, vals, nkeys, bytes)))
+                        Ok(Some((took, formulas, vals, nkeys, bytes)))
                     })
                 })
                 .await?;
             match done {
-                Some((f, v, k, b)) => {
+                Some((took, f, v, k, b)) => {
+                    if took == upto - at {
+                        offer = (offer * 2).min(limit);
+                    }
+                    at += took.max(1);
                     report.formulas += f;
                     report.values += v;
                     report.keys += k;
@@ -569,11 +666,13 @@ impl Runtime {
                 None => {
                     tracing::info!("gc: a condemned formula was referenced again; pass stopped");
                     report.interrupted = true;
-                    let rest = condemned[n * SWEEP_BATCH..].to_vec();
+                    let rest = condemned[at..].to_vec();
                     Self::unmark(&db, &rest).await?;
                     break;
                 }
             }
+            // Between transactions, the node's requests run.
+            tokio::task::yield_now().await;
         }
 
         self.expire_answers(opts, &progress, &mut report).await?;
@@ -584,7 +683,7 @@ impl Runtime {
 
     /// Clears the condemned marks of `ids` (the formulas are kept).
     async fn unmark(db: &capstan_cluster::Db, ids: &[FormulaId]) -> Result<(), Error> {
-        for batch in ids.chunks(ANSWER_BATCH) {
+        for batch in ids.chunks(ANSWER_BATCH.min(write_limit(db))) {
             let batch = Arc::new(batch.to_vec());
             db.transact(move |tx| {
                 let batch = batch.clone();
@@ -640,7 +739,7 @@ impl Runtime {
                         old.push((k, v));
                     }
                 }
-                for batch in old.chunks(ANSWER_BATCH) {
+                for batch in old.chunks(ANSWER_BATCH.min(write_limit(&db))) {
                     let ks: Arc<Vec<Vec<u8>>> =
                         Arc::new(batch.iter().map(|(k, _)| k.clone()).collect());
                     db.transact(move |tx| {
@@ -656,7 +755,9 @@ impl Runtime {
                     report.answers += batch.len() as u64;
                     report.keys += batch.len() as u64;
                     report.bytes += size_of(batch);
+                    tokio::task::yield_now().await;
                 }
+                tokio::task::yield_now().await;
                 if !full {
                     break;
                 }

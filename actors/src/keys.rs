@@ -24,6 +24,7 @@
 //! | `("fref", id)` | reference stamp: random bytes rewritten by every write of a reference to `id` (see `crate::gc`) |
 //! | `("gcx", id)` | empty: `id` is condemned by a collection pass |
 //! | `("meta", "gc-rescued")` | random bytes rewritten when a writer rescues a condemned formula |
+//! | `("evd", id)` | the formulas eval result `id` depends on: 32-byte ids, concatenated (see `crate::guest::eval`) |
 
 use capstan_cluster::tuple::TupleKey;
 use capstan_proto::{FormulaId, RequestId};
@@ -240,6 +241,24 @@ pub fn condemned_all() -> Vec<u8> {
 /// a pass that sees it change deletes nothing more.
 pub fn gc_rescued() -> Vec<u8> {
     TupleKey::new().str("meta").str("gc-rescued").into_vec()
+}
+
+/// What eval result `id` depends on (its slots' formulas and the
+/// evaluator): cancelling one of them cancels it.
+pub fn eval_deps(id: &FormulaId) -> Vec<u8> {
+    TupleKey::new().str("evd").bytes(id.as_bytes()).into_vec()
+}
+
+/// Every eval result's dependencies.
+pub fn eval_deps_all() -> Vec<u8> {
+    TupleKey::new().str("evd").into_vec()
+}
+
+/// The ids in an [`eval_deps`] record.
+pub fn decode_eval_deps(v: &[u8]) -> Vec<FormulaId> {
+    v.chunks_exact(32)
+        .filter_map(|c| FormulaId::from_slice(c).ok())
+        .collect()
 }
 
 /// Every formula record.

@@ -47,6 +47,7 @@ async fn evaluate(
     source: &str,
     bindings: &[(String, String)],
     number: Option<u64>,
+    result_name: Option<&str>,
 ) -> anyhow::Result<serde_json::Value> {
     let req = RequestId::random();
     let answer = client
@@ -57,6 +58,7 @@ async fn evaluate(
             r.get().set_source(source);
             r.get().set_endow(number.is_some());
             r.get().set_number(number.unwrap_or(0));
+            r.get().set_result_name(result_name.unwrap_or(""));
             let mut gl = r.get().init_bindings(bindings.len() as u32);
             for (i, (slot, path)) in bindings.iter().enumerate() {
                 let mut g = gl.reborrow().get(i as u32);
@@ -289,10 +291,19 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
             source,
             bindings,
             evaluator,
+            result_name,
             ..
         } => {
             let bindings = parse_bindings(&bindings, "eval", "doc=greeting")?;
-            let v = evaluate(client, &evaluator, &source, &bindings, None).await?;
+            let v = evaluate(
+                client,
+                &evaluator,
+                &source,
+                &bindings,
+                None,
+                result_name.as_deref(),
+            )
+            .await?;
             if json {
                 print_json(&v);
                 if v.get("error").is_some() {
@@ -314,7 +325,7 @@ pub async fn run(client: &Client, command: Command, json: bool) -> anyhow::Resul
             ..
         } => {
             let bindings = parse_bindings(&bindings, "--bind", "--bind reader=inbox-reader")?;
-            let v = evaluate(client, &evaluator, "", &bindings, Some(number)).await?;
+            let v = evaluate(client, &evaluator, "", &bindings, Some(number), None).await?;
             if json {
                 print_json(&v);
             } else {

@@ -1122,9 +1122,18 @@ impl agent::Server for AgentServer {
         for g in p.get_bindings()?.iter() {
             bindings.push((text(g.get_slot(), "slot")?, text(g.get_path(), "path")?));
         }
+        let result_name = if p.has_result_name() {
+            text(p.get_result_name(), "resultName")?
+        } else {
+            String::new()
+        };
         let o = if p.get_endow() {
             self.handle
                 .endow(req, &evaluator, p.get_number(), &bindings)
+                .await
+        } else if !result_name.is_empty() {
+            self.handle
+                .evaluate_as(req, &evaluator, &source, &bindings, &result_name)
                 .await
         } else {
             self.handle
@@ -1144,6 +1153,9 @@ impl agent::Server for AgentServer {
         }
         if let Some(n) = o.reply {
             v["reply"] = n.into();
+        }
+        if let Some(id) = o.stored {
+            v["id"] = id.to_string().into();
         }
         results.get().set_json(v.to_string().as_str());
         Ok(())

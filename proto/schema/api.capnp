@@ -191,7 +191,10 @@ interface Agent {
   # answer is mailed back as a reply). The answer is one JSON object:
   # {"result": JSON text} or {"error": text}, with "fuel", "invokes",
   # "instantiate_ns", "run_ns" and, for endow, "reply" (see nodes/CLI.md).
-  evaluate @32 (reqId :Data, evaluator :Text, source :Text, bindings :List(Grant), endow :Bool, number :UInt64) -> (json :Text);
+  # A non-empty `resultName` (eval only) also stores the result as a JSON
+  # value under that path: an eval result, which depends on what the slots
+  # held and dies with it (`capstan cancel`); the answer then has "id".
+  evaluate @32 (reqId :Data, evaluator :Text, source :Text, bindings :List(Grant), endow :Bool, number :UInt64, resultName :Text) -> (json :Text);
   # Routines (`capstan routine …`): `command` is add, list or remove;
   # `args` is one JSON object (see nodes/CLI.md), the answer one JSON value.
   routine @33 (reqId :Data, command :Text, args :Text) -> (json :Text);

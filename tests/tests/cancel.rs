@@ -233,3 +233,49 @@ fn cancellation_reaches_every_cluster_node() {
     let (_, err) = nodes[1].fail(["send", "hg", "x"]);
     assert!(err.contains("cancelled: its dependency h (host"), "{err}");
 }
+
+/// An eval result (`eval … --name R`) depends on what its slots held and on
+/// its evaluator: cancelling one cancels it, and it says why, across kill
+/// -9; results made from other inputs, and the inputs (data), live on.
+#[test]
+fn cancelling_a_slot_cancels_the_eval_results_made_from_it() {
+    let mut node = Node::started();
+    let wasm = guest_wasm("evaluator");
+    node.ok(["install", wasm.as_str(), "--name", "evaluator"]);
+    node.ok(["store", "--text", "hello", "--name", "doc"]);
+    node.ok(["store", "--text", "other", "--name", "other"]);
+    let v = node.json(["eval", "d.text().length", "d=doc", "--name", "len"]);
+    assert_eq!(v["result"], "5", "{v}");
+    assert!(v["id"].is_string(), "{v}");
+    node.json(["eval", "o.text() + '!'", "o=other", "--name", "shout"]);
+    assert_eq!(node.ok(["cat", "len"]).trim(), "5");
+    // code that throws stores nothing
+    node.fail(["eval", "throw new Error('no')", "--name", "nothing"]);
+    node.fail(["show", "nothing"]);
+
+    let v = node.json(["cancel", "doc"]);
+    assert_eq!(cancelled_types(&v), ["value"], "{v}");
+    let why = v["cancelled"][0]["reason"].as_str().unwrap();
+    assert!(
+        why.starts_with("cancelled: its dependency doc (value "),
+        "{why}"
+    );
+    // show and cat tell the cancelled result from a live one
+    assert_eq!(detail(&node, "len"), why);
+    let (_, err) = node.fail(["cat", "len"]);
+    assert!(
+        err.contains("len was cancelled (cancelled: its dependency doc"),
+        "{err}"
+    );
+    // the input is data: it is still read; the other result lives on
+    assert_eq!(node.ok(["cat", "doc"]).trim(), "hello");
+    assert!(!detail(&node, "shout").contains("cancelled"));
+    assert!(node.ok(["cat", "shout"]).contains("other!"));
+    node.kill9();
+    node.start();
+    assert_eq!(detail(&node, "len"), why);
+    // cancelling the evaluator cancels every result it computed
+    let v = node.json(["cancel", "evaluator"]);
+    assert_eq!(cancelled_types(&v), ["value"], "{v}");
+    assert!(detail(&node, "shout").contains("its dependency evaluator (value "));
+}

@@ -24,7 +24,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use capstan_proto::RequestId;
+use capstan_proto::{FormulaId, RequestId};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use wasmtime::Store;
@@ -33,10 +33,15 @@ use super::bindings::evaluator::capstan::evaluator::host as eval_host;
 use super::bindings::evaluator::exports::capstan::evaluator::evaluator::Slot;
 use super::host::{Deadline, Limiter, arm, guest_log, stop_reason};
 use super::{CallLimits, GuestHost, World, manifest_of};
+use crate::ValueKind;
 use crate::agent::AgentHandle;
 use crate::error::Error;
+use crate::keys;
 use crate::model;
+use crate::names::Path;
+use crate::node::now_ms;
 use crate::records::BodyRec;
+use crate::records::{DedupAnswer, Formula, FormulaKind, ValueRec};
 use crate::types::MessageBodyView;
 
 /// Largest source accepted.
@@ -65,6 +70,8 @@ pub struct EvalOutcome {
     pub run_ns: u64,
     /// For `endow`: the number of the reply mailed to the proposer.
     pub reply: Option<u64>,
+    /// For [`AgentHandle::evaluate_as`]: the eval result stored.
+    pub stored: Option<capstan_proto::FormulaId>,
 }
 
 /// A capability bound to a slot: a path in the host's names.
@@ -347,46 +354,6 @@ impl eval_host::Host for EvalState {
     }
 }
 
-/// What a code proposal mailed by the LLM agent carries after its first line.
-#[derive(Debug, Deserialize)]
-struct Proposal {
-    source: String,
-    #[serde(default)]
-    slots: BTreeMap<String, String>,
-    /// Stored results the code composes (`chain_eval`): global constants.
-    #[serde(default)]
-    values: BTreeMap<String, Value>,
-}
-
-/// Parses the text of a proposal message.
-fn parse_proposal(text: &str) -> Result<Proposal, Error> {
-    let Some(rest) = text.strip_prefix(PROPOSAL_PREFIX) else {
-        return Err(Error::Invalid(format!(
-            "that message is not a code proposal (it does not start with {PROPOSAL_PREFIX:?}); answer it with `capstan reply`"
-        )));
-    };
-    let json = rest.split_once('\n').map(|(_, j)| j).unwrap_or("");
-    let p: Proposal = serde_json::from_str(json).map_err(|e| {
-        Error::Invalid(format!(
-            "the proposal's JSON is malformed ({e}); reject it with `capstan reply N \"…\"`"
-        ))
-    })?;
-    if p.source.len() > MAX_SOURCE {
-        return Err(Error::TooLarge {
-            what: "proposed source".into(),
-            len: p.source.len(),
-            max: MAX_SOURCE,
-        });
-    }
-    Ok(p)
-}
-
-/// Whether `m` is a code proposal (`definition: slots {…}`).
-fn is_proposal(m: &crate::records::MessageRec) -> bool {
-    matches!(&m.body, BodyRec::Package { strings, .. }
-        if strings.first().is_some_and(|t| t.starts_with("definition:")))
-}
-
 impl AgentHandle {
     /// Runs `source` in the installed evaluator component `evaluator` (a
     /// path in this host's names) with `bindings` (slot → path in this
@@ -399,6 +366,21 @@ impl AgentHandle {
         bindings: &[(String, String)],
         constants: BTreeMap<String, Value>,
     ) -> Result<EvalOutcome, Error> {
+        self.evaluate_with_deps(req, evaluator, source, bindings, constants)
+            .await
+            .map(|(o, _)| o)
+    }
+
+    /// [`evaluate`](Self::evaluate), also answering what the evaluation
+    /// depended on: each slot's formula (with its path) and the evaluator.
+    async fn evaluate_with_deps(
+        &self,
+        req: RequestId,
+        evaluator: &str,
+        source: &str,
+        bindings: &[(String, String)],
+        constants: BTreeMap<String, Value>,
+    ) -> Result<(EvalOutcome, Vec<(FormulaId, String)>), Error> {
         if !self.is_host() {
             return Err(Error::Invalid("only a host can evaluate code".into()));
         }
@@ -463,7 +445,7 @@ impl AgentHandle {
                 return Err(Error::Invalid(format!("slot {slot:?} is bound twice")));
             }
         }
-        let (_, m) = manifest_of(self, evaluator).await.map_err(|e| match e {
+        let (component, m) = manifest_of(self, evaluator).await.map_err(|e| match e {
             Error::UnknownName(_) => Error::Invalid(format!(
                 "no evaluator is installed as {evaluator:?}: install one with `capstan install guests/out/evaluator.wasm --name {evaluator}`"
             )),
@@ -487,10 +469,132 @@ impl AgentHandle {
             panic: None,
             deadline: Deadline::new(),
         };
+        let mut deps: Vec<(FormulaId, String)> = state
+            .slots
+            .values()
+            .map(|b| (b.id, b.path.clone()))
+            .collect();
+        deps.push((component, evaluator.to_string()));
         let source = source.to_string();
-        tokio::task::spawn_blocking(move || run(&gh, &c, state, source, constants_json))
-            .await
-            .map_err(|e| Error::Unavailable(format!("evaluator task failed: {e}")))?
+        let outcome =
+            tokio::task::spawn_blocking(move || run(&gh, &c, state, source, constants_json))
+                .await
+                .map_err(|e| Error::Unavailable(format!("evaluator task failed: {e}")))??;
+        Ok((outcome, deps))
+    }
+
+    /// [`evaluate`](Self::evaluate), then the result stored as a value at
+    /// `result` (a path in this host's names; JSON, or text if the
+    /// completion value is not JSON) with what it depends on: an **eval
+    /// result**. Cancelling any formula a slot held, or the evaluator,
+    /// cancels it (`crate::cancel`). Code that throws stores nothing.
+    ///
+    /// The store refuses the result if one of its dependencies was
+    /// cancelled (or collected) since the evaluation started: it reads
+    /// each dependency's formula in the transaction that stores the
+    /// result, so a cancel that marks one conflicts with it. With the
+    /// cancel's final re-scan, a result made while a cancel runs is
+    /// either cancelled by it or refused.
+    pub async fn evaluate_as(
+        &self,
+        req: RequestId,
+        evaluator: &str,
+        source: &str,
+        bindings: &[(String, String)],
+        result: &str,
+    ) -> Result<EvalOutcome, Error> {
+        let p = Path::parse_writable(result)?;
+        // A retry of a request already answered: the result stored then.
+        let me = self.id();
+        let earlier = self
+            .inner()
+            .db
+            .read(move |tx| Box::pin(async move { model::dedup_get(tx, &me, &req).await }))
+            .await?;
+        if let Some(DedupAnswer::Id(id)) = earlier {
+            let (_, data) = self.value_by_id(id).await?;
+            return Ok(EvalOutcome {
+                result: Ok(String::from_utf8_lossy(&data).into_owned()),
+                fuel: 0,
+                invokes: 0,
+                instantiate_ns: 0,
+                run_ns: 0,
+                reply: None,
+                stored: Some(id),
+            });
+        }
+        let (mut outcome, deps) = self
+            .evaluate_with_deps(req, evaluator, source, bindings, BTreeMap::new())
+            .await?;
+        let Ok(json) = &outcome.result else {
+            return Ok(outcome);
+        };
+        let kind = if serde_json::from_str::<Value>(json).is_ok() {
+            ValueKind::Json
+        } else {
+            ValueKind::Text
+        };
+        let data = Arc::new(json.clone().into_bytes());
+        let hash = *blake3::hash(&data).as_bytes();
+        let id = FormulaId::random();
+        let ctx = self.ctx().clone();
+        let deps = Arc::new(deps);
+        let stored = self
+            .transact(move |tx| {
+                let (ctx, p, data, deps) = (ctx.clone(), p.clone(), data.clone(), deps.clone());
+                Box::pin(async move {
+                    if let Some(DedupAnswer::Id(prev)) = model::dedup_get(tx, &ctx.id, &req).await? {
+                        return Ok(prev);
+                    }
+                    let ids: Vec<FormulaId> = deps.iter().map(|(d, _)| *d).collect();
+                    let ahead: Vec<Vec<u8>> = ids.iter().map(keys::formula).collect();
+                    tx.prefetch(&ahead).await?;
+                    for (d, path) in deps.iter() {
+                        match model::get_formula(tx, d).await? {
+                            None => {
+                                return Err(Error::Invalid(format!(
+                                    "{path} no longer exists (collected as garbage); the result was not stored"
+                                )));
+                            }
+                            Some(f) => {
+                                if let Some(c) = &f.cancelled {
+                                    return Err(crate::cancel::cancelled_error(
+                                        path,
+                                        c,
+                                        ": the result depends on it and was not stored",
+                                    ));
+                                }
+                            }
+                        }
+                    }
+                    let dir = model::parent_dir(tx, &ctx, &p).await?;
+                    let f = Formula {
+                        created_ms: now_ms(),
+                        cancelled: None,
+                        kind: FormulaKind::Value(ValueRec {
+                            kind,
+                            size: data.len() as u64,
+                            hash,
+                        }),
+                    };
+                    model::put_formula(tx, &id, &f)?;
+                    capstan_cluster::blob::set_blob(tx, &keys::value(&id), &data).await?;
+                    model::set_name(tx, &dir, p.last(), &id).await?;
+                    // The record references its dependencies (the write
+                    // barrier of garbage collection).
+                    model::note_refs(tx, &ids).await?;
+                    let mut rec = Vec::with_capacity(ids.len() * 32);
+                    for d in &ids {
+                        rec.extend_from_slice(d.as_bytes());
+                    }
+                    tx.set(&keys::eval_deps(&id), &rec)?;
+                    model::dedup_put(tx, &ctx.id, &req, DedupAnswer::Id(id), now_ms())?;
+                    Ok(id)
+                })
+            })
+            .await?;
+        outcome.stored = Some(stored);
+        Ok(outcome)
     }
 
     /// Answers the code proposal in message `number` of this host's inbox:
@@ -670,37 +774,12 @@ fn run(
         instantiate_ns: (t1 - t0).as_nanos() as u64,
         run_ns: (t2 - t1).as_nanos() as u64,
         reply: None,
+        stored: None,
     })
 }
 
+mod proposal;
+use proposal::*;
+
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn proposals_parse_and_refuse_what_is_not_one() {
-        let p = parse_proposal(
-            "definition: slots {reader: \"an inbox\"}\n{\"kind\":\"define_code\",\"call\":\"c1\",\"source\":\"reader.inbox().length\",\"slots\":{\"reader\":\"an inbox\"}}",
-        )
-        .unwrap();
-        assert_eq!(p.source, "reader.inbox().length");
-        assert_eq!(p.slots.keys().collect::<Vec<_>>(), vec!["reader"]);
-        assert!(p.values.is_empty());
-        assert!(parse_proposal("hello").is_err());
-        assert!(parse_proposal("definition: slots {}\nnot json").is_err());
-        let big = format!(
-            "definition:\n{}",
-            json!({"source": "x".repeat(MAX_SOURCE + 1)})
-        );
-        assert!(matches!(parse_proposal(&big), Err(Error::TooLarge { .. })));
-    }
-
-    #[test]
-    fn package_text_puts_references_back() {
-        assert_eq!(
-            package_text(&["see ".into(), " now".into()], &["doc".into()]),
-            "see @doc now"
-        );
-        assert_eq!(package_text(&["plain".into()], &[]), "plain");
-    }
-}
+mod tests;

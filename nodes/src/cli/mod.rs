@@ -404,6 +404,11 @@ pub enum Command {
         /// The installed evaluator component to run.
         #[arg(long, default_value = "evaluator", value_name = "NAME")]
         evaluator: String,
+        /// Also store the result (JSON) under this name: an eval result,
+        /// which depends on what its slots held and on the evaluator, and
+        /// is cancelled with any of them (`capstan cancel`).
+        #[arg(long = "name", value_name = "PATH")]
+        result_name: Option<String>,
         #[command(flatten)]
         out: Out,
     },
