@@ -21,11 +21,15 @@
 //!   members on them.
 //! - [`history::History`]: a workload's operations and their outcomes,
 //!   checked against what the recipients' inboxes hold.
+//! - [`layout`]: issue 14's layering rules (no import circle, no file over
+//!   800 lines, a `# Layout` crate doc), checked on a crate's source text
+//!   (`tests/tests/layout.rs` applies them to `actors/src` and `nodes/src`).
 //!
 //! Every wait has a deadline: a hang fails the test instead of blocking it.
 
 pub mod control;
 pub mod history;
+pub mod layout;
 pub mod llm_server;
 pub mod rogue;
 pub mod testnet;

@@ -1,4 +1,6 @@
-//! Issue 14's layering rules for `actors/src`, checked on the source text:
+//! Issue 14's layering rules for a crate's `src` directory, checked on the
+//! source text (`tests/tests/layout.rs` applies them to `actors/src` and
+//! `nodes/src`):
 //!
 //! - no import circle between modules. A module is a top-level module
 //!   (`api`, `federation`, `guest`, ...) or a submodule of a directory module
@@ -13,45 +15,119 @@
 //! - no `.rs` file over [`MAX_LINES`] lines.
 //! - `lib.rs`'s crate doc opens with a `# Layout` section naming every module.
 //!
-//! The allow-lists name today's known violations; a listed entry that no
-//! longer violates fails the test too, so the lists only shrink.
+//! Each check takes allow-lists of today's known violations; a listed entry
+//! that no longer violates is a problem too, so the lists only shrink.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-const MAX_LINES: usize = 800;
+/// The longest a `.rs` file may be.
+pub const MAX_LINES: usize = 800;
 
-/// Modules still allowed to sit on an import circle.
-const ALLOWED_IN_CYCLE: &[&str] = &[
-    "agent",
-    "api",
-    "cancel",
-    "directory",
-    "federation",
-    "guest",
-    "incarnation",
-    "llm",
-    "node",
-    "open_tx",
-    "promises",
-    "quota",
-    "remote",
-    "reserve",
-    "routines",
-    "search",
-];
+/// The module graph of the crate whose sources are under `src`: module →
+/// the modules it refers to (see the module docs for what counts).
+pub fn graph(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
+    graph_of(&tree(src))
+}
 
-/// Files (relative to `actors/src`) still allowed over [`MAX_LINES`].
-const ALLOWED_LONG: &[&str] = &[
-    "cluster.rs",
-    "federation.rs",
-    "guest/host.rs",
-    "guest/mod.rs",
-    "search/mod.rs",
-];
+/// The import circles under `src` through a module not in
+/// `allowed_in_cycle`, and the entries of `allowed_in_cycle` on no circle.
+pub fn cycle_problems(src: &Path, allowed_in_cycle: &[&str]) -> Vec<String> {
+    let g = graph(src);
+    let cycles = cycles(&g);
+    let mut problems = Vec::new();
+    let mut in_cycle = BTreeSet::new();
+    for c in &cycles {
+        let edges: Vec<String> = c
+            .iter()
+            .flat_map(|a| {
+                g[a].iter()
+                    .filter(|b| c.contains(b))
+                    .map(move |b| format!("{a} → {b}"))
+            })
+            .collect();
+        let new: Vec<&String> = c
+            .iter()
+            .filter(|m| !allowed_in_cycle.contains(&m.as_str()))
+            .collect();
+        if !new.is_empty() {
+            problems.push(format!(
+                "import circle through {c:?} (not allowed: {new:?}); edges: {edges:?}"
+            ));
+        }
+        in_cycle.extend(c.iter().cloned());
+    }
+    for m in allowed_in_cycle {
+        if !in_cycle.contains(*m) {
+            problems.push(format!(
+                "{m} is on no circle now: take it off the allow-list"
+            ));
+        }
+    }
+    problems
+}
 
-fn src() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("src")
+/// The files under `src` (named relative to it, `/`-separated) over
+/// [`MAX_LINES`] and not in `allowed_long`, and the entries of
+/// `allowed_long` that are gone or no longer long.
+pub fn long_file_problems(src: &Path, allowed_long: &[&str]) -> Vec<String> {
+    let t = tree(src);
+    let mut problems = Vec::new();
+    let names: BTreeSet<String> = t.files.values().map(|(rel, _)| slashed(rel)).collect();
+    for (rel, text) in t.files.values() {
+        let name = slashed(rel);
+        let n = text.lines().count();
+        let allowed = allowed_long.contains(&name.as_str());
+        if n > MAX_LINES && !allowed {
+            problems.push(format!("{name} has {n} lines (over {MAX_LINES})"));
+        }
+        if n <= MAX_LINES && allowed {
+            problems.push(format!(
+                "{name} has {n} lines now: take it off the allow-list"
+            ));
+        }
+    }
+    for f in allowed_long {
+        if !names.contains(*f) {
+            problems.push(format!("{f} is gone: take it off the allow-list"));
+        }
+    }
+    problems
+}
+
+/// The modules declared in `src/lib.rs` that its crate doc's `# Layout`
+/// section does not name (as `` `module` ``), or the missing section.
+pub fn layout_doc_problems(src: &Path) -> Vec<String> {
+    let lib = std::fs::read_to_string(src.join("lib.rs")).unwrap();
+    let doc: String = lib
+        .lines()
+        .take_while(|l| l.starts_with("//!"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let Some(layout) = doc.find("# Layout").map(|i| &doc[i..]) else {
+        return vec!["lib.rs's crate doc has no # Layout section".to_string()];
+    };
+    let missing: Vec<String> = lib
+        .lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            let rest = l
+                .strip_prefix("pub mod ")
+                .or_else(|| l.strip_prefix("pub(crate) mod "))
+                .or_else(|| l.strip_prefix("mod "))?;
+            Some(rest.trim_end_matches(';').to_string())
+        })
+        .filter(|m| !layout.contains(&format!("`{m}`")))
+        .collect();
+    if missing.is_empty() {
+        Vec::new()
+    } else {
+        vec![format!("lib.rs's Layout section does not name {missing:?}")]
+    }
+}
+
+fn slashed(rel: &Path) -> String {
+    rel.to_string_lossy().replace('\\', "/")
 }
 
 fn rs_files(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -187,13 +263,12 @@ struct Tree {
     files: BTreeMap<String, (PathBuf, String)>,
 }
 
-fn tree() -> Tree {
-    let root = src();
+fn tree(root: &Path) -> Tree {
     let mut paths = Vec::new();
-    rs_files(&root, &mut paths);
+    rs_files(root, &mut paths);
     let mut files = BTreeMap::new();
     for p in paths {
-        let rel = p.strip_prefix(&root).unwrap().to_path_buf();
+        let rel = p.strip_prefix(root).unwrap().to_path_buf();
         let text = std::fs::read_to_string(&p).unwrap();
         files.insert(module_of(&rel), (rel, text));
     }
@@ -206,7 +281,7 @@ fn top(m: &str) -> &str {
 
 /// Two graphs in one: top-level modules (a directory module counts as all
 /// its files), and, inside each directory, its child modules as siblings.
-fn graph(t: &Tree) -> BTreeMap<String, BTreeSet<String>> {
+fn graph_of(t: &Tree) -> BTreeMap<String, BTreeSet<String>> {
     let modules: BTreeSet<String> = t.files.keys().filter(|m| !m.is_empty()).cloned().collect();
     let mut g: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for (m, (_, text)) in &t.files {
@@ -289,103 +364,4 @@ fn cycles(g: &BTreeMap<String, BTreeSet<String>>) -> Vec<Vec<String>> {
         }
     }
     s.out
-}
-
-#[test]
-fn no_import_circle() {
-    let g = graph(&tree());
-    let cycles = cycles(&g);
-    let mut problems = Vec::new();
-    let mut in_cycle = BTreeSet::new();
-    for c in &cycles {
-        let edges: Vec<String> = c
-            .iter()
-            .flat_map(|a| {
-                g[a].iter()
-                    .filter(|b| c.contains(b))
-                    .map(move |b| format!("{a} → {b}"))
-            })
-            .collect();
-        let new: Vec<&String> = c
-            .iter()
-            .filter(|m| !ALLOWED_IN_CYCLE.contains(&m.as_str()))
-            .collect();
-        if !new.is_empty() {
-            problems.push(format!(
-                "import circle through {c:?} (not allowed: {new:?}); edges: {edges:?}"
-            ));
-        }
-        in_cycle.extend(c.iter().cloned());
-    }
-    for m in ALLOWED_IN_CYCLE {
-        if !in_cycle.contains(*m) {
-            problems.push(format!(
-                "{m} is on no circle now: take it off ALLOWED_IN_CYCLE"
-            ));
-        }
-    }
-    assert!(problems.is_empty(), "{}", problems.join("\n"));
-}
-
-#[test]
-fn no_long_module() {
-    let t = tree();
-    let mut problems = Vec::new();
-    for (rel, text) in t.files.values() {
-        let name = rel.to_string_lossy().replace('\\', "/");
-        let n = text.lines().count();
-        let allowed = ALLOWED_LONG.contains(&name.as_str());
-        if n > MAX_LINES && !allowed {
-            problems.push(format!("{name} has {n} lines (over {MAX_LINES})"));
-        }
-        if n <= MAX_LINES && allowed {
-            problems.push(format!(
-                "{name} has {n} lines now: take it off ALLOWED_LONG"
-            ));
-        }
-    }
-    for f in ALLOWED_LONG {
-        if !t.files.values().any(|(rel, _)| rel.to_string_lossy() == *f) {
-            problems.push(format!("{f} is gone: take it off ALLOWED_LONG"));
-        }
-    }
-    assert!(problems.is_empty(), "{}", problems.join("\n"));
-}
-
-#[test]
-fn crate_doc_names_every_module() {
-    let lib = std::fs::read_to_string(src().join("lib.rs")).unwrap();
-    let doc: String = lib
-        .lines()
-        .take_while(|l| l.starts_with("//!"))
-        .collect::<Vec<_>>()
-        .join("\n");
-    let layout = doc
-        .find("# Layout")
-        .map(|i| &doc[i..])
-        .expect("lib.rs's crate doc has a # Layout section");
-    let missing: Vec<String> = lib
-        .lines()
-        .filter_map(|l| {
-            let l = l.trim();
-            let rest = l
-                .strip_prefix("pub mod ")
-                .or_else(|| l.strip_prefix("pub(crate) mod "))
-                .or_else(|| l.strip_prefix("mod "))?;
-            Some(rest.trim_end_matches(';').to_string())
-        })
-        .filter(|m| !layout.contains(&format!("`{m}`")))
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "lib.rs's Layout section does not name {missing:?}"
-    );
-}
-
-#[test]
-fn the_checker_sees_edges() {
-    // A guard against a checker that silently finds nothing.
-    let g = graph(&tree());
-    assert!(g.len() > 20, "modules found: {}", g.len());
-    assert!(g.values().map(BTreeSet::len).sum::<usize>() > 40);
 }
