@@ -23,13 +23,16 @@
 //! - [`client`]: connecting, acting `--as` an agent (pipelined), calls that
 //!   reconnect and retry with the same request id, error kinds and exit
 //!   statuses.
-//! - [`commands`]: the name and mail commands; [`text`]: the `@reference`
-//!   syntax of `send` and `reply`.
+//! - [`commands`]: the commands that act as an agent, in groups: names,
+//!   mail, between clusters (`locate`, `invite`, `accept`), and
+//!   `cluster status|members|placement|drain|leave`; [`text`]: the
+//!   `@reference` syntax of `send` and `reply`.
 //! - [`guests`]: the guest commands: `install`, `mkguest --component`,
 //!   `run TOOL --input JSON`, `guests`, `mkhttp`.
 //! - [`graph`]: `capstan graph`: the capability graph (gathered by the node
 //!   through the socket's JSON `cluster` call, command `graph`), dot and SVG.
-//! - [`cluster`]: `cluster init|status|members|placement|drain|leave`.
+//! - [`cluster`]: `cluster init` (run without a daemon), a cluster node's
+//!   key, identity and name, and the `cluster` commands a node answers.
 //! - [`llm`]: `capstan llm …`; [`routines`]: `capstan routine …`;
 //!   [`search`]: `capstan mksearch` and `capstan search`.
 //! - [`du`]: `capstan du`; [`backup`]: `capstan backup` and `restore`.

@@ -1,0 +1,136 @@
+//! `capstan cluster status|members|placement|drain|leave` (not `init`,
+//! which runs without a daemon: [`crate::cluster::init`]): calls the node's
+//! `cluster` command and renders its JSON answer.
+
+use anyhow::Context;
+use serde_json::Value;
+
+use crate::cluster::DRAIN_TIMEOUT;
+
+/// `capstan cluster status|members|placement|drain|leave` (not init).
+pub(super) async fn run(
+    client: &crate::client::Client,
+    command: crate::cli::ClusterCommand,
+    json: bool,
+) -> anyhow::Result<()> {
+    use crate::cli::ClusterCommand as C;
+    let (cmd, arg) = match &command {
+        C::Init { .. } => unreachable!("cluster init runs without a daemon"),
+        C::Status { .. } => ("status", String::new()),
+        C::Members { .. } => ("members", String::new()),
+        C::Placement { name, .. } => ("placement", name.clone()),
+        C::Drain { node, .. } => ("drain", node.clone()),
+        C::Leave { .. } => ("leave", String::new()),
+    };
+    let what = format!(
+        "draining {arg}: waiting for it to give up its incarnations (at most {} s)",
+        DRAIN_TIMEOUT.as_secs()
+    );
+    let call = client.call(|a| {
+        let arg = arg.clone();
+        async move {
+            let mut r = a.cluster_request();
+            r.get().set_command(cmd);
+            r.get().set_arg(arg.as_str());
+            let answer = r.send().promise.await?;
+            Ok(answer.get()?.get_json()?.to_string()?)
+        }
+    });
+    let text = if cmd == "drain" {
+        crate::output::with_progress(&what, call).await?
+    } else {
+        call.await?
+    };
+    let v: Value = serde_json::from_str(&text).context("the node sent bad JSON")?;
+    if cmd == "leave" {
+        crate::daemon::stop(&client.paths).await?;
+    }
+    if json {
+        crate::output::print_json(&v);
+        return Ok(());
+    }
+    match cmd {
+        "status" => {
+            println!(
+                "node {} epoch {} {}{}",
+                v["node"].as_str().unwrap_or("?"),
+                v["epoch"],
+                if v["serving"].as_bool() == Some(true) {
+                    "serving"
+                } else {
+                    "NOT serving (no lease)"
+                },
+                if v["draining"].as_bool() == Some(true) {
+                    ", draining"
+                } else {
+                    ""
+                }
+            );
+            println!(
+                "store {} ({})",
+                v["store"].as_str().unwrap_or("?"),
+                if v["store_health"]["ok"].as_bool() == Some(true) {
+                    format!(
+                        "ok, read {:.1} ms",
+                        v["store_health"]["read_ms"].as_f64().unwrap_or(0.0)
+                    )
+                } else {
+                    format!(
+                        "FAILING: {}",
+                        v["store_health"]["error"].as_str().unwrap_or("?")
+                    )
+                }
+            );
+            println!(
+                "placements {}, incarnations here {}, step-downs {}, fenced writes {}",
+                v["placements"], v["incarnations_here"], v["stepdowns"], v["fenced_writes"]
+            );
+            print_members(&v["members"]);
+        }
+        "members" => print_members(&v),
+        "placement" => match v["node"].as_str() {
+            Some(node) => println!(
+                "{} ({}) lives on {node} ({}, epoch {})",
+                v["name"].as_str().unwrap_or("?"),
+                v["kind"].as_str().unwrap_or("?"),
+                v["state"].as_str().unwrap_or("?"),
+                v["epoch"]
+            ),
+            None => println!(
+                "{} ({}) is not incarnated anywhere; the next call incarnates it on the caller's node",
+                v["name"].as_str().unwrap_or("?"),
+                v["kind"].as_str().unwrap_or("?")
+            ),
+        },
+        "drain" => println!(
+            "drained {}: {} incarnations moved ({} now here); it can stop now",
+            v["node"].as_str().unwrap_or("?"),
+            v["moved"],
+            v["adopted_here"]
+        ),
+        _ => println!(
+            "{} left the cluster and stopped",
+            v["node"].as_str().unwrap_or("?")
+        ),
+    }
+    Ok(())
+}
+
+fn print_members(ms: &Value) {
+    println!(
+        "{:<16} {:<22} {:<22} {:<9} {:>6} {:>10} {:>10}",
+        "NODE", "ADVERTISED", "OBSERVED", "STATE", "EPOCH", "LEASE AGE", "PLACEMENTS"
+    );
+    for m in ms.as_array().map(|a| a.as_slice()).unwrap_or(&[]) {
+        println!(
+            "{:<16} {:<22} {:<22} {:<9} {:>6} {:>8}ms {:>10}",
+            m["name"].as_str().unwrap_or("?"),
+            m["addr"].as_str().unwrap_or("?"),
+            m["observed"].as_str().unwrap_or("-"),
+            m["state"].as_str().unwrap_or("?"),
+            m["epoch"],
+            m["lease_age_ms"],
+            m["placements"]
+        );
+    }
+}
