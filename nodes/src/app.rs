@@ -9,10 +9,11 @@ use serde_json::json;
 
 use crate::cli::{Cli, Command};
 use crate::client::{Client, ClientError};
-use crate::daemon::Paths;
+use crate::home::Paths;
 use crate::output::{duration_human, print_json};
 use crate::{
-    backup, bench, cli, client, cluster, commands, console, daemon, demo, du, metrics, net,
+    backup, bench, cli, client, cluster, commands, console, daemon, demo, du, home, lifecycle,
+    metrics, net,
 };
 
 /// The whole command line: parse, run, and turn a failure into one line
@@ -206,7 +207,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ..
             } => {
                 if let Some(f) = &secrets_key {
-                    daemon::install_secrets_key(&paths, f)?;
+                    home::install_secrets_key(&paths, f)?;
                 }
                 if let Some(n) = store_cache_bytes {
                     capstan_cluster::redb_store::set_cache_bytes(n);
@@ -245,9 +246,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } => {
                 let advertise = parse_advertise(advertise)?;
                 if let Some(f) = &secrets_key {
-                    daemon::install_secrets_key(&paths, f)?;
+                    home::install_secrets_key(&paths, f)?;
                 }
-                let info = daemon::start(
+                let info = lifecycle::start(
                     &paths,
                     listen,
                     advertise.as_ref(),
@@ -287,7 +288,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         info.pid,
                         paths.home_str()
                     );
-                    if let Some(addrs) = daemon::advertised(&paths) {
+                    if let Some(addrs) = home::advertised(&paths) {
                         println!("other nodes reach it at {} (QUIC)", addrs.join(", "));
                     }
                     if let Some(u) = &metrics_url {
@@ -354,7 +355,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             }
             Command::Stop { .. } => {
-                let pid = daemon::stop(&paths).await?;
+                let pid = lifecycle::stop(&paths).await?;
                 if json {
                     print_json(&json!({"stopped": true}));
                 } else {
@@ -430,7 +431,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                     if let Some(addr) = listening_on(&paths) {
                         println!("listening on  {addr} (QUIC)");
-                        if let Some(addrs) = daemon::advertised(&paths)
+                        if let Some(addrs) = home::advertised(&paths)
                             && addrs != [addr]
                         {
                             println!("advertised    {}", addrs.join(", "));

@@ -16,7 +16,7 @@ use capstan_cluster::backup::Summary;
 use serde_json::json;
 
 use crate::client::{self, ClientError};
-use crate::daemon::{Paths, store_spec};
+use crate::home::{Paths, store_spec};
 use crate::output::{bytes_human, print_json};
 
 /// Progress is shown once an operation has run this long.

@@ -21,7 +21,7 @@ use capstan_proto::api_capnp::{agent, node};
 use serde_json::json;
 
 use crate::client;
-use crate::daemon::Paths;
+use crate::home::Paths;
 use crate::output::print_json;
 
 /// Sizes of a run.

@@ -16,7 +16,7 @@ use capstan_proto::api_capnp::{agent, node};
 use tokio::net::UnixStream;
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 
-use crate::daemon::{Paths, reader_options};
+use crate::home::{Paths, reader_options};
 use crate::output::{Entry, Message};
 
 /// How long a call keeps reconnecting after it lost its connection.
@@ -79,12 +79,6 @@ pub fn remote_error(e: &CapError) -> ClientError {
 /// lost connection).
 fn has_kind(e: &CapError) -> bool {
     capstan_actors::error::from_wire(e).0.is_some()
-}
-
-/// The message of a remote error, without the transport's prefixes or
-/// its kind.
-pub fn clean_message(e: &CapError) -> String {
-    capstan_actors::error::from_wire(e).1
 }
 
 /// Connects to the daemon's socket; the RPC system runs on the local task set.
@@ -433,14 +427,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn remote_prefixes_are_stripped() {
-        let e = CapError::failed("remote exception: remote exception: unknown name \"x\"".into());
-        assert_eq!(clean_message(&e), "unknown name \"x\"");
-        let e = CapError::failed(String::new());
-        assert_eq!(clean_message(&e), "Failed");
-    }
-
-    #[test]
     fn kinds_cross_the_socket_and_pick_the_exit_status() {
         use capstan_actors::{Error, ErrorKind};
         let cases = [
@@ -475,6 +461,9 @@ mod tests {
         assert_eq!(remote_error(&plain).kind_name(), "failed");
         // A message that merely looks like a tag keeps its text.
         let odd = CapError::failed("capstan:nonsense: x".into());
-        assert_eq!(clean_message(&odd), "capstan:nonsense: x");
+        assert_eq!(
+            capstan_actors::error::from_wire(&odd).1,
+            "capstan:nonsense: x"
+        );
     }
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use capstan_proto::RequestId;
 
-use crate::daemon::{HomeLock, Paths};
+use crate::home::{HomeLock, Paths};
 
 struct Tour {
     exe: PathBuf,

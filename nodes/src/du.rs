@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::client::usage_page;
-use crate::daemon::Paths;
+use crate::home::Paths;
 use crate::output::{bytes_human, print_json};
 
 /// Keys the node scans per call.

@@ -10,8 +10,7 @@
 //!
 //! The daemon (server side):
 //! - [`daemon`]: `run` (lock, store, socket, pid file, accept loop, graceful
-//!   shutdown), the home layout ([`daemon::Paths`]), and the client-side
-//!   `start` and `stop`.
+//!   shutdown).
 //! - [`server`]: the Cap'n Proto objects served on the socket: `Node` (the
 //!   bootstrap) and `Agent`, a thin adapter over `capstan_actors::AgentHandle`.
 //! - [`net`]: the QUIC endpoint: peers, the gateway, member links, outbox.
@@ -19,10 +18,17 @@
 //! - [`metrics`]: the Prometheus endpoint (`start --metrics`); [`served`]:
 //!   the address either HTTP server was bound to, remembered in the home.
 //!
+//! Shared by both sides:
+//! - [`home`]: the home layout ([`home::Paths`], the control socket's path
+//!   included), its lock, what earlier starts remembered, the secrets key
+//!   installed in it, and the control socket's message bound.
+//!
 //! The commands (client side):
 //! - [`client`]: connecting, acting `--as` an agent (pipelined), calls that
 //!   reconnect and retry with the same request id, error kinds and exit
 //!   statuses.
+//! - [`lifecycle`]: `start` (spawn the daemon in the background and wait
+//!   until it answers) and `stop`.
 //! - [`commands`]: the commands that act as an agent, in groups: names,
 //!   mail, between clusters (`locate`, `invite`, `accept`), and
 //!   `cluster status|members|placement|drain|leave`; [`text`]: the
@@ -79,6 +85,8 @@ mod demo;
 mod du;
 mod graph;
 mod guests;
+mod home;
+mod lifecycle;
 mod llm;
 mod metrics;
 mod net;

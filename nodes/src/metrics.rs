@@ -21,7 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
-use crate::daemon::Paths;
+use crate::home::Paths;
 use crate::net::Net;
 
 /// Most connections served at once; more are closed unanswered.

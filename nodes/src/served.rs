@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 use anyhow::{anyhow, bail};
 
-use crate::daemon::Paths;
+use crate::home::Paths;
 
 /// The address and public mark remembered in `<home>/<file>`, if any;
 /// `flag` (e.g. `--metrics`) names the option in the error for a damaged file.

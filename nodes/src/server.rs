@@ -17,7 +17,7 @@ use capstan_proto::RequestId;
 use capstan_proto::api_capnp::{agent, message_sink, node};
 use tokio::sync::Notify;
 
-use crate::daemon::Paths;
+use crate::home::Paths;
 use crate::net::Net;
 use capstan_actors::Target;
 use capstan_proto::locator::encode32;

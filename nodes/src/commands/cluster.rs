@@ -43,7 +43,7 @@ pub(super) async fn run(
     };
     let v: Value = serde_json::from_str(&text).context("the node sent bad JSON")?;
     if cmd == "leave" {
-        crate::daemon::stop(&client.paths).await?;
+        crate::lifecycle::stop(&client.paths).await?;
     }
     if json {
         crate::output::print_json(&v);

@@ -42,7 +42,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
-use crate::daemon::Paths;
+use crate::home::Paths;
 
 /// Most connections served at once; more are closed unanswered.
 pub const MAX_CONNECTIONS: usize = 32;

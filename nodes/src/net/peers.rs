@@ -327,18 +327,18 @@ impl Net {
                         return Err(NetError::Transient(format!(
                             "lost the connection to cluster {}…: {}",
                             &encode32(&remote.cluster)[..12],
-                            crate::client::clean_message(&e)
+                            clean_message(&e)
                         )));
                     }
                     if e.kind == capnp::ErrorKind::Overloaded {
                         return Err(NetError::Transient(format!(
                             "the remote node could not take it now: {}",
-                            crate::client::clean_message(&e)
+                            clean_message(&e)
                         )));
                     }
                     return Err(NetError::Refused(format!(
                         "the remote node refused: {}",
-                        crate::client::clean_message(&e)
+                        clean_message(&e)
                     )));
                 }
             }
@@ -453,5 +453,25 @@ impl Net {
             .map_err(|e| e.to_string())?
             .len();
         Ok(n)
+    }
+}
+
+/// The message of a remote error, without the transport's prefixes or
+/// its kind.
+fn clean_message(e: &capnp::Error) -> String {
+    capstan_actors::error::from_wire(e).1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remote_prefixes_are_stripped() {
+        let e =
+            capnp::Error::failed("remote exception: remote exception: unknown name \"x\"".into());
+        assert_eq!(clean_message(&e), "unknown name \"x\"");
+        let e = capnp::Error::failed(String::new());
+        assert_eq!(clean_message(&e), "Failed");
     }
 }

@@ -1,8 +1,31 @@
-//! The home directory of a node: its layout ([`Paths`]), private permissions,
-//! the lock that keeps one daemon per home, and what earlier starts
-//! remembered there (store, listen and advertised addresses).
+//! The home directory of a node: its layout ([`Paths`], the control
+//! socket's path included), private permissions, the lock that keeps one
+//! daemon per home, what earlier starts remembered there (store, listen and
+//! advertised addresses), the secrets key installed in it, and the bound on
+//! a control-socket message that both ends read with ([`reader_options`]).
+//! Shared by the daemon and the commands.
 
-use super::*;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, anyhow, bail};
+use tracing::info;
+
+use crate::net::advertise::Advertise;
+
+/// Largest Cap'n Proto message accepted on the control socket.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// Longest socket path used inside the home; longer ones go to `/tmp`.
+const MAX_SOCKET_PATH: usize = 100;
+
+/// Reader options of every control-socket connection (both ends).
+pub fn reader_options() -> capnp::message::ReaderOptions {
+    let mut o = capnp::message::ReaderOptions::new();
+    o.traversal_limit_in_words(Some(MAX_MESSAGE_BYTES / 8));
+    o
+}
 
 /// The files of a node's home.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,7 +81,7 @@ impl Paths {
 }
 
 /// The current user's id (the owner of `/proc/self`), for the `/tmp` socket directory.
-pub(super) fn uid() -> String {
+pub(crate) fn uid() -> String {
     std::fs::metadata("/proc/self")
         .map(|m| m.uid().to_string())
         .or_else(|_| std::env::var("USER"))
@@ -66,7 +89,7 @@ pub(super) fn uid() -> String {
 }
 
 /// Creates a directory (and parents) with mode 0700 if it does not exist.
-pub(super) fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+pub(crate) fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -79,7 +102,7 @@ pub(super) fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
 /// default umask: a world-readable store and log). Only Capstan's own
 /// entries are touched (a home may be a directory that holds other
 /// things). Best effort: a failure is logged.
-pub(super) fn make_private(home: &Path) {
+pub(crate) fn make_private(home: &Path) {
     fn tighten(path: &Path) {
         let Ok(m) = std::fs::symlink_metadata(path) else {
             return;
@@ -121,7 +144,7 @@ pub(super) fn make_private(home: &Path) {
 /// The daemon's exclusive lock on its home (`capstan.lock`, holding its pid).
 #[derive(Debug)]
 pub struct HomeLock {
-    pub(super) _file: File,
+    _file: File,
 }
 
 /// Why the home lock could not be taken.
@@ -186,7 +209,7 @@ impl HomeLock {
 }
 
 /// The pid named in a store's `Locked` detail ("… held by pid N").
-pub(super) fn pid_in(detail: &str) -> String {
+pub(crate) fn pid_in(detail: &str) -> String {
     detail
         .rsplit("pid ")
         .next()
@@ -207,7 +230,7 @@ pub fn store_spec(paths: &Paths, given: Option<&str>) -> anyhow::Result<String> 
 }
 
 /// The store spec a previous `--store` left in the home, if any.
-pub(super) fn remembered_store(paths: &Paths) -> anyhow::Result<Option<String>> {
+pub(crate) fn remembered_store(paths: &Paths) -> anyhow::Result<Option<String>> {
     let file = paths.home.join("store-spec");
     match std::fs::read_to_string(&file) {
         Ok(s) if !s.trim().is_empty() => Ok(Some(s.trim().to_string())),
@@ -218,7 +241,7 @@ pub(super) fn remembered_store(paths: &Paths) -> anyhow::Result<Option<String>> 
 }
 
 /// The addresses a previous `--advertise` left in the home, if any.
-pub(super) fn remembered_advertise(paths: &Paths) -> anyhow::Result<Option<Advertise>> {
+pub(crate) fn remembered_advertise(paths: &Paths) -> anyhow::Result<Option<Advertise>> {
     let file = paths.home.join("advertise");
     match std::fs::read_to_string(&file) {
         Ok(s) if s.trim().is_empty() => Ok(None),
@@ -244,7 +267,7 @@ pub fn advertised(paths: &Paths) -> Option<Vec<String>> {
 }
 
 /// The listen address a previous `--listen` left in the home, if any.
-pub(super) fn remembered_listen(paths: &Paths) -> anyhow::Result<Option<std::net::SocketAddr>> {
+pub(crate) fn remembered_listen(paths: &Paths) -> anyhow::Result<Option<std::net::SocketAddr>> {
     let file = paths.home.join("listen");
     match std::fs::read_to_string(&file) {
         Ok(s) => s.trim().parse().map(Some).map_err(|_| {
@@ -259,10 +282,73 @@ pub(super) fn remembered_listen(paths: &Paths) -> anyhow::Result<Option<std::net
 }
 
 /// The last `n` lines of the log, for error messages.
-pub(super) fn log_tail(paths: &Paths, n: usize) -> String {
+pub(crate) fn log_tail(paths: &Paths, n: usize) -> String {
     let text = std::fs::read(&paths.log)
         .map(|b| String::from_utf8_lossy(&b).into_owned())
         .unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// `start --secrets-key FILE`: copies the key to `<home>/identity/secrets.key`
+/// (mode 0600), where the node reads it from then on. The same key again
+/// changes nothing; another one is refused (nothing changed).
+pub fn install_secrets_key(paths: &Paths, file: &std::path::Path) -> anyhow::Result<()> {
+    use capstan_actors::secrets::{self, SecretsKey};
+    let key = SecretsKey::load(file).map_err(|e| anyhow!("--secrets-key: {e}"))?;
+    let dest = secrets::home_key_path(&paths.home);
+    match SecretsKey::load_if_present(&dest).map_err(|e| anyhow!("{e}"))? {
+        Some(have) if have.id_hex() == key.id_hex() => Ok(()),
+        Some(have) => bail!(
+            "{} already holds another secrets key (key id {}) than {} (key id {}): a home keeps one secrets key; use a fresh --home, or move that file away if no store needs it",
+            dest.display(),
+            have.id_hex(),
+            file.display(),
+            key.id_hex()
+        ),
+        None => {
+            create_private_dir(&paths.home)?;
+            key.write_new(&dest).map_err(|e| anyhow!("{e}"))?;
+            info!(file = %dest.display(), key_id = %key.id_hex(), "installed the secrets key");
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout() {
+        let p = Paths::new(PathBuf::from("/h"), "1000");
+        assert_eq!(p.socket, PathBuf::from("/h/capstan.sock"));
+        assert_eq!(p.store, PathBuf::from("/h/store.redb"));
+        assert_eq!(p.pid_file, PathBuf::from("/h/capstan.pid"));
+        let long = PathBuf::from(format!("/{}", "x".repeat(100)));
+        let p = Paths::new(long, "1000");
+        let s = p.socket.to_string_lossy().to_string();
+        assert!(s.starts_with("/tmp/capstan-1000/"), "{s}");
+        assert!(s.ends_with(".sock") && s.len() == "/tmp/capstan-1000/".len() + 16 + 5);
+    }
+
+    #[test]
+    fn pid_from_store_lock_detail() {
+        assert_eq!(pid_in("/h/store.redb.lock is held by pid 42"), "42");
+        assert_eq!(pid_in("redb reports the database already open"), "unknown");
+    }
+
+    #[test]
+    fn home_lock_is_exclusive() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::new(dir.path().to_path_buf(), "0");
+        assert!(HomeLock::is_free(&paths));
+        let lock = HomeLock::acquire(&paths).unwrap();
+        // flock locks belong to open file descriptions, so a second open conflicts.
+        assert!(!HomeLock::is_free(&paths));
+        let e = HomeLock::acquire(&paths).unwrap_err().to_string();
+        assert!(e.contains(&format!("(pid {})", std::process::id())), "{e}");
+        drop(lock);
+        assert!(HomeLock::is_free(&paths));
+    }
 }

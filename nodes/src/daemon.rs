@@ -1,18 +1,9 @@
-//! The node daemon.
-//!
-//! - this module: `run`, the server side (`capstan start --foreground`):
-//!   lock the home, open the store, serve the control socket, the network
-//!   and the background loops, shut down gracefully;
-//! - `home`: the home layout ([`Paths`]), private permissions, the lock that
-//!   keeps one daemon per home, and what earlier starts remembered;
-//! - `lifecycle`: the client side: `start` (spawn `run` in the background
-//!   and wait until it answers), `stop`, the secrets key a node starts with.
+//! The node daemon, `capstan start --foreground` ([`run`]): lock the home,
+//! open the store, serve the control socket, the network and the background
+//! loops, shut down gracefully. The home's layout is [`crate::home`]'s;
+//! starting and stopping a daemon from a command, [`crate::lifecycle`]'s.
 
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,31 +18,15 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 use tracing::{info, warn};
 
-use crate::client::{self, ClientError, NodeInfo};
+use crate::home::{
+    HomeLock, Paths, create_private_dir, make_private, pid_in, reader_options,
+    remembered_advertise, remembered_listen, remembered_store, uid,
+};
 use crate::net::advertise::Advertise;
 use crate::server::NodeServer;
 
-mod home;
-mod lifecycle;
-
-pub use home::*;
-pub use lifecycle::*;
-
 /// Most client connections served at once; more are refused.
 pub const MAX_CONNECTIONS: usize = 256;
-/// Largest Cap'n Proto message accepted on the control socket.
-pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
-/// Longest socket path used inside the home; longer ones go to `/tmp`.
-const MAX_SOCKET_PATH: usize = 100;
-/// How long `start` waits for the daemon to answer, and `stop` for it to exit.
-const LIFECYCLE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Reader options of every control-socket connection (both ends).
-pub fn reader_options() -> capnp::message::ReaderOptions {
-    let mut o = capnp::message::ReaderOptions::new();
-    o.traversal_limit_in_words(Some(MAX_MESSAGE_BYTES / 8));
-    o
-}
 
 /// `capstan start --foreground`: serves the node in the foreground until SIGTERM, SIGINT or `Node.stop`.
 /// Must run inside a [`tokio::task::LocalSet`].
@@ -416,40 +391,36 @@ async fn collect_every(runtime: Runtime, every: Duration) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn layout() {
-        let p = Paths::new(PathBuf::from("/h"), "1000");
-        assert_eq!(p.socket, PathBuf::from("/h/capstan.sock"));
-        assert_eq!(p.store, PathBuf::from("/h/store.redb"));
-        assert_eq!(p.pid_file, PathBuf::from("/h/capstan.pid"));
-        let long = PathBuf::from(format!("/{}", "x".repeat(100)));
-        let p = Paths::new(long, "1000");
-        let s = p.socket.to_string_lossy().to_string();
-        assert!(s.starts_with("/tmp/capstan-1000/"), "{s}");
-        assert!(s.ends_with(".sock") && s.len() == "/tmp/capstan-1000/".len() + 16 + 5);
+/// A lone node's secrets key: `<home>/identity/secrets.key`, made at first
+/// start, unless the store already holds secrets sealed with another key (a
+/// restored backup): then the node says which key it needs.
+async fn lone_secrets_key(
+    db: &capstan_cluster::Db,
+    paths: &Paths,
+) -> anyhow::Result<capstan_actors::secrets::SecretsKey> {
+    use capstan_actors::secrets::{self, SecretsKey};
+    let path = secrets::home_key_path(&paths.home);
+    if let Some(k) = SecretsKey::load_if_present(&path).map_err(|e| anyhow!("{e}"))? {
+        return Ok(k);
     }
-
-    #[test]
-    fn pid_from_store_lock_detail() {
-        assert_eq!(pid_in("/h/store.redb.lock is held by pid 42"), "42");
-        assert_eq!(pid_in("redb reports the database already open"), "unknown");
+    let sealed = db
+        .read(|tx| {
+            Box::pin(async move {
+                let rows = tx
+                    .get_prefix(&capstan_actors::keys::llm_keys(), 100_000, false)
+                    .await?;
+                Ok::<_, capstan_cluster::StoreError>(
+                    rows.iter().find_map(|(_, v)| secrets::sealed_key_id(v)),
+                )
+            })
+        })
+        .await
+        .map_err(|e| anyhow!("cannot read the store: {e}"))?;
+    if let Some(id) = sealed {
+        bail!(
+            "this node has no secrets key ({} is missing) and its store holds secrets sealed with one (key id {id}): start it with `capstan start --secrets-key FILE`, FILE a copy of the secrets key of the home the store comes from",
+            path.display()
+        );
     }
-
-    #[test]
-    fn home_lock_is_exclusive() {
-        let dir = tempfile::tempdir().unwrap();
-        let paths = Paths::new(dir.path().to_path_buf(), "0");
-        assert!(HomeLock::is_free(&paths));
-        let lock = HomeLock::acquire(&paths).unwrap();
-        // flock locks belong to open file descriptions, so a second open conflicts.
-        assert!(!HomeLock::is_free(&paths));
-        let e = HomeLock::acquire(&paths).unwrap_err().to_string();
-        assert!(e.contains(&format!("(pid {})", std::process::id())), "{e}");
-        drop(lock);
-        assert!(HomeLock::is_free(&paths));
-    }
+    SecretsKey::load_or_create(&path).map_err(|e| anyhow!("{e}"))
 }

@@ -1,8 +1,20 @@
 //! The client side of a daemon's life: `start` (spawn `start --foreground`
-//! in the background and wait until it answers), `stop`, waiting for its
-//! exit, and the secrets key a node is started with.
+//! in the background and wait until it answers), `stop`, and waiting for its
+//! exit.
 
-use super::*;
+use std::fs::OpenOptions;
+use std::os::unix::process::CommandExt;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use crate::client::{self, ClientError, NodeInfo};
+use crate::daemon::net_config;
+use crate::home::{HomeLock, Paths, create_private_dir, log_tail};
+use crate::net::advertise::Advertise;
+
+/// How long `start` waits for the daemon to answer, and `stop` for it to exit.
+const LIFECYCLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `capstan start`: spawns `capstan start --foreground` detached and waits until it answers.
 #[allow(clippy::too_many_arguments)] // one per `start` flag
@@ -154,63 +166,4 @@ pub async fn wait_exit(paths: &Paths, pid: u32, timeout: Duration) -> anyhow::Re
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     Ok(())
-}
-
-/// A lone node's secrets key: `<home>/identity/secrets.key`, made at first
-/// start, unless the store already holds secrets sealed with another key (a
-/// restored backup): then the node says which key it needs.
-pub(super) async fn lone_secrets_key(
-    db: &capstan_cluster::Db,
-    paths: &Paths,
-) -> anyhow::Result<capstan_actors::secrets::SecretsKey> {
-    use capstan_actors::secrets::{self, SecretsKey};
-    let path = secrets::home_key_path(&paths.home);
-    if let Some(k) = SecretsKey::load_if_present(&path).map_err(|e| anyhow!("{e}"))? {
-        return Ok(k);
-    }
-    let sealed = db
-        .read(|tx| {
-            Box::pin(async move {
-                let rows = tx
-                    .get_prefix(&capstan_actors::keys::llm_keys(), 100_000, false)
-                    .await?;
-                Ok::<_, capstan_cluster::StoreError>(
-                    rows.iter().find_map(|(_, v)| secrets::sealed_key_id(v)),
-                )
-            })
-        })
-        .await
-        .map_err(|e| anyhow!("cannot read the store: {e}"))?;
-    if let Some(id) = sealed {
-        bail!(
-            "this node has no secrets key ({} is missing) and its store holds secrets sealed with one (key id {id}): start it with `capstan start --secrets-key FILE`, FILE a copy of the secrets key of the home the store comes from",
-            path.display()
-        );
-    }
-    SecretsKey::load_or_create(&path).map_err(|e| anyhow!("{e}"))
-}
-
-/// `start --secrets-key FILE`: copies the key to `<home>/identity/secrets.key`
-/// (mode 0600), where the node reads it from then on. The same key again
-/// changes nothing; another one is refused (nothing changed).
-pub fn install_secrets_key(paths: &Paths, file: &std::path::Path) -> anyhow::Result<()> {
-    use capstan_actors::secrets::{self, SecretsKey};
-    let key = SecretsKey::load(file).map_err(|e| anyhow!("--secrets-key: {e}"))?;
-    let dest = secrets::home_key_path(&paths.home);
-    match SecretsKey::load_if_present(&dest).map_err(|e| anyhow!("{e}"))? {
-        Some(have) if have.id_hex() == key.id_hex() => Ok(()),
-        Some(have) => bail!(
-            "{} already holds another secrets key (key id {}) than {} (key id {}): a home keeps one secrets key; use a fresh --home, or move that file away if no store needs it",
-            dest.display(),
-            have.id_hex(),
-            file.display(),
-            key.id_hex()
-        ),
-        None => {
-            create_private_dir(&paths.home)?;
-            key.write_new(&dest).map_err(|e| anyhow!("{e}"))?;
-            info!(file = %dest.display(), key_id = %key.id_hex(), "installed the secrets key");
-            Ok(())
-        }
-    }
 }
