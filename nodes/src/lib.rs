@@ -12,7 +12,8 @@
 //! - [`daemon`]: `run` (lock, store, socket, pid file, accept loop, graceful
 //!   shutdown).
 //! - [`server`]: the Cap'n Proto objects served on the socket: `Node` (the
-//!   bootstrap) and `Agent`, a thin adapter over `capstan_actors::AgentHandle`.
+//!   bootstrap) and `Agent`, a thin adapter over `capstan_actors::AgentHandle`
+//!   (its calls between clusters and its guest calls in files of their own).
 //! - [`net`]: the QUIC endpoint: peers, the gateway, member links, outbox.
 //! - [`console`]: the web console (`start --console`, `capstan console`).
 //! - [`metrics`]: the Prometheus endpoint (`start --metrics`); [`served`]:
