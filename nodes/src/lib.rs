@@ -45,7 +45,8 @@
 //! - [`du`]: `capstan du`; [`backup`]: `capstan backup` and `restore`.
 //! - [`output`]: human and `--json` rendering.
 //! - [`demo`]: `capstan demo`, a guided tour that drives this binary.
-//! - [`bench`]: `capstan bench`, the end-to-end benchmark table.
+//! - [`bench`]: `capstan bench`, the end-to-end benchmark table (a file per
+//!   section: search, guests, agents, network, cluster, soak and gc).
 //!
 //! # One binary
 //!

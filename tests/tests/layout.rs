@@ -44,7 +44,7 @@ const ACTORS_ALLOWED_LONG: &[&str] = &[
 const NODES_ALLOWED_IN_CYCLE: &[&str] = &[];
 
 /// Files (relative to `nodes/src`) still allowed over `MAX_LINES`.
-const NODES_ALLOWED_LONG: &[&str] = &["bench.rs"];
+const NODES_ALLOWED_LONG: &[&str] = &[];
 
 /// `<workspace>/<krate>/src`.
 fn src(krate: &str) -> PathBuf {
