@@ -23,6 +23,8 @@
 //! - [`home`]: the home layout ([`home::Paths`], the control socket's path
 //!   included), its lock, what earlier starts remembered, the secrets key
 //!   installed in it, and the control socket's message bound.
+//! - [`cluster`]: `cluster init` (run without a daemon), a cluster node's
+//!   key, identity and name, and the `cluster` commands a node answers.
 //!
 //! The commands (client side):
 //! - [`client`]: connecting, acting `--as` an agent (pipelined), calls that
@@ -38,8 +40,6 @@
 //!   `run TOOL --input JSON`, `guests`, `mkhttp`.
 //! - [`graph`]: `capstan graph`: the capability graph (gathered by the node
 //!   through the socket's JSON `cluster` call, command `graph`), dot and SVG.
-//! - [`cluster`]: `cluster init` (run without a daemon), a cluster node's
-//!   key, identity and name, and the `cluster` commands a node answers.
 //! - [`llm`]: `capstan llm …`; [`routines`]: `capstan routine …`;
 //!   [`search`]: `capstan mksearch` and `capstan search`.
 //! - [`du`]: `capstan du`; [`backup`]: `capstan backup` and `restore`.
@@ -47,6 +47,12 @@
 //! - [`demo`]: `capstan demo`, a guided tour that drives this binary.
 //! - [`bench`]: `capstan bench`, the end-to-end benchmark table (a file per
 //!   section: search, guests, agents, network, cluster, soak and gc).
+//!
+//! `graph`, `llm`, `routines` and `search` hold both halves of their
+//! commands: the command line's `run` and the node's answer (`gather`,
+//! `command`), which [`server`] calls. No daemon module imports [`client`],
+//! [`lifecycle`] or [`commands`], and the shared modules import only [`net`]:
+//! there is no import circle (checked by `tests/tests/layout.rs`).
 //!
 //! # One binary
 //!
