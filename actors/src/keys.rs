@@ -83,6 +83,11 @@ pub fn reverse(dir: &FormulaId, target: &FormulaId, name: &str) -> Vec<u8> {
         .into_vec()
 }
 
+/// Every reverse entry of `dir` (all its names, by target).
+pub fn reverse_in(dir: &FormulaId) -> Vec<u8> {
+    TupleKey::new().str("r").bytes(dir.as_bytes()).into_vec()
+}
+
 pub fn reverse_of(dir: &FormulaId, target: &FormulaId) -> Vec<u8> {
     TupleKey::new()
         .str("r")

@@ -56,10 +56,14 @@ pub async fn note_ref(tx: &mut Transaction, id: &FormulaId) -> Result<(), Error>
 
 /// [`note_ref`] for several formulas, with one round of reads.
 pub async fn note_refs(tx: &mut Transaction, ids: &[FormulaId]) -> Result<(), Error> {
-    let mut ahead = Vec::with_capacity(ids.len() * 2);
+    let mut ahead = Vec::with_capacity(ids.len());
     for id in ids {
         ahead.push(keys::formula(id));
-        ahead.push(keys::condemned(id));
+        // Condemned marks are rare (a gc pass racing this writer): taken as
+        // absent without a read where reads cost a round trip; the commit
+        // checks it, and a conflict runs the transaction again on a fresh
+        // snapshot, where the mark is read and cleared below.
+        tx.expect_absent(&keys::condemned(id));
     }
     tx.prefetch(&ahead).await?;
     let mut stamp = [0u8; 8];
@@ -324,6 +328,52 @@ pub async fn name_for(tx: &mut Transaction, ctx: &Ctx, id: &FormulaId) -> Result
     }
     Ok(format!("id:{}", id.short()))
 }
+
+/// [`name_for`] of many formulas: one listing of the agent's names (up to
+/// [`NAMES_LISTED`]) instead of a read per formula; a formula not found in
+/// a listing that was cut short is looked up alone.
+pub async fn names_for(
+    tx: &mut Transaction,
+    ctx: &Ctx,
+    ids: &[FormulaId],
+) -> Result<Vec<String>, Error> {
+    let rows = tx
+        .get_prefix(&keys::reverse_in(&ctx.rec.pet_store), NAMES_LISTED, false)
+        .await?;
+    let complete = rows.len() < NAMES_LISTED;
+    let mut first: std::collections::HashMap<FormulaId, String> = Default::default();
+    for (k, _) in rows {
+        let mut r = TupleReader::new(&k);
+        let (target, name) =
+            (|| -> Result<(Vec<u8>, String), capstan_cluster::tuple::TupleError> {
+                r.str()?;
+                r.bytes()?;
+                Ok((r.bytes()?, r.str()?))
+            })()
+            .map_err(|e| Error::Corrupt(e.to_string()))?;
+        let target = FormulaId::from_slice(&target).map_err(|e| Error::Corrupt(e.to_string()))?;
+        // Keys come in name order per target: the first is name_for's.
+        first.entry(target).or_insert(name);
+    }
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        out.push(if *id == ctx.id {
+            "SELF".into()
+        } else if *id == ctx.host() {
+            "HOST".into()
+        } else if let Some(n) = first.get(id) {
+            n.clone()
+        } else if complete {
+            format!("id:{}", id.short())
+        } else {
+            name_for(tx, ctx, id).await?
+        });
+    }
+    Ok(out)
+}
+
+/// Names [`names_for`] lists at most.
+pub const NAMES_LISTED: usize = 10_000;
 
 pub async fn get_message(
     tx: &mut Transaction,

@@ -1132,7 +1132,7 @@ impl AgentHandle {
                             reverse: false,
                         })
                         .await?;
-                    let mut out = Vec::new();
+                    let mut found = Vec::new();
                     for (_, v) in rows {
                         let body: Body = serde_json::from_slice(&v)
                             .map_err(|e| Error::Corrupt(format!("guest body: {e}")))?;
@@ -1140,10 +1140,17 @@ impl AgentHandle {
                             .id
                             .parse()
                             .map_err(|e| Error::Corrupt(format!("guest id: {e}")))?;
-                        let name = model::name_for(tx, &ctx, &id).await?;
-                        out.push((id, name, body.hash));
+                        found.push((id, body.hash));
                     }
-                    Ok::<_, Error>(out)
+                    let ids: Vec<FormulaId> = found.iter().map(|(id, _)| *id).collect();
+                    let names = model::names_for(tx, &ctx, &ids).await?;
+                    Ok::<_, Error>(
+                        found
+                            .into_iter()
+                            .zip(names)
+                            .map(|((id, hash), name)| (id, name, hash))
+                            .collect::<Vec<_>>(),
+                    )
                 })
             })
             .await?;

@@ -13,61 +13,121 @@ use crate::node::Inner;
 /// Guests read per page when looking for unhandled mail.
 pub(super) const RESUME_PAGE: usize = 1000;
 
-/// Guests with mail they have not handled yet (a handler cut short by a
-/// crash, or mail that came while no node ran them).
-pub(super) async fn guests_behind(rt: &Arc<Inner>) -> Result<Vec<FormulaId>, Error> {
+/// Every guest agent (its body record), in id order.
+async fn all_guests(rt: &Arc<Inner>) -> Result<Vec<FormulaId>, Error> {
     let mut out = Vec::new();
     let mut begin = keys::bodies();
     let end = capstan_cluster::tuple::prefix_end(&begin);
     loop {
         let (b, e) = (begin.clone(), end.clone());
-        let (page, last) = rt
+        let rows = rt
             .db
             .read(move |tx| {
                 let (b, e) = (b.clone(), e.clone());
                 Box::pin(async move {
-                    let rows = tx
-                        .get_range(capstan_cluster::RangeOption {
+                    // A listing: no read conflict (the read commits nothing).
+                    Ok::<_, Error>(
+                        tx.snapshot_range(&capstan_cluster::RangeOption {
                             begin: b,
                             end: e,
                             limit: RESUME_PAGE,
                             reverse: false,
                         })
-                        .await?;
-                    let last = (rows.len() == RESUME_PAGE)
-                        .then(|| rows.last().map(|(k, _)| k.clone()))
-                        .flatten();
+                        .await?,
+                    )
+                })
+            })
+            .await?;
+        let full = rows.len() == RESUME_PAGE;
+        let last = rows.last().map(|(k, _)| k.clone());
+        for (_, v) in rows {
+            let Ok(body) = serde_json::from_slice::<Body>(&v) else {
+                continue;
+            };
+            if let Ok(id) = body.id.parse::<FormulaId>() {
+                out.push(id);
+            }
+        }
+        match last {
+            Some(mut k) if full => {
+                k.push(0);
+                begin = k;
+            }
+            _ => return Ok(out),
+        }
+    }
+}
+
+/// Of `ids`, the guests with mail they have not handled yet (a handler cut
+/// short by a crash, or mail that came while no node ran them): three reads
+/// each, so callers pass only the guests that may need it.
+async fn behind(rt: &Arc<Inner>, ids: Vec<FormulaId>) -> Result<Vec<FormulaId>, Error> {
+    let mut out = Vec::new();
+    for page in ids.chunks(RESUME_PAGE) {
+        let page = Arc::new(page.to_vec());
+        let found = rt
+            .db
+            .read(move |tx| {
+                let page = page.clone();
+                Box::pin(async move {
                     let mut behind = Vec::new();
-                    for (_, v) in rows {
-                        let Ok(body) = serde_json::from_slice::<Body>(&v) else {
-                            continue;
-                        };
-                        let Ok(id) = body.id.parse::<FormulaId>() else {
-                            continue;
-                        };
-                        let next = match tx.get(&keys::next(&id)).await? {
+                    for id in page.iter() {
+                        let next = match tx.get(&keys::next(id)).await? {
                             Some(b) if b.len() == 8 => {
                                 u64::from_be_bytes(b.as_slice().try_into().unwrap_or([0; 8]))
                             }
                             _ => 0,
                         };
-                        if model::next_message_number(tx, &id).await? > next {
-                            behind.push(id);
+                        if model::next_message_number(tx, id).await? > next {
+                            behind.push(*id);
                         }
                     }
-                    Ok::<_, Error>((behind, last))
+                    Ok::<_, Error>(behind)
                 })
             })
             .await?;
-        out.extend(page);
-        match last {
-            Some(mut k) => {
-                k.push(0);
-                begin = k;
-            }
-            None => return Ok(out),
-        }
+        out.extend(found);
     }
+    Ok(out)
+}
+
+/// Every guest with mail it has not handled yet.
+pub(super) async fn guests_behind(rt: &Arc<Inner>) -> Result<Vec<FormulaId>, Error> {
+    let all = all_guests(rt).await?;
+    behind(rt, all).await
+}
+
+/// In a cluster: the guests with unhandled mail that no live member runs:
+/// those without a placement, placed on a member that is gone (its lease
+/// lapsed, or it came back under another epoch), or placed on this node but
+/// not running here. A guest a live member owns is that member's to resume
+/// (its runner is woken by every message), so the periodic scan reads the
+/// guests' bodies and the placements (two listings) and looks at the inbox
+/// of the few others only, rather than reading three keys of every guest
+/// of the cluster on every node every two leases.
+async fn orphans_behind(
+    rt: &Arc<Inner>,
+    c: &crate::cluster::Membership,
+) -> Result<Vec<FormulaId>, Error> {
+    let all = all_guests(rt).await?;
+    if all.is_empty() {
+        return Ok(all);
+    }
+    let placed = crate::cluster::all_placements(&rt.db).await?;
+    let now = crate::clock::now_ms();
+    let live = c.members();
+    let (me, epoch) = (c.cfg.name.clone(), c.epoch());
+    let orphans: Vec<FormulaId> = all
+        .into_iter()
+        .filter(|id| match placed.get(id) {
+            None => true,
+            Some(p) if p.node == me && p.epoch == epoch => rt.registry.agent(id).is_none(),
+            Some(p) => !live
+                .iter()
+                .any(|m| m.name == p.node && m.epoch == p.epoch && m.live(now)),
+        })
+        .collect();
+    behind(rt, orphans).await
 }
 
 /// Starts the runners of guests this node should run that have unhandled
@@ -79,7 +139,11 @@ pub(crate) async fn resume_guests(rt: &Arc<Inner>) -> Result<usize, Error> {
         return Ok(0);
     }
     let mut started = 0;
-    for id in guests_behind(rt).await? {
+    let candidates = match rt.cluster.get() {
+        None => guests_behind(rt).await?,
+        Some(c) => orphans_behind(rt, c).await?,
+    };
+    for id in candidates {
         let was = rt.registry.agent(&id).is_some();
         let r = match rt.cluster.get() {
             None => crate::incarnation::agent_actor(rt, id).await.map(Some),

@@ -926,6 +926,7 @@ impl Inner {
                 }));
             }
         }
+        tracing::trace!(target: "capstan_cluster::reads", kind = %key_kind(begin), "revisions for a commit's compares");
         let mut lo = self.dk(begin);
         let hi = self.dk(end);
         let mut out = Vec::new();
@@ -1399,6 +1400,18 @@ impl EtcdStore {
     }
 }
 
+/// The first element of a tuple key, for the read trace
+/// (`CAPSTAN_LOG=capstan_cluster::reads=trace`): which kinds of record a
+/// workload reads from etcd.
+fn key_kind(key: &[u8]) -> String {
+    crate::tuple::TupleReader::new(key)
+        .str()
+        .unwrap_or_else(|_| format!("{:02x?}", &key[..key.len().min(4)]))
+}
+
+/// Most rows of a listing whose mod revisions a snapshot notes as facts.
+const NOTED_ROWS: usize = 256;
+
 /// Mod revisions of the single keys a snapshot that is not fresh served
 /// (0: absent), for its commit's compares: from the cache they need not be
 /// the mod revisions at the snapshot's revision (see [`cache`]).
@@ -1471,6 +1484,7 @@ impl Snapshot for EtcdSnapshot {
     /// Never from the cache: an unchecked read must be what the snapshot's
     /// revision holds.
     async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        tracing::trace!(target: "capstan_cluster::reads", kind = %key_kind(key), "get");
         let kv = self
             .inner
             .reader
@@ -1496,6 +1510,7 @@ impl Snapshot for EtcdSnapshot {
         if opt.begin >= opt.end {
             return Ok(Vec::new());
         }
+        tracing::trace!(target: "capstan_cluster::reads", kind = %key_kind(&opt.begin), "range");
         let strip = self.inner.data.len();
         let mut lo = self.inner.dk(&opt.begin);
         let mut hi = self.inner.dk(&opt.end);
@@ -1513,7 +1528,16 @@ impl Snapshot for EtcdSnapshot {
             let more = resp.more;
             let kvs = resp.kvs;
             let last = kvs.last().map(|kv| kv.key.clone());
+            // A short listing on a snapshot whose commit may compare what
+            // it read: the rows' mod revisions are facts of this snapshot,
+            // so a later checked read of one of these keys (a runner's
+            // message, primed from its listing) is compared by the commit
+            // without reading the key's revision first.
+            let note = self.facts.is_some() && out.len() + kvs.len() <= NOTED_ROWS;
             for kv in kvs {
+                if note {
+                    self.note(&kv.key[strip..], kv.mod_revision);
+                }
                 out.push((kv.key[strip..].to_vec(), kv.value));
             }
             let done = opt.limit != 0 && out.len() >= opt.limit;

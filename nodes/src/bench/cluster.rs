@@ -145,6 +145,7 @@ pub(super) fn store_cost(
 /// The cluster section (`capstan bench --cluster etcd://… [--nodes N]`): N
 /// daemons on the replicated store, measured end to end over their control
 /// sockets.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn cluster_rows(
     exe: &Path,
     base: &Path,
@@ -152,8 +153,11 @@ pub(super) async fn cluster_rows(
     wasm: &Path,
     n: usize,
     sizes: &Sizes,
+    only: Option<&str>,
     rows: &mut Vec<Row>,
 ) -> anyhow::Result<()> {
+    // `--only SECTION`: that section alone (after the nodes start).
+    let want = |section: &str| only.is_none_or(|o| o == section);
     let nanos = crate::cluster::now_ms();
     // A fresh key prefix, so runs never see each other's state.
     let (base_spec, query) = match spec.split_once('?') {
@@ -171,33 +175,35 @@ pub(super) async fn cluster_rows(
     let key_file = key_file.to_string_lossy().to_string();
     // What the store alone sustains, before any node runs: the ceiling of
     // durable sends on this machine.
-    step(false, "cluster: the store alone");
-    let cpu = CpuMeter::start(Vec::new(), etcd_pids(&spec));
-    let (rate, p50) = store_ceiling(&spec, sizes.senders, sizes.sends * 2, false).await?;
-    let (cpu_text, cpu_json) = cpu.per_op(sizes.sends * 2);
-    let cpu = CpuMeter::start(Vec::new(), etcd_pids(&spec));
-    let (rrate, rp50) = store_ceiling(&spec, sizes.senders, sizes.sends * 2, true).await?;
-    let (rcpu_text, rcpu_json) = cpu.per_op(sizes.sends * 2);
-    rows.push(Row {
-        what: format!(
-            "cluster: the store alone, commits/s of a send's 3 keys, {} writers (no reads: a ceiling for sends)",
-            sizes.senders
-        ),
-        value: format!("{rate:.0} /s (p50 {}; CPU per commit: {cpu_text})", ms(p50)),
-        target: "",
-        endo: "",
-        json: json!({"per_s": rate, "p50_us": p50, "cpu": cpu_json}),
-    });
-    rows.push(Row {
-        what: "cluster: … the same commits after 6 point reads (a send's shape)".into(),
-        value: format!(
-            "{rrate:.0} /s (p50 {}; CPU per commit: {rcpu_text})",
-            ms(rp50)
-        ),
-        target: "",
-        endo: "",
-        json: json!({"per_s": rrate, "p50_us": rp50, "cpu": rcpu_json}),
-    });
+    if want("store") {
+        step(false, "cluster: the store alone");
+        let cpu = CpuMeter::start(Vec::new(), etcd_pids(&spec));
+        let (rate, p50) = store_ceiling(&spec, sizes.senders, sizes.sends * 2, false).await?;
+        let (cpu_text, cpu_json) = cpu.per_op(sizes.sends * 2);
+        let cpu = CpuMeter::start(Vec::new(), etcd_pids(&spec));
+        let (rrate, rp50) = store_ceiling(&spec, sizes.senders, sizes.sends * 2, true).await?;
+        let (rcpu_text, rcpu_json) = cpu.per_op(sizes.sends * 2);
+        rows.push(Row {
+            what: format!(
+                "cluster: the store alone, commits/s of a send's 3 keys, {} writers (no reads: a ceiling for sends)",
+                sizes.senders
+            ),
+            value: format!("{rate:.0} /s (p50 {}; CPU per commit: {cpu_text})", ms(p50)),
+            target: "",
+            endo: "",
+            json: json!({"per_s": rate, "p50_us": p50, "cpu": cpu_json}),
+        });
+        rows.push(Row {
+            what: "cluster: … the same commits after 6 point reads (a send's shape)".into(),
+            value: format!(
+                "{rrate:.0} /s (p50 {}; CPU per commit: {rcpu_text})",
+                ms(rp50)
+            ),
+            target: "",
+            endo: "",
+            json: json!({"per_s": rrate, "p50_us": rp50, "cpu": rcpu_json}),
+        });
+    }
     let mut daemons = Vec::new();
     let mut paths = Vec::new();
     for i in 1..=n {
@@ -239,144 +245,149 @@ pub(super) async fn cluster_rows(
         conns.push((i % n, host(&paths[i % n]).await?));
     }
     let conns = Rc::new(conns);
-    let total = sizes.sends * 2;
-    let before = store_counters(&hosts).await?;
     let node_pids: Vec<u32> = daemons.iter().flatten().map(|d| d.child.id()).collect();
-    let cpu = CpuMeter::start(node_pids.clone(), etcd_pids(&spec));
-    let t = Instant::now();
-    let c2 = conns.clone();
-    let lat = concurrently(
-        total,
-        conns.len(),
-        move |i| {
-            let (node, a) = c2[i % c2.len()].clone();
-            async move {
-                send(&a, &format!("g{node}"), &format!("burst {i}"))
-                    .await
-                    .map(drop)
-            }
-        },
-        "cluster send",
-    )
-    .await?;
-    let rate = total as f64 / t.elapsed().as_secs_f64();
-    let (cost, cost_json) = store_cost(&before, &store_counters(&hosts).await?, total);
-    let s = stats(lat);
-    rows.push(Row {
-        what: format!(
-            "cluster: durable sends/s, {n} nodes, {} senders",
-            conns.len()
-        ),
-        value: format!("{rate:.0} /s (p50 {}, p99 {})", ms(s.p50), ms(s.p99)),
-        target: "≥ 5,000 /s",
-        endo: "9–92 /s (1 node, quoted: ANCHORS.md)",
-        json: json!({"per_s": rate, "p50_us": s.p50, "p99_us": s.p99, "nodes": n, "senders": conns.len(), "store_per_send": cost_json}),
-    });
-    rows.push(Row {
-        what: "cluster: store work per send".into(),
-        value: cost,
-        target: "",
-        endo: "",
-        json: json!(null),
-    });
-    let (text, cpu_json) = cpu.per_op(total);
-    rows.push(Row {
-        what: "cluster: CPU per send".into(),
-        value: text,
-        target: "",
-        endo: "",
-        json: cpu_json,
-    });
+    if want("sends") {
+        let total = sizes.sends * 2;
+        let before = store_counters(&hosts).await?;
+        let cpu = CpuMeter::start(node_pids.clone(), etcd_pids(&spec));
+        let t = Instant::now();
+        let c2 = conns.clone();
+        let lat = concurrently(
+            total,
+            conns.len(),
+            move |i| {
+                let (node, a) = c2[i % c2.len()].clone();
+                async move {
+                    send(&a, &format!("g{node}"), &format!("burst {i}"))
+                        .await
+                        .map(drop)
+                }
+            },
+            "cluster send",
+        )
+        .await?;
+        let rate = total as f64 / t.elapsed().as_secs_f64();
+        let (cost, cost_json) = store_cost(&before, &store_counters(&hosts).await?, total);
+        let s = stats(lat);
+        rows.push(Row {
+            what: format!(
+                "cluster: durable sends/s, {n} nodes, {} senders",
+                conns.len()
+            ),
+            value: format!("{rate:.0} /s (p50 {}, p99 {})", ms(s.p50), ms(s.p99)),
+            target: "≥ 5,000 /s",
+            endo: "9–92 /s (1 node, quoted: ANCHORS.md)",
+            json: json!({"per_s": rate, "p50_us": s.p50, "p99_us": s.p99, "nodes": n, "senders": conns.len(), "store_per_send": cost_json}),
+        });
+        rows.push(Row {
+            what: "cluster: store work per send".into(),
+            value: cost,
+            target: "",
+            endo: "",
+            json: json!(null),
+        });
+        let (text, cpu_json) = cpu.per_op(total);
+        rows.push(Row {
+            what: "cluster: CPU per send".into(),
+            value: text,
+            target: "",
+            endo: "",
+            json: cpu_json,
+        });
+    }
 
     // Request round trip: g0 asks the host through node 2, the host answers
     // through node 3 (with fewer nodes, through what there is); each step
     // timed on its own.
-    step(false, "cluster: request/resolve round trips");
-    store_text(&hosts[0], "answer", "42").await?;
-    let (asker_node, resolver_node) = (1 % n, 2 % n);
-    let g = as_agent(&hosts[asker_node], "g0");
-    let mut lat = Vec::new();
-    let mut legs: [Vec<Duration>; 4] = Default::default();
-    let rounds = sizes.round_trips.min(200);
-    // The host follows its inbox on the resolver's node, as a person's
-    // console would: each round adds one message there, the request.
-    let mut expect = last_inbox_number(&hosts[resolver_node])
-        .await?
-        .map(|n| n + 1)
-        .unwrap_or(0);
-    let seen = follow_inbox(&hosts[resolver_node], expect);
-    let before = store_counters(&hosts).await?;
-    for i in 0..rounds {
-        let t = Instant::now();
-        let mut r = g.request_request();
-        r.get().set_req_id(&RequestId::random().0);
-        r.get().set_to("HOST");
-        r.get().set_description("need the answer");
-        r.get().set_result_name(format!("doc-{i}").as_str());
-        let number = r.send().promise.await?.get()?.get_number();
-        let t1 = Instant::now();
-        // The resolver's node pushes the request to the host's follower.
-        let host_number = expect;
-        wait_inbox(&seen, &hosts[resolver_node], host_number).await?;
-        expect += 1;
-        let t2 = Instant::now();
-        let mut r = hosts[resolver_node].resolve_request();
-        r.get().set_req_id(&RequestId::random().0);
-        r.get().set_number(host_number);
-        r.get().set_path("answer");
-        r.send().promise.await?;
-        let t3 = Instant::now();
-        let mut w = g.wait_request_request();
-        w.get().set_number(number);
-        let state = w.send().promise.await?;
-        if state.get()?.get_state()?.to_string()? != "resolved" {
-            bail!("request {number} did not resolve");
+    if want("round-trips") {
+        step(false, "cluster: request/resolve round trips");
+        store_text(&hosts[0], "answer", "42").await?;
+        let (asker_node, resolver_node) = (1 % n, 2 % n);
+        let g = as_agent(&hosts[asker_node], "g0");
+        let mut lat = Vec::new();
+        let mut legs: [Vec<Duration>; 4] = Default::default();
+        let rounds = sizes.round_trips.min(200);
+        // The host follows its inbox on the resolver's node, as a person's
+        // console would: each round adds one message there, the request.
+        let mut expect = last_inbox_number(&hosts[resolver_node])
+            .await?
+            .map(|n| n + 1)
+            .unwrap_or(0);
+        let seen = follow_inbox(&hosts[resolver_node], expect);
+        let before = store_counters(&hosts).await?;
+        for i in 0..rounds {
+            let t = Instant::now();
+            let mut r = g.request_request();
+            r.get().set_req_id(&RequestId::random().0);
+            r.get().set_to("HOST");
+            r.get().set_description("need the answer");
+            r.get().set_result_name(format!("doc-{i}").as_str());
+            let number = r.send().promise.await?.get()?.get_number();
+            let t1 = Instant::now();
+            // The resolver's node pushes the request to the host's follower.
+            let host_number = expect;
+            wait_inbox(&seen, &hosts[resolver_node], host_number).await?;
+            expect += 1;
+            let t2 = Instant::now();
+            let mut r = hosts[resolver_node].resolve_request();
+            r.get().set_req_id(&RequestId::random().0);
+            r.get().set_number(host_number);
+            r.get().set_path("answer");
+            r.send().promise.await?;
+            let t3 = Instant::now();
+            let mut w = g.wait_request_request();
+            w.get().set_number(number);
+            let state = w.send().promise.await?;
+            if state.get()?.get_state()?.to_string()? != "resolved" {
+                bail!("request {number} did not resolve");
+            }
+            let t4 = Instant::now();
+            legs[0].push(t1 - t);
+            legs[1].push(t2 - t1);
+            legs[2].push(t3 - t2);
+            legs[3].push(t4 - t3);
+            lat.push(t.elapsed());
         }
-        let t4 = Instant::now();
-        legs[0].push(t1 - t);
-        legs[1].push(t2 - t1);
-        legs[2].push(t3 - t2);
-        legs[3].push(t4 - t3);
-        lat.push(t.elapsed());
+        let (cost, cost_json) = store_cost(&before, &store_counters(&hosts).await?, rounds);
+        let s = stats(lat);
+        rows.push(Row {
+            what: "cluster: request → resolve → seen, across nodes (p50 / p99)".into(),
+            value: format!("{} / {}", ms(s.p50), ms(s.p99)),
+            target: "≤ 10 / 30 ms",
+            endo: "86–100 ms (1 node, quoted: ANCHORS.md)",
+            json: json!({"p50_us": s.p50, "p99_us": s.p99, "store_per_round_trip": cost_json}),
+        });
+        let leg = |i: usize| stats(legs[i].clone());
+        let (l0, l1, l2, l3) = (leg(0), leg(1), leg(2), leg(3));
+        rows.push(Row {
+            what: "cluster: … its steps (p50): request / pushed to the host's follower / resolve / seen by the asker".into(),
+            value: format!(
+                "{} / {} / {} / {}",
+                ms(l0.p50),
+                ms(l1.p50),
+                ms(l2.p50),
+                ms(l3.p50)
+            ),
+            target: "",
+            endo: "",
+            json: json!({"request_us": l0.p50, "inbox_us": l1.p50, "resolve_us": l2.p50, "seen_us": l3.p50}),
+        });
+        rows.push(Row {
+            what: "cluster: … store work per round trip".into(),
+            value: cost,
+            target: "",
+            endo: "",
+            json: json!(null),
+        });
     }
-    let (cost, cost_json) = store_cost(&before, &store_counters(&hosts).await?, rounds);
-    let s = stats(lat);
-    rows.push(Row {
-        what: "cluster: request → resolve → seen, across nodes (p50 / p99)".into(),
-        value: format!("{} / {}", ms(s.p50), ms(s.p99)),
-        target: "≤ 10 / 30 ms",
-        endo: "86–100 ms (1 node, quoted: ANCHORS.md)",
-        json: json!({"p50_us": s.p50, "p99_us": s.p99, "store_per_round_trip": cost_json}),
-    });
-    let leg = |i: usize| stats(legs[i].clone());
-    let (l0, l1, l2, l3) = (leg(0), leg(1), leg(2), leg(3));
-    rows.push(Row {
-        what: "cluster: … its steps (p50): request / pushed to the host's follower / resolve / seen by the asker".into(),
-        value: format!(
-            "{} / {} / {} / {}",
-            ms(l0.p50),
-            ms(l1.p50),
-            ms(l2.p50),
-            ms(l3.p50)
-        ),
-        target: "",
-        endo: "",
-        json: json!({"request_us": l0.p50, "inbox_us": l1.p50, "resolve_us": l2.p50, "seen_us": l3.p50}),
-    });
-    rows.push(Row {
-        what: "cluster: … store work per round trip".into(),
-        value: cost,
-        target: "",
-        endo: "",
-        json: json!(null),
-    });
 
     // Guest components across the cluster: counters spread over the nodes
     // (each owned where its first message went), increments sent through
     // every node at once; done when the nodes' guest stats have handled them
     // all.
     let counter = wasm.join("counter.wasm");
-    if counter.exists() {
+    if !want("guests") {
+    } else if counter.exists() {
         step(false, "cluster: guest component messages");
         install(&hosts[0], &counter, "counter", &[]).await?;
         let guests = 8 * n;
@@ -472,7 +483,11 @@ pub(super) async fn cluster_rows(
 
     // Failover: kill -9 the owner of an agent; time until a survivor's send
     // to it succeeds (the owner's lease lapses, the survivor claims it).
-    let trials = if sizes.sends >= 1000 { 3 } else { 1 };
+    let trials = match (want("failover"), sizes.sends >= 1000) {
+        (false, _) => 0,
+        (true, true) => 3,
+        (true, false) => 1,
+    };
     let mut times = Vec::new();
     let mut resumes = Vec::new();
     for trial in 0..trials {
@@ -550,22 +565,24 @@ pub(super) async fn cluster_rows(
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(capstan_actors::cluster::DEFAULT_LEASE.as_millis() as u64);
-    let s = stats(times);
-    rows.push(Row {
-        what: format!("cluster: kill -9 of an owner → first call served by a survivor ({trials} trials, p50 / max)"),
-        value: format!("{} / {}", ms(s.p50), ms(s.p99)),
-        target: "≤ 1.5 s / 2.5 s",
-        endo: "n/a (Orleans ~15 s, wasmCloud ~2 min)",
-        json: json!({"p50_us": s.p50, "max_us": s.p99, "lease_ms": lease_ms}),
-    });
-    let s = stats(resumes);
-    rows.push(Row {
-        what: format!("cluster: kill -9 → a pending request answered through a survivor, seen by its guest ({trials} trials, p50 / max)"),
-        value: format!("{} / {}", ms(s.p50), ms(s.p99)),
-        target: "< 3 s",
-        endo: "n/a",
-        json: json!({"p50_us": s.p50, "max_us": s.p99, "lease_ms": lease_ms}),
-    });
+    if trials > 0 {
+        let s = stats(times);
+        rows.push(Row {
+            what: format!("cluster: kill -9 of an owner → first call served by a survivor ({trials} trials, p50 / max)"),
+            value: format!("{} / {}", ms(s.p50), ms(s.p99)),
+            target: "≤ 1.5 s / 2.5 s",
+            endo: "n/a (Orleans ~15 s, wasmCloud ~2 min)",
+            json: json!({"p50_us": s.p50, "max_us": s.p99, "lease_ms": lease_ms}),
+        });
+        let s = stats(resumes);
+        rows.push(Row {
+            what: format!("cluster: kill -9 → a pending request answered through a survivor, seen by its guest ({trials} trials, p50 / max)"),
+            value: format!("{} / {}", ms(s.p50), ms(s.p99)),
+            target: "< 3 s",
+            endo: "n/a",
+            json: json!({"p50_us": s.p50, "max_us": s.p99, "lease_ms": lease_ms}),
+        });
+    }
     for d in daemons.into_iter().flatten() {
         d.stop().await?;
     }

@@ -117,6 +117,13 @@ pub async fn run(
     only: Option<String>,
     json: bool,
 ) -> anyhow::Result<()> {
+    match (only.as_deref(), cluster.is_some()) {
+        (Some("search"), true) => bail!("--only search is a single-node section: drop --cluster"),
+        (Some(o), false) if o != "search" => {
+            bail!("--only {o} is a cluster section: add --cluster etcd://HOST:PORT,...")
+        }
+        _ => {}
+    }
     let exe = std::env::current_exe().context("cannot find the capstan executable")?;
     let tmp;
     let base = match dir {
@@ -133,7 +140,17 @@ pub async fn run(
     let mut rows = Vec::new();
     let quiet = false;
     if let Some(spec) = cluster {
-        cluster_rows(&exe, &base, &spec, &guests, nodes, &sizes, &mut rows).await?;
+        cluster_rows(
+            &exe,
+            &base,
+            &spec,
+            &guests,
+            nodes,
+            &sizes,
+            only.as_deref(),
+            &mut rows,
+        )
+        .await?;
         print_rows(
             &rows,
             json,

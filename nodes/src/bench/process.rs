@@ -46,7 +46,12 @@ impl Daemon {
             .arg(&paths.home)
             .args(extra)
             .env_remove("CAPSTAN_HOME")
-            .env("CAPSTAN_LOG", "warn")
+            // CAPSTAN_BENCH_LOG: the daemons' log filter (bench-daemon.log
+            // in each home, kept with --dir), e.g. for the read trace.
+            .env(
+                "CAPSTAN_LOG",
+                std::env::var("CAPSTAN_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

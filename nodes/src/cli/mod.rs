@@ -293,8 +293,9 @@ pub enum Command {
         #[arg(long, value_name = "N")]
         gc_formulas: Option<usize>,
         /// Measure one section alone: `search` (search latency over
-        /// 10,000 values; 500 with --quick).
-        #[arg(long, value_name = "SECTION", value_parser = ["search"])]
+        /// 10,000 values; 500 with --quick); with --cluster: `store`,
+        /// `sends`, `round-trips`, `guests` or `failover`.
+        #[arg(long, value_name = "SECTION", value_parser = ["search", "store", "sends", "round-trips", "guests", "failover"])]
         only: Option<String>,
         #[command(flatten)]
         out: Out,
