@@ -177,9 +177,10 @@ fn read_sets_beyond_128_compares() {
         return;
     }
     rt().block_on(async {
-        let db = capstan_cluster::open(&spec_for(&unique("wide")))
-            .await
-            .unwrap();
+        // The limit stated in the spec (a cluster started with a larger
+        // --max-txn-ops takes it too): the client holds to it.
+        let spec = format!("{}&max-txn-ops=128", spec_for(&unique("wide")));
+        let db = capstan_cluster::open(&spec).await.unwrap();
         for batch in 0..4u64 {
             db.transact(move |tx| {
                 Box::pin(async move {
@@ -238,6 +239,59 @@ fn read_sets_beyond_128_compares() {
             })
             .await;
         assert_eq!(r, Err(StoreError::TooManyWrites { len: 201, max: 128 }));
+    });
+}
+
+/// Writes 200 `many` keys.
+fn many(tx: &mut Transaction) -> TxFuture<'_, (), StoreError> {
+    Box::pin(async move {
+        for i in 0..200u64 {
+            tx.set(TupleKey::new().str("many").u64(i).as_bytes(), b"m")?;
+        }
+        Ok(())
+    })
+}
+
+/// A spec that does not state `max-txn-ops` uses what the cluster takes:
+/// `scripts/etcd-cluster` starts members with `--max-txn-ops 1024`, so 201
+/// writes commit in one transaction; with `max-txn-ops=128` in the spec the
+/// same transaction is refused before anything is sent, nothing written.
+#[test]
+fn the_txn_size_is_what_the_cluster_takes_unless_the_spec_says() {
+    if !etcd_enabled() {
+        return;
+    }
+    rt().block_on(async {
+        let count = |db: capstan_cluster::Db| async move {
+            db.read(|tx| {
+                Box::pin(async move {
+                    tx.get_prefix(TupleKey::new().str("many").as_bytes(), 0, false)
+                        .await
+                })
+            })
+            .await
+            .unwrap()
+            .len()
+        };
+        let stated =
+            capstan_cluster::open(&format!("{}&max-txn-ops=128", spec_for(&unique("stated"))))
+                .await
+                .unwrap();
+        assert_eq!(stated.store().max_commit_writes(), 125);
+        let r = stated.transact(many).await;
+        assert_eq!(r, Err(StoreError::TooManyWrites { len: 201, max: 128 }));
+        assert_eq!(count(stated).await, 0);
+
+        let found = capstan_cluster::open(&spec_for(&unique("found")))
+            .await
+            .unwrap();
+        assert_eq!(
+            found.store().max_commit_writes(),
+            capstan_cluster::etcd_store::PROBED_TXN_OPS - 3,
+            "scripts/etcd-cluster starts members with --max-txn-ops 1024"
+        );
+        found.transact(many).await.unwrap();
+        assert_eq!(count(found).await, 200);
     });
 }
 

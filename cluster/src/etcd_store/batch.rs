@@ -249,11 +249,7 @@ async fn run(inner: Weak<Inner>, mut rx: mpsc::Receiver<Member>) {
         let Some(store) = inner.upgrade() else { return };
         let picked = {
             let shapes: Vec<&Shape> = waiting.iter().map(|m| &m.shape).collect();
-            pick(
-                &shapes,
-                store.config.max_txn_ops,
-                store.config.max_request_bytes,
-            )
+            pick(&shapes, store.max_txn_ops, store.config.max_request_bytes)
         };
         let mut batch = Vec::with_capacity(picked.len());
         let mut rest = Vec::with_capacity(waiting.len() - picked.len());

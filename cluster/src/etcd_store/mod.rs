@@ -211,6 +211,10 @@ pub struct EtcdConfig {
     pub max_request_bytes: usize,
     /// Most compares, and most operations, of one Txn (etcd's `--max-txn-ops`).
     pub max_txn_ops: usize,
+    /// Whether the spec named `max-txn-ops`; if not, opening the store asks
+    /// the cluster whether it takes [`PROBED_TXN_OPS`] (see
+    /// [`EtcdStore::open_config`]).
+    pub max_txn_ops_given: bool,
     /// How recent a revision this client saw must be to serve as a snapshot
     /// for commit ([`Store::snapshot_for_commit`]); `commit-snapshot-age-ms`,
     /// default [`COMMIT_SNAPSHOT_AGE`]; 0 reads the latest revision always.
@@ -277,6 +281,7 @@ impl EtcdConfig {
         }
         let mut max_request_bytes = DEFAULT_MAX_REQUEST_BYTES;
         let mut max_txn_ops = MAX_TXN_OPS;
+        let mut max_txn_ops_given = false;
         let mut commit_snapshot_age = COMMIT_SNAPSHOT_AGE;
         let (mut cacert, mut cert, mut key) = (None, None, None);
         let (mut user, mut password_file) = (None, None);
@@ -295,6 +300,7 @@ impl EtcdConfig {
                         .ok()
                         .filter(|n| *n >= 8)
                         .ok_or_else(|| bad("max-txn-ops must be a number ≥ 8"))?;
+                    max_txn_ops_given = true;
                 }
                 Some(("commit-snapshot-age-ms", n)) => {
                     commit_snapshot_age = n
@@ -343,6 +349,7 @@ impl EtcdConfig {
             prefix: prefix.to_string(),
             max_request_bytes,
             max_txn_ops,
+            max_txn_ops_given,
             commit_snapshot_age,
         })
     }
@@ -354,7 +361,7 @@ impl EtcdConfig {
         if self.max_request_bytes != DEFAULT_MAX_REQUEST_BYTES {
             options.push(format!("max-request-bytes={}", self.max_request_bytes));
         }
-        if self.max_txn_ops != MAX_TXN_OPS {
+        if self.max_txn_ops_given {
             options.push(format!("max-txn-ops={}", self.max_txn_ops));
         }
         if self.commit_snapshot_age != COMMIT_SNAPSHOT_AGE {
@@ -637,6 +644,9 @@ impl Observed {
 
 struct Inner {
     config: EtcdConfig,
+    /// Most operations of one Txn: the spec's `max-txn-ops`, or what the
+    /// cluster was found to take when the store opened.
+    max_txn_ops: usize,
     committer: batch::Committer,
     reader: reads::Reader,
     describe: String,
@@ -709,13 +719,25 @@ impl EtcdStore {
     }
 
     /// Opens the store described by `config` and checks that the cluster answers.
+    ///
+    /// Unless the spec names `max-txn-ops`, asks the cluster (one read-only
+    /// Txn of [`PROBED_TXN_OPS`] reads of one absent key) whether its
+    /// members were started with a `--max-txn-ops` that large, as
+    /// `scripts/etcd-cluster` starts them, and then batches commits and
+    /// reads up to that many operations per Txn; otherwise etcd's default.
     pub async fn open_config(config: EtcdConfig) -> Result<Self, StoreError> {
         let endpoints =
             Endpoints::connect(&config.endpoints, config.tls.as_ref(), config.user.as_ref())
                 .await?;
         let prefix = config.prefix.clone();
         let p = prefix.as_bytes();
+        let max_txn_ops = if config.max_txn_ops_given {
+            config.max_txn_ops
+        } else {
+            probe_txn_ops(&endpoints, &[p, b"/m/probe"].concat()).await
+        };
         let inner = Arc::new_cyclic(|weak| Inner {
+            max_txn_ops,
             committer: batch::Committer::start(weak.clone()),
             reader: reads::Reader::start(weak.clone()),
             describe: config.spec(),
@@ -1046,16 +1068,14 @@ impl Inner {
         crate::redb_store::validate(&req)?;
         let (deletes, puts) = normalize(&req.mutations);
         let writes_needed = deletes.len() + puts.len() + 1 + usize::from(!deletes.is_empty());
-        if writes_needed > self.config.max_txn_ops {
+        if writes_needed > self.max_txn_ops {
             return Err(StoreError::TooManyWrites {
                 len: writes_needed,
-                max: self.config.max_txn_ops,
+                max: self.max_txn_ops,
             });
         }
         // One compare is the marker's.
-        let (compares, mut size, coarse) = self
-            .read_compares(&req, self.config.max_txn_ops - 1)
-            .await?;
+        let (compares, mut size, coarse) = self.read_compares(&req, self.max_txn_ops - 1).await?;
         // The marker's compare is added where the commit is sent (alone, or
         // in a batch that has its own marker: see [`batch`]).
         let marker = self.new_marker();
@@ -1376,7 +1396,7 @@ impl Store for EtcdStore {
 
     fn max_commit_writes(&self) -> usize {
         // the marker and the guard take two of a Txn's operations
-        self.inner.config.max_txn_ops.saturating_sub(3)
+        self.inner.max_txn_ops.saturating_sub(3)
     }
 }
 
@@ -1397,6 +1417,47 @@ impl EtcdStore {
             ("cache_hits", get(&c.cache_hits)),
             ("assumed_absent", get(&c.assumed_absent)),
         ]
+    }
+}
+
+/// Operations per Txn a store tries when its spec does not say (see
+/// [`EtcdStore::open_config`]).
+pub const PROBED_TXN_OPS: usize = 1024;
+
+/// [`PROBED_TXN_OPS`] if the cluster takes a Txn of that many operations,
+/// else etcd's default [`MAX_TXN_OPS`].
+async fn probe_txn_ops(endpoints: &Endpoints, key: &[u8]) -> usize {
+    let op = RequestOp {
+        request: Some(crate::etcd_rpc::Request::Range(
+            crate::etcd_rpc::RangeRequest {
+                key: key.to_vec(),
+                limit: 1,
+                keys_only: true,
+                serializable: true,
+                ..Default::default()
+            },
+        )),
+    };
+    let txn = TxnRequest {
+        compare: Vec::new(),
+        success: vec![op; PROBED_TXN_OPS],
+        failure: Vec::new(),
+    };
+    match endpoints
+        .call("probe of --max-txn-ops", |kv| {
+            let txn = txn.clone();
+            async move { kv.txn(txn).await }
+        })
+        .await
+    {
+        Ok(_) => {
+            tracing::debug!(ops = PROBED_TXN_OPS, "the etcd cluster takes large Txns");
+            PROBED_TXN_OPS
+        }
+        Err(e) => {
+            tracing::debug!("the etcd cluster takes etcd's default Txn size ({e:?})");
+            MAX_TXN_OPS
+        }
     }
 }
 

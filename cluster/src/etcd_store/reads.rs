@@ -78,7 +78,7 @@ async fn run(inner: Weak<Inner>, mut rx: mpsc::Receiver<Get>) {
         };
         let Some(store) = inner.upgrade() else { return };
         // Etcd takes at most max-txn-ops operations in one Txn.
-        let max = store.config.max_txn_ops;
+        let max = store.max_txn_ops;
         let mut batch = vec![first];
         while batch.len() < max {
             match rx.try_recv() {
