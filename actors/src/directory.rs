@@ -445,17 +445,7 @@ impl AgentHandle {
                         FormulaKind::Guest(rec)
                     }
                 };
-                model::put_formula(
-                    tx,
-                    &id,
-                    &Formula {
-                        created_ms: now,
-                        cancelled: None,
-                        kind,
-                    },
-                )?;
-                model::set_name(tx, &dir, p.last(), &id).await?;
-                model::dedup_put(tx, &ctx.id, &req, DedupAnswer::Id(id), now)?;
+                model::bind_new_name(tx, &ctx, &req, (&dir, p.last()), &id, kind).await?;
                 Ok(id)
             })
         })

@@ -529,27 +529,14 @@ impl AgentHandle {
                     }
                     None => {}
                 }
-                let dir = model::parent_dir(tx, &ctx, &p).await?;
-                if model::lookup(tx, &dir, p.last()).await?.is_some() {
-                    return Err(Error::NameTaken(p.to_string()));
-                }
+                let dir = model::free_name(tx, &ctx, &p).await?;
                 let id = FormulaId::random();
-                let now = now_ms();
-                model::put_formula(
-                    tx,
-                    &id,
-                    &Formula {
-                        created_ms: now,
-                        cancelled: None,
-                        kind: FormulaKind::Invitation(InvitationRec {
-                            host: ctx.id,
-                            dir,
-                            name: p.last().to_string(),
-                        }),
-                    },
-                )?;
-                model::set_name(tx, &dir, p.last(), &id).await?;
-                model::dedup_put(tx, &ctx.id, &req, DedupAnswer::Id(id), now)?;
+                let kind = FormulaKind::Invitation(InvitationRec {
+                    host: ctx.id,
+                    dir,
+                    name: p.last().to_string(),
+                });
+                model::bind_new_name(tx, &ctx, &req, (&dir, p.last()), &id, kind).await?;
                 issue_locator(tx, &id, None)
             })
         })

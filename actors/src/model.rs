@@ -139,6 +139,44 @@ async fn descend(tx: &mut Transaction, id: &FormulaId, path: &Path) -> Result<Fo
 }
 
 /// The directory that holds (or will hold) the last segment of `path`.
+/// The directory that is to hold the last segment of `p`, if that name is
+/// free there ([`Error::NameTaken`] if not): the first half of making and
+/// naming a new formula (the second is [`bind_new_name`]).
+pub async fn free_name(tx: &mut Transaction, ctx: &Ctx, p: &Path) -> Result<FormulaId, Error> {
+    let dir = parent_dir(tx, ctx, p).await?;
+    if lookup(tx, &dir, p.last()).await?.is_some() {
+        return Err(Error::NameTaken(p.to_string()));
+    }
+    Ok(dir)
+}
+
+/// Binds a new formula to a free name: writes formula `id` of `kind`,
+/// names it `name` in `dir` and records `id` as the exactly-once answer of
+/// the acting agent's request `req`. Every request that makes and names a
+/// new formula ends with this, so a retry of it finds the formula it made.
+pub async fn bind_new_name(
+    tx: &mut Transaction,
+    ctx: &Ctx,
+    req: &RequestId,
+    (dir, name): (&FormulaId, &str),
+    id: &FormulaId,
+    kind: FormulaKind,
+) -> Result<(), Error> {
+    let now = crate::clock::now_ms();
+    put_formula(
+        tx,
+        id,
+        &Formula {
+            created_ms: now,
+            cancelled: None,
+            kind,
+        },
+    )?;
+    set_name(tx, dir, name, id).await?;
+    dedup_put(tx, &ctx.id, req, DedupAnswer::Id(*id), now)?;
+    Ok(())
+}
+
 pub async fn parent_dir(tx: &mut Transaction, ctx: &Ctx, path: &Path) -> Result<FormulaId, Error> {
     let parent = path.parent();
     if parent.is_empty() {

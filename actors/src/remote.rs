@@ -16,8 +16,8 @@ use crate::error::Error;
 use crate::keys;
 use crate::model;
 use crate::names::Path;
-use crate::node::{Runtime, now_ms};
-use crate::records::{DedupAnswer, Formula, FormulaKind, LocatorRec, RemoteRec};
+use crate::node::Runtime;
+use crate::records::{DedupAnswer, FormulaKind, LocatorRec, RemoteRec};
 use crate::types::ValueKind;
 
 /// The hash under which an issued locator is stored.
@@ -84,23 +84,17 @@ impl AgentHandle {
                 if let Some(DedupAnswer::Id(prev)) = model::dedup_get(tx, &ctx.id, &req).await? {
                     return Ok(prev);
                 }
-                let dir = model::parent_dir(tx, &ctx, &p).await?;
-                if model::lookup(tx, &dir, p.last()).await?.is_some() {
-                    return Err(Error::NameTaken(p.to_string()));
-                }
+                let dir = model::free_name(tx, &ctx, &p).await?;
                 let id = FormulaId::random();
-                let now = now_ms();
-                model::put_formula(
+                model::bind_new_name(
                     tx,
+                    &ctx,
+                    &req,
+                    (&dir, p.last()),
                     &id,
-                    &Formula {
-                        created_ms: now,
-                        cancelled: None,
-                        kind: FormulaKind::Remote(remote),
-                    },
-                )?;
-                model::set_name(tx, &dir, p.last(), &id).await?;
-                model::dedup_put(tx, &ctx.id, &req, DedupAnswer::Id(id), now)?;
+                    FormulaKind::Remote(remote),
+                )
+                .await?;
                 Ok(id)
             })
         })

@@ -18,7 +18,7 @@ use crate::keys;
 use crate::model::{self, Ctx};
 use crate::names::Path;
 use crate::node::now_ms;
-use crate::records::{self, DedupAnswer, Formula, FormulaKind, LlmProviderRec};
+use crate::records::{self, DedupAnswer, FormulaKind, LlmProviderRec};
 use crate::types::MAX_LIST;
 
 /// Audit entries kept per agent (older ones are dropped).
@@ -153,11 +153,7 @@ pub(super) async fn add(
             if let Some(DedupAnswer::Id(prev)) = model::dedup_get(tx, &ctx.id, &req).await? {
                 return Ok(prev);
             }
-            let dir = model::parent_dir(tx, &ctx, &p).await?;
-            if model::lookup(tx, &dir, p.last()).await?.is_some() {
-                return Err(Error::NameTaken(p.to_string()));
-            }
-            let now = now_ms();
+            let dir = model::free_name(tx, &ctx, &p).await?;
             let rec = LlmProviderRec {
                 provider: cfg.kind.as_str().to_string(),
                 url: cfg.url.clone(),
@@ -170,20 +166,11 @@ pub(super) async fn add(
                 price_output: cfg.price_output,
                 timeout_ms: u32::try_from(cfg.timeout.as_millis()).unwrap_or(u32::MAX),
             };
-            model::put_formula(
-                tx,
-                &id,
-                &Formula {
-                    created_ms: now,
-                    cancelled: None,
-                    kind: FormulaKind::Llm(rec),
-                },
-            )?;
             if let Some(k) = key.as_ref() {
                 tx.set(&keys::llm_key(&id), k)?;
             }
-            model::set_name(tx, &dir, p.last(), &id).await?;
-            model::dedup_put(tx, &ctx.id, &req, DedupAnswer::Id(id), now)?;
+            model::bind_new_name(tx, &ctx, &req, (&dir, p.last()), &id, FormulaKind::Llm(rec))
+                .await?;
             Ok(id)
         })
     })
