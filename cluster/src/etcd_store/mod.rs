@@ -1489,6 +1489,18 @@ struct EtcdSnapshot {
 }
 
 impl EtcdSnapshot {
+    /// Notes a listed row's mod revision, unless a checked read of this
+    /// snapshot already served the key: that read may have come from the
+    /// cache (an older value), and its commit must compare against the
+    /// revision of the value it served, not the listing's.
+    fn note_unless_served(&self, key: &[u8], mod_revision: i64) {
+        if let Some(f) = &self.facts
+            && let Ok(mut f) = f.lock()
+        {
+            f.entry(key.to_vec()).or_insert(mod_revision);
+        }
+    }
+
     fn note(&self, key: &[u8], mod_revision: i64) {
         if let Some(f) = &self.facts
             && let Ok(mut f) = f.lock()
@@ -1597,7 +1609,7 @@ impl Snapshot for EtcdSnapshot {
             let note = self.facts.is_some() && out.len() + kvs.len() <= NOTED_ROWS;
             for kv in kvs {
                 if note {
-                    self.note(&kv.key[strip..], kv.mod_revision);
+                    self.note_unless_served(&kv.key[strip..], kv.mod_revision);
                 }
                 out.push((kv.key[strip..].to_vec(), kv.value));
             }
