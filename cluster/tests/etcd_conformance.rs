@@ -587,7 +587,8 @@ fn cached_values_never_lose_another_clients_update() {
 
 /// Increments the counter at `key` (read checked, maybe from the cache),
 /// then lists the range around it without a conflict (as a lease renewal
-/// lists the members after reading its own record).
+/// lists the members after reading its own record) and reads the key
+/// again unchecked.
 async fn increment_then_list(db: &Db, key: &'static [u8]) {
     db.transact(move |tx| {
         Box::pin(async move {
@@ -603,6 +604,8 @@ async fn increment_then_list(db: &Db, key: &'static [u8]) {
                 ))
                 .await?;
             assert!(listed.len() <= 3);
+            // and the key once more without a check
+            tx.snapshot_get(key).await?;
             tx.set(key, &(n + 1).to_be_bytes())?;
             Ok::<_, StoreError>(())
         })
@@ -611,10 +614,11 @@ async fn increment_then_list(db: &Db, key: &'static [u8]) {
     .unwrap();
 }
 
-/// A snapshot notes the mod revisions of a short listing's rows for its
-/// commit's compares; a key a checked read already served (maybe an older
-/// value from the cache) keeps the revision of the value served, so the
-/// listing cannot make a stale read pass the commit: no increment is lost.
+/// A snapshot notes the mod revisions of a short listing's rows, and of
+/// unchecked reads, for its commit's compares; a key a checked read already
+/// served (maybe an older value from the cache) keeps the revision of the
+/// value served, so neither can make a stale read pass the commit: no
+/// increment is lost.
 #[test]
 fn a_listing_never_hides_a_stale_cached_read() {
     if !etcd_enabled() {

@@ -1489,6 +1489,30 @@ struct EtcdSnapshot {
 }
 
 impl EtcdSnapshot {
+    /// The value of `key` at this snapshot's revision, read from etcd, and
+    /// its mod revision (0: absent); the cache learns it.
+    async fn fetch(&self, key: &[u8]) -> Result<(Option<Vec<u8>>, i64), StoreError> {
+        tracing::trace!(target: "capstan_cluster::reads", kind = %key_kind(key), "get");
+        let kv = self
+            .inner
+            .reader
+            .get(self.inner.dk(key), self.version)
+            .await?;
+        let m = kv.as_ref().map(|kv| kv.mod_revision).unwrap_or(0);
+        if let Ok(mut seen) = self.inner.observed.lock() {
+            seen.record(self.version, key, m);
+        }
+        if let Ok(mut c) = self.inner.cache.lock() {
+            c.learn(
+                key,
+                kv.as_ref().map(|kv| kv.value.as_slice()),
+                m,
+                self.version,
+            );
+        }
+        Ok((kv.map(|kv| kv.value), m))
+    }
+
     /// Notes a listed row's mod revision, unless a checked read of this
     /// snapshot already served the key: that read may have come from the
     /// cache (an older value), and its commit must compare against the
@@ -1551,32 +1575,19 @@ impl Snapshot for EtcdSnapshot {
                 return Ok(e.value);
             }
         }
-        self.get(key).await
+        let (value, m) = self.fetch(key).await?;
+        self.note(key, m);
+        Ok(value)
     }
 
     /// Never from the cache: an unchecked read must be what the snapshot's
-    /// revision holds.
+    /// revision holds. Its revision is noted only for a key no checked read
+    /// of this snapshot served: that read may have served an older value
+    /// from the cache, and the commit compares against what it served.
     async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        tracing::trace!(target: "capstan_cluster::reads", kind = %key_kind(key), "get");
-        let kv = self
-            .inner
-            .reader
-            .get(self.inner.dk(key), self.version)
-            .await?;
-        let m = kv.as_ref().map(|kv| kv.mod_revision).unwrap_or(0);
-        if let Ok(mut seen) = self.inner.observed.lock() {
-            seen.record(self.version, key, m);
-        }
-        if let Ok(mut c) = self.inner.cache.lock() {
-            c.learn(
-                key,
-                kv.as_ref().map(|kv| kv.value.as_slice()),
-                m,
-                self.version,
-            );
-        }
-        self.note(key, m);
-        Ok(kv.map(|kv| kv.value))
+        let (value, m) = self.fetch(key).await?;
+        self.note_unless_served(key, m);
+        Ok(value)
     }
 
     async fn range(&self, opt: &RangeOption) -> Result<Vec<KeyValue>, StoreError> {
