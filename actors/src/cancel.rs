@@ -47,8 +47,6 @@ use crate::records::{Cancelled, DedupAnswer, Formula, FormulaKind};
 pub const MAX_CASCADE: usize = 10_000;
 /// Formulas marked per transaction.
 const MARK_BATCH: usize = 100;
-/// Rows read at a time by the scan.
-const SCAN_PAGE: usize = 2_000;
 /// Most rounds of marks and scans one cancel makes (see
 /// [`AgentHandle::cancel_observed`]): a cancel racing more makers of
 /// dependents than this fails, asking to be run again.
@@ -82,42 +80,6 @@ pub fn cancelled_error(name: &str, c: &Cancelled, what_next: &str) -> Error {
     Error::Cancelled(format!("{name} was cancelled ({}){what_next}", c.reason))
 }
 
-async fn scan_prefix(
-    db: &capstan_cluster::Db,
-    prefix: Vec<u8>,
-) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error> {
-    let end = capstan_cluster::tuple::prefix_end(&prefix);
-    let mut begin = prefix;
-    let mut out = Vec::new();
-    loop {
-        let (b, e) = (begin.clone(), end.clone());
-        let rows = db
-            .read(move |tx| {
-                let (b, e) = (b.clone(), e.clone());
-                Box::pin(async move {
-                    Ok::<_, Error>(
-                        tx.snapshot_range(&capstan_cluster::RangeOption {
-                            begin: b,
-                            end: e,
-                            limit: SCAN_PAGE,
-                            reverse: false,
-                        })
-                        .await?,
-                    )
-                })
-            })
-            .await?;
-        let full = rows.len() == SCAN_PAGE;
-        if let Some((k, _)) = rows.last() {
-            begin = capstan_cluster::store::key_after(k);
-        }
-        out.extend(rows);
-        if !full {
-            return Ok(out);
-        }
-    }
-}
-
 fn id_after_first_str(key: &[u8]) -> Option<FormulaId> {
     let mut r = capstan_cluster::tuple::TupleReader::new(key);
     r.str().ok()?;
@@ -137,7 +99,7 @@ struct Graph {
 
 async fn graph(db: &capstan_cluster::Db) -> Result<Graph, Error> {
     let mut formulas = HashMap::new();
-    for (k, v) in scan_prefix(db, keys::formulas()).await? {
+    for (k, v) in crate::model::scan_prefix(db, keys::formulas()).await? {
         if let Some(id) = id_after_first_str(&k)
             && let Ok(f) = Formula::decode(&v)
         {
@@ -164,7 +126,7 @@ async fn graph(db: &capstan_cluster::Db) -> Result<Graph, Error> {
     }
     // Eval results: what their slots held and their evaluator.
     let mut eval_results = HashSet::new();
-    for (k, v) in scan_prefix(db, keys::eval_deps_all()).await? {
+    for (k, v) in crate::model::scan_prefix(db, keys::eval_deps_all()).await? {
         let Some(result) = id_after_first_str(&k) else {
             continue;
         };
@@ -176,7 +138,7 @@ async fn graph(db: &capstan_cluster::Db) -> Result<Graph, Error> {
     // Components: installed values (manifest) by hash; guests by body.
     let mut by_hash: HashMap<String, Vec<FormulaId>> = HashMap::new();
     let mut manifests: HashMap<String, Vec<FormulaId>> = HashMap::new();
-    for (k, v) in scan_prefix(db, crate::guest::keys::manifest_all()).await? {
+    for (k, v) in crate::model::scan_prefix(db, crate::guest::keys::manifest_all()).await? {
         let (Some(value), Ok(m)) = (
             id_after_first_str(&k),
             serde_json::from_slice::<crate::guest::Manifest>(&v),
@@ -190,7 +152,7 @@ async fn graph(db: &capstan_cluster::Db) -> Result<Graph, Error> {
             }
         }
     }
-    for (_, v) in scan_prefix(db, crate::guest::keys::bodies()).await? {
+    for (_, v) in crate::model::scan_prefix(db, crate::guest::keys::bodies()).await? {
         let Ok(b) = serde_json::from_slice::<crate::guest::Body>(&v) else {
             continue;
         };
@@ -219,7 +181,7 @@ async fn graph(db: &capstan_cluster::Db) -> Result<Graph, Error> {
 
 /// The hashes of the locators issued for `id`.
 async fn locator_hashes(db: &capstan_cluster::Db, id: FormulaId) -> Result<Vec<[u8; 32]>, Error> {
-    let rows = scan_prefix(db, keys::locators_of(&id)).await?;
+    let rows = crate::model::scan_prefix(db, keys::locators_of(&id)).await?;
     Ok(rows
         .iter()
         .filter_map(|(k, _)| {
@@ -516,7 +478,7 @@ impl AgentHandle {
     /// others) with `why`; how many.
     async fn reject_pending(&self, agent: FormulaId, why: &str) -> Result<u64, Error> {
         let h = AgentHandle::load(self.inner(), agent).await?;
-        let rows = scan_prefix(&self.inner().db, keys::inbox(&agent)).await?;
+        let rows = crate::model::scan_prefix(&self.inner().db, keys::inbox(&agent)).await?;
         let mut n = 0;
         for (_, v) in rows {
             let Ok(m) = crate::records::MessageRec::decode(&v) else {

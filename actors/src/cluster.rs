@@ -172,53 +172,23 @@ pub async fn list_placements(
     Ok(out)
 }
 
-/// Every placement, read as listings (pages of [`PLACEMENT_PAGE`], no
-/// read conflicts).
+/// Every placement (listed in pages, without read conflicts).
 pub async fn all_placements(
     db: &Db,
 ) -> Result<std::collections::HashMap<FormulaId, PlacementRec>, Error> {
     let mut out = std::collections::HashMap::new();
-    let mut begin = placements_prefix();
-    let end = capstan_cluster::tuple::prefix_end(&begin);
-    loop {
-        let (b, e) = (begin.clone(), end.clone());
-        let rows = db
-            .read(move |tx| {
-                let (b, e) = (b.clone(), e.clone());
-                Box::pin(async move {
-                    Ok::<_, Error>(
-                        tx.snapshot_range(&capstan_cluster::RangeOption {
-                            begin: b,
-                            end: e,
-                            limit: PLACEMENT_PAGE,
-                            reverse: false,
-                        })
-                        .await?,
-                    )
-                })
-            })
-            .await?;
-        let full = rows.len() == PLACEMENT_PAGE;
-        let last = rows.last().map(|(k, _)| k.clone());
-        for (k, v) in rows {
-            let mut r = capstan_cluster::tuple::TupleReader::new(&k);
-            let id = (|| {
-                r.str().ok()?;
-                r.str().ok()?;
-                FormulaId::from_slice(&r.bytes().ok()?).ok()
-            })()
-            .ok_or_else(|| Error::Corrupt("placement key".into()))?;
-            out.insert(id, decode::<PlacementRec>("placement", &v)?);
-        }
-        match last {
-            Some(k) if full => begin = capstan_cluster::store::key_after(&k),
-            _ => return Ok(out),
-        }
+    for (k, v) in crate::model::scan_prefix(db, placements_prefix()).await? {
+        let mut r = capstan_cluster::tuple::TupleReader::new(&k);
+        let id = (|| {
+            r.str().ok()?;
+            r.str().ok()?;
+            FormulaId::from_slice(&r.bytes().ok()?).ok()
+        })()
+        .ok_or_else(|| Error::Corrupt("placement key".into()))?;
+        out.insert(id, decode::<PlacementRec>("placement", &v)?);
     }
+    Ok(out)
 }
-
-/// Placements read per page by [`all_placements`].
-pub const PLACEMENT_PAGE: usize = 1000;
 
 /// How a node joins: its name, id and address.
 #[derive(Debug, Clone)]

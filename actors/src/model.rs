@@ -582,3 +582,43 @@ pub fn dedup_put(
     tx.set(&keys::dedup(agent, req), &answer.encode(now_ms))?;
     Ok(())
 }
+
+/// Pairs a listing reads per page ([`scan_prefix`]).
+pub const SCAN_PAGE: usize = 2_000;
+
+/// Every pair under `prefix`, listed in pages without read conflicts.
+pub(crate) async fn scan_prefix(
+    db: &capstan_cluster::Db,
+    prefix: Vec<u8>,
+) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error> {
+    let end = capstan_cluster::tuple::prefix_end(&prefix);
+    let mut begin = prefix;
+    let mut out = Vec::new();
+    loop {
+        let (b, e) = (begin.clone(), end.clone());
+        let rows = db
+            .read(move |tx| {
+                let (b, e) = (b.clone(), e.clone());
+                Box::pin(async move {
+                    Ok::<_, Error>(
+                        tx.snapshot_range(&capstan_cluster::RangeOption {
+                            begin: b,
+                            end: e,
+                            limit: SCAN_PAGE,
+                            reverse: false,
+                        })
+                        .await?,
+                    )
+                })
+            })
+            .await?;
+        let full = rows.len() == SCAN_PAGE;
+        if let Some((k, _)) = rows.last() {
+            begin = capstan_cluster::store::key_after(k);
+        }
+        out.extend(rows);
+        if !full {
+            return Ok(out);
+        }
+    }
+}

@@ -15,47 +15,12 @@ pub(super) const RESUME_PAGE: usize = 1000;
 
 /// Every guest agent (its body record), in id order.
 async fn all_guests(rt: &Arc<Inner>) -> Result<Vec<FormulaId>, Error> {
-    let mut out = Vec::new();
-    let mut begin = keys::bodies();
-    let end = capstan_cluster::tuple::prefix_end(&begin);
-    loop {
-        let (b, e) = (begin.clone(), end.clone());
-        let rows = rt
-            .db
-            .read(move |tx| {
-                let (b, e) = (b.clone(), e.clone());
-                Box::pin(async move {
-                    // A listing: no read conflict (the read commits nothing).
-                    Ok::<_, Error>(
-                        tx.snapshot_range(&capstan_cluster::RangeOption {
-                            begin: b,
-                            end: e,
-                            limit: RESUME_PAGE,
-                            reverse: false,
-                        })
-                        .await?,
-                    )
-                })
-            })
-            .await?;
-        let full = rows.len() == RESUME_PAGE;
-        let last = rows.last().map(|(k, _)| k.clone());
-        for (_, v) in rows {
-            let Ok(body) = serde_json::from_slice::<Body>(&v) else {
-                continue;
-            };
-            if let Ok(id) = body.id.parse::<FormulaId>() {
-                out.push(id);
-            }
-        }
-        match last {
-            Some(mut k) if full => {
-                k.push(0);
-                begin = k;
-            }
-            _ => return Ok(out),
-        }
-    }
+    let rows = crate::model::scan_prefix(&rt.db, keys::bodies()).await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(_, v)| serde_json::from_slice::<Body>(&v).ok())
+        .filter_map(|body| body.id.parse::<FormulaId>().ok())
+        .collect())
 }
 
 /// Of `ids`, the guests with mail they have not handled yet (a handler cut
