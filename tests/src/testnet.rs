@@ -413,6 +413,13 @@ impl Etcd {
                     "100",
                     "--election-timeout",
                     "1000",
+                    // An isolated member (a partitioned leader) campaigns
+                    // with ever higher terms; without pre-vote its return
+                    // deposes the majority's leader and the whole cluster
+                    // is without a store for longer than a lease (every
+                    // node stepped down at the heal). etcd 3.5 defaults to
+                    // it; Debian's 3.4 does not.
+                    "--pre-vote",
                 ])
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().expect("log"))
