@@ -48,9 +48,11 @@
 //! was modified at `R` (read at revision `R`: members of a batch write
 //! disjoint keys, and every write of one Txn carries its revision). A batch etcd
 //! refuses outright (too large, too many operations: the estimate was off) is
-//! sent again one member at a time. At most [`MAX_IN_FLIGHT`] batches are in
-//! flight; a commit arriving while the committer is idle goes out alone at
-//! once, so batching adds no latency at low load.
+//! sent again one member at a time. A commit arriving while the committer is
+//! idle goes out alone at once, so batching adds no latency at low load;
+//! while a batch is in flight the next one gathers what arrives and goes
+//! when it is answered, unless it is already full: then up to
+//! [`MAX_IN_FLIGHT`] batches are in flight.
 
 use std::sync::Weak;
 use std::time::Instant;
@@ -227,6 +229,8 @@ impl Committer {
 
 async fn run(inner: Weak<Inner>, mut rx: mpsc::Receiver<Member>) {
     let slots = std::sync::Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    // Told when a batch is answered (a stored wake-up: none is lost).
+    let answered = std::sync::Arc::new(tokio::sync::Notify::new());
     let mut waiting: Vec<Member> = Vec::new();
     loop {
         if waiting.is_empty() {
@@ -235,11 +239,6 @@ async fn run(inner: Weak<Inner>, mut rx: mpsc::Receiver<Member>) {
                 None => return,
             }
         }
-        // A free slot first: while every slot is busy, commits pile up and
-        // the next batch takes them all.
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
-        };
         while waiting.len() < 4 * MAX_BATCH {
             match rx.try_recv() {
                 Ok(m) => waiting.push(m),
@@ -251,6 +250,30 @@ async fn run(inner: Weak<Inner>, mut rx: mpsc::Receiver<Member>) {
             let shapes: Vec<&Shape> = waiting.iter().map(|m| &m.shape).collect();
             pick(&shapes, store.max_txn_ops, store.config.max_request_bytes)
         };
+        drop(store);
+        // A batch that could still grow waits while another is in flight:
+        // it goes when that one is answered, with whatever arrived
+        // meanwhile. Fewer, larger Txns cost etcd less per commit (measured
+        // with `capstan bench --cluster`: 4 partial batches in flight gave
+        // 2,932 sends/s at 410 µs of etcd CPU per send; one, 3,184/s at
+        // 372 µs, and guest messages 828 -> 943/s). A full batch (what is
+        // waiting does not fit one) goes at once on a free slot.
+        let in_flight = slots.available_permits() < MAX_IN_FLIGHT;
+        let full = picked.len() < waiting.len() || picked.len() >= MAX_BATCH;
+        if in_flight && !full {
+            tokio::select! {
+                _ = answered.notified() => {}
+                m = rx.recv() => match m {
+                    Some(m) => waiting.push(m),
+                    None => return,
+                },
+            }
+            continue;
+        }
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(store) = inner.upgrade() else { return };
         let mut batch = Vec::with_capacity(picked.len());
         let mut rest = Vec::with_capacity(waiting.len() - picked.len());
         let mut next = picked.iter().peekable();
@@ -263,9 +286,11 @@ async fn run(inner: Weak<Inner>, mut rx: mpsc::Receiver<Member>) {
             }
         }
         waiting = rest;
+        let answered = answered.clone();
         tokio::spawn(async move {
             send_batch(&store, batch).await;
             drop(permit);
+            answered.notify_one();
         });
     }
 }
