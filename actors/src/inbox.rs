@@ -151,15 +151,7 @@ impl AgentHandle {
                     if !cursor.accept(m.number) {
                         continue;
                     }
-                    let c = ctx.clone();
-                    let v = db
-                        .read(move |tx| {
-                            Box::pin(async move {
-                                let mut names = std::collections::HashMap::new();
-                                view(tx, &c, m, &mut names).await
-                            })
-                        })
-                        .await;
+                    let v = view_recent(&db, &ctx, m).await;
                     match v {
                         Ok(v) => {
                             if out_tx.send(v).await.is_err() {
@@ -180,6 +172,47 @@ impl AgentHandle {
         Ok(out_rx)
     }
 }
+
+/// Renders a message the follower was just told of. It is read on a recent
+/// snapshot (no round trip for the latest revision: that is one of the few
+/// store round trips between a send on one node and a follower on another
+/// seeing it); a snapshot that turns out older than the message (its
+/// promise, or a name, not found) is read again on the latest version.
+async fn view_recent(
+    db: &capstan_cluster::Db,
+    ctx: &std::sync::Arc<Ctx>,
+    m: MessageRec,
+) -> Result<MessageView, Error> {
+    let (c, m2) = (ctx.clone(), m.clone());
+    let (v, fresh) = db
+        .read_for_commit(move |tx| {
+            Box::pin(async move {
+                let mut names = std::collections::HashMap::new();
+                let v = view(tx, &c, m2, &mut names).await?;
+                let sure = !names.values().any(|n| n.starts_with("id:"))
+                    && !matches!(&v.body, MessageBodyView::Request { state: PromiseState::Rejected(r), .. } if r == PROMISE_GONE);
+                Ok::<_, Error>((v, sure))
+            })
+        })
+        .await?;
+    match v {
+        (v, true) => Ok(v),
+        (v, false) if fresh => Ok(v),
+        _ => {
+            let c = ctx.clone();
+            db.read(move |tx| {
+                Box::pin(async move {
+                    let mut names = std::collections::HashMap::new();
+                    view(tx, &c, m, &mut names).await
+                })
+            })
+            .await
+        }
+    }
+}
+
+/// How a request whose promise is missing shows.
+const PROMISE_GONE: &str = "the request's promise is gone";
 
 /// Renders a message for the acting agent.
 async fn view(
@@ -204,7 +237,7 @@ async fn view(
                     kind: FormulaKind::Promise(p),
                     ..
                 }) => p.state,
-                _ => PromiseState::Rejected("the request's promise is gone".into()),
+                _ => PromiseState::Rejected(PROMISE_GONE.into()),
             };
             MessageBodyView::Request { description, state }
         }

@@ -6,7 +6,7 @@ use crate::incarnation::{self, AgentMsg, PromiseMsg};
 use crate::keys;
 use crate::model::{self};
 use crate::names::Path;
-use crate::records::{BodyRec, DedupAnswer, Formula, FormulaKind, MessageRec, PromiseRec};
+use crate::records::{BodyRec, DedupAnswer, Formula, FormulaKind, PromiseRec};
 use capstan_proto::{FormulaId, RequestId};
 use std::sync::atomic::Ordering;
 use tokio::sync::oneshot;
@@ -107,23 +107,41 @@ impl AgentHandle {
         }
     }
 
-    /// The promise of request `number` in this inbox.
-    async fn promise_of(&self, number: u64) -> Result<(MessageRec, FormulaId), Error> {
-        let me = self.ctx.id;
-        let m = self
-            .rt
-            .db
-            .read(move |tx| Box::pin(async move { model::get_message(tx, &me, number).await }))
-            .await?;
-        let promise = model::promise_of_request(&m)?;
-        Ok((m, promise))
-    }
-
     /// Waits until the promise of request `number` (in this inbox) settles.
     pub async fn wait_request(&self, number: u64) -> Result<PromiseState, Error> {
+        // First on a recent snapshot (no round trip for etcd's latest
+        // revision): the request's record may come from the cache (records
+        // never change) and its promise is read at the snapshot's revision.
+        // A settled promise stays settled, so "settled" there is the answer;
+        // the node that settled it told this one its commit's revision with
+        // the wake-up, so the snapshot usually includes it. Anything else
+        // is read again on the latest version.
+        let me = self.ctx.id;
+        let recent = self
+            .rt
+            .db
+            .read_for_commit(move |tx| {
+                Box::pin(async move {
+                    let m = model::get_message(tx, &me, number).await?;
+                    let promise = model::promise_of_request(&m)?;
+                    let state = match tx.snapshot_get(&keys::formula(&promise)).await? {
+                        Some(b) => match crate::records::Formula::decode(&b)?.kind {
+                            FormulaKind::Promise(p) => Some(p.state),
+                            _ => None,
+                        },
+                        None => None,
+                    };
+                    Ok::<_, Error>(state)
+                })
+            })
+            .await;
+        if let Ok((Some(state), _)) = recent
+            && state != PromiseState::Pending
+        {
+            return Ok(state);
+        }
         // One read for the request and its promise: a settled one answers
         // at once, without incarnating anything.
-        let me = self.ctx.id;
         let (promise, state) = self
             .rt
             .db
@@ -165,21 +183,31 @@ impl AgentHandle {
         number: u64,
         outcome: Result<Path, String>,
     ) -> Result<(), Error> {
-        let (m, promise) = self.promise_of(number).await?;
-        if m.from == self.ctx.id {
-            return Err(Error::Invalid(format!(
-                "message {number} is your own request; only its recipient can answer it"
-            )));
-        }
         let ctx = self.ctx.clone();
-        let state = self
+        let settled = self
             .transact(move |tx| {
                 let (ctx, outcome) = (ctx.clone(), outcome.clone());
                 Box::pin(async move {
-                    tx.prefetch(&[keys::dedup(&ctx.id, &req), keys::formula(&promise)])
+                    // The request read in the settling transaction itself, not
+                    // on a snapshot of its own first: on its first attempt the
+                    // transaction may read a recent snapshot with cached
+                    // records (no round trip for the latest revision), and an
+                    // error read there (no such message yet) is worked out
+                    // again on the latest version before it is returned.
+                    // A fresh request id's exactly-once record is absent: on
+                    // such a snapshot the commit checks it instead of a read.
+                    tx.expect_absent(&keys::dedup(&ctx.id, &req));
+                    tx.prefetch(&[keys::dedup(&ctx.id, &req), keys::message(&ctx.id, number)])
                         .await?;
                     if checked_dedup(tx, &ctx.id, &req).await?.is_some() {
                         return Ok(None);
+                    }
+                    let m = model::get_message(tx, &ctx.id, number).await?;
+                    let promise = model::promise_of_request(&m)?;
+                    if m.from == ctx.id {
+                        return Err(Error::Invalid(format!(
+                            "message {number} is your own request; only its recipient can answer it"
+                        )));
                     }
                     let mut f = model::must_formula(tx, &promise).await?;
                     let FormulaKind::Promise(p) = &mut f.kind else {
@@ -212,6 +240,7 @@ impl AgentHandle {
                         _ => None,
                     };
                     model::put_formula(tx, &promise, &f)?;
+                    let remote = answer.is_some();
                     if let Some((to, peer, s)) = answer {
                         crate::federation::enqueue(
                             tx,
@@ -226,14 +255,15 @@ impl AgentHandle {
                         )?;
                     }
                     model::dedup_put(tx, &ctx.id, &req, DedupAnswer::None, now_ms())?;
-                    Ok(Some(state))
+                    Ok(Some((promise, state, remote)))
                 })
             })
             .await?;
-        if state.is_some() {
-            self.rt.outbox.notify_one();
-        }
-        if let Some(state) = state {
+        if let Some((promise, state, remote)) = settled {
+            // the outbox carries an answer to another cluster's requester
+            if remote {
+                self.rt.outbox.notify_one();
+            }
             notify_settled(&self.rt, promise, state);
         }
         Ok(())

@@ -310,6 +310,17 @@ pub trait Store: Send + Sync + 'static {
     fn max_commit_writes(&self) -> usize {
         usize::MAX
     }
+    /// The latest version this client knows to be committed (its own
+    /// commits and snapshots), if the backend tracks one: what a node tells
+    /// another with a wake-up, so that the other's next snapshot for commit
+    /// includes what woke it.
+    fn seen_version(&self) -> Option<Version> {
+        None
+    }
+    /// Another client committed `version` (told with a wake-up): snapshots
+    /// for commit may be taken at it without asking the backend for its
+    /// latest version. Nothing for backends that read the latest cheaply.
+    fn learn_version(&self, _version: Version) {}
 }
 
 /// The smallest key after `key`: `key` followed by a zero byte.
@@ -866,6 +877,14 @@ impl Db {
         self
     }
     /// The backend, for direct snapshot/commit access (conformance tests, tools).
+    /// See [`Store::seen_version`].
+    pub fn seen_version(&self) -> Option<Version> {
+        self.store.seen_version()
+    }
+    /// See [`Store::learn_version`].
+    pub fn learn_version(&self, version: Version) {
+        self.store.learn_version(version)
+    }
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
     }

@@ -37,8 +37,11 @@ interface Member {
   # Many wake-ups in one call (what `delivered` and `settled` say, for each
   # entry): a sender coalesces the wake-ups it has for one member while its
   # previous call to that member is in flight, so a busy cluster makes a few
-  # calls per member, not one per message.
-  wake @3 (delivered :List(Delivery), settled :List(Data)) -> ();
+  # calls per member, not one per message. `revision`: the latest store
+  # revision the caller knew committed when it called (at least that of
+  # every commit the wake-ups tell of; 0: unknown): the member's next
+  # snapshots may be taken at it instead of asking the store for its latest.
+  wake @3 (delivered :List(Delivery), settled :List(Data), revision :UInt64) -> ();
   # Member `node` has followers of `agent`'s inbox, which this node owns:
   # tell the nodes that reserve numbers in it to wake `node` too (for the
   # next few minutes; renewed while the followers last).

@@ -642,6 +642,10 @@ impl Observed {
     }
 }
 
+/// Most revisions a revision learned from a peer may lie ahead of the latest
+/// this client saw itself ([`Store::learn_version`]).
+const MAX_LEARNED_AHEAD: u64 = 1 << 20;
+
 struct Inner {
     config: EtcdConfig,
     /// Most operations of one Txn: the spec's `max-txn-ops`, or what the
@@ -1392,6 +1396,22 @@ impl Store for EtcdStore {
 
     fn stats(&self) -> Vec<(&'static str, u64)> {
         self.counters()
+    }
+
+    fn seen_version(&self) -> Option<Version> {
+        Some(self.inner.latest.load(Ordering::Acquire)).filter(|v| *v > 0)
+    }
+
+    fn learn_version(&self, version: Version) {
+        // A revision etcd has not reached (a peer's bug) would make the
+        // snapshots for commit of the next `commit_snapshot_age` read a
+        // future revision, which every member refuses: errors, never a
+        // wrong answer. Bounded anyway: nothing far ahead of what this
+        // client saw itself is taken.
+        let latest = self.inner.latest.load(Ordering::Acquire);
+        if latest > 0 && version <= latest.saturating_add(MAX_LEARNED_AHEAD) {
+            self.inner.saw(version);
+        }
     }
 
     fn max_commit_writes(&self) -> usize {

@@ -78,6 +78,12 @@ impl member::Server for MemberServer {
         for s in settled.iter() {
             promises.push(id_of(s?)?);
         }
+        // What woke us is committed at or below this revision: the snapshots
+        // the wake-ups take (a follower rendering a message, a waiter reading
+        // its promise) may read there without asking etcd for its latest.
+        if p.get_revision() > 0 {
+            self.rt.db().learn_version(p.get_revision());
+        }
         for (agent, number, record) in woken {
             if let Err(e) = self.rt.wake_delivered_with(agent, number, record).await {
                 tracing::debug!(agent = %agent.short(), number, "wake-up: {e}");
@@ -405,6 +411,10 @@ impl Net {
                 for (i, promise) in settled.iter().enumerate() {
                     sl.set(i as u32, promise.as_bytes());
                 }
+                // Read when the call is made, after the commits it tells of
+                // (each was acknowledged before its wake-up was queued).
+                r.get()
+                    .set_revision(self.rt.db().seen_version().unwrap_or(0));
                 r.send().promise.await.map_err(|e| e.to_string())?;
                 Ok::<_, String>(())
             };
