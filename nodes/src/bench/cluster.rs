@@ -247,6 +247,20 @@ pub(super) async fn cluster_rows(
     let conns = Rc::new(conns);
     let node_pids: Vec<u32> = daemons.iter().flatten().map(|d| d.child.id()).collect();
     if want("sends") {
+        // What the cluster costs doing nothing (lease renewals, the looks for
+        // due routines and orphaned guests): part of every figure below, and
+        // it grows with the number of nodes.
+        let idle = Duration::from_secs(3);
+        let cpu = CpuMeter::start(node_pids.clone(), etcd_pids(&spec));
+        tokio::time::sleep(idle).await;
+        let (text, json) = cpu.share(idle);
+        rows.push(Row {
+            what: format!("cluster: idle CPU, {n} nodes"),
+            value: text,
+            target: "",
+            endo: "",
+            json,
+        });
         let total = sizes.sends * 2;
         let before = store_counters(&hosts).await?;
         let cpu = CpuMeter::start(node_pids.clone(), etcd_pids(&spec));

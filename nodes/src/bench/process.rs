@@ -204,6 +204,23 @@ impl CpuMeter {
     }
 }
 
+impl CpuMeter {
+    /// "nodes 1.2 %, store 0.8 % of a core" over `elapsed` since the start.
+    pub(super) fn share(&self, elapsed: std::time::Duration) -> (String, serde_json::Value) {
+        let hz = 100.0;
+        let now = self.read();
+        let pct = |i: usize| {
+            (now[i].saturating_sub(self.start[i])) as f64 / hz / elapsed.as_secs_f64().max(1e-3)
+                * 100.0
+        };
+        let (n, e) = (pct(0), pct(1));
+        (
+            format!("nodes {n:.1} %, store {e:.1} % of a core"),
+            json!({"nodes_pct": n, "store_pct": e}),
+        )
+    }
+}
+
 /// Resident set size of a process, in KiB.
 pub(super) fn rss_kib(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
