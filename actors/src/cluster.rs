@@ -57,6 +57,8 @@ use crate::error::Error;
 /// its cores or during an etcd leader election: there, or with an etcd far
 /// away, set a longer lease (`CAPSTAN_LEASE_MS`, e.g. 5000).
 pub const DEFAULT_LEASE: Duration = Duration::from_millis(1200);
+/// A lease renewal lists the other members once in this many renewals.
+const MEMBERS_EVERY: u64 = 5;
 /// Most nodes a cluster lists (and broadcasts to).
 pub const MAX_MEMBERS: usize = 256;
 /// Queue of work for the node's links to other members.
@@ -553,6 +555,13 @@ impl Membership {
         let epoch = self.epoch();
         let lease = self.cfg.lease;
         let started = Instant::now();
+        // The other members' records every few renewals (about once a
+        // second by default), not at each: each listing is a range read of
+        // etcd, five a second per node otherwise, idle or not.
+        let list = self
+            .renewals
+            .load(Ordering::Relaxed)
+            .is_multiple_of(MEMBERS_EVERY);
         let rec = db
             .transact(move |tx| {
                 let name = name.clone();
@@ -567,6 +576,9 @@ impl Membership {
                     rec.renewed_ms = now;
                     rec.expires_ms = now + lease.as_millis() as u64;
                     tx.set(&member_key(&name), &encode(&rec))?;
+                    if !list {
+                        return Ok(Some((rec, None)));
+                    }
                     // The other members' records on the same snapshot,
                     // without a read conflict (their renewals must not make
                     // this one retry): a separate read of the members after
@@ -585,7 +597,7 @@ impl Membership {
                         .iter()
                         .map(|(_, v)| decode("member", v))
                         .collect::<Result<Vec<MemberRec>, Error>>()?;
-                    Ok(Some((rec, all)))
+                    Ok(Some((rec, Some(all))))
                 })
             })
             .await?;
@@ -604,7 +616,9 @@ impl Membership {
             rec.draining || self.leaving.load(Ordering::Acquire),
             Ordering::Release,
         );
-        self.set_members(all);
+        if let Some(all) = all {
+            self.set_members(all);
+        }
         Ok(true)
     }
 

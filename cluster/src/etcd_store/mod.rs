@@ -10,7 +10,7 @@
 //! must not nest (`a` and `a/d/x`). `max-request-bytes` is the largest request
 //! the cluster accepts (etcd's `--max-request-bytes`, default 1.5 MiB;
 //! `scripts/etcd-cluster` starts members with 16 MiB, enough for a 10 MB
-//! transaction). `commit-snapshot-age-ms` (default 100, 0 to 60000) is how
+//! transaction). `commit-snapshot-age-ms` (default 250, 0 to 60000) is how
 //! old a revision this client saw may be to start a transaction that will
 //! commit ([`Store::snapshot_for_commit`]): older, or 0, and it reads the
 //! latest revision first.
@@ -179,8 +179,11 @@ pub const RETRY_BUDGET: Duration = Duration::from_secs(20);
 pub const REQUEST_TIMEOUT: Duration = Duration::from_millis(1500);
 /// How recent the revision of a snapshot for commit must be (see
 /// [`Store::snapshot_for_commit`]): older, a commit would more likely
-/// conflict than save the round trip.
-pub const COMMIT_SNAPSHOT_AGE: Duration = Duration::from_millis(100);
+/// conflict than save the round trip. Longer than a node's lease renewal
+/// interval (200 ms by default), so that an idle node's renewals chain on
+/// each other's revisions (and its cached member record) instead of each
+/// reading etcd's latest revision and its record first.
+pub const COMMIT_SNAPSHOT_AGE: Duration = Duration::from_millis(250);
 /// Extra time allowed per byte of a commit: 1 s per 8 MB.
 const TIMEOUT_PER_MB: Duration = Duration::from_millis(125);
 /// The transport's own timeout, a backstop.
