@@ -400,8 +400,13 @@ pub(super) async fn cluster_rows(
     // every node at once; done when the nodes' guest stats have handled them
     // all.
     let counter = wasm.join("counter.wasm");
-    if !want("guests") {
-    } else if counter.exists() {
+    if want("guests") && !counter.exists() {
+        eprintln!(
+            "bench: cluster guest row skipped: no {} (scripts/build-guests, or --guests DIR)",
+            counter.display()
+        );
+    }
+    if want("guests") && counter.exists() {
         step(false, "cluster: guest component messages");
         install(&hosts[0], &counter, "counter", &[]).await?;
         let guests = 8 * n;
@@ -484,11 +489,6 @@ pub(super) async fn cluster_rows(
             endo: "",
             json: cpu_json,
         });
-    } else {
-        eprintln!(
-            "bench: cluster guest row skipped: no {} (scripts/build-guests, or --guests DIR)",
-            counter.display()
-        );
     }
 
     if n < 2 {
