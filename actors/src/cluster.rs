@@ -160,18 +160,20 @@ pub async fn list_placements(
 ) -> Result<Vec<(FormulaId, PlacementRec)>, Error> {
     let p = placements_prefix();
     let rows = tx.get_prefix(&p, limit, false).await?;
-    let mut out = Vec::with_capacity(rows.len());
-    for (k, v) in rows {
-        let mut r = capstan_cluster::tuple::TupleReader::new(&k);
-        let id = (|| {
-            r.str().ok()?;
-            r.str().ok()?;
-            FormulaId::from_slice(&r.bytes().ok()?).ok()
-        })()
-        .ok_or_else(|| Error::Corrupt("placement key".into()))?;
-        out.push((id, decode("placement", &v)?));
-    }
-    Ok(out)
+    rows.iter()
+        .map(|(k, v)| Ok((placement_id(k)?, decode("placement", v)?)))
+        .collect()
+}
+
+/// The formula a placement key is of.
+fn placement_id(key: &[u8]) -> Result<FormulaId, Error> {
+    let mut r = capstan_cluster::tuple::TupleReader::new(key);
+    (|| {
+        r.str().ok()?;
+        r.str().ok()?;
+        FormulaId::from_slice(&r.bytes().ok()?).ok()
+    })()
+    .ok_or_else(|| Error::Corrupt("placement key".into()))
 }
 
 /// Every placement (listed in pages, without read conflicts).
@@ -180,14 +182,7 @@ pub async fn all_placements(
 ) -> Result<std::collections::HashMap<FormulaId, PlacementRec>, Error> {
     let mut out = std::collections::HashMap::new();
     for (k, v) in crate::model::scan_prefix(db, placements_prefix()).await? {
-        let mut r = capstan_cluster::tuple::TupleReader::new(&k);
-        let id = (|| {
-            r.str().ok()?;
-            r.str().ok()?;
-            FormulaId::from_slice(&r.bytes().ok()?).ok()
-        })()
-        .ok_or_else(|| Error::Corrupt("placement key".into()))?;
-        out.insert(id, decode::<PlacementRec>("placement", &v)?);
+        out.insert(placement_id(&k)?, decode::<PlacementRec>("placement", &v)?);
     }
     Ok(out)
 }

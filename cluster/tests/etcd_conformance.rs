@@ -521,7 +521,11 @@ fn a_snapshot_for_commit_never_answers_with_what_it_missed() {
     });
 }
 
-async fn increment(db: &Db, key: &'static [u8]) {
+/// Increments the counter at `key` (read checked, maybe from the cache).
+/// With `then_list`, it also lists the range around it without a conflict
+/// (as a lease renewal lists the members after reading its own record) and
+/// reads the key again unchecked, before it writes.
+async fn increment(db: &Db, key: &'static [u8], then_list: bool) {
     db.transact(move |tx| {
         Box::pin(async move {
             let n = tx
@@ -529,12 +533,60 @@ async fn increment(db: &Db, key: &'static [u8]) {
                 .await?
                 .map(|v| u64::from_be_bytes(v.try_into().unwrap_or([0; 8])))
                 .unwrap_or(0);
+            if then_list {
+                let listed = tx
+                    .snapshot_range(&capstan_cluster::RangeOption::new(
+                        b"L/".to_vec(),
+                        b"L0".to_vec(),
+                    ))
+                    .await?;
+                assert!(listed.len() <= 3);
+                // and the key once more without a check
+                tx.snapshot_get(key).await?;
+            }
             tx.set(key, &(n + 1).to_be_bytes())?;
             Ok::<_, StoreError>(())
         })
     })
     .await
     .unwrap();
+}
+
+/// Two clients of one store increment the counter at `key` 150 times in
+/// all: 25 rounds in turn (each writes a key of its own first, so that its
+/// snapshot for commit is at a revision after the other's write while its
+/// cache still holds the older value), then four tasks at once. Returns the
+/// final count and the first client's store counters.
+async fn two_clients_count(
+    name: &str,
+    key: &'static [u8],
+    then_list: bool,
+) -> (u64, std::collections::BTreeMap<&'static str, u64>) {
+    let spec = spec_for(&unique(name));
+    let (a, b) = (
+        capstan_cluster::open(&spec).await.unwrap(),
+        capstan_cluster::open(&spec).await.unwrap(),
+    );
+    for round in 0u8..25 {
+        set(&a, b"a-own", &[round]).await.unwrap();
+        increment(&a, key, then_list).await;
+        set(&b, b"b-own", &[round]).await.unwrap();
+        increment(&b, key, then_list).await;
+    }
+    let mut tasks = Vec::new();
+    for db in [a.clone(), b.clone(), a.clone(), b.clone()] {
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..25 {
+                increment(&db, key, then_list).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let n = get(&a, key).await.unwrap().unwrap();
+    let stats = a.store().stats().into_iter().collect();
+    (u64::from_be_bytes(n.try_into().unwrap()), stats)
 }
 
 /// Each client keeps the values it saw and wrote (`etcd_store::cache`) and
@@ -548,70 +600,13 @@ fn cached_values_never_lose_another_clients_update() {
         return;
     }
     rt().block_on(async {
-        let spec = spec_for(&unique("cache"));
-        let (a, b) = (
-            capstan_cluster::open(&spec).await.unwrap(),
-            capstan_cluster::open(&spec).await.unwrap(),
-        );
-        // in turn: each one's cache holds the value it wrote, which the
-        // other one's write makes stale; each writes a key of its own
-        // first, so that its snapshot for commit is at a revision after
-        // the other's write, while its cache still holds the older value
-        for round in 0u8..25 {
-            set(&a, b"a-own", &[round]).await.unwrap();
-            increment(&a, b"n").await;
-            set(&b, b"b-own", &[round]).await.unwrap();
-            increment(&b, b"n").await;
-        }
-        // at once, from both
-        let mut tasks = Vec::new();
-        for db in [a.clone(), b.clone(), a.clone(), b.clone()] {
-            tasks.push(tokio::spawn(async move {
-                for _ in 0..25 {
-                    increment(&db, b"n").await;
-                }
-            }));
-        }
-        for t in tasks {
-            t.await.unwrap();
-        }
-        let n = get(&a, b"n").await.unwrap().unwrap();
-        assert_eq!(u64::from_be_bytes(n.try_into().unwrap()), 150);
-        let stats: std::collections::BTreeMap<_, _> = a.store().stats().into_iter().collect();
+        let (n, stats) = two_clients_count("cache", b"n", false).await;
+        assert_eq!(n, 150);
         assert!(
             stats["cache_hits"] > 0,
             "the cache was never used, so this test checked nothing: {stats:?}"
         );
     });
-}
-
-/// Increments the counter at `key` (read checked, maybe from the cache),
-/// then lists the range around it without a conflict (as a lease renewal
-/// lists the members after reading its own record) and reads the key
-/// again unchecked.
-async fn increment_then_list(db: &Db, key: &'static [u8]) {
-    db.transact(move |tx| {
-        Box::pin(async move {
-            let n = tx
-                .get(key)
-                .await?
-                .map(|v| u64::from_be_bytes(v.try_into().unwrap_or([0; 8])))
-                .unwrap_or(0);
-            let listed = tx
-                .snapshot_range(&capstan_cluster::RangeOption::new(
-                    b"L/".to_vec(),
-                    b"L0".to_vec(),
-                ))
-                .await?;
-            assert!(listed.len() <= 3);
-            // and the key once more without a check
-            tx.snapshot_get(key).await?;
-            tx.set(key, &(n + 1).to_be_bytes())?;
-            Ok::<_, StoreError>(())
-        })
-    })
-    .await
-    .unwrap();
 }
 
 /// A snapshot notes the mod revisions of a short listing's rows, and of
@@ -625,31 +620,8 @@ fn a_listing_never_hides_a_stale_cached_read() {
         return;
     }
     rt().block_on(async {
-        let spec = spec_for(&unique("listing"));
-        let (a, b) = (
-            capstan_cluster::open(&spec).await.unwrap(),
-            capstan_cluster::open(&spec).await.unwrap(),
-        );
-        for round in 0u8..25 {
-            set(&a, b"a-own", &[round]).await.unwrap();
-            increment_then_list(&a, b"L/n").await;
-            set(&b, b"b-own", &[round]).await.unwrap();
-            increment_then_list(&b, b"L/n").await;
-        }
-        let mut tasks = Vec::new();
-        for db in [a.clone(), b.clone(), a.clone(), b.clone()] {
-            tasks.push(tokio::spawn(async move {
-                for _ in 0..25 {
-                    increment_then_list(&db, b"L/n").await;
-                }
-            }));
-        }
-        for t in tasks {
-            t.await.unwrap();
-        }
-        let n = get(&a, b"L/n").await.unwrap().unwrap();
-        assert_eq!(u64::from_be_bytes(n.try_into().unwrap()), 150);
-        let stats: std::collections::BTreeMap<_, _> = a.store().stats().into_iter().collect();
+        let (n, stats) = two_clients_count("listing", b"L/n", true).await;
+        assert_eq!(n, 150);
         assert!(
             stats["cache_hits"] > 0,
             "the cache was never used, so this test checked nothing: {stats:?}"
