@@ -207,6 +207,25 @@ fn hits(keys: &std::collections::BTreeSet<Vec<u8>>, spans: &[KeyRange], r: &KeyR
 }
 
 impl Taken {
+    /// The keys `batch` writes (its reads left out).
+    fn writes_of(batch: &[Member]) -> Taken {
+        let mut t = Taken::default();
+        for m in batch {
+            t.take(&Shape {
+                writes: m.shape.writes.clone(),
+                ..Shape::default()
+            });
+        }
+        t
+    }
+
+    /// Whether `s` reads something written here.
+    fn stales(&self, s: &Shape) -> bool {
+        s.reads
+            .iter()
+            .any(|r| hits(&self.write_keys, &self.write_spans, r))
+    }
+
     /// Whether `s` may join: it reads nothing written, writes nothing read
     /// or written ([`compatible`] with every member taken).
     fn admits(&self, s: &Shape) -> bool {
@@ -322,6 +341,9 @@ async fn run(inner: Weak<Inner>, mut rx: mpsc::Receiver<Member>) {
     let slots = std::sync::Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     // Told when a batch is answered (a stored wake-up: none is lost).
     let answered = std::sync::Arc::new(tokio::sync::Notify::new());
+    // What the batches in flight write, by batch.
+    let flying: std::sync::Arc<std::sync::Mutex<Vec<(u64, Taken)>>> = Default::default();
+    let mut sent = 0u64;
     let mut waiting: Vec<Member> = Vec::new();
     loop {
         if waiting.is_empty() {
@@ -346,8 +368,19 @@ async fn run(inner: Weak<Inner>, mut rx: mpsc::Receiver<Member>) {
         // 2,932 sends/s at 410 µs of etcd CPU per send; one, 3,184/s at
         // 372 µs, and guest messages 828 -> 943/s). A full batch (what is
         // waiting does not fit one) goes at once on a free slot.
+        // Except a member that read what a batch in flight writes: it is
+        // likely to conflict, and holding it back only makes its read
+        // staler (one key many transactions update starved: their reads
+        // never reached etcd before the next batch changed the key).
         let in_flight = slots.available_permits() < MAX_IN_FLIGHT;
-        if in_flight && !fills_a_batch(&waiting, max_ops, max_bytes) {
+        let contended = || {
+            flying.lock().is_ok_and(|f| {
+                waiting
+                    .iter()
+                    .any(|m| f.iter().any(|(_, t)| t.stales(&m.shape)))
+            })
+        };
+        if in_flight && !fills_a_batch(&waiting, max_ops, max_bytes) && !contended() {
             tokio::select! {
                 _ = answered.notified() => {}
                 m = rx.recv() => match m {
@@ -377,9 +410,17 @@ async fn run(inner: Weak<Inner>, mut rx: mpsc::Receiver<Member>) {
             }
         }
         waiting = rest;
-        let answered = answered.clone();
+        sent += 1;
+        let id = sent;
+        if let Ok(mut f) = flying.lock() {
+            f.push((id, Taken::writes_of(&batch)));
+        }
+        let (answered, flying) = (answered.clone(), flying.clone());
         tokio::spawn(async move {
             send_batch(&store, batch).await;
+            if let Ok(mut f) = flying.lock() {
+                f.retain(|(i, _)| *i != id);
+            }
             drop(permit);
             answered.notify_one();
         });
