@@ -71,6 +71,10 @@ pub struct RuntimeOptions {
     /// The key that seals the store's secrets (LLM API keys); without one,
     /// adding a key is refused and sealed keys cannot be used.
     pub secrets: Option<crate::secrets::SecretsKey>,
+    /// The local embedding model (`start --embed-model DIR`): the vectors
+    /// of search capabilities made without a provider (see
+    /// [`crate::search::local`]); `None`: those search full text only.
+    pub embed_model: Option<std::sync::Arc<crate::search::LocalModel>>,
 }
 
 impl Default for RuntimeOptions {
@@ -78,6 +82,7 @@ impl Default for RuntimeOptions {
         RuntimeOptions {
             idle_timeout: std::time::Duration::from_secs(60),
             secrets: None,
+            embed_model: None,
         }
     }
 }

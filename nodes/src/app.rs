@@ -138,6 +138,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         store_cache_bytes,
         gc_formulas,
         only,
+        embed_model,
         ..
     } = cli.command
     {
@@ -169,7 +170,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             .build()?;
         return tokio::task::LocalSet::new().block_on(
             &rt,
-            bench::run(sizes, dir, guests, cluster, nodes.into(), only, json),
+            bench::run(
+                sizes,
+                dir,
+                guests,
+                cluster,
+                nodes.into(),
+                only,
+                embed_model,
+                json,
+            ),
         );
     }
     let paths = Paths::resolve(cli.home)?;
@@ -204,10 +214,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 gc_interval,
                 store_cache_bytes,
                 compiled_cache_bytes,
+                embed_model,
                 ..
             } => {
                 if let Some(f) = &secrets_key {
                     home::install_secrets_key(&paths, f)?;
+                }
+                if let Some(d) = &embed_model {
+                    let m = capstan_actors::search::LocalModel::open(d)
+                        .map_err(|e| anyhow::anyhow!("start --embed-model: {e}"))?;
+                    let _ = daemon::EMBED_MODEL.set(std::sync::Arc::new(m));
                 }
                 if let Some(n) = store_cache_bytes {
                     capstan_cluster::redb_store::set_cache_bytes(n);
@@ -242,9 +258,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 gc_interval,
                 store_cache_bytes,
                 compiled_cache_bytes,
+                embed_model,
                 ..
             } => {
                 let advertise = parse_advertise(advertise)?;
+                if let Some(d) = &embed_model {
+                    // Refused here, before anything starts.
+                    capstan_actors::search::LocalModel::open(d)
+                        .map_err(|e| anyhow::anyhow!("start --embed-model: {e}"))?;
+                }
                 if let Some(f) = &secrets_key {
                     home::install_secrets_key(&paths, f)?;
                 }
@@ -262,6 +284,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     gc_interval,
                     store_cache_bytes,
                     compiled_cache_bytes,
+                    embed_model.as_deref(),
                 )
                 .await?;
                 let metrics_url = metrics::serving(&paths);

@@ -130,11 +130,25 @@ pub async fn run(
         db,
         RuntimeOptions {
             secrets: Some(secrets),
+            embed_model: EMBED_MODEL.get().cloned(),
             ..RuntimeOptions::default()
         },
     )
     .await
     .map_err(|e| anyhow!("cannot start the object model: {e}"))?;
+    if let Some(m) = EMBED_MODEL.get().cloned() {
+        // Read now, so that the first search does not wait for it.
+        tokio::spawn(async move {
+            match m.warm().await {
+                Ok(took) => info!(
+                    model = %m.describe(),
+                    ms = took.as_millis() as u64,
+                    "local embedding model read"
+                ),
+                Err(e) => tracing::warn!("{e}; searches without a provider are full text only"),
+            }
+        });
+    }
     runtime
         .enable_guests(capstan_actors::guest::GuestConfig {
             cache_dir: Some(paths.home.join("compiled")),
@@ -364,6 +378,10 @@ fn serve(stream: UnixStream, node: node::Client, permit: tokio::sync::OwnedSemap
         drop(permit);
     });
 }
+
+/// `start --embed-model` of this daemon (set before [`run`]).
+pub static EMBED_MODEL: std::sync::OnceLock<std::sync::Arc<capstan_actors::search::LocalModel>> =
+    std::sync::OnceLock::new();
 
 /// `start --compiled-cache-bytes` of this daemon (set before [`run`]).
 pub static COMPILED_CACHE_BYTES: std::sync::OnceLock<u64> = std::sync::OnceLock::new();

@@ -29,6 +29,7 @@ pub async fn start(
     gc_interval: Option<u64>,
     store_cache_bytes: Option<u64>,
     compiled_cache_bytes: Option<u64>,
+    embed_model: Option<&std::path::Path>,
 ) -> anyhow::Result<NodeInfo> {
     match client::ping(paths).await {
         Ok(info) => bail!(
@@ -80,6 +81,9 @@ pub async fn start(
     }
     if let Some(n) = compiled_cache_bytes {
         cmd.arg("--compiled-cache-bytes").arg(n.to_string());
+    }
+    if let Some(d) = embed_model {
+        cmd.arg("--embed-model").arg(d);
     }
     let mut child = cmd
         .stdin(std::process::Stdio::null())

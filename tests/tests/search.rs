@@ -619,3 +619,118 @@ fn the_index_follows_many_writes_and_an_index_left_behind_catches_up() {
         assert_eq!(v["indexed"].as_u64().unwrap(), 300 * rounds, "{cap}: {v}");
     }
 }
+
+/// The packaged local embedding model (`scripts/embed-model`, set by
+/// `scripts/test`), or None (the test is skipped) when there is none and
+/// none is required.
+fn embed_model() -> Option<String> {
+    match std::env::var("CAPSTAN_EMBED_MODEL") {
+        Ok(d) if !d.is_empty() => Some(d),
+        _ => {
+            assert!(
+                std::env::var("CAPSTAN_REQUIRE_EMBED_MODEL").as_deref() != Ok("1"),
+                "CAPSTAN_REQUIRE_EMBED_MODEL=1 but CAPSTAN_EMBED_MODEL is not set (scripts/embed-model)"
+            );
+            eprintln!("skipped: no CAPSTAN_EMBED_MODEL (scripts/embed-model)");
+            None
+        }
+    }
+}
+
+/// With no provider, a node started with `--embed-model` gets vectors from
+/// the packaged local model: over a few thousand values, a query that
+/// shares no word with the value it means finds it, an exact identifier
+/// is found by full text; the same node started without the model searches full
+/// text only and does not. A folder that holds no model is refused at
+/// `start`, and nothing starts.
+#[test]
+fn the_local_model_finds_a_paraphrase_without_a_provider() {
+    let Some(model) = embed_model() else { return };
+    // No word in common with the value it means (nor with any other).
+    const QUERY: &str = "forecast says storms near shore";
+    let mut node = Node::new();
+    let bad = node.home().with_file_name("no-model-here");
+    std::fs::create_dir_all(&bad).unwrap();
+    let r = node.run(["start", "--embed-model", bad.to_str().unwrap()]);
+    assert!(!r.success());
+    assert!(
+        r.stderr.contains("holds no embedding model"),
+        "{}",
+        r.stderr
+    );
+    assert!(!node.run(["status"]).success(), "a daemon started anyway");
+
+    node.start_with(&["--embed-model", &model]);
+    node.ok(["mkdir", "notes"]);
+    let mut values: Vec<(String, String)> = [
+        ("sales", "sales increased in the north this quarter"),
+        ("recipe", "the recipe needs two eggs and a cup of flour"),
+        (
+            "weather",
+            "heavy rain is expected across the coast tomorrow",
+        ),
+        (
+            "password",
+            "to reset a forgotten password open the account settings",
+        ),
+        (
+            "flight",
+            "the flight to lisbon leaves at seven in the morning",
+        ),
+        ("dentist", "dentist appointment moved to thursday afternoon"),
+        ("garden", "plant the tomato seedlings after the last frost"),
+        ("rent", "the landlord raised the rent for next year"),
+        ("order", "order ORD-7F3A9C-X9Q shipped to the warehouse"),
+    ]
+    .iter()
+    .map(|(n, t)| (format!("notes.{n}"), t.to_string()))
+    .collect();
+    values.extend((0..2000).map(|i| {
+        (
+            format!("notes.log-{i}"),
+            format!(
+                "log entry {i}: sensor {:08x} reading nominal at station {}",
+                (i as u64).wrapping_mul(2_654_435_761) & 0xffff_ffff,
+                i % 97
+            ),
+        )
+    }));
+    store_many(&node, &values).unwrap();
+    let made = node.json(["mksearch", "finder", "--over", "notes"]);
+    assert_eq!(made["embed"], Value::Null, "{made}");
+
+    let v = search(&node, "finder", QUERY, "3");
+    assert_eq!(v["mode"], "fused", "{v}");
+    assert!(
+        v["vectors"].as_str().unwrap().starts_with("local model"),
+        "{v}"
+    );
+    assert_eq!(hit_names(&v)[0], "weather", "{v}");
+    assert_eq!(v["hits"][0]["vector_rank"], 1, "{v}");
+    assert_eq!(v["hits"][0]["text_rank"], Value::Null, "{v}");
+    assert!(v["indexed"].as_u64().unwrap() >= 2000, "{v}");
+    // An exact identifier: full text finds it.
+    let v = search(&node, "finder", IDENT, "3");
+    assert_eq!(hit_names(&v)[0], "order", "{v}");
+    assert_eq!(v["hits"][0]["text_rank"], 1, "{v}");
+    // A value stored after the index was built gets its vector too.
+    node.ok([
+        "store",
+        "--name",
+        "notes.server",
+        "--text",
+        "the database server ran out of disk space overnight",
+    ]);
+    let v = search(&node, "finder", "the disk filled up on the db machine", "1");
+    assert_eq!(hit_names(&v), ["server"], "{v}");
+    assert_eq!(v["hits"][0]["vector_rank"], 1, "{v}");
+    assert_eq!(v["notes"], serde_json::json!([]), "{v}");
+
+    // Without the model: full text only, which cannot find it.
+    node.kill9();
+    node.start();
+    let t = search(&node, "finder", QUERY, "3");
+    assert_eq!(t["mode"], "text", "{t}");
+    assert_eq!(t["vectors"], Value::Null, "{t}");
+    assert!(!hit_names(&t).contains(&"weather".to_string()), "{t}");
+}

@@ -59,10 +59,11 @@
 //! Full text: BM25 over lowercased alphanumeric tokens ([`index`]).
 //! Vectors: cosine over embeddings from the provider given at `mksearch
 //! --embed LLM` (OpenAI-compatible `POST /v1/embeddings`, or Ollama `POST
-//! /api/embed`). The two rankings are fused by Reciprocal Rank Fusion with
-//! k = 60. Without a provider the search is full text only (no local model
-//! ships with Capstan yet; see nodes/CLI.md). If the provider fails, the
-//! answer is full text with the failure in its notes.
+//! /api/embed`), or, for a capability made without one, from the node's
+//! local model ([`local`], `start --embed-model DIR`; see [`embed`]). The
+//! two rankings are fused by Reciprocal Rank Fusion with k = 60. With
+//! neither the search is full text only. If the provider or the model
+//! fails, the answer is full text with the failure in its notes.
 //!
 //! Each embedding request is charged to the LLM budget of the searching
 //! agent and written to its audit log, as a model call is
@@ -71,16 +72,17 @@
 //! refuses is not made, and the search fails with the budget's error
 //! rather than falling back to full text.
 
+mod embed;
 pub mod index;
+pub mod local;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use capstan_cluster::tuple::{TupleKey, TupleReader};
 use capstan_proto::{FormulaId, RequestId};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::api::{AgentHandle, ValueKind};
 use crate::error::Error;
@@ -88,7 +90,9 @@ use crate::names::Path;
 use crate::records::{BodyRec, FormulaKind};
 use crate::{keys, model};
 
+use embed::{EmbedError, Source};
 pub use index::{Index, RRF_K};
+pub use local::LocalModel;
 
 /// Largest `k`.
 pub const MAX_K: u32 = 100;
@@ -252,6 +256,9 @@ pub struct SearchAnswer {
     /// "fused" (text + vector), "text" (no provider), or "text (vector
     /// unavailable)".
     pub mode: String,
+    /// Where the vectors come from on the node that answered (`provider
+    /// NAME`, `local model DIR (N dimensions)`), `None` for full text only.
+    pub vectors: Option<String>,
     /// Truncations, caps and failures worth knowing.
     pub notes: Vec<String>,
     /// Time spent refreshing the index and ranking, microseconds.
@@ -386,7 +393,7 @@ impl AgentHandle {
             match (embed, embed_model) {
                 (Some(e), Some(m)) => format!("full text and vectors from {e} ({m})"),
                 (Some(e), None) => format!("full text and vectors from {e}"),
-                _ => "full text".to_string(),
+                _ => "full text, and vectors from the local model of a node started with --embed-model".to_string(),
             }
         );
         let record = serde_json::to_vec(&spec).map_err(|e| Error::Corrupt(e.to_string()))?;
@@ -447,9 +454,10 @@ impl AgentHandle {
         let mut st = state.lock().await;
         let t0 = std::time::Instant::now();
         refresh(self, &spec, &mut st).await?;
-        let qv = match &spec.embed {
-            Some(p) if !st.index.is_empty() => {
-                match embed_texts(self, &spec, hex_id(p)?, &[query.to_string()]).await {
+        let source = Source::of(self, &spec)?;
+        let qv = match &source {
+            Some(src) if !st.index.is_empty() => {
+                match src.embed(self, &spec, &[query.to_string()]).await {
                     Ok(mut v) => v.pop(),
                     Err(EmbedError::Failed(e)) => {
                         st.embed_error = Some(e);
@@ -510,7 +518,7 @@ impl AgentHandle {
                 "the directory is deeper than {MAX_DEPTH} levels or holds more than {MAX_LISTED} names: the rest is not indexed"
             ));
         }
-        let mode = match (&spec.embed, &qv, &st.embed_error) {
+        let mode = match (&source, &qv, &st.embed_error) {
             (None, _, _) => "text".to_string(),
             (Some(_), Some(_), None) => "fused".to_string(),
             (Some(_), _, Some(e)) => {
@@ -525,6 +533,7 @@ impl AgentHandle {
             }
             (Some(_), None, None) => "text".to_string(),
         };
+        let vectors = source.as_ref().map(|s| s.describe(&spec));
         Ok(SearchAnswer {
             query: query.to_string(),
             k,
@@ -533,6 +542,7 @@ impl AgentHandle {
             indexed: st.index.len(),
             bytes: st.index.bytes(),
             mode,
+            vectors,
             notes,
             refresh_us: (t1 - t0).as_micros() as u64,
             rank_us,
@@ -1202,13 +1212,12 @@ async fn finish(
         }
     }
     // 5. Vectors for what lacks them.
-    if let Some(p) = &spec.embed {
-        let provider = hex_id(p)?;
+    if let Some(src) = Source::of(h, spec)? {
         let missing = st.index.missing_vectors(MAX_EMBED_PER_REFRESH);
         st.embed_error = None;
         for batch in missing.chunks(EMBED_BATCH) {
             let texts: Vec<String> = batch.iter().map(|(_, t)| t.clone()).collect();
-            match embed_texts(h, spec, provider, &texts).await {
+            match src.embed(h, spec, &texts).await {
                 Ok(vs) => {
                     for ((name, _), v) in batch.iter().zip(vs) {
                         st.index.set_vector(name, v);
@@ -1250,222 +1259,4 @@ fn cap_text(mut t: String) -> (String, bool) {
     }
     t.truncate(at);
     (t, true)
-}
-
-fn cut_embed_text(t: &str) -> String {
-    if t.len() <= MAX_EMBED_TEXT {
-        return t.to_string();
-    }
-    let mut at = MAX_EMBED_TEXT;
-    while !t.is_char_boundary(at) {
-        at -= 1;
-    }
-    t[..at].to_string()
-}
-
-fn http() -> Result<&'static reqwest::Client, String> {
-    static C: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
-    if let Some(c) = C.get() {
-        return Ok(c);
-    }
-    let c = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(10))
-        .no_proxy()
-        .redirect(reqwest::redirect::Policy::none())
-        .user_agent(concat!("capstan/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| format!("cannot make an HTTP client: {e}"))?;
-    Ok(C.get_or_init(|| c))
-}
-
-/// Why embeddings could not be had.
-#[derive(Debug)]
-enum EmbedError {
-    /// The searching agent's LLM budget refused the request: the search
-    /// fails with this (see the module docs).
-    Refused(String),
-    /// The provider failed: text for the answer's notes (the search falls
-    /// back to full text).
-    Failed(String),
-}
-
-impl From<String> for EmbedError {
-    fn from(s: String) -> Self {
-        EmbedError::Failed(s)
-    }
-}
-
-/// Embeds `texts` with the provider `provider` (an `llm` formula): one
-/// request, charged to the searching agent's LLM budget and written to its
-/// audit log like a model call.
-async fn embed_texts(
-    h: &AgentHandle,
-    spec: &SearchSpec,
-    provider: FormulaId,
-    texts: &[String],
-) -> Result<Vec<Vec<f32>>, EmbedError> {
-    let name = spec.embed_name.clone().unwrap_or_else(|| provider.short());
-    let secrets = h.inner().opts.secrets.clone();
-    let prep = h
-        .inner()
-        .db
-        .read(move |tx| {
-            let secrets = secrets.clone();
-            Box::pin(async move {
-                let f = model::must_formula(tx, &provider).await?;
-                let FormulaKind::Llm(rec) = f.kind else {
-                    return Err(Error::Corrupt(
-                        "the embedding provider is not an llm formula".into(),
-                    ));
-                };
-                let at = keys::llm_key(&provider);
-                let key = match tx.get(&at).await? {
-                    Some(b) => Some(
-                        String::from_utf8(
-                            crate::secrets::read(secrets.as_ref(), &at, &b)
-                                .map_err(|e| Error::Invalid(e.to_string()))?,
-                        )
-                        .map_err(|_| Error::Corrupt("the provider's key is not text".into()))?,
-                    ),
-                    None => None,
-                };
-                Ok::<_, Error>((rec, key))
-            })
-        })
-        .await
-        .map_err(|e| format!("embedding provider {name}: {e}"))?;
-    let (rec, key) = prep;
-    if rec.removed {
-        return Err(EmbedError::Failed(format!(
-            "the embedding provider {name} was removed; make the search again with another --embed"
-        )));
-    }
-    let model = spec.embed_model.clone().unwrap_or_else(|| {
-        if rec.provider == "ollama" {
-            "nomic-embed-text".into()
-        } else {
-            "text-embedding-3-small".into()
-        }
-    });
-    let bytes: usize = texts.iter().map(|t| t.len().min(MAX_EMBED_TEXT)).sum();
-    let call = match crate::llm::store::embedding_begin(h, &name, &rec, &model, bytes).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(refused)) => return Err(EmbedError::Refused(refused)),
-        Err(e) => {
-            return Err(EmbedError::Failed(format!(
-                "embedding provider {name}: {e}"
-            )));
-        }
-    };
-    let r = call_embeddings(&name, &rec, key.as_ref(), &model, texts).await;
-    let charged = crate::llm::store::embedding_end(
-        h,
-        call,
-        match &r {
-            Ok((_, tokens)) => Ok(*tokens),
-            Err(e) => Err(e.as_str()),
-        },
-    )
-    .await;
-    if let Err(e) = charged {
-        tracing::warn!(provider = %name, "could not record an embedding request in the LLM budget: {e}");
-    }
-    r.map(|(v, _)| v).map_err(EmbedError::Failed)
-}
-
-/// The HTTP request of [`embed_texts`]: the vectors, and the tokens the
-/// provider says it used.
-async fn call_embeddings(
-    name: &str,
-    rec: &crate::records::LlmProviderRec,
-    key: Option<&String>,
-    model: &str,
-    texts: &[String],
-) -> Result<(Vec<Vec<f32>>, Option<u64>), String> {
-    let base = rec.url.trim_end_matches('/');
-    let inputs: Vec<String> = texts.iter().map(|t| cut_embed_text(t)).collect();
-    let (url, body) = if rec.provider == "ollama" {
-        (
-            format!("{}/api/embed", base.trim_end_matches("/v1")),
-            json!({"model": model, "input": inputs}),
-        )
-    } else {
-        let url = if base.ends_with("/v1") {
-            format!("{base}/embeddings")
-        } else {
-            format!("{base}/v1/embeddings")
-        };
-        (url, json!({"model": model, "input": inputs}))
-    };
-    let mut rb = http()?
-        .post(&url)
-        .timeout(Duration::from_millis(
-            u64::from(rec.timeout_ms).clamp(1000, 120_000),
-        ))
-        .json(&body);
-    if let Some(k) = &key {
-        rb = rb.bearer_auth(k);
-    }
-    let resp = rb
-        .send()
-        .await
-        .map_err(|e| format!("embedding provider {name} at {url}: {}", e.without_url()))?;
-    let status = resp.status();
-    let bytes = resp.bytes().await.map_err(|e| {
-        format!(
-            "embedding provider {name}: the answer broke off: {}",
-            e.without_url()
-        )
-    })?;
-    if bytes.len() > MAX_EMBED_RESPONSE {
-        return Err(format!(
-            "embedding provider {name}: the answer is over {MAX_EMBED_RESPONSE} bytes"
-        ));
-    }
-    if !status.is_success() {
-        let mut t = String::from_utf8_lossy(&bytes).to_string();
-        if let Some(k) = &key {
-            t = t.replace(k.as_str(), "[REDACTED]");
-        }
-        t.truncate(t.floor_char_boundary(300));
-        return Err(format!("embedding provider {name} answered {status}: {t}"));
-    }
-    let v: Value = serde_json::from_slice(&bytes)
-        .map_err(|e| format!("embedding provider {name} sent bad JSON: {e}"))?;
-    let vecs: Vec<&Value> = if let Some(a) = v["embeddings"].as_array() {
-        a.iter().collect()
-    } else if let Some(a) = v["data"].as_array() {
-        let mut a: Vec<&Value> = a.iter().collect();
-        a.sort_by_key(|d| d["index"].as_u64().unwrap_or(0));
-        a.into_iter().map(|d| &d["embedding"]).collect()
-    } else {
-        return Err(format!(
-            "embedding provider {name}: the answer has neither `data` nor `embeddings`"
-        ));
-    };
-    if vecs.len() != texts.len() {
-        return Err(format!(
-            "embedding provider {name}: asked for {} embeddings, got {}",
-            texts.len(),
-            vecs.len()
-        ));
-    }
-    // OpenAI: usage.prompt_tokens; Ollama: prompt_eval_count.
-    let tokens = v["usage"]["prompt_tokens"]
-        .as_u64()
-        .or_else(|| v["usage"]["total_tokens"].as_u64())
-        .or_else(|| v["prompt_eval_count"].as_u64());
-    let vecs = vecs
-        .into_iter()
-        .map(|e| {
-            let a = e
-                .as_array()
-                .filter(|a| !a.is_empty() && a.len() <= MAX_DIM)
-                .ok_or_else(|| format!("embedding provider {name}: an embedding is not a list of 1 to {MAX_DIM} numbers"))?;
-            a.iter()
-                .map(|x| x.as_f64().map(|f| f as f32).ok_or_else(|| format!("embedding provider {name}: an embedding holds a non-number")))
-                .collect()
-        })
-        .collect::<Result<Vec<Vec<f32>>, String>>()?;
-    Ok((vecs, tokens))
 }

@@ -108,6 +108,7 @@ fn step(quiet: bool, what: &str) {
 }
 
 /// Runs every benchmark; prints the table (or one JSON object).
+#[allow(clippy::too_many_arguments)] // one per `bench` flag
 pub async fn run(
     sizes: Sizes,
     dir: Option<PathBuf>,
@@ -115,8 +116,12 @@ pub async fn run(
     cluster: Option<String>,
     nodes: usize,
     only: Option<String>,
+    embed_model: Option<PathBuf>,
     json: bool,
 ) -> anyhow::Result<()> {
+    if embed_model.is_some() && only.as_deref() != Some("search") {
+        bail!("--embed-model measures the search section: add --only search");
+    }
     match (only.as_deref(), cluster.is_some()) {
         (Some("search"), true) => bail!("--only search is a single-node section: drop --cluster"),
         (Some(o), false) if o != "search" => {
@@ -164,7 +169,14 @@ pub async fn run(
 
     if only.as_deref() == Some("search") {
         let paths = Paths::resolve(Some(base.join("search")))?;
-        let (d, _) = Daemon::spawn(&exe, &paths).await?;
+        let model = embed_model
+            .as_ref()
+            .map(|d| d.to_string_lossy().to_string());
+        let extra: Vec<&str> = match &model {
+            Some(m) => vec!["--embed-model", m],
+            None => vec![],
+        };
+        let (d, _) = Daemon::spawn_with(&exe, &paths, &extra).await?;
         let h = host(&paths).await?;
         let mut conns = Vec::new();
         for _ in 0..sizes.senders {

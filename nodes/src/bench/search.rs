@@ -94,6 +94,19 @@ pub(super) async fn search_rows(
     .await?;
     let build = t.elapsed();
     let indexed = first["indexed"].as_u64().unwrap_or(0);
+    // "full text", or "full text + local vectors" with `--embed-model`.
+    let how = match first["vectors"].as_str() {
+        Some(v) if first["mode"] == "fused" => format!(
+            "full text + vectors ({})",
+            if v.starts_with("local model") {
+                "local model"
+            } else {
+                "provider"
+            }
+        ),
+        Some(_) => bail!("the search has a vector source but answered full text: {first}"),
+        None => "full text".to_string(),
+    };
     if (indexed as usize) < sizes.names {
         bail!(
             "the search index holds {indexed} values, expected {}",
@@ -128,7 +141,7 @@ pub(super) async fn search_rows(
     let s = stats(lat);
     let (refresh, rank) = (stats(refresh), stats(rank));
     rows.push(Row {
-        what: format!("search over {indexed} values, full text, k = 10 (p50 / p99)"),
+        what: format!("search over {indexed} values, {how}, k = 10 (p50 / p99)"),
         value: format!("{} / {}", ms(s.p50), ms(s.p99)),
         target: "p50 < 10 ms",
         endo: "",
@@ -184,7 +197,7 @@ pub(super) async fn search_rows(
         json: json!({"refresh_p50_us": refresh.p50}),
     });
     rows.push(Row {
-        what: format!("first search: builds the index of {indexed} values"),
+        what: format!("first search: builds the index of {indexed} values ({how})"),
         value: ms(build.as_secs_f64() * 1e6),
         target: "",
         endo: "",

@@ -120,6 +120,14 @@ pub enum Command {
         /// Not remembered.
         #[arg(long, value_name = "BYTES")]
         compiled_cache_bytes: Option<u64>,
+        /// The local embedding model of search capabilities made without
+        /// `--embed`: a Model2Vec folder (tokenizer.json,
+        /// model.safetensors, config.json), or a package folder whose
+        /// model/ is one, e.g. the static_model folder of `pip install
+        /// tokenlearn-static-model`. Read at start; nothing is downloaded.
+        /// Without it those search full text only. Not remembered.
+        #[arg(long, value_name = "DIR")]
+        embed_model: Option<std::path::PathBuf>,
         #[command(flatten)]
         out: Out,
     },
@@ -297,6 +305,11 @@ pub enum Command {
         /// `sends`, `round-trips`, `guests` or `failover`.
         #[arg(long, value_name = "SECTION", value_parser = ["search", "store", "sends", "round-trips", "guests", "failover"])]
         only: Option<String>,
+        /// With `--only search`: the bench node's `start --embed-model`,
+        /// so the search capability gets vectors from the local model
+        /// (full text + vectors instead of full text).
+        #[arg(long, value_name = "DIR")]
+        embed_model: Option<PathBuf>,
         #[command(flatten)]
         out: Out,
     },
