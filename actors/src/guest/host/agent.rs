@@ -1,50 +1,27 @@
-//! The host side of the worlds: store data of an instance, its limits, and
-//! the imports a guest calls.
+//! The agent world's host side: the store data of an instance acting as
+//! the guest agent, the imports it calls (journalled, so that a run cut
+//! short replays its answers), and running the component on one message.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use capstan_proto::FormulaId;
+use wasmtime::Store;
 use wasmtime::component::{Resource, ResourceTable};
-use wasmtime::{ResourceLimiter, Store, Trap};
 
-use super::bindings::agent::capstan::agent as agent_wit;
-use super::bindings::tool::capstan::tool::host as tool_host;
-use super::bindings::tool::exports::capstan::tool::tool as tool_exports;
-use super::journal::{self, Entry, Journal};
-use super::{CallLimits, GuestHost, Manifest, World, derived_request};
+use super::limits::{Deadline, Limiter, arm_with, guest_log, stop_reason};
 use crate::agent::AgentHandle;
 use crate::error::Error;
-use crate::model;
+use crate::guest::bindings::agent::capstan::agent as agent_wit;
+use crate::guest::journal::{self, Entry, Journal};
+use crate::guest::{CallLimits, GuestHost, derived_request};
 use crate::records::DedupAnswer;
-use crate::records::FormulaKind;
 use crate::types::ValueKind;
 
-/// Most log lines a guest may write per call.
-const MAX_LOGS: u32 = 1000;
-/// Longest log line kept.
-const MAX_LOG_LINE: usize = 1000;
 /// Largest value a guest may store.
 const MAX_GUEST_VALUE: usize = 1 << 20;
 /// Most names `list` answers.
 const MAX_LIST: usize = 1000;
-/// Deepest chain of tool-invoke.
-const MAX_TOOL_DEPTH: u32 = 4;
-/// Longest panic message kept for the stop reason.
-const MAX_PANIC_TEXT: usize = 500;
-
-/// Remembers a guest's panic message: its panic hook logs it at error level
-/// as `panicked: …` just before the `unreachable` trap (wasm32-unknown-unknown
-/// has no unwinding), so the stop reason can say what happened.
-pub(crate) fn note_panic(slot: &mut Option<String>, level: u8, message: &str) {
-    if level >= 4
-        && slot.is_none()
-        && let Some(m) = message.strip_prefix("panicked")
-    {
-        let m = m.trim_start_matches([':', ' ']);
-        *slot = Some(m.chars().take(MAX_PANIC_TEXT).collect());
-    }
-}
 
 /// A capability in an instance's resource table: what one of the guest's
 /// names designated when the guest looked it up.
@@ -53,58 +30,6 @@ pub struct CapabilityRep {
     path: String,
     id: FormulaId,
     kind: String,
-}
-
-/// Memory and table limits of one instance; remembers the peak.
-#[derive(Debug)]
-pub(crate) struct Limiter {
-    memory: usize,
-    table: usize,
-    pub peak: usize,
-}
-
-impl Limiter {
-    pub(crate) fn new(gh: &GuestHost) -> Limiter {
-        Limiter {
-            memory: gh.limits().memory,
-            table: gh.limits().table_elements,
-            peak: 0,
-        }
-    }
-}
-
-impl ResourceLimiter for Limiter {
-    fn memory_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        if desired > self.memory {
-            return Err(wasmtime::format_err!(
-                "memory limit: tried to grow its memory to {} bytes; the limit is {} bytes",
-                desired,
-                self.memory
-            ));
-        }
-        self.peak = self.peak.max(desired);
-        Ok(true)
-    }
-
-    fn table_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        if desired > self.table {
-            return Err(wasmtime::format_err!(
-                "table limit: tried to grow a table to {desired} elements; the limit is {}",
-                self.table
-            ));
-        }
-        Ok(true)
-    }
 }
 
 /// What an earlier, cut-short run of the same message left: the answers to
@@ -313,33 +238,6 @@ impl AgentState {
             )),
             Err(e) => Err(e.to_string()),
         }
-    }
-}
-
-/// A guest's `log` import, in every world: counts the line, remembers a
-/// panic message, and writes at most [`MAX_LOGS`] lines per call.
-pub(crate) fn guest_log(
-    logs: &mut u32,
-    panic: &mut Option<String>,
-    who: &str,
-    level: u8,
-    message: &str,
-) {
-    *logs += 1;
-    note_panic(panic, level, message);
-    if *logs <= MAX_LOGS {
-        log_line(who, level, message);
-    }
-}
-
-pub(crate) fn log_line(who: &str, level: u8, msg: &str) {
-    let msg: String = msg.chars().take(MAX_LOG_LINE).collect();
-    match level {
-        0 => tracing::trace!(guest = who, "{msg}"),
-        1 => tracing::debug!(guest = who, "{msg}"),
-        2 => tracing::info!(guest = who, "{msg}"),
-        3 => tracing::warn!(guest = who, "{msg}"),
-        _ => tracing::error!(guest = who, "{msg}"),
     }
 }
 
@@ -634,103 +532,10 @@ pub(crate) struct Outcome {
     pub result: Result<Result<(), String>, String>,
 }
 
-pub(crate) fn stop_reason(e: &wasmtime::Error, limits: CallLimits, panic: Option<&str>) -> String {
-    if let (Some(p), Some(Trap::UnreachableCodeReached)) = (panic, e.downcast_ref::<Trap>()) {
-        return format!("it panicked: {p}");
-    }
-    if let Some(t) = e.downcast_ref::<Trap>() {
-        return match t {
-            Trap::OutOfFuel => format!(
-                "fuel limit: it used all of its {} units of fuel for one call (an endless loop?)",
-                limits.fuel
-            ),
-            Trap::Interrupt => format!(
-                "deadline: it ran past its deadline of {} ms of wall-clock time for one call",
-                limits.wall.as_millis()
-            ),
-            other => format!("it trapped: {other}"),
-        };
-    }
-    // the root cause first: limit errors raised by the host
-    let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-    if let Some(c) = chain.iter().find(|c| c.contains("limit:")) {
-        return c.clone();
-    }
-    if let Some(c) = chain.iter().find(|c| c.contains("handle")) {
-        return format!("capability handle: it used a handle it does not hold ({c})");
-    }
-    format!("{e:#}")
-}
-
-/// The wall-clock deadline of one guest call. It bounds the guest's own
-/// running time: time spent in a host call that waits for the outside (a
-/// model call, an HTTP request; each bounded by its own timeout) pushes it
-/// back by as long.
-#[derive(Debug)]
-pub(crate) struct Deadline(std::sync::Mutex<std::time::Instant>);
-
-impl Deadline {
-    pub(crate) fn new() -> Arc<Deadline> {
-        Arc::new(Deadline(std::sync::Mutex::new(std::time::Instant::now())))
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::time::Instant> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// A call starts: the deadline is `wall` from now.
-    fn start(&self, wall: std::time::Duration) {
-        *self.lock() = std::time::Instant::now() + wall;
-    }
-
-    fn passed(&self) -> bool {
-        std::time::Instant::now() >= *self.lock()
-    }
-
-    /// Runs `f` (a host call waiting for the outside) without counting its
-    /// time against the deadline.
-    pub(crate) fn excluding<R>(&self, f: impl FnOnce() -> R) -> R {
-        let t = std::time::Instant::now();
-        let r = f();
-        *self.lock() += t.elapsed();
-        r
-    }
-}
-
-/// Sets the fuel and the wall-clock deadline of a store for one call.
-pub(crate) fn arm<T>(
-    store: &mut Store<T>,
-    limits: CallLimits,
-    deadline: &Arc<Deadline>,
-) -> wasmtime::Result<()> {
-    arm_with(store, limits, deadline, || Ok(()))
-}
-
-/// [`arm`], with `tick` run at every epoch tick the guest runs through.
-pub(crate) fn arm_with<T>(
-    store: &mut Store<T>,
-    limits: CallLimits,
-    deadline: &Arc<Deadline>,
-    mut tick: impl FnMut() -> wasmtime::Result<()> + Send + Sync + 'static,
-) -> wasmtime::Result<()> {
-    store.set_fuel(limits.fuel)?;
-    deadline.start(limits.wall);
-    let d = deadline.clone();
-    store.epoch_deadline_callback(move |_| {
-        if d.passed() {
-            return Err(Trap::Interrupt.into());
-        }
-        tick()?;
-        Ok(wasmtime::UpdateDeadline::Continue(1))
-    });
-    store.set_epoch_deadline(1);
-    Ok(())
-}
-
 /// Runs the agent component on one message (blocking).
 pub(crate) fn call_agent(
     gh: &GuestHost,
-    pre: &super::bindings::agent::LlmAgentPre<AgentState>,
+    pre: &crate::guest::bindings::agent::LlmAgentPre<AgentState>,
     agent: AgentHandle,
     msg: agent_wit::types::Message,
     limits: CallLimits,
@@ -774,225 +579,4 @@ pub(crate) fn call_agent(
         call_ns: (t2 - t1).as_nanos() as u64,
         result: r.map_err(|e| stop_reason(&e, limits, store.data().panic.as_deref())),
     }
-}
-
-/// The store data of a tool-world instance: the tool runs for a host, with
-/// only the capabilities granted at install time.
-pub(crate) struct ToolState {
-    host: AgentHandle,
-    grants: BTreeMap<String, FormulaId>,
-    depth: u32,
-    logs: u32,
-    limiter: Limiter,
-    gh: Arc<GuestHost>,
-    panic: Option<String>,
-    deadline: Arc<Deadline>,
-}
-
-impl ToolState {
-    fn block<F: std::future::Future>(&self, f: F) -> F::Output {
-        self.gh.tokio.block_on(f)
-    }
-}
-
-impl tool_host::Host for ToolState {
-    fn log(&mut self, level: tool_host::LogLevel, message: String) -> wasmtime::Result<()> {
-        guest_log(
-            &mut self.logs,
-            &mut self.panic,
-            "tool",
-            level as u8,
-            &message,
-        );
-        Ok(())
-    }
-
-    fn now_millis(&mut self) -> wasmtime::Result<u64> {
-        if !self.grants.contains_key("clock") {
-            return Ok(0);
-        }
-        Ok(std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0))
-    }
-
-    fn workspace_read(&mut self, path: String) -> wasmtime::Result<Option<String>> {
-        let Some(dir) = self.grants.get("workspace").copied() else {
-            return Ok(None);
-        };
-        if !crate::names::is_pet_name(&path) {
-            return Ok(None);
-        }
-        let r = self.block(self.host.inner().db.read(move |tx| {
-            let path = path.clone();
-            Box::pin(async move {
-                let Some(id) = model::lookup(tx, &dir, &path).await? else {
-                    return Ok(None);
-                };
-                match model::must_formula(tx, &id).await?.kind {
-                    FormulaKind::Value(_) => {}
-                    _ => return Ok(None),
-                }
-                let b = capstan_cluster::blob::get_blob(tx, &crate::keys::value(&id)).await?;
-                Ok::<_, Error>(b.and_then(|b| String::from_utf8(b).ok()))
-            })
-        }));
-        Ok(r.unwrap_or(None))
-    }
-
-    fn http_request(
-        &mut self,
-        method: String,
-        url: String,
-        headers_json: String,
-        body: Option<Vec<u8>>,
-        timeout_ms: Option<u32>,
-    ) -> wasmtime::Result<Result<tool_host::HttpResponse, String>> {
-        let grant = self.grants.get(super::http::HTTP_SLOT).copied();
-        let deadline = self.deadline.clone();
-        let r = deadline.excluding(|| {
-            self.block(super::http::guest_request(
-                &self.host,
-                grant,
-                method,
-                url,
-                headers_json,
-                body,
-                timeout_ms,
-            ))
-        });
-        Ok(r.map(|r| tool_host::HttpResponse {
-            status: r.status,
-            headers_json: r.headers_json,
-            body: r.body,
-        }))
-    }
-
-    fn tool_invoke(
-        &mut self,
-        alias: String,
-        params_json: String,
-    ) -> wasmtime::Result<Result<String, String>> {
-        let Some(id) = self.grants.get(&alias).copied() else {
-            return Ok(Err(format!(
-                "tool-invoke: no tool was granted to this tool under the alias {alias:?}"
-            )));
-        };
-        if self.depth >= MAX_TOOL_DEPTH {
-            return Ok(Err(format!(
-                "tool-invoke: tools may call each other at most {MAX_TOOL_DEPTH} deep"
-            )));
-        }
-        let host = self.host.clone();
-        let depth = self.depth + 1;
-        let prepared = self.block(async move {
-            let m = host
-                .inner()
-                .db
-                .read(move |tx| {
-                    Box::pin(
-                        async move { Ok::<_, Error>(tx.get(&super::keys::manifest(&id)).await?) },
-                    )
-                })
-                .await?
-                .ok_or_else(|| Error::Invalid(format!("{alias:?} is not an installed tool")))?;
-            let m: Manifest =
-                serde_json::from_slice(&m).map_err(|e| Error::Corrupt(format!("manifest: {e}")))?;
-            prepare_tool(host, m).await
-        });
-        // already on a blocking thread: run the nested tool right here
-        Ok(prepared
-            .and_then(|p| execute_tool(p, params_json, depth))
-            .map_err(|e| e.to_string()))
-    }
-
-    fn secret_exists(&mut self, name: String) -> wasmtime::Result<bool> {
-        Ok(self.grants.contains_key(&format!("secret-{name}")))
-    }
-}
-
-/// A tool ready to run: compiled, with its grants resolved.
-pub(crate) struct PreparedTool {
-    host: AgentHandle,
-    c: Arc<super::Compiled>,
-    grants: BTreeMap<String, FormulaId>,
-    gh: Arc<GuestHost>,
-}
-
-pub(crate) async fn prepare_tool(host: AgentHandle, m: Manifest) -> Result<PreparedTool, Error> {
-    let (gh, c) = super::compiled_of(host.inner(), &m, World::Tool, "that").await?;
-    let grants = m
-        .grants
-        .iter()
-        .map(|(s, h)| {
-            h.parse::<FormulaId>()
-                .map(|id| (s.clone(), id))
-                .map_err(|e| Error::Corrupt(format!("grant {s}: {e}")))
-        })
-        .collect::<Result<BTreeMap<_, _>, Error>>()?;
-    Ok(PreparedTool {
-        host,
-        c,
-        grants,
-        gh,
-    })
-}
-
-/// Runs a prepared tool's `execute` (blocking).
-pub(crate) fn execute_tool(p: PreparedTool, input: String, depth: u32) -> Result<String, Error> {
-    let PreparedTool {
-        host,
-        c,
-        grants,
-        gh,
-    } = p;
-    let Some(pre) = c.tool.as_ref() else {
-        return Err(Error::Invalid("not a tool component".into()));
-    };
-    let limits = CallLimits::node(&gh);
-    let state = ToolState {
-        host,
-        grants,
-        depth,
-        logs: 0,
-        limiter: Limiter::new(&gh),
-        gh: gh.clone(),
-        panic: None,
-        deadline: Deadline::new(),
-    };
-    let deadline = state.deadline.clone();
-    let mut store = Store::new(&gh.engine, state);
-    store.limiter(|s| &mut s.limiter);
-    let req = tool_exports::Request {
-        params: input,
-        context: None,
-    };
-    let r = arm(&mut store, limits, &deadline).and_then(|_| {
-        let inst = pre.instantiate(&mut store)?;
-        inst.capstan_tool_tool().call_execute(&mut store, &req)
-    });
-    match r {
-        Err(e) => Err(Error::Invalid(format!(
-            "the tool was stopped: {}",
-            stop_reason(&e, limits, store.data().panic.as_deref())
-        ))),
-        Ok(resp) => match (resp.output, resp.error) {
-            (_, Some(err)) => Err(Error::Invalid(format!("the tool failed: {err}"))),
-            (Some(out), None) => Ok(out),
-            (None, None) => Ok(String::new()),
-        },
-    }
-}
-
-/// Runs an installed tool's `execute` once, for `host`.
-pub(crate) async fn run_tool(
-    host: AgentHandle,
-    m: Manifest,
-    input: String,
-) -> Result<String, Error> {
-    let p = prepare_tool(host, m).await?;
-    tokio::task::spawn_blocking(move || execute_tool(p, input, 0))
-        .await
-        .map_err(|e| Error::Unavailable(format!("tool task failed: {e}")))?
 }

@@ -1,0 +1,235 @@
+//! [`Membership`]: this node's membership of the cluster, its epoch, its
+//! view of the other members and owners, and the followers of inboxes.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+// tokio's: virtual under a paused clock (simulations), else the system's.
+use tokio::time::Instant;
+
+use capstan_proto::FormulaId;
+use tokio::sync::mpsc;
+
+use super::records::MemberRec;
+use super::{ClusterConfig, INTEREST_TTL, LinkOp, MAX_INTERESTS};
+use crate::error::Error;
+
+/// This node's membership: its lease, epoch and view of the others.
+pub struct Membership {
+    pub cfg: ClusterConfig,
+    pub(super) epoch: AtomicU64,
+    /// Whether the lease is held (false while re-registering: calls refused).
+    pub(crate) serving: AtomicBool,
+    pub(super) draining: AtomicBool,
+    /// The monotonic instant until which the lease is certainly held.
+    pub(super) live_until: Mutex<Instant>,
+    /// Members seen at the last renewal (live ones, this node included).
+    pub(super) members: Mutex<Vec<MemberRec>>,
+    /// Owners of formulas this node asked about (not authoritative).
+    pub(super) owners: Mutex<HashMap<FormulaId, MemberRec>>,
+    pub link: mpsc::Sender<LinkOp>,
+    /// Writes refused because this node no longer owned the formula.
+    pub fenced: AtomicU64,
+    /// Times this node lost its lease and re-registered.
+    pub stepdowns: AtomicU64,
+    /// Lease renewals that succeeded, and those that failed (the store did
+    /// not answer or refused; a lost lease is a step-down).
+    pub renewals: AtomicU64,
+    pub renewal_failures: AtomicU64,
+    /// Wake-ups for committed messages this node sent to other members
+    /// (one per member told), and those it received.
+    pub deliveries_sent: AtomicU64,
+    pub deliveries_received: AtomicU64,
+    /// Set when the node leaves or stops: the lease is no longer renewed.
+    pub leaving: AtomicBool,
+    /// Formulas this node took over from another owner (dead, draining, or
+    /// this node's own earlier run), with that owner's name: guests tell
+    /// their host they resumed here (bounded; see [`MAX_TAKEOVERS`]).
+    pub(super) took_over: Mutex<HashMap<FormulaId, String>>,
+    /// As an owner: the members following each agent's inbox, until when.
+    interest: Mutex<HashMap<FormulaId, HashMap<String, Instant>>>,
+    /// As a sender: the members following an agent's inbox, as its owner
+    /// said when it last reserved numbers in it.
+    learned: Mutex<HashMap<FormulaId, Vec<String>>>,
+}
+
+/// Most take-overs remembered for a notice not yet given.
+pub(super) const MAX_TAKEOVERS: usize = 10_000;
+
+impl Membership {
+    pub fn new(cfg: ClusterConfig, link: mpsc::Sender<LinkOp>) -> Membership {
+        Membership {
+            cfg,
+            epoch: AtomicU64::new(0),
+            serving: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            live_until: Mutex::new(Instant::now()),
+            members: Mutex::new(Vec::new()),
+            owners: Mutex::new(HashMap::new()),
+            link,
+            fenced: AtomicU64::new(0),
+            stepdowns: AtomicU64::new(0),
+            renewals: AtomicU64::new(0),
+            renewal_failures: AtomicU64::new(0),
+            deliveries_sent: AtomicU64::new(0),
+            deliveries_received: AtomicU64::new(0),
+            leaving: AtomicBool::new(false),
+            took_over: Mutex::new(HashMap::new()),
+            interest: Mutex::new(HashMap::new()),
+            learned: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Member `node` follows `agent`'s inbox (which this node owns) for the
+    /// next [`INTEREST_TTL`]. Past [`MAX_INTERESTS`] agents, lapsed entries
+    /// are dropped first, then the new one is not kept (its follower still
+    /// sees everything, by reading the store a little later).
+    pub fn note_interest(&self, agent: FormulaId, node: String) {
+        let Ok(mut all) = self.interest.lock() else {
+            return;
+        };
+        let now = Instant::now();
+        if all.len() >= MAX_INTERESTS && !all.contains_key(&agent) {
+            all.retain(|_, nodes| {
+                nodes.retain(|_, until| *until > now);
+                !nodes.is_empty()
+            });
+            if all.len() >= MAX_INTERESTS {
+                return;
+            }
+        }
+        all.entry(agent)
+            .or_default()
+            .insert(node, now + INTEREST_TTL);
+    }
+
+    /// The members following `agent`'s inbox, as its owner knows them.
+    pub fn interested(&self, agent: &FormulaId) -> Vec<String> {
+        let Ok(mut all) = self.interest.lock() else {
+            return Vec::new();
+        };
+        let now = Instant::now();
+        let Some(nodes) = all.get_mut(agent) else {
+            return Vec::new();
+        };
+        nodes.retain(|_, until| *until > now);
+        let names: Vec<String> = nodes.keys().cloned().collect();
+        if names.is_empty() {
+            all.remove(agent);
+        }
+        names
+    }
+
+    /// What the owner of `agent` said of its followers when it reserved.
+    pub fn learn_interest(&self, agent: FormulaId, nodes: Vec<String>) {
+        if let Ok(mut l) = self.learned.lock() {
+            if nodes.is_empty() {
+                l.remove(&agent);
+                return;
+            }
+            if l.len() >= MAX_INTERESTS && !l.contains_key(&agent) {
+                l.clear();
+            }
+            l.insert(agent, nodes);
+        }
+    }
+
+    /// The members to wake when a message was committed to `agent`'s inbox
+    /// here: its owner, and the members following the inbox (as the owner
+    /// told, or as this node knows as the owner). `None` when this node
+    /// does not know the owner: then every member is told.
+    pub fn delivery_targets(&self, agent: &FormulaId) -> Option<Vec<MemberRec>> {
+        let owner = self.owners.lock().ok()?.get(agent).cloned()?;
+        let mut names = if owner.name == self.cfg.name && owner.epoch == self.epoch() {
+            self.interested(agent)
+        } else {
+            let mut n = self
+                .learned
+                .lock()
+                .ok()
+                .and_then(|l| l.get(agent).cloned())
+                .unwrap_or_default();
+            n.push(owner.name.clone());
+            n
+        };
+        names.retain(|n| *n != self.cfg.name);
+        names.sort();
+        names.dedup();
+        Some(
+            self.members()
+                .into_iter()
+                .filter(|m| names.contains(&m.name))
+                .collect(),
+        )
+    }
+
+    /// The node `id` was taken over from, once (see `took_over`).
+    pub fn take_over_notice(&self, id: &FormulaId) -> Option<String> {
+        self.took_over.lock().ok()?.remove(id)
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// True while the lease is held on this node's own clock.
+    pub fn serving(&self) -> bool {
+        self.serving.load(Ordering::Acquire)
+            && self
+                .live_until
+                .lock()
+                .map(|t| Instant::now() < *t)
+                .unwrap_or(false)
+    }
+
+    /// How long the lease is certainly held still, on this node's clock.
+    pub(crate) fn lease_left(&self) -> Duration {
+        self.live_until
+            .lock()
+            .map(|t| t.saturating_duration_since(Instant::now()))
+            .unwrap_or_default()
+    }
+
+    /// Stops renewing the lease and claiming formulas (leave or stop).
+    pub fn set_leaving(&self) {
+        self.leaving.store(true, Ordering::Release);
+        self.draining.store(true, Ordering::Release);
+    }
+
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// The live members seen at the last renewal.
+    pub fn members(&self) -> Vec<MemberRec> {
+        self.members.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    /// The live members other than this node.
+    pub fn others(&self) -> Vec<MemberRec> {
+        self.members()
+            .into_iter()
+            .filter(|m| m.name != self.cfg.name)
+            .collect()
+    }
+
+    pub fn forget_owner(&self, id: &FormulaId) {
+        if let Ok(mut o) = self.owners.lock() {
+            o.remove(id);
+        }
+    }
+
+    pub(crate) fn forget_all(&self) {
+        if let Ok(mut o) = self.owners.lock() {
+            o.clear();
+        }
+    }
+
+    pub fn not_serving(&self) -> Error {
+        Error::Unavailable(format!(
+            "node {} does not hold its cluster lease right now (store unreachable, or paused past its lease); it re-registers by itself: retry, or use another node",
+            self.cfg.name
+        ))
+    }
+}

@@ -1,0 +1,150 @@
+//! The cluster's records in the store: members and placements (JSON), their
+//! keys, and the transactions that read and write them.
+
+use capstan_cluster::tuple::TupleKey;
+use capstan_cluster::{Db, Transaction};
+use capstan_proto::FormulaId;
+use serde::{Deserialize, Serialize};
+
+use super::MAX_MEMBERS;
+use crate::error::Error;
+
+pub fn identity_key() -> Vec<u8> {
+    TupleKey::new().str("cl").str("id").into_vec()
+}
+pub(super) fn member_key(name: &str) -> Vec<u8> {
+    TupleKey::new().str("cl").str("m").str(name).into_vec()
+}
+pub(super) fn members_prefix() -> Vec<u8> {
+    TupleKey::new().str("cl").str("m").into_vec()
+}
+pub(super) fn placement_key(id: &FormulaId) -> Vec<u8> {
+    TupleKey::new()
+        .str("cl")
+        .str("p")
+        .bytes(id.as_bytes())
+        .into_vec()
+}
+fn placements_prefix() -> Vec<u8> {
+    TupleKey::new().str("cl").str("p").into_vec()
+}
+
+/// A node of the cluster, as recorded in the store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberRec {
+    pub name: String,
+    /// Random per home: a restarted node recognises its own record.
+    pub node_id: String,
+    /// Its QUIC address (HOST:PORT).
+    pub addr: String,
+    pub epoch: u64,
+    pub pid: u32,
+    pub started_ms: u64,
+    pub renewed_ms: u64,
+    pub expires_ms: u64,
+    pub draining: bool,
+}
+
+impl MemberRec {
+    pub fn live(&self, now_ms: u64) -> bool {
+        now_ms <= self.expires_ms
+    }
+}
+
+/// The owner of a formula, as recorded in the store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacementRec {
+    pub node: String,
+    pub epoch: u64,
+    pub since_ms: u64,
+}
+
+pub(super) fn decode<T: for<'de> Deserialize<'de>>(what: &str, b: &[u8]) -> Result<T, Error> {
+    serde_json::from_slice(b).map_err(|e| Error::Corrupt(format!("{what} record: {e}")))
+}
+pub(super) fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("cluster records serialise")
+}
+
+pub async fn get_member(tx: &mut Transaction, name: &str) -> Result<Option<MemberRec>, Error> {
+    match tx.get(&member_key(name)).await? {
+        Some(b) => Ok(Some(decode("member", &b)?)),
+        None => Ok(None),
+    }
+}
+
+pub async fn get_placement(
+    tx: &mut Transaction,
+    id: &FormulaId,
+) -> Result<Option<PlacementRec>, Error> {
+    match tx.get(&placement_key(id)).await? {
+        Some(b) => Ok(Some(decode("placement", &b)?)),
+        None => Ok(None),
+    }
+}
+
+/// Removes the placement record of `id` (inside the caller's transaction).
+pub fn clear_placement(tx: &mut Transaction, id: &FormulaId) {
+    tx.clear(&placement_key(id));
+}
+
+/// Every member record, live or not.
+pub async fn list_members(tx: &mut Transaction) -> Result<Vec<MemberRec>, Error> {
+    let p = members_prefix();
+    let rows = tx.get_prefix(&p, MAX_MEMBERS, false).await?;
+    rows.iter().map(|(_, v)| decode("member", v)).collect()
+}
+
+/// Every placement record.
+pub async fn list_placements(
+    tx: &mut Transaction,
+    limit: usize,
+) -> Result<Vec<(FormulaId, PlacementRec)>, Error> {
+    let p = placements_prefix();
+    let rows = tx.get_prefix(&p, limit, false).await?;
+    rows.iter()
+        .map(|(k, v)| Ok((placement_id(k)?, decode("placement", v)?)))
+        .collect()
+}
+
+/// The formula a placement key is of.
+fn placement_id(key: &[u8]) -> Result<FormulaId, Error> {
+    let mut r = capstan_cluster::tuple::TupleReader::new(key);
+    (|| {
+        r.str().ok()?;
+        r.str().ok()?;
+        FormulaId::from_slice(&r.bytes().ok()?).ok()
+    })()
+    .ok_or_else(|| Error::Corrupt("placement key".into()))
+}
+
+/// Every placement (listed in pages, without read conflicts).
+pub async fn all_placements(
+    db: &Db,
+) -> Result<std::collections::HashMap<FormulaId, PlacementRec>, Error> {
+    let mut out = std::collections::HashMap::new();
+    for (k, v) in crate::model::scan_prefix(db, placements_prefix()).await? {
+        out.insert(placement_id(&k)?, decode::<PlacementRec>("placement", &v)?);
+    }
+    Ok(out)
+}
+
+/// Marks node `name` draining (its lease loop then gives up its
+/// placements); `Ok(false)` if there is no such node.
+pub async fn set_draining(db: &Db, name: &str) -> Result<bool, Error> {
+    let name = name.to_string();
+    db.transact(move |tx| {
+        let name = name.clone();
+        Box::pin(async move {
+            let Some(mut m) = get_member(tx, &name).await? else {
+                return Ok(false);
+            };
+            if !m.draining {
+                m.draining = true;
+                tx.set(&member_key(&name), &encode(&m))?;
+            }
+            Ok(true)
+        })
+    })
+    .await
+}

@@ -1,0 +1,205 @@
+//! What arrives from another cluster: mail for one of this node's agents,
+//! and the answers to requests this node sent. Each applies once per
+//! outbox item id.
+
+use capstan_proto::{FormulaId, RequestId};
+
+use super::Caller;
+use super::envelope::{Envelope, EnvelopeBody, Settlement};
+use super::locators::adopt_ref;
+use crate::error::Error;
+use crate::keys;
+use crate::model;
+use crate::node::{Runtime, now_ms};
+use crate::records::{BodyRec, Formula, FormulaKind, LocatorRec, MessageRec, PromiseRec};
+
+impl Runtime {
+    /// Mail from another cluster for agent `to`, from the remote formula
+    /// `peer` (the handle's record says who it was given to). Applies once
+    /// per `item` id.
+    pub async fn receive_deliver(
+        &self,
+        to: FormulaId,
+        peer: FormulaId,
+        item: RequestId,
+        env: Envelope,
+        caller: Caller,
+    ) -> Result<(), Error> {
+        let db = self.db().clone();
+        if db
+            .read(move |tx| {
+                Box::pin(
+                    async move { Ok::<_, Error>(tx.get(&keys::inbound(&item)).await?.is_some()) },
+                )
+            })
+            .await?
+        {
+            return Ok(());
+        }
+        let agent = self.handle_for(to).await?;
+        let own = caller.own;
+        // Admitted under the recipient's quota: a full inbox refuses for
+        // good, and the sender's node bounces the mail to its sender.
+        let size = match &env.body {
+            EnvelopeBody::Package {
+                strings,
+                names,
+                refs,
+            } => crate::quota::message_size(
+                strings.iter().map(String::len).sum(),
+                names.iter().map(String::len).sum(),
+                refs.len(),
+            ),
+            EnvelopeBody::Request { description, .. } => {
+                crate::quota::message_size(description.len(), 0, 1)
+            }
+        };
+        let delivered = agent
+            .with_fresh_number_admitting(to, Some(size), |number| {
+                let env = env.clone();
+                db.transact(move |tx| {
+                    let env = env.clone();
+                    Box::pin(async move {
+                        if tx.get(&keys::inbound(&item)).await?.is_some() {
+                            return Ok(None);
+                        }
+                        match model::must_formula(tx, &peer).await?.kind {
+                            FormulaKind::Remote(_) => {}
+                            FormulaKind::Accepting(_) => {
+                                return Err(Error::Unavailable(
+                                    "this node is still accepting the invitation; try again later"
+                                        .into(),
+                                ));
+                            }
+                            _ => {
+                                return Err(Error::Corrupt("a handle's peer is not remote".into()));
+                            }
+                        }
+                        let body = match env.body {
+                            EnvelopeBody::Package {
+                                strings,
+                                names,
+                                refs,
+                            } => {
+                                let mut ids = Vec::with_capacity(refs.len());
+                                for r in &refs {
+                                    ids.push(adopt_ref(tx, r, &own).await?);
+                                }
+                                BodyRec::Package {
+                                    strings,
+                                    names,
+                                    ids,
+                                }
+                            }
+                            EnvelopeBody::Request {
+                                description,
+                                resolver,
+                            } => {
+                                let promise = FormulaId::random();
+                                model::put_formula(
+                                    tx,
+                                    &promise,
+                                    &Formula {
+                                        created_ms: now_ms(),
+                                        cancelled: None,
+                                        kind: FormulaKind::Promise(PromiseRec {
+                                            description: description.clone(),
+                                            requester: peer,
+                                            state: crate::PromiseState::Pending,
+                                            resolver: Some(resolver),
+                                        }),
+                                    },
+                                )?;
+                                BodyRec::Request {
+                                    description,
+                                    promise,
+                                }
+                            }
+                        };
+                        let m = MessageRec {
+                            number,
+                            message_id: env.message_id,
+                            reply_to: env.reply_to,
+                            from: peer,
+                            to,
+                            date_ms: env.date_ms,
+                            body,
+                        };
+                        model::put_message(tx, &to, &m).await?;
+                        tx.set(&keys::inbound(&item), &now_ms().to_be_bytes())?;
+                        Ok(Some(m))
+                    })
+                })
+            })
+            .await?;
+        if let Some(m) = delivered {
+            agent.notify_delivered(to, m);
+        }
+        Ok(())
+    }
+
+    /// The answer to a request this node sent, through the locator whose
+    /// swiss hashes to `hash`: settles the promise it designates. Only the
+    /// locator sent to the request's recipient may (anyone else holding the
+    /// promise can only read it). Applies once per `item` id.
+    pub async fn receive_settle(
+        &self,
+        hash: [u8; 32],
+        item: RequestId,
+        s: Settlement,
+        caller: Caller,
+    ) -> Result<FormulaId, Error> {
+        let own = caller.own;
+        let (promise, state) = self
+            .db()
+            .transact(move |tx| {
+                let s = s.clone();
+                Box::pin(async move {
+                    let rec = match tx.get(&keys::locator(&hash)).await? {
+                        Some(b) => LocatorRec::decode(&b)?,
+                        None => {
+                            return Err(Error::Invalid(
+                                "revoked: the locator of this capability was cancelled".into(),
+                            ));
+                        }
+                    };
+                    if !rec.resolver {
+                        return Err(Error::Invalid(
+                            "this capability cannot answer the request: only the one given to the request's recipient can (a reference to a request's result only reads it)".into(),
+                        ));
+                    }
+                    let promise = rec.target;
+                    if tx.get(&keys::inbound(&item)).await?.is_some() {
+                        return Ok((promise, None));
+                    }
+                    let mut f = model::must_formula(tx, &promise).await?;
+                    let FormulaKind::Promise(p) = &mut f.kind else {
+                        return Err(Error::Invalid(
+                            "this capability is not a request's promise".into(),
+                        ));
+                    };
+                    if p.state != crate::PromiseState::Pending {
+                        return Err(Error::Invalid("the request is already settled".into()));
+                    }
+                    p.state = match s {
+                        Settlement::Resolved(r) => {
+                            crate::PromiseState::Resolved(adopt_ref(tx, &r, &own).await?)
+                        }
+                        Settlement::Rejected(why) => crate::PromiseState::Rejected(why),
+                    };
+                    let state = p.state.clone();
+                    if let crate::PromiseState::Resolved(t) = &state {
+                        model::note_ref(tx, t).await?;
+                    }
+                    model::put_formula(tx, &promise, &f)?;
+                    tx.set(&keys::inbound(&item), &now_ms().to_be_bytes())?;
+                    Ok((promise, Some(state)))
+                })
+            })
+            .await?;
+        if let Some(state) = state {
+            crate::promises::notify_settled(self.inner(), promise, state);
+        }
+        Ok(promise)
+    }
+}
