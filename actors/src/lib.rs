@@ -47,6 +47,8 @@
 //! - [`remote`]: references to objects of other clusters (locators).
 //! - [`gc`]: garbage collection of formulas (`capstan gc`).
 //! - [`search`]: search capabilities (BM25 and vector indexes).
+//! - [`embed_model`]: the node's local embedding model (a leaf: `types`
+//!   holds it in the runtime's options).
 //! - [`secrets`]: secrets at rest, sealed under a key kept out of the store.
 //! - `open_tx`: a store transaction held open across a guest's handlers.
 
@@ -56,6 +58,7 @@ pub mod cancel;
 pub mod clock;
 pub mod cluster;
 pub(crate) mod directory;
+pub mod embed_model;
 pub mod error;
 pub mod federation;
 pub mod gc;

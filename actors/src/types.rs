@@ -73,8 +73,8 @@ pub struct RuntimeOptions {
     pub secrets: Option<crate::secrets::SecretsKey>,
     /// The local embedding model (`start --embed-model DIR`): the vectors
     /// of search capabilities made without a provider (see
-    /// [`crate::search::local`]); `None`: those search full text only.
-    pub embed_model: Option<std::sync::Arc<crate::search::LocalModel>>,
+    /// [`crate::embed_model`]); `None`: those search full text only.
+    pub embed_model: Option<std::sync::Arc<crate::embed_model::LocalModel>>,
 }
 
 impl Default for RuntimeOptions {

@@ -2,7 +2,7 @@
 //! `mksearch --embed LLM` (an `llm` formula: OpenAI-compatible `POST
 //! /v1/embeddings` or Ollama `POST /api/embed`, charged to the searching
 //! agent's LLM budget), or, for a capability made without one, the node's
-//! local model ([`super::local`], `start --embed-model DIR`), which costs
+//! local model ([`crate::embed_model`], `start --embed-model DIR`), which costs
 //! nothing and calls nobody. Without either the search is full text only.
 
 use std::sync::Arc;
@@ -11,9 +11,9 @@ use std::time::Duration;
 use capstan_proto::FormulaId;
 use serde_json::{Value, json};
 
-use super::local::LocalModel;
 use super::{MAX_DIM, MAX_EMBED_RESPONSE, MAX_EMBED_TEXT, SearchSpec, hex_id};
 use crate::api::AgentHandle;
+use crate::embed_model::LocalModel;
 use crate::error::Error;
 use crate::records::FormulaKind;
 use crate::{keys, model};

@@ -60,7 +60,7 @@
 //! Vectors: cosine over embeddings from the provider given at `mksearch
 //! --embed LLM` (OpenAI-compatible `POST /v1/embeddings`, or Ollama `POST
 //! /api/embed`), or, for a capability made without one, from the node's
-//! local model ([`local`], `start --embed-model DIR`; see [`embed`]). The
+//! local model ([`crate::embed_model`], `start --embed-model DIR`; see [`embed`]). The
 //! two rankings are fused by Reciprocal Rank Fusion with k = 60. With
 //! neither the search is full text only. If the provider or the model
 //! fails, the answer is full text with the failure in its notes.
@@ -74,7 +74,6 @@
 
 mod embed;
 pub mod index;
-pub mod local;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -90,9 +89,9 @@ use crate::names::Path;
 use crate::records::{BodyRec, FormulaKind};
 use crate::{keys, model};
 
+pub use crate::embed_model::LocalModel;
 use embed::{EmbedError, Source};
 pub use index::{Index, RRF_K};
-pub use local::LocalModel;
 
 /// Largest `k`.
 pub const MAX_K: u32 = 100;
@@ -136,7 +135,7 @@ pub const SEARCH_SLOT: &str = "search";
 /// Largest embedding answer.
 const MAX_EMBED_RESPONSE: usize = 32 << 20;
 /// Longest embedding vector accepted.
-const MAX_DIM: usize = 8192;
+const MAX_DIM: usize = crate::embed_model::MAX_DIM;
 
 /// What a search capability searches; stored at `("gsr", value id)`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -120,12 +120,9 @@ pub enum Command {
         /// Not remembered.
         #[arg(long, value_name = "BYTES")]
         compiled_cache_bytes: Option<u64>,
-        /// The local embedding model of search capabilities made without
-        /// `--embed`: a Model2Vec folder (tokenizer.json,
-        /// model.safetensors, config.json), or a package folder whose
-        /// model/ is one, e.g. the static_model folder of `pip install
-        /// tokenlearn-static-model`. Read at start; nothing is downloaded.
-        /// Without it those search full text only. Not remembered.
+        /// Local embedding model for searches made without `--embed`: a
+        /// Model2Vec folder or a package folder holding one in model/, e.g.
+        /// static_model of `pip install tokenlearn-static-model`. Not remembered.
         #[arg(long, value_name = "DIR")]
         embed_model: Option<std::path::PathBuf>,
         #[command(flatten)]
@@ -305,9 +302,7 @@ pub enum Command {
         /// `sends`, `round-trips`, `guests` or `failover`.
         #[arg(long, value_name = "SECTION", value_parser = ["search", "store", "sends", "round-trips", "guests", "failover"])]
         only: Option<String>,
-        /// With `--only search`: the bench node's `start --embed-model`,
-        /// so the search capability gets vectors from the local model
-        /// (full text + vectors instead of full text).
+        /// With `--only search`: the bench node's `start --embed-model`.
         #[arg(long, value_name = "DIR")]
         embed_model: Option<PathBuf>,
         #[command(flatten)]

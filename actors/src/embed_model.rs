@@ -1,4 +1,6 @@
-//! The node's local embedding model (`start --embed-model DIR`): a static
+//! The node's local embedding model (`start --embed-model DIR`) that
+//! gives vectors to search capabilities made without a provider
+//! ([`crate::search`]): a static
 //! Model2Vec-style model (a token → vector table; a text's vector is the
 //! weighted mean of its tokens' vectors, normalized) read from a folder
 //! holding `tokenizer.json`, `model.safetensors` and `config.json`.
@@ -23,8 +25,10 @@ use std::sync::Arc;
 
 use model2vec_rs::model::StaticModel;
 
-use super::MAX_DIM;
 use crate::error::Error;
+
+/// Longest vector a model may give.
+pub const MAX_DIM: usize = 8192;
 
 /// Files of a model folder, and the most bytes each may have.
 const FILES: [(&str, u64); 3] = [
