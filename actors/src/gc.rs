@@ -30,7 +30,14 @@
 //!    condemned formula clears its mark and rewrites `gc-rescued` in the
 //!    same transaction, so the sweep either sees the rescue (and stops,
 //!    deleting nothing more: "run again") or conflicts and retries. A writer
-//!    that comes after the delete finds no formula and fails cleanly.
+//!    that comes after the delete finds no formula and fails cleanly. The
+//!    sweep reads only the key families a formula can have (a value's
+//!    chunks, a directory's names, …: what the mark saw of its kind). A
+//!    family too large for one transaction (a directory of 100,000 names)
+//!    is not cleared there: the transaction deletes the formula and writes
+//!    a swept mark `("gcz", id)`, and the family is then cleared a page per
+//!    transaction; a pass killed before that is done leaves the mark, and
+//!    the next pass finishes the clearing.
 //!
 //! Then exactly-once answers (`("d", …)`, `("in", …)`) older than the
 //! retention are dropped.
@@ -46,6 +53,9 @@
 //! each transaction takes as many as fit under that limit instead, its
 //! conflict-checked reads included (etcd counts them as compares).
 //!
+//! The condemn and sweep steps keep two transactions in flight, so that
+//! one reads while the store commits the other.
+//!
 //! A node serves its requests on one thread, so a pass gives way to them:
 //! it yields after every page of the mark, every [`WALK_SLICE`] formulas of
 //! the reachability walk and every transaction, and no transaction of a
@@ -54,6 +64,9 @@
 //! such slice (figures: `capstan bench --gc-formulas 100000`).
 
 use std::collections::{HashMap, HashSet, VecDeque};
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -83,10 +96,14 @@ pub const CONDEMN_BATCH: usize = 1024;
 /// [`SWEEP_WRITES_PER_FORMULA`] writes there.
 pub const SWEEP_KEYS: usize = 2048;
 /// Writes the sweep of one formula makes at most: its condemned mark, its
-/// record, its reference stamp, and one range clear each for its value
-/// chunks, its names, its reverse names, its locators and (an eval
-/// result) its dependencies.
-pub const SWEEP_WRITES_PER_FORMULA: usize = 8;
+/// record, its reference stamp, one range clear each for its key families
+/// (reverse names, locators, and a value's chunks or a directory's names
+/// and change log, and an eval result's dependencies) and its swept mark.
+pub const SWEEP_WRITES_PER_FORMULA: usize = 9;
+/// Sweep and condemn transactions of a pass in flight at once: one reads
+/// while the store commits the other.
+const SWEEP_IN_FLIGHT: usize = 2;
+const CONDEMN_IN_FLIGHT: usize = 2;
 /// Conflict-checked reads the sweep of one formula makes (its mark, its
 /// record, its stamp); the transaction reads the rescue key once more.
 const SWEEP_READS_PER_FORMULA: usize = 3;
@@ -150,11 +167,36 @@ pub enum GcPhase {
 /// Progress callback: phase, done, total (0 when unknown).
 pub type Progress = Arc<dyn Fn(GcPhase, u64, u64) + Send + Sync>;
 
+/// What the mark knows of one formula.
+#[derive(Debug, Clone, Copy)]
+struct Info {
+    collectable: bool,
+    kind: Shape,
+}
+
+/// Which of a formula's key families the sweep must clear besides its
+/// record, stamp and mark (see [`families`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// Value chunks `("v", id, …)`.
+    Value,
+    /// Names `("n", id, …)` and the change log `("dchg", id, …)`: a
+    /// directory may get names after the mark's snapshot from a writer
+    /// that holds its id, so these are always read.
+    Directory,
+    /// Neither (promises, remote references, kinds never collected).
+    Other,
+}
+
 /// What the mark read from one snapshot.
 #[derive(Default)]
 struct Graph {
-    /// Every formula: its kind name and whether it is collectable.
-    formulas: HashMap<FormulaId, (bool, bool)>,
+    /// Every formula.
+    formulas: HashMap<FormulaId, Info>,
+    /// Eval results with recorded dependencies (`("evd", id)`).
+    with_deps: HashSet<FormulaId>,
+    /// Formulas deleted by an earlier pass with keys left to clear.
+    swept: Vec<FormulaId>,
     edges: HashMap<FormulaId, Vec<FormulaId>>,
     roots: Vec<FormulaId>,
     stamps: HashMap<FormulaId, Vec<u8>>,
@@ -205,7 +247,7 @@ async fn scan(
 
 /// Formula ids found in bytes that are not decoded here: raw 32-byte ids
 /// and 64-character lowercase hex.
-fn ids_in(bytes: &[u8], known: &HashMap<FormulaId, (bool, bool)>, out: &mut Vec<FormulaId>) {
+fn ids_in(bytes: &[u8], known: &HashMap<FormulaId, Info>, out: &mut Vec<FormulaId>) {
     if bytes.len() >= 32 {
         for w in bytes.windows(32) {
             let id = FormulaId(w.try_into().unwrap_or([0; 32]));
@@ -238,7 +280,7 @@ fn ids_in(bytes: &[u8], known: &HashMap<FormulaId, (bool, bool)>, out: &mut Vec<
 
 /// Formula ids that are elements of a tuple key (escaped there, so not
 /// found by a search of the raw bytes when an id holds a zero byte).
-fn ids_in_key(key: &[u8], known: &HashMap<FormulaId, (bool, bool)>, out: &mut Vec<FormulaId>) {
+fn ids_in_key(key: &[u8], known: &HashMap<FormulaId, Info>, out: &mut Vec<FormulaId>) {
     let mut rest = key;
     while !rest.is_empty() {
         let mut r = TupleReader::new(rest);
@@ -319,8 +361,12 @@ async fn mark(snap: &dyn Snapshot) -> Result<Graph, Error> {
         if !collectable {
             g.roots.push(id);
         }
-        g.formulas
-            .insert(id, (collectable, matches!(f.kind, FormulaKind::Value(_))));
+        let kind = match f.kind {
+            FormulaKind::Value(_) => Shape::Value,
+            FormulaKind::Directory => Shape::Directory,
+            _ => Shape::Other,
+        };
+        g.formulas.insert(id, Info { collectable, kind });
         g.edges.entry(id).or_default().extend(e);
     }
     // Everything else, subspace by subspace.
@@ -376,12 +422,14 @@ async fn mark(snap: &dyn Snapshot) -> Result<Graph, Error> {
                 // An eval result keeps what it was computed from.
                 "evd" => {
                     let result = id_in_key(k, 1)?;
+                    g.with_deps.insert(result);
                     g.edges
                         .entry(result)
                         .or_default()
                         .extend(keys::decode_eval_deps(v));
                 }
                 "gcx" => g.condemned.push(id_in_key(k, 1)?),
+                "gcz" => g.swept.push(id_in_key(k, 1)?),
                 "meta" => {}
                 // Placements, outbox items, guest bodies, manifests and
                 // journals, LLM records, cluster records, anything newer:
@@ -443,326 +491,709 @@ fn size_of(rows: &[(Vec<u8>, Vec<u8>)]) -> u64 {
     rows.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum()
 }
 
+/// What the sweep of one condemned formula clears besides its record,
+/// stamp and mark.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    kind: Shape,
+    /// An eval result with recorded dependencies.
+    deps: bool,
+}
+
+/// The key families of formula `id` that the sweep clears, by what the mark
+/// knows of it: its reverse names and locators always; a value's chunks, a
+/// directory's names and change log, an eval result's dependencies. (A
+/// value gets no names, and nothing gets chunks or dependencies, after it
+/// is written; only a directory can gain keys after the mark, from a
+/// writer holding its id: its families are always read.)
+fn families(id: &FormulaId, plan: Option<Plan>) -> Vec<Vec<u8>> {
+    let mut f = vec![
+        TupleKey::new().str("r").bytes(id.as_bytes()).into_vec(),
+        keys::locators_of(id),
+    ];
+    match plan {
+        Some(Plan {
+            kind: Shape::Value,
+            deps,
+        }) => {
+            f.push(keys::value(id));
+            if deps {
+                f.push(keys::eval_deps(id));
+            }
+        }
+        Some(Plan {
+            kind: Shape::Directory,
+            deps,
+        }) => {
+            f.push(keys::names_of_dir(id));
+            f.push(keys::dir_watch(id));
+            if deps {
+                f.push(keys::eval_deps(id));
+            }
+        }
+        Some(Plan {
+            kind: Shape::Other,
+            deps,
+        }) => {
+            if deps {
+                f.push(keys::eval_deps(id));
+            }
+        }
+        // Unknown to the mark (a pass that died left it): everything.
+        None => {
+            f.push(keys::value(id));
+            f.push(keys::names_of_dir(id));
+            f.push(keys::dir_watch(id));
+            f.push(keys::eval_deps(id));
+        }
+    }
+    f
+}
+
+/// Candidates with the reference stamps the mark read.
+type StampBatch = Vec<(FormulaId, Option<Vec<u8>>)>;
+
+/// What one sweep transaction did.
+#[derive(Debug, Default)]
+struct Swept {
+    /// Formulas of the offered range it took (a prefix).
+    took: usize,
+    formulas: u64,
+    values: u64,
+    keys: u64,
+    bytes: u64,
+    /// Deleted, with a family too large for this transaction: cleared
+    /// after it ([`clear_swept`]).
+    left: Vec<FormulaId>,
+}
+
+/// One sweep transaction over `condemned[range]` (a prefix of it, as many
+/// as fit: see the module docs); `None` if a writer rescued a condemned
+/// formula since the mark (nothing is deleted then).
+async fn sweep_some(
+    db: capstan_cluster::Db,
+    condemned: Arc<Vec<FormulaId>>,
+    range: std::ops::Range<usize>,
+    plans: Arc<HashMap<FormulaId, Plan>>,
+    rescued: Arc<Option<Vec<u8>>>,
+    limit: usize,
+) -> Result<Option<Swept>, Error> {
+    let reads_limit = limit.saturating_sub(1);
+    let t0 = Instant::now();
+    let r = db
+        .transact(move |tx| {
+            let (condemned, range, plans, rescued) = (
+                condemned.clone(),
+                range.clone(),
+                plans.clone(),
+                rescued.clone(),
+            );
+            Box::pin(async move {
+                if tx.get(&keys::gc_rescued()).await? != *rescued {
+                    return Ok::<_, Error>(None);
+                }
+                let batch = &condemned[range];
+                let mut ahead = Vec::new();
+                for id in batch {
+                    ahead.push(keys::condemned(id));
+                    ahead.push(keys::formula(id));
+                    ahead.push(keys::formula_ref(id));
+                }
+                tx.prefetch(&ahead).await?;
+                let mut sw = Swept::default();
+                let mut reads = 1usize;
+                for id in batch {
+                    if sw.took > 0
+                        && (sw.keys as usize >= SWEEP_KEYS
+                            || tx.mutation_count() + SWEEP_WRITES_PER_FORMULA > limit
+                            || reads + SWEEP_READS_PER_FORMULA > reads_limit)
+                    {
+                        break;
+                    }
+                    sw.took += 1;
+                    reads += SWEEP_READS_PER_FORMULA;
+                    let ck = keys::condemned(id);
+                    if tx.get(&ck).await?.is_none() {
+                        continue;
+                    }
+                    tx.clear(&ck);
+                    sw.keys += 1;
+                    sw.bytes += ck.len() as u64;
+                    let fk = keys::formula(id);
+                    let Some(f) = tx.get(&fk).await? else {
+                        continue;
+                    };
+                    let rk = keys::formula_ref(id);
+                    if let Some(r) = tx.get(&rk).await? {
+                        sw.keys += 1;
+                        sw.bytes += (rk.len() + r.len()) as u64;
+                        tx.clear(&rk);
+                    }
+                    tx.clear(&fk);
+                    sw.formulas += 1;
+                    sw.keys += 1;
+                    sw.bytes += (fk.len() + f.len()) as u64;
+                    let plan = plans.get(id).copied();
+                    if plan.is_some_and(|p| p.kind == Shape::Value) {
+                        sw.values += 1;
+                    }
+                    let mut big = false;
+                    for prefix in families(id, plan) {
+                        let rows = tx
+                            .snapshot_range(&RangeOption {
+                                begin: prefix.clone(),
+                                end: prefix_end(&prefix),
+                                limit: SWEEP_KEYS + 1,
+                                reverse: false,
+                            })
+                            .await?;
+                        if rows.len() > SWEEP_KEYS {
+                            // Too many for one transaction: after it.
+                            big = true;
+                        } else if !rows.is_empty() {
+                            sw.keys += rows.len() as u64;
+                            sw.bytes += size_of(&rows);
+                            tx.clear_prefix(&prefix);
+                        }
+                    }
+                    if big {
+                        tx.set(&keys::swept(id), &[])?;
+                        sw.left.push(*id);
+                    }
+                }
+                Ok(Some(sw))
+            })
+        })
+        .await?;
+    if let Some(sw) = &r {
+        tracing::debug!(
+            took = sw.took,
+            keys = sw.keys,
+            us = t0.elapsed().as_micros() as u64,
+            "gc: sweep transaction"
+        );
+    }
+    Ok(r)
+}
+
+/// Clears the keys left of formula `id`, deleted by a sweep that found
+/// too many for its transaction (its `("gcz", id)` mark says so), a page
+/// per transaction, then the mark. Nobody writes them any more: a writer
+/// that holds the id finds no formula and fails. Returns the keys and
+/// bytes cleared.
+async fn clear_swept(
+    db: &capstan_cluster::Db,
+    id: FormulaId,
+    limit: usize,
+) -> Result<(u64, u64), Error> {
+    let page = SWEEP_KEYS.min(limit.saturating_sub(1)).max(1);
+    let (mut nkeys, mut bytes) = (0u64, 0u64);
+    for prefix in families(&id, None) {
+        loop {
+            let prefix = Arc::new(prefix.clone());
+            let (n, b) = db
+                .transact(move |tx| {
+                    let prefix = prefix.clone();
+                    Box::pin(async move {
+                        let rows = tx
+                            .snapshot_range(&RangeOption {
+                                begin: prefix.to_vec(),
+                                end: prefix_end(&prefix),
+                                limit: page,
+                                reverse: false,
+                            })
+                            .await?;
+                        if let Some((last, _)) = rows.last() {
+                            tx.clear_range(&prefix, &key_after(last));
+                        }
+                        Ok::<_, Error>((rows.len() as u64, size_of(&rows)))
+                    })
+                })
+                .await?;
+            nkeys += n;
+            bytes += b;
+            // Between transactions, the node's requests run.
+            tokio::task::yield_now().await;
+            if n < page as u64 {
+                break;
+            }
+        }
+    }
+    let k = keys::swept(&id);
+    db.transact(move |tx| {
+        let k = k.clone();
+        Box::pin(async move {
+            tx.clear(&k);
+            Ok::<_, Error>(())
+        })
+    })
+    .await?;
+    tracing::debug!(id = %id.short(), keys = nkeys, "gc: cleared what a sweep left");
+    Ok((nkeys + 1, bytes))
+}
+
 impl Runtime {
-    /// Runs one collection pass (see the module documentation).
+    /// Runs one collection pass (see the module documentation) on a thread
+    /// of its own, and waits for it.
+    ///
+    /// Why a thread: a node serves its requests on one thread, and a pass
+    /// is minutes of CPU over a large store. Run there, even yielding after
+    /// every slice, it kept that thread always busy, and tokio's
+    /// current-thread scheduler then looks at its sockets only every few
+    /// dozen task polls: sends stalled for 100-400 ms at a time (100,000
+    /// formulas; `capstan bench --gc-formulas`). On its own thread the pass
+    /// shares the machine's cores, not the node's thread. The pass goes on
+    /// if the caller stops waiting (each step is safe to finish).
     pub async fn gc(&self, opts: &GcOptions, progress: Progress) -> Result<GcReport, Error> {
         // One pass at a time on this node (passes on other nodes are safe:
         // every step re-checks in its transaction).
         static PASS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
         let _pass = PASS.lock().await;
-        let started = Instant::now();
-        let mut report = GcReport::default();
-        let db = self.db().clone();
+        let (db, opts) = (self.db().clone(), opts.clone());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("capstan-gc".into())
+            .spawn(move || {
+                let r = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt.block_on(pass(db, opts, progress)),
+                    Err(e) => Err(Error::Unavailable(format!(
+                        "cannot start the collector's runtime: {e}"
+                    ))),
+                };
+                let _ = tx.send(r);
+            })
+            .map_err(|e| Error::Unavailable(format!("cannot start the collector's thread: {e}")))?;
+        rx.await.map_err(|_| {
+            Error::Unavailable("the collection pass stopped before it ended; run it again".into())
+        })?
+    }
+}
 
-        progress(GcPhase::Mark, 0, 0);
-        let g = {
-            let snap = db.store().snapshot().await?;
-            mark(snap.as_ref()).await?
-        };
-        let live = reach(g.roots.iter().copied(), &g.edges, None).await;
-        let mut candidates: Vec<FormulaId> = g
-            .formulas
-            .iter()
-            .filter(|(id, (collectable, _))| *collectable && !live.contains(id))
-            .map(|(id, _)| *id)
-            .collect();
-        // In key order: each batch then reads and deletes neighbouring keys
-        // (few pages of the embedded store's tree per transaction).
-        candidates.sort_unstable();
-        tokio::task::yield_now().await;
-        let limit = write_limit(&db);
-        // Two conflict-checked reads and one write per candidate (etcd
-        // counts the reads as compares, under the same limit).
-        let condemn_batch = (limit / 2).saturating_sub(1).clamp(1, CONDEMN_BATCH);
-        report.scanned = g.formulas.len() as u64;
-        report.reachable = g.formulas.keys().filter(|id| live.contains(id)).count() as u64;
-        report.candidates = candidates.len() as u64;
-        tracing::info!(
-            formulas = report.scanned,
-            reachable = report.reachable,
-            candidates = report.candidates,
-            "gc: marked"
-        );
+/// One collection pass over `db` (see the module documentation).
+async fn pass(
+    db: capstan_cluster::Db,
+    opts: GcOptions,
+    progress: Progress,
+) -> Result<GcReport, Error> {
+    let opts = &opts;
+    let started = Instant::now();
+    let mut report = GcReport::default();
 
-        // Condemn.
-        let mut condemned: Vec<FormulaId> = Vec::new();
-        let mut survivors: Vec<FormulaId> = Vec::new();
-        for (n, batch) in candidates.chunks(condemn_batch).enumerate() {
-            progress(
-                GcPhase::Condemn,
-                (n * condemn_batch) as u64,
-                candidates.len() as u64,
-            );
-            let batch: Arc<Vec<(FormulaId, Option<Vec<u8>>)>> = Arc::new(
+    progress(GcPhase::Mark, 0, 0);
+    let g = {
+        let snap = db.store().snapshot().await?;
+        mark(snap.as_ref()).await?
+    };
+    let live = reach(g.roots.iter().copied(), &g.edges, None).await;
+    let mut candidates: Vec<FormulaId> = g
+        .formulas
+        .iter()
+        .filter(|(id, info)| info.collectable && !live.contains(id))
+        .map(|(id, _)| *id)
+        .collect();
+    // In key order: each batch then reads and deletes neighbouring keys
+    // (few pages of the embedded store's tree per transaction).
+    candidates.sort_unstable();
+    tokio::task::yield_now().await;
+    let limit = write_limit(&db);
+    // Two conflict-checked reads and one write per candidate (etcd
+    // counts the reads as compares, under the same limit).
+    let condemn_batch = (limit / 2).saturating_sub(1).clamp(1, CONDEMN_BATCH);
+    report.scanned = g.formulas.len() as u64;
+    report.reachable = g.formulas.keys().filter(|id| live.contains(id)).count() as u64;
+    report.candidates = candidates.len() as u64;
+    tracing::info!(
+        formulas = report.scanned,
+        reachable = report.reachable,
+        candidates = report.candidates,
+        ms = started.elapsed().as_millis() as u64,
+        "gc: marked"
+    );
+
+    // Condemn: CONDEMN_IN_FLIGHT transactions at once (one reads while
+    // the store commits another).
+    let batches: Vec<Arc<StampBatch>> = candidates
+        .chunks(condemn_batch)
+        .map(|batch| {
+            Arc::new(
                 batch
                     .iter()
                     .map(|id| (*id, g.stamps.get(id).cloned()))
                     .collect(),
-            );
-            let (c, s) = db
-                .transact(move |tx| {
-                    let batch = batch.clone();
-                    Box::pin(async move {
-                        let mut ahead = Vec::new();
-                        for (id, _) in batch.iter() {
-                            ahead.push(keys::formula_ref(id));
-                            ahead.push(keys::formula(id));
-                        }
-                        tx.prefetch(&ahead).await?;
-                        let (mut c, mut s) = (Vec::new(), Vec::new());
-                        for (id, stamp) in batch.iter() {
-                            if tx.get(&keys::formula(id)).await?.is_none() {
-                                continue;
-                            }
-                            if tx.get(&keys::formula_ref(id)).await? == *stamp {
-                                tx.set(&keys::condemned(id), &[])?;
-                                c.push(*id);
-                            } else {
-                                s.push(*id);
-                            }
-                        }
-                        Ok::<_, Error>((c, s))
-                    })
-                })
-                .await?;
-            condemned.extend(c);
-            survivors.extend(s);
-            // Between transactions, the node's requests run.
-            tokio::task::yield_now().await;
-        }
-
-        // Spare what the survivors reach, and stale marks of earlier passes.
-        let cand_set: HashSet<FormulaId> = candidates.iter().copied().collect();
-        let spared = reach(survivors.iter().copied(), &g.edges, Some(&cand_set)).await;
-        report.kept = spared.len() as u64;
-        let condemned_set: HashSet<FormulaId> = condemned.iter().copied().collect();
-        let mut unmark: Vec<FormulaId> = spared
-            .iter()
-            .filter(|id| condemned_set.contains(id))
-            .copied()
-            .collect();
-        unmark.extend(
-            g.condemned
-                .iter()
-                .filter(|id| !condemned_set.contains(id))
-                .copied(),
-        );
-        condemned.retain(|id| !spared.contains(id));
-        Self::unmark(&db, &unmark).await?;
-
-        // Sweep.
-        let total = condemned.len() as u64;
-        let rescued = Arc::new(g.rescued.clone());
-        let values: Arc<HashSet<FormulaId>> = Arc::new(
-            condemned
-                .iter()
-                .filter(|id| g.formulas.get(id).is_some_and(|f| f.1))
-                .copied()
-                .collect(),
-        );
-        // A transaction takes formulas from `condemned[at..]` until it has
-        // deleted SWEEP_KEYS keys or could not take another formula's writes
-        // under the backend's limit; it says how many it took.
-        // The formulas offered to a transaction start at what the writes
-        // limit allows at worst and double while a transaction takes them
-        // all (most formulas write fewer keys than the worst case).
-        let reads_limit = limit.saturating_sub(1);
-        let mut offer = (limit / SWEEP_WRITES_PER_FORMULA).max(1);
-        let mut at = 0usize;
-        while at < condemned.len() {
-            progress(GcPhase::Sweep, at as u64, total);
-            let upto = (at + offer).min(condemned.len());
-            let batch = Arc::new(condemned[at..upto].to_vec());
-            let (rescued, values) = (rescued.clone(), values.clone());
-            let done = db
-                .transact(move |tx| {
-                    let (batch, rescued, values) = (batch.clone(), rescued.clone(), values.clone());
-                    Box::pin(async move {
-                        if tx.get(&keys::gc_rescued()).await? != *rescued {
-                            return Ok::<_, Error>(None);
-                        }
-                        let mut ahead = Vec::new();
-                        for id in batch.iter() {
-                            ahead.push(keys::condemned(id));
-                            ahead.push(keys::formula(id));
-                            ahead.push(keys::formula_ref(id));
-                        }
-                        tx.prefetch(&ahead).await?;
-                        let (mut took, mut formulas, mut vals, mut nkeys, mut bytes) =
-                            (0usize, 0u64, 0u64, 0u64, 0u64);
-                        let mut reads = 1usize;
-                        for id in batch.iter() {
-                            if took > 0
-                                && (nkeys as usize >= SWEEP_KEYS
-                                    || tx.mutation_count() + SWEEP_WRITES_PER_FORMULA > limit
-                                    || reads + SWEEP_READS_PER_FORMULA > reads_limit)
-                            {
-                                break;
-                            }
-                            took += 1;
-                            reads += SWEEP_READS_PER_FORMULA;
-                            let ck = keys::condemned(id);
-                            if tx.get(&ck).await?.is_none() {
-                                continue;
-                            }
-                            tx.clear(&ck);
-                            nkeys += 1;
-                            bytes += ck.len() as u64;
-                            let fk = keys::formula(id);
-                            let Some(f) = tx.get(&fk).await? else {
-                                continue;
-                            };
-                            let rk = keys::formula_ref(id);
-                            if let Some(r) = tx.get(&rk).await? {
-                                nkeys += 1;
-                                bytes += (rk.len() + r.len()) as u64;
-                                tx.clear(&rk);
-                            }
-                            tx.clear(&fk);
-                            formulas += 1;
-                            nkeys += 1;
-                            bytes += (fk.len() + f.len()) as u64;
-                            if values.contains(id) {
-                                vals += 1;
-                            }
-                            for prefix in [
-                                keys::value(id),
-                                keys::names_of_dir(id),
-                                keys::dir_watch(id),
-                                TupleKey::new().str("r").bytes(id.as_bytes()).into_vec(),
-                                keys::locators_of(id),
-                                keys::eval_deps(id),
-                            ] {
-                                let rows = tx
-                                    .snapshot_range(&RangeOption {
-                                        begin: prefix.clone(),
-                                        end: prefix_end(&prefix),
-                                        limit: 0,
-                                        reverse: false,
-                                    })
-                                    .await?;
-                                if !rows.is_empty() {
-                                    nkeys += rows.len() as u64;
-                                    bytes += size_of(&rows);
-                                    tx.clear_prefix(&prefix);
-                                }
-                            }
-                        }
-                        Ok(Some((took, formulas, vals, nkeys, bytes)))
-                    })
-                })
-                .await?;
-            match done {
-                Some((took, f, v, k, b)) => {
-                    if took == upto - at {
-                        offer = (offer * 2).min(limit);
-                    }
-                    at += took.max(1);
-                    report.formulas += f;
-                    report.values += v;
-                    report.keys += k;
-                    report.bytes += b;
-                }
-                None => {
-                    tracing::info!("gc: a condemned formula was referenced again; pass stopped");
-                    report.interrupted = true;
-                    let rest = condemned[at..].to_vec();
-                    Self::unmark(&db, &rest).await?;
-                    break;
-                }
-            }
-            // Between transactions, the node's requests run.
-            tokio::task::yield_now().await;
-        }
-
-        self.expire_answers(opts, &progress, &mut report).await?;
-        report.elapsed_ms = started.elapsed().as_millis() as u64;
-        tracing::info!(?report, "gc: pass done");
-        Ok(report)
-    }
-
-    /// Clears the condemned marks of `ids` (the formulas are kept).
-    async fn unmark(db: &capstan_cluster::Db, ids: &[FormulaId]) -> Result<(), Error> {
-        for batch in ids.chunks(ANSWER_BATCH.min(write_limit(db))) {
-            let batch = Arc::new(batch.to_vec());
+            )
+        })
+        .collect();
+    let mut condemned: Vec<FormulaId> = Vec::new();
+    let mut survivors: Vec<FormulaId> = Vec::new();
+    let mut decided = 0u64;
+    let mut runs = futures::stream::iter(batches.into_iter().map(|batch| {
+        let db = db.clone();
+        async move {
             db.transact(move |tx| {
                 let batch = batch.clone();
                 Box::pin(async move {
-                    for id in batch.iter() {
-                        tx.clear(&keys::condemned(id));
+                    let mut ahead = Vec::new();
+                    for (id, _) in batch.iter() {
+                        ahead.push(keys::formula_ref(id));
+                        ahead.push(keys::formula(id));
                     }
-                    Ok::<_, Error>(())
+                    tx.prefetch(&ahead).await?;
+                    let (mut c, mut s) = (Vec::new(), Vec::new());
+                    for (id, stamp) in batch.iter() {
+                        if tx.get(&keys::formula(id)).await?.is_none() {
+                            continue;
+                        }
+                        if tx.get(&keys::formula_ref(id)).await? == *stamp {
+                            tx.set(&keys::condemned(id), &[])?;
+                            c.push(*id);
+                        } else {
+                            s.push(*id);
+                        }
+                    }
+                    Ok::<_, Error>((c, s, batch.len()))
                 })
             })
-            .await?;
+            .await
         }
-        Ok(())
+    }))
+    .buffer_unordered(CONDEMN_IN_FLIGHT);
+    progress(GcPhase::Condemn, 0, candidates.len() as u64);
+    while let Some(r) = runs.next().await {
+        let (c, s, n) = r?;
+        condemned.extend(c);
+        survivors.extend(s);
+        decided += n as u64;
+        progress(GcPhase::Condemn, decided, candidates.len() as u64);
+        // Between transactions, the node's requests run.
+        tokio::task::yield_now().await;
+    }
+    drop(runs);
+    // Back in key order for the sweep.
+    condemned.sort_unstable();
+
+    // Spare what the survivors reach, and stale marks of earlier passes.
+    let cand_set: HashSet<FormulaId> = candidates.iter().copied().collect();
+    let spared = reach(survivors.iter().copied(), &g.edges, Some(&cand_set)).await;
+    report.kept = spared.len() as u64;
+    let condemned_set: HashSet<FormulaId> = condemned.iter().copied().collect();
+    let mut unmark: Vec<FormulaId> = spared
+        .iter()
+        .filter(|id| condemned_set.contains(id))
+        .copied()
+        .collect();
+    unmark.extend(
+        g.condemned
+            .iter()
+            .filter(|id| !condemned_set.contains(id))
+            .copied(),
+    );
+    condemned.retain(|id| !spared.contains(id));
+    clear_marks(&db, &unmark).await?;
+
+    tracing::info!(
+        condemned = condemned.len(),
+        kept = report.kept,
+        ms = started.elapsed().as_millis() as u64,
+        "gc: condemned"
+    );
+
+    // Sweep: SWEEP_IN_FLIGHT transactions at once (one reads while the
+    // store commits another). A transaction is offered a range of
+    // `condemned` and takes a prefix of it (see `sweep_some`); the rest
+    // of the range is offered again. The formulas offered start at what
+    // the writes limit allows at worst and double while a transaction
+    // takes them all (most formulas write fewer keys than the worst
+    // case).
+    let total = condemned.len() as u64;
+    let plans: Arc<HashMap<FormulaId, Plan>> = Arc::new(
+        condemned
+            .iter()
+            .filter_map(|id| {
+                g.formulas.get(id).map(|i| {
+                    (
+                        *id,
+                        Plan {
+                            kind: i.kind,
+                            deps: g.with_deps.contains(id),
+                        },
+                    )
+                })
+            })
+            .collect(),
+    );
+    let condemned = Arc::new(condemned);
+    let rescued = Arc::new(g.rescued.clone());
+    let mut offer = (limit / SWEEP_WRITES_PER_FORMULA).max(1);
+    let mut queue: VecDeque<std::ops::Range<usize>> = VecDeque::new();
+    let mut next = 0usize;
+    let mut done = 0u64;
+    let mut stopped: Option<std::ops::Range<usize>> = None;
+    let mut left: Vec<FormulaId> = g.swept.clone();
+    let mut running = FuturesUnordered::new();
+    progress(GcPhase::Sweep, 0, total);
+    loop {
+        while stopped.is_none() && running.len() < SWEEP_IN_FLIGHT {
+            let r = match queue.pop_front() {
+                Some(r) => r,
+                None if next < condemned.len() => {
+                    let r = next..(next + offer).min(condemned.len());
+                    next = r.end;
+                    r
+                }
+                None => break,
+            };
+            let run = sweep_some(
+                db.clone(),
+                condemned.clone(),
+                r.clone(),
+                plans.clone(),
+                rescued.clone(),
+                limit,
+            );
+            running.push(async move { (r, run.await) });
+        }
+        let Some((r, outcome)) = running.next().await else {
+            break;
+        };
+        match outcome? {
+            Some(sw) => {
+                if sw.took == r.len() {
+                    offer = (offer * 2).min(limit);
+                } else {
+                    queue.push_back(r.start + sw.took..r.end);
+                }
+                done += sw.took as u64;
+                report.formulas += sw.formulas;
+                report.values += sw.values;
+                report.keys += sw.keys;
+                report.bytes += sw.bytes;
+                left.extend(sw.left);
+                progress(GcPhase::Sweep, done, total);
+            }
+            None => {
+                if stopped.is_none() {
+                    tracing::info!("gc: a condemned formula was referenced again; pass stopped");
+                }
+                report.interrupted = true;
+                // What this range and the ones not offered yet hold
+                // stays, unmarked, once the running ones are done.
+                queue.push_back(r);
+                stopped = Some(next..condemned.len());
+            }
+        }
+        // Between transactions, the node's requests run.
+        tokio::task::yield_now().await;
+    }
+    if let Some(rest) = stopped {
+        let mut keep: Vec<FormulaId> = condemned[rest].to_vec();
+        for r in queue {
+            keep.extend_from_slice(&condemned[r]);
+        }
+        clear_marks(&db, &keep).await?;
+    }
+    tracing::info!(
+        formulas = report.formulas,
+        ms = started.elapsed().as_millis() as u64,
+        "gc: swept"
+    );
+    // Formulas deleted with keys left to clear (this pass's, and those
+    // of a pass that died before it cleared them).
+    left.sort_unstable();
+    left.dedup();
+    for id in left {
+        let (keys, bytes) = clear_swept(&db, id, limit).await?;
+        report.keys += keys;
+        report.bytes += bytes;
     }
 
-    /// Drops exactly-once records older than the retention.
-    async fn expire_answers(
-        &self,
-        opts: &GcOptions,
-        progress: &Progress,
-        report: &mut GcReport,
-    ) -> Result<(), Error> {
-        let now = crate::api::now_ms();
-        let cutoff = now.saturating_sub(opts.keep_answers_ms);
-        let db = self.db().clone();
-        for prefix in [keys::dedup_all(), TupleKey::new().str("in").into_vec()] {
-            let end = prefix_end(&prefix);
-            let mut begin = prefix.clone();
-            loop {
-                progress(GcPhase::Answers, report.answers, 0);
-                let rows = db
-                    .store()
-                    .snapshot()
-                    .await?
-                    .range(&RangeOption {
-                        begin: begin.clone(),
-                        end: end.clone(),
-                        limit: PAGE,
-                        reverse: false,
-                    })
-                    .await?;
-                let Some((last, _)) = rows.last() else { break };
-                let full = rows.len() == PAGE;
-                begin = key_after(last);
-                let mut old = Vec::new();
-                for (k, v) in rows {
-                    let at = if first_str(&k) == "d" {
-                        DedupAnswer::decode_at_ms(&v)?
-                    } else {
-                        u64::from_be_bytes(v.as_slice().try_into().unwrap_or([0xFF; 8]))
-                    };
-                    if at < cutoff {
-                        old.push((k, v));
-                    }
+    expire_answers(&db, opts, &progress, &mut report).await?;
+    report.elapsed_ms = started.elapsed().as_millis() as u64;
+    tracing::info!(?report, "gc: pass done");
+    Ok(report)
+}
+
+/// Clears the condemned marks of `ids` (the formulas are kept).
+async fn clear_marks(db: &capstan_cluster::Db, ids: &[FormulaId]) -> Result<(), Error> {
+    for batch in ids.chunks(ANSWER_BATCH.min(write_limit(db))) {
+        let batch = Arc::new(batch.to_vec());
+        db.transact(move |tx| {
+            let batch = batch.clone();
+            Box::pin(async move {
+                for id in batch.iter() {
+                    tx.clear(&keys::condemned(id));
                 }
-                for batch in old.chunks(ANSWER_BATCH.min(write_limit(&db))) {
-                    let ks: Arc<Vec<Vec<u8>>> =
-                        Arc::new(batch.iter().map(|(k, _)| k.clone()).collect());
-                    db.transact(move |tx| {
-                        let ks = ks.clone();
+                Ok::<_, Error>(())
+            })
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+/// Drops exactly-once records older than the retention.
+async fn expire_answers(
+    db: &capstan_cluster::Db,
+    opts: &GcOptions,
+    progress: &Progress,
+    report: &mut GcReport,
+) -> Result<(), Error> {
+    let now = crate::api::now_ms();
+    let cutoff = now.saturating_sub(opts.keep_answers_ms);
+    for prefix in [keys::dedup_all(), TupleKey::new().str("in").into_vec()] {
+        let end = prefix_end(&prefix);
+        let mut begin = prefix.clone();
+        loop {
+            progress(GcPhase::Answers, report.answers, 0);
+            let rows = db
+                .store()
+                .snapshot()
+                .await?
+                .range(&RangeOption {
+                    begin: begin.clone(),
+                    end: end.clone(),
+                    limit: PAGE,
+                    reverse: false,
+                })
+                .await?;
+            let Some((last, _)) = rows.last() else { break };
+            let full = rows.len() == PAGE;
+            begin = key_after(last);
+            let mut old = Vec::new();
+            for (k, v) in rows {
+                let at = if first_str(&k) == "d" {
+                    DedupAnswer::decode_at_ms(&v)?
+                } else {
+                    u64::from_be_bytes(v.as_slice().try_into().unwrap_or([0xFF; 8]))
+                };
+                if at < cutoff {
+                    old.push((k, v));
+                }
+            }
+            for batch in old.chunks(ANSWER_BATCH.min(write_limit(db))) {
+                let ks: Arc<Vec<Vec<u8>>> =
+                    Arc::new(batch.iter().map(|(k, _)| k.clone()).collect());
+                db.transact(move |tx| {
+                    let ks = ks.clone();
+                    Box::pin(async move {
+                        for k in ks.iter() {
+                            tx.clear(k);
+                        }
+                        Ok::<_, Error>(())
+                    })
+                })
+                .await?;
+                report.answers += batch.len() as u64;
+                report.keys += batch.len() as u64;
+                report.bytes += size_of(batch);
+                tokio::task::yield_now().await;
+            }
+            tokio::task::yield_now().await;
+            if !full {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::ValueKind;
+    use crate::types::RuntimeOptions;
+    use capstan_proto::RequestId;
+
+    /// Every key but exactly-once answers (those of the last millisecond
+    /// outlive a pass that keeps none).
+    async fn all_keys(rt: &Runtime) -> Vec<Vec<u8>> {
+        let snap = rt.db().store().snapshot().await.unwrap();
+        snap.range(&RangeOption {
+            begin: Vec::new(),
+            end: vec![SYSTEM_KEY_PREFIX],
+            limit: 0,
+            reverse: false,
+        })
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .filter(|k| first_str(k) != "d")
+        .collect()
+    }
+
+    fn count(keys: &[Vec<u8>], first: &str) -> usize {
+        keys.iter().filter(|k| first_str(k) == first).count()
+    }
+
+    async fn pass(rt: &Runtime) -> GcReport {
+        let opts = GcOptions { keep_answers_ms: 0 };
+        rt.gc(&opts, Arc::new(|_, _, _| {})).await.unwrap()
+    }
+
+    /// A removed directory with more names than one sweep transaction
+    /// takes: deleted, its names cleared a page at a time after it, and
+    /// the store is back to what it was. Then the state a pass killed
+    /// between those leaves (the directory's record gone, its swept mark
+    /// and names still there): the next pass clears it.
+    #[tokio::test]
+    async fn a_directory_too_large_for_one_transaction_is_cleared_after_it() {
+        let store = Arc::new(capstan_cluster::mem_store::MemStore::new());
+        let rt = Runtime::open(capstan_cluster::Db::new(store), RuntimeOptions::default())
+            .await
+            .unwrap();
+        let host = rt.root_host();
+        host.store(RequestId::random(), "keep", ValueKind::Text, b"k".to_vec())
+            .await
+            .unwrap();
+        pass(&rt).await;
+        let base = all_keys(&rt).await;
+        let n = SWEEP_KEYS + 500;
+        for round in 0..2 {
+            let dir = host.mkdir(RequestId::random(), "big").await.unwrap();
+            for i in 0..n {
+                host.store(
+                    RequestId::random(),
+                    &format!("big.v{i}"),
+                    ValueKind::Text,
+                    format!("{round}-{i}").into_bytes(),
+                )
+                .await
+                .unwrap();
+            }
+            host.remove(RequestId::random(), "big").await.unwrap();
+            if round == 1 {
+                // What a pass killed after deleting the directory leaves:
+                // its record and stamp gone, its swept mark written.
+                let (fk, rk, mark) = (
+                    keys::formula(&dir),
+                    keys::formula_ref(&dir),
+                    keys::swept(&dir),
+                );
+                rt.db()
+                    .transact(move |tx| {
+                        let (fk, rk, mark) = (fk.clone(), rk.clone(), mark.clone());
                         Box::pin(async move {
-                            for k in ks.iter() {
-                                tx.clear(k);
-                            }
+                            tx.clear(&fk);
+                            tx.clear(&rk);
+                            tx.set(&mark, &[])?;
                             Ok::<_, Error>(())
                         })
                     })
-                    .await?;
-                    report.answers += batch.len() as u64;
-                    report.keys += batch.len() as u64;
-                    report.bytes += size_of(batch);
-                    tokio::task::yield_now().await;
-                }
-                tokio::task::yield_now().await;
-                if !full {
-                    break;
-                }
+                    .await
+                    .unwrap();
             }
+            let r = pass(&rt).await;
+            assert!(!r.interrupted, "{r:?}");
+            assert_eq!(r.values, n as u64, "{r:?}");
+            let now = all_keys(&rt).await;
+            assert_eq!(count(&now, "gcz"), 0, "a swept mark is left");
+            assert_eq!(count(&now, "n"), count(&base, "n"), "names left");
+            assert_eq!(count(&now, "v"), count(&base, "v"), "chunks left");
+            assert_eq!(now, base, "{r:?}");
+            assert_eq!(host.cat("keep").await.unwrap().1, b"k");
         }
-        Ok(())
     }
 }

@@ -23,6 +23,7 @@
 //! | `("llmn", agent)` | next audit number of an agent, u64 big-endian |
 //! | `("fref", id)` | reference stamp: random bytes rewritten by every write of a reference to `id` (see `crate::gc`) |
 //! | `("gcx", id)` | empty: `id` is condemned by a collection pass |
+//! | `("gcz", id)` | empty: `id` was deleted by a collection pass, some of its keys are left to clear (see `crate::gc`) |
 //! | `("meta", "gc-rescued")` | random bytes rewritten when a writer rescues a condemned formula |
 //! | `("evd", id)` | the formulas eval result `id` depends on: 32-byte ids, concatenated (see `crate::guest::eval`) |
 
@@ -240,6 +241,18 @@ pub fn condemned(id: &FormulaId) -> Vec<u8> {
 /// Every condemned formula.
 pub fn condemned_all() -> Vec<u8> {
     TupleKey::new().str("gcx").into_vec()
+}
+
+/// A formula deleted by a collection pass whose keys (names, chunks, …)
+/// were too many for the transaction that deleted it: cleared a page at a
+/// time after it, by that pass or, after a crash, by the next one.
+pub fn swept(id: &FormulaId) -> Vec<u8> {
+    TupleKey::new().str("gcz").bytes(id.as_bytes()).into_vec()
+}
+
+/// Every [`swept`] mark.
+pub fn swept_all() -> Vec<u8> {
+    TupleKey::new().str("gcz").into_vec()
 }
 
 /// Rewritten (random bytes) whenever a writer rescues a condemned formula:

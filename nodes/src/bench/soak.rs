@@ -263,22 +263,33 @@ pub async fn gc_row(dir: Option<PathBuf>, formulas: usize, json: bool) -> anyhow
     step(false, "gc pass with a concurrent sender");
     let done = Rc::new(std::cell::Cell::new(false));
     let (d2, h2) = (done.clone(), h.clone());
+    let t = Instant::now();
     let sender = tokio::task::spawn_local(async move {
         let mut lat = Vec::new();
         let mut i = 0u64;
         while !d2.get() {
-            let t = Instant::now();
+            let s = Instant::now();
             send(&h2, "g0", &format!("during {i}")).await?;
-            lat.push(t.elapsed());
+            lat.push((s - t, s.elapsed()));
             i += 1;
         }
         Ok::<_, CapError>(lat)
     });
-    let t = Instant::now();
     let report = client::gc(&paths, 86_400_000).await?;
     let took = t.elapsed();
     done.set(true);
-    let during = sender.await??;
+    let timed = sender.await??;
+    // When in the pass the slowest sends started (to match with the
+    // daemon's `gc:` log lines, e.g. CAPSTAN_BENCH_LOG=info and --dir).
+    let mut slowest = timed.clone();
+    slowest.sort_by_key(|(_, d)| std::cmp::Reverse(*d));
+    let slowest: Vec<String> = slowest
+        .iter()
+        .take(3)
+        .map(|(at, d)| format!("{} at +{} ms", ms(d.as_secs_f64() * 1e6), at.as_millis()))
+        .collect();
+    step(false, &format!("slowest sends: {}", slowest.join(", ")));
+    let during: Vec<Duration> = timed.into_iter().map(|(_, d)| d).collect();
     let freed = report
         .iter()
         .find(|(k, _)| *k == "formulas")
