@@ -89,12 +89,12 @@ const WALK_SLICE: usize = 8192;
 /// where the backend takes that many operations in one commit; on a
 /// backend with a smaller limit (etcd's `--max-txn-ops`, 128 by default),
 /// as many as fit under it.
-pub const CONDEMN_BATCH: usize = 1024;
+pub const CONDEMN_BATCH: usize = 4096;
 /// Most keys deleted per sweep transaction (a formula's keys are never
 /// split: a transaction may pass this by one formula's keys). On a backend
 /// taking fewer writes per commit (etcd), its limit: a formula takes up to
 /// [`SWEEP_WRITES_PER_FORMULA`] writes there.
-pub const SWEEP_KEYS: usize = 2048;
+pub const SWEEP_KEYS: usize = 8192;
 /// Writes the sweep of one formula makes at most: its condemned mark, its
 /// record, its reference stamp, one range clear each for its key families
 /// (reverse names, locators, and a value's chunks or a directory's names
