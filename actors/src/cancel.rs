@@ -24,7 +24,13 @@
 //!
 //! - eval results (`capstan eval … --name R`) that a cancelled formula was
 //!   bound to a slot of, or whose evaluator is cancelled: marked like an
-//!   agent (unlike other values), so `show` and `cat` say why.
+//!   agent (unlike other values), so `show` and `cat` say why;
+//! - evaluations running on it (a slot holds it, or it is the evaluator),
+//!   on any node: every cancelled formula gets a cancel event `("cnl",
+//!   id)` (when and why), which a running evaluation reads every 200 ms;
+//!   it then stops at once, even while waiting for an http server, with
+//!   `… was cancelled (…): the evaluation depending on it was stopped`,
+//!   and stores nothing.
 //!
 //! The dependents are found by scans of the formulas (cancel is rare):
 //! one, then one more after each round of marks, until a scan finds
@@ -439,6 +445,13 @@ impl AgentHandle {
                             if why.is_empty() || *id == me {
                                 continue;
                             }
+                            // Seen by evaluations running on it (any kind:
+                            // a value is not marked, but what runs on it
+                            // stops; `crate::guest::eval`).
+                            tx.set(
+                                &keys::cancel_event(id),
+                                &keys::encode_cancel_event(now_ms(), why),
+                            )?;
                             let Some(mut f) = model::get_formula(tx, id).await? else {
                                 continue;
                             };

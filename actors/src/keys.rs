@@ -23,6 +23,7 @@
 //! | `("llmn", agent)` | next audit number of an agent, u64 big-endian |
 //! | `("fref", id)` | reference stamp: random bytes rewritten by every write of a reference to `id` (see `crate::gc`) |
 //! | `("gcx", id)` | empty: `id` is condemned by a collection pass |
+//! | `("cnl", id)` | when `id` was last cancelled (u64 ms, big-endian) and why (UTF-8): evaluations running on it stop |
 //! | `("gcz", id)` | empty: `id` was deleted by a collection pass, some of its keys are left to clear (see `crate::gc`) |
 //! | `("meta", "gc-rescued")` | random bytes rewritten when a writer rescues a condemned formula |
 //! | `("evd", id)` | the formulas eval result `id` depends on: 32-byte ids, concatenated (see `crate::guest::eval`) |
@@ -241,6 +242,25 @@ pub fn condemned(id: &FormulaId) -> Vec<u8> {
 /// Every condemned formula.
 pub fn condemned_all() -> Vec<u8> {
     TupleKey::new().str("gcx").into_vec()
+}
+
+/// When formula `id` was last cancelled, and why (see
+/// [`encode_cancel_event`]).
+pub fn cancel_event(id: &FormulaId) -> Vec<u8> {
+    TupleKey::new().str("cnl").bytes(id.as_bytes()).into_vec()
+}
+
+/// A [`cancel_event`] record: the time (u64 ms, big-endian) and the reason.
+pub fn encode_cancel_event(at_ms: u64, why: &str) -> Vec<u8> {
+    let mut v = at_ms.to_be_bytes().to_vec();
+    v.extend_from_slice(why.as_bytes());
+    v
+}
+
+/// The time and reason of a [`cancel_event`] record (`None`: damaged).
+pub fn decode_cancel_event(v: &[u8]) -> Option<(u64, String)> {
+    let at = u64::from_be_bytes(v.get(..8)?.try_into().ok()?);
+    Some((at, String::from_utf8_lossy(&v[8..]).into_owned()))
 }
 
 /// A formula deleted by a collection pass whose keys (names, chunks, …)

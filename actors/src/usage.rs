@@ -26,7 +26,7 @@ pub const MAX_PAGE_KEYS: usize = 100_000;
 /// The kind (an index into [`KINDS`]) of a key, from its first tuple element:
 ///
 /// - formulas: `("f", …)`, reference stamps `("fref", …)`, condemned marks `("gcx", …)`
-///   and swept marks `("gcz", …)`
+///   swept marks `("gcz", …)` and cancel events `("cnl", …)`
 /// - values: `("v", …)` (the chunks of stored values)
 /// - names: `("n", …)`, the reverse index `("r", …)` and the change logs
 ///   of watched directories `("dchg", …)`
@@ -39,7 +39,7 @@ pub const MAX_PAGE_KEYS: usize = 100_000;
 pub fn kind_of(key: &[u8]) -> usize {
     let first = TupleReader::new(key).str().unwrap_or_default();
     match first.as_str() {
-        "f" | "fref" | "gcx" | "gcz" => 0,
+        "f" | "fref" | "gcx" | "gcz" | "cnl" => 0,
         "v" => 1,
         "n" | "r" | "dchg" => 2,
         "m" | "mark" | "quota" => 3,

@@ -279,3 +279,56 @@ fn cancelling_a_slot_cancels_the_eval_results_made_from_it() {
     assert_eq!(cancelled_types(&v), ["value"], "{v}");
     assert!(detail(&node, "shout").contains("its dependency evaluator (value "));
 }
+
+/// A running evaluation stops when what it depends on is cancelled: one
+/// waiting for an http server that never answers (60 s timeout) ends as
+/// soon as its http capability is cancelled, saying why, and stores
+/// nothing.
+#[test]
+fn cancelling_a_slot_stops_the_evaluation_that_is_running_on_it() {
+    use std::io::Read;
+    let node = Node::started();
+    let wasm = guest_wasm("evaluator");
+    node.ok(["install", wasm.as_str(), "--name", "evaluator"]);
+    // A server that reads the request and never answers.
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let (mut conn, _) = server.accept().unwrap();
+        let mut buf = [0u8; 1024];
+        let _ = conn.read(&mut buf);
+        let _ = seen_tx.send(());
+        // Held open, unanswered, until the test process ends.
+        std::thread::sleep(Duration::from_secs(600));
+        drop(conn);
+    });
+    let prefix = format!("http://127.0.0.1:{port}/");
+    node.ok(["mkhttp", "api", "--allow", &prefix, "--timeout-ms", "60000"]);
+    let child = node.spawn([
+        "eval",
+        &format!("h.fetch('{prefix}slow').status"),
+        "h=api",
+        "--name",
+        "answer",
+    ]);
+    seen_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the evaluation never reached the server");
+    let t = Instant::now();
+    node.json(["cancel", "api"]);
+    let r = capstan_tests::wait_child(child, Duration::from_secs(45), "eval");
+    assert!(!r.success(), "the evaluation succeeded: {}", r.stdout_str());
+    assert!(
+        r.stderr.contains("api was cancelled")
+            && r.stderr
+                .contains("the evaluation depending on it was stopped"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(45),
+        "it ran until the http timeout"
+    );
+    node.fail(["show", "answer"]);
+}

@@ -31,7 +31,7 @@ use wasmtime::Store;
 
 use super::bindings::evaluator::capstan::evaluator::host as eval_host;
 use super::bindings::evaluator::exports::capstan::evaluator::evaluator::Slot;
-use super::host::{Deadline, Limiter, arm, guest_log, stop_reason};
+use super::host::{Deadline, Limiter, arm_with, guest_log, stop_reason};
 use super::{CallLimits, GuestHost, World, manifest_of};
 use crate::ValueKind;
 use crate::agent::AgentHandle;
@@ -122,6 +122,8 @@ pub(crate) struct EvalState {
     gh: Arc<GuestHost>,
     panic: Option<String>,
     deadline: Arc<Deadline>,
+    /// Set when a dependency of the run is cancelled: the run stops.
+    stop: Arc<StopFlag>,
 }
 
 impl EvalState {
@@ -196,8 +198,9 @@ impl EvalState {
                     .unwrap_or_else(|| json!({}))
                     .to_string();
                 let deadline = self.deadline.clone();
+                // A request waits for the outside: a cancel stops the wait.
                 let r = deadline.excluding(|| {
-                    self.block(super::http::guest_request(
+                    self.block_stoppable(super::http::guest_request(
                         &host,
                         Some(b.id),
                         method,
@@ -468,6 +471,7 @@ impl AgentHandle {
             gh: gh.clone(),
             panic: None,
             deadline: Deadline::new(),
+            stop: Arc::new(StopFlag::default()),
         };
         let mut deps: Vec<(FormulaId, String)> = state
             .slots
@@ -476,10 +480,17 @@ impl AgentHandle {
             .collect();
         deps.push((component, evaluator.to_string()));
         let source = source.to_string();
+        // A run stops when one of its dependencies is cancelled (`stop`).
+        let stop = state.stop.clone();
+        let watcher = tokio::spawn(watch_deps(self.clone(), deps.clone(), stop.clone()));
         let outcome =
-            tokio::task::spawn_blocking(move || run(&gh, &c, state, source, constants_json))
-                .await
-                .map_err(|e| Error::Unavailable(format!("evaluator task failed: {e}")))??;
+            tokio::task::spawn_blocking(move || run(&gh, &c, state, source, constants_json)).await;
+        watcher.abort();
+        if let Some(why) = stop.why() {
+            return Err(Error::Cancelled(why));
+        }
+        let outcome =
+            outcome.map_err(|e| Error::Unavailable(format!("evaluator task failed: {e}")))??;
         Ok((outcome, deps))
     }
 
@@ -746,7 +757,8 @@ fn run(
     let mut store = Store::new(&gh.engine, state);
     store.limiter(|s| &mut s.limiter);
     let mut t1 = t0;
-    let r = arm(&mut store, limits, &deadline).and_then(|_| {
+    let stop = store.data().stop.clone();
+    let r = arm_with(&mut store, limits, &deadline, move || stop.tick()).and_then(|_| {
         let inst = pre.instantiate(&mut store)?;
         t1 = std::time::Instant::now();
         inst.capstan_evaluator_evaluator()
@@ -779,7 +791,9 @@ fn run(
 }
 
 mod proposal;
+mod stop;
 use proposal::*;
+use stop::{StopFlag, watch_deps};
 
 #[cfg(test)]
 mod tests;
