@@ -45,10 +45,17 @@ pub(super) fn corrupt(what: &str, e: impl std::fmt::Display) -> Error {
 }
 
 pub(super) fn id_in_key(key: &[u8], skip_strs: usize) -> Result<FormulaId, Error> {
-    let mut r = TupleReader::new(key);
-    for _ in 0..skip_strs {
-        r.str().map_err(|e| corrupt("key", e))?;
-    }
+    let tag = first_tag(key);
+    let mut r = if skip_strs == 1 && key.first() == Some(&0x02) && key.len() > tag.len() + 1 {
+        // The common case, without decoding the family's name.
+        TupleReader::new(&key[tag.len() + 2..])
+    } else {
+        let mut r = TupleReader::new(key);
+        for _ in 0..skip_strs {
+            r.str().map_err(|e| corrupt("key", e))?;
+        }
+        r
+    };
     let b = r.bytes().map_err(|e| corrupt("key", e))?;
     FormulaId::from_slice(&b).map_err(|e| corrupt("key", e))
 }
@@ -143,6 +150,16 @@ pub(super) fn first_str(key: &[u8]) -> String {
     TupleReader::new(key).str().unwrap_or_default()
 }
 
+/// The first element of a tuple key when it is a string, as its encoded
+/// bytes (no allocation: the mark calls it for every key of the store). The
+/// key families' names hold no zero byte, so the first zero ends it.
+pub(super) fn first_tag(key: &[u8]) -> &[u8] {
+    match key.split_first() {
+        Some((0x02, rest)) => &rest[..rest.iter().position(|&b| b == 0).unwrap_or(rest.len())],
+        _ => &[],
+    }
+}
+
 pub(super) async fn mark(snap: &dyn Snapshot) -> Result<Graph, Error> {
     let mut g = Graph::default();
     if let Some(b) = snap.get(&keys::root_host()).await? {
@@ -221,22 +238,26 @@ pub(super) async fn mark(snap: &dyn Snapshot) -> Result<Graph, Error> {
         let full = rows.len() == PAGE;
         let mut next = key_after(last);
         for (k, v) in &rows {
-            let first = first_str(k);
-            match first.as_str() {
+            let first = first_tag(k);
+            match first {
                 // Decoded above, or holding no references (value chunks,
                 // reverse name index, exactly-once records, inbox marks,
                 // locators by target, guest components, provider keys,
                 // cancel events).
-                "f" | "v" | "r" | "d" | "mark" | "locf" | "gc" | "llmk" | "cnl" => {
-                    next = prefix_end(&TupleKey::new().str(&first).into_vec());
+                b"f" | b"v" | b"r" | b"d" | b"mark" | b"locf" | b"gc" | b"llmk" | b"cnl" => {
+                    next = prefix_end(
+                        &TupleKey::new()
+                            .str(&String::from_utf8_lossy(first))
+                            .into_vec(),
+                    );
                     break;
                 }
-                "n" => {
+                b"n" => {
                     let dir = id_in_key(k, 1)?;
                     let target = crate::records::decode_name_entry(v)?;
                     g.edges.entry(dir).or_default().push(target);
                 }
-                "m" => {
+                b"m" => {
                     let agent = id_in_key(k, 1)?;
                     let m = MessageRec::decode(v)?;
                     let e = g.edges.entry(agent).or_default();
@@ -247,17 +268,17 @@ pub(super) async fn mark(snap: &dyn Snapshot) -> Result<Graph, Error> {
                         BodyRec::Request { promise, .. } => e.push(promise),
                     }
                 }
-                "loc" => {
+                b"loc" => {
                     let l = LocatorRec::decode(v)?;
                     g.roots.push(l.target);
                     g.roots.extend(l.peer);
                     g.roots.extend(l.accepted.map(|a| a.host));
                 }
-                "fref" => {
+                b"fref" => {
                     g.stamps.insert(id_in_key(k, 1)?, v.to_vec());
                 }
                 // An eval result keeps what it was computed from.
-                "evd" => {
+                b"evd" => {
                     let result = id_in_key(k, 1)?;
                     g.with_deps.insert(result);
                     g.edges
@@ -265,9 +286,9 @@ pub(super) async fn mark(snap: &dyn Snapshot) -> Result<Graph, Error> {
                         .or_default()
                         .extend(keys::decode_eval_deps(v));
                 }
-                "gcx" => g.condemned.push(id_in_key(k, 1)?),
-                "gcz" => g.swept.push(id_in_key(k, 1)?),
-                "meta" => {}
+                b"gcx" => g.condemned.push(id_in_key(k, 1)?),
+                b"gcz" => g.swept.push(id_in_key(k, 1)?),
+                b"meta" => {}
                 // Placements, outbox items, guest bodies, manifests and
                 // journals, LLM records, cluster records, anything newer:
                 // any formula id in them is a root.

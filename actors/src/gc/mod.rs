@@ -82,10 +82,10 @@ use crate::{Error, Runtime, keys};
 /// other tasks after every page, so that sends keep being served while a
 /// pass reads a large store (the node runs on one thread: a pass that never
 /// yields stalls every request for as long as its mark takes).
-const PAGE: usize = 2048;
+const PAGE: usize = 8192;
 /// Formulas visited by the reachability walk between two yields.
 const WALK_SLICE: usize = 8192;
-/// Most candidates condemned per transaction (two reads and a write each),
+/// Most candidates condemned per transaction (a read and a write each),
 /// where the backend takes that many operations in one commit; on a
 /// backend with a smaller limit (etcd's `--max-txn-ops`, 128 by default),
 /// as many as fit under it.
@@ -104,9 +104,9 @@ pub const SWEEP_WRITES_PER_FORMULA: usize = 10;
 /// while the store commits the other.
 const SWEEP_IN_FLIGHT: usize = 2;
 const CONDEMN_IN_FLIGHT: usize = 2;
-/// Conflict-checked reads the sweep of one formula makes (its mark, its
-/// record, its stamp); the transaction reads the rescue key once more.
-const SWEEP_READS_PER_FORMULA: usize = 3;
+/// Conflict-checked reads the sweep of one formula makes (its mark and its
+/// record); the transaction reads the rescue key once more.
+const SWEEP_READS_PER_FORMULA: usize = 2;
 /// Exactly-once records dropped, or stale marks cleared, per transaction
 /// (at most; fewer on a backend taking fewer writes per commit).
 pub const ANSWER_BATCH: usize = 1024;
@@ -252,7 +252,7 @@ async fn pass(
     candidates.sort_unstable();
     tokio::task::yield_now().await;
     let limit = write_limit(&db);
-    // Two conflict-checked reads and one write per candidate (etcd
+    // One conflict-checked read and one write per candidate (etcd
     // counts the reads as compares, under the same limit).
     let condemn_batch = (limit / 2).saturating_sub(1).clamp(1, CONDEMN_BATCH);
     report.scanned = g.formulas.len() as u64;
@@ -288,17 +288,15 @@ async fn pass(
             db.transact(move |tx| {
                 let batch = batch.clone();
                 Box::pin(async move {
-                    let mut ahead = Vec::new();
-                    for (id, _) in batch.iter() {
-                        ahead.push(keys::formula_ref(id));
-                        ahead.push(keys::formula(id));
-                    }
+                    // The stamp alone decides (the record is not read: a
+                    // formula deleted since the mark lost its stamp too, so
+                    // it survives this step, and a mark written for one
+                    // that has neither is cleared by the sweep).
+                    let ahead: Vec<Vec<u8>> =
+                        batch.iter().map(|(id, _)| keys::formula_ref(id)).collect();
                     tx.prefetch(&ahead).await?;
                     let (mut c, mut s) = (Vec::new(), Vec::new());
                     for (id, stamp) in batch.iter() {
-                        if tx.get(&keys::formula(id)).await?.is_none() {
-                            continue;
-                        }
                         if tx.get(&keys::formula_ref(id)).await? == *stamp {
                             tx.set(&keys::condemned(id), &[])?;
                             c.push(*id);
@@ -371,6 +369,7 @@ async fn pass(
                         Plan {
                             kind: i.kind,
                             deps: g.with_deps.contains(id),
+                            stamp: g.stamps.get(id).map(|s| s.len()),
                         },
                     )
                 })

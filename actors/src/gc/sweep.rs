@@ -11,6 +11,11 @@ pub(super) struct Plan {
     pub(super) kind: Shape,
     /// An eval result with recorded dependencies.
     pub(super) deps: bool,
+    /// The length of its reference stamp as the mark read it, if it has
+    /// one: the sweep clears the stamp without reading it (a stamp that
+    /// changed since means a writer rescued the formula, which the sweep
+    /// sees in the rescue key it reads).
+    pub(super) stamp: Option<usize>,
 }
 
 /// The key families of formula `id` that the sweep clears, by what the mark
@@ -29,6 +34,7 @@ pub(super) fn families(id: &FormulaId, plan: Option<Plan>) -> Vec<Vec<u8>> {
         Some(Plan {
             kind: Shape::Value,
             deps,
+            ..
         }) => {
             f.push(keys::value(id));
             if deps {
@@ -38,6 +44,7 @@ pub(super) fn families(id: &FormulaId, plan: Option<Plan>) -> Vec<Vec<u8>> {
         Some(Plan {
             kind: Shape::Directory,
             deps,
+            ..
         }) => {
             f.push(keys::names_of_dir(id));
             f.push(keys::dir_watch(id));
@@ -48,6 +55,7 @@ pub(super) fn families(id: &FormulaId, plan: Option<Plan>) -> Vec<Vec<u8>> {
         Some(Plan {
             kind: Shape::Other,
             deps,
+            ..
         }) => {
             if deps {
                 f.push(keys::eval_deps(id));
@@ -111,7 +119,6 @@ pub(super) async fn sweep_some(
                 for id in batch {
                     ahead.push(keys::condemned(id));
                     ahead.push(keys::formula(id));
-                    ahead.push(keys::formula_ref(id));
                 }
                 tx.prefetch(&ahead).await?;
                 let mut sw = Swept::default();
@@ -137,17 +144,17 @@ pub(super) async fn sweep_some(
                     let Some(f) = tx.get(&fk).await? else {
                         continue;
                     };
+                    let plan = plans.get(id).copied();
                     let rk = keys::formula_ref(id);
-                    if let Some(r) = tx.get(&rk).await? {
+                    tx.clear(&rk);
+                    if let Some(n) = plan.and_then(|p| p.stamp) {
                         sw.keys += 1;
-                        sw.bytes += (rk.len() + r.len()) as u64;
-                        tx.clear(&rk);
+                        sw.bytes += (rk.len() + n) as u64;
                     }
                     tx.clear(&fk);
                     sw.formulas += 1;
                     sw.keys += 1;
                     sw.bytes += (fk.len() + f.len()) as u64;
-                    let plan = plans.get(id).copied();
                     if plan.is_some_and(|p| p.kind == Shape::Value) {
                         sw.values += 1;
                     }
