@@ -57,14 +57,16 @@ async fn gc_binding_at(
     let db = rt.db().clone();
     let fired = Arc::new(AtomicBool::new(false));
     let f2 = fired.clone();
+    // The callback runs on the pass's own thread: the writer runs on this
+    // test's runtime, from a thread of its own, while the pass waits.
+    let handle = tokio::runtime::Handle::current();
     let progress: Progress = Arc::new(move |p, _, _| {
         if p == phase && !f2.swap(true, Ordering::SeqCst) {
-            let db = db.clone();
-            tokio::task::block_in_place(|| {
-                tokio::runtime::Handle::current()
-                    .block_on(bind(&db, dir, "back", id))
-                    .expect("bind during the pass")
-            });
+            let (db, handle) = (db.clone(), handle.clone());
+            std::thread::spawn(move || handle.block_on(bind(&db, dir, "back", id)))
+                .join()
+                .expect("the writer's thread")
+                .expect("bind during the pass");
         }
     });
     let r = rt

@@ -164,7 +164,8 @@ pub enum GcPhase {
     Answers,
 }
 
-/// Progress callback: phase, done, total (0 when unknown).
+/// Progress callback: phase, done, total (0 when unknown). Called on the
+/// pass's own thread (see [`Runtime::gc`]).
 pub type Progress = Arc<dyn Fn(GcPhase, u64, u64) + Send + Sync>;
 
 mod mark;
