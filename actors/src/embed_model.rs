@@ -44,7 +44,8 @@ const BATCH: usize = 256;
 /// A local embedding model (see the module docs).
 pub struct LocalModel {
     dir: PathBuf,
-    loaded: tokio::sync::OnceCell<Result<Arc<StaticModel>, String>>,
+    /// The model and its dimensions, once read (or why it cannot be).
+    loaded: tokio::sync::OnceCell<Result<(Arc<StaticModel>, usize), String>>,
 }
 
 impl std::fmt::Debug for LocalModel {
@@ -102,11 +103,7 @@ impl LocalModel {
     /// For answers and logs: the folder, and the dimensions once read.
     pub fn describe(&self) -> String {
         match self.loaded.get() {
-            Some(Ok(m)) => format!(
-                "{} ({} dimensions)",
-                self.dir.display(),
-                m.encode_single("x").len()
-            ),
+            Some(Ok((_, dims))) => format!("{} ({dims} dimensions)", self.dir.display()),
             _ => self.dir.display().to_string(),
         }
     }
@@ -130,6 +127,7 @@ impl LocalModel {
             })
             .await
             .clone()
+            .map(|(m, _)| m)
             .map_err(|e| format!("local embedding model {}: {e}", self.dir.display()))
     }
 
@@ -165,8 +163,8 @@ impl LocalModel {
 }
 
 /// Reads and checks the model: it must embed a word into 1 to
-/// [`MAX_DIM`] finite numbers.
-fn load(dir: &Path) -> Result<Arc<StaticModel>, String> {
+/// [`MAX_DIM`] finite numbers; how many is its dimensions.
+fn load(dir: &Path) -> Result<(Arc<StaticModel>, usize), String> {
     let m = StaticModel::from_pretrained(dir, None, None, None).map_err(|e| format!("{e:#}"))?;
     let probe =
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| m.encode_single("capstan")))
@@ -179,7 +177,7 @@ fn load(dir: &Path) -> Result<Arc<StaticModel>, String> {
             probe.len()
         ));
     }
-    Ok(Arc::new(m))
+    Ok((Arc::new(m), probe.len()))
 }
 
 #[cfg(test)]

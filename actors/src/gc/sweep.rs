@@ -30,44 +30,24 @@ pub(super) fn families(id: &FormulaId, plan: Option<Plan>) -> Vec<Vec<u8>> {
         keys::locators_of(id),
         keys::cancel_event(id),
     ];
-    match plan {
-        Some(Plan {
-            kind: Shape::Value,
-            deps,
-            ..
-        }) => {
-            f.push(keys::value(id));
-            if deps {
-                f.push(keys::eval_deps(id));
-            }
-        }
-        Some(Plan {
-            kind: Shape::Directory,
-            deps,
-            ..
-        }) => {
-            f.push(keys::names_of_dir(id));
-            f.push(keys::dir_watch(id));
-            if deps {
-                f.push(keys::eval_deps(id));
-            }
-        }
-        Some(Plan {
-            kind: Shape::Other,
-            deps,
-            ..
-        }) => {
-            if deps {
-                f.push(keys::eval_deps(id));
-            }
-        }
+    let Some(plan) = plan else {
         // Unknown to the mark (a pass that died left it): everything.
-        None => {
-            f.push(keys::value(id));
+        f.push(keys::value(id));
+        f.push(keys::names_of_dir(id));
+        f.push(keys::dir_watch(id));
+        f.push(keys::eval_deps(id));
+        return f;
+    };
+    match plan.kind {
+        Shape::Value => f.push(keys::value(id)),
+        Shape::Directory => {
             f.push(keys::names_of_dir(id));
             f.push(keys::dir_watch(id));
-            f.push(keys::eval_deps(id));
         }
+        Shape::Other => {}
+    }
+    if plan.deps {
+        f.push(keys::eval_deps(id));
     }
     f
 }
