@@ -12,8 +12,8 @@ use crate::client::{Client, ClientError};
 use crate::home::Paths;
 use crate::output::{duration_human, print_json};
 use crate::{
-    backup, bench, cli, client, cluster, commands, console, daemon, demo, du, home, lifecycle,
-    metrics, net,
+    backup, cli, client, cluster, commands, console, daemon, demo, du, home, lifecycle, metrics,
+    net,
 };
 
 /// The whole command line: parse, run, and turn a failure into one line
@@ -126,61 +126,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Demo { .. } = cli.command {
         return demo::run();
     }
-    if let Command::Bench {
-        quick,
-        dir,
-        guests,
-        cluster,
-        nodes,
-        sends,
-        soak,
-        soak_keep,
-        store_cache_bytes,
-        gc_formulas,
-        only,
-        embed_model,
-        ..
-    } = cli.command
-    {
-        init_logging(false);
-        if soak.is_some() || gc_formulas.is_some() {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            return tokio::task::LocalSet::new().block_on(&rt, async move {
-                if let Some(n) = gc_formulas {
-                    bench::gc_row(dir.clone(), n, json).await?;
-                }
-                if let Some(n) = soak {
-                    bench::soak(dir, n, soak_keep, store_cache_bytes, json).await?;
-                }
-                Ok(())
-            });
-        }
-        let mut sizes = if quick {
-            bench::Sizes::quick()
-        } else {
-            bench::Sizes::full()
-        };
-        if let Some(n) = sends {
-            sizes.sends = n as usize;
-        }
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        return tokio::task::LocalSet::new().block_on(
-            &rt,
-            bench::run(
-                sizes,
-                dir,
-                guests,
-                cluster,
-                nodes.into(),
-                only,
-                embed_model,
-                json,
-            ),
-        );
+    if let Command::Bench { args } = cli.command {
+        return forward_bench(args);
     }
     let paths = Paths::resolve(cli.home)?;
     if let Command::Where { .. } = cli.command {
@@ -532,6 +479,39 @@ fn init_logging(daemon: bool) {
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .try_init();
+}
+
+/// `capstan bench ARGS`: runs `capstan-bench ARGS` (the benchmark lives in
+/// its own crate, `bench/`, so that its process manager and model server do
+/// not ship in this binary), found beside this executable or on `PATH`,
+/// with `--capstan` naming this executable: the daemons it measures are
+/// this very binary. Exits with the benchmark's status.
+fn forward_bench(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let exe = std::env::current_exe().context("cannot find the capstan executable")?;
+    let beside = exe.with_file_name("capstan-bench");
+    let bench = if beside.exists() {
+        beside
+    } else {
+        std::path::PathBuf::from("capstan-bench")
+    };
+    let status = std::process::Command::new(&bench)
+        .arg("--capstan")
+        .arg(&exe)
+        .args(&args)
+        .status()
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot run {}: {e}; build it with `cargo build --release -p capstan-bench` (it goes beside {})",
+                bench.display(),
+                exe.display()
+            )
+        })?;
+    if status.success() {
+        return Ok(());
+    }
+    // the benchmark printed its own error; keep its exit status
+    std::process::exit(status.code().unwrap_or(1));
 }
 
 #[cfg(test)]

@@ -45,8 +45,11 @@
 //! - [`du`]: `capstan du`; [`backup`]: `capstan backup` and `restore`.
 //! - [`output`]: human and `--json` rendering.
 //! - [`demo`]: `capstan demo`, a guided tour that drives this binary.
-//! - [`bench`]: `capstan bench`, the end-to-end benchmark table (a file per
-//!   section: search, guests, agents, network, cluster, soak and gc).
+//!
+//! `capstan bench` is not here: it runs `capstan-bench` (crate `bench/`,
+//! built beside this binary), which drives daemons of this binary through
+//! the public modules [`client`], [`home`], [`cluster`], [`net`] and
+//! [`output`].
 //!
 //! `graph`, `llm`, `routines` and `search` hold both halves of their
 //! commands: the command line's `run` and the node's answer (`gather`,
@@ -59,7 +62,8 @@
 //! `capstan start --foreground` is the daemon (`capstan start` spawns it in
 //! the background); every other command is a short-lived client of the
 //! daemon's control socket (Cap'n Proto RPC, schema
-//! `proto/schema/api.capnp`), except `where`, `demo` and `bench`. The
+//! `proto/schema/api.capnp`), except `where` and `demo` (and `bench`, which
+//! runs `capstan-bench`). The
 //! commands, flags, output and JSON shapes are specified in `nodes/CLI.md`.
 //!
 //! # Threads
@@ -82,10 +86,9 @@
 
 pub mod app;
 mod backup;
-mod bench;
 mod cli;
-mod client;
-mod cluster;
+pub mod client;
+pub mod cluster;
 mod commands;
 mod console;
 mod daemon;
@@ -93,12 +96,12 @@ mod demo;
 mod du;
 mod graph;
 mod guests;
-mod home;
+pub mod home;
 mod lifecycle;
 mod llm;
 mod metrics;
-mod net;
-mod output;
+pub mod net;
+pub mod output;
 mod routines;
 mod search;
 mod served;

@@ -333,3 +333,65 @@ fn demo_runs_and_shows_the_network_part() {
         capstan_tests::wait_gone(pid, capstan_tests::EXIT_TIMEOUT);
     }
 }
+
+/// `capstan bench` runs `capstan-bench` from beside the binary, naming the
+/// binary with `--capstan` (its flags are the benchmark's); without one
+/// beside it or on `PATH` it exits 1 saying how to build it.
+#[test]
+fn bench_forwards_to_the_benchmark_binary_or_says_how_to_build_it() {
+    let bin = capstan_bin();
+    let dir = bin.parent().unwrap();
+    let profile = dir.file_name().and_then(|n| n.to_str()).unwrap_or("debug");
+    let mut build = std::process::Command::new(env!("CARGO"));
+    build
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "capstan-bench",
+            "--bin",
+            "capstan-bench",
+        ])
+        .arg("--manifest-path")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml"))
+        .env("CARGO_TARGET_DIR", dir.parent().unwrap());
+    if profile == "release" {
+        build.arg("--release");
+    }
+    let out = build.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let help = std::process::Command::new(bin)
+        .args(["bench", "--help"])
+        .output()
+        .unwrap();
+    assert!(help.status.success(), "{help:?}");
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(text.contains("Usage: capstan bench"), "{text}");
+    assert!(text.contains("--cluster <SPEC>"), "{text}");
+    let bad = std::process::Command::new(bin)
+        .args(["bench", "--no-such-flag"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(1), "{bad:?}");
+
+    // The binary alone, with nothing beside it and an empty PATH.
+    let tmp = tempfile::tempdir().unwrap();
+    let lone = tmp.path().join("capstan");
+    std::fs::copy(bin, &lone).unwrap();
+    let r = std::process::Command::new(&lone)
+        .args(["bench", "--quick"])
+        .env("PATH", tmp.path())
+        .output()
+        .unwrap();
+    assert_eq!(r.status.code(), Some(1), "{r:?}");
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        err.contains("cargo build --release -p capstan-bench"),
+        "{err}"
+    );
+    assert!(r.stdout.is_empty(), "{r:?}");
+}

@@ -105,3 +105,50 @@ fn the_checker_sees_edges() {
         assert!(n > edges, "{krate}: edges found: {n}");
     }
 }
+
+#[test]
+fn bench_no_import_circle_no_long_module_and_a_layout_doc() {
+    // The benchmark's crate (issue 14: out of the production binary) keeps
+    // the same rules.
+    assert_none(layout::cycle_problems(&src("bench"), &[]));
+    assert_none(layout::long_file_problems(&src("bench"), &[]));
+    assert_none(layout::layout_doc_problems(&src("bench")));
+}
+
+/// `cargo run --release -- demo`, the README's first command, needs exactly
+/// one binary among the workspace's default members (cargo refuses to
+/// guess between several); the simulator and the benchmark are built with
+/// `-p`.
+#[test]
+fn the_readme_first_command_finds_one_binary() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let out = std::process::Command::new(env!("CARGO"))
+        .args(["metadata", "--no-deps", "--format-version", "1"])
+        .current_dir(root)
+        .output()
+        .expect("cargo metadata runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let defaults: BTreeSet<&str> = meta["workspace_default_members"]
+        .as_array()
+        .expect("cargo metadata lists the default members")
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    let mut bins = Vec::new();
+    for p in meta["packages"].as_array().unwrap() {
+        if !defaults.contains(p["id"].as_str().unwrap()) {
+            continue;
+        }
+        for t in p["targets"].as_array().unwrap() {
+            if t["kind"].as_array().unwrap().iter().any(|k| k == "bin") {
+                bins.push(t["name"].as_str().unwrap().to_string());
+            }
+        }
+    }
+    assert_eq!(bins, ["capstan"], "binaries among the default members");
+}

@@ -68,6 +68,7 @@ impl Command {
             Command::Cluster { command } => command.json(),
             Command::Llm { command } => command.json(),
             Command::Routine { command } => command.json(),
+            Command::Bench { args } => args.iter().any(|a| a == "--json"),
             Command::Start { out, .. }
             | Command::Console { out }
             | Command::Graph { out, .. }
@@ -88,7 +89,6 @@ impl Command {
             | Command::Backup { out, .. }
             | Command::Restore { out, .. }
             | Command::Demo { out }
-            | Command::Bench { out, .. }
             | Command::List { out, .. }
             | Command::Show { out, .. }
             | Command::Cat { out, .. }

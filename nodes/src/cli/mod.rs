@@ -255,58 +255,22 @@ pub enum Command {
         #[command(flatten)]
         out: Out,
     },
-    /// Measure the node end to end on temporary homes and print a table.
+    /// Measure the node end to end on temporary homes and print a table
+    /// (runs `capstan-bench`, built beside this binary: `cargo build
+    /// --release -p capstan-bench`; `capstan bench --help` lists its flags).
     ///
     /// Spawns daemons of this binary, drives them over the control socket
     /// and prints cold start, durable send latency and throughput, request
     /// round trips, listing, restart after kill -9 and memory per guest.
+    #[command(disable_help_flag = true)]
     Bench {
-        /// Small sizes (seconds instead of a minute), for a smoke run.
-        #[arg(long)]
-        quick: bool,
-        /// Where to put the temporary homes (default: a fresh temporary directory).
-        #[arg(long, value_name = "DIR")]
-        dir: Option<PathBuf>,
-        /// The built guest components for the guest section (scripts/build-guests).
-        #[arg(long, value_name = "DIR", default_value = "guests/out")]
-        guests: PathBuf,
-        /// Measure a 3-node cluster on this replicated store instead
-        /// (etcd://HOST:PORT,…; scripts/etcd-cluster start), under a fresh prefix.
-        #[arg(long, value_name = "SPEC")]
-        cluster: Option<String>,
-        /// With --cluster: how many nodes to start (1 to 16).
-        #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=16))]
-        nodes: u16,
-        /// How many sends the send rows make (default 2,000 per phase; 200
-        /// with --quick): more gives steadier figures and time to profile.
-        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
-        sends: Option<u32>,
-        /// Only a soak: N sends into one guest's inbox in 20 rounds, each
-        /// round's messages dismissed and a gc pass run; prints the store's
-        /// size and the daemon's memory after each round (both stay flat).
-        #[arg(long, value_name = "N")]
-        soak: Option<usize>,
-        /// With --soak: keep the messages (no dismissals, no gc), to see
-        /// the daemon's memory per stored message.
-        #[arg(long, requires = "soak")]
-        soak_keep: bool,
-        /// With --soak: the daemon's `start --store-cache-bytes`.
-        #[arg(long, value_name = "BYTES", requires = "soak")]
-        store_cache_bytes: Option<u64>,
-        /// Only the gc row: N unreachable formulas, one gc pass timed, the
-        /// slowest concurrent send during it (100000 for the target).
-        #[arg(long, value_name = "N")]
-        gc_formulas: Option<usize>,
-        /// Measure one section alone: `search` (search latency over
-        /// 10,000 values; 500 with --quick); with --cluster: `store`,
-        /// `sends`, `round-trips`, `guests` or `failover`.
-        #[arg(long, value_name = "SECTION", value_parser = ["search", "store", "sends", "round-trips", "guests", "failover"])]
-        only: Option<String>,
-        /// With `--only search`: the bench node's `start --embed-model`.
-        #[arg(long, value_name = "DIR")]
-        embed_model: Option<PathBuf>,
-        #[command(flatten)]
-        out: Out,
+        /// The benchmark's own arguments (see `capstan bench --help`).
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARGS"
+        )]
+        args: Vec<std::ffi::OsString>,
     },
 
     // Names ------------------------------------------------------------

@@ -1,34 +1,47 @@
-//! `capstan bench`: the issue-2 benchmark table, measured end to end.
+//! `capstan-bench` (run as `capstan bench`): the issue-2 benchmark table,
+//! measured end to end.
 //!
 //! Every figure goes through the real path a user's command takes: a daemon
-//! process (`capstan start --foreground`, this very binary) on a temporary home with the
-//! embedded store, driven over its control socket with Cap'n Proto RPC.
+//! process (`capstan start --foreground`, the `capstan` binary given by
+//! `--capstan`, or the one beside this executable) on a temporary home with
+//! the embedded store, driven over its control socket with Cap'n Proto RPC.
 //! Sends, requests and resolves are acknowledged only after their store
 //! transaction committed (fsync), so every write figure is a durable one.
 //!
+//! The benchmark is a crate of its own (issue 14): its process manager, its
+//! calls and its model server do not ship in the production binary, which
+//! only forwards `capstan bench ARGS` here. It reuses the node library's
+//! client, home layout and network, and the end-to-end tests' model server
+//! (`capstan_tests::llm_server`).
+//!
 //! Timing targets live here and in `../shared/ANCHORS.md`, never in tests.
 //!
+//! # Layout
+//!
 //! - this module: [`run`] (the single-node rows, then each section) and the
-//!   table ([`Sizes`], its rows, `print_rows`);
+//!   table ([`Sizes`], its rows, `print_rows`); [`capstan_exe`], the binary
+//!   measured;
+//! - `main.rs`: the command line (`capstan-bench --help`);
 //! - `process`: the daemon child processes, and CPU and memory from `/proc`;
 //! - `calls`: the calls the rows make, run `concurrently` and timed;
 //! - `search`, `guests`, `agents` (the evaluator and the LLM agent, with a
 //!   model server on loopback), `network` (two nodes, federation),
 //!   `cluster` (`--cluster`): the sections;
-//! - `soak`: `--soak` and `--gc`.
+//! - `soak`: `--soak` and `--gc-formulas`.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::rc::Rc;
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
 use capstan_proto::RequestId;
 use serde_json::json;
 
-use crate::client;
-use crate::home::Paths;
-use crate::output::print_json;
+use capstan::client;
+use capstan::home::Paths;
+use capstan::output::print_json;
 
 mod agents;
 mod calls;
@@ -50,6 +63,32 @@ use network::{federation_rows, net_rows};
 use process::Daemon;
 use search::search_rows;
 pub use soak::{gc_row, soak};
+
+static CAPSTAN: OnceLock<PathBuf> = OnceLock::new();
+
+/// Sets the `capstan` binary whose daemons are measured (`--capstan`);
+/// the first call wins.
+pub fn set_capstan_exe(path: PathBuf) {
+    let _ = CAPSTAN.set(path);
+}
+
+/// The `capstan` binary measured: the one set by [`set_capstan_exe`], else
+/// `capstan` beside this executable (both are built into the same target
+/// directory).
+pub fn capstan_exe() -> anyhow::Result<PathBuf> {
+    if let Some(p) = CAPSTAN.get() {
+        return Ok(p.clone());
+    }
+    let me = std::env::current_exe().context("cannot find this executable")?;
+    let beside = me.with_file_name("capstan");
+    if !beside.exists() {
+        bail!(
+            "no capstan binary beside {}: build it (`cargo build --release -p capstan`) or name one with --capstan PATH",
+            me.display()
+        );
+    }
+    Ok(beside)
+}
 
 /// Sizes of a run.
 #[derive(Debug, Clone, Copy)]
@@ -129,7 +168,7 @@ pub async fn run(
         }
         _ => {}
     }
-    let exe = std::env::current_exe().context("cannot find the capstan executable")?;
+    let exe = crate::capstan_exe()?;
     let tmp;
     let base = match dir {
         Some(d) => {
@@ -387,7 +426,7 @@ pub async fn run(
     )
     .await?;
     let t = Instant::now();
-    let report = crate::client::gc(&paths, 86_400_000).await?;
+    let report = capstan::client::gc(&paths, 86_400_000).await?;
     let took = t.elapsed();
     let freed = report
         .iter()
@@ -556,7 +595,7 @@ fn print_rows(rows: &[Row], json: bool, store: &str) {
         println!(
             "\n({store}; {} build; every write acknowledged after commit)",
             if cfg!(debug_assertions) {
-                "DEBUG — use `cargo run --release -- bench` for real figures"
+                "DEBUG — `cargo build --release -p capstan -p capstan-bench` for real figures"
             } else {
                 "release"
             }

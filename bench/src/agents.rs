@@ -1,5 +1,6 @@
-//! The evaluator and LLM agent rows (the agent's model is a server on
-//! loopback that answers at once: [`instant_model`]).
+//! The evaluator and LLM agent rows (the agent's model is the end-to-end
+//! tests' model server on loopback, `capstan_tests::llm_server`, scripted
+//! to answer every turn at once).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -13,64 +14,7 @@ use super::calls::{
 };
 use super::process::Daemon;
 use super::{Row, Sizes, step};
-use crate::home::Paths;
-
-/// A model on loopback that answers every Ollama chat request at once
-/// with "ok": the LLM agent's turn is then all Capstan. Ends with the task.
-pub(super) async fn instant_model()
--> anyhow::Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = l.local_addr()?;
-    let task = tokio::spawn(async move {
-        while let Ok((mut conn, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 8192];
-                // the head, then as many body bytes as content-length says
-                let body_start = loop {
-                    let Ok(n) = conn.read(&mut chunk).await else {
-                        return;
-                    };
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        break i + 4;
-                    }
-                    if buf.len() > 1 << 20 {
-                        return;
-                    }
-                };
-                let head = String::from_utf8_lossy(&buf[..body_start]).to_ascii_lowercase();
-                let len = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:"))
-                    .and_then(|v| v.trim().parse::<usize>().ok())
-                    .unwrap_or(0);
-                while buf.len() < body_start + len {
-                    let Ok(n) = conn.read(&mut chunk).await else {
-                        return;
-                    };
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                }
-                let body = json!({"model": "instant", "message": {"role": "assistant", "content": "ok"},
-                                  "done": true, "done_reason": "stop", "prompt_eval_count": 1, "eval_count": 1})
-                .to_string();
-                let resp = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = conn.write_all(resp.as_bytes()).await;
-            });
-        }
-    });
-    Ok((addr, task))
-}
+use capstan::home::Paths;
 
 /// The evaluator (a JavaScript engine as a guest) and the LLM agent:
 /// evaluator start and a small script, a script using a bound capability,
@@ -165,13 +109,19 @@ pub(super) async fn agent_rows(
     });
 
     step(quiet, "llm agent: turns against an instant model");
-    let (addr, model) = instant_model().await?;
+    // The tests' scripted model server, speaking Ollama's chat protocol:
+    // every answer queued before the turns, so each is answered at once (a
+    // turn makes one model call; the spare answers cover retries).
+    let model = capstan_tests::llm_server::LlmServer::start();
+    for _ in 0..sizes.round_trips * 2 + 16 {
+        model.push(capstan_tests::llm_server::Reply::text("ok"));
+    }
     {
         let mut r = h.llm_request();
         r.get().set_req_id(&RequestId::random().0);
         r.get().set_command("add");
         r.get().set_args(
-            json!({"name": "local", "provider": "ollama", "url": format!("http://{addr}")})
+            json!({"name": "local", "provider": "ollama", "url": model.url()})
                 .to_string()
                 .as_str(),
         );
@@ -196,7 +146,7 @@ pub(super) async fn agent_rows(
         endo: "",
         json: json!({"p50_us": s.p50, "p99_us": s.p99}),
     });
-    model.abort();
+    drop(model);
     drop(h);
     d.stop().await?;
     Ok(())

@@ -13,7 +13,7 @@ use serde_json::json;
 use super::calls::{concurrently, host, inbox_len, ms, send, stats, store_text};
 use super::process::Daemon;
 use super::{Row, Sizes, step};
-use crate::home::Paths;
+use capstan::home::Paths;
 
 /// `inviter` invites `invitee` (names it `as_invitee`); `invitee` accepts
 /// (names the inviter `as_inviter`).
@@ -113,8 +113,8 @@ pub(super) async fn net_rows(
     sizes: &Sizes,
     rows: &mut Vec<Row>,
 ) -> anyhow::Result<()> {
-    use crate::net::Net;
-    use crate::net::identity::Identity;
+    use capstan::net::Net;
+    use capstan::net::identity::Identity;
     step(false, "network: two nodes on loopback");
     let pa = Paths::resolve(Some(base.join("net-a")))?;
     std::fs::create_dir_all(&pa.home)?;

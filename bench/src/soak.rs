@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use capnp::Error as CapError;
 use capstan_proto::RequestId;
 use capstan_proto::api_capnp::agent;
@@ -15,9 +14,9 @@ use serde_json::json;
 use super::calls::{as_agent, concurrently, host, mkguest, ms, remove, send, stats, store_text};
 use super::process::Daemon;
 use super::{Row, print_rows, step};
-use crate::client;
-use crate::home::Paths;
-use crate::output::print_json;
+use capstan::client;
+use capstan::home::Paths;
+use capstan::output::print_json;
 
 pub(super) async fn dismiss(a: &agent::Client, number: u64) -> Result<(), CapError> {
     let mut r = a.dismiss_request();
@@ -94,7 +93,7 @@ pub async fn soak(
     store_cache_bytes: Option<u64>,
     json: bool,
 ) -> anyhow::Result<()> {
-    let exe = std::env::current_exe().context("cannot find the capstan executable")?;
+    let exe = crate::capstan_exe()?;
     let tmp;
     let base = match dir {
         Some(d) => d,
@@ -217,7 +216,7 @@ pub async fn soak(
 /// sender sends back to back; the slowest send during the pass is the
 /// longest stall gc caused (targets: pass < 2 s for 100,000, stall ≤ 50 ms).
 pub async fn gc_row(dir: Option<PathBuf>, formulas: usize, json: bool) -> anyhow::Result<()> {
-    let exe = std::env::current_exe().context("cannot find the capstan executable")?;
+    let exe = crate::capstan_exe()?;
     let tmp;
     let base = match dir {
         Some(d) => d,

@@ -11,8 +11,8 @@ use capnp::Error as CapError;
 use capstan_proto::RequestId;
 use capstan_proto::api_capnp::{agent, node};
 
-use crate::client;
-use crate::home::Paths;
+use capstan::client;
+use capstan::home::Paths;
 
 /// Percentiles of a sample, in microseconds.
 pub(super) struct Stats {

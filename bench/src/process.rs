@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::json;
 
-use crate::client;
-use crate::home::Paths;
+use capstan::client;
+use capstan::home::Paths;
 
 /// A daemon child process on the bench home.
 pub(super) struct Daemon {

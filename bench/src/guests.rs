@@ -16,7 +16,7 @@ use super::calls::{
 };
 use super::process::Daemon;
 use super::{Row, Sizes, step};
-use crate::home::Paths;
+use capstan::home::Paths;
 
 /// Guests as WebAssembly components, through the daemon: install (validate
 /// and compile), a tool call over the socket, a message to a guest agent

@@ -19,7 +19,7 @@ use super::calls::{
 };
 use super::process::{CpuMeter, Daemon, etcd_pids};
 use super::{Row, Sizes, step};
-use crate::home::Paths;
+use capstan::home::Paths;
 
 /// Commits/s of blind 3-key transactions (a send writes two message records
 /// and an exactly-once record) from `writers` concurrent writers straight
@@ -158,7 +158,7 @@ pub(super) async fn cluster_rows(
 ) -> anyhow::Result<()> {
     // `--only SECTION`: that section alone (after the nodes start).
     let want = |section: &str| only.is_none_or(|o| o == section);
-    let nanos = crate::cluster::now_ms();
+    let nanos = capstan::cluster::now_ms();
     // A fresh key prefix, so runs never see each other's state.
     let (base_spec, query) = match spec.split_once('?') {
         Some((b, q)) => (b, format!("?{q}")),
@@ -171,7 +171,7 @@ pub(super) async fn cluster_rows(
     };
     step(false, &format!("cluster: init and {n} nodes"));
     let key_file = base.join("secrets.key");
-    crate::cluster::init(&spec, &key_file).await?;
+    capstan::cluster::init(&spec, &key_file).await?;
     let key_file = key_file.to_string_lossy().to_string();
     // What the store alone sustains, before any node runs: the ceiling of
     // durable sends on this machine.
