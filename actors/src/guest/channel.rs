@@ -136,11 +136,11 @@ impl ch_host::Host for ChannelState {
             sender.chars().take(MAX_SENDER).collect::<String>()
         );
         if text.len() > self.max_message {
-            return Err(wasmtime::format_err!(
+            return Err(crate::guest::host::GuestStop::limit(format!(
                 "message size limit: tried to emit a message of {} bytes; the limit is {} bytes",
                 text.len(),
                 self.max_message
-            ));
+            )));
         }
         self.emits += 1;
         if self.emits > MAX_EMITS {
@@ -217,11 +217,11 @@ impl ch_host::Host for ChannelState {
             sender.chars().take(MAX_SENDER).collect::<String>()
         );
         if text.len() > self.max_message {
-            return Err(wasmtime::format_err!(
+            return Err(crate::guest::host::GuestStop::limit(format!(
                 "message size limit: tried to emit a message of {} bytes; the limit is {} bytes",
                 text.len(),
                 self.max_message
-            ));
+            )));
         }
         self.emits += 1;
         if self.emits > MAX_EMITS {

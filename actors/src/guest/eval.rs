@@ -323,9 +323,9 @@ impl eval_host::Host for EvalState {
         args_json: String,
     ) -> wasmtime::Result<Result<String, String>> {
         if self.invokes >= MAX_INVOKES {
-            return Err(wasmtime::format_err!(
+            return Err(crate::guest::host::GuestStop::limit(format!(
                 "capability call limit: the code made more than {MAX_INVOKES} capability calls"
-            ));
+            )));
         }
         self.invokes += 1;
         if args_json.len() > MAX_ANSWER {

@@ -122,9 +122,10 @@ impl AgentState {
 
     /// Journals the answer of call `i`.
     fn record(&mut self, i: u32, entry: Entry) -> wasmtime::Result<()> {
+        // the journal refuses only past its size bound
         self.journal
             .record(i, entry)
-            .map_err(|m| wasmtime::format_err!(m))
+            .map_err(crate::guest::host::GuestStop::limit)
     }
 
     /// A write: answered from its exactly-once record if an earlier run
@@ -219,11 +220,11 @@ impl AgentState {
 
     fn check_message(&self, text: &str) -> wasmtime::Result<()> {
         if text.len() > self.max_message {
-            return Err(wasmtime::format_err!(
+            return Err(crate::guest::host::GuestStop::limit(format!(
                 "message size limit: tried to send a message of {} bytes; the limit is {} bytes",
                 text.len(),
                 self.max_message
-            ));
+            )));
         }
         Ok(())
     }
@@ -366,10 +367,10 @@ impl agent_wit::host::Host for AgentState {
 
     fn store_text(&mut self, name: String, text: String) -> wasmtime::Result<Result<(), String>> {
         if text.len() > MAX_GUEST_VALUE {
-            return Err(wasmtime::format_err!(
+            return Err(crate::guest::host::GuestStop::limit(format!(
                 "value size limit: tried to store {} bytes; the limit is {MAX_GUEST_VALUE} bytes",
                 text.len()
-            ));
+            )));
         }
         Ok(self
             .write(move |me, req| {
@@ -424,10 +425,10 @@ impl agent_wit::llm::Host for AgentState {
         request: String,
     ) -> wasmtime::Result<Result<String, String>> {
         if request.len() > MAX_LLM_REQUEST {
-            return Err(wasmtime::format_err!(
+            return Err(crate::guest::host::GuestStop::limit(format!(
                 "model request size limit: tried to send {} bytes; the limit is {MAX_LLM_REQUEST} bytes",
                 request.len()
-            ));
+            )));
         }
         let (i, earlier) = self.call();
         match earlier {
@@ -486,11 +487,11 @@ impl agent_wit::search::Host for AgentState {
         k: u32,
     ) -> wasmtime::Result<Result<String, String>> {
         if query.len() > crate::search::MAX_QUERY_BYTES * 4 {
-            return Err(wasmtime::format_err!(
+            return Err(crate::guest::host::GuestStop::limit(format!(
                 "search query size limit: tried to send {} bytes; the limit is {} bytes",
                 query.len(),
                 crate::search::MAX_QUERY_BYTES
-            ));
+            )));
         }
         let (i, earlier) = self.call();
         match earlier {

@@ -28,6 +28,26 @@ pub(crate) fn note_panic(slot: &mut Option<String>, level: u8, message: &str) {
     }
 }
 
+/// Why the host stopped a guest, as a type: a host function or the limiter
+/// returns it inside the `wasmtime::Error` it fails with, and
+/// [`stop_reason`] finds it by type in the error's chain (not by matching
+/// the text of the message).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum GuestStop {
+    /// A bound the guest ran into (memory, table, a message, value,
+    /// request or query size, the journal, capability calls): the text
+    /// says which and what to do.
+    #[error("{0}")]
+    Limit(String),
+}
+
+impl GuestStop {
+    /// `GuestStop::Limit(text)` as the error a host function returns.
+    pub(crate) fn limit(text: String) -> wasmtime::Error {
+        wasmtime::Error::new(GuestStop::Limit(text))
+    }
+}
+
 /// Memory and table limits of one instance; remembers the peak.
 #[derive(Debug)]
 pub(crate) struct Limiter {
@@ -54,11 +74,10 @@ impl ResourceLimiter for Limiter {
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
         if desired > self.memory {
-            return Err(wasmtime::format_err!(
+            return Err(GuestStop::limit(format!(
                 "memory limit: tried to grow its memory to {} bytes; the limit is {} bytes",
-                desired,
-                self.memory
-            ));
+                desired, self.memory
+            )));
         }
         self.peak = self.peak.max(desired);
         Ok(true)
@@ -71,10 +90,10 @@ impl ResourceLimiter for Limiter {
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
         if desired > self.table {
-            return Err(wasmtime::format_err!(
+            return Err(GuestStop::limit(format!(
                 "table limit: tried to grow a table to {desired} elements; the limit is {}",
                 self.table
-            ));
+            )));
         }
         Ok(true)
     }
@@ -124,12 +143,24 @@ pub(crate) fn stop_reason(e: &wasmtime::Error, limits: CallLimits, panic: Option
             other => format!("it trapped: {other}"),
         };
     }
-    // the root cause first: limit errors raised by the host
-    let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-    if let Some(c) = chain.iter().find(|c| c.contains("limit:")) {
-        return c.clone();
+    // the root cause first: a stop the host raised, found by its type
+    if let Some(GuestStop::Limit(text)) = e.chain().find_map(|c| c.downcast_ref::<GuestStop>()) {
+        return text.clone();
     }
-    if let Some(c) = chain.iter().find(|c| c.contains("handle")) {
+    if let Some(t) = e
+        .chain()
+        .find_map(|c| c.downcast_ref::<wasmtime::component::ResourceTableError>())
+    {
+        return format!("capability handle: it used a handle it does not hold ({t})");
+    }
+    // A handle the guest forged is refused inside wasmtime's lifting of the
+    // call's arguments, with an error of no public type ("unknown handle
+    // index N"): the one stop still told apart by its text.
+    if let Some(c) = e
+        .chain()
+        .map(|c| c.to_string())
+        .find(|c| c.contains("handle index"))
+    {
         return format!("capability handle: it used a handle it does not hold ({c})");
     }
     format!("{e:#}")

@@ -14,5 +14,5 @@ mod tool;
 
 pub use agent::CapabilityRep;
 pub(crate) use agent::{AgentState, Outcome, Replay, call_agent};
-pub(crate) use limits::{Deadline, Limiter, arm, arm_with, guest_log, stop_reason};
+pub(crate) use limits::{Deadline, GuestStop, Limiter, arm, arm_with, guest_log, stop_reason};
 pub(crate) use tool::{ToolState, run_tool};
