@@ -7,6 +7,7 @@ use crate::incarnation::{self, AgentMsg, PromiseMsg, Registry};
 use crate::keys;
 use crate::model::{self, Ctx};
 use crate::records::{AgentRec, Formula, FormulaKind, MessageRec};
+use crate::rules::lease::{Action, Renewal};
 use capstan_cluster::Db;
 use capstan_proto::FormulaId;
 use std::sync::Arc;
@@ -437,7 +438,7 @@ pub(crate) async fn lease_loop(rt: std::sync::Weak<Inner>) {
         let Some(c) = inner.cluster.get().cloned() else {
             return;
         };
-        if inner.closed.load(Ordering::Acquire) || c.leaving.load(Ordering::Acquire) {
+        if inner.closed.load(Ordering::Acquire) || c.leaving() {
             return;
         }
         let interval = c.cfg.lease / 6;
@@ -450,37 +451,41 @@ pub(crate) async fn lease_loop(rt: std::sync::Weak<Inner>) {
         // client retrying) must not keep the incarnations alive past the
         // lease while the rest of the cluster takes them over.
         let budget = c.lease_left().max(interval);
-        let ok = match tokio::time::timeout(budget, c.renew(&inner.db)).await {
-            Ok(r) => r,
-            Err(_) => Err(Error::Unavailable(format!(
-                "the store did not answer the lease renewal within {budget:?}"
-            ))),
-        };
-        match ok {
-            Ok(true) => {
+        let started = tokio::time::Instant::now().into_std();
+        let renewal = match tokio::time::timeout(budget, c.renew(&inner.db)).await {
+            Ok(Ok(Some(draining))) => {
                 c.renewals.fetch_add(1, Ordering::Relaxed);
                 failures = 0;
-                if c.draining() {
-                    release_all(&inner, &c).await;
-                }
+                Renewal::Renewed { started, draining }
             }
-            Ok(false) => {
-                step_down(&inner, &c).await;
-                match c.register_as(&inner.db, true).await {
-                    Ok(epoch) => {
-                        tracing::warn!(node = %c.cfg.name, epoch, "re-registered after losing the lease")
-                    }
-                    Err(e) => tracing::warn!(node = %c.cfg.name, "cannot re-register yet: {e}"),
-                }
-            }
-            Err(e) => {
+            Ok(Ok(None)) => Renewal::Lost,
+            r => {
+                let e = match r {
+                    Ok(Err(e)) => e,
+                    _ => Error::Unavailable(format!(
+                        "the store did not answer the lease renewal within {budget:?}"
+                    )),
+                };
                 c.renewal_failures.fetch_add(1, Ordering::Relaxed);
                 failures += 1;
                 if failures == 1 || failures.is_multiple_of(20) {
                     tracing::warn!(node = %c.cfg.name, "cannot renew the cluster lease: {e}");
                 }
-                if !c.serving() {
-                    step_down(&inner, &c).await;
+                Renewal::Failed
+            }
+        };
+        match c.on_renewal(renewal) {
+            Action::Carry => {}
+            Action::ReleaseAll => release_all(&inner, &c).await,
+            Action::StepDown { counted, register } => {
+                step_down(&inner, &c, counted).await;
+                if register {
+                    match c.register_as(&inner.db, true).await {
+                        Ok(epoch) => {
+                            tracing::warn!(node = %c.cfg.name, epoch, "re-registered after losing the lease")
+                        }
+                        Err(e) => tracing::warn!(node = %c.cfg.name, "cannot re-register yet: {e}"),
+                    }
                 }
             }
         }
@@ -489,11 +494,12 @@ pub(crate) async fn lease_loop(rt: std::sync::Weak<Inner>) {
     }
 }
 
-async fn step_down(inner: &Arc<Inner>, c: &crate::cluster::Membership) {
-    let was_serving = c.serving.swap(false, Ordering::AcqRel);
+/// Stops every incarnation after the lease was lost or lapsed (`counted`:
+/// a step-down from serving, counted and logged).
+async fn step_down(inner: &Arc<Inner>, c: &crate::cluster::Membership, counted: bool) {
     let n = stop_incarnations(inner).await;
     c.forget_all();
-    if was_serving {
+    if counted {
         c.stepdowns.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(node = %c.cfg.name, epoch = c.epoch(), incarnations = n, "lost the cluster lease: stepped down");
     }

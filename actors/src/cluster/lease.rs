@@ -64,27 +64,21 @@ impl Membership {
                 })
             })
             .await?;
-        self.epoch.store(rec.epoch, Ordering::Release);
-        self.draining.store(
-            rec.draining || self.leaving.load(Ordering::Acquire),
-            Ordering::Release,
-        );
-        if let Ok(mut t) = self.live_until.lock() {
-            *t = started + self.cfg.lease * 9 / 10;
-        }
-        self.serving.store(true, Ordering::Release);
+        self.lease()
+            .registered(started.into_std(), rec.epoch, rec.draining);
         self.refresh_members(db).await?;
         tracing::info!(node = %self.cfg.name, epoch = rec.epoch, addr = %rec.addr, "joined the cluster");
         Ok(rec.epoch)
     }
 
-    /// Renews the lease. `Ok(false)` when the lease was lost (the record
-    /// expired or another epoch replaced it): the caller steps down.
-    pub(crate) async fn renew(&self, db: &Db) -> Result<bool, Error> {
+    /// Renews the lease in the store: `Ok(Some(draining))` with the
+    /// record's drain mark, `Ok(None)` when the lease was lost (the record
+    /// expired or another epoch replaced it). The caller hands the outcome
+    /// to [`Membership::on_renewal`].
+    pub(crate) async fn renew(&self, db: &Db) -> Result<Option<bool>, Error> {
         let name = self.cfg.name.clone();
         let epoch = self.epoch();
         let lease = self.cfg.lease;
-        let started = Instant::now();
         // The other members' records every few renewals (about once a
         // second by default), not at each: each listing is a range read of
         // etcd, five a second per node otherwise, idle or not.
@@ -132,24 +126,12 @@ impl Membership {
             })
             .await?;
         let Some((rec, all)) = rec else {
-            return Ok(false);
+            return Ok(None);
         };
-        self.serving.store(true, Ordering::Release);
-        if let Ok(mut t) = self.live_until.lock() {
-            // Only extend: a renewal that took longer than the lease is no proof.
-            let until = started + self.cfg.lease * 9 / 10;
-            if until > *t {
-                *t = until;
-            }
-        }
-        self.draining.store(
-            rec.draining || self.leaving.load(Ordering::Acquire),
-            Ordering::Release,
-        );
         if let Some(all) = all {
             self.set_members(all);
         }
-        Ok(true)
+        Ok(Some(rec.draining))
     }
 
     /// Reads the live members from the store now (they are otherwise
@@ -256,6 +238,6 @@ pub async fn end_membership(db: &Db, c: &Membership, remove: bool) -> Result<(),
         })
     })
     .await?;
-    c.serving.store(false, Ordering::Release);
+    c.lease().ended();
     Ok(())
 }

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 // tokio's: virtual under a paused clock (simulations), else the system's.
 use tokio::time::Instant;
@@ -14,16 +14,14 @@ use tokio::sync::mpsc;
 use super::records::MemberRec;
 use super::{ClusterConfig, INTEREST_TTL, LinkOp, MAX_INTERESTS};
 use crate::error::Error;
+use crate::rules::lease::{Action, Lease, Renewal};
 
 /// This node's membership: its lease, epoch and view of the others.
 pub struct Membership {
     pub cfg: ClusterConfig,
-    pub(super) epoch: AtomicU64,
-    /// Whether the lease is held (false while re-registering: calls refused).
-    pub(crate) serving: AtomicBool,
-    pub(super) draining: AtomicBool,
-    /// The monotonic instant until which the lease is certainly held.
-    pub(super) live_until: Mutex<Instant>,
+    /// The lease's lifecycle (epoch, phase, drain mark, until when it
+    /// holds): a pure state machine, see [`crate::rules::lease`].
+    lease: Mutex<Lease>,
     /// Members seen at the last renewal (live ones, this node included).
     pub(super) members: Mutex<Vec<MemberRec>>,
     /// Owners of formulas this node asked about (not authoritative).
@@ -41,8 +39,6 @@ pub struct Membership {
     /// (one per member told), and those it received.
     pub deliveries_sent: AtomicU64,
     pub deliveries_received: AtomicU64,
-    /// Set when the node leaves or stops: the lease is no longer renewed.
-    pub leaving: AtomicBool,
     /// Formulas this node took over from another owner (dead, draining, or
     /// this node's own earlier run), with that owner's name: guests tell
     /// their host they resumed here (bounded; see [`MAX_TAKEOVERS`]).
@@ -60,11 +56,7 @@ pub(super) const MAX_TAKEOVERS: usize = 10_000;
 impl Membership {
     pub fn new(cfg: ClusterConfig, link: mpsc::Sender<LinkOp>) -> Membership {
         Membership {
-            cfg,
-            epoch: AtomicU64::new(0),
-            serving: AtomicBool::new(false),
-            draining: AtomicBool::new(false),
-            live_until: Mutex::new(Instant::now()),
+            lease: Mutex::new(Lease::new(cfg.lease)),
             members: Mutex::new(Vec::new()),
             owners: Mutex::new(HashMap::new()),
             link,
@@ -74,10 +66,10 @@ impl Membership {
             renewal_failures: AtomicU64::new(0),
             deliveries_sent: AtomicU64::new(0),
             deliveries_received: AtomicU64::new(0),
-            leaving: AtomicBool::new(false),
             took_over: Mutex::new(HashMap::new()),
             interest: Mutex::new(HashMap::new()),
             learned: Mutex::new(HashMap::new()),
+            cfg,
         }
     }
 
@@ -169,36 +161,43 @@ impl Membership {
         self.took_over.lock().ok()?.remove(id)
     }
 
+    /// The lease's state machine, locked (never held across an await).
+    pub(super) fn lease(&self) -> std::sync::MutexGuard<'_, Lease> {
+        self.lease.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn epoch(&self) -> u64 {
-        self.epoch.load(Ordering::Acquire)
+        self.lease().epoch()
     }
 
     /// True while the lease is held on this node's own clock.
     pub fn serving(&self) -> bool {
-        self.serving.load(Ordering::Acquire)
-            && self
-                .live_until
-                .lock()
-                .map(|t| Instant::now() < *t)
-                .unwrap_or(false)
+        self.lease().serving(Instant::now().into_std())
     }
 
     /// How long the lease is certainly held still, on this node's clock.
     pub(crate) fn lease_left(&self) -> Duration {
-        self.live_until
-            .lock()
-            .map(|t| t.saturating_duration_since(Instant::now()))
-            .unwrap_or_default()
+        self.lease().left(Instant::now().into_std())
     }
 
     /// Stops renewing the lease and claiming formulas (leave or stop).
     pub fn set_leaving(&self) {
-        self.leaving.store(true, Ordering::Release);
-        self.draining.store(true, Ordering::Release);
+        self.lease().leave();
     }
 
+    /// Whether the node leaves or stops (its lease is no longer renewed).
+    pub fn leaving(&self) -> bool {
+        self.lease().leaving()
+    }
+
+    /// Whether this node claims no new work (drained, or leaving).
     pub fn draining(&self) -> bool {
-        self.draining.load(Ordering::Acquire)
+        self.lease().draining()
+    }
+
+    /// Applies a renewal's outcome; says what the lease loop does.
+    pub(crate) fn on_renewal(&self, r: Renewal) -> Action {
+        self.lease().on_renewal(r, Instant::now().into_std())
     }
 
     /// The live members seen at the last renewal.

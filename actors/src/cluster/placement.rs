@@ -2,7 +2,6 @@
 //! it when it has none, or a dead or draining one), and the [`Fence`] that
 //! refuses a writer that no longer owns it.
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 // tokio's: virtual under a paused clock (simulations), else the system's.
 use tokio::time::Instant;
@@ -50,7 +49,7 @@ impl Membership {
         // interval: wait for that rather than fail the call at once.
         let deadline = Instant::now() + self.cfg.lease;
         while !self.serving() {
-            if Instant::now() >= deadline || self.leaving.load(Ordering::Acquire) {
+            if Instant::now() >= deadline || self.leaving() {
                 return Err(self.not_serving());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

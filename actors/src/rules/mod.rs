@@ -6,6 +6,8 @@
 //!
 //! - [`follow`]: which messages a follower has shown, and where it looks
 //!   in the store for the ones a push missed.
+//! - [`lease`]: a cluster node's lease: when it may serve, what it does
+//!   after each renewal, leaving (the lifecycle as one phase).
 //! - [`inbox`]: in which order a guest's runner handles its inbox, and when
 //!   it gives up waiting for a number that was handed out but never written.
 //! - [`outbox`]: when mail owed to each peer cluster is delivered (couriers,
@@ -13,4 +15,5 @@
 
 pub mod follow;
 pub mod inbox;
+pub mod lease;
 pub mod outbox;
