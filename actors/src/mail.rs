@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use crate::agent::{AgentHandle, checked_dedup};
 use crate::node::now_ms;
-use crate::types::{MAX_MESSAGE_REFS, MAX_MESSAGE_TEXT, MAX_SLOT_RETRIES, RefSpec};
+use crate::types::{MAX_SLOT_RETRIES, RefSpec};
 
 /// What a message's transaction writes besides its copies: the body (and
 /// the promise a request makes), given the transaction and the sender.
@@ -217,36 +217,13 @@ impl AgentHandle {
         refs: Vec<RefSpec>,
         reply_to: Option<u64>,
     ) -> Result<u64, Error> {
-        if strings.len() != refs.len() + 1 {
-            return Err(Error::Invalid(format!(
-                "a message has one more text chunk than references; got {} chunks and {} references",
-                strings.len(),
-                refs.len()
-            )));
-        }
-        if refs.len() > MAX_MESSAGE_REFS {
-            return Err(Error::TooLarge {
-                what: "references".into(),
-                len: refs.len(),
-                max: MAX_MESSAGE_REFS,
-            });
-        }
+        let names: Vec<String> = refs.iter().map(|r| r.edge_name.clone()).collect();
+        crate::rules::mail::check_package(&strings, &names, refs.len())?;
         let text_len: usize = strings.iter().map(String::len).sum();
-        if text_len > MAX_MESSAGE_TEXT {
-            return Err(Error::TooLarge {
-                what: "message text".into(),
-                len: text_len,
-                max: MAX_MESSAGE_TEXT,
-            });
-        }
-        let mut paths = Vec::with_capacity(refs.len());
-        for r in &refs {
-            paths.push(Path::parse(&r.path)?);
-            if !crate::names::is_pet_name(&r.edge_name) {
-                return Err(Error::InvalidName(r.edge_name.clone()));
-            }
-        }
-        let names: Vec<String> = refs.into_iter().map(|r| r.edge_name).collect();
+        let paths = refs
+            .iter()
+            .map(|r| Path::parse(&r.path))
+            .collect::<Result<Vec<_>, _>>()?;
         let size =
             crate::quota::message_size(text_len, names.iter().map(String::len).sum(), names.len());
         let to_name = to;
@@ -285,13 +262,7 @@ impl AgentHandle {
         text: String,
         alive: Vec<u8>,
     ) -> Result<u64, Error> {
-        if text.len() > MAX_MESSAGE_TEXT {
-            return Err(Error::TooLarge {
-                what: "message text".into(),
-                len: text.len(),
-                max: MAX_MESSAGE_TEXT,
-            });
-        }
+        crate::rules::mail::check_text("message text", &text)?;
         let size = crate::quota::message_size(text.len(), 0, 0);
         let to_name = to;
         let to = self.recipient(to, None, &[]).await?;

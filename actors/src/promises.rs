@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 
 use crate::agent::{AgentHandle, checked_dedup};
 use crate::node::{Inner, now_ms};
-use crate::types::{MAX_MESSAGE_TEXT, NO_REASON, PromiseState};
+use crate::types::PromiseState;
 
 /// `promise` settled in a commit of this node: wakes its waiters here and
 /// tells the other members of the cluster, if any (theirs may wait too).
@@ -40,13 +40,7 @@ impl AgentHandle {
         description: &str,
         result_name: Option<&str>,
     ) -> Result<(u64, FormulaId), Error> {
-        if description.len() > MAX_MESSAGE_TEXT {
-            return Err(Error::TooLarge {
-                what: "description".into(),
-                len: description.len(),
-                max: MAX_MESSAGE_TEXT,
-            });
-        }
+        crate::rules::mail::check_text("description", description)?;
         let result_path = result_name
             .filter(|s| !s.is_empty())
             .map(Path::parse_writable)
@@ -213,13 +207,13 @@ impl AgentHandle {
                     let FormulaKind::Promise(p) = &mut f.kind else {
                         return Err(Error::Corrupt("request without a promise".into()));
                     };
-                    if p.state != PromiseState::Pending {
-                        return Err(Error::AlreadySettled(number));
-                    }
-                    p.state = match outcome {
-                        Ok(path) => PromiseState::Resolved(model::resolve(tx, &ctx, &path).await?),
-                        Err(reason) => PromiseState::Rejected(reason),
+                    let settled = |_| Error::AlreadySettled(number);
+                    crate::rules::mail::pending(&p.state).map_err(settled)?;
+                    let outcome = match outcome {
+                        Ok(path) => Ok(model::resolve(tx, &ctx, &path).await?),
+                        Err(reason) => Err(reason),
                     };
+                    p.state = crate::rules::mail::settle(&p.state, outcome).map_err(settled)?;
                     let state = p.state.clone();
                     if let PromiseState::Resolved(t) = &state {
                         model::note_ref(tx, t).await?;
@@ -275,18 +269,7 @@ impl AgentHandle {
     }
 
     pub async fn reject(&self, req: RequestId, number: u64, reason: &str) -> Result<(), Error> {
-        if reason.len() > MAX_MESSAGE_TEXT {
-            return Err(Error::TooLarge {
-                what: "reason".into(),
-                len: reason.len(),
-                max: MAX_MESSAGE_TEXT,
-            });
-        }
-        let reason = if reason.is_empty() {
-            NO_REASON.to_string()
-        } else {
-            reason.to_string()
-        };
+        let reason = crate::rules::mail::reason(reason)?;
         self.settle(req, number, Err(reason)).await
     }
 

@@ -120,3 +120,37 @@ fn rand_req() -> [u8; 16] {
     out.copy_from_slice(&h.as_bytes()[..16]);
     out
 }
+
+/// `send` as a raw socket call: the package exactly as given (chunks and
+/// `(path, edge name)` references), which the CLI's text syntax could not
+/// produce when malformed; the number, or the error as text.
+pub fn send_raw(
+    n: &Node,
+    to: &str,
+    strings: &[&str],
+    refs: &[(&str, &str)],
+) -> Result<u64, String> {
+    let to = to.to_string();
+    let strings: Vec<String> = strings.iter().map(|s| s.to_string()).collect();
+    let refs: Vec<(String, String)> = refs
+        .iter()
+        .map(|(p, e)| (p.to_string(), e.to_string()))
+        .collect();
+    with_host(n, move |h| async move {
+        let mut r = h.send_request();
+        let mut p = r.get();
+        p.set_req_id(&rand_req());
+        p.set_to(to.as_str());
+        let mut s = p.reborrow().init_strings(strings.len() as u32);
+        for (i, t) in strings.iter().enumerate() {
+            s.set(i as u32, t.as_str());
+        }
+        let mut l = p.init_refs(refs.len() as u32);
+        for (i, (path, edge)) in refs.iter().enumerate() {
+            let mut x = l.reborrow().get(i as u32);
+            x.set_path(path.as_str());
+            x.set_edge_name(edge.as_str());
+        }
+        Ok(r.send().promise.await?.get()?.get_number())
+    })
+}

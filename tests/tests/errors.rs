@@ -219,3 +219,41 @@ fn no_daemon_means_exit_2() {
     node.start();
     node.ok(["ping"]);
 }
+
+/// A client on the socket that sends a package the CLI's syntax could not
+/// make (chunks that do not match its references, a bad edge name, too
+/// many references) is refused with the rule it broke, and nothing is
+/// delivered; a well-formed one through the same call goes through.
+#[test]
+fn a_malformed_package_on_the_socket_is_refused_and_changes_nothing() {
+    let node = populated();
+    let before = snapshot(&node);
+    let many: Vec<(&str, &str)> = (0..65).map(|_| ("greeting", "g")).collect();
+    let chunks = vec![""; 66];
+    for (strings, refs, expect) in [
+        (vec!["a", "b"], vec![], "one more text chunk"),
+        (vec!["a"], vec![("greeting", "g")], "one more text chunk"),
+        (
+            vec!["a", "b"],
+            vec![("greeting", "not a name")],
+            "not a name",
+        ),
+        (chunks, many, "references"),
+    ] {
+        let e = capstan_tests::control::send_raw(&node, "alice", &strings, &refs)
+            .expect_err("a malformed package is refused");
+        assert!(e.contains(expect), "{expect:?} in {e}");
+    }
+    assert_eq!(snapshot(&node), before, "a refused send changed nothing");
+    let n = capstan_tests::control::send_raw(&node, "alice", &["see ", ""], &[("greeting", "g")])
+        .expect("a well-formed package goes through");
+    let inbox = node.json(["inbox", "--as", "alice"]);
+    assert!(
+        inbox
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["names"] == serde_json::json!(["g"])),
+        "{inbox} (sent as {n})"
+    );
+}

@@ -116,35 +116,14 @@ impl Envelope {
                     .map(|t| text(t?))
                     .collect::<Result<Vec<_>, _>>()?;
                 let list = p.get_refs()?;
-                if list.len() as usize > crate::types::MAX_MESSAGE_REFS {
-                    return Err(Error::TooLarge {
-                        what: "references".into(),
-                        len: list.len() as usize,
-                        max: crate::types::MAX_MESSAGE_REFS,
-                    });
-                }
+                // the same rules as a local send (checked before the
+                // references are read: their count bounds the work)
+                crate::rules::mail::check_package(&strings, &names, list.len() as usize)
+                    .map_err(malformed)?;
                 let refs = list
                     .iter()
                     .map(|x| RemoteRec::read(x, own_allowed))
                     .collect::<Result<Vec<_>, _>>()?;
-                if strings.len() != refs.len() + 1 || names.len() != refs.len() {
-                    return Err(Error::Corrupt(
-                        "a package needs one more text chunk than references, and a name per reference".into(),
-                    ));
-                }
-                let len: usize = strings.iter().map(String::len).sum();
-                if len > crate::types::MAX_MESSAGE_TEXT {
-                    return Err(Error::TooLarge {
-                        what: "message text".into(),
-                        len,
-                        max: crate::types::MAX_MESSAGE_TEXT,
-                    });
-                }
-                for n in &names {
-                    if !crate::names::is_pet_name(n) {
-                        return Err(Error::InvalidName(n.clone()));
-                    }
-                }
                 EnvelopeBody::Package {
                     strings,
                     names,
@@ -153,13 +132,7 @@ impl Envelope {
             }
             Which::Request(q) => {
                 let description = text(q.get_description()?)?;
-                if description.len() > crate::types::MAX_MESSAGE_TEXT {
-                    return Err(Error::TooLarge {
-                        what: "description".into(),
-                        len: description.len(),
-                        max: crate::types::MAX_MESSAGE_TEXT,
-                    });
-                }
+                crate::rules::mail::check_text("description", &description)?;
                 EnvelopeBody::Request {
                     description,
                     resolver: RemoteRec::read(q.get_resolver()?, own_allowed)?,
@@ -197,13 +170,7 @@ impl Settlement {
                 Which::Resolved(x) => Settlement::Resolved(RemoteRec::read(x?, own_allowed)?),
                 Which::Rejected(t) => {
                     let t = text(t?)?;
-                    if t.len() > crate::types::MAX_MESSAGE_TEXT {
-                        return Err(Error::TooLarge {
-                            what: "reason".into(),
-                            len: t.len(),
-                            max: crate::types::MAX_MESSAGE_TEXT,
-                        });
-                    }
+                    crate::rules::mail::check_text("reason", &t)?;
                     Settlement::Rejected(t)
                 }
             },
@@ -250,5 +217,14 @@ impl OutboxItem {
     /// creation order, so delivery keeps send order per destination.
     pub fn key(&self) -> Vec<u8> {
         keys::outbox(&self.to.cluster, self.created_us, &self.id)
+    }
+}
+
+/// A rule of mail broken by what another cluster sent: a malformed
+/// envelope (bounds and bad names keep their own kinds).
+fn malformed(e: Error) -> Error {
+    match e {
+        Error::Invalid(m) => Error::Corrupt(m),
+        other => other,
     }
 }

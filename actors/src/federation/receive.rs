@@ -178,15 +178,14 @@ impl Runtime {
                             "this capability is not a request's promise".into(),
                         ));
                     };
-                    if p.state != crate::PromiseState::Pending {
-                        return Err(Error::Invalid("the request is already settled".into()));
-                    }
-                    p.state = match s {
-                        Settlement::Resolved(r) => {
-                            crate::PromiseState::Resolved(adopt_ref(tx, &r, &own).await?)
-                        }
-                        Settlement::Rejected(why) => crate::PromiseState::Rejected(why),
+                    let settled =
+                        |_| Error::Invalid("the request is already settled".into());
+                    crate::rules::mail::pending(&p.state).map_err(settled)?;
+                    let outcome = match s {
+                        Settlement::Resolved(r) => Ok(adopt_ref(tx, &r, &own).await?),
+                        Settlement::Rejected(why) => Err(why),
                     };
+                    p.state = crate::rules::mail::settle(&p.state, outcome).map_err(settled)?;
                     let state = p.state.clone();
                     if let crate::PromiseState::Resolved(t) = &state {
                         model::note_ref(tx, t).await?;

@@ -8,6 +8,9 @@
 //!   in the store for the ones a push missed.
 //! - [`lease`]: a cluster node's lease: when it may serve, what it does
 //!   after each renewal, leaving (the lifecycle as one phase).
+//! - [`mail`]: what a package, a request and an answer may hold (checked
+//!   on sending and again on arrival from another cluster), and how a
+//!   promise settles (once).
 //! - [`inbox`]: in which order a guest's runner handles its inbox, and when
 //!   it gives up waiting for a number that was handed out but never written.
 //! - [`outbox`]: when mail owed to each peer cluster is delivered (couriers,
@@ -16,4 +19,5 @@
 pub mod follow;
 pub mod inbox;
 pub mod lease;
+pub mod mail;
 pub mod outbox;
