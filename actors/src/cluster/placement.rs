@@ -15,6 +15,7 @@ use super::records::{
     MemberRec, PlacementRec, encode, get_member, get_placement, list_members, placement_key,
 };
 use crate::error::Error;
+use crate::rules::placement as rules;
 
 impl Membership {
     /// The live member that owns `id` according to the store, when it is
@@ -69,41 +70,42 @@ impl Membership {
                 let me = me.clone();
                 Box::pin(async move {
                     let now = crate::clock::now_ms();
+                    let who = rules::Me {
+                        name: &me,
+                        epoch,
+                        draining,
+                    };
                     let before = get_placement(tx, &id).await?;
                     if let Some(p) = &before {
-                        if p.node == me && p.epoch == epoch && !draining {
-                            return Ok((None, None));
-                        }
-                        if p.node != me
-                            && let Some(m) = get_member(tx, &p.node).await?
-                            && m.epoch == p.epoch
-                            && m.live(now)
-                            && !m.draining
-                        {
-                            return Ok((Some(m), None));
+                        // the holder's record only when it is another node
+                        let holder = match p.node == me {
+                            true => None,
+                            false => get_member(tx, &p.node).await?,
+                        };
+                        let view = holder.as_ref().map(MemberRec::view);
+                        match rules::stands(&who, (&p.node, p.epoch), view.as_ref(), now) {
+                            Some(rules::Stands::Mine) => return Ok((None, None)),
+                            Some(rules::Stands::Theirs) => return Ok((holder, None)),
+                            None => {}
                         }
                     }
                     if draining {
-                        let others = list_members(tx).await?;
-                        return others
-                            .into_iter()
-                            .find(|m| m.name != me && m.live(now) && !m.draining)
-                            .map(Some)
-                            .ok_or_else(|| {
-                                Error::Unavailable(format!(
-                                    "node {me} is draining and no other live node can take the work; start another node"
-                                ))
-                            })
-                            .map(|m| (m, None));
+                        let members = list_members(tx).await?;
+                        let views: Vec<_> = members.iter().map(MemberRec::view).collect();
+                        let to = rules::hand_off(&me, &views, now);
+                        return match to.and_then(|i| members.into_iter().nth(i)) {
+                            Some(m) => Ok((Some(m), None)),
+                            None => Err(Error::Unavailable(format!(
+                                "node {me} is draining and no other live node can take the work; start another node"
+                            ))),
+                        };
                     }
                     // Claim it, but only while our own lease holds.
-                    match get_member(tx, &me).await? {
-                        Some(m) if m.epoch == epoch && m.live(now) => {}
-                        _ => {
-                            return Err(Error::Unavailable(format!(
-                                "node {me} lost its cluster lease; it re-registers by itself: retry"
-                            )));
-                        }
+                    let mine = get_member(tx, &me).await?;
+                    if !rules::may_claim(&who, mine.as_ref().map(MemberRec::view).as_ref(), now) {
+                        return Err(Error::Unavailable(format!(
+                            "node {me} lost its cluster lease; it re-registers by itself: retry"
+                        )));
                     }
                     let rec = PlacementRec {
                         node: me.clone(),

@@ -47,7 +47,17 @@ pub struct MemberRec {
 
 impl MemberRec {
     pub fn live(&self, now_ms: u64) -> bool {
-        now_ms <= self.expires_ms
+        self.view().live(now_ms)
+    }
+
+    /// What the placement decisions ([`crate::rules::placement`]) see of it.
+    pub fn view(&self) -> crate::rules::placement::Member<'_> {
+        crate::rules::placement::Member {
+            name: &self.name,
+            epoch: self.epoch,
+            expires_ms: self.expires_ms,
+            draining: self.draining,
+        }
     }
 }
 

@@ -11,6 +11,8 @@
 //! - [`mail`]: what a package, a request and an answer may hold (checked
 //!   on sending and again on arrival from another cluster), and how a
 //!   promise settles (once).
+//! - [`placement`]: whether a formula's placement stands, where a
+//!   draining node hands work, whether a node may claim.
 //! - [`inbox`]: in which order a guest's runner handles its inbox, and when
 //!   it gives up waiting for a number that was handed out but never written.
 //! - [`outbox`]: when mail owed to each peer cluster is delivered (couriers,
@@ -21,3 +23,4 @@ pub mod inbox;
 pub mod lease;
 pub mod mail;
 pub mod outbox;
+pub mod placement;

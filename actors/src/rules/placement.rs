@@ -1,0 +1,181 @@
+//! Who owns a formula in a cluster: the placement decisions, apart from
+//! the store they are read from and written to.
+//!
+//! A formula's placement names a node and the epoch it had when it claimed
+//! the formula. The placement stands while that node is live under that
+//! epoch and not draining; otherwise the next node that needs the formula
+//! claims it — if its own lease holds in the store — and a draining node
+//! points to a live member that is not draining instead of claiming.
+//!
+//! The shell (`cluster::placement`, inside one store transaction) reads the
+//! placement, then only what the decision needs next: the holder's member
+//! record, the members (a draining node), or its own record (a claim), and
+//! asks these functions. Time comes in as `now_ms`.
+
+/// A member record, as the decisions need it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Member<'a> {
+    pub name: &'a str,
+    pub epoch: u64,
+    /// Until when its lease holds (ms since the epoch, the store's clock).
+    pub expires_ms: u64,
+    pub draining: bool,
+}
+
+impl Member<'_> {
+    /// Whether its lease holds at `now_ms`.
+    pub fn live(&self, now_ms: u64) -> bool {
+        now_ms <= self.expires_ms
+    }
+}
+
+/// The node deciding: its name, epoch, and whether it is draining.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Me<'a> {
+    pub name: &'a str,
+    pub epoch: u64,
+    pub draining: bool,
+}
+
+/// A standing placement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stands {
+    /// This node holds it (this epoch) and keeps it.
+    Mine,
+    /// Another node holds it: send the work there.
+    Theirs,
+}
+
+/// Whether the placement on `node` at `epoch` stands, for `me` at
+/// `now_ms`; `holder`: that node's member record when it is another node
+/// (None: gone). None: nobody holds it for good, it is to be placed anew.
+pub fn stands(
+    me: &Me,
+    (node, epoch): (&str, u64),
+    holder: Option<&Member>,
+    now_ms: u64,
+) -> Option<Stands> {
+    if node == me.name {
+        return (epoch == me.epoch && !me.draining).then_some(Stands::Mine);
+    }
+    let h = holder?;
+    (h.name == node && h.epoch == epoch && h.live(now_ms) && !h.draining).then_some(Stands::Theirs)
+}
+
+/// Where a draining node sends work it does not hold: the index in
+/// `members` of the first live member, other than itself, that is not
+/// draining (None: there is none, and the work cannot be taken anywhere
+/// now).
+pub fn hand_off(me: &str, members: &[Member], now_ms: u64) -> Option<usize> {
+    members
+        .iter()
+        .position(|m| m.name != me && m.live(now_ms) && !m.draining)
+}
+
+/// Whether `me` may claim a formula: its own member record in the store
+/// (`mine`) is of its epoch and live — a node whose lease lapsed in the
+/// store claims nothing, even if its clock says otherwise.
+pub fn may_claim(me: &Me, mine: Option<&Member>, now_ms: u64) -> bool {
+    mine.is_some_and(|m| m.epoch == me.epoch && m.live(now_ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 1_000_000;
+
+    fn member(name: &str, epoch: u64) -> Member<'_> {
+        Member {
+            name,
+            epoch,
+            expires_ms: NOW + 500,
+            draining: false,
+        }
+    }
+
+    const ME: Me<'static> = Me {
+        name: "n1",
+        epoch: 4,
+        draining: false,
+    };
+
+    #[test]
+    fn a_placement_on_this_node_stands_only_for_its_epoch_and_while_it_is_not_draining() {
+        assert_eq!(stands(&ME, ("n1", 4), None, NOW), Some(Stands::Mine));
+        // claimed by this node's earlier run: placed anew (taken over)
+        assert_eq!(stands(&ME, ("n1", 3), None, NOW), None);
+        let draining = Me {
+            draining: true,
+            ..ME
+        };
+        assert_eq!(stands(&draining, ("n1", 4), None, NOW), None);
+    }
+
+    #[test]
+    fn another_nodes_placement_stands_while_it_is_live_under_that_epoch_and_not_draining() {
+        let n2 = member("n2", 7);
+        assert_eq!(stands(&ME, ("n2", 7), Some(&n2), NOW), Some(Stands::Theirs));
+        assert_eq!(
+            stands(&ME, ("n2", 7), None, NOW),
+            None,
+            "its record is gone"
+        );
+        assert_eq!(
+            stands(&ME, ("n2", 6), Some(&n2), NOW),
+            None,
+            "it registered again since: its old placements are void"
+        );
+        let dead = Member {
+            expires_ms: NOW - 1,
+            ..n2
+        };
+        assert_eq!(stands(&ME, ("n2", 7), Some(&dead), NOW), None);
+        assert_eq!(
+            stands(&ME, ("n2", 7), Some(&n2), NOW + 500),
+            Some(Stands::Theirs),
+            "live up to its expiry"
+        );
+        let draining = Member {
+            draining: true,
+            ..n2
+        };
+        assert_eq!(stands(&ME, ("n2", 7), Some(&draining), NOW), None);
+        // a record of another node is no proof for this one
+        assert_eq!(stands(&ME, ("n2", 7), Some(&member("n3", 7)), NOW), None);
+    }
+
+    #[test]
+    fn a_draining_node_hands_work_to_a_live_member_that_is_not_draining() {
+        let members = [
+            member("n1", 4),
+            Member {
+                draining: true,
+                ..member("n2", 1)
+            },
+            Member {
+                expires_ms: NOW - 1,
+                ..member("n3", 1)
+            },
+            member("n4", 2),
+        ];
+        assert_eq!(hand_off("n1", &members, NOW), Some(3));
+        assert_eq!(
+            hand_off("n1", &members[..3], NOW),
+            None,
+            "nobody can take it"
+        );
+    }
+
+    #[test]
+    fn a_node_claims_only_while_its_own_record_is_live_under_its_epoch() {
+        assert!(may_claim(&ME, Some(&member("n1", 4)), NOW));
+        assert!(!may_claim(&ME, None, NOW));
+        assert!(!may_claim(&ME, Some(&member("n1", 5)), NOW));
+        let lapsed = Member {
+            expires_ms: NOW - 1,
+            ..member("n1", 4)
+        };
+        assert!(!may_claim(&ME, Some(&lapsed), NOW));
+    }
+}
