@@ -9,8 +9,8 @@ use tokio::sync::mpsc;
 
 use crate::agent::AgentHandle;
 use crate::types::{
-    DEFAULT_INBOX_PAGE, FOLLOW_RECHECK, INBOX_SCAN_PAGE, MAX_INBOX_PAGE, MessageBodyView,
-    MessageView, PromiseState,
+    DEFAULT_INBOX_PAGE, FIRST_FOLLOW_RECHECK, FOLLOW_RECHECK, INBOX_SCAN_PAGE, MAX_INBOX_PAGE,
+    MessageBodyView, MessageView, PromiseState,
 };
 
 impl AgentHandle {
@@ -115,9 +115,15 @@ impl AgentHandle {
             for n in seen {
                 cursor.accept(n);
             }
+            // The first looks come soon and then less often: a message
+            // committed by a sender that had not yet heard of this follower
+            // (it learns the followers when it reserves a number) is pushed
+            // elsewhere, and right after a follow starts that is the likely
+            // miss; later misses (a dropped wake-up) are rare.
             let mut last_look = tokio::time::Instant::now();
+            let mut every = FIRST_FOLLOW_RECHECK;
             loop {
-                let next_look = last_look + FOLLOW_RECHECK;
+                let next_look = last_look + every;
                 let batch = match tokio::time::timeout_at(next_look, live_rx.recv()).await {
                     Ok(Some(m)) => vec![m],
                     Ok(None) => return,
@@ -126,6 +132,7 @@ impl AgentHandle {
                 let look = tokio::time::Instant::now() >= next_look;
                 let batch = if look {
                     last_look = tokio::time::Instant::now();
+                    every = (every * 2).min(FOLLOW_RECHECK);
                     let (c, from) = (ctx.clone(), cursor.look_from());
                     let page = db
                         .read(move |tx| {

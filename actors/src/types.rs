@@ -104,6 +104,10 @@ pub(crate) const INBOX_SCAN_PAGE: usize = 1000;
 /// A follower that got no push for this long looks in the store for
 /// messages a push missed.
 pub(crate) const FOLLOW_RECHECK: std::time::Duration = std::time::Duration::from_secs(2);
+/// A new follower's first look in the store; the wait doubles after each
+/// look up to [`FOLLOW_RECHECK`] (about seven reads in a follow's first
+/// two seconds).
+pub(crate) const FIRST_FOLLOW_RECHECK: std::time::Duration = std::time::Duration::from_millis(25);
 /// Most fresh inbox numbers one write tries after finding its number used.
 pub const MAX_SLOT_RETRIES: u32 = 32;
 

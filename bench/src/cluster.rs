@@ -387,6 +387,19 @@ pub(super) async fn cluster_rows(
             json: json!({"request_us": l0.p50, "inbox_us": l1.p50, "resolve_us": l2.p50, "seen_us": l3.p50}),
         });
         rows.push(Row {
+            what: "cluster: … its steps (p99)".into(),
+            value: format!(
+                "{} / {} / {} / {}",
+                ms(l0.p99),
+                ms(l1.p99),
+                ms(l2.p99),
+                ms(l3.p99)
+            ),
+            target: "",
+            endo: "",
+            json: json!({"request_us": l0.p99, "inbox_us": l1.p99, "resolve_us": l2.p99, "seen_us": l3.p99}),
+        });
+        rows.push(Row {
             what: "cluster: … store work per round trip".into(),
             value: cost,
             target: "",
