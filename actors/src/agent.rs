@@ -21,7 +21,7 @@ pub struct AgentHandle {
     pub(crate) fence: Option<crate::cluster::Fence>,
     /// For the handle a guest's handler acts through: the answers of its
     /// reads, written with its next write (see [`crate::guest::journal`]).
-    pub(crate) journal: Option<Arc<crate::guest::journal::Journal>>,
+    pub(crate) journal: Option<Arc<crate::journal::Journal>>,
     /// For the handle a guest runner's handlers act through: the batch
     /// their operations run in (see [`crate::open_tx`]).
     pub(crate) open: Option<Arc<crate::open_tx::OpenTx>>,
@@ -108,7 +108,7 @@ impl AgentHandle {
             })
             .await?;
         if let Some(c) = cancelled {
-            return Err(crate::cancel::cancelled_error(path, &c, ": it cannot act"));
+            return Err(crate::records::cancelled_error(path, &c, ": it cannot act"));
         }
         if !made {
             return Err(Error::Invalid(format!(

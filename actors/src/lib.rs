@@ -51,6 +51,8 @@
 //!   holds it in the runtime's options).
 //! - [`secrets`]: secrets at rest, sealed under a key kept out of the store.
 //! - `open_tx`: a store transaction held open across a guest's handlers.
+//! - `journal`: the answers of a guest handler's reads, written with its
+//!   next write (a leaf below `agent` and `open_tx`, which hold one).
 
 pub(crate) mod agent;
 pub mod api;
@@ -65,6 +67,7 @@ pub mod gc;
 pub mod guest;
 pub(crate) mod inbox;
 pub mod incarnation;
+pub(crate) mod journal;
 pub mod keys;
 pub mod llm;
 pub(crate) mod mail;

@@ -2,6 +2,7 @@
 //! ([`Inner`]: store, registry of incarnations, the node's services) and its
 //! lifecycle (open, join a cluster, drain, shut down).
 
+use crate::clock::now_ms;
 use crate::error::Error;
 use crate::incarnation::{self, AgentMsg, PromiseMsg, Registry};
 use crate::keys;
@@ -15,7 +16,7 @@ use tokio::sync::mpsc;
 
 use crate::agent::AgentHandle;
 use crate::reserve::local_reserve;
-use crate::types::RuntimeOptions;
+use crate::types::{PromiseState, RuntimeOptions};
 
 pub(crate) struct Inner {
     pub db: Db,
@@ -42,10 +43,6 @@ pub(crate) struct Inner {
 pub struct Runtime {
     inner: Arc<Inner>,
     root: AgentHandle,
-}
-
-pub(crate) fn now_ms() -> u64 {
-    crate::clock::now_ms()
 }
 
 impl Runtime {
@@ -496,5 +493,21 @@ async fn step_down(inner: &Arc<Inner>, c: &crate::cluster::Membership) {
     if was_serving {
         c.stepdowns.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(node = %c.cfg.name, epoch = c.epoch(), incarnations = n, "lost the cluster lease: stepped down");
+    }
+}
+
+/// `promise` settled in a commit of this node: wakes its waiters here and
+/// tells the other members of the cluster, if any (theirs may wait too).
+pub(crate) fn notify_settled(inner: &Inner, promise: FormulaId, state: PromiseState) {
+    if let Some(a) = inner.registry.promise(&promise) {
+        let _ = a.cast(PromiseMsg::Settled(state));
+    }
+    if let Some(c) = inner.cluster.get() {
+        let to = c.others();
+        if !to.is_empty() {
+            let _ = c
+                .link
+                .try_send(crate::cluster::LinkOp::Settled { to, promise });
+        }
     }
 }

@@ -12,24 +12,9 @@ use std::sync::atomic::Ordering;
 use tokio::sync::oneshot;
 
 use crate::agent::{AgentHandle, checked_dedup};
-use crate::node::{Inner, now_ms};
+use crate::clock::now_ms;
+use crate::node::notify_settled;
 use crate::types::{MAX_MESSAGE_TEXT, NO_REASON, PromiseState};
-
-/// `promise` settled in a commit of this node: wakes its waiters here and
-/// tells the other members of the cluster, if any (theirs may wait too).
-pub(crate) fn notify_settled(inner: &Inner, promise: FormulaId, state: PromiseState) {
-    if let Some(a) = inner.registry.promise(&promise) {
-        let _ = a.cast(PromiseMsg::Settled(state));
-    }
-    if let Some(c) = inner.cluster.get() {
-        let to = c.others();
-        if !to.is_empty() {
-            let _ = c
-                .link
-                .try_send(crate::cluster::LinkOp::Settled { to, promise });
-        }
-    }
-}
 
 impl AgentHandle {
     /// Sends a request; returns its number in the sender's own inbox and the promise id.

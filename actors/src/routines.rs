@@ -33,8 +33,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::agent::AgentHandle;
 
+use crate::clock::now_ms;
 use crate::error::Error;
-use crate::node::{Inner, now_ms};
+use crate::node::Inner;
 
 /// Most routines one host may have.
 pub const MAX_ROUTINES_PER_HOST: usize = 1000;

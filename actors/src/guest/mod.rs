@@ -67,7 +67,6 @@ pub mod eval;
 mod host;
 pub mod http;
 mod install;
-pub(crate) mod journal;
 mod progress;
 mod resume;
 mod runner;

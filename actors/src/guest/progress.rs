@@ -5,10 +5,10 @@
 use tokio::sync::mpsc;
 
 use super::bindings::agent::capstan::agent::types::Message;
-use super::journal::{self};
 use super::keys;
 use crate::agent::AgentHandle;
 use crate::error::Error;
+use crate::journal;
 use crate::model;
 use crate::records::BodyRec;
 use crate::rules::inbox::Step;

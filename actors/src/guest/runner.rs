@@ -9,11 +9,11 @@ use tokio::sync::mpsc;
 
 use super::bindings::agent::capstan::agent::types::Message;
 use super::host::{Outcome, Replay, call_agent};
-use super::journal::{self, Journal};
 use super::progress::{GuestRunner, Listed, next_run};
 use super::{Body, CallLimits, GuestHost, World, compiled, keys};
 use crate::agent::AgentHandle;
 use crate::error::Error;
+use crate::journal::{self, Journal};
 use crate::node::Inner;
 use crate::open_tx::OpenTx;
 
@@ -472,7 +472,7 @@ mod tests {
             reply_to: None,
             from: host.id(),
             to: guest,
-            date_ms: crate::node::now_ms(),
+            date_ms: crate::clock::now_ms(),
             body: BodyRec::Package {
                 strings: vec!["increment".into()],
                 names: vec![],

@@ -334,7 +334,7 @@ impl AgentHandle {
             .read(move |tx| {
                 Box::pin(async move {
                     let id = model::resolve(tx, &ctx, &over_p).await?;
-                    let (dir, f) = crate::api::settle_target(tx, id).await?;
+                    let (dir, f) = crate::model::settle_target(tx, id).await?;
                     if !matches!(f.kind, FormulaKind::Directory) {
                         return Err(Error::WrongType {
                             name: over_p.to_string(),
@@ -346,7 +346,7 @@ impl AgentHandle {
                         None => None,
                         Some(p) => {
                             let id = model::resolve(tx, &ctx, p).await?;
-                            let (pid, f) = crate::api::settle_target(tx, id).await?;
+                            let (pid, f) = crate::model::settle_target(tx, id).await?;
                             match f.kind {
                                 FormulaKind::Llm(rec) => {
                                     if rec.removed {
@@ -428,7 +428,7 @@ impl AgentHandle {
         self.read(move |tx| {
             Box::pin(async move {
                 let id = model::resolve(tx, &ctx, &p).await?;
-                let (id, f) = crate::api::settle_target(tx, id).await?;
+                let (id, f) = crate::model::settle_target(tx, id).await?;
                 match tx.get(&key(&id)).await? {
                     Some(b) => {
                         let spec: SearchSpec = serde_json::from_slice(&b)

@@ -574,7 +574,7 @@ pub(super) async fn index_fresh(
                         let t = match model::get_formula(tx, id).await? {
                             Some(f) => match f.kind {
                                 FormulaKind::Value(v) => {
-                                    let b = crate::api::value_bytes(tx, id, &v).await?;
+                                    let b = crate::model::value_bytes(tx, id, &v).await?;
                                     String::from_utf8(b).ok()
                                 }
                                 _ => None,
