@@ -9,7 +9,7 @@ use capstan_proto::{FormulaId, RequestId};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use crate::node::{Inner, load_agent};
+use crate::node::{Inner, Runtime, load_agent};
 
 /// The capability to act as one agent (host or guest).
 #[derive(Clone)]
@@ -220,6 +220,21 @@ impl AgentHandle {
                 self.transact(|_| Box::pin(async { Ok::<_, Error>(()) }))
                     .await
             }
+        }
+    }
+}
+
+// `Runtime` is `node`'s; handing out its agents is this module's (the
+// node sits below `AgentHandle`, which holds it).
+impl Runtime {
+    /// The root host of this node's store.
+    pub fn root_host(&self) -> AgentHandle {
+        AgentHandle {
+            rt: self.inner().clone(),
+            ctx: self.root.clone(),
+            fence: None,
+            journal: None,
+            open: None,
         }
     }
 }

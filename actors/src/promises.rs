@@ -2,11 +2,12 @@
 //! and dismissing them.
 
 use crate::error::Error;
-use crate::incarnation::{self, AgentMsg, PromiseMsg};
+use crate::incarnation;
 use crate::keys;
 use crate::model::{self};
 use crate::names::Path;
 use crate::records::{BodyRec, DedupAnswer, Formula, FormulaKind, PromiseRec};
+use crate::registry::{AgentMsg, PromiseMsg};
 use capstan_proto::{FormulaId, RequestId};
 use std::sync::atomic::Ordering;
 use tokio::sync::oneshot;

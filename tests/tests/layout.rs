@@ -12,18 +12,7 @@ use std::path::{Path, PathBuf};
 use capstan_tests::layout;
 
 /// `actors/src` modules still allowed to sit on an import circle.
-const ACTORS_ALLOWED_IN_CYCLE: &[&str] = &[
-    "agent",
-    "api",
-    "guest",
-    "incarnation",
-    "llm",
-    "node",
-    "quota",
-    "reserve",
-    "routines",
-    "search",
-];
+const ACTORS_ALLOWED_IN_CYCLE: &[&str] = &[];
 
 /// Files (relative to `actors/src`) still allowed over `MAX_LINES`.
 const ACTORS_ALLOWED_LONG: &[&str] = &[];
