@@ -9,7 +9,7 @@ use capstan_proto::{FormulaId, RequestId};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use crate::node::{Inner, load_agent};
+use crate::node::{Inner, Runtime, load_agent};
 
 /// The capability to act as one agent (host or guest).
 #[derive(Clone)]
@@ -21,7 +21,7 @@ pub struct AgentHandle {
     pub(crate) fence: Option<crate::cluster::Fence>,
     /// For the handle a guest's handler acts through: the answers of its
     /// reads, written with its next write (see [`crate::guest::journal`]).
-    pub(crate) journal: Option<Arc<crate::guest::journal::Journal>>,
+    pub(crate) journal: Option<Arc<crate::journal::Journal>>,
     /// For the handle a guest runner's handlers act through: the batch
     /// their operations run in (see [`crate::open_tx`]).
     pub(crate) open: Option<Arc<crate::open_tx::OpenTx>>,
@@ -108,7 +108,7 @@ impl AgentHandle {
             })
             .await?;
         if let Some(c) = cancelled {
-            return Err(crate::cancel::cancelled_error(path, &c, ": it cannot act"));
+            return Err(crate::records::cancelled_error(path, &c, ": it cannot act"));
         }
         if !made {
             return Err(Error::Invalid(format!(
@@ -220,6 +220,21 @@ impl AgentHandle {
                 self.transact(|_| Box::pin(async { Ok::<_, Error>(()) }))
                     .await
             }
+        }
+    }
+}
+
+// `Runtime` is `node`'s; handing out its agents is this module's (the
+// node sits below `AgentHandle`, which holds it).
+impl Runtime {
+    /// The root host of this node's store.
+    pub fn root_host(&self) -> AgentHandle {
+        AgentHandle {
+            rt: self.inner().clone(),
+            ctx: self.root.clone(),
+            fence: None,
+            journal: None,
+            open: None,
         }
     }
 }

@@ -6,17 +6,10 @@
 //! [`crate::mail`], [`crate::promises`] and [`crate::inbox`].
 
 pub use crate::agent::AgentHandle;
-pub use crate::directory::HOST_ONLY_SPECIALS;
+pub use crate::names::HOST_ONLY_SPECIALS;
 pub use crate::node::Runtime;
 pub use crate::types::{
     DEFAULT_INBOX_PAGE, EntryInfo, MAX_INBOX_PAGE, MAX_LIST, MAX_MESSAGE_REFS, MAX_MESSAGE_TEXT,
     MAX_SLOT_RETRIES, MAX_VALUE_BYTES, MessageBodyView, MessageView, NO_REASON, PromiseState,
     RefSpec, RuntimeOptions, ValueKind, state_text,
 };
-
-// For `gc`, `cancel` and `search`, which still name these through `api`
-// (they are being changed beside this split; the rest of the crate imports
-// from the modules themselves).
-pub(crate) use crate::directory::{settle_target, value_bytes};
-pub(crate) use crate::node::now_ms;
-pub(crate) use crate::promises::notify_settled;

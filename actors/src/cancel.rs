@@ -42,12 +42,14 @@ use std::collections::{HashMap, HashSet, VecDeque};
 
 use capstan_proto::{FormulaId, RequestId};
 
-use crate::api::{AgentHandle, PromiseState, now_ms};
+use crate::agent::AgentHandle;
+use crate::clock::now_ms;
 use crate::error::Error;
 use crate::keys;
 use crate::model;
 use crate::names::Path;
 use crate::records::{Cancelled, DedupAnswer, Formula, FormulaKind};
+use crate::types::PromiseState;
 
 /// Most formulas one cancel marks (a bigger cascade is refused: split it).
 pub const MAX_CASCADE: usize = 10_000;
@@ -79,11 +81,6 @@ fn markable(k: &FormulaKind) -> bool {
             | FormulaKind::Promise(_)
             | FormulaKind::Remote(_)
     )
-}
-
-/// The error an operation on a cancelled formula answers.
-pub fn cancelled_error(name: &str, c: &Cancelled, what_next: &str) -> Error {
-    Error::Cancelled(format!("{name} was cancelled ({}){what_next}", c.reason))
 }
 
 fn id_after_first_str(key: &[u8]) -> Option<FormulaId> {
@@ -123,7 +120,7 @@ async fn graph(db: &capstan_cluster::Db) -> Result<Graph, Error> {
             }
             FormulaKind::Remote(r) => {
                 remotes
-                    .entry(crate::remote::swiss_hash(&r.swiss))
+                    .entry(crate::keys::swiss_hash(&r.swiss))
                     .or_default()
                     .push(*id);
             }
@@ -380,7 +377,7 @@ impl AgentHandle {
         })
         .await?;
         for (id, s) in settled {
-            crate::api::notify_settled(self.inner(), id, s);
+            crate::node::notify_settled(self.inner(), id, s);
         }
         // Stop the incarnations of the agents that died, here and on the
         // other members (they look at the formula and stop theirs).

@@ -3,15 +3,15 @@
 
 use crate::error::Error;
 use crate::keys;
-use crate::model::{self};
-use crate::names::Path;
+use crate::model::{self, promise_has_no_value, settle_target, value_bytes};
+use crate::names::{HOST_ONLY_SPECIALS, Path};
 use crate::records::{AgentRec, DedupAnswer, Formula, FormulaKind, PromiseRec, ValueRec};
 use capstan_proto::{FormulaId, RequestId};
 use std::sync::Arc;
 
 use crate::agent::{AgentHandle, checked_dedup};
-use crate::node::now_ms;
-use crate::types::{EntryInfo, MAX_LIST, MAX_VALUE_BYTES, PromiseState, ValueKind, state_text};
+use crate::clock::now_ms;
+use crate::types::{EntryInfo, MAX_LIST, MAX_VALUE_BYTES, ValueKind, state_text};
 
 pub(crate) fn entry_detail(f: &Formula) -> String {
     if let Some(c) = &f.cancelled {
@@ -40,14 +40,6 @@ pub(crate) fn entry_detail(f: &Formula) -> String {
     }
 }
 
-/// The special names a host has besides `SELF` and `HOST`, which name no
-/// value (`list` shows them; they cannot be read, written or sent), with
-/// what `list` says of them.
-pub const HOST_ONLY_SPECIALS: [(&str, &str); 2] = [
-    ("MAIL", "your inbox, not a value: see `capstan inbox`"),
-    ("NONE", "names nothing, not a value"),
-];
-
 /// The `list` entry of a special name of [`HOST_ONLY_SPECIALS`]: type
 /// `special`, and an id of zeros (it names no formula).
 fn unvalued_special(name: &str) -> EntryInfo {
@@ -62,55 +54,6 @@ fn unvalued_special(name: &str) -> EntryInfo {
         kind: "special".into(),
         detail: detail.into(),
     }
-}
-
-/// Why `cat` of a promise that is not resolved shows nothing: pending (an
-/// answer may still come) or rejected (none ever will, and why).
-pub(crate) fn promise_has_no_value(name: &str, state: &PromiseState) -> Error {
-    match state {
-        PromiseState::Rejected(reason) => Error::Invalid(format!(
-            "{name} is a request that was rejected: {reason}; it has no value"
-        )),
-        _ => Error::Invalid(format!(
-            "{name} is a request that is still pending; nothing to show yet (its answer lands here once resolved)"
-        )),
-    }
-}
-
-/// The bytes of value `id`, checked against its record.
-pub(crate) async fn value_bytes(
-    tx: &mut capstan_cluster::Transaction,
-    id: &FormulaId,
-    v: &ValueRec,
-) -> Result<Vec<u8>, Error> {
-    let data = capstan_cluster::blob::get_blob(tx, &keys::value(id))
-        .await?
-        .ok_or_else(|| Error::Corrupt(format!("value {} has no bytes", id.short())))?;
-    if data.len() as u64 != v.size || *blake3::hash(&data).as_bytes() != v.hash {
-        return Err(Error::Corrupt(format!(
-            "value {} does not match its hash",
-            id.short()
-        )));
-    }
-    Ok(data)
-}
-
-/// Follows resolved promises to what they resolved to (bounded chain).
-pub(crate) async fn settle_target(
-    tx: &mut capstan_cluster::Transaction,
-    mut id: FormulaId,
-) -> Result<(FormulaId, Formula), Error> {
-    for _ in 0..16 {
-        let f = model::must_formula(tx, &id).await?;
-        match &f.kind {
-            FormulaKind::Promise(PromiseRec {
-                state: PromiseState::Resolved(t),
-                ..
-            }) => id = *t,
-            _ => return Ok((id, f)),
-        }
-    }
-    Err(Error::Corrupt("promise chain longer than 16".into()))
 }
 
 impl AgentHandle {
@@ -219,7 +162,7 @@ impl AgentHandle {
                 match f.kind {
                     FormulaKind::Value(v) => {
                         if let Some(c) = &f.cancelled {
-                            return Err(crate::cancel::cancelled_error(&p.to_string(), c, ""));
+                            return Err(crate::records::cancelled_error(&p.to_string(), c, ""));
                         }
                         let data = value_bytes(tx, &tid, &v).await?;
                         Ok((tid, v.kind, data))
@@ -405,7 +348,7 @@ impl AgentHandle {
                 }
                 // A cancelled agent makes nothing (read here, so a cancel racing this conflicts).
                 if let Some(c) = model::must_formula(tx, &ctx.id).await?.cancelled {
-                    return Err(crate::cancel::cancelled_error(
+                    return Err(crate::records::cancelled_error(
                         "this agent",
                         &c,
                         ": nothing was made",

@@ -1,9 +1,10 @@
 //! Reading an inbox: pages, threads, and following new messages.
 
 use crate::error::Error;
-use crate::incarnation::{self, AgentMsg};
+use crate::incarnation;
 use crate::model::{self, Ctx};
 use crate::records::{BodyRec, Formula, FormulaKind, MessageRec};
+use crate::registry::AgentMsg;
 use capstan_proto::{FormulaId, RequestId};
 use tokio::sync::mpsc;
 

@@ -19,12 +19,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use capstan_proto::FormulaId;
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::Error;
 use crate::model;
+use crate::node::Runtime;
 use crate::records::MessageRec;
+use crate::registry::{AgentMsg, PromiseMsg};
 use crate::types::PromiseState;
 
 /// Most followers per inbox.
@@ -33,59 +35,6 @@ pub const MAX_FOLLOWERS: usize = 64;
 pub const MAX_WAITERS: usize = 1024;
 /// Messages buffered per follower before it is dropped as too slow.
 pub const FOLLOWER_BUFFER: usize = 1024;
-
-/// The live actors of a runtime, by formula id.
-pub(crate) struct Registry {
-    pub agents: Mutex<HashMap<FormulaId, ActorRef<AgentMsg>>>,
-    pub promises: Mutex<HashMap<FormulaId, ActorRef<PromiseMsg>>>,
-    pub spawn_lock: tokio::sync::Mutex<()>,
-}
-
-impl Registry {
-    pub fn new() -> Self {
-        Registry {
-            agents: Mutex::new(HashMap::new()),
-            promises: Mutex::new(HashMap::new()),
-            spawn_lock: tokio::sync::Mutex::new(()),
-        }
-    }
-
-    pub fn count(&self) -> usize {
-        self.agents.lock().map(|m| m.len()).unwrap_or(0)
-            + self.promises.lock().map(|m| m.len()).unwrap_or(0)
-    }
-
-    /// The live incarnation of agent `id` on this node, if any.
-    pub fn agent(&self, id: &FormulaId) -> Option<ActorRef<AgentMsg>> {
-        self.agents.lock().ok().and_then(|m| m.get(id).cloned())
-    }
-
-    /// The live incarnation of promise `id` on this node, if any.
-    pub fn promise(&self, id: &FormulaId) -> Option<ActorRef<PromiseMsg>> {
-        self.promises.lock().ok().and_then(|m| m.get(id).cloned())
-    }
-}
-
-/// Messages of an [`AgentActor`].
-pub enum AgentMsg {
-    /// Reserve `n` consecutive inbox numbers, none below the second
-    /// argument; answers the first (or an error if this incarnation does
-    /// not own the inbox). With a size, first admits one message of about
-    /// that many bytes under the inbox's quota ([`crate::quota`]).
-    Reserve(u64, u64, Option<u64>, RpcReplyPort<Result<u64, Error>>),
-    /// Room was given back (a dismissal on this node) or the limits
-    /// changed: recount at the next refusal.
-    Freed,
-    /// Become the owner of the inbox (a cluster placement was claimed):
-    /// read the sequence from the store and start the guest's runner.
-    Own(RpcReplyPort<Result<(), Error>>),
-    /// A message was committed to this inbox: tell the followers.
-    Delivered(MessageRec),
-    /// Add a follower of new messages.
-    Follow(mpsc::Sender<MessageRec>, RpcReplyPort<Result<(), Error>>),
-    /// Periodic check for passivation.
-    Tick,
-}
 
 pub(crate) struct AgentActor;
 
@@ -106,7 +55,7 @@ pub(crate) struct AgentState {
     last_active: Instant,
     _ticker: tokio::task::JoinHandle<()>,
     /// For a guest whose body is a component: its runner.
-    guest: Option<crate::guest::GuestRunner>,
+    guest: Option<crate::node::GuestRunner>,
     /// The inbox's use against its quota (kept while this owns it).
     account: crate::quota::Account,
 }
@@ -340,8 +289,15 @@ async fn read_next(rt: &crate::node::Inner, id: FormulaId) -> Result<u64, Error>
 async fn start_guest(
     rt: &Arc<crate::node::Inner>,
     id: FormulaId,
-) -> Option<crate::guest::GuestRunner> {
-    crate::guest::runner_for(rt, id).await.unwrap_or_else(|e| {
+) -> Option<crate::node::GuestRunner> {
+    // Taken now, whatever the agent is, so that agents without a component
+    // (which never notify) do not keep entries in the take-over map.
+    let took_over = rt
+        .cluster
+        .get()
+        .and_then(|c| Some((c, c.take_over_notice(&id)?)));
+    let gh = rt.guests.get().cloned()?;
+    gh.runner_for(rt, id, took_over).await.unwrap_or_else(|e| {
         tracing::warn!(agent = %id.short(), "guest component not started: {e}");
         None
     })
@@ -357,15 +313,6 @@ fn unregister<M: ractor::Message>(
     {
         m.remove(id);
     }
-}
-
-/// Messages of a [`PromiseActor`].
-pub enum PromiseMsg {
-    /// Answer when the promise settles.
-    Wait(oneshot::Sender<Result<PromiseState, Error>>),
-    /// The promise was settled by a committed transaction.
-    Settled(PromiseState),
-    Tick,
 }
 
 pub(crate) struct PromiseActor;
@@ -543,4 +490,92 @@ where
 
 fn poisoned() -> Error {
     Error::Unavailable("internal registry lock poisoned".into())
+}
+
+// The node's side of other members' news and of placements: waking and
+// making incarnations (the node itself sits below them).
+impl Runtime {
+    /// Another member committed message `number` to `agent`'s inbox: wake
+    /// its incarnation here, if any.
+    pub async fn wake_delivered(&self, agent: FormulaId, number: u64) -> Result<(), Error> {
+        self.wake_delivered_with(agent, number, &[]).await
+    }
+
+    /// [`Runtime::wake_delivered`] with the message as stored (`record`,
+    /// from the member that committed it; empty: read it from the store).
+    /// A record that does not decode to message `number` of `agent` is
+    /// ignored and the message read from the store.
+    pub async fn wake_delivered_with(
+        &self,
+        agent: FormulaId,
+        number: u64,
+        record: &[u8],
+    ) -> Result<(), Error> {
+        if let Some(c) = self.inner().cluster.get() {
+            c.deliveries_received
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let Some(a) = self.inner().registry.agent(&agent) else {
+            return Ok(());
+        };
+        if !record.is_empty()
+            && let Ok(m) = MessageRec::decode(record)
+            && m.number == number
+            && (m.to == agent || m.from == agent)
+        {
+            let _ = a.cast(AgentMsg::Delivered(m));
+            return Ok(());
+        }
+        let m = self
+            .inner()
+            .db
+            .read(move |tx| Box::pin(async move { model::get_message(tx, &agent, number).await }))
+            .await?;
+        let _ = a.cast(AgentMsg::Delivered(m));
+        Ok(())
+    }
+
+    /// Another member settled `promise`: wake its waiters here, if any.
+    pub async fn wake_settled(&self, promise: FormulaId) -> Result<(), Error> {
+        // An agent cancelled on another member: stop its incarnation here.
+        if self.inner().registry.agent(&promise).is_some() {
+            let id = promise;
+            let cancelled = self
+                .inner()
+                .db
+                .read(move |tx| {
+                    Box::pin(async move {
+                        Ok::<_, Error>(model::get_formula(tx, &id).await?.and_then(|f| f.cancelled))
+                    })
+                })
+                .await?;
+            if cancelled.is_some() {
+                stop_local(self.inner(), id);
+            }
+        }
+        let Some(a) = self.inner().registry.promise(&promise) else {
+            return Ok(());
+        };
+        let state = read_promise(self.inner(), promise).await?;
+        let _ = a.cast(PromiseMsg::Settled(state));
+        Ok(())
+    }
+
+    /// Claims agent `id` for this node if nobody live owns it, and
+    /// incarnates it here (its guest, if any, starts): after a drain.
+    /// `Ok(false)` when another node owns it.
+    pub async fn adopt_placement(&self, id: FormulaId) -> Result<bool, Error> {
+        let c = self
+            .inner()
+            .cluster
+            .get()
+            .ok_or_else(|| Error::Invalid("this node is not in a cluster".into()))?;
+        match c.owner(&self.inner().db, id).await? {
+            crate::cluster::Owner::Me => {
+                owned_agent_actor(self.inner(), id).await?;
+                Ok(true)
+            }
+            crate::cluster::Owner::Other(_) => Ok(false),
+        }
+    }
 }

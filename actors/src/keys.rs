@@ -308,3 +308,12 @@ pub fn formulas() -> Vec<u8> {
 pub fn dedup_all() -> Vec<u8> {
     TupleKey::new().str("d").into_vec()
 }
+
+/// The hash under which an issued locator is stored.
+pub fn swiss_hash(swiss: &[u8; 32]) -> [u8; 32] {
+    *blake3::keyed_hash(&derive_key(), swiss).as_bytes()
+}
+
+fn derive_key() -> [u8; 32] {
+    blake3::derive_key("capstan 2026 locator swiss hash", b"")
+}

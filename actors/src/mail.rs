@@ -10,7 +10,7 @@ use capstan_proto::{FormulaId, RequestId};
 use std::sync::Arc;
 
 use crate::agent::{AgentHandle, checked_dedup};
-use crate::node::now_ms;
+use crate::clock::now_ms;
 use crate::types::{MAX_SLOT_RETRIES, RefSpec};
 
 /// What a message's transaction writes besides its copies: the body (and
@@ -100,7 +100,7 @@ async fn resolve_recipient(
         } else {
             to_name.as_str()
         };
-        return Err(crate::cancel::cancelled_error(
+        return Err(crate::records::cancelled_error(
             name,
             c,
             ": nothing was sent",

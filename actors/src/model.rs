@@ -10,7 +10,10 @@ use capstan_proto::{FormulaId, RequestId};
 use crate::error::Error;
 use crate::keys;
 use crate::names::{self, Path, Special};
-use crate::records::{AgentRec, DedupAnswer, Formula, FormulaKind, MessageRec};
+use crate::records::{
+    AgentRec, DedupAnswer, Formula, FormulaKind, MessageRec, PromiseRec, ValueRec,
+};
+use crate::types::PromiseState;
 
 /// Who is acting: an agent and its record.
 #[derive(Debug, Clone)]
@@ -621,4 +624,53 @@ pub(crate) async fn scan_prefix(
             return Ok(out);
         }
     }
+}
+
+/// Why `cat` of a promise that is not resolved shows nothing: pending (an
+/// answer may still come) or rejected (none ever will, and why).
+pub(crate) fn promise_has_no_value(name: &str, state: &PromiseState) -> Error {
+    match state {
+        PromiseState::Rejected(reason) => Error::Invalid(format!(
+            "{name} is a request that was rejected: {reason}; it has no value"
+        )),
+        _ => Error::Invalid(format!(
+            "{name} is a request that is still pending; nothing to show yet (its answer lands here once resolved)"
+        )),
+    }
+}
+
+/// The bytes of value `id`, checked against its record.
+pub(crate) async fn value_bytes(
+    tx: &mut capstan_cluster::Transaction,
+    id: &FormulaId,
+    v: &ValueRec,
+) -> Result<Vec<u8>, Error> {
+    let data = capstan_cluster::blob::get_blob(tx, &keys::value(id))
+        .await?
+        .ok_or_else(|| Error::Corrupt(format!("value {} has no bytes", id.short())))?;
+    if data.len() as u64 != v.size || *blake3::hash(&data).as_bytes() != v.hash {
+        return Err(Error::Corrupt(format!(
+            "value {} does not match its hash",
+            id.short()
+        )));
+    }
+    Ok(data)
+}
+
+/// Follows resolved promises to what they resolved to (bounded chain).
+pub(crate) async fn settle_target(
+    tx: &mut capstan_cluster::Transaction,
+    mut id: FormulaId,
+) -> Result<(FormulaId, Formula), Error> {
+    for _ in 0..16 {
+        let f = must_formula(tx, &id).await?;
+        match &f.kind {
+            FormulaKind::Promise(PromiseRec {
+                state: PromiseState::Resolved(t),
+                ..
+            }) => id = *t,
+            _ => return Ok((id, f)),
+        }
+    }
+    Err(Error::Corrupt("promise chain longer than 16".into()))
 }

@@ -107,6 +107,14 @@ fn truncate(s: &str) -> String {
     s.chars().take(140).collect()
 }
 
+/// The special names a host has besides `SELF` and `HOST`, which name no
+/// value (`list` shows them; they cannot be read, written or sent), with
+/// what `list` says of them.
+pub const HOST_ONLY_SPECIALS: [(&str, &str); 2] = [
+    ("MAIL", "your inbox, not a value: see `capstan inbox`"),
+    ("NONE", "names nothing, not a value"),
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;

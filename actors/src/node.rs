@@ -1,12 +1,25 @@
 //! One node's object model: the [`Runtime`], the context its agents share
 //! ([`Inner`]: store, registry of incarnations, the node's services) and its
 //! lifecycle (open, join a cluster, drain, shut down).
+//!
+//! The core of the crate's layers: `node` imports only leaves (`registry`,
+//! `coalesce`, `index`, `cluster`, `model`, ...), and every feature module
+//! sits above it and [`crate::agent`]. What [`Inner`] holds of a feature is
+//! therefore a type of a leaf below it (the registry of incarnations, the
+//! reservations in flight, the search indexes), or, for the wasmtime host,
+//! the [`Guests`] trait: `crate::guest`'s host holds `AgentHandle`s (its
+//! linkers' store data), so its type cannot be named here, and an agent's
+//! incarnation (below `guest` too) must start its guest's runner through it.
+//! The `Runtime` methods of a feature (enabling guests, starting routines,
+//! serving reservations, waking incarnations) are `impl Runtime` blocks in
+//! that feature's module.
 
+use crate::clock::now_ms;
 use crate::error::Error;
-use crate::incarnation::{self, AgentMsg, PromiseMsg, Registry};
 use crate::keys;
 use crate::model::{self, Ctx};
-use crate::records::{AgentRec, Formula, FormulaKind, MessageRec};
+use crate::records::{AgentRec, Formula, FormulaKind};
+use crate::registry::{PromiseMsg, Registry};
 use crate::rules::lease::{Action, Renewal};
 use capstan_cluster::Db;
 use capstan_proto::FormulaId;
@@ -14,9 +27,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::mpsc;
 
-use crate::agent::AgentHandle;
-use crate::reserve::local_reserve;
-use crate::types::RuntimeOptions;
+use crate::types::{PromiseState, RuntimeOptions};
 
 pub(crate) struct Inner {
     pub db: Db,
@@ -28,25 +39,64 @@ pub(crate) struct Inner {
     /// Woken after a commit that queued items in the outbox.
     pub outbox: tokio::sync::Notify,
     /// The wasmtime host, once [`Runtime::enable_guests`] ran.
-    pub guests: std::sync::OnceLock<Arc<crate::guest::GuestHost>>,
+    pub guests: std::sync::OnceLock<Arc<dyn Guests>>,
     /// This node's membership, once [`Runtime::join_cluster`] ran.
     pub cluster: std::sync::OnceLock<Arc<crate::cluster::Membership>>,
     /// The search indexes this node built (derived data, see [`crate::search`]).
-    pub search: crate::search::Indexes,
+    pub search: crate::index::Indexes,
     /// Reservations of one number waiting behind one in flight for the
     /// same inbox (see `crate::reserve`).
-    pub reservations: crate::reserve::Coalescer,
+    pub reservations: crate::coalesce::Coalescer,
+}
+
+/// The node's wasmtime host as the layers below [`crate::guest`] see it
+/// (see the module docs for why a trait): set by `Runtime::enable_guests`.
+pub(crate) trait Guests: Send + Sync {
+    /// The runner of agent `id` if its body is a component, for its owning
+    /// incarnation; `took_over`: the membership and the node it was taken
+    /// over from, if it was (`Membership::take_over_notice`).
+    fn runner_for<'a>(
+        self: Arc<Self>,
+        rt: &'a Arc<Inner>,
+        id: FormulaId,
+        took_over: Option<(&'a Arc<crate::cluster::Membership>, String)>,
+    ) -> RunnerFuture<'a>;
+
+    /// The host itself, for `crate::guest` to get its own type back.
+    fn as_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync>;
+}
+
+/// What [`Guests::runner_for`] returns.
+pub(crate) type RunnerFuture<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Option<GuestRunner>, Error>> + Send + 'a>,
+>;
+
+/// The runner of a guest agent, owned by its incarnation (made by
+/// [`Guests::runner_for`]). Wakes the runner task; dropping it ends the task after its current batch.
+pub(crate) struct GuestRunner {
+    pub(crate) kick: mpsc::Sender<()>,
+    /// A channel keeps its incarnation alive (it polls the outside system).
+    pub(crate) pinned: bool,
+}
+
+impl GuestRunner {
+    /// New mail: look at the inbox again.
+    pub fn kick(&self) {
+        let _ = self.kick.try_send(());
+    }
+
+    /// Whether the incarnation must not be passivated when idle.
+    pub fn pinned(&self) -> bool {
+        self.pinned
+    }
 }
 
 /// The object model of one node.
 #[derive(Clone)]
 pub struct Runtime {
     inner: Arc<Inner>,
-    root: AgentHandle,
-}
-
-pub(crate) fn now_ms() -> u64 {
-    crate::clock::now_ms()
+    /// The root host (see `Runtime::root_host`).
+    pub(crate) root: Arc<Ctx>,
 }
 
 impl Runtime {
@@ -103,22 +153,11 @@ impl Runtime {
             reservations: Default::default(),
         });
         let rec = load_agent(&inner.db, root).await?;
-        let root_handle = AgentHandle {
-            rt: inner.clone(),
-            ctx: Arc::new(rec),
-            fence: None,
-            journal: None,
-            open: None,
-        };
         tracing::info!(root = %root, store = %inner.db.describe(), "runtime open");
         Ok(Runtime {
             inner,
-            root: root_handle,
+            root: Arc::new(rec),
         })
-    }
-
-    pub fn root_host(&self) -> AgentHandle {
-        self.root.clone()
     }
 
     pub fn db(&self) -> &Db {
@@ -127,31 +166,6 @@ impl Runtime {
 
     pub(crate) fn inner(&self) -> &Arc<Inner> {
         &self.inner
-    }
-
-    /// Starts the wasmtime host: guest agents whose body is a component
-    /// then run their handler on every message. Call once, inside tokio.
-    pub fn enable_guests(&self, cfg: crate::guest::GuestConfig) -> Result<(), Error> {
-        let gh = crate::guest::GuestHost::new(cfg)?;
-        self.inner
-            .guests
-            .set(Arc::new(gh))
-            .map_err(|_| Error::Invalid("guests are already enabled".into()))
-    }
-
-    /// Starts the guests that have mail they did not handle (their node
-    /// died mid-handler, or mail came while no node ran them), now and, in a
-    /// cluster, every two leases (owners die). Call once, inside tokio,
-    /// after [`Runtime::enable_guests`] and [`Runtime::join_cluster`].
-    pub fn start_guest_resumer(&self) {
-        tokio::spawn(crate::guest::resume_loop(Arc::downgrade(&self.inner)));
-    }
-
-    /// Fires routines that are due (see [`crate::routines`]): on a lone
-    /// node all of them, in a cluster those this node owns. Call once,
-    /// inside tokio, after [`Runtime::join_cluster`].
-    pub fn start_routines(&self) {
-        tokio::spawn(crate::routines::routine_loop(Arc::downgrade(&self.inner)));
     }
 
     /// Joins the cluster whose store this runtime uses: registers this
@@ -178,33 +192,6 @@ impl Runtime {
         self.inner.cluster.get().cloned()
     }
 
-    /// Serves a reservation another member asked of this node (the owner).
-    pub async fn serve_reserve(
-        &self,
-        agent: FormulaId,
-        count: u64,
-        at_least: u64,
-        quota_bytes: u64,
-    ) -> Result<(u64, Vec<String>), Error> {
-        let c = self
-            .inner
-            .cluster
-            .get()
-            .ok_or_else(|| Error::Invalid("this node is not in a cluster".into()))?;
-        match c.owner(&self.inner.db, agent).await? {
-            crate::cluster::Owner::Me => {
-                let size = (quota_bytes > 0).then_some(quota_bytes);
-                let first = local_reserve(&self.inner, agent, count, at_least, size).await?;
-                Ok((first, c.interested(&agent)))
-            }
-            crate::cluster::Owner::Other(m) => Err(Error::Unavailable(format!(
-                "not the owner: node {} owns {}",
-                m.name,
-                agent.short()
-            ))),
-        }
-    }
-
     /// Member `node` follows `agent`'s inbox; this node owns it (else the
     /// interest is ignored: the follower asks the owner it finds).
     pub fn note_interest(&self, agent: FormulaId, node: String) {
@@ -218,90 +205,6 @@ impl Runtime {
     pub fn learn_interest(&self, agent: FormulaId, nodes: Vec<String>) {
         if let Some(c) = self.inner.cluster.get() {
             c.learn_interest(agent, nodes);
-        }
-    }
-
-    /// Another member committed message `number` to `agent`'s inbox: wake
-    /// its incarnation here, if any.
-    pub async fn wake_delivered(&self, agent: FormulaId, number: u64) -> Result<(), Error> {
-        self.wake_delivered_with(agent, number, &[]).await
-    }
-
-    /// [`Runtime::wake_delivered`] with the message as stored (`record`,
-    /// from the member that committed it; empty: read it from the store).
-    /// A record that does not decode to message `number` of `agent` is
-    /// ignored and the message read from the store.
-    pub async fn wake_delivered_with(
-        &self,
-        agent: FormulaId,
-        number: u64,
-        record: &[u8],
-    ) -> Result<(), Error> {
-        if let Some(c) = self.inner.cluster.get() {
-            c.deliveries_received
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-        let Some(a) = self.inner.registry.agent(&agent) else {
-            return Ok(());
-        };
-        if !record.is_empty()
-            && let Ok(m) = MessageRec::decode(record)
-            && m.number == number
-            && (m.to == agent || m.from == agent)
-        {
-            let _ = a.cast(AgentMsg::Delivered(m));
-            return Ok(());
-        }
-        let m = self
-            .inner
-            .db
-            .read(move |tx| Box::pin(async move { model::get_message(tx, &agent, number).await }))
-            .await?;
-        let _ = a.cast(AgentMsg::Delivered(m));
-        Ok(())
-    }
-
-    /// Another member settled `promise`: wake its waiters here, if any.
-    pub async fn wake_settled(&self, promise: FormulaId) -> Result<(), Error> {
-        // An agent cancelled on another member: stop its incarnation here.
-        if self.inner.registry.agent(&promise).is_some() {
-            let id = promise;
-            let cancelled = self
-                .inner
-                .db
-                .read(move |tx| {
-                    Box::pin(async move {
-                        Ok::<_, Error>(model::get_formula(tx, &id).await?.and_then(|f| f.cancelled))
-                    })
-                })
-                .await?;
-            if cancelled.is_some() {
-                incarnation::stop_local(&self.inner, id);
-            }
-        }
-        let Some(a) = self.inner.registry.promise(&promise) else {
-            return Ok(());
-        };
-        let state = incarnation::read_promise(&self.inner, promise).await?;
-        let _ = a.cast(PromiseMsg::Settled(state));
-        Ok(())
-    }
-
-    /// Claims agent `id` for this node if nobody live owns it, and
-    /// incarnates it here (its guest, if any, starts): after a drain.
-    /// `Ok(false)` when another node owns it.
-    pub async fn adopt_placement(&self, id: FormulaId) -> Result<bool, Error> {
-        let c = self
-            .inner
-            .cluster
-            .get()
-            .ok_or_else(|| Error::Invalid("this node is not in a cluster".into()))?;
-        match c.owner(&self.inner.db, id).await? {
-            crate::cluster::Owner::Me => {
-                incarnation::owned_agent_actor(&self.inner, id).await?;
-                Ok(true)
-            }
-            crate::cluster::Owner::Other(_) => Ok(false),
         }
     }
 
@@ -502,5 +405,21 @@ async fn step_down(inner: &Arc<Inner>, c: &crate::cluster::Membership, counted: 
     if counted {
         c.stepdowns.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(node = %c.cfg.name, epoch = c.epoch(), incarnations = n, "lost the cluster lease: stepped down");
+    }
+}
+
+/// `promise` settled in a commit of this node: wakes its waiters here and
+/// tells the other members of the cluster, if any (theirs may wait too).
+pub(crate) fn notify_settled(inner: &Inner, promise: FormulaId, state: PromiseState) {
+    if let Some(a) = inner.registry.promise(&promise) {
+        let _ = a.cast(PromiseMsg::Settled(state));
+    }
+    if let Some(c) = inner.cluster.get() {
+        let to = c.others();
+        if !to.is_empty() {
+            let _ = c
+                .link
+                .try_send(crate::cluster::LinkOp::Settled { to, promise });
+        }
     }
 }

@@ -47,7 +47,7 @@ use capstan_cluster::{Db, Transaction, TxFuture};
 
 use crate::cluster::Fence;
 use crate::error::Error;
-use crate::guest::journal::Journal;
+use crate::journal::Journal;
 
 /// Oldest an uncommitted write of a batch gets before the batch commits.
 pub const FLUSH_AFTER: Duration = Duration::from_millis(50);

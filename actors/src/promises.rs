@@ -2,34 +2,20 @@
 //! and dismissing them.
 
 use crate::error::Error;
-use crate::incarnation::{self, AgentMsg, PromiseMsg};
+use crate::incarnation;
 use crate::keys;
 use crate::model::{self};
 use crate::names::Path;
 use crate::records::{BodyRec, DedupAnswer, Formula, FormulaKind, PromiseRec};
+use crate::registry::{AgentMsg, PromiseMsg};
 use capstan_proto::{FormulaId, RequestId};
 use std::sync::atomic::Ordering;
 use tokio::sync::oneshot;
 
 use crate::agent::{AgentHandle, checked_dedup};
-use crate::node::{Inner, now_ms};
+use crate::clock::now_ms;
+use crate::node::notify_settled;
 use crate::types::PromiseState;
-
-/// `promise` settled in a commit of this node: wakes its waiters here and
-/// tells the other members of the cluster, if any (theirs may wait too).
-pub(crate) fn notify_settled(inner: &Inner, promise: FormulaId, state: PromiseState) {
-    if let Some(a) = inner.registry.promise(&promise) {
-        let _ = a.cast(PromiseMsg::Settled(state));
-    }
-    if let Some(c) = inner.cluster.get() {
-        let to = c.others();
-        if !to.is_empty() {
-            let _ = c
-                .link
-                .try_send(crate::cluster::LinkOp::Settled { to, promise });
-        }
-    }
-}
 
 impl AgentHandle {
     /// Sends a request; returns its number in the sender's own inbox and the promise id.

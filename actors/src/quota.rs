@@ -30,11 +30,11 @@ use capstan_cluster::tuple::TupleKey;
 use capstan_proto::FormulaId;
 
 use crate::agent::{AgentHandle, checked_dedup};
+use crate::clock::now_ms;
 use crate::error::Error;
-use crate::incarnation::AgentMsg;
 use crate::model;
-use crate::node::now_ms;
 use crate::records::DedupAnswer;
+use crate::registry::AgentMsg;
 use capstan_proto::RequestId;
 
 /// Messages an inbox holds at most unless its host set otherwise.

@@ -715,3 +715,8 @@ impl DedupAnswer {
 
 #[cfg(test)]
 mod tests;
+
+/// The error an operation on a cancelled formula answers.
+pub fn cancelled_error(name: &str, c: &Cancelled, what_next: &str) -> Error {
+    Error::Cancelled(format!("{name} was cancelled ({}){what_next}", c.reason))
+}

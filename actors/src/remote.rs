@@ -11,23 +11,18 @@
 use capstan_proto::{FormulaId, RequestId};
 
 use crate::agent::AgentHandle;
-use crate::directory::{entry_detail, settle_target};
+use crate::directory::entry_detail;
 use crate::error::Error;
 use crate::keys;
 use crate::model;
+use crate::model::settle_target;
 use crate::names::Path;
 use crate::node::Runtime;
 use crate::records::{DedupAnswer, FormulaKind, LocatorRec, RemoteRec};
 use crate::types::ValueKind;
 
-/// The hash under which an issued locator is stored.
-pub fn swiss_hash(swiss: &[u8; 32]) -> [u8; 32] {
-    *blake3::keyed_hash(&derive_key(), swiss).as_bytes()
-}
-
-fn derive_key() -> [u8; 32] {
-    blake3::derive_key("capstan 2026 locator swiss hash", b"")
-}
+/// Kept here too: `nodes/` names it under this path.
+pub use crate::keys::swiss_hash;
 
 /// What a path names, for the network layer: a local formula or a remote one.
 #[derive(Debug, Clone)]
@@ -184,12 +179,9 @@ impl Runtime {
                             }
                             Ok((v.kind, data))
                         }
-                        FormulaKind::Promise(crate::records::PromiseRec { state, .. }) => {
-                            Err(crate::directory::promise_has_no_value(
-                                "what this locator names",
-                                &state,
-                            ))
-                        }
+                        FormulaKind::Promise(crate::records::PromiseRec { state, .. }) => Err(
+                            crate::model::promise_has_no_value("what this locator names", &state),
+                        ),
                         other => Err(Error::WrongType {
                             name: format!("id:{}", tid.short()),
                             expected: "value".into(),

@@ -2,14 +2,16 @@
 //! news of a delivery to the other members of the cluster.
 
 use crate::error::Error;
-use crate::incarnation::{self, AgentMsg};
+use crate::incarnation;
 use crate::records::MessageRec;
+use crate::registry::AgentMsg;
 use capstan_proto::FormulaId;
 use std::sync::Arc;
 use tokio::sync::oneshot;
 
 use crate::agent::AgentHandle;
-use crate::node::Inner;
+use crate::coalesce::{Role, Waiter};
+use crate::node::{Inner, Runtime};
 use crate::types::MAX_SLOT_RETRIES;
 
 /// Reserves numbers from this node's owning incarnation of `agent`.
@@ -207,75 +209,6 @@ impl AgentHandle {
     }
 }
 
-// --- coalescing -------------------------------------------------------------
-//
-// Coalescing concurrent reservations of one number each in the same
-// inbox: while one is in flight, the others queue, and the queue is then
-// served by one reservation of as many numbers (one call to the inbox's
-// owner, over the member link when another node owns it, instead of one
-// each). Under load every sender of an agent on a node reserves a number
-// in the agent's own inbox for its copy of each message; this turns those
-// round trips to the owner into one per batch.
-//
-// Bounded: at most [`MAX_QUEUED`] wait behind one in flight (more go
-// alone). A caller that gives up (its future dropped) while it leads hands
-// the queue to a task, so nobody waits for an answer that never comes.
-
-/// Most reservations queued behind one in flight for the same inbox.
-pub const MAX_QUEUED: usize = 256;
-
-struct Waiter {
-    at_least: u64,
-    reply: oneshot::Sender<Result<u64, Error>>,
-}
-
-/// The inboxes with a reservation in flight, and who waits behind it.
-#[derive(Default)]
-pub(crate) struct Coalescer {
-    queues: std::sync::Mutex<std::collections::HashMap<FormulaId, Vec<Waiter>>>,
-}
-
-enum Role {
-    Lead,
-    Follow(oneshot::Receiver<Result<u64, Error>>),
-    Alone,
-}
-
-impl Coalescer {
-    fn join(&self, agent: FormulaId, at_least: u64) -> Role {
-        let Ok(mut q) = self.queues.lock() else {
-            return Role::Alone;
-        };
-        match q.get_mut(&agent) {
-            None => {
-                q.insert(agent, Vec::new());
-                Role::Lead
-            }
-            Some(w) if w.len() < MAX_QUEUED => {
-                let (reply, rx) = oneshot::channel();
-                w.push(Waiter { at_least, reply });
-                Role::Follow(rx)
-            }
-            Some(_) => Role::Alone,
-        }
-    }
-
-    /// The queue behind the reservation that just ended: empty (then the
-    /// inbox has nothing in flight any more) or handed to the caller.
-    fn next(&self, agent: &FormulaId) -> Vec<Waiter> {
-        let Ok(mut q) = self.queues.lock() else {
-            return Vec::new();
-        };
-        match q.get_mut(agent) {
-            Some(w) if !w.is_empty() => std::mem::take(w),
-            _ => {
-                q.remove(agent);
-                Vec::new()
-            }
-        }
-    }
-}
-
 /// Ends a lead: whoever queued behind it is served by a task.
 struct Lead {
     handle: AgentHandle,
@@ -324,10 +257,39 @@ impl AgentHandle {
     }
 }
 
+impl Runtime {
+    /// Serves a reservation another member asked of this node (the owner).
+    pub async fn serve_reserve(
+        &self,
+        agent: FormulaId,
+        count: u64,
+        at_least: u64,
+        quota_bytes: u64,
+    ) -> Result<(u64, Vec<String>), Error> {
+        let c = self
+            .inner()
+            .cluster
+            .get()
+            .ok_or_else(|| Error::Invalid("this node is not in a cluster".into()))?;
+        match c.owner(&self.inner().db, agent).await? {
+            crate::cluster::Owner::Me => {
+                let size = (quota_bytes > 0).then_some(quota_bytes);
+                let first = local_reserve(self.inner(), agent, count, at_least, size).await?;
+                Ok((first, c.interested(&agent)))
+            }
+            crate::cluster::Owner::Other(m) => Err(Error::Unavailable(format!(
+                "not the owner: node {} owns {}",
+                m.name,
+                agent.short()
+            ))),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::node::Runtime;
+    use crate::coalesce::MAX_QUEUED;
     use crate::types::RuntimeOptions;
     use capstan_proto::RequestId;
 

@@ -33,8 +33,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::agent::AgentHandle;
 
+use crate::clock::now_ms;
 use crate::error::Error;
-use crate::node::{Inner, now_ms};
+use crate::node::{Inner, Runtime};
 
 /// Most routines one host may have.
 pub const MAX_ROUTINES_PER_HOST: usize = 1000;
@@ -759,6 +760,15 @@ pub(crate) async fn routine_loop(rt: std::sync::Weak<Inner>) {
         }
         drop(inner);
         tokio::time::sleep(POLL).await;
+    }
+}
+
+impl Runtime {
+    /// Fires routines that are due (see [`crate::routines`]): on a lone
+    /// node all of them, in a cluster those this node owns. Call once,
+    /// inside tokio, after [`Runtime::join_cluster`].
+    pub fn start_routines(&self) {
+        tokio::spawn(routine_loop(Arc::downgrade(self.inner())));
     }
 }
 

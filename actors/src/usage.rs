@@ -154,7 +154,7 @@ mod tests {
         assert_eq!(kind(keys::inbox_mark(&id)), "messages");
         assert_eq!(kind(keys::dedup(&id, &req)), "dedup");
         assert_eq!(kind(keys::inbound(&req)), "dedup");
-        assert_eq!(kind(crate::guest::journal::key(&id, 1)), "journals");
+        assert_eq!(kind(crate::journal::key(&id, 1)), "journals");
         assert_eq!(kind(keys::outbox(&[0; 32], 1, &req)), "outbox");
         assert_eq!(kind(keys::locator(&[0; 32])), "locators");
         assert_eq!(kind(keys::locator_of(&id, &[0; 32])), "locators");

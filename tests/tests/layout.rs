@@ -12,24 +12,7 @@ use std::path::{Path, PathBuf};
 use capstan_tests::layout;
 
 /// `actors/src` modules still allowed to sit on an import circle.
-const ACTORS_ALLOWED_IN_CYCLE: &[&str] = &[
-    "agent",
-    "api",
-    "cancel",
-    "directory",
-    "federation",
-    "guest",
-    "incarnation",
-    "llm",
-    "node",
-    "open_tx",
-    "promises",
-    "quota",
-    "remote",
-    "reserve",
-    "routines",
-    "search",
-];
+const ACTORS_ALLOWED_IN_CYCLE: &[&str] = &[];
 
 /// Files (relative to `actors/src`) still allowed over `MAX_LINES`.
 const ACTORS_ALLOWED_LONG: &[&str] = &[];

@@ -7,16 +7,17 @@ use capstan_proto::{FormulaId, RequestId};
 use super::Caller;
 use super::locators::{index_hash, issue_locator, record_locator};
 use crate::agent::AgentHandle;
+use crate::clock::now_ms;
 use crate::error::Error;
 use crate::keys;
+use crate::keys::swiss_hash;
 use crate::model;
 use crate::names::Path;
-use crate::node::{Runtime, now_ms};
+use crate::node::Runtime;
 use crate::records::{
     AcceptedRec, AcceptingRec, DedupAnswer, Formula, FormulaKind, InvitationRec, LocatorRec,
     RemoteRec,
 };
-use crate::remote::swiss_hash;
 
 /// Most attempts at accepting one invitation under one name (each offers
 /// the inviter a new handle).

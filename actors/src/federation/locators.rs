@@ -5,12 +5,13 @@
 use capstan_cluster::Transaction;
 use capstan_proto::FormulaId;
 
+use crate::clock::now_ms;
 use crate::error::Error;
 use crate::keys;
+use crate::keys::swiss_hash;
 use crate::model;
-use crate::node::{Runtime, now_ms};
+use crate::node::Runtime;
 use crate::records::{Formula, FormulaKind, LocatorRec, RemoteRec};
-use crate::remote::swiss_hash;
 
 /// Issues a locator for `target` inside a transaction; returns its swiss.
 pub(crate) fn issue_locator(

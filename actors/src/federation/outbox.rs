@@ -9,10 +9,11 @@ use capstan_proto::RequestId;
 
 use super::envelope::{Envelope, EnvelopeBody, OutOp, OutboxItem};
 use super::locators::{issue_resolver, wire_ref};
+use crate::clock::now_ms;
 use crate::error::Error;
 use crate::keys;
 use crate::model;
-use crate::node::{Runtime, now_ms};
+use crate::node::Runtime;
 use crate::records::{BodyRec, MessageRec, RemoteRec};
 
 /// Most outbox items of one peer cluster handed to the network layer at once.

@@ -7,10 +7,11 @@ use capstan_proto::{FormulaId, RequestId};
 use super::Caller;
 use super::envelope::{Envelope, EnvelopeBody, Settlement};
 use super::locators::adopt_ref;
+use crate::clock::now_ms;
 use crate::error::Error;
 use crate::keys;
 use crate::model;
-use crate::node::{Runtime, now_ms};
+use crate::node::Runtime;
 use crate::records::{BodyRec, Formula, FormulaKind, LocatorRec, MessageRec, PromiseRec};
 
 impl Runtime {
@@ -197,7 +198,7 @@ impl Runtime {
             })
             .await?;
         if let Some(state) = state {
-            crate::promises::notify_settled(self.inner(), promise, state);
+            crate::node::notify_settled(self.inner(), promise, state);
         }
         Ok(promise)
     }

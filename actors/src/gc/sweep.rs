@@ -258,7 +258,7 @@ pub(super) async fn expire_answers(
     progress: &Progress,
     report: &mut GcReport,
 ) -> Result<(), Error> {
-    let now = crate::api::now_ms();
+    let now = crate::clock::now_ms();
     let cutoff = now.saturating_sub(opts.keep_answers_ms);
     for prefix in [keys::dedup_all(), TupleKey::new().str("in").into_vec()] {
         let end = prefix_end(&prefix);

@@ -28,11 +28,11 @@ use wasmtime::Store;
 use super::bindings::channel::SandboxedChannel;
 use super::bindings::channel::capstan::channel::host as ch_host;
 use super::host::{Deadline, Limiter, arm, guest_log, stop_reason};
-use super::progress::{GuestRunner, mark_done, next_run};
+use super::progress::{mark_done, next_run};
 use super::{CallLimits, GuestHost, compiled};
 use crate::agent::AgentHandle;
 use crate::error::Error;
-use crate::node::Inner;
+use crate::node::{GuestRunner, Inner};
 
 /// Shortest and longest poll interval.
 pub const MIN_POLL: Duration = Duration::from_millis(100);

@@ -35,11 +35,11 @@ use super::host::{Deadline, Limiter, arm_with, guest_log, stop_reason};
 use super::{CallLimits, GuestHost, World, manifest_of};
 use crate::ValueKind;
 use crate::agent::AgentHandle;
+use crate::clock::now_ms;
 use crate::error::Error;
 use crate::keys;
 use crate::model;
 use crate::names::Path;
-use crate::node::now_ms;
 use crate::records::BodyRec;
 use crate::records::{DedupAnswer, Formula, FormulaKind, ValueRec};
 use crate::types::MessageBodyView;
@@ -569,7 +569,7 @@ impl AgentHandle {
                             }
                             Some(f) => {
                                 if let Some(c) = &f.cancelled {
-                                    return Err(crate::cancel::cancelled_error(
+                                    return Err(crate::records::cancelled_error(
                                         path,
                                         c,
                                         ": the result depends on it and was not stored",

@@ -67,7 +67,6 @@ pub mod eval;
 mod host;
 pub mod http;
 mod install;
-pub(crate) mod journal;
 mod progress;
 mod resume;
 mod runner;
@@ -82,7 +81,7 @@ use wasmtime::Engine;
 use wasmtime::component::Linker;
 
 use crate::error::Error;
-use crate::node::Inner;
+use crate::node::{Inner, Runtime};
 
 pub(crate) use channel::ChannelState;
 pub(crate) use compile::{Compiled, compiled, compiled_of};
@@ -94,9 +93,6 @@ pub use config::{
 pub use host::CapabilityRep;
 pub(crate) use host::{AgentState, ToolState};
 pub use install::{ComponentInfo, GuestInfo, MAX_COMPONENT_BYTES, MAX_GRANTS};
-pub(crate) use progress::GuestRunner;
-pub(crate) use resume::resume_loop;
-pub(crate) use runner::runner_for;
 use store::manifest_of;
 pub(crate) use store::{Body, Manifest, hash_from_hex, keys};
 pub use worlds::{
@@ -195,5 +191,18 @@ fn guest_host(rt: &Inner) -> Result<Arc<GuestHost>, Error> {
     rt.guests
         .get()
         .cloned()
+        .and_then(|g| g.as_any().downcast::<GuestHost>().ok())
         .ok_or_else(|| Error::Unavailable("this node runs no guest components".into()))
+}
+
+impl Runtime {
+    /// Starts the wasmtime host: guest agents whose body is a component
+    /// then run their handler on every message. Call once, inside tokio.
+    pub fn enable_guests(&self, cfg: GuestConfig) -> Result<(), Error> {
+        let gh = GuestHost::new(cfg)?;
+        self.inner()
+            .guests
+            .set(Arc::new(gh))
+            .map_err(|_| Error::Invalid("guests are already enabled".into()))
+    }
 }

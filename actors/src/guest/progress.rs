@@ -2,38 +2,17 @@
 //! and channels: the next run of messages to handle (waiting at a gap,
 //! closing holes), and the mark "handled up to N".
 
-use tokio::sync::mpsc;
-
 use super::bindings::agent::capstan::agent::types::Message;
-use super::journal::{self};
 use super::keys;
 use crate::agent::AgentHandle;
 use crate::error::Error;
+use crate::journal;
 use crate::model;
 use crate::records::BodyRec;
 use crate::rules::inbox::Step;
 
 /// Messages read from the store per batch.
 pub(super) const BATCH: usize = 64;
-
-/// Wakes the runner task; dropping it ends the task after its current batch.
-pub(crate) struct GuestRunner {
-    pub(crate) kick: mpsc::Sender<()>,
-    /// A channel keeps its incarnation alive (it polls the outside system).
-    pub(crate) pinned: bool,
-}
-
-impl GuestRunner {
-    /// New mail: look at the inbox again.
-    pub fn kick(&self) {
-        let _ = self.kick.try_send(());
-    }
-
-    /// Whether the incarnation must not be passivated when idle.
-    pub fn pinned(&self) -> bool {
-        self.pinned
-    }
-}
 
 /// The next messages to handle, in order and without a gap after the last
 /// one handled (waiting at a gap, closing it after the grace: see

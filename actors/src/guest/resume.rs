@@ -8,7 +8,7 @@ use capstan_proto::FormulaId;
 use super::{Body, keys};
 use crate::error::Error;
 use crate::model;
-use crate::node::Inner;
+use crate::node::{Inner, Runtime};
 
 /// Guests read per page when looking for unhandled mail.
 pub(super) const RESUME_PAGE: usize = 1000;
@@ -157,5 +157,15 @@ pub(crate) async fn resume_loop(rt: std::sync::Weak<Inner>) {
         let period = c.cfg.lease * 2;
         drop(inner);
         tokio::time::sleep(period).await;
+    }
+}
+
+impl Runtime {
+    /// Starts the guests that have mail they did not handle (their node
+    /// died mid-handler, or mail came while no node ran them), now and, in a
+    /// cluster, every two leases (owners die). Call once, inside tokio,
+    /// after [`Runtime::enable_guests`] and [`Runtime::join_cluster`].
+    pub fn start_guest_resumer(&self) {
+        tokio::spawn(resume_loop(Arc::downgrade(self.inner())));
     }
 }

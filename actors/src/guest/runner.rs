@@ -9,12 +9,13 @@ use tokio::sync::mpsc;
 
 use super::bindings::agent::capstan::agent::types::Message;
 use super::host::{Outcome, Replay, call_agent};
-use super::journal::{self, Journal};
-use super::progress::{GuestRunner, Listed, next_run};
+use super::progress::{Listed, next_run};
 use super::{Body, CallLimits, GuestHost, World, compiled, keys};
 use crate::agent::AgentHandle;
+use crate::cluster::Membership;
 use crate::error::Error;
-use crate::node::Inner;
+use crate::journal::{self, Journal};
+use crate::node::{GuestRunner, Guests, Inner};
 use crate::open_tx::OpenTx;
 
 /// The runner of agent `id` if its body is a component and this node runs
@@ -59,19 +60,29 @@ fn tell_host_resumed(rt: &Arc<Inner>, id: FormulaId, me: &str, epoch: u64, prev:
     });
 }
 
-pub(crate) async fn runner_for(
+impl Guests for GuestHost {
+    fn runner_for<'a>(
+        self: Arc<Self>,
+        rt: &'a Arc<Inner>,
+        id: FormulaId,
+        took_over: Option<(&'a Arc<Membership>, String)>,
+    ) -> crate::node::RunnerFuture<'a> {
+        Box::pin(runner_for(self, rt, id, took_over))
+    }
+
+    fn as_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync> {
+        self
+    }
+}
+
+/// [`Guests::runner_for`] of host `gh`; `took_over`: the take-over notice
+/// of agent `id`, taken by its incarnation whatever the agent is.
+async fn runner_for(
+    gh: Arc<GuestHost>,
     rt: &Arc<Inner>,
     id: FormulaId,
+    took_over: Option<(&Arc<Membership>, String)>,
 ) -> Result<Option<GuestRunner>, Error> {
-    // Taken now, whatever the agent is, so that agents without a component
-    // (which never notify) do not keep entries in the take-over map.
-    let took_over = rt
-        .cluster
-        .get()
-        .and_then(|c| Some((c, c.take_over_notice(&id)?)));
-    let Some(gh) = rt.guests.get().cloned() else {
-        return Ok(None);
-    };
     let body = rt
         .db
         .read(move |tx| {
@@ -472,7 +483,7 @@ mod tests {
             reply_to: None,
             from: host.id(),
             to: guest,
-            date_ms: crate::node::now_ms(),
+            date_ms: crate::clock::now_ms(),
             body: BodyRec::Package {
                 strings: vec!["increment".into()],
                 names: vec![],
@@ -675,10 +686,8 @@ mod tests {
                 n.to_string(),
                 "seed {seed}"
             );
-            let redone = host
-                .inner()
-                .guests
-                .get()
+            let redone = crate::guest::guest_host(host.inner())
+                .ok()
                 .and_then(|gh| gh.stats.lock().ok()?.get(&g).map(|s| s.batches_redone))
                 .unwrap_or(0);
             redone_total += redone;

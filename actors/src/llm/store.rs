@@ -13,11 +13,11 @@ use super::safety::{self, Budget, LeakMode, LeakOutcome, LeakScanner};
 use super::types::{ChatMessage, ChatRequest, ToolCall};
 use super::{LlmReply, ProviderConfig, ProviderInfo, ProviderSpec, Secret, check_request, http};
 use crate::agent::AgentHandle;
+use crate::clock::now_ms;
 use crate::error::Error;
 use crate::keys;
 use crate::model::{self, Ctx};
 use crate::names::Path;
-use crate::node::now_ms;
 use crate::records::{self, DedupAnswer, FormulaKind, LlmProviderRec};
 use crate::types::MAX_LIST;
 
@@ -104,7 +104,7 @@ async fn provider_at(
     p: &Path,
 ) -> Result<(FormulaId, LlmProviderRec), Error> {
     let id = model::resolve(tx, ctx, p).await?;
-    let (id, f) = crate::directory::settle_target(tx, id).await?;
+    let (id, f) = crate::model::settle_target(tx, id).await?;
     match f.kind {
         FormulaKind::Llm(rec) => Ok((id, rec)),
         other => Err(Error::WrongType {

@@ -12,7 +12,7 @@ use capstan_proto::FormulaId;
 use serde_json::{Value, json};
 
 use super::{MAX_DIM, MAX_EMBED_RESPONSE, MAX_EMBED_TEXT, SearchSpec, hex_id};
-use crate::api::AgentHandle;
+use crate::agent::AgentHandle;
 use crate::embed_model::LocalModel;
 use crate::error::Error;
 use crate::records::FormulaKind;

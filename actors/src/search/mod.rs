@@ -15,7 +15,7 @@
 //! # The index is derived data
 //!
 //! Nothing of the index is stored: each node keeps an in-memory index per
-//! search capability ([`Indexes`]) and builds it from the store on first
+//! search capability ([`crate::index::Indexes`]) and builds it from the store on first
 //! use, so after `kill -9`, a restart or on another node of a cluster the
 //! first search rebuilds it: it lists the directory tree (one read
 //! transaction), reads and indexes the values.
@@ -52,7 +52,7 @@
 //! Bounds: at most [`MAX_DOCS`] values and [`MAX_INDEX_BYTES`] bytes of text
 //! per index (what is over is not indexed, with a note in every answer),
 //! the first [`MAX_TEXT_PER_VALUE`] bytes of each value, [`MAX_DEPTH`]
-//! levels of subdirectories, [`MAX_INDEXES`] indexes per node.
+//! levels of subdirectories, [`crate::index::MAX_INDEXES`] indexes per node.
 //!
 //! # Ranking
 //!
@@ -73,26 +73,24 @@
 //! rather than falling back to full text.
 
 mod embed;
-pub mod index;
 mod refresh;
-
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
 
 use capstan_cluster::tuple::{TupleKey, TupleReader};
 use capstan_proto::{FormulaId, RequestId};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::api::{AgentHandle, ValueKind};
+use crate::agent::AgentHandle;
 use crate::error::Error;
 use crate::names::Path;
 use crate::records::{BodyRec, FormulaKind};
+use crate::types::ValueKind;
 use crate::{keys, model};
 
 pub use crate::embed_model::LocalModel;
+use crate::index;
+pub use crate::index::{Index, RRF_K};
 use embed::{EmbedError, Source};
-pub use index::{Index, RRF_K};
 use refresh::*;
 
 /// Largest `k`.
@@ -130,8 +128,6 @@ const KEEP_EPOCHS: u64 = 16;
 const MAX_CHANGES: usize = 20_000;
 /// Most directories whose epochs one transaction closes.
 const MAX_CLOSE: usize = 1024;
-/// Most indexes a node keeps in memory.
-pub const MAX_INDEXES: usize = 64;
 /// The slot a guest's search capability is granted under.
 pub const SEARCH_SLOT: &str = "search";
 /// Largest embedding answer.
@@ -169,65 +165,6 @@ fn hex_id(s: &str) -> Result<FormulaId, Error> {
         .ok()
         .and_then(|b| FormulaId::from_slice(&b).ok())
         .ok_or_else(|| Error::Corrupt(format!("search capability: bad id {s:?}")))
-}
-
-/// One node's indexes, by search capability.
-#[derive(Default)]
-pub struct Indexes(Mutex<HashMap<FormulaId, Arc<tokio::sync::Mutex<State>>>>);
-
-impl std::fmt::Debug for Indexes {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Indexes")
-    }
-}
-
-impl Indexes {
-    fn get(&self, id: FormulaId) -> Arc<tokio::sync::Mutex<State>> {
-        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(s) = m.get(&id) {
-            return s.clone();
-        }
-        if m.len() >= MAX_INDEXES {
-            // Drop one that nobody is using (it is rebuilt on its next use).
-            if let Some(k) = m
-                .iter()
-                .find(|(_, s)| Arc::strong_count(s) == 1)
-                .map(|(k, _)| *k)
-            {
-                m.remove(&k);
-            }
-        }
-        m.entry(id).or_default().clone()
-    }
-}
-
-/// An index and what the refresh remembers.
-#[derive(Default)]
-pub struct State {
-    index: Index,
-    /// Formulas met under the tree that are directories (to descend) or
-    /// neither values nor directories (skipped).
-    dirs: Arc<HashSet<FormulaId>>,
-    skipped: Arc<HashSet<FormulaId>>,
-    /// The directories of the tree whose change logs the index follows
-    /// (`None`: the next refresh lists the tree).
-    tracked: Option<HashMap<FormulaId, Track>>,
-    /// The next inbox number to index (mail).
-    mail_next: u64,
-    /// Values not indexed for the caps, as of the last refresh.
-    over_cap: usize,
-    /// Values left for the next refresh (bounded work).
-    behind: usize,
-    /// The index's names → ids (values only), as the refresh compares them.
-    known: Arc<HashMap<String, FormulaId>>,
-    known_stale: bool,
-    /// The store version of the last complete refresh (`None`: not yet, or
-    /// it left work for the next one).
-    scanned_version: Option<capstan_cluster::Version>,
-    /// Why the last embedding call failed, if it did.
-    embed_error: Option<String>,
-    /// Whether the tree was deeper or wider than indexed.
-    tree_cut: bool,
 }
 
 /// One hit as the holder sees it.
@@ -334,7 +271,7 @@ impl AgentHandle {
             .read(move |tx| {
                 Box::pin(async move {
                     let id = model::resolve(tx, &ctx, &over_p).await?;
-                    let (dir, f) = crate::api::settle_target(tx, id).await?;
+                    let (dir, f) = crate::model::settle_target(tx, id).await?;
                     if !matches!(f.kind, FormulaKind::Directory) {
                         return Err(Error::WrongType {
                             name: over_p.to_string(),
@@ -346,7 +283,7 @@ impl AgentHandle {
                         None => None,
                         Some(p) => {
                             let id = model::resolve(tx, &ctx, p).await?;
-                            let (pid, f) = crate::api::settle_target(tx, id).await?;
+                            let (pid, f) = crate::model::settle_target(tx, id).await?;
                             match f.kind {
                                 FormulaKind::Llm(rec) => {
                                     if rec.removed {
@@ -428,7 +365,7 @@ impl AgentHandle {
         self.read(move |tx| {
             Box::pin(async move {
                 let id = model::resolve(tx, &ctx, &p).await?;
-                let (id, f) = crate::api::settle_target(tx, id).await?;
+                let (id, f) = crate::model::settle_target(tx, id).await?;
                 match tx.get(&key(&id)).await? {
                     Some(b) => {
                         let spec: SearchSpec = serde_json::from_slice(&b)

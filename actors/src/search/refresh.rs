@@ -2,28 +2,16 @@
 //! first listing of the tree, following the directories' change logs,
 //! closing epochs, indexing fresh values, mail texts and vectors.
 
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
 use super::*;
+use crate::index::{Applied, State, Track};
 
 /// A value under the tree that the index lacks (or has with another id).
 pub(super) struct Fresh {
     pub(super) name: String,
     pub(super) id: FormulaId,
-}
-
-/// Change-log entries already applied: `(epoch, name)` → the logged value.
-pub(super) type Applied = HashMap<(u64, String), Vec<u8>>;
-
-/// One directory of the tree whose change log the index follows.
-#[derive(Debug, Default)]
-pub(super) struct Track {
-    /// Its names under the searched directory (`""` for the top one;
-    /// several when it is named more than once).
-    pub(super) prefixes: Vec<String>,
-    /// The first epoch whose changes may not all be applied.
-    pub(super) from: u64,
-    /// Changes of the open epoch already applied: `(epoch, name)` → the
-    /// logged value.
-    pub(super) seen: Applied,
 }
 
 /// What a full listing found.
@@ -574,7 +562,7 @@ pub(super) async fn index_fresh(
                         let t = match model::get_formula(tx, id).await? {
                             Some(f) => match f.kind {
                                 FormulaKind::Value(v) => {
-                                    let b = crate::api::value_bytes(tx, id, &v).await?;
+                                    let b = crate::model::value_bytes(tx, id, &v).await?;
                                     String::from_utf8(b).ok()
                                 }
                                 _ => None,

@@ -72,7 +72,7 @@ pub(super) async fn watch_deps(
 ) {
     // A cancel from now on counts (and one a second before the run
     // started: it raced the run's reads of its slots).
-    let since = crate::node::now_ms().saturating_sub(1000);
+    let since = crate::clock::now_ms().saturating_sub(1000);
     let deps = Arc::new(deps);
     loop {
         tokio::time::sleep(WATCH_DEPS).await;
@@ -101,7 +101,7 @@ pub(super) async fn watch_deps(
                             Some(f) => {
                                 if let Some(c) = &f.cancelled {
                                     return Ok(Some(
-                                        crate::cancel::cancelled_error(
+                                        crate::records::cancelled_error(
                                             path,
                                             c,
                                             ": the evaluation depending on it was stopped",

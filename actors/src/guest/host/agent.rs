@@ -13,8 +13,8 @@ use super::limits::{Deadline, Limiter, arm_with, guest_log, stop_reason};
 use crate::agent::AgentHandle;
 use crate::error::Error;
 use crate::guest::bindings::agent::capstan::agent as agent_wit;
-use crate::guest::journal::{self, Entry, Journal};
 use crate::guest::{CallLimits, GuestHost, derived_request};
+use crate::journal::{self, Entry, Journal};
 use crate::records::DedupAnswer;
 use crate::types::ValueKind;
 

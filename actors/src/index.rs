@@ -2,8 +2,13 @@
 //! with BM25 (full text), dense vectors compared by cosine (when an
 //! embedding provider is set), and Reciprocal Rank Fusion of the two
 //! rankings (k = 60, IronClaw's choice). Pure: no store, no clock, no I/O.
+//!
+//! Also one node's [`Indexes`], by search capability, each with the
+//! [`State`] its refreshes keep: a leaf below [`crate::node`], whose `Inner`
+//! holds them; keeping them up to date is [`crate::search`]'s.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 
 use capstan_proto::FormulaId;
 
@@ -321,6 +326,86 @@ pub fn snippet(text: &str, query: &str) -> String {
         s.push('…');
     }
     s
+}
+
+// --- a node's indexes --------------------------------------------------------
+
+/// Most indexes a node keeps in memory.
+pub const MAX_INDEXES: usize = 64;
+
+/// One node's indexes, by search capability.
+#[derive(Default)]
+pub struct Indexes(Mutex<HashMap<FormulaId, Arc<tokio::sync::Mutex<State>>>>);
+
+impl std::fmt::Debug for Indexes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Indexes")
+    }
+}
+
+impl Indexes {
+    pub(crate) fn get(&self, id: FormulaId) -> Arc<tokio::sync::Mutex<State>> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = m.get(&id) {
+            return s.clone();
+        }
+        if m.len() >= MAX_INDEXES {
+            // Drop one that nobody is using (it is rebuilt on its next use).
+            if let Some(k) = m
+                .iter()
+                .find(|(_, s)| Arc::strong_count(s) == 1)
+                .map(|(k, _)| *k)
+            {
+                m.remove(&k);
+            }
+        }
+        m.entry(id).or_default().clone()
+    }
+}
+
+/// An index and what the refresh remembers.
+#[derive(Default)]
+pub struct State {
+    pub(crate) index: Index,
+    /// Formulas met under the tree that are directories (to descend) or
+    /// neither values nor directories (skipped).
+    pub(crate) dirs: Arc<HashSet<FormulaId>>,
+    pub(crate) skipped: Arc<HashSet<FormulaId>>,
+    /// The directories of the tree whose change logs the index follows
+    /// (`None`: the next refresh lists the tree).
+    pub(crate) tracked: Option<HashMap<FormulaId, Track>>,
+    /// The next inbox number to index (mail).
+    pub(crate) mail_next: u64,
+    /// Values not indexed for the caps, as of the last refresh.
+    pub(crate) over_cap: usize,
+    /// Values left for the next refresh (bounded work).
+    pub(crate) behind: usize,
+    /// The index's names → ids (values only), as the refresh compares them.
+    pub(crate) known: Arc<HashMap<String, FormulaId>>,
+    pub(crate) known_stale: bool,
+    /// The store version of the last complete refresh (`None`: not yet, or
+    /// it left work for the next one).
+    pub(crate) scanned_version: Option<capstan_cluster::Version>,
+    /// Why the last embedding call failed, if it did.
+    pub(crate) embed_error: Option<String>,
+    /// Whether the tree was deeper or wider than indexed.
+    pub(crate) tree_cut: bool,
+}
+
+/// Change-log entries already applied: `(epoch, name)` → the logged value.
+pub(crate) type Applied = HashMap<(u64, String), Vec<u8>>;
+
+/// One directory of the tree whose change log the index follows.
+#[derive(Debug, Default)]
+pub(crate) struct Track {
+    /// Its names under the searched directory (`""` for the top one;
+    /// several when it is named more than once).
+    pub(crate) prefixes: Vec<String>,
+    /// The first epoch whose changes may not all be applied.
+    pub(crate) from: u64,
+    /// Changes of the open epoch already applied: `(epoch, name)` → the
+    /// logged value.
+    pub(crate) seen: Applied,
 }
 
 #[cfg(test)]
