@@ -74,6 +74,7 @@ impl AgentHandle {
         let (out_tx, out_rx) = mpsc::channel(256);
         let ctx = self.ctx.clone();
         let db = self.rt.db.clone();
+        let actor = a.clone();
         tokio::spawn(async move {
             // The history a page at a time (bounded memory); the numbers
             // seen are kept to skip their live copies.
@@ -155,10 +156,12 @@ impl AgentHandle {
                 } else {
                     batch
                 };
+                let mut missed = false;
                 for m in batch {
                     if !cursor.accept(m.number) {
                         continue;
                     }
+                    missed |= look;
                     let v = view_recent(&db, &ctx, m).await;
                     match v {
                         Ok(v) => {
@@ -174,6 +177,13 @@ impl AgentHandle {
                 }
                 if look {
                     cursor.looked();
+                }
+                if missed {
+                    // a look found what no push brought: the inbox's owner
+                    // may not know this node follows it (told again), and
+                    // until it does, looks come soon again
+                    let _ = actor.cast(AgentMsg::MissedPush);
+                    every = FIRST_FOLLOW_RECHECK;
                 }
             }
         });

@@ -58,7 +58,13 @@ pub(crate) struct AgentState {
     guest: Option<crate::node::GuestRunner>,
     /// The inbox's use against its quota (kept while this owns it).
     account: crate::quota::Account,
+    /// When the owner was last told again after a missed push (at most
+    /// once per [`RETELL_AFTER_MISS`]).
+    retold: Option<Instant>,
 }
+
+/// Least time between two tellings of the owner caused by missed pushes.
+const RETELL_AFTER_MISS: Duration = Duration::from_millis(500);
 
 /// In a cluster, tells the owner of this agent's inbox (when another node)
 /// that this node has followers of it, so that senders wake this node too
@@ -121,6 +127,7 @@ impl Actor for AgentActor {
             last_active: Instant::now(),
             _ticker: ticker,
             account: crate::quota::Account::default(),
+            retold: None,
         })
     }
 
@@ -192,6 +199,21 @@ impl Actor for AgentActor {
                 } else {
                     st.followers.push(tx);
                     let _ = reply.send(Ok(()));
+                    tell_owner_of_followers(st);
+                }
+            }
+            AgentMsg::MissedPush => {
+                let now = Instant::now();
+                if !st.followers.is_empty()
+                    && st
+                        .retold
+                        .is_none_or(|t| now.duration_since(t) >= RETELL_AFTER_MISS)
+                {
+                    st.retold = Some(now);
+                    // the cached owner may be the stale part
+                    if let Some(c) = st.rt.cluster.get() {
+                        c.forget_owner(&st.id);
+                    }
                     tell_owner_of_followers(st);
                 }
             }

@@ -65,6 +65,10 @@ pub enum AgentMsg {
     Delivered(MessageRec),
     /// Add a follower of new messages.
     Follow(mpsc::Sender<MessageRec>, RpcReplyPort<Result<(), Error>>),
+    /// A follower found in the store a message no push brought: the
+    /// inbox's owner (or the senders it tells) may not know this node
+    /// follows it; tell it again, looking the owner up afresh.
+    MissedPush,
     /// Periodic check for passivation.
     Tick,
 }
