@@ -62,7 +62,7 @@ struct History {
 /// with the near one.
 struct Far {
     mem: Arc<MemStore>,
-    /// The far nodes' commit observer (no guests there: it checks nothing).
+    /// The far nodes' commit observer: the far hosts' inboxes, as guests'.
     model: Arc<Mutex<Model>>,
     dir: Arc<Directory>,
     nodes: Vec<Node>,
@@ -160,7 +160,7 @@ async fn run_inner(cfg: Config) -> Result<Report, SimError> {
     w.setup().await?;
     for step in 0..cfg.steps {
         w.step(step).await;
-        let v = lock(&w.model).violations.first().cloned();
+        let v = w.violation();
         if let Some(what) = v {
             return Err(SimError::Violation { seed, step, what });
         }
@@ -288,6 +288,16 @@ impl World {
         node.runtime = None;
         node.guests.clear();
         self.dir.set(&node.name, None);
+    }
+
+    /// The first invariant broken at a commit, on either cluster.
+    fn violation(&self) -> Option<String> {
+        let near = lock(&self.model).violations.first().cloned();
+        near.or_else(|| {
+            let far = self.far.as_ref()?;
+            let v = lock(&far.model).violations.first().cloned()?;
+            Some(format!("far cluster: {v}"))
+        })
     }
 
     fn alive(&self) -> Vec<usize> {
@@ -445,7 +455,7 @@ impl World {
         let mut calm_since: Option<tokio::time::Instant> = None;
         loop {
             self.calls.retain(|h| !h.is_finished());
-            if let Some(what) = lock(&self.model).violations.first().cloned() {
+            if let Some(what) = self.violation() {
                 return Err(SimError::Violation {
                     seed: self.cfg.seed,
                     step: self.cfg.steps,
@@ -494,7 +504,7 @@ impl World {
             step: steps,
             what,
         };
-        if let Some(v) = lock(&self.model).violations.first().cloned() {
+        if let Some(v) = self.violation() {
             return Err(fail(v));
         }
         let db = Db::new(self.mem.clone());

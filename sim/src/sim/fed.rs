@@ -141,9 +141,12 @@ impl World {
                 .await
                 .map_err(|e| format!("cancel doomed: {e}"))?;
         }
+        // Its model checks, at every commit, the two hosts' inboxes (mail
+        // present once, no slot written twice).
+        let model = Arc::new(Mutex::new(Model::new(&[far_root.id(), doomed.id()])));
         self.far = Some(Far {
             mem,
-            model: Arc::new(Mutex::new(Model::default())),
+            model,
             dir: Arc::new(Directory::default()),
             nodes: Vec::new(),
             host: far_root.id(),
