@@ -100,7 +100,8 @@ fn the_checker_finds_a_far_side_that_does_not_dedup() {
 /// a delivery that passed the check before the cancel lands after it,
 /// while a redelivery (its answer was lost, or another node of the
 /// sender's cluster delivers the same queue) is refused and bounced.
-/// Seed 12 shows it (`--seed 12 --far-nodes 2 --cancel-midrun`). The
+/// Seed 12 shows it (`--seed 12 --far-nodes 2 --cancel-midrun`), and
+/// 11 of seeds 0 to 299 at 200 steps. The
 /// default run cancels before the workload, so this test stands for the
 /// defect until the runtime is fixed (then it fails: drop it, and make
 /// the mid-run cancel the default).
