@@ -133,6 +133,10 @@ pub struct Report {
     pub far_kills: u64,
     /// What the links between the clusters did.
     pub fed: federation::FedStats,
+    /// Requests across that bounced and whose promise is still pending at
+    /// the end: a bounce tells the requester with a message but does not
+    /// reject its promise (not an invariant: how the runtime behaves).
+    pub fed_stranded: u64,
     /// The guests' formula ids, as the runtime drew them (from the seed).
     pub guest_ids: Vec<capstan_proto::FormulaId>,
     /// A digest of the run's operations and of the stores' final contents

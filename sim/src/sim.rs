@@ -94,6 +94,8 @@ struct World {
     fed: Option<Arc<Fed>>,
     /// A hash of the stores' contents at the end.
     contents: [u8; 32],
+    /// Requests across that bounced, their promise still pending at the end.
+    stranded: u64,
 }
 
 fn guest_name(g: usize) -> String {
@@ -156,6 +158,7 @@ async fn run_inner(cfg: Config) -> Result<Report, SimError> {
         far: None,
         fed: None,
         contents: [0; 32],
+        stranded: 0,
     };
     w.setup().await?;
     for step in 0..cfg.steps {
@@ -653,6 +656,7 @@ impl World {
             far_kills: h.far_kills,
             fed,
             guest_ids: self.guest_ids.clone(),
+            fed_stranded: self.stranded,
             digest: u64::from_le_bytes(log.finalize().as_bytes()[..8].try_into().unwrap_or([0; 8])),
         }
     }

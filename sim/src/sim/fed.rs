@@ -526,6 +526,17 @@ impl World {
             (h.fed_sends.clone(), h.far_answers.clone())
         };
         // Delivered at most once, and to the host it was sent to.
+        for (k, (doomed, _)) in &sends {
+            let view = if *doomed { &at_doomed } else { &at_far };
+            let Some(p) = near.mail.get(k).and_then(|v| v.iter().find_map(|x| x.1)) else {
+                continue;
+            };
+            if !view.mail.contains_key(k)
+                && promise_state(&near_db, p).await.map_err(read)? == PromiseState::Pending
+            {
+                self.stranded += 1;
+            }
+        }
         for (doomed, view) in [(false, &at_far), (true, &at_doomed)] {
             for (k, at) in &view.mail {
                 if at.len() > 1 {
@@ -599,6 +610,17 @@ impl World {
                     "answers of the far side bounced (settled twice, or refused): {:?}",
                     view.bounces
                 ));
+            }
+        }
+        for (k, (doomed, _)) in &sends {
+            let view = if *doomed { &at_doomed } else { &at_far };
+            let Some(p) = near.mail.get(k).and_then(|v| v.iter().find_map(|x| x.1)) else {
+                continue;
+            };
+            if !view.mail.contains_key(k)
+                && promise_state(&near_db, p).await.map_err(read)? == PromiseState::Pending
+            {
+                self.stranded += 1;
             }
         }
         for (doomed, view) in [(false, &at_far), (true, &at_doomed)] {
