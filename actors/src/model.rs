@@ -70,7 +70,8 @@ pub async fn note_refs(tx: &mut Transaction, ids: &[FormulaId]) -> Result<(), Er
     }
     tx.prefetch(&ahead).await?;
     let mut stamp = [0u8; 8];
-    getrandom::fill(&mut stamp).map_err(|e| Error::Unavailable(format!("no randomness: {e}")))?;
+    capstan_proto::id::fill_random(&mut stamp)
+        .map_err(|e| Error::Unavailable(format!("no randomness: {e}")))?;
     for id in ids {
         if tx.get(&keys::formula(id)).await?.is_none() {
             return Err(Error::Invalid(format!(

@@ -850,10 +850,46 @@ impl Default for Backoff {
     }
 }
 
+thread_local! {
+    /// The seeded jitter of this thread (a splitmix64 state), if any.
+    static SEEDED_JITTER: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
+/// Makes the retry jitter of transactions run on this thread come from
+/// `seed` until the guard drops. For simulations only (one thread, a
+/// paused clock), so that the same seed replays the same retry delays;
+/// elsewhere the jitter is random, as it must be to spread retries.
+#[must_use = "the jitter comes from the seed only while the guard lives"]
+pub fn seed_thread_jitter(seed: u64) -> SeededJitter {
+    SeededJitter {
+        prev: SEEDED_JITTER.with(|s| s.replace(Some(seed))),
+        _not_send: std::marker::PhantomData,
+    }
+}
+
+/// While it lives, retry jitter on this thread comes from a seed.
+pub struct SeededJitter {
+    prev: Option<u64>,
+    _not_send: std::marker::PhantomData<*const ()>,
+}
+
+impl Drop for SeededJitter {
+    fn drop(&mut self) {
+        SEEDED_JITTER.with(|s| s.set(self.prev));
+    }
+}
+
 fn random_u64(salt: u32) -> u64 {
     use std::hash::BuildHasher;
+    let seeded = SEEDED_JITTER.with(|s| {
+        let mut z = s.get()?.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        s.set(Some(z));
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        Some(z ^ (z >> 31))
+    });
     // RandomState is seeded randomly per thread and varies per instance.
-    std::collections::hash_map::RandomState::new().hash_one(salt)
+    seeded.unwrap_or_else(|| std::collections::hash_map::RandomState::new().hash_one(salt))
 }
 
 /// A handle on a store; cheap to clone.

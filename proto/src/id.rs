@@ -1,5 +1,13 @@
 //! Ids: 256-bit formula ids, 128-bit request and message ids.
+//!
+//! Fresh ids come from the operating system's generator ([`fill_random`]).
+//! A simulation that must replay a run from its seed makes the ids of its
+//! thread come from the seed instead, with [`seed_thread`]: only an explicit
+//! call does that, for the thread that made it and until its guard drops.
+//! Ids are bearer-adjacent (swiss numbers of locators are drawn the same
+//! way), so nothing outside a simulation may call it.
 
+use std::cell::Cell;
 use std::fmt;
 use std::str::FromStr;
 
@@ -14,15 +22,85 @@ pub enum IdError {
     Hex(String, usize),
 }
 
+thread_local! {
+    /// The seeded generator of this thread (splitmix64 state), if any.
+    static SEEDED: Cell<Option<u64>> = const { Cell::new(None) };
+}
+
+/// Makes the ids drawn on this thread ([`FormulaId::random`],
+/// [`RequestId::random`], [`fill_random`]) come from `seed` until the guard
+/// drops (then the thread draws as before: from the operating system, or
+/// from the generator of an outer guard).
+///
+/// **For simulations only**: a seeded id is predictable by anyone who
+/// knows the seed. A simulation runs its whole world on one thread (a
+/// current-thread runtime) and calls this first, so that the same seed
+/// replays the same ids.
+#[must_use = "the thread draws from the seed only while the guard lives"]
+pub fn seed_thread(seed: u64) -> SeededIds {
+    let prev = SEEDED.with(|s| s.replace(Some(seed)));
+    SeededIds {
+        prev,
+        _not_send: std::marker::PhantomData,
+    }
+}
+
+/// While it lives, this thread's ids come from a seed ([`seed_thread`]).
+pub struct SeededIds {
+    prev: Option<u64>,
+    /// Bound to the thread whose generator it replaced.
+    _not_send: std::marker::PhantomData<*const ()>,
+}
+
+impl Drop for SeededIds {
+    fn drop(&mut self) {
+        SEEDED.with(|s| s.set(self.prev));
+    }
+}
+
+/// Whether this thread's ids come from a seed ([`seed_thread`]).
+pub fn thread_is_seeded() -> bool {
+    SEEDED.with(Cell::get).is_some()
+}
+
+fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Fills `buf` with fresh random bytes for an id or a swiss number: from
+/// the operating system's generator, or from the seed of this thread
+/// during a simulation ([`seed_thread`]). Not for keys or nonces: those
+/// always come from the operating system.
+pub fn fill_random(buf: &mut [u8]) -> Result<(), getrandom::Error> {
+    let seeded = SEEDED.with(|s| {
+        let mut state = s.get()?;
+        for chunk in buf.chunks_mut(8) {
+            let x = splitmix(&mut state).to_le_bytes();
+            chunk.copy_from_slice(&x[..chunk.len()]);
+        }
+        s.set(Some(state));
+        Some(())
+    });
+    match seeded {
+        Some(()) => Ok(()),
+        None => getrandom::fill(buf),
+    }
+}
+
 /// A formula id: 256 bits, random (or blake3-derived for built-ins). Never reused.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FormulaId(pub [u8; 32]);
 
 impl FormulaId {
-    /// A fresh random id from the operating system's generator.
+    /// A fresh random id from the operating system's generator (or this
+    /// thread's seed in a simulation: [`seed_thread`]).
     pub fn random() -> Self {
         let mut b = [0u8; 32];
-        getrandom::fill(&mut b).expect("operating system random generator failed");
+        fill_random(&mut b).expect("operating system random generator failed");
         FormulaId(b)
     }
     /// A deterministic id for a built-in formula: blake3 of a domain label and a name.
@@ -77,9 +155,10 @@ impl FromStr for FormulaId {
 pub struct RequestId(pub [u8; 16]);
 
 impl RequestId {
+    /// A fresh random id (as [`FormulaId::random`]).
     pub fn random() -> Self {
         let mut b = [0u8; 16];
-        getrandom::fill(&mut b).expect("operating system random generator failed");
+        fill_random(&mut b).expect("operating system random generator failed");
         RequestId(b)
     }
     pub fn from_slice(b: &[u8]) -> Result<Self, IdError> {
@@ -141,5 +220,47 @@ mod tests {
         let r = RequestId::random();
         assert_eq!(r.to_hex().parse::<RequestId>().unwrap(), r);
         assert_ne!(FormulaId::derived("a", b"x"), FormulaId::derived("b", b"x"));
+    }
+
+    #[test]
+    fn a_seeded_thread_replays_its_ids_and_the_guard_restores() {
+        let draw = || {
+            let mut swiss = [0u8; 32];
+            fill_random(&mut swiss).unwrap();
+            (FormulaId::random(), RequestId::random(), swiss)
+        };
+        assert!(!thread_is_seeded());
+        let a = {
+            let _g = seed_thread(7);
+            assert!(thread_is_seeded());
+            (draw(), draw())
+        };
+        assert!(!thread_is_seeded());
+        let b = {
+            let _g = seed_thread(7);
+            (draw(), draw())
+        };
+        assert_eq!(a, b, "the same seed draws the same ids");
+        assert_ne!(a.0, a.1, "successive draws differ");
+        let c = {
+            let _g = seed_thread(8);
+            draw()
+        };
+        assert_ne!(a.0, c, "another seed draws other ids");
+        // Nested guards restore the outer generator's state as it was.
+        let outer = seed_thread(7);
+        assert_eq!(draw(), a.0);
+        {
+            let _inner = seed_thread(99);
+            draw();
+        }
+        assert_eq!(draw(), a.1, "the outer generator goes on where it was");
+        // Other threads are not seeded.
+        std::thread::spawn(|| assert!(!thread_is_seeded()))
+            .join()
+            .unwrap();
+        // Outside a guard: the operating system's generator.
+        drop(outer);
+        assert_ne!(FormulaId::random(), FormulaId::random());
     }
 }

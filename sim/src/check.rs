@@ -97,14 +97,18 @@ impl Handled {
 }
 
 /// A message's workload id `k` and kind, from its text (`k12` a package,
-/// `r12` a request).
+/// `r12` a request; `f12` and `q12` the same from the other cluster).
 pub fn workload_id(rec: &MessageRec) -> Option<(u64, bool)> {
     match &rec.body {
         BodyRec::Package { strings, .. } => {
-            Some((strings.first()?.strip_prefix('k')?.parse().ok()?, false))
+            let s = strings.first()?;
+            let k = s.strip_prefix('k').or_else(|| s.strip_prefix('f'))?;
+            Some((k.parse().ok()?, false))
         }
         BodyRec::Request { description, .. } => {
-            Some((description.strip_prefix('r')?.parse().ok()?, true))
+            let d = description;
+            let k = d.strip_prefix('r').or_else(|| d.strip_prefix('q'))?;
+            Some((k.parse().ok()?, true))
         }
     }
 }

@@ -42,6 +42,12 @@ impl Directory {
         }
     }
 
+    /// The names of the live nodes, in the order they (re)started.
+    pub fn names(&self) -> Vec<String> {
+        let n = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+        n.iter().map(|(k, _)| k.clone()).collect()
+    }
+
     pub fn get(&self, name: &str) -> Option<Runtime> {
         let n = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
         n.iter().find(|(k, _)| k == name).map(|(_, rt)| rt.clone())
@@ -49,12 +55,12 @@ impl Directory {
 }
 
 /// What happens to one message on a link.
-struct Fate {
-    copies: usize,
-    delay: Duration,
+pub(crate) struct Fate {
+    pub(crate) copies: usize,
+    pub(crate) delay: Duration,
 }
 
-fn fate(rng: &Mutex<Rng>, f: &LinkFaults) -> Fate {
+pub(crate) fn fate(rng: &Mutex<Rng>, f: &LinkFaults) -> Fate {
     let mut r = rng.lock().unwrap_or_else(|e| e.into_inner());
     let copies = if r.percent(f.drop_pct) {
         0

@@ -33,6 +33,16 @@ struct Args {
     /// Without --seed: stop once this many steps ran in all (0: no budget).
     #[arg(long, default_value_t = 0)]
     total_steps: u64,
+    /// Nodes of the far cluster federated with the first (0: none); by
+    /// default 2 in one seed of four (seed % 4 == 1), else none.
+    #[arg(long)]
+    far_nodes: Option<usize>,
+    /// A test of the checker: the far side does not dedup redelivered mail.
+    #[arg(long)]
+    faulty_far_dedup: bool,
+    /// Cancel the far "doomed" host during the run (finds a known defect).
+    #[arg(long)]
+    cancel_midrun: bool,
 }
 
 fn main() -> Result<()> {
@@ -47,7 +57,26 @@ fn main() -> Result<()> {
         steps: a.steps,
         nodes: a.nodes.max(1),
         guests: a.guests.max(1),
+        far_nodes: a.far_nodes.unwrap_or(Config::new(seed).far_nodes),
+        faulty_far_dedup: a.faulty_far_dedup,
+        cancel_midrun: a.cancel_midrun,
         ..Config::new(seed)
+    };
+    let replay = |seed: u64| {
+        let mut line = format!(
+            "capstan-sim --seed {seed} --steps {} --nodes {} --guests {}",
+            a.steps, a.nodes, a.guests
+        );
+        if let Some(f) = a.far_nodes {
+            line += &format!(" --far-nodes {f}");
+        }
+        if a.faulty_far_dedup {
+            line += " --faulty-far-dedup";
+        }
+        if a.cancel_midrun {
+            line += " --cancel-midrun";
+        }
+        line
     };
     if let Some(seed) = a.seed {
         let r = run(&cfg(seed))?;
@@ -66,10 +95,7 @@ fn main() -> Result<()> {
                 ran += 1;
             }
             Err(e) => {
-                println!(
-                    "FAILED seed {seed} (replay: capstan-sim --seed {seed} --steps {} --nodes {} --guests {}): {e}",
-                    a.steps, a.nodes, a.guests
-                );
+                println!("FAILED seed {seed} (replay: {}): {e}", replay(seed));
                 println!(
                     "after {ran} passing seeds, {steps} steps, {:.1} s",
                     started.elapsed().as_secs_f64()

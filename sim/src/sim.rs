@@ -7,19 +7,24 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use capstan_actors::cluster::ClusterConfig;
-use capstan_actors::records::FormulaKind;
-use capstan_actors::{AgentHandle, PromiseState, Runtime, RuntimeOptions};
+use capstan_actors::records::{BodyRec, FormulaKind, MessageRec};
+use capstan_actors::{
+    AcceptStep, AgentHandle, Caller, PromiseState, RemoteRec, Runtime, RuntimeOptions,
+};
 use capstan_cluster::mem_store::{Faults, MemStore};
 use capstan_cluster::{Db, RangeOption};
 use capstan_proto::{FormulaId, RequestId};
 use tokio::task::AbortHandle;
 
 use crate::check::{Model, keys, workload_id};
+use crate::federation::{FAR, Fed, NEAR, serve_outbox};
 use crate::handler::{GuestSlot, lock, serve_guest};
 use crate::links::{Directory, LinkFaults, serve_links};
 use crate::rng::Rng;
 use crate::store::{Gate, GateState, NodeStore};
 use crate::{Config, Report, SimError};
+
+mod fed;
 
 /// One node of the world.
 struct Node {
@@ -46,6 +51,28 @@ struct History {
     kills: u64,
     restarts: u64,
     pauses: u64,
+    /// Federated sends and requests: k → (to the doomed host, acknowledged).
+    fed_sends: BTreeMap<u64, (bool, bool)>,
+    /// The far host's requests answered: number → the calls that did.
+    far_answers: BTreeMap<(bool, u64), BTreeSet<[u8; 16]>>,
+    far_kills: u64,
+}
+
+/// The far cluster: its store, its nodes, and the formulas that link it
+/// with the near one.
+struct Far {
+    mem: Arc<MemStore>,
+    /// The far nodes' commit observer: the far hosts' inboxes, as guests'.
+    model: Arc<Mutex<Model>>,
+    dir: Arc<Directory>,
+    nodes: Vec<Node>,
+    /// The far root host, and a host of it that is cancelled during the run.
+    host: FormulaId,
+    doomed: FormulaId,
+    doomed_cancelled: bool,
+    /// The near host's remote formulas for the two ("far", "doomed").
+    peer_far: FormulaId,
+    peer_doomed: FormulaId,
 }
 
 struct World {
@@ -62,6 +89,13 @@ struct World {
     calls: Vec<tokio::task::JoinHandle<()>>,
     next_k: u64,
     log: blake3::Hasher,
+    near_host: FormulaId,
+    far: Option<Far>,
+    fed: Option<Arc<Fed>>,
+    /// A hash of the stores' contents at the end.
+    contents: [u8; 32],
+    /// Requests across that bounced, their promise still pending at the end.
+    stranded: u64,
 }
 
 fn guest_name(g: usize) -> String {
@@ -87,6 +121,10 @@ fn store_faults(seed: u64, rng: &mut Rng) -> Faults {
 
 pub(crate) async fn run(cfg: Config) -> Result<Report, SimError> {
     crate::clock::start_run();
+    // Every id the runtime draws on this thread comes from the seed.
+    let _ids = capstan_proto::id::seed_thread(cfg.seed ^ 0x1d5_5eed);
+    // And the store's retry jitter.
+    let _jitter = capstan_cluster::store::seed_thread_jitter(cfg.seed ^ 0x0071_77e5);
     let r = run_inner(cfg).await;
     crate::clock::end_run();
     r
@@ -116,11 +154,16 @@ async fn run_inner(cfg: Config) -> Result<Report, SimError> {
         calls: Vec::new(),
         next_k: 0,
         log: blake3::Hasher::new(),
+        near_host: FormulaId([0; 32]),
+        far: None,
+        fed: None,
+        contents: [0; 32],
+        stranded: 0,
     };
     w.setup().await?;
     for step in 0..cfg.steps {
         w.step(step).await;
-        let v = lock(&w.model).violations.first().cloned();
+        let v = w.violation();
         if let Some(what) = v {
             return Err(SimError::Violation { seed, step, what });
         }
@@ -140,6 +183,7 @@ impl World {
             .await
             .map_err(|e| setup(format!("open: {e}")))?;
         let root = rt.root_host();
+        self.near_host = root.id();
         for g in 0..self.cfg.guests {
             let id = root
                 .mkguest(RequestId(self.rng.bytes16()), &guest_name(g))
@@ -147,7 +191,12 @@ impl World {
                 .map_err(|e| setup(format!("mkguest: {e}")))?;
             self.guest_ids.push(id);
         }
+        if self.cfg.far_nodes > 0 {
+            self.setup_far(&rt).await.map_err(setup)?;
+        }
         rt.shutdown().await;
+        let ids = format!("guests {:?}", self.guest_ids);
+        self.note(ids);
         lock(&self.model).set_guests(&self.guest_ids);
         for i in 0..self.cfg.nodes {
             self.nodes.push(Node {
@@ -159,6 +208,9 @@ impl World {
                 tasks: Vec::new(),
             });
             self.start(i).await.map_err(setup)?;
+        }
+        for j in 0..self.cfg.far_nodes {
+            self.start_far(j).await.map_err(setup)?;
         }
         Ok(())
     }
@@ -199,7 +251,7 @@ impl World {
         let node = &mut self.nodes[i];
         node.gate = gate;
         node.runtime = Some(rt.clone());
-        self.dir.set(&node.name, Some(rt));
+        self.dir.set(&node.name, Some(rt.clone()));
         node.tasks.push(
             tokio::spawn(serve_links(
                 node.name.clone(),
@@ -210,6 +262,10 @@ impl World {
             ))
             .abort_handle(),
         );
+        if let Some(fed) = &self.fed {
+            node.tasks
+                .push(tokio::spawn(serve_outbox(fed.clone(), NEAR, rt.clone())).abort_handle());
+        }
         for (g, handle) in guests.iter().enumerate() {
             let slot = GuestSlot {
                 index: g,
@@ -237,6 +293,16 @@ impl World {
         self.dir.set(&node.name, None);
     }
 
+    /// The first invariant broken at a commit, on either cluster.
+    fn violation(&self) -> Option<String> {
+        let near = lock(&self.model).violations.first().cloned();
+        near.or_else(|| {
+            let far = self.far.as_ref()?;
+            let v = lock(&far.model).violations.first().cloned()?;
+            Some(format!("far cluster: {v}"))
+        })
+    }
+
     fn alive(&self) -> Vec<usize> {
         (0..self.nodes.len())
             .filter(|i| self.nodes[*i].runtime.is_some())
@@ -260,6 +326,9 @@ impl World {
     }
 
     async fn step(&mut self, step: u64) {
+        if self.far.is_some() && self.rng.percent(35) {
+            return self.fed_step(step).await;
+        }
         let alive = self.alive();
         let i = alive[self.rng.below(alive.len() as u64) as usize];
         let g = self.rng.below(self.cfg.guests as u64) as usize;
@@ -382,10 +451,14 @@ impl World {
                 n.gate.resume();
             }
         }
+        self.revive_far().await?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+        // With a far cluster: calm (nothing running, both outboxes empty)
+        // since then, so that late copies on the links have landed.
+        let mut calm_since: Option<tokio::time::Instant> = None;
         loop {
             self.calls.retain(|h| !h.is_finished());
-            if let Some(what) = lock(&self.model).violations.first().cloned() {
+            if let Some(what) = self.violation() {
                 return Err(SimError::Violation {
                     seed: self.cfg.seed,
                     step: self.cfg.steps,
@@ -401,15 +474,24 @@ impl World {
                     m.marks.clone(),
                 )
             };
-            if self.calls.is_empty() && unhandled.is_empty() {
-                return Ok(());
+            if self.calls.is_empty() && unhandled.is_empty() && self.outboxes_empty().await {
+                let now = tokio::time::Instant::now();
+                match calm_since {
+                    _ if self.far.is_none() => return Ok(()),
+                    Some(t) if now - t >= 2 * crate::federation::CALL_TIMEOUT => return Ok(()),
+                    Some(_) => {}
+                    None => calm_since = Some(now),
+                }
+            } else {
+                calm_since = None;
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(SimError::Stuck {
                     seed: self.cfg.seed,
                     what: format!(
-                        "{} calls still running; present but never handled (guest, number, k): {unhandled:?}; handled marks {marks:?}",
-                        self.calls.len()
+                        "{} calls still running; present but never handled (guest, number, k): {unhandled:?}; handled marks {marks:?}; outboxes empty: {}",
+                        self.calls.len(),
+                        self.outboxes_empty().await
                     ),
                 });
             }
@@ -419,13 +501,13 @@ impl World {
 
     /// The invariants against the store itself, after quiescing.
     async fn final_check(&mut self) -> Result<(), SimError> {
-        let seed = self.cfg.seed;
-        let fail = |what: String| SimError::Violation {
+        let (seed, steps) = (self.cfg.seed, self.cfg.steps);
+        let fail = move |what: String| SimError::Violation {
             seed,
-            step: self.cfg.steps,
+            step: steps,
             what,
         };
-        if let Some(v) = lock(&self.model).violations.first().cloned() {
+        if let Some(v) = self.violation() {
             return Err(fail(v));
         }
         let db = Db::new(self.mem.clone());
@@ -542,7 +624,7 @@ impl World {
                 }
             }
         }
-        Ok(())
+        self.fed_check().await.map_err(fail)
     }
 
     fn report(&mut self) -> Report {
@@ -550,6 +632,12 @@ impl World {
         let m = lock(&self.model);
         let mut log = self.log.clone();
         log.update(&self.mem.history_stats().version.to_be_bytes());
+        log.update(&self.contents);
+        let fed = self
+            .fed
+            .as_ref()
+            .map(|f| f.stats.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            .unwrap_or_default();
         Report {
             seed: self.cfg.seed,
             steps: self.cfg.steps,
@@ -562,6 +650,13 @@ impl World {
             restarts: h.restarts,
             pauses: h.pauses,
             faults: self.mem.fault_counts(),
+            fed_sends: h.fed_sends.len() as u64,
+            fed_acked: h.fed_sends.values().filter(|(_, a)| *a).count() as u64,
+            far_answers: h.far_answers.len() as u64,
+            far_kills: h.far_kills,
+            fed,
+            guest_ids: self.guest_ids.clone(),
+            fed_stranded: self.stranded,
             digest: u64::from_le_bytes(log.finalize().as_bytes()[..8].try_into().unwrap_or([0; 8])),
         }
     }

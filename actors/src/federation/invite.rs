@@ -121,7 +121,7 @@ impl AgentHandle {
                 }
                 let dir = model::parent_dir(tx, &ctx, &p).await?;
                 let mut handle = [0u8; 32];
-                getrandom::fill(&mut handle).map_err(|e| {
+                capstan_proto::id::fill_random(&mut handle).map_err(|e| {
                     Error::Unavailable(format!("no randomness for a swiss number: {e}"))
                 })?;
                 let (placeholder, rec) = match model::lookup(tx, &dir, p.last()).await? {

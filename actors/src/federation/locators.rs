@@ -20,7 +20,7 @@ pub(crate) fn issue_locator(
     peer: Option<FormulaId>,
 ) -> Result<[u8; 32], Error> {
     let mut swiss = [0u8; 32];
-    getrandom::fill(&mut swiss)
+    capstan_proto::id::fill_random(&mut swiss)
         .map_err(|e| Error::Unavailable(format!("no randomness for a swiss number: {e}")))?;
     record_locator(tx, &swiss, target, peer)?;
     Ok(swiss)
@@ -30,7 +30,7 @@ pub(crate) fn issue_locator(
 /// another cluster (the only locator through which it can be settled).
 pub(super) fn issue_resolver(tx: &mut Transaction, promise: &FormulaId) -> Result<[u8; 32], Error> {
     let mut swiss = [0u8; 32];
-    getrandom::fill(&mut swiss)
+    capstan_proto::id::fill_random(&mut swiss)
         .map_err(|e| Error::Unavailable(format!("no randomness for a swiss number: {e}")))?;
     put_locator(
         tx,
