@@ -14,6 +14,14 @@ interface Gateway {
   # The member interface of this node, for another node of the same cluster
   # (fails for callers whose certificate chains to another cluster key).
   member @2 () -> (member :Member);
+  # Which of these outbox item ids (16 bytes each, at most 256) this
+  # cluster applied (mail delivered, an answer settled). A sender whose
+  # item was refused asks before bouncing it: an earlier try may have been
+  # applied with its answer lost, and the recipient cancelled since (its
+  # locator then refuses the retry), and mail must not be both delivered
+  # and bounced. Ids are unguessable, so the answer tells a caller nothing
+  # about items it did not send.
+  applied @3 (items :List(Data)) -> (applied :List(Bool));
 }
 
 # What the nodes of one cluster (sharing one replicated store) ask each

@@ -161,6 +161,25 @@ impl Fed {
         r
     }
 
+    /// Whether the far cluster applied `item` (`Gateway.applied`, asked
+    /// before a bounce), on a live node drawn from the seed, through the
+    /// link's faults; `None`: it could not say (the call was dropped, or
+    /// nobody listens).
+    pub async fn applied(self: &Arc<Self>, item: &OutboxItem) -> Option<bool> {
+        let f = fate(&self.rng, &self.faults);
+        tokio::time::sleep(f.delay).await;
+        if f.copies == 0 {
+            return None;
+        }
+        let dir = self.dir(&item.to.cluster)?;
+        let names = dir.names();
+        if names.is_empty() {
+            return None;
+        }
+        let rt = dir.get(&names[self.pick(names.len())])?;
+        rt.applied_items(&[item.id]).await.ok()?.first().copied()
+    }
+
     /// The receiving side (`ObjectServer`: restore, check, deliver or
     /// settle) on a live node of the item's cluster drawn from the seed.
     async fn far_side(self: Arc<Self>, from: [u8; 32], item: OutboxItem) -> Result<(), Fail> {
@@ -333,6 +352,18 @@ async fn deliver_batch(
         let outcome = match verdict(age, EXPIRY, last_error) {
             Verdict::Deliver => fed.send(own, &item).await,
             Verdict::Expired(why) => Err(Fail::Refused(why)),
+        };
+        // As `nodes` does: before a bounce, ask whether an earlier try was
+        // applied (its answer lost, the recipient cancelled since).
+        let outcome = match outcome {
+            Err(Fail::Refused(why)) => match fed.applied(&item).await {
+                Some(true) => Ok(()),
+                Some(false) => Err(Fail::Refused(why)),
+                None => Err(Fail::Transient(format!(
+                    "{why} (the far side could not say whether an earlier try was applied)"
+                ))),
+            },
+            other => other,
         };
         match outcome {
             Ok(()) => rt

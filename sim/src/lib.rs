@@ -87,9 +87,10 @@ pub struct Config {
     /// A test of the checker: the far side's receiving loop ignores the
     /// outbox item's id (no dedup), so a redelivered item lands twice.
     pub faulty_far_dedup: bool,
-    /// Cancel the far cluster's "doomed" host during the workload rather
-    /// than before it. Off by default: it finds a defect of the runtime
-    /// (mail both delivered and bounced; see `sim/tests/seeds.rs`).
+    /// Cancel the far cluster's "doomed" host during the workload (the
+    /// default) rather than before it: mail in flight to it must be
+    /// delivered or bounced, never both (a defect this found, fixed; see
+    /// `sim/tests/seeds.rs`).
     pub cancel_midrun: bool,
 }
 
@@ -107,7 +108,7 @@ impl Config {
             faulty_handlers: false,
             far_nodes: if seed % 4 == 1 { 2 } else { 0 },
             faulty_far_dedup: false,
-            cancel_midrun: false,
+            cancel_midrun: true,
         }
     }
 }

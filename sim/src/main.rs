@@ -40,9 +40,10 @@ struct Args {
     /// A test of the checker: the far side does not dedup redelivered mail.
     #[arg(long)]
     faulty_far_dedup: bool,
-    /// Cancel the far "doomed" host during the run (finds a known defect).
+    /// Cancel the far "doomed" host before the workload instead of during
+    /// it (every message to it then bounces).
     #[arg(long)]
-    cancel_midrun: bool,
+    cancel_first: bool,
 }
 
 fn main() -> Result<()> {
@@ -59,7 +60,7 @@ fn main() -> Result<()> {
         guests: a.guests.max(1),
         far_nodes: a.far_nodes.unwrap_or(Config::new(seed).far_nodes),
         faulty_far_dedup: a.faulty_far_dedup,
-        cancel_midrun: a.cancel_midrun,
+        cancel_midrun: !a.cancel_first,
         ..Config::new(seed)
     };
     let replay = |seed: u64| {
@@ -73,8 +74,8 @@ fn main() -> Result<()> {
         if a.faulty_far_dedup {
             line += " --faulty-far-dedup";
         }
-        if a.cancel_midrun {
-            line += " --cancel-midrun";
+        if a.cancel_first {
+            line += " --cancel-first";
         }
         line
     };

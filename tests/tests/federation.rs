@@ -264,6 +264,20 @@ fn invitations_are_one_use_and_refused_mail_bounces() {
         "nothing reached A: {:?}",
         a.inbox(&[])
     );
+    // A request through the revoked handle bounces too, and its promise is
+    // rejected with the reason: the requester waiting on it is answered
+    // (it waited forever before).
+    let r = b
+        .run_for(
+            ["request", "alice", "need a doc", "--wait"],
+            Duration::from_secs(60),
+        )
+        .expect("a bounced request's wait ends");
+    assert_eq!(r.code, Some(1), "{r}");
+    assert!(
+        r.stderr.contains("undeliverable") && r.stderr.contains("revoked"),
+        "{r}"
+    );
 }
 
 fn connections(node: &Node) -> u64 {

@@ -234,18 +234,49 @@ impl Runtime {
             OutOp::Settle(_) => "answer",
         };
         let text = format!("[undeliverable] your {what} could not be delivered: {reason}");
+        // A request that cannot be delivered will never be answered: its
+        // promise (found through the resolver locator the request carries)
+        // is rejected with the reason, as a cancel would, so whoever waits
+        // on it learns now instead of never.
+        let promise_locator = match &item.op {
+            OutOp::Deliver(Envelope {
+                body: EnvelopeBody::Request { resolver, .. },
+                ..
+            }) if resolver.is_own() => Some(keys::locator(&keys::swiss_hash(&resolver.swiss))),
+            _ => None,
+        };
+        let why: String = format!("undeliverable: {reason}")
+            .chars()
+            .take(crate::types::MAX_MESSAGE_TEXT / 4)
+            .collect();
         let (sender, peer) = (item.sender, item.peer);
         let agent = self.handle_for(sender).await?;
         let m = agent
             .with_fresh_number(sender, |number| {
                 let (key, text) = (key.clone(), text.clone());
+                let (promise_locator, why) = (promise_locator.clone(), why.clone());
                 self.db().transact(move |tx| {
                     let (key, text) = (key.clone(), text.clone());
+                    let (promise_locator, why) = (promise_locator.clone(), why.clone());
                     Box::pin(async move {
                         if tx.get(&key).await?.is_none() {
                             return Ok::<_, Error>(None);
                         }
                         tx.clear(&key);
+                        let mut settled = None;
+                        if let Some(lk) = &promise_locator
+                            && let Some(b) = tx.get(lk).await?
+                        {
+                            let promise = crate::records::LocatorRec::decode(&b)?.target;
+                            let mut f = model::must_formula(tx, &promise).await?;
+                            if let crate::records::FormulaKind::Promise(p) = &mut f.kind
+                                && let Ok(state) = crate::rules::mail::settle(&p.state, Err(why))
+                            {
+                                p.state = state.clone();
+                                model::put_formula(tx, &promise, &f)?;
+                                settled = Some((promise, state));
+                            }
+                        }
                         let m = MessageRec {
                             number,
                             message_id: RequestId::random(),
@@ -260,13 +291,16 @@ impl Runtime {
                             },
                         };
                         model::put_message(tx, &sender, &m).await?;
-                        Ok(Some(m))
+                        Ok(Some((m, settled)))
                     })
                 })
             })
             .await?;
-        if let Some(m) = m {
+        if let Some((m, settled)) = m {
             agent.notify_delivered(sender, m);
+            if let Some((promise, state)) = settled {
+                crate::node::notify_settled(self.inner(), promise, state);
+            }
         }
         Ok(())
     }

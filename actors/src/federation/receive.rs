@@ -14,7 +14,37 @@ use crate::model;
 use crate::node::Runtime;
 use crate::records::{BodyRec, Formula, FormulaKind, LocatorRec, MessageRec, PromiseRec};
 
+/// Most item ids one [`Runtime::applied_items`] answers.
+pub const MAX_APPLIED_QUERY: usize = 256;
+
 impl Runtime {
+    /// Which of `items` (outbox item ids of another cluster) this cluster
+    /// applied: delivered, or settled. A sender asks before bouncing an
+    /// item the far side refused, as a try may have been applied with its
+    /// answer lost (see `Gateway.applied`). At most [`MAX_APPLIED_QUERY`].
+    pub async fn applied_items(&self, items: &[RequestId]) -> Result<Vec<bool>, Error> {
+        if items.len() > MAX_APPLIED_QUERY {
+            return Err(Error::TooLarge {
+                what: "item ids".into(),
+                len: items.len(),
+                max: MAX_APPLIED_QUERY,
+            });
+        }
+        let keys: Vec<Vec<u8>> = items.iter().map(keys::inbound).collect();
+        self.db()
+            .read(move |tx| {
+                let keys = keys.clone();
+                Box::pin(async move {
+                    let mut out = Vec::with_capacity(keys.len());
+                    for k in &keys {
+                        out.push(tx.get(k).await?.is_some());
+                    }
+                    Ok::<_, Error>(out)
+                })
+            })
+            .await
+    }
+
     /// Mail from another cluster for agent `to`, from the remote formula
     /// `peer` (the handle's record says who it was given to). Applies once
     /// per `item` id.
@@ -63,6 +93,16 @@ impl Runtime {
                     Box::pin(async move {
                         if tx.get(&keys::inbound(&item)).await?.is_some() {
                             return Ok(None);
+                        }
+                        // Checked in the transaction that applies the item:
+                        // a delivery whose locator check passed before the
+                        // recipient was cancelled must not land after it
+                        // (its sender is told it bounced).
+                        if let Some(c) = model::must_formula(tx, &to).await?.cancelled {
+                            return Err(Error::Invalid(format!(
+                                "revoked: the recipient was cancelled ({})",
+                                c.reason
+                            )));
                         }
                         match model::must_formula(tx, &peer).await?.kind {
                             FormulaKind::Remote(_) => {}

@@ -153,6 +153,21 @@ impl Net {
                 Verdict::Deliver => self.send_item(&item).await,
                 Verdict::Expired(why) => Err(NetError::Refused(why)),
             };
+            // Before a bounce: an earlier try may have been applied with its
+            // answer lost, and the far side refuse the retry since (its
+            // recipient cancelled): then it was delivered, not bounced. If
+            // the far side cannot say now, the item waits for the next try
+            // (a version without the call answers "not applied").
+            let outcome = match outcome {
+                Err(NetError::Refused(why)) => match self.applied(&item.to, item.id).await {
+                    Some(true) => Ok(()),
+                    Some(false) => Err(NetError::Refused(why)),
+                    None => Err(NetError::Transient(format!(
+                        "{why} (the far side could not say whether an earlier try was applied)"
+                    ))),
+                },
+                other => other,
+            };
             match outcome {
                 Ok(()) => {
                     if let Err(e) = self.rt.outbox_done(&item).await {

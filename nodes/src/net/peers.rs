@@ -285,6 +285,28 @@ impl Net {
         Ok((peer, o))
     }
 
+    /// Whether the cluster of `remote` applied outbox item `item`
+    /// (`Gateway.applied`; a version without the call answers false).
+    /// `None`: it could not say now (unreachable, no answer in time).
+    pub(super) async fn applied(
+        self: &Rc<Self>,
+        remote: &RemoteRec,
+        item: capstan_proto::RequestId,
+    ) -> Option<bool> {
+        let peer = self.peer(remote).await.ok()?;
+        let gateway = peer.gateway().await.ok()?;
+        let mut r = gateway.applied_request();
+        r.get().init_items(1).set(0, &item.0);
+        match tokio::time::timeout(CALL_TIMEOUT, r.send().promise)
+            .await
+            .ok()?
+        {
+            Ok(answer) => answer.get().ok()?.get_applied().ok()?.iter().next(),
+            Err(e) if e.kind == capnp::ErrorKind::Unimplemented => Some(false),
+            Err(_) => None,
+        }
+    }
+
     pub(super) fn forget(&self, remote: &RemoteRec, peer: &Peer) {
         let key = *blake3::hash(&remote.swiss).as_bytes();
         peer.objects.borrow_mut().remove(&key);

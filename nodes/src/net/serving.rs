@@ -14,6 +14,24 @@ pub(super) struct GatewayServer {
 }
 
 impl gateway::Server for GatewayServer {
+    async fn applied(
+        self: Rc<Self>,
+        params: gateway::AppliedParams,
+        mut results: gateway::AppliedResults,
+    ) -> Result<(), CapError> {
+        let list = params.get()?.get_items()?;
+        let mut ids = Vec::with_capacity(list.len() as usize);
+        for d in list.iter() {
+            ids.push(item_id(d?)?);
+        }
+        let applied = self.rt.applied_items(&ids).await.map_err(wire_error)?;
+        let mut l = results.get().init_applied(applied.len() as u32);
+        for (i, a) in applied.into_iter().enumerate() {
+            l.set(i as u32, a);
+        }
+        Ok(())
+    }
+
     async fn restore(
         self: Rc<Self>,
         params: gateway::RestoreParams,

@@ -526,17 +526,6 @@ impl World {
             (h.fed_sends.clone(), h.far_answers.clone())
         };
         // Delivered at most once, and to the host it was sent to.
-        for (k, (doomed, _)) in &sends {
-            let view = if *doomed { &at_doomed } else { &at_far };
-            let Some(p) = near.mail.get(k).and_then(|v| v.iter().find_map(|x| x.1)) else {
-                continue;
-            };
-            if !view.mail.contains_key(k)
-                && promise_state(&near_db, p).await.map_err(read)? == PromiseState::Pending
-            {
-                self.stranded += 1;
-            }
-        }
         for (doomed, view) in [(false, &at_far), (true, &at_doomed)] {
             for (k, at) in &view.mail {
                 if at.len() > 1 {
@@ -612,6 +601,8 @@ impl World {
                 ));
             }
         }
+        // A request that was not delivered (it bounced) is rejected at the
+        // requester: nobody waits on it forever.
         for (k, (doomed, _)) in &sends {
             let view = if *doomed { &at_doomed } else { &at_far };
             let Some(p) = near.mail.get(k).and_then(|v| v.iter().find_map(|x| x.1)) else {
@@ -622,6 +613,12 @@ impl World {
             {
                 self.stranded += 1;
             }
+        }
+        if self.stranded > 0 {
+            return Err(format!(
+                "{} requests across clusters bounced and their promises are still pending: their requesters would wait forever",
+                self.stranded
+            ));
         }
         for (doomed, view) in [(false, &at_far), (true, &at_doomed)] {
             for (k, at) in &view.mail {
