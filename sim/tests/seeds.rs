@@ -1,8 +1,9 @@
 //! The simulation in `cargo test`: a few hundred seeds (each 150 steps of a
 //! 3-node cluster; one in four federated with a 2-node far cluster), a
 //! replay, tests that the checker finds a handler that skips and a far
-//! side that does not dedup, and a known defect of federation. A failure names its seed; replay it with
-//! `cargo run -p capstan-sim --release -- --seed SEED --steps 150`.
+//! side that does not dedup, and the regression seed of a federation
+//! defect it found (mail delivered and bounced). A failure names its seed;
+//! replay it with `cargo run -p capstan-sim --release -- --seed SEED --steps 150`.
 
 use capstan_sim::{Config, SimError, run};
 
