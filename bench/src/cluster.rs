@@ -14,7 +14,7 @@ use capstan_proto::api_capnp::agent;
 use serde_json::json;
 
 use super::calls::{
-    as_agent, concurrently, follow_inbox, host, install, last_inbox_number, mkguest,
+    Stats, as_agent, concurrently, follow_inbox, host, install, last_inbox_number, mkguest,
     mkguest_component, ms, send, stats, store_text, wait_inbox,
 };
 use super::process::{CpuMeter, Daemon, etcd_pids};
@@ -372,33 +372,24 @@ pub(super) async fn cluster_rows(
             json: json!({"p50_us": s.p50, "p99_us": s.p99, "store_per_round_trip": cost_json}),
         });
         let leg = |i: usize| stats(legs[i].clone());
-        let (l0, l1, l2, l3) = (leg(0), leg(1), leg(2), leg(3));
-        rows.push(Row {
-            what: "cluster: … its steps (p50): request / pushed to the host's follower / resolve / seen by the asker".into(),
-            value: format!(
-                "{} / {} / {} / {}",
-                ms(l0.p50),
-                ms(l1.p50),
-                ms(l2.p50),
-                ms(l3.p50)
+        let legs = [leg(0), leg(1), leg(2), leg(3)];
+        // the steps at the median, then at the 99th percentile
+        for (what, pick) in [
+            (
+                "cluster: … its steps (p50): request / pushed to the host's follower / resolve / seen by the asker",
+                (|s: &Stats| s.p50) as fn(&Stats) -> f64,
             ),
-            target: "",
-            endo: "",
-            json: json!({"request_us": l0.p50, "inbox_us": l1.p50, "resolve_us": l2.p50, "seen_us": l3.p50}),
-        });
-        rows.push(Row {
-            what: "cluster: … its steps (p99)".into(),
-            value: format!(
-                "{} / {} / {} / {}",
-                ms(l0.p99),
-                ms(l1.p99),
-                ms(l2.p99),
-                ms(l3.p99)
-            ),
-            target: "",
-            endo: "",
-            json: json!({"request_us": l0.p99, "inbox_us": l1.p99, "resolve_us": l2.p99, "seen_us": l3.p99}),
-        });
+            ("cluster: … its steps (p99)", |s: &Stats| s.p99),
+        ] {
+            let v = legs.each_ref().map(pick);
+            rows.push(Row {
+                what: what.into(),
+                value: format!("{} / {} / {} / {}", ms(v[0]), ms(v[1]), ms(v[2]), ms(v[3])),
+                target: "",
+                endo: "",
+                json: json!({"request_us": v[0], "inbox_us": v[1], "resolve_us": v[2], "seen_us": v[3]}),
+            });
+        }
         rows.push(Row {
             what: "cluster: … store work per round trip".into(),
             value: cost,

@@ -91,9 +91,7 @@ fn main() -> ExitCode {
         Err(e) => {
             let message = format!("{e:#}").replace('\n', " ");
             if json {
-                capstan::output::print_json(&serde_json::json!({
-                    "error": {"kind": "failed", "message": message, "exit": 1}
-                }));
+                capstan::app::print_error_json("failed", &message, 1);
             }
             eprintln!("capstan bench: {message}");
             ExitCode::from(1)
@@ -102,13 +100,7 @@ fn main() -> ExitCode {
 }
 
 fn run(a: Args) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CAPSTAN_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .try_init();
+    capstan::app::init_logging(false);
     if let Some(p) = a.capstan {
         capstan_bench::set_capstan_exe(p);
     }

@@ -66,7 +66,7 @@ pub fn main() -> ExitCode {
 
 /// With `--json`, a failure is also one JSON value on stdout (the
 /// message is on stderr as always): `{"error":{"kind":…,"message":…,"exit":N}}`.
-fn print_error_json(kind: &str, message: &str, exit: i32) {
+pub fn print_error_json(kind: &str, message: &str, exit: i32) {
     print_json(&json!({"error": {"kind": kind, "message": message, "exit": exit}}));
 }
 
@@ -470,7 +470,7 @@ fn print_where(paths: &Paths, json: bool) {
 
 /// Logs go to stderr: the daemon logs at `info` (`start` sends them to
 /// `capstan.log`), commands only warnings. `CAPSTAN_LOG` overrides (env-filter syntax).
-fn init_logging(daemon: bool) {
+pub fn init_logging(daemon: bool) {
     let default = if daemon { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("CAPSTAN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));

@@ -245,6 +245,8 @@ impl Runtime {
             }) if resolver.is_own() => Some(keys::locator(&keys::swiss_hash(&resolver.swiss))),
             _ => None,
         };
+        // Kept within a rejection reason's bound (rules::mail): a char is
+        // at most 4 bytes.
         let why: String = format!("undeliverable: {reason}")
             .chars()
             .take(crate::types::MAX_MESSAGE_TEXT / 4)
