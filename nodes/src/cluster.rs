@@ -383,6 +383,10 @@ pub async fn command(
                     "delivered_sent": c.deliveries_sent.load(std::sync::atomic::Ordering::Relaxed),
                     "delivered_received": c.deliveries_received.load(std::sync::atomic::Ordering::Relaxed),
                 },
+                "link_calls": {
+                    "reserve": c.reserve_calls.load(std::sync::atomic::Ordering::Relaxed),
+                    "wake": c.wake_calls.load(std::sync::atomic::Ordering::Relaxed),
+                },
                 "incarnations_here": rt.incarnations(),
                 "store": db.describe(),
                 "store_health": match health {

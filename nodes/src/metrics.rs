@@ -405,6 +405,18 @@ async fn render(src: &Sources) -> String {
             c.deliveries_received.load(Relaxed),
         );
         t.one(
+            "capstan_cluster_reserve_calls_total",
+            "counter",
+            "Reservations of inbox numbers asked of a remote owner.",
+            c.reserve_calls.load(Relaxed),
+        );
+        t.one(
+            "capstan_cluster_wake_calls_total",
+            "counter",
+            "Wake calls made to other members (each carries many wake-ups).",
+            c.wake_calls.load(Relaxed),
+        );
+        t.one(
             "capstan_cluster_stepdowns_total",
             "counter",
             "Times this node lost its lease and stepped down.",

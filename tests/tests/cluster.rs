@@ -958,6 +958,18 @@ fn wakeups_received(c: &Cluster, i: usize) -> u64 {
         .unwrap_or_else(|| panic!("cluster status without wake-up counts: {v}"))
 }
 
+/// The calls a node made to other members (`cluster status`: reservations
+/// at a remote owner, wake calls).
+fn link_calls(c: &Cluster, i: usize) -> (u64, u64) {
+    let v = c.n(i).json(["cluster", "status"]);
+    let get = |k: &str| {
+        v["link_calls"][k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("cluster status without link call counts: {v}"))
+    };
+    (get("reserve"), get("wake"))
+}
+
 /// Scale-out: a committed message wakes the inbox's owner and the members
 /// following it, not every member (that made each node handle the whole
 /// cluster's mail). A follower on a node that is neither the sender nor
@@ -1005,6 +1017,8 @@ fn a_message_wakes_its_inbox_owner_and_followers_not_every_member() {
     std::thread::sleep(Duration::from_millis(500));
 
     let before = wakeups_received(&c, bystander);
+    let (follower_reserves, _) = link_calls(&c, follower);
+    let bystander_calls = link_calls(&c, bystander);
     let sends = 20;
     for i in 0..sends {
         // From alice's owner and from the follower's node, in turn.
@@ -1039,6 +1053,22 @@ fn a_message_wakes_its_inbox_owner_and_followers_not_every_member() {
         after - before,
         0,
         "the bystander n{} was woken for messages it neither owns nor follows",
+        bystander + 1
+    );
+    // Each of the follower's sends (one at a time: nothing to coalesce)
+    // reserved alice's number at her owner, and the host's too when the
+    // host's inbox lives on alice's node; the bystander called nobody.
+    let reserves = link_calls(&c, follower).0 - follower_reserves;
+    let per_send = if host_owner == follower { 1 } else { 2 };
+    assert_eq!(
+        reserves,
+        per_send * sends as u64 / 2,
+        "remote reservations made by the follower's node"
+    );
+    assert_eq!(
+        link_calls(&c, bystander),
+        bystander_calls,
+        "the bystander n{} called other members",
         bystander + 1
     );
     capstan_tests::kill_child(child);

@@ -39,6 +39,10 @@ pub struct Membership {
     /// (one per member told), and those it received.
     pub deliveries_sent: AtomicU64,
     pub deliveries_received: AtomicU64,
+    /// Calls this node made to other members: reservations at a remote
+    /// owner, and `wake` calls (each carrying any number of wake-ups).
+    pub reserve_calls: AtomicU64,
+    pub wake_calls: AtomicU64,
     /// Formulas this node took over from another owner (dead, draining, or
     /// this node's own earlier run), with that owner's name: guests tell
     /// their host they resumed here (bounded; see [`MAX_TAKEOVERS`]).
@@ -66,6 +70,8 @@ impl Membership {
             renewal_failures: AtomicU64::new(0),
             deliveries_sent: AtomicU64::new(0),
             deliveries_received: AtomicU64::new(0),
+            reserve_calls: AtomicU64::new(0),
+            wake_calls: AtomicU64::new(0),
             took_over: Mutex::new(HashMap::new()),
             interest: Mutex::new(HashMap::new()),
             learned: Mutex::new(HashMap::new()),

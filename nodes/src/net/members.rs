@@ -260,6 +260,10 @@ impl Net {
         at_least: u64,
         quota_bytes: u64,
     ) -> Result<u64, Error> {
+        if let Some(c) = self.rt.membership() {
+            c.reserve_calls
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let call = async {
             let m = self.member(&node.addr).await.map_err(CallError::Link)?;
             let mut r = m.reserve_request();
@@ -397,6 +401,10 @@ impl Net {
                 let settled: Vec<_> = p.settled.drain(..s).collect();
                 (delivered, settled)
             };
+            if let Some(c) = self.rt.membership() {
+                c.wake_calls
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             let call = async {
                 let m = self.member(&node.addr).await?;
                 let mut r = m.wake_request();
