@@ -240,6 +240,12 @@ pub trait Snapshot: Send + Sync {
     fn facts(&self) -> ReadFacts {
         ReadFacts::default()
     }
+    /// The transaction takes `key` as holding `value` without reading it
+    /// ([`Transaction::prime`]): a backend whose commit must learn the
+    /// version of each key read may note what it already knows of this
+    /// value (say, from a cache of values seen, when it holds exactly
+    /// this value), so that the commit need not read it.
+    fn primed(&self, _key: &[u8], _value: &[u8]) {}
 }
 
 /// Facts a backend's snapshot gathered for the commit of its transaction
@@ -426,11 +432,14 @@ impl Transaction {
             && !self.is_cleared(&key)
             && !self.fetched.contains_key(&key)
         {
-            if value.is_none() {
+            match &value {
                 // Known absent: the snapshot records it as such, so that the
                 // commit's check of the key (etcd: a compare on its mod
                 // revision, 0) needs no read of the key either.
-                self.snapshot.assume_absent(&key);
+                None => {
+                    self.snapshot.assume_absent(&key);
+                }
+                Some(v) => self.snapshot.primed(&key, v),
             }
             self.fetched.insert(key, value);
         }

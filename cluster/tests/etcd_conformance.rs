@@ -674,3 +674,176 @@ fn an_expected_absent_key_that_exists_is_read_on_the_retry() {
         );
     });
 }
+
+/// The reads `db`'s store made so far (each costs etcd a request).
+fn reads(db: &Db) -> u64 {
+    db.store()
+        .stats()
+        .into_iter()
+        .find(|(k, _)| *k == "reads")
+        .map(|(_, v)| v)
+        .expect("the etcd store counts its reads")
+}
+
+/// A transaction on a remembering snapshot that lists `r/` (whole, or its
+/// first `limit` keys, or its last ones) and writes `out`; committed after
+/// `meanwhile` ran. Returns the commit's outcome and the reads it made after
+/// the listing (0: its compares came from the listing).
+async fn list_then_commit(
+    db: &Db,
+    limit: usize,
+    reverse: bool,
+    meanwhile: impl std::future::Future<Output = ()>,
+) -> (Result<u64, StoreError>, u64) {
+    let mut tx = Transaction::new(db.store().snapshot_remembering().await.unwrap());
+    let rows = tx.get_prefix(b"r/", limit, reverse).await.unwrap();
+    assert!(!rows.is_empty());
+    tx.set(b"out", b"x").unwrap();
+    meanwhile.await;
+    let before = reads(db);
+    let r = db.store().commit(tx.into_commit_request().unwrap()).await;
+    (r, reads(db) - before)
+}
+
+/// A range a transaction listed is compared at commit from the listing's
+/// own rows (no second read of its keys), and still conflicts with every
+/// change inside what was read: a key deleted, a key added, a value
+/// changed; while a change past a limited listing's last row does not.
+#[test]
+fn a_listed_range_is_compared_from_its_rows_and_still_conflicts() {
+    if !etcd_enabled() {
+        return;
+    }
+    rt().block_on(async {
+        let db = capstan_cluster::open(&spec_for(&unique("listed")))
+            .await
+            .unwrap();
+        for k in [b"r/a", b"r/c", b"r/e", b"r/g"] {
+            set(&db, k, b"1").await.unwrap();
+        }
+        // Nothing changed: commits, with no read after the listing.
+        let (r, extra) = list_then_commit(&db, 0, false, async {}).await;
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!(extra, 0, "the commit read the listed range again");
+        // Each change inside the listed range: a conflict.
+        // (what, key, its new value: none for a deletion)
+        type Change = (&'static str, &'static [u8], Option<&'static [u8]>);
+        let changes: [Change; 3] = [
+            ("a key deleted", b"r/c", None),
+            ("a key added", b"r/d", Some(b"1")),
+            ("a value changed", b"r/e", Some(b"2")),
+        ];
+        for (what, key, value) in changes {
+            let d = db.clone();
+            let (r, _) = list_then_commit(&db, 0, false, async move {
+                d.transact(move |t| {
+                    Box::pin(async move {
+                        match value {
+                            Some(v) => t.set(key, v)?,
+                            None => t.clear(key),
+                        }
+                        Ok::<_, StoreError>(())
+                    })
+                })
+                .await
+                .unwrap();
+            })
+            .await;
+            assert_eq!(r, Err(StoreError::Conflict), "{what} inside the listing");
+        }
+        // The first two keys (r/a, r/d): a key added after the last row
+        // returned is outside what was read; one added before it is not.
+        let d = db.clone();
+        let (r, extra) = list_then_commit(&db, 2, false, async move {
+            set(&d, b"r/f", b"1").await.unwrap();
+        })
+        .await;
+        assert!(r.is_ok(), "a write past the limited listing: {r:?}");
+        assert_eq!(extra, 0);
+        let d = db.clone();
+        let (r, _) = list_then_commit(&db, 2, false, async move {
+            set(&d, b"r/b", b"1").await.unwrap();
+        })
+        .await;
+        assert_eq!(
+            r,
+            Err(StoreError::Conflict),
+            "an insert inside the limited listing"
+        );
+        // The last two keys, listed in reverse (r/f, r/g): the same.
+        let d = db.clone();
+        let (r, extra) = list_then_commit(&db, 2, true, async move {
+            set(&d, b"r/0", b"1").await.unwrap();
+        })
+        .await;
+        assert!(r.is_ok(), "a write before the reverse listing: {r:?}");
+        assert_eq!(extra, 0);
+        let d = db.clone();
+        let (r, _) = list_then_commit(&db, 2, true, async move {
+            d.transact(|t| {
+                Box::pin(async move {
+                    t.clear(b"r/f");
+                    Ok::<_, StoreError>(())
+                })
+            })
+            .await
+            .unwrap();
+        })
+        .await;
+        assert_eq!(
+            r,
+            Err(StoreError::Conflict),
+            "a delete inside the reverse listing"
+        );
+    });
+}
+
+/// A value a transaction is primed with, as a listing showed it (a guest
+/// runner's message), is compared at commit with the revision the listing
+/// saw: no read of it at commit, and a conflict when another client
+/// changed it since.
+#[test]
+fn a_primed_value_from_a_listing_is_compared_without_a_read() {
+    if !etcd_enabled() {
+        return;
+    }
+    rt().block_on(async {
+        let spec = spec_for(&unique("primed"));
+        let (a, b) = (
+            capstan_cluster::open(&spec).await.unwrap(),
+            capstan_cluster::open(&spec).await.unwrap(),
+        );
+        set(&b, b"p/1", b"first").await.unwrap();
+        // `a` lists what `b` wrote (its cache learns the row), then a later
+        // transaction of `a` takes the row as listed and commits.
+        let primed_commit = |db: Db, value: &'static [u8]| async move {
+            let mut tx = Transaction::new(db.store().snapshot_remembering().await.unwrap());
+            tx.prime(b"p/1".to_vec(), Some(value.to_vec()));
+            assert_eq!(tx.get(b"p/1").await.unwrap(), Some(value.to_vec()));
+            tx.set(b"out", value).unwrap();
+            let before = reads(&db);
+            let r = db.store().commit(tx.into_commit_request().unwrap()).await;
+            (r, reads(&db) - before)
+        };
+        let listed = a
+            .store()
+            .snapshot()
+            .await
+            .unwrap()
+            .range(&capstan_cluster::RangeOption::new(
+                b"p/".to_vec(),
+                b"p0".to_vec(),
+            ))
+            .await
+            .unwrap();
+        assert_eq!(listed, vec![(b"p/1".to_vec(), b"first".to_vec())]);
+        let (r, extra) = primed_commit(a.clone(), b"first").await;
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!(extra, 0, "the commit read the primed key");
+        // `b` changes it; `a`'s cache still holds what it listed.
+        set(&b, b"p/1", b"second").await.unwrap();
+        let (r, _) = primed_commit(a.clone(), b"first").await;
+        assert_eq!(r, Err(StoreError::Conflict), "a primed value changed since");
+        assert_eq!(get(&a, b"out").await.unwrap(), Some(b"first".to_vec()));
+    });
+}

@@ -938,7 +938,7 @@ impl Inner {
         if end == key_after(begin).as_slice() {
             // What the snapshot served (maybe from the cache) first: the
             // compare must hold the mod revision of the value it served.
-            let served = facts.and_then(|f| f.lock().ok()?.get(begin).copied());
+            let served = facts.and_then(|f| f.keys.lock().ok()?.get(begin).copied());
             let seen = match served {
                 Some(m) => Some(m),
                 None => self
@@ -954,6 +954,13 @@ impl Inner {
                     vec![(self.dk(begin), m)]
                 }));
             }
+        }
+        // A listing of the same snapshot read the range whole: its rows are
+        // the keys there at `revision` (the snapshot's), as a read now would
+        // return them.
+        if let Some(rows) = facts.and_then(|f| f.listed(begin, end)) {
+            return Ok((rows.len() <= max)
+                .then(|| rows.into_iter().map(|(k, m)| (self.dk(&k), m)).collect()));
         }
         tracing::trace!(target: "capstan_cluster::reads", kind = %key_kind(begin), "revisions for a commit's compares");
         let mut lo = self.dk(begin);
@@ -1496,10 +1503,60 @@ fn key_kind(key: &[u8]) -> String {
 /// Most rows of a listing whose mod revisions a snapshot notes as facts.
 const NOTED_ROWS: usize = 256;
 
-/// Mod revisions of the single keys a snapshot that is not fresh served
-/// (0: absent), for its commit's compares: from the cache they need not be
-/// the mod revisions at the snapshot's revision (see [`cache`]).
-type Facts = std::sync::Mutex<std::collections::HashMap<Vec<u8>, i64>>;
+/// Most spans a snapshot keeps as listed ([`Facts::spans`]).
+const MAX_SPANS: usize = 16;
+
+/// What a snapshot that is not fresh learned for its commit's compares.
+#[derive(Default)]
+struct Facts {
+    /// Mod revisions of the single keys it served (0: absent): from the
+    /// cache they need not be the mod revisions at the snapshot's revision
+    /// (see [`cache`]).
+    keys: std::sync::Mutex<std::collections::HashMap<Vec<u8>, i64>>,
+    /// Spans of user keys `[begin, end)` a listing of this snapshot read
+    /// whole from etcd at the snapshot's revision, with every key in them
+    /// and its mod revision (at most [`NOTED_ROWS`] rows, [`MAX_SPANS`]
+    /// spans): the compares of a range the transaction read are made from
+    /// them, with no second read of the range's keys at commit (a guest
+    /// runner's batch lists its inbox and then commits: that read was most
+    /// of a guest message's etcd reads).
+    spans: std::sync::Mutex<Vec<Span>>,
+}
+
+/// A span a listing read whole ([`Facts::spans`]).
+struct Span {
+    begin: Vec<u8>,
+    end: Vec<u8>,
+    /// User keys in `[begin, end)`, in order, with their mod revisions.
+    rows: Vec<(Vec<u8>, i64)>,
+}
+
+impl Facts {
+    /// The keys of `[begin, end)` with their mod revisions, if spans read
+    /// whole cover it (one, or several end to end: a transaction lists a
+    /// long range in chunks and records one read of it all).
+    fn listed(&self, begin: &[u8], end: &[u8]) -> Option<Vec<(Vec<u8>, i64)>> {
+        let spans = self.spans.lock().ok()?;
+        let mut rows = Vec::new();
+        let mut at = begin.to_vec();
+        loop {
+            let span = spans
+                .iter()
+                .filter(|s| s.begin <= at && at < s.end)
+                .max_by(|a, b| a.end.cmp(&b.end))?;
+            rows.extend(
+                span.rows
+                    .iter()
+                    .filter(|(k, _)| *k >= at && k.as_slice() < end)
+                    .cloned(),
+            );
+            if span.end.as_slice() >= end {
+                return Some(rows);
+            }
+            at = span.end.clone();
+        }
+    }
+}
 
 struct EtcdSnapshot {
     inner: Arc<Inner>,
@@ -1542,7 +1599,7 @@ impl EtcdSnapshot {
     /// revision of the value it served, not the listing's.
     fn note_unless_served(&self, key: &[u8], mod_revision: i64) {
         if let Some(f) = &self.facts
-            && let Ok(mut f) = f.lock()
+            && let Ok(mut f) = f.keys.lock()
         {
             f.entry(key.to_vec()).or_insert(mod_revision);
         }
@@ -1550,9 +1607,27 @@ impl EtcdSnapshot {
 
     fn note(&self, key: &[u8], mod_revision: i64) {
         if let Some(f) = &self.facts
-            && let Ok(mut f) = f.lock()
+            && let Ok(mut f) = f.keys.lock()
         {
             f.insert(key.to_vec(), mod_revision);
+        }
+    }
+
+    /// Notes that a listing read `[begin, end)` whole at this snapshot's
+    /// revision: `rows` are every key in it (see [`Facts::spans`]).
+    fn note_span(&self, begin: &[u8], end: &[u8], rows: Vec<(Vec<u8>, i64)>) {
+        if self.version == 0 || begin >= end {
+            return;
+        }
+        if let Some(f) = &self.facts
+            && let Ok(mut spans) = f.spans.lock()
+            && spans.len() < MAX_SPANS
+        {
+            spans.push(Span {
+                begin: begin.to_vec(),
+                end: end.to_vec(),
+                rows,
+            });
         }
     }
 }
@@ -1582,6 +1657,24 @@ impl Snapshot for EtcdSnapshot {
                 .clone()
                 .map(|f| f as Arc<dyn std::any::Any + Send + Sync>),
         )
+    }
+
+    /// A value the transaction was told of (a guest runner's message, from
+    /// its listing on an earlier snapshot): when the cache holds exactly
+    /// this value, its mod revision is the one the commit compares, as if
+    /// the cache had served the read (a changed key fails the compare).
+    fn primed(&self, key: &[u8], value: &[u8]) {
+        if self.facts.is_none() {
+            return;
+        }
+        let known = self.inner.cache.lock().ok().and_then(|c| {
+            c.get(key)
+                .filter(|e| e.value.as_deref() == Some(value))
+                .map(|e| e.mod_revision)
+        });
+        if let Some(m) = known {
+            self.note(key, m);
+        }
     }
 
     async fn get_checked(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
@@ -1622,6 +1715,9 @@ impl Snapshot for EtcdSnapshot {
         let mut lo = self.inner.dk(&opt.begin);
         let mut hi = self.inner.dk(&opt.end);
         let mut out: Vec<KeyValue> = Vec::new();
+        // Every row with its mod revision while the listing is short enough
+        // to note as a span read whole (see [`Facts::spans`]).
+        let mut listed: Option<Vec<(Vec<u8>, i64)>> = self.facts.is_some().then(Vec::new);
         loop {
             let want = if opt.limit == 0 {
                 PAGE
@@ -1640,10 +1736,29 @@ impl Snapshot for EtcdSnapshot {
             // so a later checked read of one of these keys (a runner's
             // message, primed from its listing) is compared by the commit
             // without reading the key's revision first.
-            let note = self.facts.is_some() && out.len() + kvs.len() <= NOTED_ROWS;
+            let short = out.len() + kvs.len() <= NOTED_ROWS;
+            let note = self.facts.is_some() && short;
+            if !note {
+                listed = None;
+            }
+            // A short listing's rows are values seen at this revision: the
+            // cache learns them (a runner primes its next transaction with
+            // the messages it listed: see `primed`).
+            let mut cache = short.then(|| self.inner.cache.lock().ok()).flatten();
             for kv in kvs {
                 if note {
                     self.note_unless_served(&kv.key[strip..], kv.mod_revision);
+                }
+                if let Some(c) = &mut cache {
+                    c.learn(
+                        &kv.key[strip..],
+                        Some(&kv.value),
+                        kv.mod_revision,
+                        self.version,
+                    );
+                }
+                if let Some(l) = &mut listed {
+                    l.push((kv.key[strip..].to_vec(), kv.mod_revision));
                 }
                 out.push((kv.key[strip..].to_vec(), kv.value));
             }
@@ -1656,7 +1771,23 @@ impl Snapshot for EtcdSnapshot {
                         lo = key_after(&last);
                     }
                 }
-                _ => return Ok(out),
+                last => {
+                    if let Some(mut rows) = listed {
+                        // Read whole: the range, or (cut short by the limit
+                        // with more beyond) up to the last row returned.
+                        let cut = last.filter(|_| more).map(|l| l[strip..].to_vec());
+                        let (begin, end) = match (cut, opt.reverse) {
+                            (None, _) => (opt.begin.clone(), opt.end.clone()),
+                            (Some(l), false) => (opt.begin.clone(), key_after(&l)),
+                            (Some(l), true) => (l, opt.end.clone()),
+                        };
+                        if opt.reverse {
+                            rows.reverse();
+                        }
+                        self.note_span(&begin, &end, rows);
+                    }
+                    return Ok(out);
+                }
             }
         }
     }
@@ -1665,6 +1796,45 @@ impl Snapshot for EtcdSnapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Spans read whole answer for a range they cover, alone or end to end,
+    /// with exactly the rows inside it; a range reaching past them, or over
+    /// a gap between them, is not answered (the commit reads it).
+    #[test]
+    fn listed_spans_answer_only_for_what_they_cover() {
+        let facts = Facts::default();
+        let span = |b: &str, e: &str, rows: &[(&str, i64)]| Span {
+            begin: b.as_bytes().to_vec(),
+            end: e.as_bytes().to_vec(),
+            rows: rows
+                .iter()
+                .map(|(k, m)| (k.as_bytes().to_vec(), *m))
+                .collect(),
+        };
+        facts.spans.lock().unwrap().extend([
+            span("a", "d", &[("a", 1), ("b", 2), ("c", 3)]),
+            span("d", "f", &[("e", 5)]),
+            span("h", "k", &[("i", 9)]),
+        ]);
+        let keys = |b: &str, e: &str| {
+            facts.listed(b.as_bytes(), e.as_bytes()).map(|rows| {
+                rows.into_iter()
+                    .map(|(k, m)| (String::from_utf8(k).unwrap(), m))
+                    .collect::<Vec<_>>()
+            })
+        };
+        let own = |v: &[(&str, i64)]| Some(v.iter().map(|(k, m)| (k.to_string(), *m)).collect());
+        assert_eq!(keys("b", "c"), own(&[("b", 2)]));
+        assert_eq!(keys("b", "e\0"), own(&[("b", 2), ("c", 3), ("e", 5)]));
+        assert_eq!(
+            keys("a", "f"),
+            own(&[("a", 1), ("b", 2), ("c", 3), ("e", 5)])
+        );
+        assert_eq!(keys("c0", "d"), own(&[]));
+        assert_eq!(keys("e", "g"), None, "past the spans");
+        assert_eq!(keys("a", "i"), None, "over the gap f..h");
+        assert_eq!(keys("0", "b"), None, "before the spans");
+    }
 
     fn r(a: &str, b: &str) -> (Vec<u8>, Vec<u8>) {
         (a.as_bytes().to_vec(), b.as_bytes().to_vec())
