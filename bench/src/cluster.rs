@@ -377,7 +377,22 @@ pub(super) async fn cluster_rows(
             endo: "",
             json: json!(null),
         });
-        let (text, cpu_json) = cpu.per_op(total);
+        let (mut text, mut cpu_json) = cpu.per_op(total);
+        // What this machine could do at this cost with every core busy: the
+        // ceiling sends meet here when nodes, store and clients share it.
+        let all_us: f64 = ["nodes_us", "store_us", "clients_us"]
+            .iter()
+            .filter_map(|k| cpu_json[*k].as_f64())
+            .sum();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if all_us > 0.0 {
+            let ceiling = cores as f64 * 1e6 / all_us;
+            text.push_str(&format!(
+                "; at this cost all {cores} cores would make {ceiling:.0} sends/s"
+            ));
+            cpu_json["cores"] = json!(cores);
+            cpu_json["ceiling_per_s"] = json!(ceiling);
+        }
         rows.push(Row {
             what: "cluster: CPU per send".into(),
             value: text,
