@@ -847,3 +847,46 @@ fn a_primed_value_from_a_listing_is_compared_without_a_read() {
         assert_eq!(get(&a, b"out").await.unwrap(), Some(b"first".to_vec()));
     });
 }
+
+/// A store used from a thread with a runtime of its own that ends (as the
+/// node's collector runs its passes): every snapshot taken there, even one
+/// whose revision read was in flight when that runtime ended, leaves the
+/// store serving snapshots to its own runtime. (The revision read shared by
+/// concurrent snapshots ran on whichever runtime asked first: when that
+/// runtime ended mid-read, every later snapshot of the store waited forever,
+/// and `capstan gc` on an etcd cluster hung one run in six.)
+#[test]
+fn snapshots_outlive_a_runtime_that_asked_for_one() {
+    if !etcd_enabled() {
+        return;
+    }
+    rt().block_on(async {
+        let db = capstan_cluster::open(&spec_for(&unique("runtimes")))
+            .await
+            .unwrap();
+        for round in 0..20 {
+            let d = db.clone();
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                // Ask for a snapshot and end the runtime while its revision
+                // read may still be in flight.
+                rt.block_on(async {
+                    let _ = tokio::time::timeout(
+                        Duration::from_micros(200 * (round % 5)),
+                        d.store().snapshot(),
+                    )
+                    .await;
+                });
+            })
+            .join()
+            .unwrap();
+            tokio::time::timeout(Duration::from_secs(10), db.store().snapshot())
+                .await
+                .unwrap_or_else(|_| panic!("round {round}: a snapshot waited forever"))
+                .unwrap();
+        }
+    });
+}

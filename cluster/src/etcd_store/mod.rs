@@ -670,6 +670,9 @@ struct Inner {
     /// Snapshots waiting for a read of the current revision (see
     /// [`Inner::snapshot_revision`]).
     revisions: std::sync::Mutex<RevisionReads>,
+    /// The runtime the store was opened on: its own tasks run there, not on
+    /// a caller's runtime, which may end first.
+    runtime: tokio::runtime::Handle,
     /// The highest revision this client saw (a revision read or a commit),
     /// and when (ms since `started`): the version of a snapshot for commit.
     latest: AtomicU64,
@@ -711,6 +714,31 @@ fn bump(c: &AtomicU64, n: u64) {
 struct RevisionReads {
     running: bool,
     waiting: Vec<tokio::sync::oneshot::Sender<Result<Version, StoreError>>>,
+}
+
+/// The task reading revisions for waiting snapshots
+/// ([`Inner::snapshot_revision`]): if it ends before its work is done
+/// (its runtime shut down), nobody is left waiting on it and the next
+/// caller leads again. `None` once it finished its work.
+struct RevisionReader(Option<Arc<Inner>>);
+
+impl RevisionReader {
+    fn finished(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for RevisionReader {
+    fn drop(&mut self) {
+        if let Some(inner) = self.0.take()
+            && let Ok(mut r) = inner.revisions.lock()
+        {
+            r.running = false;
+            // Dropped senders: their snapshots fail ("the etcd revision
+            // reader stopped") instead of waiting forever.
+            r.waiting.clear();
+        }
+    }
 }
 
 /// The etcd backend (see the module docs).
@@ -758,6 +786,7 @@ impl EtcdStore {
             observed: std::sync::Mutex::new(Observed::default()),
             cache: std::sync::Mutex::new(cache::ValueCache::default()),
             revisions: std::sync::Mutex::new(RevisionReads::default()),
+            runtime: tokio::runtime::Handle::current(),
             latest: AtomicU64::new(0),
             latest_at_ms: AtomicU64::new(0),
             started: Instant::now(),
@@ -817,12 +846,21 @@ impl Inner {
             !std::mem::replace(&mut r.running, true)
         };
         if lead {
-            let inner = self.clone();
-            tokio::spawn(async move {
+            // On the store's own runtime, not the caller's: a caller on a
+            // runtime that ends (the collector's thread) would take the
+            // reader down with it, and every later snapshot would wait for
+            // it. Should the reader end before its work is done anyway (its
+            // runtime shut down), the guard hands the lead to the next
+            // caller and fails those waiting (they get an error, not a wait).
+            let mut guard = RevisionReader(Some(self.clone()));
+            self.runtime.spawn(async move {
+                let Some(inner) = guard.0.clone() else { return };
                 loop {
                     let waiting = match inner.revisions.lock() {
                         Ok(mut r) if r.waiting.is_empty() => {
                             r.running = false;
+                            // Done: the next caller leads (maybe already).
+                            guard.finished();
                             return;
                         }
                         Ok(mut r) => std::mem::take(&mut r.waiting),
