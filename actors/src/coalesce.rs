@@ -24,6 +24,9 @@ pub const MAX_QUEUED: usize = 256;
 
 pub(crate) struct Waiter {
     pub(crate) at_least: u64,
+    /// About the bytes of the message to admit under the inbox's quota
+    /// with the number (none: a number only).
+    pub(crate) size: Option<u64>,
     pub(crate) reply: oneshot::Sender<Result<u64, Error>>,
 }
 
@@ -40,7 +43,7 @@ pub(crate) enum Role {
 }
 
 impl Coalescer {
-    pub(crate) fn join(&self, agent: FormulaId, at_least: u64) -> Role {
+    pub(crate) fn join(&self, agent: FormulaId, at_least: u64, size: Option<u64>) -> Role {
         let Ok(mut q) = self.queues.lock() else {
             return Role::Alone;
         };
@@ -51,7 +54,11 @@ impl Coalescer {
             }
             Some(w) if w.len() < MAX_QUEUED => {
                 let (reply, rx) = oneshot::channel();
-                w.push(Waiter { at_least, reply });
+                w.push(Waiter {
+                    at_least,
+                    size,
+                    reply,
+                });
                 Role::Follow(rx)
             }
             Some(_) => Role::Alone,

@@ -138,7 +138,7 @@ impl Actor for AgentActor {
         st: &mut AgentState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            AgentMsg::Reserve(n, at_least, size, reply) => {
+            AgentMsg::Reserve(n, at_least, admit, reply) => {
                 if !st.owned {
                     let _ = reply.send(Err(Error::Unavailable(
                         "this node does not own the inbox".into(),
@@ -146,8 +146,8 @@ impl Actor for AgentActor {
                     return Ok(());
                 }
                 st.last_active = Instant::now();
-                if let Some(size) = size
-                    && let Err(e) = st.account.admit(&st.rt.db, st.id, size).await
+                if let Some(admit) = admit
+                    && let Err(e) = st.account.admit(&st.rt.db, st.id, admit).await
                 {
                     let _ = reply.send(Err(e));
                     return Ok(());
@@ -155,6 +155,9 @@ impl Actor for AgentActor {
                 st.next = st.next.max(at_least);
                 let first = st.next;
                 st.next += n;
+                if let Some(admit) = admit {
+                    st.account.handed_out(first, n, admit);
+                }
                 let _ = reply.send(Ok(first));
             }
             AgentMsg::Own(reply) => {

@@ -106,6 +106,14 @@ pub fn message(agent: &FormulaId, number: u64) -> Vec<u8> {
         .into_vec()
 }
 
+/// The number of a [`message`] key (`None`: not one).
+pub fn message_number(key: &[u8]) -> Option<u64> {
+    let mut r = capstan_cluster::tuple::TupleReader::new(key);
+    (r.str().ok()? == "m").then_some(())?;
+    r.bytes().ok()?;
+    r.u64().ok()
+}
+
 pub fn inbox(agent: &FormulaId) -> Vec<u8> {
     TupleKey::new().str("m").bytes(agent.as_bytes()).into_vec()
 }

@@ -356,7 +356,7 @@ impl AgentHandle {
                 None
             } else {
                 Some(
-                    self.reserve_admitting(target, 1, their_min, Some(size))
+                    self.reserve_one_admitting(target, their_min, Some(size))
                         .await?,
                 )
             };

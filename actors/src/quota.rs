@@ -131,12 +131,16 @@ pub fn set_limits(tx: &mut Transaction, agent: &FormulaId, q: Option<Quota>) -> 
 }
 
 /// Messages and bytes (as stored) in `agent`'s inbox: a scan, a page at a
-/// time (not for the send path).
-pub async fn count(tx: &mut Transaction, agent: &FormulaId) -> Result<(u64, u64), Error> {
+/// time (not for the send path); and the highest number written.
+pub async fn count(
+    tx: &mut Transaction,
+    agent: &FormulaId,
+) -> Result<(u64, u64, Option<u64>), Error> {
     let prefix = crate::keys::inbox(agent);
     let end = capstan_cluster::tuple::prefix_end(&prefix);
     let mut begin = prefix;
     let (mut messages, mut bytes) = (0u64, 0u64);
+    let mut last = None;
     loop {
         let rows = tx
             .snapshot_range(&capstan_cluster::RangeOption {
@@ -146,9 +150,10 @@ pub async fn count(tx: &mut Transaction, agent: &FormulaId) -> Result<(u64, u64)
                 reverse: false,
             })
             .await?;
-        for (_, v) in &rows {
+        for (k, v) in &rows {
             messages += 1;
             bytes += v.len() as u64;
+            last = crate::keys::message_number(k).or(last);
         }
         match rows.last() {
             Some((k, _)) if rows.len() == COUNT_PAGE => {
@@ -157,7 +162,7 @@ pub async fn count(tx: &mut Transaction, agent: &FormulaId) -> Result<(u64, u64)
             _ => break,
         }
     }
-    Ok((messages, bytes))
+    Ok((messages, bytes, last))
 }
 
 /// About the bytes a message takes in the store: its text and names, 32
@@ -177,6 +182,21 @@ pub struct QuotaView {
     pub default: bool,
 }
 
+/// Messages admitted under an inbox's quota at once (a batch of
+/// reservations), and about their bytes in all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admit {
+    pub messages: u64,
+    pub bytes: u64,
+}
+
+impl Admit {
+    /// One message of about `bytes` bytes.
+    pub fn one(bytes: u64) -> Admit {
+        Admit { messages: 1, bytes }
+    }
+}
+
 /// What an owner knows of its inbox's use ([`crate::incarnation`] keeps
 /// one per owned inbox).
 #[derive(Debug, Default)]
@@ -194,12 +214,34 @@ pub struct Account {
     /// A dismissal (or a new limit) on this node: recount at the next
     /// refusal without waiting for [`RECOUNT_EVERY`].
     stale: bool,
+    /// Numbers handed out with admitted messages, oldest first, until a
+    /// recount finds them below the highest number written or dismissed
+    /// (or [`PENDING_TTL`] passes): a recount adds those above it, sends
+    /// admitted but still in flight, so that they keep their room (a
+    /// recount that forgot them let a busy inbox fill to twice its quota).
+    /// At most [`MAX_PENDING`].
+    pending: std::collections::VecDeque<Pending>,
 }
 
+/// Admitted messages whose numbers were handed out ([`Account::pending`]).
+#[derive(Debug)]
+struct Pending {
+    first: u64,
+    numbers: u64,
+    admit: Admit,
+    at: Instant,
+}
+
+/// How long an admitted message's number is taken as in flight when a
+/// recount does not find it written (after that, its send failed).
+pub const PENDING_TTL: Duration = Duration::from_secs(10);
+/// Most admissions remembered as in flight (the oldest go first).
+pub const MAX_PENDING: usize = 4096;
+
 impl Account {
-    fn fits(&self, size: u64) -> bool {
-        self.messages < self.limits.max_messages
-            && self.bytes.saturating_add(size) <= self.limits.max_bytes
+    fn fits(&self, a: Admit) -> bool {
+        self.messages.saturating_add(a.messages) <= self.limits.max_messages
+            && self.bytes.saturating_add(a.bytes) <= self.limits.max_bytes
     }
 
     /// Something on this node gave room back or changed the limits.
@@ -212,6 +254,20 @@ impl Account {
         self.counted
     }
 
+    /// Numbers `first..first + numbers` were handed out with admission `a`
+    /// (see [`Account::pending`]).
+    pub fn handed_out(&mut self, first: u64, numbers: u64, a: Admit) {
+        if self.pending.len() >= MAX_PENDING {
+            self.pending.pop_front();
+        }
+        self.pending.push_back(Pending {
+            first,
+            numbers,
+            admit: a,
+            at: Instant::now(),
+        });
+    }
+
     /// New limits, read on a tick.
     pub fn set_limits(&mut self, q: Quota) {
         if q != self.limits {
@@ -219,14 +275,15 @@ impl Account {
         }
     }
 
-    /// Admits one message of about `size` bytes into `agent`'s inbox, or
-    /// refuses with [`Error::InboxFull`]: reads the store only for the
-    /// first count and for a recount of an inbox that looks full.
+    /// Admits `a` (messages of about so many bytes in all) into `agent`'s
+    /// inbox, all or none, or refuses with [`Error::InboxFull`]: reads the
+    /// store only for the first count and for a recount of an inbox that
+    /// looks full.
     pub async fn admit(
         &mut self,
         db: &capstan_cluster::Db,
         agent: FormulaId,
-        size: u64,
+        a: Admit,
     ) -> Result<(), Error> {
         let recount_due = |a: &Account| {
             !a.counted
@@ -234,34 +291,61 @@ impl Account {
                 || a.recounted
                     .is_none_or(|t| t.elapsed() >= a.backoff.max(RECOUNT_EVERY))
         };
-        if !self.counted || (!self.fits(size) && recount_due(self)) {
+        if !self.counted || (!self.fits(a) && recount_due(self)) {
             let backoff = if self.counted && !self.stale {
                 (self.backoff.max(RECOUNT_EVERY) * 2).min(RECOUNT_MAX)
             } else {
                 RECOUNT_EVERY
             };
-            let (q, (messages, bytes)) = db
+            self.pending.retain(|p| p.at.elapsed() < PENDING_TTL);
+            let (q, (messages, bytes, last), mark) = db
                 .read(move |tx| {
                     Box::pin(async move {
                         let (q, _) = limits(tx, &agent).await?;
-                        Ok::<_, Error>((q, count(tx, &agent).await?))
+                        let counted = count(tx, &agent).await?;
+                        let mark = tx
+                            .snapshot_get(&crate::keys::inbox_mark(&agent))
+                            .await?
+                            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+                            .map(u64::from_be_bytes);
+                        Ok::<_, Error>((q, counted, mark))
                     })
                 })
                 .await?;
+            // Admitted numbers above every number written or dismissed
+            // (the inbox's mark is the number after the highest dismissed)
+            // are still in flight; below, they were written (and maybe
+            // dismissed since), or their send failed (or a send with a
+            // higher number committed first: room a little early).
+            let floor = last.max(mark.and_then(|m| m.checked_sub(1)));
+            let (mut flying, mut flying_bytes) = (0u64, 0u64);
+            self.pending.retain(|p| {
+                let end = p.first.saturating_add(p.numbers);
+                let above = match floor {
+                    Some(f) => end.saturating_sub(p.first.max(f.saturating_add(1))),
+                    None => p.numbers,
+                };
+                let m = above.min(p.admit.messages);
+                flying += m;
+                flying_bytes += p.admit.bytes.saturating_mul(m) / p.admit.messages.max(1);
+                m > 0
+            });
+            let pending = std::mem::take(&mut self.pending);
             *self = Account {
                 counted: true,
-                messages,
-                bytes,
+                messages: messages + flying,
+                bytes: bytes + flying_bytes,
                 limits: q,
                 recounted: Some(Instant::now()),
                 backoff,
                 stale: false,
+                pending,
             };
-            if self.fits(size) {
+            if self.fits(a) {
                 self.backoff = RECOUNT_EVERY;
             }
         }
-        if !self.fits(size) {
+        if !self.fits(a) {
             return Err(Error::InboxFull {
                 agent: agent.short(),
                 messages: self.messages,
@@ -270,8 +354,8 @@ impl Account {
                 max_bytes: self.limits.max_bytes,
             });
         }
-        self.messages += 1;
-        self.bytes += size;
+        self.messages += a.messages;
+        self.bytes += a.bytes;
         Ok(())
     }
 }
@@ -359,7 +443,7 @@ impl AgentHandle {
             .read(move |tx| {
                 Box::pin(async move {
                     let (q, own) = limits(tx, &id).await?;
-                    let (messages, bytes) = count(tx, &id).await?;
+                    let (messages, bytes, _) = count(tx, &id).await?;
                     Ok::<_, Error>(QuotaView {
                         agent: id,
                         messages,

@@ -52,9 +52,15 @@ impl Registry {
 pub enum AgentMsg {
     /// Reserve `n` consecutive inbox numbers, none below the second
     /// argument; answers the first (or an error if this incarnation does
-    /// not own the inbox). With a size, first admits one message of about
-    /// that many bytes under the inbox's quota ([`crate::quota`]).
-    Reserve(u64, u64, Option<u64>, RpcReplyPort<Result<u64, Error>>),
+    /// not own the inbox). With an admission, first admits so many
+    /// messages of about so many bytes under the inbox's quota, all or
+    /// none ([`crate::quota`]).
+    Reserve(
+        u64,
+        u64,
+        Option<crate::quota::Admit>,
+        RpcReplyPort<Result<u64, Error>>,
+    ),
     /// Room was given back (a dismissal on this node) or the limits
     /// changed: recount at the next refusal.
     Freed,

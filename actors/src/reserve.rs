@@ -3,6 +3,7 @@
 
 use crate::error::Error;
 use crate::incarnation;
+use crate::quota::Admit;
 use crate::records::MessageRec;
 use crate::registry::AgentMsg;
 use capstan_proto::FormulaId;
@@ -20,12 +21,12 @@ pub(crate) async fn local_reserve(
     agent: FormulaId,
     n: u64,
     at_least: u64,
-    size: Option<u64>,
+    admit: Option<Admit>,
 ) -> Result<u64, Error> {
     for _ in 0..3 {
         let a = incarnation::owned_agent_actor(inner, agent).await?;
         match a
-            .call(|port| AgentMsg::Reserve(n, at_least, size, port), None)
+            .call(|port| AgentMsg::Reserve(n, at_least, admit, port), None)
             .await
         {
             Ok(ractor::rpc::CallResult::Success(r)) => return r,
@@ -50,8 +51,22 @@ impl AgentHandle {
         at_least: u64,
         size: Option<u64>,
     ) -> Result<u64, Error> {
+        self.reserve_batch(agent, n, at_least, size.map(Admit::one))
+            .await
+    }
+
+    /// [`reserve_admitting`](Self::reserve_admitting) of `n` numbers that
+    /// first admits `admit` (so many messages of so many bytes in all),
+    /// all or none.
+    async fn reserve_batch(
+        &self,
+        agent: FormulaId,
+        n: u64,
+        at_least: u64,
+        admit: Option<Admit>,
+    ) -> Result<u64, Error> {
         let Some(c) = self.rt.cluster.get() else {
-            return local_reserve(&self.rt, agent, n, at_least, size).await;
+            return local_reserve(&self.rt, agent, n, at_least, admit).await;
         };
         // Bounded by time rather than a count: a dead owner is waited out
         // (its lease lapses, then this node claims the inbox), which takes
@@ -67,7 +82,7 @@ impl AgentHandle {
             attempt += 1;
             match c.owner(&self.rt.db, agent).await? {
                 crate::cluster::Owner::Me => {
-                    match local_reserve(&self.rt, agent, n, at_least, size).await {
+                    match local_reserve(&self.rt, agent, n, at_least, admit).await {
                         Ok(first) => return Ok(first),
                         Err(e @ Error::InboxFull { .. }) => return Err(e),
                         Err(e) => last = Some(e),
@@ -80,7 +95,7 @@ impl AgentHandle {
                         agent,
                         count: n.min(u32::MAX as u64) as u32,
                         at_least,
-                        quota_bytes: size.unwrap_or(0),
+                        admit,
                         reply: tx,
                     };
                     if c.link.send(op).await.is_err() {
@@ -225,13 +240,30 @@ impl Drop for Lead {
 }
 
 /// Serves queued reservations, a batch at a time, until none are left.
+/// The messages a batch admits under the inbox's quota are admitted all
+/// at once; when the inbox cannot take them all, each is asked alone, so
+/// that each gets its own answer (some may fit).
 async fn serve(handle: AgentHandle, agent: FormulaId, mut batch: Vec<Waiter>) {
     while !batch.is_empty() {
         let floor = batch.iter().map(|w| w.at_least).max().unwrap_or(0);
         let n = batch.len() as u64;
-        let r = handle.reserve_admitting(agent, n, floor, None).await;
-        for (i, w) in batch.drain(..).enumerate() {
-            let _ = w.reply.send(r.clone().map(|first| first + i as u64));
+        let sizes: Vec<u64> = batch.iter().filter_map(|w| w.size).collect();
+        let admit = (!sizes.is_empty()).then(|| Admit {
+            messages: sizes.len() as u64,
+            bytes: sizes.iter().sum(),
+        });
+        match handle.reserve_batch(agent, n, floor, admit).await {
+            Err(Error::InboxFull { .. }) => {
+                for w in batch.drain(..) {
+                    let r = handle.reserve_admitting(agent, 1, w.at_least, w.size).await;
+                    let _ = w.reply.send(r);
+                }
+            }
+            r => {
+                for (i, w) in batch.drain(..).enumerate() {
+                    let _ = w.reply.send(r.clone().map(|first| first + i as u64));
+                }
+            }
         }
         batch = handle.rt.reservations.next(&agent);
     }
@@ -241,8 +273,21 @@ impl AgentHandle {
     /// One number in `agent`'s inbox, none below `at_least`, coalesced with
     /// the other reservations of this node for the same inbox (module docs).
     pub(crate) async fn reserve_one(&self, agent: FormulaId, at_least: u64) -> Result<u64, Error> {
-        match self.rt.reservations.join(agent, at_least) {
-            Role::Alone => self.reserve_admitting(agent, 1, at_least, None).await,
+        self.reserve_one_admitting(agent, at_least, None).await
+    }
+
+    /// [`reserve_one`](Self::reserve_one), first admitting one message of
+    /// about `size` bytes under the inbox's quota when a size is given
+    /// ([`Error::InboxFull`] otherwise): the admissions of a batch go to
+    /// the owner in its one call.
+    pub(crate) async fn reserve_one_admitting(
+        &self,
+        agent: FormulaId,
+        at_least: u64,
+        size: Option<u64>,
+    ) -> Result<u64, Error> {
+        match self.rt.reservations.join(agent, at_least, size) {
+            Role::Alone => self.reserve_admitting(agent, 1, at_least, size).await,
             Role::Follow(rx) => rx
                 .await
                 .unwrap_or_else(|_| Err(Error::Unavailable("the node is shutting down".into()))),
@@ -251,7 +296,7 @@ impl AgentHandle {
                     handle: self.clone(),
                     agent,
                 };
-                self.reserve_admitting(agent, 1, at_least, None).await
+                self.reserve_admitting(agent, 1, at_least, size).await
             }
         }
     }
@@ -264,7 +309,7 @@ impl Runtime {
         agent: FormulaId,
         count: u64,
         at_least: u64,
-        quota_bytes: u64,
+        admit: Option<Admit>,
     ) -> Result<(u64, Vec<String>), Error> {
         let c = self
             .inner()
@@ -273,8 +318,7 @@ impl Runtime {
             .ok_or_else(|| Error::Invalid("this node is not in a cluster".into()))?;
         match c.owner(&self.inner().db, agent).await? {
             crate::cluster::Owner::Me => {
-                let size = (quota_bytes > 0).then_some(quota_bytes);
-                let first = local_reserve(self.inner(), agent, count, at_least, size).await?;
+                let first = local_reserve(self.inner(), agent, count, at_least, admit).await?;
                 Ok((first, c.interested(&agent)))
             }
             crate::cluster::Owner::Other(m) => Err(Error::Unavailable(format!(
@@ -359,5 +403,53 @@ mod tests {
             .filter(|n| own.contains(n))
             .collect();
         assert_eq!(mine.len(), 40, "each send once in the sender's inbox");
+    }
+
+    /// Concurrent sends into an inbox with room for 40 messages: their
+    /// admissions under the quota go in batches (each counted as the
+    /// messages it holds), and still exactly 40 are admitted (a batch that
+    /// does not fit asks each of its messages alone); every other send is
+    /// refused as a full inbox, having written nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn coalesced_admissions_keep_the_quota_exact() {
+        let store = Arc::new(capstan_cluster::mem_store::MemStore::new());
+        let rt = Runtime::open(capstan_cluster::Db::new(store), RuntimeOptions::default())
+            .await
+            .unwrap();
+        let host = rt.root_host();
+        host.mkguest(RequestId::random(), "g").await.unwrap();
+        let quota = crate::quota::Quota {
+            max_messages: 40,
+            ..Default::default()
+        };
+        host.quota(RequestId::random(), "g", Some(Some(quota)))
+            .await
+            .unwrap();
+        let sends: Vec<_> = (0..60)
+            .map(|i| {
+                let h = host.clone();
+                tokio::spawn(async move {
+                    h.send(
+                        RequestId::random(),
+                        "g",
+                        vec![format!("m{i}")],
+                        vec![],
+                        None,
+                    )
+                    .await
+                })
+            })
+            .collect();
+        let (mut sent, mut full) = (0, 0);
+        for s in sends {
+            match s.await.unwrap() {
+                Ok(_) => sent += 1,
+                Err(Error::InboxFull { .. }) => full += 1,
+                Err(e) => panic!("a send failed otherwise: {e}"),
+            }
+        }
+        assert_eq!((sent, full), (40, 20), "sends admitted, and refused");
+        let g = host.agent("g").await.unwrap();
+        assert_eq!(g.inbox(None).await.unwrap().len(), 40, "the guest's inbox");
     }
 }

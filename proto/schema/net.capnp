@@ -33,10 +33,13 @@ interface Member {
   # below `atLeast` are never handed out (the caller saw them taken).
   # `interested`: the members that follow the agent's inbox (see
   # `interest`), to whom the caller sends its wake-up once it committed.
-  # `quotaBytes` (0: none) asks the owner to admit one message of about
-  # that size under the inbox's quota first; a full inbox fails with
-  # "inbox of … is full (…)" (see actors/src/quota.rs).
-  reserve @0 (agent :Data, count :UInt32, atLeast :UInt64, quotaBytes :UInt64) -> (first :UInt64, interested :List(Text));
+  # `quotaBytes` and `quotaCount` (both 0: none) ask the owner to admit
+  # `quotaCount` messages (0: one, as callers before it was added ask) of
+  # about `quotaBytes` bytes in all under the inbox's quota first, all or
+  # none; a full inbox fails with "inbox of … is full (…)" (see
+  # actors/src/quota.rs). A batch of a node's reservations in one inbox
+  # goes as one call.
+  reserve @0 (agent :Data, count :UInt32, atLeast :UInt64, quotaBytes :UInt64, quotaCount :UInt32) -> (first :UInt64, interested :List(Text));
   # Message `number` was committed to `agent`'s inbox: wake its followers
   # and its guest, if incarnated here.
   delivered @1 (agent :Data, number :UInt64) -> ();

@@ -92,7 +92,7 @@ pub async fn serve_links(
                 agent,
                 count,
                 at_least,
-                quota_bytes,
+                admit,
                 reply,
             } => {
                 let f = fate(&rng, &faults);
@@ -117,7 +117,7 @@ pub async fn serve_links(
                         return;
                     };
                     let r = rt
-                        .serve_reserve(agent, u64::from(count), at_least, quota_bytes)
+                        .serve_reserve(agent, u64::from(count), at_least, admit)
                         .await;
                     let r = match r {
                         Ok((first, interested)) => {

@@ -134,6 +134,38 @@ fn a_full_inbox_refuses_senders_on_every_cluster_node() {
     assert!(full_refusal(&nodes[1], &["send", "alice", "over"]).contains("is full"));
 }
 
+/// Many sends at once through a node that does not own the inbox: the
+/// node asks the owner to admit them in batches, one call each, and still
+/// exactly as many as the quota leaves room for get in; the others are
+/// refused as a full inbox.
+#[test]
+fn concurrent_sends_through_another_node_fill_the_quota_exactly() {
+    let Some(spec) = capstan_tests::etcd_spec("quota-batch") else {
+        return;
+    };
+    let nodes = capstan_tests::start_cluster(&spec, 2, "5000");
+    nodes[0].ok(["mkguest", "bob"]);
+    nodes[0].ok(["quota", "bob", "--messages", "12"]);
+    // bob's inbox is owned by the first node from its first message on.
+    nodes[0].ok(["send", "bob", "first"]);
+    let senders: Vec<_> = (0..30)
+        .map(|i| nodes[1].spawn(["send", "bob", &format!("m{i}")]))
+        .collect();
+    let (mut sent, mut full) = (0, 0);
+    for child in senders {
+        let out = child.wait_with_output().expect("a send ran");
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        if out.status.success() {
+            sent += 1;
+        } else {
+            assert!(err.contains("inbox of bob is full"), "{err}");
+            full += 1;
+        }
+    }
+    assert_eq!((sent, full), (11, 19), "sends admitted, and refused");
+    assert_eq!(inbox_of(&nodes[0], "bob").len(), 12);
+}
+
 #[test]
 fn federated_mail_to_a_full_inbox_bounces() {
     let mut a = Node::new();

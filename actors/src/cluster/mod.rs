@@ -98,8 +98,9 @@ pub enum LinkOp {
         agent: FormulaId,
         count: u32,
         at_least: u64,
-        /// Admit one message of about this size under the quota first (0: none).
-        quota_bytes: u64,
+        /// Admit so many messages of about so many bytes under the quota
+        /// first, all or none.
+        admit: Option<crate::quota::Admit>,
         reply: oneshot::Sender<Result<u64, Error>>,
     },
     /// Tell `to` that a message was committed to `agent`'s inbox; `record`

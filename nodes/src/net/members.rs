@@ -105,9 +105,17 @@ impl member::Server for MemberServer {
         let p = params.get()?;
         let agent = id_of(p.get_agent()?)?;
         let count = p.get_count().clamp(1, 1024) as u64;
+        // A member without `quotaCount` admits one message per call.
+        let admit = match (p.get_quota_count(), p.get_quota_bytes()) {
+            (0, 0) => None,
+            (n, bytes) => Some(capstan_actors::quota::Admit {
+                messages: u64::from(n.max(1)).min(count),
+                bytes,
+            }),
+        };
         let (first, interested) = self
             .rt
-            .serve_reserve(agent, count, p.get_at_least(), p.get_quota_bytes())
+            .serve_reserve(agent, count, p.get_at_least(), admit)
             .await
             .map_err(|e| failed(e.to_string()))?;
         let mut r = results.get();
@@ -258,7 +266,7 @@ impl Net {
         agent: FormulaId,
         count: u32,
         at_least: u64,
-        quota_bytes: u64,
+        admit: Option<capstan_actors::quota::Admit>,
     ) -> Result<u64, Error> {
         if let Some(c) = self.rt.membership() {
             c.reserve_calls
@@ -270,7 +278,11 @@ impl Net {
             r.get().set_agent(agent.as_bytes());
             r.get().set_count(count);
             r.get().set_at_least(at_least);
-            r.get().set_quota_bytes(quota_bytes);
+            if let Some(a) = admit {
+                r.get().set_quota_bytes(a.bytes);
+                r.get()
+                    .set_quota_count(a.messages.min(u64::from(u32::MAX)) as u32);
+            }
             let a = r.send().promise.await.map_err(CallError::from)?;
             let a = a.get().map_err(|e| CallError::Answered(e.to_string()))?;
             let mut interested = Vec::new();
@@ -446,14 +458,12 @@ impl Net {
                     agent,
                     count,
                     at_least,
-                    quota_bytes,
+                    admit,
                     reply,
                 } => {
                     let me = self.clone();
                     tokio::task::spawn_local(async move {
-                        let r = me
-                            .reserve_at(&node, agent, count, at_least, quota_bytes)
-                            .await;
+                        let r = me.reserve_at(&node, agent, count, at_least, admit).await;
                         let _ = reply.send(r);
                     });
                 }
