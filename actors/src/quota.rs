@@ -182,20 +182,7 @@ pub struct QuotaView {
     pub default: bool,
 }
 
-/// Messages admitted under an inbox's quota at once (a batch of
-/// reservations), and about their bytes in all.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Admit {
-    pub messages: u64,
-    pub bytes: u64,
-}
-
-impl Admit {
-    /// One message of about `bytes` bytes.
-    pub fn one(bytes: u64) -> Admit {
-        Admit { messages: 1, bytes }
-    }
-}
+pub use crate::types::Admit;
 
 /// What an owner knows of its inbox's use ([`crate::incarnation`] keeps
 /// one per owned inbox).

@@ -58,7 +58,7 @@ pub enum AgentMsg {
     Reserve(
         u64,
         u64,
-        Option<crate::quota::Admit>,
+        Option<crate::types::Admit>,
         RpcReplyPort<Result<u64, Error>>,
     ),
     /// Room was given back (a dismissal on this node) or the limits

@@ -3,9 +3,9 @@
 
 use crate::error::Error;
 use crate::incarnation;
-use crate::quota::Admit;
 use crate::records::MessageRec;
 use crate::registry::AgentMsg;
+use crate::types::Admit;
 use capstan_proto::FormulaId;
 use std::sync::Arc;
 use tokio::sync::oneshot;

@@ -122,3 +122,18 @@ pub fn state_text(s: &PromiseState) -> String {
 
 /// The reason a request rejected without one is given.
 pub const NO_REASON: &str = "no reason given";
+
+/// Messages admitted under an inbox's quota at once (a batch of
+/// reservations), and about their bytes in all ([`crate::quota`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admit {
+    pub messages: u64,
+    pub bytes: u64,
+}
+
+impl Admit {
+    /// One message of about `bytes` bytes.
+    pub fn one(bytes: u64) -> Admit {
+        Admit { messages: 1, bytes }
+    }
+}

@@ -100,7 +100,7 @@ pub enum LinkOp {
         at_least: u64,
         /// Admit so many messages of about so many bytes under the quota
         /// first, all or none.
-        admit: Option<crate::quota::Admit>,
+        admit: Option<crate::types::Admit>,
         reply: oneshot::Sender<Result<u64, Error>>,
     },
     /// Tell `to` that a message was committed to `agent`'s inbox; `record`
