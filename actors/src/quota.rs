@@ -16,8 +16,13 @@
 //! once per [`RECOUNT_EVERY`] (backing off to [`RECOUNT_MAX`] while the
 //! inbox stays full), or at once after a dismissal on this node. So a
 //! dismissal gives its room back (on another cluster node: within the
-//! backoff), and a quota is exact up to the sends in flight at the moment
-//! of a recount.
+//! backoff). A recount keeps the room of sends admitted but not written
+//! yet (the owner remembers the numbers it handed out with admissions,
+//! [`Account::handed_out`], and counts those above the highest number
+//! written or dismissed), so concurrent sends do not overfill an inbox;
+//! a send that commits out of number order can let one more in early. A
+//! node's concurrent sends into one inbox admit their messages in one
+//! call to the owner, all or none (then each alone).
 //!
 //! Limits are per agent, set by a host (`capstan quota AGENT --messages N
 //! --bytes B`); an agent without its own has [`Quota::default`]. The owner
