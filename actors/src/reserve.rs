@@ -337,6 +337,28 @@ mod tests {
     use crate::types::RuntimeOptions;
     use capstan_proto::RequestId;
 
+    /// `n` sends from `host` to its agent "g" at once, "m0", "m1", …
+    fn spawn_sends(
+        host: &AgentHandle,
+        n: usize,
+    ) -> Vec<tokio::task::JoinHandle<Result<u64, Error>>> {
+        (0..n)
+            .map(|i| {
+                let h = host.clone();
+                tokio::spawn(async move {
+                    h.send(
+                        RequestId::random(),
+                        "g",
+                        vec![format!("m{i}")],
+                        vec![],
+                        None,
+                    )
+                    .await
+                })
+            })
+            .collect()
+    }
+
     /// Many senders of one agent at once: each gets a number of its own,
     /// whether it led, waited in a batch or went alone (the queue full),
     /// and every send lands once under its number.
@@ -377,21 +399,7 @@ mod tests {
         // Sends through the coalesced path land once each, in the sender's
         // inbox too.
         host.mkguest(RequestId::random(), "g").await.unwrap();
-        let sends: Vec<_> = (0..40)
-            .map(|i| {
-                let h = host.clone();
-                tokio::spawn(async move {
-                    h.send(
-                        RequestId::random(),
-                        "g",
-                        vec![format!("m{i}")],
-                        vec![],
-                        None,
-                    )
-                    .await
-                })
-            })
-            .collect();
+        let sends = spawn_sends(&host, 40);
         let mut own = std::collections::BTreeSet::new();
         for s in sends {
             assert!(own.insert(s.await.unwrap().unwrap()));
@@ -425,21 +433,7 @@ mod tests {
         host.quota(RequestId::random(), "g", Some(Some(quota)))
             .await
             .unwrap();
-        let sends: Vec<_> = (0..60)
-            .map(|i| {
-                let h = host.clone();
-                tokio::spawn(async move {
-                    h.send(
-                        RequestId::random(),
-                        "g",
-                        vec![format!("m{i}")],
-                        vec![],
-                        None,
-                    )
-                    .await
-                })
-            })
-            .collect();
+        let sends = spawn_sends(&host, 60);
         let (mut sent, mut full) = (0, 0);
         for s in sends {
             match s.await.unwrap() {
