@@ -176,7 +176,7 @@ impl AgentHandle {
                     }
                 }
                 if look {
-                    cursor.looked();
+                    cursor.looked(tokio::time::Instant::now().into_std());
                 }
                 if missed {
                     // a look found what no push brought: the inbox's owner

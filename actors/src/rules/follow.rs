@@ -1,15 +1,32 @@
 //! Which messages of an inbox a follower (`inbox --follow`) has shown, and
 //! where it should look in the store for the ones a push missed.
 //!
-//! Messages reach a follower pushed, in any order (numbers commit out of
-//! order across nodes), and a push can be missed: it went only to the
-//! members the inbox's owner knew to follow it, or a full queue dropped it.
-//! So the follower looks in the store now and then, from the lowest number
-//! it has not shown. A number still missing at two looks in a row was handed
-//! out but never written (its sender died), or is gone: it is skipped, so
-//! that one hole does not make every look read the same page again.
+//! Messages reach a follower pushed, in any order (numbers are handed out in
+//! order but commit in any order, also on one node), and a push can be
+//! missed: it went only to the members the inbox's owner knew to follow it,
+//! or a full queue dropped it. So the follower looks in the store now and
+//! then, from the lowest number it has not shown.
+//!
+//! A number below a shown one that is still missing may be a commit that is
+//! only late, or a hole: handed out but never written (its sender died, its
+//! transaction failed). A hole is skipped once it was missing at two looks
+//! in a row *and* for [`SKIP_AFTER`], so that one hole does not make every
+//! look read the same page again; a late commit lands well within that
+//! (the guest runner gives a hole as long, [`super::inbox::HOLE_GRACE`]).
+//! Should one land later still, its push is shown all the same: the
+//! follower remembers the numbers it skipped (at most [`MAX_SKIPPED`]).
+//! Skipping after two quick looks alone lost late commits: the first looks
+//! come 25 and 50 ms apart, less than a commit under load can take.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+/// How long a number must have been missing before a look skips it.
+pub const SKIP_AFTER: Duration = super::inbox::HOLE_GRACE;
+/// Most skipped numbers remembered (the oldest are forgotten first).
+pub const MAX_SKIPPED: usize = 4096;
+/// Most missing numbers tracked at one look.
+const MAX_MISSING: usize = 4096;
 
 /// A follower's position (see the module docs).
 #[derive(Debug, Clone)]
@@ -18,8 +35,10 @@ pub struct FollowCursor {
     contiguous: u64,
     /// Numbers shown at or above `contiguous`.
     shown: BTreeSet<u64>,
-    /// Numbers missing at the last look.
-    missing: BTreeSet<u64>,
+    /// Numbers missing at the last look, with when they were first missed.
+    missing: BTreeMap<u64, Instant>,
+    /// Numbers skipped as holes and not shown since.
+    skipped: BTreeSet<u64>,
 }
 
 impl FollowCursor {
@@ -28,13 +47,18 @@ impl FollowCursor {
         FollowCursor {
             contiguous: after,
             shown: BTreeSet::new(),
-            missing: BTreeSet::new(),
+            missing: BTreeMap::new(),
+            skipped: BTreeSet::new(),
         }
     }
 
-    /// Whether message `n` is new: true once per number (then it is shown).
+    /// Whether message `n` is new: true once per number (then it is shown),
+    /// also for a number skipped as a hole that landed after all.
     pub fn accept(&mut self, n: u64) -> bool {
-        if n < self.contiguous || !self.shown.insert(n) {
+        if n < self.contiguous {
+            return self.skipped.remove(&n);
+        }
+        if !self.shown.insert(n) {
             return false;
         }
         self.missing.remove(&n);
@@ -52,21 +76,34 @@ impl FollowCursor {
         self.contiguous
     }
 
-    /// After a look in the store (its messages given to [`accept`](Self::accept)
-    /// first): numbers below the highest known one that were missing at
-    /// the previous look too are skipped.
-    pub fn looked(&mut self) {
+    /// After a look in the store at `now` (its messages given to
+    /// [`accept`](Self::accept) first): numbers below the highest known one
+    /// that were missing at the previous look too, and first missed at
+    /// least [`SKIP_AFTER`] ago, are skipped.
+    pub fn looked(&mut self, now: Instant) {
         let Some(&top) = self.shown.iter().next_back() else {
             self.missing.clear();
             return;
         };
-        let now_missing: BTreeSet<u64> = (self.contiguous..top)
+        let mut now_missing = BTreeMap::new();
+        let gaps: Vec<u64> = (self.contiguous..top)
             .filter(|n| !self.shown.contains(n))
-            .take(4096)
+            .take(MAX_MISSING)
             .collect();
-        let skip: Vec<u64> = now_missing.intersection(&self.missing).copied().collect();
-        for n in skip {
-            self.shown.insert(n);
+        for n in gaps {
+            let since = self.missing.get(&n).copied();
+            match since {
+                Some(t) if now.saturating_duration_since(t) >= SKIP_AFTER => {
+                    self.shown.insert(n);
+                    self.skipped.insert(n);
+                }
+                _ => {
+                    now_missing.insert(n, since.unwrap_or(now));
+                }
+            }
+        }
+        while self.skipped.len() > MAX_SKIPPED {
+            self.skipped.pop_first();
         }
         self.missing = now_missing;
         self.advance();
@@ -76,7 +113,8 @@ impl FollowCursor {
         while self.shown.remove(&self.contiguous) {
             self.contiguous += 1;
         }
-        self.missing.retain(|n| *n >= self.contiguous);
+        let c = self.contiguous;
+        self.missing.retain(|n, _| *n >= c);
     }
 }
 
@@ -108,21 +146,56 @@ mod tests {
         // The look reads from 1, where the missed message is.
         assert_eq!(c.look_from(), 1);
         assert!(c.accept(1));
-        c.looked();
+        c.looked(Instant::now());
         assert_eq!(c.look_from(), 4);
     }
 
     #[test]
-    fn a_hole_is_skipped_after_two_looks_and_not_before() {
+    fn a_hole_is_skipped_after_two_looks_and_the_grace_and_not_before() {
+        let t0 = Instant::now();
         let mut c = FollowCursor::new(0);
         c.accept(0);
         c.accept(2);
-        c.looked();
+        c.looked(t0);
         assert_eq!(c.look_from(), 1, "one look: 1 may still commit");
-        c.looked();
-        assert_eq!(c.look_from(), 3, "two looks: 1 is a hole");
+        c.looked(t0 + Duration::from_millis(50));
+        assert_eq!(c.look_from(), 1, "two quick looks: 1 may still commit");
+        c.looked(t0 + SKIP_AFTER);
+        assert_eq!(c.look_from(), 3, "missing for the grace: 1 is a hole");
         assert!(!c.has_gap());
-        // A late commit of a skipped number is not shown twice, nor at all.
-        assert!(!c.accept(1));
+    }
+
+    #[test]
+    fn a_late_commit_is_shown_before_and_after_its_number_was_skipped() {
+        let t0 = Instant::now();
+        let mut c = FollowCursor::new(0);
+        c.accept(0);
+        c.accept(3);
+        c.looked(t0);
+        c.looked(t0 + Duration::from_millis(75));
+        assert!(c.accept(2), "late, within the grace");
+        c.looked(t0 + SKIP_AFTER);
+        assert_eq!(c.look_from(), 4, "1 skipped");
+        assert!(c.accept(1), "later than the grace: shown all the same");
+        assert!(!c.accept(1), "once");
+        assert!(!c.accept(2), "once");
+    }
+
+    #[test]
+    fn skipped_numbers_remembered_are_bounded() {
+        let t0 = Instant::now();
+        let mut c = FollowCursor::new(0);
+        let top = (MAX_SKIPPED + 10) as u64;
+        c.accept(top);
+        c.looked(t0);
+        c.looked(t0 + SKIP_AFTER);
+        assert_eq!(c.look_from(), MAX_MISSING as u64);
+        c.accept(top + 1);
+        c.looked(t0 + SKIP_AFTER);
+        c.looked(t0 + SKIP_AFTER * 2);
+        assert_eq!(c.look_from(), top + 2);
+        assert!(c.skipped.len() <= MAX_SKIPPED);
+        assert!(!c.accept(0), "the oldest skipped number is forgotten");
+        assert!(c.accept(top - 1), "a recent one is not");
     }
 }

@@ -1,0 +1,77 @@
+//! A follower (`capstan inbox --follow`) shows every acknowledged message,
+//! also one whose commit lands late, after later-numbered messages of the
+//! same inbox: inbox numbers are handed out in order but commit in any
+//! order. Here every other commit of the store is held back for up to
+//! 400 ms, so many numbers land after their successors; the follower must
+//! not give them up as holes and then refuse them when they arrive.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use capstan_actors::{Runtime, RuntimeOptions};
+use capstan_cluster::Db;
+use capstan_cluster::mem_store::{Faults, MemStore};
+use capstan_proto::RequestId;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_shows_a_message_whose_commit_lands_after_later_ones() {
+    let store = Arc::new(MemStore::with_faults(Faults {
+        commit_delay_ppm: 500_000,
+        max_delay: Duration::from_millis(400),
+        ..Faults::seeded(11)
+    }));
+    let rt = Runtime::open(Db::new(store.clone()), RuntimeOptions::default())
+        .await
+        .expect("runtime");
+    let root = rt.root_host();
+    root.mkguest(RequestId::random(), "g")
+        .await
+        .expect("mkguest");
+    let mut follower = root.follow(0).await.expect("follow");
+
+    let mut acknowledged = BTreeSet::new();
+    // Rounds of concurrent sends, so that the follower's looks (soon after
+    // a miss, then less often) meet holes of late commits again and again.
+    for round in 0..6 {
+        let mut sends = Vec::new();
+        for i in 0..12 {
+            let root = root.clone();
+            sends.push(tokio::spawn(async move {
+                root.send(
+                    RequestId::random(),
+                    "g",
+                    vec![format!("round {round} message {i}")],
+                    vec![],
+                    None,
+                )
+                .await
+            }));
+        }
+        for s in sends {
+            acknowledged.insert(s.await.expect("task").expect("send"));
+        }
+    }
+    assert!(
+        store.fault_counts().commit_delays > 20,
+        "the store held commits back"
+    );
+
+    let mut shown = BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !acknowledged.is_subset(&shown) {
+        match tokio::time::timeout_at(deadline, follower.recv()).await {
+            Ok(Some(m)) => {
+                assert!(shown.insert(m.number), "message {} shown twice", m.number);
+            }
+            Ok(None) => panic!("the follower stopped"),
+            Err(_) => break,
+        }
+    }
+    let missing: Vec<u64> = acknowledged.difference(&shown).copied().collect();
+    assert!(
+        missing.is_empty(),
+        "acknowledged messages the follower never showed: {missing:?} (of {})",
+        acknowledged.len()
+    );
+}
