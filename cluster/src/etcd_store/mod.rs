@@ -964,15 +964,17 @@ impl Inner {
     }
 
     /// The keys of `[begin, end)` (user keys) at `revision` with their mod
-    /// revisions; `None` when there are more than `max`.
-    async fn keys_at(
+    /// revisions (`None` when there are more than `max`), as far as they are
+    /// known without a read (what the snapshot served, the revisions
+    /// observed, a listing of the snapshot): `None` when a read is needed.
+    fn keys_known(
         &self,
         begin: &[u8],
         end: &[u8],
         revision: Version,
         max: usize,
         facts: Option<&Facts>,
-    ) -> Result<Option<Vec<(Vec<u8>, i64)>>, StoreError> {
+    ) -> Result<Option<Option<KeyRevisions>>, StoreError> {
         if end == key_after(begin).as_slice() {
             // What the snapshot served (maybe from the cache) first: the
             // compare must hold the mod revision of the value it served.
@@ -986,20 +988,32 @@ impl Inner {
                     .get(revision, begin),
             };
             if let Some(m) = seen {
-                return Ok(Some(if m == 0 {
+                return Ok(Some(Some(if m == 0 {
                     Vec::new()
                 } else {
                     vec![(self.dk(begin), m)]
-                }));
+                })));
             }
         }
         // A listing of the same snapshot read the range whole: its rows are
         // the keys there at `revision` (the snapshot's), as a read now would
         // return them.
         if let Some(rows) = facts.and_then(|f| f.listed(begin, end)) {
-            return Ok((rows.len() <= max)
-                .then(|| rows.into_iter().map(|(k, m)| (self.dk(&k), m)).collect()));
+            return Ok(Some((rows.len() <= max).then(|| {
+                rows.into_iter().map(|(k, m)| (self.dk(&k), m)).collect()
+            })));
         }
+        Ok(None)
+    }
+
+    /// [`keys_known`](Self::keys_known)'s answer read from etcd.
+    async fn keys_read(
+        &self,
+        begin: &[u8],
+        end: &[u8],
+        revision: Version,
+        max: usize,
+    ) -> Result<Option<KeyRevisions>, StoreError> {
         tracing::trace!(target: "capstan_cluster::reads", kind = %key_kind(begin), "revisions for a commit's compares");
         let mut lo = self.dk(begin);
         let hi = self.dk(end);
@@ -1055,12 +1069,28 @@ impl Inner {
             .and_then(|f| f.clone().downcast::<Facts>().ok());
         // Precise: one compare per single key, per range and per key of a range.
         if ranges.len() <= budget {
-            let fetched = futures::future::try_join_all(
-                ranges
-                    .iter()
-                    .map(|(b, e)| self.keys_at(b, e, req.read_version, budget, facts.as_deref())),
-            )
-            .await?;
+            // Most ranges are known without a read (a commit's single keys,
+            // from the cache): only the others are read, at once. (Joining
+            // a read future per range allocated them all, for every commit.)
+            let mut known = Vec::with_capacity(ranges.len());
+            for (b, e) in &ranges {
+                known.push(self.keys_known(b, e, req.read_version, budget, facts.as_deref())?);
+            }
+            let unknown: Vec<usize> = (0..known.len()).filter(|i| known[*i].is_none()).collect();
+            if !unknown.is_empty() {
+                let read = futures::future::try_join_all(unknown.iter().map(|&i| {
+                    let (b, e) = &ranges[i];
+                    self.keys_read(b, e, req.read_version, budget)
+                }))
+                .await?;
+                for (i, keys) in unknown.into_iter().zip(read) {
+                    known[i] = Some(keys);
+                }
+            }
+            // (every entry is known now; one that was not would read as
+            // too many keys: the coarse compares below, still safe)
+            let fetched: Vec<Option<KeyRevisions>> =
+                known.into_iter().map(Option::flatten).collect();
             let needed: Option<usize> = ranges
                 .iter()
                 .zip(&fetched)
@@ -1543,6 +1573,9 @@ const NOTED_ROWS: usize = 256;
 
 /// Most spans a snapshot keeps as listed ([`Facts::spans`]).
 const MAX_SPANS: usize = 16;
+
+/// Keys (etcd's, with the data prefix) and their mod revisions.
+type KeyRevisions = Vec<(Vec<u8>, i64)>;
 
 /// What a snapshot that is not fresh learned for its commit's compares.
 #[derive(Default)]
