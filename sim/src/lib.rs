@@ -14,7 +14,9 @@
 //! [`handler`]). After every step, and against the store after quiescing,
 //! [`check`] asserts: every acknowledged message present exactly once, each
 //! handled exactly once and none skipped, no write from a fenced node, and
-//! every request settled at most once.
+//! every request settled at most once; and each node's follower of guest
+//! 0's inbox (`inbox --follow`) that still runs at the end showed every
+//! acknowledged message there that was not dismissed, once.
 //!
 //! One seed in four also builds a second, *far* cluster (2 nodes on a store
 //! of its own) federated with the first through invitations, as `capstan
@@ -46,6 +48,7 @@
 //! - [`handler`]: guest-like handlers driven as the guest runner drives
 //!   components.
 //! - [`links`]: member links in memory, with the seed's faults.
+//! - `follow`: a follower of guest 0's inbox on every node, checked at the end.
 //! - [`federation`]: the links between the two clusters, and the outbox
 //!   delivery and receiving side of every node.
 //! - [`store`]: each node's gate to the shared store (kill, pause) and the
@@ -56,6 +59,7 @@
 pub mod check;
 pub mod clock;
 pub mod federation;
+mod follow;
 pub mod handler;
 pub mod links;
 pub mod rng;
@@ -138,6 +142,9 @@ pub struct Report {
     /// the end: a bounce tells the requester with a message but does not
     /// reject its promise (not an invariant: how the runtime behaves).
     pub fed_stranded: u64,
+    /// Followers of guest 0's inbox still running at the end, each of
+    /// which showed every acknowledged message there.
+    pub followers_checked: u64,
     /// The guests' formula ids, as the runtime drew them (from the seed).
     pub guest_ids: Vec<capstan_proto::FormulaId>,
     /// A digest of the run's operations and of the stores' final contents

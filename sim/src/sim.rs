@@ -37,6 +37,8 @@ struct Node {
     /// The node's tasks: links, handlers, and the workload's calls made
     /// through it (aborted when it is killed, as a process is).
     tasks: Vec<AbortHandle>,
+    /// What this incarnation's follower of guest 0's inbox showed.
+    follower: Option<Arc<Mutex<crate::follow::FollowLog>>>,
 }
 
 /// What the workload asked and what it was told.
@@ -96,6 +98,8 @@ struct World {
     contents: [u8; 32],
     /// Requests across that bounced, their promise still pending at the end.
     stranded: u64,
+    /// Followers of guest 0's inbox checked at the end.
+    followers_checked: u64,
 }
 
 fn guest_name(g: usize) -> String {
@@ -159,6 +163,7 @@ async fn run_inner(cfg: Config) -> Result<Report, SimError> {
         fed: None,
         contents: [0; 32],
         stranded: 0,
+        followers_checked: 0,
     };
     w.setup().await?;
     for step in 0..cfg.steps {
@@ -206,6 +211,7 @@ impl World {
                 runtime: None,
                 guests: Vec::new(),
                 tasks: Vec::new(),
+                follower: None,
             });
             self.start(i).await.map_err(setup)?;
         }
@@ -278,6 +284,11 @@ impl World {
                     .abort_handle(),
             );
         }
+        if let Some(g0) = guests.first() {
+            let (log, follower) = crate::follow::follow(g0.clone());
+            node.tasks.push(follower.abort_handle());
+            node.follower = Some(log);
+        }
         node.guests = guests;
         Ok(())
     }
@@ -289,6 +300,7 @@ impl World {
             t.abort();
         }
         node.runtime = None;
+        node.follower = None;
         node.guests.clear();
         self.dir.set(&node.name, None);
     }
@@ -624,6 +636,21 @@ impl World {
                 }
             }
         }
+        // Followers look in the store at least every 2 s for what a push
+        // missed (a link dropped it): give them that long, then check them.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let logs: Vec<_> = self
+            .nodes
+            .iter()
+            .filter(|n| n.runtime.is_some())
+            .filter_map(|n| Some((n.name.clone(), n.follower.clone()?)))
+            .collect();
+        let to_g0: BTreeMap<u64, bool> = sends
+            .iter()
+            .filter(|(_, (g, _))| *g == 0)
+            .map(|(k, (_, acked))| (*k, *acked))
+            .collect();
+        self.followers_checked = crate::follow::check(&logs, &to_g0, &cleared).map_err(fail)?;
         self.fed_check().await.map_err(fail)
     }
 
@@ -657,6 +684,7 @@ impl World {
             fed,
             guest_ids: self.guest_ids.clone(),
             fed_stranded: self.stranded,
+            followers_checked: self.followers_checked,
             digest: u64::from_le_bytes(log.finalize().as_bytes()[..8].try_into().unwrap_or([0; 8])),
         }
     }

@@ -245,6 +245,7 @@ impl World {
                 runtime: None,
                 guests: Vec::new(),
                 tasks: Vec::new(),
+                follower: None,
             });
         }
         let gate = Gate::new();
