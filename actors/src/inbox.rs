@@ -132,6 +132,10 @@ impl AgentHandle {
                     Err(_) => Vec::new(),
                 };
                 let look = tokio::time::Instant::now() >= next_look;
+                // Only a look that read the store counts towards giving a
+                // missing number up as a hole (rules::follow): while the
+                // store cannot be read, nothing is known missing.
+                let mut read = false;
                 let batch = if look {
                     last_look = tokio::time::Instant::now();
                     every = (every * 2).min(FOLLOW_RECHECK);
@@ -145,6 +149,7 @@ impl AgentHandle {
                         .await;
                     match page {
                         Ok(mut ms) => {
+                            read = true;
                             ms.extend(batch);
                             ms
                         }
@@ -161,7 +166,7 @@ impl AgentHandle {
                     if !cursor.accept(m.number) {
                         continue;
                     }
-                    missed |= look;
+                    missed |= read;
                     let v = view_recent(&db, &ctx, m).await;
                     match v {
                         Ok(v) => {
@@ -175,7 +180,7 @@ impl AgentHandle {
                         }
                     }
                 }
-                if look {
+                if read {
                     cursor.looked(tokio::time::Instant::now().into_std());
                 }
                 if missed {
