@@ -362,11 +362,24 @@ struct Printer {
     /// With `--thread`: the message ids of the thread seen so far.
     thread: Option<RefCell<HashSet<Vec<u8>>>>,
     /// The numbers printed, the last [`PRINTED_KEPT`] of them.
-    printed: RefCell<std::collections::BTreeSet<u64>>,
+    printed: Rc<RefCell<std::collections::BTreeSet<u64>>>,
 }
 
 /// Numbers a follower remembers having printed.
 const PRINTED_KEPT: usize = 10_000;
+/// How far below the highest number printed a follower that reconnects
+/// looks for numbers not printed yet (late commits).
+const RESUME_WINDOW: u64 = 256;
+
+/// Where a follower that reconnects follows on from: the lowest number not
+/// printed yet in the [`RESUME_WINDOW`] below `next` (the number after the
+/// highest printed) and not below `from`, else `next`. Numbers commit out
+/// of order, so one below the highest printed may still land: following
+/// on from `next` lost it. What was printed again is skipped.
+fn resume_from(printed: &std::collections::BTreeSet<u64>, from: u64, next: u64) -> u64 {
+    let low = from.max(next.saturating_sub(RESUME_WINDOW));
+    (low..next).find(|n| !printed.contains(n)).unwrap_or(next)
+}
 
 impl message_sink::Server for Printer {
     async fn push(
@@ -424,16 +437,36 @@ async fn follow_inbox(
         json,
         next: next.clone(),
         thread: thread.map(|t| RefCell::new(HashSet::from([t.0.to_vec()]))),
-        printed: RefCell::new(Default::default()),
+        printed: Rc::new(RefCell::new(Default::default())),
     };
+    let printed = printer.printed.clone();
     let sink: message_sink::Client = capnp_rpc::new_client(printer);
-    client.follow(sink, || next.get()).await?;
+    client
+        .follow(sink, || resume_from(&printed.borrow(), from, next.get()))
+        .await?;
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reconnecting_follower_follows_on_from_a_number_not_printed_yet() {
+        let printed: std::collections::BTreeSet<u64> = [5, 6, 8, 9].into();
+        // 7 was handed out before 8 and may still land
+        assert_eq!(resume_from(&printed, 5, 10), 7);
+        assert_eq!(resume_from(&printed, 8, 10), 10, "nothing missing from 8");
+        let all: std::collections::BTreeSet<u64> = (0..1000).collect();
+        assert_eq!(resume_from(&all, 0, 1000), 1000);
+        // an old hole far below is not looked for again
+        let mut old_hole = all.clone();
+        old_hole.remove(&3);
+        assert_eq!(resume_from(&old_hole, 0, 1000), 1000);
+        old_hole.remove(&990);
+        assert_eq!(resume_from(&old_hole, 0, 1000), 990);
+        assert_eq!(resume_from(&Default::default(), 4, 4), 4, "nothing printed");
+    }
 
     #[test]
     fn thread_ids_are_validated() {
