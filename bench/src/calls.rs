@@ -283,17 +283,38 @@ impl capstan_proto::api_capnp::message_sink::Server for Seen {
 /// Follows `a`'s inbox for as long as the connection lives: the waits
 /// below then cost no call (polling `inbox` would read the whole inbox,
 /// and that grows with every round trip measured).
-pub(super) fn follow_inbox(a: &agent::Client, after: u64) -> Rc<std::cell::Cell<Option<u64>>> {
-    let cell = Rc::new(std::cell::Cell::new(None));
+pub(super) fn follow_inbox(a: &agent::Client, after: u64) -> Follow {
+    let seen = Rc::new(std::cell::Cell::new(None));
     let sink: capstan_proto::api_capnp::message_sink::Client =
-        capnp_rpc::new_client(Seen(cell.clone()));
+        capnp_rpc::new_client(Seen(seen.clone()));
     let mut r = a.follow_request();
     r.get().set_after(after);
     r.get().set_sink(sink);
-    tokio::task::spawn_local(async move {
+    let task = tokio::task::spawn_local(async move {
         let _ = r.send().promise.await;
     });
-    cell
+    Follow { seen, task }
+}
+
+/// A follower of an inbox ([`follow_inbox`]): the highest number it was
+/// pushed. Dropping it ends the follow (the call is cancelled), so that a
+/// row's follower does not go on rendering the next rows' messages.
+pub(super) struct Follow {
+    seen: Rc<std::cell::Cell<Option<u64>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::ops::Deref for Follow {
+    type Target = Rc<std::cell::Cell<Option<u64>>>;
+    fn deref(&self) -> &Self::Target {
+        &self.seen
+    }
+}
+
+impl Drop for Follow {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// Waits until the followed inbox has a message numbered `number` or later
