@@ -15,9 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use capstan_actors::{AgentHandle, MessageBodyView};
 
-fn lock(l: &Mutex<FollowLog>) -> std::sync::MutexGuard<'_, FollowLog> {
-    l.lock().unwrap_or_else(|e| e.into_inner())
-}
+use crate::handler::lock;
 
 /// What one follower showed.
 #[derive(Default)]

@@ -234,6 +234,8 @@ async fn close_holes(
     .await
 }
 
-pub(crate) fn lock(m: &Arc<Mutex<Model>>) -> std::sync::MutexGuard<'_, Model> {
+/// Locks `m`, also after a panic elsewhere poisoned it (the simulation's
+/// state is checked, not trusted).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }

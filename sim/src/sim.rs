@@ -107,7 +107,7 @@ fn guest_name(g: usize) -> String {
 }
 
 fn hist(h: &Arc<Mutex<History>>) -> std::sync::MutexGuard<'_, History> {
-    h.lock().unwrap_or_else(|e| e.into_inner())
+    lock(h)
 }
 
 /// Store faults drawn from the seed: calm, moderate or heavy.
