@@ -703,6 +703,12 @@ struct Counters {
     cache_hits: AtomicU64,
     assumed_absent: AtomicU64,
     commit_us: AtomicU64,
+    /// What the commits asked etcd for (whether they applied or not): keys
+    /// put, deletions (a key or a range each) and compares (the commit
+    /// markers' not counted): where a commit's etcd work goes.
+    commit_puts: AtomicU64,
+    commit_deletes: AtomicU64,
+    commit_compares: AtomicU64,
 }
 
 fn bump(c: &AtomicU64, n: u64) {
@@ -1198,6 +1204,12 @@ impl Inner {
             });
         }
         tracing::trace!(compares = compares.len(), coarse, "queueing an etcd commit");
+        bump(
+            &self.counters.commit_puts,
+            (writes.len() - deletes.len()) as u64,
+        );
+        bump(&self.counters.commit_deletes, deletes.len() as u64);
+        bump(&self.counters.commit_compares, compares.len() as u64);
         let shape = batch::Shape {
             reads: merge_ranges(req.read_conflicts),
             writes: written,
@@ -1514,6 +1526,9 @@ impl EtcdStore {
             ("commit_us", get(&c.commit_us)),
             ("cache_hits", get(&c.cache_hits)),
             ("assumed_absent", get(&c.assumed_absent)),
+            ("commit_puts", get(&c.commit_puts)),
+            ("commit_deletes", get(&c.commit_deletes)),
+            ("commit_compares", get(&c.commit_compares)),
         ]
     }
 }
