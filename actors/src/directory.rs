@@ -5,7 +5,7 @@ use crate::error::Error;
 use crate::keys;
 use crate::model::{self, promise_has_no_value, settle_target, value_bytes};
 use crate::names::{HOST_ONLY_SPECIALS, Path};
-use crate::records::{AgentRec, DedupAnswer, Formula, FormulaKind, PromiseRec, ValueRec};
+use crate::records::{AgentRec, DedupAnswer, Formula, FormulaKind, PromiseRec};
 use capstan_proto::{FormulaId, RequestId};
 use std::sync::Arc;
 
@@ -242,17 +242,7 @@ impl AgentHandle {
                     return Ok(prev);
                 }
                 let dir = model::parent_dir(tx, &ctx, &p).await?;
-                let f = Formula {
-                    created_ms: now_ms(),
-                    cancelled: None,
-                    kind: FormulaKind::Value(ValueRec {
-                        kind,
-                        size: data.len() as u64,
-                        hash,
-                    }),
-                };
-                model::put_formula(tx, &id, &f)?;
-                capstan_cluster::blob::set_blob(tx, &keys::value(&id), &data).await?;
+                model::put_value(tx, &id, kind, (&data, hash), now_ms()).await?;
                 model::set_name(tx, &dir, p.last(), &id).await?;
                 model::dedup_put(tx, &ctx.id, &req, DedupAnswer::Id(id), now_ms())?;
                 Ok(id)

@@ -640,15 +640,19 @@ pub(crate) fn promise_has_no_value(name: &str, state: &PromiseState) -> Error {
     }
 }
 
-/// The bytes of value `id`, checked against its record.
+/// The bytes of value `id`, checked against its record: kept in the
+/// record itself (small values) or in a blob under the value's key.
 pub(crate) async fn value_bytes(
     tx: &mut capstan_cluster::Transaction,
     id: &FormulaId,
     v: &ValueRec,
 ) -> Result<Vec<u8>, Error> {
-    let data = capstan_cluster::blob::get_blob(tx, &keys::value(id))
-        .await?
-        .ok_or_else(|| Error::Corrupt(format!("value {} has no bytes", id.short())))?;
+    let data = match &v.inline {
+        Some(bytes) => bytes.clone(),
+        None => capstan_cluster::blob::get_blob(tx, &keys::value(id))
+            .await?
+            .ok_or_else(|| Error::Corrupt(format!("value {} has no bytes", id.short())))?,
+    };
     if data.len() as u64 != v.size || *blake3::hash(&data).as_bytes() != v.hash {
         return Err(Error::Corrupt(format!(
             "value {} does not match its hash",
@@ -656,6 +660,36 @@ pub(crate) async fn value_bytes(
         )));
     }
     Ok(data)
+}
+
+/// Writes the formula of a new value `id` holding `data` of `kind`: the
+/// bytes inside the record when they are at most
+/// [`crate::records::INLINE_VALUE_MAX`], else in a blob of their own.
+/// `hash` is blake3 of `data`. `id` must be fresh (no blob is cleared
+/// before one is written).
+pub(crate) async fn put_value(
+    tx: &mut Transaction,
+    id: &FormulaId,
+    kind: crate::types::ValueKind,
+    (data, hash): (&[u8], [u8; 32]),
+    created_ms: u64,
+) -> Result<(), Error> {
+    let small = data.len() <= crate::records::INLINE_VALUE_MAX;
+    let f = Formula {
+        created_ms,
+        cancelled: None,
+        kind: FormulaKind::Value(ValueRec {
+            kind,
+            size: data.len() as u64,
+            hash,
+            inline: small.then(|| data.to_vec()),
+        }),
+    };
+    put_formula(tx, id, &f)?;
+    if !small {
+        capstan_cluster::blob::set_blob(tx, &keys::value(id), data).await?;
+    }
+    Ok(())
 }
 
 /// Follows resolved promises to what they resolved to (bounded chain).

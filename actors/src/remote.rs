@@ -164,19 +164,7 @@ impl Runtime {
                     let (tid, f) = settle_target(tx, id).await?;
                     match f.kind {
                         FormulaKind::Value(v) => {
-                            let data = capstan_cluster::blob::get_blob(tx, &keys::value(&tid))
-                                .await?
-                                .ok_or_else(|| {
-                                    Error::Corrupt(format!("value {} has no bytes", tid.short()))
-                                })?;
-                            if data.len() as u64 != v.size
-                                || *blake3::hash(&data).as_bytes() != v.hash
-                            {
-                                return Err(Error::Corrupt(format!(
-                                    "value {} does not match its hash",
-                                    tid.short()
-                                )));
-                            }
+                            let data = crate::model::value_bytes(tx, &tid, &v).await?;
                             Ok((v.kind, data))
                         }
                         FormulaKind::Promise(crate::records::PromiseRec { state, .. }) => Err(

@@ -27,7 +27,9 @@ pub const MAX_PAGE_KEYS: usize = 100_000;
 ///
 /// - formulas: `("f", …)`, reference stamps `("fref", …)`, condemned marks `("gcx", …)`
 ///   swept marks `("gcz", …)` and cancel events `("cnl", …)`
-/// - values: `("v", …)` (the chunks of stored values)
+/// - values: `("v", …)` (the blobs of stored values larger than
+///   [`crate::records::INLINE_VALUE_MAX`]; smaller ones are inside their
+///   formula records)
 /// - names: `("n", …)`, the reverse index `("r", …)` and the change logs
 ///   of watched directories `("dchg", …)`
 /// - messages: `("m", …)`, inbox marks `("mark", …)` and quotas `("quota", …)`

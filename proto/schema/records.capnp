@@ -97,8 +97,14 @@ enum ValueKind {
 struct StoredValue {
   kind @0 :ValueKind;
   size @1 :UInt64;
-  # blake3 of the bytes; the bytes are a chunked blob under the value's key.
+  # blake3 of the bytes; the bytes are a chunked blob under the value's key,
+  # unless `inlined`.
   hash @2 :Data;
+  # A small value's bytes, kept in the record itself (no blob): when
+  # `inlined` is set. Records written before this field have no bytes here
+  # and a blob.
+  inline @3 :Data;
+  inlined @4 :Bool;
 }
 
 struct Promise {

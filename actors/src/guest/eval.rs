@@ -41,7 +41,7 @@ use crate::keys;
 use crate::model;
 use crate::names::Path;
 use crate::records::BodyRec;
-use crate::records::{DedupAnswer, Formula, FormulaKind, ValueRec};
+use crate::records::DedupAnswer;
 use crate::types::MessageBodyView;
 
 /// Largest source accepted.
@@ -579,17 +579,7 @@ impl AgentHandle {
                         }
                     }
                     let dir = model::parent_dir(tx, &ctx, &p).await?;
-                    let f = Formula {
-                        created_ms: now_ms(),
-                        cancelled: None,
-                        kind: FormulaKind::Value(ValueRec {
-                            kind,
-                            size: data.len() as u64,
-                            hash,
-                        }),
-                    };
-                    model::put_formula(tx, &id, &f)?;
-                    capstan_cluster::blob::set_blob(tx, &keys::value(&id), &data).await?;
+                    model::put_value(tx, &id, kind, (&data, hash), now_ms()).await?;
                     model::set_name(tx, &dir, p.last(), &id).await?;
                     // The record references its dependencies (the write
                     // barrier of garbage collection).

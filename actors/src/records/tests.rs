@@ -18,6 +18,19 @@ fn round_trips() {
             kind: ValueKind::Json,
             size: 3,
             hash: [7; 32],
+            inline: None,
+        }),
+        FormulaKind::Value(ValueRec {
+            kind: ValueKind::Text,
+            size: 2,
+            hash: [8; 32],
+            inline: Some(b"hi".to_vec()),
+        }),
+        FormulaKind::Value(ValueRec {
+            kind: ValueKind::Bytes,
+            size: 0,
+            hash: [9; 32],
+            inline: Some(Vec::new()),
         }),
         FormulaKind::Promise(PromiseRec {
             description: "need \u{1F600}".into(),

@@ -74,12 +74,12 @@ impl tool_host::Host for ToolState {
                 let Some(id) = model::lookup(tx, &dir, &path).await? else {
                     return Ok(None);
                 };
-                match model::must_formula(tx, &id).await?.kind {
-                    FormulaKind::Value(_) => {}
+                let v = match model::must_formula(tx, &id).await?.kind {
+                    FormulaKind::Value(v) => v,
                     _ => return Ok(None),
-                }
-                let b = capstan_cluster::blob::get_blob(tx, &crate::keys::value(&id)).await?;
-                Ok::<_, Error>(b.and_then(|b| String::from_utf8(b).ok()))
+                };
+                let b = model::value_bytes(tx, &id, &v).await?;
+                Ok::<_, Error>(String::from_utf8(b).ok())
             })
         }));
         Ok(r.unwrap_or(None))
