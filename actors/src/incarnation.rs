@@ -68,9 +68,10 @@ const RETELL_AFTER_MISS: Duration = Duration::from_millis(500);
 
 /// In a cluster, tells the owner of this agent's inbox (when another node)
 /// that this node has followers of it, so that senders wake this node too
-/// (`LinkOp::Interest`; renewed at every tick while followers last). In
-/// the background: the owner is looked up in the store.
-fn tell_owner_of_followers(st: &AgentState) {
+/// (`LinkOp::Interest`; renewed at every tick while followers last), or,
+/// `gone`, that the last of them ended. In the background: the owner is
+/// looked up in the store.
+fn tell_owner_of_followers(st: &AgentState, gone: bool) {
     if st.owned {
         return;
     }
@@ -83,7 +84,7 @@ fn tell_owner_of_followers(st: &AgentState) {
             Ok(Some(node)) => {
                 let _ = c
                     .link
-                    .try_send(crate::cluster::LinkOp::Interest { node, agent });
+                    .try_send(crate::cluster::LinkOp::Interest { node, agent, gone });
             }
             Ok(None) => {}
             Err(e) => {
@@ -183,6 +184,7 @@ impl Actor for AgentActor {
                     st.last_active = Instant::now();
                     g.kick();
                 }
+                let had = !st.followers.is_empty();
                 st.followers.retain(|f| match f.try_send(m.clone()) {
                     Ok(()) => true,
                     Err(mpsc::error::TrySendError::Full(_)) => {
@@ -191,6 +193,10 @@ impl Actor for AgentActor {
                     }
                     Err(mpsc::error::TrySendError::Closed(_)) => false,
                 });
+                if had && st.followers.is_empty() {
+                    // the last follower ended: stop the wake-ups for it
+                    tell_owner_of_followers(st, true);
+                }
             }
             AgentMsg::Follow(tx, reply) => {
                 st.last_active = Instant::now();
@@ -202,7 +208,7 @@ impl Actor for AgentActor {
                 } else {
                     st.followers.push(tx);
                     let _ = reply.send(Ok(()));
-                    tell_owner_of_followers(st);
+                    tell_owner_of_followers(st, false);
                 }
             }
             AgentMsg::MissedPush => {
@@ -217,7 +223,7 @@ impl Actor for AgentActor {
                     if let Some(c) = st.rt.cluster.get() {
                         c.forget_owner(&st.id);
                     }
-                    tell_owner_of_followers(st);
+                    tell_owner_of_followers(st, false);
                 }
             }
             AgentMsg::Freed => st.account.note_freed(),
@@ -234,9 +240,12 @@ impl Actor for AgentActor {
                         Err(e) => tracing::debug!(agent = %id.short(), "quota not read: {e}"),
                     }
                 }
+                let had = !st.followers.is_empty();
                 st.followers.retain(|f| !f.is_closed());
                 if !st.followers.is_empty() {
-                    tell_owner_of_followers(st);
+                    tell_owner_of_followers(st, false);
+                } else if had {
+                    tell_owner_of_followers(st, true);
                 }
                 // a channel guest stays incarnated: it polls the outside system
                 let pinned = st.guest.as_ref().is_some_and(|g| g.pinned());

@@ -192,11 +192,16 @@ impl Runtime {
         self.inner.cluster.get().cloned()
     }
 
-    /// Member `node` follows `agent`'s inbox; this node owns it (else the
-    /// interest is ignored: the follower asks the owner it finds).
-    pub fn note_interest(&self, agent: FormulaId, node: String) {
+    /// Member `node` follows `agent`'s inbox (`gone`: no longer); this
+    /// node owns it (else the interest is ignored: the follower asks the
+    /// owner it finds).
+    pub fn note_interest(&self, agent: FormulaId, node: String, gone: bool) {
         if let Some(c) = self.inner.cluster.get() {
-            c.note_interest(agent, node);
+            if gone {
+                c.drop_interest(&agent, &node);
+            } else {
+                c.note_interest(agent, node);
+            }
         }
     }
 

@@ -55,8 +55,10 @@ interface Member {
   wake @3 (delivered :List(Delivery), settled :List(Data), revision :UInt64) -> ();
   # Member `node` has followers of `agent`'s inbox, which this node owns:
   # tell the nodes that reserve numbers in it to wake `node` too (for the
-  # next few minutes; renewed while the followers last).
-  interest @4 (agent :Data, node :Text) -> ();
+  # next few minutes; renewed while the followers last). `gone`: its last
+  # follower ended, stop waking it (a member that predates the field takes
+  # it as a renewal, and its interest lapses on its own).
+  interest @4 (agent :Data, node :Text, gone :Bool) -> ();
 }
 
 # Message `number` was committed to `agent`'s inbox (see `Member.wake`).

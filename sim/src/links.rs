@@ -166,12 +166,21 @@ pub async fn serve_links(
                     }
                 }
             }
-            LinkOp::Interest { node, agent } => {
+            LinkOp::Interest { node, agent, gone } => {
+                // Delayed, dropped and duplicated like any call: a
+                // withdrawal may land after a later renewal (a follower
+                // that started again meanwhile) and must not cost that
+                // follower a message.
                 let f = fate(&rng, &faults);
-                if f.copies > 0
-                    && let Some(rt) = dir.get(&node.name)
-                {
-                    rt.note_interest(agent, me.clone());
+                for _ in 0..f.copies {
+                    let (dir, me) = (dir.clone(), me.clone());
+                    let name = node.name.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(f.delay).await;
+                        if let Some(rt) = dir.get(&name) {
+                            rt.note_interest(agent, me, gone);
+                        }
+                    });
                 }
             }
         }

@@ -102,6 +102,22 @@ impl Membership {
             .insert(node, now + INTEREST_TTL);
     }
 
+    /// Member `node` no longer follows `agent`'s inbox: senders stop waking
+    /// it for that inbox at their next reservation (before, an ended
+    /// follower's node was woken for every message until its interest
+    /// lapsed, [`INTEREST_TTL`] later).
+    pub fn drop_interest(&self, agent: &FormulaId, node: &str) {
+        let Ok(mut all) = self.interest.lock() else {
+            return;
+        };
+        if let Some(nodes) = all.get_mut(agent) {
+            nodes.remove(node);
+            if nodes.is_empty() {
+                all.remove(agent);
+            }
+        }
+    }
+
     /// The members following `agent`'s inbox, as its owner knows them.
     pub fn interested(&self, agent: &FormulaId) -> Vec<String> {
         let Ok(mut all) = self.interest.lock() else {
@@ -236,5 +252,47 @@ impl Membership {
             "node {} does not hold its cluster lease right now (store unreachable, or paused past its lease); it re-registers by itself: retry, or use another node",
             self.cfg.name
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn membership() -> Membership {
+        let (tx, _rx) = mpsc::channel(1);
+        Membership::new(
+            ClusterConfig {
+                name: "n1".into(),
+                node_id: "id".into(),
+                addr: "127.0.0.1:1".into(),
+                lease: std::time::Duration::from_secs(1),
+            },
+            tx,
+        )
+    }
+
+    #[test]
+    fn a_member_whose_followers_ended_is_no_longer_woken() {
+        let m = membership();
+        let (a, b) = (FormulaId::random(), FormulaId::random());
+        m.note_interest(a, "n2".into());
+        m.note_interest(a, "n3".into());
+        m.note_interest(b, "n2".into());
+        let mut names = m.interested(&a);
+        names.sort();
+        assert_eq!(names, ["n2", "n3"]);
+        m.drop_interest(&a, "n2");
+        assert_eq!(m.interested(&a), ["n3"]);
+        // only that inbox, only that member
+        assert_eq!(m.interested(&b), ["n2"]);
+        m.drop_interest(&a, "n3");
+        assert!(m.interested(&a).is_empty());
+        // a withdrawal of what was never noted changes nothing
+        m.drop_interest(&b, "n9");
+        assert_eq!(m.interested(&b), ["n2"]);
+        // following again after a withdrawal counts again
+        m.note_interest(a, "n2".into());
+        assert_eq!(m.interested(&a), ["n2"]);
     }
 }

@@ -118,8 +118,13 @@ pub enum LinkOp {
         promise: FormulaId,
     },
     /// Tell `node`, the owner of `agent`, that this node has followers of
-    /// `agent`'s inbox (see [`Membership::note_interest`]).
-    Interest { node: MemberRec, agent: FormulaId },
+    /// `agent`'s inbox (see [`Membership::note_interest`]), or, `gone`,
+    /// that its last one ended ([`Membership::drop_interest`]).
+    Interest {
+        node: MemberRec,
+        agent: FormulaId,
+        gone: bool,
+    },
 }
 
 /// How long an owner keeps sending an agent's deliveries to a member that
