@@ -100,6 +100,14 @@ pub struct Runtime {
 }
 
 impl Runtime {
+    /// A runtime with default options on a fresh in-memory store
+    /// ([`capstan_cluster::mem_store::MemStore`]): for tests of the object
+    /// model without processes.
+    pub async fn in_memory() -> Result<Runtime, Error> {
+        let store = Arc::new(capstan_cluster::mem_store::MemStore::new());
+        Runtime::open(Db::new(store), RuntimeOptions::default()).await
+    }
+
     /// Opens the runtime on a store, creating the root host on first use.
     pub async fn open(db: Db, opts: RuntimeOptions) -> Result<Runtime, Error> {
         let root = db

@@ -3,20 +3,11 @@
 //! sub-host made with `mkhost` cannot act as its own HOST, nor as a sibling
 //! or an agent of its host that it was mailed.
 
-use std::sync::Arc;
-
-use capstan_actors::{AgentHandle, Error, RefSpec, Runtime, RuntimeOptions};
-use capstan_cluster::Db;
-use capstan_cluster::mem_store::MemStore;
+use capstan_actors::{AgentHandle, Error, RefSpec, Runtime};
 use capstan_proto::RequestId;
 
 async fn runtime() -> Runtime {
-    Runtime::open(
-        Db::new(Arc::new(MemStore::new())),
-        RuntimeOptions::default(),
-    )
-    .await
-    .expect("runtime")
+    Runtime::in_memory().await.expect("runtime")
 }
 
 /// `from` mails `@what` to `to` (a path in `from`'s names); `to` adopts it

@@ -6,18 +6,11 @@
 use std::sync::{Arc, Mutex};
 
 use capstan_actors::cancel::ScanHook;
-use capstan_actors::{Error, Runtime, RuntimeOptions, model};
-use capstan_cluster::Db;
-use capstan_cluster::mem_store::MemStore;
+use capstan_actors::{Error, Runtime, model};
 use capstan_proto::{FormulaId, RequestId};
 
 async fn runtime() -> Runtime {
-    Runtime::open(
-        Db::new(Arc::new(MemStore::new())),
-        RuntimeOptions::default(),
-    )
-    .await
-    .expect("runtime")
+    Runtime::in_memory().await.expect("runtime")
 }
 
 /// The cancel mark's reason of formula `id`, if it is cancelled.

@@ -8,18 +8,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use capstan_actors::gc::{GcOptions, GcPhase, Progress};
 use capstan_actors::records::FormulaKind;
-use capstan_actors::{Error, Runtime, RuntimeOptions, ValueKind, model};
+use capstan_actors::{Error, Runtime, ValueKind, model};
 use capstan_cluster::Db;
-use capstan_cluster::mem_store::MemStore;
 use capstan_proto::{FormulaId, RequestId};
 
 async fn runtime() -> Runtime {
-    Runtime::open(
-        Db::new(Arc::new(MemStore::new())),
-        RuntimeOptions::default(),
-    )
-    .await
-    .expect("runtime")
+    Runtime::in_memory().await.expect("runtime")
 }
 
 async fn pet_store(rt: &Runtime) -> FormulaId {

@@ -3,21 +3,13 @@
 //! without bytes and a blob) still read; and a record whose inline bytes do
 //! not match it is refused, not shown.
 
-use std::sync::Arc;
-
 use capstan_actors::records::{Formula, FormulaKind, INLINE_VALUE_MAX, ValueRec};
-use capstan_actors::{Error, Runtime, RuntimeOptions, ValueKind, keys, model};
+use capstan_actors::{Error, Runtime, ValueKind, keys, model};
 use capstan_cluster::Db;
-use capstan_cluster::mem_store::MemStore;
 use capstan_proto::{FormulaId, RequestId};
 
 async fn runtime() -> Runtime {
-    Runtime::open(
-        Db::new(Arc::new(MemStore::new())),
-        RuntimeOptions::default(),
-    )
-    .await
-    .expect("runtime")
+    Runtime::in_memory().await.expect("runtime")
 }
 
 /// The keys of value `id`'s blob, and its formula.
