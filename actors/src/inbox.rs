@@ -81,9 +81,9 @@ impl AgentHandle {
             let mut seen = std::collections::HashSet::new();
             let mut from = Some(after);
             while let Some(f) = from {
-                let c = ctx.clone();
-                let page = db
-                    .read(move |tx| {
+                let page = with_retries("read the inbox's history", || {
+                    let c = ctx.clone();
+                    db.read(move |tx| {
                         Box::pin(async move {
                             let ms =
                                 model::list_messages_page(tx, &c.id, f, INBOX_SCAN_PAGE).await?;
@@ -95,7 +95,8 @@ impl AgentHandle {
                             Ok::<_, Error>(out)
                         })
                     })
-                    .await;
+                })
+                .await;
                 let Ok(page) = page else { return };
                 from = if page.len() == INBOX_SCAN_PAGE {
                     page.last().and_then(|m| m.number.checked_add(1))
@@ -167,7 +168,8 @@ impl AgentHandle {
                         continue;
                     }
                     missed |= read;
-                    let v = view_recent(&db, &ctx, m).await;
+                    let v = with_retries("render a message", || view_recent(&db, &ctx, m.clone()))
+                        .await;
                     match v {
                         Ok(v) => {
                             if out_tx.send(v).await.is_err() {
@@ -195,6 +197,34 @@ impl AgentHandle {
         Ok(out_rx)
     }
 }
+
+/// Tries a follower's read of the store that failed for a passing reason
+/// (the store unreachable, a leader election) again, [`FOLLOW_READ_TRIES`]
+/// times in all with growing pauses (7 s of them): the follower rides out
+/// what a client would otherwise see as its stream ending. Other errors
+/// (a damaged record) and the last failure end the follower, as before.
+async fn with_retries<T, F, Fut>(what: &str, mut read: F) -> Result<T, Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Error>>,
+{
+    let mut pause = std::time::Duration::from_millis(100);
+    let mut tries = 1;
+    loop {
+        match read().await {
+            Err(e) if e.is_transient() && tries < FOLLOW_READ_TRIES => {
+                tracing::debug!("follower could not {what} ({e}); trying again in {pause:?}");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(2));
+                tries += 1;
+            }
+            r => return r,
+        }
+    }
+}
+
+/// Reads a follower tries before it ends (see [`with_retries`]).
+const FOLLOW_READ_TRIES: u32 = 8;
 
 /// Renders a message the follower was just told of. It is read on a recent
 /// snapshot (no round trip for the latest revision: that is one of the few

@@ -3,7 +3,9 @@
 //! same inbox: inbox numbers are handed out in order but commit in any
 //! order. Here every other commit of the store is held back for up to
 //! 400 ms, so many numbers land after their successors; the follower must
-//! not give them up as holes and then refuse them when they arrive.
+//! not give them up as holes and then refuse them when they arrive. And a
+//! follower that cannot read the store for a while (to render what it was
+//! told of) waits it out instead of ending.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -74,4 +76,36 @@ async fn a_follower_shows_a_message_whose_commit_lands_after_later_ones() {
         "acknowledged messages the follower never showed: {missing:?} (of {})",
         acknowledged.len()
     );
+}
+
+/// A follower told of a message while the store cannot be read (a leader
+/// election, a dropped connection) renders it once the store answers again,
+/// instead of ending its stream (a client then had to reconnect).
+#[tokio::test(flavor = "current_thread")]
+async fn a_follower_rides_out_a_store_outage_while_it_renders() {
+    let store = Arc::new(MemStore::new());
+    let rt = Runtime::open(Db::new(store.clone()), RuntimeOptions::default())
+        .await
+        .expect("runtime");
+    let root = rt.root_host();
+    root.mkguest(RequestId::random(), "g")
+        .await
+        .expect("mkguest");
+    let mut follower = root.follow(0).await.expect("follow");
+    let n = root
+        .send(RequestId::random(), "g", vec!["hello".into()], vec![], None)
+        .await
+        .expect("send");
+    // One thread: the follower cannot render the push before this task
+    // yields, so its reads meet the outage.
+    store.stop();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let refused = store.fault_counts().refused_while_stopped;
+    store.start();
+    assert!(refused > 0, "the follower read the store during the outage");
+    let m = tokio::time::timeout(Duration::from_secs(10), follower.recv())
+        .await
+        .expect("the message shown within 10 s")
+        .expect("the follower still runs");
+    assert_eq!(m.number, n);
 }
