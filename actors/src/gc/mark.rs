@@ -16,6 +16,9 @@ pub(super) struct Info {
 pub(super) enum Shape {
     /// Value chunks `("v", id, …)`.
     Value,
+    /// A value whose bytes are in its record (no chunks, ever: a value
+    /// gets none after it is written).
+    InlineValue,
     /// Names `("n", id, …)` and the change log `("dchg", id, …)`: a
     /// directory may get names after the mark's snapshot from a writer
     /// that holds its id, so these are always read.
@@ -215,6 +218,7 @@ pub(super) async fn mark(snap: &dyn Snapshot) -> Result<Graph, Error> {
             g.roots.push(id);
         }
         let kind = match f.kind {
+            FormulaKind::Value(v) if v.inline.is_some() => Shape::InlineValue,
             FormulaKind::Value(_) => Shape::Value,
             FormulaKind::Directory => Shape::Directory,
             _ => Shape::Other,

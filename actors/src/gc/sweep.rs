@@ -19,7 +19,8 @@ pub(super) struct Plan {
 }
 
 /// The key families of formula `id` that the sweep clears, by what the mark
-/// knows of it: its reverse names, locators and cancel event always; a value's chunks, a
+/// knows of it: its reverse names, locators and cancel event always; a value's chunks (none
+/// for a value kept in its record), a
 /// directory's names and change log, an eval result's dependencies. (A
 /// value gets no names, and nothing gets chunks or dependencies, after it
 /// is written; only a directory can gain keys after the mark, from a
@@ -44,7 +45,7 @@ pub(super) fn families(id: &FormulaId, plan: Option<Plan>) -> Vec<Vec<u8>> {
             f.push(keys::names_of_dir(id));
             f.push(keys::dir_watch(id));
         }
-        Shape::Other => {}
+        Shape::InlineValue | Shape::Other => {}
     }
     if plan.deps {
         f.push(keys::eval_deps(id));
@@ -135,7 +136,7 @@ pub(super) async fn sweep_some(
                     sw.formulas += 1;
                     sw.keys += 1;
                     sw.bytes += (fk.len() + f.len()) as u64;
-                    if plan.is_some_and(|p| p.kind == Shape::Value) {
+                    if plan.is_some_and(|p| matches!(p.kind, Shape::Value | Shape::InlineValue)) {
                         sw.values += 1;
                     }
                     let mut big = false;
