@@ -665,8 +665,8 @@ pub(crate) async fn value_bytes(
 /// Writes the formula of a new value `id` holding `data` of `kind`: the
 /// bytes inside the record when they are at most
 /// [`crate::records::INLINE_VALUE_MAX`], else in a blob of their own.
-/// `hash` is blake3 of `data`. `id` must be fresh (no blob is cleared
-/// before one is written).
+/// `hash` is blake3 of `data`. `id` must be fresh: a small value's record
+/// is written without clearing a blob the id might have.
 pub(crate) async fn put_value(
     tx: &mut Transaction,
     id: &FormulaId,

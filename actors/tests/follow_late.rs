@@ -16,13 +16,15 @@ use capstan_cluster::Db;
 use capstan_cluster::mem_store::{Faults, MemStore};
 use capstan_proto::RequestId;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_follower_shows_a_message_whose_commit_lands_after_later_ones() {
-    let store = Arc::new(MemStore::with_faults(Faults {
-        commit_delay_ppm: 500_000,
-        max_delay: Duration::from_millis(400),
-        ..Faults::seeded(11)
-    }));
+/// A runtime on `store` whose root host made guest "g" (the tests mail it)
+/// and follows its own inbox from the start.
+async fn following(
+    store: &Arc<MemStore>,
+) -> (
+    Runtime,
+    capstan_actors::AgentHandle,
+    tokio::sync::mpsc::Receiver<capstan_actors::MessageView>,
+) {
     let rt = Runtime::open(Db::new(store.clone()), RuntimeOptions::default())
         .await
         .expect("runtime");
@@ -30,7 +32,18 @@ async fn a_follower_shows_a_message_whose_commit_lands_after_later_ones() {
     root.mkguest(RequestId::random(), "g")
         .await
         .expect("mkguest");
-    let mut follower = root.follow(0).await.expect("follow");
+    let follower = root.follow(0).await.expect("follow");
+    (rt, root, follower)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_shows_a_message_whose_commit_lands_after_later_ones() {
+    let store = Arc::new(MemStore::with_faults(Faults {
+        commit_delay_ppm: 500_000,
+        max_delay: Duration::from_millis(400),
+        ..Faults::seeded(11)
+    }));
+    let (_rt, root, mut follower) = following(&store).await;
 
     let mut acknowledged = BTreeSet::new();
     // Rounds of concurrent sends, so that the follower's looks (soon after
@@ -84,14 +97,7 @@ async fn a_follower_shows_a_message_whose_commit_lands_after_later_ones() {
 #[tokio::test(flavor = "current_thread")]
 async fn a_follower_rides_out_a_store_outage_while_it_renders() {
     let store = Arc::new(MemStore::new());
-    let rt = Runtime::open(Db::new(store.clone()), RuntimeOptions::default())
-        .await
-        .expect("runtime");
-    let root = rt.root_host();
-    root.mkguest(RequestId::random(), "g")
-        .await
-        .expect("mkguest");
-    let mut follower = root.follow(0).await.expect("follow");
+    let (_rt, root, mut follower) = following(&store).await;
     let n = root
         .send(RequestId::random(), "g", vec!["hello".into()], vec![], None)
         .await
