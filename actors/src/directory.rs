@@ -243,7 +243,7 @@ impl AgentHandle {
                 }
                 let dir = model::parent_dir(tx, &ctx, &p).await?;
                 model::put_value(tx, &id, kind, (&data, hash), now_ms()).await?;
-                model::set_name(tx, &dir, p.last(), &id).await?;
+                model::set_name_new(tx, &dir, p.last(), &id).await?;
                 model::dedup_put(tx, &ctx.id, &req, DedupAnswer::Id(id), now_ms())?;
                 Ok(id)
             })

@@ -176,7 +176,7 @@ pub async fn bind_new_name(
             kind,
         },
     )?;
-    set_name(tx, dir, name, id).await?;
+    set_name_new(tx, dir, name, id).await?;
     dedup_put(tx, &ctx.id, req, DedupAnswer::Id(*id), now)?;
     Ok(())
 }
@@ -243,6 +243,37 @@ pub async fn set_name(
     name: &str,
     id: &FormulaId,
 ) -> Result<Option<FormulaId>, Error> {
+    set_name_as(tx, dir, name, id, false).await
+}
+
+/// [`set_name`] for a formula `id` this transaction made (under a fresh
+/// random id), which spares two writes:
+/// - no reference stamp for `id` (nor the check that it is not condemned):
+///   the collector condemns only formulas its mark saw unreachable, and a
+///   mark either predates this commit (the formula did not exist) or sees
+///   it named. Should it become unreachable later, a writer that then
+///   refers to it stamps it, and the stamp differs from none.
+/// - its reverse entry is a key the store cannot hold yet, set with
+///   [`Transaction::set_fresh`]: when the same transaction names another
+///   formula instead (a guest's batch storing a counter once per message),
+///   unnaming it takes the set back instead of deleting a key the store
+///   never had.
+pub async fn set_name_new(
+    tx: &mut Transaction,
+    dir: &FormulaId,
+    name: &str,
+    id: &FormulaId,
+) -> Result<Option<FormulaId>, Error> {
+    set_name_as(tx, dir, name, id, true).await
+}
+
+async fn set_name_as(
+    tx: &mut Transaction,
+    dir: &FormulaId,
+    name: &str,
+    id: &FormulaId,
+    made_here: bool,
+) -> Result<Option<FormulaId>, Error> {
     let watch = keys::dir_watch(dir);
     tx.prefetch(&[keys::name(dir, name), watch.clone()]).await?;
     let old = lookup(tx, dir, name).await?;
@@ -254,12 +285,20 @@ pub async fn set_name(
     }
     // Naming a formula references it, and writing into a directory
     // references the directory (a writer may hold either in memory).
-    note_refs(tx, &[*dir, *id]).await?;
+    if made_here {
+        note_refs(tx, &[*dir]).await?;
+    } else {
+        note_refs(tx, &[*dir, *id]).await?;
+    }
     tx.set(
         &keys::name(dir, name),
         &crate::records::encode_name_entry(id),
     )?;
-    tx.set(&keys::reverse(dir, id, name), &[])?;
+    if made_here {
+        tx.set_fresh(&keys::reverse(dir, id, name), &[])?;
+    } else {
+        tx.set(&keys::reverse(dir, id, name), &[])?;
+    }
     Ok(old)
 }
 

@@ -26,6 +26,14 @@
 //! the usual replay (journal plus exactly-once records, see
 //! [`crate::guest::journal`]) finishes it after a crash.
 //!
+//! Only that replay reads a handler's exactly-once records: a message whose
+//! mark commits with its effects is never handled again. So the records a
+//! handler's operations write are taken back ([`Transaction::forget`]) when
+//! its message completes before the next commit, and commit only with a
+//! flush in the middle of it ([`OpenTx::exactly_once`]). A counter's
+//! message (a stored value and a reply) wrote two such records, of about
+//! ten writes in all.
+//!
 //! An operation that fails is rolled back ([`Transaction::rollback`]): it
 //! leaves nothing in the batch. A commit that fails (a conflict: someone
 //! wrote what the batch read) *poisons* the batch: nothing of it after the
@@ -54,6 +62,9 @@ pub const FLUSH_AFTER: Duration = Duration::from_millis(50);
 /// Bytes of writes after which a batch commits (well below one commit's
 /// limit, so that the next operation still fits).
 pub const FLUSH_BYTES: usize = 512 * 1024;
+/// Most exactly-once records a batch takes back; past it they commit (as
+/// they did before any were taken back).
+const MAX_SPARED: usize = 4096;
 
 type AfterCommit = Box<dyn FnOnce() + Send>;
 
@@ -96,6 +107,12 @@ struct Side {
     /// Values known without reading, for the transaction (see
     /// [`Transaction::prime`]).
     primes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// Exactly-once records the message being handled wrote since the last
+    /// commit.
+    records: Vec<Vec<u8>>,
+    /// Those of messages completed since the last commit: taken back from
+    /// the transaction when it commits (their marks commit with it).
+    spare: Vec<Vec<u8>>,
 }
 
 impl OpenTx {
@@ -227,7 +244,22 @@ impl OpenTx {
 
     /// Counts one handled message whose mark is now in the batch.
     pub(crate) fn completed(&self, message: bool) {
-        self.side().completed += u64::from(message);
+        let mut s = self.side();
+        s.completed += u64::from(message);
+        let done = std::mem::take(&mut s.records);
+        if s.spare.len() + done.len() <= MAX_SPARED {
+            s.spare.extend(done);
+        }
+    }
+
+    /// Notes the exactly-once record `key` a handler's operation wrote in
+    /// the batch (module docs: it commits only if the batch commits before
+    /// the message completes).
+    pub(crate) fn exactly_once(&self, key: Vec<u8>) {
+        let mut s = self.side();
+        if s.records.len() < MAX_SPARED {
+            s.records.push(key);
+        }
     }
 
     /// Messages whose marks committed since the last call.
@@ -266,6 +298,13 @@ impl OpenTx {
             }
             generation = Some(g);
         }
+        let (spare, in_progress) = {
+            let s = self.side();
+            (s.spare.clone(), s.records.len())
+        };
+        for k in &spare {
+            tx.forget(k);
+        }
         if !tx.is_read_only() {
             let committed = match tx.into_commit_request() {
                 Ok(req) => self.db.store().commit(req).await.map_err(Error::from),
@@ -284,6 +323,12 @@ impl OpenTx {
             s.oldest = None;
             s.own_pending.clear();
             s.committed += std::mem::take(&mut s.completed);
+            // Taken back, or committed with the message still in progress
+            // (a replay after a crash finds them).
+            let n = spare.len().min(s.spare.len());
+            s.spare.drain(..n);
+            let n = in_progress.min(s.records.len());
+            s.records.drain(..n);
             std::mem::take(&mut s.after)
         };
         drop(guard);
@@ -314,6 +359,8 @@ impl OpenTx {
         s.completed = 0;
         s.journal = None;
         s.primes.clear();
+        s.records.clear();
+        s.spare.clear();
         let lost = std::mem::take(&mut s.own_pending);
         for n in &lost {
             s.own.remove(n);

@@ -362,12 +362,21 @@ pub struct Transaction {
     /// Snapshot values read ahead by [`Transaction::prefetch`] (bounded by
     /// [`MAX_PREFETCHED`]).
     fetched: std::collections::HashMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Keys set with [`Transaction::set_fresh`]: absent from the store
+    /// before this transaction, so clearing one only takes the set back;
+    /// each with its order among them (a rollback forgets the later ones).
+    fresh: BTreeMap<Vec<u8>, usize>,
+    /// Keys taken back ([`Transaction::forget`]), each with the number of
+    /// mutations made before: those of the key among them are dropped.
+    forgets: Vec<(usize, Vec<u8>)>,
 }
 
 /// The writes of a [`Transaction`] at one moment ([`Transaction::checkpoint`]):
 /// how many mutations it had (its buffered writes are a function of them).
 pub struct Checkpoint {
     mutations: usize,
+    forgets: usize,
+    fresh: usize,
     size: usize,
     deferred: Option<StoreError>,
 }
@@ -390,6 +399,8 @@ impl Transaction {
             size: 0,
             deferred: None,
             fetched: std::collections::HashMap::new(),
+            fresh: BTreeMap::new(),
+            forgets: Vec::new(),
         }
     }
 
@@ -613,8 +624,42 @@ impl Transaction {
         Ok(())
     }
 
+    /// Sets `key`, which the caller knows the store does not hold (a key
+    /// under an id this transaction made: a fresh random id cannot have
+    /// been written before). Clearing it later in this transaction then
+    /// only takes this set back ([`forget`](Self::forget)): the commit
+    /// neither writes nor deletes it. A guest's batch that stores a counter
+    /// once per message names a new value each time and unnames the one
+    /// before, made earlier in the same batch: without this, each of those
+    /// became a put and a deletion of a key the store never had.
+    pub fn set_fresh(&mut self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.set(key, value)?;
+        let n = self.fresh.len();
+        if n < MAX_PREFETCHED {
+            self.fresh.entry(key.to_vec()).or_insert(n);
+        }
+        Ok(())
+    }
+
+    /// Takes back every set of exactly `key` this transaction made so far
+    /// (a clear of it stays, single or in a range): the commit carries none
+    /// of them. Only for a key the store does not hold, or whose write the
+    /// caller no longer needs (a guest's exactly-once records of a
+    /// message whose mark commits with them: see `actors/src/open_tx.rs`).
+    /// Reads of it keep their conflicts. Undone by a
+    /// [`rollback`](Self::rollback) to a checkpoint taken before it.
+    pub fn forget(&mut self, key: &[u8]) {
+        self.writes.remove(key);
+        self.forgets.push((self.mutations.len(), key.to_vec()));
+    }
+
     /// Removes `key`. An invalid key fails the transaction at commit.
     pub fn clear(&mut self, key: &[u8]) {
+        if self.fresh.contains_key(key) {
+            // never in the store: taking back its set is the whole clear
+            self.forget(key);
+            return;
+        }
         let checked = check_key(key).and_then(|()| self.add_size(key.len()));
         if let Err(e) = checked {
             self.defer(e);
@@ -690,6 +735,8 @@ impl Transaction {
     pub fn checkpoint(&self) -> Checkpoint {
         Checkpoint {
             mutations: self.mutations.len(),
+            forgets: self.forgets.len(),
+            fresh: self.fresh.len(),
             size: self.size,
             deferred: self.deferred.clone(),
         }
@@ -699,15 +746,28 @@ impl Transaction {
     /// keep their conflict ranges (a transaction may conflict on what it
     /// looked at, even if it then wrote nothing).
     pub fn rollback(&mut self, cp: Checkpoint) {
-        if self.mutations.len() > cp.mutations {
+        if self.mutations.len() > cp.mutations || self.forgets.len() > cp.forgets {
             self.mutations.truncate(cp.mutations);
+            self.forgets.truncate(cp.forgets);
             self.writes.clear();
             self.cleared.clear();
             let kept = std::mem::take(&mut self.mutations);
-            for m in &kept {
+            let forgets = std::mem::take(&mut self.forgets);
+            let mut next = forgets.iter().peekable();
+            for (i, m) in kept.iter().enumerate() {
+                while let Some((_, k)) = next.next_if(|(at, _)| *at <= i) {
+                    self.writes.remove(k);
+                }
                 self.apply(m);
             }
+            for (_, k) in next {
+                self.writes.remove(k);
+            }
             self.mutations = kept;
+            self.forgets = forgets;
+        }
+        if self.fresh.len() > cp.fresh {
+            self.fresh.retain(|_, i| *i < cp.fresh);
         }
         self.size = cp.size;
         self.deferred = cp.deferred;
@@ -739,10 +799,28 @@ impl Transaction {
         if let Some(e) = self.deferred {
             return Err(e);
         }
+        let mut mutations = self.mutations;
+        if !self.forgets.is_empty() {
+            // The last forget of a key drops its sets before that point.
+            let mut until: std::collections::HashMap<&[u8], usize> = Default::default();
+            for (at, k) in &self.forgets {
+                until.insert(k.as_slice(), *at);
+            }
+            let mut i = 0;
+            mutations.retain(|m| {
+                let key = match m {
+                    Mutation::Set(k, _) => Some(k.as_slice()),
+                    Mutation::Clear(_) | Mutation::ClearRange(..) => None,
+                };
+                let dropped = key.and_then(|k| until.get(k)).is_some_and(|at| i < *at);
+                i += 1;
+                !dropped
+            });
+        }
         Ok(CommitRequest {
             read_version: self.snapshot.version(),
             read_conflicts: self.read_conflicts,
-            mutations: self.mutations,
+            mutations,
             facts: self.snapshot.facts(),
         })
     }
@@ -1215,16 +1293,21 @@ mod tests {
     #[derive(Debug, Clone)]
     enum Op {
         Set(u8, u8),
+        /// Only on keys the store does not hold (even ones: see `base`).
+        SetFresh(u8, u8),
         Clear(u8),
         ClearRange(u8, u8),
+        Forget(u8),
     }
 
     fn op() -> impl proptest::strategy::Strategy<Value = Op> {
         use proptest::prelude::*;
         prop_oneof![
             (0u8..8, any::<u8>()).prop_map(|(k, v)| Op::Set(k, v)),
+            (0u8..4, any::<u8>()).prop_map(|(k, v)| Op::SetFresh(2 * k, v)),
             (0u8..8).prop_map(Op::Clear),
             (0u8..8, 0u8..9).prop_map(|(a, b)| Op::ClearRange(a, b)),
+            (0u8..8).prop_map(Op::Forget),
         ]
     }
 
@@ -1232,10 +1315,77 @@ mod tests {
         for o in ops {
             match *o {
                 Op::Set(k, v) => tx.set(&[b'k', k], &[v]).unwrap(),
+                Op::SetFresh(k, v) => tx.set_fresh(&[b'k', k], &[v]).unwrap(),
                 Op::Clear(k) => tx.clear(&[b'k', k]),
                 Op::ClearRange(a, b) => tx.clear_range(&[b'k', a], &[b'k', b]),
+                Op::Forget(k) => tx.forget(&[b'k', k]),
             }
         }
+    }
+
+    /// The store's keys the tests start from (odd ones: even keys are the
+    /// ones `Op::SetFresh` may set).
+    const BASE: [&[u8]; 3] = [b"k\x01", b"k\x03", b"k\x05"];
+
+    /// What `mutations` leave of [`BASE`], as a store applies them.
+    fn applied(mutations: &[Mutation]) -> Vec<KeyValue> {
+        let mut m: BTreeMap<Vec<u8>, Vec<u8>> =
+            BASE.iter().map(|k| (k.to_vec(), k.to_vec())).collect();
+        for mu in mutations {
+            match mu {
+                Mutation::Set(k, v) => {
+                    m.insert(k.clone(), v.clone());
+                }
+                Mutation::Clear(k) => {
+                    m.remove(k);
+                }
+                Mutation::ClearRange(b, e) => m.retain(|k, _| !(k >= b && k < e)),
+            }
+        }
+        m.into_iter().collect()
+    }
+
+    /// What a transaction shows of its writes (sets taken back and fresh
+    /// keys included) is what its commit leaves in the store.
+    #[test]
+    fn what_commits_is_what_the_transaction_showed() {
+        use proptest::prelude::*;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        proptest!(|(ops in proptest::collection::vec(op(), 0..24))| {
+            rt.block_on(async {
+                let mut tx = tx_over(&BASE);
+                run(&mut tx, &ops);
+                let shown = visible(&mut tx).await;
+                let req = tx.into_commit_request().unwrap();
+                assert_eq!(applied(&req.mutations), shown, "{ops:?} -> {:?}", req.mutations);
+            });
+        });
+    }
+
+    #[tokio::test]
+    async fn a_fresh_key_set_then_cleared_reaches_no_commit() {
+        let mut tx = tx_over(&BASE);
+        tx.set_fresh(b"k\x02", b"v").unwrap();
+        tx.set(b"k\x04", b"kept").unwrap();
+        assert_eq!(tx.get(b"k\x02").await.unwrap(), Some(b"v".to_vec()));
+        tx.clear(b"k\x02");
+        assert_eq!(tx.get(b"k\x02").await.unwrap(), None);
+        let req = tx.into_commit_request().unwrap();
+        assert_eq!(
+            req.mutations,
+            vec![Mutation::Set(b"k\x04".to_vec(), b"kept".to_vec())]
+        );
+        // a key the store holds is cleared as ever
+        let mut tx = tx_over(&BASE);
+        tx.set(b"k\x01", b"v").unwrap();
+        tx.clear(b"k\x01");
+        let req = tx.into_commit_request().unwrap();
+        assert_eq!(
+            req.mutations.last(),
+            Some(&Mutation::Clear(b"k\x01".to_vec()))
+        );
     }
 
     async fn visible(tx: &mut Transaction) -> Vec<KeyValue> {
@@ -1255,7 +1405,7 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        let base: Vec<&[u8]> = vec![b"k\x01", b"k\x03", b"k\x05"];
+        let base = BASE;
         proptest!(|(before in proptest::collection::vec(op(), 0..12),
                     after in proptest::collection::vec(op(), 0..12),
                     again in proptest::collection::vec(op(), 0..6))| {

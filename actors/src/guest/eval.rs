@@ -580,7 +580,7 @@ impl AgentHandle {
                     }
                     let dir = model::parent_dir(tx, &ctx, &p).await?;
                     model::put_value(tx, &id, kind, (&data, hash), now_ms()).await?;
-                    model::set_name(tx, &dir, p.last(), &id).await?;
+                    model::set_name_new(tx, &dir, p.last(), &id).await?;
                     // The record references its dependencies (the write
                     // barrier of garbage collection).
                     model::note_refs(tx, &ids).await?;

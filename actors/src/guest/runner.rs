@@ -655,6 +655,50 @@ mod tests {
         );
     }
 
+    /// What handled messages leave behind besides their effects: no
+    /// exactly-once records of the guest's operations (each message's mark
+    /// commits with them, so nothing reads them) and no reference stamps
+    /// of the values it stored (formulas made in the same commit).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn handled_messages_leave_no_exactly_once_records_or_stamps() {
+        let (_rt, host, g) = counter_guest().await;
+        let db = host.inner().db.clone();
+        let rows = |prefix: Vec<u8>| {
+            let db = db.clone();
+            async move {
+                db.read(move |tx| {
+                    let p = prefix.clone();
+                    Box::pin(
+                        async move { Ok::<_, Error>(tx.get_prefix(&p, 0, false).await?.len()) },
+                    )
+                })
+                .await
+                .unwrap()
+            }
+        };
+        let stamps = rows(crate::keys::formula_refs()).await;
+        let n = 40;
+        assert_each_once(&burst(&host, n).await, n);
+        let guest = AgentHandle::load(host.inner(), g).await.unwrap();
+        assert_eq!(guest.cat("count").await.unwrap().1, b"40");
+        // A message whose handler spans a commit (one over FLUSH_AFTER)
+        // keeps the records made before it: allow a few.
+        let prefix = capstan_cluster::tuple::TupleKey::new()
+            .str("d")
+            .bytes(g.as_bytes())
+            .into_vec();
+        let records = rows(prefix).await;
+        assert!(
+            records < n / 4,
+            "{records} exactly-once records for {n} messages"
+        );
+        let new_stamps = rows(crate::keys::formula_refs()).await - stamps;
+        assert!(
+            new_stamps < n / 4,
+            "{new_stamps} stamps for {n} stored counts"
+        );
+    }
+
     /// The same under a store that refuses commits at random (spurious
     /// conflicts, and "maybe committed" answers that did or did not apply):
     /// a batch given up is handled again, and still every message is

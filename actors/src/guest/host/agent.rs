@@ -168,7 +168,14 @@ impl AgentState {
             open.prime(crate::keys::dedup(&self.agent.id(), &req), None);
         }
         match what(self, req) {
-            Ok(n) => Ok(Ok(n)),
+            Ok(n) => {
+                if let Some(open) = &self.agent.open {
+                    // committed only if the batch commits before the
+                    // message completes (crate::open_tx)
+                    open.exactly_once(crate::keys::dedup(&self.agent.id(), &req));
+                }
+                Ok(Ok(n))
+            }
             Err(e) => {
                 let e = e.to_string();
                 self.record(i, Entry::Failed(e.clone()))?;
