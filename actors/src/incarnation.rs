@@ -79,12 +79,17 @@ fn tell_owner_of_followers(st: &AgentState, gone: bool) {
         return;
     };
     let (db, agent) = (st.rt.db.clone(), st.id);
+    // numbered now: the calls may overtake each other from here on
+    let seq = c.next_interest_seq();
     tokio::spawn(async move {
         match c.peek_owner(&db, agent).await {
             Ok(Some(node)) => {
-                let _ = c
-                    .link
-                    .try_send(crate::cluster::LinkOp::Interest { node, agent, gone });
+                let _ = c.link.try_send(crate::cluster::LinkOp::Interest {
+                    node,
+                    agent,
+                    gone,
+                    seq,
+                });
             }
             Ok(None) => {}
             Err(e) => {

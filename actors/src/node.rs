@@ -203,12 +203,12 @@ impl Runtime {
     /// Member `node` follows `agent`'s inbox (`gone`: no longer); this
     /// node owns it (else the interest is ignored: the follower asks the
     /// owner it finds).
-    pub fn note_interest(&self, agent: FormulaId, node: String, gone: bool) {
+    pub fn note_interest(&self, agent: FormulaId, node: String, gone: bool, seq: u64) {
         if let Some(c) = self.inner.cluster.get() {
             if gone {
-                c.drop_interest(&agent, &node);
+                c.drop_interest(&agent, &node, seq);
             } else {
-                c.note_interest(agent, node);
+                c.note_interest(agent, node, seq);
             }
         }
     }

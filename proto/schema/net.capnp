@@ -57,8 +57,12 @@ interface Member {
   # tell the nodes that reserve numbers in it to wake `node` too (for the
   # next few minutes; renewed while the followers last). `gone`: its last
   # follower ended, stop waking it (a member that predates the field takes
-  # it as a renewal, and its interest lapses on its own).
-  interest @4 (agent :Data, node :Text, gone :Bool) -> ();
+  # it as a renewal, and its interest lapses on its own). `seq`: the call's
+  # order among the caller's interest calls, which it makes in the
+  # background (they may arrive out of order): the owner ignores a call
+  # older than one it already took (0: unordered, a caller that predates
+  # the field).
+  interest @4 (agent :Data, node :Text, gone :Bool, seq :UInt64) -> ();
 }
 
 # Message `number` was committed to `agent`'s inbox (see `Member.wake`).

@@ -166,7 +166,12 @@ pub async fn serve_links(
                     }
                 }
             }
-            LinkOp::Interest { node, agent, gone } => {
+            LinkOp::Interest {
+                node,
+                agent,
+                gone,
+                seq,
+            } => {
                 // Delayed, dropped and duplicated like any call: a
                 // withdrawal may land after a later renewal (a follower
                 // that started again meanwhile) and must not cost that
@@ -178,7 +183,7 @@ pub async fn serve_links(
                     tokio::spawn(async move {
                         tokio::time::sleep(f.delay).await;
                         if let Some(rt) = dir.get(&name) {
-                            rt.note_interest(agent, me, gone);
+                            rt.note_interest(agent, me, gone, seq);
                         }
                     });
                 }

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 // tokio's: virtual under a paused clock (simulations), else the system's.
 use tokio::time::Instant;
@@ -47,8 +47,12 @@ pub struct Membership {
     /// this node's own earlier run), with that owner's name: guests tell
     /// their host they resumed here (bounded; see [`MAX_TAKEOVERS`]).
     pub(super) took_over: Mutex<HashMap<FormulaId, String>>,
-    /// As an owner: the members following each agent's inbox, until when.
-    interest: Mutex<HashMap<FormulaId, HashMap<String, Instant>>>,
+    /// As an owner: what each member last said of its followers of each
+    /// agent's inbox.
+    interest: Mutex<HashMap<FormulaId, HashMap<String, Interest>>>,
+    /// As a follower's node: the order of what it tells owners of its
+    /// followers ([`Membership::next_interest_seq`]).
+    interest_seq: AtomicU64,
     /// As a sender: the members following an agent's inbox, as its owner
     /// said when it last reserved numbers in it.
     learned: Mutex<HashMap<FormulaId, Vec<String>>>,
@@ -56,6 +60,26 @@ pub struct Membership {
 
 /// Most take-overs remembered for a notice not yet given.
 pub(super) const MAX_TAKEOVERS: usize = 10_000;
+
+/// What a member last said of its followers of one inbox.
+#[derive(Debug, Clone, Copy)]
+struct Interest {
+    /// It follows the inbox until then; or, `gone`, its last follower ended
+    /// (kept as long, so that an older renewal arriving late is known old).
+    until: Instant,
+    gone: bool,
+    /// Its order among the member's interest calls (0: a member that
+    /// predates it; its calls are taken in the order they arrive).
+    seq: u64,
+}
+
+impl Interest {
+    /// Whether a call numbered `seq` comes after this one (not an older
+    /// call that arrived late).
+    fn superseded_by(&self, seq: u64) -> bool {
+        seq == 0 || self.seq == 0 || seq >= self.seq
+    }
+}
 
 impl Membership {
     pub fn new(cfg: ClusterConfig, link: mpsc::Sender<LinkOp>) -> Membership {
@@ -74,47 +98,77 @@ impl Membership {
             wake_calls: AtomicU64::new(0),
             took_over: Mutex::new(HashMap::new()),
             interest: Mutex::new(HashMap::new()),
+            // Above what this node said before a restart (its wall clock,
+            // in microseconds), so that the owner takes the new calls.
+            interest_seq: AtomicU64::new(crate::clock::now_ms().saturating_mul(1000)),
             learned: Mutex::new(HashMap::new()),
             cfg,
         }
     }
 
+    /// The number of this node's next interest call: calls are made in the
+    /// background and may arrive out of order (a withdrawal after the
+    /// renewal of a follower that started since), so the owner keeps what
+    /// the latest one said.
+    pub fn next_interest_seq(&self) -> u64 {
+        self.interest_seq.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
     /// Member `node` follows `agent`'s inbox (which this node owns) for the
-    /// next [`INTEREST_TTL`]. Past [`MAX_INTERESTS`] agents, lapsed entries
-    /// are dropped first, then the new one is not kept (its follower still
-    /// sees everything, by reading the store a little later).
-    pub fn note_interest(&self, agent: FormulaId, node: String) {
+    /// next [`INTEREST_TTL`], as its call numbered `seq` says (ignored if a
+    /// later call of it arrived first). Past [`MAX_INTERESTS`] agents,
+    /// lapsed entries are dropped first, then the new one is not kept (its
+    /// follower still sees everything, by reading the store a little later).
+    pub fn note_interest(&self, agent: FormulaId, node: String, seq: u64) {
+        self.tell_interest(agent, node, seq, false);
+    }
+
+    /// Member `node` no longer follows `agent`'s inbox, as its call
+    /// numbered `seq` says (ignored if a later call of it arrived first):
+    /// senders stop waking it for that inbox at their next reservation
+    /// (before, an ended follower's node was woken for every message until
+    /// its interest lapsed, [`INTEREST_TTL`] later).
+    pub fn drop_interest(&self, agent: &FormulaId, node: &str, seq: u64) {
+        self.tell_interest(*agent, node.to_string(), seq, true);
+    }
+
+    fn tell_interest(&self, agent: FormulaId, node: String, seq: u64, gone: bool) {
         let Ok(mut all) = self.interest.lock() else {
             return;
         };
         let now = Instant::now();
         if all.len() >= MAX_INTERESTS && !all.contains_key(&agent) {
             all.retain(|_, nodes| {
-                nodes.retain(|_, until| *until > now);
+                nodes.retain(|_, i| i.until > now);
                 !nodes.is_empty()
             });
-            if all.len() >= MAX_INTERESTS {
+            if all.len() >= MAX_INTERESTS || gone {
+                // (a withdrawal of what is not kept needs no keeping)
                 return;
             }
         }
-        all.entry(agent)
-            .or_default()
-            .insert(node, now + INTEREST_TTL);
-    }
-
-    /// Member `node` no longer follows `agent`'s inbox: senders stop waking
-    /// it for that inbox at their next reservation (before, an ended
-    /// follower's node was woken for every message until its interest
-    /// lapsed, [`INTEREST_TTL`] later).
-    pub fn drop_interest(&self, agent: &FormulaId, node: &str) {
-        let Ok(mut all) = self.interest.lock() else {
+        let nodes = all.entry(agent).or_default();
+        if nodes
+            .get(&node)
+            .is_some_and(|i| i.until > now && !i.superseded_by(seq))
+        {
             return;
-        };
-        if let Some(nodes) = all.get_mut(agent) {
-            nodes.remove(node);
-            if nodes.is_empty() {
-                all.remove(agent);
-            }
+        }
+        if gone && seq == 0 {
+            // a member that predates the order: forget it at once
+            nodes.remove(&node);
+        } else {
+            nodes.insert(
+                node,
+                Interest {
+                    until: now + INTEREST_TTL,
+                    gone,
+                    seq,
+                },
+            );
+        }
+        if nodes.is_empty() {
+            all.remove(&agent);
         }
     }
 
@@ -127,12 +181,16 @@ impl Membership {
         let Some(nodes) = all.get_mut(agent) else {
             return Vec::new();
         };
-        nodes.retain(|_, until| *until > now);
-        let names: Vec<String> = nodes.keys().cloned().collect();
-        if names.is_empty() {
+        nodes.retain(|_, i| i.until > now);
+        if nodes.is_empty() {
             all.remove(agent);
+            return Vec::new();
         }
-        names
+        nodes
+            .iter()
+            .filter(|(_, i)| !i.gone)
+            .map(|(n, _)| n.clone())
+            .collect()
     }
 
     /// What the owner of `agent` said of its followers when it reserved.
@@ -276,23 +334,55 @@ mod tests {
     fn a_member_whose_followers_ended_is_no_longer_woken() {
         let m = membership();
         let (a, b) = (FormulaId::random(), FormulaId::random());
-        m.note_interest(a, "n2".into());
-        m.note_interest(a, "n3".into());
-        m.note_interest(b, "n2".into());
+        m.note_interest(a, "n2".into(), 1);
+        m.note_interest(a, "n3".into(), 1);
+        m.note_interest(b, "n2".into(), 2);
         let mut names = m.interested(&a);
         names.sort();
         assert_eq!(names, ["n2", "n3"]);
-        m.drop_interest(&a, "n2");
+        m.drop_interest(&a, "n2", 3);
         assert_eq!(m.interested(&a), ["n3"]);
         // only that inbox, only that member
         assert_eq!(m.interested(&b), ["n2"]);
-        m.drop_interest(&a, "n3");
+        m.drop_interest(&a, "n3", 2);
         assert!(m.interested(&a).is_empty());
         // a withdrawal of what was never noted changes nothing
-        m.drop_interest(&b, "n9");
+        m.drop_interest(&b, "n9", 1);
         assert_eq!(m.interested(&b), ["n2"]);
         // following again after a withdrawal counts again
-        m.note_interest(a, "n2".into());
+        m.note_interest(a, "n2".into(), 4);
+        assert_eq!(m.interested(&a), ["n2"]);
+    }
+
+    /// A member's interest calls go in the background and can arrive out of
+    /// order: the owner keeps what the latest one said.
+    #[test]
+    fn a_late_interest_call_does_not_undo_a_later_one() {
+        let m = membership();
+        let a = FormulaId::random();
+        // the last follower ended (5), then a new one started (6); the
+        // withdrawal arrives second
+        m.note_interest(a, "n2".into(), 6);
+        m.drop_interest(&a, "n2", 5);
+        assert_eq!(
+            m.interested(&a),
+            ["n2"],
+            "a late withdrawal dropped a follower"
+        );
+        // a follower started (7) and ended (8); the renewal arrives second
+        m.drop_interest(&a, "n2", 8);
+        m.note_interest(a, "n2".into(), 7);
+        assert!(
+            m.interested(&a).is_empty(),
+            "a late renewal outlived its withdrawal"
+        );
+        // and the next call counts
+        m.note_interest(a, "n2".into(), 9);
+        assert_eq!(m.interested(&a), ["n2"]);
+        // a member that predates the order: calls taken as they arrive
+        m.drop_interest(&a, "n2", 0);
+        assert!(m.interested(&a).is_empty());
+        m.note_interest(a, "n2".into(), 0);
         assert_eq!(m.interested(&a), ["n2"]);
     }
 }

@@ -124,6 +124,9 @@ pub enum LinkOp {
         node: MemberRec,
         agent: FormulaId,
         gone: bool,
+        /// The call's order among this node's interest calls
+        /// ([`Membership::next_interest_seq`]).
+        seq: u64,
     },
 }
 

@@ -141,7 +141,8 @@ impl member::Server for MemberServer {
         if node.is_empty() || node.len() > 128 {
             return Err(failed("a member name is 1 to 128 bytes"));
         }
-        self.rt.note_interest(agent, node.to_string(), p.get_gone());
+        self.rt
+            .note_interest(agent, node.to_string(), p.get_gone(), p.get_seq());
         Ok(())
     }
 
@@ -330,7 +331,13 @@ impl Net {
 
     /// Tells `node` (the owner of `agent`) that this node follows the
     /// agent's inbox. Best effort: a follower also looks in the store.
-    async fn tell_interest(self: &Rc<Self>, node: &MemberRec, agent: FormulaId, gone: bool) {
+    async fn tell_interest(
+        self: &Rc<Self>,
+        node: &MemberRec,
+        agent: FormulaId,
+        gone: bool,
+        seq: u64,
+    ) {
         let call = async {
             let m = self.member(&node.addr).await.map_err(CallError::Link)?;
             let mut r = m.interest_request();
@@ -342,6 +349,7 @@ impl Net {
                 .unwrap_or_default();
             r.get().set_node(me.as_str());
             r.get().set_gone(gone);
+            r.get().set_seq(seq);
             r.send().promise.await.map_err(CallError::from)?;
             Ok::<_, CallError>(())
         };
@@ -475,11 +483,16 @@ impl Net {
                     record,
                 } => self.wake(to, Wake::Delivered(agent, number, record)),
                 LinkOp::Settled { to, promise } => self.wake(to, Wake::Settled(promise)),
-                LinkOp::Interest { node, agent, gone } => {
+                LinkOp::Interest {
+                    node,
+                    agent,
+                    gone,
+                    seq,
+                } => {
                     let me = self.clone();
-                    tokio::task::spawn_local(
-                        async move { me.tell_interest(&node, agent, gone).await },
-                    );
+                    tokio::task::spawn_local(async move {
+                        me.tell_interest(&node, agent, gone, seq).await
+                    });
                 }
             }
         }
