@@ -1165,20 +1165,32 @@ pub async fn crash_child(db: Db) -> CheckResult {
         tasks.push(tokio::spawn(async move {
             for i in 0u64.. {
                 let key = format!("crash/{t:02}/{i:08}");
-                let k = key.clone();
-                db.transact(move |tx| {
-                    let k = k.clone();
-                    Box::pin(async move {
-                        for part in ["a", "b"] {
-                            let kk = format!("{k}/{part}");
-                            tx.set(kk.as_bytes(), &crash_value(&kk))?;
-                        }
-                        // Also read-modify-write a shared counter, to keep the committer busy with conflicts.
-                        let n = counter_value(tx.get(b"crash-counter").await?)?;
-                        tx.set(b"crash-counter", &(n + 1).to_be_bytes())
-                    })
-                })
-                .await?;
+                // The shared counter makes the tasks conflict on purpose; on
+                // a loaded machine one of them can lose every attempt of a
+                // transaction. Nothing unacknowledged is claimed, so it
+                // writes the same key again (the test is about what was
+                // acknowledged, not about winning a contended counter).
+                loop {
+                    let k = key.clone();
+                    let r = db
+                        .transact(move |tx| {
+                            let k = k.clone();
+                            Box::pin(async move {
+                                for part in ["a", "b"] {
+                                    let kk = format!("{k}/{part}");
+                                    tx.set(kk.as_bytes(), &crash_value(&kk))?;
+                                }
+                                // Also read-modify-write a shared counter, to keep the committer busy with conflicts.
+                                let n = counter_value(tx.get(b"crash-counter").await?)?;
+                                tx.set(b"crash-counter", &(n + 1).to_be_bytes())
+                            })
+                        })
+                        .await;
+                    match r {
+                        Err(StoreError::TooManyRetries { .. }) => continue,
+                        r => break r?,
+                    }
+                }
                 let mut out = std::io::stdout().lock();
                 writeln!(out, "ACK {key}").and_then(|()| out.flush())?;
             }
