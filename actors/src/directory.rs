@@ -228,6 +228,7 @@ impl AgentHandle {
         let data = Arc::new(data);
         let hash = *blake3::hash(&data).as_bytes();
         let id = FormulaId::random();
+        let inline = self.rt.inline_values();
         self.transact(move |tx| {
             let (ctx, p, data) = (ctx.clone(), p.clone(), data.clone());
             Box::pin(async move {
@@ -242,7 +243,7 @@ impl AgentHandle {
                     return Ok(prev);
                 }
                 let dir = model::parent_dir(tx, &ctx, &p).await?;
-                model::put_value(tx, &id, kind, (&data, hash), now_ms()).await?;
+                model::put_value(tx, &id, kind, (&data, hash), now_ms(), inline).await?;
                 model::set_name_new(tx, &dir, p.last(), &id).await?;
                 model::dedup_put(tx, &ctx.id, &req, DedupAnswer::Id(id), now_ms())?;
                 Ok(id)

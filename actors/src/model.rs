@@ -705,15 +705,18 @@ pub(crate) async fn value_bytes(
 /// bytes inside the record when they are at most
 /// [`crate::records::INLINE_VALUE_MAX`], else in a blob of their own.
 /// `hash` is blake3 of `data`. `id` must be fresh: a small value's record
-/// is written without clearing a blob the id might have.
+/// is written without clearing a blob the id might have. `inline`: whether
+/// small values may live in their record ([`crate::node::Inner::inline_values`]);
+/// if not, every value gets a blob, as before stop 30.
 pub(crate) async fn put_value(
     tx: &mut Transaction,
     id: &FormulaId,
     kind: crate::types::ValueKind,
     (data, hash): (&[u8], [u8; 32]),
     created_ms: u64,
+    inline: bool,
 ) -> Result<(), Error> {
-    let small = data.len() <= crate::records::INLINE_VALUE_MAX;
+    let small = inline && data.len() <= crate::records::INLINE_VALUE_MAX;
     let f = Formula {
         created_ms,
         cancelled: None,

@@ -29,6 +29,17 @@ use tokio::sync::mpsc;
 
 use crate::types::{PromiseState, RuntimeOptions};
 
+impl Inner {
+    /// Whether small values may live inside their formula record: always on
+    /// one node; in a cluster, once every live member reads such records
+    /// (a node from before stop 30 takes them for damaged).
+    pub(crate) fn inline_values(&self) -> bool {
+        self.cluster
+            .get()
+            .is_none_or(|c| c.all_read(crate::cluster::RECORDS_VERSION))
+    }
+}
+
 pub(crate) struct Inner {
     pub db: Db,
     pub opts: RuntimeOptions,

@@ -168,3 +168,80 @@ async fn inline_bytes_that_do_not_match_their_record_are_refused() {
         "too large to be inline"
     );
 }
+
+/// In a cluster, a node keeps small values inline only once every live
+/// member reads such records: beside a member of a build from before (its
+/// record has no `records` field), a small value gets a blob as it did
+/// then; once that member's record is gone, values are inlined again.
+#[tokio::test]
+async fn beside_an_older_member_small_values_get_a_blob() {
+    use capstan_actors::cluster::{ClusterConfig, member_key};
+    let rt = runtime().await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let old = serde_json::json!({
+        "name": "old", "node_id": "x", "addr": "127.0.0.1:9", "epoch": 1, "pid": 1,
+        "started_ms": now, "renewed_ms": now, "expires_ms": now + 60_000, "draining": false,
+    })
+    .to_string()
+    .into_bytes();
+    rt.db()
+        .transact(move |tx| {
+            let old = old.clone();
+            Box::pin(async move { tx.set(&member_key("old"), &old).map_err(Error::from) })
+        })
+        .await
+        .expect("older member");
+    let _links = rt
+        .join_cluster(ClusterConfig {
+            name: "new".into(),
+            node_id: "n".into(),
+            addr: "127.0.0.1:1".into(),
+            lease: std::time::Duration::from_secs(5),
+        })
+        .await
+        .expect("join");
+    let h = rt.root_host();
+    let a = h
+        .store(RequestId::random(), "a", ValueKind::Text, b"small".to_vec())
+        .await
+        .expect("store");
+    let (blob, f) = stored(rt.db(), a).await;
+    assert!(blob > 0, "a small value was inlined beside an older member");
+    assert!(matches!(
+        f.kind,
+        FormulaKind::Value(ValueRec { inline: None, .. })
+    ));
+    assert_eq!(
+        h.cat("a").await.unwrap(),
+        (ValueKind::Text, b"small".to_vec())
+    );
+    // The older member leaves; this node lists the members again within
+    // its next renewals.
+    rt.db()
+        .transact(|tx| {
+            Box::pin(async move {
+                tx.clear(&member_key("old"));
+                Ok::<_, Error>(())
+            })
+        })
+        .await
+        .expect("older member gone");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let b = h
+            .store(RequestId::random(), "b", ValueKind::Text, b"small".to_vec())
+            .await
+            .expect("store");
+        if stored(rt.db(), b).await.0 == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "values are still not inlined once every member reads them"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

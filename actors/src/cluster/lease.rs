@@ -58,6 +58,7 @@ impl Membership {
                             && old
                                 .as_ref()
                                 .is_some_and(|o| o.node_id == cfg.node_id && o.draining),
+                        records: super::records::RECORDS_VERSION,
                     };
                     tx.set(&member_key(&cfg.name), &encode(&rec))?;
                     Ok(rec)

@@ -285,6 +285,14 @@ impl Membership {
         self.members.lock().map(|m| m.clone()).unwrap_or_default()
     }
 
+    /// Whether every live member reads record layout `version`
+    /// ([`super::records::RECORDS_VERSION`]); false until this node has
+    /// listed the members once.
+    pub fn all_read(&self, version: u32) -> bool {
+        let m = self.members();
+        !m.is_empty() && m.iter().all(|m| m.records >= version)
+    }
+
     /// The live members other than this node.
     pub fn others(&self) -> Vec<MemberRec> {
         self.members()

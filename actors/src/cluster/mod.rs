@@ -60,8 +60,8 @@ pub use lease::end_membership;
 pub use membership::Membership;
 pub use placement::Fence;
 pub use records::{
-    MemberRec, PlacementRec, all_placements, clear_placement, get_member, get_placement,
-    identity_key, list_members, list_placements, set_draining,
+    MemberRec, PlacementRec, RECORDS_VERSION, all_placements, clear_placement, get_member,
+    get_placement, identity_key, list_members, list_placements, member_key, set_draining,
 };
 
 /// Default lease of a node: how long after its last renewal a node that

@@ -143,6 +143,7 @@ impl Membership {
                         renewed_ms: 0,
                         expires_ms: 0,
                         draining: false,
+                        records: super::records::RECORDS_VERSION,
                     });
                 m.epoch = epoch;
                 m

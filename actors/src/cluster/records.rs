@@ -12,7 +12,8 @@ use crate::error::Error;
 pub fn identity_key() -> Vec<u8> {
     TupleKey::new().str("cl").str("id").into_vec()
 }
-pub(super) fn member_key(name: &str) -> Vec<u8> {
+/// The key of member `name`'s record.
+pub fn member_key(name: &str) -> Vec<u8> {
     TupleKey::new().str("cl").str("m").str(name).into_vec()
 }
 pub(super) fn members_prefix() -> Vec<u8> {
@@ -43,7 +44,18 @@ pub struct MemberRec {
     pub renewed_ms: u64,
     pub expires_ms: u64,
     pub draining: bool,
+    /// The newest record layout the node reads ([`RECORDS_VERSION`]; 0: a
+    /// node from before it was recorded).
+    #[serde(default)]
+    pub records: u32,
 }
+
+/// The record layouts this build reads, as its member record advertises
+/// them: 1, values kept inside their formula record (stop 30). A node
+/// writes a layout only once every live member reads it, so that a cluster
+/// upgraded one node at a time never holds records one of its nodes takes
+/// for damaged ([`crate::cluster::Membership::all_read`]).
+pub const RECORDS_VERSION: u32 = 1;
 
 impl MemberRec {
     pub fn live(&self, now_ms: u64) -> bool {

@@ -550,6 +550,7 @@ impl AgentHandle {
         let id = FormulaId::random();
         let ctx = self.ctx().clone();
         let deps = Arc::new(deps);
+        let inline = self.inner().inline_values();
         let stored = self
             .transact(move |tx| {
                 let (ctx, p, data, deps) = (ctx.clone(), p.clone(), data.clone(), deps.clone());
@@ -579,7 +580,7 @@ impl AgentHandle {
                         }
                     }
                     let dir = model::parent_dir(tx, &ctx, &p).await?;
-                    model::put_value(tx, &id, kind, (&data, hash), now_ms()).await?;
+                    model::put_value(tx, &id, kind, (&data, hash), now_ms(), inline).await?;
                     model::set_name_new(tx, &dir, p.last(), &id).await?;
                     // The record references its dependencies (the write
                     // barrier of garbage collection).
