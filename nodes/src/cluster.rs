@@ -320,6 +320,8 @@ fn member_json(
         "expires_in_ms": m.expires_ms as i64 - now as i64,
         "up_ms": now.saturating_sub(m.started_ms),
         "placements": placements,
+        // the record layouts its build reads (0: a build from before stop 30)
+        "records": m.records,
     })
 }
 
@@ -388,6 +390,9 @@ pub async fn command(
                     "wake": c.wake_calls.load(std::sync::atomic::Ordering::Relaxed),
                 },
                 "incarnations_here": rt.incarnations(),
+                // small values inside their formula records: only once every
+                // live member reads them (a rolling upgrade stores blobs)
+                "inline_values": c.all_read(cl::RECORDS_VERSION),
                 "store": db.describe(),
                 "store_health": match health {
                     Ok(_) => json!({"ok": true, "read_ms": store_ok.elapsed().as_secs_f64() * 1e3}),

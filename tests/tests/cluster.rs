@@ -568,8 +568,13 @@ fn members_record_and_locators_name_the_advertised_addresses() {
         let addr = m["addr"].as_str().unwrap();
         assert!(addr.starts_with("127.0.0.1:"), "member record: {m}");
         assert!(!addr.ends_with(":0"), "member record: {m}");
+        // the record layouts its build reads (small values inline)
+        assert_eq!(m["records"], 1, "member record: {m}");
         addrs.insert(addr.to_string());
     }
+    // every live member reads small values inline, so they are kept so
+    let status = c.n(0).json(["cluster", "status"]);
+    assert_eq!(status["inline_values"], true, "{status}");
     c.n(0).ok(["store", "--text", "shared", "--name", "doc"]);
     let l = c.n(0).json(["locate", "doc"])["locator"]
         .as_str()

@@ -85,6 +85,11 @@ pub(super) async fn run(
                 "placements {}, incarnations here {}, step-downs {}, fenced writes {}",
                 v["placements"], v["incarnations_here"], v["stepdowns"], v["fenced_writes"]
             );
+            if v["inline_values"].as_bool() == Some(false) {
+                println!(
+                    "small values go to blobs: a live member reads no values inside their records (RECORDS 0: an older build); upgrade it"
+                );
+            }
             print_members(&v["members"]);
         }
         "members" => print_members(&v),
@@ -118,19 +123,20 @@ pub(super) async fn run(
 
 fn print_members(ms: &Value) {
     println!(
-        "{:<16} {:<22} {:<22} {:<9} {:>6} {:>10} {:>10}",
-        "NODE", "ADVERTISED", "OBSERVED", "STATE", "EPOCH", "LEASE AGE", "PLACEMENTS"
+        "{:<16} {:<22} {:<22} {:<9} {:>6} {:>10} {:>10} {:>7}",
+        "NODE", "ADVERTISED", "OBSERVED", "STATE", "EPOCH", "LEASE AGE", "PLACEMENTS", "RECORDS"
     );
     for m in ms.as_array().map(|a| a.as_slice()).unwrap_or(&[]) {
         println!(
-            "{:<16} {:<22} {:<22} {:<9} {:>6} {:>8}ms {:>10}",
+            "{:<16} {:<22} {:<22} {:<9} {:>6} {:>8}ms {:>10} {:>7}",
             m["name"].as_str().unwrap_or("?"),
             m["addr"].as_str().unwrap_or("?"),
             m["observed"].as_str().unwrap_or("-"),
             m["state"].as_str().unwrap_or("?"),
             m["epoch"],
             m["lease_age_ms"],
-            m["placements"]
+            m["placements"],
+            m["records"]
         );
     }
 }
