@@ -29,17 +29,6 @@ use tokio::sync::mpsc;
 
 use crate::types::{PromiseState, RuntimeOptions};
 
-impl Inner {
-    /// Whether small values may live inside their formula record: always on
-    /// one node; in a cluster, once every live member reads such records
-    /// (a node from before stop 30 takes them for damaged).
-    pub(crate) fn inline_values(&self) -> bool {
-        self.cluster
-            .get()
-            .is_none_or(|c| c.all_read(crate::cluster::RECORDS_VERSION))
-    }
-}
-
 pub(crate) struct Inner {
     pub db: Db,
     pub opts: RuntimeOptions,
@@ -58,6 +47,17 @@ pub(crate) struct Inner {
     /// Reservations of one number waiting behind one in flight for the
     /// same inbox (see `crate::reserve`).
     pub reservations: crate::coalesce::Coalescer,
+}
+
+impl Inner {
+    /// Whether small values may live inside their formula record: always on
+    /// one node; in a cluster, once every live member reads such records
+    /// (a node from before stop 30 takes them for damaged).
+    pub(crate) fn inline_values(&self) -> bool {
+        self.cluster
+            .get()
+            .is_none_or(|c| c.all_read(crate::cluster::RECORDS_VERSION))
+    }
 }
 
 /// The node's wasmtime host as the layers below [`crate::guest`] see it
@@ -216,11 +216,7 @@ impl Runtime {
     /// owner it finds).
     pub fn note_interest(&self, agent: FormulaId, node: String, gone: bool, seq: u64) {
         if let Some(c) = self.inner.cluster.get() {
-            if gone {
-                c.drop_interest(&agent, &node, seq);
-            } else {
-                c.note_interest(agent, node, seq);
-            }
+            c.note_interest(agent, node, gone, seq);
         }
     }
 

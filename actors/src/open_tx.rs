@@ -298,12 +298,10 @@ impl OpenTx {
             }
             generation = Some(g);
         }
-        let (spare, in_progress) = {
-            let s = self.side();
-            (s.spare.clone(), s.records.len())
-        };
-        for k in &spare {
-            tx.forget(k);
+        // (a commit that fails poisons the batch, which is then discarded
+        // whole: nothing set aside here is needed again)
+        for k in std::mem::take(&mut self.side().spare) {
+            tx.forget(&k);
         }
         if !tx.is_read_only() {
             let committed = match tx.into_commit_request() {
@@ -323,12 +321,9 @@ impl OpenTx {
             s.oldest = None;
             s.own_pending.clear();
             s.committed += std::mem::take(&mut s.completed);
-            // Taken back, or committed with the message still in progress
-            // (a replay after a crash finds them).
-            let n = spare.len().min(s.spare.len());
-            s.spare.drain(..n);
-            let n = in_progress.min(s.records.len());
-            s.records.drain(..n);
+            // committed with the message still in progress (a replay after
+            // a crash finds them)
+            s.records.clear();
             std::mem::take(&mut s.after)
         };
         drop(guard);

@@ -114,25 +114,15 @@ impl Membership {
         self.interest_seq.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// Member `node` follows `agent`'s inbox (which this node owns) for the
-    /// next [`INTEREST_TTL`], as its call numbered `seq` says (ignored if a
-    /// later call of it arrived first). Past [`MAX_INTERESTS`] agents,
+    /// What member `node`'s interest call numbered `seq` says of `agent`'s
+    /// inbox (which this node owns), unless a later call of it arrived
+    /// first: it follows the inbox for the next [`INTEREST_TTL`], or,
+    /// `gone`, no longer (senders stop waking it at their next reservation;
+    /// before withdrawals, an ended follower's node was woken for every
+    /// message until its interest lapsed). Past [`MAX_INTERESTS`] agents,
     /// lapsed entries are dropped first, then the new one is not kept (its
     /// follower still sees everything, by reading the store a little later).
-    pub fn note_interest(&self, agent: FormulaId, node: String, seq: u64) {
-        self.tell_interest(agent, node, seq, false);
-    }
-
-    /// Member `node` no longer follows `agent`'s inbox, as its call
-    /// numbered `seq` says (ignored if a later call of it arrived first):
-    /// senders stop waking it for that inbox at their next reservation
-    /// (before, an ended follower's node was woken for every message until
-    /// its interest lapsed, [`INTEREST_TTL`] later).
-    pub fn drop_interest(&self, agent: &FormulaId, node: &str, seq: u64) {
-        self.tell_interest(*agent, node.to_string(), seq, true);
-    }
-
-    fn tell_interest(&self, agent: FormulaId, node: String, seq: u64, gone: bool) {
+    pub fn note_interest(&self, agent: FormulaId, node: String, gone: bool, seq: u64) {
         let Ok(mut all) = self.interest.lock() else {
             return;
         };
@@ -289,8 +279,10 @@ impl Membership {
     /// ([`super::records::RECORDS_VERSION`]); false until this node has
     /// listed the members once.
     pub fn all_read(&self, version: u32) -> bool {
-        let m = self.members();
-        !m.is_empty() && m.iter().all(|m| m.records >= version)
+        // (asked by every stored value: no copy of the list)
+        self.members
+            .lock()
+            .is_ok_and(|m| !m.is_empty() && m.iter().all(|m| m.records >= version))
     }
 
     /// The live members other than this node.
@@ -342,23 +334,23 @@ mod tests {
     fn a_member_whose_followers_ended_is_no_longer_woken() {
         let m = membership();
         let (a, b) = (FormulaId::random(), FormulaId::random());
-        m.note_interest(a, "n2".into(), 1);
-        m.note_interest(a, "n3".into(), 1);
-        m.note_interest(b, "n2".into(), 2);
+        m.note_interest(a, "n2".into(), false, 1);
+        m.note_interest(a, "n3".into(), false, 1);
+        m.note_interest(b, "n2".into(), false, 2);
         let mut names = m.interested(&a);
         names.sort();
         assert_eq!(names, ["n2", "n3"]);
-        m.drop_interest(&a, "n2", 3);
+        m.note_interest(a, "n2".into(), true, 3);
         assert_eq!(m.interested(&a), ["n3"]);
         // only that inbox, only that member
         assert_eq!(m.interested(&b), ["n2"]);
-        m.drop_interest(&a, "n3", 2);
+        m.note_interest(a, "n3".into(), true, 2);
         assert!(m.interested(&a).is_empty());
         // a withdrawal of what was never noted changes nothing
-        m.drop_interest(&b, "n9", 1);
+        m.note_interest(b, "n9".into(), true, 1);
         assert_eq!(m.interested(&b), ["n2"]);
         // following again after a withdrawal counts again
-        m.note_interest(a, "n2".into(), 4);
+        m.note_interest(a, "n2".into(), false, 4);
         assert_eq!(m.interested(&a), ["n2"]);
     }
 
@@ -370,27 +362,27 @@ mod tests {
         let a = FormulaId::random();
         // the last follower ended (5), then a new one started (6); the
         // withdrawal arrives second
-        m.note_interest(a, "n2".into(), 6);
-        m.drop_interest(&a, "n2", 5);
+        m.note_interest(a, "n2".into(), false, 6);
+        m.note_interest(a, "n2".into(), true, 5);
         assert_eq!(
             m.interested(&a),
             ["n2"],
             "a late withdrawal dropped a follower"
         );
         // a follower started (7) and ended (8); the renewal arrives second
-        m.drop_interest(&a, "n2", 8);
-        m.note_interest(a, "n2".into(), 7);
+        m.note_interest(a, "n2".into(), true, 8);
+        m.note_interest(a, "n2".into(), false, 7);
         assert!(
             m.interested(&a).is_empty(),
             "a late renewal outlived its withdrawal"
         );
         // and the next call counts
-        m.note_interest(a, "n2".into(), 9);
+        m.note_interest(a, "n2".into(), false, 9);
         assert_eq!(m.interested(&a), ["n2"]);
         // a member that predates the order: calls taken as they arrive
-        m.drop_interest(&a, "n2", 0);
+        m.note_interest(a, "n2".into(), true, 0);
         assert!(m.interested(&a).is_empty());
-        m.note_interest(a, "n2".into(), 0);
+        m.note_interest(a, "n2".into(), false, 0);
         assert_eq!(m.interested(&a), ["n2"]);
     }
 }

@@ -118,8 +118,8 @@ pub enum LinkOp {
         promise: FormulaId,
     },
     /// Tell `node`, the owner of `agent`, that this node has followers of
-    /// `agent`'s inbox (see [`Membership::note_interest`]), or, `gone`,
-    /// that its last one ended ([`Membership::drop_interest`]).
+    /// `agent`'s inbox, or, `gone`, that its last one ended (see
+    /// [`Membership::note_interest`]).
     Interest {
         node: MemberRec,
         agent: FormulaId,
