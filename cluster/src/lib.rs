@@ -26,6 +26,8 @@
 //! - [`blob`]: values larger than [`MAX_VALUE_SIZE`] split into chunks.
 //! - [`conformance`]: the backend conformance suite, written once and run
 //!   against every backend ([`conformance_tests!`]).
+//! - [`relay`]: relayed commits: a node hands groups of its commits to
+//!   another member, which merges them with its own into one store request.
 
 pub mod backup;
 pub mod blob;
@@ -36,6 +38,7 @@ pub mod etcd_store;
 pub mod fdb_store;
 pub mod mem_store;
 pub mod redb_store;
+pub mod relay;
 pub mod store;
 pub mod tuple;
 

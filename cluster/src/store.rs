@@ -327,6 +327,17 @@ pub trait Store: Send + Sync + 'static {
     /// for commit may be taken at it without asking the backend for its
     /// latest version. Nothing for backends that read the latest cheaply.
     fn learn_version(&self, _version: Version) {}
+    /// Hands groups of this client's commits to `relay` from now on (or to
+    /// none): see [`crate::relay`]. Backends without relayed commits ignore it.
+    fn set_relay(&self, _relay: Option<std::sync::Arc<dyn crate::relay::CommitRelay>>) {}
+    /// Commits a group of commits another member's client relayed
+    /// ([`crate::relay`]): the encoded answer its sender reads.
+    async fn commit_relayed(&self, _group: Vec<u8>) -> Result<Vec<u8>, crate::relay::RelayError> {
+        Err(crate::relay::RelayError::NotApplied(format!(
+            "{} takes no relayed commits",
+            self.describe()
+        )))
+    }
 }
 
 /// The smallest key after `key`: `key` followed by a zero byte.

@@ -195,6 +195,15 @@ pub async fn run(
             .join_cluster(cfg)
             .await
             .map_err(|e| anyhow!("cannot join the cluster: {e}"))?;
+        // Busy commits go to one member, which merges them with its own
+        // (see capstan_cluster::relay).
+        if let Some(m) = runtime.membership() {
+            let (calls, relays) = tokio::sync::mpsc::channel(crate::net::relay::RELAY_QUEUE);
+            tokio::task::spawn_local(net.clone().run_relays(relays));
+            runtime.db().store().set_relay(Some(std::sync::Arc::new(
+                crate::net::relay::NetRelay::new(m, calls),
+            )));
+        }
         Some(tokio::task::spawn_local(net.clone().run_links(rx)))
     } else {
         None

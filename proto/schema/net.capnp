@@ -63,6 +63,15 @@ interface Member {
   # older than one it already took (0: unordered, a caller that predates
   # the field).
   interest @4 (agent :Data, node :Text, gone :Bool, seq :UInt64) -> ();
+  # Commits `group` (a group of the caller's commits, encoded by the store:
+  # cluster/src/etcd_store/relay.rs) with this node's next commits to the
+  # shared store, in one request. `answer`: the store's answer to it,
+  # encoded likewise. `unapplied` (non-empty): nothing of the group was
+  # applied, and why (refused, or the store refused it); the caller commits
+  # it itself. A failed call leaves the outcome unknown: the caller resolves
+  # it by the group's commit marker. A member that predates the method
+  # answers "unimplemented": nothing applied.
+  relay @5 (group :Data) -> (answer :Data, unapplied :Text);
 }
 
 # Message `number` was committed to `agent`'s inbox (see `Member.wake`).

@@ -59,6 +59,7 @@ impl Membership {
                                 .as_ref()
                                 .is_some_and(|o| o.node_id == cfg.node_id && o.draining),
                         records: super::records::RECORDS_VERSION,
+                        relays: true,
                     };
                     tx.set(&member_key(&cfg.name), &encode(&rec))?;
                     Ok(rec)

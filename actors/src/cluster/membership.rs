@@ -285,6 +285,22 @@ impl Membership {
             .is_ok_and(|m| !m.is_empty() && m.iter().all(|m| m.records >= version))
     }
 
+    /// The member this node relays its busy commits to, so that the
+    /// cluster's commits share the store's requests (`capstan_cluster::relay`):
+    /// the first by name of the live members that take relayed commits and
+    /// are not draining; none when that is this node (it merges what the
+    /// others relay) or nobody. Every node picks the same one from the same
+    /// listing; two picks during a change of members only split the merging
+    /// for a moment (any member commits what it is relayed).
+    pub fn commit_relay(&self) -> Option<MemberRec> {
+        let members = self.members.lock().ok()?;
+        let first = members
+            .iter()
+            .filter(|m| m.relays && !m.draining)
+            .min_by(|a, b| a.name.cmp(&b.name))?;
+        (first.name != self.cfg.name).then(|| first.clone())
+    }
+
     /// The live members other than this node.
     pub fn others(&self) -> Vec<MemberRec> {
         self.members()

@@ -144,6 +144,7 @@ impl Membership {
                         expires_ms: 0,
                         draining: false,
                         records: super::records::RECORDS_VERSION,
+                        relays: true,
                     });
                 m.epoch = epoch;
                 m

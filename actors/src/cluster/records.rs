@@ -48,6 +48,11 @@ pub struct MemberRec {
     /// node from before it was recorded).
     #[serde(default)]
     pub records: u32,
+    /// Whether the node commits groups other members relay to it
+    /// (`Member.relay`; false in records of older builds): see
+    /// [`crate::cluster::Membership::commit_relay`].
+    #[serde(default)]
+    pub relays: bool,
 }
 
 /// The record layouts this build reads, as its member record advertises

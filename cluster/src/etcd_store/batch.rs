@@ -63,7 +63,8 @@ use super::{
     Failure, Inner, KeyRange, MARKER_COMMITTED, REQUEST_TIMEOUT, TIMEOUT_PER_MB, bump, classify,
     header_revision, timed_out, to_store_error,
 };
-use crate::etcd_rpc::{Compare, RequestOp, Response, TxnRequest, compare_result};
+use crate::etcd_rpc::{Compare, RequestOp, Response, TxnRequest, TxnResponse, compare_result};
+use crate::relay::RelayError;
 use crate::store::{StoreError, Version};
 
 /// Most members of one batch.
@@ -86,12 +87,76 @@ pub(super) struct Member {
     pub first_put: Option<Vec<u8>>,
     /// What batching needs to know (its deletions and size included).
     pub shape: Shape,
-    pub reply: oneshot::Sender<Result<Version, StoreError>>,
+    pub reply: Reply,
+}
+
+/// Who waits for a member's outcome.
+pub(super) enum Reply {
+    /// A commit of this client: its version, or why it has none.
+    Local(oneshot::Sender<Result<Version, StoreError>>),
+    /// A group another member's client relayed ([`super::relay`]): its
+    /// marker compare and put are its own `compares` and `writes`. It waits
+    /// for etcd's answer to it (the Txn's revision and the group's nested
+    /// answer), which its sender reads.
+    Relayed(oneshot::Sender<Result<(Version, TxnResponse), RelayError>>),
+}
+
+/// How one member's commit ended, as the batch saw it.
+pub(super) enum Outcome {
+    /// Etcd answered: the Txn's revision, and the member's own answer
+    /// (whether its branch ran, and what its operations answered).
+    Answered(Version, TxnResponse),
+    /// Settled otherwise: resolved by markers, refused, conflicted.
+    Settled(Result<Version, StoreError>),
+    /// Etcd did not answer; a local member is resolved before it is told,
+    /// a relayed group's sender resolves it.
+    Unknown,
 }
 
 impl Member {
-    /// The Txn of this member alone: its marker's compare first.
+    fn relayed(&self) -> bool {
+        matches!(self.reply, Reply::Relayed(_))
+    }
+
+    /// Tells whoever waits how the member's commit ended.
+    pub(super) fn answer(self, outcome: Outcome) {
+        match self.reply {
+            Reply::Local(tx) => {
+                let r = match outcome {
+                    Outcome::Answered(v, t) if t.succeeded => Ok(v),
+                    Outcome::Answered(..) => Err(StoreError::Conflict),
+                    Outcome::Settled(r) => r,
+                    Outcome::Unknown => Err(StoreError::MaybeCommitted),
+                };
+                let _ = tx.send(r);
+            }
+            Reply::Relayed(tx) => {
+                let r = match outcome {
+                    Outcome::Answered(v, t) => Ok((v, t)),
+                    Outcome::Settled(Err(e)) => Err(RelayError::NotApplied(e.to_string())),
+                    Outcome::Settled(Ok(_)) | Outcome::Unknown => {
+                        Err(RelayError::Unknown("etcd did not answer the Txn".into()))
+                    }
+                };
+                let _ = tx.send(r);
+            }
+        }
+    }
+
+    /// The Txn of this member alone: its marker's compare first (a relayed
+    /// group's is among its own compares already).
     fn alone(&self, lease: i64, guard: Option<&[u8]>) -> TxnRequest {
+        if self.relayed() {
+            let mut success = self.writes.clone();
+            if let Some(g) = guard {
+                success.push(RequestOp::put(g.to_vec(), Vec::new(), 0));
+            }
+            return TxnRequest {
+                compare: self.compares.clone(),
+                success,
+                failure: Vec::new(),
+            };
+        }
         let mut compare = Vec::with_capacity(self.compares.len() + 1);
         compare.push(Compare::create_revision(
             self.marker.clone(),
@@ -117,10 +182,10 @@ impl Member {
 
     /// Its nested Txn in a batch: the batch's marker stands for its own
     /// unless it puts no key.
-    fn nested(&self, lease: i64) -> TxnRequest {
+    pub(super) fn nested(&self, lease: i64) -> TxnRequest {
         let mut success = self.writes.clone();
         let mut compare = self.compares.clone();
-        if self.first_put.is_none() {
+        if self.first_put.is_none() && !self.relayed() {
             compare.insert(
                 0,
                 Compare::create_revision(self.marker.clone(), compare_result::EQUAL, 0),
@@ -328,12 +393,17 @@ impl Committer {
         m: Member,
         rx: oneshot::Receiver<Result<Version, StoreError>>,
     ) -> Result<Version, StoreError> {
+        self.queue(m).await?;
+        rx.await
+            .unwrap_or_else(|_| Err(StoreError::Io("the etcd committer stopped".into())))
+    }
+
+    /// Queues `m` (its reply tells its outcome).
+    pub async fn queue(&self, m: Member) -> Result<(), StoreError> {
         self.tx
             .send(m)
             .await
-            .map_err(|_| StoreError::Io("the etcd store is closed".into()))?;
-        rx.await
-            .unwrap_or_else(|_| Err(StoreError::Io("the etcd committer stopped".into())))
+            .map_err(|_| StoreError::Io("the etcd store is closed".into()))
     }
 }
 
@@ -416,8 +486,12 @@ async fn run(inner: Weak<Inner>, mut rx: mpsc::Receiver<Member>) {
             f.push((id, Taken::writes_of(&batch)));
         }
         let (answered, flying) = (answered.clone(), flying.clone());
+        // Commits that met others (a batch of several, or one formed while
+        // another was in flight) may be relayed; a lone commit on an idle
+        // client goes to etcd at once.
+        let busy = in_flight || batch.len() > 1;
         tokio::spawn(async move {
-            send_batch(&store, batch).await;
+            send_batch(&store, batch, busy).await;
             if let Ok(mut f) = flying.lock() {
                 f.retain(|(i, _)| *i != id);
             }
@@ -427,19 +501,28 @@ async fn run(inner: Weak<Inner>, mut rx: mpsc::Receiver<Member>) {
     }
 }
 
-/// Sends `batch` and answers each member.
-async fn send_batch(inner: &Inner, batch: Vec<Member>) {
+/// Sends `batch` and answers each member: through the relay when there is
+/// one and the batch may go there ([`super::relay`]), else to etcd.
+async fn send_batch(inner: &Inner, batch: Vec<Member>, busy: bool) {
+    if let Some(relay) = super::relay::route(inner, &batch, busy) {
+        return super::relay::relay_batch(inner, batch, relay).await;
+    }
+    send_direct(inner, batch).await
+}
+
+/// Sends `batch` to etcd and answers each member.
+pub(super) async fn send_direct(inner: &Inner, batch: Vec<Member>) {
     if batch.len() == 1 {
         if let Some(m) = batch.into_iter().next() {
             let r = send_alone(inner, &m).await;
-            let _ = m.reply.send(r);
+            m.answer(r);
         }
         return;
     }
     match send_nested(inner, &batch).await {
         Ok(outcomes) => {
             for (m, r) in batch.into_iter().zip(outcomes) {
-                let _ = m.reply.send(r);
+                m.answer(r);
             }
         }
         Err(e) => {
@@ -448,18 +531,18 @@ async fn send_batch(inner: &Inner, batch: Vec<Member>) {
             let outcomes =
                 futures::future::join_all(batch.iter().map(|m| send_alone(inner, m))).await;
             for (m, r) in batch.into_iter().zip(outcomes) {
-                let _ = m.reply.send(r);
+                m.answer(r);
             }
         }
     }
 }
 
-fn time_limit(size: usize) -> std::time::Duration {
+pub(super) fn time_limit(size: usize) -> std::time::Duration {
     REQUEST_TIMEOUT + TIMEOUT_PER_MB * u32::try_from(size >> 20).unwrap_or(16)
 }
 
 /// How a commit Txn ended when etcd did not answer it.
-enum Unanswered {
+pub(super) enum Unanswered {
     /// The outcome is unknown: resolve by the markers (sent at this time).
     Unknown(Instant),
     /// Refused or failed for sure: nothing was applied.
@@ -468,7 +551,7 @@ enum Unanswered {
 
 /// Sends the Txn `build` makes for the current marker lease (renewing the
 /// lease once if etcd lost it): its answer, or why there is none.
-async fn send_txn(
+pub(super) async fn send_txn(
     inner: &Inner,
     what: &str,
     size: usize,
@@ -513,22 +596,22 @@ async fn send_txn(
 }
 
 /// One member as a Txn of its own.
-async fn send_alone(inner: &Inner, m: &Member) -> Result<Version, StoreError> {
+async fn send_alone(inner: &Inner, m: &Member) -> Outcome {
     let guard = m.shape.deletes.then_some(inner.guard.as_slice());
     match send_txn(inner, "commit", m.shape.size, |lease| m.alone(lease, guard)).await {
-        Ok(resp) if resp.succeeded => header_revision(resp.header.as_ref()),
-        Ok(_) => Err(StoreError::Conflict),
-        Err(Unanswered::Unknown(sent)) => inner.resolve(&m.marker, sent).await,
-        Err(Unanswered::Failed(e)) => Err(e),
+        Ok(resp) => match header_revision(resp.header.as_ref()) {
+            Ok(v) => Outcome::Answered(v, resp),
+            Err(e) => Outcome::Settled(Err(e)),
+        },
+        Err(Unanswered::Unknown(_)) if m.relayed() => Outcome::Unknown,
+        Err(Unanswered::Unknown(sent)) => Outcome::Settled(inner.resolve(&m.marker, sent).await),
+        Err(Unanswered::Failed(e)) => Outcome::Settled(Err(e)),
     }
 }
 
 /// The members as nested Txns of one Txn: each member's outcome, or an error
 /// when etcd refused the whole Txn (then nothing was applied).
-async fn send_nested(
-    inner: &Inner,
-    batch: &[Member],
-) -> Result<Vec<Result<Version, StoreError>>, StoreError> {
+async fn send_nested(inner: &Inner, batch: &[Member]) -> Result<Vec<Outcome>, StoreError> {
     let size: usize = batch.iter().map(|m| m.shape.size).sum();
     let deletes = batch.iter().any(|m| m.shape.deletes);
     tracing::trace!(members = batch.len(), "sending an etcd batch");
@@ -539,21 +622,21 @@ async fn send_nested(
     .await;
     match sent {
         // the marker is fresh: only a fenced resend could fail its compare
-        Ok(resp) if !resp.succeeded => {
-            Ok(batch.iter().map(|_| Err(StoreError::Conflict)).collect())
-        }
-        Ok(resp) => {
+        Ok(resp) if !resp.succeeded => Ok(batch
+            .iter()
+            .map(|_| Outcome::Settled(Err(StoreError::Conflict)))
+            .collect()),
+        Ok(mut resp) => {
             let version = header_revision(resp.header.as_ref())?;
-            Ok((0..batch.len())
-                .map(
-                    |k| match resp.responses.get(k).and_then(|r| r.response.as_ref()) {
-                        Some(Response::Txn(t)) if t.succeeded => Ok(version),
-                        Some(Response::Txn(_)) => Err(StoreError::Conflict),
-                        _ => Err(StoreError::Io(
-                            "etcd answered a batch without a result per member".into(),
-                        )),
-                    },
-                )
+            let mut answers = std::mem::take(&mut resp.responses).into_iter();
+            Ok(batch
+                .iter()
+                .map(|_| match answers.next().and_then(|r| r.response) {
+                    Some(Response::Txn(t)) => Outcome::Answered(version, t),
+                    _ => Outcome::Settled(Err(StoreError::Io(
+                        "etcd answered a batch without a result per member".into(),
+                    ))),
+                })
                 .collect())
         }
         Err(Unanswered::Unknown(sent)) => Ok(resolve_batch(inner, batch, &marker, sent).await),
@@ -594,23 +677,41 @@ fn batch_txn(
 
 /// Each member's outcome of a batch sent under `marker` whose answer was
 /// lost (module docs): the batch is resolved by its marker, then each
-/// member by the revision of its first put key (or by its own marker).
-async fn resolve_batch(
+/// member by the revision of its first put key (or by its own marker). A
+/// relayed group is left to its sender, which resolves it by its own marker.
+pub(super) async fn resolve_batch(
     inner: &Inner,
     batch: &[Member],
     marker: &[u8],
     sent: Instant,
-) -> Vec<Result<Version, StoreError>> {
-    let applied_at = match inner.resolve(marker, sent).await {
+) -> Vec<Outcome> {
+    let local = batch.iter().any(|m| !m.relayed());
+    let applied_at = if local {
+        inner.resolve(marker, sent).await
+    } else {
+        Err(StoreError::MaybeCommitted)
+    };
+    let applied_at = match applied_at {
         Ok(v) => v,
         // fenced, or still unknown: the same for every member
-        Err(e) => return batch.iter().map(|_| Err(e.clone())).collect(),
+        Err(e) => {
+            return batch
+                .iter()
+                .map(|m| match m.relayed() {
+                    true => Outcome::Unknown,
+                    false => Outcome::Settled(Err(e.clone())),
+                })
+                .collect();
+        }
     };
     futures::future::join_all(batch.iter().map(|m| async move {
-        match &m.first_put {
+        if m.relayed() {
+            return Outcome::Unknown;
+        }
+        Outcome::Settled(match &m.first_put {
             Some(key) => inner.modified_at(key, applied_at).await,
             None => inner.resolve(&m.marker, sent).await,
-        }
+        })
     }))
     .await
 }
@@ -762,8 +863,17 @@ mod tests {
                 marker: inner.new_marker(),
                 first_put: first_put.map(|k| inner.dk(k)),
                 shape: Shape::default(),
-                reply,
+                reply: Reply::Local(reply),
             }
+        };
+        // what a local member is told after a resolution
+        let settled = |o: Vec<Outcome>| -> Vec<Result<Version, StoreError>> {
+            o.into_iter()
+                .map(|o| match o {
+                    Outcome::Settled(r) => r,
+                    _ => panic!("a resolved local member is settled"),
+                })
+                .collect()
         };
         let batch_of = || {
             vec![
@@ -792,7 +902,7 @@ mod tests {
 
         let lost = batch_of();
         let marker = inner.new_marker();
-        let outcomes = resolve_batch(inner, &lost, &marker, Instant::now()).await;
+        let outcomes = settled(resolve_batch(inner, &lost, &marker, Instant::now()).await);
         assert_eq!(outcomes, vec![Err(StoreError::Conflict); 3]);
         let late = client
             .txn(batch_txn(inner, &lost, &marker, true, lease))
@@ -810,7 +920,7 @@ mod tests {
             .unwrap();
         assert!(resp.succeeded);
         let at = super::super::rev(resp.header.unwrap().revision);
-        let outcomes = resolve_batch(inner, &applied, &marker, Instant::now()).await;
+        let outcomes = settled(resolve_batch(inner, &applied, &marker, Instant::now()).await);
         assert_eq!(
             outcomes,
             vec![Ok(at), Err(StoreError::Conflict), Ok(at)],
@@ -827,7 +937,7 @@ mod tests {
             .unwrap();
         assert!(again.succeeded);
         assert_eq!(
-            resolve_batch(inner, &applied, &marker, Instant::now()).await,
+            settled(resolve_batch(inner, &applied, &marker, Instant::now()).await),
             vec![Ok(at), Err(StoreError::Conflict), Ok(at)]
         );
         let snap = store.snapshot().await.unwrap();

@@ -139,6 +139,8 @@
 mod batch;
 mod cache;
 mod reads;
+mod relay;
+pub use relay::RELAY_PAUSE;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -679,6 +681,10 @@ struct Inner {
     latest_at_ms: AtomicU64,
     started: Instant,
     counters: Counters,
+    /// Where this client relays its busy batches ([`relay`]), and until
+    /// when it commits alone after a relay failed.
+    relay: std::sync::RwLock<Option<Arc<dyn crate::relay::CommitRelay>>>,
+    relay_paused_until: std::sync::Mutex<Option<Instant>>,
 }
 
 /// What the store did so far (see [`Store::stats`]).
@@ -709,6 +715,12 @@ struct Counters {
     commit_puts: AtomicU64,
     commit_deletes: AtomicU64,
     commit_compares: AtomicU64,
+    /// Groups of this client's commits sent through its relay, groups it
+    /// committed for other members, and relayed groups that failed (not
+    /// applied, or resolved by their marker).
+    relayed_out: AtomicU64,
+    relayed_in: AtomicU64,
+    relay_failures: AtomicU64,
 }
 
 fn bump(c: &AtomicU64, n: u64) {
@@ -797,6 +809,8 @@ impl EtcdStore {
             latest_at_ms: AtomicU64::new(0),
             started: Instant::now(),
             counters: Counters::default(),
+            relay: std::sync::RwLock::new(None),
+            relay_paused_until: std::sync::Mutex::new(None),
         });
         let store = EtcdStore { inner };
         store.inner.current_revision().await?;
@@ -1224,7 +1238,7 @@ impl Inner {
             marker,
             first_put,
             shape,
-            reply,
+            reply: batch::Reply::Local(reply),
         };
         let r = self.committer.commit(member, rx).await;
         if let Ok(mut c) = self.cache.lock() {
@@ -1508,6 +1522,16 @@ impl Store for EtcdStore {
         // the marker and the guard take two of a Txn's operations
         self.inner.max_txn_ops.saturating_sub(3)
     }
+
+    fn set_relay(&self, relay: Option<Arc<dyn crate::relay::CommitRelay>>) {
+        if let Ok(mut r) = self.inner.relay.write() {
+            *r = relay;
+        }
+    }
+
+    async fn commit_relayed(&self, group: Vec<u8>) -> Result<Vec<u8>, crate::relay::RelayError> {
+        self.inner.commit_relayed(group).await
+    }
 }
 
 impl EtcdStore {
@@ -1529,6 +1553,9 @@ impl EtcdStore {
             ("commit_puts", get(&c.commit_puts)),
             ("commit_deletes", get(&c.commit_deletes)),
             ("commit_compares", get(&c.commit_compares)),
+            ("relayed_out", get(&c.relayed_out)),
+            ("relayed_in", get(&c.relayed_in)),
+            ("relay_failures", get(&c.relay_failures)),
         ]
     }
 }

@@ -26,6 +26,7 @@ use std::time::Duration;
 use capnp::Error as CapError;
 use capstan_actors::cluster::{LinkOp, MemberRec};
 use capstan_actors::{Error, Runtime};
+use capstan_cluster::relay::RelayError;
 use capstan_proto::FormulaId;
 use capstan_proto::net_capnp::member;
 use tokio::sync::mpsc;
@@ -127,6 +128,20 @@ impl member::Server for MemberServer {
         Ok(())
     }
 
+    async fn relay(
+        self: Rc<Self>,
+        params: member::RelayParams,
+        mut results: member::RelayResults,
+    ) -> Result<(), CapError> {
+        let group = params.get()?.get_group()?.to_vec();
+        match self.rt.db().store().commit_relayed(group).await {
+            Ok(answer) => results.get().set_answer(&answer),
+            Err(RelayError::NotApplied(e)) => results.get().set_unapplied(e.as_str()),
+            Err(RelayError::Unknown(e)) => return Err(failed(e)),
+        }
+        Ok(())
+    }
+
     async fn interest(
         self: Rc<Self>,
         params: member::InterestParams,
@@ -202,7 +217,7 @@ impl Links {
             .collect()
     }
 
-    fn drop_link(&self, addr: &str) {
+    pub(super) fn drop_link(&self, addr: &str) {
         if let Some((p, _)) = self.by_addr.borrow_mut().remove(addr) {
             p.conn.close(0u32.into(), b"link failed");
         }
@@ -211,7 +226,7 @@ impl Links {
 
 impl Net {
     /// The member interface of the node at `addr` (same cluster).
-    async fn member(self: &Rc<Self>, addr: &str) -> Result<member::Client, String> {
+    pub(super) async fn member(self: &Rc<Self>, addr: &str) -> Result<member::Client, String> {
         if let Some((p, m)) = self.links.by_addr.borrow().get(addr)
             && p.live()
         {

@@ -3,6 +3,8 @@
 //! - [`identity`]: the node and cluster keys and certificates.
 //! - [`tls`]: TLS 1.3 with trust by cluster id.
 //! - [`members`]: links between the nodes of one cluster.
+//! - [`relay`]: relayed commits: a node's busy commits go to one member,
+//!   which merges the cluster's commits into fewer store requests.
 //! - [`advertise`]: the addresses a node puts in locators and member records.
 //! - this module: [`Net`], the QUIC endpoint of a node: its bounds, `bind`
 //!   and the locators it issues. It listens (with `--listen`), serves a
@@ -49,6 +51,7 @@
 pub mod advertise;
 pub mod identity;
 pub mod members;
+pub mod relay;
 pub mod tls;
 
 mod endpoint;

@@ -1,0 +1,315 @@
+//! Relayed commits on etcd ([`crate::relay`]): a node's batch goes to the
+//! member that merges commits, as one *group*, and shares that member's Txn.
+//!
+//! A group is the Txn of a batch under its sender's commit marker `G`, with
+//! no deletion guard:
+//!
+//! ```text
+//! Txn { compare: [create_revision(G) == 0],
+//!       success: [ Txn{compare: c1, success: w1}, …, put(G) ] }
+//! ```
+//!
+//! The relay takes it as one member of its own batch (whose outer Txn nests
+//! it once more, and puts the guard when a group deletes): so a group
+//! applies exactly when the relay's Txn does and `G` is absent, and each of
+//! its members on its own compares, as in a batch of the sender's. The
+//! answer is the relay's Txn's revision and the group's nested answer,
+//! which the sender reads as it reads a batch's answer.
+//!
+//! An unanswered group (the relay died or was cut off, the answer was lost,
+//! the call timed out) is resolved by its sender by `G`, as a batch by its
+//! marker: `G` absent, the sender fences it, and the group fails its compare
+//! should it reach etcd later; present, it applied, and each member is
+//! settled by its first key's revision. A group the relay says it did not
+//! apply (refused by the relay or by etcd; nothing of it reached etcd) is
+//! sent to etcd by its sender. After either, the sender commits alone for
+//! [`RELAY_PAUSE`].
+//!
+//! The relay checks a group before taking it: its keys inside this store's
+//! data and markers (none of another prefix, the guard's put, the meta key),
+//! the form above, and its operations and bytes within half the store's
+//! limits so that it fits a Txn beside others. Etcd checks each nested Txn
+//! against the operations its parents left; [`Shape::ops`] of a group is its
+//! own operations plus its widest member's, which [`super::batch::pick`]
+//! adds to the outer Txn's.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use tokio::sync::oneshot;
+
+use super::batch::{self, Member, Outcome, Reply, Shape};
+use super::{Inner, KeyRange, MARKER_COMMITTED, bump, header_revision};
+use crate::etcd_rpc::{
+    Compare, Request, RequestOp, ResponseHeader, TargetUnion, TxnRequest, TxnResponse,
+    compare_result, compare_target,
+};
+use crate::relay::{CommitRelay, RelayError};
+use crate::store::{StoreError, key_after};
+
+/// How long a client commits on its own after its relay failed.
+pub const RELAY_PAUSE: Duration = Duration::from_secs(2);
+
+/// The relay `batch` goes through, if any: one is set, the client's last
+/// relayed group did not fail within [`RELAY_PAUSE`], the batch met other
+/// commits (`busy`: a lone commit on an idle client goes to etcd at once,
+/// a hop sooner) unless the relay is eager, it holds no group relayed to
+/// this client (a group is relayed once), and it fits half the limits.
+pub(super) fn route(inner: &Inner, batch: &[Member], busy: bool) -> Option<Arc<dyn CommitRelay>> {
+    let relay = inner.relay.read().ok()?.clone()?;
+    if !(busy || relay.eager()) || inner.relay_paused() {
+        return None;
+    }
+    if batch.iter().any(|m| matches!(m.reply, Reply::Relayed(_))) {
+        return None;
+    }
+    let widest = batch.iter().map(|m| m.shape.ops).max().unwrap_or(0);
+    let size: usize = batch.iter().map(|m| m.shape.size).sum();
+    if batch.len() + 1 + widest > inner.max_txn_ops / 2 || size > inner.config.max_request_bytes / 2
+    {
+        return None;
+    }
+    Some(relay)
+}
+
+/// The group of `batch` under the marker `marker` (module docs).
+fn group_txn(batch: &[Member], marker: &[u8], lease: i64) -> TxnRequest {
+    let mut success: Vec<RequestOp> = batch
+        .iter()
+        .map(|m| RequestOp::txn(m.nested(lease)))
+        .collect();
+    success.push(RequestOp::put(
+        marker.to_vec(),
+        MARKER_COMMITTED.to_vec(),
+        lease,
+    ));
+    TxnRequest {
+        compare: vec![Compare::create_revision(
+            marker.to_vec(),
+            compare_result::EQUAL,
+            0,
+        )],
+        success,
+        failure: Vec::new(),
+    }
+}
+
+/// Sends `batch` through `relay` as one group and answers each member
+/// (module docs for what an unanswered or refused group becomes).
+pub(super) async fn relay_batch(inner: &Inner, batch: Vec<Member>, relay: Arc<dyn CommitRelay>) {
+    let Ok(lease) = inner.lease(false).await else {
+        return batch::send_direct(inner, batch).await;
+    };
+    let marker = inner.new_marker();
+    let group = group_txn(&batch, &marker, lease).encode_to_vec();
+    let Some(call) = relay.relay(group) else {
+        return batch::send_direct(inner, batch).await;
+    };
+    bump(&inner.counters.relayed_out, 1);
+    let sent = Instant::now();
+    let size: usize = batch.iter().map(|m| m.shape.size).sum();
+    let limit = batch::time_limit(size);
+    let answer = tokio::time::timeout(limit, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(RelayError::Unknown(format!(
+                "no answer within {} ms",
+                limit.as_millis()
+            )))
+        })
+        .and_then(|a| read_answer(&a, batch.len()));
+    let outcomes = match answer {
+        Ok(o) => o,
+        Err(RelayError::NotApplied(e)) => {
+            inner.pause_relay(&e);
+            return batch::send_direct(inner, batch).await;
+        }
+        Err(RelayError::Unknown(e)) => {
+            inner.pause_relay(&e);
+            tracing::info!(error = %e, "relayed commits unanswered; resolving by their marker");
+            // (the batch holds no relayed group: every member is resolved)
+            batch::resolve_batch(inner, &batch, &marker, sent).await
+        }
+    };
+    for (m, o) in batch.into_iter().zip(outcomes) {
+        m.answer(o);
+    }
+}
+
+/// Each member's outcome from the relay's answer to a group of `members`.
+fn read_answer(answer: &[u8], members: usize) -> Result<Vec<Outcome>, RelayError> {
+    let unreadable = |why: &str| RelayError::Unknown(format!("the relay's answer {why}"));
+    let resp = TxnResponse::decode(answer).map_err(|_| unreadable("is not an etcd Txn answer"))?;
+    let version =
+        header_revision(resp.header.as_ref()).map_err(|_| unreadable("has no revision"))?;
+    if !resp.succeeded {
+        // its marker was there already: no member applied
+        return Ok((0..members)
+            .map(|_| Outcome::Settled(Err(StoreError::Conflict)))
+            .collect());
+    }
+    if resp.responses.len() < members {
+        return Err(unreadable("lacks a result per member"));
+    }
+    resp.responses
+        .into_iter()
+        .take(members)
+        .map(|r| match r.response {
+            Some(crate::etcd_rpc::Response::Txn(t)) => Ok(Outcome::Answered(version, t)),
+            _ => Err(unreadable("lacks a result per member")),
+        })
+        .collect()
+}
+
+impl Inner {
+    pub(super) fn relay_paused(&self) -> bool {
+        self.relay_paused_until
+            .lock()
+            .is_ok_and(|u| u.is_some_and(|u| Instant::now() < u))
+    }
+
+    fn pause_relay(&self, why: &str) {
+        tracing::debug!(error = %why, "relay failed; committing alone for a while");
+        bump(&self.counters.relay_failures, 1);
+        if let Ok(mut u) = self.relay_paused_until.lock() {
+            *u = Some(Instant::now() + RELAY_PAUSE);
+        }
+    }
+
+    /// Commits a group another member relayed, with this client's next
+    /// batch: etcd's answer to it, encoded (module docs).
+    pub(super) async fn commit_relayed(&self, group: Vec<u8>) -> Result<Vec<u8>, RelayError> {
+        let (txn, shape) = parse_group(self, &group)
+            .map_err(|e| RelayError::NotApplied(format!("refused a relayed group: {e}")))?;
+        let TxnRequest {
+            mut compare,
+            success,
+            ..
+        } = txn;
+        let marker = compare.first().map(|c| c.key.clone()).unwrap_or_default();
+        let (tx, rx) = oneshot::channel();
+        let m = Member {
+            compares: std::mem::take(&mut compare),
+            writes: success,
+            marker,
+            first_put: None,
+            shape,
+            reply: Reply::Relayed(tx),
+        };
+        self.committer
+            .queue(m)
+            .await
+            .map_err(|e| RelayError::NotApplied(e.to_string()))?;
+        bump(&self.counters.relayed_in, 1);
+        let (version, t) = rx
+            .await
+            .map_err(|_| RelayError::Unknown("the etcd committer stopped".into()))??;
+        self.saw(version);
+        Ok(TxnResponse {
+            header: Some(ResponseHeader {
+                revision: i64::try_from(version).unwrap_or(i64::MAX),
+                ..Default::default()
+            }),
+            succeeded: t.succeeded,
+            responses: t.responses,
+        }
+        .encode_to_vec())
+    }
+}
+
+/// Whether `c` is `create_revision(key) == 0` of a single key.
+fn is_absent_check(c: &Compare) -> bool {
+    c.target == compare_target::CREATE
+        && c.result == compare_result::EQUAL
+        && c.target_union == Some(TargetUnion::CreateRevision(0))
+        && c.range_end.is_empty()
+}
+
+/// The user key range of the etcd range `[key, end)` (`end` empty: the key
+/// alone), if it lies in the data of the store `inner`.
+fn data_range(inner: &Inner, key: &[u8], end: &[u8]) -> Option<KeyRange> {
+    let k = key.strip_prefix(inner.data.as_slice())?;
+    let e = if end.is_empty() {
+        key_after(k)
+    } else {
+        end.strip_prefix(inner.data.as_slice())?.to_vec()
+    };
+    Some((k.to_vec(), e))
+}
+
+/// `group` decoded and checked (module docs), with its shape for batching.
+fn parse_group(inner: &Inner, group: &[u8]) -> Result<(TxnRequest, Shape), String> {
+    if group.len() > inner.config.max_request_bytes / 2 {
+        return Err(format!(
+            "{} bytes, more than half of a request",
+            group.len()
+        ));
+    }
+    let txn = TxnRequest::decode(group).map_err(|e| format!("not an etcd Txn: {e}"))?;
+    let [check] = txn.compare.as_slice() else {
+        return Err("a group compares its marker alone".into());
+    };
+    if !is_absent_check(check) || !check.key.starts_with(&inner.markers) {
+        return Err("a group checks that its commit marker is absent".into());
+    }
+    let Some((last, members)) = txn.success.split_last() else {
+        return Err("a group has no operations".into());
+    };
+    match &last.request {
+        Some(Request::Put(p)) if p.key == check.key && p.value == MARKER_COMMITTED => {}
+        _ => return Err("a group ends by putting its commit marker".into()),
+    }
+    if !txn.failure.is_empty() || members.is_empty() {
+        return Err("a group has members and no failure branch".into());
+    }
+    let mut shape = Shape {
+        size: group.len(),
+        ..Shape::default()
+    };
+    let mut widest = 0;
+    for op in members {
+        let Some(Request::Txn(t)) = &op.request else {
+            return Err("a group's members are Txns".into());
+        };
+        if !t.failure.is_empty() {
+            return Err("a member has no failure branch".into());
+        }
+        for c in &t.compare {
+            if let Some(r) = data_range(inner, &c.key, &c.range_end) {
+                shape.reads.push(r);
+            } else if !(c.range_end.is_empty()
+                && (c.key.starts_with(&inner.markers) || c.key == inner.guard))
+            {
+                return Err("a member compares a key outside the store".into());
+            }
+        }
+        for w in &t.success {
+            match &w.request {
+                Some(Request::Put(p)) => {
+                    if let Some(r) = data_range(inner, &p.key, &[]) {
+                        shape.writes.push(r);
+                    } else if !p.key.starts_with(&inner.markers) {
+                        return Err("a member puts a key outside the store's data".into());
+                    }
+                }
+                Some(Request::DeleteRange(d)) => {
+                    let r = data_range(inner, &d.key, &d.range_end)
+                        .ok_or("a member deletes outside the store's data")?;
+                    shape.writes.push(r);
+                    shape.deletes = true;
+                }
+                _ => return Err("a member puts and deletes only".into()),
+            }
+        }
+        widest = widest.max(t.compare.len().max(t.success.len()));
+    }
+    shape.ops = txn.success.len() + widest;
+    if shape.ops > inner.max_txn_ops / 2 {
+        return Err(format!(
+            "{} operations, more than half of a Txn's",
+            shape.ops
+        ));
+    }
+    Ok((txn, shape))
+}

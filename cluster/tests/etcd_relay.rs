@@ -1,0 +1,331 @@
+//! Relayed commits ([`capstan_cluster::relay`]) against a real etcd cluster:
+//! the whole conformance suite on a client that relays every commit through
+//! another client of the same store, and the hostile cases: the relay whose
+//! answer is lost, the group that reaches etcd after its sender gave up on
+//! it, the relay that refuses, and a group that reaches outside the store.
+//!
+//! Needs `CAPSTAN_ETCD_ENDPOINTS` like `etcd_conformance.rs` (skipped
+//! without it unless `CAPSTAN_REQUIRE_ETCD=1`).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use capstan_cluster::conformance::{get, set};
+use capstan_cluster::etcd_store::EtcdStore;
+use capstan_cluster::relay::{CommitRelay, RelayError, RelayFuture};
+use capstan_cluster::{Db, Store, StoreError};
+
+const ENDPOINTS_ENV: &str = "CAPSTAN_ETCD_ENDPOINTS";
+
+fn endpoints() -> Option<String> {
+    match std::env::var(ENDPOINTS_ENV) {
+        Ok(s) if !s.trim().is_empty() => Some(s.trim().to_string()),
+        _ => {
+            if std::env::var("CAPSTAN_REQUIRE_ETCD").as_deref() == Ok("1") {
+                panic!(
+                    "CAPSTAN_REQUIRE_ETCD=1 but {ENDPOINTS_ENV} is not set: run scripts/etcd-cluster start and export {ENDPOINTS_ENV}=<the endpoints it prints>"
+                );
+            }
+            eprintln!("skipped: set {ENDPOINTS_ENV} (scripts/etcd-cluster start)");
+            None
+        }
+    }
+}
+
+fn etcd_enabled() -> bool {
+    endpoints().is_some()
+}
+
+fn spec_for(tag: &str) -> String {
+    format!(
+        "etcd://{}/capstan-test/relay-{tag}?max-request-bytes=16777216",
+        endpoints().expect("endpoints")
+    )
+}
+
+fn unique(tag: &str) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!(
+        "{tag}-{}-{nanos}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// What a test relay does with a group.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    /// Hands it to the other client and returns its answer.
+    Faithful,
+    /// Hands it over, then loses the answer.
+    LoseAnswer,
+    /// Keeps it (to hand over later) and says the outcome is unknown.
+    Hold,
+    /// Says it was not applied, without handing it over.
+    Refuse,
+}
+
+/// A relay to another client of the same store, in this process.
+struct TestRelay {
+    to: Arc<dyn Store>,
+    mode: Mode,
+    calls: AtomicUsize,
+    held: Mutex<Vec<Vec<u8>>>,
+}
+
+impl TestRelay {
+    fn new(to: Arc<dyn Store>, mode: Mode) -> Arc<TestRelay> {
+        Arc::new(TestRelay {
+            to,
+            mode,
+            calls: AtomicUsize::new(0),
+            held: Mutex::new(Vec::new()),
+        })
+    }
+}
+
+impl CommitRelay for TestRelay {
+    fn relay(&self, group: Vec<u8>) -> Option<RelayFuture> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let to = self.to.clone();
+        match self.mode {
+            Mode::Faithful => Some(Box::pin(async move { to.commit_relayed(group).await })),
+            Mode::LoseAnswer => Some(Box::pin(async move {
+                let _ = to.commit_relayed(group).await;
+                Err(RelayError::Unknown("the answer was lost".into()))
+            })),
+            Mode::Hold => {
+                self.held.lock().unwrap().push(group);
+                Some(Box::pin(async {
+                    Err(RelayError::Unknown("no answer".into()))
+                }))
+            }
+            Mode::Refuse => Some(Box::pin(async {
+                Err(RelayError::NotApplied("refused".into()))
+            })),
+        }
+    }
+
+    fn eager(&self) -> bool {
+        true
+    }
+}
+
+/// Two clients of the store `tag`: the first relays every commit through
+/// the second in `mode` (and the relay, to look at what it did).
+async fn pair(tag: &str, mode: Mode) -> (Db, Db, Arc<TestRelay>) {
+    let spec = spec_for(tag);
+    let proxy: Arc<dyn Store> = Arc::new(EtcdStore::open(&spec).await.unwrap());
+    let sender = EtcdStore::open(&spec).await.unwrap();
+    let relay = TestRelay::new(proxy.clone(), mode);
+    sender.set_relay(Some(relay.clone()));
+    (Db::new(Arc::new(sender)), Db::new(proxy), relay)
+}
+
+async fn open_relayed(dir: PathBuf) -> Result<Db, StoreError> {
+    let tag = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("scratch")
+        .to_string();
+    Ok(pair(&tag, Mode::Faithful).await.0)
+}
+
+capstan_cluster::conformance_tests!(open_relayed, enabled: etcd_enabled);
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Adds one to the counter at `key`, in a transaction of its own.
+async fn increment(db: &Db, key: &'static [u8]) -> Result<(), StoreError> {
+    db.transact(move |tx| {
+        Box::pin(async move {
+            let n = match tx.get(key).await? {
+                Some(v) => u64::from_be_bytes(v.as_slice().try_into().unwrap()),
+                None => 0,
+            };
+            tx.set(key, &(n + 1).to_be_bytes())?;
+            Ok::<_, StoreError>(())
+        })
+    })
+    .await
+}
+
+async fn counter(db: &Db, key: &[u8]) -> u64 {
+    get(db, key)
+        .await
+        .unwrap()
+        .map(|v| u64::from_be_bytes(v.as_slice().try_into().unwrap()))
+        .unwrap_or(0)
+}
+
+/// Two relaying clients and the relay itself increment one counter at
+/// once: the groups merged into the relay's Txns never lose an update.
+#[test]
+fn relayed_and_local_commits_on_one_counter_lose_nothing() {
+    if !etcd_enabled() {
+        return;
+    }
+    rt().block_on(async {
+        let tag = unique("counter");
+        let (a, proxy, relay) = pair(&tag, Mode::Faithful).await;
+        let b = EtcdStore::open(&spec_for(&tag)).await.unwrap();
+        b.set_relay(Some(TestRelay::new(proxy.store().clone(), Mode::Faithful)));
+        let b = Db::new(Arc::new(b));
+        let mut tasks = Vec::new();
+        for db in [a, b, proxy.clone()] {
+            for _ in 0..4 {
+                let db = db.clone();
+                tasks.push(tokio::spawn(async move {
+                    for _ in 0..10 {
+                        increment(&db, b"n").await.unwrap();
+                    }
+                }));
+            }
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(counter(&proxy, b"n").await, 120);
+        assert!(
+            relay.calls.load(Ordering::Relaxed) > 0,
+            "nothing was relayed"
+        );
+    });
+}
+
+/// The relay applies a group and its answer is lost: the sender resolves
+/// it by its marker, finds it applied, and does not apply it again.
+#[test]
+fn a_lost_answer_is_resolved_as_applied_once() {
+    if !etcd_enabled() {
+        return;
+    }
+    rt().block_on(async {
+        let (a, proxy, relay) = pair(&unique("lost"), Mode::LoseAnswer).await;
+        for _ in 0..5 {
+            increment(&a, b"n").await.unwrap();
+            // (a failed relay pauses relaying; wait it out so each goes there)
+            tokio::time::sleep(capstan_cluster::etcd_store::RELAY_PAUSE).await;
+        }
+        assert_eq!(counter(&proxy, b"n").await, 5);
+        assert_eq!(relay.calls.load(Ordering::Relaxed), 5);
+    });
+}
+
+/// The relay keeps a group and says nothing useful; the sender fences the
+/// group's marker and commits on its own. The group reaches etcd later
+/// through the relay: it fails its compare, and nothing is applied twice.
+#[test]
+fn a_group_that_lands_late_is_fenced() {
+    if !etcd_enabled() {
+        return;
+    }
+    rt().block_on(async {
+        let (a, proxy, relay) = pair(&unique("late"), Mode::Hold).await;
+        increment(&a, b"n").await.unwrap();
+        set(&a, b"other", b"x").await.unwrap();
+        assert_eq!(counter(&proxy, b"n").await, 1);
+        let held = std::mem::take(&mut *relay.held.lock().unwrap());
+        assert_eq!(held.len(), 1, "the first commit went to the relay");
+        let answer = proxy.store().commit_relayed(held[0].clone()).await.unwrap();
+        let resp =
+            <capstan_cluster::etcd_rpc::TxnResponse as prost::Message>::decode(answer.as_slice())
+                .unwrap();
+        assert!(!resp.succeeded, "a fenced group must not apply");
+        assert_eq!(counter(&proxy, b"n").await, 1);
+    });
+}
+
+/// A relay that refuses (an older member, a full queue): the sender commits
+/// the group itself.
+#[test]
+fn a_refused_group_is_committed_by_its_sender() {
+    if !etcd_enabled() {
+        return;
+    }
+    rt().block_on(async {
+        let (a, proxy, relay) = pair(&unique("refused"), Mode::Refuse).await;
+        increment(&a, b"n").await.unwrap();
+        assert_eq!(counter(&proxy, b"n").await, 1);
+        assert_eq!(relay.calls.load(Ordering::Relaxed), 1);
+    });
+}
+
+/// A relayed group that reaches outside the store (another prefix), is
+/// not a group, or is garbage: refused, and nothing is written.
+#[test]
+fn a_group_outside_the_store_is_refused() {
+    if !etcd_enabled() {
+        return;
+    }
+    use capstan_cluster::etcd_rpc::{Compare, RequestOp, TxnRequest, compare_result};
+    use prost::Message;
+    rt().block_on(async {
+        let (tag, other) = (unique("own"), unique("other"));
+        let proxy = EtcdStore::open(&spec_for(&tag)).await.unwrap();
+        let victim = capstan_cluster::open(&spec_for(&other)).await.unwrap();
+        let marker = format!("capstan-test/relay-{tag}/c/m1").into_bytes();
+        let member = |key: Vec<u8>| TxnRequest {
+            compare: vec![],
+            success: vec![RequestOp::put(key, b"evil".to_vec(), 0)],
+            failure: vec![],
+        };
+        let group = |members: Vec<TxnRequest>, marker: &[u8]| {
+            let mut success: Vec<RequestOp> = members.into_iter().map(RequestOp::txn).collect();
+            success.push(RequestOp::put(marker.to_vec(), b"c".to_vec(), 0));
+            TxnRequest {
+                compare: vec![Compare::create_revision(
+                    marker.to_vec(),
+                    compare_result::EQUAL,
+                    0,
+                )],
+                success,
+                failure: vec![],
+            }
+            .encode_to_vec()
+        };
+        let outside = format!("capstan-test/relay-{other}/d/x").into_bytes();
+        let own = format!("capstan-test/relay-{tag}/d/x").into_bytes();
+        let bad = [
+            group(vec![member(outside.clone())], &marker),
+            // the marker under another prefix
+            group(
+                vec![member(own.clone())],
+                format!("capstan-test/relay-{other}/c/m2").as_bytes(),
+            ),
+            // the guard is the relay's to put
+            group(
+                vec![member(format!("capstan-test/relay-{tag}/g").into_bytes())],
+                &marker,
+            ),
+            b"\xff\xff not a Txn".to_vec(),
+        ];
+        for g in bad {
+            match proxy.commit_relayed(g).await {
+                Err(RelayError::NotApplied(_)) => {}
+                other => panic!("a bad group was not refused: {other:?}"),
+            }
+        }
+        assert_eq!(get(&victim, b"x").await.unwrap(), None);
+        let own_db = Db::new(Arc::new(proxy));
+        assert_eq!(get(&own_db, b"x").await.unwrap(), None);
+        // the same group inside the store is taken
+        own_db
+            .store()
+            .commit_relayed(group(vec![member(own)], &marker))
+            .await
+            .unwrap();
+        assert_eq!(get(&own_db, b"x").await.unwrap(), Some(b"evil".to_vec()));
+    });
+}

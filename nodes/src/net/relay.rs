@@ -1,0 +1,120 @@
+//! Relayed commits between the members of a cluster
+//! ([`capstan_cluster::relay`]): this node's [`NetRelay`] sends the store's
+//! groups of busy commits to the member [`Membership::commit_relay`] names,
+//! which commits them with its own (`Member.relay`, served in
+//! [`super::members`]).
+//!
+//! The store runs on any thread and the member links on the daemon's one
+//! (capnp-rpc is single-threaded), so a group goes to the link task through
+//! a bounded queue ([`RELAY_QUEUE`]; full, the store commits the group
+//! itself). What a failed call means is the store's to decide: a call that
+//! never left (the member unreachable, older than the method) applied
+//! nothing; any other failure leaves the outcome unknown, and the store
+//! resolves the group by its commit marker.
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use capstan_actors::cluster::Membership;
+use capstan_cluster::relay::{CommitRelay, RelayError, RelayFuture};
+use tokio::sync::{mpsc, oneshot};
+
+use super::Net;
+
+/// Largest group relayed (a larger one is committed by its node): well
+/// inside the largest Cap'n Proto message a member takes
+/// ([`super::MAX_NET_MESSAGE_BYTES`]).
+pub const MAX_RELAYED_GROUP_BYTES: usize = 4 << 20;
+/// Groups waiting for the link task.
+pub const RELAY_QUEUE: usize = 1024;
+/// Longest a relay call is kept (the store gives up on it sooner, and
+/// resolves it by its marker).
+pub const RELAY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A group on its way to the link task.
+pub struct RelayCall {
+    addr: String,
+    group: Vec<u8>,
+    reply: oneshot::Sender<Result<Vec<u8>, RelayError>>,
+}
+
+/// This node's relay, which the store calls.
+pub struct NetRelay {
+    membership: Arc<Membership>,
+    calls: mpsc::Sender<RelayCall>,
+}
+
+impl NetRelay {
+    pub fn new(membership: Arc<Membership>, calls: mpsc::Sender<RelayCall>) -> NetRelay {
+        NetRelay { membership, calls }
+    }
+}
+
+impl CommitRelay for NetRelay {
+    fn relay(&self, group: Vec<u8>) -> Option<RelayFuture> {
+        if group.len() > MAX_RELAYED_GROUP_BYTES {
+            return None;
+        }
+        let to = self.membership.commit_relay()?;
+        let (reply, rx) = oneshot::channel();
+        self.calls
+            .try_send(RelayCall {
+                addr: to.addr,
+                group,
+                reply,
+            })
+            .ok()?;
+        Some(Box::pin(async move {
+            rx.await
+                .unwrap_or_else(|_| Err(RelayError::Unknown("the node's link task stopped".into())))
+        }))
+    }
+}
+
+impl Net {
+    /// Makes the relay calls the store asks for until the store closes.
+    pub async fn run_relays(self: Rc<Self>, mut rx: mpsc::Receiver<RelayCall>) {
+        while let Some(c) = rx.recv().await {
+            let me = self.clone();
+            tokio::task::spawn_local(async move {
+                let r = me.relay_at(&c.addr, &c.group).await;
+                let _ = c.reply.send(r);
+            });
+        }
+    }
+
+    async fn relay_at(self: &Rc<Self>, addr: &str, group: &[u8]) -> Result<Vec<u8>, RelayError> {
+        let m = self
+            .member(addr)
+            .await
+            .map_err(|e| RelayError::NotApplied(format!("member {addr} is unreachable: {e}")))?;
+        let mut r = m.relay_request();
+        r.get().set_group(group);
+        let call = async {
+            let a = r.send().promise.await?;
+            let a = a.get()?;
+            let unapplied = a.get_unapplied()?.to_str()?.to_string();
+            Ok::<_, capnp::Error>((a.get_answer()?.to_vec(), unapplied))
+        };
+        match tokio::time::timeout(RELAY_TIMEOUT, call).await {
+            Ok(Ok((_, unapplied))) if !unapplied.is_empty() => {
+                Err(RelayError::NotApplied(unapplied))
+            }
+            Ok(Ok((answer, _))) => Ok(answer),
+            Ok(Err(e)) if e.kind == capnp::ErrorKind::Unimplemented => Err(RelayError::NotApplied(
+                format!("member {addr} predates relayed commits"),
+            )),
+            Ok(Err(e)) => {
+                if e.kind == capnp::ErrorKind::Disconnected {
+                    self.links.drop_link(addr);
+                }
+                Err(RelayError::Unknown(format!("member {addr}: {e}")))
+            }
+            Err(_) => {
+                self.links.drop_link(addr);
+                Err(RelayError::Unknown(format!("member {addr} did not answer")))
+            }
+        }
+    }
+}
