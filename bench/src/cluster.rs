@@ -202,7 +202,7 @@ pub(super) fn store_cost(
         if d(n) > 0.0 { d(us) / d(n) / 1e3 } else { 0.0 }
     };
     let text = format!(
-        "{:.1} snapshots ({:.1} revision reads), {:.1} reads in {:.1} requests ({:.2} ms), {:.1} commits ({:.1} puts, {:.1} deletions, {:.1} compares) in {:.2} Txns ({:.2} ms, {:.2} conflicts); {:.1} wake-ups to other nodes in {:.2} calls, {:.2} remote reservations",
+        "{:.1} snapshots ({:.1} revision reads), {:.1} reads in {:.1} requests ({:.2} ms), {:.1} commits ({:.1} puts, {:.1} deletions, {:.1} compares) in {:.2} Txns ({:.2} ms, {:.2} conflicts); {:.1} wake-ups to other nodes in {:.2} calls, {:.2} remote reservations; {:.2} groups relayed ({:.2} failed)",
         per("snapshots"),
         per("revision_reads"),
         per("reads"),
@@ -218,6 +218,8 @@ pub(super) fn store_cost(
         per("wakeups_sent"),
         per("wake_calls"),
         per("reserve_calls"),
+        per("relayed_out"),
+        per("relay_failures"),
     );
     let json = json!({
         "snapshots": per("snapshots"),
@@ -235,6 +237,8 @@ pub(super) fn store_cost(
         "wakeups_sent": per("wakeups_sent"),
         "wake_calls": per("wake_calls"),
         "reserve_calls": per("reserve_calls"),
+        "relayed_groups": per("relayed_out"),
+        "relay_failures": per("relay_failures"),
     });
     (text, json)
 }

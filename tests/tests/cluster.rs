@@ -311,6 +311,89 @@ fn etcd_member_killed_during_a_burst_of_sends_loses_and_repeats_nothing() {
     );
 }
 
+/// The member that merges the cluster's busy commits (the first by name,
+/// n1: see `capstan_cluster::relay`) dies with kill -9 in the middle of a
+/// burst of concurrent sends through the other two nodes, whose batches it
+/// was committing: every acknowledged send is in the inbox once, none is
+/// there twice, and sends go on without it.
+#[test]
+fn the_commit_relay_killed_during_a_burst_loses_and_repeats_nothing() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut c) = Cluster::start("relaykill") else {
+        return;
+    };
+    c.n(1).ok(["mkguest", "alice"]);
+    c.n(1).ok(["send", "alice", "first"]);
+    let acked = Mutex::new(Vec::<String>::new());
+    let killed = AtomicBool::new(false);
+    let after = AtomicUsize::new(0);
+    let (relay, others) = c.nodes.split_at_mut(1);
+    let others = &*others;
+    std::thread::scope(|s| {
+        let (acked, killed, after) = (&acked, &killed, &after);
+        for t in 0..12 {
+            let node = &others[t % 2];
+            s.spawn(move || {
+                let start = Instant::now();
+                let mut k = 0;
+                // At least 15 s, and until 5 sends went through after the
+                // kill (a slow machine), at most 60 s.
+                while start.elapsed() < Duration::from_secs(15)
+                    || (after.load(Ordering::SeqCst) < 5
+                        && start.elapsed() < Duration::from_secs(60))
+                {
+                    let text = format!("r{t}-{k}");
+                    k += 1;
+                    let was_killed = killed.load(Ordering::SeqCst);
+                    if node.run(["send", "alice", &text]).success() {
+                        acked.lock().unwrap().push(text);
+                        if was_killed {
+                            after.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                }
+            });
+        }
+        s.spawn(move || {
+            std::thread::sleep(Duration::from_secs(4));
+            relay[0].kill9();
+            killed.store(true, Ordering::SeqCst);
+        });
+    });
+    let relayed: u64 = [1, 2]
+        .iter()
+        .map(|&i| {
+            c.n(i).json(["cluster", "status"])["store_stats"]["relayed_out"]
+                .as_u64()
+                .unwrap_or(0)
+        })
+        .sum();
+    assert!(
+        relayed > 0,
+        "no commit was relayed: the test tested nothing"
+    );
+    assert!(
+        after.load(Ordering::SeqCst) > 0,
+        "no send went through after the relay died"
+    );
+    let acked = acked.into_inner().unwrap();
+    let inbox = c.n(2).inbox(&["--as", "alice"]);
+    numbers_unique(&inbox);
+    let got = counts(&inbox);
+    for t in &acked {
+        assert_eq!(
+            got.get(t),
+            Some(&1),
+            "acknowledged send {t:?} is there exactly once"
+        );
+    }
+    assert!(
+        got.values().all(|&n| n == 1),
+        "a send was delivered twice: {got:?}"
+    );
+}
+
 #[test]
 fn a_paused_owner_is_fenced_and_steps_down() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
