@@ -288,15 +288,18 @@ impl Membership {
     /// The member this node relays its busy commits to, so that the
     /// cluster's commits share the store's requests (`capstan_cluster::relay`):
     /// the first by name of the live members that take relayed commits and
-    /// are not draining; none when that is this node (it merges what the
+    /// are not draining (by their records' leases on this node's clock); none when that is this node (it merges what the
     /// others relay) or nobody. Every node picks the same one from the same
     /// listing; two picks during a change of members only split the merging
     /// for a moment (any member commits what it is relayed).
     pub fn commit_relay(&self) -> Option<MemberRec> {
         let members = self.members.lock().ok()?;
+        // (a member killed since the listing stops being picked once its
+        // lease ran out on the wall clock, before the next listing)
+        let now = crate::clock::now_ms();
         let first = members
             .iter()
-            .filter(|m| m.relays && !m.draining)
+            .filter(|m| m.relays && !m.draining && (m.name == self.cfg.name || m.live(now)))
             .min_by(|a, b| a.name.cmp(&b.name))?;
         (first.name != self.cfg.name).then(|| first.clone())
     }
@@ -344,6 +347,50 @@ mod tests {
             },
             tx,
         )
+    }
+
+    fn rec(name: &str, expires_ms: u64, relays: bool, draining: bool) -> MemberRec {
+        MemberRec {
+            name: name.into(),
+            node_id: format!("id-{name}"),
+            addr: format!("{name}:1"),
+            epoch: 1,
+            pid: 1,
+            started_ms: 0,
+            renewed_ms: 0,
+            expires_ms,
+            draining,
+            records: super::super::records::RECORDS_VERSION,
+            relays,
+        }
+    }
+
+    #[test]
+    fn the_commit_relay_is_the_first_live_member_that_takes_relays() {
+        let far = crate::clock::now_ms() + 60_000;
+        let names = |m: &Membership| m.commit_relay().map(|r| r.name);
+        // this node (n1) first: it merges, relays nowhere
+        let m = membership();
+        *m.members.lock().unwrap() = vec![rec("n2", far, true, false), rec("n1", far, true, false)];
+        assert_eq!(names(&m), None);
+        // an older build first (no relays), or a draining member: skipped
+        *m.members.lock().unwrap() = vec![
+            rec("n0", far, false, false),
+            rec("n1", far, true, true),
+            rec("n3", far, true, false),
+            rec("n2", far, true, false),
+        ];
+        assert_eq!(names(&m).as_deref(), Some("n2"));
+        // a member whose lease ran out since the listing (killed): skipped
+        *m.members.lock().unwrap() = vec![
+            rec("n0", 1, true, false),
+            rec("n1", far, true, true),
+            rec("n2", far, true, false),
+        ];
+        assert_eq!(names(&m).as_deref(), Some("n2"));
+        // nobody listed yet
+        *m.members.lock().unwrap() = vec![];
+        assert_eq!(names(&m), None);
     }
 
     #[test]

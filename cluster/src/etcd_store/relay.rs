@@ -17,7 +17,7 @@
 //! which the sender reads as it reads a batch's answer.
 //!
 //! An unanswered group (the relay died or was cut off, the answer was lost,
-//! the call timed out) is resolved by its sender by `G`, as a batch by its
+//! no answer within [`RELAY_WAIT`]) is resolved by its sender by `G`, as a batch by its
 //! marker: `G` absent, the sender fences it, and the group fails its compare
 //! should it reach etcd later; present, it applied, and each member is
 //! settled by its first key's revision. A group the relay says it did not
@@ -50,6 +50,10 @@ use crate::store::{StoreError, key_after};
 
 /// How long a client commits on its own after its relay failed.
 pub const RELAY_PAUSE: Duration = Duration::from_secs(2);
+/// Longest wait for a relay's answer (a busy relay answers within tens of
+/// milliseconds): a relay killed mid-call answers nothing, and the sender
+/// resolves the group by its marker after this.
+pub const RELAY_WAIT: Duration = Duration::from_secs(1);
 
 /// The relay `batch` goes through, if any: one is set, the client's last
 /// relayed group did not fail within [`RELAY_PAUSE`], the batch met other
@@ -109,7 +113,7 @@ pub(super) async fn relay_batch(inner: &Inner, batch: Vec<Member>, relay: Arc<dy
     bump(&inner.counters.relayed_out, 1);
     let sent = Instant::now();
     let size: usize = batch.iter().map(|m| m.shape.size).sum();
-    let limit = batch::time_limit(size);
+    let limit = batch::time_limit(size).min(RELAY_WAIT);
     let answer = tokio::time::timeout(limit, call)
         .await
         .unwrap_or_else(|_| {
