@@ -163,6 +163,26 @@ macro_rules! __conformance_check {
     };
 }
 
+/// The etcd endpoints the etcd tests use (`CAPSTAN_ETCD_ENDPOINTS`,
+/// comma-separated `HOST:PORT`, as `scripts/etcd-cluster start` prints
+/// them), or `None`: the test passes as skipped, unless
+/// `CAPSTAN_REQUIRE_ETCD=1`, which makes it fail.
+pub fn etcd_endpoints() -> Option<String> {
+    const ENV: &str = "CAPSTAN_ETCD_ENDPOINTS";
+    match std::env::var(ENV) {
+        Ok(s) if !s.trim().is_empty() => Some(s.trim().to_string()),
+        _ => {
+            if std::env::var("CAPSTAN_REQUIRE_ETCD").as_deref() == Ok("1") {
+                panic!(
+                    "CAPSTAN_REQUIRE_ETCD=1 but {ENV} is not set: run scripts/etcd-cluster start and export {ENV}=<the endpoints it prints>"
+                );
+            }
+            eprintln!("skipped: set {ENV} (scripts/etcd-cluster start)");
+            None
+        }
+    }
+}
+
 /// The name libtest knows a test by: `module_path!()` without the crate name, then `test`.
 pub fn test_name(module_path: &str, test: &str) -> String {
     match module_path.split_once("::") {

@@ -19,24 +19,12 @@ use capstan_cluster::etcd_store::DEFAULT_MAX_REQUEST_BYTES;
 use capstan_cluster::tuple::TupleKey;
 use capstan_cluster::{CommitRequest, Db, Mutation, StoreError, Transaction, TxFuture};
 
-const ENDPOINTS_ENV: &str = "CAPSTAN_ETCD_ENDPOINTS";
 /// The `--max-request-bytes` of the cluster (scripts/etcd-cluster: 16 MiB).
 const MAX_REQUEST_ENV: &str = "CAPSTAN_ETCD_MAX_REQUEST_BYTES";
 
 /// The endpoints, or `None` (test skipped) when unset; panics if etcd is required.
 fn endpoints() -> Option<String> {
-    match std::env::var(ENDPOINTS_ENV) {
-        Ok(s) if !s.trim().is_empty() => Some(s.trim().to_string()),
-        _ => {
-            if std::env::var("CAPSTAN_REQUIRE_ETCD").as_deref() == Ok("1") {
-                panic!(
-                    "CAPSTAN_REQUIRE_ETCD=1 but {ENDPOINTS_ENV} is not set: run scripts/etcd-cluster start and export {ENDPOINTS_ENV}=<the endpoints it prints>"
-                );
-            }
-            eprintln!("skipped: set {ENDPOINTS_ENV} (scripts/etcd-cluster start)");
-            None
-        }
-    }
+    capstan_cluster::conformance::etcd_endpoints()
 }
 
 fn etcd_enabled() -> bool {

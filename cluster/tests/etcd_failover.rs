@@ -14,21 +14,8 @@ use std::time::{Duration, Instant};
 use capstan_cluster::StoreError;
 use capstan_cluster::tuple::TupleKey;
 
-const ENDPOINTS_ENV: &str = "CAPSTAN_ETCD_ENDPOINTS";
-
 fn endpoints() -> Option<String> {
-    match std::env::var(ENDPOINTS_ENV) {
-        Ok(s) if !s.trim().is_empty() => Some(s.trim().to_string()),
-        _ => {
-            if std::env::var("CAPSTAN_REQUIRE_ETCD").as_deref() == Ok("1") {
-                panic!(
-                    "CAPSTAN_REQUIRE_ETCD=1 but {ENDPOINTS_ENV} is not set: run scripts/etcd-cluster start and export {ENDPOINTS_ENV}=<the endpoints it prints>"
-                );
-            }
-            eprintln!("skipped: set {ENDPOINTS_ENV} (scripts/etcd-cluster start)");
-            None
-        }
-    }
+    capstan_cluster::conformance::etcd_endpoints()
 }
 
 fn etcd_enabled() -> bool {

@@ -659,6 +659,12 @@ fn batch_txn(
     if deletes {
         success.push(RequestOp::put(inner.guard.clone(), Vec::new(), 0));
     }
+    under_marker(success, marker, lease)
+}
+
+/// The Txn that runs `success` once, under the commit marker `marker`: it
+/// applies only while the marker is absent, and puts it (with `lease`).
+pub(super) fn under_marker(mut success: Vec<RequestOp>, marker: &[u8], lease: i64) -> TxnRequest {
     success.push(RequestOp::put(
         marker.to_vec(),
         MARKER_COMMITTED.to_vec(),

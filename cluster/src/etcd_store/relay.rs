@@ -79,24 +79,11 @@ pub(super) fn route(inner: &Inner, batch: &[Member], busy: bool) -> Option<Arc<d
 
 /// The group of `batch` under the marker `marker` (module docs).
 fn group_txn(batch: &[Member], marker: &[u8], lease: i64) -> TxnRequest {
-    let mut success: Vec<RequestOp> = batch
+    let members = batch
         .iter()
         .map(|m| RequestOp::txn(m.nested(lease)))
         .collect();
-    success.push(RequestOp::put(
-        marker.to_vec(),
-        MARKER_COMMITTED.to_vec(),
-        lease,
-    ));
-    TxnRequest {
-        compare: vec![Compare::create_revision(
-            marker.to_vec(),
-            compare_result::EQUAL,
-            0,
-        )],
-        success,
-        failure: Vec::new(),
-    }
+    batch::under_marker(members, marker, lease)
 }
 
 /// Sends `batch` through `relay` as one group and answers each member
