@@ -322,6 +322,9 @@ fn member_json(
         "placements": placements,
         // the record layouts its build reads (0: a build from before stop 30)
         "records": m.records,
+        // whether it merges commits other members relay (a build from
+        // before stop 32 does not)
+        "relays": m.relays,
     })
 }
 
@@ -393,6 +396,8 @@ pub async fn command(
                 // small values inside their formula records: only once every
                 // live member reads them (a rolling upgrade stores blobs)
                 "inline_values": c.all_read(cl::RECORDS_VERSION),
+                // the member whose Txns carry the cluster's busy commits
+                "commit_merger": c.commit_merger().map(|m| m.name),
                 "store": db.describe(),
                 "store_health": match health {
                     Ok(_) => json!({"ok": true, "read_ms": store_ok.elapsed().as_secs_f64() * 1e3}),

@@ -658,6 +658,12 @@ fn members_record_and_locators_name_the_advertised_addresses() {
     // every live member reads small values inline, so they are kept so
     let status = c.n(0).json(["cluster", "status"]);
     assert_eq!(status["inline_values"], true, "{status}");
+    // every member merges relayed commits; the first by name does
+    for m in members.as_array().unwrap() {
+        assert_eq!(m["relays"], true, "member record: {m}");
+    }
+    assert_eq!(status["commit_merger"], "n1", "{status}");
+    assert_eq!(c.n(1).json(["cluster", "status"])["commit_merger"], "n1");
     c.n(0).ok(["store", "--text", "shared", "--name", "doc"]);
     let l = c.n(0).json(["locate", "doc"])["locator"]
         .as_str()

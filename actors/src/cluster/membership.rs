@@ -293,15 +293,22 @@ impl Membership {
     /// listing; two picks during a change of members only split the merging
     /// for a moment (any member commits what it is relayed).
     pub fn commit_relay(&self) -> Option<MemberRec> {
+        self.commit_merger()
+            .filter(|first| first.name != self.cfg.name)
+    }
+
+    /// The member that merges the cluster's relayed commits, as this node
+    /// sees it (this node itself, perhaps): see [`Self::commit_relay`].
+    pub fn commit_merger(&self) -> Option<MemberRec> {
         let members = self.members.lock().ok()?;
         // (a member killed since the listing stops being picked once its
         // lease ran out on the wall clock, before the next listing)
         let now = crate::clock::now_ms();
-        let first = members
+        members
             .iter()
             .filter(|m| m.relays && !m.draining && (m.name == self.cfg.name || m.live(now)))
-            .min_by(|a, b| a.name.cmp(&b.name))?;
-        (first.name != self.cfg.name).then(|| first.clone())
+            .min_by(|a, b| a.name.cmp(&b.name))
+            .cloned()
     }
 
     /// The live members other than this node.

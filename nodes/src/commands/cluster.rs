@@ -85,6 +85,15 @@ pub(super) async fn run(
                 "placements {}, incarnations here {}, step-downs {}, fenced writes {}",
                 v["placements"], v["incarnations_here"], v["stepdowns"], v["fenced_writes"]
             );
+            match v["commit_merger"].as_str() {
+                Some(m) if Some(m) == v["node"].as_str() => println!(
+                    "busy commits: the other members relay theirs to this node, which merges them into its store requests"
+                ),
+                Some(m) => println!(
+                    "busy commits: relayed to {m}, which merges the cluster's into its store requests"
+                ),
+                None => println!("busy commits: each node sends its own (no member merges them)"),
+            }
             if v["inline_values"].as_bool() == Some(false) {
                 println!(
                     "small values go to blobs: a live member reads no values inside their records (RECORDS 0: an older build); upgrade it"
