@@ -225,7 +225,8 @@ impl Drop for ScratchDir {
     }
 }
 
-fn runtime() -> tokio::runtime::Runtime {
+/// The runtime the checks (and backend-specific tests) run on: two workers.
+pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -293,6 +294,37 @@ fn noise(seed: &str, len: usize) -> Vec<u8> {
         .finalize_xof()
         .fill(&mut out);
     out
+}
+
+/// A name no other test run has used: `tag`, this process and a clock
+/// reading (for key prefixes of tests that share one store).
+pub fn unique(tag: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(
+        "{tag}-{}-{nanos}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
+}
+
+/// Adds one to the 8-byte counter at `key`, in a transaction of its own.
+pub async fn increment(db: &Db, key: &'static [u8]) -> Result<(), StoreError> {
+    db.transact(move |tx| {
+        Box::pin(async move {
+            let n = counter_value(tx.get(key).await?)?;
+            tx.set(key, &(n + 1).to_be_bytes())
+        })
+    })
+    .await
+}
+
+/// The 8-byte counter at `key` (0 when absent).
+pub async fn counter(db: &Db, key: &[u8]) -> Result<u64, StoreError> {
+    counter_value(get(db, key).await?)
 }
 
 fn counter_value(v: Option<Vec<u8>>) -> Result<u64, StoreError> {
@@ -534,13 +566,7 @@ pub async fn isolation_counter(db: &Db) -> CheckResult {
         let db = db.clone();
         tasks.push(tokio::spawn(async move {
             for _ in 0..EACH {
-                db.transact(|tx| {
-                    Box::pin(async move {
-                        let n = counter_value(tx.get(b"counter").await?)?;
-                        tx.set(b"counter", &(n + 1).to_be_bytes())
-                    })
-                })
-                .await?;
+                increment(&db, b"counter").await?;
             }
             Ok::<_, StoreError>(())
         }));
@@ -549,7 +575,7 @@ pub async fn isolation_counter(db: &Db) -> CheckResult {
         t.await
             .map_err(|e| CheckFailure(format!("task panicked: {e}")))??;
     }
-    let n = counter_value(get(db, b"counter").await?)?;
+    let n = counter(db, b"counter").await?;
     ensure_eq!(
         n,
         TASKS * EACH,

@@ -11,10 +11,9 @@
 //! key prefix, so tests share one cluster.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use capstan_cluster::conformance::{get, set};
+use capstan_cluster::conformance::{get, runtime as rt, set, unique};
 use capstan_cluster::etcd_store::DEFAULT_MAX_REQUEST_BYTES;
 use capstan_cluster::tuple::TupleKey;
 use capstan_cluster::{CommitRequest, Db, Mutation, StoreError, Transaction, TxFuture};
@@ -57,27 +56,6 @@ async fn open_etcd(dir: PathBuf) -> Result<Db, StoreError> {
 }
 
 capstan_cluster::conformance_tests!(open_etcd, enabled: etcd_enabled);
-
-fn unique(tag: &str) -> String {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!(
-        "{tag}-{}-{nanos}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 /// A key deleted after a transaction read it (by a range read or a get) makes
 /// the transaction conflict: the case a range compare on mod revisions misses.

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use capstan_cluster::StoreError;
+use capstan_cluster::conformance::runtime as rt;
 use capstan_cluster::tuple::TupleKey;
 
 fn endpoints() -> Option<String> {
@@ -32,14 +33,6 @@ fn spec_for(tag: &str) -> String {
         endpoints().expect("endpoints"),
         std::process::id()
     )
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 fn script() -> PathBuf {

@@ -8,10 +8,10 @@
 //! without it unless `CAPSTAN_REQUIRE_ETCD=1`).
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use capstan_cluster::conformance::{get, set};
+use capstan_cluster::conformance::{get, increment, runtime as rt, set, unique};
 use capstan_cluster::etcd_store::EtcdStore;
 use capstan_cluster::relay::{CommitRelay, RelayError, RelayFuture};
 use capstan_cluster::{Db, Store, StoreError};
@@ -28,19 +28,6 @@ fn spec_for(tag: &str) -> String {
     format!(
         "etcd://{}/capstan-test/relay-{tag}?max-request-bytes=16777216",
         endpoints().expect("endpoints")
-    )
-}
-
-fn unique(tag: &str) -> String {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!(
-        "{tag}-{}-{nanos}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
     )
 }
 
@@ -125,35 +112,10 @@ async fn open_relayed(dir: PathBuf) -> Result<Db, StoreError> {
 
 capstan_cluster::conformance_tests!(open_relayed, enabled: etcd_enabled);
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-/// Adds one to the counter at `key`, in a transaction of its own.
-async fn increment(db: &Db, key: &'static [u8]) -> Result<(), StoreError> {
-    db.transact(move |tx| {
-        Box::pin(async move {
-            let n = match tx.get(key).await? {
-                Some(v) => u64::from_be_bytes(v.as_slice().try_into().unwrap()),
-                None => 0,
-            };
-            tx.set(key, &(n + 1).to_be_bytes())?;
-            Ok::<_, StoreError>(())
-        })
-    })
-    .await
-}
-
 async fn counter(db: &Db, key: &[u8]) -> u64 {
-    get(db, key)
+    capstan_cluster::conformance::counter(db, key)
         .await
         .unwrap()
-        .map(|v| u64::from_be_bytes(v.as_slice().try_into().unwrap()))
-        .unwrap_or(0)
 }
 
 /// Two relaying clients and the relay itself increment one counter at

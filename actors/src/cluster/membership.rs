@@ -287,18 +287,19 @@ impl Membership {
 
     /// The member this node relays its busy commits to, so that the
     /// cluster's commits share the store's requests (`capstan_cluster::relay`):
-    /// the first by name of the live members that take relayed commits and
-    /// are not draining (by their records' leases on this node's clock); none when that is this node (it merges what the
-    /// others relay) or nobody. Every node picks the same one from the same
-    /// listing; two picks during a change of members only split the merging
-    /// for a moment (any member commits what it is relayed).
+    /// the [merger](Self::commit_merger), unless that is this node (it
+    /// merges what the others relay) or there is none.
     pub fn commit_relay(&self) -> Option<MemberRec> {
         self.commit_merger()
             .filter(|first| first.name != self.cfg.name)
     }
 
     /// The member that merges the cluster's relayed commits, as this node
-    /// sees it (this node itself, perhaps): see [`Self::commit_relay`].
+    /// sees it (this node itself, perhaps): the first by name of the live
+    /// members that take relayed commits and are not draining. Every node
+    /// picks the same one from the same listing; two picks during a change
+    /// of members only split the merging for a moment (any member commits
+    /// what it is relayed).
     pub fn commit_merger(&self) -> Option<MemberRec> {
         let members = self.members.lock().ok()?;
         // (a member killed since the listing stops being picked once its

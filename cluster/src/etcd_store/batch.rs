@@ -542,7 +542,7 @@ pub(super) fn time_limit(size: usize) -> std::time::Duration {
 }
 
 /// How a commit Txn ended when etcd did not answer it.
-pub(super) enum Unanswered {
+enum Unanswered {
     /// The outcome is unknown: resolve by the markers (sent at this time).
     Unknown(Instant),
     /// Refused or failed for sure: nothing was applied.
@@ -551,7 +551,7 @@ pub(super) enum Unanswered {
 
 /// Sends the Txn `build` makes for the current marker lease (renewing the
 /// lease once if etcd lost it): its answer, or why there is none.
-pub(super) async fn send_txn(
+async fn send_txn(
     inner: &Inner,
     what: &str,
     size: usize,

@@ -173,16 +173,12 @@ impl Inner {
     pub(super) async fn commit_relayed(&self, group: Vec<u8>) -> Result<Vec<u8>, RelayError> {
         let (txn, shape) = parse_group(self, &group)
             .map_err(|e| RelayError::NotApplied(format!("refused a relayed group: {e}")))?;
-        let TxnRequest {
-            mut compare,
-            success,
-            ..
-        } = txn;
-        let marker = compare.first().map(|c| c.key.clone()).unwrap_or_default();
+        // (parse_group checked that the one compare is the marker's)
+        let marker = txn.compare[0].key.clone();
         let (tx, rx) = oneshot::channel();
         let m = Member {
-            compares: std::mem::take(&mut compare),
-            writes: success,
+            compares: txn.compare,
+            writes: txn.success,
             marker,
             first_put: None,
             shape,

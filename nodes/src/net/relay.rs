@@ -29,7 +29,7 @@ pub const MAX_RELAYED_GROUP_BYTES: usize = 4 << 20;
 /// Groups waiting for the link task.
 pub const RELAY_QUEUE: usize = 1024;
 /// Longest a relay call is kept (the store gives up on it sooner, and
-/// resolves it by its marker).
+/// resolves it by its marker; the call ends with it).
 pub const RELAY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A group on its way to the link task.
@@ -78,8 +78,19 @@ impl Net {
         while let Some(c) = rx.recv().await {
             let me = self.clone();
             tokio::task::spawn_local(async move {
-                let r = me.relay_at(&c.addr, &c.group).await;
-                let _ = c.reply.send(r);
+                let RelayCall {
+                    addr,
+                    group,
+                    mut reply,
+                } = c;
+                // The store stops waiting after its own limit and resolves
+                // the group by its marker: so does this call then.
+                tokio::select! {
+                    r = me.relay_at(&addr, &group) => {
+                        let _ = reply.send(r);
+                    }
+                    () = reply.closed() => {}
+                }
             });
         }
     }
