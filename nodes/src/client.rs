@@ -11,10 +11,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use capnp::{Error as CapError, ErrorKind};
-use capnp_rpc::{RpcSystem, rpc_twoparty_capnp::Side, twoparty};
+use capnp_rpc::{RpcSystem, rpc_twoparty_capnp::Side};
 use capstan_proto::api_capnp::{agent, node};
 use tokio::net::UnixStream;
-use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 
 use crate::home::{Paths, reader_options};
 use crate::output::{Entry, Message};
@@ -85,12 +84,7 @@ fn has_kind(e: &CapError) -> bool {
 pub async fn connect(socket: &Path) -> std::io::Result<node::Client> {
     let stream = UnixStream::connect(socket).await?;
     let (reader, writer) = stream.into_split();
-    let network = twoparty::VatNetwork::new(
-        reader.compat(),
-        writer.compat_write(),
-        Side::Client,
-        reader_options(),
-    );
+    let network = crate::home::rpc_network(reader, writer, Side::Client, reader_options());
     let mut rpc = RpcSystem::new(Box::new(network), None);
     let node: node::Client = rpc.bootstrap(Side::Server);
     tokio::task::spawn_local(async move {

@@ -8,14 +8,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
-use capnp_rpc::{RpcSystem, rpc_twoparty_capnp::Side, twoparty};
+use capnp_rpc::{RpcSystem, rpc_twoparty_capnp::Side};
 use capstan_actors::{Runtime, RuntimeOptions};
 use capstan_cluster::StoreError;
 use capstan_proto::api_capnp::node;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{Notify, Semaphore};
-use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 use tracing::{info, warn};
 
 use crate::home::{
@@ -373,12 +372,7 @@ pub fn net_config(
 /// Serves one client connection on the local task set.
 fn serve(stream: UnixStream, node: node::Client, permit: tokio::sync::OwnedSemaphorePermit) {
     let (reader, writer) = stream.into_split();
-    let network = twoparty::VatNetwork::new(
-        reader.compat(),
-        writer.compat_write(),
-        Side::Server,
-        reader_options(),
-    );
+    let network = crate::home::rpc_network(reader, writer, Side::Server, reader_options());
     let rpc = RpcSystem::new(Box::new(network), Some(node.client));
     tokio::task::spawn_local(async move {
         if let Err(e) = rpc.await {

@@ -72,12 +72,11 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use capnp::Error as CapError;
-use capnp_rpc::{RpcSystem, rpc_twoparty_capnp::Side, twoparty};
+use capnp_rpc::{RpcSystem, rpc_twoparty_capnp::Side};
 use capstan_actors::{Caller, OutOp, OutboxItem, RemoteRec, Runtime, ValueKind};
 use capstan_proto::Locator;
 use capstan_proto::locator::encode32;
 use capstan_proto::net_capnp::{gateway, object};
-use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
 
 use identity::Identity;
 
