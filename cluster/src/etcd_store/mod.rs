@@ -684,6 +684,8 @@ struct Inner {
     /// Where this client relays its busy batches ([`relay`]), and until
     /// when it commits alone after a relay failed.
     relay: std::sync::RwLock<Option<Arc<dyn crate::relay::CommitRelay>>>,
+    /// Relayed groups of this client not answered yet.
+    relaying: std::sync::atomic::AtomicUsize,
     relay_paused_until: std::sync::Mutex<Option<Instant>>,
 }
 
@@ -810,6 +812,7 @@ impl EtcdStore {
             started: Instant::now(),
             counters: Counters::default(),
             relay: std::sync::RwLock::new(None),
+            relaying: std::sync::atomic::AtomicUsize::new(0),
             relay_paused_until: std::sync::Mutex::new(None),
         });
         let store = EtcdStore { inner };

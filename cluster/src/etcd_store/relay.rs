@@ -77,6 +77,24 @@ pub(super) fn route(inner: &Inner, batch: &[Member], busy: bool) -> Option<Arc<d
     Some(relay)
 }
 
+/// Counts a group among the client's relayed groups in flight while it lives.
+struct Relaying<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Relaying<'a> {
+    fn new(inner: &'a Inner) -> Self {
+        inner
+            .relaying
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Relaying(&inner.relaying)
+    }
+}
+
+impl Drop for Relaying<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// The group of `batch` under the marker `marker` (module docs).
 fn group_txn(batch: &[Member], marker: &[u8], lease: i64) -> TxnRequest {
     let members = batch
@@ -98,6 +116,7 @@ pub(super) async fn relay_batch(inner: &Inner, batch: Vec<Member>, relay: Arc<dy
         return batch::send_direct(inner, batch).await;
     };
     bump(&inner.counters.relayed_out, 1);
+    let _relaying = Relaying::new(inner);
     let sent = Instant::now();
     let size: usize = batch.iter().map(|m| m.shape.size).sum();
     let limit = batch::time_limit(size).min(RELAY_WAIT);
