@@ -84,7 +84,7 @@ fn has_kind(e: &CapError) -> bool {
 pub async fn connect(socket: &Path) -> std::io::Result<node::Client> {
     let stream = UnixStream::connect(socket).await?;
     let (reader, writer) = stream.into_split();
-    let network = crate::home::rpc_network(reader, writer, Side::Client, reader_options());
+    let network = crate::net::rpc_network(reader, writer, Side::Client, reader_options());
     let mut rpc = RpcSystem::new(Box::new(network), None);
     let node: node::Client = rpc.bootstrap(Side::Server);
     tokio::task::spawn_local(async move {

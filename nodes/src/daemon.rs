@@ -372,7 +372,7 @@ pub fn net_config(
 /// Serves one client connection on the local task set.
 fn serve(stream: UnixStream, node: node::Client, permit: tokio::sync::OwnedSemaphorePermit) {
     let (reader, writer) = stream.into_split();
-    let network = crate::home::rpc_network(reader, writer, Side::Server, reader_options());
+    let network = crate::net::rpc_network(reader, writer, Side::Server, reader_options());
     let rpc = RpcSystem::new(Box::new(network), Some(node.client));
     tokio::task::spawn_local(async move {
         if let Err(e) = rpc.await {

@@ -14,7 +14,9 @@
 //! - [`server`]: the Cap'n Proto objects served on the socket: `Node` (the
 //!   bootstrap) and `Agent`, a thin adapter over `capstan_actors::AgentHandle`
 //!   (its calls between clusters and its guest calls in files of their own).
-//! - [`net`]: the QUIC endpoint: peers, the gateway, member links, outbox.
+//! - [`net`]: the QUIC endpoint: peers, the gateway, member links, outbox;
+//!   and the buffered Cap'n Proto stream that the control socket's both
+//!   ends use too ([`net::rpc_network`]).
 //! - [`console`]: the web console (`start --console`, `capstan console`).
 //! - [`metrics`]: the Prometheus endpoint (`start --metrics`); [`served`]:
 //!   the address either HTTP server was bound to, remembered in the home.

@@ -104,7 +104,7 @@ impl Net {
                 },
                 known: self.known.clone(),
             });
-            let network = crate::home::rpc_network(recv, send, Side::Server, net_reader_options());
+            let network = crate::net::rpc_network(recv, send, Side::Server, net_reader_options());
             let rpc = RpcSystem::new(Box::new(network), Some(gateway.client));
             tokio::task::spawn_local(async move {
                 if let Err(e) = rpc.await {

@@ -110,6 +110,38 @@ pub fn net_reader_options() -> capnp::message::ReaderOptions {
     o.traversal_limit_in_words(Some(MAX_NET_MESSAGE_BYTES / 8));
     o
 }
+
+/// Bytes buffered on each side of an RPC stream (control socket and node
+/// links): a message larger than this passes through unbuffered.
+const STREAM_BUFFER: usize = 16 * 1024;
+
+/// The two-party network of one RPC stream, read and written through
+/// buffers. capnp-futures reads a message's segment table and its segments
+/// with separate reads and writes them with separate writes, then flushes:
+/// unbuffered, each was its own system call on the control socket (2-3 per
+/// message each way; a node made ~9 socket calls per send of the cluster
+/// bench), and its own lock and wake-up of the connection on a QUIC stream.
+/// Buffered, a message is one write at its flush and one read takes every
+/// message that has arrived.
+pub fn rpc_network<R, W>(
+    reader: R,
+    writer: W,
+    side: capnp_rpc::rpc_twoparty_capnp::Side,
+    options: capnp::message::ReaderOptions,
+) -> capnp_rpc::twoparty::VatNetwork<tokio_util::compat::Compat<tokio::io::BufReader<R>>>
+where
+    R: tokio::io::AsyncRead + Unpin + 'static,
+    W: tokio::io::AsyncWrite + Unpin + 'static,
+{
+    use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
+    capnp_rpc::twoparty::VatNetwork::new(
+        tokio::io::BufReader::with_capacity(STREAM_BUFFER, reader).compat(),
+        tokio::io::BufWriter::with_capacity(STREAM_BUFFER, writer).compat_write(),
+        side,
+        options,
+    )
+}
+
 pub const MAX_RESTORE_FAILURES: u32 = 16;
 pub const RESTORE_FAILURE_DELAY: Duration = Duration::from_millis(50);
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(5);

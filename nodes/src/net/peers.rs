@@ -42,7 +42,7 @@ impl Peer {
             .open_bi()
             .await
             .map_err(|e| format!("{}: {e}", self.conn.remote_address()))?;
-        let network = crate::home::rpc_network(recv, send, Side::Client, net_reader_options());
+        let network = crate::net::rpc_network(recv, send, Side::Client, net_reader_options());
         let mut rpc = RpcSystem::new(Box::new(network), None);
         let gateway: gateway::Client = rpc.bootstrap(Side::Server);
         tokio::task::spawn_local(async move {
