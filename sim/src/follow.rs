@@ -8,7 +8,9 @@
 //! then; numbers commit out of order (store delays, retries, a sender killed
 //! after reserving its number leaves a hole). A follower whose stream ends
 //! (its node lost its lease and restarted the inbox's actor) is not
-//! checked: a console then says so and the person follows again.
+//! checked: a console then says so and the person follows again, from the
+//! first message, as the simulation does at its node's next step
+//! ([`FollowLog::ended`]); the one that follows again is checked.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -26,6 +28,13 @@ pub(crate) struct FollowLog {
     twice: Vec<String>,
     /// Why the stream ended, if it did.
     ended: Option<String>,
+}
+
+impl FollowLog {
+    /// Whether the stream ended (the follower is not checked).
+    pub(crate) fn ended(&self) -> bool {
+        self.ended.is_some()
+    }
 }
 
 /// Follows `guest`'s inbox from its first message, noting what is shown;

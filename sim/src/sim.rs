@@ -293,6 +293,26 @@ impl World {
         Ok(())
     }
 
+    /// A node still running whose follower's stream ended (it lost its
+    /// lease) follows guest 0 again from the first message, as a person
+    /// at a console would: so most runs end with followers to check.
+    fn follow_again(&mut self) {
+        for node in &mut self.nodes {
+            let ended = node
+                .follower
+                .as_ref()
+                .is_some_and(|l| crate::handler::lock(l).ended());
+            if node.runtime.is_none() || !ended {
+                continue;
+            }
+            if let Some(g0) = node.guests.first() {
+                let (log, follower) = crate::follow::follow(g0.clone());
+                node.tasks.push(follower.abort_handle());
+                node.follower = Some(log);
+            }
+        }
+    }
+
     fn kill(&mut self, i: usize) {
         let node = &mut self.nodes[i];
         node.gate.kill();
@@ -338,6 +358,7 @@ impl World {
     }
 
     async fn step(&mut self, step: u64) {
+        self.follow_again();
         if self.far.is_some() && self.rng.percent(35) {
             return self.fed_step(step).await;
         }
@@ -638,6 +659,7 @@ impl World {
         }
         // Followers look in the store at least every 2 s for what a push
         // missed (a link dropped it): give them that long, then check them.
+        self.follow_again();
         tokio::time::sleep(Duration::from_secs(5)).await;
         let logs: Vec<_> = self
             .nodes

@@ -24,10 +24,11 @@ fn seeds(from: u64, count: u64) {
             ),
         }
     }
-    // Followers whose stream ended (their node lost its lease) are not
-    // checked: most runs must still check some.
+    // A follower whose stream ended (its node lost its lease) follows
+    // again, so nearly every run ends with followers to check (all 300
+    // seeds did when this was written; 3 in 4 before they followed again).
     assert!(
-        followed * 4 >= count * 3,
+        followed * 10 >= count * 9,
         "only {followed} of {count} runs had a follower running to the end"
     );
 }
