@@ -164,7 +164,9 @@ impl Actor for AgentActor {
                 if let Some(admit) = admit {
                     st.account.handed_out(first, n, admit);
                 }
-                let _ = reply.send(Ok(first));
+                st.followers.retain(|f| !f.is_closed());
+                let idle = st.guest.is_none() && st.followers.is_empty();
+                let _ = reply.send(Ok((first, idle)));
             }
             AgentMsg::Own(reply) => {
                 if !st.owned {

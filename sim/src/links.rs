@@ -120,9 +120,9 @@ pub async fn serve_links(
                         .serve_reserve(agent, u64::from(count), at_least, admit)
                         .await;
                     let r = match r {
-                        Ok((first, interested)) => {
+                        Ok((first, interested, idle)) => {
                             if let Some(caller) = dir.get(&me) {
-                                caller.learn_interest(agent, interested);
+                                caller.learn_interest(agent, interested, idle);
                             }
                             Ok(first)
                         }

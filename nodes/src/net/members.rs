@@ -114,13 +114,14 @@ impl member::Server for MemberServer {
                 bytes,
             }),
         };
-        let (first, interested) = self
+        let (first, interested, idle) = self
             .rt
             .serve_reserve(agent, count, p.get_at_least(), admit)
             .await
             .map_err(|e| failed(e.to_string()))?;
         let mut r = results.get();
         r.set_first(first);
+        r.set_owner_idle(idle);
         let mut l = r.init_interested(interested.len().min(MAX_INTERESTED) as u32);
         for (i, n) in interested.iter().take(MAX_INTERESTED).enumerate() {
             l.set(i as u32, n.as_str());
@@ -309,7 +310,8 @@ impl Net {
                     }
                 }
             }
-            self.rt.learn_interest(agent, interested);
+            self.rt
+                .learn_interest(agent, interested, a.get_owner_idle());
             Ok(a.get_first())
         };
         match tokio::time::timeout(RESERVE_TIMEOUT, call).await {
