@@ -158,6 +158,24 @@ fn numbers_unique(inbox: &[Value]) {
     assert_eq!(ns.len(), set.len(), "inbox numbers repeat: {ns:?}");
 }
 
+/// Every acknowledged send of `acked` is in `inbox` exactly once, no
+/// message is there twice, and no number is used twice.
+fn each_acked_once(inbox: &[Value], acked: &[String]) {
+    numbers_unique(inbox);
+    let got = counts(inbox);
+    for t in acked {
+        assert_eq!(
+            got.get(t),
+            Some(&1),
+            "acknowledged send {t:?} is there exactly once"
+        );
+    }
+    assert!(
+        got.values().all(|&n| n == 1),
+        "a send was delivered twice: {got:?}"
+    );
+}
+
 #[test]
 fn owner_killed_with_a_pending_request_resumes_on_a_survivor() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -295,20 +313,7 @@ fn etcd_member_killed_during_a_burst_of_sends_loses_and_repeats_nothing() {
         "too few sends went through: {}",
         acked.len()
     );
-    let inbox = c.n(2).inbox(&["--as", "alice"]);
-    numbers_unique(&inbox);
-    let got = counts(&inbox);
-    for t in &acked {
-        assert_eq!(
-            got.get(t),
-            Some(&1),
-            "acknowledged send {t:?} is there exactly once"
-        );
-    }
-    assert!(
-        got.values().all(|&n| n == 1),
-        "a send was delivered twice: {got:?}"
-    );
+    each_acked_once(&c.n(2).inbox(&["--as", "alice"]), &acked);
 }
 
 /// The member that merges the cluster's busy commits (the first by name,
@@ -378,20 +383,7 @@ fn the_commit_relay_killed_during_a_burst_loses_and_repeats_nothing() {
         "no send went through after the relay died"
     );
     let acked = acked.into_inner().unwrap();
-    let inbox = c.n(2).inbox(&["--as", "alice"]);
-    numbers_unique(&inbox);
-    let got = counts(&inbox);
-    for t in &acked {
-        assert_eq!(
-            got.get(t),
-            Some(&1),
-            "acknowledged send {t:?} is there exactly once"
-        );
-    }
-    assert!(
-        got.values().all(|&n| n == 1),
-        "a send was delivered twice: {got:?}"
-    );
+    each_acked_once(&c.n(2).inbox(&["--as", "alice"]), &acked);
 }
 
 #[test]

@@ -119,8 +119,9 @@ const STREAM_BUFFER: usize = 16 * 1024;
 /// buffers. capnp-futures reads a message's segment table and its segments
 /// with separate reads and writes them with separate writes, then flushes:
 /// unbuffered, each was its own system call on the control socket (2-3 per
-/// message each way; a node made ~9 socket calls per send of the cluster
-/// bench), and its own lock and wake-up of the connection on a QUIC stream.
+/// message each way: one node's `recvfrom` and `sendto` calls in 5 s of the
+/// cluster bench fell from 32,000 to 15,000 buffered), and its own lock and
+/// wake-up of the connection on a QUIC stream.
 /// Buffered, a message is one write at its flush and one read takes every
 /// message that has arrived.
 pub fn rpc_network<R, W>(
