@@ -164,9 +164,7 @@ impl Actor for AgentActor {
                 if let Some(admit) = admit {
                     st.account.handed_out(first, n, admit);
                 }
-                st.followers.retain(|f| !f.is_closed());
-                let idle = st.guest.is_none() && st.followers.is_empty();
-                let _ = reply.send(Ok((first, idle)));
+                let _ = reply.send(Ok(first));
             }
             AgentMsg::Own(reply) => {
                 if !st.owned {

@@ -221,10 +221,10 @@ impl Runtime {
     }
 
     /// What the owner of `agent` answered a reservation with: the members
-    /// following its inbox, and whether the owner itself is idle for it.
-    pub fn learn_interest(&self, agent: FormulaId, nodes: Vec<String>, owner_idle: bool) {
+    /// following its inbox.
+    pub fn learn_interest(&self, agent: FormulaId, nodes: Vec<String>) {
         if let Some(c) = self.inner.cluster.get() {
-            c.learn_interest(agent, nodes, owner_idle);
+            c.learn_interest(agent, nodes);
         }
     }
 

@@ -54,14 +54,12 @@ pub enum AgentMsg {
     /// argument; answers the first (or an error if this incarnation does
     /// not own the inbox). With an admission, first admits so many
     /// messages of about so many bytes under the inbox's quota, all or
-    /// none ([`crate::quota`]). The answer also says whether the
-    /// incarnation is *idle*: nothing here to wake for a delivery (no
-    /// follower, no guest runner).
+    /// none ([`crate::quota`]).
     Reserve(
         u64,
         u64,
         Option<crate::types::Admit>,
-        RpcReplyPort<Result<(u64, bool), Error>>,
+        RpcReplyPort<Result<u64, Error>>,
     ),
     /// Room was given back (a dismissal on this node) or the limits
     /// changed: recount at the next refusal.

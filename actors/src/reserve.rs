@@ -23,20 +23,6 @@ pub(crate) async fn local_reserve(
     at_least: u64,
     admit: Option<Admit>,
 ) -> Result<u64, Error> {
-    local_reserve_idle(inner, agent, n, at_least, admit)
-        .await
-        .map(|(first, _)| first)
-}
-
-/// [`local_reserve`], and whether the incarnation is idle (nothing to wake
-/// for a delivery: no follower here, no guest runner).
-async fn local_reserve_idle(
-    inner: &Arc<Inner>,
-    agent: FormulaId,
-    n: u64,
-    at_least: u64,
-    admit: Option<Admit>,
-) -> Result<(u64, bool), Error> {
     for _ in 0..3 {
         let a = incarnation::owned_agent_actor(inner, agent).await?;
         match a
@@ -317,16 +303,14 @@ impl AgentHandle {
 }
 
 impl Runtime {
-    /// Serves a reservation another member asked of this node (the owner):
-    /// the first number, the members following the inbox, and whether this
-    /// node is idle for it (the caller need not wake it after the commit).
+    /// Serves a reservation another member asked of this node (the owner).
     pub async fn serve_reserve(
         &self,
         agent: FormulaId,
         count: u64,
         at_least: u64,
         admit: Option<Admit>,
-    ) -> Result<(u64, Vec<String>, bool), Error> {
+    ) -> Result<(u64, Vec<String>), Error> {
         let c = self
             .inner()
             .cluster
@@ -334,9 +318,8 @@ impl Runtime {
             .ok_or_else(|| Error::Invalid("this node is not in a cluster".into()))?;
         match c.owner(&self.inner().db, agent).await? {
             crate::cluster::Owner::Me => {
-                let (first, idle) =
-                    local_reserve_idle(self.inner(), agent, count, at_least, admit).await?;
-                Ok((first, c.interested(&agent), idle))
+                let first = local_reserve(self.inner(), agent, count, at_least, admit).await?;
+                Ok((first, c.interested(&agent)))
             }
             crate::cluster::Owner::Other(m) => Err(Error::Unavailable(format!(
                 "not the owner: node {} owns {}",

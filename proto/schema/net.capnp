@@ -38,10 +38,8 @@ interface Member {
   # about `quotaBytes` bytes in all under the inbox's quota first, all or
   # none; a full inbox fails with "inbox of … is full (…)" (see
   # actors/src/quota.rs). A batch of a node's reservations in one inbox
-  # goes as one call. `ownerIdle`: this node has nothing to wake for the
-  # inbox now (no follower of it here, no guest runner): the caller need
-  # not wake it (an owner from before the field answers false).
-  reserve @0 (agent :Data, count :UInt32, atLeast :UInt64, quotaBytes :UInt64, quotaCount :UInt32) -> (first :UInt64, interested :List(Text), ownerIdle :Bool);
+  # goes as one call.
+  reserve @0 (agent :Data, count :UInt32, atLeast :UInt64, quotaBytes :UInt64, quotaCount :UInt32) -> (first :UInt64, interested :List(Text));
   # Message `number` was committed to `agent`'s inbox: wake its followers
   # and its guest, if incarnated here.
   delivered @1 (agent :Data, number :UInt64) -> ();

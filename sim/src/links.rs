@@ -120,9 +120,9 @@ pub async fn serve_links(
                         .serve_reserve(agent, u64::from(count), at_least, admit)
                         .await;
                     let r = match r {
-                        Ok((first, interested, idle)) => {
+                        Ok((first, interested)) => {
                             if let Some(caller) = dir.get(&me) {
-                                caller.learn_interest(agent, interested, idle);
+                                caller.learn_interest(agent, interested);
                             }
                             Ok(first)
                         }

@@ -1103,7 +1103,6 @@ fn a_message_wakes_its_inbox_owner_and_followers_not_every_member() {
     std::thread::sleep(Duration::from_millis(500));
 
     let before = wakeups_received(&c, bystander);
-    let owner_before = wakeups_received(&c, alice_owner);
     let (follower_reserves, _) = link_calls(&c, follower);
     let bystander_calls = link_calls(&c, bystander);
     let sends = 20;
@@ -1141,15 +1140,6 @@ fn a_message_wakes_its_inbox_owner_and_followers_not_every_member() {
         0,
         "the bystander n{} was woken for messages it neither owns nor follows",
         bystander + 1
-    );
-    // Alice's owner neither follows her inbox nor runs a component for
-    // her (a plain guest), and nothing follows the host's there: it said
-    // so when it handed out the numbers, and nobody woke it.
-    assert_eq!(
-        wakeups_received(&c, alice_owner) - owner_before,
-        0,
-        "alice's owner n{} was woken though it follows and runs nothing",
-        alice_owner + 1
     );
     // Each of the follower's sends (one at a time: nothing to coalesce)
     // reserved alice's number at her owner, and the host's too when the

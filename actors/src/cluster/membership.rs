@@ -53,10 +53,9 @@ pub struct Membership {
     /// As a follower's node: the order of what it tells owners of its
     /// followers ([`Membership::next_interest_seq`]).
     interest_seq: AtomicU64,
-    /// As a sender: the members following an agent's inbox, and whether
-    /// the owner is idle for it, as the owner said when it last reserved
-    /// numbers in it.
-    learned: Mutex<HashMap<FormulaId, (Vec<String>, bool)>>,
+    /// As a sender: the members following an agent's inbox, as its owner
+    /// said when it last reserved numbers in it.
+    learned: Mutex<HashMap<FormulaId, Vec<String>>>,
 }
 
 /// Most take-overs remembered for a notice not yet given.
@@ -184,19 +183,17 @@ impl Membership {
             .collect()
     }
 
-    /// What the owner of `agent` said of its followers when it reserved,
-    /// and whether it is idle for the inbox itself (no follower there, no
-    /// guest runner: its wake-up would wake nothing).
-    pub fn learn_interest(&self, agent: FormulaId, nodes: Vec<String>, owner_idle: bool) {
+    /// What the owner of `agent` said of its followers when it reserved.
+    pub fn learn_interest(&self, agent: FormulaId, nodes: Vec<String>) {
         if let Ok(mut l) = self.learned.lock() {
-            if nodes.is_empty() && !owner_idle {
+            if nodes.is_empty() {
                 l.remove(&agent);
                 return;
             }
             if l.len() >= MAX_INTERESTS && !l.contains_key(&agent) {
                 l.clear();
             }
-            l.insert(agent, (nodes, owner_idle));
+            l.insert(agent, nodes);
         }
     }
 
@@ -209,19 +206,13 @@ impl Membership {
         let mut names = if owner.name == self.cfg.name && owner.epoch == self.epoch() {
             self.interested(agent)
         } else {
-            // An owner that said it was idle is not woken: followers that
-            // start there later find the message in the store (they look
-            // 25 ms after they start), and its next reservation answer
-            // says it follows.
-            let (mut n, owner_idle) = self
+            let mut n = self
                 .learned
                 .lock()
                 .ok()
                 .and_then(|l| l.get(agent).cloned())
                 .unwrap_or_default();
-            if !owner_idle {
-                n.push(owner.name.clone());
-            }
+            n.push(owner.name.clone());
             n
         };
         names.retain(|n| *n != self.cfg.name);

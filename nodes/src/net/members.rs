@@ -114,14 +114,13 @@ impl member::Server for MemberServer {
                 bytes,
             }),
         };
-        let (first, interested, idle) = self
+        let (first, interested) = self
             .rt
             .serve_reserve(agent, count, p.get_at_least(), admit)
             .await
             .map_err(|e| failed(e.to_string()))?;
         let mut r = results.get();
         r.set_first(first);
-        r.set_owner_idle(idle);
         let mut l = r.init_interested(interested.len().min(MAX_INTERESTED) as u32);
         for (i, n) in interested.iter().take(MAX_INTERESTED).enumerate() {
             l.set(i as u32, n.as_str());
@@ -310,8 +309,7 @@ impl Net {
                     }
                 }
             }
-            self.rt
-                .learn_interest(agent, interested, a.get_owner_idle());
+            self.rt.learn_interest(agent, interested);
             Ok(a.get_first())
         };
         match tokio::time::timeout(RESERVE_TIMEOUT, call).await {
