@@ -202,7 +202,7 @@ pub(super) fn store_cost(
         if d(n) > 0.0 { d(us) / d(n) / 1e3 } else { 0.0 }
     };
     let text = format!(
-        "{:.1} snapshots ({:.1} revision reads), {:.1} reads in {:.1} requests ({:.2} ms), {:.1} commits ({:.1} puts, {:.1} deletions, {:.1} compares) in {:.2} Txns ({:.2} ms, {:.2} conflicts); {:.1} wake-ups to other nodes in {:.2} calls, {:.2} remote reservations; {:.2} groups relayed ({:.2} failed)",
+        "{:.1} snapshots ({:.1} revision reads), {:.1} reads in {:.1} requests ({:.2} ms), {:.1} commits ({:.1} puts, {:.1} deletions, {:.1} compares, {:.1} sent) in {:.2} Txns ({:.2} ms, {:.2} conflicts); {:.1} wake-ups to other nodes in {:.2} calls, {:.2} remote reservations; {:.2} groups relayed ({:.2} failed)",
         per("snapshots"),
         per("revision_reads"),
         per("reads"),
@@ -212,6 +212,7 @@ pub(super) fn store_cost(
         per("commit_puts"),
         per("commit_deletes"),
         per("commit_compares"),
+        per("commit_compares") - per("compares_shared"),
         per("commit_txns"),
         mean_ms("commit_us", "commit_txns"),
         per("conflicts"),
@@ -231,6 +232,7 @@ pub(super) fn store_cost(
         "puts": per("commit_puts"),
         "deletions": per("commit_deletes"),
         "compares": per("commit_compares"),
+        "compares_sent": per("commit_compares") - per("compares_shared"),
         "conflicts": per("conflicts"),
         "commit_txns": per("commit_txns"),
         "commit_ms": mean_ms("commit_us", "commit_txns"),

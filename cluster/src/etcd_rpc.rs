@@ -192,7 +192,7 @@ pub mod compare_target {
 }
 
 /// `etcdserverpb.Compare`.
-#[derive(Clone, PartialEq, ::prost::Message)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Compare {
     #[prost(int32, tag = "1")]
     pub result: i32,
@@ -207,7 +207,7 @@ pub struct Compare {
 }
 
 /// `Compare.target_union`.
-#[derive(Clone, PartialEq, ::prost::Oneof)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
 pub enum TargetUnion {
     #[prost(int64, tag = "4")]
     Version(i64),

@@ -244,6 +244,18 @@ fn a_group_outside_the_store_is_refused() {
             }
             .encode_to_vec()
         };
+        // `m` under `levels` Txns that each check a compare (of the store's)
+        let gathered = |m: TxnRequest, levels: usize| {
+            (0..levels).fold(m, |m, _| TxnRequest {
+                compare: vec![Compare::create_revision(
+                    format!("capstan-test/relay-{tag}/d/shared").into_bytes(),
+                    compare_result::EQUAL,
+                    0,
+                )],
+                success: vec![RequestOp::txn(m)],
+                failure: vec![],
+            })
+        };
         let outside = format!("capstan-test/relay-{other}/d/x").into_bytes();
         let own = format!("capstan-test/relay-{tag}/d/x").into_bytes();
         let bad = [
@@ -259,6 +271,11 @@ fn a_group_outside_the_store_is_refused() {
                 &marker,
             ),
             b"\xff\xff not a Txn".to_vec(),
+            // a gathering of members under shared compares that puts
+            // outside the store
+            group(vec![gathered(member(outside.clone()), 1)], &marker),
+            // gatherings deeper than a sender makes
+            group(vec![gathered(member(own.clone()), 3)], &marker),
         ];
         for g in bad {
             match proxy.commit_relayed(g).await {
@@ -269,10 +286,11 @@ fn a_group_outside_the_store_is_refused() {
         assert_eq!(get(&victim, b"x").await.unwrap(), None);
         let own_db = Db::new(Arc::new(proxy));
         assert_eq!(get(&own_db, b"x").await.unwrap(), None);
-        // the same group inside the store is taken
+        // the same group inside the store is taken, its member gathered two
+        // levels deep (as a sender gathers members sharing compares)
         own_db
             .store()
-            .commit_relayed(group(vec![member(own)], &marker))
+            .commit_relayed(group(vec![gathered(member(own), 2)], &marker))
             .await
             .unwrap();
         assert_eq!(get(&own_db, b"x").await.unwrap(), Some(b"evil".to_vec()));

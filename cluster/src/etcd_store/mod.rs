@@ -138,6 +138,7 @@
 
 mod batch;
 mod cache;
+mod hoist;
 mod reads;
 mod relay;
 pub use relay::RELAY_PAUSE;
@@ -717,6 +718,9 @@ struct Counters {
     commit_puts: AtomicU64,
     commit_deletes: AtomicU64,
     commit_compares: AtomicU64,
+    /// Of those compares, the ones not sent because another commit of the
+    /// same Txn checks them ([`hoist`]).
+    compares_shared: AtomicU64,
     /// Groups of this client's commits sent through its relay, groups it
     /// committed for other members, and relayed groups that failed (not
     /// applied, or resolved by their marker).
@@ -1556,6 +1560,7 @@ impl EtcdStore {
             ("commit_puts", get(&c.commit_puts)),
             ("commit_deletes", get(&c.commit_deletes)),
             ("commit_compares", get(&c.commit_compares)),
+            ("compares_shared", get(&c.compares_shared)),
             ("relayed_out", get(&c.relayed_out)),
             ("relayed_in", get(&c.relayed_in)),
             ("relay_failures", get(&c.relay_failures)),

@@ -40,10 +40,11 @@ use prost::Message;
 use tokio::sync::oneshot;
 
 use super::batch::{self, Member, Outcome, Reply, Shape};
+use super::hoist;
 use super::{Inner, KeyRange, MARKER_COMMITTED, bump, header_revision};
 use crate::etcd_rpc::{
-    Compare, Request, RequestOp, ResponseHeader, TargetUnion, TxnRequest, TxnResponse,
-    compare_result, compare_target,
+    Compare, Request, ResponseHeader, TargetUnion, TxnRequest, TxnResponse, compare_result,
+    compare_target,
 };
 use crate::relay::{CommitRelay, RelayError};
 use crate::store::{StoreError, key_after};
@@ -95,13 +96,18 @@ impl Drop for Relaying<'_> {
     }
 }
 
-/// The group of `batch` under the marker `marker` (module docs).
-fn group_txn(batch: &[Member], marker: &[u8], lease: i64) -> TxnRequest {
-    let members = batch
-        .iter()
-        .map(|m| RequestOp::txn(m.nested(lease)))
-        .collect();
-    batch::under_marker(members, marker, lease)
+/// The group of `batch` under the marker `marker` (module docs), its
+/// members' shared compares checked once ([`hoist`]) within half of etcd's
+/// operations (what a relay takes), and where each member's answer will be.
+fn group_txn(
+    inner: &Inner,
+    batch: &[Member],
+    marker: &[u8],
+    lease: i64,
+) -> (TxnRequest, hoist::Layout) {
+    let members = batch.iter().map(|m| m.nested(lease)).collect();
+    let (ops, layout) = hoist::hoist(members, 1, inner.max_txn_ops / 2);
+    (batch::under_marker(ops, marker, lease), layout)
 }
 
 /// Sends `batch` through `relay` as one group and answers each member
@@ -111,7 +117,9 @@ pub(super) async fn relay_batch(inner: &Inner, batch: Vec<Member>, relay: Arc<dy
         return batch::send_direct(inner, batch).await;
     };
     let marker = inner.new_marker();
-    let group = group_txn(&batch, &marker, lease).encode_to_vec();
+    let (group, layout) = group_txn(inner, &batch, &marker, lease);
+    bump(&inner.counters.compares_shared, layout.saved() as u64);
+    let group = group.encode_to_vec();
     let Some(call) = relay.relay(group) else {
         return batch::send_direct(inner, batch).await;
     };
@@ -128,7 +136,7 @@ pub(super) async fn relay_batch(inner: &Inner, batch: Vec<Member>, relay: Arc<dy
                 limit.as_millis()
             )))
         })
-        .and_then(|a| read_answer(&a, batch.len()));
+        .and_then(|a| read_answer(&a, &layout));
     let outcomes = match answer {
         Ok(o) => o,
         Err(RelayError::NotApplied(e)) => {
@@ -147,27 +155,26 @@ pub(super) async fn relay_batch(inner: &Inner, batch: Vec<Member>, relay: Arc<dy
     }
 }
 
-/// Each member's outcome from the relay's answer to a group of `members`.
-fn read_answer(answer: &[u8], members: usize) -> Result<Vec<Outcome>, RelayError> {
+/// Each member's outcome from the relay's answer to a group laid out as
+/// `layout`.
+fn read_answer(answer: &[u8], layout: &hoist::Layout) -> Result<Vec<Outcome>, RelayError> {
     let unreadable = |why: &str| RelayError::Unknown(format!("the relay's answer {why}"));
     let resp = TxnResponse::decode(answer).map_err(|_| unreadable("is not an etcd Txn answer"))?;
     let version =
         header_revision(resp.header.as_ref()).map_err(|_| unreadable("has no revision"))?;
+    let answers = hoist::answers(layout, resp.responses);
     if !resp.succeeded {
         // its marker was there already: no member applied
-        return Ok((0..members)
+        return Ok(answers
+            .iter()
             .map(|_| Outcome::Settled(Err(StoreError::Conflict)))
             .collect());
     }
-    if resp.responses.len() < members {
-        return Err(unreadable("lacks a result per member"));
-    }
-    resp.responses
+    answers
         .into_iter()
-        .take(members)
-        .map(|r| match r.response {
-            Some(crate::etcd_rpc::Response::Txn(t)) => Ok(Outcome::Answered(version, t)),
-            _ => Err(unreadable("lacks a result per member")),
+        .map(|t| match t {
+            Some(t) => Ok(Outcome::Answered(version, t)),
+            None => Err(unreadable("lacks a result per member")),
         })
         .collect()
 }
@@ -244,6 +251,50 @@ fn data_range(inner: &Inner, key: &[u8], end: &[u8]) -> Option<KeyRange> {
     Some((k.to_vec(), e))
 }
 
+/// Adds what the member `t` of a group reads and writes to `shape`, having
+/// checked it: compares of this store's keys, no failure branch, puts and
+/// deletes of its data (markers: puts only); or a gathering of members
+/// under their shared compares ([`hoist`]), `levels` deep at most.
+fn member_shape(
+    inner: &Inner,
+    t: &TxnRequest,
+    shape: &mut Shape,
+    levels: usize,
+) -> Result<(), String> {
+    if !t.failure.is_empty() {
+        return Err("a member has no failure branch".into());
+    }
+    for c in &t.compare {
+        if let Some(r) = data_range(inner, &c.key, &c.range_end) {
+            shape.reads.push(r);
+        } else if !(c.range_end.is_empty()
+            && (c.key.starts_with(&inner.markers) || c.key == inner.guard))
+        {
+            return Err("a member compares a key outside the store".into());
+        }
+    }
+    for w in &t.success {
+        match &w.request {
+            Some(Request::Put(p)) => {
+                if let Some(r) = data_range(inner, &p.key, &[]) {
+                    shape.writes.push(r);
+                } else if !p.key.starts_with(&inner.markers) {
+                    return Err("a member puts a key outside the store's data".into());
+                }
+            }
+            Some(Request::DeleteRange(d)) => {
+                let r = data_range(inner, &d.key, &d.range_end)
+                    .ok_or("a member deletes outside the store's data")?;
+                shape.writes.push(r);
+                shape.deletes = true;
+            }
+            Some(Request::Txn(m)) if levels > 0 => member_shape(inner, m, shape, levels - 1)?,
+            _ => return Err("a member puts and deletes only".into()),
+        }
+    }
+    Ok(())
+}
+
 /// `group` decoded and checked (module docs), with its shape for batching.
 fn parse_group(inner: &Inner, group: &[u8]) -> Result<(TxnRequest, Shape), String> {
     if group.len() > inner.config.max_request_bytes / 2 {
@@ -273,44 +324,13 @@ fn parse_group(inner: &Inner, group: &[u8]) -> Result<(TxnRequest, Shape), Strin
         size: group.len(),
         ..Shape::default()
     };
-    let mut widest = 0;
     for op in members {
         let Some(Request::Txn(t)) = &op.request else {
             return Err("a group's members are Txns".into());
         };
-        if !t.failure.is_empty() {
-            return Err("a member has no failure branch".into());
-        }
-        for c in &t.compare {
-            if let Some(r) = data_range(inner, &c.key, &c.range_end) {
-                shape.reads.push(r);
-            } else if !(c.range_end.is_empty()
-                && (c.key.starts_with(&inner.markers) || c.key == inner.guard))
-            {
-                return Err("a member compares a key outside the store".into());
-            }
-        }
-        for w in &t.success {
-            match &w.request {
-                Some(Request::Put(p)) => {
-                    if let Some(r) = data_range(inner, &p.key, &[]) {
-                        shape.writes.push(r);
-                    } else if !p.key.starts_with(&inner.markers) {
-                        return Err("a member puts a key outside the store's data".into());
-                    }
-                }
-                Some(Request::DeleteRange(d)) => {
-                    let r = data_range(inner, &d.key, &d.range_end)
-                        .ok_or("a member deletes outside the store's data")?;
-                    shape.writes.push(r);
-                    shape.deletes = true;
-                }
-                _ => return Err("a member puts and deletes only".into()),
-            }
-        }
-        widest = widest.max(t.compare.len().max(t.success.len()));
+        member_shape(inner, t, &mut shape, hoist::LEVELS)?;
     }
-    shape.ops = txn.success.len() + widest;
+    shape.ops = hoist::need(&txn);
     if shape.ops > inner.max_txn_ops / 2 {
         return Err(format!(
             "{} operations, more than half of a Txn's",

@@ -1,0 +1,550 @@
+//! Compares that several members of one Txn make, checked once.
+//!
+//! Concurrent commits read many of the same keys: every send of an agent
+//! checks its own inbox mark, every send to one recipient checks that
+//! recipient's mark (and, when the recipient was resolved on a recent
+//! snapshot, its two keys): up to four of a send's seven compares. In a
+//! batch each member's nested Txn checked them again, and etcd pays a lookup
+//! in its key index for every compare, as for every put (applying Txns is
+//! half of an etcd member's CPU under Capstan's sends, and compares as much
+//! of that as puts). [`hoist`] gathers members that share compares under one
+//! more nested Txn that checks them once:
+//!
+//! ```text
+//! Txn{compare: shared, success: [Txn{compare: c1 - shared, success: w1},
+//!                                Txn{compare: c2 - shared, success: w2}, …]}
+//! ```
+//!
+//! Etcd decides every Txn's branch on the state before the outermost Txn, so
+//! a member applies exactly when the shared compares and its own hold: as it
+//! would checking them all itself. When a shared compare fails, every member
+//! of the gathering fails, as each would have alone, and [`answers`] gives
+//! each the answer of a failed compare. A member with a failure branch is
+//! never gathered (a failed shared compare would skip it).
+//!
+//! Gatherings are chosen greedily: the compare whose makers share the most
+//! compares between them (makers less one, times compares in common)
+//! first, then again among the members left; within a gathering, once
+//! more, on what its members do not share (two levels: the compare every
+//! send of one agent makes, then each recipient's). A level costs etcd a
+//! nested Txn (cheap beside a compare, which reads its key's current
+//! version) and the operations budget (`--max-txn-ops`) that etcd checks a
+//! nested Txn against ([`need`]): a plan that would not fit that budget is
+//! made with one level, or none.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::etcd_rpc::{Compare, Request, RequestOp, Response, ResponseOp, TxnRequest, TxnResponse};
+
+/// Most levels of gatherings.
+pub(super) const LEVELS: usize = 2;
+
+/// Where each member's answer is in the answers to the operations [`hoist`]
+/// made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Layout {
+    slots: Vec<Slot>,
+    members: usize,
+    /// Compares of the members checked by a gathering instead of by each.
+    saved: usize,
+}
+
+impl Layout {
+    /// Compares the members would check that a gathering checks once
+    /// for them (each member's less one per gathered compare).
+    pub(super) fn saved(&self) -> usize {
+        self.saved
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Slot {
+    /// One member's nested Txn.
+    One(usize),
+    /// A Txn that checks shared compares, over these.
+    Shared(Vec<Slot>),
+}
+
+/// The operations budget `t` needs from etcd: its most compares or
+/// operations of a branch, plus what its widest nested Txn needs (etcd
+/// checks a nested Txn against what its parents left of `--max-txn-ops`).
+pub(super) fn need(t: &TxnRequest) -> usize {
+    own_need(t, t.compare.len())
+}
+
+/// [`need`] of `t` were its compares `compares` many.
+fn own_need(t: &TxnRequest, compares: usize) -> usize {
+    let own = compares.max(t.success.len()).max(t.failure.len());
+    own + t
+        .success
+        .iter()
+        .chain(&t.failure)
+        .map(|op| match &op.request {
+            Some(Request::Txn(n)) => need(n),
+            _ => 0,
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// The members' Txns as operations of one parent Txn, members that share
+/// compares gathered under Txns that check them once (module docs), and
+/// where each member's answer will be. `around`: the parent's other
+/// operations (markers, guard); `budget`: the most operations the parent
+/// may need ([`need`]). The members' order is kept, a gathering in its
+/// first member's place; when no gathering fits the budget, each member is
+/// an operation of its own, as given.
+pub(super) fn hoist(
+    members: Vec<TxnRequest>,
+    around: usize,
+    budget: usize,
+) -> (Vec<RequestOp>, Layout) {
+    let n = members.len();
+    for levels in (1..=LEVELS).rev() {
+        let mut planner = Planner::new(&members);
+        let plans = planner.plan((0..n).collect(), levels);
+        if plans.iter().all(|p| matches!(p, Plan::One(_))) {
+            break;
+        }
+        let widest = plans.iter().map(|p| planner.need(p)).max().unwrap_or(0);
+        // (the parent's own compares, its marker's, are fewer than its operations)
+        if plans.len() + around + widest > budget {
+            continue;
+        }
+        let saved = plans.iter().map(|p| p.saved()).sum();
+        let live = planner.live;
+        let mut taken: Vec<Option<TxnRequest>> = members.into_iter().map(Some).collect();
+        let mut ops = Vec::with_capacity(plans.len());
+        let mut slots = Vec::with_capacity(plans.len());
+        for p in plans {
+            let (op, slot) = build(p, &mut taken, &live);
+            ops.push(op);
+            slots.push(slot);
+        }
+        return (
+            ops,
+            Layout {
+                slots,
+                members: n,
+                saved,
+            },
+        );
+    }
+    (
+        members.into_iter().map(RequestOp::txn).collect(),
+        Layout {
+            slots: (0..n).map(Slot::One).collect(),
+            members: n,
+            saved: 0,
+        },
+    )
+}
+
+/// A plan of gatherings: a member, or shared compares over plans.
+enum Plan {
+    One(usize),
+    Shared(Vec<Compare>, Vec<Plan>),
+}
+
+impl Plan {
+    /// Members under it.
+    fn members(&self) -> usize {
+        match self {
+            Plan::One(_) => 1,
+            Plan::Shared(_, plans) => plans.iter().map(Plan::members).sum(),
+        }
+    }
+
+    /// Compares its gatherings check once instead of once per member.
+    fn saved(&self) -> usize {
+        match self {
+            Plan::One(_) => 0,
+            Plan::Shared(common, plans) => {
+                common.len() * (self.members() - 1) + plans.iter().map(Plan::saved).sum::<usize>()
+            }
+        }
+    }
+}
+
+/// The operation and slot of `p`, taking its members from `taken` and
+/// leaving out of each the compares checked above it (`live[i][k]` false).
+fn build(p: Plan, taken: &mut [Option<TxnRequest>], live: &[Vec<bool>]) -> (RequestOp, Slot) {
+    match p {
+        Plan::One(i) => {
+            let mut t = taken[i].take().unwrap_or_default();
+            let mut k = 0;
+            t.compare.retain(|_| {
+                k += 1;
+                live[i][k - 1]
+            });
+            (RequestOp::txn(t), Slot::One(i))
+        }
+        Plan::Shared(compare, plans) => {
+            let (success, slots) = plans.into_iter().map(|p| build(p, taken, live)).unzip();
+            let t = TxnRequest {
+                compare,
+                success,
+                failure: Vec::new(),
+            };
+            (RequestOp::txn(t), Slot::Shared(slots))
+        }
+    }
+}
+
+struct Planner<'a> {
+    members: &'a [TxnRequest],
+    /// Whether each compare of each member is still its own to check (not
+    /// checked by a gathering above it).
+    live: Vec<Vec<bool>>,
+}
+
+impl<'a> Planner<'a> {
+    fn new(members: &'a [TxnRequest]) -> Self {
+        Planner {
+            members,
+            live: members
+                .iter()
+                .map(|t| vec![true; t.compare.len()])
+                .collect(),
+        }
+    }
+
+    /// The plans of the members `ids` (ascending), gatherings `levels` deep
+    /// at most, in their first member's order.
+    fn plan(&mut self, ids: Vec<usize>, levels: usize) -> Vec<Plan> {
+        let mut free = ids;
+        let mut out: Vec<(usize, Plan)> = Vec::new();
+        while levels > 0
+            && let Some((group, common)) = self.best(&free)
+        {
+            for &i in &group {
+                for (k, c) in self.members[i].compare.iter().enumerate() {
+                    if common.contains(c) {
+                        self.live[i][k] = false;
+                    }
+                }
+            }
+            free.retain(|i| group.binary_search(i).is_err());
+            let first = group[0];
+            let inner = self.plan(group, levels - 1);
+            out.push((first, Plan::Shared(common, inner)));
+        }
+        out.extend(free.into_iter().map(|i| (i, Plan::One(i))));
+        out.sort_by_key(|(first, _)| *first);
+        out.into_iter().map(|(_, p)| p).collect()
+    }
+
+    /// The next gathering among `free` (ascending): its members (ascending)
+    /// and the compares they all still check, if one saves a compare.
+    fn best(&self, free: &[usize]) -> Option<(Vec<usize>, Vec<Compare>)> {
+        let compares = |i: usize| {
+            self.members[i]
+                .compare
+                .iter()
+                .zip(&self.live[i])
+                .filter(|(_, l)| **l)
+                .map(|(c, _)| c)
+        };
+        // which free members check each compare (ascending, each once); a
+        // member with a failure branch is never gathered
+        let mut makers: HashMap<&Compare, Vec<usize>> = HashMap::new();
+        for &i in free {
+            if !self.members[i].failure.is_empty() {
+                continue;
+            }
+            for c in compares(i) {
+                let m = makers.entry(c).or_default();
+                if m.last() != Some(&i) {
+                    m.push(i);
+                }
+            }
+        }
+        // in the order the members check them (the choice must not depend
+        // on a HashMap's order: a batch is built again for a renewed lease)
+        let mut seen: HashSet<&Compare> = HashSet::new();
+        let mut best: Option<(usize, Vec<usize>, Vec<Compare>)> = None;
+        for &i in free {
+            for c in compares(i) {
+                let Some(group) = makers.get(c).filter(|m| m.len() > 1) else {
+                    continue;
+                };
+                if !seen.insert(c) {
+                    continue;
+                }
+                let mut common: Vec<Compare> = Vec::new();
+                for d in compares(group[0]) {
+                    let all = makers
+                        .get(d)
+                        .is_some_and(|m| group.iter().all(|j| m.binary_search(j).is_ok()));
+                    if all && !common.contains(d) {
+                        common.push(d.clone());
+                    }
+                }
+                let saved = (group.len() - 1) * common.len();
+                if best.as_ref().is_none_or(|(s, _, _)| saved > *s) {
+                    best = Some((saved, group.clone(), common));
+                }
+            }
+        }
+        best.filter(|(saved, _, _)| *saved > 0)
+            .map(|(_, group, common)| (group, common))
+    }
+
+    /// The operations budget the Txn of `p` will need.
+    fn need(&self, p: &Plan) -> usize {
+        match p {
+            Plan::One(i) => {
+                let live = self.live[*i].iter().filter(|l| **l).count();
+                own_need(&self.members[*i], live)
+            }
+            Plan::Shared(common, plans) => {
+                common.len().max(plans.len())
+                    + plans.iter().map(|p| self.need(p)).max().unwrap_or(0)
+            }
+        }
+    }
+}
+
+/// Each member's answer (in the members' order) from the answers to the
+/// operations of `layout`, or `None` for a member whose answer is missing.
+/// A gathering whose shared compares failed answers each of its members as
+/// a failed compare.
+pub(super) fn answers(layout: &Layout, responses: Vec<ResponseOp>) -> Vec<Option<TxnResponse>> {
+    let mut out: Vec<Option<TxnResponse>> = vec![None; layout.members];
+    for (slot, r) in layout.slots.iter().zip(responses) {
+        fill(slot, r, &mut out);
+    }
+    out
+}
+
+fn fill(slot: &Slot, r: ResponseOp, out: &mut [Option<TxnResponse>]) {
+    let Some(Response::Txn(t)) = r.response else {
+        return;
+    };
+    match slot {
+        Slot::One(i) => out[*i] = Some(t),
+        Slot::Shared(slots) if !t.succeeded => failed(slots, out),
+        Slot::Shared(slots) => {
+            for (s, r) in slots.iter().zip(t.responses) {
+                fill(s, r, out);
+            }
+        }
+    }
+}
+
+fn failed(slots: &[Slot], out: &mut [Option<TxnResponse>]) {
+    for s in slots {
+        match s {
+            Slot::One(i) => out[*i] = Some(TxnResponse::default()),
+            Slot::Shared(slots) => failed(slots, out),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::etcd_rpc::compare_result;
+
+    fn mark(k: &str, at: i64) -> Compare {
+        Compare::mod_revision(k.as_bytes().to_vec(), compare_result::EQUAL, at)
+    }
+
+    fn member(compares: &[Compare], put: &str) -> TxnRequest {
+        TxnRequest {
+            compare: compares.to_vec(),
+            success: vec![RequestOp::put(put.as_bytes().to_vec(), b"v".to_vec(), 0)],
+            failure: Vec::new(),
+        }
+    }
+
+    /// Each member as etcd will check it: the compares on its path (its
+    /// gatherings' and its own) and its operations; and the compares etcd
+    /// checks in all.
+    fn as_checked(ops: &[RequestOp], layout: &Layout) -> (Vec<(Vec<Compare>, TxnRequest)>, usize) {
+        fn walk(
+            op: &RequestOp,
+            slot: &Slot,
+            above: &[Compare],
+            out: &mut Vec<Option<(Vec<Compare>, TxnRequest)>>,
+            checked: &mut usize,
+        ) {
+            let Some(Request::Txn(t)) = &op.request else {
+                panic!("every slot is a Txn");
+            };
+            *checked += t.compare.len();
+            let mut path = above.to_vec();
+            path.extend(t.compare.iter().cloned());
+            match slot {
+                Slot::One(i) => out[*i] = Some((path, t.clone())),
+                Slot::Shared(slots) => {
+                    assert_eq!(slots.len(), t.success.len());
+                    for (op, s) in t.success.iter().zip(slots) {
+                        walk(op, s, &path, out, checked);
+                    }
+                }
+            }
+        }
+        let mut out = vec![None; layout.members];
+        let mut checked = 0;
+        assert_eq!(ops.len(), layout.slots.len());
+        for (op, s) in ops.iter().zip(&layout.slots) {
+            walk(op, s, &[], &mut out, &mut checked);
+        }
+        (
+            out.into_iter()
+                .map(|m| m.expect("every member placed"))
+                .collect(),
+            checked,
+        )
+    }
+
+    fn same_set(a: &[Compare], b: &[Compare]) -> bool {
+        a.iter().all(|c| b.contains(c)) && b.iter().all(|c| a.contains(c))
+    }
+
+    /// Sends of one agent to two recipients: the agent's mark is checked
+    /// once for all, each recipient's once for its senders, and every
+    /// member is checked on exactly its own compares.
+    #[test]
+    fn members_sharing_compares_are_gathered_and_keep_their_compares() {
+        let (me, g0, g1) = (mark("me", 5), mark("g0", 7), mark("g1", 9));
+        let own = |i: i64| mark(&format!("msg{i}"), 0);
+        let members = vec![
+            member(&[own(0), me.clone(), g0.clone()], "a"),
+            member(&[own(1), me.clone(), g1.clone()], "b"),
+            member(&[own(2), me.clone(), g0.clone()], "c"),
+            member(&[own(3)], "d"),
+            member(&[own(4), me.clone(), g1.clone()], "e"),
+            member(&[own(5), me.clone(), g0.clone()], "f"),
+        ];
+        let (ops, layout) = hoist(members.clone(), 2, 1024);
+        use Slot::{One, Shared};
+        assert_eq!(
+            layout.slots,
+            vec![
+                Shared(vec![
+                    Shared(vec![One(0), One(2), One(5)]),
+                    Shared(vec![One(1), One(4)])
+                ]),
+                One(3)
+            ]
+        );
+        let (checked, compares) = as_checked(&ops, &layout);
+        for ((path, t), m) in checked.iter().zip(&members) {
+            assert!(
+                same_set(path, &m.compare),
+                "{path:?} against {:?}",
+                m.compare
+            );
+            assert_eq!(t.success, m.success);
+        }
+        assert_eq!(compares, 6 + 1 + 2, "16 compares checked as 9");
+        assert_eq!(layout.saved(), 16 - 9);
+
+        // Whatever the budget, what is made fits it (or is the members as
+        // given, which the batch was picked to fit) and checks each member
+        // on exactly its own compares.
+        let total = |ops: &[RequestOp]| ops.len() + 2 + ops.iter().map(need_of).max().unwrap_or(0);
+        let flat: Vec<RequestOp> = members.iter().cloned().map(RequestOp::txn).collect();
+        assert_eq!(total(&ops), 10);
+        for budget in 0..12 {
+            let (ops, layout) = hoist(members.clone(), 2, budget);
+            assert!(total(&ops) <= budget.max(total(&flat)), "budget {budget}");
+            if total(&ops) > budget {
+                assert_eq!(ops, flat);
+            }
+            for ((path, _), m) in as_checked(&ops, &layout).0.iter().zip(&members) {
+                assert!(same_set(path, &m.compare));
+            }
+        }
+    }
+
+    fn need_of(op: &RequestOp) -> usize {
+        match &op.request {
+            Some(Request::Txn(t)) => need(t),
+            _ => 0,
+        }
+    }
+
+    #[test]
+    fn members_sharing_nothing_or_with_a_failure_branch_stay_as_they_are() {
+        let members = vec![
+            member(&[mark("x", 1)], "a"),
+            member(&[mark("x", 2)], "b"),
+            member(&[], "c"),
+        ];
+        let (ops, layout) = hoist(members.clone(), 2, 1024);
+        assert_eq!(layout.slots, (0..3).map(Slot::One).collect::<Vec<_>>());
+        assert_eq!(
+            ops,
+            members.into_iter().map(RequestOp::txn).collect::<Vec<_>>()
+        );
+        // A member with a failure branch is never gathered (a failed shared
+        // compare would skip its failure branch).
+        let mut with_failure = member(&[mark("x", 1)], "d");
+        with_failure.failure = vec![RequestOp::put(b"f".to_vec(), Vec::new(), 0)];
+        let (_, layout) = hoist(vec![member(&[mark("x", 1)], "a"), with_failure], 2, 1024);
+        assert_eq!(layout.slots, vec![Slot::One(0), Slot::One(1)]);
+    }
+
+    #[test]
+    fn answers_reach_each_member() {
+        let m = |succeeded: bool| TxnResponse {
+            header: None,
+            succeeded,
+            responses: Vec::new(),
+        };
+        let op = |t: TxnResponse| ResponseOp {
+            response: Some(Response::Txn(t)),
+        };
+        use Slot::{One, Shared};
+        let layout = Layout {
+            slots: vec![
+                Shared(vec![One(0), Shared(vec![One(2), One(5)])]),
+                One(1),
+                Shared(vec![One(3), Shared(vec![One(4)])]),
+            ],
+            members: 6,
+            saved: 0,
+        };
+        let got = answers(
+            &layout,
+            vec![
+                op(TxnResponse {
+                    header: None,
+                    succeeded: true,
+                    responses: vec![
+                        op(m(false)),
+                        op(TxnResponse {
+                            header: None,
+                            succeeded: true,
+                            responses: vec![op(m(true)), op(m(true))],
+                        }),
+                    ],
+                }),
+                op(m(true)),
+                // the shared compares failed: none of 3 and 4 ran
+                op(m(false)),
+            ],
+        );
+        let succeeded: Vec<Option<bool>> = got
+            .iter()
+            .map(|a| a.as_ref().map(|t| t.succeeded))
+            .collect();
+        assert_eq!(
+            succeeded,
+            vec![
+                Some(false),
+                Some(true),
+                Some(true),
+                Some(false),
+                Some(false),
+                Some(true)
+            ]
+        );
+        // missing answers stay missing
+        let got = answers(&layout, vec![op(m(false))]);
+        assert!(got[0].is_some() && got[1].is_none() && got[3].is_none());
+    }
+}
