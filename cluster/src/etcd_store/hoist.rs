@@ -32,7 +32,7 @@
 //! nested Txn against ([`need`]): a plan that would not fit that budget is
 //! made with one level, or none.
 
-use std::collections::{HashMap, HashSet};
+use rustc_hash::FxHashMap;
 
 use crate::etcd_rpc::{Compare, Request, RequestOp, Response, ResponseOp, TxnRequest, TxnResponse};
 
@@ -100,8 +100,12 @@ pub(super) fn hoist(
     budget: usize,
 ) -> (Vec<RequestOp>, Layout) {
     let n = members.len();
+    let interned = Interned::new(&members);
     for levels in (1..=LEVELS).rev() {
-        let mut planner = Planner::new(&members);
+        if interned.table.is_empty() {
+            break;
+        }
+        let mut planner = Planner::new(&members, &interned);
         let plans = planner.plan((0..n).collect(), levels);
         if plans.iter().all(|p| matches!(p, Plan::One(_))) {
             break;
@@ -113,6 +117,11 @@ pub(super) fn hoist(
         }
         let saved = plans.iter().map(|p| p.saved()).sum();
         let live = planner.live;
+        // the shared compares, owned (the members are taken apart next)
+        let plans: Vec<Plan<Compare>> = plans
+            .into_iter()
+            .map(|p| p.owned(&interned.table))
+            .collect();
         let mut taken: Vec<Option<TxnRequest>> = members.into_iter().map(Some).collect();
         let mut ops = Vec::with_capacity(plans.len());
         let mut slots = Vec::with_capacity(plans.len());
@@ -140,13 +149,14 @@ pub(super) fn hoist(
     )
 }
 
-/// A plan of gatherings: a member, or shared compares over plans.
-enum Plan {
+/// A plan of gatherings: a member, or shared compares (while planning, by
+/// their number in [`Interned::table`]) over plans.
+enum Plan<C = u32> {
     One(usize),
-    Shared(Vec<Compare>, Vec<Plan>),
+    Shared(Vec<C>, Vec<Plan<C>>),
 }
 
-impl Plan {
+impl<C> Plan<C> {
     /// Members under it.
     fn members(&self) -> usize {
         match self {
@@ -166,9 +176,26 @@ impl Plan {
     }
 }
 
+impl Plan<u32> {
+    /// The plan with its compares themselves.
+    fn owned(self, table: &[&Compare]) -> Plan<Compare> {
+        match self {
+            Plan::One(i) => Plan::One(i),
+            Plan::Shared(common, plans) => Plan::Shared(
+                common.iter().map(|&c| table[c as usize].clone()).collect(),
+                plans.into_iter().map(|p| p.owned(table)).collect(),
+            ),
+        }
+    }
+}
+
 /// The operation and slot of `p`, taking its members from `taken` and
 /// leaving out of each the compares checked above it (`live[i][k]` false).
-fn build(p: Plan, taken: &mut [Option<TxnRequest>], live: &[Vec<bool>]) -> (RequestOp, Slot) {
+fn build(
+    p: Plan<Compare>,
+    taken: &mut [Option<TxnRequest>],
+    live: &[Vec<bool>],
+) -> (RequestOp, Slot) {
     match p {
         Plan::One(i) => {
             let mut t = taken[i].take().unwrap_or_default();
@@ -191,22 +218,98 @@ fn build(p: Plan, taken: &mut [Option<TxnRequest>], live: &[Vec<bool>]) -> (Requ
     }
 }
 
+/// The members' compares that two or more of them make, numbered (each
+/// distinct compare hashed once, with a fast hash: a compare's key is tens
+/// of bytes, and planning looks at each many times). A compare of a member with a
+/// failure branch, or of one member only, has no number ([`ALONE`]).
+struct Interned<'a> {
+    /// The shared compares, by number.
+    table: Vec<&'a Compare>,
+    /// Each member's compares' numbers, in its order.
+    ids: Vec<Vec<u32>>,
+}
+
+/// The number of a compare no other member makes.
+const ALONE: u32 = u32::MAX;
+
+impl<'a> Interned<'a> {
+    fn new(members: &'a [TxnRequest]) -> Self {
+        // every distinct compare, and how many members (that may be
+        // gathered) make it
+        let total = members.iter().map(|t| t.compare.len()).sum();
+        let mut number: FxHashMap<&Compare, u32> =
+            FxHashMap::with_capacity_and_hasher(total, Default::default());
+        let mut all: Vec<(&Compare, usize, usize)> = Vec::with_capacity(total);
+        let ids: Vec<Vec<u32>> = members
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                t.compare
+                    .iter()
+                    .map(|c| {
+                        let id = *number.entry(c).or_insert_with(|| {
+                            all.push((c, 0, usize::MAX));
+                            (all.len() - 1) as u32
+                        });
+                        let (_, makers, last) = &mut all[id as usize];
+                        if t.failure.is_empty() && *last != i {
+                            *last = i;
+                            *makers += 1;
+                        }
+                        id
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut table = Vec::new();
+        let dense: Vec<u32> = all
+            .iter()
+            .map(|(c, makers, _)| {
+                if *makers > 1 {
+                    table.push(*c);
+                    (table.len() - 1) as u32
+                } else {
+                    ALONE
+                }
+            })
+            .collect();
+        let ids = ids
+            .into_iter()
+            .map(|m| m.into_iter().map(|id| dense[id as usize]).collect())
+            .collect();
+        Interned { table, ids }
+    }
+}
+
 struct Planner<'a> {
     members: &'a [TxnRequest],
+    ids: &'a [Vec<u32>],
+    compares: usize,
     /// Whether each compare of each member is still its own to check (not
     /// checked by a gathering above it).
     live: Vec<Vec<bool>>,
 }
 
 impl<'a> Planner<'a> {
-    fn new(members: &'a [TxnRequest]) -> Self {
+    fn new(members: &'a [TxnRequest], interned: &'a Interned<'a>) -> Self {
         Planner {
             members,
+            ids: &interned.ids,
+            compares: interned.table.len(),
             live: members
                 .iter()
                 .map(|t| vec![true; t.compare.len()])
                 .collect(),
         }
+    }
+
+    /// The numbers of member `i`'s shared compares it still checks itself.
+    fn live_ids(&self, i: usize) -> impl Iterator<Item = u32> + '_ {
+        self.ids[i]
+            .iter()
+            .zip(&self.live[i])
+            .filter(|(c, l)| **l && **c != ALONE)
+            .map(|(c, _)| *c)
     }
 
     /// The plans of the members `ids` (ascending), gatherings `levels` deep
@@ -218,7 +321,7 @@ impl<'a> Planner<'a> {
             && let Some((group, common)) = self.best(&free)
         {
             for &i in &group {
-                for (k, c) in self.members[i].compare.iter().enumerate() {
+                for (k, c) in self.ids[i].iter().enumerate() {
                     if common.contains(c) {
                         self.live[i][k] = false;
                     }
@@ -236,58 +339,49 @@ impl<'a> Planner<'a> {
 
     /// The next gathering among `free` (ascending): its members (ascending)
     /// and the compares they all still check, if one saves a compare.
-    fn best(&self, free: &[usize]) -> Option<(Vec<usize>, Vec<Compare>)> {
-        let compares = |i: usize| {
-            self.members[i]
-                .compare
-                .iter()
-                .zip(&self.live[i])
-                .filter(|(_, l)| **l)
-                .map(|(c, _)| c)
-        };
+    fn best(&self, free: &[usize]) -> Option<(Vec<usize>, Vec<u32>)> {
         // which free members check each compare (ascending, each once); a
         // member with a failure branch is never gathered
-        let mut makers: HashMap<&Compare, Vec<usize>> = HashMap::new();
+        let mut makers: Vec<Vec<usize>> = vec![Vec::new(); self.compares];
         for &i in free {
             if !self.members[i].failure.is_empty() {
                 continue;
             }
-            for c in compares(i) {
-                let m = makers.entry(c).or_default();
+            for c in self.live_ids(i) {
+                let m = &mut makers[c as usize];
                 if m.last() != Some(&i) {
                     m.push(i);
                 }
             }
         }
         // in the order the members check them (the choice must not depend
-        // on a HashMap's order: a batch is built again for a renewed lease)
-        let mut seen: HashSet<&Compare> = HashSet::new();
-        let mut best: Option<(usize, Vec<usize>, Vec<Compare>)> = None;
+        // on anything but the members: a batch is built again for a renewed
+        // lease, and its layout must not change)
+        let mut seen = vec![false; self.compares];
+        let mut best: Option<(usize, &[usize], Vec<u32>)> = None;
         for &i in free {
-            for c in compares(i) {
-                let Some(group) = makers.get(c).filter(|m| m.len() > 1) else {
-                    continue;
-                };
-                if !seen.insert(c) {
+            for c in self.live_ids(i) {
+                let group = &makers[c as usize];
+                if group.len() < 2 || std::mem::replace(&mut seen[c as usize], true) {
                     continue;
                 }
-                let mut common: Vec<Compare> = Vec::new();
-                for d in compares(group[0]) {
-                    let all = makers
-                        .get(d)
-                        .is_some_and(|m| group.iter().all(|j| m.binary_search(j).is_ok()));
-                    if all && !common.contains(d) {
-                        common.push(d.clone());
+                let mut common: Vec<u32> = Vec::new();
+                for d in self.live_ids(group[0]) {
+                    let m = &makers[d as usize];
+                    let all =
+                        m.len() >= group.len() && group.iter().all(|j| m.binary_search(j).is_ok());
+                    if all && !common.contains(&d) {
+                        common.push(d);
                     }
                 }
                 let saved = (group.len() - 1) * common.len();
                 if best.as_ref().is_none_or(|(s, _, _)| saved > *s) {
-                    best = Some((saved, group.clone(), common));
+                    best = Some((saved, group, common));
                 }
             }
         }
         best.filter(|(saved, _, _)| *saved > 0)
-            .map(|(_, group, common)| (group, common))
+            .map(|(_, group, common)| (group.to_vec(), common))
     }
 
     /// The operations budget the Txn of `p` will need.
