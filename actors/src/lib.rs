@@ -68,6 +68,10 @@
 //!    - [`cancel`]: cascading cancellation (`capstan cancel`), at the top:
 //!      it stops incarnations and reads guests' records.
 
+// The module docs link private modules and items on purpose: they are a
+// map for contributors (`cargo doc --document-private-items` renders them).
+#![allow(rustdoc::private_intra_doc_links)]
+
 pub(crate) mod agent;
 pub mod api;
 pub mod cancel;

@@ -20,7 +20,7 @@
 //!   a multi-version map with the same serializable commits, bounded history,
 //!   and seeded fault injection (spurious conflicts, "maybe committed"
 //!   outcomes, delays, a stopped store).
-//! - [`tuple`]: order-preserving tuple encoding of keys.
+//! - [`tuple`](mod@tuple): order-preserving tuple encoding of keys.
 //! - [`backup`]: a whole store to a checked file (one consistent snapshot)
 //!   and back into an empty store (`capstan backup` / `restore`).
 //! - [`blob`]: values larger than [`MAX_VALUE_SIZE`] split into chunks.

@@ -86,6 +86,10 @@
 //! A CLI command connects, bootstraps, pipelines `host()`/`agent(path)` into
 //! the call and exits: one round trip on a Unix socket.
 
+// The module docs link private modules and items on purpose: they are a
+// map for contributors (`cargo doc --document-private-items` renders them).
+#![allow(rustdoc::private_intra_doc_links)]
+
 pub mod app;
 mod backup;
 mod cli;

@@ -11,7 +11,7 @@ pub enum ChatMessage {
     User {
         text: String,
         /// From outside (mail from others, a fetched page): the model gets
-        /// it as data, spotlighted (see [`crate::llm::safety::spotlight`]).
+        /// it as data, spotlighted (see [`crate::llm::safety::Spotlight`]).
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         untrusted: bool,
     },
