@@ -429,6 +429,8 @@ async fn run(inner: Weak<Inner>, mut rx: mpsc::Receiver<Member>) {
     let flying: std::sync::Arc<std::sync::Mutex<Vec<(u64, Taken)>>> = Default::default();
     let mut sent = 0u64;
     let mut waiting: Vec<Member> = Vec::new();
+    // The first `clean` waiting members read nothing a batch in flight writes.
+    let mut clean = 0usize;
     loop {
         if waiting.is_empty() {
             match rx.recv().await {
@@ -463,11 +465,19 @@ async fn run(inner: Weak<Inner>, mut rx: mpsc::Receiver<Member>) {
         let flying_now = MAX_IN_FLIGHT - slots.available_permits();
         let in_flight = flying_now > 0;
         let hold = in_flight && (flying_now > relaying || relaying >= RELAYS_IN_FLIGHT);
-        let contended = || {
+        // (only the members that arrived since the last look are checked:
+        // one found clean stays so until the next batch goes, as batches
+        // only leave the flying set meanwhile; checking every waiting
+        // member on every arrival was quadratic in a batch)
+        let mut contended = || {
             flying.lock().is_ok_and(|f| {
-                waiting
+                let stale = waiting[clean.min(waiting.len())..]
                     .iter()
-                    .any(|m| f.iter().any(|(_, t)| t.stales(&m.shape)))
+                    .any(|m| f.iter().any(|(_, t)| t.stales(&m.shape)));
+                if !stale {
+                    clean = waiting.len();
+                }
+                stale
             })
         };
         if hold && !fills_a_batch(&waiting, max_ops, max_bytes) && !contended() {
@@ -500,6 +510,7 @@ async fn run(inner: Weak<Inner>, mut rx: mpsc::Receiver<Member>) {
             }
         }
         waiting = rest;
+        clean = 0;
         sent += 1;
         let id = sent;
         if let Ok(mut f) = flying.lock() {
