@@ -72,6 +72,21 @@ pub(super) fn need(t: &TxnRequest) -> usize {
     own_need(t, t.compare.len())
 }
 
+/// The compares `op` makes etcd check, nested Txns' included.
+fn compares_in(op: &RequestOp) -> usize {
+    match &op.request {
+        Some(Request::Txn(t)) => {
+            t.compare.len()
+                + t.success
+                    .iter()
+                    .chain(&t.failure)
+                    .map(compares_in)
+                    .sum::<usize>()
+        }
+        _ => 0,
+    }
+}
+
 /// [`need`] of `t` were its compares `compares` many.
 fn own_need(t: &TxnRequest, compares: usize) -> usize {
     let own = compares.max(t.success.len()).max(t.failure.len());
@@ -115,7 +130,7 @@ pub(super) fn hoist(
         if plans.len() + around + widest > budget {
             continue;
         }
-        let saved = plans.iter().map(|p| p.saved()).sum();
+        let before: usize = members.iter().map(|t| t.compare.len()).sum();
         let live = planner.live;
         // the shared compares, owned (the members are taken apart next)
         let plans: Vec<Plan<Compare>> = plans
@@ -130,6 +145,7 @@ pub(super) fn hoist(
             ops.push(op);
             slots.push(slot);
         }
+        let saved = before.saturating_sub(ops.iter().map(compares_in).sum());
         return (
             ops,
             Layout {
@@ -154,26 +170,6 @@ pub(super) fn hoist(
 enum Plan<C = u32> {
     One(usize),
     Shared(Vec<C>, Vec<Plan<C>>),
-}
-
-impl<C> Plan<C> {
-    /// Members under it.
-    fn members(&self) -> usize {
-        match self {
-            Plan::One(_) => 1,
-            Plan::Shared(_, plans) => plans.iter().map(Plan::members).sum(),
-        }
-    }
-
-    /// Compares its gatherings check once instead of once per member.
-    fn saved(&self) -> usize {
-        match self {
-            Plan::One(_) => 0,
-            Plan::Shared(common, plans) => {
-                common.len() * (self.members() - 1) + plans.iter().map(Plan::saved).sum::<usize>()
-            }
-        }
-    }
 }
 
 impl Plan<u32> {
@@ -640,5 +636,134 @@ mod tests {
         // missing answers stay missing
         let got = answers(&layout, vec![op(m(false))]);
         assert!(got[0].is_some() && got[1].is_none() && got[3].is_none());
+    }
+
+    /// Random batches over a small key space (so members share compares in
+    /// every way): whatever is gathered, each member is checked on exactly
+    /// its own compares and keeps its operations, what is made fits the
+    /// budget (or is the members as given), the compares saved are counted
+    /// right, and a failed gathering fails exactly the members under it.
+    #[test]
+    fn random_batches_keep_every_member_exactly() {
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let (mut gathered, mut two_levels) = (0, 0);
+        for round in 0..400 {
+            let n = 1 + next(24) as usize;
+            let members: Vec<TxnRequest> = (0..n)
+                .map(|i| {
+                    let c = next(6);
+                    let mut compares: Vec<Compare> = (0..c)
+                        .map(|_| mark(&format!("k{}", next(8)), next(2) as i64))
+                        .collect();
+                    if next(3) == 0 {
+                        compares.push(mark(&format!("own{i}"), 0));
+                    }
+                    let mut t = member(&compares, &format!("w{i}"));
+                    if next(10) == 0 {
+                        t.failure = vec![RequestOp::put(b"f".to_vec(), Vec::new(), 0)];
+                    }
+                    t
+                })
+                .collect();
+            let flat_total = n + 2 + members.iter().map(need).max().unwrap_or(0);
+            let budget = if next(4) == 0 {
+                flat_total.saturating_sub(next(4) as usize)
+            } else {
+                1024
+            };
+            let (ops, layout) = hoist(members.clone(), 2, budget);
+            let total = ops.len() + 2 + ops.iter().map(need_of).max().unwrap_or(0);
+            if total > budget {
+                assert_eq!(
+                    ops,
+                    members
+                        .iter()
+                        .cloned()
+                        .map(RequestOp::txn)
+                        .collect::<Vec<_>>(),
+                    "round {round}: over the budget and not as given"
+                );
+            }
+            gathered += usize::from(layout.slots.iter().any(|s| matches!(s, Slot::Shared(_))));
+            two_levels += usize::from(layout.slots.iter().any(
+                |s| matches!(s, Slot::Shared(inner) if inner.iter().any(|s| matches!(s, Slot::Shared(_)))),
+            ));
+            let (checked, sent) = as_checked(&ops, &layout);
+            let all: usize = members.iter().map(|m| m.compare.len()).sum();
+            assert_eq!(sent + layout.saved(), all, "round {round}: saved compares");
+            for (i, ((path, t), m)) in checked.iter().zip(&members).enumerate() {
+                assert!(same_set(path, &m.compare), "round {round}, member {i}");
+                assert_eq!(t.success, m.success, "round {round}, member {i}");
+                assert_eq!(t.failure, m.failure, "round {round}, member {i}");
+                if !m.failure.is_empty() {
+                    assert!(
+                        layout.slots.contains(&Slot::One(i)),
+                        "round {round}: member {i} has a failure branch and was gathered"
+                    );
+                }
+            }
+            // Etcd's answer when every compare holds but the first
+            // gathering's: its members fail, every other member applies.
+            let mut failed_members = Vec::new();
+            let responses: Vec<ResponseOp> = layout
+                .slots
+                .iter()
+                .enumerate()
+                .map(|(k, slot)| {
+                    fn ok(slot: &Slot) -> ResponseOp {
+                        let responses = match slot {
+                            Slot::One(_) => Vec::new(),
+                            Slot::Shared(slots) => slots.iter().map(ok).collect(),
+                        };
+                        ResponseOp {
+                            response: Some(Response::Txn(TxnResponse {
+                                header: None,
+                                succeeded: true,
+                                responses,
+                            })),
+                        }
+                    }
+                    fn leaves(slot: &Slot, out: &mut Vec<usize>) {
+                        match slot {
+                            Slot::One(i) => out.push(*i),
+                            Slot::Shared(slots) => slots.iter().for_each(|s| leaves(s, out)),
+                        }
+                    }
+                    let first_gathering = layout
+                        .slots
+                        .iter()
+                        .position(|s| matches!(s, Slot::Shared(_)));
+                    if Some(k) == first_gathering {
+                        leaves(slot, &mut failed_members);
+                        ResponseOp {
+                            response: Some(Response::Txn(TxnResponse::default())),
+                        }
+                    } else {
+                        ok(slot)
+                    }
+                })
+                .collect();
+            let got = answers(&layout, responses);
+            for (i, a) in got.iter().enumerate() {
+                let a = a
+                    .as_ref()
+                    .unwrap_or_else(|| panic!("round {round}: member {i} unanswered"));
+                assert_eq!(
+                    a.succeeded,
+                    !failed_members.contains(&i),
+                    "round {round}, member {i}"
+                );
+            }
+        }
+        assert!(
+            gathered > 200 && two_levels > 50,
+            "{gathered} rounds gathered, {two_levels} two levels deep"
+        );
     }
 }
