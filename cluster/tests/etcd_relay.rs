@@ -42,6 +42,25 @@ enum Mode {
     Hold,
     /// Says it was not applied, without handing it over.
     Refuse,
+    /// A relay from before senders gathered shared compares: refuses a
+    /// group with a member nested in another, hands the others over.
+    Old,
+}
+
+/// Whether the group `g` has a member nested in another (shared compares
+/// gathered above it), and how many operations (members and gatherings)
+/// it has besides its marker's put.
+fn shape_of(g: &[u8]) -> (bool, usize) {
+    use capstan_cluster::etcd_rpc::{Request, TxnRequest};
+    let txn = <TxnRequest as prost::Message>::decode(g).expect("a group is a Txn");
+    let gathered = txn.success.iter().any(|op| match &op.request {
+        Some(Request::Txn(m)) => m
+            .success
+            .iter()
+            .any(|o| matches!(o.request, Some(Request::Txn(_)))),
+        _ => false,
+    });
+    (gathered, txn.success.len() - 1)
 }
 
 /// A relay to another client of the same store, in this process.
@@ -50,6 +69,9 @@ struct TestRelay {
     mode: Mode,
     calls: AtomicUsize,
     held: Mutex<Vec<Vec<u8>>>,
+    /// Groups handed over: whether each had gathered members, and its
+    /// operations besides its marker's put.
+    handed: Mutex<Vec<(bool, usize)>>,
 }
 
 impl TestRelay {
@@ -59,6 +81,7 @@ impl TestRelay {
             mode,
             calls: AtomicUsize::new(0),
             held: Mutex::new(Vec::new()),
+            handed: Mutex::new(Vec::new()),
         })
     }
 }
@@ -68,7 +91,15 @@ impl CommitRelay for TestRelay {
         self.calls.fetch_add(1, Ordering::Relaxed);
         let to = self.to.clone();
         match self.mode {
-            Mode::Faithful => Some(Box::pin(async move { to.commit_relayed(group).await })),
+            Mode::Old if shape_of(&group).0 => Some(Box::pin(async {
+                Err(RelayError::NotApplied(
+                    "refused a relayed group: a member puts and deletes only".into(),
+                ))
+            })),
+            Mode::Faithful | Mode::Old => {
+                self.handed.lock().unwrap().push(shape_of(&group));
+                Some(Box::pin(async move { to.commit_relayed(group).await }))
+            }
             Mode::LoseAnswer => Some(Box::pin(async move {
                 let _ = to.commit_relayed(group).await;
                 Err(RelayError::Unknown("the answer was lost".into()))
@@ -208,6 +239,83 @@ fn a_refused_group_is_committed_by_its_sender() {
         increment(&a, b"n").await.unwrap();
         assert_eq!(counter(&proxy, b"n").await, 1);
         assert_eq!(relay.calls.load(Ordering::Relaxed), 1);
+    });
+}
+
+/// A relay from before gathering (a cluster being upgraded) refuses a
+/// group whose members share compares gathered: that group is committed by
+/// its sender, and the sender's next groups go as their members were, which
+/// the old relay takes. Every commit lands once.
+#[test]
+fn an_older_relay_is_sent_groups_it_takes() {
+    if !etcd_enabled() {
+        return;
+    }
+    rt().block_on(async {
+        let (a, proxy, relay) = pair(&unique("older"), Mode::Old).await;
+        set(&a, b"shared", b"v").await.unwrap();
+        // Concurrent commits that each read "shared" and write a key of
+        // their own: batched together, their compare of "shared" gathered.
+        let burst = |round: usize| {
+            let a = a.clone();
+            async move {
+                let tasks: Vec<_> = (0..24)
+                    .map(|i| {
+                        let a = a.clone();
+                        tokio::spawn(async move {
+                            let key = format!("k{round}-{i}").into_bytes();
+                            a.transact(move |tx| {
+                                let key = key.clone();
+                                Box::pin(async move {
+                                    let v = tx.get(b"shared").await?.unwrap_or_default();
+                                    tx.set(&key, &v)
+                                })
+                            })
+                            .await
+                        })
+                    })
+                    .collect();
+                for t in tasks {
+                    t.await.unwrap().unwrap();
+                }
+            }
+        };
+        let mut round = 0;
+        while relay.calls.load(Ordering::Relaxed) == relay.handed.lock().unwrap().len() {
+            assert!(round < 20, "no gathered group reached the relay");
+            burst(round).await;
+            round += 1;
+        }
+        // (the refusal paused relaying: wait it out)
+        tokio::time::sleep(capstan_cluster::etcd_store::RELAY_PAUSE).await;
+        let refused =
+            |r: &TestRelay| r.calls.load(Ordering::Relaxed) - r.handed.lock().unwrap().len();
+        let handed_before = relay.handed.lock().unwrap().len();
+        let refused_before = refused(&relay);
+        let last = round + 6;
+        for r in round..last {
+            burst(r).await;
+        }
+        let handed = relay.handed.lock().unwrap().clone();
+        assert_eq!(
+            refused(&relay),
+            refused_before,
+            "the relay refused groups again"
+        );
+        assert!(
+            handed[handed_before..].iter().any(|(_, ops)| *ops > 1),
+            "no group of several members was relayed after the refusal"
+        );
+        assert!(
+            handed[handed_before..].iter().all(|(g, _)| !g),
+            "a gathered group went to the relay that refused one"
+        );
+        for r in 0..last {
+            for i in 0..24 {
+                let key = format!("k{r}-{i}").into_bytes();
+                assert_eq!(get(&proxy, &key).await.unwrap(), Some(b"v".to_vec()));
+            }
+        }
     });
 }
 

@@ -155,6 +155,12 @@ pub(super) fn hoist(
             },
         );
     }
+    as_given(members)
+}
+
+/// The members' Txns as operations of one parent Txn, each as given.
+pub(super) fn as_given(members: Vec<TxnRequest>) -> (Vec<RequestOp>, Layout) {
+    let n = members.len();
     (
         members.into_iter().map(RequestOp::txn).collect(),
         Layout {

@@ -688,6 +688,9 @@ struct Inner {
     /// Relayed groups of this client not answered yet.
     relaying: std::sync::atomic::AtomicUsize,
     relay_paused_until: std::sync::Mutex<Option<Instant>>,
+    /// Until when groups go to the relay with no shared compares gathered
+    /// (a relay refused one that had: an older member, [`relay`]).
+    flat_groups_until: std::sync::Mutex<Option<Instant>>,
 }
 
 /// What the store did so far (see [`Store::stats`]).
@@ -818,6 +821,7 @@ impl EtcdStore {
             relay: std::sync::RwLock::new(None),
             relaying: std::sync::atomic::AtomicUsize::new(0),
             relay_paused_until: std::sync::Mutex::new(None),
+            flat_groups_until: std::sync::Mutex::new(None),
         });
         let store = EtcdStore { inner };
         store.inner.current_revision().await?;

@@ -51,6 +51,10 @@ use crate::store::{StoreError, key_after};
 
 /// How long a client commits on its own after its relay failed.
 pub const RELAY_PAUSE: Duration = Duration::from_secs(2);
+/// How long a client's groups go without shared compares gathered after a
+/// relay refused one that had them (a cluster being upgraded: a relay from
+/// before gathering takes only puts and deletes in a group's members).
+pub const FLAT_GROUPS_AFTER_REFUSAL: Duration = Duration::from_secs(60);
 /// Longest wait for a relay's answer (a busy relay answers within tens of
 /// milliseconds): a relay killed mid-call answers nothing, and the sender
 /// resolves the group by its marker after this.
@@ -98,15 +102,21 @@ impl Drop for Relaying<'_> {
 
 /// The group of `batch` under the marker `marker` (module docs), its
 /// members' shared compares checked once ([`hoist`]) within half of etcd's
-/// operations (what a relay takes), and where each member's answer will be.
+/// operations (what a relay takes) unless `gather` is false, and where each
+/// member's answer will be.
 fn group_txn(
     inner: &Inner,
     batch: &[Member],
     marker: &[u8],
     lease: i64,
+    gather: bool,
 ) -> (TxnRequest, hoist::Layout) {
     let members = batch.iter().map(|m| m.nested(lease)).collect();
-    let (ops, layout) = hoist::hoist(members, 1, inner.max_txn_ops / 2);
+    let (ops, layout) = if gather {
+        hoist::hoist(members, 1, inner.max_txn_ops / 2)
+    } else {
+        hoist::as_given(members)
+    };
     (batch::under_marker(ops, marker, lease), layout)
 }
 
@@ -117,7 +127,7 @@ pub(super) async fn relay_batch(inner: &Inner, batch: Vec<Member>, relay: Arc<dy
         return batch::send_direct(inner, batch).await;
     };
     let marker = inner.new_marker();
-    let (group, layout) = group_txn(inner, &batch, &marker, lease);
+    let (group, layout) = group_txn(inner, &batch, &marker, lease, !inner.flat_groups());
     bump(&inner.counters.compares_shared, layout.saved() as u64);
     let group = group.encode_to_vec();
     let Some(call) = relay.relay(group) else {
@@ -140,6 +150,9 @@ pub(super) async fn relay_batch(inner: &Inner, batch: Vec<Member>, relay: Arc<dy
     let outcomes = match answer {
         Ok(o) => o,
         Err(RelayError::NotApplied(e)) => {
+            if layout.saved() > 0 {
+                inner.flatten_groups(&e);
+            }
             inner.pause_relay(&e);
             return batch::send_direct(inner, batch).await;
         }
@@ -184,6 +197,23 @@ impl Inner {
         self.relay_paused_until
             .lock()
             .is_ok_and(|u| u.is_some_and(|u| Instant::now() < u))
+    }
+
+    /// Whether groups go without shared compares gathered, for now.
+    fn flat_groups(&self) -> bool {
+        self.flat_groups_until
+            .lock()
+            .is_ok_and(|u| u.is_some_and(|u| Instant::now() < u))
+    }
+
+    /// A relay refused a group with shared compares gathered (`why`): likely
+    /// a member from before relays took them. Groups go as their members
+    /// were, which every relay takes, for [`FLAT_GROUPS_AFTER_REFUSAL`].
+    fn flatten_groups(&self, why: &str) {
+        tracing::info!(error = %why, "the relay refused a group with shared compares (a member running an older Capstan?); relaying groups without them for a while");
+        if let Ok(mut u) = self.flat_groups_until.lock() {
+            *u = Some(Instant::now() + FLAT_GROUPS_AFTER_REFUSAL);
+        }
     }
 
     fn pause_relay(&self, why: &str) {
