@@ -586,7 +586,7 @@ async fn send_txn(
     inner: &Inner,
     what: &str,
     size: usize,
-    build: impl Fn(i64) -> TxnRequest,
+    mut build: impl FnMut(i64) -> TxnRequest,
 ) -> Result<crate::etcd_rpc::TxnResponse, Unanswered> {
     let mut renewed = false;
     loop {
@@ -647,17 +647,15 @@ async fn send_nested(inner: &Inner, batch: &[Member]) -> Result<Vec<Outcome>, St
     let deletes = batch.iter().any(|m| m.shape.deletes);
     tracing::trace!(members = batch.len(), "sending an etcd batch");
     let marker = inner.new_marker();
-    // (the same for every lease: the lease is only in the markers' puts)
-    let layout = std::sync::Mutex::new(None);
+    // (built again for a renewed lease: the same layout, the lease is only
+    // in the markers' puts)
+    let mut layout = None;
     let sent = send_txn(inner, "commit batch", size, |lease| {
         let (txn, l) = batch_txn(inner, batch, &marker, deletes, lease);
-        if let Ok(mut layout) = layout.lock() {
-            *layout = Some(l);
-        }
+        layout = Some(l);
         txn
     })
     .await;
-    let layout = layout.into_inner().ok().flatten();
     if let Some(l) = &layout {
         bump(&inner.counters.compares_shared, l.saved() as u64);
     }
@@ -697,12 +695,29 @@ fn batch_txn(
     deletes: bool,
     lease: i64,
 ) -> (TxnRequest, hoist::Layout) {
+    let guard = deletes.then_some(inner.guard.as_slice());
+    members_txn(batch, marker, lease, guard, Some(inner.max_txn_ops))
+}
+
+/// The members' nested Txns under the commit marker `marker` (putting
+/// `guard` too, when given), the compares they share gathered ([`hoist`])
+/// within `budget` operations, or as given without one; and where each
+/// member's answer will be. A node's batch and the group it relays.
+pub(super) fn members_txn(
+    batch: &[Member],
+    marker: &[u8],
+    lease: i64,
+    guard: Option<&[u8]>,
+    budget: Option<usize>,
+) -> (TxnRequest, hoist::Layout) {
     let members = batch.iter().map(|m| m.nested(lease)).collect();
-    // around the members: the marker's put and the guard's
-    let around = 1 + usize::from(deletes);
-    let (mut success, layout) = hoist::hoist(members, around, inner.max_txn_ops);
-    if deletes {
-        success.push(RequestOp::put(inner.guard.clone(), Vec::new(), 0));
+    let (mut success, layout) = match budget {
+        // around the members: the marker's put, and the guard's
+        Some(budget) => hoist::hoist(members, 1 + usize::from(guard.is_some()), budget),
+        None => hoist::as_given(members),
+    };
+    if let Some(g) = guard {
+        success.push(RequestOp::put(g.to_vec(), Vec::new(), 0));
     }
     (under_marker(success, marker, lease), layout)
 }

@@ -100,26 +100,6 @@ impl Drop for Relaying<'_> {
     }
 }
 
-/// The group of `batch` under the marker `marker` (module docs), its
-/// members' shared compares checked once ([`hoist`]) within half of etcd's
-/// operations (what a relay takes) unless `gather` is false, and where each
-/// member's answer will be.
-fn group_txn(
-    inner: &Inner,
-    batch: &[Member],
-    marker: &[u8],
-    lease: i64,
-    gather: bool,
-) -> (TxnRequest, hoist::Layout) {
-    let members = batch.iter().map(|m| m.nested(lease)).collect();
-    let (ops, layout) = if gather {
-        hoist::hoist(members, 1, inner.max_txn_ops / 2)
-    } else {
-        hoist::as_given(members)
-    };
-    (batch::under_marker(ops, marker, lease), layout)
-}
-
 /// Sends `batch` through `relay` as one group and answers each member
 /// (module docs for what an unanswered or refused group becomes).
 pub(super) async fn relay_batch(inner: &Inner, batch: Vec<Member>, relay: Arc<dyn CommitRelay>) {
@@ -127,7 +107,10 @@ pub(super) async fn relay_batch(inner: &Inner, batch: Vec<Member>, relay: Arc<dy
         return batch::send_direct(inner, batch).await;
     };
     let marker = inner.new_marker();
-    let (group, layout) = group_txn(inner, &batch, &marker, lease, !inner.flat_groups());
+    // its members' shared compares gathered within half of etcd's
+    // operations (what a relay takes), unless a relay refused that lately
+    let budget = (!inner.flat_groups()).then_some(inner.max_txn_ops / 2);
+    let (group, layout) = batch::members_txn(&batch, &marker, lease, None, budget);
     bump(&inner.counters.compares_shared, layout.saved() as u64);
     let group = group.encode_to_vec();
     let Some(call) = relay.relay(group) else {
@@ -175,15 +158,13 @@ fn read_answer(answer: &[u8], layout: &hoist::Layout) -> Result<Vec<Outcome>, Re
     let resp = TxnResponse::decode(answer).map_err(|_| unreadable("is not an etcd Txn answer"))?;
     let version =
         header_revision(resp.header.as_ref()).map_err(|_| unreadable("has no revision"))?;
-    let answers = hoist::answers(layout, resp.responses);
     if !resp.succeeded {
         // its marker was there already: no member applied
-        return Ok(answers
-            .iter()
+        return Ok((0..layout.members())
             .map(|_| Outcome::Settled(Err(StoreError::Conflict)))
             .collect());
     }
-    answers
+    hoist::answers(layout, resp.responses)
         .into_iter()
         .map(|t| match t {
             Some(t) => Ok(Outcome::Answered(version, t)),
