@@ -44,6 +44,11 @@ struct Args {
     /// with --quick): more gives steadier figures and time to profile.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     sends: Option<u32>,
+    /// How many clients send at once in the send rows (default 64; with
+    /// --cluster split evenly over the nodes): a machine with more cores
+    /// needs more to keep its nodes busy (scripts/scale-out).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
+    senders: Option<u32>,
     /// Only a soak: N sends into one guest's inbox in 20 rounds, each
     /// round's messages dismissed and a gc pass run; prints the store's
     /// size and the daemon's memory after each round (both stay flat).
@@ -126,6 +131,9 @@ fn run(a: Args) -> anyhow::Result<()> {
     };
     if let Some(n) = a.sends {
         sizes.sends = n as usize;
+    }
+    if let Some(n) = a.senders {
+        sizes.senders = n as usize;
     }
     local.block_on(
         &rt,
