@@ -280,12 +280,32 @@ fn an_older_relay_is_sent_groups_it_takes() {
                 }
             }
         };
+        let stat = |name: &str| {
+            a.store()
+                .stats()
+                .into_iter()
+                .find(|(k, _)| *k == name)
+                .map_or(0, |(_, v)| v)
+        };
         let mut round = 0;
+        let (mut shared, mut compares) = (0, 0);
         while relay.calls.load(Ordering::Relaxed) == relay.handed.lock().unwrap().len() {
             assert!(round < 20, "no gathered group reached the relay");
+            (shared, compares) = (stat("compares_shared"), stat("commit_compares"));
             burst(round).await;
             round += 1;
         }
+        // The burst whose gathered group was refused: its members were
+        // committed again by the sender, and what that Txn shares is counted
+        // once (each commit makes one compare, sent at least once per Txn).
+        let (shared, compares) = (
+            stat("compares_shared") - shared,
+            stat("commit_compares") - compares,
+        );
+        assert!(
+            shared < compares,
+            "{shared} compares counted as shared of the {compares} the refused burst made"
+        );
         // (the refusal paused relaying: wait it out)
         tokio::time::sleep(capstan_cluster::etcd_store::RELAY_PAUSE).await;
         let refused =

@@ -656,7 +656,9 @@ async fn send_nested(inner: &Inner, batch: &[Member]) -> Result<Vec<Outcome>, St
         txn
     })
     .await;
-    if let Some(l) = &layout {
+    // (counted as sent: a Txn etcd refused as a whole is sent again member
+    // by member, sharing nothing)
+    if let (Some(l), false) = (&layout, matches!(sent, Err(Unanswered::Failed(_)))) {
         bump(&inner.counters.compares_shared, l.saved() as u64);
     }
     match sent {

@@ -111,7 +111,6 @@ pub(super) async fn relay_batch(inner: &Inner, batch: Vec<Member>, relay: Arc<dy
     // operations (what a relay takes), unless a relay refused that lately
     let budget = (!inner.flat_groups()).then_some(inner.max_txn_ops / 2);
     let (group, layout) = batch::members_txn(&batch, &marker, lease, None, budget);
-    bump(&inner.counters.compares_shared, layout.saved() as u64);
     let group = group.encode_to_vec();
     let Some(call) = relay.relay(group) else {
         return batch::send_direct(inner, batch).await;
@@ -130,6 +129,11 @@ pub(super) async fn relay_batch(inner: &Inner, batch: Vec<Member>, relay: Arc<dy
             )))
         })
         .and_then(|a| read_answer(&a, &layout));
+    // (a group the relay did not apply is committed again by this node,
+    // which counts what that Txn shares)
+    if !matches!(answer, Err(RelayError::NotApplied(_))) {
+        bump(&inner.counters.compares_shared, layout.saved() as u64);
+    }
     let outcomes = match answer {
         Ok(o) => o,
         Err(RelayError::NotApplied(e)) => {
