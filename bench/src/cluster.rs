@@ -176,6 +176,7 @@ pub(super) async fn store_counters(
             ("wakeups_sent", "/wakeups/delivered_sent"),
             ("reserve_calls", "/link_calls/reserve"),
             ("wake_calls", "/link_calls/wake"),
+            ("reserve_us", "/link_calls/reserve_us"),
         ] {
             if let Some(w) = v.pointer(at).and_then(|w| w.as_u64()) {
                 *sum.entry(key.into()).or_insert(0) += w;
@@ -241,6 +242,44 @@ pub(super) fn store_cost(
         "reserve_calls": per("reserve_calls"),
         "relayed_groups": per("relayed_out"),
         "relay_failures": per("relay_failures"),
+    });
+    (text, json)
+}
+
+/// Where the commits between two readings of [`store_counters`] waited, on
+/// average: from the committer to the outcome, etcd's answer to a Txn, a
+/// relayed group's round trip and its time at the relay, and a remote
+/// reservation's call ("a commit waits 10.3 ms: …").
+pub(super) fn commit_time(
+    before: &BTreeMap<String, u64>,
+    after: &BTreeMap<String, u64>,
+) -> (String, serde_json::Value) {
+    let d = |k: &str| {
+        after.get(k).copied().unwrap_or(0) as f64 - before.get(k).copied().unwrap_or(0) as f64
+    };
+    let mean_ms = |us: &str, n: &str| (d(n) > 0.0).then(|| d(us) / d(n) / 1e3);
+    let show = |v: Option<f64>| v.map_or_else(|| "–".to_string(), |v| format!("{v:.1} ms"));
+    let (wait, txn, relay, at_relay, reserve) = (
+        mean_ms("commit_wait_us", "commit_waits"),
+        mean_ms("commit_us", "commit_txns"),
+        mean_ms("relay_us", "relayed_out"),
+        mean_ms("relayed_in_us", "relayed_in"),
+        mean_ms("reserve_us", "reserve_calls"),
+    );
+    let text = format!(
+        "a commit waits {} for its outcome; etcd answers a Txn in {}; a relayed group's round trip {}, {} of it at the relay; a remote reservation {}",
+        show(wait),
+        show(txn),
+        show(relay),
+        show(at_relay),
+        show(reserve),
+    );
+    let json = json!({
+        "commit_wait_ms": wait,
+        "txn_ms": txn,
+        "relay_round_trip_ms": relay,
+        "at_relay_ms": at_relay,
+        "reservation_ms": reserve,
     });
     (text, json)
 }
@@ -399,7 +438,9 @@ pub(super) async fn cluster_rows(
         )
         .await?;
         let rate = total as f64 / t.elapsed().as_secs_f64();
-        let (cost, cost_json) = store_cost(&before, &store_counters(&hosts).await?, total);
+        let after = store_counters(&hosts).await?;
+        let (cost, cost_json) = store_cost(&before, &after, total);
+        let (waits, waits_json) = commit_time(&before, &after);
         let s = stats(lat);
         rows.push(Row {
             what: format!(
@@ -417,6 +458,13 @@ pub(super) async fn cluster_rows(
             target: "",
             endo: "",
             json: json!(null),
+        });
+        rows.push(Row {
+            what: "cluster: where a send's time goes".into(),
+            value: waits,
+            target: "",
+            endo: "",
+            json: waits_json,
         });
         let (mut text, mut cpu_json) = cpu.per_op(total);
         // What this machine could do at this cost with every core busy: the

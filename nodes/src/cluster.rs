@@ -391,6 +391,7 @@ pub async fn command(
                 "link_calls": {
                     "reserve": c.reserve_calls.load(std::sync::atomic::Ordering::Relaxed),
                     "wake": c.wake_calls.load(std::sync::atomic::Ordering::Relaxed),
+                    "reserve_us": c.reserve_us.load(std::sync::atomic::Ordering::Relaxed),
                 },
                 "incarnations_here": rt.incarnations(),
                 // small values inside their formula records: only once every

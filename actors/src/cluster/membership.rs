@@ -43,6 +43,8 @@ pub struct Membership {
     /// owner, and `wake` calls (each carrying any number of wake-ups).
     pub reserve_calls: AtomicU64,
     pub wake_calls: AtomicU64,
+    /// The reservation calls' time until answered (or failed), µs summed.
+    pub reserve_us: AtomicU64,
     /// Formulas this node took over from another owner (dead, draining, or
     /// this node's own earlier run), with that owner's name: guests tell
     /// their host they resumed here (bounded; see [`MAX_TAKEOVERS`]).
@@ -96,6 +98,7 @@ impl Membership {
             deliveries_received: AtomicU64::new(0),
             reserve_calls: AtomicU64::new(0),
             wake_calls: AtomicU64::new(0),
+            reserve_us: AtomicU64::new(0),
             took_over: Mutex::new(HashMap::new()),
             interest: Mutex::new(HashMap::new()),
             // Above what this node said before a restart (its wall clock,

@@ -730,6 +730,15 @@ struct Counters {
     relayed_out: AtomicU64,
     relayed_in: AtomicU64,
     relay_failures: AtomicU64,
+    /// Where a commit's time goes, in µs summed: from handing it to the
+    /// committer to its outcome (counted by `commit_waits`, for every
+    /// commit that went to etcd, alone, batched or relayed), a relayed
+    /// group's round trip to its relay (by `relayed_out`), and the time a
+    /// group another member relayed spent here (by `relayed_in`).
+    commit_waits: AtomicU64,
+    commit_wait_us: AtomicU64,
+    relay_us: AtomicU64,
+    relayed_in_us: AtomicU64,
 }
 
 fn bump(c: &AtomicU64, n: u64) {
@@ -1251,7 +1260,13 @@ impl Inner {
             shape,
             reply: batch::Reply::Local(reply),
         };
+        let queued = Instant::now();
         let r = self.committer.commit(member, rx).await;
+        bump(&self.counters.commit_waits, 1);
+        bump(
+            &self.counters.commit_wait_us,
+            queued.elapsed().as_micros() as u64,
+        );
         if let Ok(mut c) = self.cache.lock() {
             match &r {
                 Ok(v) => {
@@ -1568,6 +1583,10 @@ impl EtcdStore {
             ("relayed_out", get(&c.relayed_out)),
             ("relayed_in", get(&c.relayed_in)),
             ("relay_failures", get(&c.relay_failures)),
+            ("commit_waits", get(&c.commit_waits)),
+            ("commit_wait_us", get(&c.commit_wait_us)),
+            ("relay_us", get(&c.relay_us)),
+            ("relayed_in_us", get(&c.relayed_in_us)),
         ]
     }
 }

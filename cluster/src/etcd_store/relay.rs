@@ -129,6 +129,7 @@ pub(super) async fn relay_batch(inner: &Inner, batch: Vec<Member>, relay: Arc<dy
             )))
         })
         .and_then(|a| read_answer(&a, &layout));
+    bump(&inner.counters.relay_us, sent.elapsed().as_micros() as u64);
     // (a group the relay did not apply is committed again by this node,
     // which counts what that Txn shares)
     if !matches!(answer, Err(RelayError::NotApplied(_))) {
@@ -212,6 +213,7 @@ impl Inner {
     /// Commits a group another member relayed, with this client's next
     /// batch: etcd's answer to it, encoded (module docs).
     pub(super) async fn commit_relayed(&self, group: Vec<u8>) -> Result<Vec<u8>, RelayError> {
+        let arrived = Instant::now();
         let (txn, shape) = parse_group(self, &group)
             .map_err(|e| RelayError::NotApplied(format!("refused a relayed group: {e}")))?;
         // (parse_group checked that the one compare is the marker's)
@@ -230,9 +232,13 @@ impl Inner {
             .await
             .map_err(|e| RelayError::NotApplied(e.to_string()))?;
         bump(&self.counters.relayed_in, 1);
-        let (version, t) = rx
-            .await
-            .map_err(|_| RelayError::Unknown("the etcd committer stopped".into()))??;
+        let answer = rx.await;
+        bump(
+            &self.counters.relayed_in_us,
+            arrived.elapsed().as_micros() as u64,
+        );
+        let (version, t) =
+            answer.map_err(|_| RelayError::Unknown("the etcd committer stopped".into()))??;
         self.saw(version);
         Ok(TxnResponse {
             header: Some(ResponseHeader {

@@ -312,7 +312,15 @@ impl Net {
             self.rt.learn_interest(agent, interested);
             Ok(a.get_first())
         };
-        match tokio::time::timeout(RESERVE_TIMEOUT, call).await {
+        let started = std::time::Instant::now();
+        let answer = tokio::time::timeout(RESERVE_TIMEOUT, call).await;
+        if let Some(c) = self.rt.membership() {
+            c.reserve_us.fetch_add(
+                started.elapsed().as_micros() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+        match answer {
             Ok(Ok(first)) => Ok(first),
             Ok(Err(CallError::Answered(e)))
                 if let Some(full) = capstan_actors::quota::parse_full(&e) =>
