@@ -411,6 +411,12 @@ async fn render(src: &Sources) -> String {
             c.reserve_calls.load(Relaxed),
         );
         t.one(
+            "capstan_cluster_reserve_microseconds_total",
+            "counter",
+            "Time the reservations asked of a remote owner took until answered, in µs summed.",
+            c.reserve_us.load(Relaxed),
+        );
+        t.one(
             "capstan_cluster_wake_calls_total",
             "counter",
             "Wake calls made to other members (each carries many wake-ups).",
