@@ -284,6 +284,93 @@ pub(super) fn commit_time(
     (text, json)
 }
 
+/// One phase of durable sends: `total` sends, each sender (a client acting
+/// as an agent) mailing its recipient, one send at a time per sender.
+struct Sends<'a> {
+    hosts: &'a [agent::Client],
+    total: usize,
+    /// The nodes' and the store members' pids, for the CPU they spend.
+    pids: &'a (Vec<u32>, Vec<u32>),
+}
+
+impl Sends<'_> {
+    /// The rate and latencies of one phase, and what the store did, where
+    /// the commits waited and the CPU spent, per send (for [`Sends::rows`]).
+    async fn phase(
+        &self,
+        senders: Rc<Vec<(agent::Client, String)>>,
+    ) -> anyhow::Result<(f64, Stats, serde_json::Value)> {
+        let before = store_counters(self.hosts).await?;
+        let cpu = CpuMeter::start(self.pids.0.clone(), self.pids.1.clone());
+        let t = Instant::now();
+        let c2 = senders.clone();
+        let lat = concurrently(
+            self.total,
+            senders.len(),
+            move |i| {
+                let (a, to) = c2[i % c2.len()].clone();
+                async move { send(&a, &to, &format!("burst {i}")).await.map(drop) }
+            },
+            "cluster send",
+        )
+        .await?;
+        let rate = self.total as f64 / t.elapsed().as_secs_f64();
+        let after = store_counters(self.hosts).await?;
+        let (cost, cost_json) = store_cost(&before, &after, self.total);
+        let (waits, waits_json) = commit_time(&before, &after);
+        let (mut text, mut cpu_json) = cpu.per_op(self.total);
+        // What this machine could do at this cost with every core busy: the
+        // ceiling sends meet here when nodes, store and clients share it.
+        let all_us: f64 = ["nodes_us", "store_us", "clients_us"]
+            .iter()
+            .filter_map(|k| cpu_json[*k].as_f64())
+            .sum();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if all_us > 0.0 {
+            let ceiling = cores as f64 * 1e6 / all_us;
+            text.push_str(&format!(
+                "; at this cost all {cores} cores would make {ceiling:.0} sends/s"
+            ));
+            cpu_json["cores"] = json!(cores);
+            cpu_json["ceiling_per_s"] = json!(ceiling);
+        }
+        let s = stats(lat);
+        Ok((
+            rate,
+            s,
+            json!({"store": cost_json, "store_text": cost, "waits": waits_json,
+                   "waits_text": waits, "cpu": cpu_json, "cpu_text": text}),
+        ))
+    }
+
+    /// The rows of a phase after its rate: the store's work per send,
+    /// where a send's time goes, and the CPU per send.
+    fn rows(&self, prefix: &str, c: serde_json::Value, rows: &mut Vec<Row>) {
+        let text = |k: &str| c[k].as_str().unwrap_or_default().to_string();
+        rows.push(Row {
+            what: format!("{prefix} store work per send"),
+            value: text("store_text"),
+            target: "",
+            endo: "",
+            json: json!(null),
+        });
+        rows.push(Row {
+            what: format!("{prefix} where a send's time goes"),
+            value: text("waits_text"),
+            target: "",
+            endo: "",
+            json: c["waits"].clone(),
+        });
+        rows.push(Row {
+            what: format!("{prefix} CPU per send"),
+            value: text("cpu_text"),
+            target: "",
+            endo: "",
+            json: c["cpu"].clone(),
+        });
+    }
+}
+
 /// The cluster section (`capstan bench --cluster etcd://… [--nodes N]`): N
 /// daemons on the replicated store, measured end to end over their control
 /// sockets.
@@ -419,76 +506,62 @@ pub(super) async fn cluster_rows(
             json,
         });
         let total = sizes.sends * 2;
-        let before = store_counters(&hosts).await?;
-        let cpu = CpuMeter::start(node_pids.clone(), etcd_pids(&spec));
-        let t = Instant::now();
-        let c2 = conns.clone();
-        let lat = concurrently(
+        let to_guests = Rc::new(
+            conns
+                .iter()
+                .map(|(node, a)| (a.clone(), format!("g{node}")))
+                .collect::<Vec<_>>(),
+        );
+        let pids = (node_pids.clone(), etcd_pids(&spec));
+        let sends = Sends {
+            hosts: &hosts,
             total,
-            conns.len(),
-            move |i| {
-                let (node, a) = c2[i % c2.len()].clone();
-                async move {
-                    send(&a, &format!("g{node}"), &format!("burst {i}"))
-                        .await
-                        .map(drop)
-                }
-            },
-            "cluster send",
-        )
-        .await?;
-        let rate = total as f64 / t.elapsed().as_secs_f64();
-        let after = store_counters(&hosts).await?;
-        let (cost, cost_json) = store_cost(&before, &after, total);
-        let (waits, waits_json) = commit_time(&before, &after);
-        let s = stats(lat);
+            pids: &pids,
+        };
+        let (rate, s, cost_json) = sends.phase(to_guests.clone()).await?;
         rows.push(Row {
             what: format!(
                 "cluster: durable sends/s, {n} nodes, {} senders",
-                conns.len()
+                to_guests.len()
             ),
             value: format!("{rate:.0} /s (p50 {}, p99 {})", ms(s.p50), ms(s.p99)),
             target: "≥ 5,000 /s",
             endo: "9–92 /s (1 node, quoted: ANCHORS.md)",
-            json: json!({"per_s": rate, "p50_us": s.p50, "p99_us": s.p99, "nodes": n, "senders": conns.len(), "store_per_send": cost_json}),
+            json: json!({"per_s": rate, "p50_us": s.p50, "p99_us": s.p99, "nodes": n, "senders": to_guests.len(), "store_per_send": cost_json["store"]}),
         });
-        rows.push(Row {
-            what: "cluster: store work per send".into(),
-            value: cost,
-            target: "",
-            endo: "",
-            json: json!(null),
-        });
-        rows.push(Row {
-            what: "cluster: where a send's time goes".into(),
-            value: waits,
-            target: "",
-            endo: "",
-            json: waits_json,
-        });
-        let (mut text, mut cpu_json) = cpu.per_op(total);
-        // What this machine could do at this cost with every core busy: the
-        // ceiling sends meet here when nodes, store and clients share it.
-        let all_us: f64 = ["nodes_us", "store_us", "clients_us"]
-            .iter()
-            .filter_map(|k| cpu_json[*k].as_f64())
-            .sum();
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        if all_us > 0.0 {
-            let ceiling = cores as f64 * 1e6 / all_us;
-            text.push_str(&format!(
-                "; at this cost all {cores} cores would make {ceiling:.0} sends/s"
-            ));
-            cpu_json["cores"] = json!(cores);
-            cpu_json["ceiling_per_s"] = json!(ceiling);
+        sends.rows("cluster:", cost_json, rows);
+
+        // The same sends between agents that live on the senders' own node:
+        // each node's senders act as a host placed there ("s{i}", owned by
+        // that node after its first send) mailing its guest ("r{i}"), so
+        // no number is reserved and no wake-up sent across nodes. The rows
+        // above pay those calls for the host's one inbox; these show what
+        // the cluster does when agents are spread over the nodes.
+        for i in 0..n {
+            let mut r = hosts[0].mkhost_request();
+            r.get().set_req_id(&RequestId::random().0);
+            r.get().set_path(format!("s{i}"));
+            r.send().promise.await?;
+            mkguest(&as_agent(&hosts[i], &format!("s{i}")), &format!("r{i}")).await?;
         }
+        let own_node = Rc::new(
+            conns
+                .iter()
+                .map(|(node, a)| (as_agent(a, &format!("s{node}")), format!("r{node}")))
+                .collect::<Vec<_>>(),
+        );
+        let (rate, s, cost_json) = sends.phase(own_node.clone()).await?;
         rows.push(Row {
-            what: "cluster: CPU per send".into(),
-            value: text,
+            what: format!(
+                "cluster: own-node agents: durable sends/s, {n} nodes, {} senders",
+                own_node.len()
+            ),
+            value: format!("{rate:.0} /s (p50 {}, p99 {})", ms(s.p50), ms(s.p99)),
             target: "",
             endo: "",
-            json: cpu_json,
+            json: json!({"per_s": rate, "p50_us": s.p50, "p99_us": s.p99, "nodes": n, "senders": own_node.len(), "store_per_send": cost_json["store"]}),
         });
+        sends.rows("cluster: own-node agents:", cost_json, rows);
     }
 
     // Request round trip: g0 asks the host through node 2, the host answers
