@@ -27,6 +27,8 @@
 //! - `search`, `guests`, `agents` (the evaluator and the LLM agent, with a
 //!   model server on loopback), `network` (two nodes, federation),
 //!   `cluster` (`--cluster`): the sections;
+//! - `sends`: a phase of durable sends through a cluster, and what the
+//!   nodes' store counters, the commits' waits and the CPU say it cost;
 //! - `soak`: `--soak` and `--gc-formulas`.
 
 use std::path::PathBuf;
@@ -50,6 +52,7 @@ mod guests;
 mod network;
 mod process;
 mod search;
+mod sends;
 mod soak;
 
 use agents::agent_rows;

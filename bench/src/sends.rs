@@ -1,0 +1,232 @@
+//! A phase of durable sends through a cluster, and what the cluster's
+//! store did for it: the nodes' store counters read before and after, per
+//! operation ([`store_cost`]), where the commits waited ([`commit_time`]),
+//! and the CPU each part spent ([`Sends`]).
+
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::time::Instant;
+
+use capstan_proto::api_capnp::agent;
+use serde_json::json;
+
+use super::Row;
+use super::calls::{Stats, concurrently, send, stats};
+use super::process::CpuMeter;
+
+/// The store counters of every node (`cluster status`: `store_stats`), and
+/// the wake-ups and calls they sent each other (`wakeups_sent`,
+/// `wake_calls`, `reserve_calls`), summed.
+pub(super) async fn store_counters(
+    hosts: &[agent::Client],
+) -> anyhow::Result<BTreeMap<String, u64>> {
+    let mut sum = BTreeMap::new();
+    for h in hosts {
+        let mut r = h.cluster_request();
+        r.get().set_command("status");
+        r.get().set_arg("");
+        let answer = r.send().promise.await?;
+        let v: serde_json::Value = serde_json::from_str(answer.get()?.get_json()?.to_str()?)?;
+        if let Some(m) = v.get("store_stats").and_then(|s| s.as_object()) {
+            for (k, v) in m {
+                *sum.entry(k.clone()).or_insert(0) += v.as_u64().unwrap_or(0);
+            }
+        }
+        for (key, at) in [
+            ("wakeups_sent", "/wakeups/delivered_sent"),
+            ("reserve_calls", "/link_calls/reserve"),
+            ("wake_calls", "/link_calls/wake"),
+            ("reserve_us", "/link_calls/reserve_us"),
+        ] {
+            if let Some(w) = v.pointer(at).and_then(|w| w.as_u64()) {
+                *sum.entry(key.into()).or_insert(0) += w;
+            }
+        }
+    }
+    Ok(sum)
+}
+
+/// What the store did between two readings of [`store_counters`], per
+/// operation: "14.0 reads (0.41 ms), 2 snapshots (1.0 revision reads),
+/// 3.0 commits in 3.0 Txns (2.9 ms, 0.00 conflicts); 2.0 wake-ups to other
+/// nodes".
+pub(super) fn store_cost(
+    before: &BTreeMap<String, u64>,
+    after: &BTreeMap<String, u64>,
+    ops: usize,
+) -> (String, serde_json::Value) {
+    let d = |k: &str| {
+        after.get(k).copied().unwrap_or(0) as f64 - before.get(k).copied().unwrap_or(0) as f64
+    };
+    let per = |k: &str| d(k) / ops.max(1) as f64;
+    let mean_ms = |us: &str, n: &str| {
+        if d(n) > 0.0 { d(us) / d(n) / 1e3 } else { 0.0 }
+    };
+    let text = format!(
+        "{:.1} snapshots ({:.1} revision reads), {:.1} reads in {:.1} requests ({:.2} ms), {:.1} commits ({:.1} puts, {:.1} deletions, {:.1} compares, {:.1} sent) in {:.2} Txns ({:.2} ms, {:.2} conflicts); {:.1} wake-ups to other nodes in {:.2} calls, {:.2} remote reservations; {:.2} groups relayed ({:.2} failed)",
+        per("snapshots"),
+        per("revision_reads"),
+        per("reads"),
+        per("read_rpcs"),
+        mean_ms("read_us", "reads"),
+        per("commits"),
+        per("commit_puts"),
+        per("commit_deletes"),
+        per("commit_compares"),
+        per("commit_compares") - per("compares_shared"),
+        per("commit_txns"),
+        mean_ms("commit_us", "commit_txns"),
+        per("conflicts"),
+        per("wakeups_sent"),
+        per("wake_calls"),
+        per("reserve_calls"),
+        per("relayed_out"),
+        per("relay_failures"),
+    );
+    let json = json!({
+        "snapshots": per("snapshots"),
+        "revision_reads": per("revision_reads"),
+        "reads": per("reads"),
+        "read_requests": per("read_rpcs"),
+        "read_ms": mean_ms("read_us", "reads"),
+        "commits": per("commits"),
+        "puts": per("commit_puts"),
+        "deletions": per("commit_deletes"),
+        "compares": per("commit_compares"),
+        "compares_sent": per("commit_compares") - per("compares_shared"),
+        "conflicts": per("conflicts"),
+        "commit_txns": per("commit_txns"),
+        "commit_ms": mean_ms("commit_us", "commit_txns"),
+        "wakeups_sent": per("wakeups_sent"),
+        "wake_calls": per("wake_calls"),
+        "reserve_calls": per("reserve_calls"),
+        "relayed_groups": per("relayed_out"),
+        "relay_failures": per("relay_failures"),
+    });
+    (text, json)
+}
+
+/// Where the commits between two readings of [`store_counters`] waited, on
+/// average: from the committer to the outcome, etcd's answer to a Txn, a
+/// relayed group's round trip and its time at the relay, and a remote
+/// reservation's call ("a commit waits 10.3 ms: …").
+pub(super) fn commit_time(
+    before: &BTreeMap<String, u64>,
+    after: &BTreeMap<String, u64>,
+) -> (String, serde_json::Value) {
+    let d = |k: &str| {
+        after.get(k).copied().unwrap_or(0) as f64 - before.get(k).copied().unwrap_or(0) as f64
+    };
+    let mean_ms = |us: &str, n: &str| (d(n) > 0.0).then(|| d(us) / d(n) / 1e3);
+    let show = |v: Option<f64>| v.map_or_else(|| "–".to_string(), |v| format!("{v:.1} ms"));
+    let (wait, txn, relay, at_relay, reserve) = (
+        mean_ms("commit_wait_us", "commit_waits"),
+        mean_ms("commit_us", "commit_txns"),
+        mean_ms("relay_us", "relayed_out"),
+        mean_ms("relayed_in_us", "relayed_in"),
+        mean_ms("reserve_us", "reserve_calls"),
+    );
+    let text = format!(
+        "a commit waits {} for its outcome; etcd answers a Txn in {}; a relayed group's round trip {}, {} of it at the relay; a remote reservation {}",
+        show(wait),
+        show(txn),
+        show(relay),
+        show(at_relay),
+        show(reserve),
+    );
+    let json = json!({
+        "commit_wait_ms": wait,
+        "txn_ms": txn,
+        "relay_round_trip_ms": relay,
+        "at_relay_ms": at_relay,
+        "reservation_ms": reserve,
+    });
+    (text, json)
+}
+
+/// One phase of durable sends: `total` sends, each sender (a client acting
+/// as an agent) mailing its recipient, one send at a time per sender.
+pub(super) struct Sends<'a> {
+    pub hosts: &'a [agent::Client],
+    pub total: usize,
+    /// The nodes' and the store members' pids, for the CPU they spend.
+    pub pids: &'a (Vec<u32>, Vec<u32>),
+}
+
+impl Sends<'_> {
+    /// The rate and latencies of one phase, and what the store did, where
+    /// the commits waited and the CPU spent, per send (for [`Sends::rows`]).
+    pub(super) async fn phase(
+        &self,
+        senders: Rc<Vec<(agent::Client, String)>>,
+    ) -> anyhow::Result<(f64, Stats, serde_json::Value)> {
+        let before = store_counters(self.hosts).await?;
+        let cpu = CpuMeter::start(self.pids.0.clone(), self.pids.1.clone());
+        let t = Instant::now();
+        let c2 = senders.clone();
+        let lat = concurrently(
+            self.total,
+            senders.len(),
+            move |i| {
+                let (a, to) = c2[i % c2.len()].clone();
+                async move { send(&a, &to, &format!("burst {i}")).await.map(drop) }
+            },
+            "cluster send",
+        )
+        .await?;
+        let rate = self.total as f64 / t.elapsed().as_secs_f64();
+        let after = store_counters(self.hosts).await?;
+        let (cost, cost_json) = store_cost(&before, &after, self.total);
+        let (waits, waits_json) = commit_time(&before, &after);
+        let (mut text, mut cpu_json) = cpu.per_op(self.total);
+        // What this machine could do at this cost with every core busy: the
+        // ceiling sends meet here when nodes, store and clients share it.
+        let all_us: f64 = ["nodes_us", "store_us", "clients_us"]
+            .iter()
+            .filter_map(|k| cpu_json[*k].as_f64())
+            .sum();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if all_us > 0.0 {
+            let ceiling = cores as f64 * 1e6 / all_us;
+            text.push_str(&format!(
+                "; at this cost all {cores} cores would make {ceiling:.0} sends/s"
+            ));
+            cpu_json["cores"] = json!(cores);
+            cpu_json["ceiling_per_s"] = json!(ceiling);
+        }
+        let s = stats(lat);
+        Ok((
+            rate,
+            s,
+            json!({"store": cost_json, "store_text": cost, "waits": waits_json,
+                   "waits_text": waits, "cpu": cpu_json, "cpu_text": text}),
+        ))
+    }
+
+    /// The rows of a phase after its rate: the store's work per send,
+    /// where a send's time goes, and the CPU per send.
+    pub(super) fn rows(&self, prefix: &str, c: serde_json::Value, rows: &mut Vec<Row>) {
+        let text = |k: &str| c[k].as_str().unwrap_or_default().to_string();
+        rows.push(Row {
+            what: format!("{prefix} store work per send"),
+            value: text("store_text"),
+            target: "",
+            endo: "",
+            json: json!(null),
+        });
+        rows.push(Row {
+            what: format!("{prefix} where a send's time goes"),
+            value: text("waits_text"),
+            target: "",
+            endo: "",
+            json: c["waits"].clone(),
+        });
+        rows.push(Row {
+            what: format!("{prefix} CPU per send"),
+            value: text("cpu_text"),
+            target: "",
+            endo: "",
+            json: c["cpu"].clone(),
+        });
+    }
+}
