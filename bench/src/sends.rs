@@ -206,27 +206,18 @@ impl Sends<'_> {
     /// The rows of a phase after its rate: the store's work per send,
     /// where a send's time goes, and the CPU per send.
     pub(super) fn rows(&self, prefix: &str, c: serde_json::Value, rows: &mut Vec<Row>) {
-        let text = |k: &str| c[k].as_str().unwrap_or_default().to_string();
-        rows.push(Row {
-            what: format!("{prefix} store work per send"),
-            value: text("store_text"),
-            target: "",
-            endo: "",
-            json: json!(null),
-        });
-        rows.push(Row {
-            what: format!("{prefix} where a send's time goes"),
-            value: text("waits_text"),
-            target: "",
-            endo: "",
-            json: c["waits"].clone(),
-        });
-        rows.push(Row {
-            what: format!("{prefix} CPU per send"),
-            value: text("cpu_text"),
-            target: "",
-            endo: "",
-            json: c["cpu"].clone(),
-        });
+        for (what, text, json) in [
+            ("store work per send", "store_text", json!(null)),
+            ("where a send's time goes", "waits_text", c["waits"].clone()),
+            ("CPU per send", "cpu_text", c["cpu"].clone()),
+        ] {
+            rows.push(Row {
+                what: format!("{prefix} {what}"),
+                value: c[text].as_str().unwrap_or_default().to_string(),
+                target: "",
+                endo: "",
+                json,
+            });
+        }
     }
 }
