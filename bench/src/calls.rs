@@ -72,6 +72,14 @@ pub(super) async fn mkguest(a: &agent::Client, path: &str) -> Result<(), CapErro
     Ok(())
 }
 
+pub(super) async fn mkhost(a: &agent::Client, path: &str) -> Result<(), CapError> {
+    let mut r = a.mkhost_request();
+    r.get().set_req_id(&RequestId::random().0);
+    r.get().set_path(path);
+    r.send().promise.await?;
+    Ok(())
+}
+
 pub(super) async fn store_text(a: &agent::Client, path: &str, text: &str) -> Result<(), CapError> {
     let mut r = a.store_request();
     let mut p = r.get();

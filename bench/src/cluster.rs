@@ -14,7 +14,7 @@ use serde_json::json;
 
 use super::calls::{
     Stats, as_agent, concurrently, follow_inbox, host, install, last_inbox_number, mkguest,
-    mkguest_component, ms, send, stats, store_text, wait_inbox,
+    mkguest_component, mkhost, ms, send, stats, store_text, wait_inbox,
 };
 use super::process::{CpuMeter, Daemon, etcd_pids};
 use super::sends::{Sends, store_cost, store_counters};
@@ -301,18 +301,18 @@ pub(super) async fn cluster_rows(
             total,
             pids: &pids,
         };
-        let (rate, s, cost_json) = sends.phase(to_guests.clone()).await?;
-        rows.push(Row {
-            what: format!(
+        let phase = sends.phase(to_guests.clone()).await?;
+        rows.push(phase.rate_row(
+            format!(
                 "cluster: durable sends/s, {n} nodes, {} senders",
                 to_guests.len()
             ),
-            value: format!("{rate:.0} /s (p50 {}, p99 {})", ms(s.p50), ms(s.p99)),
-            target: "≥ 5,000 /s",
-            endo: "9–92 /s (1 node, quoted: ANCHORS.md)",
-            json: json!({"per_s": rate, "p50_us": s.p50, "p99_us": s.p99, "nodes": n, "senders": to_guests.len(), "store_per_send": cost_json["store"]}),
-        });
-        sends.rows("cluster:", cost_json, rows);
+            n,
+            to_guests.len(),
+            "≥ 5,000 /s",
+            "9–92 /s (1 node, quoted: ANCHORS.md)",
+        ));
+        phase.rows("cluster:", rows);
 
         // The same sends between agents that live on the senders' own node:
         // each node's senders act as a host placed there ("s{i}", owned by
@@ -321,10 +321,7 @@ pub(super) async fn cluster_rows(
         // above pay those calls for the host's one inbox; these show what
         // the cluster does when agents are spread over the nodes.
         for i in 0..n {
-            let mut r = hosts[0].mkhost_request();
-            r.get().set_req_id(&RequestId::random().0);
-            r.get().set_path(format!("s{i}"));
-            r.send().promise.await?;
+            mkhost(&hosts[0], &format!("s{i}")).await?;
             mkguest(&as_agent(&hosts[i], &format!("s{i}")), &format!("r{i}")).await?;
         }
         let own_node = Rc::new(
@@ -333,18 +330,18 @@ pub(super) async fn cluster_rows(
                 .map(|(node, a)| (as_agent(a, &format!("s{node}")), format!("r{node}")))
                 .collect::<Vec<_>>(),
         );
-        let (rate, s, cost_json) = sends.phase(own_node.clone()).await?;
-        rows.push(Row {
-            what: format!(
+        let phase = sends.phase(own_node.clone()).await?;
+        rows.push(phase.rate_row(
+            format!(
                 "cluster: own-node agents: durable sends/s, {n} nodes, {} senders",
                 own_node.len()
             ),
-            value: format!("{rate:.0} /s (p50 {}, p99 {})", ms(s.p50), ms(s.p99)),
-            target: "",
-            endo: "",
-            json: json!({"per_s": rate, "p50_us": s.p50, "p99_us": s.p99, "nodes": n, "senders": own_node.len(), "store_per_send": cost_json["store"]}),
-        });
-        sends.rows("cluster: own-node agents:", cost_json, rows);
+            n,
+            own_node.len(),
+            "",
+            "",
+        ));
+        phase.rows("cluster: own-node agents:", rows);
     }
 
     // Request round trip: g0 asks the host through node 2, the host answers

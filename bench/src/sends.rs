@@ -11,7 +11,7 @@ use capstan_proto::api_capnp::agent;
 use serde_json::json;
 
 use super::Row;
-use super::calls::{Stats, concurrently, send, stats};
+use super::calls::{Stats, concurrently, ms, send, stats};
 use super::process::CpuMeter;
 
 /// The store counters of every node (`cluster status`: `store_stats`), and
@@ -46,6 +46,25 @@ pub(super) async fn store_counters(
     Ok(sum)
 }
 
+/// Two readings of [`store_counters`]: what a counter grew by between them.
+struct Delta<'a> {
+    before: &'a BTreeMap<String, u64>,
+    after: &'a BTreeMap<String, u64>,
+}
+
+impl Delta<'_> {
+    fn d(&self, k: &str) -> f64 {
+        let get = |m: &BTreeMap<String, u64>| m.get(k).copied().unwrap_or(0) as f64;
+        get(self.after) - get(self.before)
+    }
+
+    /// The mean of the µs counter `us` over the count `n`, in ms (none
+    /// when nothing was counted).
+    fn mean_ms(&self, us: &str, n: &str) -> Option<f64> {
+        (self.d(n) > 0.0).then(|| self.d(us) / self.d(n) / 1e3)
+    }
+}
+
 /// What the store did between two readings of [`store_counters`], per
 /// operation: "14.0 reads (0.41 ms), 2 snapshots (1.0 revision reads),
 /// 3.0 commits in 3.0 Txns (2.9 ms, 0.00 conflicts); 2.0 wake-ups to other
@@ -55,13 +74,9 @@ pub(super) fn store_cost(
     after: &BTreeMap<String, u64>,
     ops: usize,
 ) -> (String, serde_json::Value) {
-    let d = |k: &str| {
-        after.get(k).copied().unwrap_or(0) as f64 - before.get(k).copied().unwrap_or(0) as f64
-    };
-    let per = |k: &str| d(k) / ops.max(1) as f64;
-    let mean_ms = |us: &str, n: &str| {
-        if d(n) > 0.0 { d(us) / d(n) / 1e3 } else { 0.0 }
-    };
+    let delta = Delta { before, after };
+    let per = |k: &str| delta.d(k) / ops.max(1) as f64;
+    let mean_ms = |us: &str, n: &str| delta.mean_ms(us, n).unwrap_or(0.0);
     let text = format!(
         "{:.1} snapshots ({:.1} revision reads), {:.1} reads in {:.1} requests ({:.2} ms), {:.1} commits ({:.1} puts, {:.1} deletions, {:.1} compares, {:.1} sent) in {:.2} Txns ({:.2} ms, {:.2} conflicts); {:.1} wake-ups to other nodes in {:.2} calls, {:.2} remote reservations; {:.2} groups relayed ({:.2} failed)",
         per("snapshots"),
@@ -114,10 +129,8 @@ pub(super) fn commit_time(
     before: &BTreeMap<String, u64>,
     after: &BTreeMap<String, u64>,
 ) -> (String, serde_json::Value) {
-    let d = |k: &str| {
-        after.get(k).copied().unwrap_or(0) as f64 - before.get(k).copied().unwrap_or(0) as f64
-    };
-    let mean_ms = |us: &str, n: &str| (d(n) > 0.0).then(|| d(us) / d(n) / 1e3);
+    let delta = Delta { before, after };
+    let mean_ms = |us: &str, n: &str| delta.mean_ms(us, n);
     let show = |v: Option<f64>| v.map_or_else(|| "–".to_string(), |v| format!("{v:.1} ms"));
     let (wait, txn, relay, at_relay, reserve) = (
         mean_ms("commit_wait_us", "commit_waits"),
@@ -154,12 +167,12 @@ pub(super) struct Sends<'a> {
 }
 
 impl Sends<'_> {
-    /// The rate and latencies of one phase, and what the store did, where
-    /// the commits waited and the CPU spent, per send (for [`Sends::rows`]).
+    /// One phase: its rate and latencies, and what the store did, where
+    /// the commits waited and the CPU spent, per send.
     pub(super) async fn phase(
         &self,
         senders: Rc<Vec<(agent::Client, String)>>,
-    ) -> anyhow::Result<(f64, Stats, serde_json::Value)> {
+    ) -> anyhow::Result<Phase> {
         let before = store_counters(self.hosts).await?;
         let cpu = CpuMeter::start(self.pids.0.clone(), self.pids.1.clone());
         let t = Instant::now();
@@ -176,8 +189,8 @@ impl Sends<'_> {
         .await?;
         let rate = self.total as f64 / t.elapsed().as_secs_f64();
         let after = store_counters(self.hosts).await?;
-        let (cost, cost_json) = store_cost(&before, &after, self.total);
-        let (waits, waits_json) = commit_time(&before, &after);
+        let store = store_cost(&before, &after, self.total);
+        let waits = commit_time(&before, &after);
         let (mut text, mut cpu_json) = cpu.per_op(self.total);
         // What this machine could do at this cost with every core busy: the
         // ceiling sends meet here when nodes, store and clients share it.
@@ -194,26 +207,58 @@ impl Sends<'_> {
             cpu_json["cores"] = json!(cores);
             cpu_json["ceiling_per_s"] = json!(ceiling);
         }
-        let s = stats(lat);
-        Ok((
+        Ok(Phase {
             rate,
-            s,
-            json!({"store": cost_json, "store_text": cost, "waits": waits_json,
-                   "waits_text": waits, "cpu": cpu_json, "cpu_text": text}),
-        ))
+            latency: stats(lat),
+            store,
+            waits,
+            cpu: (text, cpu_json),
+        })
+    }
+}
+
+/// What one phase of sends measured: each summary as its row's text and
+/// JSON.
+pub(super) struct Phase {
+    pub rate: f64,
+    pub latency: Stats,
+    pub store: (String, serde_json::Value),
+    pub waits: (String, serde_json::Value),
+    pub cpu: (String, serde_json::Value),
+}
+
+impl Phase {
+    /// The phase's rate row, `what` with `target` and `endo` (the figure
+    /// compared), for `senders` senders on `nodes` nodes.
+    pub(super) fn rate_row(
+        &self,
+        what: String,
+        nodes: usize,
+        senders: usize,
+        target: &'static str,
+        endo: &'static str,
+    ) -> Row {
+        let (rate, s) = (self.rate, &self.latency);
+        Row {
+            what,
+            value: format!("{rate:.0} /s (p50 {}, p99 {})", ms(s.p50), ms(s.p99)),
+            target,
+            endo,
+            json: json!({"per_s": rate, "p50_us": s.p50, "p99_us": s.p99, "nodes": nodes, "senders": senders, "store_per_send": self.store.1}),
+        }
     }
 
-    /// The rows of a phase after its rate: the store's work per send,
-    /// where a send's time goes, and the CPU per send.
-    pub(super) fn rows(&self, prefix: &str, c: serde_json::Value, rows: &mut Vec<Row>) {
-        for (what, text, json) in [
-            ("store work per send", "store_text", json!(null)),
-            ("where a send's time goes", "waits_text", c["waits"].clone()),
-            ("CPU per send", "cpu_text", c["cpu"].clone()),
+    /// The rows after the phase's rate, named after `prefix`: the store's
+    /// work per send, where a send's time goes, and the CPU per send.
+    pub(super) fn rows(self, prefix: &str, rows: &mut Vec<Row>) {
+        for (what, (text, json)) in [
+            ("store work per send", (self.store.0, json!(null))),
+            ("where a send's time goes", self.waits),
+            ("CPU per send", self.cpu),
         ] {
             rows.push(Row {
                 what: format!("{prefix} {what}"),
-                value: c[text].as_str().unwrap_or_default().to_string(),
+                value: text,
                 target: "",
                 endo: "",
                 json,

@@ -835,13 +835,7 @@ mod tests {
     /// random mixes of single keys and spans over a small key space.
     #[test]
     fn indexed_pick_matches_the_pairwise_rule() {
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut next = move |n: u64| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x % n
-        };
+        let mut next = super::super::test_rng(0x9e37_79b9_7f4a_7c15);
         for _round in 0..300 {
             let mut shapes = Vec::new();
             for _ in 0..(1 + next(40)) {

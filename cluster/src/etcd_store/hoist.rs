@@ -657,13 +657,7 @@ mod tests {
     /// right, and a failed gathering fails exactly the members under it.
     #[test]
     fn random_batches_keep_every_member_exactly() {
-        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-        let mut next = move |n: u64| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x % n
-        };
+        let mut next = super::super::test_rng(0x2545_f491_4f6c_dd1d);
         let (mut gathered, mut two_levels) = (0, 0);
         for round in 0..400 {
             let n = 1 + next(24) as usize;

@@ -687,10 +687,10 @@ struct Inner {
     relay: std::sync::RwLock<Option<Arc<dyn crate::relay::CommitRelay>>>,
     /// Relayed groups of this client not answered yet.
     relaying: std::sync::atomic::AtomicUsize,
-    relay_paused_until: std::sync::Mutex<Option<Instant>>,
+    relay_paused_until: relay::Until,
     /// Until when groups go to the relay with no shared compares gathered
     /// (a relay refused one that had: an older member, [`relay`]).
-    flat_groups_until: std::sync::Mutex<Option<Instant>>,
+    flat_groups_until: relay::Until,
 }
 
 /// What the store did so far (see [`Store::stats`]).
@@ -739,6 +739,19 @@ struct Counters {
     commit_wait_us: AtomicU64,
     relay_us: AtomicU64,
     relayed_in_us: AtomicU64,
+}
+
+/// A small deterministic generator for the randomized tests of this
+/// module's parts (xorshift): each call gives a number in `0..n`.
+#[cfg(test)]
+fn test_rng(seed: u64) -> impl FnMut(u64) -> u64 {
+    let mut x = seed;
+    move |n| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    }
 }
 
 fn bump(c: &AtomicU64, n: u64) {
@@ -829,8 +842,8 @@ impl EtcdStore {
             counters: Counters::default(),
             relay: std::sync::RwLock::new(None),
             relaying: std::sync::atomic::AtomicUsize::new(0),
-            relay_paused_until: std::sync::Mutex::new(None),
-            flat_groups_until: std::sync::Mutex::new(None),
+            relay_paused_until: relay::Until::default(),
+            flat_groups_until: relay::Until::default(),
         });
         let store = EtcdStore { inner };
         store.inner.current_revision().await?;

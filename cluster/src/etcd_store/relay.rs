@@ -100,6 +100,27 @@ impl Drop for Relaying<'_> {
     }
 }
 
+/// A time until which something holds (a pause after a relay failed),
+/// set and read from any task.
+#[derive(Default)]
+pub(super) struct Until(std::sync::Mutex<Option<Instant>>);
+
+impl Until {
+    /// Whether that time is still ahead.
+    pub(super) fn active(&self) -> bool {
+        self.0
+            .lock()
+            .is_ok_and(|u| u.is_some_and(|u| Instant::now() < u))
+    }
+
+    /// Holds for `d` from now.
+    pub(super) fn hold_for(&self, d: Duration) {
+        if let Ok(mut u) = self.0.lock() {
+            *u = Some(Instant::now() + d);
+        }
+    }
+}
+
 /// Sends `batch` through `relay` as one group and answers each member
 /// (module docs for what an unanswered or refused group becomes).
 pub(super) async fn relay_batch(inner: &Inner, batch: Vec<Member>, relay: Arc<dyn CommitRelay>) {
@@ -180,16 +201,12 @@ fn read_answer(answer: &[u8], layout: &hoist::Layout) -> Result<Vec<Outcome>, Re
 
 impl Inner {
     pub(super) fn relay_paused(&self) -> bool {
-        self.relay_paused_until
-            .lock()
-            .is_ok_and(|u| u.is_some_and(|u| Instant::now() < u))
+        self.relay_paused_until.active()
     }
 
     /// Whether groups go without shared compares gathered, for now.
     fn flat_groups(&self) -> bool {
-        self.flat_groups_until
-            .lock()
-            .is_ok_and(|u| u.is_some_and(|u| Instant::now() < u))
+        self.flat_groups_until.active()
     }
 
     /// A relay refused a group with shared compares gathered (`why`): likely
@@ -197,17 +214,13 @@ impl Inner {
     /// were, which every relay takes, for [`FLAT_GROUPS_AFTER_REFUSAL`].
     fn flatten_groups(&self, why: &str) {
         tracing::info!(error = %why, "the relay refused a group with shared compares (a member running an older Capstan?); relaying groups without them for a while");
-        if let Ok(mut u) = self.flat_groups_until.lock() {
-            *u = Some(Instant::now() + FLAT_GROUPS_AFTER_REFUSAL);
-        }
+        self.flat_groups_until.hold_for(FLAT_GROUPS_AFTER_REFUSAL);
     }
 
     fn pause_relay(&self, why: &str) {
         tracing::debug!(error = %why, "relay failed; committing alone for a while");
         bump(&self.counters.relay_failures, 1);
-        if let Ok(mut u) = self.relay_paused_until.lock() {
-            *u = Some(Instant::now() + RELAY_PAUSE);
-        }
+        self.relay_paused_until.hold_for(RELAY_PAUSE);
     }
 
     /// Commits a group another member relayed, with this client's next
