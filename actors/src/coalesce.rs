@@ -28,6 +28,9 @@ pub(crate) struct Waiter {
     /// with the number (none: a number only).
     pub(crate) size: Option<u64>,
     pub(crate) reply: oneshot::Sender<Result<u64, Error>>,
+    /// The traced operations it is for (`capstan_cluster::trace`; empty:
+    /// none), carried by the call that serves the queue.
+    pub(crate) traces: Vec<u64>,
 }
 
 /// The inboxes with a reservation in flight, and who waits behind it.
@@ -58,6 +61,7 @@ impl Coalescer {
                     at_least,
                     size,
                     reply,
+                    traces: capstan_cluster::trace::current(),
                 });
                 Role::Follow(rx)
             }

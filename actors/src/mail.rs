@@ -227,7 +227,13 @@ impl AgentHandle {
         let size =
             crate::quota::message_size(text_len, names.iter().map(String::len).sum(), names.len());
         let to_name = to;
-        let to = self.recipient(to, reply_to, &paths).await?;
+        let timer = capstan_cluster::trace::Timer::start();
+        let to = self.recipient(to, reply_to, &paths).await;
+        timer.done("recipient resolved", || match &to {
+            Ok(r) => format!("{to_name:?} is {}", r.target.short()),
+            Err(e) => format!("{to_name:?}: {e}"),
+        });
+        let to = to?;
         let (n, _) = self
             .post(req, to, size, move |tx, ctx| {
                 let (paths, strings, names, ctx) =

@@ -90,6 +90,7 @@ impl AgentHandle {
                 }
                 crate::cluster::Owner::Other(node) => {
                     let (tx, rx) = oneshot::channel();
+                    let timer = capstan_cluster::trace::Timer::start();
                     let op = crate::cluster::LinkOp::Reserve {
                         node: node.clone(),
                         agent,
@@ -97,6 +98,7 @@ impl AgentHandle {
                         at_least,
                         admit,
                         reply: tx,
+                        traces: timer.traces().to_vec(),
                     };
                     if c.link.send(op).await.is_err() {
                         return Err(Error::Unavailable("the node is shutting down".into()));
@@ -111,6 +113,19 @@ impl AgentHandle {
                             agent.short()
                         )))),
                     };
+                    timer.done("reservation call to the inbox's owner", || {
+                        let how = match &answer {
+                            Ok(Ok(first)) => format!("numbers from {first}"),
+                            Ok(Err(e)) => e.to_string(),
+                            Err(_) => "no answer".into(),
+                        };
+                        format!(
+                            "{} in {}'s inbox at node {}: {how}",
+                            capstan_cluster::trace::count(n, "number"),
+                            agent.short(),
+                            node.name
+                        )
+                    });
                     match answer {
                         Ok(Ok(first)) => return Ok(first),
                         Ok(Err(e @ Error::InboxFull { .. })) => return Err(e),
@@ -211,6 +226,10 @@ impl AgentHandle {
                     agent,
                     number: m.number,
                     record: Arc::new(record),
+                    trace: capstan_cluster::trace::current()
+                        .first()
+                        .copied()
+                        .unwrap_or(0),
                 });
             }
         }
@@ -252,7 +271,15 @@ async fn serve(handle: AgentHandle, agent: FormulaId, mut batch: Vec<Waiter>) {
             messages: sizes.len() as u64,
             bytes: sizes.iter().sum(),
         });
-        match handle.reserve_batch(agent, n, floor, admit).await {
+        // (the call carries the traces of the operations it serves)
+        let traces: Vec<u64> = batch
+            .iter()
+            .flat_map(|w| w.traces.iter().copied())
+            .collect();
+        let first =
+            capstan_cluster::trace::scope(&traces, handle.reserve_batch(agent, n, floor, admit))
+                .await;
+        match first {
             Err(Error::InboxFull { .. }) => {
                 for w in batch.drain(..) {
                     let r = handle.reserve_admitting(agent, 1, w.at_least, w.size).await;
@@ -286,19 +313,34 @@ impl AgentHandle {
         at_least: u64,
         size: Option<u64>,
     ) -> Result<u64, Error> {
-        match self.rt.reservations.join(agent, at_least, size) {
-            Role::Alone => self.reserve_admitting(agent, 1, at_least, size).await,
-            Role::Follow(rx) => rx
-                .await
-                .unwrap_or_else(|_| Err(Error::Unavailable("the node is shutting down".into()))),
+        let timer = capstan_cluster::trace::Timer::start();
+        let (r, how) = match self.rt.reservations.join(agent, at_least, size) {
+            Role::Alone => (
+                self.reserve_admitting(agent, 1, at_least, size).await,
+                "alone (too many queued)",
+            ),
+            Role::Follow(rx) => (
+                rx.await.unwrap_or_else(|_| {
+                    Err(Error::Unavailable("the node is shutting down".into()))
+                }),
+                "queued behind this node's reservation in flight",
+            ),
             Role::Lead => {
                 let _lead = Lead {
                     handle: self.clone(),
                     agent,
                 };
-                self.reserve_admitting(agent, 1, at_least, size).await
+                (
+                    self.reserve_admitting(agent, 1, at_least, size).await,
+                    "leading this node's reservations",
+                )
             }
-        }
+        };
+        timer.done("inbox number", || match &r {
+            Ok(n) => format!("number {n} in {}'s inbox, {how}", agent.short()),
+            Err(e) => format!("{}'s inbox, {how}: {e}", agent.short()),
+        });
+        r
     }
 }
 

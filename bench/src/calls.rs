@@ -55,12 +55,23 @@ pub(super) fn as_agent(host: &agent::Client, path: &str) -> agent::Client {
 }
 
 pub(super) async fn send(a: &agent::Client, to: &str, text: &str) -> Result<u64, CapError> {
+    send_traced(a, to, text, 0).await
+}
+
+/// [`send`] traced under `trace` (0: not traced; see `capstan_cluster::trace`).
+pub(super) async fn send_traced(
+    a: &agent::Client,
+    to: &str,
+    text: &str,
+    trace: u64,
+) -> Result<u64, CapError> {
     let mut r = a.send_request();
     let mut p = r.get();
     p.set_req_id(&RequestId::random().0);
     p.set_to(to);
     p.reborrow().init_strings(1).set(0, text);
     p.reborrow().init_refs(0);
+    p.set_trace(trace);
     Ok(r.send().promise.await?.get()?.get_number())
 }
 

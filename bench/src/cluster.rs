@@ -296,12 +296,18 @@ pub(super) async fn cluster_rows(
                 .collect::<Vec<_>>(),
         );
         let pids = (node_pids.clone(), etcd_pids(&spec));
-        let sends = Sends {
+        let mut sends = Sends {
             hosts: &hosts,
             total,
             pids: &pids,
+            trace_every: if sizes.trace.is_some() {
+                super::sends::TRACE_EVERY.min(total.div_ceil(10)).max(1)
+            } else {
+                0
+            },
         };
         let phase = sends.phase(to_guests.clone()).await?;
+        let traced = phase.traced.clone();
         rows.push(phase.rate_row(
             format!(
                 "cluster: durable sends/s, {n} nodes, {} senders",
@@ -313,6 +319,10 @@ pub(super) async fn cluster_rows(
             "9–92 /s (1 node, quoted: ANCHORS.md)",
         ));
         phase.rows("cluster:", rows);
+        if let Some(file) = &sizes.trace {
+            rows.push(super::sends::traced_hops(&hosts[0], &traced, file).await?);
+        }
+        sends.trace_every = 0;
 
         // The same sends between agents that live on the senders' own node:
         // each node's senders act as a host placed there ("s{i}", owned by

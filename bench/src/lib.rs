@@ -94,10 +94,13 @@ pub fn capstan_exe() -> anyhow::Result<PathBuf> {
 }
 
 /// Sizes of a run.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Sizes {
     pub sends: usize,
     pub senders: usize,
+    /// With a cluster: trace one send in `sends::TRACE_EVERY` of the host's
+    /// sends phase and write their spans here as a Chrome trace.
+    pub trace: Option<PathBuf>,
     pub round_trips: usize,
     pub names: usize,
     pub messages: usize,
@@ -110,6 +113,7 @@ impl Sizes {
         Sizes {
             sends: 2000,
             senders: 64,
+            trace: None,
             round_trips: 300,
             names: 10_000,
             messages: 10_000,
@@ -125,6 +129,7 @@ impl Sizes {
         Sizes {
             sends: 200,
             senders: 16,
+            trace: None,
             round_trips: 30,
             names: 500,
             messages: 500,

@@ -49,6 +49,12 @@ struct Args {
     /// needs more to keep its nodes busy (scripts/scale-out).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
     senders: Option<u32>,
+    /// With --cluster: trace one in 500 of the host's sends (each hop on
+    /// the node that did it: reservations, commit, relay, etcd's Txn,
+    /// wake-ups), print the hops' medians as a row and write every traced
+    /// send's spans to FILE as a Chrome trace (open it in Perfetto).
+    #[arg(long, value_name = "FILE", requires = "cluster")]
+    trace: Option<PathBuf>,
     /// Only a soak: N sends into one guest's inbox in 20 rounds, each
     /// round's messages dismissed and a gc pass run; prints the store's
     /// size and the daemon's memory after each round (both stay flat).
@@ -135,6 +141,7 @@ fn run(a: Args) -> anyhow::Result<()> {
     if let Some(n) = a.senders {
         sizes.senders = n as usize;
     }
+    sizes.trace = a.trace;
     local.block_on(
         &rt,
         capstan_bench::run(

@@ -11,7 +11,7 @@ use capstan_proto::api_capnp::agent;
 use serde_json::json;
 
 use super::Row;
-use super::calls::{Stats, concurrently, ms, send, stats};
+use super::calls::{Stats, concurrently, ms, send_traced, stats};
 use super::process::CpuMeter;
 
 /// The store counters of every node (`cluster status`: `store_stats`), and
@@ -164,7 +164,12 @@ pub(super) struct Sends<'a> {
     pub total: usize,
     /// The nodes' and the store members' pids, for the CPU they spend.
     pub pids: &'a (Vec<u32>, Vec<u32>),
+    /// Trace one send in so many (0: none): their ids are the phase's.
+    pub trace_every: usize,
 }
+
+/// One send in so many is traced with `capstan bench --cluster … --trace`.
+pub const TRACE_EVERY: usize = 500;
 
 impl Sends<'_> {
     /// One phase: its rate and latencies, and what the store did, where
@@ -177,16 +182,31 @@ impl Sends<'_> {
         let cpu = CpuMeter::start(self.pids.0.clone(), self.pids.1.clone());
         let t = Instant::now();
         let c2 = senders.clone();
+        let every = self.trace_every;
+        let traced = Rc::new(std::cell::RefCell::new(Vec::new()));
+        let t2 = traced.clone();
         let lat = concurrently(
             self.total,
             senders.len(),
             move |i| {
                 let (a, to) = c2[i % c2.len()].clone();
-                async move { send(&a, &to, &format!("burst {i}")).await.map(drop) }
+                let id = if every > 0 && i % every == every / 2 {
+                    let id = capstan_cluster::trace::new_id();
+                    t2.borrow_mut().push(id);
+                    id
+                } else {
+                    0
+                };
+                async move {
+                    send_traced(&a, &to, &format!("burst {i}"), id)
+                        .await
+                        .map(drop)
+                }
             },
             "cluster send",
         )
         .await?;
+        let traced = traced.take();
         let rate = self.total as f64 / t.elapsed().as_secs_f64();
         let after = store_counters(self.hosts).await?;
         let store = store_cost(&before, &after, self.total);
@@ -209,6 +229,7 @@ impl Sends<'_> {
         }
         Ok(Phase {
             rate,
+            traced,
             latency: stats(lat),
             store,
             waits,
@@ -221,6 +242,8 @@ impl Sends<'_> {
 /// JSON.
 pub(super) struct Phase {
     pub rate: f64,
+    /// The ids of the sends it traced.
+    pub traced: Vec<u64>,
     pub latency: Stats,
     pub store: (String, serde_json::Value),
     pub waits: (String, serde_json::Value),
@@ -265,4 +288,66 @@ impl Phase {
             });
         }
     }
+}
+
+/// The spans of the traced sends `ids`, gathered through `host` (which asks
+/// every member), written to `file` as a Chrome trace (one process per
+/// node, one thread per send), and a row of each hop's median duration
+/// and how many sends took it.
+pub(super) async fn traced_hops(
+    host: &agent::Client,
+    ids: &[u64],
+    file: &std::path::Path,
+) -> anyhow::Result<Row> {
+    let mut spans = Vec::new();
+    for (n, id) in ids.iter().enumerate() {
+        let mut r = host.cluster_request();
+        r.get().set_command("trace");
+        r.get()
+            .set_arg(capstan_cluster::trace::format_id(*id).as_str());
+        let answer = r.send().promise.await?;
+        let v: serde_json::Value = serde_json::from_str(answer.get()?.get_json()?.to_str()?)?;
+        for s in v["spans"].as_array().cloned().unwrap_or_default() {
+            spans.push((n as u64 + 1, s));
+        }
+    }
+    // each hop's durations, and the sends it appeared in
+    let mut hops: BTreeMap<String, (Vec<u64>, std::collections::BTreeSet<u64>)> = BTreeMap::new();
+    for (send, s) in &spans {
+        let h = hops
+            .entry(s["name"].as_str().unwrap_or("?").to_string())
+            .or_default();
+        h.0.push(s["dur_us"].as_u64().unwrap_or(0));
+        h.1.insert(*send);
+    }
+    let chrome = capstan::net::traces::chrome_trace(spans.iter().map(|(n, s)| (*n, s)));
+    std::fs::write(file, serde_json::to_vec(&chrome)?)?;
+    let mut by_median: Vec<(String, u64, usize)> = hops
+        .into_iter()
+        .map(|(name, (mut d, sends))| {
+            d.sort_unstable();
+            (name, d[d.len() / 2], sends.len())
+        })
+        .collect();
+    by_median.sort_by_key(|b| std::cmp::Reverse(b.1));
+    let text = by_median
+        .iter()
+        .map(|(name, p50, n)| format!("{name} {} ({n})", ms(*p50 as f64)))
+        .collect::<Vec<_>>()
+        .join("; ");
+    Ok(Row {
+        what: format!(
+            "cluster: traced sends' hops, p50 (in how many of {} sends), spans in {}",
+            ids.len(),
+            file.display()
+        ),
+        value: text,
+        target: "",
+        endo: "",
+        json: json!({
+            "traced": ids.len(),
+            "file": file.display().to_string(),
+            "hops": by_median.iter().map(|(name, p50, n)| json!({"name": name, "p50_us": p50, "sends": n})).collect::<Vec<_>>(),
+        }),
+    })
 }

@@ -28,6 +28,8 @@
 //!   against every backend ([`conformance_tests!`]).
 //! - [`relay`]: relayed commits: a node hands groups of its commits to
 //!   another member, which merges them with its own into one store request.
+//! - [`trace`]: the spans of one traced operation's hops, kept per process
+//!   and gathered across the cluster (`capstan send --trace`).
 
 pub mod backup;
 pub mod blob;
@@ -40,6 +42,7 @@ pub mod mem_store;
 pub mod redb_store;
 pub mod relay;
 pub mod store;
+pub mod trace;
 pub mod tuple;
 
 pub use store::{

@@ -1090,7 +1090,14 @@ impl Db {
                         return Ok(value);
                     }
                     let req = tx.into_commit_request()?;
-                    match self.store.commit(req).await {
+                    let timer = crate::trace::Timer::start();
+                    let r = self.store.commit(req).await;
+                    timer.done("commit", || match &r {
+                        Ok(v) => format!("durable at version {v} (attempt {attempt})"),
+                        Err(e) if e.is_retryable() => format!("{e} (attempt {attempt}): again"),
+                        Err(e) => format!("{e} (attempt {attempt})"),
+                    });
+                    match r {
                         Ok(_) => return Ok(value),
                         Err(e) if e.is_retryable() => e,
                         Err(e) => return Err(e.into()),

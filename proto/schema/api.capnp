@@ -119,7 +119,9 @@ interface Agent {
   # Mail ----------------------------------------------------------------
   # strings/refs: text chunks interleaved with references; each ref is a
   # path in this agent's names plus the name suggested to the recipient.
-  send @11 (reqId :Data, to :Text, strings :List(Text), refs :List(Ref), replyTo :UInt64, isReply :Bool) -> (number :UInt64);
+  # `trace` (0: none): trace the send's hops across the cluster under this
+  # id (`cluster` command `trace` gathers them; cluster/src/trace.rs).
+  send @11 (reqId :Data, to :Text, strings :List(Text), refs :List(Ref), replyTo :UInt64, isReply :Bool, trace :UInt64) -> (number :UInt64);
   # Ask `to` for something; `resultName` (optional) receives the answer.
   request @12 (reqId :Data, to :Text, description :Text, resultName :Text) -> (number :UInt64, promise :Data);
   # Wait until the promise of request `number` in this inbox is settled.
@@ -172,8 +174,9 @@ interface Agent {
   # The guest agents with a component body, and what the node knows of them.
   guests @28 () -> (guests :List(GuestInfo));
   # Cluster operations (`capstan cluster …`): `command` is one of status,
-  # members, placement (arg: a pet-name path), drain (arg: a node name) or
-  # leave; the answer is one JSON value (see nodes/CLI.md).
+  # members, placement (arg: a pet-name path), drain (arg: a node name),
+  # leave or trace (arg: a trace id, 16 hex digits: the spans every live
+  # member recorded of it); the answer is one JSON value (see nodes/CLI.md).
   cluster @29 (command :Text, arg :Text) -> (json :Text);
   # Make an HTTP capability under `name`: what a component granted it
   # (`install … --grant http=NAME`) may reach, and the credential headers

@@ -39,7 +39,8 @@ interface Member {
   # none; a full inbox fails with "inbox of … is full (…)" (see
   # actors/src/quota.rs). A batch of a node's reservations in one inbox
   # goes as one call.
-  reserve @0 (agent :Data, count :UInt32, atLeast :UInt64, quotaBytes :UInt64, quotaCount :UInt32) -> (first :UInt64, interested :List(Text));
+  # `traces`: the traced operations (see `spans`) the numbers are for.
+  reserve @0 (agent :Data, count :UInt32, atLeast :UInt64, quotaBytes :UInt64, quotaCount :UInt32, traces :List(UInt64)) -> (first :UInt64, interested :List(Text));
   # Message `number` was committed to `agent`'s inbox: wake its followers
   # and its guest, if incarnated here.
   delivered @1 (agent :Data, number :UInt64) -> ();
@@ -71,7 +72,20 @@ interface Member {
   # it itself. A failed call leaves the outcome unknown: the caller resolves
   # it by the group's commit marker. A member that predates the method
   # answers "unimplemented": nothing applied.
-  relay @5 (group :Data) -> (answer :Data, unapplied :Text);
+  # `traces`: the traced operations whose commits are in the group.
+  relay @5 (group :Data, traces :List(UInt64)) -> (answer :Data, unapplied :Text);
+  # The spans this node recorded of the traced operation `trace` (see
+  # cluster/src/trace.rs; none when it recorded none, or forgot them).
+  spans @6 (trace :UInt64) -> (spans :List(TraceSpan));
+}
+
+# One hop of a traced operation, as the node that did it recorded it.
+struct TraceSpan {
+  name @0 :Text;
+  # Microseconds since the Unix epoch on that node's clock.
+  startUs @1 :UInt64;
+  durUs @2 :UInt64;
+  detail @3 :Text;
 }
 
 # Message `number` was committed to `agent`'s inbox (see `Member.wake`).
@@ -82,6 +96,8 @@ struct Delivery {
   agent @0 :Data;
   number @1 :UInt64;
   record @2 :Data;
+  # The traced operation that committed it (0: none).
+  trace @3 :UInt64;
 }
 
 enum ValueKind {

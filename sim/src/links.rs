@@ -94,6 +94,7 @@ pub async fn serve_links(
                 at_least,
                 admit,
                 reply,
+                ..
             } => {
                 let f = fate(&rng, &faults);
                 let dir = dir.clone();
@@ -136,6 +137,7 @@ pub async fn serve_links(
                 agent,
                 number,
                 record,
+                ..
             } => {
                 for m in to {
                     let f = fate(&rng, &faults);

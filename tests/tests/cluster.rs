@@ -1159,3 +1159,85 @@ fn a_message_wakes_its_inbox_owner_and_followers_not_every_member() {
     );
     capstan_tests::kill_child(child);
 }
+
+/// `send --trace` from a node that owns neither inbox: its hops show on
+/// the nodes that did them (the reservation at the host's owner, the
+/// sender's commit, the wake-up at the recipient's owner), any member gives
+/// the same spans back (`cluster trace ID`, also as a Chrome trace), and a
+/// bad or unknown id is an error.
+#[test]
+fn a_traced_send_shows_its_hops_on_the_nodes_that_did_them() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(c) = Cluster::start("trace") else {
+        return;
+    };
+    c.n(0).ok(["mkguest", "alice"]);
+    c.n(0).ok(["send", "alice", "hello"]);
+    let owner = |name: &str| c.placement(0, name)["node"].as_str().unwrap().to_string();
+    let (host_owner, alice_owner) = (owner("HOST"), owner("alice"));
+    // a sender that owns neither the host's inbox nor alice's
+    let via = (0..3)
+        .find(|i| format!("n{}", i + 1) != host_owner && format!("n{}", i + 1) != alice_owner)
+        .expect("three nodes, at most two owners");
+    let sender = format!("n{}", via + 1);
+    let v = c.n(via).json(["send", "alice", "traced", "--trace"]);
+    let id = v["trace"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{v}"))
+        .to_string();
+    assert!(v["number"].as_u64().is_some(), "{v}");
+    let spans = v["spans"].as_array().unwrap().clone();
+    let on = |node: &str, name: &str| {
+        spans
+            .iter()
+            .any(|s| s["node"] == node && s["name"].as_str().unwrap().starts_with(name))
+    };
+    for (node, name) in [
+        (sender.as_str(), "send"),
+        (sender.as_str(), "inbox number"),
+        (sender.as_str(), "reservation call to the inbox's owner"),
+        (sender.as_str(), "commit"),
+        (host_owner.as_str(), "reservation at the inbox's owner"),
+        (alice_owner.as_str(), "wake-up served"),
+    ] {
+        assert!(on(node, name), "no {name:?} span on {node}: {v:#}");
+    }
+    assert!(
+        spans.iter().all(|s| s["start_us"].as_u64().unwrap() > 0),
+        "{v:#}"
+    );
+    // Another member gathers the same spans, and writes them for Perfetto.
+    let other = (via + 1) % 3;
+    let chrome = c.n(other).home().join("trace.json");
+    let again = c.n(other).json([
+        "cluster",
+        "trace",
+        id.as_str(),
+        "--chrome",
+        chrome.to_str().unwrap(),
+    ]);
+    let names = |l: &[Value]| -> BTreeSet<String> {
+        l.iter()
+            .map(|s| format!("{} {}", s["node"], s["name"]))
+            .collect()
+    };
+    assert!(
+        names(again["spans"].as_array().unwrap()).is_superset(&names(&spans)),
+        "{again:#}"
+    );
+    let file: Value = serde_json::from_slice(&std::fs::read(&chrome).unwrap()).unwrap();
+    let events = file["traceEvents"].as_array().unwrap();
+    let pids: BTreeSet<u64> = events
+        .iter()
+        .filter(|e| e["ph"] == "X")
+        .map(|e| e["pid"].as_u64().unwrap())
+        .collect();
+    assert!(pids.len() >= 2, "one process per node: {file:#}");
+    // Untraced sends record nothing; bad and unknown ids are errors.
+    let (code, err) = c.n(0).fail(["cluster", "trace", "not-hex"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("bad trace id"), "{err}");
+    let (code, err) = c.n(0).fail(["cluster", "trace", "123abc"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no node recorded trace"), "{err}");
+}

@@ -102,6 +102,8 @@ pub enum LinkOp {
         /// first, all or none.
         admit: Option<crate::types::Admit>,
         reply: oneshot::Sender<Result<u64, Error>>,
+        /// The traced operations the numbers are for (`capstan_cluster::trace`).
+        traces: Vec<u64>,
     },
     /// Tell `to` that a message was committed to `agent`'s inbox; `record`
     /// is the message as stored when it is small enough to carry
@@ -111,6 +113,8 @@ pub enum LinkOp {
         agent: FormulaId,
         number: u64,
         record: Arc<Vec<u8>>,
+        /// The traced operation that committed it (0: none).
+        trace: u64,
     },
     /// Tell `to` that `promise` settled.
     Settled {

@@ -102,6 +102,60 @@ pub(super) struct Member {
     /// What batching needs to know (its deletions and size included).
     pub shape: Shape,
     pub reply: Reply,
+    /// The traces this commit works for and when it was made (none:
+    /// untraced, nothing recorded): see [`crate::trace`].
+    pub traced: Option<Box<Traced>>,
+}
+
+/// A traced member's traces, and when it was made (wall clock µs, instant).
+pub(super) type Traced = (Vec<u64>, u64, Instant);
+
+/// A member's [`Traced`] for the current task's traces (none if untraced).
+pub(super) fn traced_now() -> Option<Box<Traced>> {
+    crate::trace::active().then(|| {
+        Box::new((
+            crate::trace::current(),
+            crate::trace::now_us(),
+            Instant::now(),
+        ))
+    })
+}
+
+/// The traces the members of `batch` work for.
+fn traces_of(batch: &[Member]) -> Vec<u64> {
+    let mut out = Vec::new();
+    for m in batch {
+        if let Some(t) = &m.traced {
+            out.extend_from_slice(&t.0);
+        }
+    }
+    out
+}
+
+/// Records, for each traced member of `batch`, its wait from when it was
+/// made until its batch goes (now).
+fn note_queued(batch: &[Member]) {
+    for m in batch {
+        if let Some(t) = &m.traced {
+            let dur_us = t.2.elapsed().as_micros() as u64;
+            for trace in &t.0 {
+                crate::trace::record(crate::trace::Span {
+                    trace: *trace,
+                    name: if m.relayed() {
+                        "relayed group waits for the relay's Txn"
+                    } else {
+                        "commit waits for its batch to go"
+                    },
+                    start_us: t.1,
+                    dur_us,
+                    detail: format!(
+                        "{} in the batch",
+                        crate::trace::count(batch.len() as u64, "commit")
+                    ),
+                });
+            }
+        }
+    }
 }
 
 /// Who waits for a member's outcome.
@@ -535,6 +589,7 @@ async fn run(inner: Weak<Inner>, mut rx: mpsc::Receiver<Member>) {
 /// Sends `batch` and answers each member: through the relay when there is
 /// one and the batch may go there ([`super::relay`]), else to etcd.
 async fn send_batch(inner: &Inner, batch: Vec<Member>, busy: bool) {
+    note_queued(&batch);
     if let Some(relay) = super::relay::route(inner, &batch, busy) {
         return super::relay::relay_batch(inner, batch, relay).await;
     }
@@ -543,14 +598,33 @@ async fn send_batch(inner: &Inner, batch: Vec<Member>, busy: bool) {
 
 /// Sends `batch` to etcd and answers each member.
 pub(super) async fn send_direct(inner: &Inner, batch: Vec<Member>) {
+    let timer = crate::trace::Timer::start_for(traces_of(&batch));
+    let groups = batch.iter().filter(|m| m.relayed()).count();
+    let what = move |n: usize, how: &str| {
+        let of = match groups {
+            0 => String::new(),
+            g => format!(" ({g} of them groups relayed by other nodes)"),
+        };
+        format!(
+            "{} in one Txn{of}: {how}",
+            crate::trace::count(n as u64, "commit")
+        )
+    };
     if batch.len() == 1 {
         if let Some(m) = batch.into_iter().next() {
             let r = send_alone(inner, &m).await;
+            timer.done("etcd Txn", || what(1, outcome_text(&r)));
             m.answer(r);
         }
         return;
     }
-    match send_nested(inner, &batch).await {
+    let n = batch.len();
+    let sent = send_nested(inner, &batch).await;
+    timer.done("etcd Txn", || match &sent {
+        Ok(o) => what(n, o.first().map(outcome_text).unwrap_or("answered")),
+        Err(_) => what(n, "refused as a whole; its commits go one by one"),
+    });
+    match sent {
         Ok(outcomes) => {
             for (m, r) in batch.into_iter().zip(outcomes) {
                 m.answer(r);
@@ -565,6 +639,17 @@ pub(super) async fn send_direct(inner: &Inner, batch: Vec<Member>) {
                 m.answer(r);
             }
         }
+    }
+}
+
+/// How a traced commit's Txn ended, in a span's words.
+fn outcome_text(o: &Outcome) -> &'static str {
+    match o {
+        Outcome::Answered(_, t) if t.succeeded => "applied",
+        Outcome::Answered(..) => "answered (a compare failed)",
+        Outcome::Settled(Ok(_)) => "applied (settled by its marker)",
+        Outcome::Settled(Err(_)) => "not applied",
+        Outcome::Unknown => "no answer",
     }
 }
 
@@ -937,6 +1022,7 @@ mod tests {
                 first_put: Some(inner.dk(key.as_bytes())),
                 shape: Shape::default(),
                 reply: Reply::Local(reply),
+                traced: None,
             }
         };
         let batch = vec![
@@ -1008,6 +1094,7 @@ mod tests {
                 first_put: first_put.map(|k| inner.dk(k)),
                 shape: Shape::default(),
                 reply: Reply::Local(reply),
+                traced: None,
             }
         };
         // what a local member is told after a resolution

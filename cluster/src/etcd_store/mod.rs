@@ -1272,6 +1272,7 @@ impl Inner {
             first_put,
             shape,
             reply: batch::Reply::Local(reply),
+            traced: batch::traced_now(),
         };
         let queued = Instant::now();
         let r = self.committer.commit(member, rx).await;

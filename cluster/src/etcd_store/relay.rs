@@ -133,7 +133,16 @@ pub(super) async fn relay_batch(inner: &Inner, batch: Vec<Member>, relay: Arc<dy
     let budget = (!inner.flat_groups()).then_some(inner.max_txn_ops / 2);
     let (group, layout) = batch::members_txn(&batch, &marker, lease, None, budget);
     let group = group.encode_to_vec();
-    let Some(call) = relay.relay(group) else {
+    // (the relay call carries the traces its members work for)
+    let timer = crate::trace::Timer::start_for(
+        batch
+            .iter()
+            .filter_map(|m| m.traced.as_ref())
+            .flat_map(|t| t.0.iter().copied())
+            .collect(),
+    );
+    let call = crate::trace::sync_scope(timer.traces(), || relay.relay(group));
+    let Some(call) = call else {
         return batch::send_direct(inner, batch).await;
     };
     bump(&inner.counters.relayed_out, 1);
@@ -151,6 +160,17 @@ pub(super) async fn relay_batch(inner: &Inner, batch: Vec<Member>, relay: Arc<dy
         })
         .and_then(|a| read_answer(&a, &layout));
     bump(&inner.counters.relay_us, sent.elapsed().as_micros() as u64);
+    let n = batch.len();
+    timer.done("relayed group's round trip", || {
+        let how = match &answer {
+            Ok(_) => "answered".to_string(),
+            Err(e) => e.to_string(),
+        };
+        format!(
+            "{} of this node in one group to the relay: {how}",
+            crate::trace::count(n as u64, "commit")
+        )
+    });
     // (a group the relay did not apply is committed again by this node,
     // which counts what that Txn shares)
     if !matches!(answer, Err(RelayError::NotApplied(_))) {
@@ -239,6 +259,7 @@ impl Inner {
             first_put: None,
             shape,
             reply: Reply::Relayed(tx),
+            traced: super::batch::traced_now(),
         };
         self.committer
             .queue(m)

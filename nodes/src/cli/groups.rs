@@ -48,6 +48,18 @@ pub enum ClusterCommand {
         #[command(flatten)]
         out: Out,
     },
+    /// The spans every node recorded of the traced operation ID (what
+    /// `capstan send --trace` printed as its trace id), by start.
+    Trace {
+        /// A trace id: up to 16 hex digits.
+        id: String,
+        /// Also write them as a Chrome trace (open it in Perfetto, or in
+        /// chrome://tracing): one row per node.
+        #[arg(long, value_name = "FILE")]
+        chrome: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        out: Out,
+    },
 }
 
 /// `capstan llm …`.
@@ -222,7 +234,8 @@ impl ClusterCommand {
             | ClusterCommand::Members { out }
             | ClusterCommand::Placement { out, .. }
             | ClusterCommand::Drain { out, .. }
-            | ClusterCommand::Leave { out } => out.json,
+            | ClusterCommand::Leave { out }
+            | ClusterCommand::Trace { out, .. } => out.json,
         }
     }
 }

@@ -505,6 +505,12 @@ pub enum Command {
         /// The text; words are joined with spaces.
         #[arg(required = true, num_args = 1.., value_name = "TEXT")]
         text: Vec<String>,
+        /// Trace the send's hops (on every node of a cluster: numbers
+        /// reserved at inboxes' owners, the commit, the relay, wake-ups)
+        /// and print them after its number; `capstan cluster trace ID`
+        /// shows them again.
+        #[arg(long)]
+        trace: bool,
         #[command(flatten)]
         out: Out,
     },

@@ -1,4 +1,4 @@
-//! `capstan cluster status|members|placement|drain|leave` (not `init`,
+//! `capstan cluster status|members|placement|drain|leave|trace` (not `init`,
 //! which runs without a daemon: [`crate::cluster::init`]): calls the node's
 //! `cluster` command and renders its JSON answer.
 
@@ -14,6 +14,18 @@ pub(super) async fn run(
     json: bool,
 ) -> anyhow::Result<()> {
     use crate::cli::ClusterCommand as C;
+    if let C::Trace { id, chrome, .. } = &command {
+        let id = capstan_cluster::trace::parse_id(id).map_err(anyhow::Error::msg)?;
+        let v = super::trace::fetch(client, id).await?;
+        if v["spans"].as_array().is_none_or(|s| s.is_empty()) {
+            anyhow::bail!(
+                "no node recorded trace {}: check the id (`capstan send --trace` prints it); each node keeps only its latest {} spans, and a restarted node none",
+                capstan_cluster::trace::format_id(id),
+                capstan_cluster::trace::MAX_SPANS
+            );
+        }
+        return super::trace::show(&v, chrome.as_deref(), json);
+    }
     let (cmd, arg) = match &command {
         C::Init { .. } => unreachable!("cluster init runs without a daemon"),
         C::Status { .. } => ("status", String::new()),
@@ -21,6 +33,7 @@ pub(super) async fn run(
         C::Placement { name, .. } => ("placement", name.clone()),
         C::Drain { node, .. } => ("drain", node.clone()),
         C::Leave { .. } => ("leave", String::new()),
+        C::Trace { .. } => unreachable!("answered above"),
     };
     let what = format!(
         "draining {arg}: waiting for it to give up its incarnations (at most {} s)",

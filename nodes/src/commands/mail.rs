@@ -22,12 +22,29 @@ use crate::text;
 /// Runs a mail command.
 pub(super) async fn run(client: &Client, command: Command, json: bool) -> anyhow::Result<()> {
     match command {
-        Command::Send { to, text, .. } => {
-            let number = send(client, &to, &text.join(" "), None).await?;
-            print_number(json, number);
+        Command::Send {
+            to, text, trace, ..
+        } => {
+            let id = trace.then(capstan_cluster::trace::new_id);
+            let number = send(client, &to, &text.join(" "), None, id).await?;
+            match id {
+                None => print_number(json, number),
+                Some(id) => {
+                    // (wake-ups go out just after the commit: give them a moment)
+                    tokio::time::sleep(super::trace::SETTLE).await;
+                    let mut v = super::trace::fetch(client, id).await?;
+                    if json {
+                        v["number"] = json!(number);
+                        print_json(&v);
+                    } else {
+                        println!("sent message {number}");
+                        super::trace::show(&v, None, false)?;
+                    }
+                }
+            }
         }
         Command::Reply { number, text, .. } => {
-            let n = send(client, "", &text.join(" "), Some(number)).await?;
+            let n = send(client, "", &text.join(" "), Some(number), None).await?;
             print_number(json, n);
         }
         Command::Request {
@@ -311,7 +328,13 @@ fn print_number(json: bool, number: u64) {
 }
 
 /// `send` and `reply` (`to` empty and `reply_to` set: the node answers the sender).
-async fn send(client: &Client, to: &str, text: &str, reply_to: Option<u64>) -> anyhow::Result<u64> {
+async fn send(
+    client: &Client,
+    to: &str,
+    text: &str,
+    reply_to: Option<u64>,
+    trace: Option<u64>,
+) -> anyhow::Result<u64> {
     let parsed = text::parse(text).map_err(|e| anyhow!(e))?;
     check_text_size(
         "the message text",
@@ -347,6 +370,7 @@ async fn send(client: &Client, to: &str, text: &str, reply_to: Option<u64>) -> a
                     p.set_reply_to(n);
                     p.set_is_reply(true);
                 }
+                p.set_trace(trace.unwrap_or(0));
                 let answer = r.send().promise.await?;
                 Ok(answer.get()?.get_number())
             }

@@ -4,7 +4,9 @@
 //! - [`names`]: the name commands (`list`, `store`, `mkdir`, `cancel`, ...);
 //! - [`mail`]: the mail commands (`send`, `request`, `inbox`, `quota`, ...);
 //! - [`federation`]: `locate`, `adopt-locator`, `invite`, `accept`;
-//! - [`cluster`]: `cluster status|members|placement|drain|leave`;
+//! - [`cluster`]: `cluster status|members|placement|drain|leave|trace`;
+//! - [`trace`]: a traced operation's spans, fetched from the node and shown
+//!   (`send --trace`, `cluster trace`);
 //! - the others are dispatched to their modules ([`crate::guests`],
 //!   [`crate::graph`], [`crate::llm`], [`crate::routines`], [`crate::search`]).
 
@@ -19,6 +21,7 @@ mod cluster;
 mod federation;
 mod mail;
 mod names;
+mod trace;
 
 /// Prints what a command made: `WHAT (id HEX)` for people, `{"id":hex}`
 /// with `--json`.

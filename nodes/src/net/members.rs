@@ -27,6 +27,7 @@ use capnp::Error as CapError;
 use capstan_actors::cluster::{LinkOp, MemberRec};
 use capstan_actors::{Error, Runtime};
 use capstan_cluster::relay::RelayError;
+use capstan_cluster::trace;
 use capstan_proto::FormulaId;
 use capstan_proto::net_capnp::member;
 use tokio::sync::mpsc;
@@ -53,6 +54,17 @@ pub struct MemberServer {
     pub rt: Runtime,
 }
 
+/// The trace ids a call carries (at most `trace::MAX_TRACES_PER_CALL`).
+fn traces_of(l: capnp::primitive_list::Reader<'_, u64>) -> Result<Vec<u64>, CapError> {
+    if l.len() as usize > trace::MAX_TRACES_PER_CALL {
+        return Err(failed(format!(
+            "at most {} traces per call",
+            trace::MAX_TRACES_PER_CALL
+        )));
+    }
+    Ok(l.iter().collect())
+}
+
 fn id_of(b: &[u8]) -> Result<FormulaId, CapError> {
     FormulaId::from_slice(b).map_err(|_| failed("an id is 32 bytes"))
 }
@@ -73,7 +85,12 @@ impl member::Server for MemberServer {
         }
         let mut woken = Vec::with_capacity(delivered.len() as usize);
         for d in delivered.iter() {
-            woken.push((id_of(d.get_agent()?)?, d.get_number(), d.get_record()?));
+            woken.push((
+                id_of(d.get_agent()?)?,
+                d.get_number(),
+                d.get_record()?,
+                d.get_trace(),
+            ));
         }
         let mut promises = Vec::with_capacity(settled.len() as usize);
         for s in settled.iter() {
@@ -85,8 +102,18 @@ impl member::Server for MemberServer {
         if p.get_revision() > 0 {
             self.rt.db().learn_version(p.get_revision());
         }
-        for (agent, number, record) in woken {
-            if let Err(e) = self.rt.wake_delivered_with(agent, number, record).await {
+        for (agent, number, record, traced) in woken {
+            let timer = trace::Timer::start_one(traced);
+            let r = self.rt.wake_delivered_with(agent, number, record).await;
+            timer.done("wake-up served", || {
+                let how = r
+                    .as_ref()
+                    .err()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default();
+                format!("message {number} in {}'s inbox{how}", agent.short())
+            });
+            if let Err(e) = r {
                 tracing::debug!(agent = %agent.short(), number, "wake-up: {e}");
             }
         }
@@ -114,11 +141,24 @@ impl member::Server for MemberServer {
                 bytes,
             }),
         };
-        let (first, interested) = self
+        let timer = trace::Timer::start_for(traces_of(p.get_traces()?)?);
+        let served = self
             .rt
             .serve_reserve(agent, count, p.get_at_least(), admit)
-            .await
-            .map_err(|e| failed(e.to_string()))?;
+            .await;
+        timer.done("reservation at the inbox's owner", || match &served {
+            Ok((first, _)) => format!(
+                "{} from {first} in {}'s inbox",
+                trace::count(count, "number"),
+                agent.short()
+            ),
+            Err(e) => format!(
+                "{} in {}'s inbox: {e}",
+                trace::count(count, "number"),
+                agent.short()
+            ),
+        });
+        let (first, interested) = served.map_err(|e| failed(e.to_string()))?;
         let mut r = results.get();
         r.set_first(first);
         let mut l = r.init_interested(interested.len().min(MAX_INTERESTED) as u32);
@@ -133,11 +173,40 @@ impl member::Server for MemberServer {
         params: member::RelayParams,
         mut results: member::RelayResults,
     ) -> Result<(), CapError> {
-        let group = params.get()?.get_group()?.to_vec();
-        match self.rt.db().store().commit_relayed(group).await {
+        let p = params.get()?;
+        let group = p.get_group()?.to_vec();
+        let traces = traces_of(p.get_traces()?)?;
+        let timer = trace::Timer::start_for(traces.clone());
+        let size = group.len();
+        let r = trace::scope(&traces, self.rt.db().store().commit_relayed(group)).await;
+        timer.done("relayed group at the relay", || {
+            let how = match &r {
+                Ok(_) => "answered".to_string(),
+                Err(e) => e.to_string(),
+            };
+            format!("a group of {size} bytes from another node: {how}")
+        });
+        match r {
             Ok(answer) => results.get().set_answer(&answer),
             Err(RelayError::NotApplied(e)) => results.get().set_unapplied(e.as_str()),
             Err(RelayError::Unknown(e)) => return Err(failed(e)),
+        }
+        Ok(())
+    }
+
+    async fn spans(
+        self: Rc<Self>,
+        params: member::SpansParams,
+        mut results: member::SpansResults,
+    ) -> Result<(), CapError> {
+        let spans = trace::spans_of(params.get()?.get_trace());
+        let mut l = results.get().init_spans(spans.len() as u32);
+        for (i, s) in spans.iter().enumerate() {
+            let mut o = l.reborrow().get(i as u32);
+            o.set_name(s.name);
+            o.set_start_us(s.start_us);
+            o.set_dur_us(s.dur_us);
+            o.set_detail(s.detail.as_str());
         }
         Ok(())
     }
@@ -199,7 +268,8 @@ pub struct Links {
 /// Wake-ups for one member, and whether a call to it is in flight.
 #[derive(Default)]
 struct Pending {
-    delivered: Vec<(FormulaId, u64, Arc<Vec<u8>>)>,
+    /// (agent, number, record, trace)
+    delivered: Vec<(FormulaId, u64, Arc<Vec<u8>>, u64)>,
     settled: Vec<FormulaId>,
     sending: bool,
 }
@@ -283,6 +353,7 @@ impl Net {
         count: u32,
         at_least: u64,
         admit: Option<capstan_actors::quota::Admit>,
+        traces: &[u64],
     ) -> Result<u64, Error> {
         if let Some(c) = self.rt.membership() {
             c.reserve_calls
@@ -294,6 +365,13 @@ impl Net {
             r.get().set_agent(agent.as_bytes());
             r.get().set_count(count);
             r.get().set_at_least(at_least);
+            if !traces.is_empty() {
+                let n = traces.len().min(trace::MAX_TRACES_PER_CALL);
+                let mut l = r.get().init_traces(n as u32);
+                for (i, t) in traces.iter().take(n).enumerate() {
+                    l.set(i as u32, *t);
+                }
+            }
             if let Some(a) = admit {
                 r.get().set_quota_bytes(a.bytes);
                 r.get()
@@ -399,8 +477,8 @@ impl Net {
                     continue;
                 }
                 match &what {
-                    Wake::Delivered(agent, number, record) => {
-                        p.delivered.push((*agent, *number, record.clone()))
+                    Wake::Delivered(agent, number, record, traced) => {
+                        p.delivered.push((*agent, *number, record.clone(), *traced))
                     }
                     Wake::Settled(promise) => p.settled.push(*promise),
                 }
@@ -433,7 +511,7 @@ impl Net {
                     .delivered
                     .iter()
                     .take(MAX_WAKEUPS_PER_CALL)
-                    .take_while(|(_, _, r)| {
+                    .take_while(|(_, _, r, _)| {
                         bytes += r.len();
                         bytes <= MAX_WAKEUP_CALL_BYTES
                     })
@@ -453,11 +531,12 @@ impl Net {
                 let m = self.member(&node.addr).await?;
                 let mut r = m.wake_request();
                 let mut dl = r.get().init_delivered(delivered.len() as u32);
-                for (i, (agent, number, record)) in delivered.iter().enumerate() {
+                for (i, (agent, number, record, traced)) in delivered.iter().enumerate() {
                     let mut d = dl.reborrow().get(i as u32);
                     d.set_agent(agent.as_bytes());
                     d.set_number(*number);
                     d.set_record(record);
+                    d.set_trace(*traced);
                 }
                 let mut sl = r.get().init_settled(settled.len() as u32);
                 for (i, promise) in settled.iter().enumerate() {
@@ -470,7 +549,21 @@ impl Net {
                 r.send().promise.await.map_err(|e| e.to_string())?;
                 Ok::<_, String>(())
             };
-            match tokio::time::timeout(WAKEUP_TIMEOUT, call).await {
+            let timer = trace::Timer::start_for(delivered.iter().map(|d| d.3).collect());
+            let r = tokio::time::timeout(WAKEUP_TIMEOUT, call).await;
+            timer.done("wake-up call", || {
+                let how = match &r {
+                    Ok(Ok(())) => "answered".to_string(),
+                    Ok(Err(e)) => e.clone(),
+                    Err(_) => "no answer".into(),
+                };
+                format!(
+                    "{} to node {}: {how}",
+                    trace::count(delivered.len() as u64, "wake-up"),
+                    node.name
+                )
+            });
+            match r {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     tracing::debug!(node = %node.name, "wake-up failed: {e}");
@@ -492,10 +585,13 @@ impl Net {
                     at_least,
                     admit,
                     reply,
+                    traces,
                 } => {
                     let me = self.clone();
                     tokio::task::spawn_local(async move {
-                        let r = me.reserve_at(&node, agent, count, at_least, admit).await;
+                        let r = me
+                            .reserve_at(&node, agent, count, at_least, admit, &traces)
+                            .await;
                         let _ = reply.send(r);
                     });
                 }
@@ -504,7 +600,8 @@ impl Net {
                     agent,
                     number,
                     record,
-                } => self.wake(to, Wake::Delivered(agent, number, record)),
+                    trace,
+                } => self.wake(to, Wake::Delivered(agent, number, record, trace)),
                 LinkOp::Settled { to, promise } => self.wake(to, Wake::Settled(promise)),
                 LinkOp::Interest {
                     node,
@@ -541,6 +638,6 @@ impl From<CapError> for CallError {
 
 #[derive(Clone)]
 enum Wake {
-    Delivered(FormulaId, u64, Arc<Vec<u8>>),
+    Delivered(FormulaId, u64, Arc<Vec<u8>>, u64),
     Settled(FormulaId),
 }

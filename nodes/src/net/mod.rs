@@ -6,6 +6,7 @@
 //! - [`relay`]: relayed commits: a node's busy commits go to one member,
 //!   which merges the cluster's commits into fewer store requests.
 //! - [`advertise`]: the addresses a node puts in locators and member records.
+//! - [`traces`]: a traced operation's spans, gathered from every member.
 //! - this module: [`Net`], the QUIC endpoint of a node: its bounds, `bind`
 //!   and the locators it issues. It listens (with `--listen`), serves a
 //!   [`Gateway`](capstan_proto::net_capnp::gateway) on every incoming
@@ -53,6 +54,7 @@ pub mod identity;
 pub mod members;
 pub mod relay;
 pub mod tls;
+pub mod traces;
 
 mod endpoint;
 mod outbox;

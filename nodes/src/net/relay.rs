@@ -36,6 +36,8 @@ pub const RELAY_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct RelayCall {
     addr: String,
     group: Vec<u8>,
+    /// The traced operations whose commits are in the group.
+    traces: Vec<u64>,
     reply: oneshot::Sender<Result<Vec<u8>, RelayError>>,
 }
 
@@ -62,6 +64,7 @@ impl CommitRelay for NetRelay {
             .try_send(RelayCall {
                 addr: to.addr,
                 group,
+                traces: capstan_cluster::trace::current(),
                 reply,
             })
             .ok()?;
@@ -81,12 +84,13 @@ impl Net {
                 let RelayCall {
                     addr,
                     group,
+                    traces,
                     mut reply,
                 } = c;
                 // The store stops waiting after its own limit and resolves
                 // the group by its marker: so does this call then.
                 tokio::select! {
-                    r = me.relay_at(&addr, &group) => {
+                    r = me.relay_at(&addr, &group, &traces) => {
                         let _ = reply.send(r);
                     }
                     () = reply.closed() => {}
@@ -95,13 +99,27 @@ impl Net {
         }
     }
 
-    async fn relay_at(self: &Rc<Self>, addr: &str, group: &[u8]) -> Result<Vec<u8>, RelayError> {
+    async fn relay_at(
+        self: &Rc<Self>,
+        addr: &str,
+        group: &[u8],
+        traces: &[u64],
+    ) -> Result<Vec<u8>, RelayError> {
         let m = self
             .member(addr)
             .await
             .map_err(|e| RelayError::NotApplied(format!("member {addr} is unreachable: {e}")))?;
         let mut r = m.relay_request();
         r.get().set_group(group);
+        if !traces.is_empty() {
+            let n = traces
+                .len()
+                .min(capstan_cluster::trace::MAX_TRACES_PER_CALL);
+            let mut l = r.get().init_traces(n as u32);
+            for (i, t) in traces.iter().take(n).enumerate() {
+                l.set(i as u32, *t);
+            }
+        }
         let call = async {
             let a = r.send().promise.await?;
             let a = a.get()?;

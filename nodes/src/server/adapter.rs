@@ -222,11 +222,18 @@ impl agent::Server for AgentServer {
         if reply_to.is_none() && to.is_empty() {
             return Err(failed("send needs a recipient"));
         }
-        let number = self
-            .handle
-            .send(req, &to, strings, refs, reply_to)
-            .await
-            .map_err(actor_error)?;
+        let traced = [p.get_trace()];
+        let timer = capstan_cluster::trace::Timer::start_one(traced[0]);
+        let sent = capstan_cluster::trace::scope(
+            &traced,
+            self.handle.send(req, &to, strings, refs, reply_to),
+        )
+        .await;
+        timer.done("send", || match &sent {
+            Ok(n) => format!("to {to:?}: number {n} in the sender's inbox"),
+            Err(e) => format!("to {to:?}: {e}"),
+        });
+        let number = sent.map_err(actor_error)?;
         results.get().set_number(number);
         Ok(())
     }
@@ -495,6 +502,12 @@ impl agent::Server for AgentServer {
         let p = params.get()?;
         let command = text(p.get_command(), "command")?;
         let arg = text(p.get_arg(), "arg")?;
+        if command == "trace" {
+            let id = capstan_cluster::trace::parse_id(&arg).map_err(failed)?;
+            let v = self.net.gather_spans(id).await;
+            results.get().set_json(v.to_string().as_str());
+            return Ok(());
+        }
         if command == crate::graph::GRAPH_COMMAND {
             let g = crate::graph::gather(self.net.runtime(), &self.handle, &arg)
                 .await
