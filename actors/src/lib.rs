@@ -116,3 +116,4 @@ pub use error::{Error, ErrorKind};
 pub use federation::{AcceptStep, Caller, Envelope, EnvelopeBody, OutOp, OutboxItem, Settlement};
 pub use records::{LocatorRec, RemoteRec};
 pub use remote::{Shown, Target};
+pub use reserve::InboxFiller;

@@ -1,17 +1,32 @@
 //! Sending mail: resolving the recipient and the references, then one
 //! transaction that writes both copies of a message.
+//!
+//! Each copy has a number in its inbox, handed out by the inbox's owner
+//! (`crate::reserve`). In a cluster whose relay (the member that merges the
+//! nodes' busy commits) owns the sender's inbox, the sender's own copy
+//! takes its number as the relay merges the commit instead
+//! (`capstan_cluster::Transaction::fill`): no call to the owner before the
+//! commit, the number still from the inbox's one sequence, handed out after
+//! the send began and before it is answered (real-time order holds). When
+//! no relay fills it in (none now, another owner, an older member), the
+//! send reserves it as every other send does and commits again.
 
 use crate::error::Error;
 use crate::keys;
 use crate::model::{self, Ctx};
 use crate::names::Path;
 use crate::records::{BodyRec, DedupAnswer, FormulaKind, MessageRec, RemoteRec};
+use capstan_cluster::StoreError;
 use capstan_proto::{FormulaId, RequestId};
 use std::sync::Arc;
 
 use crate::agent::{AgentHandle, checked_dedup};
 use crate::clock::now_ms;
 use crate::types::{MAX_SLOT_RETRIES, RefSpec};
+
+/// Numbers from here up are placeholders a relay fills in
+/// (`capstan_cluster::Transaction::fill`), never an inbox's.
+const PLACEHOLDERS: u64 = 1 << 63;
 
 /// What a message's transaction writes besides its copies: the body (and
 /// the promise a request makes), given the transaction and the sender.
@@ -331,6 +346,50 @@ impl AgentHandle {
         }
     }
 
+    /// Whether a send of this agent to `target` may have its own copy's
+    /// number filled in by the relay (`Transaction::fill`): in a cluster
+    /// whose relay (another member) owns this agent's inbox, for a plain
+    /// handle (no guest's batch, fence or journal), to another local agent.
+    /// The commit then goes to the relay, which reserves the number from
+    /// the inbox's own sequence as it merges the commit: real-time order
+    /// holds (the number is handed out before the send is answered, after
+    /// it began), and the call to reserve it is saved. `CAPSTAN_FILL_NUMBERS=0`
+    /// turns this off (each send reserves its number first, as before).
+    fn may_fill_own(&self, target: FormulaId, remote: bool) -> bool {
+        static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if *OFF.get_or_init(|| std::env::var("CAPSTAN_FILL_NUMBERS").is_ok_and(|v| v == "0")) {
+            return false;
+        }
+        if self.open.is_some() || self.fence.is_some() || self.journal.is_some() {
+            return false;
+        }
+        if remote || target == self.ctx.id || !self.rt.db.store().fills() {
+            return false;
+        }
+        let Some(c) = self.rt.cluster.get() else {
+            return false;
+        };
+        match (c.commit_relay(), c.cached_owner(&self.ctx.id)) {
+            (Some(relay), Some(owner)) => relay.name == owner.name && relay.epoch == owner.epoch,
+            _ => false,
+        }
+    }
+
+    /// The number of this agent's copy of the message sent under `req`, as
+    /// its exactly-once record says (a send that applied).
+    async fn own_number_of(&self, req: RequestId) -> Result<u64, Error> {
+        let me = self.ctx.id;
+        let earlier = self
+            .read(move |tx| Box::pin(async move { model::dedup_get(tx, &me, &req).await }))
+            .await?;
+        match earlier {
+            Some(DedupAnswer::Number(n)) if n < PLACEHOLDERS => Ok(n),
+            _ => Err(Error::Corrupt(
+                "a send applied without its number recorded".into(),
+            )),
+        }
+    }
+
     async fn post_to<F: PostBody>(
         &self,
         req: RequestId,
@@ -349,6 +408,9 @@ impl AgentHandle {
         // are refused by the store; retry with fresh ones above them.
         let (mut own_min, mut their_min) = (0, 0);
         let mut tries = 0;
+        // The sender's own copy takes its number from the relay when the
+        // relay owns the sender's inbox (module docs).
+        let mut fill_own = self.may_fill_own(target, remote_target);
         let result = loop {
             tries += 1;
             if tries > MAX_SLOT_RETRIES {
@@ -366,14 +428,24 @@ impl AgentHandle {
                         .await?,
                 )
             };
-            let own = self.reserve_one(me, own_min).await?;
-            let theirs = theirs.unwrap_or(own);
+            let own = match fill_own {
+                true => None,
+                false => Some(self.reserve_one(me, own_min).await?),
+            };
+            let Some(theirs) = theirs.or(own) else {
+                return Err(Error::Invalid(
+                    "internal: a number to fill in for a copy to oneself".into(),
+                ));
+            };
+            let filled: capstan_cluster::store::Filled = Default::default();
             let ctx = self.ctx.clone();
             let (body, remote, recheck) = (body.clone(), remote.clone(), recheck.clone());
+            let f2 = filled.clone();
             let r = self
                 .transact(move |tx| {
                     let (ctx, body, remote, recheck) =
                         (ctx.clone(), body.clone(), remote.clone(), recheck.clone());
+                    let own = own.unwrap_or_else(|| tx.fill(ctx.id.as_bytes(), &f2));
                     Box::pin(async move {
                         // A fresh request id and freshly reserved inbox slots
                         // are absent: on a first, possibly stale attempt they
@@ -456,7 +528,14 @@ impl AgentHandle {
                 })
                 .await;
             match r {
-                Err(Error::InboxSlotTaken { number, .. }) if number == own && own_min <= number => {
+                // no relay fills numbers in now: reserve one
+                Err(Error::Store(StoreError::FillUnavailable(why))) if own.is_none() => {
+                    tracing::debug!("own number not filled in ({why}); reserving it");
+                    fill_own = false;
+                }
+                Err(Error::InboxSlotTaken { number, .. })
+                    if Some(number) == own && own_min <= number =>
+                {
                     own_min = number + 1
                 }
                 Err(Error::InboxSlotTaken { number, .. })
@@ -464,10 +543,26 @@ impl AgentHandle {
                 {
                     their_min = number + 1
                 }
-                r => break r?,
+                r => break (r?, filled),
             }
         };
-        let (n, created, delivered) = result;
+        let ((mut n, created, mut delivered), filled) = result;
+        if n >= PLACEHOLDERS {
+            // the relay filled the number in: it says which, or (its answer
+            // lost, the commit settled as applied) the exactly-once record does
+            n = match filled.get() {
+                Some(f) => {
+                    if let Some(c) = self.rt.cluster.get() {
+                        c.learn_interest(me, f.notes.clone());
+                    }
+                    f.number
+                }
+                None => self.own_number_of(req).await?,
+            };
+            if let Some((mine, _)) = &mut delivered {
+                mine.number = n;
+            }
+        }
         if let (Some(open), Some(_)) = (&self.open, &delivered) {
             open.own_copy(n);
         }

@@ -344,6 +344,31 @@ impl AgentHandle {
     }
 }
 
+/// The numbers a relay fills in for the other nodes' sends
+/// ([`capstan_cluster::relay::Filler`]): an inbox's numbers, handed out by
+/// this node where it owns the inbox (as it serves a reservation call: the
+/// answer names the members following the inbox), refused elsewhere.
+pub struct InboxFiller(pub Runtime);
+
+impl capstan_cluster::relay::Filler for InboxFiller {
+    fn fill(&self, scope: &[u8], count: u32) -> capstan_cluster::relay::FillFuture {
+        let rt = self.0.clone();
+        let agent = FormulaId::from_slice(scope);
+        Box::pin(async move {
+            let agent =
+                agent.map_err(|_| "a sequence to fill is an agent's 32-byte id".to_string())?;
+            if !(1..=capstan_cluster::relay::MAX_GROUP_FILLS as u32).contains(&count) {
+                return Err(format!("cannot fill {count} numbers at once"));
+            }
+            let (first, notes) = rt
+                .serve_reserve(agent, u64::from(count), 0, None)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(capstan_cluster::relay::FillAnswer { first, notes })
+        })
+    }
+}
+
 impl Runtime {
     /// Serves a reservation another member asked of this node (the owner).
     pub async fn serve_reserve(

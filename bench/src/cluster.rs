@@ -319,6 +319,7 @@ pub(super) async fn cluster_rows(
             "9–92 /s (1 node, quoted: ANCHORS.md)",
         ));
         phase.rows("cluster:", rows);
+        rows.push(super::sends::host_placement(&hosts[0]).await?);
         if let Some(file) = &sizes.trace {
             rows.push(super::sends::traced_hops(&hosts[0], &traced, file).await?);
         }

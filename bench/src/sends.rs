@@ -78,7 +78,7 @@ pub(super) fn store_cost(
     let per = |k: &str| delta.d(k) / ops.max(1) as f64;
     let mean_ms = |us: &str, n: &str| delta.mean_ms(us, n).unwrap_or(0.0);
     let text = format!(
-        "{:.1} snapshots ({:.1} revision reads), {:.1} reads in {:.1} requests ({:.2} ms), {:.1} commits ({:.1} puts, {:.1} deletions, {:.1} compares, {:.1} sent) in {:.2} Txns ({:.2} ms, {:.2} conflicts); {:.1} wake-ups to other nodes in {:.2} calls, {:.2} remote reservations; {:.2} groups relayed ({:.2} failed)",
+        "{:.1} snapshots ({:.1} revision reads), {:.1} reads in {:.1} requests ({:.2} ms), {:.1} commits ({:.1} puts, {:.1} deletions, {:.1} compares, {:.1} sent) in {:.2} Txns ({:.2} ms, {:.2} conflicts); {:.1} wake-ups to other nodes in {:.2} calls, {:.2} remote reservations, {:.2} numbers filled in by the relay; {:.2} groups relayed ({:.2} failed)",
         per("snapshots"),
         per("revision_reads"),
         per("reads"),
@@ -95,6 +95,7 @@ pub(super) fn store_cost(
         per("wakeups_sent"),
         per("wake_calls"),
         per("reserve_calls"),
+        per("filled_in"),
         per("relayed_out"),
         per("relay_failures"),
     );
@@ -115,6 +116,7 @@ pub(super) fn store_cost(
         "wakeups_sent": per("wakeups_sent"),
         "wake_calls": per("wake_calls"),
         "reserve_calls": per("reserve_calls"),
+        "filled_in": per("filled_in"),
         "relayed_groups": per("relayed_out"),
         "relay_failures": per("relay_failures"),
     });
@@ -349,5 +351,38 @@ pub(super) async fn traced_hops(
             "file": file.display().to_string(),
             "hops": by_median.iter().map(|(name, p50, n)| json!({"name": name, "p50_us": p50, "sends": n})).collect::<Vec<_>>(),
         }),
+    })
+}
+
+/// Which node owns the host's inbox (the sends' figures depend on it: its
+/// owner reserves the host's numbers locally, and when it is the relay, it
+/// fills them in for the other nodes' sends), as a row.
+pub(super) async fn host_placement(host: &agent::Client) -> anyhow::Result<Row> {
+    let json_of = |command: &'static str, arg: &'static str| async move {
+        let mut r = host.cluster_request();
+        r.get().set_command(command);
+        r.get().set_arg(arg);
+        let answer = r.send().promise.await?;
+        let v: serde_json::Value = serde_json::from_str(answer.get()?.get_json()?.to_str()?)?;
+        Ok::<_, anyhow::Error>(v)
+    };
+    let placement = json_of("placement", "HOST").await?;
+    let status = json_of("status", "").await?;
+    let owner = placement["node"].as_str().unwrap_or("nobody").to_string();
+    let relay = status["commit_merger"]
+        .as_str()
+        .unwrap_or("none")
+        .to_string();
+    let value = if owner == relay {
+        format!("{owner}, the relay: it fills in the host's numbers of the other nodes' sends")
+    } else {
+        format!("{owner} (the relay is {relay}): the other nodes reserve the host's numbers there")
+    };
+    Ok(Row {
+        what: "cluster: the host's inbox lives on".into(),
+        value,
+        target: "",
+        endo: "",
+        json: json!({"owner": owner, "relay": relay}),
     })
 }

@@ -363,6 +363,7 @@ async fn commit_blind(store: &dyn Store, mutations: Vec<Mutation>) -> Result<(),
     loop {
         let req = CommitRequest {
             facts: Default::default(),
+            fills: Vec::new(),
             read_version: 0,
             read_conflicts: Vec::new(),
             mutations: mutations.clone(),

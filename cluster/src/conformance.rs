@@ -671,6 +671,7 @@ pub async fn batches_never_merge_conflicting_transactions(db: &Db) -> CheckResul
     let rv = snap.version();
     let req = |read: Option<Vec<u8>>, write: Vec<u8>| CommitRequest {
         facts: Default::default(),
+        fills: Vec::new(),
         read_version: rv,
         read_conflicts: read
             .map(|k| vec![(k.clone(), crate::store::key_after(&k))])
@@ -731,6 +732,7 @@ pub async fn commit_conflicts(db: &Db) -> CheckResult {
     );
     let req = |reads: Vec<(&[u8], &[u8])>, key: &[u8]| CommitRequest {
         facts: Default::default(),
+        fills: Vec::new(),
         read_version: rv,
         read_conflicts: reads
             .into_iter()
@@ -1074,6 +1076,7 @@ pub async fn versions_increase(db: &Db) -> CheckResult {
         let v = store
             .commit(CommitRequest {
                 facts: Default::default(),
+                fills: Vec::new(),
                 read_version: prev,
                 read_conflicts: vec![],
                 mutations: vec![Mutation::Set(b"ver/direct".to_vec(), vec![i])],
@@ -1103,6 +1106,7 @@ pub async fn versions_increase(db: &Db) -> CheckResult {
             store
                 .commit(CommitRequest {
                     facts: Default::default(),
+                    fills: Vec::new(),
                     read_version: before,
                     read_conflicts: vec![],
                     mutations: vec![Mutation::Set(

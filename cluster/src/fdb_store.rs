@@ -613,6 +613,7 @@ impl Inner {
     }
 
     async fn commit(&self, req: CommitRequest) -> Result<Version, StoreError> {
+        crate::redb_store::refuse_fills(&req, "FoundationDB")?;
         crate::redb_store::validate(&req)?;
         let read_version = i64::try_from(req.read_version).map_err(|_| {
             StoreError::Io(format!("read version {} is out of range", req.read_version))
@@ -967,6 +968,7 @@ mod tests {
         let l = Layout::new(DEFAULT_PREFIX);
         let req = CommitRequest {
             facts: Default::default(),
+            fills: Vec::new(),
             read_version: 1,
             read_conflicts: vec![(b"a".to_vec(), b"b".to_vec())],
             mutations: vec![Mutation::Set(b"k".to_vec(), vec![0; 100])],

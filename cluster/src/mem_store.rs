@@ -642,6 +642,7 @@ impl Store for MemStore {
 
     async fn commit(&self, req: CommitRequest) -> Result<Version, StoreError> {
         self.shared.refuse_if_stopped()?;
+        crate::redb_store::refuse_fills(&req, "in-memory")?;
         validate(&req)?;
         self.shared.enter(Call::Commit).await?;
         let faults = &self.shared.faults;
@@ -731,6 +732,7 @@ mod tests {
             }
             let req = CommitRequest {
                 facts: Default::default(),
+                fills: Vec::new(),
                 read_version: 0,
                 read_conflicts: vec![],
                 mutations,

@@ -225,6 +225,7 @@ impl Store for RedbStore {
     }
 
     async fn commit(&self, req: CommitRequest) -> Result<Version, StoreError> {
+        refuse_fills(&req, "redb")?;
         let bytes = validate(&req)?;
         let queue = self.queue.as_ref().ok_or(StoreError::Closed)?;
         let (reply, answer) = oneshot::channel();
@@ -252,6 +253,17 @@ impl Store for RedbStore {
 }
 
 /// Checks the limits on a request coming straight to [`Store::commit`]; its mutation bytes.
+/// Refuses a commit with numbers to fill in: a backend with no member to
+/// fill them ([`crate::Transaction::fill`]).
+pub(crate) fn refuse_fills(req: &CommitRequest, backend: &str) -> Result<(), StoreError> {
+    match req.fills.is_empty() {
+        true => Ok(()),
+        false => Err(StoreError::FillUnavailable(format!(
+            "the {backend} store has no member to fill numbers in"
+        ))),
+    }
+}
+
 pub(crate) fn validate(req: &CommitRequest) -> Result<usize, StoreError> {
     let mut total = 0usize;
     for m in &req.mutations {
@@ -1092,6 +1104,7 @@ mod tests {
     fn validate_rejects_oversized_requests() {
         let req = |m| CommitRequest {
             facts: Default::default(),
+            fills: Vec::new(),
             read_version: 0,
             read_conflicts: vec![],
             mutations: vec![m],

@@ -38,6 +38,45 @@ pub trait CommitRelay: Send + Sync + 'static {
     fn eager(&self) -> bool {
         false
     }
+    /// [`relay`](Self::relay) of a group with numbers for the relay to fill
+    /// in (`fills`, see [`crate::Transaction::fill`]): `None` when the
+    /// relay cannot be asked (none now, or one that fills none).
+    fn relay_filled(&self, _group: Vec<u8>, _fills: Vec<GroupFill>) -> Option<FilledFuture> {
+        None
+    }
+}
+
+/// The answer to a relayed group with numbers to fill in: the store's
+/// encoded answer and, for each of the group's fills, what the filler gave.
+pub type FilledFuture =
+    Pin<Box<dyn Future<Output = Result<(Vec<u8>, Vec<FillAnswer>), RelayError>> + Send>>;
+
+/// One sequence's numbers to fill in a relayed group: the placeholders
+/// written for them, in the order the numbers go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupFill {
+    pub scope: Vec<u8>,
+    pub placeholders: Vec<u64>,
+}
+
+/// What the filler gave for a [`GroupFill`]: its first number (the others
+/// follow it), and what it says with them (an inbox's owner: the members
+/// following the inbox, whom the sender wakes once it committed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FillAnswer {
+    pub first: u64,
+    pub notes: Vec<String>,
+}
+
+/// The future of a [`Filler`]'s answer.
+pub type FillFuture = Pin<Box<dyn Future<Output = Result<FillAnswer, String>> + Send>>;
+
+/// Who hands out the numbers a relay fills in (the node: an inbox's
+/// numbers come from its owner, and only the owner gives them).
+pub trait Filler: Send + Sync + 'static {
+    /// Reserves `count` consecutive numbers of the sequence `scope` names,
+    /// if this member hands them out now; otherwise why not.
+    fn fill(&self, scope: &[u8], count: u32) -> FillFuture;
 }
 
 /// Why a relayed group has no answer.
@@ -50,4 +89,19 @@ pub enum RelayError {
     /// It may have been applied: its sender resolves it by its marker.
     #[error("relayed commits' outcome unknown: {0}")]
     Unknown(String),
+    /// Nothing of the group was applied: the relay would not fill its
+    /// numbers in (it hands none of them out, or predates filling). The
+    /// sender commits the group's other commits itself and those with
+    /// numbers to fill fail with [`crate::StoreError::FillUnavailable`];
+    /// the relay stays in use.
+    #[error("relayed commits not applied: the relay fills no numbers in ({0})")]
+    NoFill(String),
 }
+
+/// Most numbers one relayed group asks the relay to fill in (and most
+/// sequences).
+pub const MAX_GROUP_FILLS: usize = 256;
+
+/// How a relay says, in a group's `unapplied` answer, that it filled no
+/// numbers in ([`RelayError::NoFill`]).
+pub const NO_FILL: &str = "no fill: ";

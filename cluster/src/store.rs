@@ -115,6 +115,11 @@ pub enum StoreError {
     /// The store was closed.
     #[error("store is closed")]
     Closed,
+    /// A commit with numbers to fill in ([`Transaction::fill`]) found no
+    /// member to fill them now; nothing was written: commit it again with
+    /// numbers of its own.
+    #[error("no store member fills numbers in now ({0}); nothing was written")]
+    FillUnavailable(String),
 }
 
 impl StoreError {
@@ -275,6 +280,62 @@ pub struct CommitRequest {
     pub mutations: Vec<Mutation>,
     /// What the snapshot learned for this commit ([`Snapshot::facts`]).
     pub facts: ReadFacts,
+    /// Numbers a member of the store fills in as it commits
+    /// ([`Transaction::fill`]); where the numbers go once it applied.
+    pub fills: Vec<Fill>,
+}
+
+/// A number to fill in at commit ([`Transaction::fill`]): every occurrence
+/// of `placeholder`'s 8 bytes (big-endian in keys, either order in values)
+/// in the commit becomes the next number of the sequence `scope` names, as
+/// the member of the store that hands that sequence out gives it.
+#[derive(Debug, Clone)]
+pub struct Fill {
+    pub scope: Vec<u8>,
+    pub placeholder: u64,
+    /// Where the number goes once the commit applied (it stays unset when
+    /// the commit applied but its answer was lost: then the caller reads
+    /// what it wrote to learn it).
+    pub filled: Filled,
+}
+
+/// A filled number, once known ([`Fill`]).
+pub type Filled = Arc<std::sync::OnceLock<FilledNumber>>;
+
+/// The number a [`Fill`] got, and what its filler said with it
+/// ([`crate::relay::FillAnswer`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FilledNumber {
+    pub number: u64,
+    pub notes: Vec<String>,
+}
+
+/// Whether `bytes` holds `placeholder` (either byte order).
+pub fn holds_placeholder(bytes: &[u8], placeholder: u64) -> bool {
+    let (be, le) = (placeholder.to_be_bytes(), placeholder.to_le_bytes());
+    bytes.windows(8).any(|w| w == be || w == le)
+}
+
+/// `bytes` with every occurrence of `placeholder` (either byte order)
+/// replaced by `number` in the same order; how many it replaced.
+pub fn replace_placeholder(bytes: &mut [u8], placeholder: u64, number: u64) -> usize {
+    let mut n = 0;
+    for (from, to) in [
+        (placeholder.to_be_bytes(), number.to_be_bytes()),
+        (placeholder.to_le_bytes(), number.to_le_bytes()),
+    ] {
+        let mut i = 0;
+        while i + 8 <= bytes.len() {
+            if bytes[i..i + 8] == from {
+                bytes[i..i + 8].copy_from_slice(&to);
+                n += 1;
+                i += 8;
+            } else {
+                i += 1;
+            }
+        }
+    }
+    n
 }
 
 /// A backend: snapshot reads and optimistic commits (FoundationDB's model).
@@ -327,6 +388,31 @@ pub trait Store: Send + Sync + 'static {
     /// for commit may be taken at it without asking the backend for its
     /// latest version. Nothing for backends that read the latest cheaply.
     fn learn_version(&self, _version: Version) {}
+    /// Whether commits with numbers to fill in ([`Transaction::fill`]) may
+    /// be sent now (a member that fills them is there to send them to).
+    fn fills(&self) -> bool {
+        false
+    }
+    /// Fills in the numbers of relayed groups with `filler` from now on (or
+    /// with none: groups with numbers to fill are refused): see
+    /// [`crate::relay::Filler`]. Backends without relayed commits ignore it.
+    fn set_filler(&self, _filler: Option<std::sync::Arc<dyn crate::relay::Filler>>) {}
+    /// [`commit_relayed`](Self::commit_relayed) of a group with numbers to
+    /// fill in: each entry of `fills` (a sequence, and the placeholders of
+    /// its numbers in the group, in order) gets that many numbers from the
+    /// filler, written over its placeholders before the group is committed;
+    /// the answer, and for each entry its first number and what the filler
+    /// said with it.
+    async fn commit_relayed_filled(
+        &self,
+        _group: Vec<u8>,
+        _fills: Vec<crate::relay::GroupFill>,
+    ) -> Result<(Vec<u8>, Vec<crate::relay::FillAnswer>), crate::relay::RelayError> {
+        Err(crate::relay::RelayError::NoFill(format!(
+            "{} fills in no numbers",
+            self.describe()
+        )))
+    }
     /// Hands groups of this client's commits to `relay` from now on (or to
     /// none): see [`crate::relay`]. Backends without relayed commits ignore it.
     fn set_relay(&self, _relay: Option<std::sync::Arc<dyn crate::relay::CommitRelay>>) {}
@@ -380,6 +466,8 @@ pub struct Transaction {
     /// Keys taken back ([`Transaction::forget`]), each with the number of
     /// mutations made before: those of the key among them are dropped.
     forgets: Vec<(usize, Vec<u8>)>,
+    /// Numbers to fill in at commit ([`Transaction::fill`]).
+    fills: Vec<Fill>,
 }
 
 /// The writes of a [`Transaction`] at one moment ([`Transaction::checkpoint`]):
@@ -388,6 +476,7 @@ pub struct Checkpoint {
     mutations: usize,
     forgets: usize,
     fresh: usize,
+    fills: usize,
     size: usize,
     deferred: Option<StoreError>,
 }
@@ -412,6 +501,7 @@ impl Transaction {
             fetched: std::collections::HashMap::new(),
             fresh: BTreeMap::new(),
             forgets: Vec::new(),
+            fills: Vec::new(),
         }
     }
 
@@ -748,6 +838,7 @@ impl Transaction {
             mutations: self.mutations.len(),
             forgets: self.forgets.len(),
             fresh: self.fresh.len(),
+            fills: self.fills.len(),
             size: self.size,
             deferred: self.deferred.clone(),
         }
@@ -780,8 +871,30 @@ impl Transaction {
         if self.fresh.len() > cp.fresh {
             self.fresh.retain(|_, i| *i < cp.fresh);
         }
+        self.fills.truncate(cp.fills);
         self.size = cp.size;
         self.deferred = cp.deferred;
+    }
+
+    /// A number the store fills in as it commits: a placeholder to write in
+    /// keys and values now (8 bytes, either byte order), which the member of
+    /// the store that hands out the sequence `scope` names replaces, in the
+    /// whole commit, by that sequence's next number (the numbers of an
+    /// inbox, handed out by its owner as a relay merges the commit: see
+    /// `actors::mail`). The number is in `filled` once the commit applied.
+    /// Only a backend that says so takes such commits ([`Store::fills`]);
+    /// others refuse them with [`StoreError::FillUnavailable`], as does one
+    /// that finds no member to fill them in at the time: the caller then
+    /// commits again with numbers of its own. A placeholder has its top bit
+    /// set, so that no number handed out (they are far below) is one.
+    pub fn fill(&mut self, scope: &[u8], filled: &Filled) -> u64 {
+        let placeholder = crate::trace::new_id() | (1 << 63);
+        self.fills.push(Fill {
+            scope: scope.to_vec(),
+            placeholder,
+            filled: filled.clone(),
+        });
+        placeholder
     }
 
     /// Mutations so far (a key set twice counts twice: an upper bound on
@@ -833,6 +946,7 @@ impl Transaction {
             read_conflicts: self.read_conflicts,
             mutations,
             facts: self.snapshot.facts(),
+            fills: self.fills,
         })
     }
 
@@ -1090,6 +1204,13 @@ impl Db {
                         return Ok(value);
                     }
                     let req = tx.into_commit_request()?;
+                    if !req.fills.is_empty() && !self.store.fills() {
+                        return Err(StoreError::FillUnavailable(format!(
+                            "{} takes no commits with numbers to fill in now",
+                            self.store.describe()
+                        ))
+                        .into());
+                    }
                     let timer = crate::trace::Timer::start();
                     let r = self.store.commit(req).await;
                     timer.done("commit", || match &r {

@@ -370,6 +370,7 @@ fn commit_versions_are_revisions() {
             .store()
             .commit(CommitRequest {
                 facts: Default::default(),
+                fills: Vec::new(),
                 read_version: snap.version(),
                 read_conflicts: vec![],
                 mutations: vec![Mutation::Set(b"a".to_vec(), b"1".to_vec())],

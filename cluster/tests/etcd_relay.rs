@@ -13,7 +13,10 @@ use std::sync::{Arc, Mutex};
 
 use capstan_cluster::conformance::{get, increment, runtime as rt, set, unique};
 use capstan_cluster::etcd_store::EtcdStore;
-use capstan_cluster::relay::{CommitRelay, RelayError, RelayFuture};
+use capstan_cluster::relay::{
+    CommitRelay, FillAnswer, FillFuture, FilledFuture, Filler, GroupFill, RelayError, RelayFuture,
+};
+use capstan_cluster::store::Filled;
 use capstan_cluster::{Db, Store, StoreError};
 
 fn endpoints() -> Option<String> {
@@ -119,6 +122,83 @@ impl CommitRelay for TestRelay {
     fn eager(&self) -> bool {
         true
     }
+
+    fn relay_filled(&self, group: Vec<u8>, fills: Vec<GroupFill>) -> Option<FilledFuture> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let to = self.to.clone();
+        match self.mode {
+            Mode::Faithful | Mode::Old => Some(Box::pin(async move {
+                to.commit_relayed_filled(group, fills).await
+            })),
+            Mode::LoseAnswer => Some(Box::pin(async move {
+                let _ = to.commit_relayed_filled(group, fills).await;
+                Err(RelayError::Unknown("the answer was lost".into()))
+            })),
+            Mode::Hold => {
+                self.held.lock().unwrap().push(group);
+                Some(Box::pin(async {
+                    Err(RelayError::Unknown("no answer".into()))
+                }))
+            }
+            Mode::Refuse => Some(Box::pin(async {
+                Err(RelayError::NoFill("refused".into()))
+            })),
+        }
+    }
+}
+
+/// Hands out the numbers of every sequence from 100 up, one counter for
+/// all, and says "n9" with them; or refuses sequences named "other".
+struct CountingFiller(AtomicUsize);
+
+impl Filler for CountingFiller {
+    fn fill(&self, scope: &[u8], count: u32) -> FillFuture {
+        let first = 100 + self.0.fetch_add(count as usize, Ordering::Relaxed) as u64;
+        let mine = scope != b"other";
+        Box::pin(async move {
+            match mine {
+                true => Ok(FillAnswer {
+                    first,
+                    notes: vec!["n9".into()],
+                }),
+                false => Err("not the owner".into()),
+            }
+        })
+    }
+}
+
+/// Commits, as `db`, the key `m/` + the number filled in for `scope`
+/// (big-endian), valued with it both ways: the placeholder and where the
+/// number lands.
+async fn put_filled(db: &Db, scope: &'static [u8]) -> Result<(u64, Filled), StoreError> {
+    let filled = Filled::default();
+    let f2 = filled.clone();
+    let p = db
+        .transact(move |tx| {
+            let p = tx.fill(scope, &f2);
+            Box::pin(async move {
+                let key = [b"m/".as_slice(), &p.to_be_bytes()].concat();
+                tx.expect_absent(&key);
+                let value = [p.to_le_bytes(), p.to_be_bytes()].concat();
+                tx.set(&key, &value)?;
+                tx.set(
+                    &[b"d/".as_slice(), &p.to_le_bytes()[..4]].concat(),
+                    b"record",
+                )?;
+                Ok::<_, StoreError>(p)
+            })
+        })
+        .await?;
+    Ok((p, filled))
+}
+
+/// The key `put_filled` wrote for `number`, and whether its value holds it.
+async fn filled_key(db: &Db, number: u64) -> Option<bool> {
+    let key = [b"m/".as_slice(), &number.to_be_bytes()].concat();
+    get(db, &key)
+        .await
+        .unwrap()
+        .map(|v| v == [number.to_le_bytes(), number.to_be_bytes()].concat())
 }
 
 /// Two clients of the store `tag`: the first relays every commit through
@@ -422,5 +502,145 @@ fn a_group_outside_the_store_is_refused() {
             .await
             .unwrap();
         assert_eq!(get(&own_db, b"x").await.unwrap(), Some(b"evil".to_vec()));
+    });
+}
+
+/// Commits whose numbers the relay fills in: each gets the filler's next
+/// number written over its placeholder in its key and its value (both byte
+/// orders), concurrent ones distinct numbers; the placeholder itself is
+/// nowhere in the store, and the sender learns each number and what the
+/// filler said with it.
+#[test]
+fn the_relay_fills_numbers_in_from_its_filler() {
+    if !etcd_enabled() {
+        return;
+    }
+    rt().block_on(async {
+        let (a, proxy, relay) = pair(&unique("fill"), Mode::Faithful).await;
+        proxy
+            .store()
+            .set_filler(Some(Arc::new(CountingFiller(AtomicUsize::new(0)))));
+        assert!(a.store().fills());
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let a = a.clone();
+            tasks.push(tokio::spawn(async move { put_filled(&a, b"seq").await }));
+        }
+        let mut numbers = Vec::new();
+        for t in tasks {
+            let (placeholder, filled) = t.await.unwrap().unwrap();
+            assert!(placeholder >> 63 == 1, "a placeholder has its top bit set");
+            let got = filled.get().expect("the relay said which number");
+            assert_eq!(got.notes, vec!["n9".to_string()]);
+            assert_eq!(filled_key(&proxy, got.number).await, Some(true));
+            assert_eq!(filled_key(&proxy, placeholder).await, None);
+            numbers.push(got.number);
+        }
+        numbers.sort();
+        assert_eq!(
+            numbers,
+            (100..108).collect::<Vec<_>>(),
+            "one number each, none twice"
+        );
+        assert!(relay.calls.load(Ordering::Relaxed) >= 1);
+    });
+}
+
+/// A relay that fills nothing in (no filler; one that does not own the
+/// sequence; one that refuses): the commit fails with `FillUnavailable`,
+/// nothing of it written, and the relay stays in use for other commits.
+#[test]
+fn a_commit_no_relay_fills_writes_nothing() {
+    if !etcd_enabled() {
+        return;
+    }
+    rt().block_on(async {
+        let (a, proxy, relay) = pair(&unique("nofill"), Mode::Faithful).await;
+        let e = put_filled(&a, b"seq").await.err();
+        assert!(matches!(e, Some(StoreError::FillUnavailable(_))), "{e:?}");
+        proxy
+            .store()
+            .set_filler(Some(Arc::new(CountingFiller(AtomicUsize::new(0)))));
+        let e = put_filled(&a, b"other").await.err();
+        assert!(matches!(e, Some(StoreError::FillUnavailable(_))), "{e:?}");
+        for n in 100..102 {
+            assert_eq!(filled_key(&proxy, n).await, None, "nothing written");
+        }
+        // (not paused: the next commit is relayed again)
+        let before = relay.calls.load(Ordering::Relaxed);
+        set(&a, b"plain", b"x").await.unwrap();
+        assert_eq!(relay.calls.load(Ordering::Relaxed), before + 1);
+        let (b, _, _) = pair(&unique("refuse"), Mode::Refuse).await;
+        let e = put_filled(&b, b"seq").await.err();
+        assert!(matches!(e, Some(StoreError::FillUnavailable(_))), "{e:?}");
+    });
+}
+
+/// The relay fills a number in and applies the group, and its answer is
+/// lost: the sender settles the commit by its marker as applied, without
+/// the number (its caller reads what it wrote to learn it), and the number
+/// is in the store once.
+#[test]
+fn a_filled_commit_whose_answer_is_lost_applies_once() {
+    if !etcd_enabled() {
+        return;
+    }
+    rt().block_on(async {
+        let (a, proxy, _) = pair(&unique("fill-lost"), Mode::LoseAnswer).await;
+        proxy
+            .store()
+            .set_filler(Some(Arc::new(CountingFiller(AtomicUsize::new(0)))));
+        let (_, filled) = put_filled(&a, b"seq").await.unwrap();
+        assert!(filled.get().is_none(), "the answer was lost");
+        assert_eq!(filled_key(&proxy, 100).await, Some(true));
+        let rows = proxy
+            .read(|tx| {
+                Box::pin(async move {
+                    tx.get_range(capstan_cluster::RangeOption::new(
+                        b"m/".to_vec(),
+                        b"m0".to_vec(),
+                    ))
+                    .await
+                })
+            })
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 1, "applied once");
+    });
+}
+
+/// A store with no relay (etcd alone, and the in-memory store) takes no
+/// commit with numbers to fill in: refused before anything is sent.
+#[test]
+fn a_store_without_a_relay_refuses_numbers_to_fill() {
+    rt().block_on(async {
+        let mem = Db::new(Arc::new(capstan_cluster::mem_store::MemStore::new()));
+        let e = put_filled(&mem, b"seq").await.err();
+        assert!(matches!(e, Some(StoreError::FillUnavailable(_))), "{e:?}");
+        let direct = mem
+            .store()
+            .commit(capstan_cluster::CommitRequest {
+                mutations: vec![capstan_cluster::Mutation::Set(b"k".to_vec(), b"v".to_vec())],
+                fills: vec![capstan_cluster::store::Fill {
+                    scope: b"seq".to_vec(),
+                    placeholder: 1 << 63,
+                    filled: Filled::default(),
+                }],
+                ..Default::default()
+            })
+            .await;
+        assert!(
+            matches!(direct, Err(StoreError::FillUnavailable(_))),
+            "{direct:?}"
+        );
+        assert_eq!(get(&mem, b"k").await, Ok(None));
+        if !etcd_enabled() {
+            return;
+        }
+        let alone = Db::new(Arc::new(
+            EtcdStore::open(&spec_for(&unique("alone"))).await.unwrap(),
+        ));
+        let e = put_filled(&alone, b"seq").await.err();
+        assert!(matches!(e, Some(StoreError::FillUnavailable(_))), "{e:?}");
     });
 }

@@ -178,6 +178,7 @@ fn too_old_read_versions_are_conflicts() {
             .store()
             .commit(CommitRequest {
                 facts: Default::default(),
+                fills: Vec::new(),
                 read_version: rv,
                 read_conflicts: vec![(b"k".to_vec(), b"k\0".to_vec())],
                 mutations: vec![Mutation::Set(b"k".to_vec(), b"v".to_vec())],

@@ -50,6 +50,7 @@ fn everything() -> RangeOption {
 fn blind(key: &[u8], value: &[u8]) -> CommitRequest {
     CommitRequest {
         facts: Default::default(),
+        fills: Vec::new(),
         read_version: 0,
         read_conflicts: vec![],
         mutations: vec![Mutation::Set(key.to_vec(), value.to_vec())],
@@ -98,6 +99,7 @@ async fn scripted_run(seed: u64) -> (Vec<String>, Vec<KeyValue>, FaultCounts) {
         }
         let req = CommitRequest {
             facts: Default::default(),
+            fills: Vec::new(),
             read_version,
             read_conflicts: vec![read],
             mutations: vec![Mutation::Set(key, i.to_be_bytes().to_vec())],
@@ -163,6 +165,7 @@ async fn maybe_committed_is_sometimes_applied_sometimes_not() {
         let r = store
             .commit(CommitRequest {
                 facts: Default::default(),
+                fills: Vec::new(),
                 read_version: 0,
                 read_conflicts: vec![(Vec::new(), vec![0xFF])],
                 mutations: vec![Mutation::Set(b"stale".to_vec(), i.to_be_bytes().to_vec())],
@@ -465,6 +468,7 @@ async fn history_window_bounds_old_snapshots_and_memory() {
     store
         .commit(CommitRequest {
             facts: Default::default(),
+            fills: Vec::new(),
             read_version: v,
             read_conflicts: vec![],
             mutations: vec![Mutation::ClearRange(b"a".to_vec(), b"c".to_vec())],
@@ -480,6 +484,7 @@ async fn history_window_bounds_old_snapshots_and_memory() {
     assert_eq!(store.history_stats().oldest_readable, v);
     let read_b = |rv| CommitRequest {
         facts: Default::default(),
+        fills: Vec::new(),
         read_version: rv,
         read_conflicts: vec![(b"b".to_vec(), b"b\0".to_vec())],
         mutations: vec![Mutation::Set(b"c".to_vec(), vec![])],

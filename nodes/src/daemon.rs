@@ -202,6 +202,11 @@ pub async fn run(
             runtime.db().store().set_relay(Some(std::sync::Arc::new(
                 crate::net::relay::NetRelay::new(m, calls),
             )));
+            // and the relay, if it is this node, fills in the numbers of
+            // the inboxes it owns for the others' sends
+            runtime.db().store().set_filler(Some(std::sync::Arc::new(
+                capstan_actors::InboxFiller(runtime.clone()),
+            )));
         }
         Some(tokio::task::spawn_local(net.clone().run_links(rx)))
     } else {

@@ -77,6 +77,28 @@ interface Member {
   # The spans this node recorded of the traced operation `trace` (see
   # cluster/src/trace.rs; none when it recorded none, or forgot them).
   spans @6 (trace :UInt64) -> (spans :List(TraceSpan));
+  # `relay` of a group with numbers for this node to fill in first
+  # (cluster/src/etcd_store/relay.rs): each of `fills` gets as many
+  # consecutive numbers of its sequence (an inbox this node owns: `scope`
+  # is the agent's 32-byte id) as it has placeholders, written over them in
+  # the group. `filled`: each fill's first number and the members following
+  # that inbox (see `reserve`). `unapplied` starting "no fill: ": nothing
+  # applied, this node fills none of them in (it does not own the inbox);
+  # the caller commits with numbers of its own. A member that predates the
+  # method answers "unimplemented": the same.
+  relayFilled @7 (group :Data, traces :List(UInt64), fills :List(GroupFill)) -> (answer :Data, unapplied :Text, filled :List(FillAnswer));
+}
+
+# Numbers of one sequence to fill in a relayed group, by their placeholders.
+struct GroupFill {
+  scope @0 :Data;
+  placeholders @1 :List(UInt64);
+}
+
+# What a filled sequence got: its first number, and the members following it.
+struct FillAnswer {
+  first @0 :UInt64;
+  notes @1 :List(Text);
 }
 
 # One hop of a traced operation, as the node that did it recorded it.

@@ -323,6 +323,11 @@ impl Membership {
             .collect()
     }
 
+    /// The owner of `id` as this node last learned it (none: unknown).
+    pub fn cached_owner(&self, id: &FormulaId) -> Option<MemberRec> {
+        self.owners.lock().ok()?.get(id).cloned()
+    }
+
     pub fn forget_owner(&self, id: &FormulaId) {
         if let Ok(mut o) = self.owners.lock() {
             o.remove(id);

@@ -105,6 +105,9 @@ pub(super) struct Member {
     /// The traces this commit works for and when it was made (none:
     /// untraced, nothing recorded): see [`crate::trace`].
     pub traced: Option<Box<Traced>>,
+    /// Numbers the relay fills in ([`crate::Transaction::fill`]): such a
+    /// member goes only in a relayed group.
+    pub fills: Vec<crate::store::Fill>,
 }
 
 /// A traced member's traces, and when it was made (wall clock µs, instant).
@@ -590,10 +593,28 @@ async fn run(inner: Weak<Inner>, mut rx: mpsc::Receiver<Member>) {
 /// one and the batch may go there ([`super::relay`]), else to etcd.
 async fn send_batch(inner: &Inner, batch: Vec<Member>, busy: bool) {
     note_queued(&batch);
-    if let Some(relay) = super::relay::route(inner, &batch, busy) {
+    // (a member with numbers to fill goes to the relay, busy or not)
+    let filling = batch.iter().any(|m| !m.fills.is_empty());
+    if let Some(relay) = super::relay::route(inner, &batch, busy || filling) {
         return super::relay::relay_batch(inner, batch, relay).await;
     }
-    send_direct(inner, batch).await
+    send_direct_unfilled(inner, batch).await
+}
+
+/// Sends `batch` to etcd, but for its members with numbers to fill in,
+/// which only a relay fills: they fail with [`StoreError::FillUnavailable`]
+/// (nothing of them written; their callers commit with numbers of their own).
+pub(super) async fn send_direct_unfilled(inner: &Inner, batch: Vec<Member>) {
+    let (filling, direct): (Vec<Member>, Vec<Member>) =
+        batch.into_iter().partition(|m| !m.fills.is_empty());
+    for m in filling {
+        m.answer(Outcome::Settled(Err(StoreError::FillUnavailable(
+            "no relay to fill its numbers in now".into(),
+        ))));
+    }
+    if !direct.is_empty() {
+        send_direct(inner, direct).await
+    }
 }
 
 /// Sends `batch` to etcd and answers each member.
@@ -1023,6 +1044,7 @@ mod tests {
                 shape: Shape::default(),
                 reply: Reply::Local(reply),
                 traced: None,
+                fills: Vec::new(),
             }
         };
         let batch = vec![
@@ -1095,6 +1117,7 @@ mod tests {
                 shape: Shape::default(),
                 reply: Reply::Local(reply),
                 traced: None,
+                fills: Vec::new(),
             }
         };
         // what a local member is told after a resolution

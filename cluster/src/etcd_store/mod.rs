@@ -685,6 +685,9 @@ struct Inner {
     /// Where this client relays its busy batches ([`relay`]), and until
     /// when it commits alone after a relay failed.
     relay: std::sync::RwLock<Option<Arc<dyn crate::relay::CommitRelay>>>,
+    /// Who hands out the numbers relayed groups ask this member to fill in
+    /// ([`crate::relay::Filler`]); none: such groups are refused.
+    filler: std::sync::RwLock<Option<Arc<dyn crate::relay::Filler>>>,
     /// Relayed groups of this client not answered yet.
     relaying: std::sync::atomic::AtomicUsize,
     relay_paused_until: relay::Until,
@@ -739,6 +742,11 @@ struct Counters {
     commit_wait_us: AtomicU64,
     relay_us: AtomicU64,
     relayed_in_us: AtomicU64,
+    /// Numbers this member filled in for the groups other members relayed
+    /// (`Transaction::fill`), and commits of this client whose numbers a
+    /// relay filled in.
+    filled_in: AtomicU64,
+    commits_filled: AtomicU64,
 }
 
 /// A small deterministic generator for the randomized tests of this
@@ -841,6 +849,7 @@ impl EtcdStore {
             started: Instant::now(),
             counters: Counters::default(),
             relay: std::sync::RwLock::new(None),
+            filler: std::sync::RwLock::new(None),
             relaying: std::sync::atomic::AtomicUsize::new(0),
             relay_paused_until: relay::Until::default(),
             flat_groups_until: relay::Until::default(),
@@ -1199,8 +1208,16 @@ impl Inner {
     }
 
     /// Prepares `req` as a batch member and hands it to the committer.
-    async fn commit(&self, req: CommitRequest) -> Result<Version, StoreError> {
+    async fn commit(&self, mut req: CommitRequest) -> Result<Version, StoreError> {
         crate::redb_store::validate(&req)?;
+        // Numbers a relay fills in: their placeholders are in no key the
+        // cache may learn, and the member is settled by a key without one.
+        let fills = std::mem::take(&mut req.fills);
+        let placeholder_in = |b: &[u8]| {
+            fills
+                .iter()
+                .any(|f| crate::store::holds_placeholder(b, f.placeholder))
+        };
         let (deletes, puts) = normalize(&req.mutations);
         let writes_needed = deletes.len() + puts.len() + 1 + usize::from(!deletes.is_empty());
         if writes_needed > self.max_txn_ops {
@@ -1223,6 +1240,7 @@ impl Inner {
             .collect();
         let learn_puts: Vec<(Vec<u8>, Option<Vec<u8>>)> = puts
             .iter()
+            .filter(|(k, v)| !placeholder_in(k) && !placeholder_in(v))
             .map(|(k, v)| (k.clone(), (v.len() <= cache::MAX_VALUE).then(|| v.clone())))
             .collect();
         let learn_deletes = deletes.clone();
@@ -1237,7 +1255,12 @@ impl Inner {
             }
             written.push((b.clone(), e.clone()));
         }
-        let first_put = puts.keys().next().map(|k| self.dk(k));
+        let first_put = puts.keys().find(|k| !placeholder_in(k)).map(|k| self.dk(k));
+        if !fills.is_empty() && first_put.is_none() {
+            return Err(StoreError::FillUnavailable(
+                "a commit with numbers to fill in needs a key without them".into(),
+            ));
+        }
         for (k, v) in puts {
             size += k.len() + v.len() + self.data.len() + OP_OVERHEAD;
             written.push((k.clone(), key_after(&k)));
@@ -1273,6 +1296,7 @@ impl Inner {
             shape,
             reply: batch::Reply::Local(reply),
             traced: batch::traced_now(),
+            fills,
         };
         let queued = Instant::now();
         let r = self.committer.commit(member, rx).await;
@@ -1569,6 +1593,25 @@ impl Store for EtcdStore {
         }
     }
 
+    fn fills(&self) -> bool {
+        let relaying = self.inner.relay.read().is_ok_and(|r| r.is_some());
+        relaying && !self.inner.relay_paused()
+    }
+
+    fn set_filler(&self, filler: Option<Arc<dyn crate::relay::Filler>>) {
+        if let Ok(mut f) = self.inner.filler.write() {
+            *f = filler;
+        }
+    }
+
+    async fn commit_relayed_filled(
+        &self,
+        group: Vec<u8>,
+        fills: Vec<crate::relay::GroupFill>,
+    ) -> Result<(Vec<u8>, Vec<crate::relay::FillAnswer>), crate::relay::RelayError> {
+        self.inner.commit_relayed_filled(group, fills).await
+    }
+
     async fn commit_relayed(&self, group: Vec<u8>) -> Result<Vec<u8>, crate::relay::RelayError> {
         self.inner.commit_relayed(group).await
     }
@@ -1601,6 +1644,8 @@ impl EtcdStore {
             ("commit_wait_us", get(&c.commit_wait_us)),
             ("relay_us", get(&c.relay_us)),
             ("relayed_in_us", get(&c.relayed_in_us)),
+            ("filled_in", get(&c.filled_in)),
+            ("commits_filled", get(&c.commits_filled)),
         ]
     }
 }

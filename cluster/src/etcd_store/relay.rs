@@ -46,7 +46,7 @@ use crate::etcd_rpc::{
     Compare, Request, ResponseHeader, TargetUnion, TxnRequest, TxnResponse, compare_result,
     compare_target,
 };
-use crate::relay::{CommitRelay, RelayError};
+use crate::relay::{CommitRelay, FillAnswer, FilledFuture, GroupFill, MAX_GROUP_FILLS, RelayError};
 use crate::store::{StoreError, key_after};
 
 /// How long a client commits on its own after its relay failed.
@@ -125,7 +125,7 @@ impl Until {
 /// (module docs for what an unanswered or refused group becomes).
 pub(super) async fn relay_batch(inner: &Inner, batch: Vec<Member>, relay: Arc<dyn CommitRelay>) {
     let Ok(lease) = inner.lease(false).await else {
-        return batch::send_direct(inner, batch).await;
+        return batch::send_direct_unfilled(inner, batch).await;
     };
     let marker = inner.new_marker();
     // its members' shared compares gathered within half of etcd's
@@ -141,9 +141,17 @@ pub(super) async fn relay_batch(inner: &Inner, batch: Vec<Member>, relay: Arc<dy
             .flat_map(|t| t.0.iter().copied())
             .collect(),
     );
-    let call = crate::trace::sync_scope(timer.traces(), || relay.relay(group));
+    let fills = group_fills(&batch);
+    let call = crate::trace::sync_scope(timer.traces(), || -> Option<FilledFuture> {
+        if fills.is_empty() {
+            let call = relay.relay(group)?;
+            Some(Box::pin(async move { call.await.map(|a| (a, Vec::new())) }))
+        } else {
+            relay.relay_filled(group, fills.clone())
+        }
+    });
     let Some(call) = call else {
-        return batch::send_direct(inner, batch).await;
+        return batch::send_direct_unfilled(inner, batch).await;
     };
     bump(&inner.counters.relayed_out, 1);
     let _relaying = Relaying::new(inner);
@@ -158,7 +166,17 @@ pub(super) async fn relay_batch(inner: &Inner, batch: Vec<Member>, relay: Arc<dy
                 limit.as_millis()
             )))
         })
-        .and_then(|a| read_answer(&a, &layout));
+        .and_then(|(a, filled)| {
+            let outcomes = read_answer(&a, &layout)?;
+            if filled.len() != fills.len() {
+                return Err(RelayError::Unknown(format!(
+                    "the relay filled {} of {} sequences",
+                    filled.len(),
+                    fills.len()
+                )));
+            }
+            Ok((outcomes, filled))
+        });
     bump(&inner.counters.relay_us, sent.elapsed().as_micros() as u64);
     let n = batch.len();
     timer.done("relayed group's round trip", || {
@@ -177,13 +195,22 @@ pub(super) async fn relay_batch(inner: &Inner, batch: Vec<Member>, relay: Arc<dy
         bump(&inner.counters.compares_shared, layout.saved() as u64);
     }
     let outcomes = match answer {
-        Ok(o) => o,
+        Ok((o, filled)) => {
+            let n = note_filled(&batch, &o, &fills, &filled);
+            bump(&inner.counters.commits_filled, n);
+            o
+        }
         Err(RelayError::NotApplied(e)) => {
             if layout.saved() > 0 {
                 inner.flatten_groups(&e);
             }
             inner.pause_relay(&e);
-            return batch::send_direct(inner, batch).await;
+            return batch::send_direct_unfilled(inner, batch).await;
+        }
+        // (the relay is fine: it only fills no numbers in)
+        Err(RelayError::NoFill(e)) => {
+            tracing::debug!(error = %e, "the relay filled no numbers in");
+            return batch::send_direct_unfilled(inner, batch).await;
         }
         Err(RelayError::Unknown(e)) => {
             inner.pause_relay(&e);
@@ -195,6 +222,53 @@ pub(super) async fn relay_batch(inner: &Inner, batch: Vec<Member>, relay: Arc<dy
     for (m, o) in batch.into_iter().zip(outcomes) {
         m.answer(o);
     }
+}
+
+/// The numbers the members of `batch` ask the relay to fill in, by
+/// sequence (in the order of the members and of their fills).
+fn group_fills(batch: &[Member]) -> Vec<GroupFill> {
+    let mut out: Vec<GroupFill> = Vec::new();
+    for f in batch.iter().flat_map(|m| &m.fills) {
+        match out.iter_mut().find(|g| g.scope == f.scope) {
+            Some(g) => g.placeholders.push(f.placeholder),
+            None => out.push(GroupFill {
+                scope: f.scope.clone(),
+                placeholders: vec![f.placeholder],
+            }),
+        }
+    }
+    out
+}
+
+/// Tells each member of `batch` that applied the numbers the relay filled
+/// in for it (`filled`: the first of each of `fills`, in order).
+/// How many members it told.
+fn note_filled(
+    batch: &[Member],
+    outcomes: &[Outcome],
+    fills: &[GroupFill],
+    filled: &[FillAnswer],
+) -> u64 {
+    let mut told = 0;
+    for (m, o) in batch.iter().zip(outcomes) {
+        if !matches!(o, Outcome::Answered(_, t) if t.succeeded) {
+            continue;
+        }
+        for f in &m.fills {
+            let got = fills.iter().zip(filled).find_map(|(g, a)| {
+                let i = g.placeholders.iter().position(|p| *p == f.placeholder)?;
+                Some(crate::store::FilledNumber {
+                    number: a.first + i as u64,
+                    notes: a.notes.clone(),
+                })
+            });
+            if let Some(got) = got {
+                let _ = f.filled.set(got);
+                told += 1;
+            }
+        }
+    }
+    told
 }
 
 /// Each member's outcome from the relay's answer to a group laid out as
@@ -243,6 +317,60 @@ impl Inner {
         self.relay_paused_until.hold_for(RELAY_PAUSE);
     }
 
+    /// [`commit_relayed`](Self::commit_relayed) of a group whose numbers
+    /// this member fills in first: each of `fills` gets that many numbers
+    /// from the filler, written over its placeholders (every occurrence, in
+    /// keys and values, the same length), then the group is committed. The
+    /// numbers of a group that then does not apply are not handed out
+    /// again (an inbox tolerates such gaps, as it does a reservation whose
+    /// commit failed).
+    pub(super) async fn commit_relayed_filled(
+        &self,
+        mut group: Vec<u8>,
+        fills: Vec<GroupFill>,
+    ) -> Result<(Vec<u8>, Vec<FillAnswer>), RelayError> {
+        let filler = self
+            .filler
+            .read()
+            .ok()
+            .and_then(|f| f.clone())
+            .ok_or_else(|| RelayError::NoFill("this member hands out no numbers".into()))?;
+        let placeholders: usize = fills.iter().map(|f| f.placeholders.len()).sum();
+        if fills.is_empty() || fills.len() > MAX_GROUP_FILLS || placeholders > MAX_GROUP_FILLS {
+            return Err(RelayError::NotApplied(format!(
+                "refused a relayed group: 1 to {MAX_GROUP_FILLS} numbers to fill in, not {placeholders}"
+            )));
+        }
+        for p in fills.iter().flat_map(|f| &f.placeholders) {
+            if p >> 63 == 0 || !crate::store::holds_placeholder(&group, *p) {
+                return Err(RelayError::NotApplied(
+                    "refused a relayed group: a number to fill in has no placeholder in it".into(),
+                ));
+            }
+        }
+        let mut answers = Vec::with_capacity(fills.len());
+        for f in &fills {
+            let timer = crate::trace::Timer::start();
+            let a = filler.fill(&f.scope, f.placeholders.len() as u32).await;
+            timer.done("numbers filled in at the relay", || {
+                let of: String = f.scope.iter().take(4).map(|b| format!("{b:02x}")).collect();
+                let n = crate::trace::count(f.placeholders.len() as u64, "number");
+                match &a {
+                    Ok(a) => format!("{n} from {} in {of}'s inbox", a.first),
+                    Err(e) => format!("{n} in {of}'s inbox: {e}"),
+                }
+            });
+            let a = a.map_err(RelayError::NoFill)?;
+            bump(&self.counters.filled_in, f.placeholders.len() as u64);
+            for (i, p) in f.placeholders.iter().enumerate() {
+                crate::store::replace_placeholder(&mut group, *p, a.first + i as u64);
+            }
+            answers.push(a);
+        }
+        let answer = self.commit_relayed(group).await?;
+        Ok((answer, answers))
+    }
+
     /// Commits a group another member relayed, with this client's next
     /// batch: etcd's answer to it, encoded (module docs).
     pub(super) async fn commit_relayed(&self, group: Vec<u8>) -> Result<Vec<u8>, RelayError> {
@@ -260,6 +388,7 @@ impl Inner {
             shape,
             reply: Reply::Relayed(tx),
             traced: super::batch::traced_now(),
+            fills: Vec::new(),
         };
         self.committer
             .queue(m)

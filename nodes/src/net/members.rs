@@ -26,7 +26,7 @@ use std::time::Duration;
 use capnp::Error as CapError;
 use capstan_actors::cluster::{LinkOp, MemberRec};
 use capstan_actors::{Error, Runtime};
-use capstan_cluster::relay::RelayError;
+use capstan_cluster::relay::{GroupFill, MAX_GROUP_FILLS, NO_FILL, RelayError};
 use capstan_cluster::trace;
 use capstan_proto::FormulaId;
 use capstan_proto::net_capnp::member;
@@ -189,6 +189,77 @@ impl member::Server for MemberServer {
         match r {
             Ok(answer) => results.get().set_answer(&answer),
             Err(RelayError::NotApplied(e)) => results.get().set_unapplied(e.as_str()),
+            Err(RelayError::NoFill(e)) => results
+                .get()
+                .set_unapplied(format!("{NO_FILL}{e}").as_str()),
+            Err(RelayError::Unknown(e)) => return Err(failed(e)),
+        }
+        Ok(())
+    }
+
+    async fn relay_filled(
+        self: Rc<Self>,
+        params: member::RelayFilledParams,
+        mut results: member::RelayFilledResults,
+    ) -> Result<(), CapError> {
+        let p = params.get()?;
+        let group = p.get_group()?.to_vec();
+        let traces = traces_of(p.get_traces()?)?;
+        let list = p.get_fills()?;
+        if list.len() as usize > MAX_GROUP_FILLS {
+            return Err(failed(format!(
+                "at most {MAX_GROUP_FILLS} numbers to fill in per group"
+            )));
+        }
+        let mut fills = Vec::with_capacity(list.len() as usize);
+        for f in list.iter() {
+            let placeholders = f.get_placeholders()?;
+            if placeholders.len() as usize > MAX_GROUP_FILLS {
+                return Err(failed(format!(
+                    "at most {MAX_GROUP_FILLS} numbers to fill in per group"
+                )));
+            }
+            fills.push(GroupFill {
+                scope: f.get_scope()?.to_vec(),
+                placeholders: placeholders.iter().collect(),
+            });
+        }
+        let timer = trace::Timer::start_for(traces.clone());
+        let size = group.len();
+        let r = trace::scope(
+            &traces,
+            self.rt.db().store().commit_relayed_filled(group, fills),
+        )
+        .await;
+        timer.done("relayed group at the relay", || {
+            let how = match &r {
+                Ok((_, filled)) => format!(
+                    "answered, {} filled in",
+                    trace::count(filled.len() as u64, "sequence")
+                ),
+                Err(e) => e.to_string(),
+            };
+            format!("a group of {size} bytes from another node: {how}")
+        });
+        match r {
+            Ok((answer, filled)) => {
+                let mut a = results.get();
+                a.set_answer(&answer);
+                let mut l = a.init_filled(filled.len() as u32);
+                for (i, f) in filled.iter().enumerate() {
+                    let mut o = l.reborrow().get(i as u32);
+                    o.set_first(f.first);
+                    let n = f.notes.len().min(MAX_INTERESTED);
+                    let mut notes = o.init_notes(n as u32);
+                    for (j, note) in f.notes.iter().take(n).enumerate() {
+                        notes.set(j as u32, note.as_str());
+                    }
+                }
+            }
+            Err(RelayError::NotApplied(e)) => results.get().set_unapplied(e.as_str()),
+            Err(RelayError::NoFill(e)) => results
+                .get()
+                .set_unapplied(format!("{NO_FILL}{e}").as_str()),
             Err(RelayError::Unknown(e)) => return Err(failed(e)),
         }
         Ok(())

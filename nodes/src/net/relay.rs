@@ -17,7 +17,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use capstan_actors::cluster::Membership;
-use capstan_cluster::relay::{CommitRelay, RelayError, RelayFuture};
+use capstan_cluster::relay::{
+    CommitRelay, FillAnswer, FilledFuture, GroupFill, NO_FILL, RelayError, RelayFuture,
+};
 use tokio::sync::{mpsc, oneshot};
 
 use super::Net;
@@ -26,6 +28,8 @@ use super::Net;
 /// inside the largest Cap'n Proto message a member takes
 /// ([`super::MAX_NET_MESSAGE_BYTES`]).
 pub const MAX_RELAYED_GROUP_BYTES: usize = 4 << 20;
+/// Most members named as following an inbox in a filled number's answer.
+pub const MAX_FILL_NOTES: usize = 64;
 /// Groups waiting for the link task.
 pub const RELAY_QUEUE: usize = 1024;
 /// Longest a relay call is kept (the store gives up on it sooner, and
@@ -38,8 +42,13 @@ pub struct RelayCall {
     group: Vec<u8>,
     /// The traced operations whose commits are in the group.
     traces: Vec<u64>,
-    reply: oneshot::Sender<Result<Vec<u8>, RelayError>>,
+    /// Numbers for the relay to fill in (none: a plain `relay` call).
+    fills: Vec<GroupFill>,
+    reply: oneshot::Sender<RelayAnswer>,
 }
+
+/// A relay call's answer: the store's encoded answer and the numbers filled in.
+type RelayAnswer = Result<(Vec<u8>, Vec<FillAnswer>), RelayError>;
 
 /// This node's relay, which the store calls.
 pub struct NetRelay {
@@ -51,10 +60,10 @@ impl NetRelay {
     pub fn new(membership: Arc<Membership>, calls: mpsc::Sender<RelayCall>) -> NetRelay {
         NetRelay { membership, calls }
     }
-}
 
-impl CommitRelay for NetRelay {
-    fn relay(&self, group: Vec<u8>) -> Option<RelayFuture> {
+    /// Queues `group` for the link task (`None`: too large, no relay, the
+    /// queue full).
+    fn queue(&self, group: Vec<u8>, fills: Vec<GroupFill>) -> Option<FilledFuture> {
         if group.len() > MAX_RELAYED_GROUP_BYTES {
             return None;
         }
@@ -65,6 +74,7 @@ impl CommitRelay for NetRelay {
                 addr: to.addr,
                 group,
                 traces: capstan_cluster::trace::current(),
+                fills,
                 reply,
             })
             .ok()?;
@@ -72,6 +82,19 @@ impl CommitRelay for NetRelay {
             rx.await
                 .unwrap_or_else(|_| Err(RelayError::Unknown("the node's link task stopped".into())))
         }))
+    }
+}
+
+impl CommitRelay for NetRelay {
+    fn relay(&self, group: Vec<u8>) -> Option<RelayFuture> {
+        let call = self.queue(group, Vec::new())?;
+        Some(Box::pin(
+            async move { call.await.map(|(answer, _)| answer) },
+        ))
+    }
+
+    fn relay_filled(&self, group: Vec<u8>, fills: Vec<GroupFill>) -> Option<FilledFuture> {
+        self.queue(group, fills)
     }
 }
 
@@ -85,12 +108,13 @@ impl Net {
                     addr,
                     group,
                     traces,
+                    fills,
                     mut reply,
                 } = c;
                 // The store stops waiting after its own limit and resolves
                 // the group by its marker: so does this call then.
                 tokio::select! {
-                    r = me.relay_at(&addr, &group, &traces) => {
+                    r = me.relay_at(&addr, &group, &traces, &fills) => {
                         let _ = reply.send(r);
                     }
                     () = reply.closed() => {}
@@ -104,33 +128,70 @@ impl Net {
         addr: &str,
         group: &[u8],
         traces: &[u64],
-    ) -> Result<Vec<u8>, RelayError> {
+        fills: &[GroupFill],
+    ) -> RelayAnswer {
         let m = self
             .member(addr)
             .await
             .map_err(|e| RelayError::NotApplied(format!("member {addr} is unreachable: {e}")))?;
-        let mut r = m.relay_request();
-        r.get().set_group(group);
-        if !traces.is_empty() {
-            let n = traces
-                .len()
-                .min(capstan_cluster::trace::MAX_TRACES_PER_CALL);
-            let mut l = r.get().init_traces(n as u32);
-            for (i, t) in traces.iter().take(n).enumerate() {
+        let traces = &traces[..traces
+            .len()
+            .min(capstan_cluster::trace::MAX_TRACES_PER_CALL)];
+        let call = async {
+            if fills.is_empty() {
+                let mut r = m.relay_request();
+                r.get().set_group(group);
+                let mut l = r.get().init_traces(traces.len() as u32);
+                for (i, t) in traces.iter().enumerate() {
+                    l.set(i as u32, *t);
+                }
+                let a = r.send().promise.await?;
+                let a = a.get()?;
+                let unapplied = a.get_unapplied()?.to_str()?.to_string();
+                return Ok::<_, capnp::Error>((a.get_answer()?.to_vec(), unapplied, Vec::new()));
+            }
+            let mut r = m.relay_filled_request();
+            r.get().set_group(group);
+            let mut l = r.get().init_traces(traces.len() as u32);
+            for (i, t) in traces.iter().enumerate() {
                 l.set(i as u32, *t);
             }
-        }
-        let call = async {
+            let mut fl = r.get().init_fills(fills.len() as u32);
+            for (i, f) in fills.iter().enumerate() {
+                let mut o = fl.reborrow().get(i as u32);
+                o.set_scope(&f.scope);
+                let mut p = o.init_placeholders(f.placeholders.len() as u32);
+                for (j, x) in f.placeholders.iter().enumerate() {
+                    p.set(j as u32, *x);
+                }
+            }
             let a = r.send().promise.await?;
             let a = a.get()?;
             let unapplied = a.get_unapplied()?.to_str()?.to_string();
-            Ok::<_, capnp::Error>((a.get_answer()?.to_vec(), unapplied))
+            let mut filled = Vec::new();
+            for f in a.get_filled()?.iter().take(fills.len()) {
+                let mut notes = Vec::new();
+                for n in f.get_notes()?.iter().take(MAX_FILL_NOTES) {
+                    notes.push(n?.to_str()?.to_string());
+                }
+                filled.push(FillAnswer {
+                    first: f.get_first(),
+                    notes,
+                });
+            }
+            Ok((a.get_answer()?.to_vec(), unapplied, filled))
         };
         match tokio::time::timeout(RELAY_TIMEOUT, call).await {
-            Ok(Ok((_, unapplied))) if !unapplied.is_empty() => {
+            Ok(Ok((_, unapplied, _))) if unapplied.starts_with(NO_FILL) => Err(RelayError::NoFill(
+                unapplied.trim_start_matches(NO_FILL).to_string(),
+            )),
+            Ok(Ok((_, unapplied, _))) if !unapplied.is_empty() => {
                 Err(RelayError::NotApplied(unapplied))
             }
-            Ok(Ok((answer, _))) => Ok(answer),
+            Ok(Ok((answer, _, filled))) => Ok((answer, filled)),
+            Ok(Err(e)) if e.kind == capnp::ErrorKind::Unimplemented && !fills.is_empty() => Err(
+                RelayError::NoFill(format!("member {addr} predates filled numbers")),
+            ),
             Ok(Err(e)) if e.kind == capnp::ErrorKind::Unimplemented => Err(RelayError::NotApplied(
                 format!("member {addr} predates relayed commits"),
             )),
