@@ -2,14 +2,15 @@
 //! transaction that writes both copies of a message.
 //!
 //! Each copy has a number in its inbox, handed out by the inbox's owner
-//! (`crate::reserve`). In a cluster whose relay (the member that merges the
-//! nodes' busy commits) owns the sender's inbox, the sender's own copy
-//! takes its number as the relay merges the commit instead
-//! (`capstan_cluster::Transaction::fill`): no call to the owner before the
-//! commit, the number still from the inbox's one sequence, handed out after
-//! the send began and before it is answered (real-time order holds). When
-//! no relay fills it in (none now, another owner, an older member), the
-//! send reserves it as every other send does and commits again.
+//! (`crate::reserve`). On a node of a cluster that neither owns the
+//! sender's inbox nor merges the nodes' busy commits (the relay), the
+//! sender's own copy takes its number as the relay merges the commit
+//! instead (`capstan_cluster::Transaction::fill`): no call to the owner
+//! before the commit (the relay reserves the numbers of a whole group at
+//! once, itself when it owns the inbox), the number still from the inbox's
+//! one sequence, handed out after the send began and before it is answered
+//! (real-time order holds). When no relay fills it in (none now, an older
+//! member), the send reserves it as every other send does and commits again.
 
 use crate::error::Error;
 use crate::keys;
@@ -348,13 +349,16 @@ impl AgentHandle {
 
     /// Whether a send of this agent to `target` may have its own copy's
     /// number filled in by the relay (`Transaction::fill`): in a cluster
-    /// whose relay (another member) owns this agent's inbox, for a plain
-    /// handle (no guest's batch, fence or journal), to another local agent.
-    /// The commit then goes to the relay, which reserves the number from
-    /// the inbox's own sequence as it merges the commit: real-time order
-    /// holds (the number is handed out before the send is answered, after
-    /// it began), and the call to reserve it is saved. `CAPSTAN_FILL_NUMBERS=0`
-    /// turns this off (each send reserves its number first, as before).
+    /// whose relay is another member and whose owner of this agent's inbox
+    /// is not this node, for a plain handle (no guest's batch, fence or
+    /// journal), to another local agent. The commit then goes to the relay,
+    /// which reserves the number from the inbox's own sequence (itself,
+    /// when it owns the inbox; else with one call to the owner for its
+    /// group) as it merges the commit: real-time order holds (the number is
+    /// handed out after the send began, before it is answered), and the
+    /// sender neither calls the owner nor waits for it before committing.
+    /// `CAPSTAN_FILL_NUMBERS=0` turns this off (each send reserves its
+    /// number first, as before).
     fn may_fill_own(&self, target: FormulaId, remote: bool) -> bool {
         static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         if *OFF.get_or_init(|| std::env::var("CAPSTAN_FILL_NUMBERS").is_ok_and(|v| v == "0")) {
@@ -369,10 +373,11 @@ impl AgentHandle {
         let Some(c) = self.rt.cluster.get() else {
             return false;
         };
-        match (c.commit_relay(), c.cached_owner(&self.ctx.id)) {
-            (Some(relay), Some(owner)) => relay.name == owner.name && relay.epoch == owner.epoch,
-            _ => false,
-        }
+        // (the relay is another member; this node does not own the inbox
+        // either, else it reserves the number itself, without a call)
+        c.commit_relay().is_some()
+            && c.cached_owner(&self.ctx.id)
+                .is_some_and(|o| o.name != c.cfg.name)
     }
 
     /// The number of this agent's copy of the message sent under `req`, as

@@ -38,6 +38,107 @@ pub(crate) async fn local_reserve(
     ))
 }
 
+/// Reserves `n` numbers in `agent`'s inbox for this node (`rt`), wherever
+/// its owner is ([`AgentHandle::reserve_admitting`]), first admitting
+/// `admit` (all or none).
+async fn reserve_batch_at(
+    rt: &Arc<Inner>,
+    agent: FormulaId,
+    n: u64,
+    at_least: u64,
+    admit: Option<Admit>,
+) -> Result<u64, Error> {
+    let Some(c) = rt.cluster.get() else {
+        return local_reserve(rt, agent, n, at_least, admit).await;
+    };
+    // Bounded by time rather than a count: a dead owner is waited out
+    // (its lease lapses, then this node claims the inbox), which takes
+    // up to a lease plus one reservation timeout.
+    let deadline =
+        tokio::time::Instant::now() + 2 * c.cfg.lease + std::time::Duration::from_secs(3);
+    let mut last = None;
+    let mut attempt = 0u32;
+    while tokio::time::Instant::now() < deadline {
+        if attempt > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(10 << attempt.min(4))).await;
+        }
+        attempt += 1;
+        match c.owner(&rt.db, agent).await? {
+            crate::cluster::Owner::Me => {
+                match local_reserve(rt, agent, n, at_least, admit).await {
+                    Ok(first) => return Ok(first),
+                    Err(e @ Error::InboxFull { .. }) => return Err(e),
+                    Err(e) => last = Some(e),
+                }
+            }
+            crate::cluster::Owner::Other(node) => {
+                let (tx, rx) = oneshot::channel();
+                let timer = capstan_cluster::trace::Timer::start();
+                let op = crate::cluster::LinkOp::Reserve {
+                    node: node.clone(),
+                    agent,
+                    count: n.min(u32::MAX as u64) as u32,
+                    at_least,
+                    admit,
+                    reply: tx,
+                    traces: timer.traces().to_vec(),
+                };
+                if c.link.send(op).await.is_err() {
+                    return Err(Error::Unavailable("the node is shutting down".into()));
+                }
+                // A node that died leaves the call unanswered until its
+                // timeout: stop waiting once its record shows it dead.
+                let answer = tokio::select! {
+                    r = rx => r,
+                    () = c.until_dead(&rt.db, &node) => Ok(Err(Error::Unreachable(format!(
+                        "node {} (owner of {}) stopped renewing its lease",
+                        node.name,
+                        agent.short()
+                    )))),
+                };
+                timer.done("reservation call to the inbox's owner", || {
+                    let how = match &answer {
+                        Ok(Ok(first)) => format!("numbers from {first}"),
+                        Ok(Err(e)) => e.to_string(),
+                        Err(_) => "no answer".into(),
+                    };
+                    format!(
+                        "{} in {}'s inbox at node {}: {how}",
+                        capstan_cluster::trace::count(n, "number"),
+                        agent.short(),
+                        node.name
+                    )
+                });
+                match answer {
+                    Ok(Ok(first)) => return Ok(first),
+                    Ok(Err(e @ Error::InboxFull { .. })) => return Err(e),
+                    Ok(Err(e)) => {
+                        tracing::debug!(owner = %node.name, "remote reservation failed: {e}");
+                        if matches!(e, Error::Unreachable(_)) {
+                            c.forget_owner(&agent);
+                            c.await_lapse(&rt.db, &node).await?;
+                            attempt = 0;
+                        }
+                        last = Some(e);
+                    }
+                    Err(_) => last = Some(Error::Unavailable("the node is shutting down".into())),
+                }
+            }
+        }
+        c.forget_owner(&agent);
+    }
+    Err(match last {
+        // The owner kept its lease all along (a dead one is waited out
+        // and taken over above): this node is cut off from it. Nothing
+        // was written yet (numbers are reserved before the message).
+        Some(Error::Unreachable(e)) => Error::Unreachable(format!(
+            "{e}, but it holds its cluster lease: this node cannot reach it (a network partition?); nothing was sent: retry, or use another node"
+        )),
+        Some(e) => e,
+        None => Error::Unavailable("no owner for the inbox; try again".into()),
+    })
+}
+
 impl AgentHandle {
     /// Reserves `n` numbers in `agent`'s inbox, none below `at_least`: at
     /// this node's incarnation, or in a cluster at the owner's (claiming the
@@ -65,97 +166,7 @@ impl AgentHandle {
         at_least: u64,
         admit: Option<Admit>,
     ) -> Result<u64, Error> {
-        let Some(c) = self.rt.cluster.get() else {
-            return local_reserve(&self.rt, agent, n, at_least, admit).await;
-        };
-        // Bounded by time rather than a count: a dead owner is waited out
-        // (its lease lapses, then this node claims the inbox), which takes
-        // up to a lease plus one reservation timeout.
-        let deadline =
-            tokio::time::Instant::now() + 2 * c.cfg.lease + std::time::Duration::from_secs(3);
-        let mut last = None;
-        let mut attempt = 0u32;
-        while tokio::time::Instant::now() < deadline {
-            if attempt > 0 {
-                tokio::time::sleep(std::time::Duration::from_millis(10 << attempt.min(4))).await;
-            }
-            attempt += 1;
-            match c.owner(&self.rt.db, agent).await? {
-                crate::cluster::Owner::Me => {
-                    match local_reserve(&self.rt, agent, n, at_least, admit).await {
-                        Ok(first) => return Ok(first),
-                        Err(e @ Error::InboxFull { .. }) => return Err(e),
-                        Err(e) => last = Some(e),
-                    }
-                }
-                crate::cluster::Owner::Other(node) => {
-                    let (tx, rx) = oneshot::channel();
-                    let timer = capstan_cluster::trace::Timer::start();
-                    let op = crate::cluster::LinkOp::Reserve {
-                        node: node.clone(),
-                        agent,
-                        count: n.min(u32::MAX as u64) as u32,
-                        at_least,
-                        admit,
-                        reply: tx,
-                        traces: timer.traces().to_vec(),
-                    };
-                    if c.link.send(op).await.is_err() {
-                        return Err(Error::Unavailable("the node is shutting down".into()));
-                    }
-                    // A node that died leaves the call unanswered until its
-                    // timeout: stop waiting once its record shows it dead.
-                    let answer = tokio::select! {
-                        r = rx => r,
-                        () = c.until_dead(&self.rt.db, &node) => Ok(Err(Error::Unreachable(format!(
-                            "node {} (owner of {}) stopped renewing its lease",
-                            node.name,
-                            agent.short()
-                        )))),
-                    };
-                    timer.done("reservation call to the inbox's owner", || {
-                        let how = match &answer {
-                            Ok(Ok(first)) => format!("numbers from {first}"),
-                            Ok(Err(e)) => e.to_string(),
-                            Err(_) => "no answer".into(),
-                        };
-                        format!(
-                            "{} in {}'s inbox at node {}: {how}",
-                            capstan_cluster::trace::count(n, "number"),
-                            agent.short(),
-                            node.name
-                        )
-                    });
-                    match answer {
-                        Ok(Ok(first)) => return Ok(first),
-                        Ok(Err(e @ Error::InboxFull { .. })) => return Err(e),
-                        Ok(Err(e)) => {
-                            tracing::debug!(owner = %node.name, "remote reservation failed: {e}");
-                            if matches!(e, Error::Unreachable(_)) {
-                                c.forget_owner(&agent);
-                                c.await_lapse(&self.rt.db, &node).await?;
-                                attempt = 0;
-                            }
-                            last = Some(e);
-                        }
-                        Err(_) => {
-                            last = Some(Error::Unavailable("the node is shutting down".into()))
-                        }
-                    }
-                }
-            }
-            c.forget_owner(&agent);
-        }
-        Err(match last {
-            // The owner kept its lease all along (a dead one is waited out
-            // and taken over above): this node is cut off from it. Nothing
-            // was written yet (numbers are reserved before the message).
-            Some(Error::Unreachable(e)) => Error::Unreachable(format!(
-                "{e}, but it holds its cluster lease: this node cannot reach it (a network partition?); nothing was sent: retry, or use another node"
-            )),
-            Some(e) => e,
-            None => Error::Unavailable("no owner for the inbox; try again".into()),
-        })
+        reserve_batch_at(&self.rt, agent, n, at_least, admit).await
     }
 
     /// Reserves a number in `agent`'s inbox and runs `write` with it (a
@@ -345,9 +356,10 @@ impl AgentHandle {
 }
 
 /// The numbers a relay fills in for the other nodes' sends
-/// ([`capstan_cluster::relay::Filler`]): an inbox's numbers, handed out by
-/// this node where it owns the inbox (as it serves a reservation call: the
-/// answer names the members following the inbox), refused elsewhere.
+/// ([`capstan_cluster::relay::Filler`]): an inbox's numbers, from its owner
+/// (this node's incarnation when it owns the inbox; else one reservation
+/// call to the owner for the whole group, made while the group waits for
+/// the relay's next Txn anyway), with the members following the inbox.
 pub struct InboxFiller(pub Runtime);
 
 impl capstan_cluster::relay::Filler for InboxFiller {
@@ -360,10 +372,15 @@ impl capstan_cluster::relay::Filler for InboxFiller {
             if !(1..=capstan_cluster::relay::MAX_GROUP_FILLS as u32).contains(&count) {
                 return Err(format!("cannot fill {count} numbers at once"));
             }
-            let (first, notes) = rt
-                .serve_reserve(agent, u64::from(count), 0, None)
+            let inner = rt.inner();
+            let first = reserve_batch_at(inner, agent, u64::from(count), 0, None)
                 .await
                 .map_err(|e| e.to_string())?;
+            let notes = inner
+                .cluster
+                .get()
+                .map(|c| c.followers_of(&agent))
+                .unwrap_or_default();
             Ok(capstan_cluster::relay::FillAnswer { first, notes })
         })
     }

@@ -355,8 +355,8 @@ pub(super) async fn traced_hops(
 }
 
 /// Which node owns the host's inbox (the sends' figures depend on it: its
-/// owner reserves the host's numbers locally, and when it is the relay, it
-/// fills them in for the other nodes' sends), as a row.
+/// owner reserves the host's numbers locally, the relay fills them in for
+/// the other nodes' sends, itself when it is the owner), as a row.
 pub(super) async fn host_placement(host: &agent::Client) -> anyhow::Result<Row> {
     let json_of = |command: &'static str, arg: &'static str| async move {
         let mut r = host.cluster_request();
@@ -376,7 +376,9 @@ pub(super) async fn host_placement(host: &agent::Client) -> anyhow::Result<Row> 
     let value = if owner == relay {
         format!("{owner}, the relay: it fills in the host's numbers of the other nodes' sends")
     } else {
-        format!("{owner} (the relay is {relay}): the other nodes reserve the host's numbers there")
+        format!(
+            "{owner}; the relay {relay} fills in the host's numbers of the other nodes' sends, reserving them at {owner} a group at a time"
+        )
     };
     Ok(Row {
         what: "cluster: the host's inbox lives on".into(),

@@ -323,6 +323,20 @@ impl Membership {
             .collect()
     }
 
+    /// The members following `agent`'s inbox, as this node knows them: as
+    /// its owner, or as its owner said with the last numbers it reserved.
+    pub fn followers_of(&self, agent: &FormulaId) -> Vec<String> {
+        match self.cached_owner(agent) {
+            Some(o) if o.name == self.cfg.name && o.epoch == self.epoch() => self.interested(agent),
+            _ => self
+                .learned
+                .lock()
+                .ok()
+                .and_then(|l| l.get(agent).cloned())
+                .unwrap_or_default(),
+        }
+    }
+
     /// The owner of `id` as this node last learned it (none: unknown).
     pub fn cached_owner(&self, id: &FormulaId) -> Option<MemberRec> {
         self.owners.lock().ok()?.get(id).cloned()
