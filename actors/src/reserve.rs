@@ -64,13 +64,11 @@ async fn reserve_batch_at(
         }
         attempt += 1;
         match c.owner(&rt.db, agent).await? {
-            crate::cluster::Owner::Me => {
-                match local_reserve(rt, agent, n, at_least, admit).await {
-                    Ok(first) => return Ok(first),
-                    Err(e @ Error::InboxFull { .. }) => return Err(e),
-                    Err(e) => last = Some(e),
-                }
-            }
+            crate::cluster::Owner::Me => match local_reserve(rt, agent, n, at_least, admit).await {
+                Ok(first) => return Ok(first),
+                Err(e @ Error::InboxFull { .. }) => return Err(e),
+                Err(e) => last = Some(e),
+            },
             crate::cluster::Owner::Other(node) => {
                 let (tx, rx) = oneshot::channel();
                 let timer = capstan_cluster::trace::Timer::start();
