@@ -316,26 +316,41 @@ pub fn holds_placeholder(bytes: &[u8], placeholder: u64) -> bool {
     bytes.windows(8).any(|w| w == be || w == le)
 }
 
-/// `bytes` with every occurrence of `placeholder` (either byte order)
-/// replaced by `number` in the same order; how many it replaced.
-pub fn replace_placeholder(bytes: &mut [u8], placeholder: u64, number: u64) -> usize {
-    let mut n = 0;
-    for (from, to) in [
-        (placeholder.to_be_bytes(), number.to_be_bytes()),
-        (placeholder.to_le_bytes(), number.to_le_bytes()),
-    ] {
-        let mut i = 0;
-        while i + 8 <= bytes.len() {
-            if bytes[i..i + 8] == from {
-                bytes[i..i + 8].copy_from_slice(&to);
-                n += 1;
-                i += 8;
-            } else {
-                i += 1;
-            }
+/// Writes over every placeholder of `numbers` (placeholder → number) in
+/// `bytes` its number, in the byte order it was written in, in one pass
+/// whatever the number of placeholders (a group of many commits is
+/// scanned once); the placeholders it found. A placeholder has its top
+/// bit set: positions whose first (big-endian) or last (little-endian)
+/// byte lacks it are skipped without a lookup.
+pub fn replace_placeholders(
+    bytes: &mut [u8],
+    numbers: &rustc_hash::FxHashMap<u64, u64>,
+) -> rustc_hash::FxHashSet<u64> {
+    let mut found = rustc_hash::FxHashSet::default();
+    let mut i = 0;
+    while !numbers.is_empty() && i + 8 <= bytes.len() {
+        let (first, last) = (bytes[i], bytes[i + 7]);
+        if first & 0x80 == 0 && last & 0x80 == 0 {
+            i += 1;
+            continue;
+        }
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&bytes[i..i + 8]);
+        let be = u64::from_be_bytes(w);
+        let le = u64::from_le_bytes(w);
+        if let Some(n) = numbers.get(&be) {
+            bytes[i..i + 8].copy_from_slice(&n.to_be_bytes());
+            found.insert(be);
+            i += 8;
+        } else if let Some(n) = numbers.get(&le) {
+            bytes[i..i + 8].copy_from_slice(&n.to_le_bytes());
+            found.insert(le);
+            i += 8;
+        } else {
+            i += 1;
         }
     }
-    n
+    found
 }
 
 /// A backend: snapshot reads and optimistic commits (FoundationDB's model).
@@ -1269,6 +1284,45 @@ impl Db {
             tracing::debug!("writes made in Db::read are discarded");
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod placeholder_tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_are_replaced_in_both_byte_orders_in_one_pass() {
+        let (p, q) = (0x8123_4567_89ab_cdef_u64, 0xfedc_ba98_7654_3210_u64);
+        let mut bytes = [
+            b"key/".as_slice(),
+            &p.to_be_bytes(),
+            b"|",
+            &p.to_le_bytes(),
+            b"|",
+            &q.to_be_bytes(),
+            b"tail",
+        ]
+        .concat();
+        let numbers: rustc_hash::FxHashMap<u64, u64> = [(p, 7), (q, 8)].into_iter().collect();
+        let found = replace_placeholders(&mut bytes, &numbers);
+        assert_eq!(found.len(), 2);
+        let want = [
+            b"key/".as_slice(),
+            &7u64.to_be_bytes(),
+            b"|",
+            &7u64.to_le_bytes(),
+            b"|",
+            &8u64.to_be_bytes(),
+            b"tail",
+        ]
+        .concat();
+        assert_eq!(bytes, want);
+        assert!(!holds_placeholder(&bytes, p) && !holds_placeholder(&bytes, q));
+        // nothing to replace: nothing found, nothing changed
+        let before = bytes.clone();
+        assert!(replace_placeholders(&mut bytes, &numbers).is_empty());
+        assert_eq!(bytes, before);
     }
 }
 

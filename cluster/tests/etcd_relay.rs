@@ -644,3 +644,45 @@ fn a_store_without_a_relay_refuses_numbers_to_fill() {
         assert!(matches!(e, Some(StoreError::FillUnavailable(_))), "{e:?}");
     });
 }
+
+/// A group whose numbers to fill in are not all in it (a placeholder the
+/// group lacks, or one named twice) is refused before any number is taken:
+/// the filler hands out nothing and nothing is written. The same group
+/// with its own placeholders applies, once.
+#[test]
+fn a_group_naming_placeholders_it_lacks_is_refused() {
+    if !etcd_enabled() {
+        return;
+    }
+    rt().block_on(async {
+        let (a, proxy, relay) = pair(&unique("fill-bad"), Mode::Hold).await;
+        let filler = Arc::new(CountingFiller(AtomicUsize::new(0)));
+        proxy.store().set_filler(Some(filler.clone()));
+        // (the relay holds the group and says nothing: the sender fences it
+        // and, its numbers unfilled, fails the commit)
+        let held_commit = put_filled(&a, b"seq").await;
+        assert!(held_commit.is_err(), "{held_commit:?}");
+        let group = relay.held.lock().unwrap().pop().expect("the group");
+        let stranger = 0x8000_0000_dead_beef_u64;
+        for fills in [
+            vec![GroupFill {
+                scope: b"seq".to_vec(),
+                placeholders: vec![stranger],
+            }],
+            vec![GroupFill {
+                scope: b"seq".to_vec(),
+                placeholders: vec![stranger, stranger],
+            }],
+        ] {
+            let r = proxy
+                .store()
+                .commit_relayed_filled(group.clone(), fills)
+                .await;
+            assert!(matches!(r, Err(RelayError::NotApplied(_))), "{r:?}");
+        }
+        assert_eq!(filler.0.load(Ordering::Relaxed), 0, "no number was taken");
+        for n in 100..103 {
+            assert_eq!(filled_key(&proxy, n).await, None, "nothing written");
+        }
+    });
+}

@@ -341,13 +341,23 @@ impl Inner {
                 "refused a relayed group: 1 to {MAX_GROUP_FILLS} numbers to fill in, not {placeholders}"
             )));
         }
-        for p in fills.iter().flat_map(|f| &f.placeholders) {
-            if p >> 63 == 0 || !crate::store::holds_placeholder(&group, *p) {
-                return Err(RelayError::NotApplied(
-                    "refused a relayed group: a number to fill in has no placeholder in it".into(),
-                ));
-            }
+        // every placeholder in the group, found in one pass (written over
+        // with itself)
+        let asked: rustc_hash::FxHashMap<u64, u64> = fills
+            .iter()
+            .flat_map(|f| &f.placeholders)
+            .map(|p| (*p, *p))
+            .collect();
+        let found = crate::store::replace_placeholders(&mut group, &asked);
+        if asked.len() != placeholders
+            || found.len() != placeholders
+            || asked.keys().any(|p| p >> 63 == 0)
+        {
+            return Err(RelayError::NotApplied(
+                "refused a relayed group: a number to fill in has no placeholder in it, or one twice".into(),
+            ));
         }
+        let mut numbers = rustc_hash::FxHashMap::default();
         let mut answers = Vec::with_capacity(fills.len());
         for f in &fills {
             let timer = crate::trace::Timer::start();
@@ -363,10 +373,11 @@ impl Inner {
             let a = a.map_err(RelayError::NoFill)?;
             bump(&self.counters.filled_in, f.placeholders.len() as u64);
             for (i, p) in f.placeholders.iter().enumerate() {
-                crate::store::replace_placeholder(&mut group, *p, a.first + i as u64);
+                numbers.insert(*p, a.first + i as u64);
             }
             answers.push(a);
         }
+        crate::store::replace_placeholders(&mut group, &numbers);
         let answer = self.commit_relayed(group).await?;
         Ok((answer, answers))
     }
