@@ -446,11 +446,27 @@ impl AgentHandle {
             let ctx = self.ctx.clone();
             let (body, remote, recheck) = (body.clone(), remote.clone(), recheck.clone());
             let f2 = filled.clone();
+            let runs = Arc::new(std::sync::atomic::AtomicU32::new(0));
             let r = self
                 .transact(move |tx| {
                     let (ctx, body, remote, recheck) =
                         (ctx.clone(), body.clone(), remote.clone(), recheck.clone());
-                    let own = own.unwrap_or_else(|| tx.fill(ctx.id.as_bytes(), &f2));
+                    // A filled number gets one try: run again (its commit
+                    // conflicted, perhaps with a slot a stale sequence
+                    // handed out twice), the send reserves its number,
+                    // which skips such slots (`own_min`).
+                    let run = runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let own = match own {
+                        Some(n) => n,
+                        None if run == 0 => tx.fill(ctx.id.as_bytes(), &f2),
+                        None => {
+                            return Box::pin(async {
+                                Err(Error::Store(StoreError::FillUnavailable(
+                                    "the commit with a filled number ran again".into(),
+                                )))
+                            });
+                        }
+                    };
                     Box::pin(async move {
                         // A fresh request id and freshly reserved inbox slots
                         // are absent: on a first, possibly stale attempt they
