@@ -373,7 +373,13 @@ pub(super) async fn host_placement(host: &agent::Client) -> anyhow::Result<Row> 
         .as_str()
         .unwrap_or("none")
         .to_string();
-    let value = if owner == relay {
+    // (the nodes inherit this process's environment)
+    let filling = std::env::var("CAPSTAN_FILL_NUMBERS").is_ok_and(|v| v == "1");
+    let value = if !filling {
+        format!(
+            "{owner} (the relay is {relay}; the other nodes reserve the host's numbers at {owner}: CAPSTAN_FILL_NUMBERS=1 has the relay fill them in)"
+        )
+    } else if owner == relay {
         format!("{owner}, the relay: it fills in the host's numbers of the other nodes' sends")
     } else {
         format!(
@@ -385,6 +391,6 @@ pub(super) async fn host_placement(host: &agent::Client) -> anyhow::Result<Row> 
         value,
         target: "",
         endo: "",
-        json: json!({"owner": owner, "relay": relay}),
+        json: json!({"owner": owner, "relay": relay, "filling": filling}),
     })
 }
