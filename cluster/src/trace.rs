@@ -86,6 +86,11 @@ fn clean(traces: &[u64]) -> Vec<u64> {
     out
 }
 
+/// The first [`MAX_TRACES_PER_CALL`] of `traces`: what a call carries.
+pub fn for_call(traces: &[u64]) -> &[u64] {
+    &traces[..traces.len().min(MAX_TRACES_PER_CALL)]
+}
+
 /// The traces the current task works for (empty: untraced).
 pub fn current() -> Vec<u64> {
     CURRENT.try_with(|t| t.to_vec()).unwrap_or_default()
@@ -139,11 +144,6 @@ impl Timer {
         Timer {
             on: (!traces.is_empty()).then(|| (traces, now_us(), Instant::now())),
         }
-    }
-
-    /// Whether anything will be recorded.
-    pub fn is_on(&self) -> bool {
-        self.on.is_some()
     }
 
     /// The traces it times.

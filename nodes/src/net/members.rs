@@ -54,6 +54,16 @@ pub struct MemberServer {
     pub rt: Runtime,
 }
 
+/// What a relay answers in `unapplied` for a group it did not apply (an
+/// outcome it cannot tell fails the call: its sender resolves the group).
+fn unapplied(e: RelayError) -> Result<String, CapError> {
+    match e {
+        RelayError::NotApplied(e) => Ok(e),
+        RelayError::NoFill(e) => Ok(format!("{NO_FILL}{e}")),
+        RelayError::Unknown(e) => Err(failed(e)),
+    }
+}
+
 /// The trace ids a call carries (at most `trace::MAX_TRACES_PER_CALL`).
 fn traces_of(l: capnp::primitive_list::Reader<'_, u64>) -> Result<Vec<u64>, CapError> {
     if l.len() as usize > trace::MAX_TRACES_PER_CALL {
@@ -188,11 +198,7 @@ impl member::Server for MemberServer {
         });
         match r {
             Ok(answer) => results.get().set_answer(&answer),
-            Err(RelayError::NotApplied(e)) => results.get().set_unapplied(e.as_str()),
-            Err(RelayError::NoFill(e)) => results
-                .get()
-                .set_unapplied(format!("{NO_FILL}{e}").as_str()),
-            Err(RelayError::Unknown(e)) => return Err(failed(e)),
+            Err(e) => results.get().set_unapplied(unapplied(e)?.as_str()),
         }
         Ok(())
     }
@@ -256,11 +262,7 @@ impl member::Server for MemberServer {
                     }
                 }
             }
-            Err(RelayError::NotApplied(e)) => results.get().set_unapplied(e.as_str()),
-            Err(RelayError::NoFill(e)) => results
-                .get()
-                .set_unapplied(format!("{NO_FILL}{e}").as_str()),
-            Err(RelayError::Unknown(e)) => return Err(failed(e)),
+            Err(e) => results.get().set_unapplied(unapplied(e)?.as_str()),
         }
         Ok(())
     }
@@ -436,13 +438,7 @@ impl Net {
             r.get().set_agent(agent.as_bytes());
             r.get().set_count(count);
             r.get().set_at_least(at_least);
-            if !traces.is_empty() {
-                let n = traces.len().min(trace::MAX_TRACES_PER_CALL);
-                let mut l = r.get().init_traces(n as u32);
-                for (i, t) in traces.iter().take(n).enumerate() {
-                    l.set(i as u32, *t);
-                }
-            }
+            super::traces::write_traces(traces, |n| r.get().init_traces(n));
             if let Some(a) = admit {
                 r.get().set_quota_bytes(a.bytes);
                 r.get()
@@ -620,7 +616,10 @@ impl Net {
                 r.send().promise.await.map_err(|e| e.to_string())?;
                 Ok::<_, String>(())
             };
-            let timer = trace::Timer::start_for(delivered.iter().map(|d| d.3).collect());
+            // (only traced wake-ups: nothing collected for the others)
+            let timer = trace::Timer::start_for(
+                delivered.iter().map(|d| d.3).filter(|t| *t != 0).collect(),
+            );
             let r = tokio::time::timeout(WAKEUP_TIMEOUT, call).await;
             timer.done("wake-up call", || {
                 let how = match &r {

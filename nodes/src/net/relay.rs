@@ -134,17 +134,11 @@ impl Net {
             .member(addr)
             .await
             .map_err(|e| RelayError::NotApplied(format!("member {addr} is unreachable: {e}")))?;
-        let traces = &traces[..traces
-            .len()
-            .min(capstan_cluster::trace::MAX_TRACES_PER_CALL)];
         let call = async {
             if fills.is_empty() {
                 let mut r = m.relay_request();
                 r.get().set_group(group);
-                let mut l = r.get().init_traces(traces.len() as u32);
-                for (i, t) in traces.iter().enumerate() {
-                    l.set(i as u32, *t);
-                }
+                super::traces::write_traces(traces, |n| r.get().init_traces(n));
                 let a = r.send().promise.await?;
                 let a = a.get()?;
                 let unapplied = a.get_unapplied()?.to_str()?.to_string();
@@ -152,10 +146,7 @@ impl Net {
             }
             let mut r = m.relay_filled_request();
             r.get().set_group(group);
-            let mut l = r.get().init_traces(traces.len() as u32);
-            for (i, t) in traces.iter().enumerate() {
-                l.set(i as u32, *t);
-            }
+            super::traces::write_traces(traces, |n| r.get().init_traces(n));
             let mut fl = r.get().init_fills(fills.len() as u32);
             for (i, f) in fills.iter().enumerate() {
                 let mut o = fl.reborrow().get(i as u32);

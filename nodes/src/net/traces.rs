@@ -18,6 +18,22 @@ pub const SPANS_TIMEOUT: Duration = Duration::from_secs(2);
 /// `trace::MAX_SPANS_PER_TRACE`).
 const MAX_SPANS_ANSWERED: u32 = trace::MAX_SPANS_PER_TRACE as u32;
 
+/// Writes `traces` (at most what a call carries) into a call's `traces`
+/// list, `init` making the list of the length given.
+pub(super) fn write_traces<'a>(
+    traces: &[u64],
+    init: impl FnOnce(u32) -> capnp::primitive_list::Builder<'a, u64>,
+) {
+    let traces = trace::for_call(traces);
+    if traces.is_empty() {
+        return;
+    }
+    let mut l = init(traces.len() as u32);
+    for (i, t) in traces.iter().enumerate() {
+        l.set(i as u32, *t);
+    }
+}
+
 /// One span as the answer lists it.
 fn span_json(node: &str, name: &str, start_us: u64, dur_us: u64, detail: &str) -> Value {
     json!({"node": node, "name": name, "start_us": start_us, "dur_us": dur_us, "detail": detail})
