@@ -359,13 +359,12 @@ impl AgentHandle {
     /// group) as it merges the commit: real-time order holds (the number is
     /// handed out after the send began, before it is answered), and the
     /// sender neither calls the owner nor waits for it before committing.
-    /// Off unless the node runs with `CAPSTAN_FILL_NUMBERS=1`: it lowers the
-    /// nodes' CPU per send under a burst of sends, but collapsed the
-    /// guests' bench (messages handled 213–405/s against 1,173: 2.1–2.5
-    /// store reads per message against 0.4, for a reason not found yet).
+    /// On with `RuntimeOptions::fill_numbers` (the daemon's
+    /// `CAPSTAN_FILL_NUMBERS=1`). A send whose number the relay does not
+    /// fill after all (none relays now) reserves it and commits again
+    /// keeping the recipient's number it holds (`post_to`).
     fn may_fill_own(&self, target: FormulaId, remote: bool) -> bool {
-        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        if !*ON.get_or_init(|| std::env::var("CAPSTAN_FILL_NUMBERS").is_ok_and(|v| v == "1")) {
+        if !self.rt.opts.fill_numbers {
             return false;
         }
         if self.open.is_some() || self.fence.is_some() || self.journal.is_some() {
@@ -420,6 +419,12 @@ impl AgentHandle {
         // The sender's own copy takes its number from the relay when the
         // relay owns the sender's inbox (module docs).
         let mut fill_own = self.may_fill_own(target, remote_target);
+        // A number reserved for an attempt that wrote nothing and stays
+        // good for the next one (that attempt failed for the other copy's
+        // number, or for want of a relay to fill in the own): reserving a
+        // fresh one instead would leave a hole in that inbox, which its
+        // guest runner waits at for the whole grace (crate::rules::inbox).
+        let (mut keep_theirs, mut keep_own) = (None, None);
         let result = loop {
             tries += 1;
             if tries > MAX_SLOT_RETRIES {
@@ -431,16 +436,20 @@ impl AgentHandle {
             // inbox, see crate::quota) before anything is reserved here.
             let theirs = if target == me || remote_target {
                 None
+            } else if let Some(n) = keep_theirs.take() {
+                Some(n)
             } else {
                 Some(
                     self.reserve_one_admitting(target, their_min, Some(size))
                         .await?,
                 )
             };
-            let own = match fill_own {
-                true => None,
-                false => Some(self.reserve_one(me, own_min).await?),
+            let own = match (fill_own, keep_own.take()) {
+                (true, _) => None,
+                (false, Some(n)) => Some(n),
+                (false, None) => Some(self.reserve_one(me, own_min).await?),
             };
+            let recipients = theirs;
             let Some(theirs) = theirs.or(own) else {
                 return Err(Error::Invalid(
                     "internal: a number to fill in for a copy to oneself".into(),
@@ -557,16 +566,20 @@ impl AgentHandle {
                 Err(Error::Store(StoreError::FillUnavailable(why))) if own.is_none() => {
                     tracing::debug!("own number not filled in ({why}); reserving it");
                     fill_own = false;
+                    keep_theirs = recipients;
                 }
                 Err(Error::InboxSlotTaken { number, .. })
                     if Some(number) == own && own_min <= number =>
                 {
-                    own_min = number + 1
+                    own_min = number + 1;
+                    keep_theirs = recipients;
                 }
                 Err(Error::InboxSlotTaken { number, .. })
                     if number == theirs && their_min <= number =>
                 {
-                    their_min = number + 1
+                    their_min = number + 1;
+                    // (a copy to oneself has one number: it is the taken one)
+                    keep_own = own.filter(|_| recipients.is_some());
                 }
                 r => break (r?, filled),
             }

@@ -75,6 +75,11 @@ pub struct RuntimeOptions {
     /// of search capabilities made without a provider (see
     /// [`crate::embed_model`]); `None`: those search full text only.
     pub embed_model: Option<std::sync::Arc<crate::embed_model::LocalModel>>,
+    /// In a cluster whose store has a commit relay that fills numbers in,
+    /// a send from a node that does not own the sender's inbox lets the
+    /// relay fill in its own copy's number instead of reserving it from
+    /// the owner first (see `AgentHandle::may_fill_own` in `mail`).
+    pub fill_numbers: bool,
 }
 
 impl Default for RuntimeOptions {
@@ -83,6 +88,7 @@ impl Default for RuntimeOptions {
             idle_timeout: std::time::Duration::from_secs(60),
             secrets: None,
             embed_model: None,
+            fill_numbers: false,
         }
     }
 }

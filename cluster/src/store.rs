@@ -353,6 +353,39 @@ pub fn replace_placeholders(
     found
 }
 
+impl CommitRequest {
+    /// Writes the numbers of `numbers` (placeholder → number) over their
+    /// placeholders in this request's read-conflict ranges and mutations,
+    /// as a relay does over a group's bytes ([`replace_placeholders`]): for
+    /// a backend that fills numbers in without a relay's encoding (the
+    /// simulation's store). The placeholders found.
+    pub fn fill_in(
+        &mut self,
+        numbers: &rustc_hash::FxHashMap<u64, u64>,
+    ) -> rustc_hash::FxHashSet<u64> {
+        let mut found = rustc_hash::FxHashSet::default();
+        let mut fill = |b: &mut Vec<u8>| found.extend(replace_placeholders(b, numbers));
+        for (b, e) in &mut self.read_conflicts {
+            fill(b);
+            fill(e);
+        }
+        for m in &mut self.mutations {
+            match m {
+                Mutation::Set(k, v) => {
+                    fill(k);
+                    fill(v);
+                }
+                Mutation::Clear(k) => fill(k),
+                Mutation::ClearRange(b, e) => {
+                    fill(b);
+                    fill(e);
+                }
+            }
+        }
+        found
+    }
+}
+
 /// A backend: snapshot reads and optimistic commits (FoundationDB's model).
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {

@@ -130,6 +130,7 @@ pub async fn run(
         RuntimeOptions {
             secrets: Some(secrets),
             embed_model: EMBED_MODEL.get().cloned(),
+            fill_numbers: fill_numbers(),
             ..RuntimeOptions::default()
         },
     )
@@ -449,4 +450,10 @@ async fn lone_secrets_key(
         );
     }
     SecretsKey::load_or_create(&path).map_err(|e| anyhow!("{e}"))
+}
+
+/// Whether the relay fills in the numbers of this node's senders' own
+/// copies (`RuntimeOptions::fill_numbers`): off unless `CAPSTAN_FILL_NUMBERS=1`.
+fn fill_numbers() -> bool {
+    std::env::var("CAPSTAN_FILL_NUMBERS").is_ok_and(|v| v == "1")
 }

@@ -158,6 +158,8 @@ pub struct Model {
     present: HashMap<u64, BTreeSet<(usize, u64)>>,
     /// Handler commits seen, and those checked against the placement.
     pub handler_commits: u64,
+    /// Inbox numbers the handlers closed as holes.
+    pub holes_closed: u64,
     /// Messages (their k) removed from an inbox (dismissed), whether or not
     /// the caller heard back.
     pub cleared: BTreeSet<u64>,

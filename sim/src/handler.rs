@@ -89,7 +89,10 @@ async fn drain(
         match step {
             Step::Idle => return Ok(()),
             Step::Wait(d) => tokio::time::sleep(d).await,
-            Step::Close { from, to } => close_holes(db, fence, g.id, from, to).await?,
+            Step::Close { from, to } => {
+                let closed = close_holes(db, fence, g.id, from, to).await?;
+                lock(model).holes_closed += closed;
+            }
             Step::Handle(n) => {
                 for rec in listed.into_iter().take(n) {
                     handle(db, fence, g, rec, model).await?;
@@ -200,7 +203,7 @@ async fn close_holes(
     g: FormulaId,
     from: u64,
     to: u64,
-) -> Result<(), Error> {
+) -> Result<u64, Error> {
     let to = to.max(from + 1).min(from + 1024);
     let fence = fence.clone();
     db.transact(move |tx| {
@@ -212,7 +215,7 @@ async fn close_holes(
                 None => 0,
             };
             if mark != from {
-                return Ok::<_, Error>(());
+                return Ok::<_, Error>(0);
             }
             let mut end = from;
             while end < to
@@ -224,11 +227,11 @@ async fn close_holes(
                 end += 1;
             }
             if end == from {
-                return Ok::<_, Error>(());
+                return Ok::<_, Error>(0);
             }
             capstan_actors::model::raise_inbox_mark(tx, &g, end - 1).await?;
             tx.set(&keys::mark(&g), &end.to_be_bytes())?;
-            Ok(())
+            Ok(end - from)
         })
     })
     .await

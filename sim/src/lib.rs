@@ -96,6 +96,22 @@ pub struct Config {
     /// delivered or bounced, never both (a defect this found, fixed; see
     /// `sim/tests/seeds.rs`).
     pub cancel_midrun: bool,
+    /// The nodes run with `RuntimeOptions::fill_numbers` on a store that
+    /// fills numbers in as the etcd relay does ([`store::Fills`]), so a
+    /// send from a node that does not own the sender's inbox has its own
+    /// copy's number filled in at commit.
+    pub fill_numbers: bool,
+    /// Percent of commits with numbers to fill that the store refuses
+    /// (the sender then reserves the number itself).
+    pub fill_refuse_pct: u64,
+    /// No fault that can leave a reserved number unwritten for a reason of
+    /// its own: no store conflicts or "maybe committed", no dropped or
+    /// duplicated member calls, no kills or pauses (delays and reordering
+    /// stay), and no dismissals (a message dismissed before its handler
+    /// got to it leaves its number empty too). Every number handed out is
+    /// then written, so a guest's handler never closes a hole
+    /// ([`Report::holes_closed`] is 0).
+    pub calm: bool,
 }
 
 impl Config {
@@ -113,6 +129,9 @@ impl Config {
             far_nodes: if seed % 4 == 1 { 2 } else { 0 },
             faulty_far_dedup: false,
             cancel_midrun: true,
+            fill_numbers: seed % 3 != 0,
+            fill_refuse_pct: 10,
+            calm: false,
         }
     }
 }
@@ -145,6 +164,11 @@ pub struct Report {
     /// Followers of guest 0's inbox still running at the end, each of
     /// which showed every acknowledged message there.
     pub followers_checked: u64,
+    /// What the store did with commits whose numbers it fills in.
+    pub fills: store::FillCounts,
+    /// Inbox numbers the guests' handlers gave up on (closed as holes
+    /// after the grace: handed out, never written).
+    pub holes_closed: u64,
     /// The guests' formula ids, as the runtime drew them (from the seed).
     pub guest_ids: Vec<capstan_proto::FormulaId>,
     /// A digest of the run's operations and of the stores' final contents

@@ -44,6 +44,17 @@ struct Args {
     /// it (every message to it then bounces).
     #[arg(long)]
     cancel_first: bool,
+    /// Whether the store fills in senders' numbers (`on`, `off`); by
+    /// default on in two seeds of three (seed % 3 != 0).
+    #[arg(long, value_parser = ["on", "off"])]
+    fill: Option<String>,
+    /// Percent of commits with numbers to fill that the store refuses.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=100))]
+    fill_refuse_pct: u64,
+    /// No faults that leave numbers unwritten (no store conflicts, lost
+    /// answers, dropped member calls, kills or pauses): holes must not occur.
+    #[arg(long)]
+    calm: bool,
 }
 
 fn main() -> Result<()> {
@@ -61,6 +72,12 @@ fn main() -> Result<()> {
         far_nodes: a.far_nodes.unwrap_or(Config::new(seed).far_nodes),
         faulty_far_dedup: a.faulty_far_dedup,
         cancel_midrun: !a.cancel_first,
+        fill_numbers: a
+            .fill
+            .as_deref()
+            .map_or(Config::new(seed).fill_numbers, |f| f == "on"),
+        fill_refuse_pct: a.fill_refuse_pct,
+        calm: a.calm,
         ..Config::new(seed)
     };
     let replay = |seed: u64| {
@@ -76,6 +93,15 @@ fn main() -> Result<()> {
         }
         if a.cancel_first {
             line += " --cancel-first";
+        }
+        if let Some(f) = &a.fill {
+            line += &format!(" --fill {f}");
+        }
+        if a.fill_refuse_pct != 10 {
+            line += &format!(" --fill-refuse-pct {}", a.fill_refuse_pct);
+        }
+        if a.calm {
+            line += " --calm";
         }
         line
     };

@@ -39,6 +39,8 @@ struct Node {
     tasks: Vec<AbortHandle>,
     /// What this incarnation's follower of guest 0's inbox showed.
     follower: Option<Arc<Mutex<crate::follow::FollowLog>>>,
+    /// This incarnation's store filling numbers in, if the run does.
+    fills: Option<Arc<crate::store::Fills>>,
 }
 
 /// What the workload asked and what it was told.
@@ -100,6 +102,8 @@ struct World {
     stranded: u64,
     /// Followers of guest 0's inbox checked at the end.
     followers_checked: u64,
+    /// Every incarnation's store that filled numbers in (for the report).
+    all_fills: Vec<Arc<crate::store::Fills>>,
 }
 
 fn guest_name(g: usize) -> String {
@@ -111,8 +115,16 @@ fn hist(h: &Arc<Mutex<History>>) -> std::sync::MutexGuard<'_, History> {
 }
 
 /// Store faults drawn from the seed: calm, moderate or heavy.
-fn store_faults(seed: u64, rng: &mut Rng) -> Faults {
+fn store_faults(seed: u64, rng: &mut Rng, calm: bool) -> Faults {
     let level = rng.below(3) as u32;
+    if calm {
+        return Faults {
+            read_delay_ppm: 100_000,
+            commit_delay_ppm: 200_000,
+            max_delay: Duration::from_millis(15),
+            ..Faults::seeded(seed ^ 0x5eed)
+        };
+    }
     Faults {
         conflict_ppm: 10_000 * level,
         maybe_committed_ppm: 5_000 * level,
@@ -137,13 +149,13 @@ pub(crate) async fn run(cfg: Config) -> Result<Report, SimError> {
 async fn run_inner(cfg: Config) -> Result<Report, SimError> {
     let seed = cfg.seed;
     let mut rng = Rng::new(seed);
-    let faults = store_faults(seed, &mut rng);
+    let faults = store_faults(seed, &mut rng, cfg.calm);
     let link_rng = Arc::new(Mutex::new(rng.fork()));
     let mut w = World {
         cfg: cfg.clone(),
         link_faults: LinkFaults {
-            drop_pct: 5,
-            dup_pct: 5,
+            drop_pct: if cfg.calm { 0 } else { 5 },
+            dup_pct: if cfg.calm { 0 } else { 5 },
             delay_pct: 30,
             max_delay: Duration::from_millis(50),
         },
@@ -164,6 +176,7 @@ async fn run_inner(cfg: Config) -> Result<Report, SimError> {
         contents: [0; 32],
         stranded: 0,
         followers_checked: 0,
+        all_fills: Vec::new(),
     };
     w.setup().await?;
     for step in 0..cfg.steps {
@@ -212,6 +225,7 @@ impl World {
                 guests: Vec::new(),
                 tasks: Vec::new(),
                 follower: None,
+                fills: None,
             });
             self.start(i).await.map_err(setup)?;
         }
@@ -224,15 +238,27 @@ impl World {
     /// Starts (or restarts) node `i`: a fresh process on the same home.
     async fn start(&mut self, i: usize) -> Result<(), String> {
         let gate = Gate::new();
+        let fills = self
+            .cfg
+            .fill_numbers
+            .then(|| crate::store::Fills::new(self.cfg.fill_refuse_pct, self.rng.fork()));
+        if let Some(f) = &fills {
+            self.all_fills.push(f.clone());
+        }
         let store = NodeStore {
             inner: self.mem.clone(),
             gate: gate.clone(),
             model: self.model.clone(),
             node: self.nodes[i].name.clone(),
+            fills: fills.clone(),
         };
         let db = Db::new(Arc::new(store));
+        let options = RuntimeOptions {
+            fill_numbers: self.cfg.fill_numbers,
+            ..RuntimeOptions::default()
+        };
         let opened = async {
-            let rt = Runtime::open(db.clone(), RuntimeOptions::default()).await?;
+            let rt = Runtime::open(db.clone(), options).await?;
             let links = rt
                 .join_cluster(ClusterConfig {
                     name: self.nodes[i].name.clone(),
@@ -254,8 +280,13 @@ impl World {
         let m = rt
             .membership()
             .ok_or_else(|| "no membership after joining".to_string())?;
+        // (as the node's daemon does once it joined: its inboxes' numbers
+        // are handed out for the commits its store fills in)
+        db.store()
+            .set_filler(Some(Arc::new(capstan_actors::InboxFiller(rt.clone()))));
         let node = &mut self.nodes[i];
         node.gate = gate;
+        node.fills = fills;
         node.runtime = Some(rt.clone());
         self.dir.set(&node.name, Some(rt.clone()));
         node.tasks.push(
@@ -318,6 +349,10 @@ impl World {
         node.gate.kill();
         for t in node.tasks.drain(..) {
             t.abort();
+        }
+        // (the filler holds the runtime: let it go with the process)
+        if let Some(f) = node.fills.take() {
+            f.clear();
         }
         node.runtime = None;
         node.follower = None;
@@ -426,7 +461,7 @@ impl World {
                     }
                 });
             }
-            (66..72, Some(_)) => {
+            (66..72, Some(_)) if !self.cfg.calm => {
                 let pick = lock(&self.model).present_numbers(g);
                 if pick.is_empty() {
                     return self.pass_time().await;
@@ -440,7 +475,7 @@ impl World {
                     }
                 });
             }
-            (72..75, Some(_)) if alive.len() > 1 => {
+            (72..75, Some(_)) if alive.len() > 1 && !self.cfg.calm => {
                 self.note(format!("{step}: kill n{i}"));
                 hist(&self.history).kills += 1;
                 self.kill(i);
@@ -458,7 +493,7 @@ impl World {
                     }
                 }
             }
-            (80..83, Some(_)) => {
+            (80..83, Some(_)) if !self.cfg.calm => {
                 let lease = self.cfg.lease.as_millis() as u64;
                 let d = Duration::from_millis(lease / 2 + self.rng.below(lease * 3));
                 self.note(format!("{step}: pause n{i} for {d:?}"));
@@ -707,6 +742,14 @@ impl World {
             guest_ids: self.guest_ids.clone(),
             fed_stranded: self.stranded,
             followers_checked: self.followers_checked,
+            fills: self.all_fills.iter().fold(Default::default(), |a, f| {
+                let c = f.counts();
+                crate::store::FillCounts {
+                    filled: a.filled + c.filled,
+                    refused: a.refused + c.refused,
+                }
+            }),
+            holes_closed: m.holes_closed,
             digest: u64::from_le_bytes(log.finalize().as_bytes()[..8].try_into().unwrap_or([0; 8])),
         }
     }

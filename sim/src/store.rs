@@ -11,7 +11,10 @@
 use std::sync::{Arc, Mutex};
 
 use capstan_cluster::mem_store::MemStore;
-use capstan_cluster::{CommitRequest, KeyValue, RangeOption, Snapshot, Store, StoreError, Version};
+use capstan_cluster::store::FilledNumber;
+use capstan_cluster::{
+    CommitRequest, KeyValue, Mutation, RangeOption, Snapshot, Store, StoreError, Version,
+};
 use tokio::time::Instant;
 
 use crate::check::Model;
@@ -87,6 +90,142 @@ pub struct NodeStore {
     pub(crate) gate: Arc<Gate>,
     pub(crate) model: Arc<Mutex<Model>>,
     pub(crate) node: String,
+    /// Numbers filled in at commit, as the etcd store's relay does
+    /// ([`Fills`]); `None`: this store refuses commits with numbers to fill
+    /// (as the embedded stores do), and nodes reserve every number.
+    pub(crate) fills: Option<Arc<Fills>>,
+}
+
+/// The simulation's stand-in for a relay that fills numbers in
+/// (`capstan_cluster::etcd_store`'s `commit_relayed_filled`): a commit with
+/// numbers to fill gets them from the node's filler (`InboxFiller`: the
+/// inbox's owner hands them out, over the member links when it is another
+/// node), written over its placeholders, then commits. Like a relay, it
+/// may also refuse to fill (a paused relay, or none): then nothing is
+/// written and the sender reserves its number itself.
+pub struct Fills {
+    filler: Mutex<Option<Arc<dyn capstan_cluster::relay::Filler>>>,
+    /// Percent of commits with numbers to fill that it refuses.
+    refuse_pct: u64,
+    rng: Mutex<crate::rng::Rng>,
+    counts: Mutex<FillCounts>,
+}
+
+/// What the stand-in relay did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FillCounts {
+    /// Commits whose numbers were filled in and sent to the store.
+    pub filled: u64,
+    /// Commits refused before anything was written.
+    pub refused: u64,
+}
+
+impl Fills {
+    pub fn new(refuse_pct: u64, rng: crate::rng::Rng) -> Arc<Fills> {
+        Arc::new(Fills {
+            filler: Mutex::new(None),
+            refuse_pct,
+            rng: Mutex::new(rng),
+            counts: Mutex::new(FillCounts::default()),
+        })
+    }
+
+    /// What it did so far.
+    pub fn counts(&self) -> FillCounts {
+        *self.counts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Forgets the filler (a node killed: its runtime is gone).
+    pub fn clear(&self) {
+        *self.filler.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    fn count(&self, f: impl FnOnce(&mut FillCounts)) {
+        f(&mut self.counts.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// Fills `req`'s numbers in, or says why not (nothing written): the
+    /// number each placeholder got, to answer once the commit applied.
+    async fn fill(
+        &self,
+        store: &MemStore,
+        req: &mut CommitRequest,
+    ) -> Result<Vec<(capstan_cluster::store::Filled, FilledNumber)>, StoreError> {
+        let refuse = self
+            .rng
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .percent(self.refuse_pct);
+        let filler = self
+            .filler
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let filler = match filler {
+            Some(f) if !refuse => f,
+            _ => {
+                self.count(|c| c.refused += 1);
+                return Err(StoreError::FillUnavailable(
+                    "the simulated relay fills no numbers in now".into(),
+                ));
+            }
+        };
+        // One call per sequence for all of its placeholders, as a relay
+        // asks once per group.
+        let mut scopes: Vec<(Vec<u8>, Vec<u64>)> = Vec::new();
+        for f in &req.fills {
+            match scopes.iter_mut().find(|(s, _)| *s == f.scope) {
+                Some((_, p)) => p.push(f.placeholder),
+                None => scopes.push((f.scope.clone(), vec![f.placeholder])),
+            }
+        }
+        let mut numbers = rustc_hash::FxHashMap::default();
+        let mut answers = Vec::new();
+        for (scope, placeholders) in &scopes {
+            let a = filler
+                .fill(scope, placeholders.len() as u32)
+                .await
+                .map_err(StoreError::FillUnavailable)?;
+            for (i, p) in placeholders.iter().enumerate() {
+                let number = a.first + i as u64;
+                numbers.insert(*p, number);
+                if let Some(f) = req.fills.iter().find(|f| f.placeholder == *p) {
+                    let notes = a.notes.clone();
+                    answers.push((f.filled.clone(), FilledNumber { number, notes }));
+                }
+            }
+        }
+        let before: Vec<Vec<u8>> = req.mutations.iter().map(|m| m.written_range().0).collect();
+        if req.fill_in(&numbers).len() != numbers.len() {
+            return Err(StoreError::Io(
+                "a number to fill in has no placeholder in the commit".into(),
+            ));
+        }
+        // A filled slot must be empty, as the relay's compare "absent now"
+        // checks (a number a stale sequence handed out again): empty now,
+        // and not written after the transaction's snapshot.
+        let filled_keys: Vec<Vec<u8>> = req
+            .mutations
+            .iter()
+            .zip(&before)
+            .filter_map(|(m, b)| match m {
+                Mutation::Set(k, _) if k != b => Some(k.clone()),
+                _ => None,
+            })
+            .collect();
+        let now = store.snapshot().await?;
+        for k in filled_keys {
+            if now.get(&k).await?.is_some() {
+                return Err(StoreError::Conflict);
+            }
+            let end = capstan_cluster::store::key_after(&k);
+            req.read_conflicts.push((k, end));
+        }
+        // (filled in: the store below commits it as any other)
+        req.fills.clear();
+        self.count(|c| c.filled += 1);
+        Ok(answers)
+    }
 }
 
 #[async_trait::async_trait]
@@ -105,10 +244,35 @@ impl Store for NodeStore {
         }))
     }
 
-    async fn commit(&self, req: CommitRequest) -> Result<Version, StoreError> {
+    fn fills(&self) -> bool {
+        self.fills.is_some()
+    }
+
+    fn set_filler(&self, filler: Option<Arc<dyn capstan_cluster::relay::Filler>>) {
+        if let Some(f) = &self.fills {
+            *f.filler.lock().unwrap_or_else(|e| e.into_inner()) = filler;
+        }
+    }
+
+    async fn commit(&self, mut req: CommitRequest) -> Result<Version, StoreError> {
         self.gate.pass().await;
+        let answers = match (&self.fills, req.fills.is_empty()) {
+            (_, true) => Vec::new(),
+            (Some(f), false) => f.fill(&self.inner, &mut req).await?,
+            (None, false) => {
+                return Err(StoreError::FillUnavailable(
+                    "this simulated store fills no numbers in".into(),
+                ));
+            }
+        };
         let mutations = req.mutations.clone();
         let r = self.inner.commit(req).await;
+        // (a lost answer leaves them unknown: the sender reads what it wrote)
+        if r.is_ok() {
+            for (filled, n) in answers {
+                let _ = filled.set(n);
+            }
+        }
         // Nothing ran between the commit's end and here (one thread, no
         // await since): the store is as the commit left it.
         let applied = match &r {

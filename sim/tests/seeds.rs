@@ -146,3 +146,44 @@ fn the_checker_finds_a_handler_that_skips() {
     }
     panic!("50 seeds did not find the skip");
 }
+
+/// A send whose own number the store refused to fill in (no relay to fill
+/// it now) reserves it and commits again, keeping the number it already
+/// holds in the recipient's inbox: reserving a fresh one left the first
+/// unwritten, a hole the guest's handler waited at for the whole grace
+/// (4 s) before closing it. That collapsed the guests' cluster bench with
+/// filling on (149 messages handled/s against 1,257 without; stop 37).
+/// In calm runs nothing else leaves a number unwritten, so no handler
+/// may close a hole; the runs must both fill numbers in and refuse to.
+#[test]
+fn a_refused_fill_leaves_no_hole_in_the_recipients_inbox() {
+    let (mut filled, mut refused) = (0, 0);
+    for seed in 0..8 {
+        let cfg = Config {
+            steps: STEPS,
+            far_nodes: 0,
+            fill_numbers: true,
+            fill_refuse_pct: 30,
+            calm: true,
+            ..Config::new(seed)
+        };
+        let r = run(&cfg).unwrap_or_else(|e| {
+            panic!("{e}\nreplay: cargo run -p capstan-sim --release -- --seed {seed} --steps {STEPS} --far-nodes 0 --fill on --fill-refuse-pct 30 --calm")
+        });
+        assert_eq!(
+            r.holes_closed, 0,
+            "seed {seed}: handlers closed {} holes in a calm run ({:?})\nreplay: cargo run -p capstan-sim --release -- --seed {seed} --steps {STEPS} --far-nodes 0 --fill on --fill-refuse-pct 30 --calm",
+            r.holes_closed, r.fills
+        );
+        assert_eq!(
+            r.acked, r.sends,
+            "seed {seed}: a calm run acknowledges every send"
+        );
+        filled += r.fills.filled;
+        refused += r.fills.refused;
+    }
+    assert!(
+        filled > 50 && refused > 10,
+        "the runs filled {filled} commits and refused {refused}: too few to show anything"
+    );
+}

@@ -598,6 +598,25 @@ async fn send_batch(inner: &Inner, batch: Vec<Member>, busy: bool) {
     if let Some(relay) = super::relay::route(inner, &batch, busy || filling) {
         return super::relay::relay_batch(inner, batch, relay).await;
     }
+    if filling {
+        // The whole batch may not go to the relay (too large for half its
+        // limits, or holding groups relayed to this member): its members
+        // with numbers to fill go there alone, the others to etcd, at once
+        // (a batch's members never conflict, so they may commit apart).
+        let (fill, rest): (Vec<Member>, Vec<Member>) =
+            batch.into_iter().partition(|m| !m.fills.is_empty());
+        if let Some(relay) = super::relay::route(inner, &fill, true) {
+            if rest.is_empty() {
+                return super::relay::relay_batch(inner, fill, relay).await;
+            }
+            tokio::join!(
+                super::relay::relay_batch(inner, fill, relay),
+                send_direct(inner, rest)
+            );
+            return;
+        }
+        return send_direct_unfilled(inner, fill.into_iter().chain(rest).collect()).await;
+    }
     send_direct_unfilled(inner, batch).await
 }
 

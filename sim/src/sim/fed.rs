@@ -118,7 +118,7 @@ impl World {
     /// (which the workload cancels) as "doomed".
     pub(super) async fn setup_far(&mut self, near: &Runtime) -> Result<(), String> {
         let seed = self.cfg.seed;
-        let faults = store_faults(seed ^ 0xfa5, &mut self.rng);
+        let faults = store_faults(seed ^ 0xfa5, &mut self.rng, self.cfg.calm);
         let mem = Arc::new(MemStore::with_faults(faults));
         let far = Runtime::open(Db::new(mem.clone()), RuntimeOptions::default())
             .await
@@ -246,6 +246,7 @@ impl World {
                 guests: Vec::new(),
                 tasks: Vec::new(),
                 follower: None,
+                fills: None,
             });
         }
         let gate = Gate::new();
@@ -254,6 +255,7 @@ impl World {
             gate: gate.clone(),
             model: far.model.clone(),
             node: far.nodes[j].name.clone(),
+            fills: None,
         };
         let cfg = ClusterConfig {
             name: far.nodes[j].name.clone(),
