@@ -129,7 +129,7 @@ impl Config {
             far_nodes: if seed % 4 == 1 { 2 } else { 0 },
             faulty_far_dedup: false,
             cancel_midrun: true,
-            fill_numbers: seed % 3 != 0,
+            fill_numbers: !seed.is_multiple_of(3),
             fill_refuse_pct: 10,
             calm: false,
         }
