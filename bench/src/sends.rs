@@ -374,10 +374,10 @@ pub(super) async fn host_placement(host: &agent::Client) -> anyhow::Result<Row> 
         .unwrap_or("none")
         .to_string();
     // (the nodes inherit this process's environment)
-    let filling = std::env::var("CAPSTAN_FILL_NUMBERS").is_ok_and(|v| v == "1");
+    let filling = std::env::var("CAPSTAN_FILL_NUMBERS").map_or(true, |v| v != "0");
     let value = if !filling {
         format!(
-            "{owner} (the relay is {relay}; the other nodes reserve the host's numbers at {owner}: CAPSTAN_FILL_NUMBERS=1 has the relay fill them in)"
+            "{owner} (the relay is {relay}; the other nodes reserve the host's numbers at {owner}: CAPSTAN_FILL_NUMBERS=0 turned the relay's filling off)"
         )
     } else if owner == relay {
         format!("{owner}, the relay: it fills in the host's numbers of the other nodes' sends")

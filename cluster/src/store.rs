@@ -441,6 +441,13 @@ pub trait Store: Send + Sync + 'static {
     fn fills(&self) -> bool {
         false
     }
+    /// Whether this client has commits at the relay now, so that its next
+    /// commit met by others is likely to go there too: a commit with
+    /// numbers to fill always goes to the relay, which costs a hop when
+    /// the client would have sent it to the store itself.
+    fn relaying_now(&self) -> bool {
+        false
+    }
     /// Fills in the numbers of relayed groups with `filler` from now on (or
     /// with none: groups with numbers to fill are refused): see
     /// [`crate::relay::Filler`]. Backends without relayed commits ignore it.

@@ -453,7 +453,7 @@ async fn lone_secrets_key(
 }
 
 /// Whether the relay fills in the numbers of this node's senders' own
-/// copies (`RuntimeOptions::fill_numbers`): off unless `CAPSTAN_FILL_NUMBERS=1`.
+/// copies (`RuntimeOptions::fill_numbers`): on unless `CAPSTAN_FILL_NUMBERS=0`.
 fn fill_numbers() -> bool {
-    std::env::var("CAPSTAN_FILL_NUMBERS").is_ok_and(|v| v == "1")
+    std::env::var("CAPSTAN_FILL_NUMBERS").map_or(true, |v| v != "0")
 }

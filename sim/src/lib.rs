@@ -18,6 +18,14 @@
 //! 0's inbox (`inbox --follow`) that still runs at the end showed every
 //! acknowledged message there that was not dismissed, once.
 //!
+//! In two seeds of three the nodes' stores fill numbers in as the etcd
+//! relay does ([`store::Fills`]: a send from a node that does not own the
+//! sender's inbox commits a placeholder for its own copy's number, the
+//! owner hands the number out at commit), refusing one such commit in ten
+//! (the sender then reserves the number itself). A *calm* run
+//! ([`Config::calm`]) has no fault that leaves a number unwritten, so its
+//! handlers must never close a hole.
+//!
 //! One seed in four also builds a second, *far* cluster (2 nodes on a store
 //! of its own) federated with the first through invitations, as `capstan
 //! invite` / `accept` do: the near root host knows the far root host as

@@ -248,6 +248,10 @@ impl Store for NodeStore {
         self.fills.is_some()
     }
 
+    fn relaying_now(&self) -> bool {
+        self.fills.is_some()
+    }
+
     fn set_filler(&self, filler: Option<Arc<dyn capstan_cluster::relay::Filler>>) {
         if let Some(f) = &self.fills {
             *f.filler.lock().unwrap_or_else(|e| e.into_inner()) = filler;

@@ -1,9 +1,11 @@
 //! The simulation in `cargo test`: a few hundred seeds (each 150 steps of a
 //! 3-node cluster; one in four federated with a 2-node far cluster; every
 //! node follows a guest's inbox, and most runs must check a follower at
-//! the end), a replay, tests that the checker finds a handler that skips and a far
-//! side that does not dedup, and the regression seed of a federation
-//! defect it found (mail delivered and bounced). A failure names its seed;
+//! the end; two in three with the store filling senders' numbers in), a
+//! replay, tests that the checker finds a handler that skips and a far
+//! side that does not dedup, the regression seed of a federation
+//! defect it found (mail delivered and bounced), and calm runs in which a
+//! refused fill must leave no hole. A failure names its seed;
 //! replay it with `cargo run -p capstan-sim --release -- --seed SEED --steps 150`.
 
 use capstan_sim::{Config, SimError, run};

@@ -67,7 +67,8 @@ impl Cluster {
     }
 
     /// [`Cluster::start`] with the relay filling in the senders' own
-    /// numbers (`CAPSTAN_FILL_NUMBERS=1`, see `actors/src/mail.rs`).
+    /// numbers (`CAPSTAN_FILL_NUMBERS=1`, see `actors/src/mail.rs`): the
+    /// default, named for the tests that depend on it.
     fn start_filling(tag: &str) -> Option<Cluster> {
         Cluster::start_env(tag, "", &[("CAPSTAN_FILL_NUMBERS", "1")])
     }
@@ -1219,8 +1220,9 @@ fn a_message_wakes_its_inbox_owner_and_followers_not_every_member() {
 }
 
 /// `send --trace` from a node that owns neither inbox: its hops show on
-/// the nodes that did them (the reservation at the host's owner, the
-/// sender's commit, the wake-up at the recipient's owner), any member gives
+/// the nodes that did them (the reservations at both inboxes' owners — a
+/// lone send on an idle node relays nothing, so the relay fills nothing in
+/// —, the sender's commit, the wake-up at the recipient's owner), any member gives
 /// the same spans back (`cluster trace ID`, also as a Chrome trace), and a
 /// bad or unknown id is an error.
 #[test]
@@ -1252,20 +1254,13 @@ fn a_traced_send_shows_its_hops_on_the_nodes_that_did_them() {
             .iter()
             .any(|s| s["node"] == node && s["name"].as_str().unwrap().starts_with(name))
     };
-    // The host's number: filled in by the relay (n1, the first member by
-    // name) for a sender on another node, else reserved at its owner.
-    let host_number = if sender != "n1" {
-        ("n1", "numbers filled in at the relay")
-    } else {
-        (host_owner.as_str(), "reservation at the inbox's owner")
-    };
     for (node, name) in [
         (sender.as_str(), "send"),
         (sender.as_str(), "inbox number"),
         (sender.as_str(), "reservation call to the inbox's owner"),
         (sender.as_str(), "commit"),
         (alice_owner.as_str(), "reservation at the inbox's owner"),
-        host_number,
+        (host_owner.as_str(), "reservation at the inbox's owner"),
         (alice_owner.as_str(), "wake-up served"),
     ] {
         assert!(on(node, name), "no {name:?} span on {node}: {v:#}");

@@ -1598,6 +1598,13 @@ impl Store for EtcdStore {
         relaying && !self.inner.relay_paused()
     }
 
+    fn relaying_now(&self) -> bool {
+        self.inner
+            .relaying
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    }
+
     fn set_filler(&self, filler: Option<Arc<dyn crate::relay::Filler>>) {
         if let Ok(mut f) = self.inner.filler.write() {
             *f = filler;
