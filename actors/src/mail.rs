@@ -425,8 +425,8 @@ impl AgentHandle {
         // are refused by the store; retry with fresh ones above them.
         let (mut own_min, mut their_min) = (0, 0);
         let mut tries = 0;
-        // The sender's own copy takes its number from the relay when the
-        // relay owns the sender's inbox (module docs).
+        // The sender's own copy may take its number from the relay, as it
+        // merges the commit (module docs).
         let mut fill_own = self.may_fill_own(target, remote_target);
         // A number reserved for an attempt that wrote nothing and stays
         // good for the next one (that attempt failed for the other copy's

@@ -1220,9 +1220,9 @@ fn a_message_wakes_its_inbox_owner_and_followers_not_every_member() {
 }
 
 /// `send --trace` from a node that owns neither inbox: its hops show on
-/// the nodes that did them (the reservations at both inboxes' owners — a
-/// lone send on an idle node relays nothing, so the relay fills nothing in
-/// —, the sender's commit, the wake-up at the recipient's owner), any member gives
+/// the nodes that did them (the reservations at both inboxes' owners: a
+/// lone send on an idle node relays nothing, so the relay fills nothing in;
+/// the sender's commit; the wake-up at the recipient's owner), any member gives
 /// the same spans back (`cluster trace ID`, also as a Chrome trace), and a
 /// bad or unknown id is an error.
 #[test]
