@@ -364,7 +364,7 @@ impl AgentHandle {
     /// `CAPSTAN_FILL_NUMBERS=0` turns it off), and only while this node
     /// already has commits at the relay: a commit to fill always goes to
     /// the relay, a hop more when the node would have sent it to etcd
-    /// itself (filling on every send cost the guests' bench 6 %; gated, it
+    /// itself (filling on every send cost the guests' bench about 7 %; gated, it
     /// is even there and saves the nodes 10-20 % of their CPU per send
     /// under a burst). A send whose number the relay does not
     /// fill after all (none relays now) reserves it and commits again
@@ -379,7 +379,7 @@ impl AgentHandle {
         let store = self.rt.db.store();
         // (only while this node already relays: a commit to fill always
         // goes to the relay, a hop more when this node would not relay it)
-        if remote || target == self.ctx.id || !store.fills() || !store.relaying_now() {
+        if remote || target == self.ctx.id || !store.relaying_now() || !store.fills() {
             return false;
         }
         let Some(c) = self.rt.cluster.get() else {
@@ -458,7 +458,7 @@ impl AgentHandle {
                 (false, Some(n)) => Some(n),
                 (false, None) => Some(self.reserve_one(me, own_min).await?),
             };
-            let recipients = theirs;
+            let their_reserved = theirs;
             let Some(theirs) = theirs.or(own) else {
                 return Err(Error::Invalid(
                     "internal: a number to fill in for a copy to oneself".into(),
@@ -575,20 +575,20 @@ impl AgentHandle {
                 Err(Error::Store(StoreError::FillUnavailable(why))) if own.is_none() => {
                     tracing::debug!("own number not filled in ({why}); reserving it");
                     fill_own = false;
-                    keep_theirs = recipients;
+                    keep_theirs = their_reserved;
                 }
                 Err(Error::InboxSlotTaken { number, .. })
                     if Some(number) == own && own_min <= number =>
                 {
                     own_min = number + 1;
-                    keep_theirs = recipients;
+                    keep_theirs = their_reserved;
                 }
                 Err(Error::InboxSlotTaken { number, .. })
                     if number == theirs && their_min <= number =>
                 {
                     their_min = number + 1;
                     // (a copy to oneself has one number: it is the taken one)
-                    keep_own = own.filter(|_| recipients.is_some());
+                    keep_own = own.filter(|_| their_reserved.is_some());
                 }
                 r => break (r?, filled),
             }

@@ -59,6 +59,24 @@ pub struct GroupFill {
     pub placeholders: Vec<u64>,
 }
 
+impl GroupFill {
+    /// `fills` gathered by sequence, in the order they come: one call to
+    /// the filler per sequence takes all of its numbers.
+    pub fn gather<'a>(fills: impl IntoIterator<Item = &'a crate::store::Fill>) -> Vec<GroupFill> {
+        let mut out: Vec<GroupFill> = Vec::new();
+        for f in fills {
+            match out.iter_mut().find(|g| g.scope == f.scope) {
+                Some(g) => g.placeholders.push(f.placeholder),
+                None => out.push(GroupFill {
+                    scope: f.scope.clone(),
+                    placeholders: vec![f.placeholder],
+                }),
+            }
+        }
+        out
+    }
+}
+
 /// What the filler gave for a [`GroupFill`]: its first number (the others
 /// follow it), and what it says with them (an inbox's owner: the members
 /// following the inbox, whom the sender wakes once it committed).

@@ -742,13 +742,7 @@ impl World {
             guest_ids: self.guest_ids.clone(),
             fed_stranded: self.stranded,
             followers_checked: self.followers_checked,
-            fills: self.all_fills.iter().fold(Default::default(), |a, f| {
-                let c = f.counts();
-                crate::store::FillCounts {
-                    filled: a.filled + c.filled,
-                    refused: a.refused + c.refused,
-                }
-            }),
+            fills: self.all_fills.iter().map(|f| f.counts()).sum(),
             holes_closed: m.holes_closed,
             digest: u64::from_le_bytes(log.finalize().as_bytes()[..8].try_into().unwrap_or([0; 8])),
         }

@@ -120,6 +120,15 @@ pub struct FillCounts {
     pub refused: u64,
 }
 
+impl std::iter::Sum for FillCounts {
+    fn sum<I: Iterator<Item = FillCounts>>(iter: I) -> FillCounts {
+        iter.fold(FillCounts::default(), |a, c| FillCounts {
+            filled: a.filled + c.filled,
+            refused: a.refused + c.refused,
+        })
+    }
+}
+
 impl Fills {
     pub fn new(refuse_pct: u64, rng: crate::rng::Rng) -> Arc<Fills> {
         Arc::new(Fills {
@@ -172,29 +181,27 @@ impl Fills {
         };
         // One call per sequence for all of its placeholders, as a relay
         // asks once per group.
-        let mut scopes: Vec<(Vec<u8>, Vec<u64>)> = Vec::new();
-        for f in &req.fills {
-            match scopes.iter_mut().find(|(s, _)| *s == f.scope) {
-                Some((_, p)) => p.push(f.placeholder),
-                None => scopes.push((f.scope.clone(), vec![f.placeholder])),
-            }
-        }
         let mut numbers = rustc_hash::FxHashMap::default();
-        let mut answers = Vec::new();
-        for (scope, placeholders) in &scopes {
+        let mut notes = rustc_hash::FxHashMap::default();
+        for g in capstan_cluster::relay::GroupFill::gather(&req.fills) {
             let a = filler
-                .fill(scope, placeholders.len() as u32)
+                .fill(&g.scope, g.placeholders.len() as u32)
                 .await
                 .map_err(StoreError::FillUnavailable)?;
-            for (i, p) in placeholders.iter().enumerate() {
-                let number = a.first + i as u64;
-                numbers.insert(*p, number);
-                if let Some(f) = req.fills.iter().find(|f| f.placeholder == *p) {
-                    let notes = a.notes.clone();
-                    answers.push((f.filled.clone(), FilledNumber { number, notes }));
-                }
+            for (i, p) in g.placeholders.iter().enumerate() {
+                numbers.insert(*p, a.first + i as u64);
+                notes.insert(*p, a.notes.clone());
             }
         }
+        let answers = req
+            .fills
+            .iter()
+            .map(|f| {
+                let number = numbers[&f.placeholder];
+                let notes = notes.remove(&f.placeholder).unwrap_or_default();
+                (f.filled.clone(), FilledNumber { number, notes })
+            })
+            .collect();
         let before: Vec<Vec<u8>> = req.mutations.iter().map(|m| m.written_range().0).collect();
         if req.fill_in(&numbers).len() != numbers.len() {
             return Err(StoreError::Io(

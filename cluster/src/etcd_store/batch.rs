@@ -598,35 +598,41 @@ async fn send_batch(inner: &Inner, batch: Vec<Member>, busy: bool) {
     if let Some(relay) = super::relay::route(inner, &batch, busy || filling) {
         return super::relay::relay_batch(inner, batch, relay).await;
     }
-    if filling {
-        // The whole batch may not go to the relay (too large for half its
-        // limits, or holding groups relayed to this member): its members
-        // with numbers to fill go there alone, the others to etcd, at once
-        // (a batch's members never conflict, so they may commit apart).
-        let (fill, rest): (Vec<Member>, Vec<Member>) =
-            batch.into_iter().partition(|m| !m.fills.is_empty());
-        if let Some(relay) = super::relay::route(inner, &fill, true) {
-            if rest.is_empty() {
-                return super::relay::relay_batch(inner, fill, relay).await;
-            }
+    // Not to the relay as a whole (too large for half its limits, holding
+    // groups relayed to this member, or a lone commit): its members with
+    // numbers to fill go there alone, the others to etcd, at once (a
+    // batch's members never conflict, so they may commit apart).
+    let (fill, direct): (Vec<Member>, Vec<Member>) =
+        batch.into_iter().partition(|m| !m.fills.is_empty());
+    let relay = match fill.is_empty() {
+        true => None,
+        false => super::relay::route(inner, &fill, true),
+    };
+    match relay {
+        Some(relay) if direct.is_empty() => super::relay::relay_batch(inner, fill, relay).await,
+        Some(relay) => {
             tokio::join!(
                 super::relay::relay_batch(inner, fill, relay),
-                send_direct(inner, rest)
+                send_direct(inner, direct)
             );
-            return;
         }
-        return send_direct_unfilled(inner, fill.into_iter().chain(rest).collect()).await;
+        None => send_apart(inner, fill, direct).await,
     }
-    send_direct_unfilled(inner, batch).await
 }
 
 /// Sends `batch` to etcd, but for its members with numbers to fill in,
 /// which only a relay fills: they fail with [`StoreError::FillUnavailable`]
 /// (nothing of them written; their callers commit with numbers of their own).
 pub(super) async fn send_direct_unfilled(inner: &Inner, batch: Vec<Member>) {
-    let (filling, direct): (Vec<Member>, Vec<Member>) =
+    let (fill, direct): (Vec<Member>, Vec<Member>) =
         batch.into_iter().partition(|m| !m.fills.is_empty());
-    for m in filling {
+    send_apart(inner, fill, direct).await
+}
+
+/// [`send_direct_unfilled`] of a batch already split into its members
+/// with numbers to fill (`fill`) and the others.
+async fn send_apart(inner: &Inner, fill: Vec<Member>, direct: Vec<Member>) {
+    for m in fill {
         m.answer(Outcome::Settled(Err(StoreError::FillUnavailable(
             "no relay to fill its numbers in now".into(),
         ))));

@@ -227,17 +227,7 @@ pub(super) async fn relay_batch(inner: &Inner, batch: Vec<Member>, relay: Arc<dy
 /// The numbers the members of `batch` ask the relay to fill in, by
 /// sequence (in the order of the members and of their fills).
 fn group_fills(batch: &[Member]) -> Vec<GroupFill> {
-    let mut out: Vec<GroupFill> = Vec::new();
-    for f in batch.iter().flat_map(|m| &m.fills) {
-        match out.iter_mut().find(|g| g.scope == f.scope) {
-            Some(g) => g.placeholders.push(f.placeholder),
-            None => out.push(GroupFill {
-                scope: f.scope.clone(),
-                placeholders: vec![f.placeholder],
-            }),
-        }
-    }
-    out
+    GroupFill::gather(batch.iter().flat_map(|m| &m.fills))
 }
 
 /// Tells each member of `batch` that applied the numbers the relay filled
