@@ -588,6 +588,19 @@ pub async fn next_message_number(tx: &mut Transaction, agent: &FormulaId) -> Res
 }
 
 /// Records that numbers below `number + 1` are used (before a dismissal).
+/// An inbox's mark read at the snapshot (no read conflict): every number
+/// below it is written or stays empty (`put_message` refuses it).
+pub async fn inbox_mark_snapshot(tx: &mut Transaction, agent: &FormulaId) -> Result<u64, Error> {
+    match tx.snapshot_get(&keys::inbox_mark(agent)).await? {
+        Some(b) => {
+            Ok(u64::from_be_bytes(b.as_slice().try_into().map_err(
+                |_| Error::Corrupt("inbox mark is not 8 bytes".into()),
+            )?))
+        }
+        None => Ok(0),
+    }
+}
+
 pub async fn raise_inbox_mark(
     tx: &mut Transaction,
     agent: &FormulaId,

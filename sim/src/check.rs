@@ -158,8 +158,11 @@ pub struct Model {
     present: HashMap<u64, BTreeSet<(usize, u64)>>,
     /// Handler commits seen, and those checked against the placement.
     pub handler_commits: u64,
-    /// Inbox numbers the handlers closed as holes.
+    /// Inbox numbers the handlers closed as holes (after the grace).
     pub holes_closed: u64,
+    /// Inbox numbers the handlers passed over at once, below the inbox
+    /// mark (dismissed before they were handled).
+    pub settled_passed: u64,
     /// Messages (their k) removed from an inbox (dismissed), whether or not
     /// the caller heard back.
     pub cleared: BTreeSet<u64>,

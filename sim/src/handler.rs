@@ -79,7 +79,10 @@ async fn drain(
 ) -> Result<(), Error> {
     let mut holes = Holes::default();
     loop {
-        let (next, listed) = list(db, g.id).await?;
+        let (next, listed, mark) = list(db, g.id).await?;
+        if let Some(mark) = mark {
+            holes.settle(mark);
+        }
         let numbers: Vec<u64> = listed.iter().map(|r| r.number).collect();
         let now = tokio::time::Instant::now().into_std();
         let step = match holes.step(next, &numbers, now) {
@@ -91,7 +94,11 @@ async fn drain(
             Step::Wait(d) => tokio::time::sleep(d).await,
             Step::Close { from, to } => {
                 let closed = close_holes(db, fence, g.id, from, to).await?;
-                lock(model).holes_closed += closed;
+                if holes.settled(to) {
+                    lock(model).settled_passed += closed;
+                } else {
+                    lock(model).holes_closed += closed;
+                }
             }
             Step::Handle(n) => {
                 for rec in listed.into_iter().take(n) {
@@ -102,8 +109,9 @@ async fn drain(
     }
 }
 
-/// The mark and the messages from it (snapshot reads, as the runner's).
-async fn list(db: &Db, g: FormulaId) -> Result<(u64, Vec<MessageRec>), Error> {
+/// The mark and the messages from it (snapshot reads, as the runner's),
+/// with the inbox mark when the first listed is not the next.
+async fn list(db: &Db, g: FormulaId) -> Result<(u64, Vec<MessageRec>, Option<u64>), Error> {
     db.read(move |tx| {
         Box::pin(async move {
             let next = match tx.snapshot_get(&keys::mark(&g)).await? {
@@ -122,7 +130,13 @@ async fn list(db: &Db, g: FormulaId) -> Result<(u64, Vec<MessageRec>), Error> {
             for (_, v) in rows {
                 out.push(MessageRec::decode(&v)?);
             }
-            Ok::<_, Error>((next, out))
+            let mark = match out.first() {
+                Some(m) if m.number != next => {
+                    Some(capstan_actors::model::inbox_mark_snapshot(tx, &g).await?)
+                }
+                _ => None,
+            };
+            Ok::<_, Error>((next, out, mark))
         })
     })
     .await

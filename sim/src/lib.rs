@@ -115,10 +115,12 @@ pub struct Config {
     /// No fault that can leave a reserved number unwritten for a reason of
     /// its own: no store conflicts or "maybe committed", no dropped or
     /// duplicated member calls, no kills or pauses (delays and reordering
-    /// stay), and no dismissals (a message dismissed before its handler
-    /// got to it leaves its number empty too). Every number handed out is
-    /// then written, so a guest's handler never closes a hole
-    /// ([`Report::holes_closed`] is 0).
+    /// stay). Every number handed out is then written, so a guest's
+    /// handler never closes a hole after the grace
+    /// ([`Report::holes_closed`] is 0). Dismissals stay: a message
+    /// dismissed before its handler got to it leaves its number empty
+    /// below the inbox mark, which the handler passes over at once
+    /// ([`Report::settled_passed`]; until stop 38 it waited out the grace).
     pub calm: bool,
 }
 
@@ -177,6 +179,9 @@ pub struct Report {
     /// Inbox numbers the guests' handlers gave up on (closed as holes
     /// after the grace: handed out, never written).
     pub holes_closed: u64,
+    /// Inbox numbers the handlers passed over without waiting: empty below
+    /// the inbox mark (messages dismissed before they were handled).
+    pub settled_passed: u64,
     /// The guests' formula ids, as the runtime drew them (from the seed).
     pub guest_ids: Vec<capstan_proto::FormulaId>,
     /// A digest of the run's operations and of the stores' final contents

@@ -461,7 +461,7 @@ impl World {
                     }
                 });
             }
-            (66..72, Some(_)) if !self.cfg.calm => {
+            (66..72, Some(_)) => {
                 let pick = lock(&self.model).present_numbers(g);
                 if pick.is_empty() {
                     return self.pass_time().await;
@@ -744,6 +744,7 @@ impl World {
             followers_checked: self.followers_checked,
             fills: self.all_fills.iter().map(|f| f.counts()).sum(),
             holes_closed: m.holes_closed,
+            settled_passed: m.settled_passed,
             digest: u64::from_le_bytes(log.finalize().as_bytes()[..8].try_into().unwrap_or([0; 8])),
         }
     }

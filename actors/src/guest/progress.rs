@@ -27,7 +27,10 @@ pub(super) async fn next_run(
     holes: &mut crate::rules::inbox::Holes,
 ) -> Result<Option<Vec<Listed>>, Error> {
     loop {
-        let (next, mut batch) = next_batch(within.unwrap_or(agent)).await?;
+        let (next, mut batch, mark) = next_batch(within.unwrap_or(agent)).await?;
+        if let Some(mark) = mark {
+            holes.settle(mark);
+        }
         let listed: Vec<u64> = batch.iter().map(|(n, _, _)| *n).collect();
         match holes.step(next, &listed, std::time::Instant::now()) {
             Step::Idle => return Ok(None),
@@ -36,7 +39,7 @@ pub(super) async fn next_run(
                 return Ok(Some(batch));
             }
             Step::Wait(d) => tokio::time::sleep(d).await,
-            Step::Close { from, to } => close_holes(agent, from, to).await?,
+            Step::Close { from, to } => close_holes(agent, from, to, holes.settled(to)).await?,
         }
         if let Some(open) = within.and_then(|w| w.open.as_ref()) {
             open.reset().await;
@@ -49,7 +52,14 @@ pub(super) async fn next_run(
 /// their slots are still empty, raises the inbox mark above them (a late
 /// writer then takes a fresh number) and marks them handled. If a message
 /// landed after all, nothing changes: the runner finds it on its next look.
-pub(super) async fn close_holes(agent: &AgentHandle, from: u64, to: u64) -> Result<(), Error> {
+/// `settled`: the numbers lie below the inbox mark (dismissed, or closed
+/// before), which is no news worth a warning.
+pub(super) async fn close_holes(
+    agent: &AgentHandle,
+    from: u64,
+    to: u64,
+    settled: bool,
+) -> Result<(), Error> {
     let id = agent.id();
     let to = to.max(from + 1).min(from + 1024);
     let closed = agent
@@ -75,8 +85,14 @@ pub(super) async fn close_holes(agent: &AgentHandle, from: u64, to: u64) -> Resu
             })
         })
         .await?;
-    if let Some(to) = closed {
-        tracing::warn!(guest = %id.short(), from, to, "inbox numbers never written; closed the hole (a late writer takes a fresh number)");
+    match closed {
+        Some(to) if settled => {
+            tracing::debug!(guest = %id.short(), from, to, "inbox numbers below the inbox mark (dismissed) passed over")
+        }
+        Some(to) => {
+            tracing::warn!(guest = %id.short(), from, to, "inbox numbers never written; closed the hole (a late writer takes a fresh number)")
+        }
+        None => {}
     }
     Ok(())
 }
@@ -108,8 +124,11 @@ pub(super) type Listed = (u64, Option<Message>, Vec<u8>);
 
 /// The first number not handled yet, and the next messages of the guest's
 /// inbox from it (its own are listed without a body: nothing to handle).
-/// The listed numbers may have gaps (see [`crate::rules::inbox`]).
-pub(super) async fn next_batch(agent: &AgentHandle) -> Result<(u64, Vec<Listed>), Error> {
+/// The listed numbers may have gaps (see [`crate::rules::inbox`]); when
+/// the first is one, the inbox mark on the same snapshot comes with them.
+pub(super) async fn next_batch(
+    agent: &AgentHandle,
+) -> Result<(u64, Vec<Listed>, Option<u64>), Error> {
     let ctx = agent.ctx().clone();
     let batch = agent
         .read(move |tx| {
@@ -155,7 +174,14 @@ pub(super) async fn next_batch(agent: &AgentHandle) -> Result<(u64, Vec<Listed>)
                         encoded,
                     ));
                 }
-                Ok::<_, Error>((next, out))
+                // A gap in front: below the inbox mark it stays a gap.
+                let mark = match out.first() {
+                    Some((n, _, _)) if *n != next => {
+                        Some(model::inbox_mark_snapshot(tx, &ctx.id).await?)
+                    }
+                    _ => None,
+                };
+                Ok::<_, Error>((next, out, mark))
             })
         })
         .await?;

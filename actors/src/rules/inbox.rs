@@ -14,6 +14,13 @@
 //! was only slow finds its number taken and retries with a fresh one (its
 //! message lands later, under a higher number): closing a hole early costs
 //! order, never a message.
+//!
+//! The same check makes some gaps known to be permanent at once: a number
+//! below the inbox mark that is missing stays missing (a writer of it finds
+//! its slot taken). Dismissing a message raises the mark above it, so a
+//! message dismissed before the runner got to it is such a gap; the runner
+//! reads the mark when a listing starts with a gap and closes what lies
+//! below it without waiting (before stop 38 it waited out the grace).
 
 use std::time::{Duration, Instant};
 
@@ -46,12 +53,27 @@ pub struct Holes {
     /// Numbers this runner itself took and will never write (its batch was
     /// given up): closed without waiting.
     lost: std::collections::BTreeSet<u64>,
+    /// The inbox mark as last read: a number below it that is missing
+    /// stays missing (module docs).
+    settled: u64,
 }
 
 impl Holes {
     /// Notes numbers that will never be written (closed without a grace).
     pub fn lost(&mut self, numbers: impl IntoIterator<Item = u64>) {
         self.lost.extend(numbers);
+    }
+
+    /// Notes the inbox mark read with a listing: numbers below it that are
+    /// missing are closed without waiting (module docs).
+    pub fn settle(&mut self, mark: u64) {
+        self.settled = self.settled.max(mark);
+    }
+
+    /// Whether closing `from..to` needs no grace because every number in it
+    /// lies below the inbox mark, so none can be written.
+    pub fn settled(&self, to: u64) -> bool {
+        to <= self.settled
     }
 
     /// The next step, given the first number not handled yet (`next`), the
@@ -82,6 +104,13 @@ impl Holes {
         if listed.is_empty() {
             self.waiting = None;
             return Step::Idle;
+        }
+        if next < self.settled {
+            self.waiting = None;
+            return Step::Close {
+                from: next,
+                to: listed[0].min(self.settled),
+            };
         }
         let since = match self.waiting {
             Some((n, since)) if n == next => since,
@@ -161,6 +190,27 @@ mod tests {
             h.step(8, &[11], t + HOLE_GRACE * 3),
             Step::Close { from: 8, to: 11 }
         );
+    }
+
+    #[test]
+    fn a_gap_below_the_inbox_mark_is_closed_at_once() {
+        let t = Instant::now();
+        let mut h = Holes::default();
+        assert_eq!(h.step(5, &[7, 8], t), Step::Wait(HOLE_POLL));
+        // 5 and 6 were dismissed (the mark is 7): no grace for them.
+        h.settle(7);
+        assert_eq!(h.step(5, &[7, 8], t), Step::Close { from: 5, to: 7 });
+        assert!(h.settled(7));
+        assert_eq!(h.step(7, &[7, 8], t), Step::Handle(2));
+        // A gap that reaches above the mark is closed up to the mark, and
+        // the rest is waited for as any gap.
+        assert_eq!(h.step(6, &[9], t), Step::Close { from: 6, to: 7 });
+        assert!(!h.settled(9));
+        assert_eq!(h.step(7, &[9], t), Step::Wait(HOLE_POLL));
+        // A mark read earlier never lowers it; nothing listed stays idle.
+        h.settle(3);
+        assert_eq!(h.step(5, &[], t), Step::Idle);
+        assert_eq!(h.step(5, &[9], t), Step::Close { from: 5, to: 7 });
     }
 
     #[test]
