@@ -1,5 +1,6 @@
 //! A small etcd v3 client: the messages and calls of etcd's gRPC API that
-//! [`crate::etcd_store`] uses (`KV.Range`, `KV.Txn`, `Lease.LeaseGrant`),
+//! [`crate::etcd_store`] uses (`KV.Range`, `KV.Txn`, `KV.Compact`,
+//! `Lease.LeaseGrant`),
 //! written out as prost messages.
 //!
 //! Why not the `etcd-client` crate: its build script compiles etcd's `.proto`
@@ -344,6 +345,22 @@ pub struct LeaseGrantResponse {
     pub error: String,
 }
 
+/// `etcdserverpb.CompactionRequest`.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct CompactionRequest {
+    #[prost(int64, tag = "1")]
+    pub revision: i64,
+    #[prost(bool, tag = "2")]
+    pub physical: bool,
+}
+
+/// `etcdserverpb.CompactionResponse`.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct CompactionResponse {
+    #[prost(message, optional, tag = "1")]
+    pub header: Option<ResponseHeader>,
+}
+
 /// A failed call.
 #[derive(Debug, thiserror::Error)]
 pub enum RpcError {
@@ -412,6 +429,7 @@ impl std::fmt::Debug for EtcdClient {
 
 const RANGE: &str = "/etcdserverpb.KV/Range";
 const TXN: &str = "/etcdserverpb.KV/Txn";
+const COMPACT: &str = "/etcdserverpb.KV/Compact";
 const LEASE_GRANT: &str = "/etcdserverpb.Lease/LeaseGrant";
 const AUTHENTICATE: &str = "/etcdserverpb.Auth/Authenticate";
 
@@ -537,6 +555,19 @@ impl EtcdClient {
 
     pub async fn txn(&self, req: TxnRequest) -> Result<TxnResponse, RpcError> {
         self.unary(TXN, req).await
+    }
+
+    /// Compacts the history before `revision` (not waiting for the
+    /// members' backends to free the space: `physical` false).
+    pub async fn compact(&self, revision: i64) -> Result<CompactionResponse, RpcError> {
+        self.unary(
+            COMPACT,
+            CompactionRequest {
+                revision,
+                physical: false,
+            },
+        )
+        .await
     }
 
     pub async fn lease_grant(&self, ttl: i64) -> Result<LeaseGrantResponse, RpcError> {

@@ -2,7 +2,7 @@
 //!
 //! # Spec
 //!
-//! `etcd://HOST:PORT[,HOST:PORT…][/PREFIX][?max-request-bytes=N&max-txn-ops=N&commit-snapshot-age-ms=N]`, e.g.
+//! `etcd://HOST:PORT[,HOST:PORT…][/PREFIX][?max-request-bytes=N&max-txn-ops=N&commit-snapshot-age-ms=N&history-ms=N]`, e.g.
 //! `etcd://127.0.0.1:2379,127.0.0.1:22379,127.0.0.1:32379/capstan`
 //! (what `scripts/etcd-cluster start` prints, plus a prefix). `PREFIX` defaults
 //! to `capstan`; it may contain `A-Z a-z 0-9 . _ - /`. Stores with different
@@ -13,13 +13,17 @@
 //! transaction). `commit-snapshot-age-ms` (default 250, 0 to 60000) is how
 //! old a revision this client saw may be to start a transaction that will
 //! commit ([`Store::snapshot_for_commit`]): older, or 0, and it reads the
-//! latest revision first.
+//! latest revision first. `history-ms` (default 600000, ten minutes; 0 to
+//! a week) is how long etcd's history is kept before the store compacts it
+//! ([`compact`]); 0: the store never compacts (the operator does).
 //!
 //! # Layout
 //!
 //! - `PREFIX/d/KEY`: the value of user key `KEY` (raw bytes, no header);
 //! - `PREFIX/c/ID`: commit markers (below);
 //! - `PREFIX/g`: the deletion guard (below);
+//! - `PREFIX/k`: when and to which revision the history was last compacted
+//!   ([`compact`]);
 //! - `PREFIX/m`: never written; read to learn the current revision.
 //!
 //! # Versions and snapshots
@@ -31,9 +35,9 @@
 //! [`StoreError::Conflict`], which [`crate::Db::transact`] retries on a new
 //! snapshot (FoundationDB's `transaction_too_old`).
 //!
-//! Etcd has no automatic compaction unless started with
-//! `--auto-compaction-*`; with it, the retention bounds how long a transaction
-//! may take.
+//! The store compacts revisions older than its history ([`compact`]; etcd
+//! itself only when started with `--auto-compaction-*`): the history (or
+//! etcd's retention, if shorter) bounds how long a transaction may take.
 //!
 //! # Serializable commits
 //!
@@ -138,6 +142,7 @@
 
 mod batch;
 mod cache;
+pub mod compact;
 mod hoist;
 mod reads;
 mod relay;
@@ -225,6 +230,10 @@ pub struct EtcdConfig {
     /// for commit ([`Store::snapshot_for_commit`]); `commit-snapshot-age-ms`,
     /// default [`COMMIT_SNAPSHOT_AGE`]; 0 reads the latest revision always.
     pub commit_snapshot_age: Duration,
+    /// How long etcd's history is kept before the store compacts it
+    /// ([`compact`]); `history-ms`, default [`compact::DEFAULT_HISTORY`];
+    /// 0: the store never compacts (the operator does).
+    pub history: Duration,
     /// TLS to the members (`cacert`, with `cert` and `key` for etcd's
     /// `--client-cert-auth`): none, plain HTTP/2.
     pub tls: Option<EtcdTls>,
@@ -244,7 +253,8 @@ pub struct EtcdTls {
 
 impl EtcdConfig {
     /// Parses `etcd://HOST:PORT[,HOST:PORT…][/PREFIX][?OPTION=N&…]`, options
-    /// `max-request-bytes`, `max-txn-ops`, `commit-snapshot-age-ms`, and for
+    /// `max-request-bytes`, `max-txn-ops`, `commit-snapshot-age-ms`,
+    /// `history-ms`, and for
     /// TLS `cacert=PATH` with `cert=PATH&key=PATH` (PEM files).
     pub fn parse(spec: &str) -> Result<Self, StoreError> {
         let bad = |why: &str| {
@@ -289,6 +299,7 @@ impl EtcdConfig {
         let mut max_txn_ops = MAX_TXN_OPS;
         let mut max_txn_ops_given = false;
         let mut commit_snapshot_age = COMMIT_SNAPSHOT_AGE;
+        let mut history = compact::DEFAULT_HISTORY;
         let (mut cacert, mut cert, mut key) = (None, None, None);
         let (mut user, mut password_file) = (None, None);
         for kv in query.unwrap_or("").split('&').filter(|s| !s.is_empty()) {
@@ -316,6 +327,16 @@ impl EtcdConfig {
                         .map(Duration::from_millis)
                         .ok_or_else(|| {
                             bad("commit-snapshot-age-ms must be a number from 0 to 60000")
+                        })?;
+                }
+                Some(("history-ms", n)) => {
+                    history = n
+                        .parse()
+                        .ok()
+                        .map(Duration::from_millis)
+                        .filter(|h| *h <= compact::MAX_HISTORY)
+                        .ok_or_else(|| {
+                            bad("history-ms must be a number of milliseconds up to a week (604800000); 0 never compacts")
                         })?;
                 }
                 Some(("cacert", p)) if !p.is_empty() => cacert = Some(p.to_string()),
@@ -357,6 +378,7 @@ impl EtcdConfig {
             max_txn_ops,
             max_txn_ops_given,
             commit_snapshot_age,
+            history,
         })
     }
 
@@ -375,6 +397,9 @@ impl EtcdConfig {
                 "commit-snapshot-age-ms={}",
                 self.commit_snapshot_age.as_millis()
             ));
+        }
+        if self.history != compact::DEFAULT_HISTORY {
+            options.push(format!("history-ms={}", self.history.as_millis()));
         }
         if let Some(t) = &self.tls {
             options.push(format!("cacert={}", t.cacert));
@@ -665,6 +690,8 @@ struct Inner {
     markers: Vec<u8>,
     meta: Vec<u8>,
     guard: Vec<u8>,
+    /// The record of the last compaction (`PREFIX/k`, see [`compact`]).
+    compacted_key: Vec<u8>,
     /// Mod revisions seen by snapshot gets, so commits need not read them again.
     observed: std::sync::Mutex<Observed>,
     /// Values seen, for snapshots that are not fresh (see [`cache`]).
@@ -747,6 +774,10 @@ struct Counters {
     /// relay filled in.
     filled_in: AtomicU64,
     commits_filled: AtomicU64,
+    /// Compactions of etcd's history this client made, and the revision
+    /// it last compacted to ([`compact`]).
+    compactions: AtomicU64,
+    compacted_to: AtomicU64,
 }
 
 /// A small deterministic generator for the randomized tests of this
@@ -837,6 +868,7 @@ impl EtcdStore {
             markers: [p, b"/c/"].concat(),
             meta: [p, b"/m"].concat(),
             guard: [p, b"/g"].concat(),
+            compacted_key: [p, b"/k"].concat(),
             config,
             endpoints,
             lease: Mutex::new(None),
@@ -856,6 +888,7 @@ impl EtcdStore {
         });
         let store = EtcdStore { inner };
         store.inner.current_revision().await?;
+        compact::start(&store.inner);
         Ok(store)
     }
 
@@ -1653,6 +1686,8 @@ impl EtcdStore {
             ("relayed_in_us", get(&c.relayed_in_us)),
             ("filled_in", get(&c.filled_in)),
             ("commits_filled", get(&c.commits_filled)),
+            ("compactions", get(&c.compactions)),
+            ("compacted_to", get(&c.compacted_to)),
         ]
     }
 }
@@ -2101,6 +2136,18 @@ mod tests {
         let c = EtcdConfig::parse("etcd://h:1/p?commit-snapshot-age-ms=0").unwrap();
         assert_eq!(c.commit_snapshot_age, Duration::ZERO);
         assert_eq!(c.spec(), "etcd://h:1/p?commit-snapshot-age-ms=0");
+        assert_eq!(c.history, compact::DEFAULT_HISTORY);
+        let c = EtcdConfig::parse("etcd://h:1/p?history-ms=0").unwrap();
+        assert_eq!(c.history, Duration::ZERO);
+        assert_eq!(c.spec(), "etcd://h:1/p?history-ms=0");
+        for bad in [
+            "etcd://h:1?history-ms=604800001",
+            "etcd://h:1?history-ms=-1",
+            "etcd://h:1?history-ms=1h",
+        ] {
+            let e = EtcdConfig::parse(bad).unwrap_err().to_string();
+            assert!(e.contains("history-ms must be"), "{bad}: {e}");
+        }
         for bad in [
             "redb:/x",
             "etcd://",

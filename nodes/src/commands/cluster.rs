@@ -94,6 +94,17 @@ pub(super) async fn run(
                     )
                 }
             );
+            // etcd only: the history this node compacted (the nodes take turns)
+            if let Some(n) = v["store_stats"]["compactions"].as_u64() {
+                match v["store_stats"]["compacted_to"].as_u64() {
+                    Some(to) if n > 0 => println!(
+                        "store history: compacted {n} times by this node, last below revision {to}"
+                    ),
+                    _ => println!(
+                        "store history: not compacted by this node yet (the nodes take turns, once the history has passed)"
+                    ),
+                }
+            }
             println!(
                 "placements {}, incarnations here {}, step-downs {}, fenced writes {}",
                 v["placements"], v["incarnations_here"], v["stepdowns"], v["fenced_writes"]
