@@ -378,6 +378,7 @@ pub(crate) async fn lease_loop(rt: std::sync::Weak<Inner>) {
         let renewal = match tokio::time::timeout(budget, c.renew(&inner.db)).await {
             Ok(Ok(Some(draining))) => {
                 c.renewals.fetch_add(1, Ordering::Relaxed);
+                c.note_renewal(None);
                 failures = 0;
                 Renewal::Renewed { started, draining }
             }
@@ -390,6 +391,7 @@ pub(crate) async fn lease_loop(rt: std::sync::Weak<Inner>) {
                     )),
                 };
                 c.renewal_failures.fetch_add(1, Ordering::Relaxed);
+                c.note_renewal(Some(e.to_string()));
                 failures += 1;
                 if failures == 1 || failures.is_multiple_of(20) {
                     tracing::warn!(node = %c.cfg.name, "cannot renew the cluster lease: {e}");
@@ -405,9 +407,13 @@ pub(crate) async fn lease_loop(rt: std::sync::Weak<Inner>) {
                 if register {
                     match c.register_as(&inner.db, true).await {
                         Ok(epoch) => {
+                            c.note_renewal(None);
                             tracing::warn!(node = %c.cfg.name, epoch, "re-registered after losing the lease")
                         }
-                        Err(e) => tracing::warn!(node = %c.cfg.name, "cannot re-register yet: {e}"),
+                        Err(e) => {
+                            c.note_renewal(Some(format!("cannot register again: {e}")));
+                            tracing::warn!(node = %c.cfg.name, "cannot re-register yet: {e}")
+                        }
                     }
                 }
             }

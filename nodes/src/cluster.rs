@@ -384,6 +384,8 @@ pub async fn command(
                 "draining": c.draining(),
                 "stepdowns": c.stepdowns.load(std::sync::atomic::Ordering::Relaxed),
                 "fenced_writes": c.fenced.load(std::sync::atomic::Ordering::Relaxed),
+                // why the last lease renewal failed (null once one succeeded)
+                "lease_error": c.renewal_error(),
                 "wakeups": {
                     "delivered_sent": c.deliveries_sent.load(std::sync::atomic::Ordering::Relaxed),
                     "delivered_received": c.deliveries_received.load(std::sync::atomic::Ordering::Relaxed),

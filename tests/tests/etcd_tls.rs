@@ -1,8 +1,10 @@
-//! A cluster on an etcd that serves only TLS and requires client
-//! certificates (issue 16): the test makes a CA and certificates (rcgen),
-//! starts its own one-member etcd on free ports with `--cert-file`,
-//! `--key-file`, `--client-cert-auth` and `--trusted-ca-file`, and stops it
-//! by its pid. Skipped without an `etcd` binary unless
+//! Nodes on etcd members these tests start themselves (one member on free
+//! ports, stopped by its pid): one that serves only TLS and requires
+//! client certificates (issue 16: the test makes a CA and certificates
+//! with rcgen and starts etcd with `--cert-file`, `--key-file`,
+//! `--client-cert-auth` and `--trusted-ca-file`), one with users and
+//! passwords, and one whose database fills up (a small
+//! `--quota-backend-bytes`). Skipped without an `etcd` binary unless
 //! `CAPSTAN_REQUIRE_ETCD=1`.
 
 use std::path::{Path, PathBuf};
@@ -18,7 +20,27 @@ use rcgen::{
 struct Etcd {
     child: Child,
     port: u16,
+    peer: u16,
+    tls: bool,
     dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    /// Stops the member (by its pid) and starts it again on its data with
+    /// `extra` flags, waiting until it is healthy.
+    fn restart(&mut self, extra: &[&str]) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn_member(
+            self.dir.path(),
+            self.port,
+            self.peer,
+            self.tls,
+            extra,
+            "existing",
+        );
+        wait_healthy(self.dir.path(), self.port, self.tls);
+    }
 }
 
 impl Drop for Etcd {
@@ -88,7 +110,7 @@ fn certificates(dir: &Path) {
 }
 
 /// A one-member etcd: TLS only with client certificates, or plain HTTP.
-fn start_etcd(tls: bool) -> Option<Etcd> {
+fn start_etcd(tls: bool, extra: &[&str]) -> Option<Etcd> {
     if !Path::new("/usr/bin/etcd").exists() && which("etcd").is_none() {
         assert!(
             std::env::var("CAPSTAN_REQUIRE_ETCD").as_deref() != Ok("1"),
@@ -101,11 +123,30 @@ fn start_etcd(tls: bool) -> Option<Etcd> {
         .prefix("capstan-etcd-tls-")
         .tempdir()
         .unwrap();
-    certificates(dir.path());
+    if tls {
+        certificates(dir.path());
+    }
     let (port, peer) = (free_port(), free_port());
-    let d = dir.path().to_path_buf();
+    let child = spawn_member(dir.path(), port, peer, tls, extra, "new");
+    let etcd = Etcd {
+        child,
+        port,
+        peer,
+        tls,
+        dir,
+    };
+    wait_healthy(etcd.dir.path(), port, tls);
+    Some(etcd)
+}
+
+/// Starts the one member in `d` (`state`: new or existing).
+fn spawn_member(d: &Path, port: u16, peer: u16, tls: bool, extra: &[&str], state: &str) -> Child {
     let f = |n: &str| d.join(n).to_str().unwrap().to_string();
-    let log = std::fs::File::create(d.join("etcd.log")).unwrap();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(d.join("etcd.log"))
+        .unwrap();
     let scheme = if tls { "https" } else { "http" };
     let mut args = vec![
         "--name".to_string(),
@@ -123,7 +164,7 @@ fn start_etcd(tls: bool) -> Option<Etcd> {
         "--initial-cluster".into(),
         format!("t1=http://127.0.0.1:{peer}"),
         "--initial-cluster-state".into(),
-        "new".into(),
+        state.into(),
     ];
     if tls {
         args.extend([
@@ -136,13 +177,19 @@ fn start_etcd(tls: bool) -> Option<Etcd> {
             f("ca.pem"),
         ]);
     }
-    let child = Command::new("etcd")
+    args.extend(extra.iter().map(|a| a.to_string()));
+    Command::new("etcd")
         .args(&args)
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
-        .expect("etcd");
-    let etcd = Etcd { child, port, dir };
+        .expect("etcd")
+}
+
+/// The etcdctl flags that reach the member.
+fn ctl_flags(d: &Path, port: u16, tls: bool) -> Vec<String> {
+    let f = |n: &str| d.join(n).to_str().unwrap().to_string();
+    let scheme = if tls { "https" } else { "http" };
     let mut ctl = vec![format!("--endpoints={scheme}://127.0.0.1:{port}")];
     if tls {
         ctl.extend([
@@ -151,6 +198,11 @@ fn start_etcd(tls: bool) -> Option<Etcd> {
             format!("--key={}", f("client-key.pem")),
         ]);
     }
+    ctl
+}
+
+fn wait_healthy(d: &Path, port: u16, tls: bool) {
+    let ctl = ctl_flags(d, port, tls);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let ok = Command::new("etcdctl")
@@ -161,7 +213,7 @@ fn start_etcd(tls: bool) -> Option<Etcd> {
             .map(|o| o.status.success())
             .unwrap_or(false);
         if ok {
-            return Some(etcd);
+            return;
         }
         assert!(
             Instant::now() < deadline,
@@ -171,6 +223,7 @@ fn start_etcd(tls: bool) -> Option<Etcd> {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
 fn which(bin: &str) -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|p| {
         std::env::split_paths(&p)
@@ -181,7 +234,7 @@ fn which(bin: &str) -> Option<PathBuf> {
 
 #[test]
 fn a_node_on_a_tls_etcd_with_client_certificates() {
-    let Some(etcd) = start_etcd(true) else {
+    let Some(etcd) = start_etcd(true, &[]) else {
         return;
     };
     let d = etcd.dir.path();
@@ -241,7 +294,7 @@ fn a_node_on_a_tls_etcd_with_client_certificates() {
 
 #[test]
 fn a_node_on_an_etcd_with_users_and_passwords() {
-    let Some(etcd) = start_etcd(false) else {
+    let Some(etcd) = start_etcd(false, &[]) else {
         return;
     };
     let d = etcd.dir.path();
@@ -294,4 +347,97 @@ fn a_node_on_an_etcd_with_users_and_passwords() {
     // The password is in no command's output or the spec shown.
     let s = n1.json(["cluster", "status"]);
     assert!(!s.to_string().contains("s3cret-pw"), "{s}");
+}
+
+/// Waits until `cluster status` of `node` satisfies `ok`.
+fn status_until(
+    node: &Node,
+    within: Duration,
+    what: &str,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) {
+    let deadline = Instant::now() + within;
+    loop {
+        let s = node.json(["cluster", "status"]);
+        if ok(&s) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what} within {within:?}: {s}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// An etcd whose database reaches its quota refuses every write (alarm
+/// NOSPACE). The write that met it fails with an error that says so and
+/// what to do (it said "transaction of 403722 bytes exceeds the limit of
+/// 1572864 bytes" before: etcd's refusal was taken for a request too
+/// large), and nothing of it is written; the node, which cannot renew its
+/// lease either, says why in `cluster status`. Once the member has room
+/// again (restarted with a larger quota, the alarm disarmed), the node
+/// registers again by itself and serves, with what it stored before.
+#[test]
+fn a_full_etcd_refuses_writes_clearly_and_the_node_serves_again_once_it_has_room() {
+    let Some(mut etcd) = start_etcd(false, &["--quota-backend-bytes", "2097152"]) else {
+        return;
+    };
+    let d = etcd.dir.path().to_path_buf();
+    let spec = format!("etcd://127.0.0.1:{}/capstan-e2e/full", etcd.port);
+    let mut n1 = Node::named("n1");
+    let v = n1.json(["cluster", "init", "--store", &spec]);
+    assert_eq!(v["created"], true, "{v}");
+    n1.start_with(&["--store", &spec, "--listen", "127.0.0.1:0"]);
+    // 400 KB values (text, so `cat` shows them) until the quota is met.
+    let mut stored = Vec::new();
+    let mut refused = None;
+    for i in 0..40 {
+        let text: String = (0..400_000)
+            .map(|j| (b'a' + ((i * 7 + j * 13) % 26) as u8) as char)
+            .collect();
+        let file = write(&d, &format!("v{i}.txt"), &text);
+        let name = format!("v{i}");
+        let r = n1.run(["store", "--file", file.to_str().unwrap(), "--name", &name]);
+        if r.success() {
+            stored.push((name, text));
+        } else {
+            refused = Some((name, r.code.expect("not killed"), r.stderr));
+            break;
+        }
+    }
+    let (name, code, err) = refused.expect("40 values of 400 KB fit a 2-MiB quota");
+    assert!(!stored.is_empty(), "the first value was refused: {err}");
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("database is full") && err.contains("alarm disarm"),
+        "the refusal does not say the database is full and what to do: {err}"
+    );
+    status_until(
+        &n1,
+        Duration::from_secs(20),
+        "the node says why it has no lease",
+        |s| {
+            s["lease_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("database is full"))
+        },
+    );
+
+    // Room again: a larger quota, the alarm cleared.
+    etcd.restart(&["--quota-backend-bytes", "67108864"]);
+    let o = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(ctl_flags(&d, etcd.port, false))
+        .args(["alarm", "disarm"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    status_until(&n1, Duration::from_secs(30), "the node serves again", |s| {
+        s["serving"] == true && s["lease_error"].is_null()
+    });
+    for (name, text) in &stored {
+        assert!(n1.ok(["cat", name]) == *text, "{name} changed");
+    }
+    let (code, err) = n1.fail(["cat", &name]);
+    assert_ne!(code, 0, "the refused value {name} was written: {err}");
+    n1.ok(["store", "--text", "room again", "--name", "after"]);
+    assert_eq!(n1.ok(["cat", "after"]), "room again");
 }

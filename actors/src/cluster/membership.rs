@@ -35,6 +35,9 @@ pub struct Membership {
     /// not answer or refused; a lost lease is a step-down).
     pub renewals: AtomicU64,
     pub renewal_failures: AtomicU64,
+    /// Why the last renewal (or registration after a lost lease) failed;
+    /// `None` once one succeeded.
+    pub renewal_error: Mutex<Option<String>>,
     /// Wake-ups for committed messages this node sent to other members
     /// (one per member told), and those it received.
     pub deliveries_sent: AtomicU64,
@@ -84,6 +87,19 @@ impl Interest {
 }
 
 impl Membership {
+    /// Notes the outcome of a renewal or a registration: the error that
+    /// failed it, or `None`.
+    pub(crate) fn note_renewal(&self, error: Option<String>) {
+        if let Ok(mut e) = self.renewal_error.lock() {
+            *e = error;
+        }
+    }
+
+    /// Why the last renewal failed, if it did.
+    pub fn renewal_error(&self) -> Option<String> {
+        self.renewal_error.lock().ok().and_then(|e| e.clone())
+    }
+
     pub fn new(cfg: ClusterConfig, link: mpsc::Sender<LinkOp>) -> Membership {
         Membership {
             lease: Mutex::new(Lease::new(cfg.lease)),
@@ -94,6 +110,7 @@ impl Membership {
             stepdowns: AtomicU64::new(0),
             renewals: AtomicU64::new(0),
             renewal_failures: AtomicU64::new(0),
+            renewal_error: Mutex::new(None),
             deliveries_sent: AtomicU64::new(0),
             deliveries_received: AtomicU64::new(0),
             reserve_calls: AtomicU64::new(0),

@@ -441,6 +441,12 @@ fn classify(e: RpcError, what: &str) -> Failure {
                 Failure::Compacted
             } else if msg.contains("requested lease not found") {
                 Failure::LeaseNotFound
+            } else if msg.contains("database space exceeded") {
+                // etcd refuses every write once its database reaches its
+                // quota (alarm NOSPACE), before applying anything
+                Failure::Definite(StoreError::Io(format!(
+                    "etcd refused the {what}: its database is full (alarm NOSPACE: the members' --quota-backend-bytes, 2 GiB unless set, is reached), so it takes no write at all; nothing was written. Free space and clear the alarm: etcdctl compact REVISION (the current one, from etcdctl endpoint status -w json), etcdctl defrag --cluster, etcdctl alarm disarm; or restart the members with a larger --quota-backend-bytes, then etcdctl alarm disarm"
+                )))
             } else if msg.contains("request is too large") || code == tonic_code::RESOURCE_EXHAUSTED
             {
                 Failure::Definite(StoreError::Io(format!(

@@ -79,6 +79,9 @@ pub(super) async fn run(
                     ""
                 }
             );
+            if let Some(e) = v["lease_error"].as_str() {
+                println!("lease: the last renewal failed: {e}");
+            }
             println!(
                 "store {} ({})",
                 v["store"].as_str().unwrap_or("?"),
