@@ -112,6 +112,22 @@ fn parse_record(v: &[u8]) -> Option<(u64, Version)> {
     Some((ms.parse().ok()?, rev.parse().ok()?))
 }
 
+/// Whether a client that would compact to `target` at `now` (ms since
+/// the epoch) takes the turn, given the record of the last compaction:
+/// not when that went as far, nor when it was less than nine tenths of a
+/// period ago. A record time ahead of this clock by more than a period is
+/// another node's skewed clock (or junk) and holds no turn: the others
+/// would otherwise wait for that clock.
+fn my_turn(last: Option<(u64, Version)>, target: Version, now: u64, period: Duration) -> bool {
+    let period_ms = period.as_millis() as u64;
+    match last {
+        None => true,
+        Some((_, rev)) if rev >= target => false,
+        Some((ms, _)) if ms > now.saturating_add(period_ms) => true,
+        Some((ms, _)) => now >= ms.saturating_add(period_ms * 9 / 10),
+    }
+}
+
 /// Compacts to `target` unless another client compacted within `period`
 /// or as far already: `Some(revision)` when this client did.
 async fn compact(
@@ -136,9 +152,7 @@ async fn compact(
         None => (0, None),
     };
     let now = now_ms();
-    if let Some((ms, rev)) = last
-        && (rev >= target || now < ms.saturating_add(period.as_millis() as u64 * 9 / 10))
-    {
+    if !my_turn(last, target, now, period) {
         return Ok(None);
     }
     // Claim the turn: the record unchanged since it was read.
@@ -194,6 +208,21 @@ mod tests {
         assert_eq!(parse_record(b"42"), None);
         assert_eq!(parse_record(b"x:1"), None);
         assert_eq!(parse_record(&[0xff, b':', b'1']), None);
+    }
+
+    #[test]
+    fn turns_go_to_whoever_comes_a_period_after_the_last() {
+        let p = Duration::from_secs(60);
+        let t = 1_700_000_000_000;
+        assert!(my_turn(None, 10, t, p));
+        // compacted as far already, however long ago
+        assert!(!my_turn(Some((t - 3_600_000, 10)), 10, t, p));
+        // another client's turn a moment ago, then nine tenths of a period
+        assert!(!my_turn(Some((t - 1_000, 5)), 10, t, p));
+        assert!(my_turn(Some((t - 54_000, 5)), 10, t, p));
+        // a clock an hour ahead holds no turn; one a little ahead does
+        assert!(my_turn(Some((t + 3_600_000, 5)), 10, t, p));
+        assert!(!my_turn(Some((t + 30_000, 5)), 10, t, p));
     }
 
     #[test]
