@@ -371,7 +371,11 @@ fn status_until(
 /// NOSPACE). The write that met it fails with an error that says so and
 /// what to do (it said "transaction of 403722 bytes exceeds the limit of
 /// 1572864 bytes" before: etcd's refusal was taken for a request too
-/// large), and nothing of it is written; the node, which cannot renew its
+/// large), and nothing of it is written. (The Txn that crosses the quota
+/// is applied and answered NOSPACE all the same: the store settles it by
+/// its commit marker, so that value is reported stored, as it is; taking
+/// etcd's answer for a refusal made CI find a "refused" value stored.)
+/// The node, which cannot renew its
 /// lease either, says why in `cluster status`. Once the member has room
 /// again (restarted with a larger quota, the alarm disarmed), the node
 /// registers again by itself and serves, with what it stored before.

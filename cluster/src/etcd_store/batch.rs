@@ -709,6 +709,9 @@ enum Unanswered {
     Unknown(Instant),
     /// Refused or failed for sure: nothing was applied.
     Failed(StoreError),
+    /// Etcd's database is full (the error): answered, applied or not; the
+    /// commit marker settles which.
+    Full(String),
 }
 
 /// Sends the Txn `build` makes for the current marker lease (renewing the
@@ -739,6 +742,7 @@ async fn send_txn(
                     tracing::debug!("commit-marker lease expired; granting a new one");
                     renewed = true;
                 }
+                Failure::NoSpace(msg) => return Err(Unanswered::Full(msg)),
                 Failure::Transient(msg) => {
                     inner.endpoints.failed(i, &msg);
                     tracing::info!(endpoint = %inner.endpoints.names[i], error = %msg, "{what} outcome unknown; resolving by commit marker");
@@ -768,6 +772,7 @@ async fn send_alone(inner: &Inner, m: &Member) -> Outcome {
         Err(Unanswered::Unknown(_)) if m.relayed() => Outcome::Unknown,
         Err(Unanswered::Unknown(sent)) => Outcome::Settled(inner.resolve(&m.marker, sent).await),
         Err(Unanswered::Failed(e)) => Outcome::Settled(Err(e)),
+        Err(Unanswered::Full(why)) => Outcome::Settled(inner.settle_answered(&m.marker, why).await),
     }
 }
 
@@ -816,6 +821,14 @@ async fn send_nested(inner: &Inner, batch: &[Member]) -> Result<Vec<Outcome>, St
         }
         Err(Unanswered::Unknown(sent)) => Ok(resolve_batch(inner, batch, &marker, sent).await),
         Err(Unanswered::Failed(e)) => Err(e),
+        // answered: the batch's marker says whether it applied (absent:
+        // refused as a whole; its members then go alone, and are refused)
+        Err(Unanswered::Full(why)) => match inner.settle_answered(&marker, why).await {
+            Ok(applied_at) => {
+                Ok(members_applied_at(inner, batch, applied_at, Instant::now()).await)
+            }
+            Err(e) => Err(e),
+        },
     }
 }
 
@@ -903,6 +916,18 @@ pub(super) async fn resolve_batch(
                 .collect();
         }
     };
+    members_applied_at(inner, batch, applied_at, sent).await
+}
+
+/// Each member's outcome of a batch that applied at `applied_at`: by the
+/// revision of its first put key (or by its own marker); a relayed one is
+/// left to its sender.
+async fn members_applied_at(
+    inner: &Inner,
+    batch: &[Member],
+    applied_at: Version,
+    sent: Instant,
+) -> Vec<Outcome> {
     futures::future::join_all(batch.iter().map(|m| async move {
         if m.relayed() {
             return Outcome::Unknown;

@@ -430,6 +430,12 @@ enum Failure {
     Compacted,
     /// The lease of a commit marker expired: grant a new one and retry.
     LeaseNotFound,
+    /// Etcd's database is full (alarm NOSPACE; the message says what to
+    /// do). Not a definite refusal for a write: the Txn that crossed the
+    /// quota is applied and answered so all the same (etcd's quota
+    /// applier), while later ones are refused before they are proposed.
+    /// Either way it was answered, so its commit marker settles it.
+    NoSpace(String),
 }
 
 fn classify(e: RpcError, what: &str) -> Failure {
@@ -443,10 +449,10 @@ fn classify(e: RpcError, what: &str) -> Failure {
                 Failure::LeaseNotFound
             } else if msg.contains("database space exceeded") {
                 // etcd refuses every write once its database reaches its
-                // quota (alarm NOSPACE), before applying anything
-                Failure::Definite(StoreError::Io(format!(
+                // quota (alarm NOSPACE)
+                Failure::NoSpace(format!(
                     "etcd refused the {what}: its database is full (alarm NOSPACE: the members' --quota-backend-bytes, 2 GiB unless set, is reached), so it takes no write at all; nothing was written. Free space and clear the alarm: etcdctl compact REVISION (the current one, from etcdctl endpoint status -w json), etcdctl defrag --cluster, etcdctl alarm disarm; or restart the members with a larger --quota-backend-bytes, then etcdctl alarm disarm"
-                )))
+                ))
             } else if msg.contains("request is too large") || code == tonic_code::RESOURCE_EXHAUSTED
             {
                 Failure::Definite(StoreError::Io(format!(
@@ -907,6 +913,7 @@ impl EtcdStore {
 fn to_store_error(f: Failure) -> StoreError {
     match f {
         Failure::Definite(e) => e,
+        Failure::NoSpace(msg) => StoreError::Io(msg),
         Failure::Compacted => {
             tracing::debug!("read revision compacted; the transaction will be retried");
             StoreError::Conflict
@@ -1403,6 +1410,38 @@ impl Inner {
     }
 
     /// Decides an ambiguous commit by its marker: fences it if absent.
+    /// Settles a commit whose Txn etcd answered with NOSPACE by its marker,
+    /// read (a write could not be made): present, the Txn applied (it
+    /// crossed the quota); absent, it was refused before it was proposed,
+    /// so it never applies (`why` is the error).
+    async fn settle_answered(&self, marker: &[u8], why: String) -> Result<Version, StoreError> {
+        let key = marker.to_vec();
+        let got = self
+            .endpoints
+            .call("commit marker read", |kv| {
+                let req = RangeRequest {
+                    key: key.clone(),
+                    ..Default::default()
+                };
+                async move { kv.range(req).await }
+            })
+            .await;
+        match got {
+            Ok(r) => match r.kvs.first() {
+                Some(kv) if kv.value == MARKER_COMMITTED => {
+                    tracing::info!("a commit etcd answered with NOSPACE was applied");
+                    Ok(rev(kv.mod_revision))
+                }
+                Some(_) => Err(StoreError::Conflict),
+                None => Err(StoreError::Io(why)),
+            },
+            Err(e) => {
+                tracing::warn!(error = %to_store_error(e), "cannot read the marker of a commit etcd answered with NOSPACE");
+                Err(StoreError::MaybeCommitted)
+            }
+        }
+    }
+
     async fn resolve(&self, marker: &[u8], sent: Instant) -> Result<Version, StoreError> {
         let txn = TxnRequest {
             compare: vec![Compare::create_revision(
