@@ -1462,6 +1462,14 @@ impl Inner {
         .await;
         let resp = match resp {
             Ok(Ok(r)) => r,
+            // etcd is full: no abort marker can fence the commit, but one
+            // that applied is known by its marker
+            Ok(Err(Failure::NoSpace(why))) => {
+                return match self.settle_answered(marker, why).await {
+                    Err(StoreError::Io(_)) => Err(StoreError::MaybeCommitted),
+                    other => other,
+                };
+            }
             Ok(Err(f)) => {
                 tracing::warn!(error = %to_store_error(f), "cannot resolve an ambiguous commit");
                 return Err(StoreError::MaybeCommitted);
