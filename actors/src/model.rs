@@ -507,14 +507,7 @@ pub async fn put_message(
 ) -> Result<(), Error> {
     let key = keys::message(agent, m.number);
     let below_mark = match tx.get(&keys::inbox_mark(agent)).await? {
-        Some(b) => {
-            let mark = u64::from_be_bytes(
-                b.as_slice()
-                    .try_into()
-                    .map_err(|_| Error::Corrupt("inbox mark is not 8 bytes".into()))?,
-            );
-            m.number < mark
-        }
+        Some(b) => m.number < inbox_mark_value(&b)?,
         None => false,
     };
     if below_mark || tx.get(&key).await?.is_some() {
@@ -577,30 +570,28 @@ pub async fn next_message_number(tx: &mut Transaction, agent: &FormulaId) -> Res
         next = n + 1;
     }
     if let Some(b) = tx.get(&keys::inbox_mark(agent)).await? {
-        let mark = u64::from_be_bytes(
-            b.as_slice()
-                .try_into()
-                .map_err(|_| Error::Corrupt("inbox mark is not 8 bytes".into()))?,
-        );
-        next = next.max(mark);
+        next = next.max(inbox_mark_value(&b)?);
     }
     Ok(next)
 }
 
-/// Records that numbers below `number + 1` are used (before a dismissal).
+/// A stored inbox mark's value.
+fn inbox_mark_value(b: &[u8]) -> Result<u64, Error> {
+    b.try_into()
+        .map(u64::from_be_bytes)
+        .map_err(|_| Error::Corrupt("inbox mark is not 8 bytes".into()))
+}
+
 /// An inbox's mark read at the snapshot (no read conflict): every number
 /// below it is written or stays empty (`put_message` refuses it).
 pub async fn inbox_mark_snapshot(tx: &mut Transaction, agent: &FormulaId) -> Result<u64, Error> {
     match tx.snapshot_get(&keys::inbox_mark(agent)).await? {
-        Some(b) => {
-            Ok(u64::from_be_bytes(b.as_slice().try_into().map_err(
-                |_| Error::Corrupt("inbox mark is not 8 bytes".into()),
-            )?))
-        }
+        Some(b) => inbox_mark_value(&b),
         None => Ok(0),
     }
 }
 
+/// Records that numbers below `number + 1` are used (before a dismissal).
 pub async fn raise_inbox_mark(
     tx: &mut Transaction,
     agent: &FormulaId,

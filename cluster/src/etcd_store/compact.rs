@@ -37,7 +37,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;
 
 use super::{Failure, Inner, bump};
-use crate::etcd_rpc::{Compare, RangeRequest, RequestOp, TxnRequest, compare_result};
+use crate::etcd_rpc::{Compare, RequestOp, TxnRequest, compare_result};
 use crate::store::Version;
 
 /// How long the store keeps etcd's history by default.
@@ -137,17 +137,10 @@ async fn compact(
 ) -> Result<Option<Version>, String> {
     let key = inner.compacted_key.clone();
     let got = inner
-        .endpoints
-        .call("compaction record read", |kv| {
-            let req = RangeRequest {
-                key: key.clone(),
-                ..Default::default()
-            };
-            async move { kv.range(req).await }
-        })
+        .get_key("compaction record read", &key)
         .await
         .map_err(|e| super::to_store_error(e).to_string())?;
-    let (mod_revision, last) = match got.kvs.first() {
+    let (mod_revision, last) = match &got {
         Some(kv) => (kv.mod_revision, parse_record(&kv.value)),
         None => (0, None),
     };

@@ -1409,39 +1409,56 @@ impl Inner {
         }
     }
 
-    /// Decides an ambiguous commit by its marker: fences it if absent.
-    /// Settles a commit whose Txn etcd answered with NOSPACE by its marker,
-    /// read (a write could not be made): present, the Txn applied (it
-    /// crossed the quota); absent, it was refused before it was proposed,
-    /// so it never applies (`why` is the error).
-    async fn settle_answered(&self, marker: &[u8], why: String) -> Result<Version, StoreError> {
-        let key = marker.to_vec();
-        let got = self
+    /// One key (etcd's, linearizable), through the endpoints.
+    async fn get_key(
+        &self,
+        what: &str,
+        key: &[u8],
+    ) -> Result<Option<crate::etcd_rpc::KeyValue>, Failure> {
+        let key = key.to_vec();
+        let resp = self
             .endpoints
-            .call("commit marker read", |kv| {
+            .call(what, |kv| {
                 let req = RangeRequest {
                     key: key.clone(),
                     ..Default::default()
                 };
                 async move { kv.range(req).await }
             })
-            .await;
-        match got {
-            Ok(r) => match r.kvs.first() {
-                Some(kv) if kv.value == MARKER_COMMITTED => {
-                    tracing::info!("a commit etcd answered with NOSPACE was applied");
-                    Ok(rev(kv.mod_revision))
-                }
-                Some(_) => Err(StoreError::Conflict),
-                None => Err(StoreError::Io(why)),
-            },
+            .await?;
+        Ok(resp.kvs.into_iter().next())
+    }
+
+    /// A commit marker as it stands, read (not fenced): `Ok(None)` absent,
+    /// else whether it says committed, at its revision.
+    async fn read_marker(&self, marker: &[u8]) -> Result<Option<(bool, Version)>, StoreError> {
+        let kv = self
+            .get_key("commit marker read", marker)
+            .await
+            .map_err(to_store_error)?;
+        Ok(kv.map(|kv| (kv.value == MARKER_COMMITTED, rev(kv.mod_revision))))
+    }
+
+    /// Settles a commit whose Txn etcd answered with NOSPACE by its marker,
+    /// read (a write could not be made): present, the Txn applied (it
+    /// crossed the quota); absent, it was refused before it was proposed,
+    /// so it never applies (`why` is the error).
+    async fn settle_answered(&self, marker: &[u8], why: String) -> Result<Version, StoreError> {
+        match self.read_marker(marker).await {
+            Ok(Some((true, at))) => {
+                tracing::info!("a commit etcd answered with NOSPACE was applied");
+                Ok(at)
+            }
+            Ok(Some((false, _))) => Err(StoreError::Conflict),
+            Ok(None) => Err(StoreError::Io(why)),
             Err(e) => {
-                tracing::warn!(error = %to_store_error(e), "cannot read the marker of a commit etcd answered with NOSPACE");
+                tracing::warn!(error = %e, "cannot read the marker of a commit etcd answered with NOSPACE");
                 Err(StoreError::MaybeCommitted)
             }
         }
     }
 
+    /// Decides an ambiguous commit by its marker: fences it if absent.
     async fn resolve(&self, marker: &[u8], sent: Instant) -> Result<Version, StoreError> {
         let txn = TxnRequest {
             compare: vec![Compare::create_revision(
@@ -1464,10 +1481,12 @@ impl Inner {
             Ok(Ok(r)) => r,
             // etcd is full: no abort marker can fence the commit, but one
             // that applied is known by its marker
-            Ok(Err(Failure::NoSpace(why))) => {
-                return match self.settle_answered(marker, why).await {
-                    Err(StoreError::Io(_)) => Err(StoreError::MaybeCommitted),
-                    other => other,
+            Ok(Err(Failure::NoSpace(_))) => {
+                return match self.read_marker(marker).await {
+                    Ok(Some((true, at))) => Ok(at),
+                    Ok(Some((false, _))) => Err(StoreError::Conflict),
+                    // absent: it may still be in flight, and cannot be fenced
+                    Ok(None) | Err(_) => Err(StoreError::MaybeCommitted),
                 };
             }
             Ok(Err(f)) => {
