@@ -87,8 +87,42 @@ pub fn fill_random(buf: &mut [u8]) -> Result<(), getrandom::Error> {
     });
     match seeded {
         Some(()) => Ok(()),
-        None => getrandom::fill(buf),
+        None => os_random(buf),
     }
+}
+
+/// Bytes drawn from the operating system's generator but not handed out
+/// yet, per thread: one `getrandom` call serves many ids (a send draws
+/// two, and the call was one of the few system calls a send made). Bytes
+/// leave the pool as they are handed out, so none is handed out twice.
+const POOL: usize = 4096;
+
+thread_local! {
+    static POOLED: std::cell::RefCell<(Box<[u8; POOL]>, usize)> =
+        std::cell::RefCell::new((Box::new([0u8; POOL]), POOL));
+}
+
+/// Fills `buf` from this thread's pool of operating-system randomness,
+/// refilling the pool when it runs short (a request larger than the pool
+/// is drawn directly).
+fn os_random(buf: &mut [u8]) -> Result<(), getrandom::Error> {
+    if buf.len() > POOL / 4 {
+        return getrandom::fill(buf);
+    }
+    POOLED.with(|p| {
+        let mut p = p.borrow_mut();
+        let (pool, used) = &mut *p;
+        if POOL - *used < buf.len() {
+            getrandom::fill(&mut pool[..])?;
+            *used = 0;
+        }
+        let taken = &mut pool[*used..*used + buf.len()];
+        buf.copy_from_slice(taken);
+        // (what was handed out is not kept)
+        taken.fill(0);
+        *used += buf.len();
+        Ok(())
+    })
 }
 
 /// A formula id: 256 bits, random (or blake3-derived for built-ins). Never reused.
@@ -262,5 +296,35 @@ mod tests {
         // Outside a guard: the operating system's generator.
         drop(outer);
         assert_ne!(FormulaId::random(), FormulaId::random());
+    }
+
+    #[test]
+    fn pooled_draws_never_repeat_across_refills_and_threads() {
+        // Draws of every size the pool serves, across several refills,
+        // on two threads: no 16-byte draw repeats, and none is all zero
+        // (what the pool leaves where it handed bytes out).
+        let draws = || {
+            let mut seen = Vec::new();
+            for i in 0..3 * POOL / 16 {
+                let mut b = vec![0u8; 1 + i % 48];
+                fill_random(&mut b).unwrap();
+                if b.len() >= 16 {
+                    seen.push(b[..16].to_vec());
+                }
+            }
+            seen
+        };
+        let other = std::thread::spawn(draws);
+        let mut all = draws();
+        all.extend(other.join().unwrap());
+        assert!(all.iter().all(|b| b.iter().any(|x| *x != 0)));
+        let n = all.len();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), n, "a draw repeated");
+        // larger than the pool serves: drawn directly
+        let mut big = vec![0u8; POOL];
+        fill_random(&mut big).unwrap();
+        assert!(big.iter().any(|x| *x != 0));
     }
 }

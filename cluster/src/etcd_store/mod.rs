@@ -1592,30 +1592,34 @@ fn normalize(mutations: &[Mutation]) -> (Vec<KeyRange>, BTreeMap<Vec<u8>, Vec<u8
     (deletes, puts)
 }
 
+/// A fresh id for a commit marker: unique among every client of the etcd
+/// (not secret). A random 64-bit prefix drawn once per process and a
+/// counter, in hex: blake3 of the pid, the time and a counter, with a
+/// `getpid` system call each time, was one of the costs of every commit.
 fn random_id() -> Vec<u8> {
     use std::hash::BuildHasher;
     use std::sync::atomic::AtomicU64;
+    static PREFIX: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     static NEXT: AtomicU64 = AtomicU64::new(0);
+    let prefix = *PREFIX.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        // (the standard library's per-process random keys, the pid and
+        // the time: distinct processes draw distinct prefixes)
+        std::collections::hash_map::RandomState::new().hash_one((std::process::id(), nanos))
+    });
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let mut h = blake3::Hasher::new();
-    h.update(&std::process::id().to_le_bytes());
-    h.update(&n.to_le_bytes());
-    h.update(&nanos.to_le_bytes());
-    h.update(
-        &std::collections::hash_map::RandomState::new()
-            .hash_one(n)
-            .to_le_bytes(),
-    );
-    let hex: String = h.finalize().as_bytes()[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    hex.into_bytes()
+    let mut out = Vec::with_capacity(32);
+    for b in prefix.to_be_bytes().into_iter().chain(n.to_be_bytes()) {
+        out.push(HEX[usize::from(b >> 4)]);
+        out.push(HEX[usize::from(b & 15)]);
+    }
+    out
 }
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
 
 #[async_trait::async_trait]
 impl Store for EtcdStore {
@@ -2287,6 +2291,20 @@ mod tests {
             ]
         );
         assert_eq!(coarsen(ranges.clone(), 10), ranges);
+    }
+
+    #[test]
+    fn marker_ids_are_distinct_hex_of_one_length() {
+        let ids: Vec<Vec<u8>> = (0..10_000).map(|_| random_id()).collect();
+        assert!(ids.iter().all(|i| {
+            i.len() == 32
+                && i.iter()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
+        }));
+        let mut sorted = ids.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), ids.len());
     }
 
     /// Against a live cluster (`CAPSTAN_ETCD_ENDPOINTS`; skipped without it):
