@@ -91,13 +91,16 @@ pub fn fill_random(buf: &mut [u8]) -> Result<(), getrandom::Error> {
     }
 }
 
-/// Bytes drawn from the operating system's generator but not handed out
-/// yet, per thread: one `getrandom` call serves many ids (a send draws
-/// two, and the call was one of the few system calls a send made). Bytes
-/// leave the pool as they are handed out, so none is handed out twice.
+/// How many bytes of the operating system's randomness a thread draws at
+/// once ([`os_random`]).
 const POOL: usize = 4096;
 
 thread_local! {
+    /// Bytes drawn from the operating system's generator but not handed
+    /// out yet, and how many of them were: one `getrandom` call serves
+    /// many ids (a send draws two, and the call was one of the few system
+    /// calls a send made). Bytes leave the pool as they are handed out
+    /// (zeroed behind), so none is handed out twice.
     static POOLED: std::cell::RefCell<(Box<[u8; POOL]>, usize)> =
         std::cell::RefCell::new((Box::new([0u8; POOL]), POOL));
 }
