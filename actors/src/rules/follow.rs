@@ -17,6 +17,15 @@
 //! follower remembers the numbers it skipped (at most [`MAX_SKIPPED`]).
 //! Skipping after two quick looks alone lost late commits: the first looks
 //! come 25 and 50 ms apart, less than a commit under load can take.
+//!
+//! A push can be lost too, so a look also reads the latest skipped numbers
+//! again ([`FollowCursor::rechecks`], at most [`MAX_RECHECKED`], each for
+//! [`RECHECK_FOR`] after it was skipped) until the inbox mark fences them
+//! (nothing can be written below it: [`FollowCursor::fenced`]). Without
+//! that, a commit that landed after the grace with its push dropped was
+//! never shown (the simulation found it: a sender paused 4.4 s with its
+//! commit in flight, while the guest's runner, restarted on new owners,
+//! had not fenced the number yet).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -27,6 +36,12 @@ pub const SKIP_AFTER: Duration = super::inbox::HOLE_GRACE;
 pub const MAX_SKIPPED: usize = 4096;
 /// Most missing numbers tracked at one look.
 const MAX_MISSING: usize = 4096;
+/// Most skipped numbers a look reads again (the latest).
+pub const MAX_RECHECKED: usize = 64;
+/// How long after it was skipped a look reads a number again (unless the
+/// inbox mark fences it sooner): far longer than a commit can stay in
+/// flight and unresolved (an etcd request gives up within about 20 s).
+pub const RECHECK_FOR: Duration = Duration::from_secs(60);
 
 /// A follower's position (see the module docs).
 #[derive(Debug, Clone)]
@@ -37,8 +52,8 @@ pub struct FollowCursor {
     shown: BTreeSet<u64>,
     /// Numbers missing at the last look, with when they were first missed.
     missing: BTreeMap<u64, Instant>,
-    /// Numbers skipped as holes and not shown since.
-    skipped: BTreeSet<u64>,
+    /// Numbers skipped as holes and not shown since, with when.
+    skipped: BTreeMap<u64, Instant>,
 }
 
 impl FollowCursor {
@@ -48,7 +63,7 @@ impl FollowCursor {
             contiguous: after,
             shown: BTreeSet::new(),
             missing: BTreeMap::new(),
-            skipped: BTreeSet::new(),
+            skipped: BTreeMap::new(),
         }
     }
 
@@ -56,7 +71,7 @@ impl FollowCursor {
     /// also for a number skipped as a hole that landed after all.
     pub fn accept(&mut self, n: u64) -> bool {
         if n < self.contiguous {
-            return self.skipped.remove(&n);
+            return self.skipped.remove(&n).is_some();
         }
         if !self.shown.insert(n) {
             return false;
@@ -74,6 +89,28 @@ impl FollowCursor {
     /// Where the next look in the store starts.
     pub fn look_from(&self) -> u64 {
         self.contiguous
+    }
+
+    /// The skipped numbers a look at `now` reads again: the latest
+    /// [`MAX_RECHECKED`] of those skipped less than [`RECHECK_FOR`] ago.
+    pub fn rechecks(&self, now: Instant) -> Vec<u64> {
+        self.skipped
+            .iter()
+            .rev()
+            .filter(|(_, at)| now.saturating_duration_since(**at) < RECHECK_FOR)
+            .take(MAX_RECHECKED)
+            .map(|(n, _)| *n)
+            .collect()
+    }
+
+    /// After a look read the skipped numbers `read` again (those it found
+    /// given to [`accept`](Self::accept) first) and the inbox mark `mark`:
+    /// the ones still empty below the mark can no longer be written, and
+    /// are not looked for again.
+    pub fn fenced(&mut self, read: &[u64], mark: u64) {
+        for n in read.iter().filter(|n| **n < mark) {
+            self.skipped.remove(n);
+        }
     }
 
     /// After a look in the store at `now` (its messages given to
@@ -95,7 +132,7 @@ impl FollowCursor {
             match since {
                 Some(t) if now.saturating_duration_since(t) >= SKIP_AFTER => {
                     self.shown.insert(n);
-                    self.skipped.insert(n);
+                    self.skipped.insert(n, now);
                 }
                 _ => {
                     now_missing.insert(n, since.unwrap_or(now));
@@ -179,6 +216,27 @@ mod tests {
         assert!(c.accept(1), "later than the grace: shown all the same");
         assert!(!c.accept(1), "once");
         assert!(!c.accept(2), "once");
+    }
+
+    #[test]
+    fn a_skipped_number_is_read_again_until_the_mark_fences_it_or_a_minute_passed() {
+        let t0 = Instant::now();
+        let mut c = FollowCursor::new(0);
+        c.accept(0);
+        c.accept(4);
+        c.looked(t0);
+        c.looked(t0 + SKIP_AFTER);
+        assert_eq!(c.look_from(), 5, "1 to 3 skipped");
+        let later = t0 + SKIP_AFTER + Duration::from_secs(1);
+        assert_eq!(c.rechecks(later), vec![3, 2, 1], "the latest first");
+        // 2 landed after the skip and its push was lost: a look finds it
+        assert!(c.accept(2));
+        // the mark is 2: 1 can no longer be written; 3 still can
+        c.fenced(&[3, 1], 2);
+        assert_eq!(c.rechecks(later), vec![3]);
+        assert!(!c.accept(1), "fenced, never shown");
+        assert_eq!(c.rechecks(t0 + SKIP_AFTER + RECHECK_FOR), Vec::<u64>::new());
+        assert!(c.accept(3), "a push still shows it after the rechecks end");
     }
 
     #[test]
