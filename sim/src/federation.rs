@@ -306,16 +306,19 @@ pub async fn serve_outbox(fed: Arc<Fed>, own: [u8; 32], rt: Runtime) {
                 Some((_, _, e)) => Some(e.clone()),
                 None => None,
             };
-            match deliver_batch(&fed, own, &rt, c, last.as_deref()).await {
+            let mut settled = 0;
+            match deliver_batch(&fed, own, &rt, c, last.as_deref(), &mut settled).await {
                 Ok(()) => {
                     backoff.remove(&c);
                     delivered = true;
                 }
                 Err(why) => {
-                    let delay = backoff
-                        .get(&c)
-                        .map(|b| (b.1 * 2).min(MAX_BACKOFF))
-                        .unwrap_or(FIRST_BACKOFF);
+                    // (as `rules::outbox::Schedule::finished`: a queue that
+                    // moved before it failed starts again from the first)
+                    let delay = match backoff.get(&c) {
+                        Some(b) if settled == 0 => (b.1 * 2).min(MAX_BACKOFF),
+                        _ => FIRST_BACKOFF,
+                    };
                     let next = tokio::time::Instant::now() + delay;
                     wake = wake.min(next);
                     backoff.insert(c, (next, delay, why));
@@ -335,13 +338,15 @@ pub async fn serve_outbox(fed: Arc<Fed>, own: [u8; 32], rt: Runtime) {
 }
 
 /// `Net::deliver_batch`: up to a batch of the queue of `cluster`, in
-/// order; stops at an item to retry later.
+/// order; stops at an item to retry later. `settled`: the items
+/// delivered or bounced.
 async fn deliver_batch(
     fed: &Arc<Fed>,
     own: [u8; 32],
     rt: &Runtime,
     cluster: [u8; 32],
     last_error: Option<&str>,
+    settled: &mut usize,
 ) -> Result<(), String> {
     let items = rt
         .outbox_for(cluster, OUTBOX_BATCH)
@@ -366,14 +371,17 @@ async fn deliver_batch(
             other => other,
         };
         match outcome {
-            Ok(()) => rt
-                .outbox_done(&item)
-                .await
-                .map_err(|e| format!("cannot remove a delivered outbox item: {e}"))?,
+            Ok(()) => {
+                rt.outbox_done(&item)
+                    .await
+                    .map_err(|e| format!("cannot remove a delivered outbox item: {e}"))?;
+                *settled += 1;
+            }
             Err(Fail::Refused(why)) => match rt.outbox_bounce(&item, &why).await {
                 Ok(()) => {
                     tracing::debug!(item = %item.id, "bounced: {why}");
-                    stats(fed).bounced += 1
+                    stats(fed).bounced += 1;
+                    *settled += 1;
                 }
                 Err(
                     e @ (Error::Store(_)
@@ -387,6 +395,7 @@ async fn deliver_batch(
                     rt.outbox_done(&item)
                         .await
                         .map_err(|e| format!("cannot remove an outbox item: {e}"))?;
+                    *settled += 1;
                 }
             },
             Err(Fail::Transient(why)) => return Err(why),

@@ -146,6 +146,25 @@ fn a_follower_shows_a_message_that_lands_after_it_skipped_its_number() {
     }
 }
 
+/// A defect the simulation found (seed 66417 of 300 steps, federated): a
+/// courier that delivered or bounced items and then met a dropped call
+/// doubled its queue's backoff as if nothing had moved, so on a link that
+/// drops one call in a few the queue drained one 30-s wait at a time, and
+/// the outbox was not empty ten minutes after the workload. A turn that
+/// moved now starts the backoff again from the first
+/// (`rules::outbox::Schedule::finished`; the simulation's courier the same).
+#[test]
+fn a_queue_that_moves_on_a_lossy_link_drains() {
+    let cfg = Config {
+        steps: 300,
+        ..Config::new(66417)
+    };
+    assert_eq!(cfg.far_nodes, 2, "a federated seed");
+    if let Err(e) = run(&cfg) {
+        panic!("{e}\nreplay: cargo run -p capstan-sim --release -- --seed 66417 --steps 300");
+    }
+}
+
 /// Handlers that handle a later number while an earlier one is still in
 /// flight (the bug issue 14 names) are caught, within a few seeds.
 #[test]

@@ -130,20 +130,30 @@ impl Schedule {
         self.backoff.get(peer).map(|b| b.last_error.as_str())
     }
 
-    /// `peer`'s courier finished at `now`: delivered (its backoff is
-    /// reset) or failed with a reason that may pass (its backoff doubles).
-    pub fn finished(&mut self, peer: Peer, outcome: Result<(), String>, now: Instant) {
+    /// `peer`'s courier finished at `now`, having delivered or bounced
+    /// `settled` items: all its batch (its backoff is reset), or stopped at
+    /// one that failed for a reason that may pass: its backoff doubles,
+    /// unless items went through before it (then it starts again from
+    /// [`FIRST_BACKOFF`]: on a link that drops one call in a few, a queue
+    /// that moves is not held back as one that does not; doubling there
+    /// drained a queue one 30-s wait per dropped call).
+    pub fn finished(
+        &mut self,
+        peer: Peer,
+        outcome: Result<(), String>,
+        settled: usize,
+        now: Instant,
+    ) {
         self.busy.remove(&peer);
         match outcome {
             Ok(()) => {
                 self.backoff.remove(&peer);
             }
             Err(why) => {
-                let delay = self
-                    .backoff
-                    .get(&peer)
-                    .map(|b| (b.delay * 2).min(MAX_BACKOFF))
-                    .unwrap_or(FIRST_BACKOFF);
+                let delay = match self.backoff.get(&peer) {
+                    Some(b) if settled == 0 => (b.delay * 2).min(MAX_BACKOFF),
+                    _ => FIRST_BACKOFF,
+                };
                 self.backoff.insert(
                     peer,
                     Backoff {
@@ -240,7 +250,7 @@ mod tests {
         for _ in 0..10 {
             let plan = s.plan(&[p], true, now);
             assert_eq!(plan.start, vec![p], "its backoff is over: it goes");
-            s.finished(p, Err("peer down".into()), now);
+            s.finished(p, Err("peer down".into()), 0, now);
             let plan = s.plan(&[p], true, now);
             assert!(plan.start.is_empty(), "waits out its backoff");
             delays.push(plan.wake - now);
@@ -254,11 +264,38 @@ mod tests {
         assert_eq!(s.last_error(&p), Some("peer down"));
         // Delivered: the next failure starts again from the first backoff.
         s.plan(&[p], true, now);
-        s.finished(p, Ok(()), now);
+        s.finished(p, Ok(()), 0, now);
         assert_eq!(s.last_error(&p), None);
         s.plan(&[p], true, now);
-        s.finished(p, Err("again".into()), now);
+        s.finished(p, Err("again".into()), 0, now);
         assert_eq!(s.plan(&[p], true, now).wake - now, FIRST_BACKOFF);
+    }
+
+    #[test]
+    fn a_queue_that_moved_before_it_failed_is_tried_again_soon() {
+        let t0 = Instant::now();
+        let mut s = Schedule::new(4);
+        let p = peer(1);
+        let mut now = t0;
+        // nothing goes through: 200, 400, 800 ms, ...
+        for want in [200, 400, 800] {
+            s.plan(&[p], true, now);
+            s.finished(p, Err("dropped".into()), 0, now);
+            let wake = s.plan(&[p], true, now).wake;
+            assert_eq!((wake - now).as_millis(), want);
+            now = wake;
+        }
+        // five items went through, then a call was dropped: soon again
+        s.plan(&[p], true, now);
+        s.finished(p, Err("dropped".into()), 5, now);
+        let wake = s.plan(&[p], true, now).wake;
+        assert_eq!(wake - now, FIRST_BACKOFF);
+        now = wake;
+        // and stuck at that item again: doubling from there
+        s.plan(&[p], true, now);
+        s.finished(p, Err("dropped".into()), 0, now);
+        assert_eq!((s.plan(&[p], true, now).wake - now).as_millis(), 400);
+        assert_eq!(s.last_error(&p), Some("dropped"));
     }
 
     #[test]
@@ -268,8 +305,8 @@ mod tests {
         let (dead, live) = (peer(1), peer(2));
         let plan = s.plan(&[dead, live], true, now);
         assert_eq!(plan.start, vec![dead, live]);
-        s.finished(dead, Err("no answer".into()), now);
-        s.finished(live, Ok(()), now);
+        s.finished(dead, Err("no answer".into()), 0, now);
+        s.finished(live, Ok(()), 0, now);
         // New mail for both: the live queue goes at once, the dead one waits.
         let plan = s.plan(&[dead, live], true, now);
         assert_eq!(plan.start, vec![live]);
@@ -287,10 +324,10 @@ mod tests {
         assert!(s.plan(&peers, true, now).start.is_empty());
         assert!(s.is_busy(&peer(1)));
         // One finishes: the queue after the last started gets its turn.
-        s.finished(peer(1), Ok(()), now);
+        s.finished(peer(1), Ok(()), 0, now);
         assert_eq!(s.plan(&peers, true, now).start, vec![peer(3)]);
-        s.finished(peer(2), Ok(()), now);
-        s.finished(peer(3), Ok(()), now);
+        s.finished(peer(2), Ok(()), 0, now);
+        s.finished(peer(3), Ok(()), 0, now);
         // Round robin: after peer 3 comes peer 1 again.
         assert_eq!(s.plan(&peers, true, now).start, vec![peer(1), peer(2)]);
     }
@@ -301,11 +338,11 @@ mod tests {
         let mut s = Schedule::new(4);
         let p = peer(7);
         s.plan(&[p], true, now);
-        s.finished(p, Err("down".into()), now);
+        s.finished(p, Err("down".into()), 0, now);
         // A partial listing (a page) that does not show it keeps its backoff.
         s.plan(&[peer(1)], false, now);
         assert_eq!(s.last_error(&p), Some("down"));
-        s.finished(peer(1), Ok(()), now);
+        s.finished(peer(1), Ok(()), 0, now);
         // The complete listing without it: its queue emptied (bounced or
         // delivered elsewhere); new mail later starts without a wait.
         s.plan(&[], true, now);

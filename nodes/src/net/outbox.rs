@@ -119,23 +119,27 @@ impl Net {
         done: Rc<tokio::sync::Notify>,
     ) {
         let last_error = schedule.borrow().last_error(&cluster).map(str::to_string);
+        let mut settled = 0;
         let r = self
-            .deliver_batch(cluster, expiry, last_error.as_deref())
+            .deliver_batch(cluster, expiry, last_error.as_deref(), &mut settled)
             .await;
         schedule
             .borrow_mut()
-            .finished(cluster, r, std::time::Instant::now());
+            .finished(cluster, r, settled, std::time::Instant::now());
         done.notify_one();
     }
 
     /// Delivers up to a batch of the queue of `cluster`, in order; stops
     /// at an item to retry later, with why. An item older than `expiry`
     /// is bounced instead (with `last_error`, the queue's last failure).
+    /// `settled` counts the items delivered or bounced (what the schedule
+    /// needs to know of a turn that stopped: it moved, or not).
     pub(super) async fn deliver_batch(
         self: &Rc<Self>,
         cluster: [u8; 32],
         expiry: Duration,
         last_error: Option<&str>,
+        settled: &mut usize,
     ) -> Result<(), String> {
         let items = self
             .rt
@@ -174,11 +178,12 @@ impl Net {
                         tracing::warn!("cannot remove a delivered outbox item: {e}");
                         return Err(format!("cannot remove a delivered outbox item: {e}"));
                     }
+                    *settled += 1;
                 }
                 Err(NetError::Refused(why)) => {
                     tracing::info!(item = %item.id, "outbox item bounced: {why}");
                     match self.rt.outbox_bounce(&item, &why).await {
-                        Ok(()) => {}
+                        Ok(()) => *settled += 1,
                         // The store failed: try again later.
                         Err(
                             e @ (capstan_actors::Error::Store(_)
@@ -197,6 +202,7 @@ impl Net {
                             if let Err(e) = self.rt.outbox_done(&item).await {
                                 return Err(format!("cannot remove an outbox item: {e}"));
                             }
+                            *settled += 1;
                         }
                     }
                 }
