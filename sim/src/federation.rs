@@ -10,8 +10,9 @@
 //! ([`Runtime::outbox_done`]), bounces it to its sender when the far side
 //! refused it for good ([`Runtime::outbox_bounce`]), and stops the queue at
 //! a failure that may pass, to try again after a backoff in virtual time
-//! (doubling from [`FIRST_BACKOFF`] to [`MAX_BACKOFF`]). The nodes of a
-//! cluster deliver the same queue concurrently, as they do for real.
+//! ([`next_backoff`]: doubling up to [`MAX_BACKOFF`] while nothing moves).
+//! The nodes of a cluster deliver the same queue concurrently, as they do
+//! for real.
 //!
 //! A delivery ([`Fed::send`]) may be dropped (the caller hears nothing and
 //! times out), delayed, duplicated (the copy arrives later: reordered), or
@@ -31,7 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use capstan_actors::federation::{OUTBOX_BATCH, OUTBOX_PEERS, now_us};
-use capstan_actors::rules::outbox::{EXPIRY, FIRST_BACKOFF, MAX_BACKOFF, Verdict, verdict};
+use capstan_actors::rules::outbox::{EXPIRY, MAX_BACKOFF, Verdict, next_backoff, verdict};
 use capstan_actors::{
     Caller, Envelope, EnvelopeBody, Error, OutOp, OutboxItem, RemoteRec, Runtime, Settlement,
 };
@@ -313,12 +314,7 @@ pub async fn serve_outbox(fed: Arc<Fed>, own: [u8; 32], rt: Runtime) {
                     delivered = true;
                 }
                 Err(why) => {
-                    // (as `rules::outbox::Schedule::finished`: a queue that
-                    // moved before it failed starts again from the first)
-                    let delay = match backoff.get(&c) {
-                        Some(b) if settled == 0 => (b.1 * 2).min(MAX_BACKOFF),
-                        _ => FIRST_BACKOFF,
-                    };
+                    let delay = next_backoff(backoff.get(&c).map(|b| b.1), settled);
                     let next = tokio::time::Instant::now() + delay;
                     wake = wake.min(next);
                     backoff.insert(c, (next, delay, why));

@@ -137,13 +137,7 @@ fn a_recipient_cancelled_midrun_gets_mail_delivered_or_bounced_never_both() {
 /// them.
 #[test]
 fn a_follower_shows_a_message_that_lands_after_it_skipped_its_number() {
-    let cfg = Config {
-        steps: 300,
-        ..Config::new(62429)
-    };
-    if let Err(e) = run(&cfg) {
-        panic!("{e}\nreplay: cargo run -p capstan-sim --release -- --seed 62429 --steps 300");
-    }
+    witness(Config::new(62429));
 }
 
 /// A defect the simulation found (seed 66417 of 300 steps, federated): a
@@ -155,13 +149,17 @@ fn a_follower_shows_a_message_that_lands_after_it_skipped_its_number() {
 /// (`rules::outbox::Schedule::finished`; the simulation's courier the same).
 #[test]
 fn a_queue_that_moves_on_a_lossy_link_drains() {
-    let cfg = Config {
-        steps: 300,
-        ..Config::new(66417)
-    };
+    let cfg = Config::new(66417);
     assert_eq!(cfg.far_nodes, 2, "a federated seed");
-    if let Err(e) = run(&cfg) {
-        panic!("{e}\nreplay: cargo run -p capstan-sim --release -- --seed 66417 --steps 300");
+    witness(cfg);
+}
+
+/// Runs the seed of `cfg` for 300 steps, the length of the sweep that
+/// found the defect it witnesses.
+fn witness(cfg: Config) {
+    let seed = cfg.seed;
+    if let Err(e) = run(&Config { steps: 300, ..cfg }) {
+        panic!("{e}\nreplay: cargo run -p capstan-sim --release -- --seed {seed} --steps 300");
     }
 }
 

@@ -32,6 +32,17 @@ pub const COURIERS: usize = 64;
 /// retried before its sender gets it back as undeliverable.
 pub const EXPIRY: Duration = Duration::from_secs(24 * 3600);
 
+/// The wait before a queue is tried again after a turn that failed, having
+/// settled `settled` items: the last wait `prev` doubled (up to
+/// [`MAX_BACKOFF`]) when nothing moved, else [`FIRST_BACKOFF`] (see
+/// [`Schedule::finished`]).
+pub fn next_backoff(prev: Option<Duration>, settled: usize) -> Duration {
+    match prev {
+        Some(d) if settled == 0 => (d * 2).min(MAX_BACKOFF),
+        _ => FIRST_BACKOFF,
+    }
+}
+
 /// A queue's identity: the peer cluster's id.
 pub type Peer = [u8; 32];
 
@@ -150,10 +161,7 @@ impl Schedule {
                 self.backoff.remove(&peer);
             }
             Err(why) => {
-                let delay = match self.backoff.get(&peer) {
-                    Some(b) if settled == 0 => (b.delay * 2).min(MAX_BACKOFF),
-                    _ => FIRST_BACKOFF,
-                };
+                let delay = next_backoff(self.backoff.get(&peer).map(|b| b.delay), settled);
                 self.backoff.insert(
                     peer,
                     Backoff {
