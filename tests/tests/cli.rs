@@ -378,10 +378,18 @@ fn bench_forwards_to_the_benchmark_binary_or_says_how_to_build_it() {
         .unwrap();
     assert_eq!(bad.status.code(), Some(1), "{bad:?}");
 
-    // The binary alone, with nothing beside it and an empty PATH.
-    let tmp = tempfile::tempdir().unwrap();
+    // The binary alone, with nothing beside it and an empty PATH: a hard
+    // link in a folder of its own inside the target directory (a debug
+    // binary is hundreds of MB; a copy of it in /tmp once filled a CI
+    // machine's disk), copied only where the link cannot be made.
+    let tmp = tempfile::Builder::new()
+        .prefix("lone-capstan-")
+        .tempdir_in(dir.parent().unwrap_or(dir))
+        .unwrap();
     let lone = tmp.path().join("capstan");
-    std::fs::copy(bin, &lone).unwrap();
+    if std::fs::hard_link(bin, &lone).is_err() {
+        std::fs::copy(bin, &lone).unwrap();
+    }
     let r = std::process::Command::new(&lone)
         .args(["bench", "--quick"])
         .env("PATH", tmp.path())
