@@ -164,8 +164,10 @@ impl Fed {
 
     /// Whether the far cluster applied `item` (`Gateway.applied`, asked
     /// before a bounce), on a live node drawn from the seed, through the
-    /// link's faults; `None`: it could not say (the call was dropped, or
-    /// nobody listens).
+    /// link's faults; `None`: it could not say (the call was dropped,
+    /// nobody listens, or no answer within [`CALL_TIMEOUT`], as the nodes'
+    /// call: the node asked may be killed while it answers, and a killed
+    /// node's store calls never return).
     pub async fn applied(self: &Arc<Self>, item: &OutboxItem) -> Option<bool> {
         let f = fate(&self.rng, &self.faults);
         tokio::time::sleep(f.delay).await;
@@ -178,7 +180,12 @@ impl Fed {
             return None;
         }
         let rt = dir.get(&names[self.pick(names.len())])?;
-        rt.applied_items(&[item.id]).await.ok()?.first().copied()
+        let id = item.id;
+        let ask = tokio::spawn(async move { rt.applied_items(&[id]).await });
+        match tokio::time::timeout(CALL_TIMEOUT, ask).await {
+            Ok(Ok(Ok(answer))) => answer.first().copied(),
+            _ => None,
+        }
     }
 
     /// The receiving side (`ObjectServer`: restore, check, deliver or

@@ -154,6 +154,20 @@ fn a_queue_that_moves_on_a_lossy_link_drains() {
     witness(cfg);
 }
 
+/// A defect of the simulation itself (seed 102449 of 300 steps,
+/// federated): its `Gateway.applied` (asked before a bounce) awaited the
+/// far node's answer with no time limit, and the node asked was killed as
+/// it answered; a killed node's store calls never return, so the near
+/// cluster's courier waited forever and its outbox never drained. The
+/// nodes' call gives up after `CALL_TIMEOUT` (`net/peers.rs`), and so does
+/// the simulation's now.
+#[test]
+fn a_courier_asking_a_node_killed_as_it_answers_goes_on() {
+    let cfg = Config::new(102449);
+    assert_eq!(cfg.far_nodes, 2, "a federated seed");
+    witness(cfg);
+}
+
 /// Runs the seed of `cfg` for 300 steps, the length of the sweep that
 /// found the defect it witnesses.
 fn witness(cfg: Config) {
