@@ -339,7 +339,8 @@ impl Drop for Follow {
 /// Waits until the followed inbox has a message numbered `number` or later
 /// (asking the node itself every 5 s, should the follower have been
 /// dropped for falling behind); returns the highest number there then.
-/// (A number can be skipped: one reserved for a send that did not use it.)
+/// (An inbox's numbers need not be dense: one reserved and never written
+/// is a hole, `rules::inbox`.)
 pub(super) async fn wait_inbox(
     seen: &Rc<std::cell::Cell<Option<u64>>>,
     a: &agent::Client,

@@ -385,8 +385,8 @@ pub(super) async fn cluster_rows(
             let t1 = Instant::now();
             // The resolver's node pushes the request to the host's follower:
             // the one message the host gets in a round, at the next number
-            // or above it (after the sends rows, numbers reserved for
-            // sends that did not use them are skipped).
+            // or above it (after a large sends row the next number was
+            // once a hole: numbers need not be dense, `rules::inbox`).
             let host_number = wait_inbox(&seen, &hosts[resolver_node], expect).await?;
             expect = host_number + 1;
             let t2 = Instant::now();

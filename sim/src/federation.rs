@@ -181,6 +181,8 @@ impl Fed {
         }
         let rt = dir.get(&names[self.pick(names.len())])?;
         let id = item.id;
+        // (spawned, as `send`'s call: the far node answers on its own,
+        // whether or not the caller still waits)
         let ask = tokio::spawn(async move { rt.applied_items(&[id]).await });
         match tokio::time::timeout(CALL_TIMEOUT, ask).await {
             Ok(Ok(Ok(answer))) => answer.first().copied(),
