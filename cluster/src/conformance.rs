@@ -888,6 +888,67 @@ pub async fn range_order(db: &Db) -> CheckResult {
         vec![0, 1, 2, 255, 256, 300, 65_536, u64::MAX],
         "tuple integers in order"
     );
+    // A listing longer than a backend's pages (etcd: 64 pairs, then
+    // growing): every pair once, in order, both ways, cut by any limit.
+    const LONG: u64 = 1_500;
+    for first in (0..LONG).step_by(100) {
+        db.transact(move |tx| {
+            Box::pin(async move {
+                for n in first..first + 100 {
+                    tx.set(
+                        TupleKey::new().str("long").u64(n).as_bytes(),
+                        &n.to_be_bytes(),
+                    )?;
+                }
+                Ok::<_, StoreError>(())
+            })
+        })
+        .await?;
+    }
+    let numbers = |rows: Vec<KeyValue>| -> Result<Vec<u64>, CheckFailure> {
+        rows.iter()
+            .map(|(k, v)| {
+                let mut r = TupleReader::new(k);
+                let _ = r.str();
+                let n = r.u64().map_err(|e| CheckFailure(e.to_string()))?;
+                let want = n.to_be_bytes();
+                ensure_eq!(v.as_slice(), want.as_slice(), "value of {n}");
+                Ok(n)
+            })
+            .collect()
+    };
+    let (b, e) = (
+        TupleKey::new().str("long").into_vec(),
+        TupleKey::new().str("long").u64(u64::MAX).into_vec(),
+    );
+    let all: Vec<u64> = (0..LONG).collect();
+    ensure_eq!(
+        numbers(range(&b, &e, 0, false).await?)?,
+        all,
+        "long listing"
+    );
+    ensure_eq!(
+        numbers(range(&b, &e, 1_000, false).await?)?,
+        all[..1_000].to_vec(),
+        "long listing, limit 1,000"
+    );
+    let back: Vec<u64> = all.iter().rev().copied().collect();
+    ensure_eq!(
+        numbers(range(&b, &e, 0, true).await?)?,
+        back,
+        "long listing, reversed"
+    );
+    ensure_eq!(
+        numbers(range(&b, &e, 700, true).await?)?,
+        back[..700].to_vec(),
+        "long listing, reversed, limit 700"
+    );
+    let mid = TupleKey::new().str("long").u64(333).into_vec();
+    ensure_eq!(
+        numbers(range(&mid, &e, 0, false).await?)?,
+        all[333..].to_vec(),
+        "long listing from the middle"
+    );
     Ok(())
 }
 
