@@ -166,10 +166,15 @@ pub async fn count(
     };
     let mut from = 0u64;
     loop {
-        // The next message at or above `from`, if any.
+        // The next message at or above `from`, if any (from the prefix
+        // itself at first: a damaged key before number 0 counts too).
         let probe = tx
             .snapshot_range(&capstan_cluster::RangeOption {
-                begin: crate::keys::message(agent, from),
+                begin: if from == 0 {
+                    prefix.clone()
+                } else {
+                    crate::keys::message(agent, from)
+                },
                 end: end.clone(),
                 limit: 1,
                 reverse: false,
@@ -212,9 +217,10 @@ pub async fn count(
             tally(&rows, &mut last);
             let next = match rows.last() {
                 // a full page: on from its last number (the window may hold more)
-                Some((k, _)) if rows.len() == COUNT_PAGE => {
-                    crate::keys::message_number(k).and_then(|n| n.checked_add(1))
-                }
+                // (or, the last key damaged, from the window's end)
+                Some((k, _)) if rows.len() == COUNT_PAGE => crate::keys::message_number(k)
+                    .and_then(|n| n.checked_add(1))
+                    .or(hi),
                 // the window read whole: on from its end
                 Some(_) => hi,
                 None => None,
@@ -543,11 +549,17 @@ mod tests {
         let mut numbers: Vec<u64> = (0..4_500).collect();
         numbers.extend([4_600, 9_999, 100_000, 100_001, 1 << 40]);
         numbers.extend([u64::MAX - 1, u64::MAX]);
-        let expect_bytes: u64 = numbers.iter().map(|n| 10 + n % 7).sum();
+        // and a damaged key under the inbox that sorts before number 0
+        let damaged = TupleKey::new()
+            .str("m")
+            .bytes(agent.as_bytes())
+            .str("x")
+            .into_vec();
+        let expect_bytes: u64 = numbers.iter().map(|n| 10 + n % 7).sum::<u64>() + 3;
         for chunk in numbers.chunks(500) {
-            let chunk = chunk.to_vec();
+            let (chunk, damaged) = (chunk.to_vec(), damaged.clone());
             db.transact(move |tx| {
-                let chunk = chunk.clone();
+                let (chunk, damaged) = (chunk.clone(), damaged.clone());
                 Box::pin(async move {
                     for n in chunk {
                         tx.set(
@@ -555,6 +567,7 @@ mod tests {
                             &vec![1; 10 + (n % 7) as usize],
                         )?;
                     }
+                    tx.set(&damaged, b"bad")?;
                     for other in [before, after] {
                         tx.set(&crate::keys::message(&other, 5), b"not hers")?;
                     }
@@ -570,7 +583,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             counted,
-            (numbers.len() as u64, expect_bytes, Some(u64::MAX))
+            (numbers.len() as u64 + 1, expect_bytes, Some(u64::MAX))
         );
         // An empty inbox, and one with a single message at number 0.
         let (empty, one) = (FormulaId::random(), FormulaId::random());
