@@ -58,9 +58,39 @@ pub(crate) struct AgentState {
     guest: Option<crate::node::GuestRunner>,
     /// The inbox's use against its quota (kept while this owns it).
     account: crate::quota::Account,
+    /// A count of the inbox runs in a task of its own (`AgentMsg::Counted`
+    /// answers it): admissions wait in `waiting` meanwhile, while
+    /// reservations that admit nothing go on being served.
+    counting: bool,
+    /// Admitting reservations waiting for the count, in arrival order (at
+    /// most [`MAX_WAITING_ADMISSIONS`]).
+    waiting: std::collections::VecDeque<WaitingAdmission>,
     /// When the owner was last told again after a missed push (at most
     /// once per [`RETELL_AFTER_MISS`]).
     retold: Option<Instant>,
+}
+
+/// Admitting reservations an inbox's owner holds while it counts the
+/// inbox; more are refused ("try again").
+pub const MAX_WAITING_ADMISSIONS: usize = 4096;
+
+/// A reservation that admits, waiting for the count of its inbox.
+pub(crate) struct WaitingAdmission {
+    n: u64,
+    at_least: u64,
+    admit: crate::types::Admit,
+    reply: ractor::RpcReplyPort<Result<u64, Error>>,
+}
+
+/// Hands out `n` numbers, none below `at_least`, recording an admission.
+fn hand_out(st: &mut AgentState, n: u64, at_least: u64, admit: Option<crate::types::Admit>) -> u64 {
+    st.next = st.next.max(at_least);
+    let first = st.next;
+    st.next += n;
+    if let Some(admit) = admit {
+        st.account.handed_out(first, n, admit);
+    }
+    first
 }
 
 /// Least time between two tellings of the owner caused by missed pushes.
@@ -133,6 +163,8 @@ impl Actor for AgentActor {
             last_active: Instant::now(),
             _ticker: ticker,
             account: crate::quota::Account::default(),
+            counting: false,
+            waiting: std::collections::VecDeque::new(),
             retold: None,
         })
     }
@@ -152,19 +184,75 @@ impl Actor for AgentActor {
                     return Ok(());
                 }
                 st.last_active = Instant::now();
-                if let Some(admit) = admit
-                    && let Err(e) = st.account.admit(&st.rt.db, st.id, admit).await
-                {
-                    let _ = reply.send(Err(e));
-                    return Ok(());
-                }
-                st.next = st.next.max(at_least);
-                let first = st.next;
-                st.next += n;
                 if let Some(admit) = admit {
-                    st.account.handed_out(first, n, admit);
+                    // A count reads the whole inbox: in a task of its own,
+                    // so that reservations admitting nothing (senders' own
+                    // copies, numbers the relay fills in) are served
+                    // meanwhile; admissions wait for it, in order.
+                    if st.counting || st.account.needs_count(admit) {
+                        if st.waiting.len() >= MAX_WAITING_ADMISSIONS {
+                            let _ = reply.send(Err(Error::Unavailable(format!(
+                                "the inbox of {} is being counted for its quota; try again",
+                                st.id.short()
+                            ))));
+                            return Ok(());
+                        }
+                        st.waiting.push_back(WaitingAdmission {
+                            n,
+                            at_least,
+                            admit,
+                            reply,
+                        });
+                        if !st.counting {
+                            st.counting = true;
+                            let (db, id, me) = (st.rt.db.clone(), st.id, myself.clone());
+                            tokio::spawn(async move {
+                                let c = crate::quota::Account::read_count(&db, id).await;
+                                let _ = me.cast(AgentMsg::Counted(c));
+                            });
+                        }
+                        return Ok(());
+                    }
+                    if let Err(e) = st.account.take(&st.id, admit) {
+                        let _ = reply.send(Err(e));
+                        return Ok(());
+                    }
                 }
+                let first = hand_out(st, n, at_least, admit);
                 let _ = reply.send(Ok(first));
+            }
+            AgentMsg::Counted(c) => {
+                st.counting = false;
+                let waiting = std::mem::take(&mut st.waiting);
+                let mut counted = match c {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        for w in waiting {
+                            let _ = w.reply.send(Err(e.clone()));
+                        }
+                        return Ok(());
+                    }
+                };
+                for w in waiting {
+                    if !st.owned {
+                        let _ = w.reply.send(Err(Error::Unavailable(
+                            "this node does not own the inbox".into(),
+                        )));
+                        continue;
+                    }
+                    if let Some(c) = counted.take() {
+                        st.account.install(c, w.admit);
+                    }
+                    match st.account.take(&st.id, w.admit) {
+                        Ok(()) => {
+                            let first = hand_out(st, w.n, w.at_least, Some(w.admit));
+                            let _ = w.reply.send(Ok(first));
+                        }
+                        Err(e) => {
+                            let _ = w.reply.send(Err(e));
+                        }
+                    }
+                }
             }
             AgentMsg::Own(reply) => {
                 if !st.owned {

@@ -257,7 +257,7 @@ pub struct QuotaView {
     pub default: bool,
 }
 
-pub use crate::types::Admit;
+pub use crate::types::{Admit, Counted};
 
 /// What an owner knows of its inbox's use ([`crate::incarnation`] keeps
 /// one per owned inbox).
@@ -337,76 +337,91 @@ impl Account {
         }
     }
 
-    /// Admits `a` (messages of about so many bytes in all) into `agent`'s
-    /// inbox, all or none, or refuses with [`Error::InboxFull`]: reads the
-    /// store only for the first count and for a recount of an inbox that
-    /// looks full.
-    pub async fn admit(
-        &mut self,
-        db: &capstan_cluster::Db,
-        agent: FormulaId,
-        a: Admit,
-    ) -> Result<(), Error> {
-        let recount_due = |a: &Account| {
-            !a.counted
-                || a.stale
-                || a.recounted
-                    .is_none_or(|t| t.elapsed() >= a.backoff.max(RECOUNT_EVERY))
-        };
-        if !self.counted || (!self.fits(a) && recount_due(self)) {
-            let backoff = if self.counted && !self.stale {
-                (self.backoff.max(RECOUNT_EVERY) * 2).min(RECOUNT_MAX)
-            } else {
-                RECOUNT_EVERY
-            };
-            self.pending.retain(|p| p.at.elapsed() < PENDING_TTL);
-            let (q, (messages, bytes, last), mark) = db
-                .read(move |tx| {
-                    Box::pin(async move {
-                        let (q, _) = limits(tx, &agent).await?;
-                        let counted = count(tx, &agent).await?;
-                        let mark = tx
-                            .snapshot_get(&crate::keys::inbox_mark(&agent))
-                            .await?
-                            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
-                            .map(u64::from_be_bytes);
-                        Ok::<_, Error>((q, counted, mark))
-                    })
+    /// Whether admitting `a` needs a count of the inbox first: the first
+    /// admission, and a refusal when the last count is old enough (or room
+    /// was given back since).
+    pub fn needs_count(&self, a: Admit) -> bool {
+        let recount_due = self.stale
+            || self
+                .recounted
+                .is_none_or(|t| t.elapsed() >= self.backoff.max(RECOUNT_EVERY));
+        !self.counted || (!self.fits(a) && recount_due)
+    }
+
+    /// Reads what a count needs: the inbox's limits, its messages and
+    /// bytes, and its mark. Reads only; [`Account::install`] applies it.
+    pub async fn read_count(db: &capstan_cluster::Db, agent: FormulaId) -> Result<Counted, Error> {
+        db.read(move |tx| {
+            Box::pin(async move {
+                let (limits, _) = limits(tx, &agent).await?;
+                let (messages, bytes, last) = count(tx, &agent).await?;
+                let mark = tx
+                    .snapshot_get(&crate::keys::inbox_mark(&agent))
+                    .await?
+                    .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+                    .map(u64::from_be_bytes);
+                Ok::<_, Error>(Counted {
+                    limits: (limits.max_messages, limits.max_bytes),
+                    messages,
+                    bytes,
+                    last,
+                    mark,
                 })
-                .await?;
-            // Admitted numbers above every number written or dismissed
-            // (the inbox's mark is the number after the highest dismissed)
-            // are still in flight; below, they were written (and maybe
-            // dismissed since), or their send failed (or a send with a
-            // higher number committed first: room a little early).
-            let floor = last.max(mark.and_then(|m| m.checked_sub(1)));
-            let (mut flying, mut flying_bytes) = (0u64, 0u64);
-            self.pending.retain(|p| {
-                let end = p.first.saturating_add(p.numbers);
-                let above = match floor {
-                    Some(f) => end.saturating_sub(p.first.max(f.saturating_add(1))),
-                    None => p.numbers,
-                };
-                let m = above.min(p.admit.messages);
-                flying += m;
-                flying_bytes += p.admit.bytes.saturating_mul(m) / p.admit.messages.max(1);
-                m > 0
-            });
-            let pending = std::mem::take(&mut self.pending);
-            *self = Account {
-                counted: true,
-                messages: messages + flying,
-                bytes: bytes + flying_bytes,
-                limits: q,
-                recounted: Some(Instant::now()),
-                backoff,
-                stale: false,
-                pending,
+            })
+        })
+        .await
+    }
+
+    /// Takes a count read by [`Account::read_count`] as what the inbox
+    /// holds, plus the admitted messages still in flight; `a`, the
+    /// admission that asked for it, decides whether recounts back off.
+    pub fn install(&mut self, c: Counted, a: Admit) {
+        let backoff = if self.counted && !self.stale {
+            (self.backoff.max(RECOUNT_EVERY) * 2).min(RECOUNT_MAX)
+        } else {
+            RECOUNT_EVERY
+        };
+        self.pending.retain(|p| p.at.elapsed() < PENDING_TTL);
+        // Admitted numbers above every number written or dismissed
+        // (the inbox's mark is the number after the highest dismissed)
+        // are still in flight; below, they were written (and maybe
+        // dismissed since), or their send failed (or a send with a
+        // higher number committed first: room a little early).
+        let floor = c.last.max(c.mark.and_then(|m| m.checked_sub(1)));
+        let (mut flying, mut flying_bytes) = (0u64, 0u64);
+        self.pending.retain(|p| {
+            let end = p.first.saturating_add(p.numbers);
+            let above = match floor {
+                Some(f) => end.saturating_sub(p.first.max(f.saturating_add(1))),
+                None => p.numbers,
             };
-            if self.fits(a) {
-                self.backoff = RECOUNT_EVERY;
-            }
+            let m = above.min(p.admit.messages);
+            flying += m;
+            flying_bytes += p.admit.bytes.saturating_mul(m) / p.admit.messages.max(1);
+            m > 0
+        });
+        let pending = std::mem::take(&mut self.pending);
+        *self = Account {
+            counted: true,
+            messages: c.messages + flying,
+            bytes: c.bytes + flying_bytes,
+            limits: Quota {
+                max_messages: c.limits.0,
+                max_bytes: c.limits.1,
+            },
+            recounted: Some(Instant::now()),
+            backoff,
+            stale: false,
+            pending,
+        };
+        if self.fits(a) {
+            self.backoff = RECOUNT_EVERY;
         }
+    }
+
+    /// Admits `a` on what the account knows (no store read), all or none,
+    /// or refuses with [`Error::InboxFull`].
+    pub fn take(&mut self, agent: &FormulaId, a: Admit) -> Result<(), Error> {
         if !self.fits(a) {
             return Err(Error::InboxFull {
                 agent: agent.short(),
@@ -419,6 +434,23 @@ impl Account {
         self.messages += a.messages;
         self.bytes += a.bytes;
         Ok(())
+    }
+
+    /// Admits `a` (messages of about so many bytes in all) into `agent`'s
+    /// inbox, all or none, or refuses with [`Error::InboxFull`]: counts
+    /// the inbox first when [`Account::needs_count`] (an owner's actor
+    /// does that in a task of its own instead: `crate::incarnation`).
+    pub async fn admit(
+        &mut self,
+        db: &capstan_cluster::Db,
+        agent: FormulaId,
+        a: Admit,
+    ) -> Result<(), Error> {
+        if self.needs_count(a) {
+            let c = Self::read_count(db, agent).await?;
+            self.install(c, a);
+        }
+        self.take(&agent, a)
     }
 }
 

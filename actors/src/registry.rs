@@ -61,6 +61,9 @@ pub enum AgentMsg {
         Option<crate::types::Admit>,
         RpcReplyPort<Result<u64, Error>>,
     ),
+    /// A count of the inbox for its quota, read in a task of its own for
+    /// the admissions waiting on it ([`crate::quota::Account::read_count`]).
+    Counted(Result<crate::types::Counted, Error>),
     /// Room was given back (a dismissal on this node) or the limits
     /// changed: recount at the next refusal.
     Freed,

@@ -419,6 +419,45 @@ mod tests {
     use crate::types::RuntimeOptions;
     use capstan_proto::RequestId;
 
+    /// While an inbox's owner counts the inbox for its quota (its first
+    /// admission reads every message), reservations that admit nothing
+    /// (a sender's own copy, a number the relay fills in) are served, not
+    /// held behind the count; the admission is answered after it. Every
+    /// store read here is delayed by up to 100 ms, so the count (several
+    /// reads) is still running when the plain reservation, which reads
+    /// nothing, is answered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reservations_admitting_nothing_do_not_wait_for_a_count() {
+        use capstan_cluster::mem_store::{Faults, MemStore, PPM};
+        let faults = Faults {
+            read_delay_ppm: PPM,
+            max_delay: std::time::Duration::from_millis(100),
+            ..Faults::seeded(41)
+        };
+        let store = Arc::new(MemStore::with_faults(faults));
+        let rt = Runtime::open(capstan_cluster::Db::new(store), RuntimeOptions::default())
+            .await
+            .unwrap();
+        let host = rt.root_host();
+        let (inner, me) = (host.rt.clone(), host.id());
+        // the inbox's actor incarnated (its sequence read)
+        let first = local_reserve(&inner, me, 1, 0, None).await.unwrap();
+        let counting = tokio::spawn({
+            let inner = inner.clone();
+            async move { local_reserve(&inner, me, 1, 0, Some(Admit::one(100))).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        let plain = local_reserve(&inner, me, 1, 0, None).await.unwrap();
+        assert!(
+            !counting.is_finished(),
+            "the reservation admitting nothing waited for the count"
+        );
+        let admitted = counting.await.unwrap().unwrap();
+        let mut got = [first, plain, admitted];
+        got.sort();
+        assert_eq!(got, [first, first + 1, first + 2], "distinct numbers");
+    }
+
     /// `n` sends from `host` to its agent "g" at once, "m0", "m1", …
     fn spawn_sends(
         host: &AgentHandle,

@@ -137,6 +137,19 @@ pub struct Admit {
     pub bytes: u64,
 }
 
+/// What a count of an inbox read for its quota (`quota::Account::read_count`).
+#[derive(Debug, Clone)]
+pub struct Counted {
+    /// The inbox's limits: most messages, most bytes.
+    pub(crate) limits: (u64, u64),
+    pub(crate) messages: u64,
+    pub(crate) bytes: u64,
+    /// The highest number written.
+    pub(crate) last: Option<u64>,
+    /// The inbox's mark: the number after the highest dismissed.
+    pub(crate) mark: Option<u64>,
+}
+
 impl Admit {
     /// One message of about `bytes` bytes.
     pub fn one(bytes: u64) -> Admit {
