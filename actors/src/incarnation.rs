@@ -205,6 +205,7 @@ impl Actor for AgentActor {
                         });
                         if !st.counting {
                             st.counting = true;
+                            st.account.begin_count();
                             let (db, id, me) = (st.rt.db.clone(), st.id, myself.clone());
                             tokio::spawn(async move {
                                 let c = crate::quota::Account::read_count(&db, id).await;

@@ -575,6 +575,29 @@ pub async fn next_message_number(tx: &mut Transaction, agent: &FormulaId) -> Res
     Ok(next)
 }
 
+/// Whether an inbox holds a message numbered `number` or above: one
+/// forward read of a single key. (A guest is behind when it does; asking
+/// [`next_message_number`] instead would read the inbox's last key with a
+/// reverse read, which etcd answers by reading and sorting every message of
+/// the inbox whatever the limit.)
+pub async fn has_message_from(
+    tx: &mut Transaction,
+    agent: &FormulaId,
+    number: u64,
+) -> Result<bool, Error> {
+    let prefix = keys::inbox(agent);
+    let rows = tx
+        .get_range(
+            capstan_cluster::RangeOption::new(
+                keys::message(agent, number),
+                capstan_cluster::tuple::prefix_end(&prefix),
+            )
+            .with_limit(1),
+        )
+        .await?;
+    Ok(!rows.is_empty())
+}
+
 /// A stored inbox mark's value.
 fn inbox_mark_value(b: &[u8]) -> Result<u64, Error> {
     b.try_into()
@@ -755,3 +778,6 @@ pub(crate) async fn settle_target(
     }
     Err(Error::Corrupt("promise chain longer than 16".into()))
 }
+
+#[cfg(test)]
+mod tests;

@@ -275,6 +275,10 @@ pub struct Account {
     /// A dismissal (or a new limit) on this node: recount at the next
     /// refusal without waiting for [`RECOUNT_EVERY`].
     stale: bool,
+    /// Room was given back since the running count began
+    /// ([`Account::begin_count`]): that count may have read the inbox
+    /// before the dismissal, so its result leaves the account stale.
+    freed_while_counting: bool,
     /// Numbers handed out with admitted messages, oldest first, until a
     /// recount finds them below the highest number written or dismissed
     /// (or [`PENDING_TTL`] passes): a recount adds those above it, sends
@@ -308,6 +312,13 @@ impl Account {
     /// Something on this node gave room back or changed the limits.
     pub fn note_freed(&mut self) {
         self.stale = true;
+        self.freed_while_counting = true;
+    }
+
+    /// A count ([`Account::read_count`]) is starting: dismissals noted
+    /// from now on may be missing from what it reads.
+    pub fn begin_count(&mut self) {
+        self.freed_while_counting = false;
     }
 
     /// Whether the limits should be read again (on an idle tick).
@@ -410,7 +421,11 @@ impl Account {
             },
             recounted: Some(Instant::now()),
             backoff,
-            stale: false,
+            // A dismissal noted while the count ran may be missing from
+            // it: the next refusal recounts at once rather than after the
+            // backoff.
+            stale: self.freed_while_counting,
+            freed_while_counting: false,
             pending,
         };
         if self.fits(a) {
@@ -618,6 +633,44 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(got, ((0, 0, None), (1, 1, Some(0))));
+    }
+
+    #[test]
+    fn a_dismissal_during_a_count_leaves_the_account_stale() {
+        let alice = FormulaId::random();
+        let one = Admit {
+            messages: 1,
+            bytes: 10,
+        };
+        let full = Counted {
+            limits: (2, 1 << 20),
+            messages: 2,
+            bytes: 20,
+            last: Some(1),
+            mark: None,
+        };
+        // A count that ran undisturbed: a refusal waits out the backoff
+        // (`stale` is what lets a refusal skip it).
+        let mut a = Account::default();
+        a.begin_count();
+        a.install(full.clone(), one);
+        assert!(a.take(&alice, one).is_err(), "the inbox is full");
+        assert!(!a.stale);
+        // A dismissal noted while the next count ran: its result may not
+        // show the room given back, so the next refusal recounts at once.
+        a.begin_count();
+        a.note_freed();
+        a.install(full.clone(), one);
+        assert!(a.take(&alice, one).is_err(), "the count saw it full");
+        assert!(
+            a.stale && a.needs_count(one),
+            "a count that may predate a dismissal must not hold refusals for its backoff"
+        );
+        // A dismissal noted before the count began is in what it read.
+        a.note_freed();
+        a.begin_count();
+        a.install(full, one);
+        assert!(!a.stale);
     }
 
     #[test]

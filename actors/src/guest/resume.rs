@@ -43,7 +43,7 @@ async fn behind(rt: &Arc<Inner>, ids: Vec<FormulaId>) -> Result<Vec<FormulaId>, 
                             }
                             _ => 0,
                         };
-                        if model::next_message_number(tx, id).await? > next {
+                        if model::has_message_from(tx, id, next).await? {
                             behind.push(*id);
                         }
                     }
