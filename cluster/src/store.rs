@@ -452,10 +452,11 @@ pub trait Store: Send + Sync + 'static {
     fn fills(&self) -> bool {
         false
     }
-    /// Whether this client has commits at the relay now, so that its next
-    /// commit met by others is likely to go there too: a commit with
-    /// numbers to fill always goes to the relay, which costs a hop when
-    /// the client would have sent it to the store itself.
+    /// Whether this client has commits at the relay now (or had one
+    /// answered a moment ago: the etcd backend's `RECENT_RELAY`), so that
+    /// its next commit met by others is likely to go there too: a commit
+    /// with numbers to fill always goes to the relay, which costs a hop
+    /// when the client would have sent it to the store itself.
     fn relaying_now(&self) -> bool {
         false
     }

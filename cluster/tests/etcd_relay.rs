@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use capstan_cluster::conformance::{get, increment, runtime as rt, set, unique};
-use capstan_cluster::etcd_store::EtcdStore;
+use capstan_cluster::etcd_store::{EtcdStore, RECENT_RELAY};
 use capstan_cluster::relay::{
     CommitRelay, FillAnswer, FillFuture, FilledFuture, Filler, GroupFill, RelayError, RelayFuture,
 };
@@ -684,5 +684,41 @@ fn a_group_naming_placeholders_it_lacks_is_refused() {
         for n in 100..103 {
             assert_eq!(filled_key(&proxy, n).await, None, "nothing written");
         }
+    });
+}
+
+/// A client counts as relaying while a group is at the relay and for
+/// [`RECENT_RELAY`] after its last one was answered (so that a node under
+/// a steady load has its senders' numbers filled in between two groups),
+/// and no longer once it has relayed nothing for a while (an idle node's
+/// lone commits go to etcd directly).
+#[test]
+fn a_client_counts_as_relaying_briefly_after_its_last_group() {
+    if !etcd_enabled() {
+        return;
+    }
+    rt().block_on(async {
+        let (a, _proxy, relay) = pair(&unique("recent"), Mode::Faithful).await;
+        assert!(!a.store().relaying_now(), "nothing was relayed yet");
+        increment(&a, b"r").await.unwrap();
+        let answered = std::time::Instant::now();
+        // (past the moment the group's answer reaches its waiter, when the
+        // group may still count as at the relay)
+        tokio::time::sleep(RECENT_RELAY / 4).await;
+        let now = a.store().relaying_now();
+        assert!(
+            relay.calls.load(Ordering::Relaxed) > 0,
+            "nothing was relayed"
+        );
+        // (only when this thread was not held up past the window itself)
+        if answered.elapsed() < RECENT_RELAY / 2 {
+            assert!(now, "a group answered a moment ago: still relaying");
+        }
+        tokio::time::sleep(RECENT_RELAY * 3).await;
+        assert!(
+            !a.store().relaying_now(),
+            "nothing relayed for {:?}: no longer relaying",
+            RECENT_RELAY * 3
+        );
     });
 }

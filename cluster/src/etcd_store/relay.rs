@@ -82,21 +82,28 @@ pub(super) fn route(inner: &Inner, batch: &[Member], busy: bool) -> Option<Arc<d
     Some(relay)
 }
 
-/// Counts a group among the client's relayed groups in flight while it lives.
-struct Relaying<'a>(&'a std::sync::atomic::AtomicUsize);
+/// Counts a group among the client's relayed groups in flight while it
+/// lives, and notes when the last one was answered.
+struct Relaying<'a>(&'a Inner);
 
 impl<'a> Relaying<'a> {
     fn new(inner: &'a Inner) -> Self {
         inner
             .relaying
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Relaying(&inner.relaying)
+        Relaying(inner)
     }
 }
 
 impl Drop for Relaying<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        let ms = self.0.started.elapsed().as_millis() as u64 + 1;
+        self.0
+            .relayed_at_ms
+            .store(ms, std::sync::atomic::Ordering::Relaxed);
+        self.0
+            .relaying
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
