@@ -68,6 +68,9 @@ pub(crate) struct AgentState {
     /// When the owner was last told again after a missed push (at most
     /// once per [`RETELL_AFTER_MISS`]).
     retold: Option<Instant>,
+    /// What this incarnation last told the membership: whether, as the
+    /// owner, it needs no wake-ups (see [`note_wakes`]).
+    quiet: Option<bool>,
 }
 
 /// Admitting reservations an inbox's owner holds while it counts the
@@ -101,6 +104,23 @@ const RETELL_AFTER_MISS: Duration = Duration::from_millis(500);
 /// (`LinkOp::Interest`; renewed at every tick while followers last), or,
 /// `gone`, that the last of them ended. In the background: the owner is
 /// looked up in the store.
+/// Tells the membership, when it changed, whether this incarnation as the
+/// owner needs no wake-ups for messages other members commit to its inbox
+/// (it runs no guest and has no follower here), so that it says so with
+/// the numbers it hands out (`cluster::NO_WAKE`). A follower that starts
+/// here after a sender learned that misses those senders' pushes until
+/// their next reservation, and finds those messages by its looks, as a
+/// follower whose owner was not told yet does.
+fn note_wakes(st: &mut AgentState) {
+    let quiet = st.owned && st.guest.is_none() && st.followers.is_empty();
+    if st.quiet != Some(quiet) {
+        if let Some(c) = st.rt.cluster.get() {
+            c.set_needs_wakes(st.id, !quiet);
+        }
+        st.quiet = Some(quiet);
+    }
+}
+
 fn tell_owner_of_followers(st: &AgentState, gone: bool) {
     if st.owned {
         return;
@@ -153,7 +173,7 @@ impl Actor for AgentActor {
         } else {
             None
         };
-        Ok(AgentState {
+        let mut st = AgentState {
             guest,
             rt: args.rt,
             id,
@@ -166,7 +186,10 @@ impl Actor for AgentActor {
             counting: false,
             waiting: std::collections::VecDeque::new(),
             retold: None,
-        })
+            quiet: None,
+        };
+        note_wakes(&mut st);
+        Ok(st)
     }
 
     async fn handle(
@@ -353,6 +376,7 @@ impl Actor for AgentActor {
                 }
             }
         }
+        note_wakes(st);
         Ok(())
     }
 
@@ -363,6 +387,11 @@ impl Actor for AgentActor {
     ) -> Result<(), ActorProcessingErr> {
         st._ticker.abort();
         unregister(&st.rt.registry.agents, &st.id, &myself);
+        if st.quiet == Some(true)
+            && let Some(c) = st.rt.cluster.get()
+        {
+            c.set_needs_wakes(st.id, true);
+        }
         if st.owned
             && let Some(c) = st.rt.cluster.get().cloned()
         {

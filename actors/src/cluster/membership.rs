@@ -59,9 +59,28 @@ pub struct Membership {
     /// followers ([`Membership::next_interest_seq`]).
     interest_seq: AtomicU64,
     /// As a sender: the members following an agent's inbox, as its owner
-    /// said when it last reserved numbers in it.
-    learned: Mutex<HashMap<FormulaId, Vec<String>>>,
+    /// said when it last reserved numbers in it, and the owner this node
+    /// knew then (name, epoch).
+    learned: Mutex<HashMap<FormulaId, Learned>>,
+    /// As an owner: the inboxes owned here whose incarnation needs no
+    /// wake-up (no guest runs there, nobody follows them here): it says so
+    /// with the numbers it hands out ([`NO_WAKE`]).
+    no_wake: Mutex<std::collections::HashSet<FormulaId>>,
 }
+
+/// What a sender learned of an inbox from its owner: the members it
+/// named, and the owner this node knew then (name, epoch).
+type Learned = (Vec<String>, Option<(String, u64)>);
+
+/// The note an owner adds to the members it names with the numbers it
+/// hands out when its own node needs no wake-up for that inbox (its
+/// incarnation runs no guest and has no follower). Senders that learned
+/// it from the owner they still know skip the owner's wake-up: in a
+/// cluster whose busy inbox (the bench's host) is mailed from every node,
+/// those wake-ups were a member call per 5-15 sends on each other node, for
+/// nothing. Never a member's name (letters, digits, '-', '_', '.'), so a
+/// member that predates it wakes the owner as before.
+pub const NO_WAKE: &str = "!no-wake";
 
 /// Most take-overs remembered for a notice not yet given.
 pub(super) const MAX_TAKEOVERS: usize = 10_000;
@@ -122,6 +141,7 @@ impl Membership {
             // in microseconds), so that the owner takes the new calls.
             interest_seq: AtomicU64::new(crate::clock::now_ms().saturating_mul(1000)),
             learned: Mutex::new(HashMap::new()),
+            no_wake: Mutex::new(std::collections::HashSet::new()),
             cfg,
         }
     }
@@ -182,29 +202,37 @@ impl Membership {
         }
     }
 
-    /// The members following `agent`'s inbox, as its owner knows them.
+    /// The members following `agent`'s inbox, as its owner knows them
+    /// (first [`NO_WAKE`] when its incarnation here needs no wake-up).
     pub fn interested(&self, agent: &FormulaId) -> Vec<String> {
+        let mut names = Vec::new();
+        if self.no_wake.lock().is_ok_and(|q| q.contains(agent)) {
+            names.push(NO_WAKE.to_string());
+        }
         let Ok(mut all) = self.interest.lock() else {
-            return Vec::new();
+            return names;
         };
         let now = Instant::now();
         let Some(nodes) = all.get_mut(agent) else {
-            return Vec::new();
+            return names;
         };
         nodes.retain(|_, i| i.until > now);
         if nodes.is_empty() {
             all.remove(agent);
-            return Vec::new();
+            return names;
         }
-        nodes
-            .iter()
-            .filter(|(_, i)| !i.gone)
-            .map(|(n, _)| n.clone())
-            .collect()
+        names.extend(
+            nodes
+                .iter()
+                .filter(|(_, i)| !i.gone)
+                .map(|(n, _)| n.clone()),
+        );
+        names
     }
 
     /// What the owner of `agent` said of its followers when it reserved.
     pub fn learn_interest(&self, agent: FormulaId, nodes: Vec<String>) {
+        let owner = self.cached_owner(&agent).map(|o| (o.name, o.epoch));
         if let Ok(mut l) = self.learned.lock() {
             if nodes.is_empty() {
                 l.remove(&agent);
@@ -213,7 +241,21 @@ impl Membership {
             if l.len() >= MAX_INTERESTS && !l.contains_key(&agent) {
                 l.clear();
             }
-            l.insert(agent, nodes);
+            l.insert(agent, (nodes, owner));
+        }
+    }
+
+    /// As the owner of `agent`'s inbox: whether its incarnation here needs
+    /// wake-ups for the messages other members commit to it (it runs a
+    /// guest, or has followers here). Told by the incarnation whenever
+    /// that changes, and forgotten when it stops.
+    pub fn set_needs_wakes(&self, agent: FormulaId, needs: bool) {
+        if let Ok(mut q) = self.no_wake.lock() {
+            if needs {
+                q.remove(&agent);
+            } else {
+                q.insert(agent);
+            }
         }
     }
 
@@ -226,13 +268,19 @@ impl Membership {
         let mut names = if owner.name == self.cfg.name && owner.epoch == self.epoch() {
             self.interested(agent)
         } else {
-            let mut n = self
+            let (mut n, said_by) = self
                 .learned
                 .lock()
                 .ok()
                 .and_then(|l| l.get(agent).cloned())
                 .unwrap_or_default();
-            n.push(owner.name.clone());
+            // (the owner's "no wake-up" holds only while it still owns it:
+            // a new owner may run a guest)
+            let quiet = n.iter().any(|x| x == NO_WAKE)
+                && said_by.is_some_and(|(name, epoch)| name == owner.name && epoch == owner.epoch);
+            if !quiet {
+                n.push(owner.name.clone());
+            }
             n
         };
         names.retain(|n| *n != self.cfg.name);
@@ -349,7 +397,7 @@ impl Membership {
                 .learned
                 .lock()
                 .ok()
-                .and_then(|l| l.get(agent).cloned())
+                .and_then(|l| l.get(agent).map(|(n, _)| n.clone()))
                 .unwrap_or_default(),
         }
     }
@@ -462,6 +510,65 @@ mod tests {
         // following again after a withdrawal counts again
         m.note_interest(a, "n2".into(), false, 4);
         assert_eq!(m.interested(&a), ["n2"]);
+    }
+
+    /// An owner whose incarnation needs no wake-up says so with what it
+    /// names ([`NO_WAKE`], first); a sender that learned it from the owner
+    /// it still knows wakes only the followers, and wakes the owner again
+    /// once the inbox has another owner (or the same node under a new
+    /// epoch) or the owner said nothing of the kind.
+    #[test]
+    fn an_owner_that_needs_no_wake_up_is_not_woken() {
+        let far = crate::clock::now_ms() + 60_000;
+        // as the owner
+        let m = membership();
+        let a = FormulaId::random();
+        m.note_interest(a, "n2".into(), false, 1);
+        assert_eq!(m.interested(&a), ["n2"]);
+        m.set_needs_wakes(a, false);
+        assert_eq!(m.interested(&a), [NO_WAKE, "n2"]);
+        m.set_needs_wakes(a, true);
+        assert_eq!(m.interested(&a), ["n2"]);
+        // as a sender on n1; n2 owns the inbox, n3 follows it
+        let m = membership();
+        *m.members.lock().unwrap() = vec![
+            rec("n1", far, true, false),
+            rec("n2", far, true, false),
+            rec("n3", far, true, false),
+        ];
+        let own = |m: &Membership, name: &str, epoch: u64| {
+            let mut r = rec(name, far, true, false);
+            r.epoch = epoch;
+            m.owners.lock().unwrap().insert(a, r);
+        };
+        let woken = |m: &Membership| {
+            let mut n: Vec<String> = m
+                .delivery_targets(&a)
+                .unwrap()
+                .into_iter()
+                .map(|r| r.name)
+                .collect();
+            n.sort();
+            n
+        };
+        own(&m, "n2", 1);
+        m.learn_interest(a, vec!["n3".into()]);
+        assert_eq!(woken(&m), ["n2", "n3"]);
+        m.learn_interest(a, vec![NO_WAKE.into(), "n3".into()]);
+        assert_eq!(woken(&m), ["n3"], "the owner said it needs no wake-up");
+        m.learn_interest(a, vec![NO_WAKE.into()]);
+        assert!(woken(&m).is_empty());
+        // n2 back under a new epoch, or n3 owning it now: they may run a
+        // guest, and said nothing yet
+        own(&m, "n2", 2);
+        assert_eq!(woken(&m), ["n2"]);
+        own(&m, "n3", 1);
+        assert_eq!(woken(&m), ["n3"]);
+        // and what the new owner says counts
+        m.learn_interest(a, vec![NO_WAKE.into()]);
+        assert!(woken(&m).is_empty());
+        m.learn_interest(a, vec![]);
+        assert_eq!(woken(&m), ["n3"]);
     }
 
     /// A member's interest calls go in the background and can arrive out of

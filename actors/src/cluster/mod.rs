@@ -57,7 +57,7 @@ use tokio::sync::oneshot;
 use crate::error::Error;
 
 pub use lease::end_membership;
-pub use membership::Membership;
+pub use membership::{Membership, NO_WAKE};
 pub use placement::Fence;
 pub use records::{
     MemberRec, PlacementRec, RECORDS_VERSION, all_placements, clear_placement, get_member,
