@@ -364,8 +364,8 @@ impl AgentHandle {
     /// On with `RuntimeOptions::fill_numbers` (the daemon's default;
     /// `CAPSTAN_FILL_NUMBERS=0` turns it off), and only while this node
     /// already has commits at the relay, or had a group answered in the
-    /// last 20 ms (under a steady load, between two groups; stop 42: a
-    /// reservation call per send at 6 nodes 0.31 -> 0.02): a commit to
+    /// last 20 ms (under a steady load, between two groups; the etcd
+    /// backend's `RECENT_RELAY`): a commit to
     /// fill always goes to the relay, a hop more when the node would have
     /// sent it to etcd itself (filling on every send cost the guests' bench
     /// about 7 %; gated, it is even there and saves the nodes 10-20 % of
