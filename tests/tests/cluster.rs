@@ -1222,9 +1222,10 @@ fn a_message_wakes_its_inbox_owner_and_followers_not_every_member() {
 /// `send --trace` from a node that owns neither inbox: its hops show on
 /// the nodes that did them (the reservations at both inboxes' owners: a
 /// lone send on an idle node relays nothing, so the relay fills nothing in;
-/// the sender's commit; the wake-up at the recipient's owner), any member gives
-/// the same spans back (`cluster trace ID`, also as a Chrome trace), and a
-/// bad or unknown id is an error.
+/// the sender's commit; the wake-up at the recipient's owner once someone
+/// follows the inbox there: before, the owner said it needs none and is
+/// not woken), any member gives the same spans back (`cluster trace ID`,
+/// also as a Chrome trace), and a bad or unknown id is an error.
 #[test]
 fn a_traced_send_shows_its_hops_on_the_nodes_that_did_them() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -1242,7 +1243,33 @@ fn a_traced_send_shows_its_hops_on_the_nodes_that_did_them() {
     let sender = format!("n{}", via + 1);
     // (a first send: the sender's node learns who owns the host's inbox)
     c.n(via).ok(["send", "alice", "first"]);
-    let v = c.n(via).json(["send", "alice", "traced", "--trace"]);
+    let traced = |text: &str| {
+        let v = c.n(via).json(["send", "alice", text, "--trace"]);
+        let woken = v["spans"].as_array().is_some_and(|l| {
+            l.iter()
+                .any(|s| s["node"] == alice_owner.as_str() && s["name"] == "wake-up served")
+        });
+        (v, woken)
+    };
+    // Nobody follows alice on her owner and no component runs her there:
+    // her owner said so with her numbers, and is not woken.
+    let (v, woken) = traced("unseen");
+    assert!(!woken, "alice's owner was woken for nothing: {v:#}");
+    // A follower on her owner: the owner's next numbers say it needs the
+    // wake-ups again.
+    let owner_index = alice_owner[1..].parse::<usize>().unwrap() - 1;
+    let mut child = c
+        .n(owner_index)
+        .spawn(["--json", "inbox", "--follow", "--as", "alice"]);
+    let lines = capstan_tests::LineReader::new(child.stdout.take().unwrap());
+    lines
+        .next(Duration::from_secs(20))
+        .expect("the follower's first message");
+    let (v, woken) = traced("traced");
+    assert!(
+        woken,
+        "alice's owner has a follower but was not woken: {v:#}"
+    );
     let id = v["trace"]
         .as_str()
         .unwrap_or_else(|| panic!("{v}"))
@@ -1296,6 +1323,7 @@ fn a_traced_send_shows_its_hops_on_the_nodes_that_did_them() {
         .map(|e| e["pid"].as_u64().unwrap())
         .collect();
     assert!(pids.len() >= 2, "one process per node: {file:#}");
+    capstan_tests::kill_child(child);
     // Untraced sends record nothing; bad and unknown ids are errors.
     let (code, err) = c.n(0).fail(["cluster", "trace", "not-hex"]);
     assert_eq!(code, 1);
