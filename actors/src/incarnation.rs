@@ -99,11 +99,6 @@ fn hand_out(st: &mut AgentState, n: u64, at_least: u64, admit: Option<crate::typ
 /// Least time between two tellings of the owner caused by missed pushes.
 const RETELL_AFTER_MISS: Duration = Duration::from_millis(500);
 
-/// In a cluster, tells the owner of this agent's inbox (when another node)
-/// that this node has followers of it, so that senders wake this node too
-/// (`LinkOp::Interest`; renewed at every tick while followers last), or,
-/// `gone`, that the last of them ended. In the background: the owner is
-/// looked up in the store.
 /// Tells the membership, when it changed, whether this incarnation as the
 /// owner needs no wake-ups for messages other members commit to its inbox
 /// (it runs no guest and has no follower here), so that it says so with
@@ -121,6 +116,11 @@ fn note_wakes(st: &mut AgentState) {
     }
 }
 
+/// In a cluster, tells the owner of this agent's inbox (when another node)
+/// that this node has followers of it, so that senders wake this node too
+/// (`LinkOp::Interest`; renewed at every tick while followers last), or,
+/// `gone`, that the last of them ended. In the background: the owner is
+/// looked up in the store.
 fn tell_owner_of_followers(st: &AgentState, gone: bool) {
     if st.owned {
         return;
