@@ -581,16 +581,17 @@ pub async fn next_message_number(tx: &mut Transaction, agent: &FormulaId) -> Res
 /// reverse read, which etcd answers by reading and sorting every message of
 /// the inbox whatever the limit.)
 pub async fn has_message_from(
-    tx: &mut Transaction,
+    tx: &Transaction,
     agent: &FormulaId,
     number: u64,
 ) -> Result<bool, Error> {
-    let prefix = keys::inbox(agent);
+    // (at the snapshot: `get_range` would read a chunk of pairs for a
+    // limit of one, and note a read conflict a look does not need)
     let rows = tx
-        .get_range(
-            capstan_cluster::RangeOption::new(
+        .snapshot_range(
+            &capstan_cluster::RangeOption::new(
                 keys::message(agent, number),
-                capstan_cluster::tuple::prefix_end(&prefix),
+                capstan_cluster::tuple::prefix_end(&keys::inbox(agent)),
             )
             .with_limit(1),
         )

@@ -145,9 +145,10 @@ pub fn set_limits(tx: &mut Transaction, agent: &FormulaId, q: Option<Quota>) -> 
 /// the inbox: etcd 3.4 walks a range request's whole `[begin, end)` in its
 /// index whatever the limit, so pages of one open range cost N²/2P key
 /// visits (a 40,000-message inbox took 3.0-3.7 s to count, 3.9 s of etcd
-/// CPU, and its owner handed out no numbers meanwhile: senders timed out). A window walks at most its own keys. Where a window is empty, a
-/// one-key read from there finds the next message (a walk of what lies
-/// beyond, once per gap), so a sparse inbox costs no run of empty windows.
+/// CPU, and its owner handed out no numbers meanwhile: senders timed out).
+/// A window walks at most its own keys. Where a window is empty, a one-key
+/// read from there finds the next message (a walk of what lies beyond,
+/// once per gap), so a sparse inbox costs no run of empty windows.
 pub async fn count(
     tx: &mut Transaction,
     agent: &FormulaId,
