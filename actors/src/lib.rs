@@ -112,6 +112,7 @@ pub use api::{
     AgentHandle, EntryInfo, MessageBodyView, MessageView, PromiseState, RefSpec, Runtime,
     RuntimeOptions, ValueKind,
 };
+pub use coalesce::MAX_NUMBERS_PER_RESERVATION;
 pub use error::{Error, ErrorKind};
 pub use federation::{AcceptStep, Caller, Envelope, EnvelopeBody, OutOp, OutboxItem, Settlement};
 pub use records::{LocatorRec, RemoteRec};

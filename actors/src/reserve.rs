@@ -15,6 +15,11 @@ use crate::coalesce::{Role, Waiter};
 use crate::node::{Inner, Runtime};
 use crate::types::MAX_SLOT_RETRIES;
 
+// A relayed group's fills are one reservation (`InboxFiller`).
+const _: () = assert!(
+    capstan_cluster::relay::MAX_GROUP_FILLS as u64 <= crate::coalesce::MAX_NUMBERS_PER_RESERVATION
+);
+
 /// Reserves numbers from this node's owning incarnation of `agent`.
 pub(crate) async fn local_reserve(
     inner: &Arc<Inner>,
@@ -254,15 +259,15 @@ impl AgentHandle {
 
 /// Ends a lead: whoever queued behind it is served by a task.
 struct Lead {
-    handle: AgentHandle,
+    rt: Arc<Inner>,
     agent: FormulaId,
 }
 
 impl Drop for Lead {
     fn drop(&mut self) {
-        let waiting = self.handle.rt.reservations.next(&self.agent);
+        let waiting = self.rt.reservations.next(&self.agent);
         if !waiting.is_empty() {
-            tokio::spawn(serve(self.handle.clone(), self.agent, waiting));
+            tokio::spawn(serve(self.rt.clone(), self.agent, waiting));
         }
     }
 }
@@ -271,10 +276,10 @@ impl Drop for Lead {
 /// The messages a batch admits under the inbox's quota are admitted all
 /// at once; when the inbox cannot take them all, each is asked alone, so
 /// that each gets its own answer (some may fit).
-async fn serve(handle: AgentHandle, agent: FormulaId, mut batch: Vec<Waiter>) {
+async fn serve(rt: Arc<Inner>, agent: FormulaId, mut batch: Vec<Waiter>) {
     while !batch.is_empty() {
         let floor = batch.iter().map(|w| w.at_least).max().unwrap_or(0);
-        let n = batch.len() as u64;
+        let n: u64 = batch.iter().map(|w| w.count).sum();
         let sizes: Vec<u64> = batch.iter().filter_map(|w| w.size).collect();
         let admit = (!sizes.is_empty()).then(|| Admit {
             messages: sizes.len() as u64,
@@ -286,22 +291,61 @@ async fn serve(handle: AgentHandle, agent: FormulaId, mut batch: Vec<Waiter>) {
             .flat_map(|w| w.traces.iter().copied())
             .collect();
         let first =
-            capstan_cluster::trace::scope(&traces, handle.reserve_batch(agent, n, floor, admit))
+            capstan_cluster::trace::scope(&traces, reserve_batch_at(&rt, agent, n, floor, admit))
                 .await;
         match first {
             Err(Error::InboxFull { .. }) => {
                 for w in batch.drain(..) {
-                    let r = handle.reserve_admitting(agent, 1, w.at_least, w.size).await;
+                    let admit = w.size.map(Admit::one);
+                    let r = reserve_batch_at(&rt, agent, w.count, w.at_least, admit).await;
                     let _ = w.reply.send(r);
                 }
             }
             r => {
-                for (i, w) in batch.drain(..).enumerate() {
-                    let _ = w.reply.send(r.clone().map(|first| first + i as u64));
+                let mut offset = 0;
+                for w in batch.drain(..) {
+                    let _ = w.reply.send(r.clone().map(|first| first + offset));
+                    offset += w.count;
                 }
             }
         }
-        batch = handle.rt.reservations.next(&agent);
+        batch = rt.reservations.next(&agent);
+    }
+}
+
+/// `count` consecutive numbers (at least 1) in `agent`'s inbox, none below
+/// `at_least`, coalesced with this node's (`rt`) other reservations for
+/// the same inbox (`crate::coalesce`); first admitting one message of
+/// about `size` bytes under the inbox's quota when a size is given. With
+/// how it went, for a trace.
+async fn reserve_coalesced(
+    rt: &Arc<Inner>,
+    agent: FormulaId,
+    count: u64,
+    at_least: u64,
+    size: Option<u64>,
+) -> (Result<u64, Error>, &'static str) {
+    let admit = size.map(Admit::one);
+    match rt.reservations.join(agent, count, at_least, size) {
+        Role::Alone => (
+            reserve_batch_at(rt, agent, count, at_least, admit).await,
+            "alone (too many queued)",
+        ),
+        Role::Follow(rx) => (
+            rx.await
+                .unwrap_or_else(|_| Err(Error::Unavailable("the node is shutting down".into()))),
+            "queued behind this node's reservation in flight",
+        ),
+        Role::Lead => {
+            let _lead = Lead {
+                rt: rt.clone(),
+                agent,
+            };
+            (
+                reserve_batch_at(rt, agent, count, at_least, admit).await,
+                "leading this node's reservations",
+            )
+        }
     }
 }
 
@@ -323,28 +367,7 @@ impl AgentHandle {
         size: Option<u64>,
     ) -> Result<u64, Error> {
         let timer = capstan_cluster::trace::Timer::start();
-        let (r, how) = match self.rt.reservations.join(agent, at_least, size) {
-            Role::Alone => (
-                self.reserve_admitting(agent, 1, at_least, size).await,
-                "alone (too many queued)",
-            ),
-            Role::Follow(rx) => (
-                rx.await.unwrap_or_else(|_| {
-                    Err(Error::Unavailable("the node is shutting down".into()))
-                }),
-                "queued behind this node's reservation in flight",
-            ),
-            Role::Lead => {
-                let _lead = Lead {
-                    handle: self.clone(),
-                    agent,
-                };
-                (
-                    self.reserve_admitting(agent, 1, at_least, size).await,
-                    "leading this node's reservations",
-                )
-            }
-        };
+        let (r, how) = reserve_coalesced(&self.rt, agent, 1, at_least, size).await;
         timer.done("inbox number", || match &r {
             Ok(n) => format!("number {n} in {}'s inbox, {how}", agent.short()),
             Err(e) => format!("{}'s inbox, {how}: {e}", agent.short()),
@@ -355,9 +378,11 @@ impl AgentHandle {
 
 /// The numbers a relay fills in for the other nodes' sends
 /// ([`capstan_cluster::relay::Filler`]): an inbox's numbers, from its owner
-/// (this node's incarnation when it owns the inbox; else one reservation
-/// call to the owner for the whole group, made while the group waits for
-/// the relay's next Txn anyway), with the members following the inbox.
+/// (this node's incarnation when it owns the inbox; else a reservation
+/// call to the owner, coalesced with this node's other reservations in
+/// that inbox: the groups that arrive while one call is in flight, and
+/// this node's own sends, share the next), with the members following
+/// the inbox.
 pub struct InboxFiller(pub Runtime);
 
 impl capstan_cluster::relay::Filler for InboxFiller {
@@ -371,9 +396,8 @@ impl capstan_cluster::relay::Filler for InboxFiller {
                 return Err(format!("cannot fill {count} numbers at once"));
             }
             let inner = rt.inner();
-            let first = reserve_batch_at(inner, agent, u64::from(count), 0, None)
-                .await
-                .map_err(|e| e.to_string())?;
+            let (first, _) = reserve_coalesced(inner, agent, u64::from(count), 0, None).await;
+            let first = first.map_err(|e| e.to_string())?;
             let notes = inner
                 .cluster
                 .get()
@@ -532,6 +556,65 @@ mod tests {
             .filter(|n| own.contains(n))
             .collect();
         assert_eq!(mine.len(), 40, "each send once in the sender's inbox");
+    }
+
+    /// A relay's fills (several numbers each, for groups of the other
+    /// nodes' sends) queue behind a reservation in flight in the inbox, as
+    /// the node's own sends do, and one reservation then serves them all:
+    /// each gets a consecutive run of its own, shared with no other fill
+    /// and no plain reservation queued with them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queued_fills_share_one_reservation_and_get_runs_of_their_own() {
+        use capstan_cluster::relay::Filler;
+        let store = Arc::new(capstan_cluster::mem_store::MemStore::new());
+        let rt = Runtime::open(capstan_cluster::Db::new(store), RuntimeOptions::default())
+            .await
+            .unwrap();
+        let host = rt.root_host();
+        let me = host.id();
+        // a reservation of the inbox in flight (this test leads it)
+        assert!(matches!(
+            host.rt.reservations.join(me, 1, 0, None),
+            Role::Lead
+        ));
+        let filler = Arc::new(InboxFiller(rt.clone()));
+        let counts = [3u32, 1, 5, 2];
+        let fills: Vec<_> = counts
+            .iter()
+            .map(|&c| {
+                let f = filler.clone();
+                tokio::spawn(async move { (c, f.fill(me.as_bytes(), c).await) })
+            })
+            .collect();
+        let plain = {
+            let h = host.clone();
+            tokio::spawn(async move { h.reserve_one(me, 0).await })
+        };
+        let queued = || host.rt.reservations.queues.lock().unwrap()[&me].len();
+        for _ in 0..500 {
+            if queued() == counts.len() + 1 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        assert_eq!(queued(), counts.len() + 1, "the fills queue too");
+        // the reservation in flight ends: the queue is served
+        drop(Lead {
+            rt: host.rt.clone(),
+            agent: me,
+        });
+        let mut got = std::collections::BTreeSet::new();
+        for f in fills {
+            let (c, a) = f.await.unwrap();
+            let first = a.unwrap().first;
+            for n in first..first + u64::from(c) {
+                assert!(got.insert(n), "number {n} handed out twice");
+            }
+        }
+        let n = plain.await.unwrap().unwrap();
+        assert!(got.insert(n), "number {n} handed out twice");
+        let (lo, hi) = (*got.first().unwrap(), *got.last().unwrap());
+        assert_eq!(hi - lo + 1, 12, "one reservation of all 12 numbers");
     }
 
     /// Concurrent sends into an inbox with room for 40 messages: their

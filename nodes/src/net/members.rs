@@ -142,7 +142,13 @@ impl member::Server for MemberServer {
     ) -> Result<(), CapError> {
         let p = params.get()?;
         let agent = id_of(p.get_agent()?)?;
-        let count = p.get_count().clamp(1, 1024) as u64;
+        let count = u64::from(p.get_count());
+        if !(1..=capstan_actors::MAX_NUMBERS_PER_RESERVATION).contains(&count) {
+            return Err(failed(format!(
+                "a reservation takes 1 to {} numbers, not {count}",
+                capstan_actors::MAX_NUMBERS_PER_RESERVATION
+            )));
+        }
         // A member without `quotaCount` admits one message per call.
         let admit = match (p.get_quota_count(), p.get_quota_bytes()) {
             (0, 0) => None,
