@@ -115,6 +115,10 @@ impl Net {
     }
 }
 
+/// Ack-eliciting packets a peer may take before it acknowledges them
+/// ([`transport`]).
+const ACK_ELICITING_THRESHOLD: u32 = 6;
+
 /// The transport limits of every connection.
 pub(super) fn transport() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
@@ -126,6 +130,18 @@ pub(super) fn transport() -> quinn::TransportConfig {
                 .try_into()
                 .expect("10 s is a valid idle timeout"),
         ));
+    // The peer acknowledges every 7th ack-eliciting packet, or after its
+    // max_ack_delay (25 ms), instead of every 2nd (QUIC's ACK frequency
+    // extension; a peer without it acknowledges as before). Links carry
+    // calls and their answers, which carry the ACKs anyway: at 6 nodes
+    // under the sends bench, UDP datagrams per send 1.30-1.54 -> 0.95-1.25
+    // and node CPU per send relative to etcd's 0.757 -> 0.722 (0.696 ->
+    // 0.649 in the own-node row), 3 interleaved pairs. Six stays below
+    // the ~12 packets of QUIC's initial window, so a bulk transfer's slow
+    // start is not held up waiting for ACKs.
+    let mut acks = quinn::AckFrequencyConfig::default();
+    acks.ack_eliciting_threshold(ACK_ELICITING_THRESHOLD.into());
+    t.ack_frequency_config(Some(acks));
     t
 }
 
