@@ -2,7 +2,7 @@
 //! `proto/schema/records.capnp`. Decoding validates everything: a stored
 //! record that does not decode is reported as corrupt, never trusted.
 
-use capnp::message::{Builder, ReaderOptions};
+use capnp::message::{Builder, HeapAllocator, ReaderOptions};
 use capstan_proto::records_capnp as rc;
 use capstan_proto::{FormulaId, RequestId};
 
@@ -257,7 +257,7 @@ pub struct AcceptedRec {
 
 impl LocatorRec {
     pub fn encode(&self) -> Vec<u8> {
-        let mut msg = Builder::new_default();
+        let mut msg = builder(256);
         let mut b = msg.init_root::<rc::locator_record::Builder<'_>>();
         b.set_target(self.target.as_bytes());
         b.set_created_ms(self.created_ms);
@@ -351,6 +351,17 @@ pub(crate) fn options() -> ReaderOptions {
     o.traversal_limit_in_words(Some(4 * 1024 * 1024))
         .nesting_limit(16);
     o
+}
+
+/// A builder for a record of about `bytes`, in one segment of that size.
+/// (`Builder::new_default` starts with a zeroed 8 KiB segment, which
+/// showed in profiles of the send path: three records a send.) A record
+/// that outgrows it takes a second segment, as any capnp message can.
+pub(crate) fn builder(bytes: usize) -> Builder<HeapAllocator> {
+    // (header words for the root and its pointers, and rounding)
+    // (at most 1 MiB at once: a larger record grows by segments)
+    let words = (bytes / 8 + 24).min(1 << 17);
+    Builder::new(HeapAllocator::new().first_segment_words(words as u32))
 }
 
 pub(crate) fn to_bytes<A: capnp::message::Allocator>(msg: &Builder<A>) -> Vec<u8> {
@@ -602,8 +613,28 @@ pub fn decode_name_entry(bytes: &[u8]) -> Result<FormulaId, Error> {
 }
 
 impl MessageRec {
+    /// About the bytes of the encoded record (its builder's size).
+    fn size_hint(&self) -> usize {
+        // a text: its bytes, a NUL and padding, and a pointer
+        let text = |s: &str| s.len() + 16;
+        let body = match &self.body {
+            BodyRec::Package {
+                strings,
+                names,
+                ids,
+            } => {
+                strings.iter().map(|s| text(s)).sum::<usize>()
+                    + names.iter().map(|s| text(s)).sum::<usize>()
+                    + ids.len() * 40
+            }
+            BodyRec::Request { description, .. } => text(description) + 40,
+        };
+        // the fixed fields: numbers, four ids, pointers
+        256 + body
+    }
+
     pub fn encode(&self) -> Vec<u8> {
-        let mut msg = Builder::new_default();
+        let mut msg = builder(self.size_hint());
         let mut m = msg.init_root::<rc::message::Builder<'_>>();
         m.set_number(self.number);
         m.set_message_id(&self.message_id.0);
@@ -705,7 +736,7 @@ impl MessageRec {
 
 impl DedupAnswer {
     pub fn encode(&self, at_ms: u64) -> Vec<u8> {
-        let mut msg = Builder::new_default();
+        let mut msg = builder(96);
         let mut d = msg.init_root::<rc::dedup_record::Builder<'_>>();
         d.set_at_ms(at_ms);
         let mut a = d.init_answer();
