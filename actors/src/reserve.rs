@@ -482,6 +482,14 @@ mod tests {
         assert_eq!(got, [first, first + 1, first + 2], "distinct numbers");
     }
 
+    /// A runtime on a fresh in-memory store.
+    async fn mem_runtime() -> Runtime {
+        let store = Arc::new(capstan_cluster::mem_store::MemStore::new());
+        Runtime::open(capstan_cluster::Db::new(store), RuntimeOptions::default())
+            .await
+            .unwrap()
+    }
+
     /// `n` sends from `host` to its agent "g" at once, "m0", "m1", …
     fn spawn_sends(
         host: &AgentHandle,
@@ -509,10 +517,7 @@ mod tests {
     /// and every send lands once under its number.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_reservations_in_one_inbox_get_distinct_numbers() {
-        let store = Arc::new(capstan_cluster::mem_store::MemStore::new());
-        let rt = Runtime::open(capstan_cluster::Db::new(store), RuntimeOptions::default())
-            .await
-            .unwrap();
+        let rt = mem_runtime().await;
         let host = rt.root_host();
         let me = host.id();
         let n = MAX_QUEUED + 64;
@@ -566,10 +571,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn queued_fills_share_one_reservation_and_get_runs_of_their_own() {
         use capstan_cluster::relay::Filler;
-        let store = Arc::new(capstan_cluster::mem_store::MemStore::new());
-        let rt = Runtime::open(capstan_cluster::Db::new(store), RuntimeOptions::default())
-            .await
-            .unwrap();
+        let rt = mem_runtime().await;
         let host = rt.root_host();
         let me = host.id();
         // a reservation of the inbox in flight (this test leads it)
@@ -624,10 +626,7 @@ mod tests {
     /// refused as a full inbox, having written nothing.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn coalesced_admissions_keep_the_quota_exact() {
-        let store = Arc::new(capstan_cluster::mem_store::MemStore::new());
-        let rt = Runtime::open(capstan_cluster::Db::new(store), RuntimeOptions::default())
-            .await
-            .unwrap();
+        let rt = mem_runtime().await;
         let host = rt.root_host();
         host.mkguest(RequestId::random(), "g").await.unwrap();
         let quota = crate::quota::Quota {
