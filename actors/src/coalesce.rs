@@ -12,9 +12,10 @@
 //! (`crate::reserve::InboxFiller`); this turns those round trips to the
 //! owner into one per batch.
 //!
-//! Bounded: at most [`MAX_QUEUED`] wait behind one in flight, for at
-//! most as many numbers as one reservation takes (more go alone). A caller that gives up (its future dropped) while it leads hands
-//! the queue to a task, so nobody waits for an answer that never comes.
+//! Bounded: at most [`MAX_QUEUED`] wait behind one in flight, for at most
+//! as many numbers as one reservation takes (more go alone). A caller that
+//! gives up (its future dropped) while it leads hands the queue to a task,
+//! so nobody waits for an answer that never comes.
 
 use capstan_proto::FormulaId;
 use tokio::sync::oneshot;
