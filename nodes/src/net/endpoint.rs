@@ -133,12 +133,12 @@ pub(super) fn transport() -> quinn::TransportConfig {
     // The peer acknowledges every 7th ack-eliciting packet, or after its
     // max_ack_delay (25 ms), instead of every 2nd (QUIC's ACK frequency
     // extension; a peer without it acknowledges as before). Links carry
-    // calls and their answers, which carry the ACKs anyway: at 6 nodes
-    // under the sends bench, UDP datagrams per send 1.30-1.54 -> 0.95-1.25
-    // and node CPU per send relative to etcd's 0.757 -> 0.722 (0.696 ->
-    // 0.649 in the own-node row), 3 interleaved pairs. Six stays below
-    // the ~12 packets of QUIC's initial window, so a bulk transfer's slow
-    // start is not held up waiting for ACKs.
+    // calls and their answers, which carry the ACKs anyway: under the
+    // sends bench, UDP datagrams per send 0.8 -> 0.44 at 3 nodes, 1.30 ->
+    // 0.95 at 6 (the host on the relay); the nodes' CPU per send moved
+    // within the noise. Six stays below the ~12 packets of QUIC's initial
+    // window, so a bulk transfer's slow start is not held up waiting for
+    // ACKs.
     let mut acks = quinn::AckFrequencyConfig::default();
     acks.ack_eliciting_threshold(ACK_ELICITING_THRESHOLD.into());
     t.ack_frequency_config(Some(acks));
