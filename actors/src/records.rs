@@ -358,8 +358,8 @@ pub(crate) fn options() -> ReaderOptions {
 /// showed in profiles of the send path: three records a send.) A record
 /// that outgrows it takes a second segment, as any capnp message can.
 pub(crate) fn builder(bytes: usize) -> Builder<HeapAllocator> {
-    // (header words for the root and its pointers, and rounding)
-    // (at most 1 MiB at once: a larger record grows by segments)
+    // (24 words for the root, its pointers and rounding; at most 1 MiB at
+    // once: a larger record grows by segments)
     let words = (bytes / 8 + 24).min(1 << 17);
     Builder::new(HeapAllocator::new().first_segment_words(words as u32))
 }

@@ -155,21 +155,7 @@ impl AgentHandle {
         at_least: u64,
         size: Option<u64>,
     ) -> Result<u64, Error> {
-        self.reserve_batch(agent, n, at_least, size.map(Admit::one))
-            .await
-    }
-
-    /// [`reserve_admitting`](Self::reserve_admitting) of `n` numbers that
-    /// first admits `admit` (so many messages of so many bytes in all),
-    /// all or none.
-    async fn reserve_batch(
-        &self,
-        agent: FormulaId,
-        n: u64,
-        at_least: u64,
-        admit: Option<Admit>,
-    ) -> Result<u64, Error> {
-        reserve_batch_at(&self.rt, agent, n, at_least, admit).await
+        reserve_batch_at(&self.rt, agent, n, at_least, size.map(Admit::one)).await
     }
 
     /// Reserves a number in `agent`'s inbox and runs `write` with it (a
