@@ -325,6 +325,69 @@ pub(crate) async fn release_all(inner: &Arc<Inner>, c: &crate::cluster::Membersh
     }
 }
 
+/// Most placements one look hands over ([`rebalance`]): a member joining a
+/// cluster of many agents takes them over a few at a time, not in one burst
+/// of claims and re-incarnations.
+pub const REBALANCE_MOVES: usize = 16;
+/// Placements read per look.
+const REBALANCE_PAGE: usize = 256;
+/// A look every so many lease renewals (every 2 s at the default lease).
+const REBALANCE_EVERY: u64 = 10;
+
+/// Under the `spread` placement policy: hands over, at most
+/// [`REBALANCE_MOVES`] at a time, the placements this node holds that
+/// another live member now wins ([`crate::rules::placement::winner`]: a
+/// member joined, or a drained one came back). As a drain does, per
+/// formula: the incarnation here stops, then the placement is cleared if
+/// it is still this node's under this epoch; the next node that needs the
+/// formula points at the winner, which claims it (a guest with unhandled
+/// mail is resumed there by the winner's next look for such guests, or
+/// its next message). Reads one page of placements per look, going on
+/// from where the last one stopped. Returns how many it handed over.
+pub(crate) async fn rebalance(
+    inner: &Arc<Inner>,
+    c: &crate::cluster::Membership,
+) -> Result<usize, Error> {
+    use crate::rules::placement::{Policy, winner};
+    if c.policy() != Policy::Spread || !c.serving() || c.draining() || c.leaving() {
+        return Ok(0);
+    }
+    let from = c
+        .rebalance_from
+        .lock()
+        .map(|f| f.clone())
+        .unwrap_or_default();
+    let (page, next) = crate::cluster::placements_page(&inner.db, from, REBALANCE_PAGE).await?;
+    if let Ok(mut f) = c.rebalance_from.lock() {
+        *f = next.unwrap_or_default();
+    }
+    let (me, epoch, now) = (c.cfg.name.clone(), c.epoch(), crate::clock::now_ms());
+    let members = c.members();
+    let views: Vec<_> = members.iter().map(|m| m.view()).collect();
+    let moving: Vec<FormulaId> = page
+        .into_iter()
+        .filter(|(id, p)| {
+            p.node == me
+                && p.epoch == epoch
+                && winner(id.as_bytes(), &views, now).is_some_and(|i| members[i].name != me)
+        })
+        .map(|(id, _)| id)
+        .take(REBALANCE_MOVES)
+        .collect();
+    for id in &moving {
+        if let Some(a) = inner.registry.agent(id) {
+            let _ = a
+                .stop_and_wait(None, Some(std::time::Duration::from_secs(2)))
+                .await;
+        }
+        c.release(&inner.db, *id).await?;
+    }
+    if !moving.is_empty() {
+        tracing::info!(node = %me, placements = moving.len(), "spreading: handed placements over to the members that win them");
+    }
+    Ok(moving.len())
+}
+
 pub(crate) async fn load_agent(db: &Db, id: FormulaId) -> Result<Ctx, Error> {
     db.read(move |tx| {
         Box::pin(async move {
@@ -399,7 +462,28 @@ pub(crate) async fn lease_loop(rt: std::sync::Weak<Inner>) {
                 Renewal::Failed
             }
         };
+        let look = matches!(
+            renewal,
+            Renewal::Renewed {
+                draining: false,
+                ..
+            }
+        ) && c
+            .renewals
+            .load(Ordering::Relaxed)
+            .is_multiple_of(REBALANCE_EVERY);
         match c.on_renewal(renewal) {
+            // (in a task of its own: stopping incarnations takes time the
+            // renewals cannot wait for; one look at a time)
+            Action::Carry if look && !c.rebalancing.swap(true, Ordering::AcqRel) => {
+                let (inner, c) = (inner.clone(), c.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = rebalance(&inner, &c).await {
+                        tracing::debug!(node = %c.cfg.name, "spreading: {e}");
+                    }
+                    c.rebalancing.store(false, Ordering::Release);
+                });
+            }
             Action::Carry => {}
             Action::ReleaseAll => release_all(&inner, &c).await,
             Action::StepDown { counted, register } => {

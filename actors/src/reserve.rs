@@ -408,7 +408,16 @@ impl Runtime {
             .cluster
             .get()
             .ok_or_else(|| Error::Invalid("this node is not in a cluster".into()))?;
-        match c.owner(&self.inner().db, agent).await? {
+        let db = &self.inner().db;
+        let mut owner = c.owner(db, agent).await?;
+        if let crate::cluster::Owner::Other(_) = owner {
+            // The caller found in the store that this node owns the inbox,
+            // or is the one to claim it (spreading, a drain): what this
+            // node remembers of another owner may be older than that.
+            c.forget_owner(&agent);
+            owner = c.owner(db, agent).await?;
+        }
+        match owner {
             crate::cluster::Owner::Me => {
                 let first = local_reserve(self.inner(), agent, count, at_least, admit).await?;
                 Ok((first, c.interested(&agent)))

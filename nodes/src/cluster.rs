@@ -396,6 +396,8 @@ pub async fn command(
                     "reserve_us": c.reserve_us.load(std::sync::atomic::Ordering::Relaxed),
                 },
                 "incarnations_here": rt.incarnations(),
+                // how unheld formulas are placed (`cluster policy`)
+                "placement_policy": c.policy().name(),
                 // small values inside their formula records: only once every
                 // live member reads them (a rolling upgrade stores blobs)
                 "inline_values": c.all_read(cl::RECORDS_VERSION),
@@ -443,6 +445,7 @@ pub async fn command(
                 "state": state,
                 "epoch": p.as_ref().map(|p| p.epoch),
                 "since_ms": p.as_ref().map(|p| p.since_ms),
+                "policy": c.policy().name(),
             }))
         }
         "drain" => {
@@ -490,12 +493,36 @@ pub async fn command(
             }
             Ok(json!({"node": arg, "drained": true, "moved": moved.len(), "adopted_here": adopted}))
         }
+        "policy" => {
+            let before = db
+                .read(|tx| Box::pin(async move { cl::get_settings(tx).await }))
+                .await
+                .map_err(|e| anyhow!("cannot read the cluster's settings: {e}"))?;
+            let mut after = before.clone();
+            if !arg.is_empty() {
+                after.placement = arg.parse().map_err(anyhow::Error::msg)?;
+                if after != before {
+                    cl::set_settings(&db, after.clone())
+                        .await
+                        .map_err(|e| anyhow!("cannot store the cluster's settings: {e}"))?;
+                }
+                // this node follows at once, the others at their next
+                // listing of the members (about a second)
+                c.refresh_members(&db)
+                    .await
+                    .map_err(|e| anyhow!("stored, but this node cannot read it back: {e}"))?;
+            }
+            Ok(json!({
+                "placement": after.placement.name(),
+                "changed": after != before,
+            }))
+        }
         "leave" => {
             rt.end_membership(true).await?;
             Ok(json!({"node": c.cfg.name, "left": true}))
         }
         other => bail!(
-            "unknown cluster command {other:?}; one of status, members, placement, drain, leave"
+            "unknown cluster command {other:?}; one of status, members, placement, policy, drain, leave"
         ),
     }
 }

@@ -772,6 +772,41 @@ pub fn etcd_spec(tag: &str) -> Option<String> {
     Some(format!("etcd://{eps}/capstan-e2e/{tag}-{nanos}"))
 }
 
+/// Calls `f` every 100 ms until `pred` holds for what it returns (which
+/// is returned); fails the test after `secs` seconds, showing the last.
+pub fn wait_until(
+    what: &str,
+    secs: u64,
+    f: impl Fn() -> Value,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let v = f();
+        if pred(&v) {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "waited {secs} s for {what}; last: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Starts `n` as a member of the cluster in the etcd store `spec` whose
+/// secrets key is the file `key`, listening on a free loopback port.
+pub fn start_member(n: &mut Node, spec: &str, key: &str) -> i32 {
+    n.start_with(&[
+        "--store",
+        spec,
+        "--listen",
+        "127.0.0.1:0",
+        "--secrets-key",
+        key,
+    ])
+}
+
 /// `count` nodes `n1…` on the etcd store `spec` with a lease of `lease_ms`:
 /// n1 runs `cluster init`, every node starts with `--listen 127.0.0.1:0`
 /// and the cluster's secrets key; returns once all are live members (at
@@ -788,14 +823,7 @@ pub fn start_cluster(spec: &str, count: usize, lease_ms: &str) -> Vec<Node> {
                 .expect("init names its secrets key")
                 .to_string();
         }
-        n.start_with(&[
-            "--store",
-            spec,
-            "--listen",
-            "127.0.0.1:0",
-            "--secrets-key",
-            &key,
-        ]);
+        start_member(&mut n, spec, &key);
         nodes.push(n);
     }
     let deadline = Instant::now() + Duration::from_secs(30);

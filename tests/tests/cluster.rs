@@ -121,18 +121,7 @@ impl Cluster {
     }
 
     fn wait(&self, what: &str, f: impl Fn() -> Value, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let v = f();
-            if pred(&v) {
-                return v;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "waited 30 s for {what}; last: {v}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        capstan_tests::wait_until(what, 30, f, pred)
     }
 
     fn placement(&self, via: usize, name: &str) -> Value {

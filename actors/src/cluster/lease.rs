@@ -11,7 +11,8 @@ use capstan_cluster::Db;
 use super::MAX_MEMBERS;
 use super::membership::Membership;
 use super::records::{
-    MemberRec, decode, encode, get_member, list_members, member_key, members_prefix,
+    MemberRec, SettingsRec, decode, encode, get_member, get_settings, list_members, member_key,
+    members_prefix, settings_key,
 };
 use crate::error::Error;
 
@@ -123,15 +124,21 @@ impl Membership {
                         .iter()
                         .map(|(_, v)| decode("member", v))
                         .collect::<Result<Vec<MemberRec>, Error>>()?;
-                    Ok(Some((rec, Some(all))))
+                    // the settings too (a read of one key at the snapshot)
+                    let settings = match tx.snapshot_get(&settings_key()).await? {
+                        Some(b) => decode::<SettingsRec>("settings", &b)?,
+                        None => SettingsRec::default(),
+                    };
+                    Ok(Some((rec, Some((all, settings)))))
                 })
             })
             .await?;
         let Some((rec, all)) = rec else {
             return Ok(None);
         };
-        if let Some(all) = all {
+        if let Some((all, settings)) = all {
             self.set_members(all);
+            self.set_policy(settings.placement);
         }
         Ok(Some(rec.draining))
     }
@@ -140,10 +147,15 @@ impl Membership {
     /// refreshed at each renewal): a locator handed out right after nodes
     /// joined names them all.
     pub async fn refresh_members(&self, db: &Db) -> Result<(), Error> {
-        let all = db
-            .read(|tx| Box::pin(async move { list_members(tx).await }))
+        let (all, settings) = db
+            .read(|tx| {
+                Box::pin(async move {
+                    Ok::<_, Error>((list_members(tx).await?, get_settings(tx).await?))
+                })
+            })
             .await?;
         self.set_members(all);
+        self.set_policy(settings.placement);
         Ok(())
     }
 

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 // tokio's: virtual under a paused clock (simulations), else the system's.
 use tokio::time::Instant;
@@ -66,6 +66,14 @@ pub struct Membership {
     /// wake-up (no guest runs there, nobody follows them here): it says so
     /// with the numbers it hands out ([`NO_WAKE`]).
     no_wake: Mutex<std::collections::HashSet<FormulaId>>,
+    /// The cluster's placement policy, as last read with the members
+    /// (true: `spread`).
+    spread: AtomicBool,
+    /// Where the next look for placements to hand over starts (a formula
+    /// id's bytes; empty: the first): see [`crate::node::rebalance`].
+    pub(crate) rebalance_from: Mutex<Vec<u8>>,
+    /// A look for placements to hand over is running.
+    pub(crate) rebalancing: AtomicBool,
 }
 
 /// What a sender learned of an inbox from its owner: the members it
@@ -142,6 +150,9 @@ impl Membership {
             interest_seq: AtomicU64::new(crate::clock::now_ms().saturating_mul(1000)),
             learned: Mutex::new(HashMap::new()),
             no_wake: Mutex::new(std::collections::HashSet::new()),
+            spread: AtomicBool::new(false),
+            rebalance_from: Mutex::new(Vec::new()),
+            rebalancing: AtomicBool::new(false),
             cfg,
         }
     }
@@ -326,6 +337,21 @@ impl Membership {
     /// Whether the node leaves or stops (its lease is no longer renewed).
     pub fn leaving(&self) -> bool {
         self.lease().leaving()
+    }
+
+    /// The cluster's placement policy, as this node last read it.
+    pub fn policy(&self) -> crate::rules::placement::Policy {
+        match self.spread.load(Ordering::Relaxed) {
+            true => crate::rules::placement::Policy::Spread,
+            false => crate::rules::placement::Policy::Local,
+        }
+    }
+
+    pub(super) fn set_policy(&self, p: crate::rules::placement::Policy) {
+        let spread = p == crate::rules::placement::Policy::Spread;
+        if self.spread.swap(spread, Ordering::Relaxed) != spread {
+            tracing::info!(node = %self.cfg.name, policy = p.name(), "placement policy");
+        }
     }
 
     /// Whether this node claims no new work (drained, or leaving).

@@ -11,6 +11,7 @@
 //! | `("cl", "id")` | the cluster's CA key and certificate (see `capstan cluster init`) |
 //! | `("cl", "m", name)` | [`MemberRec`]: a node, its address, epoch and lease expiry |
 //! | `("cl", "p", formula)` | [`PlacementRec`]: the owner node and the epoch it claimed in |
+//! | `("cl", "cfg")` | [`SettingsRec`]: settings every member follows (the placement policy) |
 //!
 //! **Leases.** A node registers (bumping its epoch) and renews its record
 //! every `lease / 6`. A record whose `expires_ms` is past is dead to the
@@ -28,6 +29,17 @@
 //! ([`Fence::check`]): a claim by another node conflicts with them, so a
 //! paused ex-owner's writes are refused. Inbox numbers are protected
 //! independently: a message is written only to a free slot.
+//!
+//! **Spreading.** Under the `spread` placement policy (`capstan cluster
+//! policy --placement spread`, in [`SettingsRec`]) the node that needs an
+//! unheld formula does not claim it for itself: it points at the member
+//! that rendezvous hashing picks ([`crate::rules::placement::winner`]),
+//! which claims it when the work reaches it, as a draining node points at
+//! another. Each member also gives up, a few at a time, the placements it
+//! holds that another member now wins (one joined): see
+//! [`crate::node::rebalance`]. The hand-over is a drain's, per formula:
+//! the incarnation stops, the placement is cleared (fenced by epoch), and
+//! the next node that needs it claims it on the winner.
 //!
 //! Clocks: lease expiry compares wall clocks of different nodes, so the
 //! cluster assumes their skew is well under the lease (1.2 s by default).
@@ -60,8 +72,9 @@ pub use lease::end_membership;
 pub use membership::{Membership, NO_WAKE};
 pub use placement::Fence;
 pub use records::{
-    MemberRec, PlacementRec, RECORDS_VERSION, all_placements, clear_placement, get_member,
-    get_placement, identity_key, list_members, list_placements, member_key, set_draining,
+    MemberRec, PlacementRec, RECORDS_VERSION, SettingsRec, all_placements, clear_placement,
+    get_member, get_placement, get_settings, identity_key, list_members, list_placements,
+    member_key, placements_page, set_draining, set_settings,
 };
 
 /// Default lease of a node: how long after its last renewal a node that

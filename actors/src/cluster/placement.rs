@@ -65,6 +65,7 @@ impl Membership {
         let me = self.cfg.name.clone();
         let epoch = self.epoch();
         let draining = self.draining();
+        let spread = self.policy() == rules::Policy::Spread;
         let owner = db
             .transact(move |tx| {
                 let me = me.clone();
@@ -89,16 +90,27 @@ impl Membership {
                             None => {}
                         }
                     }
-                    if draining {
+                    if draining || spread {
+                        // (spread: the member rendezvous hashing picks,
+                        // which claims it when the work reaches it; a node
+                        // that picks itself claims it below)
                         let members = list_members(tx).await?;
                         let views: Vec<_> = members.iter().map(MemberRec::view).collect();
-                        let to = rules::hand_off(&me, &views, now);
-                        return match to.and_then(|i| members.into_iter().nth(i)) {
-                            Some(m) => Ok((Some(m), None)),
-                            None => Err(Error::Unavailable(format!(
-                                "node {me} is draining and no other live node can take the work; start another node"
-                            ))),
+                        let to = match spread {
+                            true => rules::winner(id.as_bytes(), &views, now),
+                            false => rules::hand_off(&me, &views, now),
                         };
+                        match to.and_then(|i| members.into_iter().nth(i)) {
+                            Some(m) if m.name != me => return Ok((Some(m), None)),
+                            // (this node, or none live: its own lease is
+                            // checked as it claims)
+                            _ if !draining => {}
+                            _ => {
+                                return Err(Error::Unavailable(format!(
+                                    "node {me} is draining and no other live node can take the work; start another node"
+                                )));
+                            }
+                        }
                     }
                     // Claim it, but only while our own lease holds.
                     let mine = get_member(tx, &me).await?;

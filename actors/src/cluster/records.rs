@@ -12,6 +12,10 @@ use crate::error::Error;
 pub fn identity_key() -> Vec<u8> {
     TupleKey::new().str("cl").str("id").into_vec()
 }
+/// The key of the cluster's settings ([`SettingsRec`]).
+pub fn settings_key() -> Vec<u8> {
+    TupleKey::new().str("cl").str("cfg").into_vec()
+}
 /// The key of member `name`'s record.
 pub fn member_key(name: &str) -> Vec<u8> {
     TupleKey::new().str("cl").str("m").str(name).into_vec()
@@ -78,6 +82,35 @@ impl MemberRec {
     }
 }
 
+/// Settings every member follows (`capstan cluster policy`); absent: the
+/// defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SettingsRec {
+    #[serde(default)]
+    pub placement: crate::rules::placement::Policy,
+}
+
+/// The cluster's settings as stored (the defaults when none are).
+pub async fn get_settings(tx: &mut Transaction) -> Result<SettingsRec, Error> {
+    match tx.get(&settings_key()).await? {
+        Some(b) => decode("settings", &b),
+        None => Ok(SettingsRec::default()),
+    }
+}
+
+/// Stores the cluster's settings; members follow them within about a
+/// second (at their next listing of the members).
+pub async fn set_settings(db: &Db, rec: SettingsRec) -> Result<(), Error> {
+    db.transact(move |tx| {
+        let rec = rec.clone();
+        Box::pin(async move {
+            tx.set(&settings_key(), &encode(&rec))?;
+            Ok::<_, Error>(())
+        })
+    })
+    .await
+}
+
 /// The owner of a formula, as recorded in the store.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlacementRec {
@@ -132,6 +165,43 @@ pub async fn list_placements(
     rows.iter()
         .map(|(k, v)| Ok((placement_id(k)?, decode("placement", v)?)))
         .collect()
+}
+
+/// Up to `limit` placement records from the formula `from` on (its id's
+/// bytes; empty: the first), read at the snapshot (no read conflict), and
+/// where the next page starts (None: this was the last).
+pub async fn placements_page(
+    db: &Db,
+    from: Vec<u8>,
+    limit: usize,
+) -> Result<(Vec<(FormulaId, PlacementRec)>, Option<Vec<u8>>), Error> {
+    let p = placements_prefix();
+    let end = capstan_cluster::tuple::prefix_end(&p);
+    let begin = match from.is_empty() {
+        true => p,
+        false => TupleKey::new().str("cl").str("p").bytes(&from).into_vec(),
+    };
+    let rows = db
+        .read(move |tx| {
+            let range = capstan_cluster::RangeOption {
+                begin: begin.clone(),
+                end: end.clone(),
+                // one more than asked: where the next page starts
+                limit: limit + 1,
+                reverse: false,
+            };
+            Box::pin(async move { Ok::<_, Error>(tx.snapshot_range(&range).await?) })
+        })
+        .await?;
+    let mut page = rows
+        .iter()
+        .map(|(k, v)| Ok((placement_id(k)?, decode("placement", v)?)))
+        .collect::<Result<Vec<(FormulaId, PlacementRec)>, Error>>()?;
+    let next = (page.len() > limit).then(|| {
+        let (id, _) = page.pop().expect("more than limit rows");
+        id.as_bytes().to_vec()
+    });
+    Ok((page, next))
 }
 
 /// The formula a placement key is of.

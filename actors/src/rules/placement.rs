@@ -72,6 +72,69 @@ pub fn hand_off(me: &str, members: &[Member], now_ms: u64) -> Option<usize> {
         .position(|m| m.name != me && m.live(now_ms) && !m.draining)
 }
 
+/// Where a formula goes when the cluster spreads its work
+/// ([`Policy::Spread`]): the index in `members` of the live member, not
+/// draining, that scores highest for `formula` (rendezvous hashing: each
+/// member's score is a hash of its name and the formula's id). Every node
+/// that sees the same members picks the same one; a member joining takes
+/// only the formulas it now scores highest for (about 1/N of them), and one
+/// leaving gives up only its own. None: no member can take it.
+pub fn winner(formula: &[u8], members: &[Member], now_ms: u64) -> Option<usize> {
+    members
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| m.live(now_ms) && !m.draining)
+        .max_by_key(|(_, m)| (score(formula, m.name), m.name))
+        .map(|(i, _)| i)
+}
+
+/// A member's rendezvous score for a formula.
+fn score(formula: &[u8], member: &str) -> u64 {
+    let mut h = blake3::Hasher::new_derive_key("capstan 2026 placement score");
+    h.update(&(member.len() as u64).to_le_bytes());
+    h.update(member.as_bytes());
+    h.update(formula);
+    let mut out = [0u8; 8];
+    h.finalize_xof().fill(&mut out);
+    u64::from_le_bytes(out)
+}
+
+/// How a cluster places formulas nobody holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    /// On the node that first needs it (its clients' node: no hop between
+    /// nodes for their calls). The default.
+    #[default]
+    Local,
+    /// On the member [`winner`] picks, and moved there when members join
+    /// or leave: the work of agents created through one node is spread
+    /// over all of them.
+    Spread,
+}
+
+impl Policy {
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::Local => "local",
+            Policy::Spread => "spread",
+        }
+    }
+}
+
+impl std::str::FromStr for Policy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Policy, String> {
+        match s {
+            "local" => Ok(Policy::Local),
+            "spread" => Ok(Policy::Spread),
+            other => Err(format!(
+                "unknown placement policy {other:?}: local (on the node that first needs it) or spread (over every live node)"
+            )),
+        }
+    }
+}
+
 /// Whether `me` may claim a formula: its own member record in the store
 /// (`mine`) is of its epoch and live — a node whose lease lapsed in the
 /// store claims nothing, even if its clock says otherwise.
@@ -165,6 +228,79 @@ mod tests {
             None,
             "nobody can take it"
         );
+    }
+
+    #[test]
+    fn spreading_picks_one_live_member_every_node_agrees_on_and_moves_little() {
+        let names: Vec<String> = (1..=6).map(|i| format!("n{i}")).collect();
+        let all: Vec<Member> = names.iter().map(|n| member(n, 1)).collect();
+        let ids: Vec<[u8; 32]> = (0..3000u32)
+            .map(|i| *blake3::hash(&i.to_le_bytes()).as_bytes())
+            .collect();
+        fn pick<'a>(ms: &[Member<'a>], id: &[u8; 32]) -> Option<&'a str> {
+            winner(id, ms, NOW).map(|i| ms[i].name)
+        }
+        // the same members in another order: the same pick
+        let mut shuffled = all.clone();
+        shuffled.reverse();
+        shuffled.swap(1, 4);
+        let mut per_node = std::collections::HashMap::new();
+        for id in &ids {
+            let w = pick(&all, id).unwrap();
+            assert_eq!(pick(&shuffled, id), Some(w));
+            *per_node.entry(w).or_insert(0) += 1;
+        }
+        // spread: each of 6 members gets about 500 of 3000
+        assert_eq!(per_node.len(), 6);
+        assert!(
+            per_node.values().all(|&n| (350..650).contains(&n)),
+            "{per_node:?}"
+        );
+        // a member leaving (dead or draining) moves only its own formulas
+        for gone in [
+            Member {
+                expires_ms: NOW - 1,
+                ..all[2]
+            },
+            Member {
+                draining: true,
+                ..all[2]
+            },
+        ] {
+            let mut fewer = all.clone();
+            fewer[2] = gone;
+            for id in &ids {
+                let (before, after) = (pick(&all, id).unwrap(), pick(&fewer, id).unwrap());
+                assert_ne!(after, "n3");
+                if before != "n3" {
+                    assert_eq!(after, before, "a formula of another member moved");
+                }
+            }
+        }
+        // nobody live: nowhere
+        let dead: Vec<Member> = all
+            .iter()
+            .map(|m| Member {
+                expires_ms: NOW - 1,
+                ..*m
+            })
+            .collect();
+        assert_eq!(winner(&ids[0], &dead, NOW), None);
+        assert_eq!(winner(&ids[0], &[], NOW), None);
+    }
+
+    #[test]
+    fn placement_policies_parse_by_name() {
+        for p in [Policy::Local, Policy::Spread] {
+            assert_eq!(p.name().parse::<Policy>(), Ok(p));
+        }
+        assert!(
+            "round-robin"
+                .parse::<Policy>()
+                .unwrap_err()
+                .contains("local")
+        );
+        assert_eq!(Policy::default(), Policy::Local);
     }
 
     #[test]

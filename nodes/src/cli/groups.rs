@@ -36,6 +36,19 @@ pub enum ClusterCommand {
         #[command(flatten)]
         out: Out,
     },
+    /// The cluster's settings: how formulas nobody holds are placed.
+    ///
+    /// `local` (the default): on the node that first needs one. `spread`:
+    /// on the live node that rendezvous hashing picks for it, and moved
+    /// there, a few at a time, when nodes join. Every node follows a
+    /// change within about a second.
+    Policy {
+        /// Set the placement policy: local | spread (without it: show it).
+        #[arg(long, value_name = "POLICY", value_parser = ["local", "spread"])]
+        placement: Option<String>,
+        #[command(flatten)]
+        out: Out,
+    },
     /// Move the incarnations of node NODE to other nodes; then it can stop.
     Drain {
         /// A node name (see `capstan cluster members`).
@@ -233,6 +246,7 @@ impl ClusterCommand {
             | ClusterCommand::Status { out }
             | ClusterCommand::Members { out }
             | ClusterCommand::Placement { out, .. }
+            | ClusterCommand::Policy { out, .. }
             | ClusterCommand::Drain { out, .. }
             | ClusterCommand::Leave { out }
             | ClusterCommand::Trace { out, .. } => out.json,

@@ -31,6 +31,7 @@ pub(super) async fn run(
         C::Status { .. } => ("status", String::new()),
         C::Members { .. } => ("members", String::new()),
         C::Placement { name, .. } => ("placement", name.clone()),
+        C::Policy { placement, .. } => ("policy", placement.clone().unwrap_or_default()),
         C::Drain { node, .. } => ("drain", node.clone()),
         C::Leave { .. } => ("leave", String::new()),
         C::Trace { .. } => unreachable!("answered above"),
@@ -109,8 +110,15 @@ pub(super) async fn run(
                 }
             }
             println!(
-                "placements {}, incarnations here {}, step-downs {}, fenced writes {}",
-                v["placements"], v["incarnations_here"], v["stepdowns"], v["fenced_writes"]
+                "placements {} ({}), incarnations here {}, step-downs {}, fenced writes {}",
+                v["placements"],
+                match v["placement_policy"].as_str() {
+                    Some("spread") => "spread over the live nodes",
+                    _ => "each on the node that first needed it",
+                },
+                v["incarnations_here"],
+                v["stepdowns"],
+                v["fenced_writes"]
             );
             match v["commit_merger"].as_str() {
                 Some(m) if Some(m) == v["node"].as_str() => println!(
@@ -138,11 +146,26 @@ pub(super) async fn run(
                 v["epoch"]
             ),
             None => println!(
-                "{} ({}) is not incarnated anywhere; the next call incarnates it on the caller's node",
+                "{} ({}) is not incarnated anywhere; the next call incarnates it on {}",
                 v["name"].as_str().unwrap_or("?"),
-                v["kind"].as_str().unwrap_or("?")
+                v["kind"].as_str().unwrap_or("?"),
+                match v["policy"].as_str() {
+                    Some("spread") => "the node the cluster's spreading picks",
+                    _ => "the caller's node",
+                }
             ),
         },
+        "policy" => println!(
+            "placement policy: {}{}",
+            v["placement"].as_str().unwrap_or("?"),
+            match (v["changed"].as_bool(), v["placement"].as_str()) {
+                (Some(true), Some("spread")) =>
+                    " (set; every node follows within about a second, and hands over, a few at a time, the agents another node now wins)",
+                (Some(true), _) =>
+                    " (set; every node follows within about a second; agents stay where they are)",
+                _ => "",
+            }
+        ),
         "drain" => println!(
             "drained {}: {} incarnations moved ({} now here); it can stop now",
             v["node"].as_str().unwrap_or("?"),
