@@ -389,3 +389,22 @@ pub(super) async fn eval(
     }
     Ok(v)
 }
+
+/// How many messages the guests named in `names` handled, over every node:
+/// one `guests` call per node (each lists every guest with what that node
+/// handled), not one per guest, so that polling does not load the nodes.
+pub(super) async fn guests_handled(
+    hosts: &[agent::Client],
+    names: &std::collections::HashSet<String>,
+) -> Result<u64, CapError> {
+    let mut sum = 0;
+    for h in hosts {
+        let answer = h.guests_request().send().promise.await?;
+        for g in answer.get()?.get_guests()?.iter() {
+            if names.contains(g.get_name()?.to_str()?) {
+                sum += g.get_handled();
+            }
+        }
+    }
+    Ok(sum)
+}

@@ -9,12 +9,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use capnp::Error as CapError;
 use capstan_proto::RequestId;
-use capstan_proto::api_capnp::agent;
 use serde_json::json;
 
 use super::calls::{
-    Stats, as_agent, concurrently, follow_inbox, host, install, last_inbox_number, mkguest,
-    mkguest_component, mkhost, ms, send, stats, store_text, wait_inbox,
+    Stats, as_agent, concurrently, follow_inbox, guests_handled, host, install, last_inbox_number,
+    mkguest, mkguest_component, mkhost, ms, send, stats, store_text, wait_inbox,
 };
 use super::process::{CpuMeter, Daemon, etcd_pids};
 use super::sends::{Sends, store_cost, store_counters};
@@ -466,26 +465,9 @@ pub(super) async fn cluster_rows(
             // owned by node i % n from its first message on
             send(&hosts[i % n], &format!("k{i}"), "get").await?;
         }
-        // One `guests` call per node (each lists every guest with what that
-        // node handled), not one per guest: the poll itself loads the nodes.
         let names: std::collections::HashSet<String> =
             (0..guests).map(|i| format!("k{i}")).collect();
-        let handled = |hosts: Vec<agent::Client>| {
-            let names = names.clone();
-            async move {
-                let mut sum = 0;
-                for h in &hosts {
-                    let answer = h.guests_request().send().promise.await?;
-                    for g in answer.get()?.get_guests()?.iter() {
-                        if names.contains(g.get_name()?.to_str()?) {
-                            sum += g.get_handled();
-                        }
-                    }
-                }
-                Ok::<u64, CapError>(sum)
-            }
-        };
-        let start = handled(hosts.clone()).await?;
+        let start = guests_handled(&hosts, &names).await?;
         // 2,000 increments in a full run (half the send row's sends): long
         // enough that the first instantiations and the ramp do not set
         // the figure.
@@ -507,7 +489,7 @@ pub(super) async fn cluster_rows(
         )
         .await?;
         loop {
-            let done = handled(hosts.clone()).await?.saturating_sub(start);
+            let done = guests_handled(&hosts, &names).await?.saturating_sub(start);
             if done >= total as u64 {
                 break;
             }
@@ -540,6 +522,19 @@ pub(super) async fn cluster_rows(
             endo: "",
             json: cpu_json,
         });
+    }
+
+    if want("spread") && counter.exists() && n > 1 {
+        super::spread::spread_rows(
+            &hosts,
+            &conns,
+            &node_pids,
+            &spec,
+            &counter,
+            sizes.sends,
+            rows,
+        )
+        .await?;
     }
 
     if n < 2 {

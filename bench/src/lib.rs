@@ -26,7 +26,8 @@
 //! - `calls`: the calls the rows make, run `concurrently` and timed;
 //! - `search`, `guests`, `agents` (the evaluator and the LLM agent, with a
 //!   model server on loopback), `network` (two nodes, federation),
-//!   `cluster` (`--cluster`): the sections;
+//!   `cluster` (`--cluster`), `spread` (the cluster's guests made and
+//!   mailed through one node, under each placement policy): the sections;
 //! - `sends`: a phase of durable sends through a cluster, and what the
 //!   nodes' store counters, the commits' waits and the CPU say it cost;
 //! - `soak`: `--soak` and `--gc-formulas`.
@@ -54,6 +55,7 @@ mod process;
 mod search;
 mod sends;
 mod soak;
+mod spread;
 
 use agents::agent_rows;
 use calls::{

@@ -9,7 +9,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use capstan_tests::{Node, etcd_spec, guest_wasm, start_cluster, start_member, texts};
+use capstan_tests::{
+    LineReader, Node, etcd_spec, guest_wasm, kill_child, start_cluster, start_member, texts,
+};
 use serde_json::Value;
 
 const LEASE_MS: &str = "5000";
@@ -91,6 +93,23 @@ fn spread_places_agents_over_the_nodes_and_hands_them_to_a_node_that_joins() {
     // Every node agrees on the owners.
     assert_eq!(owners(&nodes[1], &all), before);
 
+    // Followers of n1's plain agents, through n1: they keep following
+    // when their agent moves to the node that joins.
+    let followers: Vec<(String, std::process::Child, LineReader)> = agents
+        .iter()
+        .filter(|a| before[*a] == "n1")
+        .map(|a| {
+            let mut child = nodes[0].spawn(["--json", "inbox", "--follow", "--as", a]);
+            let lines = LineReader::new(child.stdout.take().unwrap());
+            let first = lines.next(Duration::from_secs(30));
+            assert!(
+                first.as_deref().is_some_and(|l| l.contains("\"m0\"")),
+                "{a}'s follower began with {first:?}"
+            );
+            (a.clone(), child, lines)
+        })
+        .collect();
+
     // Mail keeps flowing through n1 while a third node joins.
     let key = nodes[0].json(["cluster", "init", "--store", &spec])["secrets_key"]
         .as_str()
@@ -147,6 +166,25 @@ fn spread_places_agents_over_the_nodes_and_hands_them_to_a_node_that_joins() {
         let inbox = nodes[2].inbox(&["--as", a]);
         let got: Vec<String> = texts(&inbox).into_iter().filter(|t| t != "get").collect();
         assert_eq!(got, want, "{a}'s mail (it lives on {})", after[a]);
+    }
+    // Each follower saw every message, wherever its agent went.
+    for (a, child, lines) in followers {
+        let mut seen = Vec::new();
+        while !seen.contains(&"m4".to_string()) {
+            let Some(l) = lines.next(Duration::from_secs(30)) else {
+                panic!(
+                    "{a}'s follower (the agent on {} now) stopped after {seen:?}: {}",
+                    after[&a],
+                    kill_child(child)
+                );
+            };
+            let v: Value = serde_json::from_str(&l).unwrap();
+            if let Some(t) = v["text"].as_str().filter(|t| *t != "get") {
+                seen.push(t.to_string());
+            }
+        }
+        assert_eq!(seen, want[1..], "{a}'s follower");
+        kill_child(child);
     }
     let count = |k: &str| {
         let r = nodes[0].run(["cat", "--as", k, "count"]);

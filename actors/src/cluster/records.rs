@@ -245,3 +245,61 @@ pub async fn set_draining(db: &Db, name: &str) -> Result<bool, Error> {
     })
     .await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Paging through placements sees each once, in pages of the size
+    /// asked, and says when it is done.
+    #[tokio::test]
+    async fn placement_pages_cover_every_placement_once() {
+        let db = capstan_cluster::open("mem:").await.unwrap();
+        let ids: Vec<FormulaId> = (0..600u32)
+            .map(|i| FormulaId::from_slice(blake3::hash(&i.to_le_bytes()).as_bytes()).unwrap())
+            .collect();
+        for chunk in ids.chunks(100) {
+            let chunk = chunk.to_vec();
+            db.transact(move |tx| {
+                let chunk = chunk.clone();
+                Box::pin(async move {
+                    for id in &chunk {
+                        let rec = PlacementRec {
+                            node: "n1".into(),
+                            epoch: 1,
+                            since_ms: 0,
+                        };
+                        tx.set(&placement_key(id), &encode(&rec))?;
+                    }
+                    Ok::<_, Error>(())
+                })
+            })
+            .await
+            .unwrap();
+        }
+        // a member record beside them is not a placement
+        db.transact(|tx| {
+            Box::pin(async move {
+                tx.set(&member_key("n1"), b"{}")?;
+                Ok::<_, Error>(())
+            })
+        })
+        .await
+        .unwrap();
+        let (mut seen, mut from, mut pages) = (Vec::new(), Vec::new(), 0);
+        loop {
+            let (page, next) = placements_page(&db, from, 256).await.unwrap();
+            pages += 1;
+            assert!(page.len() <= 256);
+            seen.extend(page.into_iter().map(|(id, _)| id));
+            match next {
+                Some(n) => from = n,
+                None => break,
+            }
+        }
+        assert_eq!(pages, 3);
+        let mut want = ids.clone();
+        want.sort();
+        assert_eq!(seen, want, "each placement once, in id order");
+    }
+}
