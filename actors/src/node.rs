@@ -381,6 +381,7 @@ pub(crate) async fn rebalance(
                 .await;
         }
         c.release(&inner.db, *id).await?;
+        c.handed_over.fetch_add(1, Ordering::Relaxed);
     }
     if !moving.is_empty() {
         tracing::info!(node = %me, placements = moving.len(), "spreading: handed placements over to the members that win them");

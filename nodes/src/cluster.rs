@@ -396,8 +396,10 @@ pub async fn command(
                     "reserve_us": c.reserve_us.load(std::sync::atomic::Ordering::Relaxed),
                 },
                 "incarnations_here": rt.incarnations(),
-                // how unheld formulas are placed (`cluster policy`)
+                // how unheld formulas are placed (`cluster policy`), and
+                // how many this node handed over to the nodes that win them
                 "placement_policy": c.policy().name(),
+                "handed_over": c.handed_over.load(std::sync::atomic::Ordering::Relaxed),
                 // small values inside their formula records: only once every
                 // live member reads them (a rolling upgrade stores blobs)
                 "inline_values": c.all_read(cl::RECORDS_VERSION),

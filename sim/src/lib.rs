@@ -122,6 +122,11 @@ pub struct Config {
     /// below the inbox mark, which the handler passes over at once
     /// ([`Report::settled_passed`]; until stop 38 it waited out the grace).
     pub calm: bool,
+    /// The cluster's placement policy is `spread` (`capstan cluster policy
+    /// --placement spread`): guests are placed by rendezvous hashing, and a
+    /// node that restarts gets back, a few at a time, the guests it wins
+    /// from the nodes that took them while it was down.
+    pub spread: bool,
 }
 
 impl Config {
@@ -142,6 +147,7 @@ impl Config {
             fill_numbers: !seed.is_multiple_of(3),
             fill_refuse_pct: 10,
             calm: false,
+            spread: seed.is_multiple_of(2),
         }
     }
 }
@@ -182,6 +188,9 @@ pub struct Report {
     /// Inbox numbers the handlers passed over without waiting: empty below
     /// the inbox mark (messages dismissed before they were handled).
     pub settled_passed: u64,
+    /// Placements the nodes handed over to the nodes that win them
+    /// (spreading), over the whole run.
+    pub handed_over: u64,
     /// The guests' formula ids, as the runtime drew them (from the seed).
     pub guest_ids: Vec<capstan_proto::FormulaId>,
     /// A digest of the run's operations and of the stores' final contents

@@ -48,6 +48,10 @@ struct Args {
     /// default on in two seeds of three (seed % 3 != 0).
     #[arg(long, value_parser = ["on", "off"])]
     fill: Option<String>,
+    /// The cluster's placement policy (`local`, `spread`); by default
+    /// spread in even seeds.
+    #[arg(long, value_parser = ["local", "spread"])]
+    placement: Option<String>,
     /// Percent of commits with numbers to fill that the store refuses.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=100))]
     fill_refuse_pct: u64,
@@ -78,6 +82,10 @@ fn main() -> Result<()> {
             .map_or(Config::new(seed).fill_numbers, |f| f == "on"),
         fill_refuse_pct: a.fill_refuse_pct,
         calm: a.calm,
+        spread: a
+            .placement
+            .as_deref()
+            .map_or(Config::new(seed).spread, |p| p == "spread"),
         ..Config::new(seed)
     };
     let replay = |seed: u64| {
@@ -102,6 +110,9 @@ fn main() -> Result<()> {
         }
         if a.calm {
             line += " --calm";
+        }
+        if let Some(p) = &a.placement {
+            line += &format!(" --placement {p}");
         }
         line
     };

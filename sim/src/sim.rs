@@ -102,6 +102,8 @@ struct World {
     stranded: u64,
     /// Followers of guest 0's inbox checked at the end.
     followers_checked: u64,
+    /// Placements handed over by nodes since killed (see [`Report::handed_over`]).
+    handed_over_before: u64,
     /// Every incarnation's store that filled numbers in (for the report).
     all_fills: Vec<Arc<crate::store::Fills>>,
 }
@@ -176,6 +178,7 @@ async fn run_inner(cfg: Config) -> Result<Report, SimError> {
         contents: [0; 32],
         stranded: 0,
         followers_checked: 0,
+        handed_over_before: 0,
         all_fills: Vec::new(),
     };
     w.setup().await?;
@@ -197,6 +200,14 @@ impl World {
         let setup = |what: String| SimError::Setup { seed, what };
         // The root and the guests, made through a plain runtime first.
         let db = Db::new(self.mem.clone());
+        if self.cfg.spread {
+            let spread = capstan_actors::cluster::SettingsRec {
+                placement: capstan_actors::rules::placement::Policy::Spread,
+            };
+            capstan_actors::cluster::set_settings(&db, spread)
+                .await
+                .map_err(|e| setup(format!("settings: {e}")))?;
+        }
         let rt = Runtime::open(db, RuntimeOptions::default())
             .await
             .map_err(|e| setup(format!("open: {e}")))?;
@@ -345,6 +356,7 @@ impl World {
     }
 
     fn kill(&mut self, i: usize) {
+        self.handed_over_before += handed_over(&self.nodes[i..=i]);
         let node = &mut self.nodes[i];
         node.gate.kill();
         for t in node.tasks.drain(..) {
@@ -742,10 +754,21 @@ impl World {
             guest_ids: self.guest_ids.clone(),
             fed_stranded: self.stranded,
             followers_checked: self.followers_checked,
+            handed_over: self.handed_over_before + handed_over(&self.nodes),
             fills: self.all_fills.iter().map(|f| f.counts()).sum(),
             holes_closed: m.holes_closed,
             settled_passed: m.settled_passed,
             digest: u64::from_le_bytes(log.finalize().as_bytes()[..8].try_into().unwrap_or([0; 8])),
         }
     }
+}
+
+/// Placements the running ones of `nodes` handed over to the members that
+/// win them (spreading), since they last started.
+fn handed_over(nodes: &[Node]) -> u64 {
+    nodes
+        .iter()
+        .filter_map(|n| n.runtime.as_ref()?.membership())
+        .map(|m| m.handed_over.load(std::sync::atomic::Ordering::Relaxed))
+        .sum()
 }

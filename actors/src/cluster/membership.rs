@@ -24,8 +24,9 @@ pub struct Membership {
     lease: Mutex<Lease>,
     /// Members seen at the last renewal (live ones, this node included).
     pub(super) members: Mutex<Vec<MemberRec>>,
-    /// Owners of formulas this node asked about (not authoritative).
-    pub(super) owners: Mutex<HashMap<FormulaId, MemberRec>>,
+    /// Owners of formulas this node asked about (not authoritative), and
+    /// when it learned each: see [`Membership::fresh_owner`].
+    pub(super) owners: Mutex<HashMap<FormulaId, (MemberRec, Instant)>>,
     pub link: mpsc::Sender<LinkOp>,
     /// Writes refused because this node no longer owned the formula.
     pub fenced: AtomicU64,
@@ -74,6 +75,8 @@ pub struct Membership {
     pub(crate) rebalance_from: Mutex<Vec<u8>>,
     /// A look for placements to hand over is running.
     pub(crate) rebalancing: AtomicBool,
+    /// Placements this node handed over to the members that win them.
+    pub handed_over: AtomicU64,
 }
 
 /// What a sender learned of an inbox from its owner: the members it
@@ -153,6 +156,7 @@ impl Membership {
             spread: AtomicBool::new(false),
             rebalance_from: Mutex::new(Vec::new()),
             rebalancing: AtomicBool::new(false),
+            handed_over: AtomicU64::new(0),
             cfg,
         }
     }
@@ -275,7 +279,7 @@ impl Membership {
     /// told, or as this node knows as the owner). `None` when this node
     /// does not know the owner: then every member is told.
     pub fn delivery_targets(&self, agent: &FormulaId) -> Option<Vec<MemberRec>> {
-        let owner = self.owners.lock().ok()?.get(agent).cloned()?;
+        let owner = self.cached_owner(agent)?;
         let mut names = if owner.name == self.cfg.name && owner.epoch == self.epoch() {
             self.interested(agent)
         } else {
@@ -430,7 +434,28 @@ impl Membership {
 
     /// The owner of `id` as this node last learned it (none: unknown).
     pub fn cached_owner(&self, id: &FormulaId) -> Option<MemberRec> {
-        self.owners.lock().ok()?.get(id).cloned()
+        self.owners.lock().ok()?.get(id).map(|(m, _)| m.clone())
+    }
+
+    /// The owner of `id` as this node learned it, when it is this node or
+    /// was learned less than two leases ago. An answer naming another
+    /// member is asked again after that: the member may have given the
+    /// formula up without this node hearing of it (handed over under
+    /// spreading, or drained: a routine or a guest with unhandled mail,
+    /// which nothing else makes a node ask about, would otherwise wait on
+    /// a live member that no longer holds it).
+    pub(super) fn fresh_owner(&self, id: &FormulaId) -> Option<MemberRec> {
+        let o = self.owners.lock().ok()?;
+        let (m, learned) = o.get(id)?;
+        let mine = m.name == self.cfg.name && m.epoch == self.epoch();
+        (mine || learned.elapsed() < self.cfg.lease * 2).then(|| m.clone())
+    }
+
+    /// Remembers that `m` owns `id`.
+    pub(super) fn learn_owner(&self, id: FormulaId, m: MemberRec) {
+        if let Ok(mut o) = self.owners.lock() {
+            o.insert(id, (m, Instant::now()));
+        }
     }
 
     pub fn forget_owner(&self, id: &FormulaId) {
@@ -565,7 +590,7 @@ mod tests {
         let own = |m: &Membership, name: &str, epoch: u64| {
             let mut r = rec(name, far, true, false);
             r.epoch = epoch;
-            m.owners.lock().unwrap().insert(a, r);
+            m.learn_owner(a, r);
         };
         let woken = |m: &Membership| {
             let mut n: Vec<String> = m

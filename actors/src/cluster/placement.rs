@@ -21,7 +21,7 @@ impl Membership {
     /// The live member that owns `id` according to the store, when it is
     /// another node; never claims anything (unlike [`Membership::owner`]).
     pub async fn peek_owner(&self, db: &Db, id: FormulaId) -> Result<Option<MemberRec>, Error> {
-        if let Some(m) = self.owners.lock().ok().and_then(|o| o.get(&id).cloned()) {
+        if let Some(m) = self.fresh_owner(&id) {
             return Ok((m.name != self.cfg.name).then_some(m));
         }
         let me = self.cfg.name.clone();
@@ -55,7 +55,7 @@ impl Membership {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        if let Some(m) = self.owners.lock().ok().and_then(|o| o.get(&id).cloned()) {
+        if let Some(m) = self.fresh_owner(&id) {
             return Ok(if m.name == self.cfg.name && m.epoch == self.epoch() {
                 Owner::Me
             } else {
@@ -163,9 +163,7 @@ impl Membership {
             }
             Some(m) => m.clone(),
         };
-        if let Ok(mut o) = self.owners.lock() {
-            o.insert(id, m);
-        }
+        self.learn_owner(id, m);
         Ok(match owner {
             None => Owner::Me,
             Some(m) => Owner::Other(m),
