@@ -337,9 +337,9 @@ const REBALANCE_EVERY: u64 = 10;
 /// Under the `spread` placement policy: hands over, at most
 /// [`REBALANCE_MOVES`] at a time, the placements this node holds that
 /// another live member now wins ([`crate::rules::placement::winner`]: a
-/// member joined, or a drained one came back). As a drain does, per
-/// formula: the incarnation here stops, then the placement is cleared if
-/// it is still this node's under this epoch; the next node that needs the
+/// member joined, or a drained one came back). Per formula: the placement
+/// is cleared if it is still this node's under this epoch, then the
+/// incarnation here stops; the next node that needs the
 /// formula points at the winner, which claims it (a guest with unhandled
 /// mail is resumed there by the winner's next look for such guests, or
 /// its next message). Reads one page of placements per look, going on
@@ -375,12 +375,19 @@ pub(crate) async fn rebalance(
         .take(REBALANCE_MOVES)
         .collect();
     for id in &moving {
+        // The placement first: once it is gone, this node no longer takes
+        // itself for the owner (its cache is forgotten, and the store
+        // points at the winner), so the incarnation stopped next is not
+        // started again here as the owner by a message arriving between
+        // the two, its runner fenced batch after batch (each leaving the
+        // numbers it reserved unwritten: holes its next owner waits at).
+        c.release(&inner.db, *id).await?;
+        c.forget_owner(id);
         if let Some(a) = inner.registry.agent(id) {
             let _ = a
                 .stop_and_wait(None, Some(std::time::Duration::from_secs(2)))
                 .await;
         }
-        c.release(&inner.db, *id).await?;
         c.handed_over.fetch_add(1, Ordering::Relaxed);
     }
     if !moving.is_empty() {

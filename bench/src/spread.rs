@@ -28,6 +28,39 @@ async fn cluster_json(a: &agent::Client, command: &str, arg: &str) -> anyhow::Re
     Ok(serde_json::from_str(answer.get()?.get_json()?.to_str()?)?)
 }
 
+/// Placements the nodes handed over so far (`cluster status`).
+async fn handed_over(hosts: &[agent::Client]) -> anyhow::Result<u64> {
+    let mut sum = 0;
+    for h in hosts {
+        sum += cluster_json(h, "status", "").await?["handed_over"]
+            .as_u64()
+            .unwrap_or(0);
+    }
+    Ok(sum)
+}
+
+/// Waits until the nodes have handed over nothing for [`QUIET`] (at most
+/// [`SETTLE_MAX`]): how many they handed over meanwhile, and how long
+/// until the last (None: they did not settle in time).
+async fn settle(hosts: &[agent::Client]) -> anyhow::Result<Option<(u64, Duration)>> {
+    const QUIET: Duration = Duration::from_secs(5);
+    const SETTLE_MAX: Duration = Duration::from_secs(180);
+    let start = Instant::now();
+    let first = handed_over(hosts).await?;
+    let (mut last, mut last_change) = (first, start);
+    while last_change.elapsed() < QUIET {
+        if start.elapsed() > SETTLE_MAX {
+            return Ok(None);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = handed_over(hosts).await?;
+        if now != last {
+            (last, last_change) = (now, Instant::now());
+        }
+    }
+    Ok(Some((last - first, last_change - start)))
+}
+
 /// Both policies' rows; leaves the cluster's policy `local`. `conns`: the
 /// senders, with the node each is connected to (those of node 0 send).
 #[allow(clippy::too_many_arguments)]
@@ -55,6 +88,9 @@ pub(super) async fn spread_rows(
             &format!("cluster: guests made and mailed through n1 ({policy})"),
         );
         cluster_json(&hosts[0], "policy", policy).await?;
+        // Under spread the nodes first hand over what others win of the
+        // earlier sections' agents: measured apart, once that settled.
+        let settled = settle(hosts).await?;
         let guests = 8 * n;
         let names: Vec<String> = (0..guests).map(|i| format!("{policy}-k{i}")).collect();
         for k in &names {
@@ -130,6 +166,18 @@ pub(super) async fn spread_rows(
             json: json!({"per_s": rate, "policy": policy, "guests": guests, "lived_on": on,
                 "busy_pct": busy, "cpu": cpu_json}),
         });
+        if let Some((moved, took)) = settled.filter(|(m, _)| *m > 0) {
+            rows.push(Row {
+                what: format!("cluster: … placements handed over as the policy became {policy}"),
+                value: format!(
+                    "{moved} of the earlier sections' agents, in {:.1} s",
+                    took.as_secs_f64()
+                ),
+                target: "",
+                endo: "",
+                json: json!({"handed_over": moved, "seconds": took.as_secs_f64()}),
+            });
+        }
         rows.push(Row {
             what: format!("cluster: … store work per message ({policy})"),
             value: cost,
