@@ -524,16 +524,12 @@ pub(super) async fn cluster_rows(
         });
     }
 
-    // Only when asked for (`--only spread`): after the sections above, the
-    // switch to `spread` moves most of their agents while it measures, and
-    // on this build that costs far more than it shows of steady spreading
-    // (a full table with it: 20 messages/s, guests' batches fenced as
-    // their placements moved, and the numbers they had reserved waited
-    // out as holes; see the README).
-    if only == Some("spread") && counter.exists() && n > 1 {
+    if want("spread") && counter.exists() && n > 1 {
         // (a tenth of the guests row's messages: each phase's increments and
         // their replies land in the host's inbox too, which the failover
-        // section below still mails under its 100,000-message quota)
+        // section below still mails under its 100,000-message quota; the
+        // switch to `spread` hands over most of the earlier sections'
+        // agents first, which the section waits out and reports)
         let total = (sizes.sends / 10).max(500);
         super::spread::spread_rows(&hosts, &conns, &node_pids, &spec, &counter, total, rows)
             .await?;

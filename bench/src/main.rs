@@ -73,9 +73,8 @@ struct Args {
     gc_formulas: Option<usize>,
     /// Measure one section alone: `search` (search latency over
     /// 10,000 values; 500 with --quick); with --cluster: `store`,
-    /// `sends`, `round-trips`, `guests`, `failover`, or `spread` (guests
-    /// made and mailed through one node, under each placement policy; only
-    /// run when named).
+    /// `sends`, `round-trips`, `guests`, `spread` (guests made and mailed
+    /// through one node, under each placement policy) or `failover`.
     #[arg(long, value_name = "SECTION", value_parser = ["search", "store", "sends", "round-trips", "guests", "spread", "failover"])]
     only: Option<String>,
     /// With `--only search`: the bench node's `start --embed-model`.
