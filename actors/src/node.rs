@@ -348,7 +348,7 @@ pub(crate) async fn rebalance(
     inner: &Arc<Inner>,
     c: &crate::cluster::Membership,
 ) -> Result<usize, Error> {
-    use crate::rules::placement::{Policy, winner};
+    use crate::rules::placement::{Policy, to_hand_over};
     if c.policy() != Policy::Spread || !c.serving() || c.draining() || c.leaving() {
         return Ok(0);
     }
@@ -361,23 +361,14 @@ pub(crate) async fn rebalance(
     if let Ok(mut f) = c.rebalance_from.lock() {
         *f = next.unwrap_or_default();
     }
-    let (me, epoch) = (c.cfg.name.clone(), c.epoch());
-    // The members live at the last listing (about a second ago), as they
-    // were then: judged against the clock now, their recorded expiries
-    // (a renewal older than the listing) put some of them, this node
-    // included, past their lease, and the node handed over what it still
-    // won, claimed it back at the next call and handed it over again
-    // (a full bench: 20 guest messages/s, fenced batches and holes).
     let members = c.members();
     let views: Vec<_> = members.iter().map(|m| m.view()).collect();
-    let moving: Vec<FormulaId> = page
+    let held = page
+        .iter()
+        .map(|(id, p)| (id.as_bytes().as_slice(), p.node.as_str(), p.epoch));
+    let moving: Vec<FormulaId> = to_hand_over(held, &views, &c.cfg.name, c.epoch())
         .into_iter()
-        .filter(|(id, p)| {
-            p.node == me
-                && p.epoch == epoch
-                && winner(id.as_bytes(), &views, 0).is_some_and(|i| members[i].name != me)
-        })
-        .map(|(id, _)| id)
+        .filter_map(|id| FormulaId::from_slice(id).ok())
         .take(REBALANCE_MOVES)
         .collect();
     for id in &moving {
@@ -397,7 +388,7 @@ pub(crate) async fn rebalance(
         c.handed_over.fetch_add(1, Ordering::Relaxed);
     }
     if !moving.is_empty() {
-        tracing::info!(node = %me, placements = moving.len(), "spreading: handed placements over to the members that win them");
+        tracing::info!(node = %c.cfg.name, placements = moving.len(), "spreading: handed placements over to the members that win them");
     }
     Ok(moving.len())
 }

@@ -88,6 +88,29 @@ pub fn winner(formula: &[u8], members: &[Member], now_ms: u64) -> Option<usize> 
         .map(|(i, _)| i)
 }
 
+/// Of the placements `held` (formula id, holder, holder's epoch), those
+/// `me` at `epoch` holds and another of `members` wins: what a node hands
+/// over under [`Policy::Spread`]. `members` are the ones live when the
+/// node last listed them, and count as live here whatever their recorded
+/// expiry says now (a listing is up to a second old: judged against the
+/// clock now, the node took members, itself included, for dead, and
+/// handed over what it still won, to claim it back at the next call).
+pub fn to_hand_over<'a>(
+    held: impl IntoIterator<Item = (&'a [u8], &'a str, u64)>,
+    members: &[Member],
+    me: &str,
+    epoch: u64,
+) -> Vec<&'a [u8]> {
+    held.into_iter()
+        .filter(|(id, node, e)| {
+            *node == me
+                && *e == epoch
+                && winner(id, members, 0).is_some_and(|i| members[i].name != me)
+        })
+        .map(|(id, _, _)| id)
+        .collect()
+}
+
 /// A member's rendezvous score for a formula.
 fn score(formula: &[u8], member: &str) -> u64 {
     let mut h = blake3::Hasher::new_derive_key("capstan 2026 placement score");
@@ -287,6 +310,46 @@ mod tests {
             .collect();
         assert_eq!(winner(&ids[0], &dead, NOW), None);
         assert_eq!(winner(&ids[0], &[], NOW), None);
+    }
+
+    #[test]
+    fn a_node_hands_over_only_what_another_member_of_its_listing_wins() {
+        let ids: Vec<[u8; 32]> = (0..300u32)
+            .map(|i| *blake3::hash(&i.to_le_bytes()).as_bytes())
+            .collect();
+        // listed a while ago: every expiry is long past by the clock now
+        let old = |name| Member {
+            expires_ms: 5,
+            ..member(name, 1)
+        };
+        let two = [old("n1"), old("n2")];
+        let three = [old("n1"), old("n2"), old("n3")];
+        let held = |epoch| {
+            ids.iter()
+                .map(move |id| (id.as_slice(), "n1", epoch))
+                .collect::<Vec<_>>()
+        };
+        // n1 holds all: with n2 it keeps what it wins (about half)...
+        let out = to_hand_over(held(1), &two, "n1", 1);
+        assert!((100..200).contains(&out.len()), "{}", out.len());
+        for id in &out {
+            assert_eq!(two[winner(id, &two, 0).unwrap()].name, "n2");
+        }
+        // ...and with n3 joined, also what n3 wins, and nothing it still wins
+        let more = to_hand_over(held(1), &three, "n1", 1);
+        assert!(more.len() > out.len());
+        for id in &more {
+            assert_ne!(three[winner(id, &three, 0).unwrap()].name, "n1");
+        }
+        // its own record older than n2's: the same (it once handed over
+        // all it held, counting itself dead)
+        let mixed = [old("n1"), member("n2", 1)];
+        assert_eq!(to_hand_over(held(1), &mixed, "n1", 1), out);
+        // only its own placements of this epoch
+        assert!(to_hand_over(held(2), &three, "n1", 1).is_empty());
+        assert!(to_hand_over(held(1), &three, "n2", 1).is_empty());
+        // alone in its listing, it keeps everything
+        assert!(to_hand_over(held(1), &three[..1], "n1", 1).is_empty());
     }
 
     #[test]
