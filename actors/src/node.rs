@@ -352,25 +352,16 @@ pub(crate) async fn rebalance(
     if c.policy() != Policy::Spread || !c.serving() || c.draining() || c.leaving() {
         return Ok(0);
     }
-    let from = c
-        .rebalance_from
-        .lock()
-        .map(|f| f.clone())
-        .unwrap_or_default();
+    let from = c.rebalance_from.lock().ok().and_then(|f| *f);
     let (page, next) = crate::cluster::placements_page(&inner.db, from, REBALANCE_PAGE).await?;
     if let Ok(mut f) = c.rebalance_from.lock() {
-        *f = next.unwrap_or_default();
+        *f = next;
     }
     let members = c.members();
     let views: Vec<_> = members.iter().map(|m| m.view()).collect();
-    let held = page
-        .iter()
-        .map(|(id, p)| (id.as_bytes().as_slice(), p.node.as_str(), p.epoch));
-    let moving: Vec<FormulaId> = to_hand_over(held, &views, &c.cfg.name, c.epoch())
-        .into_iter()
-        .filter_map(|id| FormulaId::from_slice(id).ok())
-        .take(REBALANCE_MOVES)
-        .collect();
+    let held = page.iter().map(|(id, p)| (*id, p.node.as_str(), p.epoch));
+    let mut moving = to_hand_over(held, &views, &c.cfg.name, c.epoch());
+    moving.truncate(REBALANCE_MOVES);
     for id in &moving {
         // The placement first: once it is gone, this node no longer takes
         // itself for the owner (its cache is forgotten, and the store

@@ -168,6 +168,12 @@ impl FormulaId {
     }
 }
 
+impl AsRef<[u8]> for FormulaId {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
 impl fmt::Display for FormulaId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.to_hex())

@@ -97,14 +97,7 @@ impl Cluster {
                 assert_eq!(again["created"], false, "{again}");
                 assert_eq!(again["cluster_id"], v["cluster_id"]);
             }
-            n.start_with(&[
-                "--store",
-                &spec,
-                "--listen",
-                "127.0.0.1:0",
-                "--secrets-key",
-                &key,
-            ]);
+            capstan_tests::start_member(&mut n, &spec, &key);
             nodes.push(n);
         }
         let c = Cluster { nodes };

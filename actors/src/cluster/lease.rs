@@ -11,8 +11,7 @@ use capstan_cluster::Db;
 use super::MAX_MEMBERS;
 use super::membership::Membership;
 use super::records::{
-    MemberRec, SettingsRec, decode, encode, get_member, get_settings, list_members, member_key,
-    members_prefix, settings_key,
+    MemberRec, decode, encode, get_member, get_settings, list_members, member_key, members_prefix,
 };
 use crate::error::Error;
 
@@ -124,11 +123,7 @@ impl Membership {
                         .iter()
                         .map(|(_, v)| decode("member", v))
                         .collect::<Result<Vec<MemberRec>, Error>>()?;
-                    // the settings too (a read of one key at the snapshot)
-                    let settings = match tx.snapshot_get(&settings_key()).await? {
-                        Some(b) => decode::<SettingsRec>("settings", &b)?,
-                        None => SettingsRec::default(),
-                    };
+                    let settings = get_settings(tx).await?;
                     Ok(Some((rec, Some((all, settings)))))
                 })
             })

@@ -70,9 +70,9 @@ pub struct Membership {
     /// The cluster's placement policy, as last read with the members
     /// (true: `spread`).
     spread: AtomicBool,
-    /// Where the next look for placements to hand over starts (a formula
-    /// id's bytes; empty: the first): see [`crate::node::rebalance`].
-    pub(crate) rebalance_from: Mutex<Vec<u8>>,
+    /// Where the next look for placements to hand over starts (None: the
+    /// first): see [`crate::node::rebalance`].
+    pub(crate) rebalance_from: Mutex<Option<FormulaId>>,
     /// A look for placements to hand over is running.
     pub(crate) rebalancing: AtomicBool,
     /// Placements this node handed over to the members that win them.
@@ -154,7 +154,7 @@ impl Membership {
             learned: Mutex::new(HashMap::new()),
             no_wake: Mutex::new(std::collections::HashSet::new()),
             spread: AtomicBool::new(false),
-            rebalance_from: Mutex::new(Vec::new()),
+            rebalance_from: Mutex::new(None),
             rebalancing: AtomicBool::new(false),
             handed_over: AtomicU64::new(0),
             cfg,

@@ -38,7 +38,7 @@
 //! another. Each member also gives up, a few at a time, the placements it
 //! holds that another member now wins (one joined): see
 //! [`crate::node::rebalance`]. The hand-over is a drain's, per formula:
-//! the incarnation stops, the placement is cleared (fenced by epoch), and
+//! the placement is cleared (fenced by epoch), the incarnation stops, and
 //! the next node that needs it claims it on the winner.
 //!
 //! Clocks: lease expiry compares wall clocks of different nodes, so the

@@ -90,9 +90,11 @@ pub struct SettingsRec {
     pub placement: crate::rules::placement::Policy,
 }
 
-/// The cluster's settings as stored (the defaults when none are).
+/// The cluster's settings as stored (the defaults when none are), read at
+/// the snapshot: no read conflict (a lease renewal reads them too, and a
+/// change of them must not make it retry).
 pub async fn get_settings(tx: &mut Transaction) -> Result<SettingsRec, Error> {
-    match tx.get(&settings_key()).await? {
+    match tx.snapshot_get(&settings_key()).await? {
         Some(b) => decode("settings", &b),
         None => Ok(SettingsRec::default()),
     }
@@ -167,20 +169,17 @@ pub async fn list_placements(
         .collect()
 }
 
-/// Up to `limit` placement records from the formula `from` on (its id's
-/// bytes; empty: the first), read at the snapshot (no read conflict), and
-/// where the next page starts (None: this was the last).
+/// Up to `limit` placement records from the formula `from` on (None: the
+/// first), read at the snapshot (no read conflict), and where the next
+/// page starts (None: this was the last).
 pub async fn placements_page(
     db: &Db,
-    from: Vec<u8>,
+    from: Option<FormulaId>,
     limit: usize,
-) -> Result<(Vec<(FormulaId, PlacementRec)>, Option<Vec<u8>>), Error> {
+) -> Result<(Vec<(FormulaId, PlacementRec)>, Option<FormulaId>), Error> {
     let p = placements_prefix();
     let end = capstan_cluster::tuple::prefix_end(&p);
-    let begin = match from.is_empty() {
-        true => p,
-        false => TupleKey::new().str("cl").str("p").bytes(&from).into_vec(),
-    };
+    let begin = from.map_or(p, |id| placement_key(&id));
     let rows = db
         .read(move |tx| {
             let range = capstan_cluster::RangeOption {
@@ -197,10 +196,7 @@ pub async fn placements_page(
         .iter()
         .map(|(k, v)| Ok((placement_id(k)?, decode("placement", v)?)))
         .collect::<Result<Vec<(FormulaId, PlacementRec)>, Error>>()?;
-    let next = (page.len() > limit).then(|| {
-        let (id, _) = page.pop().expect("more than limit rows");
-        id.as_bytes().to_vec()
-    });
+    let next = (page.len() > limit).then(|| page.pop().expect("more than limit rows").0);
     Ok((page, next))
 }
 
@@ -286,15 +282,15 @@ mod tests {
         })
         .await
         .unwrap();
-        let (mut seen, mut from, mut pages) = (Vec::new(), Vec::new(), 0);
+        let (mut seen, mut from, mut pages) = (Vec::new(), None, 0);
         loop {
             let (page, next) = placements_page(&db, from, 256).await.unwrap();
             pages += 1;
             assert!(page.len() <= 256);
             seen.extend(page.into_iter().map(|(id, _)| id));
-            match next {
-                Some(n) => from = n,
-                None => break,
+            from = next;
+            if from.is_none() {
+                break;
             }
         }
         assert_eq!(pages, 3);

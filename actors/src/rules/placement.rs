@@ -95,17 +95,17 @@ pub fn winner(formula: &[u8], members: &[Member], now_ms: u64) -> Option<usize> 
 /// expiry says now (a listing is up to a second old: judged against the
 /// clock now, the node took members, itself included, for dead, and
 /// handed over what it still won, to claim it back at the next call).
-pub fn to_hand_over<'a>(
-    held: impl IntoIterator<Item = (&'a [u8], &'a str, u64)>,
+pub fn to_hand_over<'a, Id: AsRef<[u8]>>(
+    held: impl IntoIterator<Item = (Id, &'a str, u64)>,
     members: &[Member],
     me: &str,
     epoch: u64,
-) -> Vec<&'a [u8]> {
+) -> Vec<Id> {
     held.into_iter()
         .filter(|(id, node, e)| {
             *node == me
                 && *e == epoch
-                && winner(id, members, 0).is_some_and(|i| members[i].name != me)
+                && winner(id.as_ref(), members, 0).is_some_and(|i| members[i].name != me)
         })
         .map(|(id, _, _)| id)
         .collect()
