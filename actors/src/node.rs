@@ -299,25 +299,7 @@ pub(crate) async fn release_all(inner: &Arc<Inner>, c: &crate::cluster::Membersh
     if owned > 0 {
         stop_incarnations(inner).await;
     }
-    let me = c.cfg.name.clone();
-    let r = inner
-        .db
-        .transact(move |tx| {
-            let me = me.clone();
-            Box::pin(async move {
-                let mine: Vec<FormulaId> = crate::cluster::list_placements(tx, 100)
-                    .await?
-                    .into_iter()
-                    .filter(|(_, p)| p.node == me)
-                    .map(|(id, _)| id)
-                    .collect();
-                for id in &mine {
-                    crate::cluster::clear_placement(tx, id);
-                }
-                Ok::<_, Error>(mine.len())
-            })
-        })
-        .await;
+    let r = crate::cluster::release_placements(&inner.db, &c.cfg.name).await;
     match r {
         Ok(0) => {}
         Ok(n) => tracing::info!(node = %c.cfg.name, placements = n, "draining: gave up placements"),

@@ -164,6 +164,8 @@ pub struct Report {
     pub handled: u64,
     pub kills: u64,
     pub restarts: u64,
+    /// Nodes drained by the workload (each brought back by a restart).
+    pub drains: u64,
     pub pauses: u64,
     pub faults: FaultCounts,
     /// Federated sends and requests made, acknowledged; far answers.

@@ -24,6 +24,7 @@ use crate::rng::Rng;
 use crate::store::{Gate, GateState, NodeStore};
 use crate::{Config, Report, SimError};
 
+mod drain;
 mod fed;
 
 /// One node of the world.
@@ -41,6 +42,8 @@ struct Node {
     follower: Option<Arc<Mutex<crate::follow::FollowLog>>>,
     /// This incarnation's store filling numbers in, if the run does.
     fills: Option<Arc<crate::store::Fills>>,
+    /// An operator drained this incarnation (see [`drain`]).
+    drained: bool,
 }
 
 /// What the workload asked and what it was told.
@@ -54,6 +57,7 @@ struct History {
     dismissed: BTreeSet<u64>,
     kills: u64,
     restarts: u64,
+    drains: u64,
     pauses: u64,
     /// Federated sends and requests: k → (to the doomed host, acknowledged).
     fed_sends: BTreeMap<u64, (bool, bool)>,
@@ -237,6 +241,7 @@ impl World {
                 tasks: Vec::new(),
                 follower: None,
                 fills: None,
+                drained: false,
             });
             self.start(i).await.map_err(setup)?;
         }
@@ -298,6 +303,7 @@ impl World {
         let node = &mut self.nodes[i];
         node.gate = gate;
         node.fills = fills;
+        node.drained = false;
         node.runtime = Some(rt.clone());
         self.dir.set(&node.name, Some(rt.clone()));
         node.tasks.push(
@@ -503,6 +509,8 @@ impl World {
                         tracing::debug!("restart failed: {e}");
                         self.kill(d);
                     }
+                } else if let Some(d) = self.nodes.iter().position(|n| n.drained) {
+                    self.bring_back(step, d).await;
                 }
             }
             (80..83, Some(_)) if !self.cfg.calm => {
@@ -512,6 +520,7 @@ impl World {
                 hist(&self.history).pauses += 1;
                 self.nodes[i].gate.pause(tokio::time::Instant::now() + d);
             }
+            (83..85, Some(_)) if !self.cfg.calm => self.drain(step, i, &alive),
             _ => {}
         }
         self.pass_time().await;
@@ -554,6 +563,9 @@ impl World {
                     m.marks.clone(),
                 )
             };
+            if self.calls.is_empty() && !unhandled.is_empty() {
+                self.bring_back_drained().await;
+            }
             if self.calls.is_empty() && unhandled.is_empty() && self.outboxes_empty().await {
                 let now = tokio::time::Instant::now();
                 match calm_since {
@@ -744,6 +756,7 @@ impl World {
             handled: m.handled.iter().map(|s| s.len() as u64).sum(),
             kills: h.kills,
             restarts: h.restarts,
+            drains: h.drains,
             pauses: h.pauses,
             faults: self.mem.fault_counts(),
             fed_sends: h.fed_sends.len() as u64,

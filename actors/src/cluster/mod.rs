@@ -74,7 +74,7 @@ pub use placement::Fence;
 pub use records::{
     MemberRec, PlacementRec, RECORDS_VERSION, SettingsRec, all_placements, clear_placement,
     get_member, get_placement, get_settings, identity_key, list_members, list_placements,
-    member_key, placements_page, set_draining, set_settings,
+    member_key, placements_page, release_placements, set_draining, set_settings,
 };
 
 /// Default lease of a node: how long after its last renewal a node that

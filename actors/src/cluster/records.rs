@@ -200,6 +200,48 @@ pub async fn placements_page(
     Ok((page, next))
 }
 
+/// Placements cleared per transaction by [`release_placements`]: a check
+/// and a deletion each, well within etcd's default 128 operations a Txn.
+const RELEASE_BATCH: usize = 50;
+
+/// Clears every placement that names the node `name` (a drain, a stop),
+/// however many there are: pages through them at the snapshot, then clears
+/// each in a transaction that reads it again, so that one another node
+/// claimed meanwhile stays its. Returns how many it cleared.
+pub async fn release_placements(db: &Db, name: &str) -> Result<usize, Error> {
+    let (mut from, mut cleared) = (None, 0);
+    loop {
+        let (page, next) = placements_page(db, from, 256).await?;
+        let mine: Vec<FormulaId> = page
+            .into_iter()
+            .filter(|(_, p)| p.node == name)
+            .map(|(id, _)| id)
+            .collect();
+        for chunk in mine.chunks(RELEASE_BATCH) {
+            let (chunk, name) = (chunk.to_vec(), name.to_string());
+            cleared += db
+                .transact(move |tx| {
+                    let (chunk, name) = (chunk.clone(), name.clone());
+                    Box::pin(async move {
+                        let mut n = 0;
+                        for id in &chunk {
+                            if get_placement(tx, id).await?.is_some_and(|p| p.node == name) {
+                                clear_placement(tx, id);
+                                n += 1;
+                            }
+                        }
+                        Ok::<_, Error>(n)
+                    })
+                })
+                .await?;
+        }
+        match next {
+            Some(n) => from = Some(n),
+            None => return Ok(cleared),
+        }
+    }
+}
+
 /// The formula a placement key is of.
 fn placement_id(key: &[u8]) -> Result<FormulaId, Error> {
     let mut r = capstan_cluster::tuple::TupleReader::new(key);
@@ -246,22 +288,20 @@ pub async fn set_draining(db: &Db, name: &str) -> Result<bool, Error> {
 mod tests {
     use super::*;
 
-    /// Paging through placements sees each once, in pages of the size
-    /// asked, and says when it is done.
-    #[tokio::test]
-    async fn placement_pages_cover_every_placement_once() {
-        let db = capstan_cluster::open("mem:").await.unwrap();
-        let ids: Vec<FormulaId> = (0..600u32)
+    /// `count` placements of distinct formulas (ids drawn from their
+    /// index), each on the node `node_of(index)`.
+    async fn placed(db: &Db, count: u32, node_of: fn(u32) -> &'static str) -> Vec<FormulaId> {
+        let ids: Vec<FormulaId> = (0..count)
             .map(|i| FormulaId::from_slice(blake3::hash(&i.to_le_bytes()).as_bytes()).unwrap())
             .collect();
-        for chunk in ids.chunks(100) {
+        for (c, chunk) in ids.chunks(100).enumerate() {
             let chunk = chunk.to_vec();
             db.transact(move |tx| {
                 let chunk = chunk.clone();
                 Box::pin(async move {
-                    for id in &chunk {
+                    for (i, id) in chunk.iter().enumerate() {
                         let rec = PlacementRec {
-                            node: "n1".into(),
+                            node: node_of((c * 100 + i) as u32).into(),
                             epoch: 1,
                             since_ms: 0,
                         };
@@ -273,6 +313,15 @@ mod tests {
             .await
             .unwrap();
         }
+        ids
+    }
+
+    /// Paging through placements sees each once, in pages of the size
+    /// asked, and says when it is done.
+    #[tokio::test]
+    async fn placement_pages_cover_every_placement_once() {
+        let db = capstan_cluster::open("mem:").await.unwrap();
+        let ids = placed(&db, 600, |_| "n1").await;
         // a member record beside them is not a placement
         db.transact(|tx| {
             Box::pin(async move {
@@ -297,5 +346,28 @@ mod tests {
         let mut want = ids.clone();
         want.sort();
         assert_eq!(seen, want, "each placement once, in id order");
+    }
+
+    /// A drain gives up every placement of the node, however many, and
+    /// none of another node's.
+    #[tokio::test]
+    async fn releasing_clears_every_placement_of_the_node_only() {
+        let db = capstan_cluster::open("mem:").await.unwrap();
+        // one in seven is another node's
+        placed(&db, 700, |i| if i % 7 == 0 { "n2" } else { "n1" }).await;
+        assert_eq!(release_placements(&db, "n1").await.unwrap(), 600);
+        let (mut left, mut from) = (Vec::new(), None);
+        loop {
+            let (page, next) = placements_page(&db, from, 256).await.unwrap();
+            left.extend(page);
+            from = next;
+            if from.is_none() {
+                break;
+            }
+        }
+        assert_eq!(left.len(), 100);
+        assert!(left.iter().all(|(_, p)| p.node == "n2"));
+        // again: nothing left to clear
+        assert_eq!(release_placements(&db, "n1").await.unwrap(), 0);
     }
 }

@@ -247,6 +247,7 @@ impl World {
                 tasks: Vec::new(),
                 follower: None,
                 fills: None,
+                drained: false,
             });
         }
         let gate = Gate::new();
