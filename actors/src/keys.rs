@@ -12,6 +12,7 @@
 //! | `("v", id, …)` | the bytes of a stored value (a chunked blob) |
 //! | `("d", agent, request-id)` | `DedupRecord` (exactly-once answers) |
 //! | `("mark", agent)` | next message number floor, u64 big-endian (after dismissals) |
+//! | `("mhi", agent)` | a message number once written in the inbox, u64 big-endian: every [`crate::model::INBOX_HINT_EVERY`]th number (where the search for the inbox's last message starts) |
 //! | `("loc", blake3(swiss))` | `LocatorRecord` (a locator this node issued) |
 //! | `("locf", target, blake3(swiss))` | empty (the locators of a formula, for `cancel`) |
 //! | `("outq", peer-cluster, created-µs, item-id)` | `OutboxItem` (owed to another cluster: a queue per peer cluster, in send order) |
@@ -134,6 +135,15 @@ pub fn dedup(agent: &FormulaId, req: &RequestId) -> Vec<u8> {
 pub fn inbox_mark(agent: &FormulaId) -> Vec<u8> {
     TupleKey::new()
         .str("mark")
+        .bytes(agent.as_bytes())
+        .into_vec()
+}
+
+/// Where the search for an inbox's last message starts (see
+/// [`crate::model::next_message_number`]).
+pub fn inbox_hint(agent: &FormulaId) -> Vec<u8> {
+    TupleKey::new()
+        .str("mhi")
         .bytes(agent.as_bytes())
         .into_vec()
 }

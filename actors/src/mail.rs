@@ -31,7 +31,7 @@ use crate::types::{MAX_SLOT_RETRIES, RefSpec};
 
 /// Numbers from here up are placeholders a relay fills in
 /// (`capstan_cluster::Transaction::fill`), never an inbox's.
-const PLACEHOLDERS: u64 = 1 << 63;
+const PLACEHOLDERS: u64 = model::PLACEHOLDER_NUMBERS;
 
 /// What a message's transaction writes besides its copies: the body (and
 /// the promise a request makes), given the transaction and the sender.

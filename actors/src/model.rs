@@ -521,6 +521,10 @@ pub async fn put_message(
         crate::records::BodyRec::Request { promise, .. } => note_ref(tx, promise).await?,
     }
     tx.set(&key, &m.encode())?;
+    if m.number > 0 && m.number.is_multiple_of(INBOX_HINT_EVERY) && m.number < PLACEHOLDER_NUMBERS {
+        // (a blind write: no send reads the hint, so none conflicts on it)
+        tx.set(&keys::inbox_hint(agent), &m.number.to_be_bytes())?;
+    }
     Ok(())
 }
 
@@ -552,84 +556,6 @@ pub async fn list_messages_page(
         })
         .await?;
     rows.iter().map(|(_, v)| MessageRec::decode(v)).collect()
-}
-
-/// The next unused message number of an inbox: above the last message and
-/// above the high-water mark left by dismissals, so numbers are never reused.
-pub async fn next_message_number(tx: &mut Transaction, agent: &FormulaId) -> Result<u64, Error> {
-    let rows = tx.get_prefix(&keys::inbox(agent), 1, true).await?;
-    let mut next = 0;
-    if let Some((k, _)) = rows.first() {
-        let mut r = TupleReader::new(k);
-        let n = (|| -> Result<u64, capstan_cluster::tuple::TupleError> {
-            r.str()?;
-            r.bytes()?;
-            r.u64()
-        })()
-        .map_err(|e| Error::Corrupt(e.to_string()))?;
-        next = n + 1;
-    }
-    if let Some(b) = tx.get(&keys::inbox_mark(agent)).await? {
-        next = next.max(inbox_mark_value(&b)?);
-    }
-    Ok(next)
-}
-
-/// Whether an inbox holds a message numbered `number` or above: one
-/// forward read of a single key. (A guest is behind when it does; asking
-/// [`next_message_number`] instead would read the inbox's last key with a
-/// reverse read, which etcd answers by reading and sorting every message of
-/// the inbox whatever the limit.)
-pub async fn has_message_from(
-    tx: &Transaction,
-    agent: &FormulaId,
-    number: u64,
-) -> Result<bool, Error> {
-    // (at the snapshot: `get_range` would read a chunk of pairs for a
-    // limit of one, and note a read conflict a look does not need)
-    let rows = tx
-        .snapshot_range(
-            &capstan_cluster::RangeOption::new(
-                keys::message(agent, number),
-                capstan_cluster::tuple::prefix_end(&keys::inbox(agent)),
-            )
-            .with_limit(1),
-        )
-        .await?;
-    Ok(!rows.is_empty())
-}
-
-/// A stored inbox mark's value.
-fn inbox_mark_value(b: &[u8]) -> Result<u64, Error> {
-    b.try_into()
-        .map(u64::from_be_bytes)
-        .map_err(|_| Error::Corrupt("inbox mark is not 8 bytes".into()))
-}
-
-/// An inbox's mark read at the snapshot (no read conflict): every number
-/// below it is written or stays empty (`put_message` refuses it).
-pub async fn inbox_mark_snapshot(tx: &mut Transaction, agent: &FormulaId) -> Result<u64, Error> {
-    match tx.snapshot_get(&keys::inbox_mark(agent)).await? {
-        Some(b) => inbox_mark_value(&b),
-        None => Ok(0),
-    }
-}
-
-/// Records that numbers below `number + 1` are used (before a dismissal).
-pub async fn raise_inbox_mark(
-    tx: &mut Transaction,
-    agent: &FormulaId,
-    number: u64,
-) -> Result<(), Error> {
-    let key = keys::inbox_mark(agent);
-    let cur = match tx.get(&key).await? {
-        Some(b) => u64::from_be_bytes(b.as_slice().try_into().unwrap_or([0; 8])),
-        None => 0,
-    };
-    if number + 1 > cur {
-        tx.set(&key, &(number + 1).to_be_bytes())?;
-    }
-    Ok(())
 }
 
 pub async fn dedup_get(
@@ -779,6 +705,9 @@ pub(crate) async fn settle_target(
     }
     Err(Error::Corrupt("promise chain longer than 16".into()))
 }
+
+mod numbers;
+pub use numbers::*;
 
 #[cfg(test)]
 mod tests;

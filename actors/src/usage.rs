@@ -32,7 +32,8 @@ pub const MAX_PAGE_KEYS: usize = 100_000;
 ///   formula records)
 /// - names: `("n", …)`, the reverse index `("r", …)` and the change logs
 ///   of watched directories `("dchg", …)`
-/// - messages: `("m", …)`, inbox marks `("mark", …)` and quotas `("quota", …)`
+/// - messages: `("m", …)`, inbox marks `("mark", …)`, hints `("mhi", …)`
+///   and quotas `("quota", …)`
 /// - dedup: exactly-once records `("d", …)` and received items `("in", …)`
 /// - journals: guest journals `("gj", …)`
 /// - outbox: `("outq", …)` and `("out", …)`
@@ -44,7 +45,7 @@ pub fn kind_of(key: &[u8]) -> usize {
         "f" | "fref" | "gcx" | "gcz" | "cnl" => 0,
         "v" => 1,
         "n" | "r" | "dchg" => 2,
-        "m" | "mark" | "quota" => 3,
+        "m" | "mark" | "mhi" | "quota" => 3,
         "d" | "in" => 4,
         "gj" => 5,
         "outq" | "out" => 6,

@@ -245,10 +245,12 @@ pub(super) async fn mark(snap: &dyn Snapshot) -> Result<Graph, Error> {
             let first = first_tag(k);
             match first {
                 // Decoded above, or holding no references (value chunks,
-                // reverse name index, exactly-once records, inbox marks,
+                // reverse name index, exactly-once records, inbox marks
+                // and hints,
                 // locators by target, guest components, provider keys,
                 // cancel events).
-                b"f" | b"v" | b"r" | b"d" | b"mark" | b"locf" | b"gc" | b"llmk" | b"cnl" => {
+                b"f" | b"v" | b"r" | b"d" | b"mark" | b"mhi" | b"locf" | b"gc" | b"llmk"
+                | b"cnl" => {
                     next = prefix_end(
                         &TupleKey::new()
                             .str(&String::from_utf8_lossy(first))

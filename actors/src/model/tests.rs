@@ -39,3 +39,78 @@ async fn has_message_from_asks_of_one_inbox_only() {
         .unwrap();
     assert_eq!(next, 50);
 }
+
+/// Every 1,024th message written records its number as the inbox's hint,
+/// and the next number is right whether the read starts at the hint, finds
+/// nothing at or above it (those messages gone), or the hint is damaged.
+#[tokio::test]
+async fn the_next_number_is_found_from_the_hint_or_without_it() {
+    let db = capstan_cluster::open("mem:").await.unwrap();
+    let agent = FormulaId([9; 32]);
+    let next = |db: capstan_cluster::Db| async move {
+        db.read(move |tx| Box::pin(async move { next_message_number(tx, &agent).await }))
+            .await
+            .unwrap()
+    };
+    let hint = |db: capstan_cluster::Db| async move {
+        db.read(move |tx| {
+            Box::pin(async move { Ok::<_, Error>(tx.get(&keys::inbox_hint(&agent)).await?) })
+        })
+        .await
+        .unwrap()
+    };
+    for from in (0..2500u64).step_by(250) {
+        db.transact(move |tx| {
+            Box::pin(async move {
+                for n in from..from + 250 {
+                    let m = MessageRec {
+                        number: n,
+                        message_id: RequestId([1; 16]),
+                        reply_to: None,
+                        from: agent,
+                        to: agent,
+                        date_ms: 1,
+                        body: crate::records::BodyRec::Package {
+                            strings: vec![format!("m{n}")],
+                            names: vec![],
+                            ids: vec![],
+                        },
+                    };
+                    put_message(tx, &agent, &m).await?;
+                }
+                Ok::<_, Error>(())
+            })
+        })
+        .await
+        .unwrap();
+    }
+    assert_eq!(hint(db.clone()).await, Some(2048u64.to_be_bytes().to_vec()));
+    assert_eq!(next(db.clone()).await, 2500);
+    // the messages from the hint on are gone: the whole inbox is read
+    db.transact(move |tx| {
+        Box::pin(async move {
+            tx.clear_range(
+                &keys::message(&agent, 2000),
+                &capstan_cluster::tuple::prefix_end(&keys::inbox(&agent)),
+            );
+            Ok::<_, Error>(())
+        })
+    })
+    .await
+    .unwrap();
+    assert_eq!(next(db.clone()).await, 2000);
+    // a hint of the wrong size is passed over; one below the last
+    // message still finds it
+    for bytes in [b"bad".to_vec(), 1024u64.to_be_bytes().to_vec()] {
+        db.transact(move |tx| {
+            let bytes = bytes.clone();
+            Box::pin(async move {
+                tx.set(&keys::inbox_hint(&agent), &bytes)?;
+                Ok::<_, Error>(())
+            })
+        })
+        .await
+        .unwrap();
+        assert_eq!(next(db.clone()).await, 2000);
+    }
+}
