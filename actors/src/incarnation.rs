@@ -16,7 +16,9 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+// tokio's: virtual under a paused clock (simulations), else the system's.
+use tokio::time::Instant;
 
 use capstan_proto::FormulaId;
 use ractor::{Actor, ActorProcessingErr, ActorRef};

@@ -248,20 +248,8 @@ impl Runtime {
     /// Stops every incarnation; later calls that need one fail with `Unavailable`.
     pub async fn shutdown(&self) {
         self.inner.closed.store(true, Ordering::Release);
-        let agents: Vec<_> = self
-            .inner
-            .registry
-            .agents
-            .lock()
-            .map(|m| m.values().cloned().collect())
-            .unwrap_or_default();
-        let promises: Vec<_> = self
-            .inner
-            .registry
-            .promises
-            .lock()
-            .map(|m| m.values().cloned().collect())
-            .unwrap_or_default();
+        let agents = self.inner.registry.agents_in_order();
+        let promises = self.inner.registry.promises_in_order();
         for a in agents {
             let _ = a
                 .stop_and_wait(None, Some(std::time::Duration::from_secs(2)))
@@ -278,12 +266,7 @@ impl Runtime {
 /// Stops every agent incarnation of this node (a lost lease or a drain);
 /// returns how many there were.
 pub(crate) async fn stop_incarnations(inner: &Arc<Inner>) -> usize {
-    let agents: Vec<_> = inner
-        .registry
-        .agents
-        .lock()
-        .map(|m| m.values().cloned().collect())
-        .unwrap_or_default();
+    let agents = inner.registry.agents_in_order();
     let n = agents.len();
     for a in agents {
         let _ = a

@@ -49,7 +49,9 @@
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+// tokio's: virtual under a paused clock (simulations), else the system's.
+use tokio::time::Instant;
 
 use capstan_cluster::{Db, Transaction, TxFuture};
 

@@ -28,7 +28,9 @@
 //! --bytes B`); an agent without its own has [`Quota::default`]. The owner
 //! reads them with the count, and again at each recount and each idle tick.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+// tokio's: virtual under a paused clock (simulations), else the system's.
+use tokio::time::Instant;
 
 use capstan_cluster::Transaction;
 use capstan_cluster::tuple::TupleKey;

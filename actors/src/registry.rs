@@ -37,6 +37,18 @@ impl Registry {
             + self.promises.lock().map(|m| m.len()).unwrap_or(0)
     }
 
+    /// Every live agent incarnation, in id order: a node stops them one by
+    /// one, and the same order every time keeps a simulated run replaying
+    /// exactly (a map's own order changes with each process).
+    pub fn agents_in_order(&self) -> Vec<ActorRef<AgentMsg>> {
+        in_order(&self.agents)
+    }
+
+    /// Every live promise incarnation, in id order.
+    pub fn promises_in_order(&self) -> Vec<ActorRef<PromiseMsg>> {
+        in_order(&self.promises)
+    }
+
     /// The live incarnation of agent `id` on this node, if any.
     pub fn agent(&self, id: &FormulaId) -> Option<ActorRef<AgentMsg>> {
         self.agents.lock().ok().and_then(|m| m.get(id).cloned())
@@ -46,6 +58,15 @@ impl Registry {
     pub fn promise(&self, id: &FormulaId) -> Option<ActorRef<PromiseMsg>> {
         self.promises.lock().ok().and_then(|m| m.get(id).cloned())
     }
+}
+
+fn in_order<M>(map: &Mutex<HashMap<FormulaId, ActorRef<M>>>) -> Vec<ActorRef<M>> {
+    let mut all: Vec<_> = map
+        .lock()
+        .map(|m| m.iter().map(|(id, a)| (*id, a.clone())).collect())
+        .unwrap_or_default();
+    all.sort_unstable_by_key(|(id, _)| *id);
+    all.into_iter().map(|(_, a)| a).collect()
 }
 
 /// Messages of an agent's actor (`crate::incarnation`).

@@ -702,7 +702,7 @@ async fn fire(rt: &Arc<Inner>, r: &RoutineRec, tick: u64) -> Result<(), Error> {
 #[derive(Default)]
 struct Known {
     routines: Vec<RoutineRec>,
-    read_at: Option<std::time::Instant>,
+    read_at: Option<tokio::time::Instant>,
 }
 
 /// One look: fires every routine that is due and owned here.
@@ -710,7 +710,7 @@ async fn fire_due(rt: &Arc<Inner>, known: &mut Known) -> Result<usize, Error> {
     let stale = known.read_at.is_none_or(|at| at.elapsed() >= REFRESH);
     if stale {
         known.routines = list_all(rt).await?;
-        known.read_at = Some(std::time::Instant::now());
+        known.read_at = Some(tokio::time::Instant::now());
     }
     let mut fired = 0;
     for r in &known.routines {

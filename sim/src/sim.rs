@@ -563,10 +563,11 @@ impl World {
                     m.marks.clone(),
                 )
             };
-            if self.calls.is_empty() && !unhandled.is_empty() {
+            let idle = self.calls.is_empty() && unhandled.is_empty() && self.outboxes_empty().await;
+            if self.calls.is_empty() && !idle {
                 self.bring_back_drained().await;
             }
-            if self.calls.is_empty() && unhandled.is_empty() && self.outboxes_empty().await {
+            if idle {
                 let now = tokio::time::Instant::now();
                 match calm_since {
                     _ if self.far.is_none() => return Ok(()),

@@ -32,7 +32,7 @@ pub(super) async fn next_run(
             holes.settle(mark);
         }
         let listed: Vec<u64> = batch.iter().map(|(n, _, _)| *n).collect();
-        match holes.step(next, &listed, std::time::Instant::now()) {
+        match holes.step(next, &listed, tokio::time::Instant::now().into_std()) {
             Step::Idle => return Ok(None),
             Step::Handle(n) => {
                 batch.truncate(n);
