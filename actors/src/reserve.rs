@@ -117,6 +117,10 @@ async fn reserve_batch_at(
                     Ok(Err(e @ Error::InboxFull { .. })) => return Err(e),
                     Ok(Err(e)) => {
                         tracing::debug!(owner = %node.name, "remote reservation failed: {e}");
+                        if !matches!(e, Error::Unreachable(_)) {
+                            c.reserve_refused
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
                         if matches!(e, Error::Unreachable(_)) {
                             c.forget_owner(&agent);
                             c.await_lapse(&rt.db, &node).await?;
@@ -128,6 +132,8 @@ async fn reserve_batch_at(
                 }
             }
         }
+        // (what this node remembered of the owner failed it: the next
+        // attempt asks the store, where a hand-over or a take-over shows)
         c.forget_owner(&agent);
     }
     Err(match last {

@@ -394,6 +394,7 @@ pub async fn command(
                     "reserve": c.reserve_calls.load(std::sync::atomic::Ordering::Relaxed),
                     "wake": c.wake_calls.load(std::sync::atomic::Ordering::Relaxed),
                     "reserve_us": c.reserve_us.load(std::sync::atomic::Ordering::Relaxed),
+                    "reserve_refused": c.reserve_refused.load(std::sync::atomic::Ordering::Relaxed),
                 },
                 "incarnations_here": rt.incarnations(),
                 // how unheld formulas are placed (`cluster policy`), and

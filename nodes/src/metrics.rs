@@ -411,6 +411,12 @@ async fn render(src: &Sources) -> String {
             c.reserve_calls.load(Relaxed),
         );
         t.one(
+            "capstan_cluster_reserve_refused_total",
+            "counter",
+            "Reservations asked of a remote owner that it refused (not the owner any more, or failing).",
+            c.reserve_refused.load(Relaxed),
+        );
+        t.one(
             "capstan_cluster_reserve_microseconds_total",
             "counter",
             "Time the reservations asked of a remote owner took until answered, in µs summed.",

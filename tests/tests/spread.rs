@@ -223,3 +223,77 @@ fn spread_places_agents_over_the_nodes_and_hands_them_to_a_node_that_joins() {
         assert_eq!(count(k), increments, "{k} after the drain");
     }
 }
+
+/// Reservation calls a node made to other members, and those refused
+/// (`cluster status`).
+fn reserve_calls(n: &Node) -> (u64, u64) {
+    let v = n.json(["cluster", "status"]);
+    let get = |k: &str| {
+        v["link_calls"][k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("cluster status without link call counts: {v}"))
+    };
+    (get("reserve"), get("reserve_refused"))
+}
+
+/// A send to an agent whose owner gave it up asks that owner once: the
+/// refusal makes the sending node look the owner up in the store again,
+/// rather than ask the owner it remembers until that memory expires (two
+/// leases; each send to a moved agent waited that long, asking again and
+/// again). n2 mails agents made through n1, so it remembers where they
+/// live; n3 drains n1 (under `spread`, n1's agents go to the winners among
+/// n2 and n3); n2 mails each agent again within the two leases: each of
+/// n1's is refused to it about once. (With the lookup again taken out, the
+/// sends to n1's agents waited for n2's memory to expire and were refused
+/// dozens of times.)
+#[test]
+fn a_send_to_an_agent_its_owner_gave_up_asks_that_owner_once() {
+    let Some(spec) = etcd_spec("spread-ask") else {
+        return;
+    };
+    // (a long lease: n2 remembers the owners for two of them, 30 s, which
+    // covers the drain)
+    let nodes = start_cluster(&spec, 3, "15000");
+    nodes[0].ok(["cluster", "policy", "--placement", "spread"]);
+    for n in &nodes[1..] {
+        wait(
+            "the nodes to follow the policy",
+            || n.json(["cluster", "status"]),
+            |v| v["placement_policy"] == "spread",
+        );
+    }
+    let agents: Vec<String> = (0..20).map(|i| format!("b{i}")).collect();
+    for a in &agents {
+        nodes[0].ok(["mkguest", a]);
+    }
+    for a in &agents {
+        nodes[1].ok(["send", a, "m0"]);
+    }
+    let before = owners(&nodes[0], &agents);
+    let on_n1 = agents.iter().filter(|a| before[*a] == "n1").count() as u64;
+    assert!(on_n1 > 0, "no agent on n1: {before:?}");
+    let (_, refused_before) = reserve_calls(&nodes[1]);
+    let v = nodes[2].json(["cluster", "drain", "n1"]);
+    assert_eq!(v["drained"], true, "{v}");
+    for a in &agents {
+        nodes[1].ok(["send", a, "again"]);
+    }
+    let after = owners(&nodes[0], &agents);
+    assert!(
+        agents.iter().all(|a| after[a] != "n1"),
+        "an agent still on the drained n1: {after:?}"
+    );
+    let (calls, refused) = reserve_calls(&nodes[1]);
+    let refused = refused - refused_before;
+    // (once for each of n1's agents; the root host, whose inbox takes the
+    // sender's copies, may have been on n1 too; a new owner may answer
+    // that its incarnation is still starting)
+    assert!(
+        refused <= 2 * on_n1 + 2,
+        "n2's reservations were refused {refused} times ({calls} calls in all) for {on_n1} agents n1 gave up"
+    );
+    for a in &agents {
+        let inbox = nodes[1].inbox(&["--as", a]);
+        assert_eq!(texts(&inbox), ["m0", "again"], "{a}'s mail");
+    }
+}

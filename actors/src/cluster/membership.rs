@@ -47,6 +47,11 @@ pub struct Membership {
     /// owner, and `wake` calls (each carrying any number of wake-ups).
     pub reserve_calls: AtomicU64,
     pub wake_calls: AtomicU64,
+    /// Reservation calls the member asked answered with an error other
+    /// than a full inbox (most often: it is not the owner, as this node
+    /// remembered; the next attempt asks the store). Unanswered calls are
+    /// not counted.
+    pub reserve_refused: AtomicU64,
     /// The reservation calls' time until answered (or failed), µs summed.
     pub reserve_us: AtomicU64,
     /// Formulas this node took over from another owner (dead, draining, or
@@ -144,6 +149,7 @@ impl Membership {
             deliveries_sent: AtomicU64::new(0),
             deliveries_received: AtomicU64::new(0),
             reserve_calls: AtomicU64::new(0),
+            reserve_refused: AtomicU64::new(0),
             wake_calls: AtomicU64::new(0),
             reserve_us: AtomicU64::new(0),
             took_over: Mutex::new(HashMap::new()),
