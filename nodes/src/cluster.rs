@@ -464,6 +464,18 @@ pub async fn command(
                     "a node cannot drain itself through its own socket; run `capstan cluster drain {arg}` on another node, or `capstan cluster leave` here"
                 );
             }
+            // Draining the last live node that is not draining would leave
+            // nothing to run the agents: every node would point away.
+            let now = now_ms();
+            let serving_others = members
+                .iter()
+                .filter(|m| m.name != arg && !m.draining && m.live(now))
+                .count();
+            if target.live(now) && !target.draining && serving_others == 0 {
+                bail!(
+                    "{arg} is the last live node that is not draining: draining it would leave no node to run the agents; start another node first, or stop {arg} with `capstan cluster leave` on it"
+                );
+            }
             cl::set_draining(&db, arg).await?;
             let moved: Vec<_> = before
                 .iter()

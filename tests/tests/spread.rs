@@ -296,4 +296,21 @@ fn a_send_to_an_agent_its_owner_gave_up_asks_that_owner_once() {
         let inbox = nodes[1].inbox(&["--as", a]);
         assert_eq!(texts(&inbox), ["m0", "again"], "{a}'s mail");
     }
+    // The last node that is not draining cannot be drained: nothing would
+    // be left to run the agents.
+    let v = nodes[2].json(["cluster", "drain", "n2"]);
+    assert_eq!(v["drained"], true, "{v}");
+    let (code, err) = nodes[1].fail(["cluster", "drain", "n3"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("last live node"), "{err}");
+    let members = nodes[1].json(["cluster", "members"]);
+    assert!(
+        members
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["name"] == "n3" && m["state"] == "live"),
+        "{members}"
+    );
+    nodes[1].ok(["send", "b0", "still served"]);
 }
