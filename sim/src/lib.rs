@@ -9,7 +9,8 @@
 //! ([`capstan_actors::clock`]). Member links are in-memory channels that
 //! drop, delay, duplicate and reorder. A workload drawn from the seed sends
 //! mail and requests to guests, answers requests twice (racing), dismisses
-//! messages, kills nodes (as `kill -9`), restarts and pauses them; guests are
+//! messages, kills nodes (as `kill -9`), restarts and pauses them, drains
+//! them and changes the placement policy (as an operator would); guests are
 //! Rust closures driven like components by `guest::runner` (see
 //! [`handler`]). After every step, and against the store after quiescing,
 //! [`check`] asserts: every acknowledged message present exactly once, each
@@ -166,6 +167,8 @@ pub struct Report {
     pub restarts: u64,
     /// Nodes drained by the workload (each brought back by a restart).
     pub drains: u64,
+    /// Changes of the cluster's placement policy by the workload.
+    pub policy_changes: u64,
     pub pauses: u64,
     pub faults: FaultCounts,
     /// Federated sends and requests made, acknowledged; far answers.

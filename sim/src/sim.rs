@@ -58,6 +58,7 @@ struct History {
     kills: u64,
     restarts: u64,
     drains: u64,
+    policy_changes: u64,
     pauses: u64,
     /// Federated sends and requests: k → (to the doomed host, acknowledged).
     fed_sends: BTreeMap<u64, (bool, bool)>,
@@ -110,6 +111,8 @@ struct World {
     handed_over_before: u64,
     /// Every incarnation's store that filled numbers in (for the report).
     all_fills: Vec<Arc<crate::store::Fills>>,
+    /// The placement policy last set: `spread` (see [`drain`]).
+    spread_now: bool,
 }
 
 fn guest_name(g: usize) -> String {
@@ -184,6 +187,7 @@ async fn run_inner(cfg: Config) -> Result<Report, SimError> {
         followers_checked: 0,
         handed_over_before: 0,
         all_fills: Vec::new(),
+        spread_now: cfg.spread,
     };
     w.setup().await?;
     for step in 0..cfg.steps {
@@ -521,6 +525,7 @@ impl World {
                 self.nodes[i].gate.pause(tokio::time::Instant::now() + d);
             }
             (83..85, Some(_)) if !self.cfg.calm => self.drain(step, i, &alive),
+            (85, Some(_)) if !self.cfg.calm => self.flip_policy(step, i),
             _ => {}
         }
         self.pass_time().await;
@@ -758,6 +763,7 @@ impl World {
             kills: h.kills,
             restarts: h.restarts,
             drains: h.drains,
+            policy_changes: h.policy_changes,
             pauses: h.pauses,
             faults: self.mem.fault_counts(),
             fed_sends: h.fed_sends.len() as u64,

@@ -1,5 +1,6 @@
 //! The simulation in `cargo test`: a few hundred seeds (each 150 steps of a
-//! 3-node cluster; one in four federated with a 2-node far cluster; every
+//! 3-node cluster, with kills, pauses, drains and changes of the placement
+//! policy; one in four federated with a 2-node far cluster; every
 //! node follows a guest's inbox, and most runs must check a follower at
 //! the end; two in three with the store filling senders' numbers in), a
 //! replay, tests that the checker finds a handler that skips and a far

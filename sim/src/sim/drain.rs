@@ -1,3 +1,5 @@
+//! An operator's steps: drains, and changes of the placement policy.
+//!
 //! Drains, as an operator runs them: `capstan cluster drain NODE` on
 //! another node marks the node draining in the store; the node sees the
 //! mark at its next lease renewal, stops its incarnations and gives up its
@@ -30,6 +32,32 @@ impl World {
             let r = capstan_actors::cluster::set_draining(rt.db(), &name).await;
             if let Err(e) = r {
                 tracing::debug!("drain of {name} failed: {e}");
+            }
+        });
+    }
+
+    /// Changes the cluster's placement policy through node `i` (`capstan
+    /// cluster policy --placement local|spread`): to `spread`, the nodes
+    /// hand over what other members win; to `local`, nothing moves.
+    pub(super) fn flip_policy(&mut self, step: u64, i: usize) {
+        let Some(rt) = self.nodes[i].runtime.clone() else {
+            return;
+        };
+        self.spread_now = !self.spread_now;
+        let placement = if self.spread_now {
+            capstan_actors::rules::placement::Policy::Spread
+        } else {
+            capstan_actors::rules::placement::Policy::Local
+        };
+        self.note(format!(
+            "{step}: n{i} sets the placement policy {}",
+            placement.name()
+        ));
+        hist(&self.history).policy_changes += 1;
+        self.call(i, async move {
+            let rec = capstan_actors::cluster::SettingsRec { placement };
+            if let Err(e) = capstan_actors::cluster::set_settings(rt.db(), rec).await {
+                tracing::debug!("policy change failed: {e}");
             }
         });
     }
