@@ -772,6 +772,18 @@ pub fn etcd_spec(tag: &str) -> Option<String> {
     Some(format!("etcd://{eps}/capstan-e2e/{tag}-{nanos}"))
 }
 
+/// Counts of the calls node `n` made to other members (`cluster status`'s
+/// `link_calls`: `reserve`, `wake`, `reserve_refused`, …), in the order
+/// of `keys`.
+pub fn link_call_counts<const N: usize>(n: &Node, keys: [&str; N]) -> [u64; N] {
+    let v = n.json(["cluster", "status"]);
+    keys.map(|k| {
+        v["link_calls"][k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("cluster status without link call count {k}: {v}"))
+    })
+}
+
 /// Calls `f` every 100 ms until `pred` holds for what it returns (which
 /// is returned); fails the test after `secs` seconds, showing the last.
 pub fn wait_until(

@@ -1087,13 +1087,8 @@ fn wakeups_received(c: &Cluster, i: usize) -> u64 {
 /// The calls a node made to other members (`cluster status`: reservations
 /// at a remote owner, wake calls).
 fn link_calls(c: &Cluster, i: usize) -> (u64, u64) {
-    let v = c.n(i).json(["cluster", "status"]);
-    let get = |k: &str| {
-        v["link_calls"][k]
-            .as_u64()
-            .unwrap_or_else(|| panic!("cluster status without link call counts: {v}"))
-    };
-    (get("reserve"), get("wake"))
+    let [reserve, wake] = capstan_tests::link_call_counts(c.n(i), ["reserve", "wake"]);
+    (reserve, wake)
 }
 
 /// Scale-out: a committed message wakes the inbox's owner and the members

@@ -10,7 +10,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use capstan_tests::{
-    LineReader, Node, etcd_spec, guest_wasm, kill_child, start_cluster, start_member, texts,
+    LineReader, Node, etcd_spec, guest_wasm, kill_child, link_call_counts, start_cluster,
+    start_member, texts,
 };
 use serde_json::Value;
 
@@ -224,18 +225,6 @@ fn spread_places_agents_over_the_nodes_and_hands_them_to_a_node_that_joins() {
     }
 }
 
-/// Reservation calls a node made to other members, and those refused
-/// (`cluster status`).
-fn reserve_calls(n: &Node) -> (u64, u64) {
-    let v = n.json(["cluster", "status"]);
-    let get = |k: &str| {
-        v["link_calls"][k]
-            .as_u64()
-            .unwrap_or_else(|| panic!("cluster status without link call counts: {v}"))
-    };
-    (get("reserve"), get("reserve_refused"))
-}
-
 /// A send to an agent whose owner gave it up asks that owner once: the
 /// refusal makes the sending node look the owner up in the store again,
 /// rather than ask the owner it remembers until that memory expires (two
@@ -272,7 +261,7 @@ fn a_send_to_an_agent_its_owner_gave_up_asks_that_owner_once() {
     let before = owners(&nodes[0], &agents);
     let on_n1 = agents.iter().filter(|a| before[*a] == "n1").count() as u64;
     assert!(on_n1 > 0, "no agent on n1: {before:?}");
-    let (_, refused_before) = reserve_calls(&nodes[1]);
+    let [refused_before] = link_call_counts(&nodes[1], ["reserve_refused"]);
     let v = nodes[2].json(["cluster", "drain", "n1"]);
     assert_eq!(v["drained"], true, "{v}");
     for a in &agents {
@@ -283,7 +272,7 @@ fn a_send_to_an_agent_its_owner_gave_up_asks_that_owner_once() {
         agents.iter().all(|a| after[a] != "n1"),
         "an agent still on the drained n1: {after:?}"
     );
-    let (calls, refused) = reserve_calls(&nodes[1]);
+    let [calls, refused] = link_call_counts(&nodes[1], ["reserve", "reserve_refused"]);
     let refused = refused - refused_before;
     // (once for each of n1's agents; the root host, whose inbox takes the
     // sender's copies, may have been on n1 too; a new owner may answer
