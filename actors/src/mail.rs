@@ -29,10 +29,6 @@ use crate::agent::{AgentHandle, checked_dedup};
 use crate::clock::now_ms;
 use crate::types::{MAX_SLOT_RETRIES, RefSpec};
 
-/// Numbers from here up are placeholders a relay fills in
-/// (`capstan_cluster::Transaction::fill`), never an inbox's.
-const PLACEHOLDERS: u64 = model::PLACEHOLDER_NUMBERS;
-
 /// What a message's transaction writes besides its copies: the body (and
 /// the promise a request makes), given the transaction and the sender.
 pub(crate) trait PostBody:
@@ -403,7 +399,7 @@ impl AgentHandle {
             .read(move |tx| Box::pin(async move { model::dedup_get(tx, &me, &req).await }))
             .await?;
         match earlier {
-            Some(DedupAnswer::Number(n)) if n < PLACEHOLDERS => Ok(n),
+            Some(DedupAnswer::Number(n)) if n < model::PLACEHOLDER_NUMBERS => Ok(n),
             _ => Err(Error::Corrupt(
                 "a send applied without its number recorded".into(),
             )),
@@ -597,7 +593,7 @@ impl AgentHandle {
             }
         };
         let ((mut n, created, mut delivered), filled) = result;
-        if n >= PLACEHOLDERS {
+        if n >= model::PLACEHOLDER_NUMBERS {
             // the relay filled the number in: it says which, or (its answer
             // lost, the commit settled as applied) the exactly-once record does
             n = match filled.get() {

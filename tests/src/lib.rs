@@ -772,6 +772,16 @@ pub fn etcd_spec(tag: &str) -> Option<String> {
     Some(format!("etcd://{eps}/capstan-e2e/{tag}-{nanos}"))
 }
 
+/// Whether `cluster members`, asked of node `n`, shows member `name` in
+/// `state` (`live`, `draining`, `dead`); with the listing, for a message.
+pub fn member_in_state(n: &Node, name: &str, state: &str) -> (bool, Value) {
+    let members = n.json(["cluster", "members"]);
+    let found = members
+        .as_array()
+        .is_some_and(|a| a.iter().any(|m| m["name"] == name && m["state"] == state));
+    (found, members)
+}
+
 /// Counts of the calls node `n` made to other members (`cluster status`'s
 /// `link_calls`: `reserve`, `wake`, `reserve_refused`, …), in the order
 /// of `keys`.

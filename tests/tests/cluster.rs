@@ -547,15 +547,8 @@ fn drain_moves_incarnations_and_the_node_stops_unnoticed() {
         let p = c.placement(2, a);
         assert_ne!(p["node"], "n2", "{a} still on the drained node: {p}");
     }
-    let members = c.n(2).json(["cluster", "members"]);
-    assert!(
-        members
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|m| m["name"] == "n2" && m["state"] == "draining"),
-        "{members}"
-    );
+    let (draining, members) = capstan_tests::member_in_state(c.n(2), "n2", "draining");
+    assert!(draining, "{members}");
     c.nodes[1].stop();
     // Nobody notices: sends right after the stop go through at once.
     let t = Instant::now();

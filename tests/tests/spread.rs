@@ -292,14 +292,7 @@ fn a_send_to_an_agent_its_owner_gave_up_asks_that_owner_once() {
     let (code, err) = nodes[1].fail(["cluster", "drain", "n3"]);
     assert_ne!(code, 0);
     assert!(err.contains("last live node"), "{err}");
-    let members = nodes[1].json(["cluster", "members"]);
-    assert!(
-        members
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|m| m["name"] == "n3" && m["state"] == "live"),
-        "{members}"
-    );
+    let (live, members) = capstan_tests::member_in_state(&nodes[1], "n3", "live");
+    assert!(live, "{members}");
     nodes[1].ok(["send", "b0", "still served"]);
 }

@@ -16,7 +16,8 @@ use crate::keys;
 pub const INBOX_HINT_EVERY: u64 = 1024;
 
 /// Numbers at and above this are placeholders that a relay fills in at
-/// commit (`crate::mail`): no hint records one.
+/// commit (`capstan_cluster::Transaction::fill`), never an inbox's: a
+/// sender's own copy may take one (`crate::mail`), and no hint records one.
 pub(crate) const PLACEHOLDER_NUMBERS: u64 = 1 << 63;
 
 /// The next unused message number of an inbox: above the last message and
