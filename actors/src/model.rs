@@ -521,7 +521,7 @@ pub async fn put_message(
         crate::records::BodyRec::Request { promise, .. } => note_ref(tx, promise).await?,
     }
     tx.set(&key, &m.encode())?;
-    if m.number > 0 && m.number.is_multiple_of(INBOX_HINT_EVERY) && m.number < PLACEHOLDER_NUMBERS {
+    if writes_hint(m.number) {
         // (a blind write: no send reads the hint, so none conflicts on it)
         tx.set(&keys::inbox_hint(agent), &m.number.to_be_bytes())?;
     }

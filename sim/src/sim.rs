@@ -144,12 +144,18 @@ fn store_faults(seed: u64, rng: &mut Rng, calm: bool) -> Faults {
     }
 }
 
+/// The inbox hint's interval here: inboxes of tens of messages, so that
+/// each take-over of an inbox searches from a hint (a node: every 1,024).
+const SIM_HINT_EVERY: u64 = 4;
+
 pub(crate) async fn run(cfg: Config) -> Result<Report, SimError> {
     crate::clock::start_run();
     // Every id the runtime draws on this thread comes from the seed.
     let _ids = capstan_proto::id::seed_thread(cfg.seed ^ 0x1d5_5eed);
     // And the store's retry jitter.
     let _jitter = capstan_cluster::store::seed_thread_jitter(cfg.seed ^ 0x0071_77e5);
+    // (the same in every run of this process: runs replay exactly)
+    capstan_actors::model::set_inbox_hint_every(SIM_HINT_EVERY);
     let r = run_inner(cfg).await;
     crate::clock::end_run();
     r

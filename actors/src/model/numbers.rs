@@ -15,6 +15,27 @@ use crate::keys;
 /// (see [`next_message_number`]).
 pub const INBOX_HINT_EVERY: u64 = 1024;
 
+/// The interval this process writes hints at: [`INBOX_HINT_EVERY`] unless
+/// [`set_inbox_hint_every`] changed it.
+static HINT_EVERY: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(INBOX_HINT_EVERY);
+
+/// Writes an inbox hint every `n` numbers (at least 1) in this process
+/// from now on, instead of every [`INBOX_HINT_EVERY`]. For simulations
+/// and tests, whose inboxes stay small: a hint only says where the search
+/// for the last message starts, so any interval gives the same numbers,
+/// and a small one makes every take-over of an inbox start from a hint.
+pub fn set_inbox_hint_every(n: u64) {
+    HINT_EVERY.store(n.max(1), std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether the message numbered `number` records its number as the
+/// inbox's hint.
+pub(crate) fn writes_hint(number: u64) -> bool {
+    let every = HINT_EVERY.load(std::sync::atomic::Ordering::Relaxed);
+    number > 0 && number.is_multiple_of(every) && number < PLACEHOLDER_NUMBERS
+}
+
 /// Numbers at and above this are placeholders that a relay fills in at
 /// commit (`capstan_cluster::Transaction::fill`), never an inbox's: a
 /// sender's own copy may take one (`crate::mail`), and no hint records one.
