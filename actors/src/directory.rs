@@ -262,9 +262,10 @@ impl AgentHandle {
                     return Ok(());
                 }
                 let dir = model::parent_dir(tx, &ctx, &p).await?;
-                model::remove_name(tx, &dir, p.last())
+                let id = model::remove_name(tx, &dir, p.last())
                     .await?
                     .ok_or_else(|| Error::UnknownName(p.to_string()))?;
+                crate::federation::give_up_accept(tx, &ctx.id, &id).await?;
                 model::dedup_put(tx, &ctx.id, &req, DedupAnswer::None, now_ms())?;
                 Ok(())
             })

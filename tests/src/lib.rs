@@ -28,6 +28,7 @@
 //! Every wait has a deadline: a hang fails the test instead of blocking it.
 
 pub mod control;
+pub mod fed;
 pub mod history;
 pub mod layout;
 pub mod llm_server;

@@ -318,6 +318,49 @@ impl RoguePeer {
     }
 
     /// Dials the node of `target` as this rogue cluster, restores it and
+    /// delivers a package to it: `text`, then one reference per entry of
+    /// `refs` (each named `r0`, `r1`, …), under a fresh item id: what a
+    /// peer holding `target` can send. The node's answer: `Ok`, or its
+    /// error text.
+    pub fn deliver(&self, target: &Locator, text: &str, refs: &[Locator]) -> Result<(), String> {
+        let (text, refs) = (text.to_string(), refs.to_vec());
+        self.call(target, move |o| async move {
+            let mut d = o.deliver_request();
+            d.get().set_id(&capstan_proto::RequestId::random().0);
+            {
+                let mut e = d.get().init_envelope();
+                e.set_message_id(&capstan_proto::RequestId::random().0);
+                e.set_date_ms(1);
+                let mut p = e.init_body().init_package();
+                {
+                    let mut s = p.reborrow().init_strings(refs.len() as u32 + 1);
+                    s.set(0, text.as_str());
+                    for i in 1..=refs.len() {
+                        s.set(i as u32, "");
+                    }
+                }
+                {
+                    let mut n = p.reborrow().init_names(refs.len() as u32);
+                    for i in 0..refs.len() {
+                        n.set(i as u32, format!("r{i}").as_str());
+                    }
+                }
+                let mut l = p.init_refs(refs.len() as u32);
+                for (i, r) in refs.iter().enumerate() {
+                    let mut x = l.reborrow().get(i as u32);
+                    x.set_cluster_id(&r.cluster);
+                    x.set_swiss(&r.swiss);
+                    let mut a = x.init_addrs(r.addrs.len() as u32);
+                    for (j, addr) in r.addrs.iter().enumerate() {
+                        a.set(j as u32, addr.as_str());
+                    }
+                }
+            }
+            d.send().promise.await.map(drop)
+        })
+    }
+
+    /// Dials the node of `target` as this rogue cluster, restores it and
     /// calls `settle` on it with a rejection: what a hostile peer holding
     /// `target` can do. The node's answer: `Ok`, or its error text.
     pub fn settle_rejected(&self, target: &Locator, reason: &str) -> Result<(), String> {

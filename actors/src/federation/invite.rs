@@ -202,7 +202,13 @@ impl AgentHandle {
                     return Ok(prev);
                 }
                 let now = now_ms();
-                match model::must_formula(tx, &placeholder).await?.kind {
+                let held = model::must_formula(tx, &placeholder).await?;
+                if held.cancelled.is_some() {
+                    return Err(Error::Invalid(
+                        "the name held for this invitation was removed meanwhile, which gave the accept up; nothing was named (the inviter's handle for you is revoked here)".into(),
+                    ));
+                }
+                match held.kind {
                     FormulaKind::Accepting(a) if a.host == ctx.id => {
                         model::put_formula(
                             tx,
@@ -240,7 +246,8 @@ impl AgentHandle {
     }
 
     /// The inviter refused for good: frees the name held for the
-    /// invitation and revokes the handles offered.
+    /// invitation and revokes the handles offered (see also
+    /// [`give_up_accept`]: the name removed by hand).
     pub async fn abort_accept(&self, name: &str, placeholder: FormulaId) -> Result<(), Error> {
         let ctx = self.ctx.clone();
         let p = Path::parse_writable(name)?;
@@ -361,4 +368,34 @@ impl Runtime {
             })
             .await
     }
+}
+
+/// A name `host` removed named `id`: when that is a name held for an
+/// accept (`accepting`), the accept is given up, as the error of an
+/// unfinished `accept` says: the handles offered to the inviter are
+/// revoked and the placeholder is cancelled, so the inviter's mail through
+/// them bounces rather than waits for an accept nobody will finish (it
+/// held up all of the inviter cluster's mail to this one), and an answer
+/// arriving later names nothing. Anything else is left alone.
+pub(crate) async fn give_up_accept(
+    tx: &mut capstan_cluster::Transaction,
+    host: &FormulaId,
+    id: &FormulaId,
+) -> Result<(), Error> {
+    let mut f = model::must_formula(tx, id).await?;
+    let FormulaKind::Accepting(a) = &f.kind else {
+        return Ok(());
+    };
+    if a.host != *host || f.cancelled.is_some() {
+        return Ok(());
+    }
+    for h in &a.handles {
+        tx.clear(&keys::locator(h));
+        tx.clear(&keys::locator_of(host, h));
+    }
+    f.cancelled = Some(crate::records::Cancelled {
+        reason: "the accept was given up (its name removed)".into(),
+        at_ms: now_ms(),
+    });
+    model::put_formula(tx, id, &f)
 }

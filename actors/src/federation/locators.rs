@@ -98,8 +98,16 @@ pub(super) async fn adopt_ref(
     own: &[u8; 32],
 ) -> Result<FormulaId, Error> {
     if r.cluster == *own {
+        // (as a call through the locator is checked: an invitation that was
+        // accepted designates what its redeemer was given, which a
+        // reference passed in a message must not reach)
         return match tx.get(&keys::locator(&swiss_hash(&r.swiss))).await? {
-            Some(b) => Ok(LocatorRec::decode(&b)?.target),
+            Some(b) => match LocatorRec::decode(&b)? {
+                rec if rec.accepted.is_none() => Ok(rec.target),
+                _ => Err(Error::Invalid(
+                    "the message carries a reference to this node that is revoked (an invitation accepted already)".into(),
+                )),
+            },
             None => Err(Error::Invalid(
                 "the message carries a reference to this node that is unknown or revoked".into(),
             )),

@@ -67,6 +67,7 @@ use crate::model::Ctx;
 use crate::node::Runtime;
 
 pub use envelope::{Envelope, EnvelopeBody, OutOp, OutboxItem, Settlement};
+pub(crate) use invite::give_up_accept;
 pub use invite::{AcceptStep, MAX_ACCEPT_ATTEMPTS};
 pub(crate) use locators::{issue_locator, wire_ref};
 pub use outbox::{OUTBOX_BATCH, OUTBOX_PEERS, now_us};

@@ -17,6 +17,36 @@ use crate::records::{BodyRec, Formula, FormulaKind, LocatorRec, MessageRec, Prom
 /// Most item ids one [`Runtime::applied_items`] answers.
 pub const MAX_APPLIED_QUERY: usize = 256;
 
+/// Whether mail through a handle given to `peer` (its formula here) may
+/// come from a node of cluster `caller`: the handle was given to that
+/// cluster's agent (invite/accept), and mail through it is from `peer`. A
+/// handle passed on to a third cluster carries none of that cluster's mail
+/// as if from `peer` (its holder), and a peer cancelled here sends no more.
+fn check_peer(f: Formula, caller: &[u8; 32]) -> Result<(), Error> {
+    if let Some(c) = &f.cancelled {
+        return Err(Error::Invalid(format!(
+            "revoked: mail from this sender is refused here ({})",
+            c.reason
+        )));
+    }
+    let given_to = match &f.kind {
+        FormulaKind::Remote(r) => r.cluster,
+        FormulaKind::Accepting(a) => a.cluster,
+        _ => return Err(Error::Corrupt("a handle's peer is not remote".into())),
+    };
+    if given_to != *caller {
+        return Err(Error::Invalid(
+            "refused: this handle takes mail only from the cluster it was given to, and it was passed on; ask its holder to introduce you (`capstan invite`)".into(),
+        ));
+    }
+    if matches!(f.kind, FormulaKind::Accepting(_)) {
+        return Err(Error::Unavailable(
+            "this node is still accepting the invitation; try again later".into(),
+        ));
+    }
+    Ok(())
+}
+
 impl Runtime {
     /// Which of `items` (outbox item ids of another cluster) this cluster
     /// applied: delivered, or settled. A sender asks before bouncing an
@@ -68,7 +98,7 @@ impl Runtime {
             return Ok(());
         }
         let agent = self.handle_for(to).await?;
-        let own = caller.own;
+        let (own, from_cluster) = (caller.own, caller.cluster);
         // Admitted under the recipient's quota: a full inbox refuses for
         // good, and the sender's node bounces the mail to its sender.
         let size = match &env.body {
@@ -104,18 +134,7 @@ impl Runtime {
                                 c.reason
                             )));
                         }
-                        match model::must_formula(tx, &peer).await?.kind {
-                            FormulaKind::Remote(_) => {}
-                            FormulaKind::Accepting(_) => {
-                                return Err(Error::Unavailable(
-                                    "this node is still accepting the invitation; try again later"
-                                        .into(),
-                                ));
-                            }
-                            _ => {
-                                return Err(Error::Corrupt("a handle's peer is not remote".into()));
-                            }
-                        }
+                        check_peer(model::must_formula(tx, &peer).await?, &from_cluster)?;
                         let body = match env.body {
                             EnvelopeBody::Package {
                                 strings,

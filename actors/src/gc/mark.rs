@@ -207,7 +207,8 @@ pub(super) async fn mark(snap: &dyn Snapshot) -> Result<Graph, Error> {
             }
             FormulaKind::Accepting(a) => {
                 e.push(a.host);
-                false
+                // (given up: kept only while a name holds it)
+                f.cancelled.is_some()
             }
             FormulaKind::Llm(l) => {
                 e.push(l.host);
