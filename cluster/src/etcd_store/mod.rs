@@ -1225,8 +1225,25 @@ impl Inner {
             }
             // (every entry is known now; one that was not would read as
             // too many keys: the coarse compares below, still safe)
-            let fetched: Vec<Option<KeyRevisions>> =
+            let mut fetched: Vec<Option<KeyRevisions>> =
                 known.into_iter().map(Option::flatten).collect();
+            // A range merged from a key's read and a wider one: the key is
+            // compared with the revision of the value the snapshot served
+            // (maybe an older one, from the cache), not with its revision at
+            // the snapshot, else a stale value passes the commit.
+            for ((b, e), keys) in ranges.iter().zip(fetched.iter_mut()) {
+                if *e != key_after(b)
+                    && let Some(keys) = keys
+                {
+                    for (k, m) in served_in(facts.as_deref(), b, e) {
+                        let k = self.dk(&k);
+                        match keys.iter_mut().find(|(x, _)| *x == k) {
+                            Some(entry) => entry.1 = m,
+                            None => keys.push((k, m)),
+                        }
+                    }
+                }
+            }
             let needed: Option<usize> = ranges
                 .iter()
                 .zip(&fetched)
@@ -1258,9 +1275,16 @@ impl Inner {
                 return Ok((compares, size, false));
             }
         }
-        // Coarse: the deletion guard, and one range compare per group of
-        // consecutive ranges (covering the gaps between them too).
-        let groups = coarsen(ranges, budget.saturating_sub(1).max(1));
+        // Coarse: the deletion guard, one compare per key the snapshot
+        // served (the revision of the value served: see above), and one
+        // range compare per group of consecutive ranges (covering the gaps
+        // between them too).
+        let served = served_in(facts.as_deref(), &[], &[]);
+        if served.len() + 2 > budget {
+            // (too many to check each: a fresh snapshot serves none)
+            return Err(StoreError::Conflict);
+        }
+        let groups = coarsen(ranges, budget - 1 - served.len());
         tracing::debug!(
             ranges = groups.len(),
             "read set too large for precise compares; using range compares and the deletion guard"
@@ -1271,6 +1295,10 @@ impl Inner {
             next,
         )];
         let mut size = self.guard.len() + OP_OVERHEAD;
+        for (k, m) in served {
+            size += k.len() + self.data.len() + OP_OVERHEAD;
+            compares.push(Compare::mod_revision(self.dk(&k), compare_result::EQUAL, m));
+        }
         for (b, e) in groups {
             size += b.len() + e.len() + 2 * (self.data.len() + OP_OVERHEAD);
             compares.push(
@@ -1874,6 +1902,21 @@ struct Facts {
     /// runner's batch lists its inbox and then commits: that read was most
     /// of a guest message's etcd reads).
     spans: std::sync::Mutex<Vec<Span>>,
+}
+
+/// The single keys `facts` says the snapshot served in `[begin, end)` (an
+/// empty `end`: no end), with the mod revisions of the values served.
+fn served_in(facts: Option<&Facts>, begin: &[u8], end: &[u8]) -> Vec<(Vec<u8>, i64)> {
+    let Some(keys) = facts.and_then(|f| f.keys.lock().ok()) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(Vec<u8>, i64)> = keys
+        .iter()
+        .filter(|(k, _)| k.as_slice() >= begin && (end.is_empty() || k.as_slice() < end))
+        .map(|(k, m)| (k.clone(), *m))
+        .collect();
+    out.sort();
+    out
 }
 
 /// A span a listing read whole ([`Facts::spans`]).
