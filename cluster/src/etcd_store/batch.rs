@@ -204,6 +204,11 @@ impl Member {
             Reply::Relayed(tx) => {
                 let r = match outcome {
                     Outcome::Answered(v, t) => Ok((v, t)),
+                    // (not known: its sender resolves it by its marker; taken
+                    // for "not applied", the sender would commit it again)
+                    Outcome::Settled(Err(StoreError::MaybeCommitted)) => Err(RelayError::Unknown(
+                        "its outcome is not known (etcd answered NOSPACE and its marker could not be read)".into(),
+                    )),
                     Outcome::Settled(Err(e)) => Err(RelayError::NotApplied(e.to_string())),
                     Outcome::Settled(Ok(_)) | Outcome::Unknown => {
                         Err(RelayError::Unknown("etcd did not answer the Txn".into()))
@@ -827,6 +832,13 @@ async fn send_nested(inner: &Inner, batch: &[Member]) -> Result<Vec<Outcome>, St
             Ok(applied_at) => {
                 Ok(members_applied_at(inner, batch, applied_at, Instant::now()).await)
             }
+            // The marker could not be read: the batch may have applied (the
+            // Txn that crosses the quota is), so its members must not go
+            // again alone, which "refused as a whole" would do.
+            Err(StoreError::MaybeCommitted) => Ok(batch
+                .iter()
+                .map(|_| Outcome::Settled(Err(StoreError::MaybeCommitted)))
+                .collect()),
             Err(e) => Err(e),
         },
     }

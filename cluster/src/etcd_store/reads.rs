@@ -159,6 +159,25 @@ async fn send(inner: &Inner, batch: Vec<Get>) {
                 let _ = g.reply.send(answer);
             }
         }
+        // A revision compacted away fails the whole Txn: each read alone
+        // then, so that only a read at such a revision fails (a fresh one
+        // sharing the Txn was told "conflict", which its caller may not
+        // retry).
+        Err(StoreError::Conflict) => {
+            let answers = futures::future::join_all(batch.iter().map(|g| {
+                let end = key_after(&g.key);
+                async move {
+                    inner
+                        .page(&g.key, &end, g.revision, 1, false, false)
+                        .await
+                        .map(|resp| resp.kvs.into_iter().next())
+                }
+            }))
+            .await;
+            for (g, r) in batch.into_iter().zip(answers) {
+                let _ = g.reply.send(r);
+            }
+        }
         Err(e) => {
             for g in batch {
                 let _ = g.reply.send(Err(e.clone()));
