@@ -69,7 +69,7 @@ pub fn has(text: &'static str) -> impl Fn(&[Value]) -> bool {
     }
 }
 
-/// The bounces of an inbox (texts starting "[undeliverable]").
+/// The bounces of an inbox (texts starting `[undeliverable]`).
 pub fn bounces(inbox: &[Value]) -> Vec<String> {
     inbox
         .iter()
