@@ -366,7 +366,13 @@ impl Actor for AgentActor {
                 } else if had {
                     tell_owner_of_followers(st, true);
                 }
-                // a channel guest stays incarnated: it polls the outside system
+                // a channel guest stays incarnated: it polls the outside
+                // system; and a guest handling mail is not idle, however
+                // long its handler takes (stopped, its next commit would be
+                // fenced, and the message handled again from the start)
+                if st.guest.as_ref().is_some_and(|g| g.busy()) {
+                    st.last_active = Instant::now();
+                }
                 let pinned = st.guest.as_ref().is_some_and(|g| g.pinned());
                 if !pinned
                     && st.followers.is_empty()

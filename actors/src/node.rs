@@ -88,9 +88,18 @@ pub(crate) struct GuestRunner {
     pub(crate) kick: mpsc::Sender<()>,
     /// A channel keeps its incarnation alive (it polls the outside system).
     pub(crate) pinned: bool,
+    /// Set while the runner works through the inbox: its incarnation is
+    /// not idle then, however long a handler takes (a model call of
+    /// minutes), though no mail arrives.
+    pub(crate) busy: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl GuestRunner {
+    /// Whether the runner is handling mail now.
+    pub fn busy(&self) -> bool {
+        self.busy.load(Ordering::Acquire)
+    }
+
     /// New mail: look at the inbox again.
     pub fn kick(&self) {
         let _ = self.kick.try_send(());

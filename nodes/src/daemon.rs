@@ -131,7 +131,7 @@ pub async fn run(
             secrets: Some(secrets),
             embed_model: EMBED_MODEL.get().cloned(),
             fill_numbers: fill_numbers(),
-            ..RuntimeOptions::default()
+            idle_timeout: idle_from_env()?,
         },
     )
     .await
@@ -327,6 +327,21 @@ fn lease_from_env() -> anyhow::Result<Duration> {
             Ok(ms) if (250..=60_000).contains(&ms) => Ok(Duration::from_millis(ms)),
             _ => bail!(
                 "CAPSTAN_LEASE_MS must be a number of milliseconds from 250 to 60000; got {v:?}"
+            ),
+        },
+    }
+}
+
+/// How long an incarnation with nothing to do stays in memory before it
+/// is passivated: `CAPSTAN_IDLE_MS` (1000 to 24 h), default 60 s.
+fn idle_from_env() -> anyhow::Result<Duration> {
+    const MAX_MS: u64 = 24 * 3600 * 1000;
+    match std::env::var("CAPSTAN_IDLE_MS") {
+        Err(_) => Ok(RuntimeOptions::default().idle_timeout),
+        Ok(v) => match v.trim().parse::<u64>() {
+            Ok(ms) if (1000..=MAX_MS).contains(&ms) => Ok(Duration::from_millis(ms)),
+            _ => bail!(
+                "CAPSTAN_IDLE_MS must be a number of milliseconds from 1000 to {MAX_MS} (24 h); got {v:?}"
             ),
         },
     }

@@ -654,3 +654,45 @@ fn a_bought_answer_is_reused_when_the_handler_runs_again() {
     assert_eq!(tool_results(&reqs[2].json()).len(), 1, "{}", reqs[2].body);
     assert_eq!(count_mail(&node, "helper", "I hold llm."), 1);
 }
+
+/// In a cluster, a guest whose handler waits on a slow model is busy, not
+/// idle. An incarnation idle for `CAPSTAN_IDLE_MS` is passivated and gives
+/// its placement up; one waiting on its model was too (no mail had arrived
+/// for that long): its handler's commit was then fenced, and the message
+/// handled again from the start on the next look for guests behind, the
+/// model asked again, and so on for any call longer than the idle time.
+#[test]
+fn a_guest_waiting_on_a_slow_model_in_a_cluster_is_not_passivated() {
+    let Some(spec) = capstan_tests::etcd_spec("llm-idle") else {
+        return;
+    };
+    let server = LlmServer::start();
+    let mut node = Node::named("n1").with_env("CAPSTAN_IDLE_MS", "1000");
+    let key = node.json(["cluster", "init", "--store", &spec])["secrets_key"]
+        .as_str()
+        .expect("init names its secrets key")
+        .to_string();
+    capstan_tests::start_member(&mut node, &spec, &key);
+    server.require_key(KEY);
+    server.add_anthropic(&node, "claude", KEY);
+    let wasm = guest_wasm("llm-agent");
+    node.ok([
+        "install",
+        wasm.as_str(),
+        "--name",
+        "llm-agent",
+        "--grant",
+        "llm=claude",
+    ]);
+    node.ok(["mkguest", "helper", "--component", "llm-agent"]);
+    server.push(Reply::text("worth the wait").after(Duration::from_millis(4000)));
+    node.ok(["send", "helper", "think hard"]);
+    let t = wait_mail(&node, "helper", "worth the wait");
+    assert_eq!(t, "worth the wait");
+    // (a message handled again would have asked the model again by now:
+    // the look for guests behind comes every two leases, 2.4 s)
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(server.requests().len(), 1, "the model was asked again");
+    assert_eq!(count_mail(&node, "helper", "worth the wait"), 1);
+    assert_eq!(handled(&node, "helper"), 1);
+}

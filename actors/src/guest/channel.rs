@@ -301,6 +301,8 @@ pub(super) fn start(
     GuestRunner {
         kick: tx,
         pinned: true,
+        // (pinned: never passivated, busy or not)
+        busy: Default::default(),
     }
 }
 

@@ -117,12 +117,16 @@ async fn runner_for(
     }
     let (tx, mut rx) = mpsc::channel(1);
     let rt = rt.clone();
+    let busy = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let working = busy.clone();
     tokio::spawn(async move {
         loop {
+            working.store(true, std::sync::atomic::Ordering::Release);
             if let Err(e) = drain(&gh, &rt, id, hash, limits).await {
                 tracing::warn!(guest = %id.short(), "guest runner: {e}");
                 gh.stats_update(id, |s| s.last_error = e.to_string());
             }
+            working.store(false, std::sync::atomic::Ordering::Release);
             if rx.recv().await.is_none() {
                 break;
             }
@@ -131,6 +135,7 @@ async fn runner_for(
     Ok(Some(GuestRunner {
         kick: tx,
         pinned: false,
+        busy,
     }))
 }
 
