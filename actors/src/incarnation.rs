@@ -58,6 +58,10 @@ pub(crate) struct AgentState {
     _ticker: tokio::task::JoinHandle<()>,
     /// For a guest whose body is a component: its runner.
     guest: Option<crate::node::GuestRunner>,
+    /// The runner failed to start (a store read failed, as during an etcd
+    /// leader change): started again at the next message or tick, and
+    /// woken meanwhile as a runner would be.
+    guest_failed: bool,
     /// The inbox's use against its quota (kept while this owns it).
     account: crate::quota::Account,
     /// A count of the inbox runs in a task of its own (`AgentMsg::Counted`
@@ -109,7 +113,7 @@ const RETELL_AFTER_MISS: Duration = Duration::from_millis(500);
 /// their next reservation, and finds those messages by its looks, as a
 /// follower whose owner was not told yet does.
 fn note_wakes(st: &mut AgentState) {
-    let quiet = st.owned && st.guest.is_none() && st.followers.is_empty();
+    let quiet = st.owned && st.guest.is_none() && !st.guest_failed && st.followers.is_empty();
     if st.quiet != Some(quiet) {
         if let Some(c) = st.rt.cluster.get() {
             c.set_needs_wakes(st.id, !quiet);
@@ -170,13 +174,14 @@ impl Actor for AgentActor {
         let tick = (args.rt.opts.idle_timeout / 2).max(Duration::from_millis(50));
         let ticker = myself.send_interval(tick, || AgentMsg::Tick);
         tracing::debug!(agent = %id.short(), next, owned = args.owned, "incarnated agent");
-        let guest = if args.owned {
+        let (guest, guest_failed) = if args.owned {
             start_guest(&args.rt, id).await
         } else {
-            None
+            (None, false)
         };
         let mut st = AgentState {
             guest,
+            guest_failed,
             rt: args.rt,
             id,
             next,
@@ -286,7 +291,7 @@ impl Actor for AgentActor {
                         Ok(n) => {
                             st.next = n;
                             st.owned = true;
-                            st.guest = start_guest(&st.rt, st.id).await;
+                            (st.guest, st.guest_failed) = start_guest(&st.rt, st.id).await;
                         }
                         Err(e) => {
                             let _ = reply.send(Err(e));
@@ -297,6 +302,9 @@ impl Actor for AgentActor {
                 let _ = reply.send(Ok(()));
             }
             AgentMsg::Delivered(m) => {
+                if st.guest_failed && m.from != st.id {
+                    retry_guest(st).await;
+                }
                 if let Some(g) = &st.guest
                     && m.from != st.id
                 {
@@ -365,6 +373,9 @@ impl Actor for AgentActor {
                     tell_owner_of_followers(st, false);
                 } else if had {
                     tell_owner_of_followers(st, true);
+                }
+                if st.guest_failed {
+                    retry_guest(st).await;
                 }
                 // a channel guest stays incarnated: it polls the outside
                 // system; and a guest handling mail is not idle, however
@@ -451,21 +462,46 @@ async fn read_next(rt: &crate::node::Inner, id: FormulaId) -> Result<u64, Error>
         .await
 }
 
+/// Starts the runner that failed to start before, if it starts now.
+async fn retry_guest(st: &mut AgentState) {
+    if st.owned && st.guest.is_none() {
+        (st.guest, st.guest_failed) = start_guest(&st.rt, st.id).await;
+        if st.guest.is_some() {
+            tracing::info!(agent = %st.id.short(), "guest component started on a second try");
+        }
+    } else {
+        st.guest_failed = false;
+    }
+}
+
+/// The runner of agent `id`'s component, if it has one; and whether
+/// starting it failed (then `None`, to be tried again).
 async fn start_guest(
     rt: &Arc<crate::node::Inner>,
     id: FormulaId,
-) -> Option<crate::node::GuestRunner> {
+) -> (Option<crate::node::GuestRunner>, bool) {
     // Taken now, whatever the agent is, so that agents without a component
     // (which never notify) do not keep entries in the take-over map.
     let took_over = rt
         .cluster
         .get()
         .and_then(|c| Some((c, c.take_over_notice(&id)?)));
-    let gh = rt.guests.get().cloned()?;
-    gh.runner_for(rt, id, took_over).await.unwrap_or_else(|e| {
-        tracing::warn!(agent = %id.short(), "guest component not started: {e}");
-        None
-    })
+    let Some(gh) = rt.guests.get().cloned() else {
+        return (None, false);
+    };
+    match gh.runner_for(rt, id, took_over).await {
+        Ok(runner) => (runner, false),
+        // (a store that failed now may answer later; a damaged body or
+        // component will not)
+        Err(e) if e.is_transient() && !matches!(e, Error::Corrupt(_)) => {
+            tracing::warn!(agent = %id.short(), "guest component not started (tried again at its next message): {e}");
+            (None, true)
+        }
+        Err(e) => {
+            tracing::warn!(agent = %id.short(), "guest component not started: {e}");
+            (None, false)
+        }
+    }
 }
 
 fn unregister<M: ractor::Message>(
