@@ -323,10 +323,22 @@ impl RoguePeer {
     /// peer holding `target` can send. The node's answer: `Ok`, or its
     /// error text.
     pub fn deliver(&self, target: &Locator, text: &str, refs: &[Locator]) -> Result<(), String> {
+        self.deliver_item(target, capstan_proto::RequestId::random().0, text, refs)
+    }
+
+    /// [`RoguePeer::deliver`] under the item id `item` (a retry of an item
+    /// uses the same id).
+    pub fn deliver_item(
+        &self,
+        target: &Locator,
+        item: [u8; 16],
+        text: &str,
+        refs: &[Locator],
+    ) -> Result<(), String> {
         let (text, refs) = (text.to_string(), refs.to_vec());
         self.call(target, move |o| async move {
             let mut d = o.deliver_request();
-            d.get().set_id(&capstan_proto::RequestId::random().0);
+            d.get().set_id(&item);
             {
                 let mut e = d.get().init_envelope();
                 e.set_message_id(&capstan_proto::RequestId::random().0);

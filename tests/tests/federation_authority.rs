@@ -1,11 +1,13 @@
-//! Who mail across clusters is from (issue 15's review): a handle made by
+//! Who mail across clusters is from, and what a refusal means (issue 15's
+//! review): a handle made by
 //! invite/accept carries the mail of the cluster it was given to, as from
 //! the agent it was given to, and nothing else. Passed on to a third
 //! cluster, cancelled by the agent that gave it, or offered by an accept
 //! that was given up, it is refused for good (the sender gets a bounce);
 //! a used invitation passed back in a message is refused like a call
-//! through it. Real nodes over QUIC on loopback; a rogue cluster where a
-//! hostile peer is needed.
+//! through it; and an item refused for good is never delivered after. Real
+//! nodes over QUIC on loopback; a rogue cluster where a hostile peer, or
+//! full control of a sender's tries, is needed.
 
 use std::time::{Duration, Instant};
 
@@ -144,4 +146,55 @@ fn removing_a_name_held_for_an_accept_gives_the_accept_up() {
     assert!(err.contains("revoked"), "{err}");
     assert!(b.inbox(&[]).is_empty(), "{:?}", b.inbox(&[]));
     b.ok(["mkdir", "alice"]);
+}
+
+/// An item refused for good (here: the inbox was full) is bounced by its
+/// sender; a try of the same item that lands later must not deliver it
+/// too. Two nodes of the sending cluster can try one item at once, and an
+/// earlier try can still be committing when a later one is refused: the
+/// refusal is recorded under the item's id, so the same item is refused
+/// from then on, even with room in the inbox, and `applied` says it was
+/// not. (A second try delivered it before.)
+#[test]
+fn an_item_refused_for_good_is_never_delivered_after() {
+    let a = listening();
+    let rogue = RoguePeer::start();
+    let invite: Locator = a.json(["invite", "rogue"])["invitation"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let swiss = rogue
+        .accept_invitation(&invite, RequestId::random().0)
+        .expect("the rogue accepted its invitation");
+    let handle = Locator {
+        swiss,
+        ..invite.clone()
+    };
+    // (a quota of 0 means the default: one message first, then a quota
+    // of what the inbox holds)
+    a.ok(["send", "SELF", "filler"]);
+    let held = a.json(["quota", "SELF"])["messages"].as_u64().unwrap();
+    assert!(held >= 1, "the inbox holds {held} messages");
+    a.ok(["quota", "SELF", "--messages", &held.to_string()]);
+    let item = RequestId::random().0;
+    let err = rogue
+        .deliver_item(&handle, item, "first try", &[])
+        .expect_err("a full inbox took the item");
+    assert!(err.contains("full"), "{err}");
+
+    a.ok(["quota", "SELF", "--messages", &(held + 10).to_string()]);
+    let err = rogue
+        .deliver_item(&handle, item, "second try", &[])
+        .expect_err("an item refused for good was delivered by a later try");
+    assert!(err.contains("refused for good before"), "{err}");
+    // (another item is taken: the inbox has room)
+    rogue
+        .deliver(&handle, "another item", &[])
+        .expect("a new item");
+    let inbox = wait_inbox(&a, "the new item", has("another item"));
+    assert!(
+        !texts(&inbox).iter().any(|t| t.ends_with("try")),
+        "{inbox:?}"
+    );
 }

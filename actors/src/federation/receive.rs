@@ -17,6 +17,33 @@ use crate::records::{BodyRec, Formula, FormulaKind, LocatorRec, MessageRec, Prom
 /// Most item ids one [`Runtime::applied_items`] answers.
 pub const MAX_APPLIED_QUERY: usize = 256;
 
+/// The record of an item under its id (`keys::inbound`): when, as 8 bytes
+/// of milliseconds (what `gc` expires it by), and for an item refused for
+/// good (see [`Runtime::receive_deliver`]) one byte more.
+fn inbound_value(applied: bool) -> Vec<u8> {
+    let mut v = now_ms().to_be_bytes().to_vec();
+    if !applied {
+        v.push(b'x');
+    }
+    v
+}
+
+/// Whether an item's record says it was refused for good.
+fn inbound_refused(v: &[u8]) -> bool {
+    v.len() == 9
+}
+
+/// What a try of an item already recorded gets: nothing to do when it was
+/// applied; the refusal again when it was refused.
+fn refused_before(v: &[u8]) -> Result<(), Error> {
+    if inbound_refused(v) {
+        return Err(Error::Invalid(
+            "refused: this item was refused for good before (its sender bounces it)".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Whether mail through a handle given to `peer` (its formula here) may
 /// come from a node of cluster `caller`: the handle was given to that
 /// cluster's agent (invite/accept), and mail through it is from `peer`. A
@@ -67,7 +94,7 @@ impl Runtime {
                 Box::pin(async move {
                     let mut out = Vec::with_capacity(keys.len());
                     for k in &keys {
-                        out.push(tx.get(k).await?.is_some());
+                        out.push(tx.get(k).await?.is_some_and(|v| !inbound_refused(&v)));
                     }
                     Ok::<_, Error>(out)
                 })
@@ -86,16 +113,65 @@ impl Runtime {
         env: Envelope,
         caller: Caller,
     ) -> Result<(), Error> {
-        let db = self.db().clone();
-        if db
-            .read(move |tx| {
-                Box::pin(
-                    async move { Ok::<_, Error>(tx.get(&keys::inbound(&item)).await?.is_some()) },
-                )
+        match self.deliver_item(to, peer, item, env, caller).await {
+            Err(e) if !e.is_transient() => self.refuse_item(item, e).await,
+            r => r,
+        }
+    }
+
+    /// A refusal for good of item `item` (its sender bounces it): recorded
+    /// under the item's id, in a transaction that conflicts with one
+    /// applying the same item, so that a try of it still in flight (from
+    /// another node of the sending cluster, or an earlier try of this one)
+    /// can no longer land: mail is delivered or bounced, never both. When
+    /// such a try applied first, the item was delivered: `Ok`.
+    async fn refuse_item(&self, item: RequestId, why: Error) -> Result<(), Error> {
+        let why_text = why.to_string();
+        let applied = self
+            .db()
+            .transact(move |tx| {
+                Box::pin(async move {
+                    match tx.get(&keys::inbound(&item)).await? {
+                        Some(v) => Ok(!inbound_refused(&v)),
+                        None => {
+                            tx.set(&keys::inbound(&item), &inbound_value(false))?;
+                            Ok::<_, Error>(false)
+                        }
+                    }
+                })
             })
-            .await?
-        {
-            return Ok(());
+            .await;
+        match applied {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(why),
+            Err(e) => {
+                // (not recorded: the sender tries again later, and is told
+                // the refusal again, then recorded)
+                tracing::debug!("a refusal of an item not recorded ({e}): {why_text}");
+                Err(Error::Unavailable(format!(
+                    "{why_text} (not recorded yet: try again)"
+                )))
+            }
+        }
+    }
+
+    /// [`Runtime::receive_deliver`] without recording a refusal.
+    async fn deliver_item(
+        &self,
+        to: FormulaId,
+        peer: FormulaId,
+        item: RequestId,
+        env: Envelope,
+        caller: Caller,
+    ) -> Result<(), Error> {
+        let db = self.db().clone();
+        let earlier = db
+            .read(move |tx| {
+                Box::pin(async move { Ok::<_, Error>(tx.get(&keys::inbound(&item)).await?) })
+            })
+            .await?;
+        if let Some(v) = earlier {
+            return refused_before(&v);
         }
         let agent = self.handle_for(to).await?;
         let (own, from_cluster) = (caller.own, caller.cluster);
@@ -121,8 +197,8 @@ impl Runtime {
                 db.transact(move |tx| {
                     let env = env.clone();
                     Box::pin(async move {
-                        if tx.get(&keys::inbound(&item)).await?.is_some() {
-                            return Ok(None);
+                        if let Some(v) = tx.get(&keys::inbound(&item)).await? {
+                            return refused_before(&v).map(|()| None);
                         }
                         // Checked in the transaction that applies the item:
                         // a delivery whose locator check passed before the
@@ -186,7 +262,7 @@ impl Runtime {
                             body,
                         };
                         model::put_message(tx, &to, &m).await?;
-                        tx.set(&keys::inbound(&item), &now_ms().to_be_bytes())?;
+                        tx.set(&keys::inbound(&item), &inbound_value(true))?;
                         Ok(Some(m))
                     })
                 })

@@ -285,7 +285,10 @@ pub(super) async fn expire_answers(
                 let at = if first_str(&k) == "d" {
                     DedupAnswer::decode_at_ms(&v)?
                 } else {
-                    u64::from_be_bytes(v.as_slice().try_into().unwrap_or([0xFF; 8]))
+                    // (8 bytes of milliseconds, a refused item's a byte more)
+                    v.get(..8)
+                        .and_then(|b| b.try_into().ok())
+                        .map_or(u64::MAX, u64::from_be_bytes)
                 };
                 if at < cutoff {
                     old.push((k, v));
