@@ -16,6 +16,21 @@ use capstan_tests::fed::{bounces, find, has, listening, pair, wait_inbox};
 use capstan_tests::rogue::RoguePeer;
 use capstan_tests::texts;
 
+/// A rogue cluster that accepted an invitation of `a`'s host: the rogue,
+/// and the handle `a` gave it (mail through it is the rogue's).
+fn rogue_invited_by(a: &capstan_tests::Node) -> (RoguePeer, Locator) {
+    let rogue = RoguePeer::start();
+    let invite: Locator = a.json(["invite", "rogue"])["invitation"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let swiss = rogue
+        .accept_invitation(&invite, RequestId::random().0)
+        .expect("the rogue accepted its invitation");
+    (rogue, Locator { swiss, ..invite })
+}
+
 /// B passes the handle A gave it (alice, for bob) to D. D's mail through
 /// it is not taken as bob's: it bounces to D, and A's alice never sees
 /// it, while bob's own mail still arrives.
@@ -76,19 +91,7 @@ fn a_used_invitation_carried_in_a_message_is_refused() {
     b.ok(["accept", &inv, "alice"]);
     let used: Locator = inv.parse().unwrap();
 
-    let rogue = RoguePeer::start();
-    let invite: Locator = a.json(["invite", "rogue"])["invitation"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let swiss = rogue
-        .accept_invitation(&invite, RequestId::random().0)
-        .expect("the rogue accepted its own invitation");
-    let handle = Locator {
-        swiss,
-        ..invite.clone()
-    };
+    let (rogue, handle) = rogue_invited_by(&a);
     let err = rogue
         .deliver(&handle, "look at ", &[used])
         .expect_err("a used invitation was taken in a message");
@@ -158,19 +161,7 @@ fn removing_a_name_held_for_an_accept_gives_the_accept_up() {
 #[test]
 fn an_item_refused_for_good_is_never_delivered_after() {
     let a = listening();
-    let rogue = RoguePeer::start();
-    let invite: Locator = a.json(["invite", "rogue"])["invitation"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let swiss = rogue
-        .accept_invitation(&invite, RequestId::random().0)
-        .expect("the rogue accepted its invitation");
-    let handle = Locator {
-        swiss,
-        ..invite.clone()
-    };
+    let (rogue, handle) = rogue_invited_by(&a);
     // (a quota of 0 means the default: one message first, then a quota
     // of what the inbox holds)
     a.ok(["send", "SELF", "filler"]);

@@ -14,8 +14,15 @@ const KEY: &str = "test-anthropic-key-77c1d0e5b9a2";
 /// a guest `helper` running llm-agent with `claude` granted as `llm`.
 fn setup(server: &LlmServer) -> Node {
     let node = Node::started();
+    helper_on(&node, server);
+    node
+}
+
+/// On `node`: provider `claude` (the scripted server, with its key) and a
+/// guest `helper` running llm-agent with `claude` granted as `llm`.
+fn helper_on(node: &Node, server: &LlmServer) {
     server.require_key(KEY);
-    server.add_anthropic(&node, "claude", KEY);
+    server.add_anthropic(node, "claude", KEY);
     let wasm = guest_wasm("llm-agent");
     node.ok([
         "install",
@@ -26,7 +33,6 @@ fn setup(server: &LlmServer) -> Node {
         "llm=claude",
     ]);
     node.ok(["mkguest", "helper", "--component", "llm-agent"]);
-    node
 }
 
 /// Waits for a message from `from` whose text contains `needle`.
@@ -673,18 +679,7 @@ fn a_guest_waiting_on_a_slow_model_in_a_cluster_is_not_passivated() {
         .expect("init names its secrets key")
         .to_string();
     capstan_tests::start_member(&mut node, &spec, &key);
-    server.require_key(KEY);
-    server.add_anthropic(&node, "claude", KEY);
-    let wasm = guest_wasm("llm-agent");
-    node.ok([
-        "install",
-        wasm.as_str(),
-        "--name",
-        "llm-agent",
-        "--grant",
-        "llm=claude",
-    ]);
-    node.ok(["mkguest", "helper", "--component", "llm-agent"]);
+    helper_on(&node, &server);
     server.push(Reply::text("worth the wait").after(Duration::from_millis(4000)));
     node.ok(["send", "helper", "think hard"]);
     let t = wait_mail(&node, "helper", "worth the wait");

@@ -34,7 +34,8 @@ async fn counter_guest() -> (Runtime, AgentHandle, FormulaId) {
     counter_guest_on(capstan_cluster::open("mem:").await.unwrap()).await
 }
 
-async fn counter_guest_on(db: capstan_cluster::Db) -> (Runtime, AgentHandle, FormulaId) {
+/// A runtime on `db` that runs guests.
+async fn runtime_with_guests(db: capstan_cluster::Db) -> Runtime {
     let rt = Runtime::open(db, RuntimeOptions::default()).await.unwrap();
     rt.enable_guests(GuestConfig {
         cache_dir: None,
@@ -42,6 +43,11 @@ async fn counter_guest_on(db: capstan_cluster::Db) -> (Runtime, AgentHandle, For
         limits: GuestLimits::default(),
     })
     .unwrap();
+    rt
+}
+
+async fn counter_guest_on(db: capstan_cluster::Db) -> (Runtime, AgentHandle, FormulaId) {
+    let rt = runtime_with_guests(db).await;
     let host = rt.root_host();
     host.install(RequestId::random(), "counter", counter_wasm(), vec![])
         .await
@@ -455,15 +461,7 @@ async fn a_runner_that_failed_to_start_starts_at_the_next_message() {
     // body once.
     *key.lock().unwrap() = keys::body(&g);
     left.store(1, std::sync::atomic::Ordering::SeqCst);
-    let rt = Runtime::open(capstan_cluster::Db::new(store), RuntimeOptions::default())
-        .await
-        .unwrap();
-    rt.enable_guests(GuestConfig {
-        cache_dir: None,
-        cache_bytes: None,
-        limits: GuestLimits::default(),
-    })
-    .unwrap();
+    let rt = runtime_with_guests(capstan_cluster::Db::new(store)).await;
     let host = rt.root_host();
     increment(&host).await;
     let got = wait_for_reply(&host, "count = 2", Duration::from_secs(20)).await;
