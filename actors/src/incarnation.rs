@@ -77,6 +77,9 @@ pub(crate) struct AgentState {
     /// What this incarnation last told the membership: whether, as the
     /// owner, it needs no wake-ups (see [`note_wakes`]).
     quiet: Option<bool>,
+    /// Its placement's release, begun as it is passivated (before it
+    /// leaves the registry), finished after it stopped (`post_stop`).
+    release: Option<crate::cluster::ReleaseGuard>,
 }
 
 /// Admitting reservations an inbox's owner holds while it counts the
@@ -194,6 +197,7 @@ impl Actor for AgentActor {
             waiting: std::collections::VecDeque::new(),
             retold: None,
             quiet: None,
+            release: None,
         };
         note_wakes(&mut st);
         Ok(st)
@@ -390,6 +394,14 @@ impl Actor for AgentActor {
                     && st.last_active.elapsed() >= st.rt.opts.idle_timeout
                 {
                     tracing::debug!(agent = %st.id.short(), "passivating idle agent");
+                    // (the release begins before the registry forgets this
+                    // incarnation: a message arriving now waits for it)
+                    if st.owned
+                        && let Some(c) = st.rt.cluster.get()
+                        && c.serving()
+                    {
+                        st.release = Some(c.begin_release(st.id));
+                    }
                     unregister(&st.rt.registry.agents, &st.id, &myself);
                     myself.stop(None);
                 }
@@ -418,11 +430,14 @@ impl Actor for AgentActor {
             // at once (a stopped owner's placement would otherwise hold until
             // its lease lapsed). Not on a lost lease: then it is not ours.
             let (db, id) = (st.rt.db.clone(), st.id);
+            let guard = st.release.take();
             if c.serving() {
+                let guard = guard.unwrap_or_else(|| c.begin_release(id));
                 tokio::spawn(async move {
                     if let Err(e) = c.release(&db, id).await {
                         tracing::debug!(agent = %id.short(), "placement not released: {e}");
                     }
+                    drop(guard);
                 });
             } else {
                 c.forget_owner(&id);

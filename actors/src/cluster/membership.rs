@@ -2,8 +2,8 @@
 //! view of the other members and owners, and the followers of inboxes.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 // tokio's: virtual under a paused clock (simulations), else the system's.
 use tokio::time::Instant;
@@ -58,6 +58,12 @@ pub struct Membership {
     /// this node's own earlier run), with that owner's name: guests tell
     /// their host they resumed here (bounded; see [`MAX_TAKEOVERS`]).
     pub(super) took_over: Mutex<HashMap<FormulaId, String>>,
+    /// Placements this node is giving up (a passivated or stopped
+    /// incarnation's), until the release committed: [`Membership::owner`]
+    /// waits for it, so that a new incarnation started meanwhile claims
+    /// the formula afresh rather than keeps a placement the release then
+    /// clears (its writes would all be fenced).
+    releasing: Mutex<HashMap<FormulaId, Arc<tokio::sync::Notify>>>,
     /// As an owner: what each member last said of its followers of each
     /// agent's inbox.
     interest: Mutex<HashMap<FormulaId, HashMap<String, Interest>>>,
@@ -153,6 +159,7 @@ impl Membership {
             wake_calls: AtomicU64::new(0),
             reserve_us: AtomicU64::new(0),
             took_over: Mutex::new(HashMap::new()),
+            releasing: Mutex::new(HashMap::new()),
             interest: Mutex::new(HashMap::new()),
             // Above what this node said before a restart (its wall clock,
             // in microseconds), so that the owner takes the new calls.
@@ -164,6 +171,46 @@ impl Membership {
             rebalancing: AtomicBool::new(false),
             handed_over: AtomicU64::new(0),
             cfg,
+        }
+    }
+
+    /// This node begins to give up its placement of `id`: until the guard
+    /// is dropped (the release committed, or failed), [`Membership::owner`]
+    /// waits before deciding who owns `id`. Forgets the cached owner.
+    pub(crate) fn begin_release(self: &Arc<Self>, id: FormulaId) -> ReleaseGuard {
+        self.forget_owner(&id);
+        let notify = Arc::new(tokio::sync::Notify::new());
+        if let Ok(mut r) = self.releasing.lock() {
+            r.insert(id, notify.clone());
+        }
+        ReleaseGuard {
+            m: self.clone(),
+            id,
+            notify,
+        }
+    }
+
+    /// Waits (at most a lease) while this node is giving up its placement
+    /// of `id` ([`Membership::begin_release`]).
+    pub(super) async fn wait_release(&self, id: &FormulaId) {
+        let deadline = Instant::now() + self.cfg.lease;
+        loop {
+            let Some(n) = self.releasing.lock().ok().and_then(|r| r.get(id).cloned()) else {
+                return;
+            };
+            // (created before the second look: a release that ends in
+            // between wakes it)
+            let woken = n.notified();
+            if !self
+                .releasing
+                .lock()
+                .is_ok_and(|r| r.get(id).is_some_and(|x| Arc::ptr_eq(x, &n)))
+            {
+                continue;
+            }
+            if tokio::time::timeout_at(deadline, woken).await.is_err() {
+                return;
+            }
         }
     }
 
@@ -484,6 +531,25 @@ impl Membership {
     }
 }
 
+/// A release of a placement in progress ([`Membership::begin_release`]).
+pub(crate) struct ReleaseGuard {
+    m: Arc<Membership>,
+    id: FormulaId,
+    notify: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for ReleaseGuard {
+    fn drop(&mut self) {
+        if let Ok(mut r) = self.m.releasing.lock()
+            && r.get(&self.id)
+                .is_some_and(|x| Arc::ptr_eq(x, &self.notify))
+        {
+            r.remove(&self.id);
+        }
+        self.notify.notify_waiters();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -660,3 +726,4 @@ mod tests {
         assert_eq!(m.interested(&a), ["n2"]);
     }
 }
+

@@ -69,6 +69,7 @@ use tokio::sync::oneshot;
 use crate::error::Error;
 
 pub use lease::end_membership;
+pub(crate) use membership::ReleaseGuard;
 pub use membership::{Membership, NO_WAKE};
 pub use placement::Fence;
 pub use records::{

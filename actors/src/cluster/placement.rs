@@ -55,6 +55,7 @@ impl Membership {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        self.wait_release(&id).await;
         if let Some(m) = self.fresh_owner(&id) {
             return Ok(if m.name == self.cfg.name && m.epoch == self.epoch() {
                 Owner::Me

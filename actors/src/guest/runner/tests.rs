@@ -48,6 +48,13 @@ async fn runtime_with_guests(db: capstan_cluster::Db) -> Runtime {
 
 async fn counter_guest_on(db: capstan_cluster::Db) -> (Runtime, AgentHandle, FormulaId) {
     let rt = runtime_with_guests(db).await;
+    let (host, g) = counter_on(&rt).await;
+    (rt, host, g)
+}
+
+/// The counter component installed by `rt`'s root host, and a guest `c`
+/// running it.
+async fn counter_on(rt: &Runtime) -> (AgentHandle, FormulaId) {
     let host = rt.root_host();
     host.install(RequestId::random(), "counter", counter_wasm(), vec![])
         .await
@@ -56,7 +63,7 @@ async fn counter_guest_on(db: capstan_cluster::Db) -> (Runtime, AgentHandle, For
         .mkguest_component(RequestId::random(), "c", "counter", None, None, &[])
         .await
         .unwrap();
-    (rt, host, g)
+    (host, g)
 }
 
 /// Writes "increment" from the host straight into slot `number` of the
@@ -471,4 +478,112 @@ async fn a_runner_that_failed_to_start_starts_at_the_next_message() {
         "the injected failure was never met, so this test checked nothing"
     );
     assert_eq!(got, vec!["count = 1", "count = 2"]);
+}
+
+/// The in-memory store, but the first commit that clears a placement once
+/// armed (an incarnation giving its placement up) is held back a while.
+struct SlowRelease {
+    inner: capstan_cluster::mem_store::MemStore,
+    armed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// How long [`SlowRelease`] holds the release back.
+const RELEASE_HELD: Duration = Duration::from_millis(300);
+
+#[async_trait::async_trait]
+impl capstan_cluster::Store for SlowRelease {
+    fn describe(&self) -> String {
+        "mem: slow placement releases".into()
+    }
+
+    async fn snapshot(&self) -> Result<Box<dyn capstan_cluster::Snapshot>, StoreError> {
+        self.inner.snapshot().await
+    }
+
+    async fn commit(
+        &self,
+        req: capstan_cluster::CommitRequest,
+    ) -> Result<capstan_cluster::Version, StoreError> {
+        let placements = capstan_cluster::tuple::TupleKey::new()
+            .str("cl")
+            .str("p")
+            .into_vec();
+        let releases = req.mutations.iter().any(
+            |m| matches!(m, capstan_cluster::Mutation::Clear(k) if k.starts_with(&placements)),
+        );
+        if releases && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            tokio::time::sleep(RELEASE_HELD).await;
+        }
+        self.inner.commit(req).await
+    }
+}
+
+/// In a cluster, an idle guest's incarnation is passivated and gives its
+/// placement up; a message arriving meanwhile starts a new incarnation on
+/// the same node. The new one must not lose the placement to the old
+/// one's release landing after it started: it waits for the release and
+/// claims the guest afresh. (It kept the cached "owner is me", the release
+/// then cleared the placement, and its runner's next batch was fenced:
+/// the message waited for the guest to be passivated and resumed.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_racing_passivation_keeps_its_new_owner_placed() {
+    let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let store = Arc::new(SlowRelease {
+        inner: capstan_cluster::mem_store::MemStore::new(),
+        armed: armed.clone(),
+    });
+    let rt = Runtime::open(
+        capstan_cluster::Db::new(store),
+        RuntimeOptions {
+            idle_timeout: Duration::from_millis(1000),
+            ..RuntimeOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    rt.enable_guests(GuestConfig {
+        cache_dir: None,
+        cache_bytes: None,
+        limits: GuestLimits::default(),
+    })
+    .unwrap();
+    let _links = rt
+        .join_cluster(crate::cluster::ClusterConfig {
+            name: "n1".into(),
+            node_id: "n1-id".into(),
+            addr: "test:1".into(),
+            lease: Duration::from_millis(1200),
+        })
+        .await
+        .unwrap();
+    let (host, g) = counter_on(&rt).await;
+    increment(&host).await;
+    wait_for_reply(&host, "count = 1", Duration::from_secs(20)).await;
+
+    armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while rt.inner().registry.agent(&g).is_some() {
+        assert!(Instant::now() < deadline, "the guest was never passivated");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The release is held back now: a message starts a new incarnation.
+    increment(&host).await;
+    wait_for_reply(&host, "count = 2", Duration::from_secs(20)).await;
+    tokio::time::sleep(RELEASE_HELD).await;
+    assert!(
+        !armed.load(std::sync::atomic::Ordering::SeqCst),
+        "no release was held back, so this test checked nothing"
+    );
+    // The release landed; the new incarnation (not idle yet) handles on.
+    increment(&host).await;
+    let got = wait_for_reply(&host, "count = 3", Duration::from_secs(20)).await;
+    assert_eq!(got, vec!["count = 1", "count = 2", "count = 3"]);
+    let fenced = rt
+        .membership()
+        .map_or(0, |c| c.fenced.load(std::sync::atomic::Ordering::Relaxed));
+    let redone = crate::guest::guest_host(host.inner())
+        .ok()
+        .and_then(|gh| gh.stats.lock().ok()?.get(&g).map(|s| s.batches_redone))
+        .unwrap_or(0);
+    assert_eq!((fenced, redone), (0, 0), "writes fenced, batches redone");
 }
