@@ -726,4 +726,3 @@ mod tests {
         assert_eq!(m.interested(&a), ["n2"]);
     }
 }
-
