@@ -258,10 +258,7 @@ impl AgentHandle {
                 else {
                     return Ok(());
                 };
-                for h in &a.handles {
-                    tx.clear(&keys::locator(h));
-                    tx.clear(&keys::locator_of(&ctx.id, h));
-                }
+                revoke_handles(tx, &ctx.id, &a.handles);
                 let dir = model::parent_dir(tx, &ctx, &p).await?;
                 if model::lookup(tx, &dir, p.last()).await? == Some(placeholder) {
                     model::remove_name(tx, &dir, p.last()).await?;
@@ -389,13 +386,19 @@ pub(crate) async fn give_up_accept(
     if a.host != *host || f.cancelled.is_some() {
         return Ok(());
     }
-    for h in &a.handles {
-        tx.clear(&keys::locator(h));
-        tx.clear(&keys::locator_of(host, h));
-    }
+    revoke_handles(tx, host, &a.handles);
     f.cancelled = Some(crate::records::Cancelled {
         reason: "the accept was given up (its name removed)".into(),
         at_ms: now_ms(),
     });
     model::put_formula(tx, id, &f)
+}
+
+/// Revokes the handles (hashes of their swiss numbers) that `host`
+/// offered an inviter for an accept.
+fn revoke_handles(tx: &mut capstan_cluster::Transaction, host: &FormulaId, handles: &[[u8; 32]]) {
+    for h in handles {
+        tx.clear(&keys::locator(h));
+        tx.clear(&keys::locator_of(host, h));
+    }
 }

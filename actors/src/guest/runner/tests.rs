@@ -36,7 +36,12 @@ async fn counter_guest() -> (Runtime, AgentHandle, FormulaId) {
 
 /// A runtime on `db` that runs guests.
 async fn runtime_with_guests(db: capstan_cluster::Db) -> Runtime {
-    let rt = Runtime::open(db, RuntimeOptions::default()).await.unwrap();
+    runtime_with_guests_opts(db, RuntimeOptions::default()).await
+}
+
+/// [`runtime_with_guests`] with `opts`.
+async fn runtime_with_guests_opts(db: capstan_cluster::Db, opts: RuntimeOptions) -> Runtime {
+    let rt = Runtime::open(db, opts).await.unwrap();
     rt.enable_guests(GuestConfig {
         cache_dir: None,
         cache_bytes: None,
@@ -532,21 +537,14 @@ async fn a_message_racing_passivation_keeps_its_new_owner_placed() {
         inner: capstan_cluster::mem_store::MemStore::new(),
         armed: armed.clone(),
     });
-    let rt = Runtime::open(
+    let rt = runtime_with_guests_opts(
         capstan_cluster::Db::new(store),
         RuntimeOptions {
             idle_timeout: Duration::from_millis(1000),
             ..RuntimeOptions::default()
         },
     )
-    .await
-    .unwrap();
-    rt.enable_guests(GuestConfig {
-        cache_dir: None,
-        cache_bytes: None,
-        limits: GuestLimits::default(),
-    })
-    .unwrap();
+    .await;
     let _links = rt
         .join_cluster(crate::cluster::ClusterConfig {
             name: "n1".into(),
